@@ -1,0 +1,71 @@
+"""Protobuf ↔ router model conversions at the gateway edge."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from google.protobuf import timestamp_pb2
+
+from hsmgw.v1 import crypto_pb2 as pb
+from router.errors import InvalidArgument
+from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Operation, Placement
+
+E = TypeVar("E", KeyAlgorithm, KeyUsage, Operation, KeyStorage)
+
+
+def _from_proto(value: int, enum_pb: object, prefix: str, model: type[E], field: str) -> E:
+    if value == 0:
+        raise InvalidArgument(f"{field} is required")
+    try:
+        name = enum_pb.Name(value)  # type: ignore[attr-defined]
+    except ValueError:
+        raise InvalidArgument(f"{field}: unknown value {value}") from None
+    return model(name.removeprefix(prefix))
+
+
+def key_algorithm(value: int) -> KeyAlgorithm:
+    return _from_proto(value, pb.KeyAlgorithm, "KEY_ALGORITHM_", KeyAlgorithm, "algorithm")
+
+
+def operation(value: int) -> Operation:
+    return _from_proto(value, pb.Algorithm, "ALGORITHM_", Operation, "algorithm")
+
+
+def usage(value: int) -> KeyUsage | None:
+    """None for unspecified: the algorithm's default usage."""
+    if value == 0:
+        return None
+    return _from_proto(value, pb.KeyUsage, "KEY_USAGE_", KeyUsage, "usage")
+
+
+def storage(value: int) -> KeyStorage:
+    if value == 0:
+        return KeyStorage.TOKEN
+    return _from_proto(value, pb.KeyStorage, "KEY_STORAGE_", KeyStorage, "storage")
+
+
+_STATE = {
+    KeyState.CREATING: pb.KEY_STATE_CREATING,
+    KeyState.ENABLED: pb.KEY_STATE_ENABLED,
+    KeyState.UNDER_REPLICATED: pb.KEY_STATE_UNDER_REPLICATED,
+    KeyState.DESTROYED: pb.KEY_STATE_DESTROYED,
+}
+
+
+def key(placement: Placement) -> pb.Key:
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(placement.create_time * 1e9))
+    return pb.Key(
+        key_id=placement.key_id,
+        algorithm=pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + placement.algorithm.value),
+        usage=pb.KeyUsage.Value("KEY_USAGE_" + placement.usage.value),
+        state=_STATE[placement.state],
+        primary_cluster=placement.primary,
+        replicas=list(placement.replicas),
+        create_time=created,
+        storage=pb.KeyStorage.Value("KEY_STORAGE_" + placement.storage.value),
+    )
+
+
+def key_algorithm_pb(algorithm: KeyAlgorithm) -> int:
+    return int(pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + algorithm.value))

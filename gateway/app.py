@@ -1,0 +1,34 @@
+"""Build the router from a configuration: module, pools, store."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from gateway.config import GatewayConfig, load_pins
+from router.backend import HsmBackend
+from router.pkcs11 import Pkcs11Cluster, load_module
+from router.placement.sqlite import SqliteStore
+from router.router import Router, Topology
+
+log = logging.getLogger(__name__)
+
+
+def build_router(config: GatewayConfig) -> Router:
+    """Open every cluster's pool and the placement store; fail fast and clearly."""
+    pins = load_pins(config)
+    for name, value in config.pkcs11.env.items():
+        os.environ[name] = value
+    module = load_module(config.pkcs11.module)
+    backends: dict[str, HsmBackend] = {}
+    try:
+        for spec in config.clusters:
+            backends[spec.name] = Pkcs11Cluster(module, spec, pins[spec.name])
+            log.info("cluster %s (%s): %d sessions open", spec.name, spec.region, spec.pool_size)
+        store = SqliteStore(config.store_path())
+    except BaseException:
+        for backend in backends.values():
+            backend.close()
+        raise
+    topology = Topology(home_region=config.home_region, dr_regions=config.dr_regions, regions=config.regions)
+    return Router(topology, backends, store)

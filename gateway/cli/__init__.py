@@ -1,0 +1,1 @@
+"""Command-line entry points: ``hsmgw`` (server, fleet) and ``hsmctl`` (admin)."""

@@ -1,0 +1,285 @@
+"""Gateway configuration: one TOML file → frozen dataclasses, checked at start-up.
+
+Every error names the offending key path (``clusters[1].max_keys``). PINs never
+appear here: each cluster's user PIN comes from the environment variable
+``HSMGW_PIN_<CLUSTER>`` (upper case, ``-`` → ``_``) or from the secrets file
+named by ``secrets.file`` (TOML, ``[clusters.<name>] user_pin = "…"``), which
+must be readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router.model import ClusterSpec
+from router.secret import Secret
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    """host:port to serve gRPC on."""
+    insecure_plaintext: bool = False
+    """Serve without TLS. Allowed only on a loopback address (development)."""
+    threads: int = 16
+    """gRPC worker threads per process (requests served at once)."""
+    default_deadline: float = 10.0
+    """Seconds a request may take when the caller sets no deadline."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request message accepted."""
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class Pkcs11Config:
+    module: str
+    """Path of the PKCS #11 module (``/usr/lib/softhsm/libsofthsm2.so``)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment set before the module loads (e.g. ``SOFTHSM2_CONF``)."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str
+    """Placement store: ``sqlite:///abs/path.db`` or ``sqlite:relative.db``."""
+
+    def sqlite_path(self, base: Path) -> Path:
+        if not self.url.startswith("sqlite:"):
+            raise ConfigError(f"store.url: unsupported store {self.url!r} (expected sqlite:PATH)")
+        path = Path(self.url[len("sqlite:") :].removeprefix("//"))
+        return path if path.is_absolute() else base / path
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    file: Path | None = None
+    """TOML file with ``[clusters.<name>] user_pin``; owner-only permissions."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    home_region: str
+    """Region this gateway serves first; new keys are placed here."""
+    dr_regions: tuple[str, ...]
+    """Secondary regions for disaster recovery."""
+    pkcs11: Pkcs11Config
+    store: StoreConfig
+    clusters: tuple[ClusterSpec, ...]
+    server: ServerConfig = ServerConfig()
+    secrets: SecretsConfig = SecretsConfig()
+    base_dir: Path = Path(".")
+    """Directory relative paths are resolved against (the config file's)."""
+
+    @property
+    def regions(self) -> dict[str, tuple[str, ...]]:
+        regions: dict[str, list[str]] = {}
+        for cluster in self.clusters:
+            regions.setdefault(cluster.region, []).append(cluster.name)
+        return {r: tuple(c) for r, c in regions.items()}
+
+    def store_path(self) -> Path:
+        return self.store.sqlite_path(self.base_dir)
+
+
+# -- parsing ------------------------------------------------------------------
+
+
+def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{path}{key}: missing")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{path}{key}: expected {getattr(kind, '__name__', kind)}, got a boolean")
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ConfigError(f"{path}{key}: expected {name}, got {type(value).__name__}")
+    return value
+
+
+def _no_unknown(table: dict[str, Any], known: set[str], path: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{path}{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _positive(value: int | float, path: str) -> Any:
+    if value <= 0:
+        raise ConfigError(f"{path}: must be greater than 0")
+    return value
+
+
+def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
+    _no_unknown(data, {"gateway", "server", "pkcs11", "store", "secrets", "clusters"}, "")
+    gw = _take(data, "gateway", dict, "")
+    _no_unknown(gw, {"home_region", "dr_regions"}, "gateway.")
+    home = _take(gw, "home_region", str, "gateway.")
+    dr = _take(gw, "dr_regions", list, "gateway.", [])
+    for i, region in enumerate(dr):
+        if not isinstance(region, str):
+            raise ConfigError(f"gateway.dr_regions[{i}]: expected str")
+
+    srv = _take(data, "server", dict, "", {})
+    _no_unknown(srv, {"listen", "insecure_plaintext", "threads", "default_deadline", "max_message_bytes"}, "server.")
+    server = ServerConfig(
+        listen=_take(srv, "listen", str, "server.", ServerConfig.listen),
+        insecure_plaintext=_take(srv, "insecure_plaintext", bool, "server.", False),
+        threads=_positive(_take(srv, "threads", int, "server.", ServerConfig.threads), "server.threads"),
+        default_deadline=_positive(
+            _take(srv, "default_deadline", float, "server.", ServerConfig.default_deadline), "server.default_deadline"
+        ),
+        max_message_bytes=_positive(
+            _take(srv, "max_message_bytes", int, "server.", ServerConfig.max_message_bytes), "server.max_message_bytes"
+        ),
+    )
+    if ":" not in server.listen or not server.listen.rsplit(":", 1)[1].isdigit():
+        raise ConfigError(f"server.listen: expected host:port, got {server.listen!r}")
+
+    p11 = _take(data, "pkcs11", dict, "")
+    _no_unknown(p11, {"module", "env"}, "pkcs11.")
+    env = _take(p11, "env", dict, "pkcs11.", {})
+    for name, value in env.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"pkcs11.env.{name}: expected str")
+    pkcs11 = Pkcs11Config(module=_take(p11, "module", str, "pkcs11."), env=dict(env))
+
+    st = _take(data, "store", dict, "")
+    _no_unknown(st, {"url"}, "store.")
+    store = StoreConfig(url=_take(st, "url", str, "store."))
+    store.sqlite_path(base_dir)
+
+    sec = _take(data, "secrets", dict, "", {})
+    _no_unknown(sec, {"file"}, "secrets.")
+    secrets_file = _take(sec, "file", str, "secrets.", None)
+    secrets = SecretsConfig(file=(base_dir / secrets_file) if secrets_file else None)
+
+    raw_clusters = _take(data, "clusters", list, "")
+    if not raw_clusters:
+        raise ConfigError("clusters: at least one cluster is required")
+    clusters = []
+    names: set[str] = set()
+    for i, c in enumerate(raw_clusters):
+        path = f"clusters[{i}]."
+        if not isinstance(c, dict):
+            raise ConfigError(f"clusters[{i}]: expected a table")
+        _no_unknown(c, {"name", "region", "token_label", "max_keys", "pool_size"}, path)
+        name = _take(c, "name", str, path)
+        if not name or name in names:
+            raise ConfigError(f"{path}name: {'empty' if not name else 'duplicate ' + repr(name)}")
+        names.add(name)
+        clusters.append(
+            ClusterSpec(
+                name=name,
+                region=_take(c, "region", str, path),
+                token_label=_take(c, "token_label", str, path, name),
+                max_keys=_positive(_take(c, "max_keys", int, path, 3300), path + "max_keys"),
+                pool_size=_positive(_take(c, "pool_size", int, path, 4), path + "pool_size"),
+            )
+        )
+    config = GatewayConfig(
+        home_region=home,
+        dr_regions=tuple(dr),
+        pkcs11=pkcs11,
+        store=store,
+        clusters=tuple(clusters),
+        server=server,
+        secrets=secrets,
+        base_dir=base_dir,
+    )
+    if home not in config.regions:
+        raise ConfigError(f"gateway.home_region: no cluster is in region {home!r}")
+    for i, region in enumerate(config.dr_regions):
+        if region not in config.regions:
+            raise ConfigError(f"gateway.dr_regions[{i}]: no cluster is in region {region!r}")
+    return config
+
+
+def load(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data, path.resolve().parent)
+
+
+def check_listen(server: ServerConfig) -> None:
+    """Plaintext only on loopback; anything else needs TLS (refuse to start)."""
+    if not server.insecure_plaintext:
+        raise ConfigError(
+            "server.insecure_plaintext: TLS is not configured; set insecure_plaintext = true "
+            "to serve plaintext on a loopback address for development"
+        )
+    host = server.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"server.listen: plaintext is allowed only on a loopback address, not {host!r}")
+
+
+# -- secrets --------------------------------------------------------------------
+
+
+def pin_env_name(cluster: str) -> str:
+    return "HSMGW_PIN_" + "".join(ch if ch.isalnum() else "_" for ch in cluster).upper()
+
+
+def load_pins(config: GatewayConfig, environ: dict[str, str] | None = None) -> dict[str, Secret]:
+    """Each cluster's user PIN: from its env variable, else from the secrets file."""
+    environ = dict(os.environ if environ is None else environ)
+    from_file: dict[str, Any] = {}
+    if config.secrets.file is not None:
+        from_file = _read_secrets_file(config.secrets.file)
+    pins: dict[str, Secret] = {}
+    for cluster in config.clusters:
+        env_name = pin_env_name(cluster.name)
+        if environ.get(env_name):
+            pins[cluster.name] = Secret(environ[env_name])
+            continue
+        entry = from_file.get("clusters", {}).get(cluster.name, {})
+        pin = entry.get("user_pin") if isinstance(entry, dict) else None
+        if not isinstance(pin, str) or not pin:
+            raise ConfigError(
+                f"no user PIN for cluster {cluster.name}: set {env_name} or "
+                f"clusters.{cluster.name}.user_pin in the secrets file"
+            )
+        pins[cluster.name] = Secret(pin)
+    return pins
+
+
+def _read_secrets_file(path: Path) -> dict[str, Any]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"secrets.file: {path} does not exist") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"secrets.file: {path} is readable by others; run: chmod 600 {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError:
+        # The parser's message could quote a PIN; say only where.
+        raise ConfigError(f"secrets.file: {path} is not valid TOML") from None

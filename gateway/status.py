@@ -1,0 +1,79 @@
+"""The one table from router errors to gRPC status, with google.rpc details.
+
+Anything that is not a ``RouterError`` is a bug: it is logged with its
+traceback and the caller gets INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import NoReturn
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from router import errors
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "hsmgw"
+
+# Most specific first: the first matching class wins.
+_TABLE: tuple[tuple[type[errors.RouterError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.KeyNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.InternalError, grpc.StatusCode.INTERNAL),
+)
+
+GENERIC_INTERNAL = "internal error; the gateway logged the details"
+
+
+def code_for(exc: BaseException) -> grpc.StatusCode:
+    for cls, code in _TABLE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """(code, message, reason) for an error; INTERNAL hides its details."""
+    if isinstance(exc, errors.RouterError) and not isinstance(exc, errors.InternalError):
+        return code_for(exc), exc.message, exc.reason
+    return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL, "INTERNAL"
+
+
+def to_rpc_status(exc: BaseException) -> status_pb2.Status:
+    code, message, reason = status_for(exc)
+    metadata = {}
+    if isinstance(exc, errors.RouterError) and code is not grpc.StatusCode.INTERNAL:
+        if exc.cluster:
+            metadata["cluster"] = exc.cluster
+        if exc.region:
+            metadata["region"] = exc.region
+    status = status_pb2.Status(code=code.value[0], message=message)
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+    status.details.add().Pack(info)
+    if isinstance(exc, (errors.ResourceExhausted, errors.Unavailable)):
+        delay = getattr(exc, "retry_after", None) or 0.1
+        duration = duration_pb2.Duration()
+        duration.FromTimedelta(datetime.timedelta(seconds=delay))
+        retry = error_details_pb2.RetryInfo(retry_delay=duration)
+        status.details.add().Pack(retry)
+    return status
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the RPC with the status for ``exc`` (logs unexpected errors)."""
+    if not isinstance(exc, errors.RouterError) or isinstance(exc, errors.InternalError):
+        log.error("internal error", exc_info=exc)
+    context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+

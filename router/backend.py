@@ -1,0 +1,84 @@
+"""The interface between the router and one HSM cluster.
+
+``router.pkcs11.Pkcs11Cluster`` implements it on a pooled PKCS #11 token; tests
+of pure routing logic may use a small in-memory fake. Every method takes an
+absolute ``deadline`` on the ``time.monotonic`` clock and raises only
+``router.errors`` classes.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Operation
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    size: int
+    """Sessions the pool is configured to keep."""
+    open: int
+    """Sessions currently open (excluding the login session)."""
+    in_use: int
+    """Sessions checked out by requests right now."""
+
+
+class HsmBackend(abc.ABC):
+    """One cluster's HSM operations, addressed by key id."""
+
+    spec: ClusterSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @abc.abstractmethod
+    def generate(self, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage, deadline: float) -> None:
+        """Create the key's token objects (label and id = key_id)."""
+
+    @abc.abstractmethod
+    def destroy(self, key_id: str, deadline: float) -> int:
+        """Remove every object of the key; returns how many were removed."""
+
+    @abc.abstractmethod
+    def key_ids(self, deadline: float) -> set[str]:
+        """Key ids that have objects on this cluster (for reconciliation)."""
+
+    @abc.abstractmethod
+    def public_key(self, key_id: str, algorithm: KeyAlgorithm, deadline: float) -> bytes:
+        """The public key as DER SubjectPublicKeyInfo."""
+
+    @abc.abstractmethod
+    def sign(self, key_id: str, algorithm: KeyAlgorithm, op: Operation, digest: bytes, deadline: float) -> bytes:
+        """Sign a digest; ECDSA signatures come back DER-encoded."""
+
+    @abc.abstractmethod
+    def verify(
+        self, key_id: str, algorithm: KeyAlgorithm, op: Operation, digest: bytes, signature: bytes, deadline: float
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    def encrypt(
+        self, key_id: str, op: Operation, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes]:
+        """Returns (ciphertext, iv); iv is empty where the operation has none."""
+
+    @abc.abstractmethod
+    def decrypt(self, key_id: str, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes: ...
+
+    @abc.abstractmethod
+    def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes: ...
+
+    @abc.abstractmethod
+    def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool: ...
+
+    @abc.abstractmethod
+    def random(self, length: int, deadline: float) -> bytes: ...
+
+    @abc.abstractmethod
+    def stats(self) -> PoolStats: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every session, the login session last."""

@@ -1,0 +1,111 @@
+"""The router's error tree.
+
+Every failure the router reports is one of these; the gateway maps each class
+to one gRPC status in a single table (``gateway.status``). Foreign errors
+(PKCS #11 return values) are translated in one place, ``router.pkcs11._errors``.
+
+    RouterError
+    ├── InvalidArgument        caller sent malformed input          (no retry)
+    │   └── DecryptionFailed   ciphertext/tag/AAD do not authenticate
+    ├── KeyNotFound            no such key id                        (no retry)
+    ├── FailedPrecondition     key exists but cannot do this         (no retry)
+    │   ├── WrongKeyUsage      operation does not match the key
+    │   └── RequestConflict    request_id reused with other parameters
+    ├── AlreadyExists          key id taken (or destroyed: ids are not reused)
+    ├── ResourceExhausted      pool busy past the deadline, clusters full
+    │   └── Throttled          the HSM said it is busy (CKR_FUNCTION_FAILED…)
+    ├── Unavailable            no healthy cluster can serve the request
+    │   ├── ClusterDown        device error/removed, token gone, timeouts
+    │   └── StaleSession       session/object handle invalid, logged out
+    ├── DeadlineExceeded       the caller's deadline passed
+    └── InternalError          a bug; details are logged, never returned
+
+Messages are safe to show to callers: they never contain PINs, key material or
+internal addresses. ``reason`` is a stable machine-readable code.
+"""
+
+from __future__ import annotations
+
+
+class RouterError(Exception):
+    """Base of every error the router raises on purpose."""
+
+    reason = "INTERNAL"
+    retryable = False
+
+    def __init__(self, message: str, *, cluster: str = "", region: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.cluster = cluster
+        self.region = region
+
+
+class InvalidArgument(RouterError):
+    reason = "INVALID_ARGUMENT"
+
+
+class DecryptionFailed(InvalidArgument):
+    reason = "DECRYPTION_FAILED"
+
+
+class KeyNotFound(RouterError):
+    reason = "KEY_NOT_FOUND"
+
+
+class FailedPrecondition(RouterError):
+    reason = "FAILED_PRECONDITION"
+
+
+class WrongKeyUsage(FailedPrecondition):
+    reason = "WRONG_KEY_USAGE"
+
+
+class RequestConflict(FailedPrecondition):
+    reason = "REQUEST_ID_CONFLICT"
+
+
+class AlreadyExists(RouterError):
+    reason = "KEY_EXISTS"
+
+
+class ResourceExhausted(RouterError):
+    reason = "RESOURCE_EXHAUSTED"
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cluster: str = "",
+        region: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, cluster=cluster, region=region)
+        self.retry_after = retry_after
+
+
+class Unavailable(RouterError):
+    reason = "UNAVAILABLE"
+    retryable = True
+
+
+class Throttled(ResourceExhausted):
+    reason = "HSM_BUSY"
+
+
+class ClusterDown(Unavailable):
+    reason = "CLUSTER_DOWN"
+
+
+class StaleSession(Unavailable):
+    """The session or a cached handle is no longer valid; reopen and retry."""
+
+    reason = "STALE_SESSION"
+
+
+class DeadlineExceeded(RouterError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class InternalError(RouterError):
+    reason = "INTERNAL"

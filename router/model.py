@@ -1,0 +1,175 @@
+"""Domain model: key algorithms, operations, usages, placements, clusters.
+
+The enums mirror ``hsmgw.v1`` (without the protobuf prefixes) but the router
+never imports generated code; the gateway converts at its edge.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class KeyAlgorithm(enum.Enum):
+    EC_P256 = "EC_P256"
+    EC_P384 = "EC_P384"
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+    AES_256 = "AES_256"
+    HMAC_SHA256 = "HMAC_SHA256"
+
+    @property
+    def is_asymmetric(self) -> bool:
+        return self in _ASYMMETRIC
+
+    @property
+    def is_ec(self) -> bool:
+        return self in (KeyAlgorithm.EC_P256, KeyAlgorithm.EC_P384)
+
+    @property
+    def is_rsa(self) -> bool:
+        return self in (KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072, KeyAlgorithm.RSA_4096)
+
+
+_ASYMMETRIC = frozenset(
+    {
+        KeyAlgorithm.EC_P256,
+        KeyAlgorithm.EC_P384,
+        KeyAlgorithm.RSA_2048,
+        KeyAlgorithm.RSA_3072,
+        KeyAlgorithm.RSA_4096,
+    }
+)
+
+
+class KeyUsage(enum.Enum):
+    SIGN_VERIFY = "SIGN_VERIFY"
+    ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"
+    MAC = "MAC"
+
+
+class Operation(enum.Enum):
+    """An algorithm applied with a key (the API's ``Algorithm``)."""
+
+    ECDSA_SHA256 = "ECDSA_SHA256"
+    ECDSA_SHA384 = "ECDSA_SHA384"
+    RSA_PKCS1_SHA256 = "RSA_PKCS1_SHA256"
+    RSA_PSS_SHA256 = "RSA_PSS_SHA256"
+    RSA_OAEP_SHA256 = "RSA_OAEP_SHA256"
+    AES_GCM = "AES_GCM"
+    HMAC_SHA256 = "HMAC_SHA256"
+
+    @property
+    def digest_size(self) -> int:
+        """Length of the digest a Sign/Verify request carries (0: not a signature)."""
+        return _DIGEST_SIZE.get(self, 0)
+
+    @property
+    def hash_name(self) -> str:
+        return "sha384" if self is Operation.ECDSA_SHA384 else "sha256"
+
+
+_DIGEST_SIZE = {
+    Operation.ECDSA_SHA256: 32,
+    Operation.ECDSA_SHA384: 48,
+    Operation.RSA_PKCS1_SHA256: 32,
+    Operation.RSA_PSS_SHA256: 32,
+}
+
+
+class KeyState(enum.Enum):
+    CREATING = "CREATING"
+    ENABLED = "ENABLED"
+    UNDER_REPLICATED = "UNDER_REPLICATED"
+    DESTROYED = "DESTROYED"
+
+
+class KeyStorage(enum.Enum):
+    TOKEN = "TOKEN"
+    EXTERNAL = "EXTERNAL"
+
+
+# Which usages each key algorithm supports; the first is the default.
+USAGES: dict[KeyAlgorithm, tuple[KeyUsage, ...]] = {
+    KeyAlgorithm.EC_P256: (KeyUsage.SIGN_VERIFY,),
+    KeyAlgorithm.EC_P384: (KeyUsage.SIGN_VERIFY,),
+    KeyAlgorithm.RSA_2048: (KeyUsage.SIGN_VERIFY, KeyUsage.ENCRYPT_DECRYPT),
+    KeyAlgorithm.RSA_3072: (KeyUsage.SIGN_VERIFY, KeyUsage.ENCRYPT_DECRYPT),
+    KeyAlgorithm.RSA_4096: (KeyUsage.SIGN_VERIFY, KeyUsage.ENCRYPT_DECRYPT),
+    KeyAlgorithm.AES_256: (KeyUsage.ENCRYPT_DECRYPT,),
+    KeyAlgorithm.HMAC_SHA256: (KeyUsage.MAC,),
+}
+
+_RSA = (KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072, KeyAlgorithm.RSA_4096)
+
+# Which (key algorithm, usage) pairs each operation works with. ECDSA curves are
+# paired with their own hash, as AWS KMS and CNSA do.
+OPERATION_KEYS: dict[Operation, tuple[KeyUsage, tuple[KeyAlgorithm, ...]]] = {
+    Operation.ECDSA_SHA256: (KeyUsage.SIGN_VERIFY, (KeyAlgorithm.EC_P256,)),
+    Operation.ECDSA_SHA384: (KeyUsage.SIGN_VERIFY, (KeyAlgorithm.EC_P384,)),
+    Operation.RSA_PKCS1_SHA256: (KeyUsage.SIGN_VERIFY, _RSA),
+    Operation.RSA_PSS_SHA256: (KeyUsage.SIGN_VERIFY, _RSA),
+    Operation.RSA_OAEP_SHA256: (KeyUsage.ENCRYPT_DECRYPT, _RSA),
+    Operation.AES_GCM: (KeyUsage.ENCRYPT_DECRYPT, (KeyAlgorithm.AES_256,)),
+    Operation.HMAC_SHA256: (KeyUsage.MAC, (KeyAlgorithm.HMAC_SHA256,)),
+}
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """One HSM cluster: a PKCS #11 token found by its label."""
+
+    name: str
+    """Stable cluster name used in placements (``use1-a``)."""
+    region: str
+    """Region the cluster lives in (``us-east-1``)."""
+    token_label: str
+    """CKA_LABEL of the token (slot ids change; labels do not)."""
+    max_keys: int = 3300
+    """Keys placement may put on this cluster (CloudHSM hsm1 quota: 3,300)."""
+    pool_size: int = 4
+    """PKCS #11 sessions kept open for requests, besides the login session."""
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """What a caller asked for when creating a key."""
+
+    key_id: str
+    algorithm: KeyAlgorithm
+    usage: KeyUsage
+    request_id: str
+    copies: int = 1
+    storage: KeyStorage = KeyStorage.TOKEN
+
+    def fingerprint(self) -> str:
+        """Parameters that must match when a ``request_id`` is retried."""
+        return "|".join(
+            (self.key_id, self.algorithm.value, self.usage.value, str(self.copies), self.storage.value)
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a key lives, as recorded in the placement store."""
+
+    key_id: str
+    algorithm: KeyAlgorithm
+    usage: KeyUsage
+    state: KeyState
+    primary: str
+    replicas: tuple[str, ...] = ()
+    create_time: float = 0.0
+    request_id: str = ""
+    fingerprint: str = ""
+    storage: KeyStorage = KeyStorage.TOKEN
+    version: int = 1
+    clusters: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clusters", (self.primary, *self.replicas))
+
+    @property
+    def usable(self) -> bool:
+        return self.state in (KeyState.ENABLED, KeyState.UNDER_REPLICATED)

@@ -1,0 +1,79 @@
+"""The one place where PKCS #11 errors become router errors.
+
+The most specific match wins; every translation keeps the original as
+``__cause__`` (``raise … from exc``) for the log, while the message shown to
+callers names only the cluster and what went wrong.
+"""
+
+from __future__ import annotations
+
+from pkcs11 import exceptions as p11
+
+from router.errors import (
+    ClusterDown,
+    DecryptionFailed,
+    InternalError,
+    InvalidArgument,
+    KeyNotFound,
+    RouterError,
+    StaleSession,
+    Throttled,
+    WrongKeyUsage,
+)
+from router.model import Operation
+
+_CLUSTER_DOWN = (
+    p11.DeviceError,
+    p11.DeviceRemoved,
+    p11.DeviceMemory,
+    p11.TokenNotPresent,
+    p11.TokenNotRecognised,
+    p11.SlotIDInvalid,
+)
+_STALE = (
+    p11.SessionHandleInvalid,
+    p11.SessionClosed,
+    p11.ObjectHandleInvalid,
+    p11.KeyHandleInvalid,
+    p11.UserNotLoggedIn,
+)
+_THROTTLED = (p11.FunctionFailed, p11.SessionCount, p11.HostMemory)
+_BAD_INPUT = (
+    p11.DataLenRange,
+    p11.DataInvalid,
+    p11.SignatureLenRange,
+    p11.MechanismParamInvalid,
+    p11.ArgumentsBad,
+)
+_BAD_CIPHERTEXT = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange)
+_WRONG_KEY = (p11.KeyTypeInconsistent, p11.MechanismInvalid)
+# Errors that mean the session itself is gone (reopen it), as opposed to a
+# stale object handle (forget the cached handle) or a lost login (log in again).
+SESSION_GONE = (p11.SessionHandleInvalid, p11.SessionClosed)
+LOGGED_OUT = (p11.UserNotLoggedIn,)
+
+
+def translate(exc: Exception, *, cluster: str, region: str, op: Operation | None = None) -> RouterError:
+    """The router error for a PKCS #11 failure on ``cluster``."""
+    where = {"cluster": cluster, "region": region}
+    if isinstance(exc, RouterError):
+        return exc
+    if isinstance(exc, p11.NoSuchKey):
+        return KeyNotFound("key material is missing on the cluster", **where)
+    if op is Operation.AES_GCM and isinstance(exc, (*_BAD_CIPHERTEXT, p11.GeneralError)):
+        # SoftHSM answers a failed GCM tag check with CKR_GENERAL_ERROR; the
+        # request, not the cluster, is at fault.
+        return DecryptionFailed("decryption failed: ciphertext, iv or aad do not authenticate", **where)
+    if isinstance(exc, _BAD_CIPHERTEXT):
+        return DecryptionFailed("decryption failed: the ciphertext is not valid for this key", **where)
+    if isinstance(exc, _CLUSTER_DOWN):
+        return ClusterDown(f"cluster {cluster} is not reachable ({type(exc).__name__})", **where)
+    if isinstance(exc, _STALE):
+        return StaleSession(f"session on cluster {cluster} is no longer valid", **where)
+    if isinstance(exc, _THROTTLED):
+        return Throttled(f"cluster {cluster} is busy", **where)
+    if isinstance(exc, _BAD_INPUT):
+        return InvalidArgument(f"the HSM rejected the input ({type(exc).__name__})", **where)
+    if isinstance(exc, _WRONG_KEY):
+        return WrongKeyUsage("the key does not permit this operation", **where)
+    return InternalError(f"unexpected PKCS #11 error on cluster {cluster}", **where)

@@ -1,0 +1,118 @@
+"""Loading a PKCS #11 module so that threads are safe with any module.
+
+python-pkcs11 calls ``C_Initialize(NULL)``, which tells a module that the
+application will not use threads; SoftHSM then turns its own locking off and
+corrupts its heap when two threads use two sessions. So we initialise the
+module ourselves first, through ctypes, with ``CKF_OS_LOCKING_OK`` (what
+p11-kit-proxy does), and hand python-pkcs11 a library object that skips its own
+``C_Initialize``. A module that answers ``CKR_CANT_LOCK`` is initialised the
+plain way and every call into it is serialised by one lock per module.
+
+A module is loaded once per process (``load_module`` caches by path). Worker
+processes must load it after ``fork``, never inherit it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ContextManager
+
+import pkcs11
+from pkcs11 import _pkcs11
+
+log = logging.getLogger(__name__)
+
+CKR_OK = 0x0
+CKR_CANT_LOCK = 0xA
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+CKF_OS_LOCKING_OK = 0x2
+
+
+class _InitArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+class _PreinitializedLib(_pkcs11.lib):  # type: ignore[misc]
+    """A python-pkcs11 library whose module we already initialised."""
+
+    def initialize(self) -> None:
+        # C_Initialize was called with CKF_OS_LOCKING_OK in _initialize_with_locking.
+        return None
+
+
+@dataclass
+class Module:
+    """A loaded PKCS #11 module and how calls into it must be guarded."""
+
+    path: str
+    lib: Any
+    os_locking: bool
+    _serial: threading.Lock | None = field(default=None, repr=False)
+
+    def guard(self) -> ContextManager[object]:
+        """Hold this around every call into the module."""
+        return self._serial if self._serial is not None else contextlib.nullcontext()
+
+    def token(self, label: str) -> Any:
+        return self.lib.get_token(token_label=label)
+
+
+_loaded: dict[str, Module] = {}
+_load_lock = threading.Lock()
+
+
+def load_module(path: str) -> Module:
+    """Load (once per process) and initialise the module at ``path``."""
+    real = os.path.realpath(path)
+    with _load_lock:
+        module = _loaded.get(real)
+        if module is None:
+            module = _load(real)
+            _loaded[real] = module
+        return module
+
+
+def _load(path: str) -> Module:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"PKCS #11 module not found: {path}")
+    rv = _initialize_with_locking(path)
+    if rv in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+        if rv == CKR_CRYPTOKI_ALREADY_INITIALIZED:
+            log.warning("PKCS #11 module %s was already initialised; serialising calls", path)
+        lib = _PreinitializedLib(path)
+        serial = None if rv == CKR_OK else threading.Lock()
+        return Module(path=path, lib=lib, os_locking=rv == CKR_OK, _serial=serial)
+    if rv == CKR_CANT_LOCK:
+        log.warning("PKCS #11 module %s cannot use OS locking; serialising calls", path)
+        return Module(path=path, lib=pkcs11.lib(path), os_locking=False, _serial=threading.Lock())
+    raise RuntimeError(f"C_Initialize of {path} failed with CKR 0x{rv:x}")
+
+
+def _initialize_with_locking(path: str) -> int:
+    dll = ctypes.CDLL(path)
+    function_list = ctypes.c_void_p()
+    get_function_list = dll.C_GetFunctionList
+    get_function_list.restype = ctypes.c_ulong
+    get_function_list.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    rv = get_function_list(ctypes.byref(function_list))
+    if rv != CKR_OK or not function_list.value:
+        raise RuntimeError(f"C_GetFunctionList of {path} failed with CKR 0x{rv:x}")
+    # CK_FUNCTION_LIST starts with a CK_VERSION (2 bytes, padded to pointer
+    # alignment); C_Initialize is the first function pointer after it.
+    offset = ctypes.sizeof(ctypes.c_void_p)
+    c_initialize_ptr = ctypes.cast(function_list.value + offset, ctypes.POINTER(ctypes.c_void_p))[0]
+    c_initialize = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)(c_initialize_ptr)
+    args = _InitArgs(flags=CKF_OS_LOCKING_OK)
+    return int(c_initialize(ctypes.byref(args)))

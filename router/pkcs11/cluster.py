@@ -1,0 +1,227 @@
+"""``HsmBackend`` on a pooled PKCS #11 token: one instance per cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, TypeVar
+
+from asn1crypto.algos import DSASignature
+from pkcs11 import Attribute, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.mechanisms import GCMParams
+
+from router.backend import HsmBackend, PoolStats
+from router.errors import DeadlineExceeded, RouterError, StaleSession
+from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Operation
+from router.pkcs11 import _keys
+from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
+from router.pkcs11._module import Module
+from router.pkcs11.pool import PooledSession, SessionPool
+from router.secret import Secret
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+GCM_IV_BYTES = 12
+GCM_TAG_BITS = 128
+_EC_BYTES = {KeyAlgorithm.EC_P256: 32, KeyAlgorithm.EC_P384: 48}
+
+
+class Pkcs11Cluster(HsmBackend):
+    def __init__(
+        self,
+        module: Module,
+        spec: ClusterSpec,
+        pin: Secret,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self._module = module
+        self._clock = clock
+        try:
+            self._pool = SessionPool(module, spec, pin, clock=clock)
+        except p11.PinIncorrect as exc:
+            raise RuntimeError(f"cluster {spec.name}: the user PIN was refused by token {spec.token_label!r}") from exc
+        except p11.NoSuchToken as exc:
+            raise RuntimeError(f"cluster {spec.name}: no token labelled {spec.token_label!r}") from exc
+
+    # -- the one way into the token -------------------------------------
+
+    def _run(self, deadline: float, fn: Callable[[PooledSession], T], op: Operation | None = None) -> T:
+        """Run ``fn`` on a pooled session; repair a stale session once, invisibly."""
+        for attempt in range(2):
+            if self._clock() >= deadline:
+                raise DeadlineExceeded("deadline exceeded before the HSM call", cluster=self.spec.name)
+            with self._pool.session(deadline) as session:
+                try:
+                    with self._module.guard():
+                        return fn(session)
+                except RouterError:
+                    raise
+                except p11.PKCS11Error as exc:
+                    err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op)
+                    if not isinstance(err, StaleSession) or attempt:
+                        raise err from exc
+                    self._repair(session, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _repair(self, session: PooledSession, exc: Exception) -> None:
+        session.keys.clear()
+        if isinstance(exc, SESSION_GONE):
+            session.broken = True
+        elif isinstance(exc, LOGGED_OUT):
+            self._pool.relogin()
+        log.info("cluster %s: repaired stale session (%s)", self.spec.name, type(exc).__name__)
+
+    # -- HsmBackend -----------------------------------------------------
+
+    def generate(self, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage, deadline: float) -> None:
+        self._run(deadline, lambda s: _keys.generate(s.handle, key_id, algorithm, usage))
+
+    def destroy(self, key_id: str, deadline: float) -> int:
+        def run(s: PooledSession) -> int:
+            objects = list(s.handle.get_objects({Attribute.ID: key_id.encode()}))
+            for obj in objects:
+                obj.destroy()
+            return len(objects)
+
+        try:
+            return self._run(deadline, run)
+        finally:
+            self._pool.invalidate_keys()
+
+    def key_ids(self, deadline: float) -> set[str]:
+        def run(s: PooledSession) -> set[str]:
+            found = set()
+            for obj in s.handle.get_objects({Attribute.TOKEN: True}):
+                if obj.object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY, ObjectClass.PUBLIC_KEY):
+                    try:
+                        found.add(bytes(obj[Attribute.ID]).decode())
+                    except UnicodeDecodeError:
+                        continue
+            return found
+
+        return self._run(deadline, run)
+
+    def public_key(self, key_id: str, algorithm: KeyAlgorithm, deadline: float) -> bytes:
+        return self._run(
+            deadline, lambda s: _keys.public_key_der(s.key(key_id, ObjectClass.PUBLIC_KEY), algorithm)
+        )
+
+    def sign(self, key_id: str, algorithm: KeyAlgorithm, op: Operation, digest: bytes, deadline: float) -> bytes:
+        mechanism, param, data = _keys.signature_mechanism(op, digest)
+
+        def run(s: PooledSession) -> bytes:
+            key = s.key(key_id, ObjectClass.PRIVATE_KEY)
+            return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
+
+        signature = self._run(deadline, run, op)
+        if algorithm.is_ec:
+            half = len(signature) // 2
+            return bytes(
+                DSASignature(
+                    {"r": int.from_bytes(signature[:half], "big"), "s": int.from_bytes(signature[half:], "big")}
+                ).dump()
+            )
+        return signature
+
+    def verify(
+        self, key_id: str, algorithm: KeyAlgorithm, op: Operation, digest: bytes, signature: bytes, deadline: float
+    ) -> bool:
+        if algorithm.is_ec:
+            raw = _ecdsa_der_to_raw(signature, _EC_BYTES[algorithm])
+            if raw is None:
+                return False
+            signature = raw
+        mechanism, param, data = _keys.signature_mechanism(op, digest)
+
+        def run(s: PooledSession) -> bool:
+            key = s.key(key_id, ObjectClass.PUBLIC_KEY)
+            try:
+                return bool(key.verify(data, signature, mechanism=mechanism, mechanism_param=param))
+            except (p11.SignatureInvalid, p11.SignatureLenRange):
+                return False
+
+        return self._run(deadline, run, op)
+
+    def encrypt(self, key_id: str, op: Operation, plaintext: bytes, aad: bytes, deadline: float) -> tuple[bytes, bytes]:
+        if op is Operation.AES_GCM:
+            iv = os.urandom(GCM_IV_BYTES)
+            params = GCMParams(iv, aad or None, GCM_TAG_BITS)
+
+            def run_gcm(s: PooledSession) -> bytes:
+                key = s.key(key_id, ObjectClass.SECRET_KEY)
+                return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+
+            return self._run(deadline, run_gcm, op), iv
+
+        def run_oaep(s: PooledSession) -> bytes:
+            key = s.key(key_id, ObjectClass.PUBLIC_KEY)
+            return bytes(key.encrypt(plaintext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
+
+        return self._run(deadline, run_oaep, op), b""
+
+    def decrypt(self, key_id: str, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes:
+        if op is Operation.AES_GCM:
+            params = GCMParams(iv, aad or None, GCM_TAG_BITS)
+
+            def run_gcm(s: PooledSession) -> bytes:
+                key = s.key(key_id, ObjectClass.SECRET_KEY)
+                return bytes(key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+
+            return self._run(deadline, run_gcm, op)
+
+        def run_oaep(s: PooledSession) -> bytes:
+            key = s.key(key_id, ObjectClass.PRIVATE_KEY)
+            return bytes(key.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
+
+        return self._run(deadline, run_oaep, op)
+
+    def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes:
+        def run(s: PooledSession) -> bytes:
+            key = s.key(key_id, ObjectClass.SECRET_KEY)
+            return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+        return self._run(deadline, run, op)
+
+    def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
+        def run(s: PooledSession) -> bool:
+            key = s.key(key_id, ObjectClass.SECRET_KEY)
+            try:
+                return bool(key.verify(data, mac, mechanism=Mechanism.SHA256_HMAC))
+            except (p11.SignatureInvalid, p11.SignatureLenRange):
+                return False
+
+        return self._run(deadline, run, op)
+
+    def random(self, length: int, deadline: float) -> bytes:
+        return self._run(deadline, lambda s: bytes(s.handle.generate_random(length * 8)))
+
+    def stats(self) -> PoolStats:
+        size, open_, in_use = self._pool.stats()
+        return PoolStats(size=size, open=open_, in_use=in_use)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @property
+    def pool(self) -> SessionPool:
+        return self._pool
+
+
+def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:
+    """r‖s for a DER ECDSA signature, or None if it is not a well-formed one."""
+    try:
+        parsed = DSASignature.load(der, strict=True)
+        r, s = int(parsed["r"].native), int(parsed["s"].native)
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not (0 < r < 1 << (8 * size) and 0 < s < 1 << (8 * size)):
+        return None
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+

@@ -1,0 +1,178 @@
+"""A bounded pool of PKCS #11 sessions on one token.
+
+- One long-lived login session per token per process: closing a python-pkcs11
+  session that logged in calls ``C_Logout``, which logs out every session of the
+  token, so the login session stays open until the pool closes, last.
+- ``size`` request sessions, opened at start (a wrong PIN or a missing token
+  fails start-up, not the first request). Each is used by one request at a time.
+- Each session caches key objects by key id: ``C_FindObjects`` runs once per
+  session and key, never per request. Destroying a key bumps the pool's epoch,
+  which empties every session's cache before its next use.
+- Waiting for a session is bounded by the caller's deadline; then
+  ``ResourceExhausted``. A broken session is closed and replaced, never returned.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from pkcs11 import ObjectClass
+from pkcs11 import exceptions as p11
+
+from router.errors import ResourceExhausted
+from router.model import ClusterSpec
+from router.pkcs11._module import Module
+from router.secret import Secret
+
+log = logging.getLogger(__name__)
+
+
+class PooledSession:
+    """A request session and its key-object cache."""
+
+    __slots__ = ("handle", "keys", "epoch", "broken")
+
+    def __init__(self, handle: Any, epoch: int) -> None:
+        self.handle = handle
+        self.keys: dict[tuple[str, ObjectClass], Any] = {}
+        self.epoch = epoch
+        self.broken = False
+
+    def key(self, key_id: str, object_class: ObjectClass) -> Any:
+        """The key object, from the cache or found once on the token."""
+        cache_key = (key_id, object_class)
+        obj = self.keys.get(cache_key)
+        if obj is None:
+            obj = self.handle.get_key(object_class=object_class, id=key_id.encode())
+            self.keys[cache_key] = obj
+        return obj
+
+
+class SessionPool:
+    def __init__(
+        self,
+        module: Module,
+        spec: ClusterSpec,
+        pin: Secret,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self._module = module
+        self._pin = pin
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._idle: collections.deque[PooledSession] = collections.deque()
+        self._slots = threading.BoundedSemaphore(spec.pool_size)
+        self._epoch = 0
+        self._open = 0
+        self._closed = False
+        with module.guard():
+            self._token = module.token(spec.token_label)
+            self._login = self._token.open(rw=True, user_pin=pin.reveal())
+        for _ in range(spec.pool_size):
+            self._idle.append(self._new_session())
+
+    # -- public ---------------------------------------------------------
+
+    @property
+    def token(self) -> Any:
+        return self._token
+
+    @contextlib.contextmanager
+    def session(self, deadline: float) -> Iterator[PooledSession]:
+        """Check out a session until the block ends; wait no longer than ``deadline``."""
+        if not self._slots.acquire(timeout=max(0.0, deadline - self._clock())):
+            raise ResourceExhausted(
+                f"all {self.spec.pool_size} sessions of cluster {self.spec.name} are busy",
+                cluster=self.spec.name,
+                region=self.spec.region,
+                retry_after=0.05,
+            )
+        try:
+            session = self._checkout()
+            try:
+                yield session
+            finally:
+                self._checkin(session)
+        finally:
+            self._slots.release()
+
+    def invalidate_keys(self) -> None:
+        """Forget every cached key object (after a key is destroyed)."""
+        with self._lock:
+            self._epoch += 1
+
+    def relogin(self) -> None:
+        """Log in again after the token forgot our login (CKR_USER_NOT_LOGGED_IN)."""
+        with self._lock, self._module.guard():
+            try:
+                self._login.close()
+            except p11.PKCS11Error:
+                pass
+            try:
+                self._login = self._token.open(rw=True, user_pin=self._pin.reveal())
+            except p11.UserAlreadyLoggedIn:
+                self._login = self._token.open(rw=True)
+            log.warning("cluster %s: logged in again", self.spec.name)
+
+    def stats(self) -> tuple[int, int, int]:
+        """(size, open, in use)."""
+        with self._lock:
+            idle = len(self._idle)
+            return self.spec.pool_size, self._open, self._open - idle
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sessions = list(self._idle)
+            self._idle.clear()
+        with self._module.guard():
+            for session in sessions:
+                self._close_session(session)
+            try:
+                self._login.close()
+            except p11.PKCS11Error:
+                log.debug("cluster %s: closing login session failed", self.spec.name, exc_info=True)
+
+    # -- internals ------------------------------------------------------
+
+    def _new_session(self) -> PooledSession:
+        with self._module.guard():
+            handle = self._token.open(rw=True)
+        with self._lock:
+            self._open += 1
+            return PooledSession(handle, self._epoch)
+
+    def _close_session(self, session: PooledSession) -> None:
+        with self._lock:
+            self._open -= 1
+        try:
+            session.handle.close()
+        except p11.PKCS11Error:
+            log.debug("cluster %s: closing a session failed", self.spec.name, exc_info=True)
+
+    def _checkout(self) -> PooledSession:
+        try:
+            session = self._idle.pop()
+        except IndexError:
+            # A broken session was dropped earlier; open its replacement now.
+            session = self._new_session()
+        if session.epoch != self._epoch:
+            session.keys.clear()
+            session.epoch = self._epoch
+        return session
+
+    def _checkin(self, session: PooledSession) -> None:
+        if session.broken or self._closed:
+            with self._module.guard():
+                self._close_session(session)
+            return
+        self._idle.append(session)

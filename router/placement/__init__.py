@@ -1,0 +1,7 @@
+"""Placement: the store of key → clusters, and the ring that places new keys."""
+
+from router.placement.ring import PlacementRing
+from router.placement.sqlite import SqliteStore
+from router.placement.store import Conflict, PlacementStore, StoreError
+
+__all__ = ["Conflict", "PlacementRing", "PlacementStore", "SqliteStore", "StoreError"]

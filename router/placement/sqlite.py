@@ -1,0 +1,177 @@
+"""The embedded default placement store: one SQLite file (WAL mode).
+
+Several worker processes may share the file; SQLite serialises writers and
+``change_counter`` (a row bumped on every write) lets each process's cache see
+the others' changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
+from router.placement.store import Conflict, PlacementStore, StoreError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS placements (
+    key_id TEXT PRIMARY KEY,
+    algorithm TEXT NOT NULL,
+    usage TEXT NOT NULL,
+    state TEXT NOT NULL,
+    primary_cluster TEXT NOT NULL,
+    replicas TEXT NOT NULL DEFAULT '[]',
+    create_time REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    storage TEXT NOT NULL DEFAULT 'TOKEN',
+    version INTEGER NOT NULL DEFAULT 1
+);
+CREATE UNIQUE INDEX IF NOT EXISTS placements_request ON placements(request_id);
+CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL);
+INSERT OR IGNORE INTO changes (id, counter) VALUES (1, 0);
+"""
+
+_COLUMNS = (
+    "key_id, algorithm, usage, state, primary_cluster, replicas, create_time, "
+    "request_id, fingerprint, storage, version"
+)
+
+
+def _row(row: tuple) -> Placement:  # type: ignore[type-arg]
+    return Placement(
+        key_id=row[0],
+        algorithm=KeyAlgorithm(row[1]),
+        usage=KeyUsage(row[2]),
+        state=KeyState(row[3]),
+        primary=row[4],
+        replicas=tuple(json.loads(row[5])),
+        create_time=row[6],
+        request_id=row[7],
+        fingerprint=row[8],
+        storage=KeyStorage(row[9]),
+        version=row[10],
+    )
+
+
+def _values(p: Placement) -> tuple:  # type: ignore[type-arg]
+    return (
+        p.key_id,
+        p.algorithm.value,
+        p.usage.value,
+        p.state.value,
+        p.primary,
+        json.dumps(list(p.replicas)),
+        p.create_time,
+        p.request_id,
+        p.fingerprint,
+        p.storage.value,
+        p.version,
+    )
+
+
+class SqliteStore(PlacementStore):
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open placement store {self.path}: {exc}") from exc
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
+        try:
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"placement store error: {exc}") from exc
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> int:  # type: ignore[type-arg]
+        """Run statements in one transaction with the change counter; rowcount of the first."""
+        try:
+            with self._lock:
+                cur = self._db.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    first = -1
+                    for sql, args in statements:
+                        cur.execute(sql, args)
+                        if first < 0:
+                            first = cur.rowcount
+                    cur.execute("UPDATE changes SET counter = counter + 1 WHERE id = 1")
+                    cur.execute("COMMIT")
+                    return first
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"placement store error: {exc}") from exc
+
+    def get(self, key_id: str) -> Placement | None:
+        rows = self._query(f"SELECT {_COLUMNS} FROM placements WHERE key_id = ?", (key_id,))
+        return _row(rows[0]) if rows else None
+
+    def by_request(self, request_id: str) -> Placement | None:
+        rows = self._query(f"SELECT {_COLUMNS} FROM placements WHERE request_id = ?", (request_id,))
+        return _row(rows[0]) if rows else None
+
+    def create(self, placement: Placement) -> None:
+        try:
+            self._write([(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", _values(placement))])
+        except sqlite3.IntegrityError as exc:
+            existing = self.get(placement.key_id) or self.by_request(placement.request_id)
+            raise Conflict(existing) from exc
+
+    def update(self, placement: Placement) -> Placement:
+        new = dataclasses.replace(placement, version=placement.version + 1)
+        values = _values(new)
+        count = self._write(
+            [
+                (
+                    "UPDATE placements SET algorithm=?, usage=?, state=?, primary_cluster=?, replicas=?, "
+                    "create_time=?, request_id=?, fingerprint=?, storage=?, version=? "
+                    "WHERE key_id=? AND version=?",
+                    (*values[1:], placement.key_id, placement.version),
+                )
+            ]
+        )
+        if count != 1:
+            raise Conflict(self.get(placement.key_id))
+        return new
+
+    def delete(self, key_id: str, version: int) -> None:
+        count = self._write([("DELETE FROM placements WHERE key_id=? AND version=?", (key_id, version))])
+        if count != 1:
+            raise Conflict(self.get(key_id))
+
+    def list(self, prefix: str = "", after: str = "", limit: int = 100) -> list[Placement]:
+        # Range scan on the primary key instead of LIKE, so '%' and '_' in ids are literal.
+        upper = prefix + "\U0010ffff"
+        lower = max(prefix, after)
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM placements WHERE key_id > ? AND key_id >= ? AND key_id < ? "
+            "ORDER BY key_id LIMIT ?",
+            (after, lower, upper, limit),
+        )
+        return [_row(r) for r in rows]
+
+    def scan(self) -> Iterator[Placement]:
+        for row in self._query(f"SELECT {_COLUMNS} FROM placements ORDER BY key_id"):
+            yield _row(row)
+
+    def change_counter(self) -> int:
+        return int(self._query("SELECT counter FROM changes WHERE id = 1")[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+

@@ -1,0 +1,63 @@
+"""The placement store: which clusters hold each key. Every process sees it.
+
+Records are created in state CREATING before any HSM object exists (an intent),
+then switched to ENABLED once the objects exist. A crash in between leaves a
+CREATING record that the reconciler resolves; never an object nobody knows.
+Updates are conditional on the record's ``version`` so two gateways never
+overwrite each other's placement.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+from router.model import Placement
+
+
+class StoreError(Exception):
+    """The store is unreachable or failed; callers map it to UNAVAILABLE."""
+
+
+class Conflict(Exception):
+    """A conditional write lost: the record exists or changed meanwhile."""
+
+    def __init__(self, existing: Placement | None) -> None:
+        super().__init__("placement changed concurrently")
+        self.existing = existing
+
+
+class PlacementStore(abc.ABC):
+    @abc.abstractmethod
+    def get(self, key_id: str) -> Placement | None: ...
+
+    @abc.abstractmethod
+    def by_request(self, request_id: str) -> Placement | None:
+        """The placement created by ``request_id``, if any."""
+
+    @abc.abstractmethod
+    def create(self, placement: Placement) -> None:
+        """Insert; raises ``Conflict`` if the key id or request id exists."""
+
+    @abc.abstractmethod
+    def update(self, placement: Placement) -> Placement:
+        """Replace the record whose version is ``placement.version``; returns it with version + 1."""
+
+    @abc.abstractmethod
+    def delete(self, key_id: str, version: int) -> None:
+        """Remove a record (only used to roll back an intent that never took effect)."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "", after: str = "", limit: int = 100) -> list[Placement]:
+        """Keys with ``prefix``, ordered by id, strictly after ``after``."""
+
+    @abc.abstractmethod
+    def scan(self) -> Iterator[Placement]:
+        """Every record (for cache warm-up and reconciliation)."""
+
+    @abc.abstractmethod
+    def change_counter(self) -> int:
+        """A number that grows whenever any record changes (for caches)."""
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,408 @@
+"""The engine: find where a key lives, pick a cluster, run the operation.
+
+``Router`` owns the placement cache and one ``HsmBackend`` per cluster. It never
+imports grpc: the gateway turns requests into these calls and ``RouterError``s
+into statuses. Every call takes an absolute ``deadline`` (``time.monotonic``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
+
+from router import validation
+from router.backend import HsmBackend
+from router.errors import (
+    AlreadyExists,
+    ClusterDown,
+    FailedPrecondition,
+    InvalidArgument,
+    KeyNotFound,
+    RequestConflict,
+    ResourceExhausted,
+    RouterError,
+    Throttled,
+    Unavailable,
+)
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
+from router.placement.ring import PlacementRing
+from router.placement.store import Conflict, PlacementStore, StoreError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_FAILOVER = (ClusterDown, Throttled)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Regions and clusters as the router sees them."""
+
+    home_region: str
+    dr_regions: tuple[str, ...]
+    regions: Mapping[str, tuple[str, ...]]
+    """Region name → cluster names."""
+
+
+class Router:
+    def __init__(
+        self,
+        topology: Topology,
+        backends: Mapping[str, HsmBackend],
+        store: PlacementStore,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        creation_grace: float = 30.0,
+    ) -> None:
+        self.topology = topology
+        self.backends = dict(backends)
+        self.store = store
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._lock = threading.Lock()
+        self._cache: dict[str, Placement] = {}
+        self._key_counts: Counter[str] = Counter()
+        self._draining: set[str] = set()
+        self.creation_grace = creation_grace
+        self.reload()
+
+    # -- placement cache -------------------------------------------------
+
+    def reload(self) -> None:
+        """Load every placement from the store into the cache."""
+        cache: dict[str, Placement] = {}
+        counts: Counter[str] = Counter()
+        for placement in self.store.scan():
+            cache[placement.key_id] = placement
+            if placement.state is not KeyState.DESTROYED:
+                counts.update(placement.clusters)
+        with self._lock:
+            self._cache = cache
+            self._key_counts = counts
+
+    def _remember(self, placement: Placement, *, counted: bool) -> None:
+        with self._lock:
+            self._cache[placement.key_id] = placement
+            if counted:
+                self._key_counts.update(placement.clusters)
+
+    def _forget(self, placement: Placement) -> None:
+        with self._lock:
+            self._cache.pop(placement.key_id, None)
+            self._key_counts.subtract(placement.clusters)
+
+    def placement(self, key_id: str) -> Placement:
+        """The key's placement, from the cache (falling back to the store)."""
+        placement = self._cache.get(key_id)
+        if placement is None:
+            validation.key_id(key_id)
+            try:
+                placement = self.store.get(key_id)
+            except StoreError as exc:
+                raise Unavailable("placement store is unreachable and the key is not cached") from exc
+            if placement is None:
+                raise KeyNotFound(f"key {key_id!r} not found")
+            self._remember(placement, counted=False)
+        return placement
+
+    def _usable(self, key_id: str) -> Placement:
+        placement = self.placement(key_id)
+        if placement.state is KeyState.DESTROYED:
+            raise FailedPrecondition(f"key {key_id!r} is destroyed")
+        if placement.state is KeyState.CREATING:
+            raise FailedPrecondition(f"key {key_id!r} is still being created")
+        return placement
+
+    def key_counts(self) -> dict[str, int]:
+        with self._lock:
+            return {name: self._key_counts.get(name, 0) for name in self.backends}
+
+    # -- dispatch ----------------------------------------------------------
+
+    def _candidates(self, placement: Placement) -> list[HsmBackend]:
+        return [self.backends[name] for name in placement.clusters if name in self.backends]
+
+    def _dispatch(self, placement: Placement, fn: Callable[[HsmBackend], T]) -> tuple[T, str]:
+        last: RouterError | None = None
+        for backend in self._candidates(placement):
+            try:
+                return fn(backend), backend.name
+            except _FAILOVER as exc:
+                log.warning("cluster %s failed for key %s: %s", backend.name, placement.key_id, exc.message)
+                last = exc
+        if last is None:
+            raise Unavailable(f"no configured cluster holds key {placement.key_id!r}")
+        raise last
+
+    def _any_backend(self, fn: Callable[[HsmBackend], T]) -> T:
+        last: RouterError | None = None
+        home = self.topology.regions.get(self.topology.home_region, ())
+        ordered = sorted(self.backends.values(), key=lambda b: b.name not in home)
+        for backend in ordered:
+            try:
+                return fn(backend)
+            except _FAILOVER as exc:
+                last = exc
+        raise last or Unavailable("no cluster is configured")
+
+    # -- key lifecycle ----------------------------------------------------
+
+    def generate_key(self, spec: KeySpec, deadline: float) -> Placement:
+        validation.key_id(spec.key_id)
+        validation.request_id(spec.request_id)
+        try:
+            return self._generate(spec, deadline)
+        except StoreError as exc:
+            raise Unavailable("placement store is unreachable; keys cannot be created now") from exc
+
+    def _generate(self, spec: KeySpec, deadline: float) -> Placement:
+        existing = self._existing(spec)
+        if existing is not None:
+            return existing
+        primary = self._choose_cluster(spec.key_id)
+        intent = Placement(
+            key_id=spec.key_id,
+            algorithm=spec.algorithm,
+            usage=spec.usage,
+            state=KeyState.CREATING,
+            primary=primary,
+            create_time=self._wall_clock(),
+            request_id=spec.request_id,
+            fingerprint=spec.fingerprint(),
+            storage=spec.storage,
+        )
+        try:
+            self.store.create(intent)
+        except Conflict:
+            existing = self._existing(spec)
+            if existing is not None:
+                return existing
+            raise AlreadyExists(f"key {spec.key_id!r} already exists") from None
+        return self._materialise(intent, deadline)
+
+    def _existing(self, spec: KeySpec) -> Placement | None:
+        """The key an earlier attempt of this request made; errors for clashes."""
+        earlier = self.store.by_request(spec.request_id)
+        if earlier is not None:
+            if earlier.fingerprint != spec.fingerprint():
+                raise RequestConflict(
+                    f"request_id {spec.request_id!r} was used for a different key or parameters"
+                )
+            if earlier.state is KeyState.CREATING:
+                return self._take_over(earlier)
+            return earlier
+        taken = self.store.get(spec.key_id)
+        if taken is not None:
+            if taken.state is KeyState.DESTROYED:
+                raise AlreadyExists(f"key {spec.key_id!r} was destroyed; key ids are never reused")
+            raise AlreadyExists(f"key {spec.key_id!r} already exists")
+        return None
+
+    def _take_over(self, intent: Placement) -> Placement:
+        """Finish a creation that an earlier attempt (maybe a crashed process) left half-way."""
+        if self._wall_clock() - intent.create_time < self.creation_grace:
+            raise Unavailable(f"key {intent.key_id!r} is being created; retry shortly")
+        try:
+            claimed = self.store.update(intent)  # version bump: only one taker wins
+        except Conflict as exc:
+            return self._settled(exc.existing, intent.key_id)
+        return self._materialise(claimed, time.monotonic() + 60.0, leftovers=True)
+
+    @staticmethod
+    def _settled(current: Placement | None, key_id: str) -> Placement:
+        if current is not None and current.state is not KeyState.CREATING:
+            return current
+        raise Unavailable(f"key {key_id!r} is being created; retry shortly")
+
+    def _materialise(self, intent: Placement, deadline: float, *, leftovers: bool = False) -> Placement:
+        backend = self.backends.get(intent.primary)
+        if backend is None:
+            raise Unavailable(f"cluster {intent.primary} is not configured on this gateway")
+        try:
+            if leftovers:
+                backend.destroy(intent.key_id, deadline)
+            backend.generate(intent.key_id, intent.algorithm, intent.usage, deadline)
+        except RouterError:
+            self._roll_back(intent, backend)
+            raise
+        try:
+            enabled = self.store.update(replace(intent, state=KeyState.ENABLED))
+        except Conflict as exc:
+            return self._settled(exc.existing, intent.key_id)
+        self._remember(enabled, counted=True)
+        log.info("key %s created on %s", enabled.key_id, enabled.primary)
+        return enabled
+
+    def _roll_back(self, intent: Placement, backend: HsmBackend) -> None:
+        try:
+            backend.destroy(intent.key_id, time.monotonic() + 10.0)
+            self.store.delete(intent.key_id, intent.version)
+        except (RouterError, StoreError, Conflict):
+            log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)
+
+    def _choose_cluster(self, key_id: str) -> str:
+        home = self.topology.home_region
+        counts = self.key_counts()
+        full = {n for n, b in self.backends.items() if counts.get(n, 0) >= b.spec.max_keys}
+        eligible = [
+            name
+            for name in self.topology.regions.get(home, ())
+            if name in self.backends and name not in full and name not in self._draining
+        ]
+        chosen = PlacementRing(eligible).choose(key_id)
+        if chosen is None:
+            if full:
+                raise ResourceExhausted(
+                    f"every cluster in region {home} is at its key limit; add a cluster or destroy keys",
+                    region=home,
+                )
+            raise Unavailable(f"no cluster in region {home} can take new keys", region=home)
+        return chosen
+
+    def get_key(self, key_id: str) -> Placement:
+        return self.placement(validation.key_id(key_id))
+
+    def list_keys(self, prefix: str, page_size: int, page_token: str) -> tuple[list[Placement], str]:
+        if page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        size = min(page_size or 100, 1000)
+        try:
+            page = self.store.list(prefix=prefix, after=page_token, limit=size + 1)
+        except StoreError as exc:
+            raise Unavailable("placement store is unreachable") from exc
+        more = len(page) > size
+        page = page[:size]
+        return page, (page[-1].key_id if more else "")
+
+    def destroy_key(self, key_id: str, deadline: float) -> Placement:
+        placement = self.placement(validation.key_id(key_id))
+        if placement.state is KeyState.DESTROYED:
+            return placement
+        for name in placement.clusters:
+            backend = self.backends.get(name)
+            if backend is None:
+                raise Unavailable(f"cluster {name} holding key {key_id!r} is not configured here")
+            backend.destroy(key_id, deadline)
+        try:
+            destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED))
+        except StoreError as exc:
+            raise Unavailable("placement store is unreachable") from exc
+        except Conflict as exc:
+            raise Unavailable("placement changed concurrently; retry") from exc
+        self._forget(placement)
+        self._remember(destroyed, counted=False)
+        log.info("key %s destroyed", key_id)
+        return destroyed
+
+    # -- crypto -------------------------------------------------------------
+
+    def public_key(self, key_id: str, deadline: float) -> tuple[Placement, bytes]:
+        placement = self._usable(key_id)
+        if not placement.algorithm.is_asymmetric:
+            raise FailedPrecondition(f"key {key_id!r} is {placement.algorithm.value}: it has no public key")
+        der, _ = self._dispatch(placement, lambda b: b.public_key(key_id, placement.algorithm, deadline))
+        return placement, der
+
+    @staticmethod
+    def _digest(op: Operation, digest: bytes | None, message: bytes | None) -> bytes:
+        if digest is not None:
+            if len(digest) != op.digest_size:
+                raise InvalidArgument(
+                    f"digest is {len(digest)} bytes; {op.value} needs {op.digest_size}"
+                )
+            return digest
+        if message is None:
+            raise InvalidArgument("one of digest or message is required")
+        validation.payload("message", message, required=False)
+        return hashlib.new(op.hash_name, message).digest()
+
+    def sign(
+        self, key_id: str, op: Operation, digest: bytes | None, message: bytes | None, deadline: float
+    ) -> tuple[bytes, str]:
+        placement = self._usable(key_id)
+        validation.operation_fits(placement, op)
+        data = self._digest(op, digest, message)
+        return self._dispatch(placement, lambda b: b.sign(key_id, placement.algorithm, op, data, deadline))
+
+    def verify(
+        self,
+        key_id: str,
+        op: Operation,
+        digest: bytes | None,
+        message: bytes | None,
+        signature: bytes,
+        deadline: float,
+    ) -> bool:
+        placement = self._usable(key_id)
+        validation.operation_fits(placement, op)
+        data = self._digest(op, digest, message)
+        validation.payload("signature", signature)
+        valid, _ = self._dispatch(
+            placement, lambda b: b.verify(key_id, placement.algorithm, op, data, signature, deadline)
+        )
+        return valid
+
+    def encrypt(
+        self, key_id: str, op: Operation, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes, str]:
+        placement = self._usable(key_id)
+        validation.operation_fits(placement, op)
+        validation.payload("plaintext", plaintext, required=False)
+        validation.payload("aad", aad, required=False)
+        if op is Operation.RSA_OAEP_SHA256 and aad:
+            raise InvalidArgument("aad is only used with AES_GCM")
+        (ciphertext, iv), cluster = self._dispatch(placement, lambda b: b.encrypt(key_id, op, plaintext, aad, deadline))
+        return ciphertext, iv, cluster
+
+    def decrypt(
+        self, key_id: str, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float
+    ) -> bytes:
+        placement = self._usable(key_id)
+        validation.operation_fits(placement, op)
+        validation.payload("ciphertext", ciphertext)
+        validation.payload("aad", aad, required=False)
+        if op is Operation.AES_GCM:
+            if len(iv) != 12:
+                raise InvalidArgument(f"iv is {len(iv)} bytes; AES_GCM needs 12")
+            if len(ciphertext) < 16:
+                raise InvalidArgument("ciphertext is shorter than the 16-byte GCM tag")
+        elif iv or aad:
+            raise InvalidArgument("iv and aad are only used with AES_GCM")
+        plaintext, _ = self._dispatch(placement, lambda b: b.decrypt(key_id, op, ciphertext, iv, aad, deadline))
+        return plaintext
+
+    def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes:
+        placement = self._usable(key_id)
+        validation.operation_fits(placement, op)
+        validation.payload("data", data, required=False)
+        mac, _ = self._dispatch(placement, lambda b: b.mac(key_id, op, data, deadline))
+        return mac
+
+    def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
+        placement = self._usable(key_id)
+        validation.operation_fits(placement, op)
+        validation.payload("data", data, required=False)
+        validation.payload("mac", mac)
+        valid, _ = self._dispatch(placement, lambda b: b.verify_mac(key_id, op, data, mac, deadline))
+        return valid
+
+    def random(self, length: int, deadline: float) -> bytes:
+        if not 1 <= length <= validation.MAX_RANDOM:
+            raise InvalidArgument(f"length must be 1 to {validation.MAX_RANDOM}")
+        return self._any_backend(lambda b: b.random(length, deadline))
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+        self.store.close()
+
+
+__all__ = ["Router", "Topology", "KeyAlgorithm", "KeyUsage", "KeySpec", "KeyStorage"]

@@ -1,0 +1,70 @@
+"""Checks on caller input that do not need an HSM.
+
+Every check raises ``InvalidArgument`` naming the field, so a caller learns
+exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+
+from router.errors import InvalidArgument, WrongKeyUsage
+from router.model import OPERATION_KEYS, USAGES, KeyAlgorithm, KeyUsage, Operation, Placement
+
+MAX_KEY_ID_LENGTH = 128
+MAX_PAYLOAD = 64 * 1024
+MAX_RANDOM = 1024
+
+# Letters, digits and . _ - / : ; starts with a letter or digit; no "..", no "//".
+_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+
+
+def key_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("key_id is required")
+    if len(value) > MAX_KEY_ID_LENGTH:
+        raise InvalidArgument(f"key_id is longer than {MAX_KEY_ID_LENGTH} characters")
+    if not _KEY_ID.fullmatch(value) or ".." in value or "//" in value or value.endswith("/"):
+        raise InvalidArgument(
+            "key_id may contain only letters, digits and . _ - / :, must start with a "
+            "letter or digit, and may not contain '..' or '//' or end with '/'"
+        )
+    return value
+
+
+def request_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("request_id is required (an idempotency token of your choice)")
+    if len(value) > 128 or not value.isprintable():
+        raise InvalidArgument("request_id must be 1 to 128 printable characters")
+    return value
+
+
+def payload(name: str, value: bytes, *, required: bool = True) -> bytes:
+    if required and not value:
+        raise InvalidArgument(f"{name} is required")
+    if len(value) > MAX_PAYLOAD:
+        raise InvalidArgument(f"{name} is {len(value)} bytes; the limit is {MAX_PAYLOAD}")
+    return value
+
+
+def usage_for(algorithm: KeyAlgorithm, usage: KeyUsage | None) -> KeyUsage:
+    """The usage to create a key with: the requested one if the algorithm allows it."""
+    allowed = USAGES[algorithm]
+    if usage is None:
+        return allowed[0]
+    if usage not in allowed:
+        names = ", ".join(u.value for u in allowed)
+        raise InvalidArgument(f"a {algorithm.value} key supports usage {names}, not {usage.value}")
+    return usage
+
+
+def operation_fits(placement: Placement, operation: Operation) -> None:
+    """Refuse an operation the key was not created for (FAILED_PRECONDITION)."""
+    usage, algorithms = OPERATION_KEYS[operation]
+    if placement.usage is not usage or placement.algorithm not in algorithms:
+        raise WrongKeyUsage(
+            f"key {placement.key_id!r} is {placement.algorithm.value} for "
+            f"{placement.usage.value}; {operation.value} needs "
+            f"{' or '.join(a.value for a in algorithms)} for {usage.value}"
+        )
