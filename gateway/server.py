@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -80,7 +81,7 @@ class Gateway:
         self.server.wait_for_termination()
 
 
-def serve(gateway: Gateway, *, grace: float = 5.0) -> None:
+def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain for ``grace`` seconds and exit."""
     done = threading.Event()
 
@@ -91,6 +92,11 @@ def serve(gateway: Gateway, *, grace: float = 5.0) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     gateway.start()
+    if port_file:
+        tmp = f"{port_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(gateway.port))
+        os.replace(tmp, port_file)
     if gateway.config.server.insecure_plaintext:
         log.warning("serving PLAINTEXT on loopback for development; production needs TLS")
     done.wait()

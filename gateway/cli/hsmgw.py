@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> None:
     except (ConfigError, OSError) as exc:
         router.close()
         fail(str(exc))
-    serve(gateway, grace=args.grace)
+    serve(gateway, grace=args.grace, port_file=args.port_file)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, help="gateway TOML file")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish requests on SIGTERM")
+    serve.add_argument("--port-file", help="write the bound port here once serving (for listen port 0)")
     serve.set_defaults(func=_serve)
 
     fleet = sub.add_parser("fleet", help="the local SoftHSM2 fleet")

@@ -21,16 +21,17 @@ RSA_BITS = {KeyAlgorithm.RSA_2048: 2048, KeyAlgorithm.RSA_3072: 3072, KeyAlgorit
 # DER DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1).
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
-_COMMON_SECRET = {
+_PRIVATE_BASE = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: True,
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
     Attribute.DERIVE: False,
-    Attribute.WRAP: False,
     Attribute.UNWRAP: False,
     Attribute.MODIFIABLE: False,
 }
+# Secret keys may carry WRAP too (private keys may not: SoftHSM refuses it).
+_SECRET_BASE = {**_PRIVATE_BASE, Attribute.WRAP: False}
 
 _PUBLIC_BASE = {
     Attribute.TOKEN: True,
@@ -43,7 +44,7 @@ _PUBLIC_BASE = {
 
 def _private_template(usage: KeyUsage) -> dict[Attribute, Any]:
     signs = usage is KeyUsage.SIGN_VERIFY
-    return {**_COMMON_SECRET, Attribute.SIGN: signs, Attribute.DECRYPT: not signs}
+    return {**_PRIVATE_BASE, Attribute.SIGN: signs, Attribute.DECRYPT: not signs}
 
 
 def _public_template(usage: KeyUsage) -> dict[Attribute, Any]:
@@ -95,7 +96,7 @@ def generate(session: Any, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage
             store=True,
             capabilities=caps,
             template={
-                **_COMMON_SECRET,
+                **_SECRET_BASE,
                 Attribute.ENCRYPT: True,
                 Attribute.DECRYPT: True,
                 Attribute.SIGN: False,
@@ -112,7 +113,7 @@ def generate(session: Any, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage
             capabilities=caps,
             mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
             template={
-                **_COMMON_SECRET,
+                **_SECRET_BASE,
                 Attribute.ENCRYPT: False,
                 Attribute.DECRYPT: False,
                 Attribute.SIGN: True,

@@ -74,7 +74,7 @@ class SessionPool:
         self._closed = False
         with module.guard():
             self._token = module.token(spec.token_label)
-            self._login = self._token.open(rw=True, user_pin=pin.reveal())
+            self._login = self._open_login()
         for _ in range(spec.pool_size):
             self._idle.append(self._new_session())
 
@@ -115,10 +115,7 @@ class SessionPool:
                 self._login.close()
             except p11.PKCS11Error:
                 pass
-            try:
-                self._login = self._token.open(rw=True, user_pin=self._pin.reveal())
-            except p11.UserAlreadyLoggedIn:
-                self._login = self._token.open(rw=True)
+            self._login = self._open_login()
             log.warning("cluster %s: logged in again", self.spec.name)
 
     def stats(self) -> tuple[int, int, int]:
@@ -143,6 +140,13 @@ class SessionPool:
                 log.debug("cluster %s: closing login session failed", self.spec.name, exc_info=True)
 
     # -- internals ------------------------------------------------------
+
+    def _open_login(self) -> Any:
+        try:
+            return self._token.open(rw=True, user_pin=self._pin.reveal())
+        except p11.UserAlreadyLoggedIn:
+            # Another part of this process holds the token's login; share it.
+            return self._token.open(rw=True)
 
     def _new_session(self) -> PooledSession:
         with self._module.guard():

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.fleet import Fleet, find_module, init_fleet
+from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
+from tests.support import GatewayProcess, TokenInspector
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    """The shared local fleet: 3 clusters in 2 regions, real SoftHSM2 tokens."""
+    return init_fleet(tmp_path_factory.mktemp("fleet"), listen="127.0.0.1:0")
+
+
+@pytest.fixture(scope="session")
+def gateway(fleet: Fleet) -> Iterator[GatewayProcess]:
+    """A real gateway process on a free port, serving the shared fleet."""
+    process = GatewayProcess(fleet.config_path).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(gateway: GatewayProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(gateway.target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def crypto(channel: grpc.Channel) -> crypto_pb2_grpc.CryptoServiceStub:
+    return crypto_pb2_grpc.CryptoServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def admin(channel: grpc.Channel) -> admin_pb2_grpc.AdminServiceStub:
+    return admin_pb2_grpc.AdminServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def tokens(fleet: Fleet) -> TokenInspector:
+    """Direct python-pkcs11 access to the shared fleet's tokens."""
+    return TokenInspector(fleet.softhsm_conf, fleet.secrets_path, find_module())
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"

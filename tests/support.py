@@ -1,0 +1,129 @@
+"""Test helpers: a real gateway process, direct token inspection, unique ids."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pkcs11 import Attribute, ObjectClass
+from pkcs11 import exceptions as p11
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}/{uuid.uuid4().hex[:12]}"
+
+
+class GatewayProcess:
+    """``hsmgw serve`` in its own process, on a free loopback port."""
+
+    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        workdir = config_path.parent
+        self.log_path = workdir / f"gateway-{uuid.uuid4().hex[:6]}.log"
+        self.port_file = workdir / f"port-{uuid.uuid4().hex[:6]}"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> GatewayProcess:
+        self.port_file.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(self.config_path),
+             "--port-file", str(self.port_file), "--grace", "2"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **self.env},
+        )
+        log.close()
+        end = time.monotonic() + timeout
+        while not self.port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > end:
+                self.stop()
+                raise RuntimeError(f"gateway did not start in {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+        self.port = int(self.port_file.read_text())
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class TokenInspector:
+    """Opens the fleet's tokens directly with python-pkcs11, as an operator would."""
+
+    def __init__(self, softhsm_conf: Path, secrets_path: Path, module_path: str) -> None:
+        os.environ["SOFTHSM2_CONF"] = str(softhsm_conf)
+        from router.pkcs11 import load_module
+
+        self._module = load_module(module_path)
+        self._pins = tomllib.loads(secrets_path.read_text())["clusters"]
+        self._sessions: dict[str, Any] = {}
+
+    def session(self, cluster: str) -> Any:
+        """A long-lived logged-in session (closing it would log the process out)."""
+        if cluster not in self._sessions:
+            token = self._module.token(cluster)
+            try:
+                self._sessions[cluster] = token.open(rw=True, user_pin=self._pins[cluster]["user_pin"])
+            except p11.UserAlreadyLoggedIn:
+                self._sessions[cluster] = token.open(rw=True)
+        return self._sessions[cluster]
+
+    def objects(self, cluster: str, key_id: str) -> list[Any]:
+        """Every object with CKA_LABEL = key_id on the cluster's token."""
+        return list(self.session(cluster).get_objects({Attribute.LABEL: key_id}))
+
+    def classes(self, cluster: str, key_id: str) -> set[ObjectClass]:
+        return {obj.object_class for obj in self.objects(cluster, key_id)}
+
+    def count(self, cluster: str) -> int:
+        return sum(1 for _ in self.session(cluster).get_objects({Attribute.TOKEN: True}))
+
+    @property
+    def module(self) -> Any:
+        return self._module
+
+
+@contextlib.contextmanager
+def running(config_path: Path, **kwargs: Any) -> Iterator[GatewayProcess]:
+    gateway = GatewayProcess(config_path, **kwargs).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def rpc_error(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
+    """Call ``fn`` and return the RpcError it must raise."""
+    try:
+        fn(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError(f"{getattr(fn, '_method', fn)} did not fail")
