@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STATE ?= .hsmgw
+LISTEN ?= 127.0.0.1:50051
 STAMP := $(VENV)/.installed
 
 .PHONY: run test setup system-deps venv fleet protos lint clean
@@ -32,7 +33,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 fleet: venv
-	$(VENV)/bin/hsmgw fleet init --state-dir $(STATE)
+	$(VENV)/bin/hsmgw fleet init --state-dir $(STATE) --listen $(LISTEN)
 
 # Regenerate the Python stubs from protos/ (a test fails when they drift).
 protos: venv

@@ -1,0 +1,101 @@
+"""Threads on pooled sessions must be safe with any module (SoftHSM included).
+
+python-pkcs11 alone initialises SoftHSM without locking, and two threads then
+corrupt its heap. The pool initialises the module with OS locking; this test
+proves it: 8 threads × 2,000 mixed operations on two clusters in one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+import tomllib
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Operation
+from router.pkcs11 import Pkcs11Cluster
+from router.secret import Secret
+from tests.support import unique
+
+THREADS = 8
+OPS_PER_THREAD = 2000
+
+
+@pytest.fixture
+def clusters(fleet, tokens):
+    pins = tomllib.loads(fleet.secrets_path.read_text())["clusters"]
+    backends = {}
+    for name in ("use1-a", "use1-b"):
+        tokens.session(name)  # the inspector holds the login; the pool shares it
+        spec = ClusterSpec(name=name, region="us-east-1", token_label=name, pool_size=4)
+        backends[name] = Pkcs11Cluster(tokens.module, spec, Secret(pins[name]["user_pin"]))
+    yield backends
+    for backend in backends.values():
+        backend.close()
+
+
+def test_eight_threads_mixed_operations_on_two_clusters(clusters, tokens) -> None:
+    far = time.monotonic() + 600
+    keys = {}
+    for name, backend in clusters.items():
+        ec_id, aes_id = unique("stress-ec"), unique("stress-aes")
+        backend.generate(ec_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, far)
+        backend.generate(aes_id, KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT, far)
+        public = serialization.load_der_public_key(backend.public_key(ec_id, KeyAlgorithm.EC_P256, far))
+        keys[name] = (ec_id, aes_id, public)
+
+    errors: list[str] = []
+    done = [0] * THREADS
+    checked_signatures = [0] * THREADS
+
+    def work(index: int) -> None:
+        rng = random.Random(index)
+        try:
+            for i in range(OPS_PER_THREAD):
+                name = rng.choice(list(clusters))
+                backend = clusters[name]
+                ec_id, aes_id, public = keys[name]
+                deadline = time.monotonic() + 30
+                kind = i % 4
+                if kind == 0:
+                    message = os.urandom(24)
+                    digest = hashlib.sha256(message).digest()
+                    signature = backend.sign(ec_id, KeyAlgorithm.EC_P256, Operation.ECDSA_SHA256, digest, deadline)
+                    if i % 40 == 0:  # verify a sample independently
+                        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+                        checked_signatures[index] += 1
+                    if not backend.verify(ec_id, KeyAlgorithm.EC_P256, Operation.ECDSA_SHA256, digest, signature,
+                                          deadline):
+                        errors.append(f"thread {index}: own signature did not verify")
+                elif kind == 1:
+                    plaintext = os.urandom(rng.randint(0, 256))
+                    ciphertext, iv = backend.encrypt(aes_id, Operation.AES_GCM, plaintext, b"aad", deadline)
+                    if backend.decrypt(aes_id, Operation.AES_GCM, ciphertext, iv, b"aad", deadline) != plaintext:
+                        errors.append(f"thread {index}: AES-GCM round trip differs")
+                elif kind == 2:
+                    if len(backend.random(32, deadline)) != 32:
+                        errors.append(f"thread {index}: short random")
+                else:
+                    backend.public_key(ec_id, KeyAlgorithm.EC_P256, deadline)
+                done[index] += 1
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(f"thread {index}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    assert errors == []
+    assert sum(done) == THREADS * OPS_PER_THREAD
+    assert sum(checked_signatures) >= THREADS * OPS_PER_THREAD // 160
+    for name, backend in clusters.items():
+        stats = backend.stats()
+        assert stats.open == 4 and stats.in_use == 0, f"{name}: {stats}"
