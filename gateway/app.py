@@ -9,6 +9,7 @@ from gateway.config import GatewayConfig, load_pins
 from router.backend import HsmBackend
 from router.pkcs11 import Pkcs11Cluster, load_module
 from router.placement.sqlite import SqliteStore
+from router.reconcile import reconcile
 from router.router import Router, Topology
 
 log = logging.getLogger(__name__)
@@ -31,4 +32,12 @@ def build_router(config: GatewayConfig) -> Router:
             backend.close()
         raise
     topology = Topology(home_region=config.home_region, dr_regions=config.dr_regions, regions=config.regions)
-    return Router(topology, backends, store)
+    router = Router(topology, backends, store)
+    report = reconcile(router, fix=True)
+    if not report.clean:
+        log.warning(
+            "reconcile at start: %d unfinished creations rolled back, %d orphan objects removed, "
+            "%d missing copies, %d clusters unreachable",
+            len(report.stale_intents), len(report.orphans), len(report.missing), len(report.unreachable),
+        )
+    return router

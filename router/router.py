@@ -61,17 +61,20 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         creation_grace: float = 30.0,
+        fault: Callable[[str], None] = lambda point: None,
     ) -> None:
         self.topology = topology
         self.backends = dict(backends)
         self.store = store
         self._clock = clock
-        self._wall_clock = wall_clock
+        self.wall_clock = wall_clock
         self._lock = threading.Lock()
         self._cache: dict[str, Placement] = {}
         self._key_counts: Counter[str] = Counter()
         self._draining: set[str] = set()
         self.creation_grace = creation_grace
+        # Called at named points of multi-step changes; tests inject crashes here.
+        self._fault = fault
         self.reload()
 
     # -- placement cache -------------------------------------------------
@@ -174,7 +177,7 @@ class Router:
             usage=spec.usage,
             state=KeyState.CREATING,
             primary=primary,
-            create_time=self._wall_clock(),
+            create_time=self.wall_clock(),
             request_id=spec.request_id,
             fingerprint=spec.fingerprint(),
             storage=spec.storage,
@@ -208,7 +211,7 @@ class Router:
 
     def _take_over(self, intent: Placement) -> Placement:
         """Finish a creation that an earlier attempt (maybe a crashed process) left half-way."""
-        if self._wall_clock() - intent.create_time < self.creation_grace:
+        if self.wall_clock() - intent.create_time < self.creation_grace:
             raise Unavailable(f"key {intent.key_id!r} is being created; retry shortly")
         try:
             claimed = self.store.update(intent)  # version bump: only one taker wins
@@ -233,6 +236,7 @@ class Router:
         except RouterError:
             self._roll_back(intent, backend)
             raise
+        self._fault("created-on-hsm")
         try:
             enabled = self.store.update(replace(intent, state=KeyState.ENABLED))
         except Conflict as exc:
@@ -249,23 +253,31 @@ class Router:
             log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)
 
     def _choose_cluster(self, key_id: str) -> str:
-        home = self.topology.home_region
+        """The cluster for a new key: the home region first, then the DR regions.
+
+        Within a region, consistent hashing over the eligible clusters (not
+        draining, below their key limit) picks one.
+        """
         counts = self.key_counts()
         full = {n for n, b in self.backends.items() if counts.get(n, 0) >= b.spec.max_keys}
-        eligible = [
-            name
-            for name in self.topology.regions.get(home, ())
-            if name in self.backends and name not in full and name not in self._draining
-        ]
-        chosen = PlacementRing(eligible).choose(key_id)
-        if chosen is None:
-            if full:
-                raise ResourceExhausted(
-                    f"every cluster in region {home} is at its key limit; add a cluster or destroy keys",
-                    region=home,
-                )
-            raise Unavailable(f"no cluster in region {home} can take new keys", region=home)
-        return chosen
+        home = self.topology.home_region
+        for region in (home, *self.topology.dr_regions):
+            eligible = [
+                name
+                for name in self.topology.regions.get(region, ())
+                if name in self.backends and name not in full and name not in self._draining
+            ]
+            chosen = PlacementRing(eligible).choose(key_id)
+            if chosen is not None:
+                if region != home:
+                    log.warning("region %s has no room for new keys; placing %s in %s", home, key_id, region)
+                return chosen
+        if full:
+            raise ResourceExhausted(
+                f"every cluster is at its key limit ({', '.join(sorted(full))}); add a cluster or destroy keys",
+                region=home,
+            )
+        raise Unavailable("no cluster can take new keys", region=home)
 
     def get_key(self, key_id: str) -> Placement:
         return self.placement(validation.key_id(key_id))

@@ -51,3 +51,38 @@ def tokens(fleet: Fleet) -> TokenInspector:
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
+
+
+@pytest.fixture
+def make_router(fleet: Fleet, tokens: TokenInspector, tmp_path: Path):
+    """Build in-process Routers on the shared fleet's real tokens and placement store.
+
+    They share the store with the fleet's gateway process, so reconciling from
+    them sees every key the gateway made (a fresh store would call those orphans).
+    """
+    import tomllib
+
+    from gateway.config import load
+    from router.pkcs11 import Pkcs11Cluster
+    from router.placement.sqlite import SqliteStore
+    from router.router import Router, Topology
+    from router.secret import Secret
+
+    config = load(fleet.config_path)
+    pins = tomllib.loads(fleet.secrets_path.read_text())["clusters"]
+    built: list[Router] = []
+    store_path = config.store_path()
+
+    def build(**kwargs) -> Router:
+        backends = {}
+        for spec in config.clusters:
+            tokens.session(spec.name)  # the inspector holds the login; pools share it
+            backends[spec.name] = Pkcs11Cluster(tokens.module, spec, Secret(pins[spec.name]["user_pin"]))
+        topology = Topology(home_region=config.home_region, dr_regions=config.dr_regions, regions=config.regions)
+        router = Router(topology, backends, SqliteStore(store_path), **kwargs)
+        built.append(router)
+        return router
+
+    yield build
+    for router in built:
+        router.close()

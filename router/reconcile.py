@@ -1,0 +1,110 @@
+"""Reconciliation: make the placement store and the tokens agree.
+
+Finds, per cluster:
+- **stale intents**: CREATING records older than the grace period (a creation
+  that crashed half-way): their objects are destroyed and the record removed;
+- **orphans**: key objects on a token that no placement puts there: destroyed;
+- **missing**: a placement says the cluster holds the key but the token has no
+  object for it: reported (repair needs a replica; see replication).
+
+Token objects are listed *before* the store is read: every creation writes its
+intent record before it makes objects, so an object seen on the token always has
+its record visible in the later read, and in-flight creations are never taken
+for orphans. Ids starting with ``_`` are the gateway's own objects (wrapping
+keys) and are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from router.errors import RouterError
+from router.model import KeyState
+from router.placement.store import Conflict, StoreError
+from router.router import Router
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    stale_intents: list[str] = field(default_factory=list)
+    orphans: list[tuple[str, str]] = field(default_factory=list)
+    """(cluster, key id) of objects no placement accounts for."""
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    """(cluster, key id) where a placement expects objects that are not there."""
+    unreachable: list[str] = field(default_factory=list)
+    """Clusters that could not be checked."""
+    fixed: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not (self.stale_intents or self.orphans or self.missing or self.unreachable)
+
+
+def reconcile(
+    router: Router,
+    *,
+    fix: bool,
+    grace: float | None = None,
+    wall_clock: Callable[[], float] | None = None,
+    deadline_s: float = 60.0,
+) -> ReconcileReport:
+    grace = router.creation_grace if grace is None else grace
+    deadline = time.monotonic() + deadline_s
+    report = ReconcileReport(fixed=fix)
+
+    on_token: dict[str, set[str]] = {}
+    for name, backend in router.backends.items():
+        try:
+            on_token[name] = {k for k in backend.key_ids(deadline) if not k.startswith("_")}
+        except RouterError as exc:
+            log.warning("reconcile: cluster %s unreachable: %s", name, exc.message)
+            report.unreachable.append(name)
+
+    expected: dict[str, set[str]] = {name: set() for name in router.backends}
+    now = (wall_clock or router.wall_clock)()
+    for placement in router.store.scan():
+        if placement.state is KeyState.DESTROYED:
+            continue
+        if placement.state is KeyState.CREATING and now - placement.create_time >= grace:
+            report.stale_intents.append(placement.key_id)
+            if fix:
+                _roll_back(router, placement.key_id, placement.clusters, placement.version, deadline)
+            continue
+        for name in placement.clusters:
+            if name in expected:
+                expected[name].add(placement.key_id)
+                if placement.state is not KeyState.CREATING and name in on_token:
+                    if placement.key_id not in on_token[name]:
+                        report.missing.append((name, placement.key_id))
+
+    for name, ids in on_token.items():
+        for key_id in sorted(ids - expected[name]):
+            if key_id in report.stale_intents:
+                continue  # handled with its intent
+            report.orphans.append((name, key_id))
+            if fix:
+                try:
+                    router.backends[name].destroy(key_id, deadline)
+                    log.warning("reconcile: destroyed orphan %s on %s", key_id, name)
+                except RouterError as exc:
+                    log.error("reconcile: could not destroy orphan %s on %s: %s", key_id, name, exc.message)
+    if fix and report.stale_intents:
+        router.reload()
+    return report
+
+
+def _roll_back(router: Router, key_id: str, clusters: tuple[str, ...], version: int, deadline: float) -> None:
+    try:
+        for name in clusters:
+            backend = router.backends.get(name)
+            if backend is not None:
+                backend.destroy(key_id, deadline)
+        router.store.delete(key_id, version)
+        log.warning("reconcile: rolled back unfinished creation of %s", key_id)
+    except (RouterError, StoreError, Conflict) as exc:
+        log.error("reconcile: could not roll back %s: %s", key_id, exc)

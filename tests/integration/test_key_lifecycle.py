@@ -1,0 +1,139 @@
+"""Key lifecycle: idempotent creation, crash recovery, listing, destruction."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from pkcs11 import ObjectClass
+
+from hsmgw.v1 import crypto_pb2 as pb
+from router.errors import FailedPrecondition
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage
+from router.reconcile import reconcile
+from tests.support import rpc_error, unique
+
+
+class Crash(BaseException):
+    """Stands for the process dying: nothing in the router catches it."""
+
+
+def _spec(key_id: str, request_id: str | None = None) -> KeySpec:
+    return KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                   request_id=request_id or f"req-{key_id}")
+
+
+def _crash_after_hsm(point: str) -> None:
+    if point == "created-on-hsm":
+        raise Crash(point)
+
+
+def test_same_request_twice_makes_one_key(crypto, tokens) -> None:
+    key_id = unique("idem")
+    request = pb.GenerateKeyRequest(request_id=f"r-{key_id}", key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256)
+    first = crypto.GenerateKey(request, timeout=30)
+    second = crypto.GenerateKey(request, timeout=30)
+    assert first == second
+    assert sorted(o.object_class for o in tokens.objects(first.primary_cluster, key_id)) == [
+        ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY]
+
+    changed = pb.GenerateKeyRequest(request_id=f"r-{key_id}", key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P384)
+    assert rpc_error(crypto.GenerateKey, changed, timeout=30).code() == grpc.StatusCode.FAILED_PRECONDITION
+    again = pb.GenerateKeyRequest(request_id=f"other-{key_id}", key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256)
+    assert rpc_error(crypto.GenerateKey, again, timeout=30).code() == grpc.StatusCode.ALREADY_EXISTS
+    assert len(tokens.objects(first.primary_cluster, key_id)) == 2
+
+
+def test_crash_between_hsm_and_store_is_rolled_back_at_next_start(make_router, tokens) -> None:
+    key_id = unique("crash")
+    router = make_router(fault=_crash_after_hsm)
+    with pytest.raises(Crash):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    intent = router.store.get(key_id)
+    assert intent is not None and intent.state is KeyState.CREATING
+    assert len(tokens.objects(intent.primary, key_id)) == 2  # objects exist, the store knows them as an intent
+    with pytest.raises(FailedPrecondition):
+        router.sign(key_id, pytest.importorskip("router.model").Operation.ECDSA_SHA256, b"x" * 32, None,
+                    time.monotonic() + 5)
+
+    # "Restart" later than the grace period: the reconciler removes the half-made key.
+    restarted = make_router(wall_clock=lambda: time.time() + 120)
+    report = reconcile(restarted, fix=True)
+    assert key_id in report.stale_intents
+    assert tokens.objects(intent.primary, key_id) == []
+    assert restarted.store.get(key_id) is None
+    assert key_id not in {k for _, k in reconcile(restarted, fix=False).orphans}
+
+
+def test_crash_then_client_retry_completes_the_same_key(make_router, tokens) -> None:
+    key_id = unique("retry")
+    router = make_router(fault=_crash_after_hsm)
+    with pytest.raises(Crash):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+
+    # Within the grace period another attempt may still be running: retry later.
+    fresh = make_router()
+    with pytest.raises(Exception) as soon:
+        fresh.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert type(soon.value).__name__ == "Unavailable"
+
+    later = make_router(wall_clock=lambda: time.time() + 120)
+    key = later.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert key.state is KeyState.ENABLED
+    assert len(tokens.objects(key.primary, key_id)) == 2  # one key pair, not two
+    assert reconcile(later, fix=False).clean
+
+
+def test_orphan_objects_are_found_and_removed(make_router, tokens) -> None:
+    router = make_router()
+    key_id = unique("orphan")
+    router.backends["use1-b"].generate(key_id, KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT,
+                                       time.monotonic() + 30)
+    report = reconcile(router, fix=False)
+    assert ("use1-b", key_id) in report.orphans
+    assert len(tokens.objects("use1-b", key_id)) == 1  # report only: nothing removed
+    reconcile(router, fix=True)
+    assert tokens.objects("use1-b", key_id) == []
+
+
+def test_list_keys_pages_by_prefix(crypto) -> None:
+    prefix = unique("list")
+    ids = sorted(f"{prefix}/k{i:02d}" for i in range(7))
+    for key_id in ids:
+        crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id,
+                                                 algorithm=pb.KEY_ALGORITHM_AES_256), timeout=30)
+    seen, token = [], ""
+    while True:
+        page = crypto.ListKeys(pb.ListKeysRequest(prefix=prefix + "/", page_size=3, page_token=token), timeout=10)
+        assert len(page.keys) <= 3
+        seen += [k.key_id for k in page.keys]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ids
+    assert all(k.startswith(prefix) for k in seen)
+
+
+def test_destroy_removes_objects_and_id_is_never_reused(crypto, tokens) -> None:
+    key_id = unique("destroy")
+    key = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id,
+                                                   algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+    signed = crypto.Sign(pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=b"d" * 32),
+                         timeout=10)
+    assert signed.signature
+    destroyed = crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key_id), timeout=30)
+    assert destroyed.state == pb.KEY_STATE_DESTROYED
+    for cluster in ("use1-a", "use1-b", "usw2-a"):
+        assert tokens.objects(cluster, key_id) == []
+    assert crypto.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=10).state == pb.KEY_STATE_DESTROYED
+    err = rpc_error(crypto.Sign, pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=b"d" * 32),
+                    timeout=10)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    reuse = rpc_error(crypto.GenerateKey, pb.GenerateKeyRequest(request_id=unique("again"), key_id=key_id,
+                                                                algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+    assert reuse.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "never reused" in reuse.details()
+    # Destroying again is harmless and says the same.
+    assert crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key_id), timeout=30).state == pb.KEY_STATE_DESTROYED
+    assert key.primary_cluster in ("use1-a", "use1-b")

@@ -1,0 +1,491 @@
+"""gateway.config: one TOML file → frozen dataclasses; every mistake names its key path."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import pickle
+import re
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    ServerConfig,
+    check_listen,
+    load,
+    load_pins,
+    parse,
+    pin_env_name,
+)
+from router.model import ClusterSpec
+from router.secret import Secret
+
+VALID_TOML = """\
+[gateway]
+home_region = "us-east-1"
+dr_regions = ["us-west-2"]
+
+[server]
+listen = "127.0.0.1:50051"
+insecure_plaintext = true
+threads = 8
+default_deadline = 5
+max_message_bytes = 1048576
+
+[pkcs11]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+env = { SOFTHSM2_CONF = "/etc/softhsm2.conf" }
+
+[store]
+url = "sqlite:placements.db"
+
+[secrets]
+file = "secrets.toml"
+
+[[clusters]]
+name = "use1-a"
+region = "us-east-1"
+token_label = "token-a"
+max_keys = 100
+pool_size = 2
+
+[[clusters]]
+name = "use1-b"
+region = "us-east-1"
+
+[[clusters]]
+name = "usw2-a"
+region = "us-west-2"
+"""
+
+
+def valid_data() -> dict[str, Any]:
+    """The smallest complete config, as the TOML parser would hand it to ``parse``."""
+    return {
+        "gateway": {"home_region": "us-east-1", "dr_regions": ["us-west-2"]},
+        "pkcs11": {"module": "/usr/lib/softhsm/libsofthsm2.so"},
+        "store": {"url": "sqlite:placements.db"},
+        "clusters": [
+            {"name": "use1-a", "region": "us-east-1"},
+            {"name": "use1-b", "region": "us-east-1"},
+            {"name": "usw2-a", "region": "us-west-2"},
+        ],
+    }
+
+
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+# -- a valid file ----------------------------------------------------------------
+
+
+def test_load_valid_file_gives_the_configured_values(tmp_path: Path) -> None:
+    config = load(write(tmp_path / "hsmgw.toml", VALID_TOML))
+
+    assert config.home_region == "us-east-1"
+    assert config.dr_regions == ("us-west-2",)
+    assert config.server == ServerConfig(
+        listen="127.0.0.1:50051", insecure_plaintext=True, threads=8, default_deadline=5.0, max_message_bytes=1048576
+    )
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 50051)
+    assert config.pkcs11.module == "/usr/lib/softhsm/libsofthsm2.so"
+    assert config.pkcs11.env == {"SOFTHSM2_CONF": "/etc/softhsm2.conf"}
+    assert config.clusters == (
+        ClusterSpec(name="use1-a", region="us-east-1", token_label="token-a", max_keys=100, pool_size=2),
+        ClusterSpec(name="use1-b", region="us-east-1", token_label="use1-b", max_keys=3300, pool_size=4),
+        ClusterSpec(name="usw2-a", region="us-west-2", token_label="usw2-a", max_keys=3300, pool_size=4),
+    )
+    assert config.regions == {"us-east-1": ("use1-a", "use1-b"), "us-west-2": ("usw2-a",)}
+
+
+def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Path, monkeypatch: Any) -> None:
+    (tmp_path / "etc").mkdir()
+    write(tmp_path / "etc" / "hsmgw.toml", VALID_TOML)
+    monkeypatch.chdir(tmp_path)  # a relative config path, from another working directory
+
+    config = load("etc/hsmgw.toml")
+
+    assert config.store_path() == (tmp_path / "etc" / "placements.db").resolve()
+    assert config.secrets.file == (tmp_path / "etc" / "secrets.toml").resolve()
+
+
+def test_absolute_sqlite_url_is_used_as_is(tmp_path: Path) -> None:
+    data = valid_data()
+    data["store"]["url"] = f"sqlite:///{tmp_path}/abs.db"
+    assert parse(data, Path("/elsewhere")).store_path() == tmp_path / "abs.db"
+
+
+def test_defaults_when_optional_tables_are_absent() -> None:
+    config = parse(valid_data(), Path("/cfg"))
+    assert config.server == ServerConfig()
+    assert config.server.insecure_plaintext is False
+    assert config.secrets.file is None
+    assert config.pkcs11.env == {}
+
+
+def test_config_objects_are_frozen() -> None:
+    config = parse(valid_data(), Path("/cfg"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.home_region = "eu-west-1"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.listen = "0.0.0.0:1"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.clusters[0].max_keys = 1  # type: ignore[misc]
+    assert isinstance(config.clusters, tuple)
+    assert isinstance(config.dr_regions, tuple)
+
+
+def test_parse_does_not_keep_references_to_the_input() -> None:
+    data = valid_data()
+    data["pkcs11"]["env"] = {"SOFTHSM2_CONF": "/a"}
+    config = parse(data, Path("/cfg"))
+    data["pkcs11"]["env"]["SOFTHSM2_CONF"] = "/b"
+    data["gateway"]["dr_regions"].append("eu-west-1")
+    assert config.pkcs11.env == {"SOFTHSM2_CONF": "/a"}
+    assert config.dr_regions == ("us-west-2",)
+
+
+# -- every mistake names its key path ----------------------------------------------
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A mutation that sets ``a.b[1].c`` to ``value`` (or deletes it when value is DELETE)."""
+
+    def mutate(data: dict[str, Any]) -> None:
+        parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+        target: Any = data
+        for part in parts[:-1]:
+            target = target[int(part[1:-1])] if part.startswith("[") else target.setdefault(part, {})
+        last = parts[-1]
+        key: Any = int(last[1:-1]) if last.startswith("[") else last
+        if value is DELETE:
+            del target[key]
+        else:
+            target[key] = value
+
+    return mutate
+
+
+DELETE = object()
+
+BAD_CONFIGS = [
+    # (mutation, key path the error must name)
+    ("extra", 1, "extra"),
+    ("gateway", DELETE, "gateway"),
+    ("gateway", "us-east-1", "gateway"),
+    ("gateway.home_region", DELETE, "gateway.home_region"),
+    ("gateway.home_region", 5, "gateway.home_region"),
+    ("gateway.home_region", "eu-central-1", "gateway.home_region"),
+    ("gateway.homeregion", "us-east-1", "gateway.homeregion"),
+    ("gateway.dr_regions", "us-west-2", "gateway.dr_regions"),
+    ("gateway.dr_regions", ["us-west-2", 7], "gateway.dr_regions[1]"),
+    ("gateway.dr_regions", ["us-west-2", "ap-south-1"], "gateway.dr_regions[1]"),
+    ("server", "127.0.0.1:50051", "server"),
+    ("server.port", 50051, "server.port"),
+    ("server.listen", 50051, "server.listen"),
+    ("server.listen", "127.0.0.1", "server.listen"),
+    ("server.listen", "127.0.0.1:http", "server.listen"),
+    ("server.listen", "127.0.0.1:", "server.listen"),
+    ("server.insecure_plaintext", "yes", "server.insecure_plaintext"),
+    ("server.insecure_plaintext", 1, "server.insecure_plaintext"),
+    ("server.threads", 0, "server.threads"),
+    ("server.threads", -4, "server.threads"),
+    ("server.threads", True, "server.threads"),
+    ("server.threads", 1.5, "server.threads"),
+    ("server.default_deadline", 0, "server.default_deadline"),
+    ("server.default_deadline", -1.5, "server.default_deadline"),
+    ("server.default_deadline", "10s", "server.default_deadline"),
+    ("server.max_message_bytes", 0, "server.max_message_bytes"),
+    ("server.max_message_bytes", "4MiB", "server.max_message_bytes"),
+    ("pkcs11", DELETE, "pkcs11"),
+    ("pkcs11.module", DELETE, "pkcs11.module"),
+    ("pkcs11.module", ["/lib.so"], "pkcs11.module"),
+    ("pkcs11.modul", "/lib.so", "pkcs11.modul"),
+    ("pkcs11.env", "SOFTHSM2_CONF=/x", "pkcs11.env"),
+    ("pkcs11.env", {"SOFTHSM2_CONF": 1}, "pkcs11.env.SOFTHSM2_CONF"),
+    ("store", DELETE, "store"),
+    ("store.url", DELETE, "store.url"),
+    ("store.url", "postgres://db/placements", "store.url"),
+    ("store.path", "x.db", "store.path"),
+    ("secrets", "secrets.toml", "secrets"),
+    ("secrets.file", 5, "secrets.file"),
+    ("secrets.path", "secrets.toml", "secrets.path"),
+    ("clusters", DELETE, "clusters"),
+    ("clusters", [], "clusters"),
+    ("clusters", {"name": "use1-a"}, "clusters"),
+    ("clusters[1]", "use1-b", "clusters[1]"),
+    ("clusters[1].max_keys", 0, "clusters[1].max_keys"),
+    ("clusters[1].max_keys", -1, "clusters[1].max_keys"),
+    ("clusters[1].max_keys", "many", "clusters[1].max_keys"),
+    ("clusters[1].max_keys", True, "clusters[1].max_keys"),
+    ("clusters[1].max_keys", 10.0, "clusters[1].max_keys"),
+    ("clusters[1].pool_size", 0, "clusters[1].pool_size"),
+    ("clusters[1].name", DELETE, "clusters[1].name"),
+    ("clusters[1].name", "", "clusters[1].name"),
+    ("clusters[1].name", "use1-a", "clusters[1].name"),
+    ("clusters[1].name", 2, "clusters[1].name"),
+    ("clusters[1].region", DELETE, "clusters[1].region"),
+    ("clusters[1].token_label", 3, "clusters[1].token_label"),
+    ("clusters[1].maxkeys", 10, "clusters[1].maxkeys"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "path"), BAD_CONFIGS, ids=[f"{k}={v!r}" for k, v, _ in BAD_CONFIGS])
+def test_each_mistake_fails_with_an_error_naming_the_key_path(key: str, value: Any, path: str) -> None:
+    data = valid_data()
+    _set(key, value)(data)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: ") as info:
+        parse(data, Path("/cfg"))
+    assert isinstance(info.value, ValueError)
+
+
+def test_duplicate_cluster_error_names_the_duplicate() -> None:
+    data = valid_data()
+    data["clusters"][2]["name"] = "use1-a"
+    with pytest.raises(ConfigError, match=r"^clusters\[2\]\.name: duplicate 'use1-a'"):
+        parse(data, Path("/cfg"))
+
+
+_TABLES = ["", "gateway.", "server.", "pkcs11.", "store.", "secrets.", "clusters[0]."]
+
+
+@given(table=st.sampled_from(_TABLES), key=st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True))
+def test_any_unknown_key_in_any_table_is_refused_by_its_path(table: str, key: str) -> None:
+    data = valid_data()
+    known = {
+        "": {"gateway", "server", "pkcs11", "store", "secrets", "clusters"},
+        "gateway.": {"home_region", "dr_regions"},
+        "server.": {"listen", "insecure_plaintext", "threads", "default_deadline", "max_message_bytes"},
+        "pkcs11.": {"module", "env"},
+        "store.": {"url"},
+        "secrets.": {"file"},
+        "clusters[0].": {"name", "region", "token_label", "max_keys", "pool_size"},
+    }[table]
+    if key in known:
+        return
+    _set(table + key, "value")(data)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(table + key)}: unknown key"):
+        parse(data, Path("/cfg"))
+
+
+@pytest.mark.xfail(
+    reason="BUG: server.listen accepts ports above 65535; grpc then silently binds port % 65536",
+    strict=True,
+)
+@pytest.mark.parametrize("listen", ["127.0.0.1:70000", "127.0.0.1:500511"])
+def test_listen_port_out_of_range_is_refused(listen: str) -> None:
+    data = valid_data()
+    data["server"] = {"listen": listen}
+    with pytest.raises(ConfigError, match=r"^server\.listen: "):
+        parse(data, Path("/cfg"))
+
+
+def test_original_input_is_not_mutated_by_a_failed_parse() -> None:
+    data = valid_data()
+    data["clusters"][1]["max_keys"] = 0
+    before = copy.deepcopy(data)
+    with pytest.raises(ConfigError):
+        parse(data, Path("/cfg"))
+    assert data == before
+
+
+# -- load: file errors --------------------------------------------------------------
+
+
+def test_load_missing_file_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="config file not found") as info:
+        load(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_load_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "hsmgw.toml", "[gateway\nhome_region = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML") as info:
+        load(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_reports_key_paths_from_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "hsmgw.toml", VALID_TOML.replace("pool_size = 2", "pool_size = 0"))
+    with pytest.raises(ConfigError, match=r"^clusters\[0\]\.pool_size: must be greater than 0"):
+        load(path)
+
+
+# -- check_listen ----------------------------------------------------------------------
+
+
+def test_check_listen_refuses_to_start_without_tls_unless_plaintext_is_asked_for() -> None:
+    with pytest.raises(ConfigError, match=r"^server\.insecure_plaintext: "):
+        check_listen(ServerConfig(listen="127.0.0.1:50051", insecure_plaintext=False))
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:50051", "10.1.2.3:50051", "[::]:50051", "gw.example.com:50051", ":50051"])
+def test_check_listen_refuses_plaintext_on_non_loopback_hosts(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"^server\.listen: plaintext is allowed only on a loopback"):
+        check_listen(ServerConfig(listen=listen, insecure_plaintext=True))
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:50051", "127.0.0.2:0", "localhost:50051", "[::1]:50051"])
+def test_check_listen_allows_plaintext_on_loopback(listen: str) -> None:
+    check_listen(ServerConfig(listen=listen, insecure_plaintext=True))
+
+
+# -- PINs ---------------------------------------------------------------------------------
+
+SECRETS_TOML = """\
+[clusters.use1-a]
+user_pin = "file-pin-a"
+
+[clusters.use1-b]
+user_pin = "file-pin-b"
+
+[clusters.usw2-a]
+user_pin = "file-pin-c"
+"""
+
+
+def config_with_secrets(tmp_path: Path, secrets: str | None = SECRETS_TOML, mode: int = 0o600) -> GatewayConfig:
+    data = valid_data()
+    if secrets is not None:
+        write(tmp_path / "secrets.toml", secrets, mode)
+        data["secrets"] = {"file": "secrets.toml"}
+    return parse(data, tmp_path)
+
+
+def test_pin_env_name_is_upper_case_with_underscores() -> None:
+    assert pin_env_name("use1-a") == "HSMGW_PIN_USE1_A"
+    assert pin_env_name("eu.west.1") == "HSMGW_PIN_EU_WEST_1"
+
+
+def test_pins_come_from_the_secrets_file(tmp_path: Path) -> None:
+    pins = load_pins(config_with_secrets(tmp_path), environ={})
+    assert {name: pin.reveal() for name, pin in pins.items()} == {
+        "use1-a": "file-pin-a",
+        "use1-b": "file-pin-b",
+        "usw2-a": "file-pin-c",
+    }
+    assert all(isinstance(pin, Secret) for pin in pins.values())
+
+
+def test_env_pin_wins_over_the_secrets_file(tmp_path: Path) -> None:
+    pins = load_pins(config_with_secrets(tmp_path), environ={"HSMGW_PIN_USE1_B": "env-pin-b"})
+    assert pins["use1-b"].reveal() == "env-pin-b"
+    assert pins["use1-a"].reveal() == "file-pin-a"
+
+
+def test_empty_env_pin_falls_back_to_the_file(tmp_path: Path) -> None:
+    pins = load_pins(config_with_secrets(tmp_path), environ={"HSMGW_PIN_USE1_A": ""})
+    assert pins["use1-a"].reveal() == "file-pin-a"
+
+
+def test_env_alone_is_enough_without_a_secrets_file(tmp_path: Path) -> None:
+    environ = {"HSMGW_PIN_USE1_A": "1", "HSMGW_PIN_USE1_B": "2", "HSMGW_PIN_USW2_A": "3"}
+    pins = load_pins(config_with_secrets(tmp_path, secrets=None), environ=environ)
+    assert {n: p.reveal() for n, p in pins.items()} == {"use1-a": "1", "use1-b": "2", "usw2-a": "3"}
+
+
+def test_load_pins_reads_os_environ_by_default(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("HSMGW_PIN_USW2_A", "from-os-env")
+    pins = load_pins(config_with_secrets(tmp_path))
+    assert pins["usw2-a"].reveal() == "from-os-env"
+
+
+def test_missing_pin_names_the_cluster_and_the_env_variable(tmp_path: Path) -> None:
+    config = config_with_secrets(tmp_path, secrets='[clusters.use1-a]\nuser_pin = "only-a"\n')
+    with pytest.raises(ConfigError) as info:
+        load_pins(config, environ={})
+    message = str(info.value)
+    assert "use1-b" in message and "HSMGW_PIN_USE1_B" in message
+    assert "only-a" not in message
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o620, 0o660, 0o700 | 0o004])
+def test_secrets_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    config = config_with_secrets(tmp_path, mode=mode)
+    with pytest.raises(ConfigError, match=r"^secrets\.file: .*chmod 600") as info:
+        load_pins(config, environ={})
+    assert "file-pin" not in str(info.value)
+
+
+def test_owner_only_secrets_file_is_accepted(tmp_path: Path) -> None:
+    assert load_pins(config_with_secrets(tmp_path, mode=0o400), environ={})["use1-a"].reveal() == "file-pin-a"
+
+
+def test_missing_secrets_file_names_the_key(tmp_path: Path) -> None:
+    data = valid_data()
+    data["secrets"] = {"file": "nope.toml"}
+    with pytest.raises(ConfigError, match=r"^secrets\.file: .*does not exist"):
+        load_pins(parse(data, tmp_path), environ={})
+
+
+def _full_text(exc: BaseException) -> str:
+    """What a log with traceback would show for ``exc``."""
+    return "".join(traceback.format_exception(exc))
+
+
+def test_invalid_secrets_toml_error_never_shows_the_pin(tmp_path: Path) -> None:
+    config = config_with_secrets(tmp_path, secrets='[clusters.use1-a]\nuser_pin = "Tr0ub4dor&3\n')
+    with pytest.raises(ConfigError, match=r"^secrets\.file: .*not valid TOML") as info:
+        load_pins(config, environ={})
+    assert "Tr0ub4dor" not in _full_text(info.value)
+
+
+def test_pin_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path) -> None:
+    config = config_with_secrets(tmp_path, secrets="[clusters.use1-a]\nuser_pin = 918273645\n")
+    with pytest.raises(ConfigError, match="use1-a") as info:
+        load_pins(config, environ={"HSMGW_PIN_USE1_B": "b", "HSMGW_PIN_USW2_A": "c"})
+    assert "918273645" not in _full_text(info.value)
+
+
+@pytest.mark.xfail(
+    reason="BUG: a secrets file with [[clusters]] (array of tables, like the main config) "
+    "crashes load_pins with AttributeError instead of a ConfigError",
+    strict=True,
+)
+def test_secrets_file_with_clusters_as_array_is_a_config_error(tmp_path: Path) -> None:
+    config = config_with_secrets(tmp_path, secrets='[[clusters]]\nname = "use1-a"\nuser_pin = "p"\n')
+    with pytest.raises(ConfigError, match=r"secrets\.file"):
+        load_pins(config, environ={})
+
+
+def test_loaded_pins_never_show_in_reprs_or_logs(tmp_path: Path) -> None:
+    pins = load_pins(config_with_secrets(tmp_path), environ={"HSMGW_PIN_USE1_A": "env-pin-a"})
+    shown = repr(pins) + str(pins) + "".join(f"{p} {p!r} %s" % p for p in pins.values())
+    for value in ("env-pin-a", "file-pin-b", "file-pin-c"):
+        assert value not in shown
+
+
+# -- Secret --------------------------------------------------------------------------------
+
+
+def test_secret_repr_and_str_never_show_the_value() -> None:
+    secret = Secret("hunter2")
+    for text in (repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s %r" % (secret, secret), repr([secret])):
+        assert "hunter2" not in text
+    assert secret.reveal() == "hunter2"
+
+
+def test_secret_cannot_be_pickled() -> None:
+    with pytest.raises(TypeError, match="not picklable"):
+        pickle.dumps(Secret("hunter2"))
+    with pytest.raises(TypeError):
+        pickle.dumps({"use1-a": Secret("hunter2")})
+
+
+def test_secret_compares_by_value() -> None:
+    assert Secret("a") == Secret("a")
+    assert Secret("a") != Secret("b")
+    assert Secret("a") != "a"
