@@ -64,6 +64,7 @@ def key(placement: Placement) -> pb.Key:
         replicas=list(placement.replicas),
         create_time=created,
         storage=pb.KeyStorage.Value("KEY_STORAGE_" + placement.storage.value),
+        non_extractable=not placement.extractable,
     )
 
 

@@ -182,7 +182,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         path = f"clusters[{i}]."
         if not isinstance(c, dict):
             raise ConfigError(f"clusters[{i}]: expected a table")
-        _no_unknown(c, {"name", "region", "token_label", "max_keys", "pool_size"}, path)
+        _no_unknown(c, {"name", "region", "token_label", "max_keys", "pool_size", "unwrapped_cache"}, path)
         name = _take(c, "name", str, path)
         if not name or name in names:
             raise ConfigError(f"{path}name: {'empty' if not name else 'duplicate ' + repr(name)}")
@@ -194,6 +194,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
                 token_label=_take(c, "token_label", str, path, name),
                 max_keys=_positive(_take(c, "max_keys", int, path, 3300), path + "max_keys"),
                 pool_size=_positive(_take(c, "pool_size", int, path, 4), path + "pool_size"),
+                unwrapped_cache=_positive(_take(c, "unwrapped_cache", int, path, 256), path + "unwrapped_cache"),
             )
         )
     config = GatewayConfig(

@@ -14,11 +14,13 @@ destroys every key in the fleet).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,20 @@ def _existing_labels(util: str, env: dict[str, str]) -> set[str]:
     return labels
 
 
+def _provision_wrapping_key(module: str, conf: Path, so_pins: dict[str, str]) -> list[str]:
+    """Run ``gateway._provision`` in its own process (its own SOFTHSM2_CONF)."""
+    request = json.dumps({"module": module, "env": {"SOFTHSM2_CONF": str(conf)}, "so_pins": so_pins})
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway._provision"],
+        input=request, capture_output=True, text=True, check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise FleetError(f"provisioning the replication wrapping key failed: {lines[-1] if lines else 'no output'}")
+    return [f"replication wrapping key on {label}" for label in json.loads(result.stdout)["created"]]
+
+
 def init_fleet(
     state_dir: Path,
     *,
@@ -150,6 +166,8 @@ def init_fleet(
             # softhsm2-util's own message names the failure, never the PINs we passed.
             raise FleetError(f"creating token {name} failed: {result.stderr.strip() or result.stdout.strip()}")
         created.append(f"token {name}")
+
+    created += _provision_wrapping_key(module, conf, {name: pins[name]["so_pin"] for _, name in clusters})
 
     config_path = state_dir / "hsmgw.toml"
     if not config_path.exists():

@@ -75,6 +75,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             request_id=request.request_id,
             copies=request.replication.copies,
             storage=conv.storage(request.storage),
+            extractable=not request.non_extractable,
         )
         return conv.key(self.router.generate_key(spec, deadline))
 

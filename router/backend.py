@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Operation
+from router.model import ClusterSpec, Operation, Placement
 
 
 @dataclass(frozen=True)
@@ -34,44 +34,49 @@ class HsmBackend(abc.ABC):
         return self.spec.name
 
     @abc.abstractmethod
-    def generate(self, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage, deadline: float) -> None:
-        """Create the key's token objects (label and id = key_id)."""
+    def generate(self, key: Placement, deadline: float) -> None:
+        """Create the key's token objects (CKA_ID = CKA_LABEL = key id)."""
+
+    @abc.abstractmethod
+    def generate_external(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
+        """Create the key in the HSM, wrap it under the trusted wrapping key, destroy it.
+
+        Returns (wrapped key, public key DER or b"" for symmetric keys).
+        """
 
     @abc.abstractmethod
     def destroy(self, key_id: str, deadline: float) -> int:
-        """Remove every object of the key; returns how many were removed."""
+        """Remove every token object of the key; returns how many were removed."""
 
     @abc.abstractmethod
     def key_ids(self, deadline: float) -> set[str]:
-        """Key ids that have objects on this cluster (for reconciliation)."""
+        """Key ids that have token objects on this cluster (for reconciliation)."""
 
     @abc.abstractmethod
-    def public_key(self, key_id: str, algorithm: KeyAlgorithm, deadline: float) -> bytes:
+    def public_key(self, key: Placement, deadline: float) -> bytes:
         """The public key as DER SubjectPublicKeyInfo."""
 
     @abc.abstractmethod
-    def sign(self, key_id: str, algorithm: KeyAlgorithm, op: Operation, digest: bytes, deadline: float) -> bytes:
+    def sign(self, key: Placement, op: Operation, digest: bytes, deadline: float) -> bytes:
         """Sign a digest; ECDSA signatures come back DER-encoded."""
 
     @abc.abstractmethod
-    def verify(
-        self, key_id: str, algorithm: KeyAlgorithm, op: Operation, digest: bytes, signature: bytes, deadline: float
-    ) -> bool: ...
+    def verify(self, key: Placement, op: Operation, digest: bytes, signature: bytes, deadline: float) -> bool: ...
 
     @abc.abstractmethod
     def encrypt(
-        self, key_id: str, op: Operation, plaintext: bytes, aad: bytes, deadline: float
+        self, key: Placement, op: Operation, plaintext: bytes, aad: bytes, deadline: float
     ) -> tuple[bytes, bytes]:
         """Returns (ciphertext, iv); iv is empty where the operation has none."""
 
     @abc.abstractmethod
-    def decrypt(self, key_id: str, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes: ...
+    def decrypt(self, key: Placement, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes: ...
 
     @abc.abstractmethod
-    def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes: ...
+    def mac(self, key: Placement, op: Operation, data: bytes, deadline: float) -> bytes: ...
 
     @abc.abstractmethod
-    def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool: ...
+    def verify_mac(self, key: Placement, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool: ...
 
     @abc.abstractmethod
     def random(self, length: int, deadline: float) -> bytes: ...

@@ -130,6 +130,8 @@ class ClusterSpec:
     """Keys placement may put on this cluster (CloudHSM hsm1 quota: 3,300)."""
     pool_size: int = 4
     """PKCS #11 sessions kept open for requests, besides the login session."""
+    unwrapped_cache: int = 256
+    """EXTERNAL keys kept unwrapped (as session objects) on this cluster, LRU."""
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,14 @@ class KeySpec:
     request_id: str
     copies: int = 1
     storage: KeyStorage = KeyStorage.TOKEN
+    extractable: bool = True
+    """False: the key never leaves its HSM, not even wrapped (and cannot be replicated)."""
 
     def fingerprint(self) -> str:
         """Parameters that must match when a ``request_id`` is retried."""
         return "|".join(
-            (self.key_id, self.algorithm.value, self.usage.value, str(self.copies), self.storage.value)
+            (self.key_id, self.algorithm.value, self.usage.value, str(self.copies), self.storage.value,
+             str(self.extractable))
         )
 
 
@@ -165,10 +170,20 @@ class Placement:
     fingerprint: str = ""
     storage: KeyStorage = KeyStorage.TOKEN
     version: int = 1
+    extractable: bool = True
+    """Wrappable under a trusted key (CKA_WRAP_WITH_TRUSTED), so it can be replicated."""
+    wrapped: bytes = field(default=b"", repr=False)
+    """EXTERNAL keys: the private/secret key wrapped under the trusted wrapping key."""
+    public_der: bytes = field(default=b"", repr=False)
+    """EXTERNAL asymmetric keys: the public key (SubjectPublicKeyInfo DER)."""
     clusters: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clusters", (self.primary, *self.replicas))
+
+    @property
+    def external(self) -> bool:
+        return self.storage is KeyStorage.EXTERNAL
 
     @property
     def usable(self) -> bool:

@@ -85,7 +85,7 @@ class Router:
         counts: Counter[str] = Counter()
         for placement in self.store.scan():
             cache[placement.key_id] = placement
-            if placement.state is not KeyState.DESTROYED:
+            if placement.state is not KeyState.DESTROYED and not placement.external:
                 counts.update(placement.clusters)
         with self._lock:
             self._cache = cache
@@ -94,13 +94,14 @@ class Router:
     def _remember(self, placement: Placement, *, counted: bool) -> None:
         with self._lock:
             self._cache[placement.key_id] = placement
-            if counted:
+            if counted and not placement.external:
                 self._key_counts.update(placement.clusters)
 
     def _forget(self, placement: Placement) -> None:
         with self._lock:
             self._cache.pop(placement.key_id, None)
-            self._key_counts.subtract(placement.clusters)
+            if not placement.external:
+                self._key_counts.subtract(placement.clusters)
 
     def placement(self, key_id: str) -> Placement:
         """The key's placement, from the cache (falling back to the store)."""
@@ -131,7 +132,16 @@ class Router:
     # -- dispatch ----------------------------------------------------------
 
     def _candidates(self, placement: Placement) -> list[HsmBackend]:
+        if placement.external:
+            # Any cluster holding the trusted wrapping key can unwrap it: its own
+            # cluster first, then the home region, then the DR regions.
+            names = [placement.primary, *self._region_order()]
+            return [self.backends[n] for n in dict.fromkeys(names) if n in self.backends]
         return [self.backends[name] for name in placement.clusters if name in self.backends]
+
+    def _region_order(self) -> list[str]:
+        regions = (self.topology.home_region, *self.topology.dr_regions)
+        return [name for region in regions for name in self.topology.regions.get(region, ())]
 
     def _dispatch(self, placement: Placement, fn: Callable[[HsmBackend], T]) -> tuple[T, str]:
         last: RouterError | None = None
@@ -147,8 +157,8 @@ class Router:
 
     def _any_backend(self, fn: Callable[[HsmBackend], T]) -> T:
         last: RouterError | None = None
-        home = self.topology.regions.get(self.topology.home_region, ())
-        ordered = sorted(self.backends.values(), key=lambda b: b.name not in home)
+        order = self._region_order()
+        ordered = sorted(self.backends.values(), key=lambda b: order.index(b.name) if b.name in order else len(order))
         for backend in ordered:
             try:
                 return fn(backend)
@@ -170,7 +180,9 @@ class Router:
         existing = self._existing(spec)
         if existing is not None:
             return existing
-        primary = self._choose_cluster(spec.key_id)
+        if spec.storage is KeyStorage.EXTERNAL and not spec.extractable:
+            raise InvalidArgument("an EXTERNAL key lives wrapped outside the HSM; it cannot be non-extractable")
+        primary = self._choose_cluster(spec.key_id, needs_room=spec.storage is KeyStorage.TOKEN)
         intent = Placement(
             key_id=spec.key_id,
             algorithm=spec.algorithm,
@@ -181,6 +193,7 @@ class Router:
             request_id=spec.request_id,
             fingerprint=spec.fingerprint(),
             storage=spec.storage,
+            extractable=spec.extractable,
         )
         try:
             self.store.create(intent)
@@ -229,16 +242,20 @@ class Router:
         backend = self.backends.get(intent.primary)
         if backend is None:
             raise Unavailable(f"cluster {intent.primary} is not configured on this gateway")
+        material: dict[str, bytes] = {}
         try:
-            if leftovers:
-                backend.destroy(intent.key_id, deadline)
-            backend.generate(intent.key_id, intent.algorithm, intent.usage, deadline)
+            if intent.external:
+                material["wrapped"], material["public_der"] = backend.generate_external(intent, deadline)
+            else:
+                if leftovers:
+                    backend.destroy(intent.key_id, deadline)
+                backend.generate(intent, deadline)
         except RouterError:
             self._roll_back(intent, backend)
             raise
         self._fault("created-on-hsm")
         try:
-            enabled = self.store.update(replace(intent, state=KeyState.ENABLED))
+            enabled = self.store.update(replace(intent, state=KeyState.ENABLED, **material))
         except Conflict as exc:
             return self._settled(exc.existing, intent.key_id)
         self._remember(enabled, counted=True)
@@ -252,14 +269,14 @@ class Router:
         except (RouterError, StoreError, Conflict):
             log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)
 
-    def _choose_cluster(self, key_id: str) -> str:
+    def _choose_cluster(self, key_id: str, *, needs_room: bool = True) -> str:
         """The cluster for a new key: the home region first, then the DR regions.
 
         Within a region, consistent hashing over the eligible clusters (not
         draining, below their key limit) picks one.
         """
         counts = self.key_counts()
-        full = {n for n, b in self.backends.items() if counts.get(n, 0) >= b.spec.max_keys}
+        full = {n for n, b in self.backends.items() if needs_room and counts.get(n, 0) >= b.spec.max_keys}
         home = self.topology.home_region
         for region in (home, *self.topology.dr_regions):
             eligible = [
@@ -320,7 +337,9 @@ class Router:
         placement = self._usable(key_id)
         if not placement.algorithm.is_asymmetric:
             raise FailedPrecondition(f"key {key_id!r} is {placement.algorithm.value}: it has no public key")
-        der, _ = self._dispatch(placement, lambda b: b.public_key(key_id, placement.algorithm, deadline))
+        if placement.external:
+            return placement, placement.public_der
+        der, _ = self._dispatch(placement, lambda b: b.public_key(placement, deadline))
         return placement, der
 
     @staticmethod
@@ -342,7 +361,7 @@ class Router:
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         data = self._digest(op, digest, message)
-        return self._dispatch(placement, lambda b: b.sign(key_id, placement.algorithm, op, data, deadline))
+        return self._dispatch(placement, lambda b: b.sign(placement, op, data, deadline))
 
     def verify(
         self,
@@ -358,7 +377,7 @@ class Router:
         data = self._digest(op, digest, message)
         validation.payload("signature", signature)
         valid, _ = self._dispatch(
-            placement, lambda b: b.verify(key_id, placement.algorithm, op, data, signature, deadline)
+            placement, lambda b: b.verify(placement, op, data, signature, deadline)
         )
         return valid
 
@@ -371,7 +390,7 @@ class Router:
         validation.payload("aad", aad, required=False)
         if op is Operation.RSA_OAEP_SHA256 and aad:
             raise InvalidArgument("aad is only used with AES_GCM")
-        (ciphertext, iv), cluster = self._dispatch(placement, lambda b: b.encrypt(key_id, op, plaintext, aad, deadline))
+        (ciphertext, iv), cluster = self._dispatch(placement, lambda b: b.encrypt(placement, op, plaintext, aad, deadline))
         return ciphertext, iv, cluster
 
     def decrypt(
@@ -388,14 +407,14 @@ class Router:
                 raise InvalidArgument("ciphertext is shorter than the 16-byte GCM tag")
         elif iv or aad:
             raise InvalidArgument("iv and aad are only used with AES_GCM")
-        plaintext, _ = self._dispatch(placement, lambda b: b.decrypt(key_id, op, ciphertext, iv, aad, deadline))
+        plaintext, _ = self._dispatch(placement, lambda b: b.decrypt(placement, op, ciphertext, iv, aad, deadline))
         return plaintext
 
     def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes:
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         validation.payload("data", data, required=False)
-        mac, _ = self._dispatch(placement, lambda b: b.mac(key_id, op, data, deadline))
+        mac, _ = self._dispatch(placement, lambda b: b.mac(placement, op, data, deadline))
         return mac
 
     def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
@@ -403,7 +422,7 @@ class Router:
         validation.operation_fits(placement, op)
         validation.payload("data", data, required=False)
         validation.payload("mac", mac)
-        valid, _ = self._dispatch(placement, lambda b: b.verify_mac(key_id, op, data, mac, deadline))
+        valid, _ = self._dispatch(placement, lambda b: b.verify_mac(placement, op, data, mac, deadline))
         return valid
 
     def random(self, length: int, deadline: float) -> bytes:

@@ -73,9 +73,12 @@ def make_router(fleet: Fleet, tokens: TokenInspector, tmp_path: Path):
     built: list[Router] = []
     store_path = config.store_path()
 
-    def build(**kwargs) -> Router:
+    def build(spec_changes: dict | None = None, **kwargs) -> Router:
+        import dataclasses
+
         backends = {}
         for spec in config.clusters:
+            spec = dataclasses.replace(spec, **(spec_changes or {}))
             tokens.session(spec.name)  # the inspector holds the login; pools share it
             backends[spec.name] = Pkcs11Cluster(tokens.module, spec, Secret(pins[spec.name]["user_pin"]))
         topology = Topology(home_region=config.home_region, dr_regions=config.dr_regions, regions=config.regions)

@@ -127,3 +127,11 @@ def rpc_error(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
     except grpc.RpcError as exc:
         return exc
     raise AssertionError(f"{getattr(fn, '_method', fn)} did not fail")
+
+
+def placement(key_id: str, algorithm: Any, usage: Any = None, **kwargs: Any) -> Any:
+    """A Placement for driving a backend directly (no store involved)."""
+    from router.model import USAGES, KeyState, Placement
+
+    return Placement(key_id=key_id, algorithm=algorithm, usage=usage or USAGES[algorithm][0],
+                     state=KeyState.ENABLED, primary=kwargs.pop("primary", "-"), **kwargs)

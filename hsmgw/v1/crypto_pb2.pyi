@@ -88,7 +88,7 @@ class ReplicationPolicy(_message.Message):
     def __init__(self, copies: _Optional[int] = ...) -> None: ...
 
 class Key(_message.Message):
-    __slots__ = ("key_id", "algorithm", "usage", "state", "primary_cluster", "replicas", "create_time", "storage")
+    __slots__ = ("key_id", "algorithm", "usage", "state", "primary_cluster", "replicas", "create_time", "storage", "non_extractable")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class Key(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     STORAGE_FIELD_NUMBER: _ClassVar[int]
+    NON_EXTRACTABLE_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     algorithm: KeyAlgorithm
     usage: KeyUsage
@@ -105,23 +106,26 @@ class Key(_message.Message):
     replicas: _containers.RepeatedScalarFieldContainer[str]
     create_time: _timestamp_pb2.Timestamp
     storage: KeyStorage
-    def __init__(self, key_id: _Optional[str] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., usage: _Optional[_Union[KeyUsage, str]] = ..., state: _Optional[_Union[KeyState, str]] = ..., primary_cluster: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., storage: _Optional[_Union[KeyStorage, str]] = ...) -> None: ...
+    non_extractable: bool
+    def __init__(self, key_id: _Optional[str] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., usage: _Optional[_Union[KeyUsage, str]] = ..., state: _Optional[_Union[KeyState, str]] = ..., primary_cluster: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., storage: _Optional[_Union[KeyStorage, str]] = ..., non_extractable: _Optional[bool] = ...) -> None: ...
 
 class GenerateKeyRequest(_message.Message):
-    __slots__ = ("request_id", "key_id", "algorithm", "usage", "replication", "storage")
+    __slots__ = ("request_id", "key_id", "algorithm", "usage", "replication", "storage", "non_extractable")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     STORAGE_FIELD_NUMBER: _ClassVar[int]
+    NON_EXTRACTABLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     key_id: str
     algorithm: KeyAlgorithm
     usage: KeyUsage
     replication: ReplicationPolicy
     storage: KeyStorage
-    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., usage: _Optional[_Union[KeyUsage, str]] = ..., replication: _Optional[_Union[ReplicationPolicy, _Mapping]] = ..., storage: _Optional[_Union[KeyStorage, str]] = ...) -> None: ...
+    non_extractable: bool
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., usage: _Optional[_Union[KeyUsage, str]] = ..., replication: _Optional[_Union[ReplicationPolicy, _Mapping]] = ..., storage: _Optional[_Union[KeyStorage, str]] = ..., non_extractable: _Optional[bool] = ...) -> None: ...
 
 class GetKeyRequest(_message.Message):
     __slots__ = ("key_id",)

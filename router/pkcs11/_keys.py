@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from asn1crypto import keys as asn1_keys
-from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag
-from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.constants import DEFAULT
+from pkcs11.util import biginteger
+from pkcs11.util.ec import decode_ec_public_key, encode_ec_public_key, encode_named_curve_parameters
 
 from router.model import KeyAlgorithm, KeyUsage, Operation
 
@@ -42,14 +44,43 @@ _PUBLIC_BASE = {
 }
 
 
-def _private_template(usage: KeyUsage) -> dict[Attribute, Any]:
-    signs = usage is KeyUsage.SIGN_VERIFY
-    return {**_PRIVATE_BASE, Attribute.SIGN: signs, Attribute.DECRYPT: not signs}
+WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD
 
 
-def _public_template(usage: KeyUsage) -> dict[Attribute, Any]:
+def _exportability(extractable: bool) -> dict[Attribute, Any]:
+    # Extractable only under a trusted wrapping key: replication, never plaintext.
+    if extractable:
+        return {Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True}
+    return {Attribute.EXTRACTABLE: False}
+
+
+def _private_template(usage: KeyUsage, token: bool, extractable: bool) -> dict[Attribute, Any]:
     signs = usage is KeyUsage.SIGN_VERIFY
-    return {**_PUBLIC_BASE, Attribute.VERIFY: signs, Attribute.ENCRYPT: not signs}
+    return {
+        **_PRIVATE_BASE,
+        **_exportability(extractable),
+        Attribute.TOKEN: token,
+        Attribute.SIGN: signs,
+        Attribute.DECRYPT: not signs,
+    }
+
+
+def public_template(usage: KeyUsage, token: bool) -> dict[Attribute, Any]:
+    signs = usage is KeyUsage.SIGN_VERIFY
+    return {**_PUBLIC_BASE, Attribute.TOKEN: token, Attribute.VERIFY: signs, Attribute.ENCRYPT: not signs}
+
+
+def _secret_template(algorithm: KeyAlgorithm, token: bool, extractable: bool) -> dict[Attribute, Any]:
+    mac = algorithm is KeyAlgorithm.HMAC_SHA256
+    return {
+        **_SECRET_BASE,
+        **_exportability(extractable),
+        Attribute.TOKEN: token,
+        Attribute.ENCRYPT: not mac,
+        Attribute.DECRYPT: not mac,
+        Attribute.SIGN: mac,
+        Attribute.VERIFY: mac,
+    }
 
 
 def _capabilities(usage: KeyUsage) -> MechanismFlag:
@@ -58,70 +89,84 @@ def _capabilities(usage: KeyUsage) -> MechanismFlag:
     return MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
 
 
-def generate(session: Any, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage) -> None:
-    """Create the key's token objects in ``session``."""
+def key_type(algorithm: KeyAlgorithm) -> KeyType:
+    if algorithm.is_ec:
+        return KeyType.EC
+    if algorithm.is_rsa:
+        return KeyType.RSA
+    return KeyType.AES if algorithm is KeyAlgorithm.AES_256 else KeyType.GENERIC_SECRET
+
+
+def generate(
+    session: Any,
+    key_id: str,
+    algorithm: KeyAlgorithm,
+    usage: KeyUsage,
+    *,
+    token: bool = True,
+    extractable: bool = True,
+) -> tuple[Any, Any | None]:
+    """Create the key in ``session``: (private or secret key, public key or None)."""
     ident = key_id.encode()
     caps = _capabilities(usage)
-    if algorithm.is_ec:
-        params = session.create_domain_parameters(
-            KeyType.EC,
-            {Attribute.EC_PARAMS: encode_named_curve_parameters(CURVES[algorithm])},
-            local=True,
-        )
-        params.generate_keypair(
+    if algorithm.is_asymmetric:
+        kwargs = dict(
             id=ident,
             label=key_id,
-            store=True,
+            store=token,
             capabilities=caps,
-            public_template=_public_template(usage),
-            private_template=_private_template(usage),
+            public_template=public_template(usage, token),
+            private_template=_private_template(usage, token, extractable),
         )
-    elif algorithm.is_rsa:
-        session.generate_keypair(
-            KeyType.RSA,
-            RSA_BITS[algorithm],
-            id=ident,
-            label=key_id,
-            store=True,
-            capabilities=caps,
-            public_template=_public_template(usage),
-            private_template=_private_template(usage),
-        )
-    elif algorithm is KeyAlgorithm.AES_256:
-        session.generate_key(
-            KeyType.AES,
-            256,
-            id=ident,
-            label=key_id,
-            store=True,
-            capabilities=caps,
-            template={
-                **_SECRET_BASE,
-                Attribute.ENCRYPT: True,
-                Attribute.DECRYPT: True,
-                Attribute.SIGN: False,
-                Attribute.VERIFY: False,
-            },
-        )
-    elif algorithm is KeyAlgorithm.HMAC_SHA256:
-        session.generate_key(
-            KeyType.GENERIC_SECRET,
-            256,
-            id=ident,
-            label=key_id,
-            store=True,
-            capabilities=caps,
-            mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
-            template={
-                **_SECRET_BASE,
-                Attribute.ENCRYPT: False,
-                Attribute.DECRYPT: False,
-                Attribute.SIGN: True,
-                Attribute.VERIFY: True,
-            },
-        )
-    else:  # pragma: no cover - the enum is closed
-        raise ValueError(f"unknown algorithm {algorithm}")
+        if algorithm.is_ec:
+            params = session.create_domain_parameters(
+                KeyType.EC,
+                {Attribute.EC_PARAMS: encode_named_curve_parameters(CURVES[algorithm])},
+                local=True,
+            )
+            public, private = params.generate_keypair(**kwargs)
+        else:
+            public, private = session.generate_keypair(KeyType.RSA, RSA_BITS[algorithm], **kwargs)
+        return private, public
+    mechanism = Mechanism.GENERIC_SECRET_KEY_GEN if algorithm is KeyAlgorithm.HMAC_SHA256 else None
+    secret = session.generate_key(
+        key_type(algorithm),
+        256,
+        id=ident,
+        label=key_id,
+        store=token,
+        capabilities=caps,
+        mechanism=mechanism,
+        template=_secret_template(algorithm, token, extractable),
+    )
+    return secret, None
+
+
+def unwrap_template(algorithm: KeyAlgorithm, usage: KeyUsage) -> dict[Attribute, Any]:
+    """Attributes for unwrapping a key as a session object with least privilege.
+
+    Private keys must not carry ENCRYPT/VERIFY/WRAP at all (SoftHSM answers
+    AttributeTypeInvalid), so those defaults are dropped.
+    """
+    if algorithm.is_asymmetric:
+        template = _private_template(usage, token=False, extractable=False)
+        template.update({Attribute.ENCRYPT: DEFAULT, Attribute.VERIFY: DEFAULT, Attribute.WRAP: DEFAULT})
+        return template
+    return _secret_template(algorithm, token=False, extractable=False)
+
+
+def public_key_attributes(spki_der: bytes) -> dict[Attribute, Any]:
+    """Attributes to import a SubjectPublicKeyInfo as a public key object."""
+    info = asn1_keys.PublicKeyInfo.load(spki_der)
+    if info.algorithm == "ec":
+        return decode_ec_public_key(spki_der)
+    rsa = info["public_key"].parsed
+    return {
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+        Attribute.KEY_TYPE: KeyType.RSA,
+        Attribute.MODULUS: biginteger(rsa["modulus"].native),
+        Attribute.PUBLIC_EXPONENT: biginteger(rsa["public_exponent"].native),
+    }
 
 
 def public_key_der(public_key: Any, algorithm: KeyAlgorithm) -> bytes:

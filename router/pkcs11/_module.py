@@ -51,6 +51,11 @@ class _PreinitializedLib(_pkcs11.lib):  # type: ignore[misc]
         # C_Initialize was called with CKF_OS_LOCKING_OK in _initialize_with_locking.
         return None
 
+    def unload(self) -> None:
+        # The module stays loaded for the life of the process: other threads may
+        # still be inside it at interpreter exit, and C_Finalize under them crashes.
+        return None
+
 
 @dataclass
 class Module:

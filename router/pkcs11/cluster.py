@@ -14,7 +14,7 @@ from pkcs11.mechanisms import GCMParams
 
 from router.backend import HsmBackend, PoolStats
 from router.errors import DeadlineExceeded, RouterError, StaleSession
-from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Operation
+from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _keys
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import Module
@@ -70,7 +70,7 @@ class Pkcs11Cluster(HsmBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _repair(self, session: PooledSession, exc: Exception) -> None:
-        session.keys.clear()
+        session.forget()
         if isinstance(exc, SESSION_GONE):
             session.broken = True
         elif isinstance(exc, LOGGED_OUT):
@@ -79,12 +79,31 @@ class Pkcs11Cluster(HsmBackend):
 
     # -- HsmBackend -----------------------------------------------------
 
-    def generate(self, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage, deadline: float) -> None:
-        self._run(deadline, lambda s: _keys.generate(s.handle, key_id, algorithm, usage))
+    def generate(self, key: Placement, deadline: float) -> None:
+        self._run(
+            deadline,
+            lambda s: _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable),
+        )
+
+    def generate_external(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
+        def run(s: PooledSession) -> tuple[bytes, bytes]:
+            secret, public = _keys.generate(
+                s.handle, key.key_id, key.algorithm, key.usage, token=False, extractable=True
+            )
+            try:
+                wrapped = bytes(s.wrapping_key().wrap_key(secret, mechanism=_keys.WRAP_MECHANISM))
+                public_der = _keys.public_key_der(public, key.algorithm) if public is not None else b""
+            finally:
+                secret.destroy()
+                if public is not None:
+                    public.destroy()
+            return wrapped, public_der
+
+        return self._run(deadline, run)
 
     def destroy(self, key_id: str, deadline: float) -> int:
         def run(s: PooledSession) -> int:
-            objects = list(s.handle.get_objects({Attribute.ID: key_id.encode()}))
+            objects = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
             for obj in objects:
                 obj.destroy()
             return len(objects)
@@ -107,20 +126,22 @@ class Pkcs11Cluster(HsmBackend):
 
         return self._run(deadline, run)
 
-    def public_key(self, key_id: str, algorithm: KeyAlgorithm, deadline: float) -> bytes:
+    def public_key(self, key: Placement, deadline: float) -> bytes:
+        if key.external:
+            return key.public_der
         return self._run(
-            deadline, lambda s: _keys.public_key_der(s.key(key_id, ObjectClass.PUBLIC_KEY), algorithm)
+            deadline, lambda s: _keys.public_key_der(s.key(key, ObjectClass.PUBLIC_KEY), key.algorithm)
         )
 
-    def sign(self, key_id: str, algorithm: KeyAlgorithm, op: Operation, digest: bytes, deadline: float) -> bytes:
+    def sign(self, key: Placement, op: Operation, digest: bytes, deadline: float) -> bytes:
         mechanism, param, data = _keys.signature_mechanism(op, digest)
 
         def run(s: PooledSession) -> bytes:
-            key = s.key(key_id, ObjectClass.PRIVATE_KEY)
-            return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
+            private = s.key(key, ObjectClass.PRIVATE_KEY)
+            return bytes(private.sign(data, mechanism=mechanism, mechanism_param=param))
 
         signature = self._run(deadline, run, op)
-        if algorithm.is_ec:
+        if key.algorithm.is_ec:
             half = len(signature) // 2
             return bytes(
                 DSASignature(
@@ -129,70 +150,70 @@ class Pkcs11Cluster(HsmBackend):
             )
         return signature
 
-    def verify(
-        self, key_id: str, algorithm: KeyAlgorithm, op: Operation, digest: bytes, signature: bytes, deadline: float
-    ) -> bool:
-        if algorithm.is_ec:
-            raw = _ecdsa_der_to_raw(signature, _EC_BYTES[algorithm])
+    def verify(self, key: Placement, op: Operation, digest: bytes, signature: bytes, deadline: float) -> bool:
+        if key.algorithm.is_ec:
+            raw = _ecdsa_der_to_raw(signature, _EC_BYTES[key.algorithm])
             if raw is None:
                 return False
             signature = raw
         mechanism, param, data = _keys.signature_mechanism(op, digest)
 
         def run(s: PooledSession) -> bool:
-            key = s.key(key_id, ObjectClass.PUBLIC_KEY)
+            public = s.key(key, ObjectClass.PUBLIC_KEY)
             try:
-                return bool(key.verify(data, signature, mechanism=mechanism, mechanism_param=param))
+                return bool(public.verify(data, signature, mechanism=mechanism, mechanism_param=param))
             except (p11.SignatureInvalid, p11.SignatureLenRange):
                 return False
 
         return self._run(deadline, run, op)
 
-    def encrypt(self, key_id: str, op: Operation, plaintext: bytes, aad: bytes, deadline: float) -> tuple[bytes, bytes]:
+    def encrypt(
+        self, key: Placement, op: Operation, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes]:
         if op is Operation.AES_GCM:
             iv = os.urandom(GCM_IV_BYTES)
             params = GCMParams(iv, aad or None, GCM_TAG_BITS)
 
             def run_gcm(s: PooledSession) -> bytes:
-                key = s.key(key_id, ObjectClass.SECRET_KEY)
-                return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+                secret = s.key(key, ObjectClass.SECRET_KEY)
+                return bytes(secret.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
             return self._run(deadline, run_gcm, op), iv
 
         def run_oaep(s: PooledSession) -> bytes:
-            key = s.key(key_id, ObjectClass.PUBLIC_KEY)
-            return bytes(key.encrypt(plaintext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
+            public = s.key(key, ObjectClass.PUBLIC_KEY)
+            return bytes(public.encrypt(plaintext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
 
         return self._run(deadline, run_oaep, op), b""
 
-    def decrypt(self, key_id: str, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes:
+    def decrypt(self, key: Placement, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes:
         if op is Operation.AES_GCM:
             params = GCMParams(iv, aad or None, GCM_TAG_BITS)
 
             def run_gcm(s: PooledSession) -> bytes:
-                key = s.key(key_id, ObjectClass.SECRET_KEY)
-                return bytes(key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+                secret = s.key(key, ObjectClass.SECRET_KEY)
+                return bytes(secret.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
             return self._run(deadline, run_gcm, op)
 
         def run_oaep(s: PooledSession) -> bytes:
-            key = s.key(key_id, ObjectClass.PRIVATE_KEY)
-            return bytes(key.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
+            private = s.key(key, ObjectClass.PRIVATE_KEY)
+            return bytes(private.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
 
         return self._run(deadline, run_oaep, op)
 
-    def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes:
+    def mac(self, key: Placement, op: Operation, data: bytes, deadline: float) -> bytes:
         def run(s: PooledSession) -> bytes:
-            key = s.key(key_id, ObjectClass.SECRET_KEY)
-            return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+            secret = s.key(key, ObjectClass.SECRET_KEY)
+            return bytes(secret.sign(data, mechanism=Mechanism.SHA256_HMAC))
 
         return self._run(deadline, run, op)
 
-    def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
+    def verify_mac(self, key: Placement, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
         def run(s: PooledSession) -> bool:
-            key = s.key(key_id, ObjectClass.SECRET_KEY)
+            secret = s.key(key, ObjectClass.SECRET_KEY)
             try:
-                return bool(key.verify(data, mac, mechanism=Mechanism.SHA256_HMAC))
+                return bool(secret.verify(data, mac, mechanism=Mechanism.SHA256_HMAC))
             except (p11.SignatureInvalid, p11.SignatureLenRange):
                 return False
 

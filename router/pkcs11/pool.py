@@ -25,32 +25,87 @@ from pkcs11 import ObjectClass
 from pkcs11 import exceptions as p11
 
 from router.errors import ResourceExhausted
-from router.model import ClusterSpec
+from router.model import ClusterSpec, Placement
+from router.pkcs11 import _keys
 from router.pkcs11._module import Module
 from router.secret import Secret
 
 log = logging.getLogger(__name__)
 
+WRAPPING_KEY_LABEL = "_hsmgw/replication"
+"""CKA_LABEL of the trusted wrapping key every cluster holds (made by the SO)."""
+
 
 class PooledSession:
-    """A request session and its key-object cache."""
+    """A request session, its key-object cache and its unwrapped-key LRU."""
 
-    __slots__ = ("handle", "keys", "epoch", "broken")
+    __slots__ = ("handle", "keys", "epoch", "broken", "unwrapped", "unwrapped_limit", "_wrapping_key")
 
-    def __init__(self, handle: Any, epoch: int) -> None:
+    def __init__(self, handle: Any, epoch: int, unwrapped_limit: int) -> None:
         self.handle = handle
         self.keys: dict[tuple[str, ObjectClass], Any] = {}
         self.epoch = epoch
         self.broken = False
+        self.unwrapped: collections.OrderedDict[tuple[str, ObjectClass], Any] = collections.OrderedDict()
+        self.unwrapped_limit = unwrapped_limit
+        self._wrapping_key: Any = None
 
-    def key(self, key_id: str, object_class: ObjectClass) -> Any:
+    def key(self, placement: Placement, object_class: ObjectClass) -> Any:
         """The key object, from the cache or found once on the token."""
-        cache_key = (key_id, object_class)
+        if placement.external:
+            return self._external(placement, object_class)
+        cache_key = (placement.key_id, object_class)
         obj = self.keys.get(cache_key)
         if obj is None:
-            obj = self.handle.get_key(object_class=object_class, id=key_id.encode())
+            obj = self.handle.get_key(object_class=object_class, id=placement.key_id.encode())
             self.keys[cache_key] = obj
         return obj
+
+    def wrapping_key(self) -> Any:
+        if self._wrapping_key is None:
+            self._wrapping_key = self.handle.get_key(object_class=ObjectClass.SECRET_KEY, label=WRAPPING_KEY_LABEL)
+        return self._wrapping_key
+
+    def _external(self, placement: Placement, object_class: ObjectClass) -> Any:
+        """An EXTERNAL key as a session object: unwrapped once, kept in a bounded LRU."""
+        cache_key = (placement.key_id, object_class)
+        obj = self.unwrapped.get(cache_key)
+        if obj is not None:
+            self.unwrapped.move_to_end(cache_key)
+            return obj
+        if object_class is ObjectClass.PUBLIC_KEY:
+            attrs = _keys.public_key_attributes(placement.public_der)
+            attrs.update(_keys.public_template(placement.usage, token=False))
+            obj = self.handle.create_object(attrs)
+        else:
+            obj = self.wrapping_key().unwrap_key(
+                object_class,
+                _keys.key_type(placement.algorithm),
+                placement.wrapped,
+                id=placement.key_id.encode(),
+                label=placement.key_id,
+                mechanism=_keys.WRAP_MECHANISM,
+                store=False,
+                template=_keys.unwrap_template(placement.algorithm, placement.usage),
+            )
+        self.unwrapped[cache_key] = obj
+        while len(self.unwrapped) > self.unwrapped_limit:
+            _, old = self.unwrapped.popitem(last=False)
+            _destroy_quietly(old)
+        return obj
+
+    def forget(self) -> None:
+        """Drop every cached handle and destroy the unwrapped session objects."""
+        self.keys.clear()
+        while self.unwrapped:
+            _destroy_quietly(self.unwrapped.popitem()[1])
+
+
+def _destroy_quietly(obj: Any) -> None:
+    try:
+        obj.destroy()
+    except p11.PKCS11Error:
+        log.debug("destroying an unwrapped session object failed", exc_info=True)
 
 
 class SessionPool:
@@ -153,7 +208,8 @@ class SessionPool:
             handle = self._token.open(rw=True)
         with self._lock:
             self._open += 1
-            return PooledSession(handle, self._epoch)
+            per_session = max(1, self.spec.unwrapped_cache // self.spec.pool_size)
+            return PooledSession(handle, self._epoch, per_session)
 
     def _close_session(self, session: PooledSession) -> None:
         with self._lock:
@@ -170,7 +226,7 @@ class SessionPool:
             # A broken session was dropped earlier; open its replacement now.
             session = self._new_session()
         if session.epoch != self._epoch:
-            session.keys.clear()
+            session.forget()
             session.epoch = self._epoch
         return session
 

@@ -29,16 +29,25 @@ CREATE TABLE IF NOT EXISTS placements (
     request_id TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     storage TEXT NOT NULL DEFAULT 'TOKEN',
-    version INTEGER NOT NULL DEFAULT 1
+    version INTEGER NOT NULL DEFAULT 1,
+    extractable INTEGER NOT NULL DEFAULT 1,
+    wrapped BLOB NOT NULL DEFAULT x'',
+    public_der BLOB NOT NULL DEFAULT x''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS placements_request ON placements(request_id);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL);
 INSERT OR IGNORE INTO changes (id, counter) VALUES (1, 0);
 """
 
+_ADDED_COLUMNS = (
+    ("extractable", "INTEGER NOT NULL DEFAULT 1"),
+    ("wrapped", "BLOB NOT NULL DEFAULT x''"),
+    ("public_der", "BLOB NOT NULL DEFAULT x''"),
+)
+
 _COLUMNS = (
     "key_id, algorithm, usage, state, primary_cluster, replicas, create_time, "
-    "request_id, fingerprint, storage, version"
+    "request_id, fingerprint, storage, version, extractable, wrapped, public_der"
 )
 
 
@@ -55,6 +64,9 @@ def _row(row: tuple) -> Placement:  # type: ignore[type-arg]
         fingerprint=row[8],
         storage=KeyStorage(row[9]),
         version=row[10],
+        extractable=bool(row[11]),
+        wrapped=bytes(row[12]),
+        public_der=bytes(row[13]),
     )
 
 
@@ -71,6 +83,9 @@ def _values(p: Placement) -> tuple:  # type: ignore[type-arg]
         p.fingerprint,
         p.storage.value,
         p.version,
+        int(p.extractable),
+        p.wrapped,
+        p.public_der,
     )
 
 
@@ -83,8 +98,16 @@ class SqliteStore(PlacementStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open placement store {self.path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        """Add columns that newer versions introduced to an older store file."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(placements)")}
+        for column, ddl in _ADDED_COLUMNS:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE placements ADD COLUMN {column} {ddl}")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
         try:
@@ -126,7 +149,7 @@ class SqliteStore(PlacementStore):
 
     def create(self, placement: Placement) -> None:
         try:
-            self._write([(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", _values(placement))])
+            self._write([(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))])
         except sqlite3.IntegrityError as exc:
             existing = self.get(placement.key_id) or self.by_request(placement.request_id)
             raise Conflict(existing) from exc
@@ -138,7 +161,8 @@ class SqliteStore(PlacementStore):
             [
                 (
                     "UPDATE placements SET algorithm=?, usage=?, state=?, primary_cluster=?, replicas=?, "
-                    "create_time=?, request_id=?, fingerprint=?, storage=?, version=? "
+                    "create_time=?, request_id=?, fingerprint=?, storage=?, version=?, extractable=?, "
+                    "wrapped=?, public_der=? "
                     "WHERE key_id=? AND version=?",
                     (*values[1:], placement.key_id, placement.version),
                 )

@@ -18,10 +18,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Operation
+from router.model import ClusterSpec, KeyAlgorithm, Operation
 from router.pkcs11 import Pkcs11Cluster
 from router.secret import Secret
-from tests.support import unique
+from tests.support import placement, unique
 
 THREADS = 8
 OPS_PER_THREAD = 2000
@@ -44,11 +44,12 @@ def test_eight_threads_mixed_operations_on_two_clusters(clusters, tokens) -> Non
     far = time.monotonic() + 600
     keys = {}
     for name, backend in clusters.items():
-        ec_id, aes_id = unique("stress-ec"), unique("stress-aes")
-        backend.generate(ec_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, far)
-        backend.generate(aes_id, KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT, far)
-        public = serialization.load_der_public_key(backend.public_key(ec_id, KeyAlgorithm.EC_P256, far))
-        keys[name] = (ec_id, aes_id, public)
+        ec_key = placement(unique("stress-ec"), KeyAlgorithm.EC_P256)
+        aes_key = placement(unique("stress-aes"), KeyAlgorithm.AES_256)
+        backend.generate(ec_key, far)
+        backend.generate(aes_key, far)
+        public = serialization.load_der_public_key(backend.public_key(ec_key, far))
+        keys[name] = (ec_key, aes_key, public)
 
     errors: list[str] = []
     done = [0] * THREADS
@@ -66,12 +67,11 @@ def test_eight_threads_mixed_operations_on_two_clusters(clusters, tokens) -> Non
                 if kind == 0:
                     message = os.urandom(24)
                     digest = hashlib.sha256(message).digest()
-                    signature = backend.sign(ec_id, KeyAlgorithm.EC_P256, Operation.ECDSA_SHA256, digest, deadline)
+                    signature = backend.sign(ec_id, Operation.ECDSA_SHA256, digest, deadline)
                     if i % 40 == 0:  # verify a sample independently
                         public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
                         checked_signatures[index] += 1
-                    if not backend.verify(ec_id, KeyAlgorithm.EC_P256, Operation.ECDSA_SHA256, digest, signature,
-                                          deadline):
+                    if not backend.verify(ec_id, Operation.ECDSA_SHA256, digest, signature, deadline):
                         errors.append(f"thread {index}: own signature did not verify")
                 elif kind == 1:
                     plaintext = os.urandom(rng.randint(0, 256))
@@ -82,7 +82,7 @@ def test_eight_threads_mixed_operations_on_two_clusters(clusters, tokens) -> Non
                     if len(backend.random(32, deadline)) != 32:
                         errors.append(f"thread {index}: short random")
                 else:
-                    backend.public_key(ec_id, KeyAlgorithm.EC_P256, deadline)
+                    backend.public_key(ec_id, deadline)
                 done[index] += 1
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(f"thread {index}: {type(exc).__name__}: {exc}")

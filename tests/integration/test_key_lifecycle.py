@@ -12,7 +12,7 @@ from hsmgw.v1 import crypto_pb2 as pb
 from router.errors import FailedPrecondition
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage
 from router.reconcile import reconcile
-from tests.support import rpc_error, unique
+from tests.support import placement, rpc_error, unique
 
 
 class Crash(BaseException):
@@ -88,8 +88,7 @@ def test_crash_then_client_retry_completes_the_same_key(make_router, tokens) -> 
 def test_orphan_objects_are_found_and_removed(make_router, tokens) -> None:
     router = make_router()
     key_id = unique("orphan")
-    router.backends["use1-b"].generate(key_id, KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT,
-                                       time.monotonic() + 30)
+    router.backends["use1-b"].generate(placement(key_id, KeyAlgorithm.AES_256), time.monotonic() + 30)
     report = reconcile(router, fix=False)
     assert ("use1-b", key_id) in report.orphans
     assert len(tokens.objects("use1-b", key_id)) == 1  # report only: nothing removed

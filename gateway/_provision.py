@@ -1,0 +1,91 @@
+"""Put the same trusted wrapping key on every token of a fleet (its own process).
+
+Replication and the EXTERNAL tier wrap keys under one AES key that every cluster
+holds, marked CKA_TRUSTED by the security officer; keys are created with
+CKA_WRAP_WITH_TRUSTED so that only such a key can wrap them. For the local fleet
+the key value is drawn here, imported into each token by its SO, and dropped;
+it is never written anywhere. (With real HSMs this is a key ceremony.)
+
+Runs as ``python -m gateway._provision`` so the PKCS #11 module is initialised
+with this fleet's SOFTHSM2_CONF and not the caller's. Input on stdin (JSON):
+``{"module": PATH, "env": {...}, "so_pins": {label: pin}}`` — PINs never go on
+a command line. Output on stdout (JSON): ``{"created": [labels]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from router.pkcs11.pool import WRAPPING_KEY_LABEL
+
+
+def _has_wrapping_key(module: Any, label: str) -> bool:
+    from pkcs11 import Attribute
+
+    session = module.token(label).open()
+    try:
+        return any(True for _ in session.get_objects({Attribute.LABEL: WRAPPING_KEY_LABEL}))
+    finally:
+        session.close()
+
+
+def provision(request: dict[str, Any]) -> list[str]:
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    os.environ.update(request.get("env", {}))
+    from router.pkcs11 import load_module
+
+    module = load_module(request["module"])
+    so_pins: dict[str, str] = request["so_pins"]
+    have = {label: _has_wrapping_key(module, label) for label in so_pins}
+    if all(have.values()):
+        return []
+    if any(have.values()):
+        missing = ", ".join(sorted(label for label, ok in have.items() if not ok))
+        raise SystemExit(
+            f"tokens {missing} lack the replication wrapping key the others hold; rebuild the fleet with --force"
+        )
+    value = os.urandom(32)
+    for label, so_pin in so_pins.items():
+        session = module.token(label).open(rw=True, so_pin=so_pin)
+        try:
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.VALUE: value,
+                    Attribute.TOKEN: True,
+                    # Created by the SO, so a public object; sensitive, never extractable.
+                    Attribute.PRIVATE: False,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.TRUSTED: True,
+                    Attribute.WRAP: True,
+                    Attribute.UNWRAP: True,
+                    Attribute.ENCRYPT: False,
+                    Attribute.DECRYPT: False,
+                    Attribute.SIGN: False,
+                    Attribute.VERIFY: False,
+                    Attribute.DERIVE: False,
+                    Attribute.MODIFIABLE: False,
+                    Attribute.LABEL: WRAPPING_KEY_LABEL,
+                    Attribute.ID: WRAPPING_KEY_LABEL.encode(),
+                }
+            )
+        finally:
+            session.close()
+    del value
+    return sorted(so_pins)
+
+
+def main() -> None:
+    request = json.load(sys.stdin)
+    created = provision(request)
+    json.dump({"created": created}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The CLIs as a user runs them: ``hsmgw fleet init``, ``hsmgw serve`` refusing a bad
+configuration with one clear line, and ``hsmctl`` against a running gateway."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.fleet import Fleet, init_fleet
+from hsmgw.v1 import crypto_pb2 as pb
+from tests.support import ROOT, running, unique
+
+CLUSTERS = ("use1-a", "use1-b", "usw2-a")
+REGIONS = {"use1-a": "us-east-1", "use1-b": "us-east-1", "usw2-a": "us-west-2"}
+
+
+def _user_env(**extra: str) -> dict[str, str]:
+    """The caller's environment, minus what the test process itself set up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HSMGW_PIN_") and k != "SOFTHSM2_CONF"}
+    return {**env, **extra}
+
+
+def _run(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env or _user_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def hsmgw(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return _run("gateway.cli.hsmgw", *args, **kw)
+
+
+def hsmctl(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return _run("gateway.cli.hsmctl", *args, **kw)
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """A failure ends with exactly one ``error:`` line, last, and no traceback."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], output
+    return errors[0]
+
+
+# -- hsmgw fleet init ---------------------------------------------------------------------
+
+
+def _token_labels(state: Path) -> set[str]:
+    out = subprocess.run(
+        ["softhsm2-util", "--show-slots"], env={**_user_env(), "SOFTHSM2_CONF": str(state / "softhsm2.conf")},
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return {v.strip() for k, _, v in (line.strip().partition(":") for line in out.splitlines()) if k == "Label" and v.strip()}
+
+
+def _snapshot(state: Path) -> dict[str, tuple[int | None, str]]:
+    """Every file and directory under ``state``: mtime and content hash.
+
+    SoftHSM itself rewrites a token's ``generation`` file, with the same bytes,
+    whenever the module opens the token (any ``softhsm2-util --show-slots`` does),
+    so for that file only its content counts.
+    """
+    snap: dict[str, tuple[int | None, str]] = {}
+    for path in sorted(state.rglob("*")):
+        rel = str(path.relative_to(state))
+        if path.is_dir():
+            snap[rel] = (None, "dir")
+        else:
+            mtime = None if path.name == "generation" else path.stat().st_mtime_ns
+            snap[rel] = (mtime, hashlib.sha256(path.read_bytes()).hexdigest())
+    return snap
+
+
+def _pins(state: Path) -> dict[str, dict[str, str]]:
+    return tomllib.loads((state / "secrets.toml").read_text())["clusters"]
+
+
+def test_fleet_init_creates_then_changes_nothing_then_force_rebuilds(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    init = ("fleet", "init", "--state-dir", str(state), "--listen", "127.0.0.1:0")
+
+    first = hsmgw(*init)
+    assert first.returncode == 0, first.stderr
+    for name in CLUSTERS:
+        assert f"created token {name}" in first.stdout
+    assert _token_labels(state) == set(CLUSTERS)
+    assert len([p for p in (state / "tokens").iterdir() if p.is_dir()]) == 3
+    secrets = state / "secrets.toml"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    pins = _pins(state)
+    assert set(pins) == set(CLUSTERS)
+    assert len({p["user_pin"] for p in pins.values()} | {p["so_pin"] for p in pins.values()}) == 6
+    config = tomllib.loads((state / "hsmgw.toml").read_text())
+    assert config["server"]["listen"] == "127.0.0.1:0"
+    assert {c["name"]: c["region"] for c in config["clusters"]} == REGIONS
+    for pin in pins.values():  # PINs live in secrets.toml only
+        assert pin["user_pin"] not in (state / "hsmgw.toml").read_text()
+    assert (state / "placements.db").read_bytes().startswith(b"SQLite format 3\x00")
+    assert f"config: {state / 'hsmgw.toml'}" in first.stdout
+
+    before = _snapshot(state)
+    second = hsmgw(*init)
+    assert second.returncode == 0, second.stderr
+    assert "nothing changed" in second.stdout and "created" not in second.stdout
+    assert _snapshot(state) == before
+    assert _pins(state) == pins
+
+    token_dirs = {p.name for p in (state / "tokens").iterdir()}
+    forced = hsmgw(*init, "--force")
+    assert forced.returncode == 0, forced.stderr
+    for name in CLUSTERS:
+        assert f"created token {name}" in forced.stdout
+    assert _token_labels(state) == set(CLUSTERS)
+    new_pins = _pins(state)
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    for name in CLUSTERS:
+        assert new_pins[name]["user_pin"] != pins[name]["user_pin"]
+        assert new_pins[name]["so_pin"] != pins[name]["so_pin"]
+    assert not token_dirs & {p.name for p in (state / "tokens").iterdir()}, "--force kept old tokens"
+
+
+# -- hsmgw serve refuses a bad configuration ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spare_fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    """A fleet of its own, so broken configs and wrong PINs never touch the shared one."""
+    return init_fleet(tmp_path_factory.mktemp("cli-fleet"), listen="127.0.0.1:0")
+
+
+def _edited(fleet: Fleet, name: str, edit: Callable[[str], str]) -> Path:
+    """A copy of the fleet's config, next to it (relative paths still resolve), with one edit."""
+    original = fleet.config_path.read_text()
+    text = edit(original)
+    assert text != original, f"edit {name} changed nothing: the fleet template moved"
+    path = fleet.config_path.with_name(f"{name}.toml")
+    path.write_text(text)
+    return path
+
+
+def _replace(old: str, new: str) -> Callable[[str], str]:
+    return lambda text: text.replace(old, new, 1)
+
+
+BAD_CONFIGS = [
+    ("listen-all-interfaces", _replace('listen = "127.0.0.1:0"', 'listen = "0.0.0.0:0"'),
+     ("server.listen", "loopback")),
+    ("no-tls", _replace("insecure_plaintext = true", "insecure_plaintext = false"),
+     ("server.insecure_plaintext", "TLS")),
+    ("misspelled-cluster-key", _replace('token_label = "use1-a"\n', 'token_label = "use1-a"\nmax_key = 3\n'),
+     ("clusters[0].max_key", "unknown key")),
+    ("zero-max-keys", _replace("max_keys = 3300", "max_keys = 0"), ("clusters[0].max_keys",)),
+    ("threads-as-string", _replace("[server]\n", '[server]\nthreads = "16"\n'), ("server.threads", "int")),
+    ("unknown-home-region", _replace('home_region = "us-east-1"', 'home_region = "eu-west-1"'),
+     ("gateway.home_region", "eu-west-1")),
+]
+
+
+@pytest.mark.parametrize(("name", "edit", "says"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_serve_refuses_bad_config_with_one_clear_line(
+    spare_fleet: Fleet, name: str, edit: Callable[[str], str], says: tuple[str, ...]
+) -> None:
+    config = _edited(spare_fleet, name, edit)
+    result = hsmgw("serve", "--config", str(config), timeout=30)
+    line = one_error_line(result)
+    for word in says:
+        assert word in line, line
+    assert str(config) in line, "the error names the file to fix"
+
+
+def test_serve_with_wrong_pin_names_the_cluster_and_no_pin(spare_fleet: Fleet, tmp_path: Path) -> None:
+    wrong = "000000"
+    result = hsmgw("serve", "--config", str(spare_fleet.config_path), timeout=30,
+                   env=_user_env(HSMGW_PIN_USE1_A=wrong))
+    line = one_error_line(result)
+    assert "use1-a" in line and "pin" in line.lower(), line
+    output = result.stdout + result.stderr
+    assert wrong not in output
+    for cluster, pins in _pins(spare_fleet.state_dir).items():
+        for kind, pin in pins.items():
+            assert pin not in output, f"{cluster} {kind} leaked"
+
+    # The same fleet with its own PINs starts: the refusal was about the PIN alone.
+    with running(spare_fleet.config_path, env=_user_env()) as gateway:
+        result = hsmctl("--target", gateway.target, "--output", "json", "clusters")
+        assert result.returncode == 0, result.stderr
+        assert {c["name"] for c in json.loads(result.stdout)["clusters"]} == set(CLUSTERS)
+
+
+# -- hsmctl -------------------------------------------------------------------------------------
+
+
+def _hsmctl_script() -> list[str]:
+    """The installed console script, as a user types it (``-m`` if it is not installed)."""
+    script = Path(sys.executable).parent / "hsmctl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli.hsmctl"]
+
+
+def test_hsmctl_clusters_table_and_json(gateway: Any) -> None:
+    table = subprocess.run([*_hsmctl_script(), "--target", gateway.target, "clusters"], cwd=ROOT, env=_user_env(),
+                           capture_output=True, text=True, timeout=30)
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.strip().splitlines()
+    assert header.split()[:3] == ["CLUSTER", "REGION", "HEALTH"]
+    assert {row.split()[0]: row.split()[1] for row in rows} == REGIONS
+    assert all(row.split()[2] == "SERVING" for row in rows), rows
+
+    result = hsmctl("--target", gateway.target, "--output", "json", "clusters")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["home_region"] == "us-east-1"
+    assert {c["name"]: c["region"] for c in data["clusters"]} == REGIONS
+    for cluster in data["clusters"]:
+        assert cluster["pool_size"] > 0, cluster
+        assert 0 <= cluster["sessions_in_use"] <= cluster["sessions_open"] <= cluster["pool_size"], cluster
+
+
+def test_hsmctl_lists_and_shows_keys(crypto: Any, gateway: Any) -> None:
+    prefix = unique("cli")
+    made = {}
+    for name, algorithm in (("sign", pb.KEY_ALGORITHM_EC_P256), ("seal", pb.KEY_ALGORITHM_AES_256)):
+        key_id = f"{prefix}/{name}"
+        made[key_id] = crypto.GenerateKey(
+            pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=algorithm), timeout=30)
+    target = ("--target", gateway.target)
+
+    listed = hsmctl(*target, "keys", "list", "--prefix", prefix + "/")
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.strip().splitlines()
+    assert header.split()[:4] == ["KEY", "ALGORITHM", "STATE", "PRIMARY"]
+    assert {row.split()[0]: (row.split()[1], row.split()[3]) for row in rows} == {
+        f"{prefix}/sign": ("EC_P256", made[f"{prefix}/sign"].primary_cluster),
+        f"{prefix}/seal": ("AES_256", made[f"{prefix}/seal"].primary_cluster),
+    }
+
+    as_json = hsmctl(*target, "--output", "json", "keys", "list", "--prefix", prefix + "/")
+    assert as_json.returncode == 0, as_json.stderr
+    assert {k["key_id"]: k["primary_cluster"] for k in json.loads(as_json.stdout)} == {
+        k: v.primary_cluster for k, v in made.items()
+    }
+
+    key_id, key = f"{prefix}/sign", made[f"{prefix}/sign"]
+    shown = hsmctl(*target, "keys", "show", key_id)
+    assert shown.returncode == 0, shown.stderr
+    row = shown.stdout.strip().splitlines()[1].split()
+    assert (row[0], row[1], row[2], row[3]) == (key_id, "EC_P256", "ENABLED", key.primary_cluster)
+
+    shown_json = hsmctl(*target, "--output", "json", "keys", "show", key_id)
+    assert shown_json.returncode == 0, shown_json.stderr
+    data = json.loads(shown_json.stdout)
+    assert (data["key_id"], data["primary_cluster"], data["algorithm"]) == (
+        key_id, key.primary_cluster, "KEY_ALGORITHM_EC_P256")
+
+
+def test_hsmctl_missing_key_fails_with_one_line(gateway: Any) -> None:
+    result = hsmctl("--target", gateway.target, "keys", "show", "missing/key")
+    line = one_error_line(result)
+    assert "NOT_FOUND" in line and "missing/key" in line, line
+    assert result.stdout == ""
+    assert result.stderr.strip() == line
+
+
+def test_hsmctl_unreachable_gateway_fails_with_one_line() -> None:
+    result = hsmctl("--target", "127.0.0.1:1", "--timeout", "5", "clusters")
+    line = one_error_line(result)
+    assert "UNAVAILABLE" in line, line
