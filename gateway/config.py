@@ -154,6 +154,8 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     )
     if ":" not in server.listen or not server.listen.rsplit(":", 1)[1].isdigit():
         raise ConfigError(f"server.listen: expected host:port, got {server.listen!r}")
+    if not 0 <= server.port <= 65535:
+        raise ConfigError(f"server.listen: port {server.port} is out of range (0-65535)")
 
     p11 = _take(data, "pkcs11", dict, "")
     _no_unknown(p11, {"module", "env"}, "pkcs11.")
@@ -261,7 +263,10 @@ def load_pins(config: GatewayConfig, environ: dict[str, str] | None = None) -> d
         if environ.get(env_name):
             pins[cluster.name] = Secret(environ[env_name])
             continue
-        entry = from_file.get("clusters", {}).get(cluster.name, {})
+        table = from_file.get("clusters", {})
+        if not isinstance(table, dict):
+            raise ConfigError("secrets.file: expected [clusters.<name>] tables with user_pin")
+        entry = table.get(cluster.name, {})
         pin = entry.get("user_pin") if isinstance(entry, dict) else None
         if not isinstance(pin, str) or not pin:
             raise ConfigError(

@@ -40,6 +40,10 @@ T = TypeVar("T")
 
 _FAILOVER = (ClusterDown, Throttled)
 
+RSA_MODULUS_BYTES = {KeyAlgorithm.RSA_2048: 256, KeyAlgorithm.RSA_3072: 384, KeyAlgorithm.RSA_4096: 512}
+# OAEP with SHA-256 carries at most k - 2·32 - 2 bytes (RFC 8017, 7.1.1).
+RSA_OAEP_MAX_PLAINTEXT = {alg: size - 66 for alg, size in RSA_MODULUS_BYTES.items()}
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -358,6 +362,7 @@ class Router:
     def sign(
         self, key_id: str, op: Operation, digest: bytes | None, message: bytes | None, deadline: float
     ) -> tuple[bytes, str]:
+        validation.operation_kind(op, validation.SIGNATURE_OPS, "Sign")
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         data = self._digest(op, digest, message)
@@ -372,6 +377,7 @@ class Router:
         signature: bytes,
         deadline: float,
     ) -> bool:
+        validation.operation_kind(op, validation.SIGNATURE_OPS, "Verify")
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         data = self._digest(op, digest, message)
@@ -384,18 +390,27 @@ class Router:
     def encrypt(
         self, key_id: str, op: Operation, plaintext: bytes, aad: bytes, deadline: float
     ) -> tuple[bytes, bytes, str]:
+        validation.operation_kind(op, validation.CIPHER_OPS, "Encrypt")
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         validation.payload("plaintext", plaintext, required=False)
         validation.payload("aad", aad, required=False)
-        if op is Operation.RSA_OAEP_SHA256 and aad:
-            raise InvalidArgument("aad is only used with AES_GCM")
+        if op is Operation.RSA_OAEP_SHA256:
+            if aad:
+                raise InvalidArgument("aad is only used with AES_GCM")
+            limit = RSA_OAEP_MAX_PLAINTEXT[placement.algorithm]
+            if len(plaintext) > limit:
+                raise InvalidArgument(
+                    f"plaintext is {len(plaintext)} bytes; RSA_OAEP_SHA256 with {placement.algorithm.value} "
+                    f"takes at most {limit}"
+                )
         (ciphertext, iv), cluster = self._dispatch(placement, lambda b: b.encrypt(placement, op, plaintext, aad, deadline))
         return ciphertext, iv, cluster
 
     def decrypt(
         self, key_id: str, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float
     ) -> bytes:
+        validation.operation_kind(op, validation.CIPHER_OPS, "Decrypt")
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         validation.payload("ciphertext", ciphertext)
@@ -405,12 +420,18 @@ class Router:
                 raise InvalidArgument(f"iv is {len(iv)} bytes; AES_GCM needs 12")
             if len(ciphertext) < 16:
                 raise InvalidArgument("ciphertext is shorter than the 16-byte GCM tag")
-        elif iv or aad:
-            raise InvalidArgument("iv and aad are only used with AES_GCM")
+        else:
+            if iv or aad:
+                raise InvalidArgument("iv and aad are only used with AES_GCM")
+            size = RSA_MODULUS_BYTES[placement.algorithm]
+            if len(ciphertext) != size:
+                raise InvalidArgument(f"ciphertext is {len(ciphertext)} bytes; a {placement.algorithm.value} "
+                                      f"ciphertext is {size}")
         plaintext, _ = self._dispatch(placement, lambda b: b.decrypt(placement, op, ciphertext, iv, aad, deadline))
         return plaintext
 
     def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes:
+        validation.operation_kind(op, validation.MAC_OPS, "Mac")
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         validation.payload("data", data, required=False)
@@ -418,6 +439,7 @@ class Router:
         return mac
 
     def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
+        validation.operation_kind(op, validation.MAC_OPS, "VerifyMac")
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         validation.payload("data", data, required=False)

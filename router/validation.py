@@ -59,6 +59,18 @@ def usage_for(algorithm: KeyAlgorithm, usage: KeyUsage | None) -> KeyUsage:
     return usage
 
 
+SIGNATURE_OPS = frozenset(op for op in Operation if op.digest_size)
+CIPHER_OPS = frozenset({Operation.RSA_OAEP_SHA256, Operation.AES_GCM})
+MAC_OPS = frozenset({Operation.HMAC_SHA256})
+
+
+def operation_kind(operation: Operation, allowed: frozenset[Operation], rpc: str) -> None:
+    """Refuse an algorithm the RPC does not perform (AES_GCM for Sign…)."""
+    if operation not in allowed:
+        names = ", ".join(sorted(op.value for op in allowed))
+        raise InvalidArgument(f"{rpc} does not do {operation.value}; use one of {names}")
+
+
 def operation_fits(placement: Placement, operation: Operation) -> None:
     """Refuse an operation the key was not created for (FAILED_PRECONDITION)."""
     usage, algorithms = OPERATION_KEYS[operation]

@@ -13,9 +13,9 @@ from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 
 from router.backend import HsmBackend, PoolStats
-from router.errors import DeadlineExceeded, RouterError, StaleSession
+from router.errors import DeadlineExceeded, DecryptionFailed, InvalidArgument, RouterError, StaleSession
 from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
-from router.pkcs11 import _keys
+from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import Module
 from router.pkcs11.pool import PooledSession, SessionPool
@@ -42,6 +42,7 @@ class Pkcs11Cluster(HsmBackend):
         self.spec = spec
         self._module = module
         self._clock = clock
+        self._native_oaep = True
         try:
             self._pool = SessionPool(module, spec, pin, clock=clock)
         except p11.PinIncorrect as exc:
@@ -130,14 +131,14 @@ class Pkcs11Cluster(HsmBackend):
         if key.external:
             return key.public_der
         return self._run(
-            deadline, lambda s: _keys.public_key_der(s.key(key, ObjectClass.PUBLIC_KEY), key.algorithm)
+            deadline, lambda s: _keys.public_key_der(s.key(key, ObjectClass.PUBLIC_KEY, None), key.algorithm)
         )
 
     def sign(self, key: Placement, op: Operation, digest: bytes, deadline: float) -> bytes:
         mechanism, param, data = _keys.signature_mechanism(op, digest)
 
         def run(s: PooledSession) -> bytes:
-            private = s.key(key, ObjectClass.PRIVATE_KEY)
+            private = s.key(key, ObjectClass.PRIVATE_KEY, "sign")
             return bytes(private.sign(data, mechanism=mechanism, mechanism_param=param))
 
         signature = self._run(deadline, run, op)
@@ -159,7 +160,7 @@ class Pkcs11Cluster(HsmBackend):
         mechanism, param, data = _keys.signature_mechanism(op, digest)
 
         def run(s: PooledSession) -> bool:
-            public = s.key(key, ObjectClass.PUBLIC_KEY)
+            public = s.key(key, ObjectClass.PUBLIC_KEY, "verify")
             try:
                 return bool(public.verify(data, signature, mechanism=mechanism, mechanism_param=param))
             except (p11.SignatureInvalid, p11.SignatureLenRange):
@@ -175,43 +176,64 @@ class Pkcs11Cluster(HsmBackend):
             params = GCMParams(iv, aad or None, GCM_TAG_BITS)
 
             def run_gcm(s: PooledSession) -> bytes:
-                secret = s.key(key, ObjectClass.SECRET_KEY)
+                secret = s.key(key, ObjectClass.SECRET_KEY, "encrypt")
                 return bytes(secret.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
             return self._run(deadline, run_gcm, op), iv
 
-        def run_oaep(s: PooledSession) -> bytes:
-            public = s.key(key, ObjectClass.PUBLIC_KEY)
-            return bytes(public.encrypt(plaintext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
-
-        return self._run(deadline, run_oaep, op), b""
+        return self._oaep(deadline, key, plaintext, encrypt=True), b""
 
     def decrypt(self, key: Placement, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes:
         if op is Operation.AES_GCM:
             params = GCMParams(iv, aad or None, GCM_TAG_BITS)
 
             def run_gcm(s: PooledSession) -> bytes:
-                secret = s.key(key, ObjectClass.SECRET_KEY)
+                secret = s.key(key, ObjectClass.SECRET_KEY, "decrypt")
                 return bytes(secret.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
             return self._run(deadline, run_gcm, op)
 
-        def run_oaep(s: PooledSession) -> bytes:
-            private = s.key(key, ObjectClass.PRIVATE_KEY)
-            return bytes(private.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
+        return self._oaep(deadline, key, ciphertext, encrypt=False)
 
-        return self._run(deadline, run_oaep, op)
+    def _oaep(self, deadline: float, key: Placement, data: bytes, *, encrypt: bool) -> bytes:
+        """RSA-OAEP-SHA256: the module's own mechanism, or padding here over raw RSA."""
+        if self._native_oaep:
+            try:
+                return self._run(deadline, lambda s: _oaep_native(s, key, data, encrypt), Operation.RSA_OAEP_SHA256)
+            except InvalidArgument as exc:
+                if not isinstance(exc.__cause__, _OAEP_UNSUPPORTED):
+                    raise
+                log.info("cluster %s: no native RSA-OAEP-SHA256; padding in the gateway over raw RSA", self.name)
+                self._native_oaep = False
+        modulus_bytes = _keys.RSA_BITS[key.algorithm] // 8
+        if encrypt:
+            encoded = _oaep.encode(data, modulus_bytes)
+            return self._run(
+                deadline,
+                lambda s: bytes(s.key(key, ObjectClass.PUBLIC_KEY, "encrypt").encrypt(encoded, mechanism=Mechanism.RSA_X_509)),
+                Operation.RSA_OAEP_SHA256,
+            )
+        raw = self._run(
+            deadline,
+            lambda s: bytes(s.key(key, ObjectClass.PRIVATE_KEY, "decrypt").decrypt(data, mechanism=Mechanism.RSA_X_509)),
+            Operation.RSA_OAEP_SHA256,
+        )
+        message = _oaep.decode(raw, modulus_bytes)
+        if message is None:
+            raise DecryptionFailed("decryption failed: the ciphertext is not valid for this key",
+                                   cluster=self.name, region=self.spec.region)
+        return message
 
     def mac(self, key: Placement, op: Operation, data: bytes, deadline: float) -> bytes:
         def run(s: PooledSession) -> bytes:
-            secret = s.key(key, ObjectClass.SECRET_KEY)
+            secret = s.key(key, ObjectClass.SECRET_KEY, "sign")
             return bytes(secret.sign(data, mechanism=Mechanism.SHA256_HMAC))
 
         return self._run(deadline, run, op)
 
     def verify_mac(self, key: Placement, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
         def run(s: PooledSession) -> bool:
-            secret = s.key(key, ObjectClass.SECRET_KEY)
+            secret = s.key(key, ObjectClass.SECRET_KEY, "verify")
             try:
                 return bool(secret.verify(data, mac, mechanism=Mechanism.SHA256_HMAC))
             except (p11.SignatureInvalid, p11.SignatureLenRange):
@@ -232,6 +254,17 @@ class Pkcs11Cluster(HsmBackend):
     @property
     def pool(self) -> SessionPool:
         return self._pool
+
+
+_OAEP_UNSUPPORTED = (p11.ArgumentsBad, p11.MechanismParamInvalid, p11.MechanismInvalid)
+
+
+def _oaep_native(s: PooledSession, key: Placement, data: bytes, encrypt: bool) -> bytes:
+    if encrypt:
+        public = s.key(key, ObjectClass.PUBLIC_KEY, "encrypt")
+        return bytes(public.encrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
+    private = s.key(key, ObjectClass.PRIVATE_KEY, "decrypt")
+    return bytes(private.decrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
 
 
 def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 from pkcs11 import ObjectClass
 from pkcs11 import exceptions as p11
 
-from router.errors import ResourceExhausted
+from router.errors import ResourceExhausted, WrongKeyUsage
 from router.model import ClusterSpec, Placement
 from router.pkcs11 import _keys
 from router.pkcs11._module import Module
@@ -50,15 +50,24 @@ class PooledSession:
         self.unwrapped_limit = unwrapped_limit
         self._wrapping_key: Any = None
 
-    def key(self, placement: Placement, object_class: ObjectClass) -> Any:
-        """The key object, from the cache or found once on the token."""
+    def key(self, placement: Placement, object_class: ObjectClass, capability: str | None) -> Any:
+        """The key object, from the cache or found once on the token.
+
+        ``capability`` (``"sign"``, ``"decrypt"``…) must be one the object has:
+        python-pkcs11 gives an object only the methods its attributes allow, so
+        a token key that does not permit the operation is refused here, as the
+        caller's mistake, not left to fail as a bug.
+        """
         if placement.external:
-            return self._external(placement, object_class)
-        cache_key = (placement.key_id, object_class)
-        obj = self.keys.get(cache_key)
-        if obj is None:
-            obj = self.handle.get_key(object_class=object_class, id=placement.key_id.encode())
-            self.keys[cache_key] = obj
+            obj = self._external(placement, object_class)
+        else:
+            cache_key = (placement.key_id, object_class)
+            obj = self.keys.get(cache_key)
+            if obj is None:
+                obj = self.handle.get_key(object_class=object_class, id=placement.key_id.encode())
+                self.keys[cache_key] = obj
+        if capability is not None and not hasattr(obj, capability):
+            raise WrongKeyUsage(f"key {placement.key_id!r} does not permit {capability} on this cluster")
         return obj
 
     def wrapping_key(self) -> Any:

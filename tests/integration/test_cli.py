@@ -30,7 +30,9 @@ def _user_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _run(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _run(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env or _user_env(),
         capture_output=True, text=True, timeout=timeout,
@@ -64,7 +66,8 @@ def _token_labels(state: Path) -> set[str]:
         ["softhsm2-util", "--show-slots"], env={**_user_env(), "SOFTHSM2_CONF": str(state / "softhsm2.conf")},
         capture_output=True, text=True, check=True,
     ).stdout
-    return {v.strip() for k, _, v in (line.strip().partition(":") for line in out.splitlines()) if k == "Label" and v.strip()}
+    fields = (line.strip().partition(":") for line in out.splitlines())
+    return {value.strip() for key, _, value in fields if key == "Label" and value.strip()}
 
 
 def _snapshot(state: Path) -> dict[str, tuple[int | None, str]]:

@@ -280,11 +280,6 @@ def test_any_unknown_key_in_any_table_is_refused_by_its_path(table: str, key: st
         parse(data, Path("/cfg"))
 
 
-@pytest.mark.xfail(
-    reason="BUG: server.listen accepts ports above 65535; grpc then silently binds port % 65536",
-    raises=pytest.fail.Exception,
-    strict=True,
-)
 @pytest.mark.parametrize("listen", ["127.0.0.1:70000", "127.0.0.1:500511"])
 def test_listen_port_out_of_range_is_refused(listen: str) -> None:
     data = valid_data()
@@ -451,12 +446,6 @@ def test_pin_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path) -> 
     assert "918273645" not in _full_text(info.value)
 
 
-@pytest.mark.xfail(
-    reason="BUG: a secrets file with [[clusters]] (array of tables, like the main config) "
-    "crashes load_pins with AttributeError instead of a ConfigError",
-    raises=AttributeError,
-    strict=True,
-)
 def test_secrets_file_with_clusters_as_array_is_a_config_error(tmp_path: Path) -> None:
     config = config_with_secrets(tmp_path, secrets='[[clusters]]\nname = "use1-a"\nuser_pin = "p"\n')
     with pytest.raises(ConfigError, match=r"secrets\.file"):

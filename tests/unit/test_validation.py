@@ -171,9 +171,7 @@ def test_usage_for_defaults_to_the_algorithms_first_usage(algorithm: KeyAlgorith
     assert validation.usage_for(algorithm, None) is EXPECTED_USAGES[algorithm][0]
 
 
-@pytest.mark.parametrize(
-    ("algorithm", "usage"), list(itertools.product(KeyAlgorithm, KeyUsage)), ids=lambda v: v.value
-)
+@pytest.mark.parametrize(("algorithm", "usage"), list(itertools.product(KeyAlgorithm, KeyUsage)), ids=lambda v: v.value)
 def test_usage_for_accepts_exactly_the_supported_usages(algorithm: KeyAlgorithm, usage: KeyUsage) -> None:
     if usage in EXPECTED_USAGES[algorithm]:
         assert validation.usage_for(algorithm, usage) is usage
@@ -253,6 +251,6 @@ def test_operation_fits_follows_the_whole_table(operation: Operation, algorithm:
 @pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
 def test_every_creatable_key_can_do_some_operation(algorithm: KeyAlgorithm) -> None:
     for usage in EXPECTED_USAGES[algorithm]:
-        assert any(
-            usage is u and algorithm in algs for u, algs in OPERATION_KEYS.values()
-        ), f"a {algorithm.value} key for {usage.value} could be created but never used"
+        assert any(usage is u and algorithm in algs for u, algs in OPERATION_KEYS.values()), (
+            f"a {algorithm.value} key for {usage.value} could be created but never used"
+        )

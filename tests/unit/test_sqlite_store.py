@@ -1,0 +1,261 @@
+"""router.placement.sqlite: the embedded placement store every worker process shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
+from router.placement import Conflict, PlacementStore, SqliteStore
+
+
+def make(key_id: str = "app/key-1", request_id: str | None = None, **changes: object) -> Placement:
+    base = Placement(
+        key_id=key_id,
+        algorithm=KeyAlgorithm.EC_P256,
+        usage=KeyUsage.SIGN_VERIFY,
+        state=KeyState.CREATING,
+        primary="use1-a",
+        replicas=("use1-b", "usw2-a"),
+        create_time=1_767_225_600.25,
+        request_id=request_id if request_id is not None else f"req-{key_id}",
+        fingerprint=f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "placements.db")
+    yield s
+    s.close()
+
+
+def test_is_a_placement_store(store: SqliteStore) -> None:
+    assert isinstance(store, PlacementStore)
+
+
+def test_create_then_get_returns_every_field(store: SqliteStore) -> None:
+    p = make(storage=KeyStorage.EXTERNAL, algorithm=KeyAlgorithm.RSA_3072, usage=KeyUsage.ENCRYPT_DECRYPT)
+    store.create(p)
+    got = store.get("app/key-1")
+    assert got == p
+    assert got is not None and got.clusters == ("use1-a", "use1-b", "usw2-a")
+    assert got.version == 1
+
+
+def test_get_and_by_request_of_unknown_ids_are_none(store: SqliteStore) -> None:
+    assert store.get("nope") is None
+    assert store.by_request("nope") is None
+
+
+def test_by_request_finds_the_placement_a_request_created(store: SqliteStore) -> None:
+    p = make(request_id="idem-42", replicas=())
+    store.create(p)
+    assert store.by_request("idem-42") == p
+
+
+def test_duplicate_key_id_conflicts_and_carries_the_existing_record(store: SqliteStore) -> None:
+    first = make(request_id="r1")
+    store.create(first)
+    with pytest.raises(Conflict) as info:
+        store.create(make(request_id="r2", primary="usw2-a"))
+    assert info.value.existing == first
+    assert store.get(first.key_id) == first
+    assert store.by_request("r2") is None
+
+
+def test_duplicate_request_id_conflicts_and_carries_the_existing_record(store: SqliteStore) -> None:
+    first = make("app/a", request_id="same")
+    store.create(first)
+    with pytest.raises(Conflict) as info:
+        store.create(make("app/b", request_id="same"))
+    assert info.value.existing == first
+    assert store.get("app/b") is None
+
+
+def test_update_bumps_the_version_and_persists(store: SqliteStore) -> None:
+    created = make()
+    store.create(created)
+    enabled = store.update(dataclasses.replace(created, state=KeyState.ENABLED, replicas=("usw2-a",)))
+    assert enabled.version == 2
+    assert enabled.state is KeyState.ENABLED
+    assert store.get(created.key_id) == enabled
+    again = store.update(dataclasses.replace(enabled, primary="use1-b"))
+    assert again.version == 3
+    assert store.get(created.key_id) == again
+
+
+def test_update_with_a_stale_version_conflicts_and_changes_nothing(store: SqliteStore) -> None:
+    created = make()
+    store.create(created)
+    winner = store.update(dataclasses.replace(created, state=KeyState.ENABLED))
+    with pytest.raises(Conflict) as info:
+        store.update(dataclasses.replace(created, state=KeyState.DESTROYED))  # still version 1
+    assert info.value.existing == winner
+    assert store.get(created.key_id) == winner
+
+
+def test_update_of_a_missing_key_conflicts_with_no_existing_record(store: SqliteStore) -> None:
+    with pytest.raises(Conflict) as info:
+        store.update(make("ghost"))
+    assert info.value.existing is None
+    assert store.get("ghost") is None
+
+
+def test_delete_is_conditional_on_version(store: SqliteStore) -> None:
+    created = make()
+    store.create(created)
+    current = store.update(dataclasses.replace(created, state=KeyState.ENABLED))
+    with pytest.raises(Conflict) as info:
+        store.delete(created.key_id, created.version)
+    assert info.value.existing == current
+    assert store.get(created.key_id) == current
+
+    store.delete(current.key_id, current.version)
+    assert store.get(created.key_id) is None
+    assert store.by_request(created.request_id) is None
+    with pytest.raises(Conflict) as gone:
+        store.delete(current.key_id, current.version)
+    assert gone.value.existing is None
+
+
+def test_a_deleted_intent_frees_its_key_id_and_request_id(store: SqliteStore) -> None:
+    created = make()
+    store.create(created)
+    store.delete(created.key_id, created.version)
+    store.create(created)
+    assert store.get(created.key_id) == created
+
+
+def test_change_counter_grows_on_every_write(store: SqliteStore) -> None:
+    seen = [store.change_counter()]
+    p = make()
+    store.create(p)
+    seen.append(store.change_counter())
+    p = store.update(dataclasses.replace(p, state=KeyState.ENABLED))
+    seen.append(store.change_counter())
+    store.create(make("app/key-2"))
+    seen.append(store.change_counter())
+    store.delete(p.key_id, p.version)
+    seen.append(store.change_counter())
+    assert seen == sorted(set(seen)), seen
+
+
+def test_change_counter_does_not_move_on_reads(store: SqliteStore) -> None:
+    store.create(make())
+    before = store.change_counter()
+    store.get("app/key-1")
+    store.by_request("req-app/key-1")
+    store.list()
+    list(store.scan())
+    assert store.change_counter() == before
+
+
+def test_second_store_on_the_same_file_sees_the_first_ones_writes(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    one, two = SqliteStore(path), SqliteStore(path)
+    try:
+        counter = two.change_counter()
+        p = make()
+        one.create(p)
+        assert two.get(p.key_id) == p
+        assert two.change_counter() > counter
+
+        updated = two.update(dataclasses.replace(p, state=KeyState.ENABLED))
+        assert one.get(p.key_id) == updated
+        with pytest.raises(Conflict):
+            one.update(dataclasses.replace(p, state=KeyState.DESTROYED))
+        with pytest.raises(Conflict):
+            one.create(make(request_id="other"))
+    finally:
+        one.close()
+        two.close()
+
+
+def test_records_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    first = SqliteStore(path)
+    first.create(make())
+    counter = first.change_counter()
+    first.close()
+    reopened = SqliteStore(path)
+    try:
+        assert reopened.get("app/key-1") == make()
+        assert reopened.change_counter() == counter
+    finally:
+        reopened.close()
+
+
+def test_scan_returns_every_record_in_id_order(store: SqliteStore) -> None:
+    for key_id in ["b/2", "a/1", "c", "a"]:
+        store.create(make(key_id))
+    assert [p.key_id for p in store.scan()] == ["a", "a/1", "b/2", "c"]
+
+
+# -- listing ---------------------------------------------------------------------------
+
+
+def test_list_prefix_is_literal_not_a_like_pattern(store: SqliteStore) -> None:
+    for key_id in ["a%b", "axb", "a_c", "azc", "A_c", "a"]:
+        store.create(make(key_id))
+    assert [p.key_id for p in store.list("a%")] == ["a%b"]
+    assert [p.key_id for p in store.list("a_")] == ["a_c"]
+    assert [p.key_id for p in store.list("a")] == ["a", "a%b", "a_c", "axb", "azc"]
+
+
+def test_list_pages_with_after_and_limit(store: SqliteStore) -> None:
+    for i in range(7):
+        store.create(make(f"team/k{i}"))
+    store.create(make("other/k"))
+    first = store.list("team/", limit=3)
+    assert [p.key_id for p in first] == ["team/k0", "team/k1", "team/k2"]
+    second = store.list("team/", after=first[-1].key_id, limit=3)
+    assert [p.key_id for p in second] == ["team/k3", "team/k4", "team/k5"]
+    third = store.list("team/", after=second[-1].key_id, limit=3)
+    assert [p.key_id for p in third] == ["team/k6"]
+    assert store.list("team/", after="team/k6", limit=3) == []
+
+
+_ID_ALPHABET = "ab%_/.-:~é"
+_ids = st.text(alphabet=_ID_ALPHABET, min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.sets(_ids, max_size=25), data=st.data())
+def test_paging_through_a_prefix_returns_exactly_the_sorted_matching_ids(
+    tmp_path: Path, ids: set[str], data: st.DataObject
+) -> None:
+    prefix = data.draw(
+        st.one_of(
+            st.just(""),
+            st.text(alphabet=_ID_ALPHABET, max_size=3),
+            st.sampled_from(sorted(ids) or [""]).flatmap(lambda i: st.integers(0, len(i)).map(lambda n: i[:n])),
+        ),
+        label="prefix",
+    )
+    store = SqliteStore(tmp_path / f"{uuid.uuid4().hex}.db")
+    try:
+        for key_id in ids:
+            store.create(make(key_id))
+        pages: list[list[str]] = []
+        after = ""
+        while True:
+            limit = data.draw(st.integers(1, 7), label="page size")
+            page = [p.key_id for p in store.list(prefix, after, limit)]
+            assert len(page) <= limit
+            if not page:
+                break
+            pages.append(page)
+            after = page[-1]
+            assert len(pages) <= len(ids), "paging does not terminate"
+        got = [key_id for page in pages for key_id in page]
+        assert got == sorted(i for i in ids if i.startswith(prefix))
+    finally:
+        store.close()
