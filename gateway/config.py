@@ -199,6 +199,14 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
                 unwrapped_cache=_positive(_take(c, "unwrapped_cache", int, path, 256), path + "unwrapped_cache"),
             )
         )
+    env_names: dict[str, str] = {}
+    for i, cluster in enumerate(clusters):
+        other = env_names.setdefault(pin_env_name(cluster.name), cluster.name)
+        if other != cluster.name:
+            raise ConfigError(
+                f"clusters[{i}].name: {cluster.name!r} and {other!r} would share the PIN variable "
+                f"{pin_env_name(cluster.name)}; rename one"
+            )
     config = GatewayConfig(
         home_region=home,
         dr_regions=tuple(dr),

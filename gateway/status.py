@@ -45,8 +45,9 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(code, message, reason) for an error; INTERNAL hides its details."""
-    if isinstance(exc, errors.RouterError) and not isinstance(exc, errors.InternalError):
-        return code_for(exc), exc.message, exc.reason
+    code = code_for(exc)
+    if isinstance(exc, errors.RouterError) and code is not grpc.StatusCode.INTERNAL:
+        return code, exc.message, exc.reason
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL, "INTERNAL"
 
 
@@ -72,7 +73,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
 
 def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     """End the RPC with the status for ``exc`` (logs unexpected errors)."""
-    if not isinstance(exc, errors.RouterError) or isinstance(exc, errors.InternalError):
+    if code_for(exc) is grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
     context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
     raise AssertionError("abort_with_status returned")  # pragma: no cover

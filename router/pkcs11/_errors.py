@@ -53,14 +53,16 @@ SESSION_GONE = (p11.SessionHandleInvalid, p11.SessionClosed)
 LOGGED_OUT = (p11.UserNotLoggedIn,)
 
 
-def translate(exc: Exception, *, cluster: str, region: str, op: Operation | None = None) -> RouterError:
+def translate(
+    exc: Exception, *, cluster: str, region: str, op: Operation | None = None, decrypting: bool = False
+) -> RouterError:
     """The router error for a PKCS #11 failure on ``cluster``."""
     where = {"cluster": cluster, "region": region}
     if isinstance(exc, RouterError):
         return exc
     if isinstance(exc, p11.NoSuchKey):
         return KeyNotFound("key material is missing on the cluster", **where)
-    if op is Operation.AES_GCM and isinstance(exc, (*_BAD_CIPHERTEXT, p11.GeneralError)):
+    if decrypting and op is Operation.AES_GCM and isinstance(exc, (*_BAD_CIPHERTEXT, p11.GeneralError)):
         # SoftHSM answers a failed GCM tag check with CKR_GENERAL_ERROR; the
         # request, not the cluster, is at fault.
         return DecryptionFailed("decryption failed: ciphertext, iv or aad do not authenticate", **where)

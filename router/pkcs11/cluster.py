@@ -52,7 +52,14 @@ class Pkcs11Cluster(HsmBackend):
 
     # -- the one way into the token -------------------------------------
 
-    def _run(self, deadline: float, fn: Callable[[PooledSession], T], op: Operation | None = None) -> T:
+    def _run(
+        self,
+        deadline: float,
+        fn: Callable[[PooledSession], T],
+        op: Operation | None = None,
+        *,
+        decrypting: bool = False,
+    ) -> T:
         """Run ``fn`` on a pooled session; repair a stale session once, invisibly."""
         for attempt in range(2):
             if self._clock() >= deadline:
@@ -64,7 +71,7 @@ class Pkcs11Cluster(HsmBackend):
                 except RouterError:
                     raise
                 except p11.PKCS11Error as exc:
-                    err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op)
+                    err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op, decrypting=decrypting)
                     if not isinstance(err, StaleSession) or attempt:
                         raise err from exc
                     self._repair(session, exc)
@@ -191,7 +198,7 @@ class Pkcs11Cluster(HsmBackend):
                 secret = s.key(key, ObjectClass.SECRET_KEY, "decrypt")
                 return bytes(secret.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
-            return self._run(deadline, run_gcm, op)
+            return self._run(deadline, run_gcm, op, decrypting=True)
 
         return self._oaep(deadline, key, ciphertext, encrypt=False)
 
@@ -217,6 +224,7 @@ class Pkcs11Cluster(HsmBackend):
             deadline,
             lambda s: bytes(s.key(key, ObjectClass.PRIVATE_KEY, "decrypt").decrypt(data, mechanism=Mechanism.RSA_X_509)),
             Operation.RSA_OAEP_SHA256,
+            decrypting=True,
         )
         message = _oaep.decode(raw, modulus_bytes)
         if message is None:

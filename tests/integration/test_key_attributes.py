@@ -1,22 +1,25 @@
 """Least privilege, read back from the token: what a key created through the gateway may do.
 
-The gateway promises (``router/pkcs11/_keys.py``) that a key gets only the
-capabilities of its usage, that private and secret keys are sensitive and never
-extractable, and that every object carries CKA_ID = CKA_LABEL = the key id. An
-operator with the user PIN and any PKCS #11 tool sees exactly what these tests
-read with python-pkcs11, bypassing the gateway.
+Keys are created through the real gateway, then read with python-pkcs11 straight
+from the SoftHSM token, as an operator with the user PIN and any PKCS #11 tool
+would see them. A key gets only the capabilities of its usage; private and secret
+keys are sensitive; a key may leave its HSM only wrapped under the cluster's
+trusted wrapping key (for replication), or never, if created ``non_extractable``;
+every object carries CKA_ID = CKA_LABEL = the key id.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
-from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
+from pkcs11.util.ec import encode_named_curve_parameters
 
 from hsmgw.v1 import crypto_pb2 as pb
 from router.model import USAGES, KeyAlgorithm, KeyUsage
@@ -35,16 +38,32 @@ ENCRYPTING = [name for name in ASYMMETRIC if KEY_SPECS[name][1] is KeyUsage.ENCR
 AES_KEY = f"{KeyAlgorithm.AES_256.value}/{KeyUsage.ENCRYPT_DECRYPT.value}"
 HMAC_KEY = f"{KeyAlgorithm.HMAC_SHA256.value}/{KeyUsage.MAC.value}"
 
+# The default key may leave its HSM wrapped under the trusted replication key;
+# a non_extractable one never leaves it.
+REPLICABLE, NON_EXTRACTABLE = "replicable", "non-extractable"
+VARIANTS = (REPLICABLE, NON_EXTRACTABLE)
+
+_KEY_TYPE = {
+    KeyAlgorithm.EC_P256: KeyType.EC,
+    KeyAlgorithm.EC_P384: KeyType.EC,
+    KeyAlgorithm.RSA_2048: KeyType.RSA,
+    KeyAlgorithm.RSA_3072: KeyType.RSA,
+    KeyAlgorithm.RSA_4096: KeyType.RSA,
+    KeyAlgorithm.AES_256: KeyType.AES,
+    KeyAlgorithm.HMAC_SHA256: KeyType.GENERIC_SECRET,
+}
+
 _TRANSIENT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def _generate(crypto, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage) -> pb.Key:
+def _generate(crypto, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage, non_extractable: bool) -> pb.Key:
     """GenerateKey as a careful client does it: a busy gateway gets a retry with the same request_id."""
     request = pb.GenerateKeyRequest(
         request_id=key_id,
         key_id=key_id,
         algorithm=pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + algorithm.value),
         usage=pb.KeyUsage.Value("KEY_USAGE_" + usage.value),
+        non_extractable=non_extractable,
     )
     for _ in range(10):
         try:
@@ -57,127 +76,169 @@ def _generate(crypto, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage) -> 
 
 
 @pytest.fixture(scope="module")
-def keys(crypto) -> dict[KeyName, pb.Key]:
-    """One key of every (algorithm, usage) the model allows, created through the gateway."""
+def keys(crypto) -> dict[tuple[KeyName, str], pb.Key]:
+    """One key of every (algorithm, usage) the model allows, in both variants, made through the gateway."""
     prefix = unique("attrs")
+    wanted = [(name, variant) for name in KEY_SPECS for variant in VARIANTS]
 
-    def generate(name: KeyName) -> pb.Key:
+    def generate(item: tuple[KeyName, str]) -> pb.Key:
+        name, variant = item
         algorithm, usage = KEY_SPECS[name]
-        return _generate(crypto, f"{prefix}/{name.lower().replace('_', '-')}", algorithm, usage)
+        key_id = f"{prefix}/{variant}/{name.lower().replace('_', '-')}"
+        return _generate(crypto, key_id, algorithm, usage, non_extractable=variant == NON_EXTRACTABLE)
 
-    names = sorted(KEY_SPECS, key=lambda n: "4096" not in n)  # slowest first
+    wanted.sort(key=lambda item: "4096" not in item[0])  # slowest first
     with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(zip(names, pool.map(generate, names)))
+        created = dict(zip(wanted, pool.map(generate, wanted)))
+    for (name, variant), key in created.items():
+        assert key.non_extractable == (variant == NON_EXTRACTABLE), (name, variant)
+    return created
 
 
-def _objects(tokens, key: pb.Key) -> dict[ObjectClass, Any]:
-    """The key's objects on its primary cluster, one per class."""
-    found = tokens.objects(key.primary_cluster, key.key_id)
+def _holders(key: pb.Key) -> tuple[str, ...]:
+    return (key.primary_cluster, *key.replicas)
+
+
+def _objects(tokens, cluster: str, key: pb.Key) -> dict[ObjectClass, Any]:
+    """The key's objects on one cluster, by class."""
+    found = tokens.objects(cluster, key.key_id)
     by_class = {obj.object_class: obj for obj in found}
-    assert len(by_class) == len(found), f"duplicate objects for {key.key_id}: {found}"
+    assert len(by_class) == len(found), f"duplicate objects for {key.key_id} on {cluster}: {found}"
     return by_class
 
 
-def _attributes(obj: Any, names: list[Attribute]) -> dict[Attribute, Any]:
-    return {name: obj[name] for name in names}
+def _every_copy(tokens, key: pb.Key) -> Iterator[tuple[str, dict[ObjectClass, Any]]]:
+    """Each cluster holding the key, with its objects there: every replica must be as tight."""
+    for cluster in _holders(key):
+        yield cluster, _objects(tokens, cluster, key)
 
 
 def _assert_attributes(obj: Any, expected: dict[Attribute, Any], what: str) -> None:
-    actual = _attributes(obj, list(expected))
+    actual = {attr: obj[attr] for attr in expected}
     wrong = {attr.name: (actual[attr], want) for attr, want in expected.items() if actual[attr] != want}
     assert not wrong, f"{what}: attribute (actual, expected): {wrong}"
 
 
-@pytest.mark.parametrize("name", list(KEY_SPECS))
-def test_objects_are_token_objects_named_by_the_key_id(keys, tokens, name: KeyName) -> None:
-    key = keys[name]
+def _private_base(variant: str) -> dict[Attribute, Any]:
+    """What every private or secret key must say, whatever its usage."""
+    base = {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.ALWAYS_SENSITIVE: True,
+        Attribute.DERIVE: False,
+        Attribute.UNWRAP: False,
+        Attribute.MODIFIABLE: False,
+    }
+    if variant == NON_EXTRACTABLE:
+        return {**base, Attribute.EXTRACTABLE: False, Attribute.NEVER_EXTRACTABLE: True}
+    # Extractable only under a trusted wrapping key, never in the clear.
+    return {**base, Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True}
+
+
+def _public_base(algorithm: KeyAlgorithm) -> dict[Attribute, Any]:
+    return {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: False,
+        Attribute.KEY_TYPE: _KEY_TYPE[algorithm],
+        Attribute.WRAP: False,
+        Attribute.DERIVE: False,
+        Attribute.MODIFIABLE: False,
+    }
+
+
+def _cases(names: list[KeyName]) -> list[Any]:
+    return [pytest.param(name, variant, id=f"{name}-{variant}") for name in names for variant in VARIANTS]
+
+
+@pytest.mark.parametrize(("name", "variant"), _cases(list(KEY_SPECS)))
+def test_objects_are_token_objects_named_by_the_key_id(keys, tokens, name: KeyName, variant: str) -> None:
+    key = keys[name, variant]
     algorithm, _ = KEY_SPECS[name]
-    objects = _objects(tokens, key)
     expected_classes = (
         {ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY} if algorithm.is_asymmetric else {ObjectClass.SECRET_KEY}
     )
-    assert set(objects) == expected_classes
-    for cls, obj in objects.items():
-        assert bytes(obj[Attribute.ID]) == key.key_id.encode(), cls
-        assert obj[Attribute.LABEL] == key.key_id, cls
-        assert obj[Attribute.TOKEN] is True, f"{cls} is a session object: it would vanish"
-
-    # Found by CKA_ID alone, as the gateway and every replica look keys up.
-    by_id = list(tokens.session(key.primary_cluster).get_objects({Attribute.ID: key.key_id.encode()}))
-    assert {obj.object_class for obj in by_id} == expected_classes
-
-
-_KEY_TYPE = {
-    KeyAlgorithm.EC_P256: KeyType.EC,
-    KeyAlgorithm.EC_P384: KeyType.EC,
-    KeyAlgorithm.RSA_2048: KeyType.RSA,
-    KeyAlgorithm.RSA_3072: KeyType.RSA,
-    KeyAlgorithm.RSA_4096: KeyType.RSA,
-    KeyAlgorithm.AES_256: KeyType.AES,
-    KeyAlgorithm.HMAC_SHA256: KeyType.GENERIC_SECRET,
-}
-
-# What every private or secret key must say, whatever its usage.
-_NEVER_LEAVES = {
-    Attribute.TOKEN: True,
-    Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.ALWAYS_SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
-    Attribute.NEVER_EXTRACTABLE: True,
-    Attribute.DERIVE: False,
-    Attribute.UNWRAP: False,
-    Attribute.MODIFIABLE: False,
-}
+    for cluster, objects in _every_copy(tokens, key):
+        assert set(objects) == expected_classes, cluster
+        for cls, obj in objects.items():
+            assert bytes(obj[Attribute.ID]) == key.key_id.encode(), (cluster, cls)
+            assert obj[Attribute.LABEL] == key.key_id, (cluster, cls)
+            assert obj[Attribute.TOKEN] is True, f"{cls} on {cluster} is a session object: it would vanish"
+        # Found by CKA_ID alone, as the gateway and every replica look keys up.
+        by_id = list(tokens.session(cluster).get_objects({Attribute.ID: key.key_id.encode()}))
+        assert {obj.object_class for obj in by_id} == expected_classes, cluster
+    for cluster in set(CLUSTERS) - set(_holders(key)):
+        assert tokens.objects(cluster, key.key_id) == [], f"{key.key_id} also on {cluster}"
 
 
-@pytest.mark.parametrize("name", SIGNING)
-def test_signing_key_can_only_sign_and_verify(keys, tokens, name: KeyName) -> None:
-    objects = _objects(tokens, keys[name])
+@pytest.mark.parametrize(("name", "variant"), _cases(SIGNING))
+def test_signing_key_can_only_sign_and_verify(keys, tokens, name: KeyName, variant: str) -> None:
     algorithm, _ = KEY_SPECS[name]
-    _assert_attributes(objects[ObjectClass.PRIVATE_KEY], {
-        **_NEVER_LEAVES,
-        Attribute.KEY_TYPE: _KEY_TYPE[algorithm],
-        Attribute.SIGN: True,
-        Attribute.DECRYPT: False,
-    }, f"{name} private key")
-    _assert_attributes(objects[ObjectClass.PUBLIC_KEY], {
-        Attribute.TOKEN: True,
-        Attribute.PRIVATE: False,
-        Attribute.KEY_TYPE: _KEY_TYPE[algorithm],
-        Attribute.VERIFY: True,
-        Attribute.ENCRYPT: False,
-        Attribute.WRAP: False,
-        Attribute.DERIVE: False,
-        Attribute.MODIFIABLE: False,
-    }, f"{name} public key")
+    for cluster, objects in _every_copy(tokens, keys[name, variant]):
+        _assert_attributes(objects[ObjectClass.PRIVATE_KEY], {
+            **_private_base(variant),
+            Attribute.KEY_TYPE: _KEY_TYPE[algorithm],
+            Attribute.SIGN: True,
+            Attribute.DECRYPT: False,
+        }, f"{name} private key on {cluster}")
+        _assert_attributes(objects[ObjectClass.PUBLIC_KEY], {
+            **_public_base(algorithm),
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: False,
+        }, f"{name} public key on {cluster}")
 
 
-@pytest.mark.parametrize("name", ENCRYPTING)
-def test_rsa_encryption_key_can_only_encrypt_and_decrypt(keys, tokens, name: KeyName) -> None:
-    objects = _objects(tokens, keys[name])
-    _assert_attributes(objects[ObjectClass.PRIVATE_KEY], {
-        **_NEVER_LEAVES,
-        Attribute.KEY_TYPE: KeyType.RSA,
-        Attribute.DECRYPT: True,
-        Attribute.SIGN: False,
-    }, f"{name} private key")
-    _assert_attributes(objects[ObjectClass.PUBLIC_KEY], {
-        Attribute.TOKEN: True,
-        Attribute.PRIVATE: False,
-        Attribute.KEY_TYPE: KeyType.RSA,
-        Attribute.ENCRYPT: True,
-        Attribute.VERIFY: False,
-        Attribute.WRAP: False,
-        Attribute.DERIVE: False,
-        Attribute.MODIFIABLE: False,
-    }, f"{name} public key")
+@pytest.mark.parametrize(("name", "variant"), _cases(ENCRYPTING))
+def test_rsa_encryption_key_can_only_encrypt_and_decrypt(keys, tokens, name: KeyName, variant: str) -> None:
+    algorithm, _ = KEY_SPECS[name]
+    for cluster, objects in _every_copy(tokens, keys[name, variant]):
+        _assert_attributes(objects[ObjectClass.PRIVATE_KEY], {
+            **_private_base(variant),
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.DECRYPT: True,
+            Attribute.SIGN: False,
+        }, f"{name} private key on {cluster}")
+        _assert_attributes(objects[ObjectClass.PUBLIC_KEY], {
+            **_public_base(algorithm),
+            Attribute.ENCRYPT: True,
+            Attribute.VERIFY: False,
+        }, f"{name} public key on {cluster}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_aes_key_can_only_encrypt_and_decrypt(keys, tokens, variant: str) -> None:
+    for cluster, objects in _every_copy(tokens, keys[AES_KEY, variant]):
+        _assert_attributes(objects[ObjectClass.SECRET_KEY], {
+            **_private_base(variant),
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+            Attribute.WRAP: False,
+        }, f"AES key on {cluster}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hmac_key_can_only_sign_and_verify(keys, tokens, variant: str) -> None:
+    for cluster, objects in _every_copy(tokens, keys[HMAC_KEY, variant]):
+        _assert_attributes(objects[ObjectClass.SECRET_KEY], {
+            **_private_base(variant),
+            Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.VALUE_LEN: 32,
+            Attribute.SIGN: True,
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False,
+            Attribute.WRAP: False,
+        }, f"HMAC key on {cluster}")
 
 
 @pytest.mark.parametrize("name", ASYMMETRIC)
 def test_asymmetric_key_size_matches_the_algorithm(keys, tokens, name: KeyName) -> None:
-    objects = _objects(tokens, keys[name])
     algorithm, _ = KEY_SPECS[name]
+    objects = _objects(tokens, keys[name, REPLICABLE].primary_cluster, keys[name, REPLICABLE])
     public = objects[ObjectClass.PUBLIC_KEY]
     if algorithm.is_rsa:
         bits = int(algorithm.value.removeprefix("RSA_"))
@@ -185,39 +246,9 @@ def test_asymmetric_key_size_matches_the_algorithm(keys, tokens, name: KeyName) 
         assert len(public[Attribute.MODULUS]) * 8 == bits
         assert int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big") == 65537
     else:
-        from pkcs11.util.ec import encode_named_curve_parameters
-
         curve = {KeyAlgorithm.EC_P256: "secp256r1", KeyAlgorithm.EC_P384: "secp384r1"}[algorithm]
-        assert bytes(public[Attribute.EC_PARAMS]) == encode_named_curve_parameters(curve)
-        assert bytes(objects[ObjectClass.PRIVATE_KEY][Attribute.EC_PARAMS]) == encode_named_curve_parameters(curve)
-
-
-def test_aes_key_can_only_encrypt_and_decrypt(keys, tokens) -> None:
-    objects = _objects(tokens, keys[AES_KEY])
-    _assert_attributes(objects[ObjectClass.SECRET_KEY], {
-        **_NEVER_LEAVES,
-        Attribute.KEY_TYPE: KeyType.AES,
-        Attribute.VALUE_LEN: 32,
-        Attribute.ENCRYPT: True,
-        Attribute.DECRYPT: True,
-        Attribute.SIGN: False,
-        Attribute.VERIFY: False,
-        Attribute.WRAP: False,
-    }, "AES key")
-
-
-def test_hmac_key_can_only_sign_and_verify(keys, tokens) -> None:
-    objects = _objects(tokens, keys[HMAC_KEY])
-    _assert_attributes(objects[ObjectClass.SECRET_KEY], {
-        **_NEVER_LEAVES,
-        Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
-        Attribute.VALUE_LEN: 32,
-        Attribute.SIGN: True,
-        Attribute.VERIFY: True,
-        Attribute.ENCRYPT: False,
-        Attribute.DECRYPT: False,
-        Attribute.WRAP: False,
-    }, "HMAC key")
+        for obj in objects.values():
+            assert bytes(obj[Attribute.EC_PARAMS]) == encode_named_curve_parameters(curve)
 
 
 _SECRET_PARTS = {
@@ -228,34 +259,59 @@ _SECRET_PARTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(KEY_SPECS))
-def test_key_material_cannot_be_read_from_the_token(keys, tokens, name: KeyName) -> None:
-    objects = _objects(tokens, keys[name])
-    secret = objects.get(ObjectClass.PRIVATE_KEY) or objects[ObjectClass.SECRET_KEY]
-    for attribute in _SECRET_PARTS[secret[Attribute.KEY_TYPE]]:
-        with pytest.raises(p11.AttributeSensitive):
-            secret[attribute]
+def _secret(objects: dict[ObjectClass, Any]) -> Any:
+    return objects.get(ObjectClass.PRIVATE_KEY) or objects[ObjectClass.SECRET_KEY]
 
 
-@pytest.mark.parametrize("name", [SIGNING[0], ENCRYPTING[0], AES_KEY, HMAC_KEY])
-def test_capabilities_cannot_be_widened_later(keys, tokens, name: KeyName) -> None:
-    """CKA_MODIFIABLE false: nobody with the user PIN can turn a signing key into a decryption key."""
-    objects = _objects(tokens, keys[name])
-    secret = objects.get(ObjectClass.PRIVATE_KEY) or objects[ObjectClass.SECRET_KEY]
+@pytest.mark.parametrize(("name", "variant"), _cases(list(KEY_SPECS)))
+def test_key_material_cannot_be_read_from_the_token(keys, tokens, name: KeyName, variant: str) -> None:
+    for _, objects in _every_copy(tokens, keys[name, variant]):
+        secret = _secret(objects)
+        for attribute in _SECRET_PARTS[secret[Attribute.KEY_TYPE]]:
+            with pytest.raises(p11.AttributeSensitive):
+                secret[attribute]
+
+
+@pytest.fixture(scope="module")
+def untrusted_wrapping_keys(tokens) -> Iterator[dict[str, Any]]:
+    """An AES wrapping key per cluster that anyone with the user PIN could make (not CKA_TRUSTED)."""
+    made = {
+        cluster: tokens.session(cluster).generate_key(
+            KeyType.AES, 256, store=False, label="untrusted-wrapper",
+            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP | MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+        )
+        for cluster in CLUSTERS
+    }
+    yield made
+    for key in made.values():
+        key.destroy()
+
+
+@pytest.mark.parametrize(("name", "variant"), _cases(list(KEY_SPECS)))
+def test_key_cannot_be_wrapped_by_an_untrusted_key(
+    keys, tokens, untrusted_wrapping_keys, name: KeyName, variant: str
+) -> None:
+    """Export under a key of one's own choosing would hand the key material to whoever holds the PIN."""
+    refusal = p11.KeyUnextractable if variant == NON_EXTRACTABLE else p11.KeyNotWrappable
+    for cluster, objects in _every_copy(tokens, keys[name, variant]):
+        with pytest.raises(refusal):
+            untrusted_wrapping_keys[cluster].wrap_key(_secret(objects), mechanism=Mechanism.AES_KEY_WRAP_PAD)
+
+
+@pytest.mark.parametrize(("name", "variant"), _cases([SIGNING[0], ENCRYPTING[0], AES_KEY, HMAC_KEY]))
+def test_capabilities_cannot_be_widened_later(keys, tokens, name: KeyName, variant: str) -> None:
+    """CKA_MODIFIABLE false: nobody with the user PIN turns a signing key into a decryption key."""
     usage = KEY_SPECS[name][1]
-    forbidden = Attribute.DECRYPT if usage is not KeyUsage.ENCRYPT_DECRYPT else Attribute.SIGN
-    with pytest.raises(p11.PKCS11Error):
-        secret[forbidden] = True
-    assert secret[forbidden] is False
-    with pytest.raises(p11.PKCS11Error):
-        secret[Attribute.EXTRACTABLE] = True
-    assert secret[Attribute.EXTRACTABLE] is False
-
-
-@pytest.mark.parametrize("name", list(KEY_SPECS))
-def test_key_lives_only_on_its_primary_cluster(keys, tokens, name: KeyName) -> None:
-    key = keys[name]
-    assert key.primary_cluster in CLUSTERS and list(key.replicas) == []
-    for cluster in CLUSTERS:
-        if cluster != key.primary_cluster:
-            assert tokens.objects(cluster, key.key_id) == [], f"{key.key_id} also on {cluster}"
+    forbidden = Attribute.SIGN if usage is KeyUsage.ENCRYPT_DECRYPT else Attribute.DECRYPT
+    # The one attribute a PIN holder would flip to get the key out.
+    exportable, locked = (
+        (Attribute.EXTRACTABLE, False) if variant == NON_EXTRACTABLE else (Attribute.WRAP_WITH_TRUSTED, True)
+    )
+    for cluster, objects in _every_copy(tokens, keys[name, variant]):
+        secret = _secret(objects)
+        with pytest.raises(p11.PKCS11Error):
+            secret[forbidden] = True
+        assert secret[forbidden] is False, cluster
+        with pytest.raises(p11.PKCS11Error):
+            secret[exportable] = not locked
+        assert secret[exportable] is locked, cluster

@@ -480,3 +480,10 @@ def test_secret_compares_by_value() -> None:
     assert Secret("a") == Secret("a")
     assert Secret("a") != Secret("b")
     assert Secret("a") != "a"
+
+
+def test_cluster_names_sharing_a_pin_variable_are_refused() -> None:
+    data = valid_data()
+    data["clusters"][1]["name"] = data["clusters"][0]["name"].replace("-", "_")
+    with pytest.raises(ConfigError, match=r"^clusters\[1\]\.name: .*PIN variable"):
+        parse(data, Path("/cfg"))

@@ -70,11 +70,17 @@ def test_only_transient_cluster_problems_are_retryable(
 
 @pytest.mark.parametrize("foreign", [p11.GeneralError, p11.EncryptedDataInvalid, p11.EncryptedDataLenRange])
 def test_gcm_authentication_failure_is_decryption_failed(foreign: type[p11.PKCS11Error]) -> None:
-    err = translate(foreign(), op=Operation.AES_GCM, **WHERE)
+    err = translate(foreign(), op=Operation.AES_GCM, decrypting=True, **WHERE)
     assert type(err) is errors.DecryptionFailed
     assert "ciphertext, iv or aad" in err.message
     assert code_for(err) is grpc.StatusCode.INVALID_ARGUMENT
     assert err.retryable is False
+
+
+def test_general_error_while_gcm_encrypting_is_not_blamed_on_the_caller() -> None:
+    err = translate(p11.GeneralError(), op=Operation.AES_GCM, decrypting=False, **WHERE)
+    assert type(err) is errors.InternalError
+    assert code_for(err) is grpc.StatusCode.INTERNAL
 
 
 @pytest.mark.parametrize(
