@@ -1,7 +1,8 @@
 """Key templates and mechanisms: what each algorithm and usage means in PKCS #11.
 
 Least privilege: a key gets only the capabilities of its usage; private and
-secret keys are sensitive and never extractable. Token objects carry
+secret keys are sensitive, and extractable only wrapped under a trusted key
+(CKA_WRAP_WITH_TRUSTED, for replication) — or never, for non-extractable keys. Token objects carry
 CKA_ID = CKA_LABEL = the key id, so every replica can be found the same way.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from asn1crypto import core as asn1_core
 from asn1crypto import keys as asn1_keys
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.constants import DEFAULT
@@ -31,9 +33,14 @@ _PRIVATE_BASE = {
     Attribute.DERIVE: False,
     Attribute.UNWRAP: False,
     Attribute.MODIFIABLE: False,
+    # Raw RSA "recover" operations would let any RSA key do raw private-key math.
+    Attribute.SIGN_RECOVER: False,
 }
 # Secret keys may carry WRAP too (private keys may not: SoftHSM refuses it).
-_SECRET_BASE = {**_PRIVATE_BASE, Attribute.WRAP: False}
+_SECRET_BASE = {
+    **{k: v for k, v in _PRIVATE_BASE.items() if k is not Attribute.SIGN_RECOVER},
+    Attribute.WRAP: False,
+}
 
 _PUBLIC_BASE = {
     Attribute.TOKEN: True,
@@ -41,6 +48,7 @@ _PUBLIC_BASE = {
     Attribute.WRAP: False,
     Attribute.DERIVE: False,
     Attribute.MODIFIABLE: False,
+    Attribute.VERIFY_RECOVER: False,
 }
 
 
@@ -150,7 +158,10 @@ def unwrap_template(algorithm: KeyAlgorithm, usage: KeyUsage) -> dict[Attribute,
     """
     if algorithm.is_asymmetric:
         template = _private_template(usage, token=False, extractable=False)
-        template.update({Attribute.ENCRYPT: DEFAULT, Attribute.VERIFY: DEFAULT, Attribute.WRAP: DEFAULT})
+        # SoftHSM refuses CKA_SIGN_RECOVER on unwrap (AttributeReadOnly); the
+        # unwrapped copy is a session object only this process can reach.
+        template.update({Attribute.ENCRYPT: DEFAULT, Attribute.VERIFY: DEFAULT, Attribute.WRAP: DEFAULT,
+                         Attribute.SIGN_RECOVER: DEFAULT})
         return template
     return _secret_template(algorithm, token=False, extractable=False)
 
@@ -177,7 +188,8 @@ def public_key_der(public_key: Any, algorithm: KeyAlgorithm) -> bytes:
     exponent = int.from_bytes(public_key[Attribute.PUBLIC_EXPONENT], "big")
     info = asn1_keys.PublicKeyInfo(
         {
-            "algorithm": {"algorithm": "rsa", "parameters": None},
+            # RFC 3279 2.3.1: the parameters of rsaEncryption MUST be NULL.
+            "algorithm": {"algorithm": "rsa", "parameters": asn1_core.Null()},
             "public_key": asn1_keys.RSAPublicKey({"modulus": modulus, "public_exponent": exponent}),
         }
     )

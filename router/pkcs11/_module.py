@@ -51,10 +51,6 @@ class _PreinitializedLib(_pkcs11.lib):  # type: ignore[misc]
         # C_Initialize was called with CKF_OS_LOCKING_OK in _initialize_with_locking.
         return None
 
-    def unload(self) -> None:
-        # The module stays loaded for the life of the process: other threads may
-        # still be inside it at interpreter exit, and C_Finalize under them crashes.
-        return None
 
 
 @dataclass
@@ -97,6 +93,10 @@ def _load(path: str) -> Module:
         if rv == CKR_CRYPTOKI_ALREADY_INITIALIZED:
             log.warning("PKCS #11 module %s was already initialised; serialising calls", path)
         lib = _PreinitializedLib(path)
+        # Never deallocate: python-pkcs11's __dealloc__ would C_Finalize and
+        # dlclose the module at interpreter exit while daemon threads may still
+        # be inside it. One extra reference keeps it for the process's life.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(lib))
         serial = None if rv == CKR_OK else threading.Lock()
         return Module(path=path, lib=lib, os_locking=rv == CKR_OK, _serial=serial)
     if rv == CKR_CANT_LOCK:

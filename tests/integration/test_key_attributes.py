@@ -89,7 +89,7 @@ def keys(crypto) -> dict[tuple[KeyName, str], pb.Key]:
 
     wanted.sort(key=lambda item: "4096" not in item[0])  # slowest first
     with ThreadPoolExecutor(max_workers=3) as pool:
-        created = dict(zip(wanted, pool.map(generate, wanted)))
+        created = dict(zip(wanted, pool.map(generate, wanted), strict=True))
     for (name, variant), key in created.items():
         assert key.non_extractable == (variant == NON_EXTRACTABLE), (name, variant)
     return created
@@ -315,3 +315,30 @@ def test_capabilities_cannot_be_widened_later(keys, tokens, name: KeyName, varia
         with pytest.raises(p11.PKCS11Error):
             secret[exportable] = not locked
         assert secret[exportable] is locked, cluster
+        # Nor through a copy made with wider attributes (C_CopyObject).
+        for widened in ({forbidden: True}, {exportable: not locked}):
+            try:
+                copy = secret.copy({**widened, Attribute.TOKEN: False, Attribute.LABEL: "widened-copy"})
+            except p11.PKCS11Error:
+                continue
+            copy.destroy()
+            pytest.fail(f"{name} on {cluster}: a copy with {widened} was allowed")
+
+
+@pytest.mark.parametrize("name", ASYMMETRIC)
+def test_recovery_operations_are_off(keys, tokens, name: KeyName) -> None:
+    """C_SignRecover with CKM_RSA_X_509 is a raw private-key operation: a signature from a decryption key."""
+    enabled = _recovery_enabled(tokens, [keys[name, variant] for variant in VARIANTS])
+    assert not enabled, f"recovery operations left on: {enabled}"
+
+
+def _recovery_enabled(tokens, keys: list[pb.Key]) -> list[str]:
+    # Plain strings out, so a failure's traceback keeps no PKCS #11 objects alive.
+    found = []
+    for key in keys:
+        for cluster, objects in _every_copy(tokens, key):
+            if objects[ObjectClass.PRIVATE_KEY][Attribute.SIGN_RECOVER]:
+                found.append(f"{key.key_id} private key on {cluster}: CKA_SIGN_RECOVER")
+            if objects[ObjectClass.PUBLIC_KEY][Attribute.VERIFY_RECOVER]:
+                found.append(f"{key.key_id} public key on {cluster}: CKA_VERIFY_RECOVER")
+    return found
