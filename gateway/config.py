@@ -74,6 +74,19 @@ class SecretsConfig:
 
 
 @dataclass(frozen=True)
+class ReplicationConfig:
+    copies: int = 2
+    """Clusters that hold each new key, the primary included (1 = no replication)."""
+    require_dr_copy: bool = True
+    """At least one copy must be in a DR region before a key is acknowledged."""
+    on_unavailable: str = "fail"
+    """When the policy cannot be met at creation: ``fail`` (UNAVAILABLE, nothing left
+    behind) or ``ack-local`` (acknowledge with the copies made; repair later)."""
+    repair_interval: float = 10.0
+    """Seconds between passes of the background repairer."""
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     home_region: str
     """Region this gateway serves first; new keys are placed here."""
@@ -84,6 +97,7 @@ class GatewayConfig:
     clusters: tuple[ClusterSpec, ...]
     server: ServerConfig = ServerConfig()
     secrets: SecretsConfig = SecretsConfig()
+    replication: ReplicationConfig = ReplicationConfig()
     base_dir: Path = Path(".")
     """Directory relative paths are resolved against (the config file's)."""
 
@@ -130,7 +144,7 @@ def _positive(value: int | float, path: str) -> Any:
 
 
 def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
-    _no_unknown(data, {"gateway", "server", "pkcs11", "store", "secrets", "clusters"}, "")
+    _no_unknown(data, {"gateway", "server", "pkcs11", "store", "secrets", "clusters", "replication"}, "")
     gw = _take(data, "gateway", dict, "")
     _no_unknown(gw, {"home_region", "dr_regions"}, "gateway.")
     home = _take(gw, "home_region", str, "gateway.")
@@ -175,6 +189,21 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     secrets_file = _take(sec, "file", str, "secrets.", None)
     secrets = SecretsConfig(file=(base_dir / secrets_file) if secrets_file else None)
 
+    rep = _take(data, "replication", dict, "", {})
+    _no_unknown(rep, {"copies", "require_dr_copy", "on_unavailable", "repair_interval"}, "replication.")
+    replication = ReplicationConfig(
+        copies=_positive(_take(rep, "copies", int, "replication.", 2), "replication.copies"),
+        require_dr_copy=_take(rep, "require_dr_copy", bool, "replication.", True),
+        on_unavailable=_take(rep, "on_unavailable", str, "replication.", "fail"),
+        repair_interval=_positive(
+            _take(rep, "repair_interval", float, "replication.", 10.0), "replication.repair_interval"
+        ),
+    )
+    if replication.on_unavailable not in ("fail", "ack-local"):
+        raise ConfigError(
+            f"replication.on_unavailable: expected 'fail' or 'ack-local', got {replication.on_unavailable!r}"
+        )
+
     raw_clusters = _take(data, "clusters", list, "")
     if not raw_clusters:
         raise ConfigError("clusters: at least one cluster is required")
@@ -215,6 +244,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         clusters=tuple(clusters),
         server=server,
         secrets=secrets,
+        replication=replication,
         base_dir=base_dir,
     )
     if home not in config.regions:
@@ -222,6 +252,10 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     for i, region in enumerate(config.dr_regions):
         if region not in config.regions:
             raise ConfigError(f"gateway.dr_regions[{i}]: no cluster is in region {region!r}")
+    if replication.copies > len(config.clusters):
+        raise ConfigError(f"replication.copies: {replication.copies} copies but only {len(config.clusters)} clusters")
+    if replication.require_dr_copy and replication.copies > 1 and not config.dr_regions:
+        raise ConfigError("replication.require_dr_copy: no DR region is configured (gateway.dr_regions)")
     return config
 
 
