@@ -75,6 +75,8 @@ def reconcile(
             if fix:
                 _roll_back(router, placement.key_id, placement.clusters, placement.version, deadline)
             continue
+        if placement.external:
+            continue  # lives wrapped in the store, never as token objects
         for name in placement.clusters:
             if name in expected:
                 expected[name].add(placement.key_id)

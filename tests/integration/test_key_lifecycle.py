@@ -10,7 +10,7 @@ from pkcs11 import ObjectClass
 
 from hsmgw.v1 import crypto_pb2 as pb
 from router.errors import FailedPrecondition
-from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage
 from router.reconcile import reconcile
 from tests.support import placement, rpc_error, unique
 
@@ -82,7 +82,9 @@ def test_crash_then_client_retry_completes_the_same_key(make_router, tokens) -> 
     key = later.generate_key(_spec(key_id), time.monotonic() + 30)
     assert key.state is KeyState.ENABLED
     assert len(tokens.objects(key.primary, key_id)) == 2  # one key pair, not two
-    assert reconcile(later, fix=False).clean
+    report = reconcile(later, fix=False)
+    assert key_id not in report.stale_intents
+    assert key_id not in {k for _, k in report.orphans + report.missing}
 
 
 def test_orphan_objects_are_found_and_removed(make_router, tokens) -> None:
@@ -136,3 +138,16 @@ def test_destroy_removes_objects_and_id_is_never_reused(crypto, tokens) -> None:
     # Destroying again is harmless and says the same.
     assert crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key_id), timeout=30).state == pb.KEY_STATE_DESTROYED
     assert key.primary_cluster in ("use1-a", "use1-b")
+
+
+def test_reconcile_reports_missing_material_but_not_external_keys(make_router, tokens) -> None:
+    router = make_router()
+    gone = router.generate_key(_spec(unique("gone")), time.monotonic() + 30)
+    external = router.generate_key(
+        KeySpec(key_id=unique("ext-rec"), algorithm=KeyAlgorithm.AES_256, usage=KeyUsage.ENCRYPT_DECRYPT,
+                request_id=unique("r"), storage=KeyStorage.EXTERNAL), time.monotonic() + 30)
+    for obj in tokens.objects(gone.primary, gone.key_id):
+        obj.destroy()
+    report = reconcile(router, fix=False)
+    assert (gone.primary, gone.key_id) in report.missing
+    assert external.key_id not in {k for _, k in report.missing + report.orphans}
