@@ -10,6 +10,7 @@ from router.backend import HsmBackend
 from router.pkcs11 import Pkcs11Cluster, load_module
 from router.placement.sqlite import SqliteStore
 from router.reconcile import reconcile
+from router.model import ReplicationPolicy
 from router.router import Router, Topology
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,12 @@ def build_router(config: GatewayConfig) -> Router:
             backend.close()
         raise
     topology = Topology(home_region=config.home_region, dr_regions=config.dr_regions, regions=config.regions)
-    router = Router(topology, backends, store)
+    policy = ReplicationPolicy(
+        copies=config.replication.copies,
+        require_dr_copy=config.replication.require_dr_copy,
+        ack_local=config.replication.on_unavailable == "ack-local",
+    )
+    router = Router(topology, backends, store, replication=policy)
     report = reconcile(router, fix=True)
     if not report.clean:
         log.warning(

@@ -5,6 +5,10 @@ appear here: each cluster's user PIN comes from the environment variable
 ``HSMGW_PIN_<CLUSTER>`` (upper case, ``-`` → ``_``) or from the secrets file
 named by ``secrets.file`` (TOML, ``[clusters.<name>] user_pin = "…"``), which
 must be readable by its owner only.
+
+Security settings (see docs/security.md): ``[server.tls]`` turns on mutual TLS
+(a TLS listener may bind any address); ``[auth] policy_file`` names the
+authorization policy, which a TLS server must have.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    """PEM certificate chain the server presents (leaf first)."""
+    key_file: Path
+    """PEM private key of that certificate; owner-only permissions."""
+    client_ca_file: Path
+    """PEM CA certificate(s) that sign client certificates; every client must present one."""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     """host:port to serve gRPC on."""
@@ -37,6 +51,11 @@ class ServerConfig:
     """Seconds a request may take when the caller sets no deadline."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request message accepted."""
+    probe_interval: float = 1.0
+    """Seconds between active health probes of each cluster."""
+    tls: TlsConfig | None = None
+    """Mutual TLS (``[server.tls]``); reloaded on SIGHUP. Without it the server is
+    plaintext, which needs ``insecure_plaintext`` and a loopback address."""
 
     @property
     def host(self) -> str:
@@ -74,6 +93,13 @@ class SecretsConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    policy_file: Path | None = None
+    """Authorization policy (TOML, docs/security.md); reloaded on SIGHUP. Without one
+    only a development server (plaintext on loopback) starts, and it allows every call."""
+
+
+@dataclass(frozen=True)
 class ReplicationConfig:
     copies: int = 2
     """Clusters that hold each new key, the primary included (1 = no replication)."""
@@ -98,6 +124,7 @@ class GatewayConfig:
     server: ServerConfig = ServerConfig()
     secrets: SecretsConfig = SecretsConfig()
     replication: ReplicationConfig = ReplicationConfig()
+    auth: AuthConfig = AuthConfig()
     base_dir: Path = Path(".")
     """Directory relative paths are resolved against (the config file's)."""
 
@@ -144,7 +171,7 @@ def _positive(value: int | float, path: str) -> Any:
 
 
 def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
-    _no_unknown(data, {"gateway", "server", "pkcs11", "store", "secrets", "clusters", "replication"}, "")
+    _no_unknown(data, {"gateway", "server", "pkcs11", "store", "secrets", "clusters", "replication", "auth"}, "")
     gw = _take(data, "gateway", dict, "")
     _no_unknown(gw, {"home_region", "dr_regions"}, "gateway.")
     home = _take(gw, "home_region", str, "gateway.")
@@ -154,7 +181,11 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
             raise ConfigError(f"gateway.dr_regions[{i}]: expected str")
 
     srv = _take(data, "server", dict, "", {})
-    _no_unknown(srv, {"listen", "insecure_plaintext", "threads", "default_deadline", "max_message_bytes"}, "server.")
+    _no_unknown(
+        srv,
+        {"listen", "insecure_plaintext", "threads", "default_deadline", "max_message_bytes", "probe_interval", "tls"},
+        "server.",
+    )
     server = ServerConfig(
         listen=_take(srv, "listen", str, "server.", ServerConfig.listen),
         insecure_plaintext=_take(srv, "insecure_plaintext", bool, "server.", False),
@@ -165,7 +196,13 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         max_message_bytes=_positive(
             _take(srv, "max_message_bytes", int, "server.", ServerConfig.max_message_bytes), "server.max_message_bytes"
         ),
+        probe_interval=_positive(
+            _take(srv, "probe_interval", float, "server.", ServerConfig.probe_interval), "server.probe_interval"
+        ),
+        tls=_tls(_take(srv, "tls", dict, "server.", None), base_dir),
     )
+    if server.tls is not None and server.insecure_plaintext:
+        raise ConfigError("server.insecure_plaintext: must be false when [server.tls] is configured")
     if ":" not in server.listen or not server.listen.rsplit(":", 1)[1].isdigit():
         raise ConfigError(f"server.listen: expected host:port, got {server.listen!r}")
     if not 0 <= server.port <= 65535:
@@ -203,6 +240,13 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         raise ConfigError(
             f"replication.on_unavailable: expected 'fail' or 'ack-local', got {replication.on_unavailable!r}"
         )
+
+    au = _take(data, "auth", dict, "", {})
+    _no_unknown(au, {"policy_file"}, "auth.")
+    policy_file = _take(au, "policy_file", str, "auth.", None)
+    if policy_file == "":
+        raise ConfigError("auth.policy_file: empty")
+    auth = AuthConfig(policy_file=(base_dir / policy_file) if policy_file else None)
 
     raw_clusters = _take(data, "clusters", list, "")
     if not raw_clusters:
@@ -245,6 +289,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         server=server,
         secrets=secrets,
         replication=replication,
+        auth=auth,
         base_dir=base_dir,
     )
     if home not in config.regions:
@@ -259,6 +304,19 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     return config
 
 
+def _tls(table: dict[str, Any] | None, base_dir: Path) -> TlsConfig | None:
+    if table is None:
+        return None
+    _no_unknown(table, {"cert_file", "key_file", "client_ca_file"}, "server.tls.")
+    paths = {}
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        value = _take(table, key, str, "server.tls.")
+        if not value:
+            raise ConfigError(f"server.tls.{key}: empty")
+        paths[key] = base_dir / value
+    return TlsConfig(**paths)
+
+
 def load(path: str | Path) -> GatewayConfig:
     path = Path(path)
     try:
@@ -271,19 +329,37 @@ def load(path: str | Path) -> GatewayConfig:
 
 
 def check_listen(server: ServerConfig) -> None:
-    """Plaintext only on loopback; anything else needs TLS (refuse to start)."""
+    """Plaintext only on loopback; anything else needs TLS (refuse to start).
+
+    A TLS listener (``[server.tls]``) may bind any address.
+    """
+    if server.tls is not None:
+        return
     if not server.insecure_plaintext:
         raise ConfigError(
             "server.insecure_plaintext: TLS is not configured; set insecure_plaintext = true "
             "to serve plaintext on a loopback address for development"
         )
     host = server.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(host):
         raise ConfigError(f"server.listen: plaintext is allowed only on a loopback address, not {host!r}")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_security(config: GatewayConfig) -> None:
+    """Everything ``check_listen`` checks, and: a TLS server needs an authorization policy."""
+    check_listen(config.server)
+    if config.server.tls is not None and config.auth.policy_file is None:
+        raise ConfigError(
+            "auth.policy_file: a TLS server needs an authorization policy (every call is denied "
+            "without one); set [auth] policy_file, see docs/security.md"
+        )
 
 
 # -- secrets --------------------------------------------------------------------

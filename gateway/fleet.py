@@ -112,6 +112,7 @@ def init_fleet(
     topology: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_TOPOLOGY,
     max_keys: int = 3300,
     pool_size: int = 4,
+    copies: int = 2,
 ) -> Fleet:
     state_dir = state_dir.resolve()
     created: list[str] = []
@@ -187,6 +188,10 @@ def init_fleet(
             f'env = {{ SOFTHSM2_CONF = "{conf}" }}\n\n',
             "[store]\n",
             'url = "sqlite:placements.db"\n\n',
+            "[replication]\n",
+            "# Each new key is acknowledged once it exists on this many clusters, one in a DR region.\n",
+            f"copies = {copies}\n",
+            "require_dr_copy = true\n\n",
             "[secrets]\n",
             "# PINs: HSMGW_PIN_<CLUSTER> in the environment wins over this file.\n",
             'file = "secrets.toml"\n',

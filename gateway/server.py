@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -13,15 +14,30 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.admin import AdminServicer
-from gateway.config import GatewayConfig, check_listen
+from gateway.auth import Authenticator, PolicyStore
+from gateway.config import GatewayConfig, check_security, is_loopback
+from gateway.interceptors import Limiter, SecurityInterceptor
 from gateway.servicer import CryptoServicer
+from gateway.tls import ServerCredentials
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
+from router.health import CircuitState, HealthMonitor
 from router.router import Router
 
 log = logging.getLogger(__name__)
 
 CRYPTO_SERVICE = crypto_pb2.DESCRIPTOR.services_by_name["CryptoService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+
+# Resist abusive HTTP/2 pings: a client may ping at most every 30 s, and only while a
+# call is open; two strikes and the server closes the connection (GOAWAY).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
 
 
 def cluster_service_name(cluster: str) -> str:
@@ -35,15 +51,25 @@ class Gateway:
     def __init__(self, config: GatewayConfig, router: Router) -> None:
         self.config = config
         self.router = router
-        check_listen(config.server)
+        check_security(config)
+        tls = config.server.tls
+        self.tls = ServerCredentials(tls) if tls is not None else None
+        self.policies = PolicyStore(config.auth.policy_file)
+        self.security = SecurityInterceptor(
+            Authenticator(tls=tls is not None, dev_header=tls is None and is_loopback(config.server.host)),
+            self.policies,
+            Limiter(),
+        )
         options = [
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
             ("grpc.max_send_message_length", config.server.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *KEEPALIVE_OPTIONS,
         ]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="rpc"),
             options=options,
+            interceptors=[self.security],
         )
         crypto_pb2_grpc.add_CryptoServiceServicer_to_server(
             CryptoServicer(router, default_deadline=config.server.default_deadline), self.server
@@ -54,10 +80,31 @@ class Gateway:
         reflection.enable_server_reflection(
             (CRYPTO_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(config.server.listen)
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(config.server.listen, self.tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(config.server.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.server.listen}")
         self._stopped = threading.Event()
+        self.monitor = HealthMonitor(router.backends, router.breakers, interval=config.server.probe_interval)
+        self._repairer = threading.Thread(target=self._repair_loop, name="repairer", daemon=True)
+        router.set_health_listener(self._on_cluster_health)
+
+    def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
+        serving = state is not CircuitState.OPEN
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(cluster_service_name(cluster), status)
+
+    def _repair_loop(self) -> None:
+        interval = self.config.replication.repair_interval
+        while not self._stopped.wait(interval):
+            try:
+                fixed = self.router.repair_once(time.monotonic() + interval)
+                if fixed:
+                    log.info("repairer: %d keys brought up to their replication policy", fixed)
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("repairer pass failed")
 
     def start(self) -> None:
         self.server.start()
@@ -66,7 +113,16 @@ class Gateway:
             self.health.set(name, serving)
         for name in self.router.backends:
             self.health.set(cluster_service_name(name), serving)
+        self.monitor.start()
+        self._repairer.start()
         log.info("serving on %s:%d (clusters: %s)", self.config.server.host, self.port, ", ".join(self.router.backends))
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the policy and the TLS files; a bad file keeps the current one."""
+        log.info("reloading the policy and TLS files")
+        self.policies.reload()
+        if self.tls is not None:
+            self.tls.reload()
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
@@ -74,6 +130,7 @@ class Gateway:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.monitor.stop()
         self.router.close()
         log.info("stopped")
 
@@ -89,8 +146,13 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None)
         log.info("signal %s: shutting down", signal.Signals(signum).name)
         done.set()
 
+    def _reload(signum: int, _frame: object) -> None:
+        # Off the signal handler: file reads and logging do not belong there.
+        threading.Thread(target=gateway.reload, name="reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _reload)
     gateway.start()
     if port_file:
         tmp = f"{port_file}.tmp"
@@ -99,5 +161,7 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None)
         os.replace(tmp, port_file)
     if gateway.config.server.insecure_plaintext:
         log.warning("serving PLAINTEXT on loopback for development; production needs TLS")
+    if gateway.config.auth.policy_file is None:
+        log.warning("no [auth] policy_file: every caller may do everything (development only)")
     done.wait()
     gateway.stop(grace)

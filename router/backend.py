@@ -45,6 +45,18 @@ class HsmBackend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def export_wrapped(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
+        """The key wrapped under the trusted wrapping key, and its public key DER (b"" if none)."""
+
+    @abc.abstractmethod
+    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float) -> None:
+        """Unwrap a copy as token objects with the key's id, label and attributes (replaces leftovers)."""
+
+    @abc.abstractmethod
+    def probe(self, deadline: float) -> None:
+        """A cheap call that succeeds only if the cluster works."""
+
+    @abc.abstractmethod
     def destroy(self, key_id: str, deadline: float) -> int:
         """Remove every token object of the key; returns how many were removed."""
 

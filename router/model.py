@@ -135,6 +135,19 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class ReplicationPolicy:
+    """How many clusters must hold a key before it is acknowledged."""
+
+    copies: int = 2
+    """Clusters holding each key, the primary included."""
+    require_dr_copy: bool = True
+    """At least one copy in a DR region."""
+    ack_local: bool = False
+    """When the policy cannot be met at creation: acknowledge with the copies made
+    (the key is UNDER_REPLICATED until the repairer finishes) instead of failing."""
+
+
+@dataclass(frozen=True)
 class KeySpec:
     """What a caller asked for when creating a key."""
 
@@ -170,6 +183,8 @@ class Placement:
     fingerprint: str = ""
     storage: KeyStorage = KeyStorage.TOKEN
     version: int = 1
+    copies: int = 1
+    """Clusters that should hold the key (its replication policy)."""
     extractable: bool = True
     """Wrappable under a trusted key (CKA_WRAP_WITH_TRUSTED), so it can be replicated."""
     wrapped: bytes = field(default=b"", repr=False)

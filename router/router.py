@@ -18,6 +18,9 @@ from typing import Callable, TypeVar
 
 from router import validation
 from router.backend import HsmBackend
+from router.dispatch import Dispatcher
+from router.health import CircuitBreaker, CircuitState
+from router.retry import RetryBudget
 from router.errors import (
     AlreadyExists,
     ClusterDown,
@@ -30,7 +33,16 @@ from router.errors import (
     Throttled,
     Unavailable,
 )
-from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
+from router.model import (
+    KeyAlgorithm,
+    KeySpec,
+    KeyState,
+    KeyStorage,
+    KeyUsage,
+    Operation,
+    Placement,
+    ReplicationPolicy,
+)
 from router.placement.ring import PlacementRing
 from router.placement.store import Conflict, PlacementStore, StoreError
 
@@ -38,7 +50,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_FAILOVER = (ClusterDown, Throttled)
 
 RSA_MODULUS_BYTES = {KeyAlgorithm.RSA_2048: 256, KeyAlgorithm.RSA_3072: 384, KeyAlgorithm.RSA_4096: 512}
 # OAEP with SHA-256 carries at most k - 2·32 - 2 bytes (RFC 8017, 7.1.1).
@@ -66,6 +77,9 @@ class Router:
         wall_clock: Callable[[], float] = time.time,
         creation_grace: float = 30.0,
         fault: Callable[[str], None] = lambda point: None,
+        replication: ReplicationPolicy = ReplicationPolicy(copies=1, require_dr_copy=False),
+        breaker_cooldown: float = 2.0,
+        on_health_change: Callable[[str, CircuitState], None] = lambda name, state: None,
     ) -> None:
         self.topology = topology
         self.backends = dict(backends)
@@ -75,8 +89,22 @@ class Router:
         self._lock = threading.Lock()
         self._cache: dict[str, Placement] = {}
         self._key_counts: Counter[str] = Counter()
-        self._draining: set[str] = set()
+        self.replication = replication
         self.creation_grace = creation_grace
+        self.breakers = {
+            name: CircuitBreaker(name, cooldown=breaker_cooldown, clock=clock, on_change=self._health_changed)
+            for name in self.backends
+        }
+        self._on_health_change = on_health_change
+        self.dispatcher = Dispatcher(
+            self.backends,
+            home_region=topology.home_region,
+            region_order=(topology.home_region, *topology.dr_regions,
+                          *(r for r in topology.regions if r != topology.home_region and r not in topology.dr_regions)),
+            breakers=self.breakers,
+            budget=RetryBudget(clock=clock),
+            clock=clock,
+        )
         # Called at named points of multi-step changes; tests inject crashes here.
         self._fault = fault
         self.reload()
@@ -135,40 +163,51 @@ class Router:
 
     # -- dispatch ----------------------------------------------------------
 
-    def _candidates(self, placement: Placement) -> list[HsmBackend]:
+    def set_health_listener(self, listener: Callable[[str, CircuitState], None]) -> None:
+        """Called with (cluster, state) whenever a cluster's circuit changes."""
+        self._on_health_change = listener
+
+    def _health_changed(self, name: str, state: CircuitState) -> None:
+        level = logging.INFO if state is CircuitState.CLOSED else logging.WARNING
+        log.log(level, "cluster %s: circuit %s", name, state.value)
+        self._on_health_change(name, state)
+
+    def _candidates(self, placement: Placement) -> list[str]:
         if placement.external:
-            # Any cluster holding the trusted wrapping key can unwrap it: its own
-            # cluster first, then the home region, then the DR regions.
-            names = [placement.primary, *self._region_order()]
-            return [self.backends[n] for n in dict.fromkeys(names) if n in self.backends]
-        return [self.backends[name] for name in placement.clusters if name in self.backends]
+            # Any cluster holding the trusted wrapping key can unwrap it.
+            return [placement.primary, *self._region_order()]
+        return list(placement.clusters)
 
     def _region_order(self) -> list[str]:
         regions = (self.topology.home_region, *self.topology.dr_regions)
         return [name for region in regions for name in self.topology.regions.get(region, ())]
 
-    def _dispatch(self, placement: Placement, fn: Callable[[HsmBackend], T]) -> tuple[T, str]:
-        last: RouterError | None = None
-        for backend in self._candidates(placement):
-            try:
-                return fn(backend), backend.name
-            except _FAILOVER as exc:
-                log.warning("cluster %s failed for key %s: %s", backend.name, placement.key_id, exc.message)
-                last = exc
-        if last is None:
-            raise Unavailable(f"no configured cluster holds key {placement.key_id!r}")
-        raise last
+    def _dispatch(self, placement: Placement, fn: Callable[[HsmBackend], T], deadline: float) -> tuple[T, str]:
+        return self.dispatcher.run(self._candidates(placement), fn, deadline, f"key {placement.key_id!r}")
 
-    def _any_backend(self, fn: Callable[[HsmBackend], T]) -> T:
-        last: RouterError | None = None
-        order = self._region_order()
-        ordered = sorted(self.backends.values(), key=lambda b: order.index(b.name) if b.name in order else len(order))
-        for backend in ordered:
-            try:
-                return fn(backend)
-            except _FAILOVER as exc:
-                last = exc
-        raise last or Unavailable("no cluster is configured")
+    def _any_backend(self, fn: Callable[[HsmBackend], T], deadline: float) -> T:
+        result, _ = self.dispatcher.run(self._region_order(), fn, deadline, "the request")
+        return result
+
+    # -- operator controls ---------------------------------------------------------
+
+    def drain(self, cluster: str, draining: bool = True) -> None:
+        """A drained cluster takes no new keys and serves only when no replica can."""
+        if cluster not in self.backends:
+            raise KeyNotFound(f"no cluster named {cluster!r}")
+        drained = set(self.dispatcher.drained)
+        (drained.add if draining else drained.discard)(cluster)
+        self.dispatcher.set_drained(drained)
+        log.warning("cluster %s %s", cluster, "drained" if draining else "back in service")
+
+    def fail_over_region(self, region: str, failed_over: bool = True) -> None:
+        """Move traffic away from a region (to replicas elsewhere) or back."""
+        if region not in self.topology.regions:
+            raise KeyNotFound(f"no region named {region!r}")
+        regions = set(self.dispatcher.failed_over)
+        (regions.add if failed_over else regions.discard)(region)
+        self.dispatcher.set_failed_over(regions)
+        log.warning("region %s %s", region, "failed over" if failed_over else "failed back")
 
     # -- key lifecycle ----------------------------------------------------
 
@@ -186,7 +225,12 @@ class Router:
             return existing
         if spec.storage is KeyStorage.EXTERNAL and not spec.extractable:
             raise InvalidArgument("an EXTERNAL key lives wrapped outside the HSM; it cannot be non-extractable")
-        primary = self._choose_cluster(spec.key_id, needs_room=spec.storage is KeyStorage.TOKEN)
+        copies = 1 if spec.storage is KeyStorage.EXTERNAL else (spec.copies or self.replication.copies)
+        if copies > 1 and not spec.extractable:
+            raise FailedPrecondition(
+                f"a non-extractable key cannot be replicated; ask for replication.copies = 1 (policy: {copies})"
+            )
+        primary, replicas = self._choose_clusters(spec.key_id, copies, needs_room=spec.storage is KeyStorage.TOKEN)
         intent = Placement(
             key_id=spec.key_id,
             algorithm=spec.algorithm,
@@ -198,6 +242,8 @@ class Router:
             fingerprint=spec.fingerprint(),
             storage=spec.storage,
             extractable=spec.extractable,
+            replicas=replicas,
+            copies=copies,
         )
         try:
             self.store.create(intent)
@@ -243,10 +289,12 @@ class Router:
         raise Unavailable(f"key {key_id!r} is being created; retry shortly")
 
     def _materialise(self, intent: Placement, deadline: float, *, leftovers: bool = False) -> Placement:
+        """Make the key's objects on its primary and copy it to its replicas, then enable it."""
         backend = self.backends.get(intent.primary)
         if backend is None:
             raise Unavailable(f"cluster {intent.primary} is not configured on this gateway")
         material: dict[str, bytes] = {}
+        made = [intent.primary]
         try:
             if intent.external:
                 material["wrapped"], material["public_der"] = backend.generate_external(intent, deadline)
@@ -254,51 +302,191 @@ class Router:
                 if leftovers:
                     backend.destroy(intent.key_id, deadline)
                 backend.generate(intent, deadline)
+                made += self._replicate(
+                    intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local
+                )
         except RouterError:
-            self._roll_back(intent, backend)
+            self._roll_back(intent)
             raise
         self._fault("created-on-hsm")
+        holds = self._policy_holds(intent.copies, made)
+        state = KeyState.ENABLED if holds else KeyState.UNDER_REPLICATED
+        replicas = tuple(n for n in made if n != intent.primary)
         try:
-            enabled = self.store.update(replace(intent, state=KeyState.ENABLED, **material))
+            enabled = self.store.update(replace(intent, state=state, replicas=replicas, **material))
         except Conflict as exc:
             return self._settled(exc.existing, intent.key_id)
         self._remember(enabled, counted=True)
-        log.info("key %s created on %s", enabled.key_id, enabled.primary)
+        log.info(
+            "key %s created on %s (replicas: %s; %s)",
+            enabled.key_id, enabled.primary, ", ".join(enabled.replicas) or "none", state.value,
+        )
         return enabled
 
-    def _roll_back(self, intent: Placement, backend: HsmBackend) -> None:
+    def _replicate(
+        self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool
+    ) -> list[str]:
+        """Copy the key to ``targets`` by trusted wrapping; returns the names copied to.
+
+        ``strict``: the first target that fails ends it with UNAVAILABLE (the
+        caller rolls everything back); otherwise failures are logged and skipped.
+        """
+        if not targets:
+            return []
+        wrapped, public_der = source.export_wrapped(key, deadline)
+        made = []
+        for name in targets:
+            breaker = self.breakers[name]
+            try:
+                self.backends[name].import_wrapped(key, wrapped, public_der, deadline)
+            except RouterError as exc:
+                if isinstance(exc, (ClusterDown, Throttled)):
+                    breaker.record_failure()
+                if strict:
+                    raise Unavailable(
+                        f"cannot copy key {key.key_id!r} to cluster {name} ({exc.message}); nothing was created",
+                        cluster=name,
+                        region=self.backends[name].spec.region,
+                    ) from exc
+                log.warning("key %s: copy to %s failed (%s); the repairer will retry", key.key_id, name, exc.message)
+                continue
+            breaker.record_success()
+            made.append(name)
+        return made
+
+    def _policy_holds(self, copies: int, clusters: list[str] | tuple[str, ...]) -> bool:
+        if len(set(clusters)) < copies:
+            return False
+        if copies > 1 and self.replication.require_dr_copy:
+            dr = self.topology.dr_regions
+            return any(self.backends[n].spec.region in dr for n in clusters if n in self.backends)
+        return True
+
+    def _roll_back(self, intent: Placement) -> None:
+        deadline = time.monotonic() + 10.0
         try:
-            backend.destroy(intent.key_id, time.monotonic() + 10.0)
+            for name in intent.clusters:
+                backend = self.backends.get(name)
+                if backend is None:
+                    continue
+                try:
+                    backend.destroy(intent.key_id, deadline)
+                except RouterError:
+                    if name == intent.primary:
+                        raise
+                    log.warning("rollback of %s: %s unreachable; reconcile will clean it", intent.key_id, name)
             self.store.delete(intent.key_id, intent.version)
         except (RouterError, StoreError, Conflict):
             log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)
 
-    def _choose_cluster(self, key_id: str, *, needs_room: bool = True) -> str:
-        """The cluster for a new key: the home region first, then the DR regions.
+    def _choose_clusters(self, key_id: str, copies: int, *, needs_room: bool = True) -> tuple[str, tuple[str, ...]]:
+        """Primary and replicas for a new key.
 
-        Within a region, consistent hashing over the eligible clusters (not
-        draining, below their key limit) picks one.
+        The primary comes from the home region (the DR regions only once the
+        home region is full), by consistent hashing over eligible clusters:
+        healthy, not drained, below their key limit. With ``require_dr_copy``,
+        one replica goes to a DR region; the rest fill from any region.
         """
         counts = self.key_counts()
         full = {n for n, b in self.backends.items() if needs_room and counts.get(n, 0) >= b.spec.max_keys}
         home = self.topology.home_region
-        for region in (home, *self.topology.dr_regions):
-            eligible = [
+        dr = self.topology.dr_regions
+
+        def eligible(regions: tuple[str, ...], exclude: set[str]) -> list[str]:
+            return [
                 name
+                for region in regions
                 for name in self.topology.regions.get(region, ())
-                if name in self.backends and name not in full and name not in self._draining
+                if name in self.backends and name not in full and name not in exclude and self.dispatcher.usable(name)
             ]
-            chosen = PlacementRing(eligible).choose(key_id)
-            if chosen is not None:
+
+        primary = None
+        for region in (home, *dr):
+            primary = PlacementRing(eligible((region,), set())).choose(key_id)
+            if primary is not None:
                 if region != home:
                     log.warning("region %s has no room for new keys; placing %s in %s", home, key_id, region)
-                return chosen
-        if full:
-            raise ResourceExhausted(
-                f"every cluster is at its key limit ({', '.join(sorted(full))}); add a cluster or destroy keys",
+                break
+        if primary is None:
+            if full:
+                raise ResourceExhausted(
+                    f"every cluster is at its key limit ({', '.join(sorted(full))}); add a cluster or destroy keys",
+                    region=home,
+                )
+            raise Unavailable("no healthy cluster can take new keys", region=home)
+
+        replicas: list[str] = []
+        chosen = {primary}
+        if copies > 1 and self.replication.require_dr_copy and self.backends[primary].spec.region not in dr:
+            pick = PlacementRing(eligible(dr, chosen)).choose(key_id)
+            if pick is not None:
+                replicas.append(pick)
+                chosen.add(pick)
+        everywhere = (home, *dr, *(r for r in self.topology.regions if r != home and r not in dr))
+        while len(replicas) < copies - 1:
+            pick = PlacementRing(eligible(everywhere, chosen)).choose(f"{key_id}#{len(replicas)}")
+            if pick is None:
+                break
+            replicas.append(pick)
+            chosen.add(pick)
+        if not self._policy_holds(copies, [primary, *replicas]) and not self.replication.ack_local:
+            raise Unavailable(
+                f"cannot place {copies} copies of {key_id!r}"
+                f"{' with one in a DR region' if self.replication.require_dr_copy else ''}: "
+                "not enough healthy clusters; nothing was created",
                 region=home,
             )
-        raise Unavailable("no cluster can take new keys", region=home)
+        return primary, tuple(replicas)
+
+    # -- repair ------------------------------------------------------------------------
+
+    def repair_once(self, deadline: float) -> int:
+        """Bring under-replicated keys up to their policy; returns how many now meet it."""
+        fixed = 0
+        for placement in list(self._cache.values()):
+            if placement.external or placement.state not in (KeyState.ENABLED, KeyState.UNDER_REPLICATED):
+                continue
+            if self._policy_holds(placement.copies, placement.clusters):
+                continue
+            if self._clock() >= deadline:
+                break
+            try:
+                fixed += self._repair_key(placement, deadline)
+            except (RouterError, StoreError) as exc:
+                log.warning("repair of %s failed: %s", placement.key_id, exc)
+        return fixed
+
+    def _repair_key(self, placement: Placement, deadline: float) -> bool:
+        holders = [n for n in self.dispatcher.order(placement.clusters) if self.dispatcher.usable(n)]
+        if not holders:
+            return False
+        have = list(placement.clusters)
+        dr = self.topology.dr_regions
+        home = self.topology.home_region
+        regions = (*dr, home) if self.replication.require_dr_copy else (home, *dr)
+        targets: list[str] = []
+        for name in (n for r in regions for n in self.topology.regions.get(r, ())):
+            if self._policy_holds(placement.copies, [*have, *targets]):
+                break
+            if name in self.backends and name not in have and self.dispatcher.usable(name):
+                targets.append(name)
+        if not targets:
+            return False
+        made = self._replicate(placement, self.backends[holders[0]], tuple(targets), deadline, strict=False)
+        if not made:
+            return False
+        replicas = tuple(dict.fromkeys((*placement.replicas, *made)))
+        holds = self._policy_holds(placement.copies, (placement.primary, *replicas))
+        state = KeyState.ENABLED if holds else KeyState.UNDER_REPLICATED
+        try:
+            updated = self.store.update(replace(placement, replicas=replicas, state=state))
+        except Conflict:
+            self._forget(placement)
+            return False
+        self._forget(placement)
+        self._remember(updated, counted=True)
+        log.info("key %s repaired: now on %s (%s)", placement.key_id, ", ".join(updated.clusters), state.value)
+        return holds
 
     def get_key(self, key_id: str) -> Placement:
         return self.placement(validation.key_id(key_id))
@@ -343,7 +531,7 @@ class Router:
             raise FailedPrecondition(f"key {key_id!r} is {placement.algorithm.value}: it has no public key")
         if placement.external:
             return placement, placement.public_der
-        der, _ = self._dispatch(placement, lambda b: b.public_key(placement, deadline))
+        der, _ = self._dispatch(placement, lambda b: b.public_key(placement, deadline), deadline)
         return placement, der
 
     @staticmethod
@@ -366,7 +554,7 @@ class Router:
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         data = self._digest(op, digest, message)
-        return self._dispatch(placement, lambda b: b.sign(placement, op, data, deadline))
+        return self._dispatch(placement, lambda b: b.sign(placement, op, data, deadline), deadline)
 
     def verify(
         self,
@@ -383,7 +571,7 @@ class Router:
         data = self._digest(op, digest, message)
         validation.payload("signature", signature)
         valid, _ = self._dispatch(
-            placement, lambda b: b.verify(placement, op, data, signature, deadline)
+            placement, lambda b: b.verify(placement, op, data, signature, deadline), deadline
         )
         return valid
 
@@ -404,7 +592,7 @@ class Router:
                     f"plaintext is {len(plaintext)} bytes; RSA_OAEP_SHA256 with {placement.algorithm.value} "
                     f"takes at most {limit}"
                 )
-        (ciphertext, iv), cluster = self._dispatch(placement, lambda b: b.encrypt(placement, op, plaintext, aad, deadline))
+        (ciphertext, iv), cluster = self._dispatch(placement, lambda b: b.encrypt(placement, op, plaintext, aad, deadline), deadline)
         return ciphertext, iv, cluster
 
     def decrypt(
@@ -427,7 +615,7 @@ class Router:
             if len(ciphertext) != size:
                 raise InvalidArgument(f"ciphertext is {len(ciphertext)} bytes; a {placement.algorithm.value} "
                                       f"ciphertext is {size}")
-        plaintext, _ = self._dispatch(placement, lambda b: b.decrypt(placement, op, ciphertext, iv, aad, deadline))
+        plaintext, _ = self._dispatch(placement, lambda b: b.decrypt(placement, op, ciphertext, iv, aad, deadline), deadline)
         return plaintext
 
     def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes:
@@ -435,7 +623,7 @@ class Router:
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         validation.payload("data", data, required=False)
-        mac, _ = self._dispatch(placement, lambda b: b.mac(placement, op, data, deadline))
+        mac, _ = self._dispatch(placement, lambda b: b.mac(placement, op, data, deadline), deadline)
         return mac
 
     def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
@@ -444,13 +632,13 @@ class Router:
         validation.operation_fits(placement, op)
         validation.payload("data", data, required=False)
         validation.payload("mac", mac)
-        valid, _ = self._dispatch(placement, lambda b: b.verify_mac(placement, op, data, mac, deadline))
+        valid, _ = self._dispatch(placement, lambda b: b.verify_mac(placement, op, data, mac, deadline), deadline)
         return valid
 
     def random(self, length: int, deadline: float) -> bytes:
         if not 1 <= length <= validation.MAX_RANDOM:
             raise InvalidArgument(f"length must be 1 to {validation.MAX_RANDOM}")
-        return self._any_backend(lambda b: b.random(length, deadline))
+        return self._any_backend(lambda b: b.random(length, deadline), deadline)
 
     def close(self) -> None:
         for backend in self.backends.values():

@@ -4,6 +4,8 @@ Examples:
   hsmctl clusters
   hsmctl keys list --prefix payments/
   hsmctl keys show payments/signing-2026 --output json
+  hsmctl --ca-file tls/ca.pem --cert-file tls/client-ops.pem --key-file tls/client-ops-key.pem clusters
+  hsmctl --as payments-admin keys list      # development server only (plaintext on loopback)
 """
 
 from __future__ import annotations
@@ -79,11 +81,59 @@ def _keys_show(args: argparse.Namespace, channel: grpc.Channel) -> None:
     _emit(args, data, _table([_key_row(key)], ["KEY", "ALGORITHM", "STATE", "PRIMARY", "REPLICAS"]))
 
 
+class _Identity(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Sends ``x-hsmgw-identity`` (honoured only by a development server)."""
+
+    def __init__(self, identity: str) -> None:
+        self._metadata = (("x-hsmgw-identity", identity),)
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        fail(f"{flag}: cannot read {path}: {exc.strerror}")
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    tls = (args.ca_file, args.cert_file, args.key_file)
+    if any(tls):
+        if (args.cert_file is None) != (args.key_file is None):
+            fail("--cert-file and --key-file go together")
+        credentials = grpc.ssl_channel_credentials(
+            _read(args.ca_file, "--ca-file"), _read(args.key_file, "--key-file"), _read(args.cert_file, "--cert-file")
+        )
+        channel = grpc.secure_channel(args.target, credentials)
+    else:
+        channel = grpc.insecure_channel(args.target)
+    if args.identity:
+        channel = grpc.intercept_channel(channel, _Identity(args.identity))
+    return channel
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hsmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default: %(default)s)")
     parser.add_argument("--output", choices=("table", "json"), default="table")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--ca-file", help="PEM CA that signed the gateway's certificate (turns on TLS)")
+    parser.add_argument("--cert-file", help="PEM client certificate (mTLS)")
+    parser.add_argument("--key-file", help="PEM key of the client certificate")
+    parser.add_argument(
+        "--as", dest="identity", metavar="NAME", help="identity to act as (development server only; ignored with TLS)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("clusters", help="clusters, health, keys and sessions").set_defaults(func=_clusters)
     keys = sub.add_parser("keys", help="key placement")
@@ -96,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("key")
     show.set_defaults(func=_keys_show)
     args = parser.parse_args(argv)
-    with grpc.insecure_channel(args.target) as channel:
+    with _channel(args) as channel:
         try:
             args.func(args, channel)
         except grpc.RpcError as exc:

@@ -2,7 +2,11 @@
 
 Examples:
   hsmgw fleet init --state-dir .hsmgw          # SoftHSM2 tokens, config, store
-  hsmgw serve --config .hsmgw/hsmgw.toml       # serve until SIGTERM
+  hsmgw serve --config .hsmgw/hsmgw.toml       # serve until SIGTERM (SIGHUP reloads policy and TLS)
+  hsmgw dev certs --out .hsmgw/tls --client payments-app   # local CA, server and client certificates
+  hsmgw store init --url 'dynamodb://hsmgw-placements?region=us-east-1'
+  hsmgw store migrate --from sqlite:.hsmgw/placements.db \
+      --to 'dynamodb://hsmgw-placements?region=us-east-1'
 """
 
 from __future__ import annotations
@@ -39,7 +43,16 @@ def _serve(args: argparse.Namespace) -> None:
 
     try:
         config = config_mod.load(args.config)
-        config_mod.check_listen(config.server)
+        config_mod.check_security(config)
+        # Fail before the HSM pools open: a bad policy or TLS file is the commonest mistake.
+        if config.auth.policy_file is not None:
+            from gateway.auth import load_policy
+
+            load_policy(config.auth.policy_file)
+        if config.server.tls is not None:
+            from gateway.tls import load_material
+
+            load_material(config.server.tls)
     except ConfigError as exc:
         fail(f"{args.config}: {exc}")
     try:
@@ -52,6 +65,62 @@ def _serve(args: argparse.Namespace) -> None:
         router.close()
         fail(str(exc))
     serve(gateway, grace=args.grace, port_file=args.port_file)
+
+
+def _open_store(url: str):  # type: ignore[no-untyped-def]
+    from router.placement import StoreError
+    from router.placement.factory import make_store
+
+    try:
+        return make_store(url, Path.cwd())
+    except (ValueError, StoreError) as exc:
+        fail(str(exc))
+
+
+def _store_init(args: argparse.Namespace) -> None:
+    from router.placement import StoreError
+    from router.placement.dynamodb import DynamoStore
+
+    store = _open_store(args.url)
+    try:
+        if isinstance(store, DynamoStore):
+            created = store.create_table()
+            print(f"table {store.table} {'created' if created else 'already exists'} in {store.region}")
+        else:
+            store.change_counter()  # opening a SQLite store creates its schema
+            print(f"store {args.url} ready")
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+
+
+def _store_migrate(args: argparse.Namespace) -> None:
+    import json
+
+    from router.placement import StoreError
+    from router.placement.factory import copy_placements
+
+    source = _open_store(args.source)
+    try:
+        dest = _open_store(args.dest)
+        try:
+            report = copy_placements(source, dest)
+        except StoreError as exc:
+            fail(str(exc))
+        finally:
+            dest.close()
+    finally:
+        source.close()
+    counts = {name: len(getattr(report, name)) for name in ("copied", "identical", "differing")}
+    if args.output == "json":
+        print(json.dumps({**counts, "differing_keys": report.differing}))
+    else:
+        for key_id in report.differing:
+            print(f"differs: {key_id} (destination left unchanged)")
+        print(f"copied {counts['copied']}, identical {counts['identical']} (skipped), differing {counts['differing']}")
+    if report.differing:
+        fail(f"{len(report.differing)} placements differ between {args.source} and {args.dest}; resolve them by hand")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,6 +141,22 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--force", action="store_true", help="rebuild from scratch, destroying every key")
     init.add_argument("--listen", default="127.0.0.1:50051", help="address written into the config")
     init.set_defaults(func=_fleet_init)
+
+    store = sub.add_parser("store", help="the placement store")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    store_init = store_sub.add_parser("init", help="create the store (a DynamoDB table: on-demand) if missing")
+    store_init.add_argument("--url", required=True, help="sqlite:PATH or dynamodb://TABLE?region=R[&endpoint=URL]")
+    store_init.set_defaults(func=_store_init)
+    migrate = store_sub.add_parser("migrate", help="copy every placement into another store (idempotent)")
+    migrate.add_argument("--from", dest="source", required=True, help="source store URL (sqlite:PATH, dynamodb://…)")
+    migrate.add_argument("--to", dest="dest", required=True, help="destination store URL")
+    migrate.add_argument("--output", choices=("text", "json"), default="text")
+    migrate.set_defaults(func=_store_migrate)
+
+    from gateway.cli import dev_certs
+
+    dev = sub.add_parser("dev", help="development helpers")
+    dev_certs.add_parser(dev.add_subparsers(dest="dev_command", required=True))
 
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

@@ -55,6 +55,15 @@ _PUBLIC_BASE = {
 WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD
 
 
+def _modifiable_last(template: dict[Attribute, Any]) -> dict[Attribute, Any]:
+    # SoftHSM applies a template in order and refuses any attribute that comes
+    # after CKA_MODIFIABLE = false (AttributeReadOnly) when unwrapping.
+    modifiable = template.pop(Attribute.MODIFIABLE, None)
+    if modifiable is not None:
+        template[Attribute.MODIFIABLE] = modifiable
+    return template
+
+
 def _exportability(extractable: bool) -> dict[Attribute, Any]:
     # Extractable only under a trusted wrapping key: replication, never plaintext.
     if extractable:
@@ -64,23 +73,25 @@ def _exportability(extractable: bool) -> dict[Attribute, Any]:
 
 def _private_template(usage: KeyUsage, token: bool, extractable: bool) -> dict[Attribute, Any]:
     signs = usage is KeyUsage.SIGN_VERIFY
-    return {
+    return _modifiable_last({
         **_PRIVATE_BASE,
         **_exportability(extractable),
         Attribute.TOKEN: token,
         Attribute.SIGN: signs,
         Attribute.DECRYPT: not signs,
-    }
+    })
 
 
 def public_template(usage: KeyUsage, token: bool) -> dict[Attribute, Any]:
     signs = usage is KeyUsage.SIGN_VERIFY
-    return {**_PUBLIC_BASE, Attribute.TOKEN: token, Attribute.VERIFY: signs, Attribute.ENCRYPT: not signs}
+    return _modifiable_last(
+        {**_PUBLIC_BASE, Attribute.TOKEN: token, Attribute.VERIFY: signs, Attribute.ENCRYPT: not signs}
+    )
 
 
 def _secret_template(algorithm: KeyAlgorithm, token: bool, extractable: bool) -> dict[Attribute, Any]:
     mac = algorithm is KeyAlgorithm.HMAC_SHA256
-    return {
+    return _modifiable_last({
         **_SECRET_BASE,
         **_exportability(extractable),
         Attribute.TOKEN: token,
@@ -88,7 +99,7 @@ def _secret_template(algorithm: KeyAlgorithm, token: bool, extractable: bool) ->
         Attribute.DECRYPT: not mac,
         Attribute.SIGN: mac,
         Attribute.VERIFY: mac,
-    }
+    })
 
 
 def _capabilities(usage: KeyUsage) -> MechanismFlag:
@@ -150,20 +161,21 @@ def generate(
     return secret, None
 
 
-def unwrap_template(algorithm: KeyAlgorithm, usage: KeyUsage) -> dict[Attribute, Any]:
+def unwrap_template(
+    algorithm: KeyAlgorithm, usage: KeyUsage, *, token: bool = False, extractable: bool = False
+) -> dict[Attribute, Any]:
     """Attributes for unwrapping a key as a session object with least privilege.
 
     Private keys must not carry ENCRYPT/VERIFY/WRAP at all (SoftHSM answers
     AttributeTypeInvalid), so those defaults are dropped.
     """
     if algorithm.is_asymmetric:
-        template = _private_template(usage, token=False, extractable=False)
-        # SoftHSM refuses CKA_SIGN_RECOVER on unwrap (AttributeReadOnly); the
-        # unwrapped copy is a session object only this process can reach.
-        template.update({Attribute.ENCRYPT: DEFAULT, Attribute.VERIFY: DEFAULT, Attribute.WRAP: DEFAULT,
-                         Attribute.SIGN_RECOVER: DEFAULT})
-        return template
-    return _secret_template(algorithm, token=False, extractable=False)
+        template = _private_template(usage, token=token, extractable=extractable)
+        template.update({Attribute.ENCRYPT: DEFAULT, Attribute.VERIFY: DEFAULT, Attribute.WRAP: DEFAULT})
+        return _modifiable_last(template)
+    # (SoftHSM 2.6 reports CKA_VALUE_LEN 0 on an unwrapped secret key and
+    # refuses it in the unwrap template; the key itself is whole.)
+    return _secret_template(algorithm, token=token, extractable=extractable)
 
 
 def public_key_attributes(spki_der: bytes) -> dict[Attribute, Any]:

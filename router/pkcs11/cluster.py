@@ -13,7 +13,14 @@ from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 
 from router.backend import HsmBackend, PoolStats
-from router.errors import DeadlineExceeded, DecryptionFailed, InvalidArgument, RouterError, StaleSession
+from router.errors import (
+    DeadlineExceeded,
+    DecryptionFailed,
+    InternalError,
+    InvalidArgument,
+    RouterError,
+    StaleSession,
+)
 from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
@@ -60,8 +67,14 @@ class Pkcs11Cluster(HsmBackend):
         *,
         decrypting: bool = False,
     ) -> T:
-        """Run ``fn`` on a pooled session; repair a stale session once, invisibly."""
-        for attempt in range(2):
+        """Run ``fn`` on a pooled session; repair stale sessions invisibly.
+
+        A stale session (handle invalid, logged out) is closed and replaced and
+        the call tried again, up to once per pooled session plus one: after an
+        HSM replacement every session may be stale at once.
+        """
+        attempts = self.spec.pool_size + 1
+        for attempt in range(attempts):
             if self._clock() >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the HSM call", cluster=self.spec.name)
             with self._pool.session(deadline) as session:
@@ -72,7 +85,9 @@ class Pkcs11Cluster(HsmBackend):
                     raise
                 except p11.PKCS11Error as exc:
                     err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op, decrypting=decrypting)
-                    if not isinstance(err, StaleSession) or attempt:
+                    if isinstance(err, InternalError):
+                        log.error("cluster %s: unexpected PKCS #11 error", self.spec.name, exc_info=exc)
+                    if not isinstance(err, StaleSession) or attempt == attempts - 1:
                         raise err from exc
                     self._repair(session, exc)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -108,6 +123,53 @@ class Pkcs11Cluster(HsmBackend):
             return wrapped, public_der
 
         return self._run(deadline, run)
+
+    def export_wrapped(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
+        secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
+
+        def run(s: PooledSession) -> tuple[bytes, bytes]:
+            secret = s.key(key, secret_class, None)
+            wrapped = bytes(s.wrapping_key().wrap_key(secret, mechanism=_keys.WRAP_MECHANISM))
+            public_der = b""
+            if key.algorithm.is_asymmetric:
+                public_der = _keys.public_key_der(s.key(key, ObjectClass.PUBLIC_KEY, None), key.algorithm)
+            return wrapped, public_der
+
+        return self._run(deadline, run)
+
+    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float) -> None:
+        secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
+
+        def run(s: PooledSession) -> None:
+            for leftover in s.handle.get_objects({Attribute.ID: key.key_id.encode(), Attribute.TOKEN: True}):
+                leftover.destroy()
+            secret = s.wrapping_key().unwrap_key(
+                secret_class,
+                _keys.key_type(key.algorithm),
+                wrapped,
+                id=key.key_id.encode(),
+                label=key.key_id,
+                mechanism=_keys.WRAP_MECHANISM,
+                store=True,
+                template=_keys.unwrap_template(key.algorithm, key.usage, token=True, extractable=key.extractable),
+            )
+            if key.algorithm.is_asymmetric:
+                try:
+                    attrs = _keys.public_key_attributes(public_der)
+                    attrs.update(_keys.public_template(key.usage, token=True))
+                    attrs.update({Attribute.ID: key.key_id.encode(), Attribute.LABEL: key.key_id})
+                    s.handle.create_object(attrs)
+                except BaseException:
+                    secret.destroy()
+                    raise
+
+        try:
+            self._run(deadline, run)
+        finally:
+            self._pool.invalidate_keys()
+
+    def probe(self, deadline: float) -> None:
+        self._run(deadline, lambda s: s.handle.generate_random(64))
 
     def destroy(self, key_id: str, deadline: float) -> int:
         def run(s: PooledSession) -> int:

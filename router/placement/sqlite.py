@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS placements (
     version INTEGER NOT NULL DEFAULT 1,
     extractable INTEGER NOT NULL DEFAULT 1,
     wrapped BLOB NOT NULL DEFAULT x'',
-    public_der BLOB NOT NULL DEFAULT x''
+    public_der BLOB NOT NULL DEFAULT x'',
+    copies INTEGER NOT NULL DEFAULT 1
 );
 CREATE UNIQUE INDEX IF NOT EXISTS placements_request ON placements(request_id);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL);
@@ -43,11 +44,12 @@ _ADDED_COLUMNS = (
     ("extractable", "INTEGER NOT NULL DEFAULT 1"),
     ("wrapped", "BLOB NOT NULL DEFAULT x''"),
     ("public_der", "BLOB NOT NULL DEFAULT x''"),
+    ("copies", "INTEGER NOT NULL DEFAULT 1"),
 )
 
 _COLUMNS = (
     "key_id, algorithm, usage, state, primary_cluster, replicas, create_time, "
-    "request_id, fingerprint, storage, version, extractable, wrapped, public_der"
+    "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies"
 )
 
 
@@ -67,6 +69,7 @@ def _row(row: tuple) -> Placement:  # type: ignore[type-arg]
         extractable=bool(row[11]),
         wrapped=bytes(row[12]),
         public_der=bytes(row[13]),
+        copies=row[14],
     )
 
 
@@ -86,6 +89,7 @@ def _values(p: Placement) -> tuple:  # type: ignore[type-arg]
         int(p.extractable),
         p.wrapped,
         p.public_der,
+        p.copies,
     )
 
 
@@ -149,7 +153,7 @@ class SqliteStore(PlacementStore):
 
     def create(self, placement: Placement) -> None:
         try:
-            self._write([(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))])
+            self._write([(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))])
         except sqlite3.IntegrityError as exc:
             existing = self.get(placement.key_id) or self.by_request(placement.request_id)
             raise Conflict(existing) from exc
@@ -162,7 +166,7 @@ class SqliteStore(PlacementStore):
                 (
                     "UPDATE placements SET algorithm=?, usage=?, state=?, primary_cluster=?, replicas=?, "
                     "create_time=?, request_id=?, fingerprint=?, storage=?, version=?, extractable=?, "
-                    "wrapped=?, public_der=? "
+                    "wrapped=?, public_der=?, copies=? "
                     "WHERE key_id=? AND version=?",
                     (*values[1:], placement.key_id, placement.version),
                 )

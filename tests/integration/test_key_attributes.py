@@ -64,6 +64,8 @@ def _generate(crypto, key_id: str, algorithm: KeyAlgorithm, usage: KeyUsage, non
         algorithm=pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + algorithm.value),
         usage=pb.KeyUsage.Value("KEY_USAGE_" + usage.value),
         non_extractable=non_extractable,
+        # A key that never leaves its HSM cannot be replicated: ask for one copy.
+        replication=pb.ReplicationPolicy(copies=1 if non_extractable else 0),
     )
     for _ in range(10):
         try:
@@ -125,13 +127,14 @@ def _private_base(variant: str) -> dict[Attribute, Any]:
         Attribute.TOKEN: True,
         Attribute.PRIVATE: True,
         Attribute.SENSITIVE: True,
-        Attribute.ALWAYS_SENSITIVE: True,
         Attribute.DERIVE: False,
         Attribute.UNWRAP: False,
         Attribute.MODIFIABLE: False,
     }
     if variant == NON_EXTRACTABLE:
-        return {**base, Attribute.EXTRACTABLE: False, Attribute.NEVER_EXTRACTABLE: True}
+        # Never replicated, so its only copy was generated in the HSM.
+        return {**base, Attribute.EXTRACTABLE: False, Attribute.NEVER_EXTRACTABLE: True,
+                Attribute.ALWAYS_SENSITIVE: True}
     # Extractable only under a trusted wrapping key, never in the clear.
     return {**base, Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True}
 
@@ -211,7 +214,8 @@ def test_aes_key_can_only_encrypt_and_decrypt(keys, tokens, variant: str) -> Non
         _assert_attributes(objects[ObjectClass.SECRET_KEY], {
             **_private_base(variant),
             Attribute.KEY_TYPE: KeyType.AES,
-            Attribute.VALUE_LEN: 32,
+            # SoftHSM 2.6 reports VALUE_LEN 0 on an unwrapped copy (and refuses it on unwrap).
+            **({Attribute.VALUE_LEN: 32} if cluster == keys[AES_KEY, variant].primary_cluster else {}),
             Attribute.ENCRYPT: True,
             Attribute.DECRYPT: True,
             Attribute.SIGN: False,
@@ -226,7 +230,7 @@ def test_hmac_key_can_only_sign_and_verify(keys, tokens, variant: str) -> None:
         _assert_attributes(objects[ObjectClass.SECRET_KEY], {
             **_private_base(variant),
             Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
-            Attribute.VALUE_LEN: 32,
+            **({Attribute.VALUE_LEN: 32} if cluster == keys[HMAC_KEY, variant].primary_cluster else {}),
             Attribute.SIGN: True,
             Attribute.VERIFY: True,
             Attribute.ENCRYPT: False,
@@ -342,3 +346,30 @@ def _recovery_enabled(tokens, keys: list[pb.Key]) -> list[str]:
             if objects[ObjectClass.PUBLIC_KEY][Attribute.VERIFY_RECOVER]:
                 found.append(f"{key.key_id} public key on {cluster}: CKA_VERIFY_RECOVER")
     return found
+
+
+def test_non_extractable_key_with_replication_is_refused(crypto) -> None:
+    import grpc
+
+    from tests.support import rpc_error, unique
+
+    key_id = unique("nx-repl")
+    err = rpc_error(crypto.GenerateKey, pb.GenerateKeyRequest(
+        request_id=key_id, key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256, non_extractable=True,
+        replication=pb.ReplicationPolicy(copies=2)), timeout=30)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot be replicated" in err.details()
+
+
+@pytest.mark.parametrize(("name", "variant"), [(n, "replicable") for n in (*SIGNING, AES_KEY, HMAC_KEY)])
+def test_primary_was_born_sensitive_and_replicas_came_wrapped(keys, tokens, name, variant) -> None:
+    """PKCS #11 marks an unwrapped copy as not ALWAYS_SENSITIVE: it once left an HSM, wrapped."""
+    key = keys[name, variant]
+    assert key.replicas, "the default policy replicates"
+    secret_class = ObjectClass.PRIVATE_KEY if KEY_SPECS[name][0].is_asymmetric else ObjectClass.SECRET_KEY
+    primary = _objects(tokens, key.primary_cluster, key)[secret_class]
+    assert primary[Attribute.ALWAYS_SENSITIVE] is True
+    for replica in key.replicas:
+        copy = _objects(tokens, replica, key)[secret_class]
+        assert copy[Attribute.SENSITIVE] is True
+        assert copy[Attribute.ALWAYS_SENSITIVE] is False

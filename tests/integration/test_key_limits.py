@@ -15,7 +15,7 @@ from tests.support import rpc_error, running
 
 @pytest.fixture(scope="module")
 def small_fleet(tmp_path_factory):
-    return init_fleet(tmp_path_factory.mktemp("small"), listen="127.0.0.1:0", max_keys=3, pool_size=2)
+    return init_fleet(tmp_path_factory.mktemp("small"), listen="127.0.0.1:0", max_keys=3, pool_size=2, copies=1)
 
 
 def test_tenth_key_fails_when_every_cluster_holds_three(small_fleet) -> None:

@@ -44,10 +44,12 @@ def test_ec_keys_spread_over_clusters_and_live_only_there(crypto, tokens) -> Non
     assert used <= {"use1-a", "use1-b"}, "new keys belong in the home region"
 
     for key in keys:
-        assert tokens.classes(key.primary_cluster, key.key_id) == {ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY}
-        for other in CLUSTERS:
-            if other != key.primary_cluster:
-                assert tokens.objects(other, key.key_id) == [], f"{key.key_id} also on {other}"
+        holders = {key.primary_cluster, *key.replicas}
+        assert "usw2-a" in key.replicas, "the default policy keeps a copy in the DR region"
+        for cluster in holders:
+            assert tokens.classes(cluster, key.key_id) == {ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY}
+        for other in set(CLUSTERS) - holders:
+            assert tokens.objects(other, key.key_id) == [], f"{key.key_id} also on {other}"
 
         pem = crypto.GetPublicKey(pb.GetPublicKeyRequest(key_id=key.key_id), timeout=10).pem
         public = serialization.load_pem_public_key(pem.encode())

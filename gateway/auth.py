@@ -1,0 +1,446 @@
+"""Who is calling, and what they may do: identity, policy, authorization, audit events.
+
+Identity
+    With TLS, the client certificate's SAN URI (``spiffe://hsmgw/payments-app``), else
+    its subject CN. A development server (plaintext on loopback, no TLS) takes the
+    identity from the ``x-hsmgw-identity`` metadata, default ``dev``; any other server
+    ignores that header.
+
+Policy (TOML, ``[auth] policy_file``; docs/security.md has an example)
+    Roles grant CryptoService operations (RPC names, or ``*``) on key-id prefixes, and
+    AdminService methods (``admin = [...]``); identities get roles and optional limits.
+    Deny by default: an identity the policy does not name may do nothing but health
+    checks and reflection. A signature made by ``BatchSign`` or ``SignStream`` is a
+    ``Sign``; each item is checked on its own key.
+
+Errors
+    ``PolicyError`` (a ``ConfigError``) for a bad policy file, naming the key path;
+    ``PermissionDenied`` for a refused call, whose message names the missing
+    permission ("identity 'payments-app' may not Sign keys under 'hr/'").
+
+Audit
+    Decisions worth keeping are logged to the ``hsmgw.audit`` logger, one JSON object
+    per line (:func:`audit`). Denials always; grants of key creation/destruction and of
+    admin calls; policy reloads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import threading
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError
+from hsmgw.v1 import admin_pb2, crypto_pb2
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("hsmgw.audit")
+
+DEV_IDENTITY = "dev"
+IDENTITY_HEADER = "x-hsmgw-identity"
+ALL = "*"
+
+_CRYPTO = crypto_pb2.DESCRIPTOR.services_by_name["CryptoService"]
+_ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+SIGN_VIA = {"BatchSign": "Sign", "SignStream": "Sign"}
+"""RPCs authorized as another operation, per item."""
+CRYPTO_OPERATIONS = frozenset(m.name for m in _CRYPTO.methods) - set(SIGN_VIA)
+ADMIN_OPERATIONS = frozenset(m.name for m in _ADMIN.methods)
+_AUDIT_TEXT = 200  # longest caller-chosen string copied into an audit event
+
+
+class PolicyError(ConfigError):
+    """The policy file is wrong; the message names the file and the key path."""
+
+
+class PermissionDenied(Exception):
+    """The identity lacks a grant; ``message`` says which."""
+
+    def __init__(self, message: str, *, identity: str, operation: str, resource: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.identity = identity
+        self.operation = operation
+        self.resource = resource
+
+
+class Unauthenticated(Exception):
+    """No usable identity on the connection."""
+
+
+# -- audit --------------------------------------------------------------------------
+
+
+def clip(text: str, limit: int = _AUDIT_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def audit(event: str, **fields: Any) -> None:
+    """One JSON line on the ``hsmgw.audit`` logger (ASCII only: caller strings are escaped)."""
+    if not audit_log.isEnabledFor(logging.INFO):
+        return
+    record = {"event": event, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(), **fields}
+    audit_log.info(json.dumps(record, sort_keys=True, ensure_ascii=True, default=str))
+
+
+# -- the policy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-identity limits; 0 means unlimited."""
+
+    rate: float = 0.0
+    """Sustained operations per second (a BatchSign costs one per item)."""
+    burst: float = 0.0
+    """Operations allowed at once above the rate (token-bucket size); default: one second's worth."""
+    concurrency: int = 0
+    """Calls (and open streams) in flight at once."""
+
+    @property
+    def bucket(self) -> float:
+        return self.burst or max(self.rate, 1.0)
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    operations: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    """Key-id prefixes the operations apply to; ``""`` is every key (written ``*``)."""
+    admin: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """What one identity may do, resolved from its roles."""
+
+    identity: str
+    roles: tuple[str, ...] = ()
+    grants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """operation → key-id prefixes it is granted on (``""`` = every key)."""
+    admin: frozenset[str] = frozenset()
+    limits: Limits = Limits()
+    everything: bool = False
+    """Development server without a policy: every call is allowed."""
+
+    def prefixes(self, operation: str) -> tuple[str, ...]:
+        if self.everything:
+            return ("",)
+        return self.grants.get(operation, ()) + self.grants.get(ALL, ())
+
+    def may(self, operation: str, key_id: str) -> bool:
+        return any(key_id.startswith(p) for p in self.prefixes(operation))
+
+    def may_list(self, operation: str, prefix: str) -> bool:
+        return any(prefix.startswith(p) for p in self.prefixes(operation))
+
+    def may_some(self, operation: str) -> bool:
+        return bool(self.prefixes(operation))
+
+    def may_admin(self, method: str) -> bool:
+        return self.everything or ALL in self.admin or method in self.admin
+
+
+def namespace(key_id: str) -> str:
+    """``hr/payroll/k1`` → ``hr/payroll/``: what a denial names."""
+    cut = key_id.rfind("/")
+    return key_id[: cut + 1] if cut >= 0 else key_id
+
+
+class Policy:
+    """Roles and identities from a policy file; immutable, swapped whole on reload."""
+
+    def __init__(
+        self,
+        roles: Mapping[str, Role],
+        identities: Mapping[str, tuple[tuple[str, ...], Limits]],
+        default_limits: Limits = Limits(),
+        *,
+        source: str = "",
+        digest: str = "",
+        allow_all: bool = False,
+    ) -> None:
+        self.roles = dict(roles)
+        self.default_limits = default_limits
+        self.source = source
+        self.digest = digest
+        self.allow_all = allow_all
+        self._principals = {
+            identity: self._resolve(identity, names, limits) for identity, (names, limits) in identities.items()
+        }
+
+    @classmethod
+    def permissive(cls) -> Policy:
+        """The development policy (no ``[auth]``): everything allowed, no limits."""
+        return cls({}, {}, source="(development: allow all)", allow_all=True)
+
+    def _resolve(self, identity: str, role_names: tuple[str, ...], limits: Limits) -> Principal:
+        grants: dict[str, list[str]] = {}
+        admin: set[str] = set()
+        for name in role_names:
+            role = self.roles[name]
+            for op in role.operations:
+                grants.setdefault(op, []).extend(role.prefixes)
+            admin |= role.admin
+        return Principal(
+            identity=identity,
+            roles=role_names,
+            grants={op: tuple(dict.fromkeys(p)) for op, p in grants.items()},
+            admin=frozenset(admin),
+            limits=limits,
+        )
+
+    @property
+    def identities(self) -> list[str]:
+        return sorted(self._principals)
+
+    def principal(self, identity: str) -> Principal:
+        found = self._principals.get(identity)
+        if found is not None:
+            return found
+        if self.allow_all:
+            return Principal(identity=identity, everything=True)
+        return Principal(identity=identity, limits=self.default_limits)
+
+    # -- decisions (raise PermissionDenied) --
+
+    def check_key(self, principal: Principal, operation: str, key_id: str) -> None:
+        if not principal.may(operation, key_id):
+            raise PermissionDenied(
+                f"identity {principal.identity!r} may not {operation} keys under {clip(namespace(key_id), 100)!r}",
+                identity=principal.identity,
+                operation=operation,
+                resource=key_id,
+            )
+
+    def check_list(self, principal: Principal, operation: str, prefix: str) -> None:
+        if not principal.may_list(operation, prefix):
+            granted = ", ".join(repr(p or ALL) for p in principal.prefixes(operation))
+            hint = f"; ask for a prefix inside {granted}" if granted else ""
+            raise PermissionDenied(
+                f"identity {principal.identity!r} may not {operation} keys under {clip(prefix, 100)!r}{hint}",
+                identity=principal.identity,
+                operation=operation,
+                resource=prefix,
+            )
+
+    def check_some(self, principal: Principal, operation: str) -> None:
+        if not principal.may_some(operation):
+            raise PermissionDenied(
+                f"identity {principal.identity!r} may not {operation} (no role grants it)",
+                identity=principal.identity,
+                operation=operation,
+            )
+
+    def check_every_key(self, principal: Principal, operation: str) -> None:
+        if "" not in principal.prefixes(operation):
+            raise PermissionDenied(
+                f"identity {principal.identity!r} may not {operation} (it needs {operation} on every key, '*')",
+                identity=principal.identity,
+                operation=operation,
+            )
+
+    def check_admin(self, principal: Principal, method: str) -> None:
+        if not principal.may_admin(method):
+            raise PermissionDenied(
+                f"identity {principal.identity!r} may not call AdminService.{method} (no admin role grants it)",
+                identity=principal.identity,
+                operation=f"admin:{method}",
+            )
+
+
+# -- parsing ----------------------------------------------------------------------------
+
+
+def _err(source: str, path: str, message: str) -> PolicyError:
+    return PolicyError(f"auth.policy_file ({source}): {path}: {message}")
+
+
+def _key(name: str) -> str:
+    return name if name.replace("-", "").replace("_", "").isalnum() else json.dumps(name)
+
+
+def _strings(value: Any, source: str, path: str) -> list[str]:
+    if not isinstance(value, list):
+        raise _err(source, path, f"expected a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _err(source, f"{path}[{i}]", f"expected str, got {type(item).__name__}")
+    return value
+
+
+def _no_unknown(table: Mapping[str, Any], known: Iterable[str], source: str, path: str) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise _err(source, f"{path}{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _limits(table: Mapping[str, Any], source: str, path: str, base: Limits) -> Limits:
+    values: dict[str, Any] = {}
+    for key, kind in (("rate", float), ("burst", float), ("concurrency", int)):
+        if key not in table:
+            values[key] = getattr(base, key)
+            continue
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+            raise _err(source, f"{path}{key}", f"expected {'an integer' if kind is int else 'a number'}")
+        if value < 0:
+            raise _err(source, f"{path}{key}", "must be 0 (unlimited) or more")
+        values[key] = kind(value)
+    return Limits(**values)
+
+
+def parse_policy(data: Mapping[str, Any], source: str = "policy", digest: str = "") -> Policy:
+    _no_unknown(data, ("roles", "identities", "limits"), source, "")
+    limits_table = data.get("limits", {})
+    if not isinstance(limits_table, dict):
+        raise _err(source, "limits", "expected a table")
+    _no_unknown(limits_table, ("rate", "burst", "concurrency"), source, "limits.")
+    default_limits = _limits(limits_table, source, "limits.", Limits())
+
+    roles: dict[str, Role] = {}
+    raw_roles = data.get("roles", {})
+    if not isinstance(raw_roles, dict):
+        raise _err(source, "roles", "expected tables [roles.<name>]")
+    for name, table in raw_roles.items():
+        path = f"roles.{_key(name)}."
+        if not isinstance(table, dict):
+            raise _err(source, path[:-1], "expected a table")
+        _no_unknown(table, ("operations", "prefixes", "admin"), source, path)
+        operations = _strings(table.get("operations", []), source, path + "operations")
+        for i, op in enumerate(operations):
+            if op in SIGN_VIA:
+                raise _err(
+                    source, f"{path}operations[{i}]", f"{op} is authorized as {SIGN_VIA[op]} on each item; grant Sign"
+                )
+            if op != ALL and op not in CRYPTO_OPERATIONS:
+                known = ", ".join(sorted(CRYPTO_OPERATIONS))
+                raise _err(source, f"{path}operations[{i}]", f"unknown operation {op!r} (known: {known}, or '*')")
+        prefixes = _strings(table.get("prefixes", []), source, path + "prefixes")
+        for i, prefix in enumerate(prefixes):
+            if prefix != ALL and not (prefix.endswith("/") and len(prefix) > 1):
+                raise _err(
+                    source,
+                    f"{path}prefixes[{i}]",
+                    f"a prefix must end with '/' (or be '*' for every key), got {prefix!r}",
+                )
+        if operations and not prefixes:
+            raise _err(source, path + "prefixes", "missing: operations apply to key-id prefixes ('*' = every key)")
+        if prefixes and not operations:
+            raise _err(source, path + "operations", "missing: the role names prefixes but grants no operation")
+        admin = _strings(table.get("admin", []), source, path + "admin")
+        for i, method in enumerate(admin):
+            if method != ALL and method not in ADMIN_OPERATIONS:
+                known = ", ".join(sorted(ADMIN_OPERATIONS))
+                raise _err(
+                    source, f"{path}admin[{i}]", f"unknown AdminService method {method!r} (known: {known}, or '*')"
+                )
+        roles[name] = Role(
+            name=name,
+            operations=frozenset(operations),
+            prefixes=tuple("" if p == ALL else p for p in prefixes),
+            admin=frozenset(admin),
+        )
+
+    identities: dict[str, tuple[tuple[str, ...], Limits]] = {}
+    raw_ids = data.get("identities", {})
+    if not isinstance(raw_ids, dict):
+        raise _err(source, "identities", "expected tables [identities.\"<identity>\"]")
+    for identity, table in raw_ids.items():
+        path = f"identities.{_key(identity)}."
+        if not identity:
+            raise _err(source, "identities", "an identity may not be empty")
+        if not isinstance(table, dict):
+            raise _err(source, path[:-1], "expected a table")
+        _no_unknown(table, ("roles", "rate", "burst", "concurrency"), source, path)
+        names = _strings(table.get("roles", []), source, path + "roles")
+        for i, role in enumerate(names):
+            if role not in roles:
+                defined = ", ".join(sorted(roles)) or "none"
+                raise _err(source, f"{path}roles[{i}]", f"no role {role!r} (defined: {defined})")
+        identities[identity] = (tuple(names), _limits(table, source, path, default_limits))
+    return Policy(roles, identities, default_limits, source=source, digest=digest)
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PolicyError(f"auth.policy_file: {path} does not exist") from None
+    except OSError as exc:
+        raise PolicyError(f"auth.policy_file: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyError(f"auth.policy_file ({path}): not valid TOML: {exc}") from None
+    return parse_policy(data, str(path), hashlib.sha256(raw).hexdigest())
+
+
+class PolicyStore:
+    """The current policy; ``reload()`` swaps in a new one, or keeps the old one if the file is bad."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.current = load_policy(path) if path is not None else Policy.permissive()
+
+    def reload(self) -> bool:
+        if self.path is None:
+            return True
+        with self._lock:
+            try:
+                policy = load_policy(self.path)
+            except PolicyError as exc:
+                log.error("policy reload refused, keeping the current policy: %s", exc)
+                audit("policy.reload", ok=False, path=str(self.path), error=str(exc))
+                return False
+            self.current = policy
+        log.info(
+            "policy reloaded from %s (%d identities, %d roles)", self.path, len(policy.identities), len(policy.roles)
+        )
+        audit("policy.reload", ok=True, path=str(self.path), sha256=policy.digest)
+        return True
+
+
+# -- identity ----------------------------------------------------------------------------
+
+
+class Authenticator:
+    """Finds the caller's identity on a call's context."""
+
+    def __init__(self, *, tls: bool, dev_header: bool) -> None:
+        self.tls = tls
+        self.dev_header = dev_header and not tls
+
+    def identity(self, context: Any) -> str:
+        if not self.tls:
+            if self.dev_header:
+                for key, value in context.invocation_metadata() or ():
+                    if key == IDENTITY_HEADER and isinstance(value, str) and value:
+                        return value
+            return DEV_IDENTITY
+        return identity_from_auth_context(context.auth_context())
+
+
+def identity_from_auth_context(auth: Mapping[str, list[bytes]]) -> str:
+    """SAN URI if there is exactly one (or one SPIFFE id), else the subject CN."""
+    uris = auth.get("peer_uri") or [v for v in auth.get("x509_subject_alternative_name", []) if b"://" in v]
+    if len(uris) > 1:
+        spiffe = auth.get("peer_spiffe_id", [])
+        if len(spiffe) != 1:
+            raise Unauthenticated("the client certificate has several URI SANs; it must have one")
+        uris = spiffe
+    if uris:
+        return uris[0].decode("utf-8", "replace")
+    names = auth.get("x509_common_name", [])
+    if len(names) == 1 and names[0]:
+        return names[0].decode("utf-8", "replace")
+    raise Unauthenticated("the client certificate has neither a URI SAN nor a single common name")

@@ -1,0 +1,348 @@
+"""TLS for the gateway: mTLS server credentials that reload on SIGHUP, and dev certificates.
+
+Production servers require a client certificate signed by ``server.tls.client_ca_file``
+(``require_client_authentication=True``). gRPC's TLS stack negotiates TLS 1.2 or 1.3
+only: grpc-core's default minimum is TLS 1.2 and Python's grpc exposes no way to
+lower it (``tests/security/test_tls.py`` checks that a TLS 1.1 client is refused).
+
+Reloading: :class:`ServerCredentials` reads and checks the files once at start and
+again on :meth:`ServerCredentials.reload` (SIGHUP). gRPC asks the credentials for a
+configuration before every new handshake; a reload therefore affects new
+connections only and never drops a connection or a request in flight. Files that
+fail the checks (missing, unreadable, key not matching the certificate, key
+readable by others) are refused and the current material stays in use.
+
+Errors are :class:`gateway.config.ConfigError` naming the key path
+(``server.tls.key_file: …``); they never quote file contents.
+
+Development certificates (``hsmgw dev certs``) come from :func:`write_dev_certs`:
+a local CA, a server certificate for 127.0.0.1/::1/localhost, and client
+certificates whose identity is the SAN URI ``spiffe://hsmgw/<name>`` (and CN).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import re
+import stat
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.config import ConfigError, TlsConfig
+
+log = logging.getLogger(__name__)
+
+SPIFFE_TRUST_DOMAIN = "hsmgw"
+DEV_SERVER_HOSTS = ("127.0.0.1", "::1", "localhost")
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+# -- loading and reloading ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The checked contents of the three TLS files."""
+
+    cert_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+    client_ca: bytes = field(repr=False)
+    fingerprint: str
+    """SHA-256 of the server's leaf certificate (DER), hex: safe to log."""
+    not_after: datetime.datetime
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"server.tls.{key}: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"server.tls.{key}: cannot read {path}: {exc.strerror}") from None
+
+
+def _certificates(data: bytes, path: Path, key: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise ConfigError(f"server.tls.{key}: {path} holds no PEM certificate")
+    return certs
+
+
+def load_material(tls: TlsConfig) -> TlsMaterial:
+    """Read and check the certificate, its key and the client CA."""
+    chain = _read(tls.cert_file, "cert_file")
+    leaf = _certificates(chain, tls.cert_file, "cert_file")[0]
+    try:
+        mode = tls.key_file.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"server.tls.key_file: {tls.key_file} does not exist") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"server.tls.key_file: {tls.key_file} is readable by others; run: chmod 600 {tls.key_file}")
+    key_pem = _read(tls.key_file, "key_file")
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        # The parser's message is never shown: say only which file.
+        raise ConfigError(f"server.tls.key_file: {tls.key_file} is not an unencrypted PEM private key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private_key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise ConfigError(
+            f"server.tls.key_file: {tls.key_file} is not the key of the certificate in {tls.cert_file}"
+        )
+    client_ca = _read(tls.client_ca_file, "client_ca_file")
+    _certificates(client_ca, tls.client_ca_file, "client_ca_file")
+    material = TlsMaterial(
+        cert_chain=chain,
+        private_key=key_pem,
+        client_ca=client_ca,
+        fingerprint=leaf.fingerprint(hashes.SHA256()).hex(),
+        not_after=leaf.not_valid_after_utc,
+    )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if material.not_after <= now:
+        log.error("server certificate %s expired at %s", material.fingerprint[:16], material.not_after.isoformat())
+    elif material.not_after - now < datetime.timedelta(days=14):
+        log.warning("server certificate %s expires at %s", material.fingerprint[:16], material.not_after.isoformat())
+    return material
+
+
+def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(material.private_key, material.cert_chain)], root_certificates=material.client_ca
+    )
+
+
+class ServerCredentials:
+    """mTLS server credentials whose certificate, key and client CA reload on demand."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()
+        self.material = load_material(tls)
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            _configuration(self.material), self._fetch, require_client_authentication=True
+        )
+
+    def reload(self) -> bool:
+        """Re-read the files; new handshakes use them. False (and a log line) if they are bad."""
+        try:
+            material = load_material(self._tls)
+        except ConfigError as exc:
+            log.error("TLS reload refused, still serving certificate %s: %s", self.material.fingerprint[:16], exc)
+            return False
+        with self._lock:
+            self.material = material
+            self._pending = _configuration(material)
+        log.info(
+            "TLS reloaded: server certificate %s, valid until %s",
+            material.fingerprint[:16],
+            material.not_after.isoformat(),
+        )
+        return True
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC before every handshake, on its own thread: no I/O here.
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+
+# -- development certificates ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issuer:
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+def spiffe_id(name: str) -> str:
+    return f"spiffe://{SPIFFE_TRUST_DOMAIN}/{name}"
+
+
+def check_client_name(name: str) -> str:
+    if not _CLIENT_NAME.fullmatch(name):
+        raise ValueError(
+            f"client name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, days: int
+) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hsmgw dev"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def new_ca(common_name: str = "hsmgw dev CA", *, days: int = 3650) -> Issuer:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(common_name)
+    cert = (
+        _builder(name, name, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issuer(cert, key)
+
+
+def _leaf(
+    issuer: Issuer, common_name: str, sans: list[x509.GeneralName], usage: x509.ObjectIdentifier, days: int
+) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        _builder(_name(common_name), issuer.certificate.subject, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+        )
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(issuer.key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def issue_server(issuer: Issuer, hosts: Sequence[str] = DEV_SERVER_HOSTS, *, days: int = 365) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for a server reachable at ``hosts`` (IPs or DNS names)."""
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    return _leaf(issuer, hosts[0] if hosts else "hsmgw", sans, ExtendedKeyUsageOID.SERVER_AUTH, days)
+
+
+def issue_client(issuer: Issuer, name: str, *, uri: bool = True, days: int = 365) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for client ``name``: CN = name, SAN URI spiffe://hsmgw/name."""
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id(name))] if uri else []
+    return _leaf(issuer, name, sans, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
+def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write atomically (a reload never sees half a file); private files are 0600 from the start."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o600 if private else 0o644)
+    os.replace(tmp, path)
+
+
+def load_issuer(cert_path: Path, key_path: Path) -> Issuer:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path}: expected an EC private key")
+    return Issuer(cert, key)
+
+
+@dataclass(frozen=True)
+class DevCerts:
+    out: Path
+    ca: Path
+    ca_key: Path
+    server: Path
+    server_key: Path
+    clients: dict[str, tuple[Path, Path]]
+    """name → (certificate, key)."""
+    created: tuple[str, ...]
+
+    def client(self, name: str) -> tuple[Path, Path]:
+        return self.clients[name]
+
+
+def write_dev_certs(
+    out: Path, clients: Sequence[str] = (), *, hosts: Sequence[str] = DEV_SERVER_HOSTS, days: int = 365
+) -> DevCerts:
+    """Make (or reuse) a local CA, a server certificate and client certificates in ``out``.
+
+    Idempotent: existing files are kept, so new clients join the same CA. Keys are 0600.
+    """
+    for name in clients:
+        check_client_name(name)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    created: list[str] = []
+    ca, ca_key = out / "ca.pem", out / "ca-key.pem"
+    if ca.exists() != ca_key.exists():
+        raise ValueError(f"{out}: found only one of ca.pem and ca-key.pem; remove it to make a new CA")
+    if ca.exists():
+        issuer = load_issuer(ca, ca_key)
+    else:
+        issuer = new_ca(days=max(days, 3650))
+        write_file(ca_key, _key_pem(issuer.key), private=True)
+        write_file(ca, issuer.certificate.public_bytes(serialization.Encoding.PEM))
+        created += [str(ca), str(ca_key)]
+    server, server_key = out / "server.pem", out / "server-key.pem"
+    if not (server.exists() and server_key.exists()):
+        cert_pem, key_pem = issue_server(issuer, hosts, days=days)
+        write_file(server_key, key_pem, private=True)
+        write_file(server, cert_pem)
+        created += [str(server), str(server_key)]
+    paths: dict[str, tuple[Path, Path]] = {}
+    for name in clients:
+        cert_path, key_path = out / f"client-{name}.pem", out / f"client-{name}-key.pem"
+        if not (cert_path.exists() and key_path.exists()):
+            cert_pem, key_pem = issue_client(issuer, name, days=days)
+            write_file(key_path, key_pem, private=True)
+            write_file(cert_path, cert_pem)
+            created += [str(cert_path), str(key_path)]
+        paths[name] = (cert_path, key_path)
+    return DevCerts(out, ca, ca_key, server, server_key, paths, tuple(created))

@@ -1,0 +1,139 @@
+"""Dispatch: run an operation on the best cluster that can serve it.
+
+Candidates come in order — the primary, replicas in the gateway's home region,
+then replicas in the DR regions — with drained clusters and failed-over regions
+moved to the back and clusters whose circuit is open skipped. On a cluster
+failure (``ClusterDown``) the same cluster is tried once more (an HSM being
+replaced answers the next call), then the next candidate; on ``Throttled`` the
+next candidate after a short jittered backoff. Every extra attempt spends from
+the retry budget, and no attempt starts after the caller's deadline. Caller
+errors are never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
+
+from router.backend import HsmBackend
+from router.errors import ClusterDown, DeadlineExceeded, RouterError, Throttled, Unavailable
+from router.health import CircuitBreaker, CircuitState
+from router.retry import RetryBudget, backoff
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        backends: Mapping[str, HsmBackend],
+        *,
+        home_region: str,
+        region_order: tuple[str, ...],
+        breakers: Mapping[str, CircuitBreaker],
+        budget: RetryBudget,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.backends = backends
+        self.breakers = breakers
+        self.budget = budget
+        self._home_region = home_region
+        self._region_rank = {region: i for i, region in enumerate(region_order)}
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._drained: frozenset[str] = frozenset()
+        self._failed_over: frozenset[str] = frozenset()
+        self.failovers = 0
+
+    # -- operator switches ----------------------------------------------------
+
+    def set_drained(self, clusters: Iterable[str]) -> None:
+        with self._lock:
+            self._drained = frozenset(clusters)
+
+    def set_failed_over(self, regions: Iterable[str]) -> None:
+        with self._lock:
+            self._failed_over = frozenset(regions)
+
+    @property
+    def drained(self) -> frozenset[str]:
+        return self._drained
+
+    @property
+    def failed_over(self) -> frozenset[str]:
+        return self._failed_over
+
+    def avoided(self, name: str) -> bool:
+        """Drained, or in a region an operator failed over: use only as a last resort."""
+        return name in self._drained or self.backends[name].spec.region in self._failed_over
+
+    def usable(self, name: str) -> bool:
+        """Healthy (circuit not open) and not avoided: fit for new keys and copies."""
+        return not self.avoided(name) and self.breakers[name].state is not CircuitState.OPEN
+
+    # -- ordering -------------------------------------------------------------------
+
+    def order(self, names: Iterable[str]) -> list[str]:
+        """Candidates in the order to try them (stable: the primary leads its rank)."""
+        known = [n for n in dict.fromkeys(names) if n in self.backends]
+        far = len(self._region_rank)
+        return sorted(
+            known,
+            key=lambda n: (self.avoided(n), self._region_rank.get(self.backends[n].spec.region, far)),
+        )
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self, names: Iterable[str], fn: Callable[[HsmBackend], T], deadline: float, what: str) -> tuple[T, str]:
+        """Run ``fn`` on the first candidate that succeeds: (result, cluster name)."""
+        self.budget.record_request()
+        last: RouterError | None = None
+        attempts = 0
+        for index, name in enumerate(self.order(names)):
+            breaker = self.breakers[name]
+            if not breaker.allow():
+                continue
+            backend = self.backends[name]
+            for same_cluster_try in range(2):
+                if attempts:
+                    if self._clock() >= deadline:
+                        raise last or DeadlineExceeded(f"deadline exceeded for {what}")
+                    if not self.budget.try_spend():
+                        log.warning("retry budget spent; not retrying %s", what)
+                        raise last or Unavailable(f"no cluster could serve {what}")
+                attempts += 1
+                try:
+                    result = fn(backend)
+                except ClusterDown as exc:
+                    breaker.record_failure()
+                    last = exc
+                    if same_cluster_try == 0 and breaker.allow():
+                        continue  # HSM replacement errors clear on retry
+                    break
+                except Throttled as exc:
+                    breaker.record_failure()
+                    last = exc
+                    pause = min(backoff(attempts), max(0.0, deadline - self._clock()))
+                    if pause:
+                        self._sleep(pause)
+                    break
+                except RouterError:
+                    breaker.release_trial()  # a caller error says nothing about the cluster
+                    raise
+                breaker.record_success()
+                if index or attempts > 1:
+                    with self._lock:
+                        self.failovers += 1
+                return result, name
+        if last is None:
+            raise Unavailable(f"no healthy cluster can serve {what}")
+        if isinstance(last, Throttled):
+            raise last
+        raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)

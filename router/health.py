@@ -1,0 +1,173 @@
+"""Cluster health: circuit breakers fed by outcomes, plus active probes.
+
+Each cluster has a ``CircuitBreaker``:
+
+- **closed**: requests flow. It opens after ``failures_to_open`` consecutive
+  cluster failures, or when the failure rate over the last ``window`` outcomes
+  exceeds ``max_failure_rate`` (passive outlier detection: a throttled HSM
+  failing every other call is ejected even though it never fails 3 in a row).
+- **open**: the router skips the cluster for ``cooldown`` seconds.
+- **half-open**: after the cooldown, one trial request (or probe) at a time; a
+  success closes the circuit, a failure opens it again.
+
+``HealthMonitor`` probes every cluster on an interval (a cheap call on a pooled
+session) so that a dead cluster is noticed without traffic and a recovered one
+is readmitted; state changes are logged and reported to a listener (the
+gateway maps them to ``grpc.health.v1`` statuses). The clock is injected.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from router.backend import HsmBackend
+from router.errors import ResourceExhausted, RouterError
+
+log = logging.getLogger(__name__)
+
+
+class CircuitState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        name: str,
+        *,
+        failures_to_open: int = 3,
+        window: int = 20,
+        max_failure_rate: float = 0.3,
+        cooldown: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, CircuitState], None] = lambda name, state: None,
+    ) -> None:
+        self.name = name
+        self._failures_to_open = failures_to_open
+        self._window: collections.deque[bool] = collections.deque(maxlen=window)
+        self._max_failure_rate = max_failure_rate
+        self._cooldown = cooldown
+        self._clock = clock
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._state = CircuitState.CLOSED
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self._trial_in_flight = False
+
+    @property
+    def state(self) -> CircuitState:
+        with self._lock:
+            self._maybe_half_open()
+            return self._state
+
+    def _maybe_half_open(self) -> None:
+        if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= self._cooldown:
+            self._set(CircuitState.HALF_OPEN)
+
+    def _set(self, state: CircuitState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._trial_in_flight = False
+            self._on_change(self.name, state)
+
+    def allow(self) -> bool:
+        """May a request go to this cluster now? (Claims the trial slot when half-open.)"""
+        with self._lock:
+            self._maybe_half_open()
+            if self._state is CircuitState.CLOSED:
+                return True
+            if self._state is CircuitState.HALF_OPEN and not self._trial_in_flight:
+                self._trial_in_flight = True
+                return True
+            return False
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._consecutive = 0
+            self._window.append(True)
+            if self._state is not CircuitState.CLOSED:
+                self._window.clear()
+                self._set(CircuitState.CLOSED)
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._consecutive += 1
+            self._window.append(False)
+            if self._state is CircuitState.HALF_OPEN:
+                self._open()
+                return
+            if self._state is CircuitState.OPEN:
+                return
+            failures = self._window.count(False)
+            full = len(self._window) == self._window.maxlen
+            if self._consecutive >= self._failures_to_open or (
+                full and failures / len(self._window) > self._max_failure_rate
+            ):
+                self._open()
+
+    def release_trial(self) -> None:
+        """A half-open trial ended without a verdict (e.g. a caller error)."""
+        with self._lock:
+            self._trial_in_flight = False
+
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._consecutive = 0
+        self._window.clear()
+        self._set(CircuitState.OPEN)
+
+
+class HealthMonitor:
+    """Probes every cluster on an interval and keeps its breaker up to date."""
+
+    def __init__(
+        self,
+        backends: Mapping[str, HsmBackend],
+        breakers: Mapping[str, CircuitBreaker],
+        *,
+        interval: float = 1.0,
+        probe_timeout: float = 2.0,
+    ) -> None:
+        self._backends = backends
+        self._breakers = breakers
+        self._interval = interval
+        self._probe_timeout = probe_timeout
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def probe_once(self, name: str) -> bool:
+        breaker = self._breakers[name]
+        try:
+            self._backends[name].probe(time.monotonic() + self._probe_timeout)
+        except ResourceExhausted:
+            return True  # every session busy: the cluster is working, not failing
+        except RouterError as exc:
+            log.debug("probe of %s failed: %s", name, exc.message)
+            breaker.record_failure()
+            return False
+        breaker.record_success()
+        return True
+
+    def start(self) -> None:
+        # One thread per cluster: a hung cluster must not delay the others' probes.
+        for name in self._backends:
+            thread = threading.Thread(target=self._loop, args=(name,), name=f"probe-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _loop(self, name: str) -> None:
+        while not self._stop.wait(self._interval):
+            self.probe_once(name)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self._probe_timeout + self._interval)

@@ -1,0 +1,484 @@
+"""The production placement store: one DynamoDB table shared by every gateway.
+
+Same semantics as ``SqliteStore``; the table holds three kinds of item, all under
+the partition key ``key_id`` and told apart by their ``kind`` attribute:
+
+``<key id>`` (kind ``placement``)
+    One item per key, an attribute per ``Placement`` field (``wrapped`` and
+    ``public_der`` as Binary, ``replicas`` as a list) and a ``version`` number.
+``req#<request id>`` (kind ``request``)
+    The unique index of request ids: ``target`` names the key the request made.
+    Written and removed in the same transaction as its placement, so one request
+    id can never make two keys.
+``meta#changes`` (kind ``meta``)
+    The change counter, incremented (``ADD``) by every write transaction.
+
+Key ids cannot contain ``#`` (see ``router.validation``), so the reserved items
+never collide with a key; this module refuses such ids anyway.
+
+Every write is one ``TransactWriteItems`` with a condition (``attribute_not_exists``
+for a creation, ``version = :expected`` for an update or delete). A lost
+condition raises ``Conflict`` carrying the record that won, taken from the
+cancellation reason itself (``ReturnValuesOnConditionCheckFailure=ALL_OLD``), so
+it is the state that beat us, not a later re-read. Every other failure — the
+endpoint unreachable, a timeout, throttling that outlasts the retries, a missing
+table, bad credentials — raises ``StoreError``. Timeouts and retries are short so
+that an unreachable store fails within about two seconds and the gateway can
+serve from its cache instead of hanging.
+
+Costs and limits worth knowing:
+
+- ``list`` is a full-table ``Scan`` sorted in memory: O(number of keys), fine for
+  admin listing of a few thousand keys. A deployment with many more should page
+  through a GSI with a constant partition key and ``key_id`` as sort key instead.
+- ``scan`` streams every placement page by page, in no particular order.
+- ``meta#changes`` is a single hot item that every write transaction touches:
+  it serialises placement writes (a few hundred per second at most), which is
+  plenty for key creation and moves. Transactions that collide on it are
+  cancelled with ``TransactionConflict`` and retried here with jitter.
+- Under global tables, conditions are checked per region only; see
+  ``deploy/dynamodb/README.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import boto3  # type: ignore[import-untyped]
+from botocore.config import Config  # type: ignore[import-untyped]
+from botocore.exceptions import (  # type: ignore[import-untyped]
+    BotoCoreError,
+    ClientError,
+    ParamValidationError,
+)
+
+from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
+from router.placement.store import Conflict, PlacementStore, StoreError
+
+__all__ = ["DynamoStore", "TABLE_DEFINITION"]
+
+Item = dict[str, Any]
+
+_PLACEMENT = "placement"
+_REQUEST = "request"
+_META = "meta"
+_REQUEST_PREFIX = "req#"
+_COUNTER_KEY = "meta#changes"
+_RESERVED_PREFIXES = (_REQUEST_PREFIX, "meta#")
+
+# Cancellation reasons that mean "someone else's transaction was in the way",
+# not "your condition is false": worth another try after a short pause.
+_TRANSIENT_REASONS = frozenset({"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"})
+_CONFLICT_ATTEMPTS = 8
+
+TABLE_DEFINITION: Mapping[str, Any] = {
+    "AttributeDefinitions": [{"AttributeName": "key_id", "AttributeType": "S"}],
+    "KeySchema": [{"AttributeName": "key_id", "KeyType": "HASH"}],
+    "BillingMode": "PAY_PER_REQUEST",
+}
+"""``CreateTable`` input without the table name (``deploy/dynamodb/table.json`` adds
+deployment settings on top of this; a test keeps the two in step)."""
+
+
+# -- encoding -------------------------------------------------------------------------
+
+
+def _encode(p: Placement) -> Item:
+    item: Item = {
+        "key_id": {"S": p.key_id},
+        "kind": {"S": _PLACEMENT},
+        "algorithm": {"S": p.algorithm.value},
+        "usage": {"S": p.usage.value},
+        "state": {"S": p.state.value},
+        "primary_cluster": {"S": p.primary},
+        "replicas": {"L": [{"S": r} for r in p.replicas]},
+        # repr() of a float is its shortest exact decimal, so it round-trips.
+        "create_time": {"N": repr(float(p.create_time))},
+        "request_id": {"S": p.request_id},
+        "fingerprint": {"S": p.fingerprint},
+        "storage": {"S": p.storage.value},
+        "version": {"N": str(p.version)},
+        "copies": {"N": str(p.copies)},
+        "extractable": {"BOOL": p.extractable},
+    }
+    # Empty binaries are legal in DynamoDB today but not in every emulator or older
+    # SDK; an absent attribute decodes to b"" just the same.
+    if p.wrapped:
+        item["wrapped"] = {"B": p.wrapped}
+    if p.public_der:
+        item["public_der"] = {"B": p.public_der}
+    return item
+
+
+def _decode(item: Item | None) -> Placement | None:
+    """The placement an item holds, or None for no item or a non-placement item."""
+    if not item or item.get("kind", {}).get("S") != _PLACEMENT:
+        return None
+    try:
+        return Placement(
+            key_id=item["key_id"]["S"],
+            algorithm=KeyAlgorithm(item["algorithm"]["S"]),
+            usage=KeyUsage(item["usage"]["S"]),
+            state=KeyState(item["state"]["S"]),
+            primary=item["primary_cluster"]["S"],
+            replicas=tuple(v["S"] for v in item.get("replicas", {}).get("L", [])),
+            create_time=float(item["create_time"]["N"]),
+            request_id=item.get("request_id", {}).get("S", ""),
+            fingerprint=item.get("fingerprint", {}).get("S", ""),
+            storage=KeyStorage(item.get("storage", {}).get("S", KeyStorage.TOKEN.value)),
+            version=int(item["version"]["N"]),
+            copies=int(item.get("copies", {}).get("N", "1")),
+            extractable=bool(item.get("extractable", {}).get("BOOL", True)),
+            wrapped=bytes(item["wrapped"]["B"]) if "wrapped" in item else b"",
+            public_der=bytes(item["public_der"]["B"]) if "public_der" in item else b"",
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        key = item.get("key_id", {}).get("S", "?")
+        raise StoreError(f"malformed placement record {key!r} in the store: {exc!r}") from exc
+
+
+def _key(key_id: str) -> Item:
+    return {"key_id": {"S": key_id}}
+
+
+def _request_key(request_id: str) -> Item:
+    return _key(_REQUEST_PREFIX + request_id)
+
+
+def _failed(reasons: list[Item], index: int) -> bool:
+    return index < len(reasons) and reasons[index].get("Code") == "ConditionalCheckFailed"
+
+
+# -- the store ------------------------------------------------------------------------
+
+
+class DynamoStore(PlacementStore):
+    """Placements in the DynamoDB table ``table`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        table: str,
+        *,
+        region: str,
+        endpoint_url: str | None = None,
+        client: Any = None,
+        connect_timeout: float = 0.5,
+        read_timeout: float = 1.0,
+        max_attempts: int = 2,
+        scan_page_size: int | None = None,
+    ) -> None:
+        """``client``: a ready boto3 DynamoDB client (then the timeouts and attempts are unused).
+
+        The defaults make an unreachable endpoint fail in about two seconds:
+        ``max_attempts`` counts the first try, botocore's standard retry mode waits
+        up to a second between tries. ``scan_page_size`` bounds the items read per
+        ``Scan`` request (default: DynamoDB's 1 MB pages).
+        """
+        self.table = table
+        self.scan_page_size = scan_page_size
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self._owns_client = client is None
+        if client is None:
+            config = Config(
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                retries={"mode": "standard", "total_max_attempts": max_attempts},
+                max_pool_connections=32,
+            )
+            try:
+                # A session per store: boto3's default session is not thread-safe.
+                client = boto3.session.Session().client(
+                    "dynamodb", region_name=region, endpoint_url=endpoint_url, config=config
+                )
+            except BotoCoreError as exc:
+                raise StoreError(f"cannot set up placement store dynamodb://{table}: {exc}") from exc
+        self._client = client
+
+    def __repr__(self) -> str:
+        where = f", endpoint_url={self.endpoint_url!r}" if self.endpoint_url else ""
+        return f"DynamoStore({self.table!r}, region={self.region!r}{where})"
+
+    # -- plumbing
+
+    def _call(self, operation: str, **kwargs: Any) -> Item:
+        """One API call; everything but a lost condition becomes ``StoreError``."""
+        try:
+            result: Item = getattr(self._client, operation)(TableName=self.table, **kwargs)
+            return result
+        except ParamValidationError:
+            raise  # a bug in this module, not an unavailable store
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = error.get("Code", "")
+            if code in ("ConditionalCheckFailedException", "TransactionCanceledException"):
+                raise
+            raise StoreError(
+                f"placement store dynamodb://{self.table}: {operation} failed: {code}: {error.get('Message', '')}"
+            ) from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
+
+    def _transact(self, items: list[Item]) -> list[Item] | None:
+        """Run a write transaction plus the change-counter bump.
+
+        Returns None on success, or the cancellation reasons (one per item, in
+        order) when a condition failed.
+        """
+        counter = {
+            "Update": {
+                "TableName": self.table,
+                "Key": _key(_COUNTER_KEY),
+                "UpdateExpression": "SET #kind = :meta ADD #changes :one",
+                "ExpressionAttributeNames": {"#kind": "kind", "#changes": "changes"},
+                "ExpressionAttributeValues": {":meta": {"S": _META}, ":one": {"N": "1"}},
+            }
+        }
+        transact_items = [{op: {"TableName": self.table, **body} for op, body in item.items()} for item in items]
+        transact_items.append(counter)
+        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+            try:
+                # TransactWriteItems takes no TableName of its own; each item names it.
+                self._client.transact_write_items(TransactItems=transact_items)
+                return None
+            except ParamValidationError:
+                raise
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                if error.get("Code") != "TransactionCanceledException":
+                    raise StoreError(
+                        f"placement store dynamodb://{self.table}: TransactWriteItems failed: "
+                        f"{error.get('Code', '')}: {error.get('Message', '')}"
+                    ) from exc
+                reasons: list[Item] = exc.response.get("CancellationReasons") or []
+                codes = {r.get("Code") for r in reasons}
+                if "ConditionalCheckFailed" in codes:
+                    return reasons
+                if codes & _TRANSIENT_REASONS and attempt < _CONFLICT_ATTEMPTS:
+                    time.sleep(random.uniform(0.005, 0.02) * attempt)
+                    continue
+                raise StoreError(
+                    f"placement store dynamodb://{self.table}: transaction cancelled: {sorted(map(str, codes))}"
+                ) from exc
+            except BotoCoreError as exc:
+                raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _get_item(self, key: Item) -> Item | None:
+        item: Item | None = self._call("get_item", Key=key, ConsistentRead=True).get("Item")
+        return item
+
+    def _scan_items(self, **kwargs: Any) -> Iterator[Item]:
+        if self.scan_page_size:
+            kwargs["Limit"] = self.scan_page_size
+        start: Item | None = None
+        while True:
+            page = self._call("scan", ConsistentRead=True, **kwargs, **({"ExclusiveStartKey": start} if start else {}))
+            yield from page.get("Items", [])
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return
+
+    # -- PlacementStore
+
+    def get(self, key_id: str) -> Placement | None:
+        return _decode(self._get_item(_key(key_id)))
+
+    def by_request(self, request_id: str) -> Placement | None:
+        item = self._get_item(_request_key(request_id))
+        if item is None or "target" not in item:
+            return None
+        placement = self.get(item["target"]["S"])
+        return placement if placement is not None and placement.request_id == request_id else None
+
+    def create(self, placement: Placement) -> None:
+        if placement.key_id.startswith(_RESERVED_PREFIXES):
+            raise ValueError(f"key id {placement.key_id!r} uses a prefix reserved by the DynamoDB store")
+        reasons = self._transact(
+            [
+                {
+                    "Put": {
+                        "Item": _encode(placement),
+                        "ConditionExpression": "attribute_not_exists(#k)",
+                        "ExpressionAttributeNames": {"#k": "key_id"},
+                        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                    }
+                },
+                {
+                    "Put": {
+                        "Item": {
+                            **_request_key(placement.request_id),
+                            "kind": {"S": _REQUEST},
+                            "target": {"S": placement.key_id},
+                        },
+                        "ConditionExpression": "attribute_not_exists(#k)",
+                        "ExpressionAttributeNames": {"#k": "key_id"},
+                        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                    }
+                },
+            ]
+        )
+        if reasons is None:
+            return
+        existing: Placement | None = None
+        if _failed(reasons, 0):  # the key id is taken: that record wins, as in SqliteStore
+            existing = _decode(reasons[0].get("Item")) or self.get(placement.key_id)
+        elif _failed(reasons, 1):  # the request id already made another key
+            target = (reasons[1].get("Item") or {}).get("target", {}).get("S")
+            existing = self.get(target) if target else self.by_request(placement.request_id)
+        raise Conflict(existing)
+
+    def update(self, placement: Placement) -> Placement:
+        new = dataclasses.replace(placement, version=placement.version + 1)
+        put = {
+            "Put": {
+                "Item": _encode(new),
+                "ConditionExpression": "#v = :expected AND #r = :request",
+                "ExpressionAttributeNames": {"#v": "version", "#r": "request_id"},
+                "ExpressionAttributeValues": {
+                    ":expected": {"N": str(placement.version)},
+                    ":request": {"S": placement.request_id},
+                },
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            }
+        }
+        reasons = self._transact([put])
+        if reasons is None:
+            return new
+        current = _decode(reasons[0].get("Item")) if _failed(reasons, 0) else self.get(placement.key_id)
+        if current is None or current.version != placement.version or current.request_id == placement.request_id:
+            raise Conflict(current)
+        # The update changes the request id: move its index entry in the same transaction.
+        put["Put"]["ExpressionAttributeValues"][":request"] = {"S": current.request_id}
+        reasons = self._transact(
+            [
+                put,
+                {
+                    "Delete": {
+                        "Key": _request_key(current.request_id),
+                        "ConditionExpression": "attribute_not_exists(#k) OR #t = :key",
+                        "ExpressionAttributeNames": {"#k": "key_id", "#t": "target"},
+                        "ExpressionAttributeValues": {":key": {"S": placement.key_id}},
+                    }
+                },
+                {
+                    "Put": {
+                        "Item": {
+                            **_request_key(placement.request_id),
+                            "kind": {"S": _REQUEST},
+                            "target": {"S": placement.key_id},
+                        },
+                        "ConditionExpression": "attribute_not_exists(#k)",
+                        "ExpressionAttributeNames": {"#k": "key_id"},
+                        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                    }
+                },
+            ]
+        )
+        if reasons is None:
+            return new
+        if _failed(reasons, 2) and not _failed(reasons, 0):
+            target = (reasons[2].get("Item") or {}).get("target", {}).get("S")
+            raise Conflict(self.get(target) if target else None)
+        raise Conflict(self.get(placement.key_id))
+
+    def delete(self, key_id: str, version: int) -> None:
+        # The request id lives in the record; read it to remove its index entry too.
+        current = self.get(key_id)
+        if current is None or current.version != version:
+            raise Conflict(current)
+        reasons = self._transact(
+            [
+                {
+                    "Delete": {
+                        "Key": _key(key_id),
+                        "ConditionExpression": "#v = :expected AND #r = :request",
+                        "ExpressionAttributeNames": {"#v": "version", "#r": "request_id"},
+                        "ExpressionAttributeValues": {
+                            ":expected": {"N": str(version)},
+                            ":request": {"S": current.request_id},
+                        },
+                        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                    }
+                },
+                {
+                    "Delete": {
+                        "Key": _request_key(current.request_id),
+                        "ConditionExpression": "attribute_not_exists(#k) OR #t = :key",
+                        "ExpressionAttributeNames": {"#k": "key_id", "#t": "target"},
+                        "ExpressionAttributeValues": {":key": {"S": key_id}},
+                    }
+                },
+            ]
+        )
+        if reasons is None:
+            return
+        if _failed(reasons, 0):
+            raise Conflict(_decode(reasons[0].get("Item")))
+        raise StoreError(f"placement store dynamodb://{self.table}: request index of {key_id!r} names another key")
+
+    def list(self, prefix: str = "", after: str = "", limit: int = 100) -> list[Placement]:
+        # O(table): a filtered Scan, then sort. See the module docstring.
+        conditions = ["#kind = :placement"]
+        values: Item = {":placement": {"S": _PLACEMENT}}
+        if prefix:
+            conditions.append("begins_with(#k, :prefix)")
+            values[":prefix"] = {"S": prefix}
+        if after:
+            conditions.append("#k > :after")
+            values[":after"] = {"S": after}
+        placements = [
+            p
+            for item in self._scan_items(
+                FilterExpression=" AND ".join(conditions),
+                ExpressionAttributeNames={"#kind": "kind", **({"#k": "key_id"} if prefix or after else {})},
+                ExpressionAttributeValues=values,
+            )
+            if (p := _decode(item)) is not None
+        ]
+        # Python orders str by code point, as SQLite orders UTF-8 text bytewise.
+        placements.sort(key=lambda p: p.key_id)
+        return placements if limit < 0 else placements[:limit]
+
+    def scan(self) -> Iterator[Placement]:
+        for item in self._scan_items(
+            FilterExpression="#kind = :placement",
+            ExpressionAttributeNames={"#kind": "kind"},
+            ExpressionAttributeValues={":placement": {"S": _PLACEMENT}},
+        ):
+            placement = _decode(item)
+            if placement is not None:
+                yield placement
+
+    def change_counter(self) -> int:
+        item = self._get_item(_key(_COUNTER_KEY))
+        return int(item["changes"]["N"]) if item and "changes" in item else 0
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # -- administration
+
+    def create_table(self, *, wait: bool = True) -> bool:
+        """Create the table (on-demand capacity) unless it exists; True if created."""
+        try:
+            self._call("create_table", **TABLE_DEFINITION)
+            created = True
+        except StoreError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, ClientError) and cause.response["Error"]["Code"] == "ResourceInUseException"):
+                raise
+            created = False
+        if wait:
+            try:
+                self._client.get_waiter("table_exists").wait(
+                    TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 120}
+                )
+            except BotoCoreError as exc:
+                raise StoreError(f"placement store dynamodb://{self.table} did not become active: {exc}") from exc
+        return created
