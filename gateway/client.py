@@ -1,0 +1,181 @@
+"""A Python client for hsmgw with regional failover.
+
+    client = Client(["gw.us-east-1.example:443", "gw.us-west-2.example:443"],
+                    credentials=grpc.ssl_channel_credentials(...))
+    key = client.generate_key("payments/signing-2026", "EC_P256", request_id="create-1")
+    signature = client.sign("payments/signing-2026", hashlib.sha256(msg).digest())
+
+Endpoints are tried in order: the client sticks to the first that works and
+moves to the next when one is unreachable (UNAVAILABLE, or a deadline that
+passes without an answer while connecting). Every gateway serves every
+replicated key, so the next region answers the same request. Idempotent calls
+(everything but GenerateKey without a request_id, which the helper always
+sets) are retried on the next endpoint within the caller's deadline.
+
+Other languages: ``deploy/grpc-service-config.json`` carries the same retry
+policy for gRPC's built-in retries (one endpoint per channel).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from hsmgw.v1 import crypto_pb2 as pb
+from hsmgw.v1 import crypto_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Codes that mean "this endpoint cannot answer now", not "the request is wrong".
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+class Client:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = 5.0,
+        connect_timeout: float = 1.0,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is required")
+        self._endpoints = list(endpoints)
+        self._credentials = credentials
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._metadata = tuple(metadata)
+        self._lock = threading.Lock()
+        self._current = 0
+        self._channels: dict[int, grpc.Channel] = {}
+        self.failovers = 0
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _channel(self, index: int) -> grpc.Channel:
+        with self._lock:
+            channel = self._channels.get(index)
+            if channel is None:
+                target = self._endpoints[index]
+                channel = (
+                    grpc.secure_channel(target, self._credentials)
+                    if self._credentials is not None
+                    else grpc.insecure_channel(target)
+                )
+                self._channels[index] = channel
+            return channel
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoints[self._current]
+
+    def _call(self, invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T], timeout: float | None) -> T:
+        deadline = time.monotonic() + (timeout or self._timeout)
+        last: grpc.RpcError | None = None
+        start = self._current
+        for step in range(len(self._endpoints)):
+            index = (start + step) % len(self._endpoints)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
+            try:
+                result = invoke(stub, remaining)
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code not in FAILOVER_CODES:
+                    raise
+                log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())  # type: ignore[attr-defined]
+                last = exc
+                continue
+            if index != self._current:
+                with self._lock:
+                    self._current = index
+                    self.failovers += 1
+            return result
+        if last is not None:
+            raise last
+        raise TimeoutError("deadline passed before any endpoint answered")
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- typed helpers ------------------------------------------------------------
+
+    def _kw(self, remaining: float) -> dict[str, Any]:
+        return {"timeout": remaining, "metadata": self._metadata, "wait_for_ready": False}
+
+    def generate_key(
+        self,
+        key_id: str,
+        algorithm: str,
+        *,
+        usage: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.Key:
+        request = pb.GenerateKeyRequest(
+            request_id=request_id or f"{key_id}#{uuid.uuid4()}",
+            key_id=key_id,
+            algorithm=pb.KeyAlgorithm.Value(f"KEY_ALGORITHM_{algorithm}"),
+            usage=pb.KeyUsage.Value(f"KEY_USAGE_{usage}") if usage else 0,
+        )
+        return self._call(lambda stub, t: stub.GenerateKey(request, **self._kw(t)), timeout)
+
+    def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:
+        request = pb.GetPublicKeyRequest(key_id=key_id)
+        return self._call(lambda stub, t: stub.GetPublicKey(request, **self._kw(t)), timeout).pem
+
+    def sign(
+        self,
+        key_id: str,
+        digest: bytes | None = None,
+        *,
+        message: bytes | None = None,
+        algorithm: str = "ECDSA_SHA256",
+        timeout: float | None = None,
+    ) -> pb.SignResponse:
+        request = pb.SignRequest(key_id=key_id, algorithm=pb.Algorithm.Value(f"ALGORITHM_{algorithm}"))
+        if digest is not None:
+            request.digest = digest
+        else:
+            request.message = message or b""
+        return self._call(lambda stub, t: stub.Sign(request, **self._kw(t)), timeout)
+
+    def verify(
+        self,
+        key_id: str,
+        signature: bytes,
+        digest: bytes | None = None,
+        *,
+        message: bytes | None = None,
+        algorithm: str = "ECDSA_SHA256",
+        timeout: float | None = None,
+    ) -> bool:
+        request = pb.VerifyRequest(
+            key_id=key_id, algorithm=pb.Algorithm.Value(f"ALGORITHM_{algorithm}"), signature=signature
+        )
+        if digest is not None:
+            request.digest = digest
+        else:
+            request.message = message or b""
+        return self._call(lambda stub, t: stub.Verify(request, **self._kw(t)), timeout).valid

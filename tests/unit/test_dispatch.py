@@ -1,0 +1,157 @@
+"""Dispatch order, failover, retries and the retry budget, on a fake clock."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from router.dispatch import Dispatcher
+from router.errors import ClusterDown, InvalidArgument, Throttled, Unavailable
+from router.health import CircuitBreaker, CircuitState
+from router.model import ClusterSpec
+from router.retry import RetryBudget
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+REGIONS = {"use1-a": "us-east-1", "use1-b": "us-east-1", "usw2-a": "us-west-2"}
+
+
+def make(clock: Clock, **budget_kw) -> Dispatcher:
+    backends = {n: SimpleNamespace(name=n, spec=ClusterSpec(n, r, n)) for n, r in REGIONS.items()}
+    breakers = {n: CircuitBreaker(n, clock=clock, cooldown=2.0) for n in REGIONS}
+    return Dispatcher(
+        backends, home_region="us-east-1", region_order=("us-east-1", "us-west-2"), breakers=breakers,
+        budget=RetryBudget(clock=clock, **budget_kw), clock=clock, sleep=clock.sleep,
+    )
+
+
+def script(outcomes: dict[str, list]):
+    """fn(backend) that pops the next outcome for that cluster: an exception class or a value."""
+    calls: list[str] = []
+
+    def fn(backend):
+        calls.append(backend.name)
+        outcome = outcomes[backend.name].pop(0) if outcomes[backend.name] else "ok"
+        if isinstance(outcome, type) and issubclass(outcome, Exception):
+            raise outcome(f"{backend.name} failed", cluster=backend.name)
+        return f"{outcome}@{backend.name}"
+
+    return fn, calls
+
+
+def test_primary_serves_when_healthy() -> None:
+    clock = Clock()
+    d = make(clock)
+    fn, calls = script({n: [] for n in REGIONS})
+    assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k") == ("ok@use1-a", "use1-a")
+    assert calls == ["use1-a"]
+
+
+def test_cluster_down_is_retried_once_then_fails_over() -> None:
+    clock = Clock()
+    d = make(clock)
+    fn, calls = script({"use1-a": [ClusterDown, ClusterDown], "use1-b": [], "usw2-a": []})
+    result, cluster = d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert (result, cluster) == ("ok@usw2-a", "usw2-a")
+    assert calls == ["use1-a", "use1-a", "usw2-a"]
+    assert d.failovers == 1
+
+
+def test_replacement_error_clears_on_same_cluster_retry() -> None:
+    clock = Clock()
+    d = make(clock)
+    fn, calls = script({"use1-a": [ClusterDown], "use1-b": [], "usw2-a": []})
+    assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")[1] == "use1-a"
+    assert calls == ["use1-a", "use1-a"]
+
+
+def test_caller_errors_are_never_retried() -> None:
+    clock = Clock()
+    d = make(clock)
+    fn, calls = script({"use1-a": [InvalidArgument], "use1-b": [], "usw2-a": []})
+    with pytest.raises(InvalidArgument):
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == ["use1-a"]
+    assert d.breakers["use1-a"].state is CircuitState.CLOSED
+
+
+def test_open_circuit_is_skipped_and_half_open_trial_closes_it() -> None:
+    clock = Clock()
+    d = make(clock)
+    for _ in range(3):
+        d.breakers["use1-a"].record_failure()
+    assert d.breakers["use1-a"].state is CircuitState.OPEN
+    fn, calls = script({n: [] for n in REGIONS})
+    assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")[1] == "usw2-a"
+    assert calls == ["usw2-a"]
+    clock.now += 2.5
+    assert d.breakers["use1-a"].state is CircuitState.HALF_OPEN
+    assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")[1] == "use1-a"
+    assert d.breakers["use1-a"].state is CircuitState.CLOSED
+
+
+def test_failure_rate_ejects_a_flaky_cluster() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("x", clock=clock, window=20, max_failure_rate=0.3)
+    for i in range(20):
+        (breaker.record_failure if i % 2 else breaker.record_success)()
+    assert breaker.state is CircuitState.OPEN, "half the calls failing must eject the cluster"
+
+
+def test_throttled_moves_to_the_next_replica_after_backoff() -> None:
+    clock = Clock()
+    d = make(clock)
+    fn, calls = script({"use1-a": [Throttled], "use1-b": [], "usw2-a": []})
+    start = clock()
+    assert d.run(["use1-a", "use1-b"], fn, clock() + 5, "k")[1] == "use1-b"
+    assert calls == ["use1-a", "use1-b"]
+    assert clock() - start <= 0.1
+
+
+def test_every_candidate_down_is_unavailable() -> None:
+    clock = Clock()
+    d = make(clock)
+    fn, _ = script({n: [ClusterDown] * 5 for n in REGIONS})
+    with pytest.raises(Unavailable):
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+
+
+def test_retry_budget_caps_extra_attempts() -> None:
+    clock = Clock()
+    d = make(clock, ratio=0.2, min_per_second=0.0, window=10.0)
+    d.budget._tokens = 0.0  # start empty: only the 20 % earned by requests may be retries
+    outcomes = {n: [] for n in REGIONS}
+    outcomes["use1-a"] = [ClusterDown] * 1000
+    fn, _ = script(outcomes)
+    errors = 0
+    for _ in range(100):
+        d.breakers["use1-a"] = CircuitBreaker("use1-a", clock=clock, failures_to_open=10**6, window=10**6)
+        try:
+            d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+        except (ClusterDown, Unavailable):
+            errors += 1
+    assert d.budget.retries <= 0.2 * 100 + 1
+    assert d.budget.refused > 0 and errors > 0
+
+
+def test_drained_and_failed_over_clusters_go_last() -> None:
+    clock = Clock()
+    d = make(clock)
+    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ["use1-a", "use1-b", "usw2-a"]
+    d.set_drained({"use1-a"})
+    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ["use1-b", "usw2-a", "use1-a"]
+    d.set_drained(set())
+    d.set_failed_over({"us-east-1"})
+    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ["usw2-a", "use1-a", "use1-b"]
+    assert not d.usable("use1-a") and d.usable("usw2-a")
