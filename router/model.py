@@ -155,7 +155,8 @@ class KeySpec:
     algorithm: KeyAlgorithm
     usage: KeyUsage
     request_id: str
-    copies: int = 1
+    copies: int = 0
+    """Clusters that must hold the key; 0 = the gateway's replication policy."""
     storage: KeyStorage = KeyStorage.TOKEN
     extractable: bool = True
     """False: the key never leaves its HSM, not even wrapped (and cannot be replicated)."""

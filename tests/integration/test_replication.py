@@ -1,0 +1,94 @@
+"""Replication: every acknowledged key exists on its primary and a DR copy."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import ObjectClass
+
+from router.errors import Unavailable
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, ReplicationPolicy
+from tests.support import unique
+
+POLICY = ReplicationPolicy(copies=2, require_dr_copy=True)
+
+
+def _spec(key_id: str, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY) -> KeySpec:
+    return KeySpec(key_id=key_id, algorithm=algorithm, usage=usage, request_id=f"r-{key_id}")
+
+
+def test_every_copy_signs_with_the_same_key(make_router, tokens) -> None:
+    router = make_router(replication=POLICY)
+    key = router.generate_key(_spec(unique("repl")), time.monotonic() + 30)
+    assert key.state is KeyState.ENABLED
+    assert key.primary in ("use1-a", "use1-b") and key.replicas == ("usw2-a",)
+    public = serialization.load_der_public_key(router.public_key(key.key_id, time.monotonic() + 5)[1])
+    digest = hashlib.sha256(b"same key everywhere").digest()
+    for cluster in key.clusters:
+        assert tokens.classes(cluster, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+        signature = router.backends[cluster].sign(key, Operation.ECDSA_SHA256, digest, time.monotonic() + 5)
+        public.verify(signature, b"same key everywhere", ec.ECDSA(hashes.SHA256()))
+        # and the replica's own public key object is the same key
+        assert router.backends[cluster].public_key(key, time.monotonic() + 5) == \
+            router.backends[key.primary].public_key(key, time.monotonic() + 5)
+
+
+@pytest.mark.parametrize("algorithm,usage", [
+    (KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT),
+    (KeyAlgorithm.HMAC_SHA256, KeyUsage.MAC),
+    (KeyAlgorithm.RSA_2048, KeyUsage.ENCRYPT_DECRYPT),
+])
+def test_symmetric_and_rsa_copies_interoperate(make_router, algorithm, usage) -> None:
+    router = make_router(replication=POLICY)
+    key = router.generate_key(_spec(unique("repl"), algorithm, usage), time.monotonic() + 60)
+    primary, replica = (router.backends[n] for n in key.clusters)
+    far = time.monotonic() + 10
+    if algorithm is KeyAlgorithm.AES_256:
+        ciphertext, iv = primary.encrypt(key, Operation.AES_GCM, b"data", b"aad", far)
+        assert replica.decrypt(key, Operation.AES_GCM, ciphertext, iv, b"aad", far) == b"data"
+    elif algorithm is KeyAlgorithm.HMAC_SHA256:
+        assert primary.mac(key, Operation.HMAC_SHA256, b"m", far) == replica.mac(key, Operation.HMAC_SHA256, b"m", far)
+    else:
+        ciphertext, _ = primary.encrypt(key, Operation.RSA_OAEP_SHA256, b"secret", b"", far)
+        assert replica.decrypt(key, Operation.RSA_OAEP_SHA256, ciphertext, b"", b"", far) == b"secret"
+
+
+def test_dr_region_unavailable_fails_creation_and_leaves_nothing(make_router, tokens) -> None:
+    router = make_router(replication=POLICY)
+    router.fail_over_region("us-west-2")  # the DR region cannot take copies now
+    key_id = unique("no-dr")
+    with pytest.raises(Unavailable, match="DR region"):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert router.store.get(key_id) is None
+    for cluster in router.backends:
+        assert tokens.objects(cluster, key_id) == []
+
+
+def test_ack_local_then_repair_when_the_dr_region_returns(make_router, tokens) -> None:
+    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
+    router.fail_over_region("us-west-2")
+    key = router.generate_key(_spec(unique("ack-local")), time.monotonic() + 30)
+    assert key.state is KeyState.UNDER_REPLICATED
+    assert tokens.objects("usw2-a", key.key_id) == []
+    # Still serving from its local copy.
+    assert router.sign(key.key_id, Operation.ECDSA_SHA256, b"d" * 32, None, time.monotonic() + 5)[0]
+
+    router.fail_over_region("us-west-2", False)
+    assert router.repair_once(time.monotonic() + 30) >= 1
+    repaired = router.get_key(key.key_id)
+    assert repaired.state is KeyState.ENABLED
+    assert "usw2-a" in repaired.replicas
+    assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert router.store.get(key.key_id).state is KeyState.ENABLED
+
+
+def test_destroy_removes_every_copy(make_router, tokens) -> None:
+    router = make_router(replication=POLICY)
+    key = router.generate_key(_spec(unique("repl-destroy")), time.monotonic() + 30)
+    router.destroy_key(key.key_id, time.monotonic() + 30)
+    for cluster in router.backends:
+        assert tokens.objects(cluster, key.key_id) == []
