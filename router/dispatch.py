@@ -7,7 +7,8 @@ failure (``ClusterDown``) the same cluster is tried once more (an HSM being
 replaced answers the next call), then the next candidate; on ``Throttled`` the
 next candidate after a short jittered backoff. Every extra attempt spends from
 the retry budget, and no attempt starts after the caller's deadline. Caller
-errors are never retried.
+errors are never retried; a cluster that lacks the key's material passes the
+request to the next candidate.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 from router.backend import HsmBackend
-from router.errors import ClusterDown, DeadlineExceeded, RouterError, Throttled, Unavailable
+from router.errors import ClusterDown, DeadlineExceeded, KeyNotFound, RouterError, Throttled, Unavailable
 from router.health import CircuitBreaker, CircuitState
 from router.retry import RetryBudget, backoff
 
@@ -124,6 +125,12 @@ class Dispatcher:
                     if pause:
                         self._sleep(pause)
                     break
+                except KeyNotFound as exc:
+                    # This cluster lacks the key's material (moved, or lost): a
+                    # replica may still have it. Not the cluster's health.
+                    breaker.release_trial()
+                    last = exc
+                    break
                 except RouterError:
                     breaker.release_trial()  # a caller error says nothing about the cluster
                     raise
@@ -134,6 +141,6 @@ class Dispatcher:
                 return result, name
         if last is None:
             raise Unavailable(f"no healthy cluster can serve {what}")
-        if isinstance(last, Throttled):
+        if isinstance(last, (Throttled, KeyNotFound)):
             raise last
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)

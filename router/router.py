@@ -25,6 +25,7 @@ from router.errors import (
     AlreadyExists,
     ClusterDown,
     FailedPrecondition,
+    InternalError,
     InvalidArgument,
     KeyNotFound,
     RequestConflict,
@@ -34,6 +35,7 @@ from router.errors import (
     Unavailable,
 )
 from router.model import (
+    OPERATION_KEYS,
     KeyAlgorithm,
     KeySpec,
     KeyState,
@@ -91,6 +93,7 @@ class Router:
         self._key_counts: Counter[str] = Counter()
         self.replication = replication
         self.creation_grace = creation_grace
+        self._pins: dict[str, str] = {}
         self.breakers = {
             name: CircuitBreaker(name, cooldown=breaker_cooldown, clock=clock, on_change=self._health_changed)
             for name in self.backends
@@ -182,8 +185,21 @@ class Router:
         regions = (self.topology.home_region, *self.topology.dr_regions)
         return [name for region in regions for name in self.topology.regions.get(region, ())]
 
-    def _dispatch(self, placement: Placement, fn: Callable[[HsmBackend], T], deadline: float) -> tuple[T, str]:
-        return self.dispatcher.run(self._candidates(placement), fn, deadline, f"key {placement.key_id!r}")
+    def _dispatch(
+        self, placement: Placement, fn: Callable[[HsmBackend, Placement], T], deadline: float
+    ) -> tuple[T, str]:
+        """Run on the key's best cluster. If the key's material is missing there, the
+        placement may have moved (another gateway process): re-read it once and retry."""
+        what = f"key {placement.key_id!r}"
+        try:
+            return self.dispatcher.run(self._candidates(placement), lambda b: fn(b, placement), deadline, what)
+        except KeyNotFound:
+            fresh = self.store.get(placement.key_id)
+            if fresh is None or fresh.clusters == placement.clusters or not fresh.usable:
+                raise
+            self._forget(placement)
+            self._remember(fresh, counted=True)
+            return self.dispatcher.run(self._candidates(fresh), lambda b: fn(b, fresh), deadline, what)
 
     def _any_backend(self, fn: Callable[[HsmBackend], T], deadline: float) -> T:
         result, _ = self.dispatcher.run(self._region_order(), fn, deadline, "the request")
@@ -400,8 +416,10 @@ class Router:
                 if name in self.backends and name not in full and name not in exclude and self.dispatcher.usable(name)
             ]
 
-        primary = None
+        primary = self._pins.pop(key_id, None)
         for region in (home, *dr):
+            if primary is not None:
+                break
             primary = PlacementRing(eligible((region,), set())).choose(key_id)
             if primary is not None:
                 if region != home:
@@ -437,6 +455,103 @@ class Router:
                 region=home,
             )
         return primary, tuple(replicas)
+
+    # -- placement changes (operators) -------------------------------------------------
+
+    def pin(self, key_id: str, cluster: str) -> None:
+        """Make a key that does not exist yet go to ``cluster`` when it is created."""
+        validation.key_id(key_id)
+        if cluster not in self.backends:
+            raise KeyNotFound(f"no cluster named {cluster!r}")
+        if self.store.get(key_id) is not None:
+            raise FailedPrecondition(f"key {key_id!r} already exists; move it instead")
+        with self._lock:
+            self._pins[key_id] = cluster
+
+    def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "") -> Placement:
+        """Copy the key to ``to`` by trusted wrap, prove the copy works, switch, drop the old copy.
+
+        Requests keep succeeding throughout: the old copy serves until the
+        mapping switches, and is destroyed only after.
+        """
+        current = self.store.get(validation.key_id(key_id))
+        if current is None:
+            raise KeyNotFound(f"key {key_id!r} not found")
+        if not current.usable:
+            raise FailedPrecondition(f"key {key_id!r} is {current.state.value.lower()}")
+        if current.external:
+            raise FailedPrecondition(f"key {key_id!r} is EXTERNAL: it lives wrapped in the store, not on a cluster")
+        if to not in self.backends:
+            raise KeyNotFound(f"no cluster named {to!r}")
+        source = source or current.primary
+        if source not in current.clusters:
+            raise FailedPrecondition(f"key {key_id!r} is not on cluster {source}")
+        if to in current.clusters:
+            raise FailedPrecondition(f"key {key_id!r} is already on cluster {to}")
+        if self.key_counts().get(to, 0) >= self.backends[to].spec.max_keys:
+            raise ResourceExhausted(f"cluster {to} is at its key limit", cluster=to)
+        holders = [n for n in self.dispatcher.order([source, *current.clusters]) if self.dispatcher.usable(n)]
+        if not holders:
+            raise Unavailable(f"no healthy cluster holds key {key_id!r} to copy it from")
+        holder, target = self.backends[holders[0]], self.backends[to]
+        self._replicate(current, holder, (to,), deadline, strict=True)
+        try:
+            self._prove_copy(current, holder, target, deadline)
+        except RouterError:
+            target.destroy(key_id, deadline)
+            raise
+        clusters = [to if name == source else name for name in current.clusters]
+        try:
+            moved = self.store.update(replace(current, primary=clusters[0], replicas=tuple(clusters[1:])))
+        except Conflict:
+            target.destroy(key_id, deadline)
+            raise Unavailable(f"key {key_id!r} changed while moving; nothing was changed, try again") from None
+        self._forget(current)
+        self._remember(moved, counted=True)
+        try:
+            self.backends[source].destroy(key_id, deadline)
+        except RouterError as exc:
+            log.warning("move of %s: old copy on %s not removed (%s); reconcile will", key_id, source, exc.message)
+        log.info("key %s moved from %s to %s", key_id, source, to)
+        return moved
+
+    def _prove_copy(self, key: Placement, holder: HsmBackend, target: HsmBackend, deadline: float) -> None:
+        """The copy must do what the original does, bit for bit where the math allows."""
+        probe = hashlib.sha256(b"hsmgw move probe " + key.key_id.encode()).digest()
+        ok: bool
+        if key.usage is KeyUsage.SIGN_VERIFY:
+            op = next(o for o, (u, algs) in OPERATION_KEYS.items() if u is key.usage and key.algorithm in algs)
+            signature = target.sign(key, op, probe, deadline)
+            ok = holder.verify(key, op, probe, signature, deadline)
+        elif key.algorithm is KeyAlgorithm.AES_256:
+            ciphertext, iv = holder.encrypt(key, Operation.AES_GCM, probe, b"move", deadline)
+            ok = target.decrypt(key, Operation.AES_GCM, ciphertext, iv, b"move", deadline) == probe
+        elif key.algorithm is KeyAlgorithm.HMAC_SHA256:
+            ok = holder.mac(key, Operation.HMAC_SHA256, probe, deadline) == target.mac(
+                key, Operation.HMAC_SHA256, probe, deadline)
+        else:
+            ciphertext, _ = holder.encrypt(key, Operation.RSA_OAEP_SHA256, probe, b"", deadline)
+            ok = target.decrypt(key, Operation.RSA_OAEP_SHA256, ciphertext, b"", b"", deadline) == probe
+        if not ok:
+            raise InternalError(f"the copy of key {key.key_id!r} on {target.name} does not match the original")
+
+    def plan_rebalance(self) -> list[tuple[str, str, str]]:
+        """(key id, from, to) for every key whose primary the ring now puts elsewhere.
+
+        Only keys with their primary in the home region move, between usable
+        home-region clusters, so adding a cluster moves about keys/clusters keys.
+        """
+        home = self.topology.regions.get(self.topology.home_region, ())
+        eligible = [n for n in home if n in self.backends and self.dispatcher.usable(n)]
+        ring = PlacementRing(eligible)
+        moves = []
+        for placement in sorted(self.store.scan(), key=lambda p: p.key_id):
+            if placement.external or not placement.usable or placement.primary not in home:
+                continue
+            desired = ring.choose(placement.key_id)
+            if desired is not None and desired != placement.primary and desired not in placement.clusters:
+                moves.append((placement.key_id, placement.primary, desired))
+        return moves
 
     # -- repair ------------------------------------------------------------------------
 
@@ -531,7 +646,7 @@ class Router:
             raise FailedPrecondition(f"key {key_id!r} is {placement.algorithm.value}: it has no public key")
         if placement.external:
             return placement, placement.public_der
-        der, _ = self._dispatch(placement, lambda b: b.public_key(placement, deadline), deadline)
+        der, _ = self._dispatch(placement, lambda b, p: b.public_key(p, deadline), deadline)
         return placement, der
 
     @staticmethod
@@ -554,7 +669,7 @@ class Router:
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         data = self._digest(op, digest, message)
-        return self._dispatch(placement, lambda b: b.sign(placement, op, data, deadline), deadline)
+        return self._dispatch(placement, lambda b, p: b.sign(p, op, data, deadline), deadline)
 
     def verify(
         self,
@@ -571,7 +686,7 @@ class Router:
         data = self._digest(op, digest, message)
         validation.payload("signature", signature)
         valid, _ = self._dispatch(
-            placement, lambda b: b.verify(placement, op, data, signature, deadline), deadline
+            placement, lambda b, p: b.verify(p, op, data, signature, deadline), deadline
         )
         return valid
 
@@ -592,7 +707,9 @@ class Router:
                     f"plaintext is {len(plaintext)} bytes; RSA_OAEP_SHA256 with {placement.algorithm.value} "
                     f"takes at most {limit}"
                 )
-        (ciphertext, iv), cluster = self._dispatch(placement, lambda b: b.encrypt(placement, op, plaintext, aad, deadline), deadline)
+        (ciphertext, iv), cluster = self._dispatch(
+            placement, lambda b, p: b.encrypt(p, op, plaintext, aad, deadline), deadline
+        )
         return ciphertext, iv, cluster
 
     def decrypt(
@@ -615,7 +732,9 @@ class Router:
             if len(ciphertext) != size:
                 raise InvalidArgument(f"ciphertext is {len(ciphertext)} bytes; a {placement.algorithm.value} "
                                       f"ciphertext is {size}")
-        plaintext, _ = self._dispatch(placement, lambda b: b.decrypt(placement, op, ciphertext, iv, aad, deadline), deadline)
+        plaintext, _ = self._dispatch(
+            placement, lambda b, p: b.decrypt(p, op, ciphertext, iv, aad, deadline), deadline
+        )
         return plaintext
 
     def mac(self, key_id: str, op: Operation, data: bytes, deadline: float) -> bytes:
@@ -623,7 +742,7 @@ class Router:
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         validation.payload("data", data, required=False)
-        mac, _ = self._dispatch(placement, lambda b: b.mac(placement, op, data, deadline), deadline)
+        mac, _ = self._dispatch(placement, lambda b, p: b.mac(p, op, data, deadline), deadline)
         return mac
 
     def verify_mac(self, key_id: str, op: Operation, data: bytes, mac: bytes, deadline: float) -> bool:
@@ -632,7 +751,7 @@ class Router:
         validation.operation_fits(placement, op)
         validation.payload("data", data, required=False)
         validation.payload("mac", mac)
-        valid, _ = self._dispatch(placement, lambda b: b.verify_mac(placement, op, data, mac, deadline), deadline)
+        valid, _ = self._dispatch(placement, lambda b, p: b.verify_mac(p, op, data, mac, deadline), deadline)
         return valid
 
     def random(self, length: int, deadline: float) -> bytes:

@@ -22,21 +22,74 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hsmgw/v1/admin.proto\x12\x08hsmgw.v1\"\x15\n\x13ListClustersRequest\"\xb2\x01\n\rClusterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06health\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x01(\x03\x12\x10\n\x08max_keys\x18\x05 \x01(\x03\x12\x15\n\rsessions_open\x18\x06 \x01(\x05\x12\x17\n\x0fsessions_in_use\x18\x07 \x01(\x05\x12\x11\n\tpool_size\x18\x08 \x01(\x05\x12\x10\n\x08\x64raining\x18\t \x01(\x08\"V\n\x14ListClustersResponse\x12)\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x17.hsmgw.v1.ClusterStatus\x12\x13\n\x0bhome_region\x18\x02 \x01(\t2]\n\x0c\x41\x64minService\x12M\n\x0cListClusters\x12\x1d.hsmgw.v1.ListClustersRequest\x1a\x1e.hsmgw.v1.ListClustersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hsmgw/v1/admin.proto\x12\x08hsmgw.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13ListClustersRequest\"\x8b\x02\n\rClusterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06health\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x01(\x03\x12\x10\n\x08max_keys\x18\x05 \x01(\x03\x12\x15\n\rsessions_open\x18\x06 \x01(\x05\x12\x17\n\x0fsessions_in_use\x18\x07 \x01(\x05\x12\x11\n\tpool_size\x18\x08 \x01(\x05\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x0f\n\x07\x63ircuit\x18\n \x01(\t\x12\x1a\n\x12region_failed_over\x18\x0b \x01(\x08\x12\x16\n\x0eops_per_second\x18\x0c \x01(\x01\x12\x12\n\nerror_rate\x18\r \x01(\x01\"j\n\x14ListClustersResponse\x12)\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x17.hsmgw.v1.ClusterStatus\x12\x13\n\x0bhome_region\x18\x02 \x01(\t\x12\x12\n\ndr_regions\x18\x03 \x03(\t\"\x12\n\x10GetStatusRequest\"\x93\x01\n\x0eStatusResponse\x12)\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x17.hsmgw.v1.ClusterStatus\x12\x0c\n\x04keys\x18\x02 \x01(\x03\x12\x1d\n\x15under_replicated_keys\x18\x03 \x01(\x03\x12\x17\n\x0fpending_changes\x18\x04 \x01(\x03\x12\x10\n\x08warnings\x18\x05 \x03(\t\"2\n\x0fPlaceKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\":\n\x0eMoveKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0c\n\x04\x66rom\x18\x03 \x01(\t\"\x16\n\x14PlanRebalanceRequest\"3\n\x07KeyMove\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\"[\n\rRebalancePlan\x12 \n\x05moves\x18\x01 \x03(\x0b\x32\x11.hsmgw.v1.KeyMove\x12\x17\n\x0fkeys_considered\x18\x02 \x01(\x03\x12\x0f\n\x07plan_id\x18\x03 \x01(\t\"(\n\x15\x41pplyRebalanceRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"5\n\x13\x44rainClusterRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05\x64rain\x18\x02 \x01(\x08\"9\n\x15\x46\x61iloverRegionRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x10\n\x08\x66\x61ilover\x18\x02 \x01(\x08\")\n\x17\x44\x65stroyKeyChangeRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x1f\n\x10ReconcileRequest\x12\x0b\n\x03\x66ix\x18\x01 \x01(\x08\"A\n\x10ReconcileFinding\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"c\n\x11ReconcileResponse\x12,\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x1a.hsmgw.v1.ReconcileFinding\x12 \n\x06\x63hange\x18\x02 \x01(\x0b\x32\x10.hsmgw.v1.Change\"\xc7\x02\n\x06\x43hange\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12,\n\x06params\x18\x03 \x03(\x0b\x32\x1c.hsmgw.v1.Change.ParamsEntry\x12\x14\n\x0crequested_by\x18\x04 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x05 \x03(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x18\n\x10\x61pprovals_needed\x18\x07 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06result\x18\n \x01(\t\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x12ListChangesRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"8\n\x13ListChangesResponse\x12!\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x10.hsmgw.v1.Change\"\"\n\x14\x41pproveChangeRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x13RejectChangeRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x10TailAuditRequest\x12\r\n\x05lines\x18\x01 \x01(\x05\"\x1b\n\x0b\x41uditRecord\x12\x0c\n\x04json\x18\x01 \x01(\t\";\n\x11TailAuditResponse\x12&\n\x07records\x18\x01 \x03(\x0b\x32\x15.hsmgw.v1.AuditRecord\"\x14\n\x12VerifyAuditRequest\"Q\n\x13VerifyAuditResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07records\x18\x02 \x01(\x03\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x0c\n\x04line\x18\x04 \x01(\x03\x32\x90\x08\n\x0c\x41\x64minService\x12M\n\x0cListClusters\x12\x1d.hsmgw.v1.ListClustersRequest\x1a\x1e.hsmgw.v1.ListClustersResponse\x12\x41\n\tGetStatus\x12\x1a.hsmgw.v1.GetStatusRequest\x1a\x18.hsmgw.v1.StatusResponse\x12\x37\n\x08PlaceKey\x12\x19.hsmgw.v1.PlaceKeyRequest\x1a\x10.hsmgw.v1.Change\x12\x35\n\x07MoveKey\x12\x18.hsmgw.v1.MoveKeyRequest\x1a\x10.hsmgw.v1.Change\x12H\n\rPlanRebalance\x12\x1e.hsmgw.v1.PlanRebalanceRequest\x1a\x17.hsmgw.v1.RebalancePlan\x12\x43\n\x0e\x41pplyRebalance\x12\x1f.hsmgw.v1.ApplyRebalanceRequest\x1a\x10.hsmgw.v1.Change\x12?\n\x0c\x44rainCluster\x12\x1d.hsmgw.v1.DrainClusterRequest\x1a\x10.hsmgw.v1.Change\x12\x43\n\x0e\x46\x61iloverRegion\x12\x1f.hsmgw.v1.FailoverRegionRequest\x1a\x10.hsmgw.v1.Change\x12\x41\n\nDestroyKey\x12!.hsmgw.v1.DestroyKeyChangeRequest\x1a\x10.hsmgw.v1.Change\x12\x44\n\tReconcile\x12\x1a.hsmgw.v1.ReconcileRequest\x1a\x1b.hsmgw.v1.ReconcileResponse\x12J\n\x0bListChanges\x12\x1c.hsmgw.v1.ListChangesRequest\x1a\x1d.hsmgw.v1.ListChangesResponse\x12\x41\n\rApproveChange\x12\x1e.hsmgw.v1.ApproveChangeRequest\x1a\x10.hsmgw.v1.Change\x12?\n\x0cRejectChange\x12\x1d.hsmgw.v1.RejectChangeRequest\x1a\x10.hsmgw.v1.Change\x12\x44\n\tTailAudit\x12\x1a.hsmgw.v1.TailAuditRequest\x1a\x1b.hsmgw.v1.TailAuditResponse\x12J\n\x0bVerifyAudit\x12\x1c.hsmgw.v1.VerifyAuditRequest\x1a\x1d.hsmgw.v1.VerifyAuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hsmgw.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTCLUSTERSREQUEST']._serialized_start=34
-  _globals['_LISTCLUSTERSREQUEST']._serialized_end=55
-  _globals['_CLUSTERSTATUS']._serialized_start=58
-  _globals['_CLUSTERSTATUS']._serialized_end=236
-  _globals['_LISTCLUSTERSRESPONSE']._serialized_start=238
-  _globals['_LISTCLUSTERSRESPONSE']._serialized_end=324
-  _globals['_ADMINSERVICE']._serialized_start=326
-  _globals['_ADMINSERVICE']._serialized_end=419
+  _globals['_CHANGE_PARAMSENTRY']._loaded_options = None
+  _globals['_CHANGE_PARAMSENTRY']._serialized_options = b'8\001'
+  _globals['_LISTCLUSTERSREQUEST']._serialized_start=67
+  _globals['_LISTCLUSTERSREQUEST']._serialized_end=88
+  _globals['_CLUSTERSTATUS']._serialized_start=91
+  _globals['_CLUSTERSTATUS']._serialized_end=358
+  _globals['_LISTCLUSTERSRESPONSE']._serialized_start=360
+  _globals['_LISTCLUSTERSRESPONSE']._serialized_end=466
+  _globals['_GETSTATUSREQUEST']._serialized_start=468
+  _globals['_GETSTATUSREQUEST']._serialized_end=486
+  _globals['_STATUSRESPONSE']._serialized_start=489
+  _globals['_STATUSRESPONSE']._serialized_end=636
+  _globals['_PLACEKEYREQUEST']._serialized_start=638
+  _globals['_PLACEKEYREQUEST']._serialized_end=688
+  _globals['_MOVEKEYREQUEST']._serialized_start=690
+  _globals['_MOVEKEYREQUEST']._serialized_end=748
+  _globals['_PLANREBALANCEREQUEST']._serialized_start=750
+  _globals['_PLANREBALANCEREQUEST']._serialized_end=772
+  _globals['_KEYMOVE']._serialized_start=774
+  _globals['_KEYMOVE']._serialized_end=825
+  _globals['_REBALANCEPLAN']._serialized_start=827
+  _globals['_REBALANCEPLAN']._serialized_end=918
+  _globals['_APPLYREBALANCEREQUEST']._serialized_start=920
+  _globals['_APPLYREBALANCEREQUEST']._serialized_end=960
+  _globals['_DRAINCLUSTERREQUEST']._serialized_start=962
+  _globals['_DRAINCLUSTERREQUEST']._serialized_end=1015
+  _globals['_FAILOVERREGIONREQUEST']._serialized_start=1017
+  _globals['_FAILOVERREGIONREQUEST']._serialized_end=1074
+  _globals['_DESTROYKEYCHANGEREQUEST']._serialized_start=1076
+  _globals['_DESTROYKEYCHANGEREQUEST']._serialized_end=1117
+  _globals['_RECONCILEREQUEST']._serialized_start=1119
+  _globals['_RECONCILEREQUEST']._serialized_end=1150
+  _globals['_RECONCILEFINDING']._serialized_start=1152
+  _globals['_RECONCILEFINDING']._serialized_end=1217
+  _globals['_RECONCILERESPONSE']._serialized_start=1219
+  _globals['_RECONCILERESPONSE']._serialized_end=1318
+  _globals['_CHANGE']._serialized_start=1321
+  _globals['_CHANGE']._serialized_end=1648
+  _globals['_CHANGE_PARAMSENTRY']._serialized_start=1603
+  _globals['_CHANGE_PARAMSENTRY']._serialized_end=1648
+  _globals['_LISTCHANGESREQUEST']._serialized_start=1650
+  _globals['_LISTCHANGESREQUEST']._serialized_end=1683
+  _globals['_LISTCHANGESRESPONSE']._serialized_start=1685
+  _globals['_LISTCHANGESRESPONSE']._serialized_end=1741
+  _globals['_APPROVECHANGEREQUEST']._serialized_start=1743
+  _globals['_APPROVECHANGEREQUEST']._serialized_end=1777
+  _globals['_REJECTCHANGEREQUEST']._serialized_start=1779
+  _globals['_REJECTCHANGEREQUEST']._serialized_end=1812
+  _globals['_TAILAUDITREQUEST']._serialized_start=1814
+  _globals['_TAILAUDITREQUEST']._serialized_end=1847
+  _globals['_AUDITRECORD']._serialized_start=1849
+  _globals['_AUDITRECORD']._serialized_end=1876
+  _globals['_TAILAUDITRESPONSE']._serialized_start=1878
+  _globals['_TAILAUDITRESPONSE']._serialized_end=1937
+  _globals['_VERIFYAUDITREQUEST']._serialized_start=1939
+  _globals['_VERIFYAUDITREQUEST']._serialized_end=1959
+  _globals['_VERIFYAUDITRESPONSE']._serialized_start=1961
+  _globals['_VERIFYAUDITRESPONSE']._serialized_end=2042
+  _globals['_ADMINSERVICE']._serialized_start=2045
+  _globals['_ADMINSERVICE']._serialized_end=3085
 # @@protoc_insertion_point(module_scope)

@@ -39,12 +39,166 @@ class AdminServiceStub:
                 request_serializer=hsmgw_dot_v1_dot_admin__pb2.ListClustersRequest.SerializeToString,
                 response_deserializer=hsmgw_dot_v1_dot_admin__pb2.ListClustersResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/hsmgw.v1.AdminService/GetStatus',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.PlaceKey = channel.unary_unary(
+                '/hsmgw.v1.AdminService/PlaceKey',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.PlaceKeyRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
+        self.MoveKey = channel.unary_unary(
+                '/hsmgw.v1.AdminService/MoveKey',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
+        self.PlanRebalance = channel.unary_unary(
+                '/hsmgw.v1.AdminService/PlanRebalance',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.PlanRebalanceRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.RebalancePlan.FromString,
+                _registered_method=True)
+        self.ApplyRebalance = channel.unary_unary(
+                '/hsmgw.v1.AdminService/ApplyRebalance',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.ApplyRebalanceRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
+        self.DrainCluster = channel.unary_unary(
+                '/hsmgw.v1.AdminService/DrainCluster',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.DrainClusterRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
+        self.FailoverRegion = channel.unary_unary(
+                '/hsmgw.v1.AdminService/FailoverRegion',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.FailoverRegionRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
+        self.DestroyKey = channel.unary_unary(
+                '/hsmgw.v1.AdminService/DestroyKey',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.DestroyKeyChangeRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/hsmgw.v1.AdminService/Reconcile',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
+        self.ListChanges = channel.unary_unary(
+                '/hsmgw.v1.AdminService/ListChanges',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.ListChangesRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.ListChangesResponse.FromString,
+                _registered_method=True)
+        self.ApproveChange = channel.unary_unary(
+                '/hsmgw.v1.AdminService/ApproveChange',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.ApproveChangeRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
+        self.RejectChange = channel.unary_unary(
+                '/hsmgw.v1.AdminService/RejectChange',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.RejectChangeRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
+        self.TailAudit = channel.unary_unary(
+                '/hsmgw.v1.AdminService/TailAudit',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.TailAuditRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.TailAuditResponse.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/hsmgw.v1.AdminService/VerifyAudit',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListClusters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlaceKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MoveKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanRebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyRebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainCluster(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FailoverRegion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestroyKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reconcile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListChanges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveChange(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectChange(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TailAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +211,76 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListClusters,
                     request_deserializer=hsmgw_dot_v1_dot_admin__pb2.ListClustersRequest.FromString,
                     response_serializer=hsmgw_dot_v1_dot_admin__pb2.ListClustersResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.StatusResponse.SerializeToString,
+            ),
+            'PlaceKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlaceKey,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.PlaceKeyRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'MoveKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveKey,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'PlanRebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanRebalance,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.PlanRebalanceRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.RebalancePlan.SerializeToString,
+            ),
+            'ApplyRebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyRebalance,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.ApplyRebalanceRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'DrainCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainCluster,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.DrainClusterRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'FailoverRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.FailoverRegion,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.FailoverRegionRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'DestroyKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestroyKey,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.DestroyKeyChangeRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.ReconcileRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'ListChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChanges,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.ListChangesRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.ListChangesResponse.SerializeToString,
+            ),
+            'ApproveChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveChange,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.ApproveChangeRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'RejectChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectChange,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.RejectChangeRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'TailAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.TailAudit,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.TailAuditRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.TailAuditResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +310,384 @@ class AdminService:
             '/hsmgw.v1.AdminService/ListClusters',
             hsmgw_dot_v1_dot_admin__pb2.ListClustersRequest.SerializeToString,
             hsmgw_dot_v1_dot_admin__pb2.ListClustersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/GetStatus',
+            hsmgw_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/PlaceKey',
+            hsmgw_dot_v1_dot_admin__pb2.PlaceKeyRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/MoveKey',
+            hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanRebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/PlanRebalance',
+            hsmgw_dot_v1_dot_admin__pb2.PlanRebalanceRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.RebalancePlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyRebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/ApplyRebalance',
+            hsmgw_dot_v1_dot_admin__pb2.ApplyRebalanceRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/DrainCluster',
+            hsmgw_dot_v1_dot_admin__pb2.DrainClusterRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailoverRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/FailoverRegion',
+            hsmgw_dot_v1_dot_admin__pb2.FailoverRegionRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestroyKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/DestroyKey',
+            hsmgw_dot_v1_dot_admin__pb2.DestroyKeyChangeRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/Reconcile',
+            hsmgw_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/ListChanges',
+            hsmgw_dot_v1_dot_admin__pb2.ListChangesRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.ListChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/ApproveChange',
+            hsmgw_dot_v1_dot_admin__pb2.ApproveChangeRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/RejectChange',
+            hsmgw_dot_v1_dot_admin__pb2.RejectChangeRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/TailAudit',
+            hsmgw_dot_v1_dot_admin__pb2.TailAuditRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.TailAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/VerifyAudit',
+            hsmgw_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,8 +74,9 @@ def keys(crypto: Any, tokens: Any) -> Keys:
     # The public API refuses a wrong usage before any HSM call. Only drift between
     # the placement and the token lets one reach the HSM, so make that drift.
     gone = _generate(crypto, f"{prefix}/ec-gone", pb.KEY_ALGORITHM_EC_P256)
-    for obj in tokens.objects(gone.primary_cluster, gone.key_id):
-        obj.destroy()
+    for cluster in (gone.primary_cluster, *gone.replicas):
+        for obj in tokens.objects(cluster, gone.key_id):
+            obj.destroy()
     drifted = _generate(crypto, f"{prefix}/hmac-on-aes", pb.KEY_ALGORITHM_HMAC_SHA256)
     for obj in tokens.objects(drifted.primary_cluster, drifted.key_id):
         obj.destroy()

@@ -92,3 +92,17 @@ def test_destroy_removes_every_copy(make_router, tokens) -> None:
     router.destroy_key(key.key_id, time.monotonic() + 30)
     for cluster in router.backends:
         assert tokens.objects(cluster, key.key_id) == []
+
+
+def test_material_lost_on_the_primary_is_served_by_the_replica(crypto, tokens) -> None:
+    from hsmgw.v1 import crypto_pb2 as pb
+
+    key_id = unique("lost-primary")
+    key = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id,
+                                                   algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+    for obj in tokens.objects(key.primary_cluster, key_id):
+        obj.destroy()
+    signed = crypto.Sign(pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"), timeout=10)
+    assert signed.cluster in key.replicas
+    pem = crypto.GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id), timeout=10).pem
+    serialization.load_pem_public_key(pem.encode()).verify(signed.signature, b"m", ec.ECDSA(hashes.SHA256()))
