@@ -1,37 +1,337 @@
-"""``hsmgw.v1.AdminService``: what operators see about clusters and pools."""
+"""``hsmgw.v1.AdminService``: what operators see and change, behind quorum and audit.
+
+Read-only calls answer at once. Mutating calls (move, rebalance, drain,
+failover, destroy, reconcile --fix, place) become pending changes in the
+``ChangeBook``; they run when enough distinct admins approved them. Every
+request, approval, rejection, result and refusal goes to the audit log.
+"""
 
 from __future__ import annotations
 
-import grpc
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
+import grpc
+from google.protobuf import timestamp_pb2
+
+from gateway import audit as audit_mod
 from gateway import status
+from gateway.quorum import Change, ChangeBook
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
+from router.errors import FailedPrecondition, InvalidArgument
+from router.health import CircuitState
+from router.model import KeyState
+from router.reconcile import reconcile
 from router.router import Router
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+IDENTITY_HEADER = "x-hsmgw-identity"
+KEY_LIMIT_WARNING = 0.8
+
+
+def caller(context: grpc.ServicerContext, *, trust_header: bool) -> str:
+    """The authenticated identity (set by the auth interceptor), else the dev header."""
+    try:
+        from gateway.interceptors import current_identity
+
+        identity = current_identity()
+        if identity:
+            return identity
+    except ImportError:  # pragma: no cover - interceptors are part of the package
+        pass
+    if trust_header:
+        for key, value in context.invocation_metadata() or ():
+            if key == IDENTITY_HEADER and isinstance(value, str) and value:
+                return value
+    return "anonymous"
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _change_pb(change: Change) -> pb.Change:
+    return pb.Change(
+        id=change.id,
+        action=change.action,
+        params=change.params,
+        requested_by=change.requested_by,
+        approved_by=change.approved_by,
+        state=change.state,
+        approvals_needed=change.needed,
+        create_time=_ts(change.created),
+        expire_time=_ts(change.expires),
+        result=change.result,
+    )
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        state_file: Path,
+        audit_path: Path,
+        quorum: int = 2,
+        change_ttl: float = 3600.0,
+        trust_identity_header: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.router = router
+        self.audit_path = audit_path
+        self.audit = audit_mod.AuditLog(audit_path)
+        self._trust_header = trust_identity_header
+        self.changes = ChangeBook(
+            state_file,
+            {
+                "move_key": self._do_move,
+                "apply_rebalance": self._do_rebalance,
+                "drain": lambda p: self._do_drain(p, True),
+                "undrain": lambda p: self._do_drain(p, False),
+                "failover": lambda p: self._do_failover(p, True),
+                "failback": lambda p: self._do_failover(p, False),
+                "destroy_key": self._do_destroy,
+                "reconcile_fix": self._do_reconcile_fix,
+                "place_key": self._do_place,
+            },
+            quorum=quorum,
+            ttl=change_ttl,
+            clock=clock,
+            on_event=self._audit_change,
+        )
 
-    def ListClusters(self, request: pb.ListClustersRequest, context: grpc.ServicerContext) -> pb.ListClustersResponse:
+    # -- plumbing ------------------------------------------------------------------
+
+    def _audit_change(self, actor: str, event: str, change: Change) -> None:
+        self.audit.append(actor if actor != "-" else change.requested_by, event, change.id,
+                          outcome=change.state, change_action=change.action, params=change.params,
+                          approved_by=change.approved_by, result=change.result)
+
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[str], R]) -> R:
+        identity = caller(context, trust_header=self._trust_header)
         try:
-            counts = self.router.key_counts()
-            clusters = []
-            for name, backend in sorted(self.router.backends.items()):
-                stats = backend.stats()
-                clusters.append(
-                    pb.ClusterStatus(
-                        name=name,
-                        region=backend.spec.region,
-                        health="SERVING",
-                        keys=counts.get(name, 0),
-                        max_keys=backend.spec.max_keys,
-                        sessions_open=stats.open,
-                        sessions_in_use=stats.in_use,
-                        pool_size=stats.size,
-                    )
-                )
-            return pb.ListClustersResponse(clusters=clusters, home_region=self.router.topology.home_region)
+            return fn(identity)
         except Exception as exc:  # noqa: BLE001 - every failure gets a status
             status.abort(context, exc)
+
+    def _request(self, identity: str, action: str, params: dict[str, str]) -> pb.Change:
+        return _change_pb(self.changes.request(identity, action, params))
+
+    # -- actions (run once a change has its approvals) ----------------------------------
+
+    def _deadline(self, seconds: float = 120.0) -> float:
+        return time.monotonic() + seconds
+
+    def _do_move(self, params: dict[str, str]) -> str:
+        moved = self.router.move_key(params["key_id"], params["to"], self._deadline(), source=params.get("from", ""))
+        self.audit.append("-", "key_moved", moved.key_id, clusters=list(moved.clusters))
+        return f"{moved.key_id} now on {', '.join(moved.clusters)}"
+
+    def _plan_id(self, moves: list[tuple[str, str, str]]) -> str:
+        return hashlib.sha256(json.dumps(moves).encode()).hexdigest()[:16]
+
+    def _do_rebalance(self, params: dict[str, str]) -> str:
+        moves = self.router.plan_rebalance()
+        if self._plan_id(moves) != params["plan_id"]:
+            raise FailedPrecondition("the placement changed since the plan was made; plan again")
+        done = 0
+        for key_id, source, target in moves:
+            self.router.move_key(key_id, target, self._deadline(), source=source)
+            self.audit.append("-", "key_moved", key_id, from_cluster=source, to_cluster=target, reason="rebalance")
+            done += 1
+        return f"moved {done} keys"
+
+    def _do_drain(self, params: dict[str, str], drain: bool) -> str:
+        self.router.drain(params["cluster"], drain)
+        return f"cluster {params['cluster']} {'drained' if drain else 'back in service'}"
+
+    def _do_failover(self, params: dict[str, str], failover: bool) -> str:
+        self.router.fail_over_region(params["region"], failover)
+        return f"region {params['region']} {'failed over' if failover else 'failed back'}"
+
+    def _do_destroy(self, params: dict[str, str]) -> str:
+        key = self.router.destroy_key(params["key_id"], self._deadline())
+        return f"{key.key_id} destroyed"
+
+    def _do_reconcile_fix(self, params: dict[str, str]) -> str:
+        report = reconcile(self.router, fix=True)
+        return (f"rolled back {len(report.stale_intents)} unfinished creations, removed {len(report.orphans)} "
+                f"orphans; {len(report.missing)} missing copies, {len(report.unreachable)} unreachable clusters")
+
+    def _do_place(self, params: dict[str, str]) -> str:
+        self.router.pin(params["key_id"], params["cluster"])
+        return f"{params['key_id']} will be created on {params['cluster']}"
+
+    # -- read-only -------------------------------------------------------------------
+
+    def _clusters(self) -> list[pb.ClusterStatus]:
+        counts = self.router.key_counts()
+        dispatcher = self.router.dispatcher
+        clusters = []
+        for name, backend in sorted(self.router.backends.items()):
+            stats = backend.stats()
+            circuit = self.router.breakers[name].state
+            clusters.append(
+                pb.ClusterStatus(
+                    name=name,
+                    region=backend.spec.region,
+                    health="NOT_SERVING" if circuit is CircuitState.OPEN else "SERVING",
+                    keys=counts.get(name, 0),
+                    max_keys=backend.spec.max_keys,
+                    sessions_open=stats.open,
+                    sessions_in_use=stats.in_use,
+                    pool_size=stats.size,
+                    draining=name in dispatcher.drained,
+                    circuit=circuit.value,
+                    region_failed_over=backend.spec.region in dispatcher.failed_over,
+                    ops_per_second=self.router.breakers[name].ops_per_second(),
+                    error_rate=self.router.breakers[name].error_rate(),
+                )
+            )
+        return clusters
+
+    def ListClusters(self, request: pb.ListClustersRequest, context: grpc.ServicerContext) -> pb.ListClustersResponse:
+        topology = self.router.topology
+        return self._call(context, lambda _: pb.ListClustersResponse(
+            clusters=self._clusters(), home_region=topology.home_region, dr_regions=list(topology.dr_regions)))
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        def run(_: str) -> pb.StatusResponse:
+            clusters = self._clusters()
+            placements = [p for p in self.router.store.scan() if p.state is not KeyState.DESTROYED]
+            under = sum(1 for p in placements if p.state is KeyState.UNDER_REPLICATED)
+            warnings = []
+            for c in clusters:
+                if c.health != "SERVING":
+                    warnings.append(f"cluster {c.name} ({c.region}) is not serving: circuit {c.circuit}")
+                if c.max_keys and c.keys >= KEY_LIMIT_WARNING * c.max_keys:
+                    warnings.append(f"cluster {c.name} holds {c.keys} of {c.max_keys} keys "
+                                    f"({100 * c.keys // c.max_keys} %): add a cluster or rebalance")
+                if c.draining:
+                    warnings.append(f"cluster {c.name} is drained")
+            for region in self.router.topology.dr_regions:
+                if not any(c.region == region and c.health == "SERVING" and not c.draining for c in clusters):
+                    warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
+            if under:
+                warnings.append(f"{under} keys are under-replicated; the repairer is working on them")
+            pending = len(self.changes.list())
+            if pending:
+                warnings.append(f"{pending} changes are waiting for approval")
+            return pb.StatusResponse(clusters=clusters, keys=len(placements), under_replicated_keys=under,
+                                     pending_changes=pending, warnings=warnings)
+
+        return self._call(context, run)
+
+    def PlanRebalance(self, request: pb.PlanRebalanceRequest, context: grpc.ServicerContext) -> pb.RebalancePlan:
+        def run(_: str) -> pb.RebalancePlan:
+            moves = self.router.plan_rebalance()
+            considered = sum(1 for p in self.router.store.scan() if p.usable and not p.external)
+            return pb.RebalancePlan(
+                moves=[pb.KeyMove(key_id=k, **{"from": f}, to=t) for k, f, t in moves],
+                keys_considered=considered, plan_id=self._plan_id(moves))
+
+        return self._call(context, run)
+
+    def Reconcile(self, request: pb.ReconcileRequest, context: grpc.ServicerContext) -> pb.ReconcileResponse:
+        def run(identity: str) -> pb.ReconcileResponse:
+            report = reconcile(self.router, fix=False)
+            findings = [pb.ReconcileFinding(kind="stale_intent", key_id=k) for k in report.stale_intents]
+            findings += [pb.ReconcileFinding(kind="orphan", cluster=c, key_id=k) for c, k in report.orphans]
+            findings += [pb.ReconcileFinding(kind="missing", cluster=c, key_id=k) for c, k in report.missing]
+            findings += [pb.ReconcileFinding(kind="unreachable", cluster=c) for c in report.unreachable]
+            response = pb.ReconcileResponse(findings=findings)
+            if request.fix and findings:
+                response.change.CopyFrom(self._request(identity, "reconcile_fix", {}))
+            return response
+
+        return self._call(context, run)
+
+    # -- mutating (quorum) ----------------------------------------------------------------
+
+    def PlaceKey(self, request: pb.PlaceKeyRequest, context: grpc.ServicerContext) -> pb.Change:
+        return self._call(context, lambda who: self._request(
+            who, "place_key", {"key_id": request.key_id, "cluster": request.cluster}))
+
+    def MoveKey(self, request: pb.MoveKeyRequest, context: grpc.ServicerContext) -> pb.Change:
+        def run(who: str) -> pb.Change:
+            placement = self.router.get_key(request.key_id)
+            if request.to not in self.router.backends:
+                raise InvalidArgument(f"no cluster named {request.to!r}")
+            source = getattr(request, "from") or placement.primary
+            return self._request(who, "move_key", {"key_id": request.key_id, "to": request.to, "from": source})
+
+        return self._call(context, run)
+
+    def ApplyRebalance(self, request: pb.ApplyRebalanceRequest, context: grpc.ServicerContext) -> pb.Change:
+        def run(who: str) -> pb.Change:
+            if not request.plan_id:
+                raise InvalidArgument("plan_id is required: run PlanRebalance first")
+            return self._request(who, "apply_rebalance", {"plan_id": request.plan_id})
+
+        return self._call(context, run)
+
+    def DrainCluster(self, request: pb.DrainClusterRequest, context: grpc.ServicerContext) -> pb.Change:
+        def run(who: str) -> pb.Change:
+            if request.cluster not in self.router.backends:
+                raise InvalidArgument(f"no cluster named {request.cluster!r}")
+            return self._request(who, "drain" if request.drain else "undrain", {"cluster": request.cluster})
+
+        return self._call(context, run)
+
+    def FailoverRegion(self, request: pb.FailoverRegionRequest, context: grpc.ServicerContext) -> pb.Change:
+        def run(who: str) -> pb.Change:
+            if request.region not in self.router.topology.regions:
+                raise InvalidArgument(f"no region named {request.region!r}")
+            return self._request(who, "failover" if request.failover else "failback", {"region": request.region})
+
+        return self._call(context, run)
+
+    def DestroyKey(self, request: pb.DestroyKeyChangeRequest, context: grpc.ServicerContext) -> pb.Change:
+        def run(who: str) -> pb.Change:
+            self.router.get_key(request.key_id)
+            return self._request(who, "destroy_key", {"key_id": request.key_id})
+
+        return self._call(context, run)
+
+    def ListChanges(self, request: pb.ListChangesRequest, context: grpc.ServicerContext) -> pb.ListChangesResponse:
+        return self._call(context, lambda _: pb.ListChangesResponse(
+            changes=[_change_pb(c) for c in self.changes.list(include_done=request.all)]))
+
+    def ApproveChange(self, request: pb.ApproveChangeRequest, context: grpc.ServicerContext) -> pb.Change:
+        return self._call(context, lambda who: _change_pb(self.changes.approve(who, request.id)))
+
+    def RejectChange(self, request: pb.RejectChangeRequest, context: grpc.ServicerContext) -> pb.Change:
+        return self._call(context, lambda who: _change_pb(self.changes.reject(who, request.id)))
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def TailAudit(self, request: pb.TailAuditRequest, context: grpc.ServicerContext) -> pb.TailAuditResponse:
+        def run(_: str) -> pb.TailAuditResponse:
+            records = audit_mod.tail(self.audit_path, request.lines or 20) if self.audit_path.exists() else []
+            return pb.TailAuditResponse(records=[pb.AuditRecord(json=json.dumps(r, sort_keys=True)) for r in records])
+
+        return self._call(context, run)
+
+    def VerifyAudit(self, request: pb.VerifyAuditRequest, context: grpc.ServicerContext) -> pb.VerifyAuditResponse:
+        def run(_: str) -> pb.VerifyAuditResponse:
+            result = audit_mod.verify(self.audit_path)
+            return pb.VerifyAuditResponse(ok=result.ok, records=result.records, problem=result.problem or "",
+                                          line=result.line or 0)
+
+        return self._call(context, run)
+
+    def close(self) -> None:
+        self.changes.close()
+
+

@@ -9,6 +9,9 @@ must be readable by its owner only.
 Security settings (see docs/security.md): ``[server.tls]`` turns on mutual TLS
 (a TLS listener may bind any address); ``[auth] policy_file`` names the
 authorization policy, which a TLS server must have.
+
+Observability (see docs/operations.md): ``[metrics] listen`` serves Prometheus
+``/metrics``; ``[cloudwatch]`` publishes the core metrics to CloudWatch.
 """
 
 from __future__ import annotations
@@ -113,6 +116,39 @@ class ReplicationConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    quorum: int = 2
+    """Distinct admins who must agree before a mutating admin change runs (the requester is one)."""
+    change_ttl: float = 3600.0
+    """Seconds a pending change waits for approvals before it expires."""
+    state_file: str = "admin.db"
+    """Pending changes and operator switches (relative to the config file)."""
+    audit_log: str = "audit.log"
+    """The hash-chained audit log (relative to the config file)."""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""
+    """host:port of the Prometheus ``/metrics`` endpoint (plain HTTP; e.g. ``127.0.0.1:9464``).
+    Empty: no endpoint. One port per process: several workers on a host need one each."""
+
+
+@dataclass(frozen=True)
+class CloudWatchConfig:
+    enabled: bool = False
+    """Publish the core metrics to CloudWatch with PutMetricData (see docs/operations.md)."""
+    namespace: str = "HSMGW"
+    """CloudWatch namespace of the published metrics (and of the alarms ``hsmgw alarms install`` makes)."""
+    region: str = ""
+    """AWS region to publish to; empty: ``gateway.home_region``."""
+    endpoint_url: str = ""
+    """CloudWatch endpoint; empty: the region's (set for a VPC endpoint or a local mock)."""
+    interval: float = 60.0
+    """Seconds between samples."""
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     home_region: str
     """Region this gateway serves first; new keys are placed here."""
@@ -125,6 +161,9 @@ class GatewayConfig:
     secrets: SecretsConfig = SecretsConfig()
     replication: ReplicationConfig = ReplicationConfig()
     auth: AuthConfig = AuthConfig()
+    admin: AdminConfig = AdminConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    cloudwatch: CloudWatchConfig = CloudWatchConfig()
     base_dir: Path = Path(".")
     """Directory relative paths are resolved against (the config file's)."""
 
@@ -171,7 +210,12 @@ def _positive(value: int | float, path: str) -> Any:
 
 
 def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
-    _no_unknown(data, {"gateway", "server", "pkcs11", "store", "secrets", "clusters", "replication", "auth"}, "")
+    _no_unknown(
+        data,
+        {"gateway", "server", "pkcs11", "store", "secrets", "clusters", "replication", "auth", "admin", "metrics",
+         "cloudwatch"},
+        "",
+    )
     gw = _take(data, "gateway", dict, "")
     _no_unknown(gw, {"home_region", "dr_regions"}, "gateway.")
     home = _take(gw, "home_region", str, "gateway.")
@@ -248,6 +292,15 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         raise ConfigError("auth.policy_file: empty")
     auth = AuthConfig(policy_file=(base_dir / policy_file) if policy_file else None)
 
+    adm = _take(data, "admin", dict, "", {})
+    _no_unknown(adm, {"quorum", "change_ttl", "state_file", "audit_log"}, "admin.")
+    admin = AdminConfig(
+        quorum=_positive(_take(adm, "quorum", int, "admin.", 2), "admin.quorum"),
+        change_ttl=_positive(_take(adm, "change_ttl", float, "admin.", 3600.0), "admin.change_ttl"),
+        state_file=_take(adm, "state_file", str, "admin.", "admin.db"),
+        audit_log=_take(adm, "audit_log", str, "admin.", "audit.log"),
+    )
+
     raw_clusters = _take(data, "clusters", list, "")
     if not raw_clusters:
         raise ConfigError("clusters: at least one cluster is required")
@@ -290,6 +343,9 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         secrets=secrets,
         replication=replication,
         auth=auth,
+        admin=admin,
+        metrics=_metrics(_take(data, "metrics", dict, "", {})),
+        cloudwatch=_cloudwatch(_take(data, "cloudwatch", dict, "", {})),
         base_dir=base_dir,
     )
     if home not in config.regions:
@@ -301,6 +357,33 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         raise ConfigError(f"replication.copies: {replication.copies} copies but only {len(config.clusters)} clusters")
     if replication.require_dr_copy and replication.copies > 1 and not config.dr_regions:
         raise ConfigError("replication.require_dr_copy: no DR region is configured (gateway.dr_regions)")
+    return config
+
+
+def _metrics(table: dict[str, Any]) -> MetricsConfig:
+    _no_unknown(table, {"listen"}, "metrics.")
+    listen = _take(table, "listen", str, "metrics.", MetricsConfig.listen)
+    if listen:
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"metrics.listen: expected host:port (or empty to disable), got {listen!r}")
+    return MetricsConfig(listen=listen)
+
+
+def _cloudwatch(table: dict[str, Any]) -> CloudWatchConfig:
+    path = "cloudwatch."
+    _no_unknown(table, {"enabled", "namespace", "region", "endpoint_url", "interval"}, path)
+    config = CloudWatchConfig(
+        enabled=_take(table, "enabled", bool, path, False),
+        namespace=_take(table, "namespace", str, path, CloudWatchConfig.namespace),
+        region=_take(table, "region", str, path, ""),
+        endpoint_url=_take(table, "endpoint_url", str, path, ""),
+        interval=_positive(_take(table, "interval", float, path, CloudWatchConfig.interval), path + "interval"),
+    )
+    if not config.namespace or config.namespace.startswith("AWS/"):
+        raise ConfigError(f"cloudwatch.namespace: {config.namespace!r} is empty or reserved (AWS/…)")
+    if config.endpoint_url and not config.endpoint_url.startswith(("http://", "https://")):
+        raise ConfigError(f"cloudwatch.endpoint_url: expected an http(s) URL, got {config.endpoint_url!r}")
     return config
 
 

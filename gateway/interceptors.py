@@ -134,7 +134,7 @@ class Limiter:
             usage.tokens = min(bucket, usage.tokens + (now - usage.stamp) * limits.rate)
             usage.stamp = now
             need = min(float(cost), bucket)
-            if usage.tokens < need:
+            if usage.tokens + 1e-9 < need:  # retrying after exactly retry_after must succeed
                 wait = (need - usage.tokens) / limits.rate
                 raise RateLimited(
                     f"identity {identity!r} is over its rate limit ({limits.rate:g}/s, burst {bucket:g}); "

@@ -17,6 +17,7 @@ from gateway.admin import AdminServicer
 from gateway.auth import Authenticator, PolicyStore
 from gateway.config import GatewayConfig, check_security, is_loopback
 from gateway.interceptors import Limiter, SecurityInterceptor
+from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.servicer import CryptoServicer
 from gateway.tls import ServerCredentials
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
@@ -60,6 +61,7 @@ class Gateway:
             self.policies,
             Limiter(),
         )
+        self.metrics = GatewayMetrics(router, version=_version(), home_region=config.home_region)
         options = [
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
             ("grpc.max_send_message_length", config.server.max_message_bytes),
@@ -69,12 +71,21 @@ class Gateway:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="rpc"),
             options=options,
-            interceptors=[self.security],
+            # Observability first (outermost): refused calls are counted and logged with their request id.
+            interceptors=[self.metrics.interceptor, self.security],
         )
         crypto_pb2_grpc.add_CryptoServiceServicer_to_server(
             CryptoServicer(router, default_deadline=config.server.default_deadline), self.server
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(router), self.server)
+        self.admin = AdminServicer(
+            router,
+            state_file=config.base_dir / config.admin.state_file,
+            audit_path=config.base_dir / config.admin.audit_log,
+            quorum=config.admin.quorum,
+            change_ttl=config.admin.change_ttl,
+            trust_identity_header=config.server.insecure_plaintext,
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -90,6 +101,13 @@ class Gateway:
         self.monitor = HealthMonitor(router.backends, router.breakers, interval=config.server.probe_interval)
         self._repairer = threading.Thread(target=self._repair_loop, name="repairer", daemon=True)
         router.set_health_listener(self._on_cluster_health)
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics.listen:
+            try:
+                self.metrics_server = MetricsServer(config.metrics.listen, self.metrics.registry)
+            except OSError as exc:
+                raise OSError(f"metrics.listen: cannot listen on {config.metrics.listen}: {exc.strerror or exc}") from exc
+        self.cloudwatch = _CloudWatch(self) if config.cloudwatch.enabled else None
 
     def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
         serving = state is not CircuitState.OPEN
@@ -115,6 +133,11 @@ class Gateway:
             self.health.set(cluster_service_name(name), serving)
         self.monitor.start()
         self._repairer.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+            log.info("metrics on http://%s:%d/metrics", self.metrics_server.host, self.metrics_server.port)
+        if self.cloudwatch is not None:
+            self.cloudwatch.start()
         log.info("serving on %s:%d (clusters: %s)", self.config.server.host, self.port, ", ".join(self.router.backends))
 
     def reload(self) -> None:
@@ -130,12 +153,50 @@ class Gateway:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.cloudwatch is not None:
+            self.cloudwatch.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.monitor.stop()
+        self.admin.close()
         self.router.close()
         log.info("stopped")
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+class _CloudWatch:
+    """The CloudWatch publisher of a gateway (``[cloudwatch] enabled``)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        from gateway.cloudwatch import GatewaySampler, Publisher, make_client
+
+        config = gateway.config
+        settings = config.cloudwatch
+        self.region = settings.region or config.home_region
+        client = make_client("cloudwatch", self.region, settings.endpoint_url or None)
+        self.publisher = Publisher(client, settings.namespace, registry=gateway.metrics.registry)
+        self.sampler = GatewaySampler(gateway.router, gateway.metrics.requests, region=config.home_region)
+        self.interval = settings.interval
+        self.namespace = settings.namespace
+
+    def start(self) -> None:
+        self.publisher.start(self.sampler, self.interval)
+        log.info("publishing metrics to CloudWatch (%s, namespace %s) every %gs",
+                 self.region, self.namespace, self.interval)
+
+    def stop(self) -> None:
+        self.publisher.stop(self.sampler, timeout=5.0)  # one last sample: the shutdown shows in the graphs
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hsmgw")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None) -> None:

@@ -61,6 +61,7 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at = 0.0
         self._trial_in_flight = False
+        self._recent: collections.deque[tuple[float, bool]] = collections.deque(maxlen=100_000)
 
     @property
     def state(self) -> CircuitState:
@@ -91,6 +92,7 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         with self._lock:
+            self._note(True)
             self._consecutive = 0
             self._window.append(True)
             if self._state is not CircuitState.CLOSED:
@@ -99,6 +101,7 @@ class CircuitBreaker:
 
     def record_failure(self) -> None:
         with self._lock:
+            self._note(False)
             self._consecutive += 1
             self._window.append(False)
             if self._state is CircuitState.HALF_OPEN:
@@ -112,6 +115,26 @@ class CircuitBreaker:
                 full and failures / len(self._window) > self._max_failure_rate
             ):
                 self._open()
+
+    def _note(self, ok: bool) -> None:
+        now = self._clock()
+        self._recent.append((now, ok))
+        while self._recent and now - self._recent[0][0] > 60.0:
+            self._recent.popleft()
+
+    def ops_per_second(self) -> float:
+        """Outcomes per second over the last minute (requests and probes)."""
+        with self._lock:
+            now = self._clock()
+            recent = [t for t, _ in self._recent if now - t <= 60.0]
+            return len(recent) / 60.0
+
+    def error_rate(self) -> float:
+        """Share of failed outcomes over the last minute."""
+        with self._lock:
+            now = self._clock()
+            recent = [ok for t, ok in self._recent if now - t <= 60.0]
+            return recent.count(False) / len(recent) if recent else 0.0
 
     def release_trial(self) -> None:
         """A half-open trial ended without a verdict (e.g. a caller error)."""

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(verbose: bool = False, *, fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """JSON lines when ``stream`` (default stderr) is not a terminal, else human; see gateway.logs."""
+    from gateway.logs import configure
+
+    configure(level=logging.DEBUG if verbose else logging.INFO, fmt=fmt, stream=stream or sys.stderr)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

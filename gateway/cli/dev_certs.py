@@ -51,7 +51,7 @@ def _certs(args: argparse.Namespace) -> None:
         f'client_ca_file = "{certs.ca}"'
     )
     for name, (cert, key) in certs.clients.items():
-        print(f"\n# {spiffe_id(name)}\nhsmctl --ca-file {certs.ca} --cert-file {cert} --key-file {key} ...")
+        print(f"\n# {spiffe_id(name)}\nhsmctl --ca {certs.ca} --cert {cert} --key {key} ...")
 
 
 def add_parser(sub: Any) -> None:

@@ -7,16 +7,26 @@ Examples:
   hsmgw store init --url 'dynamodb://hsmgw-placements?region=us-east-1'
   hsmgw store migrate --from sqlite:.hsmgw/placements.db \
       --to 'dynamodb://hsmgw-placements?region=us-east-1'
+  hsmgw discover --cluster-id cluster-1234abcd --region us-east-1   # CloudHSM HSMs, AZs, best-practice warnings
+  hsmgw alarms install --config hsmgw.toml     # CloudWatch alarms: key/session limits, health, replicas
+
+Logs are JSON lines unless the stream is a terminal (--log-format or HSMGW_LOG_FORMAT
+choose); `serve` logs to stdout, the other commands to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.cli._common import fail, setup_logging
 from gateway.config import ConfigError
+
+if TYPE_CHECKING:
+    from router.placement import PlacementStore
 
 log = logging.getLogger("hsmgw")
 
@@ -67,11 +77,14 @@ def _serve(args: argparse.Namespace) -> None:
     serve(gateway, grace=args.grace, port_file=args.port_file)
 
 
-def _open_store(url: str):  # type: ignore[no-untyped-def]
+def _open_store(url: str, *, must_exist: bool = False) -> PlacementStore:
     from router.placement import StoreError
-    from router.placement.factory import make_store
+    from router.placement.factory import make_store, sqlite_path
 
     try:
+        # Opening a SQLite URL creates the file: a typo must not become an empty source.
+        if must_exist and url.startswith("sqlite:") and not sqlite_path(url, Path.cwd()).is_file():
+            fail(f"{url}: no such placement store file ({sqlite_path(url, Path.cwd())})")
         return make_store(url, Path.cwd())
     except (ValueError, StoreError) as exc:
         fail(str(exc))
@@ -101,7 +114,7 @@ def _store_migrate(args: argparse.Namespace) -> None:
     from router.placement import StoreError
     from router.placement.factory import copy_placements
 
-    source = _open_store(args.source)
+    source = _open_store(args.source, must_exist=True)
     try:
         dest = _open_store(args.dest)
         try:
@@ -126,6 +139,8 @@ def _store_migrate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hsmgw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=("auto", "json", "human"), default="auto",
+                        help="auto: human on a terminal, else JSON lines (default; HSMGW_LOG_FORMAT overrides)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -158,8 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     dev = sub.add_parser("dev", help="development helpers")
     dev_certs.add_parser(dev.add_subparsers(dest="dev_command", required=True))
 
+    from gateway.cli import alarms, discover
+
+    discover.add_parser(sub)
+    alarms.add_parser(sub)
+
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    try:
+        setup_logging(args.verbose, fmt=args.log_format, stream=sys.stdout if args.command == "serve" else None)
+    except ValueError as exc:  # a bad HSMGW_LOG_FORMAT
+        fail(str(exc))
     args.func(args)
 
 

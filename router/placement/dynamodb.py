@@ -206,7 +206,7 @@ class DynamoStore(PlacementStore):
     # -- plumbing
 
     def _call(self, operation: str, **kwargs: Any) -> Item:
-        """One API call; everything but a lost condition becomes ``StoreError``."""
+        """One non-conditional API call; any failure becomes ``StoreError``."""
         try:
             result: Item = getattr(self._client, operation)(TableName=self.table, **kwargs)
             return result
@@ -214,11 +214,9 @@ class DynamoStore(PlacementStore):
             raise  # a bug in this module, not an unavailable store
         except ClientError as exc:
             error = exc.response.get("Error", {})
-            code = error.get("Code", "")
-            if code in ("ConditionalCheckFailedException", "TransactionCanceledException"):
-                raise
             raise StoreError(
-                f"placement store dynamodb://{self.table}: {operation} failed: {code}: {error.get('Message', '')}"
+                f"placement store dynamodb://{self.table}: {operation} failed: "
+                f"{error.get('Code', '')}: {error.get('Message', '')}"
             ) from exc
         except BotoCoreError as exc:
             raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc

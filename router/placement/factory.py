@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from router.placement.store import Conflict, PlacementStore
 
-__all__ = ["CopyReport", "copy_placements", "make_store", "parse_dynamodb_url"]
+__all__ = ["CopyReport", "copy_placements", "make_store", "parse_dynamodb_url", "sqlite_path"]
 
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
 _DYNAMODB_PARAMS: dict[str, Callable[[str], Any]] = {
@@ -37,11 +37,12 @@ _DYNAMODB_PARAMS: dict[str, Callable[[str], Any]] = {
 _USAGE = "expected sqlite:PATH or dynamodb://TABLE?region=REGION[&endpoint=URL]"
 
 
-def _sqlite_path(url: str, base_dir: Path) -> Path:
+def sqlite_path(url: str, base_dir: Path | str = ".") -> Path:
+    """The file a ``sqlite:`` URL names, relative paths resolved against ``base_dir``."""
     path = Path(url[len("sqlite:") :].removeprefix("//"))
     if not str(path) or str(path) == ".":
         raise ValueError(f"store URL {url!r} names no file ({_USAGE})")
-    return path if path.is_absolute() else base_dir / path
+    return path if path.is_absolute() else Path(base_dir) / path
 
 
 def parse_dynamodb_url(url: str) -> tuple[str, dict[str, Any]]:
@@ -80,7 +81,7 @@ def make_store(url: str, base_dir: Path | str = ".") -> PlacementStore:
     if url.startswith("sqlite:"):
         from router.placement.sqlite import SqliteStore
 
-        return SqliteStore(_sqlite_path(url, Path(base_dir)))
+        return SqliteStore(sqlite_path(url, base_dir))
     if url.startswith("dynamodb:"):
         table, options = parse_dynamodb_url(url)
         # Imported here so that SQLite-only deployments never load boto3.

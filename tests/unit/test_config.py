@@ -265,9 +265,9 @@ _TABLES = ["", "gateway.", "server.", "pkcs11.", "store.", "secrets.", "clusters
 def test_any_unknown_key_in_any_table_is_refused_by_its_path(table: str, key: str) -> None:
     data = valid_data()
     known = {
-        "": {"gateway", "server", "pkcs11", "store", "secrets", "clusters"},
+        "": {"gateway", "server", "pkcs11", "store", "secrets", "clusters", "auth"},
         "gateway.": {"home_region", "dr_regions"},
-        "server.": {"listen", "insecure_plaintext", "threads", "default_deadline", "max_message_bytes"},
+        "server.": {"listen", "insecure_plaintext", "threads", "default_deadline", "max_message_bytes", "tls"},
         "pkcs11.": {"module", "env"},
         "store.": {"url"},
         "secrets.": {"file"},
@@ -487,3 +487,87 @@ def test_cluster_names_sharing_a_pin_variable_are_refused() -> None:
     data["clusters"][1]["name"] = data["clusters"][0]["name"].replace("-", "_")
     with pytest.raises(ConfigError, match=r"^clusters\[1\]\.name: .*PIN variable"):
         parse(data, Path("/cfg"))
+
+
+# -- [server.tls] and [auth] ---------------------------------------------------------------
+
+TLS_TABLE = {"cert_file": "tls/server.pem", "key_file": "tls/server-key.pem", "client_ca_file": "tls/ca.pem"}
+
+
+def test_tls_and_auth_paths_resolve_against_the_config_files_directory() -> None:
+    from gateway.config import AuthConfig, TlsConfig
+
+    data = valid_data()
+    data["server"] = {"listen": "0.0.0.0:443", "tls": dict(TLS_TABLE)}
+    data["auth"] = {"policy_file": "policy.toml"}
+    config = parse(data, Path("/cfg"))
+    assert config.server.tls == TlsConfig(
+        cert_file=Path("/cfg/tls/server.pem"), key_file=Path("/cfg/tls/server-key.pem"),
+        client_ca_file=Path("/cfg/tls/ca.pem"),
+    )
+    assert config.auth == AuthConfig(policy_file=Path("/cfg/policy.toml"))
+    assert config.server.insecure_plaintext is False
+
+
+def test_without_tls_and_auth_tables_nothing_changes() -> None:
+    config = parse(valid_data(), Path("/cfg"))
+    assert config.server.tls is None
+    assert config.auth.policy_file is None
+
+
+TLS_MISTAKES = [
+    ("server.tls", "yes", "server.tls"),
+    ("server.tls.cert_file", DELETE, "server.tls.cert_file"),
+    ("server.tls.key_file", DELETE, "server.tls.key_file"),
+    ("server.tls.client_ca_file", DELETE, "server.tls.client_ca_file"),
+    ("server.tls.client_ca_file", "", "server.tls.client_ca_file"),
+    ("server.tls.key_file", 5, "server.tls.key_file"),
+    ("server.tls.ca_file", "ca.pem", "server.tls.ca_file"),
+    ("server.insecure_plaintext", True, "server.insecure_plaintext"),
+    ("auth", "policy.toml", "auth"),
+    ("auth.policy_file", 1, "auth.policy_file"),
+    ("auth.policy_file", "", "auth.policy_file"),
+    ("auth.policy", "p.toml", "auth.policy"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "path"), TLS_MISTAKES, ids=[f"{k}={v!r}" for k, v, _ in TLS_MISTAKES])
+def test_each_tls_or_auth_mistake_names_its_key_path(key: str, value: Any, path: str) -> None:
+    data = valid_data()
+    data["server"] = {"tls": dict(TLS_TABLE)}
+    _set(key, value)(data)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: "):
+        parse(data, Path("/cfg"))
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:50051", "10.1.2.3:50051", "[::]:50051", "gw.example.com:50051"])
+def test_a_tls_listener_may_bind_any_address(listen: str) -> None:
+    data = valid_data()
+    data["server"] = {"listen": listen, "tls": dict(TLS_TABLE)}
+    data["auth"] = {"policy_file": "policy.toml"}
+    from gateway.config import check_security
+
+    config = parse(data, Path("/cfg"))
+    check_listen(config.server)
+    check_security(config)
+
+
+def test_a_tls_server_without_a_policy_refuses_to_start() -> None:
+    from gateway.config import check_security
+
+    data = valid_data()
+    data["server"] = {"tls": dict(TLS_TABLE)}
+    with pytest.raises(ConfigError, match=r"^auth\.policy_file: a TLS server needs an authorization policy"):
+        check_security(parse(data, Path("/cfg")))
+
+
+def test_check_security_keeps_the_plaintext_rules() -> None:
+    from gateway.config import check_security
+
+    data = valid_data()
+    data["server"] = {"listen": "0.0.0.0:50051", "insecure_plaintext": True}
+    with pytest.raises(ConfigError, match=r"^server\.listen: plaintext is allowed only on a loopback"):
+        check_security(parse(data, Path("/cfg")))
+    data["server"] = {"listen": "127.0.0.1:50051", "insecure_plaintext": True}
+    data["auth"] = {"policy_file": "policy.toml"}  # a development server may have a policy too
+    check_security(parse(data, Path("/cfg")))

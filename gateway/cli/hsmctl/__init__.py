@@ -1,0 +1,60 @@
+"""``hsmctl``: operate hsmgw — clusters, key placement, switches, approvals, audit.
+
+hsmctl talks to a gateway's AdminService (never to the store or the HSMs), so
+authentication, quorum and audit apply to everything it does. Mutating commands
+create a change that other admins approve (`hsmctl changes approve ID`).
+
+Examples:
+  hsmctl status
+  hsmctl clusters
+  hsmctl keys list --prefix payments/
+  hsmctl keys move payments/signing-2026 --to use1-b
+  hsmctl rebalance --plan
+  hsmctl clusters drain use1-a
+  hsmctl --as bob changes approve 3f2a9c1e
+  hsmctl audit verify
+
+Exit codes: 0 ok; 1 the request was refused or failed; 2 the gateway could not
+be reached; 3 the change is waiting for approvals (scripts can poll).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from gateway.cli._common import fail
+from gateway.cli.hsmctl import audit, changes, clusters, keys, rebalance, regions
+from gateway.cli.hsmctl._app import App
+
+GROUPS = (clusters, keys, rebalance, regions, changes, audit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsmctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default: %(default)s)")
+    parser.add_argument("--output", choices=("table", "json"), default="table", help="table for people, json for scripts")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
+    parser.add_argument("--as", dest="identity", default="",
+                        help="admin identity in development (plaintext on loopback only; TLS uses the certificate)")
+    parser.add_argument("--ca", help="CA certificate (PEM) to verify the gateway; enables TLS")
+    parser.add_argument("--cert", help="client certificate (PEM) for mTLS")
+    parser.add_argument("--key", help="client private key (PEM) for mTLS")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    with App.from_args(args) as app:
+        try:
+            code = args.func(app, args)
+        except grpc.RpcError as exc:
+            unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            fail(f"{exc.code().name}: {exc.details()}", code=2 if unreachable else 1)
+    raise SystemExit(code or 0)

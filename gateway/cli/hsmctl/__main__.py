@@ -1,0 +1,3 @@
+from gateway.cli.hsmctl import main
+
+main()

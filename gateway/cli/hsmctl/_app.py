@@ -1,0 +1,97 @@
+"""The application object every hsmctl command receives: channel, stubs, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from hsmgw.v1 import admin_pb2 as apb
+from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
+
+WAITING = 3
+
+
+class App:
+    def __init__(self, channel: grpc.Channel, *, output: str, timeout: float, identity: str) -> None:
+        self.channel = channel
+        self.output = output
+        self.timeout = timeout
+        self.metadata = (("x-hsmgw-identity", identity),) if identity else ()
+        self.admin = admin_pb2_grpc.AdminServiceStub(channel)
+        self.crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> App:
+        if args.ca:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(args.ca).read_bytes(),
+                private_key=Path(args.key).read_bytes() if args.key else None,
+                certificate_chain=Path(args.cert).read_bytes() if args.cert else None,
+            )
+            channel = grpc.secure_channel(args.target, credentials)
+        else:
+            channel = grpc.insecure_channel(args.target)
+        return cls(channel, output=args.output, timeout=args.timeout, identity=args.identity)
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+
+    def call(self, method: Any, request: Message) -> Any:
+        return method(request, timeout=self.timeout, metadata=self.metadata)
+
+    # -- output -------------------------------------------------------------------------
+
+    @staticmethod
+    def as_dict(message: Message) -> dict[str, Any]:
+        return json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+
+    def emit(self, data: Any, human: str) -> None:
+        if self.output == "json":
+            print(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            print(human)
+
+    @staticmethod
+    def table(rows: list[list[Any]], header: list[str]) -> str:
+        cells = [[str(c) for c in row] for row in rows]
+        widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+        return "\n".join(lines)
+
+    def change(self, change: apb.Change) -> int:
+        """Print a change; the exit code says whether it ran (0), waits (3) or failed (1)."""
+        approvals = f"{len(change.approved_by)}/{change.approvals_needed}"
+        if change.state == "pending":
+            human = (f"change {change.id} ({change.action}) is pending: {approvals} approvals; "
+                     f"another admin runs: hsmctl changes approve {change.id}")
+        else:
+            human = f"change {change.id} ({change.action}) {change.state}: {change.result}"
+        self.emit(self.as_dict(change), human)
+        if change.state == "pending":
+            return WAITING
+        return 0 if change.state == "applied" else 1
+
+
+def progress(done: int, total: int, label: str = "") -> None:
+    """A one-line progress bar on a terminal (nothing when output is redirected)."""
+    if not sys.stderr.isatty() or not total:
+        return
+    width = 30
+    filled = width * done // total
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()

@@ -1,0 +1,83 @@
+"""hsmctl keys list | show | place | move | destroy"""
+
+from __future__ import annotations
+
+import argparse
+
+from gateway.cli.hsmctl._app import App
+from hsmgw.v1 import admin_pb2 as apb
+from hsmgw.v1 import crypto_pb2 as pb
+
+HEADER = ["KEY", "ALGORITHM", "STATE", "PRIMARY", "REPLICAS", "STORAGE"]
+
+
+def _row(k: pb.Key) -> list[str]:
+    return [
+        k.key_id,
+        pb.KeyAlgorithm.Name(k.algorithm).removeprefix("KEY_ALGORITHM_"),
+        pb.KeyState.Name(k.state).removeprefix("KEY_STATE_"),
+        k.primary_cluster or "-",
+        ",".join(k.replicas) or "-",
+        pb.KeyStorage.Name(k.storage).removeprefix("KEY_STORAGE_") if k.storage else "TOKEN",
+    ]
+
+
+def _list(app: App, args: argparse.Namespace) -> int:
+    keys: list[pb.Key] = []
+    token = ""
+    while True:
+        resp = app.call(app.crypto.ListKeys, pb.ListKeysRequest(prefix=args.prefix, page_token=token, page_size=1000))
+        keys += [k for k in resp.keys if not args.cluster or args.cluster in (k.primary_cluster, *k.replicas)]
+        token = resp.next_page_token
+        if not token:
+            break
+    app.emit([app.as_dict(k) for k in keys], app.table([_row(k) for k in keys], HEADER))
+    return 0
+
+
+def _show(app: App, args: argparse.Namespace) -> int:
+    key = app.call(app.crypto.GetKey, pb.GetKeyRequest(key_id=args.key))
+    app.emit(app.as_dict(key), app.table([_row(key)], HEADER))
+    return 0
+
+
+def _place(app: App, args: argparse.Namespace) -> int:
+    return app.change(app.call(app.admin.PlaceKey, apb.PlaceKeyRequest(key_id=args.key, cluster=args.cluster)))
+
+
+def _move(app: App, args: argparse.Namespace) -> int:
+    request = apb.MoveKeyRequest(key_id=args.key, to=args.to)
+    if args.source:
+        setattr(request, "from", args.source)
+    return app.change(app.call(app.admin.MoveKey, request))
+
+
+def _destroy(app: App, args: argparse.Namespace) -> int:
+    return app.change(app.call(app.admin.DestroyKey, apb.DestroyKeyChangeRequest(key_id=args.key)))
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    keys = sub.add_parser("keys", help="where keys live, and moving them")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    lst = ksub.add_parser("list", help="list keys", description="Example: hsmctl keys list --prefix payments/ --cluster use1-a")
+    lst.add_argument("--prefix", default="")
+    lst.add_argument("--cluster", default="", help="only keys held by this cluster")
+    lst.set_defaults(func=_list)
+    show = ksub.add_parser("show", help="one key's placement", description="Example: hsmctl keys show payments/k1")
+    show.add_argument("key")
+    show.set_defaults(func=_show)
+    place = ksub.add_parser("place", help="pin the cluster a key not yet created will go to (quorum)",
+                            description="Example: hsmctl keys place payments/k9 --cluster use1-b")
+    place.add_argument("key")
+    place.add_argument("--cluster", required=True)
+    place.set_defaults(func=_place)
+    move = ksub.add_parser("move", help="copy by trusted wrap, verify, switch, remove the old copy (quorum)",
+                           description="Example: hsmctl keys move payments/k1 --to use1-b")
+    move.add_argument("key")
+    move.add_argument("--to", required=True, help="destination cluster")
+    move.add_argument("--from", dest="source", default="", help="the copy to replace (default: the primary)")
+    move.set_defaults(func=_move)
+    destroy = ksub.add_parser("destroy", help="destroy a key on every cluster (quorum)",
+                              description="Example: hsmctl keys destroy payments/old")
+    destroy.add_argument("key")
+    destroy.set_defaults(func=_destroy)

@@ -1,0 +1,50 @@
+"""hsmctl rebalance --plan | --apply | reconcile [--fix]"""
+
+from __future__ import annotations
+
+import argparse
+
+from gateway.cli.hsmctl._app import App, progress
+from hsmgw.v1 import admin_pb2 as apb
+
+
+def _rebalance(app: App, args: argparse.Namespace) -> int:
+    plan = app.call(app.admin.PlanRebalance, apb.PlanRebalanceRequest())
+    rows = [[m.key_id, getattr(m, "from"), m.to] for m in plan.moves]
+    human = (f"{len(plan.moves)} of {plan.keys_considered} keys would move (plan {plan.plan_id})\n"
+             + (App.table(rows, ["KEY", "FROM", "TO"]) if rows else "nothing to move"))
+    if not args.apply:
+        app.emit(app.as_dict(plan) | {"moves": [app.as_dict(m) for m in plan.moves]}, human)
+        return 0
+    if app.output != "json":
+        print(human)
+    progress(0, len(plan.moves), "requesting")
+    change = app.call(app.admin.ApplyRebalance, apb.ApplyRebalanceRequest(plan_id=plan.plan_id))
+    if change.state == "applied":
+        progress(len(plan.moves), len(plan.moves), "moved")
+    return app.change(change)
+
+
+def _reconcile(app: App, args: argparse.Namespace) -> int:
+    resp = app.call(app.admin.Reconcile, apb.ReconcileRequest(fix=args.fix))
+    rows = [[f.kind, f.cluster or "-", f.key_id or "-"] for f in resp.findings]
+    human = App.table(rows, ["FINDING", "CLUSTER", "KEY"]) if rows else "placement store and tokens agree"
+    app.emit(app.as_dict(resp) | {"findings": [app.as_dict(f) for f in resp.findings]}, human)
+    if args.fix and resp.HasField("change"):
+        return app.change(resp.change)
+    return 1 if rows else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    reb = sub.add_parser("rebalance", help="move the keys consistent hashing says should move",
+                         description="Show the plan, then apply it (a change needing approval).\n\n"
+                                     "Examples: hsmctl rebalance --plan; hsmctl rebalance --apply")
+    mode = reb.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--plan", action="store_true", help="show what would move")
+    mode.add_argument("--apply", action="store_true", help="request the moves (quorum)")
+    reb.set_defaults(func=_rebalance)
+    rec = sub.add_parser("reconcile", help="compare the placement store with every token (exit 1 if they differ)",
+                         description="Reports stale intents, orphan objects, missing copies and unreachable "
+                                     "clusters; --fix requests a repair (quorum).\n\nExample: hsmctl reconcile --fix")
+    rec.add_argument("--fix", action="store_true")
+    rec.set_defaults(func=_reconcile)

@@ -1,0 +1,179 @@
+"""Log output: JSON lines for containers, a readable line for people, a request id on both.
+
+``configure`` sets up the root logger once, from the CLI (never at import):
+
+- ``json``: one JSON object per line — ``time`` (UTC, ISO 8601), ``level``,
+  ``logger``, ``message``, ``request_id`` while a request is being served,
+  ``exception`` with the traceback, and any ``extra=`` fields. Lines of the
+  ``hsmgw.audit`` logger (already JSON) are embedded as an ``audit`` object.
+- ``human``: ``time level logger [request id]: message``.
+- ``auto`` (the default): ``human`` when the stream is a terminal, else ``json``
+  (containers and log shippers read stdout/stderr through a pipe).
+  ``HSMGW_LOG_FORMAT`` overrides ``auto``.
+
+The request id lives in a ``contextvars.ContextVar``: ``gateway.metrics``'s
+interceptor sets it for the duration of each RPC (from the caller's
+``x-request-id`` metadata, else a new one), so every line logged while serving
+that RPC — servicer, router, audit — carries it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import json
+import logging
+import os
+import re
+import sys
+import uuid
+from typing import Any, TextIO
+
+REQUEST_ID_HEADER = "x-request-id"
+FORMATS = ("auto", "json", "human")
+ENV_FORMAT = "HSMGW_LOG_FORMAT"
+AUDIT_LOGGER = "hsmgw.audit"
+
+_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("hsmgw_request_id", default=None)
+# What a caller may choose as a request id: short, printable, no spaces or quotes
+# (it lands in every log line, so nothing that could forge or break one).
+_VALID_ID = re.compile(r"[A-Za-z0-9._:/@+=-]{1,128}")
+
+# Attributes every LogRecord has; anything else came from ``extra=`` and is logged.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id"}
+
+
+def current_request_id() -> str | None:
+    """The id of the request this thread is serving, if any."""
+    return _REQUEST_ID.get()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accept_request_id(value: str | None) -> str:
+    """The caller's id if it is acceptable, else a new one."""
+    if value and _VALID_ID.fullmatch(value):
+        return value
+    return new_request_id()
+
+
+def set_request_id(request_id: str | None) -> contextvars.Token[str | None]:
+    """Make ``request_id`` current; pass the token to ``reset_request_id`` when the request ends."""
+    return _REQUEST_ID.set(request_id)
+
+
+def reset_request_id(token: contextvars.Token[str | None]) -> None:
+    _REQUEST_ID.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the current request id when it is made (in the caller's thread)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = _REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ASCII only, so a caller's string cannot break a line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        request_id = getattr(record, "request_id", None) or _REQUEST_ID.get()
+        if request_id:
+            entry["request_id"] = request_id
+        if record.name == AUDIT_LOGGER:
+            try:
+                entry["audit"] = json.loads(message)
+            except ValueError:
+                pass
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=True, default=str)
+
+
+class HumanFormatter(logging.Formatter):
+    """``2026-01-02 03:04:05,678 INFO router.router [req-id]: message``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None) or _REQUEST_ID.get()
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
+
+
+def choose_format(fmt: str, stream: TextIO, environ: dict[str, str] | None = None) -> str:
+    """``json`` or ``human`` for ``fmt`` (auto: the environment, then whether ``stream`` is a terminal)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "auto":
+        env = os.environ if environ is None else environ
+        fmt = env.get(ENV_FORMAT, "auto").strip().lower() or "auto"
+        if fmt not in FORMATS:
+            raise ValueError(f"{ENV_FORMAT}={fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "auto":
+        isatty = getattr(stream, "isatty", None)
+        fmt = "human" if isatty is not None and isatty() else "json"
+    return fmt
+
+
+_HANDLER_MARK = "_hsmgw_handler"
+
+
+def configure(*, level: int = logging.INFO, fmt: str = "auto", stream: TextIO | None = None) -> logging.Handler:
+    """Send every log record to ``stream`` (default stderr) in the chosen format; returns the handler.
+
+    Replaces a handler an earlier call installed, so calling it twice does not
+    double every line.
+    """
+    stream = stream if stream is not None else sys.stderr
+    chosen = choose_format(fmt, stream)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if chosen == "json" else HumanFormatter())
+    handler.addFilter(RequestIdFilter())
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, _HANDLER_MARK, False):
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
+
+
+__all__ = [
+    "AUDIT_LOGGER",
+    "ENV_FORMAT",
+    "FORMATS",
+    "REQUEST_ID_HEADER",
+    "HumanFormatter",
+    "JsonFormatter",
+    "RequestIdFilter",
+    "accept_request_id",
+    "choose_format",
+    "configure",
+    "current_request_id",
+    "new_request_id",
+    "reset_request_id",
+    "set_request_id",
+]

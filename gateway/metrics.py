@@ -1,0 +1,475 @@
+"""Prometheus metrics: what the gateway serves, and the state of every cluster.
+
+Two kinds of series live in one ``CollectorRegistry`` per gateway (never the
+global one, so two gateways in one process — tests — do not share counts):
+
+- **per request**, recorded by :class:`ObservabilityInterceptor` (the outermost
+  interceptor, so refused calls count too): requests by service, RPC, status
+  code and cluster; a latency histogram; errors by ``ErrorInfo`` reason and
+  error class; PKCS #11 errors by CKR name; BatchSign items by code.
+- **read on scrape** by :class:`RouterCollector`: pool sessions, key counts
+  against ``max_keys``, circuit state, drained clusters and failed-over
+  regions, failovers, retries and retry-budget refusals, under-replicated keys.
+
+The router must not import the gateway, so PKCS #11 errors are counted at the
+edge: the servicer turns a ``RouterError`` into a status inside its
+``except`` block, so the exception grpc raises for the abort chains back
+(``__context__``/``__cause__``) to the ``RouterError`` and, where the router
+translated one, to the python-pkcs11 exception. Errors the router absorbed
+(a retry or failover that then succeeded) never reach the edge: they show as
+``hsmgw_failovers_total`` and ``hsmgw_retries_total``. docs/operations.md lists
+every series and what to do when it moves.
+
+The same interceptor sets the request id (``gateway.logs``) that every log
+line of the call carries, and sends it back as ``x-request-id`` initial metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway import logs
+from router.health import CircuitState
+from router.model import KeyState
+from router.placement.store import StoreError
+from router.router import Router
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Seconds: a SoftHSM ECDSA sign is ~0.15 ms, an RSA-2048 ~1.5 ms, a key creation 15-200 ms."""
+
+CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+"""``hsmgw_circuit_state``: 0 closed (serving), 1 half-open (on trial), 2 open (skipped)."""
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+# python-pkcs11 names whose CKR constant is not the plain UPPER_SNAKE of the class name.
+_CKR_OVERRIDES = {
+    "AnotherUserAlreadyLoggedIn": "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
+    "FunctionCancelled": "CKR_FUNCTION_CANCELED",
+    "TokenNotRecognised": "CKR_TOKEN_NOT_RECOGNIZED",
+}
+# Raised by python-pkcs11 itself (a search found nothing or too much), not by the module.
+_NOT_CKR = frozenset({"NoSuchKey", "NoSuchToken", "MultipleObjectsReturned", "MultipleTokensReturned"})
+_WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def ckr_name(exc_type: type[BaseException]) -> str:
+    """``CKR_DEVICE_ERROR`` for python-pkcs11's ``DeviceError`` (its own errors keep their names)."""
+    name = exc_type.__name__
+    if name in _CKR_OVERRIDES:
+        return _CKR_OVERRIDES[name]
+    if name in _NOT_CKR or name == "PKCS11Error":
+        return name
+    return "CKR_" + _WORD.sub("_", name).upper()
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What the edge can tell about a failed call."""
+
+    reason: str
+    """The ``ErrorInfo`` reason, else the status code name."""
+    error_class: str
+    """The class of the error that caused it (``ClusterDown``, ``PermissionDenied``…), or ``""``."""
+    cluster: str
+    ckr: str
+    """The PKCS #11 return value behind it, or ``""``."""
+    store_error: bool
+
+
+def describe_failure(code: grpc.StatusCode, trailing: Sequence[tuple[str, Any]] | None,
+                     exc: BaseException | None) -> Failure:
+    reason, cluster = code.name, ""
+    for key, value in trailing or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status()
+            try:
+                status.ParseFromString(value)
+            except Exception:  # noqa: BLE001 - a malformed detail must not fail the call
+                break
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    reason = info.reason or reason
+                    cluster = info.metadata.get("cluster", "")
+                    break
+    error_class = ckr = ""
+    store_error = False
+    for link in _chain(exc):
+        kind = type(link)
+        if not error_class and kind is not Exception:  # grpc's abort raises a bare Exception
+            error_class = kind.__name__
+        if not ckr and kind.__module__.startswith("pkcs11"):
+            ckr = ckr_name(kind)
+        if isinstance(link, StoreError):
+            store_error = True
+    return Failure(reason, error_class, cluster, ckr, store_error)
+
+
+# -- cluster state, shared with the CloudWatch publisher -------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    name: str
+    region: str
+    keys: int
+    max_keys: int
+    pool_size: int
+    sessions_open: int
+    sessions_in_use: int
+    circuit: int
+    """0 closed, 1 half-open, 2 open."""
+    draining: bool
+
+
+def cluster_snapshots(router: Router) -> list[ClusterSnapshot]:
+    counts = router.key_counts()
+    drained = router.dispatcher.drained
+    snapshots = []
+    for name, backend in sorted(router.backends.items()):
+        stats = backend.stats()
+        snapshots.append(
+            ClusterSnapshot(
+                name=name,
+                region=backend.spec.region,
+                keys=counts.get(name, 0),
+                max_keys=backend.spec.max_keys,
+                pool_size=stats.size,
+                sessions_open=stats.open,
+                sessions_in_use=stats.in_use,
+                circuit=CIRCUIT_VALUES[router.breakers[name].state],
+                draining=name in drained,
+            )
+        )
+    return snapshots
+
+
+def under_replicated_keys(router: Router) -> int:
+    """Keys acknowledged with fewer copies than their policy asks (the repairer's backlog).
+
+    Read from the router's in-memory placement cache: the store would cost a full
+    scan (a DynamoDB table scan per gateway) on every scrape.
+    """
+    cache: dict[str, Any] = getattr(router, "_cache", {})
+    return sum(1 for placement in list(cache.values()) if placement.state is KeyState.UNDER_REPLICATED)
+
+
+class RouterCollector(Collector):  # type: ignore[misc]
+    """Reads the router's state when Prometheus scrapes (nothing on the hot path)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["cluster", "region"]
+        in_use = GaugeMetricFamily("hsmgw_pool_sessions_in_use", "PKCS #11 sessions checked out by requests now.",
+                                   labels=labels)
+        opened = GaugeMetricFamily("hsmgw_pool_sessions_open", "PKCS #11 sessions the pool holds open.",
+                                   labels=labels)
+        size = GaugeMetricFamily("hsmgw_pool_size", "Sessions the pool may open (cluster pool_size).", labels=labels)
+        keys = GaugeMetricFamily("hsmgw_keys", "Keys placed on the cluster (primary or replica copies).",
+                                 labels=labels)
+        max_keys = GaugeMetricFamily("hsmgw_max_keys", "The cluster's configured key limit (max_keys).",
+                                     labels=labels)
+        circuit = GaugeMetricFamily("hsmgw_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+                                    labels=labels)
+        draining = GaugeMetricFamily("hsmgw_cluster_draining", "1 when an operator drained the cluster.",
+                                     labels=labels)
+        for snap in cluster_snapshots(self.router):
+            values = [snap.name, snap.region]
+            in_use.add_metric(values, snap.sessions_in_use)
+            opened.add_metric(values, snap.sessions_open)
+            size.add_metric(values, snap.pool_size)
+            keys.add_metric(values, snap.keys)
+            max_keys.add_metric(values, snap.max_keys)
+            circuit.add_metric(values, snap.circuit)
+            draining.add_metric(values, 1 if snap.draining else 0)
+        yield from (in_use, opened, size, keys, max_keys, circuit, draining)
+
+        failed_over = GaugeMetricFamily("hsmgw_region_failed_over", "1 when an operator failed the region over.",
+                                        labels=["region"])
+        for region in sorted(self.router.topology.regions):
+            failed_over.add_metric([region], 1 if region in self.router.dispatcher.failed_over else 0)
+        yield failed_over
+
+        dispatcher = self.router.dispatcher
+        yield CounterMetricFamily("hsmgw_failovers", "Requests served by a cluster other than their first choice.",
+                                  value=dispatcher.failovers)
+        yield CounterMetricFamily("hsmgw_retries", "Extra attempts (same or next cluster) taken from the retry budget.",
+                                  value=dispatcher.budget.retries)
+        yield CounterMetricFamily("hsmgw_retry_budget_refusals",
+                                  "Retries refused because the retry budget was spent.",
+                                  value=dispatcher.budget.refused)
+        yield GaugeMetricFamily("hsmgw_keys_under_replicated",
+                                "Keys with fewer copies than their replication policy asks.",
+                                value=under_replicated_keys(self.router))
+
+
+# -- per-request metrics ----------------------------------------------------------------------
+
+
+class RequestMetrics:
+    """The per-request series, in one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("hsmgw_requests", "RPCs finished, by service, method, status code and cluster.",
+                                ["service", "rpc", "code", "cluster"], registry=registry)
+        self.latency = Histogram("hsmgw_request_duration_seconds", "Time from call start to its status.",
+                                 ["service", "rpc"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.in_flight = Gauge("hsmgw_requests_in_flight", "RPCs being served now.", registry=registry)
+        self.errors = Counter("hsmgw_errors", "Failed RPCs by ErrorInfo reason, error class and cluster.",
+                              ["reason", "error_class", "cluster"], registry=registry)
+        self.pkcs11_errors = Counter("hsmgw_pkcs11_errors", "PKCS #11 errors behind failed RPCs, by CKR name.",
+                                     ["ckr", "cluster"], registry=registry)
+        self.store_errors = Counter("hsmgw_store_errors", "RPCs failed because the placement store was unreachable.",
+                                    registry=registry)
+        self.batch_items = Counter("hsmgw_batch_items", "BatchSign items, by their own status code and cluster.",
+                                   ["code", "cluster"], registry=registry)
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    service, _, rpc = full_method.lstrip("/").rpartition("/")
+    return service, rpc
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Outermost interceptor: request id for the logs, then counts and times the call."""
+
+    def __init__(self, metrics: RequestMetrics, *, clock: Callable[[], float] = time.perf_counter,
+                 echo_request_id: bool = True) -> None:
+        self.metrics = metrics
+        self._clock = clock
+        self._echo = echo_request_id
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        cached = self._cache.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, *_split_method(details.method))
+        self._cache[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, service: str, rpc: str) -> grpc.RpcMethodHandler:
+        args = (handler.request_deserializer, handler.response_serializer)
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, service, rpc), *args)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, service, rpc), *args)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._streaming(handler.unary_stream, service, rpc), *args)
+        return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, service, rpc), *args)
+
+    # -- per call --
+
+    def _begin(self, context: grpc.ServicerContext) -> Any:
+        offered = None
+        for key, value in context.invocation_metadata() or ():
+            if key == logs.REQUEST_ID_HEADER and isinstance(value, str):
+                offered = value
+                break
+        request_id = logs.accept_request_id(offered)
+        token = logs.set_request_id(request_id)
+        if self._echo:
+            try:
+                context.send_initial_metadata(((logs.REQUEST_ID_HEADER, request_id),))
+            except (ValueError, RuntimeError):  # already sent or call over: the id is in the logs anyway
+                pass
+        self.metrics.in_flight.inc()
+        return token
+
+    def _end(self, token: Any) -> None:
+        self.metrics.in_flight.dec()
+        try:
+            logs.reset_request_id(token)
+        except ValueError:  # a stream closed from another thread's context
+            pass
+
+    def _record(self, service: str, rpc: str, context: grpc.ServicerContext, started: float,
+                response: Any, exc: BaseException | None) -> None:
+        m = self.metrics
+        m.latency.labels(service, rpc).observe(self._clock() - started)
+        code = context.code()
+        if code is None:
+            code = grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
+        if code is grpc.StatusCode.OK:
+            cluster = getattr(response, "cluster", "") if response is not None else ""
+            m.requests.labels(service, rpc, "OK", cluster if isinstance(cluster, str) else "").inc()
+            if rpc == "BatchSign" and response is not None:
+                self._batch_items(response)
+            return
+        failure = describe_failure(code, context.trailing_metadata(), exc)
+        m.requests.labels(service, rpc, code.name, failure.cluster).inc()
+        m.errors.labels(failure.reason, failure.error_class, failure.cluster).inc()
+        if failure.ckr:
+            m.pkcs11_errors.labels(failure.ckr, failure.cluster).inc()
+        if failure.store_error:
+            m.store_errors.inc()
+
+    def _batch_items(self, response: Any) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for item in getattr(response, "responses", ()):
+            if item.code == 0:
+                key = ("OK", item.response.cluster)
+            else:
+                status = _CODES.get(item.code)
+                key = (status.name if status is not None else str(item.code), "")
+            counts[key] = counts.get(key, 0) + 1
+        for (code, cluster), n in counts.items():
+            self.metrics.batch_items.labels(code, cluster).inc(n)
+
+    def _unary(self, behavior: Callable[..., Any], service: str, rpc: str) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            token = self._begin(context)
+            started = self._clock()
+            try:
+                response = behavior(request, context)
+            except BaseException as exc:
+                self._record(service, rpc, context, started, None, exc)
+                raise
+            finally:
+                self._end(token)
+            self._record(service, rpc, context, started, response, None)
+            return response
+
+        return call
+
+    def _streaming(self, behavior: Callable[..., Any], service: str, rpc: str) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            token = self._begin(context)
+            started = self._clock()
+            try:
+                yield from behavior(request, context)
+            except GeneratorExit:  # the client went away; grpc closes the stream
+                self._record(service, rpc, context, started, None, None)
+                raise
+            except BaseException as exc:
+                self._record(service, rpc, context, started, None, exc)
+                raise
+            else:
+                self._record(service, rpc, context, started, None, None)
+            finally:
+                self._end(token)
+
+        return call
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+# -- the /metrics endpoint ---------------------------------------------------------------------
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # a scrape every 15 s is not news
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class MetricsServer:
+    """``GET /metrics`` over plain HTTP on its own port; bound at construction, served after ``start``."""
+
+    def __init__(self, listen: str, registry: CollectorRegistry) -> None:
+        host, port = split_listen(listen)
+        server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+        self._httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+        self.host = host
+        self.port = int(self._httpd.server_port)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+# -- one object for the gateway ------------------------------------------------------------------
+
+
+class GatewayMetrics:
+    """The registry, the interceptor and the router collector of one gateway."""
+
+    def __init__(self, router: Router, *, version: str = "", home_region: str = "") -> None:
+        self.registry = CollectorRegistry()
+        self.requests = RequestMetrics(self.registry)
+        self.interceptor = ObservabilityInterceptor(self.requests)
+        self.registry.register(RouterCollector(router))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        info = Gauge("hsmgw_build_info", "Always 1; labels say which gateway this is.", ["version", "home_region"],
+                     registry=self.registry)
+        info.labels(version, home_region).set(1)
+
+
+__all__ = [
+    "CIRCUIT_VALUES",
+    "LATENCY_BUCKETS",
+    "ClusterSnapshot",
+    "Failure",
+    "GatewayMetrics",
+    "MetricsServer",
+    "ObservabilityInterceptor",
+    "RequestMetrics",
+    "RouterCollector",
+    "ckr_name",
+    "cluster_snapshots",
+    "describe_failure",
+    "split_listen",
+    "under_replicated_keys",
+]

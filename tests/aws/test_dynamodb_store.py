@@ -1,0 +1,175 @@
+"""What only the DynamoDB store has: its table definition, table creation, paging
+through Scan, retrying transactions that collide, and the store URL."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from router.model import KeyAlgorithm, KeyState, KeyUsage, Placement
+from router.placement import SqliteStore, StoreError
+from router.placement.dynamodb import TABLE_DEFINITION, DynamoStore
+from router.placement.factory import make_store, parse_dynamodb_url
+from tests.aws.conftest import REGION, MotoServer
+from tests.support import ROOT
+
+TABLE_JSON = ROOT / "deploy" / "dynamodb" / "table.json"
+
+
+def placement(key_id: str, request_id: str | None = None) -> Placement:
+    return Placement(
+        key_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, KeyState.ENABLED, "use1-a", ("usw2-a",),
+        create_time=1_767_225_600.5, request_id=request_id or f"req-{key_id}",
+    )
+
+
+def fresh_store(moto: MotoServer, **options: Any) -> DynamoStore:
+    store = DynamoStore(f"t-{uuid.uuid4().hex[:12]}", region=REGION, endpoint_url=moto.endpoint, **options)
+    store.create_table()
+    return store
+
+
+def test_deploy_table_definition_matches_the_code_and_is_accepted_by_create_table(moto_server: MotoServer) -> None:
+    definition = json.loads(TABLE_JSON.read_text())
+    for field, value in TABLE_DEFINITION.items():
+        assert definition[field] == value, f"deploy/dynamodb/table.json {field} differs from TABLE_DEFINITION"
+    client = boto3.client("dynamodb", region_name=REGION, endpoint_url=moto_server.endpoint)
+    definition["TableName"] = f"deploy-{uuid.uuid4().hex[:8]}"
+    client.create_table(**definition)
+    table = client.describe_table(TableName=definition["TableName"])["Table"]
+    assert table["KeySchema"] == [{"AttributeName": "key_id", "KeyType": "HASH"}]
+    assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    store = DynamoStore(definition["TableName"], region=REGION, endpoint_url=moto_server.endpoint)
+    store.create(placement("deployed/key"))
+    assert store.get("deployed/key") == placement("deployed/key")
+    store.close()
+
+
+def test_create_table_is_idempotent(moto_server: MotoServer) -> None:
+    store = fresh_store(moto_server)
+    assert store.create_table() is False
+    assert store.change_counter() == 0
+    store.close()
+
+
+def test_a_missing_table_is_a_store_error_naming_it(moto_server: MotoServer) -> None:
+    store = DynamoStore("no-such-table", region=REGION, endpoint_url=moto_server.endpoint)
+    for call in (lambda: store.get("k"), lambda: store.create(placement("k")), store.change_counter):
+        with pytest.raises(StoreError, match="no-such-table"):
+            call()
+    store.close()
+
+
+def test_key_ids_that_would_collide_with_internal_items_are_refused(moto_server: MotoServer) -> None:
+    store = fresh_store(moto_server)
+    for key_id in ("req#x", "meta#changes"):
+        with pytest.raises(ValueError, match="reserved"):
+            store.create(placement(key_id))
+    assert store.list() == [] and store.change_counter() == 0
+    store.close()
+
+
+def test_list_and_scan_follow_scan_pages(moto_server: MotoServer) -> None:
+    store = fresh_store(moto_server, scan_page_size=2)  # many pages, and req#/meta items among them
+    ids = [f"team/k{i}" for i in range(7)] + ["other/k"]
+    for key_id in reversed(ids):
+        store.create(placement(key_id))
+    assert sorted(p.key_id for p in store.scan()) == sorted(ids)
+    assert [p.key_id for p in store.list("team/", after="team/k2", limit=3)] == ["team/k3", "team/k4", "team/k5"]
+    assert [p.key_id for p in store.list(limit=100)] == sorted(ids)
+    store.close()
+
+
+def _cancelled(*codes: str) -> dict[str, Any]:
+    return {"CancellationReasons": [{"Code": code} for code in codes]}
+
+
+def test_a_transaction_that_collides_on_the_change_counter_is_retried() -> None:
+    client = boto3.client("dynamodb", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    store = DynamoStore("t", region=REGION, client=client)
+    with Stubber(client) as stub:
+        for _ in range(2):
+            stub.add_client_error(
+                "transact_write_items", service_error_code="TransactionCanceledException",
+                modeled_fields=_cancelled("None", "None", "TransactionConflict"),
+            )
+        stub.add_response("transact_write_items", {})
+        store.create(placement("k"))
+        stub.assert_no_pending_responses()
+
+
+def test_a_transaction_that_keeps_colliding_becomes_a_store_error() -> None:
+    client = boto3.client("dynamodb", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    store = DynamoStore("t", region=REGION, client=client)
+    with Stubber(client) as stub:
+        for _ in range(8):
+            stub.add_client_error(
+                "transact_write_items", service_error_code="TransactionCanceledException",
+                modeled_fields=_cancelled("None", "None", "TransactionConflict"),
+            )
+        with pytest.raises(StoreError, match="TransactionConflict"):
+            store.create(placement("k"))
+
+
+def test_throttling_beyond_the_retries_is_a_store_error_not_a_crash() -> None:
+    client = boto3.client("dynamodb", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    store = DynamoStore("t", region=REGION, client=client)
+    with Stubber(client) as stub:
+        stub.add_client_error("get_item", service_error_code="ProvisionedThroughputExceededException")
+        with pytest.raises(StoreError, match="ProvisionedThroughputExceeded"):
+            store.get("k")
+
+
+# -- store URLs -----------------------------------------------------------------------
+
+
+def test_dynamodb_urls_parse_into_store_options() -> None:
+    assert parse_dynamodb_url("dynamodb://hsmgw-placements?region=us-east-1") == (
+        "hsmgw-placements", {"region": "us-east-1"}
+    )
+    table, options = parse_dynamodb_url(
+        "dynamodb://p.v2?region=eu-west-1&endpoint=http://127.0.0.1:4566&read_timeout=2.5&max_attempts=3"
+    )
+    assert table == "p.v2"
+    assert options == {"region": "eu-west-1", "endpoint_url": "http://127.0.0.1:4566", "read_timeout": 2.5,
+                       "max_attempts": 3}
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("dynamodb://placements", "region parameter is required"),
+        ("dynamodb://ab?region=us-east-1", "table name"),
+        ("dynamodb://placements/extra?region=us-east-1", "table name"),
+        ("dynamodb://placements?region=us-east-1&regoin=x", "unknown parameter 'regoin'"),
+        ("dynamodb://placements?region=us-east-1&region=us-west-2", "given twice"),
+        ("dynamodb://placements?region=", "must not be empty"),
+        ("dynamodb://placements?region=us-east-1&read_timeout=soon", "bad value"),
+        ("dynamodb://placements?region=us-east-1&endpoint=localhost:8000", "http://"),
+        ("postgres://db", "unsupported store URL"),
+        ("sqlite:", "names no file"),
+    ],
+)
+def test_bad_store_urls_are_refused_with_the_reason(url: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        make_store(url)
+
+
+def test_make_store_builds_each_kind(tmp_path: Path, moto_server: MotoServer) -> None:
+    relative = make_store("sqlite:p.db", tmp_path)
+    absolute = make_store(f"sqlite://{tmp_path / 'q.db'}", "/elsewhere")
+    dynamo = make_store(moto_server.store_url("placements"))
+    try:
+        assert isinstance(relative, SqliteStore) and Path(relative.path) == tmp_path / "p.db"
+        assert isinstance(absolute, SqliteStore) and Path(absolute.path) == tmp_path / "q.db"
+        assert isinstance(dynamo, DynamoStore)
+        assert (dynamo.table, dynamo.region, dynamo.endpoint_url) == ("placements", REGION, moto_server.endpoint)
+    finally:
+        for store in (relative, absolute, dynamo):
+            store.close()

@@ -1,0 +1,376 @@
+"""One contract for every placement store: the same assertions run against SqliteStore
+(a temporary file) and DynamoStore (a fresh table on ``moto_server``), both opened
+by URL through ``make_store`` as the gateway opens them."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
+from router.placement import Conflict, PlacementStore
+from router.placement.dynamodb import DynamoStore
+from router.placement.factory import make_store
+
+
+def make(key_id: str = "app/key-1", request_id: str | None = None, **changes: object) -> Placement:
+    base = Placement(
+        key_id=key_id,
+        algorithm=KeyAlgorithm.EC_P256,
+        usage=KeyUsage.SIGN_VERIFY,
+        state=KeyState.CREATING,
+        primary="use1-a",
+        replicas=("use1-b", "usw2-a"),
+        create_time=1_767_225_600.25,
+        request_id=request_id if request_id is not None else f"req-{key_id}",
+        fingerprint=f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+class Backend:
+    """Where stores of one kind live: ``fresh()`` is a new empty one, ``open(url)`` a
+    new store object (a new connection) on it, as another gateway process would."""
+
+    def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.moto = request.getfixturevalue("moto_server") if kind == "dynamodb" else None
+        self.opened: list[PlacementStore] = []
+
+    def fresh(self) -> str:
+        name = f"placements-{uuid.uuid4().hex[:12]}"
+        if self.moto is None:
+            return f"sqlite:{self.tmp_path / name}.db"
+        url: str = self.moto.store_url(name)
+        store = self.open(url)
+        assert isinstance(store, DynamoStore)
+        assert store.create_table() is True
+        return url
+
+    def open(self, url: str) -> PlacementStore:
+        store = make_store(url, self.tmp_path)
+        self.opened.append(store)
+        return store
+
+    def close(self) -> None:
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    b = Backend(request.param, tmp_path, request)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def url(backend: Backend) -> str:
+    return backend.fresh()
+
+
+@pytest.fixture
+def store(backend: Backend, url: str) -> PlacementStore:
+    return backend.open(url)
+
+
+def test_is_a_placement_store(store: PlacementStore) -> None:
+    assert isinstance(store, PlacementStore)
+
+
+def test_every_placement_field_round_trips(store: PlacementStore) -> None:
+    values = {
+        "key_id": "payments/ext-1",
+        "algorithm": KeyAlgorithm.RSA_3072,
+        "usage": KeyUsage.ENCRYPT_DECRYPT,
+        "state": KeyState.UNDER_REPLICATED,
+        "primary": "use1-b",
+        "replicas": ("usw2-a",),
+        "create_time": 1_767_225_600.123456,
+        "request_id": "idem-7",
+        "fingerprint": "payments/ext-1|RSA_3072|ENCRYPT_DECRYPT|3|EXTERNAL|True",
+        "storage": KeyStorage.EXTERNAL,
+        "version": 4,
+        "copies": 3,
+        "extractable": False,
+        "wrapped": b"\x00\xff wrapped \x00" * 40,
+        "public_der": bytes(range(256)),
+    }
+    fields = {f.name for f in dataclasses.fields(Placement) if f.init}
+    assert set(values) == fields, "a new Placement field needs a value here and a column/attribute in every store"
+    p = Placement(**values)  # type: ignore[arg-type]
+    store.create(p)
+    got = store.get(p.key_id)
+    assert got == p
+    assert got is not None and got.clusters == ("use1-b", "usw2-a") and got.version == 4
+    assert store.by_request("idem-7") == p
+    assert [q.key_id for q in store.list()] == [p.key_id]
+    assert list(store.scan()) == [p]
+
+
+def test_defaults_round_trip_too(store: PlacementStore) -> None:
+    bare = Placement("bare", KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT, KeyState.CREATING, "use1-a")
+    store.create(bare)
+    assert store.get("bare") == bare
+    assert store.by_request("") == bare
+
+
+def test_get_and_by_request_of_unknown_ids_are_none(store: PlacementStore) -> None:
+    assert store.get("nope") is None
+    assert store.by_request("nope") is None
+
+
+def test_by_request_finds_the_placement_a_request_created(store: PlacementStore) -> None:
+    p = make(request_id="idem-42", replicas=())
+    store.create(p)
+    assert store.by_request("idem-42") == p
+
+
+def test_duplicate_key_id_conflicts_and_carries_the_existing_record(store: PlacementStore) -> None:
+    first = make(request_id="r1")
+    store.create(first)
+    with pytest.raises(Conflict) as info:
+        store.create(make(request_id="r2", primary="usw2-a"))
+    assert info.value.existing == first
+    assert store.get(first.key_id) == first
+    assert store.by_request("r2") is None
+
+
+def test_duplicate_request_id_conflicts_and_carries_the_existing_record(store: PlacementStore) -> None:
+    first = make("app/a", request_id="same")
+    store.create(first)
+    with pytest.raises(Conflict) as info:
+        store.create(make("app/b", request_id="same"))
+    assert info.value.existing == first
+    assert store.get("app/b") is None
+    assert [p.key_id for p in store.list()] == ["app/a"]
+
+
+def test_update_bumps_the_version_and_persists(store: PlacementStore) -> None:
+    created = make()
+    store.create(created)
+    enabled = store.update(dataclasses.replace(created, state=KeyState.ENABLED, replicas=("usw2-a",)))
+    assert enabled.version == 2
+    assert enabled.state is KeyState.ENABLED
+    assert store.get(created.key_id) == enabled
+    again = store.update(dataclasses.replace(enabled, primary="use1-b"))
+    assert again.version == 3
+    assert store.get(created.key_id) == again
+    assert store.by_request(created.request_id) == again
+
+
+def test_update_with_a_stale_version_conflicts_and_changes_nothing(store: PlacementStore) -> None:
+    created = make()
+    store.create(created)
+    winner = store.update(dataclasses.replace(created, state=KeyState.ENABLED))
+    with pytest.raises(Conflict) as info:
+        store.update(dataclasses.replace(created, state=KeyState.DESTROYED))  # still version 1
+    assert info.value.existing == winner
+    assert store.get(created.key_id) == winner
+
+
+def test_update_of_a_missing_key_conflicts_with_no_existing_record(store: PlacementStore) -> None:
+    with pytest.raises(Conflict) as info:
+        store.update(make("ghost"))
+    assert info.value.existing is None
+    assert store.get("ghost") is None
+
+
+def test_update_that_changes_the_request_id_moves_the_lookup(store: PlacementStore) -> None:
+    created = make(request_id="old")
+    store.create(created)
+    moved = store.update(dataclasses.replace(created, request_id="new"))
+    assert store.by_request("new") == moved
+    assert store.by_request("old") is None
+    store.create(make("app/other", request_id="old"))  # the old id is free again
+
+
+def test_delete_is_conditional_on_version(store: PlacementStore) -> None:
+    created = make()
+    store.create(created)
+    current = store.update(dataclasses.replace(created, state=KeyState.ENABLED))
+    with pytest.raises(Conflict) as info:
+        store.delete(created.key_id, created.version)
+    assert info.value.existing == current
+    assert store.get(created.key_id) == current
+
+    store.delete(current.key_id, current.version)
+    assert store.get(created.key_id) is None
+    assert store.by_request(created.request_id) is None
+    with pytest.raises(Conflict) as gone:
+        store.delete(current.key_id, current.version)
+    assert gone.value.existing is None
+
+
+def test_a_deleted_intent_frees_its_key_id_and_request_id(store: PlacementStore) -> None:
+    created = make()
+    store.create(created)
+    store.delete(created.key_id, created.version)
+    store.create(created)
+    assert store.get(created.key_id) == created
+    assert store.by_request(created.request_id) == created
+
+
+def test_change_counter_grows_on_every_write(store: PlacementStore) -> None:
+    seen = [store.change_counter()]
+    p = make()
+    store.create(p)
+    seen.append(store.change_counter())
+    p = store.update(dataclasses.replace(p, state=KeyState.ENABLED))
+    seen.append(store.change_counter())
+    store.create(make("app/key-2"))
+    seen.append(store.change_counter())
+    store.delete(p.key_id, p.version)
+    seen.append(store.change_counter())
+    assert seen == sorted(set(seen)), seen
+
+
+def test_change_counter_does_not_move_on_reads(store: PlacementStore) -> None:
+    store.create(make())
+    before = store.change_counter()
+    store.get("app/key-1")
+    store.by_request("req-app/key-1")
+    store.list()
+    list(store.scan())
+    assert store.change_counter() == before
+
+
+def test_second_store_on_the_same_table_sees_the_first_ones_writes(backend: Backend, url: str) -> None:
+    one, two = backend.open(url), backend.open(url)
+    counter = two.change_counter()
+    p = make()
+    one.create(p)
+    assert two.get(p.key_id) == p
+    assert two.by_request(p.request_id) == p
+    assert two.change_counter() > counter
+
+    updated = two.update(dataclasses.replace(p, state=KeyState.ENABLED))
+    assert one.get(p.key_id) == updated
+    with pytest.raises(Conflict) as stale:
+        one.update(dataclasses.replace(p, state=KeyState.DESTROYED))
+    assert stale.value.existing == updated
+    with pytest.raises(Conflict):
+        one.create(make(request_id="other"))
+    assert [q.key_id for q in two.list()] == [p.key_id]
+
+
+def test_records_survive_reopening(backend: Backend, url: str) -> None:
+    first = backend.open(url)
+    first.create(make())
+    counter = first.change_counter()
+    first.close()
+    reopened = backend.open(url)
+    assert reopened.get("app/key-1") == make()
+    assert reopened.change_counter() == counter
+
+
+def test_concurrent_creates_of_one_key_id_have_exactly_one_winner(backend: Backend, url: str) -> None:
+    threads = 8
+    stores = [backend.open(url) for _ in range(threads)]  # one per "gateway"
+    barrier = threading.Barrier(threads)
+    results: list[Placement | Conflict | BaseException | None] = [None] * threads
+
+    def attempt(i: int) -> None:
+        mine = make("race/key", request_id=f"req-{i}", primary=f"cluster-{i}")
+        barrier.wait()
+        try:
+            stores[i].create(mine)
+            results[i] = mine
+        except Conflict as exc:
+            results[i] = exc
+        except BaseException as exc:  # noqa: B036 - reported by the assertion below
+            results[i] = exc
+
+    workers = [threading.Thread(target=attempt, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=30)
+    winners = [r for r in results if isinstance(r, Placement)]
+    losers = [r for r in results if isinstance(r, Conflict)]
+    assert len(winners) == 1 and len(losers) == threads - 1, results
+    winner = winners[0]
+    assert all(c.existing == winner for c in losers), [c.existing for c in losers]
+    assert stores[0].get("race/key") == winner
+    for i in range(threads):
+        expected = winner if f"req-{i}" == winner.request_id else None
+        assert stores[-1].by_request(f"req-{i}") == expected
+
+
+def test_scan_returns_every_record(store: PlacementStore) -> None:
+    made = {key_id: make(key_id) for key_id in ["b/2", "a/1", "c", "a"]}
+    for p in made.values():
+        store.create(p)
+    scanned = list(store.scan())
+    # SQLite returns id order; DynamoDB promises no order, so compare as sets.
+    assert sorted(p.key_id for p in scanned) == ["a", "a/1", "b/2", "c"]
+    assert {p.key_id: p for p in scanned} == made
+
+
+# -- listing ---------------------------------------------------------------------------
+
+
+def test_list_prefix_is_literal_not_a_pattern(store: PlacementStore) -> None:
+    for key_id in ["a%b", "axb", "a_c", "azc", "A_c", "a", "a*"]:
+        store.create(make(key_id))
+    assert [p.key_id for p in store.list("a%")] == ["a%b"]
+    assert [p.key_id for p in store.list("a_")] == ["a_c"]
+    assert [p.key_id for p in store.list("a")] == ["a", "a%b", "a*", "a_c", "axb", "azc"]
+    assert [p.key_id for p in store.list()] == ["A_c", "a", "a%b", "a*", "a_c", "axb", "azc"]
+
+
+def test_list_pages_with_after_and_limit(store: PlacementStore) -> None:
+    for i in range(7):
+        store.create(make(f"team/k{i}"))
+    store.create(make("other/k"))
+    first = store.list("team/", limit=3)
+    assert [p.key_id for p in first] == ["team/k0", "team/k1", "team/k2"]
+    second = store.list("team/", after=first[-1].key_id, limit=3)
+    assert [p.key_id for p in second] == ["team/k3", "team/k4", "team/k5"]
+    third = store.list("team/", after=second[-1].key_id, limit=3)
+    assert [p.key_id for p in third] == ["team/k6"]
+    assert store.list("team/", after="team/k6", limit=3) == []
+    assert [p.key_id for p in store.list(after="other/k", limit=2)] == ["team/k0", "team/k1"]
+
+
+_ID_ALPHABET = "ab%_/.-:~é"
+_ids = st.text(alphabet=_ID_ALPHABET, min_size=1, max_size=6)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.sets(_ids, max_size=15), data=st.data())
+def test_paging_through_a_prefix_returns_exactly_the_sorted_matching_ids(
+    backend: Backend, ids: set[str], data: st.DataObject
+) -> None:
+    prefix = data.draw(
+        st.one_of(
+            st.just(""),
+            st.text(alphabet=_ID_ALPHABET, max_size=3),
+            st.sampled_from(sorted(ids) or [""]).flatmap(lambda i: st.integers(0, len(i)).map(lambda n: i[:n])),
+        ),
+        label="prefix",
+    )
+    store = backend.open(backend.fresh())
+    for key_id in ids:
+        store.create(make(key_id))
+    pages: list[list[str]] = []
+    after = ""
+    while True:
+        limit = data.draw(st.integers(1, 7), label="page size")
+        page = [p.key_id for p in store.list(prefix, after, limit)]
+        assert len(page) <= limit
+        if not page:
+            break
+        pages.append(page)
+        after = page[-1]
+        assert len(pages) <= len(ids), "paging does not terminate"
+    got = [key_id for page in pages for key_id in page]
+    assert got == sorted(i for i in ids if i.startswith(prefix))

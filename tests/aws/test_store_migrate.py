@@ -1,0 +1,169 @@
+"""``hsmgw store init`` and ``hsmgw store migrate``: a SQLite placement map moves into
+DynamoDB unchanged, a re-run changes nothing, and a conflicting record is reported
+and never overwritten."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from gateway.cli.hsmgw import main as hsmgw
+from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
+from router.placement import PlacementStore, SqliteStore
+from router.placement.factory import make_store
+from tests.aws.conftest import FAKE_AWS_ENV, MotoServer
+from tests.support import ROOT
+
+_KINDS = [
+    (KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY),
+    (KeyAlgorithm.RSA_2048, KeyUsage.ENCRYPT_DECRYPT),
+    (KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT),
+    (KeyAlgorithm.HMAC_SHA256, KeyUsage.MAC),
+]
+
+
+def _placements(count: int) -> list[Placement]:
+    rng = random.Random(7)
+    made = []
+    for i in range(count):
+        algorithm, usage = _KINDS[i % len(_KINDS)]
+        external = i % 3 == 0
+        made.append(
+            Placement(
+                key_id=f"team-{i % 4}/key-{i:02d}",
+                algorithm=algorithm,
+                usage=usage,
+                state=[KeyState.ENABLED, KeyState.UNDER_REPLICATED, KeyState.CREATING][i % 3],
+                primary=["use1-a", "use1-b"][i % 2],
+                replicas=(("usw2-a",), ("use1-b", "usw2-a"), ())[i % 3],
+                create_time=1_767_225_600 + i / 7,
+                request_id=f"req-{i}",
+                fingerprint=f"fp-{i}",
+                storage=KeyStorage.EXTERNAL if external else KeyStorage.TOKEN,
+                copies=1 + i % 3,
+                extractable=i % 5 != 0,
+                wrapped=rng.randbytes(40 + i * 30) if external else b"",
+                public_der=rng.randbytes(91) if external and algorithm.is_asymmetric else b"",
+            )
+        )
+    return made
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> tuple[str, list[Placement]]:
+    """A SQLite store with 50 placements, some updated past version 1."""
+    path = tmp_path / "placements.db"
+    store = SqliteStore(path)
+    final = []
+    for p in _placements(50):
+        store.create(p)
+        for _ in range(int(p.key_id[-1]) % 3):  # versions 1 to 3
+            p = store.update(p)
+        final.append(p)
+    store.close()
+    assert sum(p.external for p in final) == 17 and {p.version for p in final} == {1, 2, 3}
+    return f"sqlite:{path}", final
+
+
+def _contents(store: PlacementStore) -> dict[str, Placement]:
+    return {p.key_id: p for p in store.scan()}
+
+
+def test_migrate_copies_everything_and_a_rerun_is_a_no_op(
+    moto_server: MotoServer, source: tuple[str, list[Placement]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src_url, placements = source
+    dst_url = moto_server.store_url(f"migrated-{uuid.uuid4().hex[:8]}")
+
+    hsmgw(["store", "init", "--url", dst_url])
+    assert "created" in capsys.readouterr().out
+    hsmgw(["store", "init", "--url", dst_url])
+    assert "already exists" in capsys.readouterr().out
+
+    hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "copied 50, identical 0 (skipped), differing 0"
+
+    dest = make_store(dst_url)
+    src = make_store(src_url)
+    try:
+        assert _contents(dest) == _contents(src) == {p.key_id: p for p in placements}
+        assert all(dest.by_request(p.request_id) == p for p in placements)
+        page = dest.list("team-1/", limit=5)
+        assert [p.key_id for p in page] == sorted(p.key_id for p in placements if p.key_id.startswith("team-1/"))[:5]
+
+        counter = dest.change_counter()
+        hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
+        report = json.loads(capsys.readouterr().out)
+        assert report == {"copied": 0, "identical": 50, "differing": 0, "differing_keys": []}
+        assert dest.change_counter() == counter, "a re-run must not write"
+    finally:
+        dest.close()
+        src.close()
+
+
+def test_migrate_reports_records_that_differ_and_leaves_them_alone(
+    moto_server: MotoServer, source: tuple[str, list[Placement]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src_url, placements = source
+    dst_url = moto_server.store_url(f"migrated-{uuid.uuid4().hex[:8]}")
+    hsmgw(["store", "init", "--url", dst_url])
+    dest = make_store(dst_url)
+    try:
+        # The destination already knows one key, placed elsewhere since.
+        first = placements[0]
+        dest.create(dataclasses.replace(first, primary="use1-b", replicas=()))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url])
+        assert exit_info.value.code == 1
+        out, err = capsys.readouterr()
+        assert f"differs: {first.key_id}" in out
+        assert out.strip().splitlines()[-1] == "copied 49, identical 0 (skipped), differing 1"
+        assert err.strip().splitlines()[-1].startswith("error: 1 placements differ")
+        assert dest.get(first.key_id) == dataclasses.replace(first, primary="use1-b", replicas=())
+        assert len(_contents(dest)) == 50
+    finally:
+        dest.close()
+
+
+def test_migrate_as_a_user_runs_it(
+    moto_server: MotoServer, source: tuple[str, list[Placement]], tmp_path: Path
+) -> None:
+    """The real command line, relative paths resolved against the working directory."""
+    src_url, _ = source
+    dst_url = moto_server.store_url(f"cli-{uuid.uuid4().hex[:8]}")
+    env = {**os.environ, **FAKE_AWS_ENV, "PYTHONPATH": str(ROOT)}
+    relative = "sqlite:" + os.path.relpath(src_url.removeprefix("sqlite:"), tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli.hsmgw", *args], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=60,
+        )
+
+    init = run("store", "init", "--url", dst_url)
+    assert init.returncode == 0, init.stderr
+    done = run("store", "migrate", "--from", relative, "--to", dst_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "copied 50, identical 0 (skipped), differing 0"
+
+    typo = run("store", "migrate", "--from", "sqlite:placement.db", "--to", dst_url)
+    assert typo.returncode == 1
+    assert typo.stderr.strip().splitlines()[-1].startswith("error: sqlite:placement.db: no such placement store file")
+    assert not (tmp_path / "placement.db").exists()
+
+    bad = run("store", "migrate", "--from", relative, "--to", "dynamodb://placements")
+    assert bad.returncode == 1
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: store URL 'dynamodb://placements': the region parameter is required "
+        "(expected sqlite:PATH or dynamodb://TABLE?region=REGION[&endpoint=URL])"
+    ]

@@ -1,0 +1,267 @@
+"""hsmctl against a real gateway: placement, moves, rebalance, switches, quorum, audit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.fleet import init_fleet
+from hsmgw.v1 import crypto_pb2 as pb
+from hsmgw.v1 import crypto_pb2_grpc
+from tests.support import ROOT, running, unique
+
+
+def hsmctl(target: str, *args: str, who: str = "alice", timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli.hsmctl", "--target", target, "--as", who, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def as_json(target: str, *args: str, who: str = "alice") -> tuple[int, Any]:
+    result = hsmctl(target, "--output", "json", *args, who=who)
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def approve(target: str, change: dict, who: str = "bob") -> dict:
+    code, approved = as_json(target, "changes", "approve", change["id"], who=who)
+    return approved
+
+
+def _key(crypto, prefix: str, algorithm=pb.KEY_ALGORITHM_EC_P256) -> pb.Key:
+    key_id = unique(prefix)
+    return crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=algorithm), timeout=30)
+
+
+def test_status_and_clusters(gateway) -> None:
+    code, status = as_json(gateway.target, "status")
+    assert {c["name"] for c in status["clusters"]} == {"use1-a", "use1-b", "usw2-a"}
+    assert all(c["circuit"] == "closed" for c in status["clusters"])
+    result = hsmctl(gateway.target, "status")
+    assert "CLUSTER" in result.stdout and "keys:" in result.stdout
+
+
+def test_one_admin_cannot_drain_alone_and_a_second_makes_it_happen(gateway, crypto) -> None:
+    code, change = as_json(gateway.target, "clusters", "drain", "use1-b")
+    assert code == 3 and change["state"] == "pending"
+    # The requester cannot approve their own change.
+    again = hsmctl(gateway.target, "changes", "approve", change["id"], who="alice")
+    assert again.returncode == 1 and "another admin" in again.stderr
+    _, clusters = as_json(gateway.target, "clusters")
+    assert not any(c["draining"] for c in clusters["clusters"])
+
+    approved = approve(gateway.target, change)
+    assert approved["state"] == "applied", approved
+    _, clusters = as_json(gateway.target, "clusters")
+    assert {c["name"]: c["draining"] for c in clusters["clusters"]}["use1-b"] is True
+    # New keys avoid the drained cluster.
+    for _ in range(6):
+        assert _key(crypto, "drained").primary_cluster == "use1-a"
+
+    _, undrain = as_json(gateway.target, "clusters", "undrain", "use1-b")
+    assert approve(gateway.target, undrain)["state"] == "applied"
+    _, clusters = as_json(gateway.target, "clusters")
+    assert not any(c["draining"] for c in clusters["clusters"])
+
+
+def test_rejected_change_never_runs(gateway) -> None:
+    _, change = as_json(gateway.target, "regions", "failover", "us-east-1")
+    code, rejected = as_json(gateway.target, "changes", "reject", change["id"], who="bob")
+    assert rejected["state"] == "rejected"
+    late = hsmctl(gateway.target, "changes", "approve", change["id"], who="carol")
+    assert late.returncode == 1 and "rejected" in late.stderr
+    _, clusters = as_json(gateway.target, "clusters")
+    assert not any(c["region_failed_over"] for c in clusters["clusters"])
+
+
+def test_region_failover_and_failback(gateway, crypto) -> None:
+    key = _key(crypto, "failover")
+    _, change = as_json(gateway.target, "regions", "failover", "us-east-1")
+    assert approve(gateway.target, change)["state"] == "applied"
+    try:
+        signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
+                             timeout=10)
+        assert signed.cluster == "usw2-a", "traffic moves to the DR copy"
+    finally:
+        _, back = as_json(gateway.target, "regions", "failback", "us-east-1")
+        assert approve(gateway.target, back)["state"] == "applied"
+    signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
+                         timeout=10)
+    assert signed.cluster == key.primary_cluster
+
+
+def test_keys_list_show_place(gateway, crypto) -> None:
+    key = _key(crypto, "cli-keys")
+    prefix = key.key_id.rsplit("/", 1)[0] + "/"
+    _, listed = as_json(gateway.target, "keys", "list", "--prefix", prefix)
+    assert [k["key_id"] for k in listed] == [key.key_id]
+    _, shown = as_json(gateway.target, "keys", "show", key.key_id)
+    assert shown["primary_cluster"] == key.primary_cluster and shown["replicas"] == list(key.replicas)
+    _, on_dr = as_json(gateway.target, "keys", "list", "--prefix", prefix, "--cluster", "usw2-a")
+    assert [k["key_id"] for k in on_dr] == [key.key_id]
+
+    pinned_id = unique("pinned")
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    _, change = as_json(gateway.target, "keys", "place", pinned_id, "--cluster", other)
+    assert approve(gateway.target, change)["state"] == "applied"
+    made = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=pinned_id, key_id=pinned_id,
+                                                    algorithm=pb.KEY_ALGORITHM_AES_256), timeout=30)
+    assert made.primary_cluster == other
+
+
+def test_move_under_load_has_zero_errors(gateway, crypto, tokens) -> None:
+    key = _key(crypto, "move")
+    target = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    pem = crypto.GetPublicKey(pb.GetPublicKeyRequest(key_id=key.key_id), timeout=10).pem
+    public = serialization.load_pem_public_key(pem.encode())
+    stop = threading.Event()
+    errors: list[str] = []
+    signed = [0] * 8
+
+    def client(i: int) -> None:
+        with grpc.insecure_channel(gateway.target) as ch:
+            stub = crypto_pb2_grpc.CryptoServiceStub(ch)
+            while not stop.is_set():
+                message = f"{i}-{signed[i]}".encode()
+                try:
+                    sig = stub.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
+                                                   message=message), timeout=10).signature
+                    public.verify(sig, message, ec.ECDSA(hashes.SHA256()))
+                    signed[i] += 1
+                except Exception as exc:  # noqa: BLE001 - every error is a failure of the test
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    _, change = as_json(gateway.target, "keys", "move", key.key_id, "--to", target)
+    assert change["state"] == "pending"
+    applied = approve(gateway.target, change)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert applied["state"] == "applied", applied
+    assert errors == []
+    assert sum(signed) > 50
+    moved = crypto.GetKey(pb.GetKeyRequest(key_id=key.key_id), timeout=10)
+    assert moved.primary_cluster == target and list(moved.replicas) == list(key.replicas)
+    assert tokens.objects(key.primary_cluster, key.key_id) == [], "the old copy must be gone"
+    assert len(tokens.objects(target, key.key_id)) == 2
+    for replica in moved.replicas:
+        assert len(tokens.objects(replica, key.key_id)) == 2
+
+
+def test_reconcile_reports_and_fix_needs_approval(gateway, crypto, tokens) -> None:
+    key = _key(crypto, "drift")
+    for obj in tokens.objects(key.replicas[0], key.key_id):
+        obj.destroy()
+    code, report = as_json(gateway.target, "reconcile")
+    assert code == 1
+    assert {"kind": "missing", "cluster": key.replicas[0], "key_id": key.key_id} in report["findings"]
+
+
+def test_audit_tail_and_verify_on_the_real_log(gateway, fleet) -> None:
+    _, change = as_json(gateway.target, "clusters", "drain", "usw2-a")
+    as_json(gateway.target, "changes", "reject", change["id"], who="bob")
+    code, records = as_json(gateway.target, "audit", "tail", "-n", "5")
+    assert any(r["action"] == "change_rejected" and r["actor"] == "bob" for r in records)
+    result = hsmctl(gateway.target, "audit", "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "intact" in result.stdout
+
+
+@pytest.mark.parametrize("damage", ["edit", "delete", "swap"])
+def test_audit_verify_names_the_tampered_record(tmp_path: Path, damage: str) -> None:
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    with running(fleet.config_path) as gw:
+        for i in range(4):
+            _, change = as_json(gw.target, "clusters", "drain", "use1-a")
+            as_json(gw.target, "changes", "reject", change["id"], who=f"admin{i}")
+        assert hsmctl(gw.target, "audit", "verify").returncode == 0
+        log = fleet.config_path.parent / "audit.log"
+        lines = log.read_bytes().splitlines(keepends=True)
+        assert len(lines) >= 8
+        if damage == "edit":
+            line = lines[3]
+            i = line.index(b'"actor":"') + len(b'"actor":"')
+            lines[3] = line[:i] + bytes([line[i] ^ 1]) + line[i + 1:]
+        elif damage == "delete":
+            del lines[3]
+        else:
+            lines[3], lines[4] = lines[4], lines[3]
+        log.write_bytes(b"".join(lines))
+        result = hsmctl(gw.target, "audit", "verify")
+        assert result.returncode == 1
+        assert "TAMPERED" in result.stdout and "line 4" in result.stdout, result.stdout
+
+
+def test_expired_change_does_not_run(tmp_path: Path) -> None:
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    with open(fleet.config_path, "a") as f:
+        f.write("\n[admin]\nquorum = 2\nchange_ttl = 1\n")
+    with running(fleet.config_path) as gw:
+        _, change = as_json(gw.target, "clusters", "drain", "use1-a")
+        time.sleep(1.5)
+        late = hsmctl(gw.target, "changes", "approve", change["id"], who="bob")
+        assert late.returncode == 1 and "expired" in late.stderr
+        _, clusters = as_json(gw.target, "clusters")
+        assert not any(c["draining"] for c in clusters["clusters"])
+
+
+def test_rebalance_after_adding_a_fourth_cluster(tmp_path: Path) -> None:
+    topology = (("us-east-1", ("use1-a", "use1-b", "use1-c")), ("us-west-2", ("usw2-a",)))
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", topology=topology)
+    full_config = fleet.config_path.read_text()
+    block = '\n[[clusters]]\nname = "use1-c"\n'
+    start = full_config.index(block)
+    end = full_config.index("[[clusters]]", start + len(block)) if "[[clusters]]" in full_config[start + len(block):] \
+        else len(full_config)
+    fleet.config_path.write_text(full_config[:start] + "\n" + full_config[end:])  # three clusters to begin with
+    keys = 60
+    with running(fleet.config_path) as gw, grpc.insecure_channel(gw.target) as ch:
+        crypto = crypto_pb2_grpc.CryptoServiceStub(ch)
+        for i in range(keys):
+            crypto.GenerateKey(pb.GenerateKeyRequest(request_id=f"r{i}", key_id=f"reb/k{i:03d}",
+                                                     algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+        _, before = as_json(gw.target, "rebalance", "--plan")
+        assert before["moves"] == [], "nothing to move while the topology is unchanged"
+
+    fleet.config_path.write_text(full_config)  # add use1-c
+    with running(fleet.config_path) as gw, grpc.insecure_channel(gw.target) as ch:
+        crypto = crypto_pb2_grpc.CryptoServiceStub(ch)
+        _, plan = as_json(gw.target, "rebalance", "--plan")
+        planned = {(m["key_id"], m["from"], m["to"]) for m in plan["moves"]}
+        # Primaries live in the home region, now three clusters: the ideal is keys/3 moving to
+        # the new one; consistent hashing must stay within 1.5 times that.
+        home_clusters = 3
+        assert 0 < len(planned) <= 1.5 * keys / home_clusters, len(planned)
+        assert all(to == "use1-c" for _, _, to in planned), "only moves onto the new cluster"
+
+        code, change = as_json(gw.target, "rebalance", "--apply")
+        assert code == 3
+        applied = approve(gw.target, change)
+        assert applied["state"] == "applied", applied["result"]
+
+        listed = crypto.ListKeys(pb.ListKeysRequest(prefix="reb/", page_size=1000), timeout=10).keys
+        moved = {k.key_id for k in listed if k.primary_cluster == "use1-c"}
+        assert moved == {key_id for key_id, _, _ in planned}, "the plan shown is what apply did"
+        for key in listed:
+            crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=b"d" * 32),
+                        timeout=10)
+        _, after = as_json(gw.target, "rebalance", "--plan")
+        assert after["moves"] == []
+        code, report = as_json(gw.target, "reconcile")
+        assert code == 0, report

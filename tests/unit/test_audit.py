@@ -1,0 +1,445 @@
+"""The audit log: concurrent writers keep one chain; any tampering is found and named."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import (
+    AUDIT_LOGGER,
+    GENESIS,
+    AuditHandler,
+    AuditLog,
+    AuditLogError,
+    tail,
+    verify,
+)
+
+T0 = 1_735_787_045.0  # 2025-01-02T03:04:05Z
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def pristine_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 200-record log written once (200 fsyncs are the slow part); tests tamper with copies."""
+    original = tmp_path_factory.mktemp("pristine") / "audit.jsonl"
+    write_log(original, 200)
+    assert verify(original).ok
+    return original
+
+
+@pytest.fixture
+def log_200(path: Path, pristine_200: Path) -> AuditLog:
+    shutil.copyfile(pristine_200, path)
+    return AuditLog(path)
+
+
+def write_log(path: Path, count: int) -> AuditLog:
+    clock = Clock()
+    log = AuditLog(path, clock=clock)
+    for i in range(count):
+        clock.now += 1
+        log.append("alice", "keys.move", f"payments/key-{i}", outcome="ok", to="cluster-b", n=i)
+    return log
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def rewrite(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(lines))
+
+
+# -- concurrent writers -----------------------------------------------------------
+
+
+def append_many(path: str, writer: str, count: int, go: Any) -> None:
+    """Run in a thread or a spawned process; ``go`` releases every writer at once."""
+    go.wait(10)
+    log = AuditLog(path)
+    for i in range(count):
+        log.append(writer, "keys.sign", f"k{i}", i=i)
+
+
+def test_threads_and_processes_share_one_unbroken_chain(path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")  # forking a threaded pytest is unsafe
+    go = ctx.Event()
+    processes = [ctx.Process(target=append_many, args=(str(path), f"proc-{p}", 50, go)) for p in range(2)]
+    threads = [threading.Thread(target=append_many, args=(str(path), f"thread-{t}", 25, go)) for t in range(4)]
+    for worker in [*processes, *threads]:
+        worker.start()
+    go.set()
+    for thread in threads:
+        thread.join(30)
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+
+    result = verify(path)
+    assert result.ok, result.problem
+    assert result.records == 200
+    records = tail(path, 500)
+    assert [r["seq"] for r in records] == list(range(1, 201))
+    # Every append landed exactly once, and each writer's own order survived.
+    by_writer: dict[str, list[int]] = {}
+    for record in records:
+        by_writer.setdefault(record["actor"], []).append(record["details"]["i"])
+    assert by_writer == {
+        **{f"proc-{p}": list(range(50)) for p in range(2)},
+        **{f"thread-{t}": list(range(25)) for t in range(4)},
+    }
+    assert AuditLog(path).head() == (200, records[-1]["hash"])
+
+
+def test_verify_while_writers_append_sees_a_consistent_prefix(path: Path) -> None:
+    write_log(path, 1)
+    go = threading.Event()
+    go.set()
+    writer = threading.Thread(target=append_many, args=(str(path), "busy", 100, go))
+    writer.start()
+    seen = []
+    while writer.is_alive():
+        result = verify(path)
+        assert result.ok, result.problem
+        seen.append(result.records)
+    writer.join()
+    assert seen == sorted(seen)
+    assert verify(path).records == 101
+
+
+# -- the format -------------------------------------------------------------------
+
+
+def test_record_format_is_the_documented_chain(path: Path) -> None:
+    log = AuditLog(path, clock=Clock())
+    first = log.append("alice", "clusters.drain", "eu-1/a", outcome="pending", change="c-17", approvals=["bob"])
+    second = log.append("bob", "changes.approve", "c-17")
+
+    assert first["time"] == "2025-01-02T03:04:05.000000+00:00"
+    assert first["seq"] == 1 and first["prev"] == GENESIS
+    assert first["details"] == {"change": "c-17", "approvals": ["bob"]}
+    raw = lines_of(path)
+    assert [json.loads(line) for line in raw] == [first, second]
+    for record in (first, second):
+        body = {k: v for k, v in record.items() if k != "hash"}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert record["hash"] == hashlib.sha256(canonical.encode()).hexdigest()
+    assert second["seq"] == 2
+    assert second["prev"] == hashlib.sha256(raw[0].rstrip(b"\n")).hexdigest()
+    assert second["outcome"] == "ok"
+
+
+def test_non_ascii_and_long_records_chain_and_verify(path: Path) -> None:
+    log = AuditLog(path, clock=Clock())
+    log.append("zoë", "keys.generate", "ключ/1", note="x" * 20_000)  # longer than one read chunk
+    log.append("zoë", "keys.destroy", "ключ/1", note="line\nbreak\u2028sep")
+    assert "ключ" in path.read_text(encoding="utf-8")
+    assert verify(path).ok
+    assert [r["seq"] for r in tail(path, 1)] == [2]
+    assert log.head()[0] == 2
+
+
+def test_an_empty_or_missing_log(path: Path) -> None:
+    assert AuditLog(path).head() == (0, GENESIS)
+    result = verify(path)
+    assert not result.ok and "no such file" in (result.problem or "")
+    path.touch()
+    assert verify(path).ok and verify(path).records == 0
+    assert tail(path, 5) == []
+
+
+# -- tampering --------------------------------------------------------------------
+
+
+def test_an_edited_byte_is_named(path: Path, log_200: AuditLog) -> None:
+    lines = lines_of(path)
+    lines[136] = lines[136].replace(b"keys.move", b"keys.mova")
+    rewrite(path, lines)
+
+    result = verify(path)
+    assert not result.ok
+    assert result.line == 137
+    assert result.records == 136
+    assert result.problem == "line 137 (seq 137): hash does not match its contents (edited?)"
+
+
+def test_every_single_byte_edit_of_a_line_is_caught_at_that_line(path: Path) -> None:
+    write_log(path, 12)
+    original = lines_of(path)
+    k = 7
+    for offset in range(len(original[k - 1])):  # includes the newline
+        line = bytearray(original[k - 1])
+        line[offset] = ord("x") if line[offset] != ord("x") else ord("y")
+        rewrite(path, [*original[: k - 1], bytes(line), *original[k:]])
+        result = verify(path)
+        assert not result.ok, f"edit at offset {offset} went unnoticed"
+        assert result.line == k, (offset, result.problem)
+        assert result.problem is not None and result.problem.startswith(f"line {k}")
+
+
+def test_a_record_rewritten_with_a_fresh_hash_breaks_the_next_link(path: Path) -> None:
+    write_log(path, 10)
+    lines = lines_of(path)
+    record = json.loads(lines[3])
+    record["outcome"] = "denied"
+    body = {k: v for k, v in record.items() if k != "hash"}
+    record["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    lines[3] = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    rewrite(path, lines)
+
+    result = verify(path)
+    assert not result.ok and result.line == 5
+    assert result.problem == "line 5 (seq 5): 'prev' does not match line 4 (a record replaced or reordered?)"
+
+
+@pytest.mark.parametrize("k", [1, 5, 100, 199])
+def test_a_deleted_line_is_named(path: Path, log_200: AuditLog, k: int) -> None:
+    lines = lines_of(path)
+    del lines[k - 1]
+    rewrite(path, lines)
+
+    result = verify(path)
+    assert not result.ok and result.line == k
+    assert result.problem == f"line {k}: expected seq {k}, found seq {k + 1} (record {k} deleted?)"
+
+
+def test_several_deleted_lines_are_named(path: Path) -> None:
+    write_log(path, 20)
+    lines = lines_of(path)
+    del lines[4:7]
+    rewrite(path, lines)
+
+    result = verify(path)
+    assert result.line == 5
+    assert result.problem == "line 5: expected seq 5, found seq 8 (records 5..7 deleted?)"
+
+
+@pytest.mark.parametrize(("a", "b"), [(5, 6), (3, 150), (1, 2)])
+def test_swapped_lines_are_named(path: Path, log_200: AuditLog, a: int, b: int) -> None:
+    lines = lines_of(path)
+    lines[a - 1], lines[b - 1] = lines[b - 1], lines[a - 1]
+    rewrite(path, lines)
+
+    result = verify(path)
+    assert not result.ok and result.line == a
+    assert result.problem == (
+        f"line {a}: expected seq {a}, found seq {b} (record {a} is at line {b}: lines swapped or reordered?)"
+    )
+
+
+@pytest.mark.parametrize("cut", [1, 2, 40])
+def test_a_truncated_last_line_is_named(path: Path, log_200: AuditLog, cut: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut])
+
+    result = verify(path)
+    assert not result.ok and result.line == 200
+    assert "truncated" in (result.problem or "")
+    # Writers refuse to chain onto a broken tail rather than hide it.
+    with pytest.raises(AuditLogError, match="incomplete"):
+        log_200.append("alice", "keys.move", "k")
+    assert path.read_bytes() == data[:-cut]
+    with pytest.raises(AuditLogError):
+        tail(path, 3)
+
+
+def test_a_line_that_is_not_json_is_named(path: Path) -> None:
+    write_log(path, 10)
+    lines = lines_of(path)
+    lines.insert(6, b"rm -rf / # oops\n")
+    rewrite(path, lines)
+
+    result = verify(path)
+    assert result.line == 7 and result.problem == "line 7: not valid JSON (edited?)"
+
+
+def test_a_rewritten_chain_needs_the_off_box_anchor_to_be_caught(path: Path) -> None:
+    """The documented limit: whoever can write the file can forge a whole new chain."""
+    log = write_log(path, 10)
+    anchor = log.head()
+    assert verify(path, anchor=anchor).ok
+
+    forged = path.with_suffix(".forged")
+    forger = AuditLog(forged, clock=Clock())
+    for i in range(10):
+        forger.append("alice", "keys.move", f"payments/key-{i}", outcome="ok", to="cluster-EVIL", n=i)
+    forged.replace(path)
+
+    assert verify(path).ok  # self-consistent...
+    result = verify(path, anchor=anchor)  # ...but not the chain the operator anchored
+    assert not result.ok and result.line == 10
+    assert "anchor" in (result.problem or "")
+
+
+def test_records_dropped_from_the_end_are_caught_by_the_anchor(path: Path) -> None:
+    log = write_log(path, 10)
+    anchor = log.head()
+    rewrite(path, lines_of(path)[:8])
+
+    assert verify(path).ok
+    result = verify(path, anchor=anchor)
+    assert not result.ok
+    assert result.problem == (
+        "anchored record seq 10 is missing: the log ends at seq 8 (records removed from the end?)"
+    )
+
+
+# -- secrets ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"pin": "1234"},
+        {"so_pin": "1234"},
+        {"userPin": "1234"},
+        {"password": "hunter2"},
+        {"db_password": "hunter2"},
+        {"client_secret": "s"},
+        {"private_key": "-----BEGIN"},
+        {"privateKey": "-----BEGIN"},
+        {"auth": {"user": "a", "pin": "1234"}},
+        {"steps": [{"passphrase": "x"}]},
+        {"wrapped": b"\x00\x01"},
+        {"key": bytearray(b"\x00")},
+        {"parts": ["ok", b"\x00"]},
+    ],
+)
+def test_secrets_are_refused_and_nothing_is_written(path: Path, details: dict[str, Any]) -> None:
+    log = write_log(path, 3)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="secret|bytes"):
+        log.append("alice", "keys.import", "k", **details)
+    assert path.read_bytes() == before
+
+
+def test_fingerprints_and_lookalike_names_are_allowed(path: Path) -> None:
+    log = AuditLog(path, clock=Clock())
+    record = log.append("alice", "keys.import", "k", fingerprint="ab" * 32, pinned=True, spin=1, key_id="k")
+    assert record["details"]["fingerprint"] == "ab" * 32
+    assert verify(path).ok
+
+
+def test_values_json_cannot_hold_are_refused(path: Path) -> None:
+    log = AuditLog(path, clock=Clock())
+    with pytest.raises(TypeError, match="when"):
+        log.append("alice", "a", "t", when=object())
+    with pytest.raises(ValueError, match="nan"):
+        log.append("alice", "a", "t", ratio=float("nan"))
+    assert not path.exists() or path.read_bytes() == b""
+
+
+# -- the logging bridge -----------------------------------------------------------
+
+
+@pytest.fixture
+def audit_logger(path: Path) -> Iterator[tuple[logging.Logger, AuditLog]]:
+    log = AuditLog(path, clock=Clock())
+    handler = AuditHandler(log)
+    logger = logging.getLogger(AUDIT_LOGGER)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger, log
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_handler_appends_audit_messages(audit_logger: tuple[logging.Logger, AuditLog], path: Path) -> None:
+    logger, _ = audit_logger
+    logger.info(
+        json.dumps(
+            {
+                "actor": "mallory",
+                "action": "Sign",
+                "target": "hr/payroll",
+                "outcome": "denied",
+                "details": {"reason": "no grant"},
+            }
+        )
+    )
+    logger.info(json.dumps({"actor": "bob", "action": "clusters.drain", "target": "eu-1/a"}))
+
+    assert verify(path).ok
+    first, second = tail(path, 2)
+    assert (first["actor"], first["action"], first["target"], first["outcome"]) == (
+        "mallory",
+        "Sign",
+        "hr/payroll",
+        "denied",
+    )
+    assert first["details"] == {"reason": "no grant"}
+    assert (second["actor"], second["outcome"]) == ("bob", "ok")
+
+
+def test_handler_records_the_gateways_own_denials(audit_logger: tuple[logging.Logger, AuditLog], path: Path) -> None:
+    from gateway.auth import audit
+
+    audit(
+        "authz.denied",
+        identity="mallory",
+        method="/hsmgw.v1.CryptoService/Sign",
+        operation="Sign",
+        peer="ipv4:127.0.0.1:5555",
+        message="identity 'mallory' may not Sign keys under 'hr/'",
+        resource="hr/pay",
+    )
+
+    (record,) = tail(path, 1)
+    assert (record["actor"], record["action"], record["target"], record["outcome"]) == (
+        "mallory",
+        "authz.denied",
+        "hr/pay",
+        "denied",
+    )
+    assert record["details"]["operation"] == "Sign"
+    assert verify(path).ok
+
+
+def test_handler_withholds_secrets_but_keeps_the_event(
+    audit_logger: tuple[logging.Logger, AuditLog], path: Path
+) -> None:
+    logger, _ = audit_logger
+    logger.info(json.dumps({"actor": "ops", "action": "tokens.login", "target": "eu-1/a", "so_pin": "1234"}))
+    logger.info("not json at all")
+    logging.getLogger("hsmgw.other").warning(json.dumps({"actor": "x", "action": "y", "target": "z"}))
+
+    login, text = tail(path, 5)
+    assert "1234" not in path.read_text()
+    assert login["details"] == {"withheld": ["so_pin"]}
+    assert text["details"] == {"message": "not json at all"}
+    assert AuditLog(path).head()[0] == 2  # the other logger's message is not audit
+
+
+# -- tail -------------------------------------------------------------------------
+
+
+def test_tail_returns_the_last_records_oldest_first(path: Path, log_200: AuditLog) -> None:
+    assert [r["seq"] for r in tail(path, 3)] == [198, 199, 200]
+    assert [r["seq"] for r in tail(path, 1000)] == list(range(1, 201))
+    assert tail(path, 0) == []
+    assert tail(path, 3)[-1]["target"] == "payments/key-199"
