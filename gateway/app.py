@@ -8,7 +8,7 @@ import os
 from gateway.config import GatewayConfig, load_pins
 from router.backend import HsmBackend
 from router.pkcs11 import Pkcs11Cluster, load_module
-from router.placement.sqlite import SqliteStore
+from router.placement.factory import make_store
 from router.reconcile import reconcile
 from router.model import ReplicationPolicy
 from router.router import Router, Topology
@@ -27,7 +27,7 @@ def build_router(config: GatewayConfig) -> Router:
         for spec in config.clusters:
             backends[spec.name] = Pkcs11Cluster(module, spec, pins[spec.name])
             log.info("cluster %s (%s): %d sessions open", spec.name, spec.region, spec.pool_size)
-        store = SqliteStore(config.store_path())
+        store = make_store(config.store.url, config.base_dir)
     except BaseException:
         for backend in backends.values():
             backend.close()

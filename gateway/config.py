@@ -80,11 +80,25 @@ class Pkcs11Config:
 @dataclass(frozen=True)
 class StoreConfig:
     url: str
-    """Placement store: ``sqlite:///abs/path.db`` or ``sqlite:relative.db``."""
+    """Placement store: ``sqlite:///abs/path.db``, ``sqlite:relative.db`` or
+    ``dynamodb://TABLE?region=R[&endpoint=URL]``."""
+
+    def validate(self, base: Path) -> None:
+        if self.url.startswith("sqlite:"):
+            self.sqlite_path(base)
+        elif self.url.startswith("dynamodb://"):
+            from router.placement.factory import parse_dynamodb_url
+
+            try:
+                parse_dynamodb_url(self.url)
+            except ValueError as exc:
+                raise ConfigError(f"store.url: {exc}") from None
+        else:
+            raise ConfigError(f"store.url: unsupported store {self.url!r} (expected sqlite:PATH or dynamodb://TABLE)")
 
     def sqlite_path(self, base: Path) -> Path:
         if not self.url.startswith("sqlite:"):
-            raise ConfigError(f"store.url: unsupported store {self.url!r} (expected sqlite:PATH)")
+            raise ConfigError(f"store.url: {self.url!r} is not an SQLite store")
         path = Path(self.url[len("sqlite:") :].removeprefix("//"))
         return path if path.is_absolute() else base / path
 
@@ -263,7 +277,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     st = _take(data, "store", dict, "")
     _no_unknown(st, {"url"}, "store.")
     store = StoreConfig(url=_take(st, "url", str, "store."))
-    store.sqlite_path(base_dir)
+    store.validate(base_dir)
 
     sec = _take(data, "secrets", dict, "", {})
     _no_unknown(sec, {"file"}, "secrets.")
