@@ -228,8 +228,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             pending = len(self.changes.list())
             if pending:
                 warnings.append(f"{pending} changes are waiting for approval")
+            dispatcher = self.router.dispatcher
             return pb.StatusResponse(clusters=clusters, keys=len(placements), under_replicated_keys=under,
-                                     pending_changes=pending, warnings=warnings)
+                                     pending_changes=pending, warnings=warnings, failovers=dispatcher.failovers,
+                                     retries=dispatcher.budget.retries, retries_refused=dispatcher.budget.refused)
 
         return self._call(context, run)
 

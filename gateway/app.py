@@ -38,7 +38,9 @@ def build_router(config: GatewayConfig) -> Router:
         require_dr_copy=config.replication.require_dr_copy,
         ack_local=config.replication.on_unavailable == "ack-local",
     )
-    router = Router(topology, backends, store, replication=policy)
+    router = Router(
+        topology, backends, store, replication=policy, creation_grace=config.replication.creation_grace
+    )
     report = reconcile(router, fix=True)
     if not report.clean:
         log.warning(

@@ -10,7 +10,8 @@ thread and never blocks.
 
 Published (namespace ``HSMGW`` unless configured), per cluster (dimension
 ``Cluster``): ``Keys``, ``KeyUtilization`` (% of max_keys), ``SessionsInUse``,
-``SessionUtilization`` (% of pool_size), ``CircuitState`` (0/1/2); per gateway
+``SessionUtilization`` (% of pool_size), ``CircuitState`` (0/1/2, the worst of
+the interval); per gateway
 region (dimension ``Region``): ``Requests``, ``ServerErrors``, ``Latency``
 (average ms), ``Failovers``, ``Retries``, ``RetryBudgetRefusals``,
 ``UnderReplicatedKeys``, ``UnhealthyClusters``. Cluster dimensions carry no
@@ -34,7 +35,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.metrics import RequestMetrics, cluster_snapshots, under_replicated_keys
+from gateway.metrics import GatewayMetrics, cluster_snapshots, under_replicated_keys
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -168,10 +169,11 @@ class Publisher:
 class GatewaySampler:
     """Turns the router's state and the request counters into datums (deltas for counters)."""
 
-    def __init__(self, router: Router, requests: RequestMetrics, *, region: str,
+    def __init__(self, router: Router, metrics: GatewayMetrics, *, region: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.router = router
-        self.requests = requests
+        self.metrics = metrics
+        self.requests = metrics.requests
         self.region = region
         self._clock = clock
         self._last: dict[str, float] = {}
@@ -185,9 +187,11 @@ class GatewaySampler:
         now = self._clock()
         data: list[Datum] = []
         unhealthy = 0
+        worst = self.metrics.take_worst_circuits()
         for snap in cluster_snapshots(self.router):
             dims = (("Cluster", snap.name),)
-            unhealthy += snap.circuit == 2
+            circuit = max(snap.circuit, worst.get(snap.name, 0))  # an open-and-closed circuit counts
+            unhealthy += circuit == 2
             data += [
                 Datum("Keys", snap.keys, "Count", dims, now),
                 Datum("KeyUtilization", 100.0 * snap.keys / snap.max_keys if snap.max_keys else 0.0,
@@ -195,7 +199,7 @@ class GatewaySampler:
                 Datum("SessionsInUse", snap.sessions_in_use, "Count", dims, now),
                 Datum("SessionUtilization",
                       100.0 * snap.sessions_in_use / snap.pool_size if snap.pool_size else 0.0, "Percent", dims, now),
-                Datum("CircuitState", snap.circuit, "None", dims, now),
+                Datum("CircuitState", circuit, "None", dims, now),
             ]
         requests = errors = 0.0
         for family in self.requests.requests.collect():

@@ -127,6 +127,9 @@ class ReplicationConfig:
     behind) or ``ack-local`` (acknowledge with the copies made; repair later)."""
     repair_interval: float = 10.0
     """Seconds between passes of the background repairer."""
+    creation_grace: float = 30.0
+    """Seconds an unfinished creation is left to its own attempt before a retry
+    (or the reconciler) takes it over: longer than the slowest key generation."""
 
 
 @dataclass(frozen=True)
@@ -285,13 +288,17 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     secrets = SecretsConfig(file=(base_dir / secrets_file) if secrets_file else None)
 
     rep = _take(data, "replication", dict, "", {})
-    _no_unknown(rep, {"copies", "require_dr_copy", "on_unavailable", "repair_interval"}, "replication.")
+    _no_unknown(rep, {"copies", "require_dr_copy", "on_unavailable", "repair_interval", "creation_grace"},
+                "replication.")
     replication = ReplicationConfig(
         copies=_positive(_take(rep, "copies", int, "replication.", 2), "replication.copies"),
         require_dr_copy=_take(rep, "require_dr_copy", bool, "replication.", True),
         on_unavailable=_take(rep, "on_unavailable", str, "replication.", "fail"),
         repair_interval=_positive(
             _take(rep, "repair_interval", float, "replication.", 10.0), "replication.repair_interval"
+        ),
+        creation_grace=_positive(
+            _take(rep, "creation_grace", float, "replication.", 30.0), "replication.creation_grace"
         ),
     )
     if replication.on_unavailable not in ("fail", "ack-local"):

@@ -138,6 +138,8 @@ def choose_format(fmt: str, stream: TextIO, environ: dict[str, str] | None = Non
 
 
 _HANDLER_MARK = "_hsmgw_handler"
+QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
+"""Chatty at INFO ("Found credentials in environment variables"): WARNING unless debugging."""
 
 
 def configure(*, level: int = logging.INFO, fmt: str = "auto", stream: TextIO | None = None) -> logging.Handler:
@@ -158,6 +160,8 @@ def configure(*, level: int = logging.INFO, fmt: str = "auto", stream: TextIO | 
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
     return handler
 
 
@@ -165,6 +169,7 @@ __all__ = [
     "AUDIT_LOGGER",
     "ENV_FORMAT",
     "FORMATS",
+    "QUIET_LOGGERS",
     "REQUEST_ID_HEADER",
     "HumanFormatter",
     "JsonFormatter",

@@ -260,6 +260,8 @@ class RequestMetrics:
                                     registry=registry)
         self.batch_items = Counter("hsmgw_batch_items", "BatchSign items, by their own status code and cluster.",
                                    ["code", "cluster"], registry=registry)
+        self.circuit_changes = Counter("hsmgw_circuit_changes", "Circuit breaker state changes, by the new state.",
+                                       ["cluster", "state"], registry=registry)
 
 
 def _split_method(full_method: str) -> tuple[str, str]:
@@ -455,6 +457,24 @@ class GatewayMetrics:
         info = Gauge("hsmgw_build_info", "Always 1; labels say which gateway this is.", ["version", "home_region"],
                      registry=self.registry)
         info.labels(version, home_region).set(1)
+        self._lock = threading.Lock()
+        self._worst: dict[str, int] = {}
+
+    def circuit_changed(self, cluster: str, state: CircuitState) -> None:
+        """Call on every circuit change: counts it and remembers the worst state until the next sample.
+
+        A circuit can open and close again between two samples (a probe success closes it
+        at once); the CloudWatch sampler reports the worst state of the interval.
+        """
+        self.requests.circuit_changes.labels(cluster, state.value).inc()
+        with self._lock:
+            self._worst[cluster] = max(self._worst.get(cluster, 0), CIRCUIT_VALUES[state])
+
+    def take_worst_circuits(self) -> dict[str, int]:
+        """The worst circuit state per cluster since the last call (clusters that changed only)."""
+        with self._lock:
+            worst, self._worst = self._worst, {}
+        return worst
 
 
 __all__ = [

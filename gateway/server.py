@@ -110,6 +110,7 @@ class Gateway:
         self.cloudwatch = _CloudWatch(self) if config.cloudwatch.enabled else None
 
     def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
+        self.metrics.circuit_changed(cluster, state)
         serving = state is not CircuitState.OPEN
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self.health.set(cluster_service_name(cluster), status)
@@ -177,7 +178,7 @@ class _CloudWatch:
         self.region = settings.region or config.home_region
         client = make_client("cloudwatch", self.region, settings.endpoint_url or None)
         self.publisher = Publisher(client, settings.namespace, registry=gateway.metrics.registry)
-        self.sampler = GatewaySampler(gateway.router, gateway.metrics.requests, region=config.home_region)
+        self.sampler = GatewaySampler(gateway.router, gateway.metrics, region=config.home_region)
         self.interval = settings.interval
         self.namespace = settings.namespace
 

@@ -58,18 +58,24 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("clusters", "keys", "under_replicated_keys", "pending_changes", "warnings")
+    __slots__ = ("clusters", "keys", "under_replicated_keys", "pending_changes", "warnings", "failovers", "retries", "retries_refused")
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     UNDER_REPLICATED_KEYS_FIELD_NUMBER: _ClassVar[int]
     PENDING_CHANGES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     clusters: _containers.RepeatedCompositeFieldContainer[ClusterStatus]
     keys: int
     under_replicated_keys: int
     pending_changes: int
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, clusters: _Optional[_Iterable[_Union[ClusterStatus, _Mapping]]] = ..., keys: _Optional[int] = ..., under_replicated_keys: _Optional[int] = ..., pending_changes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    failovers: int
+    retries: int
+    retries_refused: int
+    def __init__(self, clusters: _Optional[_Iterable[_Union[ClusterStatus, _Mapping]]] = ..., keys: _Optional[int] = ..., under_replicated_keys: _Optional[int] = ..., pending_changes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., failovers: _Optional[int] = ..., retries: _Optional[int] = ..., retries_refused: _Optional[int] = ...) -> None: ...
 
 class PlaceKeyRequest(_message.Message):
     __slots__ = ("key_id", "cluster")

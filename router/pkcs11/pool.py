@@ -243,5 +243,11 @@ class SessionPool:
         if session.broken or self._closed:
             with self._module.guard():
                 self._close_session(session)
+            if not self._closed:
+                # Replace it now, so the pool is whole again without waiting for load.
+                try:
+                    self._idle.append(self._new_session())
+                except p11.PKCS11Error:
+                    log.warning("cluster %s: could not reopen a session yet", self.spec.name)
             return
         self._idle.append(session)
