@@ -154,10 +154,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def _do_drain(self, params: dict[str, str], drain: bool) -> str:
         self.router.drain(params["cluster"], drain)
+        self.changes.set_switch("drained", params["cluster"], drain)
         return f"cluster {params['cluster']} {'drained' if drain else 'back in service'}"
 
     def _do_failover(self, params: dict[str, str], failover: bool) -> str:
         self.router.fail_over_region(params["region"], failover)
+        self.changes.set_switch("failed_over", params["region"], failover)
         return f"region {params['region']} {'failed over' if failover else 'failed back'}"
 
     def _do_destroy(self, params: dict[str, str]) -> str:
@@ -172,6 +174,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def _do_place(self, params: dict[str, str]) -> str:
         self.router.pin(params["key_id"], params["cluster"])
         return f"{params['key_id']} will be created on {params['cluster']}"
+
+    def sync_switches(self) -> None:
+        """Apply the recorded switches (at start, and periodically for other processes' changes)."""
+        drained = self.changes.switches("drained") & set(self.router.backends)
+        failed_over = self.changes.switches("failed_over") & set(self.router.topology.regions)
+        if drained != self.router.dispatcher.drained:
+            self.router.dispatcher.set_drained(drained)
+        if failed_over != self.router.dispatcher.failed_over:
+            self.router.dispatcher.set_failed_over(failed_over)
 
     # -- read-only -------------------------------------------------------------------
 

@@ -21,6 +21,11 @@ from pathlib import Path
 from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, RouterError
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS switches (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY (kind, name)
+);
 CREATE TABLE IF NOT EXISTS changes (
     id TEXT PRIMARY KEY,
     action TEXT NOT NULL,
@@ -173,6 +178,20 @@ class ChangeBook:
             ids = [r[0] for r in self._db.execute("SELECT id FROM changes ORDER BY created").fetchall()]
             changes = [self._get(i) for i in ids]
         return [c for c in changes if include_done or c.state == PENDING]
+
+    # -- operator switches: drained clusters, failed-over regions ------------------------
+
+    def set_switch(self, kind: str, name: str, on: bool) -> None:
+        """Record a switch so restarts and other worker processes see it."""
+        with self._lock:
+            if on:
+                self._db.execute("INSERT OR IGNORE INTO switches VALUES (?, ?)", (kind, name))
+            else:
+                self._db.execute("DELETE FROM switches WHERE kind = ? AND name = ?", (kind, name))
+
+    def switches(self, kind: str) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT name FROM switches WHERE kind = ?", (kind,))}
 
     def close(self) -> None:
         self._db.close()

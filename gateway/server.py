@@ -106,7 +106,8 @@ class Gateway:
             try:
                 self.metrics_server = MetricsServer(config.metrics.listen, self.metrics.registry)
             except OSError as exc:
-                raise OSError(f"metrics.listen: cannot listen on {config.metrics.listen}: {exc.strerror or exc}") from exc
+                reason = exc.strerror or exc
+                raise OSError(f"metrics.listen: cannot listen on {config.metrics.listen}: {reason}") from exc
         self.cloudwatch = _CloudWatch(self) if config.cloudwatch.enabled else None
 
     def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
@@ -117,7 +118,14 @@ class Gateway:
 
     def _repair_loop(self) -> None:
         interval = self.config.replication.repair_interval
-        while not self._stopped.wait(interval):
+        while not self._stopped.wait(min(interval, 2.0)):
+            try:
+                self.admin.sync_switches()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("reading operator switches failed")
+            if time.monotonic() < self._next_repair:
+                continue
+            self._next_repair = time.monotonic() + interval
             try:
                 fixed = self.router.repair_once(time.monotonic() + interval)
                 if fixed:
@@ -132,6 +140,8 @@ class Gateway:
             self.health.set(name, serving)
         for name in self.router.backends:
             self.health.set(cluster_service_name(name), serving)
+        self.admin.sync_switches()
+        self._next_repair = time.monotonic() + self.config.replication.repair_interval
         self.monitor.start()
         self._repairer.start()
         if self.metrics_server is not None:

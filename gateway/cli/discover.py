@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--endpoint-url", help="cloudhsmv2 endpoint (a VPC endpoint or a local mock)")
     parser.add_argument("--config", type=Path, help="gateway TOML file whose [[clusters]] entry to check")
     parser.add_argument("--name", help="the cluster's name in the gateway config (default: the cluster id)")
-    parser.add_argument("--token-label", help="the PKCS #11 token label of the cluster's slot (default: the cluster id)")
+    parser.add_argument("--token-label",
+                        help="the PKCS #11 token label of the cluster's slot (default: the cluster id)")
     parser.add_argument("--write", action="store_true", help="append the entry to --config when it has none")
     parser.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
     parser.add_argument("--output", choices=("text", "json"), default="text")

@@ -265,3 +265,14 @@ def test_rebalance_after_adding_a_fourth_cluster(tmp_path: Path) -> None:
         assert after["moves"] == []
         code, report = as_json(gw.target, "reconcile")
         assert code == 0, report
+
+
+def test_switches_survive_a_restart(tmp_path: Path) -> None:
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    with running(fleet.config_path) as gw:
+        _, change = as_json(gw.target, "clusters", "drain", "use1-a")
+        assert approve(gw.target, change)["state"] == "applied"
+    with running(fleet.config_path) as gw:
+        _, clusters = as_json(gw.target, "clusters")
+        assert {c["name"]: c["draining"] for c in clusters["clusters"]} == {
+            "use1-a": True, "use1-b": False, "usw2-a": False}
