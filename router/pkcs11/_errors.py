@@ -70,6 +70,11 @@ def translate(
         return DecryptionFailed("decryption failed: the ciphertext is not valid for this key", **where)
     if isinstance(exc, _CLUSTER_DOWN):
         return ClusterDown(f"cluster {cluster} is not reachable ({type(exc).__name__})", **where)
+    if isinstance(exc, p11.GeneralError):
+        # The HSM's own failure, not the caller's nor ours (SoftHSM answers it
+        # for a token file left half-written by a killed process): treat it as
+        # a cluster fault, so it is retried, failed over or reported UNAVAILABLE.
+        return ClusterDown(f"cluster {cluster} reported a general error", **where)
     if isinstance(exc, _STALE):
         return StaleSession(f"session on cluster {cluster} is no longer valid", **where)
     if isinstance(exc, _THROTTLED):

@@ -79,17 +79,19 @@ def test_gcm_authentication_failure_is_decryption_failed(foreign: type[p11.PKCS1
 
 def test_general_error_while_gcm_encrypting_is_not_blamed_on_the_caller() -> None:
     err = translate(p11.GeneralError(), op=Operation.AES_GCM, decrypting=False, **WHERE)
-    assert type(err) is errors.InternalError
-    assert code_for(err) is grpc.StatusCode.INTERNAL
+    assert type(err) is errors.ClusterDown
+    assert code_for(err) is grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize(
     "op", [None, Operation.RSA_OAEP_SHA256, Operation.ECDSA_SHA256, Operation.HMAC_SHA256], ids=str
 )
-def test_general_error_outside_gcm_is_internal_not_a_decryption_failure(op: Operation | None) -> None:
+def test_general_error_outside_gcm_is_a_cluster_fault_not_a_decryption_failure(op: Operation | None) -> None:
+    """CKR_GENERAL_ERROR is the HSM's failure: retried and failed over, never blamed on the caller."""
     err = translate(p11.GeneralError(), op=op, **WHERE)
-    assert type(err) is errors.InternalError
-    assert code_for(err) is grpc.StatusCode.INTERNAL
+    assert type(err) is errors.ClusterDown
+    assert err.retryable
+    assert code_for(err) is grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize(
