@@ -50,6 +50,7 @@ class Gateway:
     """A running gateway: the server, its router, and its health."""
 
     def __init__(self, config: GatewayConfig, router: Router) -> None:
+        self.draining = threading.Event()
         self.config = config
         self.router = router
         check_security(config)
@@ -75,7 +76,8 @@ class Gateway:
             interceptors=[self.metrics.interceptor, self.security],
         )
         crypto_pb2_grpc.add_CryptoServiceServicer_to_server(
-            CryptoServicer(router, default_deadline=config.server.default_deadline), self.server
+            CryptoServicer(router, default_deadline=config.server.default_deadline, draining=self.draining),
+            self.server
         )
         self.admin = AdminServicer(
             router,
@@ -162,7 +164,11 @@ class Gateway:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        # Health first (load balancers stop sending), then refuse new calls with
+        # UNAVAILABLE while the ones in flight finish, then close the listener.
         self.health.enter_graceful_shutdown()
+        self.draining.set()
+        time.sleep(min(0.5, grace / 4))
         self.server.stop(grace).wait()
         if self.cloudwatch is not None:
             self.cloudwatch.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
@@ -19,7 +20,7 @@ from gateway import _convert as conv
 from gateway import status
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from router.errors import InvalidArgument
+from router.errors import InvalidArgument, Unavailable
 from router.model import KeySpec
 from router.router import Router
 from router.validation import usage_for
@@ -44,6 +45,8 @@ def unary(method: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(method)
     def wrapper(self: CryptoServicer, request: Any, context: grpc.ServicerContext) -> R:
         try:
+            if self.draining.is_set():
+                raise Unavailable("the gateway is shutting down; retry on another gateway")
             return method(self, request, context, _deadline(context, self.default_deadline))
         except Exception as exc:  # noqa: BLE001 - every failure gets a status
             status.abort(context, exc)
@@ -61,9 +64,13 @@ def _input(request: pb.SignRequest | pb.VerifyRequest) -> tuple[bytes | None, by
 
 
 class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
-    def __init__(self, router: Router, *, default_deadline: float = 10.0) -> None:
+    def __init__(
+        self, router: Router, *, default_deadline: float = 10.0, draining: threading.Event | None = None
+    ) -> None:
         self.router = router
         self.default_deadline = default_deadline
+        # Set when the gateway stops: new calls are refused with UNAVAILABLE.
+        self.draining = draining or threading.Event()
 
     @unary
     def GenerateKey(self, request: pb.GenerateKeyRequest, context: grpc.ServicerContext, deadline: float) -> pb.Key:
@@ -190,6 +197,8 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     ) -> Iterator[pb.SignResponse]:
         try:
             for request in request_iterator:
+                if self.draining.is_set():
+                    raise Unavailable("the gateway is shutting down; retry on another gateway")
                 yield self._sign(request, _deadline(context, self.default_deadline))
         except Exception as exc:  # noqa: BLE001 - every failure gets a status
             status.abort(context, exc)
