@@ -7,10 +7,10 @@ import os
 
 from gateway.config import GatewayConfig, load_pins
 from router.backend import HsmBackend
+from router.model import ReplicationPolicy
 from router.pkcs11 import Pkcs11Cluster, load_module
 from router.placement.factory import make_store
 from router.reconcile import reconcile
-from router.model import ReplicationPolicy
 from router.router import Router, Topology
 
 log = logging.getLogger(__name__)

@@ -82,7 +82,9 @@ class HsmBackend(abc.ABC):
         """Returns (ciphertext, iv); iv is empty where the operation has none."""
 
     @abc.abstractmethod
-    def decrypt(self, key: Placement, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes: ...
+    def decrypt(
+        self, key: Placement, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float
+    ) -> bytes: ...
 
     @abc.abstractmethod
     def mac(self, key: Placement, op: Operation, data: bytes, deadline: float) -> bytes: ...

@@ -19,8 +19,6 @@ from typing import Callable, TypeVar
 from router import validation
 from router.backend import HsmBackend
 from router.dispatch import Dispatcher
-from router.health import CircuitBreaker, CircuitState
-from router.retry import RetryBudget
 from router.errors import (
     AlreadyExists,
     ClusterDown,
@@ -34,6 +32,7 @@ from router.errors import (
     Throttled,
     Unavailable,
 )
+from router.health import CircuitBreaker, CircuitState
 from router.model import (
     OPERATION_KEYS,
     KeyAlgorithm,
@@ -47,6 +46,7 @@ from router.model import (
 )
 from router.placement.ring import PlacementRing
 from router.placement.store import Conflict, PlacementStore, StoreError
+from router.retry import RetryBudget
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ T = TypeVar("T")
 RSA_MODULUS_BYTES = {KeyAlgorithm.RSA_2048: 256, KeyAlgorithm.RSA_3072: 384, KeyAlgorithm.RSA_4096: 512}
 # OAEP with SHA-256 carries at most k - 2·32 - 2 bytes (RFC 8017, 7.1.1).
 RSA_OAEP_MAX_PLAINTEXT = {alg: size - 66 for alg, size in RSA_MODULUS_BYTES.items()}
+
+
+SINGLE_COPY = ReplicationPolicy(copies=1, require_dr_copy=False)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Router:
         wall_clock: Callable[[], float] = time.time,
         creation_grace: float = 30.0,
         fault: Callable[[str], None] = lambda point: None,
-        replication: ReplicationPolicy = ReplicationPolicy(copies=1, require_dr_copy=False),
+        replication: ReplicationPolicy = SINGLE_COPY,
         breaker_cooldown: float = 2.0,
         on_health_change: Callable[[str, CircuitState], None] = lambda name, state: None,
     ) -> None:

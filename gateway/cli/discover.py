@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def _region(args: argparse.Namespace) -> str:
     if args.region:
         return str(args.region)
-    import boto3
+    import boto3  # type: ignore[import-untyped]
 
     region = boto3.session.Session().region_name
     if not region:

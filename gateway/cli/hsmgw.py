@@ -17,6 +17,7 @@ choose); `serve` logs to stdout, the other commands to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from gateway.cli._common import fail, setup_logging
 from gateway.config import ConfigError
+from gateway.workers import default_workers
 
 if TYPE_CHECKING:
     from router.placement import PlacementStore
@@ -50,9 +52,15 @@ def _serve(args: argparse.Namespace) -> None:
     from gateway import config as config_mod
     from gateway.app import build_router
     from gateway.server import Gateway, serve
+    from gateway.workers import Supervisor, WorkerError, worker_metrics_listen
 
     try:
         config = config_mod.load(args.config)
+        if args.listen:
+            config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=args.listen))
+        if args.worker_index is not None:
+            listen = worker_metrics_listen(config.metrics.listen, args.worker_index)
+            config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, listen=listen))
         config_mod.check_security(config)
         # Fail before the HSM pools open: a bad policy or TLS file is the commonest mistake.
         if config.auth.policy_file is not None:
@@ -65,16 +73,41 @@ def _serve(args: argparse.Namespace) -> None:
             load_material(config.server.tls)
     except ConfigError as exc:
         fail(f"{args.config}: {exc}")
+    if args.workers > 1:
+        # The supervisor never opens the PKCS #11 module: each worker does, after it starts.
+        flags = ("--log-format", args.log_format, *(("-v",) if args.verbose else ()))
+        try:
+            supervisor = Supervisor(args.config, config, args.workers, grace=args.grace, port_file=args.port_file,
+                                    cli_flags=flags)
+            raise SystemExit(supervisor.run())
+        except WorkerError as exc:
+            fail(str(exc))
     try:
         router = build_router(config)
     except (ConfigError, RuntimeError, FileNotFoundError) as exc:
         fail(str(exc))
     try:
-        gateway = Gateway(config, router)
+        gateway = Gateway(config, router, reuse_port=args.worker_index is not None)
     except (ConfigError, OSError) as exc:
         router.close()
         fail(str(exc))
     serve(gateway, grace=args.grace, port_file=args.port_file)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from gateway.perf.bench import BenchError, run_bench
+
+    try:
+        run_bench(args)
+    except (BenchError, ConfigError) as exc:
+        fail(str(exc))
 
 
 def _open_store(url: str, *, must_exist: bool = False) -> PlacementStore:
@@ -137,7 +170,9 @@ def _store_migrate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hsmgw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hsmgw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--log-format", choices=("auto", "json", "human"), default="auto",
                         help="auto: human on a terminal, else JSON lines (default; HSMGW_LOG_FORMAT overrides)")
@@ -147,7 +182,26 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--config", required=True, help="gateway TOML file")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish requests on SIGTERM")
     serve.add_argument("--port-file", help="write the bound port here once serving (for listen port 0)")
+    serve.add_argument("--workers", type=_at_least_one, default=default_workers(),
+                       help="server processes sharing the port (SO_REUSEPORT); default: one per core (%(default)s)")
+    serve.add_argument("--listen", help="host:port to serve on, instead of the config's server.listen")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
     serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="measure the gateway against direct PKCS #11 (writes docs/performance.md)",
+                           description="Runs a local gateway (--workers 2) and measures, side by side: direct "
+                                       "python-pkcs11, the gateway driven by h2load, BatchSign and unary from "
+                                       "Python clients, and a p11-kit peer forwarder.\n\n"
+                                       "Example: hsmgw bench --config .hsmgw/hsmgw.toml --duration 5")
+    bench.add_argument("--config", required=True, help="gateway TOML file of a local (plaintext, loopback) fleet")
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default: %(default)s)")
+    bench.add_argument("--workers", type=_at_least_one, default=2, help="gateway worker processes (default: 2)")
+    bench.add_argument("--only", default="", help="comma-separated subset: ecdsa,rsa,routing,latency")
+    bench.add_argument("--placements", type=int, default=1_000_000,
+                       help="placements for the routing-cost run (default: %(default)s; 0 skips it)")
+    bench.add_argument("--markdown", default="docs/performance.md", help="report to write ('' for none)")
+    bench.add_argument("--json", dest="json_path", default="docs/performance.json", help="results as JSON")
+    bench.set_defaults(func=_bench)
 
     fleet = sub.add_parser("fleet", help="the local SoftHSM2 fleet")
     fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)

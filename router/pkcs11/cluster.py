@@ -252,7 +252,9 @@ class Pkcs11Cluster(HsmBackend):
 
         return self._oaep(deadline, key, plaintext, encrypt=True), b""
 
-    def decrypt(self, key: Placement, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float) -> bytes:
+    def decrypt(
+        self, key: Placement, op: Operation, ciphertext: bytes, iv: bytes, aad: bytes, deadline: float
+    ) -> bytes:
         if op is Operation.AES_GCM:
             params = GCMParams(iv, aad or None, GCM_TAG_BITS)
 
@@ -279,19 +281,26 @@ class Pkcs11Cluster(HsmBackend):
             encoded = _oaep.encode(data, modulus_bytes)
             return self._run(
                 deadline,
-                lambda s: bytes(s.key(key, ObjectClass.PUBLIC_KEY, "encrypt").encrypt(encoded, mechanism=Mechanism.RSA_X_509)),
+                lambda s: bytes(
+                    s.key(key, ObjectClass.PUBLIC_KEY, "encrypt").encrypt(encoded, mechanism=Mechanism.RSA_X_509)
+                ),
                 Operation.RSA_OAEP_SHA256,
             )
         raw = self._run(
             deadline,
-            lambda s: bytes(s.key(key, ObjectClass.PRIVATE_KEY, "decrypt").decrypt(data, mechanism=Mechanism.RSA_X_509)),
+            lambda s: bytes(
+                s.key(key, ObjectClass.PRIVATE_KEY, "decrypt").decrypt(data, mechanism=Mechanism.RSA_X_509)
+            ),
             Operation.RSA_OAEP_SHA256,
             decrypting=True,
         )
         message = _oaep.decode(raw, modulus_bytes)
         if message is None:
-            raise DecryptionFailed("decryption failed: the ciphertext is not valid for this key",
-                                   cluster=self.name, region=self.spec.region)
+            raise DecryptionFailed(
+                "decryption failed: the ciphertext is not valid for this key",
+                cluster=self.name,
+                region=self.spec.region,
+            )
         return message
 
     def mac(self, key: Placement, op: Operation, data: bytes, deadline: float) -> bytes:
@@ -347,5 +356,3 @@ def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:
     if not (0 < r < 1 << (8 * size) and 0 < s < 1 << (8 * size)):
         return None
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-
-

@@ -153,7 +153,9 @@ class SqliteStore(PlacementStore):
 
     def create(self, placement: Placement) -> None:
         try:
-            self._write([(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))])
+            self._write(
+                [(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))]
+            )
         except sqlite3.IntegrityError as exc:
             existing = self.get(placement.key_id) or self.by_request(placement.request_id)
             raise Conflict(existing) from exc
@@ -202,4 +204,3 @@ class SqliteStore(PlacementStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-

@@ -89,7 +89,7 @@ def test_migrate_copies_everything_and_a_rerun_is_a_no_op(
     assert "already exists" in capsys.readouterr().out
 
     hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url])
-    assert capsys.readouterr().out.strip().splitlines()[-1] == "copied 50, identical 0 (skipped), differing 0"
+    _all_copied(capsys.readouterr().out.strip().splitlines()[-1], 50)
 
     dest = make_store(dst_url)
     src = make_store(src_url)
@@ -153,7 +153,7 @@ def test_migrate_as_a_user_runs_it(
     assert init.returncode == 0, init.stderr
     done = run("store", "migrate", "--from", relative, "--to", dst_url)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "copied 50, identical 0 (skipped), differing 0"
+    _all_copied(done.stdout.strip(), 50)
 
     typo = run("store", "migrate", "--from", "sqlite:placement.db", "--to", dst_url)
     assert typo.returncode == 1
@@ -167,3 +167,13 @@ def test_migrate_as_a_user_runs_it(
         "error: store URL 'dynamodb://placements': the region parameter is required "
         "(expected sqlite:PATH or dynamodb://TABLE?region=REGION[&endpoint=URL])"
     ]
+
+
+def _all_copied(line: str, total: int) -> None:
+    """Every record copied. A write whose answer timed out on a loaded machine is
+    retried and then found identical: that counts as copied too."""
+    import re
+
+    match = re.fullmatch(r"copied (\d+), identical (\d+) \(skipped\), differing 0", line)
+    assert match, line
+    assert int(match.group(1)) + int(match.group(2)) == total, line

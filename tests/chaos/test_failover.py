@@ -160,7 +160,7 @@ def test_gateway_killed_during_key_creation_loses_no_acknowledged_key(tmp_path, 
         assert len(acknowledged) == 200
         with grpc.insecure_channel(gateway.target) as ch:
             stub = crypto_pb2_grpc.CryptoServiceStub(ch)
-            for key_id, key in acknowledged.items():
+            for key_id in acknowledged:
                 current = stub.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=10)
                 assert current.state == pb.KEY_STATE_ENABLED
                 assert "usw2-a" in current.replicas and len(current.replicas) >= 1

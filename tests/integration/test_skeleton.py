@@ -32,7 +32,9 @@ def test_ec_keys_spread_over_clusters_and_live_only_there(crypto, tokens) -> Non
     keys = []
     for i in range(8):
         key = crypto.GenerateKey(
-            pb.GenerateKeyRequest(request_id=f"{prefix}-{i}", key_id=f"{prefix}/k{i}", algorithm=pb.KEY_ALGORITHM_EC_P256),
+            pb.GenerateKeyRequest(
+                request_id=f"{prefix}-{i}", key_id=f"{prefix}/k{i}", algorithm=pb.KEY_ALGORITHM_EC_P256
+            ),
             timeout=30,
         )
         assert key.state == pb.KEY_STATE_ENABLED
@@ -71,12 +73,21 @@ def test_ec_keys_spread_over_clusters_and_live_only_there(crypto, tokens) -> Non
         public.verify(by_digest.signature, message, ec.ECDSA(hashes.SHA256()))
 
         ok = crypto.Verify(
-            pb.VerifyRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=message,
-                             signature=signed.signature), timeout=10)
+            pb.VerifyRequest(
+                key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=message, signature=signed.signature
+            ),
+            timeout=10,
+        )
         assert ok.valid
         tampered = crypto.Verify(
-            pb.VerifyRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=message + b"!",
-                             signature=signed.signature), timeout=10)
+            pb.VerifyRequest(
+                key_id=key.key_id,
+                algorithm=pb.ALGORITHM_ECDSA_SHA256,
+                message=message + b"!",
+                signature=signed.signature,
+            ),
+            timeout=10,
+        )
         assert not tampered.valid
 
 
@@ -94,13 +105,20 @@ def test_aes_gcm_round_trip_and_wrong_aad(crypto, tokens) -> None:
     assert len(enc.iv) == 12 and len(enc.ciphertext) == len(plaintext) + 16
     assert plaintext not in enc.ciphertext
     dec = crypto.Decrypt(
-        pb.DecryptRequest(key_id=key_id, algorithm=pb.ALGORITHM_AES_GCM, ciphertext=enc.ciphertext, iv=enc.iv,
-                          aad=b"order-7"), timeout=10)
+        pb.DecryptRequest(
+            key_id=key_id, algorithm=pb.ALGORITHM_AES_GCM, ciphertext=enc.ciphertext, iv=enc.iv, aad=b"order-7"
+        ),
+        timeout=10,
+    )
     assert dec.plaintext == plaintext
 
-    err = rpc_error(crypto.Decrypt, pb.DecryptRequest(
-        key_id=key_id, algorithm=pb.ALGORITHM_AES_GCM, ciphertext=enc.ciphertext, iv=enc.iv, aad=b"order-8"),
-        timeout=10)
+    err = rpc_error(
+        crypto.Decrypt,
+        pb.DecryptRequest(
+            key_id=key_id, algorithm=pb.ALGORITHM_AES_GCM, ciphertext=enc.ciphertext, iv=enc.iv, aad=b"order-8"
+        ),
+        timeout=10,
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "decryption failed" in err.details()
 
@@ -113,8 +131,11 @@ def test_aes_gcm_round_trip_and_wrong_aad(crypto, tokens) -> None:
 
     # The session that saw the failure still works.
     again = crypto.Decrypt(
-        pb.DecryptRequest(key_id=key_id, algorithm=pb.ALGORITHM_AES_GCM, ciphertext=enc.ciphertext, iv=enc.iv,
-                          aad=b"order-7"), timeout=10)
+        pb.DecryptRequest(
+            key_id=key_id, algorithm=pb.ALGORITHM_AES_GCM, ciphertext=enc.ciphertext, iv=enc.iv, aad=b"order-7"
+        ),
+        timeout=10,
+    )
     assert again.plaintext == plaintext
 
 

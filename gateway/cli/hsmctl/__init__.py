@@ -33,13 +33,20 @@ GROUPS = (clusters, keys, rebalance, regions, changes, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hsmctl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hsmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default: %(default)s)")
-    parser.add_argument("--output", choices=("table", "json"), default="table", help="table for people, json for scripts")
+    parser.add_argument(
+        "--output", choices=("table", "json"), default="table", help="table for people, json for scripts"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
-    parser.add_argument("--as", dest="identity", default="",
-                        help="admin identity in development (plaintext on loopback only; TLS uses the certificate)")
+    parser.add_argument(
+        "--as",
+        dest="identity",
+        default="",
+        help="admin identity in development (plaintext on loopback only; TLS uses the certificate)",
+    )
     parser.add_argument("--ca", help="CA certificate (PEM) to verify the gateway; enables TLS")
     parser.add_argument("--cert", help="client certificate (PEM) for mTLS")
     parser.add_argument("--key", help="client private key (PEM) for mTLS")

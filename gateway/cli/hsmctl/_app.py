@@ -75,8 +75,10 @@ class App:
         """Print a change; the exit code says whether it ran (0), waits (3) or failed (1)."""
         approvals = f"{len(change.approved_by)}/{change.approvals_needed}"
         if change.state == "pending":
-            human = (f"change {change.id} ({change.action}) is pending: {approvals} approvals; "
-                     f"another admin runs: hsmctl changes approve {change.id}")
+            human = (
+                f"change {change.id} ({change.action}) is pending: {approvals} approvals; "
+                f"another admin runs: hsmctl changes approve {change.id}"
+            )
         else:
             human = f"change {change.id} ({change.action}) {change.state}: {change.result}"
         self.emit(self.as_dict(change), human)

@@ -12,16 +12,17 @@ from hsmgw.v1 import admin_pb2 as apb
 def _tail(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.TailAudit, apb.TailAuditRequest(lines=args.lines))
     records = [json.loads(r.json) for r in resp.records]
-    rows = [[r.get("seq"), r.get("time"), r.get("actor"), r.get("action"), r.get("target"), r.get("outcome")]
-            for r in records]
+    rows = [
+        [r.get("seq"), r.get("time"), r.get("actor"), r.get("action"), r.get("target"), r.get("outcome")]
+        for r in records
+    ]
     app.emit(records, App.table(rows, ["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]) if rows else "empty")
     return 0
 
 
 def _verify(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.VerifyAudit, apb.VerifyAuditRequest())
-    human = (f"audit log intact: {resp.records} records" if resp.ok
-             else f"audit log TAMPERED: {resp.problem}")
+    human = f"audit log intact: {resp.records} records" if resp.ok else f"audit log TAMPERED: {resp.problem}"
     app.emit(app.as_dict(resp), human)
     return 0 if resp.ok else 1
 
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tail = asub.add_parser("tail", help="the last records", description="Example: hsmctl audit tail -n 50")
     tail.add_argument("-n", "--lines", type=int, default=20)
     tail.set_defaults(func=_tail)
-    verify = asub.add_parser("verify", help="check the hash chain (exit 1 names the first bad record)",
-                             description="Example: hsmctl audit verify")
+    verify = asub.add_parser(
+        "verify",
+        help="check the hash chain (exit 1 names the first bad record)",
+        description="Example: hsmctl audit verify",
+    )
     verify.set_defaults(func=_verify)

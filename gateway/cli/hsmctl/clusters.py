@@ -11,9 +11,17 @@ from hsmgw.v1 import admin_pb2 as apb
 
 def _rows(clusters: Any) -> list[list[Any]]:
     return [
-        [c.name, c.region, c.health, c.circuit, f"{c.keys}/{c.max_keys}",
-         f"{c.sessions_in_use}/{c.sessions_open}/{c.pool_size}", f"{c.ops_per_second:.1f}",
-         f"{100 * c.error_rate:.1f}%", "drained" if c.draining else ("failed-over" if c.region_failed_over else "")]
+        [
+            c.name,
+            c.region,
+            c.health,
+            c.circuit,
+            f"{c.keys}/{c.max_keys}",
+            f"{c.sessions_in_use}/{c.sessions_open}/{c.pool_size}",
+            f"{c.ops_per_second:.1f}",
+            f"{100 * c.error_rate:.1f}%",
+            "drained" if c.draining else ("failed-over" if c.region_failed_over else ""),
+        ]
         for c in clusters
     ]
 
@@ -23,7 +31,10 @@ HEADER = ["CLUSTER", "REGION", "HEALTH", "CIRCUIT", "KEYS", "SESSIONS(use/open/s
 
 def _list(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.ListClusters, apb.ListClustersRequest())
-    app.emit(app.as_dict(resp) | {"clusters": [app.as_dict(c) for c in resp.clusters]}, app.table(_rows(resp.clusters), HEADER))
+    app.emit(
+        app.as_dict(resp) | {"clusters": [app.as_dict(c) for c in resp.clusters]},
+        app.table(_rows(resp.clusters), HEADER),
+    )
     return 0
 
 
@@ -34,29 +45,43 @@ def _drain(app: App, args: argparse.Namespace) -> int:
 
 def _status(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.GetStatus, apb.GetStatusRequest())
-    lines = [app.table(_rows(resp.clusters), HEADER), "",
-             f"keys: {resp.keys}   under-replicated: {resp.under_replicated_keys}   "
-             f"pending changes: {resp.pending_changes}"]
+    lines = [
+        app.table(_rows(resp.clusters), HEADER),
+        "",
+        f"keys: {resp.keys}   under-replicated: {resp.under_replicated_keys}   pending changes: {resp.pending_changes}",
+    ]
     lines += [f"WARNING: {w}" for w in resp.warnings] or ["no warnings"]
     app.emit(app.as_dict(resp), "\n".join(lines))
     return 1 if resp.warnings else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    status = sub.add_parser("status", help="one-screen summary with warnings (exit 1 if any)",
-                            description="Clusters, key counts and warnings: clusters near their key limit, "
-                                        "a DR region without healthy capacity, under-replicated keys.\n\n"
-                                        "Example: hsmctl status --output json")
+    status = sub.add_parser(
+        "status",
+        help="one-screen summary with warnings (exit 1 if any)",
+        description="Clusters, key counts and warnings: clusters near their key limit, "
+        "a DR region without healthy capacity, under-replicated keys.\n\n"
+        "Example: hsmctl status --output json",
+    )
     status.set_defaults(func=_status)
-    clusters = sub.add_parser("clusters", help="health, circuit, keys/limit, sessions, ops/s, errors per cluster",
-                              description="Example: hsmctl clusters; hsmctl clusters drain use1-a")
+    clusters = sub.add_parser(
+        "clusters",
+        help="health, circuit, keys/limit, sessions, ops/s, errors per cluster",
+        description="Example: hsmctl clusters; hsmctl clusters drain use1-a",
+    )
     clusters.set_defaults(func=_list)
     csub = clusters.add_subparsers(dest="clusters_command", metavar="ACTION")
-    drain = csub.add_parser("drain", help="stop placing keys on a cluster and move traffic to replicas (quorum)",
-                            description="Example: hsmctl clusters drain use1-a")
+    drain = csub.add_parser(
+        "drain",
+        help="stop placing keys on a cluster and move traffic to replicas (quorum)",
+        description="Example: hsmctl clusters drain use1-a",
+    )
     drain.add_argument("cluster")
     drain.set_defaults(func=_drain, drain=True)
-    undrain = csub.add_parser("undrain", help="put a drained cluster back in service (quorum)",
-                              description="Example: hsmctl clusters undrain use1-a")
+    undrain = csub.add_parser(
+        "undrain",
+        help="put a drained cluster back in service (quorum)",
+        description="Example: hsmctl clusters undrain use1-a",
+    )
     undrain.add_argument("cluster")
     undrain.set_defaults(func=_drain, drain=False)

@@ -59,25 +59,36 @@ def _destroy(app: App, args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     keys = sub.add_parser("keys", help="where keys live, and moving them")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    lst = ksub.add_parser("list", help="list keys", description="Example: hsmctl keys list --prefix payments/ --cluster use1-a")
+    lst = ksub.add_parser(
+        "list", help="list keys", description="Example: hsmctl keys list --prefix payments/ --cluster use1-a"
+    )
     lst.add_argument("--prefix", default="")
     lst.add_argument("--cluster", default="", help="only keys held by this cluster")
     lst.set_defaults(func=_list)
     show = ksub.add_parser("show", help="one key's placement", description="Example: hsmctl keys show payments/k1")
     show.add_argument("key")
     show.set_defaults(func=_show)
-    place = ksub.add_parser("place", help="pin the cluster a key not yet created will go to (quorum)",
-                            description="Example: hsmctl keys place payments/k9 --cluster use1-b")
+    place = ksub.add_parser(
+        "place",
+        help="pin the cluster a key not yet created will go to (quorum)",
+        description="Example: hsmctl keys place payments/k9 --cluster use1-b",
+    )
     place.add_argument("key")
     place.add_argument("--cluster", required=True)
     place.set_defaults(func=_place)
-    move = ksub.add_parser("move", help="copy by trusted wrap, verify, switch, remove the old copy (quorum)",
-                           description="Example: hsmctl keys move payments/k1 --to use1-b")
+    move = ksub.add_parser(
+        "move",
+        help="copy by trusted wrap, verify, switch, remove the old copy (quorum)",
+        description="Example: hsmctl keys move payments/k1 --to use1-b",
+    )
     move.add_argument("key")
     move.add_argument("--to", required=True, help="destination cluster")
     move.add_argument("--from", dest="source", default="", help="the copy to replace (default: the primary)")
     move.set_defaults(func=_move)
-    destroy = ksub.add_parser("destroy", help="destroy a key on every cluster (quorum)",
-                              description="Example: hsmctl keys destroy payments/old")
+    destroy = ksub.add_parser(
+        "destroy",
+        help="destroy a key on every cluster (quorum)",
+        description="Example: hsmctl keys destroy payments/old",
+    )
     destroy.add_argument("key")
     destroy.set_defaults(func=_destroy)

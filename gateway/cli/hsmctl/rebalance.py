@@ -11,8 +11,9 @@ from hsmgw.v1 import admin_pb2 as apb
 def _rebalance(app: App, args: argparse.Namespace) -> int:
     plan = app.call(app.admin.PlanRebalance, apb.PlanRebalanceRequest())
     rows = [[m.key_id, getattr(m, "from"), m.to] for m in plan.moves]
-    human = (f"{len(plan.moves)} of {plan.keys_considered} keys would move (plan {plan.plan_id})\n"
-             + (App.table(rows, ["KEY", "FROM", "TO"]) if rows else "nothing to move"))
+    human = f"{len(plan.moves)} of {plan.keys_considered} keys would move (plan {plan.plan_id})\n" + (
+        App.table(rows, ["KEY", "FROM", "TO"]) if rows else "nothing to move"
+    )
     if not args.apply:
         app.emit(app.as_dict(plan) | {"moves": [app.as_dict(m) for m in plan.moves]}, human)
         return 0
@@ -36,15 +37,21 @@ def _reconcile(app: App, args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    reb = sub.add_parser("rebalance", help="move the keys consistent hashing says should move",
-                         description="Show the plan, then apply it (a change needing approval).\n\n"
-                                     "Examples: hsmctl rebalance --plan; hsmctl rebalance --apply")
+    reb = sub.add_parser(
+        "rebalance",
+        help="move the keys consistent hashing says should move",
+        description="Show the plan, then apply it (a change needing approval).\n\n"
+        "Examples: hsmctl rebalance --plan; hsmctl rebalance --apply",
+    )
     mode = reb.add_mutually_exclusive_group(required=True)
     mode.add_argument("--plan", action="store_true", help="show what would move")
     mode.add_argument("--apply", action="store_true", help="request the moves (quorum)")
     reb.set_defaults(func=_rebalance)
-    rec = sub.add_parser("reconcile", help="compare the placement store with every token (exit 1 if they differ)",
-                         description="Reports stale intents, orphan objects, missing copies and unreachable "
-                                     "clusters; --fix requests a repair (quorum).\n\nExample: hsmctl reconcile --fix")
+    rec = sub.add_parser(
+        "reconcile",
+        help="compare the placement store with every token (exit 1 if they differ)",
+        description="Reports stale intents, orphan objects, missing copies and unreachable "
+        "clusters; --fix requests a repair (quorum).\n\nExample: hsmctl reconcile --fix",
+    )
     rec.add_argument("--fix", action="store_true")
     rec.set_defaults(func=_reconcile)

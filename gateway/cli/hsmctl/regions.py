@@ -16,11 +16,17 @@ def _switch(app: App, args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     regions = sub.add_parser("regions", help="move traffic away from a region and back")
     rsub = regions.add_subparsers(dest="regions_command", required=True, metavar="ACTION")
-    over = rsub.add_parser("failover", help="serve from other regions' replicas (quorum)",
-                           description="Example: hsmctl regions failover us-east-1")
+    over = rsub.add_parser(
+        "failover",
+        help="serve from other regions' replicas (quorum)",
+        description="Example: hsmctl regions failover us-east-1",
+    )
     over.add_argument("region")
     over.set_defaults(func=_switch, failover=True)
-    back = rsub.add_parser("failback", help="serve from the region again (quorum)",
-                           description="Example: hsmctl regions failback us-east-1")
+    back = rsub.add_parser(
+        "failback",
+        help="serve from the region again (quorum)",
+        description="Example: hsmctl regions failback us-east-1",
+    )
     back.add_argument("region")
     back.set_defaults(func=_switch, failover=False)
