@@ -22,6 +22,7 @@ from gateway.servicer import CryptoServicer
 from gateway.tls import ServerCredentials
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
 from router.health import CircuitState, HealthMonitor
+from router.placement.store import StoreError
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def cluster_service_name(cluster: str) -> str:
 class Gateway:
     """A running gateway: the server, its router, and its health."""
 
-    def __init__(self, config: GatewayConfig, router: Router) -> None:
+    def __init__(self, config: GatewayConfig, router: Router, *, reuse_port: bool = False) -> None:
+        """``reuse_port``: share the listening port with sibling worker processes (SO_REUSEPORT)."""
         self.draining = threading.Event()
         self.config = config
         self.router = router
@@ -66,7 +68,9 @@ class Gateway:
         options = [
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
             ("grpc.max_send_message_length", config.server.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off unless this is one of `hsmgw serve --workers N`: a second gateway started by
+            # mistake on the same port must fail, not silently take half the connections.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             *KEEPALIVE_OPTIONS,
         ]
         self.server = grpc.server(
@@ -75,10 +79,8 @@ class Gateway:
             # Observability first (outermost): refused calls are counted and logged with their request id.
             interceptors=[self.metrics.interceptor, self.security],
         )
-        crypto_pb2_grpc.add_CryptoServiceServicer_to_server(
-            CryptoServicer(router, default_deadline=config.server.default_deadline, draining=self.draining),
-            self.server
-        )
+        self.crypto = CryptoServicer(router, default_deadline=config.server.default_deadline, draining=self.draining)
+        crypto_pb2_grpc.add_CryptoServiceServicer_to_server(self.crypto, self.server)
         self.admin = AdminServicer(
             router,
             state_file=config.base_dir / config.admin.state_file,
@@ -123,8 +125,11 @@ class Gateway:
         while not self._stopped.wait(min(interval, 2.0)):
             try:
                 self.admin.sync_switches()
+                self.router.refresh()
+            except StoreError as exc:
+                log.warning("placement store unreachable; serving known keys from the cache (%s)", exc)
             except Exception:  # noqa: BLE001 - the loop must survive anything
-                log.exception("reading operator switches failed")
+                log.exception("reading operator switches or placements failed")
             if time.monotonic() < self._next_repair:
                 continue
             self._next_repair = time.monotonic() + interval
@@ -170,6 +175,7 @@ class Gateway:
         self.draining.set()
         time.sleep(min(0.5, grace / 4))
         self.server.stop(grace).wait()
+        self.crypto.close()
         if self.cloudwatch is not None:
             self.cloudwatch.stop()
         if self.metrics_server is not None:

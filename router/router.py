@@ -94,6 +94,7 @@ class Router:
         self._lock = threading.Lock()
         self._cache: dict[str, Placement] = {}
         self._key_counts: Counter[str] = Counter()
+        self._seen_counter = -1
         self.replication = replication
         self.creation_grace = creation_grace
         self._pins: dict[str, str] = {}
@@ -117,8 +118,21 @@ class Router:
 
     # -- placement cache -------------------------------------------------
 
+    def refresh(self) -> bool:
+        """Reload the cache if any process changed the store since the last look.
+
+        Keeps keys made by other gateways servable from the cache while the
+        store is unreachable. Returns True when it reloaded.
+        """
+        counter = self.store.change_counter()
+        if counter == self._seen_counter:
+            return False
+        self.reload()
+        return True
+
     def reload(self) -> None:
         """Load every placement from the store into the cache."""
+        counter = self.store.change_counter()
         cache: dict[str, Placement] = {}
         counts: Counter[str] = Counter()
         for placement in self.store.scan():
@@ -128,6 +142,7 @@ class Router:
         with self._lock:
             self._cache = cache
             self._key_counts = counts
+            self._seen_counter = counter
 
     def _remember(self, placement: Placement, *, counted: bool) -> None:
         with self._lock:
@@ -283,6 +298,7 @@ class Router:
                 )
             if earlier.state is KeyState.CREATING:
                 return self._take_over(earlier)
+            self._remember(earlier, counted=earlier.key_id not in self._cache)
             return earlier
         taken = self.store.get(spec.key_id)
         if taken is not None:

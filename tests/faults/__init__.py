@@ -15,9 +15,8 @@ Using it from a test::
     # before it loads the module, so the module reads them at C_Initialize:
     #   [pkcs11]
     #   module = "<lib>"
-    #   env = { SOFTHSM2_CONF = "<fleet>/softhsm2.conf",
-    #           FAULTMOD_TARGET = "/usr/lib/softhsm/libsofthsm2.so",
-    #           FAULTMOD_CONTROL = "<state_dir>/faults" }
+    #   env = { SOFTHSM2_CONF = "<conf>", FAULTMOD_TARGET = "<softhsm .so>", FAULTMOD_CONTROL = "<faults>" }
+    # (one line: a TOML inline table cannot span lines)
     control.set("use1-a", "device_error")        # the cluster is down
     ...                                           # requests fail over to use1-b
     control.clear("use1-a")                       # it is back
@@ -26,7 +25,9 @@ Using it from a test::
 Rules apply from the next PKCS #11 call after ``set``/``clear`` return (the
 module stats the file on every call). A process must not load the module and
 SoftHSM directly at once: both would share one SoftHSM instance, initialised
-twice. Load it after ``fork``, as the gateway does with any module.
+twice. Load it after ``fork``, as the gateway does with any module. Worker
+processes sharing one control file share its rules but overwrite each other's
+stats file: give each its own control file to count per process.
 """
 
 from __future__ import annotations

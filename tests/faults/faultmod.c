@@ -488,8 +488,8 @@ static void parse_rules(const char *content, size_t len)
     memcpy(text, content, len);
     text[len] = '\0';
     int n = 0, lineno = 0;
-    char *save;
-    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+    char *rest = text, *line;
+    while ((line = strsep(&rest, "\n")) != NULL) {
         lineno++;
         struct rule r;
         if (!parse_line(line, lineno, &r))
@@ -519,13 +519,14 @@ static void apply_invalidations(void)
     }
 }
 
-static void read_control(int exists, const struct stat *st, long long now)
+static void read_control(int exists, long long now)
 {
     char *content = NULL;
     size_t len = 0;
+    struct stat fst;
     if (exists) {
         int fd = open(g_control, O_RDONLY | O_CLOEXEC);
-        if (fd >= 0) {
+        if (fd >= 0 && fstat(fd, &fst) == 0) { /* the identity of what is read */
             content = malloc(MAX_CONTROL_BYTES);
             if (content) {
                 ssize_t r;
@@ -537,6 +538,8 @@ static void read_control(int exists, const struct stat *st, long long now)
             }
             close(fd);
         } else {
+            if (fd >= 0)
+                close(fd);
             exists = 0;
         }
     }
@@ -545,10 +548,10 @@ static void read_control(int exists, const struct stat *st, long long now)
                   (len && memcmp(content, g_ctl.content, len) != 0);
     g_ctl.exists = exists;
     if (exists) {
-        g_ctl.dev = st->st_dev;
-        g_ctl.ino = st->st_ino;
-        g_ctl.mtime = st->st_mtim;
-        g_ctl.size = st->st_size;
+        g_ctl.dev = fst.st_dev;
+        g_ctl.ino = fst.st_ino;
+        g_ctl.mtime = fst.st_mtim;
+        g_ctl.size = fst.st_size;
     }
     if (!changed) {
         free(content);
@@ -571,7 +574,7 @@ static void refresh_control(int exists, const struct stat *st)
                             st->st_size == g_ctl.size && st->st_mtim.tv_sec == g_ctl.mtime.tv_sec &&
                             st->st_mtim.tv_nsec == g_ctl.mtime.tv_nsec));
     if (!same || now - g_ctl.last_read >= REREAD_NS)
-        read_control(exists, st, now);
+        read_control(exists, now);
 }
 
 static void check_control_locked(void)

@@ -382,6 +382,12 @@ def test_concurrent_faults_leave_the_module_consistent(child) -> None:
                     key = None  # the session is gone: open another
                 except p11.PKCS11Error as exc:
                     seen[label][type(exc).__name__] += 1
+                except AttributeError:
+                    # python-pkcs11 builds a key object from C_GetAttributeValue;
+                    # when reading CKA_CLASS answers CKR_FUNCTION_FAILED it
+                    # silently returns a bare Object, without sign() or verify().
+                    seen[label]["degraded key object"] += 1
+                    key = None
 
         for label in ("use1-a", "use1-b"):
             session(label)  # log in once, before the threads
@@ -398,5 +404,23 @@ def test_concurrent_faults_leave_the_module_consistent(child) -> None:
         report(seen={label: dict(counter) for label, counter in seen.items()})
     """)
     a, b = report["seen"]["use1-a"], report["seen"]["use1-b"]
-    assert set(a) == {"ok", "FunctionFailed", "SessionHandleInvalid"}, a  # never OperationActive
+    # Never OperationActive: an error is injected only where no operation is left open.
+    assert {"ok", "FunctionFailed", "SessionHandleInvalid"} <= set(a) <= {
+        "ok", "FunctionFailed", "SessionHandleInvalid", "degraded key object"}, a
+    assert sum(a.values()) == 1000, a  # no thread died
     assert b == {"ok": 1000}
+
+
+def test_wildcard_rules_and_ok_exemptions(child) -> None:
+    report = child("""
+        a, b, c = session("use1-a"), session("use1-b"), session("usw2-a")
+        CONTROL.set("*", "device_removed")  # the whole fleet is gone...
+        CONTROL.set("use1-b", "ok")  # ...but this one, whose exact rule is read first
+        CONTROL.add("usw2-a", "latency", 1)  # exact rules then "*": delayed, then removed
+        during = {label: outcome(s.generate_random, 128) for label, s in (("use1-a", a), ("use1-b", b), ("usw2-a", c))}
+        CONTROL.clear("*")
+        after = {label: outcome(s.generate_random, 128) for label, s in (("use1-a", a), ("use1-b", b), ("usw2-a", c))}
+        report(during=during, after=after)
+    """)
+    assert report["during"] == {"use1-a": "DeviceRemoved", "use1-b": "ok", "usw2-a": "DeviceRemoved"}
+    assert report["after"] == {"use1-a": "ok", "use1-b": "ok", "usw2-a": "ok"}
