@@ -9,8 +9,10 @@ absolute ``deadline`` on the ``time.monotonic`` clock and raises only
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from router.errors import RouterError
 from router.model import ClusterSpec, Operation, Placement
 
 
@@ -71,6 +73,17 @@ class HsmBackend(abc.ABC):
     @abc.abstractmethod
     def sign(self, key: Placement, op: Operation, digest: bytes, deadline: float) -> bytes:
         """Sign a digest; ECDSA signatures come back DER-encoded."""
+
+    def sign_many(
+        self, key: Placement, op: Operation, digests: Sequence[bytes], deadline: float
+    ) -> list[bytes | RouterError]:
+        """Sign several digests with one key (BatchSign), in order.
+
+        An item the deadline left unsigned is a ``DeadlineExceeded`` in its place; any other
+        failure raises, for the whole call. This default signs one by one; a backend
+        overrides it to hold one session for the lot.
+        """
+        return [self.sign(key, op, digest, deadline) for digest in digests]
 
     @abc.abstractmethod
     def verify(self, key: Placement, op: Operation, digest: bytes, signature: bytes, deadline: float) -> bool: ...

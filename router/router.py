@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
@@ -175,7 +175,15 @@ class Router:
         if placement.state is KeyState.DESTROYED:
             raise FailedPrecondition(f"key {key_id!r} is destroyed")
         if placement.state is KeyState.CREATING:
-            raise FailedPrecondition(f"key {key_id!r} is still being created")
+            # Maybe cached mid-creation by another process's change: look again.
+            try:
+                fresh = self.store.get(key_id)
+            except StoreError:
+                fresh = None
+            if fresh is None or fresh.state is KeyState.CREATING:
+                raise FailedPrecondition(f"key {key_id!r} is still being created")
+            self._remember(fresh, counted=False)
+            return self._usable(key_id)
         return placement
 
     def key_counts(self) -> dict[str, int]:
@@ -688,6 +696,62 @@ class Router:
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
         data = self._digest(op, digest, message)
+        return self._dispatch(placement, lambda b, p: b.sign(p, op, data, deadline), deadline)
+
+    def sign_many(
+        self, items: Sequence[tuple[str, Operation, bytes | None, bytes | None]], deadline: float
+    ) -> list[tuple[bytes, str] | RouterError]:
+        """Sign (key id, algorithm, digest, message) items, as ``sign`` does each (BatchSign).
+
+        Items of one key and algorithm share one placement lookup, one dispatch and one
+        session. Results are in item order: (signature, cluster), or the item's own error.
+        A group that fails as a whole for a reason not shared by all its items (the module
+        refused some input) is signed again item by item, so each gets its own status.
+        """
+        results: list[tuple[bytes, str] | RouterError | None] = [None] * len(items)
+        groups: dict[tuple[str, Operation], list[tuple[int, bytes]]] = {}
+        for index, (key_id, op, digest, message) in enumerate(items):
+            try:
+                validation.operation_kind(op, validation.SIGNATURE_OPS, "Sign")
+                groups.setdefault((key_id, op), []).append((index, self._digest(op, digest, message)))
+            except RouterError as exc:
+                results[index] = exc
+        for (key_id, op), members in groups.items():
+            try:
+                placement = self._usable(key_id)
+                validation.operation_fits(placement, op)
+            except RouterError as exc:
+                for index, _ in members:
+                    results[index] = exc
+                continue
+            self._sign_group(placement, op, members, deadline, results)
+        return [r if r is not None else InternalError("batch item was not signed") for r in results]
+
+    def _sign_group(
+        self, placement: Placement, op: Operation, members: list[tuple[int, bytes]], deadline: float,
+        results: list[tuple[bytes, str] | RouterError | None],
+    ) -> None:
+        digests = [data for _, data in members]
+        try:
+            signed, cluster = self._dispatch(placement, lambda b, p: b.sign_many(p, op, digests, deadline), deadline)
+        except (InvalidArgument, InternalError) as exc:
+            if len(members) == 1:
+                results[members[0][0]] = exc
+                return
+            for index, data in members:
+                try:
+                    results[index] = self._sign_one(placement, op, data, deadline)
+                except RouterError as item_exc:
+                    results[index] = item_exc
+            return
+        except RouterError as exc:
+            for index, _ in members:
+                results[index] = exc
+            return
+        for (index, _), outcome in zip(members, signed, strict=True):
+            results[index] = outcome if isinstance(outcome, RouterError) else (outcome, cluster)
+
+    def _sign_one(self, placement: Placement, op: Operation, data: bytes, deadline: float) -> tuple[bytes, str]:
         return self._dispatch(placement, lambda b, p: b.sign(p, op, data, deadline), deadline)
 
     def verify(

@@ -61,13 +61,34 @@ class Module:
     lib: Any
     os_locking: bool
     _serial: threading.Lock | None = field(default=None, repr=False)
+    _tokens: dict[str, Any] = field(default_factory=dict, repr=False)
+    _tokens_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def guard(self) -> ContextManager[object]:
         """Hold this around every call into the module."""
         return self._serial if self._serial is not None else contextlib.nullcontext()
 
     def token(self, label: str) -> Any:
-        return self.lib.get_token(token_label=label)
+        """The token labelled ``label``, found once and remembered.
+
+        Slots are walked one by one, skipping any that fails: python-pkcs11's
+        ``get_token`` gives up on every token when one of them answers
+        CKR_DEVICE_ERROR, which would let one dead cluster hide the live ones.
+        """
+        with self._tokens_lock:
+            token = self._tokens.get(label)
+            if token is not None:
+                return token
+            with self.guard():
+                for slot in self.lib.get_slots(token_present=True):
+                    try:
+                        candidate = slot.get_token()
+                    except pkcs11.PKCS11Error:
+                        continue
+                    if candidate.label == label:
+                        self._tokens[label] = candidate
+                        return candidate
+        raise pkcs11.exceptions.NoSuchToken(f"no token labelled {label!r}")
 
 
 _loaded: dict[str, Module] = {}

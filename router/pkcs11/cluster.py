@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Callable, TypeVar
 
 from asn1crypto.algos import DSASignature
@@ -211,14 +212,30 @@ class Pkcs11Cluster(HsmBackend):
             return bytes(private.sign(data, mechanism=mechanism, mechanism_param=param))
 
         signature = self._run(deadline, run, op)
-        if key.algorithm.is_ec:
-            half = len(signature) // 2
-            return bytes(
-                DSASignature(
-                    {"r": int.from_bytes(signature[:half], "big"), "s": int.from_bytes(signature[half:], "big")}
-                ).dump()
-            )
-        return signature
+        return _ecdsa_raw_to_der(signature) if key.algorithm.is_ec else signature
+
+    def sign_many(
+        self, key: Placement, op: Operation, digests: Sequence[bytes], deadline: float
+    ) -> list[bytes | RouterError]:
+        """One session checkout and one key lookup for the lot (a stale session redoes it all)."""
+        prepared = [_keys.signature_mechanism(op, digest) for digest in digests]
+        clock = self._clock
+
+        def run(s: PooledSession) -> list[bytes]:
+            sign = s.key(key, ObjectClass.PRIVATE_KEY, "sign").sign
+            out = []
+            for mechanism, param, data in prepared:
+                if clock() >= deadline:
+                    break
+                out.append(bytes(sign(data, mechanism=mechanism, mechanism_param=param)))
+            return out
+
+        signed = self._run(deadline, run, op)
+        done: list[bytes | RouterError] = (
+            [_ecdsa_raw_to_der(sig) for sig in signed] if key.algorithm.is_ec else list(signed)
+        )
+        late = DeadlineExceeded("deadline exceeded before the HSM call", cluster=self.spec.name)
+        return done + [late] * (len(digests) - len(signed))
 
     def verify(self, key: Placement, op: Operation, digest: bytes, signature: bytes, deadline: float) -> bool:
         if key.algorithm.is_ec:
@@ -344,6 +361,24 @@ def _oaep_native(s: PooledSession, key: Placement, data: bytes, encrypt: bool) -
         return bytes(public.encrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
     private = s.key(key, ObjectClass.PRIVATE_KEY, "decrypt")
     return bytes(private.decrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
+
+
+def _der_integer(value: bytes) -> bytes:
+    value = value.lstrip(b"\0") or b"\0"
+    if value[0] & 0x80:
+        value = b"\0" + value  # positive: a leading 1 bit would make it negative
+    return b"\x02" + _der_length(len(value)) + value
+
+
+def _der_length(n: int) -> bytes:
+    return bytes([n]) if n < 0x80 else b"\x81" + bytes([n])  # at most 2 x 67 bytes for P-521
+
+
+def _ecdsa_raw_to_der(raw: bytes) -> bytes:
+    """DER ``ECDSA-Sig-Value`` for PKCS #11's r||s (by hand: asn1crypto costs ~19 us per signature)."""
+    half = len(raw) // 2
+    body = _der_integer(raw[:half]) + _der_integer(raw[half:])
+    return b"\x30" + _der_length(len(body)) + body
 
 
 def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:

@@ -22,9 +22,10 @@ import time
 from typing import Any, Callable, Iterator
 
 from pkcs11 import ObjectClass
+from pkcs11.types import Key
 from pkcs11 import exceptions as p11
 
-from router.errors import ResourceExhausted, WrongKeyUsage
+from router.errors import ResourceExhausted, Throttled, WrongKeyUsage
 from router.model import ClusterSpec, Placement
 from router.pkcs11 import _keys
 from router.pkcs11._module import Module
@@ -65,6 +66,10 @@ class PooledSession:
             obj = self.keys.get(cache_key)
             if obj is None:
                 obj = self.handle.get_key(object_class=object_class, id=placement.key_id.encode())
+                if not isinstance(obj, Key):
+                    # python-pkcs11 hands back a bare Object when reading the key's
+                    # attributes failed (a busy HSM): a cluster fault, never cached.
+                    raise Throttled(f"could not read key {placement.key_id!r}'s attributes")
                 self.keys[cache_key] = obj
         if capability is not None and not hasattr(obj, capability):
             raise WrongKeyUsage(f"key {placement.key_id!r} does not permit {capability} on this cluster")
