@@ -16,12 +16,15 @@ test: setup
 
 setup: system-deps venv
 
-# SoftHSM2 (the local HSM) and p11-kit; installed only when missing.
+# SoftHSM2 (the local HSM), p11-kit, and what the chaos tests compile their
+# fault-injecting PKCS #11 module with; installed only when missing.
+SYSTEM_PACKAGES := softhsm2 p11-kit libp11-kit-dev gcc libc6-dev
 system-deps:
-	@if ! command -v softhsm2-util >/dev/null || [ ! -e /usr/lib/softhsm/libsofthsm2.so ]; then \
-		echo "installing SoftHSM2 (needs root or sudo)"; \
+	@if ! command -v softhsm2-util >/dev/null || [ ! -e /usr/lib/softhsm/libsofthsm2.so ] \
+		|| [ ! -e /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || ! command -v gcc >/dev/null; then \
+		echo "installing $(SYSTEM_PACKAGES) (needs root or sudo)"; \
 		SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
-		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends softhsm2 p11-kit; \
+		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
 venv: $(STAMP)
