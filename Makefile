@@ -6,13 +6,20 @@ STATE ?= .hsmgw
 LISTEN ?= 127.0.0.1:50051
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps venv fleet protos lint clean
+.PHONY: run test setup system-deps venv fleet protos lint clean bench
 
 run: setup fleet
 	$(VENV)/bin/hsmgw serve --config $(STATE)/hsmgw.toml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmark (docs/performance.md): a throw-away fleet, the gateway with 2 workers next to
+# direct PKCS #11, h2load (nghttp2-client, installed here if missing) and a p11-kit peer.
+bench: setup
+	@command -v h2load >/dev/null || { SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends nghttp2-client; }
+	$(VENV)/bin/hsmgw bench $(BENCH_ARGS)
 
 setup: system-deps venv
 

@@ -397,8 +397,8 @@ def install_alarms(client: Any, specs: Iterable[Mapping[str, Any]]) -> list[str]
 
 def make_client(service: str, region: str, endpoint_url: str | None = None) -> Any:
     """A boto3 client with short timeouts: monitoring must never stall the gateway for long."""
-    import boto3
-    from botocore.config import Config
+    import boto3  # type: ignore[import-untyped]
+    from botocore.config import Config  # type: ignore[import-untyped]
 
     config = Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
     return boto3.client(service, region_name=region, endpoint_url=endpoint_url or None, config=config)
@@ -406,13 +406,13 @@ def make_client(service: str, region: str, endpoint_url: str | None = None) -> A
 
 __all__ = [
     "CLOUDHSM_NAMESPACE",
-    "DEFAULT_NAMESPACE",
-    "MAX_DATUMS_PER_CALL",
-    "SERVER_ERROR_CODES",
     "CloudHsmTarget",
+    "DEFAULT_NAMESPACE",
     "Datum",
     "GatewaySampler",
+    "MAX_DATUMS_PER_CALL",
     "Publisher",
+    "SERVER_ERROR_CODES",
     "alarm_specs",
     "install_alarms",
     "make_client",

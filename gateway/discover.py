@@ -121,7 +121,7 @@ def discover(cluster_id: str, region: str, endpoint_url: str | None = None, *, c
         from gateway.cloudwatch import make_client
 
         client = make_client("cloudhsmv2", region, endpoint_url)
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
     try:
         pages = client.get_paginator("describe_clusters").paginate(Filters={"clusterIds": [cluster_id]})
@@ -239,12 +239,12 @@ def append_entry(config_path: Path, discovery: Discovery, name: str, token_label
 
 __all__ = [
     "DEFAULT_MAX_KEYS",
-    "HSM_TYPE_MAX_KEYS",
     "Discovery",
     "DiscoveryError",
     "EntryCheck",
-    "Hsm",
     "Finding",
+    "HSM_TYPE_MAX_KEYS",
+    "Hsm",
     "append_entry",
     "assess",
     "check_entry",

@@ -6,7 +6,7 @@
   ``logger``, ``message``, ``request_id`` while a request is being served,
   ``exception`` with the traceback, and any ``extra=`` fields. Lines of the
   ``hsmgw.audit`` logger (already JSON) are embedded as an ``audit`` object.
-- ``human``: ``time level logger [request id]: message``.
+- ``human``: ``time level [request id] logger: message``.
 - ``auto`` (the default): ``human`` when the stream is a terminal, else ``json``
   (containers and log shippers read stdout/stderr through a pipe).
   ``HSMGW_LOG_FORMAT`` overrides ``auto``.
@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import sys
-import uuid
 from typing import Any, TextIO
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -49,7 +48,7 @@ def current_request_id() -> str | None:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def accept_request_id(value: str | None) -> str:
@@ -111,14 +110,18 @@ class JsonFormatter(logging.Formatter):
 
 
 class HumanFormatter(logging.Formatter):
-    """``2026-01-02 03:04:05,678 INFO router.router [req-id]: message``."""
+    """``2026-01-02 03:04:05,678 INFO [req-id] router.router: message`` (no ``[…]`` outside requests).
+
+    The id comes before the logger name so that ``" <logger>: "`` still introduces the
+    message, as in the plain format (scripts split audit lines on ``" hsmgw.audit: "``).
+    """
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(request_tag)s%(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None) or _REQUEST_ID.get()
-        record.request_tag = f" [{request_id}]" if request_id else ""
+        record.request_tag = f"[{request_id}] " if request_id else ""
         return super().format(record)
 
 
@@ -169,10 +172,10 @@ __all__ = [
     "AUDIT_LOGGER",
     "ENV_FORMAT",
     "FORMATS",
-    "QUIET_LOGGERS",
-    "REQUEST_ID_HEADER",
     "HumanFormatter",
     "JsonFormatter",
+    "QUIET_LOGGERS",
+    "REQUEST_ID_HEADER",
     "RequestIdFilter",
     "accept_request_id",
     "choose_format",

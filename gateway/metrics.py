@@ -189,7 +189,7 @@ def under_replicated_keys(router: Router) -> int:
     return sum(1 for placement in list(cache.values()) if placement.state is KeyState.UNDER_REPLICATED)
 
 
-class RouterCollector(Collector):  # type: ignore[misc]
+class RouterCollector(Collector):
     """Reads the router's state when Prometheus scrapes (nothing on the hot path)."""
 
     def __init__(self, router: Router) -> None:
@@ -278,6 +278,16 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._clock = clock
         self._echo = echo_request_id
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # Label children, looked up once: labels() validates and locks on every call.
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._counted: dict[tuple[str, str, str, str], Any] = {}
+
+    def _count(self, service: str, rpc: str, code: str, cluster: str) -> None:
+        key = (service, rpc, code, cluster)
+        child = self._counted.get(key)
+        if child is None:
+            child = self._counted.setdefault(key, self.metrics.requests.labels(*key))
+        child.inc()
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -294,6 +304,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, service: str, rpc: str) -> grpc.RpcMethodHandler:
+        self._latency[(service, rpc)] = self.metrics.latency.labels(service, rpc)
         args = (handler.request_deserializer, handler.response_serializer)
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, service, rpc), *args)
@@ -331,18 +342,18 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _record(self, service: str, rpc: str, context: grpc.ServicerContext, started: float,
                 response: Any, exc: BaseException | None) -> None:
         m = self.metrics
-        m.latency.labels(service, rpc).observe(self._clock() - started)
+        self._latency[(service, rpc)].observe(self._clock() - started)
         code = context.code()
         if code is None:
             code = grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
         if code is grpc.StatusCode.OK:
             cluster = getattr(response, "cluster", "") if response is not None else ""
-            m.requests.labels(service, rpc, "OK", cluster if isinstance(cluster, str) else "").inc()
+            self._count(service, rpc, "OK", cluster if isinstance(cluster, str) else "")
             if rpc == "BatchSign" and response is not None:
                 self._batch_items(response)
             return
         failure = describe_failure(code, context.trailing_metadata(), exc)
-        m.requests.labels(service, rpc, code.name, failure.cluster).inc()
+        self._count(service, rpc, code.name, failure.cluster)
         m.errors.labels(failure.reason, failure.error_class, failure.cluster).inc()
         if failure.ckr:
             m.pkcs11_errors.labels(failure.ckr, failure.cluster).inc()
@@ -384,6 +395,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             try:
                 yield from behavior(request, context)
             except GeneratorExit:  # the client went away; grpc closes the stream
+                if context.code() is None:
+                    context.set_code(grpc.StatusCode.CANCELLED)
                 self._record(service, rpc, context, started, None, None)
                 raise
             except BaseException as exc:
@@ -479,14 +492,15 @@ class GatewayMetrics:
 
 __all__ = [
     "CIRCUIT_VALUES",
-    "LATENCY_BUCKETS",
     "ClusterSnapshot",
     "Failure",
     "GatewayMetrics",
+    "LATENCY_BUCKETS",
     "MetricsServer",
     "ObservabilityInterceptor",
     "RequestMetrics",
     "RouterCollector",
+    "STATUS_DETAILS_KEY",
     "ckr_name",
     "cluster_snapshots",
     "describe_failure",

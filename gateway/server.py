@@ -47,12 +47,18 @@ def cluster_service_name(cluster: str) -> str:
     return f"hsmgw.cluster.{cluster}"
 
 
+def region_service_name(region: str) -> str:
+    """The grpc.health.v1 service name that reports one region (serving while any cluster is)."""
+    return f"hsmgw.region.{region}"
+
+
 class Gateway:
     """A running gateway: the server, its router, and its health."""
 
     def __init__(self, config: GatewayConfig, router: Router, *, reuse_port: bool = False) -> None:
         """``reuse_port``: share the listening port with sibling worker processes (SO_REUSEPORT)."""
         self.draining = threading.Event()
+        self._health_lock = threading.RLock()
         self.config = config
         self.router = router
         check_security(config)
@@ -116,9 +122,22 @@ class Gateway:
 
     def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
         self.metrics.circuit_changed(cluster, state)
-        serving = state is not CircuitState.OPEN
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set(cluster_service_name(cluster), status)
+
+        def status(serving: bool) -> int:
+            return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        # Serialised: two clusters changing at once must not leave a stale region status.
+        with self._health_lock:
+            breakers = self.router.breakers
+            # Half-open is still recovering: only a closed circuit serves.
+            self.health.set(cluster_service_name(cluster), status(breakers[cluster].state is CircuitState.CLOSED))
+            # A region serves while any of its clusters does.
+            region = self.router.backends[cluster].spec.region
+            members = self.router.topology.regions.get(region, ())
+            self.health.set(
+                region_service_name(region),
+                status(any(breakers[n].state is CircuitState.CLOSED for n in members)),
+            )
 
     def _repair_loop(self) -> None:
         interval = self.config.replication.repair_interval
@@ -147,6 +166,8 @@ class Gateway:
             self.health.set(name, serving)
         for name in self.router.backends:
             self.health.set(cluster_service_name(name), serving)
+        for region in self.router.topology.regions:
+            self.health.set(region_service_name(region), serving)
         self.admin.sync_switches()
         self._next_repair = time.monotonic() + self.config.replication.repair_interval
         self.monitor.start()

@@ -11,7 +11,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -21,13 +22,18 @@ from gateway import status
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from router.errors import InvalidArgument, Unavailable
-from router.model import KeySpec
+from router.model import KeySpec, Operation
 from router.router import Router
 from router.validation import usage_for
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+
+BATCH_CHUNK = 16
+"""Fewest items worth a thread hop: smaller batches (and cluster groups) are signed in the request thread."""
+BATCH_CHUNK_MAX = 64
+"""Most items one chunk holds a session for, so unary calls get sessions between chunks."""
 
 R = TypeVar("R")
 
@@ -65,12 +71,25 @@ def _input(request: pb.SignRequest | pb.VerifyRequest) -> tuple[bytes | None, by
 
 class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     def __init__(
-        self, router: Router, *, default_deadline: float = 10.0, draining: threading.Event | None = None
+        self, router: Router, *, default_deadline: float = 10.0, draining: threading.Event | None = None,
+        batch_executor: Executor | None = None,
     ) -> None:
         self.router = router
         self.default_deadline = default_deadline
         # Set when the gateway stops: new calls are refused with UNAVAILABLE.
         self.draining = draining or threading.Event()
+        # BatchSign spreads a batch over its clusters' sessions on this bounded executor, shared by
+        # every call: never more threads than the pools have sessions.
+        self._owns_executor = batch_executor is None
+        self._batch_executor = batch_executor or ThreadPoolExecutor(
+            max_workers=max(1, sum(b.spec.pool_size for b in router.backends.values())),
+            thread_name_prefix="batch",
+        )
+
+    def close(self) -> None:
+        """Stop the batch threads (after the server stopped)."""
+        if self._owns_executor:
+            self._batch_executor.shutdown(wait=False, cancel_futures=True)
 
     @unary
     def GenerateKey(self, request: pb.GenerateKeyRequest, context: grpc.ServicerContext, deadline: float) -> pb.Key:
@@ -179,18 +198,72 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     def BatchSign(
         self, request: pb.BatchSignRequest, context: grpc.ServicerContext, deadline: float
     ) -> pb.BatchSignResponse:
-        if not 1 <= len(request.requests) <= MAX_BATCH:
-            raise InvalidArgument(f"a batch holds 1 to {MAX_BATCH} requests, not {len(request.requests)}")
-        results = []
-        for item in request.requests:
+        items = request.requests
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise InvalidArgument(f"a batch holds 1 to {MAX_BATCH} requests, not {len(items)}")
+        results: list[pb.BatchSignResult | None] = [None] * len(items)
+        chunks = self._chunks(items)
+        # The request thread signs the first chunk itself: a busy executor delays a batch, never stalls it.
+        pending = [(self._batch_executor.submit(self._sign_chunk, items, chunk, results, deadline), chunk)
+                   for chunk in chunks[1:]]
+        self._sign_chunk(items, chunks[0], results, deadline)
+        for future, chunk in pending:
+            _settle(future, chunk, results)
+        return pb.BatchSignResponse(responses=results)  # type: ignore[arg-type] # every item is set by now
+
+    def _chunks(self, items: Sequence[pb.SignRequest]) -> list[list[int]]:
+        """Item indexes grouped by the cluster that serves their key first; each group cut into
+        as many chunks as that cluster has sessions (chunks of BATCH_CHUNK to BATCH_CHUNK_MAX items)."""
+        if len(items) < 2 * BATCH_CHUNK:
+            return [list(range(len(items)))]
+        groups: dict[str, list[int]] = {}
+        first: dict[str, str] = {}
+        for index, item in enumerate(items):
+            cluster = first.get(item.key_id)
+            if cluster is None:
+                cluster = first[item.key_id] = self._first_cluster(item.key_id)
+            groups.setdefault(cluster, []).append(index)
+        chunks: list[list[int]] = []
+        for cluster, indexes in groups.items():
+            backend = self.router.backends.get(cluster)
+            sessions = backend.spec.pool_size if backend else 1
+            parts = max(1, min(sessions, len(indexes) // BATCH_CHUNK), -(-len(indexes) // BATCH_CHUNK_MAX))
+            size = -(-len(indexes) // parts)
+            chunks += [indexes[i : i + size] for i in range(0, len(indexes), size)]
+        return chunks
+
+    def _first_cluster(self, key_id: str) -> str:
+        try:
+            return self.router.placement(key_id).primary
+        except Exception:  # noqa: BLE001 - the item reports its own error when it is signed
+            return ""
+
+    def _sign_chunk(
+        self, items: Sequence[pb.SignRequest], chunk: list[int], results: list[pb.BatchSignResult | None],
+        deadline: float,
+    ) -> None:
+        asked: list[tuple[str, Operation, bytes | None, bytes | None]] = []
+        indexes: list[int] = []
+        for index in chunk:
+            item = items[index]
             try:
-                results.append(pb.BatchSignResult(response=self._sign(item, deadline)))
+                digest, message = _input(item)
+                asked.append((item.key_id, conv.operation(item.algorithm), digest, message))
+                indexes.append(index)
             except Exception as exc:  # noqa: BLE001 - one bad item does not fail the batch
-                code, message, reason = status.status_for(exc)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.error("internal error in batch item", exc_info=exc)
-                results.append(pb.BatchSignResult(code=code.value[0], message=message, reason=reason))
-        return pb.BatchSignResponse(responses=results)
+                results[index] = _failed_item(exc)
+        try:
+            outcomes: list[Any] = list(self.router.sign_many(asked, deadline))
+        except Exception as exc:  # noqa: BLE001 - a bug: every item of the chunk says INTERNAL
+            outcomes = [exc] * len(asked)
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                results[index] = _failed_item(outcome)
+                continue
+            item = items[index]
+            signature, cluster = outcome
+            results[index] = pb.BatchSignResult(response=pb.SignResponse(
+                signature=signature, key_id=item.key_id, cluster=cluster, request_id=item.request_id))
 
     def SignStream(
         self, request_iterator: Iterator[pb.SignRequest], context: grpc.ServicerContext
@@ -202,6 +275,23 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 yield self._sign(request, _deadline(context, self.default_deadline))
         except Exception as exc:  # noqa: BLE001 - every failure gets a status
             status.abort(context, exc)
+
+
+def _failed_item(exc: BaseException) -> pb.BatchSignResult:
+    code, message, reason = status.status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error in batch item", exc_info=exc)
+    return pb.BatchSignResult(code=code.value[0], message=message, reason=reason)
+
+
+def _settle(future: Future[None], chunk: list[int], results: list[pb.BatchSignResult | None]) -> None:
+    """Wait for a chunk; a chunk that never ran (executor shut down) fails its own items."""
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001 - cancelled: the gateway is stopping
+        failure = _failed_item(Unavailable("the gateway is shutting down; retry on another gateway"))
+        for index in chunk:
+            results[index] = failure
 
 
 def _pem(der: bytes) -> str:

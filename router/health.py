@@ -61,10 +61,13 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at = 0.0
         self._trial_in_flight = False
+        self._changes: list[CircuitState] = []
         self._recent: collections.deque[tuple[float, bool]] = collections.deque(maxlen=100_000)
 
     @property
     def state(self) -> CircuitState:
+        # No notification from here: listeners read ``state`` themselves, and the
+        # half-open change is reported by the next allow()/record_*().
         with self._lock:
             self._maybe_half_open()
             return self._state
@@ -77,18 +80,27 @@ class CircuitBreaker:
         if state is not self._state:
             self._state = state
             self._trial_in_flight = False
+            self._changes.append(state)
+
+    def _notify(self) -> None:
+        """Tell the listener about state changes, outside the lock (it may look at other breakers)."""
+        while True:
+            with self._lock:
+                if not self._changes:
+                    return
+                state = self._changes.pop(0)
             self._on_change(self.name, state)
 
     def allow(self) -> bool:
         """May a request go to this cluster now? (Claims the trial slot when half-open.)"""
         with self._lock:
             self._maybe_half_open()
-            if self._state is CircuitState.CLOSED:
-                return True
+            allowed = self._state is CircuitState.CLOSED
             if self._state is CircuitState.HALF_OPEN and not self._trial_in_flight:
                 self._trial_in_flight = True
-                return True
-            return False
+                allowed = True
+        self._notify()
+        return allowed
 
     def record_success(self) -> None:
         with self._lock:
@@ -98,6 +110,7 @@ class CircuitBreaker:
             if self._state is not CircuitState.CLOSED:
                 self._window.clear()
                 self._set(CircuitState.CLOSED)
+        self._notify()
 
     def record_failure(self) -> None:
         with self._lock:
@@ -106,15 +119,14 @@ class CircuitBreaker:
             self._window.append(False)
             if self._state is CircuitState.HALF_OPEN:
                 self._open()
-                return
-            if self._state is CircuitState.OPEN:
-                return
-            failures = self._window.count(False)
-            full = len(self._window) == self._window.maxlen
-            if self._consecutive >= self._failures_to_open or (
-                full and failures / len(self._window) > self._max_failure_rate
-            ):
-                self._open()
+            elif self._state is CircuitState.CLOSED:
+                failures = self._window.count(False)
+                full = len(self._window) == self._window.maxlen
+                if self._consecutive >= self._failures_to_open or (
+                    full and failures / len(self._window) > self._max_failure_rate
+                ):
+                    self._open()
+        self._notify()
 
     def _note(self, ok: bool) -> None:
         now = self._clock()

@@ -28,9 +28,10 @@ def unique(prefix: str = "t") -> str:
 class GatewayProcess:
     """``hsmgw serve`` in its own process, on a free loopback port."""
 
-    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None, workers: int = 1) -> None:
         self.config_path = config_path
         self.env = env or {}
+        self.workers = workers  # `hsmgw serve` defaults to one per core; tests ask for what they test
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         workdir = config_path.parent
@@ -46,8 +47,11 @@ class GatewayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(self.config_path),
-             "--port-file", str(self.port_file), "--grace", "2"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **self.env},
+             "--port-file", str(self.port_file), "--grace", "2", "--workers", str(self.workers)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            # Human log lines unless a test asks otherwise: some tests read the log as text
+            # (" hsmgw.audit: " prefixes); tests/observability asks for the default, JSON.
+            env={**os.environ, "HSMGW_LOG_FORMAT": "human", **self.env},
         )
         log.close()
         end = time.monotonic() + timeout

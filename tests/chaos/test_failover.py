@@ -217,3 +217,34 @@ def test_client_fails_over_to_the_other_regional_gateway(tmp_path, faultmod) -> 
     finally:
         east.stop()
         west.stop()
+
+
+def test_health_service_reports_clusters_and_regions(chaos) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    fleet, control, gateway = chaos
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    with grpc.insecure_channel(gateway.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+
+        def check(name: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+
+        assert check("hsmgw.cluster.use1-a") == serving and check("hsmgw.region.us-east-1") == serving
+        control.set("use1-a", "device_error")
+        end = time.monotonic() + 5
+        while check("hsmgw.cluster.use1-a") != not_serving and time.monotonic() < end:
+            time.sleep(0.1)
+        assert check("hsmgw.cluster.use1-a") == not_serving
+        assert check("hsmgw.region.us-east-1") == serving, "use1-b still serves the region"
+        control.set("use1-b", "device_error")
+        end = time.monotonic() + 5
+        while check("hsmgw.region.us-east-1") != not_serving and time.monotonic() < end:
+            time.sleep(0.1)
+        assert check("hsmgw.region.us-east-1") == not_serving
+        assert check("") == serving, "the gateway itself still serves (from the DR region)"
+        control.clear()
+        end = time.monotonic() + 10
+        while check("hsmgw.region.us-east-1") != serving and time.monotonic() < end:
+            time.sleep(0.1)
+        assert check("hsmgw.cluster.use1-a") == serving and check("hsmgw.region.us-east-1") == serving

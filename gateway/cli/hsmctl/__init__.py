@@ -26,10 +26,10 @@ import sys
 import grpc
 
 from gateway.cli._common import fail
-from gateway.cli.hsmctl import audit, changes, clusters, keys, rebalance, regions
+from gateway.cli.hsmctl import audit, changes, clusters, keys, loadtest, rebalance, regions
 from gateway.cli.hsmctl._app import App
 
-GROUPS = (clusters, keys, rebalance, regions, changes, audit)
+GROUPS = (clusters, keys, rebalance, regions, changes, audit, loadtest)
 
 
 def build_parser() -> argparse.ArgumentParser:

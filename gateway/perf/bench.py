@@ -1,0 +1,536 @@
+"""``hsmgw bench``: the gateway against the HSM's own speed, side by side, in one run.
+
+The benchmark makes its own throw-away SoftHSM2 fleet (``hsmgw fleet init`` in a
+temporary directory), so it never touches a fleet in use, and measures, for
+ECDSA_SHA256 (P-256) and RSA_PKCS1_SHA256 (2048):
+
+1. direct python-pkcs11 on the module (best of 1 and 2 processes);
+2. the gateway (``--workers 2``), unary, driven by h2load with a pre-encoded request;
+3. the gateway, ``BatchSign`` (batches of 64), from Python client processes;
+4. the gateway, unary, from Python client processes;
+5. a peer forwarder: ``p11-kit server`` exporting the same token, used through
+   ``p11-kit-client.so`` by the same number of Python processes;
+
+each with its ratio to (1); then the latency a Python caller adds at concurrency 1,
+and the routing cost with 1,000 and 1,000,000 placements in the store and cache
+(synthetic, apart from the key signed with), with each worker's RSS. Results go to
+a JSON file and into ``docs/performance.md`` between its bench markers (the prose
+around them is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.perf.direct import DirectTarget
+from gateway.perf.grpc_driver import GatewayTarget, algorithm_pb, digest_for
+from gateway.perf.h2load import INSTALL_HINT, available, grpc_frame, grpc_status_counts, run_h2load
+from gateway.perf.report import Report
+from gateway.perf.runner import RunError, run
+from gateway.perf.workload import Workload
+from router.model import Operation
+
+ROOT = Path(__file__).resolve().parents[2]
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+P11KIT_CLIENT_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
+    "/usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so",
+    "/usr/lib/pkcs11/p11-kit-client.so",
+)
+ALGORITHMS = {
+    "ecdsa": (Operation.ECDSA_SHA256, "EC_P256"),
+    "rsa": (Operation.RSA_PKCS1_SHA256, "RSA_2048"),
+}
+PYTHON_PROCESSES = 2
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run here; the message says why."""
+
+
+@dataclass
+class Row:
+    name: str
+    throughput: float | None
+    note: str = ""
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "throughput": None if self.throughput is None else round(self.throughput, 1),
+                "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "errors": self.errors, "note": self.note,
+                "detail": self.detail}
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- the gateway under test ----------------------------------------------------------------------
+
+
+def _free_ports(count: int) -> int:
+    """A base port with ``count`` consecutive free ports after it (for the workers' /metrics)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        try:
+            sockets = []
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+        return base
+    raise BenchError("no free ports for the gateway's metrics endpoints")
+
+
+class BenchGateway:
+    """``hsmgw serve --workers N`` on a bench config; /metrics on consecutive ports."""
+
+    def __init__(self, config: Path, workers: int, workdir: Path) -> None:
+        self.workers = workers
+        self.metrics_base = _free_ports(workers)
+        text = config.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{self.metrics_base}"\n'
+        # Beside the original: its relative paths (secrets, store) must still resolve.
+        self.config = config.parent / f"{config.stem}-bench-{uuid.uuid4().hex[:6]}.toml"
+        self.config.write_text(text)
+        self.port_file = workdir / f"port-{uuid.uuid4().hex[:6]}"
+        self.log_path = workdir / f"gateway-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.started_in = 0.0
+
+    def start(self, timeout: float = 600.0) -> BenchGateway:
+        started = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli.hsmgw", "--log-format", "json", "serve", "--config",
+                 str(self.config), "--workers", str(self.workers), "--port-file", str(self.port_file),
+                 "--grace", "2"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
+        while not self.port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() - started > timeout:
+                self.stop()
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise BenchError(f"the bench gateway did not start:\n{tail}")
+            time.sleep(0.1)
+        self.port = int(self.port_file.read_text())
+        self.started_in = time.monotonic() - started
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.metrics_base + i}/metrics" for i in range(self.workers)]
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+    def rss_mb(self) -> list[float]:
+        sizes = []
+        for pid in self.worker_pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(round(int(line.split()[1]) / 1024, 1))
+        return sizes
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.duration = float(args.duration)
+        self.warmup = min(1.0, max(0.2, self.duration / 5))
+        only = {part.strip() for part in (args.only or "").split(",") if part.strip()}
+        unknown = only - {*ALGORITHMS, "routing", "latency"}
+        if unknown:
+            raise BenchError(f"--only: unknown part(s) {', '.join(sorted(unknown))}; "
+                             "choose from ecdsa, rsa, routing, latency")
+        self.only = only
+        self.workdir = Path(tempfile.mkdtemp(prefix="hsmgw-bench-"))
+        self.results: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    def wants(self, part: str) -> bool:
+        return not self.only or part in self.only
+
+    # -- set-up --
+
+    def make_fleet(self) -> Any:
+        from gateway.fleet import FleetError, init_fleet
+
+        try:
+            return init_fleet(self.workdir / "fleet", listen="127.0.0.1:0")
+        except FleetError as exc:
+            raise BenchError(str(exc)) from exc
+
+    def create_keys(self, target: str) -> dict[str, str]:
+        from hsmgw.v1 import crypto_pb2 as pb
+        from hsmgw.v1 import crypto_pb2_grpc
+
+        keys = {}
+        with GatewayTarget(target).channel(own_connection=False) as channel:
+            stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+            for name, (_, key_algorithm) in ALGORITHMS.items():
+                key_id = f"bench/{name}"
+                stub.GenerateKey(pb.GenerateKeyRequest(
+                    request_id=f"bench-{name}", key_id=key_id,
+                    algorithm=pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + key_algorithm)), timeout=60)
+                keys[name] = key_id
+        return keys
+
+    def workload(self, op: Operation, key_id: str, *, mode: str = "unary", processes: int, in_flight: int,
+                 duration: float | None = None) -> Workload:
+        return Workload(op="sign", algorithm=op, key_ids=(key_id,), mode=mode, processes=processes,
+                        in_flight=in_flight, duration=duration or self.duration, warmup=self.warmup).check()
+
+    def measure(self, name: str, workload: Workload, driver: Any) -> Report:
+        _say(f"  {name}: {workload.describe()}")
+        report = run(workload, driver, label=name)
+        _say(f"    {report.throughput:,.0f} ops/s, p50 {report.latency_ms['p50']:.2f} ms, "
+             f"errors {report.error_count}")
+        return report
+
+    def h2load(self, gateway: BenchGateway, op: Operation, key_id: str) -> Row:
+        from hsmgw.v1 import crypto_pb2 as pb
+
+        if not available():
+            self.notes.append(INSTALL_HINT)
+            return Row("gateway unary, h2load", None, note=INSTALL_HINT)
+        body = self.workdir / f"sign-{key_id.replace('/', '_')}.bin"
+        body.write_bytes(grpc_frame(pb.SignRequest(key_id=key_id, algorithm=algorithm_pb(op),
+                                                   digest=digest_for(op, bytes(32)))))
+        before = grpc_status_counts(gateway.metrics_urls, "Sign")
+        _say(f"  h2load: unary Sign, 16 connections x 4 streams, {self.duration:g}s")
+        result = run_h2load(f"http://{gateway.target}/hsmgw.v1.CryptoService/Sign", str(body),
+                            duration=self.duration, warmup=self.warmup)
+        after = grpc_status_counts(gateway.metrics_urls, "Sign")
+        grpc_errors = sum(after.get(c, 0) - before.get(c, 0) for c in after if c != "OK")
+        ok = after.get("OK", 0) - before.get("OK", 0)
+        _say(f"    {result.throughput:,.0f} req/s, mean {result.mean_ms:.2f} ms; gateway counted {ok:,} OK, "
+             f"{grpc_errors} errors")
+        return Row("gateway unary, h2load", result.throughput, errors=grpc_errors + result.failed,
+                   note="16 connections x 4 streams; gRPC status checked in the gateway's counters",
+                   detail={"mean_ms": result.mean_ms, "max_ms": result.max_ms, "server_ok": ok})
+
+    def p11kit(self, fleet: Any, op: Operation, key_id: str, cluster_label: str) -> Row:
+        module = next((p for p in P11KIT_CLIENT_CANDIDATES if os.path.exists(p)), None)
+        if shutil.which("p11-kit") is None or module is None:
+            note = "p11-kit or p11-kit-client.so is not installed (Debian: apt-get install p11-kit)"
+            self.notes.append(note)
+            return Row("p11-kit peer forwarder", None, note=note)
+        from gateway.config import load
+
+        config = load(fleet.config_path)
+        sock = self.workdir / f"p11kit-{uuid.uuid4().hex[:6]}.sock"
+        env = {**os.environ, "SOFTHSM2_CONF": str(fleet.softhsm_conf)}
+        server = subprocess.Popen(
+            ["p11-kit", "server", "-f", "-n", str(sock), "--provider", config.pkcs11.module,
+             f"pkcs11:token={cluster_label}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            end = time.monotonic() + 10
+            while not sock.exists():
+                if server.poll() is not None or time.monotonic() > end:
+                    err = server.stderr.read().decode(errors="replace") if server.stderr else ""
+                    raise BenchError(f"p11-kit server did not start: {err.strip()}")
+                time.sleep(0.05)
+            driver = DirectTarget(str(fleet.config_path), module=module,
+                                  env=(("P11_KIT_SERVER_ADDRESS", f"unix:path={sock}"),))
+            report = self.measure("p11-kit peer", self.workload(op, key_id, processes=PYTHON_PROCESSES,
+                                                                 in_flight=1), driver)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        return Row("p11-kit peer forwarder", report.throughput, p50_ms=report.latency_ms["p50"],
+                   p99_ms=report.latency_ms["p99"], errors=report.error_count,
+                   note=f"p11-kit server + p11-kit-client.so, {PYTHON_PROCESSES} Python processes")
+
+    def algorithm(self, name: str, gateway: BenchGateway, fleet: Any, key_id: str) -> dict[str, Any]:
+        op = ALGORITHMS[name][0]
+        _say(f"{op.value}:")
+        direct = DirectTarget(str(fleet.config_path))
+        one = self.measure("direct, 1 process", self.workload(op, key_id, processes=1, in_flight=1), direct)
+        two = self.measure("direct, 2 processes", self.workload(op, key_id, processes=2, in_flight=1), direct)
+        best = max((one, two), key=lambda r: r.throughput)
+        rows = [Row(f"direct python-pkcs11 (best of 1-2 processes: {best.workload['processes']})",
+                    best.throughput, p50_ms=best.latency_ms["p50"], p99_ms=best.latency_ms["p99"],
+                    errors=best.error_count, detail={"1": one.throughput, "2": two.throughput})]
+        rows.append(self.h2load(gateway, op, key_id))
+        target = GatewayTarget(gateway.target)
+        batch = self.measure("BatchSign x64", self.workload(op, key_id, mode="batch", processes=PYTHON_PROCESSES,
+                                                            in_flight=2), target)
+        rows.append(Row("gateway BatchSign (64/call), Python clients", batch.throughput,
+                        p50_ms=batch.latency_ms["p50"], p99_ms=batch.latency_ms["p99"], errors=batch.error_count,
+                        note=f"{PYTHON_PROCESSES} processes x 2 calls in flight; latency is per batch"))
+        unary = self.measure("unary, Python", self.workload(op, key_id, processes=PYTHON_PROCESSES, in_flight=8),
+                             target)
+        rows.append(Row("gateway unary, Python clients", unary.throughput, p50_ms=unary.latency_ms["p50"],
+                        p99_ms=unary.latency_ms["p99"], errors=unary.error_count,
+                        note=f"{PYTHON_PROCESSES} processes x 8 calls in flight"))
+        primary = self._primary(fleet, key_id)
+        rows.append(self.p11kit(fleet, op, key_id, primary))
+        base = best.throughput or 1.0
+        return {"algorithm": op.value, "rows": [r.as_dict() | {
+            "ratio": None if r.throughput is None else round(r.throughput / base, 3)} for r in rows]}
+
+    @staticmethod
+    def _primary(fleet: Any, key_id: str) -> str:
+        from gateway.config import load
+        from router.placement.factory import make_store
+
+        config = load(fleet.config_path)
+        store = make_store(config.store.url, config.base_dir)
+        try:
+            placement = store.get(key_id)
+        finally:
+            store.close()
+        assert placement is not None
+        return {c.name: c.token_label for c in config.clusters}[placement.primary]
+
+    def latency(self, gateway: BenchGateway, fleet: Any, keys: dict[str, str]) -> dict[str, Any]:
+        _say("added latency at concurrency 1 (one Python caller, one call at a time):")
+        out = {}
+        for name, key_id in keys.items():
+            if not self.wants(name) and self.only - {"latency"}:
+                continue
+            op = ALGORITHMS[name][0]
+            w = self.workload(op, key_id, processes=1, in_flight=1)
+            direct = self.measure(f"direct {name}", w, DirectTarget(str(fleet.config_path)))
+            via = self.measure(f"gateway {name}", w, GatewayTarget(gateway.target))
+            out[op.value] = {
+                "direct_p50_ms": direct.latency_ms["p50"], "gateway_p50_ms": via.latency_ms["p50"],
+                "added_p50_ms": round(via.latency_ms["p50"] - direct.latency_ms["p50"], 3),
+                "direct_p99_ms": direct.latency_ms["p99"], "gateway_p99_ms": via.latency_ms["p99"],
+            }
+        return out
+
+    def routing(self, fleet: Any, key_id: str) -> dict[str, Any]:
+        from router.placement.sqlite import SqliteStore
+
+        total = int(self.args.placements)
+        sizes = sorted({1000, total}) if total > 1000 else [1000]
+        runs = []
+        op = ALGORITHMS["ecdsa"][0]
+        for size in sizes:
+            store_path = self.workdir / f"routing-{size}.db"
+            with sqlite3.connect(fleet.state_dir / "placements.db") as source, sqlite3.connect(store_path) as dest:
+                source.backup(dest)
+            SqliteStore(store_path).close()
+            _say(f"routing cost: {size:,} placements")
+            _add_synthetic(store_path, size)
+            text = fleet.config_path.read_text()
+            if 'url = "sqlite:placements.db"' not in text:
+                raise BenchError("the bench fleet's config has no store url to replace")
+            config = fleet.config_path.parent / f"routing-{size}.toml"
+            config.write_text(text.replace('url = "sqlite:placements.db"', f'url = "sqlite:{store_path}"'))
+            gateway = BenchGateway(config, self.args.workers, self.workdir).start()
+            try:
+                rss = gateway.rss_mb()
+                if available():
+                    row = self.h2load(gateway, op, key_id)
+                else:
+                    report = self.measure("unary, Python", self.workload(op, key_id, processes=PYTHON_PROCESSES,
+                                                                         in_flight=8), GatewayTarget(gateway.target))
+                    row = Row("gateway unary, Python clients", report.throughput, errors=report.error_count)
+                rss_after = gateway.rss_mb()
+            finally:
+                gateway.stop()
+            runs.append({"placements": size, "throughput": row.throughput, "errors": row.errors,
+                         "how": row.name, "worker_rss_mb": rss_after, "worker_rss_mb_at_start": rss,
+                         "start_seconds": round(gateway.started_in, 1)})
+            _say(f"    workers' RSS {rss_after} MB; started in {gateway.started_in:.1f}s")
+        if len(runs) == 2 and runs[0]["throughput"] and runs[1]["throughput"]:
+            change = runs[1]["throughput"] / runs[0]["throughput"] - 1
+        else:
+            change = None
+        return {"runs": runs, "throughput_change": None if change is None else round(change, 4)}
+
+    # -- the run --
+
+    def run(self) -> dict[str, Any]:
+        load = os.getloadavg()
+        _say(f"bench: work directory {self.workdir}; load average {load[0]:.2f}")
+        if load[0] > 0.5:
+            self.notes.append(f"the machine was not idle at the start (load average {load[0]:.2f}): "
+                              "other processes shared the cores")
+        fleet = self.make_fleet()
+        gateway = BenchGateway(fleet.config_path, self.args.workers, self.workdir).start()
+        try:
+            keys = self.create_keys(gateway.target)
+            for name in ALGORITHMS:
+                if self.wants(name):
+                    self.results[name] = self.algorithm(name, gateway, fleet, keys[name])
+            if self.wants("latency"):
+                self.results["latency"] = self.latency(gateway, fleet, keys)
+        finally:
+            gateway.stop()
+        if self.wants("routing") and int(self.args.placements) > 0:
+            self.results["routing"] = self.routing(fleet, keys["ecdsa"])
+        return {
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                        "load_average_at_start": round(load[0], 2), "platform": platform.platform()},
+            "settings": {"duration": self.duration, "warmup": self.warmup, "gateway_workers": self.args.workers,
+                         "python_client_processes": PYTHON_PROCESSES},
+            "results": self.results,
+            "notes": self.notes,
+        }
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _add_synthetic(store_path: Path, size: int) -> None:
+    """Fill the store up to ``size`` placements with synthetic ENABLED keys (never signed with)."""
+    db = sqlite3.connect(store_path)
+    try:
+        have = db.execute("SELECT COUNT(*) FROM placements").fetchone()[0]
+        now = time.time()
+        rows = (
+            (f"synthetic/{i:09d}", "EC_P256", "SIGN_VERIFY", "ENABLED", "use1-a", '["usw2-a"]', now,
+             f"synthetic-{i:09d}", f"synthetic/{i:09d}|EC_P256|SIGN_VERIFY|0|TOKEN|True", "TOKEN", 1, 1, b"", b"", 2)
+            for i in range(max(0, size - have))
+        )
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO placements (key_id, algorithm, usage, state, primary_cluster, replicas, create_time, "
+            "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [f"Measured {data['when']} on {data['machine']['cores']} cores (Python {data['machine']['python']}); "
+             f"{data['settings']['duration']:g} s per measurement, gateway `--workers "
+             f"{data['settings']['gateway_workers']}`, load average at start "
+             f"{data['machine']['load_average_at_start']}.", ""]
+    for name in ALGORITHMS:
+        result = data["results"].get(name)
+        if not result:
+            continue
+        lines += [f"**{result['algorithm']}**", "",
+                  "| | ops/s | × direct | p50 ms | p99 ms | errors | how |", "|---|---:|---:|---:|---:|---:|---|"]
+        for i, row in enumerate(result["rows"], 1):
+            ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}"
+            lines.append(f"| {i}. {row['name']} | {_fmt(row['throughput'])} | {ratio} | "
+                         f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p99_ms'], 2)} | {row['errors']} | {row['note']} |")
+        lines.append("")
+    latency = data["results"].get("latency")
+    if latency:
+        lines += ["**Latency at concurrency 1** (one Python caller, one call at a time)", "",
+                  "| | direct p50 ms | gateway p50 ms | added ms |", "|---|---:|---:|---:|"]
+        for alg, row in latency.items():
+            lines.append(f"| {alg} | {row['direct_p50_ms']:.3f} | {row['gateway_p50_ms']:.3f} | "
+                         f"{row['added_p50_ms']:.3f} |")
+        lines.append("")
+    routing = data["results"].get("routing")
+    if routing:
+        lines += ["**Routing cost** (ECDSA_SHA256 unary sign; synthetic placements in the store and every "
+                  "worker's cache)", "",
+                  "| placements | ops/s | errors | worker RSS MB | worker start s |", "|---:|---:|---:|---|---:|"]
+        for r in routing["runs"]:
+            lines.append(f"| {r['placements']:,} | {_fmt(r['throughput'])} | {r['errors']} | "
+                         f"{', '.join(str(x) for x in r['worker_rss_mb'])} | {r['start_seconds']} |")
+        if routing["throughput_change"] is not None:
+            lines.append(f"\nThroughput change from the smallest to the largest: "
+                         f"{100 * routing['throughput_change']:+.1f} %.")
+        lines.append("")
+    for note in data["notes"]:
+        lines.append(f"- Note: {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+SKELETON = f"""# Performance
+
+How fast the gateway is next to the HSM it fronts. `make bench` (or `hsmgw bench`)
+writes the results between the markers below and `docs/performance.json`.
+
+## Results
+
+{BEGIN}
+{END}
+"""
+
+
+def write_markdown(path: Path, data: dict[str, Any]) -> None:
+    text = path.read_text() if path.exists() else SKELETON
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + "\n\n## Results\n\n" + BEGIN + "\n" + END + "\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(head + BEGIN + "\n" + markdown(data) + END + tail)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    bench = Bench(args)
+    try:
+        data = bench.run()
+    except (RunError, RuntimeError) as exc:
+        raise BenchError(str(exc)) from exc
+    finally:
+        bench.cleanup()
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(data, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        write_markdown(Path(args.markdown), data)
+    print(markdown(data))
+    return data

@@ -1,0 +1,265 @@
+"""``hsmgw serve --workers N``: N gateway processes sharing one port.
+
+One Python process serves about one core of gRPC (DESIGN.md, "Facts measured"), so
+a host runs one worker per core. The supervisor — this module, in the process
+that ran ``hsmgw serve`` — never loads the PKCS #11 module: each worker is a fresh
+interpreter (``hsmgw serve --workers 1`` with hidden worker flags) that
+initialises the module, logs in and opens its own pools, as a module must be
+initialised after ``fork``, never inherited. State every worker must see
+(placements, switches, pending changes) lives in the placement store.
+
+The port: the supervisor binds it first (``SO_REUSEPORT``, not listening, so the
+kernel never hands it a connection), which reserves it — port 0 picks a free one —
+and refuses a port another program holds. Each worker then listens on the same
+port with ``SO_REUSEPORT`` and the kernel spreads new connections over them.
+
+Start-up: worker 0 starts alone; if it fails (a wrong PIN, a missing token, a taken
+metrics port) the supervisor exits with its status, and the worker's own one-line
+error is the only one printed. The others then start together, and the port file
+is written when every worker serves.
+
+Running: SIGTERM or SIGINT stops every worker (each drains for ``grace`` seconds),
+SIGHUP is passed on (each worker reloads its policy and TLS files). A worker that
+dies is started again; five deaths within a minute stop the whole gateway.
+
+``[metrics] listen``: worker *i* serves metrics on the configured port + *i* (or
+an ephemeral port when the configured port is 0).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+RESTARTS_PER_MINUTE = 5
+PR_SET_PDEATHSIG = 1
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class WorkerError(RuntimeError):
+    """The supervisor could not start (its message is the one error line)."""
+
+
+@dataclass(frozen=True)
+class Worker:
+    index: int
+    proc: subprocess.Popen[bytes]
+    port_file: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) ``host:port`` with SO_REUSEPORT; raises WorkerError if it is taken."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise WorkerError(f"server.listen: cannot resolve {host!r}: {exc.strerror}") from exc
+    if port:
+        # A plain bind first: a port held by anything else, even a SO_REUSEPORT group, is refused.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise WorkerError(f"server.listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
+    hold = socket.socket(family, socket.SOCK_STREAM)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        hold.bind(address)
+    except OSError as exc:
+        hold.close()
+        raise WorkerError(f"server.listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return hold
+
+
+def worker_metrics_listen(listen: str, index: int) -> str:
+    """Worker ``index``'s metrics address: the configured port + index (0 stays 0)."""
+    if not listen:
+        return listen
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + index}" if int(port) else listen
+
+
+class Supervisor:
+    """Runs and watches the worker processes of one gateway."""
+
+    def __init__(
+        self,
+        config_path: str,
+        config: GatewayConfig,
+        workers: int,
+        *,
+        grace: float = 5.0,
+        port_file: str | None = None,
+        cli_flags: tuple[str, ...] = (),
+        start_timeout: float = 300.0,
+    ) -> None:
+        if workers < 1:
+            raise WorkerError("--workers must be at least 1")
+        self.config_path = str(Path(config_path).resolve())
+        self.config = config
+        self.count = workers
+        self.grace = grace
+        self.port_file = port_file
+        self.cli_flags = cli_flags
+        self.start_timeout = start_timeout
+        self.port = 0
+        self.workers: dict[int, Worker] = {}
+        self._stop = threading.Event()
+        self._deaths: deque[float] = deque()
+        self._dir = Path(tempfile.mkdtemp(prefix="hsmgw-workers-"))
+        self._hold: socket.socket | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit status."""
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        try:
+            self._hold = reserve_port(self.config.server.host, self.config.server.port)
+            self.port = self._hold.getsockname()[1]
+            status = self._start_all()
+            if status:
+                return status
+            self._write_port_file()
+            log.info("serving on %s:%d with %d worker processes (pids %s)", self.config.server.host, self.port,
+                     self.count, ", ".join(str(w.pid) for w in self.workers.values()))
+            return self._watch()
+        finally:
+            self._stop_all()
+            if self._hold is not None:
+                self._hold.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _on_stop(self, signum: int, _frame: object) -> None:
+        log.info("signal %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
+        self._stop.set()
+
+    def _on_hup(self, _signum: int, _frame: object) -> None:
+        for worker in list(self.workers.values()):
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGHUP)
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def _command(self, index: int, port_file: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "gateway.cli.hsmgw", *self.cli_flags,
+            "serve", "--config", self.config_path, "--workers", "1", "--grace", str(self.grace),
+            "--port-file", str(port_file), "--worker-index", str(index),
+            "--listen", f"{self.config.server.listen.rpartition(':')[0]}:{self.port}",
+        ]
+
+    def _spawn(self, index: int) -> Worker:
+        port_file = self._dir / f"worker-{index}.port"
+        port_file.unlink(missing_ok=True)
+        proc = subprocess.Popen(self._command(index, port_file), preexec_fn=_die_with_parent)
+        worker = Worker(index, proc, port_file)
+        self.workers[index] = worker
+        return worker
+
+    def _await_ready(self, workers: list[Worker]) -> int:
+        """0 once every worker serves; else the exit status of the first that failed."""
+        end = time.monotonic() + self.start_timeout
+        waiting = list(workers)
+        while waiting:
+            for worker in list(waiting):
+                if worker.port_file.exists():
+                    waiting.remove(worker)
+                elif worker.proc.poll() is not None:
+                    log.info("worker %d exited with %s during start-up", worker.index, worker.proc.returncode)
+                    return worker.proc.returncode or 1
+            if self._stop.is_set():
+                return 1
+            if time.monotonic() > end:
+                raise WorkerError(f"worker {waiting[0].index} did not start within {self.start_timeout:g}s")
+            time.sleep(0.05)
+        return 0
+
+    def _start_all(self) -> int:
+        # Worker 0 alone first: a configuration problem is reported once, by one process.
+        status = self._await_ready([self._spawn(0)])
+        if status or self.count == 1:
+            return status
+        return self._await_ready([self._spawn(i) for i in range(1, self.count)])
+
+    def _watch(self) -> int:
+        while not self._stop.wait(0.2):
+            for index, worker in list(self.workers.items()):
+                code = worker.proc.poll()
+                if code is None:
+                    continue
+                now = time.monotonic()
+                self._deaths.append(now)
+                while self._deaths and now - self._deaths[0] > 60.0:
+                    self._deaths.popleft()
+                if len(self._deaths) > RESTARTS_PER_MINUTE:
+                    log.error("workers died %d times within a minute; stopping the gateway", len(self._deaths))
+                    return 1
+                log.warning("worker %d (pid %d) exited with %s; starting it again", index, worker.pid, code)
+                self._spawn(index)
+        return 0
+
+    def _stop_all(self) -> None:
+        running = [w for w in self.workers.values() if w.proc.poll() is None]
+        for worker in running:
+            worker.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + self.grace + 10.0
+        for worker in running:
+            try:
+                worker.proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d (pid %d) did not stop; killing it", worker.index, worker.pid)
+                worker.proc.kill()
+                worker.proc.wait()
+        if running:
+            log.info("stopped %d workers", len(running))
+
+    def _write_port_file(self) -> None:
+        if not self.port_file:
+            return
+        tmp = f"{self.port_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(self.port))
+        os.replace(tmp, self.port_file)
+
+
+__all__ = ["Supervisor", "WorkerError", "default_workers", "reserve_port", "worker_metrics_listen"]

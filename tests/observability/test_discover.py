@@ -1,0 +1,235 @@
+"""``hsmgw discover`` and the CloudHSM alarms, against moto's cloudhsmv2 and CloudWatch.
+
+moto's ``CreateHsm`` is unimplemented, so the HSMs are added to moto's backend directly:
+moto serves here from a thread of the test process (``threaded_moto``: real HTTP on a free
+port) whose in-memory backend the test can reach. The CLI runs as a user runs it, in its
+own process, over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import config as config_mod
+from tests.observability.conftest import FAKE_AWS_ENV, boto
+from tests.support import ROOT
+
+REGION = "us-east-1"
+
+
+def make_cluster(endpoint: str, zones: list[str], *, state: str = "ACTIVE", hsm_type: str = "hsm2m.medium",
+                 hsm_state: str = "ACTIVE") -> tuple[str, list[str]]:
+    """A cluster with one HSM per entry of ``zones``; returns (cluster id, HSM ids)."""
+    from moto.cloudhsmv2.models import cloudhsmv2_backends
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    client = boto("cloudhsmv2", endpoint, REGION)
+    cluster_id = client.create_cluster(HsmType=hsm_type, SubnetIds=[f"subnet-{z[-1]}" for z in zones] or ["subnet-a"]
+                                       )["Cluster"]["ClusterId"]
+    cluster = cloudhsmv2_backends[DEFAULT_ACCOUNT_ID][REGION].clusters[cluster_id]
+    cluster.state = state
+    hsm_ids = []
+    for i, zone in enumerate(zones):
+        hsm_id = f"hsm-{uuid.uuid4().hex[:11]}"
+        hsm_ids.append(hsm_id)
+        cluster.hsms.append({
+            "AvailabilityZone": zone, "ClusterId": cluster_id, "SubnetId": f"subnet-{zone[-1]}",
+            "EniId": f"eni-{uuid.uuid4().hex[:8]}", "EniIp": f"10.0.{i}.{10 + i}", "HsmId": hsm_id,
+            "State": hsm_state, "StateMessage": "",
+        })
+    return cluster_id, hsm_ids
+
+
+def hsmgw(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**FAKE_AWS_ENV, "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "gateway.cli.hsmgw", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def discover(endpoint: str, cluster_id: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return hsmgw("discover", "--cluster-id", cluster_id, "--region", REGION, "--endpoint-url", endpoint, *args)
+
+
+def codes(result: subprocess.CompletedProcess[str]) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return [w["code"] for w in json.loads(result.stdout)["warnings"]]
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    return errors[0]
+
+
+def test_one_hsm_has_no_redundancy_and_no_new_key_durability(threaded_moto: str) -> None:
+    cluster_id, (hsm,) = make_cluster(threaded_moto, ["us-east-1a"])
+    text = discover(threaded_moto, cluster_id)
+    assert text.returncode == 0, text.stderr
+    assert f"cluster {cluster_id} (us-east-1): ACTIVE, hsm2m.medium, 1 HSM" in text.stdout
+    row = next(line.split() for line in text.stdout.splitlines() if hsm in line)
+    assert row == [hsm, "us-east-1a", "10.0.0.10", "ACTIVE"]
+    assert "warning NO_REDUNDANCY: 1 active HSM: no +1 redundancy" in text.stdout
+    assert "warning NEW_KEY_DURABILITY:" in text.stdout
+
+    as_json = json.loads(discover(threaded_moto, cluster_id, "--output", "json").stdout)
+    assert [h["hsm_id"] for h in as_json["hsms"]] == [hsm]
+    assert [w["code"] for w in as_json["warnings"]] == ["NO_REDUNDANCY", "NEW_KEY_DURABILITY"]
+    assert as_json["max_keys"] == 16666
+
+    strict = discover(threaded_moto, cluster_id, "--strict")
+    assert one_error_line(strict) == f"error: 2 best-practice warnings for cluster {cluster_id}"
+
+
+def test_two_hsms_in_one_zone(threaded_moto: str) -> None:
+    cluster_id, hsms = make_cluster(threaded_moto, ["us-east-1b", "us-east-1b"])
+    result = discover(threaded_moto, cluster_id, "--output", "json")
+    assert codes(result) == ["NEW_KEY_DURABILITY", "SAME_AZ"]
+    assert sorted(h["hsm_id"] for h in json.loads(result.stdout)["hsms"]) == sorted(hsms)
+    text = discover(threaded_moto, cluster_id)
+    assert "warning SAME_AZ: 2 HSMs in 1 Availability Zone (us-east-1b: 2)" in text.stdout
+    assert "NO_REDUNDANCY" not in text.stdout
+
+
+def test_three_hsms_in_three_zones_is_healthy(threaded_moto: str) -> None:
+    cluster_id, hsms = make_cluster(threaded_moto, ["us-east-1c", "us-east-1a", "us-east-1b"])
+    result = discover(threaded_moto, cluster_id, "--strict")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout
+    assert "ok: the cluster follows CloudHSM's availability and durability advice" in result.stdout
+    zones = [line.split()[1] for line in result.stdout.splitlines() if line.strip().startswith("hsm-")]
+    assert zones == ["us-east-1a", "us-east-1b", "us-east-1c"]
+
+
+def test_a_cluster_or_hsm_that_is_not_active_is_reported(threaded_moto: str) -> None:
+    cluster_id, _ = make_cluster(threaded_moto, ["us-east-1a", "us-east-1b", "us-east-1c"], state="UNINITIALIZED")
+    assert codes(discover(threaded_moto, cluster_id, "--output", "json")) == ["CLUSTER_NOT_ACTIVE"]
+    replacing, _ = make_cluster(threaded_moto, ["us-east-1a", "us-east-1b"], hsm_state="CREATE_IN_PROGRESS")
+    assert codes(discover(threaded_moto, replacing, "--output", "json")) == [
+        "HSM_NOT_ACTIVE", "HSM_NOT_ACTIVE", "NO_REDUNDANCY", "NEW_KEY_DURABILITY"]
+
+
+def test_an_unknown_cluster_is_one_error_line(threaded_moto: str) -> None:
+    result = discover(threaded_moto, "cluster-doesnotexist")
+    assert one_error_line(result) == "error: no CloudHSM cluster cluster-doesnotexist in us-east-1"
+
+
+MINIMAL_CONFIG = """\
+# operator's comment, kept
+[gateway]
+home_region = "us-east-1"
+
+[pkcs11]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+
+[store]
+url = "sqlite:placements.db"
+
+[replication]
+copies = 1
+
+[[clusters]]
+name = "local"
+region = "us-east-1"
+"""
+
+
+def test_discover_writes_and_then_checks_the_config_entry(threaded_moto: str, tmp_path: Path) -> None:
+    cluster_id, hsms = make_cluster(threaded_moto, ["us-east-1a", "us-east-1b", "us-east-1c"])
+    path = tmp_path / "hsmgw.toml"
+    path.write_text(MINIMAL_CONFIG)
+
+    missing = discover(threaded_moto, cluster_id, "--config", str(path), "--name", "use1-hsm")
+    assert one_error_line(missing).endswith("has no [[clusters]] entry named 'use1-hsm'; add it with --write")
+    assert f'token_label = "{cluster_id}"' in missing.stdout  # what it would write
+    assert path.read_text() == MINIMAL_CONFIG
+
+    written = discover(threaded_moto, cluster_id, "--config", str(path), "--name", "use1-hsm", "--write")
+    assert written.returncode == 0, written.stderr
+    assert f"config: appended [[clusters]] 'use1-hsm' to {path}" in written.stdout
+    assert path.read_text().startswith(MINIMAL_CONFIG)  # comments and order kept
+    assert all(hsm in path.read_text() for hsm in hsms)  # listed in a comment
+    loaded = config_mod.load(path)  # still a valid gateway config
+    entry = next(c for c in loaded.clusters if c.name == "use1-hsm")
+    assert (entry.region, entry.token_label, entry.max_keys) == ("us-east-1", cluster_id, 16666)
+
+    again = discover(threaded_moto, cluster_id, "--config", str(path), "--name", "use1-hsm", "--write",
+                     "--output", "json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["config"]["status"] == "matches"
+    assert path.read_text().count("[[clusters]]") == 2  # not appended twice
+
+    # An entry that disagrees with the cluster is reported, not rewritten.
+    data = tomllib.loads(path.read_text())
+    assert data["clusters"][1]["name"] == "use1-hsm"
+    path.write_text(path.read_text().replace("max_keys = 16666", "max_keys = 20000"))
+    differs = discover(threaded_moto, cluster_id, "--config", str(path), "--name", "use1-hsm")
+    assert "config: clusters[1].max_keys is 20000; a hsm2m.medium cluster holds at most 16666" in differs.stdout
+    assert one_error_line(differs) == f"error: {path}: clusters[1] (use1-hsm) differs from the cluster"
+
+
+def _cloudhsm_alarms(endpoint: str, prefix: str) -> dict[str, Any]:
+    cw = boto("cloudwatch", endpoint, REGION)
+    return {a["AlarmName"]: a for a in cw.describe_alarms(AlarmNamePrefix=prefix)["MetricAlarms"]}
+
+
+def test_alarms_install_watches_the_hsms_of_a_cloudhsm_cluster(threaded_moto: str, tmp_path: Path) -> None:
+    cluster_id, hsms = make_cluster(threaded_moto, ["us-east-1a", "us-east-1b", "us-east-1c"])
+    path = tmp_path / "hsmgw.toml"
+    path.write_text(MINIMAL_CONFIG + f'\n[cloudwatch]\nendpoint_url = "{threaded_moto}"\n')
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    result = hsmgw("alarms", "install", "--config", str(path), "--prefix", prefix,
+                   "--cloudhsm", f"local={cluster_id}")
+    assert result.returncode == 0, result.stderr
+    alarms = _cloudhsm_alarms(threaded_moto, prefix)
+    assert f"{len(alarms)} alarms created or updated" in result.stdout
+    assert {f"{prefix}-local-keys-near-limit", f"{prefix}-local-hsm-unhealthy", f"{prefix}-local-hsm-key-sync",
+            f"{prefix}-local-hsm-users-near-limit"} <= set(alarms)
+
+    sync = alarms[f"{prefix}-local-hsm-key-sync"]
+    queries = {q["Id"]: q for q in sync["Metrics"]}
+    assert queries["spread"]["Expression"] == "MAX([h0,h1,h2]) - MIN([h0,h1,h2])"
+    watched = sorted(
+        {d["Name"]: d["Value"] for d in q["MetricStat"]["Metric"]["Dimensions"]}["HsmId"]
+        for q in sync["Metrics"] if "MetricStat" in q
+    )
+    assert watched == sorted(hsms)
+    assert all(q["MetricStat"]["Metric"]["MetricName"] == "HsmKeysTokenOccupied"
+               for q in sync["Metrics"] if "MetricStat" in q)
+    assert (sync["Threshold"], sync["ComparisonOperator"]) == (0.0, "GreaterThanThreshold")
+    unhealthy = alarms[f"{prefix}-local-hsm-unhealthy"]
+    assert {q["MetricStat"]["Metric"]["Namespace"] for q in unhealthy["Metrics"] if "MetricStat" in q} == {
+        "AWS/CloudHSM"}
+
+    # One HSM: nothing to compare, so no key-sync alarm (but it is unhealthy-watched).
+    lone, _ = make_cluster(threaded_moto, ["us-east-1a"])
+    prefix2 = f"t{uuid.uuid4().hex[:6]}"
+    assert hsmgw("alarms", "install", "--config", str(path), "--prefix", prefix2,
+                 "--cloudhsm", f"local={lone}").returncode == 0
+    names = set(_cloudhsm_alarms(threaded_moto, prefix2))
+    assert f"{prefix2}-local-hsm-unhealthy" in names and f"{prefix2}-local-hsm-key-sync" not in names
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cloudhsm", "nope=cluster-x"], "error: --cloudhsm 'nope=cluster-x': no cluster named 'nope' in"),
+        (["--cloudhsm", "local"], "error: --cloudhsm 'local': expected NAME=CLUSTER_ID"),
+        (["--threshold", "0"], "error: --threshold: expected a percentage in (0, 100]"),
+    ],
+)
+def test_alarms_install_refuses_bad_arguments_with_one_line(
+    tmp_path: Path, threaded_moto: str, args: list[str], message: str
+) -> None:
+    path = tmp_path / "hsmgw.toml"
+    path.write_text(MINIMAL_CONFIG + f'\n[cloudwatch]\nendpoint_url = "{threaded_moto}"\n')
+    assert one_error_line(hsmgw("alarms", "install", "--config", str(path), *args)).startswith(message)

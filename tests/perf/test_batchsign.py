@@ -1,0 +1,134 @@
+"""BatchSign: items spread over sessions, each with its own status, in request order."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from asn1crypto.algos import DSASignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+
+from gateway.servicer import BATCH_CHUNK_MAX, CryptoServicer
+from hsmgw.v1 import crypto_pb2 as pb
+from router.pkcs11.cluster import _ecdsa_raw_to_der
+from tests.support import unique
+
+OK = grpc.StatusCode.OK.value[0]
+EC = pb.ALGORITHM_ECDSA_SHA256
+
+
+def _key(crypto, algorithm=pb.KEY_ALGORITHM_EC_P256):
+    key_id = unique("batch")
+    crypto.GenerateKey(pb.GenerateKeyRequest(request_id=unique("req"), key_id=key_id, algorithm=algorithm))
+    der = crypto.GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id)).der
+    return key_id, serialization.load_der_public_key(der)
+
+
+def _digest(i: int) -> bytes:
+    return hashlib.sha256(f"item {i}".encode()).digest()
+
+
+def test_items_keep_their_order_and_their_own_status(crypto) -> None:
+    ec_key, ec_public = _key(crypto)
+    rsa_key, rsa_public = _key(crypto, pb.KEY_ALGORITHM_RSA_2048)
+    plan = []  # (request, expected code)
+    for i in range(80):  # long enough to be cut into chunks run on several threads
+        kind = i % 8
+        if kind == 3:
+            plan.append((pb.SignRequest(key_id="batch/no-such-key", algorithm=EC, digest=_digest(i)),
+                         grpc.StatusCode.NOT_FOUND))
+        elif kind == 5:
+            plan.append((pb.SignRequest(key_id=ec_key, algorithm=EC, digest=b"short"),
+                         grpc.StatusCode.INVALID_ARGUMENT))
+        elif kind == 6:
+            plan.append((pb.SignRequest(key_id=ec_key, algorithm=pb.ALGORITHM_RSA_PKCS1_SHA256, digest=_digest(i)),
+                         grpc.StatusCode.FAILED_PRECONDITION))
+        elif kind == 7:
+            plan.append((pb.SignRequest(key_id=ec_key, algorithm=EC), grpc.StatusCode.INVALID_ARGUMENT))
+        elif kind == 2:
+            plan.append((pb.SignRequest(key_id=rsa_key, algorithm=pb.ALGORITHM_RSA_PKCS1_SHA256,
+                                        digest=_digest(i), request_id=f"r{i}"), grpc.StatusCode.OK))
+        else:
+            plan.append((pb.SignRequest(key_id=ec_key, algorithm=EC, digest=_digest(i), request_id=f"r{i}"),
+                         grpc.StatusCode.OK))
+    response = crypto.BatchSign(pb.BatchSignRequest(requests=[r for r, _ in plan]), timeout=60)
+    assert len(response.responses) == len(plan)
+    by_value = {c.value[0]: c for c in grpc.StatusCode}
+    codes = [by_value[item.code] for item in response.responses]
+    assert codes == [code for _, code in plan]
+    for i, ((request, code), item) in enumerate(zip(plan, response.responses, strict=True)):
+        if code is not grpc.StatusCode.OK:
+            assert item.message and item.reason, f"item {i} says why it failed"
+            continue
+        assert item.response.key_id == request.key_id and item.response.request_id == request.request_id
+        assert item.response.cluster
+        if request.key_id == ec_key:
+            ec_public.verify(item.response.signature, request.digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        else:
+            rsa_public.verify(item.response.signature, request.digest, padding.PKCS1v15(),
+                              utils.Prehashed(hashes.SHA256()))
+
+
+def test_a_thousand_valid_items_all_verify(crypto) -> None:
+    keys = [_key(crypto) for _ in range(3)]
+    requests = [pb.SignRequest(key_id=keys[i % 3][0], algorithm=EC, digest=_digest(i)) for i in range(1000)]
+    response = crypto.BatchSign(pb.BatchSignRequest(requests=requests), timeout=60)
+    assert [item.code for item in response.responses] == [OK] * 1000
+    for i, (request, item) in enumerate(zip(requests, response.responses, strict=True)):
+        assert item.response.key_id == request.key_id, f"item {i} answered out of order"
+        public = keys[i % 3][1]
+        public.verify(item.response.signature, request.digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+def test_batch_size_limits(crypto) -> None:
+    for size in (0, 1001):
+        with pytest.raises(grpc.RpcError) as err:
+            crypto.BatchSign(pb.BatchSignRequest(requests=[pb.SignRequest(key_id="k", algorithm=EC)] * size))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+class _Router:
+    """Just enough router for cutting a batch into chunks (no HSM)."""
+
+    def __init__(self, where: dict[str, str], pool_size: int) -> None:
+        self.where = where
+        self.backends = {c: SimpleNamespace(spec=SimpleNamespace(pool_size=pool_size)) for c in set(where.values())}
+
+    def placement(self, key_id: str):
+        if key_id not in self.where:
+            raise KeyError(key_id)
+        return SimpleNamespace(primary=self.where[key_id])
+
+
+@pytest.mark.parametrize("size", [1, 31, 64, 200, 1000])
+def test_chunks_cover_every_item_once_per_cluster_within_bounds(size: int) -> None:
+    router = _Router({"a": "use1-a", "b": "use1-b"}, pool_size=4)
+    servicer = CryptoServicer(router)  # type: ignore[arg-type]
+    try:
+        items = [pb.SignRequest(key_id=("a", "b", "missing")[i % 3]) for i in range(size)]
+        chunks = servicer._chunks(items)
+        flat = sorted(i for chunk in chunks for i in chunk)
+        assert flat == list(range(size))
+        for chunk in chunks:
+            assert chunk == sorted(chunk)
+            if size >= 32:
+                assert len({items[i].key_id for i in chunk} - {"missing"}) <= 1 or len(chunks) == 1
+                assert len(chunk) <= BATCH_CHUNK_MAX
+        if size >= 200:
+            assert len(chunks) >= 2 * 2, "a large batch is spread over several sessions per cluster"
+    finally:
+        servicer.close()
+
+
+@pytest.mark.parametrize("size", [32, 48, 66])
+def test_ecdsa_der_encoding_matches_asn1crypto(size: int) -> None:
+    half = size // 2
+    samples = [os.urandom(size) for _ in range(200)]
+    samples += [b"\0" * half + b"\x80" + os.urandom(half - 1), b"\x80" * size, b"\0" * (size - 1) + b"\x01"]
+    for raw in samples:
+        expected = DSASignature({"r": int.from_bytes(raw[:half], "big"), "s": int.from_bytes(raw[half:], "big")})
+        assert _ecdsa_raw_to_der(raw) == expected.dump()

@@ -1,0 +1,77 @@
+"""A few-second smoke run of `hsmctl loadtest` and of `hsmgw bench` (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _loadtest(target: str, *args: str) -> dict:
+    result = _run("gateway.cli.hsmctl", "--target", target, "--output", "json", "loadtest",
+                  "--duration", "1", "--warmup", "0.2", *args)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["error_count"] == 0 and report["errors"] == {}
+    assert report["throughput"] > 0 and report["ops"] > 0
+    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    return report
+
+
+def test_loadtest_unary_sign_creates_its_key_and_reports_json(gateway) -> None:
+    report = _loadtest(gateway.target, "--op", "sign", "--create", "1", "--processes", "2", "--in-flight", "2",
+                       "--cleanup")
+    assert report["workload"]["processes"] == 2 and len(report["created_keys"]) == 1
+    assert report["direct"] is False
+
+
+@pytest.mark.parametrize("mode", ["batch", "stream"])
+def test_loadtest_batch_and_stream(gateway, mode: str) -> None:
+    report = _loadtest(gateway.target, "--op", "sign", "--mode", mode, "--batch-size", "16", "--in-flight", "2")
+    if mode == "batch":
+        assert report["ops"] == 16 * report["calls"]
+
+
+def test_loadtest_direct_uses_the_same_keys_without_the_gateway(gateway, fleet) -> None:
+    made = _loadtest(gateway.target, "--op", "encrypt", "--create", "1")
+    report = _loadtest(gateway.target, "--op", "encrypt", "--keys", made["created_keys"][0], "--direct",
+                       "--config", str(fleet.config_path))
+    assert report["direct"] is True and report["label"].startswith("direct PKCS #11")
+
+
+def test_loadtest_refuses_a_mode_its_operation_lacks(gateway) -> None:
+    result = _run("gateway.cli.hsmctl", "--target", gateway.target, "loadtest", "--op", "mac", "--mode", "batch",
+                  "--keys", "any")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --mode batch is for sign (BatchSign, SignStream); mac is unary only")
+
+
+def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
+    markdown, data = tmp_path / "performance.md", tmp_path / "performance.json"
+    markdown.write_text("# Performance\n\nprose kept\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\nmore prose\n")
+    result = _run("gateway.cli.hsmgw", "bench", "--only", "ecdsa,latency,routing", "--duration", "0.3",
+                  "--placements", "3000", "--markdown", str(markdown), "--json", str(data), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(data.read_text())["results"]
+    rows = results["ecdsa"]["rows"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["throughput"] > 0
+    assert [r["errors"] for r in rows] == [0] * len(rows)
+    names = [r["name"] for r in rows]
+    assert any("BatchSign" in n for n in names) and any("p11-kit" in n for n in names)
+    assert {"ECDSA_SHA256"} == set(results["latency"])
+    runs = results["routing"]["runs"]
+    assert [r["placements"] for r in runs] == [1000, 3000]
+    assert all(r["errors"] == 0 and r["throughput"] and r["worker_rss_mb"] for r in runs)
+    text = markdown.read_text()
+    assert "prose kept" in text and "more prose" in text and "old" not in text
+    assert "| 1. direct python-pkcs11" in text

@@ -1,0 +1,109 @@
+"""`hsmgw serve --workers 2`: two processes on one port, each with its own pools."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+from hsmgw.v1 import crypto_pb2 as pb
+from hsmgw.v1 import crypto_pb2_grpc
+from tests.support import GatewayProcess, unique
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _server_ends(pid: int, port: int) -> set[int]:
+    """Client ports of the established connections to ``port`` whose server socket ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ends = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                ends.add(int(remote.rsplit(":", 1)[1], 16))
+    return ends
+
+
+def _owner(workers: list[int], port: int, seen: dict[int, set[int]]) -> int:
+    """The worker that accepted the newest connection (one whose client port is new)."""
+    for _ in range(50):
+        for pid in workers:
+            new = _server_ends(pid, port) - seen[pid]
+            if new:
+                seen[pid] |= new
+                return pid
+        time.sleep(0.02)
+    raise AssertionError("no worker holds the new connection")
+
+
+@pytest.fixture(scope="module")
+def two_workers(fleet):
+    gateway = GatewayProcess(fleet.config_path, workers=2).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_two_workers_answer_on_one_port_and_share_keys(two_workers) -> None:
+    workers = _children(two_workers.proc.pid)
+    assert len(workers) == 2 and two_workers.proc.pid not in workers
+    seen = {pid: _server_ends(pid, two_workers.port) for pid in workers}
+    channels: dict[int, list[grpc.Channel]] = {pid: [] for pid in workers}
+    try:
+        for _ in range(40):  # fresh connections until each worker has served at least one
+            channel = grpc.insecure_channel(two_workers.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            crypto_pb2_grpc.CryptoServiceStub(channel).GenerateRandom(pb.GenerateRandomRequest(length=8), timeout=10)
+            channels[_owner(workers, two_workers.port, seen)].append(channel)
+            if all(channels.values()):
+                break
+        assert all(channels.values()), f"connections per worker: { {p: len(c) for p, c in channels.items()} }"
+
+        a, b = (crypto_pb2_grpc.CryptoServiceStub(channels[pid][0]) for pid in workers)
+        key_id = unique("workers")
+        a.GenerateKey(pb.GenerateKeyRequest(request_id=unique("req"), key_id=key_id,
+                                            algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=60)
+        digest = hashlib.sha256(b"made by one worker, used by the other").digest()
+        # Worker b never saw the key: its cache misses and it reads the shared placement store.
+        signed = b.Sign(pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=digest), timeout=30)
+        public = serialization.load_der_public_key(a.GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id)).der)
+        public.verify(signed.signature, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        batch = b.BatchSign(pb.BatchSignRequest(requests=[
+            pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=digest)] * 40), timeout=30)
+        assert [item.code for item in batch.responses] == [0] * 40
+    finally:
+        for group in channels.values():
+            for channel in group:
+                channel.close()
+
+
+def test_sigterm_to_the_supervisor_stops_every_worker(fleet) -> None:
+    gateway = GatewayProcess(fleet.config_path, workers=2).start()
+    workers = _children(gateway.proc.pid)
+    assert len(workers) == 2
+    assert gateway.stop(signal.SIGTERM, timeout=30) == 0
+    for pid in workers:
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text():
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"worker {pid} still runs after the supervisor stopped")
+    log = gateway.log()
+    assert log.count("gateway.server: stopped") == 2 or log.count('"stopped"') == 2, log[-2000:]

@@ -1,0 +1,198 @@
+"""Helpers for the security tests: configs, policies, mTLS channels, status details."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from gateway.fleet import Fleet
+from gateway.tls import DevCerts, spiffe_id
+from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
+from tests.support import GatewayProcess
+
+CLIENTS = ("payments-app", "payments-admin", "nobody", "root", "operator", "throttled", "single", "fuzzer")
+
+
+def sid(name: str) -> str:
+    return spiffe_id(name)
+
+
+POLICY = f"""\
+# Test policy: the example of docs/security.md, plus identities the tests need.
+
+[roles.payments-signer]
+operations = ["Sign", "Verify", "GetKey", "GetPublicKey"]
+prefixes = ["payments/"]
+
+[roles.key-admin]
+operations = ["GenerateKey", "DestroyKey", "GetKey", "ListKeys"]
+prefixes = ["payments/", "hr/"]
+
+[roles.root]
+operations = ["*"]
+prefixes = ["*"]
+admin = ["*"]
+
+[roles.operator]
+admin = ["ListClusters"]
+
+[roles.fuzz-use]
+operations = ["Sign", "Verify", "Encrypt", "Decrypt", "Mac", "VerifyMac", "GetKey", "GetPublicKey",
+              "ListKeys", "GenerateRandom"]
+prefixes = ["fuzz/"]
+
+[roles.fuzz-make]
+operations = ["GenerateKey", "DestroyKey"]
+prefixes = ["fuzz/new/"]
+
+[identities."{sid('payments-app')}"]
+roles = ["payments-signer"]
+
+[identities."{sid('payments-admin')}"]
+roles = ["key-admin"]
+
+[identities."{sid('root')}"]
+roles = ["root"]
+
+[identities."{sid('operator')}"]
+roles = ["operator"]
+
+[identities."{sid('throttled')}"]
+roles = ["payments-signer"]
+rate = 2
+burst = 3
+
+[identities."{sid('single')}"]
+roles = ["payments-signer"]
+concurrency = 1
+
+[identities."{sid('fuzzer')}"]
+roles = ["fuzz-use", "fuzz-make"]
+
+[identities."cn-only"]
+roles = ["payments-signer"]
+
+# Identities for a development server (x-hsmgw-identity on plaintext loopback).
+[identities.payments-admin]
+roles = ["key-admin"]
+
+[identities.payments-app]
+roles = ["payments-signer"]
+"""
+
+
+def write_config(
+    fleet: Fleet,
+    name: str,
+    *,
+    tls: DevCerts | None = None,
+    policy: Path | None = None,
+    listen: str | None = None,
+    plaintext: bool | None = None,
+    extra: str = "",
+) -> Path:
+    """A gateway config for ``fleet`` (same tokens and store) with the given security settings."""
+    text = fleet.config_path.read_text()
+    if plaintext is None:
+        plaintext = tls is None
+    assert "insecure_plaintext = true" in text
+    text = text.replace("insecure_plaintext = true", f"insecure_plaintext = {str(plaintext).lower()}")
+    if listen is not None:
+        assert 'listen = "127.0.0.1:0"' in text
+        text = text.replace('listen = "127.0.0.1:0"', f'listen = "{listen}"')
+    if tls is not None:
+        text += (
+            f'\n[server.tls]\ncert_file = "{tls.server}"\nkey_file = "{tls.server_key}"\n'
+            f'client_ca_file = "{tls.ca}"\n'
+        )
+    if policy is not None:
+        text += f'\n[auth]\npolicy_file = "{policy}"\n'
+    path = fleet.config_path.parent / f"{name}.toml"
+    path.write_text(text + extra)
+    return path
+
+
+def tls_channel(target: str, certs: DevCerts, client: str | None, *, ca: Path | None = None,
+                cert_key: tuple[Path, Path] | None = None) -> grpc.Channel:
+    """An mTLS channel as ``client`` (None: no client certificate)."""
+    root = (ca or certs.ca).read_bytes()
+    if cert_key is None and client is not None:
+        cert_key = certs.client(client)
+    if cert_key is None:
+        credentials = grpc.ssl_channel_credentials(root)
+    else:
+        cert, key = cert_key
+        credentials = grpc.ssl_channel_credentials(root, key.read_bytes(), cert.read_bytes())
+    return grpc.secure_channel(target, credentials)
+
+
+@dataclass
+class Client:
+    channel: grpc.Channel
+    crypto: crypto_pb2_grpc.CryptoServiceStub
+    admin: admin_pb2_grpc.AdminServiceStub
+
+    @classmethod
+    def of(cls, channel: grpc.Channel) -> Client:
+        return cls(channel, crypto_pb2_grpc.CryptoServiceStub(channel), admin_pb2_grpc.AdminServiceStub(channel))
+
+
+def details(exc: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None, error_details_pb2.RetryInfo | None]:
+    """The ErrorInfo and RetryInfo of a failed call (None when absent)."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    info = retry = None
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+    return info, retry
+
+
+_HUMAN_AUDIT = re.compile(r" hsmgw\.audit(?: \[[^\]]*\])?: (\{.*\})$")
+
+
+def audit_events(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    """The JSON audit events in a gateway's log."""
+    events = []
+    for line in gateway.log().splitlines():
+        if line.startswith("{"):  # JSON log lines (the default when stderr is not a terminal)
+            entry = json.loads(line)
+            if entry.get("logger") == "hsmgw.audit":
+                events.append(entry.get("audit") or json.loads(entry["message"]))
+            continue
+        human = _HUMAN_AUDIT.search(line)  # human log lines: "… hsmgw.audit [request id]: {…}"
+        if human:
+            events.append(json.loads(human.group(1)))
+    return events
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def sighup_and_wait(gateway: GatewayProcess, marker: str, timeout: float = 10.0) -> None:
+    """Send SIGHUP and wait until ``marker`` appears once more in the log."""
+    before = gateway.log().count(marker)
+    assert gateway.proc is not None
+    gateway.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: gateway.log().count(marker) > before, timeout, f"{marker!r} in the gateway log")

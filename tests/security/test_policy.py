@@ -1,0 +1,201 @@
+"""The policy file: deny by default, prefixes, roles, and errors that name the key path."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.auth import (
+    CRYPTO_OPERATIONS,
+    Authenticator,
+    Limits,
+    PermissionDenied,
+    Policy,
+    PolicyError,
+    PolicyStore,
+    Unauthenticated,
+    identity_from_auth_context,
+    load_policy,
+    namespace,
+    parse_policy,
+)
+from tests.security.helpers import POLICY, sid
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+
+
+def policy() -> Policy:
+    return parse_policy(tomllib.loads(POLICY))
+
+
+def test_deny_by_default() -> None:
+    p = policy()
+    stranger = p.principal("spiffe://hsmgw/stranger")
+    for op in CRYPTO_OPERATIONS:
+        assert not stranger.may(op, "payments/k")
+        assert not stranger.may_some(op)
+    assert not stranger.may_admin("ListClusters")
+    with pytest.raises(PermissionDenied, match=r"^identity 'spiffe://hsmgw/stranger' may not Sign keys under 'a/b/'$"):
+        p.check_key(stranger, "Sign", "a/b/k")
+
+
+def test_a_role_grants_its_operations_on_its_prefixes_only() -> None:
+    p = policy()
+    app = p.principal(sid("payments-app"))
+    assert app.may("Sign", "payments/k") and app.may("Sign", "payments/deep/er/k")
+    assert not app.may("Sign", "paymentsX/k") and not app.may("Sign", "hr/k") and not app.may("Sign", "payments")
+    assert not app.may("GenerateKey", "payments/k")  # using keys is not creating them
+    admin = p.principal(sid("payments-admin"))
+    assert admin.may("GenerateKey", "hr/k") and not admin.may("Sign", "payments/k")
+
+
+def test_wildcards() -> None:
+    p = policy()
+    root = p.principal(sid("root"))
+    assert root.may("Decrypt", "anything/at/all") and root.may_admin("ListClusters") and root.may_list("ListKeys", "")
+    operator = p.principal(sid("operator"))
+    assert operator.may_admin("ListClusters") and not operator.may_some("GetKey")
+
+
+def test_list_needs_the_requested_prefix_inside_a_grant() -> None:
+    p = policy()
+    admin = p.principal(sid("payments-admin"))
+    p.check_list(admin, "ListKeys", "payments/")
+    p.check_list(admin, "ListKeys", "payments/sub/x")
+    for prefix in ("", "pay", "payments", "secret/"):
+        with pytest.raises(PermissionDenied, match="ask for a prefix inside 'payments/', 'hr/'"):
+            p.check_list(admin, "ListKeys", prefix)
+
+
+def test_limits_default_and_per_identity() -> None:
+    p = parse_policy(
+        {"limits": {"rate": 100, "concurrency": 8},
+         "roles": {"r": {"operations": ["Sign"], "prefixes": ["a/"]}},
+         "identities": {"x": {"roles": ["r"], "rate": 5}, "y": {"roles": ["r"]}}}
+    )
+    assert p.principal("x").limits == Limits(rate=5, burst=0, concurrency=8)
+    assert p.principal("x").limits.bucket == 5
+    assert p.principal("y").limits == Limits(rate=100, concurrency=8)
+    assert p.principal("unknown").limits == Limits(rate=100, concurrency=8)
+
+
+def test_the_permissive_development_policy_allows_everything() -> None:
+    dev = Policy.permissive().principal("dev")
+    assert dev.may("DestroyKey", "any/key") and dev.may_admin("Anything") and dev.limits == Limits()
+
+
+@pytest.mark.parametrize("key_id, expected", [("hr/payroll/k1", "hr/payroll/"), ("k1", "k1"), ("a/", "a/"), ("", "")])
+def test_namespace(key_id: str, expected: str) -> None:
+    assert namespace(key_id) == expected
+
+
+BAD_POLICIES: list[tuple[dict[str, Any], str]] = [
+    ({"role": {}}, "role: unknown key"),
+    ({"roles": []}, "roles: expected tables"),
+    ({"roles": {"r": 1}}, "roles.r: expected a table"),
+    ({"roles": {"r": {"operations": ["Sgn"], "prefixes": ["a/"]}}}, "roles.r.operations[0]: unknown operation 'Sgn'"),
+    ({"roles": {"r": {"operations": ["BatchSign"], "prefixes": ["a/"]}}},
+     "roles.r.operations[0]: BatchSign is authorized as Sign on each item; grant Sign"),
+    ({"roles": {"r": {"operations": "Sign", "prefixes": ["a/"]}}}, "roles.r.operations: expected a list of strings"),
+    ({"roles": {"r": {"operations": ["Sign", 3], "prefixes": ["a/"]}}}, "roles.r.operations[1]: expected str"),
+    ({"roles": {"r": {"operations": ["Sign"], "prefixes": ["payments"]}}},
+     "roles.r.prefixes[0]: a prefix must end with '/' (or be '*' for every key), got 'payments'"),
+    ({"roles": {"r": {"operations": ["Sign"], "prefixes": ["/"]}}}, "roles.r.prefixes[0]: a prefix must end"),
+    ({"roles": {"r": {"operations": ["Sign"]}}}, "roles.r.prefixes: missing"),
+    ({"roles": {"r": {"prefixes": ["a/"]}}}, "roles.r.operations: missing"),
+    ({"roles": {"r": {"admin": ["Drain"]}}}, "roles.r.admin[0]: unknown AdminService method 'Drain'"),
+    ({"roles": {"r": {"admin": ["*"], "extra": 1}}}, "roles.r.extra: unknown key"),
+    ({"identities": {"spiffe://x/y": {"roles": ["nope"]}}}, 'identities."spiffe://x/y".roles[0]: no role \'nope\''),
+    ({"identities": {"a": {"role": []}}}, "identities.a.role: unknown key"),
+    ({"identities": {"a": {"rate": "fast"}}}, "identities.a.rate: expected a number"),
+    ({"identities": {"a": {"concurrency": 1.5}}}, "identities.a.concurrency: expected an integer"),
+    ({"identities": {"a": {"burst": -1}}}, "identities.a.burst: must be 0 (unlimited) or more"),
+    ({"limits": {"rate": True}}, "limits.rate: expected a number"),
+    ({"limits": {"qps": 1}}, "limits.qps: unknown key"),
+]
+
+
+@pytest.mark.parametrize("data, message", BAD_POLICIES, ids=[m.split(":")[0] for _, m in BAD_POLICIES])
+def test_each_mistake_names_its_key_path(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(data, "policy.toml")
+    assert str(info.value).startswith("auth.policy_file (policy.toml): ")
+    assert message in str(info.value)
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"^auth.policy_file: .*missing.toml does not exist$"):
+        load_policy(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[roles\n")
+    with pytest.raises(PolicyError, match=r"bad.toml\): not valid TOML"):
+        load_policy(tmp_path / "bad.toml")
+
+
+def test_a_failed_reload_keeps_the_policy_in_force(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    store = PolicyStore(path)
+    before = store.current
+    path.write_text("roles = 1\n")
+    assert store.reload() is False
+    assert store.current is before
+    path.write_text(POLICY + f'\n[identities."{sid("nobody")}"]\nroles = ["root"]\n')
+    assert store.reload() is True
+    assert store.current.principal(sid("nobody")).may("Sign", "x/y")
+
+
+def test_the_example_policy_in_the_docs_is_valid() -> None:
+    text = EXAMPLE.read_text()
+    block = "# policy.toml" + text.split("```toml\n# policy.toml", 1)[1].split("```", 1)[0]
+    example = parse_policy(tomllib.loads(block), "docs/security.md")
+    app = example.principal("spiffe://hsmgw/payments-app")
+    assert app.may("Sign", "payments/signing-2026") and not app.may("GenerateKey", "payments/x")
+
+
+# -- identity ------------------------------------------------------------------------------------
+
+
+def test_identity_prefers_the_uri_san_then_the_common_name() -> None:
+    uri = {"peer_uri": [b"spiffe://hsmgw/a"], "x509_common_name": [b"cn-a"]}
+    assert identity_from_auth_context(uri) == "spiffe://hsmgw/a"
+    san_only = {"x509_subject_alternative_name": [b"example.com", b"spiffe://hsmgw/b"], "x509_common_name": [b"c"]}
+    assert identity_from_auth_context(san_only) == "spiffe://hsmgw/b"
+    assert identity_from_auth_context({"x509_common_name": [b"cn-only"]}) == "cn-only"
+    two = {"peer_uri": [b"spiffe://hsmgw/a", b"https://x"], "peer_spiffe_id": [b"spiffe://hsmgw/a"]}
+    assert identity_from_auth_context(two) == "spiffe://hsmgw/a"
+    with pytest.raises(Unauthenticated, match="several URI SANs"):
+        identity_from_auth_context({"peer_uri": [b"https://a", b"https://b"]})
+    with pytest.raises(Unauthenticated):
+        identity_from_auth_context({"x509_common_name": []})
+
+
+class _Context:
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_common_name": [b"from-cert"]}
+
+
+def test_the_identity_header_counts_only_on_a_loopback_development_server() -> None:
+    header = (("x-hsmgw-identity", "payments-admin"),)
+    assert Authenticator(tls=False, dev_header=True).identity(_Context(header)) == "payments-admin"
+    assert Authenticator(tls=False, dev_header=True).identity(_Context(())) == "dev"
+    assert Authenticator(tls=False, dev_header=False).identity(_Context(header)) == "dev"
+    assert Authenticator(tls=True, dev_header=True).identity(_Context(header)) == "from-cert"
+
+
+@given(key_id=st.text(max_size=40), prefix=st.sampled_from(["payments/", "hr/", "a/b/"]))
+def test_a_grant_covers_exactly_the_ids_that_start_with_its_prefix(key_id: str, prefix: str) -> None:
+    p = parse_policy({"roles": {"r": {"operations": ["Sign"], "prefixes": [prefix]}},
+                      "identities": {"x": {"roles": ["r"]}}})
+    assert p.principal("x").may("Sign", key_id) == key_id.startswith(prefix)
+    assert p.principal("x").may("Sign", prefix + key_id)

@@ -1,0 +1,145 @@
+"""SIGHUP reloads the policy and the TLS files, without a restart and without dropping calls."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import shutil
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from gateway.fleet import Fleet
+from gateway.tls import DevCerts, issue_server, load_issuer, write_dev_certs, write_file
+from hsmgw.v1 import crypto_pb2 as pb
+from tests.security.helpers import POLICY, Client, sid, sighup_and_wait, tls_channel, write_config
+from tests.support import GatewayProcess, rpc_error, unique
+
+DIGEST = hashlib.sha256(b"reload").digest()
+GRANT_NOBODY = f'\n[identities."{sid("nobody")}"]\nroles = ["payments-signer"]\n'
+
+
+@pytest.fixture
+def own_certs(certs: DevCerts, tmp_path: Path) -> DevCerts:
+    """A copy of the session certificates that this test may rotate."""
+    shutil.copytree(certs.out, tmp_path / "certs")
+    return write_dev_certs(tmp_path / "certs", ("payments-app", "nobody", "root"))
+
+
+@pytest.fixture
+def gateway(sec_fleet: Fleet, own_certs: DevCerts, tmp_path: Path) -> Iterator[GatewayProcess]:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    process = GatewayProcess(write_config(sec_fleet, f"reload-{tmp_path.name}", tls=own_certs, policy=policy))
+    process.start()
+    yield process
+    process.stop()
+
+
+def _policy(gateway: GatewayProcess) -> Path:
+    for line in gateway.config_path.read_text().splitlines():
+        if line.startswith("policy_file"):
+            return Path(line.split('"')[1])
+    raise AssertionError("no policy_file")
+
+
+def _served_fingerprint(target: str, certs: DevCerts, client: str) -> str:
+    host, port = target.rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    ctx.load_cert_chain(*certs.client(client))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=host) as t:
+        der = t.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).fingerprint(hashes.SHA256()).hex()
+
+
+def _file_fingerprint(path: Path) -> str:
+    return x509.load_pem_x509_certificate(path.read_bytes()).fingerprint(hashes.SHA256()).hex()
+
+
+def test_a_policy_change_takes_effect_on_sighup_without_a_restart(
+    gateway: GatewayProcess, own_certs: DevCerts
+) -> None:
+    policy = _policy(gateway)
+    with tls_channel(gateway.target, own_certs, "nobody") as channel:
+        stub = Client.of(channel).crypto
+        request = pb.GetKeyRequest(key_id="payments/reload/none")
+        assert rpc_error(stub.GetKey, request, timeout=5).code() is grpc.StatusCode.PERMISSION_DENIED
+
+        policy.write_text(POLICY + GRANT_NOBODY)
+        sighup_and_wait(gateway, "policy reloaded")
+        assert rpc_error(stub.GetKey, request, timeout=5).code() is grpc.StatusCode.NOT_FOUND  # authorized now
+
+        # A broken file is refused: the policy in force stays, and the log says why.
+        policy.write_text(POLICY + GRANT_NOBODY + '\n[roles.broken]\noperations = ["Sgn"]\nprefixes = ["x/"]\n')
+        sighup_and_wait(gateway, "policy reload refused")
+        assert "roles.broken.operations[0]: unknown operation 'Sgn'" in gateway.log()
+        assert rpc_error(stub.GetKey, request, timeout=5).code() is grpc.StatusCode.NOT_FOUND
+
+        policy.write_text(POLICY)  # revoked
+        sighup_and_wait(gateway, "policy reloaded")
+        assert rpc_error(stub.GetKey, request, timeout=5).code() is grpc.StatusCode.PERMISSION_DENIED
+    assert gateway.proc is not None and gateway.proc.poll() is None
+
+
+def test_tls_files_reload_on_sighup_without_dropping_a_call_in_flight(
+    gateway: GatewayProcess, own_certs: DevCerts
+) -> None:
+    old = _file_fingerprint(own_certs.server)
+    assert _served_fingerprint(gateway.target, own_certs, "payments-app") == old
+
+    with tls_channel(gateway.target, own_certs, "root") as channel:
+        crypto = Client.of(channel).crypto
+        key_id = unique("payments/reload")
+        crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256,
+                                                 replication=pb.ReplicationPolicy(copies=1)), timeout=30)
+        # A stream opened before the rotation: it must keep working across it.
+        outbox: queue.Queue[pb.SignRequest | None] = queue.Queue()
+        answers: list[str] = []
+        responses = crypto.SignStream(iter(outbox.get, None), timeout=60)
+        reader = threading.Thread(target=lambda: answers.extend(r.request_id for r in responses))
+        reader.start()
+        outbox.put(pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=DIGEST, request_id="a"))
+
+        cert_pem, key_pem = issue_server(load_issuer(own_certs.ca, own_certs.ca_key))
+        write_file(own_certs.server_key, key_pem, private=True)
+        write_file(own_certs.server, cert_pem)
+        new = _file_fingerprint(own_certs.server)
+        assert new != old
+        sighup_and_wait(gateway, "TLS reloaded")
+
+        outbox.put(pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=DIGEST, request_id="b"))
+        outbox.put(None)
+        reader.join(timeout=10)
+        assert answers == ["a", "b"]
+        # The old connection still serves unary calls too.
+        assert crypto.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=5).key_id == key_id
+
+    assert _served_fingerprint(gateway.target, own_certs, "payments-app") == new
+    with tls_channel(gateway.target, own_certs, "payments-app") as channel:
+        assert Client.of(channel).crypto.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=5).key_id == key_id
+
+
+def test_bad_tls_files_on_reload_are_refused_and_the_current_ones_kept(
+    gateway: GatewayProcess, own_certs: DevCerts
+) -> None:
+    served = _served_fingerprint(gateway.target, own_certs, "payments-app")
+    _, other_key = issue_server(load_issuer(own_certs.ca, own_certs.ca_key))
+    write_file(own_certs.server_key, other_key, private=True)  # not the certificate's key
+    sighup_and_wait(gateway, "TLS reload refused")
+    assert "is not the key of the certificate" in gateway.log()
+
+    os.chmod(own_certs.server_key, 0o644)
+    sighup_and_wait(gateway, "TLS reload refused")
+    assert f"server.tls.key_file: {own_certs.server_key} is readable by others" in gateway.log()
+
+    assert _served_fingerprint(gateway.target, own_certs, "payments-app") == served
