@@ -356,7 +356,15 @@ class Router:
         state = KeyState.ENABLED if holds else KeyState.UNDER_REPLICATED
         replicas = tuple(n for n in made if n != intent.primary)
         try:
-            enabled = self.store.update(replace(intent, state=state, replicas=replicas, **material))
+            enabled = self.store.update(
+                replace(
+                    intent,
+                    state=state,
+                    replicas=replicas,
+                    wrapped=material.get("wrapped", intent.wrapped),
+                    public_der=material.get("public_der", intent.public_der),
+                )
+            )
         except Conflict as exc:
             return self._settled(exc.existing, intent.key_id)
         self._remember(enabled, counted=True)

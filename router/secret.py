@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class Secret:
     """Holds a secret string; ``repr``/``str`` never show it."""
@@ -20,7 +22,7 @@ class Secret:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> tuple[Any, ...]:
         raise TypeError("secrets are not picklable")
 
     def __eq__(self, other: object) -> bool:

@@ -7,6 +7,8 @@ callers names only the cluster and what went wrong.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pkcs11 import exceptions as p11
 
 from router.errors import (
@@ -57,7 +59,7 @@ def translate(
     exc: Exception, *, cluster: str, region: str, op: Operation | None = None, decrypting: bool = False
 ) -> RouterError:
     """The router error for a PKCS #11 failure on ``cluster``."""
-    where = {"cluster": cluster, "region": region}
+    where: dict[str, Any] = {"cluster": cluster, "region": region}
     if isinstance(exc, RouterError):
         return exc
     if isinstance(exc, p11.NoSuchKey):

@@ -25,7 +25,7 @@ RSA_BITS = {KeyAlgorithm.RSA_2048: 2048, KeyAlgorithm.RSA_3072: 3072, KeyAlgorit
 # DER DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1).
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
-_PRIVATE_BASE = {
+_PRIVATE_BASE: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: True,
     Attribute.SENSITIVE: True,
@@ -37,12 +37,12 @@ _PRIVATE_BASE = {
     Attribute.SIGN_RECOVER: False,
 }
 # Secret keys may carry WRAP too (private keys may not: SoftHSM refuses it).
-_SECRET_BASE = {
+_SECRET_BASE: dict[Attribute, Any] = {
     **{k: v for k, v in _PRIVATE_BASE.items() if k is not Attribute.SIGN_RECOVER},
     Attribute.WRAP: False,
 }
 
-_PUBLIC_BASE = {
+_PUBLIC_BASE: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: False,
     Attribute.WRAP: False,

@@ -44,7 +44,7 @@ class _InitArgs(ctypes.Structure):
     ]
 
 
-class _PreinitializedLib(_pkcs11.lib):  # type: ignore[misc]
+class _PreinitializedLib(_pkcs11.lib):
     """A python-pkcs11 library whose module we already initialised."""
 
     def initialize(self) -> None:

@@ -332,7 +332,7 @@ class DynamoStore(PlacementStore):
 
     def update(self, placement: Placement) -> Placement:
         new = dataclasses.replace(placement, version=placement.version + 1)
-        put = {
+        put: dict[str, Any] = {
             "Put": {
                 "Item": _encode(new),
                 "ConditionExpression": "#v = :expected AND #r = :request",
