@@ -7,6 +7,7 @@ Servicers stay thin: convert, call the router, convert back. Errors go through
 from __future__ import annotations
 
 import base64
+import contextvars
 import functools
 import logging
 import threading
@@ -204,7 +205,9 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         results: list[pb.BatchSignResult | None] = [None] * len(items)
         chunks = self._chunks(items)
         # The request thread signs the first chunk itself: a busy executor delays a batch, never stalls it.
-        pending = [(self._batch_executor.submit(self._sign_chunk, items, chunk, results, deadline), chunk)
+        # Each chunk runs in a copy of this call's context: its log lines keep the request id.
+        pending = [(self._batch_executor.submit(contextvars.copy_context().run, self._sign_chunk, items, chunk,
+                                                results, deadline), chunk)
                    for chunk in chunks[1:]]
         self._sign_chunk(items, chunks[0], results, deadline)
         for future, chunk in pending:

@@ -316,7 +316,12 @@ class Bench:
                         p99_ms=unary.latency_ms["p99"], errors=unary.error_count,
                         note=f"{PYTHON_PROCESSES} processes x 8 calls in flight"))
         primary = self._primary(fleet, key_id)
-        rows.append(self.p11kit(fleet, op, key_id, primary))
+        try:
+            rows.append(self.p11kit(fleet, op, key_id, primary))
+        except (RunError, BenchError) as exc:
+            note = f"p11-kit peer failed: {exc}"
+            self.notes.append(note)
+            rows.append(Row("p11-kit peer forwarder", None, note=note))
         base = best.throughput or 1.0
         return {"algorithm": op.value, "rows": [r.as_dict() | {
             "ratio": None if r.throughput is None else round(r.throughput / base, 3)} for r in rows]}

@@ -69,7 +69,7 @@ class _DirectClient:
                 raise RuntimeError(f"key {key_id!r} is not in the placement store")
             cluster = placement.primary
             if cluster not in self._tokens:
-                token = lib.get_token(token_label=labels[cluster])
+                token = _token(lib, labels[cluster], retry=bool(target.module))
                 self._tokens[cluster] = token
                 self._logins[cluster] = _login(token, pins[cluster].reveal())
             keys.append((key_id, cluster))
@@ -150,6 +150,23 @@ class _DirectClient:
             except Exception:  # noqa: BLE001 - closing at exit; the module may be gone
                 pass
         # The login sessions stay open until the process ends: closing one logs out the token.
+
+
+def _token(lib: Any, label: str, *, retry: bool) -> Any:
+    """The token labelled ``label``. Through p11-kit-client, a client connecting while others
+    do sometimes sees no token at first (a p11-kit server race): ask again for a few seconds."""
+    import time
+
+    from pkcs11 import exceptions as p11
+
+    for attempt in range(50 if retry else 1):
+        try:
+            return lib.get_token(token_label=label)
+        except p11.NoSuchToken:
+            if attempt == (49 if retry else 0):
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _login(token: Any, pin: str) -> Any:
