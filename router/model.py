@@ -169,7 +169,10 @@ class KeySpec:
         )
 
 
-@dataclass(frozen=True)
+_CLUSTER_SETS: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """Where a key lives, as recorded in the placement store."""
 
@@ -195,7 +198,12 @@ class Placement:
     clusters: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "clusters", (self.primary, *self.replicas))
+        # Shared between placements: a million keys live on a handful of cluster sets.
+        key = (self.primary, self.replicas)
+        clusters = _CLUSTER_SETS.get(key)
+        if clusters is None:
+            clusters = _CLUSTER_SETS.setdefault(key, (self.primary, *self.replicas))
+        object.__setattr__(self, "clusters", clusters)
 
     @property
     def external(self) -> bool:

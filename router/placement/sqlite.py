@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,14 +54,25 @@ _COLUMNS = (
 )
 
 
+_TUPLES: dict[str, tuple[str, ...]] = {}
+
+
+def _replicas(text: str) -> tuple[str, ...]:
+    """The replicas tuple, shared between rows: a million keys name a handful of clusters."""
+    replicas = _TUPLES.get(text)
+    if replicas is None:
+        replicas = _TUPLES.setdefault(text, tuple(sys.intern(n) for n in json.loads(text)))
+    return replicas
+
+
 def _row(row: tuple) -> Placement:  # type: ignore[type-arg]
     return Placement(
         key_id=row[0],
         algorithm=KeyAlgorithm(row[1]),
         usage=KeyUsage(row[2]),
         state=KeyState(row[3]),
-        primary=row[4],
-        replicas=tuple(json.loads(row[5])),
+        primary=sys.intern(row[4]),
+        replicas=_replicas(row[5]),
         create_time=row[6],
         request_id=row[7],
         fingerprint=row[8],
