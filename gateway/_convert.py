@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import TypeVar
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
+from gateway import _pbenum
 from hsmgw.v1 import crypto_pb2 as pb
 from router.errors import InvalidArgument
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Operation, Placement
@@ -13,11 +15,11 @@ from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Operation
 E = TypeVar("E", KeyAlgorithm, KeyUsage, Operation, KeyStorage)
 
 
-def _from_proto(value: int, enum_pb: object, prefix: str, model: type[E], field: str) -> E:
+def _from_proto(value: int, enum_pb: EnumTypeWrapper, prefix: str, model: type[E], field: str) -> E:
     if value == 0:
         raise InvalidArgument(f"{field} is required")
     try:
-        name = enum_pb.Name(value)  # type: ignore[attr-defined]
+        name = enum_pb.Name(value)
     except ValueError:
         raise InvalidArgument(f"{field}: unknown value {value}") from None
     return model(name.removeprefix(prefix))
@@ -57,16 +59,24 @@ def key(placement: Placement) -> pb.Key:
     created.FromNanoseconds(int(placement.create_time * 1e9))
     return pb.Key(
         key_id=placement.key_id,
-        algorithm=pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + placement.algorithm.value),
-        usage=pb.KeyUsage.Value("KEY_USAGE_" + placement.usage.value),
+        algorithm=key_algorithm_pb(placement.algorithm),
+        usage=key_usage_pb(placement.usage),
         state=_STATE[placement.state],
         primary_cluster=placement.primary,
         replicas=list(placement.replicas),
         create_time=created,
-        storage=pb.KeyStorage.Value("KEY_STORAGE_" + placement.storage.value),
+        storage=_pbenum.value(pb.KeyStorage, "KEY_STORAGE_" + placement.storage.value),
         non_extractable=not placement.extractable,
     )
 
 
-def key_algorithm_pb(algorithm: KeyAlgorithm) -> int:
-    return int(pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + algorithm.value))
+def key_algorithm_pb(algorithm: KeyAlgorithm) -> pb.KeyAlgorithm:
+    return _pbenum.value(pb.KeyAlgorithm, "KEY_ALGORITHM_" + algorithm.value)
+
+
+def key_usage_pb(usage: KeyUsage) -> pb.KeyUsage:
+    return _pbenum.value(pb.KeyUsage, "KEY_USAGE_" + usage.value)
+
+
+def operation_pb(op: Operation) -> pb.Algorithm:
+    return _pbenum.value(pb.Algorithm, "ALGORITHM_" + op.value)

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gateway import _pbenum
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 
@@ -92,10 +93,10 @@ class Client:
             try:
                 result = invoke(stub, remaining)
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
+                code = exc.code()
                 if code not in FAILOVER_CODES:
                     raise
-                log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())  # type: ignore[attr-defined]
+                log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
                 last = exc
                 continue
             if index != self._current:
@@ -136,14 +137,17 @@ class Client:
         request = pb.GenerateKeyRequest(
             request_id=request_id or f"{key_id}#{uuid.uuid4()}",
             key_id=key_id,
-            algorithm=pb.KeyAlgorithm.Value(f"KEY_ALGORITHM_{algorithm}"),
-            usage=pb.KeyUsage.Value(f"KEY_USAGE_{usage}") if usage else 0,
+            algorithm=_pbenum.value(pb.KeyAlgorithm, f"KEY_ALGORITHM_{algorithm}"),
+            usage=_pbenum.value(pb.KeyUsage, f"KEY_USAGE_{usage}") if usage else pb.KEY_USAGE_UNSPECIFIED,
         )
-        return self._call(lambda stub, t: stub.GenerateKey(request, **self._kw(t)), timeout)
+        # The generated gRPC stub is untyped: name what each call answers.
+        key: pb.Key = self._call(lambda stub, t: stub.GenerateKey(request, **self._kw(t)), timeout)
+        return key
 
     def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:
         request = pb.GetPublicKeyRequest(key_id=key_id)
-        return self._call(lambda stub, t: stub.GetPublicKey(request, **self._kw(t)), timeout).pem
+        public: pb.PublicKey = self._call(lambda stub, t: stub.GetPublicKey(request, **self._kw(t)), timeout)
+        return public.pem
 
     def sign(
         self,
@@ -154,12 +158,13 @@ class Client:
         algorithm: str = "ECDSA_SHA256",
         timeout: float | None = None,
     ) -> pb.SignResponse:
-        request = pb.SignRequest(key_id=key_id, algorithm=pb.Algorithm.Value(f"ALGORITHM_{algorithm}"))
+        request = pb.SignRequest(key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"))
         if digest is not None:
             request.digest = digest
         else:
             request.message = message or b""
-        return self._call(lambda stub, t: stub.Sign(request, **self._kw(t)), timeout)
+        response: pb.SignResponse = self._call(lambda stub, t: stub.Sign(request, **self._kw(t)), timeout)
+        return response
 
     def verify(
         self,
@@ -172,10 +177,11 @@ class Client:
         timeout: float | None = None,
     ) -> bool:
         request = pb.VerifyRequest(
-            key_id=key_id, algorithm=pb.Algorithm.Value(f"ALGORITHM_{algorithm}"), signature=signature
+            key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"), signature=signature
         )
         if digest is not None:
             request.digest = digest
         else:
             request.message = message or b""
-        return self._call(lambda stub, t: stub.Verify(request, **self._kw(t)), timeout).valid
+        response: pb.VerifyResponse = self._call(lambda stub, t: stub.Verify(request, **self._kw(t)), timeout)
+        return response.valid

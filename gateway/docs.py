@@ -232,7 +232,7 @@ _MESSAGE_FIELD, _ENUM_VALUE, _SERVICE_METHOD = 2, 2, 2
 
 
 def _descriptor_set(proto_dir: Path, files: Sequence[str]) -> Any:
-    from google.protobuf import descriptor_pb2  # type: ignore[import-untyped]
+    from google.protobuf import descriptor_pb2
 
     try:
         from grpc_tools import protoc  # type: ignore[import-untyped]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, RouterError
 
@@ -82,7 +83,7 @@ class ChangeBook:
         self._clock = clock
         self._on_event = on_event
 
-    def _row(self, row: tuple) -> Change:  # type: ignore[type-arg]
+    def _row(self, row: tuple[Any, ...]) -> Change:
         return Change(
             id=row[0], action=row[1], params=json.loads(row[2]), requested_by=row[3],
             approved_by=json.loads(row[4]), state=row[5], needed=row[6], created=row[7], expires=row[8],

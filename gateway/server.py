@@ -108,6 +108,7 @@ class Gateway:
         if self.port == 0:
             raise OSError(f"cannot listen on {config.server.listen}")
         self._stopped = threading.Event()
+        self._next_repair: float  # set by start(), before the repairer thread runs
         self.monitor = HealthMonitor(router.backends, router.breakers, interval=config.server.probe_interval)
         self._repairer = threading.Thread(target=self._repair_loop, name="repairer", daemon=True)
         router.set_health_listener(self._on_cluster_health)
@@ -124,7 +125,10 @@ class Gateway:
         self.metrics.circuit_changed(cluster, state)
 
         def status(serving: bool) -> int:
-            return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            code: int = (
+                health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            return code
 
         # Serialised: two clusters changing at once must not leave a stale region status.
         with self._health_lock:

@@ -40,7 +40,7 @@ R = TypeVar("R")
 
 
 def _deadline(context: grpc.ServicerContext, default: float) -> float:
-    remaining = context.time_remaining()
+    remaining: float | None = context.time_remaining()
     if remaining is None:
         remaining = default
     return time.monotonic() + min(remaining, default)

@@ -20,7 +20,7 @@ from typing import Any
 from gateway.cli._common import fail
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     alarms = sub.add_parser("alarms", help="CloudWatch alarms")
     alarms_sub = alarms.add_subparsers(dest="alarms_command", required=True)
     install = alarms_sub.add_parser(

@@ -15,7 +15,7 @@ from pathlib import Path
 from gateway.cli._common import fail
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "discover", help="describe a CloudHSM cluster and check it against CloudHSM's best practices",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

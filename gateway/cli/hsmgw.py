@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--placements", type=int, default=1_000_000,
                        help="placements for the routing-cost run (default: %(default)s; 0 skips it)")
     bench.add_argument("--markdown", default="docs/performance.md", help="report to update ('' for none)")
-    bench.add_argument("--json", dest="json_path", default="docs/performance.json", help="results as JSON ('' for none)")
+    bench.add_argument(
+        "--json", dest="json_path", default="docs/performance.json", help="results as JSON ('' for none)"
+    )
     bench.set_defaults(func=_bench)
 
     fleet = sub.add_parser("fleet", help="the local SoftHSM2 fleet")

@@ -92,7 +92,7 @@ def _free_ports(count: int) -> int:
     for _ in range(50):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
+            base: int = probe.getsockname()[1]
         if base + count > 65535:
             continue
         try:
@@ -208,6 +208,7 @@ class Bench:
             raise BenchError(str(exc)) from exc
 
     def create_keys(self, target: str) -> dict[str, str]:
+        from gateway import _pbenum
         from hsmgw.v1 import crypto_pb2 as pb
         from hsmgw.v1 import crypto_pb2_grpc
 
@@ -218,7 +219,7 @@ class Bench:
                 key_id = f"bench/{name}"
                 stub.GenerateKey(pb.GenerateKeyRequest(
                     request_id=f"bench-{name}", key_id=key_id,
-                    algorithm=pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + key_algorithm)), timeout=60)
+                    algorithm=_pbenum.value(pb.KeyAlgorithm, "KEY_ALGORITHM_" + key_algorithm)), timeout=60)
                 keys[name] = key_id
         return keys
 
@@ -362,7 +363,7 @@ class Bench:
 
         total = int(self.args.placements)
         sizes = sorted({1000, total}) if total > 1000 else [1000]
-        runs = []
+        runs: list[dict[str, Any]] = []
         op = ALGORITHMS["ecdsa"][0]
         for size in sizes:
             store_path = self.workdir / f"routing-{size}.db"

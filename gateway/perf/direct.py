@@ -93,41 +93,67 @@ class _DirectClient:
             def find(cls: Any, session: Any = session, key_id: str = key_id) -> Any:
                 return session.get_key(object_class=cls, id=key_id.encode())
 
+            # Each operation binds its key objects as defaults: one closure per key, not the loop's last.
             if w.op in ("sign", "verify"):
                 mechanism, param, data = signature_mechanism(w.algorithm, digest_for(w.algorithm, payload))
                 private = find(ObjectClass.PRIVATE_KEY)
                 if w.op == "sign":
-                    ops.append(lambda k=private, d=data, m=mechanism, p=param: bool(
-                        k.sign(d, mechanism=m, mechanism_param=p)))
+                    def sign(k: Any = private, d: bytes = data, m: Mechanism = mechanism, p: Any = param) -> bool:
+                        return bool(k.sign(d, mechanism=m, mechanism_param=p))
+
+                    ops.append(sign)
                 else:
                     signature = private.sign(data, mechanism=mechanism, mechanism_param=param)
                     public = find(ObjectClass.PUBLIC_KEY)
-                    ops.append(lambda k=public, d=data, s=signature, m=mechanism, p=param: bool(
-                        k.verify(d, s, mechanism=m, mechanism_param=p)))
+
+                    def verify(
+                        k: Any = public, d: bytes = data, s: bytes = signature, m: Mechanism = mechanism, p: Any = param
+                    ) -> bool:
+                        return bool(k.verify(d, s, mechanism=m, mechanism_param=p))
+
+                    ops.append(verify)
             elif w.algorithm is Operation.AES_GCM:
                 secret = find(ObjectClass.SECRET_KEY)
                 if w.op == "encrypt":
-                    ops.append(lambda k=secret: bool(k.encrypt(
-                        payload, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(os.urandom(12), None, 128))))
+                    def gcm_encrypt(k: Any = secret) -> bool:
+                        return bool(k.encrypt(
+                            payload, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(os.urandom(12), None, 128)))
+
+                    ops.append(gcm_encrypt)
                 else:
                     iv = os.urandom(12)
                     sealed = secret.encrypt(payload, mechanism=Mechanism.AES_GCM,
                                             mechanism_param=GCMParams(iv, None, 128))
-                    ops.append(lambda k=secret, c=sealed, iv=iv: k.decrypt(
-                        c, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, None, 128)) == payload)
+
+                    def gcm_decrypt(k: Any = secret, c: bytes = sealed, iv: bytes = iv) -> bool:
+                        plain: bytes = k.decrypt(
+                            c, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, None, 128))
+                        return plain == payload
+
+                    ops.append(gcm_decrypt)
             elif w.algorithm is Operation.RSA_OAEP_SHA256:
                 public = find(ObjectClass.PUBLIC_KEY)
                 if w.op == "encrypt":
-                    ops.append(lambda k=public: bool(k.encrypt(
-                        payload, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA256)))
+                    def oaep_encrypt(k: Any = public) -> bool:
+                        return bool(k.encrypt(payload, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA256))
+
+                    ops.append(oaep_encrypt)
                 else:
                     private = find(ObjectClass.PRIVATE_KEY)
                     sealed = public.encrypt(payload, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA256)
-                    ops.append(lambda k=private, c=sealed: k.decrypt(
-                        c, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA256) == payload)
+
+                    def oaep_decrypt(k: Any = private, c: bytes = sealed) -> bool:
+                        plain: bytes = k.decrypt(c, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA256)
+                        return plain == payload
+
+                    ops.append(oaep_decrypt)
             else:
                 secret = find(ObjectClass.SECRET_KEY)
-                ops.append(lambda k=secret: bool(k.sign(payload, mechanism=Mechanism.SHA256_HMAC)))
+
+                def hmac(k: Any = secret) -> bool:
+                    return bool(k.sign(payload, mechanism=Mechanism.SHA256_HMAC))
+
+                ops.append(hmac)
 
         from pkcs11 import exceptions as p11
 

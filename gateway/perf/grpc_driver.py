@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from gateway import _pbenum
 from gateway.perf.workload import Workload
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
@@ -22,9 +23,9 @@ Call = Callable[[], tuple[int, dict[str, int] | None]]
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
-def algorithm_pb(op: Operation) -> Any:
+def algorithm_pb(op: Operation) -> pb.Algorithm:
     """The ``hsmgw.v1.Algorithm`` value of an operation."""
-    return pb.Algorithm.Value("ALGORITHM_" + op.value)
+    return _pbenum.value(pb.Algorithm, "ALGORITHM_" + op.value)
 
 
 def digest_for(op: Operation, payload: bytes) -> bytes:
@@ -78,7 +79,7 @@ class _Slot:
         self.metadata = target.metadata
         self.channel = target.channel()
         grpc.channel_ready_future(self.channel).result(timeout=30)
-        self.stub = crypto_pb2_grpc.CryptoServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        self.stub = crypto_pb2_grpc.CryptoServiceStub(self.channel)
         self.next = number  # slots start on different keys
         payload = bytes(range(256)) * (workload.payload // 256 + 1)
         self.payload = payload[: workload.payload]

@@ -22,8 +22,8 @@ import time
 from typing import Any, Callable, Iterator
 
 from pkcs11 import ObjectClass
-from pkcs11.types import Key
 from pkcs11 import exceptions as p11
+from pkcs11.types import Key
 
 from router.errors import ResourceExhausted, Throttled, WrongKeyUsage
 from router.model import ClusterSpec, Placement

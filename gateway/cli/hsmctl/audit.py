@@ -27,7 +27,7 @@ def _verify(app: App, args: argparse.Namespace) -> int:
     return 0 if resp.ok else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="the hash-chained audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     tail = asub.add_parser("tail", help="the last records", description="Example: hsmctl audit tail -n 50")

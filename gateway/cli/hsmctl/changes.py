@@ -37,7 +37,7 @@ def _reject(app: App, args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     changes = sub.add_parser("changes", help="pending admin changes and their approvals")
     csub = changes.add_subparsers(dest="changes_command", required=True, metavar="ACTION")
     lst = csub.add_parser(

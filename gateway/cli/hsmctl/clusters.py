@@ -55,7 +55,7 @@ def _status(app: App, args: argparse.Namespace) -> int:
     return 1 if resp.warnings else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = sub.add_parser(
         "status",
         help="one-screen summary with warnings (exit 1 if any)",

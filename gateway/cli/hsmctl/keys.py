@@ -56,7 +56,7 @@ def _destroy(app: App, args: argparse.Namespace) -> int:
     return app.change(app.call(app.admin.DestroyKey, apb.DestroyKeyChangeRequest(key_id=args.key)))
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="where keys live, and moving them")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     lst = ksub.add_parser(

@@ -6,6 +6,7 @@ import argparse
 import sys
 import uuid
 
+from gateway import _convert as conv
 from gateway.cli._common import fail
 from gateway.cli.hsmctl._app import App
 from hsmgw.v1 import crypto_pb2 as pb
@@ -35,8 +36,8 @@ def _create_keys(app: App, args: argparse.Namespace, algorithm: Operation) -> li
         key_id = f"{args.key_prefix}{run}-{i}"
         app.call(app.crypto.GenerateKey, pb.GenerateKeyRequest(
             request_id=f"loadtest-{run}-{i}", key_id=key_id,
-            algorithm=pb.KeyAlgorithm.Value("KEY_ALGORITHM_" + key_algorithm.value),
-            usage=pb.KeyUsage.Value("KEY_USAGE_" + usage.value),
+            algorithm=conv.key_algorithm_pb(key_algorithm),
+            usage=conv.key_usage_pb(usage),
         ))
         keys.append(key_id)
     return keys
@@ -80,7 +81,7 @@ def _loadtest(app: App, args: argparse.Namespace) -> int:
     return 1 if report.error_count else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from gateway.perf import MODES, OPS
 
     p = sub.add_parser("loadtest", help="drive the gateway at a chosen load and report throughput and latency",

@@ -36,7 +36,7 @@ def _reconcile(app: App, args: argparse.Namespace) -> int:
     return 1 if rows else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     reb = sub.add_parser(
         "rebalance",
         help="move the keys consistent hashing says should move",

@@ -13,7 +13,7 @@ def _switch(app: App, args: argparse.Namespace) -> int:
     return app.change(change)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     regions = sub.add_parser("regions", help="move traffic away from a region and back")
     rsub = regions.add_subparsers(dest="regions_command", required=True, metavar="ACTION")
     over = rsub.add_parser(
