@@ -348,6 +348,16 @@ class Router:
                 made += self._replicate(
                     intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local
                 )
+        except InternalError as exc:
+            # The HSM failed in a way we did not expect (logged with its traceback).
+            # Creation is idempotent and rolled back, so the caller may simply retry.
+            self._roll_back(intent)
+            raise Unavailable(
+                f"cluster {intent.primary} could not create key {intent.key_id!r}; nothing was created, "
+                "retry with the same request_id",
+                cluster=intent.primary,
+                region=backend.spec.region,
+            ) from exc
         except RouterError:
             self._roll_back(intent)
             raise

@@ -363,7 +363,8 @@ def test_stats_count_calls_and_faults_per_label(child, control: FaultControl) ->
     assert final["use1-b"].calls >= 25 + 3  # + open, login, key generation
     assert final["use1-a"].faults == 0
     assert final["use1-a"].calls >= 50 * 4
-    assert final["usw2-a"].faults == 0  # only looked at: get_token reads every slot
+    # usw2-a is at most looked at (the token lookup may walk past its slot), never faulted.
+    assert "usw2-a" not in final or final["usw2-a"].faults == 0
 
 
 def test_concurrent_faults_leave_the_module_consistent(child) -> None:
