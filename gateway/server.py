@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.admin import AdminServicer
+from gateway.audit import AUDIT_LOGGER, AuditHandler
 from gateway.auth import Authenticator, PolicyStore
 from gateway.config import GatewayConfig, check_security, is_loopback
 from gateway.interceptors import Limiter, SecurityInterceptor
@@ -96,6 +97,13 @@ class Gateway:
             trust_identity_header=config.server.insecure_plaintext,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
+        # Authorization decisions and key lifecycle events (the ``hsmgw.audit``
+        # logger) go into the same hash-chained audit log as admin changes.
+        self._audit_logger = logging.getLogger(AUDIT_LOGGER)
+        self._audit_handler = AuditHandler(self.admin.audit)
+        self._audit_logger.addHandler(self._audit_handler)
+        if not self._audit_logger.isEnabledFor(logging.INFO):
+            self._audit_logger.setLevel(logging.INFO)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -206,6 +214,7 @@ class Gateway:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.monitor.stop()
+        self._audit_logger.removeHandler(self._audit_handler)
         self.admin.close()
         self.router.close()
         log.info("stopped")

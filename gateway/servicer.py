@@ -20,6 +20,7 @@ import grpc
 
 from gateway import _convert as conv
 from gateway import status
+from gateway.auth import audit
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from router.errors import InvalidArgument, Unavailable
@@ -59,6 +60,14 @@ def unary(method: Callable[..., R]) -> Callable[..., R]:
             status.abort(context, exc)
 
     return wrapper
+
+
+def _caller() -> str:
+    """The authenticated identity of this call, for the audit log."""
+    # Imported here: gateway.interceptors imports this module (for MAX_BATCH).
+    from gateway.interceptors import current_identity
+
+    return current_identity() or "-"
 
 
 def _input(request: pb.SignRequest | pb.VerifyRequest) -> tuple[bytes | None, bytes | None]:
@@ -104,7 +113,11 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             storage=conv.storage(request.storage),
             extractable=not request.non_extractable,
         )
-        return conv.key(self.router.generate_key(spec, deadline))
+        placement = self.router.generate_key(spec, deadline)
+        audit("key.generated", identity=_caller(), resource=placement.key_id,
+              request_id=spec.request_id, algorithm=placement.algorithm.value, clusters=list(placement.clusters),
+              state=placement.state.value, storage=placement.storage.value)
+        return conv.key(placement)
 
     @unary
     def GetKey(self, request: pb.GetKeyRequest, context: grpc.ServicerContext, deadline: float) -> pb.Key:
@@ -128,7 +141,10 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
 
     @unary
     def DestroyKey(self, request: pb.DestroyKeyRequest, context: grpc.ServicerContext, deadline: float) -> pb.Key:
-        return conv.key(self.router.destroy_key(request.key_id, deadline))
+        placement = self.router.destroy_key(request.key_id, deadline)
+        audit("key.destroyed", identity=_caller(), resource=placement.key_id,
+              clusters=list(placement.clusters))
+        return conv.key(placement)
 
     @unary
     def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext, deadline: float) -> pb.SignResponse:

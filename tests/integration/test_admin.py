@@ -276,3 +276,15 @@ def test_switches_survive_a_restart(tmp_path: Path) -> None:
         _, clusters = as_json(gw.target, "clusters")
         assert {c["name"]: c["draining"] for c in clusters["clusters"]} == {
             "use1-a": True, "use1-b": False, "usw2-a": False}
+
+
+def test_key_lifecycle_events_are_in_the_audit_log(gateway, crypto) -> None:
+    key = _key(crypto, "audited")
+    crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key.key_id), timeout=30)
+    _, records = as_json(gateway.target, "audit", "tail", "-n", "50")
+    events = [(r["action"], r["target"]) for r in records]
+    assert ("key.generated", key.key_id) in events
+    assert ("key.destroyed", key.key_id) in events
+    generated = next(r for r in records if r["action"] == "key.generated" and r["target"] == key.key_id)
+    assert set(generated["details"]["clusters"]) == {key.primary_cluster, *key.replicas}
+    assert hsmctl(gateway.target, "audit", "verify").returncode == 0

@@ -295,3 +295,21 @@ def test_denials_are_audited_as_json_lines(
     assert event["operation"] == "GetKey" and event["method"] == "GetKey"
     assert event["peer"].startswith("ipv")
     assert "may not GetKey keys under 'hr/audit/'" in event["message"]
+
+
+def test_denials_land_in_the_hash_chained_audit_log(
+    tls_gateway: GatewayProcess, connect: Callable[[str], Client]
+) -> None:
+    from gateway import audit as audit_log
+
+    marker = unique("hr/chained")
+    rpc_error(connect("payments-app").crypto.GetKey, pb.GetKeyRequest(key_id=marker), timeout=5)
+    path = tls_gateway.config_path.parent / "audit.log"
+
+    def found() -> list[dict[str, Any]]:
+        return [r for r in audit_log.tail(path, 200) if r["target"] == marker] if path.exists() else []
+
+    (record,) = wait_for(found, what="the chained audit record")
+    assert record["action"] == "authz.denied" and record["outcome"] == "denied"
+    assert record["actor"] == sid("payments-app")
+    assert audit_log.verify(path).ok
