@@ -186,6 +186,15 @@ class Router:
             return self._usable(key_id)
         return placement
 
+    def reload_key(self, key_id: str) -> None:
+        """Replace one cached placement with the store's."""
+        fresh = self.store.get(key_id)
+        cached = self._cache.get(key_id)
+        if cached is not None:
+            self._forget(cached)
+        if fresh is not None:
+            self._remember(fresh, counted=fresh.state is not KeyState.DESTROYED)
+
     def key_counts(self) -> dict[str, int]:
         with self._lock:
             return {name: self._key_counts.get(name, 0) for name in self.backends}
@@ -664,7 +673,14 @@ class Router:
         return page, (page[-1].key_id if more else "")
 
     def destroy_key(self, key_id: str, deadline: float) -> Placement:
-        placement = self.placement(validation.key_id(key_id))
+        # From the store, not the cache: another gateway may have moved the key,
+        # and every cluster that holds it must lose it.
+        try:
+            placement = self.store.get(validation.key_id(key_id))
+        except StoreError as exc:
+            raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
+        if placement is None:
+            raise KeyNotFound(f"key {key_id!r} not found")
         if placement.state is KeyState.DESTROYED:
             return placement
         for name in placement.clusters:
@@ -677,8 +693,9 @@ class Router:
         except StoreError as exc:
             raise Unavailable("placement store is unreachable") from exc
         except Conflict as exc:
+            self.reload_key(key_id)
             raise Unavailable("placement changed concurrently; retry") from exc
-        self._forget(placement)
+        self._forget(self._cache.get(key_id, placement))
         self._remember(destroyed, counted=False)
         log.info("key %s destroyed", key_id)
         return destroyed
