@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from gateway import config as config_mod
-from tests.observability.conftest import FAKE_AWS_ENV, boto
+from tests.moto import FAKE_AWS_ENV
+from tests.observability.conftest import boto
 from tests.support import ROOT
 
 REGION = "us-east-1"

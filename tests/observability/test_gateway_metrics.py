@@ -29,7 +29,8 @@ from gateway.fleet import Fleet, find_module
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2_grpc
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.faults import FaultControl
-from tests.observability.conftest import FAKE_AWS_ENV, MotoProcess, boto, free_port
+from tests.moto import FAKE_AWS_ENV, free_port
+from tests.observability.conftest import MotoProcess, boto
 from tests.support import ROOT, GatewayProcess, rpc_error
 
 NAMESPACE = "HSMGW-test"

@@ -10,7 +10,8 @@ import uuid
 from prometheus_client import CollectorRegistry
 
 from gateway.cloudwatch import Datum, Publisher, make_client
-from tests.observability.conftest import MotoProcess, boto, free_port
+from tests.moto import free_port
+from tests.observability.conftest import MotoProcess, boto
 
 
 def _sum(cw: object, namespace: str, name: str) -> tuple[float, float]:
