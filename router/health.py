@@ -84,6 +84,8 @@ class CircuitBreaker:
 
     def _notify(self) -> None:
         """Tell the listener about state changes, outside the lock (it may look at other breakers)."""
+        if not self._changes:  # the common case on the hot path: no lock taken
+            return
         while True:
             with self._lock:
                 if not self._changes:

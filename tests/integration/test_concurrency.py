@@ -99,3 +99,29 @@ def test_eight_threads_mixed_operations_on_two_clusters(clusters, tokens) -> Non
     for name, backend in clusters.items():
         stats = backend.stats()
         assert stats.open == 4 and stats.in_use == 0, f"{name}: {stats}"
+
+
+def test_a_full_pool_answers_resource_exhausted_at_the_deadline(fleet, tokens) -> None:
+    """Every session busy: the caller waits no longer than its deadline, then RESOURCE_EXHAUSTED."""
+    from router.errors import ResourceExhausted
+
+    pins = tomllib.loads(fleet.secrets_path.read_text())["clusters"]
+    tokens.session("use1-a")
+    spec = ClusterSpec(name="use1-a", region="us-east-1", token_label="use1-a", pool_size=1)
+    backend = Pkcs11Cluster(tokens.module, spec, Secret(pins["use1-a"]["user_pin"]))
+    try:
+        with backend.pool.session(time.monotonic() + 5):  # the only session, held by someone else
+            start = time.monotonic()
+            try:
+                backend.random(8, time.monotonic() + 0.2)
+                raise AssertionError("a full pool served a request")
+            except ResourceExhausted as exc:
+                waited = time.monotonic() - start
+                assert "busy" in exc.message and exc.cluster == "use1-a"
+                assert exc.retry_after is not None
+            assert waited < 2.0, "the caller waited past its deadline"
+            assert backend.stats().in_use == 1
+        assert len(backend.random(8, time.monotonic() + 5)) == 8  # free again, same single session
+        assert backend.stats().open == 1 and backend.stats().in_use == 0
+    finally:
+        backend.close()
