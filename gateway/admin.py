@@ -34,25 +34,15 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-IDENTITY_HEADER = "x-hsmgw-identity"
 KEY_LIMIT_WARNING = 0.8
+"""Share of a cluster's max_keys from which `hsmctl status` warns."""
 
+def caller() -> str:
+    """The caller's identity, as the authentication interceptor established it
+    (client certificate; in development, the ``x-hsmgw-identity`` header)."""
+    from gateway.interceptors import current_identity  # imported late: interceptors import servicers
 
-def caller(context: grpc.ServicerContext, *, trust_header: bool) -> str:
-    """The authenticated identity (set by the auth interceptor), else the dev header."""
-    try:
-        from gateway.interceptors import current_identity
-
-        identity = current_identity()
-        if identity:
-            return identity
-    except ImportError:  # pragma: no cover - interceptors are part of the package
-        pass
-    if trust_header:
-        for key, value in context.invocation_metadata() or ():
-            if key == IDENTITY_HEADER and isinstance(value, str) and value:
-                return value
-    return "anonymous"
+    return current_identity() or "anonymous"
 
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:
@@ -85,13 +75,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         audit_path: Path,
         quorum: int = 2,
         change_ttl: float = 3600.0,
-        trust_identity_header: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.router = router
         self.audit_path = audit_path
         self.audit = audit_mod.AuditLog(audit_path)
-        self._trust_header = trust_identity_header
         self.changes = ChangeBook(
             state_file,
             {
@@ -119,7 +107,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                           approved_by=change.approved_by, result=change.result)
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[str], R]) -> R:
-        identity = caller(context, trust_header=self._trust_header)
+        identity = caller()
         try:
             return fn(identity)
         except Exception as exc:  # noqa: BLE001 - every failure gets a status

@@ -94,7 +94,6 @@ class Gateway:
             audit_path=config.base_dir / config.admin.audit_log,
             quorum=config.admin.quorum,
             change_ttl=config.admin.change_ttl,
-            trust_identity_header=config.server.insecure_plaintext,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
         # Authorization decisions and key lifecycle events (the ``hsmgw.audit``
