@@ -21,6 +21,7 @@ from google.protobuf import timestamp_pb2
 
 from gateway import audit as audit_mod
 from gateway import status
+from gateway.interceptors import current_identity
 from gateway.quorum import Change, ChangeBook
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
@@ -40,8 +41,6 @@ KEY_LIMIT_WARNING = 0.8
 def caller() -> str:
     """The caller's identity, as the authentication interceptor established it
     (client certificate; in development, the ``x-hsmgw-identity`` header)."""
-    from gateway.interceptors import current_identity  # imported late: interceptors import servicers
-
     return current_identity() or "anonymous"
 
 

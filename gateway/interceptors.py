@@ -46,9 +46,9 @@ from gateway.auth import (
     audit,
     clip,
 )
-from gateway.servicer import MAX_BATCH
 from hsmgw.v1 import admin_pb2, crypto_pb2
 from router import errors
+from router.validation import MAX_BATCH
 
 log = logging.getLogger(__name__)
 

@@ -21,16 +21,16 @@ import grpc
 from gateway import _convert as conv
 from gateway import status
 from gateway.auth import audit
+from gateway.interceptors import current_identity
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from router.errors import InvalidArgument, Unavailable
 from router.model import KeySpec, Operation
 from router.router import Router
-from router.validation import usage_for
+from router.validation import MAX_BATCH, usage_for
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 1000
 
 BATCH_CHUNK = 16
 """Fewest items worth a thread hop: smaller batches (and cluster groups) are signed in the request thread."""
@@ -64,9 +64,6 @@ def unary(method: Callable[..., R]) -> Callable[..., R]:
 
 def _caller() -> str:
     """The authenticated identity of this call, for the audit log."""
-    # Imported here: gateway.interceptors imports this module (for MAX_BATCH).
-    from gateway.interceptors import current_identity
-
     return current_identity() or "-"
 
 

@@ -14,6 +14,8 @@ from router.model import OPERATION_KEYS, USAGES, KeyAlgorithm, KeyUsage, Operati
 MAX_KEY_ID_LENGTH = 128
 MAX_PAYLOAD = 64 * 1024
 MAX_RANDOM = 1024
+MAX_BATCH = 1000
+"""Sign requests in one BatchSign call."""
 
 # Letters, digits and . _ - / : ; starts with a letter or digit; no "..", no "//".
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
