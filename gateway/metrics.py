@@ -182,11 +182,10 @@ def cluster_snapshots(router: Router) -> list[ClusterSnapshot]:
 def under_replicated_keys(router: Router) -> int:
     """Keys acknowledged with fewer copies than their policy asks (the repairer's backlog).
 
-    Read from the router's in-memory placement cache: the store would cost a full
-    scan (a DynamoDB table scan per gateway) on every scrape.
+    Counted in the router's placement cache: the store would cost a full scan (a
+    DynamoDB table scan per gateway) on every scrape.
     """
-    cache: dict[str, Any] = getattr(router, "_cache", {})
-    return sum(1 for placement in list(cache.values()) if placement.state is KeyState.UNDER_REPLICATED)
+    return router.cached_keys(KeyState.UNDER_REPLICATED)
 
 
 class RouterCollector(Collector):

@@ -209,6 +209,26 @@ class Placement:
     def external(self) -> bool:
         return self.storage is KeyStorage.EXTERNAL
 
+    def for_key(self, key_id: str) -> Placement:
+        """This placement's route under ``key_id``, without its creation record.
+
+        ``create_time``, ``request_id`` and ``fingerprint`` come back empty: the
+        placement cache shares one route between many keys (router.cache).
+        """
+        view = object.__new__(Placement)
+        put = object.__setattr__
+        put(view, "key_id", key_id)
+        for name in _ROUTE_FIELDS:
+            put(view, name, getattr(self, name))
+        put(view, "create_time", 0.0)
+        put(view, "request_id", "")
+        put(view, "fingerprint", "")
+        return view
+
     @property
     def usable(self) -> bool:
         return self.state in (KeyState.ENABLED, KeyState.UNDER_REPLICATED)
+
+
+_ROUTE_FIELDS = ("algorithm", "usage", "state", "primary", "replicas", "storage", "version", "copies",
+                 "extractable", "wrapped", "public_der", "clusters")

@@ -11,13 +11,13 @@ import hashlib
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 from router import validation
 from router.backend import HsmBackend
+from router.cache import PlacementCache
 from router.dispatch import Dispatcher
 from router.errors import (
     AlreadyExists,
@@ -92,8 +92,7 @@ class Router:
         self._clock = clock
         self.wall_clock = wall_clock
         self._lock = threading.Lock()
-        self._cache: dict[str, Placement] = {}
-        self._key_counts: Counter[str] = Counter()
+        self._cache = PlacementCache()
         self._seen_counter = -1
         self.replication = replication
         self.creation_grace = creation_grace
@@ -119,45 +118,45 @@ class Router:
     # -- placement cache -------------------------------------------------
 
     def refresh(self) -> bool:
-        """Reload the cache if any process changed the store since the last look.
+        """Bring the cache up to date if any process changed the store since the last look.
 
-        Keeps keys made by other gateways servable from the cache while the
-        store is unreachable. Returns True when it reloaded.
+        Reads only the changed keys where the store keeps a change log (SQLite),
+        else rescans. Keeps keys made by other gateways servable from the cache
+        while the store is unreachable. Returns True when anything changed.
         """
         counter = self.store.change_counter()
         if counter == self._seen_counter:
             return False
-        self.reload()
+        feed = self.store.changes_since(self._seen_counter)
+        if feed is None:
+            self.reload()
+            return True
+        counter, key_ids = feed
+        for key_id in key_ids:
+            self.reload_key(key_id)
+        self._seen_counter = counter
         return True
 
     def reload(self) -> None:
         """Load every placement from the store into the cache."""
         counter = self.store.change_counter()
-        cache: dict[str, Placement] = {}
-        counts: Counter[str] = Counter()
-        for placement in self.store.scan():
-            cache[placement.key_id] = placement
-            if placement.state is not KeyState.DESTROYED and not placement.external:
-                counts.update(placement.clusters)
+        cache = PlacementCache(self.store.scan())
         with self._lock:
             self._cache = cache
-            self._key_counts = counts
             self._seen_counter = counter
 
-    def _remember(self, placement: Placement, *, counted: bool) -> None:
-        with self._lock:
-            self._cache[placement.key_id] = placement
-            if counted and not placement.external:
-                self._key_counts.update(placement.clusters)
+    def _remember(self, placement: Placement) -> None:
+        self._cache.put(placement)
 
-    def _forget(self, placement: Placement) -> None:
-        with self._lock:
-            self._cache.pop(placement.key_id, None)
-            if not placement.external:
-                self._key_counts.subtract(placement.clusters)
+    def _forget(self, key_id: str) -> None:
+        self._cache.pop(key_id)
 
     def placement(self, key_id: str) -> Placement:
-        """The key's placement, from the cache (falling back to the store)."""
+        """The key's placement, from the cache (falling back to the store).
+
+        Cached placements carry no creation record (``create_time``,
+        ``request_id``, ``fingerprint``): see ``router.cache``.
+        """
         placement = self._cache.get(key_id)
         if placement is None:
             validation.key_id(key_id)
@@ -167,8 +166,12 @@ class Router:
                 raise Unavailable("placement store is unreachable and the key is not cached") from exc
             if placement is None:
                 raise KeyNotFound(f"key {key_id!r} not found")
-            self._remember(placement, counted=False)
+            self._remember(placement)
         return placement
+
+    def cached_keys(self, state: KeyState) -> int:
+        """Cached keys in ``state`` (for metrics: no store scan)."""
+        return self._cache.count_state(state)
 
     def _usable(self, key_id: str) -> Placement:
         placement = self.placement(key_id)
@@ -182,22 +185,21 @@ class Router:
                 fresh = None
             if fresh is None or fresh.state is KeyState.CREATING:
                 raise FailedPrecondition(f"key {key_id!r} is still being created")
-            self._remember(fresh, counted=False)
+            self._remember(fresh)
             return self._usable(key_id)
         return placement
 
     def reload_key(self, key_id: str) -> None:
         """Replace one cached placement with the store's."""
         fresh = self.store.get(key_id)
-        cached = self._cache.get(key_id)
-        if cached is not None:
-            self._forget(cached)
-        if fresh is not None:
-            self._remember(fresh, counted=fresh.state is not KeyState.DESTROYED)
+        if fresh is None:
+            self._forget(key_id)
+        else:
+            self._remember(fresh)
 
     def key_counts(self) -> dict[str, int]:
-        with self._lock:
-            return {name: self._key_counts.get(name, 0) for name in self.backends}
+        counts = self._cache.counts()
+        return {name: counts.get(name, 0) for name in self.backends}
 
     # -- dispatch ----------------------------------------------------------
 
@@ -232,8 +234,7 @@ class Router:
             fresh = self.store.get(placement.key_id)
             if fresh is None or fresh.clusters == placement.clusters or not fresh.usable:
                 raise
-            self._forget(placement)
-            self._remember(fresh, counted=True)
+            self._remember(fresh)
             return self.dispatcher.run(self._candidates(fresh), lambda b: fn(b, fresh), deadline, what)
 
     def _any_backend(self, fn: Callable[[HsmBackend], T], deadline: float) -> T:
@@ -315,7 +316,7 @@ class Router:
                 )
             if earlier.state is KeyState.CREATING:
                 return self._take_over(earlier)
-            self._remember(earlier, counted=earlier.key_id not in self._cache)
+            self._remember(earlier)
             return earlier
         taken = self.store.get(spec.key_id)
         if taken is not None:
@@ -386,7 +387,7 @@ class Router:
             )
         except Conflict as exc:
             return self._settled(exc.existing, intent.key_id)
-        self._remember(enabled, counted=True)
+        self._remember(enabled)
         log.info(
             "key %s created on %s (replicas: %s; %s)",
             enabled.key_id, enabled.primary, ", ".join(enabled.replicas) or "none", state.value,
@@ -560,8 +561,7 @@ class Router:
         except Conflict:
             target.destroy(key_id, deadline)
             raise Unavailable(f"key {key_id!r} changed while moving; nothing was changed, try again") from None
-        self._forget(current)
-        self._remember(moved, counted=True)
+        self._remember(moved)
         try:
             self.backends[source].destroy(key_id, deadline)
         except RouterError as exc:
@@ -611,12 +611,12 @@ class Router:
 
     def repair_once(self, deadline: float) -> int:
         """Bring under-replicated keys up to their policy; returns how many now meet it."""
+        def short(placement: Placement) -> bool:
+            return (not placement.external and placement.usable
+                    and not self._policy_holds(placement.copies, placement.clusters))
+
         fixed = 0
-        for placement in list(self._cache.values()):
-            if placement.external or placement.state not in (KeyState.ENABLED, KeyState.UNDER_REPLICATED):
-                continue
-            if self._policy_holds(placement.copies, placement.clusters):
-                continue
+        for placement in self._cache.select(short):
             if self._clock() >= deadline:
                 break
             try:
@@ -625,7 +625,14 @@ class Router:
                 log.warning("repair of %s failed: %s", placement.key_id, exc)
         return fixed
 
-    def _repair_key(self, placement: Placement, deadline: float) -> bool:
+    def _repair_key(self, cached: Placement, deadline: float) -> bool:
+        placement = self.store.get(cached.key_id)  # the whole record: the update writes it back
+        if placement is None:
+            self._forget(cached.key_id)
+            return False
+        if placement.version != cached.version:
+            self._remember(placement)  # changed elsewhere: the next pass sees the new record
+            return False
         holders = [n for n in self.dispatcher.order(placement.clusters) if self.dispatcher.usable(n)]
         if not holders:
             return False
@@ -650,15 +657,23 @@ class Router:
         try:
             updated = self.store.update(replace(placement, replicas=replicas, state=state))
         except Conflict:
-            self._forget(placement)
+            self._forget(placement.key_id)
             return False
-        self._forget(placement)
-        self._remember(updated, counted=True)
+        self._remember(updated)
         log.info("key %s repaired: now on %s (%s)", placement.key_id, ", ".join(updated.clusters), state.value)
         return holds
 
     def get_key(self, key_id: str) -> Placement:
-        return self.placement(validation.key_id(key_id))
+        """The key's whole record, from the store (the cache's copy lacks the creation record);
+        the cached placement when the store cannot answer."""
+        validation.key_id(key_id)
+        try:
+            placement = self.store.get(key_id)
+        except StoreError:
+            return self.placement(key_id)
+        if placement is None:
+            raise KeyNotFound(f"key {key_id!r} not found")
+        return placement
 
     def list_keys(self, prefix: str, page_size: int, page_token: str) -> tuple[list[Placement], str]:
         if page_size < 0:
@@ -695,8 +710,7 @@ class Router:
         except Conflict as exc:
             self.reload_key(key_id)
             raise Unavailable("placement changed concurrently; retry") from exc
-        self._forget(self._cache.get(key_id, placement))
-        self._remember(destroyed, counted=False)
+        self._remember(destroyed)
         log.info("key %s destroyed", key_id)
         return destroyed
 

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS placements (
 CREATE UNIQUE INDEX IF NOT EXISTS placements_request ON placements(request_id);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL);
 INSERT OR IGNORE INTO changes (id, counter) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS change_log (counter INTEGER PRIMARY KEY, key_id TEXT NOT NULL);
 """
 
 _ADDED_COLUMNS = (
@@ -53,6 +54,10 @@ _COLUMNS = (
     "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies"
 )
 
+
+_SCAN_PAGE = 2000
+_LOG_KEEP = 100_000
+"""Changes the log remembers; a cache further behind than this rescans."""
 
 _TUPLES: dict[str, tuple[str, ...]] = {}
 
@@ -132,8 +137,9 @@ class SqliteStore(PlacementStore):
         except sqlite3.Error as exc:
             raise StoreError(f"placement store error: {exc}") from exc
 
-    def _write(self, statements: list[tuple[str, tuple]]) -> int:  # type: ignore[type-arg]
-        """Run statements in one transaction with the change counter; rowcount of the first."""
+    def _write(self, key_id: str, statements: list[tuple[str, tuple]]) -> int:  # type: ignore[type-arg]
+        """Run statements (changing ``key_id``'s record) in one transaction with the change
+        counter and the change log; rowcount of the first."""
         try:
             with self._lock:
                 cur = self._db.cursor()
@@ -145,6 +151,9 @@ class SqliteStore(PlacementStore):
                         if first < 0:
                             first = cur.rowcount
                     cur.execute("UPDATE changes SET counter = counter + 1 WHERE id = 1")
+                    cur.execute("INSERT INTO change_log (counter, key_id) SELECT counter, ? FROM changes", (key_id,))
+                    cur.execute("DELETE FROM change_log WHERE counter <= (SELECT counter FROM changes) - ?",
+                                (_LOG_KEEP,))
                     cur.execute("COMMIT")
                     return first
                 except BaseException:
@@ -166,6 +175,7 @@ class SqliteStore(PlacementStore):
     def create(self, placement: Placement) -> None:
         try:
             self._write(
+                placement.key_id,
                 [(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))]
             )
         except sqlite3.IntegrityError as exc:
@@ -176,6 +186,7 @@ class SqliteStore(PlacementStore):
         new = dataclasses.replace(placement, version=placement.version + 1)
         values = _values(new)
         count = self._write(
+            placement.key_id,
             [
                 (
                     "UPDATE placements SET algorithm=?, usage=?, state=?, primary_cluster=?, replicas=?, "
@@ -191,7 +202,7 @@ class SqliteStore(PlacementStore):
         return new
 
     def delete(self, key_id: str, version: int) -> None:
-        count = self._write([("DELETE FROM placements WHERE key_id=? AND version=?", (key_id, version))])
+        count = self._write(key_id, [("DELETE FROM placements WHERE key_id=? AND version=?", (key_id, version))])
         if count != 1:
             raise Conflict(self.get(key_id))
 
@@ -207,11 +218,37 @@ class SqliteStore(PlacementStore):
         return [_row(r) for r in rows]
 
     def scan(self) -> Iterator[Placement]:
-        for row in self._query(f"SELECT {_COLUMNS} FROM placements ORDER BY key_id"):
-            yield _row(row)
+        # A page at a time: a million rows at once would cost a worker gigabytes.
+        after = ""
+        while True:
+            rows = self._query(
+                f"SELECT {_COLUMNS} FROM placements WHERE key_id > ? ORDER BY key_id LIMIT {_SCAN_PAGE}", (after,)
+            )
+            for row in rows:
+                yield _row(row)
+            if len(rows) < _SCAN_PAGE:
+                return
+            after = rows[-1][0]
 
     def change_counter(self) -> int:
         return int(self._query("SELECT counter FROM changes WHERE id = 1")[0][0])
+
+    def changes_since(self, counter: int) -> tuple[int, tuple[str, ...]] | None:
+        try:
+            with self._lock:
+                cur = self._db.cursor()
+                cur.execute("BEGIN")  # one snapshot for the counter and the log
+                try:
+                    now = int(cur.execute("SELECT counter FROM changes WHERE id = 1").fetchone()[0])
+                    rows = cur.execute("SELECT counter, key_id FROM change_log WHERE counter > ?",
+                                       (counter,)).fetchall()
+                finally:
+                    cur.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"placement store error: {exc}") from exc
+        if counter < 0 or len(rows) != now - counter:
+            return None  # the log does not cover every change since ``counter``
+        return now, tuple(dict.fromkeys(key_id for _, key_id in rows))
 
     def close(self) -> None:
         with self._lock:

@@ -59,5 +59,13 @@ class PlacementStore(abc.ABC):
     def change_counter(self) -> int:
         """A number that grows whenever any record changes (for caches)."""
 
+    def changes_since(self, counter: int) -> tuple[int, tuple[str, ...]] | None:
+        """The change counter now and the ids of the keys written since ``counter``.
+
+        None when the store cannot tell (it keeps no change log, or its log no
+        longer reaches back to ``counter``): the caller rescans instead.
+        """
+        return None
+
     def close(self) -> None:
         return None

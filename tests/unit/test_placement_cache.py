@@ -1,0 +1,206 @@
+"""router.cache: every key's placement in memory, keys of one shape sharing one entry;
+and the SQLite change log that lets a cache follow other processes without rescanning."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from router.cache import PlacementCache
+from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
+from router.placement.sqlite import SqliteStore
+from router.router import Router, Topology
+
+
+def make(key_id: str, **changes: object) -> Placement:
+    base = Placement(
+        key_id=key_id,
+        algorithm=KeyAlgorithm.EC_P256,
+        usage=KeyUsage.SIGN_VERIFY,
+        state=KeyState.ENABLED,
+        primary="use1-a",
+        replicas=("usw2-a",),
+        create_time=1_767_225_600.5,
+        request_id=f"req-{key_id}",
+        fingerprint=f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN|True",
+        copies=2,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def routing_fields(p: Placement) -> dict[str, object]:
+    skip = {"create_time", "request_id", "fingerprint"}
+    return {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name not in skip}
+
+
+def test_a_cached_key_routes_like_its_record_without_the_creation_record() -> None:
+    record = make("app/a")
+    cache = PlacementCache([record])
+    got = cache.get("app/a")
+    assert got is not None
+    assert routing_fields(got) == routing_fields(record)
+    assert got.clusters == ("use1-a", "usw2-a")
+    assert (got.create_time, got.request_id, got.fingerprint) == (0.0, "", "")
+    assert cache.get("app/b") is None
+    assert "app/a" in cache and "app/b" not in cache
+
+
+def test_for_key_copies_every_field_but_the_creation_record() -> None:
+    record = make("app/a", storage=KeyStorage.EXTERNAL, wrapped=b"w" * 40, public_der=b"p" * 91, version=7)
+    view = record.for_key("app/z")
+    assert routing_fields(view) == {**routing_fields(record), "key_id": "app/z"}
+    assert view != record
+
+
+def test_external_keys_keep_their_own_wrapped_material() -> None:
+    a = make("ext/a", storage=KeyStorage.EXTERNAL, wrapped=b"A" * 32, public_der=b"a" * 91, replicas=())
+    b = make("ext/b", storage=KeyStorage.EXTERNAL, wrapped=b"B" * 32, public_der=b"b" * 91, replicas=())
+    cache = PlacementCache([a, b])
+    assert cache.get("ext/a") == a and cache.get("ext/b") == b
+    assert cache.shapes == 0
+
+
+def test_keys_that_differ_only_in_id_share_one_entry() -> None:
+    cache = PlacementCache(make(f"app/{i}") for i in range(1000))
+    assert len(cache) == 1000 and cache.shapes == 1
+    cache.put(make("app/7", state=KeyState.UNDER_REPLICATED, version=2))
+    assert cache.shapes == 2
+    got = cache.get("app/7")
+    assert got is not None and got.state is KeyState.UNDER_REPLICATED and got.version == 2
+    assert cache.get("app/8") is not None and cache.get("app/8").state is KeyState.ENABLED  # type: ignore[union-attr]
+    cache.put(make("app/7", version=3))
+    assert cache.shapes == 2, "the shape nobody uses any more is gone"
+    cache.pop("app/7")
+    assert cache.shapes == 1 and len(cache) == 999
+
+
+def test_key_counts_follow_puts_and_pops() -> None:
+    cache = PlacementCache([make("a"), make("b", primary="use1-b", replicas=()), make("c", state=KeyState.DESTROYED),
+                            make("x", storage=KeyStorage.EXTERNAL, replicas=())])
+    assert cache.counts() == {"use1-a": 1, "usw2-a": 1, "use1-b": 1}
+    cache.put(make("a", primary="use1-b", replicas=("usw2-a",), version=2))  # moved
+    assert cache.counts() == {"use1-a": 0, "usw2-a": 1, "use1-b": 2}
+    cache.put(make("b", primary="use1-b", replicas=(), state=KeyState.DESTROYED, version=2))
+    cache.pop("a")
+    assert +cache.counts() == {}
+
+
+def test_select_judges_each_shape_once_and_returns_only_matching_keys() -> None:
+    placements = [make(f"ok/{i}") for i in range(500)]
+    placements += [make(f"short/{i}", state=KeyState.UNDER_REPLICATED, replicas=()) for i in range(3)]
+    cache = PlacementCache(placements)
+    judged: list[str] = []
+
+    def short(p: Placement) -> bool:
+        judged.append(p.key_id)
+        return p.state is KeyState.UNDER_REPLICATED
+
+    assert sorted(p.key_id for p in cache.select(short)) == ["short/0", "short/1", "short/2"]
+    assert len(judged) == 2, "one call per shape, not per key"
+    assert cache.count_state(KeyState.UNDER_REPLICATED) == 3
+    assert cache.count_state(KeyState.ENABLED) == 500
+
+
+def test_a_key_costs_a_dict_slot_not_a_placement() -> None:
+    ids = [f"tenant-{i % 97:03d}/signing-key-{i:08d}" for i in range(50_000)]
+    template = make("")
+
+    def rows() -> Iterator[Placement]:  # as a store scan yields them: each placement is new
+        for key_id in ids:
+            yield Placement(key_id, template.algorithm, template.usage, template.state, template.primary,
+                            template.replicas, template.create_time, f"req-{key_id}", f"{key_id}|fp",
+                            copies=template.copies)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        cache = PlacementCache(rows())
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == len(ids)
+    # The ids' strings exist already; what the cache adds is its table. Keeping each
+    # placement would cost over 300 bytes a key (the object and its creation record).
+    per_key = size / len(ids)
+    assert per_key < 100, f"{per_key:.0f} bytes per cached key"
+
+
+# -- the change log ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "placements.db")
+    yield s
+    s.close()
+
+
+def test_changes_since_names_the_keys_written_since(store: SqliteStore) -> None:
+    start = store.change_counter()
+    a = make("app/a", state=KeyState.CREATING)
+    store.create(a)
+    store.create(make("app/b", state=KeyState.CREATING))
+    middle = store.change_counter()
+    store.update(a)
+    assert store.changes_since(start) == (start + 3, ("app/a", "app/b"))
+    assert store.changes_since(middle) == (middle + 1, ("app/a",))
+    assert store.changes_since(middle + 1) == (middle + 1, ())
+
+
+def test_changes_since_is_none_when_the_log_does_not_reach_back(store: SqliteStore,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.placement.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "_LOG_KEEP", 3)
+    start = store.change_counter()
+    for i in range(5):
+        store.create(make(f"app/{i}"))
+    assert store.changes_since(start) is None, "two changes fell out of the log"
+    assert store.changes_since(start + 2) == (start + 5, ("app/2", "app/3", "app/4"))
+    assert store.changes_since(-1) is None
+
+
+class CountingStore(SqliteStore):
+    scans = 0
+
+    def scan(self) -> Iterator[Placement]:
+        self.scans += 1
+        return super().scan()
+
+
+def test_a_router_follows_another_process_writes_from_the_log_without_rescanning(tmp_path: Path) -> None:
+    path = tmp_path / "placements.db"
+    ours, theirs = CountingStore(path), SqliteStore(path)
+    for i in range(50):
+        theirs.create(make(f"app/{i}"))
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours)
+    assert ours.scans == 1 and router.placement("app/3").primary == "use1-a"
+
+    moved = theirs.update(make("app/3", primary="use1-b"))
+    theirs.create(make("app/new", replicas=()))
+    assert router.refresh() is True
+    assert router.placement("app/3").primary == "use1-b"
+    assert router.placement("app/3").version == moved.version
+    assert router.placement("app/new").clusters == ("use1-a",)
+    assert router.refresh() is False
+    assert ours.scans == 1, "followed the log; no rescan"
+    assert router.key_counts() == {}  # no backends configured: counts are per configured cluster
+
+
+def test_a_router_rescans_when_it_fell_behind_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.placement.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "_LOG_KEEP", 2)
+    path = tmp_path / "placements.db"
+    ours, theirs = CountingStore(path), SqliteStore(path)
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours)
+    for i in range(5):
+        theirs.create(make(f"app/{i}"))
+    assert router.refresh() is True
+    assert ours.scans == 2
+    assert all(router.placement(f"app/{i}").state is KeyState.ENABLED for i in range(5))
