@@ -16,8 +16,12 @@ from router.router import Router, Topology
 log = logging.getLogger(__name__)
 
 
-def build_router(config: GatewayConfig) -> Router:
-    """Open every cluster's pool and the placement store; fail fast and clearly."""
+def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> Router:
+    """Open every cluster's pool and the placement store; fail fast and clearly.
+
+    Then, with ``reconcile_at_start``, resolve what a crash may have left: unfinished
+    creations and objects no placement names.
+    """
     pins = load_pins(config)
     for name, value in config.pkcs11.env.items():
         os.environ[name] = value
@@ -41,6 +45,8 @@ def build_router(config: GatewayConfig) -> Router:
     router = Router(
         topology, backends, store, replication=policy, creation_grace=config.replication.creation_grace
     )
+    if not reconcile_at_start:
+        return router
     report = reconcile(router, fix=True)
     if not report.clean:
         log.warning(

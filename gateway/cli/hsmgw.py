@@ -85,7 +85,8 @@ def _serve(args: argparse.Namespace) -> None:
         except WorkerError as exc:
             fail(str(exc))
     try:
-        router = build_router(config)
+        # Workers share one store and one fleet: the first one reconciles for all.
+        router = build_router(config, reconcile_at_start=not args.worker_index)
     except (ConfigError, RuntimeError, FileNotFoundError) as exc:
         fail(str(exc))
     try:
