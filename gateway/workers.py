@@ -18,6 +18,10 @@ metrics port) the supervisor exits with its status, and the worker's own one-lin
 error is the only one printed. The others then start together, and the port file
 is written when every worker serves.
 
+CPUs: with ``[server] pin_workers`` (the default) and no more workers than usable
+CPUs, worker *i* runs on the *i*-th usable CPU only, so its threads never pass a
+request to another core.
+
 Running: SIGTERM or SIGINT stops every worker (each drains for ``grace`` seconds),
 SIGHUP is passed on (each worker reloads its policy and TLS files). A worker that
 dies is started again; five deaths within a minute stop the whole gateway.
@@ -42,6 +46,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from gateway.config import GatewayConfig
 
@@ -81,6 +86,29 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+
+
+def worker_cpus(workers: int, pin: bool) -> list[int | None]:
+    """The CPU each worker is pinned to (None: not pinned).
+
+    Pinned only when asked and when every worker gets a CPU of its own among those
+    this process may use (a container's cpuset is respected).
+    """
+    try:
+        usable = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = []
+    if not pin or workers > len(usable):
+        return [None] * workers
+    return list(usable[:workers])
+
+
+def _start_child(cpu: int | None) -> Callable[[], None]:
+    def prepare() -> None:
+        _die_with_parent()
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+    return prepare
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -141,6 +169,7 @@ class Supervisor:
         self.start_timeout = start_timeout
         self.port = 0
         self.workers: dict[int, Worker] = {}
+        self.cpus = worker_cpus(workers, config.server.pin_workers)
         self._stop = threading.Event()
         self._deaths: deque[float] = deque()
         self._dir = Path(tempfile.mkdtemp(prefix="hsmgw-workers-"))
@@ -160,8 +189,9 @@ class Supervisor:
             if status:
                 return status
             self._write_port_file()
-            log.info("serving on %s:%d with %d worker processes (pids %s)", self.config.server.host, self.port,
-                     self.count, ", ".join(str(w.pid) for w in self.workers.values()))
+            log.info("serving on %s:%d with %d worker processes (pids %s)%s", self.config.server.host, self.port,
+                     self.count, ", ".join(str(w.pid) for w in self.workers.values()),
+                     ", one per CPU" if self.cpus[0] is not None else "")
             return self._watch()
         finally:
             self._stop_all()
@@ -191,7 +221,10 @@ class Supervisor:
     def _spawn(self, index: int) -> Worker:
         port_file = self._dir / f"worker-{index}.port"
         port_file.unlink(missing_ok=True)
-        proc = subprocess.Popen(self._command(index, port_file), preexec_fn=_die_with_parent)
+        cpu = self.cpus[index]
+        proc = subprocess.Popen(self._command(index, port_file), preexec_fn=_start_child(cpu))
+        if cpu is not None:
+            log.debug("worker %d (pid %d) runs on CPU %d", index, proc.pid, cpu)
         worker = Worker(index, proc, port_file)
         self.workers[index] = worker
         return worker

@@ -107,3 +107,42 @@ def test_sigterm_to_the_supervisor_stops_every_worker(fleet) -> None:
             raise AssertionError(f"worker {pid} still runs after the supervisor stopped")
     log = gateway.log()
     assert log.count("gateway.server: stopped") == 2 or log.count('"stopped"') == 2, log[-2000:]
+
+
+def _cpus_allowed(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            cpus: set[int] = set()
+            for part in line.split(":", 1)[1].strip().split(","):
+                low, _, high = part.partition("-")
+                cpus.update(range(int(low), int(high or low) + 1))
+            return cpus
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")
+
+
+needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs a CPU per worker")
+
+
+@needs_two_cpus
+def test_each_worker_runs_on_a_cpu_of_its_own(two_workers) -> None:
+    workers = _children(two_workers.proc.pid)
+    allowed = [_cpus_allowed(pid) for pid in workers]
+    assert all(len(cpus) == 1 for cpus in allowed), allowed
+    assert allowed[0] != allowed[1]
+    assert set().union(*allowed) <= os.sched_getaffinity(0)
+    assert len(_cpus_allowed(two_workers.proc.pid)) > 1, "the supervisor itself is not pinned"
+
+
+@needs_two_cpus
+def test_pin_workers_false_leaves_workers_on_every_cpu(fleet) -> None:
+    text = fleet.config_path.read_text()
+    assert "[server]\n" in text
+    unpinned = fleet.config_path.with_name("unpinned.toml")
+    unpinned.write_text(text.replace("[server]\n", "[server]\npin_workers = false\n", 1))
+    gateway = GatewayProcess(unpinned, workers=2).start()
+    try:
+        for pid in _children(gateway.proc.pid):
+            assert _cpus_allowed(pid) == os.sched_getaffinity(0)
+    finally:
+        gateway.stop()
+        unpinned.unlink()
