@@ -21,7 +21,9 @@ translated one, to the python-pkcs11 exception. Errors the router absorbed
 every series and what to do when it moves.
 
 The same interceptor sets the request id (``gateway.logs``) that every log
-line of the call carries, and sends it back as ``x-request-id`` initial metadata.
+line of the call carries, and returns it as ``x-request-id`` trailing metadata —
+with the status, so it costs no extra message (initial metadata would be a
+separate send per call: ~40 µs of a ~450 µs unary call on one core).
 """
 
 from __future__ import annotations
@@ -315,7 +317,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     # -- per call --
 
-    def _begin(self, context: grpc.ServicerContext) -> Any:
+    def _begin(self, context: grpc.ServicerContext) -> tuple[Any, str]:
         offered = None
         for key, value in context.invocation_metadata() or ():
             if key == logs.REQUEST_ID_HEADER and isinstance(value, str):
@@ -323,16 +325,19 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 break
         request_id = logs.accept_request_id(offered)
         token = logs.set_request_id(request_id)
-        if self._echo:
-            try:
-                context.send_initial_metadata(((logs.REQUEST_ID_HEADER, request_id),))
-            except (ValueError, RuntimeError):  # already sent or call over: the id is in the logs anyway
-                pass
         self.metrics.in_flight.inc()
-        return token
+        return token, request_id
 
-    def _end(self, token: Any) -> None:
+    def _end(self, context: grpc.ServicerContext, begun: tuple[Any, str]) -> None:
+        token, request_id = begun
         self.metrics.in_flight.dec()
+        if self._echo:
+            # Runs before grpc sends the status (an abort's too), so the id rides with it.
+            try:
+                context.set_trailing_metadata(
+                    (*(context.trailing_metadata() or ()), (logs.REQUEST_ID_HEADER, request_id)))
+            except (ValueError, RuntimeError):  # the call is over: the id is in the logs anyway
+                pass
         try:
             logs.reset_request_id(token)
         except ValueError:  # a stream closed from another thread's context
@@ -373,7 +378,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _unary(self, behavior: Callable[..., Any], service: str, rpc: str) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
-            token = self._begin(context)
+            begun = self._begin(context)
             started = self._clock()
             try:
                 response = behavior(request, context)
@@ -381,7 +386,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 self._record(service, rpc, context, started, None, exc)
                 raise
             finally:
-                self._end(token)
+                self._end(context, begun)
             self._record(service, rpc, context, started, response, None)
             return response
 
@@ -389,7 +394,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _streaming(self, behavior: Callable[..., Any], service: str, rpc: str) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            token = self._begin(context)
+            begun = self._begin(context)
             started = self._clock()
             try:
                 yield from behavior(request, context)
@@ -404,7 +409,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             else:
                 self._record(service, rpc, context, started, None, None)
             finally:
-                self._end(token)
+                self._end(context, begun)
 
         return call
 

@@ -100,6 +100,8 @@ class Scenario:
     generate_request_id: str = ""
     generate_metadata: dict[str, str] = field(default_factory=dict)
     sign_metadata: dict[str, str] = field(default_factory=dict)
+    error_metadata: dict[str, str | bytes] = field(default_factory=dict)
+    error_request_id: str = ""
     during_fault: Samples = field(default_factory=dict)
     final: Samples = field(default_factory=dict)
     clusters: list[Any] = field(default_factory=list)
@@ -145,15 +147,19 @@ def _drive(run: Scenario, crypto: crypto_pb2_grpc.CryptoServiceStub, admin: admi
         pb.GenerateKeyRequest(request_id=f"key-{suffix}", key_id=f"obs/key-{suffix}",
                               algorithm=pb.KEY_ALGORITHM_EC_P256),
         metadata=(("x-request-id", run.generate_request_id),), timeout=30)
-    run.generate_metadata = dict(call.initial_metadata())
+    run.generate_metadata = dict(call.trailing_metadata())
     run.primary, (run.replica,) = key.primary_cluster, key.replicas
 
     for i in range(5):
         response, call = crypto.Sign.with_call(_sign(key.key_id), timeout=10)
         assert response.cluster == run.primary
         if i == 0:
-            run.sign_metadata = dict(call.initial_metadata())
-    assert rpc_error(crypto.Sign, _sign(f"obs/missing-{suffix}"), timeout=10).code() is grpc.StatusCode.NOT_FOUND
+            run.sign_metadata = dict(call.trailing_metadata())
+    missing = rpc_error(crypto.Sign, _sign(f"obs/missing-{suffix}"), timeout=10,
+                        metadata=(("x-request-id", f"obs-missing-{suffix}"),))
+    assert missing.code() is grpc.StatusCode.NOT_FOUND
+    run.error_metadata = dict(missing.trailing_metadata())
+    run.error_request_id = f"obs-missing-{suffix}"
     bad = _sign(key.key_id, digest=DIGEST[:31])
     assert rpc_error(crypto.Sign, bad, timeout=10).code() is grpc.StatusCode.INVALID_ARGUMENT
     batch = crypto.BatchSign(pb.BatchSignRequest(requests=[_sign(key.key_id), _sign(f"obs/missing-{suffix}")]),
@@ -367,6 +373,9 @@ def test_log_lines_are_json_and_carry_the_request_id(scenario: Scenario) -> None
     assert audit["event"] == "authz.granted" and audit["method"] == "GenerateKey"
     assert scenario.generate_metadata.get("x-request-id") == rid  # echoed to the caller
 
+    # An error's status carries it too, beside the error details.
+    assert scenario.error_metadata.get("x-request-id") == scenario.error_request_id
+    assert "grpc-status-details-bin" in scenario.error_metadata
     generated = scenario.sign_metadata.get("x-request-id", "")
     assert re.fullmatch(r"[0-9a-f]{32}", generated)  # none sent: the gateway made one
     # Lines logged outside any request (start-up) carry none.
