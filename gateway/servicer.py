@@ -10,6 +10,7 @@ import base64
 import contextvars
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -87,6 +88,8 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         self.draining = draining or threading.Event()
         # BatchSign spreads a batch over its clusters' sessions on this bounded executor, shared by
         # every call: never more threads than the pools have sessions.
+        # On one CPU (a pinned worker) a second thread only adds switches: a batch runs in its request thread.
+        self._cpus = len(os.sched_getaffinity(0))
         self._owns_executor = batch_executor is None
         self._batch_executor = batch_executor or ThreadPoolExecutor(
             max_workers=max(1, sum(b.spec.pool_size for b in router.backends.values())),
@@ -217,6 +220,10 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             raise InvalidArgument(f"a batch holds 1 to {MAX_BATCH} requests, not {len(items)}")
         results: list[pb.BatchSignResult | None] = [None] * len(items)
         chunks = self._chunks(items)
+        if self._cpus == 1:
+            for chunk in chunks:
+                self._sign_chunk(items, chunk, results, deadline)
+            return pb.BatchSignResponse(responses=results)  # type: ignore[arg-type] # every item is set by now
         # The request thread signs the first chunk itself: a busy executor delays a batch, never stalls it.
         # Each chunk runs in a copy of this call's context: its log lines keep the request id.
         pending = [(self._batch_executor.submit(contextvars.copy_context().run, self._sign_chunk, items, chunk,
@@ -229,7 +236,8 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
 
     def _chunks(self, items: Sequence[pb.SignRequest]) -> list[list[int]]:
         """Item indexes grouped by the cluster that serves their key first; each group cut into
-        as many chunks as that cluster has sessions (chunks of BATCH_CHUNK to BATCH_CHUNK_MAX items)."""
+        as many chunks as that cluster has sessions, or this process CPUs if fewer (chunks of
+        BATCH_CHUNK to BATCH_CHUNK_MAX items)."""
         if len(items) < 2 * BATCH_CHUNK:
             return [list(range(len(items)))]
         groups: dict[str, list[int]] = {}
@@ -242,7 +250,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         chunks: list[list[int]] = []
         for cluster, indexes in groups.items():
             backend = self.router.backends.get(cluster)
-            sessions = backend.spec.pool_size if backend else 1
+            sessions = min(backend.spec.pool_size if backend else 1, self._cpus)
             parts = max(1, min(sessions, len(indexes) // BATCH_CHUNK), -(-len(indexes) // BATCH_CHUNK_MAX))
             size = -(-len(indexes) // parts)
             chunks += [indexes[i : i + size] for i in range(0, len(indexes), size)]
