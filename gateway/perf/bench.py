@@ -193,6 +193,7 @@ class Bench:
             raise BenchError(f"--only: unknown part(s) {', '.join(sorted(unknown))}; "
                              "choose from ecdsa, rsa, routing, latency")
         self.only = only
+        self.workers = int(args.workers)
         self.workdir = Path(tempfile.mkdtemp(prefix="hsmgw-bench-"))
         self.results: dict[str, Any] = {}
         self.notes: list[str] = []
@@ -260,6 +261,54 @@ class Bench:
                    note="16 connections x 4 streams; gRPC status checked in the gateway's counters",
                    detail={"mean_ms": result.mean_ms, "max_ms": result.max_ms, "server_ok": ok})
 
+    def floor(self, fleet: Any, op: Operation, key_id: str) -> Row:
+        """h2load against ``gateway.perf.floor``: Python gRPC doing nothing but the HSM call."""
+        from gateway.config import load
+        from gateway.workers import worker_cpus
+        from hsmgw.v1 import crypto_pb2 as pb
+
+        name = "floor: bare Python gRPC + C_Sign, h2load"
+        if not available():
+            return Row(name, None, note=INSTALL_HINT)
+        config = load(fleet.config_path)
+        port = _free_ports(1)
+        procs: list[subprocess.Popen[bytes]] = []
+        ready = [self.workdir / f"floor-{uuid.uuid4().hex[:6]}" for _ in range(self.workers)]
+        try:
+            for flag, cpu in zip(ready, worker_cpus(self.workers, config.server.pin_workers), strict=True):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "gateway.perf.floor", "--config", str(fleet.config_path), "--key", key_id,
+                     "--port", str(port), "--cpu", str(-1 if cpu is None else cpu),
+                     "--threads", str(config.server.threads), "--ready", str(flag)],
+                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            end = time.monotonic() + 60
+            while not all(flag.exists() for flag in ready):
+                failed = next((p for p in procs if p.poll() is not None), None)
+                if failed is not None or time.monotonic() > end:
+                    err = failed.stderr.read().decode(errors="replace") if failed and failed.stderr else "timeout"
+                    raise BenchError(f"the floor server did not start: {err.strip()[-500:]}")
+                time.sleep(0.05)
+            body = self.workdir / f"floor-{key_id.replace('/', '_')}.bin"
+            body.write_bytes(grpc_frame(pb.SignRequest(key_id=key_id, algorithm=algorithm_pb(op),
+                                                       digest=digest_for(op, bytes(32)))))
+            _say(f"  floor: {self.workers} bare Python gRPC processes signing, h2load as above")
+            result = run_h2load(f"http://127.0.0.1:{port}/hsmgw.v1.CryptoService/Sign", str(body),
+                                duration=self.duration, warmup=self.warmup)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        _say(f"    {result.throughput:,.0f} req/s, mean {result.mean_ms:.2f} ms")
+        return Row(name, result.throughput, errors=result.failed,
+                   note=f"{self.workers} processes, one per CPU: no auth, routing, metrics; the ceiling for row 2",
+                   detail={"mean_ms": result.mean_ms, "max_ms": result.max_ms})
+
     def p11kit(self, fleet: Any, op: Operation, key_id: str, cluster_label: str) -> Row:
         module = next((p for p in P11KIT_CLIENT_CANDIDATES if os.path.exists(p)), None)
         if shutil.which("p11-kit") is None or module is None:
@@ -326,6 +375,12 @@ class Bench:
             note = f"p11-kit peer failed: {exc}"
             self.notes.append(note)
             rows.append(Row("p11-kit peer forwarder", None, note=note))
+        try:
+            rows.append(self.floor(fleet, op, key_id))
+        except (RunError, BenchError) as exc:
+            note = f"floor server failed: {exc}"
+            self.notes.append(note)
+            rows.append(Row("floor: bare Python gRPC + C_Sign, h2load", None, note=note))
         base = best.throughput or 1.0
         return {"algorithm": op.value, "rows": [r.as_dict() | {
             "ratio": None if r.throughput is None else round(r.throughput / base, 3)} for r in rows]}

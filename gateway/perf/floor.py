@@ -1,0 +1,105 @@
+"""The floor under the gateway's unary figure: a Python gRPC server that only signs.
+
+``hsmgw bench`` runs this beside the gateway and drives it with the same h2load
+requests. Each process is what a gateway worker would be with nothing of its own
+left: the same grpcio, thread count and one process per CPU (pinned, one port
+with ``SO_REUSEPORT``), and a ``Sign`` that parses the request, runs one
+``C_Sign`` on a pooled session of the key's primary cluster and returns the
+HSM's signature — no authentication, limits, routing, failover, metrics or
+request ids. The gateway's unary throughput over this server's is how much of
+what Python gRPC and the HSM allow the gateway's own work leaves.
+
+Not a product: ``python -m gateway.perf.floor --config C --key K --port P --cpu N --ready F``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway.config import load, load_pins
+from hsmgw.v1 import crypto_pb2 as pb
+from router.model import Operation
+from router.pkcs11 import load_module
+from router.placement.factory import make_store
+
+SERVICE = "hsmgw.v1.CryptoService"
+
+
+def _sessions(config_path: str, key_id: str, count: int) -> tuple[Any, queue.SimpleQueue[Any]]:
+    """The login session (keep it: closing it logs out) and ``count`` sessions' key objects."""
+    from pkcs11 import ObjectClass
+
+    from gateway.perf.direct import _login, _token
+
+    config = load(config_path)
+    os.environ.update(config.pkcs11.env)
+    store = make_store(config.store.url, config.base_dir)
+    try:
+        placement = store.get(key_id)
+    finally:
+        store.close()
+    if placement is None:
+        raise SystemExit(f"key {key_id!r} is not in the placement store")
+    label = next(spec.token_label for spec in config.clusters if spec.name == placement.primary)
+    token = _token(load_module(config.pkcs11.module).lib, label, retry=False)
+    login = _login(token, load_pins(config)[placement.primary].reveal())
+    pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    for _ in range(count):
+        session = token.open(rw=True)
+        pool.put(session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id.encode()))
+    return login, pool
+
+
+def _sign_handler(pool: queue.SimpleQueue[Any]) -> grpc.RpcMethodHandler:
+    from gateway._convert import operation
+    from router.pkcs11._keys import signature_mechanism
+
+    def sign(request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:
+        op: Operation = operation(request.algorithm)
+        mechanism, param, data = signature_mechanism(op, request.digest)
+        key = pool.get()
+        try:
+            signature = key.sign(data, mechanism=mechanism, mechanism_param=param)
+        finally:
+            pool.put(key)
+        return pb.SignResponse(signature=signature, key_id=request.key_id)
+
+    return grpc.unary_unary_rpc_method_handler(
+        sign, request_deserializer=pb.SignRequest.FromString, response_serializer=pb.SignResponse.SerializeToString)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cpu", type=int, default=-1, help="pin to this CPU (-1: no pinning)")
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--ready", required=True, help="file written once serving")
+    args = parser.parse_args()
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})
+    login, pool = _sessions(args.config, args.key, args.threads)
+    server = grpc.server(ThreadPoolExecutor(max_workers=args.threads), options=[("grpc.so_reuseport", 1)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Sign": _sign_handler(pool)}),))
+    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    Path(args.ready).write_text("ready")
+    stop.wait()
+    server.stop(0)
+    login.close()
+
+
+if __name__ == "__main__":
+    main()
