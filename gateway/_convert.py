@@ -29,8 +29,14 @@ def key_algorithm(value: int) -> KeyAlgorithm:
     return _from_proto(value, pb.KeyAlgorithm, "KEY_ALGORITHM_", KeyAlgorithm, "algorithm")
 
 
+_OPERATIONS: dict[int, Operation] = {}
+
+
 def operation(value: int) -> Operation:
-    return _from_proto(value, pb.Algorithm, "ALGORITHM_", Operation, "algorithm")
+    op = _OPERATIONS.get(value)  # every crypto call converts one: look it up once per value
+    if op is None:
+        op = _OPERATIONS[value] = _from_proto(value, pb.Algorithm, "ALGORITHM_", Operation, "algorithm")
+    return op
 
 
 def usage(value: int) -> KeyUsage | None:

@@ -37,6 +37,10 @@ class CircuitState(enum.Enum):
     HALF_OPEN = "half-open"
 
 
+_MINUTE = 60
+"""Seconds of outcomes ``ops_per_second`` and ``error_rate`` look back over."""
+
+
 class CircuitBreaker:
     def __init__(
         self,
@@ -62,7 +66,8 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trial_in_flight = False
         self._changes: list[CircuitState] = []
-        self._recent: collections.deque[tuple[float, bool]] = collections.deque(maxlen=100_000)
+        # Outcomes of the last minute, counted per second: [second, successes, failures].
+        self._recent: collections.deque[list[int]] = collections.deque()
 
     @property
     def state(self) -> CircuitState:
@@ -131,24 +136,31 @@ class CircuitBreaker:
         self._notify()
 
     def _note(self, ok: bool) -> None:
-        now = self._clock()
-        self._recent.append((now, ok))
-        while self._recent and now - self._recent[0][0] > 60.0:
-            self._recent.popleft()
+        second = int(self._clock())
+        recent = self._recent
+        if not recent or recent[-1][0] != second:
+            recent.append([second, 0, 0])
+            while second - recent[0][0] > _MINUTE:
+                recent.popleft()
+        recent[-1][1 if ok else 2] += 1
+
+    def _last_minute(self) -> tuple[int, int]:
+        """(successes, failures) over the last minute."""
+        now = int(self._clock())
+        buckets = [b for b in self._recent if now - b[0] <= _MINUTE]
+        return sum(b[1] for b in buckets), sum(b[2] for b in buckets)
 
     def ops_per_second(self) -> float:
         """Outcomes per second over the last minute (requests and probes)."""
         with self._lock:
-            now = self._clock()
-            recent = [t for t, _ in self._recent if now - t <= 60.0]
-            return len(recent) / 60.0
+            ok, failed = self._last_minute()
+        return (ok + failed) / 60.0
 
     def error_rate(self) -> float:
         """Share of failed outcomes over the last minute."""
         with self._lock:
-            now = self._clock()
-            recent = [ok for t, ok in self._recent if now - t <= 60.0]
-            return recent.count(False) / len(recent) if recent else 0.0
+            ok, failed = self._last_minute()
+        return failed / (ok + failed) if ok + failed else 0.0
 
     def release_trial(self) -> None:
         """A half-open trial ended without a verdict (e.g. a caller error)."""
