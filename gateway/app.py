@@ -43,7 +43,8 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
         ack_local=config.replication.on_unavailable == "ack-local",
     )
     router = Router(
-        topology, backends, store, replication=policy, creation_grace=config.replication.creation_grace
+        topology, backends, store, replication=policy, creation_grace=config.replication.creation_grace,
+        rescan_interval=config.store.rescan_interval,
     )
     if not reconcile_at_start:
         return router

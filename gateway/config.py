@@ -87,6 +87,13 @@ class StoreConfig:
     url: str
     """Placement store: ``sqlite:///abs/path.db``, ``sqlite:relative.db`` or
     ``dynamodb://TABLE?region=R[&endpoint=URL]``."""
+    rescan_interval: float = 60.0
+    """Least seconds between two full reloads of the placement cache when other
+    gateways changed the store and the store keeps no change log (DynamoDB; SQLite
+    has one, so its changes are followed key by key within seconds). Each reload is
+    a full table scan per gateway process. Between reloads, a key this process does
+    not know is read from the store, and one that moved or was destroyed is re-read
+    when its cluster no longer holds it."""
 
     def validate(self, base: Path) -> None:
         if self.url.startswith("sqlite:"):
@@ -285,8 +292,13 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     pkcs11 = Pkcs11Config(module=_take(p11, "module", str, "pkcs11."), env=dict(env))
 
     st = _take(data, "store", dict, "")
-    _no_unknown(st, {"url"}, "store.")
-    store = StoreConfig(url=_take(st, "url", str, "store."))
+    _no_unknown(st, {"url", "rescan_interval"}, "store.")
+    store = StoreConfig(
+        url=_take(st, "url", str, "store."),
+        rescan_interval=_positive(
+            _take(st, "rescan_interval", float, "store.", StoreConfig.rescan_interval), "store.rescan_interval"
+        ),
+    )
     store.validate(base_dir)
 
     sec = _take(data, "secrets", dict, "", {})

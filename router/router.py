@@ -84,6 +84,7 @@ class Router:
         fault: Callable[[str], None] = lambda point: None,
         replication: ReplicationPolicy = SINGLE_COPY,
         breaker_cooldown: float = 2.0,
+        rescan_interval: float = 60.0,
         on_health_change: Callable[[str, CircuitState], None] = lambda name, state: None,
     ) -> None:
         self.topology = topology
@@ -94,6 +95,8 @@ class Router:
         self._lock = threading.Lock()
         self._cache = PlacementCache()
         self._seen_counter = -1
+        self.rescan_interval = rescan_interval
+        self._rescanned = -rescan_interval
         self.replication = replication
         self.creation_grace = creation_grace
         self._pins: dict[str, str] = {}
@@ -121,14 +124,17 @@ class Router:
         """Bring the cache up to date if any process changed the store since the last look.
 
         Reads only the changed keys where the store keeps a change log (SQLite),
-        else rescans. Keeps keys made by other gateways servable from the cache
-        while the store is unreachable. Returns True when anything changed.
+        else rescans, at most every ``rescan_interval`` seconds. Keeps keys made
+        by other gateways servable from the cache while the store is unreachable.
+        Returns True when anything changed.
         """
         counter = self.store.change_counter()
         if counter == self._seen_counter:
             return False
         feed = self.store.changes_since(self._seen_counter)
         if feed is None:
+            if self._clock() - self._rescanned < self.rescan_interval:
+                return False  # no change log: rescan at most every rescan_interval
             self.reload()
             return True
         counter, key_ids = feed
@@ -140,6 +146,7 @@ class Router:
     def reload(self) -> None:
         """Load every placement from the store into the cache."""
         counter = self.store.change_counter()
+        self._rescanned = self._clock()
         cache = PlacementCache(self.store.scan())
         with self._lock:
             self._cache = cache

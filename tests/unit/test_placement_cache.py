@@ -198,9 +198,34 @@ def test_a_router_rescans_when_it_fell_behind_the_log(tmp_path: Path, monkeypatc
     monkeypatch.setattr(sqlite_store, "_LOG_KEEP", 2)
     path = tmp_path / "placements.db"
     ours, theirs = CountingStore(path), SqliteStore(path)
-    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours)
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours, rescan_interval=0.0)
     for i in range(5):
         theirs.create(make(f"app/{i}"))
     assert router.refresh() is True
     assert ours.scans == 2
     assert all(router.placement(f"app/{i}").state is KeyState.ENABLED for i in range(5))
+
+
+class NoLogStore(CountingStore):
+    """A store without a change log (as DynamoDB): a change can only be caught by a rescan."""
+
+    def changes_since(self, counter: int) -> tuple[int, tuple[str, ...]] | None:
+        return None
+
+
+def test_without_a_change_log_the_cache_rescans_at_most_every_rescan_interval(tmp_path: Path) -> None:
+    path = tmp_path / "placements.db"
+    ours, theirs = NoLogStore(path), SqliteStore(path)
+    now = [100.0]
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours, clock=lambda: now[0],
+                    rescan_interval=60.0)
+    theirs.create(make("app/a", replicas=()))
+    assert router.refresh() is False and ours.scans == 1, "the start-up scan was just now"
+    assert router.placement("app/a").primary == "use1-a", "an unknown key is read from the store"
+    theirs.update(make("app/a", primary="use1-b", replicas=()))
+    now[0] += 59
+    assert router.refresh() is False and ours.scans == 1
+    now[0] += 2
+    assert router.refresh() is True and ours.scans == 2
+    assert router.placement("app/a").primary == "use1-b"
+    assert router.refresh() is False and ours.scans == 2, "nothing changed since"
