@@ -45,7 +45,7 @@ from router.model import (
     ReplicationPolicy,
 )
 from router.placement.ring import PlacementRing
-from router.placement.store import Conflict, PlacementStore, StoreError
+from router.placement.store import ChangeLog, Conflict, PlacementStore, StoreError
 from router.retry import RetryBudget
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class Router:
         self._lock = threading.Lock()
         self._cache = PlacementCache()
         self._seen_counter = -1
+        self._log: ChangeLog | None = None
         self.rescan_interval = rescan_interval
         self._rescanned = -rescan_interval
         self.replication = replication
@@ -131,26 +132,27 @@ class Router:
         counter = self.store.change_counter()
         if counter == self._seen_counter:
             return False
-        feed = self.store.changes_since(self._seen_counter)
-        if feed is None:
+        key_ids = self._log.read() if self._log is not None else None
+        if key_ids is None:
             if self._clock() - self._rescanned < self.rescan_interval:
-                return False  # no change log: rescan at most every rescan_interval
+                return False  # no (usable) change log: rescan at most every rescan_interval
             self.reload()
             return True
-        counter, key_ids = feed
         for key_id in key_ids:
             self.reload_key(key_id)
-        self._seen_counter = counter
+        self._seen_counter = counter  # the log covered at least every change up to it
         return True
 
     def reload(self) -> None:
         """Load every placement from the store into the cache."""
         counter = self.store.change_counter()
+        log = self.store.change_log()  # before the scan: changes made during it show up in its first read
         self._rescanned = self._clock()
         cache = PlacementCache(self.store.scan())
         with self._lock:
             self._cache = cache
             self._seen_counter = counter
+            self._log = log
 
     def _remember(self, placement: Placement) -> None:
         self._cache.put(placement)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement.store import Conflict, PlacementStore, StoreError
+from router.placement.store import ChangeLog, Conflict, PlacementStore, StoreError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS placements (
@@ -233,7 +233,12 @@ class SqliteStore(PlacementStore):
     def change_counter(self) -> int:
         return int(self._query("SELECT counter FROM changes WHERE id = 1")[0][0])
 
+    def change_log(self) -> ChangeLog:
+        return _SqliteChangeLog(self, self.change_counter())
+
     def changes_since(self, counter: int) -> tuple[int, tuple[str, ...]] | None:
+        """The change counter now and the ids of the keys written since ``counter``;
+        None when the log no longer reaches back to ``counter``."""
         try:
             with self._lock:
                 cur = self._db.cursor()
@@ -253,3 +258,19 @@ class SqliteStore(PlacementStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class _SqliteChangeLog(ChangeLog):
+    def __init__(self, store: SqliteStore, counter: int) -> None:
+        self._store = store
+        self._counter: int | None = counter
+
+    def read(self) -> tuple[str, ...] | None:
+        if self._counter is None:
+            return None
+        feed = self._store.changes_since(self._counter)
+        if feed is None:
+            self._counter = None
+            return None
+        self._counter, key_ids = feed
+        return key_ids

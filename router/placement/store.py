@@ -59,13 +59,26 @@ class PlacementStore(abc.ABC):
     def change_counter(self) -> int:
         """A number that grows whenever any record changes (for caches)."""
 
-    def changes_since(self, counter: int) -> tuple[int, tuple[str, ...]] | None:
-        """The change counter now and the ids of the keys written since ``counter``.
+    def change_log(self) -> ChangeLog | None:
+        """A reader of the store's changes from now on, or None if the store keeps no log.
 
-        None when the store cannot tell (it keeps no change log, or its log no
-        longer reaches back to ``counter``): the caller rescans instead.
+        Take it *before* scanning the store for a cache: what changes during the
+        scan then shows up in the log's first read.
         """
         return None
 
     def close(self) -> None:
         return None
+
+
+class ChangeLog(abc.ABC):
+    """Follows one store's writes, so a cache re-reads only the keys that changed."""
+
+    @abc.abstractmethod
+    def read(self) -> tuple[str, ...] | None:
+        """Ids of the keys written since the last read (or since the log was taken).
+
+        May name more keys than changed, never fewer. None when the log cannot tell
+        (it no longer reaches back that far, or it lost count): the caller reloads
+        everything and takes a new log; this one stays None.
+        """

@@ -209,7 +209,7 @@ def test_a_router_rescans_when_it_fell_behind_the_log(tmp_path: Path, monkeypatc
 class NoLogStore(CountingStore):
     """A store without a change log (as DynamoDB): a change can only be caught by a rescan."""
 
-    def changes_since(self, counter: int) -> tuple[int, tuple[str, ...]] | None:
+    def change_log(self) -> None:
         return None
 
 
