@@ -12,6 +12,13 @@ the partition key ``key_id`` and told apart by their ``kind`` attribute:
     id can never make two keys.
 ``meta#changes`` (kind ``meta``)
     The change counter, incremented (``ADD``) by every write transaction.
+``log#<unix second>`` (kind ``log``)
+    The change log: every write transaction also adds its key id to the set
+    ``keys`` of the item of the second it ran in (the writer's clock) and counts
+    itself in ``n``. ``expires`` (a day later) lets DynamoDB's TTL remove it. A
+    cache follows the log (``change_log``) and re-reads only the keys named there;
+    when the counts there do not add up to the counter's growth (a writer's clock
+    more than ``_LOG_MARGIN`` off, a log item already expired), it reloads everything.
 
 Key ids cannot contain ``#`` (see ``router.validation``), so the reserved items
 never collide with a key; this module refuses such ids anyway.
@@ -57,7 +64,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement.store import Conflict, PlacementStore, StoreError
+from router.placement.store import ChangeLog, Conflict, PlacementStore, StoreError
 
 __all__ = ["DynamoStore", "TABLE_DEFINITION"]
 
@@ -68,7 +75,14 @@ _REQUEST = "request"
 _META = "meta"
 _REQUEST_PREFIX = "req#"
 _COUNTER_KEY = "meta#changes"
-_RESERVED_PREFIXES = (_REQUEST_PREFIX, "meta#")
+_LOG = "log"
+_LOG_PREFIX = "log#"
+_LOG_MARGIN = 30
+"""Seconds of clock difference between gateways the change log tolerates."""
+_LOG_TTL = 86_400
+_LOG_REACH = 3_600
+"""A reader further behind than this reloads instead of reading an hour of log items."""
+_RESERVED_PREFIXES = (_REQUEST_PREFIX, "meta#", _LOG_PREFIX)
 
 # Cancellation reasons that mean "someone else's transaction was in the way",
 # not "your condition is false": worth another try after a short pause.
@@ -221,8 +235,9 @@ class DynamoStore(PlacementStore):
         except BotoCoreError as exc:
             raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
 
-    def _transact(self, items: list[Item]) -> list[Item] | None:
-        """Run a write transaction plus the change-counter bump.
+    def _transact(self, key_id: str, items: list[Item]) -> list[Item] | None:
+        """Run a write transaction (changing ``key_id``'s record) plus the change-counter
+        bump and the change-log entry.
 
         Returns None on success, or the cancellation reasons (one per item, in
         order) when a condition failed.
@@ -237,7 +252,18 @@ class DynamoStore(PlacementStore):
             }
         }
         transact_items = [{op: {"TableName": self.table, **body} for op, body in item.items()} for item in items]
-        transact_items.append(counter)
+        second = int(time.time())
+        log = {
+            "Update": {
+                "TableName": self.table,
+                "Key": _key(f"{_LOG_PREFIX}{second}"),
+                "UpdateExpression": "SET #kind = :log, #expires = :expires ADD #keys :key, #n :one",
+                "ExpressionAttributeNames": {"#kind": "kind", "#expires": "expires", "#keys": "keys", "#n": "n"},
+                "ExpressionAttributeValues": {":log": {"S": _LOG}, ":expires": {"N": str(second + _LOG_TTL)},
+                                              ":key": {"SS": [key_id]}, ":one": {"N": "1"}},
+            }
+        }
+        transact_items += [counter, log]
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             try:
                 # TransactWriteItems takes no TableName of its own; each item names it.
@@ -297,6 +323,7 @@ class DynamoStore(PlacementStore):
         if placement.key_id.startswith(_RESERVED_PREFIXES):
             raise ValueError(f"key id {placement.key_id!r} uses a prefix reserved by the DynamoDB store")
         reasons = self._transact(
+            placement.key_id,
             [
                 {
                     "Put": {
@@ -344,7 +371,7 @@ class DynamoStore(PlacementStore):
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
             }
         }
-        reasons = self._transact([put])
+        reasons = self._transact(placement.key_id, [put])
         if reasons is None:
             return new
         current = _decode(reasons[0].get("Item")) if _failed(reasons, 0) else self.get(placement.key_id)
@@ -353,6 +380,7 @@ class DynamoStore(PlacementStore):
         # The update changes the request id: move its index entry in the same transaction.
         put["Put"]["ExpressionAttributeValues"][":request"] = {"S": current.request_id}
         reasons = self._transact(
+            placement.key_id,
             [
                 put,
                 {
@@ -390,6 +418,7 @@ class DynamoStore(PlacementStore):
         if current is None or current.version != version:
             raise Conflict(current)
         reasons = self._transact(
+            key_id,
             [
                 {
                     "Delete": {
@@ -456,6 +485,35 @@ class DynamoStore(PlacementStore):
         item = self._get_item(_key(_COUNTER_KEY))
         return int(item["changes"]["N"]) if item and "changes" in item else 0
 
+    def change_log(self) -> ChangeLog:
+        return _DynamoChangeLog(self)
+
+    def _log_items(self, first: int, last: int) -> dict[int, tuple[int, tuple[str, ...]]]:
+        """Second → (writes, key ids) of the log items from ``first`` to ``last`` that exist."""
+        found: dict[int, tuple[int, tuple[str, ...]]] = {}
+        keys = [_key(f"{_LOG_PREFIX}{second}") for second in range(first, last + 1)]
+        for start in range(0, len(keys), 100):  # BatchGetItem's limit
+            request: Item = {self.table: {"Keys": keys[start : start + 100], "ConsistentRead": True}}
+            for _ in range(10):
+                try:
+                    page = self._client.batch_get_item(RequestItems=request)
+                except ClientError as exc:
+                    error = exc.response.get("Error", {})
+                    raise StoreError(f"placement store dynamodb://{self.table}: BatchGetItem failed: "
+                                     f"{error.get('Code', '')}: {error.get('Message', '')}") from exc
+                except BotoCoreError as exc:
+                    raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
+                for item in page.get("Responses", {}).get(self.table, []):
+                    second = int(item["key_id"]["S"].removeprefix(_LOG_PREFIX))
+                    found[second] = (int(item.get("n", {}).get("N", "0")), tuple(item.get("keys", {}).get("SS", [])))
+                request = page.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+                time.sleep(0.05)
+            else:
+                raise StoreError(f"placement store dynamodb://{self.table}: BatchGetItem kept keys unprocessed")
+        return found
+
     def close(self) -> None:
         if self._owns_client:
             self._client.close()
@@ -479,4 +537,46 @@ class DynamoStore(PlacementStore):
                 )
             except BotoCoreError as exc:
                 raise StoreError(f"placement store dynamodb://{self.table} did not become active: {exc}") from exc
+            if created:  # change-log items expire a day after their second
+                self._call("update_time_to_live",
+                           TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires"})
         return created
+
+
+class _DynamoChangeLog(ChangeLog):
+    """Reads ``log#<second>`` items: the seconds since its last read, ± ``_LOG_MARGIN``.
+
+    It remembers how many writes it saw in each second, so a second read again
+    yields only its new writes' keys, and the writes it found must add up to the
+    change counter's growth — else it cannot vouch for the cache and says so (None).
+    """
+
+    def __init__(self, store: DynamoStore) -> None:
+        self._store = store
+        self._since = int(time.time())
+        # The log first, then the counter: a write in between is counted as new at the first read.
+        self._seen = {second: n for second, (n, _) in
+                      store._log_items(self._since - _LOG_MARGIN, self._since + _LOG_MARGIN).items()}
+        self._counter: int | None = store.change_counter()
+
+    def read(self) -> tuple[str, ...] | None:
+        if self._counter is None:
+            return None
+        for _ in range(3):  # a write between reading the log and the counter: look again
+            now = int(time.time())
+            if now - self._since > _LOG_REACH:
+                break
+            items = self._store._log_items(self._since - _LOG_MARGIN, now + _LOG_MARGIN)
+            counter = self._store.change_counter()
+            new = 0
+            key_ids: dict[str, None] = {}
+            for second, (n, keys) in items.items():
+                if n > self._seen.get(second, 0):
+                    new += n - self._seen.get(second, 0)
+                    key_ids.update(dict.fromkeys(keys))
+            if new == counter - self._counter:
+                self._seen = {second: n for second, (n, _) in items.items()}
+                self._since, self._counter = now, counter
+                return tuple(key_ids)
+        self._counter = None
+        return None

@@ -68,7 +68,7 @@ def test_a_missing_table_is_a_store_error_naming_it(moto_server: MotoServer) -> 
 
 def test_key_ids_that_would_collide_with_internal_items_are_refused(moto_server: MotoServer) -> None:
     store = fresh_store(moto_server)
-    for key_id in ("req#x", "meta#changes"):
+    for key_id in ("req#x", "meta#changes", "log#1767225600"):
         with pytest.raises(ValueError, match="reserved"):
             store.create(placement(key_id))
     assert store.list() == [] and store.change_counter() == 0
