@@ -60,6 +60,9 @@ RSA_OAEP_MAX_PLAINTEXT = {alg: size - 66 for alg, size in RSA_MODULUS_BYTES.item
 
 SINGLE_COPY = ReplicationPolicy(copies=1, require_dr_copy=False)
 
+_RELOAD_AT_LEAST = 1000
+"""A refresh re-reads changed keys one by one up to this many (or a tenth of the cache); beyond, it reloads."""
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -137,6 +140,9 @@ class Router:
             if self._clock() - self._rescanned < self.rescan_interval:
                 return False  # no (usable) change log: rescan at most every rescan_interval
             self.reload()
+            return True
+        if len(key_ids) > max(_RELOAD_AT_LEAST, len(self._cache) // 10):
+            self.reload()  # a bulk change: one scan beats a read per key
             return True
         for key_id in key_ids:
             self.reload_key(key_id)

@@ -229,3 +229,17 @@ def test_without_a_change_log_the_cache_rescans_at_most_every_rescan_interval(tm
     assert router.refresh() is True and ours.scans == 2
     assert router.placement("app/a").primary == "use1-b"
     assert router.refresh() is False and ours.scans == 2, "nothing changed since"
+
+
+def test_a_bulk_change_is_one_reload_not_a_read_per_key(tmp_path: Path) -> None:
+    path = tmp_path / "placements.db"
+    ours, theirs = CountingStore(path), SqliteStore(path)
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours)
+    reads: list[str] = []
+    real_get = ours.get
+    ours.get = lambda key_id: reads.append(key_id) or real_get(key_id)  # type: ignore[method-assign]
+    for i in range(1001):
+        theirs.create(make(f"bulk/{i:04d}"))
+    assert router.refresh() is True
+    assert ours.scans == 2 and reads == [], "one scan, no per-key reads"
+    assert router.placement("bulk/1000").state is KeyState.ENABLED and reads == []
