@@ -10,10 +10,13 @@ ECDSA_SHA256 (P-256) and RSA_PKCS1_SHA256 (2048):
 4. the gateway, unary, from Python client processes;
 5. a peer forwarder: ``p11-kit server`` exporting the same token, used through
    ``p11-kit-client.so`` by the same number of Python processes;
+6. the floor: one bare Python gRPC process per CPU doing only the HSM call
+   (``gateway.perf.floor``), driven by the same h2load as (2);
 
 each with its ratio to (1); then the latency a Python caller adds at concurrency 1,
 and the routing cost with 1,000 and 1,000,000 placements in the store and cache
-(synthetic, apart from the key signed with), with each worker's RSS. Results go to
+(synthetic, apart from the key signed with; the two take turns, three rounds),
+with each worker's RSS. Results go to
 a JSON file and into ``docs/performance.md`` between its bench markers (the prose
 around them is kept).
 """
