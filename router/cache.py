@@ -34,7 +34,7 @@ def _counted(placement: Placement) -> bool:
 
 
 class PlacementCache:
-    """Key id → placement, with per-cluster key counts kept alongside.
+    """Key id → placement, and how many keys each cluster holds.
 
     Reads take no lock (one dict lookup); writes take the cache's lock.
     """
@@ -45,7 +45,6 @@ class PlacementCache:
         self._shapes: dict[_Shape, Placement] = {}
         self._users: Counter[_Shape] = Counter()
         self._external: set[str] = set()
-        self._counts: Counter[str] = Counter()
         for placement in placements:
             self._put(placement)
 
@@ -77,9 +76,15 @@ class PlacementCache:
             self._drop(key_id)
 
     def counts(self) -> Counter[str]:
-        """Keys per cluster (live TOKEN keys: what ``max_keys`` limits)."""
+        """Keys per cluster (live TOKEN keys: what ``max_keys`` limits), summed per shape."""
+        counts: Counter[str] = Counter()
         with self._lock:
-            return Counter(self._counts)
+            for shape, users in self._users.items():
+                entry = self._shapes[shape]
+                if _counted(entry):
+                    for name in entry.clusters:
+                        counts[name] += users
+        return counts
 
     def count_state(self, state: KeyState) -> int:
         with self._lock:
@@ -115,8 +120,6 @@ class PlacementCache:
             entry = self._shapes.get(shape) or self._shapes.setdefault(shape, placement.for_key(""))
             self._users[shape] += 1
         self._entries[placement.key_id] = entry
-        if _counted(placement):
-            self._counts.update(placement.clusters)
 
     def _drop(self, key_id: str) -> None:
         entry = self._entries.pop(key_id, None)
@@ -129,5 +132,3 @@ class PlacementCache:
             self._users[shape] -= 1
             if not self._users[shape]:
                 del self._users[shape], self._shapes[shape]
-        if _counted(entry):
-            self._counts.subtract(entry.clusters)

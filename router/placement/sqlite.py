@@ -70,18 +70,25 @@ def _replicas(text: str) -> tuple[str, ...]:
     return replicas
 
 
+_ALGORITHMS = {a.value: a for a in KeyAlgorithm}
+_USAGES = {u.value: u for u in KeyUsage}
+_STATES = {s.value: s for s in KeyState}
+_STORAGES = {s.value: s for s in KeyStorage}
+
+
 def _row(row: tuple) -> Placement:  # type: ignore[type-arg]
+    # Dict lookups, not Enum(value) calls: a cache loads a million rows at start.
     return Placement(
         key_id=row[0],
-        algorithm=KeyAlgorithm(row[1]),
-        usage=KeyUsage(row[2]),
-        state=KeyState(row[3]),
+        algorithm=_ALGORITHMS[row[1]],
+        usage=_USAGES[row[2]],
+        state=_STATES[row[3]],
         primary=sys.intern(row[4]),
         replicas=_replicas(row[5]),
         create_time=row[6],
         request_id=row[7],
         fingerprint=row[8],
-        storage=KeyStorage(row[9]),
+        storage=_STORAGES[row[9]],
         version=row[10],
         extractable=bool(row[11]),
         wrapped=bytes(row[12]),
