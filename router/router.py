@@ -99,6 +99,7 @@ class Router:
         self._cache = PlacementCache()
         self._seen_counter = -1
         self._log: ChangeLog | None = None
+        self._unread: set[str] = set()
         self.rescan_interval = rescan_interval
         self._rescanned = -rescan_interval
         self.replication = replication
@@ -133,7 +134,7 @@ class Router:
         Returns True when anything changed.
         """
         counter = self.store.change_counter()
-        if counter == self._seen_counter:
+        if counter == self._seen_counter and not self._unread:
             return False
         key_ids = self._log.read() if self._log is not None else None
         if key_ids is None:
@@ -141,11 +142,14 @@ class Router:
                 return False  # no (usable) change log: rescan at most every rescan_interval
             self.reload()
             return True
-        if len(key_ids) > max(_RELOAD_AT_LEAST, len(self._cache) // 10):
+        # Keys the log named are kept until re-read: a store error half-way loses none.
+        self._unread.update(key_ids)
+        if len(self._unread) > max(_RELOAD_AT_LEAST, len(self._cache) // 10):
             self.reload()  # a bulk change: one scan beats a read per key
             return True
-        for key_id in key_ids:
+        for key_id in sorted(self._unread):
             self.reload_key(key_id)
+            self._unread.discard(key_id)
         self._seen_counter = counter  # the log covered at least every change up to it
         return True
 
@@ -159,6 +163,7 @@ class Router:
             self._cache = cache
             self._seen_counter = counter
             self._log = log
+            self._unread = set()
 
     def _remember(self, placement: Placement) -> None:
         self._cache.put(placement)

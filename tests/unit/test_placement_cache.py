@@ -243,3 +243,33 @@ def test_a_bulk_change_is_one_reload_not_a_read_per_key(tmp_path: Path) -> None:
     assert router.refresh() is True
     assert ours.scans == 2 and reads == [], "one scan, no per-key reads"
     assert router.placement("bulk/1000").state is KeyState.ENABLED and reads == []
+
+
+def test_a_store_error_half_way_through_a_refresh_loses_no_change(tmp_path: Path) -> None:
+    from router.placement.store import StoreError
+
+    path = tmp_path / "placements.db"
+    ours, theirs = CountingStore(path), SqliteStore(path)
+    for key_id in ("app/a", "app/b"):
+        theirs.create(make(key_id))
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours)
+    for key_id in ("app/a", "app/b"):
+        current = theirs.get(key_id)
+        assert current is not None
+        theirs.update(dataclasses.replace(current, primary="use1-b"))
+    real_get = ours.get
+    failing = {"app/b"}
+
+    def flaky_get(key_id: str) -> Placement | None:
+        if key_id in failing:
+            failing.discard(key_id)
+            raise StoreError("placement store unreachable")
+        return real_get(key_id)
+
+    ours.get = flaky_get  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        router.refresh()
+    assert router.placement("app/a").primary == "use1-b"
+    assert router.refresh() is True, "the key left unread is read on the next refresh"
+    assert router.placement("app/b").primary == "use1-b"
+    assert router.refresh() is False and ours.scans == 1
