@@ -9,7 +9,8 @@ maps each key id to its shape, so a key costs its id and a dict slot.
 The shape leaves out what only the store needs: ``create_time``,
 ``request_id`` and ``fingerprint``. Readers that show or write those (GetKey,
 ListKeys, every store update) read the store. EXTERNAL keys carry their own
-wrapped material, so each keeps a placement of its own.
+wrapped material, so each (and any key with key material in its record) keeps a
+placement of its own.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class PlacementCache:
         self._entries: dict[str, Placement] = {}
         self._shapes: dict[_Shape, Placement] = {}
         self._users: Counter[_Shape] = Counter()
-        self._external: set[str] = set()
+        self._own: set[str] = set()
+        """Keys with an entry of their own (EXTERNAL keys: their wrapped material is theirs alone)."""
         for placement in placements:
             self._put(placement)
 
@@ -84,23 +86,27 @@ class PlacementCache:
                 if _counted(entry):
                     for name in entry.clusters:
                         counts[name] += users
+            for key_id in self._own:
+                entry = self._entries[key_id]
+                if _counted(entry):
+                    counts.update(entry.clusters)
         return counts
 
     def count_state(self, state: KeyState) -> int:
         with self._lock:
             shared = sum(n for shape, n in self._users.items() if self._shapes[shape].state is state)
-            external = [self._entries[k] for k in self._external]
-        return shared + sum(1 for p in external if p.state is state)
+            own = [self._entries[k] for k in self._own]
+        return shared + sum(1 for p in own if p.state is state)
 
     def select(self, wanted: Callable[[Placement], bool]) -> Iterator[Placement]:
         """The cached placements ``wanted`` accepts.
 
         ``wanted`` sees each shape once, not each key: with no shape accepted,
-        only EXTERNAL keys are walked, so this is cheap when nothing matches.
+        only keys with an entry of their own are walked, so this is cheap when nothing matches.
         """
         with self._lock:
             accepted = {id(shape) for shape in self._shapes.values() if wanted(shape)}
-            key_ids = list(self._entries) if accepted else list(self._external)
+            key_ids = list(self._entries) if accepted else list(self._own)
         for key_id in key_ids:
             entry = self._entries.get(key_id)
             if entry is None:
@@ -112,9 +118,9 @@ class PlacementCache:
                 yield entry.for_key(key_id)
 
     def _put(self, placement: Placement) -> None:
-        if placement.external:
+        if placement.external or placement.wrapped or placement.public_der:
             entry = placement
-            self._external.add(placement.key_id)
+            self._own.add(placement.key_id)
         else:
             shape = _shape_of(placement)
             entry = self._shapes.get(shape) or self._shapes.setdefault(shape, placement.for_key(""))
@@ -126,7 +132,7 @@ class PlacementCache:
         if entry is None:
             return
         if entry.key_id == key_id:
-            self._external.discard(key_id)
+            self._own.discard(key_id)
         else:
             shape = _shape_of(entry)
             self._users[shape] -= 1

@@ -65,6 +65,15 @@ def test_external_keys_keep_their_own_wrapped_material() -> None:
     assert cache.shapes == 0
 
 
+def test_a_token_key_with_material_in_its_record_keeps_its_own_entry_and_counts() -> None:
+    odd = make("app/odd", public_der=b"p" * 91)
+    cache = PlacementCache([make("app/plain"), odd])
+    assert cache.get("app/odd") == odd and cache.get("app/plain").public_der == b""  # type: ignore[union-attr]
+    assert cache.counts() == {"use1-a": 2, "usw2-a": 2}
+    cache.pop("app/odd")
+    assert cache.counts() == {"use1-a": 1, "usw2-a": 1}
+
+
 def test_keys_that_differ_only_in_id_share_one_entry() -> None:
     cache = PlacementCache(make(f"app/{i}") for i in range(1000))
     assert len(cache) == 1000 and cache.shapes == 1
