@@ -239,6 +239,14 @@ class RouterCollector(Collector):
         yield GaugeMetricFamily("hsmgw_keys_under_replicated",
                                 "Keys with fewer copies than their replication policy asks.",
                                 value=under_replicated_keys(self.router))
+        yield GaugeMetricFamily("hsmgw_placement_cache_keys", "Placements in this process's cache.",
+                                value=self.router.cached_keys())
+        yield CounterMetricFamily("hsmgw_placement_cache_reloads",
+                                  "Full reloads of the placement cache (a store scan each), the one at start included.",
+                                  value=self.router.reloads)
+        yield CounterMetricFamily("hsmgw_placement_cache_keys_reread",
+                                  "Placements re-read from the store because its change log named them.",
+                                  value=self.router.keys_reread)
 
 
 # -- per-request metrics ----------------------------------------------------------------------

@@ -100,6 +100,10 @@ class Router:
         self._seen_counter = -1
         self._log: ChangeLog | None = None
         self._unread: set[str] = set()
+        self.reloads = 0
+        """Full reloads of the cache (a store scan each), the one at start included."""
+        self.keys_reread = 0
+        """Keys re-read because a change log named them."""
         self.rescan_interval = rescan_interval
         self._rescanned = -rescan_interval
         self.replication = replication
@@ -150,6 +154,7 @@ class Router:
         for key_id in sorted(self._unread):
             self.reload_key(key_id)
             self._unread.discard(key_id)
+            self.keys_reread += 1
         self._seen_counter = counter  # the log covered at least every change up to it
         return True
 
@@ -164,6 +169,7 @@ class Router:
             self._seen_counter = counter
             self._log = log
             self._unread = set()
+            self.reloads += 1
 
     def _remember(self, placement: Placement) -> None:
         self._cache.put(placement)
@@ -189,9 +195,9 @@ class Router:
             self._remember(placement)
         return placement
 
-    def cached_keys(self, state: KeyState) -> int:
-        """Cached keys in ``state`` (for metrics: no store scan)."""
-        return self._cache.count_state(state)
+    def cached_keys(self, state: KeyState | None = None) -> int:
+        """Cached keys (in ``state``, if given): for metrics, no store scan."""
+        return len(self._cache) if state is None else self._cache.count_state(state)
 
     def _usable(self, key_id: str) -> Placement:
         placement = self.placement(key_id)
