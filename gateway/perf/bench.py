@@ -389,13 +389,19 @@ class Bench:
         # Direct again, at the end: the machine's speed drifts over a run, and the gateway rows
         # sit between the two measurements, so their mean is the fairer denominator.
         processes = int(best.workload["processes"])
-        again = self.measure(f"direct again, {processes} process(es)",
-                             self.workload(op, key_id, processes=processes, in_flight=1), direct)
         first = rows[0]
-        first.throughput = (best.throughput + again.throughput) / 2
-        first.errors += again.error_count
-        first.name = f"direct python-pkcs11 (best of 1-2 processes: {processes}; mean of first and last)"
-        first.detail.update({"first": best.throughput, "last": again.throughput})
+        try:
+            again = self.measure(f"direct again, {processes} process(es)",
+                                 self.workload(op, key_id, processes=processes, in_flight=1), direct)
+        except RunError as exc:
+            note = f"{op.value}: the second direct measurement failed ({exc}); ratios use the first alone"
+            self.notes.append(note)
+            _say(f"    {note}")
+        else:
+            first.throughput = (best.throughput + again.throughput) / 2
+            first.errors += again.error_count
+            first.name = f"direct python-pkcs11 (best of 1-2 processes: {processes}; mean of first and last)"
+            first.detail.update({"first": best.throughput, "last": again.throughput})
         base = first.throughput or 1.0
         return {"algorithm": op.value, "rows": [r.as_dict() | {
             "ratio": None if r.throughput is None else round(r.throughput / base, 3)} for r in rows]}
