@@ -10,7 +10,7 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def unique(prefix: str = "t") -> str:
     return f"{prefix}/{uuid.uuid4().hex[:12]}"
+
+
+class FakeClock:
+    """A clock tests move by hand: ``clock.now += 5`` or ``clock.sleep(5)``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); AssertionError after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
 
 
 class GatewayProcess:

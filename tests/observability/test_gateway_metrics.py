@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from hsmgw.v1 import crypto_pb2 as pb
 from tests.faults import FaultControl
 from tests.moto import FAKE_AWS_ENV, free_port
 from tests.observability.conftest import MotoProcess, boto
-from tests.support import ROOT, GatewayProcess, rpc_error
+from tests.support import ROOT, GatewayProcess, rpc_error, wait_for
 
 NAMESPACE = "HSMGW-test"
 DIGEST = bytes(range(32))
@@ -73,17 +73,6 @@ def scrape(port: int) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     """The sum of the samples called ``name`` whose labels include ``labels``."""
     return sum(v for (n, lbls), v in samples.items() if n == name and set(labels.items()) <= set(lbls))
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass

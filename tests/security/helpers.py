@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from grpc_status import rpc_status
 from gateway.fleet import Fleet
 from gateway.tls import DevCerts, spiffe_id
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, wait_for
 
 CLIENTS = ("payments-app", "payments-admin", "nobody", "root", "operator", "throttled", "single", "fuzzer")
 
@@ -177,17 +175,6 @@ def audit_events(gateway: GatewayProcess) -> list[dict[str, Any]]:
         if human:
             events.append(json.loads(human.group(1)))
     return events
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def sighup_and_wait(gateway: GatewayProcess, marker: str, timeout: float = 10.0) -> None:

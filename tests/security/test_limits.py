@@ -17,25 +17,17 @@ from gateway.server import KEEPALIVE_OPTIONS
 from gateway.tls import DevCerts
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.security.helpers import Client, details
-from tests.support import GatewayProcess, rpc_error
+from tests.support import FakeClock, GatewayProcess, rpc_error
 
 DIGEST = hashlib.sha256(b"limits").digest()
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- the limiter, on an injected clock ---------------------------------------------------------
 
 
 def test_token_bucket_allows_the_burst_then_the_rate() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     limiter = Limiter(clock)
     limits = Limits(rate=2, burst=3)
     for _ in range(3):
@@ -51,7 +43,7 @@ def test_token_bucket_allows_the_burst_then_the_rate() -> None:
 
 
 def test_a_batch_costs_one_token_per_item_and_may_go_into_debt() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     limiter = Limiter(clock)
     limits = Limits(rate=10, burst=5)
     limiter.charge("a", limits, cost=50)  # a full bucket admits a batch bigger than the bucket...
@@ -63,13 +55,13 @@ def test_a_batch_costs_one_token_per_item_and_may_go_into_debt() -> None:
 
 
 def test_no_rate_means_unlimited() -> None:
-    limiter = Limiter(Clock())
+    limiter = Limiter(FakeClock(100.0))
     for _ in range(10_000):
         limiter.charge("a", Limits())
 
 
 def test_concurrency_cap_counts_calls_in_flight() -> None:
-    limiter = Limiter(Clock())
+    limiter = Limiter(FakeClock(100.0))
     limits = Limits(concurrency=2)
     limiter.enter("a", limits)
     limiter.enter("a", limits)
@@ -83,7 +75,7 @@ def test_concurrency_cap_counts_calls_in_flight() -> None:
 
 
 def test_idle_identities_are_forgotten_when_there_are_too_many() -> None:
-    limiter = Limiter(Clock(), max_identities=100)
+    limiter = Limiter(FakeClock(100.0), max_identities=100)
     limiter.enter("busy", Limits())
     for i in range(1000):
         limiter.charge(f"id-{i}", Limits(rate=1))

@@ -23,16 +23,9 @@ from gateway.audit import (
     tail,
     verify,
 )
+from tests.support import FakeClock
 
 T0 = 1_735_787_045.0  # 2025-01-02T03:04:05Z
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -56,7 +49,7 @@ def log_200(path: Path, pristine_200: Path) -> AuditLog:
 
 
 def write_log(path: Path, count: int) -> AuditLog:
-    clock = Clock()
+    clock = FakeClock(T0)
     log = AuditLog(path, clock=clock)
     for i in range(count):
         clock.now += 1
@@ -133,7 +126,7 @@ def test_verify_while_writers_append_sees_a_consistent_prefix(path: Path) -> Non
 
 
 def test_record_format_is_the_documented_chain(path: Path) -> None:
-    log = AuditLog(path, clock=Clock())
+    log = AuditLog(path, clock=FakeClock(T0))
     first = log.append("alice", "clusters.drain", "eu-1/a", outcome="pending", change="c-17", approvals=["bob"])
     second = log.append("bob", "changes.approve", "c-17")
 
@@ -152,7 +145,7 @@ def test_record_format_is_the_documented_chain(path: Path) -> None:
 
 
 def test_non_ascii_and_long_records_chain_and_verify(path: Path) -> None:
-    log = AuditLog(path, clock=Clock())
+    log = AuditLog(path, clock=FakeClock(T0))
     log.append("zoë", "keys.generate", "ключ/1", note="x" * 20_000)  # longer than one read chunk
     log.append("zoë", "keys.destroy", "ключ/1", note="line\nbreak\u2028sep")
     assert "ключ" in path.read_text(encoding="utf-8")
@@ -282,7 +275,7 @@ def test_a_rewritten_chain_needs_the_off_box_anchor_to_be_caught(path: Path) -> 
     assert verify(path, anchor=anchor).ok
 
     forged = path.with_suffix(".forged")
-    forger = AuditLog(forged, clock=Clock())
+    forger = AuditLog(forged, clock=FakeClock(T0))
     for i in range(10):
         forger.append("alice", "keys.move", f"payments/key-{i}", outcome="ok", to="cluster-EVIL", n=i)
     forged.replace(path)
@@ -336,14 +329,14 @@ def test_secrets_are_refused_and_nothing_is_written(path: Path, details: dict[st
 
 
 def test_fingerprints_and_lookalike_names_are_allowed(path: Path) -> None:
-    log = AuditLog(path, clock=Clock())
+    log = AuditLog(path, clock=FakeClock(T0))
     record = log.append("alice", "keys.import", "k", fingerprint="ab" * 32, pinned=True, spin=1, key_id="k")
     assert record["details"]["fingerprint"] == "ab" * 32
     assert verify(path).ok
 
 
 def test_values_json_cannot_hold_are_refused(path: Path) -> None:
-    log = AuditLog(path, clock=Clock())
+    log = AuditLog(path, clock=FakeClock(T0))
     with pytest.raises(TypeError, match="when"):
         log.append("alice", "a", "t", when=object())
     with pytest.raises(ValueError, match="nan"):
@@ -356,7 +349,7 @@ def test_values_json_cannot_hold_are_refused(path: Path) -> None:
 
 @pytest.fixture
 def audit_logger(path: Path) -> Iterator[tuple[logging.Logger, AuditLog]]:
-    log = AuditLog(path, clock=Clock())
+    log = AuditLog(path, clock=FakeClock(T0))
     handler = AuditHandler(log)
     logger = logging.getLogger(AUDIT_LOGGER)
     level = logger.level

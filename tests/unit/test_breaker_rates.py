@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from router.health import CircuitBreaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 def test_rates_cover_the_last_minute_only() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     breaker = CircuitBreaker("use1-a", clock=clock, failures_to_open=1000, window=1000, max_failure_rate=1.0)
     assert breaker.ops_per_second() == 0.0 and breaker.error_rate() == 0.0
     for _ in range(3):
@@ -35,7 +28,7 @@ def test_rates_cover_the_last_minute_only() -> None:
 
 
 def test_a_busy_minute_is_counted_exactly() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     breaker = CircuitBreaker("use1-a", clock=clock, failures_to_open=10**9, window=10, max_failure_rate=1.0)
     for second in range(120):
         clock.now = 1000.0 + second + 0.5

@@ -11,23 +11,12 @@ from router.errors import ClusterDown, InvalidArgument, Throttled, Unavailable
 from router.health import CircuitBreaker, CircuitState
 from router.model import ClusterSpec
 from router.retry import RetryBudget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
+from tests.support import FakeClock
 
 REGIONS = {"use1-a": "us-east-1", "use1-b": "us-east-1", "usw2-a": "us-west-2"}
 
 
-def make(clock: Clock, **budget_kw) -> Dispatcher:
+def make(clock: FakeClock, **budget_kw) -> Dispatcher:
     backends = {n: SimpleNamespace(name=n, spec=ClusterSpec(n, r, n)) for n, r in REGIONS.items()}
     breakers = {n: CircuitBreaker(n, clock=clock, cooldown=2.0) for n in REGIONS}
     return Dispatcher(
@@ -51,7 +40,7 @@ def script(outcomes: dict[str, list]):
 
 
 def test_primary_serves_when_healthy() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock)
     fn, calls = script({n: [] for n in REGIONS})
     assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k") == ("ok@use1-a", "use1-a")
@@ -59,7 +48,7 @@ def test_primary_serves_when_healthy() -> None:
 
 
 def test_cluster_down_is_retried_once_then_fails_over() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock)
     fn, calls = script({"use1-a": [ClusterDown, ClusterDown], "use1-b": [], "usw2-a": []})
     result, cluster = d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
@@ -69,7 +58,7 @@ def test_cluster_down_is_retried_once_then_fails_over() -> None:
 
 
 def test_replacement_error_clears_on_same_cluster_retry() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock)
     fn, calls = script({"use1-a": [ClusterDown], "use1-b": [], "usw2-a": []})
     assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")[1] == "use1-a"
@@ -77,7 +66,7 @@ def test_replacement_error_clears_on_same_cluster_retry() -> None:
 
 
 def test_caller_errors_are_never_retried() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock)
     fn, calls = script({"use1-a": [InvalidArgument], "use1-b": [], "usw2-a": []})
     with pytest.raises(InvalidArgument):
@@ -87,7 +76,7 @@ def test_caller_errors_are_never_retried() -> None:
 
 
 def test_open_circuit_is_skipped_and_half_open_trial_closes_it() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock)
     for _ in range(3):
         d.breakers["use1-a"].record_failure()
@@ -102,7 +91,7 @@ def test_open_circuit_is_skipped_and_half_open_trial_closes_it() -> None:
 
 
 def test_failure_rate_ejects_a_flaky_cluster() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     breaker = CircuitBreaker("x", clock=clock, window=20, max_failure_rate=0.3)
     for i in range(20):
         (breaker.record_failure if i % 2 else breaker.record_success)()
@@ -110,7 +99,7 @@ def test_failure_rate_ejects_a_flaky_cluster() -> None:
 
 
 def test_throttled_moves_to_the_next_replica_after_backoff() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock)
     fn, calls = script({"use1-a": [Throttled], "use1-b": [], "usw2-a": []})
     start = clock()
@@ -120,7 +109,7 @@ def test_throttled_moves_to_the_next_replica_after_backoff() -> None:
 
 
 def test_every_candidate_down_is_unavailable() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock)
     fn, _ = script({n: [ClusterDown] * 5 for n in REGIONS})
     with pytest.raises(Unavailable):
@@ -128,7 +117,7 @@ def test_every_candidate_down_is_unavailable() -> None:
 
 
 def test_retry_budget_caps_extra_attempts() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock, ratio=0.2, min_per_second=0.0, window=10.0)
     d.budget._tokens = 0.0  # start empty: only the 20 % earned by requests may be retries
     outcomes = {n: [] for n in REGIONS}
@@ -146,7 +135,7 @@ def test_retry_budget_caps_extra_attempts() -> None:
 
 
 def test_drained_and_failed_over_clusters_go_last() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = make(clock)
     assert d.order(["use1-a", "usw2-a", "use1-b"]) == ["use1-a", "use1-b", "usw2-a"]
     d.set_drained({"use1-a"})

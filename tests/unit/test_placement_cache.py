@@ -142,13 +142,6 @@ def test_a_key_costs_a_dict_slot_not_a_placement() -> None:
 # -- the change log ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "placements.db")
-    yield s
-    s.close()
-
-
 def test_changes_since_names_the_keys_written_since(store: SqliteStore) -> None:
     start = store.change_counter()
     a = make("app/a", state=KeyState.CREATING)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,6 @@ def make(key_id: str = "app/key-1", request_id: str | None = None, **changes: ob
         fingerprint=f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN",
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "placements.db")
-    yield s
-    s.close()
 
 
 def test_is_a_placement_store(store: SqliteStore) -> None:
