@@ -80,7 +80,7 @@ def _input(request: pb.SignRequest | pb.VerifyRequest) -> tuple[bytes | None, by
 class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     def __init__(
         self, router: Router, *, default_deadline: float = 10.0, draining: threading.Event | None = None,
-        batch_executor: Executor | None = None,
+        batch_executor: Executor | None = None, cpus: int | None = None,
     ) -> None:
         self.router = router
         self.default_deadline = default_deadline
@@ -89,7 +89,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         # BatchSign spreads a batch over its clusters' sessions on this bounded executor, shared by
         # every call: never more threads than the pools have sessions.
         # On one CPU (a pinned worker) a second thread only adds switches: a batch runs in its request thread.
-        self._cpus = len(os.sched_getaffinity(0))
+        self._cpus = cpus or len(os.sched_getaffinity(0))
         self._owns_executor = batch_executor is None
         self._batch_executor = batch_executor or ThreadPoolExecutor(
             max_workers=max(1, sum(b.spec.pool_size for b in router.backends.values())),
@@ -220,16 +220,15 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             raise InvalidArgument(f"a batch holds 1 to {MAX_BATCH} requests, not {len(items)}")
         results: list[pb.BatchSignResult | None] = [None] * len(items)
         chunks = self._chunks(items)
-        if self._cpus == 1:
-            for chunk in chunks:
-                self._sign_chunk(items, chunk, results, deadline)
-            return pb.BatchSignResponse(responses=results)  # type: ignore[arg-type] # every item is set by now
-        # The request thread signs the first chunk itself: a busy executor delays a batch, never stalls it.
-        # Each chunk runs in a copy of this call's context: its log lines keep the request id.
+        # The request thread signs the first chunk itself (all of them on one CPU, where another
+        # thread only adds switches): a busy executor delays a batch, never stalls it. Each
+        # chunk runs in a copy of this call's context: its log lines keep the request id.
+        spread = chunks[1:] if self._cpus > 1 else []
         pending = [(self._batch_executor.submit(contextvars.copy_context().run, self._sign_chunk, items, chunk,
                                                 results, deadline), chunk)
-                   for chunk in chunks[1:]]
-        self._sign_chunk(items, chunks[0], results, deadline)
+                   for chunk in spread]
+        for chunk in chunks[: len(chunks) - len(spread)]:
+            self._sign_chunk(items, chunk, results, deadline)
         for future, chunk in pending:
             _settle(future, chunk, results)
         return pb.BatchSignResponse(responses=results)  # type: ignore[arg-type] # every item is set by now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import Executor
 from types import SimpleNamespace
 
 import grpc
@@ -103,11 +104,32 @@ class _Router:
             raise KeyError(key_id)
         return SimpleNamespace(primary=self.where[key_id])
 
+    def sign_many(self, items, deadline: float):
+        return [(f"sig-{key_id}".encode(), self.where[key_id]) for key_id, *_ in items]
+
+
+class _NoThreads(Executor):
+    def submit(self, *args, **kwargs):
+        raise AssertionError("a one-CPU worker must not hand chunks to other threads")
+
+
+def test_on_one_cpu_a_large_batch_is_signed_in_the_request_thread() -> None:
+    router = _Router({"a": "use1-a", "b": "use1-b"}, pool_size=4)
+    servicer = CryptoServicer(router, batch_executor=_NoThreads(), cpus=1)  # type: ignore[arg-type]
+    items = [pb.SignRequest(key_id="ab"[i % 2], algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=bytes(32),
+                            request_id=f"r{i}") for i in range(300)]
+    assert len(servicer._chunks(items)) >= 2, "still cut into chunks, so a session is never held for 300 items"
+    context = SimpleNamespace(time_remaining=lambda: 5.0)
+    response = servicer.BatchSign(pb.BatchSignRequest(requests=items), context)
+    assert [r.code for r in response.responses] == [0] * 300
+    assert [r.response.request_id for r in response.responses] == [f"r{i}" for i in range(300)]
+    assert {r.response.cluster for r in response.responses} == {"use1-a", "use1-b"}
+
 
 @pytest.mark.parametrize("size", [1, 31, 64, 200, 1000])
 def test_chunks_cover_every_item_once_per_cluster_within_bounds(size: int) -> None:
     router = _Router({"a": "use1-a", "b": "use1-b"}, pool_size=4)
-    servicer = CryptoServicer(router)  # type: ignore[arg-type]
+    servicer = CryptoServicer(router, cpus=4)  # type: ignore[arg-type]
     try:
         items = [pb.SignRequest(key_id=("a", "b", "missing")[i % 3]) for i in range(size)]
         chunks = servicer._chunks(items)
