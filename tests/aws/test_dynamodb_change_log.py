@@ -7,6 +7,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -103,3 +104,57 @@ def test_create_table_turns_on_ttl_for_the_log(moto_server: MotoServer, table: s
     assert len(logs) == 1 and logs[0]["keys"]["SS"] == ["ttl/a"] and logs[0]["n"]["N"] == "1"
     assert int(logs[0]["expires"]["N"]) - int(logs[0]["key_id"]["S"].removeprefix("log#")) == 86_400
     assert [p.key_id for p in store.scan()] == ["ttl/a"] and [p.key_id for p in store.list()] == ["ttl/a"]
+
+
+# -- when the log cannot be read ---------------------------------------------------------------
+
+
+def _stubbed() -> tuple[DynamoStore, Any]:
+    from botocore.stub import Stubber
+
+    client = boto3.client("dynamodb", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    return DynamoStore("t", region=REGION, client=client), Stubber(client)
+
+
+def test_unprocessed_log_keys_are_asked_for_again() -> None:
+    store, stub = _stubbed()
+    first = {"t": {"Keys": [{"key_id": {"S": "log#100"}}, {"key_id": {"S": "log#101"}}], "ConsistentRead": True}}
+    left = {"t": {"Keys": [{"key_id": {"S": "log#101"}}], "ConsistentRead": True}}
+    item = {"key_id": {"S": "log#100"}, "kind": {"S": "log"}, "n": {"N": "2"}, "keys": {"SS": ["a", "b"]}}
+    later = {"key_id": {"S": "log#101"}, "kind": {"S": "log"}, "n": {"N": "1"}, "keys": {"SS": ["c"]}}
+    with stub:
+        stub.add_response("batch_get_item", {"Responses": {"t": [item]}, "UnprocessedKeys": left},
+                          {"RequestItems": first})
+        stub.add_response("batch_get_item", {"Responses": {"t": [later]}}, {"RequestItems": left})
+        assert store._log_items(100, 101) == {100: (2, ("a", "b")), 101: (1, ("c",))}
+        stub.assert_no_pending_responses()
+
+
+def test_a_log_read_that_fails_is_a_store_error_and_the_cache_keeps_serving(
+        moto_server: MotoServer, table: str) -> None:
+    from router.placement.store import StoreError
+
+    store, stub = _stubbed()
+    with stub:
+        stub.add_client_error("batch_get_item", service_error_code="ProvisionedThroughputExceededException")
+        with pytest.raises(StoreError, match="BatchGetItem failed: ProvisionedThroughputExceeded"):
+            store._log_items(100, 101)
+
+    ours = CountingStore(table, region=REGION, endpoint_url=moto_server.endpoint)
+    theirs = DynamoStore(table, region=REGION, endpoint_url=moto_server.endpoint)
+    theirs.create(placement("app/known"))
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours)
+    theirs.create(placement("app/later"))
+    real = ours._log_items
+
+    def unreachable(first: int, last: int) -> Any:
+        raise StoreError("placement store unreachable")
+
+    ours._log_items = unreachable  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        router.refresh()
+    assert router.placement("app/known").primary == "use1-a", "known keys still route from the cache"
+    assert router.cached_keys() == 1
+    ours._log_items = real  # type: ignore[method-assign]
+    assert router.refresh() is True and ours.scans == 1, "the next refresh reads the log it missed"
+    assert router.cached_keys() == 2, "the key made meanwhile came in through the log"
