@@ -61,8 +61,11 @@ _STATE = {
 
 
 def key(placement: Placement) -> pb.Key:
-    created = timestamp_pb2.Timestamp()
-    created.FromNanoseconds(int(placement.create_time * 1e9))
+    # Unset, not 1970, when not known (the cache's copy, served while the store is down).
+    created: timestamp_pb2.Timestamp | None = None
+    if placement.create_time > 0:
+        created = timestamp_pb2.Timestamp()
+        created.FromNanoseconds(int(placement.create_time * 1e9))
     return pb.Key(
         key_id=placement.key_id,
         algorithm=key_algorithm_pb(placement.algorithm),

@@ -275,3 +275,29 @@ def test_a_store_error_half_way_through_a_refresh_loses_no_change(tmp_path: Path
     assert router.refresh() is True, "the key left unread is read on the next refresh"
     assert router.placement("app/b").primary == "use1-b"
     assert router.refresh() is False and ours.scans == 1
+
+
+def test_get_key_reads_the_whole_record_and_falls_back_to_the_cache_when_the_store_is_down(tmp_path: Path) -> None:
+    from router.errors import KeyNotFound
+    from router.placement.store import StoreError
+
+    path = tmp_path / "placements.db"
+    ours = CountingStore(path)
+    ours.create(make("app/a"))
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, ours)
+    record = router.get_key("app/a")
+    assert record.request_id == "req-app/a" and record.create_time == 1_767_225_600.5, "from the store"
+    with pytest.raises(KeyNotFound):
+        router.get_key("app/none")
+
+    def down(key_id: str) -> Placement | None:
+        raise StoreError("placement store unreachable")
+
+    ours.get = down  # type: ignore[method-assign]
+    cached = router.get_key("app/a")
+    assert cached.primary == "use1-a" and cached.state is KeyState.ENABLED
+    assert cached.request_id == "" and cached.create_time == 0.0, "the cache keeps no creation record"
+    from gateway import _convert as conv
+
+    assert not conv.key(cached).HasField("create_time"), "shown as unknown, not as 1970"
+    assert conv.key(record).create_time.ToNanoseconds() == 1_767_225_600_500_000_000
