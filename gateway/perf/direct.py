@@ -54,7 +54,8 @@ class _DirectClient:
         pins = load_pins(config)
         os.environ.update(config.pkcs11.env)
         os.environ.update(dict(target.env))
-        lib = pkcs11.lib(target.module) if target.module else load_module(config.pkcs11.module).lib
+        module = None if target.module else load_module(config.pkcs11.module)
+        lib = module.lib if module is not None else pkcs11.lib(target.module)
         store = make_store(config.store.url, config.base_dir)
         try:
             placements = [store.get(key_id) for key_id in workload.key_ids]
@@ -69,7 +70,7 @@ class _DirectClient:
                 raise RuntimeError(f"key {key_id!r} is not in the placement store")
             cluster = placement.primary
             if cluster not in self._tokens:
-                token = _token(lib, labels[cluster], retry=bool(target.module))
+                token = _token(lib, labels[cluster], module=module)
                 self._tokens[cluster] = token
                 self._logins[cluster] = _login(token, pins[cluster].reveal())
             keys.append((key_id, cluster))
@@ -178,27 +179,44 @@ class _DirectClient:
         # The login sessions stay open until the process ends: closing one logs out the token.
 
 
-def _token(lib: Any, label: str, *, retry: bool) -> Any:
-    """The token labelled ``label``. Through p11-kit-client, a client connecting while others
-    do sometimes sees no token at first (a p11-kit server race): ask again for a few seconds."""
+def _patiently(call: Callable[[], Any], *transient: type[Exception]) -> Any:
+    """``call()``, asked again for up to five seconds while it fails with ``transient``."""
     import time
 
-    from pkcs11 import exceptions as p11
-
-    for attempt in range(50 if retry else 1):
+    for attempt in range(50):
         try:
-            return lib.get_token(token_label=label)
-        except p11.NoSuchToken:
-            if attempt == (49 if retry else 0):
+            return call()
+        except transient:
+            if attempt == 49:
                 raise
             time.sleep(0.1)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _login(token: Any, pin: str) -> Any:
+def _token(lib: Any, label: str, *, module: Any = None) -> Any:
+    """The token labelled ``label``.
+
+    A token can briefly look absent: SoftHSM while another process rewrites its files
+    (python-pkcs11's ``get_token`` then gives up on every slot), p11-kit-client while
+    other clients connect. With the configured ``module`` the slots are walked the way
+    the gateway walks them (a failing slot is skipped); either way it is asked again.
+    """
     from pkcs11 import exceptions as p11
 
-    try:
-        return token.open(rw=True, user_pin=pin)
-    except p11.UserAlreadyLoggedIn:
-        return token.open(rw=True)
+    def find() -> Any:
+        return module.token(label) if module is not None else lib.get_token(token_label=label)
+
+    return _patiently(find, p11.NoSuchToken, p11.GeneralError)
+
+
+def _login(token: Any, pin: str) -> Any:
+    """A logged-in session (a token being rewritten may answer CKR_GENERAL_ERROR for a moment)."""
+    from pkcs11 import exceptions as p11
+
+    def login() -> Any:
+        try:
+            return token.open(rw=True, user_pin=pin)
+        except p11.UserAlreadyLoggedIn:
+            return token.open(rw=True)
+
+    return _patiently(login, p11.GeneralError)

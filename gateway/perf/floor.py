@@ -50,7 +50,8 @@ def _sessions(config_path: str, key_id: str, count: int) -> tuple[Any, queue.Sim
     if placement is None:
         raise SystemExit(f"key {key_id!r} is not in the placement store")
     label = next(spec.token_label for spec in config.clusters if spec.name == placement.primary)
-    token = _token(load_module(config.pkcs11.module).lib, label, retry=False)
+    module = load_module(config.pkcs11.module)
+    token = _token(module.lib, label, module=module)
     login = _login(token, load_pins(config)[placement.primary].reveal())
     pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
     for _ in range(count):
