@@ -17,6 +17,7 @@ from gateway.admin import AdminServicer
 from gateway.audit import AUDIT_LOGGER, AuditHandler
 from gateway.auth import Authenticator, PolicyStore
 from gateway.config import GatewayConfig, check_security, is_loopback
+from gateway.fastpath import FastPath
 from gateway.interceptors import Limiter, SecurityInterceptor
 from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.servicer import CryptoServicer
@@ -30,6 +31,33 @@ log = logging.getLogger(__name__)
 
 CRYPTO_SERVICE = crypto_pb2.DESCRIPTOR.services_by_name["CryptoService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+FAST_METHODS = frozenset(
+    f"/{CRYPTO_SERVICE}/{name}"
+    for name in ("Sign", "Verify", "Encrypt", "Decrypt", "Mac", "VerifyMac", "GenerateRandom", "GetPublicKey")
+)
+"""Unary crypto calls served on ``[server] fast_path``: each takes about as long as one HSM
+operation. Slower calls (key lifecycle, store reads, BatchSign) and streams stay on
+grpcio's pool."""
+
+
+class _Registered:
+    """Stands in for a grpc.Server to collect what a generated ``add_*Servicer_to_server`` registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        pass  # the same handlers also come as registered methods
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers.update({f"/{service}/{name}": handler for name, handler in handlers.items()})
+
+    def add_to(self, server: grpc.Server, service: str, leave_out: frozenset[str]) -> None:
+        prefix = f"/{service}/"
+        kept = {m.removeprefix(prefix): h for m, h in self.handlers.items() if m not in leave_out}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, kept),))
+        server.add_registered_method_handlers(service, kept)
 
 
 # Resist abusive HTTP/2 pings: a client may ping at most every 30 s, and only while a
@@ -80,14 +108,21 @@ class Gateway:
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             *KEEPALIVE_OPTIONS,
         ]
+        # Observability first (outermost): refused calls are counted and logged with their request id.
+        interceptors = [self.metrics.interceptor, self.security]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="rpc"),
             options=options,
-            # Observability first (outermost): refused calls are counted and logged with their request id.
-            interceptors=[self.metrics.interceptor, self.security],
+            interceptors=interceptors,
         )
         self.crypto = CryptoServicer(router, default_deadline=config.server.default_deadline, draining=self.draining)
-        crypto_pb2_grpc.add_CryptoServiceServicer_to_server(self.crypto, self.server)
+        crypto = _Registered()
+        crypto_pb2_grpc.add_CryptoServiceServicer_to_server(self.crypto, crypto)
+        self.fast_path = None
+        if config.server.fast_path:
+            fast = {m: h for m, h in crypto.handlers.items() if m in FAST_METHODS}
+            self.fast_path = FastPath.attach(self.server, fast, interceptors, threads=config.server.threads)
+        crypto.add_to(self.server, CRYPTO_SERVICE, self.fast_path.methods if self.fast_path else frozenset())
         self.admin = AdminServicer(
             router,
             state_file=config.base_dir / config.admin.state_file,
@@ -172,6 +207,9 @@ class Gateway:
 
     def start(self) -> None:
         self.server.start()
+        if self.fast_path is not None:
+            self.fast_path.start()
+            log.info("unary crypto calls on the fast path (%d threads)", self.config.server.threads)
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", CRYPTO_SERVICE, ADMIN_SERVICE):
             self.health.set(name, serving)
@@ -207,6 +245,8 @@ class Gateway:
         self.draining.set()
         time.sleep(min(0.5, grace / 4))
         self.server.stop(grace).wait()
+        if self.fast_path is not None:
+            self.fast_path.stop()
         self.crypto.close()
         if self.cloudwatch is not None:
             self.cloudwatch.stop()

@@ -2,8 +2,9 @@
 
 ``hsmgw bench`` runs this beside the gateway and drives it with the same h2load
 requests. Each process is what a gateway worker would be with nothing of its own
-left: the same grpcio, thread count and one process per CPU (pinned, one port
-with ``SO_REUSEPORT``), and a ``Sign`` that parses the request, runs one
+left: the same grpcio, fast path (``gateway.fastpath``), thread count and one
+process per CPU (pinned, one port with ``SO_REUSEPORT``), and a ``Sign`` that
+parses the request, runs one
 ``C_Sign`` on a pooled session of the key's primary cluster and returns the
 HSM's signature — no authentication, limits, routing, failover, metrics or
 request ids. The gateway's unary throughput over this server's is how much of
@@ -26,6 +27,7 @@ from typing import Any
 import grpc
 
 from gateway.config import load, load_pins
+from gateway.fastpath import FastPath
 from hsmgw.v1 import crypto_pb2 as pb
 from router.model import Operation
 from router.pkcs11 import load_module
@@ -85,20 +87,29 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cpu", type=int, default=-1, help="pin to this CPU (-1: no pinning)")
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                        help="serve Sign on grpcio's thread pool, as with [server] fast_path = false")
     parser.add_argument("--ready", required=True, help="file written once serving")
     args = parser.parse_args()
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
     login, pool = _sessions(args.config, args.key, args.threads)
     server = grpc.server(ThreadPoolExecutor(max_workers=args.threads), options=[("grpc.so_reuseport", 1)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Sign": _sign_handler(pool)}),))
+    handler = _sign_handler(pool)
+    fast = FastPath.attach(server, {f"/{SERVICE}/Sign": handler}, [], threads=args.threads) if args.fast_path else None
+    if fast is None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Sign": handler}),))
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
+    if fast is not None:
+        fast.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     Path(args.ready).write_text("ready")
     stop.wait()
-    server.stop(0)
+    server.stop(0).wait()
+    if fast is not None:
+        fast.stop()
     login.close()
 
 

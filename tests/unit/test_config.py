@@ -211,6 +211,7 @@ BAD_CONFIGS = [
     ("server.max_message_bytes", "4MiB", "server.max_message_bytes"),
     ("server.pin_workers", "yes", "server.pin_workers"),
     ("server.pin_workers", 1, "server.pin_workers"),
+    ("server.fast_path", "on", "server.fast_path"),
     ("pkcs11", DELETE, "pkcs11"),
     ("pkcs11.module", DELETE, "pkcs11.module"),
     ("pkcs11.module", ["/lib.so"], "pkcs11.module"),

@@ -1,0 +1,270 @@
+"""The fast path: unary calls served by the thread that takes them from gRPC core.
+
+A real grpcio server on a free loopback port with a real client; what is checked is
+what a client sees (codes, details, metadata, deadlines), and that the calls really
+ran on the fast path's threads while other methods stayed on grpcio's pool.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import code_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gateway.fastpath import FastPath
+from tests.support import wait_for
+
+SERVICE = "test.Echo"
+
+
+def _method(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+class Recorder(grpc.ServerInterceptor):
+    """Notes each call's method and lets ``refuse`` name methods to answer with no handler."""
+
+    def __init__(self, tag: str, seen: list[str], refuse: set[str] | None = None) -> None:
+        self.tag, self.seen, self.refuse = tag, seen, refuse or set()
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        self.seen.append(f"{self.tag}:{details.method.rsplit('/', 1)[1]}")
+        if details.method in self.refuse:
+            return None
+        return continuation(details)
+
+
+class Server:
+    """A grpcio server whose unary methods ``fast`` serves on the fast path, the rest on its pool."""
+
+    def __init__(self, behaviours: dict[str, Callable[[bytes, grpc.ServicerContext], bytes]], *,
+                 slow: dict[str, Callable[[bytes, grpc.ServicerContext], bytes]] | None = None,
+                 threads: int = 2, interceptors: list[grpc.ServerInterceptor] | None = None,
+                 deserializer: Callable[[bytes], Any] | None = None,
+                 serializer: Callable[[Any], bytes] | None = None) -> None:
+        self.interceptors = interceptors or []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pool"),
+                                  interceptors=self.interceptors)
+        fast = {_method(name): grpc.unary_unary_rpc_method_handler(b, deserializer, serializer)
+                for name, b in behaviours.items()}
+        self.fast = FastPath.attach(self.server, fast, self.interceptors, threads=threads)
+        assert self.fast is not None
+        pool = {name: grpc.unary_unary_rpc_method_handler(b) for name, b in (slow or {}).items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, pool),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.fast.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+
+    def call(self, name: str, body: bytes = b"", **kwargs: Any) -> Any:
+        return self.channel.unary_unary(_method(name)).with_call(body, timeout=kwargs.pop("timeout", 10), **kwargs)
+
+    def future(self, name: str, body: bytes = b"", timeout: float = 10) -> grpc.Future:
+        return self.channel.unary_unary(_method(name)).future(body, timeout=timeout)
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.channel.close()
+        self.server.stop(grace).wait()
+        assert self.fast is not None
+        self.fast.stop()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    started: list[Server] = []
+
+    def start(*args: Any, **kwargs: Any) -> Server:
+        started.append(Server(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop(grace=None)
+
+
+def _thread_name(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+    return threading.current_thread().name.encode()
+
+
+def test_unary_calls_run_on_the_fast_path_threads_and_others_on_the_pool(serve) -> None:
+    server = serve({"Fast": _thread_name}, slow={"Slow": _thread_name})
+    fast, call = server.call("Fast")
+    assert fast.startswith(b"rpc-fast-") and call.code() is grpc.StatusCode.OK
+    slow, _ = server.call("Slow")
+    assert slow.startswith(b"pool")
+
+
+def test_metadata_peer_and_deadline_reach_the_servicer_and_trailers_reach_the_client(serve) -> None:
+    def behaviour(request: bytes, context: grpc.ServicerContext) -> bytes:
+        metadata = dict(context.invocation_metadata())
+        context.set_trailing_metadata((("x-echo", metadata["x-tag"]), ("x-left-bin", b"\x00\x01")))
+        return f"{context.peer()}|{context.time_remaining():.1f}|{request.decode()}".encode()
+
+    server = serve({"Echo": behaviour})
+    response, call = server.call("Echo", b"hello", metadata=(("x-tag", "t-42"),), timeout=7)
+    peer, remaining, echoed = response.decode().split("|")
+    assert peer.startswith("ipv4:127.0.0.1:")
+    assert 5.0 < float(remaining) <= 7.0
+    assert echoed == "hello"
+    assert dict(call.trailing_metadata()) == {"x-echo": "t-42", "x-left-bin": b"\x00\x01"}
+
+
+def test_abort_with_status_sends_code_details_and_rich_status(serve) -> None:
+    def behaviour(_request: bytes, context: grpc.ServicerContext) -> bytes:
+        status = status_pb2.Status(code=code_pb2.NOT_FOUND, message="no key 'k1'")
+        context.abort_with_status(rpc_status.to_status(status))
+        raise AssertionError("abort returned")
+
+    server = serve({"Abort": behaviour})
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Abort")
+    err = caught.value
+    assert err.code() is grpc.StatusCode.NOT_FOUND and err.details() == "no key 'k1'"
+    assert rpc_status.from_call(err).message == "no key 'k1'"
+
+
+def test_set_code_with_a_response_sends_that_code(serve) -> None:
+    def behaviour(_request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+        context.set_details("not yet")
+        return b"ignored by the client"
+
+    server = serve({"Code": behaviour})
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Code")
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION and caught.value.details() == "not yet"
+
+
+def test_a_servicer_exception_is_unknown_and_the_thread_serves_on(serve) -> None:
+    def boom(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        raise RuntimeError("boom")
+
+    server = serve({"Boom": boom, "Name": _thread_name}, threads=1)
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Boom")
+    assert caught.value.code() is grpc.StatusCode.UNKNOWN
+    assert caught.value.details() == "Exception calling application: boom"
+    assert server.call("Name")[0] == b"rpc-fast-0"
+
+
+def test_a_request_that_does_not_parse_is_internal(serve) -> None:
+    def strict(data: bytes) -> bytes:
+        if not data.startswith(b"ok"):
+            raise ValueError("bad bytes")
+        return data
+
+    server = serve({"Echo": lambda request, _context: request}, deserializer=strict)
+    assert server.call("Echo", b"ok then")[0] == b"ok then"
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Echo", b"\xff garbage")
+    assert caught.value.code() is grpc.StatusCode.INTERNAL
+    assert caught.value.details() == "Exception deserializing request!"
+
+
+def test_a_response_that_does_not_serialize_is_internal(serve) -> None:
+    server = serve({"Echo": lambda _request, _context: object()}, serializer=lambda value: value.missing)
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Echo")
+    assert caught.value.code() is grpc.StatusCode.INTERNAL
+    assert caught.value.details() == "Failed to serialize response!"
+
+
+def test_interceptors_run_in_order_and_no_handler_is_unimplemented(serve) -> None:
+    seen: list[str] = []
+    interceptors: list[grpc.ServerInterceptor] = [Recorder("outer", seen), Recorder("inner", seen, {_method("Gone")})]
+    server = serve({"Echo": lambda request, _context: request, "Gone": _thread_name}, interceptors=interceptors)
+    assert server.call("Echo", b"x")[0] == b"x"
+    assert seen == ["outer:Echo", "inner:Echo"]
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Gone")
+    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_calls_run_concurrently_up_to_the_thread_count(serve) -> None:
+    inside = threading.Semaphore(0)
+    release = threading.Event()
+
+    def hold(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        inside.release()
+        assert release.wait(10)
+        return threading.current_thread().name.encode()
+
+    server = serve({"Hold": hold}, threads=3)
+    calls = [server.future("Hold") for _ in range(3)]
+    for _ in range(3):
+        assert inside.acquire(timeout=10), "three calls did not run at once on three threads"
+    release.set()
+    assert sorted(c.result() for c in calls) == [b"rpc-fast-0", b"rpc-fast-1", b"rpc-fast-2"]
+
+
+def test_a_call_of_another_method_is_not_held_behind_a_slow_one(serve) -> None:
+    release = threading.Event()
+    inside = threading.Event()
+
+    def hold(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        inside.set()
+        assert release.wait(10)
+        return b"held"
+
+    server = serve({"Hold": hold, "Quick": _thread_name}, threads=2)
+    held = server.future("Hold")
+    assert inside.wait(10)
+    for _ in range(20):  # every one is answered while the first thread is busy
+        assert server.call("Quick", timeout=5)[0].startswith(b"rpc-fast-")
+    release.set()
+    assert held.result() == b"held"
+
+
+def test_deadline_and_cancellation_free_the_thread(serve) -> None:
+    release = threading.Event()
+    finished: list[bool] = []
+
+    def hold(_request: bytes, context: grpc.ServicerContext) -> bytes:
+        release.wait(10)
+        finished.append(context.is_active())
+        return b"late"
+
+    server = serve({"Hold": hold, "Name": _thread_name}, threads=1)
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Hold", timeout=0.3)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    cancelled = server.future("Hold")
+    time.sleep(0.2)
+    assert cancelled.cancel()
+    release.set()
+    assert server.call("Name")[0] == b"rpc-fast-0"
+    wait_for(lambda: len(finished) == 2, what="both held calls to finish")
+
+
+def test_stop_lets_a_call_in_flight_finish_and_ends_the_threads(serve) -> None:
+    inside = threading.Event()
+
+    def slow(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        inside.set()
+        time.sleep(0.5)
+        return b"done"
+
+    server = Server({"Slow": slow}, threads=2)
+    call = server.future("Slow")
+    assert inside.wait(10)
+    stopped = server.server.stop(5)
+    assert call.result(timeout=10) == b"done"
+    stopped.wait(10)
+    assert server.fast is not None
+    server.fast.stop()
+    server.channel.close()
+    assert not any(t.name.startswith("rpc-fast-") and t.is_alive() for t in threading.enumerate())
+
+
+def test_streaming_methods_are_refused() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    stream = grpc.unary_stream_rpc_method_handler(lambda request, context: iter(()))
+    with pytest.raises(ValueError, match="streaming"):
+        FastPath.attach(server, {_method("Stream"): stream}, [], threads=1)
