@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import queue
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -137,7 +138,12 @@ class SessionPool:
         self._clock = clock
         self._lock = threading.Lock()
         self._idle: collections.deque[PooledSession] = collections.deque()
-        self._slots = threading.BoundedSemaphore(spec.pool_size)
+        # A counting semaphore whose wait and wake-up run in C. threading's Semaphore is
+        # a Python Condition; with more threads than sessions (16 on 4), its wake-ups
+        # cost 50-100 µs of CPU per RSA call (990 -> 890-940 µs a call, h2load).
+        self._slots: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(spec.pool_size):
+            self._slots.put(None)
         self._epoch = 0
         self._open = 0
         self._closed = False
@@ -156,13 +162,15 @@ class SessionPool:
     @contextlib.contextmanager
     def session(self, deadline: float) -> Iterator[PooledSession]:
         """Check out a session until the block ends; wait no longer than ``deadline``."""
-        if not self._slots.acquire(timeout=max(0.0, deadline - self._clock())):
+        try:
+            self._slots.get(timeout=max(0.0, deadline - self._clock()))
+        except queue.Empty:
             raise ResourceExhausted(
                 f"all {self.spec.pool_size} sessions of cluster {self.spec.name} are busy",
                 cluster=self.spec.name,
                 region=self.spec.region,
                 retry_after=0.05,
-            )
+            ) from None
         try:
             session = self._checkout()
             try:
@@ -170,7 +178,7 @@ class SessionPool:
             finally:
                 self._checkin(session)
         finally:
-            self._slots.release()
+            self._slots.put(None)
 
     def invalidate_keys(self) -> None:
         """Forget every cached key object (after a key is destroyed)."""
