@@ -49,7 +49,8 @@ class ServerConfig:
     insecure_plaintext: bool = False
     """Serve without TLS. Allowed only on a loopback address (development)."""
     threads: int = 16
-    """gRPC worker threads per process (requests served at once)."""
+    """gRPC threads per process: calls served at once on grpcio's pool, and as many
+    again on the fast path (``fast_path``)."""
     default_deadline: float = 10.0
     """Seconds a request may take when the caller sets no deadline."""
     max_message_bytes: int = 4 * 1024 * 1024

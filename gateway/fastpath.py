@@ -208,12 +208,21 @@ class FastPath:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> None:
-        """Call after the grpcio server has stopped: core has failed the outstanding requests."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Call after the grpcio server has stopped: core has failed the outstanding requests.
+
+        Waits up to ``timeout`` seconds for calls still in a servicer (one stuck in an
+        HSM call cannot be interrupted); their threads are then left to end with the process.
+        """
         self._stopping = True
         self._notices.shutdown()
+        end = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, end - time.monotonic()))
+        busy = sum(thread.is_alive() for thread in self._threads)
+        if busy:
+            log.warning("%d fast-path call(s) still running after %.0f s; not waiting for them", busy, timeout)
+            return
         for slot in self._slots:
             slot.queue.shutdown()
             while slot.queue.poll().completion_type != cygrpc.CompletionType.queue_shutdown:

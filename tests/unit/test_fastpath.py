@@ -48,10 +48,11 @@ class Server:
                  slow: dict[str, Callable[[bytes, grpc.ServicerContext], bytes]] | None = None,
                  threads: int = 2, interceptors: list[grpc.ServerInterceptor] | None = None,
                  deserializer: Callable[[bytes], Any] | None = None,
-                 serializer: Callable[[Any], bytes] | None = None) -> None:
+                 serializer: Callable[[Any], bytes] | None = None,
+                 options: list[tuple[str, Any]] | None = None) -> None:
         self.interceptors = interceptors or []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pool"),
-                                  interceptors=self.interceptors)
+                                  interceptors=self.interceptors, options=options or [])
         fast = {_method(name): grpc.unary_unary_rpc_method_handler(b, deserializer, serializer)
                 for name, b in behaviours.items()}
         self.fast = FastPath.attach(self.server, fast, self.interceptors, threads=threads)
@@ -261,6 +262,39 @@ def test_stop_lets_a_call_in_flight_finish_and_ends_the_threads(serve) -> None:
     server.fast.stop()
     server.channel.close()
     assert not any(t.name.startswith("rpc-fast-") and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_request_over_the_size_limit_is_resource_exhausted(serve) -> None:
+    server = serve({"Echo": lambda request, _context: request, "Name": _thread_name}, threads=1,
+                   options=[("grpc.max_receive_message_length", 1024)])
+    assert server.call("Echo", b"x" * 1000)[0] == b"x" * 1000
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Echo", b"x" * 2000)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert server.call("Name")[0] == b"rpc-fast-0"
+
+
+def test_stop_does_not_wait_forever_for_a_stuck_call(caplog) -> None:
+    stuck = threading.Event()
+    inside = threading.Event()
+
+    def hang(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        inside.set()
+        stuck.wait(30)
+        return b""
+
+    server = Server({"Hang": hang}, threads=1)
+    pending = server.future("Hang", timeout=30)
+    assert inside.wait(10)
+    server.server.stop(0.1).wait(10)
+    assert server.fast is not None
+    started = time.monotonic()
+    server.fast.stop(timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert "1 fast-path call(s) still running" in caplog.text
+    stuck.set()
+    pending.cancel()
+    server.channel.close()
 
 
 def test_streaming_methods_are_refused() -> None:
