@@ -61,8 +61,9 @@ ALGORITHMS = {
     "rsa": (Operation.RSA_PKCS1_SHA256, "RSA_2048"),
 }
 PYTHON_PROCESSES = 2
-ROUTING_ROUNDS = 3
-"""Turns each placement count takes in the routing-cost measurement (medians are reported)."""
+ROUTING_ROUNDS = 5
+"""Turns each placement count takes in the routing-cost measurement (medians are reported),
+after one warm-up turn each that is not counted."""
 BATCH_IN_FLIGHT = 4
 """Calls in flight per BatchSign client process, each on its own connection: the kernel spreads
 connections, not calls, over the workers, so a handful of connections can land unevenly."""
@@ -440,9 +441,10 @@ class Bench:
     def routing(self, fleet: Any, key_id: str) -> dict[str, Any]:
         """Unary sign throughput and RSS with 1,000 and with ``--placements`` keys.
 
-        One gateway per size, all started first; then the sizes take turns,
-        ROUTING_ROUNDS times, and each size reports its median: a drift in the
-        machine's load then hits both sizes alike.
+        One gateway per size, all started first; each size gets a warm-up turn that
+        is not counted, then the sizes take turns ROUTING_ROUNDS times, in reverse
+        order every other round (ABBA), and each size reports its median: a drift in
+        the machine's load then hits both sizes alike.
         """
         from router.placement.sqlite import SqliteStore
 
@@ -468,16 +470,20 @@ class Bench:
                 gateways[size] = BenchGateway(config, self.args.workers, self.workdir).start()
                 _say(f"    started in {gateways[size].started_in:.1f}s; workers' RSS {gateways[size].rss_mb()} MB")
             rss_at_start = {size: gateway.rss_mb() for size, gateway in gateways.items()}
-            for round_ in range(ROUTING_ROUNDS):
-                for size, gateway in gateways.items():
-                    _say(f"  round {round_ + 1}/{ROUTING_ROUNDS}, {size:,} placements")
+            order = list(gateways.items())
+            for round_ in range(ROUTING_ROUNDS + 1):
+                for size, gateway in order if round_ % 2 else reversed(order):
+                    counted = round_ > 0
+                    _say(f"  round {round_}/{ROUTING_ROUNDS}, {size:,} placements" if counted
+                         else f"  warm-up, {size:,} placements")
                     if available():
-                        measured[size].append(self.h2load(gateway, op, key_id))
+                        row = self.h2load(gateway, op, key_id)
                     else:
                         report = self.measure("unary, Python", self.workload(
                             op, key_id, processes=PYTHON_PROCESSES, in_flight=8), GatewayTarget(gateway.target))
-                        measured[size].append(Row("gateway unary, Python clients", report.throughput,
-                                                  errors=report.error_count))
+                        row = Row("gateway unary, Python clients", report.throughput, errors=report.error_count)
+                    if counted:
+                        measured[size].append(row)
             runs: list[dict[str, Any]] = []
             for size, gateway in gateways.items():
                 rows = measured[size]

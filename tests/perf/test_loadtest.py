@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.perf.bench import ROUTING_ROUNDS
 from tests.support import ROOT
 
 
@@ -72,6 +73,7 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
     runs = results["routing"]["runs"]
     assert [r["placements"] for r in runs] == [1000, 3000]
     assert all(r["errors"] == 0 and r["throughput"] and r["worker_rss_mb"] for r in runs)
+    assert all(len(r["rounds"]) == ROUTING_ROUNDS for r in runs), "the warm-up turn is not counted"
     text = markdown.read_text()
     assert "prose kept" in text and "more prose" in text and "old" not in text
     assert "| 1. direct python-pkcs11" in text
