@@ -26,6 +26,7 @@ servicer that does not poll ``is_active``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -59,8 +60,8 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
 
     def __init__(self, event: Any, queue: Any) -> None:
         self._event = event
-        self._call = event.call
-        self._queue = queue
+        self.call = event.call
+        self.queue = queue
         self.code_: grpc.StatusCode | None = None
         self.details_: str | None = None
         self.trailing: Sequence[tuple[str, Any]] | None = None
@@ -78,7 +79,7 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
         return max(remaining, 0.0)
 
     def cancel(self) -> None:
-        self._call.cancel()
+        self.call.cancel()
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         if self.over:
@@ -90,18 +91,18 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
         return self._event.invocation_metadata  # type: ignore[no-any-return]
 
     def peer(self) -> str:
-        peer = self._call.peer()
+        peer = self.call.peer()
         return peer.decode() if isinstance(peer, bytes) else str(peer)
 
     def peer_identities(self) -> Sequence[bytes] | None:
-        return cygrpc.peer_identities(self._call)  # type: ignore[no-any-return]
+        return cygrpc.peer_identities(self.call)  # type: ignore[no-any-return]
 
     def peer_identity_key(self) -> str | None:
-        key = cygrpc.peer_identity_key(self._call)
+        key = cygrpc.peer_identity_key(self.call)
         return key.decode() if isinstance(key, bytes) else key
 
     def auth_context(self) -> Mapping[str, Sequence[bytes]]:
-        properties = cygrpc.auth_context(self._call) or {}
+        properties = cygrpc.auth_context(self.call) or {}
         return {k.decode() if isinstance(k, bytes) else k: v for k, v in properties.items()}
 
     # -- what goes back --
@@ -115,8 +116,8 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
         if self.initial_sent:
             raise ValueError("Initial metadata no longer allowed!")
         self.initial_sent = True
-        self._call.start_server_batch((cygrpc.SendInitialMetadataOperation(tuple(initial_metadata), _NO_FLAGS),), None)
-        self._queue.poll()
+        self.call.start_server_batch((cygrpc.SendInitialMetadataOperation(tuple(initial_metadata), _NO_FLAGS),), None)
+        self.queue.poll()
 
     def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, Any]]) -> None:
         self.trailing = trailing_metadata
@@ -186,7 +187,11 @@ class FastPath:
                 raise ValueError(f"{method} is a streaming method; only unary calls are served here")
         self._core = core
         self._handlers = dict(handlers)
-        self._interceptors = tuple(interceptors)
+        # The interceptor chain, built once: interceptors[0] is outermost, as in grpcio.
+        resolve: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None] = self._lookup
+        for interceptor in reversed(interceptors):
+            resolve = functools.partial(interceptor.intercept_service, resolve)
+        self._resolve = resolve
         self._notices = cygrpc.CompletionQueue()
         core.register_completion_queue(self._notices)
         for method in self._handlers:
@@ -196,6 +201,9 @@ class FastPath:
         self._threads = [threading.Thread(target=self._serve, name=f"rpc-fast-{i}", daemon=True)
                          for i in range(threads)]
         self._stopping = False
+
+    def _lookup(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(details.method)
 
     @property
     def methods(self) -> frozenset[str]:
@@ -218,7 +226,8 @@ class FastPath:
         self._notices.shutdown()
         end = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(max(0.0, end - time.monotonic()))
+            if thread.ident is not None:  # started (stop may follow a failed start)
+                thread.join(max(0.0, end - time.monotonic()))
         busy = sum(thread.is_alive() for thread in self._threads)
         if busy:
             log.warning("%d fast-path call(s) still running after %.0f s; not waiting for them", busy, timeout)
@@ -257,54 +266,42 @@ class FastPath:
                 if not self._stopping:
                     self._request(slot)
 
-    def _handler(self, index: int, details: _CallDetails) -> grpc.RpcMethodHandler | None:
-        if index == len(self._interceptors):
-            return self._handlers.get(details.method)
-        return self._interceptors[index].intercept_service(
-            lambda d: self._handler(index + 1, d), details)
-
     def _handle(self, event: Any, slot: _Slot) -> None:
-        call, queue = event.call, slot.queue
-        context = _Context(event, queue)
+        context = _Context(event, slot.queue)
+        self._finish(context, *self._answer(event, slot, context))
+
+    def _answer(self, event: Any, slot: _Slot, context: _Context) -> tuple[bytes | None, grpc.StatusCode, str]:
+        """Receive the request, run the interceptors and the servicer: (response body, status, details)."""
         try:
-            handler = self._handler(0, _CallDetails(slot.method, event.invocation_metadata))
+            handler = self._resolve(_CallDetails(slot.method, event.invocation_metadata))
         except Exception as exc:
             log.exception("an interceptor failed on %s", slot.method)
-            self._finish(context, None, grpc.StatusCode.UNKNOWN, f"Exception servicing handler: {exc}")
-            return
+            return None, grpc.StatusCode.UNKNOWN, f"Exception servicing handler: {exc}"
         if handler is None:
-            self._finish(context, None, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-            return
-        call.start_server_batch((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), None)
-        received = queue.poll()
+            return None, grpc.StatusCode.UNIMPLEMENTED, "Method not found!"
+        context.call.start_server_batch((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), None)
+        received = slot.queue.poll()
         payload = received.batch_operations[0].message() if received.success else None
         if payload is None:  # cancelled, or the client closed without a request
-            self._finish(context, None, grpc.StatusCode.UNIMPLEMENTED,
-                         f'"{slot.method}" requires exactly one request message.')
-            return
+            return None, grpc.StatusCode.UNIMPLEMENTED, f'"{slot.method}" requires exactly one request message.'
         try:
             request = handler.request_deserializer(payload) if handler.request_deserializer else payload
         except Exception:
             log.exception("cannot deserialize a request for %s", slot.method)
-            self._finish(context, None, grpc.StatusCode.INTERNAL, "Exception deserializing request!")
-            return
+            return None, grpc.StatusCode.INTERNAL, "Exception deserializing request!"
         try:
             response = handler.unary_unary(request, context)
         except Exception as exc:
             if context.aborted:
-                self._finish(context, None, context.code_ or grpc.StatusCode.UNKNOWN, context.details_ or "")
-            else:
-                details = f"Exception calling application: {exc}"
-                log.exception(details)
-                self._finish(context, None, grpc.StatusCode.UNKNOWN, details)
-            return
+                return None, context.code_ or grpc.StatusCode.UNKNOWN, context.details_ or ""
+            log.exception("Exception calling application: %s", exc)
+            return None, grpc.StatusCode.UNKNOWN, f"Exception calling application: {exc}"
         try:
             body = handler.response_serializer(response) if handler.response_serializer else response
         except Exception:
             log.exception("cannot serialize a response of %s", slot.method)
-            self._finish(context, None, grpc.StatusCode.INTERNAL, "Failed to serialize response!")
-            return
-        self._finish(context, body, context.code_ or grpc.StatusCode.OK, context.details_ or "")
+            return None, grpc.StatusCode.INTERNAL, "Failed to serialize response!"
+        return body, context.code_ or grpc.StatusCode.OK, context.details_ or ""
 
     def _finish(self, context: _Context, body: bytes | None, code: grpc.StatusCode, details: str) -> None:
         """Send what is left of the answer in one batch, and wait for it and the client's close."""
@@ -315,8 +312,8 @@ class FastPath:
         if body is not None:
             operations.append(cygrpc.SendMessageOperation(body, _NO_FLAGS))
         operations.append(cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS))
-        context._call.start_server_batch(tuple(operations), None)
-        context._queue.poll()
+        context.call.start_server_batch(tuple(operations), None)
+        context.queue.poll()
         context.over = True
         for callback in context.callbacks:
             try:

@@ -94,6 +94,28 @@ def _thread_name(_request: bytes, _context: grpc.ServicerContext) -> bytes:
     return threading.current_thread().name.encode()
 
 
+class Gate:
+    """A servicer that holds each call until ``open()``, then answers with its thread's name."""
+
+    def __init__(self) -> None:
+        self._inside = threading.Semaphore(0)
+        self._open = threading.Event()
+        self.active_at_end: list[bool] = []
+
+    def __call__(self, _request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._inside.release()
+        self._open.wait(30)
+        self.active_at_end.append(context.is_active())
+        return threading.current_thread().name.encode()
+
+    def entered(self, calls: int = 1) -> bool:
+        """True once ``calls`` more calls are inside (held at once)."""
+        return all(self._inside.acquire(timeout=10) for _ in range(calls))
+
+    def open(self) -> None:
+        self._open.set()
+
+
 def test_unary_calls_run_on_the_fast_path_threads_and_others_on_the_pool(serve) -> None:
     server = serve({"Fast": _thread_name}, slow={"Slow": _thread_name})
     fast, call = server.call("Fast")
@@ -189,74 +211,47 @@ def test_interceptors_run_in_order_and_no_handler_is_unimplemented(serve) -> Non
 
 
 def test_calls_run_concurrently_up_to_the_thread_count(serve) -> None:
-    inside = threading.Semaphore(0)
-    release = threading.Event()
-
-    def hold(_request: bytes, _context: grpc.ServicerContext) -> bytes:
-        inside.release()
-        assert release.wait(10)
-        return threading.current_thread().name.encode()
-
-    server = serve({"Hold": hold}, threads=3)
+    gate = Gate()
+    server = serve({"Hold": gate}, threads=3)
     calls = [server.future("Hold") for _ in range(3)]
-    for _ in range(3):
-        assert inside.acquire(timeout=10), "three calls did not run at once on three threads"
-    release.set()
+    assert gate.entered(3), "three calls did not run at once on three threads"
+    gate.open()
     assert sorted(c.result() for c in calls) == [b"rpc-fast-0", b"rpc-fast-1", b"rpc-fast-2"]
 
 
 def test_a_call_of_another_method_is_not_held_behind_a_slow_one(serve) -> None:
-    release = threading.Event()
-    inside = threading.Event()
-
-    def hold(_request: bytes, _context: grpc.ServicerContext) -> bytes:
-        inside.set()
-        assert release.wait(10)
-        return b"held"
-
-    server = serve({"Hold": hold, "Quick": _thread_name}, threads=2)
+    gate = Gate()
+    server = serve({"Hold": gate, "Quick": _thread_name}, threads=2)
     held = server.future("Hold")
-    assert inside.wait(10)
+    assert gate.entered()
     for _ in range(20):  # every one is answered while the first thread is busy
         assert server.call("Quick", timeout=5)[0].startswith(b"rpc-fast-")
-    release.set()
-    assert held.result() == b"held"
+    gate.open()
+    assert held.result().startswith(b"rpc-fast-")
 
 
 def test_deadline_and_cancellation_free_the_thread(serve) -> None:
-    release = threading.Event()
-    finished: list[bool] = []
-
-    def hold(_request: bytes, context: grpc.ServicerContext) -> bytes:
-        release.wait(10)
-        finished.append(context.is_active())
-        return b"late"
-
-    server = serve({"Hold": hold, "Name": _thread_name}, threads=1)
+    gate = Gate()
+    server = serve({"Hold": gate, "Name": _thread_name}, threads=1)
     with pytest.raises(grpc.RpcError) as caught:
         server.call("Hold", timeout=0.3)
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     cancelled = server.future("Hold")
     time.sleep(0.2)
     assert cancelled.cancel()
-    release.set()
+    gate.open()
     assert server.call("Name")[0] == b"rpc-fast-0"
-    wait_for(lambda: len(finished) == 2, what="both held calls to finish")
+    wait_for(lambda: len(gate.active_at_end) == 2, what="both held calls to finish")
 
 
 def test_stop_lets_a_call_in_flight_finish_and_ends_the_threads(serve) -> None:
-    inside = threading.Event()
-
-    def slow(_request: bytes, _context: grpc.ServicerContext) -> bytes:
-        inside.set()
-        time.sleep(0.5)
-        return b"done"
-
-    server = Server({"Slow": slow}, threads=2)
+    gate = Gate()
+    server = Server({"Slow": gate}, threads=2)
     call = server.future("Slow")
-    assert inside.wait(10)
+    assert gate.entered()
     stopped = server.server.stop(5)
-    assert call.result(timeout=10) == b"done"
+    gate.open()
+    assert call.result(timeout=10).startswith(b"rpc-fast-")
     stopped.wait(10)
     assert server.fast is not None
     server.fast.stop()
@@ -275,26 +270,53 @@ def test_a_request_over_the_size_limit_is_resource_exhausted(serve) -> None:
 
 
 def test_stop_does_not_wait_forever_for_a_stuck_call(caplog) -> None:
-    stuck = threading.Event()
-    inside = threading.Event()
-
-    def hang(_request: bytes, _context: grpc.ServicerContext) -> bytes:
-        inside.set()
-        stuck.wait(30)
-        return b""
-
-    server = Server({"Hang": hang}, threads=1)
+    gate = Gate()
+    server = Server({"Hang": gate}, threads=1)
     pending = server.future("Hang", timeout=30)
-    assert inside.wait(10)
+    assert gate.entered()
     server.server.stop(0.1).wait(10)
     assert server.fast is not None
     started = time.monotonic()
     server.fast.stop(timeout=0.5)
     assert time.monotonic() - started < 5
     assert "1 fast-path call(s) still running" in caplog.text
-    stuck.set()
+    gate.open()
     pending.cancel()
     server.channel.close()
+
+
+def test_stop_after_a_start_that_never_happened() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    fast = FastPath.attach(server, {_method("Echo"): grpc.unary_unary_rpc_method_handler(lambda r, c: r)}, [],
+                           threads=2)
+    assert fast is not None
+    server.stop(None).wait(10)
+    fast.stop(timeout=1)  # a gateway whose start failed is still stopped cleanly
+
+
+def test_a_call_with_no_request_message_is_unimplemented(serve) -> None:
+    server = serve({"Echo": lambda request, _context: request, "Name": _thread_name}, threads=1)
+    no_message = server.channel.stream_unary(_method("Echo"))  # a client that half-closes at once
+    with pytest.raises(grpc.RpcError) as caught:
+        no_message(iter(()), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.details() == f'"{_method("Echo")}" requires exactly one request message.'
+    assert server.call("Name")[0] == b"rpc-fast-0"
+
+
+def test_an_interceptor_that_fails_is_unknown_and_the_thread_serves_on(serve) -> None:
+    class Broken(grpc.ServerInterceptor):
+        def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+            if details.method == _method("Broken"):
+                raise RuntimeError("policy store unreadable")
+            return continuation(details)
+
+    server = serve({"Broken": _thread_name, "Name": _thread_name}, threads=1, interceptors=[Broken()])
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Broken")
+    assert caught.value.code() is grpc.StatusCode.UNKNOWN
+    assert caught.value.details() == "Exception servicing handler: policy store unreadable"
+    assert server.call("Name")[0] == b"rpc-fast-0"
 
 
 def test_streaming_methods_are_refused() -> None:
