@@ -159,6 +159,35 @@ def rpc_error(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
     raise AssertionError(f"{getattr(fn, '_method', fn)} did not fail")
 
 
+def stored(key_id: str = "app/key-1", request_id: str | None = None, **changes: Any) -> Any:
+    """A placement record as a store keeps it: a P-256 signing key on use1-a, CREATING, with
+    replicas use1-b and usw2-a; ``changes`` replace any field."""
+    import dataclasses
+
+    from router.model import KeyAlgorithm, KeyState, KeyUsage, Placement
+
+    base = Placement(
+        key_id=key_id,
+        algorithm=KeyAlgorithm.EC_P256,
+        usage=KeyUsage.SIGN_VERIFY,
+        state=KeyState.CREATING,
+        primary="use1-a",
+        replicas=("use1-b", "usw2-a"),
+        create_time=1_767_225_600.25,
+        request_id=request_id if request_id is not None else f"req-{key_id}",
+        fingerprint=f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def serving(key_id: str, **changes: Any) -> Any:
+    """``stored`` for a key in service: ENABLED, on use1-a with one copy in usw2-a."""
+    from router.model import KeyState
+
+    return stored(key_id, **{"state": KeyState.ENABLED, "replicas": ("usw2-a",), "create_time": 1_767_225_600.5,
+                             "fingerprint": f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN|True", "copies": 2, **changes})
+
+
 def placement(key_id: str, algorithm: Any, usage: Any = None, **kwargs: Any) -> Any:
     """A Placement for driving a backend directly (no store involved)."""
     from router.model import USAGES, KeyState, Placement

@@ -8,14 +8,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import RouterCollector
-from router.model import KeyAlgorithm, KeyState, KeyUsage, Placement
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
-
-
-def make(key_id: str) -> Placement:
-    return Placement(key_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, KeyState.ENABLED, "use1-a", ("usw2-a",),
-                     create_time=1_767_225_600.5, request_id=f"req-{key_id}", copies=2)
+from tests.support import serving as make
 
 
 def test_cache_size_reloads_and_rereads_are_exported(tmp_path: Path) -> None:

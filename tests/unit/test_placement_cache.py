@@ -12,25 +12,10 @@ from pathlib import Path
 import pytest
 
 from router.cache import PlacementCache
-from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
+from router.model import KeyState, KeyStorage, Placement
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
-
-
-def make(key_id: str, **changes: object) -> Placement:
-    base = Placement(
-        key_id=key_id,
-        algorithm=KeyAlgorithm.EC_P256,
-        usage=KeyUsage.SIGN_VERIFY,
-        state=KeyState.ENABLED,
-        primary="use1-a",
-        replicas=("usw2-a",),
-        create_time=1_767_225_600.5,
-        request_id=f"req-{key_id}",
-        fingerprint=f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN|True",
-        copies=2,
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+from tests.support import serving as make
 
 
 def routing_fields(p: Placement) -> dict[str, object]:

@@ -10,23 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
+from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage
 from router.placement import Conflict, PlacementStore, SqliteStore
-
-
-def make(key_id: str = "app/key-1", request_id: str | None = None, **changes: object) -> Placement:
-    base = Placement(
-        key_id=key_id,
-        algorithm=KeyAlgorithm.EC_P256,
-        usage=KeyUsage.SIGN_VERIFY,
-        state=KeyState.CREATING,
-        primary="use1-a",
-        replicas=("use1-b", "usw2-a"),
-        create_time=1_767_225_600.25,
-        request_id=request_id if request_id is not None else f"req-{key_id}",
-        fingerprint=f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN",
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+from tests.support import stored as make
 
 
 def test_is_a_placement_store(store: SqliteStore) -> None:
