@@ -324,3 +324,12 @@ def test_streaming_methods_are_refused() -> None:
     stream = grpc.unary_stream_rpc_method_handler(lambda request, context: iter(()))
     with pytest.raises(ValueError, match="streaming"):
         FastPath.attach(server, {_method("Stream"): stream}, [], threads=1)
+
+
+def test_a_grpcio_without_the_core_calls_falls_back_to_the_pool(caplog) -> None:
+    class OtherServer:  # a grpcio whose server object does not expose its core server
+        pass
+
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, _context: request)
+    assert FastPath.attach(OtherServer(), {_method("Echo"): handler}, [], threads=1) is None  # type: ignore[arg-type]
+    assert "unary calls use its thread pool" in caplog.text
