@@ -359,6 +359,10 @@ class Router:
             claimed = self.store.update(intent)  # version bump: only one taker wins
         except Conflict as exc:
             return self._settled(exc.existing, intent.key_id)
+        log.warning(
+            "key %s: finishing a creation left unfinished %.0f s ago (request %s); its objects are made again",
+            intent.key_id, self.wall_clock() - intent.create_time, intent.request_id,
+        )
         return self._materialise(claimed, time.monotonic() + 60.0, leftovers=True)
 
     @staticmethod

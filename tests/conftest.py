@@ -11,6 +11,28 @@ from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 from tests.support import GatewayProcess, TokenInspector
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failure, show the logs of the gateways the test used (pytest prunes old temp dirs).
+
+    Those it asked for as fixtures, and those it started itself.
+    """
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "setup":
+        item.stash[_STARTED_BEFORE] = len(GatewayProcess.started)
+    if report.when != "call" or not report.failed:
+        return
+    used = [value for value in getattr(item, "funcargs", {}).values() if isinstance(value, GatewayProcess)]
+    used += [g for g in GatewayProcess.started[item.stash.get(_STARTED_BEFORE, 0):] if g not in used]
+    for index, process in enumerate(used):
+        report.sections.append((f"gateway log {index + 1} of {len(used)} ({process.log_path.name})",
+                                process.log_digest()))
+
+
+_STARTED_BEFORE = pytest.StashKey[int]()
+
+
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     """The shared local fleet: 3 clusters in 2 regions, real SoftHSM2 tokens."""

@@ -54,6 +54,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
 class GatewayProcess:
     """``hsmgw serve`` in its own process, on a free loopback port."""
 
+    started: list[GatewayProcess] = []
+    """Every gateway started, in order: a failed test's report shows their logs (tests/conftest.py)."""
+
     def __init__(self, config_path: Path, *, env: dict[str, str] | None = None, workers: int = 1) -> None:
         self.config_path = config_path
         self.env = env or {}
@@ -69,6 +72,8 @@ class GatewayProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> GatewayProcess:
+        if self not in GatewayProcess.started:
+            GatewayProcess.started.append(self)
         self.port_file.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -103,6 +108,16 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_digest(self, lines: int = 80) -> str:
+        """What a failure report needs from the log: its warnings, errors and tracebacks, then its end.
+
+        INFO lines (audit, key created) are most of a busy gateway's log and would push
+        the one traceback that explains a failure out of any fixed-size tail.
+        """
+        text = self.log().splitlines()
+        notable = [line for line in text if " INFO " not in line and " DEBUG " not in line]
+        return "\n".join(["-- warnings, errors, tracebacks:", *notable[-lines:], "-- last lines:", *text[-20:]])
 
 
 class TokenInspector:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
@@ -66,7 +67,7 @@ def test_crash_between_hsm_and_store_is_rolled_back_at_next_start(make_router, t
     assert key_id not in {k for _, k in reconcile(restarted, fix=False).orphans}
 
 
-def test_crash_then_client_retry_completes_the_same_key(make_router, tokens) -> None:
+def test_crash_then_client_retry_completes_the_same_key(make_router, tokens, caplog) -> None:
     key_id = unique("retry")
     router = make_router(fault=_crash_after_hsm)
     with pytest.raises(Crash):
@@ -79,8 +80,13 @@ def test_crash_then_client_retry_completes_the_same_key(make_router, tokens) -> 
     assert type(soon.value).__name__ == "Unavailable"
 
     later = make_router(wall_clock=lambda: time.time() + 120)
-    key = later.generate_key(_spec(key_id), time.monotonic() + 30)
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        key = later.generate_key(_spec(key_id), time.monotonic() + 30)
     assert key.state is KeyState.ENABLED
+    # The operator sees that a crashed creation was finished, and which request it was.
+    assert [r.getMessage() for r in caplog.records if key_id in r.getMessage()] == [
+        f"key {key_id}: finishing a creation left unfinished 120 s ago (request req-{key_id}); "
+        "its objects are made again"]
     assert len(tokens.objects(key.primary, key_id)) == 2  # one key pair, not two
     report = reconcile(later, fix=False)
     assert key_id not in report.stale_intents

@@ -62,16 +62,3 @@ def connect(tls_gateway: GatewayProcess, certs: DevCerts) -> Iterator[Callable[[
     yield get
     for client in clients.values():
         client.channel.close()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """On a failure, show the end of every gateway log the test used (pytest prunes old temp dirs)."""
-    outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
-    if report.when != "call" or not report.failed:
-        return
-    for name, value in getattr(item, "funcargs", {}).items():
-        if isinstance(value, GatewayProcess):
-            tail = "\n".join(value.log().splitlines()[-80:])
-            report.sections.append((f"gateway log ({name}, last 80 lines)", tail))
