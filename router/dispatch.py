@@ -20,7 +20,15 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 from router.backend import HsmBackend
-from router.errors import ClusterDown, DeadlineExceeded, KeyNotFound, RouterError, Throttled, Unavailable
+from router.errors import (
+    AmbiguousKey,
+    ClusterDown,
+    DeadlineExceeded,
+    KeyNotFound,
+    RouterError,
+    Throttled,
+    Unavailable,
+)
 from router.health import CircuitBreaker, CircuitState
 from router.retry import RetryBudget, backoff
 
@@ -125,9 +133,9 @@ class Dispatcher:
                     if pause:
                         self._sleep(pause)
                     break
-                except KeyNotFound as exc:
-                    # This cluster lacks the key's material (moved, or lost): a
-                    # replica may still have it. Not the cluster's health.
+                except (KeyNotFound, AmbiguousKey) as exc:
+                    # This cluster lacks the key's material (moved, or lost) or holds it
+                    # twice: a replica may still have one clean copy. Not the cluster's health.
                     breaker.release_trial()
                     last = exc
                     break
@@ -141,6 +149,6 @@ class Dispatcher:
                 return result, name
         if last is None:
             raise Unavailable(f"no healthy cluster can serve {what}")
-        if isinstance(last, (Throttled, KeyNotFound)):
+        if isinstance(last, (Throttled, KeyNotFound, AmbiguousKey)):
             raise last
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)

@@ -109,3 +109,11 @@ class DeadlineExceeded(RouterError):
 
 class InternalError(RouterError):
     reason = "INTERNAL"
+
+
+class AmbiguousKey(InternalError):
+    """A cluster holds more than one object of a kind for one key id: which is the key's is not
+    for the gateway to guess. The dispatcher tries the key's other clusters; an operator removes
+    the stray object (the message names the cluster, the key and the class)."""
+
+    reason = "KEY_AMBIGUOUS"

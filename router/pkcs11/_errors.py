@@ -35,6 +35,7 @@ _CLUSTER_DOWN = (
 _STALE = (
     p11.SessionHandleInvalid,
     p11.SessionClosed,
+    p11.OperationActive,
     p11.ObjectHandleInvalid,
     p11.KeyHandleInvalid,
     p11.UserNotLoggedIn,
@@ -49,9 +50,11 @@ _BAD_INPUT = (
 )
 _BAD_CIPHERTEXT = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange)
 _WRONG_KEY = (p11.KeyTypeInconsistent, p11.MechanismInvalid)
-# Errors that mean the session itself is gone (reopen it), as opposed to a
-# stale object handle (forget the cached handle) or a lost login (log in again).
-SESSION_GONE = (p11.SessionHandleInvalid, p11.SessionClosed)
+# Errors that mean the session itself is gone or unusable (reopen it), as opposed to a
+# stale object handle (forget the cached handle) or a lost login (log in again). A session
+# checked out by one request has no operation of its own in progress: CKR_OPERATION_ACTIVE
+# means an earlier one was left unfinished, and closing the session is what ends it.
+SESSION_GONE = (p11.SessionHandleInvalid, p11.SessionClosed, p11.OperationActive)
 LOGGED_OUT = (p11.UserNotLoggedIn,)
 
 

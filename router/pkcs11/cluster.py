@@ -147,7 +147,9 @@ class Pkcs11Cluster(HsmBackend):
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
         def run(s: PooledSession) -> None:
-            for leftover in s.handle.get_objects({Attribute.ID: key.key_id.encode(), Attribute.TOKEN: True}):
+            # Listed to the end before any is destroyed: a search left open by a failed
+            # destroy would poison this session (see PooledSession._find).
+            for leftover in list(s.handle.get_objects({Attribute.ID: key.key_id.encode(), Attribute.TOKEN: True})):
                 leftover.destroy()
             secret = s.wrapping_key().unwrap_key(
                 secret_class,
@@ -192,7 +194,7 @@ class Pkcs11Cluster(HsmBackend):
     def key_ids(self, deadline: float) -> set[str]:
         def run(s: PooledSession) -> set[str]:
             found = set()
-            for obj in s.handle.get_objects({Attribute.TOKEN: True}):
+            for obj in list(s.handle.get_objects({Attribute.TOKEN: True})):  # the search ends before any read
                 if obj.object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY, ObjectClass.PUBLIC_KEY):
                     try:
                         found.add(bytes(obj[Attribute.ID]).decode())

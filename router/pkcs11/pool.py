@@ -22,11 +22,11 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from pkcs11 import ObjectClass
+from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.types import Key
 
-from router.errors import ResourceExhausted, Throttled, WrongKeyUsage
+from router.errors import AmbiguousKey, ResourceExhausted, Throttled, WrongKeyUsage
 from router.model import ClusterSpec, Placement
 from router.pkcs11 import _keys
 from router.pkcs11._module import Module
@@ -37,14 +37,18 @@ log = logging.getLogger(__name__)
 WRAPPING_KEY_LABEL = "_hsmgw/replication"
 """CKA_LABEL of the trusted wrapping key every cluster holds (made by the SO)."""
 
+_CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "public key",
+                ObjectClass.SECRET_KEY: "secret key"}
+
 
 class PooledSession:
     """A request session, its key-object cache and its unwrapped-key LRU."""
 
-    __slots__ = ("handle", "keys", "epoch", "broken", "unwrapped", "unwrapped_limit", "_wrapping_key")
+    __slots__ = ("handle", "keys", "epoch", "broken", "unwrapped", "unwrapped_limit", "_wrapping_key", "_spec")
 
-    def __init__(self, handle: Any, epoch: int, unwrapped_limit: int) -> None:
+    def __init__(self, handle: Any, epoch: int, unwrapped_limit: int, spec: ClusterSpec) -> None:
         self.handle = handle
+        self._spec = spec
         self.keys: dict[tuple[str, ObjectClass], Any] = {}
         self.epoch = epoch
         self.broken = False
@@ -66,7 +70,7 @@ class PooledSession:
             cache_key = (placement.key_id, object_class)
             obj = self.keys.get(cache_key)
             if obj is None:
-                obj = self.handle.get_key(object_class=object_class, id=placement.key_id.encode())
+                obj = self._find(placement.key_id, object_class)
                 if not isinstance(obj, Key):
                     # python-pkcs11 hands back a bare Object when reading the key's
                     # attributes failed (a busy HSM): a cluster fault, never cached.
@@ -76,9 +80,38 @@ class PooledSession:
             raise WrongKeyUsage(f"key {placement.key_id!r} does not permit {capability} on this cluster")
         return obj
 
+    def _find(self, key_id: str, object_class: ObjectClass) -> Any:
+        """The one object of ``object_class`` with CKA_ID = ``key_id``.
+
+        The search is read to its end before anything else happens (python-pkcs11's
+        ``get_key`` stops after the second match): a search left open keeps the
+        session's operation lock and its C_FindObjects active, so the next search or
+        signature on this session fails with CKR_OPERATION_ACTIVE, or waits.
+        """
+        found = list(self.handle.get_objects({Attribute.CLASS: object_class, Attribute.ID: key_id.encode()}))
+        if not found:
+            raise p11.NoSuchKey(f"no {object_class.name} object with id {key_id!r}")
+        if len(found) > 1:
+            _report_once(f"cluster {self._spec.name} holds {len(found)} {_CLASS_NAMES[object_class]} objects for "
+                         f"key {key_id!r}: the key is served from its other clusters until one is removed")
+            raise AmbiguousKey(
+                f"cluster {self._spec.name} holds {len(found)} {_CLASS_NAMES[object_class]} objects for key "
+                f"{key_id!r}; the gateway will not guess which is the key's: remove the stray one",
+                cluster=self._spec.name, region=self._spec.region,
+            )
+        return found[0]
+
     def wrapping_key(self) -> Any:
         if self._wrapping_key is None:
-            self._wrapping_key = self.handle.get_key(object_class=ObjectClass.SECRET_KEY, label=WRAPPING_KEY_LABEL)
+            found = list(self.handle.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                                  Attribute.LABEL: WRAPPING_KEY_LABEL}))
+            if len(found) != 1:
+                raise AmbiguousKey(
+                    f"cluster {self._spec.name} holds {len(found)} wrapping keys labelled "
+                    f"{WRAPPING_KEY_LABEL!r}; replication needs exactly one",
+                    cluster=self._spec.name, region=self._spec.region,
+                ) if found else p11.NoSuchKey(f"no wrapping key labelled {WRAPPING_KEY_LABEL!r}")
+            self._wrapping_key = found[0]
         return self._wrapping_key
 
     def _external(self, placement: Placement, object_class: ObjectClass) -> Any:
@@ -114,6 +147,18 @@ class PooledSession:
         self.keys.clear()
         while self.unwrapped:
             _destroy_quietly(self.unwrapped.popitem()[1])
+
+
+_REPORT_EVERY = 60.0
+_reported: dict[str, float] = {}
+
+
+def _report_once(message: str) -> None:
+    """Log an operator's problem at ERROR, once a minute at most: a hot key would otherwise log per call."""
+    now = time.monotonic()
+    if now - _reported.get(message, -_REPORT_EVERY) >= _REPORT_EVERY:
+        _reported[message] = now
+        log.error("%s", message)
 
 
 def _destroy_quietly(obj: Any) -> None:
@@ -231,7 +276,7 @@ class SessionPool:
         with self._lock:
             self._open += 1
             per_session = max(1, self.spec.unwrapped_cache // self.spec.pool_size)
-            return PooledSession(handle, self._epoch, per_session)
+            return PooledSession(handle, self._epoch, per_session, self.spec)
 
     def _close_session(self, session: PooledSession) -> None:
         with self._lock:

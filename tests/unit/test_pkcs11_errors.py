@@ -27,6 +27,8 @@ FAMILIES: list[tuple[type[p11.PKCS11Error], type[errors.RouterError], grpc.Statu
     (p11.ObjectHandleInvalid, errors.StaleSession, grpc.StatusCode.UNAVAILABLE),
     (p11.KeyHandleInvalid, errors.StaleSession, grpc.StatusCode.UNAVAILABLE),
     (p11.UserNotLoggedIn, errors.StaleSession, grpc.StatusCode.UNAVAILABLE),
+    # an operation an earlier call left open: the session is closed and replaced
+    (p11.OperationActive, errors.StaleSession, grpc.StatusCode.UNAVAILABLE),
     # throttled: back off, try another replica
     (p11.FunctionFailed, errors.Throttled, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (p11.SessionCount, errors.Throttled, grpc.StatusCode.RESOURCE_EXHAUSTED),

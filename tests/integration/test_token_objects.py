@@ -1,0 +1,110 @@
+"""A token that holds what it should not: two objects for one key.
+
+A process killed while it writes a token, or an operator's import, can leave a
+cluster with two public (or private) key objects under one key id. The gateway
+must not guess which is the key's: it says so in its log, serves the key from a
+replica whose copy is unambiguous, and its sessions stay usable afterwards (a
+search left open on a pooled session would fail or block every later call on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from pkcs11 import Attribute, ObjectClass
+from pkcs11 import exceptions as p11
+
+from router.errors import AmbiguousKey
+from router.model import KeyAlgorithm, KeySpec, KeyUsage, Operation
+from router.pkcs11._keys import public_key_attributes, public_key_der, public_template
+from tests.support import TokenInspector, unique
+
+
+@pytest.fixture
+def key(make_router) -> Iterator[tuple[str, str, str]]:
+    """An EC key on two clusters: (key id, primary, replica)."""
+    router = make_router()
+    key_id = unique("dup")
+    made = router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                                       request_id=f"req-{key_id}", copies=2), time.monotonic() + 60)
+    assert made.replicas, "the fleet's policy keeps a second copy"
+    yield key_id, made.primary, made.replicas[0]
+    router.destroy_key(key_id, time.monotonic() + 60)
+
+
+def _add_second_public_key(tokens: TokenInspector, cluster: str, key_id: str, der: bytes) -> None:
+    attrs = public_key_attributes(der)
+    attrs.update(public_template(KeyUsage.SIGN_VERIFY, token=True))
+    attrs.update({Attribute.ID: key_id.encode(), Attribute.LABEL: key_id})
+    tokens.session(cluster).create_object(attrs)
+    assert [o.object_class for o in tokens.objects(cluster, key_id)].count(ObjectClass.PUBLIC_KEY) == 2
+
+
+def _verify(der: bytes, signature: bytes, message: bytes | None, *, digest: bytes | None = None) -> None:
+    public = serialization.load_der_public_key(der)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    if digest is not None:  # raises if it does not match
+        public.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    else:
+        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+
+
+def test_two_public_objects_are_refused_on_that_cluster_and_served_by_the_replica(
+    make_router, key, tokens, caplog
+) -> None:
+    key_id, primary, replica = key
+    # Read from the token, not through the router: a lookup the pool cached would hide the second object.
+    [public] = [o for o in tokens.objects(primary, key_id) if o.object_class is ObjectClass.PUBLIC_KEY]
+    der = public_key_der(public, KeyAlgorithm.EC_P256)
+    _add_second_public_key(tokens, primary, key_id, der)
+    # Pools of one session each (and nothing cached yet): a poisoned session would be the next call's.
+    router = make_router({"pool_size": 1})
+    placement = router.placement(key_id)
+
+    backend = router.backends[primary]
+    with caplog.at_level(logging.ERROR, logger="router.pkcs11.pool"):
+        with pytest.raises(AmbiguousKey) as refused:
+            backend.public_key(placement, time.monotonic() + 10)
+    assert refused.value.cluster == primary
+    assert f"cluster {primary} holds 2 public key objects for key {key_id!r}" in refused.value.message
+    assert any(f"holds 2 public key objects for key {key_id!r}" in r.getMessage() for r in caplog.records)
+
+    # The one pooled session is not left with a search open: the private key is unambiguous
+    # on the same cluster, and signing with it works, call after call.
+    for _ in range(3):
+        signature = backend.sign(placement, Operation.ECDSA_SHA256, b"\x01" * 32, time.monotonic() + 10)
+    assert signature
+
+    # Through the router: the public key comes from the replica, and it is the key's.
+    served, again = router.public_key(key_id, time.monotonic() + 10)
+    assert again == der
+    signature, cluster = router.sign(key_id, Operation.ECDSA_SHA256, None, b"hello", time.monotonic() + 10)
+    assert cluster == primary
+    _verify(again, signature, b"hello")
+
+
+def test_a_session_left_with_a_search_open_is_replaced_not_failed(make_router, key) -> None:
+    """Defence in depth: whatever leaves an operation open on a pooled session (a library's
+    half-read search), the next call on it gets CKR_OPERATION_ACTIVE; the pool closes that
+    session, opens another and the call succeeds."""
+    key_id, primary, _ = key
+    router = make_router({"pool_size": 1})
+    backend = router.backends[primary]
+    placement = router.placement(key_id)
+    with backend.pool.session(time.monotonic() + 10) as session:
+        search = session.handle.get_objects({Attribute.ID: key_id.encode()})
+        next(search)  # the search stays open on the pool's only session
+    before = backend.stats()
+
+    signature = backend.sign(placement, Operation.ECDSA_SHA256, b"\x03" * 32, time.monotonic() + 10)
+    _verify(router.public_key(key_id, time.monotonic() + 10)[1], signature, None, digest=b"\x03" * 32)
+    after = backend.stats()
+    assert (before.size, after.size, after.open) == (1, 1, 1)
+    with pytest.raises(p11.SessionHandleInvalid):  # the session it was open on is closed now
+        search.close()
