@@ -156,7 +156,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def _do_reconcile_fix(self, params: dict[str, str]) -> str:
         report = reconcile(self.router, fix=True)
         return (f"rolled back {len(report.stale_intents)} unfinished creations, removed {len(report.orphans)} "
-                f"orphans; {len(report.missing)} missing copies, {len(report.unreachable)} unreachable clusters")
+                f"orphans; {len(report.missing)} missing copies, {len(report.duplicates)} duplicate objects "
+                f"(left for an operator), {len(report.unreachable)} unreachable clusters")
 
     def _do_place(self, params: dict[str, str]) -> str:
         self.router.pin(params["key_id"], params["cluster"])
@@ -249,6 +250,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             findings = [pb.ReconcileFinding(kind="stale_intent", key_id=k) for k in report.stale_intents]
             findings += [pb.ReconcileFinding(kind="orphan", cluster=c, key_id=k) for c, k in report.orphans]
             findings += [pb.ReconcileFinding(kind="missing", cluster=c, key_id=k) for c, k in report.missing]
+            findings += [pb.ReconcileFinding(kind="duplicate", cluster=c, key_id=k, detail=f"{n} {kind} objects")
+                         for c, k, kind, n in report.duplicates]
             findings += [pb.ReconcileFinding(kind="unreachable", cluster=c) for c in report.unreachable]
             response = pb.ReconcileResponse(findings=findings)
             if request.fix and findings:

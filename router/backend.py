@@ -63,8 +63,13 @@ class HsmBackend(abc.ABC):
         """Remove every token object of the key; returns how many were removed."""
 
     @abc.abstractmethod
+    def key_objects(self, deadline: float) -> dict[str, dict[str, int]]:
+        """For each key id with token objects on this cluster: how many objects of each class
+        ("private key", "public key", "secret key"). For reconciliation: a key has one of each."""
+
     def key_ids(self, deadline: float) -> set[str]:
-        """Key ids that have token objects on this cluster (for reconciliation)."""
+        """Key ids that have token objects on this cluster."""
+        return set(self.key_objects(deadline))
 
     @abc.abstractmethod
     def public_key(self, key: Placement, deadline: float) -> bytes:

@@ -5,7 +5,11 @@ Finds, per cluster:
   that crashed half-way): their objects are destroyed and the record removed;
 - **orphans**: key objects on a token that no placement puts there: destroyed;
 - **missing**: a placement says the cluster holds the key but the token has no
-  object for it: reported (repair needs a replica; see replication).
+  object for it: reported (repair needs a replica; see replication);
+- **duplicates**: two or more objects of one class for one key (a stray import, or a
+  process killed while it wrote the token): reported, never fixed here, since which
+  object is the key's is for an operator to establish (docs/operations.md). Until then
+  the gateway serves the key from its other clusters.
 
 Token objects are listed *before* the store is read: every creation writes its
 intent record before it makes objects, so an object seen on the token always has
@@ -36,13 +40,15 @@ class ReconcileReport:
     """(cluster, key id) of objects no placement accounts for."""
     missing: list[tuple[str, str]] = field(default_factory=list)
     """(cluster, key id) where a placement expects objects that are not there."""
+    duplicates: list[tuple[str, str, str, int]] = field(default_factory=list)
+    """(cluster, key id, object class, how many) where a key has more than one object of a class."""
     unreachable: list[str] = field(default_factory=list)
     """Clusters that could not be checked."""
     fixed: bool = False
 
     @property
     def clean(self) -> bool:
-        return not (self.stale_intents or self.orphans or self.missing or self.unreachable)
+        return not (self.stale_intents or self.orphans or self.missing or self.duplicates or self.unreachable)
 
 
 def reconcile(
@@ -60,10 +66,18 @@ def reconcile(
     on_token: dict[str, set[str]] = {}
     for name, backend in router.backends.items():
         try:
-            on_token[name] = {k for k in backend.key_ids(deadline) if not k.startswith("_")}
+            objects = {k: v for k, v in backend.key_objects(deadline).items() if not k.startswith("_")}
         except RouterError as exc:
             log.warning("reconcile: cluster %s unreachable: %s", name, exc.message)
             report.unreachable.append(name)
+            continue
+        on_token[name] = set(objects)
+        for key_id, counts in sorted(objects.items()):
+            for kind, count in sorted(counts.items()):
+                if count > 1:
+                    report.duplicates.append((name, key_id, kind, count))
+                    log.error("reconcile: cluster %s holds %d %s objects for key %r; which is the key's is for "
+                              "an operator to establish (docs/operations.md)", name, count, kind, key_id)
 
     expected: dict[str, set[str]] = {name: set() for name in router.backends}
     now = (wall_clock or router.wall_clock)()

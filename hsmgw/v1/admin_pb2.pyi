@@ -152,14 +152,16 @@ class ReconcileRequest(_message.Message):
     def __init__(self, fix: _Optional[bool] = ...) -> None: ...
 
 class ReconcileFinding(_message.Message):
-    __slots__ = ("kind", "cluster", "key_id")
+    __slots__ = ("kind", "cluster", "key_id", "detail")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     kind: str
     cluster: str
     key_id: str
-    def __init__(self, kind: _Optional[str] = ..., cluster: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
+    detail: str
+    def __init__(self, kind: _Optional[str] = ..., cluster: _Optional[str] = ..., key_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ReconcileResponse(_message.Message):
     __slots__ = ("findings", "change")

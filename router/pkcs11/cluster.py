@@ -27,7 +27,7 @@ from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import Module
-from router.pkcs11.pool import PooledSession, SessionPool
+from router.pkcs11.pool import CLASS_NAMES, PooledSession, SessionPool
 from router.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -191,15 +191,19 @@ class Pkcs11Cluster(HsmBackend):
         finally:
             self._pool.invalidate_keys()
 
-    def key_ids(self, deadline: float) -> set[str]:
-        def run(s: PooledSession) -> set[str]:
-            found = set()
+    def key_objects(self, deadline: float) -> dict[str, dict[str, int]]:
+        def run(s: PooledSession) -> dict[str, dict[str, int]]:
+            found: dict[str, dict[str, int]] = {}
             for obj in list(s.handle.get_objects({Attribute.TOKEN: True})):  # the search ends before any read
-                if obj.object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY, ObjectClass.PUBLIC_KEY):
-                    try:
-                        found.add(bytes(obj[Attribute.ID]).decode())
-                    except UnicodeDecodeError:
-                        continue
+                name = CLASS_NAMES.get(obj.object_class)
+                if name is None:
+                    continue
+                try:
+                    key_id = bytes(obj[Attribute.ID]).decode()
+                except UnicodeDecodeError:
+                    continue
+                counts = found.setdefault(key_id, {})
+                counts[name] = counts.get(name, 0) + 1
             return found
 
         return self._run(deadline, run)

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 WRAPPING_KEY_LABEL = "_hsmgw/replication"
 """CKA_LABEL of the trusted wrapping key every cluster holds (made by the SO)."""
 
-_CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "public key",
-                ObjectClass.SECRET_KEY: "secret key"}
+CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "public key",
+               ObjectClass.SECRET_KEY: "secret key"}
+"""The key object classes the gateway makes, as messages and reconcile findings name them."""
 
 
 class PooledSession:
@@ -92,10 +93,10 @@ class PooledSession:
         if not found:
             raise p11.NoSuchKey(f"no {object_class.name} object with id {key_id!r}")
         if len(found) > 1:
-            _report_once(f"cluster {self._spec.name} holds {len(found)} {_CLASS_NAMES[object_class]} objects for "
+            _report_once(f"cluster {self._spec.name} holds {len(found)} {CLASS_NAMES[object_class]} objects for "
                          f"key {key_id!r}: the key is served from its other clusters until one is removed")
             raise AmbiguousKey(
-                f"cluster {self._spec.name} holds {len(found)} {_CLASS_NAMES[object_class]} objects for key "
+                f"cluster {self._spec.name} holds {len(found)} {CLASS_NAMES[object_class]} objects for key "
                 f"{key_id!r}; the gateway will not guess which is the key's: remove the stray one",
                 cluster=self._spec.name, region=self._spec.region,
             )

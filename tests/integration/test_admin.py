@@ -14,10 +14,14 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import Attribute, ObjectClass
 
 from gateway.fleet import init_fleet
+from hsmgw.v1 import admin_pb2 as apb
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
+from router.model import KeyAlgorithm
+from router.pkcs11._keys import public_key_attributes, public_key_der
 from tests.support import ROOT, running, unique
 
 
@@ -170,7 +174,35 @@ def test_reconcile_reports_and_fix_needs_approval(gateway, crypto, tokens) -> No
         obj.destroy()
     code, report = as_json(gateway.target, "reconcile")
     assert code == 1
-    assert {"kind": "missing", "cluster": key.replicas[0], "key_id": key.key_id} in report["findings"]
+    assert {"kind": "missing", "cluster": key.replicas[0], "key_id": key.key_id, "detail": ""} in report["findings"]
+
+
+def test_reconcile_reports_a_second_object_for_a_key_and_leaves_it_to_an_operator(
+    gateway, crypto, admin, tokens
+) -> None:
+    key = _key(crypto, "stray")
+    [public] = [o for o in tokens.objects(key.primary_cluster, key.key_id) if o.object_class is ObjectClass.PUBLIC_KEY]
+    der = public_key_der(public, KeyAlgorithm.EC_P256)
+    stray = public_key_attributes(der)
+    stray.update({Attribute.TOKEN: True, Attribute.ID: key.key_id.encode(), Attribute.LABEL: key.key_id})
+    tokens.session(key.primary_cluster).create_object(stray)
+    try:
+        code, report = as_json(gateway.target, "reconcile")
+        assert code == 1
+        assert {"kind": "duplicate", "cluster": key.primary_cluster, "key_id": key.key_id,
+                "detail": "2 public key objects"} in report["findings"]
+        table = hsmctl(gateway.target, "reconcile").stdout
+        assert "DETAIL" in table and "2 public key objects" in table
+        # A fix that two admins approve removes no object of the key: which one is its own is an operator's call.
+        change = admin.Reconcile(apb.ReconcileRequest(fix=True), timeout=60,
+                                 metadata=(("x-hsmgw-identity", "alice"),)).change
+        applied = admin.ApproveChange(apb.ApproveChangeRequest(id=change.id), timeout=60,
+                                      metadata=(("x-hsmgw-identity", "bob"),))
+        assert "1 duplicate objects (left for an operator)" in applied.result, applied
+        assert len(tokens.objects(key.primary_cluster, key.key_id)) == 3
+    finally:
+        crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key.key_id), timeout=30)
+    assert tokens.objects(key.primary_cluster, key.key_id) == []
 
 
 def test_audit_tail_and_verify_on_the_real_log(gateway, fleet) -> None:

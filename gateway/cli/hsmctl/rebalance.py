@@ -28,8 +28,8 @@ def _rebalance(app: App, args: argparse.Namespace) -> int:
 
 def _reconcile(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.Reconcile, apb.ReconcileRequest(fix=args.fix))
-    rows = [[f.kind, f.cluster or "-", f.key_id or "-"] for f in resp.findings]
-    human = App.table(rows, ["FINDING", "CLUSTER", "KEY"]) if rows else "placement store and tokens agree"
+    rows = [[f.kind, f.cluster or "-", f.key_id or "-", f.detail or "-"] for f in resp.findings]
+    human = App.table(rows, ["FINDING", "CLUSTER", "KEY", "DETAIL"]) if rows else "placement store and tokens agree"
     app.emit(app.as_dict(resp) | {"findings": [app.as_dict(f) for f in resp.findings]}, human)
     if args.fix and resp.HasField("change"):
         return app.change(resp.change)
@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rec = sub.add_parser(
         "reconcile",
         help="compare the placement store with every token (exit 1 if they differ)",
-        description="Reports stale intents, orphan objects, missing copies and unreachable "
-        "clusters; --fix requests a repair (quorum).\n\nExample: hsmctl reconcile --fix",
+        description="Reports stale intents, orphan objects, missing copies, keys with duplicate objects "
+        "and unreachable clusters; --fix requests a repair (quorum) of all but duplicates, which an "
+        "operator resolves (docs/operations.md).\n\nExample: hsmctl reconcile --fix",
     )
     rec.add_argument("--fix", action="store_true")
     rec.set_defaults(func=_reconcile)
