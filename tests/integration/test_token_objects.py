@@ -23,6 +23,7 @@ from pkcs11 import exceptions as p11
 from router.errors import AmbiguousKey
 from router.model import KeyAlgorithm, KeySpec, KeyUsage, Operation
 from router.pkcs11._keys import public_key_attributes, public_key_der, public_template
+from router.reconcile import reconcile
 from tests.support import TokenInspector, unique
 
 
@@ -80,6 +81,11 @@ def test_two_public_objects_are_refused_on_that_cluster_and_served_by_the_replic
     for _ in range(3):
         signature = backend.sign(placement, Operation.ECDSA_SHA256, b"\x01" * 32, time.monotonic() + 10)
     assert signature
+
+    # Reconcile names it; its fix leaves both objects for an operator to tell apart.
+    assert (primary, key_id, "public key", 2) in reconcile(router, fix=False).duplicates
+    assert (primary, key_id, "public key", 2) in reconcile(router, fix=True).duplicates
+    assert [o.object_class for o in tokens.objects(primary, key_id)].count(ObjectClass.PUBLIC_KEY) == 2
 
     # Through the router: the public key comes from the replica, and it is the key's.
     served, again = router.public_key(key_id, time.monotonic() + 10)
