@@ -149,7 +149,9 @@ class ReplicationConfig:
     """Seconds between passes of the background repairer."""
     creation_grace: float = 30.0
     """Seconds an unfinished creation is left to its own attempt before a retry
-    (or the reconciler) takes it over: longer than the slowest key generation."""
+    (or the reconciler) takes it over. A retry that takes it over holds it for as long
+    again and gives up after half of it: more than twice the slowest key generation
+    and copy."""
 
 
 @dataclass(frozen=True)

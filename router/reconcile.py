@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from router.errors import RouterError
-from router.model import KeyState
+from router.model import KeyState, Placement
 from router.placement.store import Conflict, StoreError
 from router.router import Router
 
@@ -87,7 +87,7 @@ def reconcile(
         if placement.state is KeyState.CREATING and now - placement.create_time >= grace:
             report.stale_intents.append(placement.key_id)
             if fix:
-                _roll_back(router, placement.key_id, placement.clusters, placement.version, deadline)
+                _roll_back(router, placement, now, deadline)
             continue
         if placement.external:
             continue  # lives wrapped in the store, never as token objects
@@ -114,13 +114,29 @@ def reconcile(
     return report
 
 
-def _roll_back(router: Router, key_id: str, clusters: tuple[str, ...], version: int, deadline: float) -> None:
+def _roll_back(router: Router, intent: Placement, now: float, deadline: float) -> None:
+    """Remove a stale intent's objects and record, if it is still the stale intent that was read.
+
+    The intent is claimed first (a version bump that restarts its clock), and only a
+    successful claim destroys anything: a creation that finished, or was taken over,
+    after the scan keeps its objects, where destroying first and then failing to delete
+    the record would leave an acknowledged key without its material.
+    """
+    key_id = intent.key_id
     try:
-        for name in clusters:
+        claimed = router.store.update(replace(intent, create_time=now))
+    except Conflict:
+        log.info("reconcile: %s changed since it was read (finished or taken over); left alone", key_id)
+        return
+    except StoreError as exc:
+        log.error("reconcile: could not roll back %s: %s", key_id, exc)
+        return
+    try:
+        for name in claimed.clusters:
             backend = router.backends.get(name)
             if backend is not None:
                 backend.destroy(key_id, deadline)
-        router.store.delete(key_id, version)
+        router.store.delete(key_id, claimed.version)
         log.warning("reconcile: rolled back unfinished creation of %s", key_id)
     except (RouterError, StoreError, Conflict) as exc:
         log.error("reconcile: could not roll back %s: %s", key_id, exc)

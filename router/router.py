@@ -352,18 +352,26 @@ class Router:
         return None
 
     def _take_over(self, intent: Placement) -> Placement:
-        """Finish a creation that an earlier attempt (maybe a crashed process) left half-way."""
-        if self.wall_clock() - intent.create_time < self.creation_grace:
+        """Finish a creation that an earlier attempt (maybe a crashed process) left half-way.
+
+        The claim bumps the record's version (only one taker wins) and restarts its
+        clock: for the next ``creation_grace`` seconds other attempts are told to retry
+        and reconcile leaves the intent alone, and this attempt gives up within half of
+        that. Two attempts never make the key's objects at once, which could leave a
+        token with two of each.
+        """
+        now = self.wall_clock()
+        if now - intent.create_time < self.creation_grace:
             raise Unavailable(f"key {intent.key_id!r} is being created; retry shortly")
         try:
-            claimed = self.store.update(intent)  # version bump: only one taker wins
+            claimed = self.store.update(replace(intent, create_time=now))
         except Conflict as exc:
             return self._settled(exc.existing, intent.key_id)
         log.warning(
             "key %s: finishing a creation left unfinished %.0f s ago (request %s); its objects are made again",
-            intent.key_id, self.wall_clock() - intent.create_time, intent.request_id,
+            intent.key_id, now - intent.create_time, intent.request_id,
         )
-        return self._materialise(claimed, time.monotonic() + 60.0, leftovers=True)
+        return self._materialise(claimed, time.monotonic() + min(60.0, self.creation_grace / 2), leftovers=True)
 
     @staticmethod
     def _settled(current: Placement | None, key_id: str) -> Placement:

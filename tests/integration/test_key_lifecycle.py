@@ -10,9 +10,9 @@ import pytest
 from pkcs11 import ObjectClass
 
 from hsmgw.v1 import crypto_pb2 as pb
-from router.errors import FailedPrecondition
-from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage
-from router.reconcile import reconcile
+from router.errors import FailedPrecondition, Unavailable
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation
+from router.reconcile import ReconcileReport, reconcile
 from tests.support import placement, rpc_error, unique
 
 
@@ -91,6 +91,61 @@ def test_crash_then_client_retry_completes_the_same_key(make_router, tokens, cap
     report = reconcile(later, fix=False)
     assert key_id not in report.stale_intents
     assert key_id not in {k for _, k in report.orphans + report.missing}
+
+
+def test_a_second_attempt_during_a_take_over_is_told_to_retry(make_router, tokens) -> None:
+    """While one attempt finishes a crashed creation, another attempt of the same request
+    (a client that gave up and retried, another gateway) and a reconcile leave it alone:
+    two attempts making the key's objects at once could leave two of each on a token."""
+    key_id = unique("takeover")
+    with pytest.raises(Crash):
+        make_router(fault=_crash_after_hsm).generate_key(_spec(key_id), time.monotonic() + 30)
+    later = time.time() + 120
+    other = make_router(wall_clock=lambda: later)
+    seen: dict[str, object] = {}
+
+    def meanwhile(point: str) -> None:
+        if point != "created-on-hsm":
+            return
+        with pytest.raises(Unavailable, match="is being created; retry shortly"):
+            other.generate_key(_spec(key_id), time.monotonic() + 30)
+        seen["report"] = reconcile(other, fix=True)
+
+    taker = make_router(wall_clock=lambda: later, fault=meanwhile)
+    key = taker.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert key.state is KeyState.ENABLED
+    report = seen["report"]
+    assert isinstance(report, ReconcileReport) and key_id not in report.stale_intents
+    for cluster in key.clusters:
+        assert len(tokens.objects(cluster, key_id)) == 2, cluster  # one key pair on each
+    assert other.generate_key(_spec(key_id), time.monotonic() + 30).version == key.version
+
+
+def test_reconcile_never_destroys_a_creation_that_finished_after_its_scan(make_router, tokens) -> None:
+    """Reconcile reads the store, then rolls back what was stale. A creation finished in
+    between (taken over, or just slow) must keep its objects: an acknowledged key without
+    its material is a lost key."""
+    key_id = unique("late")
+    with pytest.raises(Crash):
+        make_router(fault=_crash_after_hsm).generate_key(_spec(key_id), time.monotonic() + 30)
+    later = time.time() + 120
+    reconciler = make_router(wall_clock=lambda: later)
+    snapshot = list(reconciler.store.scan())  # what reconcile reads...
+    finished = make_router(wall_clock=lambda: later).generate_key(_spec(key_id), time.monotonic() + 30)
+    assert finished.state is KeyState.ENABLED  # ...before the client's retry finished the key
+
+    real_scan = reconciler.store.scan
+    reconciler.store.scan = lambda: iter(snapshot)  # type: ignore[method-assign]
+    try:
+        report = reconcile(reconciler, fix=True)
+    finally:
+        reconciler.store.scan = real_scan  # type: ignore[method-assign]
+    assert key_id in report.stale_intents  # it was stale when read...
+    assert reconciler.store.get(key_id).state is KeyState.ENABLED  # ...and is left as it is now
+    for cluster in finished.clusters:
+        assert len(tokens.objects(cluster, key_id)) == 2, cluster
+    signature, _ = reconciler.sign(key_id, Operation.ECDSA_SHA256, b"\x05" * 32, None, time.monotonic() + 10)
+    assert signature
 
 
 def test_orphan_objects_are_found_and_removed(make_router, tokens) -> None:
