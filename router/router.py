@@ -330,7 +330,8 @@ class Router:
             if existing is not None:
                 return existing
             raise AlreadyExists(f"key {spec.key_id!r} already exists") from None
-        return self._materialise(intent, deadline)
+        # Within half the grace period, as a take-over is: past the grace a retry may claim it.
+        return self._materialise(intent, min(deadline, time.monotonic() + self.creation_grace / 2))
 
     def _existing(self, spec: KeySpec) -> Placement | None:
         """The key an earlier attempt of this request made; errors for clashes."""
