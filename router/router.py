@@ -588,18 +588,26 @@ class Router:
         if not holders:
             raise Unavailable(f"no healthy cluster holds key {key_id!r} to copy it from")
         holder, target = self.backends[holders[0]], self.backends[to]
-        self._replicate(current, holder, (to,), deadline, strict=True)
+        # The record names the target before the copy is made: a reconcile that lists the
+        # target's token meanwhile must see the copy as the key's, not as an orphan to
+        # destroy (the key would be lost once the old copy goes). Until the copy exists,
+        # a call routed there finds no material and fails over to the key's other clusters.
         try:
-            self._prove_copy(current, holder, target, deadline)
-        except RouterError:
-            target.destroy(key_id, deadline)
-            raise
-        clusters = [to if name == source else name for name in current.clusters]
-        try:
-            moved = self.store.update(replace(current, primary=clusters[0], replicas=tuple(clusters[1:])))
+            pending = self.store.update(replace(current, replicas=(*current.replicas, to)))
         except Conflict:
-            target.destroy(key_id, deadline)
             raise Unavailable(f"key {key_id!r} changed while moving; nothing was changed, try again") from None
+        self._remember(pending)
+        try:
+            self._replicate(current, holder, (to,), deadline, strict=True)
+            self._prove_copy(current, holder, target, deadline)
+            self._fault("moved-copy-proven")
+            clusters = [to if name == source else name for name in current.clusters]
+            moved = self.store.update(replace(pending, primary=clusters[0], replicas=tuple(clusters[1:])))
+        except (RouterError, Conflict) as exc:
+            self._undo_move(pending, current, target, deadline)
+            if isinstance(exc, Conflict):
+                raise Unavailable(f"key {key_id!r} changed while moving; nothing was changed, try again") from None
+            raise
         self._remember(moved)
         try:
             self.backends[source].destroy(key_id, deadline)
@@ -607,6 +615,20 @@ class Router:
             log.warning("move of %s: old copy on %s not removed (%s); reconcile will", key_id, source, exc.message)
         log.info("key %s moved from %s to %s", key_id, source, to)
         return moved
+
+    def _undo_move(self, pending: Placement, current: Placement, target: HsmBackend, deadline: float) -> None:
+        """A move that failed: the target's copy goes, then the target leaves the record."""
+        key_id = current.key_id
+        try:
+            target.destroy(key_id, time.monotonic() + 10.0)
+        except RouterError as exc:
+            log.warning("move of %s: copy on %s not removed (%s); reconcile will", key_id, target.name, exc.message)
+            return  # the record keeps naming it: never leave objects the record does not account for
+        try:
+            self._remember(self.store.update(replace(pending, replicas=current.replicas)))
+        except (Conflict, StoreError) as exc:
+            log.warning("move of %s: %s still named as a replica (%s); reconcile reports it missing",
+                        key_id, target.name, exc)
 
     def _prove_copy(self, key: Placement, holder: HsmBackend, target: HsmBackend, deadline: float) -> None:
         """The copy must do what the original does, bit for bit where the math allows."""

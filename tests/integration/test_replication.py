@@ -12,6 +12,7 @@ from pkcs11 import ObjectClass
 
 from router.errors import Unavailable
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, ReplicationPolicy
+from router.reconcile import reconcile
 from tests.support import unique
 
 POLICY = ReplicationPolicy(copies=2, require_dr_copy=True)
@@ -106,3 +107,54 @@ def test_material_lost_on_the_primary_is_served_by_the_replica(crypto, tokens) -
     assert signed.cluster in key.replicas
     pem = crypto.GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id), timeout=10).pem
     serialization.load_pem_public_key(pem.encode()).verify(signed.signature, b"m", ec.ECDSA(hashes.SHA256()))
+
+
+def test_a_reconcile_during_a_move_does_not_take_the_new_copy_for_an_orphan(make_router, tokens) -> None:
+    """A key with one copy moves to another cluster while a reconcile (another gateway's
+    start-up, an approved `hsmctl reconcile --fix`) lists the tokens: the new copy must
+    survive it, or the key is gone once the old copy is removed."""
+    key_id = unique("moving")
+    first = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = first.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                                       request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
+    assert key.replicas == ()
+    target = next(name for name in ("use1-a", "use1-b") if name != key.primary)
+    reconciler = make_router()
+    found: list[object] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "moved-copy-proven":
+            found.append(reconcile(reconciler, fix=True))
+
+    mover = make_router(fault=meanwhile)
+    moved = mover.move_key(key_id, target, time.monotonic() + 30)
+    assert found, "the reconcile ran during the move"
+    assert (target, key_id) not in found[0].orphans  # type: ignore[attr-defined]
+    assert (moved.primary, moved.replicas) == (target, ())
+    assert tokens.classes(target, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert tokens.objects(key.primary, key_id) == []
+    public = serialization.load_der_public_key(mover.public_key(key_id, time.monotonic() + 5)[1])
+    signature, cluster = mover.sign(key_id, Operation.ECDSA_SHA256, None, b"after the move", time.monotonic() + 5)
+    assert cluster == target
+    public.verify(signature, b"after the move", ec.ECDSA(hashes.SHA256()))
+
+
+def test_a_failed_move_leaves_the_record_and_tokens_as_they_were(make_router, tokens) -> None:
+    key_id = unique("nomove")
+    first = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = first.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                                       request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
+    target = next(name for name in ("use1-a", "use1-b") if name != key.primary)
+
+    def copy_fails(point: str) -> None:
+        if point == "moved-copy-proven":
+            raise Unavailable("the target went away")
+
+    with pytest.raises(Unavailable, match="the target went away"):
+        make_router(fault=copy_fails).move_key(key_id, target, time.monotonic() + 30)
+    after = first.store.get(key_id)
+    assert (after.primary, after.replicas, after.state) == (key.primary, (), KeyState.ENABLED)
+    assert tokens.objects(target, key_id) == []
+    assert tokens.classes(key.primary, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    report = reconcile(first, fix=False)
+    assert key_id not in {k for _, k in report.orphans + report.missing}
