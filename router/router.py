@@ -670,14 +670,15 @@ class Router:
 
     # -- repair ------------------------------------------------------------------------
 
+    def short_of_copies(self, placement: Placement) -> bool:
+        """A usable token key with fewer copies than its policy: the repairer copies it."""
+        return (not placement.external and placement.usable
+                and not self._policy_holds(placement.copies, placement.clusters))
+
     def repair_once(self, deadline: float) -> int:
         """Bring under-replicated keys up to their policy; returns how many now meet it."""
-        def short(placement: Placement) -> bool:
-            return (not placement.external and placement.usable
-                    and not self._policy_holds(placement.copies, placement.clusters))
-
         fixed = 0
-        for placement in self._cache.select(short):
+        for placement in self._cache.select(self.short_of_copies):
             if self._clock() >= deadline:
                 break
             try:
@@ -712,6 +713,7 @@ class Router:
         made = self._replicate(placement, self.backends[holders[0]], tuple(targets), deadline, strict=False)
         if not made:
             return False
+        self._fault("repair-copied")
         replicas = tuple(dict.fromkeys((*placement.replicas, *made)))
         holds = self._policy_holds(placement.copies, (placement.primary, *replicas))
         state = KeyState.ENABLED if holds else KeyState.UNDER_REPLICATED

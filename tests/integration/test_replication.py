@@ -8,6 +8,7 @@ import time
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import ObjectClass
 
 from router.errors import Unavailable
@@ -158,3 +159,32 @@ def test_a_failed_move_leaves_the_record_and_tokens_as_they_were(make_router, to
     assert tokens.classes(key.primary, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
     report = reconcile(first, fix=False)
     assert key_id not in {k for _, k in report.orphans + report.missing}
+
+
+def test_a_reconcile_during_a_repair_does_not_destroy_the_copy_being_made(make_router, tokens) -> None:
+    """The repairer copies a key short of copies, then names the copy in the record; a
+    reconcile in between must not destroy the copy as an orphan (the record would name a
+    DR copy that does not exist)."""
+    policy = ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True)
+    creator = make_router(replication=policy)
+    creator.fail_over_region("us-west-2")
+    key = creator.generate_key(_spec(unique("repairing")), time.monotonic() + 30)
+    assert key.state is KeyState.UNDER_REPLICATED
+    reconciler = make_router(replication=policy)
+    found: list[object] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "repair-copied":
+            assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+            found.append(reconcile(reconciler, fix=True))
+
+    repairer = make_router(replication=policy, fault=meanwhile)
+    assert repairer.repair_once(time.monotonic() + 30) >= 1
+    assert found, "the reconcile ran during the repair"
+    assert ("usw2-a", key.key_id) not in found[0].orphans  # type: ignore[attr-defined]
+    repaired = repairer.store.get(key.key_id)
+    assert repaired.state is KeyState.ENABLED and "usw2-a" in repaired.replicas
+    assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    signature = repairer.backends["usw2-a"].sign(repaired, Operation.ECDSA_SHA256, b"\x06" * 32, time.monotonic() + 5)
+    public = serialization.load_der_public_key(repairer.public_key(key.key_id, time.monotonic() + 5)[1])
+    public.verify(signature, b"\x06" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
