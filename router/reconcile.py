@@ -3,7 +3,8 @@
 Finds, per cluster:
 - **stale intents**: CREATING records older than the grace period (a creation
   that crashed half-way): their objects are destroyed and the record removed;
-- **orphans**: key objects on a token that no placement puts there: destroyed;
+- **orphans**: key objects on a token that no placement puts there: destroyed, except
+  for a key short of copies, whose object may be the copy a repair is making;
 - **missing**: a placement says the cluster holds the key but the token has no
   object for it: reported (repair needs a replica; see replication);
 - **duplicates**: two or more objects of one class for one key (a stray import, or a
