@@ -16,9 +16,10 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     │   └── Throttled          the HSM said it is busy (CKR_FUNCTION_FAILED…)
     ├── Unavailable            no healthy cluster can serve the request
     │   ├── ClusterDown        device error/removed, token gone, timeouts
-    │   └── StaleSession       session/object handle invalid, logged out
+    │   └── StaleSession       session/object handle invalid, logged out, operation left open
     ├── DeadlineExceeded       the caller's deadline passed
     └── InternalError          a bug; details are logged, never returned
+        └── AmbiguousKey       a cluster holds two objects of a class for one key (fails over)
 
 Messages are safe to show to callers: they never contain PINs, key material or
 internal addresses. ``reason`` is a stable machine-readable code.
