@@ -99,6 +99,11 @@ class Pkcs11Cluster(HsmBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _repair(self, session: PooledSession, exc: Exception) -> None:
+        if isinstance(exc, p11.NoSuchKey):
+            # A missed search: the missing key had no cached handle, and the others are
+            # sound. Dropping them would cost every hot key a new search (during a move,
+            # calls routed to the target miss until its copy is made).
+            return
         session.forget()
         if isinstance(exc, SESSION_GONE):
             session.broken = True
