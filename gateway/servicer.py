@@ -223,11 +223,11 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         # The request thread signs the first chunk itself (all of them on one CPU, where another
         # thread only adds switches): a busy executor delays a batch, never stalls it. Each
         # chunk runs in a copy of this call's context: its log lines keep the request id.
-        spread = chunks[1:] if self._cpus > 1 else []
+        here = chunks if self._cpus == 1 else chunks[:1]
         pending = [(self._batch_executor.submit(contextvars.copy_context().run, self._sign_chunk, items, chunk,
                                                 results, deadline), chunk)
-                   for chunk in spread]
-        for chunk in chunks[: len(chunks) - len(spread)]:
+                   for chunk in chunks[len(here):]]
+        for chunk in here:
             self._sign_chunk(items, chunk, results, deadline)
         for future, chunk in pending:
             _settle(future, chunk, results)

@@ -67,10 +67,6 @@ class HsmBackend(abc.ABC):
         """For each key id with token objects on this cluster: how many objects of each class
         ("private key", "public key", "secret key"). For reconciliation: a key has one of each."""
 
-    def key_ids(self, deadline: float) -> set[str]:
-        """Key ids that have token objects on this cluster."""
-        return set(self.key_objects(deadline))
-
     @abc.abstractmethod
     def public_key(self, key: Placement, deadline: float) -> bytes:
         """The public key as DER SubjectPublicKeyInfo."""

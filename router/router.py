@@ -330,8 +330,7 @@ class Router:
             if existing is not None:
                 return existing
             raise AlreadyExists(f"key {spec.key_id!r} already exists") from None
-        # Within half the grace period, as a take-over is: past the grace a retry may claim it.
-        return self._materialise(intent, min(deadline, time.monotonic() + self.creation_grace / 2))
+        return self._materialise(intent, self._within_claim(deadline))
 
     def _existing(self, spec: KeySpec) -> Placement | None:
         """The key an earlier attempt of this request made; errors for clashes."""
@@ -372,7 +371,11 @@ class Router:
             "key %s: finishing a creation left unfinished %.0f s ago (request %s); its objects are made again",
             intent.key_id, now - intent.create_time, intent.request_id,
         )
-        return self._materialise(claimed, time.monotonic() + min(60.0, self.creation_grace / 2), leftovers=True)
+        return self._materialise(claimed, self._within_claim(time.monotonic() + 60.0), leftovers=True)
+
+    def _within_claim(self, deadline: float) -> float:
+        """A creation attempt ends within half the grace period: past the grace, a retry may claim it."""
+        return min(deadline, time.monotonic() + self.creation_grace / 2)
 
     @staticmethod
     def _settled(current: Placement | None, key_id: str) -> Placement:
@@ -604,7 +607,7 @@ class Router:
             clusters = [to if name == source else name for name in current.clusters]
             moved = self.store.update(replace(pending, primary=clusters[0], replicas=tuple(clusters[1:])))
         except (RouterError, Conflict) as exc:
-            self._undo_move(pending, current, target, deadline)
+            self._undo_move(pending, current, target)
             if isinstance(exc, Conflict):
                 raise Unavailable(f"key {key_id!r} changed while moving; nothing was changed, try again") from None
             raise
@@ -616,7 +619,7 @@ class Router:
         log.info("key %s moved from %s to %s", key_id, source, to)
         return moved
 
-    def _undo_move(self, pending: Placement, current: Placement, target: HsmBackend, deadline: float) -> None:
+    def _undo_move(self, pending: Placement, current: Placement, target: HsmBackend) -> None:
         """A move that failed: the target's copy goes, then the target leaves the record."""
         key_id = current.key_id
         try:

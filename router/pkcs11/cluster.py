@@ -90,20 +90,19 @@ class Pkcs11Cluster(HsmBackend):
                     if isinstance(err, InternalError):
                         log.error("cluster %s: unexpected PKCS #11 error", self.spec.name, exc_info=exc)
                     # A key the placement says is here but the search did not find is
-                    # looked up once more with fresh handles: SoftHSM's object index
-                    # can miss an object while another session destroys a neighbour.
+                    # searched for once more: SoftHSM's object index can miss an object
+                    # while another session destroys a neighbour. The session and its
+                    # cached handles are sound (a stale handle is CKR_OBJECT_HANDLE_INVALID);
+                    # dropping them would cost every hot key a new search, and during a move
+                    # every call routed to the target misses until its copy is made.
                     missing_once = isinstance(err, KeyNotFound) and attempt == 0
                     if not (isinstance(err, StaleSession) or missing_once) or attempt == attempts - 1:
                         raise err from exc
-                    self._repair(session, exc)
+                    if not missing_once:
+                        self._repair(session, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _repair(self, session: PooledSession, exc: Exception) -> None:
-        if isinstance(exc, p11.NoSuchKey):
-            # A missed search: the missing key had no cached handle, and the others are
-            # sound. Dropping them would cost every hot key a new search (during a move,
-            # calls routed to the target miss until its copy is made).
-            return
         session.forget()
         if isinstance(exc, SESSION_GONE):
             session.broken = True

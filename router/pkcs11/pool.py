@@ -82,38 +82,32 @@ class PooledSession:
         return obj
 
     def _find(self, key_id: str, object_class: ObjectClass) -> Any:
-        """The one object of ``object_class`` with CKA_ID = ``key_id``.
+        return self._only({Attribute.CLASS: object_class, Attribute.ID: key_id.encode()},
+                          f"{CLASS_NAMES[object_class]} objects for key {key_id!r}")
+
+    def wrapping_key(self) -> Any:
+        if self._wrapping_key is None:
+            template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: WRAPPING_KEY_LABEL}
+            self._wrapping_key = self._only(template, f"wrapping keys labelled {WRAPPING_KEY_LABEL!r}")
+        return self._wrapping_key
+
+    def _only(self, template: dict[Attribute, Any], what: str) -> Any:
+        """The one object matching ``template`` (``what`` names such objects in messages).
 
         The search is read to its end before anything else happens (python-pkcs11's
         ``get_key`` stops after the second match): a search left open keeps the
         session's operation lock and its C_FindObjects active, so the next search or
         signature on this session fails with CKR_OPERATION_ACTIVE, or waits.
         """
-        found = list(self.handle.get_objects({Attribute.CLASS: object_class, Attribute.ID: key_id.encode()}))
+        found = list(self.handle.get_objects(template))
         if not found:
-            raise p11.NoSuchKey(f"no {object_class.name} object with id {key_id!r}")
+            raise p11.NoSuchKey(f"no {what}")
         if len(found) > 1:
-            _report_once(f"cluster {self._spec.name} holds {len(found)} {CLASS_NAMES[object_class]} objects for "
-                         f"key {key_id!r}: the key is served from its other clusters until one is removed")
-            raise AmbiguousKey(
-                f"cluster {self._spec.name} holds {len(found)} {CLASS_NAMES[object_class]} objects for key "
-                f"{key_id!r}; the gateway will not guess which is the key's: remove the stray one",
-                cluster=self._spec.name, region=self._spec.region,
-            )
+            held = f"cluster {self._spec.name} holds {len(found)} {what}"
+            _report_once(f"{held}: calls fail over to other clusters until the stray one is removed")
+            raise AmbiguousKey(f"{held}; the gateway will not guess which is right: remove the stray one",
+                               cluster=self._spec.name, region=self._spec.region)
         return found[0]
-
-    def wrapping_key(self) -> Any:
-        if self._wrapping_key is None:
-            found = list(self.handle.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
-                                                  Attribute.LABEL: WRAPPING_KEY_LABEL}))
-            if len(found) != 1:
-                raise AmbiguousKey(
-                    f"cluster {self._spec.name} holds {len(found)} wrapping keys labelled "
-                    f"{WRAPPING_KEY_LABEL!r}; replication needs exactly one",
-                    cluster=self._spec.name, region=self._spec.region,
-                ) if found else p11.NoSuchKey(f"no wrapping key labelled {WRAPPING_KEY_LABEL!r}")
-            self._wrapping_key = found[0]
-        return self._wrapping_key
 
     def _external(self, placement: Placement, object_class: ObjectClass) -> Any:
         """An EXTERNAL key as a session object: unwrapped once, kept in a bounded LRU."""
