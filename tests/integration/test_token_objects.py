@@ -13,16 +13,19 @@ import logging
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 
-from router.errors import AmbiguousKey
+from gateway import status
+from router.errors import AmbiguousKey, Unavailable
 from router.model import KeyAlgorithm, KeySpec, KeyUsage, Operation
 from router.pkcs11._keys import public_key_attributes, public_key_der, public_template
+from router.pkcs11.pool import WRAPPING_KEY_LABEL
 from router.reconcile import reconcile
 from tests.support import TokenInspector, unique
 
@@ -114,3 +117,36 @@ def test_a_session_left_with_a_search_open_is_replaced_not_failed(make_router, k
     assert (before.size, after.size, after.open) == (1, 1, 1)
     with pytest.raises(p11.SessionHandleInvalid):  # the session it was open on is closed now
         search.close()
+
+
+def test_a_key_with_two_public_objects_on_every_cluster_is_refused_not_guessed(make_router, key, tokens) -> None:
+    key_id, primary, replica = key
+    for cluster in (primary, replica):
+        [public] = [o for o in tokens.objects(cluster, key_id) if o.object_class is ObjectClass.PUBLIC_KEY]
+        _add_second_public_key(tokens, cluster, key_id, public_key_der(public, KeyAlgorithm.EC_P256))
+    router = make_router({"pool_size": 1})
+    with pytest.raises(AmbiguousKey) as refused:
+        router.public_key(key_id, time.monotonic() + 10)
+    assert refused.value.cluster in (primary, replica)
+    assert status.status_for(refused.value) == (grpc.StatusCode.INTERNAL, status.GENERIC_INTERNAL, "INTERNAL")
+    # The private key is unambiguous: signing still works, on the primary's one session.
+    assert router.sign(key_id, Operation.ECDSA_SHA256, None, b"m", time.monotonic() + 10)[1] == primary
+
+
+def test_a_move_to_a_cluster_with_two_wrapping_keys_fails_and_changes_nothing(make_router, key, tokens) -> None:
+    """The trusted wrapping key must be one: a second one is refused by name, the move is
+    undone, and the key stays where it was."""
+    key_id, primary, replica = key
+    router = make_router({"pool_size": 1})
+    target = next(name for name in router.backends if name not in (primary, replica))
+    stray = tokens.session(target).generate_key(KeyType.AES, 256, label=WRAPPING_KEY_LABEL, store=True)
+    try:
+        before = router.store.get(key_id)
+        with pytest.raises(Unavailable, match=f"cluster {target} holds 2 wrapping keys labelled"):
+            router.move_key(key_id, target, time.monotonic() + 30)
+        after = router.store.get(key_id)
+        assert (after.primary, after.replicas) == (before.primary, before.replicas)
+        assert tokens.objects(target, key_id) == []
+        assert router.sign(key_id, Operation.ECDSA_SHA256, None, b"m", time.monotonic() + 10)[1] == primary
+    finally:
+        stray.destroy()
