@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_ORDERS_KEPT = 4096
+"""Candidate lists whose order is remembered; more are sorted again (keys of many shapes)."""
+
 
 class Dispatcher:
     def __init__(
@@ -58,6 +61,7 @@ class Dispatcher:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._drained: frozenset[str] = frozenset()
+        self._orders: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._failed_over: frozenset[str] = frozenset()
         self.failovers = 0
 
@@ -66,10 +70,12 @@ class Dispatcher:
     def set_drained(self, clusters: Iterable[str]) -> None:
         with self._lock:
             self._drained = frozenset(clusters)
+            self._orders = {}  # after the switch: see order()
 
     def set_failed_over(self, regions: Iterable[str]) -> None:
         with self._lock:
             self._failed_over = frozenset(regions)
+            self._orders = {}
 
     @property
     def drained(self) -> frozenset[str]:
@@ -89,14 +95,25 @@ class Dispatcher:
 
     # -- ordering -------------------------------------------------------------------
 
-    def order(self, names: Iterable[str]) -> list[str]:
-        """Candidates in the order to try them (stable: the primary leads its rank)."""
-        known = [n for n in dict.fromkeys(names) if n in self.backends]
-        far = len(self._region_rank)
-        return sorted(
-            known,
-            key=lambda n: (self.avoided(n), self._region_rank.get(self.backends[n].spec.region, far)),
-        )
+    def order(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Candidates in the order to try them (stable: the primary leads its rank).
+
+        Remembered per candidate list until an operator switch changes: every key of one
+        shape has the same list, and sorting it anew cost each request a few µs.
+        """
+        key = names if isinstance(names, tuple) else tuple(names)
+        orders = self._orders  # read before the switches: a switch replaces the dict after setting them
+        known = orders.get(key)
+        if known is None:
+            far = len(self._region_rank)
+            known = tuple(sorted(
+                (n for n in dict.fromkeys(key) if n in self.backends),
+                key=lambda n: (self.avoided(n), self._region_rank.get(self.backends[n].spec.region, far)),
+            ))
+            if len(orders) >= _ORDERS_KEPT:
+                orders.clear()
+            orders[key] = known
+        return known
 
     # -- running ----------------------------------------------------------------------
 

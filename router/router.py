@@ -238,11 +238,11 @@ class Router:
         log.log(level, "cluster %s: circuit %s", name, state.value)
         self._on_health_change(name, state)
 
-    def _candidates(self, placement: Placement) -> list[str]:
+    def _candidates(self, placement: Placement) -> tuple[str, ...]:
         if placement.external:
             # Any cluster holding the trusted wrapping key can unwrap it.
-            return [placement.primary, *self._region_order()]
-        return list(placement.clusters)
+            return (placement.primary, *self._region_order())
+        return placement.clusters
 
     def _region_order(self) -> list[str]:
         regions = (self.topology.home_region, *self.topology.dr_regions)

@@ -68,6 +68,14 @@ class Module:
         """Hold this around every call into the module."""
         return self._serial if self._serial is not None else contextlib.nullcontext()
 
+    @property
+    def serial(self) -> threading.Lock | None:
+        """What ``guard`` holds: the lock of a module that cannot lock for itself, else None.
+
+        For the request path, which skips the no-op context manager when it is None.
+        """
+        return self._serial
+
     def token(self, label: str) -> Any:
         """The token labelled ``label``, found once and remembered.
 

@@ -50,6 +50,7 @@ class Pkcs11Cluster(HsmBackend):
     ) -> None:
         self.spec = spec
         self._module = module
+        self._serial = module.serial
         self._clock = clock
         self._native_oaep = True
         try:
@@ -79,27 +80,31 @@ class Pkcs11Cluster(HsmBackend):
         for attempt in range(attempts):
             if self._clock() >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the HSM call", cluster=self.spec.name)
-            with self._pool.session(deadline) as session:
-                try:
-                    with self._module.guard():
-                        return fn(session)
-                except RouterError:
-                    raise
-                except p11.PKCS11Error as exc:
-                    err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op, decrypting=decrypting)
-                    if isinstance(err, InternalError):
-                        log.error("cluster %s: unexpected PKCS #11 error", self.spec.name, exc_info=exc)
-                    # A key the placement says is here but the search did not find is
-                    # searched for once more: SoftHSM's object index can miss an object
-                    # while another session destroys a neighbour. The session and its
-                    # cached handles are sound (a stale handle is CKR_OBJECT_HANDLE_INVALID);
-                    # dropping them would cost every hot key a new search, and during a move
-                    # every call routed to the target misses until its copy is made.
-                    missing_once = isinstance(err, KeyNotFound) and attempt == 0
-                    if not (isinstance(err, StaleSession) or missing_once) or attempt == attempts - 1:
-                        raise err from exc
-                    if not missing_once:
-                        self._repair(session, exc)
+            session = self._pool.acquire(deadline)
+            try:
+                if self._serial is None:
+                    return fn(session)
+                with self._serial:
+                    return fn(session)
+            except RouterError:
+                raise
+            except p11.PKCS11Error as exc:
+                err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op, decrypting=decrypting)
+                if isinstance(err, InternalError):
+                    log.error("cluster %s: unexpected PKCS #11 error", self.spec.name, exc_info=exc)
+                # A key the placement says is here but the search did not find is
+                # searched for once more: SoftHSM's object index can miss an object
+                # while another session destroys a neighbour. The session and its
+                # cached handles are sound (a stale handle is CKR_OBJECT_HANDLE_INVALID);
+                # dropping them would cost every hot key a new search, and during a move
+                # every call routed to the target misses until its copy is made.
+                missing_once = isinstance(err, KeyNotFound) and attempt == 0
+                if not (isinstance(err, StaleSession) or missing_once) or attempt == attempts - 1:
+                    raise err from exc
+                if not missing_once:
+                    self._repair(session, exc)
+            finally:
+                self._pool.release(session)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _repair(self, session: PooledSession, exc: Exception) -> None:

@@ -199,9 +199,12 @@ class SessionPool:
     def token(self) -> Any:
         return self._token
 
-    @contextlib.contextmanager
-    def session(self, deadline: float) -> Iterator[PooledSession]:
-        """Check out a session until the block ends; wait no longer than ``deadline``."""
+    def acquire(self, deadline: float) -> PooledSession:
+        """Check out a session, waiting no longer than ``deadline``; hand it back with ``release``.
+
+        The request path calls this pair in a ``try``/``finally`` of its own: a generator
+        context manager around each HSM call cost ~7 µs of CPU per call here.
+        """
         try:
             self._slots.get(timeout=max(0.0, deadline - self._clock()))
         except queue.Empty:
@@ -212,13 +215,25 @@ class SessionPool:
                 retry_after=0.05,
             ) from None
         try:
-            session = self._checkout()
-            try:
-                yield session
-            finally:
-                self._checkin(session)
+            return self._checkout()
+        except BaseException:
+            self._slots.put(None)
+            raise
+
+    def release(self, session: PooledSession) -> None:
+        try:
+            self._checkin(session)
         finally:
             self._slots.put(None)
+
+    @contextlib.contextmanager
+    def session(self, deadline: float) -> Iterator[PooledSession]:
+        """A session for the block (``acquire`` and ``release``)."""
+        session = self.acquire(deadline)
+        try:
+            yield session
+        finally:
+            self.release(session)
 
     def invalidate_keys(self) -> None:
         """Forget every cached key object (after a key is destroyed)."""

@@ -137,10 +137,10 @@ def test_retry_budget_caps_extra_attempts() -> None:
 def test_drained_and_failed_over_clusters_go_last() -> None:
     clock = FakeClock(1000.0)
     d = make(clock)
-    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ["use1-a", "use1-b", "usw2-a"]
+    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ("use1-a", "use1-b", "usw2-a")
     d.set_drained({"use1-a"})
-    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ["use1-b", "usw2-a", "use1-a"]
+    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ("use1-b", "usw2-a", "use1-a")
     d.set_drained(set())
     d.set_failed_over({"us-east-1"})
-    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ["usw2-a", "use1-a", "use1-b"]
+    assert d.order(["use1-a", "usw2-a", "use1-b"]) == ("usw2-a", "use1-a", "use1-b")
     assert not d.usable("use1-a") and d.usable("usw2-a")
