@@ -137,10 +137,10 @@ class Principal:
         return self.grants.get(operation, ()) + self.grants.get(ALL, ())
 
     def may(self, operation: str, key_id: str) -> bool:
-        return any(key_id.startswith(p) for p in self.prefixes(operation))
+        return key_id.startswith(self.prefixes(operation))  # any of them; none granted: False
 
     def may_list(self, operation: str, prefix: str) -> bool:
-        return any(prefix.startswith(p) for p in self.prefixes(operation))
+        return prefix.startswith(self.prefixes(operation))
 
     def may_some(self, operation: str) -> bool:
         return bool(self.prefixes(operation))
@@ -153,6 +153,10 @@ def namespace(key_id: str) -> str:
     """``hr/payroll/k1`` → ``hr/payroll/``: what a denial names."""
     cut = key_id.rfind("/")
     return key_id[: cut + 1] if cut >= 0 else key_id
+
+
+_OTHERS_KEPT = 10_000
+"""Identities a policy does not name whose rights are kept made (more start afresh)."""
 
 
 class Policy:
@@ -176,6 +180,8 @@ class Policy:
         self._principals = {
             identity: self._resolve(identity, names, limits) for identity, (names, limits) in identities.items()
         }
+        # Identities the file does not name all get the same rights; each is made once, not per call.
+        self._others: dict[str, Principal] = {}
 
     @classmethod
     def permissive(cls) -> Policy:
@@ -203,12 +209,17 @@ class Policy:
         return sorted(self._principals)
 
     def principal(self, identity: str) -> Principal:
-        found = self._principals.get(identity)
+        found = self._principals.get(identity) or self._others.get(identity)
         if found is not None:
             return found
         if self.allow_all:
-            return Principal(identity=identity, everything=True)
-        return Principal(identity=identity, limits=self.default_limits)
+            found = Principal(identity=identity, everything=True)
+        else:
+            found = Principal(identity=identity, limits=self.default_limits)
+        if len(self._others) >= _OTHERS_KEPT:
+            self._others = {}
+        self._others[identity] = found
+        return found
 
     # -- decisions (raise PermissionDenied) --
 

@@ -24,6 +24,7 @@ import datetime
 import json
 import logging
 import os
+import random
 import re
 import sys
 from typing import Any, TextIO
@@ -48,7 +49,9 @@ def current_request_id() -> str | None:
 
 
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    # A correlation id, not a secret: the interpreter's generator (seeded from the OS at
+    # start) serves it without the system call os.urandom makes on every request.
+    return f"{random.getrandbits(128):032x}"
 
 
 def accept_request_id(value: str | None) -> str:

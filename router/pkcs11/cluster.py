@@ -387,18 +387,15 @@ def _der_integer(value: bytes) -> bytes:
     value = value.lstrip(b"\0") or b"\0"
     if value[0] & 0x80:
         value = b"\0" + value  # positive: a leading 1 bit would make it negative
-    return b"\x02" + _der_length(len(value)) + value
-
-
-def _der_length(n: int) -> bytes:
-    return bytes([n]) if n < 0x80 else b"\x81" + bytes([n])  # at most 2 x 67 bytes for P-521
+    return bytes((0x02, len(value))) + value  # at most 67 bytes (P-521): a one-byte length
 
 
 def _ecdsa_raw_to_der(raw: bytes) -> bytes:
     """DER ``ECDSA-Sig-Value`` for PKCS #11's r||s (by hand: asn1crypto costs ~19 us per signature)."""
     half = len(raw) // 2
     body = _der_integer(raw[:half]) + _der_integer(raw[half:])
-    return b"\x30" + _der_length(len(body)) + body
+    size = len(body)
+    return (bytes((0x30, size)) if size < 0x80 else bytes((0x30, 0x81, size))) + body
 
 
 def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:

@@ -146,7 +146,7 @@ def test_chunks_cover_every_item_once_per_cluster_within_bounds(size: int) -> No
         servicer.close()
 
 
-@pytest.mark.parametrize("size", [32, 48, 66])
+@pytest.mark.parametrize("size", [32, 48, 66, 64, 96, 132])  # P-256, P-384, P-521 r||s: 64, 96, 132
 def test_ecdsa_der_encoding_matches_asn1crypto(size: int) -> None:
     half = size // 2
     samples = [os.urandom(size) for _ in range(200)]
