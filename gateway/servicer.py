@@ -39,6 +39,8 @@ BATCH_CHUNK_MAX = 64
 """Most items one chunk holds a session for, so unary calls get sessions between chunks."""
 
 R = TypeVar("R")
+_Result = dict[str, Any]
+"""The fields of one ``BatchSignResult`` (BatchSign builds its response from them in place)."""
 
 
 def _deadline(context: grpc.ServicerContext, default: float) -> float:
@@ -218,7 +220,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         items = request.requests
         if not 1 <= len(items) <= MAX_BATCH:
             raise InvalidArgument(f"a batch holds 1 to {MAX_BATCH} requests, not {len(items)}")
-        results: list[pb.BatchSignResult | None] = [None] * len(items)
+        results: list[_Result | None] = [None] * len(items)
         chunks = self._chunks(items)
         # The request thread signs the first chunk itself (all of them on one CPU, where another
         # thread only adds switches): a busy executor delays a batch, never stalls it. Each
@@ -231,7 +233,13 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             self._sign_chunk(items, chunk, results, deadline)
         for future, chunk in pending:
             _settle(future, chunk, results)
-        return pb.BatchSignResponse(responses=results)  # type: ignore[arg-type] # every item is set by now
+        # Built in place, in request order: a BatchSignResult made per item and then copied
+        # into the response cost ~1.5 µs an item.
+        response = pb.BatchSignResponse()
+        add = response.responses.add
+        for fields in results:
+            add(**fields)  # type: ignore[arg-type] # every item is set by now
+        return response
 
     def _chunks(self, items: Sequence[pb.SignRequest]) -> list[list[int]]:
         """Item indexes grouped by the cluster that serves their key first; each group cut into
@@ -262,31 +270,29 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             return ""
 
     def _sign_chunk(
-        self, items: Sequence[pb.SignRequest], chunk: list[int], results: list[pb.BatchSignResult | None],
-        deadline: float,
+        self, items: Sequence[pb.SignRequest], chunk: list[int], results: list[_Result | None], deadline: float,
     ) -> None:
         asked: list[tuple[str, Operation, bytes | None, bytes | None]] = []
-        indexes: list[int] = []
+        named: list[tuple[int, str]] = []  # (index, request id) of each item asked
         for index in chunk:
             item = items[index]
             try:
                 digest, message = _input(item)
                 asked.append((item.key_id, conv.operation(item.algorithm), digest, message))
-                indexes.append(index)
+                named.append((index, item.request_id))
             except Exception as exc:  # noqa: BLE001 - one bad item does not fail the batch
                 results[index] = _failed_item(exc)
         try:
             outcomes: list[Any] = list(self.router.sign_many(asked, deadline))
         except Exception as exc:  # noqa: BLE001 - a bug: every item of the chunk says INTERNAL
             outcomes = [exc] * len(asked)
-        for index, outcome in zip(indexes, outcomes, strict=True):
+        for (index, request_id), (key_id, *_), outcome in zip(named, asked, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 results[index] = _failed_item(outcome)
                 continue
-            item = items[index]
             signature, cluster = outcome
-            results[index] = pb.BatchSignResult(response=pb.SignResponse(
-                signature=signature, key_id=item.key_id, cluster=cluster, request_id=item.request_id))
+            results[index] = {"response": {"signature": signature, "key_id": key_id, "cluster": cluster,
+                                           "request_id": request_id}}
 
     def SignStream(
         self, request_iterator: Iterator[pb.SignRequest], context: grpc.ServicerContext
@@ -300,14 +306,14 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             status.abort(context, exc)
 
 
-def _failed_item(exc: BaseException) -> pb.BatchSignResult:
+def _failed_item(exc: BaseException) -> _Result:
     code, message, reason = status.status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error in batch item", exc_info=exc)
-    return pb.BatchSignResult(code=code.value[0], message=message, reason=reason)
+    return {"code": code.value[0], "message": message, "reason": reason}
 
 
-def _settle(future: Future[None], chunk: list[int], results: list[pb.BatchSignResult | None]) -> None:
+def _settle(future: Future[None], chunk: list[int], results: list[_Result | None]) -> None:
     """Wait for a chunk; a chunk that never ran (executor shut down) fails its own items."""
     try:
         future.result()
