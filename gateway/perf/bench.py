@@ -404,8 +404,12 @@ class Bench:
             first.name = f"direct python-pkcs11 (best of 1-2 processes: {processes}; mean of first and last)"
             first.detail.update({"first": best.throughput, "last": again.throughput})
         base = first.throughput or 1.0
+        gateway_row, floor_row = rows[1].throughput, rows[-1].throughput
         return {"algorithm": op.value, "rows": [r.as_dict() | {
-            "ratio": None if r.throughput is None else round(r.throughput / base, 3)} for r in rows]}
+            "ratio": None if r.throughput is None else round(r.throughput / base, 3)} for r in rows],
+            # Row 2 over row 6: how much of what Python gRPC and the HSM allow is left after
+            # the gateway's own work. Unlike a ratio to direct, the machine's load cancels out.
+            "share_of_floor": round(gateway_row / floor_row, 3) if gateway_row and floor_row else None}
 
     @staticmethod
     def _primary(fleet: Any, key_id: str) -> str:
@@ -579,6 +583,9 @@ def markdown(data: dict[str, Any]) -> str:
             ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}"
             lines.append(f"| {i}. {row['name']} | {_fmt(row['throughput'])} | {ratio} | "
                          f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p99_ms'], 2)} | {row['errors']} | {row['note']} |")
+        share = result.get("share_of_floor")
+        if share is not None:
+            lines += ["", f"Gateway unary over the floor (row 2 ÷ row 6): **{share:.2f}**."]
         lines.append("")
     latency = data["results"].get("latency")
     if latency:

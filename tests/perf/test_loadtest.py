@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,12 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
     assert [r["errors"] for r in rows] == [0] * len(rows)
     names = [r["name"] for r in rows]
     assert any("BatchSign" in n for n in names) and any("p11-kit" in n for n in names)
+    assert "h2load" in names[1] and names[-1].startswith("floor")
+    share = results["ecdsa"]["share_of_floor"]
+    if shutil.which("h2load"):  # `make bench` installs it; `make test` does not
+        assert share == round(rows[1]["throughput"] / rows[-1]["throughput"], 3) and share > 0
+    else:
+        assert share is None and rows[1]["throughput"] is None
     assert {"ECDSA_SHA256"} == set(results["latency"])
     runs = results["routing"]["runs"]
     assert [r["placements"] for r in runs] == [1000, 3000]
@@ -77,3 +84,6 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
     text = markdown.read_text()
     assert "prose kept" in text and "more prose" in text and "old" not in text
     assert "| 1. direct python-pkcs11" in text
+    assert ("Gateway unary over the floor (row 2 ÷ row 6)" in text) == (share is not None)
+    if share is not None:
+        assert f"(row 2 ÷ row 6): **{share:.2f}**." in text
