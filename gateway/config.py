@@ -50,7 +50,7 @@ class ServerConfig:
     """Serve without TLS. Allowed only on a loopback address (development)."""
     threads: int = 16
     """gRPC threads per process: calls served at once on grpcio's pool, and as many
-    again on the fast path (``fast_path``)."""
+    again on the fast path (``fast_path``), and again for BatchSign there."""
     default_deadline: float = 10.0
     """Seconds a request may take when the caller sets no deadline."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -64,11 +64,12 @@ class ServerConfig:
     off when other busy processes share those CPUs."""
     fast_path: bool = True
     """Serve the unary crypto calls (Sign, Verify, Encrypt, Decrypt, Mac, VerifyMac,
-    GenerateRandom, GetPublicKey) on threads that each take a call from gRPC core and
-    answer it themselves, instead of grpcio's pool, which hands every call from a
-    polling thread to a pool thread (measured ~4× less gRPC CPU per call). Up to
-    ``threads`` such calls run at once, beside ``threads`` others on the pool. Turn
-    it off to serve every call on grpcio's pool."""
+    GenerateRandom, GetPublicKey, and BatchSign on threads of its own) on threads that
+    each take a call from gRPC core and answer it themselves, instead of grpcio's pool,
+    which hands every call from a polling thread to a pool thread (measured ~4× less
+    gRPC CPU per call). Up to ``threads`` such calls run at once, and ``threads``
+    BatchSign calls, beside ``threads`` others on the pool. Turn it off to serve every
+    call on grpcio's pool."""
     tls: TlsConfig | None = None
     """Mutual TLS (``[server.tls]``); reloaded on SIGHUP. Without it the server is
     plaintext, which needs ``insecure_plaintext`` and a loopback address."""

@@ -76,10 +76,16 @@ def test_fast_path_on_and_off_serve_the_same_answers(gateway_with) -> None:
         assert rpc_status.from_call(err).details, "the rich status (ErrorInfo) is missing"
         assert ("x-request-id", f"{prefix}-missing") in tuple(err.trailing_metadata())
 
-        batch = crypto.BatchSign(pb.BatchSignRequest(requests=[
-            pb.SignRequest(key_id=ec_key.key_id, algorithm=ECDSA,
-                           digest=hashlib.sha256(message).digest())]), timeout=10)
+        digest = hashlib.sha256(message).digest()
+        batch, call = crypto.BatchSign.with_call(pb.BatchSignRequest(requests=[
+            pb.SignRequest(key_id=ec_key.key_id, algorithm=ECDSA, digest=digest),
+            pb.SignRequest(key_id=missing, algorithm=ECDSA, digest=digest)]),
+            timeout=10, metadata=(("x-request-id", f"{prefix}-batch"),))
         public.verify(batch.responses[0].response.signature, message, ec.ECDSA(hashes.SHA256()))
+        assert batch.responses[1].code == grpc.StatusCode.NOT_FOUND.value[0] and missing in batch.responses[1].message
+        assert ("x-request-id", f"{prefix}-batch") in tuple(call.trailing_metadata())
+        err = rpc_error(crypto.BatchSign, pb.BatchSignRequest(), timeout=10)
+        assert err.code() is grpc.StatusCode.INVALID_ARGUMENT and "1 to 1000 requests, not 0" in err.details()
 
     log = gateway.log()
     assert ("unary crypto calls on the fast path" in log) is on, log[-2000:]
