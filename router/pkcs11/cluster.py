@@ -80,7 +80,10 @@ class Pkcs11Cluster(HsmBackend):
         for attempt in range(attempts):
             if self._clock() >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the HSM call", cluster=self.spec.name)
-            session = self._pool.acquire(deadline)
+            try:
+                session = self._pool.acquire(deadline)
+            except p11.PKCS11Error as exc:  # no session to replace a broken one: the cluster's fault
+                raise translate(exc, cluster=self.spec.name, region=self.spec.region, op=op) from exc
             try:
                 if self._serial is None:
                     return fn(session)

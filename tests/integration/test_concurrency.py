@@ -125,3 +125,36 @@ def test_a_full_pool_answers_resource_exhausted_at_the_deadline(fleet, tokens) -
         assert backend.stats().open == 1 and backend.stats().in_use == 0
     finally:
         backend.close()
+
+
+def test_a_session_that_cannot_be_reopened_is_a_cluster_fault_and_uses_up_nothing(fleet, tokens) -> None:
+    """The HSM refuses a replacement session: the caller sees the cluster down (so the
+    dispatcher fails over), and once the HSM is back the pool serves again at full size."""
+    import pkcs11.exceptions as p11
+
+    from router.errors import ClusterDown
+
+    pins = tomllib.loads(fleet.secrets_path.read_text())["clusters"]
+    tokens.session("use1-a")
+    spec = ClusterSpec(name="use1-a", region="us-east-1", token_label="use1-a", pool_size=1)
+    backend = Pkcs11Cluster(tokens.module, spec, Secret(pins["use1-a"]["user_pin"]))
+    pool = backend.pool
+    reopen = pool._new_session
+
+    def refused() -> None:
+        raise p11.DeviceRemoved()
+
+    try:
+        with pool.session(time.monotonic() + 5) as session:
+            session.broken = True  # as after CKR_SESSION_HANDLE_INVALID: closed when handed back
+            pool._new_session = refused  # ...and the HSM refuses its replacement
+        assert backend.stats().open == 0
+        for _ in range(3):
+            with pytest.raises(ClusterDown, match="use1-a is not reachable"):
+                backend.random(8, time.monotonic() + 5)
+        pool._new_session = reopen
+        assert len(backend.random(8, time.monotonic() + 0.5)) == 8  # not "all 1 sessions are busy"
+        assert backend.stats().open == 1 and backend.stats().in_use == 0
+    finally:
+        pool._new_session = reopen
+        backend.close()

@@ -89,6 +89,21 @@ def test_the_permissive_development_policy_allows_everything() -> None:
     assert dev.may("DestroyKey", "any/key") and dev.may_admin("Anything") and dev.limits == Limits()
 
 
+def test_each_identity_the_policy_does_not_name_gets_the_default_rights_under_its_own_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gateway.auth
+
+    monkeypatch.setattr(gateway.auth, "_OTHERS_KEPT", 3)  # more strangers than are kept made
+    for p, allowed in ((policy(), False), (Policy.permissive(), True)):
+        names = [f"spiffe://hsmgw/stranger-{i}" for i in range(8)]
+        for _ in range(2):
+            made = [p.principal(name) for name in names]
+            assert [m.identity for m in made] == names
+            assert all(m.may("Sign", "payments/k") is allowed for m in made)
+        assert p.principal(names[-1]) is made[-1]  # kept, not made again per call
+
+
 @pytest.mark.parametrize("key_id, expected", [("hr/payroll/k1", "hr/payroll/"), ("k1", "k1"), ("a/", "a/"), ("", "")])
 def test_namespace(key_id: str, expected: str) -> None:
     assert namespace(key_id) == expected

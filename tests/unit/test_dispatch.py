@@ -144,3 +144,17 @@ def test_drained_and_failed_over_clusters_go_last() -> None:
     d.set_failed_over({"us-east-1"})
     assert d.order(["use1-a", "usw2-a", "use1-b"]) == ("usw2-a", "use1-a", "use1-b")
     assert not d.usable("use1-a") and d.usable("usw2-a")
+
+
+def test_orders_stay_right_beyond_the_candidate_lists_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.dispatch
+
+    monkeypatch.setattr(router.dispatch, "_ORDERS_KEPT", 2)
+    d = make(FakeClock(1000.0))
+    expected = {("usw2-a", "use1-a"): ("use1-a", "usw2-a"), ("use1-b", "usw2-a"): ("use1-b", "usw2-a"),
+                ("usw2-a", "use1-b", "use1-a"): ("use1-b", "use1-a", "usw2-a"), ("use1-a", "nowhere"): ("use1-a",)}
+    for _ in range(3):  # more lists than are remembered, asked again and again
+        for names, order in expected.items():
+            assert d.order(list(names)) == order
+    d.set_drained({"use1-b"})
+    assert d.order(["use1-b", "usw2-a"]) == ("usw2-a", "use1-b")
