@@ -408,7 +408,8 @@ class Bench:
         return {"algorithm": op.value, "rows": [r.as_dict() | {
             "ratio": None if r.throughput is None else round(r.throughput / base, 3)} for r in rows],
             # Row 2 over row 6: how much of what Python gRPC and the HSM allow is left after
-            # the gateway's own work. Unlike a ratio to direct, the machine's load cancels out.
+            # the gateway's own work. Both are driven by the same h2load, so what gRPC, the
+            # kernel and the load generator cost is in both and out of the ratio.
             "share_of_floor": round(gateway_row / floor_row, 3) if gateway_row and floor_row else None}
 
     @staticmethod
