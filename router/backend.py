@@ -36,8 +36,12 @@ class HsmBackend(abc.ABC):
         return self.spec.name
 
     @abc.abstractmethod
-    def generate(self, key: Placement, deadline: float) -> None:
-        """Create the key's token objects (CKA_ID = CKA_LABEL = key id)."""
+    def generate(self, key: Placement, deadline: float, *, replacing: bool = False) -> None:
+        """Create the key's token objects (CKA_ID = CKA_LABEL = key id).
+
+        ``replacing``: an earlier attempt may have left objects of this key (a take-over
+        of a crashed creation): none of them may remain beside the new ones.
+        """
 
     @abc.abstractmethod
     def generate_external(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:

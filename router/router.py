@@ -394,9 +394,7 @@ class Router:
             if intent.external:
                 material["wrapped"], material["public_der"] = backend.generate_external(intent, deadline)
             else:
-                if leftovers:
-                    backend.destroy(intent.key_id, deadline)
-                backend.generate(intent, deadline)
+                backend.generate(intent, deadline, replacing=leftovers)
                 made += self._replicate(
                     intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local
                 )

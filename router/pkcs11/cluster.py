@@ -120,11 +120,22 @@ class Pkcs11Cluster(HsmBackend):
 
     # -- HsmBackend -----------------------------------------------------
 
-    def generate(self, key: Placement, deadline: float) -> None:
-        self._run(
-            deadline,
-            lambda s: _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable),
-        )
+    def generate(self, key: Placement, deadline: float, *, replacing: bool = False) -> None:
+        def run(s: PooledSession) -> None:
+            if replacing:
+                _destroy_objects(s, key.key_id)
+            made = _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
+            if replacing:
+                # Looked for once more: SoftHSM's search can miss an object while another
+                # session destroys a neighbour, and a leftover beside the new objects would
+                # make the key ambiguous (two private keys for one id).
+                _destroy_objects(s, key.key_id, keep={obj.handle for obj in made if obj is not None})
+
+        try:
+            self._run(deadline, run)
+        finally:
+            if replacing:
+                self._pool.invalidate_keys()
 
     def generate_external(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
         def run(s: PooledSession) -> tuple[bytes, bytes]:
@@ -192,14 +203,8 @@ class Pkcs11Cluster(HsmBackend):
         self._run(deadline, lambda s: s.handle.generate_random(64))
 
     def destroy(self, key_id: str, deadline: float) -> int:
-        def run(s: PooledSession) -> int:
-            objects = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
-            for obj in objects:
-                obj.destroy()
-            return len(objects)
-
         try:
-            return self._run(deadline, run)
+            return self._run(deadline, lambda s: _destroy_objects(s, key_id))
         finally:
             self._pool.invalidate_keys()
 
@@ -384,6 +389,18 @@ def _oaep_native(s: PooledSession, key: Placement, data: bytes, encrypt: bool) -
         return bytes(public.encrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
     private = s.key(key, ObjectClass.PRIVATE_KEY, "decrypt")
     return bytes(private.decrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
+
+
+def _destroy_objects(s: PooledSession, key_id: str, *, keep: frozenset[int] | set[int] = frozenset()) -> int:
+    """Destroy the key's token objects but those in ``keep`` (handles); how many were destroyed.
+
+    The search is read to its end before any is destroyed (see PooledSession._only).
+    """
+    found = [obj for obj in s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True})
+             if obj.handle not in keep]
+    for obj in found:
+        obj.destroy()
+    return len(found)
 
 
 def _der_integer(value: bytes) -> bytes:

@@ -128,13 +128,17 @@ def test_gateway_killed_during_key_creation_loses_no_acknowledged_key(tmp_path, 
     fleet, control = faulty_fleet(tmp_path / "fleet", faultmod)
     gateway = GatewayProcess(fleet.config_path).start()
     acknowledged: dict[str, pb.Key] = {}
+    attempts: dict[str, list[str]] = {}  # what each client saw, for the report of a failure
     lock = threading.Lock()
     requests = [(f"kill-{i}", f"kill/k{i:03d}") for i in range(200)]
+    started = time.monotonic()
 
     def creator(chunk: list[tuple[str, str]]) -> None:
         for request_id, key_id in chunk:
+            seen = attempts.setdefault(key_id, [])
             end = time.monotonic() + 60
             while time.monotonic() < end:
+                seen.append(f"{time.monotonic() - started:.2f}s call")
                 try:
                     with grpc.insecure_channel(gateway.target) as ch:
                         key = crypto_pb2_grpc.CryptoServiceStub(ch).GenerateKey(pb.GenerateKeyRequest(
@@ -143,6 +147,7 @@ def test_gateway_killed_during_key_creation_loses_no_acknowledged_key(tmp_path, 
                         acknowledged[key_id] = key
                     break
                 except grpc.RpcError as exc:
+                    seen.append(f"{time.monotonic() - started:.2f}s {exc.code().name}: {exc.details()}")
                     assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), exc
                     time.sleep(0.2)
 
@@ -157,7 +162,8 @@ def test_gateway_killed_during_key_creation_loses_no_acknowledged_key(tmp_path, 
     for t in threads:
         t.join(timeout=120)
     try:
-        assert len(acknowledged) == 200
+        missing = {key_id: attempts.get(key_id) for _, key_id in requests if key_id not in acknowledged}
+        assert not missing, f"not acknowledged, with what each client saw: {missing}"
         with grpc.insecure_channel(gateway.target) as ch:
             stub = crypto_pb2_grpc.CryptoServiceStub(ch)
             for key_id in acknowledged:
