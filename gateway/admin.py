@@ -154,10 +154,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return f"{key.key_id} destroyed"
 
     def _do_reconcile_fix(self, params: dict[str, str]) -> str:
-        report = reconcile(self.router, fix=True)
-        return (f"rolled back {len(report.stale_intents)} unfinished creations, removed {len(report.orphans)} "
-                f"orphans; {len(report.missing)} missing copies, {len(report.duplicates)} duplicate objects "
-                f"(left for an operator), {len(report.unreachable)} unreachable clusters")
+        return reconcile(self.router, fix=True).summary()
 
     def _do_place(self, params: dict[str, str]) -> str:
         self.router.pin(params["key_id"], params["cluster"])

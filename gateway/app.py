@@ -50,10 +50,5 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
         return router
     report = reconcile(router, fix=True)
     if not report.clean:
-        log.warning(
-            "reconcile at start: %d unfinished creations rolled back, %d orphan objects removed, "
-            "%d missing copies, %d keys with duplicate objects, %d clusters unreachable",
-            len(report.stale_intents), len(report.orphans), len(report.missing), len(report.duplicates),
-            len(report.unreachable),
-        )
+        log.warning("reconcile at start: %s", report.summary())
     return router

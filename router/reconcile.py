@@ -51,6 +51,12 @@ class ReconcileReport:
     def clean(self) -> bool:
         return not (self.stale_intents or self.orphans or self.missing or self.duplicates or self.unreachable)
 
+    def summary(self) -> str:
+        """One line for the log and the admin change's result (of a reconcile with ``fix``)."""
+        return (f"{len(self.stale_intents)} unfinished creations rolled back, {len(self.orphans)} orphan objects "
+                f"removed, {len(self.missing)} missing copies, {len(self.duplicates)} duplicate objects "
+                f"(left for an operator), {len(self.unreachable)} unreachable clusters")
+
 
 def reconcile(
     router: Router,
@@ -103,11 +109,9 @@ def reconcile(
         for key_id in sorted(ids - expected[name]):
             if key_id in report.stale_intents:
                 continue  # handled with its intent
-            if _being_repaired(router, key_id):
-                # The repairer copies a key short of copies before it names the new copy in the
-                # record: this object may be that copy, seconds before it is named.
-                log.info("reconcile: %s on %s left alone: the key is short of copies, a repair may be making it",
-                         key_id, name)
+            why = _why_not_an_orphan(router, key_id)
+            if why:
+                log.info("reconcile: %s on %s left alone: %s", key_id, name, why)
                 continue
             report.orphans.append((name, key_id))
             if fix:
@@ -121,12 +125,19 @@ def reconcile(
     return report
 
 
-def _being_repaired(router: Router, key_id: str) -> bool:
+def _why_not_an_orphan(router: Router, key_id: str) -> str:
+    """Why an object no placement named in the scan may still be a key's, or "" if it is not.
+
+    The repairer copies a key short of copies before it names the new copy in the record:
+    the object may be that copy, seconds before it is named.
+    """
     try:
         current = router.store.get(key_id)  # now, not as the scan saw it
-    except StoreError:
-        return True  # cannot tell: destroy nothing
-    return current is not None and router.short_of_copies(current)
+    except StoreError as exc:
+        return f"the placement store cannot say whose it is ({exc})"
+    if current is not None and router.short_of_copies(current):
+        return "the key is short of copies, a repair may be making it"
+    return ""
 
 
 def _roll_back(router: Router, intent: Placement, now: float, deadline: float) -> None:
@@ -146,12 +157,5 @@ def _roll_back(router: Router, intent: Placement, now: float, deadline: float) -
     except StoreError as exc:
         log.error("reconcile: could not roll back %s: %s", key_id, exc)
         return
-    try:
-        for name in claimed.clusters:
-            backend = router.backends.get(name)
-            if backend is not None:
-                backend.destroy(key_id, deadline)
-        router.store.delete(key_id, claimed.version)
+    if router.roll_back(claimed, deadline):
         log.warning("reconcile: rolled back unfinished creation of %s", key_id)
-    except (RouterError, StoreError, Conflict) as exc:
-        log.error("reconcile: could not roll back %s: %s", key_id, exc)

@@ -401,7 +401,7 @@ class Router:
         except InternalError as exc:
             # The HSM failed in a way we did not expect (logged with its traceback).
             # Creation is idempotent and rolled back, so the caller may simply retry.
-            self._roll_back(intent)
+            self.roll_back(intent)
             raise Unavailable(
                 f"cluster {intent.primary} could not create key {intent.key_id!r}; nothing was created, "
                 "retry with the same request_id",
@@ -409,7 +409,7 @@ class Router:
                 region=backend.spec.region,
             ) from exc
         except RouterError:
-            self._roll_back(intent)
+            self.roll_back(intent)
             raise
         self._fault("created-on-hsm")
         holds = self._policy_holds(intent.copies, made)
@@ -473,8 +473,13 @@ class Router:
             return any(self.backends[n].spec.region in dr for n in clusters if n in self.backends)
         return True
 
-    def _roll_back(self, intent: Placement) -> None:
-        deadline = time.monotonic() + 10.0
+    def roll_back(self, intent: Placement, deadline: float | None = None) -> bool:
+        """Remove an unfinished creation's objects, then its record (by ``intent``'s version).
+
+        The primary must be reachable; a replica that is not keeps its objects for reconcile
+        to remove as orphans. False (and logged) when the record could not be removed.
+        """
+        deadline = time.monotonic() + 10.0 if deadline is None else deadline
         try:
             for name in intent.clusters:
                 backend = self.backends.get(name)
@@ -489,6 +494,8 @@ class Router:
             self.store.delete(intent.key_id, intent.version)
         except (RouterError, StoreError, Conflict):
             log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)
+            return False
+        return True
 
     def _choose_clusters(self, key_id: str, copies: int, *, needs_room: bool = True) -> tuple[str, tuple[str, ...]]:
         """Primary and replicas for a new key.
@@ -593,10 +600,11 @@ class Router:
         # target's token meanwhile must see the copy as the key's, not as an orphan to
         # destroy (the key would be lost once the old copy goes). Until the copy exists,
         # a call routed there finds no material and fails over to the key's other clusters.
+        changed = f"key {key_id!r} changed while moving; nothing was changed, try again"
         try:
             pending = self.store.update(replace(current, replicas=(*current.replicas, to)))
         except Conflict:
-            raise Unavailable(f"key {key_id!r} changed while moving; nothing was changed, try again") from None
+            raise Unavailable(changed) from None
         self._remember(pending)
         try:
             self._replicate(current, holder, (to,), deadline, strict=True)
@@ -607,7 +615,7 @@ class Router:
         except (RouterError, Conflict) as exc:
             self._undo_move(pending, current, target)
             if isinstance(exc, Conflict):
-                raise Unavailable(f"key {key_id!r} changed while moving; nothing was changed, try again") from None
+                raise Unavailable(changed) from None
             raise
         self._remember(moved)
         try:

@@ -170,10 +170,7 @@ class Pkcs11Cluster(HsmBackend):
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
         def run(s: PooledSession) -> None:
-            # Listed to the end before any is destroyed: a search left open by a failed
-            # destroy would poison this session (see PooledSession._find).
-            for leftover in list(s.handle.get_objects({Attribute.ID: key.key_id.encode(), Attribute.TOKEN: True})):
-                leftover.destroy()
+            _destroy_objects(s, key.key_id)  # an earlier attempt's leftovers
             secret = s.wrapping_key().unwrap_key(
                 secret_class,
                 _keys.key_type(key.algorithm),

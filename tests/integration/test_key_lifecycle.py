@@ -159,6 +159,39 @@ def test_orphan_objects_are_found_and_removed(make_router, tokens) -> None:
     assert tokens.objects("use1-b", key_id) == []
 
 
+def test_reconcile_destroys_nothing_while_it_cannot_read_the_store(make_router, tokens) -> None:
+    """An object whose record the store cannot answer for, and a stale intent it cannot claim:
+    both keep their objects (they may be a key's), and the next reconcile, with the store
+    back, removes them."""
+    from router.placement.store import StoreError
+
+    key_id, stale_id = unique("blind"), unique("blind-stale")
+    router = make_router()
+    router.backends["use1-b"].generate(placement(key_id, KeyAlgorithm.AES_256), time.monotonic() + 30)
+    with pytest.raises(Crash):
+        make_router(fault=_crash_after_hsm).generate_key(_spec(stale_id), time.monotonic() + 30)
+    intent = router.store.get(stale_id)
+    assert intent is not None and intent.state is KeyState.CREATING
+    later = time.time() + 120
+    reconciler = make_router(wall_clock=lambda: later)
+
+    def unreadable(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise StoreError("the placement store is unreachable")
+
+    reconciler.store.get = unreadable  # type: ignore[method-assign]
+    reconciler.store.update = unreadable  # type: ignore[method-assign]
+    report = reconcile(reconciler, fix=True)
+    assert stale_id in report.stale_intents and ("use1-b", key_id) not in report.orphans
+    assert len(tokens.objects("use1-b", key_id)) == 1
+    for cluster in intent.clusters:
+        assert len(tokens.objects(cluster, stale_id)) == 2, cluster
+
+    report = reconcile(make_router(wall_clock=lambda: later), fix=True)
+    assert ("use1-b", key_id) in report.orphans and stale_id in report.stale_intents
+    assert tokens.objects("use1-b", key_id) == []
+    assert all(tokens.objects(cluster, stale_id) == [] for cluster in intent.clusters)
+
+
 def test_list_keys_pages_by_prefix(crypto) -> None:
     prefix = unique("list")
     ids = sorted(f"{prefix}/k{i:02d}" for i in range(7))
