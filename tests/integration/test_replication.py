@@ -161,6 +161,32 @@ def test_a_failed_move_leaves_the_record_and_tokens_as_they_were(make_router, to
     assert key_id not in {k for _, k in report.orphans + report.missing}
 
 
+def test_a_failed_move_that_cannot_undo_its_record_leaves_no_copy_and_says_so(make_router, tokens) -> None:
+    """Another writer changed the record while the move failed: the copy still goes (no object
+    the record cannot account for), the key keeps serving from where it was, and reconcile
+    reports the target the record still names as missing."""
+    key_id = unique("nomove2")
+    first = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = first.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                                       request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
+    target = next(name for name in ("use1-a", "use1-b") if name != key.primary)
+
+    def another_writer_then_failure(point: str) -> None:
+        if point == "moved-copy-proven":
+            first.store.update(first.store.get(key_id))  # a version bump by someone else
+            raise Unavailable("the target went away")
+
+    with pytest.raises(Unavailable, match="the target went away"):
+        make_router(fault=another_writer_then_failure).move_key(key_id, target, time.monotonic() + 30)
+    assert tokens.objects(target, key_id) == []
+    after = first.store.get(key_id)
+    assert (after.primary, after.replicas, after.state) == (key.primary, (target,), KeyState.ENABLED)
+    signature, cluster = first.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
+    assert signature and cluster == key.primary
+    report = reconcile(first, fix=False)
+    assert (target, key_id) in report.missing and key_id not in {k for _, k in report.orphans}
+
+
 def test_a_reconcile_during_a_repair_does_not_destroy_the_copy_being_made(make_router, tokens) -> None:
     """The repairer copies a key short of copies, then names the copy in the record; a
     reconcile in between must not destroy the copy as an orphan (the record would name a
