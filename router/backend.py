@@ -36,11 +36,11 @@ class HsmBackend(abc.ABC):
         return self.spec.name
 
     @abc.abstractmethod
-    def generate(self, key: Placement, deadline: float, *, replacing: bool = False) -> None:
+    def generate(self, key: Placement, deadline: float) -> None:
         """Create the key's token objects (CKA_ID = CKA_LABEL = key id).
 
-        ``replacing``: an earlier attempt may have left objects of this key (a take-over
-        of a crashed creation): none of them may remain beside the new ones.
+        Objects an earlier attempt left under this id (a crashed or failed creation) do not
+        remain beside the new ones: the caller holds the key's intent, so they are no key's.
         """
 
     @abc.abstractmethod

@@ -371,7 +371,7 @@ class Router:
             "key %s: finishing a creation left unfinished %.0f s ago (request %s); its objects are made again",
             intent.key_id, now - intent.create_time, intent.request_id,
         )
-        return self._materialise(claimed, self._within_claim(time.monotonic() + 60.0), leftovers=True)
+        return self._materialise(claimed, self._within_claim(time.monotonic() + 60.0))
 
     def _within_claim(self, deadline: float) -> float:
         """A creation attempt ends within half the grace period: past the grace, a retry may claim it."""
@@ -383,7 +383,7 @@ class Router:
             return current
         raise Unavailable(f"key {key_id!r} is being created; retry shortly")
 
-    def _materialise(self, intent: Placement, deadline: float, *, leftovers: bool = False) -> Placement:
+    def _materialise(self, intent: Placement, deadline: float) -> Placement:
         """Make the key's objects on its primary and copy it to its replicas, then enable it."""
         backend = self.backends.get(intent.primary)
         if backend is None:
@@ -394,7 +394,7 @@ class Router:
             if intent.external:
                 material["wrapped"], material["public_der"] = backend.generate_external(intent, deadline)
             else:
-                backend.generate(intent, deadline, replacing=leftovers)
+                backend.generate(intent, deadline)
                 made += self._replicate(
                     intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local
                 )

@@ -120,22 +120,20 @@ class Pkcs11Cluster(HsmBackend):
 
     # -- HsmBackend -----------------------------------------------------
 
-    def generate(self, key: Placement, deadline: float, *, replacing: bool = False) -> None:
+    def generate(self, key: Placement, deadline: float) -> None:
         def run(s: PooledSession) -> None:
-            if replacing:
-                _destroy_objects(s, key.key_id)
+            _destroy_objects(s, key.key_id)
             made = _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
-            if replacing:
-                # Looked for once more: SoftHSM's search can miss an object while another
-                # session destroys a neighbour, and a leftover beside the new objects would
-                # make the key ambiguous (two private keys for one id).
-                _destroy_objects(s, key.key_id, keep={obj.handle for obj in made if obj is not None})
+            # Looked for once more: SoftHSM's search can miss an object while another session
+            # destroys a neighbour, and a failed C_GenerateKeyPair can leave a half-made public
+            # key that a roll-back's search did not see. Beside the new objects, either would
+            # make the key ambiguous.
+            _destroy_objects(s, key.key_id, keep={obj.handle for obj in made if obj is not None})
 
         try:
             self._run(deadline, run)
         finally:
-            if replacing:
-                self._pool.invalidate_keys()
+            self._pool.invalidate_keys()
 
     def generate_external(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
         def run(s: PooledSession) -> tuple[bytes, bytes]:
@@ -170,7 +168,6 @@ class Pkcs11Cluster(HsmBackend):
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
         def run(s: PooledSession) -> None:
-            _destroy_objects(s, key.key_id)  # an earlier attempt's leftovers
             secret = s.wrapping_key().unwrap_key(
                 secret_class,
                 _keys.key_type(key.algorithm),
@@ -181,15 +178,18 @@ class Pkcs11Cluster(HsmBackend):
                 store=True,
                 template=_keys.unwrap_template(key.algorithm, key.usage, token=True, extractable=key.extractable),
             )
+            made = {secret.handle}
             if key.algorithm.is_asymmetric:
                 try:
                     attrs = _keys.public_key_attributes(public_der)
                     attrs.update(_keys.public_template(key.usage, token=True))
                     attrs.update({Attribute.ID: key.key_id.encode(), Attribute.LABEL: key.key_id})
-                    s.handle.create_object(attrs)
+                    public = s.handle.create_object(attrs)
                 except BaseException:
                     secret.destroy()
                     raise
+                made.add(public.handle)
+            _destroy_objects(s, key.key_id, keep=made)  # an earlier attempt's leftovers (see generate)
 
         try:
             self._run(deadline, run)

@@ -154,10 +154,11 @@ def test_a_move_to_a_cluster_with_two_wrapping_keys_fails_and_changes_nothing(ma
 
 
 @pytest.mark.parametrize("missed_by_the_first_search", [False, True])
-def test_a_take_over_leaves_only_the_new_objects_of_the_key(
+def test_a_creation_leaves_only_its_own_objects_of_the_key(
     make_router, tokens, monkeypatch: pytest.MonkeyPatch, missed_by_the_first_search: bool,
 ) -> None:
-    """Objects an earlier attempt left go, even one SoftHSM's first search did not return."""
+    """Objects an earlier attempt left (crashed, or failed and rolled back) go, even one
+    SoftHSM's first search did not return."""
     router = make_router()
     key_id = unique("retake")
     cluster = "use1-a"
@@ -175,10 +176,34 @@ def test_a_take_over_leaves_only_the_new_objects_of_the_key(
 
     monkeypatch.setattr(_keys, "generate", generate_after_a_missed_leftover)
     try:
-        backend.generate(intent, time.monotonic() + 30, replacing=True)
+        backend.generate(intent, time.monotonic() + 30)
         classes = sorted(o.object_class for o in tokens.objects(cluster, key_id))
         assert classes == [ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY], classes
         signature = backend.sign(intent, Operation.ECDSA_SHA256, bytes(32), time.monotonic() + 10)
         _verify(backend.public_key(intent, time.monotonic() + 10), signature, None, digest=bytes(32))
     finally:
         backend.destroy(key_id, time.monotonic() + 30)
+
+
+def test_a_copy_leaves_only_its_own_objects_of_the_key_on_the_target(make_router, tokens) -> None:
+    """A public key an earlier, interrupted copy left on the target goes when the key is copied there."""
+    router = make_router()
+    key_id = unique("recopy")
+    source, target = router.backends["use1-a"], router.backends["use1-b"]
+    key = Placement(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                    state=KeyState.CREATING, primary="use1-a")
+    source.generate(key, time.monotonic() + 30)
+    try:
+        wrapped, der = source.export_wrapped(key, time.monotonic() + 30)
+        stray = public_key_attributes(der)  # an earlier copy's public key, cut off before its private key
+        stray.update(public_template(KeyUsage.SIGN_VERIFY, token=True))
+        stray.update({Attribute.ID: key_id.encode(), Attribute.LABEL: key_id})
+        tokens.session("use1-b").create_object(stray)
+        target.import_wrapped(key, wrapped, der, time.monotonic() + 30)
+        classes = sorted(o.object_class for o in tokens.objects("use1-b", key_id))
+        assert classes == [ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY], classes
+        signature = target.sign(key, Operation.ECDSA_SHA256, bytes(32), time.monotonic() + 10)
+        _verify(target.public_key(key, time.monotonic() + 10), signature, None, digest=bytes(32))
+    finally:
+        for backend in (source, target):
+            backend.destroy(key_id, time.monotonic() + 30)

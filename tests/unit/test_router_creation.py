@@ -21,7 +21,7 @@ class FailingBackend(HsmBackend):
         self.spec = ClusterSpec(name, "us-east-1", name)
         self.destroyed: list[str] = []
 
-    def generate(self, key: Placement, deadline: float, *, replacing: bool = False) -> None:
+    def generate(self, key: Placement, deadline: float) -> None:
         raise InternalError("unexpected PKCS #11 error", cluster=self.spec.name)
 
     def destroy(self, key_id: str, deadline: float) -> int:
