@@ -140,12 +140,17 @@ def test_a_reconcile_during_a_move_does_not_take_the_new_copy_for_an_orphan(make
     public.verify(signature, b"after the move", ec.ECDSA(hashes.SHA256()))
 
 
-def test_a_failed_move_leaves_the_record_and_tokens_as_they_were(make_router, tokens) -> None:
-    key_id = unique("nomove")
+def _one_copy_key(make_router, key_id: str):  # type: ignore[no-untyped-def]
+    """A router, a key with one copy in the home region, and the home cluster it could move to."""
     first = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
     key = first.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
                                        request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
-    target = next(name for name in ("use1-a", "use1-b") if name != key.primary)
+    return first, key, next(name for name in ("use1-a", "use1-b") if name != key.primary)
+
+
+def test_a_failed_move_leaves_the_record_and_tokens_as_they_were(make_router, tokens) -> None:
+    key_id = unique("nomove")
+    first, key, target = _one_copy_key(make_router, key_id)
 
     def copy_fails(point: str) -> None:
         if point == "moved-copy-proven":
@@ -166,10 +171,7 @@ def test_a_failed_move_that_cannot_undo_its_record_leaves_no_copy_and_says_so(ma
     the record cannot account for), the key keeps serving from where it was, and reconcile
     reports the target the record still names as missing."""
     key_id = unique("nomove2")
-    first = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
-    key = first.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
-                                       request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
-    target = next(name for name in ("use1-a", "use1-b") if name != key.primary)
+    first, key, target = _one_copy_key(make_router, key_id)
 
     def another_writer_then_failure(point: str) -> None:
         if point == "moved-copy-proven":
