@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default: %(default)s)")
     bench.add_argument("--workers", type=_at_least_one, default=2, help="gateway worker processes (default: 2)")
+    bench.add_argument("--rounds", type=_at_least_one, default=3,
+                       help="paired rounds of direct, h2load, BatchSign and floor per algorithm; each ratio is "
+                            "the median of the rounds' (default: %(default)s)")
     bench.add_argument("--only", default="", help="comma-separated subset of: ecdsa, rsa, latency, routing")
     bench.add_argument("--placements", type=int, default=1_000_000,
                        help="placements for the routing-cost run (default: %(default)s; 0 skips it)")

@@ -13,9 +13,12 @@ ECDSA_SHA256 (P-256) and RSA_PKCS1_SHA256 (2048):
 6. the floor: one bare Python gRPC process per CPU doing only the HSM call
    (``gateway.perf.floor``), driven by the same h2load as (2);
 
-each with its ratio to (1); then the latency a Python caller adds at concurrency 1,
+each with its ratio to (1): rows 1, 2, 3 and 6 in paired rounds (``--rounds``; each
+round's ratio against that round's direct measurement, the median reported), since the
+machine's speed drifts over a run; then the latency a Python caller adds at concurrency 1,
 and the routing cost with 1,000 and 1,000,000 placements in the store and cache
-(synthetic, apart from the key signed with; the two take turns, three rounds),
+(synthetic, apart from the key signed with; after a warm-up turn each, the two take
+turns ``ROUTING_ROUNDS`` times, medians reported),
 with each worker's RSS. Results go to
 a JSON file and into ``docs/performance.md`` between its bench markers (the prose
 around them is kept).
@@ -24,6 +27,7 @@ around them is kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -32,11 +36,13 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +67,8 @@ ALGORITHMS = {
     "rsa": (Operation.RSA_PKCS1_SHA256, "RSA_2048"),
 }
 PYTHON_PROCESSES = 2
+DIRECT = "direct python-pkcs11"
+FLOOR = "floor: bare Python gRPC + C_Sign, h2load"
 ROUTING_ROUNDS = 5
 """Turns each placement count takes in the routing-cost measurement (medians are reported),
 after one warm-up turn each that is not counted."""
@@ -82,11 +90,31 @@ class Row:
     p99_ms: float | None = None
     errors: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    ratio: float | None = None
+    """To direct: the median of the per-round ratios for a row measured in rounds."""
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    """Each round's throughput and ratio to that round's direct measurement."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "throughput": None if self.throughput is None else round(self.throughput, 1),
+                "ratio": self.ratio, "rounds": self.rounds,
                 "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "errors": self.errors, "note": self.note,
                 "detail": self.detail}
+
+
+def _paired(rows: list[Row], directs: list[float]) -> Row:
+    """One row from its rounds: median throughput, median of the ratios to each round's direct."""
+    first = rows[0]
+    measured = [(row, d) for row, d in zip(rows, directs, strict=True) if row.throughput is not None and d > 0]
+    if not measured:
+        return Row(first.name, None, note=first.note, errors=sum(r.errors for r in rows))
+    middle = sorted(measured, key=lambda m: m[0].throughput or 0.0)[len(measured) // 2][0]
+    return Row(first.name, statistics.median(row.throughput or 0.0 for row, _ in measured), note=first.note,
+               p50_ms=middle.p50_ms, p99_ms=middle.p99_ms, errors=sum(r.errors for r in rows),
+               detail=middle.detail,
+               ratio=round(statistics.median((row.throughput or 0.0) / d for row, d in measured), 3),
+               rounds=[{"throughput": round(row.throughput or 0.0, 1), "ratio": round((row.throughput or 0.0) / d, 3)}
+                       for row, d in measured])
 
 
 def _say(text: str) -> None:
@@ -200,9 +228,15 @@ class Bench:
                              "choose from ecdsa, rsa, routing, latency")
         self.only = only
         self.workers = int(args.workers)
+        self.rounds = int(args.rounds)
         self.workdir = Path(tempfile.mkdtemp(prefix="hsmgw-bench-"))
         self.results: dict[str, Any] = {}
         self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        """A note for the report, once however many rounds meet it."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def wants(self, part: str) -> bool:
         return not self.only or part in self.only
@@ -249,7 +283,7 @@ class Bench:
         from hsmgw.v1 import crypto_pb2 as pb
 
         if not available():
-            self.notes.append(INSTALL_HINT)
+            self.note(INSTALL_HINT)
             return Row("gateway unary, h2load", None, note=INSTALL_HINT)
         body = self.workdir / f"sign-{key_id.replace('/', '_')}.bin"
         body.write_bytes(grpc_frame(pb.SignRequest(key_id=key_id, algorithm=algorithm_pb(op),
@@ -267,15 +301,12 @@ class Bench:
                    note="16 connections x 4 streams; gRPC status checked in the gateway's counters",
                    detail={"mean_ms": result.mean_ms, "max_ms": result.max_ms, "server_ok": ok})
 
-    def floor(self, fleet: Any, op: Operation, key_id: str) -> Row:
-        """h2load against ``gateway.perf.floor``: Python gRPC doing nothing but the HSM call."""
+    @contextlib.contextmanager
+    def floor_server(self, fleet: Any, key_id: str) -> Iterator[int]:
+        """``gateway.perf.floor`` running, one process per worker CPU: yields its port."""
         from gateway.config import load
         from gateway.workers import worker_cpus
-        from hsmgw.v1 import crypto_pb2 as pb
 
-        name = "floor: bare Python gRPC + C_Sign, h2load"
-        if not available():
-            return Row(name, None, note=INSTALL_HINT)
         config = load(fleet.config_path)
         port = _free_ports(1)
         procs: list[subprocess.Popen[bytes]] = []
@@ -294,12 +325,7 @@ class Bench:
                     err = failed.stderr.read().decode(errors="replace") if failed and failed.stderr else "timeout"
                     raise BenchError(f"the floor server did not start: {err.strip()[-500:]}")
                 time.sleep(0.05)
-            body = self.workdir / f"floor-{key_id.replace('/', '_')}.bin"
-            body.write_bytes(grpc_frame(pb.SignRequest(key_id=key_id, algorithm=algorithm_pb(op),
-                                                       digest=digest_for(op, bytes(32)))))
-            _say(f"  floor: {self.workers} bare Python gRPC processes signing, h2load as above")
-            result = run_h2load(f"http://127.0.0.1:{port}/hsmgw.v1.CryptoService/Sign", str(body),
-                                duration=self.duration, warmup=self.warmup)
+            yield port
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -310,8 +336,23 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+    def floor(self, port: int | None, op: Operation, key_id: str) -> Row:
+        """h2load against the floor server: Python gRPC doing nothing but the HSM call."""
+        from hsmgw.v1 import crypto_pb2 as pb
+
+        if not available():
+            return Row(FLOOR, None, note=INSTALL_HINT)
+        if port is None:
+            return Row(FLOOR, None, note="the floor server did not start (see the notes)")
+        body = self.workdir / f"floor-{key_id.replace('/', '_')}.bin"
+        body.write_bytes(grpc_frame(pb.SignRequest(key_id=key_id, algorithm=algorithm_pb(op),
+                                                   digest=digest_for(op, bytes(32)))))
+        _say(f"  floor: {self.workers} bare Python gRPC processes signing, h2load as above")
+        result = run_h2load(f"http://127.0.0.1:{port}/hsmgw.v1.CryptoService/Sign", str(body),
+                            duration=self.duration, warmup=self.warmup)
         _say(f"    {result.throughput:,.0f} req/s, mean {result.mean_ms:.2f} ms")
-        return Row(name, result.throughput, errors=result.failed,
+        return Row(FLOOR, result.throughput, errors=result.failed,
                    note=f"{self.workers} processes, one per CPU: no auth, routing, metrics; the ceiling for row 2",
                    detail={"mean_ms": result.mean_ms, "max_ms": result.max_ms})
 
@@ -319,7 +360,7 @@ class Bench:
         module = next((p for p in P11KIT_CLIENT_CANDIDATES if os.path.exists(p)), None)
         if shutil.which("p11-kit") is None or module is None:
             note = "p11-kit or p11-kit-client.so is not installed (Debian: apt-get install p11-kit)"
-            self.notes.append(note)
+            self.note(note)
             return Row("p11-kit peer forwarder", None, note=note)
         from gateway.config import load
 
@@ -353,64 +394,89 @@ class Bench:
                    note=f"p11-kit server + p11-kit-client.so, {PYTHON_PROCESSES} Python processes")
 
     def algorithm(self, name: str, gateway: BenchGateway, fleet: Any, key_id: str) -> dict[str, Any]:
+        """The six rows for one algorithm; direct, h2load, BatchSign and the floor in paired rounds.
+
+        The machine's speed drifts by 10-30 % over minutes, so each of those rows is measured
+        ``--rounds`` times, next to a direct measurement of its own round, the rows in reverse
+        order every other round: a row's ratio is the median of its per-round ratios, and its
+        throughput the median of its rounds. Python unary and the p11-kit peer, far from any
+        target, are measured once, against the median direct.
+        """
         op = ALGORITHMS[name][0]
         _say(f"{op.value}:")
         direct = DirectTarget(str(fleet.config_path))
         one = self.measure("direct, 1 process", self.workload(op, key_id, processes=1, in_flight=1), direct)
         two = self.measure("direct, 2 processes", self.workload(op, key_id, processes=2, in_flight=1), direct)
         best = max((one, two), key=lambda r: r.throughput)
-        rows = [Row(f"direct python-pkcs11 (best of 1-2 processes: {best.workload['processes']})",
-                    best.throughput, p50_ms=best.latency_ms["p50"], p99_ms=best.latency_ms["p99"],
-                    errors=best.error_count, detail={"1": one.throughput, "2": two.throughput})]
-        rows.append(self.h2load(gateway, op, key_id))
+        processes = int(best.workload["processes"])
         target = GatewayTarget(gateway.target)
-        batch = self.measure("BatchSign x64", self.workload(op, key_id, mode="batch", processes=PYTHON_PROCESSES,
-                                                            in_flight=BATCH_IN_FLIGHT), target)
-        rows.append(Row("gateway BatchSign (64/call), Python clients", batch.throughput,
-                        p50_ms=batch.latency_ms["p50"], p99_ms=batch.latency_ms["p99"], errors=batch.error_count,
-                        note=f"{PYTHON_PROCESSES} processes x {BATCH_IN_FLIGHT} calls in flight; latency is per batch"))
+
+        def measure_direct() -> Row:
+            report = self.measure(f"direct, {processes} process(es)",
+                                  self.workload(op, key_id, processes=processes, in_flight=1), direct)
+            return Row(DIRECT, report.throughput, p50_ms=report.latency_ms["p50"],
+                       p99_ms=report.latency_ms["p99"], errors=report.error_count)
+
+        def measure_batch() -> Row:
+            report = self.measure("BatchSign x64", self.workload(
+                op, key_id, mode="batch", processes=PYTHON_PROCESSES, in_flight=BATCH_IN_FLIGHT), target)
+            return Row("gateway BatchSign (64/call), Python clients", report.throughput,
+                       p50_ms=report.latency_ms["p50"], p99_ms=report.latency_ms["p99"], errors=report.error_count,
+                       note=f"{PYTHON_PROCESSES} processes x {BATCH_IN_FLIGHT} calls in flight; "
+                            "latency is per batch")
+
+        rounds: list[dict[str, Row]] = []
+        with contextlib.ExitStack() as stack:
+            port: int | None = None
+            if available():
+                try:
+                    port = stack.enter_context(self.floor_server(fleet, key_id))
+                except BenchError as exc:
+                    self.note(f"floor server failed: {exc}")
+            parts: dict[str, Callable[[], Row]] = {
+                "direct": measure_direct, "h2load": lambda: self.h2load(gateway, op, key_id),
+                "batch": measure_batch, "floor": lambda: self.floor(port, op, key_id)}
+            for number in range(self.rounds):
+                _say(f"  round {number + 1} of {self.rounds}")
+                order = list(parts) if number % 2 == 0 else list(reversed(parts))
+                measured: dict[str, Row] = {}
+                for part in order:
+                    if number == 0 and part == "direct":  # the best of 1-2 processes, just measured
+                        measured[part] = Row(DIRECT, best.throughput, p50_ms=best.latency_ms["p50"],
+                                             p99_ms=best.latency_ms["p99"], errors=best.error_count)
+                    else:
+                        measured[part] = parts[part]()
+                rounds.append(measured)
+        directs = [r["direct"].throughput or 0.0 for r in rounds]
+        paired = {part: _paired([r[part] for r in rounds], directs) for part in ("direct", "h2load", "batch", "floor")}
+        base = paired["direct"].throughput or 1.0
+        paired["direct"].name = (f"direct python-pkcs11 (best of 1-2 processes: {processes}; "
+                                 f"{self.rounds} round(s))")
+        paired["direct"].detail.update({"1": one.throughput, "2": two.throughput})
         unary = self.measure("unary, Python", self.workload(op, key_id, processes=PYTHON_PROCESSES, in_flight=8),
                              target)
-        rows.append(Row("gateway unary, Python clients", unary.throughput, p50_ms=unary.latency_ms["p50"],
-                        p99_ms=unary.latency_ms["p99"], errors=unary.error_count,
-                        note=f"{PYTHON_PROCESSES} processes x 8 calls in flight"))
+        rows = [paired["direct"], paired["h2load"], paired["batch"],
+                Row("gateway unary, Python clients", unary.throughput, p50_ms=unary.latency_ms["p50"],
+                    p99_ms=unary.latency_ms["p99"], errors=unary.error_count,
+                    note=f"{PYTHON_PROCESSES} processes x 8 calls in flight")]
         primary = self._primary(fleet, key_id)
         try:
             rows.append(self.p11kit(fleet, op, key_id, primary))
         except (RunError, BenchError) as exc:
-            note = f"p11-kit peer failed: {exc}"
-            self.notes.append(note)
-            rows.append(Row("p11-kit peer forwarder", None, note=note))
-        try:
-            rows.append(self.floor(fleet, op, key_id))
-        except (RunError, BenchError) as exc:
-            note = f"floor server failed: {exc}"
-            self.notes.append(note)
-            rows.append(Row("floor: bare Python gRPC + C_Sign, h2load", None, note=note))
-        # Direct again, at the end: the machine's speed drifts over a run, and the gateway rows
-        # sit between the two measurements, so their mean is the fairer denominator.
-        processes = int(best.workload["processes"])
-        first = rows[0]
-        try:
-            again = self.measure(f"direct again, {processes} process(es)",
-                                 self.workload(op, key_id, processes=processes, in_flight=1), direct)
-        except RunError as exc:
-            note = f"{op.value}: the second direct measurement failed ({exc}); ratios use the first alone"
-            self.notes.append(note)
-            _say(f"    {note}")
-        else:
-            first.throughput = (best.throughput + again.throughput) / 2
-            first.errors += again.error_count
-            first.name = f"direct python-pkcs11 (best of 1-2 processes: {processes}; mean of first and last)"
-            first.detail.update({"first": best.throughput, "last": again.throughput})
-        base = first.throughput or 1.0
-        gateway_row, floor_row = rows[1].throughput, rows[-1].throughput
-        return {"algorithm": op.value, "rows": [r.as_dict() | {
-            "ratio": None if r.throughput is None else round(r.throughput / base, 3)} for r in rows],
-            # Row 2 over row 6: how much of what Python gRPC and the HSM allow is left after
-            # the gateway's own work. Both are driven by the same h2load, so what gRPC, the
-            # kernel and the load generator cost is in both and out of the ratio.
-            "share_of_floor": round(gateway_row / floor_row, 3) if gateway_row and floor_row else None}
+            self.note(f"p11-kit peer failed: {exc}")
+            rows.append(Row("p11-kit peer forwarder", None, note=f"p11-kit peer failed: {exc}"))
+        rows.append(paired["floor"])
+        for row in rows:
+            if row.ratio is None and row.throughput is not None:
+                row.ratio = round(row.throughput / base, 3)
+        # Row 2 over row 6, round by round: how much of what Python gRPC and the HSM allow is
+        # left after the gateway's own work. Both are driven by the same h2load, so what gRPC,
+        # the kernel and the load generator cost is in both and out of the ratio.
+        shares = [r["h2load"].throughput / r["floor"].throughput for r in rounds
+                  if r["h2load"].throughput and r["floor"].throughput]
+        return {"algorithm": op.value, "rounds": self.rounds, "rows": [r.as_dict() for r in rows],
+                "share_of_floor": round(statistics.median(shares), 3) if shares else None,
+                "share_of_floor_rounds": [round(s, 3) for s in shares]}
 
     @staticmethod
     def _primary(fleet: Any, key_id: str) -> str:
@@ -578,15 +644,21 @@ def markdown(data: dict[str, Any]) -> str:
         result = data["results"].get(name)
         if not result:
             continue
-        lines += [f"**{result['algorithm']}**", "",
-                  "| | ops/s | × direct | p50 ms | p99 ms | errors | how |", "|---|---:|---:|---:|---:|---:|---|"]
+        rounds = result.get("rounds", 1)
+        lines += [f"**{result['algorithm']}** (rows 1, 2, 3 and 6: median of {rounds} paired round(s); "
+                  "each round's ratio is to that round's direct measurement)", "",
+                  "| | ops/s | × direct | × direct by round | p50 ms | p99 ms | errors | how |",
+                  "|---|---:|---:|---|---:|---:|---:|---|"]
         for i, row in enumerate(result["rows"], 1):
             ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}"
-            lines.append(f"| {i}. {row['name']} | {_fmt(row['throughput'])} | {ratio} | "
+            by_round = ", ".join(f"{r['ratio']:.2f}" for r in row.get("rounds", [])) or "once"
+            lines.append(f"| {i}. {row['name']} | {_fmt(row['throughput'])} | {ratio} | {by_round} | "
                          f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p99_ms'], 2)} | {row['errors']} | {row['note']} |")
         share = result.get("share_of_floor")
         if share is not None:
-            lines += ["", f"Gateway unary over the floor (row 2 ÷ row 6): **{share:.2f}**."]
+            by_round = ", ".join(f"{x:.2f}" for x in result.get("share_of_floor_rounds", []))
+            lines += ["", f"Gateway unary over the floor (row 2 ÷ row 6, median of the rounds): **{share:.2f}** "
+                          f"({by_round})."]
         lines.append("")
     latency = data["results"].get("latency")
     if latency:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,8 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
     markdown, data = tmp_path / "performance.md", tmp_path / "performance.json"
     markdown.write_text("# Performance\n\nprose kept\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\nmore prose\n")
     result = _run("gateway.cli.hsmgw", "bench", "--only", "ecdsa,latency,routing", "--duration", "0.3",
-                  "--placements", "3000", "--markdown", str(markdown), "--json", str(data), timeout=300)
+                  "--rounds", "2", "--placements", "3000", "--markdown", str(markdown), "--json", str(data),
+                  timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(data.read_text())["results"]
     rows = results["ecdsa"]["rows"]
@@ -71,11 +73,24 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
     names = [r["name"] for r in rows]
     assert any("BatchSign" in n for n in names) and any("p11-kit" in n for n in names)
     assert "h2load" in names[1] and names[-1].startswith("floor")
+    # Direct, h2load, BatchSign and the floor are measured in rounds, each against its own
+    # round's direct; the ratio shown is the median of the rounds'. The others once.
+    has_h2load = shutil.which("h2load") is not None  # `make bench` installs it; `make test` does not
+    directs = [r["throughput"] for r in rows[0]["rounds"]]
+    assert len(directs) == 2 and all(d > 0 for d in directs)
+    for row in (rows[0], rows[2], *((rows[1], rows[-1]) if has_h2load else ())):
+        assert [r["ratio"] for r in row["rounds"]] == pytest.approx(
+            [r["throughput"] / d for r, d in zip(row["rounds"], directs, strict=True)], abs=1e-3), row["name"]
+        assert row["ratio"] == pytest.approx(statistics.median(r["ratio"] for r in row["rounds"]), abs=1e-3)
+        assert row["throughput"] == pytest.approx(statistics.median(r["throughput"] for r in row["rounds"]), abs=0.1)
+    assert rows[3]["rounds"] == [] and rows[3]["ratio"] == pytest.approx(rows[3]["throughput"] / rows[0]["throughput"],
+                                                                         abs=1e-3)
     share = results["ecdsa"]["share_of_floor"]
-    if shutil.which("h2load"):  # `make bench` installs it; `make test` does not
-        assert share == round(rows[1]["throughput"] / rows[-1]["throughput"], 3) and share > 0
+    if has_h2load:
+        shares = [a["throughput"] / b["throughput"] for a, b in zip(rows[1]["rounds"], rows[-1]["rounds"], strict=True)]
+        assert share == pytest.approx(statistics.median(shares), abs=1e-3) and share > 0
     else:
-        assert share is None and rows[1]["throughput"] is None
+        assert share is None and rows[1]["throughput"] is None and rows[1]["rounds"] == []
     assert {"ECDSA_SHA256"} == set(results["latency"])
     runs = results["routing"]["runs"]
     assert [r["placements"] for r in runs] == [1000, 3000]
@@ -84,6 +99,7 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
     text = markdown.read_text()
     assert "prose kept" in text and "more prose" in text and "old" not in text
     assert "| 1. direct python-pkcs11" in text
-    assert ("Gateway unary over the floor (row 2 ÷ row 6)" in text) == (share is not None)
+    assert ("Gateway unary over the floor (row 2 ÷ row 6" in text) == (share is not None)
     if share is not None:
-        assert f"(row 2 ÷ row 6): **{share:.2f}**." in text
+        assert f"(row 2 ÷ row 6, median of the rounds): **{share:.2f}**" in text
+    assert "| × direct by round |" in text
