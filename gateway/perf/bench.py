@@ -72,6 +72,10 @@ FLOOR = "floor: bare Python gRPC + C_Sign, h2load"
 ROUTING_ROUNDS = 5
 """Turns each placement count takes in the routing-cost measurement (medians are reported),
 after one warm-up turn each that is not counted."""
+IDLE_CHECK_SECONDS = 2.0
+"""How long the bench watches the cores before it starts (a busy machine is noted)."""
+BUSY_AT_START = 0.15
+"""Share of the cores busy before the start above which the report says the machine was not idle."""
 BATCH_IN_FLIGHT = 4
 """Calls in flight per BatchSign client process, each on its own connection: the kernel spreads
 connections, not calls, over the workers, so a handful of connections can land unevenly."""
@@ -576,10 +580,20 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         load = os.getloadavg()
-        _say(f"bench: work directory {self.workdir}; load average {load[0]:.2f}")
-        if load[0] > 0.5:
-            self.notes.append(f"the machine was not idle at the start (load average {load[0]:.2f}): "
-                              "other processes shared the cores")
+        # What the cores did just now: the load average trails by a minute and more, so a
+        # run that starts right after another would be flagged on the first one's account.
+        before = _cpu_times()
+        time.sleep(IDLE_CHECK_SECONDS)
+        after = _cpu_times()
+        busy = busy_share(before, after) if before and after else None
+        _say(f"bench: work directory {self.workdir}; cores {_fmt(_percent(busy))} % busy "
+             f"over {IDLE_CHECK_SECONDS:g} s; load average {load[0]:.2f}")
+        if busy is not None and busy > BUSY_AT_START:
+            self.note(f"the machine was not idle at the start (cores {100 * busy:.0f} % busy over "
+                      f"{IDLE_CHECK_SECONDS:g} s): other processes shared the cores")
+        elif busy is None and load[0] > 0.5:
+            self.note(f"the machine was not idle at the start (load average {load[0]:.2f}): "
+                      "other processes shared the cores")
         fleet = self.make_fleet()
         gateway = BenchGateway(fleet.config_path, self.args.workers, self.workdir).start()
         try:
@@ -596,6 +610,7 @@ class Bench:
         return {
             "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                        "busy_at_start": None if busy is None else round(busy, 3),
                         "load_average_at_start": round(load[0], 2), "platform": platform.platform()},
             "settings": {"duration": self.duration, "warmup": self.warmup, "gateway_workers": self.args.workers,
                          "python_client_processes": PYTHON_PROCESSES},
@@ -605,6 +620,29 @@ class Bench:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat; None without it.
+
+    Busy is everything but idle and I/O wait, so time the hypervisor gave to other
+    machines (steal) counts as busy: the bench would not have had it either.
+    """
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq steal
+    total = sum(ticks)
+    return total - sum(ticks[3:5]), total
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of CPU time that was busy between two ``_cpu_times`` readings (0 to 1)."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 def _add_synthetic(store_path: Path, size: int) -> None:
@@ -635,11 +673,16 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def markdown(data: dict[str, Any]) -> str:
     lines = [f"Measured {data['when']} on {data['machine']['cores']} cores (Python {data['machine']['python']}); "
              f"{data['settings']['duration']:g} s per measurement, gateway `--workers "
-             f"{data['settings']['gateway_workers']}`, load average at start "
-             f"{data['machine']['load_average_at_start']}.", ""]
+             f"{data['settings']['gateway_workers']}`; at the start, the cores were "
+             f"{_fmt(_percent(data['machine'].get('busy_at_start')))} % busy (load average "
+             f"{data['machine']['load_average_at_start']}).", ""]
     for name in ALGORITHMS:
         result = data["results"].get(name)
         if not result:

@@ -7,11 +7,12 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from gateway.perf.bench import ROUTING_ROUNDS
+from gateway.perf.bench import ROUTING_ROUNDS, _cpu_times, busy_share
 from tests.support import ROOT
 
 
@@ -91,6 +92,8 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
         assert share == pytest.approx(statistics.median(shares), abs=1e-3) and share > 0
     else:
         assert share is None and rows[1]["throughput"] is None and rows[1]["rounds"] == []
+    busy = json.loads(data.read_text())["machine"]["busy_at_start"]
+    assert 0.0 <= busy <= 1.0
     assert {"ECDSA_SHA256"} == set(results["latency"])
     runs = results["routing"]["runs"]
     assert [r["placements"] for r in runs] == [1000, 3000]
@@ -103,3 +106,18 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
     if share is not None:
         assert f"(row 2 ÷ row 6, median of the rounds): **{share:.2f}**" in text
     assert "| × direct by round |" in text
+    assert f"the cores were {100 * busy:,.0f} % busy (load average" in text
+
+
+def test_the_idle_check_sees_what_the_cores_do_now() -> None:
+    """The bench notes a busy machine from the cores' last seconds, not the trailing load average."""
+    assert busy_share((100, 1000), (150, 1100)) == 0.5
+    assert busy_share((100, 1000), (100, 1000)) == 0.0  # no ticks went by
+    before = _cpu_times()
+    assert before is not None and 0 <= before[0] <= before[1]
+    spin_until = time.process_time() + 0.3  # one core busy, whatever else the machine does
+    while time.process_time() < spin_until:
+        pass
+    after = _cpu_times()
+    assert after is not None
+    assert busy_share(before, after) > 0.2
