@@ -467,8 +467,9 @@ class Bench:
         try:
             rows.append(self.p11kit(fleet, op, key_id, primary))
         except (RunError, BenchError) as exc:
-            self.note(f"p11-kit peer failed: {exc}")
-            rows.append(Row("p11-kit peer forwarder", None, note=f"p11-kit peer failed: {exc}"))
+            note = f"p11-kit peer failed: {exc}"
+            self.note(note)
+            rows.append(Row("p11-kit peer forwarder", None, note=note))
         rows.append(paired["floor"])
         for row in rows:
             if row.ratio is None and row.throughput is not None:
@@ -582,9 +583,9 @@ class Bench:
         load = os.getloadavg()
         # What the cores did just now: the load average trails by a minute and more, so a
         # run that starts right after another would be flagged on the first one's account.
-        before = _cpu_times()
+        before = cpu_times()
         time.sleep(IDLE_CHECK_SECONDS)
-        after = _cpu_times()
+        after = cpu_times()
         busy = busy_share(before, after) if before and after else None
         _say(f"bench: work directory {self.workdir}; cores {_fmt(_percent(busy))} % busy "
              f"over {IDLE_CHECK_SECONDS:g} s; load average {load[0]:.2f}")
@@ -622,7 +623,7 @@ class Bench:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _cpu_times() -> tuple[int, int] | None:
+def cpu_times() -> tuple[int, int] | None:
     """(busy, total) clock ticks of all CPUs since boot, from /proc/stat; None without it.
 
     Busy is everything but idle and I/O wait, so time the hypervisor gave to other
@@ -640,7 +641,7 @@ def _cpu_times() -> tuple[int, int] | None:
 
 
 def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """The share of CPU time that was busy between two ``_cpu_times`` readings (0 to 1)."""
+    """The share of CPU time that was busy between two ``cpu_times`` readings (0 to 1)."""
     total = after[1] - before[1]
     return (after[0] - before[0]) / total if total > 0 else 0.0
 

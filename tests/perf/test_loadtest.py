@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.perf.bench import ROUTING_ROUNDS, _cpu_times, busy_share
+from gateway.perf.bench import ROUTING_ROUNDS, busy_share, cpu_times
 from tests.support import ROOT
 
 
@@ -113,11 +113,11 @@ def test_the_idle_check_sees_what_the_cores_do_now() -> None:
     """The bench notes a busy machine from the cores' last seconds, not the trailing load average."""
     assert busy_share((100, 1000), (150, 1100)) == 0.5
     assert busy_share((100, 1000), (100, 1000)) == 0.0  # no ticks went by
-    before = _cpu_times()
+    before = cpu_times()
     assert before is not None and 0 <= before[0] <= before[1]
     spin_until = time.process_time() + 0.3  # one core busy, whatever else the machine does
     while time.process_time() < spin_until:
         pass
-    after = _cpu_times()
+    after = cpu_times()
     assert after is not None
     assert busy_share(before, after) > 0.2
