@@ -122,18 +122,15 @@ class Pkcs11Cluster(HsmBackend):
 
     def generate(self, key: Placement, deadline: float) -> None:
         def run(s: PooledSession) -> None:
-            _destroy_objects(s, key.key_id)
+            self._destroy_objects(s, key.key_id)
             made = _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
             # Looked for once more: SoftHSM's search can miss an object while another session
             # destroys a neighbour, and a failed C_GenerateKeyPair can leave a half-made public
             # key that a roll-back's search did not see. Beside the new objects, either would
             # make the key ambiguous.
-            _destroy_objects(s, key.key_id, keep={obj.handle for obj in made if obj is not None})
+            self._destroy_objects(s, key.key_id, keep={obj.handle for obj in made if obj is not None})
 
-        try:
-            self._run(deadline, run)
-        finally:
-            self._pool.invalidate_keys()
+        self._run(deadline, run)
 
     def generate_external(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
         def run(s: PooledSession) -> tuple[bytes, bytes]:
@@ -189,21 +186,33 @@ class Pkcs11Cluster(HsmBackend):
                     secret.destroy()
                     raise
                 made.add(public.handle)
-            _destroy_objects(s, key.key_id, keep=made)  # an earlier attempt's leftovers (see generate)
+            self._destroy_objects(s, key.key_id, keep=made)  # an earlier attempt's leftovers (see generate)
 
-        try:
-            self._run(deadline, run)
-        finally:
-            self._pool.invalidate_keys()
+        self._run(deadline, run)
 
     def probe(self, deadline: float) -> None:
         self._run(deadline, lambda s: s.handle.generate_random(64))
 
     def destroy(self, key_id: str, deadline: float) -> int:
+        return self._run(deadline, lambda s: self._destroy_objects(s, key_id))
+
+    def _destroy_objects(self, s: PooledSession, key_id: str, *, keep: frozenset[int] | set[int] = frozenset()) -> int:
+        """Destroy the key's token objects but those in ``keep`` (handles); how many were destroyed.
+
+        The search is read to its end before any is destroyed (see PooledSession._only).
+        When any is destroyed, every session forgets its cached key handles: a module may
+        give a destroyed object's handle to a new object. A sweep that finds nothing, as
+        nearly every creation's and copy's does, leaves the hot keys' handles alone.
+        """
+        found = [obj for obj in s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True})
+                 if obj.handle not in keep]
         try:
-            return self._run(deadline, lambda s: _destroy_objects(s, key_id))
+            for obj in found:
+                obj.destroy()
         finally:
-            self._pool.invalidate_keys()
+            if found:
+                self._pool.invalidate_keys()
+        return len(found)
 
     def key_objects(self, deadline: float) -> dict[str, dict[str, int]]:
         def run(s: PooledSession) -> dict[str, dict[str, int]]:
@@ -386,18 +395,6 @@ def _oaep_native(s: PooledSession, key: Placement, data: bytes, encrypt: bool) -
         return bytes(public.encrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
     private = s.key(key, ObjectClass.PRIVATE_KEY, "decrypt")
     return bytes(private.decrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_keys.OAEP_SHA256))
-
-
-def _destroy_objects(s: PooledSession, key_id: str, *, keep: frozenset[int] | set[int] = frozenset()) -> int:
-    """Destroy the key's token objects but those in ``keep`` (handles); how many were destroyed.
-
-    The search is read to its end before any is destroyed (see PooledSession._only).
-    """
-    found = [obj for obj in s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True})
-             if obj.handle not in keep]
-    for obj in found:
-        obj.destroy()
-    return len(found)
 
 
 def _der_integer(value: bytes) -> bytes:

@@ -207,3 +207,43 @@ def test_a_copy_leaves_only_its_own_objects_of_the_key_on_the_target(make_router
     finally:
         for backend in (source, target):
             backend.destroy(key_id, time.monotonic() + 30)
+
+
+def test_creating_and_copying_a_key_keeps_the_hot_keys_handles_and_a_sweep_that_destroys_drops_them(
+    make_router, key, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every session forgets its cached key handles only when an object is destroyed: a
+    creation or a copy with nothing to sweep (nearly all of them) leaves them, so the hot
+    keys are not searched for again after each new key."""
+    from router.pkcs11.pool import SessionPool
+
+    router = make_router()
+    hot, _, _ = key
+    forgets: list[str] = []
+    invalidate = SessionPool.invalidate_keys
+
+    def counted(pool: SessionPool) -> None:
+        forgets.append(pool.spec.name)
+        invalidate(pool)
+
+    monkeypatch.setattr(SessionPool, "invalidate_keys", counted)
+    signed, _ = router.sign(hot, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
+    new_id = unique("fresh")
+    source, target = router.backends["use1-a"], router.backends["use1-b"]
+    new = Placement(key_id=new_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                    state=KeyState.CREATING, primary="use1-a")
+    try:
+        source.generate(new, time.monotonic() + 30)
+        wrapped, der = source.export_wrapped(new, time.monotonic() + 30)
+        target.import_wrapped(new, wrapped, der, time.monotonic() + 30)
+        assert forgets == [], "nothing was destroyed, so no cached handle went"
+        source.generate(new, time.monotonic() + 30)  # over the objects just made: they are swept
+        assert forgets == ["use1-a"]
+        again, _ = router.sign(hot, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
+        der_hot = router.public_key(hot, time.monotonic() + 10)[1]
+        for signature in (signed, again):
+            _verify(der_hot, signature, None, digest=bytes(32))
+    finally:
+        for backend in (source, target):
+            backend.destroy(new_id, time.monotonic() + 30)
+    assert forgets[1:] == ["use1-a", "use1-b"], "a destroy that destroyed something forgets"
