@@ -67,9 +67,10 @@ class HsmBackend(abc.ABC):
         """Remove every token object of the key; returns how many were removed."""
 
     @abc.abstractmethod
-    def key_objects(self, deadline: float) -> dict[str, dict[str, int]]:
-        """For each key id with token objects on this cluster: how many objects of each class
-        ("private key", "public key", "secret key"). For reconciliation: a key has one of each."""
+    def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
+        """For each key id with token objects on this cluster (only ``key_id``'s, if given): how
+        many objects of each class ("private key", "public key", "secret key"). For
+        reconciliation: a key has one of each."""
 
     @abc.abstractmethod
     def public_key(self, key: Placement, deadline: float) -> bytes:

@@ -6,7 +6,12 @@ Finds, per cluster:
 - **orphans**: key objects on a token that no placement puts there: destroyed, except
   for a key short of copies, whose object may be the copy a repair is making;
 - **missing**: a placement says the cluster holds the key but the token has no
-  object for it: reported (repair needs a replica; see replication);
+  object for it (a move that crashed after naming its target, a copy lost on the
+  HSM). With ``fix``, the name is dropped from the record when, looked at again, the
+  record still names the cluster, the token still lacks the key and another named
+  cluster holds it; the key is then short of copies, so the repairer makes a real
+  copy and the under-replicated alarm counts it meanwhile. Never the last name: a key
+  that no named cluster holds is left for an operator. At most ``MAX_DROPS`` a pass;
 - **duplicates**: two or more objects of one class for one key (a stray import, or a
   process killed while it wrote the token): reported, never fixed here, since which
   object is the key's is for an operator to establish (docs/operations.md). Until then
@@ -33,6 +38,10 @@ from router.router import Router
 
 log = logging.getLogger(__name__)
 
+MAX_DROPS = 1000
+"""Missing copies dropped in one pass: each costs a store read and a search on each named
+cluster, and a gateway's start waits for its reconcile."""
+
 
 @dataclass
 class ReconcileReport:
@@ -41,6 +50,8 @@ class ReconcileReport:
     """(cluster, key id) of objects no placement accounts for."""
     missing: list[tuple[str, str]] = field(default_factory=list)
     """(cluster, key id) where a placement expects objects that are not there."""
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    """The missing copies whose names were removed from their records (with ``fix``)."""
     duplicates: list[tuple[str, str, str, int]] = field(default_factory=list)
     """(cluster, key id, object class, how many) where a key has more than one object of a class."""
     unreachable: list[str] = field(default_factory=list)
@@ -54,7 +65,8 @@ class ReconcileReport:
     def summary(self) -> str:
         """One line for the log and the admin change's result (of a reconcile with ``fix``)."""
         return (f"{len(self.stale_intents)} unfinished creations rolled back, {len(self.orphans)} orphan objects "
-                f"removed, {len(self.missing)} missing copies, {len(self.duplicates)} duplicate objects "
+                f"removed, {len(self.missing)} missing copies ({len(self.dropped)} dropped from their records), "
+                f"{len(self.duplicates)} duplicate objects "
                 f"(left for an operator), {len(self.unreachable)} unreachable clusters")
 
 
@@ -87,6 +99,7 @@ def reconcile(
                               "an operator to establish (docs/operations.md)", name, count, kind, key_id)
 
     expected: dict[str, set[str]] = {name: set() for name in router.backends}
+    droppable: list[tuple[str, str]] = []  # missing where another named cluster held the key
     now = (wall_clock or router.wall_clock)()
     for placement in router.store.scan():
         if placement.state is KeyState.DESTROYED:
@@ -104,6 +117,8 @@ def reconcile(
                 if placement.state is not KeyState.CREATING and name in on_token:
                     if placement.key_id not in on_token[name]:
                         report.missing.append((name, placement.key_id))
+                        if any(placement.key_id in on_token.get(other, ()) for other in placement.clusters):
+                            droppable.append((name, placement.key_id))
 
     for name, ids in on_token.items():
         for key_id in sorted(ids - expected[name]):
@@ -120,9 +135,74 @@ def reconcile(
                     log.warning("reconcile: destroyed orphan %s on %s", key_id, name)
                 except RouterError as exc:
                     log.error("reconcile: could not destroy orphan %s on %s: %s", key_id, name, exc.message)
+    if fix:
+        for name, key_id in droppable[:MAX_DROPS]:
+            if _drop_missing(router, name, key_id, deadline):
+                report.dropped.append((name, key_id))
+        if len(droppable) > MAX_DROPS:
+            log.warning("reconcile: %d more missing copies to drop from their records; the next reconcile will",
+                        len(droppable) - MAX_DROPS)
     if fix and report.stale_intents:
         router.reload()
     return report
+
+
+def _drop_missing(router: Router, name: str, key_id: str, deadline: float) -> bool:
+    """Remove ``name`` from the key's record if it is still a name without a copy.
+
+    The record is read first, then the tokens, then the record is written only if no
+    one changed it since: a move names its target before it copies, and a copy that
+    appears after the token was looked at belongs to a move that has not yet written
+    its result, so that write fails on the version and the move undoes itself. A move
+    that already finished changed the record before it was read here.
+    """
+    try:
+        current = router.store.get(key_id)
+    except StoreError as exc:
+        log.error("reconcile: cannot read %s to drop its missing copy on %s: %s", key_id, name, exc)
+        return False
+    if (current is None or name not in current.clusters or current.external
+            or current.state in (KeyState.CREATING, KeyState.DESTROYED)):
+        return False  # changed since the scan
+    holders: list[str] = []
+    for cluster in current.clusters:
+        try:
+            held = key_id in router.backends[cluster].key_objects(deadline, key_id=key_id)
+        except (KeyError, RouterError) as exc:  # not configured here, or not reachable: cannot vouch
+            if cluster == name:
+                log.info("reconcile: %s on %s not checked again (%s); its name stays", key_id, name, exc)
+                return False
+            continue
+        if held:
+            if cluster == name:
+                return False  # there now
+            holders.append(cluster)
+    if not holders:
+        log.error("reconcile: no cluster named for key %r holds it (missing on %s); left for an operator "
+                  "(docs/operations.md)", key_id, ", ".join(current.clusters))
+        return False
+    rest = [c for c in current.clusters if c != name]
+    if name == current.primary:  # the first cluster seen to hold the key takes its place
+        rest.remove(holders[0])
+        rest.insert(0, holders[0])
+    kept = replace(current, primary=rest[0], replicas=tuple(rest[1:]))
+    if kept.state is KeyState.ENABLED and router.short_of_copies(kept):
+        kept = replace(kept, state=KeyState.UNDER_REPLICATED)
+    try:
+        router.store.update(kept)
+    except Conflict:
+        log.info("reconcile: %s changed while its missing copy on %s was checked; left alone", key_id, name)
+        return False
+    except StoreError as exc:
+        log.error("reconcile: could not drop the missing copy of %s on %s: %s", key_id, name, exc)
+        return False
+    try:
+        router.reload_key(key_id)
+    except StoreError:  # the cache catches up on its next refresh
+        pass
+    log.warning("reconcile: dropped %s from key %r's record: the cluster has no copy (now on %s, %s)",
+                name, key_id, ", ".join(kept.clusters), kept.state.value)
+    return True
 
 
 def _why_not_an_orphan(router: Router, key_id: str) -> str:

@@ -599,7 +599,9 @@ class Router:
         # The record names the target before the copy is made: a reconcile that lists the
         # target's token meanwhile must see the copy as the key's, not as an orphan to
         # destroy (the key would be lost once the old copy goes). Until the copy exists,
-        # a call routed there finds no material and fails over to the key's other clusters.
+        # a call routed there finds no material and fails over to the key's other clusters;
+        # a reconcile that drops the name meanwhile bumps the version, so this move's own
+        # update below fails and the move undoes itself (router.reconcile).
         changed = f"key {key_id!r} changed while moving; nothing was changed, try again"
         try:
             pending = self.store.update(replace(current, replicas=(*current.replicas, to)))
@@ -607,6 +609,7 @@ class Router:
             raise Unavailable(changed) from None
         self._remember(pending)
         try:
+            self._fault("move-target-named")
             self._replicate(current, holder, (to,), deadline, strict=True)
             self._prove_copy(current, holder, target, deadline)
             self._fault("moved-copy-proven")
@@ -636,7 +639,7 @@ class Router:
         try:
             self._remember(self.store.update(replace(pending, replicas=current.replicas)))
         except (Conflict, StoreError) as exc:
-            log.warning("move of %s: %s still named as a replica (%s); reconcile reports it missing",
+            log.warning("move of %s: %s still named as a replica (%s); reconcile --fix drops the name",
                         key_id, target.name, exc)
 
     def _prove_copy(self, key: Placement, holder: HsmBackend, target: HsmBackend, deadline: float) -> None:

@@ -214,18 +214,22 @@ class Pkcs11Cluster(HsmBackend):
                 self._pool.invalidate_keys()
         return len(found)
 
-    def key_objects(self, deadline: float) -> dict[str, dict[str, int]]:
+    def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
+        search: dict[Attribute, bool | bytes] = {Attribute.TOKEN: True}
+        if key_id is not None:
+            search[Attribute.ID] = key_id.encode()
+
         def run(s: PooledSession) -> dict[str, dict[str, int]]:
             found: dict[str, dict[str, int]] = {}
-            for obj in list(s.handle.get_objects({Attribute.TOKEN: True})):  # the search ends before any read
+            for obj in list(s.handle.get_objects(search)):  # the search ends before any read
                 name = CLASS_NAMES.get(obj.object_class)
                 if name is None:
                     continue
                 try:
-                    key_id = bytes(obj[Attribute.ID]).decode()
+                    owner = bytes(obj[Attribute.ID]).decode()
                 except UnicodeDecodeError:
                     continue
-                counts = found.setdefault(key_id, {})
+                counts = found.setdefault(owner, {})
                 counts[name] = counts.get(name, 0) + 1
             return found
 

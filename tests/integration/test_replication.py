@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import ObjectClass
 
 from router.errors import Unavailable
-from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, ReplicationPolicy
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement, ReplicationPolicy
 from router.reconcile import reconcile
 from tests.support import unique
 
@@ -202,7 +202,10 @@ def test_a_reconcile_during_a_repair_does_not_destroy_the_copy_being_made(make_r
     found: list[object] = []
 
     def meanwhile(point: str) -> None:
-        if point == "repair-copied":
+        # The repairer repairs every key of the shared store that is short of copies: act
+        # at this key's point, its copy made and not yet named.
+        if (point == "repair-copied" and not found and tokens.classes("usw2-a", key.key_id)
+                and "usw2-a" not in reconciler.store.get(key.key_id).clusters):
             assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
             found.append(reconcile(reconciler, fix=True))
 
@@ -216,3 +219,102 @@ def test_a_reconcile_during_a_repair_does_not_destroy_the_copy_being_made(make_r
     signature = repairer.backends["usw2-a"].sign(repaired, Operation.ECDSA_SHA256, b"\x06" * 32, time.monotonic() + 5)
     public = serialization.load_der_public_key(repairer.public_key(key.key_id, time.monotonic() + 5)[1])
     public.verify(signature, b"\x06" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def _phantom_copy(make_router, key: Placement, target: str) -> None:  # type: ignore[no-untyped-def]
+    """What a failed move leaves when another writer changed the record meanwhile: the record
+    names ``target``, which holds no copy (see the test above)."""
+    owner = make_router()
+
+    def another_writer_then_failure(point: str) -> None:
+        if point == "moved-copy-proven":
+            owner.store.update(owner.store.get(key.key_id))
+            raise Unavailable("the target went away")
+
+    with pytest.raises(Unavailable, match="the target went away"):
+        make_router(fault=another_writer_then_failure).move_key(key.key_id, target, time.monotonic() + 30)
+    assert target in owner.store.get(key.key_id).clusters
+
+
+def test_reconcile_drops_copies_the_record_names_but_no_token_holds_and_the_repairer_makes_real_ones(
+        make_router, tokens) -> None:
+    """A phantom name (a failed move's target) and a copy lost on its HSM: the record claims
+    three copies of a key that one cluster holds. The repairer trusts the record, so it does
+    nothing; reconcile --fix drops both names, and the repairer then copies the key for real."""
+    router = make_router(replication=POLICY)
+    key = router.generate_key(_spec(unique("phantom")), time.monotonic() + 30)
+    home = next(name for name in ("use1-a", "use1-b") if name != key.primary)
+    _phantom_copy(make_router, key, home)
+    for obj in tokens.objects("usw2-a", key.key_id):  # the DR copy is lost on its HSM
+        obj.destroy()
+    router.reload_key(key.key_id)
+    claimed = router.store.get(key.key_id)
+    assert set(claimed.clusters) == {key.primary, "usw2-a", home} and claimed.state is KeyState.ENABLED
+
+    router.repair_once(time.monotonic() + 30)
+    assert tokens.objects("usw2-a", key.key_id) == [], "the record said the key had its copies"
+    looked = reconcile(router, fix=False)
+    assert {("usw2-a", key.key_id), (home, key.key_id)} <= set(looked.missing)
+    assert looked.dropped == [] and router.store.get(key.key_id).version == claimed.version
+
+    report = reconcile(router, fix=True)
+    assert {("usw2-a", key.key_id), (home, key.key_id)} <= set(report.dropped)
+    kept = router.store.get(key.key_id)
+    assert (kept.primary, kept.replicas, kept.state) == (key.primary, (), KeyState.UNDER_REPLICATED)
+    assert router.placement(key.key_id).clusters == (key.primary,)
+
+    assert router.repair_once(time.monotonic() + 30) >= 1
+    repaired = router.store.get(key.key_id)
+    assert repaired.state is KeyState.ENABLED and "usw2-a" in repaired.replicas
+    public = serialization.load_der_public_key(router.public_key(key.key_id, time.monotonic() + 5)[1])
+    for cluster in repaired.clusters:
+        assert tokens.classes(cluster, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+        signature = router.backends[cluster].sign(repaired, Operation.ECDSA_SHA256, b"\x07" * 32,
+                                                  time.monotonic() + 5)
+        public.verify(signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+    assert key.key_id not in {k for _, k in reconcile(router, fix=False).missing}
+    # The cluster the phantom named takes a move again ("already on cluster" before).
+    moved = router.move_key(key.key_id, home, time.monotonic() + 30)
+    assert moved.primary == home
+    assert tokens.classes(home, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+
+
+def test_reconcile_never_drops_the_last_names_of_a_key_no_cluster_holds(make_router, tokens) -> None:
+    """Every named cluster lacks the key: the record stays as it is, for an operator."""
+    first, key, target = _one_copy_key(make_router, unique("gone"))
+    _phantom_copy(make_router, key, target)
+    for obj in tokens.objects(key.primary, key.key_id):
+        obj.destroy()
+    before = first.store.get(key.key_id)
+    report = reconcile(first, fix=True)
+    assert {(key.primary, key.key_id), (target, key.key_id)} <= set(report.missing)
+    assert key.key_id not in {k for _, k in report.dropped}
+    after = first.store.get(key.key_id)
+    assert (after.primary, after.replicas, after.version) == (before.primary, before.replicas, before.version)
+
+
+def test_a_reconcile_that_drops_a_moves_target_before_the_copy_exists_makes_the_move_undo_itself(
+        make_router, tokens) -> None:
+    """The move has named its target and not yet copied: a reconcile sees a name without a copy
+    and drops it. The move's own update then fails on the record's version, so it removes
+    its copy and says so; the key stays where it was and signs."""
+    first, key, target = _one_copy_key(make_router, unique("racing"))
+    reconciler = make_router()
+    found: list[object] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "move-target-named":
+            found.append(reconcile(reconciler, fix=True))
+
+    with pytest.raises(Unavailable, match="changed while moving"):
+        make_router(fault=meanwhile).move_key(key.key_id, target, time.monotonic() + 30)
+    assert (target, key.key_id) in found[0].dropped  # type: ignore[attr-defined]
+    after = first.store.get(key.key_id)
+    assert (after.primary, after.replicas) == (key.primary, ())
+    assert tokens.objects(target, key.key_id) == []
+    assert tokens.classes(key.primary, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    first.reload_key(key.key_id)
+    signature, cluster = first.sign(key.key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
+    public = serialization.load_der_public_key(first.public_key(key.key_id, time.monotonic() + 5)[1])
+    public.verify(signature, bytes(32), ec.ECDSA(Prehashed(hashes.SHA256())))
+    assert cluster == key.primary

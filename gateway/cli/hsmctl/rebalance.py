@@ -51,8 +51,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "reconcile",
         help="compare the placement store with every token (exit 1 if they differ)",
         description="Reports stale intents, orphan objects, missing copies, keys with duplicate objects "
-        "and unreachable clusters; --fix requests a repair (quorum) of all but duplicates, which an "
-        "operator resolves (docs/operations.md).\n\nExample: hsmctl reconcile --fix",
+        "and unreachable clusters; --fix requests a repair (quorum) of all but duplicates and keys that "
+        "no named cluster holds, which an operator resolves (docs/operations.md). A missing copy's "
+        "name is dropped from its record, and the repairer makes a real copy.\n\n"
+        "Example: hsmctl reconcile --fix",
     )
     rec.add_argument("--fix", action="store_true")
     rec.set_defaults(func=_reconcile)
