@@ -318,3 +318,32 @@ def test_a_reconcile_that_drops_a_moves_target_before_the_copy_exists_makes_the_
     public = serialization.load_der_public_key(first.public_key(key.key_id, time.monotonic() + 5)[1])
     public.verify(signature, bytes(32), ec.ECDSA(Prehashed(hashes.SHA256())))
     assert cluster == key.primary
+
+
+class _Killed(BaseException):
+    """The process dies here: no except clause of the move's runs."""
+
+
+def test_a_move_killed_after_naming_its_target_leaves_a_name_the_next_start_drops(make_router, tokens) -> None:
+    first, key, target = _one_copy_key(make_router, unique("killed-move"))
+
+    def killed(point: str) -> None:
+        if point == "move-target-named":
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        make_router(fault=killed).move_key(key.key_id, target, time.monotonic() + 30)
+    left = first.store.get(key.key_id)
+    assert (left.primary, left.replicas) == (key.primary, (target,)) and tokens.objects(target, key.key_id) == []
+
+    restarted = make_router()
+    report = reconcile(restarted, fix=True)  # what every gateway start runs (gateway.app.build_router)
+    assert (target, key.key_id) in report.dropped
+    after = restarted.store.get(key.key_id)
+    assert (after.primary, after.replicas, after.state) == (key.primary, (), KeyState.ENABLED)
+    moved = restarted.move_key(key.key_id, target, time.monotonic() + 30)
+    assert (moved.primary, moved.replicas) == (target, ())
+    signature, cluster = restarted.sign(key.key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
+    public = serialization.load_der_public_key(restarted.public_key(key.key_id, time.monotonic() + 5)[1])
+    public.verify(signature, bytes(32), ec.ECDSA(Prehashed(hashes.SHA256())))
+    assert cluster == target and tokens.objects(key.primary, key.key_id) == []
