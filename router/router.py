@@ -636,11 +636,23 @@ class Router:
         except RouterError as exc:
             log.warning("move of %s: copy on %s not removed (%s); reconcile will", key_id, target.name, exc.message)
             return  # the record keeps naming it: never leave objects the record does not account for
-        try:
-            self._remember(self.store.update(replace(pending, replicas=current.replicas)))
-        except (Conflict, StoreError) as exc:
-            log.warning("move of %s: %s still named as a replica (%s); reconcile --fix drops the name",
-                        key_id, target.name, exc)
+        record = pending
+        for _ in range(3):  # another writer may have changed the record since the move named the target
+            try:
+                self._remember(self.store.update(
+                    replace(record, replicas=tuple(r for r in record.replicas if r != target.name))))
+                return
+            except Conflict:
+                try:
+                    fresh = self.store.get(key_id)
+                except StoreError:
+                    break
+                if fresh is None or target.name not in fresh.replicas:
+                    return  # gone, or no longer named as this move's target
+                record = fresh
+            except StoreError:
+                break
+        log.warning("move of %s: %s still named as a replica; reconcile --fix drops the name", key_id, target.name)
 
     def _prove_copy(self, key: Placement, holder: HsmBackend, target: HsmBackend, deadline: float) -> None:
         """The copy must do what the original does, bit for bit where the math allows."""
