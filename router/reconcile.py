@@ -100,6 +100,8 @@ def reconcile(
 
     expected: dict[str, set[str]] = {name: set() for name in router.backends}
     droppable: list[tuple[str, str]] = []  # missing where another named cluster held the key
+    unheld = 0  # keys that none of their clusters, every one of them listed, held
+    unheld_ids: list[str] = []  # the first few, for the log
     now = (wall_clock or router.wall_clock)()
     for placement in router.store.scan():
         if placement.state is KeyState.DESTROYED:
@@ -111,14 +113,24 @@ def reconcile(
             continue
         if placement.external:
             continue  # lives wrapped in the store, never as token objects
+        held = 0
+        missed: list[str] = []
         for name in placement.clusters:
             if name in expected:
                 expected[name].add(placement.key_id)
                 if placement.state is not KeyState.CREATING and name in on_token:
-                    if placement.key_id not in on_token[name]:
-                        report.missing.append((name, placement.key_id))
-                        if any(placement.key_id in on_token.get(other, ()) for other in placement.clusters):
-                            droppable.append((name, placement.key_id))
+                    if placement.key_id in on_token[name]:
+                        held += 1
+                    else:
+                        missed.append(name)
+        if missed:
+            report.missing += [(name, placement.key_id) for name in missed]
+            if held:
+                droppable += [(name, placement.key_id) for name in missed]
+            elif len(missed) == len(placement.clusters):
+                unheld += 1
+                if len(unheld_ids) < 5:
+                    unheld_ids.append(placement.key_id)
 
     for name, ids in on_token.items():
         for key_id in sorted(ids - expected[name]):
@@ -135,6 +147,10 @@ def reconcile(
                     log.warning("reconcile: destroyed orphan %s on %s", key_id, name)
                 except RouterError as exc:
                     log.error("reconcile: could not destroy orphan %s on %s: %s", key_id, name, exc.message)
+    if unheld:
+        log.error("reconcile: %d key(s) held by none of the clusters their records name, e.g. %s; their records "
+                  "stay as they are, for an operator to restore the keys (docs/operations.md)",
+                  unheld, ", ".join(repr(k) for k in unheld_ids))
     if fix:
         for name, key_id in droppable[:MAX_DROPS]:
             if _drop_missing(router, name, key_id, deadline):
@@ -166,20 +182,20 @@ def _drop_missing(router: Router, name: str, key_id: str, deadline: float) -> bo
         return False  # changed since the scan
     holders: list[str] = []
     for cluster in current.clusters:
-        try:
-            held = key_id in router.backends[cluster].key_objects(deadline, key_id=key_id)
-        except (KeyError, RouterError) as exc:  # not configured here, or not reachable: cannot vouch
-            if cluster == name:
-                log.info("reconcile: %s on %s not checked again (%s); its name stays", key_id, name, exc)
-                return False
-            continue
+        backend = router.backends.get(cluster)
+        held: bool | None = None  # None: not looked at (not configured here, or unreachable)
+        if backend is not None:
+            try:
+                held = key_id in backend.key_objects(deadline, key_id=key_id)
+            except RouterError as exc:
+                log.info("reconcile: %s on %s not looked at again: %s", key_id, cluster, exc.message)
+        if cluster == name and held is not False:
+            return False  # there now, or not seen to be missing twice: the name stays
         if held:
-            if cluster == name:
-                return False  # there now
             holders.append(cluster)
     if not holders:
-        log.error("reconcile: no cluster named for key %r holds it (missing on %s); left for an operator "
-                  "(docs/operations.md)", key_id, ", ".join(current.clusters))
+        log.warning("reconcile: %s stays named for key %r: no other cluster named for it was seen to hold it "
+                    "just now", name, key_id)
         return False
     rest = [c for c in current.clusters if c != name]
     if name == current.primary:  # the first cluster seen to hold the key takes its place
