@@ -270,7 +270,10 @@ def _judge(call: Call, response: Any, error: grpc.RpcError | None, streamed: lis
             if code is C.RESOURCE_EXHAUSTED:
                 assert retry is not None, what
     if call.identity == "nobody":
-        assert code in ({C.PERMISSION_DENIED, C.INVALID_ARGUMENT} if raw else {C.PERMISSION_DENIED}), what
+        refused = {C.PERMISSION_DENIED, C.INVALID_ARGUMENT} if raw else {C.PERMISSION_DENIED}
+        if call.size > MAX_MESSAGE:  # gRPC refuses an oversized message before anyone is asked
+            refused.add(C.RESOURCE_EXHAUSTED)
+        assert code in refused, what
     if raw:
         return
 
