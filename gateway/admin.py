@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 KEY_LIMIT_WARNING = 0.8
+MISSING_HELD = "another named cluster holds the key: --fix drops this name and the repairer copies the key again"
+MISSING_UNHELD = "no other named cluster was seen to hold the key: --fix leaves the name (docs/operations.md)"
 """Share of a cluster's max_keys from which `hsmctl status` warns."""
 
 def caller() -> str:
@@ -246,7 +248,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             report = reconcile(self.router, fix=False)
             findings = [pb.ReconcileFinding(kind="stale_intent", key_id=k) for k in report.stale_intents]
             findings += [pb.ReconcileFinding(kind="orphan", cluster=c, key_id=k) for c, k in report.orphans]
-            findings += [pb.ReconcileFinding(kind="missing", cluster=c, key_id=k) for c, k in report.missing]
+            droppable = set(report.droppable)
+            findings += [pb.ReconcileFinding(kind="missing", cluster=c, key_id=k,
+                                             detail=MISSING_HELD if (c, k) in droppable else MISSING_UNHELD)
+                         for c, k in report.missing]
             findings += [pb.ReconcileFinding(kind="duplicate", cluster=c, key_id=k, detail=f"{n} {kind} objects")
                          for c, k, kind, n in report.duplicates]
             findings += [pb.ReconcileFinding(kind="unreachable", cluster=c) for c in report.unreachable]

@@ -50,6 +50,8 @@ class ReconcileReport:
     """(cluster, key id) of objects no placement accounts for."""
     missing: list[tuple[str, str]] = field(default_factory=list)
     """(cluster, key id) where a placement expects objects that are not there."""
+    droppable: list[tuple[str, str]] = field(default_factory=list)
+    """The missing copies of keys another named cluster held: ``fix`` drops these names."""
     dropped: list[tuple[str, str]] = field(default_factory=list)
     """The missing copies whose names were removed from their records (with ``fix``)."""
     duplicates: list[tuple[str, str, str, int]] = field(default_factory=list)
@@ -99,7 +101,6 @@ def reconcile(
                               "an operator to establish (docs/operations.md)", name, count, kind, key_id)
 
     expected: dict[str, set[str]] = {name: set() for name in router.backends}
-    droppable: list[tuple[str, str]] = []  # missing where another named cluster held the key
     unheld = 0  # keys that none of their clusters, every one of them listed, held
     unheld_ids: list[str] = []  # the first few, for the log
     now = (wall_clock or router.wall_clock)()
@@ -126,7 +127,7 @@ def reconcile(
         if missed:
             report.missing += [(name, placement.key_id) for name in missed]
             if held:
-                droppable += [(name, placement.key_id) for name in missed]
+                report.droppable += [(name, placement.key_id) for name in missed]
             elif len(missed) == len(placement.clusters):
                 unheld += 1
                 if len(unheld_ids) < 5:
@@ -152,12 +153,12 @@ def reconcile(
                   "stay as they are, for an operator to restore the keys (docs/operations.md)",
                   unheld, ", ".join(repr(k) for k in unheld_ids))
     if fix:
-        for name, key_id in droppable[:MAX_DROPS]:
+        for name, key_id in report.droppable[:MAX_DROPS]:
             if _drop_missing(router, name, key_id, deadline):
                 report.dropped.append((name, key_id))
-        if len(droppable) > MAX_DROPS:
+        if len(report.droppable) > MAX_DROPS:
             log.warning("reconcile: %d more missing copies to drop from their records; the next reconcile will",
-                        len(droppable) - MAX_DROPS)
+                        len(report.droppable) - MAX_DROPS)
     if fix and report.stale_intents:
         router.reload()
     return report

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, ObjectClass
 
+from gateway.admin import MISSING_HELD
 from gateway.fleet import init_fleet
 from hsmgw.v1 import admin_pb2 as apb
 from hsmgw.v1 import crypto_pb2 as pb
@@ -174,7 +175,49 @@ def test_reconcile_reports_and_fix_needs_approval(gateway, crypto, tokens) -> No
         obj.destroy()
     code, report = as_json(gateway.target, "reconcile")
     assert code == 1
-    assert {"kind": "missing", "cluster": key.replicas[0], "key_id": key.key_id, "detail": ""} in report["findings"]
+    assert {"kind": "missing", "cluster": key.replicas[0], "key_id": key.key_id,
+            "detail": MISSING_HELD} in report["findings"]
+
+
+def test_reconcile_fix_drops_a_lost_copy_and_the_repairer_copies_the_key_again(gateway, crypto, admin, tokens) -> None:
+    """A replica loses the key's objects on its HSM. Reconcile says a fix will drop the name;
+    once two admins approve it, the key is UNDER_REPLICATED and the gateway's repairer puts
+    a copy back, which signs with the key's public key."""
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+    from pkcs11 import Mechanism
+
+    key = _key(crypto, "lost-copy")
+    lost = key.replicas[0]
+    for obj in tokens.objects(lost, key.key_id):
+        obj.destroy()
+    code, report = as_json(gateway.target, "reconcile")
+    assert code == 1
+    [finding] = [f for f in report["findings"] if f["kind"] == "missing" and f["key_id"] == key.key_id]
+    assert finding["cluster"] == lost and "--fix drops this name" in finding["detail"], finding
+
+    change = admin.Reconcile(apb.ReconcileRequest(fix=True), timeout=60,
+                             metadata=(("x-hsmgw-identity", "alice"),)).change
+    applied = admin.ApproveChange(apb.ApproveChangeRequest(id=change.id), timeout=60,
+                                  metadata=(("x-hsmgw-identity", "bob"),))
+    assert applied.state == "applied" and "dropped from their records" in applied.result, applied
+    dropped = crypto.GetKey(pb.GetKeyRequest(key_id=key.key_id), timeout=10)
+    assert lost not in (dropped.primary_cluster, *dropped.replicas)
+    assert dropped.state in (pb.KEY_STATE_UNDER_REPLICATED, pb.KEY_STATE_ENABLED)  # the repairer may be done
+
+    end = time.monotonic() + 60  # replication.repair_interval is 10 s
+    while True:
+        repaired = crypto.GetKey(pb.GetKeyRequest(key_id=key.key_id), timeout=10)
+        if repaired.state == pb.KEY_STATE_ENABLED and lost in repaired.replicas:
+            break
+        assert time.monotonic() < end, f"not repaired: {repaired}"
+        time.sleep(0.5)
+    [private] = [o for o in tokens.objects(lost, key.key_id) if o.object_class is ObjectClass.PRIVATE_KEY]
+    digest = bytes(range(32))
+    raw = private.sign(digest, mechanism=Mechanism.ECDSA)
+    pem = crypto.GetPublicKey(pb.GetPublicKeyRequest(key_id=key.key_id), timeout=10).pem
+    serialization.load_pem_public_key(pem.encode()).verify(
+        encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")), digest,
+        ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
 def test_reconcile_reports_a_second_object_for_a_key_and_leaves_it_to_an_operator(
