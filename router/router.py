@@ -60,6 +60,10 @@ RSA_OAEP_MAX_PLAINTEXT = {alg: size - 66 for alg, size in RSA_MODULUS_BYTES.item
 
 SINGLE_COPY = ReplicationPolicy(copies=1, require_dr_copy=False)
 
+PUBLIC_KEYS_KEPT = 10_000
+"""Public keys read from a cluster and kept in memory (a key id is never reused, so a key's
+public key never changes): GetPublicKey then costs the HSM nothing. ~300 bytes each for RSA-2048."""
+
 _RELOAD_AT_LEAST = 1000
 """A refresh re-reads changed keys one by one up to this many (or a tenth of the cache); beyond, it reloads."""
 
@@ -97,6 +101,8 @@ class Router:
         self.wall_clock = wall_clock
         self._lock = threading.Lock()
         self._cache = PlacementCache()
+        self._public_keys: dict[str, bytes] = {}  # oldest first
+        self._public_keys_lock = threading.Lock()
         self._seen_counter = -1
         self._log: ChangeLog | None = None
         self._unread: set[str] = set()
@@ -809,7 +815,14 @@ class Router:
             raise FailedPrecondition(f"key {key_id!r} is {placement.algorithm.value}: it has no public key")
         if placement.external:
             return placement, placement.public_der
+        kept = self._public_keys.get(key_id)  # only after the placement said the key may be used
+        if kept is not None:
+            return placement, kept
         der, _ = self._dispatch(placement, lambda b, p: b.public_key(p, deadline), deadline)
+        with self._public_keys_lock:
+            if len(self._public_keys) >= PUBLIC_KEYS_KEPT:
+                del self._public_keys[next(iter(self._public_keys))]
+            self._public_keys[key_id] = der
         return placement, der
 
     @staticmethod

@@ -128,7 +128,9 @@ class CryptoServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetPublicKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Read from one of the key's clusters once, then kept in the gateway's memory (up to
+        10,000 keys): a key id is never reused, so its public key never changes.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -10,7 +10,7 @@ import pytest
 from pkcs11 import ObjectClass
 
 from hsmgw.v1 import crypto_pb2 as pb
-from router.errors import FailedPrecondition, Unavailable
+from router.errors import FailedPrecondition, KeyNotFound, Unavailable
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation
 from router.reconcile import ReconcileReport, reconcile
 from tests.support import placement, rpc_error, unique
@@ -245,3 +245,44 @@ def test_reconcile_reports_missing_material_but_not_external_keys(make_router, t
     report = reconcile(router, fix=False)
     assert (gone.primary, gone.key_id) in report.missing
     assert external.key_id not in {k for _, k in report.missing + report.orphans}
+
+
+def test_a_public_key_is_read_from_a_cluster_once_and_a_destroyed_key_gives_none(
+        make_router, tokens, monkeypatch) -> None:
+    """After the first GetPublicKey the gateway answers from memory: the public key objects
+    can go from every token and the answer stays the key's (its signatures verify). A key
+    destroyed since gives none; past PUBLIC_KEYS_KEPT keys, the oldest is read again."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    import router.router as router_module
+
+    monkeypatch.setattr(router_module, "PUBLIC_KEYS_KEPT", 2)
+    router = make_router()
+    far = time.monotonic() + 30
+    first, second, third = (router.generate_key(_spec(unique("pub")), far) for _ in range(3))
+    der = router.public_key(first.key_id, far)[1]
+
+    def drop_public_objects(key) -> None:  # type: ignore[no-untyped-def]
+        for cluster in key.clusters:
+            for obj in tokens.objects(cluster, key.key_id):
+                if obj.object_class is ObjectClass.PUBLIC_KEY:
+                    obj.destroy()
+
+    drop_public_objects(first)
+    assert router.public_key(first.key_id, far)[1] == der
+    with pytest.raises(KeyNotFound, match="key material is missing"):  # a gateway that never read it
+        make_router().public_key(first.key_id, far)
+    signature, _ = router.sign(first.key_id, Operation.ECDSA_SHA256, bytes(32), None, far)
+    serialization.load_der_public_key(der).verify(signature, bytes(32), ec.ECDSA(Prehashed(hashes.SHA256())))
+
+    router.public_key(second.key_id, far)
+    router.public_key(third.key_id, far)  # the third kept: the first, the oldest, is read again next time
+    with pytest.raises(KeyNotFound, match="key material is missing"):
+        router.public_key(first.key_id, far)
+    assert router.public_key(third.key_id, far)[1]
+
+    router.destroy_key(third.key_id, far)
+    with pytest.raises(FailedPrecondition, match="destroyed"):
+        router.public_key(third.key_id, far)
