@@ -62,7 +62,7 @@ SINGLE_COPY = ReplicationPolicy(copies=1, require_dr_copy=False)
 
 PUBLIC_KEYS_KEPT = 10_000
 """Public keys read from a cluster and kept in memory (a key id is never reused, so a key's
-public key never changes): GetPublicKey then costs the HSM nothing. ~300 bytes each for RSA-2048."""
+public key never changes): GetPublicKey then costs the HSM nothing. ~420 bytes each for RSA-2048."""
 
 _RELOAD_AT_LEAST = 1000
 """A refresh re-reads changed keys one by one up to this many (or a tenth of the cache); beyond, it reloads."""
