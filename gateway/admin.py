@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 KEY_LIMIT_WARNING = 0.8
-MISSING_HELD = "another named cluster holds the key: --fix drops this name and the repairer copies the key again"
-MISSING_UNHELD = "no other named cluster was seen to hold the key: --fix leaves the name (docs/operations.md)"
 """Share of a cluster's max_keys from which `hsmctl status` warns."""
+MISSING_HELD = "another named cluster holds the key: --fix drops this name and the repairer copies the key again"
+"""A `missing` finding's detail when reconcile --fix will drop the name (router.reconcile)."""
+MISSING_UNHELD = "no other named cluster was seen to hold the key: --fix leaves the name (docs/operations.md)"
+"""A `missing` finding's detail when reconcile --fix will leave the name."""
 
 def caller() -> str:
     """The caller's identity, as the authentication interceptor established it

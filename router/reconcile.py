@@ -114,14 +114,14 @@ def reconcile(
             continue
         if placement.external:
             continue  # lives wrapped in the store, never as token objects
-        held = 0
+        held = False  # by a named cluster, as listed above
         missed: list[str] = []
         for name in placement.clusters:
             if name in expected:
                 expected[name].add(placement.key_id)
                 if placement.state is not KeyState.CREATING and name in on_token:
                     if placement.key_id in on_token[name]:
-                        held += 1
+                        held = True
                     else:
                         missed.append(name)
         if missed:

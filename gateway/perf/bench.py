@@ -113,12 +113,12 @@ def _paired(rows: list[Row], directs: list[float]) -> Row:
     if not measured:
         return Row(first.name, None, note=first.note, errors=sum(r.errors for r in rows))
     middle = sorted(measured, key=lambda m: m[0].throughput or 0.0)[len(measured) // 2][0]
+    ratios = [(row.throughput or 0.0) / d for row, d in measured]
     return Row(first.name, statistics.median(row.throughput or 0.0 for row, _ in measured), note=first.note,
                p50_ms=middle.p50_ms, p99_ms=middle.p99_ms, errors=sum(r.errors for r in rows),
-               detail=middle.detail,
-               ratio=round(statistics.median((row.throughput or 0.0) / d for row, d in measured), 3),
-               rounds=[{"throughput": round(row.throughput or 0.0, 1), "ratio": round((row.throughput or 0.0) / d, 3)}
-                       for row, d in measured])
+               detail=middle.detail, ratio=round(statistics.median(ratios), 3),
+               rounds=[{"throughput": round(row.throughput or 0.0, 1), "ratio": round(ratio, 3)}
+                       for (row, _), ratio in zip(measured, ratios, strict=True)])
 
 
 def _say(text: str) -> None:

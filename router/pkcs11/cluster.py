@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Callable, TypeVar
 
 from asn1crypto.algos import DSASignature
@@ -196,7 +197,7 @@ class Pkcs11Cluster(HsmBackend):
     def destroy(self, key_id: str, deadline: float) -> int:
         return self._run(deadline, lambda s: self._destroy_objects(s, key_id))
 
-    def _destroy_objects(self, s: PooledSession, key_id: str, *, keep: frozenset[int] | set[int] = frozenset()) -> int:
+    def _destroy_objects(self, s: PooledSession, key_id: str, *, keep: AbstractSet[int] = frozenset()) -> int:
         """Destroy the key's token objects but those in ``keep`` (handles); how many were destroyed.
 
         The search is read to its end before any is destroyed (see PooledSession._only).

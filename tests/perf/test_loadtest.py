@@ -121,3 +121,18 @@ def test_the_idle_check_sees_what_the_cores_do_now() -> None:
     after = cpu_times()
     assert after is not None
     assert busy_share(before, after) > 0.2
+
+
+def test_a_round_that_measured_nothing_is_left_out_of_the_medians() -> None:
+    """A floor server that did not start, or h2load missing, in one round: that round's row has
+    no throughput. The row's figures come from the rounds that measured, each against its own
+    round's direct; a row no round measured keeps its note and no ratio."""
+    from gateway.perf.bench import Row, _paired
+
+    rows = [Row("r", 500.0, errors=1), Row("r", None, note="the floor server did not start"), Row("r", 900.0)]
+    paired = _paired(rows, [1000.0, 1000.0, 1500.0])
+    assert paired.throughput == 700.0 and paired.errors == 1
+    assert [r["ratio"] for r in paired.rounds] == [0.5, 0.6]
+    assert paired.ratio == 0.55
+    nothing = _paired([Row("r", None, note="h2load is not installed")] * 2, [1000.0, 1000.0])
+    assert nothing.throughput is None and nothing.ratio is None and nothing.note == "h2load is not installed"
