@@ -191,6 +191,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     max_keys=backend.spec.max_keys,
                     sessions_open=stats.open,
                     sessions_in_use=stats.in_use,
+                    calls_hung=stats.hung,
                     pool_size=stats.size,
                     draining=name in dispatcher.drained,
                     circuit=circuit.value,

@@ -17,6 +17,7 @@ Observability (see docs/operations.md): ``[metrics] listen`` serves Prometheus
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import stat
 import tomllib
@@ -244,8 +245,10 @@ def _no_unknown(table: dict[str, Any], known: set[str], path: str) -> None:
 
 
 def _positive(value: int | float, path: str) -> Any:
-    if value <= 0:
+    if not value > 0:  # NaN too
         raise ConfigError(f"{path}: must be greater than 0")
+    if value == math.inf:
+        raise ConfigError(f"{path}: must be finite")
     return value
 
 
@@ -362,7 +365,9 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         path = f"clusters[{i}]."
         if not isinstance(c, dict):
             raise ConfigError(f"clusters[{i}]: expected a table")
-        _no_unknown(c, {"name", "region", "token_label", "max_keys", "pool_size", "unwrapped_cache"}, path)
+        _no_unknown(
+            c, {"name", "region", "token_label", "max_keys", "pool_size", "unwrapped_cache", "call_timeout"}, path
+        )
         name = _take(c, "name", str, path)
         if not name or name in names:
             raise ConfigError(f"{path}name: {'empty' if not name else 'duplicate ' + repr(name)}")
@@ -375,6 +380,8 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
                 max_keys=_positive(_take(c, "max_keys", int, path, 3300), path + "max_keys"),
                 pool_size=_positive(_take(c, "pool_size", int, path, 4), path + "pool_size"),
                 unwrapped_cache=_positive(_take(c, "unwrapped_cache", int, path, 256), path + "unwrapped_cache"),
+                call_timeout=_positive(_take(c, "call_timeout", float, path, ClusterSpec.call_timeout),
+                                       path + "call_timeout"),
             )
         )
     env_names: dict[str, str] = {}

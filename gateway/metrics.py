@@ -154,6 +154,8 @@ class ClusterSnapshot:
     pool_size: int
     sessions_open: int
     sessions_in_use: int
+    calls_hung: int
+    """Calls past the cluster's call_timeout (see ``HsmBackend.hung_calls``)."""
     circuit: int
     """0 closed, 1 half-open, 2 open."""
     draining: bool
@@ -174,6 +176,7 @@ def cluster_snapshots(router: Router) -> list[ClusterSnapshot]:
                 pool_size=stats.size,
                 sessions_open=stats.open,
                 sessions_in_use=stats.in_use,
+                calls_hung=stats.hung,
                 circuit=CIRCUIT_VALUES[router.breakers[name].state],
                 draining=name in drained,
             )
@@ -203,6 +206,9 @@ class RouterCollector(Collector):
         opened = GaugeMetricFamily("hsmgw_pool_sessions_open", "PKCS #11 sessions the pool holds open.",
                                    labels=labels)
         size = GaugeMetricFamily("hsmgw_pool_size", "Sessions the pool may open (cluster pool_size).", labels=labels)
+        hung = GaugeMetricFamily("hsmgw_pool_calls_hung",
+                                 "PKCS #11 calls running past the cluster's call_timeout (an HSM not answering).",
+                                 labels=labels)
         keys = GaugeMetricFamily("hsmgw_keys", "Keys placed on the cluster (primary or replica copies).",
                                  labels=labels)
         max_keys = GaugeMetricFamily("hsmgw_max_keys", "The cluster's configured key limit (max_keys).",
@@ -216,11 +222,12 @@ class RouterCollector(Collector):
             in_use.add_metric(values, snap.sessions_in_use)
             opened.add_metric(values, snap.sessions_open)
             size.add_metric(values, snap.pool_size)
+            hung.add_metric(values, snap.calls_hung)
             keys.add_metric(values, snap.keys)
             max_keys.add_metric(values, snap.max_keys)
             circuit.add_metric(values, snap.circuit)
             draining.add_metric(values, 1 if snap.draining else 0)
-        yield from (in_use, opened, size, keys, max_keys, circuit, draining)
+        yield from (in_use, opened, size, hung, keys, max_keys, circuit, draining)
 
         failed_over = GaugeMetricFamily("hsmgw_region_failed_over", "1 when an operator failed the region over.",
                                         labels=["region"])

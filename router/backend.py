@@ -24,6 +24,8 @@ class PoolStats:
     """Sessions currently open (excluding the login session)."""
     in_use: int
     """Sessions checked out by requests right now."""
+    hung: int = 0
+    """Of those, sessions whose call is past its time (the cluster's ``call_timeout``)."""
 
 
 class HsmBackend(abc.ABC):
@@ -116,6 +118,15 @@ class HsmBackend(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> PoolStats: ...
+
+    def hung_calls(self) -> tuple[int, float]:
+        """HSM calls past their time: how many, and how long the oldest has run (seconds).
+
+        A call into a hung HSM cannot be interrupted; the health monitor keeps the
+        cluster's circuit open while this reports any. A backend that cannot hang
+        reports none.
+        """
+        return 0, 0.0
 
     @abc.abstractmethod
     def close(self) -> None:

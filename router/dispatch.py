@@ -7,8 +7,10 @@ failure (``ClusterDown``) the same cluster is tried once more (an HSM being
 replaced answers the next call), then the next candidate; on ``Throttled`` the
 next candidate after a short jittered backoff. Every extra attempt spends from
 the retry budget, and no attempt starts after the caller's deadline. Caller
-errors are never retried; a cluster that lacks the key's material passes the
-request to the next candidate.
+errors are never retried; a cluster that lacks the key's material, or whose
+sessions all stayed busy (``SessionsBusy``: load, or calls its HSM does not
+answer), passes the request to the next candidate without a verdict on its
+health (the health monitor's watchdog judges hung calls).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from router.errors import (
     DeadlineExceeded,
     KeyNotFound,
     RouterError,
+    SessionsBusy,
     Throttled,
     Unavailable,
 )
@@ -150,9 +153,10 @@ class Dispatcher:
                     if pause:
                         self._sleep(pause)
                     break
-                except (KeyNotFound, AmbiguousKey) as exc:
+                except (KeyNotFound, AmbiguousKey, SessionsBusy) as exc:
                     # This cluster lacks the key's material (moved, or lost) or holds it
-                    # twice: a replica may still have one clean copy. Not the cluster's health.
+                    # twice, or has no session free: a replica may still serve. Not the
+                    # cluster's health.
                     breaker.release_trial()
                     last = exc
                     break
@@ -166,6 +170,6 @@ class Dispatcher:
                 return result, name
         if last is None:
             raise Unavailable(f"no healthy cluster can serve {what}")
-        if isinstance(last, (Throttled, KeyNotFound, AmbiguousKey)):
+        if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey)):
             raise last
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)

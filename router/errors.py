@@ -12,8 +12,9 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     │   ├── WrongKeyUsage      operation does not match the key
     │   └── RequestConflict    request_id reused with other parameters
     ├── AlreadyExists          key id taken (or destroyed: ids are not reused)
-    ├── ResourceExhausted      pool busy past the deadline, clusters full
-    │   └── Throttled          the HSM said it is busy (CKR_FUNCTION_FAILED…)
+    ├── ResourceExhausted      clusters full, limits reached
+    │   ├── Throttled          the HSM said it is busy (CKR_FUNCTION_FAILED…)
+    │   └── SessionsBusy       no session of the cluster's pool came free in time (fails over)
     ├── Unavailable            no healthy cluster can serve the request
     │   ├── ClusterDown        device error/removed, token gone, timeouts
     │   └── StaleSession       session/object handle invalid, logged out, operation left open
@@ -92,6 +93,14 @@ class Unavailable(RouterError):
 
 class Throttled(ResourceExhausted):
     reason = "HSM_BUSY"
+
+
+class SessionsBusy(ResourceExhausted):
+    """Every session this process keeps for the cluster stayed checked out: load, or
+    calls the HSM does not answer. Says nothing of the HSM's own health; another
+    cluster may have sessions free."""
+
+    reason = "SESSIONS_BUSY"
 
 
 class ClusterDown(Unavailable):

@@ -14,6 +14,12 @@ Each cluster has a ``CircuitBreaker``:
 session) so that a dead cluster is noticed without traffic and a recovered one
 is readmitted; state changes are logged and reported to a listener (the
 gateway maps them to ``grpc.health.v1`` statuses). The clock is injected.
+
+A hung HSM gives no errors to count: its calls just do not return. The
+monitor's watchdog looks at every cluster's calls on the same interval, and
+while any is past its time (``HsmBackend.hung_calls``) the cluster's circuit
+stays open, its probes wait, and requests go to replicas. The calls' own
+threads stay inside the module until it answers: at most ``pool_size`` of them.
 """
 
 from __future__ import annotations
@@ -162,6 +168,16 @@ class CircuitBreaker:
             ok, failed = self._last_minute()
         return failed / (ok + failed) if ok + failed else 0.0
 
+    def trip(self) -> None:
+        """Open now, whatever the counts say, or restart an open circuit's cooldown.
+
+        For a cluster whose calls hang: they produce no outcomes to count, and a
+        half-open trial would only join them.
+        """
+        with self._lock:
+            self._open()
+        self._notify()
+
     def release_trial(self) -> None:
         """A half-open trial ended without a verdict (e.g. a caller error)."""
         with self._lock:
@@ -191,9 +207,30 @@ class HealthMonitor:
         self._probe_timeout = probe_timeout
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._hung: set[str] = set()
+        """Clusters the watchdog found with calls past their time at its last look."""
+
+    def watch_once(self) -> None:
+        """Open the circuit of every cluster with calls past their time; log each hang once."""
+        for name, backend in self._backends.items():
+            count, oldest = backend.hung_calls()
+            if count:
+                self._breakers[name].trip()
+                if name not in self._hung:
+                    self._hung.add(name)
+                    log.error(
+                        "cluster %s: %d PKCS #11 call(s) have not returned for %.1f s (call_timeout %.1f s); "
+                        "its circuit stays open and requests go to replicas until they return",
+                        name, count, oldest, backend.spec.call_timeout,
+                    )
+            elif name in self._hung:
+                self._hung.discard(name)
+                log.warning("cluster %s: its hung PKCS #11 calls have returned", name)
 
     def probe_once(self, name: str) -> bool:
         breaker = self._breakers[name]
+        if name in self._hung:
+            return False  # a probe would only wait behind the hung calls, or join them
         try:
             self._backends[name].probe(time.monotonic() + self._probe_timeout)
         except ResourceExhausted:
@@ -211,10 +248,21 @@ class HealthMonitor:
             thread = threading.Thread(target=self._loop, args=(name,), name=f"probe-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        # Its own thread, making no HSM calls: a probe can hang too.
+        thread = threading.Thread(target=self._watch, name="hsm-watchdog", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _loop(self, name: str) -> None:
         while not self._stop.wait(self._interval):
             self.probe_once(name)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.watch_once()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive a bad look
+                log.exception("hsm watchdog: looking at the clusters' calls failed")
 
     def stop(self) -> None:
         self._stop.set()

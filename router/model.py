@@ -132,6 +132,11 @@ class ClusterSpec:
     """PKCS #11 sessions kept open for requests, besides the login session."""
     unwrapped_cache: int = 256
     """EXTERNAL keys kept unwrapped (as session objects) on this cluster, LRU."""
+    call_timeout: float = 2.0
+    """Seconds a request's PKCS #11 call may run, and a request may wait for a session, before
+    the cluster counts as hung: the wait gives up and the request goes to a replica, and while
+    any call runs past this its circuit stays open. Key creation, copies and scans may run to
+    their caller's deadline."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ class ListClustersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("name", "region", "health", "keys", "max_keys", "sessions_open", "sessions_in_use", "pool_size", "draining", "circuit", "region_failed_over", "ops_per_second", "error_rate")
+    __slots__ = ("name", "region", "health", "keys", "max_keys", "sessions_open", "sessions_in_use", "pool_size", "draining", "circuit", "region_failed_over", "ops_per_second", "error_rate", "calls_hung")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class ClusterStatus(_message.Message):
     REGION_FAILED_OVER_FIELD_NUMBER: _ClassVar[int]
     OPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_HUNG_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     health: str
@@ -41,7 +42,8 @@ class ClusterStatus(_message.Message):
     region_failed_over: bool
     ops_per_second: float
     error_rate: float
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., health: _Optional[str] = ..., keys: _Optional[int] = ..., max_keys: _Optional[int] = ..., sessions_open: _Optional[int] = ..., sessions_in_use: _Optional[int] = ..., pool_size: _Optional[int] = ..., draining: _Optional[bool] = ..., circuit: _Optional[str] = ..., region_failed_over: _Optional[bool] = ..., ops_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ...) -> None: ...
+    calls_hung: int
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., health: _Optional[str] = ..., keys: _Optional[int] = ..., max_keys: _Optional[int] = ..., sessions_open: _Optional[int] = ..., sessions_in_use: _Optional[int] = ..., pool_size: _Optional[int] = ..., draining: _Optional[bool] = ..., circuit: _Optional[str] = ..., region_failed_over: _Optional[bool] = ..., ops_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., calls_hung: _Optional[int] = ...) -> None: ...
 
 class ListClustersResponse(_message.Message):
     __slots__ = ("clusters", "home_region", "dr_regions")

@@ -70,19 +70,23 @@ class Pkcs11Cluster(HsmBackend):
         op: Operation | None = None,
         *,
         decrypting: bool = False,
+        quick: bool = False,
     ) -> T:
         """Run ``fn`` on a pooled session; repair stale sessions invisibly.
 
         A stale session (handle invalid, logged out) is closed and replaced and
         the call tried again, up to once per pooled session plus one: after an
-        HSM replacement every session may be stale at once.
+        HSM replacement every session may be stale at once. A crypto operation
+        (``op``) is ``quick``: it waits for a session and runs for at most the
+        cluster's ``call_timeout`` before the cluster counts as hung (see the pool).
         """
+        quick = quick or op is not None
         attempts = self.spec.pool_size + 1
         for attempt in range(attempts):
             if self._clock() >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the HSM call", cluster=self.spec.name)
             try:
-                session = self._pool.acquire(deadline)
+                session = self._pool.acquire(deadline, quick=quick)
             except p11.PKCS11Error as exc:  # no session to replace a broken one: the cluster's fault
                 raise translate(exc, cluster=self.spec.name, region=self.spec.region, op=op) from exc
             try:
@@ -192,7 +196,7 @@ class Pkcs11Cluster(HsmBackend):
         self._run(deadline, run)
 
     def probe(self, deadline: float) -> None:
-        self._run(deadline, lambda s: s.handle.generate_random(64))
+        self._run(deadline, lambda s: s.handle.generate_random(64), quick=True)
 
     def destroy(self, key_id: str, deadline: float) -> int:
         return self._run(deadline, lambda s: self._destroy_objects(s, key_id))
@@ -259,13 +263,16 @@ class Pkcs11Cluster(HsmBackend):
         """One session checkout and one key lookup for the lot (a stale session redoes it all)."""
         prepared = [_keys.signature_mechanism(op, digest) for digest in digests]
         clock = self._clock
+        allowance = self.spec.call_timeout
 
         def run(s: PooledSession) -> list[bytes]:
             sign = s.key(key, ObjectClass.PRIVATE_KEY, "sign").sign
             out = []
             for mechanism, param, data in prepared:
-                if clock() >= deadline:
+                now = clock()
+                if now >= deadline:
                     break
+                s.due = now + allowance  # each signature is a call of its own
                 out.append(bytes(sign(data, mechanism=mechanism, mechanism_param=param)))
             return out
 
@@ -377,11 +384,14 @@ class Pkcs11Cluster(HsmBackend):
         return self._run(deadline, run, op)
 
     def random(self, length: int, deadline: float) -> bytes:
-        return self._run(deadline, lambda s: bytes(s.handle.generate_random(length * 8)))
+        return self._run(deadline, lambda s: bytes(s.handle.generate_random(length * 8)), quick=True)
 
     def stats(self) -> PoolStats:
         size, open_, in_use = self._pool.stats()
-        return PoolStats(size=size, open=open_, in_use=in_use)
+        return PoolStats(size=size, open=open_, in_use=in_use, hung=self._pool.hung()[0])
+
+    def hung_calls(self) -> tuple[int, float]:
+        return self._pool.hung()
 
     def close(self) -> None:
         self._pool.close()

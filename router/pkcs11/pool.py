@@ -8,8 +8,14 @@
 - Each session caches key objects by key id: ``C_FindObjects`` runs once per
   session and key, never per request. Destroying a key bumps the pool's epoch,
   which empties every session's cache before its next use.
-- Waiting for a session is bounded by the caller's deadline; then
-  ``ResourceExhausted``. A broken session is closed and replaced, never returned.
+- Waiting for a session is bounded by the caller's deadline, and for a request's
+  quick call (a signature, a probe) also by the cluster's ``call_timeout``, and it
+  ends early when the calls holding the sessions hang; then ``SessionsBusy``, and
+  the router tries a replica. A broken session is closed
+  and replaced, never returned.
+- Each checked-out session carries the time its call is due back. A PKCS #11 call
+  cannot be interrupted, so ``hung`` only reports calls past their time; the health
+  monitor opens the cluster's circuit while there are any.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.types import Key
 
-from router.errors import AmbiguousKey, ResourceExhausted, Throttled, WrongKeyUsage
+from router.errors import AmbiguousKey, SessionsBusy, Throttled, WrongKeyUsage
 from router.model import ClusterSpec, Placement
 from router.pkcs11 import _keys
 from router.pkcs11._module import Module
@@ -42,10 +48,15 @@ CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "
 """The key object classes the gateway makes, as messages and reconcile findings name them."""
 
 
+_WAIT_SLICE = 0.1
+"""A wait for a session looks this often whether the calls holding them hang."""
+
+
 class PooledSession:
     """A request session, its key-object cache and its unwrapped-key LRU."""
 
-    __slots__ = ("handle", "keys", "epoch", "broken", "unwrapped", "unwrapped_limit", "_wrapping_key", "_spec")
+    __slots__ = ("handle", "keys", "epoch", "broken", "unwrapped", "unwrapped_limit", "since", "due",
+                 "_wrapping_key", "_spec")
 
     def __init__(self, handle: Any, epoch: int, unwrapped_limit: int, spec: ClusterSpec) -> None:
         self.handle = handle
@@ -55,6 +66,11 @@ class PooledSession:
         self.broken = False
         self.unwrapped: collections.OrderedDict[tuple[str, ObjectClass], Any] = collections.OrderedDict()
         self.unwrapped_limit = unwrapped_limit
+        self.since = 0.0
+        """When the session was checked out (monotonic)."""
+        self.due = 0.0
+        """When its current call should be back by; 0 while in the pool. A caller that makes
+        several HSM calls on one checkout moves it on before each."""
         self._wrapping_key: Any = None
 
     def key(self, placement: Placement, object_class: ObjectClass, capability: str | None) -> Any:
@@ -186,6 +202,8 @@ class SessionPool:
             self._slots.put(None)
         self._epoch = 0
         self._open = 0
+        self._sessions: set[PooledSession] = set()
+        """Every open request session, idle or checked out (``hung`` looks at them)."""
         self._closed = False
         with module.guard():
             self._token = module.token(spec.token_label)
@@ -199,32 +217,66 @@ class SessionPool:
     def token(self) -> Any:
         return self._token
 
-    def acquire(self, deadline: float) -> PooledSession:
+    def acquire(self, deadline: float, *, quick: bool = False) -> PooledSession:
         """Check out a session, waiting no longer than ``deadline``; hand it back with ``release``.
+
+        A ``quick`` call (a request's crypto operation or a probe) also waits no longer
+        than ``call_timeout`` and is due back ``call_timeout`` after checkout: sessions
+        busy for longer than that are hung, and a replica can still answer within the
+        deadline. Any other call is due back ``call_timeout`` after its deadline.
 
         The request path calls this pair in a ``try``/``finally`` of its own: a generator
         context manager around each HSM call cost ~7 µs of CPU per call here.
         """
+        allowance = self.spec.call_timeout
+        now = self._clock()
+        wait = min(deadline - now, allowance) if quick else deadline - now
         try:
-            self._slots.get(timeout=max(0.0, deadline - self._clock()))
+            self._slots.get(timeout=min(max(0.0, wait), _WAIT_SLICE))
         except queue.Empty:
-            raise ResourceExhausted(
-                f"all {self.spec.pool_size} sessions of cluster {self.spec.name} are busy",
-                cluster=self.spec.name,
-                region=self.spec.region,
-                retry_after=0.05,
-            ) from None
+            self._wait_longer(now + wait)
         try:
-            return self._checkout()
+            session = self._checkout()
         except BaseException:
             self._slots.put(None)
             raise
+        session.since = now = self._clock()
+        session.due = now + allowance if quick else max(now, deadline) + allowance
+        return session
 
     def release(self, session: PooledSession) -> None:
+        session.due = 0.0
         try:
             self._checkin(session)
         finally:
             self._slots.put(None)
+
+    def _wait_longer(self, until: float) -> None:
+        """Wait for a slot until ``until``, giving up early once calls on the sessions hang."""
+        while True:
+            count, oldest = self.hung()
+            remaining = until - self._clock()
+            if count or remaining <= 0:
+                hung = f": {count} call(s) have not returned for {oldest:.1f} s" if count else ""
+                raise SessionsBusy(
+                    f"all {self.spec.pool_size} sessions of cluster {self.spec.name} are busy{hung}",
+                    cluster=self.spec.name,
+                    region=self.spec.region,
+                    retry_after=0.05,
+                )
+            try:
+                self._slots.get(timeout=min(remaining, _WAIT_SLICE))
+                return
+            except queue.Empty:
+                pass
+
+    def hung(self) -> tuple[int, float]:
+        """Calls past their time: how many, and for how long the oldest has been checked out."""
+        now = self._clock()
+        with self._lock:
+            sessions = list(self._sessions)
+        late = [now - s.since for s in sessions if s.due and now > s.due]
+        return len(late), max(late, default=0.0)
 
     @contextlib.contextmanager
     def session(self, deadline: float) -> Iterator[PooledSession]:
@@ -286,11 +338,14 @@ class SessionPool:
         with self._lock:
             self._open += 1
             per_session = max(1, self.spec.unwrapped_cache // self.spec.pool_size)
-            return PooledSession(handle, self._epoch, per_session, self.spec)
+            session = PooledSession(handle, self._epoch, per_session, self.spec)
+            self._sessions.add(session)
+            return session
 
     def _close_session(self, session: PooledSession) -> None:
         with self._lock:
             self._open -= 1
+            self._sessions.discard(session)
         try:
             session.handle.close()
         except p11.PKCS11Error:

@@ -18,10 +18,12 @@ from pathlib import Path
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from gateway.client import Client
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2_grpc
 from hsmgw.v1 import crypto_pb2 as pb
+from router.model import ClusterSpec
 from tests.chaos.conftest import Load, faulty_fleet, make_keys, p99
 from tests.support import GatewayProcess
 
@@ -105,6 +107,72 @@ def test_throttling_on_one_cluster_is_absorbed_by_the_replica(chaos) -> None:
     _record("throttle_retries_per_request", retries / requests)
     # The budget keeps extra attempts within 20 % of requests (plus its small floor).
     assert retries <= 0.2 * requests + 100, (retries, requests)
+
+
+def _clusters(target: str) -> dict[str, admin_pb2.ClusterStatus]:
+    with grpc.insecure_channel(target) as ch:
+        listed = admin_pb2_grpc.AdminServiceStub(ch).ListClusters(admin_pb2.ListClustersRequest(), timeout=10)
+    return {c.name: c for c in listed.clusters}
+
+
+def test_a_hung_cluster_is_failed_over_and_taken_back_when_it_answers(chaos) -> None:
+    """The HSM stops answering (no error, its calls just block): the calls inside it are
+    lost to their deadline, every other request of its keys is answered by the replica,
+    keys elsewhere see nothing, and the cluster serves again once its calls return."""
+    fleet, control, gateway = chaos
+    keys = make_keys(gateway.target, "hang", 6)
+    down = keys[0].primary_cluster
+    on_down = [k.key_id for k in keys if k.primary_cluster == down]
+    elsewhere = [k.key_id for k in keys if down not in (k.primary_cluster, *k.replicas)]
+    assert elsewhere, "every test key has a copy on the hung cluster"
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = crypto_pb2_grpc.CryptoServiceStub(ch)
+        public = serialization.load_der_public_key(
+            stub.GetPublicKey(pb.GetPublicKeyRequest(key_id=on_down[0]), timeout=10).der)
+    pool_size = _clusters(gateway.target)[down].pool_size
+    with Load(gateway.target, on_down) as load, Load(gateway.target, elsewhere) as others:
+        time.sleep(1.0)
+        hung_at = time.monotonic()
+        control.set(down, "hang")
+        time.sleep(ClusterSpec.call_timeout + 1.5)
+        during = _clusters(gateway.target)[down]
+        with grpc.insecure_channel(gateway.target) as ch:
+            resp = crypto_pb2_grpc.CryptoServiceStub(ch).Sign(
+                pb.SignRequest(key_id=on_down[0], algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=b"\x07" * 32),
+                timeout=5)
+        time.sleep(1.0)
+        control.clear(down)
+        cleared_at = time.monotonic()
+        back: list = []
+        end = time.monotonic() + 15
+        while time.monotonic() < end and not back:
+            time.sleep(0.2)
+            back = [o for o in load.snapshot() if o.start >= cleared_at and o.cluster == down]
+    assert back, "traffic did not return to the cluster once it answered"
+
+    assert during.calls_hung == pool_size, during
+    assert during.health == "NOT_SERVING" and during.circuit == "open", during
+    assert resp.cluster != down
+    public.verify(resp.signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+    # Lost: only the calls that were inside the HSM when it hung (one per session).
+    errors = load.errors()
+    assert len(errors) <= pool_size, errors
+    assert all(e.startswith("DEADLINE_EXCEEDED") for e in errors), errors
+    served = [o for o in load.snapshot() if o.start > hung_at and o.cluster and o.cluster != down]
+    assert len(served) > 100, "the replica answered too little while the cluster hung"
+    _record("hung_cluster_first_replica_answer_s", min(o.start + o.latency for o in served) - hung_at)
+    assert others.errors() == [], "keys with no copy on the hung cluster were disturbed"
+    assert {o.cluster for o in others.snapshot()} <= {c for k in keys for c in (k.primary_cluster, *k.replicas)
+                                                      if c != down}
+
+    after = _clusters(gateway.target)[down]
+    assert after.calls_hung == 0 and after.health == "SERVING", after
+    assert f"cluster {down}: {pool_size} PKCS #11 call(s) have not returned" in gateway.log()
+    end = time.monotonic() + 5  # the watchdog's next look
+    while "calls have returned" not in gateway.log() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert f"cluster {down}: its hung PKCS #11 calls have returned" in gateway.log()
 
 
 def test_all_sessions_invalidated_at_once(chaos) -> None:

@@ -158,3 +158,98 @@ def test_a_session_that_cannot_be_reopened_is_a_cluster_fault_and_uses_up_nothin
     finally:
         pool._new_session = reopen
         backend.close()
+
+
+def _single_session(fleet, tokens, **spec_kw) -> Pkcs11Cluster:
+    pins = tomllib.loads(fleet.secrets_path.read_text())["clusters"]
+    tokens.session("use1-a")
+    spec = ClusterSpec(name="use1-a", region="us-east-1", token_label="use1-a", pool_size=1, **spec_kw)
+    return Pkcs11Cluster(tokens.module, spec, Secret(pins["use1-a"]["user_pin"]))
+
+
+def test_a_quick_call_waits_for_a_session_no_longer_than_call_timeout(fleet, tokens) -> None:
+    """A signature that finds every session taken goes to a replica after call_timeout,
+    not at its deadline: by then the replica could no longer answer."""
+    from router.errors import SessionsBusy
+
+    backend = _single_session(fleet, tokens, call_timeout=0.3)
+    try:
+        with backend.pool.session(time.monotonic() + 60):  # a key creation's long call, not late
+            start = time.monotonic()
+            with pytest.raises(SessionsBusy, match="all 1 sessions of cluster use1-a are busy$"):
+                backend.random(8, time.monotonic() + 30)
+            assert time.monotonic() - start < 10, "the quick call waited toward its deadline"
+            assert backend.hung_calls() == (0, 0.0) and backend.stats().hung == 0
+        assert len(backend.random(8, time.monotonic() + 30)) == 8
+    finally:
+        backend.close()
+
+
+def test_a_call_past_call_timeout_is_reported_hung_and_its_waiters_give_up(fleet, tokens) -> None:
+    """A session held past its call's time counts as hung (what the watchdog reads), and a
+    caller waiting for it, with all the time in the world, gives up once it is."""
+    from router.errors import SessionsBusy
+
+    backend = _single_session(fleet, tokens, call_timeout=0.3)
+    pool = backend.pool
+    try:
+        session = pool.acquire(time.monotonic() + 30, quick=True)  # a signature that will not return
+        try:
+            assert backend.hung_calls() == (0, 0.0)
+            waiter: list[BaseException | None] = []
+
+            def wait() -> None:
+                try:
+                    pool.release(pool.acquire(time.monotonic() + 60))  # a key creation's wait
+                    waiter.append(None)
+                except BaseException as exc:  # noqa: BLE001 - the test reads it
+                    waiter.append(exc)
+
+            thread = threading.Thread(target=wait)
+            thread.start()
+            thread.join(timeout=20)
+            assert not thread.is_alive(), "the waiter waited on behind a hung call"
+            assert isinstance(waiter[0], SessionsBusy), waiter
+            assert "1 call(s) have not returned for" in waiter[0].message
+            count, oldest = backend.hung_calls()
+            assert count == 1 and oldest >= 0.3
+            assert backend.stats().hung == 1 and backend.stats().in_use == 1
+        finally:
+            pool.release(session)
+        assert backend.hung_calls() == (0, 0.0) and backend.stats().hung == 0
+        assert len(backend.random(8, time.monotonic() + 5)) == 8
+    finally:
+        backend.close()
+
+
+def test_a_long_batch_is_not_hung_while_each_signature_returns_in_time(fleet, tokens) -> None:
+    """BatchSign signs a group on one checkout; each signature is a call of its own, so a
+    batch longer than call_timeout is never reported hung."""
+    backend = _single_session(fleet, tokens, call_timeout=0.2)
+    key = placement(unique("long-batch"), KeyAlgorithm.RSA_2048)
+    try:
+        backend.generate(key, time.monotonic() + 60)
+        seen: list[tuple[int, float]] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen.append(backend.hung_calls())
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        digests = [hashlib.sha256(str(i).encode()).digest() for i in range(600)]
+        start = time.monotonic()
+        try:
+            signed = backend.sign_many(key, Operation.RSA_PKCS1_SHA256, digests, time.monotonic() + 120)
+        finally:
+            done.set()
+            watcher.join()
+        took = time.monotonic() - start
+        assert took > 0.2, f"the batch took {took:.2f} s: too short to show anything"
+        assert all(isinstance(sig, bytes) for sig in signed)
+        assert len(seen) > 10 and all(count == 0 for count, _ in seen), [s for s in seen if s[0]][:3]
+    finally:
+        backend.destroy(key.key_id, time.monotonic() + 60)
+        backend.close()

@@ -238,6 +238,13 @@ BAD_CONFIGS = [
     ("clusters[1].max_keys", True, "clusters[1].max_keys"),
     ("clusters[1].max_keys", 10.0, "clusters[1].max_keys"),
     ("clusters[1].pool_size", 0, "clusters[1].pool_size"),
+    ("clusters[1].call_timeout", 0, "clusters[1].call_timeout"),
+    ("clusters[1].call_timeout", -2.0, "clusters[1].call_timeout"),
+    ("clusters[1].call_timeout", "2s", "clusters[1].call_timeout"),
+    ("clusters[1].call_timeout", True, "clusters[1].call_timeout"),
+    ("clusters[1].call_timeout", float("nan"), "clusters[1].call_timeout"),
+    ("clusters[1].call_timeout", float("inf"), "clusters[1].call_timeout"),
+    ("server.probe_interval", float("inf"), "server.probe_interval"),
     ("clusters[1].name", DELETE, "clusters[1].name"),
     ("clusters[1].name", "", "clusters[1].name"),
     ("clusters[1].name", "use1-a", "clusters[1].name"),
@@ -255,6 +262,15 @@ def test_each_mistake_fails_with_an_error_naming_the_key_path(key: str, value: A
     with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: ") as info:
         parse(data, Path("/cfg"))
     assert isinstance(info.value, ValueError)
+
+
+def test_call_timeout_is_per_cluster_in_seconds_with_a_default() -> None:
+    data = valid_data()
+    data["clusters"][0]["call_timeout"] = 0.5
+    data["clusters"][1]["call_timeout"] = 3
+    clusters = parse(data, Path("/cfg")).clusters
+    assert [c.call_timeout for c in clusters] == [0.5, 3.0, ClusterSpec.call_timeout]
+    assert ClusterSpec.call_timeout == 2.0
 
 
 def test_duplicate_cluster_error_names_the_duplicate() -> None:
@@ -277,7 +293,7 @@ def test_any_unknown_key_in_any_table_is_refused_by_its_path(table: str, key: st
         "pkcs11.": {"module", "env"},
         "store.": {"url"},
         "secrets.": {"file"},
-        "clusters[0].": {"name", "region", "token_label", "max_keys", "pool_size"},
+        "clusters[0].": {"name", "region", "token_label", "max_keys", "pool_size", "unwrapped_cache", "call_timeout"},
     }[table]
     if key in known:
         return

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from router.dispatch import Dispatcher
-from router.errors import ClusterDown, InvalidArgument, Throttled, Unavailable
-from router.health import CircuitBreaker, CircuitState
+from router.errors import ClusterDown, InvalidArgument, SessionsBusy, Throttled, Unavailable
+from router.health import CircuitBreaker, CircuitState, HealthMonitor
 from router.model import ClusterSpec
 from router.retry import RetryBudget
 from tests.support import FakeClock
@@ -106,6 +106,92 @@ def test_throttled_moves_to_the_next_replica_after_backoff() -> None:
     assert d.run(["use1-a", "use1-b"], fn, clock() + 5, "k")[1] == "use1-b"
     assert calls == ["use1-a", "use1-b"]
     assert clock() - start <= 0.1
+
+
+def test_busy_sessions_move_to_the_next_replica_without_a_verdict_on_the_cluster() -> None:
+    """A pool with no session free (load, or calls that hang) passes the request on at
+    once: the wait already happened, and a busy pool says nothing of the HSM's health."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    fn, calls = script({"use1-a": [SessionsBusy] * 5, "use1-b": [], "usw2-a": []})
+    start = clock()
+    for _ in range(5):
+        assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")[1] == "usw2-a"
+    assert calls == ["use1-a", "usw2-a"] * 5
+    assert clock() == start, "no backoff after a wait for a session"
+    assert d.breakers["use1-a"].state is CircuitState.CLOSED
+    assert d.failovers == 5 and d.budget.retries == 5
+
+
+def test_busy_sessions_everywhere_answer_resource_exhausted() -> None:
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    fn, calls = script({"use1-a": [SessionsBusy], "use1-b": [], "usw2-a": [SessionsBusy]})
+    with pytest.raises(SessionsBusy, match="usw2-a failed"):
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == ["use1-a", "usw2-a"]
+
+
+def test_a_half_open_trial_that_finds_no_session_leaves_the_circuit_to_the_next() -> None:
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    breaker = d.breakers["use1-a"]
+    breaker.trip()
+    clock.sleep(2.0)
+    fn, calls = script({"use1-a": [SessionsBusy], "use1-b": [], "usw2-a": []})
+    assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")[1] == "usw2-a"
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.allow(), "the trial slot was given back"
+
+
+def test_trip_opens_at_once_and_restarts_an_open_circuits_cooldown() -> None:
+    clock = FakeClock(1000.0)
+    changes: list[CircuitState] = []
+    breaker = CircuitBreaker("x", clock=clock, cooldown=2.0, on_change=lambda name, state: changes.append(state))
+    breaker.trip()
+    assert breaker.state is CircuitState.OPEN and changes == [CircuitState.OPEN]
+    clock.sleep(1.5)
+    breaker.trip()  # still hung: the cooldown starts again
+    clock.sleep(1.5)
+    assert breaker.state is CircuitState.OPEN
+    clock.sleep(0.5)
+    assert breaker.state is CircuitState.HALF_OPEN
+    breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED
+
+
+class _Hanging(SimpleNamespace):
+    def hung_calls(self) -> tuple[int, float]:
+        return self.hung
+
+    def probe(self, deadline: float) -> None:
+        self.probes += 1
+
+
+def test_watchdog_keeps_a_hung_clusters_circuit_open_and_logs_each_hang_once(caplog) -> None:
+    clock = FakeClock(1000.0)
+    backends = {n: _Hanging(name=n, spec=ClusterSpec(n, r, n), hung=(0, 0.0), probes=0) for n, r in REGIONS.items()}
+    breakers = {n: CircuitBreaker(n, clock=clock, cooldown=2.0) for n in REGIONS}
+    monitor = HealthMonitor(backends, breakers, interval=0.25)
+    backends["use1-a"].hung = (3, 2.4)
+    caplog.set_level("WARNING", logger="router.health")
+    for _ in range(20):  # 5 s of looks: the cooldown never runs out while calls hang
+        monitor.watch_once()
+        assert not monitor.probe_once("use1-a"), "a hung cluster is not probed"
+        clock.sleep(0.25)
+    assert breakers["use1-a"].state is CircuitState.OPEN
+    assert backends["use1-a"].probes == 0
+    assert breakers["use1-b"].state is CircuitState.CLOSED and breakers["usw2-a"].state is CircuitState.CLOSED
+    hung = [r for r in caplog.records if "have not returned" in r.getMessage()]
+    assert len(hung) == 1 and hung[0].levelname == "ERROR"
+    assert "cluster use1-a: 3 PKCS #11 call(s) have not returned for 2.4 s (call_timeout 2.0 s)" in hung[0].getMessage()
+
+    backends["use1-a"].hung = (0, 0.0)  # the calls came back
+    monitor.watch_once()
+    assert [r.getMessage() for r in caplog.records if "returned" in r.getMessage()][-1] == (
+        "cluster use1-a: its hung PKCS #11 calls have returned")
+    assert monitor.probe_once("use1-a") and backends["use1-a"].probes == 1
+    assert breakers["use1-a"].state is CircuitState.CLOSED, "the probe's success closes it"
 
 
 def test_every_candidate_down_is_unavailable() -> None:

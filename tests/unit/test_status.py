@@ -24,6 +24,7 @@ EXPECTED_CODES: dict[type[errors.RouterError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Throttled: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.SessionsBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ClusterDown: grpc.StatusCode.UNAVAILABLE,
     errors.StaleSession: grpc.StatusCode.UNAVAILABLE,
@@ -99,7 +100,9 @@ def test_retry_info_carries_retry_after() -> None:
     assert retry.retry_delay.ToTimedelta().total_seconds() == 2.5
 
 
-@pytest.mark.parametrize("cls", [errors.Throttled, errors.Unavailable, errors.ClusterDown, errors.ResourceExhausted])
+@pytest.mark.parametrize(
+    "cls", [errors.Throttled, errors.SessionsBusy, errors.Unavailable, errors.ClusterDown, errors.ResourceExhausted]
+)
 def test_retry_info_has_a_positive_default_delay(cls: type[errors.RouterError]) -> None:
     _, retry = details(status.to_rpc_status(cls("busy")))
     assert retry is not None

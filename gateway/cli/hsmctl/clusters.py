@@ -20,10 +20,17 @@ def _rows(clusters: Any) -> list[list[Any]]:
             f"{c.sessions_in_use}/{c.sessions_open}/{c.pool_size}",
             f"{c.ops_per_second:.1f}",
             f"{100 * c.error_rate:.1f}%",
-            "drained" if c.draining else ("failed-over" if c.region_failed_over else ""),
+            _note(c),
         ]
         for c in clusters
     ]
+
+
+def _note(c: Any) -> str:
+    notes = ["drained" if c.draining else ("failed-over" if c.region_failed_over else "")]
+    if c.calls_hung:
+        notes.append(f"{c.calls_hung} call(s) hung")
+    return ", ".join(n for n in notes if n)
 
 
 HEADER = ["CLUSTER", "REGION", "HEALTH", "CIRCUIT", "KEYS", "SESSIONS(use/open/size)", "OPS/S", "ERRORS", "NOTE"]
