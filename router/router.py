@@ -64,6 +64,9 @@ PUBLIC_KEYS_KEPT = 10_000
 """Public keys read from a cluster and kept in memory (a key id is never reused, so a key's
 public key never changes): GetPublicKey then costs the HSM nothing. ~420 bytes each for RSA-2048."""
 
+CLOSE_TIMEOUT = 5.0
+"""Seconds ``close`` waits for the clusters' sessions to close (a hung HSM never answers)."""
+
 _RELOAD_AT_LEAST = 1000
 """A refresh re-reads changed keys one by one up to this many (or a tenth of the cache); beyond, it reloads."""
 
@@ -991,9 +994,29 @@ class Router:
             raise InvalidArgument(f"length must be 1 to {validation.MAX_RANDOM}")
         return self._any_backend(lambda b: b.random(length, deadline), deadline)
 
-    def close(self) -> None:
-        for backend in self.backends.values():
-            backend.close()
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close every cluster's sessions, each on its own thread, and the store.
+
+        A hung HSM would hang its ``C_CloseSession`` too, and a gateway must still stop:
+        a cluster whose sessions have not closed after ``timeout`` seconds is left to
+        the process's exit, which ends its sessions as the HSM sees it.
+        """
+        def close(name: str, backend: HsmBackend) -> None:
+            try:
+                backend.close()
+            except Exception:  # noqa: BLE001 - the other clusters and the store still close
+                log.exception("cluster %s: closing its sessions failed", name)
+
+        closers = {name: threading.Thread(target=close, args=(name, backend), name=f"close-{name}", daemon=True)
+                   for name, backend in self.backends.items()}
+        for thread in closers.values():
+            thread.start()
+        end = time.monotonic() + timeout
+        for name, thread in closers.items():
+            thread.join(max(0.0, end - time.monotonic()))
+            if thread.is_alive():
+                log.warning("cluster %s: sessions not closed after %.0f s (the HSM is not answering); "
+                            "left to the process's exit", name, timeout)
         self.store.close()
 
 

@@ -92,7 +92,7 @@ class PooledSession:
                     # python-pkcs11 hands back a bare Object when reading the key's
                     # attributes failed (a busy HSM): a cluster fault, never cached.
                     raise Throttled(f"could not read key {placement.key_id!r}'s attributes")
-                self.keys[cache_key] = obj
+                self.keys[cache_key] = _primed(obj)
         if capability is not None and not hasattr(obj, capability):
             raise WrongKeyUsage(f"key {placement.key_id!r} does not permit {capability} on this cluster")
         return obj
@@ -104,7 +104,7 @@ class PooledSession:
     def wrapping_key(self) -> Any:
         if self._wrapping_key is None:
             template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: WRAPPING_KEY_LABEL}
-            self._wrapping_key = self._only(template, f"wrapping keys labelled {WRAPPING_KEY_LABEL!r}")
+            self._wrapping_key = _primed(self._only(template, f"wrapping keys labelled {WRAPPING_KEY_LABEL!r}"))
         return self._wrapping_key
 
     def _only(self, template: dict[Attribute, Any], what: str) -> Any:
@@ -147,7 +147,7 @@ class PooledSession:
                 store=False,
                 template=_keys.unwrap_template(placement.algorithm, placement.usage),
             )
-        self.unwrapped[cache_key] = obj
+        self.unwrapped[cache_key] = _primed(obj)
         while len(self.unwrapped) > self.unwrapped_limit:
             _, old = self.unwrapped.popitem(last=False)
             _destroy_quietly(old)
@@ -158,6 +158,20 @@ class PooledSession:
         self.keys.clear()
         while self.unwrapped:
             _destroy_quietly(self.unwrapped.popitem()[1])
+
+
+def _primed(obj: Any) -> Any:
+    """The key object with its key type read now, where python-pkcs11 looks for it first.
+
+    Every python-pkcs11 operation reads the key's type through a
+    ``functools.cached_property``; on Python 3.11 that holds one lock for every key
+    object of the process while the first read runs. A read that hangs on one HSM
+    would then stall the first use of any key on every other cluster: exactly the
+    replicas' keys, when requests fail over. Read here, the type is a plain
+    ``C_GetAttributeValue`` that holds nothing but this session.
+    """
+    obj.__dict__["key_type"] = obj[Attribute.KEY_TYPE]
+    return obj
 
 
 _REPORT_EVERY = 60.0

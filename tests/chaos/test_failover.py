@@ -175,6 +175,28 @@ def test_a_hung_cluster_is_failed_over_and_taken_back_when_it_answers(chaos) -> 
     assert f"cluster {down}: its hung PKCS #11 calls have returned" in gateway.log()
 
 
+def test_a_gateway_stops_while_its_hsm_hangs(chaos) -> None:
+    """SIGTERM while calls hang in an HSM: the gateway stops by itself (it does not wait
+    for calls it cannot interrupt, nor for sessions the HSM will not close), exit 0."""
+    fleet, control, gateway = chaos
+    keys = make_keys(gateway.target, "stop-hung", 2)
+    down = keys[0].primary_cluster
+    control.set(down, "hang")
+    try:
+        with Load(gateway.target, [k.key_id for k in keys if k.primary_cluster == down], clients=6):
+            end = time.monotonic() + 10
+            while _clusters(gateway.target)[down].calls_hung == 0 and time.monotonic() < end:
+                time.sleep(0.2)
+            assert _clusters(gateway.target)[down].calls_hung > 0
+            assert gateway.stop(timeout=40) == 0, "the gateway had to be killed"
+    finally:
+        control.clear(down)
+    text = gateway.log()
+    assert "fast-path call(s) still running" in text
+    assert f"cluster {down}: sessions not closed after 5 s (the HSM is not answering)" in text
+    assert "stopped" in text
+
+
 def test_all_sessions_invalidated_at_once(chaos) -> None:
     fleet, control, gateway = chaos
     keys = make_keys(gateway.target, "stale", 6)

@@ -16,7 +16,7 @@ import tomllib
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from router.model import ClusterSpec, KeyAlgorithm, Operation
 from router.pkcs11 import Pkcs11Cluster
@@ -253,3 +253,45 @@ def test_a_long_batch_is_not_hung_while_each_signature_returns_in_time(fleet, to
     finally:
         backend.destroy(key.key_id, time.monotonic() + 60)
         backend.close()
+
+
+def test_a_first_use_stuck_in_one_hsm_does_not_hold_up_first_uses_elsewhere(clusters) -> None:
+    """python-pkcs11 reads a key's type on first use through a cached_property, which on
+    Python 3.11 holds one lock for every key object of the process. A thread whose read
+    hangs in one HSM holds it; here the test holds it, and signatures with keys never
+    used before (a replica's, when requests fail over) must still be made."""
+    import pkcs11.types
+
+    lock = getattr(pkcs11.types.HasKeyType.__dict__["key_type"], "lock", None)
+    if lock is None:
+        pytest.skip("this Python's cached_property takes no lock")
+    far = time.monotonic() + 60
+    backend = clusters["use1-b"]
+    keys = [placement(unique("first-use"), alg) for alg in (KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048)]
+    for key in keys:
+        backend.generate(key, far)
+    publics = [serialization.load_der_public_key(backend.public_key(key, far)) for key in keys]
+    backend.pool.invalidate_keys()  # every session finds its key objects anew
+    results: list[bytes | BaseException] = []
+
+    def sign() -> None:
+        try:
+            for key in keys:
+                op = Operation.ECDSA_SHA256 if key.algorithm is KeyAlgorithm.EC_P256 else Operation.RSA_PKCS1_SHA256
+                results.append(backend.sign(key, op, hashlib.sha256(b"first").digest(), time.monotonic() + 10))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            results.append(exc)
+
+    with lock:  # another thread's first read, stuck in a hung HSM
+        thread = threading.Thread(target=sign, daemon=True)
+        thread.start()
+        thread.join(timeout=15)
+        stuck = thread.is_alive()
+    thread.join(timeout=15)
+    assert not stuck, "a first use waited on another key's first use"
+    assert len(results) == 2 and all(isinstance(r, bytes) for r in results), results
+    ec_public, rsa_public = publics
+    ec_public.verify(results[0], b"first", ec.ECDSA(hashes.SHA256()))
+    rsa_public.verify(results[1], b"first", padding.PKCS1v15(), hashes.SHA256())
+    for key in keys:
+        backend.destroy(key.key_id, far)
