@@ -175,6 +175,62 @@ def test_a_hung_cluster_is_failed_over_and_taken_back_when_it_answers(chaos) -> 
     assert f"cluster {down}: its hung PKCS #11 calls have returned" in gateway.log()
 
 
+def test_batches_fail_over_from_a_hung_cluster_item_by_item_intact(chaos) -> None:
+    """BatchSign while one cluster hangs: a batch with items inside the HSM waits for them,
+    and is lost to its deadline if the hang outlasts it; every other batch comes back
+    whole, its hung cluster's items signed by the replica, and the cluster takes its
+    items back once it answers."""
+    fleet, control, gateway = chaos
+    keys = make_keys(gateway.target, "batch-hang", 6)
+    down = keys[0].primary_cluster
+    ids = [k.key_id for k in keys]
+    answered: list[tuple[float, list[tuple[int, str, str]]]] = []
+    lost: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        request = pb.BatchSignRequest(requests=[
+            pb.SignRequest(key_id=ids[i % len(ids)], algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=b"\x02" * 32)
+            for i in range(64)])
+        with grpc.insecure_channel(gateway.target) as ch:
+            stub = crypto_pb2_grpc.CryptoServiceStub(ch)
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    resp = stub.BatchSign(request, timeout=5)
+                    answered.append((start, [(r.code, item.key_id, r.response.cluster)
+                                             for item, r in zip(request.requests, resp.responses, strict=True)]))
+                except grpc.RpcError as exc:
+                    lost.append(exc.code().name)
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        hung_at = time.monotonic()
+        control.set(down, "hang")
+        time.sleep(5 + 1.5)  # past the batches' deadline: those inside the HSM are lost, others start
+        clearing_at = time.monotonic()
+        control.clear(down)
+        cleared_at = time.monotonic()
+        time.sleep(2.0)
+    finally:
+        control.clear(down)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=30)
+    assert len(lost) <= 4 and set(lost) <= {"DEADLINE_EXCEEDED"}, lost
+    assert all(code == 0 for _, items in answered for code, _, _ in items), "an item of an answered batch failed"
+    primary = {k.key_id: k.primary_cluster for k in keys}
+    moved = [cluster for start, items in answered if start > hung_at + ClusterSpec.call_timeout + 0.5
+             and start < clearing_at - 0.5 for _, key_id, cluster in items if primary[key_id] == down]
+    assert moved and down not in moved, "the hung cluster's items were not signed elsewhere"
+    back = [cluster for start, items in answered if start > cleared_at + 1.0
+            for _, key_id, cluster in items if primary[key_id] == down]
+    assert down in back, "the cluster did not take its items back"
+
+
 def test_a_gateway_stops_while_its_hsm_hangs(chaos) -> None:
     """SIGTERM while calls hang in an HSM: the gateway stops by itself (it does not wait
     for calls it cannot interrupt, nor for sessions the HSM will not close), exit 0."""
