@@ -220,6 +220,7 @@ def test_batches_fail_over_from_a_hung_cluster_item_by_item_intact(chaos) -> Non
         stop.set()
         for thread in clients:
             thread.join(timeout=30)
+    _record("hung_cluster_batches_lost", len(lost))
     assert len(lost) <= 4 and set(lost) <= {"DEADLINE_EXCEEDED"}, lost
     assert all(code == 0 for _, items in answered for code, _, _ in items), "an item of an answered batch failed"
     primary = {k.key_id: k.primary_cluster for k in keys}
