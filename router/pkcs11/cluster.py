@@ -86,7 +86,7 @@ class Pkcs11Cluster(HsmBackend):
             if self._clock() >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the HSM call", cluster=self.spec.name)
             try:
-                session = self._pool.acquire(deadline, quick=quick)
+                session = self._pool.acquire(deadline, quick)
             except p11.PKCS11Error as exc:  # no session to replace a broken one: the cluster's fault
                 raise translate(exc, cluster=self.spec.name, region=self.spec.region, op=op) from exc
             try:

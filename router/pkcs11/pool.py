@@ -216,6 +216,7 @@ class SessionPool:
             self._slots.put(None)
         self._epoch = 0
         self._open = 0
+        self._allowance = spec.call_timeout
         self._sessions: set[PooledSession] = set()
         """Every open request session, idle or checked out (``hung`` looks at them)."""
         self._closed = False
@@ -231,7 +232,7 @@ class SessionPool:
     def token(self) -> Any:
         return self._token
 
-    def acquire(self, deadline: float, *, quick: bool = False) -> PooledSession:
+    def acquire(self, deadline: float, quick: bool = False) -> PooledSession:
         """Check out a session, waiting no longer than ``deadline``; hand it back with ``release``.
 
         A ``quick`` call (a request's crypto operation or a probe) also waits no longer
@@ -242,13 +243,11 @@ class SessionPool:
         The request path calls this pair in a ``try``/``finally`` of its own: a generator
         context manager around each HSM call cost ~7 µs of CPU per call here.
         """
-        allowance = self.spec.call_timeout
-        now = self._clock()
-        wait = min(deadline - now, allowance) if quick else deadline - now
+        allowance = self._allowance
         try:
-            self._slots.get(timeout=min(max(0.0, wait), _WAIT_SLICE))
+            self._slots.get(False)  # a session free: no clock read, no timeout to work out
         except queue.Empty:
-            self._wait_longer(now + wait)
+            self._wait(min(deadline, self._clock() + allowance) if quick else deadline)
         try:
             session = self._checkout()
         except BaseException:
@@ -265,7 +264,7 @@ class SessionPool:
         finally:
             self._slots.put(None)
 
-    def _wait_longer(self, until: float) -> None:
+    def _wait(self, until: float) -> None:
         """Wait for a slot until ``until``, giving up early once calls on the sessions hang."""
         while True:
             count, oldest = self.hung()
