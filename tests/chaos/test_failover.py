@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2_grpc
 from hsmgw.v1 import crypto_pb2 as pb
 from router.model import ClusterSpec
 from tests.chaos.conftest import Load, faulty_fleet, make_keys, p99
-from tests.support import GatewayProcess
+from tests.support import ROOT, GatewayProcess
 
 MEASURED: dict[str, float] = {}
 
@@ -136,6 +138,8 @@ def test_a_hung_cluster_is_failed_over_and_taken_back_when_it_answers(chaos) -> 
         control.set(down, "hang")
         time.sleep(ClusterSpec.call_timeout + 1.5)
         during = _clusters(gateway.target)[down]
+        table = subprocess.run([sys.executable, "-m", "gateway.cli.hsmctl", "--target", gateway.target, "clusters"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=30)
         with grpc.insecure_channel(gateway.target) as ch:
             resp = crypto_pb2_grpc.CryptoServiceStub(ch).Sign(
                 pb.SignRequest(key_id=on_down[0], algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=b"\x07" * 32),
@@ -151,6 +155,8 @@ def test_a_hung_cluster_is_failed_over_and_taken_back_when_it_answers(chaos) -> 
     assert back, "traffic did not return to the cluster once it answered"
 
     assert during.calls_hung == pool_size, during
+    row = next(line for line in table.stdout.splitlines() if line.startswith(down))
+    assert "NOT_SERVING" in row and row.endswith(f"{pool_size} call(s) hung"), table.stdout + table.stderr
     assert during.health == "NOT_SERVING" and during.circuit == "open", during
     assert resp.cluster != down
     public.verify(resp.signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))

@@ -254,6 +254,7 @@ def test_cluster_gauges_match_the_admin_api(scenario: Scenario) -> None:
         assert value(s, "hsmgw_pool_size", **labels) == c.pool_size
         assert value(s, "hsmgw_pool_sessions_open", **labels) == c.sessions_open
         assert value(s, "hsmgw_pool_sessions_in_use", **labels) == c.sessions_in_use
+        assert value(s, "hsmgw_pool_calls_hung", **labels) == c.calls_hung == 0
         assert value(s, "hsmgw_keys", **labels) == c.keys
         assert value(s, "hsmgw_max_keys", **labels) == c.max_keys
         assert value(s, "hsmgw_cluster_draining", **labels) == int(c.draining)
