@@ -9,10 +9,9 @@
   session and key, never per request. Destroying a key bumps the pool's epoch,
   which empties every session's cache before its next use.
 - Waiting for a session is bounded by the caller's deadline, and for a request's
-  quick call (a signature, a probe) also by the cluster's ``call_timeout``, and it
-  ends early when the calls holding the sessions hang; then ``SessionsBusy``, and
-  the router tries a replica. A broken session is closed
-  and replaced, never returned.
+  quick call (a signature, a probe) also by the cluster's ``call_timeout``; it ends
+  early when the calls holding the sessions hang. Then ``SessionsBusy``, and the
+  router tries a replica. A broken session is closed and replaced, never returned.
 - Each checked-out session carries the time its call is due back. A PKCS #11 call
   cannot be interrupted, so ``hung`` only reports calls past their time; the health
   monitor opens the cluster's circuit while there are any.
