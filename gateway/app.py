@@ -31,6 +31,12 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
         for spec in config.clusters:
             backends[spec.name] = Pkcs11Cluster(module, spec, pins[spec.name])
             log.info("cluster %s (%s): %d sessions open", spec.name, spec.region, spec.pool_size)
+            if spec.call_timeout >= config.server.default_deadline:
+                log.warning(
+                    "cluster %s: call_timeout (%g s) is not below server.default_deadline (%g s): a request "
+                    "waiting on this cluster when it hangs has no time left for a replica",
+                    spec.name, spec.call_timeout, config.server.default_deadline,
+                )
         store = make_store(config.store.url, config.base_dir)
     except BaseException:
         for backend in backends.values():

@@ -185,6 +185,18 @@ def test_serve_refuses_bad_config_with_one_clear_line(
     assert str(config) in line, "the error names the file to fix"
 
 
+def test_serve_warns_when_a_clusters_call_timeout_leaves_no_time_for_a_replica(spare_fleet: Fleet) -> None:
+    config = _edited(spare_fleet, "slow-call-timeout",
+                     _replace('token_label = "use1-b"\n', 'token_label = "use1-b"\ncall_timeout = 10.0\n'))
+    with running(config, env=_user_env()) as gateway:
+        result = hsmctl("--target", gateway.target, "--output", "json", "clusters")
+        assert result.returncode == 0, result.stderr
+        log = gateway.log()
+    assert ("cluster use1-b: call_timeout (10 s) is not below server.default_deadline (10 s): a request "
+            "waiting on this cluster when it hangs has no time left for a replica") in log
+    assert "cluster use1-a: call_timeout" not in log
+
+
 def test_serve_with_wrong_pin_names_the_cluster_and_no_pin(spare_fleet: Fleet, tmp_path: Path) -> None:
     wrong = "000000"
     result = hsmgw("serve", "--config", str(spare_fleet.config_path), timeout=30,
