@@ -31,6 +31,12 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
         for spec in config.clusters:
             backends[spec.name] = Pkcs11Cluster(module, spec, pins[spec.name])
             log.info("cluster %s (%s): %d sessions open", spec.name, spec.region, spec.pool_size)
+            if spec.pool_size >= config.server.threads:
+                log.warning(
+                    "cluster %s: pool_size (%d) is not below server.threads (%d): if its HSM hangs, calls "
+                    "stuck in it can hold every request thread, and the gateway stops answering for all keys",
+                    spec.name, spec.pool_size, config.server.threads,
+                )
             if spec.call_timeout >= config.server.default_deadline:
                 log.warning(
                     "cluster %s: call_timeout (%g s) is not below server.default_deadline (%g s): a request "

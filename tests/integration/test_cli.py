@@ -185,9 +185,12 @@ def test_serve_refuses_bad_config_with_one_clear_line(
     assert str(config) in line, "the error names the file to fix"
 
 
-def test_serve_warns_when_a_clusters_call_timeout_leaves_no_time_for_a_replica(spare_fleet: Fleet) -> None:
-    config = _edited(spare_fleet, "slow-call-timeout",
-                     _replace('token_label = "use1-b"\n', 'token_label = "use1-b"\ncall_timeout = 10.0\n'))
+def test_serve_warns_about_pools_and_timeouts_a_hung_hsm_would_turn_against_it(spare_fleet: Fleet) -> None:
+    """A cluster whose calls may outlast the default deadline, or whose sessions could take
+    every request thread: both start, with a warning that says what a hang would do."""
+    config = _edited(spare_fleet, "hang-prone", _replace(
+        'token_label = "use1-b"\n', 'token_label = "use1-b"\ncall_timeout = 10.0\n'))
+    config.write_text(config.read_text().replace("[server]\n", "[server]\nthreads = 4\n", 1))
     with running(config, env=_user_env()) as gateway:
         result = hsmctl("--target", gateway.target, "--output", "json", "clusters")
         assert result.returncode == 0, result.stderr
@@ -195,6 +198,9 @@ def test_serve_warns_when_a_clusters_call_timeout_leaves_no_time_for_a_replica(s
     assert ("cluster use1-b: call_timeout (10 s) is not below server.default_deadline (10 s): a request "
             "waiting on this cluster when it hangs has no time left for a replica") in log
     assert "cluster use1-a: call_timeout" not in log
+    for cluster in ("use1-a", "use1-b", "usw2-a"):  # the fleet's pools have 4 sessions
+        assert (f"cluster {cluster}: pool_size (4) is not below server.threads (4): if its HSM hangs, calls "
+                "stuck in it can hold every request thread") in log
 
 
 def test_serve_with_wrong_pin_names_the_cluster_and_no_pin(spare_fleet: Fleet, tmp_path: Path) -> None:
