@@ -154,6 +154,12 @@ class ReplicationConfig:
     (or the reconciler) takes it over. A retry that takes it over holds it for as long
     again and gives up after half of it: more than twice the slowest key generation
     and copy."""
+    reconcile_interval: float = 3600.0
+    """Seconds between report-only reconciles in one process of the gateway (its first
+    worker): the store and every token compared, findings (a replica that lost its
+    copy, orphans, duplicates) to the log and ``hsmgw_reconcile_findings``, nothing
+    changed. Each pass lists every token's objects and reads the whole store (on
+    DynamoDB a full-table Scan). 0 turns it off; start-up reconciles either way."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,11 @@ def _no_unknown(table: dict[str, Any], known: set[str], path: str) -> None:
         raise ConfigError(f"{path}{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
 
 
+def _off_or_positive(value: float, path: str) -> float:
+    """0 (off) or a finite positive number."""
+    return 0.0 if value == 0 else float(_positive(value, path))
+
+
 def _positive(value: int | float, path: str) -> Any:
     if not value > 0:  # NaN too
         raise ConfigError(f"{path}: must be greater than 0")
@@ -322,8 +333,8 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     secrets = SecretsConfig(file=(base_dir / secrets_file) if secrets_file else None)
 
     rep = _take(data, "replication", dict, "", {})
-    _no_unknown(rep, {"copies", "require_dr_copy", "on_unavailable", "repair_interval", "creation_grace"},
-                "replication.")
+    _no_unknown(rep, {"copies", "require_dr_copy", "on_unavailable", "repair_interval", "creation_grace",
+                      "reconcile_interval"}, "replication.")
     replication = ReplicationConfig(
         copies=_positive(_take(rep, "copies", int, "replication.", 2), "replication.copies"),
         require_dr_copy=_take(rep, "require_dr_copy", bool, "replication.", True),
@@ -333,6 +344,10 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         ),
         creation_grace=_positive(
             _take(rep, "creation_grace", float, "replication.", 30.0), "replication.creation_grace"
+        ),
+        reconcile_interval=_off_or_positive(
+            _take(rep, "reconcile_interval", float, "replication.", ReplicationConfig.reconcile_interval),
+            "replication.reconcile_interval",
         ),
     )
     if replication.on_unavailable not in ("fail", "ack-local"):

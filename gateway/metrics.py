@@ -57,6 +57,7 @@ from gateway import logs
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
+from router.reconcile import ReconcileReport
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -491,6 +492,23 @@ class GatewayMetrics:
         info.labels(version, home_region).set(1)
         self._lock = threading.Lock()
         self._worst: dict[str, int] = {}
+        self._reconcile: tuple[Gauge, Gauge] | None = None
+
+    def reconciled(self, report: ReconcileReport) -> None:
+        """Publish a report-only reconcile's findings (only the process that runs them has these)."""
+        if self._reconcile is None:
+            self._reconcile = (
+                Gauge("hsmgw_reconcile_findings", "What the last report-only reconcile found, by kind.", ["kind"],
+                      registry=self.registry),
+                Gauge("hsmgw_reconcile_last_run_timestamp_seconds",
+                      "When the last report-only reconcile finished (Unix time).", registry=self.registry),
+            )
+        findings, finished = self._reconcile
+        for kind, found in (("missing", report.missing), ("orphan", report.orphans),
+                            ("duplicate", report.duplicates), ("stale_intent", report.stale_intents),
+                            ("unreachable", report.unreachable)):
+            findings.labels(kind).set(len(found))
+        finished.set_to_current_time()
 
     def circuit_changed(self, cluster: str, state: CircuitState) -> None:
         """Call on every circuit change: counts it and remembers the worst state until the next sample.

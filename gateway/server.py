@@ -25,6 +25,7 @@ from gateway.tls import ServerCredentials
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
 from router.health import CircuitState, HealthMonitor
 from router.placement.store import StoreError
+from router.reconcile import reconcile
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,11 @@ def region_service_name(region: str) -> str:
 class Gateway:
     """A running gateway: the server, its router, and its health."""
 
-    def __init__(self, config: GatewayConfig, router: Router, *, reuse_port: bool = False) -> None:
-        """``reuse_port``: share the listening port with sibling worker processes (SO_REUSEPORT)."""
+    def __init__(
+        self, config: GatewayConfig, router: Router, *, reuse_port: bool = False, reconciles: bool = True
+    ) -> None:
+        """``reuse_port``: share the listening port with sibling worker processes (SO_REUSEPORT).
+        ``reconciles``: run the report-only reconciles (one process of the gateway does)."""
         self.draining = threading.Event()
         self._health_lock = threading.RLock()
         self.config = config
@@ -159,6 +163,9 @@ class Gateway:
         self._next_repair: float  # set by start(), before the repairer thread runs
         self.monitor = HealthMonitor(router.backends, router.breakers, interval=config.server.probe_interval)
         self._repairer = threading.Thread(target=self._repair_loop, name="repairer", daemon=True)
+        self._reconciler: threading.Thread | None = None
+        if reconciles and config.replication.reconcile_interval:
+            self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
         router.set_health_listener(self._on_cluster_health)
         self.metrics_server: MetricsServer | None = None
         if config.metrics.listen:
@@ -211,6 +218,24 @@ class Gateway:
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("repairer pass failed")
 
+    def _reconcile_loop(self) -> None:
+        while not self._stopped.wait(self.config.replication.reconcile_interval):
+            self.reconcile_once()
+
+    def reconcile_once(self) -> None:
+        """Compare the store with every token, change nothing, and report what differs."""
+        try:
+            report = reconcile(self.router, fix=False)
+        except Exception:  # noqa: BLE001 - the loop must survive anything
+            log.exception("reconcile (report only) failed")
+            return
+        self.metrics.reconciled(report)
+        if report.clean:
+            log.info("reconcile (report only): the placement store and every token agree")
+        else:
+            log.warning("reconcile (report only): %s; `hsmctl reconcile` lists them (docs/operations.md)",
+                        report.summary())
+
     def start(self) -> None:
         self.server.start()
         for fast in self.fast_paths:
@@ -229,6 +254,8 @@ class Gateway:
         self._next_repair = time.monotonic() + self.config.replication.repair_interval
         self.monitor.start()
         self._repairer.start()
+        if self._reconciler is not None:
+            self._reconciler.start()
         if self.metrics_server is not None:
             self.metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", self.metrics_server.host, self.metrics_server.port)

@@ -65,7 +65,12 @@ class ReconcileReport:
         return not (self.stale_intents or self.orphans or self.missing or self.duplicates or self.unreachable)
 
     def summary(self) -> str:
-        """One line for the log and the admin change's result (of a reconcile with ``fix``)."""
+        """One line for the log and the admin change's result: what was done (``fix``) or found."""
+        if not self.fixed:
+            return (f"{len(self.stale_intents)} unfinished creations, {len(self.orphans)} orphan objects, "
+                    f"{len(self.missing)} missing copies ({len(self.droppable)} a fix would drop from their "
+                    f"records), {len(self.duplicates)} duplicate objects, {len(self.unreachable)} unreachable "
+                    "clusters")
         return (f"{len(self.stale_intents)} unfinished creations rolled back, {len(self.orphans)} orphan objects "
                 f"removed, {len(self.missing)} missing copies ({len(self.dropped)} dropped from their records), "
                 f"{len(self.duplicates)} duplicate objects "

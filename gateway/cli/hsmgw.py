@@ -90,7 +90,8 @@ def _serve(args: argparse.Namespace) -> None:
     except (ConfigError, RuntimeError, FileNotFoundError) as exc:
         fail(str(exc))
     try:
-        gateway = Gateway(config, router, reuse_port=args.worker_index is not None)
+        gateway = Gateway(config, router, reuse_port=args.worker_index is not None,
+                          reconciles=not args.worker_index)
     except (ConfigError, OSError) as exc:
         router.close()
         fail(str(exc))

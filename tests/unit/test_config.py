@@ -245,6 +245,10 @@ BAD_CONFIGS = [
     ("clusters[1].call_timeout", float("nan"), "clusters[1].call_timeout"),
     ("clusters[1].call_timeout", float("inf"), "clusters[1].call_timeout"),
     ("server.probe_interval", float("inf"), "server.probe_interval"),
+    ("replication.reconcile_interval", -1, "replication.reconcile_interval"),
+    ("replication.reconcile_interval", "1h", "replication.reconcile_interval"),
+    ("replication.reconcile_interval", float("inf"), "replication.reconcile_interval"),
+    ("replication.reconcile_interval", float("nan"), "replication.reconcile_interval"),
     ("clusters[1].name", DELETE, "clusters[1].name"),
     ("clusters[1].name", "", "clusters[1].name"),
     ("clusters[1].name", "use1-a", "clusters[1].name"),
@@ -271,6 +275,14 @@ def test_call_timeout_is_per_cluster_in_seconds_with_a_default() -> None:
     clusters = parse(data, Path("/cfg")).clusters
     assert [c.call_timeout for c in clusters] == [0.5, 3.0, ClusterSpec.call_timeout]
     assert ClusterSpec.call_timeout == 2.0
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 3600.0), (0, 0.0), (60, 60.0), (0.5, 0.5)])
+def test_reconcile_interval_defaults_to_an_hour_and_0_turns_it_off(given: Any, expected: float) -> None:
+    data = valid_data()
+    if given is not None:
+        data.setdefault("replication", {})["reconcile_interval"] = given
+    assert parse(data, Path("/cfg")).replication.reconcile_interval == expected
 
 
 def test_duplicate_cluster_error_names_the_duplicate() -> None:

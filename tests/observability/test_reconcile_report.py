@@ -1,0 +1,86 @@
+"""The gateway's report-only reconcile: a replica that lost its copy of a key on its HSM
+shows in the log and in /metrics while the gateway serves, and nothing is changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import grpc
+
+from gateway.fleet import Fleet, find_module, init_fleet
+from hsmgw.v1 import crypto_pb2 as pb
+from hsmgw.v1 import crypto_pb2_grpc
+from tests.moto import free_port
+from tests.observability.test_gateway_metrics import scrape, value
+from tests.support import ROOT, GatewayProcess, wait_for
+
+_DESTROY = """
+import json, os, sys
+from pkcs11 import Attribute
+from router.pkcs11 import load_module
+args = json.load(sys.stdin)
+os.environ["SOFTHSM2_CONF"] = args["conf"]
+session = load_module(args["module"]).token(args["cluster"]).open(rw=True, user_pin=args["pin"])
+found = list(session.get_objects({Attribute.ID: args["key"].encode()}))
+for obj in found:
+    obj.destroy()
+print(len(found))
+"""
+
+
+def _destroy_copy(fleet: Fleet, cluster: str, key_id: str) -> int:
+    """Destroy a key's objects on one token, as an HSM that lost them would; how many there were.
+
+    From a child process: the fleet has its own SoftHSM configuration."""
+    pin = tomllib.loads(fleet.secrets_path.read_text())["clusters"][cluster]["user_pin"]
+    out = subprocess.run(
+        [sys.executable, "-c", _DESTROY], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+        input=json.dumps({"conf": str(fleet.softhsm_conf), "module": find_module(), "cluster": cluster,
+                          "pin": pin, "key": key_id}),
+    )
+    return int(out.stdout.strip())
+
+
+def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_path: Path) -> None:
+    fleet = init_fleet(tmp_path / "fleet", listen="127.0.0.1:0")
+    metrics_port = free_port()
+    text = fleet.config_path.read_text().replace("[replication]\n", "[replication]\nreconcile_interval = 1.0\n", 1)
+    fleet.config_path.write_text(text + f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
+    gateway = GatewayProcess(fleet.config_path).start()
+    try:
+        with grpc.insecure_channel(gateway.target) as channel:
+            crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
+            key = crypto.GenerateKey(pb.GenerateKeyRequest(request_id="r-1", key_id="audit/k1",
+                                                           algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=60)
+            first = wait_for(lambda: value(scrape(metrics_port), "hsmgw_reconcile_last_run_timestamp_seconds"),
+                             timeout=20, what="a first report-only reconcile")
+            clean = scrape(metrics_port)
+            assert value(clean, "hsmgw_reconcile_findings", kind="missing") == 0
+            assert "the placement store and every token agree" in gateway.log()
+
+            lost = key.replicas[0]
+            assert _destroy_copy(fleet, lost, key.key_id) == 2  # its private and public key objects
+            wait_for(lambda: value(scrape(metrics_port), "hsmgw_reconcile_findings", kind="missing") == 1,
+                     timeout=20, what="the lost copy in hsmgw_reconcile_findings")
+            later = scrape(metrics_port)
+            assert value(later, "hsmgw_reconcile_last_run_timestamp_seconds") > first
+            for kind in ("orphan", "duplicate", "stale_intent", "unreachable"):
+                assert value(later, "hsmgw_reconcile_findings", kind=kind) == 0, kind
+            assert ("reconcile (report only): 0 unfinished creations, 0 orphan objects, 1 missing copies "
+                    "(1 a fix would drop from their records), 0 duplicate objects, 0 unreachable clusters"
+                    ) in gateway.log()
+
+            time.sleep(2.5)  # more passes: still only reported
+            after = crypto.GetKey(pb.GetKeyRequest(key_id=key.key_id), timeout=10)
+            assert (after.primary_cluster, list(after.replicas), after.state) == (
+                key.primary_cluster, list(key.replicas), pb.KEY_STATE_ENABLED), "a report-only pass changed the key"
+            signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
+                                                digest=bytes(32)), timeout=10)
+            assert signed.cluster == key.primary_cluster
+    finally:
+        gateway.stop()
