@@ -26,7 +26,7 @@ from pkcs11 import Attribute, KeyType
 
 from hsmgw.v1 import admin_pb2
 from hsmgw.v1 import crypto_pb2 as pb
-from tests.support import rpc_error, unique
+from tests.support import rpc_error, unique, wait_for
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -440,10 +440,15 @@ def test_a_thousand_bad_requests_leave_the_pools_as_they_were(crypto: Any, admin
                     if (code, reason) != (case.code, case.reason))
     assert not wrong, wrong
 
-    after = _pools(admin)
+    # The gateway's own probes and repairs take a session for a moment now and then: a leaked
+    # session never comes back, one of theirs does within a second.
+    def idle() -> dict[str, tuple[int, int, int]] | None:
+        pools = _pools(admin)
+        return pools if all(in_use == 0 for _, in_use, _ in pools.values()) else None
+
+    after = wait_for(idle, timeout=10, what="every session back in its pool")
     assert {n: (open_, size) for n, (open_, _, size) in after.items()} == \
         {n: (open_, size) for n, (open_, _, size) in before.items()}
-    assert {n: in_use for n, (_, in_use, _) in after.items()} == {n: 0 for n in after}
 
     new_log = gateway.log_path.read_bytes()[log_start:].decode(errors="replace")
     assert "internal error" not in new_log and "Traceback" not in new_log, new_log[-3000:]
@@ -463,7 +468,7 @@ def test_a_thousand_bad_requests_leave_the_pools_as_they_were(crypto: Any, admin
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(good, range(32)))
-    assert _pools(admin) == after
+    assert wait_for(lambda: _pools(admin) == after, timeout=10, what="the pools as they were")
 
 
 def test_wrong_usage_found_only_by_the_token_is_wrong_key_usage(crypto: Any, tokens: Any) -> None:
