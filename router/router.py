@@ -372,6 +372,17 @@ class Router:
         now = self.wall_clock()
         if now - intent.create_time < self.creation_grace:
             raise Unavailable(f"key {intent.key_id!r} is being created; retry shortly")
+        breaker = self.breakers.get(intent.primary)
+        if breaker is not None and breaker.state is CircuitState.OPEN:
+            # Its objects are made there and its roll-back needs it: trying would only fail,
+            # or join the calls of an HSM that hangs. The intent waits, unclaimed.
+            backend = self.backends[intent.primary]
+            raise Unavailable(
+                f"key {intent.key_id!r}: its creation began on cluster {intent.primary}, which is not serving; "
+                "retry with the same request_id once it is",
+                cluster=intent.primary,
+                region=backend.spec.region,
+            )
         try:
             claimed = self.store.update(replace(intent, create_time=now))
         except Conflict as exc:

@@ -50,3 +50,35 @@ def test_unexpected_hsm_error_during_creation_is_rolled_back_and_retryable(tmp_p
         router.generate_key(spec, time.monotonic() + 5)
     assert store.get("k/1") is None, "the intent is rolled back"
     assert backend.destroyed == ["k/1"], "objects the HSM may have made are destroyed"
+
+
+def test_a_retry_whose_creation_began_on_a_cluster_not_serving_is_refused_at_once(tmp_path: Path) -> None:
+    """The first attempt hung (or the cluster died) mid-creation; its circuit is open. A retry
+    with the same request_id is told to come back, without a call to that HSM (where an
+    attempt would hang with it) and without claiming the unfinished creation."""
+    from router.model import KeyState
+    from tests.support import stored
+
+    names = {"use1-a": "us-east-1", "use1-b": "us-east-1", "usw2-a": "us-west-2"}
+    backends = {name: FailingBackend(name) for name in names}
+    store = SqliteStore(tmp_path / "p.db")
+    router = Router(Topology("us-east-1", ("us-west-2",), {"us-east-1": ("use1-a", "use1-b"),
+                                                            "us-west-2": ("usw2-a",)}), backends, store)
+    spec = KeySpec(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY, request_id="r1")
+    store.create(stored("k/1", request_id="r1", fingerprint=spec.fingerprint(), copies=spec.copies))
+    intent = store.get("k/1")
+    assert intent is not None and intent.state is KeyState.CREATING  # long past the grace period
+
+    router.breakers["use1-a"].trip()
+    with pytest.raises(Unavailable, match=r"creation began on cluster use1-a, which is not serving; retry") as info:
+        router.generate_key(spec, time.monotonic() + 5)
+    assert info.value.cluster == "use1-a"
+    assert store.get("k/1") == intent, "the unfinished creation was claimed or changed"
+    assert all(b.destroyed == [] for b in backends.values())
+
+    # Serving again: the retry takes the creation over and makes the key there (this fake fails
+    # unexpectedly, so it is rolled back and retryable, as for any creation).
+    router.breakers["use1-a"].record_success()
+    with pytest.raises(Unavailable, match="nothing was created"):
+        router.generate_key(spec, time.monotonic() + 5)
+    assert backends["use1-a"].destroyed == ["k/1"]
