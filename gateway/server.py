@@ -220,21 +220,7 @@ class Gateway:
 
     def _reconcile_loop(self) -> None:
         while not self._stopped.wait(self.config.replication.reconcile_interval):
-            self.reconcile_once()
-
-    def reconcile_once(self) -> None:
-        """Compare the store with every token, change nothing, and report what differs."""
-        try:
-            report = reconcile(self.router, fix=False)
-        except Exception:  # noqa: BLE001 - the loop must survive anything
-            log.exception("reconcile (report only) failed")
-            return
-        self.metrics.reconciled(report)
-        if report.clean:
-            log.info("reconcile (report only): the placement store and every token agree")
-        else:
-            log.warning("reconcile (report only): %s; `hsmctl reconcile` lists them (docs/operations.md)",
-                        report.summary())
+            report_reconcile(self.router, self.metrics)
 
     def start(self) -> None:
         self.server.start()
@@ -295,6 +281,29 @@ class Gateway:
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+def report_reconcile(router: Router, metrics: GatewayMetrics) -> None:
+    """Compare the store with every token, change nothing, and report what differs.
+
+    A pass that cannot finish publishes nothing: ``hsmgw_reconcile_last_run_timestamp_seconds``
+    stops moving, which is what an alert on it watches.
+    """
+    try:
+        report = reconcile(router, fix=False)
+    except StoreError as exc:
+        log.warning("reconcile (report only): the placement store is unreachable (%s); the next pass tries again",
+                    exc)
+        return
+    except Exception:  # noqa: BLE001 - the loop must survive anything
+        log.exception("reconcile (report only) failed")
+        return
+    metrics.reconciled(report)
+    if report.clean:
+        log.info("reconcile (report only): the placement store and every token agree")
+    else:
+        log.warning("reconcile (report only): %s; `hsmctl reconcile` lists them (docs/operations.md)",
+                    report.summary())
 
 
 class _CloudWatch:

@@ -272,7 +272,7 @@ class Pkcs11Cluster(HsmBackend):
                 now = clock()
                 if now >= deadline:
                     break
-                s.due = now + allowance  # each signature is a call of its own
+                s.since, s.due = now, now + allowance  # each signature is a call of its own
                 out.append(bytes(sign(data, mechanism=mechanism, mechanism_param=param)))
             return out
 

@@ -66,10 +66,10 @@ class PooledSession:
         self.unwrapped: collections.OrderedDict[tuple[str, ObjectClass], Any] = collections.OrderedDict()
         self.unwrapped_limit = unwrapped_limit
         self.since = 0.0
-        """When the session was checked out (monotonic)."""
+        """When its current call began (monotonic): the checkout, or the caller's latest call."""
         self.due = 0.0
         """When its current call should be back by; 0 while in the pool. A caller that makes
-        several HSM calls on one checkout moves it on before each."""
+        several HSM calls on one checkout moves both on before each."""
         self._wrapping_key: Any = None
 
     def key(self, placement: Placement, object_class: ObjectClass, capability: str | None) -> Any:
@@ -283,7 +283,7 @@ class SessionPool:
                 pass
 
     def hung(self) -> tuple[int, float]:
-        """Calls past their time: how many, and for how long the oldest has been checked out."""
+        """Calls past their time: how many, and how long the oldest of them has run (seconds)."""
         now = self._clock()
         with self._lock:
             sessions = list(self._sessions)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -182,6 +183,67 @@ def test_a_hung_cluster_is_failed_over_and_taken_back_when_it_answers(chaos) -> 
     while "calls have returned" not in gateway.log() and time.monotonic() < end:
         time.sleep(0.1)
     assert f"cluster {down}: its hung PKCS #11 calls have returned" in gateway.log()
+
+
+def test_a_key_with_no_other_copy_on_a_hung_cluster_is_refused_not_left_to_time_out(chaos) -> None:
+    """Nowhere to fail over to: only the calls inside the HSM wait out their deadline. A
+    request waiting for one of its sessions is refused once those calls are late
+    (RESOURCE_EXHAUSTED, SESSIONS_BUSY, with RetryInfo); once the circuit is open, at once
+    (UNAVAILABLE)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    fleet, control, gateway = chaos
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = crypto_pb2_grpc.CryptoServiceStub(ch)
+        single = stub.GenerateKey(pb.GenerateKeyRequest(request_id="hang-single", key_id="hang/single",
+                                                        algorithm=pb.KEY_ALGORITHM_EC_P256,
+                                                        replication=pb.ReplicationPolicy(copies=1)), timeout=30)
+    assert list(single.replicas) == []
+    down = single.primary_cluster
+    pool_size = _clusters(gateway.target)[down].pool_size
+    request = pb.SignRequest(key_id=single.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=b"\x05" * 32)
+
+    def details(exc: grpc.RpcError) -> tuple[str, bool]:
+        status = rpc_status.from_call(exc)
+        assert status is not None, exc
+        reasons = []
+        retry = False
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reasons.append(info.reason)
+            retry |= detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+        return reasons[0], retry
+
+    try:
+        with Load(gateway.target, [single.key_id]) as load, grpc.insecure_channel(gateway.target) as ch:
+            stub = crypto_pb2_grpc.CryptoServiceStub(ch)
+            time.sleep(1.0)
+            hung_at = time.monotonic()
+            control.set(down, "hang")
+            time.sleep(0.5)  # every session now holds a call that will not return
+            with pytest.raises(grpc.RpcError) as waited:
+                stub.Sign(request, timeout=8)
+            waited_s = time.monotonic() - hung_at - 0.5
+            time.sleep(1.0)  # the watchdog has opened the circuit
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Sign(request, timeout=8)
+            time.sleep(0.5)
+    finally:
+        control.clear(down)
+
+    assert waited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, waited.value.details()
+    assert details(waited.value) == ("SESSIONS_BUSY", True)
+    assert f"all {pool_size} sessions of cluster {down} are busy: " in waited.value.details()
+    assert "call(s) have not returned for" in waited.value.details()
+    assert waited_s < 8 - 1, "the request waited toward its deadline"
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value.details()
+    assert details(refused.value)[0] == "UNAVAILABLE" and "no healthy cluster" in refused.value.details()
+    timed_out = [e for e in load.errors() if e.startswith("DEADLINE_EXCEEDED")]
+    assert len(timed_out) <= pool_size, load.errors()
+    assert {e.split(":")[0] for e in load.errors()} <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
 
 
 def test_batches_fail_over_from_a_hung_cluster_item_by_item_intact(chaos) -> None:
