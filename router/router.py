@@ -418,8 +418,9 @@ class Router:
                 made += self._replicate(
                     intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local
                 )
-        except InternalError as exc:
-            # The HSM failed in a way we did not expect (logged with its traceback).
+        except (InternalError, KeyNotFound) as exc:
+            # The HSM failed in a way we did not expect (logged with its traceback), or
+            # an object just made was not found again: not the caller's "not found".
             # Creation is idempotent and rolled back, so the caller may simply retry.
             self.roll_back(intent)
             raise Unavailable(

@@ -63,6 +63,7 @@ class Module:
     _serial: threading.Lock | None = field(default=None, repr=False)
     _tokens: dict[str, Any] = field(default_factory=dict, repr=False)
     _tokens_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _object_locks: dict[str, threading.RLock] = field(default_factory=dict, repr=False)
 
     def guard(self) -> ContextManager[object]:
         """Hold this around every call into the module."""
@@ -75,6 +76,17 @@ class Module:
         For the request path, which skips the no-op context manager when it is None.
         """
         return self._serial
+
+    def objects_lock(self, label: str) -> threading.RLock:
+        """Held around every object search and every creation or destruction on token ``label``.
+
+        SoftHSM 2.6 (Debian 12's) races when threads of one process do these at once
+        on one token: a creation fails with CKR_GENERAL_ERROR or
+        CKR_TEMPLATE_INCONSISTENT, and a search can list an object being made twice,
+        or miss it. The calls that use a key (sign, decrypt…) do not take it.
+        """
+        with self._tokens_lock:
+            return self._object_locks.setdefault(label, threading.RLock())
 
     def token(self, label: str) -> Any:
         """The token labelled ``label``, found once and remembered.

@@ -127,13 +127,13 @@ class Pkcs11Cluster(HsmBackend):
 
     def generate(self, key: Placement, deadline: float) -> None:
         def run(s: PooledSession) -> None:
-            self._destroy_objects(s, key.key_id)
-            made = _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
-            # Looked for once more: SoftHSM's search can miss an object while another session
-            # destroys a neighbour, and a failed C_GenerateKeyPair can leave a half-made public
-            # key that a roll-back's search did not see. Beside the new objects, either would
-            # make the key ambiguous.
-            self._destroy_objects(s, key.key_id, keep={obj.handle for obj in made if obj is not None})
+            with s.objects:
+                self._destroy_objects(s, key.key_id)
+                made = _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
+                # Looked for once more: a failed C_GenerateKeyPair can leave a half-made public
+                # key that a roll-back's search did not see. Beside the new objects, it would
+                # make the key ambiguous.
+                self._destroy_objects(s, key.key_id, keep={obj.handle for obj in made if obj is not None})
 
         self._run(deadline, run)
 
@@ -170,28 +170,30 @@ class Pkcs11Cluster(HsmBackend):
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
         def run(s: PooledSession) -> None:
-            secret = s.wrapping_key().unwrap_key(
-                secret_class,
-                _keys.key_type(key.algorithm),
-                wrapped,
-                id=key.key_id.encode(),
-                label=key.key_id,
-                mechanism=_keys.WRAP_MECHANISM,
-                store=True,
-                template=_keys.unwrap_template(key.algorithm, key.usage, token=True, extractable=key.extractable),
-            )
-            made = {secret.handle}
-            if key.algorithm.is_asymmetric:
-                try:
-                    attrs = _keys.public_key_attributes(public_der)
-                    attrs.update(_keys.public_template(key.usage, token=True))
-                    attrs.update({Attribute.ID: key.key_id.encode(), Attribute.LABEL: key.key_id})
-                    public = s.handle.create_object(attrs)
-                except BaseException:
-                    secret.destroy()
-                    raise
-                made.add(public.handle)
-            self._destroy_objects(s, key.key_id, keep=made)  # an earlier attempt's leftovers (see generate)
+            wrapping_key = s.wrapping_key()
+            with s.objects:
+                secret = wrapping_key.unwrap_key(
+                    secret_class,
+                    _keys.key_type(key.algorithm),
+                    wrapped,
+                    id=key.key_id.encode(),
+                    label=key.key_id,
+                    mechanism=_keys.WRAP_MECHANISM,
+                    store=True,
+                    template=_keys.unwrap_template(key.algorithm, key.usage, token=True, extractable=key.extractable),
+                )
+                made = {secret.handle}
+                if key.algorithm.is_asymmetric:
+                    try:
+                        attrs = _keys.public_key_attributes(public_der)
+                        attrs.update(_keys.public_template(key.usage, token=True))
+                        attrs.update({Attribute.ID: key.key_id.encode(), Attribute.LABEL: key.key_id})
+                        public = s.handle.create_object(attrs)
+                    except BaseException:
+                        secret.destroy()
+                        raise
+                    made.add(public.handle)
+                self._destroy_objects(s, key.key_id, keep=made)  # an earlier attempt's leftovers (see generate)
 
         self._run(deadline, run)
 
@@ -209,14 +211,15 @@ class Pkcs11Cluster(HsmBackend):
         give a destroyed object's handle to a new object. A sweep that finds nothing, as
         nearly every creation's and copy's does, leaves the hot keys' handles alone.
         """
-        found = [obj for obj in s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True})
-                 if obj.handle not in keep]
-        try:
-            for obj in found:
-                obj.destroy()
-        finally:
-            if found:
-                self._pool.invalidate_keys()
+        with s.objects:
+            found = [obj for obj in s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True})
+                     if obj.handle not in keep]
+            try:
+                for obj in found:
+                    obj.destroy()
+            finally:
+                if found:
+                    self._pool.invalidate_keys()
         return len(found)
 
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
@@ -226,7 +229,9 @@ class Pkcs11Cluster(HsmBackend):
 
         def run(s: PooledSession) -> dict[str, dict[str, int]]:
             found: dict[str, dict[str, int]] = {}
-            for obj in list(s.handle.get_objects(search)):  # the search ends before any read
+            with s.objects:
+                listed = list(s.handle.get_objects(search))  # the search ends before any read
+            for obj in listed:
                 name = CLASS_NAMES.get(obj.object_class)
                 if name is None:
                     continue

@@ -55,11 +55,15 @@ class PooledSession:
     """A request session, its key-object cache and its unwrapped-key LRU."""
 
     __slots__ = ("handle", "keys", "epoch", "broken", "unwrapped", "unwrapped_limit", "since", "due",
-                 "_wrapping_key", "_spec")
+                 "objects", "_wrapping_key", "_spec")
 
-    def __init__(self, handle: Any, epoch: int, unwrapped_limit: int, spec: ClusterSpec) -> None:
+    def __init__(
+        self, handle: Any, epoch: int, unwrapped_limit: int, spec: ClusterSpec, objects: threading.RLock
+    ) -> None:
         self.handle = handle
         self._spec = spec
+        self.objects = objects
+        """The token's lock for searches and object changes (see ``Module.objects_lock``)."""
         self.keys: dict[tuple[str, ObjectClass], Any] = {}
         self.epoch = epoch
         self.broken = False
@@ -114,7 +118,8 @@ class PooledSession:
         session's operation lock and its C_FindObjects active, so the next search or
         signature on this session fails with CKR_OPERATION_ACTIVE, or waits.
         """
-        found = list(self.handle.get_objects(template))
+        with self.objects:
+            found = list(self.handle.get_objects(template))
         if not found:
             raise p11.NoSuchKey(f"no {what}")
         if len(found) > 1:
@@ -219,6 +224,7 @@ class SessionPool:
         self._sessions: set[PooledSession] = set()
         """Every open request session, idle or checked out (``hung`` looks at them)."""
         self._closed = False
+        self._objects = module.objects_lock(spec.token_label)
         with module.guard():
             self._token = module.token(spec.token_label)
             self._login = self._open_login()
@@ -350,7 +356,7 @@ class SessionPool:
         with self._lock:
             self._open += 1
             per_session = max(1, self.spec.unwrapped_cache // self.spec.pool_size)
-            session = PooledSession(handle, self._epoch, per_session, self.spec)
+            session = PooledSession(handle, self._epoch, per_session, self.spec, self._objects)
             self._sessions.add(session)
             return session
 

@@ -295,3 +295,52 @@ def test_a_first_use_stuck_in_one_hsm_does_not_hold_up_first_uses_elsewhere(clus
     rsa_public.verify(results[1], b"first", padding.PKCS1v15(), hashes.SHA256())
     for key in keys:
         backend.destroy(key.key_id, far)
+
+
+def test_concurrent_creations_and_copies_on_one_token_all_succeed_and_leave_one_of_each_object(clusters) -> None:
+    """Key creations, copies and first uses running at once on the same tokens.
+
+    SoftHSM 2.6 (Debian 12's) races when threads of one process create token objects
+    at once: a creation fails with CKR_GENERAL_ERROR or CKR_TEMPLATE_INCONSISTENT, or
+    a new object goes missing from a search right after it was made. A user sees a
+    GenerateKey fail with NOT_FOUND, or a copy acknowledged that is not there.
+    """
+    source, target = clusters["use1-a"], clusters["use1-b"]
+    threads, per_thread = 8, 12
+    failures: list[str] = []
+    made: list = []
+    lock = threading.Lock()
+
+    def work(index: int) -> None:
+        for i in range(per_thread):
+            key = placement(unique(f"burst-{index}-{i}"), KeyAlgorithm.EC_P256)
+            deadline = time.monotonic() + 60
+            try:
+                source.generate(key, deadline)
+                wrapped, public_der = source.export_wrapped(key, deadline)
+                target.import_wrapped(key, wrapped, public_der, deadline)
+                digest = hashlib.sha256(key.key_id.encode()).digest()
+                signatures = [b.sign(key, Operation.ECDSA_SHA256, digest, deadline) for b in (source, target)]
+            except Exception as exc:  # every failure is the finding, with its type
+                with lock:
+                    failures.append(f"{key.key_id}: {type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                made.append((key, public_der, signatures))
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=300)
+    assert failures == [], f"{len(failures)} of {threads * per_thread} failed: {failures[:5]}"
+    assert len(made) == threads * per_thread
+    far = time.monotonic() + 60
+    for key, public_der, signatures in made:
+        public = serialization.load_der_public_key(public_der)
+        for signature in signatures:
+            public.verify(signature, key.key_id.encode(), ec.ECDSA(hashes.SHA256()))
+        for backend in (source, target):
+            assert backend.key_objects(far, key_id=key.key_id) == {key.key_id: {"private key": 1, "public key": 1}}, (
+                f"{key.key_id} on {backend.spec.name}"
+            )

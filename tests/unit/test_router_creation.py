@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from router.backend import HsmBackend, PoolStats
-from router.errors import InternalError, Unavailable
+from router.errors import InternalError, KeyNotFound, RouterError, Unavailable
 from router.model import ClusterSpec, KeyAlgorithm, KeySpec, KeyUsage, Placement
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
@@ -17,12 +17,13 @@ from router.router import Router, Topology
 class FailingBackend(HsmBackend):
     """A cluster whose key generation fails with an error nobody expected."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, error: type[RouterError] = InternalError) -> None:
         self.spec = ClusterSpec(name, "us-east-1", name)
         self.destroyed: list[str] = []
+        self.error = error
 
     def generate(self, key: Placement, deadline: float) -> None:
-        raise InternalError("unexpected PKCS #11 error", cluster=self.spec.name)
+        raise self.error("unexpected PKCS #11 error", cluster=self.spec.name)
 
     def destroy(self, key_id: str, deadline: float) -> int:
         self.destroyed.append(key_id)
@@ -41,8 +42,11 @@ class FailingBackend(HsmBackend):
 FailingBackend.__abstractmethods__ = frozenset()  # the fake implements what creation uses
 
 
-def test_unexpected_hsm_error_during_creation_is_rolled_back_and_retryable(tmp_path: Path) -> None:
-    backend = FailingBackend("use1-a")
+@pytest.mark.parametrize("error", [InternalError, KeyNotFound])
+def test_unexpected_hsm_error_during_creation_is_rolled_back_and_retryable(tmp_path: Path, error) -> None:
+    """KeyNotFound: an object just made that a search then misses is the HSM's failure,
+    not the caller's NOT_FOUND (a GenerateKey never answers that)."""
+    backend = FailingBackend("use1-a", error)
     store = SqliteStore(tmp_path / "p.db")
     router = Router(Topology("us-east-1", (), {"us-east-1": ("use1-a",)}), {"use1-a": backend}, store)
     spec = KeySpec(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY, request_id="r1")
