@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
+import hashlib
 import logging
 import os
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ContextManager
 
 import pkcs11
@@ -63,7 +68,7 @@ class Module:
     _serial: threading.Lock | None = field(default=None, repr=False)
     _tokens: dict[str, Any] = field(default_factory=dict, repr=False)
     _tokens_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _object_locks: dict[str, threading.RLock] = field(default_factory=dict, repr=False)
+    _objects: dict[str, TokenObjects] = field(default_factory=dict, repr=False)
 
     def guard(self) -> ContextManager[object]:
         """Hold this around every call into the module."""
@@ -77,16 +82,15 @@ class Module:
         """
         return self._serial
 
-    def objects_lock(self, label: str) -> threading.RLock:
-        """Held around every object search and every creation or destruction on token ``label``.
-
-        SoftHSM 2.6 (Debian 12's) races when threads of one process do these at once
-        on one token: a creation fails with CKR_GENERAL_ERROR or
-        CKR_TEMPLATE_INCONSISTENT, and a search can list an object being made twice,
-        or miss it. The calls that use a key (sign, decrypt…) do not take it.
-        """
+    def objects(self, label: str) -> TokenObjects:
+        """How searches and changes of token ``label``'s objects are kept apart (one per token)."""
+        token = self.token(label)
         with self._tokens_lock:
-            return self._object_locks.setdefault(label, threading.RLock())
+            found = self._objects.get(label)
+            if found is None:
+                identity = f"{self.path}\0{label}\0{getattr(token, 'serial', b'')!r}"
+                found = self._objects[label] = TokenObjects(hashlib.sha256(identity.encode()).hexdigest()[:32])
+            return found
 
     def token(self, label: str) -> Any:
         """The token labelled ``label``, found once and remembered.
@@ -109,6 +113,78 @@ class Module:
                         self._tokens[label] = candidate
                         return candidate
         raise pkcs11.exceptions.NoSuchToken(f"no token labelled {label!r}")
+
+
+class TokenObjects:
+    """Keeps searches and changes (creations, destructions) of one token's objects apart.
+
+    SoftHSM 2.6 (Debian 12's) loses track of objects when they overlap:
+
+    - threads of one process creating objects at once: a creation fails with
+      CKR_GENERAL_ERROR or CKR_TEMPLATE_INCONSISTENT (6-7 % of 96 at once on 8 threads);
+    - a process re-reads the token's directory whenever another process changed it, on
+      any call that looks at an object (a signature's too). Done while a thread of the
+      process is making an object, it lists that object twice, and destroying "the
+      other one" deletes the only file.
+
+    ``searching()`` is one lock per token in this process; ``changing()`` also takes a
+    file lock that every gateway process on this host shares, and the caller searches
+    first, under it, so that the process has caught up with the others' changes before
+    it makes anything. Calls that use a key (sign, decrypt…) take neither.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._local = threading.RLock()
+        directory = _lock_dir()
+        self._path = directory / f"{name}.lock" if directory is not None else None
+
+    def searching(self) -> ContextManager[object]:
+        return self._local
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        fd = None
+        if self._path is not None:
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if fd is not None:
+                    os.close(fd)
+                    fd = None
+                _warn_once(f"token objects are changed without the lock shared by processes ({exc})")
+        try:
+            with self._local:
+                yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+
+_lock_dir_cache: list[Path | None] = []
+_warned: set[str] = set()
+
+
+def _lock_dir() -> Path | None:
+    """``$TMPDIR/hsmgw-<uid>`` (0700), shared by this user's gateway processes; None if unusable."""
+    if not _lock_dir_cache:
+        path = Path(tempfile.gettempdir()) / f"hsmgw-{os.getuid()}"
+        usable: Path | None = path
+        try:
+            path.mkdir(mode=0o700, exist_ok=True)
+            if path.stat().st_uid != os.getuid():
+                raise PermissionError(f"{path} belongs to another user")
+        except OSError as exc:
+            _warn_once(f"no directory for token locks ({exc}); token objects are changed without them")
+            usable = None
+        _lock_dir_cache.append(usable)
+    return _lock_dir_cache[0]
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 _loaded: dict[str, Module] = {}

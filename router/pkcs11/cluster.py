@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from collections.abc import Set as AbstractSet
 from typing import Callable, TypeVar
 
 from asn1crypto.algos import DSASignature
@@ -127,13 +126,9 @@ class Pkcs11Cluster(HsmBackend):
 
     def generate(self, key: Placement, deadline: float) -> None:
         def run(s: PooledSession) -> None:
-            with s.objects:
-                self._destroy_objects(s, key.key_id)
-                made = _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
-                # Looked for once more: a failed C_GenerateKeyPair can leave a half-made public
-                # key that a roll-back's search did not see. Beside the new objects, it would
-                # make the key ambiguous.
-                self._destroy_objects(s, key.key_id, keep={obj.handle for obj in made if obj is not None})
+            with s.objects.changing():
+                self._destroy_objects(s, key.key_id)  # an earlier attempt's leftovers
+                _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
 
         self._run(deadline, run)
 
@@ -171,7 +166,8 @@ class Pkcs11Cluster(HsmBackend):
 
         def run(s: PooledSession) -> None:
             wrapping_key = s.wrapping_key()
-            with s.objects:
+            with s.objects.changing():
+                self._destroy_objects(s, key.key_id)  # an earlier attempt's leftovers
                 secret = wrapping_key.unwrap_key(
                     secret_class,
                     _keys.key_type(key.algorithm),
@@ -182,18 +178,15 @@ class Pkcs11Cluster(HsmBackend):
                     store=True,
                     template=_keys.unwrap_template(key.algorithm, key.usage, token=True, extractable=key.extractable),
                 )
-                made = {secret.handle}
                 if key.algorithm.is_asymmetric:
                     try:
                         attrs = _keys.public_key_attributes(public_der)
                         attrs.update(_keys.public_template(key.usage, token=True))
                         attrs.update({Attribute.ID: key.key_id.encode(), Attribute.LABEL: key.key_id})
-                        public = s.handle.create_object(attrs)
+                        s.handle.create_object(attrs)
                     except BaseException:
                         secret.destroy()
                         raise
-                    made.add(public.handle)
-                self._destroy_objects(s, key.key_id, keep=made)  # an earlier attempt's leftovers (see generate)
 
         self._run(deadline, run)
 
@@ -201,25 +194,28 @@ class Pkcs11Cluster(HsmBackend):
         self._run(deadline, lambda s: s.handle.generate_random(64), quick=True)
 
     def destroy(self, key_id: str, deadline: float) -> int:
-        return self._run(deadline, lambda s: self._destroy_objects(s, key_id))
+        def run(s: PooledSession) -> int:
+            with s.objects.changing():
+                return self._destroy_objects(s, key_id)
 
-    def _destroy_objects(self, s: PooledSession, key_id: str, *, keep: AbstractSet[int] = frozenset()) -> int:
-        """Destroy the key's token objects but those in ``keep`` (handles); how many were destroyed.
+        return self._run(deadline, run)
+
+    def _destroy_objects(self, s: PooledSession, key_id: str) -> int:
+        """Destroy the key's token objects; how many were destroyed.
 
         The search is read to its end before any is destroyed (see PooledSession._only).
         When any is destroyed, every session forgets its cached key handles: a module may
         give a destroyed object's handle to a new object. A sweep that finds nothing, as
-        nearly every creation's and copy's does, leaves the hot keys' handles alone.
+        nearly every creation's and copy's does, leaves the hot keys' handles alone. The
+        caller holds ``s.objects.changing()``.
         """
-        with s.objects:
-            found = [obj for obj in s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True})
-                     if obj.handle not in keep]
-            try:
-                for obj in found:
-                    obj.destroy()
-            finally:
-                if found:
-                    self._pool.invalidate_keys()
+        found = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
+        try:
+            for obj in found:
+                obj.destroy()
+        finally:
+            if found:
+                self._pool.invalidate_keys()
         return len(found)
 
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
@@ -229,7 +225,7 @@ class Pkcs11Cluster(HsmBackend):
 
         def run(s: PooledSession) -> dict[str, dict[str, int]]:
             found: dict[str, dict[str, int]] = {}
-            with s.objects:
+            with s.objects.searching():
                 listed = list(s.handle.get_objects(search))  # the search ends before any read
             for obj in listed:
                 name = CLASS_NAMES.get(obj.object_class)

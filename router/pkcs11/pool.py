@@ -34,7 +34,7 @@ from pkcs11.types import Key
 from router.errors import AmbiguousKey, SessionsBusy, Throttled, WrongKeyUsage
 from router.model import ClusterSpec, Placement
 from router.pkcs11 import _keys
-from router.pkcs11._module import Module
+from router.pkcs11._module import Module, TokenObjects
 from router.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,12 @@ class PooledSession:
                  "objects", "_wrapping_key", "_spec")
 
     def __init__(
-        self, handle: Any, epoch: int, unwrapped_limit: int, spec: ClusterSpec, objects: threading.RLock
+        self, handle: Any, epoch: int, unwrapped_limit: int, spec: ClusterSpec, objects: TokenObjects
     ) -> None:
         self.handle = handle
         self._spec = spec
         self.objects = objects
-        """The token's lock for searches and object changes (see ``Module.objects_lock``)."""
+        """Keeps this token's searches and object changes apart (see ``TokenObjects``)."""
         self.keys: dict[tuple[str, ObjectClass], Any] = {}
         self.epoch = epoch
         self.broken = False
@@ -118,7 +118,7 @@ class PooledSession:
         session's operation lock and its C_FindObjects active, so the next search or
         signature on this session fails with CKR_OPERATION_ACTIVE, or waits.
         """
-        with self.objects:
+        with self.objects.searching():
             found = list(self.handle.get_objects(template))
         if not found:
             raise p11.NoSuchKey(f"no {what}")
@@ -224,9 +224,10 @@ class SessionPool:
         self._sessions: set[PooledSession] = set()
         """Every open request session, idle or checked out (``hung`` looks at them)."""
         self._closed = False
-        self._objects = module.objects_lock(spec.token_label)
         with module.guard():
             self._token = module.token(spec.token_label)
+        self._objects = module.objects(spec.token_label)
+        with module.guard():
             self._login = self._open_login()
         for _ in range(spec.pool_size):
             self._idle.append(self._new_session())

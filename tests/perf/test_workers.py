@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -146,3 +147,66 @@ def test_pin_workers_false_leaves_workers_on_every_cpu(fleet) -> None:
     finally:
         gateway.stop()
         unpinned.unlink()
+
+
+def test_keys_created_by_two_workers_at_once_under_load_keep_every_object(two_workers, tokens) -> None:
+    """Creations in both workers while both sign: every acknowledged key still has one
+    private and one public object on each of its clusters, and signs.
+
+    SoftHSM's file store re-reads a token's directory whenever another process changed it,
+    and a thread that does so while another thread of the process is making an object
+    can list that object twice. Destroying "the other one" then deletes the only file.
+    """
+    signer = unique("busy")
+    with grpc.insecure_channel(two_workers.target) as ch:
+        crypto_pb2_grpc.CryptoServiceStub(ch).GenerateKey(
+            pb.GenerateKeyRequest(request_id=unique("req"), key_id=signer, algorithm=pb.KEY_ALGORITHM_EC_P256),
+            timeout=60)
+    digest = hashlib.sha256(b"traffic").digest()
+    stop = threading.Event()
+    made: list[str] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def sign() -> None:
+        with grpc.insecure_channel(two_workers.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            stub = crypto_pb2_grpc.CryptoServiceStub(ch)
+            while not stop.is_set():
+                stub.Sign(pb.SignRequest(key_id=signer, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=digest),
+                          timeout=30)
+
+    def create(count: int) -> None:
+        for _ in range(count):
+            key_id = unique("both-workers")
+            # a fresh connection each time, so both workers create
+            with grpc.insecure_channel(two_workers.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                try:
+                    crypto_pb2_grpc.CryptoServiceStub(ch).GenerateKey(pb.GenerateKeyRequest(
+                        request_id=unique("req"), key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=60)
+                except grpc.RpcError as exc:
+                    with lock:
+                        failures.append(f"{key_id}: {exc.code().name}: {exc.details()}")
+                    continue
+            with lock:
+                made.append(key_id)
+
+    signers = [threading.Thread(target=sign) for _ in range(4)]
+    creators = [threading.Thread(target=create, args=(20,)) for _ in range(6)]
+    for t in signers + creators:
+        t.start()
+    for t in creators:
+        t.join(timeout=300)
+    stop.set()
+    for t in signers:
+        t.join(timeout=60)
+    assert failures == [], failures[:5]
+    lost = []
+    with grpc.insecure_channel(two_workers.target) as ch:
+        stub = crypto_pb2_grpc.CryptoServiceStub(ch)
+        for key_id in made:
+            key = stub.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=10)
+            for cluster in (key.primary_cluster, *key.replicas):
+                found = sorted(obj.object_class.name for obj in tokens.objects(cluster, key_id))
+                if found != ["PRIVATE_KEY", "PUBLIC_KEY"]:
+                    lost.append(f"{key_id} on {cluster}: {found}")
+    assert lost == [], f"{len(lost)} of {len(made)} keys lost objects: {lost[:5]}"
