@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,10 @@ class Module:
         raise pkcs11.exceptions.NoSuchToken(f"no token labelled {label!r}")
 
 
+class LockTimeout(TimeoutError):
+    """A change of a token's objects could not start before its deadline."""
+
+
 class TokenObjects:
     """Keeps searches and changes (creations, destructions) of one token's objects apart.
 
@@ -142,24 +147,45 @@ class TokenObjects:
         return self._local
 
     @contextlib.contextmanager
-    def changing(self) -> Iterator[None]:
-        fd = None
-        if self._path is not None:
-            try:
-                fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                if fd is not None:
-                    os.close(fd)
-                    fd = None
-                _warn_once(f"token objects are changed without the lock shared by processes ({exc})")
+    def changing(self, deadline: float) -> Iterator[None]:
+        """Both locks, waited for until ``deadline`` (monotonic), else ``LockTimeout``. Not re-entrant."""
+        fd = self._file_lock(deadline)
         try:
-            with self._local:
+            if not self._local.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise LockTimeout("another thread of this process is changing the token's objects")
+            try:
                 yield
+            finally:
+                self._local.release()
         finally:
             if fd is not None:
-                os.close(fd)  # releases the lock
+                os.close(fd)  # releases the file lock
 
+    def _file_lock(self, deadline: float) -> int | None:
+        if self._path is None:
+            return None
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            _warn_once(f"token objects are changed without the lock shared by processes ({exc})")
+            return None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise LockTimeout("another process is changing the token's objects") from None
+                time.sleep(_FILE_LOCK_POLL)
+            except OSError as exc:
+                os.close(fd)
+                _warn_once(f"token objects are changed without the lock shared by processes ({exc})")
+                return None
+
+
+_FILE_LOCK_POLL = 0.005
+"""How often a change looks whether another process has let go of the token's file lock."""
 
 _lock_dir_cache: list[Path | None] = []
 _warned: set[str] = set()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Callable, TypeVar
 
 from asn1crypto.algos import DSASignature
@@ -26,7 +27,7 @@ from router.errors import (
 from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
-from router.pkcs11._module import Module
+from router.pkcs11._module import LockTimeout, Module
 from router.pkcs11.pool import CLASS_NAMES, PooledSession, SessionPool
 from router.secret import Secret
 
@@ -126,7 +127,7 @@ class Pkcs11Cluster(HsmBackend):
 
     def generate(self, key: Placement, deadline: float) -> None:
         def run(s: PooledSession) -> None:
-            with s.objects.changing():
+            with self._changing(s, deadline):
                 self._destroy_objects(s, key.key_id)  # an earlier attempt's leftovers
                 _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
 
@@ -166,7 +167,7 @@ class Pkcs11Cluster(HsmBackend):
 
         def run(s: PooledSession) -> None:
             wrapping_key = s.wrapping_key()
-            with s.objects.changing():
+            with self._changing(s, deadline):
                 self._destroy_objects(s, key.key_id)  # an earlier attempt's leftovers
                 secret = wrapping_key.unwrap_key(
                     secret_class,
@@ -195,10 +196,22 @@ class Pkcs11Cluster(HsmBackend):
 
     def destroy(self, key_id: str, deadline: float) -> int:
         def run(s: PooledSession) -> int:
-            with s.objects.changing():
+            with self._changing(s, deadline):
                 return self._destroy_objects(s, key_id)
 
         return self._run(deadline, run)
+
+    @contextlib.contextmanager
+    def _changing(self, s: PooledSession, deadline: float) -> Iterator[None]:
+        """Hold the token's objects still for a change (see ``TokenObjects``), until ``deadline``."""
+        try:
+            with s.objects.changing(deadline):
+                yield
+        except LockTimeout as exc:
+            raise DeadlineExceeded(
+                f"deadline exceeded waiting to change objects on cluster {self.spec.name}: {exc}",
+                cluster=self.spec.name, region=self.spec.region,
+            ) from None
 
     def _destroy_objects(self, s: PooledSession, key_id: str) -> int:
         """Destroy the key's token objects; how many were destroyed.
@@ -207,7 +220,7 @@ class Pkcs11Cluster(HsmBackend):
         When any is destroyed, every session forgets its cached key handles: a module may
         give a destroyed object's handle to a new object. A sweep that finds nothing, as
         nearly every creation's and copy's does, leaves the hot keys' handles alone. The
-        caller holds ``s.objects.changing()``.
+        caller holds ``self._changing(s, …)``.
         """
         found = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
         try:

@@ -7,6 +7,7 @@ proves it: 8 threads × 2,000 mixed operations on two clusters in one process.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
@@ -18,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
+from router.errors import DeadlineExceeded
 from router.model import ClusterSpec, KeyAlgorithm, Operation
 from router.pkcs11 import Pkcs11Cluster
 from router.secret import Secret
@@ -344,3 +346,29 @@ def test_concurrent_creations_and_copies_on_one_token_all_succeed_and_leave_one_
             assert backend.key_objects(far, key_id=key.key_id) == {key.key_id: {"private key": 1, "public key": 1}}, (
                 f"{key.key_id} on {backend.spec.name}"
             )
+
+
+def test_a_creation_waits_for_another_process_changing_the_token_no_longer_than_its_deadline(clusters, tokens) -> None:
+    """Another gateway process is changing the token's objects and does not let go: the
+    creation gives up at its deadline with DEADLINE_EXCEEDED, having made nothing, and
+    goes ahead once the other process is done."""
+    backend = clusters["use1-a"]
+    path = backend.pool._objects._path
+    assert path is not None
+    other = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # a second open stands for another process
+    fcntl.flock(other, fcntl.LOCK_EX)
+    key = placement(unique("held"), KeyAlgorithm.EC_P256)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="waiting to change objects on cluster use1-a"):
+            backend.generate(key, started + 0.5)
+        assert time.monotonic() - started < 5
+        assert tokens.objects("use1-a", key.key_id) == []
+    finally:
+        os.close(other)
+    backend.generate(key, time.monotonic() + 30)
+    try:
+        made = sorted(o.object_class.name for o in tokens.objects("use1-a", key.key_id))
+        assert made == ["PRIVATE_KEY", "PUBLIC_KEY"]
+    finally:
+        backend.destroy(key.key_id, time.monotonic() + 30)

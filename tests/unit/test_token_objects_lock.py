@@ -28,7 +28,7 @@ def test_a_change_waits_for_the_lock_another_process_holds(lock_dir: Path) -> No
     entered = threading.Event()
 
     def change() -> None:
-        with objects.changing():
+        with objects.changing(time.monotonic() + 30):
             entered.set()
 
     worker = threading.Thread(target=change)
@@ -51,7 +51,7 @@ def test_searches_in_this_process_wait_for_its_change(lock_dir: Path) -> None:
         with objects.searching():
             searched.set()
 
-    with objects.changing():
+    with objects.changing(time.monotonic() + 30):
         with objects.searching():  # the changing thread may search (its sweep does)
             pass
         searcher = threading.Thread(target=search)
@@ -71,7 +71,7 @@ def test_without_a_usable_lock_directory_changes_still_exclude_each_other_in_the
     overlaps: list[list[int]] = []
 
     def change(i: int) -> None:
-        with objects.changing():
+        with objects.changing(time.monotonic() + 30):
             inside.append(i)
             time.sleep(0.05)
             if inside != [i]:
@@ -95,3 +95,46 @@ def test_the_lock_directory_is_private_to_the_user(tmp_path: Path, monkeypatch: 
     path = _module._lock_dir()
     assert path == tmp_path / f"hsmgw-{os.getuid()}"
     assert path.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_change_gives_up_at_its_deadline_while_another_process_holds_the_lock(lock_dir: Path) -> None:
+    objects = _module.TokenObjects("t4")
+    other = os.open(lock_dir / "t4.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        with pytest.raises(_module.LockTimeout, match="another process"):
+            with objects.changing(started + 0.2):
+                raise AssertionError("changed while another process held the lock")
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(other)
+    with objects.changing(time.monotonic() + 5):  # and the file lock was let go of
+        pass
+
+
+def test_a_change_gives_up_at_its_deadline_while_a_thread_of_this_process_searches(lock_dir: Path) -> None:
+    objects = _module.TokenObjects("t5")
+    holding, done = threading.Event(), threading.Event()
+
+    def search() -> None:
+        with objects.searching():
+            holding.set()
+            done.wait(10)
+
+    searcher = threading.Thread(target=search)
+    searcher.start()
+    assert holding.wait(5)
+    try:
+        with pytest.raises(_module.LockTimeout, match="another thread"):
+            with objects.changing(time.monotonic() + 0.2):
+                pass
+        # the file lock it took was let go of: another opener gets it at once
+        probe = os.open(lock_dir / "t5.lock", os.O_RDWR)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+    finally:
+        done.set()
+        searcher.join(5)
