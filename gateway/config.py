@@ -381,7 +381,10 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         if not isinstance(c, dict):
             raise ConfigError(f"clusters[{i}]: expected a table")
         _no_unknown(
-            c, {"name", "region", "token_label", "max_keys", "pool_size", "unwrapped_cache", "call_timeout"}, path
+            c,
+            {"name", "region", "token_label", "max_keys", "pool_size", "unwrapped_cache", "call_timeout",
+             "serialize_object_changes"},
+            path,
         )
         name = _take(c, "name", str, path)
         if not name or name in names:
@@ -397,6 +400,8 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
                 unwrapped_cache=_positive(_take(c, "unwrapped_cache", int, path, 256), path + "unwrapped_cache"),
                 call_timeout=_positive(_take(c, "call_timeout", float, path, ClusterSpec.call_timeout),
                                        path + "call_timeout"),
+                serialize_object_changes=_take(c, "serialize_object_changes", bool, path,
+                                               ClusterSpec.serialize_object_changes),
             )
         )
     env_names: dict[str, str] = {}

@@ -137,6 +137,11 @@ class ClusterSpec:
     the cluster counts as hung: the wait gives up and the request goes to a replica, and while
     any call runs past this its circuit stays open. Key creation, copies and scans may run to
     their caller's deadline."""
+    serialize_object_changes: bool = True
+    """Keep searches and changes (creations, copies, destructions) of the token's objects apart,
+    within a process and across the gateway's processes on a host. SoftHSM 2.6 loses or
+    duplicates objects without it; a module known to be safe may turn it off for faster
+    concurrent key creation. Calls that use a key are never held up by it."""
 
 
 @dataclass(frozen=True)

@@ -138,17 +138,21 @@ class TokenObjects:
     it makes anything. Calls that use a key (sign, decrypt…) take neither.
     """
 
-    def __init__(self, name: str) -> None:
-        self._local = threading.RLock()
-        directory = _lock_dir()
+    def __init__(self, name: str | None) -> None:
+        """``name`` names the file lock; None keeps nothing apart (a module safe without it)."""
+        self._local = threading.RLock() if name is not None else None
+        directory = _lock_dir() if name is not None else None
         self._path = directory / f"{name}.lock" if directory is not None else None
 
     def searching(self) -> ContextManager[object]:
-        return self._local
+        return self._local if self._local is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def changing(self, deadline: float) -> Iterator[None]:
         """Both locks, waited for until ``deadline`` (monotonic), else ``LockTimeout``. Not re-entrant."""
+        if self._local is None:
+            yield
+            return
         fd = self._file_lock(deadline)
         try:
             if not self._local.acquire(timeout=max(0.0, deadline - time.monotonic())):

@@ -226,7 +226,7 @@ class SessionPool:
         self._closed = False
         with module.guard():
             self._token = module.token(spec.token_label)
-        self._objects = module.objects(spec.token_label)
+        self._objects = module.objects(spec.token_label) if spec.serialize_object_changes else TokenObjects(None)
         with module.guard():
             self._login = self._open_login()
         for _ in range(spec.pool_size):

@@ -244,6 +244,8 @@ BAD_CONFIGS = [
     ("clusters[1].call_timeout", True, "clusters[1].call_timeout"),
     ("clusters[1].call_timeout", float("nan"), "clusters[1].call_timeout"),
     ("clusters[1].call_timeout", float("inf"), "clusters[1].call_timeout"),
+    ("clusters[1].serialize_object_changes", "yes", "clusters[1].serialize_object_changes"),
+    ("clusters[1].serialize_object_changes", 1, "clusters[1].serialize_object_changes"),
     ("server.probe_interval", float("inf"), "server.probe_interval"),
     ("replication.reconcile_interval", -1, "replication.reconcile_interval"),
     ("replication.reconcile_interval", "1h", "replication.reconcile_interval"),
@@ -275,6 +277,13 @@ def test_call_timeout_is_per_cluster_in_seconds_with_a_default() -> None:
     clusters = parse(data, Path("/cfg")).clusters
     assert [c.call_timeout for c in clusters] == [0.5, 3.0, ClusterSpec.call_timeout]
     assert ClusterSpec.call_timeout == 2.0
+
+
+def test_object_changes_are_serialized_unless_a_cluster_turns_it_off() -> None:
+    data = valid_data()
+    data["clusters"][1]["serialize_object_changes"] = False
+    clusters = parse(data, Path("/cfg")).clusters
+    assert [c.serialize_object_changes for c in clusters] == [True, False, True]
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, 3600.0), (0, 0.0), (60, 60.0), (0.5, 0.5)])
