@@ -172,8 +172,13 @@ def test_keys_created_by_two_workers_at_once_under_load_keep_every_object(two_wo
         with grpc.insecure_channel(two_workers.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
             stub = crypto_pb2_grpc.CryptoServiceStub(ch)
             while not stop.is_set():
-                stub.Sign(pb.SignRequest(key_id=signer, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=digest),
-                          timeout=30)
+                try:
+                    stub.Sign(pb.SignRequest(key_id=signer, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=digest),
+                              timeout=30)
+                except grpc.RpcError as exc:
+                    with lock:
+                        failures.append(f"Sign {signer}: {exc.code().name}: {exc.details()}")
+                    return
 
     def create(count: int) -> None:
         for _ in range(count):
@@ -209,4 +214,8 @@ def test_keys_created_by_two_workers_at_once_under_load_keep_every_object(two_wo
                 found = sorted(obj.object_class.name for obj in tokens.objects(cluster, key_id))
                 if found != ["PRIVATE_KEY", "PUBLIC_KEY"]:
                     lost.append(f"{key_id} on {cluster}: {found}")
+            signed = stub.Sign(pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=digest),
+                               timeout=30)
+            public = serialization.load_der_public_key(stub.GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id)).der)
+            public.verify(signed.signature, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
     assert lost == [], f"{len(lost)} of {len(made)} keys lost objects: {lost[:5]}"
