@@ -135,7 +135,8 @@ class TokenObjects:
     ``searching()`` is one lock per token in this process; ``changing()`` also takes a
     file lock that every gateway process on this host shares, and the caller searches
     first, under it, so that the process has caught up with the others' changes before
-    it makes anything. Calls that use a key (sign, decrypt…) take neither.
+    it makes anything (``Pkcs11Cluster._cleared``: its sweep of the key's leftovers).
+    Calls that use a key (sign, decrypt…) take neither.
     """
 
     def __init__(self, name: str | None) -> None:

@@ -127,8 +127,7 @@ class Pkcs11Cluster(HsmBackend):
 
     def generate(self, key: Placement, deadline: float) -> None:
         def run(s: PooledSession) -> None:
-            with self._changing(s, deadline):
-                self._destroy_objects(s, key.key_id)  # an earlier attempt's leftovers
+            with self._cleared(s, key.key_id, deadline):
                 _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
 
         self._run(deadline, run)
@@ -166,10 +165,8 @@ class Pkcs11Cluster(HsmBackend):
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
         def run(s: PooledSession) -> None:
-            wrapping_key = s.wrapping_key()
-            with self._changing(s, deadline):
-                self._destroy_objects(s, key.key_id)  # an earlier attempt's leftovers
-                secret = wrapping_key.unwrap_key(
+            with self._cleared(s, key.key_id, deadline):
+                secret = s.wrapping_key().unwrap_key(
                     secret_class,
                     _keys.key_type(key.algorithm),
                     wrapped,
@@ -196,17 +193,24 @@ class Pkcs11Cluster(HsmBackend):
 
     def destroy(self, key_id: str, deadline: float) -> int:
         def run(s: PooledSession) -> int:
-            with self._changing(s, deadline):
-                return self._destroy_objects(s, key_id)
+            with self._cleared(s, key_id, deadline) as destroyed:
+                return destroyed
 
         return self._run(deadline, run)
 
     @contextlib.contextmanager
-    def _changing(self, s: PooledSession, deadline: float) -> Iterator[None]:
-        """Hold the token's objects still for a change (see ``TokenObjects``), until ``deadline``."""
+    def _cleared(self, s: PooledSession, key_id: str, deadline: float) -> Iterator[int]:
+        """The token held still for a change of the key's objects (see ``TokenObjects``), and
+        every object of the key already there (an earlier attempt's leftovers) destroyed
+        first; yields how many were. The locks are waited for until ``deadline``.
+
+        The sweep is also the search ``TokenObjects.changing`` asks for before anything is
+        made. Nothing is destroyed by a search after the key is made: on SoftHSM that
+        search may list a new object twice, and destroying "the other one" deletes the key.
+        """
         try:
             with s.objects.changing(deadline):
-                yield
+                yield self._destroy_objects(s, key_id)
         except LockTimeout as exc:
             raise DeadlineExceeded(
                 f"deadline exceeded waiting to change objects on cluster {self.spec.name}: {exc}",
@@ -219,8 +223,8 @@ class Pkcs11Cluster(HsmBackend):
         The search is read to its end before any is destroyed (see PooledSession._only).
         When any is destroyed, every session forgets its cached key handles: a module may
         give a destroyed object's handle to a new object. A sweep that finds nothing, as
-        nearly every creation's and copy's does, leaves the hot keys' handles alone. The
-        caller holds ``self._changing(s, …)``.
+        nearly every creation's and copy's does, leaves the hot keys' handles alone. Only
+        ``_cleared`` calls it, under the token's locks.
         """
         found = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
         try:
@@ -401,8 +405,8 @@ class Pkcs11Cluster(HsmBackend):
         return self._run(deadline, lambda s: bytes(s.handle.generate_random(length * 8)), quick=True)
 
     def stats(self) -> PoolStats:
-        size, open_, in_use = self._pool.stats()
-        return PoolStats(size=size, open=open_, in_use=in_use, hung=self._pool.hung()[0])
+        size, open_, in_use, hung = self._pool.stats()
+        return PoolStats(size=size, open=open_, in_use=in_use, hung=hung)
 
     def hung_calls(self) -> tuple[int, float]:
         return self._pool.hung()

@@ -219,16 +219,14 @@ class SessionPool:
         for _ in range(spec.pool_size):
             self._slots.put(None)
         self._epoch = 0
-        self._open = 0
         self._allowance = spec.call_timeout
         self._sessions: set[PooledSession] = set()
         """Every open request session, idle or checked out (``hung`` looks at them)."""
         self._closed = False
         with module.guard():
             self._token = module.token(spec.token_label)
-        self._objects = module.objects(spec.token_label) if spec.serialize_object_changes else TokenObjects(None)
-        with module.guard():
             self._login = self._open_login()
+        self._objects = module.objects(spec.token_label) if spec.serialize_object_changes else TokenObjects(None)
         for _ in range(spec.pool_size):
             self._idle.append(self._new_session())
 
@@ -291,11 +289,14 @@ class SessionPool:
 
     def hung(self) -> tuple[int, float]:
         """Calls past their time: how many, and how long the oldest of them has run (seconds)."""
-        now = self._clock()
         with self._lock:
-            sessions = list(self._sessions)
-        late = [now - s.since for s in sessions if s.due and now > s.due]
+            late = self._late()
         return len(late), max(late, default=0.0)
+
+    def _late(self) -> list[float]:
+        """How long each call past its time has run (seconds); the caller holds ``_lock``."""
+        now = self._clock()
+        return [now - s.since for s in self._sessions if s.due and now > s.due]
 
     @contextlib.contextmanager
     def session(self, deadline: float) -> Iterator[PooledSession]:
@@ -321,11 +322,11 @@ class SessionPool:
             self._login = self._open_login()
             log.warning("cluster %s: logged in again", self.spec.name)
 
-    def stats(self) -> tuple[int, int, int]:
-        """(size, open, in use)."""
+    def stats(self) -> tuple[int, int, int, int]:
+        """(size, open, in use, of those hung)."""
         with self._lock:
-            idle = len(self._idle)
-            return self.spec.pool_size, self._open, self._open - idle
+            opened = len(self._sessions)
+            return self.spec.pool_size, opened, opened - len(self._idle), len(self._late())
 
     def close(self) -> None:
         with self._lock:
@@ -355,7 +356,6 @@ class SessionPool:
         with self._module.guard():
             handle = self._token.open(rw=True)
         with self._lock:
-            self._open += 1
             per_session = max(1, self.spec.unwrapped_cache // self.spec.pool_size)
             session = PooledSession(handle, self._epoch, per_session, self.spec, self._objects)
             self._sessions.add(session)
@@ -363,7 +363,6 @@ class SessionPool:
 
     def _close_session(self, session: PooledSession) -> None:
         with self._lock:
-            self._open -= 1
             self._sessions.discard(session)
         try:
             session.handle.close()

@@ -376,14 +376,8 @@ def test_a_creation_waits_for_another_process_changing_the_token_no_longer_than_
 
 def test_a_cluster_with_serialize_object_changes_off_does_not_wait_for_the_token_lock(fleet, tokens) -> None:
     """For a module known to be safe: creations neither take nor wait for the token's locks."""
-    pins = tomllib.loads(fleet.secrets_path.read_text())["clusters"]
-    tokens.session("use1-a")
-    locked = Pkcs11Cluster(tokens.module, ClusterSpec(name="use1-a", region="us-east-1", token_label="use1-a"),
-                           Secret(pins["use1-a"]["user_pin"]))
-    free = Pkcs11Cluster(tokens.module, ClusterSpec(name="use1-a", region="us-east-1", token_label="use1-a",
-                                                    serialize_object_changes=False),
-                         Secret(pins["use1-a"]["user_pin"]))
-    path = locked.pool._objects._path
+    free = _single_session(fleet, tokens, serialize_object_changes=False)
+    path = tokens.module.objects("use1-a")._path  # the lock every cluster on this token shares
     assert path is not None
     other = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(other, fcntl.LOCK_EX)
@@ -393,5 +387,4 @@ def test_a_cluster_with_serialize_object_changes_off_does_not_wait_for_the_token
     finally:
         os.close(other)
         free.destroy(key.key_id, time.monotonic() + 30)
-        locked.close()
         free.close()

@@ -138,3 +138,23 @@ def test_a_change_gives_up_at_its_deadline_while_a_thread_of_this_process_search
     finally:
         done.set()
         searcher.join(5)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a directory another user owns needs root")
+def test_a_lock_directory_another_user_owns_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone else made $TMPDIR/hsmgw-<uid> first: their lock files could stall or fool ours."""
+    taken = tmp_path / f"hsmgw-{os.getuid()}"
+    taken.mkdir(mode=0o777)
+    os.chown(taken, 65534, 65534)
+    monkeypatch.setattr(_module, "_lock_dir_cache", [])
+    monkeypatch.setattr(_module, "_warned", set())
+    monkeypatch.setattr(_module.tempfile, "gettempdir", lambda: str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger=_module.__name__):
+        assert _module._lock_dir() is None
+        objects = _module.TokenObjects("t6")
+        with objects.changing(time.monotonic() + 5):  # kept apart in this process only
+            pass
+    assert list(taken.iterdir()) == [], "a lock file was made in the other user's directory"
+    assert any("belongs to another user" in r.getMessage() for r in caplog.records), caplog.text
