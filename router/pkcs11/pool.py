@@ -124,8 +124,10 @@ class PooledSession:
             raise p11.NoSuchKey(f"no {what}")
         if len(found) > 1:
             held = f"cluster {self._spec.name} holds {len(found)} {what}"
-            _report_once(f"{held}: calls fail over to other clusters until the stray one is removed")
-            raise AmbiguousKey(f"{held}; the gateway will not guess which is right: remove the stray one",
+            _report_once(f"{held}: calls fail over to other clusters until the token holds one; list the "
+                         "token from a new process before destroying anything (a module can list one object "
+                         "twice, and the second listing is the same object)")
+            raise AmbiguousKey(f"{held}; the gateway will not guess which is right (docs/operations.md)",
                                cluster=self._spec.name, region=self._spec.region)
         return found[0]
 
