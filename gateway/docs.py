@@ -382,7 +382,8 @@ def api_reference(proto_dir: Path = PROTO_DIR, files: Sequence[str] = PROTO_FILE
         "comments. Every service is also described by server reflection, and `grpc.health.v1` "
         "reports the gateway (service `\"\"`), each service, and each cluster "
         "(`hsmgw.cluster.<name>`). Errors are gRPC status codes with `google.rpc.ErrorInfo` "
-        "(domain `hsmgw`, a `reason`, the `cluster` and `region`) and, where a retry may help, "
+        "(domain `hsmgw`, a `reason`, the `cluster` and `region`; for `SignStream`, also the "
+        "`request_id` of the message that ended the stream) and, where a retry may help, "
         "`google.rpc.RetryInfo`.",
         "",
         "Clients in any language: generate stubs from the protos (or load them at run time, as "

@@ -213,13 +213,16 @@ def _status(code: grpc.StatusCode, message: str, reason: str, **metadata: str) -
     return result
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+def _abort(context: grpc.ServicerContext, exc: BaseException, request_id: str = "") -> NoReturn:
+    """End the call with ``exc``'s status; ``request_id``: the stream message it refused."""
+    named = {"request_id": request_id} if request_id else {}
     if isinstance(exc, PermissionDenied):
-        result = _status(grpc.StatusCode.PERMISSION_DENIED, exc.message, "PERMISSION_DENIED", operation=exc.operation)
+        result = _status(grpc.StatusCode.PERMISSION_DENIED, exc.message, "PERMISSION_DENIED",
+                         operation=exc.operation, **named)
     elif isinstance(exc, Unauthenticated):
         result = _status(grpc.StatusCode.UNAUTHENTICATED, str(exc), "UNAUTHENTICATED")
     else:
-        result = status.to_rpc_status(exc)
+        result = status.to_rpc_status(exc, request_id)
     context.abort_with_status(rpc_status.to_status(result))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
@@ -424,10 +427,12 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return principal
 
         def checked(requests: Iterator[Any], context: grpc.ServicerContext, identity: str,
-                    failure: list[BaseException]) -> Iterator[Any]:
+                    failure: list[tuple[BaseException, str]]) -> Iterator[Any]:
+            """The stream's messages while each passes; the first that does not ends it, and
+            ``failure`` holds why and the message's request id."""
             for request in requests:
                 if isinstance(request, _Malformed):
-                    failure.append(errors.InvalidArgument(f"a message is not a valid {request.type_name}"))
+                    failure.append((errors.InvalidArgument(f"a message is not a valid {request.type_name}"), ""))
                     return
                 policy = self.policies.current  # a reload applies to open streams too
                 principal = policy.principal(identity)
@@ -437,22 +442,22 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                         policy.check_key(principal, rule.operation, request.key_id)
                 except PermissionDenied as exc:
                     self._deny(context, rule, exc)
-                    failure.append(exc)
+                    failure.append((exc, getattr(request, "request_id", "")))
                     return
                 except errors.ResourceExhausted as exc:
-                    failure.append(exc)
+                    failure.append((exc, getattr(request, "request_id", "")))
                     return
                 yield request
 
         if streaming_response:
             def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
                 principal = start(context)
-                failure: list[BaseException] = []
+                failure: list[tuple[BaseException, str]] = []
                 token = _CURRENT.set(principal.identity)
                 try:
                     yield from behavior(checked(requests, context, principal.identity, failure), context)
                     if failure:
-                        _abort(context, failure[0])
+                        _abort(context, *failure[0])
                 finally:
                     _CURRENT.reset(token)
                     self.limiter.leave(principal.identity)
@@ -461,12 +466,12 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             principal = start(context)
-            failure: list[BaseException] = []
+            failure: list[tuple[BaseException, str]] = []
             token = _CURRENT.set(principal.identity)
             try:
                 response = behavior(checked(requests, context, principal.identity, failure), context)
                 if failure:
-                    _abort(context, failure[0])
+                    _abort(context, *failure[0])
                 return response
             finally:
                 _CURRENT.reset(token)

@@ -297,13 +297,16 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     def SignStream(
         self, request_iterator: Iterator[pb.SignRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.SignResponse]:
+        request_id = ""  # the message being answered: its error's ErrorInfo names it
         try:
             for request in request_iterator:
+                request_id = request.request_id
                 if self.draining.is_set():
                     raise Unavailable("the gateway is shutting down; retry on another gateway")
                 yield self._sign(request, _deadline(context, self.default_deadline))
+                request_id = ""
         except Exception as exc:  # noqa: BLE001 - every failure gets a status
-            status.abort(context, exc)
+            status.abort(context, exc, request_id)
 
 
 def _failed_item(exc: BaseException) -> _Result:

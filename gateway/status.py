@@ -51,9 +51,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL, "INTERNAL"
 
 
-def to_rpc_status(exc: BaseException) -> status_pb2.Status:
+def to_rpc_status(exc: BaseException, request_id: str = "") -> status_pb2.Status:
+    """The status for ``exc``; ``request_id`` names the stream message that ended the call."""
     code, message, reason = status_for(exc)
-    metadata = {}
+    metadata = {"request_id": request_id} if request_id else {}
     if isinstance(exc, errors.RouterError) and code is not grpc.StatusCode.INTERNAL:
         if exc.cluster:
             metadata["cluster"] = exc.cluster
@@ -71,10 +72,10 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
     return status
 
 
-def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+def abort(context: grpc.ServicerContext, exc: BaseException, request_id: str = "") -> NoReturn:
     """End the RPC with the status for ``exc`` (logs unexpected errors)."""
     if code_for(exc) is grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
-    context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
+    context.abort_with_status(rpc_status.to_status(to_rpc_status(exc, request_id)))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 

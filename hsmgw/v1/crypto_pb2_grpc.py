@@ -184,13 +184,20 @@ class CryptoServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def BatchSign(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Up to 1,000 requests; each gets its own result, in request order, and one bad item
+        does not fail the others.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SignStream(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """One response per request, in request order, each with its request_id. The first
+        request that fails (bad input, a key outside the caller's grant, a rate limit, an
+        HSM error) ends the stream with its status, whose ErrorInfo metadata names its
+        `request_id`; the requests after it are not answered and may be sent again on a new
+        stream. For one status per item without ending anything, use BatchSign.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -413,7 +413,9 @@ def test_bad_stream_item_ends_the_stream_with_its_status(crypto: Any, keys: Keys
             answers.append(resp.request_id)
     assert answers == ["1"]
     assert caught.value.code() == INVALID
-    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+    info = error_info(caught.value)
+    assert info.reason == "INVALID_ARGUMENT"
+    assert info.metadata["request_id"] == "2"  # the caller learns which message ended the stream
 
 
 def _pools(admin: Any) -> dict[str, tuple[int, int, int]]:

@@ -17,7 +17,7 @@ from gateway.server import KEEPALIVE_OPTIONS
 from gateway.tls import DevCerts
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.security.helpers import Client, details
-from tests.support import FakeClock, GatewayProcess, rpc_error
+from tests.support import FakeClock, GatewayProcess, rpc_error, unique
 
 DIGEST = hashlib.sha256(b"limits").digest()
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -128,6 +128,29 @@ def test_over_the_rate_limit_is_resource_exhausted_with_retry_info(connect: Call
         assert rpc_error(connect("payments-app").crypto.GetKey, request, timeout=5).code() is grpc.StatusCode.NOT_FOUND
     time.sleep(delay + 0.05)
     assert rpc_error(throttled.GetKey, request, timeout=5).code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_a_stream_over_the_rate_limit_ends_at_the_message_that_exceeded_it(
+    connect: Callable[[str], Client],
+) -> None:
+    root = connect("root").crypto
+    key_id = f"payments/{unique('limits')}"
+    root.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256,
+                                           replication=pb.ReplicationPolicy(copies=1)), timeout=30)
+    throttled = connect("throttled").crypto  # rate 2/s, burst 3: each message costs a token
+    time.sleep(1.6)  # whatever an earlier test took from the bucket is back
+    items = [pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=DIGEST, request_id=f"m{i}")
+             for i in range(6)]
+    answers = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for answer in throttled.SignStream(iter(items), timeout=10):
+            answers.append(answer.request_id)
+    assert answers == ["m0", "m1", "m2"]
+    assert caught.value.code() is EXHAUSTED
+    info, retry = details(caught.value)
+    assert info is not None and info.reason == "RATE_LIMITED"
+    assert info.metadata["request_id"] == "m3"
+    assert retry is not None and retry.retry_delay.ToTimedelta().total_seconds() > 0
 
 
 def test_over_the_concurrency_cap_is_resource_exhausted_with_retry_info(connect: Callable[[str], Client]) -> None:

@@ -268,6 +268,9 @@ def test_a_stream_ends_with_permission_denied_at_the_first_key_outside_the_grant
             answers.append(answer.request_id)
     assert answers == ["0", "1"]
     assert info.value.code() is DENIED
+    denial, _ = details(info.value)
+    assert denial is not None and denial.reason == "PERMISSION_DENIED"
+    assert dict(denial.metadata) == {"operation": "Sign", "request_id": "2"}
 
 
 def test_malformed_requests_are_invalid_argument_not_internal(connect: Callable[[str], Client]) -> None:

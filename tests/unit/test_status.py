@@ -149,6 +149,10 @@ def test_unexpected_errors_become_internal_with_a_generic_message(exc: BaseExcep
     assert b"secret detail" not in st.SerializeToString()
     assert b"use1-a" not in st.SerializeToString()
     assert status.status_for(exc) == (grpc.StatusCode.INTERNAL, status.GENERIC_INTERNAL, "INTERNAL")
+    # A stream's failure names the caller's own request id, and still nothing of the gateway's.
+    named = status.to_rpc_status(exc, "req-7")
+    assert dict(details(named)[0].metadata) == {"request_id": "req-7"}
+    assert b"use1-a" not in named.SerializeToString()
 
 
 class _AbortCalled(Exception):
