@@ -145,11 +145,12 @@ def test_a_stream_over_the_rate_limit_ends_at_the_message_that_exceeded_it(
     with pytest.raises(grpc.RpcError) as caught:
         for answer in throttled.SignStream(iter(items), timeout=10):
             answers.append(answer.request_id)
-    assert answers == ["m0", "m1", "m2"]
+    # The burst is answered (a slow machine may refill a token meanwhile), the rest is not.
+    assert answers[:3] == ["m0", "m1", "m2"] and len(answers) < len(items)
     assert caught.value.code() is EXHAUSTED
     info, retry = details(caught.value)
     assert info is not None and info.reason == "RATE_LIMITED"
-    assert info.metadata["request_id"] == "m3"
+    assert info.metadata["request_id"] == f"m{len(answers)}"  # the first message not answered
     assert retry is not None and retry.retry_delay.ToTimedelta().total_seconds() > 0
 
 
