@@ -25,7 +25,7 @@ from gateway.interceptors import current_identity
 from gateway.quorum import Change, ChangeBook
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument
+from router.errors import FailedPrecondition, InvalidArgument, KeyNotFound
 from router.health import CircuitState
 from router.model import KeyState
 from router.reconcile import reconcile
@@ -74,7 +74,6 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self,
         router: Router,
         *,
-        state_file: Path,
         audit_path: Path,
         quorum: int = 2,
         change_ttl: float = 3600.0,
@@ -84,7 +83,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.audit_path = audit_path
         self.audit = audit_mod.AuditLog(audit_path)
         self.changes = ChangeBook(
-            state_file,
+            router.store,
             {
                 "move_key": self._do_move,
                 "apply_rebalance": self._do_rebalance,
@@ -143,14 +142,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             done += 1
         return f"moved {done} keys"
 
+    # A switch is recorded in the store first, then applied here; every other process of
+    # every gateway on the store applies it at its next sync (``sync_switches``).
     def _do_drain(self, params: dict[str, str], drain: bool) -> str:
-        self.router.drain(params["cluster"], drain)
+        if params["cluster"] not in self.router.backends:
+            raise KeyNotFound(f"no cluster named {params['cluster']!r}")
         self.changes.set_switch("drained", params["cluster"], drain)
+        self.router.drain(params["cluster"], drain)
         return f"cluster {params['cluster']} {'drained' if drain else 'back in service'}"
 
     def _do_failover(self, params: dict[str, str], failover: bool) -> str:
-        self.router.fail_over_region(params["region"], failover)
+        if params["region"] not in self.router.topology.regions:
+            raise KeyNotFound(f"no region named {params['region']!r}")
         self.changes.set_switch("failed_over", params["region"], failover)
+        self.router.fail_over_region(params["region"], failover)
         return f"region {params['region']} {'failed over' if failover else 'failed back'}"
 
     def _do_destroy(self, params: dict[str, str]) -> str:
@@ -166,8 +171,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def sync_switches(self) -> None:
         """Apply the recorded switches (at start, and periodically for other processes' changes)."""
-        drained = self.changes.switches("drained") & set(self.router.backends)
-        failed_over = self.changes.switches("failed_over") & set(self.router.topology.regions)
+        switches = self.changes.switches()
+        drained = switches.get("drained", set()) & set(self.router.backends)
+        failed_over = switches.get("failed_over", set()) & set(self.router.topology.regions)
         if drained != self.router.dispatcher.drained:
             self.router.dispatcher.set_drained(drained)
         if failed_over != self.router.dispatcher.failed_over:

@@ -169,7 +169,9 @@ class AdminConfig:
     change_ttl: float = 3600.0
     """Seconds a pending change waits for approvals before it expires."""
     state_file: str = "admin.db"
-    """Pending changes and operator switches (relative to the config file)."""
+    """Where earlier versions kept pending changes and operator switches, one file per host
+    (relative to the config file). They live in the placement store now: a file found here
+    at start is carried over into the store and renamed `<name>.migrated`."""
     audit_log: str = "audit.log"
     """The hash-chained audit log (relative to the config file)."""
 

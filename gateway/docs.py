@@ -69,7 +69,9 @@ SECTIONS: tuple[Section, ...] = (
             "Where user PINs come from when `HSMGW_PIN_<CLUSTER>` is not set in the environment."),
     Section("replication", config_mod.ReplicationConfig, "When a new key counts as durable, and repairs."),
     Section("auth", config_mod.AuthConfig, "Who may do what (docs/security.md)."),
-    Section("admin", config_mod.AdminConfig, "Quorum approvals and the audit log of AdminService (`hsmctl`)."),
+    Section("admin", config_mod.AdminConfig, "Quorum approvals and the audit log of AdminService (`hsmctl`). "
+            "Pending changes and the drain and failover switches live in the placement store, "
+            "shared by every gateway on it; the audit log is one per host."),
     Section("metrics", config_mod.MetricsConfig, "Prometheus metrics (docs/operations.md)."),
     Section("cloudwatch", config_mod.CloudWatchConfig, "CloudWatch metrics (docs/operations.md)."),
 )

@@ -3,13 +3,21 @@
 A request becomes a pending **change** (the requester's own approval counts as
 the first). Each further approval comes from another admin; when the count
 reaches the quorum the change runs, once, and its result is recorded. A change
-that nobody approves in time expires and never runs. Changes live in an SQLite
-file beside the placement store, so every gateway process sees the same ones.
+that nobody approves in time expires and never runs.
+
+Changes and the operator switches (drained clusters, failed-over regions) are
+admin records in the placement store, so every process of every gateway sharing
+the store sees the same ones: a change requested through one gateway may be
+approved through another, and a drain applies everywhere. Every write names the
+version it read (``PlacementStore.put_admin_record``); one that lost is read again
+and retried, so two approvals at once both count and a change runs exactly once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -19,29 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, RouterError
+from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, RouterError, Unavailable
+from router.placement.store import PlacementStore, Stale, StoreError
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS switches (
-    kind TEXT NOT NULL,
-    name TEXT NOT NULL,
-    PRIMARY KEY (kind, name)
-);
-CREATE TABLE IF NOT EXISTS changes (
-    id TEXT PRIMARY KEY,
-    action TEXT NOT NULL,
-    params TEXT NOT NULL,
-    requested_by TEXT NOT NULL,
-    approved_by TEXT NOT NULL,
-    state TEXT NOT NULL,
-    needed INTEGER NOT NULL,
-    created REAL NOT NULL,
-    expires REAL NOT NULL,
-    result TEXT NOT NULL DEFAULT ''
-);
-"""
+log = logging.getLogger(__name__)
 
 PENDING, APPLIED, REJECTED, EXPIRED, FAILED, RUNNING = "pending", "applied", "rejected", "expired", "failed", "running"
+
+SWITCHES = "switches"
+"""The admin record of the operator switches: ``{kind: [names]}``."""
+INDEX = "changes"
+"""The admin record listing change ids, oldest first (``{"ids": [...]}``)."""
+INDEX_KEEP = 500
+"""Changes ``list`` reaches; an older one is still read by its id."""
+_ATTEMPTS = 20
+"""Tries of a read-and-write that keeps losing to other writers before giving up."""
 
 
 @dataclass
@@ -60,12 +60,33 @@ class Change:
 
 
 Action = Callable[[dict[str, str]], str]
+Edit = Callable[[Change], Change | None]
+
+
+def _record(change: Change) -> dict[str, Any]:
+    return {"action": change.action, "params": change.params, "requested_by": change.requested_by,
+            "approved_by": change.approved_by, "state": change.state, "needed": change.needed,
+            "created": change.created, "expires": change.expires, "result": change.result}
+
+
+def _change(change_id: str, body: dict[str, Any]) -> Change:
+    try:
+        return Change(id=change_id, action=str(body["action"]), params=dict(body["params"]),
+                      requested_by=str(body["requested_by"]), approved_by=list(body["approved_by"]),
+                      state=str(body["state"]), needed=int(body["needed"]), created=float(body["created"]),
+                      expires=float(body["expires"]), result=str(body.get("result", "")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"malformed change record {change_id!r} in the placement store: {exc!r}") from exc
+
+
+def _unavailable(exc: StoreError) -> Unavailable:
+    return Unavailable(f"placement store is unreachable; admin changes cannot be read or recorded now ({exc})")
 
 
 class ChangeBook:
     def __init__(
         self,
-        path: str | Path,
+        store: PlacementStore,
         actions: dict[str, Action],
         *,
         quorum: int = 2,
@@ -73,37 +94,63 @@ class ChangeBook:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, str, Change], None] = lambda actor, event, change: None,
     ) -> None:
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        self._store = store
+        self._lock = threading.Lock()  # this process's writers take turns; other processes are met by versions
         self._actions = actions
         self.quorum = quorum
         self._ttl = ttl
         self._clock = clock
         self._on_event = on_event
 
-    def _row(self, row: tuple[Any, ...]) -> Change:
-        return Change(
-            id=row[0], action=row[1], params=json.loads(row[2]), requested_by=row[3],
-            approved_by=json.loads(row[4]), state=row[5], needed=row[6], created=row[7], expires=row[8],
-            result=row[9],
-        )
+    # -- records
 
-    def _get(self, change_id: str) -> Change:
-        rows = self._db.execute("SELECT * FROM changes WHERE id = ?", (change_id,)).fetchall()
-        if not rows:
-            raise KeyNotFound(f"no change {change_id!r}")
-        change = self._row(rows[0])
-        if change.state == PENDING and self._clock() >= change.expires:
-            self._db.execute("UPDATE changes SET state = ? WHERE id = ? AND state = ?", (EXPIRED, change_id, PENDING))
-            change.state = EXPIRED
+    def _edit(self, name: str, edit: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Read the admin record ``name``, pass it to ``edit`` and write what it returns (None:
+        leave it); again from the read when another writer came first. Returns what was written."""
+        for _ in range(_ATTEMPTS):
+            found = self._store.admin_record(name)
+            body, version = found if found is not None else (None, 0)
+            new = edit(body)
+            if new is None:
+                return None
+            try:
+                self._store.put_admin_record(name, new, version)
+                return new
+            except Stale:
+                continue
+        raise StoreError(f"admin record {name!r} kept changing under {_ATTEMPTS} attempts to write it")
+
+    def _update(self, change_id: str, edit: Edit) -> tuple[Change, bool]:
+        """The change after ``edit``, and whether ``edit`` changed it (it raises to refuse, or
+        returns None to leave the change as it is). A pending change past its expiry is
+        marked expired first, and ``edit`` sees it so."""
+        seen: list[tuple[Change, bool, bool]] = []  # (change, edited, expired) of the last read
+
+        def step(body: dict[str, Any] | None) -> dict[str, Any] | None:
+            seen.clear()
+            if body is None:
+                raise KeyNotFound(f"no change {change_id!r}")
+            change = _change(change_id, body)
+            expired = change.state == PENDING and self._clock() >= change.expires
+            if expired:
+                change = dataclasses.replace(change, state=EXPIRED)
+            edited = edit(dataclasses.replace(change, approved_by=list(change.approved_by)))
+            seen.append((edited or change, edited is not None, expired))
+            return _record(edited or change) if edited is not None or expired else None
+
+        with self._lock:
+            try:
+                self._edit(f"change/{change_id}", step)
+            except StoreError as exc:
+                raise _unavailable(exc) from exc
+        change, edited, expired = seen[0]
+        if expired:
             self._on_event("-", "change_expired", change)
-        return change
+        return change, edited
 
     def get(self, change_id: str) -> Change:
-        with self._lock:
-            return self._get(change_id)
+        change, _ = self._update(change_id, lambda change: None)
+        return change
 
     def request(self, actor: str, action: str, params: dict[str, str]) -> Change:
         """Record a new change; with a quorum of 1 it runs at once."""
@@ -115,51 +162,52 @@ class ChangeBook:
             state=PENDING, needed=self.quorum, created=now, expires=now + self._ttl,
         )
         with self._lock:
-            self._db.execute(
-                "INSERT INTO changes VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (change.id, action, json.dumps(change.params), actor, json.dumps(change.approved_by), PENDING,
-                 change.needed, change.created, change.expires, ""),
-            )
+            try:
+                while True:
+                    try:
+                        self._store.put_admin_record(f"change/{change.id}", _record(change), 0)
+                        break
+                    except Stale:  # that id is taken
+                        change.id = secrets.token_hex(4)
+                self._edit(INDEX, lambda body: {"ids": [*(body or {}).get("ids", []), change.id][-INDEX_KEEP:]})
+            except StoreError as exc:
+                raise _unavailable(exc) from exc
         self._on_event(actor, "change_requested", change)
         if len(change.approved_by) >= change.needed:
             return self._run(change.id)
         return change
 
     def approve(self, actor: str, change_id: str) -> Change:
-        with self._lock:
-            change = self._get(change_id)
+        def add(change: Change) -> Change:
             if change.state != PENDING:
                 raise FailedPrecondition(f"change {change_id} is {change.state}; only pending changes can be approved")
             if actor in change.approved_by:
                 who = "requested" if actor == change.requested_by else "already approved"
                 raise AlreadyExists(f"{actor} {who} change {change_id}; another admin must approve it")
             change.approved_by.append(actor)
-            self._db.execute("UPDATE changes SET approved_by = ? WHERE id = ?",
-                             (json.dumps(change.approved_by), change_id))
+            return change
+
+        change, _ = self._update(change_id, add)
         self._on_event(actor, "change_approved", change)
         if len(change.approved_by) >= change.needed:
             return self._run(change_id)
         return change
 
     def reject(self, actor: str, change_id: str) -> Change:
-        with self._lock:
-            change = self._get(change_id)
+        def refuse(change: Change) -> Change:
             if change.state != PENDING:
                 raise FailedPrecondition(f"change {change_id} is {change.state}; only pending changes can be rejected")
-            self._db.execute("UPDATE changes SET state = ?, result = ? WHERE id = ?",
-                             (REJECTED, f"rejected by {actor}", change_id))
-            change.state, change.result = REJECTED, f"rejected by {actor}"
+            return dataclasses.replace(change, state=REJECTED, result=f"rejected by {actor}")
+
+        change, _ = self._update(change_id, refuse)
         self._on_event(actor, "change_rejected", change)
         return change
 
     def _run(self, change_id: str) -> Change:
-        with self._lock:
-            # Claim it: exactly one approver runs it, even across processes.
-            claimed = self._db.execute(
-                "UPDATE changes SET state = ? WHERE id = ? AND state = ?", (RUNNING, change_id, PENDING)
-            ).rowcount
-            change = self._get(change_id)
-        if claimed != 1:
+        # Claim it: exactly one approver runs it, even across processes and gateways.
+        change, claimed = self._update(
+            change_id, lambda c: dataclasses.replace(c, state=RUNNING) if c.state == PENDING else None)
+        if not claimed:
             return change
         try:
             result = self._actions[change.action](change.params)
@@ -168,31 +216,96 @@ class ChangeBook:
             result, state = exc.message, FAILED
         except Exception as exc:  # noqa: BLE001 - recorded; the admin sees a generic failure
             result, state = f"internal error ({type(exc).__name__})", FAILED
-        with self._lock:
-            self._db.execute("UPDATE changes SET state = ?, result = ? WHERE id = ?", (state, result, change_id))
-            change = self._get(change_id)
+        change, _ = self._update(change_id, lambda c: dataclasses.replace(c, state=state, result=result))
         self._on_event("-", f"change_{state}", change)
         return change
 
     def list(self, *, include_done: bool = False) -> list[Change]:
-        with self._lock:
-            ids = [r[0] for r in self._db.execute("SELECT id FROM changes ORDER BY created").fetchall()]
-            changes = [self._get(i) for i in ids]
+        try:
+            found = self._store.admin_record(INDEX)
+        except StoreError as exc:
+            raise _unavailable(exc) from exc
+        changes = []
+        for change_id in (found[0].get("ids", []) if found else []):
+            try:
+                changes.append(self.get(change_id))
+            except KeyNotFound:  # listed, but its record was never written
+                continue
         return [c for c in changes if include_done or c.state == PENDING]
 
     # -- operator switches: drained clusters, failed-over regions ------------------------
 
     def set_switch(self, kind: str, name: str, on: bool) -> None:
-        """Record a switch so restarts and other worker processes see it."""
-        with self._lock:
-            if on:
-                self._db.execute("INSERT OR IGNORE INTO switches VALUES (?, ?)", (kind, name))
-            else:
-                self._db.execute("DELETE FROM switches WHERE kind = ? AND name = ?", (kind, name))
+        """Record a switch: every process of every gateway on this store applies it."""
 
-    def switches(self, kind: str) -> set[str]:
+        def flip(body: dict[str, Any] | None) -> dict[str, Any] | None:
+            switches = dict(body or {})
+            names = set(switches.get(kind, []))
+            if (name in names) == on:
+                return None
+            switches[kind] = sorted(names | {name} if on else names - {name})
+            return switches
+
         with self._lock:
-            return {r[0] for r in self._db.execute("SELECT name FROM switches WHERE kind = ?", (kind,))}
+            try:
+                self._edit(SWITCHES, flip)
+            except StoreError as exc:
+                raise _unavailable(exc) from exc
+
+    def switches(self) -> dict[str, set[str]]:
+        """Every kind of switch and the names switched on (raises ``StoreError``)."""
+        found = self._store.admin_record(SWITCHES)
+        return {kind: set(names) for kind, names in (found[0] if found else {}).items()}
+
+    def carry_over(self, legacy: Path) -> None:
+        """Move the switches and pending changes of an admin state file (where earlier versions
+        kept them, one per host) into the store, then rename the file ``<name>.migrated``.
+        Every process of a gateway may do it at once: what is already there is left."""
+        try:  # mode=rw: never creates the file (another process may have just renamed it)
+            db = sqlite3.connect(f"file:{legacy}?mode=rw", uri=True)
+        except sqlite3.Error:
+            return
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            switches = db.execute("SELECT kind, name FROM switches").fetchall() if "switches" in tables else []
+            rows = db.execute(
+                "SELECT id, action, params, requested_by, approved_by, needed, created, expires "
+                "FROM changes WHERE state = ?", (PENDING,)).fetchall() if "changes" in tables else []
+        except sqlite3.Error as exc:
+            log.error("cannot read the admin state file %s (%s); its switches and pending changes were not "
+                      "carried over into the placement store", legacy, exc)
+            return
+        finally:
+            db.close()
+        carried = []
+        try:
+            for kind, name in switches:
+                self.set_switch(str(kind), str(name), True)
+            for change_id, action, params, requested_by, approved_by, needed, created, expires in rows:
+                change = Change(id=change_id, action=action, params=json.loads(params), requested_by=requested_by,
+                                approved_by=json.loads(approved_by), state=PENDING, needed=needed, created=created,
+                                expires=expires)
+                try:
+                    self._store.put_admin_record(f"change/{change_id}", _record(change), 0)
+                except Stale:  # another process carried it over first
+                    continue
+                carried.append(change_id)
+            if carried:
+                with self._lock:
+                    self._edit(INDEX, lambda body: {"ids": [*(body or {}).get("ids", []), *carried][-INDEX_KEEP:]})
+        except (StoreError, Unavailable) as exc:
+            log.error("cannot carry the admin state file %s over into the placement store (%s); "
+                      "trying again at the next start", legacy, exc)
+            return
+        try:
+            legacy.rename(legacy.with_name(legacy.name + ".migrated"))
+        except FileNotFoundError:  # another process renamed it
+            return
+        for suffix in ("-wal", "-shm"):
+            legacy.with_name(legacy.name + suffix).unlink(missing_ok=True)
+        log.warning("carried %d operator switch(es) and %d pending change(s) over from %s into the placement "
+                    "store; the file is no longer used (renamed %s.migrated)",
+                    len(switches), len(carried), legacy, legacy.name)
 
     def close(self) -> None:
-        self._db.close()
+        return None

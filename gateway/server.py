@@ -135,7 +135,6 @@ class Gateway:
         crypto.add_to(self.server, CRYPTO_SERVICE, frozenset().union(*(fast.methods for fast in self.fast_paths)))
         self.admin = AdminServicer(
             router,
-            state_file=config.base_dir / config.admin.state_file,
             audit_path=config.base_dir / config.admin.audit_log,
             quorum=config.admin.quorum,
             change_ttl=config.admin.change_ttl,
@@ -236,7 +235,11 @@ class Gateway:
             self.health.set(cluster_service_name(name), serving)
         for region in self.router.topology.regions:
             self.health.set(region_service_name(region), serving)
-        self.admin.sync_switches()
+        self.admin.changes.carry_over(self.config.base_dir / self.config.admin.state_file)
+        try:
+            self.admin.sync_switches()
+        except StoreError as exc:  # applied by the repair loop once the store answers
+            log.warning("placement store unreachable; operator switches not read yet (%s)", exc)
         self._next_repair = time.monotonic() + self.config.replication.repair_interval
         self.monitor.start()
         self._repairer.start()

@@ -12,6 +12,9 @@ the partition key ``key_id`` and told apart by their ``kind`` attribute:
     id can never make two keys.
 ``meta#changes`` (kind ``meta``)
     The change counter, incremented (``ADD``) by every write transaction.
+``admin#<name>`` (kind ``admin``)
+    An admin record (pending quorum changes, operator switches): ``body`` is its JSON
+    text and ``version`` its version; written with a condition on that version.
 ``log#<unix second>`` (kind ``log``)
     The change log: every write transaction also adds its key id to the set
     ``keys`` of the item of the second it ran in (the writer's clock) and counts
@@ -50,6 +53,7 @@ Costs and limits worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from collections.abc import Iterator, Mapping
@@ -64,7 +68,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement.store import ChangeLog, Conflict, PlacementStore, StoreError
+from router.placement.store import ChangeLog, Conflict, PlacementStore, Stale, StoreError
 
 __all__ = ["DynamoStore", "TABLE_DEFINITION"]
 
@@ -82,7 +86,9 @@ _LOG_MARGIN = 30
 _LOG_TTL = 86_400
 _LOG_REACH = 3_600
 """A reader further behind than this reloads instead of reading an hour of log items."""
-_RESERVED_PREFIXES = (_REQUEST_PREFIX, "meta#", _LOG_PREFIX)
+_ADMIN = "admin"
+_ADMIN_PREFIX = "admin#"
+_RESERVED_PREFIXES = (_REQUEST_PREFIX, "meta#", _LOG_PREFIX, _ADMIN_PREFIX)
 
 # Cancellation reasons that mean "someone else's transaction was in the way",
 # not "your condition is false": worth another try after a short pause.
@@ -487,6 +493,37 @@ class DynamoStore(PlacementStore):
 
     def change_log(self) -> ChangeLog:
         return _DynamoChangeLog(self)
+
+    def admin_record(self, name: str) -> tuple[dict[str, Any], int] | None:
+        item = self._get_item(_key(_ADMIN_PREFIX + name))
+        if not item:
+            return None
+        try:
+            return json.loads(item["body"]["S"]), int(item["version"]["N"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"malformed admin record {name!r} in the store: {exc!r}") from exc
+
+    def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
+        condition = "attribute_not_exists(#k)" if version == 0 else "#v = :expected"
+        values: Item = {":expected": {"N": str(version)}} if version else {}
+        try:
+            self._client.put_item(
+                TableName=self.table,
+                Item={"key_id": {"S": _ADMIN_PREFIX + name}, "kind": {"S": _ADMIN},
+                      "body": {"S": json.dumps(body, sort_keys=True)}, "version": {"N": str(version + 1)}},
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#k": "key_id"} if version == 0 else {"#v": "version"},
+                **({"ExpressionAttributeValues": values} if values else {}),
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise Stale(name) from None
+            error = exc.response.get("Error", {})
+            raise StoreError(f"placement store dynamodb://{self.table}: PutItem failed: "
+                             f"{error.get('Code', '')}: {error.get('Message', '')}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
+        return version + 1
 
     def _log_items(self, first: int, last: int) -> dict[int, tuple[int, tuple[str, ...]]]:
         """Second → (writes, key ids) of the log items from ``first`` to ``last`` that exist."""

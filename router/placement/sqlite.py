@@ -14,9 +14,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement.store import ChangeLog, Conflict, PlacementStore, StoreError
+from router.placement.store import ChangeLog, Conflict, PlacementStore, Stale, StoreError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS placements (
@@ -40,6 +41,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS placements_request ON placements(request_id);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL);
 INSERT OR IGNORE INTO changes (id, counter) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS change_log (counter INTEGER PRIMARY KEY, key_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS admin_records (name TEXT PRIMARY KEY, body TEXT NOT NULL, version INTEGER NOT NULL);
 """
 
 _ADDED_COLUMNS = (
@@ -261,6 +263,27 @@ class SqliteStore(PlacementStore):
         if counter < 0 or len(rows) != now - counter:
             return None  # the log does not cover every change since ``counter``
         return now, tuple(dict.fromkeys(key_id for _, key_id in rows))
+
+    def admin_record(self, name: str) -> tuple[dict[str, Any], int] | None:
+        rows = self._query("SELECT body, version FROM admin_records WHERE name = ?", (name,))
+        return (json.loads(rows[0][0]), int(rows[0][1])) if rows else None
+
+    def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
+        text = json.dumps(body, sort_keys=True)
+        try:
+            with self._lock:
+                if version == 0:
+                    count = self._db.execute("INSERT OR IGNORE INTO admin_records VALUES (?, ?, 1)",
+                                             (name, text)).rowcount
+                else:
+                    count = self._db.execute(
+                        "UPDATE admin_records SET body = ?, version = version + 1 WHERE name = ? AND version = ?",
+                        (text, name, version)).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"placement store error: {exc}") from exc
+        if count != 1:
+            raise Stale(name)
+        return version + 1
 
     def close(self) -> None:
         with self._lock:

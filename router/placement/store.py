@@ -5,12 +5,17 @@ then switched to ENABLED once the objects exist. A crash in between leaves a
 CREATING record that the reconciler resolves; never an object nobody knows.
 Updates are conditional on the record's ``version`` so two gateways never
 overwrite each other's placement.
+
+The store also keeps the operators' state that every gateway must share: pending
+quorum changes and the drain and failover switches (``admin_record``), under the
+same rule: a write names the version it read.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
+from typing import Any
 
 from router.model import Placement
 
@@ -25,6 +30,14 @@ class Conflict(Exception):
     def __init__(self, existing: Placement | None) -> None:
         super().__init__("placement changed concurrently")
         self.existing = existing
+
+
+class Stale(Exception):
+    """A conditional write of an admin record lost: it was written (or made) meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"admin record {name!r} changed concurrently")
+        self.name = name
 
 
 class PlacementStore(abc.ABC):
@@ -58,6 +71,15 @@ class PlacementStore(abc.ABC):
     @abc.abstractmethod
     def change_counter(self) -> int:
         """A number that grows whenever any record changes (for caches)."""
+
+    @abc.abstractmethod
+    def admin_record(self, name: str) -> tuple[dict[str, Any], int] | None:
+        """An admin record (a JSON object) and its version; None if there is none."""
+
+    @abc.abstractmethod
+    def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
+        """Write an admin record whose version is still ``version`` (0: it must not exist);
+        returns its new version. Raises ``Stale`` when the condition does not hold."""
 
     def change_log(self) -> ChangeLog | None:
         """A reader of the store's changes from now on, or None if the store keeps no log.

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement import Conflict, PlacementStore
+from router.placement import Conflict, PlacementStore, Stale
 from router.placement.dynamodb import DynamoStore
 from router.placement.factory import make_store
 from tests.support import stored as make
@@ -289,6 +289,67 @@ def test_concurrent_creates_of_one_key_id_have_exactly_one_winner(backend: Backe
     for i in range(threads):
         expected = winner if f"req-{i}" == winner.request_id else None
         assert stores[-1].by_request(f"req-{i}") == expected
+
+
+# -- admin records (pending quorum changes, operator switches) ------------------------------
+
+
+def test_an_admin_record_is_made_once_then_written_only_by_who_read_its_version(store: PlacementStore) -> None:
+    assert store.admin_record("switches") is None
+    assert store.put_admin_record("switches", {"drained": ["use1-b"]}, 0) == 1
+    with pytest.raises(Stale):
+        store.put_admin_record("switches", {"drained": []}, 0)  # it exists now
+    assert store.admin_record("switches") == ({"drained": ["use1-b"]}, 1)
+    assert store.put_admin_record("switches", {"drained": [], "failed_over": ["us-east-1"]}, 1) == 2
+    with pytest.raises(Stale):
+        store.put_admin_record("switches", {"drained": ["use1-a"]}, 1)  # read before the last write
+    with pytest.raises(Stale):
+        store.put_admin_record("nothing-yet", {}, 3)
+    assert store.admin_record("switches") == ({"drained": [], "failed_over": ["us-east-1"]}, 2)
+    assert store.admin_record("nothing-yet") is None
+
+
+def test_admin_records_are_not_placements_and_do_not_move_the_change_counter(store: PlacementStore) -> None:
+    store.create(make("a/1"))
+    counter = store.change_counter()
+    store.put_admin_record("change/0a1b2c3d", {"action": "drain", "params": {"cluster": "use1-b"}}, 0)
+    assert [p.key_id for p in store.scan()] == ["a/1"]
+    assert [p.key_id for p in store.list()] == ["a/1"]
+    assert store.get("change/0a1b2c3d") is None
+    assert store.change_counter() == counter
+
+
+def test_concurrent_read_and_write_of_one_admin_record_loses_no_write(backend: Backend, url: str) -> None:
+    threads, each = 6, 5
+    stores = [backend.open(url) for _ in range(threads)]  # one per gateway
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def add(i: int) -> None:
+        barrier.wait()
+        try:
+            for n in range(each):
+                while True:
+                    found = stores[i].admin_record("changes")
+                    body, version = found if found is not None else ({"ids": []}, 0)
+                    try:
+                        stores[i].put_admin_record("changes", {"ids": [*body["ids"], f"{i}-{n}"]}, version)
+                        break
+                    except Stale:
+                        continue
+        except BaseException as exc:  # noqa: B036 - reported by the assertion below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=add, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert not errors, errors
+    found = backend.open(url).admin_record("changes")
+    assert found is not None
+    assert sorted(found[0]["ids"]) == sorted(f"{i}-{n}" for i in range(threads) for n in range(each))
+    assert found[1] == threads * each
 
 
 def test_scan_returns_every_record(store: PlacementStore) -> None:
