@@ -1,0 +1,188 @@
+"""Quorum changes and operator switches kept in the placement store: two ChangeBooks on one
+store are two gateways, each with its own process and its own view."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.quorum import APPLIED, EXPIRED, PENDING, REJECTED, ChangeBook
+from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, Unavailable
+from router.placement import SqliteStore, StoreError
+from tests.support import FakeClock
+
+
+class Actions:
+    """The actions a book may run; records each run."""
+
+    def __init__(self) -> None:
+        self.ran: list[dict[str, str]] = []
+        self.lock = threading.Lock()
+
+    def drain(self, params: dict[str, str]) -> str:
+        with self.lock:
+            self.ran.append(params)
+        return f"cluster {params['cluster']} drained"
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "placements.db"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+@pytest.fixture
+def actions() -> Actions:
+    return Actions()
+
+
+@pytest.fixture
+def books(store_path: Path, clock: FakeClock, actions: Actions) -> Iterator[list[ChangeBook]]:
+    stores = [SqliteStore(store_path) for _ in range(2)]  # two gateways, one store
+    yield [ChangeBook(s, {"drain": actions.drain}, quorum=2, ttl=600, clock=clock) for s in stores]
+    for s in stores:
+        s.close()
+
+
+def test_a_change_requested_through_one_gateway_is_approved_through_another_and_runs_once(
+    books: list[ChangeBook], actions: Actions
+) -> None:
+    a, b = books
+    change = a.request("alice", "drain", {"cluster": "use1-b"})
+    assert change.state == PENDING and actions.ran == []
+    assert [c.id for c in b.list()] == [change.id]  # the other gateway lists it
+
+    with pytest.raises(AlreadyExists, match="another admin must approve it"):
+        b.approve("alice", change.id)
+    done = b.approve("bob", change.id)
+    assert (done.state, done.result, done.approved_by) == (APPLIED, "cluster use1-b drained", ["alice", "bob"])
+    assert actions.ran == [{"cluster": "use1-b"}]
+    assert a.get(change.id).state == APPLIED
+    assert a.list() == [] and [c.id for c in a.list(include_done=True)] == [change.id]
+    with pytest.raises(FailedPrecondition, match="is applied"):
+        a.approve("carol", change.id)
+    assert actions.ran == [{"cluster": "use1-b"}]
+
+
+def test_approvals_through_several_gateways_at_once_all_count_and_the_change_runs_exactly_once(
+    store_path: Path, clock: FakeClock, actions: Actions
+) -> None:
+    admins = [f"admin-{i}" for i in range(6)]
+    stores = [SqliteStore(store_path) for _ in admins]
+    books = [ChangeBook(s, {"drain": actions.drain}, quorum=len(admins), clock=clock) for s in stores]
+    change = books[0].request(admins[0], "drain", {"cluster": "use1-a"})
+    barrier = threading.Barrier(len(admins) - 1)
+    failures: list[BaseException] = []
+
+    def approve(i: int) -> None:
+        barrier.wait()
+        try:
+            books[i].approve(admins[i], change.id)
+        except BaseException as exc:  # noqa: B036 - reported by the assertion below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=approve, args=(i,)) for i in range(1, len(admins))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not failures, failures
+    final = books[0].get(change.id)
+    assert final.state == APPLIED
+    assert sorted(final.approved_by) == sorted(admins)
+    assert actions.ran == [{"cluster": "use1-a"}]
+    for s in stores:
+        s.close()
+
+
+def test_a_rejected_or_expired_change_never_runs(books: list[ChangeBook], actions: Actions, clock: FakeClock) -> None:
+    a, b = books
+    rejected = a.request("alice", "drain", {"cluster": "use1-a"})
+    assert b.reject("bob", rejected.id).state == REJECTED
+    with pytest.raises(FailedPrecondition, match="is rejected"):
+        a.approve("carol", rejected.id)
+
+    late = a.request("alice", "drain", {"cluster": "use1-b"})
+    clock.now += 601
+    assert b.get(late.id).state == EXPIRED
+    with pytest.raises(FailedPrecondition, match="is expired"):
+        b.approve("bob", late.id)
+    assert actions.ran == []
+    with pytest.raises(KeyNotFound, match="no change 'nope'"):
+        a.get("nope")
+    with pytest.raises(FailedPrecondition, match="unknown action"):
+        a.request("alice", "format_everything", {})
+
+
+def test_a_switch_set_through_one_gateway_is_seen_by_the_other(books: list[ChangeBook]) -> None:
+    a, b = books
+    assert b.switches() == {}
+    a.set_switch("drained", "use1-b", True)
+    a.set_switch("failed_over", "us-east-1", True)
+    a.set_switch("drained", "use1-b", True)  # twice is once
+    assert b.switches() == {"drained": {"use1-b"}, "failed_over": {"us-east-1"}}
+    b.set_switch("drained", "use1-b", False)
+    assert a.switches() == {"drained": set(), "failed_over": {"us-east-1"}}
+
+
+def test_an_unreachable_store_is_unavailable_to_the_admin_not_a_crash(store_path: Path) -> None:
+    class Down(SqliteStore):
+        def admin_record(self, name: str) -> None:
+            raise StoreError("placement store error: disk I/O error")
+
+    book = ChangeBook(Down(store_path), {"drain": Actions().drain}, clock=FakeClock(0.0))
+    with pytest.raises(Unavailable, match="placement store is unreachable; admin changes cannot be"):
+        book.request("alice", "drain", {"cluster": "use1-a"})
+    with pytest.raises(Unavailable):
+        book.set_switch("drained", "use1-a", True)
+    with pytest.raises(Unavailable):
+        book.list()
+
+
+def _legacy(path: Path) -> None:
+    """An admin state file as earlier versions wrote it."""
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE switches (kind TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (kind, name));
+        CREATE TABLE changes (id TEXT PRIMARY KEY, action TEXT NOT NULL, params TEXT NOT NULL,
+            requested_by TEXT NOT NULL, approved_by TEXT NOT NULL, state TEXT NOT NULL, needed INTEGER NOT NULL,
+            created REAL NOT NULL, expires REAL NOT NULL, result TEXT NOT NULL DEFAULT '');
+        INSERT INTO switches VALUES ('drained', 'use1-b');
+    """)
+    rows = [("aaaa0001", "pending"), ("aaaa0002", "applied")]
+    for change_id, state in rows:
+        db.execute("INSERT INTO changes VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (change_id, "drain", json.dumps({"cluster": "use1-a"}), "alice", json.dumps(["alice"]), state, 2,
+                    1_800_000_000.0, 1_800_000_600.0, ""))
+    db.commit()
+    db.close()
+
+
+def test_an_earlier_versions_admin_state_file_is_carried_over_once(
+    books: list[ChangeBook], tmp_path: Path, actions: Actions
+) -> None:
+    a, b = books
+    legacy = tmp_path / "admin.db"
+    _legacy(legacy)
+    a.carry_over(legacy)
+    assert not legacy.exists() and (tmp_path / "admin.db.migrated").exists()
+    assert b.switches() == {"drained": {"use1-b"}}
+    assert [c.id for c in b.list()] == ["aaaa0001"]  # the pending one; the applied one is history
+    assert b.approve("bob", "aaaa0001").state == APPLIED
+    assert actions.ran == [{"cluster": "use1-a"}]
+
+    # The drain is undone later; a second start finds no file and changes nothing.
+    b.set_switch("drained", "use1-b", False)
+    a.carry_over(legacy)
+    b.carry_over(legacy)
+    assert a.switches() == {"drained": set()}
+    assert not legacy.exists()
