@@ -363,3 +363,50 @@ def test_key_lifecycle_events_are_in_the_audit_log(gateway, crypto) -> None:
     generated = next(r for r in records if r["action"] == "key.generated" and r["target"] == key.key_id)
     assert set(generated["details"]["clusters"]) == {key.primary_cluster, *key.replicas}
     assert hsmctl(gateway.target, "audit", "verify").returncode == 0
+
+
+def _draining(target: str) -> dict[str, bool]:
+    _, clusters = as_json(target, "clusters")
+    return {c["name"]: c["draining"] for c in clusters["clusters"]}
+
+
+def _until(check: Any, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_two_gateways_on_one_store_share_pending_changes_and_switches(tmp_path: Path) -> None:
+    """Behind a load balancer each hsmctl call may reach another gateway: a change requested
+    through one is approved through the other, and the drain it makes applies to both."""
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    home = fleet.config_path.parent
+    other = tmp_path / "second"  # its own directory: its own audit log, no shared files but the store
+    other.mkdir()
+    text = fleet.config_path.read_text()
+    assert 'url = "sqlite:placements.db"' in text and 'file = "secrets.toml"' in text
+    (other / "hsmgw.toml").write_text(
+        text.replace('url = "sqlite:placements.db"', f'url = "sqlite:{home / "placements.db"}"')
+        .replace('file = "secrets.toml"', f'file = "{home / "secrets.toml"}"'))
+    with running(fleet.config_path) as first, running(other / "hsmgw.toml") as second:
+        code, change = as_json(first.target, "clusters", "drain", "use1-b")
+        assert code == 3 and change["state"] == "pending"
+        _, listed = as_json(second.target, "changes", "list")
+        assert [c["id"] for c in listed] == [change["id"]]
+
+        assert approve(second.target, change)["state"] == "applied"
+        assert _draining(second.target)["use1-b"] is True
+        assert _until(lambda: _draining(first.target)["use1-b"]), "the first gateway did not apply the drain"
+        crypto = crypto_pb2_grpc.CryptoServiceStub(grpc.insecure_channel(first.target))
+        for _ in range(4):  # new keys avoid the drained cluster on the gateway that did not run the change
+            assert _key(crypto, "shared-drain").primary_cluster == "use1-a"
+
+        _, undrain = as_json(second.target, "clusters", "undrain", "use1-b")
+        assert approve(first.target, undrain, who="carol")["state"] == "applied"
+        assert _until(lambda: not _draining(second.target)["use1-b"])
+        # Each gateway's audit log holds what was done through it.
+        assert "change_requested" in (home / "audit.log").read_text()
+        assert "change_approved" in (other / "audit.log").read_text()
