@@ -170,7 +170,7 @@ def _store_migrate(args: argparse.Namespace) -> None:
             print(f"differs: {key_id} (destination left unchanged)")
         print(f"copied {counts['copied']}, identical {counts['identical']} (skipped), differing {counts['differing']}")
     if report.differing:
-        fail(f"{len(report.differing)} placements differ between {args.source} and {args.dest}; resolve them by hand")
+        fail(f"{len(report.differing)} records differ between {args.source} and {args.dest}; resolve them by hand")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -503,6 +503,17 @@ class DynamoStore(PlacementStore):
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed admin record {name!r} in the store: {exc!r}") from exc
 
+    def admin_records(self) -> Iterator[tuple[str, dict[str, Any], int]]:
+        for item in self._scan_items(
+            FilterExpression="#kind = :admin",
+            ExpressionAttributeNames={"#kind": "kind"},
+            ExpressionAttributeValues={":admin": {"S": _ADMIN}},
+        ):
+            name = item["key_id"]["S"][len(_ADMIN_PREFIX):]
+            found = self.admin_record(name)  # decoded and checked the one way
+            if found is not None:
+                yield name, found[0], found[1]
+
     def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
         condition = "attribute_not_exists(#k)" if version == 0 else "#v = :expected"
         values: Item = {":expected": {"N": str(version)}} if version else {}

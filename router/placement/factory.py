@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from router.placement.store import Conflict, PlacementStore
+from router.placement.store import Conflict, PlacementStore, Stale
 
 __all__ = ["CopyReport", "copy_placements", "make_store", "parse_dynamodb_url", "sqlite_path"]
 
@@ -103,7 +103,8 @@ class CopyReport:
 
 
 def copy_placements(source: PlacementStore, dest: PlacementStore) -> CopyReport:
-    """Copy every placement of ``source`` into ``dest``, versions included.
+    """Copy every placement of ``source`` into ``dest``, versions included, and every admin
+    record (pending quorum changes, operator switches), reported as ``admin record NAME``.
 
     Idempotent: a record already present and equal is skipped; one present but
     different is reported and never overwritten (an operator decides which wins).
@@ -124,6 +125,18 @@ def copy_placements(source: PlacementStore, dest: PlacementStore) -> CopyReport:
             report.identical.append(placement.key_id)
         else:
             report.differing.append(placement.key_id)
+    for name, body, _ in source.admin_records():
+        label = f"admin record {name}"
+        found = dest.admin_record(name)
+        if found is None:
+            try:
+                # Versions restart at 1 in the destination: only the order of writes there matters.
+                dest.put_admin_record(name, body, 0)
+                report.copied.append(label)
+                continue
+            except Stale:
+                found = dest.admin_record(name)
+        (report.identical if found is not None and found[0] == body else report.differing).append(label)
     for ids in (report.copied, report.identical, report.differing):
         ids.sort()
     return report

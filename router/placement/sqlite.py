@@ -268,6 +268,10 @@ class SqliteStore(PlacementStore):
         rows = self._query("SELECT body, version FROM admin_records WHERE name = ?", (name,))
         return (json.loads(rows[0][0]), int(rows[0][1])) if rows else None
 
+    def admin_records(self) -> Iterator[tuple[str, dict[str, Any], int]]:
+        for name, body, version in self._query("SELECT name, body, version FROM admin_records ORDER BY name"):
+            yield name, json.loads(body), int(version)
+
     def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
         text = json.dumps(body, sort_keys=True)
         try:

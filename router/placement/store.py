@@ -81,6 +81,10 @@ class PlacementStore(abc.ABC):
         """Write an admin record whose version is still ``version`` (0: it must not exist);
         returns its new version. Raises ``Stale`` when the condition does not hold."""
 
+    @abc.abstractmethod
+    def admin_records(self) -> Iterator[tuple[str, dict[str, Any], int]]:
+        """Every admin record: (name, body, version), in no particular order (for copying a store)."""
+
     def change_log(self) -> ChangeLog | None:
         """A reader of the store's changes from now on, or None if the store keeps no log.
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli.hsmgw import main as hsmgw
+from gateway.quorum import ChangeBook
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
 from router.placement import PlacementStore, SqliteStore
 from router.placement.factory import make_store
@@ -127,11 +128,42 @@ def test_migrate_reports_records_that_differ_and_leaves_them_alone(
         out, err = capsys.readouterr()
         assert f"differs: {first.key_id}" in out
         assert out.strip().splitlines()[-1] == "copied 49, identical 0 (skipped), differing 1"
-        assert err.strip().splitlines()[-1].startswith("error: 1 placements differ")
+        assert err.strip().splitlines()[-1].startswith("error: 1 records differ")
         assert dest.get(first.key_id) == dataclasses.replace(first, primary="use1-b", replicas=())
         assert len(_contents(dest)) == 50
     finally:
         dest.close()
+
+
+def test_migrate_carries_pending_changes_and_switches_over(
+    moto_server: MotoServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src_url = f"sqlite:{tmp_path / 'admin-src.db'}"
+    src = make_store(src_url)
+    ran: list[dict[str, str]] = []
+    book = ChangeBook(src, {"drain": lambda params: ran.append(params) or "drained"})
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    book.set_switch("drained", "use1-b", True)
+    src.close()
+    dst_url = moto_server.store_url(f"admin-{uuid.uuid4().hex[:8]}")
+    hsmgw(["store", "init", "--url", dst_url])
+    capsys.readouterr()
+
+    hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
+    assert json.loads(capsys.readouterr().out)["copied"] == 3  # the switches, the change and the list of changes
+    dest = make_store(dst_url)
+    try:
+        moved = ChangeBook(dest, {"drain": lambda params: ran.append(params) or "drained"})
+        assert moved.switches() == {"drained": {"use1-b"}}
+        assert [c.id for c in moved.list()] == [change.id]
+        assert moved.approve("bob", change.id).state == "applied" and ran == [{"cluster": "use1-a"}]
+    finally:
+        dest.close()
+    with pytest.raises(SystemExit):
+        hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
+    report = json.loads(capsys.readouterr().out)
+    # The approved change now differs from the source's pending one: reported, not overwritten.
+    assert report["differing_keys"] == [f"admin record change/{change.id}"], report
 
 
 def test_migrate_as_a_user_runs_it(
