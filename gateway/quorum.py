@@ -301,6 +301,10 @@ class ChangeBook:
             legacy.rename(legacy.with_name(legacy.name + ".migrated"))
         except FileNotFoundError:  # another process renamed it
             return
+        except OSError as exc:
+            log.error("carried the admin state file %s over into the placement store but cannot rename it (%s): "
+                      "remove it, or the next start carries its switches over again", legacy, exc)
+            return
         for suffix in ("-wal", "-shm"):
             legacy.with_name(legacy.name + suffix).unlink(missing_ok=True)
         log.warning("carried %d operator switch(es) and %d pending change(s) over from %s into the placement "

@@ -179,7 +179,7 @@ def test_configmap_toml_is_a_valid_gateway_config_for_the_container(overlay: str
         assert any(m["name"] == mount["name"] and not m.get("readOnly") for m in init["volumeMounts"])
 
     # Writable state on a writable volume (the root filesystem is read-only).
-    for path in (config.base_dir / config.admin.state_file, config.base_dir / config.admin.audit_log):
+    for path in (config.base_dir / config.admin.audit_log,):
         mount = mount_of(path)
         assert not mount.get("readOnly"), f"{path} must be writable"
         assert "emptyDir" in volumes[mount["name"]] or "persistentVolumeClaim" in volumes[mount["name"]]
