@@ -125,16 +125,24 @@ class ChangeBook:
         returns None to leave the change as it is). A pending change past its expiry is
         marked expired first, and ``edit`` sees it so."""
         seen: list[tuple[Change, bool, bool]] = []  # (change, edited, expired) of the last read
+        refused: list[RouterError] = []  # why ``edit`` refused an expired change, raised once it is marked
 
         def step(body: dict[str, Any] | None) -> dict[str, Any] | None:
             seen.clear()
+            refused.clear()
             if body is None:
                 raise KeyNotFound(f"no change {change_id!r}")
             change = _change(change_id, body)
             expired = change.state == PENDING and self._clock() >= change.expires
             if expired:
                 change = dataclasses.replace(change, state=EXPIRED)
-            edited = edit(dataclasses.replace(change, approved_by=list(change.approved_by)))
+            try:
+                edited = edit(dataclasses.replace(change, approved_by=list(change.approved_by)))
+            except RouterError as exc:
+                if not expired:
+                    raise
+                refused.append(exc)
+                edited = None
             seen.append((edited or change, edited is not None, expired))
             return _record(edited or change) if edited is not None or expired else None
 
@@ -146,6 +154,8 @@ class ChangeBook:
         change, edited, expired = seen[0]
         if expired:
             self._on_event("-", "change_expired", change)
+        if refused:
+            raise refused[0]
         return change, edited
 
     def get(self, change_id: str) -> Change:
@@ -216,7 +226,12 @@ class ChangeBook:
             result, state = exc.message, FAILED
         except Exception as exc:  # noqa: BLE001 - recorded; the admin sees a generic failure
             result, state = f"internal error ({type(exc).__name__})", FAILED
-        change, _ = self._update(change_id, lambda c: dataclasses.replace(c, state=state, result=result))
+        try:
+            change, _ = self._update(change_id, lambda c: dataclasses.replace(c, state=state, result=result))
+        except Unavailable:
+            log.error("change %s (%s) %s: %s; the placement store did not take that result, so it shows as "
+                      "running", change_id, change.action, state, result)
+            raise
         self._on_event("-", f"change_{state}", change)
         return change
 

@@ -186,3 +186,18 @@ def test_an_earlier_versions_admin_state_file_is_carried_over_once(
     b.carry_over(legacy)
     assert a.switches() == {"drained": set()}
     assert not legacy.exists()
+
+
+def test_approving_an_expired_change_marks_it_expired_once_for_the_audit(store_path: Path, clock: FakeClock) -> None:
+    events: list[tuple[str, str, str]] = []
+    store = SqliteStore(store_path)
+    book = ChangeBook(store, {"drain": Actions().drain}, ttl=60, clock=clock,
+                      on_event=lambda actor, event, change: events.append((actor, event, change.state)))
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    clock.now += 61
+    with pytest.raises(FailedPrecondition, match="is expired; only pending changes can be approved"):
+        book.approve("bob", change.id)
+    other = ChangeBook(SqliteStore(store_path), {"drain": Actions().drain}, clock=clock)
+    assert other.get(change.id).state == EXPIRED  # recorded, not only seen by this book
+    book.get(change.id)
+    assert events == [("alice", "change_requested", PENDING), ("-", "change_expired", EXPIRED)]
