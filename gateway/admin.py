@@ -170,7 +170,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return f"{params['key_id']} will be created on {params['cluster']}"
 
     def sync_switches(self) -> None:
-        """Apply the recorded switches (at start, and periodically for other processes' changes)."""
+        """Apply the recorded switches (at start, and periodically for other processes' changes),
+        and record the results of changes that ran while the store did not answer."""
+        self.changes.record_results()
         switches = self.changes.switches()
         drained = switches.get("drained", set()) & set(self.router.backends)
         failed_over = switches.get("failed_over", set()) & set(self.router.topology.regions)

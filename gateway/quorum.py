@@ -96,6 +96,7 @@ class ChangeBook:
     ) -> None:
         self._store = store
         self._lock = threading.Lock()  # this process's writers take turns; other processes are met by versions
+        self._unrecorded: dict[str, Change] = {}  # changes that ran, by id, whose result the store did not take
         self._actions = actions
         self.quorum = quorum
         self._ttl = ttl
@@ -226,14 +227,37 @@ class ChangeBook:
             result, state = exc.message, FAILED
         except Exception as exc:  # noqa: BLE001 - recorded; the admin sees a generic failure
             result, state = f"internal error ({type(exc).__name__})", FAILED
+        done = dataclasses.replace(change, state=state, result=result)
+        self._on_event("-", f"change_{state}", done)
         try:
-            change, _ = self._update(change_id, lambda c: dataclasses.replace(c, state=state, result=result))
+            self._record_result(done)
         except Unavailable:
-            log.error("change %s (%s) %s: %s; the placement store did not take that result, so it shows as "
-                      "running", change_id, change.action, state, result)
-            raise
-        self._on_event("-", f"change_{state}", change)
-        return change
+            # It ran: say so, and write the result once the store answers (``record_results``).
+            with self._lock:
+                self._unrecorded[change_id] = done
+            log.error("change %s (%s) %s: %s; the placement store did not take that result yet, so it shows "
+                      "as running until it does", change_id, change.action, state, result)
+            return dataclasses.replace(done, result=f"{result} (not recorded yet: the placement store is "
+                                                    "unreachable; it is written once it answers)")
+        return done
+
+    def _record_result(self, done: Change) -> None:
+        self._update(done.id, lambda c: dataclasses.replace(c, state=done.state, result=done.result)
+                     if c.state == RUNNING else None)
+
+    def record_results(self) -> None:
+        """Write the results of changes that ran while the store did not answer (called
+        with every sync); what still fails stays for the next call."""
+        with self._lock:
+            waiting = list(self._unrecorded.values())
+        for done in waiting:
+            try:
+                self._record_result(done)
+            except Unavailable:
+                return
+            with self._lock:
+                self._unrecorded.pop(done.id, None)
+            log.info("change %s: its result (%s) is recorded now", done.id, done.state)
 
     def list(self, *, include_done: bool = False) -> list[Change]:
         try:

@@ -8,10 +8,11 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.quorum import APPLIED, EXPIRED, PENDING, REJECTED, ChangeBook
+from gateway.quorum import APPLIED, EXPIRED, PENDING, REJECTED, RUNNING, ChangeBook
 from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, Unavailable
 from router.placement import SqliteStore, StoreError
 from tests.support import FakeClock
@@ -201,3 +202,39 @@ def test_approving_an_expired_change_marks_it_expired_once_for_the_audit(store_p
     assert other.get(change.id).state == EXPIRED  # recorded, not only seen by this book
     book.get(change.id)
     assert events == [("alice", "change_requested", PENDING), ("-", "change_expired", EXPIRED)]
+
+
+def test_a_change_that_ran_while_the_store_went_away_says_so_and_is_recorded_once_it_answers(
+    store_path: Path, clock: FakeClock
+) -> None:
+    class Flaky(SqliteStore):
+        down = False
+
+        def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
+            if self.down:
+                raise StoreError("placement store error: database is locked")
+            return super().put_admin_record(name, body, version)
+
+    store = Flaky(store_path)
+    events: list[str] = []
+
+    def drain(params: dict[str, str]) -> str:
+        store.down = True  # the store goes away while the change runs
+        return f"cluster {params['cluster']} drained"
+
+    book = ChangeBook(store, {"drain": drain}, clock=clock, on_event=lambda actor, event, change: events.append(event))
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    done = book.approve("bob", change.id)
+    assert done.state == APPLIED
+    assert done.result.startswith("cluster use1-a drained (not recorded yet: the placement store is unreachable")
+    other = ChangeBook(SqliteStore(store_path), {"drain": drain}, clock=clock)
+    assert other.get(change.id).state == RUNNING  # never approvable twice meanwhile
+
+    book.record_results()  # still down: kept
+    assert other.get(change.id).state == RUNNING
+    store.down = False
+    book.record_results()
+    recorded = other.get(change.id)
+    assert (recorded.state, recorded.result) == (APPLIED, "cluster use1-a drained")
+    book.record_results()  # nothing left to write
+    assert events.count("change_applied") == 1
