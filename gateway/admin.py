@@ -25,9 +25,10 @@ from gateway.interceptors import current_identity
 from gateway.quorum import Change, ChangeBook
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument, KeyNotFound
+from router.errors import FailedPrecondition, InvalidArgument
 from router.health import CircuitState
 from router.model import KeyState
+from router.placement.store import StoreError
 from router.reconcile import reconcile
 from router.router import Router
 
@@ -142,21 +143,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             done += 1
         return f"moved {done} keys"
 
-    # A switch is recorded in the store first, then applied here; every other process of
-    # every gateway on the store applies it at its next sync (``sync_switches``).
     def _do_drain(self, params: dict[str, str], drain: bool) -> str:
-        if params["cluster"] not in self.router.backends:
-            raise KeyNotFound(f"no cluster named {params['cluster']!r}")
-        self.changes.set_switch("drained", params["cluster"], drain)
-        self.router.drain(params["cluster"], drain)
+        self._switch("drained", params["cluster"], drain)
         return f"cluster {params['cluster']} {'drained' if drain else 'back in service'}"
 
     def _do_failover(self, params: dict[str, str], failover: bool) -> str:
-        if params["region"] not in self.router.topology.regions:
-            raise KeyNotFound(f"no region named {params['region']!r}")
-        self.changes.set_switch("failed_over", params["region"], failover)
-        self.router.fail_over_region(params["region"], failover)
+        self._switch("failed_over", params["region"], failover)
         return f"region {params['region']} {'failed over' if failover else 'failed back'}"
+
+    def _switch(self, kind: str, name: str, on: bool) -> None:
+        """Record a switch in the store (nothing is switched if it does not answer), then apply
+        the store's switches here, as every other process does at its next sync."""
+        self.changes.set_switch(kind, name, on)
+        try:
+            self.sync_switches()
+        except StoreError as exc:  # recorded: the repair loop's sync applies it here too
+            log.warning("switch %s %s recorded; applying it waits for the placement store (%s)", kind, name, exc)
 
     def _do_destroy(self, params: dict[str, str]) -> str:
         key = self.router.destroy_key(params["key_id"], self._deadline())
@@ -174,12 +176,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         and record the results of changes that ran while the store did not answer."""
         self.changes.record_results()
         switches = self.changes.switches()
-        drained = switches.get("drained", set()) & set(self.router.backends)
-        failed_over = switches.get("failed_over", set()) & set(self.router.topology.regions)
-        if drained != self.router.dispatcher.drained:
-            self.router.dispatcher.set_drained(drained)
-        if failed_over != self.router.dispatcher.failed_over:
-            self.router.dispatcher.set_failed_over(failed_over)
+        self.router.apply_switches(switches.get("drained", set()), switches.get("failed_over", set()))
 
     # -- read-only -------------------------------------------------------------------
 
@@ -346,8 +343,3 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                           line=result.line or 0)
 
         return self._call(context, run)
-
-    def close(self) -> None:
-        self.changes.close()
-
-

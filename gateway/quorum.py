@@ -121,6 +121,10 @@ class ChangeBook:
                 continue
         raise StoreError(f"admin record {name!r} kept changing under {_ATTEMPTS} attempts to write it")
 
+    def _list_ids(self, ids: list[str]) -> None:
+        """Add change ids to the index (the last ``INDEX_KEEP`` stay); the caller holds ``_lock``."""
+        self._edit(INDEX, lambda body: {"ids": [*(body or {}).get("ids", []), *ids][-INDEX_KEEP:]})
+
     def _update(self, change_id: str, edit: Edit) -> tuple[Change, bool]:
         """The change after ``edit``, and whether ``edit`` changed it (it raises to refuse, or
         returns None to leave the change as it is). A pending change past its expiry is
@@ -180,7 +184,7 @@ class ChangeBook:
                         break
                     except Stale:  # that id is taken
                         change.id = secrets.token_hex(4)
-                self._edit(INDEX, lambda body: {"ids": [*(body or {}).get("ids", []), change.id][-INDEX_KEEP:]})
+                self._list_ids([change.id])
             except StoreError as exc:
                 raise _unavailable(exc) from exc
         self._on_event(actor, "change_requested", change)
@@ -331,7 +335,7 @@ class ChangeBook:
                 carried.append(change_id)
             if carried:
                 with self._lock:
-                    self._edit(INDEX, lambda body: {"ids": [*(body or {}).get("ids", []), *carried][-INDEX_KEEP:]})
+                    self._list_ids(carried)
         except (StoreError, Unavailable) as exc:
             log.error("cannot carry the admin state file %s over into the placement store (%s); "
                       "trying again at the next start", legacy, exc)
@@ -349,6 +353,3 @@ class ChangeBook:
         log.warning("carried %d operator switch(es) and %d pending change(s) over from %s into the placement "
                     "store; the file is no longer used (renamed %s.migrated)",
                     len(switches), len(carried), legacy, legacy.name)
-
-    def close(self) -> None:
-        return None

@@ -278,7 +278,6 @@ class Gateway:
             self.metrics_server.stop()
         self.monitor.stop()
         self._audit_logger.removeHandler(self._audit_handler)
-        self.admin.close()
         self.router.close()
         log.info("stopped")
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
@@ -278,14 +279,21 @@ class Router:
 
     # -- operator controls ---------------------------------------------------------
 
-    def drain(self, cluster: str, draining: bool = True) -> None:
-        """A drained cluster takes no new keys and serves only when no replica can."""
-        if cluster not in self.backends:
-            raise KeyNotFound(f"no cluster named {cluster!r}")
-        drained = set(self.dispatcher.drained)
-        (drained.add if draining else drained.discard)(cluster)
-        self.dispatcher.set_drained(drained)
-        log.warning("cluster %s %s", cluster, "drained" if draining else "back in service")
+    def apply_switches(self, drained: AbstractSet[str], failed_over: AbstractSet[str]) -> None:
+        """Drain exactly ``drained`` and fail over exactly ``failed_over`` (names this gateway does
+        not serve are ignored). A drained cluster takes no new keys and serves only when no replica
+        can; a failed-over region's traffic goes to replicas elsewhere."""
+        drained = set(drained) & set(self.backends)
+        failed_over = set(failed_over) & set(self.topology.regions)
+        before_drained, before_failed = self.dispatcher.drained, self.dispatcher.failed_over
+        if drained != before_drained:
+            self.dispatcher.set_drained(drained)
+            for cluster in sorted(drained ^ before_drained):
+                log.warning("cluster %s %s", cluster, "drained" if cluster in drained else "back in service")
+        if failed_over != before_failed:
+            self.dispatcher.set_failed_over(failed_over)
+            for region in sorted(failed_over ^ before_failed):
+                log.warning("region %s %s", region, "failed over" if region in failed_over else "failed back")
 
     def fail_over_region(self, region: str, failed_over: bool = True) -> None:
         """Move traffic away from a region (to replicas elsewhere) or back."""
@@ -293,8 +301,7 @@ class Router:
             raise KeyNotFound(f"no region named {region!r}")
         regions = set(self.dispatcher.failed_over)
         (regions.add if failed_over else regions.discard)(region)
-        self.dispatcher.set_failed_over(regions)
-        log.warning("region %s %s", region, "failed over" if failed_over else "failed back")
+        self.apply_switches(self.dispatcher.drained, regions)
 
     # -- key lifecycle ----------------------------------------------------
 

@@ -35,6 +35,9 @@ def _calls(store: DynamoStore) -> dict[str, Callable[[], object]]:
         "list": lambda: store.list(),
         "scan": lambda: list(store.scan()),
         "change_counter": store.change_counter,
+        "admin_record": lambda: store.admin_record("switches"),
+        "put_admin_record": lambda: store.put_admin_record("switches", {"drained": ["use1-a"]}, 0),
+        "admin_records": lambda: list(store.admin_records()),
     }
 
 

@@ -4,6 +4,7 @@ store are two gateways, each with its own process and its own view."""
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -238,3 +239,26 @@ def test_a_change_that_ran_while_the_store_went_away_says_so_and_is_recorded_onc
     assert (recorded.state, recorded.result) == (APPLIED, "cluster use1-a drained")
     book.record_results()  # nothing left to write
     assert events.count("change_applied") == 1
+
+
+def test_an_admin_state_file_that_cannot_be_read_or_carried_over_is_left_for_the_next_start(
+    store_path: Path, tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"not an SQLite database at all" * 100)
+    book = ChangeBook(SqliteStore(store_path), {"drain": Actions().drain}, clock=clock)
+    with caplog.at_level(logging.ERROR, logger="gateway.quorum"):
+        book.carry_over(broken)
+    assert broken.exists() and book.switches() == {}
+    assert any("cannot read the admin state file" in r.getMessage() for r in caplog.records)
+
+    class Down(SqliteStore):
+        def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
+            raise StoreError("placement store error: disk I/O error")
+
+    legacy = tmp_path / "admin.db"
+    _legacy(legacy)
+    ChangeBook(Down(store_path), {"drain": Actions().drain}, clock=clock).carry_over(legacy)
+    assert legacy.exists(), "kept: its switches are not in the store yet"
+    book.carry_over(legacy)  # the store answers at the next start
+    assert book.switches() == {"drained": {"use1-b"}} and not legacy.exists()

@@ -1,0 +1,84 @@
+"""Drain and failover switches: recorded in the store, applied by every process from it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.admin import AdminServicer
+from gateway.quorum import APPLIED
+from router.errors import Unavailable
+from router.placement.sqlite import SqliteStore
+from router.placement.store import StoreError
+from router.router import Router, Topology
+from tests.unit.test_router_creation import FailingBackend
+
+TOPOLOGY = Topology("us-east-1", ("us-west-2",), {"us-east-1": ("use1-a", "use1-b"), "us-west-2": ("usw2-a",)})
+
+
+class Store(SqliteStore):
+    """A store whose switches record stops answering on demand (``fail_reads_after_write``: once
+    it has been written), or that takes no admin write at all (``writes_fail``)."""
+
+    reads_fail = writes_fail = False
+    fail_reads_after_write = False
+
+    def admin_record(self, name: str) -> tuple[dict[str, Any], int] | None:
+        if self.reads_fail and name == "switches":
+            raise StoreError("placement store error: disk I/O error")
+        return super().admin_record(name)
+
+    def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
+        if self.writes_fail:
+            raise StoreError("placement store error: disk I/O error")
+        written = super().put_admin_record(name, body, version)
+        if name == "switches":
+            self.reads_fail = self.fail_reads_after_write
+        return written
+
+
+def _router(tmp_path: Path, store: SqliteStore) -> Router:
+    return Router(TOPOLOGY, {name: FailingBackend(name) for name in ("use1-a", "use1-b", "usw2-a")}, store)
+
+
+def test_switches_apply_exactly_the_given_sets_and_log_each_change_once(tmp_path: Path, caplog) -> None:
+    router = _router(tmp_path, SqliteStore(tmp_path / "p.db"))
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        router.apply_switches({"use1-b", "gone-cluster"}, {"us-east-1", "mars-1"})  # unknown names: ignored
+        router.apply_switches({"use1-b"}, {"us-east-1"})  # no change: no log
+        router.apply_switches(set(), {"us-east-1"})
+    assert router.dispatcher.drained == frozenset()
+    assert router.dispatcher.failed_over == {"us-east-1"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "cluster use1-b drained", "region us-east-1 failed over", "cluster use1-b back in service"]
+
+
+def test_a_drain_recorded_while_the_store_stops_answering_is_applied_at_the_next_sync(tmp_path: Path) -> None:
+    store = Store(tmp_path / "p.db")
+    router = _router(tmp_path, store)
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=1)
+    store.fail_reads_after_write = True  # the store goes away right after the switch is written
+    change = admin.changes.request("alice", "drain", {"cluster": "use1-b"})
+    assert (change.state, change.result) == (APPLIED, "cluster use1-b drained")
+    assert router.dispatcher.drained == frozenset()  # not applied here yet
+    with pytest.raises(StoreError):
+        admin.sync_switches()
+    store.fail_reads_after_write = store.reads_fail = False
+    admin.sync_switches()
+    assert router.dispatcher.drained == {"use1-b"}
+
+
+def test_a_drain_the_store_does_not_take_switches_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "p.db")
+    router = _router(tmp_path, store)
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=2)
+    change = admin.changes.request("alice", "failover", {"region": "us-east-1"})
+    store.writes_fail = True
+    with pytest.raises(Unavailable, match="placement store is unreachable"):
+        admin.changes.approve("bob", change.id)  # the approval itself is not recorded
+    store.writes_fail = False
+    assert admin.changes.get(change.id).state == "pending"
+    assert router.dispatcher.failed_over == frozenset()
