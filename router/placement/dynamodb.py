@@ -56,7 +56,7 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import boto3  # type: ignore[import-untyped]
@@ -159,6 +159,13 @@ def _decode(item: Item | None) -> Placement | None:
     except (KeyError, TypeError, ValueError) as exc:
         key = item.get("key_id", {}).get("S", "?")
         raise StoreError(f"malformed placement record {key!r} in the store: {exc!r}") from exc
+
+
+def _admin_body(name: str, item: Item) -> tuple[dict[str, Any], int]:
+    try:
+        return json.loads(item["body"]["S"]), int(item["version"]["N"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"malformed admin record {name!r} in the store: {exc!r}") from exc
 
 
 def _key(key_id: str) -> Item:
@@ -496,12 +503,15 @@ class DynamoStore(PlacementStore):
 
     def admin_record(self, name: str) -> tuple[dict[str, Any], int] | None:
         item = self._get_item(_key(_ADMIN_PREFIX + name))
-        if not item:
-            return None
-        try:
-            return json.loads(item["body"]["S"]), int(item["version"]["N"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"malformed admin record {name!r} in the store: {exc!r}") from exc
+        return _admin_body(name, item) if item else None
+
+    def admin_records_named(self, names: Sequence[str]) -> dict[str, tuple[dict[str, Any], int]]:
+        keys = [_key(_ADMIN_PREFIX + name) for name in dict.fromkeys(names)]
+        found = {}
+        for item in self._batch_get(keys):
+            name = item["key_id"]["S"][len(_ADMIN_PREFIX):]
+            found[name] = _admin_body(name, item)
+        return found
 
     def admin_records(self) -> Iterator[tuple[str, dict[str, Any], int]]:
         for item in self._scan_items(
@@ -510,9 +520,8 @@ class DynamoStore(PlacementStore):
             ExpressionAttributeValues={":admin": {"S": _ADMIN}},
         ):
             name = item["key_id"]["S"][len(_ADMIN_PREFIX):]
-            found = self.admin_record(name)  # decoded and checked the one way
-            if found is not None:
-                yield name, found[0], found[1]
+            body, version = _admin_body(name, item)
+            yield name, body, version
 
     def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
         condition = "attribute_not_exists(#k)" if version == 0 else "#v = :expected"
@@ -539,7 +548,13 @@ class DynamoStore(PlacementStore):
     def _log_items(self, first: int, last: int) -> dict[int, tuple[int, tuple[str, ...]]]:
         """Second → (writes, key ids) of the log items from ``first`` to ``last`` that exist."""
         found: dict[int, tuple[int, tuple[str, ...]]] = {}
-        keys = [_key(f"{_LOG_PREFIX}{second}") for second in range(first, last + 1)]
+        for item in self._batch_get([_key(f"{_LOG_PREFIX}{second}") for second in range(first, last + 1)]):
+            second = int(item["key_id"]["S"].removeprefix(_LOG_PREFIX))
+            found[second] = (int(item.get("n", {}).get("N", "0")), tuple(item.get("keys", {}).get("SS", [])))
+        return found
+
+    def _batch_get(self, keys: Sequence[Item]) -> Iterator[Item]:
+        """The items of these keys that exist (consistent reads), 100 keys per ``BatchGetItem``."""
         for start in range(0, len(keys), 100):  # BatchGetItem's limit
             request: Item = {self.table: {"Keys": keys[start : start + 100], "ConsistentRead": True}}
             for _ in range(10):
@@ -551,16 +566,13 @@ class DynamoStore(PlacementStore):
                                      f"{error.get('Code', '')}: {error.get('Message', '')}") from exc
                 except BotoCoreError as exc:
                     raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
-                for item in page.get("Responses", {}).get(self.table, []):
-                    second = int(item["key_id"]["S"].removeprefix(_LOG_PREFIX))
-                    found[second] = (int(item.get("n", {}).get("N", "0")), tuple(item.get("keys", {}).get("SS", [])))
+                yield from page.get("Responses", {}).get(self.table, [])
                 request = page.get("UnprocessedKeys") or {}
                 if not request:
                     break
                 time.sleep(0.05)
             else:
                 raise StoreError(f"placement store dynamodb://{self.table}: BatchGetItem kept keys unprocessed")
-        return found
 
     def close(self) -> None:
         if self._owns_client:

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +267,17 @@ class SqliteStore(PlacementStore):
     def admin_record(self, name: str) -> tuple[dict[str, Any], int] | None:
         rows = self._query("SELECT body, version FROM admin_records WHERE name = ?", (name,))
         return (json.loads(rows[0][0]), int(rows[0][1])) if rows else None
+
+    def admin_records_named(self, names: Sequence[str]) -> dict[str, tuple[dict[str, Any], int]]:
+        unique = list(dict.fromkeys(names))
+        found = {}
+        for start in range(0, len(unique), 500):  # well under SQLite's limit on parameters
+            chunk = unique[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for name, body, version in self._query(
+                    f"SELECT name, body, version FROM admin_records WHERE name IN ({marks})", tuple(chunk)):
+                found[name] = (json.loads(body), int(version))
+        return found
 
     def admin_records(self) -> Iterator[tuple[str, dict[str, Any], int]]:
         for name, body, version in self._query("SELECT name, body, version FROM admin_records ORDER BY name"):

@@ -14,7 +14,7 @@ same rule: a write names the version it read.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from router.model import Placement
@@ -80,6 +80,16 @@ class PlacementStore(abc.ABC):
     def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
         """Write an admin record whose version is still ``version`` (0: it must not exist);
         returns its new version. Raises ``Stale`` when the condition does not hold."""
+
+    def admin_records_named(self, names: Sequence[str]) -> dict[str, tuple[dict[str, Any], int]]:
+        """The admin records of these names that exist, by name, with their versions: one
+        read per record here; a store that can read several in one request does so."""
+        found = {}
+        for name in dict.fromkeys(names):
+            record = self.admin_record(name)
+            if record is not None:
+                found[name] = record
+        return found
 
     @abc.abstractmethod
     def admin_records(self) -> Iterator[tuple[str, dict[str, Any], int]]:

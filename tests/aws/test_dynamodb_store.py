@@ -173,3 +173,18 @@ def test_make_store_builds_each_kind(tmp_path: Path, moto_server: MotoServer) ->
     finally:
         for store in (relative, absolute, dynamo):
             store.close()
+
+
+def test_listing_changes_reads_them_together_not_one_request_each(moto_server: MotoServer) -> None:
+    from gateway.quorum import ChangeBook
+
+    store = fresh_store(moto_server)
+    book = ChangeBook(store, {"drain": lambda params: "drained"}, ttl=3600)
+    requested = [book.request("alice", "drain", {"cluster": f"c{n}"}).id for n in range(150)]
+    calls: list[str] = []
+    store._client.meta.events.register("before-call.dynamodb.*",
+                                       lambda model, **_: calls.append(model.name))
+    listed = book.list()
+    assert [c.id for c in listed] == requested
+    assert [c.params["cluster"] for c in listed[:2]] == ["c0", "c1"]
+    assert calls == ["GetItem", "BatchGetItem", "BatchGetItem"]  # the index, then 100 + 50 changes

@@ -421,3 +421,14 @@ def test_paging_through_a_prefix_returns_exactly_the_sorted_matching_ids(
         assert len(pages) <= len(ids), "paging does not terminate"
     got = [key_id for page in pages for key_id in page]
     assert got == sorted(i for i in ids if i.startswith(prefix))
+
+
+def test_admin_records_are_read_together_by_name(store: PlacementStore) -> None:
+    for n in range(130):  # more than one DynamoDB BatchGetItem takes
+        store.put_admin_record(f"change/{n:04d}", {"n": n}, 0)
+    store.put_admin_record("change/0007", {"n": 7, "state": "applied"}, 1)
+    names = [f"change/{n:04d}" for n in range(0, 140, 7)] + ["change/0007", "switches"]
+    found = store.admin_records_named(names)
+    assert found == {f"change/{n:04d}": ({"n": n}, 1) for n in range(14, 130, 7)} | {
+        "change/0000": ({"n": 0}, 1), "change/0007": ({"n": 7, "state": "applied"}, 2)}
+    assert store.admin_records_named([]) == {}

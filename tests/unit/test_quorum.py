@@ -262,3 +262,18 @@ def test_an_admin_state_file_that_cannot_be_read_or_carried_over_is_left_for_the
     assert legacy.exists(), "kept: its switches are not in the store yet"
     book.carry_over(legacy)  # the store answers at the next start
     assert book.switches() == {"drained": {"use1-b"}} and not legacy.exists()
+
+
+def test_listing_marks_a_change_past_its_expiry_expired_once(store_path: Path, clock: FakeClock) -> None:
+    events: list[tuple[str, str]] = []
+    book = ChangeBook(SqliteStore(store_path), {"drain": Actions().drain}, ttl=60, clock=clock,
+                      on_event=lambda actor, event, change: events.append((event, change.id)))
+    old = book.request("alice", "drain", {"cluster": "use1-a"})
+    clock.now += 30
+    new = book.request("alice", "drain", {"cluster": "use1-b"})
+    clock.now += 31  # the first is past its hour, the second is not
+    assert [c.id for c in book.list()] == [new.id]
+    assert [(c.id, c.state) for c in book.list(include_done=True)] == [(old.id, EXPIRED), (new.id, PENDING)]
+    other = ChangeBook(SqliteStore(store_path), {"drain": Actions().drain}, clock=clock)
+    assert other.get(old.id).state == EXPIRED  # recorded in the store, not only shown
+    assert [e for e in events if e[0] == "change_expired"] == [("change_expired", old.id)]
