@@ -20,6 +20,7 @@ from tests.aws.conftest import REGION, MotoServer
 from tests.support import ROOT
 
 TABLE_JSON = ROOT / "deploy" / "dynamodb" / "table.json"
+GATEWAY_POLICY = ROOT / "deploy" / "dynamodb" / "iam-gateway.json"
 
 
 def placement(key_id: str, request_id: str | None = None) -> Placement:
@@ -188,3 +189,38 @@ def test_listing_changes_reads_them_together_not_one_request_each(moto_server: M
     assert [c.id for c in listed] == requested
     assert [c.params["cluster"] for c in listed[:2]] == ["c0", "c1"]
     assert calls == ["GetItem", "BatchGetItem", "BatchGetItem"]  # the index, then 100 + 50 changes
+
+
+def test_the_documented_gateway_policy_allows_exactly_the_calls_the_gateway_makes(moto_server: MotoServer) -> None:
+    """An operator who gives the gateway's role deploy/dynamodb/iam-gateway.json gets no
+    AccessDenied from any store operation, and grants nothing the gateway does not use."""
+    import dataclasses
+
+    store = fresh_store(moto_server)  # the table is the operator's (store init), not the gateway's
+    made: set[str] = set()
+
+    def record(model: Any, params: dict[str, Any], **_: Any) -> None:
+        if model.name == "TransactWriteItems":  # authorised per contained action
+            made.update(f"{kind}Item" for item in params["TransactItems"] for kind in item)
+        else:
+            made.add(model.name)
+
+    store._client.meta.events.register("before-parameter-build.dynamodb.*", record)
+    log = store.change_log()
+    store.create(placement("a/1"))
+    current = store.get("a/1")
+    assert current is not None and store.by_request("req-a/1") is not None
+    current = store.update(dataclasses.replace(current, replicas=("use1-b",)))
+    assert [p.key_id for p in store.list()] == ["a/1"] and len(list(store.scan())) == 1
+    assert store.change_counter() >= 2 and log.read() == ("a/1",)
+    store.put_admin_record("switches", {"drained": ["use1-b"]}, 0)
+    assert store.admin_record("switches") is not None and len(store.admin_records_named(["switches"])) == 1
+    assert len(list(store.admin_records())) == 1
+    store.delete("a/1", current.version)
+
+    policy = json.loads(GATEWAY_POLICY.read_text())
+    allowed = {action.removeprefix("dynamodb:") for statement in policy["Statement"] for action in statement["Action"]}
+    assert made - allowed == set(), "the gateway calls DynamoDB actions its documented policy does not allow"
+    assert allowed - made == set(), "the documented policy allows actions the gateway never uses"
+    readme = (ROOT / "deploy" / "dynamodb" / "README.md").read_text()
+    assert all(f"`dynamodb:{action}`" in readme for action in allowed)
