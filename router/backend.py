@@ -9,7 +9,7 @@ absolute ``deadline`` on the ``time.monotonic`` clock and raises only
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from router.errors import RouterError
@@ -65,8 +65,12 @@ class HsmBackend(abc.ABC):
         """A cheap call that succeeds only if the cluster works."""
 
     @abc.abstractmethod
-    def destroy(self, key_id: str, deadline: float) -> int:
-        """Remove every token object of the key; returns how many were removed."""
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
+        """Remove every token object of the key; returns how many were removed.
+
+        ``unless`` is asked first, while nothing else that this host runs can change the
+        token's objects: if it returns True, nothing is destroyed (0 is returned).
+        """
 
     @abc.abstractmethod
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:

@@ -142,17 +142,13 @@ def reconcile(
         for key_id in sorted(ids - expected[name]):
             if key_id in report.stale_intents:
                 continue  # handled with its intent
-            why = _why_not_an_orphan(router, key_id)
+            why = _why_not_an_orphan(router, name, key_id)
+            if not why and fix:
+                why = _destroy_orphan(router, name, key_id, deadline)
             if why:
                 log.info("reconcile: %s on %s left alone: %s", key_id, name, why)
                 continue
             report.orphans.append((name, key_id))
-            if fix:
-                try:
-                    router.backends[name].destroy(key_id, deadline)
-                    log.warning("reconcile: destroyed orphan %s on %s", key_id, name)
-                except RouterError as exc:
-                    log.error("reconcile: could not destroy orphan %s on %s: %s", key_id, name, exc.message)
     if unheld:
         log.error("reconcile: %d key(s) held by none of the clusters their records name, e.g. %s; their records "
                   "stay as they are, for an operator to restore the keys (docs/operations.md)",
@@ -227,18 +223,59 @@ def _drop_missing(router: Router, name: str, key_id: str, deadline: float) -> bo
     return True
 
 
-def _why_not_an_orphan(router: Router, key_id: str) -> str:
-    """Why an object no placement named in the scan may still be a key's, or "" if it is not.
+def _why_not_an_orphan(router: Router, name: str, key_id: str, *, claim: bool = False) -> str:
+    """Why objects on cluster ``name`` that no placement named in the scan may still be the
+    key's, or "" if they are not.
 
-    The repairer copies a key short of copies before it names the new copy in the record:
-    the object may be that copy, seconds before it is named.
+    The record is read again: since the scan, a move may have named ``name`` as its
+    target (it does so before it copies), a creation may have begun, or the repairer may
+    be making a copy it names only once made. ``claim`` also bumps the record's version
+    when there is one, so that a writer that read it before fails and undoes its change
+    rather than naming a copy about to be destroyed.
     """
     try:
         current = router.store.get(key_id)  # now, not as the scan saw it
     except StoreError as exc:
         return f"the placement store cannot say whose it is ({exc})"
-    if current is not None and router.short_of_copies(current):
+    if current is None or current.state is KeyState.DESTROYED:
+        return ""
+    if name in current.clusters:
+        return f"its record names {name} now"
+    if current.state is KeyState.CREATING:
+        return "the key is being created"
+    if router.short_of_copies(current):
         return "the key is short of copies, a repair may be making it"
+    if claim:
+        try:
+            router.store.update(current)
+        except Conflict:
+            return "its record changed just now"
+        except StoreError as exc:
+            return f"the placement store cannot say whose it is ({exc})"
+    return ""
+
+
+def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> str:
+    """Destroy an orphan's objects on ``name``; why they were left alone, or "".
+
+    The record is read and claimed again while the token's objects are held still for
+    this host's processes (``HsmBackend.destroy(unless=…)``): no creation, move or repair
+    run here can make the key's objects between that look and the destroy.
+    """
+    why: list[str] = []
+
+    def keep() -> bool:
+        why[:] = [_why_not_an_orphan(router, name, key_id, claim=True)]
+        return bool(why[0])
+
+    try:
+        router.backends[name].destroy(key_id, deadline, unless=keep)
+    except RouterError as exc:
+        log.error("reconcile: could not destroy orphan %s on %s: %s", key_id, name, exc.message)
+        return ""
+    if why and why[0]:
+        return why[0]
+    log.warning("reconcile: destroyed orphan %s on %s", key_id, name)
     return ""
 
 

@@ -502,12 +502,25 @@ class Router:
         return True
 
     def roll_back(self, intent: Placement, deadline: float | None = None) -> bool:
-        """Remove an unfinished creation's objects, then its record (by ``intent``'s version).
+        """Remove an unfinished creation's objects, then its record.
 
+        The intent is claimed first (a version bump that restarts its clock, so no retry
+        takes it over meanwhile), and only a successful claim destroys anything: this
+        attempt may have outlived ``creation_grace`` (a hung HSM call that failed late),
+        and a retry that took the creation over may have made and acknowledged the key.
         The primary must be reachable; a replica that is not keeps its objects for reconcile
         to remove as orphans. False (and logged) when the record could not be removed.
         """
         deadline = time.monotonic() + 10.0 if deadline is None else deadline
+        try:
+            intent = self.store.update(replace(intent, create_time=self.wall_clock()))
+        except Conflict:
+            log.warning("rollback of %s: the creation was taken over or settled meanwhile; nothing destroyed",
+                        intent.key_id)
+            return False
+        except StoreError:
+            log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)
+            return False
         try:
             for name in intent.clusters:
                 backend = self.backends.get(name)

@@ -191,26 +191,32 @@ class Pkcs11Cluster(HsmBackend):
     def probe(self, deadline: float) -> None:
         self._run(deadline, lambda s: s.handle.generate_random(64), quick=True)
 
-    def destroy(self, key_id: str, deadline: float) -> int:
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
         def run(s: PooledSession) -> int:
-            with self._cleared(s, key_id, deadline) as destroyed:
-                return destroyed
+            with self._changing(s, deadline):
+                return 0 if unless is not None and unless() else self._destroy_objects(s, key_id)
 
         return self._run(deadline, run)
 
     @contextlib.contextmanager
     def _cleared(self, s: PooledSession, key_id: str, deadline: float) -> Iterator[int]:
-        """The token held still for a change of the key's objects (see ``TokenObjects``), and
-        every object of the key already there (an earlier attempt's leftovers) destroyed
-        first; yields how many were. The locks are waited for until ``deadline``.
+        """The token held still for a change of the key's objects, and every object of the
+        key already there (an earlier attempt's leftovers) destroyed first; yields how many were.
 
         The sweep is also the search ``TokenObjects.changing`` asks for before anything is
         made. Nothing is destroyed by a search after the key is made: on SoftHSM that
         search may list a new object twice, and destroying "the other one" deletes the key.
         """
+        with self._changing(s, deadline):
+            yield self._destroy_objects(s, key_id)
+
+    @contextlib.contextmanager
+    def _changing(self, s: PooledSession, deadline: float) -> Iterator[None]:
+        """The token held still for a change of its objects (see ``TokenObjects``), its locks
+        waited for until ``deadline``."""
         try:
             with s.objects.changing(deadline):
-                yield self._destroy_objects(s, key_id)
+                yield
         except LockTimeout as exc:
             raise DeadlineExceeded(
                 f"deadline exceeded waiting to change objects on cluster {self.spec.name}: {exc}",

@@ -7,11 +7,14 @@ import time
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import ObjectClass
 
 from hsmgw.v1 import crypto_pb2 as pb
-from router.errors import FailedPrecondition, KeyNotFound, Unavailable
-from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation
+from router.errors import ClusterDown, FailedPrecondition, KeyNotFound, Unavailable
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
 from router.reconcile import ReconcileReport, reconcile
 from tests.support import placement, rpc_error, unique
 
@@ -119,6 +122,42 @@ def test_a_second_attempt_during_a_take_over_is_told_to_retry(make_router, token
     for cluster in key.clusters:
         assert len(tokens.objects(cluster, key_id)) == 2, cluster  # one key pair on each
     assert other.generate_key(_spec(key_id), time.monotonic() + 30).version == key.version
+
+
+def test_an_attempt_that_fails_after_a_retry_took_it_over_destroys_nothing(make_router, tokens, caplog) -> None:
+    """The first attempt's HSM call hangs past ``creation_grace`` and then fails. Meanwhile
+    the client's retry (another gateway) took the creation over, made the key and had it
+    acknowledged. The first attempt's roll-back must leave that key alone."""
+    key_id = unique("late-fail")
+    later = time.time() + 120
+    retry = make_router(wall_clock=lambda: later)
+    first = make_router()
+    acknowledged: list[Placement] = []
+    generate = first.backends  # each cluster's own generate, wrapped below
+
+    def hangs_then_fails(name: str):  # type: ignore[no-untyped-def]
+        real = generate[name].generate
+
+        def call(key: Placement, deadline: float) -> None:
+            real(key, deadline)  # the HSM made the objects, but the call does not come back...
+            acknowledged.append(retry.generate_key(_spec(key_id), time.monotonic() + 30))
+            raise ClusterDown("the device failed", cluster=name)  # ...until it fails, late
+
+        return call
+
+    for name in first.backends:
+        first.backends[name].generate = hangs_then_fails(name)  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="router.router"), pytest.raises(Unavailable):
+        first.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert acknowledged and acknowledged[0].state is KeyState.ENABLED
+    key = retry.store.get(key_id)
+    assert key is not None and key.version == acknowledged[0].version
+    for cluster in key.clusters:
+        assert len(tokens.objects(cluster, key_id)) == 2, cluster
+    signature, _ = retry.sign(key_id, Operation.ECDSA_SHA256, b"\x08" * 32, None, time.monotonic() + 5)
+    public = serialization.load_der_public_key(retry.public_key(key_id, time.monotonic() + 5)[1])
+    public.verify(signature, b"\x08" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+    assert f"rollback of {key_id}: the creation was taken over or settled meanwhile; nothing destroyed" in caplog.text
 
 
 def test_reconcile_never_destroys_a_creation_that_finished_after_its_scan(make_router, tokens) -> None:

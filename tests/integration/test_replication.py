@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import ObjectClass
 
-from router.errors import Unavailable
+from router.errors import ClusterDown, Unavailable
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement, ReplicationPolicy
 from router.reconcile import reconcile
 from tests.support import unique
@@ -220,6 +221,76 @@ def test_a_reconcile_during_a_repair_does_not_destroy_the_copy_being_made(make_r
     signature = repairer.backends["usw2-a"].sign(repaired, Operation.ECDSA_SHA256, b"\x06" * 32, time.monotonic() + 5)
     public = serialization.load_der_public_key(repairer.public_key(key.key_id, time.monotonic() + 5)[1])
     public.verify(signature, b"\x06" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def test_a_reconcile_does_not_destroy_a_repair_copy_named_after_its_scan(make_router, tokens) -> None:
+    """The repairer names its copy after the reconcile listed the tokens and scanned the
+    store: the copy is the record's by the time the reconcile looks again, and stays."""
+    policy = ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True)
+    creator = make_router(replication=policy)
+    creator.fail_over_region("us-west-2")
+    key = creator.generate_key(_spec(unique("named-late")), time.monotonic() + 30)
+    copied, named = threading.Event(), threading.Event()
+
+    def at(point: str) -> None:
+        if point == "repair-copied" and tokens.classes("usw2-a", key.key_id):
+            copied.set()
+            named.wait(30)
+
+    repairer = make_router(replication=policy, fault=at)
+    repair = threading.Thread(target=repairer.repair_once, args=(time.monotonic() + 60,))
+    repair.start()
+    assert copied.wait(30)
+    reconciler = make_router(replication=policy)
+    scan = reconciler.store.scan
+
+    def scan_then_the_repair_names_its_copy():  # type: ignore[no-untyped-def]
+        yield from scan()
+        named.set()
+        repair.join(30)
+
+    reconciler.store.scan = scan_then_the_repair_names_its_copy  # type: ignore[method-assign]
+    report = reconcile(reconciler, fix=True)
+    assert ("usw2-a", key.key_id) not in report.orphans
+    after = reconciler.store.get(key.key_id)
+    assert after.state is KeyState.ENABLED and "usw2-a" in after.replicas
+    assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+
+
+def test_a_reconcile_does_not_destroy_a_leftover_copy_that_a_move_brings_back(make_router, tokens) -> None:
+    """A move leaves its old copy behind (the source did not answer); a reconcile lists it as
+    an orphan; before the reconcile gets to it, another gateway moves the key back there.
+    That copy is then the key's only one, and the reconcile must leave it."""
+    one = ReplicationPolicy(copies=1, require_dr_copy=False)
+    key = make_router(replication=one).generate_key(_spec(unique("back")), time.monotonic() + 30)
+    source = key.primary
+    other = "use1-b" if source == "use1-a" else "use1-a"
+    mover = make_router(replication=one)
+
+    def unreachable(key_id: str, deadline: float, **_: object) -> int:
+        raise ClusterDown("did not answer", cluster=source)
+
+    mover.backends[source].destroy = unreachable  # type: ignore[method-assign]
+    assert mover.move_key(key.key_id, other, time.monotonic() + 30).primary == other
+    assert tokens.classes(source, key.key_id), "the old copy is left behind"
+    reconciler = make_router(replication=one)
+    scan = reconciler.store.scan
+    moved_back: list[Placement] = []
+
+    def scan_then_a_move_back():  # type: ignore[no-untyped-def]
+        yield from scan()
+        moved_back.append(make_router(replication=one).move_key(key.key_id, source, time.monotonic() + 30))
+
+    reconciler.store.scan = scan_then_a_move_back  # type: ignore[method-assign]
+    report = reconcile(reconciler, fix=True)
+    assert moved_back and moved_back[0].clusters == (source,)
+    assert (source, key.key_id) not in report.orphans
+    assert tokens.classes(source, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    reconciler.reload_key(key.key_id)
+    signature, cluster = reconciler.sign(key.key_id, Operation.ECDSA_SHA256, b"\x07" * 32, None, time.monotonic() + 5)
+    public = serialization.load_der_public_key(reconciler.public_key(key.key_id, time.monotonic() + 5)[1])
+    public.verify(signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+    assert cluster == source
 
 
 class _Killed(BaseException):

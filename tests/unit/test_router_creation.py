@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,9 @@ class FailingBackend(HsmBackend):
     def generate(self, key: Placement, deadline: float) -> None:
         raise self.error("unexpected PKCS #11 error", cluster=self.spec.name)
 
-    def destroy(self, key_id: str, deadline: float) -> int:
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
+        if unless is not None and unless():
+            return 0
         self.destroyed.append(key_id)
         return 0
 
