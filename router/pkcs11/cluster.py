@@ -373,21 +373,23 @@ class Pkcs11Cluster(HsmBackend):
                 ),
                 Operation.RSA_OAEP_SHA256,
             )
-        raw = self._run(
-            deadline,
-            lambda s: bytes(
-                s.key(key, ObjectClass.PRIVATE_KEY, "decrypt").decrypt(data, mechanism=Mechanism.RSA_X_509)
-            ),
-            Operation.RSA_OAEP_SHA256,
-            decrypting=True,
-        )
+        def not_valid() -> DecryptionFailed:
+            return DecryptionFailed("decryption failed: the ciphertext is not valid for this key",
+                                    cluster=self.name, region=self.spec.region)
+
+        def raw_decrypt(s: PooledSession) -> bytes:
+            private = s.key(key, ObjectClass.PRIVATE_KEY, "decrypt")
+            # A number not below the modulus is no ciphertext of this key. Raw RSA answers it
+            # with CKR_GENERAL_ERROR on SoftHSM, which would count against the cluster's
+            # health: a caller could open every circuit with a few such requests.
+            if int.from_bytes(data, "big") >= int.from_bytes(bytes(private[Attribute.MODULUS]), "big"):
+                raise not_valid()
+            return bytes(private.decrypt(data, mechanism=Mechanism.RSA_X_509))
+
+        raw = self._run(deadline, raw_decrypt, Operation.RSA_OAEP_SHA256, decrypting=True)
         message = _oaep.decode(raw, modulus_bytes)
         if message is None:
-            raise DecryptionFailed(
-                "decryption failed: the ciphertext is not valid for this key",
-                cluster=self.name,
-                region=self.spec.region,
-            )
+            raise not_valid()
         return message
 
     def mac(self, key: Placement, op: Operation, data: bytes, deadline: float) -> bytes:

@@ -496,3 +496,23 @@ def test_valid_rsa_oaep_request_is_not_blamed_on_the_caller(crypto: Any) -> None
         return
     dec = crypto.Decrypt(pb.DecryptRequest(key_id=key.key_id, algorithm=OAEP, ciphertext=enc.ciphertext), timeout=10)
     assert dec.plaintext == request.plaintext
+
+
+@pytest.mark.parametrize("storage", [pb.KEY_STORAGE_TOKEN, pb.KEY_STORAGE_EXTERNAL])
+def test_an_rsa_ciphertext_beyond_the_modulus_is_the_callers_fault_and_opens_no_circuit(
+        crypto: Any, admin: Any, storage: int) -> None:
+    """Raw RSA answers a number not below the modulus with CKR_GENERAL_ERROR; taken for the
+    HSM's failure, a few such requests would open the circuit of every cluster holding the key
+    (of every cluster, for an EXTERNAL key)."""
+    key = _generate(crypto, unique("bad-input-oaep-big"), pb.KEY_ALGORITHM_RSA_2048, usage=pb.KEY_USAGE_ENCRYPT_DECRYPT,
+                    storage=storage)
+    for ciphertext in [b"\xff" * 256] * 6 + [bytes.fromhex("ff" * 128 + "00" * 128)]:  # 3 failures open a circuit
+        err = rpc_error(crypto.Decrypt, pb.DecryptRequest(key_id=key.key_id, algorithm=OAEP, ciphertext=ciphertext),
+                        timeout=15)
+        assert (err.code(), error_info(err).reason, err.details()) == (
+            INVALID, "DECRYPTION_FAILED", "decryption failed: the ciphertext is not valid for this key")
+    circuits = {c.name: c.circuit for c in admin.ListClusters(admin_pb2.ListClustersRequest(), timeout=10).clusters}
+    assert circuits == {"use1-a": "closed", "use1-b": "closed", "usw2-a": "closed"}
+    enc = crypto.Encrypt(pb.EncryptRequest(key_id=key.key_id, algorithm=OAEP, plaintext=b"still served"), timeout=10)
+    dec = crypto.Decrypt(pb.DecryptRequest(key_id=key.key_id, algorithm=OAEP, ciphertext=enc.ciphertext), timeout=10)
+    assert dec.plaintext == b"still served"
