@@ -25,7 +25,7 @@ from gateway.interceptors import current_identity
 from gateway.quorum import Change, ChangeBook
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument
+from router.errors import FailedPrecondition, InvalidArgument, Unavailable
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
@@ -105,9 +105,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     # -- plumbing ------------------------------------------------------------------
 
     def _audit_change(self, actor: str, event: str, change: Change) -> None:
-        self.audit.append(actor if actor != "-" else change.requested_by, event, change.id,
-                          outcome=change.state, change_action=change.action, params=change.params,
-                          approved_by=change.approved_by, result=change.result)
+        try:
+            self.audit.append(actor if actor != "-" else change.requested_by, event, change.id,
+                              outcome=change.state, change_action=change.action, params=change.params,
+                              approved_by=change.approved_by, result=change.result)
+        except (audit_mod.AuditLogError, OSError) as exc:
+            log.error("audit log %s cannot be written: %s (event %s of change %s, %s by %s)",
+                      self.audit_path, exc, event, change.id, change.action, actor)
+            raise Unavailable("the gateway's audit log cannot be written (its log says why); "
+                              "admin changes wait until it can") from None
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[str], R]) -> R:
         identity = caller()

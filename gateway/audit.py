@@ -150,6 +150,22 @@ class AuditLog:
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
 
+    def check(self) -> None:
+        """Make sure records can be appended (the file is created if missing, and its last
+        line is a complete record); :class:`AuditLogError` says why not. For start-up:
+        a gateway that cannot audit must not take admin changes."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        except OSError as exc:
+            raise AuditLogError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            last = _last_line(fd, os.fstat(fd).st_size, self.path)
+            if last is not None:
+                _parse_seq(last, self.path)
+        finally:
+            os.close(fd)
+
     def append(self, actor: str, action: str, target: str, outcome: str = "ok", **details: object) -> dict[str, Any]:
         """Append one record and return it as written (after its line is fsynced).
 

@@ -173,7 +173,9 @@ class AdminConfig:
     (relative to the config file). They live in the placement store now: a file found here
     at start is carried over into the store and renamed `<name>.migrated`."""
     audit_log: str = "audit.log"
-    """The hash-chained audit log (relative to the config file)."""
+    """The hash-chained audit log (relative to the config file). The gateway does not start
+    if it cannot append to it. A request or approval that cannot be written there does not
+    count (UNAVAILABLE): every admin change is audited."""
 
 
 @dataclass(frozen=True)

@@ -187,23 +187,45 @@ class ChangeBook:
                 self._list_ids([change.id])
             except StoreError as exc:
                 raise _unavailable(exc) from exc
-        self._on_event(actor, "change_requested", change)
+        try:
+            self._on_event(actor, "change_requested", change)
+        except RouterError:  # not audited: it must not be approved
+            self._undo(change.id, lambda c: dataclasses.replace(
+                c, state=FAILED, result="withdrawn: its request could not be audited") if c.state == PENDING else None)
+            raise
         if len(change.approved_by) >= change.needed:
             return self._run(change.id)
         return change
 
+    def _undo(self, change_id: str, edit: Edit) -> None:
+        """Take back a step whose event could not be recorded; the step's caller raises."""
+        try:
+            self._update(change_id, edit)
+        except RouterError as exc:
+            log.error("change %s: a step that could not be audited could not be taken back either: %s",
+                      change_id, exc.message)
+
     def approve(self, actor: str, change_id: str) -> Change:
-        def add(change: Change) -> Change:
+        def add(change: Change) -> Change | None:
             if change.state != PENDING:
                 raise FailedPrecondition(f"change {change_id} is {change.state}; only pending changes can be approved")
+            if len(change.approved_by) >= change.needed:
+                return None  # approved already, and its run never began (its approver stopped): run it now
             if actor in change.approved_by:
                 who = "requested" if actor == change.requested_by else "already approved"
                 raise AlreadyExists(f"{actor} {who} change {change_id}; another admin must approve it")
             change.approved_by.append(actor)
             return change
 
-        change, _ = self._update(change_id, add)
-        self._on_event(actor, "change_approved", change)
+        change, added = self._update(change_id, add)
+        if added:
+            try:
+                self._on_event(actor, "change_approved", change)
+            except RouterError:  # not audited: it does not count
+                self._undo(change_id, lambda c: dataclasses.replace(
+                    c, approved_by=[a for a in c.approved_by if a != actor])
+                    if c.state == PENDING and actor in c.approved_by else None)
+                raise
         if len(change.approved_by) >= change.needed:
             return self._run(change_id)
         return change
@@ -232,7 +254,7 @@ class ChangeBook:
         except Exception as exc:  # noqa: BLE001 - recorded; the admin sees a generic failure
             result, state = f"internal error ({type(exc).__name__})", FAILED
         done = dataclasses.replace(change, state=state, result=result)
-        self._on_event("-", f"change_{state}", done)
+        answer = done
         try:
             self._record_result(done)
         except Unavailable:
@@ -241,9 +263,15 @@ class ChangeBook:
                 self._unrecorded[change_id] = done
             log.error("change %s (%s) %s: %s; the placement store did not take that result yet, so it shows "
                       "as running until it does", change_id, change.action, state, result)
-            return dataclasses.replace(done, result=f"{result} (not recorded yet: the placement store is "
-                                                    "unreachable; it is written once it answers)")
-        return done
+            answer = dataclasses.replace(done, result=f"{result} (not recorded yet: the placement store is "
+                                                      "unreachable; it is written once it answers)")
+        try:
+            self._on_event("-", f"change_{state}", done)
+        except RouterError as exc:  # it ran: say so, and that the audit log lacks it
+            log.error("change %s (%s) %s: %s; this is not in the audit log: %s",
+                      change_id, change.action, state, result, exc.message)
+            answer = dataclasses.replace(answer, result=f"{answer.result} (not in the audit log: {exc.message})")
+        return answer
 
     def _record_result(self, done: Change) -> None:
         self._update(done.id, lambda c: dataclasses.replace(c, state=done.state, result=done.result)

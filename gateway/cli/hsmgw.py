@@ -73,6 +73,13 @@ def _serve(args: argparse.Namespace) -> None:
             from gateway.tls import load_material
 
             load_material(config.server.tls)
+        # Every admin change is audited: a gateway that cannot write its audit log takes none.
+        from gateway.audit import AuditLog, AuditLogError
+
+        try:
+            AuditLog(config.base_dir / config.admin.audit_log).check()
+        except AuditLogError as exc:
+            raise ConfigError(f"admin.audit_log: {exc}") from None
     except ConfigError as exc:
         fail(f"{args.config}: {exc}")
     if args.workers > 1:

@@ -283,6 +283,31 @@ def test_audit_verify_names_the_tampered_record(tmp_path: Path, damage: str) -> 
         assert "TAMPERED" in result.stdout and "line 4" in result.stdout, result.stdout
 
 
+def test_no_admin_change_is_taken_while_the_audit_log_cannot_be_written(tmp_path: Path) -> None:
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    log = fleet.config_path.parent / "audit.log"
+    with running(fleet.config_path) as gw:
+        _, change = as_json(gw.target, "clusters", "drain", "use1-a")
+        log.rename(log.with_name("audit.log.kept"))
+        log.mkdir()  # the log's path no longer takes appends
+        for attempt in (("clusters", "drain", "use1-b"), ("changes", "approve", change["id"])):
+            result = hsmctl(gw.target, *attempt, who="bob")
+            assert result.returncode == 2  # try again later
+            assert result.stderr.strip() == ("error: UNAVAILABLE: the gateway's audit log cannot be written (its "
+                                             "log says why); admin changes wait until it can"), result.stderr
+        _, changes = as_json(gw.target, "changes", "list", "--all")
+        states = {c["params"]["cluster"]: (c["state"], c["approved_by"]) for c in changes}
+        assert states == {"use1-a": ("pending", ["alice"]),
+                          "use1-b": ("failed", ["bob"])}, "an unaudited request or approval does not count"
+        _, clusters = as_json(gw.target, "clusters")
+        assert not any(c["draining"] for c in clusters["clusters"])
+        assert "audit log" in gw.log() and "cannot be written" in gw.log()
+        log.rmdir()
+        log.with_name("audit.log.kept").rename(log)
+        assert approve(gw.target, change)["state"] == "applied"
+        assert hsmctl(gw.target, "audit", "verify").returncode == 0
+
+
 def test_expired_change_does_not_run(tmp_path: Path) -> None:
     fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
     with open(fleet.config_path, "a") as f:

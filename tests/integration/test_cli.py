@@ -170,6 +170,10 @@ BAD_CONFIGS = [
     ("threads-as-string", _replace("[server]\n", '[server]\nthreads = "16"\n'), ("server.threads", "int")),
     ("unknown-home-region", _replace('home_region = "us-east-1"', 'home_region = "eu-west-1"'),
      ("gateway.home_region", "eu-west-1")),
+    ("audit-log-in-a-missing-directory", lambda text: text + '\n[admin]\naudit_log = "no-such-dir/audit.log"\n',
+     ("admin.audit_log", "cannot write", "no-such-dir/audit.log", "No such file or directory")),
+    ("audit-log-not-a-log", lambda text: text + '\n[admin]\naudit_log = "hsmgw.toml"\n',
+     ("admin.audit_log", "not an audit record")),
 ]
 
 

@@ -277,3 +277,79 @@ def test_listing_marks_a_change_past_its_expiry_expired_once(store_path: Path, c
     other = ChangeBook(SqliteStore(store_path), {"drain": Actions().drain}, clock=clock)
     assert other.get(old.id).state == EXPIRED  # recorded in the store, not only shown
     assert [e for e in events if e[0] == "change_expired"] == [("change_expired", old.id)]
+
+
+class Audit:
+    """The book's event sink: records events, and fails (as an unwritable audit log) on demand."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+        self.failing: set[str] = set()
+
+    def __call__(self, actor: str, event: str, change: Any) -> None:
+        if event in self.failing:
+            raise Unavailable("the gateway's audit log cannot be written")
+        self.events.append((actor, event, change.state))
+
+
+def test_a_change_whose_request_or_approval_cannot_be_audited_does_not_count(
+        store_path: Path, clock: FakeClock, actions: Actions) -> None:
+    audit = Audit()
+    book = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=600, clock=clock, on_event=audit)
+    audit.failing = {"change_requested"}
+    with pytest.raises(Unavailable, match="audit log"):
+        book.request("alice", "drain", {"cluster": "use1-a"})
+    (withdrawn,) = book.list(include_done=True)
+    assert (withdrawn.state, withdrawn.result) == ("failed", "withdrawn: its request could not be audited")
+    with pytest.raises(FailedPrecondition, match="is failed"):
+        book.approve("bob", withdrawn.id)
+
+    audit.failing = set()
+    change = book.request("alice", "drain", {"cluster": "use1-b"})
+    audit.failing = {"change_approved"}
+    with pytest.raises(Unavailable, match="audit log"):
+        book.approve("bob", change.id)
+    assert book.get(change.id).approved_by == ["alice"] and book.get(change.id).state == PENDING
+    assert actions.ran == []
+    audit.failing = set()
+    assert book.approve("bob", change.id).state == APPLIED
+    assert actions.ran == [{"cluster": "use1-b"}]
+    assert [e[1] for e in audit.events] == ["change_requested", "change_approved", "change_applied"]
+
+
+def test_a_change_that_ran_but_could_not_be_audited_is_recorded_and_says_so(
+        store_path: Path, clock: FakeClock, actions: Actions) -> None:
+    audit = Audit()
+    book = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=600, clock=clock, on_event=audit)
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    audit.failing = {"change_applied"}
+    done = book.approve("bob", change.id)
+    assert done.state == APPLIED
+    assert done.result == ("cluster use1-a drained (not in the audit log: the gateway's audit log cannot be "
+                           "written)")
+    assert book.get(change.id).state == APPLIED  # recorded in the store all the same
+    assert actions.ran == [{"cluster": "use1-a"}]
+
+
+def test_a_change_with_its_approvals_that_never_ran_runs_at_the_next_approval(
+        store_path: Path, clock: FakeClock, actions: Actions) -> None:
+    """The approver's process stopped between recording the last approval and running it."""
+
+    class Stopped(BaseException):
+        pass
+
+    def stops(actor: str, event: str, change: Any) -> None:
+        if event == "change_approved":
+            raise Stopped
+
+    first = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=600, clock=clock, on_event=stops)
+    change = first.request("alice", "drain", {"cluster": "use1-a"})
+    with pytest.raises(Stopped):
+        first.approve("bob", change.id)
+    other = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=600, clock=clock)
+    stuck = other.get(change.id)
+    assert (stuck.state, stuck.approved_by) == (PENDING, ["alice", "bob"]) and actions.ran == []
+    assert other.approve("bob", change.id).state == APPLIED  # the approver again, or any admin
+    assert actions.ran == [{"cluster": "use1-a"}]
+    with pytest.raises(FailedPrecondition, match="is applied"):
+        other.approve("carol", change.id)

@@ -15,7 +15,8 @@ Examples:
   hsmctl audit verify
 
 Exit codes: 0 ok; 1 the request was refused or failed; 2 the gateway could not
-be reached; 3 the change is waiting for approvals (scripts can poll).
+be reached or cannot act now (UNAVAILABLE, DEADLINE_EXCEEDED: try again later);
+3 the change is waiting for approvals (scripts can poll).
 """
 
 from __future__ import annotations
