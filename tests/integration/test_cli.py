@@ -303,3 +303,32 @@ def test_hsmctl_unreachable_gateway_fails_with_one_line() -> None:
     result = hsmctl("--target", "127.0.0.1:1", "--timeout", "5", "clusters")
     line = one_error_line(result)
     assert "UNAVAILABLE" in line, line
+
+
+# -- hsmctl's TLS options -------------------------------------------------------------------
+
+
+def test_hsmctl_refuses_half_a_client_certificate_and_names_a_missing_file(gateway: Any, tmp_path: Path) -> None:
+    from gateway.tls import write_dev_certs
+
+    certs = write_dev_certs(tmp_path / "certs", ["ops"])
+    cert, key = certs.client("ops")
+    for half in (["--cert", str(cert)], ["--key", str(key)]):
+        result = hsmctl("--target", gateway.target, "--ca", str(certs.ca), *half, "clusters")
+        assert result.returncode == 1, result  # not an abort inside gRPC (SIGABRT, 134)
+        assert one_error_line(result) == ("error: --cert and --key go together: the client certificate and its "
+                                          "private key")
+    missing = tmp_path / "no-such-ca.pem"
+    result = hsmctl("--target", gateway.target, "--ca", str(missing), "clusters")
+    assert one_error_line(result) == f"error: --ca {missing}: No such file or directory"
+
+
+def test_hsmctl_with_a_client_certificate_never_falls_back_to_plaintext(gateway: Any, tmp_path: Path) -> None:
+    """Without --ca the system's roots verify the gateway; the certificate is not ignored,
+    so a plaintext gateway is not reached (it was, silently, without the certificate)."""
+    from gateway.tls import write_dev_certs
+
+    cert, key = write_dev_certs(tmp_path / "certs", ["ops"]).client("ops")
+    assert hsmctl("--target", gateway.target, "clusters").returncode == 0
+    result = hsmctl("--target", gateway.target, "--timeout", "3", "--cert", str(cert), "--key", str(key), "clusters")
+    assert result.returncode == 2 and "CLUSTER" not in result.stdout, result

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin identity in development (plaintext on loopback only; TLS uses the certificate)",
     )
     parser.add_argument("--ca", help="CA certificate (PEM) to verify the gateway; enables TLS")
-    parser.add_argument("--cert", help="client certificate (PEM) for mTLS")
-    parser.add_argument("--key", help="client private key (PEM) for mTLS")
+    parser.add_argument("--cert", help="client certificate (PEM) for mTLS, with --key; enables TLS (without "
+                                       "--ca the system's CA certificates verify the gateway)")
+    parser.add_argument("--key", help="the client certificate's private key (PEM), with --cert")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)

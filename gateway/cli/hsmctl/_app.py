@@ -12,10 +12,20 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from gateway.cli._common import fail
 from hsmgw.v1 import admin_pb2 as apb
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 
 WAITING = 3
+
+
+def _read(option: str, path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        fail(f"{option} {path}: {exc.strerror or exc}", code=1)
 
 
 class App:
@@ -29,11 +39,13 @@ class App:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> App:
-        if args.ca:
+        if args.ca or args.cert or args.key:
+            if bool(args.cert) != bool(args.key):
+                fail("--cert and --key go together: the client certificate and its private key", code=1)
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=Path(args.ca).read_bytes(),
-                private_key=Path(args.key).read_bytes() if args.key else None,
-                certificate_chain=Path(args.cert).read_bytes() if args.cert else None,
+                root_certificates=_read("--ca", args.ca),  # None: the system's roots verify the gateway
+                private_key=_read("--key", args.key),
+                certificate_chain=_read("--cert", args.cert),
             )
             channel = grpc.secure_channel(args.target, credentials)
         else:
