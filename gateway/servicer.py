@@ -305,6 +305,10 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                     raise Unavailable("the gateway is shutting down; retry on another gateway")
                 yield self._sign(request, _deadline(context, self.default_deadline))
                 request_id = ""
+        except grpc.RpcError:
+            # Raised by the request iterator alone: the client cancelled the stream, or its
+            # deadline passed, while this waited for the next message. No one is left to answer.
+            log.debug("a SignStream ended by its client or its deadline")
         except Exception as exc:  # noqa: BLE001 - every failure gets a status
             status.abort(context, exc, request_id)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -400,6 +402,33 @@ def test_bad_batch_items_fail_alone_with_their_reason(crypto: Any, keys: Keys) -
         (NOT_FOUND.value[0], "KEY_NOT_FOUND"),
     ]
     assert results[0].response.request_id == "ok" and results[0].response.signature
+
+
+def test_a_stream_its_client_cancels_or_lets_expire_is_no_gateway_error(crypto: Any, gateway: Any, keys: Keys) -> None:
+    """Cancelling a stream, or letting its deadline pass while the gateway waits for the next
+    message, is the client's right: no ERROR line and no traceback in the gateway's log."""
+    before = gateway.log().count("internal error")
+    request = pb.SignRequest(key_id=keys.ec, algorithm=ECDSA, digest=DIGEST, request_id="1")
+    for ends in ("cancel", "deadline"):
+        held = threading.Event()
+
+        def one_then_wait(held: threading.Event = held) -> Iterator[pb.SignRequest]:
+            yield request
+            held.wait(10)  # the client sends nothing more
+
+        stream = crypto.SignStream(one_then_wait(), timeout=1.0 if ends == "deadline" else 15)
+        assert next(stream).request_id == "1"
+        if ends == "cancel":
+            stream.cancel()
+        with pytest.raises(grpc.RpcError) as caught:
+            next(stream)
+        held.set()
+        assert caught.value.code() is (grpc.StatusCode.CANCELLED if ends == "cancel"
+                                       else grpc.StatusCode.DEADLINE_EXCEEDED)
+    time.sleep(0.5)  # the gateway notices the stream's end
+    assert gateway.log().count("internal error") == before, gateway.log_digest()
+    signature = crypto.Sign(request, timeout=10).signature  # and serves on
+    assert signature
 
 
 def test_bad_stream_item_ends_the_stream_with_its_status(crypto: Any, keys: Keys) -> None:
