@@ -319,7 +319,13 @@ class Router:
             return existing
         if spec.storage is KeyStorage.EXTERNAL and not spec.extractable:
             raise InvalidArgument("an EXTERNAL key lives wrapped outside the HSM; it cannot be non-extractable")
+        if spec.storage is KeyStorage.EXTERNAL and spec.copies > 1:
+            raise InvalidArgument("an EXTERNAL key lives wrapped in the placement store, not on clusters: "
+                                  "it takes no replication.copies")
         copies = 1 if spec.storage is KeyStorage.EXTERNAL else (spec.copies or self.replication.copies)
+        if copies > len(self.backends):
+            raise FailedPrecondition(f"replication.copies = {copies}, but this gateway has {len(self.backends)} "
+                                     "clusters: a key has at most one copy on each")
         if copies > 1 and not spec.extractable:
             raise FailedPrecondition(
                 f"a non-extractable key cannot be replicated; ask for replication.copies = 1 (policy: {copies})"
