@@ -71,6 +71,9 @@ def _caller() -> str:
 
 
 def _input(request: pb.SignRequest | pb.VerifyRequest) -> tuple[bytes | None, bytes | None]:
+    request_id = getattr(request, "request_id", "")  # optional; echoed in the answer
+    if len(request_id) > 128 or not request_id.isprintable():
+        raise InvalidArgument("request_id must be at most 128 printable characters")
     which = request.WhichOneof("input")
     if which == "digest":
         return request.digest, None

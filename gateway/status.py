@@ -35,6 +35,15 @@ _TABLE: tuple[tuple[type[errors.RouterError], grpc.StatusCode], ...] = (
 
 GENERIC_INTERNAL = "internal error; the gateway logged the details"
 
+MAX_MESSAGE = 500
+"""Characters of a status message, and of an ErrorInfo value, sent at most. Messages may
+quote what the caller sent (a cluster name, a change id); gRPC refuses trailers over
+16 KiB, and the caller would get RESOURCE_EXHAUSTED instead of the error."""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
 
 def code_for(exc: BaseException) -> grpc.StatusCode:
     for cls, code in _TABLE:
@@ -47,14 +56,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(code, message, reason) for an error; INTERNAL hides its details."""
     code = code_for(exc)
     if isinstance(exc, errors.RouterError) and code is not grpc.StatusCode.INTERNAL:
-        return code, exc.message, exc.reason
+        return code, _clip(exc.message), exc.reason
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL, "INTERNAL"
 
 
 def to_rpc_status(exc: BaseException, request_id: str = "") -> status_pb2.Status:
     """The status for ``exc``; ``request_id`` names the stream message that ended the call."""
     code, message, reason = status_for(exc)
-    metadata = {"request_id": request_id} if request_id else {}
+    metadata = {"request_id": _clip(request_id)} if request_id else {}
     if isinstance(exc, errors.RouterError) and code is not grpc.StatusCode.INTERNAL:
         if exc.cluster:
             metadata["cluster"] = exc.cluster

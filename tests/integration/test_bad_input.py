@@ -446,6 +446,28 @@ def test_a_stream_its_client_cancels_or_lets_expire_is_no_gateway_error(crypto: 
     assert signature
 
 
+def test_caller_strings_of_any_length_never_hide_the_error(crypto: Any, admin: Any, keys: Keys) -> None:
+    """A message that quotes what the caller sent is clipped: gRPC refuses trailers over
+    16 KiB, and the caller would get RESOURCE_EXHAUSTED "Stream removed" instead."""
+    long_id = "r" * 20_000
+    bad = pb.SignRequest(key_id=keys.ec, algorithm=ECDSA, digest=DIGEST[:31], request_id=long_id)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(crypto.SignStream(iter([bad]), timeout=15))
+    assert (caught.value.code(), error_info(caught.value).reason) == (INVALID, "INVALID_ARGUMENT")
+    assert caught.value.details() == "request_id must be at most 128 printable characters"
+    batch = crypto.BatchSign(pb.BatchSignRequest(requests=[bad]), timeout=15)
+    assert (batch.responses[0].code, batch.responses[0].message) == (
+        INVALID.value[0], "request_id must be at most 128 printable characters")
+    for call, request in (
+        (admin.ApproveChange, admin_pb2.ApproveChangeRequest(id="c" * 10_000)),
+        (admin.DrainCluster, admin_pb2.DrainClusterRequest(cluster="x" * 10_000, drain=True)),
+    ):
+        err = rpc_error(call, request, timeout=15)
+        assert err.code() in (INVALID, NOT_FOUND), err.details()
+        assert error_info(err).reason in ("INVALID_ARGUMENT", "KEY_NOT_FOUND")
+        assert 100 < len(err.details()) <= 500 and err.details().endswith("…")
+
+
 def test_bad_stream_item_ends_the_stream_with_its_status(crypto: Any, keys: Keys) -> None:
     requests = [
         pb.SignRequest(key_id=keys.ec, algorithm=ECDSA, digest=DIGEST, request_id="1"),
