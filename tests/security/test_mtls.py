@@ -9,6 +9,7 @@ policy at all.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import ssl
 from collections.abc import Callable
@@ -316,3 +317,24 @@ def test_denials_land_in_the_hash_chained_audit_log(
     assert record["action"] == "authz.denied" and record["outcome"] == "denied"
     assert record["actor"] == sid("payments-app")
     assert audit_log.verify(path).ok
+
+
+def test_hsmctl_over_mtls_shows_a_key_by_its_id(
+        tls_gateway: GatewayProcess, certs: DevCerts, connect: Callable[[str], Client]) -> None:
+    """``hsmctl --key KEYFILE keys show KEY_ID``: the key id must not take the place of the
+    private key file (they once shared one argparse destination)."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    key_id = unique("payments/shown")
+    connect("root").crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id,
+                                                             algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+    cert, key = certs.client("root")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli.hsmctl", "--target", tls_gateway.target, "--ca", str(certs.ca),
+         "--cert", str(cert), "--key", str(key), "--output", "json", "keys", "show", key_id],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["key_id"] == key_id

@@ -48,10 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="admin identity in development (plaintext on loopback only; TLS uses the certificate)",
     )
-    parser.add_argument("--ca", help="CA certificate (PEM) to verify the gateway; enables TLS")
-    parser.add_argument("--cert", help="client certificate (PEM) for mTLS, with --key; enables TLS (without "
-                                       "--ca the system's CA certificates verify the gateway)")
-    parser.add_argument("--key", help="the client certificate's private key (PEM), with --cert")
+    parser.add_argument("--ca", dest="tls_ca", help="CA certificate (PEM) to verify the gateway; enables TLS")
+    parser.add_argument("--cert", dest="tls_cert",
+                        help="client certificate (PEM) for mTLS, with --key; enables TLS (without --ca the "
+                             "system's CA certificates verify the gateway)")
+    parser.add_argument("--key", dest="tls_key", help="the client certificate's private key (PEM), with --cert")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)

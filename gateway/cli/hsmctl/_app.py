@@ -39,13 +39,13 @@ class App:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> App:
-        if args.ca or args.cert or args.key:
-            if bool(args.cert) != bool(args.key):
+        if args.tls_ca or args.tls_cert or args.tls_key:
+            if bool(args.tls_cert) != bool(args.tls_key):
                 fail("--cert and --key go together: the client certificate and its private key", code=1)
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read("--ca", args.ca),  # None: the system's roots verify the gateway
-                private_key=_read("--key", args.key),
-                certificate_chain=_read("--cert", args.cert),
+                root_certificates=_read("--ca", args.tls_ca),  # None: the system's roots verify the gateway
+                private_key=_read("--key", args.tls_key),
+                certificate_chain=_read("--cert", args.tls_cert),
             )
             channel = grpc.secure_channel(args.target, credentials)
         else:

@@ -65,7 +65,7 @@ def _loadtest(app: App, args: argparse.Namespace) -> int:
     if args.direct:
         driver = DirectTarget(args.config)
     else:
-        driver = GatewayTarget(args.target, ca=args.ca or "", cert=args.cert or "", key=args.key or "",
+        driver = GatewayTarget(args.target, ca=args.tls_ca or "", cert=args.tls_cert or "", key=args.tls_key or "",
                                metadata=tuple(app.metadata))
     label = ("direct PKCS #11: " if args.direct else "gateway: ") + workload.describe()
     try:
