@@ -830,21 +830,40 @@ class Router:
             raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
         if placement is None:
             raise KeyNotFound(f"key {key_id!r} not found")
-        if placement.state is KeyState.DESTROYED:
-            return placement
-        for name in placement.clusters:
+        # The record says DESTROYED before any object goes: from then on nothing serves,
+        # moves or copies the key (a change that read the record before fails on its
+        # version), and whatever copy cannot be removed now is an orphan for reconcile.
+        # The other way round, a failure half-way left a usable record without material.
+        destroyed = placement
+        if placement.state is not KeyState.DESTROYED:
+            elsewhere = [name for name in placement.clusters if name not in self.backends]
+            if elsewhere:
+                raise Unavailable(f"key {key_id!r} is also on {', '.join(elsewhere)}, not configured here; "
+                                  "destroy it through a gateway that has every cluster of the key")
+            try:
+                destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED))
+            except StoreError as exc:
+                raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
+            except Conflict as exc:
+                self.reload_key(key_id)
+                raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was destroyed, "
+                                  "try again") from exc
+            self._remember(destroyed)
+        left = []  # a destroyed key's objects are removed again on every DestroyKey: the call is idempotent
+        for name in destroyed.clusters:
             backend = self.backends.get(name)
-            if backend is None:
-                raise Unavailable(f"cluster {name} holding key {key_id!r} is not configured here")
-            backend.destroy(key_id, deadline)
-        try:
-            destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED))
-        except StoreError as exc:
-            raise Unavailable("placement store is unreachable") from exc
-        except Conflict as exc:
-            self.reload_key(key_id)
-            raise Unavailable("placement changed concurrently; retry") from exc
-        self._remember(destroyed)
+            try:
+                if backend is None:
+                    raise Unavailable(f"cluster {name} is not configured here")
+                backend.destroy(key_id, deadline)
+            except RouterError as exc:
+                log.warning("key %s destroyed, but its objects on %s are not removed yet: %s", key_id, name,
+                            exc.message)
+                left.append(name)
+        if left:
+            raise Unavailable(f"key {key_id!r} is destroyed and serves no more, but its objects on "
+                              f"{', '.join(left)} could not be removed now: call DestroyKey again, or "
+                              "reconcile --fix removes them")
         log.info("key %s destroyed", key_id)
         return destroyed
 

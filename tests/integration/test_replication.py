@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import ObjectClass
 
-from router.errors import ClusterDown, Unavailable
+from router.errors import ClusterDown, FailedPrecondition, Unavailable
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement, ReplicationPolicy
 from router.reconcile import reconcile
 from tests.support import unique
@@ -96,6 +96,34 @@ def test_destroy_removes_every_copy(make_router, tokens) -> None:
     router.destroy_key(key.key_id, time.monotonic() + 30)
     for cluster in router.backends:
         assert tokens.objects(cluster, key.key_id) == []
+
+
+def test_a_destroy_a_cluster_misses_is_final_and_finished_later(make_router, tokens) -> None:
+    """The DR cluster does not answer during DestroyKey: the key serves no more at once (no
+    record left ENABLED over missing material), the caller is told which copy remains, and
+    either a second DestroyKey or a reconcile removes it."""
+    router = make_router(replication=POLICY)
+    for finish in ("destroy again", "reconcile"):
+        key = router.generate_key(_spec(unique("destroy-missed")), time.monotonic() + 30)
+        real = router.backends["usw2-a"].destroy
+
+        def unreachable(key_id: str, deadline: float, **_: object) -> int:
+            raise ClusterDown("did not answer", cluster="usw2-a")
+
+        router.backends["usw2-a"].destroy = unreachable  # type: ignore[method-assign]
+        with pytest.raises(Unavailable, match=r"is destroyed and serves no more, but its objects on usw2-a could "
+                                              r"not be removed now"):
+            router.destroy_key(key.key_id, time.monotonic() + 30)
+        router.backends["usw2-a"].destroy = real  # type: ignore[method-assign]
+        assert router.store.get(key.key_id).state is KeyState.DESTROYED
+        with pytest.raises(FailedPrecondition, match="destroyed"):
+            router.sign(key.key_id, Operation.ECDSA_SHA256, b"\x09" * 32, None, time.monotonic() + 5)
+        assert tokens.objects(key.primary, key.key_id) == [] and tokens.objects("usw2-a", key.key_id)
+        if finish == "destroy again":
+            assert router.destroy_key(key.key_id, time.monotonic() + 30).state is KeyState.DESTROYED
+        else:
+            assert ("usw2-a", key.key_id) in reconcile(router, fix=True).orphans
+        assert tokens.objects("usw2-a", key.key_id) == []
 
 
 def test_material_lost_on_the_primary_is_served_by_the_replica(crypto, tokens) -> None:
