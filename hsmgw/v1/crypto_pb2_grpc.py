@@ -136,7 +136,10 @@ class CryptoServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DestroyKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The key is recorded DESTROYED first (it serves no more), then its objects are removed
+        from every cluster. UNAVAILABLE names a cluster whose copy could not be removed yet:
+        calling again (idempotent) or `hsmctl reconcile --fix` removes it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
