@@ -630,6 +630,9 @@ class Router:
             raise FailedPrecondition(f"key {key_id!r} is {current.state.value.lower()}")
         if current.external:
             raise FailedPrecondition(f"key {key_id!r} is EXTERNAL: it lives wrapped in the store, not on a cluster")
+        if not current.extractable:
+            raise FailedPrecondition(f"key {key_id!r} is non-extractable: it never leaves the cluster it was made on, "
+                                     "so it cannot be moved")
         if to not in self.backends:
             raise KeyNotFound(f"no cluster named {to!r}")
         source = source or current.primary
@@ -732,8 +735,8 @@ class Router:
         ring = PlacementRing(eligible)
         moves = []
         for placement in sorted(self.store.scan(), key=lambda p: p.key_id):
-            if placement.external or not placement.usable or placement.primary not in home:
-                continue
+            if placement.external or not placement.extractable or not placement.usable or placement.primary not in home:
+                continue  # non-extractable keys stay where they were made
             desired = ring.choose(placement.key_id)
             if desired is not None and desired != placement.primary and desired not in placement.clusters:
                 moves.append((placement.key_id, placement.primary, desired))

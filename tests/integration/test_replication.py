@@ -126,6 +126,32 @@ def test_a_destroy_a_cluster_misses_is_final_and_finished_later(make_router, tok
         assert tokens.objects("usw2-a", key.key_id) == []
 
 
+def test_a_non_extractable_key_is_never_planned_for_a_move_and_a_move_is_refused(make_router) -> None:
+    """It cannot leave its cluster: in a rebalance plan it would stop every ApplyRebalance
+    at its move, with an internal error."""
+    one = ReplicationPolicy(copies=1, require_dr_copy=False)
+    router = make_router(replication=one)
+    router.apply_switches({"use1-b"}, set())  # every new key goes to use1-a
+    from router.placement.ring import PlacementRing
+
+    ring = PlacementRing(["use1-a", "use1-b"])  # the home region's clusters, as the plan sees them
+    made = {}
+    for extractable in (False, True) * 2:
+        key_id = unique("stays" if not extractable else "moves")
+        while ring.choose(key_id) != "use1-b":  # keys a rebalance would move, were they movable
+            key_id = unique("stays" if not extractable else "moves")
+        made[key_id] = extractable
+        spec = KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                       request_id=f"r-{key_id}", copies=1, extractable=extractable)
+        assert router.generate_key(spec, time.monotonic() + 30).primary == "use1-a"
+    router.apply_switches(set(), set())
+    planned = {key_id for key_id, _, _ in router.plan_rebalance() if key_id in made}
+    assert planned == {key_id for key_id, extractable in made.items() if extractable}
+    stays = next(key_id for key_id, extractable in made.items() if not extractable)
+    with pytest.raises(FailedPrecondition, match="non-extractable: it never leaves the cluster it was made on"):
+        router.move_key(stays, "use1-b", time.monotonic() + 30)
+
+
 def test_material_lost_on_the_primary_is_served_by_the_replica(crypto, tokens) -> None:
     from hsmgw.v1 import crypto_pb2 as pb
 
