@@ -70,9 +70,44 @@ def parse_hsmgw(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_hsmctl(argv: list[str]) -> argparse.Namespace:
+    from gateway.cli.hsmctl import _hoisted, build_parser
+
+    return build_parser().parse_args(_hoisted(argv))
+
+
+def _help_examples() -> list[list[str]]:
+    """Every `hsmctl …` example in hsmctl's own help texts."""
+    import re
+
     from gateway.cli.hsmctl import build_parser
 
-    return build_parser().parse_args(argv)
+    texts: list[str] = []
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        texts += [parser.description or "", parser.epilog or ""]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    examples = []
+    for text in texts:  # an example starts a line, or follows "Example:" or "; "
+        for line in re.findall(r"(?:^|Examples?: |; )\s*hsmctl ([-\w][^;\n`]*)", text, re.MULTILINE):
+            first = line.split()[0]
+            if first.startswith("-") or first in commands:  # not prose ("hsmctl talks to …")
+                examples.append(shlex.split(line, comments=True))
+    return examples
+
+
+def test_hsmctl_help_examples_parse(capsys: pytest.CaptureFixture[str]) -> None:
+    examples = _help_examples()
+    assert len(examples) > 20, examples
+    for argv in examples:
+        try:
+            parse_hsmctl(argv)
+        except SystemExit as exc:
+            pytest.fail(f"hsmctl's help shows `hsmctl {shlex.join(argv)}`, which does not parse (exit {exc.code}): "
+                        f"{capsys.readouterr().err.strip()}")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

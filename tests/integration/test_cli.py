@@ -332,3 +332,14 @@ def test_hsmctl_with_a_client_certificate_never_falls_back_to_plaintext(gateway:
     assert hsmctl("--target", gateway.target, "clusters").returncode == 0
     result = hsmctl("--target", gateway.target, "--timeout", "3", "--cert", str(cert), "--key", str(key), "clusters")
     assert result.returncode == 2 and "CLUSTER" not in result.stdout, result
+
+
+def test_hsmctl_takes_its_own_options_after_the_command_and_a_usage_error_is_not_an_outage(gateway: Any) -> None:
+    """The examples `hsmctl status --output json` and `hsmctl loadtest ... --output json`
+    work as written; a wrong command line exits 1, never 2 (the gateway could not be reached)."""
+    result = hsmctl("status", "--output", "json", "--target", gateway.target)
+    assert result.returncode in (0, 1), result.stderr  # 1: status found warnings
+    assert {c["name"] for c in json.loads(result.stdout)["clusters"]} == {"use1-a", "use1-b", "usw2-a"}
+    result = hsmctl("rebalance", f"--target={gateway.target}")
+    assert result.returncode == 1
+    assert one_error_line(result) == "error: hsmctl rebalance: one of the arguments --plan --apply is required"

@@ -14,15 +14,20 @@ Examples:
   hsmctl --as bob changes approve 3f2a9c1e
   hsmctl audit verify
 
-Exit codes: 0 ok; 1 the request was refused or failed; 2 the gateway could not
-be reached or cannot act now (UNAVAILABLE, DEADLINE_EXCEEDED: try again later);
-3 the change is waiting for approvals (scripts can poll).
+hsmctl's own options (--target, --output, --timeout, --as, --ca, --cert, --key) may
+come before or after the command: `hsmctl status --output json`.
+
+Exit codes: 0 ok; 1 the request was refused or failed, or the command line is
+wrong; 2 the gateway could not be reached or cannot act now (UNAVAILABLE,
+DEADLINE_EXCEEDED: try again later); 3 the change is waiting for approvals
+(scripts can poll).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 import grpc
 
@@ -33,8 +38,41 @@ from gateway.cli.hsmctl._app import App
 GROUPS = (clusters, keys, rebalance, regions, changes, audit, loadtest)
 
 
+GLOBAL_OPTIONS = ("--target", "--output", "--timeout", "--as", "--ca", "--cert", "--key")
+"""Options of hsmctl itself, each with a value; accepted after the command too."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error exits 1: exit code 2 tells scripts that the gateway could not be reached."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        fail(f"{self.prog}: {message}", code=1)
+
+
+def _hoisted(argv: list[str]) -> list[str]:
+    """``argv`` with hsmctl's own options moved before the command, wherever they were written."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            rest += argv[i:]
+            break
+        name = word.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            taken = 1 if "=" in word else 2
+            front += argv[i : i + taken]
+            i += taken
+            continue
+        rest.append(word)
+        i += 1
+    return front + rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hsmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default: %(default)s)")
@@ -60,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_hoisted(sys.argv[1:] if argv is None else argv))
     with App.from_args(args) as app:
         try:
             code = args.func(app, args)
