@@ -84,6 +84,15 @@ class ServerConfig:
         return int(self.listen.rsplit(":", 1)[1])
 
 
+def check_address(listen: str) -> None:
+    """``server.listen`` (or ``hsmgw serve --listen``) must be host:port."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"server.listen: expected host:port, got {listen!r}")
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"server.listen: port {port} is out of range (0-65535)")
+
+
 @dataclass(frozen=True)
 class Pkcs11Config:
     module: str
@@ -308,10 +317,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     )
     if server.tls is not None and server.insecure_plaintext:
         raise ConfigError("server.insecure_plaintext: must be false when [server.tls] is configured")
-    if ":" not in server.listen or not server.listen.rsplit(":", 1)[1].isdigit():
-        raise ConfigError(f"server.listen: expected host:port, got {server.listen!r}")
-    if not 0 <= server.port <= 65535:
-        raise ConfigError(f"server.listen: port {server.port} is out of range (0-65535)")
+    check_address(server.listen)
 
     p11 = _take(data, "pkcs11", dict, "")
     _no_unknown(p11, {"module", "env"}, "pkcs11.")

@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         config = config_mod.load(args.config)
         if args.listen:
+            config_mod.check_address(args.listen)
             config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=args.listen))
         if args.worker_index is not None:
             listen = worker_metrics_listen(config.metrics.listen, args.worker_index)
@@ -91,6 +92,13 @@ def _serve(args: argparse.Namespace) -> None:
             raise SystemExit(supervisor.run())
         except WorkerError as exc:
             fail(str(exc))
+    if args.worker_index is None:  # one process: is the port free, before the HSM pools open?
+        from gateway.workers import reserve_port
+
+        try:
+            reserve_port(config.server.host, config.server.port).close()
+        except WorkerError as exc:
+            fail(str(exc))
     try:
         # Workers share one store and one fleet: the first one reconciles for all.
         router = build_router(config, reconcile_at_start=not args.worker_index)
@@ -102,6 +110,9 @@ def _serve(args: argparse.Namespace) -> None:
     except (ConfigError, OSError) as exc:
         router.close()
         fail(str(exc))
+    except RuntimeError as exc:  # grpc could not bind: the port was taken since the check above
+        router.close()
+        fail(f"server.listen: cannot listen on {config.server.listen}: {exc}")
     serve(gateway, grace=args.grace, port_file=args.port_file)
 
 

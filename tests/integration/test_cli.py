@@ -343,3 +343,20 @@ def test_hsmctl_takes_its_own_options_after_the_command_and_a_usage_error_is_not
     result = hsmctl("rebalance", f"--target={gateway.target}")
     assert result.returncode == 1
     assert one_error_line(result) == "error: hsmctl rebalance: one of the arguments --plan --apply is required"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_refuses_a_taken_port_or_a_bad_listen_address_with_one_line(spare_fleet: Fleet, workers: str) -> None:
+    """`--workers 1` is what the Kubernetes Deployment runs: one line there too, not a traceback."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = hsmgw("serve", "--config", str(spare_fleet.config_path), "--workers", workers,
+                       "--listen", f"127.0.0.1:{port}", timeout=60, env=_user_env())
+    assert one_error_line(result).endswith(f"server.listen: cannot listen on 127.0.0.1:{port}: Address already in use")
+    result = hsmgw("serve", "--config", str(spare_fleet.config_path), "--workers", workers,
+                   "--listen", "127.0.0.1:abc", timeout=60, env=_user_env())
+    assert one_error_line(result).endswith("server.listen: expected host:port, got '127.0.0.1:abc'")
