@@ -232,8 +232,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                     f"({100 * c.keys // c.max_keys} %): add a cluster or rebalance")
                 if c.draining:
                     warnings.append(f"cluster {c.name} is drained")
+            failed_over = self.router.dispatcher.failed_over
+            for region in sorted(failed_over):
+                warnings.append(f"region {region} is failed over: calls go to other regions first, and it takes "
+                                f"no new keys or copies (hsmctl regions failback {region})")
             for region in self.router.topology.dr_regions:
-                if not any(c.region == region and c.health == "SERVING" and not c.draining for c in clusters):
+                if not any(c.region == region and c.health == "SERVING" and not c.draining
+                           and not c.region_failed_over for c in clusters):
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
             if under:
                 warnings.append(f"{under} keys are under-replicated; the repairer is working on them")

@@ -174,7 +174,9 @@ class ReplicationConfig:
 @dataclass(frozen=True)
 class AdminConfig:
     quorum: int = 2
-    """Distinct admins who must agree before a mutating admin change runs (the requester is one)."""
+    """Distinct admins who must agree before a mutating admin change runs (the requester is one).
+    1 lets one admin do everything alone, on every gateway of the placement store (the
+    switches are shared): the gateway warns at start."""
     change_ttl: float = 3600.0
     """Seconds a pending change waits for approvals before it expires."""
     state_file: str = "admin.db"

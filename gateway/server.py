@@ -366,5 +366,8 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None)
         log.warning("serving PLAINTEXT on loopback for development; production needs TLS")
     if gateway.config.auth.policy_file is None:
         log.warning("no [auth] policy_file: every caller may do everything (development only)")
+    if gateway.config.admin.quorum < 2:
+        log.warning("[admin] quorum = %d: one admin alone drains, fails over, moves and destroys keys, for every "
+                    "gateway on this placement store; production wants 2 or more", gateway.config.admin.quorum)
     done.wait()
     gateway.stop(grace)

@@ -98,6 +98,15 @@ def test_region_failover_and_failback(gateway, crypto) -> None:
         signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
                              timeout=10)
         assert signed.cluster == "usw2-a", "traffic moves to the DR copy"
+        code, status = as_json(gateway.target, "status")
+        assert code == 1 and ("region us-east-1 is failed over: calls go to other regions first, and it takes no "
+                              "new keys or copies (hsmctl regions failback us-east-1)") in status["warnings"]
+        _, dr_out = as_json(gateway.target, "regions", "failover", "us-west-2")
+        assert approve(gateway.target, dr_out)["state"] == "applied"
+        _, status = as_json(gateway.target, "status")
+        assert "DR region us-west-2 has no healthy cluster: new keys cannot be made durable" in status["warnings"]
+        _, dr_back = as_json(gateway.target, "regions", "failback", "us-west-2")
+        assert approve(gateway.target, dr_back)["state"] == "applied"
     finally:
         _, back = as_json(gateway.target, "regions", "failback", "us-east-1")
         assert approve(gateway.target, back)["state"] == "applied"

@@ -207,6 +207,14 @@ def test_serve_warns_about_pools_and_timeouts_a_hung_hsm_would_turn_against_it(s
                 "stuck in it can hold every request thread") in log
 
 
+def test_serve_warns_that_a_quorum_of_one_lets_one_admin_do_everything(spare_fleet: Fleet) -> None:
+    config = _edited(spare_fleet, "quorum-one", lambda text: text + "\n[admin]\nquorum = 1\n")
+    with running(config, env=_user_env()) as gateway:
+        log = gateway.log()
+    assert ("[admin] quorum = 1: one admin alone drains, fails over, moves and destroys keys, for every gateway "
+            "on this placement store; production wants 2 or more") in log
+
+
 def test_serve_with_wrong_pin_names_the_cluster_and_no_pin(spare_fleet: Fleet, tmp_path: Path) -> None:
     wrong = "000000"
     result = hsmgw("serve", "--config", str(spare_fleet.config_path), timeout=30,
