@@ -33,6 +33,31 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 _STARTED_BEFORE = pytest.StashKey[int]()
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run is over and reported: a thread a failed test left running (a load client whose
+    stop never came) must not keep the process, and CI, waiting for ever."""
+    import os
+    import sys
+    import threading
+
+    import time
+
+    end = time.monotonic() + 10  # threads that are finishing may
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, end - time.monotonic()))
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if left:
+        print(f"\ntests left {len(left)} threads running ({', '.join(left[:5])}); exiting without them",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(int(getattr(config, "_hsmgw_exitstatus", 1)) or 1)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._hsmgw_exitstatus = int(exitstatus)  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     """The shared local fleet: 3 clusters in 2 regions, real SoftHSM2 tokens."""

@@ -156,17 +156,19 @@ def test_move_under_load_has_zero_errors(gateway, crypto, tokens) -> None:
                 except Exception as exc:  # noqa: BLE001 - every error is a failure of the test
                     errors.append(f"{type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(8)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    _, change = as_json(gateway.target, "keys", "move", key.key_id, "--to", target)
-    assert change["state"] == "pending"
-    applied = approve(gateway.target, change)
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    try:  # the clients stop whatever happens: a failure here must not keep the test run alive
+        time.sleep(0.5)
+        _, change = as_json(gateway.target, "keys", "move", key.key_id, "--to", target)
+        assert change["state"] == "pending"
+        applied = approve(gateway.target, change)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
     assert applied["state"] == "applied", applied
     assert errors == []
     assert sum(signed) > 50
