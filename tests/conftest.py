@@ -39,10 +39,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     import os
     import sys
     import threading
-
     import time
 
-    end = time.monotonic() + 10  # threads that are finishing may
+    end = time.monotonic() + 10  # a thread that is finishing may
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join(max(0.0, end - time.monotonic()))
