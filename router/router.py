@@ -849,8 +849,10 @@ class Router:
                 raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
             except Conflict as exc:
                 self.reload_key(key_id)
-                raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was destroyed, "
-                                  "try again") from exc
+                if exc.existing is None or exc.existing.state is not KeyState.DESTROYED:
+                    raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was "
+                                      "destroyed, try again") from exc
+                destroyed = exc.existing  # another DestroyKey came first: finish it with it
             self._remember(destroyed)
         left = []  # a destroyed key's objects are removed again on every DestroyKey: the call is idempotent
         for name in destroyed.clusters:

@@ -273,6 +273,32 @@ def test_destroy_removes_objects_and_id_is_never_reused(crypto, tokens) -> None:
     assert key.primary_cluster in ("use1-a", "use1-b")
 
 
+def test_destroying_one_key_from_several_callers_at_once_succeeds_for_each(make_router, tokens) -> None:
+    """Every caller asked for the same end; none is told to retry because another came first."""
+    import threading
+
+    routers = [make_router() for _ in range(4)]  # four gateways, one store
+    key = routers[0].generate_key(_spec(unique("destroy-race")), time.monotonic() + 30)
+    start = threading.Barrier(len(routers))
+    answers: list[object] = []
+
+    def destroy(router) -> None:  # type: ignore[no-untyped-def]
+        start.wait()
+        try:
+            answers.append(router.destroy_key(key.key_id, time.monotonic() + 30).state)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion
+            answers.append(exc)
+
+    threads = [threading.Thread(target=destroy, args=(r,), daemon=True) for r in routers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert answers == [KeyState.DESTROYED] * len(routers)
+    for cluster in key.clusters:
+        assert tokens.objects(cluster, key.key_id) == []
+
+
 def test_reconcile_reports_missing_material_but_not_external_keys(make_router, tokens) -> None:
     router = make_router()
     gone = router.generate_key(_spec(unique("gone")), time.monotonic() + 30)
