@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, RouterError, Unavailable
-from router.placement.store import PlacementStore, Stale, StoreError
+from router.placement.store import PlacementStore, Stale, StoreError, edit_admin_record
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +106,8 @@ class ChangeBook:
     # -- records
 
     def _edit(self, name: str, edit: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> dict[str, Any] | None:
-        """Read the admin record ``name``, pass it to ``edit`` and write what it returns (None:
-        leave it); again from the read when another writer came first. Returns what was written."""
-        for _ in range(_ATTEMPTS):
-            found = self._store.admin_record(name)
-            body, version = found if found is not None else (None, 0)
-            new = edit(body)
-            if new is None:
-                return None
-            try:
-                self._store.put_admin_record(name, new, version)
-                return new
-            except Stale:
-                continue
-        raise StoreError(f"admin record {name!r} kept changing under {_ATTEMPTS} attempts to write it")
+        """``edit_admin_record`` on this book's store: read, edit, write on the version read."""
+        return edit_admin_record(self._store, name, edit, attempts=_ATTEMPTS)
 
     def _list_ids(self, ids: list[str]) -> None:
         """Add change ids to the index (the last ``INDEX_KEEP`` stay); the caller holds ``_lock``."""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from router import validation
 from router.backend import HsmBackend
@@ -46,10 +46,13 @@ from router.model import (
     ReplicationPolicy,
 )
 from router.placement.ring import PlacementRing
-from router.placement.store import ChangeLog, Conflict, PlacementStore, StoreError
+from router.placement.store import ChangeLog, Conflict, PlacementStore, StoreError, edit_admin_record
 from router.retry import RetryBudget
 
 log = logging.getLogger(__name__)
+
+PINS = "pins"
+"""The admin record of operators' placements for keys not made yet: key id -> cluster."""
 
 T = TypeVar("T")
 
@@ -118,7 +121,6 @@ class Router:
         self._rescanned = -rescan_interval
         self.replication = replication
         self.creation_grace = creation_grace
-        self._pins: dict[str, str] = {}
         self.breakers = {
             name: CircuitBreaker(name, cooldown=breaker_cooldown, clock=clock, on_change=self._health_changed)
             for name in self.backends
@@ -565,7 +567,7 @@ class Router:
                 if name in self.backends and name not in full and name not in exclude and self.dispatcher.usable(name)
             ]
 
-        primary = self._pins.pop(key_id, None)
+        primary = self._pinned(key_id, full)
         for region in (home, *dr):
             if primary is not None:
                 break
@@ -608,14 +610,35 @@ class Router:
     # -- placement changes (operators) -------------------------------------------------
 
     def pin(self, key_id: str, cluster: str) -> None:
-        """Make a key that does not exist yet go to ``cluster`` when it is created."""
+        """Make a key that does not exist yet go to ``cluster`` when it is created, through any
+        process of any gateway on this store (the pin is an admin record there)."""
         validation.key_id(key_id)
         if cluster not in self.backends:
             raise KeyNotFound(f"no cluster named {cluster!r}")
-        if self.store.get(key_id) is not None:
-            raise FailedPrecondition(f"key {key_id!r} already exists; move it instead")
-        with self._lock:
-            self._pins[key_id] = cluster
+        try:
+            if self.store.get(key_id) is not None:
+                raise FailedPrecondition(f"key {key_id!r} already exists; move it instead")
+            edit_admin_record(self.store, PINS, lambda pins: {**(pins or {}), key_id: cluster})
+        except StoreError as exc:
+            raise Unavailable("placement store is unreachable; the placement is not recorded") from exc
+
+    def _pinned(self, key_id: str, full: AbstractSet[str]) -> str | None:
+        """The cluster an operator chose for this new key, if any; the pin is used up."""
+        taken: list[str] = []
+
+        def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
+            taken[:] = [str(pins[key_id])] if pins and key_id in pins else []
+            return {k: v for k, v in pins.items() if k != key_id} if taken and pins else None
+
+        edit_admin_record(self.store, PINS, take)
+        if not taken:
+            return None
+        cluster = taken[0]
+        if cluster not in self.backends or cluster in full or not self.dispatcher.usable(cluster):
+            log.warning("key %s was placed on %s, which cannot take it now (full, drained, failed over or down); "
+                        "placing it as usual", key_id, cluster)
+            return None
+        return cluster
 
     def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "") -> Placement:
         """Copy the key to ``to`` by trusted wrap, prove the copy works, switch, drop the old copy.

@@ -127,7 +127,10 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PlaceKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Once approved, the key (not made yet) goes to the cluster when it is created, through
+        any gateway on the placement store; a cluster that cannot take it then (full, drained,
+        failed over, down) is passed over with a warning in the gateway's log.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

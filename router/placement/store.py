@@ -14,7 +14,7 @@ same rule: a write names the version it read.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from router.model import Placement
@@ -105,6 +105,26 @@ class PlacementStore(abc.ABC):
 
     def close(self) -> None:
         return None
+
+
+def edit_admin_record(
+    store: PlacementStore, name: str, edit: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+    *, attempts: int = 20,
+) -> dict[str, Any] | None:
+    """Read the admin record ``name``, pass it to ``edit`` and write what it returns (None:
+    leave it); again from the read when another writer came first. Returns what was written."""
+    for _ in range(attempts):
+        found = store.admin_record(name)
+        body, version = found if found is not None else (None, 0)
+        new = edit(body)
+        if new is None:
+            return None
+        try:
+            store.put_admin_record(name, new, version)
+            return new
+        except Stale:
+            continue
+    raise StoreError(f"admin record {name!r} kept changing under {attempts} attempts to write it")
 
 
 class ChangeLog(abc.ABC):

@@ -134,6 +134,33 @@ def test_keys_list_show_place(gateway, crypto) -> None:
     assert made.primary_cluster == other
 
 
+def test_a_placement_made_through_one_worker_holds_for_a_key_made_through_any(tmp_path: Path) -> None:
+    """`hsmctl keys place` is approved in one worker process; GenerateKey may reach another
+    (each connection goes to a worker of the kernel's choosing)."""
+    from hsmgw.v1 import admin_pb2_grpc
+
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    with running(fleet.config_path, workers=2) as gw:
+        placed = {}
+        for i in range(16):  # with the placement in one worker's memory, ~1 in 4 went wrong
+            key_id = unique(f"placed-{i}")
+            cluster = ("use1-a", "use1-b")[i % 2]
+            with grpc.insecure_channel(gw.target) as channel:
+                admin = admin_pb2_grpc.AdminServiceStub(channel)
+                change = admin.PlaceKey(apb.PlaceKeyRequest(key_id=key_id, cluster=cluster), timeout=30,
+                                        metadata=(("x-hsmgw-identity", "alice"),))
+                applied = admin.ApproveChange(apb.ApproveChangeRequest(id=change.id), timeout=30,
+                                              metadata=(("x-hsmgw-identity", "bob"),))
+            assert applied.state == "applied", applied
+            placed[key_id] = cluster
+        for key_id, cluster in placed.items():
+            with grpc.insecure_channel(gw.target) as channel:  # a connection of its own
+                made = crypto_pb2_grpc.CryptoServiceStub(channel).GenerateKey(
+                    pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256),
+                    timeout=30)
+            assert made.primary_cluster == cluster, key_id
+
+
 def test_move_under_load_has_zero_errors(gateway, crypto, tokens) -> None:
     key = _key(crypto, "move")
     target = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"

@@ -299,6 +299,21 @@ def test_destroying_one_key_from_several_callers_at_once_succeeds_for_each(make_
         assert tokens.objects(cluster, key.key_id) == []
 
 
+def test_a_placement_on_a_cluster_that_cannot_take_the_key_is_not_followed(make_router, caplog) -> None:
+    router = make_router()
+    followed, refused = unique("placed"), unique("placed-drained")
+    router.pin(followed, "use1-b")
+    router.pin(refused, "use1-b")
+    assert router.generate_key(_spec(followed), time.monotonic() + 30).primary == "use1-b"
+    router.apply_switches({"use1-b"}, set())
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        assert router.generate_key(_spec(refused), time.monotonic() + 30).primary == "use1-a"
+    assert (f"key {refused} was placed on use1-b, which cannot take it now (full, drained, failed over or down); "
+            "placing it as usual") in caplog.text
+    with pytest.raises(FailedPrecondition, match="already exists; move it instead"):
+        router.pin(followed, "use1-a")
+
+
 def test_reconcile_reports_missing_material_but_not_external_keys(make_router, tokens) -> None:
     router = make_router()
     gone = router.generate_key(_spec(unique("gone")), time.monotonic() + 30)
