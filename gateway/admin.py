@@ -25,7 +25,7 @@ from gateway.interceptors import current_identity
 from gateway.quorum import Change, ChangeBook
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument, Unavailable
+from router.errors import FailedPrecondition, InvalidArgument, KeyNotFound, Unavailable
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
@@ -123,7 +123,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             status.abort(context, exc)
 
     def _request(self, identity: str, action: str, params: dict[str, str]) -> pb.Change:
+        for pending in self.changes.list():
+            if (pending.action, pending.params) == (action, params):
+                raise FailedPrecondition(f"change {pending.id} already asks for this; approve that one "
+                                         f"(hsmctl changes approve {pending.id})")
         return _change_pb(self.changes.request(identity, action, params))
+
+    def _switched(self, kind: str) -> set[str]:
+        try:
+            return self.changes.switches().get(kind, set())
+        except StoreError as exc:
+            raise Unavailable(f"placement store is unreachable; admin changes cannot be checked now ({exc})") from exc
 
     # -- actions (run once a change has its approvals) ----------------------------------
 
@@ -284,15 +294,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     # -- mutating (quorum) ----------------------------------------------------------------
 
     def PlaceKey(self, request: pb.PlaceKeyRequest, context: grpc.ServicerContext) -> pb.Change:
-        return self._call(context, lambda who: self._request(
-            who, "place_key", {"key_id": request.key_id, "cluster": request.cluster}))
+        def run(who: str) -> pb.Change:
+            if request.cluster not in self.router.backends:
+                raise InvalidArgument(f"no cluster named {request.cluster!r}")
+            try:
+                self.router.get_key(request.key_id)
+            except KeyNotFound:
+                return self._request(who, "place_key", {"key_id": request.key_id, "cluster": request.cluster})
+            raise FailedPrecondition(f"key {request.key_id!r} already exists; move it instead (hsmctl keys move)")
+
+        return self._call(context, run)
 
     def MoveKey(self, request: pb.MoveKeyRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
             placement = self.router.get_key(request.key_id)
             if request.to not in self.router.backends:
                 raise InvalidArgument(f"no cluster named {request.to!r}")
+            if request.to in placement.clusters:
+                raise FailedPrecondition(f"key {request.key_id!r} is already on cluster {request.to}")
             source = getattr(request, "from") or placement.primary
+            if source not in placement.clusters:
+                raise FailedPrecondition(f"key {request.key_id!r} is not on cluster {source!r} "
+                                         f"(it is on {', '.join(placement.clusters)})")
+            if placement.external or not placement.extractable:
+                raise FailedPrecondition(f"key {request.key_id!r} cannot be moved: it is "
+                                         f"{'EXTERNAL' if placement.external else 'non-extractable'}")
             return self._request(who, "move_key", {"key_id": request.key_id, "to": request.to, "from": source})
 
         return self._call(context, run)
@@ -301,6 +327,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(who: str) -> pb.Change:
             if not request.plan_id:
                 raise InvalidArgument("plan_id is required: run PlanRebalance first")
+            if request.plan_id != self._plan_id(self.router.plan_rebalance()):
+                raise FailedPrecondition("no such plan now: the placement changed since it was made, or it is "
+                                         "not one; plan again (hsmctl rebalance --plan)")
             return self._request(who, "apply_rebalance", {"plan_id": request.plan_id})
 
         return self._call(context, run)
@@ -309,6 +338,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(who: str) -> pb.Change:
             if request.cluster not in self.router.backends:
                 raise InvalidArgument(f"no cluster named {request.cluster!r}")
+            if (request.cluster in self._switched("drained")) == request.drain:
+                raise FailedPrecondition(f"cluster {request.cluster} is {'already' if request.drain else 'not'} "
+                                         "drained")
             return self._request(who, "drain" if request.drain else "undrain", {"cluster": request.cluster})
 
         return self._call(context, run)
@@ -317,6 +349,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(who: str) -> pb.Change:
             if request.region not in self.router.topology.regions:
                 raise InvalidArgument(f"no region named {request.region!r}")
+            if (request.region in self._switched("failed_over")) == request.failover:
+                raise FailedPrecondition(f"region {request.region} is {'already' if request.failover else 'not'} "
+                                         "failed over")
             return self._request(who, "failover" if request.failover else "failback", {"region": request.region})
 
         return self._call(context, run)

@@ -473,3 +473,35 @@ def test_two_gateways_on_one_store_share_pending_changes_and_switches(tmp_path: 
         # Each gateway's audit log holds what was done through it.
         assert "change_requested" in (home / "audit.log").read_text()
         assert "change_approved" in (other / "audit.log").read_text()
+
+
+def test_a_change_that_cannot_succeed_is_refused_when_asked_not_after_its_approval(gateway, crypto) -> None:
+    key = _key(crypto, "refused")
+    holder = key.primary_cluster
+    other = "use1-b" if holder == "use1-a" else "use1-a"
+    refusals = [
+        (("keys", "place", unique("new"), "--cluster", "nosuch"), "no cluster named 'nosuch'"),
+        (("keys", "place", key.key_id, "--cluster", other), "already exists; move it instead"),
+        (("keys", "move", key.key_id, "--to", holder), f"is already on cluster {holder}"),
+        (("clusters", "undrain", "use1-b"), "cluster use1-b is not drained"),
+        (("regions", "failback", "us-east-1"), "region us-east-1 is not failed over"),
+    ]
+    for argv, says in refusals:
+        result = hsmctl(gateway.target, *argv)
+        assert result.returncode == 1 and says in result.stderr, (argv, result.stderr)
+    from hsmgw.v1 import admin_pb2_grpc  # hsmctl applies the plan it has just made; the API takes any id
+
+    with grpc.insecure_channel(gateway.target) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as stale:
+            admin.ApplyRebalance(apb.ApplyRebalanceRequest(plan_id="0123456789abcdef"), timeout=10,
+                                 metadata=(("x-hsmgw-identity", "alice"),))
+        assert stale.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "plan again" in stale.value.details()
+
+    _, first = as_json(gateway.target, "clusters", "drain", "use1-b")
+    again = hsmctl(gateway.target, "clusters", "drain", "use1-b", who="carol")
+    assert again.returncode == 1
+    assert f"change {first['id']} already asks for this; approve that one" in again.stderr
+    as_json(gateway.target, "changes", "reject", first["id"], who="bob")
+    _, changes = as_json(gateway.target, "changes", "list")
+    assert changes == [], "no refused request left a change behind"
