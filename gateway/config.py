@@ -497,6 +497,8 @@ def load(path: str | Path) -> GatewayConfig:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(data, path.resolve().parent)
@@ -575,7 +577,7 @@ def _read_secrets_file(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"secrets.file: {path} does not exist") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"secrets.file: {path} is readable by others; run: chmod 600 {path}")
+        raise ConfigError(f"secrets.file: {path} is open to its group or others; run: chmod 600 {path}")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError:

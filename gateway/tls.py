@@ -91,7 +91,8 @@ def load_material(tls: TlsConfig) -> TlsMaterial:
     except FileNotFoundError:
         raise ConfigError(f"server.tls.key_file: {tls.key_file} does not exist") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"server.tls.key_file: {tls.key_file} is readable by others; run: chmod 600 {tls.key_file}")
+        raise ConfigError(f"server.tls.key_file: {tls.key_file} is open to its group or others; run: chmod 600 "
+                          f"{tls.key_file}")
     key_pem = _read(tls.key_file, "key_file")
     try:
         private_key = serialization.load_pem_private_key(key_pem, password=None)

@@ -82,7 +82,7 @@ def _serve(args: argparse.Namespace) -> None:
         except AuditLogError as exc:
             raise ConfigError(f"admin.audit_log: {exc}") from None
     except ConfigError as exc:
-        fail(f"{args.config}: {exc}")
+        fail(str(exc) if str(args.config) in str(exc) else f"{args.config}: {exc}")  # the file, named once
     if args.workers > 1:
         # The supervisor never opens the PKCS #11 module: each worker does, after it starts.
         flags = ("--log-format", args.log_format, *(("-v",) if args.verbose else ()))

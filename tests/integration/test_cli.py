@@ -368,3 +368,17 @@ def test_serve_refuses_a_taken_port_or_a_bad_listen_address_with_one_line(spare_
     result = hsmgw("serve", "--config", str(spare_fleet.config_path), "--workers", workers,
                    "--listen", "127.0.0.1:abc", timeout=60, env=_user_env())
     assert one_error_line(result).endswith("server.listen: expected host:port, got '127.0.0.1:abc'")
+
+
+def test_serve_names_a_config_that_is_a_directory_or_not_toml_once(spare_fleet: Fleet, tmp_path: Path) -> None:
+    result = hsmgw("serve", "--config", str(tmp_path), timeout=30)
+    assert one_error_line(result) == f"error: cannot read the config file {tmp_path}: Is a directory"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gateway\n")
+    line = one_error_line(hsmgw("serve", "--config", str(bad), timeout=30))
+    assert line.startswith(f"error: {bad}: not valid TOML") and line.count(str(bad)) == 1, line
+
+
+def test_hsmctl_refuses_to_list_the_keys_of_a_cluster_that_does_not_exist(gateway: Any) -> None:
+    result = hsmctl("--target", gateway.target, "keys", "list", "--cluster", "use1-z")
+    assert one_error_line(result) == "error: no cluster named 'use1-z' (clusters: use1-a, use1-b, usw2-a)"

@@ -140,6 +140,6 @@ def test_bad_tls_files_on_reload_are_refused_and_the_current_ones_kept(
 
     os.chmod(own_certs.server_key, 0o644)
     sighup_and_wait(gateway, "TLS reload refused")
-    assert f"server.tls.key_file: {own_certs.server_key} is readable by others" in gateway.log()
+    assert f"server.tls.key_file: {own_certs.server_key} is open to its group or others" in gateway.log()
 
     assert _served_fingerprint(gateway.target, own_certs, "payments-app") == served

@@ -62,7 +62,7 @@ def test_a_readable_tls_key_is_refused(sec_fleet: Fleet, certs: DevCerts, policy
     config.write_text(config.read_text().replace(f'key_file = "{certs.server_key}"', f'key_file = "{key}"'))
     result = _serve(config)
     assert result.returncode == 1
-    assert f"server.tls.key_file: {key} is readable by others; run: chmod 600 {key}" in result.stderr
+    assert f"server.tls.key_file: {key} is open to its group or others; run: chmod 600 {key}" in result.stderr
     assert "PRIVATE KEY" not in result.stderr + result.stdout
 
 

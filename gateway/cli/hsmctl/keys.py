@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gateway.cli._common import fail
 from gateway.cli.hsmctl._app import App
 from hsmgw.v1 import admin_pb2 as apb
 from hsmgw.v1 import crypto_pb2 as pb
@@ -23,6 +24,10 @@ def _row(k: pb.Key) -> list[str]:
 
 
 def _list(app: App, args: argparse.Namespace) -> int:
+    if args.cluster:
+        known = [c.name for c in app.call(app.admin.ListClusters, apb.ListClustersRequest()).clusters]
+        if args.cluster not in known:
+            fail(f"no cluster named {args.cluster!r} (clusters: {', '.join(known)})", code=1)
     keys: list[pb.Key] = []
     token = ""
     while True:
