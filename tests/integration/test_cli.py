@@ -382,3 +382,24 @@ def test_serve_names_a_config_that_is_a_directory_or_not_toml_once(spare_fleet: 
 def test_hsmctl_refuses_to_list_the_keys_of_a_cluster_that_does_not_exist(gateway: Any) -> None:
     result = hsmctl("--target", gateway.target, "keys", "list", "--cluster", "use1-z")
     assert one_error_line(result) == "error: no cluster named 'use1-z' (clusters: use1-a, use1-b, usw2-a)"
+
+
+def test_hsmctl_says_what_to_check_when_it_cannot_reach_a_gateway(gateway: Any, tmp_path: Path) -> None:
+    import socket
+
+    from gateway.tls import write_dev_certs
+
+    certs = write_dev_certs(tmp_path / "certs", ["ops"])
+    cert, key = certs.client("ops")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{free.getsockname()[1]}"
+    cases = [
+        ((f"--target={nobody}",), "nothing listens there: is the gateway running, and is --target its address?"),
+        ((f"--target={gateway.target}", "--ca", str(certs.ca), "--cert", str(cert), "--key", str(key)),
+         "the TLS handshake failed: that gateway serves plaintext; drop --ca, --cert and --key"),
+    ]
+    for options, says in cases:
+        result = hsmctl(*options, "--timeout", "5", "clusters")
+        assert result.returncode == 2
+        assert one_error_line(result).endswith(says), result.stderr

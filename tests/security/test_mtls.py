@@ -338,3 +338,33 @@ def test_hsmctl_over_mtls_shows_a_key_by_its_id(
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["key_id"] == key_id
+
+
+def _hsmctl(*args: str) -> Any:
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    return subprocess.run([sys.executable, "-m", "gateway.cli.hsmctl", "--timeout", "5", *args, "clusters"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_hsmctl_says_what_to_check_when_tls_does_not_match(
+        tls_gateway: GatewayProcess, certs: DevCerts, other_ca: DevCerts) -> None:
+    """Each is a local mistake, told in one line with what to check (gRPC's own log lines stay out)."""
+    cert, key = certs.client("root")
+    _, other_key = certs.client("operator")
+    cases = [
+        ((), "it may require TLS with a client certificate (--ca, --cert, --key)"),
+        (("--ca", str(certs.ca)), "does it accept this client certificate (--cert, --key)"),
+        (("--ca", str(certs.ca), "--cert", str(cert), "--key", str(other_key)),
+         "--key does not match --cert: they are not one certificate and its private key"),
+        (("--ca", str(other_ca.ca), "--cert", str(cert), "--key", str(key)),
+         "the gateway's certificate is not signed by the CA given (--ca)"),
+    ]
+    for options, says in cases:
+        result = _hsmctl("--target", tls_gateway.target, *options)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode in (1, 2) and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert says in lines[0], (options, lines[0])

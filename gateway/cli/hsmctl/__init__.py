@@ -26,10 +26,12 @@ DEADLINE_EXCEEDED: try again later); 3 the change is waiting for approvals
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
-import grpc
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # hsmctl says what went wrong itself, in one line
+import grpc  # noqa: E402
 
 from gateway.cli._common import fail
 from gateway.cli.hsmctl import audit, changes, clusters, keys, loadtest, rebalance, regions
@@ -97,6 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_HINTS = (  # what gRPC says when a connection fails, and what an operator would check
+    ("Connection refused", "nothing listens there: is the gateway running, and is --target its address?"),
+    ("Expected SETTINGS frame", "that address does not speak gRPC (a metrics port?): check --target"),
+    ("WRONG_VERSION_NUMBER", "the TLS handshake failed: that gateway serves plaintext; drop --ca, --cert and --key"),
+    ("CERTIFICATE_VERIFY_FAILED", "the gateway's certificate is not signed by the CA given (--ca)"),
+    ("security handshaker", "the client certificate cannot be used: does --key match --cert?"),
+)
+
+
+def _hint(details: str, tls: bool) -> str:
+    for words, hint in _HINTS:
+        if words in details:
+            return hint
+    if "Socket closed" in details:
+        return ("the gateway closed the connection: it may require TLS with a client certificate "
+                "(--ca, --cert, --key)" if not tls else
+                "the gateway closed the connection during the TLS handshake: does it accept this client "
+                "certificate (--cert, --key), signed by its client CA?")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(_hoisted(sys.argv[1:] if argv is None else argv))
     with App.from_args(args) as app:
@@ -104,5 +127,6 @@ def main(argv: list[str] | None = None) -> None:
             code = args.func(app, args)
         except grpc.RpcError as exc:
             unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            fail(f"{exc.code().name}: {exc.details()}", code=2 if unreachable else 1)
+            hint = _hint(exc.details() or "", bool(args.tls_ca or args.tls_cert)) if unreachable else ""
+            fail(f"{exc.code().name}: {exc.details()}" + (f"; {hint}" if hint else ""), code=2 if unreachable else 1)
     raise SystemExit(code or 0)

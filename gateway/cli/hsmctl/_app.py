@@ -19,6 +19,25 @@ from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 WAITING = 3
 
 
+def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
+    """The client certificate and key must belong together (gRPC would only say that it
+    failed to create a security handshaker)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        fail("--cert is not a PEM certificate", code=1)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        fail("--key is not a PEM private key without a passphrase", code=1)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        fail("--key does not match --cert: they are not one certificate and its private key", code=1)
+
+
 def _read(option: str, path: str | None) -> bytes | None:
     if not path:
         return None
@@ -42,10 +61,13 @@ class App:
         if args.tls_ca or args.tls_cert or args.tls_key:
             if bool(args.tls_cert) != bool(args.tls_key):
                 fail("--cert and --key go together: the client certificate and its private key", code=1)
+            key, cert = _read("--key", args.tls_key), _read("--cert", args.tls_cert)
+            if key and cert:
+                _check_pair(cert, key)
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read("--ca", args.tls_ca),  # None: the system's roots verify the gateway
-                private_key=_read("--key", args.tls_key),
-                certificate_chain=_read("--cert", args.tls_cert),
+                private_key=key,
+                certificate_chain=cert,
             )
             channel = grpc.secure_channel(args.target, credentials)
         else:
