@@ -39,7 +39,7 @@ def _fleet_init(args: argparse.Namespace) -> None:
     from gateway.fleet import FleetError, init_fleet
 
     try:
-        fleet = init_fleet(Path(args.state_dir), force=args.force, listen=args.listen)
+        fleet = init_fleet(Path(args.state_dir), force=args.force, listen=args.listen or "127.0.0.1:50051")
     except FleetError as exc:
         fail(str(exc))
     if fleet.created:
@@ -47,6 +47,13 @@ def _fleet_init(args: argparse.Namespace) -> None:
             print(f"created {item}")
     else:
         print(f"fleet in {fleet.state_dir} is already set up; nothing changed")
+    if args.listen and str(fleet.config_path) not in fleet.created:
+        from gateway.config import load
+
+        kept = load(fleet.config_path).server.listen
+        if kept != args.listen:
+            print(f"note: the existing config keeps listen = {kept!r}; edit [server] listen there, or serve with "
+                  f"--listen {args.listen}", file=sys.stderr)
     print(f"config: {fleet.config_path}")
 
 
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     init = fleet_sub.add_parser("init", help="create tokens, PINs, config and store (idempotent)")
     init.add_argument("--state-dir", default=".hsmgw", help="where the fleet lives (default: .hsmgw)")
     init.add_argument("--force", action="store_true", help="rebuild from scratch, destroying every key")
-    init.add_argument("--listen", default="127.0.0.1:50051", help="address written into the config")
+    init.add_argument("--listen", help="address written into a new config (default: 127.0.0.1:50051)")
     init.set_defaults(func=_fleet_init)
 
     store = sub.add_parser("store", help="the placement store")

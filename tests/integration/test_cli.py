@@ -121,6 +121,11 @@ def test_fleet_init_creates_then_changes_nothing_then_force_rebuilds(tmp_path: P
     assert "nothing changed" in second.stdout and "created" not in second.stdout
     assert _snapshot(state) == before
     assert _pins(state) == pins
+    elsewhere = hsmgw("fleet", "init", "--state-dir", str(state), "--listen", "127.0.0.1:50999")
+    assert elsewhere.returncode == 0 and _snapshot(state) == before  # an existing config is not rewritten...
+    assert ("note: the existing config keeps listen = '127.0.0.1:0'; edit [server] listen there, or serve with "
+            "--listen 127.0.0.1:50999") in elsewhere.stderr  # ...and it says so
+    assert hsmgw("fleet", "init", "--state-dir", str(state)).stderr == ""
 
     token_dirs = {p.name for p in (state / "tokens").iterdir()}
     forced = hsmgw(*init, "--force")
