@@ -22,7 +22,7 @@ from google.protobuf import timestamp_pb2
 from gateway import audit as audit_mod
 from gateway import status
 from gateway.interceptors import current_identity
-from gateway.quorum import Change, ChangeBook
+from gateway.quorum import Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
 from router.errors import FailedPrecondition, InvalidArgument, KeyNotFound, Unavailable
@@ -368,7 +368,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             changes=[_change_pb(c) for c in self.changes.list(include_done=request.all)]))
 
     def ApproveChange(self, request: pb.ApproveChangeRequest, context: grpc.ServicerContext) -> pb.Change:
-        return self._call(context, lambda who: _change_pb(self.changes.approve(who, request.id)))
+        def run(who: str) -> pb.Change:
+            try:
+                return _change_pb(self.changes.approve(who, request.id))
+            except NotAnotherAdmin as exc:  # an attempt around the quorum is for the auditors too
+                try:
+                    self.audit.append(who, "change_approval_refused", request.id, outcome="refused",
+                                      reason=exc.message)
+                except (audit_mod.AuditLogError, OSError) as failed:
+                    log.error("audit log %s cannot be written: %s (a refused approval of change %s by %s)",
+                              self.audit_path, failed, request.id, who)
+                raise
+
+        return self._call(context, run)
 
     def RejectChange(self, request: pb.RejectChangeRequest, context: grpc.ServicerContext) -> pb.Change:
         return self._call(context, lambda who: _change_pb(self.changes.reject(who, request.id)))

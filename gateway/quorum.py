@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, RouterError, Unavailable
+from router.errors import FailedPrecondition, KeyNotFound, RouterError, Unavailable
 from router.placement.store import PlacementStore, Stale, StoreError, edit_admin_record
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ class Change:
     expires: float
     result: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+
+
+class NotAnotherAdmin(FailedPrecondition):
+    """An approval by the change's requester, or by an admin who approved it already."""
+
+    reason = "NEEDS_ANOTHER_ADMIN"
 
 
 Action = Callable[[dict[str, str]], str]
@@ -201,7 +207,7 @@ class ChangeBook:
                 return None  # approved already, and its run never began (its approver stopped): run it now
             if actor in change.approved_by:
                 who = "requested" if actor == change.requested_by else "already approved"
-                raise AlreadyExists(f"{actor} {who} change {change_id}; another admin must approve it")
+                raise NotAnotherAdmin(f"{actor} {who} change {change_id}; another admin must approve it")
             change.approved_by.append(actor)
             return change
 

@@ -60,9 +60,14 @@ def test_status_and_clusters(gateway) -> None:
 def test_one_admin_cannot_drain_alone_and_a_second_makes_it_happen(gateway, crypto) -> None:
     code, change = as_json(gateway.target, "clusters", "drain", "use1-b")
     assert code == 3 and change["state"] == "pending"
-    # The requester cannot approve their own change.
+    # The requester cannot approve their own change, and the attempt is audited.
     again = hsmctl(gateway.target, "changes", "approve", change["id"], who="alice")
-    assert again.returncode == 1 and "another admin" in again.stderr
+    assert again.returncode == 1
+    assert again.stderr.strip() == (f"error: FAILED_PRECONDITION: alice requested change {change['id']}; another "
+                                    "admin must approve it")
+    _, records = as_json(gateway.target, "audit", "tail", "-n", "5")
+    refused = [(r["actor"], r["target"], r["outcome"]) for r in records if r["action"] == "change_approval_refused"]
+    assert refused[-1:] == [("alice", change["id"], "refused")]
     _, clusters = as_json(gateway.target, "clusters")
     assert not any(c["draining"] for c in clusters["clusters"])
 

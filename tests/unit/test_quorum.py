@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from gateway.quorum import APPLIED, EXPIRED, PENDING, REJECTED, RUNNING, ChangeBook
-from router.errors import AlreadyExists, FailedPrecondition, KeyNotFound, Unavailable
+from gateway.quorum import APPLIED, EXPIRED, PENDING, REJECTED, RUNNING, ChangeBook, NotAnotherAdmin
+from router.errors import FailedPrecondition, KeyNotFound, Unavailable
 from router.placement import SqliteStore, StoreError
 from tests.support import FakeClock
 
@@ -63,7 +63,7 @@ def test_a_change_requested_through_one_gateway_is_approved_through_another_and_
     assert change.state == PENDING and actions.ran == []
     assert [c.id for c in b.list()] == [change.id]  # the other gateway lists it
 
-    with pytest.raises(AlreadyExists, match="another admin must approve it"):
+    with pytest.raises(NotAnotherAdmin, match="another admin must approve it"):
         b.approve("alice", change.id)
     done = b.approve("bob", change.id)
     assert (done.state, done.result, done.approved_by) == (APPLIED, "cluster use1-b drained", ["alice", "bob"])
