@@ -442,16 +442,21 @@ class Authenticator:
 
 
 def identity_from_auth_context(auth: Mapping[str, list[bytes]]) -> str:
-    """SAN URI if there is exactly one (or one SPIFFE id), else the subject CN."""
-    uris = auth.get("peer_uri") or [v for v in auth.get("x509_subject_alternative_name", []) if b"://" in v]
+    """The certificate's URI SAN if it has exactly one, else its subject CN.
+
+    Only a URI SAN (``peer_uri``) makes a URI identity: a DNS or email SAN, or a common
+    name, written as ``spiffe://…`` would otherwise pass for that identity. So a common
+    name that looks like a URI is refused, and no other SAN is read at all.
+    """
+    uris = auth.get("peer_uri", [])
     if len(uris) > 1:
-        spiffe = auth.get("peer_spiffe_id", [])
-        if len(spiffe) != 1:
-            raise Unauthenticated("the client certificate has several URI SANs; it must have one")
-        uris = spiffe
+        raise Unauthenticated("the client certificate has several URI SANs; it must have one")
     if uris:
         return uris[0].decode("utf-8", "replace")
     names = auth.get("x509_common_name", [])
     if len(names) == 1 and names[0]:
+        if b":" in names[0]:  # a URI identity always has a scheme and its colon
+            raise Unauthenticated("the client certificate's common name looks like a URI, and it has no URI SAN: "
+                                  "a URI identity must be a URI SAN")
         return names[0].decode("utf-8", "replace")
     raise Unauthenticated("the client certificate has neither a URI SAN nor a single common name")

@@ -100,6 +100,34 @@ def test_a_certificate_without_uri_san_is_known_by_its_common_name(
     assert err.code() is DENIED and "identity 'cn-only' may not GetKey keys under 'hr/'" in err.details()
 
 
+def test_a_certificate_cannot_pass_for_another_identity_through_its_common_name_or_other_sans(
+    tls_gateway: GatewayProcess, certs: DevCerts, tmp_path: Path
+) -> None:
+    """Only a URI SAN makes a URI identity: a CN, DNS SAN or email SAN spelled like root's
+    SPIFFE id once made its holder root (admin calls, every key)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from gateway.tls import _leaf
+
+    issuer = load_issuer(certs.ca, certs.ca_key)
+    root = sid("root")
+    forgeries = {
+        "cn": _leaf(issuer, root, [], ExtendedKeyUsageOID.CLIENT_AUTH, 30),
+        "dns-san": _leaf(issuer, "forger", [x509.DNSName(root)], ExtendedKeyUsageOID.CLIENT_AUTH, 30),
+        "email-san": _leaf(issuer, "forger", [x509.RFC822Name(root)], ExtendedKeyUsageOID.CLIENT_AUTH, 30),
+    }
+    for name, (cert_pem, key_pem) in forgeries.items():
+        write_file(tmp_path / f"{name}.pem", cert_pem)
+        write_file(tmp_path / f"{name}-key.pem", key_pem, private=True)
+        pair = (tmp_path / f"{name}.pem", tmp_path / f"{name}-key.pem")
+        with tls_channel(tls_gateway.target, certs, None, cert_key=pair) as ch:
+            client = Client.of(ch)
+            err = rpc_error(client.admin.ListClusters, admin_pb2.ListClustersRequest(), timeout=5)
+            assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, DENIED), (name, err.code(), err.details())
+            assert root not in err.details() or err.code() is grpc.StatusCode.UNAUTHENTICATED, name
+
+
 def test_the_development_identity_header_is_ignored_with_tls(connect: Callable[[str], Client]) -> None:
     err = rpc_error(
         connect("nobody").crypto.GenerateRandom, pb.GenerateRandomRequest(length=8), timeout=5,

@@ -178,13 +178,18 @@ def test_the_example_policy_in_the_docs_is_valid() -> None:
 def test_identity_prefers_the_uri_san_then_the_common_name() -> None:
     uri = {"peer_uri": [b"spiffe://hsmgw/a"], "x509_common_name": [b"cn-a"]}
     assert identity_from_auth_context(uri) == "spiffe://hsmgw/a"
-    san_only = {"x509_subject_alternative_name": [b"example.com", b"spiffe://hsmgw/b"], "x509_common_name": [b"c"]}
-    assert identity_from_auth_context(san_only) == "spiffe://hsmgw/b"
+    # A DNS or email SAN written as a URI is not a URI SAN: it is not read at all.
+    dns_only = {"x509_subject_alternative_name": [b"example.com", b"spiffe://hsmgw/b"], "peer_dns": [b"example.com"],
+                "x509_common_name": [b"c"]}
+    assert identity_from_auth_context(dns_only) == "c"
     assert identity_from_auth_context({"x509_common_name": [b"cn-only"]}) == "cn-only"
     two = {"peer_uri": [b"spiffe://hsmgw/a", b"https://x"], "peer_spiffe_id": [b"spiffe://hsmgw/a"]}
-    assert identity_from_auth_context(two) == "spiffe://hsmgw/a"
-    with pytest.raises(Unauthenticated, match="several URI SANs"):
-        identity_from_auth_context({"peer_uri": [b"https://a", b"https://b"]})
+    for several in (two, {"peer_uri": [b"https://a", b"https://b"]}):
+        with pytest.raises(Unauthenticated, match="several URI SANs"):
+            identity_from_auth_context(several)
+    for uri_like in (b"spiffe://hsmgw/root", b"urn:root"):  # could pass for a URI identity
+        with pytest.raises(Unauthenticated, match="common name looks like a URI"):
+            identity_from_auth_context({"x509_common_name": [uri_like]})
     with pytest.raises(Unauthenticated):
         identity_from_auth_context({"x509_common_name": []})
 
