@@ -219,8 +219,9 @@ class Supervisor:
         self._stop.set()
 
     def _on_hup(self, _signum: int, _frame: object) -> None:
+        # Only to workers that serve: one still starting reads the current files anyway.
         for worker in list(self.workers.values()):
-            if worker.proc.poll() is None:
+            if worker.proc.poll() is None and worker.port_file.exists():
                 worker.proc.send_signal(signal.SIGHUP)
 
     # -- workers ----------------------------------------------------------------------------

@@ -58,6 +58,13 @@ def _fleet_init(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    # A reload (SIGHUP, `systemctl reload`) before the gateway serves would end the process:
+    # ignore it until serve() (or the supervisor) takes it over. The workers the supervisor
+    # starts inherit this, so one that is starting (or restarting) is not killed either; the
+    # configuration they read as they start is the current one anyway.
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway import config as config_mod
     from gateway.app import build_router
     from gateway.server import Gateway, serve

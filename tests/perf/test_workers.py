@@ -219,3 +219,44 @@ def test_keys_created_by_two_workers_at_once_under_load_keep_every_object(two_wo
             public = serialization.load_der_public_key(stub.GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id)).der)
             public.verify(signed.signature, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
     assert lost == [], f"{len(lost)} of {len(made)} keys lost objects: {lost[:5]}"
+
+
+def _handles_sighup(pid: int) -> bool:
+    """The process ignores or catches SIGHUP (before that, the interpreter is still starting)."""
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    return bool((int(status["SigIgn"], 16) | int(status["SigCgt"], 16)) & 1 << (signal.SIGHUP - 1))
+
+
+def test_a_reload_while_workers_start_or_restart_kills_none(fleet) -> None:
+    """`systemctl reload` (SIGHUP to the supervisor) at any moment: a worker still starting
+    used to die of it, and the gateway with it (exit 255, no port file)."""
+    gateway = GatewayProcess(fleet.config_path, workers=2)
+    starting = threading.Thread(target=gateway.start)
+    starting.start()
+    try:
+        while gateway.proc is None or not _handles_sighup(gateway.proc.pid):  # the interpreter has started
+            time.sleep(0.005)
+        while starting.is_alive():  # a reload every 50 ms while the supervisor and its workers start
+            os.kill(gateway.proc.pid, signal.SIGHUP)
+            time.sleep(0.05)
+        assert gateway.port, gateway.log()[-2000:]
+        workers = _children(gateway.proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)  # one worker dies, and reloads come while it restarts
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            os.kill(gateway.proc.pid, signal.SIGHUP)
+            time.sleep(0.05)
+            now = _children(gateway.proc.pid)
+            if len(now) == 2 and workers[1] not in now and "serving" in gateway.log().split("exited with")[-1]:
+                break
+        assert gateway.proc.poll() is None, gateway.log()[-2000:]
+        with grpc.insecure_channel(gateway.target) as channel:
+            assert len(crypto_pb2_grpc.CryptoServiceStub(channel).GenerateRandom(
+                pb.GenerateRandomRequest(length=8), timeout=10).data) == 8
+        log = gateway.log()
+        assert log.count("exited with") == 1, log[-3000:]  # the one killed, no other
+    finally:
+        starting.join(60)
+        gateway.stop()
