@@ -23,8 +23,13 @@ CPUs, worker *i* runs on the *i*-th usable CPU only, so its threads never pass a
 request to another core.
 
 Running: SIGTERM or SIGINT stops every worker (each drains for ``grace`` seconds),
-SIGHUP is passed on (each worker reloads its policy and TLS files). A worker that
-dies is started again; five deaths within a minute stop the whole gateway.
+SIGHUP is passed on to the workers that serve (each reloads its policy and TLS files).
+A worker that dies is started again after a pause that doubles with each death in a
+row (``RESTART_PAUSE`` up to ``RESTART_PAUSE_MAX``), while the others serve. One that
+cannot start for its configuration or a refused PIN (exit status ``EXIT_CONFIG``) is
+not started again until the next SIGHUP: trying a refused PIN again and again can lock
+the HSM user out. The gateway stops only when no worker serves and workers died
+``RESTARTS_PER_MINUTE`` times within a minute, or every worker was given up.
 
 ``[metrics] listen``: worker *i* serves metrics on the configured port + *i* (or
 an ephemeral port when the configured port is 0).
@@ -54,6 +59,13 @@ from gateway.config import GatewayConfig
 log = logging.getLogger(__name__)
 
 RESTARTS_PER_MINUTE = 5
+RESTART_PAUSE = 0.5
+"""Seconds before the first restart of a worker that died; doubled for each death in a row."""
+RESTART_PAUSE_MAX = 30.0
+SERVING_RESETS = 60.0
+"""Seconds a restarted worker must serve before its next death counts as a first one."""
+EXIT_CONFIG = 78
+"""A worker's exit status when its configuration or credentials are refused (sysexits' EX_CONFIG)."""
 PR_SET_PDEATHSIG = 1
 
 
@@ -83,11 +95,12 @@ class WorkerError(RuntimeError):
     """The supervisor could not start (its message is the one error line)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Worker:
     index: int
     proc: subprocess.Popen[bytes]
     port_file: Path
+    serving_since: float | None = None
 
     @property
     def pid(self) -> int:
@@ -187,6 +200,10 @@ class Supervisor:
         self.cpus = worker_cpus(workers, config.server.pin_workers)
         self._stop = threading.Event()
         self._deaths: deque[float] = deque()
+        self._in_a_row: dict[int, int] = {}  # worker index -> deaths since it last served a while
+        self._restart_at: dict[int, float] = {}  # worker index -> when to start it again
+        self._given_up: set[int] = set()  # refused its configuration or PIN: waits for a SIGHUP
+        self._retry_given_up = threading.Event()
         self._dir = Path(tempfile.mkdtemp(prefix="hsmgw-workers-"))
         self._hold: socket.socket | None = None
 
@@ -223,6 +240,7 @@ class Supervisor:
         for worker in list(self.workers.values()):
             if worker.proc.poll() is None and worker.port_file.exists():
                 worker.proc.send_signal(signal.SIGHUP)
+        self._retry_given_up.set()  # the operator may have fixed what they refused
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -272,20 +290,58 @@ class Supervisor:
 
     def _watch(self) -> int:
         while not self._stop.wait(0.2):
+            now = time.monotonic()
+            if self._retry_given_up.is_set():
+                self._retry_given_up.clear()
+                for index in sorted(self._given_up):
+                    log.info("reload: starting worker %d again", index)
+                    self._restart_at[index] = now
+                self._given_up.clear()
+            for index, at in sorted(self._restart_at.items()):
+                if at <= now:
+                    del self._restart_at[index]
+                    self._spawn(index)
             for index, worker in list(self.workers.items()):
+                if index in self._restart_at or index in self._given_up:
+                    continue
                 code = worker.proc.poll()
                 if code is None:
+                    if worker.serving_since is None and worker.port_file.exists():
+                        worker.serving_since = now
+                    elif worker.serving_since is not None and now - worker.serving_since >= SERVING_RESETS:
+                        self._in_a_row.pop(index, None)
                     continue
-                now = time.monotonic()
-                self._deaths.append(now)
-                while self._deaths and now - self._deaths[0] > 60.0:
-                    self._deaths.popleft()
-                if len(self._deaths) > RESTARTS_PER_MINUTE:
-                    log.error("workers died %d times within a minute; stopping the gateway", len(self._deaths))
-                    return 1
-                log.warning("worker %d (pid %d) exited with %s; starting it again", index, worker.pid, code)
-                self._spawn(index)
+                status = self._died(worker, code, now)
+                if status is not None:
+                    return status
         return 0
+
+    def _died(self, worker: Worker, code: int, now: float) -> int | None:
+        """Schedule a dead worker's restart, or give it up; the gateway's exit status when it must stop."""
+        index = worker.index
+        self._deaths.append(now)
+        while self._deaths and now - self._deaths[0] > 60.0:
+            self._deaths.popleft()
+        serving = [w for w in self.workers.values()
+                   if w is not worker and w.index not in self._restart_at and w.index not in self._given_up
+                   and w.proc.poll() is None and w.port_file.exists()]
+        if code == EXIT_CONFIG:
+            self._given_up.add(index)
+            log.error("worker %d (pid %d) cannot start: its configuration or PIN was refused (its log says which); "
+                      "it is not started again until a reload (SIGHUP) or a restart%s", index, worker.pid,
+                      "" if serving else ", and no worker serves: stopping the gateway")
+            return None if serving else EXIT_CONFIG
+        if not serving and len(self._deaths) >= RESTARTS_PER_MINUTE:
+            log.error("workers died %d times within a minute and none serves; stopping the gateway",
+                      len(self._deaths))
+            return 1
+        in_a_row = self._in_a_row[index] = self._in_a_row.get(index, 0) + 1
+        pause = min(RESTART_PAUSE_MAX, RESTART_PAUSE * 2 ** (in_a_row - 1))
+        self._restart_at[index] = now + pause
+        (log.warning if in_a_row == 1 else log.error)(
+            "worker %d (pid %d) exited with %s%s; starting it again in %.1f s", index, worker.pid, code,
+            f" ({in_a_row} times in a row)" if in_a_row > 1 else "", pause)
+        return None
 
     def _stop_all(self) -> None:
         running = [w for w in self.workers.values() if w.proc.poll() is None]

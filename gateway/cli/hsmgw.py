@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from gateway.cli._common import fail, setup_logging
 from gateway.config import ConfigError
-from gateway.workers import default_workers
+from gateway.workers import EXIT_CONFIG, default_workers
 
 if TYPE_CHECKING:
     from router.placement import PlacementStore
@@ -95,8 +95,8 @@ def _serve(args: argparse.Namespace) -> None:
             AuditLog(config.base_dir / config.admin.audit_log).check()
         except AuditLogError as exc:
             raise ConfigError(f"admin.audit_log: {exc}") from None
-    except ConfigError as exc:
-        fail(str(exc) if str(args.config) in str(exc) else f"{args.config}: {exc}")  # the file, named once
+    except ConfigError as exc:  # the file, named once; restarting does not help (EX_CONFIG)
+        fail(str(exc) if str(args.config) in str(exc) else f"{args.config}: {exc}", code=EXIT_CONFIG)
     if args.workers > 1:
         # The supervisor never opens the PKCS #11 module: each worker does, after it starts.
         flags = ("--log-format", args.log_format, *(("-v",) if args.verbose else ()))
@@ -113,10 +113,14 @@ def _serve(args: argparse.Namespace) -> None:
             reserve_port(config.server.host, config.server.port).close()
         except WorkerError as exc:
             fail(str(exc))
+    from router.pkcs11 import LoginRefused
+
     try:
         # Workers share one store and one fleet: the first one reconciles for all.
         router = build_router(config, reconcile_at_start=not args.worker_index)
-    except (ConfigError, RuntimeError, FileNotFoundError) as exc:
+    except (ConfigError, LoginRefused) as exc:  # a refused PIN tried again and again locks the user out
+        fail(str(exc), code=EXIT_CONFIG)
+    except (RuntimeError, FileNotFoundError) as exc:
         fail(str(exc))
     try:
         gateway = Gateway(config, router, reuse_port=args.worker_index is not None,

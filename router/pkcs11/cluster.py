@@ -40,6 +40,10 @@ GCM_TAG_BITS = 128
 _EC_BYTES = {KeyAlgorithm.EC_P256: 32, KeyAlgorithm.EC_P384: 48}
 
 
+class LoginRefused(RuntimeError):
+    """The token refused the PIN: trying it again soon only counts towards a lock-out."""
+
+
 class Pkcs11Cluster(HsmBackend):
     def __init__(
         self,
@@ -57,7 +61,7 @@ class Pkcs11Cluster(HsmBackend):
         try:
             self._pool = SessionPool(module, spec, pin, clock=clock)
         except p11.PinIncorrect as exc:
-            raise RuntimeError(f"cluster {spec.name}: the user PIN was refused by token {spec.token_label!r}") from exc
+            raise LoginRefused(f"cluster {spec.name}: the user PIN was refused by token {spec.token_label!r}") from exc
         except p11.NoSuchToken as exc:
             raise RuntimeError(f"cluster {spec.name}: no token labelled {spec.token_label!r}") from exc
 

@@ -260,3 +260,44 @@ def test_a_reload_while_workers_start_or_restart_kills_none(fleet) -> None:
     finally:
         starting.join(60)
         gateway.stop()
+
+
+def test_a_worker_whose_pin_is_refused_is_not_retried_and_the_others_serve_on(tmp_path: Path) -> None:
+    """After a crash, the replacement finds the PIN refused (rotated on the HSM, a wrong one
+    deployed): it is not started again and again (each try counts towards a lock-out), and
+    the worker that serves keeps serving. A reload starts it again."""
+    import re
+
+    from gateway.fleet import init_fleet
+
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0")
+    secrets = fleet.secrets_path
+    good = secrets.read_text()
+    gateway = GatewayProcess(fleet.config_path, workers=2).start()
+    try:
+        workers = _children(gateway.proc.pid)
+        secrets.write_text(re.sub(r'(\[clusters\.use1-a\]\nuser_pin = )"[^"]*"', r'\1"000000"', good, count=1))
+        os.kill(workers[1], signal.SIGKILL)
+        given_up = "is not started again until a reload (SIGHUP) or a restart"
+        for _ in range(200):
+            if given_up in gateway.log():
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)  # would have been two more restarts, and the gateway's end, before
+        log = gateway.log()
+        assert given_up in log, log[-3000:]
+        assert log.count("the user PIN was refused") == 1, log[-3000:]
+        assert gateway.proc.poll() is None and _children(gateway.proc.pid) == [workers[0]]
+        with grpc.insecure_channel(gateway.target) as channel:
+            crypto_pb2_grpc.CryptoServiceStub(channel).GenerateRandom(pb.GenerateRandomRequest(length=8), timeout=10)
+
+        secrets.write_text(good)  # the operator fixes it, and reloads
+        os.kill(gateway.proc.pid, signal.SIGHUP)
+        for _ in range(200):
+            if len(_children(gateway.proc.pid)) == 2 and "reload: starting worker 1 again" in gateway.log():
+                break
+            time.sleep(0.05)
+        assert len(_children(gateway.proc.pid)) == 2, gateway.log()[-3000:]
+    finally:
+        secrets.write_text(good)
+        gateway.stop()

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.fleet import Fleet
 from gateway.tls import DevCerts
+from gateway.workers import EXIT_CONFIG
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.security.helpers import Client, tls_channel, write_config
 from tests.support import ROOT, GatewayProcess, rpc_error
@@ -28,7 +29,7 @@ def _serve(config: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "192.0.2.10:0"])
 def test_plaintext_on_a_non_loopback_address_is_refused(sec_fleet: Fleet, listen: str) -> None:
     result = _serve(write_config(sec_fleet, "plain-public", listen=listen))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
     host = listen.rsplit(":", 1)[0].strip("[]")
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {sec_fleet.state_dir / 'plain-public.toml'}: server.listen: plaintext is allowed only "
@@ -38,19 +39,19 @@ def test_plaintext_on_a_non_loopback_address_is_refused(sec_fleet: Fleet, listen
 
 def test_no_tls_and_no_plaintext_flag_is_refused(sec_fleet: Fleet) -> None:
     result = _serve(write_config(sec_fleet, "no-tls", plaintext=False))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
     assert "server.insecure_plaintext: TLS is not configured" in result.stderr
 
 
 def test_tls_without_a_policy_is_refused(sec_fleet: Fleet, certs: DevCerts) -> None:
     result = _serve(write_config(sec_fleet, "tls-no-policy", tls=certs))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
     assert "auth.policy_file: a TLS server needs an authorization policy" in result.stderr
 
 
 def test_tls_and_plaintext_together_are_refused(sec_fleet: Fleet, certs: DevCerts, policy_file: Path) -> None:
     result = _serve(write_config(sec_fleet, "tls-and-plain", tls=certs, policy=policy_file, plaintext=True))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
     assert "server.insecure_plaintext: must be false when [server.tls] is configured" in result.stderr
 
 
@@ -61,7 +62,7 @@ def test_a_readable_tls_key_is_refused(sec_fleet: Fleet, certs: DevCerts, policy
     config = write_config(sec_fleet, "tls-readable-key", tls=certs, policy=policy_file)
     config.write_text(config.read_text().replace(f'key_file = "{certs.server_key}"', f'key_file = "{key}"'))
     result = _serve(config)
-    assert result.returncode == 1
+    assert result.returncode == EXIT_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
     assert f"server.tls.key_file: {key} is open to its group or others; run: chmod 600 {key}" in result.stderr
     assert "PRIVATE KEY" not in result.stderr + result.stdout
 
@@ -70,7 +71,7 @@ def test_a_bad_policy_is_refused_naming_the_key(sec_fleet: Fleet, certs: DevCert
     policy = tmp_path / "policy.toml"
     policy.write_text('[roles.app]\noperations = ["Sign"]\nprefixes = ["payments"]\n')
     result = _serve(write_config(sec_fleet, "bad-policy", tls=certs, policy=policy))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
     assert "roles.app.prefixes[0]: a prefix must end with '/'" in result.stderr
 
 
