@@ -20,11 +20,11 @@ UNIT = ROOT / "deploy" / "hsmgw.service"
 
 def hsmgw_accepts(argv: list[str], tmp_path: Path) -> None:
     """``hsmgw ARGV`` parses: run with a config that does not exist, it must fail on the
-    config (exit 1, one line), not on its arguments (argparse: exit 2 and a usage)."""
+    config (exit 78, EX_CONFIG, one line), not on its arguments (argparse: exit 2 and a usage)."""
     argv = [str(tmp_path / "missing.toml") if a.endswith(".toml") else a for a in argv]
     out = subprocess.run([sys.executable, "-m", "gateway.cli.hsmgw", *argv], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
-    assert out.returncode == 1, out.stderr
+    assert out.returncode == 78, out.stderr
     assert "usage:" not in out.stderr and "config file not found" in out.stderr, out.stderr
 
 
@@ -97,6 +97,9 @@ def test_systemd_unit_runs_the_gateway_unprivileged_with_time_to_drain(tmp_path:
     assert service["KillSignal"] == "SIGTERM"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID", "reload = SIGHUP (TLS files and policy)"
     assert service["Restart"] == "on-failure"
+    from gateway.workers import EXIT_CONFIG
+
+    assert service["RestartPreventExitStatus"] == str(EXIT_CONFIG), "a refused PIN is not tried again and again"
 
 
 def test_systemd_unit_is_hardened() -> None:
