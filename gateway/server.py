@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -370,4 +371,6 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None)
         log.warning("[admin] quorum = %d: one admin alone drains, fails over, moves and destroys keys, for every "
                     "gateway on this placement store; production wants 2 or more", gateway.config.admin.quorum)
     done.wait()
+    if port_file:  # stopping: a stale port file would send the next reader to a closed port
+        Path(port_file).unlink(missing_ok=True)
     gateway.stop(grace)

@@ -229,6 +229,8 @@ class Supervisor:
             self._stop_all()
             if self._hold is not None:
                 self._hold.close()
+            if self.port_file:  # a stale port file would send the next reader to a closed port
+                Path(self.port_file).unlink(missing_ok=True)
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def _on_stop(self, signum: int, _frame: object) -> None:

@@ -98,7 +98,9 @@ def test_sigterm_to_the_supervisor_stops_every_worker(fleet) -> None:
     gateway = GatewayProcess(fleet.config_path, workers=2).start()
     workers = _children(gateway.proc.pid)
     assert len(workers) == 2
+    assert gateway.port_file.exists()
     assert gateway.stop(signal.SIGTERM, timeout=30) == 0
+    assert not gateway.port_file.exists(), "a stale port file sends the next reader to a closed port"
     for pid in workers:
         for _ in range(100):
             if not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text():
