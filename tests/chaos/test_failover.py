@@ -443,6 +443,53 @@ def test_client_fails_over_to_the_other_regional_gateway(tmp_path, faultmod) -> 
         west.stop()
 
 
+def test_clients_see_no_error_while_a_gateway_shuts_down_gracefully(tmp_path) -> None:
+    """A rolling update: SIGTERM to one of two gateways while 16 clients sign through both
+    (`gateway.client.Client`). grpc cancels the calls still queued when the server stops
+    (CANCELLED, not UNAVAILABLE); the client tries those on the next gateway too."""
+    from gateway.fleet import init_fleet
+
+    fleet = init_fleet(tmp_path / "fleet", listen="127.0.0.1:0")
+    leaving = GatewayProcess(fleet.config_path, workers=2).start()
+    staying = GatewayProcess(fleet.config_path).start()
+    try:
+        key_id = make_keys(leaving.target, "rolling", 1)[0].key_id
+        with Client([leaving.target]) as probe:
+            public = serialization.load_pem_public_key(probe.public_key_pem(key_id).encode())
+        stop = threading.Event()
+        errors: list[str] = []
+        signed = [0] * 16
+
+        def sign(i: int) -> None:
+            with Client([leaving.target, staying.target], timeout=10) as client:
+                while not stop.is_set():
+                    digest = os.urandom(32)
+                    try:
+                        signature = client.sign(key_id, digest).signature
+                        public.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+                        signed[i] += 1
+                    except Exception as exc:  # noqa: BLE001 - every error is what the test looks for
+                        errors.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(16)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            before = sum(signed)
+            assert leaving.stop(signal.SIGTERM, timeout=30) == 0
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert errors == [], errors[:5]
+        assert sum(signed) > before + 50, "signing went on through the other gateway"
+    finally:
+        leaving.stop()
+        staying.stop()
+
+
 def test_health_service_reports_clusters_and_regions(chaos) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
