@@ -94,7 +94,7 @@ def test_no_pin_and_no_private_key_in_any_log_or_error(sec_fleet: Fleet, certs: 
 
     # 1. Start-up failures: a wrong PIN, a readable secrets file, a secrets file that is not TOML.
     failed = _run(*serve, str(config), env={"HSMGW_PIN_USE1_A": WRONG_PIN})
-    assert "[exit 1]" in failed and "the user PIN was refused by token 'use1-a'" in failed
+    assert "[exit 78]" in failed and "the user PIN was refused by token 'use1-a'" in failed
     seen.append(failed)
 
     pins = tomllib.loads(sec_fleet.secrets_path.read_text())["clusters"]
@@ -108,7 +108,7 @@ def test_no_pin_and_no_private_key_in_any_log_or_error(sec_fleet: Fleet, certs: 
         bad = config.with_name(f"{config.stem}-{secrets.stem}.toml")
         bad.write_text(config.read_text().replace('file = "secrets.toml"', f'file = "{secrets}"'))
         output = _run(*serve, str(bad))
-        assert "[exit 1]" in output and "secrets.file" in output
+        assert "[exit 78]" in output and "secrets.file" in output
         seen.append(output)
 
     # 2. A successful start (one PIN from the environment, the others from the file).
