@@ -333,6 +333,14 @@ class _CloudWatch:
         self.publisher.stop(self.sampler, timeout=5.0)  # one last sample: the shutdown shows in the graphs
 
 
+def _beat(port_file: str, done: threading.Event) -> None:
+    while not done.wait(HEARTBEAT):
+        try:
+            os.utime(port_file)
+        except OSError:  # removed: the worker is stopping
+            return
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -342,8 +350,16 @@ def _version() -> str:
         return "unknown"
 
 
-def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain for ``grace`` seconds and exit."""
+HEARTBEAT = 1.0
+"""Seconds between the touches of a worker's port file that tell its supervisor it is alive."""
+
+
+def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None, heartbeat: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, then drain for ``grace`` seconds and exit.
+
+    ``heartbeat`` (a worker of ``hsmgw serve --workers N``): touch the port file every
+    ``HEARTBEAT`` seconds, so the supervisor notices a worker that is stopped or stuck.
+    """
     done = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -363,6 +379,8 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None)
         with open(tmp, "w") as f:
             f.write(str(gateway.port))
         os.replace(tmp, port_file)
+        if heartbeat:
+            threading.Thread(target=_beat, args=(port_file, done), name="heartbeat", daemon=True).start()
     if gateway.config.server.insecure_plaintext:
         log.warning("serving PLAINTEXT on loopback for development; production needs TLS")
     if gateway.config.auth.policy_file is None:

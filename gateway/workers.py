@@ -29,7 +29,9 @@ row (``RESTART_PAUSE`` up to ``RESTART_PAUSE_MAX``), while the others serve. One
 cannot start for its configuration or a refused PIN (exit status ``EXIT_CONFIG``) is
 not started again until the next SIGHUP: trying a refused PIN again and again can lock
 the HSM user out. The gateway stops only when no worker serves and workers died
-``RESTARTS_PER_MINUTE`` times within a minute, or every worker was given up.
+``RESTARTS_PER_MINUTE`` times within a minute, or every worker was given up. A serving
+worker touches its port file every second; one silent for ``SILENT`` seconds (stopped,
+or stuck with the interpreter) is killed and so started again.
 
 ``[metrics] listen``: worker *i* serves metrics on the configured port + *i* (or
 an ephemeral port when the configured port is 0).
@@ -64,6 +66,9 @@ RESTART_PAUSE = 0.5
 RESTART_PAUSE_MAX = 30.0
 SERVING_RESETS = 60.0
 """Seconds a restarted worker must serve before its next death counts as a first one."""
+SILENT = 10.0
+"""Seconds without a heartbeat (``gateway.server.HEARTBEAT``) after which a serving worker
+counts as stopped or stuck: it is killed and started again."""
 EXIT_CONFIG = 78
 """A worker's exit status when its configuration or credentials are refused (sysexits' EX_CONFIG)."""
 PR_SET_PDEATHSIG = 1
@@ -312,11 +317,25 @@ class Supervisor:
                         worker.serving_since = now
                     elif worker.serving_since is not None and now - worker.serving_since >= SERVING_RESETS:
                         self._in_a_row.pop(index, None)
+                    self._check_heartbeat(worker)
                     continue
                 status = self._died(worker, code, now)
                 if status is not None:
                     return status
         return 0
+
+    def _check_heartbeat(self, worker: Worker) -> None:
+        """Kill a serving worker whose heartbeat stopped (SIGSTOP, a stuck interpreter): the
+        kernel would go on handing it connections that no one answers."""
+        try:
+            silent = time.time() - worker.port_file.stat().st_mtime
+        except FileNotFoundError:  # starting, or stopping
+            return
+        if silent > SILENT:
+            log.error("worker %d (pid %d) has not shown a sign of life for %.0f s (stopped or stuck); killing it",
+                      worker.index, worker.pid, silent)
+            worker.port_file.unlink(missing_ok=True)
+            worker.proc.kill()
 
     def _died(self, worker: Worker, code: int, now: float) -> int | None:
         """Schedule a dead worker's restart, or give it up; the gateway's exit status when it must stop."""

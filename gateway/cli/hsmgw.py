@@ -131,7 +131,7 @@ def _serve(args: argparse.Namespace) -> None:
     except RuntimeError as exc:  # grpc could not bind: the port was taken since the check above
         router.close()
         fail(f"server.listen: cannot listen on {config.server.listen}: {exc}")
-    serve(gateway, grace=args.grace, port_file=args.port_file)
+    serve(gateway, grace=args.grace, port_file=args.port_file, heartbeat=args.worker_index is not None)
 
 
 def _at_least_one(text: str) -> int:

@@ -303,3 +303,40 @@ def test_a_worker_whose_pin_is_refused_is_not_retried_and_the_others_serve_on(tm
     finally:
         secrets.write_text(good)
         gateway.stop()
+
+
+def test_a_worker_that_stops_answering_is_replaced(fleet) -> None:
+    """A worker frozen (SIGSTOP, or an interpreter stuck) keeps its listening socket, and the
+    kernel goes on handing it connections no one answers; its heartbeat stops, and the
+    supervisor kills it and starts another."""
+    gateway = GatewayProcess(fleet.config_path, workers=2).start()
+    try:
+        frozen = _children(gateway.proc.pid)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        for _ in range(300):  # SILENT (10 s), then a restart
+            now = _children(gateway.proc.pid)
+            if len(now) == 2 and frozen not in now:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"worker {frozen} was not replaced:\n{gateway.log()[-3000:]}")
+        assert "has not shown a sign of life for" in gateway.log()
+        for _ in range(50):  # the new worker starts; meanwhile the kernel sends no one to it
+            if _all_answer(gateway.target):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("connections still go unanswered")
+    finally:
+        gateway.stop()
+
+
+def _all_answer(target: str) -> bool:
+    """Eight fresh connections (the kernel spreads them over the workers) all answer."""
+    for _ in range(8):
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            try:
+                crypto_pb2_grpc.CryptoServiceStub(channel).GenerateRandom(pb.GenerateRandomRequest(length=8), timeout=3)
+            except grpc.RpcError:
+                return False
+    return True
