@@ -25,7 +25,7 @@ from gateway.interceptors import current_identity
 from gateway.quorum import Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument, KeyNotFound, Unavailable
+from router.errors import FailedPrecondition, InvalidArgument, Unavailable
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
@@ -295,30 +295,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def PlaceKey(self, request: pb.PlaceKeyRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
-            if request.cluster not in self.router.backends:
-                raise InvalidArgument(f"no cluster named {request.cluster!r}")
-            try:
-                self.router.get_key(request.key_id)
-            except KeyNotFound:
-                return self._request(who, "place_key", {"key_id": request.key_id, "cluster": request.cluster})
-            raise FailedPrecondition(f"key {request.key_id!r} already exists; move it instead (hsmctl keys move)")
+            self.router.check_pin(request.key_id, request.cluster)
+            return self._request(who, "place_key", {"key_id": request.key_id, "cluster": request.cluster})
 
         return self._call(context, run)
 
     def MoveKey(self, request: pb.MoveKeyRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
-            placement = self.router.get_key(request.key_id)
-            if request.to not in self.router.backends:
-                raise InvalidArgument(f"no cluster named {request.to!r}")
-            if request.to in placement.clusters:
-                raise FailedPrecondition(f"key {request.key_id!r} is already on cluster {request.to}")
-            source = getattr(request, "from") or placement.primary
-            if source not in placement.clusters:
-                raise FailedPrecondition(f"key {request.key_id!r} is not on cluster {source!r} "
-                                         f"(it is on {', '.join(placement.clusters)})")
-            if placement.external or not placement.extractable:
-                raise FailedPrecondition(f"key {request.key_id!r} cannot be moved: it is "
-                                         f"{'EXTERNAL' if placement.external else 'non-extractable'}")
+            _, source = self.router.check_move(request.key_id, request.to, getattr(request, "from"))
             return self._request(who, "move_key", {"key_id": request.key_id, "to": request.to, "from": source})
 
         return self._call(context, run)

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ class Change:
     created: float
     expires: float
     result: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class NotAnotherAdmin(FailedPrecondition):

@@ -70,10 +70,14 @@ def _caller() -> str:
     return current_identity() or "-"
 
 
-def _input(request: pb.SignRequest | pb.VerifyRequest) -> tuple[bytes | None, bytes | None]:
-    request_id = getattr(request, "request_id", "")  # optional; echoed in the answer
-    if len(request_id) > 128 or not request_id.isprintable():
+def _sign_input(request: pb.SignRequest) -> tuple[bytes | None, bytes | None]:
+    """``_input``, and the optional ``request_id`` a Sign echoes (Verify has none)."""
+    if len(request.request_id) > 128 or not request.request_id.isprintable():
         raise InvalidArgument("request_id must be at most 128 printable characters")
+    return _input(request)
+
+
+def _input(request: pb.SignRequest | pb.VerifyRequest) -> tuple[bytes | None, bytes | None]:
     which = request.WhichOneof("input")
     if which == "digest":
         return request.digest, None
@@ -156,7 +160,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         return self._sign(request, deadline)
 
     def _sign(self, request: pb.SignRequest, deadline: float) -> pb.SignResponse:
-        digest, message = _input(request)
+        digest, message = _sign_input(request)
         signature, cluster = self.router.sign(
             request.key_id, conv.operation(request.algorithm), digest, message, deadline
         )
@@ -280,7 +284,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         for index in chunk:
             item = items[index]
             try:
-                digest, message = _input(item)
+                digest, message = _sign_input(item)
                 asked.append((item.key_id, conv.operation(item.algorithm), digest, message))
                 named.append((index, item.request_id))
             except Exception as exc:  # noqa: BLE001 - one bad item does not fail the batch

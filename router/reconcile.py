@@ -142,9 +142,8 @@ def reconcile(
         for key_id in sorted(ids - expected[name]):
             if key_id in report.stale_intents:
                 continue  # handled with its intent
-            why = _why_not_an_orphan(router, name, key_id)
-            if not why and fix:
-                why = _destroy_orphan(router, name, key_id, deadline)
+            # One look at the record: under the token's lock when it may end in a destroy.
+            why = _destroy_orphan(router, name, key_id, deadline) if fix else _why_not_an_orphan(router, name, key_id)
             if why:
                 log.info("reconcile: %s on %s left alone: %s", key_id, name, why)
                 continue

@@ -609,15 +609,23 @@ class Router:
 
     # -- placement changes (operators) -------------------------------------------------
 
+    def check_pin(self, key_id: str, cluster: str) -> None:
+        """Whether a key that does not exist yet may be placed on ``cluster`` (asked again by ``pin``)."""
+        validation.key_id(key_id)
+        if cluster not in self.backends:
+            raise InvalidArgument(f"no cluster named {cluster!r}")
+        try:
+            exists = self.store.get(key_id) is not None
+        except StoreError as exc:
+            raise Unavailable("placement store is unreachable; the placement cannot be checked now") from exc
+        if exists:
+            raise FailedPrecondition(f"key {key_id!r} already exists; move it instead (hsmctl keys move)")
+
     def pin(self, key_id: str, cluster: str) -> None:
         """Make a key that does not exist yet go to ``cluster`` when it is created, through any
         process of any gateway on this store (the pin is an admin record there)."""
-        validation.key_id(key_id)
-        if cluster not in self.backends:
-            raise KeyNotFound(f"no cluster named {cluster!r}")
+        self.check_pin(key_id, cluster)
         try:
-            if self.store.get(key_id) is not None:
-                raise FailedPrecondition(f"key {key_id!r} already exists; move it instead")
             edit_admin_record(self.store, PINS, lambda pins: {**(pins or {}), key_id: cluster})
         except StoreError as exc:
             raise Unavailable("placement store is unreachable; the placement is not recorded") from exc
@@ -640,12 +648,9 @@ class Router:
             return None
         return cluster
 
-    def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "") -> Placement:
-        """Copy the key to ``to`` by trusted wrap, prove the copy works, switch, drop the old copy.
-
-        Requests keep succeeding throughout: the old copy serves until the
-        mapping switches, and is destroyed only after.
-        """
+    def check_move(self, key_id: str, to: str, source: str = "") -> tuple[Placement, str]:
+        """The key's record and the cluster it would move from, if it may move to ``to`` now;
+        else the error the move would end with (asked again when the move runs)."""
         current = self.store.get(validation.key_id(key_id))
         if current is None:
             raise KeyNotFound(f"key {key_id!r} not found")
@@ -657,14 +662,24 @@ class Router:
             raise FailedPrecondition(f"key {key_id!r} is non-extractable: it never leaves the cluster it was made on, "
                                      "so it cannot be moved")
         if to not in self.backends:
-            raise KeyNotFound(f"no cluster named {to!r}")
+            raise InvalidArgument(f"no cluster named {to!r}")
         source = source or current.primary
         if source not in current.clusters:
-            raise FailedPrecondition(f"key {key_id!r} is not on cluster {source}")
+            raise FailedPrecondition(f"key {key_id!r} is not on cluster {source!r} (it is on "
+                                     f"{', '.join(current.clusters)})")
         if to in current.clusters:
             raise FailedPrecondition(f"key {key_id!r} is already on cluster {to}")
         if self.key_counts().get(to, 0) >= self.backends[to].spec.max_keys:
             raise ResourceExhausted(f"cluster {to} is at its key limit", cluster=to)
+        return current, source
+
+    def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "") -> Placement:
+        """Copy the key to ``to`` by trusted wrap, prove the copy works, switch, drop the old copy.
+
+        Requests keep succeeding throughout: the old copy serves until the
+        mapping switches, and is destroyed only after.
+        """
+        current, source = self.check_move(key_id, to, source)
         holders = [n for n in self.dispatcher.order([source, *current.clusters]) if self.dispatcher.usable(n)]
         if not holders:
             raise Unavailable(f"no healthy cluster holds key {key_id!r} to copy it from")

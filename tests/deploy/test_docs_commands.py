@@ -72,7 +72,8 @@ def parse_hsmgw(argv: list[str]) -> argparse.Namespace:
 def parse_hsmctl(argv: list[str]) -> argparse.Namespace:
     from gateway.cli.hsmctl import _hoisted, build_parser
 
-    return build_parser().parse_args(_hoisted(argv))
+    parser = build_parser()
+    return parser.parse_args(_hoisted(argv, parser))
 
 
 def _help_examples() -> list[list[str]]:

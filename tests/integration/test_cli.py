@@ -408,3 +408,16 @@ def test_hsmctl_says_what_to_check_when_it_cannot_reach_a_gateway(gateway: Any, 
         result = hsmctl(*options, "--timeout", "5", "clusters")
         assert result.returncode == 2
         assert one_error_line(result).endswith(says), result.stderr
+
+
+def test_hsmctl_names_a_client_certificate_or_key_that_is_not_pem(gateway: Any, tmp_path: Path) -> None:
+    from gateway.tls import write_dev_certs
+
+    cert, key = write_dev_certs(tmp_path / "certs", ["ops"]).client("ops")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for options, says in ((("--cert", str(junk), "--key", str(key)), "error: --cert is not a PEM certificate"),
+                          (("--cert", str(cert), "--key", str(junk)),
+                           "error: --key is not a PEM private key without a passphrase")):
+        result = hsmctl("--target", gateway.target, *options, "clusters")
+        assert result.returncode == 1 and one_error_line(result) == says

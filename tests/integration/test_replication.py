@@ -6,6 +6,7 @@ import hashlib
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -124,6 +125,19 @@ def test_a_destroy_a_cluster_misses_is_final_and_finished_later(make_router, tok
         else:
             assert ("usw2-a", key.key_id) in reconcile(router, fix=True).orphans
         assert tokens.objects("usw2-a", key.key_id) == []
+
+
+def test_a_destroy_through_a_gateway_without_one_of_the_keys_clusters_destroys_nothing(make_router, tokens) -> None:
+    """Another gateway's record names a cluster this one does not have: destroying the copies
+    it can reach would leave that one behind, for ever out of its reach."""
+    router = make_router(replication=POLICY)
+    key = router.generate_key(_spec(unique("destroy-elsewhere")), time.monotonic() + 30)
+    wider = router.store.update(replace(router.store.get(key.key_id), replicas=(*key.replicas, "euw1-a")))
+    with pytest.raises(Unavailable, match="is also on euw1-a, not configured here; destroy it through a gateway"):
+        router.destroy_key(key.key_id, time.monotonic() + 30)
+    assert router.store.get(key.key_id).state is wider.state is KeyState.ENABLED
+    for cluster in key.clusters:
+        assert tokens.classes(cluster, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
 
 
 def test_a_non_extractable_key_is_never_planned_for_a_move_and_a_move_is_refused(make_router) -> None:

@@ -82,3 +82,34 @@ def test_a_drain_the_store_does_not_take_switches_nothing(tmp_path: Path) -> Non
     store.writes_fail = False
     assert admin.changes.get(change.id).state == "pending"
     assert router.dispatcher.failed_over == frozenset()
+
+
+class _Aborted(Exception):
+    def __init__(self, status: Any) -> None:
+        super().__init__(status.details)
+        self.status = status
+
+
+class _Context:
+    """What AdminServicer's calls use of a gRPC context: ending the call with a status."""
+
+    def abort_with_status(self, status: Any) -> None:
+        raise _Aborted(status)
+
+
+def test_a_switch_asked_for_while_the_store_cannot_say_the_current_ones_is_unavailable(tmp_path: Path) -> None:
+    import grpc
+
+    from hsmgw.v1 import admin_pb2
+
+    store = Store(tmp_path / "p.db")
+    admin = AdminServicer(_router(tmp_path, store), audit_path=tmp_path / "audit.log", quorum=2)
+    store.reads_fail = True
+    for call, request in ((admin.DrainCluster, admin_pb2.DrainClusterRequest(cluster="use1-a", drain=True)),
+                          (admin.FailoverRegion, admin_pb2.FailoverRegionRequest(region="us-east-1", failover=True))):
+        with pytest.raises(_Aborted) as info:
+            call(request, _Context())
+        assert info.value.status.code is grpc.StatusCode.UNAVAILABLE
+        assert info.value.status.details.startswith("placement store is unreachable; admin changes cannot be checked")
+    store.reads_fail = False
+    assert admin.changes.list() == [], "nothing was asked for"

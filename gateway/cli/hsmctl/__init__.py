@@ -40,10 +40,6 @@ from gateway.cli.hsmctl._app import App
 GROUPS = (clusters, keys, rebalance, regions, changes, audit, loadtest)
 
 
-GLOBAL_OPTIONS = ("--target", "--output", "--timeout", "--as", "--ca", "--cert", "--key")
-"""Options of hsmctl itself, each with a value; accepted after the command too."""
-
-
 class _Parser(argparse.ArgumentParser):
     """A usage error exits 1: exit code 2 tells scripts that the gateway could not be reached."""
 
@@ -52,8 +48,15 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message}", code=1)
 
 
-def _hoisted(argv: list[str]) -> list[str]:
+def _own_options(parser: argparse.ArgumentParser) -> frozenset[str]:
+    """hsmctl's own options that take a value (--target, --output, TLS…), from its parser."""
+    return frozenset(name for action in parser._actions if action.nargs is None and action.option_strings
+                     for name in action.option_strings if name.startswith("--"))
+
+
+def _hoisted(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """``argv`` with hsmctl's own options moved before the command, wherever they were written."""
+    own = _own_options(parser)
     front: list[str] = []
     rest: list[str] = []
     i = 0
@@ -63,7 +66,7 @@ def _hoisted(argv: list[str]) -> list[str]:
             rest += argv[i:]
             break
         name = word.split("=", 1)[0]
-        if name in GLOBAL_OPTIONS:
+        if name in own:
             taken = 1 if "=" in word else 2
             front += argv[i : i + taken]
             i += taken
@@ -121,7 +124,8 @@ def _hint(details: str, tls: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(_hoisted(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(_hoisted(sys.argv[1:] if argv is None else argv, parser))
     with App.from_args(args) as app:
         try:
             code = args.func(app, args)
