@@ -69,7 +69,9 @@ class HsmBackend(abc.ABC):
         """Remove every token object of the key; returns how many were removed.
 
         ``unless`` is asked first, while nothing else that this host runs can change the
-        token's objects: if it returns True, nothing is destroyed (0 is returned).
+        token's objects: if it returns True, nothing is destroyed (0 is returned). With
+        ``unless``, only the objects there before it was asked are destroyed: one that a
+        process on another host makes meanwhile stays.
         """
 
     @abc.abstractmethod

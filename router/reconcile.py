@@ -259,7 +259,9 @@ def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> 
 
     The record is read and claimed again while the token's objects are held still for
     this host's processes (``HsmBackend.destroy(unless=…)``): no creation, move or repair
-    run here can make the key's objects between that look and the destroy.
+    run here can make the key's objects between that look and the destroy. Only objects
+    listed before the look go: a gateway on another host that moves the key here after
+    the claim read the claimed record, and its copy stays.
     """
     why: list[str] = []
 

@@ -13,6 +13,7 @@ from asn1crypto.algos import DSASignature
 from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
+from pkcs11.types import Object
 
 from router.backend import HsmBackend, PoolStats
 from router.errors import (
@@ -198,7 +199,15 @@ class Pkcs11Cluster(HsmBackend):
     def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
         def run(s: PooledSession) -> int:
             with self._changing(s, deadline):
-                return 0 if unless is not None and unless() else self._destroy_objects(s, key_id)
+                if unless is None:
+                    return self._destroy_objects(s, key_id)
+                # Listed before ``unless`` looks: what a process on another host (which
+                # does not take this host's lock) makes after that look is not among them.
+                # Reconcile's look claims the key's record, so such a process read the
+                # record after the claim and named this cluster itself; the object it
+                # makes here may be the key's only copy.
+                found = self._objects_of(s, key_id)
+                return 0 if unless() else self._destroy_found(s, found)
 
         return self._run(deadline, run)
 
@@ -236,14 +245,27 @@ class Pkcs11Cluster(HsmBackend):
         nearly every creation's and copy's does, leaves the hot keys' handles alone. Only
         ``_cleared`` calls it, under the token's locks.
         """
-        found = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
+        return self._destroy_found(s, self._objects_of(s, key_id))
+
+    @staticmethod
+    def _objects_of(s: PooledSession, key_id: str) -> list[Object]:
+        return list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
+
+    def _destroy_found(self, s: PooledSession, found: list[Object]) -> int:
+        """Destroy objects listed earlier under the token's locks; one that another host
+        destroyed meanwhile is not counted."""
+        destroyed = 0
         try:
             for obj in found:
-                obj.destroy()
+                try:
+                    obj.destroy()
+                except p11.ObjectHandleInvalid:
+                    continue
+                destroyed += 1
         finally:
             if found:
                 self._pool.invalidate_keys()
-        return len(found)
+        return destroyed
 
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
         search: dict[Attribute, bool | bytes] = {Attribute.TOKEN: True}

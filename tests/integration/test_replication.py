@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -358,6 +359,50 @@ def test_a_reconcile_does_not_destroy_a_leftover_copy_that_a_move_brings_back(ma
     signature, cluster = reconciler.sign(key.key_id, Operation.ECDSA_SHA256, b"\x07" * 32, None, time.monotonic() + 5)
     public = serialization.load_der_public_key(reconciler.public_key(key.key_id, time.monotonic() + 5)[1])
     public.verify(signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+    assert cluster == source
+
+
+def test_a_reconcile_does_not_destroy_a_copy_another_host_makes_after_its_claim(make_router, tokens) -> None:
+    """A gateway on another host does not take this host's token lock. Right after the
+    reconcile claims an orphan's record, such a gateway moves the key onto the orphan's
+    cluster: it reads the claimed record, clears the leftover, makes its copy there,
+    switches and drops its old copy. That new copy is the key's only one; the reconcile
+    may destroy the objects it listed, never the new one."""
+    one = ReplicationPolicy(copies=1, require_dr_copy=False)
+    key = make_router(replication=one).generate_key(_spec(unique("host")), time.monotonic() + 30)
+    source = key.primary
+    other = "use1-b" if source == "use1-a" else "use1-a"
+    mover = make_router(replication=one)
+
+    def unreachable(key_id: str, deadline: float, **_: object) -> int:
+        raise ClusterDown("did not answer", cluster=source)
+
+    mover.backends[source].destroy = unreachable  # type: ignore[method-assign]
+    assert mover.move_key(key.key_id, other, time.monotonic() + 30).primary == other
+    assert tokens.classes(source, key.key_id), "the old copy is left behind"
+
+    elsewhere = make_router(replication=one)  # the other host: no share in this host's locks
+    for backend in elsewhere.backends.values():
+        backend._changing = lambda s, deadline: contextlib.nullcontext()  # type: ignore[method-assign]
+    reconciler = make_router(replication=one)
+    update = reconciler.store.update
+    moved: list[Placement] = []
+
+    def claim_then_the_other_host_moves(placement: Placement) -> Placement:
+        claimed = update(placement)
+        if placement.key_id == key.key_id and not moved:
+            moved.append(elsewhere.move_key(key.key_id, source, time.monotonic() + 30))
+        return claimed
+
+    reconciler.store.update = claim_then_the_other_host_moves  # type: ignore[method-assign]
+    reconcile(reconciler, fix=True)
+    assert moved and moved[0].clusters == (source,), "the other host's move ran after the claim"
+    assert not tokens.classes(other, key.key_id)
+    assert tokens.classes(source, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    reconciler.reload_key(key.key_id)
+    signature, cluster = reconciler.sign(key.key_id, Operation.ECDSA_SHA256, b"\x08" * 32, None, time.monotonic() + 5)
+    public = serialization.load_der_public_key(reconciler.public_key(key.key_id, time.monotonic() + 5)[1])
+    public.verify(signature, b"\x08" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
     assert cluster == source
 
 
