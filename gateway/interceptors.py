@@ -116,6 +116,15 @@ class Limiter:
                 )
             usage.in_flight += 1
 
+    def admit(self, identity: str, limits: Limits, cost: int = 1) -> None:
+        """``enter``, then ``charge`` ``cost`` tokens; if either refuses, nothing is counted."""
+        self.enter(identity, limits)
+        try:
+            self.charge(identity, limits, cost)
+        except RateLimited:
+            self.leave(identity)
+            raise
+
     def leave(self, identity: str) -> None:
         with self._lock:
             usage = self._usage.get(identity)
@@ -324,17 +333,14 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             policy, principal = self._authenticate(context, rule)
             identity, limits = principal.identity, principal.limits
             try:
-                self.limiter.enter(identity, limits)
+                self.limiter.admit(identity, limits, max(1, len(request.requests)) if rule.kind == "batch" else 1)
             except errors.ResourceExhausted as exc:
                 _abort(context, exc)
             try:
-                cost = max(1, len(request.requests)) if rule.kind == "batch" else 1
-                self.limiter.charge(identity, limits, cost)
                 self._authorize(policy, principal, rule, request)
-            except (errors.ResourceExhausted, PermissionDenied) as exc:
+            except PermissionDenied as exc:
                 self.limiter.leave(identity)
-                if isinstance(exc, PermissionDenied):
-                    self._deny(context, rule, exc)
+                self._deny(context, rule, exc)
                 _abort(context, exc)
             self._granted(context, rule, principal, request)
             return principal, request

@@ -90,10 +90,12 @@ class Gateway:
     """A running gateway: the server, its router, and its health."""
 
     def __init__(
-        self, config: GatewayConfig, router: Router, *, reuse_port: bool = False, reconciles: bool = True
+        self, config: GatewayConfig, router: Router, *, reuse_port: bool = False, reconciles: bool = True,
+        limiter: Limiter | None = None,
     ) -> None:
         """``reuse_port``: share the listening port with sibling worker processes (SO_REUSEPORT).
-        ``reconciles``: run the report-only reconciles (one process of the gateway does)."""
+        ``reconciles``: run the report-only reconciles (one process of the gateway does).
+        ``limiter``: the per-identity limits (the workers of one gateway share theirs)."""
         self.draining = threading.Event()
         self._health_lock = threading.RLock()
         self.config = config
@@ -105,7 +107,7 @@ class Gateway:
         self.security = SecurityInterceptor(
             Authenticator(tls=tls is not None, dev_header=tls is None and is_loopback(config.server.host)),
             self.policies,
-            Limiter(),
+            limiter or Limiter(),
         )
         self.metrics = GatewayMetrics(router, version=_version(), home_region=config.home_region)
         options = [

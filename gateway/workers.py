@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from gateway import sharedlimits
 from gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,9 @@ class Supervisor:
         self._given_up: set[int] = set()  # refused its configuration or PIN: waits for a SIGHUP
         self._retry_given_up = threading.Event()
         self._dir = Path(tempfile.mkdtemp(prefix="hsmgw-workers-"))
+        # Per-identity rate and concurrency limits hold for the gateway, not for each worker.
+        self.limits_file = self._dir / "limits"
+        sharedlimits.create(self.limits_file, workers)
         self._hold: socket.socket | None = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -255,7 +259,7 @@ class Supervisor:
         return [
             sys.executable, "-m", "gateway.cli.hsmgw", *self.cli_flags,
             "serve", "--config", self.config_path, "--workers", "1", "--grace", str(self.grace),
-            "--port-file", str(port_file), "--worker-index", str(index),
+            "--port-file", str(port_file), "--worker-index", str(index), "--limits-file", str(self.limits_file),
             "--listen", f"{self.config.server.listen.rpartition(':')[0]}:{self.port}",
         ]
 

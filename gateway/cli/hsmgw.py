@@ -68,6 +68,7 @@ def _serve(args: argparse.Namespace) -> None:
     from gateway import config as config_mod
     from gateway.app import build_router
     from gateway.server import Gateway, serve
+    from gateway.sharedlimits import SharedLimiter, SharedLimitsError
     from gateway.workers import Supervisor, WorkerError, worker_metrics_listen
 
     try:
@@ -123,9 +124,12 @@ def _serve(args: argparse.Namespace) -> None:
     except (RuntimeError, FileNotFoundError) as exc:
         fail(str(exc))
     try:
+        limiter = None
+        if args.limits_file and args.worker_index is not None:
+            limiter = SharedLimiter(Path(args.limits_file), args.worker_index)
         gateway = Gateway(config, router, reuse_port=args.worker_index is not None,
-                          reconciles=not args.worker_index)
-    except (ConfigError, OSError) as exc:
+                          reconciles=not args.worker_index, limiter=limiter)
+    except (ConfigError, OSError, SharedLimitsError) as exc:
         router.close()
         fail(str(exc))
     except RuntimeError as exc:  # grpc could not bind: the port was taken since the check above
@@ -226,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="server processes sharing the port (SO_REUSEPORT); default: one per core (%(default)s)")
     serve.add_argument("--listen", help="host:port to serve on, instead of the config's server.listen")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
+    serve.add_argument("--limits-file", help=argparse.SUPPRESS)  # the supervisor's, shared by its workers
     serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="measure the gateway against direct PKCS #11 (writes docs/performance.md)",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from tests.support import GatewayProcess, unique
+from tests.support import GatewayProcess, rpc_error, unique
 
 
 def _children(pid: int) -> list[int]:
@@ -62,20 +64,28 @@ def two_workers(fleet):
     gateway.stop()
 
 
+def _a_connection_to_each_worker(gateway: GatewayProcess) -> dict[int, list[grpc.Channel]]:
+    """Fresh connections until each worker has one: worker pid -> its connections (close them)."""
+    workers = _children(gateway.proc.pid)
+    assert len(workers) == 2 and gateway.proc.pid not in workers
+    seen = {pid: _server_ends(pid, gateway.port) for pid in workers}
+    channels: dict[int, list[grpc.Channel]] = {pid: [] for pid in workers}
+    for _ in range(40):
+        channel = grpc.insecure_channel(gateway.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        crypto_pb2_grpc.CryptoServiceStub(channel).GenerateRandom(pb.GenerateRandomRequest(length=8), timeout=10)
+        channels[_owner(workers, gateway.port, seen)].append(channel)
+        if all(channels.values()):
+            return channels
+    for group in channels.values():
+        for channel in group:
+            channel.close()
+    raise AssertionError(f"connections per worker: { {p: len(c) for p, c in channels.items()} }")
+
+
 def test_two_workers_answer_on_one_port_and_share_keys(two_workers) -> None:
     workers = _children(two_workers.proc.pid)
-    assert len(workers) == 2 and two_workers.proc.pid not in workers
-    seen = {pid: _server_ends(pid, two_workers.port) for pid in workers}
-    channels: dict[int, list[grpc.Channel]] = {pid: [] for pid in workers}
+    channels = _a_connection_to_each_worker(two_workers)
     try:
-        for _ in range(40):  # fresh connections until each worker has served at least one
-            channel = grpc.insecure_channel(two_workers.target, options=[("grpc.use_local_subchannel_pool", 1)])
-            crypto_pb2_grpc.CryptoServiceStub(channel).GenerateRandom(pb.GenerateRandomRequest(length=8), timeout=10)
-            channels[_owner(workers, two_workers.port, seen)].append(channel)
-            if all(channels.values()):
-                break
-        assert all(channels.values()), f"connections per worker: { {p: len(c) for p, c in channels.items()} }"
-
         a, b = (crypto_pb2_grpc.CryptoServiceStub(channels[pid][0]) for pid in workers)
         key_id = unique("workers")
         a.GenerateKey(pb.GenerateKeyRequest(request_id=unique("req"), key_id=key_id,
@@ -89,6 +99,119 @@ def test_two_workers_answer_on_one_port_and_share_keys(two_workers) -> None:
             pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=digest)] * 40), timeout=30)
         assert [item.code for item in batch.responses] == [0] * 40
     finally:
+        for group in channels.values():
+            for channel in group:
+                channel.close()
+
+
+LIMITS_POLICY = """\
+[roles.reader]
+operations = ["GetKey", "GenerateRandom", "Sign"]
+prefixes = ["*"]
+
+[identities.dev]
+roles = ["reader"]
+
+[identities.metered]
+roles = ["reader"]
+rate = 5
+burst = 5
+
+[identities.capped]
+roles = ["reader"]
+concurrency = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def limited_workers(fleet):
+    """Two workers under a policy with per-identity limits (identities by header: plaintext loopback)."""
+    policy = fleet.config_path.parent / f"limits-{uuid.uuid4().hex[:8]}.toml"
+    policy.write_text(LIMITS_POLICY)
+    config = fleet.config_path.parent / f"limited-{uuid.uuid4().hex[:8]}.toml"
+    config.write_text(fleet.config_path.read_text() + f'\n[auth]\npolicy_file = "{policy}"\n')
+    gateway = GatewayProcess(config, workers=2).start()
+    yield gateway
+    gateway.stop()
+
+
+def _as(identity: str) -> tuple[tuple[str, str], ...]:
+    return (("x-hsmgw-identity", identity),)
+
+
+def test_a_rate_limit_holds_for_the_gateway_not_for_each_worker(limited_workers) -> None:
+    """Calls of one identity on connections to both workers draw on one bucket (5/s, burst 5)."""
+    channels = _a_connection_to_each_worker(limited_workers)
+    stubs = [crypto_pb2_grpc.CryptoServiceStub(group[0]) for group in channels.values()]
+    admitted = [0, 0]
+    refused = 0
+    try:
+        time.sleep(1.1)  # a full bucket
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            for i, stub in enumerate(stubs):
+                try:
+                    stub.GetKey(pb.GetKeyRequest(key_id="limits/none"), metadata=_as("metered"), timeout=10)
+                except grpc.RpcError as exc:
+                    if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        refused += 1
+                        assert "over its rate limit (5/s, burst 5)" in exc.details()
+                        continue
+                    assert exc.code() is grpc.StatusCode.NOT_FOUND, exc
+                admitted[i] += 1
+        elapsed = time.monotonic() - started
+    finally:
+        for group in channels.values():
+            for channel in group:
+                channel.close()
+    # Each worker alone would have let through up to 5 + 5/s each: about twice this.
+    assert sum(admitted) <= 5 + 5 * elapsed + 1, (admitted, elapsed)
+    assert all(admitted), f"both workers served the identity: {admitted}"
+    assert refused > 0
+
+
+def test_a_concurrency_limit_holds_for_the_gateway_not_for_each_worker(limited_workers) -> None:
+    """Streams hold a call slot while open: 2 for the identity, whichever worker serves them."""
+    channels = _a_connection_to_each_worker(limited_workers)
+    stubs = [crypto_pb2_grpc.CryptoServiceStub(group[0]) for group in channels.values()]
+    outboxes: list[queue.Queue[pb.SignRequest | None]] = []
+    ended: list[grpc.StatusCode] = []
+    threads = []
+
+    def drain(stream) -> None:  # type: ignore[no-untyped-def]
+        try:
+            list(stream)
+        except grpc.RpcError as exc:
+            ended.append(exc.code())
+
+    try:
+        for stub in stubs * 2:  # two streams on each worker's connection
+            outbox: queue.Queue[pb.SignRequest | None] = queue.Queue()
+            outboxes.append(outbox)
+            stream = stub.SignStream(iter(outbox.get, None), metadata=_as("capped"), timeout=30)
+            threads.append(threading.Thread(target=drain, args=(stream,)))
+            threads[-1].start()
+        deadline = time.monotonic() + 10
+        while len(ended) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a third refusal, if there were one, would be in by now
+        assert ended == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, ended
+        for stub in stubs:  # and a unary call on either worker finds no slot free either
+            err = rpc_error(stub.GetKey, pb.GetKeyRequest(key_id="limits/none"), metadata=_as("capped"), timeout=5)
+            assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "2 calls in flight" in err.details()
+        for outbox in outboxes:
+            outbox.put(None)
+        for thread in threads:
+            thread.join(10)
+        time.sleep(0.2)  # the closed streams' slots are free again
+        for stub in stubs:
+            err = rpc_error(stub.GetKey, pb.GetKeyRequest(key_id="limits/none"), metadata=_as("capped"), timeout=5)
+            assert err.code() is grpc.StatusCode.NOT_FOUND
+    finally:
+        for outbox in outboxes:
+            outbox.put(None)
+        for thread in threads:
+            thread.join(10)
         for group in channels.values():
             for channel in group:
                 channel.close()

@@ -1,0 +1,154 @@
+"""Limits shared by the workers of one gateway: one bucket and one in-flight count per identity."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.auth import Limits
+from gateway.interceptors import ConcurrencyLimited, Limiter, RateLimited
+from gateway.sharedlimits import SharedLimiter, SharedLimitsError, create
+from tests.support import FakeClock
+
+
+@pytest.fixture
+def limits_file(tmp_path: Path) -> Path:
+    path = tmp_path / "limits"
+    create(path, workers=2)
+    return path
+
+
+def test_the_workers_share_one_bucket(limits_file: Path) -> None:
+    clock = FakeClock(100.0)
+    one, two = SharedLimiter(limits_file, 0, clock), SharedLimiter(limits_file, 1, clock)
+    limits = Limits(rate=10, burst=10)
+    for _ in range(6):
+        one.charge("app", limits)
+    for _ in range(4):
+        two.charge("app", limits)
+    for worker in (one, two):
+        with pytest.raises(RateLimited) as info:
+            worker.charge("app", limits)
+        assert info.value.retry_after == pytest.approx(0.1)
+    clock.now += 0.5  # five tokens back, for whichever worker asks
+    for _ in range(5):
+        two.charge("app", limits)
+    with pytest.raises(RateLimited):
+        one.charge("app", limits)
+    one.charge("other", limits)  # buckets are per identity
+
+
+def test_a_batch_bigger_than_the_bucket_leaves_a_debt_every_worker_sees(limits_file: Path) -> None:
+    clock = FakeClock(100.0)
+    one, two = SharedLimiter(limits_file, 0, clock), SharedLimiter(limits_file, 1, clock)
+    limits = Limits(rate=10, burst=5)
+    one.charge("app", limits, cost=50)
+    with pytest.raises(RateLimited) as info:
+        two.charge("app", limits)
+    assert info.value.retry_after == pytest.approx(4.6)  # 45 tokens of debt + 1, at 10/s
+    clock.now += 4.6
+    two.charge("app", limits)
+
+
+def test_calls_in_flight_count_across_the_workers(limits_file: Path) -> None:
+    one, two = SharedLimiter(limits_file, 0, FakeClock()), SharedLimiter(limits_file, 1, FakeClock())
+    limits = Limits(concurrency=3)
+    one.enter("app", limits)
+    one.enter("app", limits)
+    two.enter("app", limits)
+    for worker in (one, two):
+        with pytest.raises(ConcurrencyLimited) as info:
+            worker.enter("app", limits)
+        assert "already has 3 calls in flight" in str(info.value)
+    assert one.in_flight("app") == two.in_flight("app") == 3
+    one.leave("app")
+    two.enter("app", limits)  # the slot one freed
+    assert two.in_flight("app") == 3
+
+
+def test_admit_refused_by_the_rate_counts_nothing_in_flight(limits_file: Path) -> None:
+    worker = SharedLimiter(limits_file, 0, FakeClock())
+    limits = Limits(rate=1, burst=1, concurrency=5)
+    worker.admit("app", limits)
+    with pytest.raises(RateLimited):
+        worker.admit("app", limits)
+    assert worker.in_flight("app") == 1
+    local = Limiter(FakeClock())
+    local.admit("app", limits)
+    with pytest.raises(RateLimited):
+        local.admit("app", limits)
+    assert local.in_flight("app") == 1
+
+
+def test_a_restarted_worker_no_longer_counts_the_calls_its_predecessor_had_in_flight(limits_file: Path) -> None:
+    limits = Limits(concurrency=4)
+    survivor, dead = SharedLimiter(limits_file, 0, FakeClock()), SharedLimiter(limits_file, 1, FakeClock())
+    survivor.enter("app", limits)
+    for _ in range(3):
+        dead.enter("app", limits)  # and then it dies, without leaving
+    with pytest.raises(ConcurrencyLimited):
+        survivor.enter("app", limits)
+    restarted = SharedLimiter(limits_file, 1, FakeClock())
+    assert survivor.in_flight("app") == 1
+    restarted.enter("app", limits)
+    survivor.enter("app", limits)
+    restarted.enter("app", limits)
+    assert restarted.in_flight("app") == survivor.in_flight("app") == 4
+    with pytest.raises(ConcurrencyLimited):
+        survivor.enter("app", limits)
+
+
+def test_identities_beyond_the_file_s_room_are_limited_per_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "small"
+    create(path, workers=2, slots=2)
+    one, two = SharedLimiter(path, 0, FakeClock()), SharedLimiter(path, 1, FakeClock())
+    limits = Limits(rate=1, burst=1)
+    one.charge("a", limits)
+    one.charge("b", limits)
+    with caplog.at_level(logging.WARNING, logger="gateway.sharedlimits"):
+        one.charge("c", limits)  # no slot left: this worker's own bucket
+        two.charge("c", limits)  # and that one's
+    assert "has room for 2 identities and is full" in caplog.text
+    with pytest.raises(RateLimited):
+        two.charge("a", limits)  # the first two still share theirs
+
+
+def test_a_file_that_is_not_for_this_worker_is_refused(tmp_path: Path, limits_file: Path) -> None:
+    with pytest.raises(SharedLimitsError, match="made for 2 workers; this is worker 2"):
+        SharedLimiter(limits_file, 2)
+    with pytest.raises(SharedLimitsError, match="cannot open"):
+        SharedLimiter(tmp_path / "missing", 0)
+    other = tmp_path / "other"
+    other.write_bytes(b"x" * 4096)
+    with pytest.raises(SharedLimitsError, match="not a limits file"):
+        SharedLimiter(other, 0)
+    assert limits_file.stat().st_mode & 0o777 == 0o600
+
+
+def _take_all(path: str, index: int, attempts: int, start: float) -> int:
+    limiter = SharedLimiter(Path(path), index)
+    limits = Limits(rate=1e-6, burst=20_000)  # no refill worth counting while this runs
+    time.sleep(max(0.0, start - time.time()))
+    granted = 0
+    for _ in range(attempts):
+        try:
+            limiter.charge("app", limits)
+        except RateLimited:
+            continue
+        granted += 1
+    return granted
+
+
+def test_processes_racing_for_the_bucket_get_exactly_its_tokens(limits_file: Path) -> None:
+    """Two processes, one per CPU, charging at once: no update is lost, none counted twice."""
+    start = time.time() + 3.0  # both started and mapped the file by then
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        granted = pool.starmap(_take_all, [(str(limits_file), i, 30_000, start) for i in (0, 1)])
+    assert sum(granted) == 20_000
+    assert min(granted) > 1_000, f"both processes took part: {granted}"
