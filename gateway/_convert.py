@@ -76,6 +76,7 @@ def key(placement: Placement) -> pb.Key:
         create_time=created,
         storage=_pbenum.value(pb.KeyStorage, "KEY_STORAGE_" + placement.storage.value),
         non_extractable=not placement.extractable,
+        held=placement.held,
     )
 
 

@@ -95,6 +95,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 "destroy_key": self._do_destroy,
                 "reconcile_fix": self._do_reconcile_fix,
                 "place_key": self._do_place,
+                "release_key": self._do_release,
             },
             quorum=quorum,
             ttl=change_ttl,
@@ -141,9 +142,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return time.monotonic() + seconds
 
     def _do_move(self, params: dict[str, str]) -> str:
-        moved = self.router.move_key(params["key_id"], params["to"], self._deadline(), source=params.get("from", ""))
-        self.audit.append("-", "key_moved", moved.key_id, clusters=list(moved.clusters))
-        return f"{moved.key_id} now on {', '.join(moved.clusters)}"
+        moved = self.router.move_key(params["key_id"], params["to"], self._deadline(), source=params.get("from", ""),
+                                     hold=True)
+        self.audit.append("-", "key_moved", moved.key_id, clusters=list(moved.clusters), held=True)
+        return f"{moved.key_id} now on {', '.join(moved.clusters)} (held there: rebalance leaves it)"
+
+    def _do_release(self, params: dict[str, str]) -> str:
+        released = self.router.release_key(params["key_id"])
+        self.audit.append("-", "key_released", released.key_id, clusters=list(released.clusters))
+        return f"{released.key_id} released: rebalance may move it"
 
     def _plan_id(self, moves: list[tuple[str, str, str]]) -> str:
         return hashlib.sha256(json.dumps(moves).encode()).hexdigest()[:16]
@@ -304,6 +311,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(who: str) -> pb.Change:
             _, source = self.router.check_move(request.key_id, request.to, getattr(request, "from"))
             return self._request(who, "move_key", {"key_id": request.key_id, "to": request.to, "from": source})
+
+        return self._call(context, run)
+
+    def ReleaseKey(self, request: pb.ReleaseKeyRequest, context: grpc.ServicerContext) -> pb.Change:
+        def run(who: str) -> pb.Change:
+            self.router.check_release(request.key_id)
+            return self._request(who, "release_key", {"key_id": request.key_id})
 
         return self._call(context, run)
 

@@ -26,7 +26,7 @@ _Shape = tuple[object, ...]
 
 def _shape_of(placement: Placement) -> _Shape:
     return (placement.algorithm, placement.usage, placement.state, placement.primary, placement.replicas,
-            placement.storage, placement.version, placement.copies, placement.extractable)
+            placement.storage, placement.version, placement.copies, placement.extractable, placement.held)
 
 
 def _counted(placement: Placement) -> bool:

@@ -205,6 +205,8 @@ class Placement:
     """EXTERNAL keys: the private/secret key wrapped under the trusted wrapping key."""
     public_der: bytes = field(default=b"", repr=False)
     """EXTERNAL asymmetric keys: the public key (SubjectPublicKeyInfo DER)."""
+    held: bool = False
+    """An operator chose its clusters (``keys place``, ``keys move``): rebalance leaves it there."""
     clusters: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -241,4 +243,4 @@ class Placement:
 
 
 _ROUTE_FIELDS = ("algorithm", "usage", "state", "primary", "replicas", "storage", "version", "copies",
-                 "extractable", "wrapped", "public_der", "clusters")
+                 "extractable", "wrapped", "public_der", "held", "clusters")

@@ -332,7 +332,8 @@ class Router:
             raise FailedPrecondition(
                 f"a non-extractable key cannot be replicated; ask for replication.copies = 1 (policy: {copies})"
             )
-        primary, replicas = self._choose_clusters(spec.key_id, copies, needs_room=spec.storage is KeyStorage.TOKEN)
+        primary, replicas, held = self._choose_clusters(spec.key_id, copies,
+                                                        needs_room=spec.storage is KeyStorage.TOKEN)
         intent = Placement(
             key_id=spec.key_id,
             algorithm=spec.algorithm,
@@ -346,6 +347,7 @@ class Router:
             extractable=spec.extractable,
             replicas=replicas,
             copies=copies,
+            held=held,
         )
         try:
             self.store.create(intent)
@@ -546,8 +548,9 @@ class Router:
             return False
         return True
 
-    def _choose_clusters(self, key_id: str, copies: int, *, needs_room: bool = True) -> tuple[str, tuple[str, ...]]:
-        """Primary and replicas for a new key.
+    def _choose_clusters(self, key_id: str, copies: int, *,
+                         needs_room: bool = True) -> tuple[str, tuple[str, ...], bool]:
+        """Primary and replicas for a new key, and whether an operator chose the primary (a pin).
 
         The primary comes from the home region (the DR regions only once the
         home region is full), by consistent hashing over eligible clusters:
@@ -568,6 +571,7 @@ class Router:
             ]
 
         primary = self._pinned(key_id, full)
+        pinned = primary is not None
         for region in (home, *dr):
             if primary is not None:
                 break
@@ -605,7 +609,7 @@ class Router:
                 "not enough healthy clusters; nothing was created",
                 region=home,
             )
-        return primary, tuple(replicas)
+        return primary, tuple(replicas), pinned
 
     # -- placement changes (operators) -------------------------------------------------
 
@@ -673,11 +677,12 @@ class Router:
             raise ResourceExhausted(f"cluster {to} is at its key limit", cluster=to)
         return current, source
 
-    def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "") -> Placement:
+    def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "", hold: bool = False) -> Placement:
         """Copy the key to ``to`` by trusted wrap, prove the copy works, switch, drop the old copy.
 
         Requests keep succeeding throughout: the old copy serves until the
-        mapping switches, and is destroyed only after.
+        mapping switches, and is destroyed only after. ``hold``: an operator's
+        move, which rebalance leaves alone from then on (``Placement.held``).
         """
         current, source = self.check_move(key_id, to, source)
         holders = [n for n in self.dispatcher.order([source, *current.clusters]) if self.dispatcher.usable(n)]
@@ -702,7 +707,8 @@ class Router:
             self._prove_copy(current, holder, target, deadline)
             self._fault("moved-copy-proven")
             clusters = [to if name == source else name for name in current.clusters]
-            moved = self.store.update(replace(pending, primary=clusters[0], replicas=tuple(clusters[1:])))
+            moved = self.store.update(replace(pending, primary=clusters[0], replicas=tuple(clusters[1:]),
+                                              held=pending.held or hold))
         except (RouterError, Conflict) as exc:
             self._undo_move(pending, current, target)
             if isinstance(exc, Conflict):
@@ -762,6 +768,28 @@ class Router:
         if not ok:
             raise InternalError(f"the copy of key {key.key_id!r} on {target.name} does not match the original")
 
+    def check_release(self, key_id: str) -> Placement:
+        """The key's record, if it is held (placed or moved by an operator); else the error a release ends with."""
+        current = self.store.get(validation.key_id(key_id))
+        if current is None or current.state is KeyState.DESTROYED:
+            raise KeyNotFound(f"key {key_id!r} not found")
+        if not current.held:
+            raise FailedPrecondition(f"key {key_id!r} is not held: rebalance already places it")
+        return current
+
+    def release_key(self, key_id: str) -> Placement:
+        """Let rebalance place a held key again (it stays where it is until a rebalance moves it)."""
+        for _ in range(3):  # the record may change under us (a repair, another release)
+            current = self.check_release(key_id)
+            try:
+                released = self.store.update(replace(current, held=False))
+            except Conflict:
+                continue
+            self._remember(released)
+            log.info("key %s released: rebalance may move it", key_id)
+            return released
+        raise Unavailable(f"key {key_id!r} kept changing; nothing was changed, try again")
+
     def plan_rebalance(self) -> list[tuple[str, str, str]]:
         """(key id, from, to) for every key whose primary the ring now puts elsewhere.
 
@@ -773,8 +801,9 @@ class Router:
         ring = PlacementRing(eligible)
         moves = []
         for placement in sorted(self.store.scan(), key=lambda p: p.key_id):
-            if placement.external or not placement.extractable or not placement.usable or placement.primary not in home:
-                continue  # non-extractable keys stay where they were made
+            if (placement.external or not placement.extractable or placement.held or not placement.usable
+                    or placement.primary not in home):
+                continue  # non-extractable keys stay where they were made; held ones where an operator put them
             desired = ring.choose(placement.key_id)
             if desired is not None and desired != placement.primary and desired not in placement.clusters:
                 moves.append((placement.key_id, placement.primary, desired))

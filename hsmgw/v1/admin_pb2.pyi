@@ -87,6 +87,12 @@ class PlaceKeyRequest(_message.Message):
     cluster: str
     def __init__(self, key_id: _Optional[str] = ..., cluster: _Optional[str] = ...) -> None: ...
 
+class ReleaseKeyRequest(_message.Message):
+    __slots__ = ("key_id",)
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+
 class MoveKeyRequest(_message.Message):
     __slots__ = ("key_id", "to")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class AdminServiceStub:
                 request_serializer=hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.SerializeToString,
                 response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
                 _registered_method=True)
+        self.ReleaseKey = channel.unary_unary(
+                '/hsmgw.v1.AdminService/ReleaseKey',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.ReleaseKeyRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+                _registered_method=True)
         self.PlanRebalance = channel.unary_unary(
                 '/hsmgw.v1.AdminService/PlanRebalance',
                 request_serializer=hsmgw_dot_v1_dot_admin__pb2.PlanRebalanceRequest.SerializeToString,
@@ -136,7 +141,16 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MoveKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The key moves, and is held there: rebalance leaves a held key (Key.held) alone, as
+        it does a key placed with PlaceKey.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseKey(self, request, context):
+        """Once approved, rebalance may move the held key again (it stays where it is until then).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -228,6 +242,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'MoveKey': grpc.unary_unary_rpc_method_handler(
                     servicer.MoveKey,
                     request_deserializer=hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'ReleaseKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseKey,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.ReleaseKeyRequest.FromString,
                     response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
             ),
             'PlanRebalance': grpc.unary_unary_rpc_method_handler(
@@ -393,6 +412,33 @@ class AdminService:
             target,
             '/hsmgw.v1.AdminService/MoveKey',
             hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/ReleaseKey',
+            hsmgw_dot_v1_dot_admin__pb2.ReleaseKeyRequest.SerializeToString,
             hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
             options,
             channel_credentials,

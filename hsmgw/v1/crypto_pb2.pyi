@@ -88,7 +88,7 @@ class ReplicationPolicy(_message.Message):
     def __init__(self, copies: _Optional[int] = ...) -> None: ...
 
 class Key(_message.Message):
-    __slots__ = ("key_id", "algorithm", "usage", "state", "primary_cluster", "replicas", "create_time", "storage", "non_extractable")
+    __slots__ = ("key_id", "algorithm", "usage", "state", "primary_cluster", "replicas", "create_time", "storage", "non_extractable", "held")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class Key(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     STORAGE_FIELD_NUMBER: _ClassVar[int]
     NON_EXTRACTABLE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     algorithm: KeyAlgorithm
     usage: KeyUsage
@@ -107,7 +108,8 @@ class Key(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     storage: KeyStorage
     non_extractable: bool
-    def __init__(self, key_id: _Optional[str] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., usage: _Optional[_Union[KeyUsage, str]] = ..., state: _Optional[_Union[KeyState, str]] = ..., primary_cluster: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., storage: _Optional[_Union[KeyStorage, str]] = ..., non_extractable: _Optional[bool] = ...) -> None: ...
+    held: bool
+    def __init__(self, key_id: _Optional[str] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., usage: _Optional[_Union[KeyUsage, str]] = ..., state: _Optional[_Union[KeyState, str]] = ..., primary_cluster: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., storage: _Optional[_Union[KeyStorage, str]] = ..., non_extractable: _Optional[bool] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class GenerateKeyRequest(_message.Message):
     __slots__ = ("request_id", "key_id", "algorithm", "usage", "replication", "storage", "non_extractable")

@@ -124,6 +124,7 @@ def _encode(p: Placement) -> Item:
         "version": {"N": str(p.version)},
         "copies": {"N": str(p.copies)},
         "extractable": {"BOOL": p.extractable},
+        "held": {"BOOL": p.held},
     }
     # Empty binaries are legal in DynamoDB today but not in every emulator or older
     # SDK; an absent attribute decodes to b"" just the same.
@@ -153,6 +154,7 @@ def _decode(item: Item | None) -> Placement | None:
             version=int(item["version"]["N"]),
             copies=int(item.get("copies", {}).get("N", "1")),
             extractable=bool(item.get("extractable", {}).get("BOOL", True)),
+            held=bool(item.get("held", {}).get("BOOL", False)),
             wrapped=bytes(item["wrapped"]["B"]) if "wrapped" in item else b"",
             public_der=bytes(item["public_der"]["B"]) if "public_der" in item else b"",
         )

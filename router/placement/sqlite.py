@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS placements (
     extractable INTEGER NOT NULL DEFAULT 1,
     wrapped BLOB NOT NULL DEFAULT x'',
     public_der BLOB NOT NULL DEFAULT x'',
-    copies INTEGER NOT NULL DEFAULT 1
+    copies INTEGER NOT NULL DEFAULT 1,
+    held INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS placements_request ON placements(request_id);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL);
@@ -49,11 +50,12 @@ _ADDED_COLUMNS = (
     ("wrapped", "BLOB NOT NULL DEFAULT x''"),
     ("public_der", "BLOB NOT NULL DEFAULT x''"),
     ("copies", "INTEGER NOT NULL DEFAULT 1"),
+    ("held", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 _COLUMNS = (
     "key_id, algorithm, usage, state, primary_cluster, replicas, create_time, "
-    "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies"
+    "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies, held"
 )
 
 
@@ -96,6 +98,7 @@ def _row(row: tuple) -> Placement:  # type: ignore[type-arg]
         wrapped=bytes(row[12]),
         public_der=bytes(row[13]),
         copies=row[14],
+        held=bool(row[15]),
     )
 
 
@@ -116,6 +119,7 @@ def _values(p: Placement) -> tuple:  # type: ignore[type-arg]
         p.wrapped,
         p.public_der,
         p.copies,
+        int(p.held),
     )
 
 
@@ -185,7 +189,7 @@ class SqliteStore(PlacementStore):
         try:
             self._write(
                 placement.key_id,
-                [(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))]
+                [(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))]
             )
         except sqlite3.IntegrityError as exc:
             existing = self.get(placement.key_id) or self.by_request(placement.request_id)
@@ -200,7 +204,7 @@ class SqliteStore(PlacementStore):
                 (
                     "UPDATE placements SET algorithm=?, usage=?, state=?, primary_cluster=?, replicas=?, "
                     "create_time=?, request_id=?, fingerprint=?, storage=?, version=?, extractable=?, "
-                    "wrapped=?, public_der=?, copies=? "
+                    "wrapped=?, public_der=?, copies=?, held=? "
                     "WHERE key_id=? AND version=?",
                     (*values[1:], placement.key_id, placement.version),
                 )

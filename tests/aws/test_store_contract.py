@@ -89,6 +89,7 @@ def test_every_placement_field_round_trips(store: PlacementStore) -> None:
         "extractable": False,
         "wrapped": b"\x00\xff wrapped \x00" * 40,
         "public_der": bytes(range(256)),
+        "held": True,
     }
     fields = {f.name for f in dataclasses.fields(Placement) if f.init}
     assert set(values) == fields, "a new Placement field needs a value here and a column/attribute in every store"

@@ -23,6 +23,7 @@ from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from router.model import KeyAlgorithm
 from router.pkcs11._keys import public_key_attributes, public_key_der
+from router.placement.ring import PlacementRing
 from tests.support import ROOT, running, unique
 
 
@@ -408,6 +409,51 @@ def test_rebalance_after_adding_a_fourth_cluster(tmp_path: Path) -> None:
         assert after["moves"] == []
         code, report = as_json(gw.target, "reconcile")
         assert code == 0, report
+
+
+def test_rebalance_leaves_keys_an_operator_placed_or_moved_until_released(tmp_path: Path) -> None:
+    """A rebalance must not undo an operator's choice: a key moved with `keys move`, or made
+    after `keys place`, is held where it was put; `keys release` hands it back."""
+    topology = (("us-east-1", ("use1-a", "use1-b", "use1-c")), ("us-west-2", ("usw2-a",)))
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", topology=topology)
+    home = ["use1-a", "use1-b", "use1-c"]
+    with running(fleet.config_path) as gw, grpc.insecure_channel(gw.target) as ch:
+        crypto = crypto_pb2_grpc.CryptoServiceStub(ch)
+        moved = _key(crypto, "held")
+        elsewhere = next(c for c in home if c not in (moved.primary_cluster, *moved.replicas))
+        _, change = as_json(gw.target, "keys", "move", moved.key_id, "--to", elsewhere)
+        assert approve(gw.target, change)["state"] == "applied"
+        placed_id = unique("held")
+        not_chosen = next(c for c in home if c != PlacementRing(home).choose(placed_id))
+        _, change = as_json(gw.target, "keys", "place", placed_id, "--cluster", not_chosen)
+        assert approve(gw.target, change)["state"] == "applied"
+        placed = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=placed_id, key_id=placed_id,
+                                                          algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+        assert placed.primary_cluster == not_chosen and placed.held
+        free = _key(crypto, "held")
+        assert not free.held
+
+        _, plan = as_json(gw.target, "rebalance", "--plan")
+        assert plan["moves"] == [], "held keys stay where the operator put them"
+        _, shown = as_json(gw.target, "keys", "show", moved.key_id)
+        assert shown["primary_cluster"] == elsewhere and shown["held"] is True
+        assert "HELD" in hsmctl(gw.target, "keys", "show", moved.key_id).stdout
+
+        refused = hsmctl(gw.target, "keys", "release", free.key_id)
+        assert refused.returncode == 1
+        assert f"key {free.key_id!r} is not held" in refused.stderr
+        _, pending = as_json(gw.target, "changes", "list")
+        assert not [c for c in pending if c["action"] == "release_key"], "a refused release records nothing"
+
+        code, change = as_json(gw.target, "keys", "release", moved.key_id)
+        assert code == 3 and change["action"] == "release_key"
+        assert approve(gw.target, change)["state"] == "applied"
+        _, plan = as_json(gw.target, "rebalance", "--plan")
+        assert [(m["key_id"], m["from"], m["to"]) for m in plan["moves"]] == [
+            (moved.key_id, elsewhere, moved.primary_cluster)]
+        _, records = as_json(gw.target, "audit", "tail", "-n", "20")
+        assert ("key_released", moved.key_id) in [(r["action"], r["target"]) for r in records]
+        assert crypto.GetKey(pb.GetKeyRequest(key_id=moved.key_id), timeout=10).held is False
 
 
 def test_switches_survive_a_restart(tmp_path: Path) -> None:

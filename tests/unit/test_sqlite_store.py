@@ -237,3 +237,18 @@ def test_paging_through_a_prefix_returns_exactly_the_sorted_matching_ids(
         assert got == sorted(i for i in ids if i.startswith(prefix))
     finally:
         store.close()
+
+
+def test_a_store_made_before_keys_could_be_held_opens_with_none_held(tmp_path: Path) -> None:
+    """An existing placements.db (no ``held`` column) gains the column; its keys are not held."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    SqliteStore(path).create(make(key_id="app/old"))
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE placements DROP COLUMN held")
+    store = SqliteStore(path)
+    old = store.get("app/old")
+    assert old is not None and old.held is False
+    store.update(dataclasses.replace(old, held=True))
+    assert SqliteStore(path).get("app/old").held is True  # type: ignore[union-attr]

@@ -1,4 +1,4 @@
-"""hsmctl keys list | show | place | move | destroy"""
+"""hsmctl keys list | show | place | move | release | destroy"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from gateway.cli.hsmctl._app import App
 from hsmgw.v1 import admin_pb2 as apb
 from hsmgw.v1 import crypto_pb2 as pb
 
-HEADER = ["KEY", "ALGORITHM", "STATE", "PRIMARY", "REPLICAS", "STORAGE"]
+HEADER = ["KEY", "ALGORITHM", "STATE", "PRIMARY", "REPLICAS", "STORAGE", "HELD"]
 
 
 def _row(k: pb.Key) -> list[str]:
@@ -20,6 +20,7 @@ def _row(k: pb.Key) -> list[str]:
         k.primary_cluster or "-",
         ",".join(k.replicas) or "-",
         pb.KeyStorage.Name(k.storage).removeprefix("KEY_STORAGE_") if k.storage else "TOKEN",
+        "yes" if k.held else "-",
     ]
 
 
@@ -57,6 +58,10 @@ def _move(app: App, args: argparse.Namespace) -> int:
     return app.change(app.call(app.admin.MoveKey, request))
 
 
+def _release(app: App, args: argparse.Namespace) -> int:
+    return app.change(app.call(app.admin.ReleaseKey, apb.ReleaseKeyRequest(key_id=args.key)))
+
+
 def _destroy(app: App, args: argparse.Namespace) -> int:
     return app.change(app.call(app.admin.DestroyKey, apb.DestroyKeyChangeRequest(key_id=args.key)))
 
@@ -75,7 +80,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.set_defaults(func=_show)
     place = ksub.add_parser(
         "place",
-        help="pin the cluster a key not yet created will go to (quorum)",
+        help="pin the cluster a key not yet created will go to (quorum); rebalance leaves it there",
         description="Example: hsmctl keys place payments/k9 --cluster use1-b",
     )
     place.add_argument("key")
@@ -83,13 +88,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     place.set_defaults(func=_place)
     move = ksub.add_parser(
         "move",
-        help="copy by trusted wrap, verify, switch, remove the old copy (quorum)",
+        help="copy by trusted wrap, verify, switch, remove the old copy (quorum); rebalance leaves it there",
         description="Example: hsmctl keys move payments/k1 --to use1-b",
     )
     move.add_argument("key")
     move.add_argument("--to", required=True, help="destination cluster")
     move.add_argument("--from", dest="source", default="", help="the copy to replace (default: the primary)")
     move.set_defaults(func=_move)
+    release = ksub.add_parser(
+        "release",
+        help="let rebalance move a key an operator placed or moved (quorum)",
+        description="Example: hsmctl keys release payments/k1",
+    )
+    release.add_argument("key")
+    release.set_defaults(func=_release)
     destroy = ksub.add_parser(
         "destroy",
         help="destroy a key on every cluster (quorum)",
