@@ -80,18 +80,22 @@ class SharedLimiter(Limiter):
             self._fd = os.open(path, os.O_RDWR)
         except OSError as exc:
             raise SharedLimitsError(f"cannot open the shared limits file {path}: {exc.strerror}") from None
+        mapped: mmap.mmap | None = None
         try:
-            self._map = mmap.mmap(self._fd, 0)
-            magic, version, slots, workers = _HEADER.unpack_from(self._map, 0)
+            mapped = mmap.mmap(self._fd, 0)
+            magic, version, slots, workers = _HEADER.unpack_from(mapped, 0)
             if magic != MAGIC or version != VERSION:
                 raise SharedLimitsError(f"{path} is not a limits file of this version")
             if not 0 <= index < workers:
                 raise SharedLimitsError(f"{path} is made for {workers} workers; this is worker {index}")
-            if len(self._map) < _HEADER_SIZE + slots * _slot_size(workers):
+            if len(mapped) < _HEADER_SIZE + slots * _slot_size(workers):
                 raise SharedLimitsError(f"{path} is shorter than its header says")
         except (SharedLimitsError, ValueError, struct.error) as exc:
+            if mapped is not None:
+                mapped.close()
             os.close(self._fd)
-            raise SharedLimitsError(str(exc)) from None
+            raise SharedLimitsError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+        self._map = mapped
         self._slots, self._workers, self._index = int(slots), int(workers), index
         self._size = _slot_size(workers)
         self._thread_lock = threading.Lock()
