@@ -328,14 +328,18 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _unary(self, behavior: Callable[..., Any], rule: Rule, *, streaming_response: bool) -> Callable[..., Any]:
         def guard(request: Any, context: grpc.ServicerContext) -> tuple[Principal, Any]:
             """Everything before the servicer runs; returns the request to serve (a batch may shrink)."""
-            if isinstance(request, _Malformed):
-                _abort(context, errors.InvalidArgument(f"the request is not a valid {request.type_name}"))
             policy, principal = self._authenticate(context, rule)
             identity, limits = principal.identity, principal.limits
+            malformed = isinstance(request, _Malformed)
             try:
-                self.limiter.admit(identity, limits, max(1, len(request.requests)) if rule.kind == "batch" else 1)
+                # A request that does not decode costs a token too: floods of them are throttled.
+                self.limiter.admit(identity, limits,
+                                   max(1, len(request.requests)) if rule.kind == "batch" and not malformed else 1)
             except errors.ResourceExhausted as exc:
                 _abort(context, exc)
+            if malformed:
+                self.limiter.leave(identity)
+                _abort(context, errors.InvalidArgument(f"the request is not a valid {request.type_name}"))
             try:
                 self._authorize(policy, principal, rule, request)
             except PermissionDenied as exc:

@@ -180,3 +180,13 @@ def test_over_the_concurrency_cap_is_resource_exhausted_with_retry_info(connect:
         drained.join(timeout=10)
     time.sleep(0.1)
     assert rpc_error(single.GetKey, request, timeout=5).code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_requests_that_do_not_decode_are_throttled_too(connect: Callable[[str], Client]) -> None:
+    """A flood of undecodable requests costs tokens like any other call: after the burst it is
+    refused by the limit, before any decoding error is reported."""
+    raw = connect("throttled").channel.unary_unary("/hsmgw.v1.CryptoService/GetKey")  # rate 2/s, burst 3
+    time.sleep(1.6)  # whatever an earlier test took from the bucket is back
+    codes = [rpc_error(raw, b"\x0a\x02\xff\xfe", timeout=5).code() for _ in range(5)]  # key_id not UTF-8
+    assert codes[:3] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert EXHAUSTED in codes[3:], codes
