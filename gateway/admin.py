@@ -159,12 +159,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         moves = self.router.plan_rebalance()
         if self._plan_id(moves) != params["plan_id"]:
             raise FailedPrecondition("the placement changed since the plan was made; plan again")
-        done = 0
+        done = skipped = 0
         for key_id, source, target in moves:
+            # Changes approved while this runs (a move, which holds its key; a destroy) win.
+            current = self.router.store.get(key_id)
+            if (current is None or current.held or not current.usable or source not in current.clusters
+                    or target in current.clusters):
+                log.info("rebalance: %s changed since the plan (held, moved or destroyed); left where it is", key_id)
+                skipped += 1
+                continue
             self.router.move_key(key_id, target, self._deadline(), source=source)
             self.audit.append("-", "key_moved", key_id, from_cluster=source, to_cluster=target, reason="rebalance")
             done += 1
-        return f"moved {done} keys"
+        return f"moved {done} keys" + (f", left {skipped} that changed since the plan" if skipped else "")
 
     def _do_drain(self, params: dict[str, str], drain: bool) -> str:
         self._switch("drained", params["cluster"], drain)

@@ -311,9 +311,11 @@ class Router:
         validation.key_id(spec.key_id)
         validation.request_id(spec.request_id)
         try:
-            return self._generate(spec, deadline)
+            made = self._generate(spec, deadline)
         except StoreError as exc:
             raise Unavailable("placement store is unreachable; keys cannot be created now") from exc
+        self._unpin(spec.key_id)  # made (by this call or an earlier one): its pin, if any, is used up
+        return made
 
     def _generate(self, spec: KeySpec, deadline: float) -> Placement:
         existing = self._existing(spec)
@@ -332,8 +334,11 @@ class Router:
             raise FailedPrecondition(
                 f"a non-extractable key cannot be replicated; ask for replication.copies = 1 (policy: {copies})"
             )
-        primary, replicas, held = self._choose_clusters(spec.key_id, copies,
-                                                        needs_room=spec.storage is KeyStorage.TOKEN)
+        # The pin stays until the key is made: a creation that fails leaves it for the retry.
+        primary, replicas, pinned = self._choose_clusters(spec.key_id, copies, self._pin_of(spec.key_id),
+                                                          needs_room=spec.storage is KeyStorage.TOKEN)
+        # Held: rebalance leaves it where the operator put it (rebalance never moves the others).
+        held = pinned and spec.storage is KeyStorage.TOKEN and spec.extractable
         intent = Placement(
             key_id=spec.key_id,
             algorithm=spec.algorithm,
@@ -548,9 +553,10 @@ class Router:
             return False
         return True
 
-    def _choose_clusters(self, key_id: str, copies: int, *,
+    def _choose_clusters(self, key_id: str, copies: int, pin: str | None = None, *,
                          needs_room: bool = True) -> tuple[str, tuple[str, ...], bool]:
-        """Primary and replicas for a new key, and whether an operator chose the primary (a pin).
+        """Primary and replicas for a new key, and whether the primary is ``pin`` (an
+        operator's choice, taken when that cluster can take the key now).
 
         The primary comes from the home region (the DR regions only once the
         home region is full), by consistent hashing over eligible clusters:
@@ -570,7 +576,13 @@ class Router:
                 if name in self.backends and name not in full and name not in exclude and self.dispatcher.usable(name)
             ]
 
-        primary = self._pinned(key_id, full)
+        primary = None
+        if pin is not None:
+            if pin not in self.backends or pin in full or not self.dispatcher.usable(pin):
+                log.warning("key %s was placed on %s, which cannot take it now (full, drained, failed over or down); "
+                            "placing it as usual", key_id, pin)
+            else:
+                primary = pin
         pinned = primary is not None
         for region in (home, *dr):
             if primary is not None:
@@ -634,28 +646,28 @@ class Router:
         except StoreError as exc:
             raise Unavailable("placement store is unreachable; the placement is not recorded") from exc
 
-    def _pinned(self, key_id: str, full: AbstractSet[str]) -> str | None:
-        """The cluster an operator chose for this new key, if any; the pin is used up."""
-        taken: list[str] = []
+    def _pin_of(self, key_id: str) -> str | None:
+        """The cluster an operator chose for this new key (``pin``), if any."""
+        record = self.store.admin_record(PINS)
+        cluster = record[0].get(key_id) if record else None
+        return str(cluster) if cluster is not None else None
 
+    def _unpin(self, key_id: str) -> None:
+        """The key is made: its pin is used up (kept, it would place the key again if it were
+        destroyed and made anew)."""
         def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
-            taken[:] = [str(pins[key_id])] if pins and key_id in pins else []
-            return {k: v for k, v in pins.items() if k != key_id} if taken and pins else None
+            return {k: v for k, v in pins.items() if k != key_id} if pins and key_id in pins else None
 
-        edit_admin_record(self.store, PINS, take)
-        if not taken:
-            return None
-        cluster = taken[0]
-        if cluster not in self.backends or cluster in full or not self.dispatcher.usable(cluster):
-            log.warning("key %s was placed on %s, which cannot take it now (full, drained, failed over or down); "
-                        "placing it as usual", key_id, cluster)
-            return None
-        return cluster
+        try:
+            edit_admin_record(self.store, PINS, take)
+        except StoreError as exc:
+            log.warning("key %s is made, but its placement could not be cleared (%s); the next creation of this key "
+                        "clears it", key_id, exc)
 
     def check_move(self, key_id: str, to: str, source: str = "") -> tuple[Placement, str]:
         """The key's record and the cluster it would move from, if it may move to ``to`` now;
         else the error the move would end with (asked again when the move runs)."""
-        current = self.store.get(validation.key_id(key_id))
+        current = self._read_for_change(key_id)
         if current is None:
             raise KeyNotFound(f"key {key_id!r} not found")
         if not current.usable:
@@ -770,12 +782,23 @@ class Router:
 
     def check_release(self, key_id: str) -> Placement:
         """The key's record, if it is held (placed or moved by an operator); else the error a release ends with."""
-        current = self.store.get(validation.key_id(key_id))
+        current = self._read_for_change(key_id)
         if current is None or current.state is KeyState.DESTROYED:
             raise KeyNotFound(f"key {key_id!r} not found")
+        if current.state is KeyState.CREATING:
+            raise FailedPrecondition(f"key {key_id!r} is still being created; release it once it is made")
         if not current.held:
+            if current.external or not current.extractable:
+                kind = "EXTERNAL" if current.external else "non-extractable"
+                raise FailedPrecondition(f"key {key_id!r} is not held: it is {kind}, and rebalance never moves it")
             raise FailedPrecondition(f"key {key_id!r} is not held: rebalance already places it")
         return current
+
+    def _read_for_change(self, key_id: str) -> Placement | None:
+        try:
+            return self.store.get(validation.key_id(key_id))
+        except StoreError as exc:
+            raise Unavailable("placement store is unreachable; the change cannot be checked now") from exc
 
     def release_key(self, key_id: str) -> Placement:
         """Let rebalance place a held key again (it stays where it is until a rebalance moves it)."""

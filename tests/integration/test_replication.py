@@ -586,3 +586,64 @@ def test_reconcile_keeps_a_missing_name_it_cannot_look_at_again_or_write_and_dro
     for key in (a, b):
         after = router.store.get(key.key_id)
         assert (after.primary, after.replicas) == (key.primary, ())
+
+
+# -- held keys (placed or moved by an operator) ---------------------------------------------------
+
+
+def test_a_placement_outlives_a_creation_that_failed_and_the_retry_goes_where_it_says(make_router) -> None:
+    """`keys place` is used up by the creation that makes the key, not by one that fails:
+    the retry the error asks for still goes to the chosen cluster, and the key is held."""
+    from router.placement.ring import PlacementRing
+    from router.router import PINS
+
+    router = make_router(replication=POLICY)
+    key_id = unique("pinned")
+    chosen = next(c for c in ("use1-a", "use1-b") if c != PlacementRing(["use1-a", "use1-b"]).choose(key_id))
+    router.pin(key_id, chosen)
+    router.fail_over_region("us-west-2")  # no DR copy possible: the creation fails, nothing made
+    with pytest.raises(Unavailable, match="nothing was created"):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    router.fail_over_region("us-west-2", False)
+    key = router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert key.primary == chosen and key.held
+    record = router.store.admin_record(PINS)
+    assert record is None or key_id not in record[0], "the pin is used up once the key is made"
+
+
+def test_a_key_being_created_cannot_be_released(make_router) -> None:
+    router = make_router()
+    key_id = unique("creating")
+    router.store.create(Placement(key_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, KeyState.CREATING, "use1-a",
+                                  request_id=key_id, held=True))
+    with pytest.raises(FailedPrecondition, match="still being created"):
+        router.check_release(key_id)
+
+
+def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_router, tmp_path) -> None:
+    """The plan is checked once, when the rebalance starts; a move approved meanwhile holds its
+    key, and the rebalance leaves that key where the operator put it, and moves the rest."""
+    from gateway.admin import AdminServicer
+
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=1)
+    keys = [router.generate_key(_spec(unique("reb")), time.monotonic() + 30) for _ in range(2)]
+    first, second = (k.key_id for k in keys)
+    others = {k.key_id: next(c for c in ("use1-a", "use1-b") if c != k.primary) for k in keys}
+    plan = [(k.key_id, k.primary, others[k.key_id]) for k in keys]
+    router.plan_rebalance = lambda: plan  # type: ignore[method-assign]  # as if a cluster had been added
+    moved_meanwhile: list[str] = []
+    move = router.move_key
+
+    def operator_moves_the_second_first(key_id: str, to: str, deadline: float, **kwargs: object) -> Placement:
+        if not moved_meanwhile:  # approved while the rebalance moves the first key
+            moved_meanwhile.append(move(second, others[second], deadline, hold=True).primary)
+        return move(key_id, to, deadline, **kwargs)  # type: ignore[arg-type]
+
+    router.move_key = operator_moves_the_second_first  # type: ignore[method-assign]
+    change = admin.changes.request("alice", "apply_rebalance", {"plan_id": admin._plan_id(plan)})
+    assert change.state == "applied", change.result
+    assert change.result == "moved 1 keys, left 1 that changed since the plan"
+    assert router.store.get(first).primary == others[first]
+    after = router.store.get(second)
+    assert after.primary == others[second] and after.held
