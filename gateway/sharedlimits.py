@@ -5,19 +5,23 @@ would let an identity that uses several connections reach N times its rate, burs
 concurrency. Here the supervisor creates one file (``create``, in its private
 directory) and every worker maps it (``SharedLimiter``).
 
-Each identity has a slot, found by a 16-byte BLAKE2b digest of its name: its token
-bucket (tokens, and when they were last counted, on the system-wide monotonic clock,
-so every worker reads the same time) and one count of calls in flight per worker.
+An identity with limits has a slot, found by a 16-byte BLAKE2b digest of its name: its
+token bucket (tokens, and when they were last counted, on the system-wide monotonic
+clock, so every worker reads the same time), when it was last used, and one count of
+calls in flight per worker. An identity without limits shares nothing.
 
 - The bucket, and the check of the summed counts against the concurrency limit, change
   only under a POSIX record lock on the slot. Record locks keep processes apart, not a
-  process's own threads, so a thread lock is taken as well.
-- A worker writes only its own count, so ending a call takes no file lock.
-- A worker that starts zeroes its own counts: calls that a dead worker had in flight no
-  longer count.
-- A new identity takes a free slot under a lock on the header. When every slot is taken
-  (``SLOTS`` identities), the identities left over get limits per worker, as with one
-  worker alone, and the gateway logs a warning once.
+  process's own threads, so a thread lock is taken as well (one of several, by slot).
+- A worker writes only its own counts: a copy of its own, kept in step under the
+  thread lock, so ending a call takes no file lock.
+- A worker that starts zeroes its own counts, and the supervisor zeroes a dead
+  worker's: calls it had in flight no longer count.
+- A new identity takes a free slot, or one whose identity has had no call in flight and
+  none for ``IDLE`` seconds (its bucket has refilled, as far as any sane limit goes), in
+  the first ``PROBES`` slots of its chain, under a lock on the header. A worker that
+  finds its identity's slot taken over looks again. When none is free, that identity
+  gets limits per worker, as with one worker alone, and the worker logs a warning.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from gateway.auth import Limits
 from gateway.interceptors import CONCURRENCY_RETRY, ConcurrencyLimited, Limiter, RateLimited
@@ -39,18 +44,27 @@ from gateway.interceptors import CONCURRENCY_RETRY, ConcurrencyLimited, Limiter,
 log = logging.getLogger(__name__)
 
 MAGIC = b"HSMGWLIM"
-VERSION = 1
+VERSION = 2
 SLOTS = 16_384
-"""Identities the file has room for."""
+"""Identities the file holds at once."""
+PROBES = 64
+"""Slots an identity may take, from the one its digest names."""
+IDLE = 600.0
+"""Seconds without a call after which an identity's slot may go to another."""
 
 _HEADER = struct.Struct("<8sIII")  # magic, version, slots, workers
 _HEADER_SIZE = 64
 _DIGEST = 16
-_BUCKET = struct.Struct("<dd")  # tokens, stamp (0: never charged)
+_STATE = struct.Struct("<ddd")  # tokens, stamp (0: never charged), last used
 _COUNT = struct.Struct("<q")
+_COUNTS = _DIGEST + _STATE.size
 _EMPTY = bytes(_DIGEST)
+_STRIPES = 64
 _OVERFLOW_MEMORY = 10_000
+_RETRY = 60.0  # seconds before an identity that found no slot looks again
 _UNLIMITED = Limits()
+
+T = TypeVar("T")
 
 
 class SharedLimitsError(RuntimeError):
@@ -58,7 +72,7 @@ class SharedLimitsError(RuntimeError):
 
 
 def _slot_size(workers: int) -> int:
-    return _DIGEST + _BUCKET.size + _COUNT.size * workers
+    return _COUNTS + _COUNT.size * workers
 
 
 def create(path: Path, workers: int, *, slots: int = SLOTS) -> None:
@@ -71,118 +85,206 @@ def create(path: Path, workers: int, *, slots: int = SLOTS) -> None:
         os.close(fd)
 
 
-class SharedLimiter(Limiter):
-    """``Limiter`` for worker ``index``, on the file ``create`` made."""
+class _File:
+    """The mapped file: its layout, and a worker's counts in it."""
 
-    def __init__(self, path: Path, index: int, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(clock)  # its own buckets and counts: identities without a slot
+    def __init__(self, path: Path) -> None:
         try:
-            self._fd = os.open(path, os.O_RDWR)
+            self.fd = os.open(path, os.O_RDWR)
         except OSError as exc:
             raise SharedLimitsError(f"cannot open the shared limits file {path}: {exc.strerror}") from None
         mapped: mmap.mmap | None = None
         try:
-            mapped = mmap.mmap(self._fd, 0)
+            mapped = mmap.mmap(self.fd, 0)
             magic, version, slots, workers = _HEADER.unpack_from(mapped, 0)
             if magic != MAGIC or version != VERSION:
                 raise SharedLimitsError(f"{path} is not a limits file of this version")
-            if not 0 <= index < workers:
-                raise SharedLimitsError(f"{path} is made for {workers} workers; this is worker {index}")
             if len(mapped) < _HEADER_SIZE + slots * _slot_size(workers):
                 raise SharedLimitsError(f"{path} is shorter than its header says")
         except (SharedLimitsError, ValueError, struct.error) as exc:
             if mapped is not None:
                 mapped.close()
-            os.close(self._fd)
+            os.close(self.fd)
             raise SharedLimitsError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
-        self._map = mapped
-        self._slots, self._workers, self._index = int(slots), int(workers), index
-        self._size = _slot_size(workers)
-        self._thread_lock = threading.Lock()
-        self._found: dict[str, int] = {}
-        self._overflow: set[str] = set()  # identities known to have no slot
-        self._warned = False
-        self._forget_own_counts()
+        self.map = mapped
+        self.slots, self.workers = int(slots), int(workers)
+        self.size = _slot_size(self.workers)
 
     def close(self) -> None:
-        self._map.close()
-        os.close(self._fd)
+        self.map.close()
+        os.close(self.fd)
+
+    def offset(self, slot: int) -> int:
+        return _HEADER_SIZE + slot * self.size
+
+    def digest_at(self, offset: int) -> bytes:
+        return self.map[offset:offset + _DIGEST]
+
+    def zero_counts(self, index: int) -> None:
+        """Worker ``index``'s counts, in every slot in use, to 0 (the worker is dead or starting)."""
+        for slot in range(self.slots):
+            offset = self.offset(slot)
+            if self.digest_at(offset) != _EMPTY:
+                _COUNT.pack_into(self.map, offset + _COUNTS + _COUNT.size * index, 0)
+
+
+def forget(path: Path, index: int) -> None:
+    """Worker ``index`` died: the calls it had in flight no longer count (the supervisor)."""
+    file = _File(path)
+    try:
+        file.zero_counts(index)
+    finally:
+        file.close()
+
+
+class SharedLimiter(Limiter):
+    """``Limiter`` for worker ``index``, on the file ``create`` made.
+
+    The base class keeps this worker's own buckets and counts: its counts are mirrored
+    into the file for identities with a slot, and its buckets serve identities without one.
+    """
+
+    def __init__(self, path: Path, index: int, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self._file = _File(path)
+        if not 0 <= index < self._file.workers:
+            self._file.close()
+            raise SharedLimitsError(f"{path} is made for {self._file.workers} workers; this is worker {index}")
+        self._index = index
+        self._own = _COUNTS + _COUNT.size * index
+        self._header_lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._found: dict[str, tuple[int, bytes]] = {}  # identity -> (slot, digest)
+        self._overflow: dict[str, float] = {}  # identity -> when it last found no slot
+        self._warned = False
+        self._file.zero_counts(index)
+
+    def close(self) -> None:
+        self._file.close()
 
     # -- the slots ------------------------------------------------------------------------
 
-    def _offset(self, slot: int) -> int:
-        return _HEADER_SIZE + slot * self._size
+    def _idle(self, offset: int, now: float) -> bool:
+        used = _STATE.unpack_from(self._file.map, offset + _DIGEST)[2]
+        counts = self._file.map[offset + _COUNTS:offset + self._file.size]
+        return used + IDLE < now and not any(counts)
 
-    def _forget_own_counts(self) -> None:
-        column = _DIGEST + _BUCKET.size + _COUNT.size * self._index
-        for slot in range(self._slots):
-            offset = self._offset(slot)
-            if self._map[offset:offset + _DIGEST] != _EMPTY:
-                _COUNT.pack_into(self._map, offset + column, 0)
-
-    def _slot(self, identity: str) -> int | None:
-        """The identity's slot (taking a free one), or None when the file is full."""
-        slot = self._found.get(identity)
-        if slot is not None or identity in self._overflow:
-            return slot
+    def _slot(self, identity: str) -> tuple[int, bytes] | None:
+        """The identity's slot and digest (taking a free or idle one), or None if none is to be had."""
+        found = self._found.get(identity)
+        if found is not None:
+            return found
+        file, now = self._file, self._clock()
+        if self._overflow.get(identity, -_RETRY) + _RETRY > now:
+            return None
         digest = hashlib.blake2b(identity.encode(), digest_size=_DIGEST).digest()
         if digest == _EMPTY:  # never, in practice; the empty marker must stay unambiguous
             return None
-        start = int.from_bytes(digest[:8], "little") % self._slots
-        with self._thread_lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, _HEADER_SIZE, 0)
+        home = int.from_bytes(digest[:8], "little") % file.slots
+        with self._header_lock:
+            fcntl.lockf(file.fd, fcntl.LOCK_EX, _HEADER_SIZE, 0)
             try:
-                for probe in range(self._slots):
-                    slot = (start + probe) % self._slots
-                    offset = self._offset(slot)
-                    held = self._map[offset:offset + _DIGEST]
+                chosen: int | None = None
+                spare: int | None = None
+                for probe in range(min(PROBES, file.slots)):
+                    slot = (home + probe) % file.slots
+                    offset = file.offset(slot)
+                    held = file.digest_at(offset)
                     if held == digest:
+                        chosen = slot
                         break
-                    if held == _EMPTY:
-                        self._map[offset:offset + _DIGEST] = digest
+                    if held == _EMPTY:  # slots never empty again: the identity is not further on
+                        chosen = spare if spare is not None else slot
                         break
+                    if spare is None and self._idle(offset, now):
+                        spare = slot
                 else:
-                    slot = None
+                    chosen = spare
+                if chosen is not None and file.digest_at(file.offset(chosen)) != digest:
+                    if not self._claim(chosen, digest, now):
+                        return None  # its identity came back just now: this call on this worker's own
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, _HEADER_SIZE, 0)
-        if slot is None:  # slots are never given back: the file stays full
+                fcntl.lockf(file.fd, fcntl.LOCK_UN, _HEADER_SIZE, 0)
+        if chosen is None:
             if len(self._overflow) >= _OVERFLOW_MEMORY:
                 self._overflow.clear()
-            self._overflow.add(identity)
+            self._overflow[identity] = now  # looked for again after _RETRY seconds
             if not self._warned:
                 self._warned = True
-                log.warning("the shared limits file has room for %d identities and is full: limits of the others "
-                            "hold per worker process", self._slots)
+                log.warning("no room in the shared limits file for identity %r (%d identities used within %.0f s): "
+                            "its limits, and those of others without room, hold per worker process",
+                            identity, file.slots, IDLE)
             return None
-        self._found[identity] = slot
-        return slot
+        self._found[identity] = (chosen, digest)
+        return chosen, digest
+
+    def _claim(self, slot: int, digest: bytes, now: float) -> bool:
+        """Under the header lock: the slot, with a full bucket, no counts, for ``digest``;
+        False if its identity used it since it was seen idle."""
+        file = self._file
+        offset = file.offset(slot)
+        with self._stripes[slot % _STRIPES]:
+            fcntl.lockf(file.fd, fcntl.LOCK_EX, file.size, offset)
+            try:
+                if file.digest_at(offset) != _EMPTY and not self._idle(offset, now):
+                    return False
+                file.map[offset + _COUNTS:offset + file.size] = bytes(file.size - _COUNTS)
+                _STATE.pack_into(file.map, offset + _DIGEST, 0.0, 0.0, now)
+                file.map[offset:offset + _DIGEST] = digest
+                return True
+            finally:
+                fcntl.lockf(file.fd, fcntl.LOCK_UN, file.size, offset)
+
+    def _in_slot(self, identity: str, run: Callable[[int], T]) -> tuple[bool, T | None]:
+        """``run(offset)`` under the locks of the identity's slot: (True, its result); (False,
+        None) if the identity has no slot."""
+        file = self._file
+        for _ in range(2):
+            found = self._slot(identity)
+            if found is None:
+                return False, None
+            slot, digest = found
+            offset = file.offset(slot)
+            with self._stripes[slot % _STRIPES]:
+                fcntl.lockf(file.fd, fcntl.LOCK_EX, file.size, offset)
+                try:
+                    if file.digest_at(offset) == digest:
+                        return True, run(offset)
+                finally:
+                    fcntl.lockf(file.fd, fcntl.LOCK_UN, file.size, offset)
+            self._found.pop(identity, None)  # taken over while idle: look again
+        return False, None
+
+    def _publish(self, identity: str) -> None:
+        """This worker's count of ``identity``'s calls, into its slot if it has one here."""
+        found = self._found.get(identity)
+        if found is None:
+            return
+        slot, digest = found
+        offset = self._file.offset(slot)
+        with self._stripes[slot % _STRIPES]:
+            if self._file.digest_at(offset) == digest:
+                _COUNT.pack_into(self._file.map, offset + self._own, Limiter.in_flight(self, identity))
 
     def _in_flight_at(self, offset: int) -> int:
-        base = offset + _DIGEST + _BUCKET.size
-        return sum(_COUNT.unpack_from(self._map, base + _COUNT.size * w)[0] for w in range(self._workers))
-
-    def _set_own(self, offset: int, count: int) -> None:
-        """Under the thread lock: this worker's count, which only it writes (its own counts mirrored)."""
-        _COUNT.pack_into(self._map, offset + _DIGEST + _BUCKET.size + _COUNT.size * self._index, count)
+        base = offset + _COUNTS
+        return sum(_COUNT.unpack_from(self._file.map, base + _COUNT.size * w)[0] for w in range(self._file.workers))
 
     def _charge_at(self, offset: int, identity: str, limits: Limits, cost: int, now: float) -> None:
-        """Under both locks: take ``cost`` tokens from the slot's bucket, or raise RateLimited."""
-        tokens, stamp = _BUCKET.unpack_from(self._map, offset + _DIGEST)
+        """Under the slot's locks: take ``cost`` tokens from its bucket, or raise RateLimited."""
+        tokens, stamp, _ = _STATE.unpack_from(self._file.map, offset + _DIGEST)
         bucket = limits.bucket
         tokens = bucket if stamp == 0.0 else min(bucket, tokens + max(0.0, now - stamp) * limits.rate)
         need = min(float(cost), bucket)
         if tokens + 1e-9 < need:  # retrying after exactly retry_after must succeed
-            _BUCKET.pack_into(self._map, offset + _DIGEST, tokens, now)
+            _STATE.pack_into(self._file.map, offset + _DIGEST, tokens, now, now)
             wait = (need - tokens) / limits.rate
             raise RateLimited(
                 f"identity {identity!r} is over its rate limit ({limits.rate:g}/s, burst {bucket:g}); "
                 f"retry in {wait:.3f}s",
                 retry_after=wait,
             )
-        _BUCKET.pack_into(self._map, offset + _DIGEST, tokens - cost, now)
-
-    def _locked(self, offset: int) -> _SlotLock:
-        return _SlotLock(self._fd, self._thread_lock, offset, self._size)
+        _STATE.pack_into(self._file.map, offset + _DIGEST, tokens - cost, now, now)
 
     # -- Limiter ------------------------------------------------------------------------------
 
@@ -191,85 +293,55 @@ class SharedLimiter(Limiter):
 
     def admit(self, identity: str, limits: Limits, cost: int = 1) -> None:
         charge = cost > 0 and limits.rate > 0
-        # An identity without limits shares nothing: its calls are counted in this process only.
-        slot = self._slot(identity) if charge or limits.concurrency else None
-        if slot is None:
-            Limiter.enter(self, identity, limits)
-            if charge:
-                try:
-                    Limiter.charge(self, identity, limits, cost)
-                except RateLimited:
-                    Limiter.leave(self, identity)
-                    raise
-            return
-        offset = self._offset(slot)
-        with self._locked(offset):
-            own = Limiter.in_flight(self, identity)
-            self._set_own(offset, own)  # calls counted while it had no limits
-            if limits.concurrency:
-                in_flight = self._in_flight_at(offset)
-                if in_flight >= limits.concurrency:
-                    raise ConcurrencyLimited(
-                        f"identity {identity!r} already has {in_flight} calls in flight, its limit",
-                        retry_after=CONCURRENCY_RETRY,
-                    )
-            if charge:
-                self._charge_at(offset, identity, limits, cost, self._clock())
-            Limiter.enter(self, identity, _UNLIMITED)
-            self._set_own(offset, own + 1)
+        if charge or limits.concurrency:
+            def admit_here(offset: int) -> None:
+                _COUNT.pack_into(self._file.map, offset + self._own, Limiter.in_flight(self, identity))
+                if limits.concurrency:
+                    in_flight = self._in_flight_at(offset)
+                    if in_flight >= limits.concurrency:
+                        raise ConcurrencyLimited(
+                            f"identity {identity!r} already has {in_flight} calls in flight, its limit",
+                            retry_after=CONCURRENCY_RETRY,
+                        )
+                now = self._clock()
+                if charge:
+                    self._charge_at(offset, identity, limits, cost, now)
+                else:
+                    tokens, stamp, _ = _STATE.unpack_from(self._file.map, offset + _DIGEST)
+                    _STATE.pack_into(self._file.map, offset + _DIGEST, tokens, stamp, now)
+                Limiter.enter(self, identity, _UNLIMITED)
+                _COUNT.pack_into(self._file.map, offset + self._own, Limiter.in_flight(self, identity))
+
+            if self._in_slot(identity, admit_here)[0]:
+                return
+        # No limits (nothing to share), or no slot to be had: this worker's own count and bucket.
+        Limiter.enter(self, identity, limits)
+        if charge:
+            try:
+                Limiter.charge(self, identity, limits, cost)
+            except RateLimited:
+                Limiter.leave(self, identity)
+                raise
+        self._publish(identity)
 
     def leave(self, identity: str) -> None:
-        slot = self._found.get(identity)
-        if slot is None:
-            Limiter.leave(self, identity)
-            return
-        with self._thread_lock:
-            Limiter.leave(self, identity)
-            self._set_own(self._offset(slot), Limiter.in_flight(self, identity))
+        Limiter.leave(self, identity)
+        self._publish(identity)
 
     def charge(self, identity: str, limits: Limits, cost: int = 1) -> None:
         if limits.rate <= 0:
             return
-        slot = self._slot(identity)
-        if slot is None:
+        if not self._in_slot(identity, lambda offset: self._charge_at(offset, identity, limits, cost,
+                                                                      self._clock()))[0]:
             Limiter.charge(self, identity, limits, cost)
-            return
-        offset = self._offset(slot)
-        with self._locked(offset):
-            self._charge_at(offset, identity, limits, cost, self._clock())
 
     def in_flight(self, identity: str) -> int:
         """Calls in flight for ``identity``: in every worker once it has had limits, else in this one."""
-        slot = self._found.get(identity)
-        if slot is None:
+        if identity not in self._found:
             return Limiter.in_flight(self, identity)
-        offset = self._offset(slot)
-        with self._thread_lock:
-            self._set_own(offset, Limiter.in_flight(self, identity))
-        return self._in_flight_at(offset)
+        self._publish(identity)
+        slot, _ = self._found[identity]
+        return self._in_flight_at(self._file.offset(slot))
 
 
-class _SlotLock:
-    """The thread lock, then the record lock on one slot's bytes."""
-
-    __slots__ = ("_fd", "_lock", "_offset", "_size")
-
-    def __init__(self, fd: int, lock: threading.Lock, offset: int, size: int) -> None:
-        self._fd, self._lock, self._offset, self._size = fd, lock, offset, size
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, self._size, self._offset)
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def __exit__(self, *_: object) -> None:
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, self._size, self._offset)
-        finally:
-            self._lock.release()
-
-
-__all__ = ["SLOTS", "SharedLimiter", "SharedLimitsError", "create"]
+__all__ = ["IDLE", "PROBES", "SLOTS", "SharedLimiter", "SharedLimitsError", "create", "forget"]

@@ -344,6 +344,10 @@ class Supervisor:
     def _died(self, worker: Worker, code: int, now: float) -> int | None:
         """Schedule a dead worker's restart, or give it up; the gateway's exit status when it must stop."""
         index = worker.index
+        try:  # the calls it had in flight no longer count against its identities' limits
+            sharedlimits.forget(self.limits_file, index)
+        except sharedlimits.SharedLimitsError as exc:
+            log.error("worker %d: its calls in flight cannot be forgotten (%s); its successor forgets them", index, exc)
         self._deaths.append(now)
         while self._deaths and now - self._deaths[0] > 60.0:
             self._deaths.popleft()

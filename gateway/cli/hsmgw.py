@@ -126,10 +126,15 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         limiter = None
         if args.limits_file and args.worker_index is not None:
-            limiter = SharedLimiter(Path(args.limits_file), args.worker_index)
+            try:
+                limiter = SharedLimiter(Path(args.limits_file), args.worker_index)
+            except SharedLimitsError as exc:  # serve, with limits that hold per worker, rather than not at all
+                logging.getLogger("gateway.sharedlimits").error(
+                    "%s; this worker keeps per-identity limits of its own: an identity may get more than its "
+                    "limits across the gateway's workers", exc)
         gateway = Gateway(config, router, reuse_port=args.worker_index is not None,
                           reconciles=not args.worker_index, limiter=limiter)
-    except (ConfigError, OSError, SharedLimitsError) as exc:
+    except (ConfigError, OSError) as exc:
         router.close()
         fail(str(exc))
     except RuntimeError as exc:  # grpc could not bind: the port was taken since the check above

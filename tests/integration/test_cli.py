@@ -421,3 +421,36 @@ def test_hsmctl_names_a_client_certificate_or_key_that_is_not_pem(gateway: Any, 
                            "error: --key is not a PEM private key without a passphrase")):
         result = hsmctl("--target", gateway.target, *options, "clusters")
         assert result.returncode == 1 and one_error_line(result) == says
+
+
+def test_a_worker_whose_shared_limits_file_is_gone_serves_with_limits_of_its_own(
+    spare_fleet: Fleet, tmp_path: Path
+) -> None:
+    """The supervisor's file removed (a /tmp cleaner): a worker that starts then still serves,
+    and says loudly that limits now hold per worker, rather than failing and restarting forever."""
+    import signal
+    import time
+
+    import grpc
+
+    from hsmgw.v1 import crypto_pb2_grpc
+
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(spare_fleet.config_path),
+         "--workers", "1", "--worker-index", "0", "--limits-file", str(tmp_path / "gone"),
+         "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_user_env(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert port_file.exists(), "the worker serves"
+        with grpc.insecure_channel(f"127.0.0.1:{port_file.read_text()}") as channel:
+            stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+            assert len(stub.GenerateRandom(pb.GenerateRandomRequest(length=8), timeout=10).data) == 8
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert "cannot open the shared limits file" in out and "keeps per-identity limits of its own" in out, out

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.auth import Limits
 from gateway.interceptors import ConcurrencyLimited, Limiter, RateLimited
-from gateway.sharedlimits import SharedLimiter, SharedLimitsError, create
+from gateway.sharedlimits import IDLE, SharedLimiter, SharedLimitsError, create, forget
 from tests.support import FakeClock
 
 
@@ -114,9 +114,48 @@ def test_identities_beyond_the_file_s_room_are_limited_per_worker(
     with caplog.at_level(logging.WARNING, logger="gateway.sharedlimits"):
         one.charge("c", limits)  # no slot left: this worker's own bucket
         two.charge("c", limits)  # and that one's
-    assert "has room for 2 identities and is full" in caplog.text
+    assert "no room in the shared limits file for identity 'c'" in caplog.text
     with pytest.raises(RateLimited):
         two.charge("a", limits)  # the first two still share theirs
+
+
+def test_a_slot_idle_long_enough_goes_to_a_new_identity(tmp_path: Path) -> None:
+    path = tmp_path / "small"
+    create(path, workers=2, slots=2)
+    clock = FakeClock(1000.0)
+    one, two = SharedLimiter(path, 0, clock), SharedLimiter(path, 1, clock)
+    limits = Limits(rate=1, burst=1)
+    one.charge("a", limits)
+    two.enter("b", Limits(concurrency=5))  # b has a call in flight: its slot stays b's
+    clock.now += IDLE + 1
+    two.charge("c", limits)  # takes a's slot
+    with pytest.raises(RateLimited):
+        one.charge("c", limits)  # shared with worker one
+    one.charge("a", limits)  # a looks again: it has no slot now, so this worker's own bucket
+    assert two.in_flight("b") == 1
+
+
+def test_the_supervisor_forgets_a_dead_worker_s_calls(limits_file: Path) -> None:
+    limits = Limits(concurrency=2)
+    survivor, dead = SharedLimiter(limits_file, 0, FakeClock()), SharedLimiter(limits_file, 1, FakeClock())
+    dead.enter("app", limits)
+    dead.enter("app", limits)  # and it dies with both in flight
+    with pytest.raises(ConcurrencyLimited):
+        survivor.enter("app", limits)
+    forget(limits_file, 1)
+    survivor.enter("app", limits)
+    survivor.enter("app", limits)
+    assert survivor.in_flight("app") == 2
+
+
+def test_calls_that_began_without_limits_count_once_limits_apply(limits_file: Path) -> None:
+    """A policy reload gives an identity a concurrency limit while it has calls in flight."""
+    one, two = SharedLimiter(limits_file, 0, FakeClock()), SharedLimiter(limits_file, 1, FakeClock())
+    two.enter("app", Limits(concurrency=5))  # two knows the identity's slot
+    for _ in range(3):
+        two.enter("app", Limits())  # the policy says nothing about it now
+    with pytest.raises(ConcurrencyLimited):
+        one.enter("app", Limits(concurrency=4))  # 4 in flight on two
 
 
 def test_a_file_that_is_not_for_this_worker_is_refused(tmp_path: Path, limits_file: Path) -> None:
