@@ -151,6 +151,10 @@ class Limiter:
                 )
             usage.tokens -= cost
 
+    def sync(self, limits_of: Callable[[str], Limits]) -> None:
+        """The policy changed (``limits_of``: an identity's limits now). Nothing to do here;
+        limiters shared between processes publish the calls in flight that now count."""
+
     def in_flight(self, identity: str) -> int:
         with self._lock:
             usage = self._usage.get(identity)

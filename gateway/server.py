@@ -258,7 +258,8 @@ class Gateway:
     def reload(self) -> None:
         """SIGHUP: re-read the policy and the TLS files; a bad file keeps the current one."""
         log.info("reloading the policy and TLS files")
-        self.policies.reload()
+        if self.policies.reload():
+            self.security.limiter.sync(lambda identity: self.policies.current.principal(identity).limits)
         if self.tls is not None:
             self.tls.reload()
 

@@ -27,6 +27,7 @@ calls in flight per worker. An identity without limits shares nothing.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import mmap
@@ -264,7 +265,7 @@ class SharedLimiter(Limiter):
         offset = self._file.offset(slot)
         with self._stripes[slot % _STRIPES]:
             if self._file.digest_at(offset) == digest:
-                _COUNT.pack_into(self._file.map, offset + self._own, Limiter.in_flight(self, identity))
+                self._set_own(identity, offset)
 
     def _in_flight_at(self, offset: int) -> int:
         base = offset + _COUNTS
@@ -295,7 +296,7 @@ class SharedLimiter(Limiter):
         charge = cost > 0 and limits.rate > 0
         if charge or limits.concurrency:
             def admit_here(offset: int) -> None:
-                _COUNT.pack_into(self._file.map, offset + self._own, Limiter.in_flight(self, identity))
+                self._set_own(identity, offset)
                 if limits.concurrency:
                     in_flight = self._in_flight_at(offset)
                     if in_flight >= limits.concurrency:
@@ -310,7 +311,7 @@ class SharedLimiter(Limiter):
                     tokens, stamp, _ = _STATE.unpack_from(self._file.map, offset + _DIGEST)
                     _STATE.pack_into(self._file.map, offset + _DIGEST, tokens, stamp, now)
                 Limiter.enter(self, identity, _UNLIMITED)
-                _COUNT.pack_into(self._file.map, offset + self._own, Limiter.in_flight(self, identity))
+                self._set_own(identity, offset)
 
             if self._in_slot(identity, admit_here)[0]:
                 return
@@ -334,6 +335,20 @@ class SharedLimiter(Limiter):
         if not self._in_slot(identity, lambda offset: self._charge_at(offset, identity, limits, cost,
                                                                       self._clock()))[0]:
             Limiter.charge(self, identity, limits, cost)
+
+    def sync(self, limits_of: Callable[[str], Limits]) -> None:
+        """After a policy reload: calls in flight here for identities that now have limits
+        go into their slots, so that the other workers count them."""
+        with self._lock:
+            busy = [identity for identity, usage in self._usage.items() if usage.in_flight]
+        for identity in busy:
+            limits = limits_of(identity)
+            if limits.rate > 0 or limits.concurrency:
+                self._in_slot(identity, functools.partial(self._set_own, identity))
+
+    def _set_own(self, identity: str, offset: int) -> None:
+        """Under the slot's locks: this worker's count of the identity's calls, into the slot."""
+        _COUNT.pack_into(self._file.map, offset + self._own, Limiter.in_flight(self, identity))
 
     def in_flight(self, identity: str) -> int:
         """Calls in flight for ``identity``: in every worker once it has had limits, else in this one."""

@@ -191,3 +191,16 @@ def test_processes_racing_for_the_bucket_get_exactly_its_tokens(limits_file: Pat
         granted = pool.starmap(_take_all, [(str(limits_file), i, 30_000, start) for i in (0, 1)])
     assert sum(granted) == 20_000
     assert min(granted) > 1_000, f"both processes took part: {granted}"
+
+
+def test_a_reload_that_gives_an_identity_limits_counts_its_calls_in_flight_everywhere(limits_file: Path) -> None:
+    one, two = SharedLimiter(limits_file, 0, FakeClock()), SharedLimiter(limits_file, 1, FakeClock())
+    for _ in range(3):
+        two.enter("app", Limits())  # no limits yet: counted in two alone
+    limited = Limits(concurrency=4)
+    two.sync(lambda identity: limited if identity == "app" else Limits())  # the reload
+    one.enter("app", limited)
+    with pytest.raises(ConcurrencyLimited):
+        one.enter("app", limited)
+    local = Limiter(FakeClock())
+    local.sync(lambda identity: limited)  # nothing to share
