@@ -3,7 +3,8 @@
 The kernel spreads connections over the workers, so limits kept by each worker alone
 would let an identity that uses several connections reach N times its rate, burst and
 concurrency. Here the supervisor creates one file (``create``, in its private
-directory) and every worker maps it (``SharedLimiter``).
+directory), keeps it open, removes its name (nothing can delete it from under the
+workers then) and passes the descriptor to every worker, which maps it (``SharedLimiter``).
 
 An identity with limits has a slot, found by a 16-byte BLAKE2b digest of its name: its
 token bucket (tokens, and when they were last counted, on the system-wide monotonic
@@ -87,11 +88,12 @@ def create(path: Path, workers: int, *, slots: int = SLOTS) -> None:
 
 
 class _File:
-    """The mapped file: its layout, and a worker's counts in it."""
+    """The mapped file (by path, or by a descriptor the supervisor passed): its layout."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, source: Path | int) -> None:
+        path = f"(descriptor {source})" if isinstance(source, int) else source
         try:
-            self.fd = os.open(path, os.O_RDWR)
+            self.fd = os.dup(source) if isinstance(source, int) else os.open(source, os.O_RDWR)
         except OSError as exc:
             raise SharedLimitsError(f"cannot open the shared limits file {path}: {exc.strerror}") from None
         mapped: mmap.mmap | None = None
@@ -129,9 +131,9 @@ class _File:
                 _COUNT.pack_into(self.map, offset + _COUNTS + _COUNT.size * index, 0)
 
 
-def forget(path: Path, index: int) -> None:
+def forget(source: Path | int, index: int) -> None:
     """Worker ``index`` died: the calls it had in flight no longer count (the supervisor)."""
-    file = _File(path)
+    file = _File(source)
     try:
         file.zero_counts(index)
     finally:
@@ -145,12 +147,14 @@ class SharedLimiter(Limiter):
     into the file for identities with a slot, and its buckets serve identities without one.
     """
 
-    def __init__(self, path: Path, index: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, source: Path | int, index: int, clock: Callable[[], float] = time.monotonic) -> None:
+        """``source``: the file's path, or a descriptor of it (duplicated here)."""
         super().__init__(clock)
-        self._file = _File(path)
+        self._file = _File(source)
         if not 0 <= index < self._file.workers:
             self._file.close()
-            raise SharedLimitsError(f"{path} is made for {self._file.workers} workers; this is worker {index}")
+            raise SharedLimitsError(f"the shared limits file is made for {self._file.workers} workers; "
+                                    f"this is worker {index}")
         self._index = index
         self._own = _COUNTS + _COUNT.size * index
         self._header_lock = threading.Lock()

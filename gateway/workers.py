@@ -211,9 +211,12 @@ class Supervisor:
         self._given_up: set[int] = set()  # refused its configuration or PIN: waits for a SIGHUP
         self._retry_given_up = threading.Event()
         self._dir = Path(tempfile.mkdtemp(prefix="hsmgw-workers-"))
-        # Per-identity rate and concurrency limits hold for the gateway, not for each worker.
-        self.limits_file = self._dir / "limits"
-        sharedlimits.create(self.limits_file, workers)
+        # Per-identity rate and concurrency limits hold for the gateway, not for each worker. The
+        # file is known by its descriptor alone: no cleaner of temporary files can remove it.
+        limits = self._dir / "limits"
+        sharedlimits.create(limits, workers)
+        self.limits_fd = os.open(limits, os.O_RDWR)
+        limits.unlink()
         self._hold: socket.socket | None = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -241,6 +244,7 @@ class Supervisor:
             if self.port_file:  # a stale port file would send the next reader to a closed port
                 Path(self.port_file).unlink(missing_ok=True)
             shutil.rmtree(self._dir, ignore_errors=True)
+            os.close(self.limits_fd)
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         log.info("signal %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
@@ -259,7 +263,7 @@ class Supervisor:
         return [
             sys.executable, "-m", "gateway.cli.hsmgw", *self.cli_flags,
             "serve", "--config", self.config_path, "--workers", "1", "--grace", str(self.grace),
-            "--port-file", str(port_file), "--worker-index", str(index), "--limits-file", str(self.limits_file),
+            "--port-file", str(port_file), "--worker-index", str(index), "--limits-fd", str(self.limits_fd),
             "--listen", f"{self.config.server.listen.rpartition(':')[0]}:{self.port}",
         ]
 
@@ -267,7 +271,8 @@ class Supervisor:
         port_file = self._dir / f"worker-{index}.port"
         port_file.unlink(missing_ok=True)
         cpu = self.cpus[index]
-        proc = subprocess.Popen(self._command(index, port_file), preexec_fn=_start_child(cpu))
+        proc = subprocess.Popen(self._command(index, port_file), preexec_fn=_start_child(cpu),
+                                pass_fds=(self.limits_fd,))
         if cpu is not None:
             log.debug("worker %d (pid %d) runs on CPU %d", index, proc.pid, cpu)
         worker = Worker(index, proc, port_file)
@@ -345,7 +350,7 @@ class Supervisor:
         """Schedule a dead worker's restart, or give it up; the gateway's exit status when it must stop."""
         index = worker.index
         try:  # the calls it had in flight no longer count against its identities' limits
-            sharedlimits.forget(self.limits_file, index)
+            sharedlimits.forget(self.limits_fd, index)
         except sharedlimits.SharedLimitsError as exc:
             log.error("worker %d: its calls in flight cannot be forgotten (%s); its successor forgets them", index, exc)
         self._deaths.append(now)

@@ -125,9 +125,9 @@ def _serve(args: argparse.Namespace) -> None:
         fail(str(exc))
     try:
         limiter = None
-        if args.limits_file and args.worker_index is not None:
+        if args.limits_fd is not None and args.worker_index is not None:
             try:
-                limiter = SharedLimiter(Path(args.limits_file), args.worker_index)
+                limiter = SharedLimiter(args.limits_fd, args.worker_index)
             except SharedLimitsError as exc:  # serve, with limits that hold per worker, rather than not at all
                 logging.getLogger("gateway.sharedlimits").error(
                     "%s; this worker keeps per-identity limits of its own: an identity may get more than its "
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="server processes sharing the port (SO_REUSEPORT); default: one per core (%(default)s)")
     serve.add_argument("--listen", help="host:port to serve on, instead of the config's server.listen")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
-    serve.add_argument("--limits-file", help=argparse.SUPPRESS)  # the supervisor's, shared by its workers
+    serve.add_argument("--limits-fd", type=int, help=argparse.SUPPRESS)  # the supervisor's, shared by its workers
     serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="measure the gateway against direct PKCS #11 (writes docs/performance.md)",

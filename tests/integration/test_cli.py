@@ -423,11 +423,11 @@ def test_hsmctl_names_a_client_certificate_or_key_that_is_not_pem(gateway: Any, 
         assert result.returncode == 1 and one_error_line(result) == says
 
 
-def test_a_worker_whose_shared_limits_file_is_gone_serves_with_limits_of_its_own(
+def test_a_worker_without_the_shared_limits_file_serves_with_limits_of_its_own(
     spare_fleet: Fleet, tmp_path: Path
 ) -> None:
-    """The supervisor's file removed (a /tmp cleaner): a worker that starts then still serves,
-    and says loudly that limits now hold per worker, rather than failing and restarting forever."""
+    """A worker that cannot map the supervisor's limits file still serves, and says loudly
+    that limits now hold per worker, rather than failing and restarting forever."""
     import signal
     import time
 
@@ -438,7 +438,7 @@ def test_a_worker_whose_shared_limits_file_is_gone_serves_with_limits_of_its_own
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(spare_fleet.config_path),
-         "--workers", "1", "--worker-index", "0", "--limits-file", str(tmp_path / "gone"),
+         "--workers", "1", "--worker-index", "0", "--limits-fd", "987",
          "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_user_env(),
     )

@@ -204,3 +204,28 @@ def test_a_reload_that_gives_an_identity_limits_counts_its_calls_in_flight_every
         one.enter("app", limited)
     local = Limiter(FakeClock())
     local.sync(lambda identity: limited)  # nothing to share
+
+
+def test_a_descriptor_of_a_file_whose_name_is_gone_serves_as_well(tmp_path: Path) -> None:
+    """The supervisor keeps the file open, removes its name and passes the descriptor."""
+    import os
+
+    path = tmp_path / "limits"
+    create(path, workers=2)
+    fd = os.open(path, os.O_RDWR)
+    path.unlink()
+    try:
+        one, two = SharedLimiter(fd, 0, FakeClock()), SharedLimiter(fd, 1, FakeClock())
+        limits = Limits(concurrency=1)
+        one.enter("app", limits)
+        with pytest.raises(ConcurrencyLimited):
+            two.enter("app", limits)
+        forget(fd, 0)
+        two.enter("app", limits)
+        one.close()
+        two.close()
+        SharedLimiter(fd, 0).close()  # each limiter closed its own duplicate, not this one
+    finally:
+        os.close(fd)
+    with pytest.raises(SharedLimitsError, match=r"cannot open the shared limits file \(descriptor 987\)"):
+        SharedLimiter(987, 0)
