@@ -25,7 +25,7 @@ from gateway.interceptors import current_identity
 from gateway.quorum import Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument, Unavailable
+from router.errors import FailedPrecondition, InvalidArgument, RouterError, Unavailable
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
@@ -156,22 +156,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return hashlib.sha256(json.dumps(moves).encode()).hexdigest()[:16]
 
     def _do_rebalance(self, params: dict[str, str]) -> str:
-        moves = self.router.plan_rebalance()
-        if self._plan_id(moves) != params["plan_id"]:
+        moves = self.router.rebalance_moves()
+        if self._plan_id([(p.key_id, p.primary, to) for p, to in moves]) != params["plan_id"]:
             raise FailedPrecondition("the placement changed since the plan was made; plan again")
-        done = skipped = 0
-        for key_id, source, target in moves:
-            # Changes approved while this runs (a move, which holds its key; a destroy) win.
-            current = self.router.store.get(key_id)
-            if (current is None or current.held or not current.usable or source not in current.clusters
-                    or target in current.clusters):
-                log.info("rebalance: %s changed since the plan (held, moved or destroyed); left where it is", key_id)
-                skipped += 1
+        done, skipped, failed = 0, 0, []
+        for planned, target in moves:
+            key_id, source = planned.key_id, planned.primary
+            try:
+                # Changes approved while this runs win: a move (held, or still running, having
+                # named its target), a destroy, a repair. Any change bumps the record's version.
+                current = self.router.store.get(key_id)
+                if current is None or current.version != planned.version:
+                    log.info("rebalance: %s changed since the plan; left where it is", key_id)
+                    skipped += 1
+                    continue
+                self.router.move_key(key_id, target, self._deadline(), source=source)
+            except (RouterError, StoreError) as exc:
+                log.warning("rebalance: %s not moved from %s to %s: %s", key_id, source, target, exc)
+                failed.append(f"{key_id}: {getattr(exc, 'message', exc)}")
                 continue
-            self.router.move_key(key_id, target, self._deadline(), source=source)
             self.audit.append("-", "key_moved", key_id, from_cluster=source, to_cluster=target, reason="rebalance")
             done += 1
-        return f"moved {done} keys" + (f", left {skipped} that changed since the plan" if skipped else "")
+        result = f"moved {done} keys" + (f", left {skipped} that changed since the plan" if skipped else "")
+        if failed:
+            raise Unavailable(f"{result}; {len(failed)} could not move (the first: {failed[0]}); "
+                              "plan again to finish")
+        return result
 
     def _do_drain(self, params: dict[str, str], drain: bool) -> str:
         self._switch("drained", params["cluster"], drain)

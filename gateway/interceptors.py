@@ -445,7 +445,12 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             """The stream's messages while each passes; the first that does not ends it, and
             ``failure`` holds why and the message's request id."""
             for request in requests:
-                if isinstance(request, _Malformed):
+                if isinstance(request, _Malformed):  # costs a token too: floods of them are throttled
+                    try:
+                        self.limiter.charge(identity, self.policies.current.principal(identity).limits)
+                    except errors.ResourceExhausted as exc:
+                        failure.append((exc, ""))
+                        return
                     failure.append((errors.InvalidArgument(f"a message is not a valid {request.type_name}"), ""))
                     return
                 policy = self.policies.current  # a reload applies to open streams too

@@ -11,11 +11,12 @@ token bucket (tokens, and when they were last counted, on the system-wide monoto
 clock, so every worker reads the same time), when it was last used, and one count of
 calls in flight per worker. An identity without limits shares nothing.
 
-- The bucket, and the check of the summed counts against the concurrency limit, change
-  only under a POSIX record lock on the slot. Record locks keep processes apart, not a
-  process's own threads, so a thread lock is taken as well (one of several, by slot).
-- A worker writes only its own counts: a copy of its own, kept in step under the
-  thread lock, so ending a call takes no file lock.
+- The bucket, the check of the summed counts against the concurrency limit, and a
+  worker's counts change only under a lock on the slot's bytes, held by the worker's own
+  open file (``F_OFD_SETLKW``: a process-wide record lock would let the kernel take two
+  workers' threads for a deadlock and fail a call). Such a lock keeps open files apart,
+  not a process's own threads, so a thread lock is taken as well (one of several, by slot).
+- A worker writes only its own counts: a copy of its own, kept in step.
 - A worker that starts zeroes its own counts, and the supervisor zeroes a dead
   worker's: calls it had in flight no longer count.
 - A new identity takes a free slot, or one whose identity has had no call in flight and
@@ -66,7 +67,19 @@ _OVERFLOW_MEMORY = 10_000
 _RETRY = 60.0  # seconds before an identity that found no slot looks again
 _UNLIMITED = Limits()
 
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid (0 for these locks)
+
 T = TypeVar("T")
+
+
+def _lock(fd: int, start: int, length: int) -> None:
+    """Wait for a write lock on the bytes, held by this open file (not by the process: the
+    kernel then sees no deadlock between the threads of two workers, and fails none)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+
+
+def _unlock(fd: int, start: int, length: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
 
 
 class SharedLimitsError(RuntimeError):
@@ -93,7 +106,10 @@ class _File:
     def __init__(self, source: Path | int) -> None:
         path = f"(descriptor {source})" if isinstance(source, int) else source
         try:
-            self.fd = os.dup(source) if isinstance(source, int) else os.open(source, os.O_RDWR)
+            # An open file of its own (not a duplicate of the descriptor): the locks are the
+            # open file's, and must keep this process apart from the others.
+            self.fd = os.open(f"/proc/self/fd/{source}" if isinstance(source, int) else source,
+                              os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise SharedLimitsError(f"cannot open the shared limits file {path}: {exc.strerror}") from None
         mapped: mmap.mmap | None = None
@@ -125,6 +141,9 @@ class _File:
 
     def zero_counts(self, index: int) -> None:
         """Worker ``index``'s counts, in every slot in use, to 0 (the worker is dead or starting)."""
+        if not 0 <= index < self.workers:
+            raise SharedLimitsError(f"the shared limits file is made for {self.workers} workers; "
+                                    f"there is no worker {index}")
         for slot in range(self.slots):
             offset = self.offset(slot)
             if self.digest_at(offset) != _EMPTY:
@@ -187,7 +206,7 @@ class SharedLimiter(Limiter):
             return None
         home = int.from_bytes(digest[:8], "little") % file.slots
         with self._header_lock:
-            fcntl.lockf(file.fd, fcntl.LOCK_EX, _HEADER_SIZE, 0)
+            _lock(file.fd, 0, _HEADER_SIZE)
             try:
                 chosen: int | None = None
                 spare: int | None = None
@@ -209,7 +228,7 @@ class SharedLimiter(Limiter):
                     if not self._claim(chosen, digest, now):
                         return None  # its identity came back just now: this call on this worker's own
             finally:
-                fcntl.lockf(file.fd, fcntl.LOCK_UN, _HEADER_SIZE, 0)
+                _unlock(file.fd, 0, _HEADER_SIZE)
         if chosen is None:
             if len(self._overflow) >= _OVERFLOW_MEMORY:
                 self._overflow.clear()
@@ -229,7 +248,7 @@ class SharedLimiter(Limiter):
         file = self._file
         offset = file.offset(slot)
         with self._stripes[slot % _STRIPES]:
-            fcntl.lockf(file.fd, fcntl.LOCK_EX, file.size, offset)
+            _lock(file.fd, offset, file.size)
             try:
                 if file.digest_at(offset) != _EMPTY and not self._idle(offset, now):
                     return False
@@ -238,7 +257,7 @@ class SharedLimiter(Limiter):
                 file.map[offset:offset + _DIGEST] = digest
                 return True
             finally:
-                fcntl.lockf(file.fd, fcntl.LOCK_UN, file.size, offset)
+                _unlock(file.fd, offset, file.size)
 
     def _in_slot(self, identity: str, run: Callable[[int], T]) -> tuple[bool, T | None]:
         """``run(offset)`` under the locks of the identity's slot: (True, its result); (False,
@@ -251,25 +270,31 @@ class SharedLimiter(Limiter):
             slot, digest = found
             offset = file.offset(slot)
             with self._stripes[slot % _STRIPES]:
-                fcntl.lockf(file.fd, fcntl.LOCK_EX, file.size, offset)
+                _lock(file.fd, offset, file.size)
                 try:
                     if file.digest_at(offset) == digest:
                         return True, run(offset)
                 finally:
-                    fcntl.lockf(file.fd, fcntl.LOCK_UN, file.size, offset)
+                    _unlock(file.fd, offset, file.size)
             self._found.pop(identity, None)  # taken over while idle: look again
         return False, None
 
     def _publish(self, identity: str) -> None:
-        """This worker's count of ``identity``'s calls, into its slot if it has one here."""
+        """This worker's count of ``identity``'s calls, into its slot if it has one here (under
+        the slot's locks: a slot taken over meanwhile must not get a count that is not its own)."""
         found = self._found.get(identity)
         if found is None:
             return
         slot, digest = found
-        offset = self._file.offset(slot)
+        file = self._file
+        offset = file.offset(slot)
         with self._stripes[slot % _STRIPES]:
-            if self._file.digest_at(offset) == digest:
-                self._set_own(identity, offset)
+            _lock(file.fd, offset, file.size)
+            try:
+                if file.digest_at(offset) == digest:
+                    self._set_own(identity, offset)
+            finally:
+                _unlock(file.fd, offset, file.size)
 
     def _in_flight_at(self, offset: int) -> int:
         base = offset + _COUNTS
@@ -336,8 +361,11 @@ class SharedLimiter(Limiter):
     def charge(self, identity: str, limits: Limits, cost: int = 1) -> None:
         if limits.rate <= 0:
             return
-        if not self._in_slot(identity, lambda offset: self._charge_at(offset, identity, limits, cost,
-                                                                      self._clock()))[0]:
+        def charge_here(offset: int) -> None:
+            self._set_own(identity, offset)  # a stream opened before the identity had a slot here
+            self._charge_at(offset, identity, limits, cost, self._clock())
+
+        if not self._in_slot(identity, charge_here)[0]:
             Limiter.charge(self, identity, limits, cost)
 
     def sync(self, limits_of: Callable[[str], Limits]) -> None:

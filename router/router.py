@@ -314,7 +314,7 @@ class Router:
             made = self._generate(spec, deadline)
         except StoreError as exc:
             raise Unavailable("placement store is unreachable; keys cannot be created now") from exc
-        self._unpin(spec.key_id)  # made (by this call or an earlier one): its pin, if any, is used up
+        self._unpin(made)  # made (by this call or an earlier one): its pin, if any, is used up
         return made
 
     def _generate(self, spec: KeySpec, deadline: float) -> Placement:
@@ -652,17 +652,27 @@ class Router:
         cluster = record[0].get(key_id) if record else None
         return str(cluster) if cluster is not None else None
 
-    def _unpin(self, key_id: str) -> None:
+    def _unpin(self, made: Placement) -> None:
         """The key is made: its pin is used up (kept, it would place the key again if it were
-        destroyed and made anew)."""
+        destroyed and made anew). One placed while the key was being made came too late."""
+        key_id = made.key_id
+        late: list[str] = []
+
         def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
-            return {k: v for k, v in pins.items() if k != key_id} if pins and key_id in pins else None
+            if not pins or key_id not in pins:
+                return None
+            late[:] = [] if made.held and pins[key_id] == made.primary else [str(pins[key_id])]
+            return {k: v for k, v in pins.items() if k != key_id}
 
         try:
             edit_admin_record(self.store, PINS, take)
         except StoreError as exc:
             log.warning("key %s is made, but its placement could not be cleared (%s); the next creation of this key "
                         "clears it", key_id, exc)
+            return
+        if late and late[0] != made.primary:
+            log.warning("key %s was placed on %s after its creation had begun; it was made on %s (hsmctl keys move "
+                        "puts it there)", key_id, late[0], made.primary)
 
     def check_move(self, key_id: str, to: str, source: str = "") -> tuple[Placement, str]:
         """The key's record and the cluster it would move from, if it may move to ``to`` now;
@@ -819,6 +829,11 @@ class Router:
         Only keys with their primary in the home region move, between usable
         home-region clusters, so adding a cluster moves about keys/clusters keys.
         """
+        return [(placement.key_id, placement.primary, target) for placement, target in self.rebalance_moves()]
+
+    def rebalance_moves(self) -> list[tuple[Placement, str]]:
+        """``plan_rebalance`` with each key's record as the plan read it (its version tells a
+        change made since)."""
         home = self.topology.regions.get(self.topology.home_region, ())
         eligible = [n for n in home if n in self.backends and self.dispatcher.usable(n)]
         ring = PlacementRing(eligible)
@@ -829,7 +844,7 @@ class Router:
                 continue  # non-extractable keys stay where they were made; held ones where an operator put them
             desired = ring.choose(placement.key_id)
             if desired is not None and desired != placement.primary and desired not in placement.clusters:
-                moves.append((placement.key_id, placement.primary, desired))
+                moves.append((placement, desired))
         return moves
 
     # -- repair ------------------------------------------------------------------------

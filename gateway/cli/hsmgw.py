@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,11 +128,15 @@ def _serve(args: argparse.Namespace) -> None:
         limiter = None
         if args.limits_fd is not None and args.worker_index is not None:
             try:
-                limiter = SharedLimiter(args.limits_fd, args.worker_index)
+                limiter = SharedLimiter(args.limits_fd, args.worker_index)  # on an open file of its own
             except SharedLimitsError as exc:  # serve, with limits that hold per worker, rather than not at all
                 logging.getLogger("gateway.sharedlimits").error(
                     "%s; this worker keeps per-identity limits of its own: an identity may get more than its "
                     "limits across the gateway's workers", exc)
+            try:
+                os.close(args.limits_fd)  # the inherited descriptor: nothing this process starts gets it
+            except OSError:
+                pass
         gateway = Gateway(config, router, reuse_port=args.worker_index is not None,
                           reconciles=not args.worker_index, limiter=limiter)
     except (ConfigError, OSError) as exc:

@@ -630,8 +630,9 @@ def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_route
     keys = [router.generate_key(_spec(unique("reb")), time.monotonic() + 30) for _ in range(2)]
     first, second = (k.key_id for k in keys)
     others = {k.key_id: next(c for c in ("use1-a", "use1-b") if c != k.primary) for k in keys}
-    plan = [(k.key_id, k.primary, others[k.key_id]) for k in keys]
-    router.plan_rebalance = lambda: plan  # type: ignore[method-assign]  # as if a cluster had been added
+    moves = [(router.store.get(k.key_id), others[k.key_id]) for k in keys]
+    plan = [(p.key_id, p.primary, to) for p, to in moves]
+    router.rebalance_moves = lambda: moves  # type: ignore[method-assign]  # as if a cluster had been added
     moved_meanwhile: list[str] = []
     move = router.move_key
 
@@ -647,3 +648,51 @@ def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_route
     assert router.store.get(first).primary == others[first]
     after = router.store.get(second)
     assert after.primary == others[second] and after.held
+
+
+def test_a_rebalance_that_cannot_move_a_key_moves_the_others_and_says_so(make_router, tmp_path) -> None:
+    from gateway.admin import AdminServicer
+    from router.placement.store import StoreError
+
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=1)
+    keys = [router.generate_key(_spec(unique("reb")), time.monotonic() + 30) for _ in range(3)]
+    moves = [(router.store.get(k.key_id), next(c for c in ("use1-a", "use1-b") if c != k.primary)) for k in keys]
+    router.rebalance_moves = lambda: moves  # type: ignore[method-assign]
+    get = router.store.get
+
+    def the_store_fails_for_the_second(key_id: str) -> Placement | None:
+        if key_id == keys[1].key_id:
+            raise StoreError("the store did not answer")
+        return get(key_id)
+
+    router.store.get = the_store_fails_for_the_second  # type: ignore[method-assign]
+    change = admin.changes.request("alice", "apply_rebalance",
+                                   {"plan_id": admin._plan_id([(p.key_id, p.primary, to) for p, to in moves])})
+    router.store.get = get  # type: ignore[method-assign]
+    assert change.state == "failed"
+    assert change.result.startswith("moved 2 keys; 1 could not move (the first: " + keys[1].key_id), change.result
+    assert [router.store.get(k.key_id).primary for k in keys] == [moves[0][1], keys[1].primary, moves[2][1]]
+
+
+def test_a_placement_made_while_the_key_was_being_created_is_cleared_and_logged(make_router, caplog) -> None:
+    from router.placement.ring import PlacementRing
+    from router.router import PINS
+
+    router = make_router(replication=POLICY)
+    key_id = unique("late")
+    chosen = PlacementRing(["use1-a", "use1-b"]).choose(key_id)
+    other = "use1-b" if chosen == "use1-a" else "use1-a"
+    create = router.store.create
+
+    def an_operator_places_it_meanwhile(placement: Placement) -> Placement:
+        make_router().pin(key_id, other)
+        return create(placement)
+
+    router.store.create = an_operator_places_it_meanwhile  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        key = router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert key.primary == chosen and not key.held
+    assert f"key {key_id} was placed on {other} after its creation had begun; it was made on {chosen}" in caplog.text
+    record = router.store.admin_record(PINS)
+    assert record is None or key_id not in record[0], "a late placement does not linger for a later key"

@@ -190,3 +190,15 @@ def test_requests_that_do_not_decode_are_throttled_too(connect: Callable[[str], 
     codes = [rpc_error(raw, b"\x0a\x02\xff\xfe", timeout=5).code() for _ in range(5)]  # key_id not UTF-8
     assert codes[:3] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
     assert EXHAUSTED in codes[3:], codes
+
+
+def test_stream_messages_that_do_not_decode_are_throttled_too(connect: Callable[[str], Client]) -> None:
+    streams = connect("throttled").channel.stream_stream("/hsmgw.v1.CryptoService/SignStream")  # rate 2/s, burst 3
+    time.sleep(1.6)  # whatever an earlier test took from the bucket is back
+    codes = []
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(streams(iter([b"\x0a\x02\xff\xfe"]), timeout=5))  # key_id not UTF-8
+        codes.append(caught.value.code())
+    assert codes[:3] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert EXHAUSTED in codes[3:], codes

@@ -229,3 +229,43 @@ def test_a_descriptor_of_a_file_whose_name_is_gone_serves_as_well(tmp_path: Path
         os.close(fd)
     with pytest.raises(SharedLimitsError, match=r"cannot open the shared limits file \(descriptor 987\)"):
         SharedLimiter(987, 0)
+
+
+def _hammer(source: str, index: int, start: float, seconds: float) -> tuple[int, list[str]]:
+    """Threads of one worker admitting and ending calls of several identities at once."""
+    import threading
+
+    limiter = SharedLimiter(Path(source), index)
+    limits = Limits(concurrency=1_000)
+    done, errors = [0], []
+
+    def run(thread: int) -> None:
+        identity = f"id-{thread % 4}"
+        while time.time() < start + seconds:
+            try:
+                limiter.admit(identity, limits, 0)
+                limiter.leave(identity)
+                done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - what a call would have failed with
+                errors.append(repr(exc))
+
+    time.sleep(max(0.0, start - time.time()))
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return done[0], errors[:3]
+
+
+def test_threads_of_two_processes_never_fail_on_the_file_s_locks(limits_file: Path) -> None:
+    """Record locks belong to a process: one process's thread waiting for a slot that the other
+    holds while the other waits for one this process holds looked like a deadlock to the kernel,
+    which failed a call with EDEADLK. The locks now belong to each worker's own open file."""
+    start = time.time() + 3.0
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(_hammer, [(str(limits_file), i, start, 2.0) for i in (0, 1)])
+    assert all(done > 1_000 for done, _ in results), results
+    assert [errors for _, errors in results] == [[], []]
+    final = SharedLimiter(limits_file, 0)
+    assert [final.in_flight(f"id-{i}") for i in range(4)] == [0, 0, 0, 0]
