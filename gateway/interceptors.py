@@ -445,18 +445,13 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             """The stream's messages while each passes; the first that does not ends it, and
             ``failure`` holds why and the message's request id."""
             for request in requests:
-                if isinstance(request, _Malformed):  # costs a token too: floods of them are throttled
-                    try:
-                        self.limiter.charge(identity, self.policies.current.principal(identity).limits)
-                    except errors.ResourceExhausted as exc:
-                        failure.append((exc, ""))
-                        return
-                    failure.append((errors.InvalidArgument(f"a message is not a valid {request.type_name}"), ""))
-                    return
                 policy = self.policies.current  # a reload applies to open streams too
                 principal = policy.principal(identity)
                 try:
-                    self.limiter.charge(identity, principal.limits)
+                    self.limiter.charge(identity, principal.limits)  # one that does not decode too
+                    if isinstance(request, _Malformed):
+                        failure.append((errors.InvalidArgument(f"a message is not a valid {request.type_name}"), ""))
+                        return
                     if rule.kind == "key":
                         policy.check_key(principal, rule.operation, request.key_id)
                 except PermissionDenied as exc:

@@ -72,7 +72,8 @@ def _caller() -> str:
 
 def _sign_input(request: pb.SignRequest) -> tuple[bytes | None, bytes | None]:
     """``_input``, and the optional ``request_id`` a Sign echoes (Verify has none)."""
-    if len(request.request_id) > 128 or not request.request_id.isprintable():
+    request_id = request.request_id
+    if len(request_id) > 128 or not request_id.isprintable():
         raise InvalidArgument("request_id must be at most 128 printable characters")
     return _input(request)
 

@@ -15,6 +15,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from gateway.auth import clip
 from router import errors
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ quote what the caller sent (a cluster name, a change id); gRPC refuses trailers 
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+    return clip(text, MAX_MESSAGE - 1)
 
 
 def code_for(exc: BaseException) -> grpc.StatusCode:

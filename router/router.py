@@ -311,13 +311,14 @@ class Router:
         validation.key_id(spec.key_id)
         validation.request_id(spec.request_id)
         try:
-            made = self._generate(spec, deadline)
+            pin = self._pin_of(spec.key_id)  # kept until the key is made: a failed creation leaves it for the retry
+            made = self._generate(spec, deadline, pin)
         except StoreError as exc:
             raise Unavailable("placement store is unreachable; keys cannot be created now") from exc
-        self._unpin(made)  # made (by this call or an earlier one): its pin, if any, is used up
+        self._unpin(made, pin)  # made (by this call or an earlier one): its pin, if any, is used up
         return made
 
-    def _generate(self, spec: KeySpec, deadline: float) -> Placement:
+    def _generate(self, spec: KeySpec, deadline: float, pin: str | None = None) -> Placement:
         existing = self._existing(spec)
         if existing is not None:
             return existing
@@ -334,8 +335,7 @@ class Router:
             raise FailedPrecondition(
                 f"a non-extractable key cannot be replicated; ask for replication.copies = 1 (policy: {copies})"
             )
-        # The pin stays until the key is made: a creation that fails leaves it for the retry.
-        primary, replicas, pinned = self._choose_clusters(spec.key_id, copies, self._pin_of(spec.key_id),
+        primary, replicas, pinned = self._choose_clusters(spec.key_id, copies, pin,
                                                           needs_room=spec.storage is KeyStorage.TOKEN)
         # Held: rebalance leaves it where the operator put it (rebalance never moves the others).
         held = pinned and spec.storage is KeyStorage.TOKEN and spec.extractable
@@ -630,11 +630,7 @@ class Router:
         validation.key_id(key_id)
         if cluster not in self.backends:
             raise InvalidArgument(f"no cluster named {cluster!r}")
-        try:
-            exists = self.store.get(key_id) is not None
-        except StoreError as exc:
-            raise Unavailable("placement store is unreachable; the placement cannot be checked now") from exc
-        if exists:
+        if self._read_for_change(key_id) is not None:
             raise FailedPrecondition(f"key {key_id!r} already exists; move it instead (hsmctl keys move)")
 
     def pin(self, key_id: str, cluster: str) -> None:
@@ -652,16 +648,16 @@ class Router:
         cluster = record[0].get(key_id) if record else None
         return str(cluster) if cluster is not None else None
 
-    def _unpin(self, made: Placement) -> None:
+    def _unpin(self, made: Placement, seen: str | None) -> None:
         """The key is made: its pin is used up (kept, it would place the key again if it were
-        destroyed and made anew). One placed while the key was being made came too late."""
+        destroyed and made anew). One that is not the pin ``seen`` at the start came too late."""
         key_id = made.key_id
-        late: list[str] = []
+        chosen: list[str] = []
 
         def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
             if not pins or key_id not in pins:
                 return None
-            late[:] = [] if made.held and pins[key_id] == made.primary else [str(pins[key_id])]
+            chosen[:] = [str(pins[key_id])]
             return {k: v for k, v in pins.items() if k != key_id}
 
         try:
@@ -670,9 +666,9 @@ class Router:
             log.warning("key %s is made, but its placement could not be cleared (%s); the next creation of this key "
                         "clears it", key_id, exc)
             return
-        if late and late[0] != made.primary:
+        if chosen and chosen[0] != seen and chosen[0] != made.primary:
             log.warning("key %s was placed on %s after its creation had begun; it was made on %s (hsmctl keys move "
-                        "puts it there)", key_id, late[0], made.primary)
+                        "puts it there)", key_id, chosen[0], made.primary)
 
     def check_move(self, key_id: str, to: str, source: str = "") -> tuple[Placement, str]:
         """The key's record and the cluster it would move from, if it may move to ``to`` now;

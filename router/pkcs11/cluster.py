@@ -29,7 +29,7 @@ from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import LockTimeout, Module
-from router.pkcs11.pool import CLASS_NAMES, PooledSession, SessionPool
+from router.pkcs11.pool import CLASS_NAMES, PooledSession, SessionPool, modulus_of
 from router.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -242,8 +242,8 @@ class Pkcs11Cluster(HsmBackend):
         The search is read to its end before any is destroyed (see PooledSession._only).
         When any is destroyed, every session forgets its cached key handles: a module may
         give a destroyed object's handle to a new object. A sweep that finds nothing, as
-        nearly every creation's and copy's does, leaves the hot keys' handles alone. Only
-        ``_cleared`` calls it, under the token's locks.
+        nearly every creation's and copy's does, leaves the hot keys' handles alone. Called
+        under the token's locks (``_cleared``, ``destroy``).
         """
         return self._destroy_found(s, self._objects_of(s, key_id))
 
@@ -408,7 +408,7 @@ class Pkcs11Cluster(HsmBackend):
             # A number not below the modulus is no ciphertext of this key. Raw RSA answers it
             # with CKR_GENERAL_ERROR on SoftHSM, which would count against the cluster's
             # health: a caller could open every circuit with a few such requests.
-            if int.from_bytes(data, "big") >= int.from_bytes(bytes(private[Attribute.MODULUS]), "big"):
+            if int.from_bytes(data, "big") >= modulus_of(private):
                 raise not_valid()
             return bytes(private.decrypt(data, mechanism=Mechanism.RSA_X_509))
 

@@ -180,6 +180,15 @@ def _primed(obj: Any) -> Any:
     return obj
 
 
+def modulus_of(obj: Any) -> int:
+    """An RSA key object's modulus, read from the HSM once per object (the session's key
+    cache keeps the object; a read costs ~20 µs, 3 % of a 2048-bit private-key operation)."""
+    modulus: int | None = obj.__dict__.get("hsmgw_modulus")
+    if modulus is None:
+        modulus = obj.__dict__["hsmgw_modulus"] = int.from_bytes(bytes(obj[Attribute.MODULUS]), "big")
+    return modulus
+
+
 _REPORT_EVERY = 60.0
 _reported: dict[str, float] = {}
 

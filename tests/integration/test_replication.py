@@ -326,15 +326,14 @@ def test_a_reconcile_does_not_destroy_a_repair_copy_named_after_its_scan(make_ro
     assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
 
 
-def test_a_reconcile_does_not_destroy_a_leftover_copy_that_a_move_brings_back(make_router, tokens) -> None:
-    """A move leaves its old copy behind (the source did not answer); a reconcile lists it as
-    an orphan; before the reconcile gets to it, another gateway moves the key back there.
-    That copy is then the key's only one, and the reconcile must leave it."""
-    one = ReplicationPolicy(copies=1, require_dr_copy=False)
-    key = make_router(replication=one).generate_key(_spec(unique("back")), time.monotonic() + 30)
+def _moved_leaving_its_old_copy(make_router, tokens, policy: ReplicationPolicy,  # type: ignore[no-untyped-def]
+                                prefix: str) -> tuple[Placement, str, str]:
+    """A key moved from its cluster to the other home cluster, whose old copy stayed behind
+    (the source did not answer the destroy): (the key as made, source, where it is now)."""
+    key = make_router(replication=policy).generate_key(_spec(unique(prefix)), time.monotonic() + 30)
     source = key.primary
     other = "use1-b" if source == "use1-a" else "use1-a"
-    mover = make_router(replication=one)
+    mover = make_router(replication=policy)
 
     def unreachable(key_id: str, deadline: float, **_: object) -> int:
         raise ClusterDown("did not answer", cluster=source)
@@ -342,6 +341,15 @@ def test_a_reconcile_does_not_destroy_a_leftover_copy_that_a_move_brings_back(ma
     mover.backends[source].destroy = unreachable  # type: ignore[method-assign]
     assert mover.move_key(key.key_id, other, time.monotonic() + 30).primary == other
     assert tokens.classes(source, key.key_id), "the old copy is left behind"
+    return key, source, other
+
+
+def test_a_reconcile_does_not_destroy_a_leftover_copy_that_a_move_brings_back(make_router, tokens) -> None:
+    """A move leaves its old copy behind (the source did not answer); a reconcile lists it as
+    an orphan; before the reconcile gets to it, another gateway moves the key back there.
+    That copy is then the key's only one, and the reconcile must leave it."""
+    one = ReplicationPolicy(copies=1, require_dr_copy=False)
+    key, source, other = _moved_leaving_its_old_copy(make_router, tokens, one, "back")
     reconciler = make_router(replication=one)
     scan = reconciler.store.scan
     moved_back: list[Placement] = []
@@ -369,17 +377,7 @@ def test_a_reconcile_does_not_destroy_a_copy_another_host_makes_after_its_claim(
     switches and drops its old copy. That new copy is the key's only one; the reconcile
     may destroy the objects it listed, never the new one."""
     one = ReplicationPolicy(copies=1, require_dr_copy=False)
-    key = make_router(replication=one).generate_key(_spec(unique("host")), time.monotonic() + 30)
-    source = key.primary
-    other = "use1-b" if source == "use1-a" else "use1-a"
-    mover = make_router(replication=one)
-
-    def unreachable(key_id: str, deadline: float, **_: object) -> int:
-        raise ClusterDown("did not answer", cluster=source)
-
-    mover.backends[source].destroy = unreachable  # type: ignore[method-assign]
-    assert mover.move_key(key.key_id, other, time.monotonic() + 30).primary == other
-    assert tokens.classes(source, key.key_id), "the old copy is left behind"
+    key, source, other = _moved_leaving_its_old_copy(make_router, tokens, one, "host")
 
     elsewhere = make_router(replication=one)  # the other host: no share in this host's locks
     for backend in elsewhere.backends.values():
@@ -696,3 +694,40 @@ def test_a_placement_made_while_the_key_was_being_created_is_cleared_and_logged(
     assert f"key {key_id} was placed on {other} after its creation had begun; it was made on {chosen}" in caplog.text
     record = router.store.admin_record(PINS)
     assert record is None or key_id not in record[0], "a late placement does not linger for a later key"
+
+
+def test_admin_checks_answer_unavailable_when_the_store_does_not(make_router) -> None:
+    """MoveKey, ReleaseKey and PlaceKey read the record when asked: a store that does not
+    answer is UNAVAILABLE (try again), not an internal error."""
+    from router.placement.store import StoreError
+
+    router = make_router()
+
+    def down(key_id: str) -> Placement | None:
+        raise StoreError("the store did not answer")
+
+    router.store.get = down  # type: ignore[method-assign]
+    for check in (lambda: router.check_move("any/key", "use1-a"), lambda: router.check_release("any/key"),
+                  lambda: router.check_pin("any/key", "use1-a")):
+        with pytest.raises(Unavailable, match="placement store is unreachable"):
+            check()
+
+
+def test_a_release_that_keeps_meeting_other_changes_changes_nothing(make_router) -> None:
+    from router.placement.store import Conflict
+
+    router = make_router()
+    key_id = unique("busy")
+    router.store.create(Placement(key_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, KeyState.ENABLED, "use1-a",
+                                  request_id=key_id, held=True))
+
+    def always_changed(placement: Placement) -> Placement:
+        raise Conflict(None)
+
+    update = router.store.update
+    router.store.update = always_changed  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="kept changing; nothing was changed"):
+        router.release_key(key_id)
+    router.store.update = update  # type: ignore[method-assign]
+    assert router.store.get(key_id).held
+    assert not router.release_key(key_id).held
