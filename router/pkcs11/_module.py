@@ -31,6 +31,8 @@ from typing import Any, ContextManager
 import pkcs11
 from pkcs11 import _pkcs11
 
+from router.pkcs11._signer import Signer
+
 log = logging.getLogger(__name__)
 
 CKR_OK = 0x0
@@ -66,6 +68,8 @@ class Module:
     path: str
     lib: Any
     os_locking: bool
+    signer: Signer | None = None
+    """Signs with parameterless mechanisms without python-pkcs11's overhead (``_signer``)."""
     _serial: threading.Lock | None = field(default=None, repr=False)
     _tokens: dict[str, Any] = field(default_factory=dict, repr=False)
     _tokens_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -236,7 +240,8 @@ def load_module(path: str) -> Module:
 def _load(path: str) -> Module:
     if not os.path.exists(path):
         raise FileNotFoundError(f"PKCS #11 module not found: {path}")
-    rv = _initialize_with_locking(path)
+    rv, functions = _initialize_with_locking(path)
+    signer = _signer(path, functions)
     if rv in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
         if rv == CKR_CRYPTOKI_ALREADY_INITIALIZED:
             log.warning("PKCS #11 module %s was already initialised; serialising calls", path)
@@ -246,14 +251,23 @@ def _load(path: str) -> Module:
         # be inside it. One extra reference keeps it for the process's life.
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(lib))
         serial = None if rv == CKR_OK else threading.Lock()
-        return Module(path=path, lib=lib, os_locking=rv == CKR_OK, _serial=serial)
+        return Module(path=path, lib=lib, os_locking=rv == CKR_OK, signer=signer, _serial=serial)
     if rv == CKR_CANT_LOCK:
         log.warning("PKCS #11 module %s cannot use OS locking; serialising calls", path)
-        return Module(path=path, lib=pkcs11.lib(path), os_locking=False, _serial=threading.Lock())
+        return Module(path=path, lib=pkcs11.lib(path), os_locking=False, signer=signer, _serial=threading.Lock())
     raise RuntimeError(f"C_Initialize of {path} failed with CKR 0x{rv:x}")
 
 
-def _initialize_with_locking(path: str) -> int:
+def _signer(path: str, functions: int) -> Signer | None:
+    try:
+        return Signer(functions)
+    except ValueError as exc:
+        log.info("PKCS #11 module %s: signing through python-pkcs11 (%s)", path, exc)
+        return None
+
+
+def _initialize_with_locking(path: str) -> tuple[int, int]:
+    """C_Initialize with CKF_OS_LOCKING_OK: (its return value, the CK_FUNCTION_LIST's address)."""
     dll = ctypes.CDLL(path)
     function_list = ctypes.c_void_p()
     get_function_list = dll.C_GetFunctionList
@@ -268,4 +282,4 @@ def _initialize_with_locking(path: str) -> int:
     c_initialize_ptr = ctypes.cast(function_list.value + offset, ctypes.POINTER(ctypes.c_void_p))[0]
     c_initialize = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)(c_initialize_ptr)
     args = _InitArgs(flags=CKF_OS_LOCKING_OK)
-    return int(c_initialize(ctypes.byref(args)))
+    return int(c_initialize(ctypes.byref(args))), function_list.value

@@ -57,6 +57,7 @@ class Pkcs11Cluster(HsmBackend):
         self.spec = spec
         self._module = module
         self._serial = module.serial
+        self._signer = module.signer
         self._clock = clock
         self._native_oaep = True
         try:
@@ -299,9 +300,12 @@ class Pkcs11Cluster(HsmBackend):
 
     def sign(self, key: Placement, op: Operation, digest: bytes, deadline: float) -> bytes:
         mechanism, param, data = _keys.signature_mechanism(op, digest)
+        signer = self._signer if param is None else None
 
         def run(s: PooledSession) -> bytes:
             private = s.key(key, ObjectClass.PRIVATE_KEY, "sign")
+            if signer is not None:
+                return signer.sign(private, mechanism, data)
             return bytes(private.sign(data, mechanism=mechanism, mechanism_param=param))
 
         signature = self._run(deadline, run, op)
@@ -314,16 +318,20 @@ class Pkcs11Cluster(HsmBackend):
         prepared = [_keys.signature_mechanism(op, digest) for digest in digests]
         clock = self._clock
         allowance = self.spec.call_timeout
+        signer = self._signer  # for the mechanisms it takes (no parameter)
 
         def run(s: PooledSession) -> list[bytes]:
-            sign = s.key(key, ObjectClass.PRIVATE_KEY, "sign").sign
+            private = s.key(key, ObjectClass.PRIVATE_KEY, "sign")
             out = []
             for mechanism, param, data in prepared:
                 now = clock()
                 if now >= deadline:
                     break
                 s.since, s.due = now, now + allowance  # each signature is a call of its own
-                out.append(bytes(sign(data, mechanism=mechanism, mechanism_param=param)))
+                if signer is not None and param is None:
+                    out.append(signer.sign(private, mechanism, data))
+                else:
+                    out.append(bytes(private.sign(data, mechanism=mechanism, mechanism_param=param)))
             return out
 
         signed = self._run(deadline, run, op)

@@ -1,0 +1,137 @@
+"""router.pkcs11._signer: C_SignInit/C_Sign through the module's function list, on real SoftHSM2 keys.
+
+Signatures are checked with ``cryptography``; failures must be the exceptions python-pkcs11
+raises for the same call, since ``_errors.translate`` decides retries and failover by them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from pkcs11 import Attribute, KeyType, Mechanism
+from pkcs11 import exceptions as p11
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+from router.pkcs11 import _signer
+from router.pkcs11._keys import SHA256_DIGEST_INFO
+from router.pkcs11._signer import Signer, error
+
+DIGEST = bytes(range(32))
+CLUSTER = "use1-a"
+
+
+@pytest.fixture(scope="module")
+def session(tokens: Any) -> Iterator[Any]:
+    """A session of its own on a fleet token; its keys are session objects, gone when it closes."""
+    tokens.session(CLUSTER)  # holds the login
+    opened = tokens.module.token(CLUSTER).open(rw=True)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module")
+def signer(tokens: Any) -> Signer:
+    assert tokens.module.signer is not None, "SoftHSM2's function list has C_SignInit and C_Sign"
+    return tokens.module.signer
+
+
+def _ec_pair(session: Any, curve: str) -> tuple[Any, Any]:
+    params = session.create_domain_parameters(
+        KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)}, local=True)
+    return params.generate_keypair(store=False)
+
+
+@pytest.fixture(scope="module")
+def rsa_pair(session: Any) -> tuple[Any, Any]:
+    return session.generate_keypair(KeyType.RSA, 2048, store=False)
+
+
+def _rsa_public(public: Any) -> rsa.RSAPublicKey:
+    numbers = rsa.RSAPublicNumbers(int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
+                                   int.from_bytes(public[Attribute.MODULUS], "big"))
+    return numbers.public_key()
+
+
+@pytest.mark.parametrize(("curve", "hash_", "size"), [
+    ("secp256r1", hashes.SHA256(), 32),
+    ("secp384r1", hashes.SHA384(), 48),
+])
+def test_ecdsa_signatures_verify_with_cryptography(session: Any, signer: Signer, curve: str, hash_: Any,
+                                                   size: int) -> None:
+    public, private = _ec_pair(session, curve)
+    digest = bytes(range(size))
+    raw = signer.sign(private, Mechanism.ECDSA, digest)
+    assert len(raw) == 2 * size
+    der = encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
+    key = serialization.load_der_public_key(encode_ec_public_key(public))
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(der, digest, ec.ECDSA(Prehashed(hash_)))
+    with pytest.raises(InvalidSignature):
+        key.verify(der, bytes(size), ec.ECDSA(Prehashed(hash_)))
+
+
+def test_rsa_signatures_are_the_bytes_python_pkcs11_makes(signer: Signer, rsa_pair: tuple[Any, Any]) -> None:
+    public, private = rsa_pair
+    data = SHA256_DIGEST_INFO + DIGEST
+    signature = signer.sign(private, Mechanism.RSA_PKCS, data)
+    assert signature == private.sign(data, mechanism=Mechanism.RSA_PKCS)  # PKCS #1 v1.5 is deterministic
+    _rsa_public(public).verify(signature, DIGEST, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def test_a_signature_longer_than_the_first_buffer_is_asked_for_again(
+    signer: Signer, rsa_pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    public, private = rsa_pair
+    monkeypatch.setattr(_signer, "_FIRST_BUFFER", 16)
+    signature = signer.sign(private, Mechanism.RSA_PKCS, SHA256_DIGEST_INFO + DIGEST)
+    assert len(signature) == 256
+    _rsa_public(public).verify(signature, DIGEST, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def _raised(call: Callable[[], object]) -> type[BaseException]:
+    with pytest.raises(p11.PKCS11Error) as caught:
+        call()
+    return type(caught.value)
+
+
+def test_input_the_module_refuses_raises_what_python_pkcs11_raises_and_leaves_the_session_usable(
+    signer: Signer, rsa_pair: tuple[Any, Any]
+) -> None:
+    public, private = rsa_pair
+    too_long = bytes(300)  # more than a 2048-bit modulus holds with PKCS #1 v1.5 padding
+    expected = _raised(lambda: private.sign(too_long, mechanism=Mechanism.RSA_PKCS))
+    assert _raised(lambda: signer.sign(private, Mechanism.RSA_PKCS, too_long)) is expected
+    # C_Sign ended the operation: the next one on the session starts cleanly.
+    signature = signer.sign(private, Mechanism.RSA_PKCS, SHA256_DIGEST_INFO + DIGEST)
+    _rsa_public(public).verify(signature, DIGEST, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def test_a_destroyed_key_raises_what_python_pkcs11_raises(session: Any, signer: Signer) -> None:
+    _, private = _ec_pair(session, "secp256r1")
+    private.destroy()
+    expected = _raised(lambda: private.sign(DIGEST, mechanism=Mechanism.ECDSA))
+    assert expected in (p11.ObjectHandleInvalid, p11.KeyHandleInvalid)  # a stale handle: refresh and retry
+    assert _raised(lambda: signer.sign(private, Mechanism.ECDSA, DIGEST)) is expected
+
+
+def test_a_closed_session_raises_what_python_pkcs11_raises(tokens: Any, signer: Signer) -> None:
+    tokens.session(CLUSTER)
+    closing = tokens.module.token(CLUSTER).open(rw=True)
+    _, private = _ec_pair(closing, "secp256r1")
+    closing.close()
+    expected = _raised(lambda: private.sign(DIGEST, mechanism=Mechanism.ECDSA))
+    assert expected is p11.SessionHandleInvalid  # the pool reopens the session
+    assert _raised(lambda: signer.sign(private, Mechanism.ECDSA, DIGEST)) is expected
+
+
+def test_a_return_value_without_an_exception_of_its_own_is_named_in_hex() -> None:
+    unknown = error(0x8000_0001)
+    assert type(unknown) is p11.PKCS11Error
+    assert "0x80000001" in str(unknown)
+    assert isinstance(error(0x30), p11.DeviceError)
