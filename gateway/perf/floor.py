@@ -5,7 +5,8 @@ requests. Each process is what a gateway worker would be with nothing of its own
 left: the same grpcio, fast path (``gateway.fastpath``), thread count and one
 process per CPU (pinned, one port with ``SO_REUSEPORT``), and a ``Sign`` that
 parses the request, runs one
-``C_Sign`` on a pooled session of the key's primary cluster and returns the
+``C_Sign`` on a pooled session of the key's primary cluster (through the same
+binding as the gateway) and returns the
 HSM's signature — no authentication, limits, routing, failover, metrics or
 request ids. The gateway's unary throughput over this server's is how much of
 what Python gRPC and the HSM allow the gateway's own work leaves.
@@ -31,13 +32,14 @@ from gateway.fastpath import FastPath
 from hsmgw.v1 import crypto_pb2 as pb
 from router.model import Operation
 from router.pkcs11 import load_module
+from router.pkcs11._signer import Signer
 from router.placement.factory import make_store
 
 SERVICE = "hsmgw.v1.CryptoService"
 
 
-def _sessions(config_path: str, key_id: str, count: int) -> tuple[Any, queue.SimpleQueue[Any]]:
-    """The login session (keep it: closing it logs out) and ``count`` sessions' key objects."""
+def _sessions(config_path: str, key_id: str, count: int) -> tuple[Any, queue.SimpleQueue[Any], Signer | None]:
+    """The login session (keep it: closing it logs out), ``count`` sessions' key objects and the signer."""
     from pkcs11 import ObjectClass
 
     from gateway.perf.direct import _login, _token
@@ -59,10 +61,10 @@ def _sessions(config_path: str, key_id: str, count: int) -> tuple[Any, queue.Sim
     for _ in range(count):
         session = token.open(rw=True)
         pool.put(session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id.encode()))
-    return login, pool
+    return login, pool, module.signer
 
 
-def _sign_handler(pool: queue.SimpleQueue[Any]) -> grpc.RpcMethodHandler:
+def _sign_handler(pool: queue.SimpleQueue[Any], signer: Signer | None) -> grpc.RpcMethodHandler:
     from gateway._convert import operation
     from router.pkcs11._keys import signature_mechanism
 
@@ -71,7 +73,10 @@ def _sign_handler(pool: queue.SimpleQueue[Any]) -> grpc.RpcMethodHandler:
         mechanism, param, data = signature_mechanism(op, request.digest)
         key = pool.get()
         try:
-            signature = key.sign(data, mechanism=mechanism, mechanism_param=param)
+            if signer is not None and param is None:  # as the gateway signs (router.pkcs11._signer)
+                signature = signer.sign(key, mechanism, data)
+            else:
+                signature = key.sign(data, mechanism=mechanism, mechanism_param=param)
         finally:
             pool.put(key)
         return pb.SignResponse(signature=signature, key_id=request.key_id)
@@ -93,9 +98,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
-    login, pool = _sessions(args.config, args.key, args.threads)
+    login, pool, signer = _sessions(args.config, args.key, args.threads)
     server = grpc.server(ThreadPoolExecutor(max_workers=args.threads), options=[("grpc.so_reuseport", 1)])
-    handler = _sign_handler(pool)
+    handler = _sign_handler(pool, signer)
     fast = FastPath.attach(server, {f"/{SERVICE}/Sign": handler}, [], threads=args.threads) if args.fast_path else None
     if fast is None:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Sign": handler}),))
