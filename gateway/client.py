@@ -6,8 +6,9 @@
     signature = client.sign("payments/signing-2026", hashlib.sha256(msg).digest())
 
 Endpoints are tried in order: the client sticks to the first that works and
-moves to the next when one is unreachable (UNAVAILABLE, or a deadline that
-passes without an answer while connecting). Every gateway serves every
+moves to the next when one is unreachable (UNAVAILABLE, a call the gateway
+cancelled as it shut down, or a deadline that passes without an answer while
+connecting). Every gateway serves every
 replicated key, so the next region answers the same request. Idempotent calls
 (everything but GenerateKey without a request_id, which the helper always
 sets) are retried on the next endpoint within the caller's deadline.
@@ -36,7 +37,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Codes that mean "this endpoint cannot answer now", not "the request is wrong".
-FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+# CANCELLED: this client never cancels a call of its own, so a call that ends CANCELLED
+# was ended by the gateway or the connection. gRPC core does that to calls that reach a
+# gateway after its shutdown began, before the client has read its GOAWAY: a handful of
+# calls in every restart under load.
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 class Client:

@@ -24,7 +24,7 @@ const protoLoader = require('@grpc/proto-loader');
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const PROTO = path.join(ROOT, 'protos', 'hsmgw', 'v1', 'crypto.proto');
-// The retry policy every language can use (gRPC's built-in retries on UNAVAILABLE).
+// The retry policy every language can use (gRPC's built-in retries on UNAVAILABLE and CANCELLED).
 const SERVICE_CONFIG = path.join(ROOT, 'deploy', 'grpc-service-config.json');
 
 function loadService() {

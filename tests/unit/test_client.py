@@ -1,0 +1,88 @@
+"""gateway.client.Client: which answers move a call to the next endpoint, against real gRPC servers.
+
+Each endpoint is a gRPC server on a free port whose Sign answers with a chosen status, so
+the status the client sees is exactly the one a gateway would send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from gateway.client import Client
+from hsmgw.v1 import crypto_pb2 as pb
+from hsmgw.v1 import crypto_pb2_grpc
+
+
+class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
+    """Sign answers ``code`` (with a signature naming this endpoint when it is OK)."""
+
+    def __init__(self, name: str, code: grpc.StatusCode) -> None:
+        self.name = name
+        self.code = code
+        self.calls = 0
+
+    def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:  # noqa: N802
+        self.calls += 1
+        if self.code is not grpc.StatusCode.OK:
+            context.abort(self.code, f"{self.name} answers {self.code.name}")
+        return pb.SignResponse(key_id=request.key_id, signature=self.name.encode())
+
+
+@pytest.fixture
+def endpoints() -> Iterator[list[tuple[str, _Endpoint]]]:
+    servers, made = [], []
+    for name in ("first", "second"):
+        endpoint = _Endpoint(name, grpc.StatusCode.OK)
+        server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        crypto_pb2_grpc.add_CryptoServiceServicer_to_server(endpoint, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        made.append((f"127.0.0.1:{port}", endpoint))
+    yield made
+    for server in servers:
+        server.stop(0).wait()
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+def test_a_call_the_first_gateway_could_not_answer_is_answered_by_the_next(endpoints, code) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    first.code = code
+    with Client([first_target, second_target], timeout=5) as client:
+        response = client.sign("k", bytes(32))
+        assert response.signature == b"second"
+        assert (first.calls, second.calls) == (1, 1)
+        assert client.failovers == 1 and client.endpoint == second_target
+        client.sign("k", bytes(32))  # sticks to the endpoint that answered
+        assert (first.calls, second.calls) == (1, 2)
+
+
+@pytest.mark.parametrize("code", [
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+])
+def test_an_answer_about_the_request_is_not_sent_to_another_gateway(endpoints, code) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    first.code = code
+    with Client([first_target, second_target], timeout=5) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("k", bytes(32))
+    assert caught.value.code() is code
+    assert "first answers" in (caught.value.details() or "")
+    assert (first.calls, second.calls) == (1, 0)
+
+
+def test_when_every_gateway_cancels_the_caller_sees_the_last_answer(endpoints) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    first.code = second.code = grpc.StatusCode.CANCELLED
+    with Client([first_target, second_target], timeout=5) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("k", bytes(32))
+    assert caught.value.code() is grpc.StatusCode.CANCELLED
+    assert "second answers" in (caught.value.details() or "")
