@@ -246,8 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = sub.add_parser("bench", help="measure the gateway against direct PKCS #11 (writes docs/performance.md)",
                            description="On a throw-away SoftHSM2 fleet, runs a gateway (--workers 2) and measures "
                                        "side by side: direct python-pkcs11, the gateway driven by h2load, BatchSign "
-                                       "and unary from Python clients, a p11-kit peer forwarder and the floor (bare "
-                                       "Python gRPC doing only the HSM call); then the "
+                                       "and unary from Python clients, a p11-kit peer forwarder, the floor (bare "
+                                       "Python gRPC doing only the HSM call) and direct signing through the "
+                                       "gateway's binding; then the "
                                        "latency added at concurrency 1 and the routing cost with 1,000,000 "
                                        "placements.\n\nExample: hsmgw bench --duration 5",
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,6 +12,8 @@ ECDSA_SHA256 (P-256) and RSA_PKCS1_SHA256 (2048):
    ``p11-kit-client.so`` by the same number of Python processes;
 6. the floor: one bare Python gRPC process per CPU doing only the HSM call
    (``gateway.perf.floor``), driven by the same h2load as (2);
+7. (1) again, signing through the gateway's own binding (``router.pkcs11._signer``)
+   instead of python-pkcs11's ``Key.sign``: how much of a ratio to (1) is the binding;
 
 each with its ratio to (1): rows 1, 2, 3 and 6 in paired rounds (``--rounds``; each
 round's ratio against that round's direct measurement, the median reported), since the
@@ -69,6 +71,7 @@ ALGORITHMS = {
 PYTHON_PROCESSES = 2
 DIRECT = "direct python-pkcs11"
 FLOOR = "floor: bare Python gRPC + C_Sign, h2load"
+DIRECT_BINDING = "direct, the gateway's signing binding"
 ROUTING_ROUNDS = 5
 """Turns each placement count takes in the routing-cost measurement (medians are reported),
 after one warm-up turn each that is not counted."""
@@ -398,7 +401,7 @@ class Bench:
                    note=f"p11-kit server + p11-kit-client.so, {PYTHON_PROCESSES} Python processes")
 
     def algorithm(self, name: str, gateway: BenchGateway, fleet: Any, key_id: str) -> dict[str, Any]:
-        """The six rows for one algorithm; direct, h2load, BatchSign and the floor in paired rounds.
+        """The seven rows for one algorithm; direct, h2load, BatchSign and the floor in paired rounds.
 
         The machine's speed drifts by 10-30 % over minutes, so each of those rows is measured
         ``--rounds`` times, next to a direct measurement of its own round, the rows in reverse
@@ -471,6 +474,12 @@ class Bench:
             self.note(note)
             rows.append(Row("p11-kit peer forwarder", None, note=note))
         rows.append(paired["floor"])
+        binding = self.measure("direct, the gateway's binding", self.workload(
+            op, key_id, processes=processes, in_flight=1), DirectTarget(str(fleet.config_path), gateway_binding=True))
+        rows.append(Row(DIRECT_BINDING, binding.throughput, p50_ms=binding.latency_ms["p50"],
+                        p99_ms=binding.latency_ms["p99"], errors=binding.error_count,
+                        note="row 1, signing as the gateway does (router/pkcs11/_signer.py) instead of "
+                             "python-pkcs11's Key.sign"))
         for row in rows:
             if row.ratio is None and row.throughput is not None:
                 row.ratio = round(row.throughput / base, 3)

@@ -5,7 +5,8 @@ what the module does on this machine by itself. Each client process loads the
 module (``router.pkcs11.load_module``: OS locking, so threads are safe), logs in
 once per token, and gives each call in flight its own session with the key
 objects found once. Each operation is one python-pkcs11 call with the mechanism
-the gateway itself would use; the batch and stream modes do not apply (every
+the gateway itself would use (or, with ``gateway_binding``, a signature made the
+way the gateway makes it); the batch and stream modes do not apply (every
 operation is one call).
 
 ``module`` points the same code at another module — ``p11-kit-client.so`` talking
@@ -37,6 +38,9 @@ class DirectTarget:
     """Another PKCS #11 module to use instead of the configured one (p11-kit-client.so)."""
     env: tuple[tuple[str, str], ...] = ()
     """Extra environment for the module (P11_KIT_SERVER_ADDRESS)."""
+    gateway_binding: bool = False
+    """Sign as the gateway does (``router.pkcs11._signer``, where the mechanism has no
+    parameter) instead of with python-pkcs11's ``Key.sign``."""
 
     def open(self, workload: Workload, process: int) -> _DirectClient:
         return _DirectClient(self, workload)
@@ -62,6 +66,7 @@ class _DirectClient:
         finally:
             store.close()
         labels = {spec.name: spec.token_label for spec in config.clusters}
+        self._signer = module.signer if module is not None and target.gateway_binding else None
         self._logins: dict[str, Any] = {}
         self._tokens: dict[str, Any] = {}
         keys: list[tuple[str, str]] = []
@@ -98,7 +103,14 @@ class _DirectClient:
             if w.op in ("sign", "verify"):
                 mechanism, param, data = signature_mechanism(w.algorithm, digest_for(w.algorithm, payload))
                 private = find(ObjectClass.PRIVATE_KEY)
-                if w.op == "sign":
+                signer = self._signer if param is None else None
+                if w.op == "sign" and signer is not None:
+                    def sign_lean(k: Any = private, d: bytes = data, m: Mechanism = mechanism,
+                                  sign: Callable[[Any, Mechanism, bytes], bytes] = signer.sign) -> bool:
+                        return bool(sign(k, m, d))
+
+                    ops.append(sign_lean)
+                elif w.op == "sign":
                     def sign(k: Any = private, d: bytes = data, m: Mechanism = mechanism, p: Any = param) -> bool:
                         return bool(k.sign(d, mechanism=m, mechanism_param=p))
 
