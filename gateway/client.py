@@ -11,7 +11,9 @@ cancelled as it shut down, or a deadline that passes without an answer while
 connecting). Every gateway serves every
 replicated key, so the next region answers the same request. Idempotent calls
 (everything but GenerateKey without a request_id, which the helper always
-sets) are retried on the next endpoint within the caller's deadline.
+sets) are retried on the next endpoint within the caller's deadline; GenerateKey
+only on UNAVAILABLE, since a creation cancelled as a gateway stopped may have made
+its key, and another region does not know its request_id.
 
 Other languages: ``deploy/grpc-service-config.json`` carries the same retry
 policy for gRPC's built-in retries (one endpoint per channel).
@@ -41,7 +43,10 @@ T = TypeVar("T")
 # was ended by the gateway or the connection. gRPC core does that to calls that reach a
 # gateway after its shutdown began, before the client has read its GOAWAY: a handful of
 # calls in every restart under load.
+# A call cancelled when a gateway's grace ran out may have done its work, though: key
+# creation, whose request_id is known only in its own region, moves on UNAVAILABLE alone.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+CREATION_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 class Client:
@@ -64,12 +69,15 @@ class Client:
         self._lock = threading.Lock()
         self._current = 0
         self._channels: dict[int, grpc.Channel] = {}
+        self._closed = False
         self.failovers = 0
 
     # -- plumbing ---------------------------------------------------------------
 
     def _channel(self, index: int) -> grpc.Channel:
         with self._lock:
+            if self._closed:
+                raise ValueError("the client is closed")
             channel = self._channels.get(index)
             if channel is None:
                 target = self._endpoints[index]
@@ -85,7 +93,12 @@ class Client:
     def endpoint(self) -> str:
         return self._endpoints[self._current]
 
-    def _call(self, invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T], timeout: float | None) -> T:
+    def _call(
+        self,
+        invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T],
+        timeout: float | None,
+        failover: frozenset[grpc.StatusCode] = FAILOVER_CODES,
+    ) -> T:
         deadline = time.monotonic() + (timeout or self._timeout)
         last: grpc.RpcError | None = None
         start = self._current
@@ -98,8 +111,7 @@ class Client:
             try:
                 result = invoke(stub, remaining)
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code not in FAILOVER_CODES:
+                if exc.code() not in failover or self._closed:  # closed under the call: it ends here
                     raise
                 log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
                 last = exc
@@ -114,7 +126,9 @@ class Client:
         raise TimeoutError("deadline passed before any endpoint answered")
 
     def close(self) -> None:
+        """Close every channel; calls still running end with CANCELLED and are not sent elsewhere."""
         with self._lock:
+            self._closed = True
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
@@ -146,7 +160,8 @@ class Client:
             usage=_pbenum.value(pb.KeyUsage, f"KEY_USAGE_{usage}") if usage else pb.KEY_USAGE_UNSPECIFIED,
         )
         # The generated gRPC stub is untyped: name what each call answers.
-        key: pb.Key = self._call(lambda stub, t: stub.GenerateKey(request, **self._kw(t)), timeout)
+        key: pb.Key = self._call(lambda stub, t: stub.GenerateKey(request, **self._kw(t)), timeout,
+                                 CREATION_FAILOVER_CODES)
         return key
 
     def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:

@@ -29,6 +29,7 @@ from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import LockTimeout, Module
+from router.pkcs11._signer import Signer
 from router.pkcs11.pool import CLASS_NAMES, PooledSession, SessionPool, modulus_of
 from router.secret import Secret
 
@@ -39,6 +40,8 @@ T = TypeVar("T")
 GCM_IV_BYTES = 12
 GCM_TAG_BITS = 128
 _EC_BYTES = {KeyAlgorithm.EC_P256: 32, KeyAlgorithm.EC_P384: 48}
+_SIGNER_OPS = frozenset({Operation.ECDSA_SHA256, Operation.ECDSA_SHA384, Operation.RSA_PKCS1_SHA256})
+"""Signatures made by ``Signer`` (its mechanisms: ECDSA, RSA PKCS #1 v1.5)."""
 
 
 class LoginRefused(RuntimeError):
@@ -57,7 +60,7 @@ class Pkcs11Cluster(HsmBackend):
         self.spec = spec
         self._module = module
         self._serial = module.serial
-        self._signer = module.signer
+        self._signer: Signer | None = None
         self._clock = clock
         self._native_oaep = True
         try:
@@ -66,6 +69,11 @@ class Pkcs11Cluster(HsmBackend):
             raise LoginRefused(f"cluster {spec.name}: the user PIN was refused by token {spec.token_label!r}") from exc
         except p11.NoSuchToken as exc:
             raise RuntimeError(f"cluster {spec.name}: no token labelled {spec.token_label!r}") from exc
+        if module.signer is not None and module.signer.sees(self._pool.login):
+            self._signer = module.signer
+        elif module.signer is not None:
+            log.info("cluster %s: the module's sessions differ by function list; signing through python-pkcs11",
+                     spec.name)
 
     # -- the one way into the token -------------------------------------
 
@@ -300,7 +308,7 @@ class Pkcs11Cluster(HsmBackend):
 
     def sign(self, key: Placement, op: Operation, digest: bytes, deadline: float) -> bytes:
         mechanism, param, data = _keys.signature_mechanism(op, digest)
-        signer = self._signer if param is None else None
+        signer = self._signer if mechanism in Signer.MECHANISMS else None
 
         def run(s: PooledSession) -> bytes:
             private = s.key(key, ObjectClass.PRIVATE_KEY, "sign")
@@ -318,7 +326,7 @@ class Pkcs11Cluster(HsmBackend):
         prepared = [_keys.signature_mechanism(op, digest) for digest in digests]
         clock = self._clock
         allowance = self.spec.call_timeout
-        signer = self._signer  # for the mechanisms it takes (no parameter)
+        signer = self._signer if op in _SIGNER_OPS else None
 
         def run(s: PooledSession) -> list[bytes]:
             private = s.key(key, ObjectClass.PRIVATE_KEY, "sign")
@@ -328,7 +336,7 @@ class Pkcs11Cluster(HsmBackend):
                 if now >= deadline:
                     break
                 s.since, s.due = now, now + allowance  # each signature is a call of its own
-                if signer is not None and param is None:
+                if signer is not None:
                     out.append(signer.sign(private, mechanism, data))
                 else:
                     out.append(bytes(private.sign(data, mechanism=mechanism, mechanism_param=param)))

@@ -247,6 +247,11 @@ class SessionPool:
     def token(self) -> Any:
         return self._token
 
+    @property
+    def login(self) -> Any:
+        """The long-lived login session (python-pkcs11's; never checked out)."""
+        return self._login
+
     def acquire(self, deadline: float, quick: bool = False) -> PooledSession:
         """Check out a session, waiting no longer than ``deadline``; hand it back with ``release``.
 

@@ -104,7 +104,7 @@ def test_input_the_module_refuses_raises_what_python_pkcs11_raises_and_leaves_th
     signer: Signer, rsa_pair: tuple[Any, Any]
 ) -> None:
     public, private = rsa_pair
-    too_long = bytes(300)  # more than a 2048-bit modulus holds with PKCS #1 v1.5 padding
+    too_long = bytes(300)  # more than a 2048-bit modulus holds (SoftHSM answers CKR_GENERAL_ERROR)
     expected = _raised(lambda: private.sign(too_long, mechanism=Mechanism.RSA_PKCS))
     assert _raised(lambda: signer.sign(private, Mechanism.RSA_PKCS, too_long)) is expected
     # C_Sign ended the operation: the next one on the session starts cleanly.
@@ -130,8 +130,42 @@ def test_a_closed_session_raises_what_python_pkcs11_raises(tokens: Any, signer: 
     assert _raised(lambda: signer.sign(private, Mechanism.ECDSA, DIGEST)) is expected
 
 
+def test_the_signer_sees_the_sessions_python_pkcs11_opens(tokens: Any, signer: Signer) -> None:
+    """A module that gave the signer an instance of its own would fail here: the cluster then signs
+    through python-pkcs11 (router.pkcs11.cluster)."""
+    tokens.session(CLUSTER)
+    opened = tokens.module.token(CLUSTER).open(rw=True)
+    assert signer.sees(opened)
+    opened.close()
+    assert not signer.sees(opened)
+
+
 def test_a_return_value_without_an_exception_of_its_own_is_named_in_hex() -> None:
     unknown = error(0x8000_0001)
     assert type(unknown) is p11.PKCS11Error
     assert "0x80000001" in str(unknown)
-    assert isinstance(error(0x30), p11.DeviceError)
+
+
+# PKCS #11 2.40's values where p11-kit's header, read below for the others, has other numbers.
+_OASIS = {"CKR_EXCEEDED_MAX_ITERATIONS": 0x1B5, "CKR_PIN_TOO_WEAK": 0x1B8, "CKR_PUBLIC_KEY_INVALID": 0x1B9}
+
+
+def test_every_return_value_becomes_the_exception_python_pkcs11_raises_for_it() -> None:
+    """Read python-pkcs11's own table (map_rv_to_error in its _pkcs11.pxd) and compare, code by code."""
+    import re
+    from pathlib import Path
+
+    import pkcs11
+
+    pxd = Path(pkcs11.__file__).with_name("_pkcs11.pxd")
+    header = Path("/usr/include/p11-kit-1/p11-kit/pkcs11.h")  # libp11-kit-dev, installed by `make setup`
+    if not pxd.exists() or not header.exists():
+        pytest.skip("python-pkcs11's _pkcs11.pxd or p11-kit's pkcs11.h is not installed")
+    source = pxd.read_text()
+    theirs = re.findall(r"rv == (CKR_\w+):\s*\n\s*exc = (\w+)\(", source[source.index("map_rv_to_error"):])
+    values = {name: int(value, 0) for name, value in
+              re.findall(r"#define\s+(CKR_\w+)\s+\(?(0x[0-9a-fA-F]+|\d+)UL", header.read_text())}
+    values.update(_OASIS)
+    assert len(theirs) > 60, "python-pkcs11's table was not found"
+    for name, kind in theirs:
+        assert type(error(values[name])) is getattr(p11, kind), f"{name} (0x{values[name]:x})"

@@ -6,6 +6,8 @@ the status the client sees is exactly the one a gateway would send.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,18 +20,27 @@ from hsmgw.v1 import crypto_pb2_grpc
 
 
 class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
-    """Sign answers ``code`` (with a signature naming this endpoint when it is OK)."""
+    """Sign and GenerateKey answer ``code`` (naming this endpoint when it is OK), after ``delay`` s."""
 
     def __init__(self, name: str, code: grpc.StatusCode) -> None:
         self.name = name
         self.code = code
+        self.delay = 0.0
         self.calls = 0
 
-    def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:  # noqa: N802
+    def _answer(self, context: grpc.ServicerContext) -> None:
         self.calls += 1
+        time.sleep(self.delay)
         if self.code is not grpc.StatusCode.OK:
             context.abort(self.code, f"{self.name} answers {self.code.name}")
+
+    def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:  # noqa: N802
+        self._answer(context)
         return pb.SignResponse(key_id=request.key_id, signature=self.name.encode())
+
+    def GenerateKey(self, request: pb.GenerateKeyRequest, context: grpc.ServicerContext) -> pb.Key:  # noqa: N802
+        self._answer(context)
+        return pb.Key(key_id=request.key_id, primary_cluster=self.name)
 
 
 @pytest.fixture
@@ -62,6 +73,10 @@ def test_a_call_the_first_gateway_could_not_answer_is_answered_by_the_next(endpo
 
 
 @pytest.mark.parametrize("code", [
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -86,3 +101,42 @@ def test_when_every_gateway_cancels_the_caller_sees_the_last_answer(endpoints) -
             client.sign("k", bytes(32))
     assert caught.value.code() is grpc.StatusCode.CANCELLED
     assert "second answers" in (caught.value.details() or "")
+
+
+def test_a_key_creation_moves_to_the_next_gateway_only_when_the_first_did_not_take_it(endpoints) -> None:
+    """UNAVAILABLE: refused before it ran. CANCELLED may come after the key was made (a gateway's
+    grace ran out), and the next region does not know the request_id: the caller decides."""
+    (first_target, first), (second_target, second) = endpoints
+    first.code = grpc.StatusCode.UNAVAILABLE
+    with Client([first_target, second_target], timeout=5) as client:
+        assert client.generate_key("k1", "EC_P256", request_id="r1").primary_cluster == "second"
+    first.code = grpc.StatusCode.CANCELLED
+    with Client([first_target, second_target], timeout=5) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate_key("k2", "EC_P256", request_id="r2")
+    assert caught.value.code() is grpc.StatusCode.CANCELLED
+    assert (first.calls, second.calls) == (2, 1)
+
+
+def test_closing_the_client_ends_its_calls_without_sending_them_elsewhere(endpoints) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    first.delay = 1.0
+    client = Client([first_target, second_target], timeout=5)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.sign("k", bytes(32))
+        except BaseException as exc:  # noqa: BLE001 - what the caller sees is the point
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.3)  # the call is in the first endpoint's servicer
+    client.close()
+    caller.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], grpc.RpcError)
+    assert outcome[0].code() is grpc.StatusCode.CANCELLED
+    assert second.calls == 0 and client.endpoint == first_target and client.failovers == 0
+    with pytest.raises(ValueError, match="closed"):
+        client.sign("k", bytes(32))
