@@ -70,7 +70,8 @@ class Module:
     os_locking: bool
     signer: Signer | None = None
     """Signs with parameterless mechanisms without python-pkcs11's overhead (``_signer``)."""
-    _serial: threading.Lock | None = field(default=None, repr=False)
+    _serial: threading.RLock | None = field(default=None, repr=False)
+    """Re-entrant: a call made under it (finding a token while a pool is built) takes it again."""
     _tokens: dict[str, Any] = field(default_factory=dict, repr=False)
     _tokens_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _objects: dict[str, TokenObjects] = field(default_factory=dict, repr=False)
@@ -80,7 +81,7 @@ class Module:
         return self._serial if self._serial is not None else contextlib.nullcontext()
 
     @property
-    def serial(self) -> threading.Lock | None:
+    def serial(self) -> threading.RLock | None:
         """What ``guard`` holds: the lock of a module that cannot lock for itself, else None.
 
         For the request path, which skips the no-op context manager when it is None.
@@ -245,16 +246,26 @@ def _load(path: str) -> Module:
     if rv in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
         if rv == CKR_CRYPTOKI_ALREADY_INITIALIZED:
             log.warning("PKCS #11 module %s was already initialised; serialising calls", path)
-        lib = _PreinitializedLib(path)
+        try:
+            lib = _PreinitializedLib(path)
+        except pkcs11.PKCS11Error:
+            # The module gave python-pkcs11 an instance of its own, which nothing has
+            # initialised: p11-kit's proxy hands each C_GetFunctionList caller a new one.
+            # python-pkcs11 initialises it, without OS locking, so calls are serialised.
+            log.warning("PKCS #11 module %s gives each caller an instance of its own; "
+                        "python-pkcs11 initialises its own and calls into it are serialised", path)
+            own = pkcs11.lib(path)
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(own))  # as below
+            return Module(path=path, lib=own, os_locking=False, signer=None, _serial=threading.RLock())
         # Never deallocate: python-pkcs11's __dealloc__ would C_Finalize and
         # dlclose the module at interpreter exit while daemon threads may still
         # be inside it. One extra reference keeps it for the process's life.
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(lib))
-        serial = None if rv == CKR_OK else threading.Lock()
+        serial = None if rv == CKR_OK else threading.RLock()
         return Module(path=path, lib=lib, os_locking=rv == CKR_OK, signer=signer, _serial=serial)
     if rv == CKR_CANT_LOCK:
         log.warning("PKCS #11 module %s cannot use OS locking; serialising calls", path)
-        return Module(path=path, lib=pkcs11.lib(path), os_locking=False, signer=signer, _serial=threading.Lock())
+        return Module(path=path, lib=pkcs11.lib(path), os_locking=False, signer=signer, _serial=threading.RLock())
     raise RuntimeError(f"C_Initialize of {path} failed with CKR 0x{rv:x}")
 
 

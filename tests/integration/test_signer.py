@@ -169,3 +169,39 @@ def test_every_return_value_becomes_the_exception_python_pkcs11_raises_for_it() 
     assert len(theirs) > 60, "python-pkcs11's table was not found"
     for name, kind in theirs:
         assert type(error(values[name])) is getattr(p11, kind), f"{name} (0x{values[name]:x})"
+
+
+def test_a_gateway_on_p11_kits_proxy_makes_and_signs_with_keys(tmp_path: Any) -> None:
+    """p11-kit's proxy hands each C_GetFunctionList caller an instance of its own. The gateway once
+    failed to start on it; now python-pkcs11 initialises its own instance, calls are serialised,
+    and signing stays on python-pkcs11 (the signer's instance knows none of its sessions)."""
+    import glob
+
+    import grpc
+
+    from gateway.fleet import init_fleet
+    from hsmgw.v1 import crypto_pb2 as pb
+    from hsmgw.v1 import crypto_pb2_grpc
+    from tests.support import running
+
+    proxies = glob.glob("/usr/lib/*/p11-kit-proxy.so") + glob.glob("/usr/lib/p11-kit-proxy.so")
+    if not proxies:
+        pytest.skip("p11-kit-proxy.so is not installed (Debian: p11-kit)")
+    fleet = init_fleet(tmp_path / "fleet", listen="127.0.0.1:0")
+    text = fleet.config_path.read_text()
+    assert 'module = "/usr/lib/softhsm/libsofthsm2.so"' in text
+    fleet.config_path.write_text(text.replace("/usr/lib/softhsm/libsofthsm2.so", proxies[0]))
+    with running(fleet.config_path) as gateway, grpc.insecure_channel(gateway.target) as channel:
+        stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+        for algorithm, op in ((pb.KEY_ALGORITHM_EC_P256, pb.ALGORITHM_ECDSA_SHA256),
+                              (pb.KEY_ALGORITHM_RSA_2048, pb.ALGORITHM_RSA_PKCS1_SHA256)):
+            key_id = f"proxy/{algorithm}"
+            stub.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=algorithm), timeout=60)
+            signature = stub.Sign(pb.SignRequest(key_id=key_id, algorithm=op, digest=DIGEST), timeout=10).signature
+            public = serialization.load_der_public_key(stub.GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id)).der)
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                public.verify(signature, DIGEST, ec.ECDSA(Prehashed(hashes.SHA256())))
+            else:
+                assert isinstance(public, rsa.RSAPublicKey)
+                public.verify(signature, DIGEST, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        assert "gives each caller an instance of its own" in gateway.log_path.read_text()
