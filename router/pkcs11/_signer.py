@@ -9,9 +9,10 @@ RSA-2048 one 584 against 574 µs: ~10 % of a ``BatchSign`` item.
 
 Only ECDSA and RSA PKCS #1 v1.5 (mechanisms without a parameter) are signed
 here; the others stay on python-pkcs11, as does every signature when the module
-gave this function list sessions of its own (``Signer.sees``). The module's return values become the
-exceptions python-pkcs11 raises for them, so ``_errors.translate`` remains the
-one place where PKCS #11 failures become router errors.
+gave this function list sessions of its own (``Signer.sees``). The module's
+return values become the exceptions python-pkcs11 raises for them, so
+``_errors.translate`` remains the one place where PKCS #11 failures become
+router errors.
 """
 
 from __future__ import annotations

@@ -40,8 +40,6 @@ T = TypeVar("T")
 GCM_IV_BYTES = 12
 GCM_TAG_BITS = 128
 _EC_BYTES = {KeyAlgorithm.EC_P256: 32, KeyAlgorithm.EC_P384: 48}
-_SIGNER_OPS = frozenset({Operation.ECDSA_SHA256, Operation.ECDSA_SHA384, Operation.RSA_PKCS1_SHA256})
-"""Signatures made by ``Signer`` (its mechanisms: ECDSA, RSA PKCS #1 v1.5)."""
 
 
 class LoginRefused(RuntimeError):
@@ -326,7 +324,7 @@ class Pkcs11Cluster(HsmBackend):
         prepared = [_keys.signature_mechanism(op, digest) for digest in digests]
         clock = self._clock
         allowance = self.spec.call_timeout
-        signer = self._signer if op in _SIGNER_OPS else None
+        signer = self._signer if prepared and prepared[0][0] in Signer.MECHANISMS else None  # one op, one mechanism
 
         def run(s: PooledSession) -> list[bytes]:
             private = s.key(key, ObjectClass.PRIVATE_KEY, "sign")
