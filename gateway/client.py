@@ -11,7 +11,9 @@ cancelled as it shut down, or a deadline that passes without an answer while
 connecting). Every gateway serves every
 replicated key, so the next region answers the same request. Idempotent calls
 (everything but GenerateKey without a request_id, which the helper always
-sets) are retried on the next endpoint within the caller's deadline; GenerateKey
+sets) are retried on the next endpoint within the caller's deadline, and once
+more on each after a short pause (one address behind a load balancer reaches
+another gateway that way); GenerateKey
 only on UNAVAILABLE, since a creation cancelled as a gateway stopped may have made
 its key, and another region does not know its request_id.
 
@@ -22,6 +24,7 @@ policy for gRPC's built-in retries (one endpoint per channel).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import uuid
@@ -47,6 +50,11 @@ T = TypeVar("T")
 # creation, whose request_id is known only in its own region, moves on UNAVAILABLE alone.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 CREATION_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+ROUNDS = 2
+"""Times each endpoint is tried for one call. One address in front of several gateways (a load
+balancer) is tried again too: a gateway that is shutting down sends its callers elsewhere."""
+RETRY_PAUSE = 0.05
+"""Seconds (±50 %) between one round of the endpoints and the next."""
 
 
 class Client:
@@ -102,8 +110,13 @@ class Client:
         deadline = time.monotonic() + (timeout or self._timeout)
         last: grpc.RpcError | None = None
         start = self._current
-        for step in range(len(self._endpoints)):
-            index = (start + step) % len(self._endpoints)
+        count = len(self._endpoints)
+        for step in range(count * ROUNDS):
+            index = (start + step) % count
+            if step and step % count == 0:  # every endpoint failed once: wait a little, then again
+                time.sleep(min(RETRY_PAUSE * random.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
+                if self._closed:
+                    break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -26,12 +26,14 @@ class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
         self.name = name
         self.code = code
         self.delay = 0.0
+        self.times: int | None = None
+        """How many calls answer ``code`` before the rest answer OK (None: all of them)."""
         self.calls = 0
 
     def _answer(self, context: grpc.ServicerContext) -> None:
         self.calls += 1
         time.sleep(self.delay)
-        if self.code is not grpc.StatusCode.OK:
+        if self.code is not grpc.StatusCode.OK and (self.times is None or self.calls <= self.times):
             context.abort(self.code, f"{self.name} answers {self.code.name}")
 
     def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:  # noqa: N802
@@ -101,6 +103,26 @@ def test_when_every_gateway_cancels_the_caller_sees_the_last_answer(endpoints) -
             client.sign("k", bytes(32))
     assert caught.value.code() is grpc.StatusCode.CANCELLED
     assert "second answers" in (caught.value.details() or "")
+    assert (first.calls, second.calls) == (2, 2), "each endpoint twice, then the caller hears of it"
+
+
+def test_one_address_is_tried_again_after_a_pause(endpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One address in front of several gateways: the one that answered "shutting down" is not the
+    one the next connection reaches."""
+    (target, endpoint), _ = endpoints
+    endpoint.code, endpoint.times = grpc.StatusCode.UNAVAILABLE, 1
+    pauses: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), real_sleep(seconds)))
+    with Client([target], timeout=5) as client:
+        assert client.sign("k", bytes(32)).signature == b"first"
+    assert endpoint.calls == 2
+    assert [p for p in pauses if p > 0] and all(0.025 <= p <= 0.075 for p in pauses if p > 0)
+    endpoint.calls, endpoint.times = 0, None
+    with Client([target], timeout=5) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("k", bytes(32))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE and endpoint.calls == 2
 
 
 def test_a_key_creation_moves_to_the_next_gateway_only_when_the_first_did_not_take_it(endpoints) -> None:
