@@ -945,7 +945,8 @@ class Router:
                 raise Unavailable(f"key {key_id!r} is also on {', '.join(elsewhere)}, not configured here; "
                                   "destroy it through a gateway that has every cluster of the key")
             try:
-                destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED))
+                # Nothing is left to place: the record does not stay "held" by an operator either.
+                destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED, held=False))
             except StoreError as exc:
                 raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
             except Conflict as exc:

@@ -607,6 +607,9 @@ def test_a_placement_outlives_a_creation_that_failed_and_the_retry_goes_where_it
     assert key.primary == chosen and key.held
     record = router.store.admin_record(PINS)
     assert record is None or key_id not in record[0], "the pin is used up once the key is made"
+    destroyed = router.destroy_key(key_id, time.monotonic() + 30)
+    assert destroyed.state is KeyState.DESTROYED and not destroyed.held
+    assert not router.store.get(key_id).held, "a destroyed key is not listed as held"
 
 
 def test_a_key_being_created_cannot_be_released(make_router) -> None:
