@@ -88,6 +88,7 @@ class _DirectClient:
 
         from router.model import Operation
         from router.pkcs11._keys import OAEP_SHA256, signature_mechanism  # the gateway's own mechanisms
+        from router.pkcs11._signer import Signer, sign_with
 
         payload = (_PAYLOAD * (w.payload // 256 + 1))[: w.payload]
         sessions = {cluster: self._tokens[cluster].open(rw=True) for _, cluster in keys}
@@ -103,14 +104,13 @@ class _DirectClient:
             if w.op in ("sign", "verify"):
                 mechanism, param, data = signature_mechanism(w.algorithm, digest_for(w.algorithm, payload))
                 private = find(ObjectClass.PRIVATE_KEY)
-                signer = self._signer if param is None else None
-                if w.op == "sign" and signer is not None:
-                    def sign_lean(k: Any = private, d: bytes = data, m: Mechanism = mechanism,
-                                  sign: Callable[[Any, Mechanism, bytes], bytes] = signer.sign) -> bool:
-                        return bool(sign(k, m, d))
+                if w.op == "sign" and self._signer is not None:
+                    def sign_lean(k: Any = private, d: bytes = data, m: Mechanism = mechanism, p: Any = param,
+                                  signer: Signer = self._signer) -> bool:
+                        return bool(sign_with(signer, k, m, p, d))
 
                     ops.append(sign_lean)
-                elif w.op == "sign":
+                elif w.op == "sign":  # row 1: python-pkcs11 itself, nothing in between
                     def sign(k: Any = private, d: bytes = data, m: Mechanism = mechanism, p: Any = param) -> bool:
                         return bool(k.sign(d, mechanism=m, mechanism_param=p))
 

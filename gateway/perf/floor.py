@@ -32,7 +32,7 @@ from gateway.fastpath import FastPath
 from hsmgw.v1 import crypto_pb2 as pb
 from router.model import Operation
 from router.pkcs11 import load_module
-from router.pkcs11._signer import Signer
+from router.pkcs11._signer import Signer, sign_with
 from router.placement.factory import make_store
 
 SERVICE = "hsmgw.v1.CryptoService"
@@ -73,10 +73,7 @@ def _sign_handler(pool: queue.SimpleQueue[Any], signer: Signer | None) -> grpc.R
         mechanism, param, data = signature_mechanism(op, request.digest)
         key = pool.get()
         try:
-            if signer is not None and param is None:  # as the gateway signs (router.pkcs11._signer)
-                signature = signer.sign(key, mechanism, data)
-            else:
-                signature = key.sign(data, mechanism=mechanism, mechanism_param=param)
+            signature = sign_with(signer, key, mechanism, param, data)  # as the gateway signs
         finally:
             pool.put(key)
         return pb.SignResponse(signature=signature, key_id=request.key_id)

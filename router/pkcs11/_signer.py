@@ -170,4 +170,12 @@ class Signer:
             rv = self._sign(session, data, len(data), out, ctypes.byref(size))
         if rv:
             raise error(rv)
-        return out.raw[: size.value]
+        return ctypes.string_at(out, size.value)
+
+
+def sign_with(signer: Signer | None, key: Any, mechanism: Mechanism, param: Any, data: bytes) -> bytes:
+    """A signature by ``key``: through ``signer`` if there is one and it takes ``mechanism``,
+    else by python-pkcs11's ``Key.sign`` (with ``param``)."""
+    if signer is not None and mechanism in Signer.MECHANISMS:
+        return signer.sign(key, mechanism, data)
+    return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))

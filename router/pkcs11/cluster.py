@@ -29,7 +29,7 @@ from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import LockTimeout, Module
-from router.pkcs11._signer import Signer
+from router.pkcs11._signer import Signer, sign_with
 from router.pkcs11.pool import CLASS_NAMES, PooledSession, SessionPool, modulus_of
 from router.secret import Secret
 
@@ -306,13 +306,10 @@ class Pkcs11Cluster(HsmBackend):
 
     def sign(self, key: Placement, op: Operation, digest: bytes, deadline: float) -> bytes:
         mechanism, param, data = _keys.signature_mechanism(op, digest)
-        signer = self._signer if mechanism in Signer.MECHANISMS else None
+        signer = self._signer
 
         def run(s: PooledSession) -> bytes:
-            private = s.key(key, ObjectClass.PRIVATE_KEY, "sign")
-            if signer is not None:
-                return signer.sign(private, mechanism, data)
-            return bytes(private.sign(data, mechanism=mechanism, mechanism_param=param))
+            return sign_with(signer, s.key(key, ObjectClass.PRIVATE_KEY, "sign"), mechanism, param, data)
 
         signature = self._run(deadline, run, op)
         return _ecdsa_raw_to_der(signature) if key.algorithm.is_ec else signature
@@ -324,7 +321,7 @@ class Pkcs11Cluster(HsmBackend):
         prepared = [_keys.signature_mechanism(op, digest) for digest in digests]
         clock = self._clock
         allowance = self.spec.call_timeout
-        signer = self._signer if prepared and prepared[0][0] in Signer.MECHANISMS else None  # one op, one mechanism
+        signer = self._signer
 
         def run(s: PooledSession) -> list[bytes]:
             private = s.key(key, ObjectClass.PRIVATE_KEY, "sign")
@@ -334,10 +331,7 @@ class Pkcs11Cluster(HsmBackend):
                 if now >= deadline:
                     break
                 s.since, s.due = now, now + allowance  # each signature is a call of its own
-                if signer is not None:
-                    out.append(signer.sign(private, mechanism, data))
-                else:
-                    out.append(bytes(private.sign(data, mechanism=mechanism, mechanism_param=param)))
+                out.append(sign_with(signer, private, mechanism, param, data))
             return out
 
         signed = self._run(deadline, run, op)

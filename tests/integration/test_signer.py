@@ -205,3 +205,44 @@ def test_a_gateway_on_p11_kits_proxy_makes_and_signs_with_keys(tmp_path: Any) ->
                 assert isinstance(public, rsa.RSAPublicKey)
                 public.verify(signature, DIGEST, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
         assert "gives each caller an instance of its own" in gateway.log_path.read_text()
+
+
+def test_a_cluster_whose_signer_does_not_see_its_sessions_signs_through_python_pkcs11(
+    fleet: Any, tokens: Any
+) -> None:
+    """A function list from another instance of a module (p11-kit's proxy gives every caller a new
+    one) knows none of python-pkcs11's sessions: the cluster notices at start and keeps signing."""
+    import ctypes
+    import dataclasses
+    import glob
+    import time
+    import tomllib
+
+    from gateway.config import load
+    from router.model import KeyAlgorithm, KeyState, KeyUsage, Operation, Placement
+    from router.pkcs11 import Pkcs11Cluster
+    from router.secret import Secret
+
+    proxies = glob.glob("/usr/lib/*/p11-kit-proxy.so") + glob.glob("/usr/lib/p11-kit-proxy.so")
+    if not proxies:
+        pytest.skip("p11-kit-proxy.so is not installed (Debian: p11-kit)")
+    get = ctypes.CDLL(proxies[0]).C_GetFunctionList
+    get.restype, get.argtypes = ctypes.c_ulong, [ctypes.POINTER(ctypes.c_void_p)]
+    functions = ctypes.c_void_p()
+    assert get(ctypes.byref(functions)) == 0
+    foreign = Signer(functions.value)  # an instance no one initialised: it knows no session
+    assert not foreign.sees(tokens.session(CLUSTER))
+
+    config = load(fleet.config_path)
+    spec = next(s for s in config.clusters if s.name == CLUSTER)
+    pin = tomllib.loads(fleet.secrets_path.read_text())["clusters"][CLUSTER]["user_pin"]
+    cluster = Pkcs11Cluster(dataclasses.replace(tokens.module, signer=foreign), spec, Secret(pin))
+    try:
+        key_id = f"foreign-signer/{time.monotonic_ns()}"
+        public, private = tokens.session(CLUSTER).generate_keypair(
+            KeyType.RSA, 2048, store=False, id=key_id.encode(), label=key_id)  # seen by the process's sessions
+        placement = Placement(key_id, KeyAlgorithm.RSA_2048, KeyUsage.SIGN_VERIFY, KeyState.ENABLED, CLUSTER)
+        signature = cluster.sign(placement, Operation.RSA_PKCS1_SHA256, DIGEST, time.monotonic() + 10)
+        _rsa_public(public).verify(signature, DIGEST, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+    finally:
+        cluster.close()
