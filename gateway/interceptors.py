@@ -336,13 +336,13 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             identity, limits = principal.identity, principal.limits
             malformed = isinstance(request, _Malformed)
             try:
-                # A request that does not decode costs a token too: floods of them are throttled.
-                self.limiter.admit(identity, limits,
-                                   max(1, len(request.requests)) if rule.kind == "batch" and not malformed else 1)
+                if malformed:  # a request that does not decode costs a token too: floods of them are throttled
+                    self.limiter.charge(identity, limits)
+                else:
+                    self.limiter.admit(identity, limits, max(1, len(request.requests)) if rule.kind == "batch" else 1)
             except errors.ResourceExhausted as exc:
                 _abort(context, exc)
-            if malformed:
-                self.limiter.leave(identity)
+            if malformed:  # never counted in flight: it is answered here
                 _abort(context, errors.InvalidArgument(f"the request is not a valid {request.type_name}"))
             try:
                 self._authorize(policy, principal, rule, request)

@@ -814,6 +814,8 @@ class Router:
                 released = self.store.update(replace(current, held=False))
             except Conflict:
                 continue
+            except StoreError as exc:
+                raise Unavailable("placement store is unreachable; the key was not released") from exc
             self._remember(released)
             log.info("key %s released: rebalance may move it", key_id)
             return released

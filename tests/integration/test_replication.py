@@ -717,7 +717,7 @@ def test_admin_checks_answer_unavailable_when_the_store_does_not(make_router) ->
 
 
 def test_a_release_that_keeps_meeting_other_changes_changes_nothing(make_router) -> None:
-    from router.placement.store import Conflict
+    from router.placement.store import Conflict, StoreError
 
     router = make_router()
     key_id = unique("busy")
@@ -727,9 +727,15 @@ def test_a_release_that_keeps_meeting_other_changes_changes_nothing(make_router)
     def always_changed(placement: Placement) -> Placement:
         raise Conflict(None)
 
+    def store_down(placement: Placement) -> Placement:
+        raise StoreError("the placement store did not answer")
+
     update = router.store.update
     router.store.update = always_changed  # type: ignore[method-assign]
     with pytest.raises(Unavailable, match="kept changing; nothing was changed"):
+        router.release_key(key_id)
+    router.store.update = store_down  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="store is unreachable; the key was not released"):
         router.release_key(key_id)
     router.store.update = update  # type: ignore[method-assign]
     assert router.store.get(key_id).held

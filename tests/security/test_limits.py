@@ -175,6 +175,9 @@ def test_over_the_concurrency_cap_is_resource_exhausted_with_retry_info(connect:
         info, retry = details(err)
         assert info is not None and info.reason == "CONCURRENCY_LIMITED"
         assert retry is not None and retry.retry_delay.ToTimedelta().total_seconds() > 0
+        # A request that does not decode is answered for what it is: it never takes a slot.
+        raw = connect("single").channel.unary_unary("/hsmgw.v1.CryptoService/GetKey")
+        assert rpc_error(raw, b"\x0a\x02\xff\xfe", timeout=5).code() is grpc.StatusCode.INVALID_ARGUMENT
     finally:
         outbox.put(None)
         drained.join(timeout=10)
