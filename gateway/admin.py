@@ -25,7 +25,7 @@ from gateway.interceptors import current_identity
 from gateway.quorum import Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument, RouterError, Unavailable
+from router.errors import FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
@@ -165,12 +165,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             try:
                 # Changes approved while this runs win: a move (held, or still running, having
                 # named its target), a destroy, a repair. Any change bumps the record's version.
-                current = self.router.store.get(key_id)
-                if current is None or current.version != planned.version:
-                    log.info("rebalance: %s changed since the plan; left where it is", key_id)
-                    skipped += 1
-                    continue
-                self.router.move_key(key_id, target, self._deadline(), source=source)
+                self.router.move_key(key_id, target, self._deadline(), source=source, version=planned.version)
+            except KeyChanged:
+                log.info("rebalance: %s changed since the plan; left where it is", key_id)
+                skipped += 1
+                continue
             except (RouterError, StoreError) as exc:
                 log.warning("rebalance: %s not moved from %s to %s: %s", key_id, source, target, exc)
                 failed.append(f"{key_id}: {getattr(exc, 'message', exc)}")

@@ -10,7 +10,8 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     ├── KeyNotFound            no such key id                        (no retry)
     ├── FailedPrecondition     key exists but cannot do this         (no retry)
     │   ├── WrongKeyUsage      operation does not match the key
-    │   └── RequestConflict    request_id reused with other parameters
+    │   ├── RequestConflict    request_id reused with other parameters
+    │   └── KeyChanged         the key's record is not the one a planned change was made for
     ├── AlreadyExists          key id taken (or destroyed: ids are not reused)
     ├── ResourceExhausted      clusters full, limits reached
     │   ├── Throttled          the HSM said it is busy (CKR_FUNCTION_FAILED…)
@@ -64,6 +65,10 @@ class WrongKeyUsage(FailedPrecondition):
 
 class RequestConflict(FailedPrecondition):
     reason = "REQUEST_ID_CONFLICT"
+
+
+class KeyChanged(FailedPrecondition):
+    reason = "KEY_CHANGED"
 
 
 class AlreadyExists(RouterError):

@@ -26,6 +26,7 @@ from router.errors import (
     FailedPrecondition,
     InternalError,
     InvalidArgument,
+    KeyChanged,
     KeyNotFound,
     RequestConflict,
     ResourceExhausted,
@@ -670,10 +671,13 @@ class Router:
             log.warning("key %s was placed on %s after its creation had begun; it was made on %s (hsmctl keys move "
                         "puts it there)", key_id, chosen[0], made.primary)
 
-    def check_move(self, key_id: str, to: str, source: str = "") -> tuple[Placement, str]:
+    def check_move(self, key_id: str, to: str, source: str = "", version: int | None = None) -> tuple[Placement, str]:
         """The key's record and the cluster it would move from, if it may move to ``to`` now;
-        else the error the move would end with (asked again when the move runs)."""
+        else the error the move would end with (asked again when the move runs). With
+        ``version``: KeyChanged first if the record is not that version (or is gone)."""
         current = self._read_for_change(key_id)
+        if version is not None and (current is None or current.version != version):
+            raise KeyChanged(f"key {key_id!r} changed since the move was planned")
         if current is None:
             raise KeyNotFound(f"key {key_id!r} not found")
         if not current.usable:
@@ -695,14 +699,17 @@ class Router:
             raise ResourceExhausted(f"cluster {to} is at its key limit", cluster=to)
         return current, source
 
-    def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "", hold: bool = False) -> Placement:
+    def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "", hold: bool = False,
+                 version: int | None = None) -> Placement:
         """Copy the key to ``to`` by trusted wrap, prove the copy works, switch, drop the old copy.
 
         Requests keep succeeding throughout: the old copy serves until the
         mapping switches, and is destroyed only after. ``hold``: an operator's
         move, which rebalance leaves alone from then on (``Placement.held``).
+        ``version``: move only the record of that version, else KeyChanged (a planned move;
+        every later write is conditional on the version read here).
         """
-        current, source = self.check_move(key_id, to, source)
+        current, source = self.check_move(key_id, to, source, version)
         holders = [n for n in self.dispatcher.order([source, *current.clusters]) if self.dispatcher.usable(n)]
         if not holders:
             raise Unavailable(f"no healthy cluster holds key {key_id!r} to copy it from")

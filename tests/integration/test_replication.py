@@ -651,6 +651,21 @@ def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_route
     assert after.primary == others[second] and after.held
 
 
+def test_a_planned_move_of_a_record_that_changed_is_refused_before_anything_is_made(make_router, tokens) -> None:
+    from router.errors import KeyChanged
+
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = router.generate_key(_spec(unique("planned")), time.monotonic() + 30)
+    other = next(c for c in ("use1-a", "use1-b") if c != key.primary)
+    planned = router.store.get(key.key_id)
+    with pytest.raises(KeyChanged, match="changed since the move was planned"):
+        router.move_key(key.key_id, other, time.monotonic() + 30, version=planned.version - 1)
+    assert router.store.get(key.key_id) == planned, "the record is as it was"
+    assert tokens.classes(other, key.key_id) == set(), "no copy was made"
+    assert router.move_key(key.key_id, other, time.monotonic() + 30, version=planned.version).primary == other
+    assert tokens.classes(other, key.key_id), "the same move of the version read does copy it"
+
+
 def test_a_rebalance_that_cannot_move_a_key_moves_the_others_and_says_so(make_router, tmp_path) -> None:
     from gateway.admin import AdminServicer
     from router.placement.store import StoreError
