@@ -157,7 +157,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def _do_rebalance(self, params: dict[str, str]) -> str:
         moves = self.router.rebalance_moves()
-        if self._plan_id([(p.key_id, p.primary, to) for p, to in moves]) != params["plan_id"]:
+        if self._plan_id(self.router.plan_of(moves)) != params["plan_id"]:
             raise FailedPrecondition("the placement changed since the plan was made; plan again")
         done, skipped, failed = 0, 0, []
         for planned, target in moves:

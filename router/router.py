@@ -834,7 +834,12 @@ class Router:
         Only keys with their primary in the home region move, between usable
         home-region clusters, so adding a cluster moves about keys/clusters keys.
         """
-        return [(placement.key_id, placement.primary, target) for placement, target in self.rebalance_moves()]
+        return self.plan_of(self.rebalance_moves())
+
+    @staticmethod
+    def plan_of(moves: Sequence[tuple[Placement, str]]) -> list[tuple[str, str, str]]:
+        """(key id, from, to) for each of ``rebalance_moves()``: what a plan shows and is named by."""
+        return [(placement.key_id, placement.primary, target) for placement, target in moves]
 
     def rebalance_moves(self) -> list[tuple[Placement, str]]:
         """``plan_rebalance`` with each key's record as the plan read it (its version tells a

@@ -632,7 +632,7 @@ def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_route
     first, second = (k.key_id for k in keys)
     others = {k.key_id: next(c for c in ("use1-a", "use1-b") if c != k.primary) for k in keys}
     moves = [(router.store.get(k.key_id), others[k.key_id]) for k in keys]
-    plan = [(p.key_id, p.primary, to) for p, to in moves]
+    plan = router.plan_of(moves)
     router.rebalance_moves = lambda: moves  # type: ignore[method-assign]  # as if a cluster had been added
     moved_meanwhile: list[str] = []
     move = router.move_key
