@@ -66,6 +66,11 @@
  * $FAULTMOD_TRACE (any non-empty value): every call that reaches the gate
  * is logged on stderr with its slot, session and answer ("faultmod-trace:").
  *
+ * $FAULTMOD_CANT_LOCK (any non-empty value): C_Initialize answers
+ * CKR_CANT_LOCK to an application that asks for CKF_OS_LOCKING_OK without
+ * mutex functions of its own, as a module that cannot use the OS's locks does;
+ * without that flag (or with NULL) it initialises the real module as usual.
+ *
  * Build: gcc -shared -fPIC -O2 -o libfaultmod.so faultmod.c -ldl -lpthread
  * (needs the p11-kit header: Debian package libp11-kit-dev).
  */
@@ -853,8 +858,17 @@ static char *dup_env(const char *name)
     return v && *v ? strdup(v) : NULL;
 }
 
+static int refuses_os_locking(CK_VOID_PTR pInitArgs)
+{
+    const char *v = getenv("FAULTMOD_CANT_LOCK");
+    const CK_C_INITIALIZE_ARGS *args = pInitArgs;
+    return v && *v && args && (args->flags & CKF_OS_LOCKING_OK) && !args->CreateMutex;
+}
+
 static CK_RV fm_C_Initialize(CK_VOID_PTR pInitArgs)
 {
+    if (refuses_os_locking(pInitArgs))
+        return CKR_CANT_LOCK;
     pthread_mutex_lock(&g_init_mu);
     CK_RV rv = load_target();
     if (rv == CKR_OK)
