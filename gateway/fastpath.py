@@ -19,9 +19,13 @@ grpcio's pool as usual.
 Behaviour matches grpcio's for what a client sees: status codes and details for an
 abort, an exception in the servicer (``UNKNOWN``, ``Exception calling application``),
 a request that does not parse (``INTERNAL``), a call with no request message
-(``UNIMPLEMENTED``), trailing metadata, deadlines. A cancelled call is noticed when its
-handler finishes (``is_active`` stays true until then), as grpcio does for a
-servicer that does not poll ``is_active``.
+(``UNIMPLEMENTED``), trailing metadata, deadlines. On a ``FastPath`` made with
+``watch_cancel=True`` (BatchSign's), ``is_active`` turns false as soon as the client
+cancels or the deadline passes, as on grpcio's pool: the call asks core at its start
+to report its end. That costs one more core batch a call, so the unary methods, whose
+calls are too short to stop half way, are not watched: there a cancelled call is
+noticed when its handler finishes (``is_active`` stays true until then), as grpcio
+does for a servicer that does not poll ``is_active``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ except ImportError:  # pragma: no cover - grpcio always ships it; attach() then 
 log = logging.getLogger(__name__)
 
 _NO_FLAGS = 0
+# Tags of a call's batches on its slot's queue: a watched call has two outstanding at times.
+_RECEIVE, _SEND, _INITIAL, _CLOSE = "receive", "send", "initial metadata", "close"
 _CORE_CALLS = ("register_method", "register_completion_queue", "request_registered_call")
 _STATUS = {code: code.value[0] for code in grpc.StatusCode}
 
@@ -105,6 +111,10 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
         properties = cygrpc.auth_context(self.call) or {}
         return {k.decode() if isinstance(k, bytes) else k: v for k, v in properties.items()}
 
+    def wait(self, tag: str) -> Any:
+        """The event of this call's batch ``tag``: the only one outstanding here."""
+        return self.queue.poll()
+
     # -- what goes back --
     def set_compression(self, compression: grpc.Compression) -> None:
         raise NotImplementedError("per-call compression is not supported on the fast path")
@@ -116,8 +126,9 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
         if self.initial_sent:
             raise ValueError("Initial metadata no longer allowed!")
         self.initial_sent = True
-        self.call.start_server_batch((cygrpc.SendInitialMetadataOperation(tuple(initial_metadata), _NO_FLAGS),), None)
-        self.queue.poll()
+        self.call.start_server_batch((cygrpc.SendInitialMetadataOperation(tuple(initial_metadata), _NO_FLAGS),),
+                                     _INITIAL)
+        self.wait(_INITIAL)
 
     def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, Any]]) -> None:
         self.trailing = trailing_metadata
@@ -153,6 +164,50 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
         return self.details_
 
 
+class _WatchedContext(_Context):
+    """A call whose end core reports as soon as it happens: ``is_active`` sees a cancel at once.
+
+    The receive-close batch starts with the call. Its event may come before the answer is
+    sent (the client cancelled, or the deadline passed) or with it; ``wait`` notes it
+    whichever batch it waits for, and the thread that sends the answer drains it.
+    ``is_active`` may be called from any thread while the servicer runs.
+    """
+
+    def __init__(self, event: Any, queue: Any) -> None:
+        super().__init__(event, queue)
+        self.closed = False  # core reported the call's end
+        self._seen: dict[str, Any] = {}  # events polled before their batch's thread waited for them
+        self._polling = threading.Lock()
+        self.call.start_server_batch((cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),), _CLOSE)
+
+    def is_active(self) -> bool:
+        if self.over or self.closed:
+            return False
+        if self._polling.acquire(blocking=False):  # else another thread polls, and notes the close
+            try:
+                event = self.queue.poll(deadline=time.time())  # answers at once
+                if event.completion_type == cygrpc.CompletionType.operation_complete:
+                    self._take(event)
+            finally:
+                self._polling.release()
+        return not self.closed
+
+    def wait(self, tag: str) -> Any:
+        with self._polling:
+            while True:
+                if tag == _CLOSE and self.closed:
+                    return None
+                if tag in self._seen:
+                    return self._seen.pop(tag)
+                self._take(self.queue.poll())
+
+    def _take(self, event: Any) -> None:
+        if event.tag == _CLOSE:
+            self.closed = True
+        else:  # a batch another thread started and has yet to wait for
+            self._seen[event.tag] = event
+
+
 class _Slot:
     """One outstanding request for a call of ``method``, with the queue its call's events go to."""
 
@@ -168,25 +223,30 @@ class FastPath:
 
     @classmethod
     def attach(cls, server: grpc.Server, handlers: Mapping[str, grpc.RpcMethodHandler],
-               interceptors: Sequence[grpc.ServerInterceptor], *, threads: int) -> FastPath | None:
+               interceptors: Sequence[grpc.ServerInterceptor], *, threads: int,
+               watch_cancel: bool = False) -> FastPath | None:
         """Take ``handlers`` (full method name → unary-unary handler) off ``server``'s pool.
 
         Call before ``server.start()`` and do not give grpcio these methods as registered
-        methods. ``None`` when this grpcio does not offer what this needs.
+        methods. ``None`` when this grpcio does not offer what this needs. With
+        ``watch_cancel``, a servicer's ``context.is_active()`` turns false as soon as its
+        call is cancelled or its deadline passes (one more core batch a call: for long calls).
         """
         core = getattr(server, "_cy_server", None)
         if cygrpc is None or core is None or not all(hasattr(core, name) for name in _CORE_CALLS):
             log.warning("this grpcio offers no per-thread completion queues; unary calls use its thread pool")
             return None
-        return cls(core, handlers, interceptors, threads=threads)
+        return cls(core, handlers, interceptors, threads=threads, watch_cancel=watch_cancel)
 
     def __init__(self, core: Any, handlers: Mapping[str, grpc.RpcMethodHandler],
-                 interceptors: Sequence[grpc.ServerInterceptor], *, threads: int) -> None:
+                 interceptors: Sequence[grpc.ServerInterceptor], *, threads: int,
+                 watch_cancel: bool = False) -> None:
         for method, handler in handlers.items():
             if handler.request_streaming or handler.response_streaming:
                 raise ValueError(f"{method} is a streaming method; only unary calls are served here")
         self._core = core
         self._handlers = dict(handlers)
+        self._context = _WatchedContext if watch_cancel else _Context
         # The interceptor chain, built once: interceptors[0] is outermost, as in grpcio.
         resolve: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None] = self._lookup
         for interceptor in reversed(interceptors):
@@ -267,7 +327,7 @@ class FastPath:
                     self._request(slot)
 
     def _handle(self, event: Any, slot: _Slot) -> None:
-        context = _Context(event, slot.queue)
+        context = self._context(event, slot.queue)
         self._finish(context, *self._answer(event, slot, context))
 
     def _answer(self, event: Any, slot: _Slot, context: _Context) -> tuple[bytes | None, grpc.StatusCode, str]:
@@ -279,8 +339,8 @@ class FastPath:
             return None, grpc.StatusCode.UNKNOWN, f"Exception servicing handler: {exc}"
         if handler is None:
             return None, grpc.StatusCode.UNIMPLEMENTED, "Method not found!"
-        context.call.start_server_batch((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), None)
-        received = slot.queue.poll()
+        context.call.start_server_batch((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), _RECEIVE)
+        received = context.wait(_RECEIVE)
         payload = received.batch_operations[0].message() if received.success else None
         if payload is None:  # cancelled, or the client closed without a request
             return None, grpc.StatusCode.UNIMPLEMENTED, f'"{slot.method}" requires exactly one request message.'
@@ -311,9 +371,13 @@ class FastPath:
             operations.append(cygrpc.SendInitialMetadataOperation((), _NO_FLAGS))
         if body is not None:
             operations.append(cygrpc.SendMessageOperation(body, _NO_FLAGS))
-        operations.append(cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS))
-        context.call.start_server_batch(tuple(operations), None)
-        context.queue.poll()
+        watched = isinstance(context, _WatchedContext)
+        if not watched:
+            operations.append(cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS))
+        context.call.start_server_batch(tuple(operations), _SEND)
+        context.wait(_SEND)
+        if watched:  # if not seen yet, it comes with the status: leave the queue empty for the next call
+            context.wait(_CLOSE)
         context.over = True
         for callback in context.callbacks:
             try:

@@ -367,10 +367,18 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if code is None:
             code = grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
         if code is grpc.StatusCode.OK:
-            cluster = getattr(response, "cluster", "") if response is not None else ""
-            self._count(service, rpc, "OK", cluster if isinstance(cluster, str) else "")
             if rpc == "BatchSign" and response is not None:
                 self._batch_items(response)
+            # An answer no one got: count what its client saw instead.
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                self._count(service, rpc, "DEADLINE_EXCEEDED", "")
+                return
+            if rpc == "BatchSign" and not context.is_active():  # the calls long enough to be cancelled
+                self._count(service, rpc, "CANCELLED", "")
+                return
+            cluster = getattr(response, "cluster", "") if response is not None else ""
+            self._count(service, rpc, "OK", cluster if isinstance(cluster, str) else "")
             return
         failure = describe_failure(code, context.trailing_metadata(), exc)
         self._count(service, rpc, code.name, failure.cluster)

@@ -130,8 +130,10 @@ class Gateway:
         crypto_pb2_grpc.add_CryptoServiceServicer_to_server(self.crypto, crypto)
         self.fast_paths: list[FastPath] = []
         for methods in (FAST_METHODS, BATCH_METHODS) if config.server.fast_path else ():
+            # A batch stops signing once its client has gone: its calls are watched for a cancel.
             served = FastPath.attach(self.server, {m: h for m, h in crypto.handlers.items() if m in methods},
-                                     interceptors, threads=config.server.threads)
+                                     interceptors, threads=config.server.threads,
+                                     watch_cancel=methods is BATCH_METHODS)
             if served is None:  # this grpcio cannot: every method stays on its pool
                 break
             self.fast_paths.append(served)

@@ -7,14 +7,16 @@ Servicers stay thin: convert, call the router, convert back. Errors go through
 from __future__ import annotations
 
 import base64
+import collections
 import contextvars
 import functools
+import itertools
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -25,7 +27,7 @@ from gateway.auth import audit
 from gateway.interceptors import current_identity
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from router.errors import InvalidArgument, Unavailable
+from router.errors import InternalError, InvalidArgument, Unavailable
 from router.model import KeySpec, Operation
 from router.router import Router
 from router.validation import MAX_BATCH, usage_for
@@ -229,18 +231,39 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         if not 1 <= len(items) <= MAX_BATCH:
             raise InvalidArgument(f"a batch holds 1 to {MAX_BATCH} requests, not {len(items)}")
         results: list[_Result | None] = [None] * len(items)
-        chunks = self._chunks(items)
-        # The request thread signs the first chunk itself (all of them on one CPU, where another
-        # thread only adds switches): a busy executor delays a batch, never stalls it. Each
-        # chunk runs in a copy of this call's context: its log lines keep the request id.
-        here = chunks if self._cpus == 1 else chunks[:1]
-        pending = [(self._batch_executor.submit(contextvars.copy_context().run, self._sign_chunk, items, chunk,
-                                                results, deadline), chunk)
-                   for chunk in chunks[len(here):]]
-        for chunk in here:
-            self._sign_chunk(items, chunk, results, deadline)
-        for future, chunk in pending:
-            _settle(future, chunk, results)
+        chunks, runners = self._chunks(items)
+        todo = collections.deque(chunks)
+
+        def run() -> None:
+            """Sign chunks until none is left. A chunk is taken only when it can start, so the
+            check of the call at its start is current: a cancelled batch stops within a chunk."""
+            while todo:
+                try:
+                    chunk = todo.popleft()
+                except IndexError:  # another thread took the last one
+                    return
+                self._sign_chunk(items, chunk, results, deadline, context)
+
+        # The request thread signs too (alone on one CPU, where another thread only adds
+        # switches): a busy executor delays a batch, never stalls it. Each runner works in a
+        # copy of this call's context: its log lines keep the request id.
+        helpers = [self._batch_executor.submit(contextvars.copy_context().run, run) for _ in range(runners - 1)]
+        run()
+        for helper in helpers:
+            try:
+                helper.result()
+            except CancelledError:  # the gateway is stopping; this thread signed its share
+                pass
+            except Exception:  # a bug: the items it left say INTERNAL below
+                log.exception("a BatchSign helper failed")
+        for index, result in enumerate(results):
+            if result is None:
+                results[index] = _failed_item(InternalError("batch item was not signed"))
+        ended = _unwanted(context)
+        if ended is not None:
+            left = sum(result.get("code") in _ENDED for result in results)  # type: ignore[union-attr] # all set
+            log.info("BatchSign %s: %d of %d items left unsigned",
+                     "past its deadline" if ended is _PAST_DEADLINE else "cancelled by its client", left, len(items))
         # Built in place, in request order: a BatchSignResult made per item and then copied
         # into the response cost ~1.5 µs an item.
         response = pb.BatchSignResponse()
@@ -249,12 +272,13 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             add(**fields)  # type: ignore[arg-type] # every item is set by now
         return response
 
-    def _chunks(self, items: Sequence[pb.SignRequest]) -> list[list[int]]:
+    def _chunks(self, items: Sequence[pb.SignRequest]) -> tuple[list[list[int]], int]:
         """Item indexes grouped by the cluster that serves their key first; each group cut into
-        as many chunks as that cluster has sessions, or this process CPUs if fewer (chunks of
-        BATCH_CHUNK to BATCH_CHUNK_MAX items)."""
+        chunks of BATCH_CHUNK to BATCH_CHUNK_MAX items, in turn from each cluster; and how many
+        chunks to sign at once: as many as the clusters have sessions, or this process CPUs if fewer
+        (one on one CPU)."""
         if len(items) < 2 * BATCH_CHUNK:
-            return [list(range(len(items)))]
+            return [list(range(len(items)))], 1
         groups: dict[str, list[int]] = {}
         first: dict[str, str] = {}
         for index, item in enumerate(items):
@@ -262,14 +286,17 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             if cluster is None:
                 cluster = first[item.key_id] = self._first_cluster(item.key_id)
             groups.setdefault(cluster, []).append(index)
-        chunks: list[list[int]] = []
+        cut: list[list[list[int]]] = []
+        at_once = 0
         for cluster, indexes in groups.items():
             backend = self.router.backends.get(cluster)
             sessions = min(backend.spec.pool_size if backend else 1, self._cpus)
+            at_once += sessions
             parts = max(1, min(sessions, len(indexes) // BATCH_CHUNK), -(-len(indexes) // BATCH_CHUNK_MAX))
             size = -(-len(indexes) // parts)
-            chunks += [indexes[i : i + size] for i in range(0, len(indexes), size)]
-        return chunks
+            cut.append([indexes[i : i + size] for i in range(0, len(indexes), size)])
+        chunks = [chunk for turn in itertools.zip_longest(*cut) for chunk in turn if chunk is not None]
+        return chunks, 1 if self._cpus == 1 else min(len(chunks), at_once)
 
     def _first_cluster(self, key_id: str) -> str:
         try:
@@ -279,7 +306,13 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
 
     def _sign_chunk(
         self, items: Sequence[pb.SignRequest], chunk: list[int], results: list[_Result | None], deadline: float,
+        context: grpc.ServicerContext,
     ) -> None:
+        ended = _unwanted(context)
+        if ended is not None:  # no one reads these
+            for index in chunk:
+                results[index] = ended
+            return
         asked: list[tuple[str, Operation, bytes | None, bytes | None]] = []
         named: list[tuple[int, str]] = []  # (index, request id) of each item asked
         for index in chunk:
@@ -328,14 +361,23 @@ def _failed_item(exc: BaseException) -> _Result:
     return {"code": code.value[0], "message": message, "reason": reason}
 
 
-def _settle(future: Future[None], chunk: list[int], results: list[_Result | None]) -> None:
-    """Wait for a chunk; a chunk that never ran (executor shut down) fails its own items."""
-    try:
-        future.result()
-    except BaseException:  # noqa: BLE001 - cancelled: the gateway is stopping
-        failure = _failed_item(Unavailable("the gateway is shutting down; retry on another gateway"))
-        for index in chunk:
-            results[index] = failure
+_CANCELLED: _Result = {"code": grpc.StatusCode.CANCELLED.value[0], "reason": "CANCELLED",
+                       "message": "the call was cancelled before this item was signed"}
+_PAST_DEADLINE: _Result = {"code": grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "reason": "DEADLINE_EXCEEDED",
+                           "message": "the call's deadline passed before this item was signed"}
+"""An item of a batch whose call ended (cancelled, or past its deadline) before it was signed."""
+
+
+_ENDED = frozenset({grpc.StatusCode.CANCELLED.value[0], grpc.StatusCode.DEADLINE_EXCEEDED.value[0]})
+
+
+def _unwanted(context: grpc.ServicerContext) -> _Result | None:
+    """What an item of a call no one waits for any more says (its deadline passed, or its client
+    cancelled it); None while the call is live."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return _PAST_DEADLINE
+    return None if context.is_active() else _CANCELLED
 
 
 def _pem(der: bytes) -> str:

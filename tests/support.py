@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +38,27 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.now += seconds
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""A /metrics page: (sample name, sorted labels) → value."""
+
+
+def scrape(port: int) -> Samples:
+    """The /metrics page a gateway serves on ``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(v for (n, lbls), v in samples.items() if n == name and set(labels.items()) <= set(lbls))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",

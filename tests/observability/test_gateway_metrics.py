@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.fleet import Fleet, find_module
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2_grpc
@@ -31,7 +29,7 @@ from hsmgw.v1 import crypto_pb2 as pb
 from tests.faults import FaultControl
 from tests.moto import FAKE_AWS_ENV, free_port
 from tests.observability.conftest import MotoProcess, boto
-from tests.support import ROOT, GatewayProcess, rpc_error, wait_for
+from tests.support import ROOT, GatewayProcess, Samples, rpc_error, scrape, value, wait_for
 
 NAMESPACE = "HSMGW-test"
 DIGEST = bytes(range(32))
@@ -54,25 +52,6 @@ def observed_config(fleet: Fleet, faultmod: Path, control: FaultControl, metrics
     path = fleet.state_dir / "observed.toml"
     path.write_text(text)
     return path
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        assert response.status == 200
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples called ``name`` whose labels include ``labels``."""
-    return sum(v for (n, lbls), v in samples.items() if n == name and set(labels.items()) <= set(lbls))
 
 
 @dataclass
@@ -185,6 +164,17 @@ def _drive(run: Scenario, crypto: crypto_pb2_grpc.CryptoServiceStub, admin: admi
     run.under_replicated = under.key_id
     wait_for(lambda: _circuit(run, run.replica) == 0, 15, f"the circuit of {run.replica} to close")
 
+    # The single-copy key's HSM is slow: the sign succeeds after its caller's deadline passed. The
+    # caller saw DEADLINE_EXCEEDED, and so do the metrics, not an OK that no one received.
+    control.set(run.single, "latency", 150)  # each of C_SignInit and C_Sign
+    try:
+        late = rpc_error(crypto.Sign, _sign(single.key_id), timeout=0.2)
+        assert late.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: value(scrape(run.metrics_port), "hsmgw_requests_total", rpc="Sign",
+                               code="DEADLINE_EXCEEDED") == 1, 10, "the late sign to be counted")
+    finally:
+        control.clear(run.single)
+
     # At rest: the pool gauges must equal what the admin API reports (a probe may hold a
     # session for a moment, so compare until they agree).
     def agree() -> bool:
@@ -212,10 +202,11 @@ def test_requests_are_counted_by_rpc_code_and_cluster(scenario: Scenario) -> Non
     assert value(s, "hsmgw_requests_total", **rpc, code="NOT_FOUND") == 1
     assert value(s, "hsmgw_requests_total", **rpc, code="INVALID_ARGUMENT") == 1
     assert value(s, "hsmgw_requests_total", **rpc, code="RESOURCE_EXHAUSTED", cluster=scenario.single) == 1
+    assert value(s, "hsmgw_requests_total", **rpc, code="DEADLINE_EXCEEDED") == 1  # answered after it
     assert value(s, "hsmgw_requests_total", rpc="GenerateKey", code="OK") == 3
     assert value(s, "hsmgw_requests_total", rpc="BatchSign", code="OK") == 1
-    assert value(s, "hsmgw_request_duration_seconds_count", rpc="Sign") == 11
-    assert value(s, "hsmgw_request_duration_seconds_bucket", rpc="Sign", le="+Inf") == 11
+    assert value(s, "hsmgw_request_duration_seconds_count", rpc="Sign") == 12
+    assert value(s, "hsmgw_request_duration_seconds_bucket", rpc="Sign", le="+Inf") == 12
     assert value(s, "hsmgw_requests_in_flight") == 0
     assert value(s, "hsmgw_batch_items_total", code="OK", cluster=scenario.primary) == 1
     assert value(s, "hsmgw_batch_items_total", code="NOT_FOUND") == 1
@@ -290,7 +281,7 @@ def test_cloudwatch_receives_the_core_metrics(scenario: Scenario) -> None:
     wait_for(lambda: sum(_statistic(cw, "Requests", region, "Sum")) == total, 15,
              f"CloudWatch Requests to add up to {total}")
     assert sum(_statistic(cw, "Failovers", region, "Sum")) == 3
-    assert sum(_statistic(cw, "ServerErrors", region, "Sum")) == 1  # the busy HSM
+    assert sum(_statistic(cw, "ServerErrors", region, "Sum")) == 2  # the busy HSM, the slow one
     keys = {c.name: c.keys for c in scenario.clusters}
     for cluster, count in keys.items():
         assert max(_statistic(cw, "Keys", {"Cluster": cluster}, "Maximum")) == count

@@ -16,8 +16,7 @@ from gateway.fleet import Fleet, find_module, init_fleet
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from tests.moto import free_port
-from tests.observability.test_gateway_metrics import scrape, value
-from tests.support import ROOT, GatewayProcess, wait_for
+from tests.support import ROOT, GatewayProcess, scrape, value, wait_for
 
 _DESTROY = """
 import json, os, sys

@@ -118,8 +118,8 @@ def test_on_one_cpu_a_large_batch_is_signed_in_the_request_thread() -> None:
     servicer = CryptoServicer(router, batch_executor=_NoThreads(), cpus=1)  # type: ignore[arg-type]
     items = [pb.SignRequest(key_id="ab"[i % 2], algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=bytes(32),
                             request_id=f"r{i}") for i in range(300)]
-    assert len(servicer._chunks(items)) >= 2, "still cut into chunks, so a session is never held for 300 items"
-    context = SimpleNamespace(time_remaining=lambda: 5.0)
+    assert len(servicer._chunks(items)[0]) >= 2, "still cut into chunks, so a session is never held for 300 items"
+    context = SimpleNamespace(time_remaining=lambda: 5.0, is_active=lambda: True)
     response = servicer.BatchSign(pb.BatchSignRequest(requests=items), context)
     assert [r.code for r in response.responses] == [0] * 300
     assert [r.response.request_id for r in response.responses] == [f"r{i}" for i in range(300)]
@@ -132,7 +132,8 @@ def test_chunks_cover_every_item_once_per_cluster_within_bounds(size: int) -> No
     servicer = CryptoServicer(router, cpus=4)  # type: ignore[arg-type]
     try:
         items = [pb.SignRequest(key_id=("a", "b", "missing")[i % 3]) for i in range(size)]
-        chunks = servicer._chunks(items)
+        chunks, at_once = servicer._chunks(items)
+        assert 1 <= at_once <= min(len(chunks), 4 + 4 + 1)  # two clusters of 4 sessions; unknown keys: 1
         flat = sorted(i for chunk in chunks for i in chunk)
         assert flat == list(range(size))
         for chunk in chunks:

@@ -49,13 +49,13 @@ class Server:
                  threads: int = 2, interceptors: list[grpc.ServerInterceptor] | None = None,
                  deserializer: Callable[[bytes], Any] | None = None,
                  serializer: Callable[[Any], bytes] | None = None,
-                 options: list[tuple[str, Any]] | None = None) -> None:
+                 options: list[tuple[str, Any]] | None = None, watch_cancel: bool = False) -> None:
         self.interceptors = interceptors or []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pool"),
                                   interceptors=self.interceptors, options=options or [])
         fast = {_method(name): grpc.unary_unary_rpc_method_handler(b, deserializer, serializer)
                 for name, b in behaviours.items()}
-        self.fast = FastPath.attach(self.server, fast, self.interceptors, threads=threads)
+        self.fast = FastPath.attach(self.server, fast, self.interceptors, threads=threads, watch_cancel=watch_cancel)
         assert self.fast is not None
         pool = {name: grpc.unary_unary_rpc_method_handler(b) for name, b in (slow or {}).items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, pool),))
@@ -242,6 +242,70 @@ def test_deadline_and_cancellation_free_the_thread(serve) -> None:
     gate.open()
     assert server.call("Name")[0] == b"rpc-fast-0"
     wait_for(lambda: len(gate.active_at_end) == 2, what="both held calls to finish")
+
+
+class Watcher:
+    """A servicer that works until its call is no longer active (at most ``limit`` s), then says how long it ran."""
+
+    def __init__(self, limit: float = 10) -> None:
+        self.limit = limit
+        self.inside = threading.Event()
+        self.stopped_after: list[float] = []
+
+    def __call__(self, _request: bytes, context: grpc.ServicerContext) -> bytes:
+        started = time.monotonic()
+        self.inside.set()
+        while context.is_active() and time.monotonic() - started < self.limit:
+            time.sleep(0.005)
+        self.stopped_after.append(time.monotonic() - started)
+        return b"done"
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watched", "unwatched"])
+def test_a_watched_call_sees_its_cancel_at_once_and_the_thread_serves_on(serve, watch) -> None:
+    watcher = Watcher(limit=10 if watch else 2)
+    server = serve({"Work": watcher, "Name": _thread_name}, threads=1, watch_cancel=watch)
+    if not watch:  # unary methods: is_active stays true until the handler returns, as before
+        call = server.future("Work", timeout=0.5)
+        with pytest.raises(grpc.RpcError):
+            call.result(timeout=15)
+        wait_for(lambda: watcher.stopped_after, what="the servicer to return", timeout=15)
+        assert watcher.stopped_after[0] >= 2
+        return
+    call = server.future("Work")
+    assert watcher.inside.wait(10)
+    assert call.cancel()
+    wait_for(lambda: watcher.stopped_after, what="the servicer to notice the cancel")
+    assert watcher.stopped_after[0] < 5
+    # The deadline ends a watched call too.
+    watcher.inside.clear()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Work", timeout=0.3)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: len(watcher.stopped_after) == 2, what="the servicer to notice the deadline")
+    assert watcher.stopped_after[1] < 5
+    # The one thread's queue was left clean: it answers what comes next.
+    assert server.call("Name")[0] == b"rpc-fast-0"
+
+
+def test_watched_calls_answer_like_the_others(serve) -> None:
+    def behaviour(request: bytes, context: grpc.ServicerContext) -> bytes:
+        assert context.is_active()
+        context.send_initial_metadata((("early", "yes"),))
+        assert context.is_active()
+        context.set_trailing_metadata((("late", "yes"),))
+        return request
+
+    server = serve({"Echo": behaviour, "Fail": lambda _r, c: c.abort(grpc.StatusCode.NOT_FOUND, "no such key")},
+                   threads=2, watch_cancel=True)
+    for index in range(50):  # each call leaves its slot's queue empty for the next
+        body, call = server.call("Echo", str(index).encode())
+        assert body == str(index).encode()
+        assert ("early", "yes") in tuple(call.initial_metadata())
+        assert ("late", "yes") in tuple(call.trailing_metadata())
+        with pytest.raises(grpc.RpcError) as caught:
+            server.call("Fail")
+        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.NOT_FOUND, "no such key")
 
 
 def test_stop_lets_a_call_in_flight_finish_and_ends_the_threads(serve) -> None:
