@@ -21,11 +21,11 @@ abort, an exception in the servicer (``UNKNOWN``, ``Exception calling applicatio
 a request that does not parse (``INTERNAL``), a call with no request message
 (``UNIMPLEMENTED``), trailing metadata, deadlines. On a ``FastPath`` made with
 ``watch_cancel=True`` (BatchSign's), ``is_active`` turns false as soon as the client
-cancels or the deadline passes, as on grpcio's pool: the call asks core at its start
-to report its end. That costs one more core batch a call, so the unary methods, whose
-calls are too short to stop half way, are not watched: there a cancelled call is
-noticed when its handler finishes (``is_active`` stays true until then), as grpcio
-does for a servicer that does not poll ``is_active``.
+cancels or the deadline passes, as on grpcio's pool: its first call asks core to
+report the call's end. That costs one more core batch and event, so the unary
+methods, whose calls are too short to stop half way, are not watched: there a
+cancelled call is noticed when its handler finishes (``is_active`` stays true until
+then), as grpcio does for a servicer that does not poll ``is_active``.
 """
 
 from __future__ import annotations
@@ -167,32 +167,46 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
 class _WatchedContext(_Context):
     """A call whose end core reports as soon as it happens: ``is_active`` sees a cancel at once.
 
-    The receive-close batch starts with the call. Its event may come before the answer is
-    sent (the client cancelled, or the deadline passed) or with it; ``wait`` notes it
-    whichever batch it waits for, and the thread that sends the answer drains it.
-    ``is_active`` may be called from any thread while the servicer runs.
+    The first ``is_active`` starts a receive-close batch (a call no one asks about costs
+    nothing more). Its event may come before the answer is sent (the client cancelled, or
+    the deadline passed) or with it; ``wait`` notes it whichever batch it waits for, and
+    the thread that sends the answer drains it. ``is_active`` may be called from any
+    thread while the servicer runs.
     """
 
     def __init__(self, event: Any, queue: Any) -> None:
         super().__init__(event, queue)
-        self.closed = False  # core reported the call's end
+        self.watching = False  # the receive-close batch is started
+        self.closed = False  # ... and core reported the call's end
+        self._sealed = False  # the answer is being sent: no batch starts any more
         self._seen: dict[str, Any] = {}  # events polled before their batch's thread waited for them
         self._polling = threading.Lock()
-        self.call.start_server_batch((cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),), _CLOSE)
 
     def is_active(self) -> bool:
         if self.over or self.closed:
             return False
         if self._polling.acquire(blocking=False):  # else another thread polls, and notes the close
             try:
-                event = self.queue.poll(deadline=time.time())  # answers at once
-                if event.completion_type == cygrpc.CompletionType.operation_complete:
-                    self._take(event)
+                if not self.watching and not self._sealed:
+                    self.watching = True
+                    self.call.start_server_batch((cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),), _CLOSE)
+                if self.watching:
+                    event = self.queue.poll(deadline=time.time())  # answers at once
+                    if event.completion_type == cygrpc.CompletionType.operation_complete:
+                        self._take(event)
             finally:
                 self._polling.release()
         return not self.closed
 
+    def seal(self) -> bool:
+        """Before the answer goes: whether the receive-close batch was started (else it goes with it)."""
+        with self._polling:
+            self._sealed = True
+            return self.watching
+
     def wait(self, tag: str) -> Any:
+        if not self.watching and (tag == _RECEIVE or self._sealed):  # no other batch, nor one to come
+            return self.queue.poll()
         with self._polling:
             while True:
                 if tag == _CLOSE and self.closed:
@@ -230,7 +244,8 @@ class FastPath:
         Call before ``server.start()`` and do not give grpcio these methods as registered
         methods. ``None`` when this grpcio does not offer what this needs. With
         ``watch_cancel``, a servicer's ``context.is_active()`` turns false as soon as its
-        call is cancelled or its deadline passes (one more core batch a call: for long calls).
+        call is cancelled or its deadline passes (from its first call on, which costs one
+        more core batch: for long calls).
         """
         core = getattr(server, "_cy_server", None)
         if cygrpc is None or core is None or not all(hasattr(core, name) for name in _CORE_CALLS):
@@ -371,7 +386,7 @@ class FastPath:
             operations.append(cygrpc.SendInitialMetadataOperation((), _NO_FLAGS))
         if body is not None:
             operations.append(cygrpc.SendMessageOperation(body, _NO_FLAGS))
-        watched = isinstance(context, _WatchedContext)
+        watched = isinstance(context, _WatchedContext) and context.seal()
         if not watched:
             operations.append(cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS))
         context.call.start_server_batch(tuple(operations), _SEND)

@@ -367,15 +367,16 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if code is None:
             code = grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
         if code is grpc.StatusCode.OK:
-            if rpc == "BatchSign" and response is not None:
-                self._batch_items(response)
-            # An answer no one got: count what its client saw instead.
+            # An answer no one got counts as what its client saw: past its deadline, or a batch
+            # that stopped because its client cancelled it (items CANCELLED are such items only).
             remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            late = remaining is not None and remaining <= 0
+            if rpc == "BatchSign" and response is not None:
+                if self._batch_items(response) and not late:
+                    self._count(service, rpc, "CANCELLED", "")
+                    return
+            if late:
                 self._count(service, rpc, "DEADLINE_EXCEEDED", "")
-                return
-            if rpc == "BatchSign" and not context.is_active():  # the calls long enough to be cancelled
-                self._count(service, rpc, "CANCELLED", "")
                 return
             cluster = getattr(response, "cluster", "") if response is not None else ""
             self._count(service, rpc, "OK", cluster if isinstance(cluster, str) else "")
@@ -388,7 +389,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if failure.store_error:
             m.store_errors.inc()
 
-    def _batch_items(self, response: Any) -> None:
+    def _batch_items(self, response: Any) -> bool:
+        """Counts a batch's items by status; whether some were left unsigned by a cancel."""
         counts: dict[tuple[str, str], int] = {}
         for item in getattr(response, "responses", ()):
             if item.code == 0:
@@ -399,6 +401,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             counts[key] = counts.get(key, 0) + 1
         for (code, cluster), n in counts.items():
             self.metrics.batch_items.labels(code, cluster).inc(n)
+        return ("CANCELLED", "") in counts
 
     def _unary(self, behavior: Callable[..., Any], service: str, rpc: str) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:

@@ -232,17 +232,24 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             raise InvalidArgument(f"a batch holds 1 to {MAX_BATCH} requests, not {len(items)}")
         results: list[_Result | None] = [None] * len(items)
         chunks, runners = self._chunks(items)
-        todo = collections.deque(chunks)
+        todo = collections.deque(enumerate(chunks))
+        skipped: list[tuple[_Result, int]] = []  # (what its items say, how many) of each chunk not signed
 
         def run() -> None:
             """Sign chunks until none is left. A chunk is taken only when it can start, so the
             check of the call at its start is current: a cancelled batch stops within a chunk."""
             while todo:
                 try:
-                    chunk = todo.popleft()
+                    position, chunk = todo.popleft()
                 except IndexError:  # another thread took the last one
                     return
-                self._sign_chunk(items, chunk, results, deadline, context)
+                ended = _unwanted(context) if position else None  # the call has just begun
+                if ended is None:
+                    self._sign_chunk(items, chunk, results, deadline)
+                else:  # no one reads these
+                    for index in chunk:
+                        results[index] = ended
+                    skipped.append((ended, len(chunk)))
 
         # The request thread signs too (alone on one CPU, where another thread only adds
         # switches): a busy executor delays a batch, never stalls it. Each runner works in a
@@ -256,14 +263,13 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 pass
             except Exception:  # a bug: the items it left say INTERNAL below
                 log.exception("a BatchSign helper failed")
-        for index, result in enumerate(results):
-            if result is None:
-                results[index] = _failed_item(InternalError("batch item was not signed"))
-        ended = _unwanted(context)
-        if ended is not None:
-            left = sum(result.get("code") in _ENDED for result in results)  # type: ignore[union-attr] # all set
-            log.info("BatchSign %s: %d of %d items left unsigned",
-                     "past its deadline" if ended is _PAST_DEADLINE else "cancelled by its client", left, len(items))
+        if helpers and None in results:  # left by a helper that failed
+            failure = _failed_item(InternalError("batch item was not signed"))
+            results = [failure if result is None else result for result in results]
+        for ended, how in ((_CANCELLED, "cancelled by its client"), (_PAST_DEADLINE, "past its deadline")):
+            left = sum(count for result, count in skipped if result is ended)
+            if left:
+                log.info("BatchSign %s: %d of %d items left unsigned", how, left, len(items))
         # Built in place, in request order: a BatchSignResult made per item and then copied
         # into the response cost ~1.5 µs an item.
         response = pb.BatchSignResponse()
@@ -306,13 +312,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
 
     def _sign_chunk(
         self, items: Sequence[pb.SignRequest], chunk: list[int], results: list[_Result | None], deadline: float,
-        context: grpc.ServicerContext,
     ) -> None:
-        ended = _unwanted(context)
-        if ended is not None:  # no one reads these
-            for index in chunk:
-                results[index] = ended
-            return
         asked: list[tuple[str, Operation, bytes | None, bytes | None]] = []
         named: list[tuple[int, str]] = []  # (index, request id) of each item asked
         for index in chunk:
@@ -366,9 +366,6 @@ _CANCELLED: _Result = {"code": grpc.StatusCode.CANCELLED.value[0], "reason": "CA
 _PAST_DEADLINE: _Result = {"code": grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "reason": "DEADLINE_EXCEEDED",
                            "message": "the call's deadline passed before this item was signed"}
 """An item of a batch whose call ended (cancelled, or past its deadline) before it was signed."""
-
-
-_ENDED = frozenset({grpc.StatusCode.CANCELLED.value[0], grpc.StatusCode.DEADLINE_EXCEEDED.value[0]})
 
 
 def _unwanted(context: grpc.ServicerContext) -> _Result | None:
