@@ -314,6 +314,29 @@ def test_a_placement_on_a_cluster_that_cannot_take_the_key_is_not_followed(make_
         router.pin(followed, "use1-a")
 
 
+def test_a_key_is_made_where_it_was_placed_even_if_its_placement_cannot_be_cleared(
+        make_router, caplog, monkeypatch) -> None:
+    """The store fails just as the used placement would be cleared: the key is made and
+    acknowledged all the same (it is durable), the placement stays, and the log says so."""
+    import router.router as router_module
+    from router.placement.store import StoreError
+
+    router = make_router()
+    key_id = unique("placed-store-down")
+    router.pin(key_id, "use1-b")
+
+    def down(*_args, **_kwargs):
+        raise StoreError("the placement store is unreachable")
+
+    monkeypatch.setattr(router_module, "edit_admin_record", down)
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        made = router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert made.primary == "use1-b"
+    assert router.placement(key_id).primary == "use1-b"
+    assert f"key {key_id} is made, but its placement could not be cleared" in caplog.text
+    assert router._pin_of(key_id) == "use1-b"
+
+
 def test_reconcile_reports_missing_material_but_not_external_keys(make_router, tokens) -> None:
     router = make_router()
     gone = router.generate_key(_spec(unique("gone")), time.monotonic() + 30)
