@@ -16,6 +16,8 @@ calls in flight per worker. An identity without limits shares nothing.
   open file (``F_OFD_SETLKW``: a process-wide record lock would let the kernel take two
   workers' threads for a deadlock and fail a call). Such a lock keeps open files apart,
   not a process's own threads, so a thread lock is taken as well (one of several, by slot).
+  A call's end is the exception: it lowers the worker's own count under the thread lock
+  alone (``_publish``, ``ending``), since the slot cannot change hands while it counts that call.
 - A worker writes only its own counts: a copy of its own, kept in step.
 - A worker that starts zeroes its own counts, and the supervisor zeroes a dead
   worker's: calls it had in flight no longer count.
@@ -279,9 +281,17 @@ class SharedLimiter(Limiter):
             self._found.pop(identity, None)  # taken over while idle: look again
         return False, None
 
-    def _publish(self, identity: str) -> None:
+    def _publish(self, identity: str, *, ending: bool = False) -> None:
         """This worker's count of ``identity``'s calls, into its slot if it has one here (under
-        the slot's locks: a slot taken over meanwhile must not get a count that is not its own)."""
+        the slot's locks: a slot taken over meanwhile must not get a count that is not its own).
+
+        ``ending``: a call of this worker ends. Its count in the slot is then at least 1
+        until this write (written at its admission, and only this worker writes it), so no
+        worker can take the slot over before it: the file lock is not needed. The thread
+        lock is: another thread's admission must not be overwritten by an older count.
+        Another worker reads the old count or the new one, as if the call ended a moment
+        later or sooner.
+        """
         found = self._found.get(identity)
         if found is None:
             return
@@ -289,6 +299,10 @@ class SharedLimiter(Limiter):
         file = self._file
         offset = file.offset(slot)
         with self._stripes[slot % _STRIPES]:
+            if ending:
+                if file.digest_at(offset) == digest:
+                    self._set_own(identity, offset)
+                return
             _lock(file.fd, offset, file.size)
             try:
                 if file.digest_at(offset) == digest:
@@ -356,7 +370,7 @@ class SharedLimiter(Limiter):
 
     def leave(self, identity: str) -> None:
         Limiter.leave(self, identity)
-        self._publish(identity)
+        self._publish(identity, ending=True)
 
     def charge(self, identity: str, limits: Limits, cost: int = 1) -> None:
         if limits.rate <= 0:

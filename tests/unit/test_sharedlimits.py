@@ -70,6 +70,34 @@ def test_calls_in_flight_count_across_the_workers(limits_file: Path) -> None:
     assert two.in_flight("app") == 3
 
 
+def test_a_call_ends_without_waiting_for_another_worker_s_lock(limits_file: Path) -> None:
+    """Only a worker's own count changes when its call ends, and the slot cannot change hands
+    while it counts that call: the end takes no file lock, and never waits behind another
+    worker's admission. The other workers see the count go down."""
+    import fcntl
+    import os
+    import threading
+
+    from gateway.sharedlimits import _FLOCK
+
+    one, two = SharedLimiter(limits_file, 0, FakeClock()), SharedLimiter(limits_file, 1, FakeClock())
+    limits = Limits(concurrency=1)
+    one.enter("app", limits)
+    with pytest.raises(ConcurrencyLimited):
+        two.enter("app", limits)
+    other = os.open(limits_file, os.O_RDWR)  # another worker, holding every slot's lock
+    try:
+        fcntl.fcntl(other, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        ended = threading.Thread(target=one.leave, args=("app",), daemon=True)
+        ended.start()
+        ended.join(10)
+        assert not ended.is_alive(), "the end of a call waited for another worker's lock"
+    finally:
+        os.close(other)  # releases the lock
+    two.enter("app", limits)  # the call that ended no longer counts
+    assert two.in_flight("app") == 1
+
+
 def test_admit_refused_by_the_rate_counts_nothing_in_flight(limits_file: Path) -> None:
     worker = SharedLimiter(limits_file, 0, FakeClock())
     limits = Limits(rate=1, burst=1, concurrency=5)
