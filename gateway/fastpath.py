@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 _NO_FLAGS = 0
 # Tags of a call's batches on its slot's queue: a watched call has two outstanding at times.
 _RECEIVE, _SEND, _INITIAL, _CLOSE = "receive", "send", "initial metadata", "close"
+_CALL_OK = 0  # grpc_call_error GRPC_CALL_OK: a batch was started
 _CORE_CALLS = ("register_method", "register_completion_queue", "request_registered_call")
 _STATUS = {code: code.value[0] for code in grpc.StatusCode}
 
@@ -176,7 +177,8 @@ class _WatchedContext(_Context):
 
     def __init__(self, event: Any, queue: Any) -> None:
         super().__init__(event, queue)
-        self.watching = False  # the receive-close batch is started
+        self._asked = False  # the receive-close batch was asked for
+        self.watching = False  # ... and started
         self.closed = False  # ... and core reported the call's end
         self._sealed = False  # the answer is being sent: no batch starts any more
         self._seen: dict[str, Any] = {}  # events polled before their batch's thread waited for them
@@ -187,13 +189,15 @@ class _WatchedContext(_Context):
             return False
         if self._polling.acquire(blocking=False):  # else another thread polls, and notes the close
             try:
-                if not self.watching and not self._sealed:
-                    self.watching = True
-                    self.call.start_server_batch((cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),), _CLOSE)
-                if self.watching:
-                    event = self.queue.poll(deadline=time.time())  # answers at once
-                    if event.completion_type == cygrpc.CompletionType.operation_complete:
-                        self._take(event)
+                if not self._sealed:  # once sealed, the serving thread alone uses the queue
+                    if not self._asked:
+                        self._asked = True
+                        self.watching = self.call.start_server_batch(
+                            (cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),), _CLOSE) == _CALL_OK
+                    if self.watching:
+                        event = self.queue.poll(deadline=time.time())  # answers at once
+                        if event.completion_type == cygrpc.CompletionType.operation_complete:
+                            self._take(event)
             finally:
                 self._polling.release()
         return not self.closed
@@ -203,6 +207,14 @@ class _WatchedContext(_Context):
         with self._polling:
             self._sealed = True
             return self.watching
+
+    def settle(self) -> None:
+        """After the answer, or a failure on its way: leave none of this call's events on the
+        queue, which serves the slot's next call. A call not over yet is cancelled first."""
+        self.seal()
+        if self.watching and not self.closed:
+            self.call.cancel()
+            self.wait(_CLOSE)
 
     def wait(self, tag: str) -> Any:
         if not self.watching and (tag == _RECEIVE or self._sealed):  # no other batch, nor one to come
@@ -343,7 +355,11 @@ class FastPath:
 
     def _handle(self, event: Any, slot: _Slot) -> None:
         context = self._context(event, slot.queue)
-        self._finish(context, *self._answer(event, slot, context))
+        try:
+            self._finish(context, *self._answer(event, slot, context))
+        finally:
+            if isinstance(context, _WatchedContext):
+                context.settle()
 
     def _answer(self, event: Any, slot: _Slot, context: _Context) -> tuple[bytes | None, grpc.StatusCode, str]:
         """Receive the request, run the interceptors and the servicer: (response body, status, details)."""

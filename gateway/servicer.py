@@ -255,14 +255,18 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         # switches): a busy executor delays a batch, never stalls it. Each runner works in a
         # copy of this call's context: its log lines keep the request id.
         helpers = [self._batch_executor.submit(contextvars.copy_context().run, run) for _ in range(runners - 1)]
-        run()
-        for helper in helpers:
-            try:
-                helper.result()
-            except CancelledError:  # the gateway is stopping; this thread signed its share
-                pass
-            except Exception:  # a bug: the items it left say INTERNAL below
-                log.exception("a BatchSign helper failed")
+        try:
+            run()
+        finally:  # no helper outlives the call, nor is waited for if it has nothing left to do
+            todo.clear()
+            for helper in helpers:
+                helper.cancel()
+                try:
+                    helper.result()
+                except CancelledError:  # never started: this thread signed its share
+                    pass
+                except Exception:  # a bug: the items it left say INTERNAL below
+                    log.exception("a BatchSign helper failed")
         if helpers and None in results:  # left by a helper that failed
             failure = _failed_item(InternalError("batch item was not signed"))
             results = [failure if result is None else result for result in results]
@@ -374,7 +378,10 @@ def _unwanted(context: grpc.ServicerContext) -> _Result | None:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return _PAST_DEADLINE
-    return None if context.is_active() else _CANCELLED
+    if context.is_active():
+        return None
+    remaining = context.time_remaining()  # core may have ended the call at its deadline just now
+    return _PAST_DEADLINE if remaining is not None and remaining <= 0 else _CANCELLED
 
 
 def _pem(der: bytes) -> str:

@@ -17,7 +17,8 @@ calls in flight per worker. An identity without limits shares nothing.
   workers' threads for a deadlock and fail a call). Such a lock keeps open files apart,
   not a process's own threads, so a thread lock is taken as well (one of several, by slot).
   A call's end is the exception: it lowers the worker's own count under the thread lock
-  alone (``_publish``, ``ending``), since the slot cannot change hands while it counts that call.
+  alone (``_publish``, ``ending``) when that count is above 0, since the slot cannot change
+  hands while it counts a call.
 - A worker writes only its own counts: a copy of its own, kept in step.
 - A worker that starts zeroes its own counts, and the supervisor zeroes a dead
   worker's: calls it had in flight no longer count.
@@ -285,12 +286,13 @@ class SharedLimiter(Limiter):
         """This worker's count of ``identity``'s calls, into its slot if it has one here (under
         the slot's locks: a slot taken over meanwhile must not get a count that is not its own).
 
-        ``ending``: a call of this worker ends. Its count in the slot is then at least 1
-        until this write (written at its admission, and only this worker writes it), so no
-        worker can take the slot over before it: the file lock is not needed. The thread
-        lock is: another thread's admission must not be overwritten by an older count.
-        Another worker reads the old count or the new one, as if the call ended a moment
-        later or sooner.
+        ``ending``: a call of this worker ends. If this worker's count in the slot is at
+        least 1 (only this worker writes it), no worker can take the slot over before this
+        write: the file lock is not needed. (A call admitted while the identity had no slot
+        here was not counted in it: then the locked way.) The thread lock is needed:
+        another thread's admission must not be overwritten by an older count. Another
+        worker reads the old count or the new one, as if the call ended a moment later or
+        sooner.
         """
         found = self._found.get(identity)
         if found is None:
@@ -299,9 +301,8 @@ class SharedLimiter(Limiter):
         file = self._file
         offset = file.offset(slot)
         with self._stripes[slot % _STRIPES]:
-            if ending:
-                if file.digest_at(offset) == digest:
-                    self._set_own(identity, offset)
+            if ending and _COUNT.unpack_from(file.map, offset + self._own)[0] > 0 and file.digest_at(offset) == digest:
+                self._set_own(identity, offset)
                 return
             _lock(file.fd, offset, file.size)
             try:

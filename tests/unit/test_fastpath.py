@@ -308,6 +308,25 @@ def test_watched_calls_answer_like_the_others(serve) -> None:
         assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.NOT_FOUND, "no such key")
 
 
+def test_a_watched_call_that_fails_on_its_way_out_leaves_its_thread_clean(serve, caplog) -> None:
+    """The answer cannot be sent (trailing metadata gRPC cannot encode) after the watch began:
+    the call is cancelled and its events drained, so the thread's next calls get their own
+    requests and answers."""
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        assert context.is_active()  # starts the watch
+        if request == b"break":
+            context.set_trailing_metadata((("late", object()),))
+        return request
+
+    server = serve({"Echo": echo}, threads=1, watch_cancel=True)  # one thread: one queue for Echo
+    with pytest.raises(grpc.RpcError) as caught:
+        server.call("Echo", b"break", timeout=5)
+    assert caught.value.code() is not grpc.StatusCode.OK
+    for index in range(5):
+        assert server.call("Echo", f"request {index}".encode(), timeout=5)[0] == f"request {index}".encode()
+    assert "unexpected failure serving" in caplog.text
+
+
 def test_stop_lets_a_call_in_flight_finish_and_ends_the_threads(serve) -> None:
     gate = Gate()
     server = Server({"Slow": gate}, threads=2)
