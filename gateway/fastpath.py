@@ -360,6 +360,8 @@ class FastPath:
         finally:
             if isinstance(context, _WatchedContext):
                 context.settle()
+            elif not context.over:  # the answer never went (a bug): end the call, or its client waits for its deadline
+                context.call.cancel()
 
     def _answer(self, event: Any, slot: _Slot, context: _Context) -> tuple[bytes | None, grpc.StatusCode, str]:
         """Receive the request, run the interceptors and the servicer: (response body, status, details)."""

@@ -402,8 +402,10 @@ class SharedLimiter(Limiter):
         if identity not in self._found:
             return Limiter.in_flight(self, identity)
         self._publish(identity)
-        slot, _ = self._found[identity]
-        return self._in_flight_at(self._file.offset(slot))
+        found = self._found.get(identity)  # gone if its slot was taken over meanwhile
+        if found is None:
+            return Limiter.in_flight(self, identity)
+        return self._in_flight_at(self._file.offset(found[0]))
 
 
 __all__ = ["IDLE", "PROBES", "SLOTS", "SharedLimiter", "SharedLimitsError", "create", "forget"]
