@@ -209,11 +209,13 @@ class _WatchedContext(_Context):
             return self.watching
 
     def settle(self) -> None:
-        """After the answer, or a failure on its way: leave none of this call's events on the
-        queue, which serves the slot's next call. A call not over yet is cancelled first."""
-        self.seal()
-        if self.watching and not self.closed:
-            self.call.cancel()
+        """After the answer, or a failure on its way: a call whose answer never went is
+        cancelled, and none of its events is left on the queue, which serves the slot's next call."""
+        watching = self.seal()
+        if self.over:
+            return
+        self.call.cancel()
+        if watching:
             self.wait(_CLOSE)
 
     def wait(self, tag: str) -> Any:
