@@ -116,6 +116,16 @@ class _Context(grpc.ServicerContext):  # type: ignore[misc]
         """The event of this call's batch ``tag``: the only one outstanding here."""
         return self.queue.poll()
 
+    def seal(self) -> bool:
+        """Before the answer goes: whether a receive-close batch already runs (else it goes with it)."""
+        return False
+
+    def settle(self) -> None:
+        """After the answer, or a failure on its way (a bug): a call whose answer never went is
+        cancelled, or its client would wait for its deadline."""
+        if not self.over:
+            self.call.cancel()
+
     # -- what goes back --
     def set_compression(self, compression: grpc.Compression) -> None:
         raise NotImplementedError("per-call compression is not supported on the fast path")
@@ -203,14 +213,12 @@ class _WatchedContext(_Context):
         return not self.closed
 
     def seal(self) -> bool:
-        """Before the answer goes: whether the receive-close batch was started (else it goes with it)."""
         with self._polling:
             self._sealed = True
             return self.watching
 
     def settle(self) -> None:
-        """After the answer, or a failure on its way: a call whose answer never went is
-        cancelled, and none of its events is left on the queue, which serves the slot's next call."""
+        """As for any call, and none of its events is left on the queue, which serves the slot's next call."""
         watching = self.seal()
         if self.over:
             return
@@ -360,10 +368,7 @@ class FastPath:
         try:
             self._finish(context, *self._answer(event, slot, context))
         finally:
-            if isinstance(context, _WatchedContext):
-                context.settle()
-            elif not context.over:  # the answer never went (a bug): end the call, or its client waits for its deadline
-                context.call.cancel()
+            context.settle()
 
     def _answer(self, event: Any, slot: _Slot, context: _Context) -> tuple[bytes | None, grpc.StatusCode, str]:
         """Receive the request, run the interceptors and the servicer: (response body, status, details)."""
@@ -406,7 +411,7 @@ class FastPath:
             operations.append(cygrpc.SendInitialMetadataOperation((), _NO_FLAGS))
         if body is not None:
             operations.append(cygrpc.SendMessageOperation(body, _NO_FLAGS))
-        watched = isinstance(context, _WatchedContext) and context.seal()
+        watched = context.seal()
         if not watched:
             operations.append(cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS))
         context.call.start_server_batch(tuple(operations), _SEND)

@@ -54,6 +54,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway import logs
+from gateway.status import past_deadline
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
@@ -369,8 +370,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if code is grpc.StatusCode.OK:
             # An answer no one got counts as what its client saw: past its deadline, or a batch
             # that stopped because its client cancelled it (items CANCELLED are such items only).
-            remaining = context.time_remaining()
-            late = remaining is not None and remaining <= 0
+            late = past_deadline(context)
             if rpc == "BatchSign" and response is not None:
                 if self._batch_items(response) and not late:
                     self._count(service, rpc, "CANCELLED", "")

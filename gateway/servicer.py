@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -27,7 +28,7 @@ from gateway.auth import audit
 from gateway.interceptors import current_identity
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from router.errors import InternalError, InvalidArgument, Unavailable
+from router.errors import InvalidArgument, Unavailable
 from router.model import KeySpec, Operation
 from router.router import Router
 from router.validation import MAX_BATCH, usage_for
@@ -244,12 +245,17 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 except IndexError:  # another thread took the last one
                     return
                 ended = _unwanted(context) if position else None  # the call has just begun
-                if ended is None:
-                    self._sign_chunk(items, chunk, results, deadline)
-                else:  # no one reads these
+                if ended is not None:  # no one reads these
                     for index in chunk:
                         results[index] = ended
                     skipped.append((ended, len(chunk)))
+                    continue
+                try:
+                    self._sign_chunk(items, chunk, results, deadline)
+                except Exception as exc:  # noqa: BLE001 - a bug: the chunk's items say INTERNAL (logged), in any thread
+                    failure = _failed_item(exc)
+                    for index in chunk:
+                        results[index] = failure
 
         # The request thread signs too (alone on one CPU, where another thread only adds
         # switches): a busy executor delays a batch, never stalls it. Each runner works in a
@@ -261,15 +267,8 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             todo.clear()
             for helper in helpers:
                 helper.cancel()
-                try:
+                with contextlib.suppress(CancelledError):  # never started: this thread signed its share
                     helper.result()
-                except CancelledError:  # never started: this thread signed its share
-                    pass
-                except Exception:  # a bug: the items it left say INTERNAL below
-                    log.exception("a BatchSign helper failed")
-        if helpers and None in results:  # left by a helper that failed
-            failure = _failed_item(InternalError("batch item was not signed"))
-            results = [failure if result is None else result for result in results]
         for ended, how in ((_CANCELLED, "cancelled by its client"), (_PAST_DEADLINE, "past its deadline")):
             left = sum(count for result, count in skipped if result is ended)
             if left:
@@ -375,13 +374,12 @@ _PAST_DEADLINE: _Result = {"code": grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "
 def _unwanted(context: grpc.ServicerContext) -> _Result | None:
     """What an item of a call no one waits for any more says (its deadline passed, or its client
     cancelled it); None while the call is live."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if status.past_deadline(context):
         return _PAST_DEADLINE
     if context.is_active():
         return None
-    remaining = context.time_remaining()  # core may have ended the call at its deadline just now
-    return _PAST_DEADLINE if remaining is not None and remaining <= 0 else _CANCELLED
+    # Core may have ended the call at its deadline just now.
+    return _PAST_DEADLINE if status.past_deadline(context) else _CANCELLED
 
 
 def _pem(der: bytes) -> str:

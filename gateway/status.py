@@ -42,6 +42,12 @@ quote what the caller sent (a cluster name, a change id); gRPC refuses trailers 
 16 KiB, and the caller would get RESOURCE_EXHAUSTED instead of the error."""
 
 
+def past_deadline(context: grpc.ServicerContext) -> bool:
+    """Whether the call's deadline has passed: its client has its DEADLINE_EXCEEDED by now."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 def _clip(text: str) -> str:
     return clip(text, MAX_MESSAGE - 1)
 

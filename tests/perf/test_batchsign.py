@@ -126,6 +126,35 @@ def test_on_one_cpu_a_large_batch_is_signed_in_the_request_thread() -> None:
     assert {r.response.cluster for r in response.responses} == {"use1-a", "use1-b"}
 
 
+class _ShortRouter(_Router):
+    """A router with a bug: one result too few for any chunk that holds key "b"."""
+
+    def sign_many(self, items, deadline: float):
+        signed = super().sign_many(items, deadline)
+        return signed[:-1] if any(key_id == "b" for key_id, *_ in items) else signed
+
+
+@pytest.mark.parametrize("cpus", [1, 2], ids=["request-thread", "helpers"])
+def test_a_chunk_that_fails_on_a_bug_says_internal_and_the_rest_is_signed(cpus: int, caplog) -> None:
+    """Wherever the chunk runs (the request thread alone on one CPU, or a helper), its items say
+    INTERNAL with no detail, the error is logged, and the other clusters' items are answered."""
+    router = _ShortRouter({"a": "use1-a", "b": "use1-b"}, pool_size=4)
+    servicer = CryptoServicer(router, cpus=cpus)  # type: ignore[arg-type]
+    try:
+        items = [pb.SignRequest(key_id="ab"[i // 100], algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=bytes(32),
+                                request_id=f"r{i}") for i in range(200)]
+        context = SimpleNamespace(time_remaining=lambda: 5.0, is_active=lambda: True)
+        response = servicer.BatchSign(pb.BatchSignRequest(requests=items), context)
+    finally:
+        servicer.close()
+    assert [r.code for r in response.responses[:100]] == [0] * 100
+    assert [r.response.request_id for r in response.responses[:100]] == [f"r{i}" for i in range(100)]
+    assert {r.code for r in response.responses[100:]} == {grpc.StatusCode.INTERNAL.value[0]}
+    assert {r.reason for r in response.responses[100:]} == {"INTERNAL"}
+    assert "strict" not in response.responses[150].message  # no internals reach the caller
+    assert "internal error in batch item" in caplog.text
+
+
 @pytest.mark.parametrize("size", [1, 31, 64, 200, 1000])
 def test_chunks_cover_every_item_once_per_cluster_within_bounds(size: int) -> None:
     router = _Router({"a": "use1-a", "b": "use1-b"}, pool_size=4)
