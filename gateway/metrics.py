@@ -370,16 +370,20 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if code is grpc.StatusCode.OK:
             # An answer no one got counts as what its client saw: past its deadline, or a batch
             # that stopped because its client cancelled it (items CANCELLED are such items only).
+            # Counted as errors too, with the cluster that answered late: that is the slow one.
             late = past_deadline(context)
+            cluster = getattr(response, "cluster", "") if response is not None else ""
+            cluster = cluster if isinstance(cluster, str) else ""
             if rpc == "BatchSign" and response is not None:
                 if self._batch_items(response) and not late:
                     self._count(service, rpc, "CANCELLED", "")
+                    m.errors.labels("CANCELLED", "", "").inc()
                     return
             if late:
-                self._count(service, rpc, "DEADLINE_EXCEEDED", "")
+                self._count(service, rpc, "DEADLINE_EXCEEDED", cluster)
+                m.errors.labels("DEADLINE_EXCEEDED", "DeadlineExceeded", cluster).inc()
                 return
-            cluster = getattr(response, "cluster", "") if response is not None else ""
-            self._count(service, rpc, "OK", cluster if isinstance(cluster, str) else "")
+            self._count(service, rpc, "OK", cluster)
             return
         failure = describe_failure(code, context.trailing_metadata(), exc)
         self._count(service, rpc, code.name, failure.cluster)

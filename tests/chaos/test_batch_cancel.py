@@ -68,4 +68,5 @@ def test_a_batch_whose_client_gives_up_stops_signing(tmp_path: Path, faultmod: P
     assert left >= ITEMS - 4 * 63 * 2, f"{signed:.0f} of {ITEMS} items were signed after the client gave up"
     assert value(samples, "hsmgw_requests_total", rpc="BatchSign", code=code) == 1
     assert value(samples, "hsmgw_requests_total", rpc="BatchSign", code="OK") == 0
+    assert value(samples, "hsmgw_errors_total", reason=code) == value(samples, "hsmgw_errors_total") == 1
     assert ("cancelled by its client" if ending == "cancel" else "past its deadline") in log
