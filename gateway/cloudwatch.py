@@ -201,20 +201,9 @@ class GatewaySampler:
                       100.0 * snap.sessions_in_use / snap.pool_size if snap.pool_size else 0.0, "Percent", dims, now),
                 Datum("CircuitState", circuit, "None", dims, now),
             ]
-        requests = errors = 0.0
-        for family in self.requests.requests.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    requests += sample.value
-                    if sample.labels.get("code") in SERVER_ERROR_CODES:
-                        errors += sample.value
-        seconds = count = 0.0
-        for family in self.requests.latency.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_sum"):
-                    seconds += sample.value
-                elif sample.name.endswith("_count"):
-                    count += sample.value
+        by_code, seconds, count = self.requests.calls.totals()
+        requests = sum(by_code.values())
+        errors = sum(n for code, n in by_code.items() if code in SERVER_ERROR_CODES)
         dispatcher = self.router.dispatcher
         region = (("Region", self.region),)
         new_requests = self._delta("requests", requests)
