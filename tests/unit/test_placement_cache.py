@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from router.cache import PlacementCache
+from router.cache import VIEWS, PlacementCache
 from router.model import KeyState, KeyStorage, Placement
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
@@ -71,6 +71,33 @@ def test_keys_that_differ_only_in_id_share_one_entry() -> None:
     assert cache.shapes == 2, "the shape nobody uses any more is gone"
     cache.pop("app/7")
     assert cache.shapes == 1 and len(cache) == 999
+
+
+def test_a_key_read_again_gets_its_view_until_its_placement_changes() -> None:
+    cache = PlacementCache(make(f"app/{i}") for i in range(3))
+    first = cache.get("app/1")
+    assert first is not None and first.key_id == "app/1"
+    assert cache.get("app/1") is first, "the view is made once"
+    assert cache.get("app/2").key_id == "app/2"  # type: ignore[union-attr]
+    cache.put(make("app/1", primary="use1-b", replicas=("usw2-a",), version=2))  # moved
+    moved = cache.get("app/1")
+    assert moved is not None and (moved.primary, moved.clusters, moved.version) == ("use1-b", ("use1-b", "usw2-a"), 2)
+    cache.put(make("app/1", primary="use1-b", replicas=("usw2-a",), state=KeyState.DESTROYED, version=3))
+    assert cache.get("app/1").state is KeyState.DESTROYED  # type: ignore[union-attr]
+    cache.pop("app/1")
+    assert cache.get("app/1") is None
+    cache.put(make("app/1"))  # back in the shape its old view was of
+    assert cache.get("app/1") == first
+    assert cache.get("app/0").key_id == "app/0"  # type: ignore[union-attr]
+
+
+def test_more_keys_than_views_kept_are_each_read_right() -> None:
+    n = VIEWS * 2 + 7
+    cache = PlacementCache(make(f"app/{i}") for i in range(n))
+    for _ in range(2):
+        for i in range(n):
+            got = cache.get(f"app/{i}")
+            assert got is not None and got.key_id == f"app/{i}" and got.clusters == ("use1-a", "usw2-a")
 
 
 def test_key_counts_follow_puts_and_pops() -> None:
