@@ -19,7 +19,8 @@ gateway identity, so every gateway's datums for a cluster land in one metric
 and an alarm on its Maximum sees the worst gateway.
 
 **Alarms** (``hsmgw alarms install``, idempotent: ``PutMetricAlarm`` replaces by
-name): see ``alarm_specs`` and docs/operations.md.
+name; ``hsmgw alarms check`` compares what is installed with what install would
+make, reading only): see ``alarm_specs`` and docs/operations.md.
 """
 
 from __future__ import annotations
@@ -384,6 +385,55 @@ def install_alarms(client: Any, specs: Iterable[Mapping[str, Any]]) -> list[str]
     return names
 
 
+_UNORDERED = frozenset({"AlarmActions", "OKActions", "Dimensions"})
+"""Lists CloudWatch may return in another order than they were given."""
+
+
+def _same(want: Any, have: Any, key: str = "") -> bool:
+    """Whether an installed alarm's ``have`` says what ``want`` (from its spec) says; fields
+    CloudWatch adds of its own (ARNs, states, timestamps) are not looked at."""
+    if key == "ReturnData":  # absent means true
+        return bool(want) == (True if have is None else bool(have))
+    if key == "Metrics":  # queries, matched by their ids
+        if not isinstance(have, list):
+            return False
+        by_id = {query.get("Id"): query for query in have}
+        return len(by_id) == len(want) and all(_same(query, by_id.get(query["Id"])) for query in want)
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(_same(value, have.get(name), name) for name, value in want.items())
+    if isinstance(want, list | tuple):
+        if not isinstance(have, list | tuple) or len(have) != len(want):
+            return False
+        if key in _UNORDERED:
+            return sorted(map(repr, map(_plain, want))) == sorted(map(repr, map(_plain, have)))
+        return all(_same(w, h) for w, h in zip(want, have, strict=True))
+    if isinstance(want, float):
+        return isinstance(have, int | float) and float(have) == want
+    return bool(want == have)
+
+
+def _plain(value: Any) -> Any:
+    """A comparable form of a list element (a dimension is a dict)."""
+    return sorted(value.items()) if isinstance(value, Mapping) else value
+
+
+def alarm_drift(spec: Mapping[str, Any], alarm: Mapping[str, Any]) -> list[str]:
+    """The fields of ``spec`` (``PutMetricAlarm`` arguments) that the installed ``alarm``
+    (as ``DescribeAlarms`` returns it) does not match; empty when it is as installed."""
+    return [name for name, value in spec.items() if not _same(value, alarm.get(name), name)]
+
+
+def installed_alarms(client: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The alarms of these names that exist, by name (``DescribeAlarms``, 100 names a request)."""
+    found: dict[str, dict[str, Any]] = {}
+    pages = client.get_paginator("describe_alarms")
+    for start in range(0, len(names), 100):
+        for page in pages.paginate(AlarmNames=list(names[start:start + 100]), AlarmTypes=["MetricAlarm"]):
+            for alarm in page.get("MetricAlarms", []):
+                found[alarm["AlarmName"]] = alarm
+    return found
+
+
 def make_client(service: str, region: str, endpoint_url: str | None = None) -> Any:
     """A boto3 client with short timeouts: monitoring must never stall the gateway for long."""
     import boto3  # type: ignore[import-untyped]
@@ -402,7 +452,9 @@ __all__ = [
     "MAX_DATUMS_PER_CALL",
     "Publisher",
     "SERVER_ERROR_CODES",
+    "alarm_drift",
     "alarm_specs",
     "install_alarms",
+    "installed_alarms",
     "make_client",
 ]

@@ -1,13 +1,17 @@
-"""``hsmgw alarms install``: the CloudWatch alarms for a gateway's clusters (idempotent).
+"""``hsmgw alarms install``: the CloudWatch alarms for a gateway's clusters (idempotent);
+``hsmgw alarms check``: whether the installed ones are still those (read-only).
 
 Examples:
   hsmgw alarms install --config hsmgw.toml --alarm-action arn:aws:sns:us-east-1:123456789012:hsm-oncall
   hsmgw alarms install --config hsmgw.toml --cloudhsm use1-a=cluster-1234abcd   # plus AWS/CloudHSM alarms
+  hsmgw alarms check --config hsmgw.toml --cloudhsm use1-a=cluster-1234abcd     # exit 1 if any is missing or stale
 
 Alarms on the gateway's metrics go to the region it publishes to
 (``[cloudwatch] region``, default the home region); alarms on a CloudHSM
-cluster's own metrics go to that cluster's region. Re-run after an HSM is
-replaced: the per-HSM alarms name HSM ids.
+cluster's own metrics go to that cluster's region. The per-HSM alarms name HSM
+ids: after AWS replaces an HSM they watch one that is gone. ``check``, with the
+arguments ``install`` was given, finds that (and any alarm changed or deleted by
+hand); run it from a timer, and ``install`` again when it fails.
 """
 
 from __future__ import annotations
@@ -27,25 +31,32 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "install", help="create or update the recommended alarms", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    install.add_argument("--config", type=Path, required=True, help="gateway TOML file (clusters, [cloudwatch])")
-    install.add_argument("--region", help="region of the gateway alarms (default: [cloudwatch] region or home region)")
-    install.add_argument("--endpoint-url", help="CloudWatch (and cloudhsmv2) endpoint (default: [cloudwatch])")
-    install.add_argument("--namespace", help="namespace the gateways publish to (default: [cloudwatch] namespace)")
-    install.add_argument("--prefix", default="hsmgw", help="alarm name prefix (default: hsmgw)")
-    install.add_argument("--alarm-action", action="append", default=[], metavar="ARN",
-                         help="SNS topic (or other action) notified on ALARM and OK; repeatable")
-    install.add_argument("--cloudhsm", action="append", default=[], metavar="NAME=CLUSTER_ID",
-                         help="also alarm on the AWS/CloudHSM metrics of the cluster behind NAME; repeatable")
-    install.add_argument("--threshold", type=float, default=80.0, help="percent for the limit alarms (default: 80)")
-    install.add_argument("--output", choices=("text", "json"), default="text")
+    check = alarms_sub.add_parser(
+        "check", help="whether the installed alarms are those install would make now (exit 1 if not)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for parser in (install, check):
+        parser.add_argument("--config", type=Path, required=True, help="gateway TOML file (clusters, [cloudwatch])")
+        parser.add_argument("--region",
+                            help="region of the gateway alarms (default: [cloudwatch] region or home region)")
+        parser.add_argument("--endpoint-url", help="CloudWatch (and cloudhsmv2) endpoint (default: [cloudwatch])")
+        parser.add_argument("--namespace", help="namespace the gateways publish to (default: [cloudwatch] namespace)")
+        parser.add_argument("--prefix", default="hsmgw", help="alarm name prefix (default: hsmgw)")
+        parser.add_argument("--alarm-action", action="append", default=[], metavar="ARN",
+                            help="SNS topic (or other action) notified on ALARM and OK; repeatable")
+        parser.add_argument("--cloudhsm", action="append", default=[], metavar="NAME=CLUSTER_ID",
+                            help="also alarm on the AWS/CloudHSM metrics of the cluster behind NAME; repeatable")
+        parser.add_argument("--threshold", type=float, default=80.0,
+                            help="percent for the limit alarms (default: 80)")
+        parser.add_argument("--output", choices=("text", "json"), default="text")
     install.set_defaults(func=run)
+    check.set_defaults(func=run_check)
 
 
-def run(args: argparse.Namespace) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
-
+def _plan(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]], str | None]:
+    """The alarms install makes, by the region they go to; and the endpoint to reach it."""
     from gateway import config as config_mod
-    from gateway.cloudwatch import CloudHsmTarget, alarm_specs, install_alarms, make_client
+    from gateway.cloudwatch import CloudHsmTarget, alarm_specs
     from gateway.discover import DiscoveryError, discover
 
     try:
@@ -82,6 +93,15 @@ def run(args: argparse.Namespace) -> None:
             alarm_specs([], [], prefix=args.prefix, actions=args.alarm_action, cloudhsm=[target],
                         threshold_percent=args.threshold)
         )
+    return plan, endpoint
+
+
+def run(args: argparse.Namespace) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+
+    from gateway.cloudwatch import install_alarms, make_client
+
+    plan, endpoint = _plan(args)
     installed: list[dict[str, str]] = []
     for alarm_region, specs in plan.items():
         try:
@@ -95,3 +115,36 @@ def run(args: argparse.Namespace) -> None:
     for alarm in installed:
         print(f"alarm {alarm['name']} ({alarm['region']})")
     print(f"{len(installed)} alarms created or updated")
+
+
+def run_check(args: argparse.Namespace) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from gateway.cloudwatch import alarm_drift, installed_alarms, make_client
+
+    plan, endpoint = _plan(args)
+    report: list[dict[str, Any]] = []
+    for alarm_region, specs in plan.items():
+        try:
+            found = installed_alarms(make_client("cloudwatch", alarm_region, endpoint),
+                                     [str(spec["AlarmName"]) for spec in specs])
+        except (BotoCoreError, ClientError) as exc:
+            fail(f"reading the alarms in {alarm_region} failed: {exc}")
+        for spec in specs:
+            name = str(spec["AlarmName"])
+            alarm = found.get(name)
+            differs = [] if alarm is None else alarm_drift(spec, alarm)
+            state = "missing" if alarm is None else "differs" if differs else "ok"
+            report.append({"name": name, "region": alarm_region, "state": state, "differs": differs})
+    stale = [entry for entry in report if entry["state"] != "ok"]
+    if args.output == "json":
+        print(json.dumps({"alarms": report, "stale": len(stale)}, indent=2))
+    else:
+        for entry in report:
+            detail = f": {', '.join(entry['differs'])}" if entry["differs"] else ""
+            print(f"{entry['state']:8} {entry['name']} ({entry['region']}){detail}")
+        print(f"{len(report) - len(stale)} of {len(report)} alarms as install makes them"
+              + (f"; {len(stale)} missing or out of date: run `hsmgw alarms install` with the same arguments"
+                 if stale else ""))
+    if stale:
+        raise SystemExit(1)

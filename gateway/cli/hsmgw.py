@@ -11,6 +11,7 @@ Examples:
       --to 'dynamodb://hsmgw-placements?region=us-east-1'
   hsmgw discover --cluster-id cluster-1234abcd --region us-east-1   # CloudHSM HSMs, AZs, best-practice warnings
   hsmgw alarms install --config hsmgw.toml     # CloudWatch alarms: key/session limits, health, replicas
+  hsmgw alarms check --config hsmgw.toml       # are they still as install makes them? (exit 1 if not)
 
 Logs are JSON lines unless the stream is a terminal (--log-format or HSMGW_LOG_FORMAT
 choose); `serve` logs to stdout, the other commands to stderr.

@@ -220,6 +220,63 @@ def test_alarms_install_watches_the_hsms_of_a_cloudhsm_cluster(threaded_moto: st
     assert f"{prefix2}-local-hsm-unhealthy" in names and f"{prefix2}-local-hsm-key-sync" not in names
 
 
+def _check(*args: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    result = hsmgw("alarms", "check", *args, "--output", "json")
+    assert "Traceback" not in result.stderr, result.stderr
+    report = json.loads(result.stdout)
+    alarms = {a["name"]: a for a in report["alarms"]}
+    assert report["stale"] == sum(a["state"] != "ok" for a in alarms.values())
+    return result.returncode, alarms
+
+
+def test_alarms_check_finds_what_an_hsm_replacement_or_a_hand_left_stale(threaded_moto: str, tmp_path: Path) -> None:
+    from moto.cloudhsmv2.models import cloudhsmv2_backends
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    cluster_id, hsms = make_cluster(threaded_moto, ["us-east-1a", "us-east-1b"])
+    path = tmp_path / "hsmgw.toml"
+    path.write_text(MINIMAL_CONFIG + f'\n[cloudwatch]\nendpoint_url = "{threaded_moto}"\n')
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    args = ("--config", str(path), "--prefix", prefix, "--cloudhsm", f"local={cluster_id}")
+    per_hsm = {f"{prefix}-local-hsm-unhealthy", f"{prefix}-local-hsm-key-sync", f"{prefix}-local-hsm-users-near-limit"}
+
+    code, alarms = _check(*args)  # nothing installed yet
+    assert code == 1 and per_hsm <= set(alarms) and {a["state"] for a in alarms.values()} == {"missing"}
+    assert hsmgw("alarms", "install", *args).returncode == 0
+    code, alarms = _check(*args)
+    assert code == 0 and {a["state"] for a in alarms.values()} == {"ok"}, alarms
+
+    # AWS replaces the HSM in us-east-1a: the alarms still watch its id, and only the per-HSM ones are stale.
+    cluster = cloudhsmv2_backends[DEFAULT_ACCOUNT_ID][REGION].clusters[cluster_id]
+    gone = cluster.hsms.pop(0)
+    cluster.hsms.append({**gone, "HsmId": f"hsm-{uuid.uuid4().hex[:11]}", "EniIp": "10.0.9.9"})
+    code, alarms = _check(*args)
+    assert code == 1
+    assert {name for name, a in alarms.items() if a["state"] != "ok"} == per_hsm
+    assert all(alarms[name]["differs"] == ["Metrics"] for name in per_hsm)
+    text = hsmgw("alarms", "check", *args)
+    assert text.returncode == 1
+    assert f"differs  {prefix}-local-hsm-unhealthy ({REGION}): Metrics" in text.stdout
+    assert text.stdout.rstrip().endswith(f"{len(alarms) - 3} of {len(alarms)} alarms as install makes them; 3 missing "
+                                         "or out of date: run `hsmgw alarms install` with the same arguments")
+    assert hsmgw("alarms", "install", *args).returncode == 0
+    assert _check(*args)[0] == 0
+
+    # Changed and deleted by hand.
+    cw = boto("cloudwatch", threaded_moto, REGION)
+    limit = cw.describe_alarms(AlarmNames=[f"{prefix}-local-keys-near-limit"])["MetricAlarms"][0]
+    cw.put_metric_alarm(**{k: limit[k] for k in ("AlarmName", "ComparisonOperator", "EvaluationPeriods", "Namespace",
+                                                  "MetricName", "Statistic", "Period", "Dimensions")}, Threshold=95.0)
+    cw.delete_alarms(AlarmNames=[f"{prefix}-local-hsm-key-sync"])
+    code, alarms = _check(*args)
+    assert code == 1
+    assert {name: a["state"] for name, a in alarms.items() if a["state"] != "ok"} == {
+        f"{prefix}-local-keys-near-limit": "differs", f"{prefix}-local-hsm-key-sync": "missing"}
+    assert "Threshold" in alarms[f"{prefix}-local-keys-near-limit"]["differs"]
+    assert hsmgw("alarms", "install", *args).returncode == 0
+    assert _check(*args)[0] == 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -228,9 +285,10 @@ def test_alarms_install_watches_the_hsms_of_a_cloudhsm_cluster(threaded_moto: st
         (["--threshold", "0"], "error: --threshold: expected a percentage in (0, 100]"),
     ],
 )
+@pytest.mark.parametrize("command", ["install", "check"])
 def test_alarms_install_refuses_bad_arguments_with_one_line(
-    tmp_path: Path, threaded_moto: str, args: list[str], message: str
+    tmp_path: Path, threaded_moto: str, args: list[str], message: str, command: str
 ) -> None:
     path = tmp_path / "hsmgw.toml"
     path.write_text(MINIMAL_CONFIG + f'\n[cloudwatch]\nendpoint_url = "{threaded_moto}"\n')
-    assert one_error_line(hsmgw("alarms", "install", "--config", str(path), *args)).startswith(message)
+    assert one_error_line(hsmgw("alarms", command, "--config", str(path), *args)).startswith(message)
