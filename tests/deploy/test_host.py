@@ -132,3 +132,44 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     out = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
     problems = [line for line in (out.stdout + out.stderr).splitlines() if "hsmgw.service" in line]
     assert not problems, "\n".join(problems)
+
+
+CHECK_UNIT = ROOT / "deploy" / "hsmgw-alarms-check.service"
+CHECK_TIMER = ROOT / "deploy" / "hsmgw-alarms-check.timer"
+
+
+def _parsed(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(path.read_text())
+    return parser
+
+
+def test_the_alarms_check_runs_unprivileged_every_15_minutes_and_parses(tmp_path: Path) -> None:
+    service = _parsed(CHECK_UNIT)["Service"]
+    assert service["Type"] == "oneshot" and service["User"] == unit()["Service"]["User"]
+    assert "EnvironmentFile" in service and "pins" not in service["EnvironmentFile"], "no PINs for a check"
+    assert "LoadCredential" not in service, "nor the TLS key"
+    for key in ("NoNewPrivileges", "ProtectSystem", "PrivateDevices", "CapabilityBoundingSet"):
+        assert service[key] == unit()["Service"][key], key
+    argv = shlex.split(service["ExecStart"].replace("$HSMGW_ALARMS_ARGS", "--cloudhsm a=cluster-1234abcd"))
+    assert argv[:3] == ["/opt/hsmgw/bin/hsmgw", "alarms", "check"]
+    argv = [str(tmp_path / "missing.toml") if a.endswith(".toml") else a for a in argv[1:]]
+    out = subprocess.run([sys.executable, "-m", "gateway.cli.hsmgw", *argv], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 1 and "usage:" not in out.stderr and "missing.toml" in out.stderr, out.stderr
+    timer = _parsed(CHECK_TIMER)["Timer"]
+    assert timer["Unit"] == CHECK_UNIT.name and timer["OnUnitActiveSec"] == "15min"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_accepts_the_alarms_check_units(tmp_path: Path) -> None:
+    hsmgw = Path(sys.executable).parent / "hsmgw"
+    if not hsmgw.exists():
+        pytest.skip("no hsmgw console script next to this Python")
+    (tmp_path / CHECK_UNIT.name).write_text(CHECK_UNIT.read_text().replace("/opt/hsmgw/bin/hsmgw", str(hsmgw)))
+    (tmp_path / CHECK_TIMER.name).write_text(CHECK_TIMER.read_text())
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / CHECK_TIMER.name),
+                          str(tmp_path / CHECK_UNIT.name)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    problems = [line for line in (out.stdout + out.stderr).splitlines() if "hsmgw-alarms-check" in line]
+    assert not problems, "\n".join(problems)
