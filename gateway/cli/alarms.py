@@ -11,7 +11,8 @@ Alarms on the gateway's metrics go to the region it publishes to
 cluster's own metrics go to that cluster's region. The per-HSM alarms name HSM
 ids: after AWS replaces an HSM they watch one that is gone. ``check``, with the
 arguments ``install`` was given, finds that (and any alarm changed or deleted by
-hand); run it from a timer, and ``install`` again when it fails.
+hand); run it from a timer, and ``install`` again when it fails. It exits 1 when
+an alarm is missing or differs, 2 when it cannot read them.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def run_check(args: argparse.Namespace) -> None:
         try:
             found = installed_alarms(make_client("cloudwatch", alarm_region, endpoint),
                                      [str(spec["AlarmName"]) for spec in specs])
-        except (BotoCoreError, ClientError) as exc:
-            fail(f"reading the alarms in {alarm_region} failed: {exc}")
+        except (BotoCoreError, ClientError) as exc:  # 2: not known to be stale, but not checked
+            fail(f"reading the alarms in {alarm_region} failed: {exc}", code=2)
         for spec in specs:
             name = str(spec["AlarmName"])
             alarm = found.get(name)

@@ -277,6 +277,14 @@ def test_alarms_check_finds_what_an_hsm_replacement_or_a_hand_left_stale(threade
     assert _check(*args)[0] == 0
 
 
+def test_alarms_check_that_cannot_read_cloudwatch_says_so_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "hsmgw.toml"
+    path.write_text(MINIMAL_CONFIG + '\n[cloudwatch]\nendpoint_url = "http://127.0.0.1:1"\n')
+    result = hsmgw("alarms", "check", "--config", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: reading the alarms in {REGION} failed: Could not connect"), result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
