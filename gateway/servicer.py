@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import CancelledError, Executor, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -234,7 +234,6 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         results: list[_Result | None] = [None] * len(items)
         chunks, runners = self._chunks(items)
         todo = collections.deque(enumerate(chunks))
-        skipped: list[tuple[_Result, int]] = []  # (what its items say, how many) of each chunk not signed
 
         def run() -> None:
             """Sign chunks until none is left. A chunk is taken only when it can start, so the
@@ -248,7 +247,6 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 if ended is not None:  # no one reads these
                     for index in chunk:
                         results[index] = ended
-                    skipped.append((ended, len(chunk)))
                     continue
                 try:
                     self._sign_chunk(items, chunk, results, deadline)
@@ -260,7 +258,12 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         # The request thread signs too (alone on one CPU, where another thread only adds
         # switches): a busy executor delays a batch, never stalls it. Each runner works in a
         # copy of this call's context: its log lines keep the request id.
-        helpers = [self._batch_executor.submit(contextvars.copy_context().run, run) for _ in range(runners - 1)]
+        helpers: list[Future[None]] = []
+        try:
+            for _ in range(runners - 1):
+                helpers.append(self._batch_executor.submit(contextvars.copy_context().run, run))
+        except RuntimeError:  # the executor is shut down (the gateway is stopping): this thread signs alone
+            pass
         try:
             run()
         finally:  # no helper outlives the call, nor is waited for if it has nothing left to do
@@ -270,7 +273,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 with contextlib.suppress(CancelledError):  # never started: this thread signed its share
                     helper.result()
         for ended, how in ((_CANCELLED, "cancelled by its client"), (_PAST_DEADLINE, "past its deadline")):
-            left = sum(count for result, count in skipped if result is ended)
+            left = sum(result is ended for result in results)
             if left:
                 log.info("BatchSign %s: %d of %d items left unsigned", how, left, len(items))
         # Built in place, in request order: a BatchSignResult made per item and then copied

@@ -79,10 +79,10 @@ def test_image_copies_only_files_that_exist_and_the_ignore_file_lets_them_in() -
         assert package in copied
 
 
-def unit() -> configparser.ConfigParser:
+def unit(path: Path = UNIT) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(UNIT.read_text())
+    parser.read_string(path.read_text())
     return parser
 
 
@@ -138,15 +138,8 @@ CHECK_UNIT = ROOT / "deploy" / "hsmgw-alarms-check.service"
 CHECK_TIMER = ROOT / "deploy" / "hsmgw-alarms-check.timer"
 
 
-def _parsed(path: Path) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(path.read_text())
-    return parser
-
-
 def test_the_alarms_check_runs_unprivileged_every_15_minutes_and_parses(tmp_path: Path) -> None:
-    service = _parsed(CHECK_UNIT)["Service"]
+    service = unit(CHECK_UNIT)["Service"]
     assert service["Type"] == "oneshot" and service["User"] == unit()["Service"]["User"]
     assert "EnvironmentFile" in service and "pins" not in service["EnvironmentFile"], "no PINs for a check"
     assert "LoadCredential" not in service, "nor the TLS key"
@@ -158,7 +151,7 @@ def test_the_alarms_check_runs_unprivileged_every_15_minutes_and_parses(tmp_path
     out = subprocess.run([sys.executable, "-m", "gateway.cli.hsmgw", *argv], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert out.returncode == 1 and "usage:" not in out.stderr and "missing.toml" in out.stderr, out.stderr
-    timer = _parsed(CHECK_TIMER)["Timer"]
+    timer = unit(CHECK_TIMER)["Timer"]
     assert timer["Unit"] == CHECK_UNIT.name and timer["OnUnitActiveSec"] == "15min"
 
 

@@ -126,6 +126,21 @@ def test_on_one_cpu_a_large_batch_is_signed_in_the_request_thread() -> None:
     assert {r.response.cluster for r in response.responses} == {"use1-a", "use1-b"}
 
 
+def test_a_batch_after_the_executor_stopped_is_signed_in_the_request_thread() -> None:
+    """The gateway closes the executor as it stops: a batch still running, or arriving just
+    then, is signed by its own thread rather than failed."""
+    router = _Router({"a": "use1-a", "b": "use1-b"}, pool_size=4)
+    servicer = CryptoServicer(router, cpus=2)  # type: ignore[arg-type]
+    servicer.close()
+    items = [pb.SignRequest(key_id="ab"[i % 2], algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=bytes(32),
+                            request_id=f"r{i}") for i in range(300)]
+    assert servicer._chunks(items)[1] >= 2, "more than one runner would be asked for"
+    context = SimpleNamespace(time_remaining=lambda: 5.0, is_active=lambda: True)
+    response = servicer.BatchSign(pb.BatchSignRequest(requests=items), context)
+    assert [r.code for r in response.responses] == [0] * 300
+    assert [r.response.request_id for r in response.responses] == [f"r{i}" for i in range(300)]
+
+
 class _ShortRouter(_Router):
     """A router with a bug: one result too few for any chunk that holds key "b"."""
 
