@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 import shutil
 import subprocess
@@ -44,7 +45,9 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
 
 
 def one(docs: tuple[dict[str, Any], ...], kind: str, name: str = "hsmgw") -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
+    """The ``kind`` named ``name`` (a generated ConfigMap's name carries a content hash)."""
+    found = [d for d in docs if d["kind"] == kind and re.fullmatch(re.escape(name) + r"(-[a-z0-9]{10})?",
+                                                                      d["metadata"]["name"])]
     assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
     return copy.deepcopy(found[0])
 
@@ -127,7 +130,7 @@ def test_rendered_overlay_validates_against_kubernetes_schemas(overlay: str) -> 
     docs = render(overlay)
     kinds = {d["kind"] for d in docs}
     assert {"Namespace", "ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget",
-            "HorizontalPodAutoscaler", "NetworkPolicy"} <= kinds
+            "HorizontalPodAutoscaler", "NetworkPolicy", "CronJob"} <= kinds
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         if doc["kind"] != "Namespace":
@@ -333,3 +336,85 @@ def test_every_mount_has_a_volume_and_secrets_are_not_in_the_config(overlay: str
     text, config = gateway_config(docs)
     assert "user_pin" not in text and config.secrets.file is None, "PINs come from the hsmgw-pins Secret (env)"
     assert not [d for d in docs if d["kind"] == "Secret"], "Secrets are created by the operator, never committed"
+
+
+# -- the alarms check ---------------------------------------------------------------------------
+
+ALARMS_CHECK = "hsmgw-alarms-check"
+ALARMS_CHECK_POLICY = DEPLOY / "cloudwatch" / "iam-alarms-check.json"
+
+
+def alarms_check_args(docs: tuple[dict[str, Any], ...]) -> list[str]:
+    """The check's command line, as the CronJob runs it (after the image's entrypoint, hsmgw)."""
+    (container,) = one(docs, "CronJob", ALARMS_CHECK)["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return list(container["args"])
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_alarms_check_runs_every_15_minutes_with_the_config_and_nothing_else(overlay: str) -> None:
+    """`hsmgw alarms check` as a CronJob: the gateway's config, this region's clusters, a read-only
+    role of its own; no PINs, no TLS material, no route to the HSMs, and not one of the gateway's pods."""
+    docs = render(overlay)
+    cron = one(docs, "CronJob", ALARMS_CHECK)
+    assert cron["spec"]["schedule"] == "*/15 * * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0, "exit 1 is a finding: retrying it pages twice"
+    assert 0 < job["activeDeadlineSeconds"] <= 300
+    spec = job["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    labels = job["template"]["metadata"]["labels"]
+
+    # The command: `hsmgw alarms check` on the gateway's own config, from the gateway's image.
+    (container,) = spec["containers"]
+    args = alarms_check_args(docs)
+    assert args[:2] == ["alarms", "check"]
+    assert container["image"] == gateway_container(docs)["image"]
+    _, config = gateway_config(docs)
+    assert Path(args[args.index("--config") + 1]) == Path(CONFIG_DIR) / "hsmgw.toml"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == CONFIG_DIR]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mount["name"]]["configMap"]["name"] == one(docs, "ConfigMap", "hsmgw-config")["metadata"]["name"]
+    assert all(m["name"] in volumes for m in container["volumeMounts"])
+    # This region's CloudHSM clusters, each once; alarm actions in this region.
+    pairs = [args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--cloudhsm"]
+    assert sorted(name for name, _ in pairs) == sorted(c.name for c in config.clusters if c.region == overlay)
+    assert all(re.fullmatch(r"cluster-[a-z0-9]+", cluster_id) for _, cluster_id in pairs), pairs
+    actions = [args[i + 1] for i, a in enumerate(args) if a == "--alarm-action"]
+    assert actions and all(a.startswith(f"arn:aws:sns:{overlay}:") for a in actions)
+
+    # Nothing secret: no PINs (env), no TLS (secret volumes), and the role is not the gateway's.
+    assert "envFrom" not in container and not [v for v in spec["volumes"] if "secret" in v or "projected" in v]
+    assert not [e for e in container.get("env", []) if "valueFrom" in e or "PIN" in e["name"]]
+    account = one(docs, "ServiceAccount", ALARMS_CHECK)
+    assert spec["serviceAccountName"] == ALARMS_CHECK and account["automountServiceAccountToken"] is False
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role.endswith(overlay) and role != one(docs, "ServiceAccount")["metadata"]["annotations"][
+        "eks.amazonaws.com/role-arn"]
+    allowed = {a for s in json.loads(ALARMS_CHECK_POLICY.read_text())["Statement"] for a in s["Action"]}
+    assert allowed == {"cloudwatch:DescribeAlarms", "cloudhsm:DescribeClusters"}, "read-only"
+
+    # Hardened like the gateway's pods.
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] == pod_spec(docs)["securityContext"]["runAsUser"]
+    assert pod["seccompProfile"]["type"] == "RuntimeDefault"
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert container["resources"]["requests"] and container["resources"]["limits"].get("memory")
+
+    # Its own NetworkPolicy: no ingress; out only DNS and HTTPS to the endpoints. The gateway's
+    # Services, PodDisruptionBudget and NetworkPolicy do not take its pods for gateways.
+    policy = one(docs, "NetworkPolicy", ALARMS_CHECK)["spec"]
+    assert _selects(policy["podSelector"]["matchLabels"], labels)
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"} and not policy.get("ingress")
+    assert {p["port"] for rule in policy["egress"] for p in rule["ports"]} == {53, 443}
+    cidrs = [peer["ipBlock"]["cidr"] for rule in policy["egress"] for peer in rule["to"] if "ipBlock" in peer]
+    assert cidrs and not [c for c in cidrs if c.startswith(DOC_CIDRS) or c == "0.0.0.0/0"], cidrs
+    assert not _selects(one(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"], labels)
+    assert not _selects(one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+    assert not [s for s in docs if s["kind"] == "Service" and _selects(s["spec"]["selector"], labels)]

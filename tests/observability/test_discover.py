@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from gateway import config as config_mod
+from tests.deploy.test_k8s import OVERLAYS, alarms_check_args, needs_kubectl, one, render
 from tests.moto import FAKE_AWS_ENV
 from tests.observability.conftest import boto
 from tests.support import ROOT
@@ -27,15 +28,15 @@ REGION = "us-east-1"
 
 
 def make_cluster(endpoint: str, zones: list[str], *, state: str = "ACTIVE", hsm_type: str = "hsm2m.medium",
-                 hsm_state: str = "ACTIVE") -> tuple[str, list[str]]:
+                 hsm_state: str = "ACTIVE", region: str = REGION) -> tuple[str, list[str]]:
     """A cluster with one HSM per entry of ``zones``; returns (cluster id, HSM ids)."""
     from moto.cloudhsmv2.models import cloudhsmv2_backends
     from moto.core import DEFAULT_ACCOUNT_ID
 
-    client = boto("cloudhsmv2", endpoint, REGION)
+    client = boto("cloudhsmv2", endpoint, region)
     cluster_id = client.create_cluster(HsmType=hsm_type, SubnetIds=[f"subnet-{z[-1]}" for z in zones] or ["subnet-a"]
                                        )["Cluster"]["ClusterId"]
-    cluster = cloudhsmv2_backends[DEFAULT_ACCOUNT_ID][REGION].clusters[cluster_id]
+    cluster = cloudhsmv2_backends[DEFAULT_ACCOUNT_ID][region].clusters[cluster_id]
     cluster.state = state
     hsm_ids = []
     for i, zone in enumerate(zones):
@@ -300,3 +301,64 @@ def test_alarms_install_refuses_bad_arguments_with_one_line(
     path = tmp_path / "hsmgw.toml"
     path.write_text(MINIMAL_CONFIG + f'\n[cloudwatch]\nendpoint_url = "{threaded_moto}"\n')
     assert one_error_line(hsmgw("alarms", command, "--config", str(path), *args)).startswith(message)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_kubernetes_alarms_check_runs_as_rendered_with_only_its_documented_permissions(
+    threaded_moto: str, tmp_path: Path, overlay: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The CronJob's command line, as `kubectl kustomize` renders it, on the ConfigMap it mounts:
+    every alarm missing before install (exit 1), none after; and the AWS calls it makes are
+    exactly those deploy/cloudwatch/iam-alarms-check.json allows."""
+    from gateway import cloudwatch
+    from gateway.cli.hsmgw import main
+
+    docs = render(overlay)
+    configmap = one(docs, "ConfigMap", "hsmgw-config")["data"]
+    for name, text in configmap.items():
+        (tmp_path / name).write_text(text)
+    args = alarms_check_args(docs)
+    args[args.index("--config") + 1] = str(tmp_path / "hsmgw.toml")
+    zones = [f"{overlay}a", f"{overlay}b"]
+    for i, arg in enumerate(args):  # moto makes its own cluster ids: one cluster with two HSMs for each
+        if i and args[i - 1] == "--cloudhsm":
+            args[i] = f"{arg.split('=')[0]}={make_cluster(threaded_moto, zones, region=overlay)[0]}"
+    # A prefix of this test's own, so that no other test's alarms in the shared moto count.
+    args += ["--endpoint-url", threaded_moto, "--prefix", f"k{uuid.uuid4().hex[:6]}"]
+
+    calls: set[str] = set()
+    iam_prefix = {"cloudwatch": "cloudwatch", "cloudhsmv2": "cloudhsm"}
+    make_client = cloudwatch.make_client
+
+    def recording(service: str, region: str, endpoint_url: str | None = None) -> Any:
+        client = make_client(service, region, endpoint_url)
+        client.meta.events.register("before-call", lambda model, **_: calls.add(f"{iam_prefix[service]}:{model.name}"))
+        return client
+
+    monkeypatch.setattr(cloudwatch, "make_client", recording)
+
+    def check() -> tuple[int, list[str]]:
+        capsys.readouterr()
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        return code, capsys.readouterr().out.splitlines()
+
+    code, lines = check()
+    assert code == 1 and lines[:-1] and all(line.startswith("missing ") for line in lines[:-1]), lines
+    prefix = args[-1]
+    clusters = [args[i + 1].split("=")[0] for i, arg in enumerate(args) if arg == "--cloudhsm"]
+    assert clusters and all(f"missing  {prefix}-{name}-hsm-unhealthy ({overlay})" in lines for name in clusters)
+    policy = json.loads((ROOT / "deploy" / "cloudwatch" / "iam-alarms-check.json").read_text())
+    allowed = {action for statement in policy["Statement"] for action in statement["Action"]}
+    assert calls == allowed, "the check's role must allow exactly the calls it makes"
+
+    main(["alarms", "install", *args[2:]])  # raises SystemExit on failure
+    calls.clear()
+    code, lines = check()
+    assert code == 0 and lines[-1] == f"{len(lines) - 1} of {len(lines) - 1} alarms as install makes them", lines
+    assert calls == allowed
