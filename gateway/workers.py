@@ -137,6 +137,26 @@ def worker_cpus(workers: int, pin: bool) -> list[int | None]:
     return list(usable[:workers])
 
 
+def apply_scheduling(policy: str) -> None:
+    """Put every thread of this process under ``policy`` (``[server] scheduling``); the
+    threads it starts later inherit it. ``"inherit"`` leaves the policy as it is.
+
+    ``SCHED_BATCH`` needs no privilege. Where it is refused (a seccomp filter), the
+    process serves on under the policy it has, and says so.
+    """
+    if policy == "inherit" or not hasattr(os, "SCHED_BATCH"):
+        return
+    try:
+        for task in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setscheduler(int(task), os.SCHED_BATCH, os.sched_param(0))
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+    except OSError as exc:
+        log.warning("server.scheduling: cannot run under SCHED_BATCH (%s); serving under the inherited policy",
+                    exc.strerror or exc)
+
+
 def _start_child(cpu: int | None) -> Callable[[], None]:
     def prepare() -> None:
         _die_with_parent()

@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> None:
     from gateway.app import build_router
     from gateway.server import Gateway, serve
     from gateway.sharedlimits import SharedLimiter, SharedLimitsError
-    from gateway.workers import Supervisor, WorkerError, worker_metrics_listen
+    from gateway.workers import Supervisor, WorkerError, apply_scheduling, worker_metrics_listen
 
     try:
         config = config_mod.load(args.config)
@@ -118,6 +118,7 @@ def _serve(args: argparse.Namespace) -> None:
             fail(str(exc))
     from router.pkcs11 import LoginRefused
 
+    apply_scheduling(config.server.scheduling)  # before the pools and the server start their threads
     try:
         # Workers share one store and one fleet: the first one reconciles for all.
         router = build_router(config, reconcile_at_start=not args.worker_index)

@@ -323,7 +323,8 @@ class Bench:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "gateway.perf.floor", "--config", str(fleet.config_path), "--key", key_id,
                      "--port", str(port), "--cpu", str(-1 if cpu is None else cpu),
-                     "--threads", str(config.server.threads), "--ready", str(flag)],
+                     "--threads", str(config.server.threads), "--scheduling", config.server.scheduling,
+                     "--ready", str(flag)],
                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             end = time.monotonic() + 60
             while not all(flag.exists() for flag in ready):

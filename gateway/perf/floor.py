@@ -27,8 +27,9 @@ from typing import Any
 
 import grpc
 
-from gateway.config import load, load_pins
+from gateway.config import SCHEDULING, load, load_pins
 from gateway.fastpath import FastPath
+from gateway.workers import apply_scheduling
 from hsmgw.v1 import crypto_pb2 as pb
 from router.model import Operation
 from router.pkcs11 import load_module
@@ -89,12 +90,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cpu", type=int, default=-1, help="pin to this CPU (-1: no pinning)")
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--scheduling", choices=SCHEDULING, default="inherit",
+                        help="as [server] scheduling (the bench passes the gateway's)")
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                         help="serve Sign on grpcio's thread pool, as with [server] fast_path = false")
     parser.add_argument("--ready", required=True, help="file written once serving")
     args = parser.parse_args()
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
+    apply_scheduling(args.scheduling)
     login, pool, signer = _sessions(args.config, args.key, args.threads)
     server = grpc.server(ThreadPoolExecutor(max_workers=args.threads), options=[("grpc.so_reuseport", 1)])
     handler = _sign_handler(pool, signer)

@@ -274,6 +274,41 @@ def test_pin_workers_false_leaves_workers_on_every_cpu(fleet) -> None:
         unpinned.unlink()
 
 
+def _policies(pid: int) -> dict[int, int]:
+    """Each thread of ``pid`` (by task id) and its scheduling policy."""
+    policies = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            policies[int(task.name)] = os.sched_getscheduler(int(task.name))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+    return policies
+
+
+def test_every_thread_of_every_worker_runs_under_sched_batch(two_workers) -> None:
+    """``[server] scheduling`` defaults to batch: the serving threads, gRPC core's and the
+    pools' included, whether started before the setting took or after."""
+    workers = _children(two_workers.proc.pid)
+    assert len(workers) == 2
+    for pid in workers:
+        policies = _policies(pid)
+        assert len(policies) > 16, "the fast path's threads at least"
+        assert set(policies.values()) == {os.SCHED_BATCH}, policies
+    assert os.sched_getscheduler(two_workers.proc.pid) == os.SCHED_OTHER, "the supervisor serves nothing"
+
+
+def test_scheduling_inherit_leaves_the_policy_the_gateway_was_started_with(fleet) -> None:
+    config = fleet.config_path.with_name("inherit.toml")
+    config.write_text(fleet.config_path.read_text().replace("[server]\n", '[server]\nscheduling = "inherit"\n', 1))
+    gateway = GatewayProcess(config, workers=1).start()
+    try:
+        policies = _policies(gateway.proc.pid)
+        assert len(policies) > 16 and set(policies.values()) == {os.SCHED_OTHER}, policies
+    finally:
+        gateway.stop()
+        config.unlink()
+
+
 def test_keys_created_by_two_workers_at_once_under_load_keep_every_object(two_workers, tokens) -> None:
     """Creations in both workers while both sign: every acknowledged key still has one
     private and one public object on each of its clusters, and signs.

@@ -212,6 +212,8 @@ BAD_CONFIGS = [
     ("server.pin_workers", "yes", "server.pin_workers"),
     ("server.pin_workers", 1, "server.pin_workers"),
     ("server.fast_path", "on", "server.fast_path"),
+    ("server.scheduling", "fifo", "server.scheduling"),
+    ("server.scheduling", True, "server.scheduling"),
     ("pkcs11", DELETE, "pkcs11"),
     ("pkcs11.module", DELETE, "pkcs11.module"),
     ("pkcs11.module", ["/lib.so"], "pkcs11.module"),
