@@ -71,9 +71,9 @@ class ServerConfig:
     ``SCHED_BATCH`` (no privilege needed), under which a thread that wakes up, for a new
     call or the interpreter lock, waits for the running thread's time slice instead of
     interrupting it, often in the middle of a signature (measured 1–2 % more unary
-    calls per second at full load, and no higher latency at 60 % load). ``"inherit"``:
-    keep the policy the gateway was started with (systemd's ``CPUSchedulingPolicy=``,
-    ``chrt``)."""
+    calls per second at full load, and no higher latency at 60 % load). A gateway started
+    under a policy other than the normal one keeps it. ``"inherit"``: always keep the
+    policy the gateway was started with (systemd's ``CPUSchedulingPolicy=``, ``chrt``)."""
     fast_path: bool = True
     """Serve the unary crypto calls (Sign, Verify, Encrypt, Decrypt, Mac, VerifyMac,
     GenerateRandom, GetPublicKey, and BatchSign on threads of its own) on threads that

@@ -139,12 +139,17 @@ def worker_cpus(workers: int, pin: bool) -> list[int | None]:
 
 def apply_scheduling(policy: str) -> None:
     """Put every thread of this process under ``policy`` (``[server] scheduling``); the
-    threads it starts later inherit it. ``"inherit"`` leaves the policy as it is.
+    threads it starts later inherit it. ``"inherit"`` leaves the policy as it is, and so
+    does ``"batch"`` for a process started under a policy other than the normal one
+    (``SCHED_FIFO``, ``SCHED_IDLE`` …): someone chose that.
 
     ``SCHED_BATCH`` needs no privilege. Where it is refused (a seccomp filter), the
     process serves on under the policy it has, and says so.
     """
     if policy == "inherit" or not hasattr(os, "SCHED_BATCH"):
+        return
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        log.info("server.scheduling: started under scheduling policy %d; keeping it", os.sched_getscheduler(0))
         return
     try:
         for task in os.listdir("/proc/self/task"):

@@ -84,6 +84,7 @@ class GatewayProcess:
         self.config_path = config_path
         self.env = env or {}
         self.workers = workers  # `hsmgw serve` defaults to one per core; tests ask for what they test
+        self.command_prefix: list[str] = []  # a program that execs the gateway (chrt, …)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         workdir = config_path.parent
@@ -100,8 +101,9 @@ class GatewayProcess:
         self.port_file.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(self.config_path),
-             "--port-file", str(self.port_file), "--grace", "2", "--workers", str(self.workers)],
+            [*self.command_prefix, sys.executable, "-m", "gateway.cli.hsmgw", "serve",
+             "--config", str(self.config_path), "--port-file", str(self.port_file), "--grace", "2",
+             "--workers", str(self.workers)],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             # Human log lines unless a test asks otherwise: some tests read the log as text
             # (" hsmgw.audit: " prefixes); tests/observability asks for the default, JSON.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -307,6 +308,35 @@ def test_scheduling_inherit_leaves_the_policy_the_gateway_was_started_with(fleet
     finally:
         gateway.stop()
         config.unlink()
+
+
+def test_a_gateway_started_under_another_policy_keeps_it(fleet) -> None:
+    """Someone chose SCHED_IDLE (chrt -i, as systemd's CPUSchedulingPolicy=idle): batch does not override it."""
+    chrt = shutil.which("chrt")
+    if chrt is None:
+        pytest.skip("chrt (util-linux) is not installed")
+    gateway = GatewayProcess(fleet.config_path, workers=1)
+    gateway.command_prefix = [chrt, "--idle", "0"]
+    gateway.start()
+    try:
+        policies = _policies(gateway.proc.pid)
+        assert len(policies) > 16 and set(policies.values()) == {os.SCHED_IDLE}, policies
+    finally:
+        gateway.stop()
+
+
+def test_a_refused_policy_is_a_warning_and_the_gateway_serves_on(monkeypatch, caplog) -> None:
+    from gateway import workers
+
+    def refuse(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(workers.os, "sched_getscheduler", lambda _: os.SCHED_OTHER)
+    monkeypatch.setattr(workers.os, "sched_setscheduler", refuse)
+    with caplog.at_level("WARNING", logger="gateway.workers"):
+        workers.apply_scheduling("batch")
+    assert [r.getMessage() for r in caplog.records] == [
+        "server.scheduling: cannot run under SCHED_BATCH (Operation not permitted); serving under the inherited policy"]
 
 
 def test_keys_created_by_two_workers_at_once_under_load_keep_every_object(two_workers, tokens) -> None:
