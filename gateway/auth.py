@@ -100,7 +100,8 @@ class Limits:
     rate: float = 0.0
     """Sustained operations per second (a BatchSign costs one per item)."""
     burst: float = 0.0
-    """Operations allowed at once above the rate (token-bucket size); default: one second's worth."""
+    """Operations allowed at once: the token bucket's size, which refills at ``rate``; default
+    (0): one second's worth of the rate."""
     concurrency: int = 0
     """Calls (and open streams) in flight at once."""
 

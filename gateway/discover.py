@@ -35,6 +35,15 @@ class DiscoveryError(Exception):
     """The cluster could not be described (unknown id, no access, AWS unreachable)."""
 
 
+class DiscoveryUnavailable(DiscoveryError):
+    """CloudHSM's API could not answer (unreachable, no permission, throttled, failing):
+    nothing is known about the cluster, as opposed to a cluster id that names none."""
+
+
+# Answers about the request itself: the id names no cluster (or no valid one).
+_ABOUT_THE_REQUEST = ("CloudHsmInvalidRequestException", "CloudHsmResourceNotFoundException", "ValidationException")
+
+
 @dataclass(frozen=True)
 class Hsm:
     hsm_id: str
@@ -126,8 +135,12 @@ def discover(cluster_id: str, region: str, endpoint_url: str | None = None, *, c
     try:
         pages = client.get_paginator("describe_clusters").paginate(Filters={"clusterIds": [cluster_id]})
         clusters = [c for page in pages for c in page.get("Clusters", [])]
-    except (BotoCoreError, ClientError) as exc:
-        raise DiscoveryError(f"describing cluster {cluster_id} in {region} failed: {exc}") from exc
+    except ClientError as exc:
+        about_request = exc.response.get("Error", {}).get("Code") in _ABOUT_THE_REQUEST
+        kind = DiscoveryError if about_request else DiscoveryUnavailable
+        raise kind(f"describing cluster {cluster_id} in {region} failed: {exc}") from exc
+    except BotoCoreError as exc:
+        raise DiscoveryUnavailable(f"describing cluster {cluster_id} in {region} failed: {exc}") from exc
     found = [c for c in clusters if c.get("ClusterId") == cluster_id]
     if not found:
         raise DiscoveryError(f"no CloudHSM cluster {cluster_id} in {region}")

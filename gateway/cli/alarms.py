@@ -12,7 +12,8 @@ cluster's own metrics go to that cluster's region. The per-HSM alarms name HSM
 ids: after AWS replaces an HSM they watch one that is gone. ``check``, with the
 arguments ``install`` was given, finds that (and any alarm changed or deleted by
 hand); run it from a timer, and ``install`` again when it fails. It exits 1 when
-an alarm is missing or differs, 2 when it cannot read them.
+an alarm is missing or differs (or the arguments are wrong: a cluster id CloudHSM
+does not know), 2 when it cannot read CloudWatch or CloudHSM.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         parser.add_argument("--config", type=Path, required=True, help="gateway TOML file (clusters, [cloudwatch])")
         parser.add_argument("--region",
                             help="region of the gateway alarms (default: [cloudwatch] region or home region)")
-        parser.add_argument("--endpoint-url", help="CloudWatch (and cloudhsmv2) endpoint (default: [cloudwatch])")
+        parser.add_argument("--endpoint-url",
+                            help="one endpoint for CloudWatch and CloudHSM's API both (a local mock); default: "
+                                 "[cloudwatch] endpoint_url for CloudWatch, the region's own for CloudHSM")
         parser.add_argument("--namespace", help="namespace the gateways publish to (default: [cloudwatch] namespace)")
         parser.add_argument("--prefix", default="hsmgw", help="alarm name prefix (default: hsmgw)")
         parser.add_argument("--alarm-action", action="append", default=[], metavar="ARN",
@@ -58,7 +61,7 @@ def _plan(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]], st
     """The alarms install makes, by the region they go to; and the endpoint to reach it."""
     from gateway import config as config_mod
     from gateway.cloudwatch import CloudHsmTarget, alarm_specs
-    from gateway.discover import DiscoveryError, discover
+    from gateway.discover import DiscoveryError, DiscoveryUnavailable, discover
 
     try:
         config = config_mod.load(args.config)
@@ -79,9 +82,11 @@ def _plan(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]], st
         if name not in regions_of:
             fail(f"--cloudhsm {item!r}: no cluster named {name!r} in {args.config}")
         try:
-            found = discover(cluster_id, regions_of[name], endpoint)
-        except DiscoveryError as exc:
-            fail(str(exc))
+            # [cloudwatch] endpoint_url is CloudWatch's alone; --endpoint-url serves both (a mock).
+            found = discover(cluster_id, regions_of[name], args.endpoint_url or None)
+        except DiscoveryError as exc:  # a check that could not ask CloudHSM has found nothing (2)
+            checking = args.alarms_command == "check"
+            fail(str(exc), code=2 if checking and isinstance(exc, DiscoveryUnavailable) else 1)
         targets.append((regions_of[name], CloudHsmTarget(name, cluster_id, tuple(h.hsm_id for h in found.hsms))))
 
     plan: dict[str, list[dict[str, Any]]] = {

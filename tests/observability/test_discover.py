@@ -190,7 +190,7 @@ def test_alarms_install_watches_the_hsms_of_a_cloudhsm_cluster(threaded_moto: st
     path.write_text(MINIMAL_CONFIG + f'\n[cloudwatch]\nendpoint_url = "{threaded_moto}"\n')
     prefix = f"t{uuid.uuid4().hex[:6]}"
     result = hsmgw("alarms", "install", "--config", str(path), "--prefix", prefix,
-                   "--cloudhsm", f"local={cluster_id}")
+                   "--cloudhsm", f"local={cluster_id}", "--endpoint-url", threaded_moto)
     assert result.returncode == 0, result.stderr
     alarms = _cloudhsm_alarms(threaded_moto, prefix)
     assert f"{len(alarms)} alarms created or updated" in result.stdout
@@ -216,7 +216,7 @@ def test_alarms_install_watches_the_hsms_of_a_cloudhsm_cluster(threaded_moto: st
     lone, _ = make_cluster(threaded_moto, ["us-east-1a"])
     prefix2 = f"t{uuid.uuid4().hex[:6]}"
     assert hsmgw("alarms", "install", "--config", str(path), "--prefix", prefix2,
-                 "--cloudhsm", f"local={lone}").returncode == 0
+                 "--cloudhsm", f"local={lone}", "--endpoint-url", threaded_moto).returncode == 0
     names = set(_cloudhsm_alarms(threaded_moto, prefix2))
     assert f"{prefix2}-local-hsm-unhealthy" in names and f"{prefix2}-local-hsm-key-sync" not in names
 
@@ -238,7 +238,8 @@ def test_alarms_check_finds_what_an_hsm_replacement_or_a_hand_left_stale(threade
     path = tmp_path / "hsmgw.toml"
     path.write_text(MINIMAL_CONFIG + f'\n[cloudwatch]\nendpoint_url = "{threaded_moto}"\n')
     prefix = f"t{uuid.uuid4().hex[:6]}"
-    args = ("--config", str(path), "--prefix", prefix, "--cloudhsm", f"local={cluster_id}")
+    args = ("--config", str(path), "--prefix", prefix, "--cloudhsm", f"local={cluster_id}",
+            "--endpoint-url", threaded_moto)
     per_hsm = {f"{prefix}-local-hsm-unhealthy", f"{prefix}-local-hsm-key-sync", f"{prefix}-local-hsm-users-near-limit"}
 
     code, alarms = _check(*args)  # nothing installed yet
@@ -284,6 +285,51 @@ def test_alarms_check_that_cannot_read_cloudwatch_says_so_and_exits_2(tmp_path: 
     result = hsmgw("alarms", "check", "--config", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"error: reading the alarms in {REGION} failed: Could not connect"), result.stderr
+
+
+def test_alarms_check_that_cannot_reach_cloudhsm_exits_2_and_install_1(tmp_path: Path) -> None:
+    """A check that could not ask CloudHSM for the HSMs has found nothing stale: 2, as for
+    CloudWatch. For install it is a failure like any other."""
+    path = tmp_path / "hsmgw.toml"
+    path.write_text(MINIMAL_CONFIG)
+    args = ("--config", str(path), "--cloudhsm", "local=cluster-1234abcd", "--endpoint-url", "http://127.0.0.1:1")
+    check = hsmgw("alarms", "check", *args)
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr
+    assert check.stderr.startswith(f"error: describing cluster cluster-1234abcd in {REGION} failed: Could not connect")
+    assert one_error_line(hsmgw("alarms", "install", *args)).startswith("error: describing cluster cluster-1234abcd")
+
+
+def test_alarms_check_of_a_cluster_cloudhsm_does_not_know_exits_1(threaded_moto: str, tmp_path: Path) -> None:
+    """A wrong cluster id is a finding about the arguments, not an outage."""
+    path = tmp_path / "hsmgw.toml"
+    path.write_text(MINIMAL_CONFIG)
+    result = hsmgw("alarms", "check", "--config", str(path), "--cloudhsm", "local=cluster-doesnotexist",
+                   "--endpoint-url", threaded_moto)
+    assert one_error_line(result) == f"error: no CloudHSM cluster cluster-doesnotexist in {REGION}"
+
+
+@pytest.mark.parametrize("flag", [None, "http://127.0.0.1:4566"])
+def test_the_configs_cloudwatch_endpoint_is_not_used_for_cloudhsm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str | None
+) -> None:
+    """[cloudwatch] endpoint_url may be a VPC endpoint of CloudWatch's: CloudHSM's API is not
+    there. Only --endpoint-url (one mock for both) sends CloudHSM's calls elsewhere."""
+    from gateway import discover as discover_mod
+    from gateway.cli.hsmgw import main
+
+    asked: list[str | None] = []
+
+    def record(cluster_id: str, region: str, endpoint_url: str | None = None) -> Any:
+        asked.append(endpoint_url)
+        raise discover_mod.DiscoveryError("stop here")
+
+    monkeypatch.setattr(discover_mod, "discover", record)
+    path = tmp_path / "hsmgw.toml"
+    path.write_text(MINIMAL_CONFIG + '\n[cloudwatch]\nendpoint_url = "https://vpce-1.monitoring.example"\n')
+    with pytest.raises(SystemExit):
+        main(["alarms", "check", "--config", str(path), "--cloudhsm", "local=cluster-1234abcd",
+              *(("--endpoint-url", flag) if flag else ())])
+    assert asked == [flag]
 
 
 @pytest.mark.parametrize(
