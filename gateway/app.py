@@ -56,7 +56,7 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
     )
     router = Router(
         topology, backends, store, replication=policy, creation_grace=config.replication.creation_grace,
-        rescan_interval=config.store.rescan_interval,
+        rescan_interval=config.store.rescan_interval, creates_keys=config.creates_keys,
     )
     if not reconcile_at_start:
         return router

@@ -15,7 +15,10 @@ sets) are retried on the next endpoint within the caller's deadline, and once
 more on each after a short pause (one address behind a load balancer reaches
 another gateway that way); GenerateKey
 only on UNAVAILABLE, since a creation cancelled as a gateway stopped may have made
-its key, and another region does not know its request_id.
+its key, and another region does not know its request_id. A GenerateKey that a
+gateway refuses because its region does not create keys (``[gateway] creates_keys =
+false``: FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE) goes to the next endpoint
+too; the client's other calls stay where they were.
 
 Other languages: ``deploy/grpc-service-config.json`` carries the same retry
 policy for gRPC's built-in retries (one endpoint per channel).
@@ -50,11 +53,30 @@ T = TypeVar("T")
 # creation, whose request_id is known only in its own region, moves on UNAVAILABLE alone.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 CREATION_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+CREATION_ELSEWHERE = "KEY_CREATION_ELSEWHERE"
+"""The ErrorInfo reason of a GenerateKey refused by a gateway whose region does not create keys."""
 ROUNDS = 2
 """Times each endpoint is tried for one call. One address in front of several gateways (a load
 balancer) is tried again too: a gateway that is shutting down sends its callers elsewhere."""
 RETRY_PAUSE = 0.05
 """Seconds (±50 %) between one round of the endpoints and the next."""
+
+
+def error_reason(exc: grpc.RpcError) -> str:
+    """The ``ErrorInfo`` reason a gateway sent with a failed call ("" if none)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # details that do not match the code and message: not a gateway's
+        return ""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
 
 
 class Client:
@@ -106,9 +128,12 @@ class Client:
         invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T],
         timeout: float | None,
         failover: frozenset[grpc.StatusCode] = FAILOVER_CODES,
+        *,
+        creating: bool = False,
     ) -> T:
         deadline = time.monotonic() + (timeout or self._timeout)
         last: grpc.RpcError | None = None
+        unreachable = False  # an endpoint failed: move on for good; one that refused a creation stays
         start = self._current
         count = len(self._endpoints)
         for step in range(count * ROUNDS):
@@ -124,12 +149,19 @@ class Client:
             try:
                 result = invoke(stub, remaining)
             except grpc.RpcError as exc:
-                if exc.code() not in failover or self._closed:  # closed under the call: it ends here
+                if self._closed:  # closed under the call: it ends here
                     raise
-                log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
+                if exc.code() in failover:
+                    log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
+                    unreachable = True
+                elif creating and exc.code() is grpc.StatusCode.FAILED_PRECONDITION \
+                        and error_reason(exc) == CREATION_ELSEWHERE:
+                    log.info("endpoint %s does not create keys; trying the next", self._endpoints[index])
+                else:
+                    raise
                 last = exc
                 continue
-            if index != self._current:
+            if index != self._current and unreachable:
                 with self._lock:
                     self._current = index
                     self.failovers += 1
@@ -174,7 +206,7 @@ class Client:
         )
         # The generated gRPC stub is untyped: name what each call answers.
         key: pb.Key = self._call(lambda stub, t: stub.GenerateKey(request, **self._kw(t)), timeout,
-                                 CREATION_FAILOVER_CODES)
+                                 CREATION_FAILOVER_CODES, creating=True)
         return key
 
     def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:

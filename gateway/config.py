@@ -237,6 +237,15 @@ class GatewayConfig:
     admin: AdminConfig = AdminConfig()
     metrics: MetricsConfig = MetricsConfig()
     cloudwatch: CloudWatchConfig = CloudWatchConfig()
+    creates_keys: bool = True
+    """Whether this gateway makes new keys (GenerateKey). Regions that share one placement
+    table (a DynamoDB global table) do not check each other's writes: let one region create
+    keys and set ``false`` in the others. Those answer a GenerateKey with
+    FAILED_PRECONDITION, reason ``KEY_CREATION_ELSEWHERE``, before anything is made, and
+    ``gateway.client.Client`` moves it to its next endpoint; a GenerateKey whose
+    ``request_id`` already made its key (replicated here) still returns that key. Every
+    other call is served as usual. Moving the role during a regional failover is a config
+    change: deploy/dynamodb/README.md."""
     base_dir: Path = Path(".")
     """Directory relative paths are resolved against (the config file's)."""
 
@@ -297,7 +306,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
         "",
     )
     gw = _take(data, "gateway", dict, "")
-    _no_unknown(gw, {"home_region", "dr_regions"}, "gateway.")
+    _no_unknown(gw, {"home_region", "dr_regions", "creates_keys"}, "gateway.")
     home = _take(gw, "home_region", str, "gateway.")
     dr = _take(gw, "dr_regions", list, "gateway.", [])
     for i, region in enumerate(dr):
@@ -441,6 +450,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     config = GatewayConfig(
         home_region=home,
         dr_regions=tuple(dr),
+        creates_keys=_take(gw, "creates_keys", bool, "gateway.", GatewayConfig.creates_keys),
         pkcs11=pkcs11,
         store=store,
         clusters=tuple(clusters),

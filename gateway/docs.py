@@ -56,7 +56,7 @@ class Section:
 
 SECTIONS: tuple[Section, ...] = (
     Section("gateway", config_mod.GatewayConfig, "Where this gateway sits in the fleet. Required.",
-            fields=("home_region", "dr_regions")),
+            fields=("home_region", "dr_regions", "creates_keys")),
     Section("server", config_mod.ServerConfig, "The gRPC listener."),
     Section("server.tls", config_mod.TlsConfig,
             "Mutual TLS. Optional as a table, but a server on anything but loopback needs it; every key "

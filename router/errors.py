@@ -71,6 +71,12 @@ class KeyChanged(FailedPrecondition):
     reason = "KEY_CHANGED"
 
 
+class KeyCreationElsewhere(FailedPrecondition):
+    """This gateway does not make new keys ([gateway] creates_keys = false): another region does."""
+
+    reason = "KEY_CREATION_ELSEWHERE"
+
+
 class AlreadyExists(RouterError):
     reason = "KEY_EXISTS"
 

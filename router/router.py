@@ -27,6 +27,7 @@ from router.errors import (
     InternalError,
     InvalidArgument,
     KeyChanged,
+    KeyCreationElsewhere,
     KeyNotFound,
     RequestConflict,
     ResourceExhausted,
@@ -101,8 +102,10 @@ class Router:
         breaker_cooldown: float = 2.0,
         rescan_interval: float = 60.0,
         on_health_change: Callable[[str, CircuitState], None] = lambda name, state: None,
+        creates_keys: bool = True,
     ) -> None:
         self.topology = topology
+        self.creates_keys = creates_keys
         self.backends = dict(backends)
         self.store = store
         self._clock = clock
@@ -323,6 +326,7 @@ class Router:
         existing = self._existing(spec)
         if existing is not None:
             return existing
+        self._may_create()
         if spec.storage is KeyStorage.EXTERNAL and not spec.extractable:
             raise InvalidArgument("an EXTERNAL key lives wrapped outside the HSM; it cannot be non-extractable")
         if spec.storage is KeyStorage.EXTERNAL and spec.copies > 1:
@@ -373,6 +377,7 @@ class Router:
                     f"request_id {spec.request_id!r} was used for a different key or parameters"
                 )
             if earlier.state is KeyState.CREATING:
+                self._may_create()  # finishing it here would make objects here
                 return self._take_over(earlier)
             self._remember(earlier)
             return earlier
@@ -382,6 +387,12 @@ class Router:
                 raise AlreadyExists(f"key {spec.key_id!r} was destroyed; key ids are never reused")
             raise AlreadyExists(f"key {spec.key_id!r} already exists")
         return None
+
+    def _may_create(self) -> None:
+        if not self.creates_keys:
+            raise KeyCreationElsewhere(
+                f"this gateway ({self.topology.home_region}) does not create keys ([gateway] creates_keys = false): "
+                "send GenerateKey to the region that does", region=self.topology.home_region)
 
     def _take_over(self, intent: Placement) -> Placement:
         """Finish a creation that an earlier attempt (maybe a crashed process) left half-way.

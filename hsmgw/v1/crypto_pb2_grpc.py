@@ -110,7 +110,11 @@ class CryptoServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GenerateKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Makes a key, or returns the key an earlier call with the same request_id made. A
+        gateway whose region does not create keys (`[gateway] creates_keys = false`) answers
+        FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE, having made nothing: send it to a
+        region that does.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -186,6 +186,8 @@ BAD_CONFIGS = [
     ("gateway", DELETE, "gateway"),
     ("gateway", "us-east-1", "gateway"),
     ("gateway.home_region", DELETE, "gateway.home_region"),
+    ("gateway.creates_keys", "no", "gateway.creates_keys"),
+    ("gateway.creates_keys", 0, "gateway.creates_keys"),
     ("gateway.home_region", 5, "gateway.home_region"),
     ("gateway.home_region", "eu-central-1", "gateway.home_region"),
     ("gateway.homeregion", "us-east-1", "gateway.homeregion"),
