@@ -29,6 +29,7 @@ from router.errors import (
     KeyNotFound,
     RouterError,
     SessionsBusy,
+    StaleSession,
     Throttled,
     Unavailable,
 )
@@ -140,7 +141,9 @@ class Dispatcher:
                 attempts += 1
                 try:
                     result = fn(backend)
-                except ClusterDown as exc:
+                except (ClusterDown, StaleSession) as exc:
+                    # A stale session here outlived the cluster's own repairs (every pooled
+                    # session replaced): the HSM's fault, as a replacement in progress is.
                     breaker.record_failure()
                     last = exc
                     if same_cluster_try == 0 and breaker.allow():

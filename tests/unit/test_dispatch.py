@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from router.dispatch import Dispatcher
-from router.errors import ClusterDown, InvalidArgument, SessionsBusy, Throttled, Unavailable
+from router.errors import ClusterDown, InvalidArgument, SessionsBusy, StaleSession, Throttled, Unavailable
 from router.health import CircuitBreaker, CircuitState, HealthMonitor
 from router.model import ClusterSpec
 from router.retry import RetryBudget
@@ -55,6 +55,17 @@ def test_cluster_down_is_retried_once_then_fails_over() -> None:
     assert (result, cluster) == ("ok@usw2-a", "usw2-a")
     assert calls == ["use1-a", "use1-a", "usw2-a"]
     assert d.failovers == 1
+
+
+def test_a_session_still_stale_after_the_clusters_repairs_fails_over_as_a_cluster_fault() -> None:
+    """The cluster already replaced each of its sessions before giving up (StaleSession):
+    the replica serves, and the circuit counts the failure."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    fn, calls = script({"use1-a": [StaleSession, StaleSession], "use1-b": [], "usw2-a": []})
+    assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k") == ("ok@usw2-a", "usw2-a")
+    assert calls == ["use1-a", "use1-a", "usw2-a"]
+    assert d.failovers == 1 and d.breakers["use1-a"].error_rate() > 0
 
 
 def test_replacement_error_clears_on_same_cluster_retry() -> None:
