@@ -12,8 +12,9 @@ cluster's own metrics go to that cluster's region. The per-HSM alarms name HSM
 ids: after AWS replaces an HSM they watch one that is gone. ``check``, with the
 arguments ``install`` was given, finds that (and any alarm changed or deleted by
 hand); run it from a timer, and ``install`` again when it fails. It exits 1 when
-an alarm is missing or differs (or the arguments are wrong: a cluster id CloudHSM
-does not know), 2 when it cannot read CloudWatch or CloudHSM.
+an alarm is missing or differs, or when the config or an argument's value is refused
+(a cluster id CloudHSM does not know); 2 when it could not run: the command line
+does not parse, or CloudWatch or CloudHSM cannot be read.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """``hsmctl``: operate hsmgw — clusters, key placement, switches, approvals, audit.
 
-hsmctl talks to a gateway's AdminService (never to the store or the HSMs), so
-authentication, quorum and audit apply to everything it does. Mutating commands
-create a change that other admins approve (`hsmctl changes approve ID`).
+The admin commands talk to a gateway's AdminService (never to the store or the HSMs),
+so authentication, quorum and audit apply to them. Mutating commands create a change
+that other admins approve (`hsmctl changes approve ID`). `hsmctl loadtest` is the
+exception: it calls the CryptoService like any application (its --create and --cleanup
+make and destroy keys under the caller's own grants, without a quorum), and with
+--direct it opens the PKCS #11 module and the placement store itself.
 
 Examples:
   hsmctl status
