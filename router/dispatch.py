@@ -126,9 +126,11 @@ class Dispatcher:
         self.budget.record_request()
         last: RouterError | None = None
         attempts = 0
+        unheard = False  # a candidate was skipped or failed as a cluster: it may hold what others lack
         for index, name in enumerate(self.order(names)):
             breaker = self.breakers[name]
             if not breaker.allow():
+                unheard = True
                 continue
             backend = self.backends[name]
             for same_cluster_try in range(2):
@@ -145,13 +147,13 @@ class Dispatcher:
                     # A stale session here outlived the cluster's own repairs (every pooled
                     # session replaced): the HSM's fault, as a replacement in progress is.
                     breaker.record_failure()
-                    last = exc
+                    last, unheard = exc, True
                     if same_cluster_try == 0 and breaker.allow():
                         continue  # HSM replacement errors clear on retry
                     break
                 except Throttled as exc:
                     breaker.record_failure()
-                    last = exc
+                    last, unheard = exc, True
                     pause = min(backoff(attempts), max(0.0, deadline - self._clock()))
                     if pause:
                         self._sleep(pause)
@@ -166,6 +168,9 @@ class Dispatcher:
                 except RouterError:
                     breaker.release_trial()  # a caller error says nothing about the cluster
                     raise
+                except BaseException:
+                    breaker.release_trial()  # a bug: never leave a half-open circuit waiting for its trial
+                    raise
                 breaker.record_success()
                 if index or attempts > 1:
                     with self._lock:
@@ -173,6 +178,10 @@ class Dispatcher:
                 return result, name
         if last is None:
             raise Unavailable(f"no healthy cluster can serve {what}")
+        if isinstance(last, KeyNotFound) and unheard:
+            # Not "no such key": a cluster that may hold it (the source of a move, say) could not answer.
+            raise Unavailable(f"no cluster could serve {what}: the clusters asked lack it, and another that may "
+                              "hold it cannot answer now", cluster=last.cluster, region=last.region) from last
         if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey)):
             raise last
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)

@@ -255,7 +255,11 @@ class HealthMonitor:
 
     def _loop(self, name: str) -> None:
         while not self._stop.wait(self._interval):
-            self.probe_once(name)
+            try:
+                self.probe_once(name)
+            except Exception:  # a bug must not end this cluster's probes for good
+                log.exception("probe of cluster %s failed unexpectedly", name)
+                self._breakers[name].record_failure()
 
     def _watch(self) -> None:
         while not self._stop.wait(self._interval):

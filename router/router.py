@@ -272,8 +272,14 @@ class Router:
         what = f"key {placement.key_id!r}"
         try:
             return self.dispatcher.run(self._candidates(placement), lambda b: fn(b, placement), deadline, what)
-        except KeyNotFound:
-            fresh = self.store.get(placement.key_id)
+        except (KeyNotFound, Unavailable) as exc:
+            if not isinstance(exc, KeyNotFound) and not isinstance(exc.__cause__, KeyNotFound):
+                raise  # not a copy found missing
+            try:
+                fresh = self.store.get(placement.key_id)
+            except StoreError as failed:
+                raise Unavailable(f"{what}: its copies were not found where the placement says, and the "
+                                  "placement store cannot be read to look again") from failed
             if fresh is None or fresh.clusters == placement.clusters or not fresh.usable:
                 raise
             self._remember(fresh)
@@ -975,7 +981,10 @@ class Router:
             except StoreError as exc:
                 raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
             except Conflict as exc:
-                self.reload_key(key_id)
+                try:
+                    self.reload_key(key_id)
+                except StoreError as failed:
+                    raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from failed
                 if exc.existing is None or exc.existing.state is not KeyState.DESTROYED:
                     raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was "
                                       "destroyed, try again") from exc

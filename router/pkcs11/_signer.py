@@ -123,6 +123,7 @@ class _SessionInfo(ctypes.Structure):
     _fields_ = [("slot", _ULONG), ("state", _ULONG), ("flags", _ULONG), ("device_error", _ULONG)]
 
 
+_USER_STATES = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
 _GetSessionInfo = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.POINTER(_SessionInfo))
 _SignInit = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.POINTER(_Mechanism), _ULONG)
 _Sign = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.c_char_p, _ULONG, ctypes.c_char_p, ctypes.POINTER(_ULONG))
@@ -152,6 +153,14 @@ class Signer:
         sessions (p11-kit's proxy does); signing here would then fail on every session.
         """
         return int(self._info(session.handle, ctypes.byref(_SessionInfo()))) == 0
+
+    def logged_out(self, session: Any) -> bool:
+        """Whether python-pkcs11's ``session`` is open without the user's login (False if the
+        module cannot say: the caller then goes on as if it were logged in)."""
+        info = _SessionInfo()
+        if int(self._info(session.handle, ctypes.byref(info))):
+            return False
+        return int(info.state) not in _USER_STATES
 
     def sign(self, key: Any, mechanism: Mechanism, data: bytes) -> bytes:
         """One signature of ``data`` by ``key`` (a python-pkcs11 private key) with ``mechanism``.

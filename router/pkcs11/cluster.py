@@ -17,6 +17,7 @@ from pkcs11.types import Object
 
 from router.backend import HsmBackend, PoolStats
 from router.errors import (
+    ClusterDown,
     DeadlineExceeded,
     DecryptionFailed,
     InternalError,
@@ -24,6 +25,7 @@ from router.errors import (
     KeyNotFound,
     RouterError,
     StaleSession,
+    WrongKeyUsage,
 )
 from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _keys, _oaep
@@ -112,6 +114,13 @@ class Pkcs11Cluster(HsmBackend):
                 err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op, decrypting=decrypting)
                 if isinstance(err, InternalError):
                     log.error("cluster %s: unexpected PKCS #11 error", self.spec.name, exc_info=exc)
+                if isinstance(err, KeyNotFound) and self._logged_out(session):
+                    # Private objects are invisible to a session without the login (the token
+                    # forgot it, or every session was closed, as an HSM replacement does): the
+                    # key is not missing, the login is.
+                    exc = p11.UserNotLoggedIn()
+                    err = StaleSession(f"cluster {self.spec.name} lost its login", cluster=self.spec.name,
+                                       region=self.spec.region)
                 # A key the placement says is here but the search did not find is
                 # searched for once more: SoftHSM's object index can miss an object
                 # while another session destroys a neighbour. The session and its
@@ -119,10 +128,10 @@ class Pkcs11Cluster(HsmBackend):
                 # dropping them would cost every hot key a new search, and during a move
                 # every call routed to the target misses until its copy is made.
                 missing_once = isinstance(err, KeyNotFound) and attempt == 0
+                if isinstance(err, StaleSession):
+                    self._repair(session, exc)  # on the last attempt too: never back to the pool stale
                 if not (isinstance(err, StaleSession) or missing_once) or attempt == attempts - 1:
                     raise err from exc
-                if not missing_once:
-                    self._repair(session, exc)
             finally:
                 self._pool.release(session)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -132,8 +141,16 @@ class Pkcs11Cluster(HsmBackend):
         if isinstance(exc, SESSION_GONE):
             session.broken = True
         elif isinstance(exc, LOGGED_OUT):
-            self._pool.relogin()
+            try:
+                self._pool.relogin()
+            except p11.PKCS11Error as failed:  # the token or the PIN is gone: this cluster cannot serve
+                raise ClusterDown(f"cluster {self.spec.name} could not log in again ({type(failed).__name__})",
+                                  cluster=self.spec.name, region=self.spec.region) from failed
         log.info("cluster %s: repaired stale session (%s)", self.spec.name, type(exc).__name__)
+
+    def _logged_out(self, session: PooledSession) -> bool:
+        """Whether ``session`` is known to lack the user's login (False when it cannot tell)."""
+        return self._signer is not None and self._signer.logged_out(session.handle)
 
     # -- HsmBackend -----------------------------------------------------
 
@@ -201,7 +218,12 @@ class Pkcs11Cluster(HsmBackend):
         self._run(deadline, run)
 
     def probe(self, deadline: float) -> None:
-        self._run(deadline, lambda s: s.handle.generate_random(64), quick=True)
+        def run(s: PooledSession) -> None:
+            s.handle.generate_random(64)
+            if self._logged_out(s):  # a random needs no login; every key call does: repair it now
+                raise p11.UserNotLoggedIn()
+
+        self._run(deadline, run, quick=True)
 
     def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
         def run(s: PooledSession) -> int:
@@ -392,7 +414,7 @@ class Pkcs11Cluster(HsmBackend):
         if self._native_oaep:
             try:
                 return self._run(deadline, lambda s: _oaep_native(s, key, data, encrypt), Operation.RSA_OAEP_SHA256)
-            except InvalidArgument as exc:
+            except (InvalidArgument, WrongKeyUsage) as exc:  # CKR_MECHANISM_INVALID is the latter
                 if not isinstance(exc.__cause__, _OAEP_UNSUPPORTED):
                     raise
                 log.info("cluster %s: no native RSA-OAEP-SHA256; padding in the gateway over raw RSA", self.name)

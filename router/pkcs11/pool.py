@@ -95,6 +95,10 @@ class PooledSession:
                     # python-pkcs11 hands back a bare Object when reading the key's
                     # attributes failed (a busy HSM): a cluster fault, never cached.
                     raise Throttled(f"could not read key {placement.key_id!r}'s attributes")
+                if capability is not None and not hasattr(obj, capability) and _partly_read(obj, capability):
+                    # Read one attribute at a time after a failed bulk read, skipping those the
+                    # HSM refused: the methods it lacks may be ones the key has. Not cached.
+                    raise Throttled(f"could not read all of key {placement.key_id!r}'s attributes")
                 self.keys[cache_key] = _primed(obj)
         if capability is not None and not hasattr(obj, capability):
             raise WrongKeyUsage(f"key {placement.key_id!r} does not permit {capability} on this cluster")
@@ -164,6 +168,22 @@ class PooledSession:
         self.keys.clear()
         while self.unwrapped:
             _destroy_quietly(self.unwrapped.popitem()[1])
+
+
+_CAPABILITIES = {"sign": Attribute.SIGN, "verify": Attribute.VERIFY, "encrypt": Attribute.ENCRYPT,
+                 "decrypt": Attribute.DECRYPT}
+
+
+def _partly_read(obj: Any, capability: str) -> bool:
+    """Whether a key object that lacks ``capability``'s method was made from a partial read:
+    the key's own attribute says it permits it, or cannot be read now."""
+    attribute = _CAPABILITIES.get(capability)
+    if attribute is None:
+        return False
+    try:
+        return bool(obj[attribute])
+    except p11.PKCS11Error:
+        return True
 
 
 def _primed(obj: Any) -> Any:

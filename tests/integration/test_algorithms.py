@@ -598,3 +598,36 @@ def test_algorithm_the_rpc_does_not_perform_is_refused(
     err = rpc_error(_call, crypto, rpc, keys[name].key_id, op)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
     assert op.value in err.details() and rpc in err.details()
+
+
+@pytest.mark.parametrize("refusal", [p11.MechanismInvalid, p11.MechanismParamInvalid, p11.ArgumentsBad])
+def test_oaep_falls_back_to_padding_in_the_gateway_whatever_a_module_without_it_answers(
+    make_router, monkeypatch, refusal: type[Exception]
+) -> None:
+    """A module without native OAEP-SHA256 answers CKR_MECHANISM_INVALID (or a parameter error):
+    the gateway then pads over raw RSA itself, instead of calling the key unfit."""
+    import time
+
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    import router.pkcs11.cluster as cluster_module
+    from router.model import KeySpec
+
+    router = make_router()
+    key_id = unique("oaep-fallback")
+    router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.RSA_2048, usage=KeyUsage.ENCRYPT_DECRYPT,
+                                request_id=f"r-{key_id}"), time.monotonic() + 60)
+
+    def refuses(*_: object) -> bytes:
+        raise refusal()
+
+    monkeypatch.setattr(cluster_module, "_oaep_native", refuses)
+    for backend in router.backends.values():
+        backend._native_oaep = True
+    _, der = router.public_key(key_id, time.monotonic() + 10)
+    public = load_der_public_key(der)
+    assert isinstance(public, rsa.RSAPublicKey)
+    ciphertext = public.encrypt(b"data key", OAEP_PADDING)
+    assert router.decrypt(key_id, Operation.RSA_OAEP_SHA256, ciphertext, b"", b"", time.monotonic() + 10) == \
+        b"data key"
+    assert any(backend._native_oaep is False for backend in router.backends.values())

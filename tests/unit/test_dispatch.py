@@ -7,7 +7,15 @@ from types import SimpleNamespace
 import pytest
 
 from router.dispatch import Dispatcher
-from router.errors import ClusterDown, InvalidArgument, SessionsBusy, StaleSession, Throttled, Unavailable
+from router.errors import (
+    ClusterDown,
+    InvalidArgument,
+    KeyNotFound,
+    SessionsBusy,
+    StaleSession,
+    Throttled,
+    Unavailable,
+)
 from router.health import CircuitBreaker, CircuitState, HealthMonitor
 from router.model import ClusterSpec
 from router.retry import RetryBudget
@@ -66,6 +74,46 @@ def test_a_session_still_stale_after_the_clusters_repairs_fails_over_as_a_cluste
     assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k") == ("ok@usw2-a", "usw2-a")
     assert calls == ["use1-a", "use1-a", "usw2-a"]
     assert d.failovers == 1 and d.breakers["use1-a"].error_rate() > 0
+
+
+def test_a_copy_missing_where_another_candidate_could_not_answer_is_unavailable_not_not_found() -> None:
+    """During a move the target is named before its copy exists: with the source down (or its
+    circuit open), the key is not missing, it is out of reach for now."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    fn, calls = script({"use1-a": [ClusterDown, ClusterDown], "use1-b": [], "usw2-a": [KeyNotFound]})
+    with pytest.raises(Unavailable) as caught:
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert not isinstance(caught.value, KeyNotFound) and isinstance(caught.value.__cause__, KeyNotFound)
+
+    for _ in range(3):
+        d.breakers["use1-a"].record_failure()
+    fn, calls = script({"use1-a": [], "use1-b": [], "usw2-a": [KeyNotFound]})
+    with pytest.raises(Unavailable):
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == ["usw2-a"]
+
+    # Every candidate asked, and none has it: that is NOT_FOUND.
+    fn, _ = script({"use1-a": [KeyNotFound], "use1-b": [KeyNotFound], "usw2-a": [KeyNotFound]})
+    with pytest.raises(KeyNotFound):
+        make(clock).run(["use1-b", "usw2-a"], fn, clock() + 5, "k")
+
+
+def test_a_bug_on_a_half_open_trial_leaves_the_circuit_ready_for_the_next() -> None:
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    for _ in range(3):
+        d.breakers["use1-a"].record_failure()
+    clock.now += 2.5
+    assert d.breakers["use1-a"].state is CircuitState.HALF_OPEN
+
+    def bug(backend: SimpleNamespace) -> str:
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError):
+        d.run(["use1-a"], bug, clock() + 5, "k")
+    clock.now += 60
+    assert d.breakers["use1-a"].allow(), "the trial was released; without it the circuit waits for good"
 
 
 def test_replacement_error_clears_on_same_cluster_retry() -> None:

@@ -1,0 +1,195 @@
+"""Error paths of the router and a cluster, with fakes: what a client sees, and what is
+left behind (sessions, circuits), when a cluster, its login or the store fails."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.types import Object, PrivateKey
+
+from gateway import status
+from router.backend import HsmBackend, PoolStats
+from router.errors import ClusterDown, KeyNotFound, StaleSession, Throttled, WrongKeyUsage
+from router.model import ClusterSpec, KeyAlgorithm, KeyState, KeyUsage, Operation, Placement
+from router.pkcs11._module import TokenObjects
+from router.pkcs11.cluster import Pkcs11Cluster
+from router.pkcs11.pool import PooledSession
+from router.placement.sqlite import SqliteStore
+from router.placement.store import StoreError
+from router.router import Router, Topology
+from tests.support import stored
+
+# -- a cluster's own retries ------------------------------------------------------------------
+
+
+class _Session:
+    def __init__(self, number: int) -> None:
+        self.number, self.broken = number, False
+        self.handle = self
+
+    def forget(self) -> None:
+        pass
+
+
+class _Pool:
+    def __init__(self, relogin_fails: bool = False) -> None:
+        self.opened = 0
+        self.released: list[tuple[int, bool]] = []
+        self.relogin_fails = relogin_fails
+
+    def acquire(self, deadline: float, quick: bool = False) -> _Session:
+        self.opened += 1
+        return _Session(self.opened)
+
+    def release(self, session: _Session) -> None:
+        self.released.append((session.number, session.broken))
+
+    def relogin(self) -> None:
+        if self.relogin_fails:
+            raise p11.TokenNotPresent()
+
+
+def _cluster(pool: _Pool, pool_size: int = 2) -> Pkcs11Cluster:
+    cluster = object.__new__(Pkcs11Cluster)
+    cluster.spec = ClusterSpec("use1-a", "us-east-1", "use1-a", pool_size=pool_size)
+    cluster._pool, cluster._serial, cluster._clock, cluster._signer = pool, None, time.monotonic, None
+    return cluster
+
+
+def test_a_session_stale_on_the_last_attempt_is_not_put_back_as_it_was() -> None:
+    pool = _Pool()
+
+    def gone(session: Any) -> None:
+        raise p11.SessionHandleInvalid()
+
+    with pytest.raises(StaleSession):
+        _cluster(pool)._run(time.monotonic() + 5, gone)
+    assert pool.released == [(1, True), (2, True), (3, True)], "every session that went stale is closed"
+
+
+def test_a_login_that_cannot_be_made_again_is_the_clusters_fault() -> None:
+    def logged_out(session: Any) -> None:
+        raise p11.UserNotLoggedIn()
+
+    with pytest.raises(ClusterDown) as caught:
+        _cluster(_Pool(relogin_fails=True))._run(time.monotonic() + 5, logged_out)
+    assert caught.value.message == "cluster use1-a could not log in again (TokenNotPresent)"
+    assert status.code_for(caught.value) is grpc.StatusCode.UNAVAILABLE
+
+
+# -- the store during a re-read ------------------------------------------------------------------
+
+
+class _Missing(HsmBackend):
+    def __init__(self, name: str) -> None:
+        self.spec = ClusterSpec(name, "us-east-1", name)
+
+    def sign(self, key: Placement, op: Operation, digest: bytes, deadline: float) -> bytes:
+        raise KeyNotFound("key material is missing on the cluster", cluster=self.spec.name)
+
+    def sign_many(self, key: Placement, op: Operation, digests: Any, deadline: float) -> list[Any]:
+        if key.key_id == "k/ok":
+            return [b"sig"] * len(digests)
+        raise KeyNotFound("key material is missing on the cluster", cluster=self.spec.name)
+
+    def stats(self) -> PoolStats:
+        return PoolStats(size=1, open=1, in_use=0)
+
+    def close(self) -> None:
+        pass
+
+
+_Missing.__abstractmethods__ = frozenset()
+
+
+def _router(tmp_path: Path, *keys: str) -> tuple[Router, SqliteStore]:
+    store = SqliteStore(tmp_path / "p.db")
+    for key in keys:
+        store.create(stored(key, request_id=f"r-{key}", replicas=()))
+        store.update(dataclasses.replace(store.get(key), state=KeyState.ENABLED))
+    router = Router(Topology("us-east-1", (), {"us-east-1": ("use1-a",)}), {"use1-a": _Missing("use1-a")}, store)
+    for key in keys:
+        router.placement(key)  # cached
+
+    def down(key_id: str) -> None:
+        raise StoreError("database is locked")
+
+    store.get = down  # type: ignore[method-assign]
+    return router, store
+
+
+def test_a_copy_not_found_while_the_store_is_down_is_unavailable_not_internal(tmp_path: Path) -> None:
+    router, _ = _router(tmp_path, "k/1")
+    with pytest.raises(Exception) as caught:
+        router.sign("k/1", Operation.ECDSA_SHA256, b"\0" * 32, None, time.monotonic() + 5)
+    code, message, _ = status.status_for(caught.value)
+    assert code is grpc.StatusCode.UNAVAILABLE, message
+    assert "placement store cannot be read" in message
+
+
+def test_a_batch_keeps_the_signatures_of_its_other_keys_while_the_store_is_down(tmp_path: Path) -> None:
+    router, _ = _router(tmp_path, "k/ok", "k/1")
+    out = router.sign_many([("k/ok", Operation.ECDSA_SHA256, b"\0" * 32, None),
+                            ("k/1", Operation.ECDSA_SHA256, b"\0" * 32, None)], time.monotonic() + 5)
+    assert out[0] == (b"sig", "use1-a")
+    assert status.code_for(out[1]) is grpc.StatusCode.UNAVAILABLE
+
+
+# -- a key object read in part -------------------------------------------------------------------
+
+
+class _NoSignMethod(PrivateKey, Object):
+    """What python-pkcs11 makes when the bulk attribute read failed and CKA_SIGN was skipped:
+    a private key without the sign method, though the key permits signing."""
+
+    sign_attribute: Any = True
+
+    def __init__(self) -> None:
+        pass
+
+    def __getitem__(self, attribute: Attribute) -> Any:
+        if attribute is Attribute.SIGN:
+            if isinstance(self.sign_attribute, Exception):
+                raise self.sign_attribute
+            return self.sign_attribute
+        return KeyType.EC
+
+
+class _Handle:
+    def __init__(self, obj: Any) -> None:
+        self.obj, self.searches = obj, 0
+
+    def get_objects(self, template: Any) -> Any:
+        self.searches += 1
+        return iter([self.obj])
+
+
+@pytest.mark.parametrize("sign_attribute", [True, p11.FunctionFailed()], ids=["says-yes", "unreadable"])
+def test_a_key_object_read_in_part_is_a_busy_hsm_and_not_kept(sign_attribute: Any) -> None:
+    obj = _NoSignMethod()
+    obj.sign_attribute = sign_attribute
+    handle = _Handle(obj)
+    session = PooledSession(handle, 0, 4, ClusterSpec("use1-a", "us-east-1", "use1-a"), TokenObjects(None))
+    placement = Placement(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                          state=KeyState.ENABLED, primary="use1-a")
+    for _ in range(2):
+        with pytest.raises(Throttled):
+            session.key(placement, ObjectClass.PRIVATE_KEY, "sign")
+    assert handle.searches == 2 and not session.keys, "found again each time, never cached"
+
+
+def test_a_key_that_does_not_permit_signing_is_still_the_callers_mistake() -> None:
+    obj = _NoSignMethod()
+    obj.sign_attribute = False
+    session = PooledSession(_Handle(obj), 0, 4, ClusterSpec("use1-a", "us-east-1", "use1-a"), TokenObjects(None))
+    placement = Placement(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                          state=KeyState.ENABLED, primary="use1-a")
+    with pytest.raises(WrongKeyUsage):
+        session.key(placement, ObjectClass.PRIVATE_KEY, "sign")
