@@ -244,6 +244,9 @@ class ChangeBook:
             state = APPLIED
         except RouterError as exc:
             result, state = exc.message, FAILED
+        except StoreError:  # the action read or wrote the store, which did not answer
+            result = "the placement store did not answer; the change may be partly applied: check, then try again"
+            state = FAILED
         except Exception as exc:  # noqa: BLE001 - recorded; the admin sees a generic failure
             result, state = f"internal error ({type(exc).__name__})", FAILED
         done = dataclasses.replace(change, state=state, result=result)

@@ -439,6 +439,9 @@ class Router:
 
     @staticmethod
     def _settled(current: Placement | None, key_id: str) -> Placement:
+        if current is not None and current.state is KeyState.DESTROYED:
+            # A DestroyKey came while this key was being made: it is gone, not made.
+            raise KeyChanged(f"key {key_id!r} was destroyed while it was being created; key ids are never reused")
         if current is not None and current.state is not KeyState.CREATING:
             return current
         raise Unavailable(f"key {key_id!r} is being created; retry shortly")
@@ -742,20 +745,35 @@ class Router:
             pending = self.store.update(replace(current, replicas=(*current.replicas, to)))
         except Conflict:
             raise Unavailable(changed) from None
+        except StoreError as exc:
+            raise Unavailable(f"placement store is unreachable; key {key_id!r} was not moved") from exc
         self._remember(pending)
         try:
             self._fault("move-target-named")
             self._replicate(current, holder, (to,), deadline, strict=True)
             self._prove_copy(current, holder, target, deadline)
             self._fault("moved-copy-proven")
-            clusters = [to if name == source else name for name in current.clusters]
+        except RouterError:
+            self._undo_move(pending, current, target)
+            raise
+        clusters = [to if name == source else name for name in current.clusters]
+        try:
             moved = self.store.update(replace(pending, primary=clusters[0], replicas=tuple(clusters[1:]),
                                               held=pending.held or hold))
-        except (RouterError, Conflict) as exc:
-            self._undo_move(pending, current, target)
-            if isinstance(exc, Conflict):
+        except Conflict as exc:
+            landed = exc.existing
+            if landed is None or landed.clusters != tuple(clusters):  # else: our own write, answered late
+                self._undo_move(pending, current, target)
                 raise Unavailable(changed) from None
-            raise
+            moved = landed
+        except StoreError as exc:
+            # The write may have landed: undoing could destroy the copy the record now names,
+            # and removing the source the one it still names. Both copies stay; either record
+            # is sound, and reconcile removes the copy the record does not name.
+            log.warning("move of %s to %s: the store did not confirm the switch (%s); both copies kept",
+                        key_id, to, exc)
+            raise Unavailable(f"placement store is unreachable; whether key {key_id!r} moved to {to} is not "
+                              "known: both copies are kept (hsmctl keys show tells; reconcile tidies up)") from exc
         self._remember(moved)
         try:
             self.backends[source].destroy(key_id, deadline)

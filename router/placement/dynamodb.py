@@ -56,6 +56,7 @@ import dataclasses
 import json
 import random
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -281,8 +282,11 @@ class DynamoStore(PlacementStore):
         transact_items += [counter, log]
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             try:
-                # TransactWriteItems takes no TableName of its own; each item names it.
-                self._client.transact_write_items(TransactItems=transact_items)
+                # TransactWriteItems takes no TableName of its own; each item names it. The token
+                # makes botocore's own retries of this attempt idempotent: a write that landed but
+                # whose answer was lost is answered as landed again, not as a failed condition
+                # (which a move would take for another writer, and undo).
+                self._client.transact_write_items(TransactItems=transact_items, ClientRequestToken=uuid.uuid4().hex)
                 return None
             except ParamValidationError:
                 raise

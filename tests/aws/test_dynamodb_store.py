@@ -105,6 +105,25 @@ def test_a_transaction_that_collides_on_the_change_counter_is_retried() -> None:
         stub.assert_no_pending_responses()
 
 
+def test_each_write_attempt_carries_a_request_token_of_its_own() -> None:
+    """botocore retries a TransactWriteItems whose answer it lost with the same parameters: with a
+    request token, DynamoDB answers a write that landed as landed, instead of failing its
+    condition (which a move would take for another writer, and undo). A new attempt of ours,
+    after a conflict, is a new write and gets a new token."""
+    client = boto3.client("dynamodb", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    store = DynamoStore("t", region=REGION, client=client)
+    tokens: list[str] = []
+    client.meta.events.register("before-parameter-build.dynamodb.TransactWriteItems",
+                                lambda params, **_: tokens.append(params.get("ClientRequestToken", "")))
+    with Stubber(client) as stub:
+        stub.add_client_error("transact_write_items", service_error_code="TransactionCanceledException",
+                              modeled_fields=_cancelled("None", "None", "TransactionConflict"))
+        stub.add_response("transact_write_items", {})
+        store.create(placement("k"))
+    assert len(tokens) == 2 and len(set(tokens)) == 2
+    assert all(0 < len(token) <= 36 for token in tokens), "DynamoDB takes 1 to 36 characters"
+
+
 def test_a_transaction_that_keeps_colliding_becomes_a_store_error() -> None:
     client = boto3.client("dynamodb", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
     store = DynamoStore("t", region=REGION, client=client)

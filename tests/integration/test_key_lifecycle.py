@@ -389,3 +389,24 @@ def test_a_public_key_is_read_from_a_cluster_once_and_a_destroyed_key_gives_none
     router.destroy_key(third.key_id, far)
     with pytest.raises(FailedPrecondition, match="destroyed"):
         router.public_key(third.key_id, far)
+
+
+def test_a_key_destroyed_while_it_is_being_created_is_not_reported_made(make_router, tokens) -> None:
+    """A DestroyKey that lands while GenerateKey makes the key's objects wins: the creation
+    answers FAILED_PRECONDITION (KEY_CHANGED), not OK with a key that no longer serves."""
+    from router.errors import KeyChanged
+
+    key_id = unique("destroyed-midway")
+    router = make_router()
+
+    def destroy_meanwhile(point: str) -> None:
+        if point == "created-on-hsm":
+            router.destroy_key(key_id, time.monotonic() + 10)
+
+    router._fault = destroy_meanwhile
+    with pytest.raises(KeyChanged) as caught:
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert caught.value.message == f"key {key_id!r} was destroyed while it was being created; key ids are never reused"
+    record = router.store.get(key_id)
+    assert record is not None and record.state is KeyState.DESTROYED
+    assert all(tokens.objects(cluster, key_id) == [] for cluster in router.backends), "no copy is left behind"

@@ -755,3 +755,53 @@ def test_a_release_that_keeps_meeting_other_changes_changes_nothing(make_router)
     router.store.update = update  # type: ignore[method-assign]
     assert router.store.get(key_id).held
     assert not router.release_key(key_id).held
+
+
+def test_a_move_the_store_does_not_confirm_keeps_both_copies(make_router, tokens) -> None:
+    """The switch to the target is written but not confirmed (the store went away): the write
+    may have landed, so neither copy is removed; the key signs with either record."""
+    from router.placement.store import StoreError
+
+    key_id = unique("unconfirmed")
+    first, key, target = _one_copy_key(make_router, key_id)
+    mover = make_router()
+
+    def store_goes_away(point: str) -> None:
+        if point == "moved-copy-proven":
+            def down(placement: Placement) -> Placement:
+                raise StoreError("store down")
+            mover.store.update = down  # type: ignore[method-assign]
+
+    mover._fault = store_goes_away
+    with pytest.raises(Unavailable, match="is not known: both copies are kept"):
+        mover.move_key(key_id, target, time.monotonic() + 30)
+    assert tokens.classes(key.primary, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert tokens.classes(target, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    after = first.store.get(key_id)
+    assert after.primary == key.primary and target in after.replicas, "the record as the move left it: both named"
+    assert first.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)[0]
+
+
+def test_a_move_whose_switch_landed_but_was_answered_as_a_conflict_is_a_move(make_router, tokens) -> None:
+    """A store that retries a write which had landed answers our own write as a conflict (a
+    DynamoDB retry without a request token would): undoing then would destroy the only copy
+    the record names. The move sees its own record and finishes."""
+    from router.placement.store import Conflict
+
+    key_id = unique("landed")
+    first, key, target = _one_copy_key(make_router, key_id)
+    mover = make_router()
+    real_update = mover.store.update
+
+    def lands_then_conflicts(placement: Placement) -> Placement:
+        landed = real_update(placement)
+        if landed.primary == target:
+            raise Conflict(landed)
+        return landed
+
+    mover.store.update = lands_then_conflicts  # type: ignore[method-assign]
+    moved = mover.move_key(key_id, target, time.monotonic() + 30)
+    assert moved.primary == target
+    assert tokens.classes(target, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert tokens.objects(key.primary, key_id) == [], "the source copy goes, as in any move"
+    assert first.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)[1] == target

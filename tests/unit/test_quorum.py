@@ -353,3 +353,18 @@ def test_a_change_with_its_approvals_that_never_ran_runs_at_the_next_approval(
     assert actions.ran == [{"cluster": "use1-a"}]
     with pytest.raises(FailedPrecondition, match="is applied"):
         other.approve("carol", change.id)
+
+
+def test_an_action_the_store_fails_under_is_a_failed_change_that_says_so(store_path: Path, clock: FakeClock) -> None:
+    """Not "internal error (StoreError)": the admin learns the store did not answer, and that
+    the change may be partly applied."""
+    def drain(params: dict) -> str:
+        raise StoreError("database is locked")
+
+    store = SqliteStore(store_path)
+    book = ChangeBook(store, {"drain": drain}, quorum=2, clock=clock)
+    change = book.request("alice", "drain", {"cluster": "use1-b"})
+    done = book.approve("bob", change.id)
+    assert (done.state, done.result) == (
+        "failed", "the placement store did not answer; the change may be partly applied: check, then try again")
+    store.close()
