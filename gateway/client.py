@@ -64,19 +64,16 @@ RETRY_PAUSE = 0.05
 
 def error_reason(exc: grpc.RpcError) -> str:
     """The ``ErrorInfo`` reason a gateway sent with a failed call ("" if none)."""
-    from google.rpc import error_details_pb2
     from grpc_status import rpc_status
+
+    from gateway.status import error_info
 
     try:
         status = rpc_status.from_call(exc)
     except ValueError:  # details that do not match the code and message: not a gateway's
         return ""
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
+    info = error_info(status) if status is not None else None
+    return str(info.reason) if info is not None else ""
 
 
 class Client:

@@ -42,7 +42,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -56,7 +56,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import logs
-from gateway.status import past_deadline
+from gateway.status import error_info, past_deadline
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
@@ -126,13 +126,10 @@ def describe_failure(code: grpc.StatusCode, trailing: Sequence[tuple[str, Any]] 
                 status.ParseFromString(value)
             except Exception:  # noqa: BLE001 - a malformed detail must not fail the call
                 break
-            for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    reason = info.reason or reason
-                    cluster = info.metadata.get("cluster", "")
-                    break
+            info = error_info(status)
+            if info is not None:
+                reason = info.reason or reason
+                cluster = info.metadata.get("cluster", "")
     error_class = ckr = ""
     store_error = False
     for link in _chain(exc):

@@ -59,6 +59,16 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    """The ``ErrorInfo`` among a status's details, if it has one."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(code, message, reason) for an error; INTERNAL hides its details."""
     code = code_for(exc)

@@ -148,8 +148,9 @@ def apply_scheduling(policy: str) -> None:
     """
     if policy == "inherit" or not hasattr(os, "SCHED_BATCH"):
         return
-    if os.sched_getscheduler(0) != os.SCHED_OTHER:
-        log.info("server.scheduling: started under scheduling policy %d; keeping it", os.sched_getscheduler(0))
+    started = os.sched_getscheduler(0)
+    if started != os.SCHED_OTHER:
+        log.info("server.scheduling: started under scheduling policy %d; keeping it", started)
         return
     try:
         for task in os.listdir("/proc/self/task"):

@@ -27,6 +27,7 @@ from router.errors import (
     ClusterDown,
     DeadlineExceeded,
     KeyNotFound,
+    KeyOutOfReach,
     RouterError,
     SessionsBusy,
     StaleSession,
@@ -180,8 +181,8 @@ class Dispatcher:
             raise Unavailable(f"no healthy cluster can serve {what}")
         if isinstance(last, KeyNotFound) and unheard:
             # Not "no such key": a cluster that may hold it (the source of a move, say) could not answer.
-            raise Unavailable(f"no cluster could serve {what}: the clusters asked lack it, and another that may "
-                              "hold it cannot answer now", cluster=last.cluster, region=last.region) from last
+            raise KeyOutOfReach(f"no cluster could serve {what}: the clusters asked lack it, and another that may "
+                                "hold it cannot answer now", cluster=last.cluster, region=last.region) from last
         if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey)):
             raise last
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)

@@ -18,6 +18,7 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     │   └── SessionsBusy       no session of the cluster's pool came free in time (fails over)
     ├── Unavailable            no healthy cluster can serve the request
     │   ├── ClusterDown        device error/removed, token gone, timeouts
+    │   ├── KeyOutOfReach      the clusters asked lack the key; one that may hold it could not answer
     │   └── StaleSession       session/object handle invalid, logged out, operation left open
     ├── DeadlineExceeded       the caller's deadline passed
     └── InternalError          a bug; details are logged, never returned
@@ -116,6 +117,13 @@ class SessionsBusy(ResourceExhausted):
 
 class ClusterDown(Unavailable):
     reason = "CLUSTER_DOWN"
+
+
+class KeyOutOfReach(Unavailable):
+    """The clusters asked lack the key's material, and another that may hold it (down, its
+    circuit open, throttled) could not be asked: not "no such key"."""
+
+    reason = "KEY_OUT_OF_REACH"
 
 
 class StaleSession(Unavailable):

@@ -29,6 +29,7 @@ from router.errors import (
     KeyChanged,
     KeyCreationElsewhere,
     KeyNotFound,
+    KeyOutOfReach,
     RequestConflict,
     ResourceExhausted,
     RouterError,
@@ -272,9 +273,7 @@ class Router:
         what = f"key {placement.key_id!r}"
         try:
             return self.dispatcher.run(self._candidates(placement), lambda b: fn(b, placement), deadline, what)
-        except (KeyNotFound, Unavailable) as exc:
-            if not isinstance(exc, KeyNotFound) and not isinstance(exc.__cause__, KeyNotFound):
-                raise  # not a copy found missing
+        except (KeyNotFound, KeyOutOfReach):
             try:
                 fresh = self.store.get(placement.key_id)
             except StoreError as failed:

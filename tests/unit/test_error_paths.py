@@ -193,3 +193,53 @@ def test_a_key_that_does_not_permit_signing_is_still_the_callers_mistake() -> No
                           state=KeyState.ENABLED, primary="use1-a")
     with pytest.raises(WrongKeyUsage):
         session.key(placement, ObjectClass.PRIVATE_KEY, "sign")
+
+
+# -- the health probe and CloudHSM discovery -------------------------------------------------------
+
+
+def test_a_probe_that_fails_on_a_bug_counts_against_the_cluster_and_probing_goes_on(caplog) -> None:
+    import threading
+
+    from router.health import CircuitBreaker, CircuitState, HealthMonitor
+
+    probes = threading.Semaphore(0)
+
+    class Buggy:
+        def probe(self, deadline: float) -> None:
+            probes.release()
+            raise TypeError("a bug")
+
+    breaker = CircuitBreaker("use1-a")
+    monitor = HealthMonitor({"use1-a": Buggy()}, {"use1-a": breaker}, interval=0.01)  # type: ignore[dict-item]
+    thread = threading.Thread(target=monitor._loop, args=("use1-a",), daemon=True)
+    thread.start()
+    try:
+        for _ in range(3):  # the loop outlives the first bug
+            assert probes.acquire(timeout=5)
+    finally:
+        monitor._stop.set()
+        thread.join(5)
+    assert breaker.state is CircuitState.OPEN, "three failures in a row"
+    assert "probe of cluster use1-a failed unexpectedly" in caplog.text
+
+
+@pytest.mark.parametrize(("code", "unavailable"), [
+    ("AccessDeniedException", True), ("ThrottlingException", True), ("CloudHsmInternalFailureException", True),
+    ("CloudHsmInvalidRequestException", False), ("CloudHsmResourceNotFoundException", False),
+])
+def test_discovery_tells_an_api_that_cannot_answer_from_a_cluster_id_that_is_wrong(code: str,
+                                                                                  unavailable: bool) -> None:
+    """`hsmgw alarms check` exits 2 for the first (nothing was checked), 1 for the second."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from gateway.discover import DiscoveryError, DiscoveryUnavailable, discover
+
+    client = boto3.client("cloudhsmv2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(client) as stub:
+        stub.add_client_error("describe_clusters", service_error_code=code)
+        with pytest.raises(DiscoveryError) as caught:
+            discover("cluster-1234abcd", "us-east-1", client=client)
+    assert isinstance(caught.value, DiscoveryUnavailable) is unavailable
+    assert str(caught.value).startswith("describing cluster cluster-1234abcd in us-east-1 failed:")
