@@ -177,6 +177,10 @@ class Signer:
         if rv == CKR_BUFFER_TOO_SMALL:  # the operation is still active: ask again with room for it
             out = ctypes.create_string_buffer(size.value)
             rv = self._sign(session, data, len(data), out, ctypes.byref(size))
+            if rv == CKR_BUFFER_TOO_SMALL:
+                # The module wants more than it said it would: the operation is still active, and
+                # only closing the session ends it. OperationActive has the cluster replace the session.
+                raise p11.OperationActive()
         if rv:
             raise error(rv)
         return ctypes.string_at(out, size.value)

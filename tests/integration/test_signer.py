@@ -18,7 +18,7 @@ from pkcs11 import Attribute, KeyType, Mechanism
 from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
-from router.pkcs11 import _signer
+from router.pkcs11 import _errors, _signer
 from router.pkcs11._keys import SHA256_DIGEST_INFO
 from router.pkcs11._signer import Signer, error
 
@@ -92,6 +92,37 @@ def test_a_signature_longer_than_the_first_buffer_is_asked_for_again(
     signature = signer.sign(private, Mechanism.RSA_PKCS, SHA256_DIGEST_INFO + DIGEST)
     assert len(signature) == 256
     _rsa_public(public).verify(signature, DIGEST, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def test_a_module_that_asks_for_more_room_twice_leaves_a_session_the_cluster_replaces(
+    tokens: Any, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module whose second answer is CKR_BUFFER_TOO_SMALL again keeps the operation active:
+    the error must be one that has the cluster close the session, not put it back."""
+    tokens.session(CLUSTER)
+    own = tokens.module.token(CLUSTER).open(rw=True)
+    try:
+        _, private = _ec_pair(own, "secp256r1")
+        real = signer._sign
+        answers: list[int] = []
+
+        def lying(session: int, data: bytes, size: int, out: Any, out_size: Any) -> int:
+            if not answers:  # the first answer is the module's own
+                answers.append(int(real(session, data, size, out, out_size)))
+            else:  # then it asks again for room it was given
+                answers.append(_signer.CKR_BUFFER_TOO_SMALL)
+            return answers[-1]
+
+        monkeypatch.setattr(_signer, "_FIRST_BUFFER", 16)
+        monkeypatch.setattr(signer, "_sign", lying)
+        raised = _raised(lambda: signer.sign(private, Mechanism.ECDSA, DIGEST))
+        assert answers == [_signer.CKR_BUFFER_TOO_SMALL] * 2
+        assert issubclass(raised, _errors.SESSION_GONE)  # the cluster closes and reopens the session
+        monkeypatch.undo()
+        # The module still holds the operation active: this session could not sign again.
+        assert _raised(lambda: signer.sign(private, Mechanism.ECDSA, DIGEST)) is p11.OperationActive
+    finally:
+        own.close()
 
 
 def _raised(call: Callable[[], object]) -> type[BaseException]:
