@@ -410,3 +410,45 @@ def test_a_key_destroyed_while_it_is_being_created_is_not_reported_made(make_rou
     record = router.store.get(key_id)
     assert record is not None and record.state is KeyState.DESTROYED
     assert all(tokens.objects(cluster, key_id) == [] for cluster in router.backends), "no copy is left behind"
+
+
+def test_a_destroy_that_loses_a_race_and_then_the_store_is_unavailable_and_destroys_nothing(
+    make_router, tokens, monkeypatch
+) -> None:
+    """The record changed under the DestroyKey (a move), and re-reading it then fails: the caller
+    hears that the store cannot be reached, and the key still serves from every copy."""
+    from dataclasses import replace
+
+    from router.placement.store import Conflict, StoreError
+
+    router = make_router()
+    key = router.generate_key(_spec(unique("destroy-unreadable")), time.monotonic() + 30)
+    store = router.store
+    moved = replace(key, version=key.version + 1)
+
+    def lose(record: Placement, **_: object) -> Placement:
+        raise Conflict(moved)
+
+    def unreachable(key_id: str) -> Placement:
+        raise StoreError("connection refused")
+
+    monkeypatch.setattr(store, "update", lose)
+    reads: list[str] = []
+
+    def first_read_only(key_id: str) -> Placement:  # the re-read after the conflict does not answer
+        reads.append(key_id)
+        return key if len(reads) == 1 else unreachable(key_id)
+
+    monkeypatch.setattr(store, "get", first_read_only)
+    with pytest.raises(Unavailable, match="placement store is unreachable; keys cannot be destroyed now"):
+        router.destroy_key(key.key_id, time.monotonic() + 30)
+    monkeypatch.undo()
+    assert router.store.get(key.key_id).state is key.state is KeyState.ENABLED
+    for cluster in key.clusters:
+        assert len(tokens.objects(cluster, key.key_id)) == 2
+    signature, _ = router.sign(key.key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
+    _, der = router.public_key(key.key_id, time.monotonic() + 10)
+    public = serialization.load_der_public_key(der)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(signature, bytes(32), ec.ECDSA(Prehashed(hashes.SHA256())))
+    assert reads == [key.key_id, key.key_id]
