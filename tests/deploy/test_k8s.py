@@ -122,6 +122,16 @@ def test_there_is_an_overlay_per_region_and_they_cover_each_other() -> None:
         assert set(config.dr_regions) <= set(homes) - {region}, "each DR region runs gateways of its own"
 
 
+def test_one_region_creates_keys_on_the_shared_table() -> None:
+    """The overlays share one global table, whose regions do not check each other's conditional
+    writes: two creating regions could each make one key id, and replication would keep one."""
+    configs = {overlay: parse(tomllib.loads((K8S / "overlays" / overlay / "hsmgw.toml").read_text()),
+                              Path(CONFIG_DIR)) for overlay in OVERLAYS}
+    tables = {cfg.store.url.split("?")[0] for cfg in configs.values()}
+    assert len(tables) == 1, "the overlays share one placement table"
+    assert [region for region, cfg in configs.items() if cfg.creates_keys] == ["us-east-1"]
+
+
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rendered_overlay_validates_against_kubernetes_schemas(overlay: str) -> None:
