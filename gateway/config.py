@@ -56,7 +56,8 @@ class ServerConfig:
     """gRPC threads per process: calls served at once on grpcio's pool, and as many
     again on the fast path (``fast_path``), and again for BatchSign there."""
     default_deadline: float = 10.0
-    """Seconds a request may take when the caller sets no deadline."""
+    """Seconds a request may take: the deadline of a call that sets none, and the cap on a
+    longer one (such a call ends DEADLINE_EXCEEDED after this many seconds at most)."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request message accepted."""
     probe_interval: float = 1.0

@@ -280,8 +280,8 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         # into the response cost ~1.5 µs an item.
         response = pb.BatchSignResponse()
         add = response.responses.add
-        for fields in results:
-            add(**fields)  # type: ignore[arg-type] # every item is set by now
+        for item, fields in zip(items, results, strict=True):
+            add(request_id=item.request_id, **fields)  # type: ignore[arg-type] # every item is set by now
         return response
 
     def _chunks(self, items: Sequence[pb.SignRequest]) -> tuple[list[list[int]], int]:

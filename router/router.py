@@ -1168,13 +1168,16 @@ class Router:
         validation.operation_kind(op, validation.CIPHER_OPS, "Decrypt")
         placement = self._usable(key_id)
         validation.operation_fits(placement, op)
-        validation.payload("ciphertext", ciphertext)
+        gcm = op is Operation.AES_GCM
+        # Whatever Encrypt returned decrypts: a GCM ciphertext carries its tag on top of the plaintext.
+        validation.payload("ciphertext", ciphertext,
+                           limit=validation.MAX_PAYLOAD + (validation.GCM_TAG_BYTES if gcm else 0))
         validation.payload("aad", aad, required=False)
-        if op is Operation.AES_GCM:
+        if gcm:
             if len(iv) != 12:
                 raise InvalidArgument(f"iv is {len(iv)} bytes; AES_GCM needs 12")
-            if len(ciphertext) < 16:
-                raise InvalidArgument("ciphertext is shorter than the 16-byte GCM tag")
+            if len(ciphertext) < validation.GCM_TAG_BYTES:
+                raise InvalidArgument(f"ciphertext is shorter than the {validation.GCM_TAG_BYTES}-byte GCM tag")
         else:
             if iv or aad:
                 raise InvalidArgument("iv and aad are only used with AES_GCM")

@@ -13,6 +13,8 @@ from router.model import OPERATION_KEYS, USAGES, KeyAlgorithm, KeyUsage, Operati
 
 MAX_KEY_ID_LENGTH = 128
 MAX_PAYLOAD = 64 * 1024
+GCM_TAG_BYTES = 16
+"""An AES_GCM ciphertext is the encrypted plaintext and this tag: one of a MAX_PAYLOAD plaintext is longer."""
 MAX_RANDOM = 1024
 MAX_BATCH = 1000
 """Sign requests in one BatchSign call."""
@@ -42,11 +44,11 @@ def request_id(value: str) -> str:
     return value
 
 
-def payload(name: str, value: bytes, *, required: bool = True) -> bytes:
+def payload(name: str, value: bytes, *, required: bool = True, limit: int = MAX_PAYLOAD) -> bytes:
     if required and not value:
         raise InvalidArgument(f"{name} is required")
-    if len(value) > MAX_PAYLOAD:
-        raise InvalidArgument(f"{name} is {len(value)} bytes; the limit is {MAX_PAYLOAD}")
+    if len(value) > limit:
+        raise InvalidArgument(f"{name} is {len(value)} bytes; the limit is {limit}")
     return value
 
 

@@ -318,16 +318,18 @@ class BatchSignRequest(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[SignRequest, _Mapping]]] = ...) -> None: ...
 
 class BatchSignResult(_message.Message):
-    __slots__ = ("response", "code", "message", "reason")
+    __slots__ = ("response", "code", "message", "reason", "request_id")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     response: SignResponse
     code: int
     message: str
     reason: str
-    def __init__(self, response: _Optional[_Union[SignResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, response: _Optional[_Union[SignResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BatchSignResponse(_message.Message):
     __slots__ = ("responses",)

@@ -207,6 +207,9 @@ CASES: tuple[Case, ...] = (
     Case("encrypt-aad-over-64k", "Encrypt",
          lambda k: pb.EncryptRequest(key_id=k.aes, algorithm=GCM, plaintext=b"p", aad=b"a" * (LIMIT + 1)),
          INVALID, "INVALID_ARGUMENT", "aad"),
+    Case("decrypt-gcm-ciphertext-over-64k-and-a-tag", "Decrypt",
+         lambda k: pb.DecryptRequest(key_id=k.aes, algorithm=GCM, ciphertext=b"c" * (LIMIT + 17), iv=k.iv),
+         INVALID, "INVALID_ARGUMENT", "ciphertext"),
     Case("mac-data-over-64k", "Mac", lambda k: pb.MacRequest(key_id=k.hmac, algorithm=HMAC, data=b"d" * (LIMIT + 1)),
          INVALID, "INVALID_ARGUMENT", "data"),
     *(
@@ -343,7 +346,8 @@ def test_refused_key_creations_leave_nothing_behind(crypto: Any, tokens: Any, ke
 
 
 def test_limits_are_inclusive(crypto: Any, keys: Keys) -> None:
-    """Exactly 64 KiB, a 12-byte IV and 1,024 random bytes are fine: the refusals above are not off by one."""
+    """Exactly 64 KiB (and a GCM ciphertext of it), a 12-byte IV and 1,024 random bytes are fine: the refusals
+    above are not off by one."""
     message = b"m" * LIMIT
     signed = crypto.Sign(pb.SignRequest(key_id=keys.ec, algorithm=ECDSA, message=message), timeout=10)
     assert crypto.Verify(pb.VerifyRequest(key_id=keys.ec, algorithm=ECDSA, message=message,
@@ -351,6 +355,9 @@ def test_limits_are_inclusive(crypto: Any, keys: Keys) -> None:
     enc = crypto.Encrypt(pb.EncryptRequest(key_id=keys.aes, algorithm=GCM, plaintext=message, aad=b"a" * LIMIT),
                          timeout=10)
     assert len(enc.iv) == 12
+    assert len(enc.ciphertext) == LIMIT + 16  # the tag comes on top, and what Encrypt returns decrypts
+    assert crypto.Decrypt(pb.DecryptRequest(key_id=keys.aes, algorithm=GCM, ciphertext=enc.ciphertext, iv=enc.iv,
+                                            aad=b"a" * LIMIT), timeout=10).plaintext == message
     assert len(crypto.GenerateRandom(pb.GenerateRandomRequest(length=1024), timeout=10).data) == 1024
     assert len(crypto.Mac(pb.MacRequest(key_id=keys.hmac, algorithm=HMAC, data=message), timeout=10).mac) == 32
 
@@ -416,6 +423,8 @@ def test_bad_batch_items_fail_alone_with_their_reason(crypto: Any, keys: Keys) -
         (INVALID.value[0], "INVALID_ARGUMENT"),
         (NOT_FOUND.value[0], "KEY_NOT_FOUND"),
     ]
+    assert [r.request_id for r in results] == [i.request_id for i in items]  # failed items name theirs too
+    assert results[0].response.request_id == "ok"
     assert results[0].response.request_id == "ok" and results[0].response.signature
 
 
