@@ -18,7 +18,11 @@ only on UNAVAILABLE, since a creation cancelled as a gateway stopped may have ma
 its key, and another region does not know its request_id. A GenerateKey that a
 gateway refuses because its region does not create keys (``[gateway] creates_keys =
 false``: FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE) goes to the next endpoint
-too; the client's other calls stay where they were.
+too; the client's other calls stay where they were. A call on a key whose creation is
+under way (UNAVAILABLE, reason KEY_BEING_CREATED) is answered at once, on no other
+endpoint: every region says the same. GenerateKey meets it when another attempt with its
+request_id is creating the key, and asks the same endpoint again, pausing 0.1 s and
+doubling to 1 s, until it has the key or its deadline.
 
 Other languages: ``deploy/grpc-service-config.json`` carries the same retry
 policy for gRPC's built-in retries (one endpoint per channel).
@@ -55,6 +59,13 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELL
 CREATION_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 CREATION_ELSEWHERE = "KEY_CREATION_ELSEWHERE"
 """The ErrorInfo reason of a GenerateKey refused by a gateway whose region does not create keys."""
+BEING_CREATED = "KEY_BEING_CREATED"
+"""The ErrorInfo reason (UNAVAILABLE) of a call on a key whose creation is under way, and of a
+GenerateKey whose request_id another attempt is creating: a fact about the key, not the endpoint.
+GenerateKey waits for it on the same endpoint (another region may not know the request_id yet);
+other calls get it at once."""
+CREATION_WAIT = (0.1, 1.0)
+"""GenerateKey's first and longest pause between asking again about a creation under way (seconds)."""
 ROUNDS = 2
 """Times each endpoint is tried for one call. One address in front of several gateways (a load
 balancer) is tried again too: a gateway that is shutting down sends its callers elsewhere."""
@@ -148,6 +159,8 @@ class Client:
             except grpc.RpcError as exc:
                 if self._closed:  # closed under the call: it ends here
                     raise
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and error_reason(exc) == BEING_CREATED:
+                    raise  # the key's state, the same through every endpoint
                 if exc.code() in failover:
                     log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
                     unreachable = True
@@ -201,10 +214,23 @@ class Client:
             algorithm=_pbenum.value(pb.KeyAlgorithm, f"KEY_ALGORITHM_{algorithm}"),
             usage=_pbenum.value(pb.KeyUsage, f"KEY_USAGE_{usage}") if usage else pb.KEY_USAGE_UNSPECIFIED,
         )
-        # The generated gRPC stub is untyped: name what each call answers.
-        key: pb.Key = self._call(lambda stub, t: stub.GenerateKey(request, **self._kw(t)), timeout,
-                                 CREATION_FAILOVER_CODES, creating=True)
-        return key
+
+        def create(stub: crypto_pb2_grpc.CryptoServiceStub, remaining: float) -> pb.Key:
+            end = time.monotonic() + remaining
+            pause = CREATION_WAIT[0]
+            while True:
+                try:
+                    key: pb.Key = stub.GenerateKey(request, **self._kw(end - time.monotonic()))
+                    return key  # the generated gRPC stub is untyped: name what it answers
+                except grpc.RpcError as exc:
+                    # An attempt with this request_id is under way here: its key comes from here.
+                    if self._closed or exc.code() is not grpc.StatusCode.UNAVAILABLE \
+                            or error_reason(exc) != BEING_CREATED or time.monotonic() + pause >= end:
+                        raise
+                time.sleep(pause * random.uniform(0.8, 1.2))
+                pause = min(pause * 2, CREATION_WAIT[1])
+
+        return self._call(create, timeout, CREATION_FAILOVER_CODES, creating=True)
 
     def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:
         request = pb.GetPublicKeyRequest(key_id=key_id)

@@ -19,6 +19,7 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     ├── Unavailable            no healthy cluster can serve the request
     │   ├── ClusterDown        device error/removed, token gone, timeouts
     │   ├── KeyOutOfReach      the clusters asked lack the key; one that may hold it could not answer
+    │   ├── KeyBeingCreated    the key's creation is under way (in this region): retry here shortly
     │   └── StaleSession       session/object handle invalid, logged out, operation left open
     ├── DeadlineExceeded       the caller's deadline passed
     └── InternalError          a bug; details are logged, never returned
@@ -124,6 +125,15 @@ class KeyOutOfReach(Unavailable):
     circuit open, throttled) could not be asked: not "no such key"."""
 
     reason = "KEY_OUT_OF_REACH"
+
+
+class KeyBeingCreated(Unavailable):
+    """A creation of the key is under way: its GenerateKey answers soon, and the key serves
+    once it has. Says nothing of any cluster's health, so no reason to try another region
+    (which learns of the creation from this one)."""
+
+    reason = "KEY_BEING_CREATED"
+    retry_after = 0.25
 
 
 class StaleSession(Unavailable):

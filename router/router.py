@@ -26,6 +26,7 @@ from router.errors import (
     FailedPrecondition,
     InternalError,
     InvalidArgument,
+    KeyBeingCreated,
     KeyChanged,
     KeyCreationElsewhere,
     KeyNotFound,
@@ -224,10 +225,14 @@ class Router:
             # Maybe cached mid-creation by another process's change: look again.
             try:
                 fresh = self.store.get(key_id)
-            except StoreError:
-                fresh = None
-            if fresh is None or fresh.state is KeyState.CREATING:
-                raise FailedPrecondition(f"key {key_id!r} is still being created")
+            except StoreError as exc:
+                raise Unavailable(f"placement store is unreachable, and key {key_id!r} was being created when "
+                                  "last read") from exc
+            if fresh is None:  # the creation failed and was rolled back
+                self._forget(key_id)
+                raise KeyNotFound(f"key {key_id!r} not found")
+            if fresh.state is KeyState.CREATING:
+                raise KeyBeingCreated(f"key {key_id!r} is still being created; retry shortly")
             self._remember(fresh)
             return self._usable(key_id)
         return placement
@@ -410,7 +415,7 @@ class Router:
         """
         now = self.wall_clock()
         if now - intent.create_time < self.creation_grace:
-            raise Unavailable(f"key {intent.key_id!r} is being created; retry shortly")
+            raise KeyBeingCreated(f"key {intent.key_id!r} is being created; retry shortly")
         breaker = self.breakers.get(intent.primary)
         if breaker is not None and breaker.state is CircuitState.OPEN:
             # Its objects are made there and its roll-back needs it: trying would only fail,
@@ -443,7 +448,7 @@ class Router:
             raise KeyChanged(f"key {key_id!r} was destroyed while it was being created; key ids are never reused")
         if current is not None and current.state is not KeyState.CREATING:
             return current
-        raise Unavailable(f"key {key_id!r} is being created; retry shortly")
+        raise KeyBeingCreated(f"key {key_id!r} is being created; retry shortly")
 
     def _materialise(self, intent: Placement, deadline: float) -> Placement:
         """Make the key's objects on its primary and copy it to its replicas, then enable it."""

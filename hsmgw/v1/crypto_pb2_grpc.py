@@ -113,7 +113,10 @@ class CryptoServiceServicer:
         """Makes a key, or returns the key an earlier call with the same request_id made. A
         gateway whose region does not create keys (`[gateway] creates_keys = false`) answers
         FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE, having made nothing: send it to a
-        region that does.
+        region that does. While another attempt with the same request_id is making the key,
+        GenerateKey (and any call on the key) answers UNAVAILABLE, reason KEY_BEING_CREATED:
+        ask the same gateway again after the RetryInfo delay, not another region, which may not
+        know the request_id yet.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

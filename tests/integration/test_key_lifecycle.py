@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import ObjectClass
 
 from hsmgw.v1 import crypto_pb2 as pb
-from router.errors import ClusterDown, FailedPrecondition, KeyNotFound, Unavailable
+from router.errors import ClusterDown, FailedPrecondition, KeyBeingCreated, KeyNotFound, Unavailable
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
 from router.reconcile import ReconcileReport, reconcile
 from tests.support import placement, rpc_error, unique
@@ -57,7 +57,7 @@ def test_crash_between_hsm_and_store_is_rolled_back_at_next_start(make_router, t
     intent = router.store.get(key_id)
     assert intent is not None and intent.state is KeyState.CREATING
     assert len(tokens.objects(intent.primary, key_id)) == 2  # objects exist, the store knows them as an intent
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(KeyBeingCreated):
         router.sign(key_id, pytest.importorskip("router.model").Operation.ECDSA_SHA256, b"x" * 32, None,
                     time.monotonic() + 5)
 
@@ -78,9 +78,8 @@ def test_crash_then_client_retry_completes_the_same_key(make_router, tokens, cap
 
     # Within the grace period another attempt may still be running: retry later.
     fresh = make_router()
-    with pytest.raises(Exception) as soon:
+    with pytest.raises(KeyBeingCreated, match="retry shortly"):
         fresh.generate_key(_spec(key_id), time.monotonic() + 30)
-    assert type(soon.value).__name__ == "Unavailable"
 
     later = make_router(wall_clock=lambda: time.time() + 120)
     with caplog.at_level(logging.WARNING, logger="router.router"):
@@ -452,3 +451,32 @@ def test_a_destroy_that_loses_a_race_and_then_the_store_is_unavailable_and_destr
     assert isinstance(public, ec.EllipticCurvePublicKey)
     public.verify(signature, bytes(32), ec.ECDSA(Prehashed(hashes.SHA256())))
     assert reads == [key.key_id, key.key_id]
+
+
+def test_a_key_being_created_is_retried_shortly_and_not_found_once_rolled_back(make_router, monkeypatch) -> None:
+    """Using a key whose creation is under way is "retry shortly" (UNAVAILABLE, its own reason), not a
+    refusal a client must not retry; once the creation is rolled back the key is not found, and a
+    store that cannot say is unreachable, not "still being created"."""
+    from router.placement.store import StoreError
+
+    router = make_router()
+    key_id = unique("being-created")
+    intent = Placement(key_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, KeyState.CREATING, "use1-a",
+                       request_id=key_id, create_time=time.time())
+    router.store.create(intent)
+    with pytest.raises(KeyBeingCreated, match="being created; retry shortly") as caught:
+        router.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 5)
+    assert isinstance(caught.value, Unavailable) and caught.value.reason == "KEY_BEING_CREATED"
+
+    def unreachable(key_id: str) -> Placement:
+        raise StoreError("connection refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(router.store, "get", unreachable)
+        with pytest.raises(Unavailable, match="placement store is unreachable") as caught:
+            router.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 5)
+        assert not isinstance(caught.value, KeyBeingCreated)
+
+    router.store.delete(key_id, router.store.get(key_id).version)  # the creation failed and was rolled back
+    with pytest.raises(KeyNotFound):
+        router.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 5)

@@ -13,10 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_status import rpc_status
 
-from gateway.client import Client
+from gateway.client import Client, error_reason
+from gateway.status import to_rpc_status
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
+from router.errors import KeyBeingCreated, RouterError
 
 
 class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
@@ -29,11 +32,17 @@ class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
         self.times: int | None = None
         """How many calls answer ``code`` before the rest answer OK (None: all of them)."""
         self.calls = 0
+        self.error: RouterError | None = None
+        """Answered as a gateway would (status, ErrorInfo, RetryInfo) instead of ``code``."""
 
     def _answer(self, context: grpc.ServicerContext) -> None:
         self.calls += 1
         time.sleep(self.delay)
-        if self.code is not grpc.StatusCode.OK and (self.times is None or self.calls <= self.times):
+        if self.times is not None and self.calls > self.times:
+            return
+        if self.error is not None:
+            context.abort_with_status(rpc_status.to_status(to_rpc_status(self.error)))
+        if self.code is not grpc.StatusCode.OK:
             context.abort(self.code, f"{self.name} answers {self.code.name}")
 
     def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:  # noqa: N802
@@ -138,6 +147,50 @@ def test_a_key_creation_moves_to_the_next_gateway_only_when_the_first_did_not_ta
             client.generate_key("k2", "EC_P256", request_id="r2")
     assert caught.value.code() is grpc.StatusCode.CANCELLED
     assert (first.calls, second.calls) == (2, 1)
+
+
+def test_a_key_being_created_is_answered_at_once_and_by_no_other_gateway(endpoints) -> None:
+    """Every region says the same of a key whose creation is under way: moving on would only
+    make the client stick to another region for no fault of the first."""
+    (first_target, first), (second_target, second) = endpoints
+    first.error = KeyBeingCreated("key 'k' is being created; retry shortly")
+    with Client([first_target, second_target], timeout=5) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("k", bytes(32))
+        assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.UNAVAILABLE, "KEY_BEING_CREATED")
+        assert (first.calls, second.calls) == (1, 0)
+        assert client.failovers == 0 and client.endpoint == first_target
+
+
+def test_a_key_creation_another_attempt_runs_is_awaited_on_the_same_gateway(
+    endpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another attempt with the request_id is making the key there; another region may not know the
+    request_id yet, and would make a second key under the same id."""
+    (first_target, first), (second_target, second) = endpoints
+    pauses: list[float] = []
+    sleep = time.sleep
+
+    def pause(seconds: float) -> None:
+        if seconds:
+            pauses.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", pause)
+    first.error = KeyBeingCreated("key 'k' is being created; retry shortly")
+    first.times = 3  # then the other attempt has made the key, and the same request returns it
+    with Client([first_target, second_target], timeout=10) as client:
+        assert client.generate_key("k", "EC_P256", request_id="r").primary_cluster == "first"
+    assert (first.calls, second.calls) == (4, 0)
+    # Asked again after a pause that doubles (±20 %): never hammered.
+    assert len(pauses) == 3 and all(0.8 * b <= p <= 1.2 * b for p, b in zip(pauses, (0.1, 0.2, 0.4), strict=True))
+
+    first.calls, first.times = 0, None  # never finishes within the caller's deadline
+    with Client([first_target, second_target], timeout=1) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate_key("k", "EC_P256", request_id="r")
+    assert error_reason(caught.value) == "KEY_BEING_CREATED"
+    assert second.calls == 0 and first.calls >= 2
 
 
 def test_closing_the_client_ends_its_calls_without_sending_them_elsewhere(endpoints) -> None:

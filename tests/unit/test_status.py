@@ -24,6 +24,7 @@ EXPECTED_CODES: dict[type[errors.RouterError], grpc.StatusCode] = {
     errors.KeyChanged: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyCreationElsewhere: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyOutOfReach: grpc.StatusCode.UNAVAILABLE,
+    errors.KeyBeingCreated: grpc.StatusCode.UNAVAILABLE,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Throttled: grpc.StatusCode.RESOURCE_EXHAUSTED,
