@@ -42,6 +42,9 @@ MISSING_HELD = "another named cluster holds the key: --fix drops this name and t
 """A `missing` finding's detail when reconcile --fix will drop the name (router.reconcile)."""
 MISSING_UNHELD = "no other named cluster was seen to hold the key: --fix leaves the name (docs/operations.md)"
 """A `missing` finding's detail when reconcile --fix will leave the name."""
+UNKNOWN_OBJECT = ("no record in the placement store names this key: never destroyed by the gateway; another "
+                  "application's key, or [store] url names the wrong store (docs/operations.md)")
+"""An `unknown` finding's detail."""
 
 def caller() -> str:
     """The caller's identity, as the authentication interceptor established it
@@ -300,6 +303,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             report = reconcile(self.router, fix=False)
             findings = [pb.ReconcileFinding(kind="stale_intent", key_id=k) for k in report.stale_intents]
             findings += [pb.ReconcileFinding(kind="orphan", cluster=c, key_id=k) for c, k in report.orphans]
+            findings += [pb.ReconcileFinding(kind="unknown", cluster=c, key_id=k, detail=UNKNOWN_OBJECT)
+                         for c, k in report.unknown]
             droppable = set(report.droppable)
             findings += [pb.ReconcileFinding(kind="missing", cluster=c, key_id=k,
                                              detail=MISSING_HELD if (c, k) in droppable else MISSING_UNHELD)

@@ -440,6 +440,16 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
                                                ClusterSpec.serialize_object_changes),
             )
         )
+    labels: dict[str, str] = {}
+    for i, cluster in enumerate(clusters):
+        # Two names for one token would make each see the other's keys as objects its records
+        # do not put there (orphans, to reconcile), and a "replica" the same copy.
+        other = labels.setdefault(cluster.token_label, cluster.name)
+        if other != cluster.name:
+            raise ConfigError(
+                f"clusters[{i}].token_label: {cluster.name!r} and {other!r} both name token "
+                f"{cluster.token_label!r}; each cluster is a token of its own"
+            )
     env_names: dict[str, str] = {}
     for i, cluster in enumerate(clusters):
         other = env_names.setdefault(pin_env_name(cluster.name), cluster.name)

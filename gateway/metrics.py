@@ -595,7 +595,7 @@ class GatewayMetrics:
                       "When the last report-only reconcile finished (Unix time).", registry=self.registry),
             )
         findings, finished = self._reconcile
-        for kind, found in (("missing", report.missing), ("orphan", report.orphans),
+        for kind, found in (("missing", report.missing), ("orphan", report.orphans), ("unknown", report.unknown),
                             ("duplicate", report.duplicates), ("stale_intent", report.stale_intents),
                             ("unreachable", report.unreachable)):
             findings.labels(kind).set(len(found))

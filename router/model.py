@@ -125,7 +125,7 @@ class ClusterSpec:
     region: str
     """Region the cluster lives in (``us-east-1``)."""
     token_label: str
-    """CKA_LABEL of the token (slot ids change; labels do not)."""
+    """CKA_LABEL of the token (slot ids change; labels do not). Each cluster names a token of its own."""
     max_keys: int = 3300
     """Keys placement may put on this cluster (CloudHSM hsm1 quota: 3,300)."""
     pool_size: int = 4

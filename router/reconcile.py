@@ -3,8 +3,14 @@
 Finds, per cluster:
 - **stale intents**: CREATING records older than the grace period (a creation
   that crashed half-way): their objects are destroyed and the record removed;
-- **orphans**: key objects on a token that no placement puts there: destroyed, except
-  for a key short of copies, whose object may be the copy a repair is making;
+- **orphans**: key objects on a token that a placement record accounts for but does
+  not put there (the source left by a move, the objects of a destroyed key): destroyed,
+  except for a key short of copies, whose object may be the copy a repair is making;
+- **unknown**: key objects no record in the store names at all. The gateway writes a
+  key's record before it makes objects and removes it only after them, so none of its
+  own keys is ever found so: these are another application's keys, or the store is not
+  the one the keys were made with (a typo in ``[store] url``, an empty table). Never
+  destroyed here, by ``fix`` or anything else: an operator decides (docs/operations.md);
 - **missing**: a placement says the cluster holds the key but the token has no
   object for it (a move that crashed after naming its target, a copy lost on the
   HSM). With ``fix``, the name is dropped from the record when, looked at again, the
@@ -47,7 +53,9 @@ cluster, and a gateway's start waits for its reconcile."""
 class ReconcileReport:
     stale_intents: list[str] = field(default_factory=list)
     orphans: list[tuple[str, str]] = field(default_factory=list)
-    """(cluster, key id) of objects no placement accounts for."""
+    """(cluster, key id) of objects whose key's record does not put them there."""
+    unknown: list[tuple[str, str]] = field(default_factory=list)
+    """(cluster, key id) of objects whose key id no record names: never destroyed."""
     missing: list[tuple[str, str]] = field(default_factory=list)
     """(cluster, key id) where a placement expects objects that are not there."""
     droppable: list[tuple[str, str]] = field(default_factory=list)
@@ -62,17 +70,20 @@ class ReconcileReport:
 
     @property
     def clean(self) -> bool:
-        return not (self.stale_intents or self.orphans or self.missing or self.duplicates or self.unreachable)
+        return not (self.stale_intents or self.orphans or self.unknown or self.missing or self.duplicates
+                    or self.unreachable)
 
     def summary(self) -> str:
         """One line for the log and the admin change's result: what was done (``fix``) or found."""
         if not self.fixed:
             return (f"{len(self.stale_intents)} unfinished creations, {len(self.orphans)} orphan objects, "
+                    f"{len(self.unknown)} objects no record names, "
                     f"{len(self.missing)} missing copies ({len(self.droppable)} a fix would drop from their "
                     f"records), {len(self.duplicates)} duplicate objects, {len(self.unreachable)} unreachable "
                     "clusters")
         return (f"{len(self.stale_intents)} unfinished creations rolled back, {len(self.orphans)} orphan objects "
-                f"removed, {len(self.missing)} missing copies ({len(self.dropped)} dropped from their records), "
+                f"removed, {len(self.unknown)} objects no record names (left alone), "
+                f"{len(self.missing)} missing copies ({len(self.dropped)} dropped from their records), "
                 f"{len(self.duplicates)} duplicate objects "
                 f"(left for an operator), {len(self.unreachable)} unreachable clusters")
 
@@ -144,10 +155,19 @@ def reconcile(
                 continue  # handled with its intent
             # One look at the record: under the token's lock when it may end in a destroy.
             why = _destroy_orphan(router, name, key_id, deadline) if fix else _why_not_an_orphan(router, name, key_id)
-            if why:
+            if why == UNKNOWN:
+                report.unknown.append((name, key_id))
+            elif why:
                 log.info("reconcile: %s on %s left alone: %s", key_id, name, why)
-                continue
-            report.orphans.append((name, key_id))
+            else:
+                report.orphans.append((name, key_id))
+    for name in on_token:
+        strangers = [key_id for cluster, key_id in report.unknown if cluster == name]
+        if strangers:
+            log.error("reconcile: %d key object(s) on cluster %s have no record in the placement store, e.g. %s; "
+                      "left alone. Keys this gateway made always have one: if these are its keys, [store] url "
+                      "names the wrong store; else another application made them (docs/operations.md)",
+                      len(strangers), name, ", ".join(repr(k) for k in strangers[:5]))
     if unheld:
         log.error("reconcile: %d key(s) held by none of the clusters their records name, e.g. %s; their records "
                   "stay as they are, for an operator to restore the keys (docs/operations.md)",
@@ -222,6 +242,10 @@ def _drop_missing(router: Router, name: str, key_id: str, deadline: float) -> bo
     return True
 
 
+UNKNOWN = "no record in the placement store names the key"
+"""What ``_why_not_an_orphan`` answers for objects whose key id the store has no record of."""
+
+
 def _why_not_an_orphan(router: Router, name: str, key_id: str, *, claim: bool = False) -> str:
     """Why objects on cluster ``name`` that no placement named in the scan may still be the
     key's, or "" if they are not.
@@ -236,7 +260,9 @@ def _why_not_an_orphan(router: Router, name: str, key_id: str, *, claim: bool = 
         current = router.store.get(key_id)  # now, not as the scan saw it
     except StoreError as exc:
         return f"the placement store cannot say whose it is ({exc})"
-    if current is None or current.state is KeyState.DESTROYED:
+    if current is None:
+        return UNKNOWN
+    if current.state is KeyState.DESTROYED:
         return ""
     if name in current.clusters:
         return f"its record names {name} now"

@@ -548,8 +548,11 @@ class Router:
         takes it over meanwhile), and only a successful claim destroys anything: this
         attempt may have outlived ``creation_grace`` (a hung HSM call that failed late),
         and a retry that took the creation over may have made and acknowledged the key.
-        The primary must be reachable; a replica that is not keeps its objects for reconcile
-        to remove as orphans. False (and logged) when the record could not be removed.
+        The primary must be reachable. A replica that is not keeps its objects, and the key
+        its record (claimed, so a retry takes it over only after ``creation_grace``): the
+        record goes last, once nothing is left, since objects that no record names are never
+        destroyed (``router.reconcile``: they may be another application's). Reconcile rolls
+        the intent back again later. False (and logged) when the record was not removed.
         """
         deadline = time.monotonic() + 10.0 if deadline is None else deadline
         try:
@@ -562,16 +565,21 @@ class Router:
             log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)
             return False
         try:
+            left: list[str] = []
             for name in intent.clusters:
                 backend = self.backends.get(name)
-                if backend is None:
-                    continue
                 try:
+                    if backend is None:
+                        raise Unavailable(f"cluster {name} is not configured here")
                     backend.destroy(intent.key_id, deadline)
                 except RouterError:
                     if name == intent.primary:
                         raise
-                    log.warning("rollback of %s: %s unreachable; reconcile will clean it", intent.key_id, name)
+                    left.append(name)
+            if left:
+                log.warning("rollback of %s: %s not reached; the intent stays until reconcile removes what is "
+                            "left there", intent.key_id, ", ".join(left))
+                return False
             self.store.delete(intent.key_id, intent.version)
         except (RouterError, StoreError, Conflict):
             log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)

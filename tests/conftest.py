@@ -104,7 +104,7 @@ def make_router(fleet: Fleet, tokens: TokenInspector, tmp_path: Path):
     """Build in-process Routers on the shared fleet's real tokens and placement store.
 
     They share the store with the fleet's gateway process, so reconciling from
-    them sees every key the gateway made (a fresh store would call those orphans).
+    them sees every key the gateway made (``store=`` gives one another store).
     """
     import tomllib
 
@@ -128,7 +128,8 @@ def make_router(fleet: Fleet, tokens: TokenInspector, tmp_path: Path):
             tokens.session(spec.name)  # the inspector holds the login; pools share it
             backends[spec.name] = Pkcs11Cluster(tokens.module, spec, Secret(pins[spec.name]["user_pin"]))
         topology = Topology(home_region=config.home_region, dr_regions=config.dr_regions, regions=config.regions)
-        router = Router(topology, backends, SqliteStore(store_path), **kwargs)
+        store = kwargs.pop("store", None) or SqliteStore(store_path)
+        router = Router(topology, backends, store, **kwargs)
         built.append(router)
         return router
 

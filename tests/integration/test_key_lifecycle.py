@@ -186,15 +186,51 @@ def test_reconcile_never_destroys_a_creation_that_finished_after_its_scan(make_r
     assert signature
 
 
+def _stray_copy(router, key: Placement) -> str:  # type: ignore[no-untyped-def]
+    """Objects of ``key`` on a cluster its record does not name (as a move's crash leaves them)."""
+    stray = next(name for name in ("use1-a", "use1-b", "usw2-a") if name not in key.clusters)
+    router.backends[stray].generate(placement(key.key_id, key.algorithm), time.monotonic() + 30)
+    return stray
+
+
 def test_orphan_objects_are_found_and_removed(make_router, tokens) -> None:
     router = make_router()
-    key_id = unique("orphan")
-    router.backends["use1-b"].generate(placement(key_id, KeyAlgorithm.AES_256), time.monotonic() + 30)
+    key = router.generate_key(_spec(unique("orphan")), time.monotonic() + 30)
+    stray = _stray_copy(router, key)
     report = reconcile(router, fix=False)
-    assert ("use1-b", key_id) in report.orphans
-    assert len(tokens.objects("use1-b", key_id)) == 1  # report only: nothing removed
+    assert report.orphans == [(stray, key.key_id)] and report.unknown == []
+    assert len(tokens.objects(stray, key.key_id)) == 2  # report only: nothing removed
     reconcile(router, fix=True)
-    assert tokens.objects("use1-b", key_id) == []
+    assert tokens.objects(stray, key.key_id) == []
+    for cluster in key.clusters:  # the key's own copies stay
+        assert len(tokens.objects(cluster, key.key_id)) == 2
+
+
+def test_objects_no_record_names_are_never_destroyed(make_router, tokens, tmp_path, caplog) -> None:
+    """The gateway's keys always have a record, so objects without one are another application's,
+    or the store is the wrong one: a typo in [store] url gives an empty store, and a fix that took
+    the tokens' keys for orphans would destroy every key of the fleet."""
+    from router.placement.sqlite import SqliteStore
+
+    router = make_router()
+    key = router.generate_key(_spec(unique("unknown")), time.monotonic() + 30)
+    foreign = unique("foreign")
+    router.backends["use1-b"].generate(placement(foreign, KeyAlgorithm.AES_256), time.monotonic() + 30)
+    wrong = make_router(store=SqliteStore(tmp_path / "placments.db"))  # an empty store
+    with caplog.at_level(logging.ERROR, logger="router.reconcile"):
+        report = reconcile(wrong, fix=True)
+    assert report.orphans == [] and report.stale_intents == [] and report.missing == []
+    assert {(c, key.key_id) for c in key.clusters} | {("use1-b", foreign)} <= set(report.unknown)
+    for cluster in key.clusters:
+        assert len(tokens.objects(cluster, key.key_id)) == 2
+    assert len(tokens.objects("use1-b", foreign)) == 1
+    assert any("have no record in the placement store" in r.getMessage() and "[store] url" in r.getMessage()
+               for r in caplog.records)
+    # The right store still serves the key, and still leaves the foreign object alone.
+    signature, _ = router.sign(key.key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
+    assert signature
+    assert ("use1-b", foreign) in reconcile(router, fix=True).unknown
+    assert len(tokens.objects("use1-b", foreign)) == 1
 
 
 def test_reconcile_destroys_nothing_while_it_cannot_read_the_store(make_router, tokens) -> None:
@@ -203,9 +239,10 @@ def test_reconcile_destroys_nothing_while_it_cannot_read_the_store(make_router, 
     back, removes them."""
     from router.placement.store import StoreError
 
-    key_id, stale_id = unique("blind"), unique("blind-stale")
+    stale_id = unique("blind-stale")
     router = make_router()
-    router.backends["use1-b"].generate(placement(key_id, KeyAlgorithm.AES_256), time.monotonic() + 30)
+    key = router.generate_key(_spec(unique("blind")), time.monotonic() + 30)
+    key_id, stray = key.key_id, _stray_copy(router, key)
     with pytest.raises(Crash):
         make_router(fault=_crash_after_hsm).generate_key(_spec(stale_id), time.monotonic() + 30)
     intent = router.store.get(stale_id)
@@ -219,14 +256,14 @@ def test_reconcile_destroys_nothing_while_it_cannot_read_the_store(make_router, 
     reconciler.store.get = unreadable  # type: ignore[method-assign]
     reconciler.store.update = unreadable  # type: ignore[method-assign]
     report = reconcile(reconciler, fix=True)
-    assert stale_id in report.stale_intents and ("use1-b", key_id) not in report.orphans
-    assert len(tokens.objects("use1-b", key_id)) == 1
+    assert stale_id in report.stale_intents and (stray, key_id) not in report.orphans
+    assert len(tokens.objects(stray, key_id)) == 2
     for cluster in intent.clusters:
         assert len(tokens.objects(cluster, stale_id)) == 2, cluster
 
     report = reconcile(make_router(wall_clock=lambda: later), fix=True)
-    assert ("use1-b", key_id) in report.orphans and stale_id in report.stale_intents
-    assert tokens.objects("use1-b", key_id) == []
+    assert (stray, key_id) in report.orphans and stale_id in report.stale_intents
+    assert tokens.objects(stray, key_id) == []
     assert all(tokens.objects(cluster, stale_id) == [] for cluster in intent.clusters)
 
 
@@ -480,3 +517,33 @@ def test_a_key_being_created_is_retried_shortly_and_not_found_once_rolled_back(m
     router.store.delete(key_id, router.store.get(key_id).version)  # the creation failed and was rolled back
     with pytest.raises(KeyNotFound):
         router.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 5)
+
+
+def test_a_rollback_that_cannot_reach_a_replica_keeps_the_record_until_reconcile_finishes_it(
+    make_router, tokens, monkeypatch
+) -> None:
+    """Objects no record names are never destroyed, so a rolled-back creation's record goes only
+    once its objects have: a replica down during the rollback keeps the intent, and a later
+    reconcile removes both."""
+    router = make_router()
+    key_id = unique("rollback-down")
+    intent = Placement(key_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, KeyState.CREATING, "use1-a",
+                       replicas=("usw2-a",), request_id=key_id, create_time=time.time())
+    router.store.create(intent)
+    for cluster in intent.clusters:
+        router.backends[cluster].generate(intent, time.monotonic() + 30)
+
+    def down(*_args: object, **_kwargs: object) -> int:
+        raise ClusterDown("cluster usw2-a is not reachable", cluster="usw2-a")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(router.backends["usw2-a"], "destroy", down)
+        assert router.roll_back(intent, time.monotonic() + 10) is False
+    left = router.store.get(key_id)
+    assert left is not None and left.state is KeyState.CREATING
+    assert tokens.objects("use1-a", key_id) == [] and len(tokens.objects("usw2-a", key_id)) == 2
+
+    report = reconcile(make_router(wall_clock=lambda: time.time() + 120), fix=True)
+    assert key_id in report.stale_intents and not any(k == key_id for _, k in report.unknown)
+    assert tokens.objects("usw2-a", key_id) == []
+    assert router.store.get(key_id) is None

@@ -305,6 +305,19 @@ def test_duplicate_cluster_error_names_the_duplicate() -> None:
         parse(data, Path("/cfg"))
 
 
+def test_two_clusters_on_one_token_are_refused() -> None:
+    """A [[clusters]] block copied without its token_label: each name would see the other's keys
+    as objects its records do not put there, for reconcile to destroy."""
+    data = valid_data()
+    data["clusters"][1]["token_label"] = data["clusters"][0].get("token_label", data["clusters"][0]["name"])
+    with pytest.raises(ConfigError, match=r"^clusters\[1\]\.token_label: .* both name token"):
+        parse(data, Path("/cfg"))
+    data["clusters"][1].pop("token_label")  # the default is the cluster's name
+    data["clusters"][0]["token_label"] = data["clusters"][1]["name"]
+    with pytest.raises(ConfigError, match=r"both name token"):
+        parse(data, Path("/cfg"))
+
+
 _TABLES = ["", "gateway.", "server.", "pkcs11.", "store.", "secrets.", "clusters[0]."]
 
 

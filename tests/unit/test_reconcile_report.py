@@ -80,11 +80,13 @@ def test_a_dead_cluster_is_an_unreachable_finding_and_the_rest_is_checked(
     caplog.set_level(logging.INFO, logger="gateway.server")
     report_reconcile(router, metrics)
     assert _sample(metrics, "hsmgw_reconcile_findings", kind="unreachable") == 1
-    assert _sample(metrics, "hsmgw_reconcile_findings", kind="orphan") == 1  # use1-a was still listed
+    assert _sample(metrics, "hsmgw_reconcile_findings", kind="unknown") == 1  # use1-a was still listed
+    assert _sample(metrics, "hsmgw_reconcile_findings", kind="orphan") == 0
     assert _sample(metrics, "hsmgw_reconcile_findings", kind="missing") == 0
     assert (_sample(metrics, "hsmgw_reconcile_last_run_timestamp_seconds") or 0) > 0
     [line] = [r for r in caplog.records if r.name == "gateway.server"]
     assert line.levelname == "WARNING" and line.getMessage() == (
-        "reconcile (report only): 0 unfinished creations, 1 orphan objects, 0 missing copies (0 a fix would drop "
+        "reconcile (report only): 0 unfinished creations, 0 orphan objects, 1 objects no record names, 0 missing "
+        "copies (0 a fix would drop "
         "from their records), 0 duplicate objects, 1 unreachable clusters; `hsmctl reconcile` lists them "
         "(docs/operations.md)")
