@@ -131,10 +131,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return _change_pb(self.changes.request(identity, action, params))
 
     def _switched(self, kind: str) -> set[str]:
+        return self._stored_switches().get(kind, set())
+
+    def _stored_switches(self) -> dict[str, set[str]]:
         try:
-            return self.changes.switches().get(kind, set())
+            return self.changes.switches()
         except StoreError as exc:
             raise Unavailable(f"placement store is unreachable; admin changes cannot be checked now ({exc})") from exc
+
+    def _with_stored_switches(self) -> None:
+        """Apply the store's switches here before a check that reads them: a drain approved
+        through another process may not have reached this one's periodic sync yet."""
+        switches = self._stored_switches()
+        self.router.apply_switches(switches.get("drained", set()), switches.get("failed_over", set()))
 
     # -- actions (run once a change has its approvals) ----------------------------------
 
@@ -142,6 +151,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return time.monotonic() + seconds
 
     def _do_move(self, params: dict[str, str]) -> str:
+        self._with_stored_switches()  # the target may have been drained since the request
         moved = self.router.move_key(params["key_id"], params["to"], self._deadline(), source=params.get("from", ""),
                                      hold=True)
         self.audit.append("-", "key_moved", moved.key_id, clusters=list(moved.clusters), held=True)
@@ -325,6 +335,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def MoveKey(self, request: pb.MoveKeyRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
+            self._with_stored_switches()
             _, source = self.router.check_move(request.key_id, request.to, getattr(request, "from"))
             return self._request(who, "move_key", {"key_id": request.key_id, "to": request.to, "from": source})
 

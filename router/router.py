@@ -529,12 +529,19 @@ class Router:
         return made
 
     def _policy_holds(self, copies: int, clusters: list[str] | tuple[str, ...]) -> bool:
+        return not self._policy_broken(copies, clusters)
+
+    def _policy_broken(self, copies: int, clusters: list[str] | tuple[str, ...]) -> list[str]:
+        """The replication rules ``clusters`` break for a key of ``copies`` copies."""
+        broken = []
         if len(set(clusters)) < copies:
-            return False
+            broken.append(f"fewer than the {copies} copies its replication policy asks for")
         if copies > 1 and self.replication.require_dr_copy:
             dr = self.topology.dr_regions
-            return any(self.backends[n].spec.region in dr for n in clusters if n in self.backends)
-        return True
+            if not any(self.backends[n].spec.region in dr for n in clusters if n in self.backends):
+                broken.append(f"no copy in a DR region ({', '.join(dr)}), which [replication] require_dr_copy "
+                              "asks for")
+        return broken
 
     def roll_back(self, intent: Placement, deadline: float | None = None) -> bool:
         """Remove an unfinished creation's objects, then its record.
@@ -645,6 +652,16 @@ class Router:
 
     # -- placement changes (operators) -------------------------------------------------
 
+    def switched_off(self, cluster: str) -> str | None:
+        """Why an operator switch keeps new keys and copies off ``cluster`` (it is drained, or
+        its region is failed over), or None."""
+        if cluster in self.dispatcher.drained:
+            return f"cluster {cluster} is drained"
+        region = self.backends[cluster].spec.region
+        if region in self.dispatcher.failed_over:
+            return f"cluster {cluster} is in region {region}, which is failed over"
+        return None
+
     def check_pin(self, key_id: str, cluster: str) -> None:
         """Whether a key that does not exist yet may be placed on ``cluster`` (asked again by ``pin``)."""
         validation.key_id(key_id)
@@ -714,6 +731,19 @@ class Router:
                                      f"{', '.join(current.clusters)})")
         if to in current.clusters:
             raise FailedPrecondition(f"key {key_id!r} is already on cluster {to}")
+        barred = self.switched_off(to)
+        if barred is not None:
+            # Placed there, the key would be served from its other copies (the drained cluster
+            # only as a last resort), and rebalance would never take a held key off again.
+            raise FailedPrecondition(f"key {key_id!r} cannot move to {to}: {barred}, so it takes no keys or "
+                                     "copies until an operator puts it back in service")
+        # A key short of its policy already (the repairer is on it) may move, but no move breaks a rule anew.
+        before = self._policy_broken(current.copies, current.clusters)
+        after = self._policy_broken(current.copies, [to if name == source else name for name in current.clusters])
+        broken = [rule for rule in after if rule not in before]
+        if broken:
+            raise FailedPrecondition(f"moving key {key_id!r} from {source} to {to} would leave it with "
+                                     f"{broken[0]}; move that copy to a cluster that keeps the policy")
         if self.key_counts().get(to, 0) >= self.backends[to].spec.max_keys:
             raise ResourceExhausted(f"cluster {to} is at its key limit", cluster=to)
         return current, source

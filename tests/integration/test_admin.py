@@ -556,3 +556,51 @@ def test_a_change_that_cannot_succeed_is_refused_when_asked_not_after_its_approv
     as_json(gateway.target, "changes", "reject", first["id"], who="bob")
     _, changes = as_json(gateway.target, "changes", "list")
     assert changes == [], "no refused request left a change behind"
+
+
+def test_a_key_is_not_moved_onto_a_drained_cluster_when_asked_nor_when_approved(gateway, crypto) -> None:
+    """Held on a drained cluster, a key would be served from its DR copy, and rebalance would
+    never take it off again."""
+    key = _key(crypto, "to-drained")
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    _, drain = as_json(gateway.target, "clusters", "drain", other)
+    assert approve(gateway.target, drain)["state"] == "applied"
+    try:
+        refused = hsmctl(gateway.target, "keys", "move", key.key_id, "--to", other)
+        assert refused.returncode == 1
+        assert (f"FAILED_PRECONDITION: key {key.key_id!r} cannot move to {other}: cluster {other} is drained"
+                in refused.stderr)
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", other)
+        assert approve(gateway.target, undrain)["state"] == "applied"
+
+    _, move = as_json(gateway.target, "keys", "move", key.key_id, "--to", other)  # asked while in service
+    _, drain = as_json(gateway.target, "clusters", "drain", other)
+    assert approve(gateway.target, drain)["state"] == "applied"
+    try:
+        late = approve(gateway.target, move)
+        assert late["state"] == "failed" and f"cluster {other} is drained" in late["result"], late
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", other)
+        assert approve(gateway.target, undrain)["state"] == "applied"
+    _, shown = as_json(gateway.target, "keys", "show", key.key_id)
+    assert (shown["primary_cluster"], shown["replicas"], shown["held"]) == (key.primary_cluster, ["usw2-a"], False)
+    signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
+                         timeout=10)
+    assert signed.cluster == key.primary_cluster
+
+
+def test_a_move_that_would_take_a_key_s_only_dr_copy_out_of_the_dr_region_is_refused(gateway, crypto) -> None:
+    key = _key(crypto, "dr-copy")
+    assert list(key.replicas) == ["usw2-a"]
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    refused = hsmctl(gateway.target, "keys", "move", key.key_id, "--to", other, "--from", "usw2-a")
+    assert refused.returncode == 1
+    assert (f"FAILED_PRECONDITION: moving key {key.key_id!r} from usw2-a to {other} would leave it with no copy "
+            "in a DR region (us-west-2), which [replication] require_dr_copy asks for") in refused.stderr
+    _, changes = as_json(gateway.target, "changes", "list")
+    assert changes == [], "the refused move left no change behind"
+    # Moving the home-region copy keeps the DR one: that move may be asked for.
+    _, fine = as_json(gateway.target, "keys", "move", key.key_id, "--to", other)
+    assert fine["state"] == "pending"
+    as_json(gateway.target, "changes", "reject", fine["id"], who="bob")
