@@ -70,6 +70,13 @@ def _change_pb(change: Change) -> pb.Change:
     )
 
 
+def _subject(action: str, params: dict[str, str]) -> tuple[str, str] | None:
+    """What a change acts on, of those that one change at a time may act on: a key (place,
+    move, release, destroy), or None."""
+    key_id = params.get("key_id")
+    return ("key", key_id) if key_id else None
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
         self,
@@ -124,10 +131,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             status.abort(context, exc)
 
     def _request(self, identity: str, action: str, params: dict[str, str]) -> pb.Change:
+        subject = _subject(action, params)
         for pending in self.changes.list():
             if (pending.action, pending.params) == (action, params):
                 raise FailedPrecondition(f"change {pending.id} already asks for this; approve that one "
                                          f"(hsmctl changes approve {pending.id})")
+            # Two pending changes to one key would both run once approved, the last one winning.
+            if subject is not None and _subject(pending.action, pending.params) == subject:
+                kind, name = subject
+                raise FailedPrecondition(f"change {pending.id} ({pending.action}) is pending for {kind} {name!r}; "
+                                         f"approve or reject that one first (hsmctl changes reject {pending.id})")
         return _change_pb(self.changes.request(identity, action, params))
 
     def _switched(self, kind: str) -> set[str]:

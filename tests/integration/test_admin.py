@@ -604,3 +604,26 @@ def test_a_move_that_would_take_a_key_s_only_dr_copy_out_of_the_dr_region_is_ref
     _, fine = as_json(gateway.target, "keys", "move", key.key_id, "--to", other)
     assert fine["state"] == "pending"
     as_json(gateway.target, "changes", "reject", fine["id"], who="bob")
+
+
+def test_a_change_to_a_key_with_a_change_pending_is_refused_naming_that_change(gateway, crypto) -> None:
+    """Both would run once approved, and the last approval would silently win."""
+    new_id = unique("new")
+    _, first = as_json(gateway.target, "keys", "place", new_id, "--cluster", "use1-a")
+    second = hsmctl(gateway.target, "keys", "place", new_id, "--cluster", "use1-b", who="carol")
+    assert second.returncode == 1
+    assert second.stderr.strip() == (f"error: FAILED_PRECONDITION: change {first['id']} (place_key) is pending for "
+                                     f"key {new_id!r}; approve or reject that one first (hsmctl changes reject "
+                                     f"{first['id']})")
+    as_json(gateway.target, "changes", "reject", first["id"], who="bob")
+    _, placed = as_json(gateway.target, "keys", "place", new_id, "--cluster", "use1-b", who="carol")
+    assert approve(gateway.target, placed)["state"] == "applied"
+
+    key = _key(crypto, "one-change")
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    _, move = as_json(gateway.target, "keys", "move", key.key_id, "--to", other)
+    refused = hsmctl(gateway.target, "keys", "destroy", key.key_id, who="carol")
+    assert refused.returncode == 1 and f"change {move['id']} (move_key) is pending for key" in refused.stderr
+    as_json(gateway.target, "changes", "reject", move["id"], who="bob")
+    _, changes = as_json(gateway.target, "changes", "list")
+    assert changes == []
