@@ -43,6 +43,10 @@ MISSING_HELD = "another named cluster holds the key: --fix drops this name and t
 MISSING_UNHELD = "no other named cluster was seen to hold the key: --fix leaves the name (docs/operations.md)"
 """A `missing` finding's detail when reconcile --fix will leave the name."""
 
+def _forced(blocked: str | None) -> str:
+    return f"; forced, so {blocked}" if blocked else ""
+
+
 def caller() -> str:
     """The caller's identity, as the authentication interceptor established it
     (client certificate; in development, the ``x-hsmgw-identity`` header)."""
@@ -72,9 +76,17 @@ def _change_pb(change: Change) -> pb.Change:
 
 def _subject(action: str, params: dict[str, str]) -> tuple[str, str] | None:
     """What a change acts on, of those that one change at a time may act on: a key (place,
-    move, release, destroy), or None."""
-    key_id = params.get("key_id")
-    return ("key", key_id) if key_id else None
+    move, release, destroy), a cluster (drain) or a region (failover); else None."""
+    for kind, param in (("key", "key_id"), ("cluster", "cluster"), ("region", "region")):
+        if params.get(param):
+            return kind, params[param]
+    return None
+
+
+FORCE = "force"
+"""A drain or failover change's param: run it even if GenerateKey then cannot place keys."""
+CONSEQUENCE = "consequence"
+"""A forced drain or failover change's param: what becomes of new keys, as it was asked for."""
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -206,12 +218,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return result
 
     def _do_drain(self, params: dict[str, str], drain: bool) -> str:
-        self._switch("drained", params["cluster"], drain)
-        return f"cluster {params['cluster']} {'drained' if drain else 'back in service'}"
+        cluster = params["cluster"]
+        blocked = self._creation_check("drained", cluster, params.get(FORCE) == "true") if drain else None
+        self._switch("drained", cluster, drain)
+        return f"cluster {cluster} {'drained' if drain else 'back in service'}" + _forced(blocked)
 
     def _do_failover(self, params: dict[str, str], failover: bool) -> str:
-        self._switch("failed_over", params["region"], failover)
-        return f"region {params['region']} {'failed over' if failover else 'failed back'}"
+        region = params["region"]
+        blocked = self._creation_check("failed_over", region, params.get(FORCE) == "true") if failover else None
+        self._switch("failed_over", region, failover)
+        return f"region {region} {'failed over' if failover else 'failed back'}" + _forced(blocked)
+
+    def _creation_check(self, kind: str, name: str, force: bool) -> str | None:
+        """What turning the switch ``kind`` on for ``name`` (with the switches recorded now) does
+        to new keys, if GenerateKey could then not place one under the replication policy; that
+        refused unless ``force``. Asked when a drain or failover is requested and again when it runs."""
+        switches = self._stored_switches()
+        drained, failed_over = set(switches.get("drained", set())), set(switches.get("failed_over", set()))
+        (drained if kind == "drained" else failed_over).add(name)
+        blocked = self.router.creation_blocked(drained, failed_over)
+        if blocked is not None and not force:
+            what, ask = ((f"draining cluster {name}", f"hsmctl clusters drain {name} --force") if kind == "drained"
+                         else (f"failing region {name} over", f"hsmctl regions failover {name} --force"))
+            raise FailedPrecondition(f"{what} would leave no placement for new keys under the replication policy: "
+                                     f"{blocked}. Only if that is meant (an evacuation), ask with force ({ask})")
+        return blocked
 
     def _switch(self, kind: str, name: str, on: bool) -> None:
         """Record a switch in the store (nothing is switched if it does not answer), then apply
@@ -379,7 +410,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if (request.cluster in self._switched("drained")) == request.drain:
                 raise FailedPrecondition(f"cluster {request.cluster} is {'already' if request.drain else 'not'} "
                                          "drained")
-            return self._request(who, "drain" if request.drain else "undrain", {"cluster": request.cluster})
+            params = {"cluster": request.cluster}
+            if request.drain:
+                params |= self._forcing("drained", request.cluster, request.force)
+            return self._request(who, "drain" if request.drain else "undrain", params)
 
         return self._call(context, run)
 
@@ -390,9 +424,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if (request.region in self._switched("failed_over")) == request.failover:
                 raise FailedPrecondition(f"region {request.region} is {'already' if request.failover else 'not'} "
                                          "failed over")
-            return self._request(who, "failover" if request.failover else "failback", {"region": request.region})
+            params = {"region": request.region}
+            if request.failover:
+                params |= self._forcing("failed_over", request.region, request.force)
+            return self._request(who, "failover" if request.failover else "failback", params)
 
         return self._call(context, run)
+
+    def _forcing(self, kind: str, name: str, force: bool) -> dict[str, str]:
+        """The params a drain or failover adds: force, if asked (checked again when it runs), and
+        the consequence for new keys that approvers see."""
+        blocked = self._creation_check(kind, name, force)
+        return ({FORCE: "true"} if force else {}) | ({CONSEQUENCE: blocked} if blocked else {})
 
     def DestroyKey(self, request: pb.DestroyKeyChangeRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:

@@ -580,8 +580,9 @@ class Router:
             return False
         return True
 
-    def _choose_clusters(self, key_id: str, copies: int, pin: str | None = None, *,
-                         needs_room: bool = True) -> tuple[str, tuple[str, ...], bool]:
+    def _choose_clusters(self, key_id: str, copies: int, pin: str | None = None, *, needs_room: bool = True,
+                         usable: Callable[[str], bool] | None = None,
+                         short: bool = False) -> tuple[str, tuple[str, ...], bool]:
         """Primary and replicas for a new key, and whether the primary is ``pin`` (an
         operator's choice, taken when that cluster can take the key now).
 
@@ -589,7 +590,10 @@ class Router:
         home region is full), by consistent hashing over eligible clusters:
         healthy, not drained, below their key limit. With ``require_dr_copy``,
         one replica goes to a DR region; the rest fill from any region.
+        ``usable``: which clusters may take keys, if not the dispatcher's (``creation_blocked``);
+        ``short``: return a placement short of the policy instead of failing, as ``ack_local`` does.
         """
+        usable = usable or self.dispatcher.usable
         counts = self.key_counts()
         full = {n for n, b in self.backends.items() if needs_room and counts.get(n, 0) >= b.spec.max_keys}
         home = self.topology.home_region
@@ -600,12 +604,12 @@ class Router:
                 name
                 for region in regions
                 for name in self.topology.regions.get(region, ())
-                if name in self.backends and name not in full and name not in exclude and self.dispatcher.usable(name)
+                if name in self.backends and name not in full and name not in exclude and usable(name)
             ]
 
         primary = None
         if pin is not None:
-            if pin not in self.backends or pin in full or not self.dispatcher.usable(pin):
+            if pin not in self.backends or pin in full or not usable(pin):
                 log.warning("key %s was placed on %s, which cannot take it now (full, drained, failed over or down); "
                             "placing it as usual", key_id, pin)
             else:
@@ -641,7 +645,7 @@ class Router:
                 break
             replicas.append(pick)
             chosen.add(pick)
-        if not self._policy_holds(copies, [primary, *replicas]) and not self.replication.ack_local:
+        if not self._policy_holds(copies, [primary, *replicas]) and not (self.replication.ack_local or short):
             raise Unavailable(
                 f"cannot place {copies} copies of {key_id!r}"
                 f"{' with one in a DR region' if self.replication.require_dr_copy else ''}: "
@@ -649,6 +653,31 @@ class Router:
                 region=home,
             )
         return primary, tuple(replicas), pinned
+
+    def creation_blocked(self, drained: AbstractSet[str], failed_over: AbstractSet[str]) -> str | None:
+        """What becomes of new keys under these operator switches, if GenerateKey could not place
+        one under the replication policy; None when it could.
+
+        Placement chooses as for a real key (``_choose_clusters``), with every cluster taken as
+        healthy and below its key limit: a switch lasts until an operator turns it off, while a
+        circuit closes by itself and a full cluster is the keys-near-limit alarm's business.
+        """
+        def switched_on(name: str) -> bool:
+            return name not in drained and self.backends[name].spec.region not in failed_over
+
+        copies = self.replication.copies
+        try:
+            primary, replicas, _ = self._choose_clusters("hsmgw/creation-check", copies, needs_room=False,
+                                                         usable=switched_on, short=True)
+        except Unavailable:
+            return "no cluster would take new keys: every GenerateKey would fail UNAVAILABLE"
+        broken = self._policy_broken(copies, [primary, *replicas])
+        if not broken:
+            return None
+        if self.replication.ack_local:
+            return (f"new keys would be acknowledged with {broken[0]} (UNDER_REPLICATED until the switch is turned "
+                    "off and the repairer copies them)")
+        return f"new keys could not be placed with {broken[0]}: every GenerateKey would fail UNAVAILABLE"
 
     # -- placement changes (operators) -------------------------------------------------
 
