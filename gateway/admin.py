@@ -46,6 +46,10 @@ UNKNOWN_OBJECT = ("no record in the placement store names this key: never destro
                   "application's key, or [store] url names the wrong store (docs/operations.md)")
 """An `unknown` finding's detail."""
 
+def _forced(blocked: str | None) -> str:
+    return f"; forced, so {blocked}" if blocked else ""
+
+
 def caller() -> str:
     """The caller's identity, as the authentication interceptor established it
     (client certificate; in development, the ``x-hsmgw-identity`` header)."""
@@ -71,6 +75,21 @@ def _change_pb(change: Change) -> pb.Change:
         expire_time=_ts(change.expires),
         result=change.result,
     )
+
+
+def _subject(action: str, params: dict[str, str]) -> tuple[str, str] | None:
+    """What a change acts on, of those that one change at a time may act on: a key (place,
+    move, release, destroy), a cluster (drain) or a region (failover); else None."""
+    for kind, param in (("key", "key_id"), ("cluster", "cluster"), ("region", "region")):
+        if params.get(param):
+            return kind, params[param]
+    return None
+
+
+FORCE = "force"
+"""A drain or failover change's param: run it even if GenerateKey then cannot place keys."""
+CONSEQUENCE = "consequence"
+"""A forced drain or failover change's param: what becomes of new keys, as it was asked for."""
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -127,17 +146,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             status.abort(context, exc)
 
     def _request(self, identity: str, action: str, params: dict[str, str]) -> pb.Change:
+        subject = _subject(action, params)
         for pending in self.changes.list():
             if (pending.action, pending.params) == (action, params):
                 raise FailedPrecondition(f"change {pending.id} already asks for this; approve that one "
                                          f"(hsmctl changes approve {pending.id})")
+            # Two pending changes to one key would both run once approved, the last one winning.
+            if subject is not None and _subject(pending.action, pending.params) == subject:
+                kind, name = subject
+                raise FailedPrecondition(f"change {pending.id} ({pending.action}) is pending for {kind} {name!r}; "
+                                         f"approve or reject that one first (hsmctl changes reject {pending.id})")
         return _change_pb(self.changes.request(identity, action, params))
 
     def _switched(self, kind: str) -> set[str]:
+        return self._stored_switches().get(kind, set())
+
+    def _stored_switches(self) -> dict[str, set[str]]:
         try:
-            return self.changes.switches().get(kind, set())
+            return self.changes.switches()
         except StoreError as exc:
             raise Unavailable(f"placement store is unreachable; admin changes cannot be checked now ({exc})") from exc
+
+    def _with_stored_switches(self) -> None:
+        """Apply the store's switches here before a check that reads them: a drain approved
+        through another process may not have reached this one's periodic sync yet."""
+        switches = self._stored_switches()
+        self.router.apply_switches(switches.get("drained", set()), switches.get("failed_over", set()))
 
     # -- actions (run once a change has its approvals) ----------------------------------
 
@@ -145,6 +179,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return time.monotonic() + seconds
 
     def _do_move(self, params: dict[str, str]) -> str:
+        self._with_stored_switches()  # the target may have been drained since the request
         moved = self.router.move_key(params["key_id"], params["to"], self._deadline(), source=params.get("from", ""),
                                      hold=True)
         self.audit.append("-", "key_moved", moved.key_id, clusters=list(moved.clusters), held=True)
@@ -186,12 +221,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return result
 
     def _do_drain(self, params: dict[str, str], drain: bool) -> str:
-        self._switch("drained", params["cluster"], drain)
-        return f"cluster {params['cluster']} {'drained' if drain else 'back in service'}"
+        cluster = params["cluster"]
+        blocked = self._creation_check("drained", cluster, params.get(FORCE) == "true") if drain else None
+        self._switch("drained", cluster, drain)
+        return f"cluster {cluster} {'drained' if drain else 'back in service'}" + _forced(blocked)
 
     def _do_failover(self, params: dict[str, str], failover: bool) -> str:
-        self._switch("failed_over", params["region"], failover)
-        return f"region {params['region']} {'failed over' if failover else 'failed back'}"
+        region = params["region"]
+        blocked = self._creation_check("failed_over", region, params.get(FORCE) == "true") if failover else None
+        self._switch("failed_over", region, failover)
+        return f"region {region} {'failed over' if failover else 'failed back'}" + _forced(blocked)
+
+    def _creation_check(self, kind: str, name: str, force: bool) -> str | None:
+        """What turning the switch ``kind`` on for ``name`` (with the switches recorded now) does
+        to new keys, if GenerateKey could then not place one under the replication policy; that
+        refused unless ``force``. Asked when a drain or failover is requested and again when it runs."""
+        switches = self._stored_switches()
+        drained, failed_over = set(switches.get("drained", set())), set(switches.get("failed_over", set()))
+        (drained if kind == "drained" else failed_over).add(name)
+        blocked = self.router.creation_blocked(drained, failed_over)
+        if blocked is not None and not force:
+            what, ask = ((f"draining cluster {name}", f"hsmctl clusters drain {name} --force") if kind == "drained"
+                         else (f"failing region {name} over", f"hsmctl regions failover {name} --force"))
+            raise FailedPrecondition(f"{what} would leave no placement for new keys under the replication policy: "
+                                     f"{blocked}. Only if that is meant (an evacuation), ask with force ({ask})")
+        return blocked
 
     def _switch(self, kind: str, name: str, on: bool) -> None:
         """Record a switch in the store (nothing is switched if it does not answer), then apply
@@ -330,6 +384,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def MoveKey(self, request: pb.MoveKeyRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
+            self._with_stored_switches()
             _, source = self.router.check_move(request.key_id, request.to, getattr(request, "from"))
             return self._request(who, "move_key", {"key_id": request.key_id, "to": request.to, "from": source})
 
@@ -360,7 +415,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if (request.cluster in self._switched("drained")) == request.drain:
                 raise FailedPrecondition(f"cluster {request.cluster} is {'already' if request.drain else 'not'} "
                                          "drained")
-            return self._request(who, "drain" if request.drain else "undrain", {"cluster": request.cluster})
+            params = {"cluster": request.cluster}
+            if request.drain:
+                params |= self._forcing("drained", request.cluster, request.force)
+            return self._request(who, "drain" if request.drain else "undrain", params)
 
         return self._call(context, run)
 
@@ -371,9 +429,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if (request.region in self._switched("failed_over")) == request.failover:
                 raise FailedPrecondition(f"region {request.region} is {'already' if request.failover else 'not'} "
                                          "failed over")
-            return self._request(who, "failover" if request.failover else "failback", {"region": request.region})
+            params = {"region": request.region}
+            if request.failover:
+                params |= self._forcing("failed_over", request.region, request.force)
+            return self._request(who, "failover" if request.failover else "failback", params)
 
         return self._call(context, run)
+
+    def _forcing(self, kind: str, name: str, force: bool) -> dict[str, str]:
+        """The params a drain or failover adds: force, if asked (checked again when it runs), and
+        the consequence for new keys that approvers see."""
+        blocked = self._creation_check(kind, name, force)
+        return ({FORCE: "true"} if force else {}) | ({CONSEQUENCE: blocked} if blocked else {})
 
     def DestroyKey(self, request: pb.DestroyKeyChangeRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:

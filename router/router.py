@@ -534,12 +534,19 @@ class Router:
         return made
 
     def _policy_holds(self, copies: int, clusters: list[str] | tuple[str, ...]) -> bool:
+        return not self._policy_broken(copies, clusters)
+
+    def _policy_broken(self, copies: int, clusters: list[str] | tuple[str, ...]) -> list[str]:
+        """The replication rules ``clusters`` break for a key of ``copies`` copies."""
+        broken = []
         if len(set(clusters)) < copies:
-            return False
+            broken.append(f"fewer than the {copies} copies its replication policy asks for")
         if copies > 1 and self.replication.require_dr_copy:
             dr = self.topology.dr_regions
-            return any(self.backends[n].spec.region in dr for n in clusters if n in self.backends)
-        return True
+            if not any(self.backends[n].spec.region in dr for n in clusters if n in self.backends):
+                broken.append(f"no copy in a DR region ({', '.join(dr)}), which [replication] require_dr_copy "
+                              "asks for")
+        return broken
 
     def roll_back(self, intent: Placement, deadline: float | None = None) -> bool:
         """Remove an unfinished creation's objects, then its record.
@@ -586,8 +593,9 @@ class Router:
             return False
         return True
 
-    def _choose_clusters(self, key_id: str, copies: int, pin: str | None = None, *,
-                         needs_room: bool = True) -> tuple[str, tuple[str, ...], bool]:
+    def _choose_clusters(self, key_id: str, copies: int, pin: str | None = None, *, needs_room: bool = True,
+                         usable: Callable[[str], bool] | None = None,
+                         short: bool = False) -> tuple[str, tuple[str, ...], bool]:
         """Primary and replicas for a new key, and whether the primary is ``pin`` (an
         operator's choice, taken when that cluster can take the key now).
 
@@ -595,7 +603,10 @@ class Router:
         home region is full), by consistent hashing over eligible clusters:
         healthy, not drained, below their key limit. With ``require_dr_copy``,
         one replica goes to a DR region; the rest fill from any region.
+        ``usable``: which clusters may take keys, if not the dispatcher's (``creation_blocked``);
+        ``short``: return a placement short of the policy instead of failing, as ``ack_local`` does.
         """
+        usable = usable or self.dispatcher.usable
         counts = self.key_counts()
         full = {n for n, b in self.backends.items() if needs_room and counts.get(n, 0) >= b.spec.max_keys}
         home = self.topology.home_region
@@ -606,12 +617,12 @@ class Router:
                 name
                 for region in regions
                 for name in self.topology.regions.get(region, ())
-                if name in self.backends and name not in full and name not in exclude and self.dispatcher.usable(name)
+                if name in self.backends and name not in full and name not in exclude and usable(name)
             ]
 
         primary = None
         if pin is not None:
-            if pin not in self.backends or pin in full or not self.dispatcher.usable(pin):
+            if pin not in self.backends or pin in full or not usable(pin):
                 log.warning("key %s was placed on %s, which cannot take it now (full, drained, failed over or down); "
                             "placing it as usual", key_id, pin)
             else:
@@ -647,7 +658,7 @@ class Router:
                 break
             replicas.append(pick)
             chosen.add(pick)
-        if not self._policy_holds(copies, [primary, *replicas]) and not self.replication.ack_local:
+        if not self._policy_holds(copies, [primary, *replicas]) and not (self.replication.ack_local or short):
             raise Unavailable(
                 f"cannot place {copies} copies of {key_id!r}"
                 f"{' with one in a DR region' if self.replication.require_dr_copy else ''}: "
@@ -656,7 +667,42 @@ class Router:
             )
         return primary, tuple(replicas), pinned
 
+    def creation_blocked(self, drained: AbstractSet[str], failed_over: AbstractSet[str]) -> str | None:
+        """What becomes of new keys under these operator switches, if GenerateKey could not place
+        one under the replication policy; None when it could.
+
+        Placement chooses as for a real key (``_choose_clusters``), with every cluster taken as
+        healthy and below its key limit: a switch lasts until an operator turns it off, while a
+        circuit closes by itself and a full cluster is the keys-near-limit alarm's business.
+        """
+        def switched_on(name: str) -> bool:
+            return name not in drained and self.backends[name].spec.region not in failed_over
+
+        copies = self.replication.copies
+        try:
+            primary, replicas, _ = self._choose_clusters("hsmgw/creation-check", copies, needs_room=False,
+                                                         usable=switched_on, short=True)
+        except Unavailable:
+            return "no cluster would take new keys: every GenerateKey would fail UNAVAILABLE"
+        broken = self._policy_broken(copies, [primary, *replicas])
+        if not broken:
+            return None
+        if self.replication.ack_local:
+            return (f"new keys would be acknowledged with {broken[0]} (UNDER_REPLICATED until the switch is turned "
+                    "off and the repairer copies them)")
+        return f"new keys could not be placed with {broken[0]}: every GenerateKey would fail UNAVAILABLE"
+
     # -- placement changes (operators) -------------------------------------------------
+
+    def switched_off(self, cluster: str) -> str | None:
+        """Why an operator switch keeps new keys and copies off ``cluster`` (it is drained, or
+        its region is failed over), or None."""
+        if cluster in self.dispatcher.drained:
+            return f"cluster {cluster} is drained"
+        region = self.backends[cluster].spec.region
+        if region in self.dispatcher.failed_over:
+            return f"cluster {cluster} is in region {region}, which is failed over"
+        return None
 
     def check_pin(self, key_id: str, cluster: str) -> None:
         """Whether a key that does not exist yet may be placed on ``cluster`` (asked again by ``pin``)."""
@@ -727,6 +773,19 @@ class Router:
                                      f"{', '.join(current.clusters)})")
         if to in current.clusters:
             raise FailedPrecondition(f"key {key_id!r} is already on cluster {to}")
+        barred = self.switched_off(to)
+        if barred is not None:
+            # Placed there, the key would be served from its other copies (the drained cluster
+            # only as a last resort), and rebalance would never take a held key off again.
+            raise FailedPrecondition(f"key {key_id!r} cannot move to {to}: {barred}, so it takes no keys or "
+                                     "copies until an operator puts it back in service")
+        # A key short of its policy already (the repairer is on it) may move, but no move breaks a rule anew.
+        before = self._policy_broken(current.copies, current.clusters)
+        after = self._policy_broken(current.copies, [to if name == source else name for name in current.clusters])
+        broken = [rule for rule in after if rule not in before]
+        if broken:
+            raise FailedPrecondition(f"moving key {key_id!r} from {source} to {to} would leave it with "
+                                     f"{broken[0]}; move that copy to a cluster that keeps the policy")
         if self.key_counts().get(to, 0) >= self.backends[to].spec.max_keys:
             raise ResourceExhausted(f"cluster {to} is at its key limit", cluster=to)
         return current, source

@@ -132,20 +132,24 @@ class ApplyRebalanceRequest(_message.Message):
     def __init__(self, plan_id: _Optional[str] = ...) -> None: ...
 
 class DrainClusterRequest(_message.Message):
-    __slots__ = ("cluster", "drain")
+    __slots__ = ("cluster", "drain", "force")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     drain: bool
-    def __init__(self, cluster: _Optional[str] = ..., drain: _Optional[bool] = ...) -> None: ...
+    force: bool
+    def __init__(self, cluster: _Optional[str] = ..., drain: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class FailoverRegionRequest(_message.Message):
-    __slots__ = ("region", "failover")
+    __slots__ = ("region", "failover", "force")
     REGION_FIELD_NUMBER: _ClassVar[int]
     FAILOVER_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     region: str
     failover: bool
-    def __init__(self, region: _Optional[str] = ..., failover: _Optional[bool] = ...) -> None: ...
+    force: bool
+    def __init__(self, region: _Optional[str] = ..., failover: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DestroyKeyChangeRequest(_message.Message):
     __slots__ = ("key_id",)

@@ -87,7 +87,7 @@ def test_one_admin_cannot_drain_alone_and_a_second_makes_it_happen(gateway, cryp
 
 
 def test_rejected_change_never_runs(gateway) -> None:
-    _, change = as_json(gateway.target, "regions", "failover", "us-east-1")
+    _, change = as_json(gateway.target, "regions", "failover", "us-east-1", "--force")
     code, rejected = as_json(gateway.target, "changes", "reject", change["id"], who="bob")
     assert rejected["state"] == "rejected"
     late = hsmctl(gateway.target, "changes", "approve", change["id"], who="carol")
@@ -98,8 +98,19 @@ def test_rejected_change_never_runs(gateway) -> None:
 
 def test_region_failover_and_failback(gateway, crypto) -> None:
     key = _key(crypto, "failover")
-    _, change = as_json(gateway.target, "regions", "failover", "us-east-1")
-    assert approve(gateway.target, change)["state"] == "applied"
+    # The local fleet's one DR cluster cannot hold both copies of a new key on its own.
+    refused = hsmctl(gateway.target, "regions", "failover", "us-east-1")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "error: FAILED_PRECONDITION: failing region us-east-1 over would leave no placement for new keys under the "
+        "replication policy: new keys could not be placed with fewer than the 2 copies its replication policy asks "
+        "for: every GenerateKey would fail UNAVAILABLE. Only if that is meant (an evacuation), ask with force "
+        "(hsmctl regions failover us-east-1 --force)")
+    _, change = as_json(gateway.target, "regions", "failover", "us-east-1", "--force")
+    assert change["params"]["force"] == "true" and "every GenerateKey would fail" in change["params"]["consequence"]
+    applied = approve(gateway.target, change)
+    assert applied["state"] == "applied"
+    assert applied["result"].startswith("region us-east-1 failed over; forced, so new keys could not be placed")
     try:
         signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
                              timeout=10)
@@ -107,7 +118,7 @@ def test_region_failover_and_failback(gateway, crypto) -> None:
         code, status = as_json(gateway.target, "status")
         assert code == 1 and ("region us-east-1 is failed over: calls go to other regions first, and it takes no "
                               "new keys or copies (hsmctl regions failback us-east-1)") in status["warnings"]
-        _, dr_out = as_json(gateway.target, "regions", "failover", "us-west-2")
+        _, dr_out = as_json(gateway.target, "regions", "failover", "us-west-2", "--force")
         assert approve(gateway.target, dr_out)["state"] == "applied"
         _, status = as_json(gateway.target, "status")
         assert "DR region us-west-2 has no healthy cluster: new keys cannot be made durable" in status["warnings"]
@@ -293,7 +304,7 @@ def test_reconcile_reports_a_second_object_for_a_key_and_leaves_it_to_an_operato
 
 
 def test_audit_tail_and_verify_on_the_real_log(gateway, fleet) -> None:
-    _, change = as_json(gateway.target, "clusters", "drain", "usw2-a")
+    _, change = as_json(gateway.target, "clusters", "drain", "use1-b")
     as_json(gateway.target, "changes", "reject", change["id"], who="bob")
     code, records = as_json(gateway.target, "audit", "tail", "-n", "5")
     assert any(r["action"] == "change_rejected" and r["actor"] == "bob" for r in records)
@@ -556,3 +567,119 @@ def test_a_change_that_cannot_succeed_is_refused_when_asked_not_after_its_approv
     as_json(gateway.target, "changes", "reject", first["id"], who="bob")
     _, changes = as_json(gateway.target, "changes", "list")
     assert changes == [], "no refused request left a change behind"
+
+
+def test_a_key_is_not_moved_onto_a_drained_cluster_when_asked_nor_when_approved(gateway, crypto) -> None:
+    """Held on a drained cluster, a key would be served from its DR copy, and rebalance would
+    never take it off again."""
+    key = _key(crypto, "to-drained")
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    _, drain = as_json(gateway.target, "clusters", "drain", other)
+    assert approve(gateway.target, drain)["state"] == "applied"
+    try:
+        refused = hsmctl(gateway.target, "keys", "move", key.key_id, "--to", other)
+        assert refused.returncode == 1
+        assert (f"FAILED_PRECONDITION: key {key.key_id!r} cannot move to {other}: cluster {other} is drained"
+                in refused.stderr)
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", other)
+        assert approve(gateway.target, undrain)["state"] == "applied"
+
+    _, move = as_json(gateway.target, "keys", "move", key.key_id, "--to", other)  # asked while in service
+    _, drain = as_json(gateway.target, "clusters", "drain", other)
+    assert approve(gateway.target, drain)["state"] == "applied"
+    try:
+        late = approve(gateway.target, move)
+        assert late["state"] == "failed" and f"cluster {other} is drained" in late["result"], late
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", other)
+        assert approve(gateway.target, undrain)["state"] == "applied"
+    _, shown = as_json(gateway.target, "keys", "show", key.key_id)
+    assert (shown["primary_cluster"], shown["replicas"], shown["held"]) == (key.primary_cluster, ["usw2-a"], False)
+    signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
+                         timeout=10)
+    assert signed.cluster == key.primary_cluster
+
+
+def test_a_move_that_would_take_a_key_s_only_dr_copy_out_of_the_dr_region_is_refused(gateway, crypto) -> None:
+    key = _key(crypto, "dr-copy")
+    assert list(key.replicas) == ["usw2-a"]
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    refused = hsmctl(gateway.target, "keys", "move", key.key_id, "--to", other, "--from", "usw2-a")
+    assert refused.returncode == 1
+    assert (f"FAILED_PRECONDITION: moving key {key.key_id!r} from usw2-a to {other} would leave it with no copy "
+            "in a DR region (us-west-2), which [replication] require_dr_copy asks for") in refused.stderr
+    _, changes = as_json(gateway.target, "changes", "list")
+    assert changes == [], "the refused move left no change behind"
+    # Moving the home-region copy keeps the DR one: that move may be asked for.
+    _, fine = as_json(gateway.target, "keys", "move", key.key_id, "--to", other)
+    assert fine["state"] == "pending"
+    as_json(gateway.target, "changes", "reject", fine["id"], who="bob")
+
+
+def test_a_change_to_a_key_with_a_change_pending_is_refused_naming_that_change(gateway, crypto) -> None:
+    """Both would run once approved, and the last approval would silently win."""
+    new_id = unique("new")
+    _, first = as_json(gateway.target, "keys", "place", new_id, "--cluster", "use1-a")
+    second = hsmctl(gateway.target, "keys", "place", new_id, "--cluster", "use1-b", who="carol")
+    assert second.returncode == 1
+    assert second.stderr.strip() == (f"error: FAILED_PRECONDITION: change {first['id']} (place_key) is pending for "
+                                     f"key {new_id!r}; approve or reject that one first (hsmctl changes reject "
+                                     f"{first['id']})")
+    as_json(gateway.target, "changes", "reject", first["id"], who="bob")
+    _, placed = as_json(gateway.target, "keys", "place", new_id, "--cluster", "use1-b", who="carol")
+    assert approve(gateway.target, placed)["state"] == "applied"
+
+    key = _key(crypto, "one-change")
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    _, move = as_json(gateway.target, "keys", "move", key.key_id, "--to", other)
+    refused = hsmctl(gateway.target, "keys", "destroy", key.key_id, who="carol")
+    assert refused.returncode == 1 and f"change {move['id']} (move_key) is pending for key" in refused.stderr
+    as_json(gateway.target, "changes", "reject", move["id"], who="bob")
+    _, changes = as_json(gateway.target, "changes", "list")
+    assert changes == []
+
+
+def _create_fails(crypto, says: str) -> None:
+    with pytest.raises(grpc.RpcError) as failed:
+        _key(crypto, "nowhere")
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE and says in failed.value.details()
+
+
+def test_a_drain_that_leaves_new_keys_no_placement_needs_force_when_asked_and_when_approved(gateway, crypto) -> None:
+    """Draining the only DR cluster makes every GenerateKey fail: refused unless forced (an
+    evacuation), and a forced one says so to the requester and in its result."""
+    refused = hsmctl(gateway.target, "clusters", "drain", "usw2-a")
+    assert refused.returncode == 1
+    assert ("draining cluster usw2-a would leave no placement for new keys under the replication policy: new keys "
+            "could not be placed with no copy in a DR region (us-west-2), which [replication] require_dr_copy asks "
+            "for: every GenerateKey would fail UNAVAILABLE") in refused.stderr
+    assert "hsmctl clusters drain usw2-a --force" in refused.stderr
+    _, changes = as_json(gateway.target, "changes", "list")
+    assert changes == []
+
+    forced = hsmctl(gateway.target, "clusters", "drain", "usw2-a", "--force")
+    assert forced.returncode == 3
+    assert "warning: once approved, new keys could not be placed with no copy in a DR region" in forced.stderr
+    _, [change] = as_json(gateway.target, "changes", "list")
+    try:
+        applied = approve(gateway.target, change)
+        assert applied["state"] == "applied", applied
+        assert applied["result"].startswith("cluster usw2-a drained; forced, so new keys could not be placed")
+        _create_fails(crypto, "with one in a DR region")
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", "usw2-a")
+        assert approve(gateway.target, undrain)["state"] == "applied"
+
+    # Each drain alone leaves room; the second one approved would leave none.
+    _, first = as_json(gateway.target, "clusters", "drain", "use1-a")
+    _, second = as_json(gateway.target, "clusters", "drain", "use1-b")
+    assert approve(gateway.target, second)["state"] == "applied"
+    try:
+        late = approve(gateway.target, first)
+        assert late["state"] == "failed" and late["result"].startswith(
+            "draining cluster use1-a would leave no placement for new keys"), late
+        assert _draining(gateway.target) == {"use1-a": False, "use1-b": True, "usw2-a": False}
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", "use1-b")
+        assert approve(gateway.target, undrain)["state"] == "applied"

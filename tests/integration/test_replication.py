@@ -805,3 +805,14 @@ def test_a_move_whose_switch_landed_but_was_answered_as_a_conflict_is_a_move(mak
     assert tokens.classes(target, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
     assert tokens.objects(key.primary, key_id) == [], "the source copy goes, as in any move"
     assert first.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)[1] == target
+
+
+def test_a_key_does_not_move_into_a_failed_over_region(make_router, tokens) -> None:
+    router = make_router(replication=POLICY)
+    key = router.generate_key(_spec(unique("into-failed")), time.monotonic() + 30)
+    other = "use1-b" if key.primary == "use1-a" else "use1-a"
+    router.apply_switches(set(), {"us-east-1"})
+    with pytest.raises(FailedPrecondition, match=f"cluster {other} is in region us-east-1, which is failed over"):
+        router.move_key(key.key_id, other, time.monotonic() + 30)
+    assert router.store.get(key.key_id).clusters == key.clusters
+    assert tokens.objects(other, key.key_id) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import pytest
 from gateway.admin import AdminServicer
 from gateway.quorum import APPLIED
 from router.errors import Unavailable
+from router.health import CircuitState
+from router.model import ReplicationPolicy
 from router.placement.sqlite import SqliteStore
 from router.placement.store import StoreError
 from router.router import Router, Topology
@@ -113,3 +116,48 @@ def test_a_switch_asked_for_while_the_store_cannot_say_the_current_ones_is_unava
         assert info.value.status.details.startswith("placement store is unreachable; admin changes cannot be checked")
     store.reads_fail = False
     assert admin.changes.list() == [], "nothing was asked for"
+
+
+def _fleet_router(tmp_path: Path, policy: ReplicationPolicy) -> Router:
+    backends = {name: FailingBackend(name) for name in ("use1-a", "use1-b", "usw2-a")}
+    backends["usw2-a"].spec = dataclasses.replace(backends["usw2-a"].spec, region="us-west-2")
+    return Router(TOPOLOGY, backends, SqliteStore(tmp_path / "p.db"), replication=policy)
+
+
+def test_which_switches_leave_generate_key_no_placement_under_the_policy(tmp_path: Path) -> None:
+    router = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True))
+    assert router.creation_blocked({"use1-b"}, set()) is None
+    assert router.creation_blocked(set(), {"us-west-2"}) == (
+        "new keys could not be placed with no copy in a DR region (us-west-2), which [replication] require_dr_copy "
+        "asks for: every GenerateKey would fail UNAVAILABLE")
+    assert router.creation_blocked({"usw2-a"}, set()) == router.creation_blocked(set(), {"us-west-2"})
+    assert "fewer than the 2 copies" in (router.creation_blocked(set(), {"us-east-1"}) or "")
+    nowhere = "no cluster would take new keys: every GenerateKey would fail UNAVAILABLE"
+    assert router.creation_blocked({"use1-a", "use1-b", "usw2-a"}, set()) == nowhere
+    assert router.creation_blocked(set(), {"us-east-1", "us-west-2"}) == nowhere
+    # A circuit that is open is not a switch: it closes by itself.
+    for _ in range(5):
+        router.breakers["usw2-a"].record_failure()
+    assert router.breakers["usw2-a"].state is CircuitState.OPEN
+    assert router.creation_blocked(set(), set()) is None
+
+    lenient = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
+    assert (lenient.creation_blocked({"usw2-a"}, set()) or "").startswith(
+        "new keys would be acknowledged with no copy in a DR region")
+    single = _fleet_router(tmp_path, ReplicationPolicy(copies=1, require_dr_copy=False))
+    assert single.creation_blocked({"use1-a", "usw2-a"}, {"us-west-2"}) is None
+
+
+def test_a_forced_failover_approved_by_the_quorum_says_what_becomes_of_new_keys(tmp_path: Path) -> None:
+    router = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True))
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=2)
+    unforced = admin.changes.request("alice", "failover", {"region": "us-west-2"})  # as recorded before --force
+    done = admin.changes.approve("bob", unforced.id)
+    assert done.state == "failed" and done.result.startswith("failing region us-west-2 over would leave no placement")
+    assert router.dispatcher.failed_over == frozenset()
+    forced = admin.changes.request("alice", "failover", {"region": "us-west-2", "force": "true"})
+    done = admin.changes.approve("bob", forced.id)
+    assert (done.state, done.result) == ("applied", "region us-west-2 failed over; forced, so new keys could not be "
+                                         "placed with no copy in a DR region (us-west-2), which [replication] "
+                                         "require_dr_copy asks for: every GenerateKey would fail UNAVAILABLE")
+    assert router.dispatcher.failed_over == {"us-west-2"}

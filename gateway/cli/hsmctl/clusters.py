@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from gateway.cli.hsmctl._app import App
@@ -46,8 +47,17 @@ def _list(app: App, args: argparse.Namespace) -> int:
 
 
 def _drain(app: App, args: argparse.Namespace) -> int:
-    change = app.call(app.admin.DrainCluster, apb.DrainClusterRequest(cluster=args.cluster, drain=args.drain))
-    return app.change(change)
+    change = app.call(app.admin.DrainCluster, apb.DrainClusterRequest(cluster=args.cluster, drain=args.drain,
+                                                                      force=getattr(args, "force", False)))
+    return switch_change(app, change)
+
+
+def switch_change(app: App, change: apb.Change) -> int:
+    """``app.change``, and on stderr what a forced drain or failover does to new keys."""
+    code = app.change(change)
+    if change.state == "pending" and change.params.get("consequence"):
+        print(f"warning: once approved, {change.params['consequence']}", file=sys.stderr)
+    return code
 
 
 def _status(app: App, args: argparse.Namespace) -> int:
@@ -84,6 +94,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Example: hsmctl clusters drain use1-a",
     )
     drain.add_argument("cluster")
+    drain.add_argument("--force", action="store_true",
+                       help="drain it even if new keys can then not be placed under the replication policy "
+                       "(the only DR cluster, the last cluster): to evacuate a failing cluster")
     drain.set_defaults(func=_drain, drain=True)
     undrain = csub.add_parser(
         "undrain",
