@@ -22,7 +22,7 @@ from google.protobuf import timestamp_pb2
 from gateway import audit as audit_mod
 from gateway import status
 from gateway.interceptors import current_identity
-from gateway.quorum import Change, ChangeBook, NotAnotherAdmin
+from gateway.quorum import PENDING, RUNNING, Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
 from router.errors import FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
@@ -125,7 +125,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def _request(self, identity: str, action: str, params: dict[str, str]) -> pb.Change:
         for pending in self.changes.list():
-            if (pending.action, pending.params) == (action, params):
+            if pending.state == PENDING and (pending.action, pending.params) == (action, params):
                 raise FailedPrecondition(f"change {pending.id} already asks for this; approve that one "
                                          f"(hsmctl changes approve {pending.id})")
         return _change_pb(self.changes.request(identity, action, params))
@@ -275,9 +275,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
             if under:
                 warnings.append(f"{under} keys are under-replicated; the repairer is working on them")
-            pending = len(self.changes.list())
+            open_changes = self.changes.list()
+            pending = sum(1 for change in open_changes if change.state == PENDING)
             if pending:
                 warnings.append(f"{pending} changes are waiting for approval")
+            warnings += [f"change {change.id} ({change.action}) is {change.result}"
+                         for change in open_changes if change.state == RUNNING]
             dispatcher = self.router.dispatcher
             return pb.StatusResponse(clusters=clusters, keys=len(placements), under_replicated_keys=under,
                                      pending_changes=pending, warnings=warnings, failovers=dispatcher.failovers,

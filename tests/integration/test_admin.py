@@ -556,3 +556,35 @@ def test_a_change_that_cannot_succeed_is_refused_when_asked_not_after_its_approv
     as_json(gateway.target, "changes", "reject", first["id"], who="bob")
     _, changes = as_json(gateway.target, "changes", "list")
     assert changes == [], "no refused request left a change behind"
+
+
+def test_a_change_whose_gateway_was_killed_while_it_ran_is_interrupted_at_the_next_start(tmp_path: Path) -> None:
+    """A gateway died mid-change (its lease, left in the store, has lapsed): the next gateway to
+    start marks it interrupted, audits that, and says how to check what it did."""
+    from gateway.quorum import ChangeBook
+    from router.placement import SqliteStore
+
+    class Killed(BaseException):
+        pass
+
+    def dies(params: dict[str, str]) -> str:
+        raise Killed
+
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    store = SqliteStore(fleet.config_path.parent / "placements.db")
+    # Its clock is 10 minutes behind: the lease it takes has already lapsed by the time the gateway starts.
+    book = ChangeBook(store, {"drain": dies}, clock=lambda: time.time() - 600, lease=60)
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    with pytest.raises(Killed):
+        book.approve("bob", change.id)
+    store.close()
+    with running(fleet.config_path) as gw:
+        _, changes = as_json(gw.target, "changes", "list", "--all")
+        [listed] = [c for c in changes if c["id"] == change.id]
+        assert listed["state"] == "interrupted", listed
+        assert "may be partly applied: run hsmctl reconcile" in listed["result"]
+        late = hsmctl(gw.target, "changes", "approve", change.id, who="carol")
+        assert late.returncode == 1 and f"change {change.id} is interrupted" in late.stderr
+        _, records = as_json(gw.target, "audit", "tail", "-n", "50")
+        assert [(r["action"], r["outcome"]) for r in records if r["target"] == change.id] == [
+            ("change_interrupted", "interrupted")]
