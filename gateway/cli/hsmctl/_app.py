@@ -18,6 +18,17 @@ from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 
 WAITING = 3
 
+_APPROVAL_UNSURE = ("the approval may have been taken, and the change may be running or applied: see "
+                    "hsmctl changes list --all before approving again")
+_REQUEST_UNSURE = ("the change may have been recorded (with a quorum of 1, run): see hsmctl changes list --all "
+                   "before asking again")
+_UNSURE = {  # requests that change something, and what a caller who got no answer should check
+    "ApproveChangeRequest": _APPROVAL_UNSURE,
+    "RejectChangeRequest": "the rejection may have been taken: see hsmctl changes list --all",
+    **dict.fromkeys(("PlaceKeyRequest", "MoveKeyRequest", "ReleaseKeyRequest", "ApplyRebalanceRequest",
+                     "DrainClusterRequest", "FailoverRegionRequest", "DestroyKeyChangeRequest"), _REQUEST_UNSURE),
+}
+
 
 def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
     """The client certificate and key must belong together (gRPC would only say that it
@@ -55,6 +66,15 @@ class App:
         self.metadata = (("x-hsmgw-identity", identity),) if identity else ()
         self.admin = admin_pb2_grpc.AdminServiceStub(channel)
         self.crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
+        self.connected = False
+        """Whether the channel ever reached the gateway (a gRPC connection, past any TLS handshake)."""
+        self.unsure = ""
+        """Set while a call that changes something is in flight: what to check if it gets no answer."""
+        channel.subscribe(self._watch, try_to_connect=False)
+
+    def _watch(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            self.connected = True
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> App:
@@ -78,10 +98,16 @@ class App:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.channel.unsubscribe(self._watch)
         self.channel.close()
 
     def call(self, method: Any, request: Message) -> Any:
-        return method(request, timeout=self.timeout, metadata=self.metadata)
+        name = type(request).__name__
+        self.unsure = _UNSURE.get(name, _REQUEST_UNSURE if name == "ReconcileRequest" and getattr(
+            request, "fix", False) else "")
+        answer = method(request, timeout=self.timeout, metadata=self.metadata)
+        self.unsure = ""
+        return answer
 
     # -- output -------------------------------------------------------------------------
 
