@@ -29,7 +29,7 @@ from router.errors import FailedPrecondition, InvalidArgument, KeyChanged, Route
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
-from router.reconcile import reconcile
+from router.reconcile import Finding, reconcile
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,18 @@ MISSING_HELD = "another named cluster holds the key: --fix drops this name and t
 """A `missing` finding's detail when reconcile --fix will drop the name (router.reconcile)."""
 MISSING_UNHELD = "no other named cluster was seen to hold the key: --fix leaves the name (docs/operations.md)"
 """A `missing` finding's detail when reconcile --fix will leave the name."""
+
+def findings_params(findings: list[Finding]) -> dict[str, str]:
+    """A reconcile fix's change parameters: the findings it was asked for (and may act on)."""
+    return {"findings": json.dumps([list(f) for f in findings])}
+
+
+def findings_of(params: dict[str, str]) -> list[Finding]:
+    try:
+        return [(str(kind), str(cluster), str(key_id)) for kind, cluster, key_id in json.loads(params["findings"])]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FailedPrecondition(f"this fix's findings cannot be read ({exc!r}): request it again") from None
+
 
 def caller() -> str:
     """The caller's identity, as the authentication interceptor established it
@@ -204,7 +216,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return f"{key.key_id} destroyed"
 
     def _do_reconcile_fix(self, params: dict[str, str]) -> str:
-        return reconcile(self.router, fix=True).summary()
+        if "findings" not in params:  # requested by an earlier version: it never said what it fixes
+            raise FailedPrecondition("this fix was requested without the findings it repairs, so it cannot say "
+                                     "what it would destroy: request it again (hsmctl reconcile --fix)")
+        approved = frozenset(findings_of(params))
+        return reconcile(self.router, fix=True, only=approved).summary()
 
     def _do_place(self, params: dict[str, str]) -> str:
         self.router.pin(params["key_id"], params["cluster"])
@@ -312,7 +328,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             findings += [pb.ReconcileFinding(kind="unreachable", cluster=c) for c in report.unreachable]
             response = pb.ReconcileResponse(findings=findings)
             if request.fix and findings:
-                response.change.CopyFrom(self._request(identity, "reconcile_fix", {}))
+                fixable = sorted(report.fixable)
+                waiting = [c for c in self.changes.list() if c.state == PENDING and c.action == "reconcile_fix"]
+                if not fixable:
+                    response.note = ("nothing here is for a fix: duplicates, unreachable clusters and keys that no "
+                                     "named cluster holds are for an operator (docs/operations.md)")
+                elif waiting:
+                    pending = waiting[0]
+                    response.change.CopyFrom(_change_pb(pending))
+                    same = frozenset(findings_of(pending.params)) == frozenset(fixable)
+                    response.note = (f"change {pending.id} already asks for "
+                                     + ("this fix" if same else "a fix, of the findings shown when it was asked")
+                                     + f": approve it (hsmctl changes approve {pending.id}) or reject it"
+                                     + ("" if same else "; findings it does not list need a request after it"))
+                else:
+                    response.change.CopyFrom(self._request(identity, "reconcile_fix", findings_params(fixable)))
             return response
 
         return self._call(context, run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -280,12 +281,18 @@ def test_reconcile_reports_a_second_object_for_a_key_and_leaves_it_to_an_operato
                 "detail": "2 public key objects"} in report["findings"]
         table = hsmctl(gateway.target, "reconcile").stdout
         assert "DETAIL" in table and "2 public key objects" in table
-        # A fix that two admins approve removes no object of the key: which one is its own is an operator's call.
-        change = admin.Reconcile(apb.ReconcileRequest(fix=True), timeout=60,
-                                 metadata=(("x-hsmgw-identity", "alice"),)).change
-        applied = admin.ApproveChange(apb.ApproveChangeRequest(id=change.id), timeout=60,
-                                      metadata=(("x-hsmgw-identity", "bob"),))
-        assert "1 duplicate objects (left for an operator)" in applied.result, applied
+        # A fix never lists a duplicate, and one that two admins approve removes no object of the key:
+        # which one is its own is an operator's call.
+        answer = admin.Reconcile(apb.ReconcileRequest(fix=True), timeout=60,
+                                 metadata=(("x-hsmgw-identity", "alice"),))
+        if answer.HasField("change"):  # other tests' findings; or only the duplicate, and no change at all
+            assert key.key_id not in answer.change.params["findings"]
+            if answer.change.state == "pending":
+                applied = admin.ApproveChange(apb.ApproveChangeRequest(id=answer.change.id), timeout=60,
+                                              metadata=(("x-hsmgw-identity", "bob"),))
+                assert "duplicate objects (left for an operator)" in applied.result, applied
+        else:
+            assert answer.note.startswith("nothing here is for a fix: duplicates"), answer
         assert len(tokens.objects(key.primary_cluster, key.key_id)) == 3
     finally:
         crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key.key_id), timeout=30)
@@ -588,3 +595,56 @@ def test_a_change_whose_gateway_was_killed_while_it_ran_is_interrupted_at_the_ne
         _, records = as_json(gw.target, "audit", "tail", "-n", "50")
         assert [(r["action"], r["outcome"]) for r in records if r["target"] == change.id] == [
             ("change_interrupted", "interrupted")]
+
+
+def _orphan(tokens, cluster: str) -> str:
+    """A key object on ``cluster`` that no placement names (a public key, as a stray import leaves)."""
+    key_id = unique("orphan")
+    der = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    attributes = public_key_attributes(der)
+    attributes.update({Attribute.TOKEN: True, Attribute.ID: key_id.encode(), Attribute.LABEL: key_id})
+    tokens.session(cluster).create_object(attributes)
+    return key_id
+
+
+def test_reconcile_fix_repairs_only_the_findings_its_approvers_were_shown(gateway, tokens) -> None:
+    """Two admins approve what the request showed: an orphan found after it is left for another
+    request, one gone since is skipped; a second request meanwhile shows the findings and the
+    pending change, and --output json prints one document."""
+    _, pending = as_json(gateway.target, "changes", "list")
+    for change in pending:  # another test's fix, if any, is not this test's
+        if change["action"] == "reconcile_fix":
+            as_json(gateway.target, "changes", "reject", change["id"], who="bob")
+    shown, gone = _orphan(tokens, "use1-a"), _orphan(tokens, "use1-b")
+    result = hsmctl(gateway.target, "--output", "json", "reconcile", "--fix")
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout)  # one JSON document, the change inside
+    change = report["change"]
+    findings = json.loads(change["params"]["findings"])
+    assert ["orphan", "use1-a", shown] in findings and ["orphan", "use1-b", gone] in findings
+    assert {"kind": "orphan", "cluster": "use1-a", "key_id": shown, "detail": ""} in report["findings"]
+
+    unseen = _orphan(tokens, "use1-a")
+    for obj in tokens.objects("use1-b", gone):  # resolved by hand before the approval
+        obj.destroy()
+    try:
+        listed = hsmctl(gateway.target, "changes", "list").stdout
+        assert f"orphan use1-a/{shown}" in listed and unseen not in listed, listed
+        again = hsmctl(gateway.target, "reconcile", "--fix", who="carol")
+        assert again.returncode == 1, again.stderr
+        assert "FINDING" in again.stdout and unseen in again.stdout, "the findings are shown"
+        assert (f"change {change['id']} already asks for a fix, of the findings shown when it was asked: approve "
+                f"it (hsmctl changes approve {change['id']})") in again.stdout, again.stdout
+        _, still = as_json(gateway.target, "changes", "list")
+        assert [c["id"] for c in still if c["action"] == "reconcile_fix"] == [change["id"]], "no second change"
+
+        applied = approve(gateway.target, change)
+        assert applied["state"] == "applied", applied
+        assert re.search(r"[1-9]\d* of them no longer held \(skipped\); [1-9]\d* new findings left for a new "
+                         r"request", applied["result"]), applied["result"]
+        assert tokens.objects("use1-a", shown) == [], "the finding shown is fixed"
+        assert len(tokens.objects("use1-a", unseen)) == 1, "an orphan nobody was shown is left"
+    finally:
+        for obj in tokens.objects("use1-a", unseen):
+            obj.destroy()

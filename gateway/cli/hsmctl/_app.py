@@ -131,20 +131,40 @@ class App:
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
         return "\n".join(lines)
 
-    def change(self, change: apb.Change) -> int:
-        """Print a change; the exit code says whether it ran (0), waits (3) or failed (1)."""
+    @staticmethod
+    def params(change: apb.Change) -> str:
+        """A change's parameters for people: a reconcile fix lists the findings it repairs."""
+        if "findings" in change.params:
+            try:
+                findings = json.loads(change.params["findings"])
+                return "fixes " + (", ".join(f"{kind} {'/'.join(p for p in (cluster, key) if p)}"
+                                             for kind, cluster, key in findings) or "nothing")
+            except (ValueError, TypeError):
+                pass
+        return " ".join(f"{k}={v}" for k, v in sorted(change.params.items()))
+
+    @staticmethod
+    def change_line(change: apb.Change) -> str:
+        """One line saying where a change is (with what a reconcile fix repairs)."""
         approvals = f"{len(change.approved_by)}/{change.approvals_needed}"
         if change.state == "pending":
-            human = (
-                f"change {change.id} ({change.action}) is pending: {approvals} approvals; "
-                f"another admin runs: hsmctl changes approve {change.id}"
-            )
+            line = (f"change {change.id} ({change.action}) is pending: {approvals} approvals; "
+                    f"another admin runs: hsmctl changes approve {change.id}")
         else:
-            human = f"change {change.id} ({change.action}) {change.state}: {change.result}"
-        self.emit(self.as_dict(change), human)
+            line = f"change {change.id} ({change.action}) {change.state}: {change.result}"
+        return line + (f"\n  {App.params(change)}" if "findings" in change.params else "")
+
+    @staticmethod
+    def change_code(change: apb.Change) -> int:
+        """Whether a change ran (0), waits (3) or failed (1)."""
         if change.state == "pending":
             return WAITING
         return 0 if change.state == "applied" else 1
+
+    def change(self, change: apb.Change) -> int:
+        """Print a change; the exit code says whether it ran (0), waits (3) or failed (1)."""
+        self.emit(self.as_dict(change), self.change_line(change))
+        return self.change_code(change)
 
 
 def progress(done: int, total: int, label: str = "") -> None:
