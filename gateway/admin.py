@@ -374,9 +374,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(who: str) -> pb.Change:
             if not request.plan_id:
                 raise InvalidArgument("plan_id is required: run PlanRebalance first")
-            if request.plan_id != self._plan_id(self.router.plan_rebalance()):
+            moves = self.router.plan_rebalance()
+            if request.plan_id != self._plan_id(moves):
                 raise FailedPrecondition("no such plan now: the placement changed since it was made, or it is "
                                          "not one; plan again (hsmctl rebalance --plan)")
+            if not moves:
+                raise FailedPrecondition("the plan moves no key: there is nothing to apply")
             return self._request(who, "apply_rebalance", {"plan_id": request.plan_id})
 
         return self._call(context, run)
@@ -436,6 +439,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def TailAudit(self, request: pb.TailAuditRequest, context: grpc.ServicerContext) -> pb.TailAuditResponse:
         def run(_: str) -> pb.TailAuditResponse:
+            if request.lines < 0:
+                raise InvalidArgument(f"lines must be 0 (the default, 20) or more, not {request.lines}")
             records = audit_mod.tail(self.audit_path, request.lines or 20) if self.audit_path.exists() else []
             return pb.TailAuditResponse(records=[pb.AuditRecord(json=json.dumps(r, sort_keys=True)) for r in records])
 

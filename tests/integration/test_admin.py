@@ -648,3 +648,36 @@ def test_reconcile_fix_repairs_only_the_findings_its_approvers_were_shown(gatewa
     finally:
         for obj in tokens.objects("use1-a", unseen):
             obj.destroy()
+
+
+def test_rebalance_apply_with_nothing_to_move_requests_no_change(tmp_path: Path) -> None:
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    with running(fleet.config_path) as gw:
+        result = hsmctl(gw.target, "rebalance", "--apply")
+        assert result.returncode == 0, result.stderr
+        assert "nothing to move; no change requested" in result.stdout
+        code, plan = as_json(gw.target, "rebalance", "--apply")
+        assert code == 0 and plan["moves"] == []
+        _, changes = as_json(gw.target, "changes", "list", "--all")
+        assert changes == [], "nothing for a second admin to approve, nothing to block a later rebalance"
+        from hsmgw.v1 import admin_pb2_grpc
+
+        with grpc.insecure_channel(gw.target) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.ApplyRebalance(apb.ApplyRebalanceRequest(plan_id=plan["plan_id"]), timeout=10,
+                                     metadata=(("x-hsmgw-identity", "alice"),))
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "moves no key" in refused.value.details()
+
+
+def test_audit_tail_refuses_a_count_below_one(gateway, admin) -> None:
+    for lines in ("0", "-3"):
+        result = hsmctl(gateway.target, "audit", "tail", "-n", lines)
+        assert result.returncode == 1 and result.stdout == "", result
+        assert f"argument -n/--lines: must be 1 or more, not {lines}" in result.stderr
+    with pytest.raises(grpc.RpcError) as refused:
+        admin.TailAudit(apb.TailAuditRequest(lines=-3), timeout=10, metadata=(("x-hsmgw-identity", "alice"),))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    _, three = as_json(gateway.target, "audit", "tail", "-n", "3")
+    assert 1 <= len(three) <= 3

@@ -14,8 +14,9 @@ def _rebalance(app: App, args: argparse.Namespace) -> int:
     human = f"{len(plan.moves)} of {plan.keys_considered} keys would move (plan {plan.plan_id})\n" + (
         App.table(rows, ["KEY", "FROM", "TO"]) if rows else "nothing to move"
     )
-    if not args.apply:
-        app.emit(app.as_dict(plan) | {"moves": [app.as_dict(m) for m in plan.moves]}, human)
+    if not args.apply or not plan.moves:  # nothing to move: no change to ask anyone to approve
+        app.emit(app.as_dict(plan) | {"moves": [app.as_dict(m) for m in plan.moves]},
+                 human + ("; no change requested" if args.apply else ""))
         return 0
     if app.output != "json":
         print(human)
