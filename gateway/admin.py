@@ -22,14 +22,14 @@ from google.protobuf import timestamp_pb2
 from gateway import audit as audit_mod
 from gateway import status
 from gateway.interceptors import current_identity
-from gateway.quorum import Change, ChangeBook, NotAnotherAdmin
+from gateway.quorum import PENDING, RUNNING, Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
 from router.errors import FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
-from router.reconcile import reconcile
+from router.reconcile import Finding, reconcile
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,18 @@ UNKNOWN_OBJECT = ("no record in the placement store names this key: never destro
 
 def _forced(blocked: str | None) -> str:
     return f"; forced, so {blocked}" if blocked else ""
+
+
+def findings_params(findings: list[Finding]) -> dict[str, str]:
+    """A reconcile fix's change parameters: the findings it was asked for (and may act on)."""
+    return {"findings": json.dumps([list(f) for f in findings])}
+
+
+def findings_of(params: dict[str, str]) -> list[Finding]:
+    try:
+        return [(str(kind), str(cluster), str(key_id)) for kind, cluster, key_id in json.loads(params["findings"])]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FailedPrecondition(f"this fix's findings cannot be read ({exc!r}): request it again") from None
 
 
 def caller() -> str:
@@ -148,7 +160,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def _request(self, identity: str, action: str, params: dict[str, str]) -> pb.Change:
         subject = _subject(action, params)
         for pending in self.changes.list():
-            if (pending.action, pending.params) == (action, params):
+            if pending.state == PENDING and (pending.action, pending.params) == (action, params):
                 raise FailedPrecondition(f"change {pending.id} already asks for this; approve that one "
                                          f"(hsmctl changes approve {pending.id})")
             # Two pending changes to one key would both run once approved, the last one winning.
@@ -261,7 +273,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return f"{key.key_id} destroyed"
 
     def _do_reconcile_fix(self, params: dict[str, str]) -> str:
-        return reconcile(self.router, fix=True).summary()
+        if "findings" not in params:  # requested by an earlier version: it never said what it fixes
+            raise FailedPrecondition("this fix was requested without the findings it repairs, so it cannot say "
+                                     "what it would destroy: request it again (hsmctl reconcile --fix)")
+        approved = frozenset(findings_of(params))
+        return reconcile(self.router, fix=True, only=approved).summary()
 
     def _do_place(self, params: dict[str, str]) -> str:
         self.router.pin(params["key_id"], params["cluster"])
@@ -332,9 +348,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
             if under:
                 warnings.append(f"{under} keys are under-replicated; the repairer is working on them")
-            pending = len(self.changes.list())
+            open_changes = self.changes.list()
+            pending = sum(1 for change in open_changes if change.state == PENDING)
             if pending:
                 warnings.append(f"{pending} changes are waiting for approval")
+            warnings += [f"change {change.id} ({change.action}) is {change.result}"
+                         for change in open_changes if change.state == RUNNING]
             dispatcher = self.router.dispatcher
             return pb.StatusResponse(clusters=clusters, keys=len(placements), under_replicated_keys=under,
                                      pending_changes=pending, warnings=warnings, failovers=dispatcher.failovers,
@@ -368,7 +387,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             findings += [pb.ReconcileFinding(kind="unreachable", cluster=c) for c in report.unreachable]
             response = pb.ReconcileResponse(findings=findings)
             if request.fix and findings:
-                response.change.CopyFrom(self._request(identity, "reconcile_fix", {}))
+                fixable = sorted(report.fixable)
+                waiting = [c for c in self.changes.list() if c.state == PENDING and c.action == "reconcile_fix"]
+                if not fixable:
+                    response.note = ("nothing here is for a fix: duplicates, objects no record names, unreachable "
+                                     "clusters and keys that no named cluster holds are for an operator "
+                                     "(docs/operations.md)")
+                elif waiting:
+                    pending = waiting[0]
+                    response.change.CopyFrom(_change_pb(pending))
+                    same = frozenset(findings_of(pending.params)) == frozenset(fixable)
+                    response.note = (f"change {pending.id} already asks for "
+                                     + ("this fix" if same else "a fix, of the findings shown when it was asked")
+                                     + f": approve it (hsmctl changes approve {pending.id}) or reject it"
+                                     + ("" if same else "; findings it does not list need a request after it"))
+                else:
+                    response.change.CopyFrom(self._request(identity, "reconcile_fix", findings_params(fixable)))
             return response
 
         return self._call(context, run)
@@ -401,9 +435,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(who: str) -> pb.Change:
             if not request.plan_id:
                 raise InvalidArgument("plan_id is required: run PlanRebalance first")
-            if request.plan_id != self._plan_id(self.router.plan_rebalance()):
+            moves = self.router.plan_rebalance()
+            if request.plan_id != self._plan_id(moves):
                 raise FailedPrecondition("no such plan now: the placement changed since it was made, or it is "
                                          "not one; plan again (hsmctl rebalance --plan)")
+            if not moves:
+                raise FailedPrecondition("the plan moves no key: there is nothing to apply")
             return self._request(who, "apply_rebalance", {"plan_id": request.plan_id})
 
         return self._call(context, run)
@@ -475,6 +512,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def TailAudit(self, request: pb.TailAuditRequest, context: grpc.ServicerContext) -> pb.TailAuditResponse:
         def run(_: str) -> pb.TailAuditResponse:
+            if request.lines < 0:
+                raise InvalidArgument(f"lines must be 0 (the default, 20) or more, not {request.lines}")
             records = audit_mod.tail(self.audit_path, request.lines or 20) if self.audit_path.exists() else []
             return pb.TailAuditResponse(records=[pb.AuditRecord(json=json.dumps(r, sort_keys=True)) for r in records])
 

@@ -5,6 +5,13 @@ the first). Each further approval comes from another admin; when the count
 reaches the quorum the change runs, once, and its result is recorded. A change
 that nobody approves in time expires and never runs.
 
+The approver that runs a change records itself as its runner and holds a lease on it,
+renewed while the action runs. A running change whose lease lapsed (its gateway was
+killed, or lost the store for longer than the lease) is taken as **interrupted** by
+whoever reads it next, a gateway's start included: that is recorded and audited, and
+its result says the action may be partly applied. A runner that is in fact still alive
+writes its own result over that once it finishes.
+
 Changes and the operator switches (drained clusters, failed-over regions) are
 admin records in the placement store, so every process of every gateway sharing
 the store sees the same ones: a change requested through one gateway may be
@@ -18,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -33,6 +42,12 @@ from router.placement.store import PlacementStore, Stale, StoreError, edit_admin
 log = logging.getLogger(__name__)
 
 PENDING, APPLIED, REJECTED, EXPIRED, FAILED, RUNNING = "pending", "applied", "rejected", "expired", "failed", "running"
+INTERRUPTED = "interrupted"
+"""A change whose runner stopped renewing its lease before recording a result."""
+OPEN = (PENDING, RUNNING)
+"""States of a change that has not ended (``list`` shows these by default)."""
+LEASE = 60.0
+"""Seconds a runner's lease on a running change lasts; it renews it every third of that."""
 
 SWITCHES = "switches"
 """The admin record of the operator switches: ``{kind: [names]}``."""
@@ -56,6 +71,10 @@ class Change:
     created: float
     expires: float
     result: str = ""
+    runner: str = ""
+    """Who runs (or ran) it: host, process and run."""
+    lease_until: float = 0.0
+    """While running: the time after which, unless renewed, the change is taken as interrupted."""
 
 
 class NotAnotherAdmin(FailedPrecondition):
@@ -71,7 +90,8 @@ Edit = Callable[[Change], Change | None]
 def _record(change: Change) -> dict[str, Any]:
     return {"action": change.action, "params": change.params, "requested_by": change.requested_by,
             "approved_by": change.approved_by, "state": change.state, "needed": change.needed,
-            "created": change.created, "expires": change.expires, "result": change.result}
+            "created": change.created, "expires": change.expires, "result": change.result,
+            "runner": change.runner, "lease_until": change.lease_until}
 
 
 def _change(change_id: str, body: dict[str, Any]) -> Change:
@@ -79,9 +99,27 @@ def _change(change_id: str, body: dict[str, Any]) -> Change:
         return Change(id=change_id, action=str(body["action"]), params=dict(body["params"]),
                       requested_by=str(body["requested_by"]), approved_by=list(body["approved_by"]),
                       state=str(body["state"]), needed=int(body["needed"]), created=float(body["created"]),
-                      expires=float(body["expires"]), result=str(body.get("result", "")))
+                      expires=float(body["expires"]), result=str(body.get("result", "")),
+                      runner=str(body.get("runner", "")),
+                      # Written by a version without leases: taken as interrupted once past its expiry.
+                      lease_until=float(body.get("lease_until", body["expires"])))
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"malformed change record {change_id!r} in the placement store: {exc!r}") from exc
+
+
+def _interrupted(change: Change) -> Change:
+    return dataclasses.replace(change, state=INTERRUPTED, result=(
+        f"interrupted: the gateway running it ({change.runner or 'unknown'}) stopped before it recorded a result "
+        "(its lease lapsed); the change may be partly applied: run hsmctl reconcile, and check what it changes "
+        "(hsmctl keys show, hsmctl clusters, hsmctl rebalance --plan) before asking for it again"))
+
+
+def _only_pending(change: Change, verb: str) -> None:
+    if change.state == RUNNING:
+        raise FailedPrecondition(f"change {change.id} is running ({change.result}); it can no longer be {verb}: "
+                                 "hsmctl changes list --all shows how it ends")
+    if change.state != PENDING:
+        raise FailedPrecondition(f"change {change.id} is {change.state}; only pending changes can be {verb}")
 
 
 def _unavailable(exc: StoreError) -> Unavailable:
@@ -98,7 +136,11 @@ class ChangeBook:
         ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, str, Change], None] = lambda actor, event, change: None,
+        lease: float = LEASE,
+        renew_every: float | None = None,
     ) -> None:
+        """``lease``: seconds (on ``clock``) a runner's lease lasts; ``renew_every``: real seconds
+        between its renewals while the action runs (default: a third of the lease)."""
         self._store = store
         self._lock = threading.Lock()  # this process's writers take turns; other processes are met by versions
         self._unrecorded: dict[str, Change] = {}  # changes that ran, by id, whose result the store did not take
@@ -107,6 +149,8 @@ class ChangeBook:
         self._ttl = ttl
         self._clock = clock
         self._on_event = on_event
+        self._lease = lease
+        self._renew_every = lease / 3 if renew_every is None else renew_every
 
     # -- records
 
@@ -118,12 +162,13 @@ class ChangeBook:
         """Add change ids to the index (the last ``INDEX_KEEP`` stay); the caller holds ``_lock``."""
         self._edit(INDEX, lambda body: {"ids": [*(body or {}).get("ids", []), *ids][-INDEX_KEEP:]})
 
-    def _update(self, change_id: str, edit: Edit) -> tuple[Change, bool]:
+    def _update(self, change_id: str, edit: Edit, *, runner: str = "") -> tuple[Change, bool]:
         """The change after ``edit``, and whether ``edit`` changed it (it raises to refuse, or
         returns None to leave the change as it is). A pending change past its expiry is
-        marked expired first, and ``edit`` sees it so."""
-        seen: list[tuple[Change, bool, bool]] = []  # (change, edited, expired) of the last read
-        refused: list[RouterError] = []  # why ``edit`` refused an expired change, raised once it is marked
+        marked expired first, and a running one whose lease lapsed interrupted (unless
+        ``runner`` is the one running it), and ``edit`` sees it so."""
+        seen: list[tuple[Change, bool, str]] = []  # (change, edited, event of a lapse) of the last read
+        refused: list[RouterError] = []  # why ``edit`` refused a lapsed change, raised once it is marked
 
         def step(body: dict[str, Any] | None) -> dict[str, Any] | None:
             seen.clear()
@@ -131,27 +176,32 @@ class ChangeBook:
             if body is None:
                 raise KeyNotFound(f"no change {change_id!r}")
             change = _change(change_id, body)
-            expired = change.state == PENDING and self._clock() >= change.expires
-            if expired:
-                change = dataclasses.replace(change, state=EXPIRED)
+            lapse = ""
+            now = self._clock()
+            if change.state == PENDING and now >= change.expires:
+                change, lapse = dataclasses.replace(change, state=EXPIRED), "change_expired"
+            elif change.state == RUNNING and now >= change.lease_until and not (runner and change.runner == runner):
+                change, lapse = _interrupted(change), "change_interrupted"
             try:
                 edited = edit(dataclasses.replace(change, approved_by=list(change.approved_by)))
             except RouterError as exc:
-                if not expired:
+                if not lapse:
                     raise
                 refused.append(exc)
                 edited = None
-            seen.append((edited or change, edited is not None, expired))
-            return _record(edited or change) if edited is not None or expired else None
+            seen.append((edited or change, edited is not None, lapse))
+            return _record(edited or change) if edited is not None or lapse else None
 
         with self._lock:
             try:
                 self._edit(f"change/{change_id}", step)
             except StoreError as exc:
                 raise _unavailable(exc) from exc
-        change, edited, expired = seen[0]
-        if expired:
-            self._on_event("-", "change_expired", change)
+        change, edited, lapse = seen[0]
+        if lapse:
+            if lapse == "change_interrupted":
+                log.error("change %s (%s): %s", change.id, change.action, change.result)
+            self._on_event("-", lapse, change)
         if refused:
             raise refused[0]
         return change, edited
@@ -200,8 +250,7 @@ class ChangeBook:
 
     def approve(self, actor: str, change_id: str) -> Change:
         def add(change: Change) -> Change | None:
-            if change.state != PENDING:
-                raise FailedPrecondition(f"change {change_id} is {change.state}; only pending changes can be approved")
+            _only_pending(change, "approved")
             if len(change.approved_by) >= change.needed:
                 return None  # approved already, and its run never began (its approver stopped): run it now
             if actor in change.approved_by:
@@ -225,8 +274,7 @@ class ChangeBook:
 
     def reject(self, actor: str, change_id: str) -> Change:
         def refuse(change: Change) -> Change:
-            if change.state != PENDING:
-                raise FailedPrecondition(f"change {change_id} is {change.state}; only pending changes can be rejected")
+            _only_pending(change, "rejected")
             return dataclasses.replace(change, state=REJECTED, result=f"rejected by {actor}")
 
         change, _ = self._update(change_id, refuse)
@@ -235,10 +283,22 @@ class ChangeBook:
 
     def _run(self, change_id: str) -> Change:
         # Claim it: exactly one approver runs it, even across processes and gateways.
-        change, claimed = self._update(
-            change_id, lambda c: dataclasses.replace(c, state=RUNNING) if c.state == PENDING else None)
+        where = f"{socket.gethostname()} pid {os.getpid()}"
+        runner = f"{where} run {secrets.token_hex(4)}"
+
+        def claim(c: Change) -> Change | None:
+            if c.state != PENDING:
+                return None
+            return dataclasses.replace(c, state=RUNNING, runner=runner, lease_until=self._clock() + self._lease,
+                                       result=f"running on {where}")
+
+        change, claimed = self._update(change_id, claim)
         if not claimed:
             return change
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(change_id, runner, stop), daemon=True,
+                                   name=f"lease-{change_id}")
+        renewer.start()
         try:
             result = self._actions[change.action](change.params)
             state = APPLIED
@@ -249,6 +309,9 @@ class ChangeBook:
             state = FAILED
         except Exception as exc:  # noqa: BLE001 - recorded; the admin sees a generic failure
             result, state = f"internal error ({type(exc).__name__})", FAILED
+        finally:
+            stop.set()
+            renewer.join()
         done = dataclasses.replace(change, state=state, result=result)
         answer = done
         try:
@@ -269,9 +332,29 @@ class ChangeBook:
             answer = dataclasses.replace(answer, result=f"{answer.result} (not in the audit log: {exc.message})")
         return answer
 
+    def _renew(self, change_id: str, runner: str, stop: threading.Event) -> None:
+        """Renew ``runner``'s lease on a running change until ``stop`` is set."""
+        def extend(c: Change) -> Change | None:
+            if c.state != RUNNING or c.runner != runner:
+                return None
+            return dataclasses.replace(c, lease_until=self._clock() + self._lease)
+
+        while not stop.wait(self._renew_every):
+            try:
+                change, renewed = self._update(change_id, extend, runner=runner)
+            except RouterError as exc:  # the next renewal tries again; the result is written over a lapse
+                log.warning("change %s: its lease could not be renewed: %s", change_id, exc.message)
+                continue
+            if not renewed:
+                log.error("change %s is %s while this process still runs it: its lease lapsed; its result is "
+                          "recorded once it ends", change_id, change.state)
+                return
+
     def _record_result(self, done: Change) -> None:
+        # Over an interruption too: another gateway took this runner for gone, and the result is the truth.
         self._update(done.id, lambda c: dataclasses.replace(c, state=done.state, result=done.result)
-                     if c.state == RUNNING else None)
+                     if c.state in (RUNNING, INTERRUPTED) and c.runner == done.runner else None,
+                     runner=done.runner)
 
     def record_results(self) -> None:
         """Write the results of changes that ran while the store did not answer (called
@@ -288,8 +371,10 @@ class ChangeBook:
             log.info("change %s: its result (%s) is recorded now", done.id, done.state)
 
     def list(self, *, include_done: bool = False) -> list[Change]:
-        """The indexed changes, oldest first: read together (one request per 100 on
-        DynamoDB); a pending one past its expiry is marked expired on the way."""
+        """The indexed changes that have not ended (pending, running; every one with
+        ``include_done``), oldest first: read together (one request per 100 on DynamoDB).
+        A pending one past its expiry is marked expired on the way, and a running one whose
+        lease lapsed interrupted."""
         try:
             found = self._store.admin_record(INDEX)
             ids = found[0].get("ids", []) if found else []
@@ -305,13 +390,20 @@ class ChangeBook:
                 change = _change(change_id, record[0])
             except StoreError as exc:
                 raise _unavailable(exc) from exc
-            if change.state == PENDING and self._clock() >= change.expires:
+            now = self._clock()
+            if ((change.state == PENDING and now >= change.expires)
+                    or (change.state == RUNNING and now >= change.lease_until)):
                 try:
-                    change = self.get(change_id)  # records the expiry, once
+                    change = self.get(change_id)  # records the expiry or interruption, once
                 except KeyNotFound:
                     continue
             changes.append(change)
-        return [c for c in changes if include_done or c.state == PENDING]
+        return [c for c in changes if include_done or c.state in OPEN]
+
+    def settle(self) -> None:
+        """Mark the changes that ended unseen: pending ones past their expiry, running ones
+        whose runner's lease lapsed (a gateway's start does this)."""
+        self.list()
 
     # -- operator switches: drained clusters, failed-over regions ------------------------
 

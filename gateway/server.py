@@ -24,6 +24,7 @@ from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.servicer import CryptoServicer
 from gateway.tls import ServerCredentials
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
+from router.errors import RouterError
 from router.health import CircuitState, HealthMonitor
 from router.placement.store import StoreError
 from router.reconcile import reconcile
@@ -245,6 +246,10 @@ class Gateway:
             self.admin.sync_switches()
         except StoreError as exc:  # applied by the repair loop once the store answers
             log.warning("placement store unreachable; operator switches not read yet (%s)", exc)
+        try:  # a change this gateway (or another) ran when it was killed ends as interrupted
+            self.admin.changes.settle()
+        except RouterError as exc:  # the next read of the changes does it
+            log.warning("admin changes not looked at yet: %s", exc.message)
         self._next_repair = time.monotonic() + self.config.replication.repair_interval
         self.monitor.start()
         self._repairer.start()

@@ -23,6 +23,9 @@ Finds, per cluster:
   object is the key's is for an operator to establish (docs/operations.md). Until then
   the gateway serves the key from its other clusters.
 
+A fix may be limited to the findings someone approved (``only``): those that no longer
+hold are skipped, and findings that were not approved are reported, not acted on.
+
 Token objects are listed *before* the store is read: every creation writes its
 intent record before it makes objects, so an object seen on the token always has
 its record visible in the later read, and in-flight creations are never taken
@@ -49,6 +52,11 @@ MAX_DROPS = 1000
 cluster, and a gateway's start waits for its reconcile."""
 
 
+Finding = tuple[str, str, str]
+"""(kind, cluster, key id) of a finding a fix acts on: ``stale_intent`` (no cluster),
+``orphan``, or ``missing`` (a name a fix drops)."""
+
+
 @dataclass
 class ReconcileReport:
     stale_intents: list[str] = field(default_factory=list)
@@ -67,6 +75,19 @@ class ReconcileReport:
     unreachable: list[str] = field(default_factory=list)
     """Clusters that could not be checked."""
     fixed: bool = False
+    only: frozenset[Finding] | None = None
+    """The findings a fix was limited to (None: every one it can act on)."""
+    removed: list[tuple[str, str]] = field(default_factory=list)
+    """(cluster, key id) of orphans whose objects a fix destroyed."""
+
+    @property
+    def fixable(self) -> list[Finding]:
+        """The findings a fix would act on, as the report found them."""
+        return ([("stale_intent", "", k) for k in self.stale_intents] + [("orphan", c, k) for c, k in self.orphans]
+                + [("missing", c, k) for c, k in self.droppable])
+
+    def approved(self, finding: Finding) -> bool:
+        return self.only is None or finding in self.only
 
     @property
     def clean(self) -> bool:
@@ -81,6 +102,17 @@ class ReconcileReport:
                     f"{len(self.missing)} missing copies ({len(self.droppable)} a fix would drop from their "
                     f"records), {len(self.duplicates)} duplicate objects, {len(self.unreachable)} unreachable "
                     "clusters")
+        if self.only is not None:
+            found = set(self.fixable)
+            rolled = sum(1 for k in self.stale_intents if self.approved(("stale_intent", "", k)))
+            gone = len(self.only - found)
+            new = len(found - self.only)
+            return (f"{rolled} unfinished creations rolled back, {len(self.removed)} orphan objects removed, "
+                    f"{len(self.dropped)} missing copies dropped from their records, of the {len(self.only)} "
+                    f"findings approved; {gone} of them no longer held (skipped); {new} new findings left for a new "
+                    f"request (hsmctl reconcile --fix); {len(self.unknown)} objects no record names and "
+                    f"{len(self.duplicates)} duplicate objects (left for an operator), {len(self.unreachable)} "
+                    "unreachable clusters")
         return (f"{len(self.stale_intents)} unfinished creations rolled back, {len(self.orphans)} orphan objects "
                 f"removed, {len(self.unknown)} objects no record names (left alone), "
                 f"{len(self.missing)} missing copies ({len(self.dropped)} dropped from their records), "
@@ -95,10 +127,13 @@ def reconcile(
     grace: float | None = None,
     wall_clock: Callable[[], float] | None = None,
     deadline_s: float = 60.0,
+    only: frozenset[Finding] | None = None,
 ) -> ReconcileReport:
+    """Compare the store with the tokens; with ``fix``, act on what was found (with ``only``,
+    on those findings alone: each is found again first, and one no longer found is skipped)."""
     grace = router.creation_grace if grace is None else grace
     deadline = time.monotonic() + deadline_s
-    report = ReconcileReport(fixed=fix)
+    report = ReconcileReport(fixed=fix, only=only)
 
     on_token: dict[str, set[str]] = {}
     for name, backend in router.backends.items():
@@ -125,7 +160,7 @@ def reconcile(
             continue
         if placement.state is KeyState.CREATING and now - placement.create_time >= grace:
             report.stale_intents.append(placement.key_id)
-            if fix:
+            if fix and report.approved(("stale_intent", "", placement.key_id)):
                 _roll_back(router, placement, now, deadline)
             continue
         if placement.external:
@@ -154,13 +189,17 @@ def reconcile(
             if key_id in report.stale_intents:
                 continue  # handled with its intent
             # One look at the record: under the token's lock when it may end in a destroy.
-            why = _destroy_orphan(router, name, key_id, deadline) if fix else _why_not_an_orphan(router, name, key_id)
+            destroy = fix and report.approved(("orphan", name, key_id))
+            why = _destroy_orphan(router, name, key_id, deadline) if destroy else _why_not_an_orphan(router, name,
+                                                                                                     key_id)
             if why == UNKNOWN:
                 report.unknown.append((name, key_id))
             elif why:
                 log.info("reconcile: %s on %s left alone: %s", key_id, name, why)
             else:
                 report.orphans.append((name, key_id))
+                if destroy:
+                    report.removed.append((name, key_id))
     for name in on_token:
         strangers = [key_id for cluster, key_id in report.unknown if cluster == name]
         if strangers:
@@ -173,13 +212,13 @@ def reconcile(
                   "stay as they are, for an operator to restore the keys (docs/operations.md)",
                   unheld, ", ".join(repr(k) for k in unheld_ids))
     if fix:
-        for name, key_id in report.droppable[:MAX_DROPS]:
+        for name, key_id in [d for d in report.droppable if report.approved(("missing", *d))][:MAX_DROPS]:
             if _drop_missing(router, name, key_id, deadline):
                 report.dropped.append((name, key_id))
         if len(report.droppable) > MAX_DROPS:
             log.warning("reconcile: %d more missing copies to drop from their records; the next reconcile will",
                         len(report.droppable) - MAX_DROPS)
-    if fix and report.stale_intents:
+    if fix and any(report.approved(("stale_intent", "", k)) for k in report.stale_intents):
         router.reload()
     return report
 

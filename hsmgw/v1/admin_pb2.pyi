@@ -176,12 +176,14 @@ class ReconcileFinding(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., cluster: _Optional[str] = ..., key_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ReconcileResponse(_message.Message):
-    __slots__ = ("findings", "change")
+    __slots__ = ("findings", "change", "note")
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     CHANGE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     findings: _containers.RepeatedCompositeFieldContainer[ReconcileFinding]
     change: Change
-    def __init__(self, findings: _Optional[_Iterable[_Union[ReconcileFinding, _Mapping]]] = ..., change: _Optional[_Union[Change, _Mapping]] = ...) -> None: ...
+    note: str
+    def __init__(self, findings: _Optional[_Iterable[_Union[ReconcileFinding, _Mapping]]] = ..., change: _Optional[_Union[Change, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Change(_message.Message):
     __slots__ = ("id", "action", "params", "requested_by", "approved_by", "state", "approvals_needed", "create_time", "expire_time", "result")

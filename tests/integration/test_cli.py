@@ -454,3 +454,55 @@ def test_a_worker_without_the_shared_limits_file_serves_with_limits_of_its_own(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert "cannot open the shared limits file" in out and "keeps per-identity limits of its own" in out, out
+
+
+# -- hsmctl when a change's call gets no answer ------------------------------------------------
+
+_SLOW_OR_DYING_GATEWAY = """
+import os, sys, time
+from concurrent import futures
+import grpc
+from hsmgw.v1 import admin_pb2 as apb, admin_pb2_grpc
+
+class Admin(admin_pb2_grpc.AdminServiceServicer):
+    def ApproveChange(self, request, context):
+        if request.id == "dies":
+            os._exit(9)  # killed while the change runs
+        time.sleep(5)  # a long change: it runs, and applies, after the caller gave up
+        return apb.Change(id=request.id, state="applied")
+
+server = grpc.server(futures.ThreadPoolExecutor(4))
+admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(), server)
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
+
+
+@pytest.fixture
+def slow_gateway() -> Any:
+    """An AdminService whose approvals take 5 s, or kill its process (approving the change ``dies``)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_OR_DYING_GATEWAY], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    yield f"127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+
+
+def test_an_approval_that_got_no_answer_says_the_change_may_have_run_not_try_again(slow_gateway: str) -> None:
+    late = hsmctl("--target", slow_gateway, "--timeout", "1", "changes", "approve", "3f2a9c1e")
+    assert late.returncode == 2
+    line = one_error_line(late)
+    assert line.startswith("error: DEADLINE_EXCEEDED:"), line
+    assert line.endswith("the approval may have been taken, and the change may be running or applied: see hsmctl "
+                         "changes list --all before approving again"), line
+
+    died = hsmctl("--target", slow_gateway, "--timeout", "10", "changes", "approve", "dies")
+    assert died.returncode == 2
+    line = one_error_line(died)
+    assert line.startswith("error: UNAVAILABLE:"), line
+    assert "TLS" not in line and "client certificate" not in line, "the gateway died: it did not ask for TLS"
+    assert ("the gateway closed the connection during the call: it may have stopped or restarted (see its log); "
+            "the approval may have been taken") in line, line

@@ -13,10 +13,19 @@ from typing import Any
 
 import pytest
 
-from gateway.quorum import APPLIED, EXPIRED, PENDING, REJECTED, RUNNING, ChangeBook, NotAnotherAdmin
+from gateway.quorum import (
+    APPLIED,
+    EXPIRED,
+    INTERRUPTED,
+    PENDING,
+    REJECTED,
+    RUNNING,
+    ChangeBook,
+    NotAnotherAdmin,
+)
 from router.errors import FailedPrecondition, KeyNotFound, Unavailable
 from router.placement import SqliteStore, StoreError
-from tests.support import FakeClock
+from tests.support import FakeClock, wait_for
 
 
 class Actions:
@@ -368,3 +377,90 @@ def test_an_action_the_store_fails_under_is_a_failed_change_that_says_so(store_p
     assert (done.state, done.result) == (
         "failed", "the placement store did not answer; the change may be partly applied: check, then try again")
     store.close()
+
+
+class Killed(BaseException):
+    """The runner's process dies: nothing after this point of ``_run`` happens."""
+
+
+def test_a_change_whose_runner_died_ends_interrupted_audited_and_listed(store_path: Path, clock: FakeClock) -> None:
+    """The gateway running a change is killed: once its lease lapses, the next reader marks the
+    change interrupted (not approvable, not rejectable, and not shown as running forever)."""
+    def dies(params: dict[str, str]) -> str:
+        raise Killed
+
+    audit = Audit()
+    first = ChangeBook(SqliteStore(store_path), {"drain": dies}, clock=clock, lease=60)
+    other = ChangeBook(SqliteStore(store_path), {"drain": dies}, clock=clock, lease=60, on_event=audit)
+    change = first.request("alice", "drain", {"cluster": "use1-a"})
+    with pytest.raises(Killed):
+        first.approve("bob", change.id)
+    running = other.get(change.id)
+    assert running.state == RUNNING and running.result.startswith("running on ")
+    assert [c.id for c in other.list()] == [change.id], "a running change is listed with the pending ones"
+    with pytest.raises(FailedPrecondition, match="is running .*can no longer be approved"):
+        other.approve("carol", change.id)
+
+    clock.now += 61  # the lease lapses: nobody renews it
+    [listed] = other.list(include_done=True)
+    assert listed.state == INTERRUPTED
+    assert "may be partly applied: run hsmctl reconcile" in listed.result and running.runner in listed.result
+    assert other.list() == []
+    assert first.get(change.id).state == INTERRUPTED  # recorded, not only seen
+    for verb in (other.approve, other.reject):
+        with pytest.raises(FailedPrecondition, match="is interrupted; only pending changes"):
+            verb("carol", change.id)
+    assert audit.events == [("-", "change_interrupted", INTERRUPTED)], "audited once"
+
+
+def test_a_change_still_running_on_another_gateway_keeps_its_lease_and_records_its_result(
+    store_path: Path, clock: FakeClock
+) -> None:
+    other = ChangeBook(SqliteStore(store_path), {}, clock=clock, lease=60)
+    seen: list[str] = []
+
+    def slow(params: dict[str, str]) -> str:
+        change_id = other.list()[0].id
+        for _ in range(5):  # 150 s on the clock, several leases long
+            before = other.get(change_id).lease_until
+            clock.now += 30
+            wait_for(lambda before=before: other.get(change_id).lease_until > before, what="a renewal")
+            seen.append(other.get(change_id).state)
+        return "done"
+
+    book = ChangeBook(SqliteStore(store_path), {"drain": slow}, clock=clock, lease=60, renew_every=0.01)
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    assert book.approve("bob", change.id).state == APPLIED
+    assert seen == [RUNNING] * 5
+    assert other.get(change.id).state == APPLIED
+
+
+def test_a_runner_taken_for_gone_writes_its_result_over_the_interruption(store_path: Path, clock: FakeClock) -> None:
+    """Its lease lapsed (the store did not answer its renewals) but it finished: the result is the truth."""
+    other = ChangeBook(SqliteStore(store_path), {}, clock=clock, lease=60)
+
+    def stalls(params: dict[str, str]) -> str:
+        clock.now += 61
+        assert other.list(include_done=True)[0].state == INTERRUPTED
+        return "cluster use1-a drained"
+
+    book = ChangeBook(SqliteStore(store_path), {"drain": stalls}, clock=clock, lease=60)
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    assert book.approve("bob", change.id).state == APPLIED
+    assert (other.get(change.id).state, other.get(change.id).result) == (APPLIED, "cluster use1-a drained")
+
+
+def test_a_running_change_recorded_without_a_lease_is_interrupted_once_past_its_expiry(
+    store_path: Path, clock: FakeClock
+) -> None:
+    """What an earlier version left behind when it was killed mid-run."""
+    store = SqliteStore(store_path)
+    book = ChangeBook(store, {"drain": Actions().drain}, ttl=600, clock=clock)
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    [(body, version)] = [store.admin_record(f"change/{change.id}")]
+    legacy = {k: v for k, v in body.items() if k not in ("runner", "lease_until")} | {"state": RUNNING}
+    store.put_admin_record(f"change/{change.id}", legacy, version)
+    assert book.get(change.id).state == RUNNING
+    clock.now += 601
+    book.settle()
+    assert book.list(include_done=True)[0].state == INTERRUPTED

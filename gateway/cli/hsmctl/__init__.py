@@ -22,7 +22,9 @@ come before or after the command: `hsmctl status --output json`.
 
 Exit codes: 0 ok; 1 the request was refused or failed, or the command line is
 wrong; 2 the gateway could not be reached or cannot act now (UNAVAILABLE,
-DEADLINE_EXCEEDED: try again later); 3 the change is waiting for approvals
+DEADLINE_EXCEEDED: try again later; but a request or approval that got no answer
+may have been taken, and its change may be running or applied: the error says so,
+check `hsmctl changes list --all` first); 3 the change is waiting for approvals
 (scripts can poll).
 """
 
@@ -114,16 +116,28 @@ _HINTS = (  # what gRPC says when a connection fails, and what an operator would
 )
 
 
-def _hint(details: str, tls: bool) -> str:
+def _hint(details: str, tls: bool, connected: bool) -> str:
+    """What to check when no answer came: ``connected``, whether the channel reached the gateway."""
     for words, hint in _HINTS:
         if words in details:
             return hint
-    if "Socket closed" in details:
+    if "Socket closed" in details or "Connection reset" in details:
+        if connected:  # not a refused handshake: the gateway went away during the call
+            return "the gateway closed the connection during the call: it may have stopped or restarted (see its log)"
         return ("the gateway closed the connection: it may require TLS with a client certificate "
                 "(--ca, --cert, --key)" if not tls else
                 "the gateway closed the connection during the TLS handshake: does it accept this client "
                 "certificate (--cert, --key), signed by its client CA?")
     return ""
+
+
+def _no_answer(exc: grpc.RpcError) -> bool:
+    """The call ended without the gateway's answer: a lost connection or a passed deadline (the
+    gateway's own refusals carry its status details)."""
+    if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True
+    return exc.code() is grpc.StatusCode.UNAVAILABLE and not any(
+        key == "grpc-status-details-bin" for key, _ in exc.trailing_metadata() or ())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
             code = args.func(app, args)
         except grpc.RpcError as exc:
             unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            hint = _hint(exc.details() or "", bool(args.tls_ca or args.tls_cert)) if unreachable else ""
+            hints = []
+            if unreachable and _no_answer(exc):
+                hints = [_hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected), app.unsure]
+            hint = "; ".join(h for h in hints if h)
             fail(f"{exc.code().name}: {exc.details()}" + (f"; {hint}" if hint else ""), code=2 if unreachable else 1)
     raise SystemExit(code or 0)

@@ -18,6 +18,17 @@ from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 
 WAITING = 3
 
+_APPROVAL_UNSURE = ("the approval may have been taken, and the change may be running or applied: see "
+                    "hsmctl changes list --all before approving again")
+_REQUEST_UNSURE = ("the change may have been recorded (with a quorum of 1, run): see hsmctl changes list --all "
+                   "before asking again")
+_UNSURE = {  # requests that change something, and what a caller who got no answer should check
+    "ApproveChangeRequest": _APPROVAL_UNSURE,
+    "RejectChangeRequest": "the rejection may have been taken: see hsmctl changes list --all",
+    **dict.fromkeys(("PlaceKeyRequest", "MoveKeyRequest", "ReleaseKeyRequest", "ApplyRebalanceRequest",
+                     "DrainClusterRequest", "FailoverRegionRequest", "DestroyKeyChangeRequest"), _REQUEST_UNSURE),
+}
+
 
 def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
     """The client certificate and key must belong together (gRPC would only say that it
@@ -55,6 +66,15 @@ class App:
         self.metadata = (("x-hsmgw-identity", identity),) if identity else ()
         self.admin = admin_pb2_grpc.AdminServiceStub(channel)
         self.crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
+        self.connected = False
+        """Whether the channel ever reached the gateway (a gRPC connection, past any TLS handshake)."""
+        self.unsure = ""
+        """Set while a call that changes something is in flight: what to check if it gets no answer."""
+        channel.subscribe(self._watch, try_to_connect=False)
+
+    def _watch(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            self.connected = True
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> App:
@@ -78,10 +98,16 @@ class App:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.channel.unsubscribe(self._watch)
         self.channel.close()
 
     def call(self, method: Any, request: Message) -> Any:
-        return method(request, timeout=self.timeout, metadata=self.metadata)
+        name = type(request).__name__
+        self.unsure = _UNSURE.get(name, _REQUEST_UNSURE if name == "ReconcileRequest" and getattr(
+            request, "fix", False) else "")
+        answer = method(request, timeout=self.timeout, metadata=self.metadata)
+        self.unsure = ""
+        return answer
 
     # -- output -------------------------------------------------------------------------
 
@@ -105,20 +131,40 @@ class App:
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
         return "\n".join(lines)
 
-    def change(self, change: apb.Change) -> int:
-        """Print a change; the exit code says whether it ran (0), waits (3) or failed (1)."""
+    @staticmethod
+    def params(change: apb.Change) -> str:
+        """A change's parameters for people: a reconcile fix lists the findings it repairs."""
+        if "findings" in change.params:
+            try:
+                findings = json.loads(change.params["findings"])
+                return "fixes " + (", ".join(f"{kind} {'/'.join(p for p in (cluster, key) if p)}"
+                                             for kind, cluster, key in findings) or "nothing")
+            except (ValueError, TypeError):
+                pass
+        return " ".join(f"{k}={v}" for k, v in sorted(change.params.items()))
+
+    @staticmethod
+    def change_line(change: apb.Change) -> str:
+        """One line saying where a change is (with what a reconcile fix repairs)."""
         approvals = f"{len(change.approved_by)}/{change.approvals_needed}"
         if change.state == "pending":
-            human = (
-                f"change {change.id} ({change.action}) is pending: {approvals} approvals; "
-                f"another admin runs: hsmctl changes approve {change.id}"
-            )
+            line = (f"change {change.id} ({change.action}) is pending: {approvals} approvals; "
+                    f"another admin runs: hsmctl changes approve {change.id}")
         else:
-            human = f"change {change.id} ({change.action}) {change.state}: {change.result}"
-        self.emit(self.as_dict(change), human)
+            line = f"change {change.id} ({change.action}) {change.state}: {change.result}"
+        return line + (f"\n  {App.params(change)}" if "findings" in change.params else "")
+
+    @staticmethod
+    def change_code(change: apb.Change) -> int:
+        """Whether a change ran (0), waits (3) or failed (1)."""
         if change.state == "pending":
             return WAITING
         return 0 if change.state == "applied" else 1
+
+    def change(self, change: apb.Change) -> int:
+        """Print a change; the exit code says whether it ran (0), waits (3) or failed (1)."""
+        self.emit(self.as_dict(change), self.change_line(change))
+        return self.change_code(change)
 
 
 def progress(done: int, total: int, label: str = "") -> None:

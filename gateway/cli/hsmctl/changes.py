@@ -14,7 +14,7 @@ def _list(app: App, args: argparse.Namespace) -> int:
         [
             c.id,
             c.action,
-            " ".join(f"{k}={v}" for k, v in sorted(c.params.items())),
+            App.params(c),
             c.requested_by,
             f"{len(c.approved_by)}/{c.approvals_needed}",
             c.state,

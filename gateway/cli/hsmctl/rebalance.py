@@ -14,8 +14,9 @@ def _rebalance(app: App, args: argparse.Namespace) -> int:
     human = f"{len(plan.moves)} of {plan.keys_considered} keys would move (plan {plan.plan_id})\n" + (
         App.table(rows, ["KEY", "FROM", "TO"]) if rows else "nothing to move"
     )
-    if not args.apply:
-        app.emit(app.as_dict(plan) | {"moves": [app.as_dict(m) for m in plan.moves]}, human)
+    if not args.apply or not plan.moves:  # nothing to move: no change to ask anyone to approve
+        app.emit(app.as_dict(plan) | {"moves": [app.as_dict(m) for m in plan.moves]},
+                 human + ("; no change requested" if args.apply else ""))
         return 0
     if app.output != "json":
         print(human)
@@ -30,9 +31,15 @@ def _reconcile(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.Reconcile, apb.ReconcileRequest(fix=args.fix))
     rows = [[f.kind, f.cluster or "-", f.key_id or "-", f.detail or "-"] for f in resp.findings]
     human = App.table(rows, ["FINDING", "CLUSTER", "KEY", "DETAIL"]) if rows else "placement store and tokens agree"
+    made = args.fix and resp.HasField("change") and not resp.note  # a change this request made
+    if args.fix and resp.note:
+        human += f"\n{resp.note}"
+    elif made:
+        human += f"\n{App.change_line(resp.change)}"
+    # One document: the change, or why none was made, is in it.
     app.emit(app.as_dict(resp) | {"findings": [app.as_dict(f) for f in resp.findings]}, human)
-    if args.fix and resp.HasField("change"):
-        return app.change(resp.change)
+    if made:
+        return App.change_code(resp.change)
     return 1 if rows else 0
 
 
@@ -53,7 +60,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Reports stale intents, orphan objects, missing copies, keys with duplicate objects "
         "and unreachable clusters; --fix requests a repair (quorum) of all but duplicates and keys that "
         "no named cluster holds, which an operator resolves (docs/operations.md). A missing copy's "
-        "name is dropped from its record, and the repairer makes a real copy.\n\n"
+        "name is dropped from its record, and the repairer makes a real copy. The change lists the "
+        "findings shown; once approved it repairs those that still hold, and nothing else.\n\n"
         "Example: hsmctl reconcile --fix",
     )
     rec.add_argument("--fix", action="store_true")
