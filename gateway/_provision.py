@@ -2,7 +2,9 @@
 
 Replication and the EXTERNAL tier wrap keys under one AES key that every cluster
 holds, marked CKA_TRUSTED by the security officer; keys are created with
-CKA_WRAP_WITH_TRUSTED so that only such a key can wrap them. For the local fleet
+CKA_WRAP_WITH_TRUSTED so that only such a key can wrap them, and its
+CKA_UNWRAP_TEMPLATE makes every key unwrapped with it sensitive and again
+wrappable only so (``router.pkcs11._guard``). For the local fleet
 the key value is drawn here, imported into each token by its SO, and dropped;
 it is never written anywhere. (With real HSMs this is a key ceremony.)
 
@@ -19,6 +21,7 @@ import os
 import sys
 from typing import Any
 
+from router.pkcs11._guard import CKA_UNWRAP_TEMPLATE, GUARD
 from router.pkcs11.pool import WRAPPING_KEY_LABEL
 
 
@@ -48,11 +51,14 @@ def provision(request: dict[str, Any]) -> list[str]:
         raise SystemExit(
             f"tokens {missing} lack the replication wrapping key the others hold; rebuild the fleet with --force"
         )
+    if module.unwrap_guard is None:
+        raise SystemExit(f"{request['module']}: its function list cannot write an unwrap template")
     value = os.urandom(32)
     for label, so_pin in so_pins.items():
         session = module.token(label).open(rw=True, so_pin=so_pin)
         try:
-            session.create_object(
+            module.unwrap_guard.create(
+                session,
                 {
                     Attribute.CLASS: ObjectClass.SECRET_KEY,
                     Attribute.KEY_TYPE: KeyType.AES,
@@ -73,7 +79,10 @@ def provision(request: dict[str, Any]) -> list[str]:
                     Attribute.MODIFIABLE: False,
                     Attribute.LABEL: WRAPPING_KEY_LABEL,
                     Attribute.ID: WRAPPING_KEY_LABEL.encode(),
-                }
+                    # Every key unwrapped with it is sensitive and wrappable only with a trusted key:
+                    # a PIN holder cannot unwrap one in the clear (router.pkcs11._guard).
+                    CKA_UNWRAP_TEMPLATE: GUARD,
+                },
             )
         finally:
             session.close()

@@ -65,10 +65,10 @@ def _modifiable_last(template: dict[Attribute, Any]) -> dict[Attribute, Any]:
 
 
 def _exportability(extractable: bool) -> dict[Attribute, Any]:
-    # Extractable only under a trusted wrapping key: replication, never plaintext.
-    if extractable:
-        return {Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True}
-    return {Attribute.EXTRACTABLE: False}
+    # Extractable only under a trusted wrapping key: replication, never plaintext. A key that is
+    # not extractable carries CKA_WRAP_WITH_TRUSTED too (it changes nothing for it): the wrapping
+    # key's unwrap template asks every key unwrapped with it for that value (_guard.GUARD).
+    return {Attribute.EXTRACTABLE: extractable, Attribute.WRAP_WITH_TRUSTED: True}
 
 
 def _private_template(usage: KeyUsage, token: bool, extractable: bool) -> dict[Attribute, Any]:

@@ -31,6 +31,7 @@ from typing import Any, ContextManager
 import pkcs11
 from pkcs11 import _pkcs11
 
+from router.pkcs11._guard import UnwrapGuard
 from router.pkcs11._signer import Signer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class Module:
     os_locking: bool
     signer: Signer | None = None
     """Signs with parameterless mechanisms without python-pkcs11's overhead (``_signer``)."""
+    unwrap_guard: UnwrapGuard | None = None
+    """Writes and reads the wrapping key's unwrap template (``_guard``); None where the module's
+    function list does not see python-pkcs11's sessions."""
     _serial: threading.RLock | None = field(default=None, repr=False)
     """Re-entrant: a call made under it (finding a token while a pool is built) takes it again."""
     _tokens: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -262,11 +266,20 @@ def _load(path: str) -> Module:
         # be inside it. One extra reference keeps it for the process's life.
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(lib))
         serial = None if rv == CKR_OK else threading.RLock()
-        return Module(path=path, lib=lib, os_locking=rv == CKR_OK, signer=signer, _serial=serial)
+        return Module(path=path, lib=lib, os_locking=rv == CKR_OK, signer=signer, unwrap_guard=_unwrap_guard(functions),
+                      _serial=serial)
     if rv == CKR_CANT_LOCK:
         log.warning("PKCS #11 module %s cannot use OS locking; serialising calls", path)
-        return Module(path=path, lib=pkcs11.lib(path), os_locking=False, signer=signer, _serial=threading.RLock())
+        return Module(path=path, lib=pkcs11.lib(path), os_locking=False, signer=signer,
+                      unwrap_guard=_unwrap_guard(functions), _serial=threading.RLock())
     raise RuntimeError(f"C_Initialize of {path} failed with CKR 0x{rv:x}")
+
+
+def _unwrap_guard(functions: int) -> UnwrapGuard | None:
+    try:
+        return UnwrapGuard(functions)
+    except ValueError:
+        return None
 
 
 def _signer(path: str, functions: int) -> Signer | None:

@@ -32,7 +32,7 @@ from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import LockTimeout, Module
 from router.pkcs11._signer import Signer, sign_with
-from router.pkcs11.pool import CLASS_NAMES, PooledSession, SessionPool, modulus_of
+from router.pkcs11.pool import CLASS_NAMES, WRAPPING_KEY_LABEL, PooledSession, SessionPool, modulus_of
 from router.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,26 @@ class Pkcs11Cluster(HsmBackend):
         elif module.signer is not None:
             log.info("cluster %s: the module's sessions differ by function list; signing through python-pkcs11",
                      spec.name)
+        self._check_wrapping_key(module)
+
+    def _check_wrapping_key(self, module: Module) -> None:
+        """Warn when the replication wrapping key lets a PIN holder unwrap keys in the clear."""
+        if module.unwrap_guard is None or self._signer is None:
+            return  # the module's function list does not see these sessions: nothing to read it with
+        template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: WRAPPING_KEY_LABEL}
+        try:
+            with module.guard():
+                found = list(self._pool.login.get_objects(template))
+                guarded = [module.unwrap_guard.guards(key) for key in found]
+        except p11.PKCS11Error as exc:
+            log.warning("cluster %s: could not read the replication wrapping key's unwrap template (%s)",
+                        self.spec.name, type(exc).__name__)
+            return
+        if found and not all(guarded):
+            log.warning("cluster %s: the replication wrapping key %r has no unwrap template that makes unwrapped "
+                        "keys sensitive and wrappable only with a trusted key: whoever holds the crypto user's PIN "
+                        "can unwrap a replicated or EXTERNAL key in the clear. Make it again with one "
+                        "(docs/security.md, \"The replication wrapping key\")", self.spec.name, WRAPPING_KEY_LABEL)
 
     # -- the one way into the token -------------------------------------
 

@@ -1,0 +1,119 @@
+"""The replication wrapping key keeps keys in the HSM against whoever holds the crypto user's PIN.
+
+Keys are extractable only under the trusted wrapping key; without an unwrap template on that
+key, a PIN holder could wrap a key with it and unwrap it again as a non-sensitive object, and
+read its value. The fleet's wrapping key carries one (router.pkcs11._guard), and a gateway
+whose wrapping key lacks it says so at start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11 import exceptions as p11
+
+from hsmgw.v1 import crypto_pb2 as pb
+from router.pkcs11._keys import WRAP_MECHANISM
+from router.pkcs11.pool import WRAPPING_KEY_LABEL
+from tests.support import ROOT, unique
+
+CLUSTERS = ("use1-a", "use1-b", "usw2-a")
+
+
+def _wrapping_key(session: Any) -> Any:
+    return session.get_key(object_class=ObjectClass.SECRET_KEY, label=WRAPPING_KEY_LABEL)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_every_clusters_wrapping_key_makes_unwrapped_keys_sensitive(tokens: Any, cluster: str) -> None:
+    guard = tokens.module.unwrap_guard
+    assert guard is not None
+    assert guard.guards(_wrapping_key(tokens.session(cluster)))
+
+
+@pytest.mark.parametrize("algorithm", [pb.KEY_ALGORITHM_AES_256, pb.KEY_ALGORITHM_HMAC_SHA256])
+def test_a_pin_holder_cannot_unwrap_a_replicated_key_in_the_clear(crypto: Any, tokens: Any, algorithm: int) -> None:
+    key_id = unique("guard")
+    made = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=algorithm),
+                              timeout=30)
+    session = tokens.session(made.primary_cluster)
+    [secret] = [o for o in tokens.objects(made.primary_cluster, key_id) if o.object_class == ObjectClass.SECRET_KEY]
+    wrapping = _wrapping_key(session)
+    wrapped = wrapping.wrap_key(secret, mechanism=WRAP_MECHANISM)  # allowed: the key is extractable so
+    kind = KeyType.AES if algorithm == pb.KEY_ALGORITHM_AES_256 else KeyType.GENERIC_SECRET
+    for template in ({Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+                     {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: False},
+                     {Attribute.EXTRACTABLE: True}):
+        with pytest.raises(p11.TemplateInconsistent):
+            wrapping.unwrap_key(ObjectClass.SECRET_KEY, kind, wrapped, mechanism=WRAP_MECHANISM, store=False,
+                                template=template)
+    # As the gateway unwraps: sensitive, and only a trusted key may wrap it again.
+    copy = wrapping.unwrap_key(ObjectClass.SECRET_KEY, kind, wrapped, mechanism=WRAP_MECHANISM, store=False,
+                               template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                                         Attribute.WRAP_WITH_TRUSTED: True})
+    with pytest.raises(p11.AttributeSensitive):
+        copy[Attribute.VALUE]
+
+
+def test_external_keys_and_replication_still_work_under_the_template(crypto: Any) -> None:
+    """Every unwrap the gateway makes (replicas, EXTERNAL keys as session objects) fits the template."""
+    for storage in (pb.KEY_STORAGE_TOKEN, pb.KEY_STORAGE_EXTERNAL):
+        key_id = unique("guarded")
+        made = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, storage=storage,
+                                                        algorithm=pb.KEY_ALGORITHM_AES_256), timeout=30)
+        if storage == pb.KEY_STORAGE_TOKEN:
+            assert made.replicas, "a DR copy was made (wrapped on its primary, unwrapped on the replica)"
+        sealed = crypto.Encrypt(pb.EncryptRequest(key_id=key_id, algorithm=pb.ALGORITHM_AES_GCM, plaintext=b"p"),
+                                timeout=10)
+        opened = crypto.Decrypt(pb.DecryptRequest(key_id=key_id, algorithm=pb.ALGORITHM_AES_GCM,
+                                                  ciphertext=sealed.ciphertext, iv=sealed.iv), timeout=10)
+        assert opened.plaintext == b"p"
+
+
+UNGUARDED = textwrap.dedent("""
+    import logging, sys
+    from pathlib import Path
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    from gateway.app import build_router
+    from gateway.config import load
+    from gateway.fleet import init_fleet
+    from router.pkcs11 import load_module
+    from router.pkcs11.pool import WRAPPING_KEY_LABEL
+
+    fleet = init_fleet(Path(sys.argv[1]), listen="127.0.0.1:0")
+    config = load(fleet.config_path)
+    import os, tomllib
+    os.environ.update(config.pkcs11.env)  # this fleet's tokens, not the caller's
+    so_pin = tomllib.loads(fleet.secrets_path.read_text())["clusters"]["usw2-a"]["so_pin"]
+    module = load_module(config.pkcs11.module)
+    session = module.token("usw2-a").open(rw=True, so_pin=so_pin)
+    old = session.get_key(object_class=ObjectClass.SECRET_KEY, label=WRAPPING_KEY_LABEL)
+    old.destroy()
+    session.create_object({  # a wrapping key as a ceremony without the template makes it
+        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.VALUE: bytes(32),
+        Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+        Attribute.TRUSTED: True, Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.LABEL: WRAPPING_KEY_LABEL,
+        Attribute.ID: WRAPPING_KEY_LABEL.encode()})
+    session.close()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
+    build_router(config, reconcile_at_start=False).close()
+""")
+
+
+def test_a_wrapping_key_without_the_template_is_named_at_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}  # never the shared fleet's tokens
+    out = subprocess.run([sys.executable, "-c", UNGUARDED, str(tmp_path / "fleet")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    warned = [line for line in out.stdout.splitlines() if "unwrap template" in line]
+    assert len(warned) == 1, out.stdout
+    assert warned[0].startswith("WARNING cluster usw2-a: the replication wrapping key '_hsmgw/replication' has no "
+                                "unwrap template"), warned
+    assert "in the clear" in warned[0] and "docs/security.md" in warned[0]
