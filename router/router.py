@@ -1036,6 +1036,10 @@ class Router:
     def list_keys(self, prefix: str, page_size: int, page_token: str) -> tuple[list[Placement], str]:
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative")
+        if page_token and not (validation.is_key_id(page_token) and page_token.startswith(prefix)):
+            # A token is the last key id of a page of this prefix: anything else would silently
+            # skip the keys that sort before it.
+            raise InvalidArgument("page_token is not one a listing of this prefix returned; list again without it")
         size = min(page_size or 100, 1000)
         try:
             page = self.store.list(prefix=prefix, after=page_token, limit=size + 1)

@@ -23,6 +23,15 @@ MAX_BATCH = 1000
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 
 
+def is_key_id(value: str) -> bool:
+    """Whether ``value`` is a well-formed key id (``key_id`` says what is wrong with one that is not)."""
+    try:
+        key_id(value)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def key_id(value: str) -> str:
     if not value:
         raise InvalidArgument("key_id is required")
