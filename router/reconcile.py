@@ -113,8 +113,9 @@ class ReconcileReport:
                     f"request (hsmctl reconcile --fix); {len(self.unknown)} objects no record names and "
                     f"{len(self.duplicates)} duplicate objects (left for an operator), {len(self.unreachable)} "
                     "unreachable clusters")
-        return (f"{len(self.stale_intents)} unfinished creations rolled back, {len(self.orphans)} orphan objects "
-                f"removed, {len(self.unknown)} objects no record names (left alone), "
+        return (f"{len(self.stale_intents)} unfinished creations rolled back, {len(self.removed)} orphan objects "
+                f"removed ({len(self.orphans) - len(self.removed)} not), {len(self.unknown)} objects no record names "
+                "(left alone), "
                 f"{len(self.missing)} missing copies ({len(self.dropped)} dropped from their records), "
                 f"{len(self.duplicates)} duplicate objects "
                 f"(left for an operator), {len(self.unreachable)} unreachable clusters")
@@ -194,6 +195,8 @@ def reconcile(
                                                                                                      key_id)
             if why == UNKNOWN:
                 report.unknown.append((name, key_id))
+            elif why == NOT_DESTROYED:  # still an orphan, for the next reconcile
+                report.orphans.append((name, key_id))
             elif why:
                 log.info("reconcile: %s on %s left alone: %s", key_id, name, why)
             else:
@@ -281,6 +284,8 @@ def _drop_missing(router: Router, name: str, key_id: str, deadline: float) -> bo
     return True
 
 
+NOT_DESTROYED = "the cluster did not destroy them"
+"""What ``_destroy_orphan`` answers when the destroy itself failed (logged): still an orphan."""
 UNKNOWN = "no record in the placement store names the key"
 """What ``_why_not_an_orphan`` answers for objects whose key id the store has no record of."""
 
@@ -338,7 +343,7 @@ def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> 
         router.backends[name].destroy(key_id, deadline, unless=keep)
     except RouterError as exc:
         log.error("reconcile: could not destroy orphan %s on %s: %s", key_id, name, exc.message)
-        return ""
+        return NOT_DESTROYED
     if why and why[0]:
         return why[0]
     log.warning("reconcile: destroyed orphan %s on %s", key_id, name)

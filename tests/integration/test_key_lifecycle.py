@@ -547,3 +547,22 @@ def test_a_rollback_that_cannot_reach_a_replica_keeps_the_record_until_reconcile
     assert key_id in report.stale_intents and not any(k == key_id for _, k in report.unknown)
     assert tokens.objects("usw2-a", key_id) == []
     assert router.store.get(key_id) is None
+
+
+def test_an_orphan_the_cluster_fails_to_destroy_stays_a_finding_and_is_not_counted_removed(
+    make_router, tokens, monkeypatch
+) -> None:
+    router = make_router()
+    key = router.generate_key(_spec(unique("undestroyed")), time.monotonic() + 30)
+    stray = _stray_copy(router, key)
+
+    def refuse(*_args: object, **_kwargs: object) -> int:
+        raise ClusterDown(f"cluster {stray} is not reachable", cluster=stray)
+
+    monkeypatch.setattr(router.backends[stray], "destroy", refuse)
+    report = reconcile(router, fix=True)
+    assert (stray, key.key_id) in report.orphans and (stray, key.key_id) not in report.removed
+    assert "orphan objects removed (" in report.summary() and len(tokens.objects(stray, key.key_id)) == 2
+    monkeypatch.undo()
+    report = reconcile(router, fix=True)
+    assert (stray, key.key_id) in report.removed and tokens.objects(stray, key.key_id) == []
