@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -65,7 +66,12 @@ def test_a_stop_past_its_grace_cuts_calls_off_without_logging_in_again(tmp_path:
         stopped_at = time.monotonic()
         assert gateway.proc is not None
         gateway.proc.send_signal(signal.SIGTERM)
-        code = gateway.proc.wait(timeout=60)
+        try:
+            code: int | None = gateway.proc.wait(timeout=GRACE + CALLS_WAIT + CLOSE_WAIT + 10)
+        except subprocess.TimeoutExpired:  # the log says why: asserted first, below
+            gateway.proc.kill()
+            gateway.proc.wait()
+            code = None
         exited_after = time.monotonic() - stopped_at
         for thread in threads:
             thread.join(timeout=30)
@@ -79,17 +85,17 @@ def test_a_stop_past_its_grace_cuts_calls_off_without_logging_in_again(tmp_path:
     assert stopped, "the gateway never said it stopped"
     before, after = lines[:stopped[0]], lines[stopped[0] + 1:]
 
-    assert code == 0
-    assert sorted(outcomes) == ["UNAVAILABLE"] * CALLS, outcomes
-    # The stop is bounded: the grace, the wait for the calls, the pools' close, and a little.
-    assert exited_after < GRACE + CALLS_WAIT + CLOSE_WAIT + 3, exited_after
-    # Said before it stopped: how many calls were cut off, and what they leave behind.
-    assert any(f"{CALLS} call(s) still running" in line and "cut off" in line for line in before), \
-        "\n".join(before[-30:])
-    left = [line for line in before if "left CREATING" in line]
-    assert left and all(f"cut/k{i}" in left[0] for i in range(CALLS)), left
     # Nothing logs in, opens a session or makes a key once "stopped" is logged.
     assert not [line for line in after if "logged in again" in line or "repaired stale session" in line], after
     assert not [line for line in after if FORBIDDEN.search(line)], [line for line in after if FORBIDDEN.search(line)]
     assert not [line for line in after if "Traceback" in line or " ERROR " in line], after
     assert not [line for line in after if "created on" in line], after
+    # Said before it stopped: how many calls were cut off, and what they leave behind.
+    assert any(f"{CALLS} call(s) still running" in line and "cut off" in line for line in before), \
+        "\n".join(before[-30:])
+    left = [line for line in before if "left CREATING" in line]
+    assert left and all(f"cut/k{i}" in left[0] for i in range(CALLS)), left
+    # The stop is bounded: the grace, the wait for the calls, the pools' close, and a little.
+    assert code == 0, "the gateway had to be killed" if code is None else code
+    assert exited_after < GRACE + CALLS_WAIT + CLOSE_WAIT + 3, exited_after
+    assert sorted(outcomes) == ["UNAVAILABLE"] * CALLS, outcomes
