@@ -87,6 +87,11 @@ def region_service_name(region: str) -> str:
     return f"hsmgw.region.{region}"
 
 
+CALLS_TIMEOUT = 5.0
+"""Seconds a stop waits, after its grace, for calls still running (the fast paths' and grpcio's
+alike) before it closes the clusters' sessions under them."""
+
+
 class Gateway:
     """A running gateway: the server, its router, and its health."""
 
@@ -280,17 +285,36 @@ class Gateway:
         self.draining.set()
         time.sleep(min(0.5, grace / 4))
         self.server.stop(grace).wait()
+        # grpcio's stop returns at the end of the grace having cancelled the calls, not
+        # ended them: their handlers (and the fast paths') may still be inside the router,
+        # in an HSM that is slow or does not answer. They get CALLS_TIMEOUT more, together.
+        end = time.monotonic() + CALLS_TIMEOUT
         for fast in self.fast_paths:
-            fast.stop()
+            fast.stop(max(0.0, end - time.monotonic()))
+        running = self._calls_running(end)
         self.crypto.close()
         if self.cloudwatch is not None:
             self.cloudwatch.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.monitor.stop()
+        for thread in (self._repairer, self._reconciler):  # a pass under way ends at its next key
+            if thread is not None and thread.ident is not None:
+                thread.join(max(0.0, end - time.monotonic()))
+        if running:
+            log.warning("%d call(s) still running %.0f s after the grace: cut off. Each fails at its next HSM "
+                        "call (UNAVAILABLE, to a client that is gone); no cluster opens a session or logs in again",
+                        running, CALLS_TIMEOUT)
         self._audit_logger.removeHandler(self._audit_handler)
         self.router.close()
         log.info("stopped")
+
+    def _calls_running(self, until: float) -> int:
+        """Wait until no call is being served, or ``until`` (monotonic); how many still are."""
+        active = self.metrics.requests.calls.active
+        while active and time.monotonic() < until:
+            time.sleep(0.05)
+        return len(active)
 
     def wait(self) -> None:
         self.server.wait_for_termination()

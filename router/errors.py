@@ -20,7 +20,8 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     │   ├── ClusterDown        device error/removed, token gone, timeouts
     │   ├── KeyOutOfReach      the clusters asked lack the key; one that may hold it could not answer
     │   ├── KeyBeingCreated    the key's creation is under way (in this region): retry here shortly
-    │   └── StaleSession       session/object handle invalid, logged out, operation left open
+    │   ├── StaleSession       session/object handle invalid, logged out, operation left open
+    │   └── Stopping           the gateway is stopping: the cluster's sessions are closed (no failover)
     ├── DeadlineExceeded       the caller's deadline passed
     └── InternalError          a bug; details are logged, never returned
         └── AmbiguousKey       a cluster holds two objects of a class for one key (fails over)
@@ -140,6 +141,14 @@ class StaleSession(Unavailable):
     """The session or a cached handle is no longer valid; reopen and retry."""
 
     reason = "STALE_SESSION"
+
+
+class Stopping(Unavailable):
+    """The gateway is stopping and has closed the cluster's sessions: a call still running
+    (one the stop cut off) gets no new session or login. Says nothing of the cluster's
+    health, and no other cluster of this gateway serves either: never failed over."""
+
+    reason = "GATEWAY_STOPPING"
 
 
 class DeadlineExceeded(RouterError):

@@ -34,6 +34,7 @@ from router.errors import (
     RequestConflict,
     ResourceExhausted,
     RouterError,
+    Stopping,
     Throttled,
     Unavailable,
 )
@@ -113,6 +114,9 @@ class Router:
         self._clock = clock
         self.wall_clock = wall_clock
         self._lock = threading.Lock()
+        self._closed = False
+        self._creating: set[str] = set()
+        """Keys whose creation runs in this process now (what a close cuts off leaves CREATING)."""
         self._cache = PlacementCache()
         self._public_keys: dict[str, bytes] = {}  # oldest first
         self._public_keys_lock = threading.Lock()
@@ -455,6 +459,15 @@ class Router:
         backend = self.backends.get(intent.primary)
         if backend is None:
             raise Unavailable(f"cluster {intent.primary} is not configured on this gateway")
+        with self._lock:
+            self._creating.add(intent.key_id)
+        try:
+            return self._make(intent, backend, deadline)
+        finally:
+            with self._lock:
+                self._creating.discard(intent.key_id)
+
+    def _make(self, intent: Placement, backend: HsmBackend, deadline: float) -> Placement:
         material: dict[str, bytes] = {}
         made = [intent.primary]
         try:
@@ -480,6 +493,9 @@ class Router:
             self.roll_back(intent)
             raise
         self._fault("created-on-hsm")
+        if self._closed:  # the store is closed too: the intent stays, for reconcile (close said so)
+            raise Stopping(f"the gateway is stopping; key {intent.key_id!r} was not finished, retry with the "
+                           "same request_id on another gateway")
         holds = self._policy_holds(intent.copies, made)
         state = KeyState.ENABLED if holds else KeyState.UNDER_REPLICATED
         replicas = tuple(n for n in made if n != intent.primary)
@@ -518,6 +534,8 @@ class Router:
             breaker = self.breakers[name]
             try:
                 self.backends[name].import_wrapped(key, wrapped, public_der, deadline)
+            except Stopping:
+                raise
             except RouterError as exc:
                 if isinstance(exc, (ClusterDown, Throttled)):
                     breaker.record_failure()
@@ -562,6 +580,9 @@ class Router:
         the intent back again later. False (and logged) when the record was not removed.
         """
         deadline = time.monotonic() + 10.0 if deadline is None else deadline
+        if self._closed:  # its sessions and the store are closed; close() named the key
+            log.debug("rollback of %s: the gateway is stopping; left to reconcile", intent.key_id)
+            return False
         try:
             intent = self.store.update(replace(intent, create_time=self.wall_clock()))
         except Conflict:
@@ -588,7 +609,13 @@ class Router:
                             "left there", intent.key_id, ", ".join(left))
                 return False
             self.store.delete(intent.key_id, intent.version)
+        except Stopping:  # the stop closed the clusters meanwhile; close() named the key
+            log.debug("rollback of %s: the gateway is stopping; left to reconcile", intent.key_id)
+            return False
         except (RouterError, StoreError, Conflict):
+            if self._closed:
+                log.debug("rollback of %s: the gateway is stopping; left to reconcile", intent.key_id, exc_info=True)
+                return False
             log.exception("rolling back key %s failed; the reconciler will finish it", intent.key_id)
             return False
         return True
@@ -1294,7 +1321,19 @@ class Router:
         A hung HSM would hang its ``C_CloseSession`` too, and a gateway must still stop:
         a cluster whose sessions have not closed after ``timeout`` seconds is left to
         the process's exit, which ends its sessions as the HSM sees it.
+
+        Calls still running fail at their next HSM call (``Stopping``): a closed cluster
+        opens no session and logs in no more. Keys they were creating stay CREATING, for
+        reconcile or a retry of their request (logged here, with their ids).
         """
+        with self._lock:
+            self._closed = True
+            cut_off = sorted(self._creating)
+        if cut_off:
+            log.warning("%d key creation(s) cut off by the stop, left CREATING: %s; a retry with the same "
+                        "request_id finishes each, or reconcile rolls it back once older than "
+                        "replication.creation_grace (%.0f s)", len(cut_off), ", ".join(cut_off), self.creation_grace)
+
         def close(name: str, backend: HsmBackend) -> None:
             try:
                 backend.close()

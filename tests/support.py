@@ -80,10 +80,12 @@ class GatewayProcess:
     started: list[GatewayProcess] = []
     """Every gateway started, in order: a failed test's report shows their logs (tests/conftest.py)."""
 
-    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None, workers: int = 1) -> None:
+    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None, workers: int = 1,
+                 grace: float = 2.0) -> None:
         self.config_path = config_path
         self.env = env or {}
         self.workers = workers  # `hsmgw serve` defaults to one per core; tests ask for what they test
+        self.grace = grace  # `serve --grace`: seconds a stop waits for the calls in flight
         self.command_prefix: list[str] = []  # a program that execs the gateway (chrt, …)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -102,7 +104,7 @@ class GatewayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*self.command_prefix, sys.executable, "-m", "gateway.cli.hsmgw", "serve",
-             "--config", str(self.config_path), "--port-file", str(self.port_file), "--grace", "2",
+             "--config", str(self.config_path), "--port-file", str(self.port_file), "--grace", str(self.grace),
              "--workers", str(self.workers)],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             # Human log lines unless a test asks otherwise: some tests read the log as text

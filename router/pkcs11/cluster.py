@@ -113,6 +113,8 @@ class Pkcs11Cluster(HsmBackend):
         HSM replacement every session may be stale at once. A crypto operation
         (``op``) is ``quick``: it waits for a session and runs for at most the
         cluster's ``call_timeout`` before the cluster counts as hung (see the pool).
+        Once the pool is closed (the gateway stops), any failure ends the call with
+        ``Stopping``: nothing is repaired.
         """
         quick = quick or op is not None
         attempts = self.spec.pool_size + 1
@@ -131,6 +133,10 @@ class Pkcs11Cluster(HsmBackend):
             except RouterError:
                 raise
             except p11.PKCS11Error as exc:
+                if self._pool.closed:
+                    # The stop closed the pool under this call (its close logged the token's
+                    # sessions out): the call ends here, with no repair and no log-in.
+                    raise self._pool.stopping() from exc
                 err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op, decrypting=decrypting)
                 if isinstance(err, InternalError):
                     log.error("cluster %s: unexpected PKCS #11 error", self.spec.name, exc_info=exc)
@@ -270,7 +276,10 @@ class Pkcs11Cluster(HsmBackend):
         search may list a new object twice, and destroying "the other one" deletes the key.
         """
         with self._changing(s, deadline):
-            yield self._destroy_objects(s, key_id)
+            swept = self._destroy_objects(s, key_id)
+            if self._pool.closed:  # the stop came during the sweep: make nothing
+                raise self._pool.stopping()
+            yield swept
 
     @contextlib.contextmanager
     def _changing(self, s: PooledSession, deadline: float) -> Iterator[None]:

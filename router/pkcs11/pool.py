@@ -15,6 +15,9 @@
 - Each checked-out session carries the time its call is due back. A PKCS #11 call
   cannot be interrupted, so ``hung`` only reports calls past their time; the health
   monitor opens the cluster's circuit while there are any.
+- A closed pool stays closed: a call still running when it closed (a stop cut it off)
+  gets ``Stopping`` for its next session, and a session it returns is closed. Nothing
+  opens a session or logs in again, not even to repair a session the close made stale.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.types import Key
 
-from router.errors import AmbiguousKey, SessionsBusy, Throttled, WrongKeyUsage
+from router.errors import AmbiguousKey, SessionsBusy, Stopping, Throttled, WrongKeyUsage
 from router.model import ClusterSpec, Placement
 from router.pkcs11 import _keys
 from router.pkcs11._module import Module, TokenObjects
@@ -283,6 +286,8 @@ class SessionPool:
         The request path calls this pair in a ``try``/``finally`` of its own: a generator
         context manager around each HSM call cost ~7 µs of CPU per call here.
         """
+        if self._closed:
+            raise self.stopping()
         allowance = self._allowance
         try:
             self._slots.get(False)  # a session free: no clock read, no timeout to work out
@@ -348,9 +353,24 @@ class SessionPool:
         with self._lock:
             self._epoch += 1
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stopping(self) -> Stopping:
+        """What a call on this pool gets once it is closed."""
+        return Stopping(f"the gateway is stopping: cluster {self.spec.name}'s sessions are closed",
+                        cluster=self.spec.name, region=self.spec.region)
+
     def relogin(self) -> None:
-        """Log in again after the token forgot our login (CKR_USER_NOT_LOGGED_IN)."""
+        """Log in again after the token forgot our login (CKR_USER_NOT_LOGGED_IN).
+
+        ``Stopping`` once the pool is closed: closing its login session logged out every
+        session of the token, and a call the stop cut off must not log in again.
+        """
         with self._lock, self._module.guard():
+            if self._closed:
+                raise self.stopping()
             try:
                 self._login.close()
             except p11.PKCS11Error:
@@ -365,6 +385,11 @@ class SessionPool:
             return self.spec.pool_size, opened, opened - len(self._idle), len(self._late())
 
     def close(self) -> None:
+        """Close the idle sessions, then the login session; refuse sessions from now on.
+
+        Sessions still checked out are closed as their calls hand them back. Closing the
+        login session logs out those too: their calls fail, and are not repaired.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -389,13 +414,22 @@ class SessionPool:
             return self._token.open(rw=True)
 
     def _new_session(self) -> PooledSession:
+        if self._closed:
+            raise self.stopping()
         with self._module.guard():
             handle = self._token.open(rw=True)
         with self._lock:
-            per_session = max(1, self.spec.unwrapped_cache // self.spec.pool_size)
-            session = PooledSession(handle, self._epoch, per_session, self.spec, self._objects)
-            self._sessions.add(session)
-            return session
+            if not self._closed:
+                per_session = max(1, self.spec.unwrapped_cache // self.spec.pool_size)
+                session = PooledSession(handle, self._epoch, per_session, self.spec, self._objects)
+                self._sessions.add(session)
+                return session
+        try:  # the pool closed meanwhile: so does this session
+            with self._module.guard():
+                handle.close()
+        except p11.PKCS11Error:
+            log.debug("cluster %s: closing a session failed", self.spec.name, exc_info=True)
+        raise self.stopping()
 
     def _close_session(self, session: PooledSession) -> None:
         with self._lock:
@@ -424,6 +458,8 @@ class SessionPool:
                 # Replace it now, so the pool is whole again without waiting for load.
                 try:
                     self._idle.append(self._new_session())
+                except Stopping:
+                    pass
                 except p11.PKCS11Error:
                     log.warning("cluster %s: could not reopen a session yet", self.spec.name)
             return

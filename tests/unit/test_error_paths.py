@@ -16,7 +16,7 @@ from pkcs11.types import Object, PrivateKey
 
 from gateway import status
 from router.backend import HsmBackend, PoolStats
-from router.errors import ClusterDown, KeyNotFound, StaleSession, Throttled, WrongKeyUsage
+from router.errors import ClusterDown, KeyNotFound, StaleSession, Stopping, Throttled, WrongKeyUsage
 from router.model import ClusterSpec, KeyAlgorithm, KeyState, KeyUsage, Operation, Placement
 from router.pkcs11._module import TokenObjects
 from router.pkcs11.cluster import Pkcs11Cluster
@@ -39,10 +39,13 @@ class _Session:
 
 
 class _Pool:
+    closed = False
+
     def __init__(self, relogin_fails: bool = False) -> None:
         self.opened = 0
         self.released: list[tuple[int, bool]] = []
         self.relogin_fails = relogin_fails
+        self.relogins = 0
 
     def acquire(self, deadline: float, quick: bool = False) -> _Session:
         self.opened += 1
@@ -52,8 +55,12 @@ class _Pool:
         self.released.append((session.number, session.broken))
 
     def relogin(self) -> None:
+        self.relogins += 1
         if self.relogin_fails:
             raise p11.TokenNotPresent()
+
+    def stopping(self) -> Stopping:
+        return Stopping("the gateway is stopping", cluster="use1-a")
 
 
 def _cluster(pool: _Pool, pool_size: int = 2) -> Pkcs11Cluster:
@@ -81,6 +88,20 @@ def test_a_login_that_cannot_be_made_again_is_the_clusters_fault() -> None:
     with pytest.raises(ClusterDown) as caught:
         _cluster(_Pool(relogin_fails=True))._run(time.monotonic() + 5, logged_out)
     assert caught.value.message == "cluster use1-a could not log in again (TokenNotPresent)"
+    assert status.code_for(caught.value) is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_call_whose_pool_the_stop_closed_ends_without_repair_or_log_in() -> None:
+    """Closing the pool logged its sessions out: the call must not log in again."""
+    pool = _Pool()
+
+    def logged_out(session: Any) -> None:
+        pool.closed = True
+        raise p11.UserNotLoggedIn()
+
+    with pytest.raises(Stopping) as caught:
+        _cluster(pool)._run(time.monotonic() + 5, logged_out)
+    assert pool.relogins == 0 and pool.released == [(1, False)]
     assert status.code_for(caught.value) is grpc.StatusCode.UNAVAILABLE
 
 

@@ -1,0 +1,101 @@
+"""A stop that outlasts its grace: calls still inside the HSM are cut off, and stay cut off.
+
+The HSM answers every call 500 ms late (faultmod ``latency``), so a GenerateKey takes
+far longer than the stop waits for it. Whatever those calls do once the gateway has
+said "stopped", they must not log in, open a session or make a key again.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from hsmgw.v1 import crypto_pb2 as pb
+from hsmgw.v1 import crypto_pb2_grpc
+from tests.chaos.conftest import faulty_fleet
+from tests.support import GatewayProcess, wait_for
+
+CALLS = 4
+GRACE = 1.0
+CALLS_WAIT = 5.0  # gateway.server.CALLS_TIMEOUT: how long a stop waits for calls after the grace
+CLOSE_WAIT = 5.0  # router.router.CLOSE_TIMEOUT
+# What a cut-off call must never do again: log in, open a session, make or copy a key.
+FORBIDDEN = re.compile(r"faultmod-trace: (C_Login|C_OpenSession|C_GenerateKey|C_GenerateKeyPair|C_UnwrapKey|"
+                       r"C_CreateObject) ")
+
+
+def test_a_stop_past_its_grace_cuts_calls_off_without_logging_in_again(tmp_path: Path, faultmod: Path) -> None:
+    fleet, control = faulty_fleet(tmp_path / "fleet", faultmod)
+    # A creation gives up at its deadline or after creation_grace / 2: both long enough here
+    # for every creation to be inside the HSM when the stop gives up waiting for it.
+    text = fleet.config_path.read_text()
+    text = text.replace("creation_grace = 3.0", "creation_grace = 120.0")
+    text = text.replace("probe_interval = 0.25\n", "probe_interval = 0.25\ndefault_deadline = 60.0\n")
+    assert "creation_grace = 120.0" in text and "default_deadline = 60.0" in text
+    fleet.config_path.write_text(text)
+    gateway = GatewayProcess(fleet.config_path, env={"FAULTMOD_TRACE": "1"}, grace=GRACE).start()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def create(i: int) -> None:
+        with grpc.insecure_channel(gateway.target) as channel:
+            stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+            try:
+                stub.GenerateKey(pb.GenerateKeyRequest(request_id=f"cut-{i}", key_id=f"cut/k{i}",
+                                                       algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=90)
+                outcome = "OK"
+            except grpc.RpcError as exc:
+                outcome = exc.code().name
+            with lock:
+                outcomes.append(outcome)
+
+    try:
+        control.set("*", "latency", 500)
+        threads = [threading.Thread(target=create, args=(i,), daemon=True) for i in range(CALLS)]
+        for thread in threads:
+            thread.start()
+        # Every creation inside the HSM: each has its intent recorded and its first object search begun.
+        wait_for(lambda: len(re.findall(r"faultmod-trace: C_FindObjectsInit ", gateway.log())) >= CALLS,
+                 timeout=20, what="the creations to reach the HSM")
+        stopped_at = time.monotonic()
+        assert gateway.proc is not None
+        gateway.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = gateway.proc.wait(timeout=GRACE + CALLS_WAIT + CLOSE_WAIT + 10)
+        except subprocess.TimeoutExpired:  # the log says why: asserted first, below
+            gateway.proc.kill()
+            gateway.proc.wait()
+            code = None
+        exited_after = time.monotonic() - stopped_at
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        control.clear()
+        gateway.stop()
+
+    log = gateway.log()
+    lines = log.splitlines()
+    stopped = [i for i, line in enumerate(lines) if line.endswith("gateway.server: stopped")]
+    assert stopped, "the gateway never said it stopped"
+    before, after = lines[:stopped[0]], lines[stopped[0] + 1:]
+
+    # Nothing logs in, opens a session or makes a key once "stopped" is logged.
+    assert not [line for line in after if "logged in again" in line or "repaired stale session" in line], after
+    assert not [line for line in after if FORBIDDEN.search(line)], [line for line in after if FORBIDDEN.search(line)]
+    assert not [line for line in after if "Traceback" in line or " ERROR " in line], after
+    assert not [line for line in after if "created on" in line], after
+    # Said before it stopped: how many calls were cut off, and what they leave behind.
+    assert any(f"{CALLS} call(s) still running" in line and "cut off" in line for line in before), \
+        "\n".join(before[-30:])
+    left = [line for line in before if "left CREATING" in line]
+    assert left and all(f"cut/k{i}" in left[0] for i in range(CALLS)), left
+    # The stop is bounded: the grace, the wait for the calls, the pools' close, and a little.
+    assert code == 0, "the gateway had to be killed" if code is None else code
+    assert exited_after < GRACE + CALLS_WAIT + CLOSE_WAIT + 3, exited_after
+    assert sorted(outcomes) == ["UNAVAILABLE"] * CALLS, outcomes
