@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -55,24 +54,27 @@ def test_a_stop_past_its_grace_cuts_calls_off_without_logging_in_again(tmp_path:
             with lock:
                 outcomes.append(outcome)
 
+    def searches() -> int:
+        return len(re.findall(r"faultmod-trace: C_FindObjectsInit ", gateway.log()))
+
     try:
+        started = searches()  # the start-up's own (each cluster's wrapping key is looked at)
         control.set("*", "latency", 500)
         threads = [threading.Thread(target=create, args=(i,), daemon=True) for i in range(CALLS)]
         for thread in threads:
             thread.start()
         # Every creation inside the HSM: each has its intent recorded and its first object search begun.
-        wait_for(lambda: len(re.findall(r"faultmod-trace: C_FindObjectsInit ", gateway.log())) >= CALLS,
-                 timeout=20, what="the creations to reach the HSM")
-        stopped_at = time.monotonic()
+        wait_for(lambda: searches() >= started + CALLS, timeout=20, what="the creations to reach the HSM")
         assert gateway.proc is not None
         gateway.proc.send_signal(signal.SIGTERM)
         try:
-            code: int | None = gateway.proc.wait(timeout=GRACE + CALLS_WAIT + CLOSE_WAIT + 10)
+            # Bounded: the grace, the wait for the calls, the pools' close; the rest is slack for a
+            # busy machine (this is no measure of speed).
+            code: int | None = gateway.proc.wait(timeout=GRACE + CALLS_WAIT + CLOSE_WAIT + 30)
         except subprocess.TimeoutExpired:  # the log says why: asserted first, below
             gateway.proc.kill()
             gateway.proc.wait()
             code = None
-        exited_after = time.monotonic() - stopped_at
         for thread in threads:
             thread.join(timeout=30)
     finally:
@@ -95,7 +97,6 @@ def test_a_stop_past_its_grace_cuts_calls_off_without_logging_in_again(tmp_path:
         "\n".join(before[-30:])
     left = [line for line in before if "left CREATING" in line]
     assert left and all(f"cut/k{i}" in left[0] for i in range(CALLS)), left
-    # The stop is bounded: the grace, the wait for the calls, the pools' close, and a little.
+    # The stop ended by itself (not killed at the bound above), as a stop does.
     assert code == 0, "the gateway had to be killed" if code is None else code
-    assert exited_after < GRACE + CALLS_WAIT + CLOSE_WAIT + 3, exited_after
     assert sorted(outcomes) == ["UNAVAILABLE"] * CALLS, outcomes
