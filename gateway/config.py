@@ -597,13 +597,31 @@ def load_pins(config: GatewayConfig, environ: dict[str, str] | None = None) -> d
             raise ConfigError("secrets.file: expected [clusters.<name>] tables with user_pin")
         entry = table.get(cluster.name, {})
         pin = entry.get("user_pin") if isinstance(entry, dict) else None
-        if not isinstance(pin, str) or not pin:
+        if pin is not None and not isinstance(pin, str):
+            # Never the value: say only what it is, and how to write it.
+            raise ConfigError(
+                f"secrets.file: clusters.{cluster.name}.user_pin in {config.secrets.file} is a "
+                f"{_toml_type(pin)}, not a string: quote it (user_pin = \"…\")"
+            )
+        if not pin:
             raise ConfigError(
                 f"no user PIN for cluster {cluster.name}: set {env_name} or "
                 f"clusters.{cluster.name}.user_pin in the secrets file"
             )
         pins[cluster.name] = Secret(pin)
     return pins
+
+
+def _toml_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, list):
+        return "array"
+    return "date or time"
 
 
 def _read_secrets_file(path: Path) -> dict[str, Any]:

@@ -499,11 +499,18 @@ def test_invalid_secrets_toml_error_never_shows_the_pin(tmp_path: Path) -> None:
     assert "Tr0ub4dor" not in _full_text(info.value)
 
 
-def test_pin_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path) -> None:
-    config = config_with_secrets(tmp_path, secrets="[clusters.use1-a]\nuser_pin = 918273645\n")
-    with pytest.raises(ConfigError, match="use1-a") as info:
+@pytest.mark.parametrize("value, kind", [("918273645", "number"), ("9182.73645", "number"), ("true", "boolean"),
+                                         ("[918273645]", "array")])
+def test_pin_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path, value: str, kind: str) -> None:
+    """The key is set, only not as a string: "no user PIN … set it" sent operators looking elsewhere."""
+    config = config_with_secrets(tmp_path, secrets=f"[clusters.use1-a]\nuser_pin = {value}\n")
+    with pytest.raises(ConfigError) as info:
         load_pins(config, environ={"HSMGW_PIN_USE1_B": "b", "HSMGW_PIN_USW2_A": "c"})
-    assert "918273645" not in _full_text(info.value)
+    assert str(info.value) == (
+        f"secrets.file: clusters.use1-a.user_pin in {tmp_path / 'secrets.toml'} is a {kind}, not a string: "
+        'quote it (user_pin = "…")'
+    )
+    assert "918273645" not in _full_text(info.value) and "9182.7" not in _full_text(info.value)
 
 
 def test_secrets_file_with_clusters_as_array_is_a_config_error(tmp_path: Path) -> None:
