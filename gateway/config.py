@@ -529,11 +529,13 @@ def _tls(table: dict[str, Any] | None, base_dir: Path) -> TlsConfig | None:
 def load(path: str | Path) -> GatewayConfig:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (at byte offset {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(data, path.resolve().parent)
@@ -629,10 +631,19 @@ def _read_secrets_file(path: Path) -> dict[str, Any]:
         st = path.stat()
     except FileNotFoundError:
         raise ConfigError(f"secrets.file: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"secrets.file: cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"secrets.file: {path} is a directory, not a file")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"secrets.file: {path} is open to its group or others; run: chmod 600 {path}")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"secrets.file: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        # Neither the byte nor where it is: it could be part of a PIN.
+        raise ConfigError(f"secrets.file: {path} is not UTF-8 text; TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError:
         # The parser's message could quote a PIN; say only where.
         raise ConfigError(f"secrets.file: {path} is not valid TOML") from None

@@ -487,6 +487,39 @@ def test_missing_secrets_file_names_the_key(tmp_path: Path) -> None:
         load_pins(parse(data, tmp_path), environ={})
 
 
+def test_secrets_file_that_is_a_directory_or_unreadable_names_the_key(tmp_path: Path, monkeypatch: Any) -> None:
+    data = valid_data()
+    (tmp_path / "secrets.d").mkdir(mode=0o700)
+    data["secrets"] = {"file": "secrets.d"}
+    with pytest.raises(ConfigError, match=r"^secrets\.file: .*secrets\.d is a directory, not a file$"):
+        load_pins(parse(data, tmp_path), environ={})
+
+    config = config_with_secrets(tmp_path)
+
+    def refused(self: Path, *args: Any, **kwargs: Any) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refused)  # owner-only files: root reads them anyway
+    with pytest.raises(ConfigError, match=r"^secrets\.file: cannot read .*secrets\.toml: Permission denied$"):
+        load_pins(config, environ={})
+
+
+def test_secrets_file_not_utf8_is_refused_without_showing_the_byte(tmp_path: Path) -> None:
+    config = config_with_secrets(tmp_path, secrets="")
+    (tmp_path / "secrets.toml").write_bytes(b'[clusters.use1-a]\nuser_pin = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_pins(config, environ={})
+    assert str(info.value) == f"secrets.file: {tmp_path / 'secrets.toml'} is not UTF-8 text; TOML files are UTF-8"
+    assert "xe9" not in _full_text(info.value) and "caf" not in _full_text(info.value)
+
+
+def test_config_file_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "hsmgw.toml"
+    path.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"^{path}: not UTF-8 text \\(at byte offset 5\\); TOML files are UTF-8$"):
+        load(path)
+
+
 def _full_text(exc: BaseException) -> str:
     """What a log with traceback would show for ``exc``."""
     return "".join(traceback.format_exception(exc))
