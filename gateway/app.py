@@ -5,15 +5,38 @@ from __future__ import annotations
 import logging
 import os
 
-from gateway.config import GatewayConfig, load_pins
+from gateway.config import ConfigError, GatewayConfig, load_pins
 from router.backend import HsmBackend
 from router.model import ReplicationPolicy
 from router.pkcs11 import Pkcs11Cluster, load_module
+from router.placement import PlacementStore, StoreMisconfigured
 from router.placement.factory import make_store
 from router.reconcile import reconcile
 from router.router import Router, Topology
 
 log = logging.getLogger(__name__)
+
+
+def open_store(config: GatewayConfig) -> PlacementStore:
+    """The placement store, read once: a wrong ``[store] url`` fails here, before any HSM login.
+
+    Raises ``ConfigError`` (naming ``store.url``) when the store cannot be used whatever
+    the time (a SQLite file's directory missing, a DynamoDB table that does not exist),
+    ``StoreError`` when it may come back (unreachable, throttled).
+    """
+    try:
+        store = make_store(config.store.url, config.base_dir)
+    except StoreMisconfigured as exc:
+        raise ConfigError(f"store.url: {exc}") from None
+    try:
+        store.change_counter()
+    except StoreMisconfigured as exc:
+        store.close()
+        raise ConfigError(f"store.url: {exc}") from None
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> Router:
@@ -23,11 +46,12 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
     creations and objects no placement names.
     """
     pins = load_pins(config)
-    for name, value in config.pkcs11.env.items():
-        os.environ[name] = value
-    module = load_module(config.pkcs11.module)
+    store = open_store(config)
     backends: dict[str, HsmBackend] = {}
     try:
+        for name, value in config.pkcs11.env.items():
+            os.environ[name] = value
+        module = load_module(config.pkcs11.module)
         for spec in config.clusters:
             backends[spec.name] = Pkcs11Cluster(module, spec, pins[spec.name])
             log.info("cluster %s (%s): %d sessions open", spec.name, spec.region, spec.pool_size)
@@ -43,10 +67,10 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
                     "waiting on this cluster when it hangs has no time left for a replica",
                     spec.name, spec.call_timeout, config.server.default_deadline,
                 )
-        store = make_store(config.store.url, config.base_dir)
     except BaseException:
         for backend in backends.values():
             backend.close()
+        store.close()
         raise
     topology = Topology(home_region=config.home_region, dr_regions=config.dr_regions, regions=config.regions)
     policy = ReplicationPolicy(

@@ -529,11 +529,13 @@ def _tls(table: dict[str, Any] | None, base_dir: Path) -> TlsConfig | None:
 def load(path: str | Path) -> GatewayConfig:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (at byte offset {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(data, path.resolve().parent)
@@ -597,7 +599,13 @@ def load_pins(config: GatewayConfig, environ: dict[str, str] | None = None) -> d
             raise ConfigError("secrets.file: expected [clusters.<name>] tables with user_pin")
         entry = table.get(cluster.name, {})
         pin = entry.get("user_pin") if isinstance(entry, dict) else None
-        if not isinstance(pin, str) or not pin:
+        if pin is not None and not isinstance(pin, str):
+            # Never the value: say only what it is, and how to write it.
+            raise ConfigError(
+                f"secrets.file: clusters.{cluster.name}.user_pin in {config.secrets.file} is a "
+                f"{_toml_type(pin)}, not a string: quote it (user_pin = \"…\")"
+            )
+        if not pin:
             raise ConfigError(
                 f"no user PIN for cluster {cluster.name}: set {env_name} or "
                 f"clusters.{cluster.name}.user_pin in the secrets file"
@@ -606,15 +614,36 @@ def load_pins(config: GatewayConfig, environ: dict[str, str] | None = None) -> d
     return pins
 
 
+def _toml_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, list):
+        return "array"
+    return "date or time"
+
+
 def _read_secrets_file(path: Path) -> dict[str, Any]:
     try:
         st = path.stat()
     except FileNotFoundError:
         raise ConfigError(f"secrets.file: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"secrets.file: cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"secrets.file: {path} is a directory, not a file")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"secrets.file: {path} is open to its group or others; run: chmod 600 {path}")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"secrets.file: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        # Neither the byte nor where it is: it could be part of a PIN.
+        raise ConfigError(f"secrets.file: {path} is not UTF-8 text; TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError:
         # The parser's message could quote a PIN; say only where.
         raise ConfigError(f"secrets.file: {path} is not valid TOML") from None

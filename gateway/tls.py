@@ -10,7 +10,13 @@ again on :meth:`ServerCredentials.reload` (SIGHUP). gRPC asks the credentials fo
 configuration before every new handshake; a reload therefore affects new
 connections only and never drops a connection or a request in flight. Files that
 fail the checks (missing, unreadable, key not matching the certificate, key
-readable by others) are refused and the current material stays in use.
+readable by others, a server certificate that has expired or is not valid yet) are
+refused and the current material stays in use; at start-up they stop the gateway.
+A ``not_valid_before`` up to :data:`NOT_BEFORE_SKEW` ahead of this host's clock is
+accepted: a certificate issued a moment ago on a host whose clock runs a little
+ahead is valid. A client CA certificate outside its validity is logged (every client
+whose certificate it signed fails the handshake) but not refused: a bundle may hold
+an old CA next to the current one.
 
 Errors are :class:`gateway.config.ConfigError` naming the key path
 (``server.tls.key_file: …``); they never quote file contents.
@@ -29,7 +35,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +52,14 @@ log = logging.getLogger(__name__)
 SPIFFE_TRUST_DOMAIN = "hsmgw"
 DEV_SERVER_HOSTS = ("127.0.0.1", "::1", "localhost")
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NOT_BEFORE_SKEW = datetime.timedelta(minutes=5)
+"""How far a certificate's ``not_valid_before`` may be ahead of this host's clock."""
+_SKEW_MINUTES = f"{NOT_BEFORE_SKEW.total_seconds() / 60:g}"
+_EXPIRY_WARNING = datetime.timedelta(days=14)
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 # -- loading and reloading ---------------------------------------------------------
@@ -82,8 +96,8 @@ def _certificates(data: bytes, path: Path, key: str) -> list[x509.Certificate]:
     return certs
 
 
-def load_material(tls: TlsConfig) -> TlsMaterial:
-    """Read and check the certificate, its key and the client CA."""
+def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> TlsMaterial:
+    """Read and check the certificate, its key and the client CA, at ``now`` (default: the clock)."""
     chain = _read(tls.cert_file, "cert_file")
     leaf = _certificates(chain, tls.cert_file, "cert_file")[0]
     try:
@@ -105,20 +119,48 @@ def load_material(tls: TlsConfig) -> TlsMaterial:
             f"server.tls.key_file: {tls.key_file} is not the key of the certificate in {tls.cert_file}"
         )
     client_ca = _read(tls.client_ca_file, "client_ca_file")
-    _certificates(client_ca, tls.client_ca_file, "client_ca_file")
-    material = TlsMaterial(
+    cas = _certificates(client_ca, tls.client_ca_file, "client_ca_file")
+    now = now or _utcnow()
+    fingerprint = leaf.fingerprint(hashes.SHA256()).hex()
+    # A certificate outside its validity fails every client's verification: refuse it, as any bad file.
+    if leaf.not_valid_after_utc <= now:
+        raise ConfigError(f"server.tls.cert_file: the certificate in {tls.cert_file} ({fingerprint[:16]}) "
+                          f"expired at {leaf.not_valid_after_utc.isoformat()}")
+    if leaf.not_valid_before_utc > now + NOT_BEFORE_SKEW:
+        raise ConfigError(f"server.tls.cert_file: the certificate in {tls.cert_file} ({fingerprint[:16]}) is not "
+                          f"valid before {leaf.not_valid_before_utc.isoformat()}, and this host's clock says "
+                          f"{now.isoformat(timespec='seconds')} ({_SKEW_MINUTES} minutes of clock skew are allowed)")
+    if leaf.not_valid_after_utc - now < _EXPIRY_WARNING:
+        log.warning("server certificate %s expires at %s", fingerprint[:16], leaf.not_valid_after_utc.isoformat())
+    _check_client_cas(cas, tls.client_ca_file, now)
+    return TlsMaterial(
         cert_chain=chain,
         private_key=key_pem,
         client_ca=client_ca,
-        fingerprint=leaf.fingerprint(hashes.SHA256()).hex(),
+        fingerprint=fingerprint,
         not_after=leaf.not_valid_after_utc,
     )
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if material.not_after <= now:
-        log.error("server certificate %s expired at %s", material.fingerprint[:16], material.not_after.isoformat())
-    elif material.not_after - now < datetime.timedelta(days=14):
-        log.warning("server certificate %s expires at %s", material.fingerprint[:16], material.not_after.isoformat())
-    return material
+
+
+def _check_client_cas(cas: list[x509.Certificate], path: Path, now: datetime.datetime) -> None:
+    """Log client CA certificates outside their validity: clients they signed fail verification."""
+    problems = []
+    for ca in cas:
+        name = ca.subject.rfc4514_string()
+        if ca.not_valid_after_utc <= now:
+            problems.append(f"{name!r} expired at {ca.not_valid_after_utc.isoformat()}")
+        elif ca.not_valid_before_utc > now + NOT_BEFORE_SKEW:
+            problems.append(f"{name!r} is not valid before {ca.not_valid_before_utc.isoformat()}")
+        elif ca.not_valid_after_utc - now < _EXPIRY_WARNING:
+            log.warning("server.tls.client_ca_file: CA certificate %r in %s expires at %s", name, path,
+                        ca.not_valid_after_utc.isoformat())
+    if len(problems) == len(cas):
+        log.error("server.tls.client_ca_file: no certificate in %s is valid now (%s): every client fails the "
+                  "handshake until the file is replaced", path, "; ".join(problems))
+    else:
+        for problem in problems:
+            log.warning("server.tls.client_ca_file: CA certificate %s in %s: client certificates it signed fail "
+                        "the handshake", problem, path)
 
 
 def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
@@ -130,10 +172,11 @@ def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration
 class ServerCredentials:
     """mTLS server credentials whose certificate, key and client CA reload on demand."""
 
-    def __init__(self, tls: TlsConfig) -> None:
+    def __init__(self, tls: TlsConfig, *, clock: Callable[[], datetime.datetime] = _utcnow) -> None:
         self._tls = tls
+        self._clock = clock
         self._lock = threading.Lock()
-        self.material = load_material(tls)
+        self.material = load_material(tls, now=clock())
         self._pending: grpc.ServerCertificateConfiguration | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -144,7 +187,7 @@ class ServerCredentials:
     def reload(self) -> bool:
         """Re-read the files; new handshakes use them. False (and a log line) if they are bad."""
         try:
-            material = load_material(self._tls)
+            material = load_material(self._tls, now=self._clock())
         except ConfigError as exc:
             log.error("TLS reload refused, still serving certificate %s: %s", self.material.fingerprint[:16], exc)
             return False

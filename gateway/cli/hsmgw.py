@@ -117,6 +117,7 @@ def _serve(args: argparse.Namespace) -> None:
         except WorkerError as exc:
             fail(str(exc))
     from router.pkcs11 import LoginRefused
+    from router.placement import StoreError
 
     apply_scheduling(config.server.scheduling)  # before the pools and the server start their threads
     try:
@@ -124,6 +125,8 @@ def _serve(args: argparse.Namespace) -> None:
         router = build_router(config, reconcile_at_start=not args.worker_index)
     except (ConfigError, LoginRefused) as exc:  # a refused PIN tried again and again locks the user out
         fail(str(exc), code=EXIT_CONFIG)
+    except StoreError as exc:  # unreachable or throttled: it may answer when the gateway is started again
+        fail(f"store.url: {exc}")
     except (RuntimeError, FileNotFoundError) as exc:
         fail(str(exc))
     try:

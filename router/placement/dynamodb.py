@@ -32,7 +32,8 @@ condition raises ``Conflict`` carrying the record that won, taken from the
 cancellation reason itself (``ReturnValuesOnConditionCheckFailure=ALL_OLD``), so
 it is the state that beat us, not a later re-read. Every other failure — the
 endpoint unreachable, a timeout, throttling that outlasts the retries, a missing
-table, bad credentials — raises ``StoreError``. Timeouts and retries are short so
+table, bad credentials — raises ``StoreError``; a missing table raises its subclass
+``StoreMisconfigured``, as waiting will not make it appear. Timeouts and retries are short so
 that an unreachable store fails within about two seconds and the gateway can
 serve from its cache instead of hanging.
 
@@ -69,7 +70,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement.store import ChangeLog, Conflict, PlacementStore, Stale, StoreError
+from router.placement.store import ChangeLog, Conflict, PlacementStore, Stale, StoreError, StoreMisconfigured
 
 __all__ = ["DynamoStore", "TABLE_DEFINITION"]
 
@@ -235,6 +236,19 @@ class DynamoStore(PlacementStore):
 
     # -- plumbing
 
+    def _failed(self, operation: str, exc: ClientError) -> StoreError:
+        """The ``StoreError`` for an API error: ``StoreMisconfigured`` if the table does not exist."""
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        if code == "ResourceNotFoundException":
+            return StoreMisconfigured(
+                f"placement store dynamodb://{self.table}: no table {self.table!r} in {self.region}"
+                f"{f' at {self.endpoint_url}' if self.endpoint_url else ''} ({operation}: {code}); "
+                "check the table name, or create it with `hsmgw store init`"
+            )
+        return StoreError(f"placement store dynamodb://{self.table}: {operation} failed: "
+                          f"{code}: {error.get('Message', '')}")
+
     def _call(self, operation: str, **kwargs: Any) -> Item:
         """One non-conditional API call; any failure becomes ``StoreError``."""
         try:
@@ -243,11 +257,7 @@ class DynamoStore(PlacementStore):
         except ParamValidationError:
             raise  # a bug in this module, not an unavailable store
         except ClientError as exc:
-            error = exc.response.get("Error", {})
-            raise StoreError(
-                f"placement store dynamodb://{self.table}: {operation} failed: "
-                f"{error.get('Code', '')}: {error.get('Message', '')}"
-            ) from exc
+            raise self._failed(operation, exc) from exc
         except BotoCoreError as exc:
             raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
 
@@ -293,10 +303,7 @@ class DynamoStore(PlacementStore):
             except ClientError as exc:
                 error = exc.response.get("Error", {})
                 if error.get("Code") != "TransactionCanceledException":
-                    raise StoreError(
-                        f"placement store dynamodb://{self.table}: TransactWriteItems failed: "
-                        f"{error.get('Code', '')}: {error.get('Message', '')}"
-                    ) from exc
+                    raise self._failed("TransactWriteItems", exc) from exc
                 reasons: list[Item] = exc.response.get("CancellationReasons") or []
                 codes = {r.get("Code") for r in reasons}
                 if "ConditionalCheckFailed" in codes:
@@ -544,9 +551,7 @@ class DynamoStore(PlacementStore):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
                 raise Stale(name) from None
-            error = exc.response.get("Error", {})
-            raise StoreError(f"placement store dynamodb://{self.table}: PutItem failed: "
-                             f"{error.get('Code', '')}: {error.get('Message', '')}") from exc
+            raise self._failed("PutItem", exc) from exc
         except BotoCoreError as exc:
             raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
         return version + 1
@@ -567,9 +572,7 @@ class DynamoStore(PlacementStore):
                 try:
                     page = self._client.batch_get_item(RequestItems=request)
                 except ClientError as exc:
-                    error = exc.response.get("Error", {})
-                    raise StoreError(f"placement store dynamodb://{self.table}: BatchGetItem failed: "
-                                     f"{error.get('Code', '')}: {error.get('Message', '')}") from exc
+                    raise self._failed("BatchGetItem", exc) from exc
                 except BotoCoreError as exc:
                     raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
                 yield from page.get("Responses", {}).get(self.table, [])

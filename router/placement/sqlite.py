@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 import sys
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement.store import ChangeLog, Conflict, PlacementStore, Stale, StoreError
+from router.placement.store import ChangeLog, Conflict, PlacementStore, Stale, StoreError, StoreMisconfigured
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS placements (
@@ -123,6 +124,21 @@ def _values(p: Placement) -> tuple:  # type: ignore[type-arg]
     )
 
 
+def _unusable(path: Path) -> str | None:
+    """Why ``path`` cannot hold a store whatever the time (sqlite's own error does not say), if it cannot."""
+    directory = path.parent
+    if not directory.is_dir():
+        return f"the directory {directory} does not exist"
+    if path.is_dir():
+        return "it is a directory"
+    # The journal (-wal, -shm) is written next to the file: the directory must be writable too.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"this user ({os.getuid()}) cannot write to the directory {directory}"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"this user ({os.getuid()}) cannot read and write it"
+    return None
+
+
 class SqliteStore(PlacementStore):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -134,6 +150,9 @@ class SqliteStore(PlacementStore):
             self._db.executescript(_SCHEMA)
             self._migrate()
         except sqlite3.Error as exc:
+            problem = _unusable(Path(self.path))
+            if problem:
+                raise StoreMisconfigured(f"cannot open placement store {self.path}: {problem}") from exc
             raise StoreError(f"cannot open placement store {self.path}: {exc}") from exc
 
     def _migrate(self) -> None:

@@ -24,6 +24,16 @@ class StoreError(Exception):
     """The store is unreachable or failed; callers map it to UNAVAILABLE."""
 
 
+class StoreMisconfigured(StoreError):
+    """The store the URL names cannot be used as it is, and waiting will not change that.
+
+    A SQLite file whose directory does not exist or that this user cannot write, a
+    DynamoDB table that does not exist. A gateway starting on one stops for good
+    (a configuration error) instead of being restarted; other store errors (an
+    endpoint unreachable, throttling) may pass.
+    """
+
+
 class Conflict(Exception):
     """A conditional write lost: the record exists or changed meanwhile."""
 

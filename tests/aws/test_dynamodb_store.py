@@ -13,7 +13,7 @@ import pytest
 from botocore.stub import Stubber
 
 from router.model import KeyAlgorithm, KeyState, KeyUsage, Placement
-from router.placement import SqliteStore, StoreError
+from router.placement import SqliteStore, StoreError, StoreMisconfigured
 from router.placement.dynamodb import TABLE_DEFINITION, DynamoStore
 from router.placement.factory import make_store, parse_dynamodb_url
 from tests.aws.conftest import REGION, MotoServer
@@ -60,9 +60,11 @@ def test_create_table_is_idempotent(moto_server: MotoServer) -> None:
 
 
 def test_a_missing_table_is_a_store_error_naming_it(moto_server: MotoServer) -> None:
+    """One that waiting does not cure (StoreMisconfigured): a gateway starting on it stops for good."""
     store = DynamoStore("no-such-table", region=REGION, endpoint_url=moto_server.endpoint)
-    for call in (lambda: store.get("k"), lambda: store.create(placement("k")), store.change_counter):
-        with pytest.raises(StoreError, match="no-such-table"):
+    for call in (lambda: store.get("k"), lambda: store.create(placement("k")), store.change_counter,
+                 lambda: list(store.scan()), lambda: store.put_admin_record("switches", {}, 0)):
+        with pytest.raises(StoreMisconfigured, match="no table 'no-such-table' in us-east-1"):
             call()
     store.close()
 
@@ -142,8 +144,9 @@ def test_throttling_beyond_the_retries_is_a_store_error_not_a_crash() -> None:
     store = DynamoStore("t", region=REGION, client=client)
     with Stubber(client) as stub:
         stub.add_client_error("get_item", service_error_code="ProvisionedThroughputExceededException")
-        with pytest.raises(StoreError, match="ProvisionedThroughputExceeded"):
+        with pytest.raises(StoreError, match="ProvisionedThroughputExceeded") as info:
             store.get("k")
+        assert not isinstance(info.value, StoreMisconfigured), "throttling passes: a restart may succeed"
 
 
 # -- store URLs -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.fleet import Fleet, init_fleet
+from gateway.workers import EXIT_CONFIG
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.support import ROOT, running, unique
 
@@ -382,6 +384,66 @@ def test_serve_names_a_config_that_is_a_directory_or_not_toml_once(spare_fleet: 
     bad.write_text("[gateway\n")
     line = one_error_line(hsmgw("serve", "--config", str(bad), timeout=30))
     assert line.startswith(f"error: {bad}: not valid TOML") and line.count(str(bad)) == 1, line
+
+
+def _secrets_variant(fleet: Fleet, name: str, make: Callable[[Path], None]) -> Path:
+    """A config of ``fleet`` whose secrets file is ``name``, made by ``make``."""
+    make(fleet.state_dir / name)
+    return _edited(fleet, f"secrets-{name}", _replace('file = "secrets.toml"', f'file = "{name}"'))
+
+
+def _pin_as_number(path: Path) -> None:
+    pins = (path.parent / "secrets.toml").read_text()
+    path.write_text(re.sub(r'(?m)^user_pin = "[^"]*"$', "user_pin = 123456", pins))
+    path.chmod(0o600)
+
+
+def _latin1_pin(path: Path) -> None:
+    path.write_bytes((path.parent / "secrets.toml").read_bytes().replace(b'user_pin = "', b'user_pin = "\xe9', 1))
+    path.chmod(0o600)
+
+
+def _store_url(url: str) -> Callable[[str], str]:
+    return _replace('url = "sqlite:placements.db"', f'url = "{url}"')
+
+
+UNUSABLE_FILES: list[tuple[str, Callable[[Fleet], Path], str]] = [
+    ("secrets-file-is-a-directory", lambda f: _secrets_variant(f, "secrets-dir", lambda p: p.mkdir(0o700)),
+     "secrets.file: {state}/secrets-dir is a directory, not a file"),
+    ("secrets-file-not-utf8", lambda f: _secrets_variant(f, "secrets-latin1.toml", _latin1_pin),
+     "secrets.file: {state}/secrets-latin1.toml is not UTF-8 text; TOML files are UTF-8"),
+    ("pin-as-a-number", lambda f: _secrets_variant(f, "secrets-number.toml", _pin_as_number),
+     "secrets.file: clusters.use1-a.user_pin in {state}/secrets-number.toml is a number, not a string"),
+    ("sqlite-store-in-a-missing-directory",
+     lambda f: _edited(f, "store-no-dir", _store_url("sqlite:/nonexistent/dir/p.db")),
+     "store.url: cannot open placement store /nonexistent/dir/p.db: the directory /nonexistent/dir does not exist"),
+    ("sqlite-store-is-a-directory",
+     lambda f: _edited(f, "store-is-dir", _store_url(f"sqlite:{f.state_dir}")),
+     "store.url: cannot open placement store {state}: it is a directory"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "says"), UNUSABLE_FILES, ids=[c[0] for c in UNUSABLE_FILES])
+def test_serve_stops_for_good_on_a_secrets_file_or_store_it_cannot_use(
+    spare_fleet: Fleet, name: str, make: Callable[[Fleet], Path], says: str
+) -> None:
+    """One line and EX_CONFIG (systemd does not restart it), not a traceback and exit 1; and
+    a wrong store is found before any HSM login."""
+    config = make(spare_fleet)
+    result = hsmgw("serve", "--config", str(config), "--workers", "1", timeout=60)
+    line = one_error_line(result)
+    assert result.returncode == EXIT_CONFIG, line
+    assert says.format(state=spare_fleet.state_dir) in line, line
+    assert "sessions open" not in result.stdout + result.stderr, "logged in to the HSMs before failing"
+    assert "123456" not in result.stdout + result.stderr
+
+
+def test_serve_names_a_config_file_that_is_not_utf8(tmp_path: Path) -> None:
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(b'# caf\xe9\n[gateway]\n')
+    result = hsmgw("serve", "--config", str(config), timeout=30)
+    assert one_error_line(result) == f"error: {config}: not UTF-8 text (at byte offset 5); TOML files are UTF-8"
+    assert result.returncode == EXIT_CONFIG
 
 
 def test_hsmctl_refuses_to_list_the_keys_of_a_cluster_that_does_not_exist(gateway: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import re
 import signal
@@ -10,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from gateway.fleet import Fleet
-from gateway.tls import DevCerts, spiffe_id
+from gateway.tls import DevCerts, Issuer, spiffe_id
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 from tests.support import GatewayProcess, wait_for
 
@@ -183,3 +188,31 @@ def sighup_and_wait(gateway: GatewayProcess, marker: str, timeout: float = 10.0)
     assert gateway.proc is not None
     gateway.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: gateway.log().count(marker) > before, timeout, f"{marker!r} in the gateway log")
+
+
+def certificate_valid(
+    issuer: Issuer, not_before: datetime.datetime, not_after: datetime.datetime, *, ca: bool = False
+) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for 127.0.0.1 (or a CA), valid from ``not_before`` to ``not_after``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "validity test CA" if ca else "127.0.0.1")])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name if ca else issuer.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(key if ca else issuer.key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import queue
@@ -20,7 +21,15 @@ from cryptography.hazmat.primitives import hashes
 from gateway.fleet import Fleet
 from gateway.tls import DevCerts, issue_server, load_issuer, write_dev_certs, write_file
 from hsmgw.v1 import crypto_pb2 as pb
-from tests.security.helpers import POLICY, Client, sid, sighup_and_wait, tls_channel, write_config
+from tests.security.helpers import (
+    POLICY,
+    Client,
+    certificate_valid,
+    sid,
+    sighup_and_wait,
+    tls_channel,
+    write_config,
+)
 from tests.support import GatewayProcess, rpc_error, unique
 
 DIGEST = hashlib.sha256(b"reload").digest()
@@ -143,3 +152,23 @@ def test_bad_tls_files_on_reload_are_refused_and_the_current_ones_kept(
     assert f"server.tls.key_file: {own_certs.server_key} is open to its group or others" in gateway.log()
 
     assert _served_fingerprint(gateway.target, own_certs, "payments-app") == served
+
+
+def test_a_certificate_outside_its_validity_on_reload_is_refused_and_the_current_one_kept(
+    gateway: GatewayProcess, own_certs: DevCerts
+) -> None:
+    """An expired certificate taken on reload failed every new client's handshake."""
+    served = _served_fingerprint(gateway.target, own_certs, "payments-app")
+    issuer = load_issuer(own_certs.ca, own_certs.ca_key)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    cases = [(now - 30 * day, now - day, "expired at"), (now + day, now + 30 * day, "not valid before")]
+    for not_before, not_after, why in cases:
+        cert_pem, key_pem = certificate_valid(issuer, not_before, not_after)
+        write_file(own_certs.server_key, key_pem, private=True)
+        write_file(own_certs.server, cert_pem)
+        sighup_and_wait(gateway, "TLS reload refused")
+        assert f"server.tls.cert_file: the certificate in {own_certs.server} " in gateway.log()
+        assert why in gateway.log()
+        assert _served_fingerprint(gateway.target, own_certs, "payments-app") == served
+    assert "TLS reloaded" not in gateway.log()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import grpc
 import pytest
 
 from gateway.fleet import Fleet
-from gateway.tls import DevCerts
+from gateway.tls import DevCerts, load_issuer, write_file
 from gateway.workers import EXIT_CONFIG
 from hsmgw.v1 import crypto_pb2 as pb
-from tests.security.helpers import Client, tls_channel, write_config
+from tests.security.helpers import Client, certificate_valid, tls_channel, write_config
 from tests.support import ROOT, GatewayProcess, rpc_error
 
 
@@ -131,3 +132,26 @@ def test_hsmctl_speaks_mtls(tls_gateway: GatewayProcess, certs: DevCerts, connec
     assert "use1-a" in ok.stdout
     denied = hsmctl("payments-app", "clusters")
     assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+
+
+@pytest.mark.parametrize("days", [-1, 1], ids=["expired", "not-yet-valid"])
+def test_a_certificate_outside_its_validity_is_refused_at_start(
+    sec_fleet: Fleet, certs: DevCerts, policy_file: Path, tmp_path: Path, days: int
+) -> None:
+    """It used to serve with an ERROR line, and every client failed CERTIFICATE_VERIFY_FAILED."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    span = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if days < 0 else (
+        now + datetime.timedelta(days=1), now + datetime.timedelta(days=30))
+    cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), *span)
+    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    write_file(cert, cert_pem)
+    write_file(key, key_pem, private=True)
+    config = write_config(sec_fleet, f"tls-validity-{days}", tls=certs, policy=policy_file)
+    config.write_text(config.read_text().replace(f'cert_file = "{certs.server}"', f'cert_file = "{cert}"')
+                      .replace(f'key_file = "{certs.server_key}"', f'key_file = "{key}"'))
+    result = _serve(config)
+    assert result.returncode == EXIT_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {config}: server.tls.cert_file: the certificate in {cert} (")
+    assert ("expired at" if days < 0 else "not valid before") in last
+    assert "Traceback" not in result.stderr

@@ -487,6 +487,39 @@ def test_missing_secrets_file_names_the_key(tmp_path: Path) -> None:
         load_pins(parse(data, tmp_path), environ={})
 
 
+def test_secrets_file_that_is_a_directory_or_unreadable_names_the_key(tmp_path: Path, monkeypatch: Any) -> None:
+    data = valid_data()
+    (tmp_path / "secrets.d").mkdir(mode=0o700)
+    data["secrets"] = {"file": "secrets.d"}
+    with pytest.raises(ConfigError, match=r"^secrets\.file: .*secrets\.d is a directory, not a file$"):
+        load_pins(parse(data, tmp_path), environ={})
+
+    config = config_with_secrets(tmp_path)
+
+    def refused(self: Path, *args: Any, **kwargs: Any) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refused)  # owner-only files: root reads them anyway
+    with pytest.raises(ConfigError, match=r"^secrets\.file: cannot read .*secrets\.toml: Permission denied$"):
+        load_pins(config, environ={})
+
+
+def test_secrets_file_not_utf8_is_refused_without_showing_the_byte(tmp_path: Path) -> None:
+    config = config_with_secrets(tmp_path, secrets="")
+    (tmp_path / "secrets.toml").write_bytes(b'[clusters.use1-a]\nuser_pin = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_pins(config, environ={})
+    assert str(info.value) == f"secrets.file: {tmp_path / 'secrets.toml'} is not UTF-8 text; TOML files are UTF-8"
+    assert "xe9" not in _full_text(info.value) and "caf" not in _full_text(info.value)
+
+
+def test_config_file_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "hsmgw.toml"
+    path.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"^{path}: not UTF-8 text \\(at byte offset 5\\); TOML files are UTF-8$"):
+        load(path)
+
+
 def _full_text(exc: BaseException) -> str:
     """What a log with traceback would show for ``exc``."""
     return "".join(traceback.format_exception(exc))
@@ -499,11 +532,18 @@ def test_invalid_secrets_toml_error_never_shows_the_pin(tmp_path: Path) -> None:
     assert "Tr0ub4dor" not in _full_text(info.value)
 
 
-def test_pin_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path) -> None:
-    config = config_with_secrets(tmp_path, secrets="[clusters.use1-a]\nuser_pin = 918273645\n")
-    with pytest.raises(ConfigError, match="use1-a") as info:
+@pytest.mark.parametrize("value, kind", [("918273645", "number"), ("9182.73645", "number"), ("true", "boolean"),
+                                         ("[918273645]", "array")])
+def test_pin_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path, value: str, kind: str) -> None:
+    """The key is set, only not as a string: "no user PIN … set it" sent operators looking elsewhere."""
+    config = config_with_secrets(tmp_path, secrets=f"[clusters.use1-a]\nuser_pin = {value}\n")
+    with pytest.raises(ConfigError) as info:
         load_pins(config, environ={"HSMGW_PIN_USE1_B": "b", "HSMGW_PIN_USW2_A": "c"})
-    assert "918273645" not in _full_text(info.value)
+    assert str(info.value) == (
+        f"secrets.file: clusters.use1-a.user_pin in {tmp_path / 'secrets.toml'} is a {kind}, not a string: "
+        'quote it (user_pin = "…")'
+    )
+    assert "918273645" not in _full_text(info.value) and "9182.7" not in _full_text(info.value)
 
 
 def test_secrets_file_with_clusters_as_array_is_a_config_error(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage
-from router.placement import Conflict, PlacementStore, SqliteStore
+from router.placement import Conflict, PlacementStore, SqliteStore, StoreMisconfigured
 from tests.support import stored as make
 
 
@@ -252,3 +252,11 @@ def test_a_store_made_before_keys_could_be_held_opens_with_none_held(tmp_path: P
     assert old is not None and old.held is False
     store.update(dataclasses.replace(old, held=True))
     assert SqliteStore(path).get("app/old").held is True  # type: ignore[union-attr]
+
+
+def test_a_file_in_a_missing_directory_is_a_store_that_cannot_be_used_whatever_the_time(tmp_path: Path) -> None:
+    """A gateway stops for good on it (EX_CONFIG), rather than being restarted forever."""
+    with pytest.raises(StoreMisconfigured, match=f"the directory {tmp_path / 'nope'} does not exist$"):
+        SqliteStore(tmp_path / "nope" / "p.db")
+    with pytest.raises(StoreMisconfigured, match=f"cannot open placement store {tmp_path}: it is a directory$"):
+        SqliteStore(tmp_path)

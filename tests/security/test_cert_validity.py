@@ -1,0 +1,72 @@
+"""The server certificate must be valid now; a client CA outside its validity is logged."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, TlsConfig
+from gateway.tls import NOT_BEFORE_SKEW, ServerCredentials, load_issuer, load_material, write_dev_certs, write_file
+from tests.security.helpers import certificate_valid
+
+NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.timezone.utc)
+DAY = datetime.timedelta(days=1)
+
+
+def _tls(tmp_path: Path, not_before: datetime.datetime, not_after: datetime.datetime) -> TlsConfig:
+    certs = write_dev_certs(tmp_path / "dev", days=36500)
+    cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), not_before, not_after)
+    write_file(tmp_path / "server.pem", cert_pem)
+    write_file(tmp_path / "server-key.pem", key_pem, private=True)
+    return TlsConfig(cert_file=tmp_path / "server.pem", key_file=tmp_path / "server-key.pem", client_ca_file=certs.ca)
+
+
+def test_an_expired_certificate_is_refused_naming_the_file(tmp_path: Path) -> None:
+    tls = _tls(tmp_path, NOW - 30 * DAY, NOW - DAY)
+    with pytest.raises(ConfigError, match=r"^server\.tls\.cert_file: the certificate in .*server\.pem \(\w{16}\) "
+                                          r"expired at 2030-05-31T12:00:00\+00:00$"):
+        load_material(tls, now=NOW)
+
+
+def test_a_certificate_valid_from_a_few_minutes_ahead_is_taken_but_not_further(tmp_path: Path) -> None:
+    """Clock skew between the issuing host and this one: up to NOT_BEFORE_SKEW is accepted."""
+    tls = _tls(tmp_path, NOW + datetime.timedelta(minutes=4), NOW + 30 * DAY)
+    assert NOT_BEFORE_SKEW == datetime.timedelta(minutes=5)
+    assert load_material(tls, now=NOW).not_after == NOW + 30 * DAY
+    with pytest.raises(ConfigError, match=r"is not valid before 2030-06-01T12:04:00\+00:00, and this host's clock "
+                                          r"says 2030-06-01T11:58:00\+00:00 \(5 minutes of clock skew"):
+        load_material(tls, now=NOW - datetime.timedelta(minutes=2))
+
+
+def test_a_reload_with_a_certificate_that_expired_keeps_the_current_one(tmp_path: Path) -> None:
+    tls = _tls(tmp_path, NOW - DAY, NOW + DAY)
+    clock = [NOW]
+    credentials = ServerCredentials(tls, clock=lambda: clock[0])
+    served = credentials.material.fingerprint
+    clock[0] = NOW + 2 * DAY
+    assert credentials.reload() is False
+    assert credentials.material.fingerprint == served
+
+
+def test_an_expired_client_ca_is_logged_as_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    ca_pem, _ = certificate_valid(load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem")),
+                                  NOW - 30 * DAY, NOW - DAY, ca=True)
+    write_file(tmp_path / "old-ca.pem", ca_pem)
+    expired_only = TlsConfig(tls.cert_file, tls.key_file, tmp_path / "old-ca.pem")
+    with caplog.at_level(logging.WARNING, logger="gateway.tls"):
+        load_material(expired_only, now=NOW)  # served: the gateway's certificate is fine
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert caplog.records[0].getMessage().startswith(
+        f"server.tls.client_ca_file: no certificate in {tmp_path / 'old-ca.pem'} is valid now "
+        "('CN=validity test CA' expired at 2030-05-31T12:00:00+00:00): every client fails the handshake")
+
+    caplog.clear()
+    write_file(tmp_path / "bundle.pem", tls.client_ca_file.read_bytes() + ca_pem)
+    with caplog.at_level(logging.WARNING, logger="gateway.tls"):
+        load_material(TlsConfig(tls.cert_file, tls.key_file, tmp_path / "bundle.pem"), now=NOW)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "CA certificate 'CN=validity test CA' expired at" in caplog.records[0].getMessage()
