@@ -198,7 +198,8 @@ def test_orphan_objects_are_found_and_removed(make_router, tokens) -> None:
     key = router.generate_key(_spec(unique("orphan")), time.monotonic() + 30)
     stray = _stray_copy(router, key)
     report = reconcile(router, fix=False)
-    assert report.orphans == [(stray, key.key_id)] and report.unknown == []
+    assert (stray, key.key_id) in report.orphans  # other tests' keys share the fleet: theirs may show too
+    assert not [k for _, k in report.unknown if k == key.key_id]
     assert len(tokens.objects(stray, key.key_id)) == 2  # report only: nothing removed
     reconcile(router, fix=True)
     assert tokens.objects(stray, key.key_id) == []

@@ -68,9 +68,10 @@ def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_p
                      timeout=20, what="the lost copy in hsmgw_reconcile_findings")
             later = scrape(metrics_port)
             assert value(later, "hsmgw_reconcile_last_run_timestamp_seconds") > first
-            for kind in ("orphan", "duplicate", "stale_intent", "unreachable"):
+            for kind in ("orphan", "unknown", "duplicate", "stale_intent", "unreachable"):
                 assert value(later, "hsmgw_reconcile_findings", kind=kind) == 0, kind
-            assert ("reconcile (report only): 0 unfinished creations, 0 orphan objects, 1 missing copies "
+            assert ("reconcile (report only): 0 unfinished creations, 0 orphan objects, 0 objects no record "
+                    "names, 1 missing copies "
                     "(1 a fix would drop from their records), 0 duplicate objects, 0 unreachable clusters"
                     ) in gateway.log()
 

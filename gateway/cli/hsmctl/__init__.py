@@ -122,7 +122,9 @@ def _hint(details: str, tls: bool, connected: bool) -> str:
         if words in details:
             return hint
     if "Socket closed" in details or "Connection reset" in details:
-        if connected:  # not a refused handshake: the gateway went away during the call
+        # gRPC says "failed to connect to all addresses" when no connection came up (a refused
+        # handshake); the channel's READY notice may come after the error, so either tells.
+        if connected or not details.startswith("failed to connect"):  # the gateway went away during the call
             return "the gateway closed the connection during the call: it may have stopped or restarted (see its log)"
         return ("the gateway closed the connection: it may require TLS with a client certificate "
                 "(--ca, --cert, --key)" if not tls else
