@@ -22,7 +22,7 @@ from google.protobuf import timestamp_pb2
 from gateway import audit as audit_mod
 from gateway import status
 from gateway.interceptors import current_identity
-from gateway.quorum import PENDING, RUNNING, Change, ChangeBook, NotAnotherAdmin
+from gateway.quorum import LEASE, PENDING, RUN_LIMIT, RUNNING, Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
 from router.errors import FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
@@ -38,6 +38,11 @@ R = TypeVar("R")
 
 KEY_LIMIT_WARNING = 0.8
 """Share of a cluster's max_keys from which `hsmctl status` warns."""
+RECONCILE_FIX = "reconcile_fix_shown"
+"""The action of a reconcile fix, which repairs only the findings its request showed. (Earlier
+versions' "reconcile_fix" fixed whatever it found when approved; they refuse this name.)"""
+REBALANCE_RUN_LIMIT = 3600.0
+"""Seconds a rebalance's lease is renewed for (other actions: quorum.RUN_LIMIT): it moves key after key."""
 MISSING_HELD = "another named cluster holds the key: --fix drops this name and the repairer copies the key again"
 """A `missing` finding's detail when reconcile --fix will drop the name (router.reconcile)."""
 MISSING_UNHELD = "no other named cluster was seen to hold the key: --fix leaves the name (docs/operations.md)"
@@ -127,12 +132,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 "failover": lambda p: self._do_failover(p, True),
                 "failback": lambda p: self._do_failover(p, False),
                 "destroy_key": self._do_destroy,
-                "reconcile_fix": self._do_reconcile_fix,
+                RECONCILE_FIX: self._do_reconcile_fix,
+                "reconcile_fix": self._refuse_unlisted_fix,
                 "place_key": self._do_place,
                 "release_key": self._do_release,
             },
             quorum=quorum,
             ttl=change_ttl,
+            run_limits={"apply_rebalance": REBALANCE_RUN_LIMIT},
             clock=clock,
             on_event=self._audit_change,
         )
@@ -166,8 +173,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             # Two pending changes to one key would both run once approved, the last one winning.
             if subject is not None and _subject(pending.action, pending.params) == subject:
                 kind, name = subject
-                raise FailedPrecondition(f"change {pending.id} ({pending.action}) is pending for {kind} {name!r}; "
-                                         f"approve or reject that one first (hsmctl changes reject {pending.id})")
+                if pending.state == PENDING:
+                    raise FailedPrecondition(
+                        f"change {pending.id} ({pending.action}) is pending for {kind} {name!r}; approve or reject "
+                        f"that one first (hsmctl changes reject {pending.id})")
+                raise FailedPrecondition(
+                    f"change {pending.id} ({pending.action}) is running for {kind} {name!r}: wait for its result "
+                    f"(hsmctl changes list --all); one stuck shows interrupted within "
+                    f"{RUN_LIMIT + LEASE:.0f} s of its start, and then no longer holds the {kind}")
         return _change_pb(self.changes.request(identity, action, params))
 
     def _switched(self, kind: str) -> set[str]:
@@ -272,10 +285,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         key = self.router.destroy_key(params["key_id"], self._deadline())
         return f"{key.key_id} destroyed"
 
+    @staticmethod
+    def _refuse_unlisted_fix(params: dict[str, str]) -> str:
+        # Requested by an earlier version, whose fix never said what it would destroy (and which an
+        # earlier version would run unrestricted: fixes are now RECONCILE_FIX, which it does not know).
+        raise FailedPrecondition("this fix was requested without the findings it repairs, so it cannot say "
+                                 "what it would destroy: request it again (hsmctl reconcile --fix)")
+
     def _do_reconcile_fix(self, params: dict[str, str]) -> str:
-        if "findings" not in params:  # requested by an earlier version: it never said what it fixes
-            raise FailedPrecondition("this fix was requested without the findings it repairs, so it cannot say "
-                                     "what it would destroy: request it again (hsmctl reconcile --fix)")
+        if "findings" not in params:
+            self._refuse_unlisted_fix(params)
         approved = frozenset(findings_of(params))
         return reconcile(self.router, fix=True, only=approved).summary()
 
@@ -388,7 +407,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             response = pb.ReconcileResponse(findings=findings)
             if request.fix and findings:
                 fixable = sorted(report.fixable)
-                waiting = [c for c in self.changes.list() if c.state == PENDING and c.action == "reconcile_fix"]
+                waiting = [c for c in self.changes.list() if c.state == PENDING and c.action == RECONCILE_FIX]
                 if not fixable:
                     response.note = ("nothing here is for a fix: duplicates, objects no record names, unreachable "
                                      "clusters and keys that no named cluster holds are for an operator "
@@ -402,7 +421,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                      + f": approve it (hsmctl changes approve {pending.id}) or reject it"
                                      + ("" if same else "; findings it does not list need a request after it"))
                 else:
-                    response.change.CopyFrom(self._request(identity, "reconcile_fix", findings_params(fixable)))
+                    response.change.CopyFrom(self._request(identity, RECONCILE_FIX, findings_params(fixable)))
             return response
 
         return self._call(context, run)

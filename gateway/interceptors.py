@@ -411,7 +411,8 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         code = grpc.StatusCode.PERMISSION_DENIED.value[0]
 
         def refusal(i: int) -> Any:
-            return crypto_pb2.BatchSignResult(code=code, message=denied[i], reason="PERMISSION_DENIED")
+            return crypto_pb2.BatchSignResult(code=code, message=denied[i], reason="PERMISSION_DENIED",
+                                              request_id=items[i].request_id)
 
         if len(denied) == len(items):
             return crypto_pb2.BatchSignResponse(responses=[refusal(i) for i in range(len(items))])

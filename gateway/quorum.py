@@ -48,6 +48,11 @@ OPEN = (PENDING, RUNNING)
 """States of a change that has not ended (``list`` shows these by default)."""
 LEASE = 60.0
 """Seconds a runner's lease on a running change lasts; it renews it every third of that."""
+RUN_LIMIT = 300.0
+"""Seconds a runner renews its lease for, unless ``run_limits`` names its action: past that the
+action is stuck (an HSM call that never returns cannot be interrupted), its lease lapses and the
+change shows interrupted, so that it no longer holds its key. Should the action end after all,
+its result is written over that."""
 
 SWITCHES = "switches"
 """The admin record of the operator switches: ``{kind: [names]}``."""
@@ -138,9 +143,11 @@ class ChangeBook:
         on_event: Callable[[str, str, Change], None] = lambda actor, event, change: None,
         lease: float = LEASE,
         renew_every: float | None = None,
+        run_limits: dict[str, float] | None = None,
     ) -> None:
         """``lease``: seconds (on ``clock``) a runner's lease lasts; ``renew_every``: real seconds
-        between its renewals while the action runs (default: a third of the lease)."""
+        between its renewals while the action runs (default: a third of the lease); ``run_limits``:
+        seconds (on ``clock``) an action's lease is renewed for, by action (default ``RUN_LIMIT``)."""
         self._store = store
         self._lock = threading.Lock()  # this process's writers take turns; other processes are met by versions
         self._unrecorded: dict[str, Change] = {}  # changes that ran, by id, whose result the store did not take
@@ -151,6 +158,7 @@ class ChangeBook:
         self._on_event = on_event
         self._lease = lease
         self._renew_every = lease / 3 if renew_every is None else renew_every
+        self._run_limits = dict(run_limits or {})
 
     # -- records
 
@@ -296,7 +304,8 @@ class ChangeBook:
         if not claimed:
             return change
         stop = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(change_id, runner, stop), daemon=True,
+        until = self._clock() + self._run_limits.get(change.action, RUN_LIMIT)
+        renewer = threading.Thread(target=self._renew, args=(change_id, runner, stop, until), daemon=True,
                                    name=f"lease-{change_id}")
         renewer.start()
         try:
@@ -332,14 +341,20 @@ class ChangeBook:
             answer = dataclasses.replace(answer, result=f"{answer.result} (not in the audit log: {exc.message})")
         return answer
 
-    def _renew(self, change_id: str, runner: str, stop: threading.Event) -> None:
-        """Renew ``runner``'s lease on a running change until ``stop`` is set."""
+    def _renew(self, change_id: str, runner: str, stop: threading.Event, until: float) -> None:
+        """Renew ``runner``'s lease on a running change until ``stop`` is set, or ``until`` (on
+        ``clock``) passes: an action still running then is stuck, and its lease may lapse."""
         def extend(c: Change) -> Change | None:
             if c.state != RUNNING or c.runner != runner:
                 return None
             return dataclasses.replace(c, lease_until=self._clock() + self._lease)
 
         while not stop.wait(self._renew_every):
+            if self._clock() >= until:
+                log.error("change %s has run past its limit, stuck (an HSM call that does not return?): its lease "
+                          "is no longer renewed, so it shows interrupted once the lease lapses and no longer holds "
+                          "its key; should it end, its result is written over that", change_id)
+                return
             try:
                 change, renewed = self._update(change_id, extend, runner=runner)
             except RouterError as exc:  # the next renewal tries again; the result is written over a lapse

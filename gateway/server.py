@@ -222,6 +222,7 @@ class Gateway:
                 continue
             self._next_repair = time.monotonic() + interval
             try:
+                self.router.sweep_intents(time.monotonic() + interval)
                 fixed = self.router.repair_once(time.monotonic() + interval)
                 if fixed:
                     log.info("repairer: %d keys brought up to their replication policy", fixed)

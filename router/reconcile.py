@@ -79,6 +79,8 @@ class ReconcileReport:
     """The findings a fix was limited to (None: every one it can act on)."""
     removed: list[tuple[str, str]] = field(default_factory=list)
     """(cluster, key id) of orphans whose objects a fix destroyed."""
+    rolled_back: list[str] = field(default_factory=list)
+    """Stale intents a fix rolled back (objects and record gone)."""
 
     @property
     def fixable(self) -> list[Finding]:
@@ -104,7 +106,7 @@ class ReconcileReport:
                     "clusters")
         if self.only is not None:
             found = set(self.fixable)
-            rolled = sum(1 for k in self.stale_intents if self.approved(("stale_intent", "", k)))
+            rolled = len(self.rolled_back)
             gone = len(self.only - found)
             new = len(found - self.only)
             return (f"{rolled} unfinished creations rolled back, {len(self.removed)} orphan objects removed, "
@@ -113,12 +115,14 @@ class ReconcileReport:
                     f"request (hsmctl reconcile --fix); {len(self.unknown)} objects no record names and "
                     f"{len(self.duplicates)} duplicate objects (left for an operator), {len(self.unreachable)} "
                     "unreachable clusters")
-        return (f"{len(self.stale_intents)} unfinished creations rolled back, {len(self.removed)} orphan objects "
-                f"removed ({len(self.orphans) - len(self.removed)} not), {len(self.unknown)} objects no record names "
-                "(left alone), "
+        intents_left = len(self.stale_intents) - len(self.rolled_back)
+        orphans_left = len(self.orphans) - len(self.removed)
+        return (f"{len(self.rolled_back)} unfinished creations rolled back ({intents_left} not), "
+                f"{len(self.removed)} orphan objects removed ({orphans_left} not), "
+                f"{len(self.unknown)} objects no record names (left alone), "
                 f"{len(self.missing)} missing copies ({len(self.dropped)} dropped from their records), "
-                f"{len(self.duplicates)} duplicate objects "
-                f"(left for an operator), {len(self.unreachable)} unreachable clusters")
+                f"{len(self.duplicates)} duplicate objects (left for an operator), "
+                f"{len(self.unreachable)} unreachable clusters")
 
 
 def reconcile(
@@ -162,7 +166,8 @@ def reconcile(
         if placement.state is KeyState.CREATING and now - placement.create_time >= grace:
             report.stale_intents.append(placement.key_id)
             if fix and report.approved(("stale_intent", "", placement.key_id)):
-                _roll_back(router, placement, now, deadline)
+                if _roll_back(router, placement, now, deadline):
+                    report.rolled_back.append(placement.key_id)
             continue
         if placement.external:
             continue  # lives wrapped in the store, never as token objects
@@ -350,7 +355,7 @@ def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> 
     return ""
 
 
-def _roll_back(router: Router, intent: Placement, now: float, deadline: float) -> None:
+def _roll_back(router: Router, intent: Placement, now: float, deadline: float) -> bool:
     """Remove a stale intent's objects and record, if it is still the stale intent that was read.
 
     The intent is claimed first (a version bump that restarts its clock), and only a
@@ -363,9 +368,11 @@ def _roll_back(router: Router, intent: Placement, now: float, deadline: float) -
         claimed = router.store.update(replace(intent, create_time=now))
     except Conflict:
         log.info("reconcile: %s changed since it was read (finished or taken over); left alone", key_id)
-        return
+        return False
     except StoreError as exc:
         log.error("reconcile: could not roll back %s: %s", key_id, exc)
-        return
+        return False
     if router.roll_back(claimed, deadline):
         log.warning("reconcile: rolled back unfinished creation of %s", key_id)
+        return True
+    return False

@@ -997,6 +997,40 @@ class Router:
         return (not placement.external and placement.usable
                 and not self._policy_holds(placement.copies, placement.clusters))
 
+    def sweep_intents(self, deadline: float) -> int:
+        """Roll back creations left unfinished longer than ``creation_grace``; how many went.
+
+        A creation cut off by a stop or a crash leaves its record CREATING, and calls on the key
+        are told to retry shortly (``KeyBeingCreated``). No attempt runs past the grace (each
+        ends within half of it), so past it a retry of the request would take the creation over;
+        without one, the key would answer "retry shortly" for good. The roll-back claims the
+        intent first, so a retry that took it over meanwhile keeps it, as in reconcile.
+        """
+        swept = 0
+        now = self.wall_clock()
+        for cached in self._cache.select(lambda p: p.state is KeyState.CREATING):
+            if self._clock() >= deadline:
+                break
+            try:
+                intent = self.store.get(cached.key_id)  # the cache keeps no create_time
+            except StoreError as exc:
+                log.warning("unfinished creation of %s not looked at: %s", cached.key_id, exc)
+                continue
+            if intent is None:
+                self._forget(cached.key_id)
+                continue
+            if intent.state is not KeyState.CREATING:
+                self._remember(intent)
+                continue
+            if now - intent.create_time < self.creation_grace:
+                continue
+            if self.roll_back(intent, deadline):
+                log.warning("rolled back the creation of %s, left unfinished %.0f s ago (request %s)",
+                            intent.key_id, now - intent.create_time, intent.request_id)
+                self._forget(intent.key_id)
+                swept += 1
+        return swept
+
     def repair_once(self, deadline: float) -> int:
         """Bring under-replicated keys up to their policy; returns how many now meet it."""
         fixed = 0
@@ -1323,15 +1357,15 @@ class Router:
         the process's exit, which ends its sessions as the HSM sees it.
 
         Calls still running fail at their next HSM call (``Stopping``): a closed cluster
-        opens no session and logs in no more. Keys they were creating stay CREATING, for
-        reconcile or a retry of their request (logged here, with their ids).
+        opens no session and logs in no more. Keys they were creating stay CREATING, for a
+        retry of their request or a repairer's ``sweep_intents`` (logged here, with their ids).
         """
         with self._lock:
             self._closed = True
             cut_off = sorted(self._creating)
         if cut_off:
             log.warning("%d key creation(s) cut off by the stop, left CREATING: %s; a retry with the same "
-                        "request_id finishes each, or reconcile rolls it back once older than "
+                        "request_id finishes each, or a gateway's repairer rolls it back once older than "
                         "replication.creation_grace (%.0f s)", len(cut_off), ", ".join(cut_off), self.creation_grace)
 
         def close(name: str, backend: HsmBackend) -> None:

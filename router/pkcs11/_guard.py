@@ -28,7 +28,11 @@ _CREATE_OBJECT = 20
 _GET_ATTRIBUTE_VALUE = 24
 """Indexes among CK_FUNCTION_LIST's function pointers (PKCS #11 2.40 and 3.0 alike)."""
 _UNAVAILABLE = _ULONG(-1).value  # CK_UNAVAILABLE_INFORMATION: the attribute is not there
+_ATTRIBUTE_TYPE_INVALID = 0x12  # CKR_ATTRIBUTE_TYPE_INVALID: the object has no such attribute
 CKA_UNWRAP_TEMPLATE = 0x40000212
+_MOST_ENTRIES = 64
+_LONGEST_VALUE = 1024
+"""Bounds on a template read back: a module's lengths are not trusted to size buffers."""
 
 GUARD: dict[int, bool] = {int(Attribute.SENSITIVE): True, int(Attribute.WRAP_WITH_TRUSTED): True}
 """The wrapping key's unwrap template."""
@@ -91,22 +95,31 @@ class UnwrapGuard:
 
     def unwrap_template(self, key: Any) -> dict[int, bytes] | None:
         """The CKA_UNWRAP_TEMPLATE of python-pkcs11's ``key`` (attribute type → raw value), or None
-        if it has none."""
+        if it has none (or one no gateway wrote: too many entries, or values too long). Another
+        failure of the module raises its python-pkcs11 exception."""
         session = key.session.handle
         outer = _Attribute(CKA_UNWRAP_TEMPLATE, None, 0)
         rv = self._get(session, key.handle, ctypes.byref(outer), 1)
-        if rv or outer.length in (0, _UNAVAILABLE):
-            return None  # no such attribute (CKR_ATTRIBUTE_TYPE_INVALID), or an empty template
+        if rv == _ATTRIBUTE_TYPE_INVALID or (not rv and outer.length in (0, _UNAVAILABLE)):
+            return None  # no such attribute, or an empty template
+        if rv:
+            raise error(rv)
         count = outer.length // ctypes.sizeof(_Attribute)
+        if not 0 < count <= _MOST_ENTRIES:
+            return None  # not a template this gateway could have written: as good as none
         entries = (_Attribute * count)()
         outer.value = ctypes.cast(entries, ctypes.c_void_p)
-        if self._get(session, key.handle, ctypes.byref(outer), 1):  # the lengths of each entry
+        rv = self._get(session, key.handle, ctypes.byref(outer), 1)  # the lengths of each entry
+        if rv:
+            raise error(rv)
+        if any(entry.length > _LONGEST_VALUE for entry in entries):  # CK_UNAVAILABLE_INFORMATION among them
             return None
         buffers = [ctypes.create_string_buffer(entry.length) for entry in entries]
         for entry, buffer in zip(entries, buffers, strict=True):
             entry.value = ctypes.cast(buffer, ctypes.c_void_p)
-        if self._get(session, key.handle, ctypes.byref(outer), 1):
-            return None
+        rv = self._get(session, key.handle, ctypes.byref(outer), 1)
+        if rv:
+            raise error(rv)
         return {int(entry.type): buffer.raw[: entry.length] for entry, buffer in zip(entries, buffers, strict=True)}
 
     def guards(self, key: Any) -> bool:

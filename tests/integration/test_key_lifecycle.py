@@ -544,8 +544,16 @@ def test_a_rollback_that_cannot_reach_a_replica_keeps_the_record_until_reconcile
     assert left is not None and left.state is KeyState.CREATING
     assert tokens.objects("use1-a", key_id) == [] and len(tokens.objects("usw2-a", key_id)) == 2
 
-    report = reconcile(make_router(wall_clock=lambda: time.time() + 120), fix=True)
-    assert key_id in report.stale_intents and not any(k == key_id for _, k in report.unknown)
+    still_down = make_router(wall_clock=lambda: time.time() + 120)
+    with monkeypatch.context() as patched:
+        patched.setattr(still_down.backends["usw2-a"], "destroy", down)
+        report = reconcile(still_down, fix=True)
+    assert key_id in report.stale_intents and key_id not in report.rolled_back
+    assert "unfinished creations rolled back (" in report.summary() and router.store.get(key_id) is not None
+
+    report = reconcile(make_router(wall_clock=lambda: time.time() + 240), fix=True)
+    assert key_id in report.stale_intents and key_id in report.rolled_back
+    assert not any(k == key_id for _, k in report.unknown)
     assert tokens.objects("usw2-a", key_id) == []
     assert router.store.get(key_id) is None
 
@@ -567,3 +575,33 @@ def test_an_orphan_the_cluster_fails_to_destroy_stays_a_finding_and_is_not_count
     monkeypatch.undo()
     report = reconcile(router, fix=True)
     assert (stray, key.key_id) in report.removed and tokens.objects(stray, key.key_id) == []
+
+
+def test_the_repairer_rolls_back_a_creation_left_unfinished_past_the_grace(make_router, tokens) -> None:
+    """A stop or a crash that cut a creation off leaves its key CREATING, and calls on it are told to
+    retry shortly: past the grace no attempt runs, so the repairer rolls it back instead of leaving
+    "retry shortly" for good."""
+    from router.errors import KeyBeingCreated
+
+    key_id = unique("swept")
+    with pytest.raises(Crash):
+        make_router(fault=_crash_after_hsm).generate_key(_spec(key_id), time.monotonic() + 30)
+    intent = make_router().store.get(key_id)
+    assert intent is not None and intent.state is KeyState.CREATING
+
+    now = make_router()
+    now.sweep_intents(time.monotonic() + 30)
+    assert now.store.get(key_id) == intent  # within the grace an attempt may still run: left alone
+    with pytest.raises(KeyBeingCreated):
+        now.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 5)
+
+    later = make_router(wall_clock=lambda: intent.create_time + later.creation_grace + 1)
+    assert later.sweep_intents(time.monotonic() + 30) >= 1  # other tests' leftovers on the shared store too
+    assert later.store.get(key_id) is None
+    for cluster in intent.clusters:
+        assert tokens.objects(cluster, key_id) == []
+    with pytest.raises(KeyNotFound):
+        later.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 5)
+    # The request, sent again, makes the key afresh: once.
+    key = later.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert key.state is KeyState.ENABLED
