@@ -407,7 +407,9 @@ class Supervisor:
         running = [w for w in self.workers.values() if w.proc.poll() is None]
         for worker in running:
             worker.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + self.grace + 10.0
+        # A worker's stop: 0.5 s, the grace, up to 5 s for calls still running, up to 5 s for the
+        # pools to close (gateway.server, docs/failover.md); then room to log and exit.
+        end = time.monotonic() + self.grace + 13.0
         for worker in running:
             try:
                 worker.proc.wait(max(0.1, end - time.monotonic()))
