@@ -23,12 +23,14 @@ bench: setup
 
 setup: system-deps venv
 
-# SoftHSM2 (the local HSM), p11-kit, and what the chaos tests compile their
-# fault-injecting PKCS #11 module with; installed only when missing.
-SYSTEM_PACKAGES := softhsm2 p11-kit libp11-kit-dev gcc libc6-dev
+# SoftHSM2 (the local HSM), p11-kit, what the chaos tests compile their fault-injecting
+# PKCS #11 module with, and Python's venv module (Debian ships it apart from python3);
+# installed only when missing.
+SYSTEM_PACKAGES := softhsm2 p11-kit libp11-kit-dev gcc libc6-dev python3-venv
 system-deps:
 	@if ! command -v softhsm2-util >/dev/null || [ ! -e /usr/lib/softhsm/libsofthsm2.so ] \
-		|| [ ! -e /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || ! command -v gcc >/dev/null; then \
+		|| [ ! -e /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || ! command -v gcc >/dev/null \
+		|| ! python3 -c 'import ensurepip' 2>/dev/null; then \
 		echo "installing $(SYSTEM_PACKAGES) (needs root or sudo)"; \
 		SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
 		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \

@@ -12,7 +12,8 @@
 //   HSMGW_MESSAGE  what to sign (default "hello from node")
 //   HSMGW_CA, HSMGW_CERT, HSMGW_KEY   PEM files: with HSMGW_CA the channel uses TLS, with all three mTLS
 //
-// Prints one JSON line: {"key_id", "cluster", "signature", "verified_locally", "verified_by_gateway"}
+// Prints one JSON line: {"key_id", "algorithm", "cluster", "signature", "verified_locally",
+// "tampered_rejected", "verified_by_gateway"}
 // and exits 0 only if Node's crypto accepts the signature.
 'use strict';
 
