@@ -204,26 +204,36 @@ def _store_migrate(args: argparse.Namespace) -> None:
     import json
 
     from router.placement import StoreError
-    from router.placement.factory import copy_placements
+    from router.placement.factory import FAILURES_IN_A_ROW, CopyReport, copy_placements
 
     source = _open_store(args.source, must_exist=True)
+    report = CopyReport()
     try:
         dest = _open_store(args.dest)
         try:
-            report = copy_placements(source, dest)
+            copy_placements(source, dest, report)
         except StoreError as exc:
-            fail(str(exc))
+            fail(f"{exc}; stopped after {FAILURES_IN_A_ROW} records in a row failed, having copied "
+                 f"{len(report.copied)} and found {len(report.identical)} already there: the destination is "
+                 "incomplete; run the same command again once it answers (what is there is skipped)")
         finally:
             dest.close()
     finally:
         source.close()
-    counts = {name: len(getattr(report, name)) for name in ("copied", "identical", "differing")}
+    counts = {name: len(getattr(report, name)) for name in ("copied", "identical", "differing", "failed")}
     if args.output == "json":
-        print(json.dumps({**counts, "differing_keys": report.differing}))
+        print(json.dumps({**counts, "differing_keys": report.differing,
+                          "failed_records": [{"record": name, "error": why} for name, why in report.failed]}))
     else:
         for key_id in report.differing:
             print(f"differs: {key_id} (destination left unchanged)")
-        print(f"copied {counts['copied']}, identical {counts['identical']} (skipped), differing {counts['differing']}")
+        for name, why in report.failed:
+            print(f"not copied: {name}: {why}")
+        print(f"copied {counts['copied']}, identical {counts['identical']} (skipped), differing {counts['differing']}, "
+              f"failed {counts['failed']}")
+    if report.failed:
+        fail(f"{len(report.failed)} records were not copied: the destination is incomplete; fix what each says, "
+             "then run the same command again (what is there is skipped)")
     if report.differing:
         fail(f"{len(report.differing)} records differ between {args.source} and {args.dest}; resolve them by hand")
 

@@ -240,6 +240,12 @@ class DynamoStore(PlacementStore):
         """The ``StoreError`` for an API error: ``StoreMisconfigured`` if the table does not exist."""
         error = exc.response.get("Error", {})
         code = error.get("Code", "")
+        if code == "ValidationException" and "key element does not match the schema" in error.get("Message", ""):
+            return StoreMisconfigured(
+                f"placement store dynamodb://{self.table}: table {self.table!r} in {self.region} is not keyed "
+                f"as hsmgw's placement table ({operation}: {error.get('Message', '')}); name hsmgw's table, or "
+                "create one with `hsmgw store init --url ...` under another name"
+            )
         if code == "ResourceNotFoundException":
             return StoreMisconfigured(
                 f"placement store dynamodb://{self.table}: no table {self.table!r} in {self.region}"
@@ -400,43 +406,9 @@ class DynamoStore(PlacementStore):
         reasons = self._transact(placement.key_id, [put])
         if reasons is None:
             return new
-        current = _decode(reasons[0].get("Item")) if _failed(reasons, 0) else self.get(placement.key_id)
-        if current is None or current.version != placement.version or current.request_id == placement.request_id:
-            raise Conflict(current)
-        # The update changes the request id: move its index entry in the same transaction.
-        put["Put"]["ExpressionAttributeValues"][":request"] = {"S": current.request_id}
-        reasons = self._transact(
-            placement.key_id,
-            [
-                put,
-                {
-                    "Delete": {
-                        "Key": _request_key(current.request_id),
-                        "ConditionExpression": "attribute_not_exists(#k) OR #t = :key",
-                        "ExpressionAttributeNames": {"#k": "key_id", "#t": "target"},
-                        "ExpressionAttributeValues": {":key": {"S": placement.key_id}},
-                    }
-                },
-                {
-                    "Put": {
-                        "Item": {
-                            **_request_key(placement.request_id),
-                            "kind": {"S": _REQUEST},
-                            "target": {"S": placement.key_id},
-                        },
-                        "ConditionExpression": "attribute_not_exists(#k)",
-                        "ExpressionAttributeNames": {"#k": "key_id"},
-                        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
-                    }
-                },
-            ]
-        )
-        if reasons is None:
-            return new
-        if _failed(reasons, 2) and not _failed(reasons, 0):
-            target = (reasons[2].get("Item") or {}).get("target", {}).get("S")
-            raise Conflict(self.get(target) if target else None)
-        raise Conflict(self.get(placement.key_id))
+        # Another version, or another request's record under this key id (the key was rolled back
+        # and made again by another request: versions start again at 1).
+        raise Conflict(_decode(reasons[0].get("Item")) if _failed(reasons, 0) else self.get(placement.key_id))
 
     def delete(self, key_id: str, version: int) -> None:
         # The request id lives in the record; read it to remove its index entry too.
@@ -599,6 +571,12 @@ class DynamoStore(PlacementStore):
             if not (isinstance(cause, ClientError) and cause.response["Error"]["Code"] == "ResourceInUseException"):
                 raise
             created = False
+        if not created:  # one that exists must be hsmgw's: keyed by key_id alone
+            schema = self._call("describe_table")["Table"].get("KeySchema", [])
+            if schema != TABLE_DEFINITION["KeySchema"]:
+                raise StoreMisconfigured(
+                    f"placement store dynamodb://{self.table}: table {self.table!r} exists in {self.region} with "
+                    f"key {schema}, not hsmgw's {list(TABLE_DEFINITION['KeySchema'])}: name another table")
         if wait:
             try:
                 self._client.get_waiter("table_exists").wait(
@@ -623,20 +601,29 @@ class _DynamoChangeLog(ChangeLog):
     def __init__(self, store: DynamoStore) -> None:
         self._store = store
         self._since = int(time.time())
-        # The log first, then the counter: a write in between is counted as new at the first read.
-        self._seen = {second: n for second, (n, _) in
-                      store._log_items(self._since - _LOG_MARGIN, self._since + _LOG_MARGIN).items()}
-        self._counter: int | None = store.change_counter()
+        snapshot = self._snapshot(self._since)
+        self._seen = {second: n for second, (n, _) in snapshot[0].items()} if snapshot else {}
+        self._counter: int | None = snapshot[1] if snapshot else None
+
+    def _snapshot(self, until: int) -> tuple[dict[int, tuple[int, tuple[str, ...]]], int] | None:
+        """The log's seconds up to ``until`` (± the margin) and the counter, as of one moment: the
+        counter read before and after the log, unchanged (each write moves both in one
+        transaction). None when writes kept landing in between."""
+        for _ in range(5):
+            before = self._store.change_counter()
+            items = self._store._log_items(self._since - _LOG_MARGIN, until + _LOG_MARGIN)
+            after = self._store.change_counter()
+            if before == after:
+                return items, after
+        return None
 
     def read(self) -> tuple[str, ...] | None:
         if self._counter is None:
             return None
-        for _ in range(3):  # a write between reading the log and the counter: look again
-            now = int(time.time())
-            if now - self._since > _LOG_REACH:
-                break
-            items = self._store._log_items(self._since - _LOG_MARGIN, now + _LOG_MARGIN)
-            counter = self._store.change_counter()
+        now = int(time.time())
+        snapshot = self._snapshot(now) if now - self._since <= _LOG_REACH else None
+        if snapshot is not None:
+            items, counter = snapshot
             new = 0
             key_ids: dict[str, None] = {}
             for second, (n, keys) in items.items():

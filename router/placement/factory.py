@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from router.placement.store import Conflict, PlacementStore, Stale
+from router.placement.store import Conflict, PlacementStore, Stale, StoreError
 
 __all__ = ["CopyReport", "copy_placements", "make_store", "parse_dynamodb_url", "sqlite_path"]
 
@@ -100,43 +100,71 @@ class CopyReport:
     """Already in the destination, field for field the same: skipped."""
     differing: list[str] = field(default_factory=list)
     """Already in the destination (by key id or request id) with other contents: left alone."""
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(record, why) the destination refused (a record too large for it, say): not copied."""
 
 
-def copy_placements(source: PlacementStore, dest: PlacementStore) -> CopyReport:
+FAILURES_IN_A_ROW = 5
+"""Refused writes in a row after which the destination is taken for unusable and the copy stops."""
+
+
+def copy_placements(source: PlacementStore, dest: PlacementStore, report: CopyReport | None = None) -> CopyReport:
     """Copy every placement of ``source`` into ``dest``, versions included, and every admin
     record (pending quorum changes, operator switches), reported as ``admin record NAME``.
 
     Idempotent: a record already present and equal is skipped; one present but
-    different is reported and never overwritten (an operator decides which wins).
+    different is reported and never overwritten (an operator decides which wins). A record
+    the destination refuses is reported in ``failed`` and the copy goes on, unless
+    ``FAILURES_IN_A_ROW`` fail in a row: then the ``StoreError`` is raised, ``report`` (when
+    given) holding what was done so far.
     """
-    report = CopyReport()
+    report = CopyReport() if report is None else report
+    in_a_row = 0
+
+    def failing(label: str, exc: StoreError) -> None:
+        nonlocal in_a_row
+        report.failed.append((label, str(exc)))
+        in_a_row += 1
+        if in_a_row >= FAILURES_IN_A_ROW:
+            raise exc
+
     for placement in source.scan():
-        existing = dest.get(placement.key_id)
-        if existing is None:
-            try:
-                dest.create(placement)
-            except Conflict as exc:
-                # Created meanwhile, or the request id already made another key.
-                same = exc.existing == placement
-                (report.identical if same else report.differing).append(placement.key_id)
-                continue
-            report.copied.append(placement.key_id)
-        elif existing == placement:
-            report.identical.append(placement.key_id)
-        else:
-            report.differing.append(placement.key_id)
+        try:
+            existing = dest.get(placement.key_id)
+            if existing is None:
+                try:
+                    dest.create(placement)
+                except Conflict as exc:
+                    # Created meanwhile, or the request id already made another key.
+                    same = exc.existing == placement
+                    (report.identical if same else report.differing).append(placement.key_id)
+                    in_a_row = 0
+                    continue
+                report.copied.append(placement.key_id)
+            elif existing == placement:
+                report.identical.append(placement.key_id)
+            else:
+                report.differing.append(placement.key_id)
+            in_a_row = 0
+        except StoreError as exc:
+            failing(placement.key_id, exc)
     for name, body, _ in source.admin_records():
         label = f"admin record {name}"
-        found = dest.admin_record(name)
-        if found is None:
-            try:
-                # Versions restart at 1 in the destination: only the order of writes there matters.
-                dest.put_admin_record(name, body, 0)
-                report.copied.append(label)
-                continue
-            except Stale:
-                found = dest.admin_record(name)
-        (report.identical if found is not None and found[0] == body else report.differing).append(label)
+        try:
+            found = dest.admin_record(name)
+            if found is None:
+                try:
+                    # Versions restart at 1 in the destination: only the order of writes there matters.
+                    dest.put_admin_record(name, body, 0)
+                    report.copied.append(label)
+                    in_a_row = 0
+                    continue
+                except Stale:
+                    found = dest.admin_record(name)
+            (report.identical if found is not None and found[0] == body else report.differing).append(label)
+            in_a_row = 0
+        except StoreError as exc:
+            failing(label, exc)
     for ids in (report.copied, report.identical, report.differing):
         ids.sort()
     return report

@@ -224,8 +224,8 @@ class SqliteStore(PlacementStore):
                     "UPDATE placements SET algorithm=?, usage=?, state=?, primary_cluster=?, replicas=?, "
                     "create_time=?, request_id=?, fingerprint=?, storage=?, version=?, extractable=?, "
                     "wrapped=?, public_der=?, copies=?, held=? "
-                    "WHERE key_id=? AND version=?",
-                    (*values[1:], placement.key_id, placement.version),
+                    "WHERE key_id=? AND version=? AND request_id=?",
+                    (*values[1:], placement.key_id, placement.version, placement.request_id),
                 )
             ]
         )

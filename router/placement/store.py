@@ -64,7 +64,10 @@ class PlacementStore(abc.ABC):
 
     @abc.abstractmethod
     def update(self, placement: Placement) -> Placement:
-        """Replace the record whose version is ``placement.version``; returns it with version + 1."""
+        """Replace the record whose version is ``placement.version`` and whose request id is
+        ``placement.request_id``; returns it with version + 1. Anything else is a ``Conflict``
+        with the record as it is: versions start again at 1 when a key id is rolled back and made
+        again, so the request id tells that record from the one a writer read before."""
 
     @abc.abstractmethod
     def delete(self, key_id: str, version: int) -> None:

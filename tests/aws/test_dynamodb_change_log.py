@@ -158,3 +158,34 @@ def test_a_log_read_that_fails_is_a_store_error_and_the_cache_keeps_serving(
     ours._log_items = real  # type: ignore[method-assign]
     assert router.refresh() is True and ours.scans == 1, "the next refresh reads the log it missed"
     assert router.cached_keys() == 2, "the key made meanwhile came in through the log"
+
+
+@pytest.mark.parametrize("when", ["opening", "reading"])
+def test_a_write_landing_while_the_log_is_read_does_not_blind_it(moto_server: MotoServer, table: str,
+                                                                when: str) -> None:
+    """Another gateway writes between the counter's read and the log's: the reader looks again, and
+    neither then nor later takes the log for one it cannot vouch for (which stopped following writes
+    until the next full rescan)."""
+    ours = DynamoStore(table, region=REGION, endpoint_url=moto_server.endpoint)
+    theirs = DynamoStore(table, region=REGION, endpoint_url=moto_server.endpoint)
+    landed: list[str] = []
+    counter = ours.change_counter
+
+    def counter_then_a_write() -> int:
+        value = counter()
+        if armed and not landed:  # the write lands after this counter read, before the log's
+            key_id = f"app/between-{when}"
+            theirs.create(placement(key_id))
+            landed.append(key_id)
+        return value
+
+    armed = when == "opening"
+    ours.change_counter = counter_then_a_write  # type: ignore[method-assign]
+    log = ours.change_log()
+    armed = True
+    got = log.read()
+    assert got is not None and landed, "the reader can still vouch for what it read"
+    if when == "reading":  # (one that landed while the log was opened is before the cache's scan)
+        assert set(landed) <= set(got)
+    theirs.create(placement("app/after"))
+    assert "app/after" in (log.read() or ())  # (with the others of its second, read again: harmless)

@@ -69,6 +69,27 @@ def test_a_missing_table_is_a_store_error_naming_it(moto_server: MotoServer) -> 
     store.close()
 
 
+def test_a_table_keyed_otherwise_is_refused_by_store_init_and_by_the_gateway(moto_server: MotoServer) -> None:
+    """Another application's table of that name: `store init` used to say "already exists", and the
+    gateway then failed every read with a ValidationException and was restarted for good."""
+    import boto3
+
+    from tests.aws.conftest import FAKE_AWS_ENV
+
+    client = boto3.client("dynamodb", region_name=REGION, endpoint_url=moto_server.endpoint,
+                          aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"])
+    client.create_table(TableName="someone-elses", BillingMode="PAY_PER_REQUEST",
+                        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
+    store = DynamoStore("someone-elses", region=REGION, endpoint_url=moto_server.endpoint)
+    with pytest.raises(StoreMisconfigured, match="exists in us-east-1 with key .*pk.*not hsmgw's"):
+        store.create_table()
+    with pytest.raises(StoreMisconfigured, match="is not keyed as hsmgw's placement table"):
+        store.get("k")
+    store.close()
+
+
 def test_key_ids_that_would_collide_with_internal_items_are_refused(moto_server: MotoServer) -> None:
     store = fresh_store(moto_server)
     for key_id in ("req#x", "meta#changes", "log#1767225600"):

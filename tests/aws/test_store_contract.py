@@ -171,13 +171,18 @@ def test_update_of_a_missing_key_conflicts_with_no_existing_record(store: Placem
     assert store.get("ghost") is None
 
 
-def test_update_that_changes_the_request_id_moves_the_lookup(store: PlacementStore) -> None:
-    created = make(request_id="old")
-    store.create(created)
-    moved = store.update(dataclasses.replace(created, request_id="new"))
-    assert store.by_request("new") == moved
-    assert store.by_request("old") is None
-    store.create(make("app/other", request_id="old"))  # the old id is free again
+def test_an_update_from_a_read_of_an_earlier_record_under_the_key_id_conflicts(store: PlacementStore) -> None:
+    """The key id was rolled back and made again by another request, whose record starts again at
+    version 1: a writer holding the first record must not write it back over the second."""
+    first = make(request_id="r1")
+    store.create(first)
+    store.delete(first.key_id, first.version)
+    second = dataclasses.replace(make(request_id="r2"), algorithm=KeyAlgorithm.RSA_2048)
+    store.create(second)
+    with pytest.raises(Conflict) as info:
+        store.update(dataclasses.replace(first, state=KeyState.ENABLED))
+    assert info.value.existing == second
+    assert store.get(first.key_id) == second and store.by_request("r2") == second
 
 
 def test_delete_is_conditional_on_version(store: PlacementStore) -> None:

@@ -103,7 +103,8 @@ def test_migrate_copies_everything_and_a_rerun_is_a_no_op(
         counter = dest.change_counter()
         hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
         report = json.loads(capsys.readouterr().out)
-        assert report == {"copied": 0, "identical": 50, "differing": 0, "differing_keys": []}
+        assert report == {"copied": 0, "identical": 50, "differing": 0, "failed": 0, "differing_keys": [],
+                          "failed_records": []}
         assert dest.change_counter() == counter, "a re-run must not write"
     finally:
         dest.close()
@@ -127,7 +128,7 @@ def test_migrate_reports_records_that_differ_and_leaves_them_alone(
         assert exit_info.value.code == 1
         out, err = capsys.readouterr()
         assert f"differs: {first.key_id}" in out
-        assert out.strip().splitlines()[-1] == "copied 49, identical 0 (skipped), differing 1"
+        assert out.strip().splitlines()[-1] == "copied 49, identical 0 (skipped), differing 1, failed 0"
         assert err.strip().splitlines()[-1].startswith("error: 1 records differ")
         assert dest.get(first.key_id) == dataclasses.replace(first, primary="use1-b", replicas=())
         assert len(_contents(dest)) == 50
@@ -206,6 +207,46 @@ def _all_copied(line: str, total: int) -> None:
     retried and then found identical: that counts as copied too."""
     import re
 
-    match = re.fullmatch(r"copied (\d+), identical (\d+) \(skipped\), differing 0", line)
+    match = re.fullmatch(r"copied (\d+), identical (\d+) \(skipped\), differing 0, failed 0", line)
     assert match, line
     assert int(match.group(1)) + int(match.group(2)) == total, line
+
+
+def test_a_record_the_destination_refuses_is_named_and_the_rest_is_still_copied(tmp_path: Path) -> None:
+    """A DynamoDB item is at most 400 KB: a record too large for it is refused. The copy names it, goes
+    on with the others (the drain and failover switches among them), and says the destination is
+    incomplete; a destination that refuses everything stops the copy after a few in a row."""
+    from router.placement import StoreError
+    from router.placement.factory import FAILURES_IN_A_ROW, CopyReport, copy_placements
+
+    source = SqliteStore(tmp_path / "src.db")
+    for placement in _placements(3):
+        source.create(placement)
+    source.put_admin_record("pins", {"big": "x" * 10}, 0)
+    source.put_admin_record("switches", {"drained": ["use1-b"]}, 0)
+
+    class TooLarge(SqliteStore):
+        refuse = frozenset({"pins"})
+
+        def put_admin_record(self, name: str, body: dict, version: int) -> int:  # type: ignore[override]
+            if name in self.refuse:
+                raise StoreError("PutItem failed: ValidationException: Item size has exceeded the maximum")
+            return super().put_admin_record(name, body, version)
+
+    dest = TooLarge(tmp_path / "dest.db")
+    report = copy_placements(source, dest)
+    assert [name for name, _ in report.failed] == ["admin record pins"]
+    assert "Item size has exceeded" in report.failed[0][1]
+    assert dest.admin_record("switches") is not None and len(list(dest.scan())) == 3
+
+    class Gone(SqliteStore):
+        def get(self, key_id: str) -> Placement | None:
+            raise StoreError("unreachable")
+
+        def admin_record(self, name: str) -> tuple[dict, int] | None:  # type: ignore[override]
+            raise StoreError("unreachable")
+
+    partial = CopyReport()
+    with pytest.raises(StoreError):
+        copy_placements(source, Gone(tmp_path / "gone.db"), partial)
+    assert len(partial.failed) == FAILURES_IN_A_ROW == 5  # 3 placements and 2 admin records
