@@ -247,21 +247,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def _do_drain(self, params: dict[str, str], drain: bool) -> str:
         cluster = params["cluster"]
-        blocked = self._creation_check("drained", cluster, params.get(FORCE) == "true") if drain else None
-        self._switch("drained", cluster, drain)
+        blocked = self._checked_switch("drained", cluster, drain, params.get(FORCE) == "true")
         return f"cluster {cluster} {'drained' if drain else 'back in service'}" + _forced(blocked)
 
     def _do_failover(self, params: dict[str, str], failover: bool) -> str:
         region = params["region"]
-        blocked = self._creation_check("failed_over", region, params.get(FORCE) == "true") if failover else None
-        self._switch("failed_over", region, failover)
+        blocked = self._checked_switch("failed_over", region, failover, params.get(FORCE) == "true")
         return f"region {region} {'failed over' if failover else 'failed back'}" + _forced(blocked)
 
-    def _creation_check(self, kind: str, name: str, force: bool) -> str | None:
-        """What turning the switch ``kind`` on for ``name`` (with the switches recorded now) does
-        to new keys, if GenerateKey could then not place one under the replication policy; that
-        refused unless ``force``. Asked when a drain or failover is requested and again when it runs."""
-        switches = self._stored_switches()
+    def _checked_switch(self, kind: str, name: str, on: bool, force: bool) -> str | None:
+        """Turn the switch, checked against the switches as the write finds them: two drains
+        approved at once through two gateways cannot both pass a check made before either wrote."""
+        blocked: list[str | None] = [None]
+
+        def check(switches: dict[str, set[str]]) -> None:
+            blocked[0] = self._creation_check(kind, name, force, switches)
+
+        self._switch(kind, name, on, check if on else None)
+        return blocked[0]
+
+    def _creation_check(self, kind: str, name: str, force: bool,
+                        switches: dict[str, set[str]] | None = None) -> str | None:
+        """What turning the switch ``kind`` on for ``name`` (with ``switches``, else the switches
+        recorded now) does to new keys, if GenerateKey could then not place one under the
+        replication policy; that refused unless ``force``. Asked when a drain or failover is
+        requested and again as it is written."""
+        switches = self._stored_switches() if switches is None else switches
         drained, failed_over = set(switches.get("drained", set())), set(switches.get("failed_over", set()))
         (drained if kind == "drained" else failed_over).add(name)
         blocked = self.router.creation_blocked(drained, failed_over)
@@ -272,10 +283,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                      f"{blocked}. Only if that is meant (an evacuation), ask with force ({ask})")
         return blocked
 
-    def _switch(self, kind: str, name: str, on: bool) -> None:
-        """Record a switch in the store (nothing is switched if it does not answer), then apply
-        the store's switches here, as every other process does at its next sync."""
-        self.changes.set_switch(kind, name, on)
+    def _switch(self, kind: str, name: str, on: bool,
+                check: Callable[[dict[str, set[str]]], None] | None = None) -> None:
+        """Record a switch in the store (nothing is switched if it does not answer, or if ``check``
+        refuses), then apply the store's switches here, as every other process does at its next sync."""
+        self.changes.set_switch(kind, name, on, check)
         try:
             self.sync_switches()
         except StoreError as exc:  # recorded: the repair loop's sync applies it here too

@@ -422,14 +422,19 @@ class ChangeBook:
 
     # -- operator switches: drained clusters, failed-over regions ------------------------
 
-    def set_switch(self, kind: str, name: str, on: bool) -> None:
-        """Record a switch: every process of every gateway on this store applies it."""
+    def set_switch(self, kind: str, name: str, on: bool,
+                   check: Callable[[dict[str, set[str]]], None] | None = None) -> None:
+        """Record a switch: every process of every gateway on this store applies it. ``check`` sees
+        the switches as they are when the write is made (again, should another writer come first)
+        and may refuse it by raising: a check made before the write could let two writers pass."""
 
         def flip(body: dict[str, Any] | None) -> dict[str, Any] | None:
             switches = dict(body or {})
             names = set(switches.get(kind, []))
             if (name in names) == on:
                 return None
+            if check is not None:
+                check({k: set(v) for k, v in switches.items()})
             switches[kind] = sorted(names | {name} if on else names - {name})
             return switches
 

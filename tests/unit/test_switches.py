@@ -161,3 +161,32 @@ def test_a_forced_failover_approved_by_the_quorum_says_what_becomes_of_new_keys(
                                          "placed with no copy in a DR region (us-west-2), which [replication] "
                                          "require_dr_copy asks for: every GenerateKey would fail UNAVAILABLE")
     assert router.dispatcher.failed_over == {"us-west-2"}
+
+
+def test_two_drains_approved_at_once_through_two_gateways_cannot_both_pass_the_check(tmp_path: Path) -> None:
+    """Each drain alone leaves new keys a home cluster; both together leave none. The second drain's
+    check runs on the switches its write finds, the first drain's among them, and is refused."""
+    policy = ReplicationPolicy(copies=1, require_dr_copy=False)
+    ours, theirs = _fleet_router(tmp_path, policy), _fleet_router(tmp_path, policy)
+    ours_admin = AdminServicer(ours, audit_path=tmp_path / "a.log", quorum=2)
+    theirs_admin = AdminServicer(theirs, audit_path=tmp_path / "b.log", quorum=2)
+    drain_a = ours_admin.changes.request("alice", "drain", {"cluster": "use1-a"})
+    drain_b = theirs_admin.changes.request("bob", "drain", {"cluster": "use1-b"})
+    drain_usw2 = theirs_admin.changes.request("bob", "drain", {"cluster": "usw2-a"})
+    assert theirs_admin.changes.approve("carol", drain_usw2.id).state == APPLIED
+
+    checked: list[set[str]] = []
+    check = ours_admin._creation_check
+
+    def theirs_lands_first(kind: str, name: str, force: bool, switches: Any = None) -> Any:
+        if switches is not None:
+            checked.append(set(switches.get("drained", set())))
+            if len(checked) == 1:  # the other gateway's drain is written between our read and our write
+                assert theirs_admin.changes.approve("carol", drain_b.id).state == APPLIED
+        return check(kind, name, force, switches)
+
+    ours_admin._creation_check = theirs_lands_first  # type: ignore[method-assign]
+    done = ours_admin.changes.approve("carol", drain_a.id)
+    assert checked == [{"usw2-a"}, {"usw2-a", "use1-b"}], "checked again on the switches the write found"
+    assert done.state == "failed" and "no cluster would take new keys" in done.result
+    assert ours_admin.changes.switches()["drained"] == {"usw2-a", "use1-b"}
