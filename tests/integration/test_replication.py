@@ -456,7 +456,8 @@ def test_reconcile_drops_copies_the_record_names_but_no_token_holds_and_the_repa
     assert repaired.state is KeyState.ENABLED and "usw2-a" in repaired.replicas
     public = serialization.load_der_public_key(router.public_key(key.key_id, time.monotonic() + 5)[1])
     for cluster in repaired.clusters:
-        assert tokens.classes(cluster, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+        assert tokens.classes(cluster, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}, (
+            cluster, repaired)
         signature = router.backends[cluster].sign(repaired, Operation.ECDSA_SHA256, b"\x07" * 32,
                                                   time.monotonic() + 5)
         public.verify(signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
