@@ -84,7 +84,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     clusters = sub.add_parser(
         "clusters",
         help="health, circuit, keys/limit, sessions, ops/s, errors per cluster",
-        description="Example: hsmctl clusters; hsmctl clusters drain use1-a",
+        description="Sessions, ops/s and errors are those of the gateway process that answers (with "
+                    "--workers N, one worker's; the hsmgw_pool_* and request metrics give every worker's).\n\n"
+                    "Example: hsmctl clusters; hsmctl clusters drain use1-a",
     )
     clusters.set_defaults(func=_list)
     csub = clusters.add_subparsers(dest="clusters_command", metavar="ACTION")
