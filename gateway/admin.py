@@ -317,7 +317,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def sync_switches(self) -> None:
         """Apply the recorded switches (at start, and periodically for other processes' changes),
         and record the results of changes that ran while the store did not answer."""
-        self.changes.record_results()
+        self.changes.record_results()  # (StoreError, not Unavailable: the callers retry at their next pass)
         switches = self.changes.switches()
         self.router.apply_switches(switches.get("drained", set()), switches.get("failed_over", set()))
 

@@ -43,6 +43,7 @@ import grpc
 from gateway import _pbenum
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
+from router import errors
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,9 @@ T = TypeVar("T")
 # creation, whose request_id is known only in its own region, moves on UNAVAILABLE alone.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 CREATION_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
-CREATION_ELSEWHERE = "KEY_CREATION_ELSEWHERE"
+CREATION_ELSEWHERE = errors.KeyCreationElsewhere.reason
 """The ErrorInfo reason of a GenerateKey refused by a gateway whose region does not create keys."""
-BEING_CREATED = "KEY_BEING_CREATED"
+BEING_CREATED = errors.KeyBeingCreated.reason
 """The ErrorInfo reason (UNAVAILABLE) of a call on a key whose creation is under way, and of a
 GenerateKey whose request_id another attempt is creating: a fact about the key, not the endpoint.
 GenerateKey waits for it on the same endpoint (another region may not know the request_id yet);

@@ -166,11 +166,10 @@ class Dispatcher:
                     breaker.release_trial()
                     last = exc
                     break
-                except RouterError:
-                    breaker.release_trial()  # a caller error says nothing about the cluster
-                    raise
                 except BaseException:
-                    breaker.release_trial()  # a bug: never leave a half-open circuit waiting for its trial
+                    # A caller error says nothing about the cluster; a bug must never leave a
+                    # half-open circuit waiting for its trial.
+                    breaker.release_trial()
                     raise
                 breaker.record_success()
                 if index or attempts > 1:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from router.errors import RouterError
-from router.model import KeyState, Placement
+from router.model import KeyState
 from router.placement.store import Conflict, StoreError
 from router.router import Router
 
@@ -166,7 +166,10 @@ def reconcile(
         if placement.state is KeyState.CREATING and now - placement.create_time >= grace:
             report.stale_intents.append(placement.key_id)
             if fix and report.approved(("stale_intent", "", placement.key_id)):
-                if _roll_back(router, placement, now, deadline):
+                # Router.roll_back claims the intent first: one a retry finished or took over since
+                # the scan keeps its objects (a version conflict, logged there).
+                if router.roll_back(placement, deadline):
+                    log.warning("reconcile: rolled back unfinished creation of %s", placement.key_id)
                     report.rolled_back.append(placement.key_id)
             continue
         if placement.external:
@@ -226,7 +229,7 @@ def reconcile(
         if len(report.droppable) > MAX_DROPS:
             log.warning("reconcile: %d more missing copies to drop from their records; the next reconcile will",
                         len(report.droppable) - MAX_DROPS)
-    if fix and any(report.approved(("stale_intent", "", k)) for k in report.stale_intents):
+    if report.rolled_back:
         router.reload()
     return report
 
@@ -353,26 +356,3 @@ def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> 
         return why[0]
     log.warning("reconcile: destroyed orphan %s on %s", key_id, name)
     return ""
-
-
-def _roll_back(router: Router, intent: Placement, now: float, deadline: float) -> bool:
-    """Remove a stale intent's objects and record, if it is still the stale intent that was read.
-
-    The intent is claimed first (a version bump that restarts its clock), and only a
-    successful claim destroys anything: a creation that finished, or was taken over,
-    after the scan keeps its objects, where destroying first and then failing to delete
-    the record would leave an acknowledged key without its material.
-    """
-    key_id = intent.key_id
-    try:
-        claimed = router.store.update(replace(intent, create_time=now))
-    except Conflict:
-        log.info("reconcile: %s changed since it was read (finished or taken over); left alone", key_id)
-        return False
-    except StoreError as exc:
-        log.error("reconcile: could not roll back %s: %s", key_id, exc)
-        return False
-    if router.roll_back(claimed, deadline):
-        log.warning("reconcile: rolled back unfinished creation of %s", key_id)
-        return True
-    return False

@@ -228,16 +228,15 @@ class Router:
         if placement.state is KeyState.CREATING:
             # Maybe cached mid-creation by another process's change: look again.
             try:
-                fresh = self.store.get(key_id)
+                self.reload_key(key_id)
             except StoreError as exc:
                 raise Unavailable(f"placement store is unreachable, and key {key_id!r} was being created when "
                                   "last read") from exc
+            fresh = self._cache.get(key_id)
             if fresh is None:  # the creation failed and was rolled back
-                self._forget(key_id)
                 raise KeyNotFound(f"key {key_id!r} not found")
             if fresh.state is KeyState.CREATING:
                 raise KeyBeingCreated(f"key {key_id!r} is still being created; retry shortly")
-            self._remember(fresh)
             return self._usable(key_id)
         return placement
 

@@ -1,7 +1,8 @@
-"""Shared CLI plumbing: logging set-up and the one-line failure exit."""
+"""Shared CLI plumbing: logging set-up, the one-line failure exit, argument types."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import NoReturn, TextIO
@@ -17,3 +18,14 @@ def setup_logging(verbose: bool = False, *, fmt: str = "auto", stream: TextIO | 
 def fail(message: str, code: int = 1) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.cli._common import fail, setup_logging
+from gateway.cli._common import at_least_one, fail, setup_logging
 from gateway.config import ConfigError
 from gateway.workers import EXIT_CONFIG, default_workers
 
@@ -153,13 +153,6 @@ def _serve(args: argparse.Namespace) -> None:
     serve(gateway, grace=args.grace, port_file=args.port_file, heartbeat=args.worker_index is not None)
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def _bench(args: argparse.Namespace) -> None:
     from gateway.perf.bench import BenchError, run_bench
 
@@ -213,6 +206,9 @@ def _store_migrate(args: argparse.Namespace) -> None:
         try:
             copy_placements(source, dest, report)
         except StoreError as exc:
+            if len(report.failed) < FAILURES_IN_A_ROW:  # the source failed, not the destination
+                fail(f"{exc}; copied {len(report.copied)} before that: run the same command again once it answers "
+                     "(what is there is skipped)")
             fail(f"{exc}; stopped after {FAILURES_IN_A_ROW} records in a row failed, having copied "
                  f"{len(report.copied)} and found {len(report.identical)} already there: the destination is "
                  "incomplete; run the same command again once it answers (what is there is skipped)")
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--config", required=True, help="gateway TOML file")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish requests on SIGTERM")
     serve.add_argument("--port-file", help="write the bound port here once serving (for listen port 0)")
-    serve.add_argument("--workers", type=_at_least_one, default=default_workers(),
+    serve.add_argument("--workers", type=at_least_one, default=default_workers(),
                        help="server processes sharing the port (SO_REUSEPORT); default: one per core (%(default)s)")
     serve.add_argument("--listen", help="host:port to serve on, instead of the config's server.listen")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
@@ -268,8 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                                        "placements.\n\nExample: hsmgw bench --duration 5",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default: %(default)s)")
-    bench.add_argument("--workers", type=_at_least_one, default=2, help="gateway worker processes (default: 2)")
-    bench.add_argument("--rounds", type=_at_least_one, default=3,
+    bench.add_argument("--workers", type=at_least_one, default=2, help="gateway worker processes (default: 2)")
+    bench.add_argument("--rounds", type=at_least_one, default=3,
                        help="paired rounds of direct, h2load, BatchSign and floor per algorithm; each ratio is "
                             "the median of the rounds' (default: %(default)s)")
     bench.add_argument("--only", default="", help="comma-separated subset of: ecdsa, rsa, latency, routing")

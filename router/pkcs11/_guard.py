@@ -20,15 +20,14 @@ import ctypes
 from typing import Any
 
 from pkcs11 import Attribute
+from pkcs11 import exceptions as p11
 
-from router.pkcs11._signer import error
+from router.pkcs11._signer import _ULONG, error
 
-_ULONG = ctypes.c_ulong
 _CREATE_OBJECT = 20
 _GET_ATTRIBUTE_VALUE = 24
 """Indexes among CK_FUNCTION_LIST's function pointers (PKCS #11 2.40 and 3.0 alike)."""
 _UNAVAILABLE = _ULONG(-1).value  # CK_UNAVAILABLE_INFORMATION: the attribute is not there
-_ATTRIBUTE_TYPE_INVALID = 0x12  # CKR_ATTRIBUTE_TYPE_INVALID: the object has no such attribute
 CKA_UNWRAP_TEMPLATE = 0x40000212
 _MOST_ENTRIES = 64
 _LONGEST_VALUE = 1024
@@ -100,10 +99,13 @@ class UnwrapGuard:
         session = key.session.handle
         outer = _Attribute(CKA_UNWRAP_TEMPLATE, None, 0)
         rv = self._get(session, key.handle, ctypes.byref(outer), 1)
-        if rv == _ATTRIBUTE_TYPE_INVALID or (not rv and outer.length in (0, _UNAVAILABLE)):
-            return None  # no such attribute, or an empty template
         if rv:
-            raise error(rv)
+            failure = error(rv)
+            if isinstance(failure, p11.AttributeTypeInvalid):
+                return None  # no such attribute
+            raise failure
+        if outer.length in (0, _UNAVAILABLE):
+            return None  # an empty template
         count = outer.length // ctypes.sizeof(_Attribute)
         if not 0 < count <= _MOST_ENTRIES:
             return None  # not a template this gateway could have written: as good as none

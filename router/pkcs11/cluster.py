@@ -32,7 +32,7 @@ from router.pkcs11 import _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import LockTimeout, Module
 from router.pkcs11._signer import Signer, sign_with
-from router.pkcs11.pool import CLASS_NAMES, WRAPPING_KEY_LABEL, PooledSession, SessionPool, modulus_of
+from router.pkcs11.pool import CLASS_NAMES, WRAPPING_KEY, WRAPPING_KEY_LABEL, PooledSession, SessionPool, modulus_of
 from router.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,9 @@ class Pkcs11Cluster(HsmBackend):
         """Warn when the replication wrapping key lets a PIN holder unwrap keys in the clear."""
         if module.unwrap_guard is None or self._signer is None:
             return  # the module's function list does not see these sessions: nothing to read it with
-        template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: WRAPPING_KEY_LABEL}
         try:
             with module.guard():
-                found = list(self._pool.login.get_objects(template))
+                found = list(self._pool.login.get_objects(WRAPPING_KEY))
                 guarded = [module.unwrap_guard.guards(key) for key in found]
         except Exception as exc:  # noqa: BLE001 - a check that only warns never stops a start
             log.warning("cluster %s: could not read the replication wrapping key's unwrap template (%s)",

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 WRAPPING_KEY_LABEL = "_hsmgw/replication"
 """CKA_LABEL of the trusted wrapping key every cluster holds (made by the SO)."""
+WRAPPING_KEY = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: WRAPPING_KEY_LABEL}
+"""The search that finds it."""
 
 CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "public key",
                ObjectClass.SECRET_KEY: "secret key"}
@@ -113,8 +115,7 @@ class PooledSession:
 
     def wrapping_key(self) -> Any:
         if self._wrapping_key is None:
-            template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: WRAPPING_KEY_LABEL}
-            self._wrapping_key = _primed(self._only(template, f"wrapping keys labelled {WRAPPING_KEY_LABEL!r}"))
+            self._wrapping_key = _primed(self._only(WRAPPING_KEY, f"wrapping keys labelled {WRAPPING_KEY_LABEL!r}"))
         return self._wrapping_key
 
     def _only(self, template: dict[Attribute, Any], what: str) -> Any:

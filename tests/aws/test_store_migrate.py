@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,3 +251,23 @@ def test_a_record_the_destination_refuses_is_named_and_the_rest_is_still_copied(
     with pytest.raises(StoreError):
         copy_placements(source, Gone(tmp_path / "gone.db"), partial)
     assert len(partial.failed) == FAILURES_IN_A_ROW == 5  # 3 placements and 2 admin records
+
+
+def test_a_source_that_stops_answering_is_named_as_the_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Not "records in a row failed, the destination is incomplete": the source could not be read."""
+    from router.placement import StoreError
+
+    src = SqliteStore(tmp_path / "src.db")
+    src.create(_placements(1)[0])
+
+    def unreadable(self: SqliteStore) -> Any:
+        raise StoreError("placement store error: disk I/O error")
+
+    monkeypatch.setattr(SqliteStore, "scan", unreadable)
+    with pytest.raises(SystemExit) as stopped:
+        hsmgw(["store", "migrate", "--from", f"sqlite:{tmp_path / 'src.db'}", "--to", f"sqlite:{tmp_path / 'd.db'}"])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: placement store error: disk I/O error; copied 0 before that: run the same command again "
+                   "once it answers (what is there is skipped)")

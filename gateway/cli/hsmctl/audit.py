@@ -5,18 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from gateway.cli._common import at_least_one
 from gateway.cli.hsmctl._app import App
 from hsmgw.v1 import admin_pb2 as apb
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        lines = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of records, got {text!r}") from None
-    if lines < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {lines}")
-    return lines
 
 
 def _tail(app: App, args: argparse.Namespace) -> int:
@@ -41,7 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="the hash-chained audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     tail = asub.add_parser("tail", help="the last records", description="Example: hsmctl audit tail -n 50")
-    tail.add_argument("-n", "--lines", type=_at_least_one, default=20, help="how many (default: %(default)s)")
+    tail.add_argument("-n", "--lines", type=at_least_one, default=20, help="how many (default: %(default)s)")
     tail.set_defaults(func=_tail)
     verify = asub.add_parser(
         "verify",
