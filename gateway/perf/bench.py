@@ -120,8 +120,8 @@ def _paired(rows: list[Row], directs: list[float]) -> Row:
     return Row(first.name, statistics.median(row.throughput or 0.0 for row, _ in measured), note=first.note,
                p50_ms=middle.p50_ms, p99_ms=middle.p99_ms, errors=sum(r.errors for r in rows),
                detail=middle.detail, ratio=round(statistics.median(ratios), 3),
-               rounds=[{"throughput": round(row.throughput or 0.0, 1), "ratio": round(ratio, 3)}
-                       for (row, _), ratio in zip(measured, ratios, strict=True)])
+               rounds=[{"throughput": round(row.throughput or 0.0, 1), "ratio": round(ratio, 3), "direct": round(d, 1)}
+                       for (row, d), ratio in zip(measured, ratios, strict=True)])
 
 
 def _say(text: str) -> None:

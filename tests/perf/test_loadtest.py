@@ -85,8 +85,11 @@ def test_bench_smoke_run_writes_its_table_and_json(tmp_path: Path) -> None:
     directs = [r["throughput"] for r in rows[0]["rounds"]]
     assert len(directs) == 2 and all(d > 0 for d in directs)
     for row in (rows[0], rows[2], *((rows[1], floor) if has_h2load else ())):
+        # A round that measured nothing (0.3 s on a busy machine) is left out of its row: each
+        # round names the direct measurement it is a ratio to.
+        assert row["rounds"] and all(r["direct"] in [round(d, 1) for d in directs] for r in row["rounds"]), row
         assert [r["ratio"] for r in row["rounds"]] == pytest.approx(
-            [r["throughput"] / d for r, d in zip(row["rounds"], directs, strict=True)], abs=1e-3), row["name"]
+            [r["throughput"] / r["direct"] for r in row["rounds"]], abs=2e-3), row["name"]
         assert row["ratio"] == pytest.approx(statistics.median(r["ratio"] for r in row["rounds"]), abs=1e-3)
         assert row["throughput"] == pytest.approx(statistics.median(r["throughput"] for r in row["rounds"]), abs=0.1)
     assert rows[3]["rounds"] == [] and rows[3]["ratio"] == pytest.approx(rows[3]["throughput"] / rows[0]["throughput"],
