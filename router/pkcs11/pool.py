@@ -395,11 +395,8 @@ class SessionPool:
             if self._closed:
                 return
             self._closed = True
-            sessions = list(self._idle)
-            self._idle.clear()
+        self._close_idle()
         with self._module.guard():
-            for session in sessions:
-                self._close_session(session)
             try:
                 self._login.close()
             except p11.PKCS11Error:
@@ -431,6 +428,15 @@ class SessionPool:
         except p11.PKCS11Error:
             log.debug("cluster %s: closing a session failed", self.spec.name, exc_info=True)
         raise self.stopping()
+
+    def _close_idle(self) -> None:
+        """Close the idle sessions of a closed pool (each is taken from the idle list once)."""
+        with self._lock:
+            sessions = list(self._idle)
+            self._idle.clear()
+        with self._module.guard():
+            for session in sessions:
+                self._close_session(session)
 
     def _close_session(self, session: PooledSession) -> None:
         with self._lock:
@@ -465,3 +471,6 @@ class SessionPool:
                     log.warning("cluster %s: could not reopen a session yet", self.spec.name)
             return
         self._idle.append(session)
+        if self._closed:
+            # close() ran between the check above and the append, and may have missed it.
+            self._close_idle()

@@ -162,6 +162,33 @@ def test_a_session_that_cannot_be_reopened_is_a_cluster_fault_and_uses_up_nothin
         backend.close()
 
 
+def test_a_session_handed_back_while_the_pool_closes_is_closed_too(fleet, tokens) -> None:
+    """A stop closes the pool between a call's "is the pool closed?" check and its hand-back:
+    the session it hands back is closed with the rest, not left open in a closed pool."""
+    import collections
+
+    from router.errors import Stopping
+
+    backend = _single_session(fleet, tokens)
+    pool = backend.pool
+
+    class _ClosingFirst(collections.deque):  # the stop lands just before the append
+        def append(self, session) -> None:
+            pool.close()
+            super().append(session)
+
+    try:
+        session = pool.acquire(time.monotonic() + 5)
+        pool._idle = _ClosingFirst(pool._idle)
+        pool.release(session)
+        assert backend.stats().open == 0, "a session was left open in the closed pool"
+        assert not pool._idle
+        with pytest.raises(Stopping):
+            pool.acquire(time.monotonic() + 5)
+    finally:
+        backend.close()
+
+
 def _single_session(fleet, tokens, **spec_kw) -> Pkcs11Cluster:
     pins = tomllib.loads(fleet.secrets_path.read_text())["clusters"]
     tokens.session("use1-a")
