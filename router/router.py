@@ -827,6 +827,12 @@ class Router:
         every later write is conditional on the version read here).
         """
         current, source = self.check_move(key_id, to, source, version)
+        if self.breakers[to].state is CircuitState.OPEN:
+            # Named in the record before a copy it cannot take, the target would stay named
+            # (its copy cannot be destroyed to undo), and the repairer would copy the key there
+            # once it is back: a move reported failed that happened after all.
+            raise Unavailable(f"cluster {to} is not answering (its circuit is open); key {key_id!r} was not "
+                              "moved, try again once it is back (hsmctl clusters)", cluster=to)
         holders = [n for n in self.dispatcher.order([source, *current.clusters]) if self.dispatcher.usable(n)]
         if not holders:
             raise Unavailable(f"no healthy cluster holds key {key_id!r} to copy it from")

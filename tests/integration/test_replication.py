@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import ObjectClass
 
 from router.errors import ClusterDown, FailedPrecondition, Unavailable
+from router.health import CircuitState
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement, ReplicationPolicy
 from router.reconcile import reconcile
 from tests.support import unique, wait_for
@@ -824,3 +825,18 @@ def test_a_key_does_not_move_into_a_failed_over_region(make_router, tokens) -> N
         router.move_key(key.key_id, other, time.monotonic() + 30)
     assert router.store.get(key.key_id).clusters == key.clusters
     assert tokens.objects(other, key.key_id) == []
+
+
+def test_a_key_does_not_move_onto_a_cluster_whose_circuit_is_open(make_router, tokens) -> None:
+    """The target is failing as the gateway sees it: the move is refused before the record names
+    it, so no name is left behind for the repairer to fill once the cluster is back."""
+    key_id = unique("to-open")
+    router, key, target = _one_copy_key(make_router, key_id)
+    breaker = router.breakers[target]
+    while breaker.state is not CircuitState.OPEN:
+        breaker.record_failure()
+    with pytest.raises(Unavailable, match=f"cluster {target} is not answering .*was not moved"):
+        router.move_key(key_id, target, time.monotonic() + 30)
+    after = router.store.get(key_id)
+    assert (after.primary, after.replicas, after.version) == (key.primary, (), key.version)
+    assert tokens.objects(target, key_id) == []
