@@ -10,7 +10,7 @@ again on :meth:`ServerCredentials.reload` (SIGHUP). gRPC asks the credentials fo
 configuration before every new handshake; a reload therefore affects new
 connections only and never drops a connection or a request in flight. Files that
 fail the checks (missing, unreadable, key not matching the certificate, key
-readable by others, a server certificate that has expired or is not valid yet) are
+readable by others, a certificate of the server's chain that has expired or is not valid yet) are
 refused and the current material stays in use; at start-up they stop the gateway.
 A ``not_valid_before`` up to :data:`NOT_BEFORE_SKEW` ahead of this host's clock is
 accepted: a certificate issued a moment ago on a host whose clock runs a little
@@ -99,7 +99,7 @@ def _certificates(data: bytes, path: Path, key: str) -> list[x509.Certificate]:
 def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> TlsMaterial:
     """Read and check the certificate, its key and the client CA, at ``now`` (default: the clock)."""
     chain = _read(tls.cert_file, "cert_file")
-    leaf = _certificates(chain, tls.cert_file, "cert_file")[0]
+    leaf, *intermediates = _certificates(chain, tls.cert_file, "cert_file")
     try:
         mode = tls.key_file.stat().st_mode
     except FileNotFoundError:
@@ -122,16 +122,18 @@ def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> Tl
     cas = _certificates(client_ca, tls.client_ca_file, "client_ca_file")
     now = now or _utcnow()
     fingerprint = leaf.fingerprint(hashes.SHA256()).hex()
-    # A certificate outside its validity fails every client's verification: refuse it, as any bad file.
-    if leaf.not_valid_after_utc <= now:
-        raise ConfigError(f"server.tls.cert_file: the certificate in {tls.cert_file} ({fingerprint[:16]}) "
-                          f"expired at {leaf.not_valid_after_utc.isoformat()}")
-    if leaf.not_valid_before_utc > now + NOT_BEFORE_SKEW:
-        raise ConfigError(f"server.tls.cert_file: the certificate in {tls.cert_file} ({fingerprint[:16]}) is not "
-                          f"valid before {leaf.not_valid_before_utc.isoformat()}, and this host's clock says "
-                          f"{now.isoformat(timespec='seconds')} ({_SKEW_MINUTES} minutes of clock skew are allowed)")
-    if leaf.not_valid_after_utc - now < _EXPIRY_WARNING:
-        log.warning("server certificate %s expires at %s", fingerprint[:16], leaf.not_valid_after_utc.isoformat())
+    # A certificate of the chain outside its validity fails every client's verification: refuse
+    # it, as any bad file.
+    for number, cert in enumerate([leaf, *intermediates]):
+        which = (f"the certificate in {tls.cert_file} ({fingerprint[:16]})" if number == 0 else
+                 f"intermediate certificate {cert.subject.rfc4514_string()!r} in {tls.cert_file}")
+        problem = _outside_validity(cert, now)
+        if problem is not None:
+            clock = (f", and this host's clock says {now.isoformat(timespec='seconds')} ({_SKEW_MINUTES} minutes "
+                     "of clock skew are allowed)" if problem.startswith("is not") else "")
+            raise ConfigError(f"server.tls.cert_file: {which} {problem}{clock}")
+        if _expires_soon(cert, now):
+            log.warning("server.tls.cert_file: %s expires at %s", which, cert.not_valid_after_utc.isoformat())
     _check_client_cas(cas, tls.client_ca_file, now)
     return TlsMaterial(
         cert_chain=chain,
@@ -142,16 +144,28 @@ def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> Tl
     )
 
 
+def _outside_validity(cert: x509.Certificate, now: datetime.datetime) -> str | None:
+    """How ``cert`` is outside its validity at ``now`` ("expired at …", "is not valid before …"), or None."""
+    if cert.not_valid_after_utc <= now:
+        return f"expired at {cert.not_valid_after_utc.isoformat()}"
+    if cert.not_valid_before_utc > now + NOT_BEFORE_SKEW:
+        return f"is not valid before {cert.not_valid_before_utc.isoformat()}"
+    return None
+
+
+def _expires_soon(cert: x509.Certificate, now: datetime.datetime) -> bool:
+    return cert.not_valid_after_utc - now < _EXPIRY_WARNING
+
+
 def _check_client_cas(cas: list[x509.Certificate], path: Path, now: datetime.datetime) -> None:
     """Log client CA certificates outside their validity: clients they signed fail verification."""
     problems = []
     for ca in cas:
         name = ca.subject.rfc4514_string()
-        if ca.not_valid_after_utc <= now:
-            problems.append(f"{name!r} expired at {ca.not_valid_after_utc.isoformat()}")
-        elif ca.not_valid_before_utc > now + NOT_BEFORE_SKEW:
-            problems.append(f"{name!r} is not valid before {ca.not_valid_before_utc.isoformat()}")
-        elif ca.not_valid_after_utc - now < _EXPIRY_WARNING:
+        problem = _outside_validity(ca, now)
+        if problem is not None:
+            problems.append(f"{name!r} {problem}")
+        elif _expires_soon(ca, now):
             log.warning("server.tls.client_ca_file: CA certificate %r in %s expires at %s", name, path,
                         ca.not_valid_after_utc.isoformat())
     if len(problems) == len(cas):

@@ -41,6 +41,19 @@ def test_a_certificate_valid_from_a_few_minutes_ahead_is_taken_but_not_further(t
         load_material(tls, now=NOW - datetime.timedelta(minutes=2))
 
 
+def test_a_chain_with_an_expired_intermediate_is_refused_naming_it(tmp_path: Path) -> None:
+    """Clients verify the whole chain the server sends: an intermediate past its validity fails
+    every handshake as surely as an expired leaf."""
+    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    intermediate, _ = certificate_valid(load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem")),
+                                        NOW - 30 * DAY, NOW - DAY / 2, ca=True)
+    write_file(tls.cert_file, tls.cert_file.read_bytes() + intermediate)
+    with pytest.raises(ConfigError, match=r"^server\.tls\.cert_file: intermediate certificate 'CN=validity test CA' "
+                                          r"in .*server\.pem expired at 2030-06-01T00:00:00\+00:00$"):
+        load_material(tls, now=NOW)
+    assert load_material(tls, now=NOW - DAY * 3 / 4).fingerprint  # the same chain while the intermediate was valid
+
+
 def test_a_reload_with_a_certificate_that_expired_keeps_the_current_one(tmp_path: Path) -> None:
     tls = _tls(tmp_path, NOW - DAY, NOW + DAY)
     clock = [NOW]
