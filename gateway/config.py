@@ -441,6 +441,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
             )
         )
     labels: dict[str, str] = {}
+    env_names: dict[str, str] = {}
     for i, cluster in enumerate(clusters):
         # Two names for one token would make each see the other's keys as objects its records
         # do not put there (orphans, to reconcile), and a "replica" the same copy.
@@ -450,14 +451,11 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
                 f"clusters[{i}].token_label: {cluster.name!r} and {other!r} both name token "
                 f"{cluster.token_label!r}; each cluster is a token of its own"
             )
-    env_names: dict[str, str] = {}
-    for i, cluster in enumerate(clusters):
-        other = env_names.setdefault(pin_env_name(cluster.name), cluster.name)
+        env_name = pin_env_name(cluster.name)
+        other = env_names.setdefault(env_name, cluster.name)
         if other != cluster.name:
-            raise ConfigError(
-                f"clusters[{i}].name: {cluster.name!r} and {other!r} would share the PIN variable "
-                f"{pin_env_name(cluster.name)}; rename one"
-            )
+            raise ConfigError(f"clusters[{i}].name: {cluster.name!r} and {other!r} would share the PIN variable "
+                              f"{env_name}; rename one")
     config = GatewayConfig(
         home_region=home,
         dr_regions=tuple(dr),
