@@ -112,6 +112,16 @@ def _change(change_id: str, body: dict[str, Any]) -> Change:
         raise StoreError(f"malformed change record {change_id!r} in the placement store: {exc!r}") from exc
 
 
+def _lapse(change: Change, now: float, runner: str = "") -> str:
+    """The event of ``change``'s lapse at ``now``: ``change_expired`` (pending past its expiry),
+    ``change_interrupted`` (running past its lease, unless ``runner`` is the one running it), or ""."""
+    if change.state == PENDING and now >= change.expires:
+        return "change_expired"
+    if change.state == RUNNING and now >= change.lease_until and not (runner and change.runner == runner):
+        return "change_interrupted"
+    return ""
+
+
 def _interrupted(change: Change) -> Change:
     return dataclasses.replace(change, state=INTERRUPTED, result=(
         f"interrupted: the gateway running it ({change.runner or 'unknown'}) stopped before it recorded a result "
@@ -184,12 +194,11 @@ class ChangeBook:
             if body is None:
                 raise KeyNotFound(f"no change {change_id!r}")
             change = _change(change_id, body)
-            lapse = ""
-            now = self._clock()
-            if change.state == PENDING and now >= change.expires:
-                change, lapse = dataclasses.replace(change, state=EXPIRED), "change_expired"
-            elif change.state == RUNNING and now >= change.lease_until and not (runner and change.runner == runner):
-                change, lapse = _interrupted(change), "change_interrupted"
+            lapse = _lapse(change, self._clock(), runner)
+            if lapse == "change_expired":
+                change = dataclasses.replace(change, state=EXPIRED)
+            elif lapse:
+                change = _interrupted(change)
             try:
                 edited = edit(dataclasses.replace(change, approved_by=list(change.approved_by)))
             except RouterError as exc:
@@ -405,9 +414,7 @@ class ChangeBook:
                 change = _change(change_id, record[0])
             except StoreError as exc:
                 raise _unavailable(exc) from exc
-            now = self._clock()
-            if ((change.state == PENDING and now >= change.expires)
-                    or (change.state == RUNNING and now >= change.lease_until)):
+            if _lapse(change, self._clock()):
                 try:
                     change = self.get(change_id)  # records the expiry or interruption, once
                 except KeyNotFound:
