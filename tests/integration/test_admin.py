@@ -811,3 +811,83 @@ def test_audit_tail_refuses_a_count_below_one(gateway, admin) -> None:
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     _, three = as_json(gateway.target, "audit", "tail", "-n", "3")
     assert 1 <= len(three) <= 3
+
+
+@pytest.mark.parametrize(("kind", "action", "params", "ask"), [
+    ("key", "place_key", {"cluster": "use1-a"}, ("keys", "place", "{name}", "--cluster", "use1-b")),
+    ("cluster", "drain", {}, ("clusters", "drain", "{name}")),
+], ids=["key", "cluster"])
+def test_a_change_for_what_a_running_change_holds_is_refused_until_that_one_ends(
+    gateway, fleet, kind: str, action: str, params: dict[str, str], ask: tuple[str, ...]
+) -> None:
+    """A change running through another gateway on the same store (its lease renewed) still holds
+    its key or cluster: a request for it is refused, naming that change and how long a stuck one
+    can hold it, and is taken once that change has ended."""
+    from gateway.quorum import ChangeBook
+    from router.placement import SqliteStore
+
+    name = unique("held") if kind == "key" else "use1-b"
+    started, finish = threading.Event(), threading.Event()
+
+    def runs_until_told(given: dict[str, str]) -> str:
+        started.set()
+        finish.wait(60)
+        return "done"
+
+    store = SqliteStore(fleet.state_dir / "placements.db")
+    other = ChangeBook(store, {action: runs_until_told})
+    running_change = other.request("alice", action, {("key_id" if kind == "key" else "cluster"): name, **params})
+    runner = threading.Thread(target=other.approve, args=("bob", running_change.id))
+    runner.start()
+    command = [part.format(name=name) for part in ask]
+    try:
+        assert started.wait(30), "the other gateway runs the change"
+        refused = hsmctl(gateway.target, *command, who="carol")
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (
+            f"error: FAILED_PRECONDITION: change {running_change.id} ({action}) is running for {kind} {name!r}: "
+            f"wait for its result (hsmctl changes list --all); one stuck shows interrupted within 360 s of its "
+            f"start, and then no longer holds the {kind}")
+        _, listed = as_json(gateway.target, "changes", "list")
+        assert [c["id"] for c in listed if name in c["params"].values()] == [running_change.id], "no second change"
+    finally:
+        finish.set()
+        runner.join(30)
+        store.close()
+    _, taken = as_json(gateway.target, *command, who="carol")
+    assert taken["state"] == "pending", taken
+    as_json(gateway.target, "changes", "reject", taken["id"], who="bob")
+
+
+@pytest.mark.parametrize("action", ["reconcile_fix", "reconcile_fix_shown"],
+                         ids=["earlier-versions-fix", "fix-without-findings"])
+def test_a_fix_that_does_not_list_its_findings_fails_when_approved_and_destroys_nothing(
+    gateway, crypto, tokens, fleet, action: str
+) -> None:
+    """An earlier version's reconcile_fix repaired whatever it found once approved, unseen by its
+    approvers: approved through this version it fails, saying to ask again, and the orphan it
+    would have destroyed is still there."""
+    from gateway.quorum import ChangeBook
+    from router.placement import SqliteStore
+
+    orphan = _orphan(tokens, crypto, "use1-a")
+    store = SqliteStore(fleet.state_dir / "placements.db")
+    try:  # as an earlier version recorded it: no findings
+        change = ChangeBook(store, {action: lambda given: "fixed"}).request("alice", action, {})
+    finally:
+        store.close()
+    try:
+        _, listed = as_json(gateway.target, "changes", "list")
+        assert change.id in [c["id"] for c in listed]
+        result = hsmctl(gateway.target, "changes", "approve", change.id, who="bob")
+        assert result.returncode == 1, result.stderr
+        assert result.stdout.strip() == (
+            f"change {change.id} ({action}) failed: this fix was requested without the findings it repairs, so it "
+            "cannot say what it would destroy: request it again (hsmctl reconcile --fix)")
+        assert len(tokens.objects("use1-a", orphan)) == 1, "nothing was destroyed"
+        _, records = as_json(gateway.target, "audit", "tail", "-n", "20")
+        assert [(r["action"], r["outcome"]) for r in records if r["target"] == change.id][-1:] == [
+            ("change_failed", "failed")]
+    finally:
+        for obj in tokens.objects("use1-a", orphan):
+            obj.destroy()

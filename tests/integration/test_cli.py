@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -436,6 +437,41 @@ def test_serve_stops_for_good_on_a_secrets_file_or_store_it_cannot_use(
     assert says.format(state=spare_fleet.state_dir) in line, line
     assert "sessions open" not in result.stdout + result.stderr, "logged in to the HSMs before failing"
     assert "123456" not in result.stdout + result.stderr
+
+
+def _immutable(path: Path) -> Callable[[], None]:
+    """Make ``path`` immutable (``chattr +i``), so that even root cannot write it (nor, a directory,
+    create files in it); returns what undoes that. Root ignores file modes, and tests run as root."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed: root ignores file modes, so nothing here can make a file unwritable")
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"{path} cannot be made immutable here ({made.stderr.strip()}): root ignores file modes")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("unwritable", ["directory", "file"])
+def test_serve_stops_for_good_on_a_store_it_cannot_write(spare_fleet: Fleet, tmp_path: Path, unwritable: str) -> None:
+    """A store file, or its directory (where SQLite writes the journal), that this user cannot
+    write: one line naming which, and EX_CONFIG (a restart does not help), before any HSM login."""
+    from router.placement.sqlite import SqliteStore
+
+    directory = tmp_path / "store"
+    directory.mkdir()
+    path = directory / "placements.db"
+    SqliteStore(path).close()  # a store the gateway made earlier
+    config = _edited(spare_fleet, f"store-{unwritable}-{tmp_path.name}", _store_url(f"sqlite:{path}"))
+    undo = _immutable(directory if unwritable == "directory" else path)
+    try:
+        result = hsmgw("serve", "--config", str(config), "--workers", "1", timeout=60)
+    finally:
+        undo()
+    line = one_error_line(result)
+    assert result.returncode == EXIT_CONFIG, line
+    problem = (f"cannot write to the directory {directory}" if unwritable == "directory"
+               else "cannot read and write it")
+    assert line == f"error: store.url: cannot open placement store {path}: this user ({os.getuid()}) {problem}"
+    assert "sessions open" not in result.stdout + result.stderr, "logged in to the HSMs before failing"
 
 
 def test_serve_names_a_config_file_that_is_not_utf8(tmp_path: Path) -> None:

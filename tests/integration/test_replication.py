@@ -840,3 +840,34 @@ def test_a_key_does_not_move_onto_a_cluster_whose_circuit_is_open(make_router, t
     after = router.store.get(key_id)
     assert (after.primary, after.replicas, after.version) == (key.primary, (), key.version)
     assert tokens.objects(target, key_id) == []
+
+
+def test_a_move_whose_first_store_write_fails_changes_nothing_and_its_change_fails_saying_so(
+    make_router, tokens, tmp_path
+) -> None:
+    """The store refuses the write that names the move's target: no copy is made and none
+    destroyed, the key signs where it was, and the approved change ends failed, saying the
+    key was not moved."""
+    from gateway.admin import AdminServicer
+    from router.placement.store import StoreError
+
+    key_id = unique("firstwrite")
+    first, key, target = _one_copy_key(make_router, key_id)
+    before = first.store.get(key_id)
+    mover = make_router()
+    admin = AdminServicer(mover, audit_path=tmp_path / "audit.log", quorum=2)
+
+    def refused(placement: Placement) -> Placement:
+        raise StoreError("placement store error: attempt to write a readonly database")
+
+    mover.store.update = refused  # type: ignore[method-assign]
+    change = admin.changes.request("alice", "move_key", {"key_id": key_id, "to": target})
+    done = admin.changes.approve("bob", change.id)
+    assert (done.state, done.result) == ("failed", f"placement store is unreachable; key {key_id!r} was not moved")
+    assert admin.changes.get(change.id).state == "failed", "recorded, and no longer holds the key"
+    assert first.store.get(key_id) == before
+    assert tokens.objects(target, key_id) == [], "no copy made"
+    assert tokens.classes(key.primary, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    for router in (first, mover):
+        signature, cluster = router.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
+        assert signature and cluster == key.primary

@@ -8,6 +8,7 @@ whose wrapping key lacks it says so at start.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -117,3 +118,44 @@ def test_a_wrapping_key_without_the_template_is_named_at_start(tmp_path: Path) -
     assert warned[0].startswith("WARNING cluster usw2-a: the replication wrapping key '_hsmgw/replication' has no "
                                 "unwrap template"), warned
     assert "in the clear" in warned[0] and "docs/security.md" in warned[0]
+
+
+class _UnreadableTemplate:
+    """A module that answers CKR_DEVICE_ERROR when the wrapping key's unwrap template is read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def guards(self, key: Any) -> bool:
+        self.reads += 1
+        raise p11.DeviceError()
+
+
+def test_a_wrapping_key_whose_template_cannot_be_read_is_named_and_the_cluster_still_starts(
+    fleet: Any, tokens: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check only warns: a module that fails the read says so (not that the template is
+    missing), and the cluster serves."""
+    import dataclasses
+    import time
+    import tomllib
+
+    from gateway.config import load
+    from router.pkcs11 import Pkcs11Cluster
+    from router.secret import Secret
+
+    [spec] = [s for s in load(fleet.config_path).clusters if s.name == "usw2-a"]
+    pin = tomllib.loads(fleet.secrets_path.read_text())["clusters"]["usw2-a"]["user_pin"]
+    tokens.session("usw2-a")  # the inspector holds the token's login; the pool shares it
+    guard = _UnreadableTemplate()
+    module = dataclasses.replace(tokens.module, unwrap_guard=guard)
+    with caplog.at_level(logging.WARNING, logger="router.pkcs11.cluster"):
+        cluster = Pkcs11Cluster(module, spec, Secret(pin))
+    try:
+        assert guard.reads == 1, "the check read the wrapping key's template"
+        warned = [r.getMessage() for r in caplog.records if "unwrap template" in r.getMessage()]
+        assert warned == ["cluster usw2-a: could not read the replication wrapping key's unwrap template "
+                          "(DeviceError)"]
+        assert len(cluster.random(16, time.monotonic() + 10)) == 16
+    finally:
+        cluster.close()

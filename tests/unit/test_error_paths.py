@@ -12,7 +12,7 @@ import grpc
 import pytest
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
-from pkcs11.types import Object, PrivateKey
+from pkcs11.types import Object, PrivateKey, PublicKey, SecretKey
 
 from gateway import status
 from router.backend import HsmBackend, PoolStats
@@ -264,3 +264,49 @@ def test_discovery_tells_an_api_that_cannot_answer_from_a_cluster_id_that_is_wro
             discover("cluster-1234abcd", "us-east-1", client=client)
     assert isinstance(caught.value, DiscoveryUnavailable) is unavailable
     assert str(caught.value).startswith("describing cluster cluster-1234abcd in us-east-1 failed:")
+
+
+def _read_in_part(base: type, attribute: Attribute, answer: Any) -> Any:
+    """A key object python-pkcs11 made from a failed bulk read: of ``base`` (a ``Key`` class), but
+    without its operation's method; its own ``attribute`` answers ``answer`` (a value, or an
+    exception it raises)."""
+
+    class ReadInPart(base):  # type: ignore[valid-type,misc]
+        def __init__(self) -> None:
+            self.answer = answer
+
+        def __getitem__(self, asked: Attribute) -> Any:
+            if asked is not attribute:
+                return KeyType.AES
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    return ReadInPart()
+
+
+@pytest.mark.parametrize(("object_class", "base", "capability", "attribute"), [
+    (ObjectClass.PUBLIC_KEY, PublicKey, "verify", Attribute.VERIFY),
+    (ObjectClass.SECRET_KEY, SecretKey, "encrypt", Attribute.ENCRYPT),
+    (ObjectClass.PRIVATE_KEY, PrivateKey, "decrypt", Attribute.DECRYPT),
+], ids=["verify", "encrypt", "decrypt"])
+@pytest.mark.parametrize("answer", [True, p11.DeviceError()], ids=["says-yes", "unreadable"])
+def test_a_key_read_in_part_for_any_operation_is_a_busy_hsm_to_the_caller(
+    object_class: ObjectClass, base: type, capability: str, attribute: Attribute, answer: Any
+) -> None:
+    """RESOURCE_EXHAUSTED (another replica, or a retry, may serve it), not FAILED_PRECONDITION
+    as a key that does not permit the operation would be; and the half-read object is not kept."""
+    handle = _Handle(_read_in_part(base, attribute, answer))
+    session = PooledSession(handle, 0, 4, ClusterSpec("use1-a", "us-east-1", "use1-a"), TokenObjects(None))
+    placement = Placement(key_id="k/1", algorithm=KeyAlgorithm.AES_256, usage=KeyUsage.ENCRYPT_DECRYPT,
+                          state=KeyState.ENABLED, primary="use1-a")
+    for _ in range(2):
+        with pytest.raises(Throttled) as caught:
+            session.key(placement, object_class, capability)
+        code, message, _ = status.status_for(caught.value)
+        assert (code, message) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "could not read all of key 'k/1''s attributes")
+    assert handle.searches == 2 and not session.keys, "found again each time, never cached"
+
+    handle.obj.answer = False  # read in full: the key does not permit it, the caller's mistake
+    with pytest.raises(WrongKeyUsage, match=f"key 'k/1' does not permit {capability} on this cluster"):
+        session.key(placement, object_class, capability)

@@ -7,7 +7,6 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -436,7 +435,9 @@ def test_a_change_still_running_on_another_gateway_keeps_its_lease_and_records_i
     assert other.get(change.id).state == APPLIED
 
 
-def test_a_stuck_action_stops_renewing_its_lease_past_its_run_limit(store_path: Path, clock: FakeClock) -> None:
+def test_a_stuck_action_stops_renewing_its_lease_past_its_run_limit(
+    store_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
     """An HSM call that never returns cannot be interrupted: past its run limit the runner's lease
     lapses, so the change shows interrupted (and no longer holds its key) instead of running for good."""
     other = ChangeBook(SqliteStore(store_path), {}, clock=clock, lease=60)
@@ -449,17 +450,19 @@ def test_a_stuck_action_stops_renewing_its_lease_past_its_run_limit(store_path: 
             clock.now += 30
             wait_for(lambda before=before: other.get(change_id).lease_until > before, what="a renewal")
         seen.append(other.get(change_id).state)
-        clock.now += 100  # past the limit (120 s): no renewal any more
-        time.sleep(0.2)  # many renewal periods
-        clock.now += 61
+        clock.now += 100  # past the limit (120 s): the runner stops renewing
+        wait_for(lambda: "has run past its limit" in caplog.text, what="the runner giving up its lease")
+        clock.now = other.get(change_id).lease_until  # the last lease it took, never renewed again
         seen.append(other.list(include_done=True)[0].state)
         return "moved at last"
 
     book = ChangeBook(SqliteStore(store_path), {"drain": stuck}, clock=clock, lease=60, renew_every=0.01,
                       run_limits={"drain": 120})
     change = book.request("alice", "drain", {"cluster": "use1-a"})
-    assert book.approve("bob", change.id).state == APPLIED  # it did end: its result is the truth
+    with caplog.at_level(logging.ERROR, logger="gateway.quorum"):
+        assert book.approve("bob", change.id).state == APPLIED  # it did end: its result is the truth
     assert seen == [RUNNING, INTERRUPTED]
+    assert f"change {change.id} has run past its limit, stuck" in caplog.text
 
 
 def test_a_runner_taken_for_gone_writes_its_result_over_the_interruption(store_path: Path, clock: FakeClock) -> None:
@@ -491,3 +494,49 @@ def test_a_running_change_recorded_without_a_lease_is_interrupted_once_past_its_
     clock.now += 601
     book.settle()
     assert book.list(include_done=True)[0].state == INTERRUPTED
+
+
+def test_a_runner_whose_renewals_the_store_refuses_warns_shows_interrupted_then_records_its_result(
+    store_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store refuses the runner's lease renewals (each one a warning, and tried again): once
+    the lease lapses, other gateways see the change interrupted (it no longer holds its key);
+    the runner stops renewing, and the result it records when it ends is the truth."""
+
+    class Refusing(SqliteStore):
+        down = False
+
+        def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
+            if self.down:
+                raise StoreError("placement store error: attempt to write a readonly database")
+            return super().put_admin_record(name, body, version)
+
+    store = Refusing(store_path)
+    other = ChangeBook(SqliteStore(store_path), {}, clock=clock, lease=60)
+    seen: list[str] = []
+
+    def drain(params: dict[str, str]) -> str:
+        store.down = True
+        clock.now += 30  # a renewal is due, and fails
+        wait_for(lambda: "its lease could not be renewed" in caplog.text, what="a refused renewal")
+        seen.append(other.list()[0].state)
+        clock.now += 31  # past the lease the runner took
+        seen.append(other.list(include_done=True)[0].state)
+        wait_for(lambda: "while this process still runs it: its lease lapsed" in caplog.text,
+                 what="the runner noticing the lapse")
+        store.down = False
+        return "cluster use1-a drained"
+
+    book = ChangeBook(store, {"drain": drain}, clock=clock, lease=60, renew_every=0.01)
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    with caplog.at_level(logging.WARNING, logger="gateway.quorum"):
+        done = book.approve("bob", change.id)
+    assert seen == [RUNNING, INTERRUPTED]
+    assert (f"change {change.id}: its lease could not be renewed: placement store is unreachable; admin changes "
+            "cannot be read or recorded now (placement store error: attempt to write a readonly database)"
+            ) in caplog.text
+    assert f"change {change.id} is interrupted while this process still runs it" in caplog.text
+    assert (done.state, done.result) == (APPLIED, "cluster use1-a drained")
+    recorded = other.get(change.id)
+    assert (recorded.state, recorded.result) == (APPLIED, "cluster use1-a drained")
+    store.close()
