@@ -946,3 +946,28 @@ def test_destroy_removes_a_copy_that_no_record_names(make_router, tokens, tmp_pa
     assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
     assert build().destroy_key(key.key_id, time.monotonic() + 30).state is KeyState.DESTROYED
     assert _left(tokens, key.key_id) == {}
+
+
+def test_a_repair_that_loses_to_another_repair_keeps_the_copy_the_record_names(make_router, tokens, tmp_path) -> None:
+    """Two repairers copy the key to the DR cluster; the second names its copy first. The first
+    one's write fails, and the copy there is now the record's: it stays, and signs."""
+    build = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True,
+                                                                           ack_local=True))
+    creator = build()
+    creator.fail_over_region("us-west-2")
+    key = creator.generate_key(_spec(unique("repair-twice")), time.monotonic() + 30)
+    other = build()
+    fixed: list[int] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "repair-copied" and not fixed:
+            fixed.append(other.repair_once(time.monotonic() + 30))
+
+    assert build(fault=meanwhile).repair_once(time.monotonic() + 30) == 0
+    assert fixed == [1]
+    repaired = other.store.get(key.key_id)
+    assert repaired.state is KeyState.ENABLED and "usw2-a" in repaired.clusters
+    assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    signature = other.backends["usw2-a"].sign(repaired, Operation.ECDSA_SHA256, b"\x07" * 32, time.monotonic() + 5)
+    public = serialization.load_der_public_key(other.public_key(key.key_id, time.monotonic() + 5)[1])
+    public.verify(signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
