@@ -43,7 +43,7 @@ from typing import Callable
 from router.errors import RouterError
 from router.model import KeyState
 from router.placement.store import Conflict, StoreError
-from router.router import Router
+from router.router import NO_RECORD, Router
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,7 @@ def reconcile(
                 continue  # handled with its intent
             # One look at the record: under the token's lock when it may end in a destroy.
             destroy = fix and report.approved(("orphan", name, key_id))
-            why = _destroy_orphan(router, name, key_id, deadline) if destroy else _why_not_an_orphan(router, name,
-                                                                                                     key_id)
+            why = _destroy_orphan(router, name, key_id, deadline) if destroy else router.why_kept(name, key_id)
             if why == UNKNOWN:
                 report.unknown.append((name, key_id))
             elif why == NOT_DESTROYED:  # still an orphan, for the next reconcile
@@ -294,42 +293,8 @@ def _drop_missing(router: Router, name: str, key_id: str, deadline: float) -> bo
 
 NOT_DESTROYED = "the cluster did not destroy them"
 """What ``_destroy_orphan`` answers when the destroy itself failed (logged): still an orphan."""
-UNKNOWN = "no record in the placement store names the key"
-"""What ``_why_not_an_orphan`` answers for objects whose key id the store has no record of."""
-
-
-def _why_not_an_orphan(router: Router, name: str, key_id: str, *, claim: bool = False) -> str:
-    """Why objects on cluster ``name`` that no placement named in the scan may still be the
-    key's, or "" if they are not.
-
-    The record is read again: since the scan, a move may have named ``name`` as its
-    target (it does so before it copies), a creation may have begun, or the repairer may
-    be making a copy it names only once made. ``claim`` also bumps the record's version
-    when there is one, so that a writer that read it before fails and undoes its change
-    rather than naming a copy about to be destroyed.
-    """
-    try:
-        current = router.store.get(key_id)  # now, not as the scan saw it
-    except StoreError as exc:
-        return f"the placement store cannot say whose it is ({exc})"
-    if current is None:
-        return UNKNOWN
-    if current.state is KeyState.DESTROYED:
-        return ""
-    if name in current.clusters:
-        return f"its record names {name} now"
-    if current.state is KeyState.CREATING:
-        return "the key is being created"
-    if router.short_of_copies(current):
-        return "the key is short of copies, a repair may be making it"
-    if claim:
-        try:
-            router.store.update(current)
-        except Conflict:
-            return "its record changed just now"
-        except StoreError as exc:
-            return f"the placement store cannot say whose it is ({exc})"
-    return ""
+UNKNOWN = NO_RECORD
+"""What ``Router.why_kept`` answers for objects whose key id the store has no record of."""
 
 
 def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> str:
@@ -344,7 +309,7 @@ def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> 
     why: list[str] = []
 
     def keep() -> bool:
-        why[:] = [_why_not_an_orphan(router, name, key_id, claim=True)]
+        why[:] = [router.why_kept(name, key_id, claim=True)]
         return bool(why[0])
 
     try:

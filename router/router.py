@@ -76,6 +76,9 @@ public key never changes): GetPublicKey then costs the HSM nothing. ~420 bytes e
 CLOSE_TIMEOUT = 5.0
 """Seconds ``close`` waits for the clusters' sessions to close (a hung HSM never answers)."""
 
+NO_RECORD = "no record in the placement store names the key"
+"""What ``Router.why_kept`` answers for objects whose key id the store has no record of."""
+
 _RELOAD_AT_LEAST = 1000
 """A refresh re-reads changed keys one by one up to this many (or a tenth of the cache); beyond, it reloads."""
 
@@ -481,7 +484,7 @@ class Router:
             # The HSM failed in a way we did not expect (logged with its traceback), or
             # an object just made was not found again: not the caller's "not found".
             # Creation is idempotent and rolled back, so the caller may simply retry.
-            self.roll_back(intent)
+            self._undo_creation(intent)
             raise Unavailable(
                 f"cluster {intent.primary} could not create key {intent.key_id!r}; nothing was created, "
                 "retry with the same request_id",
@@ -489,7 +492,7 @@ class Router:
                 region=backend.spec.region,
             ) from exc
         except RouterError:
-            self.roll_back(intent)
+            self._undo_creation(intent)
             raise
         self._fault("created-on-hsm")
         if self._closed:  # the store is closed too: the intent stays, for reconcile (close said so)
@@ -509,6 +512,10 @@ class Router:
                 )
             )
         except Conflict as exc:
+            if exc.existing is not None and exc.existing.state is KeyState.DESTROYED and not intent.external:
+                # DestroyKey's pass over the key's clusters may have come before some of the
+                # objects made here: they would outlive the DestroyKey that said it was done.
+                self._drop_copies(intent.key_id, made, "creation")
             return self._settled(exc.existing, intent.key_id)
         self._remember(enabled)
         log.info(
@@ -516,6 +523,19 @@ class Router:
             enabled.key_id, enabled.primary, ", ".join(enabled.replicas) or "none", state.value,
         )
         return enabled
+
+    def _undo_creation(self, intent: Placement) -> None:
+        """Roll back a creation that failed. A DestroyKey that came meanwhile makes the roll-back's
+        claim fail, and it destroys nothing: what this attempt made after the DestroyKey's pass
+        over the key's clusters is then removed here."""
+        if self.roll_back(intent) or self._closed or intent.external:
+            return
+        try:
+            current = self.store.get(intent.key_id)
+        except StoreError:
+            return  # reconcile finishes what is left, destroyed or not
+        if current is not None and current.state is KeyState.DESTROYED:
+            self._drop_copies(intent.key_id, intent.clusters, "creation")
 
     def _replicate(
         self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool
@@ -528,6 +548,7 @@ class Router:
         if not targets:
             return []
         wrapped, public_der = source.export_wrapped(key, deadline)
+        self._fault("copy-exported")
         made = []
         for name in targets:
             breaker = self.breakers[name]
@@ -1082,10 +1103,82 @@ class Router:
             updated = self.store.update(replace(placement, replicas=replicas, state=state))
         except Conflict:
             self._forget(placement.key_id)
+            # Most often a DestroyKey came first: its record does not name these copies, so
+            # neither it nor a second DestroyKey would look for them.
+            self._drop_copies(placement.key_id, made, "repair")
             return False
         self._remember(updated)
         log.info("key %s repaired: now on %s (%s)", placement.key_id, ", ".join(updated.clusters), state.value)
         return holds
+
+    def why_kept(self, cluster: str, key_id: str, *, claim: bool = False) -> str:
+        """Why the key's objects on ``cluster``, which its record did not name when last read,
+        may still be the key's; "" if they are not (an orphan's), ``NO_RECORD`` if no record
+        names the key at all.
+
+        The record is read again: since then, a move may have named ``cluster`` as its target
+        (it does so before it copies), a creation may have begun, or the repairer may be making
+        a copy it names only once made. ``claim`` also bumps the record's version when it is
+        live, so that a writer that read it before fails and undoes its change rather than
+        naming a copy about to be destroyed. A DESTROYED record needs nothing anywhere: it stays
+        for good, so its key id is never another key's.
+        """
+        try:
+            current = self.store.get(key_id)  # now, not as the caller last saw it
+        except StoreError as exc:
+            return f"the placement store cannot say whose it is ({exc})"
+        if current is None:
+            return NO_RECORD
+        if current.state is KeyState.DESTROYED:
+            return ""
+        if cluster in current.clusters:
+            return f"its record names {cluster} now"
+        if current.state is KeyState.CREATING:
+            return "the key is being created"
+        if self.short_of_copies(current):
+            return "the key is short of copies, a repair may be making it"
+        if claim:
+            try:
+                self.store.update(current)
+            except Conflict:
+                return "its record changed just now"
+            except StoreError as exc:
+                return f"the placement store cannot say whose it is ({exc})"
+        return ""
+
+    def _drop_copies(self, key_id: str, clusters: Sequence[str], doing: str) -> None:
+        """Destroy the key's objects that this ``doing`` (a repair, a creation) made on ``clusters``
+        before its record write lost to another change, unless the record needs them now.
+
+        The change that won is most often a DestroyKey, whose pass over the key's clusters may
+        have come before these copies were made: left, a destroyed key's private key would
+        outlive the DestroyKey that reported it gone. As for a failed move: no objects that no
+        record accounts for, and none that a live record still needs. Each cluster's objects are
+        held still while the record is read again (``why_kept``), and only those listed before
+        that look go, as in reconcile.
+        """
+        for name in clusters:
+            why = self._drop_copy(key_id, name)
+            if why:
+                log.info("%s of %s lost to another change; its copy on %s stays: %s", doing, key_id, name, why)
+            else:
+                log.warning("%s of %s lost to another change (a DestroyKey, most often); its copy on %s is "
+                            "destroyed", doing, key_id, name)
+
+    def _drop_copy(self, key_id: str, name: str) -> str:
+        """``_drop_copies`` on one cluster: why the objects stayed, or ""."""
+        why: list[str] = []
+
+        def keep() -> bool:
+            why[:] = [self.why_kept(name, key_id, claim=True)]
+            return bool(why[0])
+
+        try:
+            # Its own deadline, as a failed move's undo: the caller's may be spent, and the copy must go.
+            self.backends[name].destroy(key_id, time.monotonic() + 10.0, unless=keep)
+        except RouterError as exc:
+            return f"not removed ({exc.message}); reconcile --fix removes it"
+        return why[0] if why else ""
 
     def get_key(self, key_id: str) -> Placement:
         """The key's whole record, from the store (the cache's copy lacks the creation record);
@@ -1160,12 +1253,42 @@ class Router:
                 log.warning("key %s destroyed, but its objects on %s are not removed yet: %s", key_id, name,
                             exc.message)
                 left.append(name)
+        self._sweep(destroyed, deadline)
         if left:
             raise Unavailable(f"key {key_id!r} is destroyed and serves no more, but its objects on "
                               f"{', '.join(left)} could not be removed now: call DestroyKey again, or "
                               "reconcile --fix removes them")
         log.info("key %s destroyed", key_id)
         return destroyed
+
+    def _sweep(self, destroyed: Placement, deadline: float) -> None:
+        """Remove a destroyed key's objects from the clusters its record does not name.
+
+        A copy may be there that no record names: a repair or a creation that lost to a
+        DestroyKey and could not remove its copy, or one killed between its copy and its record
+        write. The DESTROYED record stays for good (a key id is never reused), so no live key has
+        objects with this id. One search per cluster; a cluster that is down or whose circuit is
+        open is logged and left to reconcile. It fails no DestroyKey: the copies DestroyKey
+        answers for are those the record names, and else any cluster down anywhere would fail
+        every DestroyKey.
+        """
+        key_id = destroyed.key_id
+        for name, backend in self.backends.items():
+            if name in destroyed.clusters:
+                continue
+            if self.breakers[name].state is CircuitState.OPEN:
+                log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for "
+                            "a stray copy (its circuit is open): reconcile --fix removes any", key_id, name)
+                continue
+            try:
+                removed = backend.destroy(key_id, deadline)
+            except RouterError as exc:
+                log.warning("key %s destroyed; cluster %s, which its record does not name, could not be looked at "
+                            "for a stray copy (%s): reconcile --fix removes any", key_id, name, exc.message)
+                continue
+            if removed:
+                log.warning("key %s destroyed; %d of its objects were on cluster %s, which its record does not name "
+                            "(a copy a repair or creation left): removed", key_id, removed, name)
 
     # -- crypto -------------------------------------------------------------
 

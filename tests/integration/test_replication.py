@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import ObjectClass
 
-from router.errors import ClusterDown, FailedPrecondition, Unavailable
+from router.errors import ClusterDown, FailedPrecondition, KeyChanged, Unavailable
 from router.health import CircuitState
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement, ReplicationPolicy
 from router.reconcile import reconcile
@@ -871,3 +871,134 @@ def test_a_move_whose_first_store_write_fails_changes_nothing_and_its_change_fai
     for router in (first, mover):
         signature, cluster = router.sign(key_id, Operation.ECDSA_SHA256, bytes(32), None, time.monotonic() + 10)
         assert signature and cluster == key.primary
+
+
+# -- a DestroyKey racing a repair or a creation ------------------------------------------------
+# Each test has a store of its own: a repairer repairs every key of its store that is short of
+# copies, and the hooks below must meet this test's key, not another test's.
+
+
+def _routers_on_one_store(make_router, tmp_path, policy: ReplicationPolicy):  # type: ignore[no-untyped-def]
+    from router.placement.sqlite import SqliteStore
+
+    def build(**kwargs):  # type: ignore[no-untyped-def]
+        return make_router(replication=policy, store=SqliteStore(tmp_path / "races.db"), **kwargs)
+
+    return build
+
+
+def _left(tokens, key_id: str) -> dict[str, set[ObjectClass]]:  # type: ignore[no-untyped-def]
+    return {c: tokens.classes(c, key_id) for c in ("use1-a", "use1-b", "usw2-a") if tokens.classes(c, key_id)}
+
+
+def test_a_destroy_during_a_repair_leaves_no_copy_of_the_key(make_router, tokens, tmp_path) -> None:
+    """DestroyKey comes after the repairer read the record and before its DR copy is made: the
+    DESTROYED record does not name the DR cluster, so neither that DestroyKey nor another would
+    look there. The repairer's record write fails, and it removes the copy it made."""
+    build = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True,
+                                                                           ack_local=True))
+    creator = build()
+    creator.fail_over_region("us-west-2")
+    key = creator.generate_key(_spec(unique("destroy-repair")), time.monotonic() + 30)
+    assert key.state is KeyState.UNDER_REPLICATED and "usw2-a" not in key.clusters
+    destroyer = build()
+    destroyed: list[Placement] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "copy-exported" and not destroyed:
+            destroyed.append(destroyer.destroy_key(key.key_id, time.monotonic() + 30))
+
+    build(fault=meanwhile).repair_once(time.monotonic() + 30)
+    assert destroyed and destroyed[0].state is KeyState.DESTROYED and "usw2-a" not in destroyed[0].clusters
+    assert destroyer.store.get(key.key_id).state is KeyState.DESTROYED
+    assert _left(tokens, key.key_id) == {}
+
+
+def test_a_destroy_while_a_creation_copies_the_key_leaves_no_copy(make_router, tokens, tmp_path) -> None:
+    """DestroyKey passes over the new key's clusters after its primary is made and before its DR
+    copy is: the creation learns it lost when it writes the record, and removes that copy."""
+    build = _routers_on_one_store(make_router, tmp_path, POLICY)
+    destroyer = build()
+    key_id = unique("destroy-creation")
+    destroyed: list[Placement] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "copy-exported" and not destroyed:
+            destroyed.append(destroyer.destroy_key(key_id, time.monotonic() + 30))
+
+    with pytest.raises(KeyChanged, match="destroyed while it was being created"):
+        build(fault=meanwhile).generate_key(_spec(key_id), time.monotonic() + 30)
+    assert destroyed and destroyed[0].state is KeyState.DESTROYED and "usw2-a" in destroyed[0].clusters
+    assert _left(tokens, key_id) == {}
+
+
+def test_a_creation_that_fails_after_a_destroy_leaves_no_copy(make_router, tokens, tmp_path) -> None:
+    """As above, but the last copy fails: the roll-back cannot claim the DESTROYED record and
+    destroys nothing, and the DR copy made after the DestroyKey's pass must still go."""
+    build = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=3, require_dr_copy=True))
+    destroyer = build()
+    key_id = unique("destroy-failed-creation")
+    destroyed: list[Placement] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "copy-exported" and not destroyed:
+            destroyed.append(destroyer.destroy_key(key_id, time.monotonic() + 30))
+
+    creator = build(fault=meanwhile)
+
+    def unreachable(*args: object) -> None:
+        raise ClusterDown("did not answer")
+
+    for home in ("use1-a", "use1-b"):  # the DR copy is made first; the home replica's fails
+        creator.backends[home].import_wrapped = unreachable  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="cannot copy key"):
+        creator.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert destroyed and destroyed[0].clusters[1] == "usw2-a"
+    assert creator.store.get(key_id).state is KeyState.DESTROYED
+    assert _left(tokens, key_id) == {}
+
+
+def test_destroy_removes_a_copy_that_no_record_names(make_router, tokens, tmp_path) -> None:
+    """A repairer killed between its copy and its record write leaves a copy on a cluster the
+    key's record does not name: DestroyKey looks for the key on every cluster, not only those."""
+    build = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True,
+                                                                           ack_local=True))
+    creator = build()
+    creator.fail_over_region("us-west-2")
+    key = creator.generate_key(_spec(unique("destroy-stray")), time.monotonic() + 30)
+
+    def killed(point: str) -> None:
+        if point == "repair-copied":
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        build(fault=killed).repair_once(time.monotonic() + 30)
+    assert "usw2-a" not in creator.store.get(key.key_id).clusters
+    assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert build().destroy_key(key.key_id, time.monotonic() + 30).state is KeyState.DESTROYED
+    assert _left(tokens, key.key_id) == {}
+
+
+def test_a_repair_that_loses_to_another_repair_keeps_the_copy_the_record_names(make_router, tokens, tmp_path) -> None:
+    """Two repairers copy the key to the DR cluster; the second names its copy first. The first
+    one's write fails, and the copy there is now the record's: it stays, and signs."""
+    build = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True,
+                                                                           ack_local=True))
+    creator = build()
+    creator.fail_over_region("us-west-2")
+    key = creator.generate_key(_spec(unique("repair-twice")), time.monotonic() + 30)
+    other = build()
+    fixed: list[int] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "repair-copied" and not fixed:
+            fixed.append(other.repair_once(time.monotonic() + 30))
+
+    assert build(fault=meanwhile).repair_once(time.monotonic() + 30) == 0
+    assert fixed == [1]
+    repaired = other.store.get(key.key_id)
+    assert repaired.state is KeyState.ENABLED and "usw2-a" in repaired.clusters
+    assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    signature = other.backends["usw2-a"].sign(repaired, Operation.ECDSA_SHA256, b"\x07" * 32, time.monotonic() + 5)
+    public = serialization.load_der_public_key(other.public_key(key.key_id, time.monotonic() + 5)[1])
+    public.verify(signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
