@@ -530,24 +530,31 @@ class Router:
         wrapped, public_der = source.export_wrapped(key, deadline)
         made = []
         for name in targets:
-            breaker = self.breakers[name]
-            try:
-                self.backends[name].import_wrapped(key, wrapped, public_der, deadline)
-            except Stopping:
-                raise
-            except RouterError as exc:
-                if isinstance(exc, (ClusterDown, Throttled)):
-                    breaker.record_failure()
-                if strict:
-                    raise Unavailable(
-                        f"cannot copy key {key.key_id!r} to cluster {name} ({exc.message}); nothing was created",
-                        cluster=name,
-                        region=self.backends[name].spec.region,
-                    ) from exc
-                log.warning("key %s: copy to %s failed (%s); the repairer will retry", key.key_id, name, exc.message)
-                continue
-            breaker.record_success()
-            made.append(name)
+            target, breaker = self.backends.get(name), self.breakers.get(name)
+            error: RouterError
+            if target is None or breaker is None:
+                # A creation another gateway began, naming a cluster this one's config lacks.
+                error = Unavailable(f"cluster {name} is not configured on this gateway", cluster=name)
+            else:
+                try:
+                    target.import_wrapped(key, wrapped, public_der, deadline)
+                except Stopping:
+                    raise
+                except RouterError as exc:
+                    if isinstance(exc, (ClusterDown, Throttled)):
+                        breaker.record_failure()
+                    error = exc
+                else:
+                    breaker.record_success()
+                    made.append(name)
+                    continue
+            if strict:
+                raise Unavailable(
+                    f"cannot copy key {key.key_id!r} to cluster {name} ({error.message}); nothing was created",
+                    cluster=name,
+                    region=target.spec.region if target is not None else "",
+                ) from error
+            log.warning("key %s: copy to %s failed (%s); the repairer will retry", key.key_id, name, error.message)
         return made
 
     def _policy_holds(self, copies: int, clusters: list[str] | tuple[str, ...]) -> bool:
