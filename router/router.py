@@ -551,24 +551,31 @@ class Router:
         self._fault("copy-exported")
         made = []
         for name in targets:
-            breaker = self.breakers[name]
-            try:
-                self.backends[name].import_wrapped(key, wrapped, public_der, deadline)
-            except Stopping:
-                raise
-            except RouterError as exc:
-                if isinstance(exc, (ClusterDown, Throttled)):
-                    breaker.record_failure()
-                if strict:
-                    raise Unavailable(
-                        f"cannot copy key {key.key_id!r} to cluster {name} ({exc.message}); nothing was created",
-                        cluster=name,
-                        region=self.backends[name].spec.region,
-                    ) from exc
-                log.warning("key %s: copy to %s failed (%s); the repairer will retry", key.key_id, name, exc.message)
-                continue
-            breaker.record_success()
-            made.append(name)
+            target, breaker = self.backends.get(name), self.breakers.get(name)
+            error: RouterError
+            if target is None or breaker is None:
+                # A creation another gateway began, naming a cluster this one's config lacks.
+                error = Unavailable(f"cluster {name} is not configured on this gateway", cluster=name)
+            else:
+                try:
+                    target.import_wrapped(key, wrapped, public_der, deadline)
+                except Stopping:
+                    raise
+                except RouterError as exc:
+                    if isinstance(exc, (ClusterDown, Throttled)):
+                        breaker.record_failure()
+                    error = exc
+                else:
+                    breaker.record_success()
+                    made.append(name)
+                    continue
+            if strict:
+                raise Unavailable(
+                    f"cannot copy key {key.key_id!r} to cluster {name} ({error.message}); nothing was created",
+                    cluster=name,
+                    region=target.spec.region if target is not None else "",
+                ) from error
+            log.warning("key %s: copy to %s failed (%s); the repairer will retry", key.key_id, name, error.message)
         return made
 
     def _policy_holds(self, copies: int, clusters: list[str] | tuple[str, ...]) -> bool:
@@ -595,9 +602,10 @@ class Router:
         and a retry that took the creation over may have made and acknowledged the key.
         The primary must be reachable. A replica that is not keeps its objects, and the key
         its record (claimed, so a retry takes it over only after ``creation_grace``): the
-        record goes last, once nothing is left, since objects that no record names are never
-        destroyed (``router.reconcile``: they may be another application's). Reconcile rolls
-        the intent back again later. False (and logged) when the record was not removed.
+        record goes last, once a search on each cluster after its destroy finds nothing left,
+        since objects that no record names are never destroyed (``router.reconcile``: they may
+        be another application's). Reconcile rolls the intent back again later. False (and
+        logged) when the record was not removed.
         """
         deadline = time.monotonic() + 10.0 if deadline is None else deadline
         if self._closed:  # its sessions and the store are closed; close() named the key
@@ -620,13 +628,20 @@ class Router:
                     if backend is None:
                         raise Unavailable(f"cluster {name} is not configured here")
                     backend.destroy(intent.key_id, deadline)
+                    # A destroy that answered may still have missed objects (a search that saw only
+                    # some): the record, the only thing that names them, goes once none is found.
+                    remaining = backend.key_objects(deadline, key_id=intent.key_id).get(intent.key_id)
                 except RouterError:
                     if name == intent.primary:
                         raise
-                    left.append(name)
+                    left.append(f"{name} not reached")
+                    continue
+                if remaining:
+                    held = ", ".join(f"{count} {kind}" for kind, count in sorted(remaining.items()))
+                    left.append(f"{name} still holds {held}")
             if left:
-                log.warning("rollback of %s: %s not reached; the intent stays until reconcile removes what is "
-                            "left there", intent.key_id, ", ".join(left))
+                log.warning("rollback of %s: %s; the intent stays until reconcile removes what is left there",
+                            intent.key_id, "; ".join(left))
                 return False
             self.store.delete(intent.key_id, intent.version)
         except Stopping:  # the stop closed the clusters meanwhile; close() named the key

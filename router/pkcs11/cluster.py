@@ -304,9 +304,22 @@ class Pkcs11Cluster(HsmBackend):
         """
         return self._destroy_found(s, self._objects_of(s, key_id))
 
-    @staticmethod
-    def _objects_of(s: PooledSession, key_id: str) -> list[Object]:
-        return list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
+    def _objects_of(self, s: PooledSession, key_id: str) -> list[Object]:
+        """Every token object of the key, listed on a session that holds the login."""
+        found = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
+        self._logged_in(s)
+        return found
+
+    def _logged_in(self, s: PooledSession) -> None:
+        """Raise ``UserNotLoggedIn`` (``_run`` logs in again and retries) if ``s`` lacks the login.
+
+        Asked after a search whose result decides what is destroyed or that nothing is left:
+        without the login a search lists only the public objects, with no error, so a key's
+        private key would be left behind (after an HSM replacement closed every session).
+        After the search, not before: a login lost during it spoils its result too.
+        """
+        if self._logged_out(s):
+            raise p11.UserNotLoggedIn()
 
     def _destroy_found(self, s: PooledSession, found: list[Object]) -> int:
         """Destroy objects listed earlier under the token's locks; one that another host
@@ -333,6 +346,7 @@ class Pkcs11Cluster(HsmBackend):
             found: dict[str, dict[str, int]] = {}
             with s.objects.searching():
                 listed = list(s.handle.get_objects(search))  # the search ends before any read
+            self._logged_in(s)  # reconcile and roll_back read "no private key" as "nothing left"
             for obj in listed:
                 name = CLASS_NAMES.get(obj.object_class)
                 if name is None:

@@ -558,6 +558,35 @@ def test_a_rollback_that_cannot_reach_a_replica_keeps_the_record_until_reconcile
     assert router.store.get(key_id) is None
 
 
+def test_a_rollback_whose_destroy_missed_objects_keeps_the_record_until_nothing_is_left(
+    make_router, tokens, monkeypatch, caplog
+) -> None:
+    """A destroy can answer and still have missed objects (a search without the token's login
+    lists only public ones). The record is the only thing that names them: it stays until a
+    search finds none, and a later reconcile removes both."""
+    router = make_router()
+    key_id = unique("rollback-missed")
+    intent = Placement(key_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, KeyState.CREATING, "use1-a",
+                       request_id=key_id, create_time=time.time())
+    router.store.create(intent)
+    router.backends["use1-a"].generate(intent, time.monotonic() + 30)
+
+    def destroys_nothing(*_args: object, **_kwargs: object) -> int:
+        return 0
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, logger="router.router"):
+        patched.setattr(router.backends["use1-a"], "destroy", destroys_nothing)
+        assert router.roll_back(intent, time.monotonic() + 10) is False
+    assert f"rollback of {key_id}: use1-a still holds 1 private key, 1 public key;" in caplog.text
+    left = router.store.get(key_id)
+    assert left is not None and left.state is KeyState.CREATING, "the record of objects still there was deleted"
+    assert len(tokens.objects("use1-a", key_id)) == 2
+
+    report = reconcile(make_router(wall_clock=lambda: time.time() + 120), fix=True)
+    assert key_id in report.rolled_back
+    assert tokens.objects("use1-a", key_id) == [] and router.store.get(key_id) is None
+
+
 def test_an_orphan_the_cluster_fails_to_destroy_stays_a_finding_and_is_not_counted_removed(
     make_router, tokens, monkeypatch
 ) -> None:

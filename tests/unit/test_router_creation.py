@@ -32,6 +32,9 @@ class FailingBackend(HsmBackend):
         self.destroyed.append(key_id)
         return 0
 
+    def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
+        return {}  # its generate never makes anything
+
     def stats(self) -> PoolStats:
         return PoolStats(size=1, open=1, in_use=0)
 
@@ -89,3 +92,39 @@ def test_a_retry_whose_creation_began_on_a_cluster_not_serving_is_refused_at_onc
     with pytest.raises(Unavailable, match="nothing was created"):
         router.generate_key(spec, time.monotonic() + 5)
     assert backends["use1-a"].destroyed == ["k/1"]
+
+
+class CopyingBackend(FailingBackend):
+    """A cluster where making and copying keys works."""
+
+    def generate(self, key: Placement, deadline: float) -> None:
+        return None
+
+    def export_wrapped(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
+        return b"wrapped", b"public"
+
+    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float) -> None:
+        return None
+
+
+def test_a_creation_taken_over_by_a_gateway_without_one_of_its_replicas_is_rolled_back(tmp_path: Path) -> None:
+    """Another gateway began the creation with a replica in a region this one's config lacks.
+    Taking it over made the key on the primary, then failed with a bare KeyError: no roll-back,
+    the record stuck CREATING, the client answered INTERNAL."""
+    from router.model import KeyState
+    from tests.support import stored
+
+    backends = {name: CopyingBackend(name) for name in ("use1-a", "use1-b")}
+    store = SqliteStore(tmp_path / "p.db")
+    router = Router(Topology("us-east-1", (), {"us-east-1": ("use1-a", "use1-b")}), backends, store)
+    spec = KeySpec(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY, request_id="r1",
+                   copies=3)
+    store.create(stored("k/1", request_id="r1", fingerprint=spec.fingerprint(), copies=3))  # use1-a, use1-b, usw2-a
+
+    with pytest.raises(Unavailable, match=r"to cluster usw2-a \(cluster usw2-a is not configured on this gateway\); "
+                                          "nothing was created") as info:
+        router.generate_key(spec, time.monotonic() + 5)
+    assert info.value.cluster == "usw2-a"
+    assert backends["use1-a"].destroyed == ["k/1"] and backends["use1-b"].destroyed == ["k/1"], "rolled back"
+    left = store.get("k/1")
+    assert left is not None and left.state is KeyState.CREATING, "usw2-a was not reached: reconcile finishes it"
