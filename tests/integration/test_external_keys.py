@@ -194,6 +194,25 @@ def test_a_destroy_drops_the_keys_unwrapped_objects_from_every_session(make_rout
     _sign(worker_a, kept.key_id)
 
 
+def test_a_session_that_missed_more_destroys_than_its_pool_remembers_forgets_every_key(make_router, tokens) -> None:
+    """The pool remembers the latest few keys it was told to forget; a session idle for more
+    than that cannot tell which, so it forgets them all rather than keep a destroyed one."""
+    from router.pkcs11.pool import _INVALIDATIONS_KEPT
+
+    router = make_router(spec_changes={"pool_size": 1})
+    key = _external(router)
+    backend = router.backends[key.primary]
+    _every_session(backend, router.placement(key.key_id))
+    assert len(tokens.objects(key.primary, key.key_id)) == 1
+
+    backend.forget_key(key.key_id)
+    for n in range(_INVALIDATIONS_KEPT):
+        backend.forget_key(f"{key.key_id}-other-{n}")
+
+    assert _every_session(backend)[0].unwrapped == {}
+    assert tokens.objects(key.primary, key.key_id) == []
+
+
 class _Skewed:
     """A monotonic clock that a test moves on."""
 
