@@ -265,9 +265,6 @@ class Pkcs11Cluster(HsmBackend):
 
         return self._run(deadline, run)
 
-    def forget_key(self, key_id: str) -> None:
-        self._pool.invalidate_keys(key_id)
-
     @contextlib.contextmanager
     def _cleared(self, s: PooledSession, key_id: str, deadline: float) -> Iterator[int]:
         """The token held still for a change of the key's objects, and every object of the
@@ -505,6 +502,9 @@ class Pkcs11Cluster(HsmBackend):
 
     def hung_calls(self) -> tuple[int, float]:
         return self._pool.hung()
+
+    def forget_key(self, key_id: str) -> None:
+        self._pool.invalidate_keys(key_id)
 
     def close(self) -> None:
         self._pool.close()
