@@ -81,6 +81,7 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
     router = Router(
         topology, backends, store, replication=policy, creation_grace=config.replication.creation_grace,
         rescan_interval=config.store.rescan_interval, creates_keys=config.creates_keys,
+        external_staleness=config.store.external_staleness,
     )
     if not reconcile_at_start:
         return router

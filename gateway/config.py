@@ -123,8 +123,20 @@ class StoreConfig:
     gateways changed the store and the store keeps no change log (DynamoDB; SQLite
     has one, so its changes are followed key by key within seconds). Each reload is
     a full table scan per gateway process. Between reloads, a key this process does
-    not know is read from the store, and one that moved or was destroyed is re-read
-    when its cluster no longer holds it."""
+    not know is read from the store, and a TOKEN key that moved or was destroyed is
+    re-read when its cluster no longer holds it (an EXTERNAL key: see
+    ``external_staleness``)."""
+    external_staleness: float = 30.0
+    """Longest time, in seconds, an EXTERNAL key is used from a placement cache that has
+    not been brought up to date with the store (each process does so about every 2 s
+    while the store answers). Only an EXTERNAL key's record says it was destroyed (it has
+    no token object to lose), so a process learns of a destroy made elsewhere when it
+    reads the store. Past this (the store unreachable that long, or its change log not
+    keeping up), each call on an EXTERNAL key reads the key's record first (then again at
+    most once per period), and is answered ``UNAVAILABLE`` while the store cannot be
+    read. TOKEN keys keep serving from the cache through a whole store outage. 0: so do
+    EXTERNAL keys, and a process that cannot read the store keeps using one destroyed
+    elsewhere until it can."""
 
     def validate(self, base: Path) -> None:
         if self.url.startswith("sqlite:"):
@@ -354,11 +366,15 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     pkcs11 = Pkcs11Config(module=_take(p11, "module", str, "pkcs11."), env=dict(env))
 
     st = _take(data, "store", dict, "")
-    _no_unknown(st, {"url", "rescan_interval"}, "store.")
+    _no_unknown(st, {"url", "rescan_interval", "external_staleness"}, "store.")
     store = StoreConfig(
         url=_take(st, "url", str, "store."),
         rescan_interval=_positive(
             _take(st, "rescan_interval", float, "store.", StoreConfig.rescan_interval), "store.rescan_interval"
+        ),
+        external_staleness=_off_or_positive(
+            _take(st, "external_staleness", float, "store.", StoreConfig.external_staleness),
+            "store.external_staleness",
         ),
     )
     store.validate(base_dir)

@@ -74,6 +74,12 @@ class HsmBackend(abc.ABC):
         process on another host makes meanwhile stays.
         """
 
+    def forget_key(self, key_id: str) -> None:
+        """Drop what this process keeps of the key beside its token objects: an EXTERNAL key's
+        unwrapped session objects (gone from each session before its next use). A backend that
+        keeps none has nothing to do."""
+        return None
+
     @abc.abstractmethod
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
         """For each key id with token objects on this cluster (only ``key_id``'s, if given): how

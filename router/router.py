@@ -82,6 +82,17 @@ NO_RECORD = "no record in the placement store names the key"
 _RELOAD_AT_LEAST = 1000
 """A refresh re-reads changed keys one by one up to this many (or a tenth of the cache); beyond, it reloads."""
 
+EXTERNAL_STALENESS = 30.0
+"""Default of ``Router(external_staleness=)``: seconds an EXTERNAL key is served from a cache
+that has not been brought up to date with the store (``[store] external_staleness``)."""
+
+_EXTERNAL = KeyStorage.EXTERNAL
+"""For the per-call check: a module global is read in ~20 ns, an enum member (Python 3.11) in ~250."""
+
+_CONFIRMED_KEPT = 10_000
+"""EXTERNAL keys whose records were read one by one while the cache was older than
+``external_staleness`` (each a read time); beyond, all are forgotten (each is read again on its next call)."""
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -109,6 +120,7 @@ class Router:
         rescan_interval: float = 60.0,
         on_health_change: Callable[[str, CircuitState], None] = lambda name, state: None,
         creates_keys: bool = True,
+        external_staleness: float = EXTERNAL_STALENESS,
     ) -> None:
         self.topology = topology
         self.creates_keys = creates_keys
@@ -132,6 +144,14 @@ class Router:
         """Keys re-read because a change log named them."""
         self.rescan_interval = rescan_interval
         self._rescanned = -rescan_interval
+        self.external_staleness = external_staleness or float("inf")
+        """Seconds an EXTERNAL key is served from the cache since the cache was last known to
+        match the store (0: for ever). Its record is what says it is destroyed, as no token
+        object goes: past this, each key's record is read again before it is used."""
+        self._current_at = -float("inf")
+        """When (``clock``) the cache last held every change made to the store before then."""
+        self._confirmed: dict[str, float] = {}
+        """EXTERNAL keys read again since the cache fell behind: key id -> when."""
         self.replication = replication
         self.creation_grace = creation_grace
         self.breakers = {
@@ -162,8 +182,10 @@ class Router:
         by other gateways servable from the cache while the store is unreachable.
         Returns True when anything changed.
         """
+        started = self._clock()
         counter = self.store.change_counter()
         if counter == self._seen_counter and not self._unread:
+            self._caught_up(started)
             return False
         key_ids = self._log.read() if self._log is not None else None
         if key_ids is None:
@@ -181,20 +203,33 @@ class Router:
             self._unread.discard(key_id)
             self.keys_reread += 1
         self._seen_counter = counter  # the log covered at least every change up to it
+        self._caught_up(started)
         return True
+
+    def _caught_up(self, since: float) -> None:
+        """The cache holds every change made to the store before ``since``."""
+        self._current_at = since
+        if self._confirmed:
+            self._confirmed.clear()
 
     def reload(self) -> None:
         """Load every placement from the store into the cache."""
+        started = self._clock()
         counter = self.store.change_counter()
         log = self.store.change_log()  # before the scan: changes made during it show up in its first read
-        self._rescanned = self._clock()
+        self._rescanned = started
         cache = PlacementCache(self.store.scan())
         with self._lock:
-            self._cache = cache
+            before, self._cache = self._cache, cache
             self._seen_counter = counter
             self._log = log
             self._unread = set()
             self.reloads += 1
+        self._caught_up(started)
+        for placement in before.select(lambda p: p.external and p.state is not KeyState.DESTROYED):
+            now = cache.get(placement.key_id)
+            if now is None or now.state is KeyState.DESTROYED:
+                self._forget_unwrapped(placement.key_id)
 
     def _remember(self, placement: Placement) -> None:
         self._cache.put(placement)
@@ -228,6 +263,8 @@ class Router:
         placement = self.placement(key_id)
         if placement.state is KeyState.DESTROYED:
             raise FailedPrecondition(f"key {key_id!r} is destroyed")
+        if placement.storage is _EXTERNAL and self._unconfirmed(key_id):
+            placement = self._confirm(key_id)
         if placement.state is KeyState.CREATING:
             # Maybe cached mid-creation by another process's change: look again.
             try:
@@ -243,13 +280,55 @@ class Router:
             return self._usable(key_id)
         return placement
 
-    def reload_key(self, key_id: str) -> None:
-        """Replace one cached placement with the store's."""
+    def _unconfirmed(self, key_id: str) -> bool:
+        """Whether the cache may be more than ``external_staleness`` behind the store for this
+        EXTERNAL key: the cache has not been brought up to date since, nor the key read alone."""
+        now = self._clock()
+        if now - self._current_at < self.external_staleness:
+            return False
+        read = self._confirmed.get(key_id)
+        return read is None or now - read >= self.external_staleness
+
+    def _confirm(self, key_id: str) -> Placement:
+        """An EXTERNAL key's record, read again before it is used from a cache that fell behind.
+
+        Nothing on an HSM tells that an EXTERNAL key was destroyed (the cache and the sessions
+        hold its material): without its record, it is not used.
+        """
+        read_at = self._clock()
+        try:
+            fresh = self.reload_key(key_id)
+        except StoreError as exc:
+            raise Unavailable(
+                f"key {key_id!r} is EXTERNAL, and the placement store has not been read for over "
+                f"{self.external_staleness:.0f} s (store.external_staleness): only the key's record tells whether "
+                "it was destroyed since, so it is not used until the store answers") from exc
+        if fresh is None:
+            raise KeyNotFound(f"key {key_id!r} not found")
+        if fresh.state is KeyState.DESTROYED:
+            raise FailedPrecondition(f"key {key_id!r} is destroyed")
+        if len(self._confirmed) >= _CONFIRMED_KEPT:
+            self._confirmed.clear()
+        self._confirmed[key_id] = read_at
+        return fresh
+
+    def reload_key(self, key_id: str) -> Placement | None:
+        """Replace one cached placement with the store's, and return it (None: the key is gone)."""
         fresh = self.store.get(key_id)
+        cached = self._cache.get(key_id)
         if fresh is None:
             self._forget(key_id)
         else:
             self._remember(fresh)
+        if (cached is not None and cached.external and cached.state is not KeyState.DESTROYED
+                and (fresh is None or fresh.state is KeyState.DESTROYED)):
+            self._forget_unwrapped(key_id)
+        return fresh
+
+    def _forget_unwrapped(self, key_id: str) -> None:
+        """Every cluster drops the key's unwrapped session objects (an EXTERNAL key destroyed)."""
+        for backend in self.backends.values():
+            backend.forget_key(key_id)
 
     def key_counts(self) -> dict[str, int]:
         counts = self._cache.counts()
@@ -1237,14 +1316,18 @@ class Router:
         # version), and whatever copy cannot be removed now is an orphan for reconcile.
         # The other way round, a failure half-way left a usable record without material.
         destroyed = placement
-        if placement.state is not KeyState.DESTROYED:
+        # A record destroyed by an earlier version may still hold an EXTERNAL key's material.
+        if placement.state is not KeyState.DESTROYED or placement.wrapped or placement.public_der:
             elsewhere = [name for name in placement.clusters if name not in self.backends]
-            if elsewhere:
+            if elsewhere and placement.state is not KeyState.DESTROYED:
                 raise Unavailable(f"key {key_id!r} is also on {', '.join(elsewhere)}, not configured here; "
                                   "destroy it through a gateway that has every cluster of the key")
             try:
                 # Nothing is left to place: the record does not stay "held" by an operator either.
-                destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED, held=False))
+                # Nor does it keep an EXTERNAL key's material: whoever reads the store and holds a
+                # cluster's PIN could unwrap the wrapped key and use it.
+                destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED, held=False,
+                                                      wrapped=b"", public_der=b""))
             except StoreError as exc:
                 raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
             except Conflict as exc:
@@ -1256,7 +1339,11 @@ class Router:
                     raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was "
                                       "destroyed, try again") from exc
                 destroyed = exc.existing  # another DestroyKey came first: finish it with it
-            self._remember(destroyed)
+        self._remember(destroyed)
+        if destroyed.external:
+            # No token object goes, so nothing tells this process's sessions: they drop what they
+            # unwrapped before their next call. Other processes do when they read the record.
+            self._forget_unwrapped(key_id)
         left = []  # a destroyed key's objects are removed again on every DestroyKey: the call is idempotent
         for name in destroyed.clusters:
             backend = self.backends.get(name)

@@ -517,6 +517,9 @@ class Pkcs11Cluster(HsmBackend):
     def hung_calls(self) -> tuple[int, float]:
         return self._pool.hung()
 
+    def forget_key(self, key_id: str) -> None:
+        self._pool.invalidate_keys(key_id)
+
     def close(self) -> None:
         self._pool.close()
 

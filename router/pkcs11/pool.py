@@ -7,7 +7,8 @@
   fails start-up, not the first request). Each is used by one request at a time.
 - Each session caches key objects by key id: ``C_FindObjects`` runs once per
   session and key, never per request. Destroying a key bumps the pool's epoch,
-  which empties every session's cache before its next use.
+  which empties every session's cache before its next use; destroying an EXTERNAL
+  key (no token object goes) drops only that key's unwrapped objects from each.
 - Waiting for a session is bounded by the caller's deadline, and for a request's
   quick call (a signature, a probe) also by the cluster's ``call_timeout``; it ends
   early when the calls holding the sessions hang. Then ``SessionsBusy``, and the
@@ -54,6 +55,10 @@ CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "
 
 _WAIT_SLICE = 0.1
 """A wait for a session looks this often whether the calls holding them hang."""
+
+_INVALIDATIONS_KEPT = 64
+"""Latest epoch bumps the pool remembers, with the key each was for: a session that missed
+more than these since its last use forgets every key, not only the keys they named."""
 
 
 class PooledSession:
@@ -173,6 +178,14 @@ class PooledSession:
         while self.unwrapped:
             _destroy_quietly(self.unwrapped.popitem()[1])
 
+    def forget_key(self, key_id: str) -> None:
+        """Drop the key's cached handles and destroy its unwrapped session objects."""
+        for object_class in CLASS_NAMES:
+            self.keys.pop((key_id, object_class), None)
+            obj = self.unwrapped.pop((key_id, object_class), None)
+            if obj is not None:
+                _destroy_quietly(obj)
+
 
 _CAPABILITIES = {"sign": Attribute.SIGN, "verify": Attribute.VERIFY, "encrypt": Attribute.ENCRYPT,
                  "decrypt": Attribute.DECRYPT}
@@ -254,6 +267,9 @@ class SessionPool:
         for _ in range(spec.pool_size):
             self._slots.put(None)
         self._epoch = 0
+        self._invalidated: collections.deque[tuple[int, str | None]] = collections.deque(
+            maxlen=_INVALIDATIONS_KEPT)
+        """(epoch, key id) of the latest epoch bumps; a key id of None: every key."""
         self._allowance = spec.call_timeout
         self._sessions: set[PooledSession] = set()
         """Every open request session, idle or checked out (``hung`` looks at them)."""
@@ -349,10 +365,14 @@ class SessionPool:
         finally:
             self.release(session)
 
-    def invalidate_keys(self) -> None:
-        """Forget every cached key object (after a key is destroyed)."""
+    def invalidate_keys(self, key_id: str | None = None) -> None:
+        """Forget every cached key object (after a key's token objects are destroyed: the
+        module may give their handles to new objects), or only ``key_id``'s (an EXTERNAL key
+        destroyed: its unwrapped session objects go). Each session does it before its next
+        use; one in use now finishes its call first."""
         with self._lock:
             self._epoch += 1
+            self._invalidated.append((self._epoch, key_id))
 
     @property
     def closed(self) -> bool:
@@ -453,9 +473,22 @@ class SessionPool:
             # A broken session was dropped earlier; open its replacement now.
             session = self._new_session()
         if session.epoch != self._epoch:
-            session.forget()
-            session.epoch = self._epoch
+            self._catch_up(session)
         return session
+
+    def _catch_up(self, session: PooledSession) -> None:
+        """Drop what ``invalidate_keys`` invalidated since the session's last use: the keys it
+        named, or everything if any bump was for every key or is no longer remembered."""
+        with self._lock:
+            epoch = self._epoch
+            missed = [key_id for bumped, key_id in self._invalidated if bumped > session.epoch]
+        named = [key_id for key_id in missed if key_id is not None]
+        if len(named) == epoch - session.epoch:
+            for key_id in named:
+                session.forget_key(key_id)
+        else:
+            session.forget()
+        session.epoch = epoch
 
     def _checkin(self, session: PooledSession) -> None:
         if session.broken or self._closed:

@@ -154,6 +154,18 @@ def test_update_bumps_the_version_and_persists(store: PlacementStore) -> None:
     assert store.by_request(created.request_id) == again
 
 
+def test_an_update_removes_an_external_keys_material(store: PlacementStore) -> None:
+    """A destroyed EXTERNAL key's record keeps no wrapped key (nor public key): an update with
+    empty material leaves none, read back by key, by request, by listing and by scan."""
+    made = make("app/ext-gone", storage=KeyStorage.EXTERNAL, state=KeyState.ENABLED, replicas=(),
+                wrapped=b"\x00wrapped\xff" * 20, public_der=b"\x30" * 91)
+    store.create(made)
+    destroyed = store.update(dataclasses.replace(made, state=KeyState.DESTROYED, wrapped=b"", public_der=b""))
+    for read in (store.get(made.key_id), store.by_request(made.request_id), *store.list(), *store.scan()):
+        assert read == destroyed
+        assert read is not None and (read.wrapped, read.public_der) == (b"", b"")
+
+
 def test_update_with_a_stale_version_conflicts_and_changes_nothing(store: PlacementStore) -> None:
     created = make()
     store.create(created)

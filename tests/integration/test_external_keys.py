@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import threading
 import time
+from typing import Any
 
+import grpc
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
-from pkcs11 import Attribute
+from pkcs11 import Attribute, ObjectClass
 
 from hsmgw.v1 import crypto_pb2 as pb
-from router.model import KeyAlgorithm, KeySpec, KeyStorage, KeyUsage, Operation
-from tests.support import unique
+from router.errors import FailedPrecondition, Unavailable
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
+from router.placement.store import StoreError
+from tests.support import rpc_error, unique
 
 KEYS = 2000
 SIGNED = 200
@@ -87,3 +93,228 @@ def test_external_key_through_grpc(crypto) -> None:
     dec = crypto.Decrypt(pb.DecryptRequest(key_id=aes_id, algorithm=pb.ALGORITHM_AES_GCM, ciphertext=enc.ciphertext,
                                            iv=enc.iv, aad=b"a"), timeout=10)
     assert dec.plaintext == b"p"
+
+
+# -- destroying an EXTERNAL key ----------------------------------------------------------------
+
+DIGEST = hashlib.sha256(b"signed after the destroy").digest()
+
+
+def _external(router: Any, name: str = "ext-destroy") -> Placement:
+    key_id = unique(name)
+    made: Placement = router.generate_key(
+        KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY, request_id=key_id,
+                storage=KeyStorage.EXTERNAL), time.monotonic() + 30)
+    return made
+
+
+def _sign(router: Any, key_id: str) -> bytes:
+    signature: bytes = router.sign(key_id, Operation.ECDSA_SHA256, DIGEST, None, time.monotonic() + 10)[0]
+    return signature
+
+
+def _every_session(backend: Any, *unwrap: Placement) -> list[Any]:
+    """Check out each of the cluster's sessions at once (each catches up with what was
+    invalidated since its last use), unwrap ``unwrap``'s private keys in each, hand them back."""
+    pool = backend.pool
+    sessions = [pool.acquire(time.monotonic() + 10) for _ in range(backend.spec.pool_size)]
+    try:
+        for session in sessions:
+            for placement in unwrap:
+                session.key(placement, ObjectClass.PRIVATE_KEY, "sign")
+        return sessions
+    finally:
+        for session in sessions:
+            pool.release(session)
+
+
+def test_a_destroyed_external_keys_record_keeps_no_key_material(make_router) -> None:
+    """Whoever reads the store and holds a cluster's PIN could unwrap the wrapped key of a
+    DESTROYED record and sign with it: the record keeps neither it nor the public key."""
+    router = make_router()
+    key = _external(router)
+    _sign(router, key.key_id)
+
+    destroyed = router.destroy_key(key.key_id, time.monotonic() + 10)
+
+    record = router.store.get(key.key_id)
+    assert record is not None and record.state is KeyState.DESTROYED and record.external
+    assert (record.wrapped, record.public_der) == (b"", b"")
+    assert destroyed == record
+    # What reads a record copes with one without material: this process, a new one, a second destroy.
+    assert router.get_key(key.key_id).state is KeyState.DESTROYED
+    assert [(p.key_id, p.state) for p in router.list_keys(key.key_id, 10, "")[0]] == [
+        (key.key_id, KeyState.DESTROYED)]
+    for reader in (router, make_router()):
+        with pytest.raises(FailedPrecondition, match="destroyed"):
+            _sign(reader, key.key_id)
+        with pytest.raises(FailedPrecondition, match="destroyed"):
+            reader.public_key(key.key_id, time.monotonic() + 10)
+    assert router.destroy_key(key.key_id, time.monotonic() + 10).state is KeyState.DESTROYED
+
+
+def test_destroying_again_removes_the_material_an_earlier_version_left_in_the_record(make_router) -> None:
+    router = make_router()
+    key = _external(router)
+    current = router.store.get(key.key_id)
+    # What a gateway before this change wrote on DestroyKey: the state, the material kept.
+    router.store.update(dataclasses.replace(current, state=KeyState.DESTROYED, held=False))
+
+    assert router.destroy_key(key.key_id, time.monotonic() + 10).state is KeyState.DESTROYED
+
+    record = router.store.get(key.key_id)
+    assert record is not None and record.state is KeyState.DESTROYED
+    assert (record.wrapped, record.public_der) == (b"", b"")
+
+
+def test_a_destroy_drops_the_keys_unwrapped_objects_from_every_session(make_router, tokens) -> None:
+    """The destroying process's sessions drop the key's unwrapped objects before their next
+    call, every one of them, not only the session that ran the destroy; another process's do once
+    its refresh reads the record. Other keys' unwrapped objects stay where they are."""
+    worker_a, worker_b = (make_router(spec_changes={"pool_size": 3}) for _ in range(2))
+    key, kept = _external(worker_b), _external(worker_b, "ext-kept")
+    cluster = key.primary
+    for worker in (worker_a, worker_b):
+        _every_session(worker.backends[cluster], worker.placement(key.key_id), worker.placement(kept.key_id))
+    assert len(tokens.objects(cluster, key.key_id)) == 6  # one per session of each worker
+    kept_objects = {id(s.unwrapped[(kept.key_id, ObjectClass.PRIVATE_KEY)])
+                    for s in _every_session(worker_b.backends[cluster])}
+
+    worker_b.destroy_key(key.key_id, time.monotonic() + 10)
+
+    sessions = _every_session(worker_b.backends[cluster])
+    assert all((key.key_id, ObjectClass.PRIVATE_KEY) not in s.unwrapped for s in sessions)
+    assert {id(s.unwrapped[(kept.key_id, ObjectClass.PRIVATE_KEY)]) for s in sessions} == kept_objects
+    assert len(tokens.objects(cluster, key.key_id)) == 3  # worker A has not read the store since
+
+    worker_a.refresh()
+    _every_session(worker_a.backends[cluster])
+    assert tokens.objects(cluster, key.key_id) == []
+    assert len(tokens.objects(cluster, kept.key_id)) == 6
+    _sign(worker_a, kept.key_id)
+
+
+def test_a_session_that_missed_more_destroys_than_its_pool_remembers_forgets_every_key(make_router, tokens) -> None:
+    """The pool remembers the latest few keys it was told to forget; a session idle for more
+    than that cannot tell which, so it forgets them all rather than keep a destroyed one."""
+    from router.pkcs11.pool import _INVALIDATIONS_KEPT
+
+    router = make_router(spec_changes={"pool_size": 1})
+    key = _external(router)
+    backend = router.backends[key.primary]
+    _every_session(backend, router.placement(key.key_id))
+    assert len(tokens.objects(key.primary, key.key_id)) == 1
+
+    backend.forget_key(key.key_id)
+    for n in range(_INVALIDATIONS_KEPT):
+        backend.forget_key(f"{key.key_id}-other-{n}")
+
+    assert _every_session(backend)[0].unwrapped == {}
+    assert tokens.objects(key.primary, key.key_id) == []
+
+
+class _Skewed:
+    """A monotonic clock that a test moves on."""
+
+    def __init__(self) -> None:
+        self.skew = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.skew
+
+
+def test_a_process_that_missed_an_external_keys_destroy_stops_using_it_after_external_staleness(
+        make_router) -> None:
+    clock = _Skewed()
+    worker_a = make_router(clock=clock, external_staleness=10.0)
+    worker_b = make_router()
+    key = _external(worker_b)
+    _sign(worker_a, key.key_id)
+
+    worker_b.destroy_key(key.key_id, time.monotonic() + 10)
+    clock.skew = 11.0  # worker A's cache has not been brought up to date for longer than that
+
+    with pytest.raises(FailedPrecondition, match="destroyed"):
+        worker_a.sign(key.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)
+    assert worker_a.placement(key.key_id).state is KeyState.DESTROYED
+
+
+def test_past_external_staleness_an_unreachable_store_stops_external_keys_and_not_token_keys(make_router) -> None:
+    """Only the record says an EXTERNAL key was destroyed: without a store read for longer than
+    external_staleness, an EXTERNAL key is refused; a TOKEN key serves from the cache throughout."""
+    clock = _Skewed()
+    worker = make_router(clock=clock, external_staleness=10.0)
+    external = _external(worker)
+    token = worker.generate_key(KeySpec(key_id=unique("tok-outage"), algorithm=KeyAlgorithm.EC_P256,
+                                        usage=KeyUsage.SIGN_VERIFY, request_id=unique("tok-outage")),
+                                time.monotonic() + 30)
+    public = serialization.load_der_public_key(external.public_der)
+
+    def unreachable(*_args: Any, **_kwargs: Any) -> Any:
+        raise StoreError("the placement store is unreachable")
+
+    worker.store.get = unreachable
+    worker.store.change_counter = unreachable
+    with pytest.raises(StoreError):
+        worker.refresh()
+    public.verify(worker.sign(external.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)[0], DIGEST,
+                  ec.ECDSA(utils.Prehashed(hashes.SHA256())))  # within the bound: from the cache
+    clock.skew = 11.0
+
+    worker.sign(token.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)
+    with pytest.raises(Unavailable, match="external_staleness") as refused:
+        worker.sign(external.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)
+    assert isinstance(refused.value.__cause__, StoreError)  # counted as a store error
+
+    del worker.store.get, worker.store.change_counter  # the store is back
+    public.verify(worker.sign(external.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)[0], DIGEST,
+                  ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+def test_external_keys_read_their_record_only_while_the_cache_is_behind_and_token_keys_never(make_router) -> None:
+    """While refreshes succeed, signing reads nothing from the store; with the cache behind,
+    an EXTERNAL key's record is read once per external_staleness, not once per call."""
+    clock = _Skewed()
+    worker = make_router(clock=clock, external_staleness=10.0)
+    external = _external(worker)
+    token = worker.generate_key(KeySpec(key_id=unique("tok-reads"), algorithm=KeyAlgorithm.EC_P256,
+                                        usage=KeyUsage.SIGN_VERIFY, request_id=unique("tok-reads")),
+                                time.monotonic() + 30)
+    reads: list[str] = []
+    read = worker.store.get
+
+    def counted(key_id: str) -> Any:
+        reads.append(key_id)
+        return read(key_id)
+
+    worker.store.get = counted
+    clock.skew = 11.0
+    for _ in range(3):
+        worker.sign(token.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)
+        worker.sign(external.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)
+    assert reads == [external.key_id]
+
+    clock.skew = 22.0
+    worker.refresh()
+    reads.clear()
+    for _ in range(3):
+        worker.sign(external.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)
+    assert reads == []
+
+
+def test_a_destroyed_external_key_through_grpc(crypto) -> None:
+    key_id = unique("ext-grpc-destroy")
+    crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256,
+                                             storage=pb.KEY_STORAGE_EXTERNAL), timeout=30)
+    crypto.Sign(pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=DIGEST), timeout=10)
+
+    assert crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key_id), timeout=30).state == pb.KEY_STATE_DESTROYED
+
+    got = crypto.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=10)
+    assert (got.state, got.storage) == (pb.KEY_STATE_DESTROYED, pb.KEY_STORAGE_EXTERNAL)
+    listed = crypto.ListKeys(pb.ListKeysRequest(prefix=key_id), timeout=10).keys
+    assert [(k.key_id, k.state) for k in listed] == [(key_id, pb.KEY_STATE_DESTROYED)]
+    for call, request in ((crypto.GetPublicKey, pb.GetPublicKeyRequest(key_id=key_id)),
+                          (crypto.Sign, pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
+                                                       digest=DIGEST))):
+        assert rpc_error(call, request, timeout=10).code() == grpc.StatusCode.FAILED_PRECONDITION

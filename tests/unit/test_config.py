@@ -229,6 +229,9 @@ BAD_CONFIGS = [
     ("store.rescan_interval", 0, "store.rescan_interval"),
     ("store.rescan_interval", -60, "store.rescan_interval"),
     ("store.rescan_interval", "1m", "store.rescan_interval"),
+    ("store.external_staleness", -1, "store.external_staleness"),
+    ("store.external_staleness", "30s", "store.external_staleness"),
+    ("store.external_staleness", float("inf"), "store.external_staleness"),
     ("secrets", "secrets.toml", "secrets"),
     ("secrets.file", 5, "secrets.file"),
     ("secrets.path", "secrets.toml", "secrets.path"),
@@ -296,6 +299,14 @@ def test_reconcile_interval_defaults_to_an_hour_and_0_turns_it_off(given: Any, e
     if given is not None:
         data.setdefault("replication", {})["reconcile_interval"] = given
     assert parse(data, Path("/cfg")).replication.reconcile_interval == expected
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 30.0), (0, 0.0), (5, 5.0)])
+def test_external_staleness_defaults_to_30_seconds_and_0_turns_it_off(given: Any, expected: float) -> None:
+    data = valid_data()
+    if given is not None:
+        data["store"]["external_staleness"] = given
+    assert parse(data, Path("/cfg")).store.external_staleness == expected
 
 
 def test_duplicate_cluster_error_names_the_duplicate() -> None:
