@@ -394,8 +394,14 @@ class SharedLimiter(Limiter):
                 self._in_slot(identity, functools.partial(self._set_own, identity))
 
     def _set_own(self, identity: str, offset: int) -> None:
-        """Under the slot's locks: this worker's count of the identity's calls, into the slot."""
-        _COUNT.pack_into(self._file.map, offset + self._own, Limiter.in_flight(self, identity))
+        """Under the slot's locks: this worker's count of the identity's calls, into the slot.
+
+        One 8-byte copy: ``pack_into`` zeroes the field before it writes the value, and a worker
+        reading it then (``ending`` writes without the file lock) would take a call in flight
+        for none.
+        """
+        at = offset + self._own
+        self._file.map[at:at + _COUNT.size] = _COUNT.pack(Limiter.in_flight(self, identity))
 
     def in_flight(self, identity: str) -> int:
         """Calls in flight for ``identity``: in every worker once it has had limits, else in this one."""

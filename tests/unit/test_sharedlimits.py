@@ -297,3 +297,34 @@ def test_threads_of_two_processes_never_fail_on_the_file_s_locks(limits_file: Pa
     assert [errors for _, errors in results] == [[], []]
     final = SharedLimiter(limits_file, 0)
     assert [final.in_flight(f"id-{i}") for i in range(4)] == [0, 0, 0, 0]
+
+
+def _end_calls_over_and_over(path: str, admitted: object, stop: object) -> None:
+    """Worker 0 with one call in flight, publishing that count again and again the way a call
+    that ends does (without the file lock)."""
+    worker = SharedLimiter(Path(path), 0)
+    worker.admit("app", Limits(concurrency=2))
+    admitted.set()  # type: ignore[attr-defined]
+    while not stop.is_set():  # type: ignore[attr-defined]
+        for _ in range(1000):
+            worker._publish("app", ending=True)
+
+
+def test_a_count_rewritten_without_the_file_lock_is_never_read_as_zero(limits_file: Path) -> None:
+    """A worker's count in the shared file is written in one store: another worker checking the
+    limit never sees a call in flight as none (a count zeroed for a moment, then written, let a
+    third call in under a limit of 2)."""
+    spawn = multiprocessing.get_context("spawn")
+    admitted, stop = spawn.Event(), spawn.Event()
+    writer = spawn.Process(target=_end_calls_over_and_over, args=(str(limits_file), admitted, stop))
+    writer.start()
+    try:
+        assert admitted.wait(30), "worker 0 did not admit its call"
+        reader = SharedLimiter(limits_file, 1)
+        reader.admit("app", Limits(concurrency=2))  # finds the identity's slot
+        reader.leave("app")
+        counts = [reader.in_flight("app") for _ in range(100_000)]
+    finally:
+        stop.set()
+        writer.join(30)
+    assert set(counts) == {1}, f"{counts.count(0)} of {len(counts)} reads saw no call in flight"
