@@ -30,6 +30,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import threading
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -304,8 +305,8 @@ def _limits(table: Mapping[str, Any], source: str, path: str, base: Limits) -> L
         value = table[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
             raise _err(source, f"{path}{key}", f"expected {'an integer' if kind is int else 'a number'}")
-        if value < 0:
-            raise _err(source, f"{path}{key}", "must be 0 (unlimited) or more")
+        if not value >= 0 or value == math.inf:  # nan and inf would admit every call
+            raise _err(source, f"{path}{key}", "must be a finite number, 0 (unlimited) or more")
         values[key] = kind(value)
     return Limits(**values)
 

@@ -129,7 +129,10 @@ BAD_POLICIES: list[tuple[dict[str, Any], str]] = [
     ({"identities": {"a": {"role": []}}}, "identities.a.role: unknown key"),
     ({"identities": {"a": {"rate": "fast"}}}, "identities.a.rate: expected a number"),
     ({"identities": {"a": {"concurrency": 1.5}}}, "identities.a.concurrency: expected an integer"),
-    ({"identities": {"a": {"burst": -1}}}, "identities.a.burst: must be 0 (unlimited) or more"),
+    ({"identities": {"a": {"burst": -1}}}, "identities.a.burst: must be a finite number, 0 (unlimited) or more"),
+    ({"identities": {"a": {"burst": float("inf")}}}, "identities.a.burst: must be a finite number"),
+    ({"limits": {"rate": float("nan")}}, "limits.rate: must be a finite number"),
+    ({"limits": {"rate": float("inf")}}, "limits.rate: must be a finite number"),
     ({"limits": {"rate": True}}, "limits.rate: expected a number"),
     ({"limits": {"qps": 1}}, "limits.qps: unknown key"),
 ]
