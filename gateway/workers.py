@@ -70,6 +70,11 @@ SERVING_RESETS = 60.0
 SILENT = 10.0
 """Seconds without a heartbeat (``gateway.server.HEARTBEAT``) after which a serving worker
 counts as stopped or stuck: it is killed and started again."""
+STOP_AFTER_GRACE = 13.0
+"""Seconds a worker's stop may take beyond its grace before the supervisor kills it: up to
+``gateway.server.CALLS_TIMEOUT`` (5 s) for calls still running, then up to
+``router.router.CLOSE_TIMEOUT`` (5 s) for the sessions to close, however many HSMs hang
+(``Gateway.stop``), and 3 s to log and exit. The stop timeouts in deploy/ count on it."""
 EXIT_CONFIG = 78
 """A worker's exit status when its configuration or credentials are refused (sysexits' EX_CONFIG)."""
 PR_SET_PDEATHSIG = 1
@@ -407,9 +412,7 @@ class Supervisor:
         running = [w for w in self.workers.values() if w.proc.poll() is None]
         for worker in running:
             worker.proc.send_signal(signal.SIGTERM)
-        # A worker's stop: 0.5 s, the grace, up to 5 s for calls still running, up to 5 s for the
-        # pools to close (gateway.server, docs/failover.md); then room to log and exit.
-        end = time.monotonic() + self.grace + 13.0
+        end = time.monotonic() + self.grace + STOP_AFTER_GRACE
         for worker in running:
             try:
                 worker.proc.wait(max(0.1, end - time.monotonic()))
