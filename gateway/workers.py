@@ -31,7 +31,8 @@ not started again until the next SIGHUP: trying a refused PIN again and again ca
 the HSM user out. The gateway stops only when no worker serves and workers died
 ``RESTARTS_PER_MINUTE`` times within a minute, or every worker was given up. A serving
 worker touches its port file every second; one silent for ``SILENT`` seconds (stopped,
-or stuck with the interpreter) is killed and so started again.
+or stuck with the interpreter) is killed and so started again, and so is a restarted
+worker that does not serve within ``start_timeout`` of its start (the first start's limit).
 
 ``[metrics] listen``: worker *i* serves metrics on the configured port + *i* (or
 an ephemeral port when the configured port is 0).
@@ -111,6 +112,8 @@ class Worker:
     index: int
     proc: subprocess.Popen[bytes]
     port_file: Path
+    started: float
+    """When it was started (monotonic): one that does not serve within ``start_timeout`` is killed."""
     serving_since: float | None = None
 
     @property
@@ -306,7 +309,7 @@ class Supervisor:
                                 pass_fds=(self.limits_fd,))
         if cpu is not None:
             log.debug("worker %d (pid %d) runs on CPU %d", index, proc.pid, cpu)
-        worker = Worker(index, proc, port_file)
+        worker = Worker(index, proc, port_file, started=time.monotonic())
         self.workers[index] = worker
         return worker
 
@@ -357,19 +360,31 @@ class Supervisor:
                         worker.serving_since = now
                     elif worker.serving_since is not None and now - worker.serving_since >= SERVING_RESETS:
                         self._in_a_row.pop(index, None)
-                    self._check_heartbeat(worker)
+                    if worker.serving_since is None:
+                        self._check_start(worker, now)
+                    else:
+                        self._check_heartbeat(worker)
                     continue
                 status = self._died(worker, code, now)
                 if status is not None:
                     return status
         return 0
 
+    def _check_start(self, worker: Worker, now: float) -> None:
+        """Kill a restarted worker that does not serve within ``start_timeout`` (stopped, stuck in an
+        HSM login that does not return): the gateway would run a worker short, and say nothing. Its
+        death counts as any other, and it is started again after the usual pause."""
+        if now - worker.started > self.start_timeout:
+            log.error("worker %d (pid %d) has not started serving within %.0f s of its start (stopped, or stuck); "
+                      "killing it", worker.index, worker.pid, self.start_timeout)
+            worker.proc.kill()
+
     def _check_heartbeat(self, worker: Worker) -> None:
         """Kill a serving worker whose heartbeat stopped (SIGSTOP, a stuck interpreter): the
         kernel would go on handing it connections that no one answers."""
         try:
             silent = time.time() - worker.port_file.stat().st_mtime
-        except FileNotFoundError:  # starting, or stopping
+        except FileNotFoundError:  # stopping
             return
         if silent > SILENT:
             log.error("worker %d (pid %d) has not shown a sign of life for %.0f s (stopped or stuck); killing it",
