@@ -22,7 +22,9 @@ CPUs: with ``[server] pin_workers`` (the default) and no more workers than usabl
 CPUs, worker *i* runs on the *i*-th usable CPU only, so its threads never pass a
 request to another core.
 
-Running: SIGTERM or SIGINT stops every worker (each drains for ``grace`` seconds),
+Running: SIGTERM or SIGINT stops every worker (each drains for ``grace`` seconds), and
+so does either during start-up (exit 0): a worker ignores SIGINT until it serves, so
+Ctrl-C, which reaches every process of the group, leaves the stop to the supervisor.
 SIGHUP is passed on to the workers that serve (each reloads its policy and TLS files).
 A worker that dies is started again after a pause that doubles with each death in a
 row (``RESTART_PAUSE`` up to ``RESTART_PAUSE_MAX``), while the others serve. One that
@@ -174,6 +176,10 @@ def apply_scheduling(policy: str) -> None:
 def _start_child(cpu: int | None) -> Callable[[], None]:
     def prepare() -> None:
         _die_with_parent()
+        # Ctrl-C reaches every process of the group: a worker still importing or logging in
+        # would die of a KeyboardInterrupt traceback. Ignored until it serves (gateway.server
+        # takes it over then); the supervisor stops the workers itself.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
     return prepare
@@ -264,6 +270,8 @@ class Supervisor:
             self._hold = reserve_port(self.config.server.host, self.config.server.port)
             self.port = self._hold.getsockname()[1]
             status = self._start_all()
+            if self._stop.is_set():  # SIGTERM or Ctrl-C while the workers started: a stop, not a failure
+                return 0
             if status:
                 return status
             self._write_port_file()
@@ -334,7 +342,7 @@ class Supervisor:
     def _start_all(self) -> int:
         # Worker 0 alone first: a configuration problem is reported once, by one process.
         status = self._await_ready([self._spawn(0)])
-        if status or self.count == 1:
+        if status or self.count == 1 or self._stop.is_set():
             return status
         return self._await_ready([self._spawn(i) for i in range(1, self.count)])
 

@@ -600,3 +600,46 @@ def test_a_restarted_worker_that_never_serves_is_killed_and_started_again(fleet,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(("starting", "after"), [(0, 0.0), (0, 0.3), (1, 0.0)])
+def test_ctrl_c_while_workers_start_stops_the_gateway_cleanly(fleet, tmp_path: Path, starting: int,
+                                                              after: float) -> None:
+    """Ctrl-C at a terminal sends SIGINT to every process of the group: a worker still starting
+    (importing, logging in) used to die of a KeyboardInterrupt traceback. Workers leave SIGINT to
+    the supervisor until they serve; the supervisor stops them all, exit 0."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT, wait_for
+
+    log_path = tmp_path / "gateway.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(fleet.config_path),
+             "--port-file", str(tmp_path / "port"), "--grace", "1", "--workers", "2"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "HSMGW_LOG_FORMAT": "human"},
+        )
+    try:
+        def worker_starting() -> bool:
+            """Worker ``starting`` runs the gateway's code (it has been exec'd), and does not serve yet."""
+            for pid in _children(proc.pid):
+                with contextlib.suppress(OSError):
+                    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                    if "--worker-index" in args and args[args.index("--worker-index") + 1] == str(starting):
+                        return True
+            return False
+
+        wait_for(worker_starting, timeout=60, what=f"worker {starting} to start", interval=0.002)
+        time.sleep(after)  # at once, or while it imports
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log_path.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert code == 0, text[-3000:]
+    assert "signal SIGINT: stopping" in text, text[-3000:]
