@@ -157,14 +157,15 @@ class Publisher:
         self.flush()
 
     def stop(self, sampler: Callable[[], Iterable[Datum]] | None = None, timeout: float = 5.0) -> None:
-        """Stop the thread; with ``sampler``, publish one last sample (at most ``timeout`` seconds)."""
+        """Stop the thread; with ``sampler``, publish one last sample (at most ``timeout`` seconds in all)."""
+        end = time.monotonic() + timeout
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
         if sampler is not None:
             done = threading.Thread(target=self._tick, args=(sampler,), name="cloudwatch-final", daemon=True)
             done.start()
-            done.join(timeout)
+            done.join(max(0.0, end - time.monotonic()))
 
 
 class GatewaySampler:

@@ -277,6 +277,10 @@ class Gateway:
             self.tls.reload()
 
     def stop(self, grace: float = 5.0) -> None:
+        """Drain for ``grace`` seconds, wait up to ``CALLS_TIMEOUT`` more for the calls still
+        running, then close the clusters' sessions (up to ``router.router.CLOSE_TIMEOUT``).
+        Nothing else waits: a stop takes at most about ``grace + CALLS_TIMEOUT + CLOSE_TIMEOUT``
+        seconds, however many HSMs hang (``gateway.workers.STOP_AFTER_GRACE`` counts on it)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -284,8 +288,9 @@ class Gateway:
         # UNAVAILABLE while the ones in flight finish, then close the listener.
         self.health.enter_graceful_shutdown()
         self.draining.set()
-        time.sleep(min(0.5, grace / 4))
-        self.server.stop(grace).wait()
+        pause = min(0.5, grace / 4)  # part of the grace
+        time.sleep(pause)
+        self.server.stop(grace - pause).wait()
         # grpcio's stop returns at the end of the grace having cancelled the calls, not
         # ended them: their handlers (and the fast paths') may still be inside the router,
         # in an HSM that is slow or does not answer. They get CALLS_TIMEOUT more, together.
@@ -295,13 +300,18 @@ class Gateway:
         running = self._calls_running(end)
         self.crypto.close()
         if self.cloudwatch is not None:
-            self.cloudwatch.stop()
+            self.cloudwatch.stop(end)
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        self.monitor.stop()
+        # Within the calls' deadline too: a probe in a hung HSM never returns, and is left
+        # to the process's exit with the calls cut off.
+        probing = self.monitor.stop(end)
         for thread in (self._repairer, self._reconciler):  # a pass under way ends at its next key
             if thread is not None and thread.ident is not None:
                 thread.join(max(0.0, end - time.monotonic()))
+        if probing:
+            log.warning("health probe of cluster(s) %s still inside the HSM: left to the process's exit",
+                        ", ".join(probing))
         if running:
             log.warning("%d call(s) still running %.0f s after the grace: cut off. Each fails at its next HSM "
                         "call (UNAVAILABLE, to a client that is gone); no cluster opens a session or logs in again",
@@ -364,8 +374,9 @@ class _CloudWatch:
         log.info("publishing metrics to CloudWatch (%s, namespace %s) every %gs",
                  self.region, self.namespace, self.interval)
 
-    def stop(self) -> None:
-        self.publisher.stop(self.sampler, timeout=5.0)  # one last sample: the shutdown shows in the graphs
+    def stop(self, until: float) -> None:
+        """Publish one last sample (the shutdown shows in the graphs), until ``until`` (monotonic) at most."""
+        self.publisher.stop(self.sampler, timeout=max(0.0, until - time.monotonic()))
 
 
 def _beat(port_file: str, done: threading.Event) -> None:

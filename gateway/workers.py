@@ -22,7 +22,9 @@ CPUs: with ``[server] pin_workers`` (the default) and no more workers than usabl
 CPUs, worker *i* runs on the *i*-th usable CPU only, so its threads never pass a
 request to another core.
 
-Running: SIGTERM or SIGINT stops every worker (each drains for ``grace`` seconds),
+Running: SIGTERM or SIGINT stops every worker (each drains for ``grace`` seconds), and
+so does either during start-up (exit 0): a worker ignores SIGINT until it serves, so
+Ctrl-C, which reaches every process of the group, leaves the stop to the supervisor.
 SIGHUP is passed on to the workers that serve (each reloads its policy and TLS files).
 A worker that dies is started again after a pause that doubles with each death in a
 row (``RESTART_PAUSE`` up to ``RESTART_PAUSE_MAX``), while the others serve. One that
@@ -31,7 +33,8 @@ not started again until the next SIGHUP: trying a refused PIN again and again ca
 the HSM user out. The gateway stops only when no worker serves and workers died
 ``RESTARTS_PER_MINUTE`` times within a minute, or every worker was given up. A serving
 worker touches its port file every second; one silent for ``SILENT`` seconds (stopped,
-or stuck with the interpreter) is killed and so started again.
+or stuck with the interpreter) is killed and so started again, and so is a restarted
+worker that does not serve within ``start_timeout`` of its start (the first start's limit).
 
 ``[metrics] listen``: worker *i* serves metrics on the configured port + *i* (or
 an ephemeral port when the configured port is 0).
@@ -70,6 +73,11 @@ SERVING_RESETS = 60.0
 SILENT = 10.0
 """Seconds without a heartbeat (``gateway.server.HEARTBEAT``) after which a serving worker
 counts as stopped or stuck: it is killed and started again."""
+STOP_AFTER_GRACE = 13.0
+"""Seconds a worker's stop may take beyond its grace before the supervisor kills it: up to
+``gateway.server.CALLS_TIMEOUT`` (5 s) for calls still running, then up to
+``router.router.CLOSE_TIMEOUT`` (5 s) for the sessions to close, however many HSMs hang
+(``Gateway.stop``), and 3 s to log and exit. The stop timeouts in deploy/ count on it."""
 EXIT_CONFIG = 78
 """A worker's exit status when its configuration or credentials are refused (sysexits' EX_CONFIG)."""
 PR_SET_PDEATHSIG = 1
@@ -106,6 +114,8 @@ class Worker:
     index: int
     proc: subprocess.Popen[bytes]
     port_file: Path
+    started: float
+    """When it was started (monotonic): one that does not serve within ``start_timeout`` is killed."""
     serving_since: float | None = None
 
     @property
@@ -166,6 +176,10 @@ def apply_scheduling(policy: str) -> None:
 def _start_child(cpu: int | None) -> Callable[[], None]:
     def prepare() -> None:
         _die_with_parent()
+        # Ctrl-C reaches every process of the group: a worker still importing or logging in
+        # would die of a KeyboardInterrupt traceback. Ignored until it serves (gateway.server
+        # takes it over then); the supervisor stops the workers itself.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
     return prepare
@@ -256,6 +270,8 @@ class Supervisor:
             self._hold = reserve_port(self.config.server.host, self.config.server.port)
             self.port = self._hold.getsockname()[1]
             status = self._start_all()
+            if self._stop.is_set():  # SIGTERM or Ctrl-C while the workers started: a stop, not a failure
+                return 0
             if status:
                 return status
             self._write_port_file()
@@ -301,7 +317,7 @@ class Supervisor:
                                 pass_fds=(self.limits_fd,))
         if cpu is not None:
             log.debug("worker %d (pid %d) runs on CPU %d", index, proc.pid, cpu)
-        worker = Worker(index, proc, port_file)
+        worker = Worker(index, proc, port_file, started=time.monotonic())
         self.workers[index] = worker
         return worker
 
@@ -326,7 +342,7 @@ class Supervisor:
     def _start_all(self) -> int:
         # Worker 0 alone first: a configuration problem is reported once, by one process.
         status = self._await_ready([self._spawn(0)])
-        if status or self.count == 1:
+        if status or self.count == 1 or self._stop.is_set():
             return status
         return self._await_ready([self._spawn(i) for i in range(1, self.count)])
 
@@ -352,19 +368,31 @@ class Supervisor:
                         worker.serving_since = now
                     elif worker.serving_since is not None and now - worker.serving_since >= SERVING_RESETS:
                         self._in_a_row.pop(index, None)
-                    self._check_heartbeat(worker)
+                    if worker.serving_since is None:
+                        self._check_start(worker, now)
+                    else:
+                        self._check_heartbeat(worker)
                     continue
                 status = self._died(worker, code, now)
                 if status is not None:
                     return status
         return 0
 
+    def _check_start(self, worker: Worker, now: float) -> None:
+        """Kill a restarted worker that does not serve within ``start_timeout`` (stopped, stuck in an
+        HSM login that does not return): the gateway would run a worker short, and say nothing. Its
+        death counts as any other, and it is started again after the usual pause."""
+        if now - worker.started > self.start_timeout:
+            log.error("worker %d (pid %d) has not started serving within %.0f s of its start (stopped, or stuck); "
+                      "killing it", worker.index, worker.pid, self.start_timeout)
+            worker.proc.kill()
+
     def _check_heartbeat(self, worker: Worker) -> None:
         """Kill a serving worker whose heartbeat stopped (SIGSTOP, a stuck interpreter): the
         kernel would go on handing it connections that no one answers."""
         try:
             silent = time.time() - worker.port_file.stat().st_mtime
-        except FileNotFoundError:  # starting, or stopping
+        except FileNotFoundError:  # stopping
             return
         if silent > SILENT:
             log.error("worker %d (pid %d) has not shown a sign of life for %.0f s (stopped or stuck); killing it",
@@ -407,9 +435,7 @@ class Supervisor:
         running = [w for w in self.workers.values() if w.proc.poll() is None]
         for worker in running:
             worker.proc.send_signal(signal.SIGTERM)
-        # A worker's stop: 0.5 s, the grace, up to 5 s for calls still running, up to 5 s for the
-        # pools to close (gateway.server, docs/failover.md); then room to log and exit.
-        end = time.monotonic() + self.grace + 13.0
+        end = time.monotonic() + self.grace + STOP_AFTER_GRACE
         for worker in running:
             try:
                 worker.proc.wait(max(0.1, end - time.monotonic()))

@@ -209,6 +209,8 @@ class HealthMonitor:
         self._threads: list[threading.Thread] = []
         self._hung: set[str] = set()
         """Clusters the watchdog found with calls past their time at its last look."""
+        self._probing: set[str] = set()
+        """Clusters whose probe is under way (a probe in a hung HSM stays here)."""
 
     def watch_once(self) -> None:
         """Open the circuit of every cluster with calls past their time; log each hang once."""
@@ -255,11 +257,14 @@ class HealthMonitor:
 
     def _loop(self, name: str) -> None:
         while not self._stop.wait(self._interval):
+            self._probing.add(name)
             try:
                 self.probe_once(name)
             except Exception:  # a bug must not end this cluster's probes for good
                 log.exception("probe of cluster %s failed unexpectedly", name)
                 self._breakers[name].record_failure()
+            finally:
+                self._probing.discard(name)
 
     def _watch(self) -> None:
         while not self._stop.wait(self._interval):
@@ -268,7 +273,18 @@ class HealthMonitor:
             except Exception:  # noqa: BLE001 - the watchdog must outlive a bad look
                 log.exception("hsm watchdog: looking at the clusters' calls failed")
 
-    def stop(self) -> None:
+    def stop(self, until: float | None = None) -> list[str]:
+        """Stop probing and watching; wait for the threads until ``until`` (monotonic; by
+        default ``probe_timeout + interval`` from now), all against that one deadline.
+        Returns the clusters whose probe had not returned by then.
+
+        A probe inside a hung HSM does not return until the HSM answers: its thread (a
+        daemon) is left to the process's exit, so a stop waits no longer for several hung
+        clusters than for one.
+        """
         self._stop.set()
+        if until is None:
+            until = time.monotonic() + self._probe_timeout + self._interval
         for thread in self._threads:
-            thread.join(timeout=self._probe_timeout + self._interval)
+            thread.join(max(0.0, until - time.monotonic()))
+        return sorted(self._probing.copy())  # a copy: a probe may end meanwhile

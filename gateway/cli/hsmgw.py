@@ -100,6 +100,10 @@ def _serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"admin.audit_log: {exc}") from None
     except ConfigError as exc:  # the file, named once; restarting does not help (EX_CONFIG)
         fail(str(exc) if str(args.config) in str(exc) else f"{args.config}: {exc}", code=EXIT_CONFIG)
+    if args.port_file:  # written once the gateway serves: too late to find it cannot be
+        problem = _port_file_problem(Path(args.port_file))
+        if problem:
+            fail(f"--port-file: {problem}", code=EXIT_CONFIG)
     if args.workers > 1:
         # The supervisor never opens the PKCS #11 module: each worker does, after it starts.
         flags = ("--log-format", args.log_format, *(("-v",) if args.verbose else ()))
@@ -151,6 +155,20 @@ def _serve(args: argparse.Namespace) -> None:
         router.close()
         fail(f"server.listen: cannot listen on {config.server.listen}: {exc}")
     serve(gateway, grace=args.grace, port_file=args.port_file, heartbeat=args.worker_index is not None)
+
+
+def _port_file_problem(path: Path) -> str:
+    """Why the port file cannot be written at ``path`` (through a temporary file beside it); "" if it can."""
+    directory = path.absolute().parent
+    if not directory.exists():
+        return f"cannot write {path}: the directory {directory} does not exist"
+    if not directory.is_dir():
+        return f"cannot write {path}: {directory} is not a directory"
+    if path.is_dir():
+        return f"cannot write {path}: it is a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot write {path}: no permission to create files in {directory}"
+    return ""
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -100,3 +100,49 @@ def test_a_stop_past_its_grace_cuts_calls_off_without_logging_in_again(tmp_path:
     # The stop ended by itself (not killed at the bound above), as a stop does.
     assert code == 0, "the gateway had to be killed" if code is None else code
     assert sorted(outcomes) == ["UNAVAILABLE"] * CALLS, outcomes
+
+
+def test_a_stop_while_every_hsm_hangs_ends_before_the_supervisor_gives_up(tmp_path: Path, faultmod: Path) -> None:
+    """Every cluster hangs, each worker's health probes with it. The stop used to wait for
+    each hung probe in turn (3 s a cluster), past what the supervisor gives a worker's stop,
+    and the workers were killed part-way through it."""
+    from gateway.workers import STOP_AFTER_GRACE
+
+    fleet, control = faulty_fleet(tmp_path / "fleet", faultmod)
+    clusters = ("use1-a", "use1-b", "usw2-a")
+    # A probe's thread was waited for up to probe_timeout (2 s) + probe_interval: at the default
+    # interval or above, three of them and the pools' close overran what the supervisor allows.
+    text = fleet.config_path.read_text().replace("probe_interval = 0.25\n", "probe_interval = 2.0\n")
+    assert "probe_interval = 2.0" in text and all(f'name = "{name}"' in text for name in clusters)
+    fleet.config_path.write_text(text)
+    gateway = GatewayProcess(fleet.config_path, workers=2, grace=GRACE).start()
+    try:
+        for name in clusters:
+            control.set(name, "hang")
+
+        def probes_hung() -> bool:  # each worker's watchdog saw each cluster's probe stuck
+            log = gateway.log()
+            return all(len(re.findall(rf"cluster {name}: \d+ PKCS #11 call\(s\) have not returned", log)) >= 2
+                       for name in clusters)
+
+        wait_for(probes_hung, timeout=30, what="every worker's probe of every cluster to hang")
+        assert gateway.proc is not None
+        gateway.proc.send_signal(signal.SIGTERM)
+        try:
+            # Far more than the supervisor waits before it kills: the assertions below say which.
+            code: int | None = gateway.proc.wait(timeout=GRACE + STOP_AFTER_GRACE + 30)
+        except subprocess.TimeoutExpired:
+            gateway.proc.kill()
+            gateway.proc.wait()
+            code = None
+    finally:
+        control.clear()
+        gateway.stop()
+
+    log = gateway.log()
+    assert "did not stop; killing it" not in log, gateway.log_digest()
+    assert log.count("gateway.server: stopped") == 2, gateway.log_digest()
+    # The probes were still inside the HSMs when each worker stopped, and were left there.
+    assert log.count("health probe of cluster(s) use1-a, use1-b, usw2-a still inside the HSM") == 2, \
+        gateway.log_digest()
+    assert code == 0, gateway.log_digest()

@@ -93,8 +93,14 @@ def test_systemd_unit_runs_the_gateway_unprivileged_with_time_to_drain(tmp_path:
     assert argv[0] == "/opt/hsmgw/bin/hsmgw" and argv[1] == "serve"
     hsmgw_accepts(argv[1:], tmp_path)
     grace = float(argv[argv.index("--grace") + 1])
-    # --grace, then up to 5 s for each fast path's calls stuck in a hung HSM and 5 s for the pools.
-    assert float(service["TimeoutStopSec"]) >= 0.5 + grace + 3 * 5, "systemd would SIGKILL a draining gateway"
+    # --grace, then what the supervisor lets a worker's stop take after it (calls stuck in a
+    # hung HSM, the pools' close, the exit), and a moment for the supervisor's own exit.
+    from gateway.server import CALLS_TIMEOUT
+    from gateway.workers import STOP_AFTER_GRACE
+    from router.router import CLOSE_TIMEOUT
+
+    assert STOP_AFTER_GRACE > CALLS_TIMEOUT + CLOSE_TIMEOUT, "the supervisor would kill a worker mid-stop"
+    assert float(service["TimeoutStopSec"]) >= grace + STOP_AFTER_GRACE + 1, "systemd would SIGKILL a draining gateway"
     assert service["KillSignal"] == "SIGTERM"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID", "reload = SIGHUP (TLS files and policy)"
     assert service["Restart"] == "on-failure"

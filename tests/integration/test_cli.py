@@ -604,3 +604,17 @@ def test_an_approval_that_got_no_answer_says_the_change_may_have_run_not_try_aga
     assert "TLS" not in line and "client certificate" not in line, "the gateway died: it did not ask for TLS"
     assert ("the gateway closed the connection during the call: it may have stopped or restarted (see its log); "
             "the approval may have been taken") in line, line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_refuses_a_port_file_it_cannot_write_before_logging_in(spare_fleet: Fleet, tmp_path: Path,
+                                                                      workers: str) -> None:
+    """The port file is written once the gateway serves: a missing directory used to end a
+    serving gateway (one process: without draining) with a traceback and exit 1."""
+    port_file = tmp_path / "missing" / "port"
+    result = hsmgw("serve", "--config", str(spare_fleet.config_path), "--workers", workers,
+                   "--listen", "127.0.0.1:0", "--port-file", str(port_file), timeout=60)
+    line = one_error_line(result)
+    assert line == f"error: --port-file: cannot write {port_file}: the directory {port_file.parent} does not exist"
+    assert result.returncode == EXIT_CONFIG
+    assert "sessions open" not in result.stdout + result.stderr, "logged in to the HSMs before failing"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -528,3 +529,117 @@ def _all_answer(target: str) -> bool:
             except grpc.RpcError:
                 return False
     return True
+
+
+_SUPERVISOR = """
+import sys
+from gateway.cli._common import setup_logging
+from gateway.config import load
+from gateway.workers import Supervisor
+config, port_file, start_timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+setup_logging(fmt="human", stream=sys.stdout)
+supervisor = Supervisor(config, load(config), 2, grace=1.0, port_file=port_file, start_timeout=start_timeout,
+                        cli_flags=("--log-format", "human"))
+sys.exit(supervisor.run())
+"""
+
+
+def test_a_restarted_worker_that_never_serves_is_killed_and_started_again(fleet, tmp_path: Path) -> None:
+    """A worker's replacement that hangs before it serves (stopped here; an HSM login that does
+    not return does the same) used to be waited for forever, the gateway a worker short and
+    silent about it. It gets the first start's limit, then is killed and started again."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT, wait_for
+
+    start_timeout = 20.0  # the supervisor's (300 s by default), short for a test
+    port_file = tmp_path / "port"
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _SUPERVISOR, str(fleet.config_path), str(port_file),
+                                 str(start_timeout)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    stopped: int | None = None
+    try:
+        wait_for(port_file.exists, timeout=start_timeout, what="the gateway to serve")
+        first = _children(proc.pid)
+        assert len(first) == 2
+        os.kill(first[1], signal.SIGKILL)
+
+        def replacement() -> tuple[int, list[str]] | None:
+            """The new worker, once it runs the gateway (stopped before its exec, it would
+            hold up the supervisor's spawn, not the worker's start), and its arguments."""
+            for pid in _children(proc.pid):
+                if pid not in first:
+                    with contextlib.suppress(OSError):
+                        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                        if "gateway.cli.hsmgw" in args:
+                            return pid, args
+            return None
+
+        stopped, args = wait_for(replacement, timeout=30, what="the replacement worker", interval=0.002)
+        os.kill(stopped, signal.SIGSTOP)  # within milliseconds of its start: long before it serves
+        assert not Path(args[args.index("--port-file") + 1]).exists(), "stopped too late: it serves"
+
+        # Far beyond the limit: only a supervisor that does not watch a starting worker misses it.
+        wait_for(lambda: stopped not in _children(proc.pid) and len(_children(proc.pid)) == 2,
+                 timeout=start_timeout + 60, what=f"the stopped worker {stopped} to be replaced")
+        wait_for(lambda: _all_answer(f"127.0.0.1:{int(port_file.read_text())}"), timeout=60,
+                 what="every worker to answer")
+        text = log_path.read_text()
+        assert f"worker 1 (pid {stopped}) has not started serving within 20 s of its start" in text, text[-3000:]
+        assert f"worker 1 (pid {stopped}) exited with -9 (2 times in a row)" in text, text[-3000:]
+        assert proc.poll() is None
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(("starting", "after"), [(0, 0.0), (0, 0.3), (1, 0.0)])
+def test_ctrl_c_while_workers_start_stops_the_gateway_cleanly(fleet, tmp_path: Path, starting: int,
+                                                              after: float) -> None:
+    """Ctrl-C at a terminal sends SIGINT to every process of the group: a worker still starting
+    (importing, logging in) used to die of a KeyboardInterrupt traceback. Workers leave SIGINT to
+    the supervisor until they serve; the supervisor stops them all, exit 0."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT, wait_for
+
+    log_path = tmp_path / "gateway.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(fleet.config_path),
+             "--port-file", str(tmp_path / "port"), "--grace", "1", "--workers", "2"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "HSMGW_LOG_FORMAT": "human"},
+        )
+    try:
+        def worker_starting() -> bool:
+            """Worker ``starting`` runs the gateway's code (it has been exec'd), and does not serve yet."""
+            for pid in _children(proc.pid):
+                with contextlib.suppress(OSError):
+                    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                    if "--worker-index" in args and args[args.index("--worker-index") + 1] == str(starting):
+                        return True
+            return False
+
+        wait_for(worker_starting, timeout=60, what=f"worker {starting} to start", interval=0.002)
+        time.sleep(after)  # at once, or while it imports
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log_path.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert code == 0, text[-3000:]
+    assert "signal SIGINT: stopping" in text, text[-3000:]
