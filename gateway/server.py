@@ -27,7 +27,7 @@ from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
 from router.errors import RouterError
 from router.health import CircuitState, HealthMonitor
 from router.placement.store import StoreError
-from router.reconcile import reconcile
+from router.reconcile import ReconcileReport, reconcile
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,13 @@ class Gateway:
 
     def __init__(
         self, config: GatewayConfig, router: Router, *, reuse_port: bool = False, reconciles: bool = True,
-        limiter: Limiter | None = None,
+        first_reconcile: ReconcileReport | None = None, limiter: Limiter | None = None,
     ) -> None:
         """``reuse_port``: share the listening port with sibling worker processes (SO_REUSEPORT).
-        ``reconciles``: run the report-only reconciles (one process of the gateway does).
-        ``limiter``: the per-identity limits (the workers of one gateway share theirs)."""
+        ``reconciles``: run the report-only reconciles (one process of the gateway does) and
+        publish their metrics. ``first_reconcile``: the report of the reconcile this process
+        ran at start, published as its first. ``limiter``: the per-identity limits (the
+        workers of one gateway share theirs)."""
         self.draining = threading.Event()
         self._health_lock = threading.RLock()
         self._published: dict[str, bool] = {}
@@ -118,6 +120,12 @@ class Gateway:
             limiter or Limiter(),
         )
         self.metrics = GatewayMetrics(router, version=_version(), home_region=config.home_region)
+        if reconciles:
+            # From the start, not from the first report-only pass (an interval away, again after
+            # every restart): an alert on the last run's time must see passes that never finish.
+            self.metrics.publish_reconciles()
+            if first_reconcile is not None:
+                self.metrics.reconciled(first_reconcile)
         options = [
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
             ("grpc.max_send_message_length", config.server.max_message_bytes),
