@@ -399,7 +399,7 @@ def api_reference(proto_dir: Path = PROTO_DIR, files: Sequence[str] = PROTO_FILE
         "the others. |",
         "| `hsmgw.v1.AdminService` | the process serves: it stays SERVING while no cluster does "
         "(operators need `hsmctl` then). What liveness and start-up probes ask for. |",
-        "| `hsmgw.cluster.<name>` | that cluster's circuit is closed. |",
+        "| `hsmgw.cluster.<name>` | that cluster's circuit is closed (as `hsmctl clusters` shows it). |",
         "| `hsmgw.region.<region>` | a cluster of that region has a closed circuit. |",
         "",
         "Every status is NOT_SERVING from the moment a stop begins (SIGTERM): the calls in flight "
