@@ -334,7 +334,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 pb.ClusterStatus(
                     name=name,
                     region=backend.spec.region,
-                    health="NOT_SERVING" if circuit is CircuitState.OPEN else "SERVING",
+                    # As grpc.health.v1 reports the cluster: a half-open circuit lets one trial through.
+                    health="SERVING" if circuit is CircuitState.CLOSED else "NOT_SERVING",
                     keys=counts.get(name, 0),
                     max_keys=backend.spec.max_keys,
                     sessions_open=stats.open,

@@ -11,7 +11,7 @@ from router.model import ReplicationPolicy
 from router.pkcs11 import Pkcs11Cluster, load_module
 from router.placement import PlacementStore, StoreMisconfigured
 from router.placement.factory import make_store
-from router.reconcile import reconcile
+from router.reconcile import ReconcileReport, reconcile
 from router.router import Router, Topology
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,15 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
         rescan_interval=config.store.rescan_interval, creates_keys=config.creates_keys,
         external_staleness=config.store.external_staleness,
     )
-    if not reconcile_at_start:
-        return router
+    if reconcile_at_start:
+        start_reconcile(router)
+    return router
+
+
+def start_reconcile(router: Router) -> ReconcileReport:
+    """Resolve what a crash may have left (unfinished creations, objects no placement names)
+    before the gateway serves; the report is the process's first reconcile (``hsmgw_reconcile_*``)."""
     report = reconcile(router, fix=True)
     if not report.clean:
         log.warning("reconcile at start: %s", report.summary())
-    return router
+    return report

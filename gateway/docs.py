@@ -381,12 +381,29 @@ def api_reference(proto_dir: Path = PROTO_DIR, files: Sequence[str] = PROTO_FILE
         "# API reference (`hsmgw.v1`)",
         "",
         "The gRPC API of the gateway, from the `.proto` files in [protos/](../protos/) and their "
-        "comments. Every service is also described by server reflection, and `grpc.health.v1` "
-        "reports the gateway (service `\"\"`), each service, and each cluster "
-        "(`hsmgw.cluster.<name>`). Errors are gRPC status codes with `google.rpc.ErrorInfo` "
+        "comments. Every service is also described by server reflection. Errors are gRPC status "
+        "codes with `google.rpc.ErrorInfo` "
         "(domain `hsmgw`, a `reason`, the `cluster` and `region`; for `SignStream`, also the "
         "`request_id` of the message that ended the stream) and, where a retry may help, "
         "`google.rpc.RetryInfo`.",
+        "",
+        "`grpc.health.v1` (`Check` and `Watch`) reports, per gateway process:",
+        "",
+        "| service | SERVING while |",
+        "|---|---|",
+        "| `\"\"` (the gateway) and `hsmgw.v1.CryptoService` | at least one of the gateway's clusters, in any "
+        "of its regions, has a closed circuit. With none, every crypto call fails `UNAVAILABLE`; the "
+        "status is NOT_SERVING (the Kubernetes readiness probe takes the pod out of its Service, so that "
+        "clients go to another region's gateways) and turns SERVING again as soon as the active probes "
+        "close a circuit. A half-open circuit does not count: it lets one trial call through and fails "
+        "the others. |",
+        "| `hsmgw.v1.AdminService` | the process serves: it stays SERVING while no cluster does "
+        "(operators need `hsmctl` then). What liveness and start-up probes ask for. |",
+        "| `hsmgw.cluster.<name>` | that cluster's circuit is closed (as `hsmctl clusters` shows it). |",
+        "| `hsmgw.region.<region>` | a cluster of that region has a closed circuit. |",
+        "",
+        "Every status is NOT_SERVING from the moment a stop begins (SIGTERM): the calls in flight "
+        "finish, new ones get `UNAVAILABLE`. An unknown service name answers `NOT_FOUND`.",
         "",
         "Clients in any language: generate stubs from the protos (or load them at run time, as "
         "[examples/node](../examples/node/sign.js) does) and use "

@@ -585,19 +585,33 @@ class GatewayMetrics:
         self._worst: dict[str, int] = {}
         self._reconcile: tuple[Gauge, Gauge] | None = None
 
+    def publish_reconciles(self) -> tuple[Gauge, Gauge]:
+        """Add the reconcile gauges to the registry (only the process that runs reconciles has them).
+
+        Until a reconcile has finished, the findings are absent and the last run's time is 0.
+        """
+        with self._lock:
+            if self._reconcile is None:
+                self._reconcile = (
+                    Gauge("hsmgw_reconcile_findings", "What the last reconcile found and left, by kind.", ["kind"],
+                          registry=self.registry),
+                    Gauge("hsmgw_reconcile_last_run_timestamp_seconds",
+                          "When the last reconcile finished (Unix time); 0: none has since the process started.",
+                          registry=self.registry),
+                )
+            return self._reconcile
+
     def reconciled(self, report: ReconcileReport) -> None:
-        """Publish a report-only reconcile's findings (only the process that runs them has these)."""
-        if self._reconcile is None:
-            self._reconcile = (
-                Gauge("hsmgw_reconcile_findings", "What the last report-only reconcile found, by kind.", ["kind"],
-                      registry=self.registry),
-                Gauge("hsmgw_reconcile_last_run_timestamp_seconds",
-                      "When the last report-only reconcile finished (Unix time).", registry=self.registry),
-            )
-        findings, finished = self._reconcile
-        for kind, found in (("missing", report.missing), ("orphan", report.orphans), ("unknown", report.unknown),
-                            ("duplicate", report.duplicates), ("stale_intent", report.stale_intents),
-                            ("unreachable", report.unreachable)):
+        """Publish a reconcile's findings: a report-only pass's, or the start-up one's, less what it fixed."""
+        findings, finished = self.publish_reconciles()
+        for kind, found in (
+            ("missing", [f for f in report.missing if f not in report.dropped]),
+            ("orphan", [f for f in report.orphans if f not in report.removed]),
+            ("unknown", report.unknown),
+            ("duplicate", report.duplicates),
+            ("stale_intent", [k for k in report.stale_intents if k not in report.rolled_back]),
+            ("unreachable", report.unreachable),
+        ):
             findings.labels(kind).set(len(found))
         finished.set_to_current_time()
 

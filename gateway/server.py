@@ -27,7 +27,7 @@ from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
 from router.errors import RouterError
 from router.health import CircuitState, HealthMonitor
 from router.placement.store import StoreError
-from router.reconcile import reconcile
+from router.reconcile import ReconcileReport, reconcile
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,17 @@ class Gateway:
 
     def __init__(
         self, config: GatewayConfig, router: Router, *, reuse_port: bool = False, reconciles: bool = True,
-        limiter: Limiter | None = None,
+        first_reconcile: ReconcileReport | None = None, limiter: Limiter | None = None,
     ) -> None:
         """``reuse_port``: share the listening port with sibling worker processes (SO_REUSEPORT).
-        ``reconciles``: run the report-only reconciles (one process of the gateway does).
-        ``limiter``: the per-identity limits (the workers of one gateway share theirs)."""
+        ``reconciles``: run the report-only reconciles (one process of the gateway does) and
+        publish their metrics. ``first_reconcile``: the report of the reconcile this process
+        ran at start, published as its first. ``limiter``: the per-identity limits (the
+        workers of one gateway share theirs)."""
         self.draining = threading.Event()
         self._health_lock = threading.RLock()
+        self._published: dict[str, bool] = {}
+        """grpc.health.v1 service name → whether it was last set SERVING (``_publish_health``)."""
         self.config = config
         self.router = router
         check_security(config)
@@ -116,6 +120,12 @@ class Gateway:
             limiter or Limiter(),
         )
         self.metrics = GatewayMetrics(router, version=_version(), home_region=config.home_region)
+        if reconciles:
+            # From the start, not from the first report-only pass (an interval away, again after
+            # every restart): an alert on the last run's time must see passes that never finish.
+            self.metrics.publish_reconciles()
+            if first_reconcile is not None:
+                self.metrics.reconciled(first_reconcile)
         options = [
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
             ("grpc.max_send_message_length", config.server.max_message_bytes),
@@ -188,25 +198,40 @@ class Gateway:
 
     def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
         self.metrics.circuit_changed(cluster, state)
+        self._publish_health()
 
+    def _publish_health(self) -> None:
+        """Set every cluster's, region's and the gateway's grpc.health.v1 status from the circuits.
+
+        Only a closed circuit serves: a half-open one lets a single trial through and fails
+        every other call, and while a cluster is down its circuit cycles open → half-open →
+        open every cooldown, which must not flap the readiness of the pod. The gateway
+        (``""`` and CryptoService) serves while any of its clusters, in any region, does:
+        with none, every crypto call fails UNAVAILABLE, and a NOT_SERVING readiness takes
+        the pod out of its Service so that clients go to another region's gateways. The
+        probes go on regardless, so the pod is back as soon as a cluster answers again.
+        AdminService is left alone: operators need it exactly then. During a stop the
+        health servicer keeps every status NOT_SERVING and ignores these.
+        """
         def status(serving: bool) -> int:
             code: int = (
                 health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             )
             return code
 
-        # Serialised: two clusters changing at once must not leave a stale region status.
+        # Serialised: two clusters changing at once must not leave a stale status.
         with self._health_lock:
             breakers = self.router.breakers
-            # Half-open is still recovering: only a closed circuit serves.
-            self.health.set(cluster_service_name(cluster), status(breakers[cluster].state is CircuitState.CLOSED))
-            # A region serves while any of its clusters does.
-            region = self.router.backends[cluster].spec.region
-            members = self.router.topology.regions.get(region, ())
-            self.health.set(
-                region_service_name(region),
-                status(any(breakers[n].state is CircuitState.CLOSED for n in members)),
-            )
+            closed = {name for name, breaker in breakers.items() if breaker.state is CircuitState.CLOSED}
+            wanted = {cluster_service_name(name): name in closed for name in breakers}
+            for region, members in self.router.topology.regions.items():
+                wanted[region_service_name(region)] = any(name in closed for name in members)
+            for name in ("", CRYPTO_SERVICE):
+                wanted[name] = bool(closed)
+            for name, serving in wanted.items():
+                if self._published.get(name) is not serving:  # a Watch stream hears of changes only
+                    self._published[name] = serving
+                    self.health.set(name, status(serving))
 
     def _repair_loop(self) -> None:
         interval = self.config.replication.repair_interval
@@ -240,13 +265,8 @@ class Gateway:
         if self.fast_paths:
             log.info("unary crypto calls on the fast path (%d threads, and as many for BatchSign)",
                      self.config.server.threads)
-        serving = health_pb2.HealthCheckResponse.SERVING
-        for name in ("", CRYPTO_SERVICE, ADMIN_SERVICE):
-            self.health.set(name, serving)
-        for name in self.router.backends:
-            self.health.set(cluster_service_name(name), serving)
-        for region in self.router.topology.regions:
-            self.health.set(region_service_name(region), serving)
+        self.health.set(ADMIN_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._publish_health()  # from the circuits as they are: the start-up reconcile may have opened some
         self.admin.changes.carry_over(self.config.base_dir / self.config.admin.state_file)
         try:
             self.admin.sync_switches()

@@ -74,6 +74,7 @@ class CircuitBreaker:
         self._changes: list[CircuitState] = []
         # Outcomes of the last minute, counted per second: [second, successes, failures].
         self._recent: collections.deque[list[int]] = collections.deque()
+        self._since = clock()
 
     @property
     def state(self) -> CircuitState:
@@ -157,10 +158,12 @@ class CircuitBreaker:
         return sum(b[1] for b in buckets), sum(b[2] for b in buckets)
 
     def ops_per_second(self) -> float:
-        """Outcomes per second over the last minute (requests and probes)."""
+        """Outcomes per second over the last minute (requests and probes), or since the breaker
+        was made if that is less (a gateway 15 s old shows its rate, not a quarter of it)."""
         with self._lock:
             ok, failed = self._last_minute()
-        return (ok + failed) / 60.0
+            covered = min(float(_MINUTE), max(1.0, self._clock() - self._since))
+        return (ok + failed) / covered
 
     def error_rate(self) -> float:
         """Share of failed outcomes over the last minute."""

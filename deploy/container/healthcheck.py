@@ -9,6 +9,11 @@ reads the port and TLS settings from the gateway's own config, connects to
 health checks need authentication, not a grant) and exits 0 only if the service
 answers SERVING. Exit 1: NOT_SERVING or unknown service; 2: no answer.
 
+Which service (docs/api.md): ``hsmgw.v1.CryptoService`` for readiness, NOT_SERVING
+while none of the gateway's clusters can serve (the default ``""`` says the same);
+``hsmgw.v1.AdminService`` for liveness and start-up, SERVING as long as the process
+serves, since restarting a gateway whose HSMs are down brings none of them back.
+
 TLS options default to HSMGW_PROBE_CA (the CA that issued the server
 certificate), HSMGW_PROBE_CERT and HSMGW_PROBE_KEY; the server name checked is
 the first DNS name of the server certificate unless --server-name says otherwise.

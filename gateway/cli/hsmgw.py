@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway import config as config_mod
-    from gateway.app import build_router
+    from gateway.app import build_router, start_reconcile
     from gateway.server import Gateway, serve
     from gateway.sharedlimits import SharedLimiter, SharedLimitsError
     from gateway.workers import Supervisor, WorkerError, apply_scheduling, worker_metrics_listen
@@ -125,8 +125,9 @@ def _serve(args: argparse.Namespace) -> None:
 
     apply_scheduling(config.server.scheduling)  # before the pools and the server start their threads
     try:
+        router = build_router(config, reconcile_at_start=False)
         # Workers share one store and one fleet: the first one reconciles for all.
-        router = build_router(config, reconcile_at_start=not args.worker_index)
+        first_reconcile = None if args.worker_index else start_reconcile(router)
     except (ConfigError, LoginRefused) as exc:  # a refused PIN tried again and again locks the user out
         fail(str(exc), code=EXIT_CONFIG)
     except StoreError as exc:  # unreachable or throttled: it may answer when the gateway is started again
@@ -147,7 +148,7 @@ def _serve(args: argparse.Namespace) -> None:
             except OSError:
                 pass
         gateway = Gateway(config, router, reuse_port=args.worker_index is not None,
-                          reconciles=not args.worker_index, limiter=limiter)
+                          reconciles=not args.worker_index, first_reconcile=first_reconcile, limiter=limiter)
     except (ConfigError, OSError) as exc:
         router.close()
         fail(str(exc))

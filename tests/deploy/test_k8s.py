@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from gateway.config import check_security, parse, pin_env_name
-from gateway.server import CRYPTO_SERVICE
+from gateway.server import ADMIN_SERVICE, CRYPTO_SERVICE
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -236,6 +236,15 @@ def test_probes_check_grpc_health_on_the_gateway_port(overlay: str) -> None:
         assert probe["timeoutSeconds"] >= 3, probe_name
     readiness = container["readinessProbe"]["exec"]["command"]
     assert readiness[readiness.index("--service") + 1] == CRYPTO_SERVICE
+    # CryptoService (and "") is NOT_SERVING while no cluster can serve: a restart would not
+    # bring the HSMs back, so start-up and liveness ask for what only reflects the process.
+    for probe_name in ("startupProbe", "livenessProbe"):
+        command = container[probe_name]["exec"]["command"]
+        assert "--service" in command and command[command.index("--service") + 1] == ADMIN_SERVICE, probe_name
+    healthcheck = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", dockerfile, re.M | re.S)
+    assert healthcheck, "the image has a HEALTHCHECK"
+    command = json.loads(healthcheck.group(1).replace("\\\n", " "))
+    assert command[command.index("--service") + 1] == ADMIN_SERVICE
     # The probe's client certificate and the CA it trusts are on the TLS volume.
     env = {e["name"]: e["value"] for e in container["env"]}
     init_script = " ".join({c["name"]: c for c in pod_spec(docs)["initContainers"]}["tls-files"]["command"])

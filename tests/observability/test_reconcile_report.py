@@ -56,11 +56,11 @@ def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_p
             crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
             key = crypto.GenerateKey(pb.GenerateKeyRequest(request_id="r-1", key_id="audit/k1",
                                                            algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=60)
-            first = wait_for(lambda: value(scrape(metrics_port), "hsmgw_reconcile_last_run_timestamp_seconds"),
-                             timeout=20, what="a first report-only reconcile")
+            wait_for(lambda: "the placement store and every token agree" in gateway.log(), timeout=20,
+                     what="a first report-only reconcile")
             clean = scrape(metrics_port)
+            first = value(clean, "hsmgw_reconcile_last_run_timestamp_seconds")
             assert value(clean, "hsmgw_reconcile_findings", kind="missing") == 0
-            assert "the placement store and every token agree" in gateway.log()
 
             lost = key.replicas[0]
             assert _destroy_copy(fleet, lost, key.key_id) == 2  # its private and public key objects
@@ -82,5 +82,26 @@ def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_p
             signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
                                                 digest=bytes(32)), timeout=10)
             assert signed.cluster == key.primary_cluster
+    finally:
+        gateway.stop()
+
+
+def test_the_start_up_reconcile_is_published_from_the_start(tmp_path: Path) -> None:
+    """The last run's time is on /metrics as soon as the gateway serves, from the reconcile it
+    ran at start, not an interval (an hour by default) later: an alert on its age must see a
+    gateway whose report-only passes never finish."""
+    fleet = init_fleet(tmp_path / "fleet", listen="127.0.0.1:0")
+    metrics_port = free_port()
+    fleet.config_path.write_text(fleet.config_path.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
+    before = time.time()
+    gateway = GatewayProcess(fleet.config_path).start()
+    try:
+        samples = wait_for(lambda: scrape(metrics_port), timeout=20, what="/metrics")
+        assert ("hsmgw_reconcile_last_run_timestamp_seconds", ()) in samples, "not published at start"
+        assert before <= value(samples, "hsmgw_reconcile_last_run_timestamp_seconds") <= time.time()
+        for kind in ("missing", "orphan", "unknown", "duplicate", "stale_intent", "unreachable"):
+            assert ("hsmgw_reconcile_findings", (("kind", kind),)) in samples, kind
+            assert value(samples, "hsmgw_reconcile_findings", kind=kind) == 0, kind
+        assert "reconcile (report only)" not in gateway.log(), "the interval is an hour: no pass has run"
     finally:
         gateway.stop()
