@@ -52,7 +52,13 @@ def test_a_batch_whose_client_gives_up_stops_signing(tmp_path: Path, faultmod: P
                 assert batch.cancel()
             else:
                 failure = batch.exception(timeout=60)
-                assert failure is not None and failure.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                if failure is None:
+                    # The gateway's answer came before the client's own timer fired (a loaded
+                    # machine delays both): each item then says whether it was signed.
+                    codes = {item.code for item in batch.result().responses}
+                    assert codes <= {0, grpc.StatusCode.DEADLINE_EXCEEDED.value[0]}, codes
+                else:
+                    assert failure.code() is grpc.StatusCode.DEADLINE_EXCEEDED
             wait_for(lambda: value(scrape(port), "hsmgw_requests_total", rpc="BatchSign"), timeout=60,
                      what="the gateway to finish the batch")
         samples = scrape(port)
