@@ -1252,6 +1252,12 @@ class Router:
         that look go, as in reconcile.
         """
         for name in clusters:
+            if name not in self.backends:
+                # A creation another gateway began may name a cluster this one's config lacks.
+                log.warning("%s of %s lost to another change (a DestroyKey, most often); cluster %s is not "
+                            "configured here: a gateway that has it, or reconcile there, removes any copy on it",
+                            doing, key_id, name)
+                continue
             why = self._drop_copy(key_id, name)
             if why:
                 log.info("%s of %s lost to another change; its copy on %s stays: %s", doing, key_id, name, why)

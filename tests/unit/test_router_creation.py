@@ -128,3 +128,37 @@ def test_a_creation_taken_over_by_a_gateway_without_one_of_its_replicas_is_rolle
     assert backends["use1-a"].destroyed == ["k/1"] and backends["use1-b"].destroyed == ["k/1"], "rolled back"
     left = store.get("k/1")
     assert left is not None and left.state is KeyState.CREATING, "usw2-a was not reached: reconcile finishes it"
+
+
+def test_a_taken_over_creation_that_loses_to_a_destroy_removes_its_copies_past_a_cluster_not_configured_here(
+    tmp_path: Path,
+) -> None:
+    """Another gateway, one with every cluster, destroys the key while this one finishes its
+    creation, whose record names a cluster this gateway lacks. The failed creation removes the
+    copies it can, on both sides of that cluster, and answers a status (a KeyError answered
+    INTERNAL, and left the copies after that cluster)."""
+    import dataclasses
+
+    from router.model import KeyState
+    from tests.support import stored
+
+    backends = {name: CopyingBackend(name) for name in ("use1-a", "use1-b")}
+    store = SqliteStore(tmp_path / "p.db")
+    spec = KeySpec(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY, request_id="r1",
+                   copies=3)
+    store.create(stored("k/1", request_id="r1", fingerprint=spec.fingerprint(), copies=3,
+                        replicas=("usw2-a", "use1-b")))
+
+    def destroyed_elsewhere(point: str) -> None:
+        if point == "copy-exported":
+            current = store.get("k/1")
+            assert current is not None
+            store.update(dataclasses.replace(current, state=KeyState.DESTROYED))
+
+    router = Router(Topology("us-east-1", (), {"us-east-1": ("use1-a", "use1-b")}), backends, store,
+                    fault=destroyed_elsewhere)
+    with pytest.raises(Unavailable, match="to cluster usw2-a"):
+        router.generate_key(spec, time.monotonic() + 5)
+    assert backends["use1-a"].destroyed == ["k/1"] and backends["use1-b"].destroyed == ["k/1"]
+    left = store.get("k/1")
+    assert left is not None and left.state is KeyState.DESTROYED
