@@ -200,7 +200,7 @@ def reconcile(
             # One look at the record: under the token's lock when it may end in a destroy.
             destroy = fix and report.approved(("orphan", name, key_id))
             why = _destroy_orphan(router, name, key_id, deadline) if destroy else router.why_kept(name, key_id)
-            if why == UNKNOWN:
+            if why == NO_RECORD:
                 report.unknown.append((name, key_id))
             elif why == NOT_DESTROYED:  # still an orphan, for the next reconcile
                 report.orphans.append((name, key_id))
@@ -293,31 +293,17 @@ def _drop_missing(router: Router, name: str, key_id: str, deadline: float) -> bo
 
 NOT_DESTROYED = "the cluster did not destroy them"
 """What ``_destroy_orphan`` answers when the destroy itself failed (logged): still an orphan."""
-UNKNOWN = NO_RECORD
-"""What ``Router.why_kept`` answers for objects whose key id the store has no record of."""
 
 
 def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> str:
-    """Destroy an orphan's objects on ``name``; why they were left alone, or "".
-
-    The record is read and claimed again while the token's objects are held still for
-    this host's processes (``HsmBackend.destroy(unless=…)``): no creation, move or repair
-    run here can make the key's objects between that look and the destroy. Only objects
-    listed before the look go: a gateway on another host that moves the key here after
-    the claim read the claimed record, and its copy stays.
-    """
-    why: list[str] = []
-
-    def keep() -> bool:
-        why[:] = [router.why_kept(name, key_id, claim=True)]
-        return bool(why[0])
-
+    """Destroy an orphan's objects on ``name`` (``Router.destroy_unless_kept``); why they were
+    left alone, or ""."""
     try:
-        router.backends[name].destroy(key_id, deadline, unless=keep)
+        why = router.destroy_unless_kept(name, key_id, deadline)
     except RouterError as exc:
         log.error("reconcile: could not destroy orphan %s on %s: %s", key_id, name, exc.message)
         return NOT_DESTROYED
-    if why and why[0]:
-        return why[0]
+    if why:
+        return why
     log.warning("reconcile: destroyed orphan %s on %s", key_id, name)
     return ""

@@ -1267,17 +1267,30 @@ class Router:
 
     def _drop_copy(self, key_id: str, name: str) -> str:
         """``_drop_copies`` on one cluster: why the objects stayed, or ""."""
+        try:
+            # Its own deadline, as a failed move's undo: the caller's may be spent, and the copy must go.
+            return self.destroy_unless_kept(name, key_id, time.monotonic() + 10.0)
+        except RouterError as exc:
+            return f"not removed ({exc.message}); reconcile --fix removes it"
+
+    def destroy_unless_kept(self, name: str, key_id: str, deadline: float) -> str:
+        """Destroy the key's objects on cluster ``name``, which its record did not name when last
+        read, unless it may still need them: why they stayed (``why_kept``), or "" once destroyed.
+
+        The record is read and claimed again while the token's objects are held still for this
+        host's processes (``HsmBackend.destroy(unless=…)``): no creation, move or repair run here
+        can make the key's objects between that look and the destroy. Only objects listed before
+        the look go: a gateway on another host that copies the key there after the claim read the
+        claimed record, and its copy stays. Raises the cluster's ``RouterError`` if the destroy
+        itself failed.
+        """
         why: list[str] = []
 
         def keep() -> bool:
             why[:] = [self.why_kept(name, key_id, claim=True)]
             return bool(why[0])
 
-        try:
-            # Its own deadline, as a failed move's undo: the caller's may be spent, and the copy must go.
-            self.backends[name].destroy(key_id, time.monotonic() + 10.0, unless=keep)
-        except RouterError as exc:
-            return f"not removed ({exc.message}); reconcile --fix removes it"
+        self.backends[name].destroy(key_id, deadline, unless=keep)
         return why[0] if why else ""
 
     def get_key(self, key_id: str) -> Placement:
