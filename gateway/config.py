@@ -181,7 +181,10 @@ class ReplicationConfig:
     """When the policy cannot be met at creation: ``fail`` (UNAVAILABLE, nothing left
     behind) or ``ack-local`` (acknowledge with the copies made; repair later)."""
     repair_interval: float = 10.0
-    """Seconds between passes of the background repairer."""
+    """Seconds between passes of the background repairer: it copies keys short of their
+    replication policy, rolls back creations left unfinished past ``creation_grace``, and
+    looks for a stray copy of each key its process destroyed on the clusters the key's
+    record does not name."""
     creation_grace: float = 30.0
     """Seconds an unfinished creation is left to its own attempt before a retry
     (or the reconciler) takes it over. A retry that takes it over holds it for as long

@@ -132,6 +132,9 @@ class Router:
         self._closed = False
         self._creating: set[str] = set()
         """Keys whose creation runs in this process now (what a close cuts off leaves CREATING)."""
+        self._unswept: dict[str, list[str]] = {}
+        """TOKEN keys this process destroyed -> the clusters their records do not name that are
+        still to be looked at for a stray copy (``sweep_destroyed``)."""
         self._cache = PlacementCache()
         self._public_keys: dict[str, bytes] = {}  # oldest first
         self._public_keys_lock = threading.Lock()
@@ -1374,7 +1377,10 @@ class Router:
                 log.warning("key %s destroyed, but its objects on %s are not removed yet: %s", key_id, name,
                             exc.message)
                 left.append(name)
-        self._sweep(destroyed, deadline)
+        others = [name for name in self.backends if name not in destroyed.clusters]
+        if others and not destroyed.external:  # an EXTERNAL key never has token objects
+            with self._lock:
+                self._unswept[key_id] = others
         if left:
             raise Unavailable(f"key {key_id!r} is destroyed and serves no more, but its objects on "
                               f"{', '.join(left)} could not be removed now: call DestroyKey again, or "
@@ -1382,34 +1388,48 @@ class Router:
         log.info("key %s destroyed", key_id)
         return destroyed
 
-    def _sweep(self, destroyed: Placement, deadline: float) -> None:
-        """Remove a destroyed key's objects from the clusters its record does not name.
+    def sweep_destroyed(self, deadline: float) -> int:
+        """Remove the objects of keys this process destroyed from the clusters their records do
+        not name; how many objects went. The repairer runs it, so no DestroyKey waits for it.
 
         A copy may be there that no record names: a repair or a creation that lost to a
         DestroyKey and could not remove its copy, or one killed between its copy and its record
         write. The DESTROYED record stays for good (a key id is never reused), so no live key has
-        objects with this id. One search per cluster; a cluster that is down or whose circuit is
-        open is logged and left to reconcile. It fails no DestroyKey: the copies DestroyKey
-        answers for are those the record names, and else any cluster down anywhere would fail
-        every DestroyKey.
+        objects with this id. One search per cluster; a cluster that fails it or whose circuit is
+        open is logged and left to reconcile. What the deadline leaves is looked at next time.
         """
-        key_id = destroyed.key_id
-        for name, backend in self.backends.items():
-            if name in destroyed.clusters:
-                continue
-            if self.breakers[name].state is CircuitState.OPEN:
-                log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for "
-                            "a stray copy (its circuit is open): reconcile --fix removes any", key_id, name)
-                continue
-            try:
-                removed = backend.destroy(key_id, deadline)
-            except RouterError as exc:
-                log.warning("key %s destroyed; cluster %s, which its record does not name, could not be looked at "
-                            "for a stray copy (%s): reconcile --fix removes any", key_id, name, exc.message)
-                continue
-            if removed:
-                log.warning("key %s destroyed; %d of its objects were on cluster %s, which its record does not name "
-                            "(a copy a repair or creation left): removed", key_id, removed, name)
+        removed = 0
+        with self._lock:
+            pending = [(key_id, list(names)) for key_id, names in self._unswept.items()]
+        for key_id, names in pending:
+            for name in names:
+                if time.monotonic() >= deadline:
+                    return removed
+                removed += self._sweep(key_id, name, deadline)
+                with self._lock:
+                    left = self._unswept.get(key_id)
+                    if left is not None and name in left:
+                        left.remove(name)
+                        if not left:
+                            del self._unswept[key_id]
+        return removed
+
+    def _sweep(self, key_id: str, name: str, deadline: float) -> int:
+        """``sweep_destroyed`` on one cluster: how many objects went."""
+        if self.breakers[name].state is CircuitState.OPEN:
+            log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for "
+                        "a stray copy (its circuit is open): reconcile --fix removes any", key_id, name)
+            return 0
+        try:
+            removed = self.backends[name].destroy(key_id, deadline)
+        except RouterError as exc:
+            log.warning("key %s destroyed; cluster %s, which its record does not name, could not be looked at "
+                        "for a stray copy (%s): reconcile --fix removes any", key_id, name, exc.message)
+            return 0
+        if removed:
+            log.warning("key %s destroyed; %d of its objects were on cluster %s, which its record does not name "
+                        "(a copy a repair or creation left): removed", key_id, removed, name)
+        return removed
 
     # -- crypto -------------------------------------------------------------
 
@@ -1612,10 +1632,14 @@ class Router:
         with self._lock:
             self._closed = True
             cut_off = sorted(self._creating)
+            unswept = sorted(self._unswept)
         if cut_off:
             log.warning("%d key creation(s) cut off by the stop, left CREATING: %s; a retry with the same "
                         "request_id finishes each, or a gateway's repairer rolls it back once older than "
                         "replication.creation_grace (%.0f s)", len(cut_off), ", ".join(cut_off), self.creation_grace)
+        if unswept:
+            log.warning("%d destroyed key(s) not yet looked for on the clusters their records do not name: %s; "
+                        "reconcile --fix removes any copy there", len(unswept), ", ".join(unswept))
 
         def close(name: str, backend: HsmBackend) -> None:
             try:

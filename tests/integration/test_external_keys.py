@@ -153,6 +153,21 @@ def test_a_destroyed_external_keys_record_keeps_no_key_material(make_router) -> 
     assert router.destroy_key(key.key_id, time.monotonic() + 10).state is KeyState.DESTROYED
 
 
+def test_destroying_an_external_key_looks_for_no_token_objects_elsewhere(make_router) -> None:
+    """An EXTERNAL key is never a token object: neither DestroyKey nor the repairer after it
+    searches the clusters its record does not name for a copy (a search each, for nothing)."""
+    router = make_router()
+    key = _external(router)
+    searched: list[str] = []
+    for name, backend in router.backends.items():
+        if name not in key.clusters:
+            backend.destroy = lambda *args, name=name, **kwargs: searched.append(name) or 0  # type: ignore[method-assign]
+
+    assert router.destroy_key(key.key_id, time.monotonic() + 10).state is KeyState.DESTROYED
+    assert router.sweep_destroyed(time.monotonic() + 10) == 0
+    assert searched == []
+
+
 def test_destroying_again_removes_the_material_an_earlier_version_left_in_the_record(make_router) -> None:
     router = make_router()
     key = _external(router)
