@@ -134,7 +134,10 @@ class StoreConfig:
     reads the store. Past this (the store unreachable that long, or its change log not
     keeping up), each call on an EXTERNAL key reads the key's record first (then again at
     most once per period), and is answered ``UNAVAILABLE`` while the store cannot be
-    read. TOKEN keys keep serving from the cache through a whole store outage. 0: so do
+    read. While it is failing, one call at a time reads it, and none for 1 s after a
+    failed read (a call's or the refresh's): the other calls on EXTERNAL keys are answered
+    ``UNAVAILABLE`` at once, so an outage ties up at most one request thread per process
+    on the store's timeout. TOKEN keys keep serving from the cache through a whole store outage. 0: so do
     EXTERNAL keys, and a process that cannot read the store keeps using one destroyed
     elsewhere until it can."""
 

@@ -93,6 +93,11 @@ _CONFIRMED_KEPT = 10_000
 """EXTERNAL keys whose records were read one by one while the cache was older than
 ``external_staleness`` (each a read time); beyond, all are forgotten (each is read again on its next call)."""
 
+STORE_RETRY = 1.0
+"""Seconds after a failed read of the placement store during which an EXTERNAL key's record is
+not read again to confirm it: the call is refused at once, rather than hold a request thread for
+the store's timeout (the placement refresh, every 2 s, reads it meanwhile)."""
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -155,6 +160,10 @@ class Router:
         """When (``clock``) the cache last held every change made to the store before then."""
         self._confirmed: dict[str, float] = {}
         """EXTERNAL keys read again since the cache fell behind: key id -> when."""
+        self._store_failed: tuple[float, StoreError] | None = None
+        """When (``clock``) the last read of the store failed, and how; None once one succeeds."""
+        self._probing = threading.Lock()
+        """Held by the one call that reads the store to confirm a key while it is failing."""
         self.replication = replication
         self.creation_grace = creation_grace
         self.breakers = {
@@ -185,8 +194,16 @@ class Router:
         by other gateways servable from the cache while the store is unreachable.
         Returns True when anything changed.
         """
+        try:
+            return self._refresh()
+        except StoreError as exc:
+            self._store_failed = (self._clock(), exc)
+            raise
+
+    def _refresh(self) -> bool:
         started = self._clock()
         counter = self.store.change_counter()
+        self._store_failed = None
         if counter == self._seen_counter and not self._unread:
             self._caught_up(started)
             return False
@@ -296,16 +313,29 @@ class Router:
         """An EXTERNAL key's record, read again before it is used from a cache that fell behind.
 
         Nothing on an HSM tells that an EXTERNAL key was destroyed (the cache and the sessions
-        hold its material): without its record, it is not used.
+        hold its material): without its record, it is not used. While the store is failing,
+        the record is read by one call at a time, and by none for ``STORE_RETRY`` seconds after
+        a failed read: the others are refused at once, so an outage holds at most one request
+        thread on the store's timeout, and TOKEN keys keep their threads.
         """
-        read_at = self._clock()
+        failed = self._store_failed
+        probing = False
+        if failed is not None:
+            when, error = failed
+            if self._clock() - when < STORE_RETRY or not self._probing.acquire(blocking=False):
+                raise self._unconfirmable(key_id) from error
+            probing = True
         try:
-            fresh = self.reload_key(key_id)
-        except StoreError as exc:
-            raise Unavailable(
-                f"key {key_id!r} is EXTERNAL, and the placement store has not been read for over "
-                f"{self.external_staleness:.0f} s (store.external_staleness): only the key's record tells whether "
-                "it was destroyed since, so it is not used until the store answers") from exc
+            read_at = self._clock()
+            try:
+                fresh = self.reload_key(key_id)
+            except StoreError as exc:
+                self._store_failed = (self._clock(), exc)
+                raise self._unconfirmable(key_id) from exc
+            self._store_failed = None
+        finally:
+            if probing:
+                self._probing.release()
         if fresh is None:
             raise KeyNotFound(f"key {key_id!r} not found")
         if fresh.state is KeyState.DESTROYED:
@@ -314,6 +344,12 @@ class Router:
             self._confirmed.clear()
         self._confirmed[key_id] = read_at
         return fresh
+
+    def _unconfirmable(self, key_id: str) -> Unavailable:
+        return Unavailable(
+            f"key {key_id!r} is EXTERNAL, and the placement store has not been read for over "
+            f"{self.external_staleness:.0f} s (store.external_staleness): only the key's record tells whether "
+            "it was destroyed since, so it is not used until the store answers")
 
     def reload_key(self, key_id: str) -> Placement | None:
         """Replace one cached placement with the store's, and return it (None: the key is gone)."""

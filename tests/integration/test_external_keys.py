@@ -19,6 +19,7 @@ from hsmgw.v1 import crypto_pb2 as pb
 from router.errors import FailedPrecondition, Unavailable
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
 from router.placement.store import StoreError
+from router.router import STORE_RETRY
 from tests.support import rpc_error, unique
 
 KEYS = 2000
@@ -282,8 +283,83 @@ def test_past_external_staleness_an_unreachable_store_stops_external_keys_and_no
     assert isinstance(refused.value.__cause__, StoreError)  # counted as a store error
 
     del worker.store.get, worker.store.change_counter  # the store is back
+    clock.skew += STORE_RETRY  # read again once a failed read is that old (or by the next refresh)
     public.verify(worker.sign(external.key_id, Operation.ECDSA_SHA256, DIGEST, None, clock() + 10)[0], DIGEST,
                   ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+class _Manual:
+    """A monotonic clock that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_unreachable_store_is_read_by_one_external_call_at_a_time_and_not_again_for_a_while(
+        make_router) -> None:
+    """Past external_staleness with the store down, each call on an EXTERNAL key read the store
+    and held its request thread for the store's timeout (0.5-2 s with DynamoDB) before it was
+    refused: under load, that starved TOKEN keys, which serve through the outage. Now a failed
+    read (a call's, or the refresh's) is not tried again for STORE_RETRY, and then by one call at
+    a time; the others are refused at once, and it serves again once a read succeeds."""
+    clock = _Manual()
+    worker = make_router(clock=clock, external_staleness=10.0)
+    key = _external(worker)
+    reads: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+    hold = False
+
+    def unreachable(key_id: str) -> Any:
+        reads.append(key_id)
+        if hold:
+            entered.set()
+            release.wait(10)
+        raise StoreError("the placement store is unreachable")
+
+    def sign() -> None:
+        worker.sign(key.key_id, Operation.ECDSA_SHA256, DIGEST, None, time.monotonic() + 10)
+
+    def refused() -> None:
+        with pytest.raises(Unavailable, match="external_staleness") as caught:
+            sign()
+        assert isinstance(caught.value.__cause__, StoreError)  # each counted as a store error
+
+    def counter() -> int:
+        raise StoreError("the placement store is unreachable")
+
+    worker.store.get = unreachable
+    worker.store.change_counter = counter
+    clock.now += 11.0
+    for _ in range(5):
+        refused()
+    assert len(reads) == 1
+
+    clock.now += STORE_RETRY
+    with pytest.raises(StoreError):
+        worker.refresh()  # the refresh failed just now: no call reads the store either
+    refused()
+    assert len(reads) == 1
+
+    clock.now += STORE_RETRY
+    hold = True
+    prober = threading.Thread(target=lambda: pytest.raises(Unavailable, sign))
+    prober.start()
+    try:
+        assert entered.wait(10)
+        refused()  # while one call reads the failing store, the others do not wait for it
+        assert len(reads) == 2
+    finally:
+        release.set()
+        prober.join()
+
+    del worker.store.get, worker.store.change_counter  # the store is back
+    clock.now += STORE_RETRY
+    sign()
+    sign()
+    assert len(reads) == 2
 
 
 def test_external_keys_read_their_record_only_while_the_cache_is_behind_and_token_keys_never(make_router) -> None:
