@@ -252,10 +252,24 @@ class Router:
                 self._forget_unwrapped(placement.key_id)
 
     def _remember(self, placement: Placement) -> None:
+        """Cache ``placement``. Every path that caches a record comes here, so that a record
+        saying an EXTERNAL key the cache had live is destroyed drops the key's unwrapped copies
+        (no token object goes, so nothing else tells the sessions), whichever path read it."""
+        before = self._cache.get(placement.key_id)
         self._cache.put(placement)
+        if placement.state is KeyState.DESTROYED:
+            self._gone(before)
 
     def _forget(self, key_id: str) -> None:
+        """Drop the key from the cache (its record is gone), and an EXTERNAL key's unwrapped copies."""
+        before = self._cache.get(key_id)
         self._cache.pop(key_id)
+        self._gone(before)
+
+    def _gone(self, before: Placement | None) -> None:
+        """The key cached as ``before`` is destroyed or gone: a live EXTERNAL key's unwrapped copies go."""
+        if before is not None and before.external and before.state is not KeyState.DESTROYED:
+            self._forget_unwrapped(before.key_id)
 
     def placement(self, key_id: str) -> Placement:
         """The key's placement, from the cache (falling back to the store).
@@ -354,14 +368,10 @@ class Router:
     def reload_key(self, key_id: str) -> Placement | None:
         """Replace one cached placement with the store's, and return it (None: the key is gone)."""
         fresh = self.store.get(key_id)
-        cached = self._cache.get(key_id)
         if fresh is None:
             self._forget(key_id)
         else:
             self._remember(fresh)
-        if (cached is not None and cached.external and cached.state is not KeyState.DESTROYED
-                and (fresh is None or fresh.state is KeyState.DESTROYED)):
-            self._forget_unwrapped(key_id)
         return fresh
 
     def _forget_unwrapped(self, key_id: str) -> None:
@@ -412,6 +422,13 @@ class Router:
                 raise
             self._remember(fresh)
             return self.dispatcher.run(self._candidates(fresh), lambda b: fn(b, fresh), deadline, what)
+        finally:
+            if placement.storage is _EXTERNAL:
+                # A destroy that dropped the key's unwrapped copies while this call ran may have
+                # come before the call unwrapped it: then the copy it left is dropped here.
+                now = self._cache.get(placement.key_id)
+                if now is None or now.state is KeyState.DESTROYED:
+                    self._forget_unwrapped(placement.key_id)
 
     def _any_backend(self, fn: Callable[[HsmBackend], T], deadline: float) -> T:
         result, _ = self.dispatcher.run(self._region_order(), fn, deadline, "the request")
@@ -1397,11 +1414,9 @@ class Router:
                     raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was "
                                       "destroyed, try again") from exc
                 destroyed = exc.existing  # another DestroyKey came first: finish it with it
+        # An EXTERNAL key's sessions drop what they unwrapped before their next call (no token
+        # object goes, so nothing else tells them); other processes' do when they read the record.
         self._remember(destroyed)
-        if destroyed.external:
-            # No token object goes, so nothing tells this process's sessions: they drop what they
-            # unwrapped before their next call. Other processes do when they read the record.
-            self._forget_unwrapped(key_id)
         left = []  # a destroyed key's objects are removed again on every DestroyKey: the call is idempotent
         for name in destroyed.clusters:
             backend = self.backends.get(name)

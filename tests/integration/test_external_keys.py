@@ -210,6 +210,53 @@ def test_a_destroy_drops_the_keys_unwrapped_objects_from_every_session(make_rout
     _sign(worker_a, kept.key_id)
 
 
+def test_a_destroy_seen_first_by_a_retried_generate_key_drops_the_keys_unwrapped_objects(make_router, tokens) -> None:
+    """Whatever path caches the DESTROYED record first, the sessions drop the key's unwrapped
+    objects: a retry of the key's GenerateKey read it and cached it, after which no refresh saw the
+    key go from live to destroyed, and the private key stayed unwrapped in the sessions for good."""
+    worker_a, worker_b = make_router(), make_router(spec_changes={"pool_size": 2})
+    key = _external(worker_a)
+    cluster = key.primary
+    _every_session(worker_b.backends[cluster], worker_b.placement(key.key_id))
+    assert len(tokens.objects(cluster, key.key_id)) == 2
+
+    worker_a.destroy_key(key.key_id, time.monotonic() + 10)
+    again = worker_b.generate_key(KeySpec(key_id=key.key_id, algorithm=KeyAlgorithm.EC_P256,
+                                          usage=KeyUsage.SIGN_VERIFY, request_id=key.key_id,
+                                          storage=KeyStorage.EXTERNAL), time.monotonic() + 30)
+    assert again.state is KeyState.DESTROYED
+    worker_b.refresh()
+
+    sessions = _every_session(worker_b.backends[cluster])
+    assert all((key.key_id, ObjectClass.PRIVATE_KEY) not in s.unwrapped for s in sessions)
+    assert tokens.objects(cluster, key.key_id) == []
+
+
+def test_a_sign_that_unwraps_the_key_after_its_destroy_leaves_no_unwrapped_object(make_router, tokens) -> None:
+    """A call that read the key live, then lost the race to a DestroyKey in this process, unwraps
+    the key after the destroy told the sessions to drop it: its copy is dropped after the call."""
+    router = make_router(spec_changes={"pool_size": 2})
+    key = _external(router)
+    cluster = key.primary
+    backend = router.backends[cluster]
+    signed: list[bytes] = []
+    real_sign = backend.sign
+
+    def destroyed_meanwhile(placement: Placement, *args: Any) -> bytes:
+        if not signed:
+            router.destroy_key(key.key_id, time.monotonic() + 10)  # before this call takes a session
+        signed.append(real_sign(placement, *args))
+        return signed[-1]
+
+    backend.sign = destroyed_meanwhile  # type: ignore[method-assign]
+    _sign(router, key.key_id)  # it was live when the call began: it is answered
+    assert signed and router.placement(key.key_id).state is KeyState.DESTROYED
+
+    sessions = _every_session(backend)
+    assert all((key.key_id, ObjectClass.PRIVATE_KEY) not in s.unwrapped for s in sessions)
+    assert tokens.objects(cluster, key.key_id) == []
+
+
 def test_a_session_that_missed_more_destroys_than_its_pool_remembers_forgets_every_key(make_router, tokens) -> None:
     """The pool remembers the latest few keys it was told to forget; a session idle for more
     than that cannot tell which, so it forgets them all rather than keep a destroyed one."""
