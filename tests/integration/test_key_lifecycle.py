@@ -310,6 +310,30 @@ def test_destroy_removes_objects_and_id_is_never_reused(crypto, tokens) -> None:
     assert key.primary_cluster in ("use1-a", "use1-b")
 
 
+def test_the_gateways_repairer_removes_a_destroyed_keys_copy_that_no_record_names(crypto, tokens) -> None:
+    """DestroyKey answers once the clusters its record names are done; the copy a killed repair
+    left elsewhere goes on the repairer's next pass (replication.repair_interval, 10 s)."""
+    from pkcs11 import Attribute
+
+    from router.pkcs11._keys import public_key_attributes, public_template
+
+    key_id = unique("destroy-stray")
+    key = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id,
+                                                   algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+    other = next(c for c in ("use1-a", "use1-b", "usw2-a") if c not in (key.primary_cluster, *key.replicas))
+    der = crypto.GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id), timeout=10).der
+    stray = public_key_attributes(der)
+    stray.update(public_template(KeyUsage.SIGN_VERIFY, token=True))
+    stray.update({Attribute.ID: key_id.encode(), Attribute.LABEL: key_id})
+    tokens.session(other).create_object(stray)
+
+    assert crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key_id), timeout=30).state == pb.KEY_STATE_DESTROYED
+    end = time.monotonic() + 60
+    while tokens.objects(other, key_id):
+        assert time.monotonic() < end, f"the copy on {other} is still there"
+        time.sleep(0.5)
+
+
 def test_destroying_one_key_from_several_callers_at_once_succeeds_for_each(make_router, tokens) -> None:
     """Every caller asked for the same end; none is told to retry because another came first."""
     import threading
