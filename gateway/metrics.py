@@ -604,12 +604,13 @@ class GatewayMetrics:
     def reconciled(self, report: ReconcileReport) -> None:
         """Publish a reconcile's findings: a report-only pass's, or the start-up one's, less what it fixed."""
         findings, finished = self.publish_reconciles()
+        dropped, removed, rolled_back = set(report.dropped), set(report.removed), set(report.rolled_back)
         for kind, found in (
-            ("missing", [f for f in report.missing if f not in report.dropped]),
-            ("orphan", [f for f in report.orphans if f not in report.removed]),
+            ("missing", [f for f in report.missing if f not in dropped]),
+            ("orphan", [f for f in report.orphans if f not in removed]),
             ("unknown", report.unknown),
             ("duplicate", report.duplicates),
-            ("stale_intent", [k for k in report.stale_intents if k not in report.rolled_back]),
+            ("stale_intent", [k for k in report.stale_intents if k not in rolled_back]),
             ("unreachable", report.unreachable),
         ):
             findings.labels(kind).set(len(found))

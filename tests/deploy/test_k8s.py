@@ -296,6 +296,8 @@ def test_availability_pdb_topology_spread_autoscaling_resources(overlay: str) ->
     pdb = one(docs, "PodDisruptionBudget")["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
     assert pdb.get("maxUnavailable") == 1 or pdb.get("minAvailable")
+    # Unready pods (no HSM reachable) serve nothing: an outage must not block node drains.
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
     hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
