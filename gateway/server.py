@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway._signals import Signals
 from gateway.admin import AdminServicer
 from gateway.audit import AUDIT_LOGGER, AuditHandler
 from gateway.auth import Authenticator, PolicyStore
@@ -421,6 +422,16 @@ HEARTBEAT = 1.0
 """Seconds between the touches of a worker's port file that tell its supervisor it is alive."""
 
 
+def _until_stopped(gateway: Gateway, signals: Signals) -> int:
+    """Serve until SIGTERM or SIGINT (which it returns), reloading on SIGHUP."""
+    while True:
+        for signum in signals.wait(60.0):
+            if signum != signal.SIGHUP:
+                return signum
+            # On a thread: the main thread goes on watching for a stop while the files are read.
+            threading.Thread(target=gateway.reload, name="reload", daemon=True).start()
+
+
 def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None, heartbeat: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain for ``grace`` seconds and exit.
 
@@ -428,18 +439,8 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None,
     ``HEARTBEAT`` seconds, so the supervisor notices a worker that is stopped or stuck.
     """
     done = threading.Event()
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
-        done.set()
-
-    def _reload(signum: int, _frame: object) -> None:
-        # Off the signal handler: file reads and logging do not belong there.
-        threading.Thread(target=gateway.reload, name="reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, _reload)
+    signals = Signals()
+    signals.catch(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     gateway.start()
     if port_file:
         tmp = f"{port_file}.tmp"
@@ -455,7 +456,9 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None,
     if gateway.config.admin.quorum < 2:
         log.warning("[admin] quorum = %d: one admin alone drains, fails over, moves and destroys keys, for every "
                     "gateway on this placement store; production wants 2 or more", gateway.config.admin.quorum)
-    done.wait()
+    stop = _until_stopped(gateway, signals)
+    log.info("signal %s: shutting down", signal.Signals(stop).name)
+    done.set()
     if port_file:  # stopping: a stale port file would send the next reader to a closed port
         Path(port_file).unlink(missing_ok=True)
     gateway.stop(grace)

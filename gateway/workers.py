@@ -52,7 +52,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from pathlib import Path
 from typing import Callable
 
 from gateway import sharedlimits
+from gateway._signals import Signals
 from gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -244,12 +244,13 @@ class Supervisor:
         self.port = 0
         self.workers: dict[int, Worker] = {}
         self.cpus = worker_cpus(workers, config.server.pin_workers)
-        self._stop = threading.Event()
+        self._signals = Signals()
+        self._stopping: int | None = None  # the signal that stops the gateway
         self._deaths: deque[float] = deque()
         self._in_a_row: dict[int, int] = {}  # worker index -> deaths since it last served a while
         self._restart_at: dict[int, float] = {}  # worker index -> when to start it again
         self._given_up: set[int] = set()  # refused its configuration or PIN: waits for a SIGHUP
-        self._retry_given_up = threading.Event()
+        self._retry_given_up = False
         self._dir = Path(tempfile.mkdtemp(prefix="hsmgw-workers-"))
         # Per-identity rate and concurrency limits hold for the gateway, not for each worker. The
         # file is known by its descriptor alone: no cleaner of temporary files can remove it.
@@ -263,14 +264,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        self._signals.catch(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         try:
             self._hold = reserve_port(self.config.server.host, self.config.server.port)
             self.port = self._hold.getsockname()[1]
             status = self._start_all()
-            if self._stop.is_set():  # SIGTERM or Ctrl-C while the workers started: a stop, not a failure
+            if self._stopping is not None:  # SIGTERM or Ctrl-C while the workers started: a stop, not a failure
                 return 0
             if status:
                 return status
@@ -288,16 +287,18 @@ class Supervisor:
             shutil.rmtree(self._dir, ignore_errors=True)
             os.close(self.limits_fd)
 
-    def _on_stop(self, signum: int, _frame: object) -> None:
-        log.info("signal %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
-        self._stop.set()
-
-    def _on_hup(self, _signum: int, _frame: object) -> None:
-        # Only to workers that serve: one still starting reads the current files anyway.
-        for worker in list(self.workers.values()):
-            if worker.proc.poll() is None and worker.port_file.exists():
-                worker.proc.send_signal(signal.SIGHUP)
-        self._retry_given_up.set()  # the operator may have fixed what they refused
+    def _on_signals(self, signums: list[int]) -> None:
+        """Act on the signals received (``gateway._signals``: never in a handler)."""
+        for signum in signums:
+            if signum == signal.SIGHUP:
+                # Only to workers that serve: one still starting reads the current files anyway.
+                for worker in list(self.workers.values()):
+                    if worker.proc.poll() is None and worker.port_file.exists():
+                        worker.proc.send_signal(signal.SIGHUP)
+                self._retry_given_up = True  # the operator may have fixed what they refused
+            elif self._stopping is None:
+                self._stopping = signum
+                log.info("signal %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -332,25 +333,28 @@ class Supervisor:
                 elif worker.proc.poll() is not None:
                     log.info("worker %d exited with %s during start-up", worker.index, worker.proc.returncode)
                     return worker.proc.returncode or 1
-            if self._stop.is_set():
+            self._on_signals(self._signals.wait(0.05))
+            if self._stopping is not None:
                 return 1
             if time.monotonic() > end:
                 raise WorkerError(f"worker {waiting[0].index} did not start within {self.start_timeout:g}s")
-            time.sleep(0.05)
         return 0
 
     def _start_all(self) -> int:
         # Worker 0 alone first: a configuration problem is reported once, by one process.
         status = self._await_ready([self._spawn(0)])
-        if status or self.count == 1 or self._stop.is_set():
+        if status or self.count == 1 or self._stopping is not None:
             return status
         return self._await_ready([self._spawn(i) for i in range(1, self.count)])
 
     def _watch(self) -> int:
-        while not self._stop.wait(0.2):
+        while True:
+            self._on_signals(self._signals.wait(0.2))
+            if self._stopping is not None:
+                return 0
             now = time.monotonic()
-            if self._retry_given_up.is_set():
-                self._retry_given_up.clear()
+            if self._retry_given_up:
+                self._retry_given_up = False
                 for index in sorted(self._given_up):
                     log.info("reload: starting worker %d again", index)
                     self._restart_at[index] = now
@@ -376,7 +380,6 @@ class Supervisor:
                 status = self._died(worker, code, now)
                 if status is not None:
                     return status
-        return 0
 
     def _check_start(self, worker: Worker, now: float) -> None:
         """Kill a restarted worker that does not serve within ``start_timeout`` (stopped, stuck in an
