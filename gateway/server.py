@@ -7,7 +7,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from concurrent import futures
+from concurrent.futures import thread as pool_threads
 from pathlib import Path
 
 import grpc
@@ -91,6 +93,10 @@ def region_service_name(region: str) -> str:
 CALLS_TIMEOUT = 5.0
 """Seconds a stop waits, after its grace, for calls still running (the fast paths' and grpcio's
 alike) before it closes the clusters' sessions under them."""
+EXIT_WAIT = 1.0
+"""Seconds a stopped gateway process waits for the threads its exit would wait for (grpcio's
+request threads, the batch helpers) before it exits without them (``serve``): one still inside
+an HSM that does not answer would hold the exit for as long as the HSM hangs."""
 
 
 class Gateway:
@@ -137,8 +143,9 @@ class Gateway:
         ]
         # Observability first (outermost): refused calls are counted and logged with their request id.
         interceptors = [self.metrics.interceptor, self.security]
+        self._rpc_pool = futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="rpc")
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="rpc"),
+            self._rpc_pool,
             options=options,
             interceptors=interceptors,
         )
@@ -302,7 +309,8 @@ class Gateway:
         """Drain for ``grace`` seconds, wait up to ``CALLS_TIMEOUT`` more for the calls still
         running, then close the clusters' sessions (up to ``router.router.CLOSE_TIMEOUT``).
         Nothing else waits: a stop takes at most about ``grace + CALLS_TIMEOUT + CLOSE_TIMEOUT``
-        seconds, however many HSMs hang (``gateway.workers.STOP_AFTER_GRACE`` counts on it)."""
+        seconds, however many HSMs hang, and ``serve`` exits ``EXIT_WAIT`` later at most, without
+        the calls still inside the HSM (``gateway.workers.STOP_AFTER_GRACE`` counts on it)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -340,6 +348,8 @@ class Gateway:
                         running, CALLS_TIMEOUT)
         self._audit_logger.removeHandler(self._audit_handler)
         self.router.close()
+        # Its idle threads end now; one still in a call ends when the call does (``serve``).
+        self._rpc_pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     def _calls_running(self, until: float) -> int:
@@ -348,6 +358,10 @@ class Gateway:
         while active and time.monotonic() < until:
             time.sleep(0.05)
         return len(active)
+
+    def calls_in_flight(self) -> int:
+        """How many calls are being served."""
+        return len(self.metrics.requests.calls.active)
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -462,3 +476,30 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None,
     if port_file:  # stopping: a stale port file would send the next reader to a closed port
         Path(port_file).unlink(missing_ok=True)
     gateway.stop(grace)
+    _exit_unless_done(gateway)
+
+
+def _holding_threads() -> list[threading.Thread]:
+    """The threads the interpreter's exit would wait for: every non-daemon one but this, and every
+    thread of a ``ThreadPoolExecutor``, daemon or not (grpcio's request threads are daemons, started
+    from its daemon thread): ``concurrent.futures`` joins those at exit, through a registry of its own."""
+    pools: Iterable[threading.Thread] = getattr(pool_threads, "_threads_queues", {}).keys()
+    found = {t for t in threading.enumerate() if not t.daemon} | {t for t in list(pools) if t.is_alive()}
+    return [t for t in found if t is not threading.current_thread()]
+
+
+def _exit_unless_done(gateway: Gateway) -> None:
+    """After a stop: exit at once (status 0) if a thread the exit would wait for is still running
+    ``EXIT_WAIT`` seconds on, as one inside an HSM that does not answer would hold the exit as long
+    as the HSM hangs. Nothing is lost: the stop has cut those calls off and given up their sessions;
+    the audit log is written line by line and synced. Returns when every such thread has ended."""
+    end = time.monotonic() + EXIT_WAIT
+    while _holding_threads() and time.monotonic() < end:
+        time.sleep(0.05)
+    holding = _holding_threads()
+    if not holding:
+        return
+    log.warning("exiting with %d call(s) left inside an HSM that does not answer (%d thread(s)); their sessions "
+                "are given up", gateway.calls_in_flight(), len(holding))
+    logging.shutdown()
+    os._exit(0)

@@ -77,7 +77,9 @@ STOP_AFTER_GRACE = 13.0
 """Seconds a worker's stop may take beyond its grace before the supervisor kills it: up to
 ``gateway.server.CALLS_TIMEOUT`` (5 s) for calls still running, then up to
 ``router.router.CLOSE_TIMEOUT`` (5 s) for the sessions to close, however many HSMs hang
-(``Gateway.stop``), and 3 s to log and exit. The stop timeouts in deploy/ count on it."""
+(``Gateway.stop``), up to ``gateway.server.EXIT_WAIT`` (1 s) before the process exits without
+the calls still inside a hung HSM (``serve``), and 2 s to log and exit. The stop timeouts in
+deploy/ count on it."""
 EXIT_CONFIG = 78
 """A worker's exit status when its configuration or credentials are refused (sysexits' EX_CONFIG)."""
 PR_SET_PDEATHSIG = 1
