@@ -33,8 +33,11 @@ not started again until the next SIGHUP: trying a refused PIN again and again ca
 the HSM user out. The gateway stops only when no worker serves and workers died
 ``RESTARTS_PER_MINUTE`` times within a minute, or every worker was given up. A serving
 worker touches its port file every second; one silent for ``SILENT`` seconds (stopped,
-or stuck with the interpreter) is killed and so started again, and so is a restarted
-worker that does not serve within ``start_timeout`` of its start (the first start's limit).
+or stuck with the interpreter) is killed and so started again. A starting worker touches
+its progress file as its start moves on (logged in, each step of worker 0's start-up
+reconcile, which may take long on a large store): one that shows no progress for
+``start_timeout`` seconds (stopped, stuck in an HSM login that does not return) is killed,
+once, and started again; on the first start, the gateway does not start.
 
 ``[metrics] listen``: worker *i* serves metrics on the configured port + *i* (or
 an ephemeral port when the configured port is 0).
@@ -116,13 +119,36 @@ class Worker:
     index: int
     proc: subprocess.Popen[bytes]
     port_file: Path
+    progress_file: Path
+    """Touched by the worker as its start moves on (``start_progress``); made by ``_spawn``."""
     started: float
-    """When it was started (monotonic): one that does not serve within ``start_timeout`` is killed."""
+    """When it was started (monotonic)."""
     serving_since: float | None = None
+    killed: bool = False
+    """Killed for its start: not killed, nor logged, again while the process lingers."""
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+def start_progress(path: str | None) -> Callable[[], None]:
+    """In a worker: what tells the supervisor its start moves on (touches ``path``, at most once
+    a second); does nothing for ``path`` None (not a worker)."""
+    if path is None:
+        return lambda: None
+    last = time.monotonic()
+
+    def moved_on() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 1.0:
+            last = now
+            try:
+                os.utime(path)
+            except OSError:  # the supervisor is gone, or stopping
+                pass
+    return moved_on
 
 
 def _die_with_parent() -> None:
@@ -309,24 +335,27 @@ class Supervisor:
             sys.executable, "-m", "gateway.cli.hsmgw", *self.cli_flags,
             "serve", "--config", self.config_path, "--workers", "1", "--grace", str(self.grace),
             "--port-file", str(port_file), "--worker-index", str(index), "--limits-fd", str(self.limits_fd),
+            "--progress-file", str(self._dir / f"worker-{index}.progress"),
             "--listen", f"{self.config.server.listen.rpartition(':')[0]}:{self.port}",
         ]
 
     def _spawn(self, index: int) -> Worker:
         port_file = self._dir / f"worker-{index}.port"
         port_file.unlink(missing_ok=True)
+        progress_file = self._dir / f"worker-{index}.progress"
+        progress_file.touch()
+        os.utime(progress_file)  # the start is its first sign of progress
         cpu = self.cpus[index]
         proc = subprocess.Popen(self._command(index, port_file), preexec_fn=_start_child(cpu),
                                 pass_fds=(self.limits_fd,))
         if cpu is not None:
             log.debug("worker %d (pid %d) runs on CPU %d", index, proc.pid, cpu)
-        worker = Worker(index, proc, port_file, started=time.monotonic())
+        worker = Worker(index, proc, port_file, progress_file, started=time.monotonic())
         self.workers[index] = worker
         return worker
 
     def _await_ready(self, workers: list[Worker]) -> int:
         """0 once every worker serves; else the exit status of the first that failed."""
-        end = time.monotonic() + self.start_timeout
         waiting = list(workers)
         while waiting:
             for worker in list(waiting):
@@ -338,8 +367,10 @@ class Supervisor:
             self._on_signals(self._signals.wait(0.05))
             if self._stopping is not None:
                 return 1
-            if time.monotonic() > end:
-                raise WorkerError(f"worker {waiting[0].index} did not start within {self.start_timeout:g}s")
+            for worker in waiting:
+                if self._start_silence(worker) > self.start_timeout:
+                    raise WorkerError(f"worker {worker.index} showed no progress in its start for "
+                                      f"{self.start_timeout:g}s")
         return 0
 
     def _start_all(self) -> int:
@@ -375,7 +406,7 @@ class Supervisor:
                     elif worker.serving_since is not None and now - worker.serving_since >= SERVING_RESETS:
                         self._in_a_row.pop(index, None)
                     if worker.serving_since is None:
-                        self._check_start(worker, now)
+                        self._check_start(worker)
                     else:
                         self._check_heartbeat(worker)
                     continue
@@ -383,13 +414,26 @@ class Supervisor:
                 if status is not None:
                     return status
 
-    def _check_start(self, worker: Worker, now: float) -> None:
-        """Kill a restarted worker that does not serve within ``start_timeout`` (stopped, stuck in an
-        HSM login that does not return): the gateway would run a worker short, and say nothing. Its
-        death counts as any other, and it is started again after the usual pause."""
-        if now - worker.started > self.start_timeout:
-            log.error("worker %d (pid %d) has not started serving within %.0f s of its start (stopped, or stuck); "
-                      "killing it", worker.index, worker.pid, self.start_timeout)
+    def _start_silence(self, worker: Worker) -> float:
+        """Seconds since a starting worker last showed progress (``start_progress``)."""
+        try:
+            return time.time() - worker.progress_file.stat().st_mtime
+        except FileNotFoundError:  # pragma: no cover - made by _spawn, removed with the supervisor's directory
+            return time.monotonic() - worker.started
+
+    def _check_start(self, worker: Worker) -> None:
+        """Kill a restarted worker whose start shows no progress for ``start_timeout`` (stopped, stuck
+        in an HSM login that does not return): the gateway would run a worker short, and say nothing.
+        A start that moves on, such as worker 0's reconcile of a large store, is left to finish. Killed
+        and logged once: a process in an HSM driver's uninterruptible sleep outlives its SIGKILL for a
+        while. Its death counts as any other, and it is started again after the usual pause."""
+        if worker.killed:
+            return
+        silent = self._start_silence(worker)
+        if silent > self.start_timeout:
+            log.error("worker %d (pid %d) has shown no progress in its start for %.0f s (stopped, or stuck); "
+                      "killing it", worker.index, worker.pid, silent)
+            worker.killed = True
             worker.proc.kill()
 
     def _check_heartbeat(self, worker: Worker) -> None:
