@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 from gateway.config import ConfigError, GatewayConfig, load_pins
 from router.backend import HsmBackend
@@ -88,10 +89,11 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
     return router
 
 
-def start_reconcile(router: Router) -> ReconcileReport:
+def start_reconcile(router: Router, progress: Callable[[], None] | None = None) -> ReconcileReport:
     """Resolve what a crash may have left (unfinished creations, objects no placement names)
-    before the gateway serves; the report is the process's first reconcile (``hsmgw_reconcile_*``)."""
-    report = reconcile(router, fix=True)
+    before the gateway serves; the report is the process's first reconcile (``hsmgw_reconcile_*``).
+    ``progress``: called after each step (``router.reconcile.reconcile``)."""
+    report = reconcile(router, fix=True, progress=progress)
     if not report.clean:
         log.warning("reconcile at start: %s", report.summary())
     return report

@@ -7,13 +7,16 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from concurrent import futures
+from concurrent.futures import thread as pool_threads
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway._signals import Signals
 from gateway.admin import AdminServicer
 from gateway.audit import AUDIT_LOGGER, AuditHandler
 from gateway.auth import Authenticator, PolicyStore
@@ -90,6 +93,10 @@ def region_service_name(region: str) -> str:
 CALLS_TIMEOUT = 5.0
 """Seconds a stop waits, after its grace, for calls still running (the fast paths' and grpcio's
 alike) before it closes the clusters' sessions under them."""
+EXIT_WAIT = 1.0
+"""Seconds a stopped gateway process waits for the threads its exit would wait for (grpcio's
+request threads, the batch helpers) before it exits without them (``serve``): one still inside
+an HSM that does not answer would hold the exit for as long as the HSM hangs."""
 
 
 class Gateway:
@@ -136,8 +143,9 @@ class Gateway:
         ]
         # Observability first (outermost): refused calls are counted and logged with their request id.
         interceptors = [self.metrics.interceptor, self.security]
+        self._rpc_pool = futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="rpc")
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="rpc"),
+            self._rpc_pool,
             options=options,
             interceptors=interceptors,
         )
@@ -301,7 +309,8 @@ class Gateway:
         """Drain for ``grace`` seconds, wait up to ``CALLS_TIMEOUT`` more for the calls still
         running, then close the clusters' sessions (up to ``router.router.CLOSE_TIMEOUT``).
         Nothing else waits: a stop takes at most about ``grace + CALLS_TIMEOUT + CLOSE_TIMEOUT``
-        seconds, however many HSMs hang (``gateway.workers.STOP_AFTER_GRACE`` counts on it)."""
+        seconds, however many HSMs hang, and ``serve`` exits ``EXIT_WAIT`` later at most, without
+        the calls still inside the HSM (``gateway.workers.STOP_AFTER_GRACE`` counts on it)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -339,6 +348,8 @@ class Gateway:
                         running, CALLS_TIMEOUT)
         self._audit_logger.removeHandler(self._audit_handler)
         self.router.close()
+        # Its idle threads end now; one still in a call ends when the call does (``serve``).
+        self._rpc_pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     def _calls_running(self, until: float) -> int:
@@ -347,6 +358,10 @@ class Gateway:
         while active and time.monotonic() < until:
             time.sleep(0.05)
         return len(active)
+
+    def calls_in_flight(self) -> int:
+        """How many calls are being served."""
+        return len(self.metrics.requests.calls.active)
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -421,6 +436,16 @@ HEARTBEAT = 1.0
 """Seconds between the touches of a worker's port file that tell its supervisor it is alive."""
 
 
+def _until_stopped(gateway: Gateway, signals: Signals) -> int:
+    """Serve until SIGTERM or SIGINT (which it returns), reloading on SIGHUP."""
+    while True:
+        for signum in signals.wait(60.0):
+            if signum != signal.SIGHUP:
+                return signum
+            # On a thread: the main thread goes on watching for a stop while the files are read.
+            threading.Thread(target=gateway.reload, name="reload", daemon=True).start()
+
+
 def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None, heartbeat: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain for ``grace`` seconds and exit.
 
@@ -428,18 +453,8 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None,
     ``HEARTBEAT`` seconds, so the supervisor notices a worker that is stopped or stuck.
     """
     done = threading.Event()
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
-        done.set()
-
-    def _reload(signum: int, _frame: object) -> None:
-        # Off the signal handler: file reads and logging do not belong there.
-        threading.Thread(target=gateway.reload, name="reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, _reload)
+    signals = Signals()
+    signals.catch(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     gateway.start()
     if port_file:
         tmp = f"{port_file}.tmp"
@@ -455,7 +470,36 @@ def serve(gateway: Gateway, *, grace: float = 5.0, port_file: str | None = None,
     if gateway.config.admin.quorum < 2:
         log.warning("[admin] quorum = %d: one admin alone drains, fails over, moves and destroys keys, for every "
                     "gateway on this placement store; production wants 2 or more", gateway.config.admin.quorum)
-    done.wait()
+    stop = _until_stopped(gateway, signals)
+    log.info("signal %s: shutting down", signal.Signals(stop).name)
+    done.set()
     if port_file:  # stopping: a stale port file would send the next reader to a closed port
         Path(port_file).unlink(missing_ok=True)
     gateway.stop(grace)
+    _exit_unless_done(gateway)
+
+
+def _holding_threads() -> list[threading.Thread]:
+    """The threads the interpreter's exit would wait for: every non-daemon one but this, and every
+    thread of a ``ThreadPoolExecutor``, daemon or not (grpcio's request threads are daemons, started
+    from its daemon thread): ``concurrent.futures`` joins those at exit, through a registry of its own."""
+    pools: Iterable[threading.Thread] = getattr(pool_threads, "_threads_queues", {}).keys()
+    found = {t for t in threading.enumerate() if not t.daemon} | {t for t in list(pools) if t.is_alive()}
+    return [t for t in found if t is not threading.current_thread()]
+
+
+def _exit_unless_done(gateway: Gateway) -> None:
+    """After a stop: exit at once (status 0) if a thread the exit would wait for is still running
+    ``EXIT_WAIT`` seconds on, as one inside an HSM that does not answer would hold the exit as long
+    as the HSM hangs. Nothing is lost: the stop has cut those calls off and given up their sessions;
+    the audit log is written line by line and synced. Returns when every such thread has ended."""
+    end = time.monotonic() + EXIT_WAIT
+    while _holding_threads() and time.monotonic() < end:
+        time.sleep(0.05)
+    holding = _holding_threads()
+    if not holding:
+        return
+    log.warning("exiting with %d call(s) left inside an HSM that does not answer (%d thread(s)); their sessions "
+                "are given up", gateway.calls_in_flight(), len(holding))
+    logging.shutdown()
+    os._exit(0)

@@ -33,8 +33,11 @@ not started again until the next SIGHUP: trying a refused PIN again and again ca
 the HSM user out. The gateway stops only when no worker serves and workers died
 ``RESTARTS_PER_MINUTE`` times within a minute, or every worker was given up. A serving
 worker touches its port file every second; one silent for ``SILENT`` seconds (stopped,
-or stuck with the interpreter) is killed and so started again, and so is a restarted
-worker that does not serve within ``start_timeout`` of its start (the first start's limit).
+or stuck with the interpreter) is killed and so started again. A starting worker touches
+its progress file as its start moves on (logged in, each step of worker 0's start-up
+reconcile, which may take long on a large store): one that shows no progress for
+``start_timeout`` seconds (stopped, stuck in an HSM login that does not return) is killed,
+once, and started again; on the first start, the gateway does not start.
 
 ``[metrics] listen``: worker *i* serves metrics on the configured port + *i* (or
 an ephemeral port when the configured port is 0).
@@ -52,7 +55,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -60,6 +62,7 @@ from pathlib import Path
 from typing import Callable
 
 from gateway import sharedlimits
+from gateway._signals import Signals
 from gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,9 @@ STOP_AFTER_GRACE = 13.0
 """Seconds a worker's stop may take beyond its grace before the supervisor kills it: up to
 ``gateway.server.CALLS_TIMEOUT`` (5 s) for calls still running, then up to
 ``router.router.CLOSE_TIMEOUT`` (5 s) for the sessions to close, however many HSMs hang
-(``Gateway.stop``), and 3 s to log and exit. The stop timeouts in deploy/ count on it."""
+(``Gateway.stop``), up to ``gateway.server.EXIT_WAIT`` (1 s) before the process exits without
+the calls still inside a hung HSM (``serve``), and 2 s to log and exit. The stop timeouts in
+deploy/ count on it."""
 EXIT_CONFIG = 78
 """A worker's exit status when its configuration or credentials are refused (sysexits' EX_CONFIG)."""
 PR_SET_PDEATHSIG = 1
@@ -114,13 +119,36 @@ class Worker:
     index: int
     proc: subprocess.Popen[bytes]
     port_file: Path
+    progress_file: Path
+    """Touched by the worker as its start moves on (``start_progress``); made by ``_spawn``."""
     started: float
-    """When it was started (monotonic): one that does not serve within ``start_timeout`` is killed."""
+    """When it was started (monotonic)."""
     serving_since: float | None = None
+    killed: bool = False
+    """Killed for its start: not killed, nor logged, again while the process lingers."""
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+def start_progress(path: str | None) -> Callable[[], None]:
+    """In a worker: what tells the supervisor its start moves on (touches ``path``, at most once
+    a second); does nothing for ``path`` None (not a worker)."""
+    if path is None:
+        return lambda: None
+    last = time.monotonic()
+
+    def moved_on() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 1.0:
+            last = now
+            try:
+                os.utime(path)
+            except OSError:  # the supervisor is gone, or stopping
+                pass
+    return moved_on
 
 
 def _die_with_parent() -> None:
@@ -244,12 +272,13 @@ class Supervisor:
         self.port = 0
         self.workers: dict[int, Worker] = {}
         self.cpus = worker_cpus(workers, config.server.pin_workers)
-        self._stop = threading.Event()
+        self._signals = Signals()
+        self._stopping: int | None = None  # the signal that stops the gateway
         self._deaths: deque[float] = deque()
         self._in_a_row: dict[int, int] = {}  # worker index -> deaths since it last served a while
         self._restart_at: dict[int, float] = {}  # worker index -> when to start it again
         self._given_up: set[int] = set()  # refused its configuration or PIN: waits for a SIGHUP
-        self._retry_given_up = threading.Event()
+        self._retry_given_up = False
         self._dir = Path(tempfile.mkdtemp(prefix="hsmgw-workers-"))
         # Per-identity rate and concurrency limits hold for the gateway, not for each worker. The
         # file is known by its descriptor alone: no cleaner of temporary files can remove it.
@@ -263,14 +292,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        self._signals.catch(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         try:
             self._hold = reserve_port(self.config.server.host, self.config.server.port)
             self.port = self._hold.getsockname()[1]
             status = self._start_all()
-            if self._stop.is_set():  # SIGTERM or Ctrl-C while the workers started: a stop, not a failure
+            if self._stopping is not None:  # SIGTERM or Ctrl-C while the workers started: a stop, not a failure
                 return 0
             if status:
                 return status
@@ -288,16 +315,18 @@ class Supervisor:
             shutil.rmtree(self._dir, ignore_errors=True)
             os.close(self.limits_fd)
 
-    def _on_stop(self, signum: int, _frame: object) -> None:
-        log.info("signal %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
-        self._stop.set()
-
-    def _on_hup(self, _signum: int, _frame: object) -> None:
-        # Only to workers that serve: one still starting reads the current files anyway.
-        for worker in list(self.workers.values()):
-            if worker.proc.poll() is None and worker.port_file.exists():
-                worker.proc.send_signal(signal.SIGHUP)
-        self._retry_given_up.set()  # the operator may have fixed what they refused
+    def _on_signals(self, signums: list[int]) -> None:
+        """Act on the signals received (``gateway._signals``: never in a handler)."""
+        for signum in signums:
+            if signum == signal.SIGHUP:
+                # Only to workers that serve: one still starting reads the current files anyway.
+                for worker in list(self.workers.values()):
+                    if worker.proc.poll() is None and worker.port_file.exists():
+                        worker.proc.send_signal(signal.SIGHUP)
+                self._retry_given_up = True  # the operator may have fixed what they refused
+            elif self._stopping is None:
+                self._stopping = signum
+                log.info("signal %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -306,24 +335,27 @@ class Supervisor:
             sys.executable, "-m", "gateway.cli.hsmgw", *self.cli_flags,
             "serve", "--config", self.config_path, "--workers", "1", "--grace", str(self.grace),
             "--port-file", str(port_file), "--worker-index", str(index), "--limits-fd", str(self.limits_fd),
+            "--progress-file", str(self._dir / f"worker-{index}.progress"),
             "--listen", f"{self.config.server.listen.rpartition(':')[0]}:{self.port}",
         ]
 
     def _spawn(self, index: int) -> Worker:
         port_file = self._dir / f"worker-{index}.port"
         port_file.unlink(missing_ok=True)
+        progress_file = self._dir / f"worker-{index}.progress"
+        progress_file.touch()
+        os.utime(progress_file)  # the start is its first sign of progress
         cpu = self.cpus[index]
         proc = subprocess.Popen(self._command(index, port_file), preexec_fn=_start_child(cpu),
                                 pass_fds=(self.limits_fd,))
         if cpu is not None:
             log.debug("worker %d (pid %d) runs on CPU %d", index, proc.pid, cpu)
-        worker = Worker(index, proc, port_file, started=time.monotonic())
+        worker = Worker(index, proc, port_file, progress_file, started=time.monotonic())
         self.workers[index] = worker
         return worker
 
     def _await_ready(self, workers: list[Worker]) -> int:
         """0 once every worker serves; else the exit status of the first that failed."""
-        end = time.monotonic() + self.start_timeout
         waiting = list(workers)
         while waiting:
             for worker in list(waiting):
@@ -332,25 +364,30 @@ class Supervisor:
                 elif worker.proc.poll() is not None:
                     log.info("worker %d exited with %s during start-up", worker.index, worker.proc.returncode)
                     return worker.proc.returncode or 1
-            if self._stop.is_set():
+            self._on_signals(self._signals.wait(0.05))
+            if self._stopping is not None:
                 return 1
-            if time.monotonic() > end:
-                raise WorkerError(f"worker {waiting[0].index} did not start within {self.start_timeout:g}s")
-            time.sleep(0.05)
+            for worker in waiting:
+                if self._start_silence(worker) > self.start_timeout:
+                    raise WorkerError(f"worker {worker.index} showed no progress in its start for "
+                                      f"{self.start_timeout:g}s")
         return 0
 
     def _start_all(self) -> int:
         # Worker 0 alone first: a configuration problem is reported once, by one process.
         status = self._await_ready([self._spawn(0)])
-        if status or self.count == 1 or self._stop.is_set():
+        if status or self.count == 1 or self._stopping is not None:
             return status
         return self._await_ready([self._spawn(i) for i in range(1, self.count)])
 
     def _watch(self) -> int:
-        while not self._stop.wait(0.2):
+        while True:
+            self._on_signals(self._signals.wait(0.2))
+            if self._stopping is not None:
+                return 0
             now = time.monotonic()
-            if self._retry_given_up.is_set():
-                self._retry_given_up.clear()
+            if self._retry_given_up:
+                self._retry_given_up = False
                 for index in sorted(self._given_up):
                     log.info("reload: starting worker %d again", index)
                     self._restart_at[index] = now
@@ -369,22 +406,34 @@ class Supervisor:
                     elif worker.serving_since is not None and now - worker.serving_since >= SERVING_RESETS:
                         self._in_a_row.pop(index, None)
                     if worker.serving_since is None:
-                        self._check_start(worker, now)
+                        self._check_start(worker)
                     else:
                         self._check_heartbeat(worker)
                     continue
                 status = self._died(worker, code, now)
                 if status is not None:
                     return status
-        return 0
 
-    def _check_start(self, worker: Worker, now: float) -> None:
-        """Kill a restarted worker that does not serve within ``start_timeout`` (stopped, stuck in an
-        HSM login that does not return): the gateway would run a worker short, and say nothing. Its
-        death counts as any other, and it is started again after the usual pause."""
-        if now - worker.started > self.start_timeout:
-            log.error("worker %d (pid %d) has not started serving within %.0f s of its start (stopped, or stuck); "
-                      "killing it", worker.index, worker.pid, self.start_timeout)
+    def _start_silence(self, worker: Worker) -> float:
+        """Seconds since a starting worker last showed progress (``start_progress``)."""
+        try:
+            return time.time() - worker.progress_file.stat().st_mtime
+        except FileNotFoundError:  # pragma: no cover - made by _spawn, removed with the supervisor's directory
+            return time.monotonic() - worker.started
+
+    def _check_start(self, worker: Worker) -> None:
+        """Kill a restarted worker whose start shows no progress for ``start_timeout`` (stopped, stuck
+        in an HSM login that does not return): the gateway would run a worker short, and say nothing.
+        A start that moves on, such as worker 0's reconcile of a large store, is left to finish. Killed
+        and logged once: a process in an HSM driver's uninterruptible sleep outlives its SIGKILL for a
+        while. Its death counts as any other, and it is started again after the usual pause."""
+        if worker.killed:
+            return
+        silent = self._start_silence(worker)
+        if silent > self.start_timeout:
+            log.error("worker %d (pid %d) has shown no progress in its start for %.0f s (stopped, or stuck); "
+                      "killing it", worker.index, worker.pid, silent)
+            worker.killed = True
             worker.proc.kill()
 
     def _check_heartbeat(self, worker: Worker) -> None:

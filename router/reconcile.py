@@ -133,9 +133,13 @@ def reconcile(
     wall_clock: Callable[[], float] | None = None,
     deadline_s: float = 60.0,
     only: frozenset[Finding] | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> ReconcileReport:
     """Compare the store with the tokens; with ``fix``, act on what was found (with ``only``,
-    on those findings alone: each is found again first, and one no longer found is skipped)."""
+    on those findings alone: each is found again first, and one no longer found is skipped).
+    ``progress`` is called after each step (a cluster listed, a record read, an object or a
+    record fixed): a worker's start-up tells its supervisor it is not stuck."""
+    step = progress or (lambda: None)
     grace = router.creation_grace if grace is None else grace
     deadline = time.monotonic() + deadline_s
     report = ReconcileReport(fixed=fix, only=only)
@@ -148,6 +152,7 @@ def reconcile(
             log.warning("reconcile: cluster %s unreachable: %s", name, exc.message)
             report.unreachable.append(name)
             continue
+        step()
         on_token[name] = set(objects)
         for key_id, counts in sorted(objects.items()):
             for kind, count in sorted(counts.items()):
@@ -161,6 +166,7 @@ def reconcile(
     unheld_ids: list[str] = []  # the first few, for the log
     now = (wall_clock or router.wall_clock)()
     for placement in router.store.scan():
+        step()
         if placement.state is KeyState.DESTROYED:
             continue
         if placement.state is KeyState.CREATING and now - placement.create_time >= grace:
@@ -200,6 +206,7 @@ def reconcile(
             # One look at the record: under the token's lock when it may end in a destroy.
             destroy = fix and report.approved(("orphan", name, key_id))
             why = _destroy_orphan(router, name, key_id, deadline) if destroy else router.why_kept(name, key_id)
+            step()
             if why == NO_RECORD:
                 report.unknown.append((name, key_id))
             elif why == NOT_DESTROYED:  # still an orphan, for the next reconcile
@@ -225,6 +232,7 @@ def reconcile(
         for name, key_id in [d for d in report.droppable if report.approved(("missing", *d))][:MAX_DROPS]:
             if _drop_missing(router, name, key_id, deadline):
                 report.dropped.append((name, key_id))
+            step()
         if len(report.droppable) > MAX_DROPS:
             log.warning("reconcile: %d more missing copies to drop from their records; the next reconcile will",
                         len(report.droppable) - MAX_DROPS)

@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> None:
     from gateway.app import build_router, start_reconcile
     from gateway.server import Gateway, serve
     from gateway.sharedlimits import SharedLimiter, SharedLimitsError
-    from gateway.workers import Supervisor, WorkerError, apply_scheduling, worker_metrics_listen
+    from gateway.workers import Supervisor, WorkerError, apply_scheduling, start_progress, worker_metrics_listen
 
     try:
         config = config_mod.load(args.config)
@@ -124,10 +124,13 @@ def _serve(args: argparse.Namespace) -> None:
     from router.placement import StoreError
 
     apply_scheduling(config.server.scheduling)  # before the pools and the server start their threads
+    # A worker's supervisor kills one whose start shows no progress for a while (gateway.workers).
+    progress = start_progress(args.progress_file)
     try:
         router = build_router(config, reconcile_at_start=False)
+        progress()
         # Workers share one store and one fleet: the first one reconciles for all.
-        first_reconcile = None if args.worker_index else start_reconcile(router)
+        first_reconcile = None if args.worker_index else start_reconcile(router, progress)
     except (ConfigError, LoginRefused) as exc:  # a refused PIN tried again and again locks the user out
         fail(str(exc), code=EXIT_CONFIG)
     except StoreError as exc:  # unreachable or throttled: it may answer when the gateway is started again
@@ -271,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--listen", help="host:port to serve on, instead of the config's server.listen")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
     serve.add_argument("--limits-fd", type=int, help=argparse.SUPPRESS)  # the supervisor's, shared by its workers
+    serve.add_argument("--progress-file", help=argparse.SUPPRESS)  # touched as a worker's start moves on
     serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="measure the gateway against direct PKCS #11 (writes docs/performance.md)",

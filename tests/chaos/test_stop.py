@@ -146,3 +146,60 @@ def test_a_stop_while_every_hsm_hangs_ends_before_the_supervisor_gives_up(tmp_pa
     assert log.count("health probe of cluster(s) use1-a, use1-b, usw2-a still inside the HSM") == 2, \
         gateway.log_digest()
     assert code == 0, gateway.log_digest()
+
+
+def test_a_single_process_stop_with_a_call_in_a_hung_hsm_exits_by_itself(tmp_path: Path, faultmod: Path) -> None:
+    """One process (``--workers 1``, as the Kubernetes manifests run it), every HSM hung, a
+    GenerateKey inside one of them. The stop logged "stopped" in time, then the process never
+    exited: the interpreter's exit waited for grpcio's request thread, still in the HSM."""
+    from gateway.server import EXIT_WAIT
+
+    fleet, control = faulty_fleet(tmp_path / "fleet", faultmod)
+    text = fleet.config_path.read_text()
+    text = text.replace("creation_grace = 3.0", "creation_grace = 120.0")
+    text = text.replace("probe_interval = 0.25\n", "probe_interval = 0.25\ndefault_deadline = 60.0\n")
+    assert "creation_grace = 120.0" in text and "default_deadline = 60.0" in text
+    fleet.config_path.write_text(text)
+    gateway = GatewayProcess(fleet.config_path, workers=1, grace=GRACE).start()
+    outcomes: list[str] = []
+
+    def create() -> None:
+        with grpc.insecure_channel(gateway.target) as channel:
+            stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+            try:
+                stub.GenerateKey(pb.GenerateKeyRequest(request_id="hung-1", key_id="hung/k1",
+                                                       algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=90)
+                outcomes.append("OK")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+
+    def hung_calls() -> int:
+        return sum(stats.faults for stats in control.stats().values())
+
+    try:
+        control.set("*", "hang")
+        caller = threading.Thread(target=create, daemon=True)
+        caller.start()
+        # A probe of each of the three clusters, and the creation's first call, inside a hung HSM
+        # (the log below says whether the creation was among them).
+        wait_for(lambda: hung_calls() >= 4, timeout=20, what="the creation to reach a hung HSM")
+        assert gateway.proc is not None
+        gateway.proc.send_signal(signal.SIGTERM)
+        try:
+            # Far above the budget (grace + CALLS_WAIT + CLOSE_WAIT + EXIT_WAIT): no measure of speed.
+            code: int | None = gateway.proc.wait(timeout=GRACE + CALLS_WAIT + CLOSE_WAIT + EXIT_WAIT + 30)
+        except subprocess.TimeoutExpired:
+            gateway.proc.kill()
+            gateway.proc.wait()
+            code = None
+    finally:
+        control.clear()
+        gateway.stop()
+        caller.join(timeout=30)
+
+    log = gateway.log()
+    assert "1 call(s) still running" in log, gateway.log_digest()
+    assert log.count("gateway.server: stopped") == 1, gateway.log_digest()
+    assert code is not None, "the gateway had to be killed: " + gateway.log_digest()
+    assert "exiting with 1 call(s) left inside an HSM that does not answer" in log, gateway.log_digest()
+    assert code == 0, gateway.log_digest()

@@ -201,8 +201,12 @@ def test_orphan_objects_are_found_and_removed(make_router, tokens) -> None:
     assert (stray, key.key_id) in report.orphans  # other tests' keys share the fleet: theirs may show too
     assert not [k for _, k in report.unknown if k == key.key_id]
     assert len(tokens.objects(stray, key.key_id)) == 2  # report only: nothing removed
-    reconcile(router, fix=True)
+    steps: list[None] = []
+    reconcile(router, fix=True, progress=lambda: steps.append(None))
     assert tokens.objects(stray, key.key_id) == []
+    # Each cluster listed, each record read and the orphan removed told a worker's supervisor the
+    # start moves on (gateway.workers.start_progress).
+    assert len(steps) >= len(router.backends) + 2, len(steps)
     for cluster in key.clusters:  # the key's own copies stay
         assert len(tokens.objects(cluster, key.key_id)) == 2
 
