@@ -385,7 +385,8 @@ def api_reference(proto_dir: Path = PROTO_DIR, files: Sequence[str] = PROTO_FILE
         "codes with `google.rpc.ErrorInfo` "
         "(domain `hsmgw`, a `reason`, the `cluster` and `region`; for `SignStream`, also the "
         "`request_id` of the message that ended the stream) and, where a retry may help, "
-        "`google.rpc.RetryInfo`.",
+        "`google.rpc.RetryInfo`, whose delay also goes out as `grpc-retry-pushback-ms` for "
+        "clients that retry through a service config's `retryPolicy`.",
         "",
         "`grpc.health.v1` (`Check` and `Watch`) reports, per gateway process:",
         "",

@@ -31,7 +31,6 @@ from typing import Any, NoReturn
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from gateway import status
 from gateway.auth import (
@@ -236,7 +235,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, request_id: str = 
         result = _status(grpc.StatusCode.UNAUTHENTICATED, str(exc), "UNAUTHENTICATED")
     else:
         result = status.to_rpc_status(exc, request_id)
-    context.abort_with_status(rpc_status.to_status(result))
+    context.abort_with_status(status.to_grpc_status(result, exc))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 

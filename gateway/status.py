@@ -6,6 +6,7 @@ traceback and the caller gets INTERNAL with a generic message.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 from typing import NoReturn
@@ -21,6 +22,8 @@ from router import errors
 log = logging.getLogger(__name__)
 
 DOMAIN = "hsmgw"
+PUSHBACK = "grpc-retry-pushback-ms"
+"""The trailing metadata gRPC's own retries wait for (gRFC A6), in milliseconds."""
 
 # Most specific first: the first matching class wins.
 _TABLE: tuple[tuple[type[errors.RouterError], grpc.StatusCode], ...] = (
@@ -89,8 +92,8 @@ def to_rpc_status(exc: BaseException, request_id: str = "") -> status_pb2.Status
     status = status_pb2.Status(code=code.value[0], message=message)
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     status.details.add().Pack(info)
-    if isinstance(exc, (errors.ResourceExhausted, errors.Unavailable)):
-        delay = getattr(exc, "retry_after", None) or 0.1
+    delay = _retry_after(exc)
+    if delay is not None:
         duration = duration_pb2.Duration()
         duration.FromTimedelta(datetime.timedelta(seconds=delay))
         retry = error_details_pb2.RetryInfo(retry_delay=duration)
@@ -98,10 +101,33 @@ def to_rpc_status(exc: BaseException, request_id: str = "") -> status_pb2.Status
     return status
 
 
+def _retry_after(exc: BaseException) -> float | None:
+    """Seconds after which a retry of a call that failed with ``exc`` may succeed; None: it cannot."""
+    if isinstance(exc, (errors.ResourceExhausted, errors.Unavailable)):
+        return getattr(exc, "retry_after", None) or 0.1
+    return None
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):  # type: ignore[misc]
+    pass
+
+
+def to_grpc_status(result: status_pb2.Status, exc: BaseException) -> grpc.Status:
+    """``result`` as gRPC sends it. With a RetryInfo, also ``grpc-retry-pushback-ms``: clients
+    that retry through a service config's retryPolicy read no status details, but wait that long
+    instead of their own backoff (a key being created, a busy pool)."""
+    sent = rpc_status.to_status(result)
+    delay = _retry_after(exc)
+    if delay is None:
+        return sent
+    pushback = (PUSHBACK, str(max(1, round(delay * 1000))))
+    return _Status(sent.code, sent.details, (*sent.trailing_metadata, pushback))
+
+
 def abort(context: grpc.ServicerContext, exc: BaseException, request_id: str = "") -> NoReturn:
     """End the RPC with the status for ``exc`` (logs unexpected errors)."""
     if code_for(exc) is grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
-    context.abort_with_status(rpc_status.to_status(to_rpc_status(exc, request_id)))
+    context.abort_with_status(to_grpc_status(to_rpc_status(exc, request_id), exc))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 

@@ -196,3 +196,20 @@ def test_abort_does_not_log_caller_errors_as_bugs(caplog: pytest.LogCaptureFixtu
     assert ctx.status.code is grpc.StatusCode.NOT_FOUND
     assert ctx.status.details == "no key 'x'"
     assert not caplog.records
+
+
+def test_a_retryable_status_tells_grpcs_own_retries_how_long_to_wait() -> None:
+    """Clients that retry through a service config (deploy/grpc-service-config.json) read no
+    status details: the RetryInfo delay goes out as grpc-retry-pushback-ms too."""
+    ctx = FakeContext()
+    with pytest.raises(_AbortCalled):
+        status.abort(ctx, errors.KeyBeingCreated("key 'k' is being created"))  # type: ignore[arg-type]
+    trailers = dict(ctx.status.trailing_metadata)
+    assert trailers[status.PUSHBACK] == "250"
+    _, retry = details(status_pb2.Status.FromString(trailers["grpc-status-details-bin"]))
+    assert retry is not None and retry.retry_delay.ToTimedelta().total_seconds() == 0.25
+
+    ctx = FakeContext()
+    with pytest.raises(_AbortCalled):
+        status.abort(ctx, errors.InvalidArgument("bad digest"))  # type: ignore[arg-type]
+    assert status.PUSHBACK not in dict(ctx.status.trailing_metadata), "a retry cannot help: no pushback"

@@ -1,0 +1,62 @@
+"""deploy/grpc-service-config.json, as gRPC's own retries read it against a server that answers
+with gateway.status: what a client in another language gets from it."""
+
+from __future__ import annotations
+
+import json
+from concurrent import futures
+
+import grpc
+
+from gateway import status
+from gateway.config import ServerConfig
+from hsmgw.v1 import crypto_pb2 as pb
+from hsmgw.v1 import crypto_pb2_grpc
+from router import errors
+from tests.support import ROOT
+
+CONFIG = ROOT / "deploy" / "grpc-service-config.json"
+
+
+def _policy(method: str) -> dict:
+    for entry in json.loads(CONFIG.read_text())["methodConfig"]:
+        if {"service": "hsmgw.v1.CryptoService", "method": method} in entry["name"]:
+            return entry
+    raise AssertionError(f"{method} has no methodConfig")
+
+
+def test_generate_key_waits_out_a_creation_under_way_on_the_same_endpoint() -> None:
+    """A key another attempt is making answers KEY_BEING_CREATED (UNAVAILABLE) until it is made:
+    gRPC's retries, paced by the gateway's pushback, see it through."""
+    attempts: list[str] = []
+
+    class Creating(crypto_pb2_grpc.CryptoServiceServicer):  # type: ignore[misc]
+        def GenerateKey(self, request: pb.GenerateKeyRequest, context: grpc.ServicerContext) -> pb.Key:
+            attempts.append(request.request_id)
+            if len(attempts) < 5:
+                status.abort(context, errors.KeyBeingCreated(f"key {request.key_id!r} is being created"))
+            return pb.Key(key_id=request.key_id)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    crypto_pb2_grpc.add_CryptoServiceServicer_to_server(Creating(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.service_config", CONFIG.read_text())]) as ch:
+            key = crypto_pb2_grpc.CryptoServiceStub(ch).GenerateKey(
+                pb.GenerateKeyRequest(key_id="app/k1", request_id="app/k1", algorithm=pb.KEY_ALGORITHM_EC_P256),
+                timeout=30)
+    finally:
+        server.stop(None)
+    assert key.key_id == "app/k1"
+    assert attempts == ["app/k1"] * 5, "every attempt is the same request, on the same endpoint"
+
+
+def test_generate_key_may_take_as_long_as_the_gateway_allows_and_retries_are_throttled() -> None:
+    timeout = float(_policy("GenerateKey")["timeout"].rstrip("s"))
+    assert timeout >= ServerConfig.default_deadline, "the client would give up on a creation the gateway still runs"
+    throttling = json.loads(CONFIG.read_text())["retryThrottling"]
+    assert throttling["maxTokens"] > 0 and 0 < throttling["tokenRatio"] < 1
+    for method in ("Sign", "GenerateKey"):
+        codes = set(_policy(method)["retryPolicy"]["retryableStatusCodes"])
+        assert codes == {"UNAVAILABLE", "CANCELLED"}, method
