@@ -563,7 +563,11 @@ def _ecdsa_raw_to_der(raw: bytes) -> bytes:
 
 
 def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:
-    """r‖s for a DER ECDSA signature, or None if it is not a well-formed one."""
+    """r‖s for a DER ECDSA signature, or None if it is not a well-formed one.
+
+    Only the one DER encoding of (r, s) is well-formed: the parser also takes BER (zero-padded
+    or long-form lengths and integers, indefinite lengths, members past s), and accepting those
+    would give one signature many encodings, each of which verifies (OpenSSL refuses them)."""
     try:
         parsed = DSASignature.load(der, strict=True)
         r, s = int(parsed["r"].native), int(parsed["s"].native)
@@ -571,4 +575,5 @@ def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:
         return None
     if not (0 < r < 1 << (8 * size) and 0 < s < 1 << (8 * size)):
         return None
-    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    raw = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    return raw if _ecdsa_raw_to_der(raw) == der else None
