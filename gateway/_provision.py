@@ -3,8 +3,8 @@
 Replication and the EXTERNAL tier wrap keys under one AES key that every cluster
 holds, marked CKA_TRUSTED by the security officer; keys are created with
 CKA_WRAP_WITH_TRUSTED so that only such a key can wrap them, and its
-CKA_UNWRAP_TEMPLATE makes every key unwrapped with it sensitive and again
-wrappable only so (``router.pkcs11._guard``). For the local fleet
+CKA_UNWRAP_TEMPLATE makes every key unwrapped with it private, sensitive and
+again wrappable only so (``router.pkcs11._guard``). For the local fleet
 the key value is drawn here, imported into each token by its SO, and dropped;
 it is never written anywhere. (With real HSMs this is a key ceremony.)
 
@@ -79,8 +79,9 @@ def provision(request: dict[str, Any]) -> list[str]:
                     Attribute.MODIFIABLE: False,
                     Attribute.LABEL: WRAPPING_KEY_LABEL,
                     Attribute.ID: WRAPPING_KEY_LABEL.encode(),
-                    # Every key unwrapped with it is sensitive and wrappable only with a trusted key:
-                    # a PIN holder cannot unwrap one in the clear (router.pkcs11._guard).
+                    # Every key unwrapped with it is private, sensitive and wrappable only with a trusted
+                    # key: a PIN holder cannot unwrap one in the clear, and a session with no login (this
+                    # key is public) cannot unwrap one at all (router.pkcs11._guard).
                     CKA_UNWRAP_TEMPLATE: GUARD,
                 },
             )

@@ -6,7 +6,11 @@ the crypto user's PIN can wrap a key with the trusted key and unwrap it again wi
 template of their own, ``CKA_SENSITIVE = false``, and read its value. A
 ``CKA_UNWRAP_TEMPLATE`` on the wrapping key closes that: the token refuses an unwrap
 whose template does not match it (``CKR_TEMPLATE_INCONSISTENT``). ``GUARD`` is the
-template: every unwrapped key is sensitive and again wrappable only with a trusted key.
+template: every unwrapped key is private, sensitive, and again wrappable only with a trusted
+key. Private matters because the wrapping key itself is a public object (its security officer
+can create no other kind), so a session that never logged in can use it: without
+``CKA_PRIVATE = true`` in the template, such a session could unwrap an ``EXTERNAL`` key's
+stored blob as a public session object and sign or decrypt with it, no PIN asked.
 AWS CloudHSM asks trusted unwrapping keys for one too.
 
 python-pkcs11 cannot write or read attributes whose value is a template (an array of
@@ -33,7 +37,11 @@ _MOST_ENTRIES = 64
 _LONGEST_VALUE = 1024
 """Bounds on a template read back: a module's lengths are not trusted to size buffers."""
 
-GUARD: dict[int, bool] = {int(Attribute.SENSITIVE): True, int(Attribute.WRAP_WITH_TRUSTED): True}
+GUARD: dict[int, bool] = {
+    int(Attribute.PRIVATE): True,
+    int(Attribute.SENSITIVE): True,
+    int(Attribute.WRAP_WITH_TRUSTED): True,
+}
 """The wrapping key's unwrap template."""
 
 
@@ -124,9 +132,12 @@ class UnwrapGuard:
             raise error(rv)
         return {int(entry.type): buffer.raw[: entry.length] for entry, buffer in zip(entries, buffers, strict=True)}
 
+    def missing(self, key: Any) -> frozenset[int]:
+        """The attribute types of ``GUARD`` that wrapping key ``key``'s unwrap template does not
+        hold with ``GUARD``'s value: all of them when it has no template."""
+        template = self.unwrap_template(key) or {}
+        return frozenset(kind for kind, value in GUARD.items() if template.get(kind, b"") != bytes([value]))
+
     def guards(self, key: Any) -> bool:
         """Whether wrapping key ``key``'s unwrap template holds ``GUARD``."""
-        template = self.unwrap_template(key)
-        if template is None:
-            return False
-        return all(template.get(kind, b"") == bytes([value]) for kind, value in GUARD.items())
+        return not self.missing(key)

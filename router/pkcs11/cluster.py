@@ -77,22 +77,30 @@ class Pkcs11Cluster(HsmBackend):
         self._check_wrapping_key(module)
 
     def _check_wrapping_key(self, module: Module) -> None:
-        """Warn when the replication wrapping key lets a PIN holder unwrap keys in the clear."""
+        """Warn when the replication wrapping key lets keys be unwrapped in the clear, or without a PIN."""
         if module.unwrap_guard is None or self._signer is None:
             return  # the module's function list does not see these sessions: nothing to read it with
+        missing: set[int] = set()
         try:
             with module.guard():
-                found = list(self._pool.login.get_objects(WRAPPING_KEY))
-                guarded = [module.unwrap_guard.guards(key) for key in found]
+                for key in self._pool.login.get_objects(WRAPPING_KEY):
+                    missing |= module.unwrap_guard.missing(key)
         except Exception as exc:  # noqa: BLE001 - a check that only warns never stops a start
             log.warning("cluster %s: could not read the replication wrapping key's unwrap template (%s)",
                         self.spec.name, type(exc).__name__)
             return
-        if found and not all(guarded):
+        risks = []
+        if missing & {int(Attribute.SENSITIVE), int(Attribute.WRAP_WITH_TRUSTED)}:
+            risks.append("whoever holds the crypto user's PIN can unwrap a replicated or EXTERNAL key in the clear")
+        if int(Attribute.PRIVATE) in missing:
+            # The wrapping key is a public object: a session with no login can use it.
+            risks.append("a session that never logged in can unwrap an EXTERNAL key from its record in the "
+                         "placement store and sign or decrypt with it")
+        if risks:
             log.warning("cluster %s: the replication wrapping key %r has no unwrap template that makes unwrapped "
-                        "keys sensitive and wrappable only with a trusted key: whoever holds the crypto user's PIN "
-                        "can unwrap a replicated or EXTERNAL key in the clear. Make it again with one "
-                        "(docs/security.md, \"The replication wrapping key\")", self.spec.name, WRAPPING_KEY_LABEL)
+                        "keys private, sensitive and wrappable only with a trusted key: %s. Re-create the key with "
+                        "the template, as the key ceremony does (deploy/README.md, section 2; docs/security.md, "
+                        "\"The replication wrapping key\")", self.spec.name, WRAPPING_KEY_LABEL, "; ".join(risks))
 
     # -- the one way into the token -------------------------------------
 
@@ -555,7 +563,11 @@ def _ecdsa_raw_to_der(raw: bytes) -> bytes:
 
 
 def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:
-    """r‖s for a DER ECDSA signature, or None if it is not a well-formed one."""
+    """r‖s for a DER ECDSA signature, or None if it is not a well-formed one.
+
+    Only the one DER encoding of (r, s) is well-formed: the parser also takes BER (zero-padded
+    or long-form lengths and integers, indefinite lengths, members past s), and accepting those
+    would give one signature many encodings, each of which verifies (OpenSSL refuses them)."""
     try:
         parsed = DSASignature.load(der, strict=True)
         r, s = int(parsed["r"].native), int(parsed["s"].native)
@@ -563,4 +575,5 @@ def _ecdsa_der_to_raw(der: bytes, size: int) -> bytes | None:
         return None
     if not (0 < r < 1 << (8 * size) and 0 < s < 1 << (8 * size)):
         return None
-    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    raw = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    return raw if _ecdsa_raw_to_der(raw) == der else None

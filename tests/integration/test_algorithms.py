@@ -22,7 +22,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 from pkcs11 import MGF, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
@@ -278,6 +278,82 @@ def test_gateway_verify_accepts_good_and_refuses_bad_signatures(
         )
         foreign = stranger_rsa.sign(message, pad, hashes.SHA256())
     assert not verify(foreign, message=message), "a stranger's signature was accepted"
+
+
+# The order of each curve's base point: (r, n - s) is as good a signature as (r, s).
+ORDERS = {
+    KeyAlgorithm.EC_P256: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    KeyAlgorithm.EC_P384: int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77A"
+                              "ECEC196ACCC52973", 16),
+}
+ECDSA_CASES = [case for case in SIGNATURE_CASES if case.values[1] in (Operation.ECDSA_SHA256, Operation.ECDSA_SHA384)]
+
+
+def _der(tag: int, body: bytes, *, long_form: bool = False) -> bytes:
+    return bytes((tag, 0x81, len(body)) if long_form else (tag, len(body))) + body
+
+
+def _der_integer(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))  # a leading 0 where the top bit is set
+
+
+def _ber_variants(r: int, s: int) -> dict[str, bytes]:
+    """(r, s) encoded in ways BER allows and DER does not: each one a different byte string
+    for the same signature."""
+    ri, si = _der_integer(r), _der_integer(s)
+    return {
+        "r padded with 0x00": _der(0x30, _der(0x02, b"\0" + ri[2:]) + si),
+        "s padded with two 0x00": _der(0x30, ri + _der(0x02, b"\0\0" + si[2:])),
+        "long-form SEQUENCE length": _der(0x30, ri + si, long_form=True),
+        "two-byte SEQUENCE length": bytes((0x30, 0x82, 0, len(ri + si))) + ri + si,
+        "long-form INTEGER length": _der(0x30, _der(0x02, ri[2:], long_form=True) + si),
+        "an INTEGER after s": _der(0x30, ri + si + _der_integer(1)),
+        "indefinite length": b"\x30\x80" + ri + si + b"\0\0",
+        "a byte after the SEQUENCE": _der(0x30, ri + si) + b"\0",
+    }
+
+
+@pytest.mark.parametrize(("name", "op"), ECDSA_CASES)
+def test_ecdsa_verify_takes_only_the_der_encoding(crypto, keys, name: KeyName, op: Operation) -> None:
+    """An ECDSA signature has one DER encoding; Verify refuses every other encoding of it, as
+    OpenSSL does, so a signature cannot be re-encoded into another valid one. Canonical ones
+    verify whatever their shape: an r or s with its top bit set (a leading zero byte in DER),
+    or shorter than the curve's size."""
+    key = keys[name]
+    algorithm, _ = KEY_SPECS[name]
+    size, order = {KeyAlgorithm.EC_P256: 32, KeyAlgorithm.EC_P384: 48}[algorithm], ORDERS[algorithm]
+    public = _public_key(crypto, key)
+    digest = hashlib.new(op.hash_name, f"malleable? {key.key_id}".encode()).digest()
+
+    def verify(signature: bytes) -> bool:
+        return crypto.Verify(pb.VerifyRequest(key_id=key.key_id, algorithm=_pb_op(op), digest=digest,
+                                              signature=signature), timeout=TIMEOUT).valid
+
+    def openssl(signature: bytes) -> bool:
+        try:
+            _verify_locally_prehashed(public, op, signature, digest)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    # Enough signatures (and their (r, n - s) twins) that some r or s is a byte short:
+    # 1 in 256 for each number, 1000 signatures.
+    batch = crypto.BatchSign(pb.BatchSignRequest(requests=[
+        pb.SignRequest(key_id=key.key_id, algorithm=_pb_op(op), digest=digest) for _ in range(1000)
+    ]), timeout=120)
+    signed = [decode_dss_signature(result.response.signature) for result in batch.responses]
+    pairs = signed + [(r, order - s) for r, s in signed]
+    short = next((r, s) for r, s in pairs if min(r, s) < 1 << (8 * size - 8))
+    top_bit = next((r, s) for r, s in pairs if r >> (8 * size - 1) and s >> (8 * size - 1))
+    low_bits = next((r, s) for r, s in pairs if not r >> (8 * size - 1) and not s >> (8 * size - 1))
+    for r, s in (short, top_bit, low_bits):
+        canonical = encode_dss_signature(r, s)
+        assert openssl(canonical)
+        assert verify(canonical), f"canonical signature refused: {canonical.hex()}"
+        for variant, encoded in _ber_variants(r, s).items():
+            assert encoded != canonical
+            assert not openssl(encoded), variant
+            assert not verify(encoded), f"{variant} accepted: {encoded.hex()}"
 
 
 @pytest.mark.parametrize("op", SIGN_OPS, ids=lambda op: op.value)
