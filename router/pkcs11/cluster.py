@@ -98,9 +98,10 @@ class Pkcs11Cluster(HsmBackend):
                          "placement store and sign or decrypt with it")
         if risks:
             log.warning("cluster %s: the replication wrapping key %r has no unwrap template that makes unwrapped "
-                        "keys private, sensitive and wrappable only with a trusted key: %s. Re-create the key with "
-                        "the template, as the key ceremony does (deploy/README.md, section 2; docs/security.md, "
-                        "\"The replication wrapping key\")", self.spec.name, WRAPPING_KEY_LABEL, "; ".join(risks))
+                        "keys private, sensitive and wrappable only with a trusted key: %s. A key ceremony makes it "
+                        "with the template; a new key cannot unwrap the EXTERNAL keys stored under this one, so read "
+                        "deploy/README.md, section 2, before replacing it", self.spec.name, WRAPPING_KEY_LABEL,
+                        "; ".join(risks))
 
     # -- the one way into the token -------------------------------------
 

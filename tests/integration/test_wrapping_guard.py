@@ -185,13 +185,13 @@ def _start_with_wrapping_key(tmp_path: Path, template: dict[int, bool] | None) -
     assert len(warned) == 1, out.stdout
     assert warned[0].startswith("WARNING cluster usw2-a: the replication wrapping key '_hsmgw/replication' has no "
                                 "unwrap template"), warned
-    assert "Re-create the key with the template, as the key ceremony does (deploy/README.md" in warned[0], warned
+    assert "a new key cannot unwrap the EXTERNAL keys stored under this one" in warned[0], warned
     return warned
 
 
 def test_a_wrapping_key_without_the_template_is_named_at_start(tmp_path: Path) -> None:
     [warned] = _start_with_wrapping_key(tmp_path, None)
-    assert "in the clear" in warned and "never logged in" in warned and "docs/security.md" in warned
+    assert "in the clear" in warned and "never logged in" in warned and "deploy/README.md, section 2" in warned
 
 
 def test_a_wrapping_key_whose_template_lacks_private_is_named_at_start(tmp_path: Path) -> None:
