@@ -4,11 +4,19 @@ An EXTERNAL key's placement record holds its wrapped key, its public key, its al
 and its usage, and nothing binds them together: the wrap (CKM_AES_KEY_WRAP_PAD) has no
 associated data. Whoever can write the store, with no PIN and no key material, could copy
 another key's wrapped key into a record, put a public key of their own in it, or relabel
-it. So before an unwrapped private key serves (once per session and key: the session keeps
-it), it is checked against the record's public key: an EC private key's signature of a fixed
-challenge verifies under it; an RSA private key has its modulus and exponent.
+it. So before an unwrapped key serves (once per session and key: the session keeps it),
+the record is checked against what the material itself shows:
 
-A contradiction is ``KeyRecordMismatch``.
+- before unwrapping (no HSM call): the usage is one the algorithm has; an asymmetric key's
+  public key is of the record's algorithm (curve, modulus size); a secret key's wrapped
+  form is as long as a wrapped 256-bit key;
+- after: an EC private key is on the record's curve and its signature of a fixed challenge
+  verifies under the record's public key; an RSA private key has the record's public
+  key's modulus and exponent.
+
+A contradiction is ``KeyRecordMismatch``. What the material cannot show stays open
+(docs/security.md): an RSA key's usage, an AES key relabelled HMAC (both are 32 random
+bytes), and a record whose wrapped key and public key were both copied from another key.
 """
 
 from __future__ import annotations
@@ -21,9 +29,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from pkcs11 import Attribute, Mechanism
+from pkcs11.util.ec import encode_named_curve_parameters
 
 from router.errors import KeyRecordMismatch
-from router.model import Placement
+from router.model import USAGES, Placement
+from router.pkcs11._keys import CURVES, RSA_BITS, SECRET_KEY_BYTES
+
+WRAPPED_SECRET_BYTES = SECRET_KEY_BYTES + 8
+"""A 256-bit key wrapped with CKM_AES_KEY_WRAP_PAD: its length rounded up to 8 bytes, plus
+the 8-byte integrity block (RFC 5649, section 4.1)."""
 
 _CHALLENGE = hashlib.sha256(b"hsmgw: is this the private key of the record's public key?").digest()
 _PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
@@ -38,15 +52,24 @@ def mismatch(placement: Placement, what: str) -> KeyRecordMismatch:
 
 
 def check_record(placement: Placement) -> Any:
-    """The record's public key, parsed (None for a secret key); one that does not parse is refused."""
-    if not placement.algorithm.is_asymmetric:
+    """Refuse a record that contradicts itself; the parsed public key of an asymmetric one, else None."""
+    algorithm = placement.algorithm
+    if placement.usage not in USAGES[algorithm]:
+        raise mismatch(placement, f"a {algorithm.value} key cannot have usage {placement.usage.value}")
+    if not algorithm.is_asymmetric:
+        if len(placement.wrapped) != WRAPPED_SECRET_BYTES:
+            raise mismatch(placement, f"the wrapped key is {len(placement.wrapped)} bytes; a wrapped "
+                                      f"{algorithm.value} key is {WRAPPED_SECRET_BYTES}")
         return None
     try:
         public = serialization.load_der_public_key(placement.public_der)
     except (ValueError, UnsupportedAlgorithm):
         raise mismatch(placement, "its public key does not parse") from None
-    if not isinstance(public, ec.EllipticCurvePublicKey if placement.algorithm.is_ec else rsa.RSAPublicKey):
-        raise mismatch(placement, f"its public key is not a {placement.algorithm.value} key")
+    if algorithm.is_ec:
+        if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != CURVES[algorithm]:
+            raise mismatch(placement, f"its public key is not a {algorithm.value} key")
+    elif not isinstance(public, rsa.RSAPublicKey) or public.key_size != RSA_BITS[algorithm]:
+        raise mismatch(placement, f"its public key is not a {algorithm.value} key")
     return public
 
 
@@ -55,6 +78,8 @@ def check_unwrapped(obj: Any, placement: Placement, public: Any) -> None:
     algorithm = placement.algorithm
     if algorithm.is_ec:
         # SoftHSM keeps no CKA_EC_POINT on a private key: a signature shows whose key it is.
+        if bytes(obj[Attribute.EC_PARAMS]) != encode_named_curve_parameters(CURVES[algorithm]):
+            raise mismatch(placement, f"the wrapped key is not a {algorithm.value} key")
         raw = bytes(obj.sign(_CHALLENGE, mechanism=Mechanism.ECDSA))
         half = len(raw) // 2
         signature = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))

@@ -537,11 +537,24 @@ def _rsa_public_key_of_the_writer(router: Any) -> tuple[Placement, list[Any]]:
                lambda: router.public_key(b.key_id, time.monotonic() + 10)]
 
 
+def _p384_key_relabelled_p256(router: Any) -> tuple[Placement, list[Any]]:
+    b = _altered(router, _made(router, KeyAlgorithm.EC_P384), algorithm=KeyAlgorithm.EC_P256)
+    return b, [_sign_with(router, b)]
+
+
+def _ec_key_wrapped_in_an_hmac_record(router: Any) -> tuple[Placement, list[Any]]:
+    a = _made(router, KeyAlgorithm.EC_P256)
+    b = _altered(router, _made(router, KeyAlgorithm.HMAC_SHA256), wrapped=a.wrapped)
+    return b, [lambda: router.mac(b.key_id, Operation.HMAC_SHA256, MESSAGE, time.monotonic() + 10)]
+
+
 TAMPERINGS = [
     Tampering("another EC key's wrapped key", _wrapped_ec_key_of_another),
     Tampering("another RSA key's wrapped key", _wrapped_rsa_key_of_another),
     Tampering("an EC public key of the writer's", _public_key_of_the_writer),
     Tampering("an RSA public key of the writer's", _rsa_public_key_of_the_writer),
+    Tampering("a P-384 key relabelled P-256", _p384_key_relabelled_p256),
+    Tampering("an EC key's wrapped key in an HMAC key's record", _ec_key_wrapped_in_an_hmac_record),
 ]
 
 
@@ -610,6 +623,7 @@ def test_altered_records_through_grpc(make_router, crypto) -> None:
     process reads each first as altered."""
     router = make_router()
     a, b = _made(router, KeyAlgorithm.EC_P256), _made(router, KeyAlgorithm.EC_P256)
+    hmac = _made(router, KeyAlgorithm.HMAC_SHA256)
     mallory = ec.generate_private_key(ec.SECP256R1())
 
     def added(source: Placement, **fields: Any) -> str:
@@ -618,12 +632,14 @@ def test_altered_records_through_grpc(make_router, crypto) -> None:
         router.store.create(dataclasses.replace(record, key_id=key_id, request_id=key_id, version=1, **fields))
         return key_id
 
-    copied, swapped = added(b, wrapped=a.wrapped), added(b, public_der=_spki(mallory.public_key()))
+    copied, swapped, relabelled = (added(b, wrapped=a.wrapped), added(b, public_der=_spki(mallory.public_key())),
+                                   added(hmac, wrapped=a.wrapped))
     refused = [
         (crypto.Sign, pb.SignRequest(key_id=copied, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=MESSAGE)),
         (crypto.GetPublicKey, pb.GetPublicKeyRequest(key_id=swapped)),
         (crypto.Verify, pb.VerifyRequest(key_id=swapped, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=MESSAGE,
                                          signature=mallory.sign(MESSAGE, ECDSA_P256))),
+        (crypto.Mac, pb.MacRequest(key_id=relabelled, algorithm=pb.ALGORITHM_HMAC_SHA256, data=MESSAGE)),
     ]
     for call, request in refused:
         err = rpc_error(call, request, timeout=10)
