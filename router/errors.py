@@ -11,7 +11,8 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     ├── FailedPrecondition     key exists but cannot do this         (no retry)
     │   ├── WrongKeyUsage      operation does not match the key
     │   ├── RequestConflict    request_id reused with other parameters
-    │   └── KeyChanged         the key's record is not the one a planned change was made for
+    │   ├── KeyChanged         the key's record is not the one a planned change was made for
+    │   └── KeyRecordMismatch  an EXTERNAL key's record does not match its wrapped key material
     ├── AlreadyExists          key id taken (or destroyed: ids are not reused)
     ├── ResourceExhausted      clusters full, limits reached
     │   ├── Throttled          the HSM said it is busy (CKR_FUNCTION_FAILED…)
@@ -72,6 +73,15 @@ class RequestConflict(FailedPrecondition):
 
 class KeyChanged(FailedPrecondition):
     reason = "KEY_CHANGED"
+
+
+class KeyRecordMismatch(FailedPrecondition):
+    """An EXTERNAL key's placement record contradicts the key material it wraps: its public key
+    is not the wrapped private key's, or its algorithm or usage is not one that material can
+    have. Someone altered the record in the store, or it is corrupt: no retry and no replica
+    helps (every cluster unwraps the same record), an operator restores the record."""
+
+    reason = "KEY_RECORD_MISMATCH"
 
 
 class KeyCreationElsewhere(FailedPrecondition):

@@ -1488,10 +1488,10 @@ class Router:
         placement = self._usable(key_id)
         if not placement.algorithm.is_asymmetric:
             raise FailedPrecondition(f"key {key_id!r} is {placement.algorithm.value}: it has no public key")
-        if placement.external:
-            return placement, placement.public_der
         kept = self._public_keys.get(key_id)  # only after the placement said the key may be used
-        if kept is not None:
+        # An EXTERNAL key's public key is its record's, handed out once a cluster has checked it
+        # against the wrapped private key; a record whose public key changed since is checked again.
+        if kept is not None and (not placement.external or kept == placement.public_der):
             return placement, kept
         der, _ = self._dispatch(placement, lambda b, p: b.public_key(p, deadline), deadline)
         with self._public_keys_lock:

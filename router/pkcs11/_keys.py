@@ -21,6 +21,8 @@ from router.model import KeyAlgorithm, KeyUsage, Operation
 
 CURVES = {KeyAlgorithm.EC_P256: "secp256r1", KeyAlgorithm.EC_P384: "secp384r1"}
 RSA_BITS = {KeyAlgorithm.RSA_2048: 2048, KeyAlgorithm.RSA_3072: 3072, KeyAlgorithm.RSA_4096: 4096}
+SECRET_KEY_BYTES = 32
+"""Length of every AES and HMAC key the gateway makes."""
 
 # DER DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1).
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
@@ -150,7 +152,7 @@ def generate(
     mechanism = Mechanism.GENERIC_SECRET_KEY_GEN if algorithm is KeyAlgorithm.HMAC_SHA256 else None
     secret = session.generate_key(
         key_type(algorithm),
-        256,
+        SECRET_KEY_BYTES * 8,
         id=ident,
         label=key_id,
         store=token,

@@ -372,7 +372,7 @@ class Pkcs11Cluster(HsmBackend):
 
     def public_key(self, key: Placement, deadline: float) -> bytes:
         if key.external:
-            return key.public_der
+            return self._run(deadline, lambda s: s.external_public_key(key))
         return self._run(
             deadline, lambda s: _keys.public_key_der(s.key(key, ObjectClass.PUBLIC_KEY, None), key.algorithm)
         )

@@ -9,6 +9,9 @@
   session and key, never per request. Destroying a key bumps the pool's epoch,
   which empties every session's cache before its next use; destroying an EXTERNAL
   key (no token object goes) drops only that key's unwrapped objects from each.
+- An EXTERNAL key is unwrapped from its placement record only after the record is checked
+  against itself, and used only once the unwrapped key is checked against the record
+  (``_material``): a record a store writer altered is refused, and nothing of it stays.
 - Waiting for a session is bounded by the caller's deadline, and for a request's
   quick call (a signature, a probe) also by the cluster's ``call_timeout``; it ends
   early when the calls holding the sessions hang. Then ``SessionsBusy``, and the
@@ -35,9 +38,9 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.types import Key
 
-from router.errors import AmbiguousKey, SessionsBusy, Stopping, Throttled, WrongKeyUsage
+from router.errors import AmbiguousKey, KeyRecordMismatch, SessionsBusy, Stopping, Throttled, WrongKeyUsage
 from router.model import ClusterSpec, Placement
-from router.pkcs11 import _keys
+from router.pkcs11 import _keys, _material
 from router.pkcs11._module import Module, TokenObjects
 from router.secret import Secret
 
@@ -55,6 +58,9 @@ CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "
 
 _WAIT_SLICE = 0.1
 """A wait for a session looks this often whether the calls holding them hang."""
+
+_CHECKED_AGAINST = "hsmgw_checked_against"
+"""Where an unwrapped EXTERNAL private key object keeps the public key (DER) it was checked against."""
 
 _INVALIDATIONS_KEPT = 64
 """Latest epoch bumps the pool remembers, with the key each was for: a session that missed
@@ -145,32 +151,66 @@ class PooledSession:
         return found[0]
 
     def _external(self, placement: Placement, object_class: ObjectClass) -> Any:
-        """An EXTERNAL key as a session object: unwrapped once, kept in a bounded LRU."""
+        """An EXTERNAL key as a session object: unwrapped once, checked against its record
+        (``_material``), kept in a bounded LRU. A key that fails the check is destroyed again."""
         cache_key = (placement.key_id, object_class)
         obj = self.unwrapped.get(cache_key)
         if obj is not None:
             self.unwrapped.move_to_end(cache_key)
             return obj
         if object_class is ObjectClass.PUBLIC_KEY:
+            self.external_public_key(placement)
             attrs = _keys.public_key_attributes(placement.public_der)
             attrs.update(_keys.public_template(placement.usage, token=False))
             obj = self.handle.create_object(attrs)
         else:
-            obj = self.wrapping_key().unwrap_key(
-                object_class,
-                _keys.key_type(placement.algorithm),
-                placement.wrapped,
-                id=placement.key_id.encode(),
-                label=placement.key_id,
-                mechanism=_keys.WRAP_MECHANISM,
-                store=False,
-                template=_keys.unwrap_template(placement.algorithm, placement.usage),
-            )
+            obj = self._unwrap(placement, object_class)
         self.unwrapped[cache_key] = _primed(obj)
         while len(self.unwrapped) > self.unwrapped_limit:
             _, old = self.unwrapped.popitem(last=False)
             _destroy_quietly(old)
         return obj
+
+    def external_public_key(self, placement: Placement) -> bytes:
+        """An EXTERNAL key's public key from its record, once its wrapped private key is shown to be
+        that key's: a public key a store writer put there never verifies or is handed out."""
+        private = self._external(placement, ObjectClass.PRIVATE_KEY)
+        if private.__dict__.get(_CHECKED_AGAINST) != placement.public_der:
+            # Unwrapped for an earlier version of the record, whose public key was another.
+            self._check(private, placement)
+        return placement.public_der
+
+    def _unwrap(self, placement: Placement, object_class: ObjectClass) -> Any:
+        self._check(None, placement)  # what the record alone contradicts: nothing is unwrapped for it
+        obj = self.wrapping_key().unwrap_key(
+            object_class,
+            _keys.key_type(placement.algorithm),
+            placement.wrapped,
+            id=placement.key_id.encode(),
+            label=placement.key_id,
+            mechanism=_keys.WRAP_MECHANISM,
+            store=False,
+            template=_keys.unwrap_template(placement.algorithm, placement.usage),
+        )
+        try:
+            if placement.algorithm.is_asymmetric:
+                self._check(obj, placement)
+            return obj
+        except BaseException:
+            _destroy_quietly(obj)
+            raise
+
+    def _check(self, obj: Any, placement: Placement) -> None:
+        """Check the record, and ``obj`` (its unwrapped private key) against it unless None; an
+        operator hears of a mismatch, at ERROR."""
+        try:
+            public = _material.check_record(placement)
+            if obj is not None:
+                _material.check_unwrapped(obj, placement, public)
+                obj.__dict__[_CHECKED_AGAINST] = placement.public_der
+        except KeyRecordMismatch as exc:
+            _report_once(f"cluster {self._spec.name}: {exc.message}")
+            raise
 
     def forget(self) -> None:
         """Drop every cached handle and destroy the unwrapped session objects."""

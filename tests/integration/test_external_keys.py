@@ -12,12 +12,14 @@ from typing import Any
 import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from grpc_status import rpc_status
 from pkcs11 import Attribute, ObjectClass
 
+from gateway.status import error_info
 from hsmgw.v1 import crypto_pb2 as pb
-from router.errors import FailedPrecondition, Unavailable
-from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
+from router.errors import FailedPrecondition, KeyRecordMismatch, Unavailable
+from router.model import USAGES, KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
 from router.placement.store import StoreError
 from router.router import STORE_RETRY
 from tests.support import rpc_error, unique
@@ -456,3 +458,192 @@ def test_a_destroyed_external_key_through_grpc(crypto) -> None:
                           (crypto.Sign, pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
                                                        digest=DIGEST))):
         assert rpc_error(call, request, timeout=10).code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# -- a placement record altered in the store ----------------------------------------------------
+#
+# Whoever can write the store, with no PIN and no key material, can copy another key's wrapped
+# key into a record, put a public key of their own in it, or relabel it. A key is checked against
+# its record when it is unwrapped: each of these is KEY_RECORD_MISMATCH, and nothing stays unwrapped.
+
+MESSAGE = b"pay 1,000,000 to mallory"
+ECDSA_P256 = ec.ECDSA(hashes.SHA256())
+
+
+def _spki(public: Any) -> bytes:
+    der: bytes = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der
+
+
+def _made(router: Any, algorithm: KeyAlgorithm, name: str = "ext-record") -> Placement:
+    key_id = unique(name)
+    made: Placement = router.generate_key(
+        KeySpec(key_id=key_id, algorithm=algorithm, usage=USAGES[algorithm][0], request_id=key_id,
+                storage=KeyStorage.EXTERNAL), time.monotonic() + 60)
+    return made
+
+
+def _altered(router: Any, key: Placement, **fields: Any) -> Placement:
+    """What a store writer does to a key no call has used yet: edit its record; the router reads it."""
+    router.store.update(dataclasses.replace(router.store.get(key.key_id), **fields))
+    router.refresh()
+    altered: Placement = router.placement(key.key_id)
+    return altered
+
+
+def _sign_with(router: Any, key: Placement) -> Any:
+    op = Operation.ECDSA_SHA384 if key.algorithm is KeyAlgorithm.EC_P384 else (
+        Operation.ECDSA_SHA256 if key.algorithm.is_ec else Operation.RSA_PSS_SHA256)
+    return lambda: router.sign(key.key_id, op, None, MESSAGE, time.monotonic() + 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tampering:
+    name: str
+    alter: Any
+    """(router) -> (the altered key, [the calls on it that must be refused])."""
+
+
+def _wrapped_ec_key_of_another(router: Any) -> tuple[Placement, list[Any]]:
+    a, b = _made(router, KeyAlgorithm.EC_P256), _made(router, KeyAlgorithm.EC_P256)
+    b = _altered(router, b, wrapped=a.wrapped)
+    signature = _sign(router, a.key_id)
+    return b, [_sign_with(router, b), lambda: router.public_key(b.key_id, time.monotonic() + 10),
+               lambda: router.verify(b.key_id, Operation.ECDSA_SHA256, DIGEST, None, signature,
+                                     time.monotonic() + 10)]
+
+
+def _wrapped_rsa_key_of_another(router: Any) -> tuple[Placement, list[Any]]:
+    a, b = _made(router, KeyAlgorithm.RSA_2048), _made(router, KeyAlgorithm.RSA_2048)
+    b = _altered(router, b, wrapped=a.wrapped)
+    return b, [_sign_with(router, b), lambda: router.public_key(b.key_id, time.monotonic() + 10)]
+
+
+def _public_key_of_the_writer(router: Any) -> tuple[Placement, list[Any]]:
+    mallory = ec.generate_private_key(ec.SECP256R1())
+    b = _altered(router, _made(router, KeyAlgorithm.EC_P256), public_der=_spki(mallory.public_key()))
+    forged = mallory.sign(MESSAGE, ECDSA_P256)  # made outside the HSM
+    return b, [lambda: router.verify(b.key_id, Operation.ECDSA_SHA256, None, MESSAGE, forged, time.monotonic() + 10),
+               lambda: router.public_key(b.key_id, time.monotonic() + 10), _sign_with(router, b)]
+
+
+def _rsa_public_key_of_the_writer(router: Any) -> tuple[Placement, list[Any]]:
+    mallory = rsa.generate_private_key(65537, 2048)
+    b = _altered(router, _made(router, KeyAlgorithm.RSA_2048), public_der=_spki(mallory.public_key()))
+    pss = padding.PSS(padding.MGF1(hashes.SHA256()), 32)
+    forged = mallory.sign(MESSAGE, pss, hashes.SHA256())
+    return b, [lambda: router.verify(b.key_id, Operation.RSA_PSS_SHA256, None, MESSAGE, forged,
+                                     time.monotonic() + 10),
+               lambda: router.public_key(b.key_id, time.monotonic() + 10)]
+
+
+def _p384_key_relabelled_p256(router: Any) -> tuple[Placement, list[Any]]:
+    b = _altered(router, _made(router, KeyAlgorithm.EC_P384), algorithm=KeyAlgorithm.EC_P256)
+    return b, [_sign_with(router, b)]
+
+
+def _ec_key_wrapped_in_an_hmac_record(router: Any) -> tuple[Placement, list[Any]]:
+    a = _made(router, KeyAlgorithm.EC_P256)
+    b = _altered(router, _made(router, KeyAlgorithm.HMAC_SHA256), wrapped=a.wrapped)
+    return b, [lambda: router.mac(b.key_id, Operation.HMAC_SHA256, MESSAGE, time.monotonic() + 10)]
+
+
+TAMPERINGS = [
+    Tampering("another EC key's wrapped key", _wrapped_ec_key_of_another),
+    Tampering("another RSA key's wrapped key", _wrapped_rsa_key_of_another),
+    Tampering("an EC public key of the writer's", _public_key_of_the_writer),
+    Tampering("an RSA public key of the writer's", _rsa_public_key_of_the_writer),
+    Tampering("a P-384 key relabelled P-256", _p384_key_relabelled_p256),
+    Tampering("an EC key's wrapped key in an HMAC key's record", _ec_key_wrapped_in_an_hmac_record),
+]
+
+
+@pytest.mark.parametrize("tampering", TAMPERINGS, ids=[t.name for t in TAMPERINGS])
+def test_a_record_altered_in_the_store_is_refused_and_leaves_nothing_unwrapped(
+    make_router, tokens, tampering: Tampering
+) -> None:
+    router = make_router(spec_changes={"pool_size": 2})
+    key, calls = tampering.alter(router)
+
+    for call in calls:
+        with pytest.raises(KeyRecordMismatch, match="altered or is corrupt"):
+            call()
+    for name, backend in router.backends.items():
+        assert tokens.objects(name, key.key_id) == [], name
+        assert all(not any(k == key.key_id for k, _ in s.unwrapped) for s in _every_session(backend)), name
+
+
+def test_a_public_key_written_into_a_record_in_use_is_refused_too(make_router, tokens) -> None:
+    """The session that holds the key unwrapped from the untouched record does not take the new
+    public key on trust: it checks the key it holds against it before verifying with it."""
+    router = make_router(spec_changes={"pool_size": 1})
+    key = _made(router, KeyAlgorithm.EC_P256)
+    _sign(router, key.key_id)  # the one session holds the private key, checked against the record then
+    _, genuine = router.public_key(key.key_id, time.monotonic() + 10)
+    mallory = ec.generate_private_key(ec.SECP256R1())
+    _altered(router, key, public_der=_spki(mallory.public_key()))
+
+    forged = mallory.sign(MESSAGE, ECDSA_P256)
+    with pytest.raises(KeyRecordMismatch):
+        router.verify(key.key_id, Operation.ECDSA_SHA256, None, MESSAGE, forged, time.monotonic() + 10)
+    with pytest.raises(KeyRecordMismatch):
+        router.public_key(key.key_id, time.monotonic() + 10)  # not the one this process handed out before
+    backend = router.backends[key.primary]
+    (session,) = _every_session(backend)
+    assert (key.key_id, ObjectClass.PUBLIC_KEY) not in session.unwrapped
+    # The private key it holds is the record's own, untouched: it still signs, under the genuine key.
+    signature = _sign(router, key.key_id)
+    serialization.load_der_public_key(genuine).verify(signature, DIGEST, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+@pytest.mark.parametrize("algorithm", [KeyAlgorithm.EC_P256, KeyAlgorithm.EC_P384, KeyAlgorithm.RSA_2048])
+def test_untouched_external_keys_sign_and_verify(make_router, algorithm: KeyAlgorithm) -> None:
+    """The checks pass every key the gateway made: a process that only verifies (its sessions
+    unwrap the private key first, to check the record's public key) and one that signs."""
+    signer, verifier = make_router(), make_router()
+    key = _made(signer, algorithm)
+    signature = _sign_with(signer, key)()[0]
+    _, der = verifier.public_key(key.key_id, time.monotonic() + 10)
+    public: Any = serialization.load_der_public_key(der)
+    if algorithm.is_ec:
+        hashed = hashes.SHA384() if algorithm is KeyAlgorithm.EC_P384 else hashes.SHA256()
+        public.verify(signature, MESSAGE, ec.ECDSA(hashed))
+        op = Operation.ECDSA_SHA384 if algorithm is KeyAlgorithm.EC_P384 else Operation.ECDSA_SHA256
+    else:
+        public.verify(signature, MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+        op = Operation.RSA_PSS_SHA256
+    assert verifier.verify(key.key_id, op, None, MESSAGE, signature, time.monotonic() + 10)
+    assert not verifier.verify(key.key_id, op, None, MESSAGE + b".", signature, time.monotonic() + 10)
+    assert signer.public_key(key.key_id, time.monotonic() + 10)[1] == der == key.public_der
+
+
+def test_altered_records_through_grpc(make_router, crypto) -> None:
+    """What a caller of the gateway sees: FAILED_PRECONDITION, reason KEY_RECORD_MISMATCH.
+    The altered records are new ones (a store writer can add records too), so the gateway
+    process reads each first as altered."""
+    router = make_router()
+    a, b = _made(router, KeyAlgorithm.EC_P256), _made(router, KeyAlgorithm.EC_P256)
+    hmac = _made(router, KeyAlgorithm.HMAC_SHA256)
+    mallory = ec.generate_private_key(ec.SECP256R1())
+
+    def added(source: Placement, **fields: Any) -> str:
+        key_id = unique("ext-added")
+        record = router.store.get(source.key_id)
+        router.store.create(dataclasses.replace(record, key_id=key_id, request_id=key_id, version=1, **fields))
+        return key_id
+
+    copied, swapped, relabelled = (added(b, wrapped=a.wrapped), added(b, public_der=_spki(mallory.public_key())),
+                                   added(hmac, wrapped=a.wrapped))
+    refused = [
+        (crypto.Sign, pb.SignRequest(key_id=copied, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=MESSAGE)),
+        (crypto.GetPublicKey, pb.GetPublicKeyRequest(key_id=swapped)),
+        (crypto.Verify, pb.VerifyRequest(key_id=swapped, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=MESSAGE,
+                                         signature=mallory.sign(MESSAGE, ECDSA_P256))),
+        (crypto.Mac, pb.MacRequest(key_id=relabelled, algorithm=pb.ALGORITHM_HMAC_SHA256, data=MESSAGE)),
+    ]
+    for call, request in refused:
+        err = rpc_error(call, request, timeout=10)
+        info = error_info(rpc_status.from_call(err))
+        assert (err.code(), info and info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "KEY_RECORD_MISMATCH"), \
+            err.details()
+        assert "altered or is corrupt" in err.details()
