@@ -23,6 +23,7 @@ EXPECTED_CODES: dict[type[errors.RouterError], grpc.StatusCode] = {
     errors.RequestConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyChanged: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyCreationElsewhere: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.KeyRecordMismatch: grpc.StatusCode.FAILED_PRECONDITION,  # the store was altered: an operator's
     errors.KeyOutOfReach: grpc.StatusCode.UNAVAILABLE,
     errors.KeyBeingCreated: grpc.StatusCode.UNAVAILABLE,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
