@@ -6,9 +6,12 @@
     signature = client.sign("payments/signing-2026", hashlib.sha256(msg).digest())
 
 Endpoints are tried in order: the client sticks to the first that works and
-moves to the next when one is unreachable (UNAVAILABLE, a call the gateway
-cancelled as it shut down, or a deadline that passes without an answer while
-connecting). Every gateway serves every
+moves to the next when one is unreachable: UNAVAILABLE, a call the gateway
+cancelled as it shut down, no connection within ``connect_timeout`` (1 s), or,
+for an idempotent call, no answer within its share of the deadline (each
+endpoint not yet tried gets an equal share, so a connection whose packets are
+dropped, which stays open until keepalive gives up on it after 30-35 s, still
+leaves the next endpoint time to answer). Every gateway serves every
 replicated key, so the next region answers the same request. Idempotent calls
 (everything but GenerateKey without a request_id, which the helper always
 sets) are retried on the next endpoint within the caller's deadline, and once
@@ -30,6 +33,7 @@ policy for gRPC's built-in retries (one endpoint per channel).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -72,6 +76,13 @@ ROUNDS = 2
 balancer) is tried again too: a gateway that is shutting down sends its callers elsewhere."""
 RETRY_PAUSE = 0.05
 """Seconds (±50 %) between one round of the endpoints and the next."""
+CHANNEL_OPTIONS = (
+    # A connection whose packets are dropped stays open, and READY, until a ping goes
+    # unanswered: ping every 30 s while a call is open (the least the gateway allows; more
+    # often and it closes the connection), and give up on it 5 s after a ping.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+)
 
 
 def error_reason(exc: grpc.RpcError) -> str:
@@ -108,6 +119,9 @@ class Client:
         self._lock = threading.Lock()
         self._current = 0
         self._channels: dict[int, grpc.Channel] = {}
+        self._ready: dict[int, bool] = {}
+        """Whether each channel was last seen READY (a subscription keeps it current)."""
+        self._asked_to_connect = float("-inf")
         self._closed = False
         self.failovers = 0
 
@@ -121,12 +135,34 @@ class Client:
             if channel is None:
                 target = self._endpoints[index]
                 channel = (
-                    grpc.secure_channel(target, self._credentials)
+                    grpc.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
                     if self._credentials is not None
-                    else grpc.insecure_channel(target)
+                    else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
                 )
                 self._channels[index] = channel
+                self._ready[index] = False
+                channel.subscribe(functools.partial(self._watch, index, channel), try_to_connect=True)
             return channel
+
+    def _watch(self, index: int, channel: grpc.Channel, state: grpc.ChannelConnectivity) -> None:
+        with self._lock:
+            if self._channels.get(index) is channel:
+                self._ready[index] = state is grpc.ChannelConnectivity.READY
+
+    def _reachable(self, index: int, wait: float) -> bool:
+        """Whether endpoint ``index`` has a connection, waiting up to ``wait`` s for one."""
+        channel = self._channel(index)
+        if self._ready.get(index):
+            return True
+        self._asked_to_connect = time.monotonic()
+        ready = grpc.channel_ready_future(channel)  # asks the channel to connect if it is idle
+        try:
+            ready.result(timeout=max(wait, 0.0))
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
+        return True
 
     @property
     def endpoint(self) -> str:
@@ -145,7 +181,8 @@ class Client:
         unreachable = False  # an endpoint failed: move on for good; one that refused a creation stays
         start = self._current
         count = len(self._endpoints)
-        for step in range(count * ROUNDS):
+        steps = count * ROUNDS
+        for step in range(steps):
             index = (start + step) % count
             if step and step % count == 0:  # every endpoint failed once: wait a little, then again
                 time.sleep(min(RETRY_PAUSE * random.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
@@ -154,9 +191,21 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            # An endpoint that does not connect within connect_timeout is unreachable; the last
+            # attempt is sent all the same, so the caller hears gRPC's own answer.
+            if step < steps - 1 and not self._reachable(index, min(self._connect_timeout, remaining)):
+                log.warning("endpoint %s did not connect within %.1f s; trying the next",
+                            self._endpoints[index], self._connect_timeout)
+                unreachable = True
+                continue
+            remaining = deadline - time.monotonic()
+            # An idempotent call leaves time for the endpoints it has not tried yet: a connection
+            # whose packets are dropped stays READY until keepalive gives up on it.
+            untried = count - step if step < count and not creating else 1
+            attempt = remaining / untried
             stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
             try:
-                result = invoke(stub, remaining)
+                result = invoke(stub, attempt)
             except grpc.RpcError as exc:
                 if self._closed:  # closed under the call: it ends here
                     raise
@@ -164,6 +213,10 @@ class Client:
                     raise  # the key's state, the same through every endpoint
                 if exc.code() in failover:
                     log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
+                    unreachable = True
+                elif exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and untried > 1:
+                    log.warning("endpoint %s did not answer within %.1f s; trying the next",
+                                self._endpoints[index], attempt)
                     unreachable = True
                 elif creating and exc.code() is grpc.StatusCode.FAILED_PRECONDITION \
                         and error_reason(exc) == CREATION_ELSEWHERE:
@@ -183,8 +236,11 @@ class Client:
 
     def close(self) -> None:
         """Close every channel; calls still running end with CANCELLED and are not sent elsewhere."""
+        self._closed = True
+        # gRPC's connectivity poller acts on a request to connect up to 0.2 s after it, and
+        # raises in its thread if the channel has been closed by then.
+        time.sleep(max(0.0, self._asked_to_connect + 0.3 - time.monotonic()))
         with self._lock:
-            self._closed = True
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()

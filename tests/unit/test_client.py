@@ -6,6 +6,7 @@ the status the client sees is exactly the one a gateway would send.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -125,8 +126,9 @@ def test_one_address_is_tried_again_after_a_pause(endpoints, monkeypatch: pytest
     monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), real_sleep(seconds)))
     with Client([target], timeout=5) as client:
         assert client.sign("k", bytes(32)).signature == b"first"
+        between = [p for p in pauses if p > 0]  # the call's pauses, not the close's
     assert endpoint.calls == 2
-    assert [p for p in pauses if p > 0] and all(0.025 <= p <= 0.075 for p in pauses if p > 0)
+    assert between and all(0.025 <= p <= 0.075 for p in between)
     endpoint.calls, endpoint.times = 0, None
     with Client([target], timeout=5) as client:
         with pytest.raises(grpc.RpcError) as caught:
@@ -215,3 +217,24 @@ def test_closing_the_client_ends_its_calls_without_sending_them_elsewhere(endpoi
     assert second.calls == 0 and client.endpoint == first_target and client.failovers == 0
     with pytest.raises(ValueError, match="closed"):
         client.sign("k", bytes(32))
+
+
+def test_an_endpoint_that_never_connects_is_passed_over_within_connect_timeout(endpoints) -> None:
+    """A region whose packets are dropped: TCP may connect (here the kernel completes it), but no
+    gateway ever speaks. The client moves on after connect_timeout, not the caller's deadline."""
+    (target, first), _ = endpoints
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent_target = f"127.0.0.1:{silent.getsockname()[1]}"
+        with Client([silent_target, target], timeout=5, connect_timeout=0.5) as client:
+            started = time.monotonic()
+            assert client.sign("k", bytes(32)).signature == b"first"
+            assert time.monotonic() - started < 3, "waited out the caller's deadline on the silent endpoint"
+            assert client.endpoint == target and client.failovers == 1
+
+
+def test_a_connected_endpoint_that_does_not_answer_leaves_time_for_the_next(endpoints) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    first.delay = 3.0  # connected, and silent past the caller's deadline
+    with Client([first_target, second_target], timeout=2) as client:
+        assert client.sign("k", bytes(32)).signature == b"second"
+        assert client.endpoint == second_target and client.failovers == 1
