@@ -178,7 +178,7 @@ class Client:
     ) -> T:
         deadline = time.monotonic() + (timeout or self._timeout)
         last: grpc.RpcError | None = None
-        unreachable = False  # an endpoint failed: move on for good; one that refused a creation stays
+        unreachable = False  # the current endpoint failed: the client moves to the one that answers
         start = self._current
         count = len(self._endpoints)
         steps = count * ROUNDS
@@ -196,7 +196,7 @@ class Client:
             if step < steps - 1 and not self._reachable(index, min(self._connect_timeout, remaining)):
                 log.warning("endpoint %s did not connect within %.1f s; trying the next",
                             self._endpoints[index], self._connect_timeout)
-                unreachable = True
+                unreachable |= index == start
                 continue
             remaining = deadline - time.monotonic()
             # An idempotent call leaves time for the endpoints it has not tried yet: a connection
@@ -213,11 +213,11 @@ class Client:
                     raise  # the key's state, the same through every endpoint
                 if exc.code() in failover:
                     log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
-                    unreachable = True
+                    unreachable |= index == start
                 elif exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and untried > 1:
                     log.warning("endpoint %s did not answer within %.1f s; trying the next",
                                 self._endpoints[index], attempt)
-                    unreachable = True
+                    unreachable |= index == start
                 elif creating and exc.code() is grpc.StatusCode.FAILED_PRECONDITION \
                         and error_reason(exc) == CREATION_ELSEWHERE:
                     log.info("endpoint %s does not create keys; trying the next", self._endpoints[index])
@@ -225,10 +225,11 @@ class Client:
                     raise
                 last = exc
                 continue
-            if index != self._current and unreachable:
+            if index != start and unreachable:
                 with self._lock:
-                    self._current = index
-                    self.failovers += 1
+                    if self._current == start:  # another call may have moved it meanwhile
+                        self._current = index
+                        self.failovers += 1
             return result
         if last is not None:
             raise last

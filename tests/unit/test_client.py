@@ -20,7 +20,7 @@ from gateway.client import Client, error_reason
 from gateway.status import to_rpc_status
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from router.errors import KeyBeingCreated, RouterError
+from router.errors import KeyBeingCreated, KeyCreationElsewhere, RouterError
 
 
 class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
@@ -238,3 +238,14 @@ def test_a_connected_endpoint_that_does_not_answer_leaves_time_for_the_next(endp
     with Client([first_target, second_target], timeout=2) as client:
         assert client.sign("k", bytes(32)).signature == b"second"
         assert client.endpoint == second_target and client.failovers == 1
+
+
+def test_the_client_stays_when_only_another_endpoint_failed(endpoints) -> None:
+    """The first endpoint does not create keys (it refused, and serves everything else); the
+    second failed once on the way. Neither is a reason to leave the first."""
+    (first_target, first), (second_target, second) = endpoints
+    first.error = KeyCreationElsewhere("this region does not create keys")
+    second.code, second.times = grpc.StatusCode.UNAVAILABLE, 1
+    with Client([first_target, second_target], timeout=5) as client:
+        assert client.generate_key("k", "EC_P256", request_id="r").primary_cluster == "second"
+        assert client.endpoint == first_target and client.failovers == 0
