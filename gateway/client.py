@@ -13,19 +13,24 @@ endpoint not yet tried gets an equal share, so a connection whose packets are
 dropped, which stays open until keepalive gives up on it after 30-35 s, still
 leaves the next endpoint time to answer). Every gateway serves every
 replicated key, so the next region answers the same request. Idempotent calls
-(everything but GenerateKey without a request_id, which the helper always
-sets) are retried on the next endpoint within the caller's deadline, and once
-more on each after a short pause (one address behind a load balancer reaches
-another gateway that way); GenerateKey
-only on UNAVAILABLE, since a creation cancelled as a gateway stopped may have made
-its key, and another region does not know its request_id. A GenerateKey that a
-gateway refuses because its region does not create keys (``[gateway] creates_keys =
-false``: FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE) goes to the next endpoint
-too; the client's other calls stay where they were. A call on a key whose creation is
-under way (UNAVAILABLE, reason KEY_BEING_CREATED) is answered at once, on no other
-endpoint: every region says the same. GenerateKey meets it when another attempt with its
-request_id is creating the key, and asks the same endpoint again, pausing 0.1 s and
-doubling to 1 s, until it has the key or its deadline.
+(everything but GenerateKey) are retried on the next endpoint within the
+caller's deadline, and once more on each after a short pause (one address
+behind a load balancer reaches another gateway that way).
+
+GenerateKey changes endpoint only when the endpoint never had its request (no
+connection within ``connect_timeout``) or refused it because its region does not
+create keys (``[gateway] creates_keys = false``: FAILED_PRECONDITION, reason
+KEY_CREATION_ELSEWHERE); the client's other calls stay where they were. Any other
+UNAVAILABLE or CANCELLED (a gateway killed, or one that cut the creation off as it
+stopped) may come after the key was made, and another region, whose copy of the
+placement table may not have the creation's record yet, would make a second key under
+the same id: GenerateKey asks the same endpoint again with the same request_id,
+pausing 0.1 s and doubling to 1 s, until it is answered or its deadline passes.
+
+A call on a key whose creation is under way (UNAVAILABLE, reason KEY_BEING_CREATED)
+is answered at once, on no other endpoint: every region says the same. GenerateKey
+meets it when another attempt with its request_id is creating the key, and asks the
+same endpoint again in the same way.
 
 Other languages: ``deploy/grpc-service-config.json`` carries the same retry
 policy for gRPC's built-in retries (one endpoint per channel).
@@ -58,10 +63,10 @@ T = TypeVar("T")
 # was ended by the gateway or the connection. gRPC core does that to calls that reach a
 # gateway after its shutdown began, before the client has read its GOAWAY: a handful of
 # calls in every restart under load.
-# A call cancelled when a gateway's grace ran out may have done its work, though: key
-# creation, whose request_id is known only in its own region, moves on UNAVAILABLE alone.
+# Either may come after the gateway did the work, though (a gateway killed, or a creation cut
+# off as it stopped, answers UNAVAILABLE too): a key creation, whose request_id another region
+# may not know yet, is asked again of the endpoint it reached, never sent to another.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
-CREATION_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 CREATION_ELSEWHERE = errors.KeyCreationElsewhere.reason
 """The ErrorInfo reason of a GenerateKey refused by a gateway whose region does not create keys."""
 BEING_CREATED = errors.KeyBeingCreated.reason
@@ -172,7 +177,6 @@ class Client:
         self,
         invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T],
         timeout: float | None,
-        failover: frozenset[grpc.StatusCode] = FAILOVER_CODES,
         *,
         creating: bool = False,
     ) -> T:
@@ -211,16 +215,21 @@ class Client:
                     raise
                 if exc.code() is grpc.StatusCode.UNAVAILABLE and error_reason(exc) == BEING_CREATED:
                     raise  # the key's state, the same through every endpoint
-                if exc.code() in failover:
+                if creating:
+                    if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and error_reason(exc) == CREATION_ELSEWHERE:
+                        log.info("endpoint %s does not create keys; trying the next", self._endpoints[index])
+                        last = exc
+                        continue
+                    if exc.code() in FAILOVER_CODES:
+                        return self._create_again(index, invoke, deadline, exc)
+                    raise
+                if exc.code() in FAILOVER_CODES:
                     log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
                     unreachable |= index == start
                 elif exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and untried > 1:
                     log.warning("endpoint %s did not answer within %.1f s; trying the next",
                                 self._endpoints[index], attempt)
                     unreachable |= index == start
-                elif creating and exc.code() is grpc.StatusCode.FAILED_PRECONDITION \
-                        and error_reason(exc) == CREATION_ELSEWHERE:
-                    log.info("endpoint %s does not create keys; trying the next", self._endpoints[index])
                 else:
                     raise
                 last = exc
@@ -234,6 +243,32 @@ class Client:
         if last is not None:
             raise last
         raise TimeoutError("deadline passed before any endpoint answered")
+
+    def _create_again(
+        self,
+        index: int,
+        invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T],
+        deadline: float,
+        last: grpc.RpcError,
+    ) -> T:
+        """A key creation that reached endpoint ``index`` and failed there as an endpoint fails: it
+        may have run, so it is asked again there (its request_id finds the key or the attempt),
+        pausing 0.1 s and doubling to 1 s, until it is answered or the deadline passes."""
+        log.warning("endpoint %s failed a key creation (%s); asking it again", self._endpoints[index], last.details())
+        pause = CREATION_WAIT[0]
+        while not self._closed and time.monotonic() + pause < deadline:
+            time.sleep(pause * random.uniform(0.8, 1.2))
+            pause = min(pause * 2, CREATION_WAIT[1])
+            if not self._reachable(index, min(self._connect_timeout, deadline - time.monotonic())):
+                continue
+            stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
+            try:
+                return invoke(stub, deadline - time.monotonic())
+            except grpc.RpcError as exc:
+                if self._closed or exc.code() not in FAILOVER_CODES:
+                    raise
+                last = exc
+        raise last
 
     def close(self) -> None:
         """Close every channel; calls still running end with CANCELLED and are not sent elsewhere."""
@@ -288,7 +323,7 @@ class Client:
                 time.sleep(pause * random.uniform(0.8, 1.2))
                 pause = min(pause * 2, CREATION_WAIT[1])
 
-        return self._call(create, timeout, CREATION_FAILOVER_CODES, creating=True)
+        return self._call(create, timeout, creating=True)
 
     def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:
         request = pb.GetPublicKeyRequest(key_id=key_id)

@@ -136,19 +136,32 @@ def test_one_address_is_tried_again_after_a_pause(endpoints, monkeypatch: pytest
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE and endpoint.calls == 2
 
 
-def test_a_key_creation_moves_to_the_next_gateway_only_when_the_first_did_not_take_it(endpoints) -> None:
-    """UNAVAILABLE: refused before it ran. CANCELLED may come after the key was made (a gateway's
-    grace ran out), and the next region does not know the request_id: the caller decides."""
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+def test_a_key_creation_the_first_gateway_may_have_run_is_asked_of_it_again(endpoints, code) -> None:
+    """A gateway killed mid-creation (UNAVAILABLE "Stream removed"), or one whose stop cut the
+    creation off (UNAVAILABLE, GATEWAY_STOPPING; CANCELLED), may have made the key; another region
+    may not know the request_id yet and would make it a second time."""
     (first_target, first), (second_target, second) = endpoints
-    first.code = grpc.StatusCode.UNAVAILABLE
+    first.code, first.times = code, 2
     with Client([first_target, second_target], timeout=5) as client:
-        assert client.generate_key("k1", "EC_P256", request_id="r1").primary_cluster == "second"
-    first.code = grpc.StatusCode.CANCELLED
-    with Client([first_target, second_target], timeout=5) as client:
+        assert client.generate_key("k1", "EC_P256", request_id="r1").primary_cluster == "first"
+        assert client.endpoint == first_target and client.failovers == 0
+    assert (first.calls, second.calls) == (3, 0)
+
+    first.calls, first.times = 0, None  # it never answers: the caller hears of it, no other region is asked
+    with Client([first_target, second_target], timeout=1) as client:
         with pytest.raises(grpc.RpcError) as caught:
             client.generate_key("k2", "EC_P256", request_id="r2")
-    assert caught.value.code() is grpc.StatusCode.CANCELLED
-    assert (first.calls, second.calls) == (2, 1)
+    assert caught.value.code() is code and first.calls >= 2 and second.calls == 0
+
+
+def test_a_key_creation_moves_on_when_the_first_gateway_never_had_it(endpoints) -> None:
+    (target, endpoint), _ = endpoints
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent_target = f"127.0.0.1:{silent.getsockname()[1]}"
+        with Client([silent_target, target], timeout=5, connect_timeout=0.5) as client:
+            assert client.generate_key("k", "EC_P256", request_id="r").primary_cluster == "first"
+    assert endpoint.calls == 1
 
 
 def test_a_key_being_created_is_answered_at_once_and_by_no_other_gateway(endpoints) -> None:
