@@ -104,6 +104,16 @@ def error_reason(exc: grpc.RpcError) -> str:
     return str(info.reason) if info is not None else ""
 
 
+def _set_input(request: pb.SignRequest | pb.VerifyRequest, digest: bytes | None, message: bytes | None) -> None:
+    """What is signed or verified: a digest or a message, exactly one (an empty message is one)."""
+    if (digest is None) == (message is None):
+        raise ValueError("give exactly one of digest and message")
+    if digest is not None:
+        request.digest = digest
+    elif message is not None:
+        request.message = message
+
+
 class Client:
     def __init__(
         self,
@@ -339,11 +349,10 @@ class Client:
         algorithm: str = "ECDSA_SHA256",
         timeout: float | None = None,
     ) -> pb.SignResponse:
+        """Sign ``digest`` (the hash of the message, as ``algorithm`` names it) or ``message``:
+        exactly one of them (ValueError otherwise)."""
         request = pb.SignRequest(key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"))
-        if digest is not None:
-            request.digest = digest
-        else:
-            request.message = message or b""
+        _set_input(request, digest, message)
         response: pb.SignResponse = self._call(lambda stub, t: stub.Sign(request, **self._kw(t)), timeout)
         return response
 
@@ -357,12 +366,11 @@ class Client:
         algorithm: str = "ECDSA_SHA256",
         timeout: float | None = None,
     ) -> bool:
+        """Whether ``signature`` is ``key_id``'s over ``digest`` or ``message``: exactly one of
+        them (ValueError otherwise)."""
         request = pb.VerifyRequest(
             key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"), signature=signature
         )
-        if digest is not None:
-            request.digest = digest
-        else:
-            request.message = message or b""
+        _set_input(request, digest, message)
         response: pb.VerifyResponse = self._call(lambda stub, t: stub.Verify(request, **self._kw(t)), timeout)
         return response.valid

@@ -262,3 +262,16 @@ def test_the_client_stays_when_only_another_endpoint_failed(endpoints) -> None:
     with Client([first_target, second_target], timeout=5) as client:
         assert client.generate_key("k", "EC_P256", request_id="r").primary_cluster == "second"
         assert client.endpoint == first_target and client.failovers == 0
+
+
+@pytest.mark.parametrize("inputs", [{}, {"digest": bytes(32), "message": b"m"}])
+def test_sign_and_verify_take_exactly_one_input(endpoints, inputs) -> None:
+    """Neither would sign the empty message; both would drop one without a word."""
+    (target, endpoint), _ = endpoints
+    with Client([target], timeout=5) as client:
+        with pytest.raises(ValueError, match="exactly one of digest and message"):
+            client.sign("k", **inputs)
+        with pytest.raises(ValueError, match="exactly one of digest and message"):
+            client.verify("k", b"signature", **inputs)
+        assert client.sign("k", message=b"").signature == b"first"  # the empty message, asked for
+    assert endpoint.calls == 1
