@@ -43,7 +43,6 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -311,8 +310,13 @@ class Client:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> pb.Key:
+        """Create ``key_id``. ``request_id`` is the creation's idempotency key: the same request sent
+        again, by this client or by the application retrying a call whose answer it lost, returns
+        the same key. It defaults to ``key_id`` itself (key ids are never reused, so one key id is
+        one creation); give your own only to tie the creation to something of yours. A different
+        request_id for an existing key is ALREADY_EXISTS."""
         request = pb.GenerateKeyRequest(
-            request_id=request_id or f"{key_id}#{uuid.uuid4()}",
+            request_id=request_id or key_id,
             key_id=key_id,
             algorithm=_pbenum.value(pb.KeyAlgorithm, f"KEY_ALGORITHM_{algorithm}"),
             usage=_pbenum.value(pb.KeyUsage, f"KEY_USAGE_{usage}") if usage else pb.KEY_USAGE_UNSPECIFIED,

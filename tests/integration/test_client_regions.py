@@ -96,3 +96,13 @@ def test_a_region_that_stops_answering_is_left_for_the_next(proxy, gateway, cryp
     with Client([proxy.target, gateway.target], timeout=4, connect_timeout=0.5) as fresh:
         assert fresh.sign(key_id, digest).signature
         assert fresh.endpoint == gateway.target and fresh.failovers == 1
+
+
+def test_an_application_retrying_a_key_creation_gets_its_key(gateway) -> None:
+    """The first answer was lost (a timeout, a crash after the call): the application calls again,
+    without a request_id of its own, and gets the key the first call made, not ALREADY_EXISTS."""
+    key_id = unique("retried")
+    with Client([gateway.target], timeout=30) as client:
+        made = client.generate_key(key_id, "EC_P256")
+    with Client([gateway.target], timeout=30) as client:
+        assert client.generate_key(key_id, "EC_P256") == made
