@@ -17,6 +17,12 @@ replicated key, so the next region answers the same request. Idempotent calls
 caller's deadline, and once more on each after a short pause (one address
 behind a load balancer reaches another gateway that way).
 
+The client goes back: 30 s after it moved, and every 30 s while it is not on its
+first endpoint, a call asks the endpoints before the current one, in the
+background, whether they serve (grpc.health.v1, ``hsmgw.v1.CryptoService``); the
+client moves to the first that says SERVING. A rolling restart of the home region
+sends it to the next region for that long, not for good.
+
 GenerateKey changes endpoint only when the endpoint never had its request (no
 connection within ``connect_timeout``) or refused it because its region does not
 create keys (``[gateway] creates_keys = false``: FAILED_PRECONDITION, reason
@@ -47,6 +53,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import _pbenum
 from hsmgw.v1 import crypto_pb2 as pb
@@ -80,6 +87,11 @@ ROUNDS = 2
 balancer) is tried again too: a gateway that is shutting down sends its callers elsewhere."""
 RETRY_PAUSE = 0.05
 """Seconds (±50 %) between one round of the endpoints and the next."""
+FAILBACK_INTERVAL = 30.0
+"""Seconds between asks, while the client is not on its first endpoint, whether a more preferred
+endpoint serves again (the first ask comes this long after the client moved)."""
+SERVING_CHECK = "hsmgw.v1.CryptoService"
+"""The grpc.health.v1 service a gateway reports SERVING while it can serve keys."""
 CHANNEL_OPTIONS = (
     # A connection whose packets are dropped stays open, and READY, until a ping goes
     # unanswered: ping every 30 s while a call is open (the least the gateway allows; more
@@ -122,6 +134,7 @@ class Client:
         timeout: float = 5.0,
         connect_timeout: float = 1.0,
         metadata: Sequence[tuple[str, str]] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is required")
@@ -132,6 +145,9 @@ class Client:
         self._metadata = tuple(metadata)
         self._lock = threading.Lock()
         self._current = 0
+        self._clock = clock
+        self._next_check = 0.0
+        """When (``clock``) to ask next whether a more preferred endpoint serves again."""
         self._channels: dict[int, grpc.Channel] = {}
         self._ready: dict[int, bool] = {}
         """Whether each channel was last seen READY (a subscription keeps it current)."""
@@ -189,6 +205,7 @@ class Client:
         *,
         creating: bool = False,
     ) -> T:
+        self._fail_back()
         deadline = time.monotonic() + (timeout or self._timeout)
         last: grpc.RpcError | None = None
         unreachable = False  # the current endpoint failed: the client moves to the one that answers
@@ -248,10 +265,41 @@ class Client:
                     if self._current == start:  # another call may have moved it meanwhile
                         self._current = index
                         self.failovers += 1
+                        self._next_check = self._clock() + FAILBACK_INTERVAL
             return result
         if last is not None:
             raise last
         raise TimeoutError("deadline passed before any endpoint answered")
+
+    def _fail_back(self) -> None:
+        """Every FAILBACK_INTERVAL while not on the first endpoint, ask the endpoints before the
+        current one whether they serve; the client moves back to one that does (``_checked``).
+        The calls go on meanwhile: nothing waits for the answers."""
+        now = self._clock()
+        with self._lock:
+            current = self._current
+            if current == 0 or self._closed or now < self._next_check:
+                return
+            self._next_check = now + FAILBACK_INTERVAL
+        request = health_pb2.HealthCheckRequest(service=SERVING_CHECK)
+        for index in range(current):
+            check = health_pb2_grpc.HealthStub(self._channel(index)).Check.future(
+                request, timeout=self._connect_timeout, metadata=self._metadata, wait_for_ready=True
+            )
+            check.add_done_callback(functools.partial(self._checked, index))
+
+    def _checked(self, index: int, check: grpc.Future) -> None:
+        try:
+            serving = check.result().status == health_pb2.HealthCheckResponse.SERVING
+        except (grpc.RpcError, grpc.FutureCancelledError):  # not serving yet, or the client closed
+            return
+        if not serving:
+            return
+        with self._lock:
+            if self._closed or index >= self._current:
+                return
+            self._current = index
+        log.info("endpoint %s serves again; moving back to it", self._endpoints[index])
 
     def _create_again(
         self,

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from gateway.client import Client, error_reason
@@ -35,6 +36,7 @@ class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
         self.calls = 0
         self.error: RouterError | None = None
         """Answered as a gateway would (status, ErrorInfo, RetryInfo) instead of ``code``."""
+        self.health: _Health
 
     def _answer(self, context: grpc.ServicerContext) -> None:
         self.calls += 1
@@ -55,6 +57,19 @@ class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
         return pb.Key(key_id=request.key_id, primary_cluster=self.name)
 
 
+class _Health(health.HealthServicer):
+    """grpc.health.v1 as a gateway serves it; counts the checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+        self.set("hsmgw.v1.CryptoService", health_pb2.HealthCheckResponse.SERVING)
+
+    def Check(self, request, context):  # noqa: N802
+        self.checks += 1
+        return super().Check(request, context)
+
+
 @pytest.fixture
 def endpoints() -> Iterator[list[tuple[str, _Endpoint]]]:
     servers, made = [], []
@@ -62,6 +77,8 @@ def endpoints() -> Iterator[list[tuple[str, _Endpoint]]]:
         endpoint = _Endpoint(name, grpc.StatusCode.OK)
         server = grpc.server(ThreadPoolExecutor(max_workers=2))
         crypto_pb2_grpc.add_CryptoServiceServicer_to_server(endpoint, server)
+        endpoint.health = _Health()
+        health_pb2_grpc.add_HealthServicer_to_server(endpoint.health, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
@@ -275,3 +292,46 @@ def test_sign_and_verify_take_exactly_one_input(endpoints, inputs) -> None:
             client.verify("k", b"signature", **inputs)
         assert client.sign("k", message=b"").signature == b"first"  # the empty message, asked for
     assert endpoint.calls == 1
+
+
+def test_the_client_goes_back_to_its_first_endpoint_once_it_serves_again(endpoints) -> None:
+    """A rolling restart of the home region: the client moves to the next region while it is
+    down, and back once it serves, asking at most every 30 s and never when already home."""
+    (first_target, first), (second_target, second) = endpoints
+    now = [1000.0]
+    first.code = grpc.StatusCode.UNAVAILABLE
+    with Client([first_target, second_target], timeout=5, clock=lambda: now[0]) as client:
+        assert client.sign("k", bytes(32)).signature == b"second" and client.endpoint == second_target
+        first.code = grpc.StatusCode.OK  # restarted
+        now[0] += 29
+        for _ in range(5):
+            client.sign("k", bytes(32))
+        time.sleep(0.5)
+        assert first.health.checks == 0 and client.endpoint == second_target, "asked before 30 s"
+        now[0] += 2
+        client.sign("k", bytes(32))  # asks, and goes on where it is meanwhile
+        waited = time.monotonic() + 5
+        while client.endpoint != first_target and time.monotonic() < waited:
+            time.sleep(0.05)
+        assert client.endpoint == first_target and first.health.checks == 1
+        assert client.sign("k", bytes(32)).signature == b"first"
+        now[0] += 100
+        client.sign("k", bytes(32))
+        time.sleep(0.3)
+    assert first.health.checks == 1 and second.health.checks == 0, "asked while on the first endpoint"
+
+
+def test_the_client_stays_while_its_first_endpoint_does_not_serve(endpoints) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    now = [1000.0]
+    first.code = grpc.StatusCode.UNAVAILABLE
+    first.health.set("hsmgw.v1.CryptoService", health_pb2.HealthCheckResponse.NOT_SERVING)
+    with Client([first_target, second_target], timeout=5, clock=lambda: now[0]) as client:
+        client.sign("k", bytes(32))
+        now[0] += 31
+        client.sign("k", bytes(32))
+        waited = time.monotonic() + 5
+        while first.health.checks == 0 and time.monotonic() < waited:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert first.health.checks == 1 and client.endpoint == second_target
