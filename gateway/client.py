@@ -32,6 +32,11 @@ stopped) may come after the key was made, and another region, whose copy of the
 placement table may not have the creation's record yet, would make a second key under
 the same id: GenerateKey asks the same endpoint again with the same request_id,
 pausing 0.1 s and doubling to 1 s, until it is answered or its deadline passes.
+A key made through another endpoint than the current one (the current region does
+not create keys) may be unknown to the current region for a moment, until its copy
+of the placement table has the key's record (about a second on a DynamoDB global
+table): for 10 s, a NOT_FOUND for that key is asked again, once, of the endpoint
+that made it.
 
 A call on a key whose creation is under way (UNAVAILABLE, reason KEY_BEING_CREATED)
 is answered at once, on no other endpoint: every region says the same. GenerateKey
@@ -90,6 +95,10 @@ RETRY_PAUSE = 0.05
 FAILBACK_INTERVAL = 30.0
 """Seconds between asks, while the client is not on its first endpoint, whether a more preferred
 endpoint serves again (the first ask comes this long after the client moved)."""
+MADE_ELSEWHERE = 10.0
+"""Seconds after a GenerateKey that another endpoint than the current one answered (the current
+one's region does not create keys) during which a NOT_FOUND for that key is asked again of the
+endpoint that made it: the current region's copy of the placement table may not have its record yet."""
 SERVING_CHECK = "hsmgw.v1.CryptoService"
 """The grpc.health.v1 service a gateway reports SERVING while it can serve keys."""
 CHANNEL_OPTIONS = (
@@ -147,6 +156,8 @@ class Client:
         self._current = 0
         self._clock = clock
         self._next_check = 0.0
+        self._made_at: dict[str, tuple[int, float]] = {}
+        """Key id → the endpoint that made it, and until when (``clock``) to ask it (MADE_ELSEWHERE)."""
         """When (``clock``) to ask next whether a more preferred endpoint serves again."""
         self._channels: dict[int, grpc.Channel] = {}
         self._ready: dict[int, bool] = {}
@@ -204,6 +215,7 @@ class Client:
         timeout: float | None,
         *,
         creating: bool = False,
+        key_id: str = "",
     ) -> T:
         self._fail_back()
         deadline = time.monotonic() + (timeout or self._timeout)
@@ -247,8 +259,17 @@ class Client:
                         last = exc
                         continue
                     if exc.code() in FAILOVER_CODES:
-                        return self._create_again(index, invoke, deadline, exc)
+                        made = self._create_again(index, invoke, deadline, exc)
+                        self._made(key_id, index)
+                        return made
                     raise
+                if exc.code() is grpc.StatusCode.NOT_FOUND:
+                    maker = self._maker(key_id)
+                    if maker is None or maker == index:
+                        raise
+                    log.info("key %s was made through %s moments ago; asking it there",
+                             key_id, self._endpoints[maker])
+                    return invoke(crypto_pb2_grpc.CryptoServiceStub(self._channel(maker)), deadline - time.monotonic())
                 if exc.code() in FAILOVER_CODES:
                     log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
                     unreachable |= index == start
@@ -266,10 +287,27 @@ class Client:
                         self._current = index
                         self.failovers += 1
                         self._next_check = self._clock() + FAILBACK_INTERVAL
+            if creating:
+                self._made(key_id, index)
             return result
         if last is not None:
             raise last
         raise TimeoutError("deadline passed before any endpoint answered")
+
+    def _made(self, key_id: str, index: int) -> None:
+        """Remember a key made through another endpoint than the current one (MADE_ELSEWHERE)."""
+        if index == self._current:
+            return
+        with self._lock:
+            now = self._clock()
+            self._made_at = {k: made for k, made in self._made_at.items() if made[1] > now}
+            self._made_at[key_id] = (index, now + MADE_ELSEWHERE)
+
+    def _maker(self, key_id: str) -> int | None:
+        """The endpoint through which this client made ``key_id`` moments ago, if another."""
+        with self._lock:
+            made = self._made_at.get(key_id)
+            return made[0] if made is not None and made[1] > self._clock() else None
 
     def _fail_back(self) -> None:
         """Every FAILBACK_INTERVAL while not on the first endpoint, ask the endpoints before the
@@ -385,11 +423,13 @@ class Client:
                 time.sleep(pause * random.uniform(0.8, 1.2))
                 pause = min(pause * 2, CREATION_WAIT[1])
 
-        return self._call(create, timeout, creating=True)
+        return self._call(create, timeout, creating=True, key_id=key_id)
 
     def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:
         request = pb.GetPublicKeyRequest(key_id=key_id)
-        public: pb.PublicKey = self._call(lambda stub, t: stub.GetPublicKey(request, **self._kw(t)), timeout)
+        public: pb.PublicKey = self._call(
+            lambda stub, t: stub.GetPublicKey(request, **self._kw(t)), timeout, key_id=key_id
+        )
         return public.pem
 
     def sign(
@@ -405,7 +445,9 @@ class Client:
         exactly one of them (ValueError otherwise)."""
         request = pb.SignRequest(key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"))
         _set_input(request, digest, message)
-        response: pb.SignResponse = self._call(lambda stub, t: stub.Sign(request, **self._kw(t)), timeout)
+        response: pb.SignResponse = self._call(
+            lambda stub, t: stub.Sign(request, **self._kw(t)), timeout, key_id=key_id
+        )
         return response
 
     def verify(
@@ -424,5 +466,7 @@ class Client:
             key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"), signature=signature
         )
         _set_input(request, digest, message)
-        response: pb.VerifyResponse = self._call(lambda stub, t: stub.Verify(request, **self._kw(t)), timeout)
+        response: pb.VerifyResponse = self._call(
+            lambda stub, t: stub.Verify(request, **self._kw(t)), timeout, key_id=key_id
+        )
         return response.valid

@@ -21,7 +21,7 @@ from gateway.client import Client, error_reason
 from gateway.status import to_rpc_status
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from router.errors import KeyBeingCreated, KeyCreationElsewhere, RouterError
+from router.errors import KeyBeingCreated, KeyCreationElsewhere, KeyNotFound, RouterError
 
 
 class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
@@ -37,6 +37,8 @@ class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
         self.error: RouterError | None = None
         """Answered as a gateway would (status, ErrorInfo, RetryInfo) instead of ``code``."""
         self.health: _Health
+        self.sign_error: RouterError | None = None
+        """Sign's answer instead of ``code`` and ``error``, when set."""
 
     def _answer(self, context: grpc.ServicerContext) -> None:
         self.calls += 1
@@ -49,6 +51,9 @@ class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
             context.abort(self.code, f"{self.name} answers {self.code.name}")
 
     def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:  # noqa: N802
+        if self.sign_error is not None:
+            self.calls += 1
+            context.abort_with_status(rpc_status.to_status(to_rpc_status(self.sign_error)))
         self._answer(context)
         return pb.SignResponse(key_id=request.key_id, signature=self.name.encode())
 
@@ -335,3 +340,24 @@ def test_the_client_stays_while_its_first_endpoint_does_not_serve(endpoints) -> 
             time.sleep(0.05)
         time.sleep(0.3)
         assert first.health.checks == 1 and client.endpoint == second_target
+
+
+def test_a_key_just_made_in_another_region_is_used_there_until_the_client_region_has_it(endpoints) -> None:
+    """One region creates keys; the client's does not, and its replica of the placement table
+    learns of a new key about a second later. A NOT_FOUND for that key meanwhile is asked again of
+    the endpoint that made it, for 10 s; other NOT_FOUNDs are the caller's."""
+    (first_target, first), (second_target, second) = endpoints
+    now = [1000.0]
+    first.error = KeyCreationElsewhere("this region does not create keys")
+    first.sign_error = KeyNotFound("key 'new' not found")
+    with Client([first_target, second_target], timeout=5, clock=lambda: now[0]) as client:
+        assert client.generate_key("new", "EC_P256").primary_cluster == "second"
+        assert client.sign("new", bytes(32)).signature == b"second"
+        assert client.endpoint == first_target and (first.calls, second.calls) == (2, 2)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("other", bytes(32))
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND and second.calls == 2
+        now[0] += 11
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("new", bytes(32))
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND and second.calls == 2
