@@ -6,23 +6,42 @@
     signature = client.sign("payments/signing-2026", hashlib.sha256(msg).digest())
 
 Endpoints are tried in order: the client sticks to the first that works and
-moves to the next when one is unreachable (UNAVAILABLE, a call the gateway
-cancelled as it shut down, or a deadline that passes without an answer while
-connecting). Every gateway serves every
+moves to the next when one is unreachable: UNAVAILABLE, a call the gateway
+cancelled as it shut down, no connection within ``connect_timeout`` (1 s), or,
+for an idempotent call, no answer within its share of the deadline (each
+endpoint not yet tried gets an equal share, so a connection whose packets are
+dropped, which stays open until keepalive gives up on it after 30-35 s, still
+leaves the next endpoint time to answer). Every gateway serves every
 replicated key, so the next region answers the same request. Idempotent calls
-(everything but GenerateKey without a request_id, which the helper always
-sets) are retried on the next endpoint within the caller's deadline, and once
-more on each after a short pause (one address behind a load balancer reaches
-another gateway that way); GenerateKey
-only on UNAVAILABLE, since a creation cancelled as a gateway stopped may have made
-its key, and another region does not know its request_id. A GenerateKey that a
-gateway refuses because its region does not create keys (``[gateway] creates_keys =
-false``: FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE) goes to the next endpoint
-too; the client's other calls stay where they were. A call on a key whose creation is
-under way (UNAVAILABLE, reason KEY_BEING_CREATED) is answered at once, on no other
-endpoint: every region says the same. GenerateKey meets it when another attempt with its
-request_id is creating the key, and asks the same endpoint again, pausing 0.1 s and
-doubling to 1 s, until it has the key or its deadline.
+(everything but GenerateKey) are retried on the next endpoint within the
+caller's deadline, and once more on each after a short pause (one address
+behind a load balancer reaches another gateway that way).
+
+The client goes back: 30 s after it moved, and every 30 s while it is not on its
+first endpoint, a call asks the endpoints before the current one, in the
+background, whether they serve (grpc.health.v1, ``hsmgw.v1.CryptoService``); the
+client moves to the first that says SERVING. A rolling restart of the home region
+sends it to the next region for that long, not for good.
+
+GenerateKey changes endpoint only when the endpoint never had its request (no
+connection within ``connect_timeout``) or refused it because its region does not
+create keys (``[gateway] creates_keys = false``: FAILED_PRECONDITION, reason
+KEY_CREATION_ELSEWHERE); the client's other calls stay where they were. Any other
+UNAVAILABLE or CANCELLED (a gateway killed, or one that cut the creation off as it
+stopped) may come after the key was made, and another region, whose copy of the
+placement table may not have the creation's record yet, would make a second key under
+the same id: GenerateKey asks the same endpoint again with the same request_id,
+pausing 0.1 s and doubling to 1 s, until it is answered or its deadline passes.
+A key made through another endpoint than the current one (the current region does
+not create keys) may be unknown to the current region for a moment, until its copy
+of the placement table has the key's record (about a second on a DynamoDB global
+table): for 10 s, a NOT_FOUND for that key is asked again, once, of the endpoint
+that made it.
+
+A call on a key whose creation is under way (UNAVAILABLE, reason KEY_BEING_CREATED)
+is answered at once, on no other endpoint: every region says the same. GenerateKey
+meets it when another attempt with its request_id is creating the key, and asks the
+same endpoint again in the same way.
 
 Other languages: ``deploy/grpc-service-config.json`` carries the same retry
 policy for gRPC's built-in retries (one endpoint per channel).
@@ -30,15 +49,16 @@ policy for gRPC's built-in retries (one endpoint per channel).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import _pbenum
 from hsmgw.v1 import crypto_pb2 as pb
@@ -54,10 +74,10 @@ T = TypeVar("T")
 # was ended by the gateway or the connection. gRPC core does that to calls that reach a
 # gateway after its shutdown began, before the client has read its GOAWAY: a handful of
 # calls in every restart under load.
-# A call cancelled when a gateway's grace ran out may have done its work, though: key
-# creation, whose request_id is known only in its own region, moves on UNAVAILABLE alone.
+# Either may come after the gateway did the work, though (a gateway killed, or a creation cut
+# off as it stopped, answers UNAVAILABLE too): a key creation, whose request_id another region
+# may not know yet, is asked again of the endpoint it reached, never sent to another.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
-CREATION_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 CREATION_ELSEWHERE = errors.KeyCreationElsewhere.reason
 """The ErrorInfo reason of a GenerateKey refused by a gateway whose region does not create keys."""
 BEING_CREATED = errors.KeyBeingCreated.reason
@@ -72,6 +92,22 @@ ROUNDS = 2
 balancer) is tried again too: a gateway that is shutting down sends its callers elsewhere."""
 RETRY_PAUSE = 0.05
 """Seconds (±50 %) between one round of the endpoints and the next."""
+FAILBACK_INTERVAL = 30.0
+"""Seconds between asks, while the client is not on its first endpoint, whether a more preferred
+endpoint serves again (the first ask comes this long after the client moved)."""
+MADE_ELSEWHERE = 10.0
+"""Seconds after a GenerateKey that another endpoint than the current one answered (the current
+one's region does not create keys) during which a NOT_FOUND for that key is asked again of the
+endpoint that made it: the current region's copy of the placement table may not have its record yet."""
+SERVING_CHECK = "hsmgw.v1.CryptoService"
+"""The grpc.health.v1 service a gateway reports SERVING while it can serve keys."""
+CHANNEL_OPTIONS = (
+    # A connection whose packets are dropped stays open, and READY, until a ping goes
+    # unanswered: ping every 30 s while a call is open (the least the gateway allows; more
+    # often and it closes the connection), and give up on it 5 s after a ping.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+)
 
 
 def error_reason(exc: grpc.RpcError) -> str:
@@ -88,6 +124,16 @@ def error_reason(exc: grpc.RpcError) -> str:
     return str(info.reason) if info is not None else ""
 
 
+def _set_input(request: pb.SignRequest | pb.VerifyRequest, digest: bytes | None, message: bytes | None) -> None:
+    """What is signed or verified: a digest or a message, exactly one (an empty message is one)."""
+    if (digest is None) == (message is None):
+        raise ValueError("give exactly one of digest and message")
+    if digest is not None:
+        request.digest = digest
+    elif message is not None:
+        request.message = message
+
+
 class Client:
     def __init__(
         self,
@@ -97,6 +143,7 @@ class Client:
         timeout: float = 5.0,
         connect_timeout: float = 1.0,
         metadata: Sequence[tuple[str, str]] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is required")
@@ -107,7 +154,15 @@ class Client:
         self._metadata = tuple(metadata)
         self._lock = threading.Lock()
         self._current = 0
+        self._clock = clock
+        self._next_check = 0.0
+        self._made_at: dict[str, tuple[int, float]] = {}
+        """Key id → the endpoint that made it, and until when (``clock``) to ask it (MADE_ELSEWHERE)."""
+        """When (``clock``) to ask next whether a more preferred endpoint serves again."""
         self._channels: dict[int, grpc.Channel] = {}
+        self._ready: dict[int, bool] = {}
+        """Whether each channel was last seen READY (a subscription keeps it current)."""
+        self._asked_to_connect = float("-inf")
         self._closed = False
         self.failovers = 0
 
@@ -121,12 +176,34 @@ class Client:
             if channel is None:
                 target = self._endpoints[index]
                 channel = (
-                    grpc.secure_channel(target, self._credentials)
+                    grpc.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
                     if self._credentials is not None
-                    else grpc.insecure_channel(target)
+                    else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
                 )
                 self._channels[index] = channel
+                self._ready[index] = False
+                channel.subscribe(functools.partial(self._watch, index, channel), try_to_connect=True)
             return channel
+
+    def _watch(self, index: int, channel: grpc.Channel, state: grpc.ChannelConnectivity) -> None:
+        with self._lock:
+            if self._channels.get(index) is channel:
+                self._ready[index] = state is grpc.ChannelConnectivity.READY
+
+    def _reachable(self, index: int, wait: float) -> bool:
+        """Whether endpoint ``index`` has a connection, waiting up to ``wait`` s for one."""
+        channel = self._channel(index)
+        if self._ready.get(index):
+            return True
+        self._asked_to_connect = time.monotonic()
+        ready = grpc.channel_ready_future(channel)  # asks the channel to connect if it is idle
+        try:
+            ready.result(timeout=max(wait, 0.0))
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
+        return True
 
     @property
     def endpoint(self) -> str:
@@ -136,16 +213,18 @@ class Client:
         self,
         invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T],
         timeout: float | None,
-        failover: frozenset[grpc.StatusCode] = FAILOVER_CODES,
         *,
         creating: bool = False,
+        key_id: str = "",
     ) -> T:
+        self._fail_back()
         deadline = time.monotonic() + (timeout or self._timeout)
         last: grpc.RpcError | None = None
-        unreachable = False  # an endpoint failed: move on for good; one that refused a creation stays
+        unreachable = False  # the current endpoint failed: the client moves to the one that answers
         start = self._current
         count = len(self._endpoints)
-        for step in range(count * ROUNDS):
+        steps = count * ROUNDS
+        for step in range(steps):
             index = (start + step) % count
             if step and step % count == 0:  # every endpoint failed once: wait a little, then again
                 time.sleep(min(RETRY_PAUSE * random.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
@@ -154,37 +233,145 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            # An endpoint that does not connect within connect_timeout is unreachable; the last
+            # attempt is sent all the same, so the caller hears gRPC's own answer.
+            if step < steps - 1 and not self._reachable(index, min(self._connect_timeout, remaining)):
+                log.warning("endpoint %s did not connect within %.1f s; trying the next",
+                            self._endpoints[index], self._connect_timeout)
+                unreachable |= index == start
+                continue
+            remaining = deadline - time.monotonic()
+            # An idempotent call leaves time for the endpoints it has not tried yet: a connection
+            # whose packets are dropped stays READY until keepalive gives up on it.
+            untried = count - step if step < count and not creating else 1
+            attempt = remaining / untried
             stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
             try:
-                result = invoke(stub, remaining)
+                result = invoke(stub, attempt)
             except grpc.RpcError as exc:
                 if self._closed:  # closed under the call: it ends here
                     raise
                 if exc.code() is grpc.StatusCode.UNAVAILABLE and error_reason(exc) == BEING_CREATED:
                     raise  # the key's state, the same through every endpoint
-                if exc.code() in failover:
+                if creating:
+                    if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and error_reason(exc) == CREATION_ELSEWHERE:
+                        log.info("endpoint %s does not create keys; trying the next", self._endpoints[index])
+                        last = exc
+                        continue
+                    if exc.code() in FAILOVER_CODES:
+                        made = self._create_again(index, invoke, deadline, exc)
+                        self._made(key_id, index)
+                        return made
+                    raise
+                if exc.code() is grpc.StatusCode.NOT_FOUND:
+                    maker = self._maker(key_id)
+                    if maker is None or maker == index:
+                        raise
+                    log.info("key %s was made through %s moments ago; asking it there",
+                             key_id, self._endpoints[maker])
+                    return invoke(crypto_pb2_grpc.CryptoServiceStub(self._channel(maker)), deadline - time.monotonic())
+                if exc.code() in FAILOVER_CODES:
                     log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
-                    unreachable = True
-                elif creating and exc.code() is grpc.StatusCode.FAILED_PRECONDITION \
-                        and error_reason(exc) == CREATION_ELSEWHERE:
-                    log.info("endpoint %s does not create keys; trying the next", self._endpoints[index])
+                    unreachable |= index == start
+                elif exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and untried > 1:
+                    log.warning("endpoint %s did not answer within %.1f s; trying the next",
+                                self._endpoints[index], attempt)
+                    unreachable |= index == start
                 else:
                     raise
                 last = exc
                 continue
-            if index != self._current and unreachable:
+            if index != start and unreachable:
                 with self._lock:
-                    self._current = index
-                    self.failovers += 1
+                    if self._current == start:  # another call may have moved it meanwhile
+                        self._current = index
+                        self.failovers += 1
+                        self._next_check = self._clock() + FAILBACK_INTERVAL
+            if creating:
+                self._made(key_id, index)
             return result
         if last is not None:
             raise last
         raise TimeoutError("deadline passed before any endpoint answered")
 
+    def _made(self, key_id: str, index: int) -> None:
+        """Remember a key made through another endpoint than the current one (MADE_ELSEWHERE)."""
+        if index == self._current:
+            return
+        with self._lock:
+            now = self._clock()
+            self._made_at = {k: made for k, made in self._made_at.items() if made[1] > now}
+            self._made_at[key_id] = (index, now + MADE_ELSEWHERE)
+
+    def _maker(self, key_id: str) -> int | None:
+        """The endpoint through which this client made ``key_id`` moments ago, if another."""
+        with self._lock:
+            made = self._made_at.get(key_id)
+            return made[0] if made is not None and made[1] > self._clock() else None
+
+    def _fail_back(self) -> None:
+        """Every FAILBACK_INTERVAL while not on the first endpoint, ask the endpoints before the
+        current one whether they serve; the client moves back to one that does (``_checked``).
+        The calls go on meanwhile: nothing waits for the answers."""
+        now = self._clock()
+        with self._lock:
+            current = self._current
+            if current == 0 or self._closed or now < self._next_check:
+                return
+            self._next_check = now + FAILBACK_INTERVAL
+        request = health_pb2.HealthCheckRequest(service=SERVING_CHECK)
+        for index in range(current):
+            check = health_pb2_grpc.HealthStub(self._channel(index)).Check.future(
+                request, timeout=self._connect_timeout, metadata=self._metadata, wait_for_ready=True
+            )
+            check.add_done_callback(functools.partial(self._checked, index))
+
+    def _checked(self, index: int, check: grpc.Future) -> None:
+        try:
+            serving = check.result().status == health_pb2.HealthCheckResponse.SERVING
+        except (grpc.RpcError, grpc.FutureCancelledError):  # not serving yet, or the client closed
+            return
+        if not serving:
+            return
+        with self._lock:
+            if self._closed or index >= self._current:
+                return
+            self._current = index
+        log.info("endpoint %s serves again; moving back to it", self._endpoints[index])
+
+    def _create_again(
+        self,
+        index: int,
+        invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T],
+        deadline: float,
+        last: grpc.RpcError,
+    ) -> T:
+        """A key creation that reached endpoint ``index`` and failed there as an endpoint fails: it
+        may have run, so it is asked again there (its request_id finds the key or the attempt),
+        pausing 0.1 s and doubling to 1 s, until it is answered or the deadline passes."""
+        log.warning("endpoint %s failed a key creation (%s); asking it again", self._endpoints[index], last.details())
+        pause = CREATION_WAIT[0]
+        while not self._closed and time.monotonic() + pause < deadline:
+            time.sleep(pause * random.uniform(0.8, 1.2))
+            pause = min(pause * 2, CREATION_WAIT[1])
+            if not self._reachable(index, min(self._connect_timeout, deadline - time.monotonic())):
+                continue
+            stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
+            try:
+                return invoke(stub, deadline - time.monotonic())
+            except grpc.RpcError as exc:
+                if self._closed or exc.code() not in FAILOVER_CODES:
+                    raise
+                last = exc
+        raise last
+
     def close(self) -> None:
         """Close every channel; calls still running end with CANCELLED and are not sent elsewhere."""
+        self._closed = True
+        # gRPC's connectivity poller acts on a request to connect up to 0.2 s after it, and
+        # raises in its thread if the channel has been closed by then.
+        time.sleep(max(0.0, self._asked_to_connect + 0.3 - time.monotonic()))
         with self._lock:
-            self._closed = True
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
@@ -209,8 +396,13 @@ class Client:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> pb.Key:
+        """Create ``key_id``. ``request_id`` is the creation's idempotency key: the same request sent
+        again, by this client or by the application retrying a call whose answer it lost, returns
+        the same key. It defaults to ``key_id`` itself (key ids are never reused, so one key id is
+        one creation); give your own only to tie the creation to something of yours. A different
+        request_id for an existing key is ALREADY_EXISTS."""
         request = pb.GenerateKeyRequest(
-            request_id=request_id or f"{key_id}#{uuid.uuid4()}",
+            request_id=request_id or key_id,
             key_id=key_id,
             algorithm=_pbenum.value(pb.KeyAlgorithm, f"KEY_ALGORITHM_{algorithm}"),
             usage=_pbenum.value(pb.KeyUsage, f"KEY_USAGE_{usage}") if usage else pb.KEY_USAGE_UNSPECIFIED,
@@ -231,11 +423,13 @@ class Client:
                 time.sleep(pause * random.uniform(0.8, 1.2))
                 pause = min(pause * 2, CREATION_WAIT[1])
 
-        return self._call(create, timeout, CREATION_FAILOVER_CODES, creating=True)
+        return self._call(create, timeout, creating=True, key_id=key_id)
 
     def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:
         request = pb.GetPublicKeyRequest(key_id=key_id)
-        public: pb.PublicKey = self._call(lambda stub, t: stub.GetPublicKey(request, **self._kw(t)), timeout)
+        public: pb.PublicKey = self._call(
+            lambda stub, t: stub.GetPublicKey(request, **self._kw(t)), timeout, key_id=key_id
+        )
         return public.pem
 
     def sign(
@@ -247,12 +441,13 @@ class Client:
         algorithm: str = "ECDSA_SHA256",
         timeout: float | None = None,
     ) -> pb.SignResponse:
+        """Sign ``digest`` (the hash of the message, as ``algorithm`` names it) or ``message``:
+        exactly one of them (ValueError otherwise)."""
         request = pb.SignRequest(key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"))
-        if digest is not None:
-            request.digest = digest
-        else:
-            request.message = message or b""
-        response: pb.SignResponse = self._call(lambda stub, t: stub.Sign(request, **self._kw(t)), timeout)
+        _set_input(request, digest, message)
+        response: pb.SignResponse = self._call(
+            lambda stub, t: stub.Sign(request, **self._kw(t)), timeout, key_id=key_id
+        )
         return response
 
     def verify(
@@ -265,12 +460,13 @@ class Client:
         algorithm: str = "ECDSA_SHA256",
         timeout: float | None = None,
     ) -> bool:
+        """Whether ``signature`` is ``key_id``'s over ``digest`` or ``message``: exactly one of
+        them (ValueError otherwise)."""
         request = pb.VerifyRequest(
             key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"), signature=signature
         )
-        if digest is not None:
-            request.digest = digest
-        else:
-            request.message = message or b""
-        response: pb.VerifyResponse = self._call(lambda stub, t: stub.Verify(request, **self._kw(t)), timeout)
+        _set_input(request, digest, message)
+        response: pb.VerifyResponse = self._call(
+            lambda stub, t: stub.Verify(request, **self._kw(t)), timeout, key_id=key_id
+        )
         return response.valid

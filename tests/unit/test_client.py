@@ -6,6 +6,7 @@ the status the client sees is exactly the one a gateway would send.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,13 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from gateway.client import Client, error_reason
 from gateway.status import to_rpc_status
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from router.errors import KeyBeingCreated, RouterError
+from router.errors import KeyBeingCreated, KeyCreationElsewhere, KeyNotFound, RouterError
 
 
 class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
@@ -34,6 +36,9 @@ class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
         self.calls = 0
         self.error: RouterError | None = None
         """Answered as a gateway would (status, ErrorInfo, RetryInfo) instead of ``code``."""
+        self.health: _Health
+        self.sign_error: RouterError | None = None
+        """Sign's answer instead of ``code`` and ``error``, when set."""
 
     def _answer(self, context: grpc.ServicerContext) -> None:
         self.calls += 1
@@ -46,12 +51,28 @@ class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
             context.abort(self.code, f"{self.name} answers {self.code.name}")
 
     def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:  # noqa: N802
+        if self.sign_error is not None:
+            self.calls += 1
+            context.abort_with_status(rpc_status.to_status(to_rpc_status(self.sign_error)))
         self._answer(context)
         return pb.SignResponse(key_id=request.key_id, signature=self.name.encode())
 
     def GenerateKey(self, request: pb.GenerateKeyRequest, context: grpc.ServicerContext) -> pb.Key:  # noqa: N802
         self._answer(context)
         return pb.Key(key_id=request.key_id, primary_cluster=self.name)
+
+
+class _Health(health.HealthServicer):
+    """grpc.health.v1 as a gateway serves it; counts the checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+        self.set("hsmgw.v1.CryptoService", health_pb2.HealthCheckResponse.SERVING)
+
+    def Check(self, request, context):  # noqa: N802
+        self.checks += 1
+        return super().Check(request, context)
 
 
 @pytest.fixture
@@ -61,6 +82,8 @@ def endpoints() -> Iterator[list[tuple[str, _Endpoint]]]:
         endpoint = _Endpoint(name, grpc.StatusCode.OK)
         server = grpc.server(ThreadPoolExecutor(max_workers=2))
         crypto_pb2_grpc.add_CryptoServiceServicer_to_server(endpoint, server)
+        endpoint.health = _Health()
+        health_pb2_grpc.add_HealthServicer_to_server(endpoint.health, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
@@ -125,8 +148,9 @@ def test_one_address_is_tried_again_after_a_pause(endpoints, monkeypatch: pytest
     monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), real_sleep(seconds)))
     with Client([target], timeout=5) as client:
         assert client.sign("k", bytes(32)).signature == b"first"
+        between = [p for p in pauses if p > 0]  # the call's pauses, not the close's
     assert endpoint.calls == 2
-    assert [p for p in pauses if p > 0] and all(0.025 <= p <= 0.075 for p in pauses if p > 0)
+    assert between and all(0.025 <= p <= 0.075 for p in between)
     endpoint.calls, endpoint.times = 0, None
     with Client([target], timeout=5) as client:
         with pytest.raises(grpc.RpcError) as caught:
@@ -134,19 +158,32 @@ def test_one_address_is_tried_again_after_a_pause(endpoints, monkeypatch: pytest
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE and endpoint.calls == 2
 
 
-def test_a_key_creation_moves_to_the_next_gateway_only_when_the_first_did_not_take_it(endpoints) -> None:
-    """UNAVAILABLE: refused before it ran. CANCELLED may come after the key was made (a gateway's
-    grace ran out), and the next region does not know the request_id: the caller decides."""
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+def test_a_key_creation_the_first_gateway_may_have_run_is_asked_of_it_again(endpoints, code) -> None:
+    """A gateway killed mid-creation (UNAVAILABLE "Stream removed"), or one whose stop cut the
+    creation off (UNAVAILABLE, GATEWAY_STOPPING; CANCELLED), may have made the key; another region
+    may not know the request_id yet and would make it a second time."""
     (first_target, first), (second_target, second) = endpoints
-    first.code = grpc.StatusCode.UNAVAILABLE
+    first.code, first.times = code, 2
     with Client([first_target, second_target], timeout=5) as client:
-        assert client.generate_key("k1", "EC_P256", request_id="r1").primary_cluster == "second"
-    first.code = grpc.StatusCode.CANCELLED
-    with Client([first_target, second_target], timeout=5) as client:
+        assert client.generate_key("k1", "EC_P256", request_id="r1").primary_cluster == "first"
+        assert client.endpoint == first_target and client.failovers == 0
+    assert (first.calls, second.calls) == (3, 0)
+
+    first.calls, first.times = 0, None  # it never answers: the caller hears of it, no other region is asked
+    with Client([first_target, second_target], timeout=1) as client:
         with pytest.raises(grpc.RpcError) as caught:
             client.generate_key("k2", "EC_P256", request_id="r2")
-    assert caught.value.code() is grpc.StatusCode.CANCELLED
-    assert (first.calls, second.calls) == (2, 1)
+    assert caught.value.code() is code and first.calls >= 2 and second.calls == 0
+
+
+def test_a_key_creation_moves_on_when_the_first_gateway_never_had_it(endpoints) -> None:
+    (target, endpoint), _ = endpoints
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent_target = f"127.0.0.1:{silent.getsockname()[1]}"
+        with Client([silent_target, target], timeout=5, connect_timeout=0.5) as client:
+            assert client.generate_key("k", "EC_P256", request_id="r").primary_cluster == "first"
+    assert endpoint.calls == 1
 
 
 def test_a_key_being_created_is_answered_at_once_and_by_no_other_gateway(endpoints) -> None:
@@ -215,3 +252,112 @@ def test_closing_the_client_ends_its_calls_without_sending_them_elsewhere(endpoi
     assert second.calls == 0 and client.endpoint == first_target and client.failovers == 0
     with pytest.raises(ValueError, match="closed"):
         client.sign("k", bytes(32))
+
+
+def test_an_endpoint_that_never_connects_is_passed_over_within_connect_timeout(endpoints) -> None:
+    """A region whose packets are dropped: TCP may connect (here the kernel completes it), but no
+    gateway ever speaks. The client moves on after connect_timeout, not the caller's deadline."""
+    (target, first), _ = endpoints
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent_target = f"127.0.0.1:{silent.getsockname()[1]}"
+        with Client([silent_target, target], timeout=5, connect_timeout=0.5) as client:
+            started = time.monotonic()
+            assert client.sign("k", bytes(32)).signature == b"first"
+            assert time.monotonic() - started < 3, "waited out the caller's deadline on the silent endpoint"
+            assert client.endpoint == target and client.failovers == 1
+
+
+def test_a_connected_endpoint_that_does_not_answer_leaves_time_for_the_next(endpoints) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    first.delay = 3.0  # connected, and silent past the caller's deadline
+    with Client([first_target, second_target], timeout=2) as client:
+        assert client.sign("k", bytes(32)).signature == b"second"
+        assert client.endpoint == second_target and client.failovers == 1
+
+
+def test_the_client_stays_when_only_another_endpoint_failed(endpoints) -> None:
+    """The first endpoint does not create keys (it refused, and serves everything else); the
+    second failed once on the way. Neither is a reason to leave the first."""
+    (first_target, first), (second_target, second) = endpoints
+    first.error = KeyCreationElsewhere("this region does not create keys")
+    second.code, second.times = grpc.StatusCode.UNAVAILABLE, 1
+    with Client([first_target, second_target], timeout=5) as client:
+        assert client.generate_key("k", "EC_P256", request_id="r").primary_cluster == "second"
+        assert client.endpoint == first_target and client.failovers == 0
+
+
+@pytest.mark.parametrize("inputs", [{}, {"digest": bytes(32), "message": b"m"}])
+def test_sign_and_verify_take_exactly_one_input(endpoints, inputs) -> None:
+    """Neither would sign the empty message; both would drop one without a word."""
+    (target, endpoint), _ = endpoints
+    with Client([target], timeout=5) as client:
+        with pytest.raises(ValueError, match="exactly one of digest and message"):
+            client.sign("k", **inputs)
+        with pytest.raises(ValueError, match="exactly one of digest and message"):
+            client.verify("k", b"signature", **inputs)
+        assert client.sign("k", message=b"").signature == b"first"  # the empty message, asked for
+    assert endpoint.calls == 1
+
+
+def test_the_client_goes_back_to_its_first_endpoint_once_it_serves_again(endpoints) -> None:
+    """A rolling restart of the home region: the client moves to the next region while it is
+    down, and back once it serves, asking at most every 30 s and never when already home."""
+    (first_target, first), (second_target, second) = endpoints
+    now = [1000.0]
+    first.code = grpc.StatusCode.UNAVAILABLE
+    with Client([first_target, second_target], timeout=5, clock=lambda: now[0]) as client:
+        assert client.sign("k", bytes(32)).signature == b"second" and client.endpoint == second_target
+        first.code = grpc.StatusCode.OK  # restarted
+        now[0] += 29
+        for _ in range(5):
+            client.sign("k", bytes(32))
+        time.sleep(0.5)
+        assert first.health.checks == 0 and client.endpoint == second_target, "asked before 30 s"
+        now[0] += 2
+        client.sign("k", bytes(32))  # asks, and goes on where it is meanwhile
+        waited = time.monotonic() + 5
+        while client.endpoint != first_target and time.monotonic() < waited:
+            time.sleep(0.05)
+        assert client.endpoint == first_target and first.health.checks == 1
+        assert client.sign("k", bytes(32)).signature == b"first"
+        now[0] += 100
+        client.sign("k", bytes(32))
+        time.sleep(0.3)
+    assert first.health.checks == 1 and second.health.checks == 0, "asked while on the first endpoint"
+
+
+def test_the_client_stays_while_its_first_endpoint_does_not_serve(endpoints) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    now = [1000.0]
+    first.code = grpc.StatusCode.UNAVAILABLE
+    first.health.set("hsmgw.v1.CryptoService", health_pb2.HealthCheckResponse.NOT_SERVING)
+    with Client([first_target, second_target], timeout=5, clock=lambda: now[0]) as client:
+        client.sign("k", bytes(32))
+        now[0] += 31
+        client.sign("k", bytes(32))
+        waited = time.monotonic() + 5
+        while first.health.checks == 0 and time.monotonic() < waited:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert first.health.checks == 1 and client.endpoint == second_target
+
+
+def test_a_key_just_made_in_another_region_is_used_there_until_the_client_region_has_it(endpoints) -> None:
+    """One region creates keys; the client's does not, and its replica of the placement table
+    learns of a new key about a second later. A NOT_FOUND for that key meanwhile is asked again of
+    the endpoint that made it, for 10 s; other NOT_FOUNDs are the caller's."""
+    (first_target, first), (second_target, second) = endpoints
+    now = [1000.0]
+    first.error = KeyCreationElsewhere("this region does not create keys")
+    first.sign_error = KeyNotFound("key 'new' not found")
+    with Client([first_target, second_target], timeout=5, clock=lambda: now[0]) as client:
+        assert client.generate_key("new", "EC_P256").primary_cluster == "second"
+        assert client.sign("new", bytes(32)).signature == b"second"
+        assert client.endpoint == first_target and (first.calls, second.calls) == (2, 2)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("other", bytes(32))
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND and second.calls == 2
+        now[0] += 11
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("new", bytes(32))
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND and second.calls == 2
