@@ -8,11 +8,13 @@
 Endpoints are tried in order: the client sticks to the first that works and
 moves to the next when one is unreachable: UNAVAILABLE, a call the gateway
 cancelled as it shut down, no connection within ``connect_timeout`` (1 s), or,
-for an idempotent call, no answer within its share of the deadline (each
-endpoint not yet tried gets an equal share, so a connection whose packets are
-dropped, which stays open until keepalive gives up on it after 30-35 s, still
-leaves the next endpoint time to answer). Every gateway serves every
-replicated key, so the next region answers the same request. Idempotent calls
+with ``attempt_timeout`` set, no answer to an idempotent call within it. A
+connection whose packets are dropped stays open until keepalive gives up on it
+(30-35 s); ``attempt_timeout`` lets a call leave such a connection sooner, at the
+price of abandoning a call that a slow but working gateway would have answered
+and sending it to the next: set it above the slowest answer you expect (off by
+default; the last attempt of a call always gets all the time left). Every
+gateway serves every replicated key, so the next region answers the same request. Idempotent calls
 (everything but GenerateKey) are retried on the next endpoint within the
 caller's deadline, and once more on each after a short pause (one address
 behind a load balancer reaches another gateway that way).
@@ -142,6 +144,7 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = 5.0,
         connect_timeout: float = 1.0,
+        attempt_timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -151,6 +154,7 @@ class Client:
         self._credentials = credentials
         self._timeout = timeout
         self._connect_timeout = connect_timeout
+        self._attempt_timeout = attempt_timeout
         self._metadata = tuple(metadata)
         self._lock = threading.Lock()
         self._current = 0
@@ -241,10 +245,13 @@ class Client:
                 unreachable |= index == start
                 continue
             remaining = deadline - time.monotonic()
-            # An idempotent call leaves time for the endpoints it has not tried yet: a connection
-            # whose packets are dropped stays READY until keepalive gives up on it.
-            untried = count - step if step < count and not creating else 1
-            attempt = remaining / untried
+            # With attempt_timeout, an idempotent call leaves a connection that does not answer
+            # (packets dropped: READY until keepalive gives up on it) in time for the next
+            # endpoint. Never by default: a slow gateway's calls would be abandoned and sent to
+            # every endpoint, failing calls it would have answered and multiplying its load.
+            limited = (self._attempt_timeout is not None and not creating and step < steps - 1
+                       and self._attempt_timeout < remaining)
+            attempt = self._attempt_timeout if limited and self._attempt_timeout is not None else remaining
             stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
             try:
                 result = invoke(stub, attempt)
@@ -269,11 +276,15 @@ class Client:
                         raise
                     log.info("key %s was made through %s moments ago; asking it there",
                              key_id, self._endpoints[maker])
-                    return invoke(crypto_pb2_grpc.CryptoServiceStub(self._channel(maker)), deadline - time.monotonic())
+                    try:
+                        return invoke(crypto_pb2_grpc.CryptoServiceStub(self._channel(maker)),
+                                      deadline - time.monotonic())
+                    except grpc.RpcError:
+                        raise exc from None  # the caller's answer is this endpoint's, not the maker's outage
                 if exc.code() in FAILOVER_CODES:
                     log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
                     unreachable |= index == start
-                elif exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and untried > 1:
+                elif exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and limited:
                     log.warning("endpoint %s did not answer within %.1f s; trying the next",
                                 self._endpoints[index], attempt)
                     unreachable |= index == start

@@ -81,11 +81,11 @@ def test_a_region_that_stops_answering_is_left_for_the_next(proxy, gateway, cryp
     crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256),
                        timeout=30)
     digest = hashlib.sha256(b"through whichever region answers").digest()
-    with Client([proxy.target, gateway.target], timeout=4) as client:
+    with Client([proxy.target, gateway.target], timeout=4, attempt_timeout=1.5) as client:
         assert client.sign(key_id, digest).signature and client.endpoint == proxy.target
         proxy.blackhole()
-        # Connected, READY, and silent: the call leaves the first region time to answer,
-        # then asks the second within the caller's deadline.
+        # Connected, READY, and silent: the call gives the first region attempt_timeout to
+        # answer, then asks the second within the caller's deadline.
         assert client.sign(key_id, digest).signature
         assert client.endpoint == gateway.target and client.failovers == 1
         started = time.monotonic()

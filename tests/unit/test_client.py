@@ -21,7 +21,7 @@ from gateway.client import Client, error_reason
 from gateway.status import to_rpc_status
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from router.errors import KeyBeingCreated, KeyCreationElsewhere, KeyNotFound, RouterError
+from router.errors import KeyBeingCreated, KeyCreationElsewhere, KeyNotFound, RouterError, Unavailable
 
 
 class _Endpoint(crypto_pb2_grpc.CryptoServiceServicer):
@@ -267,12 +267,37 @@ def test_an_endpoint_that_never_connects_is_passed_over_within_connect_timeout(e
             assert client.endpoint == target and client.failovers == 1
 
 
-def test_a_connected_endpoint_that_does_not_answer_leaves_time_for_the_next(endpoints) -> None:
+def test_with_attempt_timeout_a_connected_endpoint_that_does_not_answer_leaves_time_for_the_next(
+    endpoints,
+) -> None:
     (first_target, first), (second_target, second) = endpoints
     first.delay = 3.0  # connected, and silent past the caller's deadline
-    with Client([first_target, second_target], timeout=2) as client:
+    with Client([first_target, second_target], timeout=2, attempt_timeout=0.5) as client:
         assert client.sign("k", bytes(32)).signature == b"second"
         assert client.endpoint == second_target and client.failovers == 1
+
+
+def test_a_slow_gateway_that_answers_within_the_deadline_is_waited_for(endpoints) -> None:
+    """Without attempt_timeout no call is abandoned while its deadline lasts: a gateway slow
+    under load answers, and is neither left nor sent the same call by way of its neighbours."""
+    (first_target, first), (second_target, second) = endpoints
+    first.delay = 2.5  # more than half the deadline: more than an even share between the two
+    with Client([first_target, second_target], timeout=4) as client:
+        assert client.sign("k", bytes(32)).signature == b"first"
+        assert client.endpoint == first_target and client.failovers == 0
+    assert second.calls == 0, "the call was sent to another endpoint as well"
+
+
+def test_a_key_made_elsewhere_whose_maker_is_down_gets_the_current_endpoints_answer(endpoints) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    first.error = KeyCreationElsewhere("this region does not create keys")
+    first.sign_error = KeyNotFound("key 'new' not found")
+    with Client([first_target, second_target], timeout=5) as client:
+        assert client.generate_key("new", "EC_P256").primary_cluster == "second"
+        second.sign_error = Unavailable("the gateway is stopping")
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sign("new", bytes(32))
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def test_the_client_stays_when_only_another_endpoint_failed(endpoints) -> None:
