@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from pkcs11 import Attribute, Mechanism
+from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from router.errors import KeyRecordMismatch
@@ -92,6 +93,11 @@ def check_unwrapped(obj: Any, placement: Placement, public: Any) -> None:
         # verify any "signature" that is the encoded message itself.
         numbers = public.public_numbers()
         modulus = int.from_bytes(bytes(obj[Attribute.MODULUS]), "big")
-        exponent = int.from_bytes(bytes(obj[Attribute.PUBLIC_EXPONENT]), "big")
+        try:
+            exponent = int.from_bytes(bytes(obj[Attribute.PUBLIC_EXPONENT]), "big")
+        except p11.PKCS11Error:
+            # Optional on a private key (PKCS #11 2.40): a module that keeps none leaves the
+            # modulus, and the public key's exponent as cryptography accepted it (odd, >= 3).
+            exponent = numbers.e
         if (modulus, exponent) != (numbers.n, numbers.e):
             raise mismatch(placement, "its public key is not its wrapped private key's")
