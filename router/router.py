@@ -1418,7 +1418,8 @@ class Router:
         # object goes, so nothing else tells them); other processes' do when they read the record.
         self._remember(destroyed)
         left = []  # a destroyed key's objects are removed again on every DestroyKey: the call is idempotent
-        for name in destroyed.clusters:
+        # An EXTERNAL key has no token objects: it needs no cluster to be destroyed, not even its primary.
+        for name in () if destroyed.external else destroyed.clusters:
             backend = self.backends.get(name)
             try:
                 if backend is None:

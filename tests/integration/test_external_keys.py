@@ -18,7 +18,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from gateway.status import error_info
 from hsmgw.v1 import crypto_pb2 as pb
-from router.errors import FailedPrecondition, KeyRecordMismatch, Unavailable
+from router.errors import ClusterDown, FailedPrecondition, KeyRecordMismatch, Unavailable
 from router.model import USAGES, KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
 from router.placement.store import StoreError
 from router.router import STORE_RETRY
@@ -169,6 +169,21 @@ def test_destroying_an_external_key_looks_for_no_token_objects_elsewhere(make_ro
     assert router.destroy_key(key.key_id, time.monotonic() + 10).state is KeyState.DESTROYED
     assert router.sweep_destroyed(time.monotonic() + 10) == 0
     assert searched == []
+
+
+def test_an_external_key_is_destroyed_while_every_cluster_is_down(make_router) -> None:
+    """Its material is in its record alone: a DestroyKey needs the store, not a cluster (it was
+    answered UNAVAILABLE, "objects could not be removed", for objects that never existed)."""
+    router = make_router()
+    key = _external(router)
+
+    def down(*args: object, **kwargs: object) -> int:
+        raise ClusterDown("the cluster does not answer", cluster="use1-a")
+
+    for backend in router.backends.values():
+        backend.destroy = down  # type: ignore[method-assign]
+    assert router.destroy_key(key.key_id, time.monotonic() + 10).state is KeyState.DESTROYED
+    assert router.store.get(key.key_id).state is KeyState.DESTROYED
 
 
 def test_destroying_again_removes_the_material_an_earlier_version_left_in_the_record(make_router) -> None:
