@@ -126,15 +126,8 @@ def test_a_stop_while_every_hsm_hangs_ends_before_the_supervisor_gives_up(tmp_pa
                        for name in clusters)
 
         wait_for(probes_hung, timeout=30, what="every worker's probe of every cluster to hang")
-        assert gateway.proc is not None
-        gateway.proc.send_signal(signal.SIGTERM)
-        try:
-            # Far more than the supervisor waits before it kills: the assertions below say which.
-            code: int | None = gateway.proc.wait(timeout=GRACE + STOP_AFTER_GRACE + 30)
-        except subprocess.TimeoutExpired:
-            gateway.proc.kill()
-            gateway.proc.wait()
-            code = None
+        # Far more than the supervisor waits before it kills: the assertions below say which.
+        code = _terminate(gateway, GRACE + STOP_AFTER_GRACE + 30)
     finally:
         control.clear()
         gateway.stop()
@@ -183,15 +176,8 @@ def test_a_single_process_stop_with_a_call_in_a_hung_hsm_exits_by_itself(tmp_pat
         # A probe of each of the three clusters, and the creation's first call, inside a hung HSM
         # (the log below says whether the creation was among them).
         wait_for(lambda: hung_calls() >= 4, timeout=20, what="the creation to reach a hung HSM")
-        assert gateway.proc is not None
-        gateway.proc.send_signal(signal.SIGTERM)
-        try:
-            # Far above the budget (grace + CALLS_WAIT + CLOSE_WAIT + EXIT_WAIT): no measure of speed.
-            code: int | None = gateway.proc.wait(timeout=GRACE + CALLS_WAIT + CLOSE_WAIT + EXIT_WAIT + 30)
-        except subprocess.TimeoutExpired:
-            gateway.proc.kill()
-            gateway.proc.wait()
-            code = None
+        # Far above the budget (grace + CALLS_WAIT + CLOSE_WAIT + EXIT_WAIT): no measure of speed.
+        code = _terminate(gateway, GRACE + CALLS_WAIT + CLOSE_WAIT + EXIT_WAIT + 30)
     finally:
         control.clear()
         gateway.stop()
@@ -203,3 +189,15 @@ def test_a_single_process_stop_with_a_call_in_a_hung_hsm_exits_by_itself(tmp_pat
     assert code is not None, "the gateway had to be killed: " + gateway.log_digest()
     assert "exiting with 1 call(s) left inside an HSM that does not answer" in log, gateway.log_digest()
     assert code == 0, gateway.log_digest()
+
+
+def _terminate(gateway: GatewayProcess, bound: float) -> int | None:
+    """SIGTERM, then the exit status; None if it had to be killed after ``bound`` seconds."""
+    assert gateway.proc is not None
+    gateway.proc.send_signal(signal.SIGTERM)
+    try:
+        return gateway.proc.wait(timeout=bound)
+    except subprocess.TimeoutExpired:
+        gateway.proc.kill()
+        gateway.proc.wait()
+        return None

@@ -8,6 +8,7 @@ import os
 import queue
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -548,7 +549,6 @@ def test_a_restarted_worker_that_never_serves_is_killed_and_started_again(fleet,
     """A worker's replacement that hangs before it serves (stopped here; an HSM login that does
     not return does the same) used to be waited for forever, the gateway a worker short and
     silent about it. It gets the first start's limit, then is killed and started again."""
-    import subprocess
     import sys
 
     from tests.support import ROOT, wait_for
@@ -608,7 +608,6 @@ def test_ctrl_c_while_workers_start_stops_the_gateway_cleanly(fleet, tmp_path: P
     """Ctrl-C at a terminal sends SIGINT to every process of the group: a worker still starting
     (importing, logging in) used to die of a KeyboardInterrupt traceback. Workers leave SIGINT to
     the supervisor until they serve; the supervisor stops them all, exit 0."""
-    import subprocess
     import sys
 
     from tests.support import ROOT, wait_for
@@ -633,12 +632,8 @@ def test_ctrl_c_while_workers_start_stops_the_gateway_cleanly(fleet, tmp_path: P
 
         wait_for(worker_starting, timeout=60, what=f"worker {starting} to start", interval=0.002)
         time.sleep(after)  # at once, or while it imports
-        os.killpg(proc.pid, signal.SIGINT)
-        code = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        code = _ctrl_c(proc)
     text = log_path.read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert code == 0, text[-3000:]
@@ -653,7 +648,6 @@ def test_ctrl_c_while_every_worker_serves_stops_each_by_itself(fleet, tmp_path: 
     ``Event.set``, waited for the lock that set held; or the signal was taken by a thread other than
     the main one, whose wait without a timeout never let the handler run. Several rounds, as it did
     not happen every time."""
-    import subprocess
     import sys
 
     from tests.support import ROOT, wait_for
@@ -671,12 +665,8 @@ def test_ctrl_c_while_every_worker_serves_stops_each_by_itself(fleet, tmp_path: 
         try:
             wait_for(port_file.exists, timeout=60, what="every worker to serve")
             time.sleep(1)  # the workers' probe, repair and heartbeat threads under way
-            os.killpg(proc.pid, signal.SIGINT)
-            code = proc.wait(60)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            code = _ctrl_c(proc)
         text = log_path.read_text()
         assert "did not stop" not in text, f"round {attempt}:\n{text[-3000:]}"
         assert text.count("gateway.server: stopped") == 3, f"round {attempt}:\n{text[-3000:]}"
@@ -733,3 +723,15 @@ def test_a_starting_worker_is_judged_by_its_progress_and_killed_once(fleet, tmp_
     finally:
         os.close(supervisor.limits_fd)
         shutil.rmtree(supervisor._dir, ignore_errors=True)
+
+
+def _ctrl_c(proc: subprocess.Popen[bytes]) -> int | None:
+    """SIGINT to the process group, as a terminal's Ctrl-C; the exit status, or None if it had
+    to be killed after 60 s."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
