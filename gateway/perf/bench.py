@@ -281,7 +281,15 @@ class Bench:
 
     def measure(self, name: str, workload: Workload, driver: Any) -> Report:
         _say(f"  {name}: {workload.describe()}")
-        report = run(workload, driver, label=name)
+        try:
+            report = run(workload, driver, label=name)
+        except RunError as exc:
+            # A SoftHSM process that initialised while another process rewrote a token's
+            # files may never list that token (seen once in 20 runs); new processes do.
+            if "NoSuchToken" not in str(exc):
+                raise
+            self.note(f"{name}: {exc}; measured again with new client processes")
+            report = run(workload, driver, label=name)
         _say(f"    {report.throughput:,.0f} ops/s, p50 {report.latency_ms['p50']:.2f} ms, "
              f"errors {report.error_count}")
         return report

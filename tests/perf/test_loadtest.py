@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -12,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.perf.bench import ROUTING_ROUNDS, busy_share, cpu_times
-from tests.support import ROOT
+from gateway.perf.bench import ROUTING_ROUNDS, Bench, busy_share, cpu_times
+from gateway.perf.direct import DirectTarget
+from gateway.perf.runner import RunError
+from hsmgw.v1 import crypto_pb2 as pb
+from router.model import Operation
+from tests.support import ROOT, unique
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -144,3 +150,42 @@ def test_a_round_that_measured_nothing_is_left_out_of_the_medians() -> None:
     assert paired.ratio == 0.55
     nothing = _paired([Row("r", None, note="h2load is not installed")] * 2, [1000.0, 1000.0])
     assert nothing.throughput is None and nothing.ratio is None and nothing.note == "h2load is not installed"
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenMissingFirst:
+    """A direct target whose first client process finds no token, as SoftHSM can show one that
+    another process is rewriting; ``always``: every process (a label that is not there)."""
+
+    target: DirectTarget
+    marker: str
+    always: bool = False
+
+    def open(self, workload, process: int):
+        from pkcs11.exceptions import NoSuchToken
+
+        if self.always or not Path(self.marker).exists():
+            Path(self.marker).touch()
+            raise NoSuchToken("no token labelled 'use1-b'")
+        return self.target.open(workload, process)
+
+
+def test_a_direct_measurement_whose_token_hid_is_measured_again(tmp_path: Path, fleet, crypto) -> None:
+    key_id = unique("bench-retry")
+    crypto.GenerateKey(pb.GenerateKeyRequest(request_id=unique("req"), key_id=key_id,
+                                             algorithm=pb.KEY_ALGORITHM_EC_P256))
+    bench = Bench(argparse.Namespace(duration=0.3, only="ecdsa", workers=2, rounds=1))
+    shutil.rmtree(bench.workdir)  # nothing here runs a gateway
+    workload = bench.workload(Operation.ECDSA_SHA256, key_id, processes=1, in_flight=1)
+    direct = DirectTarget(str(fleet.config_path))
+
+    report = bench.measure("direct", workload, _TokenMissingFirst(direct, str(tmp_path / "once")))
+    assert report.throughput > 0 and report.error_count == 0
+    assert bench.notes == ["direct: client process 0: NoSuchToken: no token labelled 'use1-b'; "
+                           "measured again with new client processes"]
+
+    with pytest.raises(RunError, match="NoSuchToken"):  # twice is not chance: the bench stops
+        bench.measure("direct", workload, _TokenMissingFirst(direct, str(tmp_path / "always"), always=True))
+    unknown = dataclasses.replace(workload, key_ids=("no-such-key",))
+    with pytest.raises(RunError, match="RuntimeError: key 'no-such-key' is not in"):  # other failures: not again
+        bench.measure("direct", unknown, direct)
