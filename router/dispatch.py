@@ -33,6 +33,7 @@ from router.errors import (
     StaleSession,
     Throttled,
     Unavailable,
+    WrappedKeyRefused,
 )
 from router.health import CircuitBreaker, CircuitState
 from router.retry import RetryBudget, backoff
@@ -159,10 +160,10 @@ class Dispatcher:
                     if pause:
                         self._sleep(pause)
                     break
-                except (KeyNotFound, AmbiguousKey, SessionsBusy) as exc:
+                except (KeyNotFound, AmbiguousKey, SessionsBusy, WrappedKeyRefused) as exc:
                     # This cluster lacks the key's material (moved, or lost) or holds it
-                    # twice, or has no session free: a replica may still serve. Not the
-                    # cluster's health.
+                    # twice, or cannot unwrap it, or has no session free: a replica may
+                    # still serve. Not the cluster's health.
                     breaker.release_trial()
                     last = exc
                     break
@@ -182,6 +183,6 @@ class Dispatcher:
             # Not "no such key": a cluster that may hold it (the source of a move, say) could not answer.
             raise KeyOutOfReach(f"no cluster could serve {what}: the clusters asked lack it, and another that may "
                                 "hold it cannot answer now", cluster=last.cluster, region=last.region) from last
-        if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey)):
+        if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey, WrappedKeyRefused)):
             raise last
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)

@@ -13,6 +13,7 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     │   ├── RequestConflict    request_id reused with other parameters
     │   ├── KeyChanged         the key's record is not the one a planned change was made for
     │   └── KeyRecordMismatch  an EXTERNAL key's record does not match its wrapped key material
+    │       └── WrappedKeyRefused  a cluster that answers does not unwrap it (fails over)
     ├── AlreadyExists          key id taken (or destroyed: ids are not reused)
     ├── ResourceExhausted      clusters full, limits reached
     │   ├── Throttled          the HSM said it is busy (CKR_FUNCTION_FAILED…)
@@ -82,6 +83,13 @@ class KeyRecordMismatch(FailedPrecondition):
     helps (every cluster unwraps the same record), an operator restores the record."""
 
     reason = "KEY_RECORD_MISMATCH"
+
+
+class WrappedKeyRefused(KeyRecordMismatch):
+    """A cluster that answers otherwise refused to unwrap an EXTERNAL key's wrapped key: the
+    record was altered or is corrupt, or that cluster's wrapping key is not the one the key was
+    wrapped under. The record's fault, not the cluster's health: other clusters are asked, and
+    no circuit opens for it."""
 
 
 class KeyCreationElsewhere(FailedPrecondition):

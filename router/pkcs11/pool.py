@@ -38,7 +38,15 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.types import Key
 
-from router.errors import AmbiguousKey, KeyRecordMismatch, SessionsBusy, Stopping, Throttled, WrongKeyUsage
+from router.errors import (
+    AmbiguousKey,
+    KeyRecordMismatch,
+    SessionsBusy,
+    Stopping,
+    Throttled,
+    WrappedKeyRefused,
+    WrongKeyUsage,
+)
 from router.model import ClusterSpec, Placement
 from router.pkcs11 import _keys, _material
 from router.pkcs11._module import Module, TokenObjects
@@ -182,16 +190,42 @@ class PooledSession:
 
     def _unwrap(self, placement: Placement, object_class: ObjectClass) -> Any:
         self._check(None, placement)  # what the record alone contradicts: nothing is unwrapped for it
-        obj = self.wrapping_key().unwrap_key(
-            object_class,
-            _keys.key_type(placement.algorithm),
-            placement.wrapped,
-            id=placement.key_id.encode(),
-            label=placement.key_id,
-            mechanism=_keys.WRAP_MECHANISM,
-            store=False,
-            template=_keys.unwrap_template(placement.algorithm, placement.usage),
-        )
+        wrapping_key = self.wrapping_key()
+
+        def unwrap() -> Any:
+            return wrapping_key.unwrap_key(
+                object_class,
+                _keys.key_type(placement.algorithm),
+                placement.wrapped,
+                id=placement.key_id.encode(),
+                label=placement.key_id,
+                mechanism=_keys.WRAP_MECHANISM,
+                store=False,
+                template=_keys.unwrap_template(placement.algorithm, placement.usage),
+            )
+
+        try:
+            obj = unwrap()
+        except _UNWRAP_REFUSED as first:
+            # SoftHSM answers a blob whose integrity check fails CKR_GENERAL_ERROR, and one that
+            # unwraps to another kind of key CKR_FUNCTION_FAILED, as it would a fault or a busy
+            # device. A cluster that answers a plain read at once, and refuses the same unwrap
+            # again, is not at fault: the record is, and it must not open circuits for every key
+            # (each call on it would count).
+            try:
+                wrapping_key[Attribute.CLASS]
+            except p11.PKCS11Error:
+                raise first from None
+            try:
+                obj = unwrap()
+            except _UNWRAP_REFUSED as again:
+                refused = WrappedKeyRefused(
+                    f"key {placement.key_id!r}: cluster {self._spec.name} does not unwrap the wrapped key in "
+                    f"its record ({type(again).__name__}); the placement record was altered or is corrupt, or "
+                    "this cluster's replication wrapping key is not the one it was wrapped under "
+                    "(docs/security.md)", cluster=self._spec.name, region=self._spec.region)
+                _report_once(refused.message)
+                raise refused from again
         try:
             if placement.algorithm.is_asymmetric:
                 self._check(obj, placement)
@@ -268,6 +302,11 @@ def modulus_of(obj: Any) -> int:
 
 _REPORT_EVERY = 60.0
 _reported: dict[str, float] = {}
+
+
+_UNWRAP_REFUSED = (p11.WrappedKeyInvalid, p11.WrappedKeyLenRange, p11.GeneralError, p11.FunctionFailed,
+                   p11.KeyTypeInconsistent, p11.AttributeValueInvalid, p11.DomainParamsInvalid)
+"""What an unwrap of a wrapped key that is not what its record says can answer."""
 
 
 def _report_once(message: str) -> None:

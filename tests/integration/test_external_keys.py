@@ -15,10 +15,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from grpc_status import rpc_status
 from pkcs11 import Attribute, ObjectClass
+from pkcs11 import exceptions as p11
 
 from gateway.status import error_info
 from hsmgw.v1 import crypto_pb2 as pb
 from router.errors import ClusterDown, FailedPrecondition, KeyRecordMismatch, Unavailable
+from router.health import CircuitState
 from router.model import USAGES, KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
 from router.placement.store import StoreError
 from router.router import STORE_RETRY
@@ -563,7 +565,35 @@ def _ec_key_wrapped_in_an_hmac_record(router: Any) -> tuple[Placement, list[Any]
     return b, [lambda: router.mac(b.key_id, Operation.HMAC_SHA256, MESSAGE, time.monotonic() + 10)]
 
 
+def _rsa_key_wrapped_in_an_ec_record(router: Any) -> tuple[Placement, list[Any]]:
+    a = _made(router, KeyAlgorithm.RSA_2048)
+    b = _altered(router, _made(router, KeyAlgorithm.EC_P256), wrapped=a.wrapped)
+    return b, [_sign_with(router, b), lambda: router.public_key(b.key_id, time.monotonic() + 10)]
+
+
+def _ec_key_wrapped_in_an_rsa_record(router: Any) -> tuple[Placement, list[Any]]:
+    a = _made(router, KeyAlgorithm.EC_P256)
+    b = _altered(router, _made(router, KeyAlgorithm.RSA_2048), wrapped=a.wrapped)
+    return b, [_sign_with(router, b), lambda: router.public_key(b.key_id, time.monotonic() + 10)]
+
+
+def _truncated_wrapped_key(router: Any) -> tuple[Placement, list[Any]]:
+    b = _made(router, KeyAlgorithm.EC_P256)
+    b = _altered(router, b, wrapped=b.wrapped[:-8])
+    return b, [_sign_with(router, b), lambda: router.public_key(b.key_id, time.monotonic() + 10)]
+
+
+def _flipped_wrapped_key(router: Any) -> tuple[Placement, list[Any]]:
+    b = _made(router, KeyAlgorithm.EC_P256)
+    b = _altered(router, b, wrapped=b.wrapped[:20] + bytes([b.wrapped[20] ^ 1]) + b.wrapped[21:])
+    return b, [_sign_with(router, b), lambda: router.public_key(b.key_id, time.monotonic() + 10)]
+
+
 TAMPERINGS = [
+    Tampering("an RSA key's wrapped key in an EC key's record", _rsa_key_wrapped_in_an_ec_record),
+    Tampering("an EC key's wrapped key in an RSA key's record", _ec_key_wrapped_in_an_rsa_record),
+    Tampering("a wrapped key cut short", _truncated_wrapped_key),
+    Tampering("a wrapped key with one bit flipped", _flipped_wrapped_key),
     Tampering("another EC key's wrapped key", _wrapped_ec_key_of_another),
     Tampering("another RSA key's wrapped key", _wrapped_rsa_key_of_another),
     Tampering("an EC public key of the writer's", _public_key_of_the_writer),
@@ -583,9 +613,69 @@ def test_a_record_altered_in_the_store_is_refused_and_leaves_nothing_unwrapped(
     for call in calls:
         with pytest.raises(KeyRecordMismatch, match="altered or is corrupt"):
             call()
+    for _ in range(5):  # as often as an application retries: the clusters' health is not the record's
+        with pytest.raises(KeyRecordMismatch):
+            calls[0]()
+    assert {name: breaker.state for name, breaker in router.breakers.items()} == {
+        name: CircuitState.CLOSED for name in router.backends}
     for name, backend in router.backends.items():
         assert tokens.objects(name, key.key_id) == [], name
         assert all(not any(k == key.key_id for k, _ in s.unwrapped) for s in _every_session(backend)), name
+
+
+class _FailingHsm:
+    """A wrapping key on an HSM that fails every call, as SoftHSM does on a half-written token file."""
+
+    def unwrap_key(self, *args: Any, **kwargs: Any) -> Any:
+        raise p11.GeneralError()
+
+    def __getitem__(self, attribute: Any) -> Any:
+        raise p11.GeneralError()
+
+
+def test_an_unwrap_on_a_cluster_that_fails_everything_is_the_clusters_fault(make_router, tokens) -> None:
+    """Only a cluster that answers a plain read has the refusal put on the record: one that
+    fails that too is down, its circuit opens, and the key is served by another cluster."""
+    router = make_router(spec_changes={"pool_size": 1})
+    key = _external(router)
+    public = serialization.load_der_public_key(key.public_der)
+    (session,) = _every_session(router.backends[key.primary])
+    session._wrapping_key = _FailingHsm()
+
+    for _ in range(3):
+        public.verify(_sign(router, key.key_id), DIGEST, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    assert router.breakers[key.primary].state is CircuitState.OPEN
+    assert {state for name, breaker in router.breakers.items() if name != key.primary
+            for state in [breaker.state]} == {CircuitState.CLOSED}
+
+
+class _BusyOnce:
+    """The real wrapping key, on an HSM too busy for the first unwrap asked of it."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.refused = real, 0
+
+    def unwrap_key(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.refused:
+            self.refused += 1
+            raise p11.FunctionFailed()
+        return self.real.unwrap_key(*args, **kwargs)
+
+    def __getitem__(self, attribute: Any) -> Any:
+        return self.real[attribute]
+
+
+def test_an_unwrap_refused_once_is_asked_again_before_the_record_is_blamed(make_router) -> None:
+    router = make_router(spec_changes={"pool_size": 1})
+    key = _external(router)
+    (session,) = _every_session(router.backends[key.primary])
+    session.forget()
+    session._wrapping_key = busy = _BusyOnce(session.wrapping_key())
+
+    signature, served_by = router.sign(key.key_id, Operation.ECDSA_SHA256, DIGEST, None, time.monotonic() + 10)
+    serialization.load_der_public_key(key.public_der).verify(signature, DIGEST,
+                                                             ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    assert busy.refused == 1 and served_by == key.primary
 
 
 def test_a_public_key_written_into_a_record_in_use_is_refused_too(make_router, tokens) -> None:
@@ -649,12 +739,14 @@ def test_altered_records_through_grpc(make_router, crypto) -> None:
 
     copied, swapped, relabelled = (added(b, wrapped=a.wrapped), added(b, public_der=_spki(mallory.public_key())),
                                    added(hmac, wrapped=a.wrapped))
+    corrupt = added(b, wrapped=b.wrapped[:-8])  # no cluster unwraps it
     refused = [
         (crypto.Sign, pb.SignRequest(key_id=copied, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=MESSAGE)),
         (crypto.GetPublicKey, pb.GetPublicKeyRequest(key_id=swapped)),
         (crypto.Verify, pb.VerifyRequest(key_id=swapped, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=MESSAGE,
                                          signature=mallory.sign(MESSAGE, ECDSA_P256))),
         (crypto.Mac, pb.MacRequest(key_id=relabelled, algorithm=pb.ALGORITHM_HMAC_SHA256, data=MESSAGE)),
+        (crypto.Sign, pb.SignRequest(key_id=corrupt, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=MESSAGE)),
     ]
     for call, request in refused:
         err = rpc_error(call, request, timeout=10)

@@ -24,6 +24,7 @@ EXPECTED_CODES: dict[type[errors.RouterError], grpc.StatusCode] = {
     errors.KeyChanged: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyCreationElsewhere: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyRecordMismatch: grpc.StatusCode.FAILED_PRECONDITION,  # the store was altered: an operator's
+    errors.WrappedKeyRefused: grpc.StatusCode.FAILED_PRECONDITION,  # when no cluster unwraps it
     errors.KeyOutOfReach: grpc.StatusCode.UNAVAILABLE,
     errors.KeyBeingCreated: grpc.StatusCode.UNAVAILABLE,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -96,8 +97,12 @@ def test_metadata_is_omitted_when_no_cluster_is_known() -> None:
 
 
 def test_reasons_are_distinct_for_distinct_failures() -> None:
-    reasons = [cls.reason for cls in EXPECTED_CODES if cls is not errors.InternalError]
+    # A record no cluster unwraps is a record that does not match its material, to the caller
+    # and to the alert on hsmgw_errors{reason="KEY_RECORD_MISMATCH"}: one reason.
+    same = {errors.InternalError, errors.WrappedKeyRefused}
+    reasons = [cls.reason for cls in EXPECTED_CODES if cls not in same]
     assert len(reasons) == len(set(reasons))
+    assert errors.WrappedKeyRefused.reason == errors.KeyRecordMismatch.reason
 
 
 def test_retry_info_carries_retry_after() -> None:
