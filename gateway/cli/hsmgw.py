@@ -32,6 +32,8 @@ from gateway.config import ConfigError
 from gateway.workers import EXIT_CONFIG, default_workers
 
 if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
     from router.placement import PlacementStore
 
 log = logging.getLogger("hsmgw")
@@ -68,10 +70,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway import config as config_mod
-    from gateway.app import build_router, start_reconcile
-    from gateway.server import Gateway, serve
-    from gateway.sharedlimits import SharedLimiter, SharedLimitsError
-    from gateway.workers import Supervisor, WorkerError, apply_scheduling, start_progress, worker_metrics_listen
+    from gateway.server import serve
+    from gateway.workers import Supervisor, WorkerError, worker_metrics_listen
 
     try:
         config = config_mod.load(args.config)
@@ -113,6 +113,26 @@ def _serve(args: argparse.Namespace) -> None:
             raise SystemExit(supervisor.run())
         except WorkerError as exc:
             fail(str(exc))
+    try:
+        gateway = _start(args, config)
+    except KeyboardInterrupt:
+        # Ctrl-C while one process logs in and reconciles (a worker leaves SIGINT to its supervisor
+        # until it serves): nothing serves yet, and what a start-up reconcile did is in the store
+        # and the audit log. The threads a half-built router started are not waited for.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: this is the way out already
+        log.warning("signal SIGINT while starting: stopped before serving")
+        logging.shutdown()
+        os._exit(0)
+    serve(gateway, grace=args.grace, port_file=args.port_file, heartbeat=args.worker_index is not None)
+
+
+def _start(args: argparse.Namespace, config: GatewayConfig) -> Gateway:
+    """The gateway of ``hsmgw serve``'s process, logged in and reconciled, not yet serving."""
+    from gateway.app import build_router, start_reconcile
+    from gateway.server import Gateway
+    from gateway.sharedlimits import SharedLimiter, SharedLimitsError
+    from gateway.workers import WorkerError, apply_scheduling, start_progress
+
     if args.worker_index is None:  # one process: is the port free, before the HSM pools open?
         from gateway.workers import reserve_port
 
@@ -150,18 +170,17 @@ def _serve(args: argparse.Namespace) -> None:
                 os.close(args.limits_fd)  # the inherited descriptor: nothing this process starts gets it
             except OSError:
                 pass
-        gateway = Gateway(config, router, reuse_port=args.worker_index is not None,
-                          reconciles=not args.worker_index, first_reconcile=first_reconcile, limiter=limiter)
-        # Its metrics keep counts; the report names every finding (a million keys missing on a
-        # token they were never made on is a few hundred MB), and this frame lives while serving.
-        del first_reconcile
+        # The report of the start-up reconcile names every finding (a million keys missing on a
+        # token they were never made on is a few hundred MB): the gateway keeps its counts, and
+        # the report goes with this frame.
+        return Gateway(config, router, reuse_port=args.worker_index is not None,
+                       reconciles=not args.worker_index, first_reconcile=first_reconcile, limiter=limiter)
     except (ConfigError, OSError) as exc:
         router.close()
         fail(str(exc))
     except RuntimeError as exc:  # grpc could not bind: the port was taken since the check above
         router.close()
         fail(f"server.listen: cannot listen on {config.server.listen}: {exc}")
-    serve(gateway, grace=args.grace, port_file=args.port_file, heartbeat=args.worker_index is not None)
 
 
 def _port_file_problem(path: Path) -> str:

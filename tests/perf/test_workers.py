@@ -641,6 +641,46 @@ def test_ctrl_c_while_workers_start_stops_the_gateway_cleanly(fleet, tmp_path: P
     assert "did not stop" not in text, text[-3000:]
 
 
+def test_ctrl_c_while_one_process_starts_stops_it_cleanly(fleet, tmp_path: Path) -> None:
+    """`hsmgw serve --workers 1` has no supervisor to take the terminal's SIGINT while it logs in
+    and reconciles: it died of a KeyboardInterrupt traceback. Now one line, exit 0, nothing served.
+    The process is held still (SIGSTOP) from the moment it has loaded the PKCS #11 module, so the
+    signal lands inside its start, however fast the machine."""
+    import sys
+
+    from tests.support import ROOT, wait_for
+
+    log_path, port_file = tmp_path / "gateway.log", tmp_path / "port"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(fleet.config_path),
+             "--port-file", str(port_file), "--grace", "1", "--workers", "1", "--listen", "127.0.0.1:0"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "HSMGW_LOG_FORMAT": "human"},
+        )
+    try:
+        def module_loaded() -> bool:
+            with contextlib.suppress(OSError):
+                return "softhsm" in Path(f"/proc/{proc.pid}/maps").read_text()
+            return False
+
+        wait_for(module_loaded, timeout=60, what="the PKCS #11 module to load", interval=0.001)
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert not port_file.exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        os.kill(proc.pid, signal.SIGCONT)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    text = log_path.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "signal SIGINT while starting: stopped before serving" in text, text[-3000:]
+    assert code == 0 and not port_file.exists(), text[-3000:]
+
+
 def test_ctrl_c_while_every_worker_serves_stops_each_by_itself(fleet, tmp_path: Path) -> None:
     """Ctrl-C once the workers serve: each gets the terminal's SIGINT and, a moment later, the
     supervisor's SIGTERM. A worker used to stop in about three runs in ten only when the supervisor
