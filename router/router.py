@@ -619,7 +619,7 @@ class Router:
             # The HSM failed in a way we did not expect (logged with its traceback), or
             # an object just made was not found again: not the caller's "not found".
             # Creation is idempotent and rolled back, so the caller may simply retry.
-            self._undo_creation(intent)
+            self.roll_back(intent)
             raise Unavailable(
                 f"cluster {intent.primary} could not create key {intent.key_id!r}; nothing was created, "
                 "retry with the same request_id",
@@ -627,7 +627,7 @@ class Router:
                 region=backend.spec.region,
             ) from exc
         except RouterError:
-            self._undo_creation(intent)
+            self.roll_back(intent)
             raise
         self._fault("created-on-hsm")
         if self._closed:  # the store is closed too: the intent stays, for reconcile (close said so)
@@ -658,19 +658,6 @@ class Router:
             enabled.key_id, enabled.primary, ", ".join(enabled.replicas) or "none", state.value,
         )
         return enabled
-
-    def _undo_creation(self, intent: Placement) -> None:
-        """Roll back a creation that failed. A DestroyKey that came meanwhile makes the roll-back's
-        claim fail, and it destroys nothing: what this attempt made after the DestroyKey's pass
-        over the key's clusters is then removed here."""
-        if self.roll_back(intent) or self._closed or intent.external:
-            return
-        try:
-            current = self.store.get(intent.key_id)
-        except StoreError:
-            return  # reconcile finishes what is left, destroyed or not
-        if current is not None and current.state is KeyState.DESTROYED:
-            self._drop_copies(intent.key_id, intent.clusters, "creation")
 
     def _replicate(
         self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool
@@ -739,8 +726,10 @@ class Router:
         its record (claimed, so a retry takes it over only after ``creation_grace``): the
         record goes last, once a search on each cluster after its destroy finds nothing left,
         since objects that no record names are never destroyed (``router.reconcile``: they may
-        be another application's). Reconcile rolls the intent back again later. False (and
-        logged) when the record was not removed.
+        be another application's). Reconcile rolls the intent back again later. An intent a
+        DestroyKey claimed first is not rolled back: the key's copies on its clusters are
+        dropped, unless the record, read again, needs them. False (and logged) when the record
+        was not removed.
         """
         deadline = time.monotonic() + 10.0 if deadline is None else deadline
         if self._closed:  # its sessions and the store are closed; close() named the key
@@ -748,7 +737,12 @@ class Router:
             return False
         try:
             intent = self.store.update(replace(intent, create_time=self.wall_clock()))
-        except Conflict:
+        except Conflict as lost:
+            if lost.existing is not None and lost.existing.state is KeyState.DESTROYED and not intent.external:
+                # A DestroyKey came meanwhile. Its pass over the key's clusters may have come before
+                # copies this creation made: they would outlive the DestroyKey that said it was done.
+                self._drop_copies(intent.key_id, intent.clusters, "creation")
+                return False
             log.warning("rollback of %s: the creation was taken over or settled meanwhile; nothing destroyed",
                         intent.key_id)
             return False
