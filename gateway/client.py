@@ -324,6 +324,8 @@ class Client:
         """Every FAILBACK_INTERVAL while not on the first endpoint, ask the endpoints before the
         current one whether they serve; the client moves back to one that does (``_checked``).
         The calls go on meanwhile: nothing waits for the answers."""
+        if self._current == 0:  # on the first endpoint: nothing to go back to, and no lock to take
+            return
         now = self._clock()
         with self._lock:
             current = self._current
