@@ -254,6 +254,26 @@ def test_probes_check_grpc_health_on_the_gateway_port(overlay: str) -> None:
 
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_operators_reach_every_gateway_pod_while_none_is_ready(overlay: str) -> None:
+    """Readiness follows the clusters: while a region's HSMs are down its application Services
+    have no endpoints. The operators' Service keeps every gateway pod, so hsmctl reaches the
+    AdminService there, under a name the documented server certificate covers."""
+    docs = render(overlay)
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    admin = one(docs, "Service", "hsmgw-admin")
+    namespace = admin["metadata"]["namespace"]
+    assert admin["spec"]["publishNotReadyAddresses"] is True
+    assert admin["spec"]["selector"].items() <= pod_labels.items()
+    for name in ("hsmgw", "hsmgw-pods"):  # applications never get a pod that cannot serve them
+        assert not one(docs, "Service", name)["spec"].get("publishNotReadyAddresses")
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    certs = re.search(r"hsmgw dev certs .*?```", readme, re.S)
+    assert certs and f"--host hsmgw-admin.{namespace}.svc " in certs.group(0)
+    assert f"`hsmctl` against `hsmgw-admin.{namespace}.svc:{admin['spec']['ports'][0]['port']}`" in readme
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_service_and_network_policy_use_the_gateway_port(overlay: str) -> None:
     docs = render(overlay)
     _, config = gateway_config(docs)
