@@ -368,13 +368,14 @@ class Gateway:
 
 
 def report_reconcile(router: Router, metrics: GatewayMetrics) -> None:
-    """Compare the store with every token, change nothing, and report what differs.
+    """Compare the store with every token, and report what differs. It changes nothing but
+    what a DestroyKey asked for and could not reach: a destroyed key's objects go.
 
     A pass that cannot finish publishes nothing: ``hsmgw_reconcile_last_run_timestamp_seconds``
     stops moving, which is what an alert on it watches.
     """
     try:
-        report = reconcile(router, fix=False)
+        report = reconcile(router, fix=False, finish_destroys=True)
     except StoreError as exc:
         log.warning("reconcile (report only): the placement store is unreachable (%s); the next pass tries again",
                     exc)
@@ -383,7 +384,7 @@ def report_reconcile(router: Router, metrics: GatewayMetrics) -> None:
         log.exception("reconcile (report only) failed")
         return
     metrics.reconciled(report)
-    if report.clean:
+    if report.clean and not report.finished:
         log.info("reconcile (report only): the placement store and every token agree")
     else:
         log.warning("reconcile (report only): %s; `hsmctl reconcile` lists them (docs/operations.md)",

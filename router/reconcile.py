@@ -5,7 +5,10 @@ Finds, per cluster:
   that crashed half-way): their objects are destroyed and the record removed;
 - **orphans**: key objects on a token that a placement record accounts for but does
   not put there (the source left by a move, the objects of a destroyed key): destroyed,
-  except for a key short of copies, whose object may be the copy a repair is making;
+  except for a key short of copies, whose object may be the copy a repair is making.
+  A destroyed key's are destroyed by ``finish_destroys`` too, without ``fix``: its
+  DestroyKey was asked for and answered; what it could not reach (a copy a killed
+  repairer left, whose sweep died with the process that destroyed the key) goes then;
 - **unknown**: key objects no record in the store names at all. The gateway writes a
   key's record before it makes objects and removes it only after them, so none of its
   own keys is ever found so: these are another application's keys, or the store is not
@@ -81,6 +84,8 @@ class ReconcileReport:
     """(cluster, key id) of orphans whose objects a fix destroyed."""
     rolled_back: list[str] = field(default_factory=list)
     """Stale intents a fix rolled back (objects and record gone)."""
+    finished: list[tuple[str, str]] = field(default_factory=list)
+    """(cluster, key id) of a destroyed key's objects that ``finish_destroys`` removed."""
 
     @property
     def fixable(self) -> list[Finding]:
@@ -99,7 +104,8 @@ class ReconcileReport:
     def summary(self) -> str:
         """One line for the log and the admin change's result: what was done (``fix``) or found."""
         if not self.fixed:
-            return (f"{len(self.stale_intents)} unfinished creations, {len(self.orphans)} orphan objects, "
+            finished = (f"{len(self.finished)} objects of destroyed keys removed, " if self.finished else "")
+            return (f"{finished}{len(self.stale_intents)} unfinished creations, {len(self.orphans)} orphan objects, "
                     f"{len(self.unknown)} objects no record names, "
                     f"{len(self.missing)} missing copies ({len(self.droppable)} a fix would drop from their "
                     f"records), {len(self.duplicates)} duplicate objects, {len(self.unreachable)} unreachable "
@@ -134,11 +140,13 @@ def reconcile(
     deadline_s: float = 60.0,
     only: frozenset[Finding] | None = None,
     progress: Callable[[], None] | None = None,
+    finish_destroys: bool = False,
 ) -> ReconcileReport:
     """Compare the store with the tokens; with ``fix``, act on what was found (with ``only``,
     on those findings alone: each is found again first, and one no longer found is skipped).
     ``progress`` is called after each step (a cluster listed, a record read, an object or a
-    record fixed): a worker's start-up tells its supervisor it is not stuck."""
+    record fixed): a worker's start-up tells its supervisor it is not stuck.
+    ``finish_destroys``: remove a destroyed key's objects even without ``fix``."""
     step = progress or (lambda: None)
     grace = router.creation_grace if grace is None else grace
     deadline = time.monotonic() + deadline_s
@@ -206,6 +214,12 @@ def reconcile(
             # One look at the record: under the token's lock when it may end in a destroy.
             destroy = fix and report.approved(("orphan", name, key_id))
             why = _destroy_orphan(router, name, key_id, deadline) if destroy else router.why_kept(name, key_id)
+            if not why and not destroy and finish_destroys and _destroyed(router, key_id):
+                why = _destroy_orphan(router, name, key_id, deadline)
+                if not why:
+                    report.finished.append((name, key_id))
+                    step()
+                    continue
             step()
             if why == NO_RECORD:
                 report.unknown.append((name, key_id))
@@ -301,6 +315,16 @@ def _drop_missing(router: Router, name: str, key_id: str, deadline: float) -> bo
 
 NOT_DESTROYED = "the cluster did not destroy them"
 """What ``_destroy_orphan`` answers when the destroy itself failed (logged): still an orphan."""
+
+
+def _destroyed(router: Router, key_id: str) -> bool:
+    """Whether the key's record says it was destroyed (for good: a key id is never reused)."""
+    try:
+        current = router.store.get(key_id)
+    except StoreError as exc:
+        log.warning("reconcile: cannot read %s to see whether it was destroyed: %s", key_id, exc)
+        return False
+    return current is not None and current.state is KeyState.DESTROYED
 
 
 def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> str:

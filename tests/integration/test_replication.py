@@ -987,6 +987,49 @@ def test_destroy_removes_a_copy_that_no_record_names(make_router, tokens, tmp_pa
     assert destroyer.sweep_destroyed(time.monotonic() + 30) == 0, "each cluster is looked at once"
 
 
+def test_the_periodic_reconcile_removes_a_destroyed_keys_copy_that_its_sweep_never_reached(
+        make_router, tokens, tmp_path) -> None:
+    """As above, but the process that destroyed the key stopped before its repairer's pass: the
+    list of clusters to sweep died with it. The periodic reconcile, which changes nothing else,
+    removes the copy; a live key's stray copy stays for `reconcile --fix`."""
+    from gateway.metrics import GatewayMetrics
+    from gateway.server import report_reconcile
+
+    build = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True,
+                                                                           ack_local=True))
+    creator = build()
+    creator.fail_over_region("us-west-2")
+
+    def killed(point: str) -> None:
+        if point == "repair-copied":
+            raise _Killed
+
+    doomed = creator.generate_key(_spec(unique("destroy-unswept")), time.monotonic() + 30)
+    with pytest.raises(_Killed):  # a copy on usw2-a that no record names
+        build(fault=killed).repair_once(time.monotonic() + 30)
+    assert build().destroy_key(doomed.key_id, time.monotonic() + 30).state is KeyState.DESTROYED
+    # And a live key, fully replicated, with a stray copy on its third cluster (a move's source, say).
+    maker = build()
+    live = maker.generate_key(_spec(unique("live-stray")), time.monotonic() + 30)
+    assert live.state is KeyState.ENABLED
+    (stray,) = set(maker.backends) - set(live.clusters)
+    wrapped, public_der = maker.backends[live.primary].export_wrapped(live, time.monotonic() + 10)
+    maker.backends[stray].import_wrapped(live, wrapped, public_der, time.monotonic() + 10)
+    assert _left(tokens, doomed.key_id) == {"usw2-a": {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}}
+
+    asked_for_nothing = reconcile(build(), fix=False)  # what `hsmctl reconcile` shows: it changes nothing
+    assert {("usw2-a", doomed.key_id), (stray, live.key_id)} <= set(asked_for_nothing.orphans)
+    assert "usw2-a" in _left(tokens, doomed.key_id)
+
+    gateway = build()  # another process: its repairer knows of no destroy
+    report_reconcile(gateway, GatewayMetrics(gateway))
+    assert _left(tokens, doomed.key_id) == {}
+    assert set(_left(tokens, live.key_id)) == {*live.clusters, stray}
+    again = reconcile(gateway, fix=False, finish_destroys=True)
+    assert ("usw2-a", doomed.key_id) not in again.orphans + again.finished
+    assert (stray, live.key_id) in again.orphans and again.finished == []
+
+
 def test_a_repair_that_loses_to_another_repair_keeps_the_copy_the_record_names(make_router, tokens, tmp_path) -> None:
     """Two repairers copy the key to the DR cluster; the second names its copy first. The first
     one's write fails, and the copy there is now the record's: it stays, and signs."""
