@@ -109,6 +109,12 @@ CHANNEL_OPTIONS = (
     # often and it closes the connection), and give up on it 5 s after a ping.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # A gateway that went away is asked again at most this long apart (gRPC's default backs
+    # off to 120 s): a region that is back is seen by the next failback check or call, not
+    # minutes later. Each endpoint has one channel, so this is one connection attempt a
+    # client every 10 s at most, while the gateway is down.
+    ("grpc.initial_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 10_000),
 )
 
 
