@@ -183,6 +183,10 @@ class Dispatcher:
             # Not "no such key": a cluster that may hold it (the source of a move, say) could not answer.
             raise KeyOutOfReach(f"no cluster could serve {what}: the clusters asked lack it, and another that may "
                                 "hold it cannot answer now", cluster=last.cluster, region=last.region) from last
+        if isinstance(last, WrappedKeyRefused) and unheard:
+            # Not the record's fault for sure: a cluster that may unwrap it could not be asked.
+            raise Unavailable(f"no cluster could serve {what}: {last.message}; another cluster, which may "
+                              "unwrap it, cannot answer now", cluster=last.cluster, region=last.region) from last
         if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey, WrappedKeyRefused)):
             raise last
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)

@@ -47,7 +47,7 @@ from router.errors import (
     WrappedKeyRefused,
     WrongKeyUsage,
 )
-from router.model import ClusterSpec, Placement
+from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Placement
 from router.pkcs11 import _keys, _material
 from router.pkcs11._module import Module, TokenObjects
 from router.secret import Secret
@@ -66,6 +66,10 @@ CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "
 
 _WAIT_SLICE = 0.1
 """A wait for a session looks this often whether the calls holding them hang."""
+
+CANARY_ID = "_unwrap_check"
+"""Id and label of the session key a session wraps and unwraps to see that it can (ids that
+start with ``_`` are the gateway's own: reconcile never takes them for keys)."""
 
 _CHECKED_AGAINST = "hsmgw_checked_against"
 """Where an unwrapped EXTERNAL private key object keeps the public key (DER) it was checked against."""
@@ -209,12 +213,11 @@ class PooledSession:
         except _UNWRAP_REFUSED as first:
             # SoftHSM answers a blob whose integrity check fails CKR_GENERAL_ERROR, and one that
             # unwraps to another kind of key CKR_FUNCTION_FAILED, as it would a fault or a busy
-            # device. A cluster that answers a plain read at once, and refuses the same unwrap
-            # again, is not at fault: the record is, and it must not open circuits for every key
-            # (each call on it would count).
-            try:
-                wrapping_key[Attribute.CLASS]
-            except p11.PKCS11Error:
+            # device (CloudHSM's throttling answer). A cluster that unwraps a key it wrapped just
+            # now, and refuses the record's again, is sound: the record is at fault, and it must
+            # not open circuits for every key (each call on it would count). One that does not
+            # is busy or failing: its error stands.
+            if not self._unwraps_its_own():
                 raise first from None
             try:
                 obj = unwrap()
@@ -233,6 +236,26 @@ class PooledSession:
         except BaseException:
             _destroy_quietly(obj)
             raise
+
+    def _unwraps_its_own(self) -> bool:
+        """Whether this session wraps a new AES key under the wrapping key and unwraps it again,
+        as an EXTERNAL key's is (nothing is left on the token either way)."""
+        made: list[Any] = []
+        try:
+            secret, _ = _keys.generate(self.handle, CANARY_ID, KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT,
+                                       token=False, extractable=True)
+            made.append(secret)
+            wrapped = bytes(self.wrapping_key().wrap_key(secret, mechanism=_keys.WRAP_MECHANISM))
+            made.append(self.wrapping_key().unwrap_key(
+                ObjectClass.SECRET_KEY, _keys.key_type(KeyAlgorithm.AES_256), wrapped, id=CANARY_ID.encode(),
+                label=CANARY_ID, mechanism=_keys.WRAP_MECHANISM, store=False,
+                template=_keys.unwrap_template(KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT)))
+            return True
+        except p11.PKCS11Error:
+            return False
+        finally:
+            for obj in made:
+                _destroy_quietly(obj)
 
     def _check(self, obj: Any, placement: Placement) -> None:
         """Check the record, and ``obj`` (its unwrapped private key) against it unless None; an

@@ -19,7 +19,7 @@ from pkcs11 import exceptions as p11
 
 from gateway.status import error_info
 from hsmgw.v1 import crypto_pb2 as pb
-from router.errors import ClusterDown, FailedPrecondition, KeyRecordMismatch, Unavailable
+from router.errors import ClusterDown, FailedPrecondition, KeyRecordMismatch, Throttled, Unavailable
 from router.health import CircuitState
 from router.model import USAGES, KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
 from router.placement.store import StoreError
@@ -629,8 +629,57 @@ class _FailingHsm:
     def unwrap_key(self, *args: Any, **kwargs: Any) -> Any:
         raise p11.GeneralError()
 
+    def wrap_key(self, *args: Any, **kwargs: Any) -> Any:
+        raise p11.GeneralError()
+
     def __getitem__(self, attribute: Any) -> Any:
         raise p11.GeneralError()
+
+
+class _BusyHsm:
+    """The real wrapping key, on an HSM that answers every unwrap CKR_FUNCTION_FAILED (busy, as
+    CloudHSM throttles) and every other call as usual."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def unwrap_key(self, *args: Any, **kwargs: Any) -> Any:
+        raise p11.FunctionFailed()
+
+    def wrap_key(self, *args: Any, **kwargs: Any) -> Any:
+        return self.real.wrap_key(*args, **kwargs)
+
+    def __getitem__(self, attribute: Any) -> Any:
+        return self.real[attribute]
+
+
+def test_a_busy_hsm_is_not_taken_for_an_altered_record(make_router, caplog) -> None:
+    """A cluster too busy to unwrap, while it answers other calls, fails the canary unwrap too:
+    the call is RESOURCE_EXHAUSTED (retry later), and no operator is told the store was altered."""
+    router = make_router(spec_changes={"pool_size": 1})
+    key = _external(router)
+    for backend in router.backends.values():
+        (session,) = _every_session(backend)
+        session.forget()
+        session._wrapping_key = _BusyHsm(session.wrapping_key())
+
+    with pytest.raises(Throttled):
+        _sign(router, key.key_id)
+    assert "altered" not in caplog.text
+
+
+def test_a_record_no_cluster_asked_unwraps_is_retryable_while_another_cannot_be_asked(make_router, tokens) -> None:
+    """The clusters asked refuse the record's wrapped key; one that may unwrap it (its circuit is
+    open) was not asked: UNAVAILABLE, which a caller retries, not the record's fault."""
+    router = make_router()
+    key = _altered(router, _made(router, KeyAlgorithm.EC_P256), wrapped=b"\x00" * 40)
+    other = next(name for name in router.breakers if name != key.primary)
+    while router.breakers[other].state is not CircuitState.OPEN:
+        router.breakers[other].record_failure()
+
+    with pytest.raises(Unavailable, match="another cluster, which may unwrap it, cannot answer now") as refused:
+        _sign_with(router, key)()
+    assert isinstance(refused.value.__cause__, KeyRecordMismatch)
 
 
 def test_an_unwrap_on_a_cluster_that_fails_everything_is_the_clusters_fault(make_router, tokens) -> None:
@@ -660,6 +709,9 @@ class _BusyOnce:
             self.refused += 1
             raise p11.FunctionFailed()
         return self.real.unwrap_key(*args, **kwargs)
+
+    def wrap_key(self, *args: Any, **kwargs: Any) -> Any:
+        return self.real.wrap_key(*args, **kwargs)
 
     def __getitem__(self, attribute: Any) -> Any:
         return self.real[attribute]
