@@ -651,6 +651,10 @@ class Router:
                 # DestroyKey's pass over the key's clusters may have come before some of the
                 # objects made here: they would outlive the DestroyKey that said it was done.
                 self._drop_copies(intent.key_id, made, "creation")
+            elif exc.existing is None and not intent.external:
+                # This attempt outlived creation_grace (an HSM call that hung), and a sweep or
+                # reconcile rolled the creation back meanwhile: no record names what it made.
+                self._drop_unrecorded(intent.key_id, made)
             return self._settled(exc.existing, intent.key_id)
         self._remember(enabled)
         log.info(
@@ -658,6 +662,33 @@ class Router:
             enabled.key_id, enabled.primary, ", ".join(enabled.replicas) or "none", state.value,
         )
         return enabled
+
+    def _drop_unrecorded(self, key_id: str, clusters: Sequence[str]) -> None:
+        """Destroy the objects a creation made on ``clusters`` after its record was removed: no
+        record would ever name them, and reconcile leaves objects no record names alone. Each
+        cluster's objects are held still while the store is read again, and they stay if a
+        record names the key by then (a new creation of the id, which makes its objects only
+        after its record)."""
+        def recorded() -> bool:
+            try:
+                return self.store.get(key_id) is not None
+            except StoreError:
+                return True  # cannot tell: they stay, listed by reconcile as objects no record names
+
+        for name in clusters:
+            backend = self.backends.get(name)
+            if backend is None:
+                continue
+            try:
+                removed = backend.destroy(key_id, time.monotonic() + 10.0, unless=recorded)
+            except RouterError as exc:
+                log.warning("creation of %s outlived its roll-back; its copy on %s, which no record names, could "
+                            "not be removed (%s): reconcile lists it as an object no record names", key_id, name,
+                            exc.message)
+                continue
+            if removed:
+                log.warning("creation of %s outlived its roll-back; its copy on %s, which no record names, is "
+                            "destroyed", key_id, name)
 
     def _replicate(
         self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool
@@ -742,6 +773,11 @@ class Router:
                 # A DestroyKey came meanwhile. Its pass over the key's clusters may have come before
                 # copies this creation made: they would outlive the DestroyKey that said it was done.
                 self._drop_copies(intent.key_id, intent.clusters, "creation")
+                return False
+            if lost.existing is None and not intent.external:
+                # Another roll-back removed the record meanwhile (this attempt outlived
+                # creation_grace): what this attempt made since is named by no record.
+                self._drop_unrecorded(intent.key_id, intent.clusters)
                 return False
             log.warning("rollback of %s: the creation was taken over or settled meanwhile; nothing destroyed",
                         intent.key_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -14,7 +15,16 @@ from pkcs11 import ObjectClass
 
 from hsmgw.v1 import crypto_pb2 as pb
 from router.errors import ClusterDown, FailedPrecondition, KeyBeingCreated, KeyNotFound, Unavailable
-from router.model import KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
+from router.model import (
+    KeyAlgorithm,
+    KeySpec,
+    KeyState,
+    KeyStorage,
+    KeyUsage,
+    Operation,
+    Placement,
+    ReplicationPolicy,
+)
 from router.reconcile import ReconcileReport, reconcile
 from tests.support import placement, rpc_error, unique
 
@@ -454,6 +464,61 @@ def test_a_public_key_is_read_from_a_cluster_once_and_a_destroyed_key_gives_none
     router.destroy_key(third.key_id, far)
     with pytest.raises(FailedPrecondition, match="destroyed"):
         router.public_key(third.key_id, far)
+
+
+def test_a_creation_that_outlives_its_roll_back_leaves_no_copy_no_record_names(make_router, tokens) -> None:
+    """The creation's HSM calls hung past creation_grace; another process's sweep rolled it back
+    and removed the record. The copy it made after that would be named by no record, and
+    reconcile never destroys those: the creation removes it itself, and its caller retries."""
+    key_id = unique("outlived")
+    policy = ReplicationPolicy(copies=2, require_dr_copy=True)
+    router = make_router(replication=policy)
+    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
+
+    def rolled_back_meanwhile(point: str) -> None:
+        if point == "copy-exported":  # made on the primary; the DR copy comes next
+            intent = sweeper.store.get(key_id)
+            assert intent is not None and sweeper.roll_back(intent)  # the sweep took it as abandoned
+
+    router._fault = rolled_back_meanwhile
+    with pytest.raises(KeyBeingCreated):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert router.store.get(key_id) is None
+    assert all(tokens.objects(cluster, key_id) == [] for cluster in router.backends), "no copy is left behind"
+    router._fault = lambda point: None
+    made = router.generate_key(_spec(key_id), time.monotonic() + 30)  # the caller's retry
+    assert made.state is KeyState.ENABLED and len(made.clusters) == 2
+
+
+def test_a_failed_creation_whose_record_a_roll_back_removed_leaves_no_copy(make_router, tokens) -> None:
+    """As above, but its last copy then fails: its own roll-back finds the record gone, and
+    removes what it made since, which no record names."""
+    key_id = unique("outlived-failed")
+    policy = ReplicationPolicy(copies=3, require_dr_copy=True)
+    router = make_router(replication=policy)
+    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
+    imported: list[str] = []
+
+    def rolled_back_meanwhile(point: str) -> None:
+        if point == "copy-exported":
+            intent = sweeper.store.get(key_id)
+            assert intent is not None and sweeper.roll_back(intent)
+
+    router._fault = rolled_back_meanwhile
+    for name, backend in router.backends.items():
+        real = backend.import_wrapped
+
+        def once(*args: Any, _real: Any = real, _name: str = name) -> None:
+            if imported:  # the second copy fails
+                raise ClusterDown("did not answer", cluster=_name)
+            imported.append(_name)
+            _real(*args)
+
+        backend.import_wrapped = once  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="cannot copy key"):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert imported and router.store.get(key_id) is None
+    assert all(tokens.objects(cluster, key_id) == [] for cluster in router.backends), "no copy is left behind"
 
 
 def test_a_key_destroyed_while_it_is_being_created_is_not_reported_made(make_router, tokens) -> None:
