@@ -618,3 +618,22 @@ def test_serve_refuses_a_port_file_it_cannot_write_before_logging_in(spare_fleet
     assert line == f"error: --port-file: cannot write {port_file}: the directory {port_file.parent} does not exist"
     assert result.returncode == EXIT_CONFIG
     assert "sessions open" not in result.stdout + result.stderr, "logged in to the HSMs before failing"
+
+
+# -- hsmctl's output read by another program ------------------------------------------------
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["written-at-exit", "written-at-once"])
+def test_hsmctl_ends_quietly_with_141_when_its_reader_stops_reading(gateway: Any, buffered: bool) -> None:
+    """`hsmctl clusters | head -1`: the reader closes the pipe before hsmctl writes. No traceback,
+    and the status a shell gives a program SIGPIPE ended (128 + 13); whether the closed pipe shows
+    when the output is flushed at exit, or while it is written (unbuffered, or more than a buffer)."""
+    read, write = os.pipe()
+    os.close(read)
+    env = _user_env() if buffered else _user_env(PYTHONUNBUFFERED="1")
+    try:
+        result = subprocess.run([sys.executable, "-m", "gateway.cli.hsmctl", "--target", gateway.target, "clusters"],
+                                cwd=ROOT, env=env, stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")

@@ -25,7 +25,8 @@ wrong; 2 the gateway could not be reached or cannot act now (UNAVAILABLE,
 DEADLINE_EXCEEDED: try again later; but a request or approval that got no answer
 may have been taken, and its change may be running or applied: the error says so,
 check `hsmctl changes list --all` first); 3 the change is waiting for approvals
-(scripts can poll).
+(scripts can poll); 141 the program reading the output stopped early (`hsmctl
+keys list | head -1`), as for any program a closed pipe ends.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from gateway.cli.hsmctl import audit, changes, clusters, keys, loadtest, rebalan
 from gateway.cli.hsmctl._app import App
 
 GROUPS = (clusters, keys, rebalance, regions, changes, audit, loadtest)
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program SIGPIPE ended: the reader closed the pipe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,8 +145,23 @@ def _no_answer(exc: grpc.RpcError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        try:
+            code = _run(sys.argv[1:] if argv is None else argv)
+        finally:
+            sys.stdout.flush()  # a reader that stopped early shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        # `hsmctl keys list | head -1`: the reader has what it wanted. Point stdout at devnull so
+        # that the flush at exit does not fail again (the Python docs' recipe, signal module), and
+        # end as a program SIGPIPE killed would, without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(EXIT_BROKEN_PIPE) from None
+    raise SystemExit(code)
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(_hoisted(sys.argv[1:] if argv is None else argv, parser))
+    args = parser.parse_args(_hoisted(argv, parser))
     with App.from_args(args) as app:
         try:
             code = args.func(app, args)
@@ -155,4 +172,4 @@ def main(argv: list[str] | None = None) -> None:
                 hints = [_hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected), app.unsure]
             hint = "; ".join(h for h in hints if h)
             fail(f"{exc.code().name}: {exc.details()}" + (f"; {hint}" if hint else ""), code=2 if unreachable else 1)
-    raise SystemExit(code or 0)
+    return code or 0
