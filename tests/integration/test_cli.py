@@ -637,3 +637,16 @@ def test_hsmctl_ends_quietly_with_141_when_its_reader_stops_reading(gateway: Any
     finally:
         os.close(write)
     assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_an_approval_or_request_that_never_connected_says_it_was_not_taken() -> None:
+    """Nothing listens at the target: the call was never sent, so nothing can be running; the
+    warning that it may have been taken is for calls that reached a gateway."""
+    nothing_listens = "nothing listens there: is the gateway running, and is --target its address?"
+    for command, says in ((("changes", "approve", "abc"), "the approval was not sent: nothing was approved"),
+                          (("keys", "move", "k1", "--to", "use1-b"), "the request was not sent: no change was made")):
+        result = hsmctl("--target", "127.0.0.1:1", "--timeout", "5", *command)
+        assert result.returncode == 2
+        line = one_error_line(result)
+        assert line.startswith("error: UNAVAILABLE:") and line.endswith(f"{nothing_listens}; {says}"), line
+        assert "may have been" not in line, line

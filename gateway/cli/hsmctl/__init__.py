@@ -24,7 +24,8 @@ Exit codes: 0 ok; 1 the request was refused or failed, or the command line is
 wrong; 2 the gateway could not be reached or cannot act now (UNAVAILABLE,
 DEADLINE_EXCEEDED: try again later; but a request or approval that got no answer
 may have been taken, and its change may be running or applied: the error says so,
-check `hsmctl changes list --all` first); 3 the change is waiting for approvals
+check `hsmctl changes list --all` first; one that never connected says it was not
+sent); 3 the change is waiting for approvals
 (scripts can poll); 141 the program reading the output stopped early (`hsmctl
 keys list | head -1`), as for any program a closed pipe ends.
 """
@@ -135,6 +136,14 @@ def _hint(details: str, tls: bool, connected: bool) -> str:
     return ""
 
 
+def _never_sent(exc: grpc.RpcError, connected: bool) -> bool:
+    """The call failed before any connection to the gateway came up (refused, no route, a failed
+    handshake), so the gateway never saw it. A deadline or a connection lost during the call
+    leaves that open."""
+    return (not connected and exc.code() is grpc.StatusCode.UNAVAILABLE
+            and (exc.details() or "").startswith("failed to connect"))
+
+
 def _no_answer(exc: grpc.RpcError) -> bool:
     """The call ended without the gateway's answer: a lost connection or a passed deadline (the
     gateway's own refusals carry its status details)."""
@@ -169,7 +178,8 @@ def _run(argv: list[str]) -> int:
             unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             hints = []
             if unreachable and _no_answer(exc):
-                hints = [_hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected), app.unsure]
+                hints = [_hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected),
+                         app.unsent if _never_sent(exc, app.connected) else app.unsure]
             hint = "; ".join(h for h in hints if h)
             fail(f"{exc.code().name}: {exc.details()}" + (f"; {hint}" if hint else ""), code=2 if unreachable else 1)
     return code or 0
