@@ -650,3 +650,12 @@ def test_an_approval_or_request_that_never_connected_says_it_was_not_taken() -> 
         line = one_error_line(result)
         assert line.startswith("error: UNAVAILABLE:") and line.endswith(f"{nothing_listens}; {says}"), line
         assert "may have been" not in line, line
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_hsmctl_refuses_a_timeout_that_is_not_a_positive_number_of_seconds(timeout: str) -> None:
+    """A usage error (exit 1) before any call, not DEADLINE_EXCEEDED and exit 2 (try again later)."""
+    result = hsmctl("--target", "127.0.0.1:1", f"--timeout={timeout}", "changes", "approve", "abc")
+    assert result.returncode == 1
+    assert one_error_line(result) == (f"error: hsmctl: argument --timeout: expected a number of seconds above 0, "
+                                      f"got {timeout!r}")

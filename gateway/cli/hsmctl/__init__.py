@@ -40,7 +40,7 @@ from typing import NoReturn
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # hsmctl says what went wrong itself, in one line
 import grpc  # noqa: E402
 
-from gateway.cli._common import fail
+from gateway.cli._common import fail, positive_seconds
 from gateway.cli.hsmctl import audit, changes, clusters, keys, loadtest, rebalance, regions
 from gateway.cli.hsmctl._app import App
 
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", choices=("table", "json"), default="table", help="table for people, json for scripts"
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_seconds, default=30.0,
+                        help="seconds per call, above 0 (default: %(default)s)")
     parser.add_argument(
         "--as",
         dest="identity",
