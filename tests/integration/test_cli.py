@@ -659,3 +659,13 @@ def test_hsmctl_refuses_a_timeout_that_is_not_a_positive_number_of_seconds(timeo
     assert result.returncode == 1
     assert one_error_line(result) == (f"error: hsmctl: argument --timeout: expected a number of seconds above 0, "
                                       f"got {timeout!r}")
+
+
+@pytest.mark.parametrize("identity", ["", " "])
+def test_hsmctl_refuses_an_empty_identity_instead_of_calling_as_the_default(gateway: Any, identity: str) -> None:
+    """`--as "$ADMIN"` with ADMIN unset must not approve as `dev`, the identity of a caller who
+    names none."""
+    result = hsmctl("--target", gateway.target, "--as", identity, "changes", "approve", "abc")
+    assert result.returncode == 1
+    assert one_error_line(result) == ("error: hsmctl: argument --as: an empty identity; leave --as out to call "
+                                      "without one")

@@ -84,6 +84,14 @@ def _hoisted(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     return front + rest
 
 
+def _identity(text: str) -> str:
+    """An argparse type: an admin identity, never empty (`--as "$ADMIN"` with ADMIN unset
+    would otherwise call as the gateway's default identity)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty identity; leave --as out to call without one")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hsmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -97,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--as",
         dest="identity",
-        default="",
-        help="admin identity in development (plaintext on loopback only; TLS uses the certificate)",
+        type=_identity,
+        help="admin identity in development (plaintext on loopback only; TLS uses the certificate); "
+             "never empty: leave it out for the gateway's default, dev",
     )
     parser.add_argument("--ca", dest="tls_ca", help="CA certificate (PEM) to verify the gateway; enables TLS")
     parser.add_argument("--cert", dest="tls_cert",

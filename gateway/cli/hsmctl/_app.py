@@ -63,7 +63,7 @@ def _read(option: str, path: str | None) -> bytes | None:
 
 
 class App:
-    def __init__(self, channel: grpc.Channel, *, output: str, timeout: float, identity: str) -> None:
+    def __init__(self, channel: grpc.Channel, *, output: str, timeout: float, identity: str | None) -> None:
         self.channel = channel
         self.output = output
         self.timeout = timeout
