@@ -42,3 +42,8 @@ def positive_seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
     return value
+
+
+def plural(count: int, word: str) -> str:
+    """``count`` and ``word``, with an s unless there is one: "1 key", "0 keys", "2 records"."""
+    return f"{count} {word}" + ("" if count == 1 else "s")

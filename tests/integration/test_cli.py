@@ -669,3 +669,20 @@ def test_hsmctl_refuses_an_empty_identity_instead_of_calling_as_the_default(gate
     assert result.returncode == 1
     assert one_error_line(result) == ("error: hsmctl: argument --as: an empty identity; leave --as out to call "
                                       "without one")
+
+
+def test_hsmctl_json_counts_are_numbers_not_strings(gateway: Any) -> None:
+    """A script comparing `keys_considered > 0` or summing `keys` needs JSON numbers (protobuf's
+    JSON mapping quotes 64-bit integers)."""
+    def json_of(*command: str) -> Any:
+        result = hsmctl("--target", gateway.target, "--output", "json", *command)
+        assert result.returncode in (0, 1), result.stderr  # status: 1 when it warns
+        return json.loads(result.stdout)
+
+    plan = json_of("rebalance", "--plan")
+    assert type(plan["keys_considered"]) is int, plan
+    status = json_of("status")
+    counts = [status[name] for name in ("keys", "under_replicated_keys", "pending_changes")]
+    counts += [c[name] for c in json_of("clusters")["clusters"] for name in ("keys", "max_keys")]
+    counts.append(json_of("audit", "verify")["records"])
+    assert all(type(count) is int for count in counts), counts

@@ -119,8 +119,10 @@ class App:
 
     @staticmethod
     def as_dict(message: Message) -> dict[str, Any]:
+        # Counts are int64, which protobuf's JSON mapping quotes ("9"); scripts want numbers.
         return json_format.MessageToDict(
-            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+            unquote_int64_if_possible=True,
         )
 
     def emit(self, data: Any, human: str) -> None:
