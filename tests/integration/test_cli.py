@@ -686,3 +686,23 @@ def test_hsmctl_json_counts_are_numbers_not_strings(gateway: Any) -> None:
     counts += [c[name] for c in json_of("clusters")["clusters"] for name in ("keys", "max_keys")]
     counts.append(json_of("audit", "verify")["records"])
     assert all(type(count) is int for count in counts), counts
+
+
+def test_hsmctl_keys_list_of_a_cluster_leaves_out_destroyed_keys(crypto: Any, gateway: Any) -> None:
+    """A destroyed key is held by no cluster (its record still names where it was)."""
+    prefix = unique("cli-destroyed")
+    live, gone = (crypto.GenerateKey(pb.GenerateKeyRequest(request_id=f"{prefix}/{name}", key_id=f"{prefix}/{name}",
+                                                           algorithm=pb.KEY_ALGORITHM_AES_256), timeout=30)
+                  for name in ("live", "gone"))
+    crypto.DestroyKey(pb.DestroyKeyRequest(key_id=gone.key_id), timeout=30)
+
+    def listed(*options: str) -> dict[str, str]:
+        result = hsmctl("--target", gateway.target, "--output", "json", "keys", "list", "--prefix", prefix + "/",
+                        *options)
+        assert result.returncode == 0, result.stderr
+        return {k["key_id"]: k["state"] for k in json.loads(result.stdout)}
+
+    assert listed() == {live.key_id: "KEY_STATE_ENABLED", gone.key_id: "KEY_STATE_DESTROYED"}
+    for cluster in {gone.primary_cluster, *gone.replicas}:
+        assert gone.key_id not in listed("--cluster", cluster)
+    assert listed("--cluster", live.primary_cluster) == {live.key_id: "KEY_STATE_ENABLED"}
