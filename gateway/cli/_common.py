@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import NoReturn, TextIO
 
@@ -29,3 +30,20 @@ def at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (a deadline of 0 or less has passed
+    before the call starts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def plural(count: int, word: str) -> str:
+    """``count`` and ``word``, with an s unless there is one: "1 key", "0 keys", "2 records"."""
+    return f"{count} {word}" + ("" if count == 1 else "s")

@@ -618,3 +618,91 @@ def test_serve_refuses_a_port_file_it_cannot_write_before_logging_in(spare_fleet
     assert line == f"error: --port-file: cannot write {port_file}: the directory {port_file.parent} does not exist"
     assert result.returncode == EXIT_CONFIG
     assert "sessions open" not in result.stdout + result.stderr, "logged in to the HSMs before failing"
+
+
+# -- hsmctl's output read by another program ------------------------------------------------
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["written-at-exit", "written-at-once"])
+def test_hsmctl_ends_quietly_with_141_when_its_reader_stops_reading(gateway: Any, buffered: bool) -> None:
+    """`hsmctl clusters | head -1`: the reader closes the pipe before hsmctl writes. No traceback,
+    and the status a shell gives a program SIGPIPE ended (128 + 13); whether the closed pipe shows
+    when the output is flushed at exit, or while it is written (unbuffered, or more than a buffer)."""
+    read, write = os.pipe()
+    os.close(read)
+    env = _user_env() if buffered else _user_env(PYTHONUNBUFFERED="1")
+    try:
+        result = subprocess.run([sys.executable, "-m", "gateway.cli.hsmctl", "--target", gateway.target, "clusters"],
+                                cwd=ROOT, env=env, stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_an_approval_or_request_that_never_connected_says_it_was_not_taken() -> None:
+    """Nothing listens at the target: the call was never sent, so nothing can be running; the
+    warning that it may have been taken is for calls that reached a gateway."""
+    nothing_listens = "nothing listens there: is the gateway running, and is --target its address?"
+    for command, says in ((("changes", "approve", "abc"), "the approval was not sent: nothing was approved"),
+                          (("keys", "move", "k1", "--to", "use1-b"), "the request was not sent: no change was made")):
+        result = hsmctl("--target", "127.0.0.1:1", "--timeout", "5", *command)
+        assert result.returncode == 2
+        line = one_error_line(result)
+        assert line.startswith("error: UNAVAILABLE:") and line.endswith(f"{nothing_listens}; {says}"), line
+        assert "may have been" not in line, line
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_hsmctl_refuses_a_timeout_that_is_not_a_positive_number_of_seconds(timeout: str) -> None:
+    """A usage error (exit 1) before any call, not DEADLINE_EXCEEDED and exit 2 (try again later)."""
+    result = hsmctl("--target", "127.0.0.1:1", f"--timeout={timeout}", "changes", "approve", "abc")
+    assert result.returncode == 1
+    assert one_error_line(result) == (f"error: hsmctl: argument --timeout: expected a number of seconds above 0, "
+                                      f"got {timeout!r}")
+
+
+@pytest.mark.parametrize("identity", ["", " "])
+def test_hsmctl_refuses_an_empty_identity_instead_of_calling_as_the_default(gateway: Any, identity: str) -> None:
+    """`--as "$ADMIN"` with ADMIN unset must not approve as `dev`, the identity of a caller who
+    names none."""
+    result = hsmctl("--target", gateway.target, "--as", identity, "changes", "approve", "abc")
+    assert result.returncode == 1
+    assert one_error_line(result) == ("error: hsmctl: argument --as: an empty identity; leave --as out to call "
+                                      "without one")
+
+
+def test_hsmctl_json_counts_are_numbers_not_strings(gateway: Any) -> None:
+    """A script comparing `keys_considered > 0` or summing `keys` needs JSON numbers (protobuf's
+    JSON mapping quotes 64-bit integers)."""
+    def json_of(*command: str) -> Any:
+        result = hsmctl("--target", gateway.target, "--output", "json", *command)
+        assert result.returncode in (0, 1), result.stderr  # status: 1 when it warns
+        return json.loads(result.stdout)
+
+    plan = json_of("rebalance", "--plan")
+    assert type(plan["keys_considered"]) is int, plan
+    status = json_of("status")
+    counts = [status[name] for name in ("keys", "under_replicated_keys", "pending_changes")]
+    counts += [c[name] for c in json_of("clusters")["clusters"] for name in ("keys", "max_keys")]
+    counts.append(json_of("audit", "verify")["records"])
+    assert all(type(count) is int for count in counts), counts
+
+
+def test_hsmctl_keys_list_of_a_cluster_leaves_out_destroyed_keys(crypto: Any, gateway: Any) -> None:
+    """A destroyed key is held by no cluster (its record still names where it was)."""
+    prefix = unique("cli-destroyed")
+    live, gone = (crypto.GenerateKey(pb.GenerateKeyRequest(request_id=f"{prefix}/{name}", key_id=f"{prefix}/{name}",
+                                                           algorithm=pb.KEY_ALGORITHM_AES_256), timeout=30)
+                  for name in ("live", "gone"))
+    crypto.DestroyKey(pb.DestroyKeyRequest(key_id=gone.key_id), timeout=30)
+
+    def listed(*options: str) -> dict[str, str]:
+        result = hsmctl("--target", gateway.target, "--output", "json", "keys", "list", "--prefix", prefix + "/",
+                        *options)
+        assert result.returncode == 0, result.stderr
+        return {k["key_id"]: k["state"] for k in json.loads(result.stdout)}
+
+    assert listed() == {live.key_id: "KEY_STATE_ENABLED", gone.key_id: "KEY_STATE_DESTROYED"}
+    for cluster in {gone.primary_cluster, *gone.replicas}:
+        assert gone.key_id not in listed("--cluster", cluster)
+    assert listed("--cluster", live.primary_cluster) == {live.key_id: "KEY_STATE_ENABLED"}

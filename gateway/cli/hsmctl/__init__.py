@@ -24,8 +24,10 @@ Exit codes: 0 ok; 1 the request was refused or failed, or the command line is
 wrong; 2 the gateway could not be reached or cannot act now (UNAVAILABLE,
 DEADLINE_EXCEEDED: try again later; but a request or approval that got no answer
 may have been taken, and its change may be running or applied: the error says so,
-check `hsmctl changes list --all` first); 3 the change is waiting for approvals
-(scripts can poll).
+check `hsmctl changes list --all` first; one that never connected says it was not
+sent); 3 the change is waiting for approvals
+(scripts can poll); 141 the program reading the output stopped early (`hsmctl
+keys list | head -1`), as for any program a closed pipe ends.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from typing import NoReturn
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # hsmctl says what went wrong itself, in one line
 import grpc  # noqa: E402
 
-from gateway.cli._common import fail
+from gateway.cli._common import fail, positive_seconds
 from gateway.cli.hsmctl import audit, changes, clusters, keys, loadtest, rebalance, regions
 from gateway.cli.hsmctl._app import App
 
 GROUPS = (clusters, keys, rebalance, regions, changes, audit, loadtest)
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program SIGPIPE ended: the reader closed the pipe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +84,14 @@ def _hoisted(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     return front + rest
 
 
+def _identity(text: str) -> str:
+    """An argparse type: an admin identity, never empty (`--as "$ADMIN"` with ADMIN unset
+    would otherwise call as the gateway's default identity)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty identity; leave --as out to call without one")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hsmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", choices=("table", "json"), default="table", help="table for people, json for scripts"
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_seconds, default=30.0,
+                        help="seconds per call, above 0 (default: %(default)s)")
     parser.add_argument(
         "--as",
         dest="identity",
-        default="",
-        help="admin identity in development (plaintext on loopback only; TLS uses the certificate)",
+        type=_identity,
+        help="admin identity in development (plaintext on loopback only; TLS uses the certificate); "
+             "never empty: leave it out for the gateway's default, dev",
     )
     parser.add_argument("--ca", dest="tls_ca", help="CA certificate (PEM) to verify the gateway; enables TLS")
     parser.add_argument("--cert", dest="tls_cert",
@@ -133,6 +146,14 @@ def _hint(details: str, tls: bool, connected: bool) -> str:
     return ""
 
 
+def _never_sent(exc: grpc.RpcError, connected: bool) -> bool:
+    """The call failed before any connection to the gateway came up (refused, no route, a failed
+    handshake), so the gateway never saw it. A deadline or a connection lost during the call
+    leaves that open."""
+    return (not connected and exc.code() is grpc.StatusCode.UNAVAILABLE
+            and (exc.details() or "").startswith("failed to connect"))
+
+
 def _no_answer(exc: grpc.RpcError) -> bool:
     """The call ended without the gateway's answer: a lost connection or a passed deadline (the
     gateway's own refusals carry its status details)."""
@@ -143,8 +164,23 @@ def _no_answer(exc: grpc.RpcError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        try:
+            code = _run(sys.argv[1:] if argv is None else argv)
+        finally:
+            sys.stdout.flush()  # a reader that stopped early shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        # `hsmctl keys list | head -1`: the reader has what it wanted. Point stdout at devnull so
+        # that the flush at exit does not fail again (the Python docs' recipe, signal module), and
+        # end as a program SIGPIPE killed would, without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(EXIT_BROKEN_PIPE) from None
+    raise SystemExit(code)
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(_hoisted(sys.argv[1:] if argv is None else argv, parser))
+    args = parser.parse_args(_hoisted(argv, parser))
     with App.from_args(args) as app:
         try:
             code = args.func(app, args)
@@ -152,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             hints = []
             if unreachable and _no_answer(exc):
-                hints = [_hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected), app.unsure]
+                hints = [_hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected),
+                         app.unsent if _never_sent(exc, app.connected) else app.unsure]
             hint = "; ".join(h for h in hints if h)
             fail(f"{exc.code().name}: {exc.details()}" + (f"; {hint}" if hint else ""), code=2 if unreachable else 1)
-    raise SystemExit(code or 0)
+    return code or 0

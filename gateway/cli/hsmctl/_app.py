@@ -18,15 +18,19 @@ from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 
 WAITING = 3
 
-_APPROVAL_UNSURE = ("the approval may have been taken, and the change may be running or applied: see "
-                    "hsmctl changes list --all before approving again")
-_REQUEST_UNSURE = ("the change may have been recorded (with a quorum of 1, run): see hsmctl changes list --all "
-                   "before asking again")
-_UNSURE = {  # requests that change something, and what a caller who got no answer should check
-    "ApproveChangeRequest": _APPROVAL_UNSURE,
-    "RejectChangeRequest": "the rejection may have been taken: see hsmctl changes list --all",
+_APPROVAL = ("the approval may have been taken, and the change may be running or applied: see "
+             "hsmctl changes list --all before approving again",
+             "the approval was not sent: nothing was approved")
+_REQUEST = ("the change may have been recorded (with a quorum of 1, run): see hsmctl changes list --all "
+            "before asking again",
+            "the request was not sent: no change was made")
+_UNSURE = {  # requests that change something: what a caller who got no answer should check, and
+    # what to say instead when the call never left (no connection to the gateway was made)
+    "ApproveChangeRequest": _APPROVAL,
+    "RejectChangeRequest": ("the rejection may have been taken: see hsmctl changes list --all",
+                            "the rejection was not sent: nothing was rejected"),
     **dict.fromkeys(("PlaceKeyRequest", "MoveKeyRequest", "ReleaseKeyRequest", "ApplyRebalanceRequest",
-                     "DrainClusterRequest", "FailoverRegionRequest", "DestroyKeyChangeRequest"), _REQUEST_UNSURE),
+                     "DrainClusterRequest", "FailoverRegionRequest", "DestroyKeyChangeRequest"), _REQUEST),
 }
 
 
@@ -59,7 +63,7 @@ def _read(option: str, path: str | None) -> bytes | None:
 
 
 class App:
-    def __init__(self, channel: grpc.Channel, *, output: str, timeout: float, identity: str) -> None:
+    def __init__(self, channel: grpc.Channel, *, output: str, timeout: float, identity: str | None) -> None:
         self.channel = channel
         self.output = output
         self.timeout = timeout
@@ -70,6 +74,8 @@ class App:
         """Whether the channel ever reached the gateway (a gRPC connection, past any TLS handshake)."""
         self.unsure = ""
         """Set while a call that changes something is in flight: what to check if it gets no answer."""
+        self.unsent = ""
+        """Set with ``unsure``: what to say if the call never reached the gateway (so was not taken)."""
         channel.subscribe(self._watch, try_to_connect=False)
 
     def _watch(self, state: grpc.ChannelConnectivity) -> None:
@@ -103,18 +109,20 @@ class App:
 
     def call(self, method: Any, request: Message) -> Any:
         name = type(request).__name__
-        self.unsure = _UNSURE.get(name, _REQUEST_UNSURE if name == "ReconcileRequest" and getattr(
-            request, "fix", False) else "")
+        self.unsure, self.unsent = _UNSURE.get(name, _REQUEST if name == "ReconcileRequest" and getattr(
+            request, "fix", False) else ("", ""))
         answer = method(request, timeout=self.timeout, metadata=self.metadata)
-        self.unsure = ""
+        self.unsure = self.unsent = ""
         return answer
 
     # -- output -------------------------------------------------------------------------
 
     @staticmethod
     def as_dict(message: Message) -> dict[str, Any]:
+        # Counts are int64, which protobuf's JSON mapping quotes ("9"); scripts want numbers.
         return json_format.MessageToDict(
-            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+            unquote_int64_if_possible=True,
         )
 
     def emit(self, data: Any, human: str) -> None:

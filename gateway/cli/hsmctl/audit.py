@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gateway.cli._common import at_least_one
+from gateway.cli._common import at_least_one, plural
 from gateway.cli.hsmctl._app import App
 from hsmgw.v1 import admin_pb2 as apb
 
@@ -23,7 +23,7 @@ def _tail(app: App, args: argparse.Namespace) -> int:
 
 def _verify(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.VerifyAudit, apb.VerifyAuditRequest())
-    human = f"audit log intact: {resp.records} records" if resp.ok else f"audit log TAMPERED: {resp.problem}"
+    human = f"audit log intact: {plural(resp.records, 'record')}" if resp.ok else f"audit log TAMPERED: {resp.problem}"
     app.emit(app.as_dict(resp), human)
     return 0 if resp.ok else 1
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from gateway.cli._common import plural
 from gateway.cli.hsmctl._app import App
 from hsmgw.v1 import admin_pb2 as apb
 
@@ -30,7 +31,7 @@ def _rows(clusters: Any) -> list[list[Any]]:
 def _note(c: Any) -> str:
     notes = ["drained" if c.draining else ("failed-over" if c.region_failed_over else "")]
     if c.calls_hung:
-        notes.append(f"{c.calls_hung} call(s) hung")
+        notes.append(f"{plural(c.calls_hung, 'call')} hung")
     return ", ".join(n for n in notes if n)
 
 

@@ -24,6 +24,12 @@ def _row(k: pb.Key) -> list[str]:
     ]
 
 
+def _held_by(key: pb.Key, cluster: str) -> bool:
+    """Whether ``cluster`` holds a copy of ``key``: a destroyed key's record still names the
+    clusters it was on, but none holds it."""
+    return key.state != pb.KEY_STATE_DESTROYED and cluster in (key.primary_cluster, *key.replicas)
+
+
 def _list(app: App, args: argparse.Namespace) -> int:
     if args.cluster:
         known = [c.name for c in app.call(app.admin.ListClusters, apb.ListClustersRequest()).clusters]
@@ -33,7 +39,7 @@ def _list(app: App, args: argparse.Namespace) -> int:
     token = ""
     while True:
         resp = app.call(app.crypto.ListKeys, pb.ListKeysRequest(prefix=args.prefix, page_token=token, page_size=1000))
-        keys += [k for k in resp.keys if not args.cluster or args.cluster in (k.primary_cluster, *k.replicas)]
+        keys += [k for k in resp.keys if not args.cluster or _held_by(k, args.cluster)]
         token = resp.next_page_token
         if not token:
             break
@@ -73,7 +79,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "list", help="list keys", description="Example: hsmctl keys list --prefix payments/ --cluster use1-a"
     )
     lst.add_argument("--prefix", default="")
-    lst.add_argument("--cluster", default="", help="only keys held by this cluster")
+    lst.add_argument("--cluster", default="", help="only keys held by this cluster (never destroyed keys)")
     lst.set_defaults(func=_list)
     show = ksub.add_parser("show", help="one key's placement", description="Example: hsmctl keys show payments/k1")
     show.add_argument("key")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gateway.cli._common import plural
 from gateway.cli.hsmctl._app import App, progress
 from hsmgw.v1 import admin_pb2 as apb
 
@@ -11,7 +12,7 @@ from hsmgw.v1 import admin_pb2 as apb
 def _rebalance(app: App, args: argparse.Namespace) -> int:
     plan = app.call(app.admin.PlanRebalance, apb.PlanRebalanceRequest())
     rows = [[m.key_id, getattr(m, "from"), m.to] for m in plan.moves]
-    human = f"{len(plan.moves)} of {plan.keys_considered} keys would move (plan {plan.plan_id})\n" + (
+    human = f"{len(plan.moves)} of {plural(plan.keys_considered, 'key')} would move (plan {plan.plan_id})\n" + (
         App.table(rows, ["KEY", "FROM", "TO"]) if rows else "nothing to move"
     )
     if not args.apply or not plan.moves:  # nothing to move: no change to ask anyone to approve

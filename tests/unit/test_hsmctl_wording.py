@@ -1,0 +1,40 @@
+"""What hsmctl prints for people when a count is one: "1 key", not "1 keys"."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.cli.hsmctl import audit, clusters, rebalance
+from gateway.cli.hsmctl._app import App
+from hsmgw.v1 import admin_pb2 as apb
+
+
+class _Admin:
+    """Answers in place of a gateway's AdminService: the wording is the CLI's alone."""
+
+    def PlanRebalance(self, request: apb.PlanRebalanceRequest, **_: Any) -> apb.RebalancePlan:
+        return apb.RebalancePlan(moves=[apb.KeyMove(key_id="k1", to="use1-b")], keys_considered=1, plan_id="p1")
+
+    def VerifyAudit(self, request: apb.VerifyAuditRequest, **_: Any) -> apb.VerifyAuditResponse:
+        return apb.VerifyAuditResponse(ok=True, records=1)
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    with App(grpc.insecure_channel("127.0.0.1:1"), output="table", timeout=1.0, identity=None) as made:
+        made.admin = _Admin()
+        yield made
+
+
+def test_one_key_one_record_one_hung_call_are_singular(app: App, capsys: pytest.CaptureFixture[str]) -> None:
+    assert rebalance._rebalance(app, argparse.Namespace(apply=False)) == 0
+    assert capsys.readouterr().out.startswith("1 of 1 key would move (plan p1)\n")
+    assert audit._verify(app, argparse.Namespace()) == 0
+    assert capsys.readouterr().out == "audit log intact: 1 record\n"
+    assert clusters._note(apb.ClusterStatus(calls_hung=1)) == "1 call hung"
+    assert clusters._note(apb.ClusterStatus(calls_hung=2, draining=True)) == "drained, 2 calls hung"
