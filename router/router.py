@@ -786,7 +786,7 @@ class Router:
 
     def _choose_clusters(self, key_id: str, copies: int, pin: str | None = None, *, needs_room: bool = True,
                          usable: Callable[[str], bool] | None = None,
-                         short: bool = False) -> tuple[str, tuple[str, ...], bool]:
+                         short: bool = False, what_if: bool = False) -> tuple[str, tuple[str, ...], bool]:
         """Primary and replicas for a new key, and whether the primary is ``pin`` (an
         operator's choice, taken when that cluster can take the key now).
 
@@ -795,7 +795,8 @@ class Router:
         healthy, not drained, below their key limit. With ``require_dr_copy``,
         one replica goes to a DR region; the rest fill from any region.
         ``usable``: which clusters may take keys, if not the dispatcher's (``creation_blocked``);
-        ``short``: return a placement short of the policy instead of failing, as ``ack_local`` does.
+        ``short``: return a placement short of the policy instead of failing, as ``ack_local`` does;
+        ``what_if``: no key is being placed (``creation_blocked``), so nothing is logged as if one were.
         """
         usable = usable or self.dispatcher.usable
         counts = self.key_counts()
@@ -824,7 +825,7 @@ class Router:
                 break
             primary = PlacementRing(eligible((region,), set())).choose(key_id)
             if primary is not None:
-                if region != home:
+                if region != home and not what_if:
                     log.warning("region %s has no room for new keys; placing %s in %s", home, key_id, region)
                 break
         if primary is None:
@@ -872,7 +873,7 @@ class Router:
         copies = self.replication.copies
         try:
             primary, replicas, _ = self._choose_clusters("hsmgw/creation-check", copies, needs_room=False,
-                                                         usable=switched_on, short=True)
+                                                         usable=switched_on, short=True, what_if=True)
         except Unavailable:
             return "no cluster would take new keys: every GenerateKey would fail UNAVAILABLE"
         broken = self._policy_broken(copies, [primary, *replicas])

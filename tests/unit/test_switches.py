@@ -190,3 +190,19 @@ def test_two_drains_approved_at_once_through_two_gateways_cannot_both_pass_the_c
     assert checked == [{"usw2-a"}, {"usw2-a", "use1-b"}], "checked again on the switches the write found"
     assert done.state == "failed" and "no cluster would take new keys" in done.result
     assert ours_admin.changes.switches()["drained"] == {"usw2-a", "use1-b"}
+
+
+def test_the_check_a_failover_makes_logs_no_key_as_placed(tmp_path: Path, caplog) -> None:
+    """The check places no key: the operator's log must not say one went to the DR region."""
+    from hsmgw.v1 import admin_pb2
+
+    router = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True))
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=2)
+    with caplog.at_level(logging.DEBUG):
+        asked = admin.FailoverRegion(admin_pb2.FailoverRegionRequest(region="us-east-1", failover=True, force=True),
+                                     _Context())
+        assert admin.changes.approve("bob", asked.id).state == APPLIED
+    assert router.dispatcher.failed_over == {"us-east-1"}
+    placing = [r.getMessage() for r in caplog.records if "placing" in r.getMessage() or "creation-check" in
+               r.getMessage()]
+    assert placing == []
