@@ -882,7 +882,8 @@ class Router:
         if self.replication.ack_local:
             return (f"new keys would be acknowledged with {broken[0]} (UNDER_REPLICATED until the switch is turned "
                     "off and the repairer copies them)")
-        return f"new keys could not be placed with {broken[0]}: every GenerateKey would fail UNAVAILABLE"
+        return (f"new keys cannot be placed, since each would have {broken[0]}: every GenerateKey fails "
+                "UNAVAILABLE and creates nothing")
 
     # -- placement changes (operators) -------------------------------------------------
 

@@ -104,14 +104,16 @@ def test_region_failover_and_failback(gateway, crypto) -> None:
     assert refused.returncode == 1
     assert refused.stderr.strip() == (
         "error: FAILED_PRECONDITION: failing region us-east-1 over would leave no placement for new keys under the "
-        "replication policy: new keys could not be placed with fewer than the 2 copies its replication policy asks "
-        "for: every GenerateKey would fail UNAVAILABLE. Only if that is meant (an evacuation), ask with force "
+        "replication policy: new keys cannot be placed, since each would have fewer than the 2 copies its "
+        "replication policy asks for: every GenerateKey fails UNAVAILABLE and creates nothing. Only if that is "
+        "meant (an evacuation), ask with force "
         "(hsmctl regions failover us-east-1 --force)")
     _, change = as_json(gateway.target, "regions", "failover", "us-east-1", "--force")
-    assert change["params"]["force"] == "true" and "every GenerateKey would fail" in change["params"]["consequence"]
+    assert change["params"]["force"] == "true" and "every GenerateKey fails" in change["params"]["consequence"]
     applied = approve(gateway.target, change)
     assert applied["state"] == "applied"
-    assert applied["result"].startswith("region us-east-1 failed over; forced, so new keys could not be placed")
+    assert applied["result"].startswith("region us-east-1 failed over; forced, so new keys cannot be placed, since "
+                                        "each would have fewer than the 2 copies")
     try:
         signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
                              timeout=10)
@@ -659,20 +661,21 @@ def test_a_drain_that_leaves_new_keys_no_placement_needs_force_when_asked_and_wh
     refused = hsmctl(gateway.target, "clusters", "drain", "usw2-a")
     assert refused.returncode == 1
     assert ("draining cluster usw2-a would leave no placement for new keys under the replication policy: new keys "
-            "could not be placed with no copy in a DR region (us-west-2), which [replication] require_dr_copy asks "
-            "for: every GenerateKey would fail UNAVAILABLE") in refused.stderr
+            "cannot be placed, since each would have no copy in a DR region (us-west-2), which [replication] "
+            "require_dr_copy asks for: every GenerateKey fails UNAVAILABLE and creates nothing") in refused.stderr
     assert "hsmctl clusters drain usw2-a --force" in refused.stderr
     _, changes = as_json(gateway.target, "changes", "list")
     assert changes == []
 
     forced = hsmctl(gateway.target, "clusters", "drain", "usw2-a", "--force")
     assert forced.returncode == 3
-    assert "warning: once approved, new keys could not be placed with no copy in a DR region" in forced.stderr
+    assert ("warning: once approved, new keys cannot be placed, since each would have no copy in a DR region"
+            in forced.stderr)
     _, [change] = as_json(gateway.target, "changes", "list")
     try:
         applied = approve(gateway.target, change)
         assert applied["state"] == "applied", applied
-        assert applied["result"].startswith("cluster usw2-a drained; forced, so new keys could not be placed")
+        assert applied["result"].startswith("cluster usw2-a drained; forced, so new keys cannot be placed")
         _create_fails(crypto, "with one in a DR region")
     finally:
         _, undrain = as_json(gateway.target, "clusters", "undrain", "usw2-a")

@@ -128,10 +128,12 @@ def test_which_switches_leave_generate_key_no_placement_under_the_policy(tmp_pat
     router = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True))
     assert router.creation_blocked({"use1-b"}, set()) is None
     assert router.creation_blocked(set(), {"us-west-2"}) == (
-        "new keys could not be placed with no copy in a DR region (us-west-2), which [replication] require_dr_copy "
-        "asks for: every GenerateKey would fail UNAVAILABLE")
+        "new keys cannot be placed, since each would have no copy in a DR region (us-west-2), which [replication] "
+        "require_dr_copy asks for: every GenerateKey fails UNAVAILABLE and creates nothing")
     assert router.creation_blocked({"usw2-a"}, set()) == router.creation_blocked(set(), {"us-west-2"})
-    assert "fewer than the 2 copies" in (router.creation_blocked(set(), {"us-east-1"}) or "")
+    assert router.creation_blocked(set(), {"us-east-1"}) == (
+        "new keys cannot be placed, since each would have fewer than the 2 copies its replication policy asks for: "
+        "every GenerateKey fails UNAVAILABLE and creates nothing")
     nowhere = "no cluster would take new keys: every GenerateKey would fail UNAVAILABLE"
     assert router.creation_blocked({"use1-a", "use1-b", "usw2-a"}, set()) == nowhere
     assert router.creation_blocked(set(), {"us-east-1", "us-west-2"}) == nowhere
@@ -157,9 +159,10 @@ def test_a_forced_failover_approved_by_the_quorum_says_what_becomes_of_new_keys(
     assert router.dispatcher.failed_over == frozenset()
     forced = admin.changes.request("alice", "failover", {"region": "us-west-2", "force": "true"})
     done = admin.changes.approve("bob", forced.id)
-    assert (done.state, done.result) == ("applied", "region us-west-2 failed over; forced, so new keys could not be "
-                                         "placed with no copy in a DR region (us-west-2), which [replication] "
-                                         "require_dr_copy asks for: every GenerateKey would fail UNAVAILABLE")
+    assert (done.state, done.result) == ("applied", "region us-west-2 failed over; forced, so new keys cannot be "
+                                         "placed, since each would have no copy in a DR region (us-west-2), which "
+                                         "[replication] require_dr_copy asks for: every GenerateKey fails "
+                                         "UNAVAILABLE and creates nothing")
     assert router.dispatcher.failed_over == {"us-west-2"}
 
 
