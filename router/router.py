@@ -902,7 +902,10 @@ class Router:
         validation.key_id(key_id)
         if cluster not in self.backends:
             raise InvalidArgument(f"no cluster named {cluster!r}")
-        if self._read_for_change(key_id) is not None:
+        existing = self._read_for_change(key_id)
+        if existing is not None and existing.state is KeyState.DESTROYED:
+            raise FailedPrecondition(f"key {key_id!r} is destroyed; key ids are never reused")
+        if existing is not None:
             raise FailedPrecondition(f"key {key_id!r} already exists; move it instead (hsmctl keys move)")
 
     def pin(self, key_id: str, cluster: str) -> None:
@@ -1101,8 +1104,10 @@ class Router:
     def check_release(self, key_id: str) -> Placement:
         """The key's record, if it is held (placed or moved by an operator); else the error a release ends with."""
         current = self._read_for_change(key_id)
-        if current is None or current.state is KeyState.DESTROYED:
+        if current is None:
             raise KeyNotFound(f"key {key_id!r} not found")
+        if current.state is KeyState.DESTROYED:
+            raise FailedPrecondition(f"key {key_id!r} is destroyed")
         if current.state is KeyState.CREATING:
             raise FailedPrecondition(f"key {key_id!r} is still being created; release it once it is made")
         if not current.held:

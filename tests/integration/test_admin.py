@@ -894,3 +894,21 @@ def test_a_fix_that_does_not_list_its_findings_fails_when_approved_and_destroys_
     finally:
         for obj in tokens.objects("use1-a", orphan):
             obj.destroy()
+
+
+def test_a_destroyed_key_is_refused_as_destroyed_by_every_key_change(gateway, crypto) -> None:
+    """Release, place and move of a destroyed key all say what it is, not that it is missing or
+    that it exists and may be moved."""
+    key = _key(crypto, "gone")
+    crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key.key_id), timeout=30)
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    for argv, says in [
+        (("keys", "release", key.key_id), f"FAILED_PRECONDITION: key {key.key_id!r} is destroyed"),
+        (("keys", "place", key.key_id, "--cluster", other),
+         f"FAILED_PRECONDITION: key {key.key_id!r} is destroyed; key ids are never reused"),
+        (("keys", "move", key.key_id, "--to", other), f"FAILED_PRECONDITION: key {key.key_id!r} is destroyed"),
+    ]:
+        result = hsmctl(gateway.target, *argv)
+        assert (result.returncode, result.stderr.strip()) == (1, f"error: {says}"), argv
+    _, changes = as_json(gateway.target, "changes", "list")
+    assert [c for c in changes if c["params"].get("key_id") == key.key_id] == []
