@@ -311,6 +311,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return reconcile(self.router, fix=True, only=approved).summary()
 
     def _do_place(self, params: dict[str, str]) -> str:
+        self._with_stored_switches()  # the cluster may have been drained since the request
         self.router.pin(params["key_id"], params["cluster"])
         return f"{params['key_id']} will be created on {params['cluster']}"
 
@@ -443,6 +444,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def PlaceKey(self, request: pb.PlaceKeyRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
+            self._with_stored_switches()
             self.router.check_pin(request.key_id, request.cluster)
             return self._request(who, "place_key", {"key_id": request.key_id, "cluster": request.cluster})
 

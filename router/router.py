@@ -898,7 +898,8 @@ class Router:
         return None
 
     def check_pin(self, key_id: str, cluster: str) -> None:
-        """Whether a key that does not exist yet may be placed on ``cluster`` (asked again by ``pin``)."""
+        """Whether a key that does not exist yet may be placed on ``cluster`` now: it does not exist, and
+        the cluster is neither drained nor in a failed-over region (asked again by ``pin``)."""
         validation.key_id(key_id)
         if cluster not in self.backends:
             raise InvalidArgument(f"no cluster named {cluster!r}")
@@ -907,6 +908,11 @@ class Router:
             raise FailedPrecondition(f"key {key_id!r} is destroyed; key ids are never reused")
         if existing is not None:
             raise FailedPrecondition(f"key {key_id!r} already exists; move it instead (hsmctl keys move)")
+        barred = self.switched_off(cluster)
+        if barred is not None:
+            # Creation would pass the pin over and put the key elsewhere, as if placed there.
+            raise FailedPrecondition(f"key {key_id!r} cannot be placed on {cluster}: {barred}, so it takes no keys "
+                                     "until an operator puts it back in service")
 
     def pin(self, key_id: str, cluster: str) -> None:
         """Make a key that does not exist yet go to ``cluster`` when it is created, through any

@@ -912,3 +912,30 @@ def test_a_destroyed_key_is_refused_as_destroyed_by_every_key_change(gateway, cr
         assert (result.returncode, result.stderr.strip()) == (1, f"error: {says}"), argv
     _, changes = as_json(gateway.target, "changes", "list")
     assert [c for c in changes if c["params"].get("key_id") == key.key_id] == []
+
+
+def test_a_key_is_not_placed_on_a_drained_cluster_when_asked_nor_when_approved(gateway) -> None:
+    """GenerateKey passes over a placement on a drained cluster: accepted, it would say the key
+    goes there and then put it elsewhere."""
+    new_id = unique("to-drained")
+    _, drain = as_json(gateway.target, "clusters", "drain", "use1-a")
+    assert approve(gateway.target, drain)["state"] == "applied"
+    try:
+        refused = hsmctl(gateway.target, "keys", "place", new_id, "--cluster", "use1-a")
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (
+            f"error: FAILED_PRECONDITION: key {new_id!r} cannot be placed on use1-a: cluster use1-a is drained, so "
+            "it takes no keys until an operator puts it back in service")
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", "use1-a")
+        assert approve(gateway.target, undrain)["state"] == "applied"
+
+    _, place = as_json(gateway.target, "keys", "place", new_id, "--cluster", "use1-a")  # asked while in service
+    _, drain = as_json(gateway.target, "clusters", "drain", "use1-a")
+    assert approve(gateway.target, drain)["state"] == "applied"
+    try:
+        late = approve(gateway.target, place)
+        assert late["state"] == "failed" and "cluster use1-a is drained" in late["result"], late
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", "use1-a")
+        assert approve(gateway.target, undrain)["state"] == "applied"
