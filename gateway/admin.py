@@ -376,8 +376,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 warnings.append(f"region {region} is failed over: calls go to other regions first, and it takes "
                                 f"no new keys or copies (hsmctl regions failback {region})")
             for region in self.router.topology.dr_regions:
-                if not any(c.region == region and c.health == "SERVING" and not c.draining
-                           and not c.region_failed_over for c in clusters):
+                here = [c for c in clusters if c.region == region]
+                if any(c.health == "SERVING" and not c.draining and not c.region_failed_over for c in here):
+                    continue
+                # An operator's switch, not the clusters' health, is then the cause to name.
+                if region in failed_over:
+                    switched = ["it is failed over"]
+                elif any(c.draining for c in here):
+                    switched = [f"cluster {c.name} is drained" if c.draining else f"cluster {c.name} is not serving"
+                                for c in here]
+                else:
+                    switched = []
+                if switched:
+                    warnings.append(f"DR region {region} has no cluster that takes new keys ({', '.join(switched)}): "
+                                    "new keys cannot be made durable")
+                else:
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
             if under:
                 warnings.append(f"{under} keys are under-replicated; the repairer is working on them")

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
@@ -834,6 +834,10 @@ class Router:
                     f"every cluster is at its key limit ({', '.join(sorted(full))}); add a cluster or destroy keys",
                     region=home,
                 )
+            kept, switched = self._kept_from_new_keys(
+                [n for region in (home, *dr) for n in self.topology.regions.get(region, ())], full)
+            if switched:
+                raise Unavailable(f"no cluster can take new keys: {'; '.join(kept)}", region=home)
             raise Unavailable("no healthy cluster can take new keys", region=home)
 
         replicas: list[str] = []
@@ -851,13 +855,43 @@ class Router:
             replicas.append(pick)
             chosen.add(pick)
         if not self._policy_holds(copies, [primary, *replicas]) and not (self.replication.ack_local or short):
+            # The clusters that could have made up the copy missing: any other, or another DR one.
+            others = [n for n in self.backends if n not in chosen]
+            if len(chosen) >= copies:
+                others = [n for n in others if self.backends[n].spec.region in dr]
+            kept, switched = self._kept_from_new_keys(others, full)
+            why = f"{'; '.join(kept)}, so too few clusters take new keys" if switched else "not enough healthy clusters"
             raise Unavailable(
                 f"cannot place {copies} copies of {key_id!r}"
                 f"{' with one in a DR region' if self.replication.require_dr_copy else ''}: "
-                "not enough healthy clusters; nothing was created",
+                f"{why}; nothing was created",
                 region=home,
             )
         return primary, tuple(replicas), pinned
+
+    def _kept_from_new_keys(self, names: Iterable[str], full: AbstractSet[str]) -> tuple[list[str], bool]:
+        """Why each of ``names`` takes no new key now, and whether an operator's switch (a drain, a
+        failover) is among the reasons: then it is the cause to name, not the clusters' health."""
+        reasons: list[str] = []
+        switched = False
+        for name in names:
+            if name not in self.backends:
+                continue
+            region = self.backends[name].spec.region
+            if name in self.dispatcher.drained:
+                reason, switch = f"cluster {name} is drained", True
+            elif region in self.dispatcher.failed_over:
+                reason, switch = f"region {region} is failed over", True
+            elif name in full:
+                reason, switch = f"cluster {name} is at its key limit", False
+            elif self.breakers[name].state is CircuitState.OPEN:
+                reason, switch = f"cluster {name} is not healthy (circuit open)", False
+            else:
+                continue
+            if reason not in reasons:
+                reasons.append(reason)
+            switched = switched or switch
+        return reasons, switched
 
     def creation_blocked(self, drained: AbstractSet[str], failed_over: AbstractSet[str]) -> str | None:
         """What becomes of new keys under these operator switches, if GenerateKey could not place

@@ -118,13 +118,16 @@ def test_region_failover_and_failback(gateway, crypto) -> None:
         signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
                              timeout=10)
         assert signed.cluster == "usw2-a", "traffic moves to the DR copy"
+        _create_fails(crypto, "with one in a DR region: region us-east-1 is failed over, so too few clusters take "
+                              "new keys; nothing was created")
         code, status = as_json(gateway.target, "status")
         assert code == 1 and ("region us-east-1 is failed over: calls go to other regions first, and it takes no "
                               "new keys or copies (hsmctl regions failback us-east-1)") in status["warnings"]
         _, dr_out = as_json(gateway.target, "regions", "failover", "us-west-2", "--force")
         assert approve(gateway.target, dr_out)["state"] == "applied"
         _, status = as_json(gateway.target, "status")
-        assert "DR region us-west-2 has no healthy cluster: new keys cannot be made durable" in status["warnings"]
+        assert ("DR region us-west-2 has no cluster that takes new keys (it is failed over): new keys cannot be made "
+                "durable") in status["warnings"]
         _, dr_back = as_json(gateway.target, "regions", "failback", "us-west-2")
         assert approve(gateway.target, dr_back)["state"] == "applied"
     finally:
@@ -676,7 +679,11 @@ def test_a_drain_that_leaves_new_keys_no_placement_needs_force_when_asked_and_wh
         applied = approve(gateway.target, change)
         assert applied["state"] == "applied", applied
         assert applied["result"].startswith("cluster usw2-a drained; forced, so new keys cannot be placed")
-        _create_fails(crypto, "with one in a DR region")
+        _create_fails(crypto, "with one in a DR region: cluster usw2-a is drained, so too few clusters take new keys")
+        _, status = as_json(gateway.target, "status")
+        assert all(c["health"] == "SERVING" for c in status["clusters"])
+        assert ("DR region us-west-2 has no cluster that takes new keys (cluster usw2-a is drained): new keys cannot "
+                "be made durable") in status["warnings"]
     finally:
         _, undrain = as_json(gateway.target, "clusters", "undrain", "usw2-a")
         assert approve(gateway.target, undrain)["state"] == "applied"

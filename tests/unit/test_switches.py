@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,31 @@ def test_the_check_a_failover_makes_logs_no_key_as_placed(tmp_path: Path, caplog
     placing = [r.getMessage() for r in caplog.records if "placing" in r.getMessage() or "creation-check" in
                r.getMessage()]
     assert placing == []
+
+
+def test_generate_key_names_the_switch_that_leaves_it_no_placement(tmp_path: Path) -> None:
+    """Every cluster is healthy: the drain or failover is the cause, and the answer says so."""
+    from router.model import KeyAlgorithm, KeySpec, KeyUsage
+
+    router = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True))
+
+    def refused(i: int) -> str:
+        spec = KeySpec(key_id=f"k/{i}", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                       request_id=f"r{i}")
+        with pytest.raises(Unavailable) as info:
+            router.generate_key(spec, time.monotonic() + 5)
+        return info.value.message
+
+    router.apply_switches({"usw2-a"}, set())
+    assert refused(1) == ("cannot place 2 copies of 'k/1' with one in a DR region: cluster usw2-a is drained, so too "
+                          "few clusters take new keys; nothing was created")
+    router.apply_switches(set(), {"us-east-1"})
+    assert refused(2) == ("cannot place 2 copies of 'k/2' with one in a DR region: region us-east-1 is failed over, "
+                          "so too few clusters take new keys; nothing was created")
+    router.apply_switches({"usw2-a"}, {"us-east-1"})
+    assert refused(3) == ("no cluster can take new keys: region us-east-1 is failed over; cluster usw2-a is drained")
+    router.apply_switches(set(), set())
+    for _ in range(5):  # no switch: the clusters' health is the cause
+        router.breakers["usw2-a"].record_failure()
+    assert refused(4) == ("cannot place 2 copies of 'k/4' with one in a DR region: not enough healthy clusters; "
+                          "nothing was created")
