@@ -1191,12 +1191,17 @@ class Router:
         """(key id, from, to) for each of ``rebalance_moves()``: what a plan shows and is named by."""
         return [(placement.key_id, placement.primary, target) for placement, target in moves]
 
-    def rebalance_moves(self) -> list[tuple[Placement, str]]:
-        """``plan_rebalance`` with each key's record as the plan read it (its version tells a
-        change made since)."""
+    def rebalance_layout(self) -> tuple[str, ...]:
+        """The home-region clusters a rebalance places primaries on now (usable: not drained, failed
+        over or down). Under the same layout every unchanged key's move is the same."""
         home = self.topology.regions.get(self.topology.home_region, ())
-        eligible = [n for n in home if n in self.backends and self.dispatcher.usable(n)]
-        ring = PlacementRing(eligible)
+        return tuple(n for n in home if n in self.backends and self.dispatcher.usable(n))
+
+    def rebalance_moves(self, layout: Sequence[str] | None = None) -> list[tuple[Placement, str]]:
+        """``plan_rebalance`` with each key's record as the plan read it (its version tells a
+        change made since); onto ``layout``, if given, else ``rebalance_layout()``."""
+        home = self.topology.regions.get(self.topology.home_region, ())
+        ring = PlacementRing(list(self.rebalance_layout() if layout is None else layout))
         moves = []
         for placement in sorted(self.store.scan(), key=lambda p: p.key_id):
             if (placement.external or not placement.extractable or placement.held or not placement.usable

@@ -946,3 +946,44 @@ def test_a_key_is_not_placed_on_a_drained_cluster_when_asked_nor_when_approved(g
     finally:
         _, undrain = as_json(gateway.target, "clusters", "undrain", "use1-a")
         assert approve(gateway.target, undrain)["state"] == "applied"
+
+
+def test_a_rebalance_leaves_a_key_destroyed_since_its_plan_and_moves_the_others(tmp_path: Path) -> None:
+    """A change to one planned key does not void the plan: that key is left and named, the others
+    move. A plan made for other clusters than those that take keys now is refused whole."""
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0")
+    with running(fleet.config_path) as gw, grpc.insecure_channel(gw.target) as ch:
+        crypto = crypto_pb2_grpc.CryptoServiceStub(ch)
+        keys = [_key(crypto, "reb") for _ in range(12)]
+        _, drain = as_json(gw.target, "clusters", "drain", "use1-a")
+        assert approve(gw.target, drain)["state"] == "applied"
+        _, plan = as_json(gw.target, "rebalance", "--plan")
+        code, change = as_json(gw.target, "rebalance", "--apply")
+        assert code == 3 and change["params"]["plan_id"] == plan["plan_id"], change
+        planned = [(m["key_id"], m["from"], m["to"]) for m in plan["moves"]]
+        assert {f for _, f, _ in planned} == {"use1-a"} and {t for _, _, t in planned} == {"use1-b"}
+        assert len(planned) >= 2, planned
+        gone = planned[0][0]
+        _, destroy = as_json(gw.target, "keys", "destroy", gone)
+        assert approve(gw.target, destroy)["state"] == "applied"
+
+        applied = approve(gw.target, change)
+        assert applied["state"] == "applied", applied
+        assert applied["result"] == f"moved {len(planned) - 1} keys, left 1 that changed since the plan ({gone})"
+        after = {k.key_id: crypto.GetKey(pb.GetKeyRequest(key_id=k.key_id), timeout=10) for k in keys
+                 if k.key_id != gone}
+        assert all(key.primary_cluster == "use1-b" for key in after.values())
+
+        _, undrain = as_json(gw.target, "clusters", "undrain", "use1-a")
+        assert approve(gw.target, undrain)["state"] == "applied"
+        code, back = as_json(gw.target, "rebalance", "--apply")
+        assert code == 3, back
+        _, drain = as_json(gw.target, "clusters", "drain", "use1-b")
+        assert approve(gw.target, drain)["state"] == "applied"
+        late = approve(gw.target, back)
+        assert late["state"] == "failed"
+        assert late["result"] == ("the home region's clusters that take keys changed since the plan was made "
+                                  "(use1-a, use1-b then, use1-a now); nothing was moved: plan again")
+        assert {k: crypto.GetKey(pb.GetKeyRequest(key_id=k), timeout=10).primary_cluster for k in after} == {
+            k: "use1-b" for k in after}
+
