@@ -27,7 +27,7 @@ from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
 from router.errors import FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
 from router.health import CircuitState
-from router.model import KeyState
+from router.model import KeyState, Placement
 from router.placement.store import StoreError
 from router.reconcile import Finding, reconcile
 from router.router import Router
@@ -47,6 +47,8 @@ MISSING_HELD = "another named cluster holds the key: --fix drops this name and t
 """A `missing` finding's detail when reconcile --fix will drop the name (router.reconcile)."""
 MISSING_UNHELD = "no other named cluster was seen to hold the key: --fix leaves the name (docs/operations.md)"
 """A `missing` finding's detail when reconcile --fix will leave the name."""
+LEFT_SHOWN = 5
+"""Keys a rebalance's result names of those it left because they changed since the plan."""
 UNKNOWN_OBJECT = ("no record in the placement store names this key: never destroyed by the gateway; another "
                   "application's key, or [store] url names the wrong store (docs/operations.md)")
 """An `unknown` finding's detail."""
@@ -65,6 +67,25 @@ def findings_of(params: dict[str, str]) -> list[Finding]:
         return [(str(kind), str(cluster), str(key_id)) for kind, cluster, key_id in json.loads(params["findings"])]
     except (KeyError, ValueError, TypeError) as exc:
         raise FailedPrecondition(f"this fix's findings cannot be read ({exc!r}): request it again") from None
+
+
+def rebalance_params(plan_id: str, layout: tuple[str, ...], moves: list[tuple[Placement, str]]) -> dict[str, str]:
+    """A rebalance's change parameters: the plan its approvers were shown, with the layout it was
+    made for and the version of each key's record it read (the moves run only on those)."""
+    return {"plan_id": plan_id, "layout": ",".join(layout),
+            "moves": json.dumps([[p.key_id, p.primary, target, p.version] for p, target in moves])}
+
+
+def rebalance_of(params: dict[str, str]) -> tuple[tuple[str, ...], list[tuple[str, str, str, int]]]:
+    if "moves" not in params:  # an earlier version's request, made by plan id alone
+        raise FailedPrecondition("this rebalance was requested without the moves of its plan, so it cannot tell "
+                                 "which keys changed since: plan again (hsmctl rebalance --apply)")
+    try:
+        layout = tuple(name for name in params["layout"].split(",") if name)
+        moves = [(str(k), str(f), str(t), int(v)) for k, f, t, v in json.loads(params["moves"])]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FailedPrecondition(f"this rebalance's plan cannot be read ({exc!r}): plan again") from None
+    return layout, moves
 
 
 def caller() -> str:
@@ -215,23 +236,33 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.audit.append("-", "key_released", released.key_id, clusters=list(released.clusters))
         return f"{released.key_id} released: rebalance may move it"
 
-    def _plan_id(self, moves: list[tuple[str, str, str]]) -> str:
-        return hashlib.sha256(json.dumps(moves).encode()).hexdigest()[:16]
+    @staticmethod
+    def _plan_id(layout: tuple[str, ...], moves: list[tuple[str, str, str]]) -> str:
+        return hashlib.sha256(json.dumps([list(layout), moves]).encode()).hexdigest()[:16]
+
+    def _plan(self) -> tuple[tuple[str, ...], list[tuple[Placement, str]]]:
+        """The home-region clusters that take keys now, and the moves a rebalance onto them makes."""
+        layout = self.router.rebalance_layout()
+        return layout, self.router.rebalance_moves(layout)
 
     def _do_rebalance(self, params: dict[str, str]) -> str:
-        moves = self.router.rebalance_moves()
-        if self._plan_id(self.router.plan_of(moves)) != params["plan_id"]:
-            raise FailedPrecondition("the placement changed since the plan was made; plan again")
-        done, skipped, failed = 0, 0, []
-        for planned, target in moves:
-            key_id, source = planned.key_id, planned.primary
+        layout, moves = rebalance_of(params)
+        self._with_stored_switches()  # a drain approved through another gateway changes the layout
+        now = self.router.rebalance_layout()
+        if now != layout:
+            # Onto other clusters the ring sends keys elsewhere: the plan approved is not the one that would run.
+            raise FailedPrecondition(f"the home region's clusters that take keys changed since the plan was made "
+                                     f"({', '.join(layout) or 'none'} then, {', '.join(now) or 'none'} now); "
+                                     "nothing was moved: plan again")
+        done, failed, left = 0, [], []
+        for key_id, source, target, version in moves:
             try:
-                # Changes approved while this runs win: a move (held, or still running, having
-                # named its target), a destroy, a repair. Any change bumps the record's version.
-                self.router.move_key(key_id, target, self._deadline(), source=source, version=planned.version)
+                # Only the record the plan read moves: a change since (a move, held, or still running
+                # having named its target; a destroy; a repair) bumped its version, and wins.
+                self.router.move_key(key_id, target, self._deadline(), source=source, version=version)
             except KeyChanged:
                 log.info("rebalance: %s changed since the plan; left where it is", key_id)
-                skipped += 1
+                left.append(key_id)
                 continue
             except (RouterError, StoreError) as exc:
                 log.warning("rebalance: %s not moved from %s to %s: %s", key_id, source, target, exc)
@@ -239,7 +270,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 continue
             self.audit.append("-", "key_moved", key_id, from_cluster=source, to_cluster=target, reason="rebalance")
             done += 1
-        result = f"moved {done} keys" + (f", left {skipped} that changed since the plan" if skipped else "")
+        result = f"moved {done} keys"
+        if left:
+            shown = ", ".join(left[:LEFT_SHOWN]) + (f" and {len(left) - LEFT_SHOWN} more" if len(left) > LEFT_SHOWN
+                                                     else "")
+            result += f", left {len(left)} that changed since the plan ({shown})"
         if failed:
             raise Unavailable(f"{result}; {len(failed)} could not move (the first: {failed[0]}); "
                               "plan again to finish")
@@ -311,6 +346,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return reconcile(self.router, fix=True, only=approved).summary()
 
     def _do_place(self, params: dict[str, str]) -> str:
+        self._with_stored_switches()  # the cluster may have been drained since the request
         self.router.pin(params["key_id"], params["cluster"])
         return f"{params['key_id']} will be created on {params['cluster']}"
 
@@ -375,8 +411,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 warnings.append(f"region {region} is failed over: calls go to other regions first, and it takes "
                                 f"no new keys or copies (hsmctl regions failback {region})")
             for region in self.router.topology.dr_regions:
-                if not any(c.region == region and c.health == "SERVING" and not c.draining
-                           and not c.region_failed_over for c in clusters):
+                here = [c for c in clusters if c.region == region]
+                if any(c.health == "SERVING" and not c.draining and not c.region_failed_over for c in here):
+                    continue
+                # An operator's switch, not the clusters' health, is then the cause to name.
+                if region in failed_over:
+                    switched = ["it is failed over"]
+                elif any(c.draining for c in here):
+                    switched = [f"cluster {c.name} is drained" if c.draining else f"cluster {c.name} is not serving"
+                                for c in here]
+                else:
+                    switched = []
+                if switched:
+                    warnings.append(f"DR region {region} has no cluster that takes new keys ({', '.join(switched)}): "
+                                    "new keys cannot be made durable")
+                else:
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
             if under:
                 warnings.append(f"{under} keys are under-replicated; the repairer is working on them")
@@ -395,11 +444,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def PlanRebalance(self, request: pb.PlanRebalanceRequest, context: grpc.ServicerContext) -> pb.RebalancePlan:
         def run(_: str) -> pb.RebalancePlan:
-            moves = self.router.plan_rebalance()
+            layout, planned = self._plan()
+            moves = self.router.plan_of(planned)
             considered = sum(1 for p in self.router.store.scan() if p.usable and not p.external)
             return pb.RebalancePlan(
                 moves=[pb.KeyMove(key_id=k, **{"from": f}, to=t) for k, f, t in moves],
-                keys_considered=considered, plan_id=self._plan_id(moves))
+                keys_considered=considered, plan_id=self._plan_id(layout, moves))
 
         return self._call(context, run)
 
@@ -443,6 +493,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def PlaceKey(self, request: pb.PlaceKeyRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
+            self._with_stored_switches()
             self.router.check_pin(request.key_id, request.cluster)
             return self._request(who, "place_key", {"key_id": request.key_id, "cluster": request.cluster})
 
@@ -467,13 +518,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(who: str) -> pb.Change:
             if not request.plan_id:
                 raise InvalidArgument("plan_id is required: run PlanRebalance first")
-            moves = self.router.plan_rebalance()
-            if request.plan_id != self._plan_id(moves):
+            layout, planned = self._plan()
+            if request.plan_id != self._plan_id(layout, self.router.plan_of(planned)):
                 raise FailedPrecondition("no such plan now: the placement changed since it was made, or it is "
                                          "not one; plan again (hsmctl rebalance --plan)")
-            if not moves:
+            if not planned:
                 raise FailedPrecondition("the plan moves no key: there is nothing to apply")
-            return self._request(who, "apply_rebalance", {"plan_id": request.plan_id})
+            return self._request(who, "apply_rebalance", rebalance_params(request.plan_id, layout, planned))
 
         return self._call(context, run)
 

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
@@ -822,7 +822,7 @@ class Router:
 
     def _choose_clusters(self, key_id: str, copies: int, pin: str | None = None, *, needs_room: bool = True,
                          usable: Callable[[str], bool] | None = None,
-                         short: bool = False) -> tuple[str, tuple[str, ...], bool]:
+                         short: bool = False, what_if: bool = False) -> tuple[str, tuple[str, ...], bool]:
         """Primary and replicas for a new key, and whether the primary is ``pin`` (an
         operator's choice, taken when that cluster can take the key now).
 
@@ -831,7 +831,8 @@ class Router:
         healthy, not drained, below their key limit. With ``require_dr_copy``,
         one replica goes to a DR region; the rest fill from any region.
         ``usable``: which clusters may take keys, if not the dispatcher's (``creation_blocked``);
-        ``short``: return a placement short of the policy instead of failing, as ``ack_local`` does.
+        ``short``: return a placement short of the policy instead of failing, as ``ack_local`` does;
+        ``what_if``: no key is being placed (``creation_blocked``), so nothing is logged as if one were.
         """
         usable = usable or self.dispatcher.usable
         counts = self.key_counts()
@@ -860,7 +861,7 @@ class Router:
                 break
             primary = PlacementRing(eligible((region,), set())).choose(key_id)
             if primary is not None:
-                if region != home:
+                if region != home and not what_if:
                     log.warning("region %s has no room for new keys; placing %s in %s", home, key_id, region)
                 break
         if primary is None:
@@ -869,6 +870,10 @@ class Router:
                     f"every cluster is at its key limit ({', '.join(sorted(full))}); add a cluster or destroy keys",
                     region=home,
                 )
+            kept, switched = self._kept_from_new_keys(
+                [n for region in (home, *dr) for n in self.topology.regions.get(region, ())], full)
+            if switched:
+                raise Unavailable(f"no cluster can take new keys: {'; '.join(kept)}", region=home)
             raise Unavailable("no healthy cluster can take new keys", region=home)
 
         replicas: list[str] = []
@@ -886,13 +891,43 @@ class Router:
             replicas.append(pick)
             chosen.add(pick)
         if not self._policy_holds(copies, [primary, *replicas]) and not (self.replication.ack_local or short):
+            # The clusters that could have made up the copy missing: any other, or another DR one.
+            others = [n for n in self.backends if n not in chosen]
+            if len(chosen) >= copies:
+                others = [n for n in others if self.backends[n].spec.region in dr]
+            kept, switched = self._kept_from_new_keys(others, full)
+            why = f"{'; '.join(kept)}, so too few clusters take new keys" if switched else "not enough healthy clusters"
             raise Unavailable(
                 f"cannot place {copies} copies of {key_id!r}"
                 f"{' with one in a DR region' if self.replication.require_dr_copy else ''}: "
-                "not enough healthy clusters; nothing was created",
+                f"{why}; nothing was created",
                 region=home,
             )
         return primary, tuple(replicas), pinned
+
+    def _kept_from_new_keys(self, names: Iterable[str], full: AbstractSet[str]) -> tuple[list[str], bool]:
+        """Why each of ``names`` takes no new key now, and whether an operator's switch (a drain, a
+        failover) is among the reasons: then it is the cause to name, not the clusters' health."""
+        reasons: list[str] = []
+        switched = False
+        for name in names:
+            if name not in self.backends:
+                continue
+            region = self.backends[name].spec.region
+            if name in self.dispatcher.drained:
+                reason, switch = f"cluster {name} is drained", True
+            elif region in self.dispatcher.failed_over:
+                reason, switch = f"region {region} is failed over", True
+            elif name in full:
+                reason, switch = f"cluster {name} is at its key limit", False
+            elif self.breakers[name].state is CircuitState.OPEN:
+                reason, switch = f"cluster {name} is not healthy (circuit open)", False
+            else:
+                continue
+            if reason not in reasons:
+                reasons.append(reason)
+            switched = switched or switch
+        return reasons, switched
 
     def creation_blocked(self, drained: AbstractSet[str], failed_over: AbstractSet[str]) -> str | None:
         """What becomes of new keys under these operator switches, if GenerateKey could not place
@@ -908,7 +943,7 @@ class Router:
         copies = self.replication.copies
         try:
             primary, replicas, _ = self._choose_clusters("hsmgw/creation-check", copies, needs_room=False,
-                                                         usable=switched_on, short=True)
+                                                         usable=switched_on, short=True, what_if=True)
         except Unavailable:
             return "no cluster would take new keys: every GenerateKey would fail UNAVAILABLE"
         broken = self._policy_broken(copies, [primary, *replicas])
@@ -917,7 +952,8 @@ class Router:
         if self.replication.ack_local:
             return (f"new keys would be acknowledged with {broken[0]} (UNDER_REPLICATED until the switch is turned "
                     "off and the repairer copies them)")
-        return f"new keys could not be placed with {broken[0]}: every GenerateKey would fail UNAVAILABLE"
+        return (f"new keys cannot be placed, since each would have {broken[0]}: every GenerateKey fails "
+                "UNAVAILABLE and creates nothing")
 
     # -- placement changes (operators) -------------------------------------------------
 
@@ -932,12 +968,21 @@ class Router:
         return None
 
     def check_pin(self, key_id: str, cluster: str) -> None:
-        """Whether a key that does not exist yet may be placed on ``cluster`` (asked again by ``pin``)."""
+        """Whether a key that does not exist yet may be placed on ``cluster`` now: it does not exist, and
+        the cluster is neither drained nor in a failed-over region (asked again by ``pin``)."""
         validation.key_id(key_id)
         if cluster not in self.backends:
             raise InvalidArgument(f"no cluster named {cluster!r}")
-        if self._read_for_change(key_id) is not None:
+        existing = self._read_for_change(key_id)
+        if existing is not None and existing.state is KeyState.DESTROYED:
+            raise FailedPrecondition(f"key {key_id!r} is destroyed; key ids are never reused")
+        if existing is not None:
             raise FailedPrecondition(f"key {key_id!r} already exists; move it instead (hsmctl keys move)")
+        barred = self.switched_off(cluster)
+        if barred is not None:
+            # Creation would pass the pin over and put the key elsewhere, as if placed there.
+            raise FailedPrecondition(f"key {key_id!r} cannot be placed on {cluster}: {barred}, so it takes no keys "
+                                     "until an operator puts it back in service")
 
     def pin(self, key_id: str, cluster: str) -> None:
         """Make a key that does not exist yet go to ``cluster`` when it is created, through any
@@ -1135,8 +1180,10 @@ class Router:
     def check_release(self, key_id: str) -> Placement:
         """The key's record, if it is held (placed or moved by an operator); else the error a release ends with."""
         current = self._read_for_change(key_id)
-        if current is None or current.state is KeyState.DESTROYED:
+        if current is None:
             raise KeyNotFound(f"key {key_id!r} not found")
+        if current.state is KeyState.DESTROYED:
+            raise FailedPrecondition(f"key {key_id!r} is destroyed")
         if current.state is KeyState.CREATING:
             raise FailedPrecondition(f"key {key_id!r} is still being created; release it once it is made")
         if not current.held:
@@ -1180,12 +1227,17 @@ class Router:
         """(key id, from, to) for each of ``rebalance_moves()``: what a plan shows and is named by."""
         return [(placement.key_id, placement.primary, target) for placement, target in moves]
 
-    def rebalance_moves(self) -> list[tuple[Placement, str]]:
-        """``plan_rebalance`` with each key's record as the plan read it (its version tells a
-        change made since)."""
+    def rebalance_layout(self) -> tuple[str, ...]:
+        """The home-region clusters a rebalance places primaries on now (usable: not drained, failed
+        over or down). Under the same layout every unchanged key's move is the same."""
         home = self.topology.regions.get(self.topology.home_region, ())
-        eligible = [n for n in home if n in self.backends and self.dispatcher.usable(n)]
-        ring = PlacementRing(eligible)
+        return tuple(n for n in home if n in self.backends and self.dispatcher.usable(n))
+
+    def rebalance_moves(self, layout: Sequence[str] | None = None) -> list[tuple[Placement, str]]:
+        """``plan_rebalance`` with each key's record as the plan read it (its version tells a
+        change made since); onto ``layout``, if given, else ``rebalance_layout()``."""
+        home = self.topology.regions.get(self.topology.home_region, ())
+        ring = PlacementRing(list(self.rebalance_layout() if layout is None else layout))
         moves = []
         for placement in sorted(self.store.scan(), key=lambda p: p.key_id):
             if (placement.external or not placement.extractable or placement.held or not placement.usable

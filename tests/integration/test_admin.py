@@ -104,25 +104,30 @@ def test_region_failover_and_failback(gateway, crypto) -> None:
     assert refused.returncode == 1
     assert refused.stderr.strip() == (
         "error: FAILED_PRECONDITION: failing region us-east-1 over would leave no placement for new keys under the "
-        "replication policy: new keys could not be placed with fewer than the 2 copies its replication policy asks "
-        "for: every GenerateKey would fail UNAVAILABLE. Only if that is meant (an evacuation), ask with force "
+        "replication policy: new keys cannot be placed, since each would have fewer than the 2 copies its "
+        "replication policy asks for: every GenerateKey fails UNAVAILABLE and creates nothing. Only if that is "
+        "meant (an evacuation), ask with force "
         "(hsmctl regions failover us-east-1 --force)")
     _, change = as_json(gateway.target, "regions", "failover", "us-east-1", "--force")
-    assert change["params"]["force"] == "true" and "every GenerateKey would fail" in change["params"]["consequence"]
+    assert change["params"]["force"] == "true" and "every GenerateKey fails" in change["params"]["consequence"]
     applied = approve(gateway.target, change)
     assert applied["state"] == "applied"
-    assert applied["result"].startswith("region us-east-1 failed over; forced, so new keys could not be placed")
+    assert applied["result"].startswith("region us-east-1 failed over; forced, so new keys cannot be placed, since "
+                                        "each would have fewer than the 2 copies")
     try:
         signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, message=b"m"),
                              timeout=10)
         assert signed.cluster == "usw2-a", "traffic moves to the DR copy"
+        _create_fails(crypto, "with one in a DR region: region us-east-1 is failed over, so too few clusters take "
+                              "new keys; nothing was created")
         code, status = as_json(gateway.target, "status")
         assert code == 1 and ("region us-east-1 is failed over: calls go to other regions first, and it takes no "
                               "new keys or copies (hsmctl regions failback us-east-1)") in status["warnings"]
         _, dr_out = as_json(gateway.target, "regions", "failover", "us-west-2", "--force")
         assert approve(gateway.target, dr_out)["state"] == "applied"
         _, status = as_json(gateway.target, "status")
-        assert "DR region us-west-2 has no healthy cluster: new keys cannot be made durable" in status["warnings"]
+        assert ("DR region us-west-2 has no cluster that takes new keys (it is failed over): new keys cannot be made "
+                "durable") in status["warnings"]
         _, dr_back = as_json(gateway.target, "regions", "failback", "us-west-2")
         assert approve(gateway.target, dr_back)["state"] == "applied"
     finally:
@@ -659,21 +664,26 @@ def test_a_drain_that_leaves_new_keys_no_placement_needs_force_when_asked_and_wh
     refused = hsmctl(gateway.target, "clusters", "drain", "usw2-a")
     assert refused.returncode == 1
     assert ("draining cluster usw2-a would leave no placement for new keys under the replication policy: new keys "
-            "could not be placed with no copy in a DR region (us-west-2), which [replication] require_dr_copy asks "
-            "for: every GenerateKey would fail UNAVAILABLE") in refused.stderr
+            "cannot be placed, since each would have no copy in a DR region (us-west-2), which [replication] "
+            "require_dr_copy asks for: every GenerateKey fails UNAVAILABLE and creates nothing") in refused.stderr
     assert "hsmctl clusters drain usw2-a --force" in refused.stderr
     _, changes = as_json(gateway.target, "changes", "list")
     assert changes == []
 
     forced = hsmctl(gateway.target, "clusters", "drain", "usw2-a", "--force")
     assert forced.returncode == 3
-    assert "warning: once approved, new keys could not be placed with no copy in a DR region" in forced.stderr
+    assert ("warning: once approved, new keys cannot be placed, since each would have no copy in a DR region"
+            in forced.stderr)
     _, [change] = as_json(gateway.target, "changes", "list")
     try:
         applied = approve(gateway.target, change)
         assert applied["state"] == "applied", applied
-        assert applied["result"].startswith("cluster usw2-a drained; forced, so new keys could not be placed")
-        _create_fails(crypto, "with one in a DR region")
+        assert applied["result"].startswith("cluster usw2-a drained; forced, so new keys cannot be placed")
+        _create_fails(crypto, "with one in a DR region: cluster usw2-a is drained, so too few clusters take new keys")
+        _, status = as_json(gateway.target, "status")
+        assert all(c["health"] == "SERVING" for c in status["clusters"])
+        assert ("DR region us-west-2 has no cluster that takes new keys (cluster usw2-a is drained): new keys cannot "
+                "be made durable") in status["warnings"]
     finally:
         _, undrain = as_json(gateway.target, "clusters", "undrain", "usw2-a")
         assert approve(gateway.target, undrain)["state"] == "applied"
@@ -891,3 +901,89 @@ def test_a_fix_that_does_not_list_its_findings_fails_when_approved_and_destroys_
     finally:
         for obj in tokens.objects("use1-a", orphan):
             obj.destroy()
+
+
+def test_a_destroyed_key_is_refused_as_destroyed_by_every_key_change(gateway, crypto) -> None:
+    """Release, place and move of a destroyed key all say what it is, not that it is missing or
+    that it exists and may be moved."""
+    key = _key(crypto, "gone")
+    crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key.key_id), timeout=30)
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    for argv, says in [
+        (("keys", "release", key.key_id), f"FAILED_PRECONDITION: key {key.key_id!r} is destroyed"),
+        (("keys", "place", key.key_id, "--cluster", other),
+         f"FAILED_PRECONDITION: key {key.key_id!r} is destroyed; key ids are never reused"),
+        (("keys", "move", key.key_id, "--to", other), f"FAILED_PRECONDITION: key {key.key_id!r} is destroyed"),
+    ]:
+        result = hsmctl(gateway.target, *argv)
+        assert (result.returncode, result.stderr.strip()) == (1, f"error: {says}"), argv
+    _, changes = as_json(gateway.target, "changes", "list")
+    assert [c for c in changes if c["params"].get("key_id") == key.key_id] == []
+
+
+def test_a_key_is_not_placed_on_a_drained_cluster_when_asked_nor_when_approved(gateway) -> None:
+    """GenerateKey passes over a placement on a drained cluster: accepted, it would say the key
+    goes there and then put it elsewhere."""
+    new_id = unique("to-drained")
+    _, drain = as_json(gateway.target, "clusters", "drain", "use1-a")
+    assert approve(gateway.target, drain)["state"] == "applied"
+    try:
+        refused = hsmctl(gateway.target, "keys", "place", new_id, "--cluster", "use1-a")
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (
+            f"error: FAILED_PRECONDITION: key {new_id!r} cannot be placed on use1-a: cluster use1-a is drained, so "
+            "it takes no keys until an operator puts it back in service")
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", "use1-a")
+        assert approve(gateway.target, undrain)["state"] == "applied"
+
+    _, place = as_json(gateway.target, "keys", "place", new_id, "--cluster", "use1-a")  # asked while in service
+    _, drain = as_json(gateway.target, "clusters", "drain", "use1-a")
+    assert approve(gateway.target, drain)["state"] == "applied"
+    try:
+        late = approve(gateway.target, place)
+        assert late["state"] == "failed" and "cluster use1-a is drained" in late["result"], late
+    finally:
+        _, undrain = as_json(gateway.target, "clusters", "undrain", "use1-a")
+        assert approve(gateway.target, undrain)["state"] == "applied"
+
+
+def test_a_rebalance_leaves_a_key_destroyed_since_its_plan_and_moves_the_others(tmp_path: Path) -> None:
+    """A change to one planned key does not void the plan: that key is left and named, the others
+    move. A plan made for other clusters than those that take keys now is refused whole."""
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0")
+    with running(fleet.config_path) as gw, grpc.insecure_channel(gw.target) as ch:
+        crypto = crypto_pb2_grpc.CryptoServiceStub(ch)
+        keys = [_key(crypto, "reb") for _ in range(12)]
+        _, drain = as_json(gw.target, "clusters", "drain", "use1-a")
+        assert approve(gw.target, drain)["state"] == "applied"
+        _, plan = as_json(gw.target, "rebalance", "--plan")
+        code, change = as_json(gw.target, "rebalance", "--apply")
+        assert code == 3 and change["params"]["plan_id"] == plan["plan_id"], change
+        planned = [(m["key_id"], m["from"], m["to"]) for m in plan["moves"]]
+        assert {f for _, f, _ in planned} == {"use1-a"} and {t for _, _, t in planned} == {"use1-b"}
+        assert len(planned) >= 2, planned
+        gone = planned[0][0]
+        _, destroy = as_json(gw.target, "keys", "destroy", gone)
+        assert approve(gw.target, destroy)["state"] == "applied"
+
+        applied = approve(gw.target, change)
+        assert applied["state"] == "applied", applied
+        assert applied["result"] == f"moved {len(planned) - 1} keys, left 1 that changed since the plan ({gone})"
+        after = {k.key_id: crypto.GetKey(pb.GetKeyRequest(key_id=k.key_id), timeout=10) for k in keys
+                 if k.key_id != gone}
+        assert all(key.primary_cluster == "use1-b" for key in after.values())
+
+        _, undrain = as_json(gw.target, "clusters", "undrain", "use1-a")
+        assert approve(gw.target, undrain)["state"] == "applied"
+        code, back = as_json(gw.target, "rebalance", "--apply")
+        assert code == 3, back
+        _, drain = as_json(gw.target, "clusters", "drain", "use1-b")
+        assert approve(gw.target, drain)["state"] == "applied"
+        late = approve(gw.target, back)
+        assert late["state"] == "failed"
+        assert late["result"] == ("the home region's clusters that take keys changed since the plan was made "
+                                  "(use1-a, use1-b then, use1-a now); nothing was moved: plan again")
+        assert {k: crypto.GetKey(pb.GetKeyRequest(key_id=k), timeout=10).primary_cluster for k in after} == {
+            k: "use1-b" for k in after}
+

@@ -633,7 +633,7 @@ def test_a_key_being_created_cannot_be_released(make_router) -> None:
 def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_router, tmp_path) -> None:
     """The plan is checked once, when the rebalance starts; a move approved meanwhile holds its
     key, and the rebalance leaves that key where the operator put it, and moves the rest."""
-    from gateway.admin import AdminServicer
+    from gateway.admin import AdminServicer, rebalance_params
 
     router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
     admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=1)
@@ -641,8 +641,6 @@ def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_route
     first, second = (k.key_id for k in keys)
     others = {k.key_id: next(c for c in ("use1-a", "use1-b") if c != k.primary) for k in keys}
     moves = [(router.store.get(k.key_id), others[k.key_id]) for k in keys]
-    plan = router.plan_of(moves)
-    router.rebalance_moves = lambda: moves  # type: ignore[method-assign]  # as if a cluster had been added
     moved_meanwhile: list[str] = []
     move = router.move_key
 
@@ -652,9 +650,11 @@ def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_route
         return move(key_id, to, deadline, **kwargs)  # type: ignore[arg-type]
 
     router.move_key = operator_moves_the_second_first  # type: ignore[method-assign]
-    change = admin.changes.request("alice", "apply_rebalance", {"plan_id": admin._plan_id(plan)})
+    # As if a cluster had been added: the plan's moves are what its approvers were shown.
+    change = admin.changes.request("alice", "apply_rebalance",
+                                   rebalance_params("plan", router.rebalance_layout(), moves))
     assert change.state == "applied", change.result
-    assert change.result == "moved 1 keys, left 1 that changed since the plan"
+    assert change.result == f"moved 1 keys, left 1 that changed since the plan ({second})"
     assert router.store.get(first).primary == others[first]
     after = router.store.get(second)
     assert after.primary == others[second] and after.held
@@ -676,14 +676,13 @@ def test_a_planned_move_of_a_record_that_changed_is_refused_before_anything_is_m
 
 
 def test_a_rebalance_that_cannot_move_a_key_moves_the_others_and_says_so(make_router, tmp_path) -> None:
-    from gateway.admin import AdminServicer
+    from gateway.admin import AdminServicer, rebalance_params
     from router.placement.store import StoreError
 
     router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
     admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=1)
     keys = [router.generate_key(_spec(unique("reb")), time.monotonic() + 30) for _ in range(3)]
     moves = [(router.store.get(k.key_id), next(c for c in ("use1-a", "use1-b") if c != k.primary)) for k in keys]
-    router.rebalance_moves = lambda: moves  # type: ignore[method-assign]
     get = router.store.get
 
     def the_store_fails_for_the_second(key_id: str) -> Placement | None:
@@ -693,7 +692,7 @@ def test_a_rebalance_that_cannot_move_a_key_moves_the_others_and_says_so(make_ro
 
     router.store.get = the_store_fails_for_the_second  # type: ignore[method-assign]
     change = admin.changes.request("alice", "apply_rebalance",
-                                   {"plan_id": admin._plan_id([(p.key_id, p.primary, to) for p, to in moves])})
+                                   rebalance_params("plan", router.rebalance_layout(), moves))
     router.store.get = get  # type: ignore[method-assign]
     assert change.state == "failed"
     assert change.result.startswith("moved 2 keys; 1 could not move (the first: " + keys[1].key_id), change.result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,12 @@ def test_which_switches_leave_generate_key_no_placement_under_the_policy(tmp_pat
     router = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True))
     assert router.creation_blocked({"use1-b"}, set()) is None
     assert router.creation_blocked(set(), {"us-west-2"}) == (
-        "new keys could not be placed with no copy in a DR region (us-west-2), which [replication] require_dr_copy "
-        "asks for: every GenerateKey would fail UNAVAILABLE")
+        "new keys cannot be placed, since each would have no copy in a DR region (us-west-2), which [replication] "
+        "require_dr_copy asks for: every GenerateKey fails UNAVAILABLE and creates nothing")
     assert router.creation_blocked({"usw2-a"}, set()) == router.creation_blocked(set(), {"us-west-2"})
-    assert "fewer than the 2 copies" in (router.creation_blocked(set(), {"us-east-1"}) or "")
+    assert router.creation_blocked(set(), {"us-east-1"}) == (
+        "new keys cannot be placed, since each would have fewer than the 2 copies its replication policy asks for: "
+        "every GenerateKey fails UNAVAILABLE and creates nothing")
     nowhere = "no cluster would take new keys: every GenerateKey would fail UNAVAILABLE"
     assert router.creation_blocked({"use1-a", "use1-b", "usw2-a"}, set()) == nowhere
     assert router.creation_blocked(set(), {"us-east-1", "us-west-2"}) == nowhere
@@ -157,9 +160,10 @@ def test_a_forced_failover_approved_by_the_quorum_says_what_becomes_of_new_keys(
     assert router.dispatcher.failed_over == frozenset()
     forced = admin.changes.request("alice", "failover", {"region": "us-west-2", "force": "true"})
     done = admin.changes.approve("bob", forced.id)
-    assert (done.state, done.result) == ("applied", "region us-west-2 failed over; forced, so new keys could not be "
-                                         "placed with no copy in a DR region (us-west-2), which [replication] "
-                                         "require_dr_copy asks for: every GenerateKey would fail UNAVAILABLE")
+    assert (done.state, done.result) == ("applied", "region us-west-2 failed over; forced, so new keys cannot be "
+                                         "placed, since each would have no copy in a DR region (us-west-2), which "
+                                         "[replication] require_dr_copy asks for: every GenerateKey fails "
+                                         "UNAVAILABLE and creates nothing")
     assert router.dispatcher.failed_over == {"us-west-2"}
 
 
@@ -190,3 +194,47 @@ def test_two_drains_approved_at_once_through_two_gateways_cannot_both_pass_the_c
     assert checked == [{"usw2-a"}, {"usw2-a", "use1-b"}], "checked again on the switches the write found"
     assert done.state == "failed" and "no cluster would take new keys" in done.result
     assert ours_admin.changes.switches()["drained"] == {"usw2-a", "use1-b"}
+
+
+def test_the_check_a_failover_makes_logs_no_key_as_placed(tmp_path: Path, caplog) -> None:
+    """The check places no key: the operator's log must not say one went to the DR region."""
+    from hsmgw.v1 import admin_pb2
+
+    router = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True))
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=2)
+    with caplog.at_level(logging.DEBUG):
+        asked = admin.FailoverRegion(admin_pb2.FailoverRegionRequest(region="us-east-1", failover=True, force=True),
+                                     _Context())
+        assert admin.changes.approve("bob", asked.id).state == APPLIED
+    assert router.dispatcher.failed_over == {"us-east-1"}
+    placing = [r.getMessage() for r in caplog.records if "placing" in r.getMessage() or "creation-check" in
+               r.getMessage()]
+    assert placing == []
+
+
+def test_generate_key_names_the_switch_that_leaves_it_no_placement(tmp_path: Path) -> None:
+    """Every cluster is healthy: the drain or failover is the cause, and the answer says so."""
+    from router.model import KeyAlgorithm, KeySpec, KeyUsage
+
+    router = _fleet_router(tmp_path, ReplicationPolicy(copies=2, require_dr_copy=True))
+
+    def refused(i: int) -> str:
+        spec = KeySpec(key_id=f"k/{i}", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                       request_id=f"r{i}")
+        with pytest.raises(Unavailable) as info:
+            router.generate_key(spec, time.monotonic() + 5)
+        return info.value.message
+
+    router.apply_switches({"usw2-a"}, set())
+    assert refused(1) == ("cannot place 2 copies of 'k/1' with one in a DR region: cluster usw2-a is drained, so too "
+                          "few clusters take new keys; nothing was created")
+    router.apply_switches(set(), {"us-east-1"})
+    assert refused(2) == ("cannot place 2 copies of 'k/2' with one in a DR region: region us-east-1 is failed over, "
+                          "so too few clusters take new keys; nothing was created")
+    router.apply_switches({"usw2-a"}, {"us-east-1"})
+    assert refused(3) == ("no cluster can take new keys: region us-east-1 is failed over; cluster usw2-a is drained")
+    router.apply_switches(set(), set())
+    for _ in range(5):  # no switch: the clusters' health is the cause
+        router.breakers["usw2-a"].record_failure()
+    assert refused(4) == ("cannot place 2 copies of 'k/4' with one in a DR region: not enough healthy clusters; "
+                          "nothing was created")
