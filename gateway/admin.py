@@ -270,7 +270,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 continue
             self.audit.append("-", "key_moved", key_id, from_cluster=source, to_cluster=target, reason="rebalance")
             done += 1
-        result = f"moved {done} keys"
+        result = f"moved {done} key" + ("" if done == 1 else "s")
         if left:
             shown = ", ".join(left[:LEFT_SHOWN]) + (f" and {len(left) - LEFT_SHOWN} more" if len(left) > LEFT_SHOWN
                                                      else "")
@@ -428,7 +428,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 else:
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
             if under:
-                warnings.append(f"{under} keys are under-replicated; the repairer is working on them")
+                warnings.append(f"{under} key is under-replicated; the repairer is working on it" if under == 1 else
+                                f"{under} keys are under-replicated; the repairer is working on them")
             open_changes = self.changes.list()
             pending = sum(1 for change in open_changes if change.state == PENDING)
             if pending:

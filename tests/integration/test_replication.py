@@ -654,7 +654,7 @@ def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_route
     change = admin.changes.request("alice", "apply_rebalance",
                                    rebalance_params("plan", router.rebalance_layout(), moves))
     assert change.state == "applied", change.result
-    assert change.result == f"moved 1 keys, left 1 that changed since the plan ({second})"
+    assert change.result == f"moved 1 key, left 1 that changed since the plan ({second})"
     assert router.store.get(first).primary == others[first]
     after = router.store.get(second)
     assert after.primary == others[second] and after.held
