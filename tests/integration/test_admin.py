@@ -87,6 +87,29 @@ def test_one_admin_cannot_drain_alone_and_a_second_makes_it_happen(gateway, cryp
     assert not any(c["draining"] for c in clusters["clusters"])
 
 
+def test_a_change_requested_into_a_closed_pipe_still_exits_3(gateway) -> None:
+    """`hsmctl regions failover X --force | head -0`: the change is recorded and waits for
+    approvals. Its exit status says so (3) even though its output could not be written: a script
+    that took 141 for "nothing happened" would ask again, or leave a pending change behind."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli.hsmctl", "--target", gateway.target, "--as", "alice",
+             "--output", "json", "regions", "failover", "us-east-1", "--force"],
+            cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    pending = [c for c in as_json(gateway.target, "changes", "list")[1]
+               if c["state"] == "pending" and c["action"] == "failover"]
+    for change in pending:
+        as_json(gateway.target, "changes", "reject", change["id"], who="bob")
+    assert len(pending) == 1 and result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
 def test_rejected_change_never_runs(gateway) -> None:
     _, change = as_json(gateway.target, "regions", "failover", "us-east-1", "--force")
     code, rejected = as_json(gateway.target, "changes", "reject", change["id"], who="bob")

@@ -42,7 +42,7 @@ import grpc  # noqa: E402
 
 from gateway.cli._common import fail, positive_seconds
 from gateway.cli.hsmctl import audit, changes, clusters, keys, loadtest, rebalance, regions
-from gateway.cli.hsmctl._app import App
+from gateway.cli.hsmctl._app import App, reader_went_away, stdout_closed
 
 GROUPS = (clusters, keys, rebalance, regions, changes, audit, loadtest)
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program SIGPIPE ended: the reader closed the pipe
@@ -164,18 +164,16 @@ def _no_answer(exc: grpc.RpcError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    code = _run(sys.argv[1:] if argv is None else argv)
     try:
-        try:
-            code = _run(sys.argv[1:] if argv is None else argv)
-        finally:
-            sys.stdout.flush()  # a reader that stopped early shows here, not in Python's flush at exit
+        sys.stdout.flush()  # a reader that stopped early shows here, not in Python's flush at exit
     except BrokenPipeError:
-        # `hsmctl keys list | head -1`: the reader has what it wanted. Point stdout at devnull so
-        # that the flush at exit does not fail again (the Python docs' recipe, signal module), and
-        # end as a program SIGPIPE killed would, without a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(EXIT_BROKEN_PIPE) from None
-    raise SystemExit(code)
+        stdout_closed()
+    # A reader that closed the pipe early (`hsmctl keys list | head -1`) ends a command that did
+    # what it was asked as SIGPIPE would, without a traceback; a status that says more (3: a
+    # change waits for approvals; 2: it may have been recorded) is kept: a script must not ask
+    # again for a change that exists.
+    raise SystemExit(EXIT_BROKEN_PIPE if code == 0 and reader_went_away() else code)
 
 
 def _run(argv: list[str]) -> int:

@@ -126,10 +126,7 @@ class App:
         )
 
     def emit(self, data: Any, human: str) -> None:
-        if self.output == "json":
-            print(json.dumps(data, indent=2, sort_keys=True))
-        else:
-            print(human)
+        write_out(json.dumps(data, indent=2, sort_keys=True) if self.output == "json" else human)
 
     @staticmethod
     def table(rows: list[list[Any]], header: list[str]) -> str:
@@ -185,3 +182,31 @@ def progress(done: int, total: int, label: str = "") -> None:
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+class _Stdout:
+    closed_by_reader = False
+    """Whether the reader of stdout closed it early (`hsmctl keys list | head -1`)."""
+
+
+def write_out(text: str) -> None:
+    """``text`` and a newline on stdout. A reader that closed the pipe early has what it wanted:
+    the rest goes to devnull (the Python docs' recipe, signal module), and the command goes on
+    to its end, so that its exit status still says what it did (``stdout_closed``)."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        stdout_closed()
+
+
+def stdout_closed() -> None:
+    """Note that stdout's reader went away, and point stdout at devnull: no later write or
+    flush (the interpreter's own, at exit) fails again."""
+    import os
+
+    _Stdout.closed_by_reader = True
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def reader_went_away() -> bool:
+    return _Stdout.closed_by_reader

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gateway.cli._common import plural
-from gateway.cli.hsmctl._app import App, progress
+from gateway.cli.hsmctl._app import App, progress, write_out
 from hsmgw.v1 import admin_pb2 as apb
 
 
@@ -20,7 +20,7 @@ def _rebalance(app: App, args: argparse.Namespace) -> int:
                  human + ("; no change requested" if args.apply else ""))
         return 0
     if app.output != "json":
-        print(human)
+        write_out(human)
     progress(0, len(plan.moves), "requesting")
     change = app.call(app.admin.ApplyRebalance, apb.ApplyRebalanceRequest(plan_id=plan.plan_id))
     if change.state == "applied":
