@@ -69,6 +69,12 @@ def findings_of(params: dict[str, str]) -> list[Finding]:
         raise FailedPrecondition(f"this fix's findings cannot be read ({exc!r}): request it again") from None
 
 
+MAX_PLANNED_MOVES = 2000
+"""Moves in one rebalance plan: its change records each (key, from, to, record version), and a
+change is one placement-store item (DynamoDB: 400 KB; 2,000 moves of 128-character key ids take
+about 320 KB). A larger rebalance takes several plans, each applied before the next is made."""
+
+
 def rebalance_params(plan_id: str, layout: tuple[str, ...], moves: list[tuple[Placement, str]]) -> dict[str, str]:
     """A rebalance's change parameters: the plan its approvers were shown, with the layout it was
     made for and the version of each key's record it read (the moves run only on those)."""
@@ -241,9 +247,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return hashlib.sha256(json.dumps([list(layout), moves]).encode()).hexdigest()[:16]
 
     def _plan(self) -> tuple[tuple[str, ...], list[tuple[Placement, str]]]:
-        """The home-region clusters that take keys now, and the moves a rebalance onto them makes."""
+        """The home-region clusters that take keys now, and the first ``MAX_PLANNED_MOVES`` moves
+        a rebalance onto them makes (once applied, the next plan has the rest)."""
+        self._with_stored_switches()  # a drain approved through another gateway changes the layout
         layout = self.router.rebalance_layout()
-        return layout, self.router.rebalance_moves(layout)
+        return layout, self.router.rebalance_moves(layout)[:MAX_PLANNED_MOVES]
 
     def _do_rebalance(self, params: dict[str, str]) -> str:
         layout, moves = rebalance_of(params)

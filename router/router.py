@@ -1093,6 +1093,8 @@ class Router:
         try:
             pending = self.store.update(replace(current, replicas=(*current.replicas, to)))
         except Conflict:
+            if version is not None:  # a planned move: the record is no longer the one planned for
+                raise KeyChanged(f"key {key_id!r} changed since the plan; it was not moved") from None
             raise Unavailable(changed) from None
         except StoreError as exc:
             raise Unavailable(f"placement store is unreachable; key {key_id!r} was not moved") from exc

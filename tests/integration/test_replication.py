@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -660,6 +661,28 @@ def test_a_rebalance_leaves_a_key_that_an_operator_moved_while_it_ran(make_route
     assert after.primary == others[second] and after.held
 
 
+def test_a_rebalance_plan_moves_at_most_its_limit_and_the_next_plan_moves_the_rest(
+        make_router, tmp_path, monkeypatch) -> None:
+    """A change records every move of its plan, and a change is one store item (DynamoDB:
+    400 KB): a plan takes the first MAX_PLANNED_MOVES moves; once applied, the next has the rest."""
+    import gateway.admin
+    from gateway.admin import AdminServicer, rebalance_params
+
+    monkeypatch.setattr(gateway.admin, "MAX_PLANNED_MOVES", 2)
+    router = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=1, require_dr_copy=False))()
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=1)
+    keys = [router.generate_key(_spec(unique("reb-limit")), time.monotonic() + 30) for _ in range(3)]
+    for key in keys:  # off the place the ring gives it, and not held: rebalance moves it back
+        router.move_key(key.key_id, next(c for c in ("use1-a", "use1-b") if c != key.primary), time.monotonic() + 30)
+
+    layout, planned = admin._plan()
+    assert len(planned) == 2
+    change = admin.changes.request("alice", "apply_rebalance", rebalance_params("plan", layout, planned))
+    assert (change.state, change.result) == ("applied", "moved 2 keys")
+    _, rest = admin._plan()
+    assert [p.key_id for p, _ in rest] == sorted({k.key_id for k in keys} - {p.key_id for p, _ in planned})
+
+
 def test_a_planned_move_of_a_record_that_changed_is_refused_before_anything_is_made(make_router, tokens) -> None:
     from router.errors import KeyChanged
 
@@ -673,6 +696,29 @@ def test_a_planned_move_of_a_record_that_changed_is_refused_before_anything_is_m
     assert tokens.classes(other, key.key_id) == set(), "no copy was made"
     assert router.move_key(key.key_id, other, time.monotonic() + 30, version=planned.version).primary == other
     assert tokens.classes(other, key.key_id), "the same move of the version read does copy it"
+
+
+def test_a_planned_move_whose_record_changes_just_after_its_check_is_left_as_changed(make_router, tokens) -> None:
+    """The record changes between the version check and the move's first write: a planned move
+    says the key changed (a rebalance leaves it), not that the move failed (which fails the change)."""
+    from router.errors import KeyChanged
+
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = router.generate_key(_spec(unique("planned-race")), time.monotonic() + 30)
+    other = next(c for c in ("use1-a", "use1-b") if c != key.primary)
+    planned = router.store.get(key.key_id)
+    check = router.check_move
+
+    def changed_just_after(*args: Any, **kwargs: Any) -> Any:
+        checked = check(*args, **kwargs)
+        router.store.update(router.store.get(key.key_id))  # a repair or a hold, say: a new version
+        return checked
+
+    router.check_move = changed_just_after  # type: ignore[method-assign]
+    with pytest.raises(KeyChanged, match="changed since the plan"):
+        router.move_key(key.key_id, other, time.monotonic() + 30, version=planned.version)
+    assert router.store.get(key.key_id).clusters == planned.clusters
+    assert tokens.classes(other, key.key_id) == set(), "no copy was made"
 
 
 def test_a_rebalance_that_cannot_move_a_key_moves_the_others_and_says_so(make_router, tmp_path) -> None:

@@ -38,3 +38,15 @@ def test_one_key_one_record_one_hung_call_are_singular(app: App, capsys: pytest.
     assert capsys.readouterr().out == "audit log intact: 1 record\n"
     assert clusters._note(apb.ClusterStatus(calls_hung=1)) == "1 call hung"
     assert clusters._note(apb.ClusterStatus(calls_hung=2, draining=True)) == "drained, 2 calls hung"
+
+
+def test_a_rebalances_moves_are_shown_as_their_count() -> None:
+    """A rebalance's change records each of up to 2,000 moves; `changes list` and `changes show`
+    print a column of parameters, which one such change would make as wide as the whole plan."""
+    import json
+
+    moves = json.dumps([[f"k{i}", "use1-a", "use1-b", 3] for i in range(1500)])
+    change = apb.Change(action="apply_rebalance", params={"plan_id": "p1", "layout": "use1-a,use1-b",
+                                                           "moves": moves})
+    assert App.params(change) == "layout=use1-a,use1-b moves=1500 plan_id=p1"
+    assert App.params(apb.Change(action="move_key", params={"key_id": "k", "to": "use1-b"})) == "key_id=k to=use1-b"

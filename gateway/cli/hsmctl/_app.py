@@ -146,7 +146,13 @@ class App:
                                              for kind, cluster, key in findings) or "nothing")
             except (ValueError, TypeError):
                 pass
-        return " ".join(f"{k}={v}" for k, v in sorted(change.params.items()))
+        shown = dict(change.params)
+        if "moves" in shown:  # a rebalance's plan: up to 2,000 moves, each with its record version
+            try:
+                shown["moves"] = str(len(json.loads(shown["moves"])))
+            except (ValueError, TypeError):
+                pass
+        return " ".join(f"{k}={v}" for k, v in sorted(shown.items()))
 
     @staticmethod
     def change_line(change: apb.Change) -> str:
