@@ -380,6 +380,11 @@ def parse_policy(data: Mapping[str, Any], source: str = "policy", digest: str = 
                 defined = ", ".join(sorted(roles)) or "none"
                 raise _err(source, f"{path}roles[{i}]", f"no role {role!r} (defined: {defined})")
         identities[identity] = (tuple(names), _limits(table, source, path, default_limits))
+    if not identities:
+        # Deny by default leaves no caller anything but health checks, admins included: what a
+        # file truncated by a write that is not atomic looks like, never a policy anyone means.
+        raise _err(source, "identities", "none defined: every call but health checks would be refused, "
+                                         "admin calls included (an empty or cut-short file?)")
     return Policy(roles, identities, default_limits, source=source, digest=digest)
 
 

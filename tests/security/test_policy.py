@@ -135,6 +135,8 @@ BAD_POLICIES: list[tuple[dict[str, Any], str]] = [
     ({"limits": {"rate": float("inf")}}, "limits.rate: must be a finite number"),
     ({"limits": {"rate": True}}, "limits.rate: expected a number"),
     ({"limits": {"qps": 1}}, "limits.qps: unknown key"),
+    ({}, "identities: none defined: every call but health checks would be refused, admin calls included"),
+    ({"roles": {"r": {"admin": ["*"]}}}, "identities: none defined"),
 ]
 
 
@@ -160,6 +162,9 @@ def test_a_failed_reload_keeps_the_policy_in_force(tmp_path: Path) -> None:
     store = PolicyStore(path)
     before = store.current
     path.write_text("roles = 1\n")
+    assert store.reload() is False
+    assert store.current is before
+    path.write_text("")  # a write that is not atomic, read half way: it would lock every caller out
     assert store.reload() is False
     assert store.current is before
     path.write_text(POLICY + f'\n[identities."{sid("nobody")}"]\nroles = ["root"]\n')
