@@ -139,10 +139,25 @@ def _unusable(path: Path) -> str | None:
     return None
 
 
+def _create_private(path: Path) -> None:
+    """Make a new store file owner-only (0600), before SQLite makes it with the process's umask:
+    its WAL and shared-memory files take the database file's mode. Writing the store comes close
+    to holding keys (docs/security.md); an existing file keeps the mode its operator gave it."""
+    if str(path) == ":memory:" or path.exists():
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass  # another process made it just now
+    except OSError:
+        pass  # no such directory, or not writable: SQLite's own error says which, below
+
+
 class SqliteStore(PlacementStore):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._lock = threading.Lock()
+        _create_private(Path(self.path))
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -260,3 +260,24 @@ def test_a_file_in_a_missing_directory_is_a_store_that_cannot_be_used_whatever_t
         SqliteStore(tmp_path / "nope" / "p.db")
     with pytest.raises(StoreMisconfigured, match=f"cannot open placement store {tmp_path}: it is a directory$"):
         SqliteStore(tmp_path)
+
+
+def test_a_new_store_file_and_its_journal_are_owner_only(tmp_path: Path) -> None:
+    """Writing the store comes close to holding keys (docs/security.md): a new file is 0600
+    whatever the umask, and so are the WAL and shared-memory files SQLite makes beside it. A file
+    that exists keeps the mode its operator gave it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = SqliteStore(tmp_path / "new.db")
+        store.create(make())
+        made = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        store.close()
+        (tmp_path / "shared.db").touch(mode=0o640)
+        SqliteStore(tmp_path / "shared.db").close()
+    finally:
+        os.umask(old)
+    assert made == {"new.db": 0o600, "new.db-wal": 0o600, "new.db-shm": 0o600}
+    assert stat.S_IMODE((tmp_path / "shared.db").stat().st_mode) == 0o640
