@@ -531,6 +531,10 @@ class Router:
                 self._may_create()  # finishing it here would make objects here
                 return self._take_over(earlier)
             self._remember(earlier)
+            if earlier.state is KeyState.DESTROYED:
+                # Not OK with a key that serves no more: a retry that took it for made would fail later.
+                raise KeyChanged(f"key {spec.key_id!r} was made by this request_id and has since been destroyed; "
+                                 "key ids are never reused")
             return earlier
         taken = self.store.get(spec.key_id)
         if taken is not None:

@@ -110,7 +110,8 @@ class CryptoServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GenerateKey(self, request, context):
-        """Makes a key, or returns the key an earlier call with the same request_id made. A
+        """Makes a key, or returns the key an earlier call with the same request_id made (once that
+        key is destroyed, FAILED_PRECONDITION, reason KEY_CHANGED: key ids are never reused). A
         gateway whose region does not create keys (`[gateway] creates_keys = false`) answers
         FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE, having made nothing: send it to a
         region that does. While another attempt with the same request_id is making the key,

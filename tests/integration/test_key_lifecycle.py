@@ -59,6 +59,19 @@ def test_same_request_twice_makes_one_key(crypto, tokens) -> None:
     assert len(tokens.objects(first.primary_cluster, key_id)) == 2
 
 
+def test_a_retried_generate_key_of_a_key_since_destroyed_is_refused_not_answered_ok(crypto) -> None:
+    """The same request again, after the key it made was destroyed: OK with a DESTROYED key read
+    as made to a retrying application, which then failed on its first use."""
+    key_id = unique("retried-destroyed")
+    request = pb.GenerateKeyRequest(request_id=f"r-{key_id}", key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256)
+    crypto.GenerateKey(request, timeout=30)
+    crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key_id), timeout=30)
+    err = rpc_error(crypto.GenerateKey, request, timeout=30)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details() == (f"key {key_id!r} was made by this request_id and has since been destroyed; key ids "
+                             "are never reused")
+
+
 def test_crash_between_hsm_and_store_is_rolled_back_at_next_start(make_router, tokens) -> None:
     key_id = unique("crash")
     router = make_router(fault=_crash_after_hsm)
