@@ -28,12 +28,16 @@ def _certs(args: argparse.Namespace) -> None:
         )
     except (ValueError, OSError) as exc:
         fail(str(exc))
+    # Absolute: a config file reads relative paths from its own directory, not from where this ran.
+    def at(path: Path) -> str:
+        return str(path.resolve())
+
     if args.output == "json":
         data = {
-            "ca": str(certs.ca),
-            "server": {"cert_file": str(certs.server), "key_file": str(certs.server_key)},
+            "ca": at(certs.ca),
+            "server": {"cert_file": at(certs.server), "key_file": at(certs.server_key)},
             "clients": {
-                name: {"identity": spiffe_id(name), "cert_file": str(cert), "key_file": str(key)}
+                name: {"identity": spiffe_id(name), "cert_file": at(cert), "key_file": at(key)}
                 for name, (cert, key) in certs.clients.items()
             },
             "created": list(certs.created),
@@ -46,12 +50,12 @@ def _certs(args: argparse.Namespace) -> None:
         print(f"certificates in {certs.out} already exist; nothing changed")
     print(
         "\n[server.tls]\n"
-        f'cert_file = "{certs.server}"\n'
-        f'key_file = "{certs.server_key}"\n'
-        f'client_ca_file = "{certs.ca}"'
+        f'cert_file = "{at(certs.server)}"\n'
+        f'key_file = "{at(certs.server_key)}"\n'
+        f'client_ca_file = "{at(certs.ca)}"'
     )
     for name, (cert, key) in certs.clients.items():
-        print(f"\n# {spiffe_id(name)}\nhsmctl --ca {certs.ca} --cert {cert} --key {key} ...")
+        print(f"\n# {spiffe_id(name)}\nhsmctl --ca {at(certs.ca)} --cert {at(cert)} --key {at(key)} ...")
 
 
 def add_parser(sub: Any) -> None:

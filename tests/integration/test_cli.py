@@ -324,6 +324,27 @@ def test_hsmctl_unreachable_gateway_fails_with_one_line() -> None:
 # -- hsmctl's TLS options -------------------------------------------------------------------
 
 
+def test_the_tls_section_dev_certs_prints_works_in_a_config_file_anywhere(tmp_path: Path) -> None:
+    """Run from one directory with a relative --out, the printed [server.tls] section is pasted
+    into a config file in another: its paths must still name the files (a config file reads
+    relative paths from its own directory, so `tls/server.pem` pointed at nothing there)."""
+    import tomllib
+
+    result = subprocess.run([sys.executable, "-m", "gateway.cli.hsmgw", "dev", "certs", "--out", "tls",
+                             "--client", "ops"], cwd=tmp_path, env=_user_env(PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    section = result.stdout[result.stdout.index("[server.tls]"):].split("\n\n")[0]
+    elsewhere = tmp_path / "etc" / "hsmgw"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "tls.toml").write_text(section + "\n")
+    tls = tomllib.loads((elsewhere / "tls.toml").read_text())["server"]["tls"]
+    assert set(tls) == {"cert_file", "key_file", "client_ca_file"}
+    assert all((elsewhere / path).is_file() for path in tls.values()), tls
+    hsmctl_line = next(line for line in result.stdout.splitlines() if line.startswith("hsmctl --ca "))
+    assert all(Path(word).is_absolute() for word in hsmctl_line.split()[2:7:2]), hsmctl_line
+
+
 def test_hsmctl_refuses_half_a_client_certificate_and_names_a_missing_file(gateway: Any, tmp_path: Path) -> None:
     from gateway.tls import write_dev_certs
 
