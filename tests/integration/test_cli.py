@@ -692,6 +692,20 @@ def test_hsmctl_refuses_an_empty_identity_instead_of_calling_as_the_default(gate
                                       "without one")
 
 
+def test_hsmctl_refuses_as_over_tls_where_the_certificate_names_the_caller(gateway: Any, tmp_path: Path) -> None:
+    """Over TLS the gateway takes the caller from the client certificate: `--as bob` there was
+    ignored without a word, and an approval "as bob" was made as the certificate's identity."""
+    from gateway.tls import write_dev_certs
+
+    certs = write_dev_certs(tmp_path / "certs", ["ops"])
+    cert, key = certs.client("ops")
+    result = hsmctl("--target", gateway.target, "--ca", str(certs.ca), "--cert", str(cert), "--key", str(key),
+                    "--as", "bob", "changes", "approve", "abc")
+    assert result.returncode == 1
+    assert one_error_line(result) == ("error: --as names the caller of a plaintext development gateway only; over "
+                                      "TLS the client certificate does (--cert), so leave --as out")
+
+
 def test_hsmctl_json_counts_are_numbers_not_strings(gateway: Any) -> None:
     """A script comparing `keys_considered > 0` or summing `keys` needs JSON numbers (protobuf's
     JSON mapping quotes 64-bit integers)."""

@@ -87,6 +87,11 @@ class App:
         if args.tls_ca or args.tls_cert or args.tls_key:
             if bool(args.tls_cert) != bool(args.tls_key):
                 fail("--cert and --key go together: the client certificate and its private key", code=1)
+            if args.identity is not None:
+                # The gateway takes the caller's identity from the certificate over TLS: a change
+                # approved "as bob" would be approved as the certificate's identity.
+                fail("--as names the caller of a plaintext development gateway only; over TLS the client "
+                     "certificate does (--cert), so leave --as out", code=1)
             key, cert = _read("--key", args.tls_key), _read("--cert", args.tls_cert)
             if key and cert:
                 _check_pair(cert, key)
