@@ -404,7 +404,8 @@ def api_reference(proto_dir: Path = PROTO_DIR, files: Sequence[str] = PROTO_FILE
         "| `hsmgw.region.<region>` | a cluster of that region has a closed circuit. |",
         "",
         "Every status is NOT_SERVING from the moment a stop begins (SIGTERM): the calls in flight "
-        "finish, new ones get `UNAVAILABLE`. An unknown service name answers `NOT_FOUND`.",
+        "finish, new ones get `UNAVAILABLE`. An unknown service name answers `NOT_FOUND` to `Check`; "
+        "`Watch` streams `SERVICE_UNKNOWN` for it instead, and goes on watching (grpc.health's own rule).",
         "",
         "Clients in any language: generate stubs from the protos (or load them at run time, as "
         "[examples/node](../examples/node/sign.js) does) and use "
