@@ -21,7 +21,9 @@ hsmctl's own options (--target, --output, --timeout, --as, --ca, --cert, --key) 
 come before or after the command: `hsmctl status --output json`.
 
 Exit codes: 0 ok; 1 the request was refused or failed, or the command line is
-wrong; 2 the gateway could not be reached or cannot act now (UNAVAILABLE,
+wrong, or the connection failed by how it was asked for (a TLS certificate the
+gateway or hsmctl refuses, TLS to a plaintext gateway, a port that does not speak
+gRPC); 2 the gateway could not be reached or cannot act now (UNAVAILABLE,
 DEADLINE_EXCEEDED: try again later; but a request or approval that got no answer
 may have been taken, and its change may be running or applied: the error says so,
 check `hsmctl changes list --all` first; one that never connected says it was not
@@ -127,6 +129,14 @@ _HINTS = (  # what gRPC says when a connection fails, and what an operator would
     ("CERTIFICATE_VERIFY_FAILED", "the gateway's certificate is not signed by the CA given (--ca)"),
     ("security handshaker", "the client certificate cannot be used: does --key match --cert?"),
 )
+_HANDSHAKE_REFUSED = ("the gateway closed the connection: it may require TLS with a client certificate "
+                      "(--ca, --cert, --key)")
+_CERTIFICATE_REFUSED = ("the gateway closed the connection during the TLS handshake: does it accept this client "
+                        "certificate (--cert, --key), signed by its client CA?")
+_MISCONFIGURED = {hint for words, hint in _HINTS if words != "Connection refused"} | {
+    _HANDSHAKE_REFUSED, _CERTIFICATE_REFUSED}
+"""Hints for a connection that failed by how hsmctl was told to connect, not for a while: exit 1,
+as a usage error; trying again later changes nothing."""
 
 
 def _hint(details: str, tls: bool, connected: bool) -> str:
@@ -139,10 +149,7 @@ def _hint(details: str, tls: bool, connected: bool) -> str:
         # handshake); the channel's READY notice may come after the error, so either tells.
         if connected or not details.startswith("failed to connect"):  # the gateway went away during the call
             return "the gateway closed the connection during the call: it may have stopped or restarted (see its log)"
-        return ("the gateway closed the connection: it may require TLS with a client certificate "
-                "(--ca, --cert, --key)" if not tls else
-                "the gateway closed the connection during the TLS handshake: does it accept this client "
-                "certificate (--cert, --key), signed by its client CA?")
+        return _CERTIFICATE_REFUSED if tls else _HANDSHAKE_REFUSED
     return ""
 
 
@@ -189,5 +196,7 @@ def _run(argv: list[str]) -> int:
                 hints = [_hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected),
                          app.unsent if _never_sent(exc, app.connected) else app.unsure]
             hint = "; ".join(h for h in hints if h)
-            fail(f"{exc.code().name}: {exc.details()}" + (f"; {hint}" if hint else ""), code=2 if unreachable else 1)
+            misconfigured = bool(hints) and hints[0] in _MISCONFIGURED
+            fail(f"{exc.code().name}: {exc.details()}" + (f"; {hint}" if hint else ""),
+                 code=2 if unreachable and not misconfigured else 1)
     return code or 0
