@@ -163,9 +163,11 @@ class Dispatcher:
                 except (KeyNotFound, AmbiguousKey, SessionsBusy, WrappedKeyRefused) as exc:
                     # This cluster lacks the key's material (moved, or lost) or holds it
                     # twice, or cannot unwrap it, or has no session free: a replica may
-                    # still serve. Not the cluster's health.
+                    # still serve. Not the cluster's health. A busy one was not heard: it
+                    # may hold what the others lack, or unwrap what they refuse.
                     breaker.release_trial()
                     last = exc
+                    unheard |= isinstance(exc, SessionsBusy)
                     break
                 except BaseException:
                     # A caller error says nothing about the cluster; a bug must never leave a

@@ -16,6 +16,7 @@ from router.errors import (
     StaleSession,
     Throttled,
     Unavailable,
+    WrappedKeyRefused,
 )
 from router.health import CircuitBreaker, CircuitState, HealthMonitor
 from router.model import ClusterSpec
@@ -190,6 +191,18 @@ def test_busy_sessions_everywhere_answer_resource_exhausted() -> None:
     with pytest.raises(SessionsBusy, match="usw2-a failed"):
         d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
     assert calls == ["use1-a", "usw2-a"]
+
+
+def test_a_busy_cluster_was_not_heard_the_others_refusal_is_not_the_final_word() -> None:
+    """The cluster with no session free may hold the copy the others lack, or unwrap the record
+    the others refuse: UNAVAILABLE (retry), not NOT_FOUND or KEY_RECORD_MISMATCH (give up)."""
+    clock = FakeClock(1000.0)
+    fn, _ = script({"use1-a": [SessionsBusy], "use1-b": [], "usw2-a": [KeyNotFound]})
+    with pytest.raises(KeyOutOfReach):
+        make(clock).run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    fn, _ = script({"use1-a": [SessionsBusy], "use1-b": [], "usw2-a": [WrappedKeyRefused]})
+    with pytest.raises(Unavailable, match="another cluster, which may unwrap it, cannot answer now"):
+        make(clock).run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
 
 
 def test_a_half_open_trial_that_finds_no_session_leaves_the_circuit_to_the_next() -> None:
