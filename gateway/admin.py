@@ -73,6 +73,9 @@ MAX_PLANNED_MOVES = 2000
 """Moves in one rebalance plan: its change records each (key, from, to, record version), and a
 change is one placement-store item (DynamoDB: 400 KB; 2,000 moves of 128-character key ids take
 about 320 KB). A larger rebalance takes several plans, each applied before the next is made."""
+MAX_PLANNED_BYTES = 250_000
+"""And at most this much of that item for the moves, whatever the key ids' and cluster names'
+lengths: the rest of the change (its approvals, its result) needs room too."""
 
 
 def rebalance_params(plan_id: str, layout: tuple[str, ...], moves: list[tuple[Placement, str]]) -> dict[str, str]:
@@ -251,7 +254,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         a rebalance onto them makes (once applied, the next plan has the rest)."""
         self._with_stored_switches()  # a drain approved through another gateway changes the layout
         layout = self.router.rebalance_layout()
-        return layout, self.router.rebalance_moves(layout)[:MAX_PLANNED_MOVES]
+        planned: list[tuple[Placement, str]] = []
+        size = 0
+        for placement, target in self.router.rebalance_moves(layout):
+            # As rebalance_params writes it; cluster names have no length limit.
+            size += len(json.dumps([placement.key_id, placement.primary, target, placement.version])) + 2
+            if len(planned) == MAX_PLANNED_MOVES or size > MAX_PLANNED_BYTES:
+                break
+            planned.append((placement, target))
+        return layout, planned
 
     def _do_rebalance(self, params: dict[str, str]) -> str:
         layout, moves = rebalance_of(params)

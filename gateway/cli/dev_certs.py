@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,16 @@ def _certs(args: argparse.Namespace) -> None:
         print(f"created {item}")
     if not certs.created:
         print(f"certificates in {certs.out} already exist; nothing changed")
+    # Quoted for where they go: a TOML string (JSON's escapes are TOML's) and a shell word.
     print(
         "\n[server.tls]\n"
-        f'cert_file = "{at(certs.server)}"\n'
-        f'key_file = "{at(certs.server_key)}"\n'
-        f'client_ca_file = "{at(certs.ca)}"'
+        f"cert_file = {json.dumps(at(certs.server))}\n"
+        f"key_file = {json.dumps(at(certs.server_key))}\n"
+        f"client_ca_file = {json.dumps(at(certs.ca))}"
     )
     for name, (cert, key) in certs.clients.items():
-        print(f"\n# {spiffe_id(name)}\nhsmctl --ca {at(certs.ca)} --cert {at(cert)} --key {at(key)} ...")
+        print(f"\n# {spiffe_id(name)}\nhsmctl --ca {shlex.quote(at(certs.ca))} --cert {shlex.quote(at(cert))} "
+              f"--key {shlex.quote(at(key))} ...")
 
 
 def add_parser(sub: Any) -> None:

@@ -328,10 +328,13 @@ def test_the_tls_section_dev_certs_prints_works_in_a_config_file_anywhere(tmp_pa
     """Run from one directory with a relative --out, the printed [server.tls] section is pasted
     into a config file in another: its paths must still name the files (a config file reads
     relative paths from its own directory, so `tls/server.pem` pointed at nothing there)."""
+    import shlex
     import tomllib
 
+    here = tmp_path / 'a "dev" dir'  # a space, quotes: the paths are quoted for TOML and the shell
+    here.mkdir()
     result = subprocess.run([sys.executable, "-m", "gateway.cli.hsmgw", "dev", "certs", "--out", "tls",
-                             "--client", "ops"], cwd=tmp_path, env=_user_env(PYTHONPATH=str(ROOT)),
+                             "--client", "ops"], cwd=here, env=_user_env(PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     section = result.stdout[result.stdout.index("[server.tls]"):].split("\n\n")[0]
@@ -342,7 +345,8 @@ def test_the_tls_section_dev_certs_prints_works_in_a_config_file_anywhere(tmp_pa
     assert set(tls) == {"cert_file", "key_file", "client_ca_file"}
     assert all((elsewhere / path).is_file() for path in tls.values()), tls
     hsmctl_line = next(line for line in result.stdout.splitlines() if line.startswith("hsmctl --ca "))
-    assert all(Path(word).is_absolute() for word in hsmctl_line.split()[2:7:2]), hsmctl_line
+    words = shlex.split(hsmctl_line)
+    assert all(Path(word).is_file() and Path(word).is_absolute() for word in words[2:7:2]), hsmctl_line
 
 
 def test_hsmctl_refuses_half_a_client_certificate_and_names_a_missing_file(gateway: Any, tmp_path: Path) -> None:

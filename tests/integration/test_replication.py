@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -681,6 +682,15 @@ def test_a_rebalance_plan_moves_at_most_its_limit_and_the_next_plan_moves_the_re
     assert (change.state, change.result) == ("applied", "moved 2 keys")
     _, rest = admin._plan()
     assert [p.key_id for p, _ in rest] == sorted({k.key_id for k in keys} - {p.key_id for p, _ in planned})
+
+    # And by size: long key ids and cluster names must not take the change past a store item.
+    (first, target), = rest
+    one = len(json.dumps([first.key_id, first.primary, target, first.version])) + 2
+    monkeypatch.setattr(gateway.admin, "MAX_PLANNED_MOVES", 100)
+    monkeypatch.setattr(gateway.admin, "MAX_PLANNED_BYTES", one - 1)
+    assert admin._plan()[1] == []
+    monkeypatch.setattr(gateway.admin, "MAX_PLANNED_BYTES", one)
+    assert [p.key_id for p, _ in admin._plan()[1]] == [first.key_id]
 
 
 def test_a_planned_move_of_a_record_that_changed_is_refused_before_anything_is_made(make_router, tokens) -> None:
