@@ -38,8 +38,9 @@ class HsmBackend(abc.ABC):
         return self.spec.name
 
     @abc.abstractmethod
-    def generate(self, key: Placement, deadline: float) -> None:
-        """Create the key's token objects (CKA_ID = CKA_LABEL = key id).
+    def generate(self, key: Placement, deadline: float, *, unless: Callable[[], bool] | None = None) -> None:
+        """Create the key's token objects (CKA_ID = CKA_LABEL = key id); with ``unless``, asked
+        while the token's objects are held still, nothing is touched when it is true.
 
         Objects an earlier attempt left under this id (a crashed or failed creation) do not
         remain beside the new ones: the caller holds the key's intent, so they are no key's.
@@ -57,8 +58,10 @@ class HsmBackend(abc.ABC):
         """The key wrapped under the trusted wrapping key, and its public key DER (b"" if none)."""
 
     @abc.abstractmethod
-    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float) -> None:
-        """Unwrap a copy as token objects with the key's id, label and attributes (replaces leftovers)."""
+    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
+                       unless: Callable[[], bool] | None = None) -> None:
+        """Unwrap a copy as token objects with the key's id, label and attributes (replaces leftovers);
+        with ``unless``, asked while the token's objects are held still, nothing is touched when it is true."""
 
     @abc.abstractmethod
     def probe(self, deadline: float) -> None:

@@ -575,7 +575,7 @@ class Router:
         try:
             claimed = self.store.update(replace(intent, create_time=now))
         except Conflict as exc:
-            return self._settled(exc.existing, intent.key_id)
+            return self._settled(exc.existing, intent.key_id, intent.request_id)
         log.warning(
             "key %s: finishing a creation left unfinished %.0f s ago (request %s); its objects are made again",
             intent.key_id, now - intent.create_time, intent.request_id,
@@ -587,10 +587,15 @@ class Router:
         return min(deadline, time.monotonic() + self.creation_grace / 2)
 
     @staticmethod
-    def _settled(current: Placement | None, key_id: str) -> Placement:
+    def _settled(current: Placement | None, key_id: str, request_id: str) -> Placement:
         if current is not None and current.state is KeyState.DESTROYED:
             # A DestroyKey came while this key was being made: it is gone, not made.
             raise KeyChanged(f"key {key_id!r} was destroyed while it was being created; key ids are never reused")
+        if current is not None and current.request_id != request_id:
+            # This attempt outlived its roll-back, and another request made the id since: its key,
+            # with its parameters, is not this request's to answer with.
+            raise AlreadyExists(f"key {key_id!r} already exists: another request made it while this one's "
+                                "creation was rolled back")
         if current is not None and current.state is not KeyState.CREATING:
             return current
         raise KeyBeingCreated(f"key {key_id!r} is being created; retry shortly")
@@ -615,10 +620,23 @@ class Router:
             if intent.external:
                 material["wrapped"], material["public_der"] = backend.generate_external(intent, deadline)
             else:
-                backend.generate(intent, deadline)
+                backend.generate(intent, deadline, unless=self._not_ours(intent))
                 made += self._replicate(
-                    intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local
+                    intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local,
+                    unless=self._not_ours(intent),
                 )
+        except KeyChanged as changed:
+            # The record is no longer this attempt's (it outlived creation_grace in a call that
+            # hung): another attempt's key may be on the cluster, so this one stopped, touching
+            # nothing there. What it made before is dropped if no record or a destroyed one names
+            # it; the caller hears what became of the key.
+            self.roll_back(intent)
+            try:
+                current = self.store.get(intent.key_id)
+            except StoreError:
+                raise Unavailable(f"key {intent.key_id!r} was taken over or rolled back while this attempt made "
+                                  "it; retry with the same request_id") from changed
+            return self._settled(current, intent.key_id, intent.request_id)
         except (InternalError, KeyNotFound) as exc:
             # The HSM failed in a way we did not expect (logged with its traceback), or
             # an object just made was not found again: not the caller's "not found".
@@ -659,7 +677,7 @@ class Router:
                 # This attempt outlived creation_grace (an HSM call that hung), and a sweep or
                 # reconcile rolled the creation back meanwhile: no record names what it made.
                 self._drop_unrecorded(intent.key_id, made)
-            return self._settled(exc.existing, intent.key_id)
+            return self._settled(exc.existing, intent.key_id, intent.request_id)
         self._remember(enabled)
         log.info(
             "key %s created on %s (replicas: %s; %s)",
@@ -694,8 +712,24 @@ class Router:
                 log.warning("creation of %s outlived its roll-back; its copy on %s, which no record names, is "
                             "destroyed", key_id, name)
 
+    def _not_ours(self, intent: Placement) -> Callable[[], bool]:
+        """Whether the key's record is no longer this creation's ``intent``: another attempt took
+        it over, or a sweep rolled it back (this one outlived creation_grace in an HSM call that
+        hung), or a DestroyKey came. Asked while a cluster's objects are held still, before a
+        creation clears what is there under the key's id: they may be the other attempt's key. A
+        store that cannot answer says so too: nothing is cleared on a guess."""
+        def changed() -> bool:
+            try:
+                current = self.store.get(intent.key_id)
+            except StoreError:
+                return True
+            return current is None or (current.request_id, current.version) != (intent.request_id, intent.version)
+
+        return changed
+
     def _replicate(
-        self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool
+        self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool,
+        unless: Callable[[], bool] | None = None,
     ) -> list[str]:
         """Copy the key to ``targets`` by trusted wrapping; returns the names copied to.
 
@@ -715,8 +749,8 @@ class Router:
                 error = Unavailable(f"cluster {name} is not configured on this gateway", cluster=name)
             else:
                 try:
-                    target.import_wrapped(key, wrapped, public_der, deadline)
-                except Stopping:
+                    target.import_wrapped(key, wrapped, public_der, deadline, unless=unless)
+                except (Stopping, KeyChanged):  # the stop, or another attempt's key there: no more copies
                     raise
                 except RouterError as exc:
                     if isinstance(exc, (ClusterDown, Throttled)):

@@ -22,6 +22,7 @@ from router.errors import (
     DecryptionFailed,
     InternalError,
     InvalidArgument,
+    KeyChanged,
     KeyNotFound,
     RouterError,
     StaleSession,
@@ -188,9 +189,9 @@ class Pkcs11Cluster(HsmBackend):
 
     # -- HsmBackend -----------------------------------------------------
 
-    def generate(self, key: Placement, deadline: float) -> None:
+    def generate(self, key: Placement, deadline: float, *, unless: Callable[[], bool] | None = None) -> None:
         def run(s: PooledSession) -> None:
-            with self._cleared(s, key.key_id, deadline):
+            with self._cleared(s, key.key_id, deadline, unless):
                 _keys.generate(s.handle, key.key_id, key.algorithm, key.usage, extractable=key.extractable)
 
         self._run(deadline, run)
@@ -224,11 +225,12 @@ class Pkcs11Cluster(HsmBackend):
 
         return self._run(deadline, run)
 
-    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float) -> None:
+    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
+                       unless: Callable[[], bool] | None = None) -> None:
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
         def run(s: PooledSession) -> None:
-            with self._cleared(s, key.key_id, deadline):
+            with self._cleared(s, key.key_id, deadline, unless):
                 secret = s.wrapping_key().unwrap_key(
                     secret_class,
                     _keys.key_type(key.algorithm),
@@ -275,15 +277,22 @@ class Pkcs11Cluster(HsmBackend):
         return self._run(deadline, run)
 
     @contextlib.contextmanager
-    def _cleared(self, s: PooledSession, key_id: str, deadline: float) -> Iterator[int]:
+    def _cleared(self, s: PooledSession, key_id: str, deadline: float,
+                 unless: Callable[[], bool] | None = None) -> Iterator[int]:
         """The token held still for a change of the key's objects, and every object of the
         key already there (an earlier attempt's leftovers) destroyed first; yields how many were.
+        ``unless`` true, asked once the token is held still: ``KeyChanged``, nothing touched (the
+        objects there are another attempt's, made since this one's record was read).
 
         The sweep is also the search ``TokenObjects.changing`` asks for before anything is
         made. Nothing is destroyed by a search after the key is made: on SoftHSM that
         search may list a new object twice, and destroying "the other one" deletes the key.
         """
         with self._changing(s, deadline):
+            if unless is not None and unless():
+                raise KeyChanged(f"key {key_id!r} changed while it was being made: another attempt took it over "
+                                 f"or rolled it back; nothing was changed on cluster {self.spec.name}",
+                                 cluster=self.spec.name, region=self.spec.region)
             swept = self._destroy_objects(s, key_id)
             if self._pool.closed:  # the stop came during the sweep: make nothing
                 raise self._pool.stopping()

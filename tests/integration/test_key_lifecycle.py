@@ -160,8 +160,8 @@ def test_an_attempt_that_fails_after_a_retry_took_it_over_destroys_nothing(make_
     def hangs_then_fails(name: str):  # type: ignore[no-untyped-def]
         real = generate[name].generate
 
-        def call(key: Placement, deadline: float) -> None:
-            real(key, deadline)  # the HSM made the objects, but the call does not come back...
+        def call(key: Placement, deadline: float, **kwargs: Any) -> None:
+            real(key, deadline, **kwargs)  # the HSM made the objects, but the call does not come back...
             acknowledged.append(retry.generate_key(_spec(key_id), time.monotonic() + 30))
             raise ClusterDown("the device failed", cluster=name)  # ...until it fails, late
 
@@ -494,6 +494,8 @@ def test_a_creation_that_outlives_its_roll_back_leaves_no_copy_no_record_names(m
             assert intent is not None and sweeper.roll_back(intent)  # the sweep took it as abandoned
 
     router._fault = rolled_back_meanwhile
+    # As on a host whose token lock the sweeper does not share: its copy is made all the same.
+    router._not_ours = lambda intent: (lambda: False)  # type: ignore[method-assign]
     with pytest.raises(KeyBeingCreated):
         router.generate_key(_spec(key_id), time.monotonic() + 30)
     assert router.store.get(key_id) is None
@@ -518,20 +520,77 @@ def test_a_failed_creation_whose_record_a_roll_back_removed_leaves_no_copy(make_
             assert intent is not None and sweeper.roll_back(intent)
 
     router._fault = rolled_back_meanwhile
+    router._not_ours = lambda intent: (lambda: False)  # type: ignore[method-assign]  # as on another host
     for name, backend in router.backends.items():
         real = backend.import_wrapped
 
-        def once(*args: Any, _real: Any = real, _name: str = name) -> None:
+        def once(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> None:
             if imported:  # the second copy fails
                 raise ClusterDown("did not answer", cluster=_name)
             imported.append(_name)
-            _real(*args)
+            _real(*args, **kwargs)
 
         backend.import_wrapped = once  # type: ignore[method-assign]
     with pytest.raises(Unavailable, match="cannot copy key"):
         router.generate_key(_spec(key_id), time.monotonic() + 30)
     assert imported and router.store.get(key_id) is None
     assert all(tokens.objects(cluster, key_id) == [] for cluster in router.backends), "no copy is left behind"
+
+
+def test_a_creation_that_outlives_its_roll_back_never_overwrites_the_retrys_copies(make_router, tokens) -> None:
+    """The late attempt resumes after the sweep rolled it back and the client's retry made the key
+    again: its copy would replace the retry's on a cluster (a creation clears what is there under
+    the id first), leaving two different keys under one record. It stops instead, touching nothing,
+    and its caller is answered with the retry's key."""
+    key_id = unique("outlived-retried")
+    policy = ReplicationPolicy(copies=2, require_dr_copy=True)
+    late = make_router(replication=policy)
+    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
+    retry = make_router(replication=policy)
+    made: list[Placement] = []
+
+    def rolled_back_and_retried(point: str) -> None:
+        if point == "copy-exported" and not made:  # exported; the DR copy comes next
+            intent = sweeper.store.get(key_id)
+            assert intent is not None and sweeper.roll_back(intent)
+            made.append(retry.generate_key(_spec(key_id), time.monotonic() + 30))
+
+    late._fault = rolled_back_and_retried
+    answered = late.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert made and answered == made[0] and answered.state is KeyState.ENABLED
+    publics = {cluster: retry.backends[cluster].export_wrapped(answered, time.monotonic() + 5)[1]
+               for cluster in answered.clusters}
+    assert len(set(publics.values())) == 1, "every copy is the one key"
+    assert all(len(tokens.objects(cluster, key_id)) == 2 for cluster in answered.clusters)
+    signature, _ = retry.sign(key_id, Operation.ECDSA_SHA256, b"\x09" * 32, None, time.monotonic() + 5)
+    public = serialization.load_der_public_key(retry.public_key(key_id, time.monotonic() + 5)[1])
+    public.verify(signature, b"\x09" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def test_a_creation_that_outlives_its_roll_back_is_not_answered_with_another_requests_key(make_router) -> None:
+    """As above, but another request (other parameters) made the id since: the late attempt's
+    caller is told the key exists, not answered OK with a key it did not ask for."""
+    from router.errors import AlreadyExists
+
+    key_id = unique("outlived-other")
+    policy = ReplicationPolicy(copies=2, require_dr_copy=True)
+    late = make_router(replication=policy)
+    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
+    other = make_router(replication=policy)
+    made: list[Placement] = []
+
+    def rolled_back_and_made_by_another(point: str) -> None:
+        if point == "copy-exported" and not made:
+            intent = sweeper.store.get(key_id)
+            assert intent is not None and sweeper.roll_back(intent)
+            made.append(other.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.RSA_2048,
+                                                   usage=KeyUsage.SIGN_VERIFY, request_id="another"),
+                                           time.monotonic() + 30))
+
+    late._fault = rolled_back_and_made_by_another
+    with pytest.raises(AlreadyExists, match="another request made it"):
+        late.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert made and other.store.get(key_id) == made[0] and made[0].algorithm is KeyAlgorithm.RSA_2048
 
 
 def test_a_key_destroyed_while_it_is_being_created_is_not_reported_made(make_router, tokens) -> None:

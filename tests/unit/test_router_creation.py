@@ -23,7 +23,7 @@ class FailingBackend(HsmBackend):
         self.destroyed: list[str] = []
         self.error = error
 
-    def generate(self, key: Placement, deadline: float) -> None:
+    def generate(self, key: Placement, deadline: float, *, unless: Callable[[], bool] | None = None) -> None:
         raise self.error("unexpected PKCS #11 error", cluster=self.spec.name)
 
     def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
@@ -97,13 +97,14 @@ def test_a_retry_whose_creation_began_on_a_cluster_not_serving_is_refused_at_onc
 class CopyingBackend(FailingBackend):
     """A cluster where making and copying keys works."""
 
-    def generate(self, key: Placement, deadline: float) -> None:
+    def generate(self, key: Placement, deadline: float, *, unless: Callable[[], bool] | None = None) -> None:
         return None
 
     def export_wrapped(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
         return b"wrapped", b"public"
 
-    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float) -> None:
+    def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
+                       unless: Callable[[], bool] | None = None) -> None:
         return None
 
 
