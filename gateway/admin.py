@@ -191,6 +191,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         identity = caller()
         try:
             return fn(identity)
+        except StoreError as exc:  # a read that is not wrapped where it is made (status, reconcile…)
+            log.warning("admin call: the placement store is unreachable: %s", exc)
+            status.abort(context, Unavailable("placement store is unreachable; try again once it answers"))
         except Exception as exc:  # noqa: BLE001 - every failure gets a status
             status.abort(context, exc)
 

@@ -119,6 +119,41 @@ def test_a_switch_asked_for_while_the_store_cannot_say_the_current_ones_is_unava
     assert admin.changes.list() == [], "nothing was asked for"
 
 
+class _Unreachable(SqliteStore):
+    """A store that answers nothing once ``down``: scans and reads fail as an unreachable DynamoDB's do."""
+
+    down = False
+
+    def scan(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise StoreError("DynamoDB Scan failed: unreachable: Read timeout on endpoint URL")
+        return super().scan(*args, **kwargs)
+
+    def admin_record(self, name: str) -> tuple[dict[str, Any], int] | None:
+        if self.down:
+            raise StoreError("DynamoDB GetItem failed: unreachable: Read timeout on endpoint URL")
+        return super().admin_record(name)
+
+
+def test_status_and_reconcile_while_the_store_is_unreachable_are_unavailable_not_internal(tmp_path: Path) -> None:
+    """What an operator runs first in an outage answered INTERNAL ("the gateway logged the
+    details"), exit 1; the other admin calls said UNAVAILABLE, exit 2."""
+    import grpc
+
+    from hsmgw.v1 import admin_pb2
+
+    store = _Unreachable(tmp_path / "p.db")
+    admin = AdminServicer(_router(tmp_path, store), audit_path=tmp_path / "audit.log", quorum=2)
+    store.down = True
+    calls = ((admin.GetStatus, admin_pb2.GetStatusRequest()), (admin.Reconcile, admin_pb2.ReconcileRequest()),
+             (admin.PlanRebalance, admin_pb2.PlanRebalanceRequest()))
+    for call, request in calls:
+        with pytest.raises(_Aborted) as info:
+            call(request, _Context())
+        assert info.value.status.code is grpc.StatusCode.UNAVAILABLE, call
+        assert info.value.status.details.startswith("placement store is unreachable"), info.value.status.details
+
+
 def _fleet_router(tmp_path: Path, policy: ReplicationPolicy) -> Router:
     backends = {name: FailingBackend(name) for name in ("use1-a", "use1-b", "usw2-a")}
     backends["usw2-a"].spec = dataclasses.replace(backends["usw2-a"].spec, region="us-west-2")
