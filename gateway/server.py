@@ -50,6 +50,10 @@ HSM operations and must not hold up unary calls (on grpcio's pool it cost ~5 % o
 throughput, in ECDSA batches of 64)."""
 
 
+
+STORE_DOWN_LOG_EVERY = 60.0
+"""Seconds between log lines while the placement store stays unreachable (the refresh runs every 2 s)."""
+
 class _Registered:
     """Stands in for a grpc.Server to collect what a generated ``add_*Servicer_to_server`` registers."""
 
@@ -188,6 +192,8 @@ class Gateway:
         if self.port == 0:
             raise OSError(f"cannot listen on {config.server.listen}")
         self._stopped = threading.Event()
+        self._store_down: list[float] | None = None
+        """[since, next log] while the placement store does not answer the refresh."""
         self._next_repair: float  # set by start(), before the repairer thread runs
         self.monitor = HealthMonitor(router.backends, router.breakers, interval=config.server.probe_interval)
         self._repairer = threading.Thread(target=self._repair_loop, name="repairer", daemon=True)
@@ -244,13 +250,7 @@ class Gateway:
     def _repair_loop(self) -> None:
         interval = self.config.replication.repair_interval
         while not self._stopped.wait(min(interval, 2.0)):
-            try:
-                self.admin.sync_switches()
-                self.router.refresh()
-            except StoreError as exc:
-                log.warning("placement store unreachable; serving known keys from the cache (%s)", exc)
-            except Exception:  # noqa: BLE001 - the loop must survive anything
-                log.exception("reading operator switches or placements failed")
+            self._refresh()
             if time.monotonic() < self._next_repair:
                 continue
             self._next_repair = time.monotonic() + interval
@@ -262,6 +262,30 @@ class Gateway:
                     log.info("repairer: %d keys brought up to their replication policy", fixed)
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("repairer pass failed")
+
+    def _refresh(self) -> None:
+        """Read the operator switches and the placements that changed (every 2 s). A store that
+        does not answer is logged when it stops, once a minute while it stays down, and when it
+        answers again: not on every pass of every worker."""
+        now = time.monotonic()
+        try:
+            self.admin.sync_switches()
+            self.router.refresh()
+        except StoreError as exc:
+            if self._store_down is None:
+                self._store_down = [now, now + STORE_DOWN_LOG_EVERY]
+                log.warning("placement store unreachable; serving known keys from the cache (%s)", exc)
+            elif now >= self._store_down[1]:
+                self._store_down[1] = now + STORE_DOWN_LOG_EVERY
+                log.warning("placement store still unreachable after %.0f s; serving known keys from the cache (%s)",
+                            now - self._store_down[0], exc)
+            return
+        except Exception:  # noqa: BLE001 - the loop must survive anything
+            log.exception("reading operator switches or placements failed")
+            return
+        if self._store_down is not None:
+            log.warning("placement store answers again after %.0f s", now - self._store_down[0])
+            self._store_down = None
 
     def _reconcile_loop(self) -> None:
         while not self._stopped.wait(self.config.replication.reconcile_interval):
