@@ -241,14 +241,24 @@ def _store_migrate(args: argparse.Namespace) -> None:
     import json
 
     from router.placement import StoreError
-    from router.placement.factory import FAILURES_IN_A_ROW, CopyReport, copy_placements
+    from router.placement.factory import FAILURES_IN_A_ROW, CopyReport, copy_placements, sqlite_path
 
+    def where(url: str) -> str:
+        return str(sqlite_path(url, Path.cwd()).resolve()) if url.startswith("sqlite:") else url
+
+    if where(args.source) == where(args.dest):
+        fail(f"--from and --to name the same store ({args.dest}): nothing to copy")
     source = _open_store(args.source, must_exist=True)
     report = CopyReport()
+    foreign: list[str] = []
     try:
         dest = _open_store(args.dest)
         try:
             copy_placements(source, dest, report)
+            # Records the destination holds that the source does not: another fleet's (a shared or
+            # wrong table), or keys made there since a switch-over. Left alone, and named.
+            known = {p.key_id for p in source.scan()}
+            foreign = [p.key_id for p in dest.scan() if p.key_id not in known]
         except StoreError as exc:
             if len(report.failed) < FAILURES_IN_A_ROW:  # the source failed, not the destination
                 fail(f"{exc}; copied {len(report.copied)} before that: run the same command again once it answers "
@@ -263,7 +273,8 @@ def _store_migrate(args: argparse.Namespace) -> None:
     counts = {name: len(getattr(report, name)) for name in ("copied", "identical", "differing", "failed")}
     if args.output == "json":
         print(json.dumps({**counts, "differing_keys": report.differing,
-                          "failed_records": [{"record": name, "error": why} for name, why in report.failed]}))
+                          "failed_records": [{"record": name, "error": why} for name, why in report.failed],
+                          "not_in_source": len(foreign), "not_in_source_keys": foreign[:20]}))
     else:
         for key_id in report.differing:
             print(f"differs: {key_id} (destination left unchanged)")
@@ -271,6 +282,12 @@ def _store_migrate(args: argparse.Namespace) -> None:
             print(f"not copied: {name}: {why}")
         print(f"copied {counts['copied']}, identical {counts['identical']} (skipped), differing {counts['differing']}, "
               f"failed {counts['failed']}")
+        if foreign:
+            shown = ", ".join(repr(k) for k in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                                                else "")
+            print(f"note: the destination also holds {len(foreign)} key record(s) the source does not ({shown}), "
+                  "left as they are: keys made there since the switch-over, or another fleet's if the table is "
+                  "shared (a gateway on it would take them for its own)")
     if report.failed:
         fail(f"{len(report.failed)} records were not copied: the destination is incomplete; fix what each says, "
              "then run the same command again (what is there is skipped)")

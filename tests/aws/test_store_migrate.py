@@ -105,7 +105,7 @@ def test_migrate_copies_everything_and_a_rerun_is_a_no_op(
         hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
         report = json.loads(capsys.readouterr().out)
         assert report == {"copied": 0, "identical": 50, "differing": 0, "failed": 0, "differing_keys": [],
-                          "failed_records": []}
+                          "failed_records": [], "not_in_source": 0, "not_in_source_keys": []}
         assert dest.change_counter() == counter, "a re-run must not write"
     finally:
         dest.close()

@@ -745,3 +745,30 @@ def test_hsmctl_keys_list_of_a_cluster_leaves_out_destroyed_keys(crypto: Any, ga
     for cluster in {gone.primary_cluster, *gone.replicas}:
         assert gone.key_id not in listed("--cluster", cluster)
     assert listed("--cluster", live.primary_cluster) == {live.key_id: "KEY_STATE_ENABLED"}
+
+
+def test_store_migrate_names_records_the_destination_holds_that_the_source_does_not(tmp_path: Path) -> None:
+    """Migrating into a table another fleet uses merged its records in without a word (a gateway
+    on it then takes them for its own); the same store twice was taken for a copy."""
+    from router.placement import SqliteStore
+    from tests.support import stored
+
+    source, dest = SqliteStore(tmp_path / "src.db"), SqliteStore(tmp_path / "dst.db")
+    source.create(stored(key_id="ours/k1", request_id="r1"))
+    dest.create(stored(key_id="theirs/x", request_id="rx"))
+    source.close()
+    dest.close()
+    src_url, dst_url = f"sqlite:{tmp_path / 'src.db'}", f"sqlite:{tmp_path / 'dst.db'}"
+
+    result = hsmgw("store", "migrate", "--from", src_url, "--to", dst_url)
+    assert result.returncode == 0, result.stderr
+    assert "copied 1, identical 0 (skipped), differing 0, failed 0" in result.stdout
+    assert ("note: the destination also holds 1 key record(s) the source does not ('theirs/x'), left as they are"
+            in result.stdout), result.stdout
+    as_json = json.loads(hsmgw("store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json").stdout)
+    assert (as_json["not_in_source"], as_json["not_in_source_keys"], as_json["identical"]) == (1, ["theirs/x"], 1)
+
+    same = hsmgw("store", "migrate", "--from", dst_url, "--to", f"sqlite:{tmp_path}/./dst.db")
+    assert same.returncode == 1
+    assert one_error_line(same) == f"error: --from and --to name the same store (sqlite:{tmp_path}/./dst.db): " \
+                                   "nothing to copy"
