@@ -634,8 +634,8 @@ class Router:
             try:
                 current = self.store.get(intent.key_id)
             except StoreError:
-                raise Unavailable(f"key {intent.key_id!r} was taken over or rolled back while this attempt made "
-                                  "it; retry with the same request_id") from changed
+                raise Unavailable(f"key {intent.key_id!r} was not finished: its record changed, or could not be "
+                                  "read, while it was being made; retry with the same request_id") from changed
             return self._settled(current, intent.key_id, intent.request_id)
         except (InternalError, KeyNotFound) as exc:
             # The HSM failed in a way we did not expect (logged with its traceback), or
