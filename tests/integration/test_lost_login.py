@@ -82,7 +82,7 @@ ROLLBACK = PREAMBLE + textwrap.dedent("""
                    request_id="lost-rollback", copies=2)
     primaries = []
 
-    def replaced_meanwhile(key, wrapped, public_der, deadline):
+    def replaced_meanwhile(key, wrapped, public_der, deadline, **kwargs):
         primaries.append(key.primary)
         lose_login(router.backends[key.primary])  # the primary's HSM is replaced during the copy
         raise ClusterDown("the replica went away mid-copy", cluster="usw2-a")

@@ -1001,7 +1001,7 @@ def test_a_creation_that_fails_after_a_destroy_leaves_no_copy(make_router, token
 
     creator = build(fault=meanwhile)
 
-    def unreachable(*args: object) -> None:
+    def unreachable(*args: object, **kwargs: object) -> None:
         raise ClusterDown("did not answer")
 
     for home in ("use1-a", "use1-b"):  # the DR copy is made first; the home replica's fails
