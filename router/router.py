@@ -1592,13 +1592,13 @@ class Router:
         """``sweep_destroyed`` on one cluster: how many objects went."""
         if self.breakers[name].state is CircuitState.OPEN:
             log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for "
-                        "a stray copy (its circuit is open): reconcile --fix removes any", key_id, name)
+                        "a stray copy (its circuit is open): the next periodic reconcile removes any", key_id, name)
             return 0
         try:
             removed = self.backends[name].destroy(key_id, deadline)
         except RouterError as exc:
             log.warning("key %s destroyed; cluster %s, which its record does not name, could not be looked at "
-                        "for a stray copy (%s): reconcile --fix removes any", key_id, name, exc.message)
+                        "for a stray copy (%s): the next periodic reconcile removes any", key_id, name, exc.message)
             return 0
         if removed:
             log.warning("key %s destroyed; %d of its objects were on cluster %s, which its record does not name "
@@ -1813,7 +1813,7 @@ class Router:
                         "replication.creation_grace (%.0f s)", len(cut_off), ", ".join(cut_off), self.creation_grace)
         if unswept:
             log.warning("%d destroyed key(s) not yet looked for on the clusters their records do not name: %s; "
-                        "reconcile --fix removes any copy there", len(unswept), ", ".join(unswept))
+                        "the next periodic reconcile removes any copy there", len(unswept), ", ".join(unswept))
 
         def close(name: str, backend: HsmBackend) -> None:
             try:
