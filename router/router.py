@@ -620,10 +620,11 @@ class Router:
             if intent.external:
                 material["wrapped"], material["public_der"] = backend.generate_external(intent, deadline)
             else:
-                backend.generate(intent, deadline, unless=self._not_ours(intent))
+                not_ours = self._not_ours(intent)
+                backend.generate(intent, deadline, unless=not_ours)
                 made += self._replicate(
                     intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local,
-                    unless=self._not_ours(intent),
+                    unless=not_ours,
                 )
         except KeyChanged as changed:
             # The record is no longer this attempt's (it outlived creation_grace in a call that

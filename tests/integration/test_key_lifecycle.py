@@ -479,28 +479,41 @@ def test_a_public_key_is_read_from_a_cluster_once_and_a_destroyed_key_gives_none
         router.public_key(third.key_id, far)
 
 
+def _rolled_back_at_the_copy(make_router: Any, key_id: str, *, copies: int = 2, then: Any = None,
+                             another_host: bool = False) -> tuple[Any, list[Any]]:
+    """A router whose creation of ``key_id``, once it has made the key and exported it for its
+    copies, is rolled back by another process's sweep, as if an HSM call had hung past
+    creation_grace; ``then()`` runs right after (a retry, another request), its result kept in the
+    list returned. ``another_host``: the creation's own look at the record, made under this host's
+    token lock, does not see the roll-back (a sweeper on another host does not take that lock)."""
+    policy = ReplicationPolicy(copies=copies, require_dr_copy=True)
+    late = make_router(replication=policy)
+    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
+    done: list[Any] = []
+
+    def rolled_back_meanwhile(point: str) -> None:
+        if point == "copy-exported" and not done:  # made on the primary; the copies come next
+            intent = sweeper.store.get(key_id)
+            assert intent is not None and sweeper.roll_back(intent)  # the sweep took it as abandoned
+            done.append(then() if then is not None else None)
+
+    late._fault = rolled_back_meanwhile
+    if another_host:
+        late._not_ours = lambda intent: (lambda: False)
+    return late, done
+
+
 def test_a_creation_that_outlives_its_roll_back_leaves_no_copy_no_record_names(make_router, tokens) -> None:
     """The creation's HSM calls hung past creation_grace; another process's sweep rolled it back
     and removed the record. The copy it made after that would be named by no record, and
     reconcile never destroys those: the creation removes it itself, and its caller retries."""
     key_id = unique("outlived")
-    policy = ReplicationPolicy(copies=2, require_dr_copy=True)
-    router = make_router(replication=policy)
-    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
-
-    def rolled_back_meanwhile(point: str) -> None:
-        if point == "copy-exported":  # made on the primary; the DR copy comes next
-            intent = sweeper.store.get(key_id)
-            assert intent is not None and sweeper.roll_back(intent)  # the sweep took it as abandoned
-
-    router._fault = rolled_back_meanwhile
     # As on a host whose token lock the sweeper does not share: its copy is made all the same.
-    router._not_ours = lambda intent: (lambda: False)  # type: ignore[method-assign]
+    router, _ = _rolled_back_at_the_copy(make_router, key_id, another_host=True)
     with pytest.raises(KeyBeingCreated):
         router.generate_key(_spec(key_id), time.monotonic() + 30)
     assert router.store.get(key_id) is None
     assert all(tokens.objects(cluster, key_id) == [] for cluster in router.backends), "no copy is left behind"
-    router._fault = lambda point: None
     made = router.generate_key(_spec(key_id), time.monotonic() + 30)  # the caller's retry
     assert made.state is KeyState.ENABLED and len(made.clusters) == 2
 
@@ -509,18 +522,8 @@ def test_a_failed_creation_whose_record_a_roll_back_removed_leaves_no_copy(make_
     """As above, but its last copy then fails: its own roll-back finds the record gone, and
     removes what it made since, which no record names."""
     key_id = unique("outlived-failed")
-    policy = ReplicationPolicy(copies=3, require_dr_copy=True)
-    router = make_router(replication=policy)
-    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
+    router, _ = _rolled_back_at_the_copy(make_router, key_id, copies=3, another_host=True)
     imported: list[str] = []
-
-    def rolled_back_meanwhile(point: str) -> None:
-        if point == "copy-exported":
-            intent = sweeper.store.get(key_id)
-            assert intent is not None and sweeper.roll_back(intent)
-
-    router._fault = rolled_back_meanwhile
-    router._not_ours = lambda intent: (lambda: False)  # type: ignore[method-assign]  # as on another host
     for name, backend in router.backends.items():
         real = backend.import_wrapped
 
@@ -543,19 +546,9 @@ def test_a_creation_that_outlives_its_roll_back_never_overwrites_the_retrys_copi
     the id first), leaving two different keys under one record. It stops instead, touching nothing,
     and its caller is answered with the retry's key."""
     key_id = unique("outlived-retried")
-    policy = ReplicationPolicy(copies=2, require_dr_copy=True)
-    late = make_router(replication=policy)
-    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
-    retry = make_router(replication=policy)
-    made: list[Placement] = []
-
-    def rolled_back_and_retried(point: str) -> None:
-        if point == "copy-exported" and not made:  # exported; the DR copy comes next
-            intent = sweeper.store.get(key_id)
-            assert intent is not None and sweeper.roll_back(intent)
-            made.append(retry.generate_key(_spec(key_id), time.monotonic() + 30))
-
-    late._fault = rolled_back_and_retried
+    retry = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True))
+    late, made = _rolled_back_at_the_copy(
+        make_router, key_id, then=lambda: retry.generate_key(_spec(key_id), time.monotonic() + 30))
     answered = late.generate_key(_spec(key_id), time.monotonic() + 30)
     assert made and answered == made[0] and answered.state is KeyState.ENABLED
     publics = {cluster: retry.backends[cluster].export_wrapped(answered, time.monotonic() + 5)[1]
@@ -573,24 +566,41 @@ def test_a_creation_that_outlives_its_roll_back_is_not_answered_with_another_req
     from router.errors import AlreadyExists
 
     key_id = unique("outlived-other")
-    policy = ReplicationPolicy(copies=2, require_dr_copy=True)
-    late = make_router(replication=policy)
-    sweeper = make_router(replication=policy, wall_clock=lambda: time.time() + 120)
-    other = make_router(replication=policy)
-    made: list[Placement] = []
-
-    def rolled_back_and_made_by_another(point: str) -> None:
-        if point == "copy-exported" and not made:
-            intent = sweeper.store.get(key_id)
-            assert intent is not None and sweeper.roll_back(intent)
-            made.append(other.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.RSA_2048,
-                                                   usage=KeyUsage.SIGN_VERIFY, request_id="another"),
-                                           time.monotonic() + 30))
-
-    late._fault = rolled_back_and_made_by_another
+    other = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True))
+    late, made = _rolled_back_at_the_copy(make_router, key_id, then=lambda: other.generate_key(
+        KeySpec(key_id=key_id, algorithm=KeyAlgorithm.RSA_2048, usage=KeyUsage.SIGN_VERIFY, request_id="another"),
+        time.monotonic() + 30))
     with pytest.raises(AlreadyExists, match="another request made it"):
         late.generate_key(_spec(key_id), time.monotonic() + 30)
     assert made and other.store.get(key_id) == made[0] and made[0].algorithm is KeyAlgorithm.RSA_2048
+
+
+def test_a_creation_whose_record_cannot_be_read_before_a_copy_stops_and_says_so(make_router, tokens) -> None:
+    """The store stops answering after the key is made on its primary: whether the copy's cluster
+    holds another attempt's key cannot be told, so nothing is cleared there on a guess. The
+    creation rolls back what it made and its caller is told to retry (UNAVAILABLE)."""
+    from router.placement.store import StoreError
+
+    key_id = unique("unreadable-midway")
+    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True))
+    reads = router.store.get
+
+    def store_goes_away(point: str) -> None:
+        if point == "copy-exported":
+            def unreachable(wanted: str) -> Any:
+                if wanted == key_id:
+                    raise StoreError("the placement store is unreachable")
+                return reads(wanted)
+
+            router.store.get = unreachable
+
+    router._fault = store_goes_away
+    with pytest.raises(Unavailable, match="was not finished: its record changed, or could not be read, while it "
+                                          "was being made; retry with the same request_id"):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    del router.store.get
+    assert router.store.get(key_id) is None, "rolled back: the record names nothing"
+    assert all(tokens.objects(cluster, key_id) == [] for cluster in router.backends), "no copy is left behind"
 
 
 def test_a_key_destroyed_while_it_is_being_created_is_not_reported_made(make_router, tokens) -> None:
