@@ -33,7 +33,10 @@ UNAVAILABLE or CANCELLED (a gateway killed, or one that cut the creation off as 
 stopped) may come after the key was made, and another region, whose copy of the
 placement table may not have the creation's record yet, would make a second key under
 the same id: GenerateKey asks the same endpoint again with the same request_id,
-pausing 0.1 s and doubling to 1 s, until it is answered or its deadline passes.
+pausing 0.1 s and doubling to 1 s, until it is answered or its deadline passes. When
+less time is left than the last failed attempt took to fail (a gateway whose placement store
+does not answer takes seconds to say so), the caller gets that failure's status and
+message instead of DEADLINE_EXCEEDED.
 A key made through another endpoint than the current one (the current region does
 not create keys) may be unknown to the current region for a moment, until its copy
 of the placement table has the key's record (about a second on a DynamoDB global
@@ -259,6 +262,7 @@ class Client:
                        and self._attempt_timeout < remaining)
             attempt = self._attempt_timeout if limited and self._attempt_timeout is not None else remaining
             stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
+            sent = time.monotonic()
             try:
                 result = invoke(stub, attempt)
             except grpc.RpcError as exc:
@@ -272,7 +276,7 @@ class Client:
                         last = exc
                         continue
                     if exc.code() in FAILOVER_CODES:
-                        made = self._create_again(index, invoke, deadline, exc)
+                        made = self._create_again(index, invoke, deadline, exc, time.monotonic() - sent)
                         self._made(key_id, index)
                         return made
                     raise
@@ -364,24 +368,31 @@ class Client:
         invoke: Callable[[crypto_pb2_grpc.CryptoServiceStub, float], T],
         deadline: float,
         last: grpc.RpcError,
+        took: float,
     ) -> T:
         """A key creation that reached endpoint ``index`` and failed there as an endpoint fails: it
         may have run, so it is asked again there (its request_id finds the key or the attempt),
-        pausing 0.1 s and doubling to 1 s, until it is answered or the deadline passes."""
+        pausing 0.1 s and doubling to 1 s, until it is answered or the deadline passes.
+
+        An attempt that could not fail as the last one did before the deadline (a gateway whose
+        placement store does not answer takes a few seconds to say so) is not made: the caller
+        hears why the endpoint failed, not only that time ran out. ``took``: how long the failed
+        attempt took to be answered."""
         log.warning("endpoint %s failed a key creation (%s); asking it again", self._endpoints[index], last.details())
         pause = CREATION_WAIT[0]
-        while not self._closed and time.monotonic() + pause < deadline:
+        while not self._closed and time.monotonic() + pause + took < deadline:
             time.sleep(pause * random.uniform(0.8, 1.2))
             pause = min(pause * 2, CREATION_WAIT[1])
             if not self._reachable(index, min(self._connect_timeout, deadline - time.monotonic())):
                 continue
             stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
+            sent = time.monotonic()
             try:
-                return invoke(stub, deadline - time.monotonic())
+                return invoke(stub, deadline - sent)
             except grpc.RpcError as exc:
                 if self._closed or exc.code() not in FAILOVER_CODES:
                     raise
-                last = exc
+                last, took = exc, time.monotonic() - sent
         raise last
 
     def close(self) -> None:

@@ -177,6 +177,21 @@ def test_a_key_creation_the_first_gateway_may_have_run_is_asked_of_it_again(endp
     assert caught.value.code() is code and first.calls >= 2 and second.calls == 0
 
 
+def test_a_key_creation_whose_gateway_is_slow_to_fail_ends_with_its_reason_not_the_deadline(endpoints) -> None:
+    """A gateway whose placement store does not answer takes seconds to say so (UNAVAILABLE,
+    naming the store). Asking it again with less time left than that would only end the call
+    DEADLINE_EXCEEDED; the caller hears the gateway's reason instead."""
+    (first_target, first), (second_target, second) = endpoints
+    first.error = Unavailable("placement store dynamodb://placements unreachable: read timeout")
+    first.delay = 1.2
+    with Client([first_target, second_target], timeout=2.0) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate_key("k", "EC_P256", request_id="r")
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "placement store dynamodb://placements unreachable" in caught.value.details()
+    assert (first.calls, second.calls) == (1, 0)
+
+
 def test_a_key_creation_moves_on_when_the_first_gateway_never_had_it(endpoints) -> None:
     (target, endpoint), _ = endpoints
     with socket.create_server(("127.0.0.1", 0)) as silent:
