@@ -408,7 +408,8 @@ class Router:
         self, placement: Placement, fn: Callable[[HsmBackend, Placement], T], deadline: float
     ) -> tuple[T, str]:
         """Run on the key's best cluster. If the key's material is missing there, the
-        placement may have moved (another gateway process): re-read it once and retry."""
+        placement may have moved, or the key been destroyed, by another gateway process:
+        re-read it once, and retry or say what became of the key."""
         what = f"key {placement.key_id!r}"
         try:
             return self.dispatcher.run(self._candidates(placement), lambda b: fn(b, placement), deadline, what)
@@ -418,7 +419,15 @@ class Router:
             except StoreError as failed:
                 raise Unavailable(f"{what}: its copies were not found where the placement says, and the "
                                   "placement store cannot be read to look again") from failed
-            if fresh is None or fresh.clusters == placement.clusters or not fresh.usable:
+            # Destroyed (or gone) since this process cached it: say so, not "material missing",
+            # which a caller could take for a key to make again.
+            if fresh is None:
+                self._forget(placement.key_id)
+                raise KeyNotFound(f"{what} not found") from None
+            if fresh.state is KeyState.DESTROYED:
+                self._remember(fresh)
+                raise FailedPrecondition(f"{what} is destroyed") from None
+            if fresh.clusters == placement.clusters or not fresh.usable:
                 raise
             self._remember(fresh)
             return self.dispatcher.run(self._candidates(fresh), lambda b: fn(b, fresh), deadline, what)

@@ -438,6 +438,31 @@ def test_reconcile_reports_missing_material_but_not_external_keys(make_router, t
     assert external.key_id not in {k for _, k in report.missing + report.orphans}
 
 
+def test_a_key_another_process_destroyed_is_answered_as_destroyed_before_the_cache_knows(make_router) -> None:
+    """A gateway worker that cached a key before another worker destroyed it finds the key's
+    objects gone before its cache catches up with the store. It answers "is destroyed", as the
+    destroying worker does, not NOT_FOUND "key material is missing": a caller that takes
+    NOT_FOUND for "not made yet" would try to make the key again."""
+    far = time.monotonic() + 30
+    destroyer, other = make_router(), make_router()
+    key = destroyer.generate_key(_spec(unique("gone")), far)
+    gone = destroyer.generate_key(_spec(unique("gone")), far)
+    for cached in (key, gone):
+        other.sign(cached.key_id, Operation.ECDSA_SHA256, bytes(32), None, far)  # cached as ENABLED
+    destroyer.destroy_key(key.key_id, far)
+    destroyer.destroy_key(gone.key_id, far)
+    destroyer.store.delete(gone.key_id, destroyer.store.get(gone.key_id).version)  # a record since removed
+    assert other.placement(key.key_id).state is KeyState.ENABLED  # the cache has not caught up
+
+    with pytest.raises(FailedPrecondition, match=f"key '{key.key_id}' is destroyed"):
+        other.sign(key.key_id, Operation.ECDSA_SHA256, bytes(32), None, far)
+    with pytest.raises(FailedPrecondition, match="is destroyed"):
+        other.verify(key.key_id, Operation.ECDSA_SHA256, bytes(32), None, bytes(64), far)
+    assert other.placement(key.key_id).state is KeyState.DESTROYED  # and the cache now knows
+    with pytest.raises(KeyNotFound, match=f"key '{gone.key_id}' not found"):
+        other.sign(gone.key_id, Operation.ECDSA_SHA256, bytes(32), None, far)
+
+
 def test_a_public_key_is_read_from_a_cluster_once_and_a_destroyed_key_gives_none(
         make_router, tokens, monkeypatch) -> None:
     """After the first GetPublicKey the gateway answers from memory: the public key objects
