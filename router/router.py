@@ -109,6 +109,17 @@ class Topology:
     """Region name → cluster names."""
 
 
+def _same_request(earlier: Placement, spec: KeySpec) -> bool:
+    """Whether ``spec`` asks for what made ``earlier`` (a retry of its request). Copies left to the
+    gateway's policy (0) and the count the key was made with are the same request."""
+    if earlier.fingerprint == spec.fingerprint():
+        return True
+    if spec.copies not in (0, earlier.copies):
+        return False
+    return earlier.fingerprint in (replace(spec, copies=0).fingerprint(),
+                                   replace(spec, copies=earlier.copies).fingerprint())
+
+
 class Router:
     def __init__(
         self,
@@ -532,7 +543,7 @@ class Router:
         """The key an earlier attempt of this request made; errors for clashes."""
         earlier = self.store.by_request(spec.request_id)
         if earlier is not None:
-            if earlier.fingerprint != spec.fingerprint():
+            if not _same_request(earlier, spec):
                 raise RequestConflict(
                     f"request_id {spec.request_id!r} was used for a different key or parameters"
                 )

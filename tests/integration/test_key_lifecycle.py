@@ -59,6 +59,29 @@ def test_same_request_twice_makes_one_key(crypto, tokens) -> None:
     assert len(tokens.objects(first.primary_cluster, key_id)) == 2
 
 
+def test_a_retry_that_writes_out_the_default_copies_is_the_same_request(crypto) -> None:
+    """Copies left to the gateway's policy and the same count written out ask for the same key,
+    as a usage or storage written out does; another count is another request."""
+
+    def request(key_id: str, copies: int | None = None) -> pb.GenerateKeyRequest:
+        asked = pb.GenerateKeyRequest(request_id=f"r-{key_id}", key_id=key_id, algorithm=pb.KEY_ALGORITHM_EC_P256)
+        if copies is not None:
+            asked.replication.copies = copies
+        return asked
+
+    left = unique("copies")
+    made = crypto.GenerateKey(request(left), timeout=30)
+    default = 1 + len(made.replicas)
+    assert default > 1  # the fleet replicates: the count is not the proto's zero
+    assert crypto.GenerateKey(request(left, default), timeout=30) == made
+    written = unique("copies")
+    made = crypto.GenerateKey(request(written, default), timeout=30)
+    assert crypto.GenerateKey(request(written), timeout=30) == made
+    for key_id in (left, written):
+        error = rpc_error(crypto.GenerateKey, request(key_id, 1), timeout=30)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "different key or parameters" in error.details()
+
+
 def test_a_retried_generate_key_of_a_key_since_destroyed_is_refused_not_answered_ok(crypto) -> None:
     """The same request again, after the key it made was destroyed: OK with a DESTROYED key read
     as made to a retrying application, which then failed on its first use."""
