@@ -77,6 +77,7 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
     policy = ReplicationPolicy(
         copies=config.replication.copies,
         require_dr_copy=config.replication.require_dr_copy,
+        min_copies=config.replication.min_copies,
         ack_local=config.replication.on_unavailable == "ack-local",
     )
     router = Router(

@@ -179,7 +179,13 @@ class ReplicationConfig:
     copies: int = 2
     """Clusters that hold each new key, the primary included (1 = no replication)."""
     require_dr_copy: bool = True
-    """At least one copy must be in a DR region before a key is acknowledged."""
+    """At least one copy must be in a DR region before a key is acknowledged (a key of
+    two or more copies; see ``min_copies``)."""
+    min_copies: int = 1
+    """Fewest clusters an application may ask a new TOKEN key to have (GenerateKey's
+    ``replication.copies``). At 1 an application may make a key with no copy, and a
+    non-extractable key, which has only one; set it to ``copies`` to hold every key to the
+    policy (such requests are then FAILED_PRECONDITION)."""
     on_unavailable: str = "fail"
     """When the policy cannot be met at creation: ``fail`` (UNAVAILABLE, nothing left
     behind) or ``ack-local`` (acknowledge with the copies made; repair later)."""
@@ -391,11 +397,12 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     secrets = SecretsConfig(file=(base_dir / secrets_file) if secrets_file else None)
 
     rep = _take(data, "replication", dict, "", {})
-    _no_unknown(rep, {"copies", "require_dr_copy", "on_unavailable", "repair_interval", "creation_grace",
-                      "reconcile_interval"}, "replication.")
+    _no_unknown(rep, {"copies", "require_dr_copy", "min_copies", "on_unavailable", "repair_interval",
+                      "creation_grace", "reconcile_interval"}, "replication.")
     replication = ReplicationConfig(
         copies=_positive(_take(rep, "copies", int, "replication.", 2), "replication.copies"),
         require_dr_copy=_take(rep, "require_dr_copy", bool, "replication.", True),
+        min_copies=_positive(_take(rep, "min_copies", int, "replication.", 1), "replication.min_copies"),
         on_unavailable=_take(rep, "on_unavailable", str, "replication.", "fail"),
         repair_interval=_positive(
             _take(rep, "repair_interval", float, "replication.", 10.0), "replication.repair_interval"
@@ -408,6 +415,9 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
             "replication.reconcile_interval",
         ),
     )
+    if replication.min_copies > replication.copies:
+        raise ConfigError(f"replication.min_copies: {replication.min_copies} is more than replication.copies "
+                          f"({replication.copies}), which new keys get by default")
     if replication.on_unavailable not in ("fail", "ack-local"):
         raise ConfigError(
             f"replication.on_unavailable: expected 'fail' or 'ack-local', got {replication.on_unavailable!r}"

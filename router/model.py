@@ -152,6 +152,8 @@ class ReplicationPolicy:
     """Clusters holding each key, the primary included."""
     require_dr_copy: bool = True
     """At least one copy in a DR region."""
+    min_copies: int = 1
+    """Fewest copies a caller may ask a TOKEN key to have."""
     ack_local: bool = False
     """When the policy cannot be met at creation: acknowledge with the copies made
     (the key is UNDER_REPLICATED until the repairer finishes) instead of failing."""

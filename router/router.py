@@ -507,6 +507,14 @@ class Router:
         if copies > len(self.backends):
             raise FailedPrecondition(f"replication.copies = {copies}, but this gateway has {len(self.backends)} "
                                      "clusters: a key has at most one copy on each")
+        least = self.replication.min_copies if spec.storage is KeyStorage.TOKEN else 1
+        if least > 1 and not spec.extractable:
+            raise FailedPrecondition(f"a non-extractable key cannot be copied, and this gateway's [replication] "
+                                     f"min_copies = {least} puts each key it makes on {least} clusters or more: "
+                                     "it cannot be made here")
+        if copies < least:
+            raise FailedPrecondition(f"replication.copies = {copies} is below this gateway's [replication] "
+                                     f"min_copies = {least}: each key it makes is on {least} clusters or more")
         if copies > 1 and not spec.extractable:
             raise FailedPrecondition(
                 f"a non-extractable key cannot be replicated; ask for replication.copies = 1 (policy: {copies})"

@@ -144,6 +144,30 @@ def test_a_destroy_through_a_gateway_without_one_of_the_keys_clusters_destroys_n
         assert tokens.classes(cluster, key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
 
 
+def test_min_copies_holds_every_new_key_to_the_policy(make_router, tokens) -> None:
+    """By default an application may ask for fewer copies than the policy (a key with no DR copy,
+    or a non-extractable one); with [replication] min_copies it may not, and nothing is made."""
+    far = time.monotonic() + 30
+    single = unique("single")
+    one = replace(_spec(single), copies=1)
+    made = make_router(replication=POLICY).generate_key(one, far)
+    assert made.clusters == (made.primary,)
+
+    strict = make_router(replication=replace(POLICY, min_copies=2))
+    for spec, refused in (
+        (replace(_spec(unique("single")), copies=1), "replication.copies = 1 is below this gateway's "
+                                                     r"\[replication\] min_copies = 2"),
+        (replace(_spec(unique("pinned")), copies=1, extractable=False), "a non-extractable key cannot be copied"),
+        (replace(_spec(unique("pinned")), extractable=False), "a non-extractable key cannot be copied"),
+    ):
+        with pytest.raises(FailedPrecondition, match=refused):
+            strict.generate_key(spec, far)
+        assert strict.store.get(spec.key_id) is None
+        assert all(not tokens.objects(name, spec.key_id) for name in strict.backends)
+    kept = strict.generate_key(_spec(unique("kept")), far)
+    assert len(kept.clusters) == 2
+
+
 def test_a_non_extractable_key_is_never_planned_for_a_move_and_a_move_is_refused(make_router) -> None:
     """It cannot leave its cluster: in a rebalance plan it would stop every ApplyRebalance
     at its move, with an internal error."""

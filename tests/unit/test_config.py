@@ -258,6 +258,9 @@ BAD_CONFIGS = [
     ("replication.reconcile_interval", "1h", "replication.reconcile_interval"),
     ("replication.reconcile_interval", float("inf"), "replication.reconcile_interval"),
     ("replication.reconcile_interval", float("nan"), "replication.reconcile_interval"),
+    ("replication.min_copies", 0, "replication.min_copies"),
+    ("replication.min_copies", "2", "replication.min_copies"),
+    ("replication.min_copies", 3, "replication.min_copies"),  # more than the copies new keys get (2)
     ("clusters[1].name", DELETE, "clusters[1].name"),
     ("clusters[1].name", "", "clusters[1].name"),
     ("clusters[1].name", "use1-a", "clusters[1].name"),
