@@ -10,7 +10,10 @@ the retry budget, and no attempt starts after the caller's deadline. Caller
 errors are never retried; a cluster that lacks the key's material, or whose
 sessions all stayed busy (``SessionsBusy``: load, or calls its HSM does not
 answer), passes the request to the next candidate without a verdict on its
-health (the health monitor's watchdog judges hung calls).
+health (the health monitor's watchdog judges hung calls). A refusal to unwrap an
+EXTERNAL key's record (``WrappedKeyRefused``) is the answer only once every candidate
+was asked: while one could not be (its circuit open, its sessions busy, the deadline
+or the retry budget spent first), the call is UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -138,9 +141,13 @@ class Dispatcher:
             for same_cluster_try in range(2):
                 if attempts:
                     if self._clock() >= deadline:
+                        _not_the_records_fault(last, what, "the deadline passed before the other clusters, which "
+                                                            "may unwrap it, were asked")
                         raise last or DeadlineExceeded(f"deadline exceeded for {what}")
                     if not self.budget.try_spend():
                         log.warning("retry budget spent; not retrying %s", what)
+                        _not_the_records_fault(last, what, "the retry budget is spent: the other clusters, which "
+                                                            "may unwrap it, were not asked")
                         raise last or Unavailable(f"no cluster could serve {what}")
                 attempts += 1
                 try:
@@ -192,3 +199,12 @@ class Dispatcher:
         if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey, WrappedKeyRefused)):
             raise last
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)
+
+
+def _not_the_records_fault(last: RouterError | None, what: str, why: str) -> None:
+    """Raise UNAVAILABLE for a run cut short after a cluster refused an EXTERNAL key's record:
+    the clusters not asked may unwrap it, so the record is not known to be at fault (and a
+    refusal the router takes as final is remembered against the record: ``router._refused``)."""
+    if isinstance(last, WrappedKeyRefused):
+        raise Unavailable(f"no cluster could serve {what}: {last.message}; {why}", cluster=last.cluster,
+                          region=last.region) from last

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 from router import validation
+from router._refused import RefusedRecords
 from router.backend import HsmBackend
 from router.cache import PlacementCache
 from router.dispatch import Dispatcher
@@ -37,6 +38,7 @@ from router.errors import (
     Stopping,
     Throttled,
     Unavailable,
+    WrappedKeyRefused,
 )
 from router.health import CircuitBreaker, CircuitState
 from router.model import (
@@ -175,6 +177,8 @@ class Router:
         """When (``clock``) the last read of the store failed, and how; None once one succeeds."""
         self._probing = threading.Lock()
         """Held by the one call that reads the store to confirm a key while it is failing."""
+        self._refused = RefusedRecords(clock)
+        """EXTERNAL key records every cluster refused to unwrap lately: refused again at once."""
         self.replication = replication
         self.creation_grace = creation_grace
         self.breakers = {
@@ -422,8 +426,15 @@ class Router:
         placement may have moved, or the key been destroyed, by another gateway process:
         re-read it once, and retry or say what became of the key."""
         what = f"key {placement.key_id!r}"
+        if placement.storage is _EXTERNAL:
+            self._refused.check(placement)
         try:
             return self.dispatcher.run(self._candidates(placement), lambda b: fn(b, placement), deadline, what)
+        except WrappedKeyRefused as refused:
+            # Every cluster asked refused the record, after each unwrapped a key of its own: the
+            # record's fault. Its retries are answered without that work for a while.
+            self._refused.add(placement, refused)
+            raise
         except (KeyNotFound, KeyOutOfReach):
             try:
                 fresh = self.store.get(placement.key_id)

@@ -239,7 +239,8 @@ class PooledSession:
 
     def _unwraps_its_own(self) -> bool:
         """Whether this session wraps a new AES key under the wrapping key and unwraps it again,
-        as an EXTERNAL key's is (nothing is left on the token either way)."""
+        as an EXTERNAL key's is (nothing is left on the token either way: a key whose destroy
+        fails goes with the session, which the pool closes and replaces when it comes back)."""
         made: list[Any] = []
         try:
             secret, _ = _keys.generate(self.handle, CANARY_ID, KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT,
@@ -255,7 +256,8 @@ class PooledSession:
             return False
         finally:
             for obj in made:
-                _destroy_quietly(obj)
+                if not _destroy_quietly(obj):
+                    self.broken = True
 
     def _check(self, obj: Any, placement: Placement) -> None:
         """Check the record, and ``obj`` (its unwrapped private key) against it unless None; an
@@ -340,11 +342,14 @@ def _report_once(message: str) -> None:
         log.error("%s", message)
 
 
-def _destroy_quietly(obj: Any) -> None:
+def _destroy_quietly(obj: Any) -> bool:
+    """Destroy a session object; whether that worked (a failure is logged at DEBUG only)."""
     try:
         obj.destroy()
+        return True
     except p11.PKCS11Error:
         log.debug("destroying an unwrapped session object failed", exc_info=True)
+        return False
 
 
 class SessionPool:

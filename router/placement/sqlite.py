@@ -126,6 +126,13 @@ def _values(p: Placement) -> tuple:  # type: ignore[type-arg]
 
 def _unusable(path: Path) -> str | None:
     """Why ``path`` cannot hold a store whatever the time (sqlite's own error does not say), if it cannot."""
+    try:
+        return _unusable_path(path)
+    except OSError as exc:  # the path cannot even be looked at: a name too long, a loop of links…
+        return exc.strerror or str(exc)
+
+
+def _unusable_path(path: Path) -> str | None:
     directory = path.parent
     if not directory.is_dir():
         return f"the directory {directory} does not exist"
@@ -143,14 +150,14 @@ def _create_private(path: Path) -> None:
     """Make a new store file owner-only (0600), before SQLite makes it with the process's umask:
     its WAL and shared-memory files take the database file's mode. Writing the store comes close
     to holding keys (docs/security.md); an existing file keeps the mode its operator gave it."""
-    if str(path) == ":memory:" or path.exists():
+    if str(path) == ":memory:":
         return
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
-        pass  # another process made it just now
+        pass  # there already (a directory too), or another process made it just now
     except OSError:
-        pass  # no such directory, or not writable: SQLite's own error says which, below
+        pass  # no such directory, not writable, a name too long: opening it fails below, and says why
 
 
 class SqliteStore(PlacementStore):

@@ -20,6 +20,7 @@ Using it from a test::
     control.set("use1-a", "device_error")        # the cluster is down
     ...                                           # requests fail over to use1-b
     control.clear("use1-a")                       # it is back
+    control.set("use1-a", "device_error", on="C_DestroyObject")  # only destroys fail
     assert control.stats()["use1-a"].faults > 0
 
 Rules apply from the next PKCS #11 call after ``set``/``clear`` return (the
@@ -136,17 +137,18 @@ class FaultControl:
             env["FAULTMOD_TARGET"] = target
         return env
 
-    def set(self, label: str, mode: str, *args: object) -> None:
-        """Make ``mode`` the only rule for ``label`` (``"*"``: every token)."""
-        rule = self._rule(label, mode, args)
+    def set(self, label: str, mode: str, *args: object, on: str | None = None) -> None:
+        """Make ``mode`` the only rule for ``label`` (``"*"``: every token); ``on``: for that
+        PKCS #11 call only (``"C_DestroyObject"``)."""
+        rule = self._rule(label, mode, args, on)
         with self._lock:
             self._load()
             self._rules[label] = [rule]
             self._write()
 
-    def add(self, label: str, mode: str, *args: object) -> None:
+    def add(self, label: str, mode: str, *args: object, on: str | None = None) -> None:
         """Add a rule after ``label``'s others (``latency`` then ``fail_ratio``…)."""
-        rule = self._rule(label, mode, args)
+        rule = self._rule(label, mode, args, on)
         with self._lock:
             self._load()
             self._rules.setdefault(label, []).append(rule)
@@ -193,7 +195,7 @@ class FaultControl:
             time.sleep(0.02)
 
     @staticmethod
-    def _rule(label: str, mode: str, args: tuple[object, ...]) -> tuple[str, ...]:
+    def _rule(label: str, mode: str, args: tuple[object, ...], on: str | None = None) -> tuple[str, ...]:
         if not label or any(c.isspace() for c in label) or len(label.encode()) > 32:
             raise ValueError(f"token label {label!r}: 1 to 32 bytes, no spaces")
         if mode not in _ARITY:
@@ -208,7 +210,10 @@ class FaultControl:
         code = args[0] if mode == "error" else args[1] if mode == "fail_ratio" and len(args) == 2 else None
         if code is not None and str(code) not in ERROR_MODES and int(str(code), 0) <= 0:
             raise ValueError(f"error code {code!r}: a mode name ({', '.join(ERROR_MODES)}) or a CKR number")
-        return (label, mode, *(str(a) for a in args))
+        if on is not None and (mode == "invalidate_sessions" or not on.startswith("C_") or len(on) > 40
+                               or any(c.isspace() for c in on)):
+            raise ValueError(f"on={on!r}: a PKCS #11 function name (C_DestroyObject…), not for {mode!r}")
+        return (label, mode, *(str(a) for a in args), *(("on", on) if on is not None else ()))
 
     def _load(self) -> None:
         try:

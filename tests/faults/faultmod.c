@@ -25,6 +25,10 @@
  *     <token-label|*> hang                  (block until no hang rule matches)
  *     <token-label|*> invalidate_sessions   (one-shot per new file version)
  *
+ * Any rule but invalidate_sessions may end with "on <C_Function>": it then
+ * applies to that call only ("use1-a device_error on C_DestroyObject"), as
+ * far as the rules below let it reach that call.
+ *
  * Rules for the exact label apply first, in file order, then the "*" rules;
  * "ok" stops the evaluation (so "use1-a ok" exempts use1-a from "* ..."). A
  * call gets at most one error. Lines that do not parse are reported on stderr
@@ -116,8 +120,11 @@
 
 enum mode { M_OK, M_ERROR, M_RATIO, M_LATENCY, M_HANG, M_INVALIDATE };
 
+#define FN_LEN 40
+
 struct rule {
     char label[LABEL_LEN + 1];
+    char fn[FN_LEN + 1]; /* "": every call; else only this one ("C_DestroyObject") */
     enum mode mode;
     CK_RV code;
     double ratio;
@@ -430,15 +437,24 @@ static int label_matches(const char *rule, const char *label)
 
 static int parse_line(char *line, int lineno, struct rule *r)
 {
-    char *save, *tok[5];
+    char *save, *tok[7];
     int n = 0;
     for (char *t = strtok_r(line, " \t\r", &save); t; t = strtok_r(NULL, " \t\r", &save)) {
-        if (n == 5)
+        if (n == 7)
             break;
         tok[n++] = t;
     }
     if (n == 0 || tok[0][0] == '#')
         return 0;
+    const char *fn = "";
+    if (n >= 4 && strcmp(tok[n - 2], "on") == 0) {
+        fn = tok[n - 1];
+        n -= 2;
+        if (strncmp(fn, "C_", 2) != 0 || strlen(fn) > FN_LEN) {
+            warn("%s:%d: '%s' is not a PKCS #11 function name (line ignored)", g_control, lineno, fn);
+            return 0;
+        }
+    }
     if (n < 2) {
         warn("%s:%d: no mode for '%s' (line ignored)", g_control, lineno, tok[0]);
         return 0;
@@ -449,6 +465,7 @@ static int parse_line(char *line, int lineno, struct rule *r)
     }
     memset(r, 0, sizeof *r);
     strcpy(r->label, tok[0]);
+    strcpy(r->fn, fn);
     const char *m = tok[1];
     int want = 2; /* how many fields the mode takes */
     int ok = 1;
@@ -589,8 +606,8 @@ static void check_control_locked(void)
     refresh_control(exists, &st);
 }
 
-/* The rules that apply to `label`, exact ones first, cut at the first "ok". */
-static int collect_rules(const char *label, struct rule *out, int max)
+/* The rules that apply to `label` and the call `fn`, exact labels first, cut at the first "ok". */
+static int collect_rules(const char *label, const char *fn, struct rule *out, int max)
 {
     int n = 0;
     for (int pass = 0; pass < 2; pass++)
@@ -598,6 +615,8 @@ static int collect_rules(const char *label, struct rule *out, int max)
             const struct rule *r = &g_rules[i];
             int exact = strcmp(r->label, label) == 0;
             if (pass == 0 ? !exact : strcmp(r->label, "*") != 0)
+                continue;
+            if (r->fn[0] && strcmp(r->fn, fn) != 0)
                 continue;
             if (r->mode == M_INVALIDATE)
                 continue;
@@ -695,7 +714,7 @@ static void count(int stat, int fault)
 
 /* ------------------------------------------------------------------ gate */
 
-static CK_RV apply_rules(int stat, int flags)
+static CK_RV apply_rules(int stat, const char *fn, int flags)
 {
     struct rule rules[32];
     int n, first = 1, counted = 0, delayed = 0;
@@ -706,7 +725,7 @@ static CK_RV apply_rules(int stat, int flags)
             count(stat, 0);
         else
             check_control_locked();
-        n = collect_rules(label, rules, 32);
+        n = collect_rules(label, fn, rules, 32);
         int hang = 0;
         for (int i = 0; i < n; i++)
             hang |= rules[i].mode == M_HANG;
@@ -753,17 +772,17 @@ static CK_RV apply_rules(int stat, int flags)
  * answer; *dead is set when it is an invalidated session's answer (then the
  * call must not be forwarded at all).
  */
-static CK_RV gate_(CK_SLOT_ID slot, CK_SESSION_HANDLE h, int flags, int *dead);
+static CK_RV gate_(const char *fn, CK_SLOT_ID slot, CK_SESSION_HANDLE h, int flags, int *dead);
 
 static CK_RV gate(const char *fn, CK_SLOT_ID slot, CK_SESSION_HANDLE h, int flags, int *dead)
 {
-    CK_RV rv = gate_(slot, h, flags, dead);
+    CK_RV rv = gate_(fn, slot, h, flags, dead);
     if (g_trace)
         fprintf(stderr, "faultmod-trace: %s slot=%lu session=%lu -> 0x%lx\n", fn, slot, h, rv);
     return rv;
 }
 
-static CK_RV gate_(CK_SLOT_ID slot, CK_SESSION_HANDLE h, int flags, int *dead)
+static CK_RV gate_(const char *fn, CK_SLOT_ID slot, CK_SESSION_HANDLE h, int flags, int *dead)
 {
     if (dead)
         *dead = 0;
@@ -817,7 +836,7 @@ static CK_RV gate_(CK_SLOT_ID slot, CK_SESSION_HANDLE h, int flags, int *dead)
         stat_idx = resolve_slot(slot);
     if (stat_idx < 0)
         return CKR_OK;
-    return apply_rules(stat_idx, flags);
+    return apply_rules(stat_idx, fn, flags);
 }
 
 /* ------------------------------------------------------ general functions */

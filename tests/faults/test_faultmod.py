@@ -429,3 +429,20 @@ def test_wildcard_rules_and_ok_exemptions(child) -> None:
     """)
     assert report["during"] == {"use1-a": "DeviceRemoved", "use1-b": "ok", "usw2-a": "DeviceRemoved"}
     assert report["after"] == {"use1-a": "ok", "use1-b": "ok", "usw2-a": "ok"}
+
+
+def test_a_rule_on_one_call_faults_that_call_only(child) -> None:
+    """``on="C_DestroyObject"``: the token answers everything else, and its objects stay."""
+    report = child("""
+        from pkcs11 import ObjectClass
+        a = session("use1-a")
+        CONTROL.set("use1-a", "device_error", on="C_DestroyObject")
+        key = ec_key(a)
+        during = {"sign": outcome(sign_verify, key), "random": outcome(a.generate_random, 128),
+                  "destroy": outcome(key[1].destroy)}
+        left = len(list(a.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.TOKEN: False})))
+        CONTROL.clear("use1-a")
+        after = outcome(key[1].destroy)
+        report(during=during, left=left, after=after)
+    """)
+    assert report == {"during": {"sign": "ok", "random": "ok", "destroy": "DeviceError"}, "left": 1, "after": "ok"}

@@ -446,6 +446,9 @@ UNUSABLE_FILES: list[tuple[str, Callable[[Fleet], Path], str]] = [
     ("sqlite-store-is-a-directory",
      lambda f: _edited(f, "store-is-dir", _store_url(f"sqlite:{f.state_dir}")),
      "store.url: cannot open placement store {state}: it is a directory"),
+    ("sqlite-store-name-too-long",
+     lambda f: _edited(f, "store-too-long", _store_url(f"sqlite:{f.state_dir}/{'p' * 300}.db")),
+     "store.url: cannot open placement store {state}/" + "p" * 300 + ".db: File name too long"),
 ]
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import random
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,12 +21,21 @@ from pkcs11 import exceptions as p11
 
 from gateway.status import error_info
 from hsmgw.v1 import crypto_pb2 as pb
-from router.errors import ClusterDown, FailedPrecondition, KeyChanged, KeyRecordMismatch, Throttled, Unavailable
+from router._refused import REFUSED_FOR
+from router.errors import (
+    ClusterDown,
+    FailedPrecondition,
+    KeyChanged,
+    KeyRecordMismatch,
+    SessionsBusy,
+    Throttled,
+    Unavailable,
+)
 from router.health import CircuitState
 from router.model import USAGES, KeyAlgorithm, KeySpec, KeyState, KeyStorage, KeyUsage, Operation, Placement
 from router.placement.store import StoreError
 from router.router import STORE_RETRY
-from tests.support import rpc_error, unique
+from tests.support import FakeClock, rpc_error, unique
 
 KEYS = 2000
 SIGNED = 200
@@ -807,3 +818,52 @@ def test_altered_records_through_grpc(make_router, crypto) -> None:
         assert (err.code(), info and info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "KEY_RECORD_MISMATCH"), \
             err.details()
         assert "altered or is corrupt" in err.details()
+
+
+@contextlib.contextmanager
+def _no_session_free(router: Any) -> Iterator[None]:
+    """Every session of every cluster checked out for the block: a call that needs an HSM finds none."""
+    taken = [(backend.pool, backend.pool.acquire(time.monotonic() + 10)) for backend in router.backends.values()
+             for _ in range(backend.spec.pool_size)]
+    try:
+        yield
+    finally:
+        for pool, session in taken:
+            pool.release(session)
+
+
+def test_a_record_every_cluster_refused_is_refused_again_without_an_hsm_call_until_it_changes(make_router) -> None:
+    """A client retrying a corrupt record: the first call asks every cluster, each of which first
+    unwraps a key of its own; for REFUSED_FOR seconds after, calls are refused with no HSM call (here
+    while no cluster has a session free). The record restored is used at once; past REFUSED_FOR, the
+    clusters are asked again."""
+    clock = FakeClock(time.monotonic() - 3600)  # moved on below, and still before the calls' deadlines
+    router = make_router(spec_changes={"pool_size": 1, "call_timeout": 0.2}, clock=clock)
+    key = _made(router, KeyAlgorithm.EC_P256)
+    genuine = key.wrapped
+    corrupt = _altered(router, key, wrapped=genuine[:20] + bytes([genuine[20] ^ 1]) + genuine[21:])
+    sign, public_key = _sign_with(router, corrupt), lambda: router.public_key(key.key_id, time.monotonic() + 10)
+    with pytest.raises(KeyRecordMismatch, match="does not unwrap the wrapped key in its record"):
+        sign()
+
+    clock.now += REFUSED_FOR - 1
+    with _no_session_free(router):
+        for call in (sign, public_key):
+            with pytest.raises(KeyRecordMismatch, match="no cluster unwrapped the wrapped key in its record when "
+                                                        "last asked; the placement record was altered or is corrupt"):
+                call()
+
+    _altered(router, key, wrapped=genuine)  # restored from a backup: used at once
+    signature, _ = sign()
+    public: Any = serialization.load_der_public_key(public_key()[1])
+    public.verify(signature, MESSAGE, ECDSA_P256)
+
+    other = _made(router, KeyAlgorithm.EC_P256)
+    sign_other = _sign_with(router, _altered(router, other, wrapped=other.wrapped[:-8]))
+    with pytest.raises(KeyRecordMismatch, match="does not unwrap the wrapped key in its record"):
+        sign_other()
+    clock.now += REFUSED_FOR
+    with _no_session_free(router), pytest.raises(SessionsBusy):
+        sign_other()  # the clusters are asked again: it waits for a session
+    with pytest.raises(KeyRecordMismatch, match="does not unwrap the wrapped key in its record"):
+        sign_other()

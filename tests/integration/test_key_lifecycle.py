@@ -857,3 +857,37 @@ def test_the_repairer_rolls_back_a_creation_left_unfinished_past_the_grace(make_
     # The request, sent again, makes the key afresh: once.
     key = later.generate_key(_spec(key_id), time.monotonic() + 30)
     assert key.state is KeyState.ENABLED
+
+
+def test_a_cluster_that_fails_while_a_late_creation_drops_its_copies_keeps_one_reconcile_lists(
+    make_router, tokens, caplog
+) -> None:
+    """The creation outlived its roll-back (which removed the key from its primary), and the cluster it
+    copied the key to since does not answer when it drops that copy: the caller is told to retry as
+    before, each cluster is asked, a WARNING names the copy left, and reconcile lists it as an object
+    no record names; the caller's retry makes the key."""
+    key_id = unique("outlived-down")
+    router, _ = _rolled_back_at_the_copy(make_router, key_id, another_host=True)
+    asked: list[str] = []
+    for name, backend in router.backends.items():
+        real = backend.destroy
+
+        def second_down(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> int:
+            asked.append(_name)
+            if len(asked) == 2:
+                raise ClusterDown(f"cluster {_name} did not answer", cluster=_name)
+            return int(_real(*args, **kwargs))
+
+        backend.destroy = second_down  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="router.router"), pytest.raises(KeyBeingCreated):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+
+    other, down = asked
+    assert router.store.get(key_id) is None
+    assert len(tokens.objects(down, key_id)) == 2 and tokens.objects(other, key_id) == []
+    assert (f"creation of {key_id} outlived its roll-back; its copy on {down}, which no record names, could not be "
+            f"removed (cluster {down} did not answer): reconcile lists it as an object no record names") in caplog.text
+    assert (down, key_id) in reconcile(make_router(), fix=False).unknown
+    made = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True)).generate_key(
+        _spec(key_id), time.monotonic() + 30)
+    assert made.state is KeyState.ENABLED and all(len(tokens.objects(c, key_id)) == 2 for c in made.clusters)

@@ -317,3 +317,27 @@ def test_orders_stay_right_beyond_the_candidate_lists_remembered(monkeypatch: py
             assert d.order(list(names)) == order
     d.set_drained({"use1-b"})
     assert d.order(["use1-b", "usw2-a"]) == ("usw2-a", "use1-b")
+
+
+def test_a_refused_record_is_not_the_final_word_while_the_deadline_or_budget_left_clusters_unasked() -> None:
+    """The first cluster refuses an EXTERNAL key's record, and the run stops before the others are
+    asked: UNAVAILABLE (retry), not KEY_RECORD_MISMATCH, which the router remembers against the record."""
+    clock = FakeClock(1000.0)
+    fn, calls = script({"use1-a": [WrappedKeyRefused], "use1-b": [], "usw2-a": []})
+
+    def slow(backend):
+        clock.sleep(10)  # the refusal took the whole deadline
+        return fn(backend)
+
+    with pytest.raises(Unavailable, match="the deadline passed before the other clusters, which may unwrap it, "
+                                          "were asked") as cut_short:
+        make(clock).run(["use1-a", "usw2-a"], slow, clock() + 5, "k")
+    assert not isinstance(cut_short.value, WrappedKeyRefused) and calls == ["use1-a"]
+
+    d = make(clock, ratio=0.0, min_per_second=0.0)
+    d.budget._tokens = 0.0
+    fn, calls = script({"use1-a": [WrappedKeyRefused], "use1-b": [], "usw2-a": []})
+    with pytest.raises(Unavailable, match="the retry budget is spent: the other clusters, which may unwrap it, "
+                                          "were not asked"):
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == ["use1-a"]

@@ -260,6 +260,8 @@ def test_a_file_in_a_missing_directory_is_a_store_that_cannot_be_used_whatever_t
         SqliteStore(tmp_path / "nope" / "p.db")
     with pytest.raises(StoreMisconfigured, match=f"cannot open placement store {tmp_path}: it is a directory$"):
         SqliteStore(tmp_path)
+    with pytest.raises(StoreMisconfigured, match="File name too long$"):  # not an OSError from a look at the path
+        SqliteStore(tmp_path / ("p" * 300 + ".db"))
 
 
 def test_a_new_store_file_and_its_journal_are_owner_only(tmp_path: Path) -> None:
