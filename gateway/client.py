@@ -135,6 +135,27 @@ def error_reason(exc: grpc.RpcError) -> str:
     return str(info.reason) if info is not None else ""
 
 
+E = TypeVar("E", pb.Algorithm, pb.KeyAlgorithm, pb.KeyStorage, pb.KeyUsage)
+
+
+def _enum(enum_pb: type[E], name: str) -> E:
+    """The value of ``enum_pb`` called ``name``, in any case and with or without the enum's prefix
+    ("ec_p256", "EC_P256" or "KEY_ALGORITHM_EC_P256"). ValueError naming the valid names otherwise:
+    protobuf's own error names only the prefixed name it was made from."""
+    prefix = enum_pb.Name(0).removesuffix("UNSPECIFIED")  # every enum's 0 is its <PREFIX>_UNSPECIFIED
+    valid = [n.removeprefix(prefix) for n in enum_pb.keys() if n != enum_pb.Name(0)]
+    wanted = name.upper().removeprefix(prefix) if isinstance(name, str) else ""
+    if wanted not in valid:
+        raise ValueError(f"unknown {enum_pb.DESCRIPTOR.name} {name!r}; valid names: {', '.join(valid)}")
+    return _pbenum.value(enum_pb, prefix + wanted)
+
+
+def _positive(name: str, seconds: float, hint: str = "") -> None:
+    """A time limit must leave time for an answer: 0 is not "no limit", nor "the default"."""
+    if not seconds > 0:  # NaN too
+        raise ValueError(f"{name} must be more than 0 seconds, not {seconds!r}{hint}")
+
+
 def _set_input(request: pb.SignRequest | pb.VerifyRequest, digest: bytes | None, message: bytes | None) -> None:
     """What is signed or verified: a digest or a message, exactly one (an empty message is one)."""
     if (digest is None) == (message is None):
@@ -159,6 +180,10 @@ class Client:
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is required")
+        _positive("timeout", timeout)
+        _positive("connect_timeout", connect_timeout)
+        if attempt_timeout is not None:
+            _positive("attempt_timeout", attempt_timeout)
         self._endpoints = list(endpoints)
         self._credentials = credentials
         self._timeout = timeout
@@ -230,8 +255,10 @@ class Client:
         creating: bool = False,
         key_id: str = "",
     ) -> T:
+        if timeout is not None:
+            _positive("timeout", timeout, f" (None, the default: the client's {self._timeout} s)")
         self._fail_back()
-        deadline = time.monotonic() + (timeout or self._timeout)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         last: grpc.RpcError | None = None
         unreachable = False  # the current endpoint failed: the client moves to the one that answers
         start = self._current
@@ -434,8 +461,8 @@ class Client:
         request = pb.GenerateKeyRequest(
             request_id=request_id or key_id,
             key_id=key_id,
-            algorithm=_pbenum.value(pb.KeyAlgorithm, f"KEY_ALGORITHM_{algorithm}"),
-            usage=_pbenum.value(pb.KeyUsage, f"KEY_USAGE_{usage}") if usage else pb.KEY_USAGE_UNSPECIFIED,
+            algorithm=_enum(pb.KeyAlgorithm, algorithm),
+            usage=_enum(pb.KeyUsage, usage) if usage else pb.KEY_USAGE_UNSPECIFIED,
         )
 
         def create(stub: crypto_pb2_grpc.CryptoServiceStub, remaining: float) -> pb.Key:
@@ -473,7 +500,7 @@ class Client:
     ) -> pb.SignResponse:
         """Sign ``digest`` (the hash of the message, as ``algorithm`` names it) or ``message``:
         exactly one of them (ValueError otherwise)."""
-        request = pb.SignRequest(key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"))
+        request = pb.SignRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm))
         _set_input(request, digest, message)
         response: pb.SignResponse = self._call(
             lambda stub, t: stub.Sign(request, **self._kw(t)), timeout, key_id=key_id
@@ -493,7 +520,7 @@ class Client:
         """Whether ``signature`` is ``key_id``'s over ``digest`` or ``message``: exactly one of
         them (ValueError otherwise)."""
         request = pb.VerifyRequest(
-            key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"), signature=signature
+            key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), signature=signature
         )
         _set_input(request, digest, message)
         response: pb.VerifyResponse = self._call(

@@ -401,3 +401,33 @@ def test_a_key_just_made_in_another_region_is_used_there_until_the_client_region
         with pytest.raises(grpc.RpcError) as caught:
             client.sign("new", bytes(32))
         assert caught.value.code() is grpc.StatusCode.NOT_FOUND and second.calls == 2
+
+
+def test_names_are_taken_in_any_case_and_a_wrong_one_lists_the_valid_ones(endpoints) -> None:
+    (target, endpoint), _ = endpoints
+    with Client([target], timeout=5) as client:
+        assert client.generate_key("k", "ec_p256", usage="sign_verify").primary_cluster == "first"
+        assert client.sign("k", bytes(32), algorithm="ecdsa_sha256").signature == b"first"
+        assert client.sign("k", bytes(32), algorithm="ALGORITHM_ECDSA_SHA256").signature == b"first"
+        with pytest.raises(ValueError, match=r"unknown KeyAlgorithm 'ec_p521'; valid names: EC_P256, EC_P384, "
+                                             r"RSA_2048, RSA_3072, RSA_4096, AES_256, HMAC_SHA256"):
+            client.generate_key("k", "ec_p521")
+        with pytest.raises(ValueError, match=r"unknown KeyUsage 'signing'; valid names: SIGN_VERIFY, "
+                                             r"ENCRYPT_DECRYPT, MAC"):
+            client.generate_key("k", "EC_P256", usage="signing")
+        with pytest.raises(ValueError, match=r"unknown Algorithm 'UNSPECIFIED'; valid names: ECDSA_SHA256, "):
+            client.sign("k", bytes(32), algorithm="UNSPECIFIED")
+    assert endpoint.calls == 3, "a call with a wrong name was sent"
+
+
+@pytest.mark.parametrize("timeout", [0, 0.0, -1, float("nan")])
+def test_a_timeout_that_leaves_no_time_is_refused_not_taken_for_the_default(endpoints, timeout) -> None:
+    (target, endpoint), _ = endpoints
+    with Client([target], timeout=5) as client:
+        with pytest.raises(ValueError, match=r"timeout must be more than 0 seconds.*None, the default"):
+            client.sign("k", bytes(32), timeout=timeout)
+        assert client.sign("k", bytes(32), timeout=None).signature == b"first"
+    assert endpoint.calls == 1
+    for option in ("timeout", "connect_timeout", "attempt_timeout"):
+        with pytest.raises(ValueError, match=f"^{option} must be more than 0 seconds"):
+            Client([target], **{option: timeout})
