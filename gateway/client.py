@@ -104,6 +104,8 @@ MADE_ELSEWHERE = 10.0
 """Seconds after a GenerateKey that another endpoint than the current one answered (the current
 one's region does not create keys) during which a NOT_FOUND for that key is asked again of the
 endpoint that made it: the current region's copy of the placement table may not have its record yet."""
+_SETTLED = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+"""Channel states that end a wait for a connection: it came, or the attempt failed."""
 SERVING_CHECK = "hsmgw.v1.CryptoService"
 """The grpc.health.v1 service a gateway reports SERVING while it can serve keys."""
 CHANNEL_OPTIONS = (
@@ -194,12 +196,14 @@ class Client:
         self._current = 0
         self._clock = clock
         self._next_check = 0.0
+        """When (``clock``) to ask next whether a more preferred endpoint serves again."""
         self._made_at: dict[str, tuple[int, float]] = {}
         """Key id → the endpoint that made it, and until when (``clock``) to ask it (MADE_ELSEWHERE)."""
-        """When (``clock``) to ask next whether a more preferred endpoint serves again."""
         self._channels: dict[int, grpc.Channel] = {}
-        self._ready: dict[int, bool] = {}
-        """Whether each channel was last seen READY (a subscription keeps it current)."""
+        self._state: dict[int, grpc.ChannelConnectivity] = {}
+        """Each channel's state as last reported (a subscription keeps it current)."""
+        self._changed = threading.Condition(self._lock)
+        """Notified when a channel's state changes, and when the client closes."""
         self._asked_to_connect = float("-inf")
         self._closed = False
         self.failovers = 0
@@ -219,29 +223,59 @@ class Client:
                     else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
                 )
                 self._channels[index] = channel
-                self._ready[index] = False
+                self._state.pop(index, None)
                 channel.subscribe(functools.partial(self._watch, index, channel), try_to_connect=True)
             return channel
 
     def _watch(self, index: int, channel: grpc.Channel, state: grpc.ChannelConnectivity) -> None:
-        with self._lock:
+        with self._changed:
             if self._channels.get(index) is channel:
-                self._ready[index] = state is grpc.ChannelConnectivity.READY
+                self._state[index] = state
+                self._changed.notify_all()
 
-    def _reachable(self, index: int, wait: float) -> bool:
-        """Whether endpoint ``index`` has a connection, waiting up to ``wait`` s for one."""
+    def _unreachable(self, index: int, wait: float) -> str | None:
+        """Why endpoint ``index`` cannot be sent a call now, or None when it has a connection.
+
+        Waits up to ``wait`` s for the channel's connection attempt to end. One that fails
+        (TRANSIENT_FAILURE: refused, no route, a name that does not resolve) ends the wait at
+        once: gRPC tries again only after a backoff of 1 s or more, so waiting would only
+        delay the next endpoint."""
         channel = self._channel(index)
-        if self._ready.get(index):
-            return True
-        self._asked_to_connect = time.monotonic()
-        ready = grpc.channel_ready_future(channel)  # asks the channel to connect if it is idle
+        with self._changed:
+            state = self._state.get(index)
+        if state not in _SETTLED:
+            self._asked_to_connect = time.monotonic()
+            ready = grpc.channel_ready_future(channel)  # asks the channel to connect if it is idle
+            try:
+                end = time.monotonic() + wait
+                with self._changed:
+                    while (state := self._state.get(index)) not in _SETTLED and not self._closed:
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._changed.wait(left)
+            finally:
+                ready.cancel()
+        if state is grpc.ChannelConnectivity.READY:
+            return None
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return self._failure(channel, wait)
+        return f"did not connect within {self._connect_timeout:.1f} s"
+
+    def _failure(self, channel: grpc.Channel, wait: float) -> str | None:
+        """Why a channel in TRANSIENT_FAILURE did not connect, as gRPC tells a call that does not
+        wait for a connection ("failed to connect to all addresses; … Connection refused"): such a
+        call fails in the client, and nothing is sent. None if the channel connected meanwhile
+        and a gateway answered, whatever it answered."""
         try:
-            ready.result(timeout=max(wait, 0.0))
-        except grpc.FutureTimeoutError:
-            return False
-        finally:
-            ready.cancel()
-        return True
+            health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVING_CHECK),
+                timeout=max(wait, 0.001), metadata=self._metadata, wait_for_ready=False,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return f"unreachable ({exc.details()})"
+        return None
 
     @property
     def endpoint(self) -> str:
@@ -273,11 +307,11 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            # An endpoint that does not connect within connect_timeout is unreachable; the last
-            # attempt is sent all the same, so the caller hears gRPC's own answer.
-            if step < steps - 1 and not self._reachable(index, min(self._connect_timeout, remaining)):
-                log.warning("endpoint %s did not connect within %.1f s; trying the next",
-                            self._endpoints[index], self._connect_timeout)
+            # An endpoint whose connection fails, or does not come within connect_timeout, is
+            # unreachable; the last attempt is sent all the same, so the caller hears gRPC's own answer.
+            why = self._unreachable(index, min(self._connect_timeout, remaining)) if step < steps - 1 else None
+            if why is not None:
+                log.warning("endpoint %s %s; trying the next", self._endpoints[index], why)
                 unreachable |= index == start
                 continue
             remaining = deadline - time.monotonic()
@@ -410,7 +444,7 @@ class Client:
         while not self._closed and time.monotonic() + pause + took < deadline:
             time.sleep(pause * random.uniform(0.8, 1.2))
             pause = min(pause * 2, CREATION_WAIT[1])
-            if not self._reachable(index, min(self._connect_timeout, deadline - time.monotonic())):
+            if self._unreachable(index, min(self._connect_timeout, deadline - time.monotonic())) is not None:
                 continue
             stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
             sent = time.monotonic()
@@ -424,7 +458,9 @@ class Client:
 
     def close(self) -> None:
         """Close every channel; calls still running end with CANCELLED and are not sent elsewhere."""
-        self._closed = True
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()  # a call waiting for a connection ends its wait
         # gRPC's connectivity poller acts on a request to connect up to 0.2 s after it, and
         # raises in its thread if the channel has been closed by then.
         time.sleep(max(0.0, self._asked_to_connect + 0.3 - time.monotonic()))
