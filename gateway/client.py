@@ -59,7 +59,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -166,6 +167,58 @@ def _set_input(request: pb.SignRequest | pb.VerifyRequest, digest: bytes | None,
         request.digest = digest
     elif message is not None:
         request.message = message
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class SignItem:
+    """One signature of a ``Client.batch_sign``: a ``digest`` or a ``message``, exactly one."""
+
+    key_id: str
+    digest: bytes | None = None
+    """The hash of the message, of ``algorithm``'s hash length."""
+    message: bytes | None = None
+    """The message itself (at most 64 KiB); the gateway hashes it. An empty message is one."""
+    algorithm: str = "ECDSA_SHA256"
+    request_id: str = ""
+    """Echoed in the item's result (at most 128 printable characters)."""
+
+    def __post_init__(self) -> None:
+        self.request()  # a wrong name or input is the caller's at once, not the batch's
+
+    def request(self) -> pb.SignRequest:
+        request = pb.SignRequest(key_id=self.key_id, algorithm=_enum(pb.Algorithm, self.algorithm),
+                                 request_id=self.request_id)
+        _set_input(request, self.digest, self.message)
+        return request
+
+
+@dataclass(frozen=True)
+class SignResult:
+    """The outcome of one ``SignItem``: ``response`` when ``code`` is OK, else the item's error."""
+
+    request_id: str
+    code: grpc.StatusCode
+    message: str = ""
+    reason: str = ""
+    """The ErrorInfo reason, as a failed call has it (``error_reason``)."""
+    response: pb.SignResponse | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code is grpc.StatusCode.OK
+
+    @classmethod
+    def of(cls, result: pb.BatchSignResult) -> SignResult:
+        return cls(
+            request_id=result.request_id,
+            code=_CODES.get(result.code, grpc.StatusCode.UNKNOWN),
+            message=result.message,
+            reason=result.reason,
+            response=result.response if result.HasField("response") else None,
+        )
 
 
 class Client:
@@ -486,6 +539,9 @@ class Client:
         algorithm: str,
         *,
         usage: str = "",
+        storage: str = "",
+        copies: int = 0,
+        non_extractable: bool = False,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> pb.Key:
@@ -493,12 +549,23 @@ class Client:
         again, by this client or by the application retrying a call whose answer it lost, returns
         the same key. It defaults to ``key_id`` itself (key ids are never reused, so one key id is
         one creation); give your own only to tie the creation to something of yours. A different
-        request_id for an existing key is ALREADY_EXISTS."""
+        request_id for an existing key is ALREADY_EXISTS.
+
+        ``usage``: SIGN_VERIFY, ENCRYPT_DECRYPT or MAC ("": the first the algorithm allows).
+        ``storage``: TOKEN (the default) or EXTERNAL (wrapped in the placement store, unwrapped on
+        use). ``copies``: how many clusters hold the key (0: the gateway's default; an EXTERNAL key
+        takes 0 or 1). ``non_extractable``: the key never leaves its HSM, not even wrapped: TOKEN
+        storage and ``copies=1`` (FAILED_PRECONDITION with more, the gateway's default included)."""
+        if copies < 0:
+            raise ValueError(f"copies must be 0 (the gateway's default) or more, not {copies}")
         request = pb.GenerateKeyRequest(
             request_id=request_id or key_id,
             key_id=key_id,
             algorithm=_enum(pb.KeyAlgorithm, algorithm),
             usage=_enum(pb.KeyUsage, usage) if usage else pb.KEY_USAGE_UNSPECIFIED,
+            storage=_enum(pb.KeyStorage, storage) if storage else pb.KEY_STORAGE_UNSPECIFIED,
+            replication=pb.ReplicationPolicy(copies=copies),
+            non_extractable=non_extractable,
         )
 
         def create(stub: crypto_pb2_grpc.CryptoServiceStub, remaining: float) -> pb.Key:
@@ -563,3 +630,122 @@ class Client:
             lambda stub, t: stub.Verify(request, **self._kw(t)), timeout, key_id=key_id
         )
         return response.valid
+
+    def get_key(self, key_id: str, *, timeout: float | None = None) -> pb.Key:
+        """``key_id``'s record: algorithm, usage, state, the clusters that hold it."""
+        request = pb.GetKeyRequest(key_id=key_id)
+        key: pb.Key = self._call(lambda stub, t: stub.GetKey(request, **self._kw(t)), timeout, key_id=key_id)
+        return key
+
+    def list_keys(
+        self,
+        *,
+        prefix: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListKeysResponse:
+        """One page of the keys whose id starts with ``prefix``, in key id order: at most
+        ``page_size`` (0: the gateway's 100; at most 1,000). Pass the answer's
+        ``next_page_token`` for the next page (empty after the last); ``iter_keys`` does that."""
+        request = pb.ListKeysRequest(prefix=prefix, page_size=page_size, page_token=page_token)
+        page: pb.ListKeysResponse = self._call(lambda stub, t: stub.ListKeys(request, **self._kw(t)), timeout)
+        return page
+
+    def iter_keys(self, *, prefix: str = "", page_size: int = 0, timeout: float | None = None) -> Iterator[pb.Key]:
+        """Every key whose id starts with ``prefix``, a page at a time; ``timeout`` is each page's.
+        A page token is the last key id of its page, so the pages may come from different
+        endpoints after a failover."""
+        token = ""
+        while True:
+            page = self.list_keys(prefix=prefix, page_size=page_size, page_token=token, timeout=timeout)
+            yield from page.keys
+            token = page.next_page_token
+            if not token:
+                return
+
+    def destroy_key(self, key_id: str, *, timeout: float | None = None) -> pb.Key:
+        """Destroy ``key_id`` on every cluster; its id is never used again. Idempotent: an
+        UNAVAILABLE naming a cluster whose copy could not be removed yet is answered by calling
+        again (the key already serves no more)."""
+        request = pb.DestroyKeyRequest(key_id=key_id)
+        key: pb.Key = self._call(lambda stub, t: stub.DestroyKey(request, **self._kw(t)), timeout, key_id=key_id)
+        return key
+
+    def encrypt(
+        self,
+        key_id: str,
+        plaintext: bytes,
+        *,
+        aad: bytes = b"",
+        algorithm: str = "AES_GCM",
+        timeout: float | None = None,
+    ) -> pb.EncryptResponse:
+        """Encrypt ``plaintext`` (at most 64 KiB). AES_GCM: the answer's ``ciphertext`` ends with the
+        16-byte tag and its ``iv`` is the 12 bytes the gateway drew, both needed to decrypt, with
+        the same ``aad``. RSA_OAEP_SHA256 (SHA-256, MGF1 with SHA-256, empty label) takes no aad."""
+        request = pb.EncryptRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), plaintext=plaintext,
+                                    aad=aad)
+        response: pb.EncryptResponse = self._call(
+            lambda stub, t: stub.Encrypt(request, **self._kw(t)), timeout, key_id=key_id
+        )
+        return response
+
+    def decrypt(
+        self,
+        key_id: str,
+        ciphertext: bytes,
+        *,
+        iv: bytes = b"",
+        aad: bytes = b"",
+        algorithm: str = "AES_GCM",
+        timeout: float | None = None,
+    ) -> bytes:
+        """The plaintext of ``ciphertext`` as ``encrypt`` returned it: for AES_GCM with its tag, its
+        ``iv`` and the same ``aad``; for RSA_OAEP_SHA256 neither."""
+        request = pb.DecryptRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), ciphertext=ciphertext,
+                                    iv=iv, aad=aad)
+        response: pb.DecryptResponse = self._call(
+            lambda stub, t: stub.Decrypt(request, **self._kw(t)), timeout, key_id=key_id
+        )
+        return response.plaintext
+
+    def mac(self, key_id: str, data: bytes, *, algorithm: str = "HMAC_SHA256", timeout: float | None = None) -> bytes:
+        """``key_id``'s MAC of ``data`` (at most 64 KiB): 32 bytes for HMAC_SHA256."""
+        request = pb.MacRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), data=data)
+        response: pb.MacResponse = self._call(lambda stub, t: stub.Mac(request, **self._kw(t)), timeout, key_id=key_id)
+        return response.mac
+
+    def verify_mac(
+        self,
+        key_id: str,
+        data: bytes,
+        mac: bytes,
+        *,
+        algorithm: str = "HMAC_SHA256",
+        timeout: float | None = None,
+    ) -> bool:
+        """Whether ``mac`` is ``key_id``'s MAC of ``data``; a truncated or longer one is not."""
+        request = pb.VerifyMacRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), data=data, mac=mac)
+        response: pb.VerifyMacResponse = self._call(
+            lambda stub, t: stub.VerifyMac(request, **self._kw(t)), timeout, key_id=key_id
+        )
+        return response.valid
+
+    def generate_random(self, length: int, *, timeout: float | None = None) -> bytes:
+        """``length`` (1 to 1,024) random bytes from an HSM."""
+        request = pb.GenerateRandomRequest(length=length)
+        response: pb.GenerateRandomResponse = self._call(
+            lambda stub, t: stub.GenerateRandom(request, **self._kw(t)), timeout
+        )
+        return response.data
+
+    def batch_sign(self, items: Sequence[SignItem], *, timeout: float | None = None) -> list[SignResult]:
+        """Sign 1 to 1,000 items in one call: one result per item, in order, each with its own
+        status; one item's failure (a key not found, a wrong digest length) fails no other.
+        The whole batch goes to the next endpoint when one is unreachable, as a sign does."""
+        request = pb.BatchSignRequest(requests=[item.request() for item in items])
+        response: pb.BatchSignResponse = self._call(
+            lambda stub, t: stub.BatchSign(request, **self._kw(t)), timeout
+        )
+        return [SignResult.of(result) for result in response.responses]
