@@ -5,19 +5,37 @@
     key = client.generate_key("payments/signing-2026", "EC_P256", request_id="create-1")
     signature = client.sign("payments/signing-2026", hashlib.sha256(msg).digest())
 
+One method per unary call of ``hsmgw.v1.CryptoService``: ``generate_key``, ``get_key``,
+``list_keys`` (one page) and ``iter_keys`` (every page), ``public_key_pem``,
+``destroy_key``, ``sign``, ``verify``, ``encrypt``, ``decrypt``, ``mac``, ``verify_mac``,
+``generate_random`` and ``batch_sign`` (``SignItem`` in, ``SignResult`` out, one per item,
+in order). Options are keyword-only; names of algorithms, usages and storage are taken in
+any case ("ec_p256"), and an unknown one is a ValueError naming the valid ones. Each call
+takes ``timeout`` (seconds, for the whole call with its failover; None: the client's, 5 s;
+0 or less is a ValueError). SignStream has no method: a stream cannot move to another
+endpoint half-way through; ``batch_sign`` sends many signatures in one call that can, and
+the raw stub (``crypto_pb2_grpc.CryptoServiceStub``) has the stream.
+
 Endpoints are tried in order: the client sticks to the first that works and
 moves to the next when one is unreachable: UNAVAILABLE, a call the gateway
-cancelled as it shut down, no connection within ``connect_timeout`` (1 s), or,
-with ``attempt_timeout`` set, no answer to an idempotent call within it. A
+cancelled as it shut down, a connection that fails (refused, no route, a name that
+does not resolve: at once, with gRPC's reason in the warning) or that does not come
+within ``connect_timeout`` (1 s: a host that drops the packets), or, with
+``attempt_timeout`` set, no answer to an idempotent call within it. A
 connection whose packets are dropped stays open until keepalive gives up on it
 (30-35 s); ``attempt_timeout`` lets a call leave such a connection sooner, at the
 price of abandoning a call that a slow but working gateway would have answered
 and sending it to the next: set it above the slowest answer you expect (off by
 default; the last attempt of a call always gets all the time left). Every
 gateway serves every replicated key, so the next region answers the same request. Idempotent calls
-(everything but GenerateKey) are retried on the next endpoint within the
-caller's deadline, and once more on each after a short pause (one address
-behind a load balancer reaches another gateway that way).
+(everything but GenerateKey: DestroyKey too, which finishes what an earlier attempt began)
+are retried on the next endpoint within the caller's deadline, and once more on each after
+a short pause (one address behind a load balancer reaches another gateway that way).
+
+Each move is logged (``gateway.client``, WARNING), naming the endpoint left and why:
+``endpoint 127.0.0.1:50051 unreachable (failed to connect to all addresses; …)``,
+``… did not connect within 1.0 s``, ``… unavailable (<the gateway's message>)`` or
+``… did not answer within 1.5 s``, each followed by ``; trying the next``.
 
 The client goes back: 30 s after it moved, and every 30 s while it is not on its
 first endpoint, a call asks the endpoints before the current one, in the
