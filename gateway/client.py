@@ -5,19 +5,37 @@
     key = client.generate_key("payments/signing-2026", "EC_P256", request_id="create-1")
     signature = client.sign("payments/signing-2026", hashlib.sha256(msg).digest())
 
+One method per unary call of ``hsmgw.v1.CryptoService``: ``generate_key``, ``get_key``,
+``list_keys`` (one page) and ``iter_keys`` (every page), ``public_key_pem``,
+``destroy_key``, ``sign``, ``verify``, ``encrypt``, ``decrypt``, ``mac``, ``verify_mac``,
+``generate_random`` and ``batch_sign`` (``SignItem`` in, ``SignResult`` out, one per item,
+in order). Options are keyword-only; names of algorithms, usages and storage are taken in
+any case ("ec_p256"), and an unknown one is a ValueError naming the valid ones. Each call
+takes ``timeout`` (seconds, for the whole call with its failover; None: the client's, 5 s;
+0 or less is a ValueError). SignStream has no method: a stream cannot move to another
+endpoint half-way through; ``batch_sign`` sends many signatures in one call that can, and
+the raw stub (``crypto_pb2_grpc.CryptoServiceStub``) has the stream.
+
 Endpoints are tried in order: the client sticks to the first that works and
 moves to the next when one is unreachable: UNAVAILABLE, a call the gateway
-cancelled as it shut down, no connection within ``connect_timeout`` (1 s), or,
-with ``attempt_timeout`` set, no answer to an idempotent call within it. A
+cancelled as it shut down, a connection that fails (refused, no route, a name that
+does not resolve: at once, with gRPC's reason in the warning) or that does not come
+within ``connect_timeout`` (1 s: a host that drops the packets), or, with
+``attempt_timeout`` set, no answer to an idempotent call within it. A
 connection whose packets are dropped stays open until keepalive gives up on it
 (30-35 s); ``attempt_timeout`` lets a call leave such a connection sooner, at the
 price of abandoning a call that a slow but working gateway would have answered
 and sending it to the next: set it above the slowest answer you expect (off by
 default; the last attempt of a call always gets all the time left). Every
 gateway serves every replicated key, so the next region answers the same request. Idempotent calls
-(everything but GenerateKey) are retried on the next endpoint within the
-caller's deadline, and once more on each after a short pause (one address
-behind a load balancer reaches another gateway that way).
+(everything but GenerateKey: DestroyKey too, which finishes what an earlier attempt began)
+are retried on the next endpoint within the caller's deadline, and once more on each after
+a short pause (one address behind a load balancer reaches another gateway that way).
+
+Each move is logged (``gateway.client``, WARNING), naming the endpoint left and why:
+``endpoint 127.0.0.1:50051 unreachable (failed to connect to all addresses; …)``,
+``… did not connect within 1.0 s``, ``… unavailable (<the gateway's message>)`` or
+``… did not answer within 1.5 s``, each followed by ``; trying the next``.
 
 The client goes back: 30 s after it moved, and every 30 s while it is not on its
 first endpoint, a call asks the endpoints before the current one, in the
@@ -59,7 +77,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -104,6 +123,8 @@ MADE_ELSEWHERE = 10.0
 """Seconds after a GenerateKey that another endpoint than the current one answered (the current
 one's region does not create keys) during which a NOT_FOUND for that key is asked again of the
 endpoint that made it: the current region's copy of the placement table may not have its record yet."""
+_SETTLED = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+"""Channel states that end a wait for a connection: it came, or the attempt failed."""
 SERVING_CHECK = "hsmgw.v1.CryptoService"
 """The grpc.health.v1 service a gateway reports SERVING while it can serve keys."""
 CHANNEL_OPTIONS = (
@@ -135,6 +156,27 @@ def error_reason(exc: grpc.RpcError) -> str:
     return str(info.reason) if info is not None else ""
 
 
+E = TypeVar("E", pb.Algorithm, pb.KeyAlgorithm, pb.KeyStorage, pb.KeyUsage)
+
+
+def _enum(enum_pb: type[E], name: str) -> E:
+    """The value of ``enum_pb`` called ``name``, in any case and with or without the enum's prefix
+    ("ec_p256", "EC_P256" or "KEY_ALGORITHM_EC_P256"). ValueError naming the valid names otherwise:
+    protobuf's own error names only the prefixed name it was made from."""
+    prefix = enum_pb.Name(0).removesuffix("UNSPECIFIED")  # every enum's 0 is its <PREFIX>_UNSPECIFIED
+    valid = [n.removeprefix(prefix) for n in enum_pb.keys() if n != enum_pb.Name(0)]
+    wanted = name.upper().removeprefix(prefix) if isinstance(name, str) else ""
+    if wanted not in valid:
+        raise ValueError(f"unknown {enum_pb.DESCRIPTOR.name} {name!r}; valid names: {', '.join(valid)}")
+    return _pbenum.value(enum_pb, prefix + wanted)
+
+
+def _positive(name: str, seconds: float, hint: str = "") -> None:
+    """A time limit must leave time for an answer: 0 is not "no limit", nor "the default"."""
+    if not seconds > 0:  # NaN too
+        raise ValueError(f"{name} must be more than 0 seconds, not {seconds!r}{hint}")
+
+
 def _set_input(request: pb.SignRequest | pb.VerifyRequest, digest: bytes | None, message: bytes | None) -> None:
     """What is signed or verified: a digest or a message, exactly one (an empty message is one)."""
     if (digest is None) == (message is None):
@@ -143,6 +185,58 @@ def _set_input(request: pb.SignRequest | pb.VerifyRequest, digest: bytes | None,
         request.digest = digest
     elif message is not None:
         request.message = message
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class SignItem:
+    """One signature of a ``Client.batch_sign``: a ``digest`` or a ``message``, exactly one."""
+
+    key_id: str
+    digest: bytes | None = None
+    """The hash of the message, of ``algorithm``'s hash length."""
+    message: bytes | None = None
+    """The message itself (at most 64 KiB); the gateway hashes it. An empty message is one."""
+    algorithm: str = "ECDSA_SHA256"
+    request_id: str = ""
+    """Echoed in the item's result (at most 128 printable characters)."""
+
+    def __post_init__(self) -> None:
+        self.request()  # a wrong name or input is the caller's at once, not the batch's
+
+    def request(self) -> pb.SignRequest:
+        request = pb.SignRequest(key_id=self.key_id, algorithm=_enum(pb.Algorithm, self.algorithm),
+                                 request_id=self.request_id)
+        _set_input(request, self.digest, self.message)
+        return request
+
+
+@dataclass(frozen=True)
+class SignResult:
+    """The outcome of one ``SignItem``: ``response`` when ``code`` is OK, else the item's error."""
+
+    request_id: str
+    code: grpc.StatusCode
+    message: str = ""
+    reason: str = ""
+    """The ErrorInfo reason, as a failed call has it (``error_reason``)."""
+    response: pb.SignResponse | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code is grpc.StatusCode.OK
+
+    @classmethod
+    def of(cls, result: pb.BatchSignResult) -> SignResult:
+        return cls(
+            request_id=result.request_id,
+            code=_CODES.get(result.code, grpc.StatusCode.UNKNOWN),
+            message=result.message,
+            reason=result.reason,
+            response=result.response if result.HasField("response") else None,
+        )
 
 
 class Client:
@@ -159,6 +253,10 @@ class Client:
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is required")
+        _positive("timeout", timeout)
+        _positive("connect_timeout", connect_timeout)
+        if attempt_timeout is not None:
+            _positive("attempt_timeout", attempt_timeout)
         self._endpoints = list(endpoints)
         self._credentials = credentials
         self._timeout = timeout
@@ -169,12 +267,14 @@ class Client:
         self._current = 0
         self._clock = clock
         self._next_check = 0.0
+        """When (``clock``) to ask next whether a more preferred endpoint serves again."""
         self._made_at: dict[str, tuple[int, float]] = {}
         """Key id → the endpoint that made it, and until when (``clock``) to ask it (MADE_ELSEWHERE)."""
-        """When (``clock``) to ask next whether a more preferred endpoint serves again."""
         self._channels: dict[int, grpc.Channel] = {}
-        self._ready: dict[int, bool] = {}
-        """Whether each channel was last seen READY (a subscription keeps it current)."""
+        self._state: dict[int, grpc.ChannelConnectivity] = {}
+        """Each channel's state as last reported (a subscription keeps it current)."""
+        self._changed = threading.Condition(self._lock)
+        """Notified when a channel's state changes, and when the client closes."""
         self._asked_to_connect = float("-inf")
         self._closed = False
         self.failovers = 0
@@ -194,29 +294,59 @@ class Client:
                     else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
                 )
                 self._channels[index] = channel
-                self._ready[index] = False
+                self._state.pop(index, None)
                 channel.subscribe(functools.partial(self._watch, index, channel), try_to_connect=True)
             return channel
 
     def _watch(self, index: int, channel: grpc.Channel, state: grpc.ChannelConnectivity) -> None:
-        with self._lock:
+        with self._changed:
             if self._channels.get(index) is channel:
-                self._ready[index] = state is grpc.ChannelConnectivity.READY
+                self._state[index] = state
+                self._changed.notify_all()
 
-    def _reachable(self, index: int, wait: float) -> bool:
-        """Whether endpoint ``index`` has a connection, waiting up to ``wait`` s for one."""
+    def _unreachable(self, index: int, wait: float) -> str | None:
+        """Why endpoint ``index`` cannot be sent a call now, or None when it has a connection.
+
+        Waits up to ``wait`` s for the channel's connection attempt to end. One that fails
+        (TRANSIENT_FAILURE: refused, no route, a name that does not resolve) ends the wait at
+        once: gRPC tries again only after a backoff of 1 s or more, so waiting would only
+        delay the next endpoint."""
         channel = self._channel(index)
-        if self._ready.get(index):
-            return True
-        self._asked_to_connect = time.monotonic()
-        ready = grpc.channel_ready_future(channel)  # asks the channel to connect if it is idle
+        with self._changed:
+            state = self._state.get(index)
+        if state not in _SETTLED:
+            self._asked_to_connect = time.monotonic()
+            ready = grpc.channel_ready_future(channel)  # asks the channel to connect if it is idle
+            try:
+                end = time.monotonic() + wait
+                with self._changed:
+                    while (state := self._state.get(index)) not in _SETTLED and not self._closed:
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._changed.wait(left)
+            finally:
+                ready.cancel()
+        if state is grpc.ChannelConnectivity.READY:
+            return None
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return self._failure(channel, wait)
+        return f"did not connect within {self._connect_timeout:.1f} s"
+
+    def _failure(self, channel: grpc.Channel, wait: float) -> str | None:
+        """Why a channel in TRANSIENT_FAILURE did not connect, as gRPC tells a call that does not
+        wait for a connection ("failed to connect to all addresses; … Connection refused"): such a
+        call fails in the client, and nothing is sent. None if the channel connected meanwhile
+        and a gateway answered, whatever it answered."""
         try:
-            ready.result(timeout=max(wait, 0.0))
-        except grpc.FutureTimeoutError:
-            return False
-        finally:
-            ready.cancel()
-        return True
+            health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVING_CHECK),
+                timeout=max(wait, 0.001), metadata=self._metadata, wait_for_ready=False,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return f"unreachable ({exc.details()})"
+        return None
 
     @property
     def endpoint(self) -> str:
@@ -230,8 +360,10 @@ class Client:
         creating: bool = False,
         key_id: str = "",
     ) -> T:
+        if timeout is not None:
+            _positive("timeout", timeout, f" (None, the default: the client's {self._timeout} s)")
         self._fail_back()
-        deadline = time.monotonic() + (timeout or self._timeout)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         last: grpc.RpcError | None = None
         unreachable = False  # the current endpoint failed: the client moves to the one that answers
         start = self._current
@@ -246,11 +378,11 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            # An endpoint that does not connect within connect_timeout is unreachable; the last
-            # attempt is sent all the same, so the caller hears gRPC's own answer.
-            if step < steps - 1 and not self._reachable(index, min(self._connect_timeout, remaining)):
-                log.warning("endpoint %s did not connect within %.1f s; trying the next",
-                            self._endpoints[index], self._connect_timeout)
+            # An endpoint whose connection fails, or does not come within connect_timeout, is
+            # unreachable; the last attempt is sent all the same, so the caller hears gRPC's own answer.
+            why = self._unreachable(index, min(self._connect_timeout, remaining)) if step < steps - 1 else None
+            if why is not None:
+                log.warning("endpoint %s %s; trying the next", self._endpoints[index], why)
                 unreachable |= index == start
                 continue
             remaining = deadline - time.monotonic()
@@ -383,7 +515,7 @@ class Client:
         while not self._closed and time.monotonic() + pause + took < deadline:
             time.sleep(pause * random.uniform(0.8, 1.2))
             pause = min(pause * 2, CREATION_WAIT[1])
-            if not self._reachable(index, min(self._connect_timeout, deadline - time.monotonic())):
+            if self._unreachable(index, min(self._connect_timeout, deadline - time.monotonic())) is not None:
                 continue
             stub = crypto_pb2_grpc.CryptoServiceStub(self._channel(index))
             sent = time.monotonic()
@@ -397,7 +529,9 @@ class Client:
 
     def close(self) -> None:
         """Close every channel; calls still running end with CANCELLED and are not sent elsewhere."""
-        self._closed = True
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()  # a call waiting for a connection ends its wait
         # gRPC's connectivity poller acts on a request to connect up to 0.2 s after it, and
         # raises in its thread if the channel has been closed by then.
         time.sleep(max(0.0, self._asked_to_connect + 0.3 - time.monotonic()))
@@ -423,6 +557,9 @@ class Client:
         algorithm: str,
         *,
         usage: str = "",
+        storage: str = "",
+        copies: int = 0,
+        non_extractable: bool = False,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> pb.Key:
@@ -430,12 +567,23 @@ class Client:
         again, by this client or by the application retrying a call whose answer it lost, returns
         the same key. It defaults to ``key_id`` itself (key ids are never reused, so one key id is
         one creation); give your own only to tie the creation to something of yours. A different
-        request_id for an existing key is ALREADY_EXISTS."""
+        request_id for an existing key is ALREADY_EXISTS.
+
+        ``usage``: SIGN_VERIFY, ENCRYPT_DECRYPT or MAC ("": the first the algorithm allows).
+        ``storage``: TOKEN (the default) or EXTERNAL (wrapped in the placement store, unwrapped on
+        use). ``copies``: how many clusters hold the key (0: the gateway's default; an EXTERNAL key
+        takes 0 or 1). ``non_extractable``: the key never leaves its HSM, not even wrapped: TOKEN
+        storage and ``copies=1`` (FAILED_PRECONDITION with more, the gateway's default included)."""
+        if copies < 0:
+            raise ValueError(f"copies must be 0 (the gateway's default) or more, not {copies}")
         request = pb.GenerateKeyRequest(
             request_id=request_id or key_id,
             key_id=key_id,
-            algorithm=_pbenum.value(pb.KeyAlgorithm, f"KEY_ALGORITHM_{algorithm}"),
-            usage=_pbenum.value(pb.KeyUsage, f"KEY_USAGE_{usage}") if usage else pb.KEY_USAGE_UNSPECIFIED,
+            algorithm=_enum(pb.KeyAlgorithm, algorithm),
+            usage=_enum(pb.KeyUsage, usage) if usage else pb.KEY_USAGE_UNSPECIFIED,
+            storage=_enum(pb.KeyStorage, storage) if storage else pb.KEY_STORAGE_UNSPECIFIED,
+            replication=pb.ReplicationPolicy(copies=copies),
+            non_extractable=non_extractable,
         )
 
         def create(stub: crypto_pb2_grpc.CryptoServiceStub, remaining: float) -> pb.Key:
@@ -473,7 +621,7 @@ class Client:
     ) -> pb.SignResponse:
         """Sign ``digest`` (the hash of the message, as ``algorithm`` names it) or ``message``:
         exactly one of them (ValueError otherwise)."""
-        request = pb.SignRequest(key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"))
+        request = pb.SignRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm))
         _set_input(request, digest, message)
         response: pb.SignResponse = self._call(
             lambda stub, t: stub.Sign(request, **self._kw(t)), timeout, key_id=key_id
@@ -493,10 +641,129 @@ class Client:
         """Whether ``signature`` is ``key_id``'s over ``digest`` or ``message``: exactly one of
         them (ValueError otherwise)."""
         request = pb.VerifyRequest(
-            key_id=key_id, algorithm=_pbenum.value(pb.Algorithm, f"ALGORITHM_{algorithm}"), signature=signature
+            key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), signature=signature
         )
         _set_input(request, digest, message)
         response: pb.VerifyResponse = self._call(
             lambda stub, t: stub.Verify(request, **self._kw(t)), timeout, key_id=key_id
         )
         return response.valid
+
+    def get_key(self, key_id: str, *, timeout: float | None = None) -> pb.Key:
+        """``key_id``'s record: algorithm, usage, state, the clusters that hold it."""
+        request = pb.GetKeyRequest(key_id=key_id)
+        key: pb.Key = self._call(lambda stub, t: stub.GetKey(request, **self._kw(t)), timeout, key_id=key_id)
+        return key
+
+    def list_keys(
+        self,
+        *,
+        prefix: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListKeysResponse:
+        """One page of the keys whose id starts with ``prefix``, in key id order: at most
+        ``page_size`` (0: the gateway's 100; at most 1,000). Pass the answer's
+        ``next_page_token`` for the next page (empty after the last); ``iter_keys`` does that."""
+        request = pb.ListKeysRequest(prefix=prefix, page_size=page_size, page_token=page_token)
+        page: pb.ListKeysResponse = self._call(lambda stub, t: stub.ListKeys(request, **self._kw(t)), timeout)
+        return page
+
+    def iter_keys(self, *, prefix: str = "", page_size: int = 0, timeout: float | None = None) -> Iterator[pb.Key]:
+        """Every key whose id starts with ``prefix``, a page at a time; ``timeout`` is each page's.
+        A page token is the last key id of its page, so the pages may come from different
+        endpoints after a failover."""
+        token = ""
+        while True:
+            page = self.list_keys(prefix=prefix, page_size=page_size, page_token=token, timeout=timeout)
+            yield from page.keys
+            token = page.next_page_token
+            if not token:
+                return
+
+    def destroy_key(self, key_id: str, *, timeout: float | None = None) -> pb.Key:
+        """Destroy ``key_id`` on every cluster; its id is never used again. Idempotent: an
+        UNAVAILABLE naming a cluster whose copy could not be removed yet is answered by calling
+        again (the key already serves no more)."""
+        request = pb.DestroyKeyRequest(key_id=key_id)
+        key: pb.Key = self._call(lambda stub, t: stub.DestroyKey(request, **self._kw(t)), timeout, key_id=key_id)
+        return key
+
+    def encrypt(
+        self,
+        key_id: str,
+        plaintext: bytes,
+        *,
+        aad: bytes = b"",
+        algorithm: str = "AES_GCM",
+        timeout: float | None = None,
+    ) -> pb.EncryptResponse:
+        """Encrypt ``plaintext`` (at most 64 KiB). AES_GCM: the answer's ``ciphertext`` ends with the
+        16-byte tag and its ``iv`` is the 12 bytes the gateway drew, both needed to decrypt, with
+        the same ``aad``. RSA_OAEP_SHA256 (SHA-256, MGF1 with SHA-256, empty label) takes no aad."""
+        request = pb.EncryptRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), plaintext=plaintext,
+                                    aad=aad)
+        response: pb.EncryptResponse = self._call(
+            lambda stub, t: stub.Encrypt(request, **self._kw(t)), timeout, key_id=key_id
+        )
+        return response
+
+    def decrypt(
+        self,
+        key_id: str,
+        ciphertext: bytes,
+        *,
+        iv: bytes = b"",
+        aad: bytes = b"",
+        algorithm: str = "AES_GCM",
+        timeout: float | None = None,
+    ) -> bytes:
+        """The plaintext of ``ciphertext`` as ``encrypt`` returned it: for AES_GCM with its tag, its
+        ``iv`` and the same ``aad``; for RSA_OAEP_SHA256 neither."""
+        request = pb.DecryptRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), ciphertext=ciphertext,
+                                    iv=iv, aad=aad)
+        response: pb.DecryptResponse = self._call(
+            lambda stub, t: stub.Decrypt(request, **self._kw(t)), timeout, key_id=key_id
+        )
+        return response.plaintext
+
+    def mac(self, key_id: str, data: bytes, *, algorithm: str = "HMAC_SHA256", timeout: float | None = None) -> bytes:
+        """``key_id``'s MAC of ``data`` (at most 64 KiB): 32 bytes for HMAC_SHA256."""
+        request = pb.MacRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), data=data)
+        response: pb.MacResponse = self._call(lambda stub, t: stub.Mac(request, **self._kw(t)), timeout, key_id=key_id)
+        return response.mac
+
+    def verify_mac(
+        self,
+        key_id: str,
+        data: bytes,
+        mac: bytes,
+        *,
+        algorithm: str = "HMAC_SHA256",
+        timeout: float | None = None,
+    ) -> bool:
+        """Whether ``mac`` is ``key_id``'s MAC of ``data``; a truncated or longer one is not."""
+        request = pb.VerifyMacRequest(key_id=key_id, algorithm=_enum(pb.Algorithm, algorithm), data=data, mac=mac)
+        response: pb.VerifyMacResponse = self._call(
+            lambda stub, t: stub.VerifyMac(request, **self._kw(t)), timeout, key_id=key_id
+        )
+        return response.valid
+
+    def generate_random(self, length: int, *, timeout: float | None = None) -> bytes:
+        """``length`` (1 to 1,024) random bytes from an HSM."""
+        request = pb.GenerateRandomRequest(length=length)
+        response: pb.GenerateRandomResponse = self._call(
+            lambda stub, t: stub.GenerateRandom(request, **self._kw(t)), timeout
+        )
+        return response.data
+
+    def batch_sign(self, items: Sequence[SignItem], *, timeout: float | None = None) -> list[SignResult]:
+        """Sign 1 to 1,000 items in one call: one result per item, in order, each with its own
+        status; one item's failure (a key not found, a wrong digest length) fails no other.
+        The whole batch goes to the next endpoint when one is unreachable, as a sign does."""
+        request = pb.BatchSignRequest(requests=[item.request() for item in items])
+        response: pb.BatchSignResponse = self._call(
+            lambda stub, t: stub.BatchSign(request, **self._kw(t)), timeout
+        )
+        return [SignResult.of(result) for result in response.responses]

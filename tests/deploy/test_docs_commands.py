@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,18 @@ def test_readme_hsmctl_commands_run_against_a_gateway(gateway, crypto) -> None:
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"{shlex.join(argv)}: {out.stderr}"
         assert out.stdout.strip()
+
+
+def test_getting_started_failover_walk_through_logs_what_the_page_says(gateway) -> None:
+    """The page's second gateway answers, the first is stopped (its port refuses connections):
+    the example logs the line the page shows, and still verifies."""
+    [logged] = re.findall(r"logs `(endpoint 127\.0\.0\.1:50051 [^`]*)`", GETTING_STARTED.read_text())
+    code = blocks(GETTING_STARTED, "python")[1]
+    with socket.socket() as stopped:  # bound, not listening: refused, as a stopped gateway's port is
+        stopped.bind(("127.0.0.1", 0))
+        first = f"127.0.0.1:{stopped.getsockname()[1]}"
+        code = code.replace("127.0.0.1:50051", first).replace("127.0.0.1:50052", gateway.target)
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "verified"
+    assert out.stderr.splitlines() == [logged.replace("127.0.0.1:50051", first)]

@@ -6,6 +6,7 @@ the status the client sees is exactly the one a gateway would send.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -401,3 +402,70 @@ def test_a_key_just_made_in_another_region_is_used_there_until_the_client_region
         with pytest.raises(grpc.RpcError) as caught:
             client.sign("new", bytes(32))
         assert caught.value.code() is grpc.StatusCode.NOT_FOUND and second.calls == 2
+
+
+def test_names_are_taken_in_any_case_and_a_wrong_one_lists_the_valid_ones(endpoints) -> None:
+    (target, endpoint), _ = endpoints
+    with Client([target], timeout=5) as client:
+        assert client.generate_key("k", "ec_p256", usage="sign_verify").primary_cluster == "first"
+        assert client.sign("k", bytes(32), algorithm="ecdsa_sha256").signature == b"first"
+        assert client.sign("k", bytes(32), algorithm="ALGORITHM_ECDSA_SHA256").signature == b"first"
+        with pytest.raises(ValueError, match=r"unknown KeyAlgorithm 'ec_p521'; valid names: EC_P256, EC_P384, "
+                                             r"RSA_2048, RSA_3072, RSA_4096, AES_256, HMAC_SHA256"):
+            client.generate_key("k", "ec_p521")
+        with pytest.raises(ValueError, match=r"unknown KeyUsage 'signing'; valid names: SIGN_VERIFY, "
+                                             r"ENCRYPT_DECRYPT, MAC"):
+            client.generate_key("k", "EC_P256", usage="signing")
+        with pytest.raises(ValueError, match=r"unknown Algorithm 'UNSPECIFIED'; valid names: ECDSA_SHA256, "):
+            client.sign("k", bytes(32), algorithm="UNSPECIFIED")
+    assert endpoint.calls == 3, "a call with a wrong name was sent"
+
+
+@pytest.mark.parametrize("timeout", [0, 0.0, -1, float("nan")])
+def test_a_timeout_that_leaves_no_time_is_refused_not_taken_for_the_default(endpoints, timeout) -> None:
+    (target, endpoint), _ = endpoints
+    with Client([target], timeout=5) as client:
+        with pytest.raises(ValueError, match=r"timeout must be more than 0 seconds.*None, the default"):
+            client.sign("k", bytes(32), timeout=timeout)
+        assert client.sign("k", bytes(32), timeout=None).signature == b"first"
+    assert endpoint.calls == 1
+    for option in ("timeout", "connect_timeout", "attempt_timeout"):
+        with pytest.raises(ValueError, match=f"^{option} must be more than 0 seconds"):
+            Client([target], **{option: timeout})
+
+
+@pytest.fixture
+def closed_port() -> Iterator[str]:
+    """A loopback address whose port is taken and not listening: connections are refused at once."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{bound.getsockname()[1]}"
+
+
+def test_a_refused_connection_moves_the_call_on_without_waiting_out_connect_timeout(
+    endpoints, closed_port, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new process whose first endpoint is down. connect_timeout is far longer than the call's
+    deadline: the call is answered only if the refusal itself moves it on."""
+    (target, endpoint), _ = endpoints
+    with caplog.at_level(logging.WARNING, logger="gateway.client"):
+        with Client([closed_port, target], timeout=3, connect_timeout=60) as client:
+            assert client.sign("k", bytes(32)).signature == b"first"
+            assert client.endpoint == target and client.failovers == 1
+    assert endpoint.calls == 1
+    [line] = [r.getMessage() for r in caplog.records]
+    # gRPC's own reason ("failed to connect to all addresses; last error: … Connection refused").
+    assert line.startswith(f"endpoint {closed_port} unreachable (") and line.endswith("); trying the next"), line
+    assert "Connection refused" in line
+
+
+def test_a_new_client_whose_first_endpoint_refuses_goes_to_the_next_for_a_key_creation(
+    endpoints, closed_port, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refused endpoint never had the request: another may make the key."""
+    (target, endpoint), _ = endpoints
+    with caplog.at_level(logging.WARNING, logger="gateway.client"):
+        with Client([closed_port, target], timeout=3, connect_timeout=60) as client:
+            assert client.generate_key("k", "EC_P256").primary_cluster == "first"
+    assert endpoint.calls == 1
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"endpoint {closed_port} unreachable"]
