@@ -1349,7 +1349,8 @@ class Router:
         are told to retry shortly (``KeyBeingCreated``). No attempt runs past the grace (each
         ends within half of it), so past it a retry of the request would take the creation over;
         without one, the key would answer "retry shortly" for good. The roll-back claims the
-        intent first, so a retry that took it over meanwhile keeps it, as in reconcile.
+        intent first, so a retry that took it over meanwhile keeps it, as in reconcile. An intent
+        that names a cluster whose token is not this store's fleet's (``fleet_check``) is left.
         """
         swept = 0
         now = self.wall_clock()
