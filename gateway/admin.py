@@ -52,6 +52,12 @@ LEFT_SHOWN = 5
 UNKNOWN_OBJECT = ("no record in the placement store names this key: never destroyed by the gateway; another "
                   "application's key, or [store] url names the wrong store (docs/operations.md)")
 """An `unknown` finding's detail."""
+OTHER_FLEET = ("this cluster's keys were made with another placement store (its token's fleet marker does not "
+               "list this store's): [store] url may name the wrong store; nothing is destroyed on it "
+               "(docs/operations.md)")
+"""An `other_fleet` finding's detail."""
+FLEET_UNREAD = "this cluster's fleet marker could not be read: nothing is destroyed on it until it is"
+"""A `fleet_unread` finding's detail."""
 
 def _forced(blocked: str | None) -> str:
     return f"; forced, so {blocked}" if blocked else ""
@@ -490,14 +496,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             findings += [pb.ReconcileFinding(kind="duplicate", cluster=c, key_id=k, detail=f"{n} {kind} objects")
                          for c, k, kind, n in report.duplicates]
             findings += [pb.ReconcileFinding(kind="unreachable", cluster=c) for c in report.unreachable]
+            findings += [pb.ReconcileFinding(kind="other_fleet", cluster=c, detail=OTHER_FLEET)
+                         for c in report.other_fleet]
+            findings += [pb.ReconcileFinding(kind="fleet_unread", cluster=c, detail=FLEET_UNREAD)
+                         for c in report.fleet_unread]
             response = pb.ReconcileResponse(findings=findings)
             if request.fix and findings:
                 fixable = sorted(report.fixable)
                 waiting = [c for c in self.changes.list() if c.state == PENDING and c.action == RECONCILE_FIX]
                 if not fixable:
                     response.note = ("nothing here is for a fix: duplicates, objects no record names, unreachable "
-                                     "clusters and keys that no named cluster holds are for an operator "
-                                     "(docs/operations.md)")
+                                     "clusters, another fleet's clusters and keys that no named cluster holds are "
+                                     "for an operator (docs/operations.md)")
                 elif waiting:
                     pending = waiting[0]
                     response.change.CopyFrom(_change_pb(pending))

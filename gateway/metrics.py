@@ -612,6 +612,7 @@ class GatewayMetrics:
             ("duplicate", report.duplicates),
             ("stale_intent", [k for k in report.stale_intents if k not in rolled_back]),
             ("unreachable", report.unreachable),
+            ("other_fleet", report.other_fleet),
         ):
             findings.labels(kind).set(len(found))
         finished.set_to_current_time()

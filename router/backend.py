@@ -83,6 +83,18 @@ class HsmBackend(abc.ABC):
         keeps none has nothing to do."""
         return None
 
+    def fleets(self, deadline: float) -> tuple[str, ...] | None:
+        """The fleet ids the token's fleet marker lists (``router.pkcs11._fleet``), oldest first;
+        None when the token has no marker (no gateway has marked it yet). A backend that keeps
+        no marker has none."""
+        return None
+
+    def mark(self, fleet_id: str, deadline: float) -> None:
+        """Add ``fleet_id`` to the token's fleet marker if it lacks it: called before a key object
+        is written there. Once per process: later calls cost nothing. A backend that keeps no
+        marker has nothing to do."""
+        return None
+
     @abc.abstractmethod
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
         """For each key id with token objects on this cluster (only ``key_id``'s, if given): how

@@ -26,6 +26,16 @@ Finds, per cluster:
   object is the key's is for an operator to establish (docs/operations.md). Until then
   the gateway serves the key from its other clusters.
 
+- **another fleet's tokens**: nothing is destroyed on a cluster (no orphan, no
+  destroyed key's object, no unfinished creation's) unless its token is this store's
+  fleet's: its fleet marker lists the store's fleet id (``Router.fleet_check``). Key ids
+  are chosen by callers, so another fleet's store names the same ids as this one: with
+  ``[store] url`` naming it, its destroyed keys and unfinished creations would be taken
+  for the live keys on these tokens. A token that lists only other fleets is reported
+  (``other_fleet``, at ERROR); one whose marker cannot be read is left alone for the
+  pass (``fleet_unread``). A token with no marker at all (made before markers) is
+  reconciled as before, and marked with the store's fleet id.
+
 A fix may be limited to the findings someone approved (``only``): those that no longer
 hold are skipped, and findings that were not approved are reported, not acted on.
 
@@ -46,7 +56,7 @@ from typing import Callable
 from router.errors import RouterError
 from router.model import KeyState
 from router.placement.store import Conflict, StoreError
-from router.router import NO_RECORD, Router
+from router.router import NO_RECORD, OTHER_FLEET, Router
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +87,11 @@ class ReconcileReport:
     """(cluster, key id, object class, how many) where a key has more than one object of a class."""
     unreachable: list[str] = field(default_factory=list)
     """Clusters that could not be checked."""
+    other_fleet: list[str] = field(default_factory=list)
+    """Clusters whose token's fleet marker lists other placement stores' fleets, not this store's:
+    their keys were made with another store, and nothing was destroyed on them."""
+    fleet_unread: list[str] = field(default_factory=list)
+    """Clusters whose token's fleet marker could not be read: nothing was destroyed on them this pass."""
     fixed: bool = False
     only: frozenset[Finding] | None = None
     """The findings a fix was limited to (None: every one it can act on)."""
@@ -90,7 +105,9 @@ class ReconcileReport:
     @property
     def fixable(self) -> list[Finding]:
         """The findings a fix would act on, as the report found them."""
-        return ([("stale_intent", "", k) for k in self.stale_intents] + [("orphan", c, k) for c, k in self.orphans]
+        left = {*self.other_fleet, *self.fleet_unread}  # nothing is destroyed there
+        return ([("stale_intent", "", k) for k in self.stale_intents]
+                + [("orphan", c, k) for c, k in self.orphans if c not in left]
                 + [("missing", c, k) for c, k in self.droppable])
 
     def approved(self, finding: Finding) -> bool:
@@ -99,10 +116,25 @@ class ReconcileReport:
     @property
     def clean(self) -> bool:
         return not (self.stale_intents or self.orphans or self.unknown or self.missing or self.duplicates
-                    or self.unreachable)
+                    or self.unreachable or self.other_fleet or self.fleet_unread)
 
     def summary(self) -> str:
         """One line for the log and the admin change's result: what was done (``fix``) or found."""
+        return self._summary() + self._fleets()
+
+    def _fleets(self) -> str:
+        """The summary's part about clusters reconcile destroyed nothing on: "" when there are none."""
+        parts = []
+        if self.other_fleet:
+            parts.append(f"{len(self.other_fleet)} clusters whose keys were made with another placement store "
+                         f"({', '.join(self.other_fleet)}; nothing destroyed there: [store] url may name the wrong "
+                         "store)")
+        if self.fleet_unread:
+            parts.append(f"{len(self.fleet_unread)} clusters whose fleet marker could not be read "
+                         f"({', '.join(self.fleet_unread)}; nothing destroyed there)")
+        return "".join(f", {part}" for part in parts)
+
+    def _summary(self) -> str:
         if not self.fixed:
             finished = (f"{len(self.finished)} objects of destroyed keys removed, " if self.finished else "")
             return (f"{finished}{len(self.stale_intents)} unfinished creations, {len(self.orphans)} orphan objects, "
@@ -152,6 +184,21 @@ def reconcile(
     deadline = time.monotonic() + deadline_s
     report = ReconcileReport(fixed=fix, only=only)
 
+    checked: dict[str, bool] = {}
+
+    def ours(name: str) -> bool:
+        """Whether reconcile may destroy on cluster ``name`` (its fleet is checked once a pass)."""
+        if name not in checked:
+            finding, why = router.fleet_check(name, deadline)
+            checked[name] = not finding
+            if finding == OTHER_FLEET:
+                report.other_fleet.append(name)
+                log.error("reconcile: cluster %s: %s. Nothing is destroyed on it (docs/operations.md)", name, why)
+            elif finding:
+                report.fleet_unread.append(name)
+                log.warning("reconcile: cluster %s: %s; nothing is destroyed on it this pass", name, why)
+        return checked[name]
+
     on_token: dict[str, set[str]] = {}
     for name, backend in router.backends.items():
         try:
@@ -161,6 +208,7 @@ def reconcile(
             report.unreachable.append(name)
             continue
         step()
+        ours(name)
         on_token[name] = set(objects)
         for key_id, counts in sorted(objects.items()):
             for kind, count in sorted(counts.items()):
@@ -180,6 +228,12 @@ def reconcile(
         if placement.state is KeyState.CREATING and now - placement.create_time >= grace:
             report.stale_intents.append(placement.key_id)
             if fix and report.approved(("stale_intent", "", placement.key_id)):
+                # Every cluster is looked at, before any is left out: each one not its fleet's is reported.
+                theirs = [name for name in placement.clusters if name in router.backends and not ours(name)]
+                if theirs:
+                    log.warning("reconcile: unfinished creation of %s not rolled back: nothing is destroyed on %s",
+                                placement.key_id, ", ".join(theirs))
+                    continue
                 # Router.roll_back claims the intent first: one a retry finished or took over since
                 # the scan keeps its objects (a version conflict, logged there).
                 if router.roll_back(placement, deadline):
@@ -212,9 +266,9 @@ def reconcile(
             if key_id in report.stale_intents:
                 continue  # handled with its intent
             # One look at the record: under the token's lock when it may end in a destroy.
-            destroy = fix and report.approved(("orphan", name, key_id))
+            destroy = fix and report.approved(("orphan", name, key_id)) and ours(name)
             why = _destroy_orphan(router, name, key_id, deadline) if destroy else router.why_kept(name, key_id)
-            if not why and not destroy and finish_destroys and _destroyed(router, key_id):
+            if not why and not destroy and finish_destroys and ours(name) and _destroyed(router, key_id):
                 why = _destroy_orphan(router, name, key_id, deadline)
                 if not why:
                     report.finished.append((name, key_id))

@@ -81,6 +81,11 @@ CLOSE_TIMEOUT = 5.0
 NO_RECORD = "no record in the placement store names the key"
 """What ``Router.why_kept`` answers for objects whose key id the store has no record of."""
 
+OTHER_FLEET = "other_fleet"
+"""``Router.fleet_check``: the token's fleet marker lists other stores' fleets, not this one's."""
+FLEET_UNREAD = "fleet_unread"
+"""``Router.fleet_check``: the token's fleet marker could not be read."""
+
 _RELOAD_AT_LEAST = 1000
 """A refresh re-reads changed keys one by one up to this many (or a tenth of the cache); beyond, it reloads."""
 
@@ -198,6 +203,9 @@ class Router:
         # Called at named points of multi-step changes; tests inject crashes here.
         self._fault = fault
         self.reload()
+        self.fleet_id = store.fleet_id()
+        """The store's fleet id: written on every token this router puts a key object on, and
+        what a token's marker must list before reconcile destroys anything there."""
 
     # -- placement cache -------------------------------------------------
 
@@ -660,6 +668,7 @@ class Router:
                 material["wrapped"], material["public_der"] = backend.generate_external(intent, deadline)
             else:
                 not_ours = self._not_ours(intent)
+                self._mark(backend, deadline)
                 backend.generate(intent, deadline, unless=not_ours)
                 made += self._replicate(
                     intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local,
@@ -789,6 +798,7 @@ class Router:
                 error = Unavailable(f"cluster {name} is not configured on this gateway", cluster=name)
             else:
                 try:
+                    self._mark(target, deadline)
                     target.import_wrapped(key, wrapped, public_der, deadline, unless=unless)
                 except (Stopping, KeyChanged):  # the stop, or another attempt's key there: no more copies
                     raise
@@ -808,6 +818,42 @@ class Router:
                 ) from error
             log.warning("key %s: copy to %s failed (%s); the repairer will retry", key.key_id, name, error.message)
         return made
+
+    def _mark(self, backend: HsmBackend, deadline: float) -> None:
+        """Record this store's fleet on the cluster's token before a key object is written there
+        (once per process). One that cannot be recorded only means reconcile may later leave that
+        token alone, not that the key cannot be made: logged, and the write goes on."""
+        try:
+            backend.mark(self.fleet_id, deadline)
+        except Stopping:
+            raise
+        except RouterError as exc:
+            log.warning("cluster %s: could not record fleet %s on its token (%s); tried again at its next key",
+                        backend.name, self.fleet_id, exc.message)
+
+    def fleet_check(self, name: str, deadline: float) -> tuple[str, str]:
+        """Whether cluster ``name``'s token is this store's fleet's, before something is destroyed
+        there on the store's word: ("", "") if its fleet marker lists this store's fleet id, or if
+        the token has no marker (made before markers: it gets this store's id now); else
+        (``OTHER_FLEET`` or ``FLEET_UNREAD``, why).
+
+        Key ids are chosen by callers, so two fleets' stores name the same ids: a gateway whose
+        ``[store] url`` names another fleet's store would take that store's destroyed keys and
+        unfinished creations for those of the keys on these tokens.
+        """
+        backend = self.backends[name]
+        try:
+            fleets = backend.fleets(deadline)
+        except RouterError as exc:
+            return FLEET_UNREAD, f"its fleet marker could not be read ({exc.message})"
+        if fleets is None:
+            self._mark(backend, deadline)
+            return "", ""
+        if self.fleet_id in fleets:
+            return "", ""
+        shown = ", ".join(fleets[-3:]) + (f" and {len(fleets) - 3} more" if len(fleets) > 3 else "")
+        return OTHER_FLEET, (f"its keys were made with another placement store: its token lists fleet(s) {shown}, "
+                             f"not this store's {self.fleet_id}; [store] url may name the wrong store")
 
     def _policy_holds(self, copies: int, clusters: list[str] | tuple[str, ...]) -> bool:
         return not self._policy_broken(copies, clusters)
@@ -1342,10 +1388,12 @@ class Router:
         are told to retry shortly (``KeyBeingCreated``). No attempt runs past the grace (each
         ends within half of it), so past it a retry of the request would take the creation over;
         without one, the key would answer "retry shortly" for good. The roll-back claims the
-        intent first, so a retry that took it over meanwhile keeps it, as in reconcile.
+        intent first, so a retry that took it over meanwhile keeps it, as in reconcile. An intent
+        that names a cluster whose token is not this store's fleet's (``fleet_check``) is left.
         """
         swept = 0
         now = self.wall_clock()
+        checked: dict[str, tuple[str, str]] = {}  # cluster -> its fleet check, once a pass
         for cached in self._cache.select(lambda p: p.state is KeyState.CREATING):
             if self._clock() >= deadline:
                 break
@@ -1361,6 +1409,13 @@ class Router:
                 self._remember(intent)
                 continue
             if now - intent.create_time < self.creation_grace:
+                continue
+            # Its roll-back destroys the objects under its id on every cluster it names: only on this fleet's.
+            refused = [(name, checked[name][1]) for name in intent.clusters if name in self.backends
+                       and checked.setdefault(name, self.fleet_check(name, deadline))[0]]
+            if refused:
+                log.error("unfinished creation of %s not rolled back: nothing is destroyed on cluster %s: %s",
+                          intent.key_id, refused[0][0], refused[0][1])
                 continue
             if self.roll_back(intent, deadline):
                 log.warning("rolled back the creation of %s, left unfinished %.0f s ago (request %s)",

@@ -104,7 +104,8 @@ def make_router(fleet: Fleet, tokens: TokenInspector, tmp_path: Path):
     """Build in-process Routers on the shared fleet's real tokens and placement store.
 
     They share the store with the fleet's gateway process, so reconciling from
-    them sees every key the gateway made (``store=`` gives one another store).
+    them sees every key the gateway made (``store=`` gives one another store, which takes
+    the fleet store's fleet id unless ``adopt_fleet=False``).
     """
     import tomllib
 
@@ -118,6 +119,7 @@ def make_router(fleet: Fleet, tokens: TokenInspector, tmp_path: Path):
     pins = tomllib.loads(fleet.secrets_path.read_text())["clusters"]
     built: list[Router] = []
     store_path = config.store_path()
+    fleet_store = SqliteStore(store_path)
 
     def build(spec_changes: dict | None = None, **kwargs) -> Router:
         import dataclasses
@@ -129,6 +131,11 @@ def make_router(fleet: Fleet, tokens: TokenInspector, tmp_path: Path):
             backends[spec.name] = Pkcs11Cluster(tokens.module, spec, Secret(pins[spec.name]["user_pin"]))
         topology = Topology(home_region=config.home_region, dr_regions=config.dr_regions, regions=config.regions)
         store = kwargs.pop("store", None) or SqliteStore(store_path)
+        if kwargs.pop("adopt_fleet", True):
+            # A test's own store stands for the fleet's store on the shared tokens, as a migrated copy
+            # of it would: with a fleet id of its own, each would add one to the tokens' markers, which
+            # keep 16, and the gateway's and the fleet store's reconciles would find theirs gone.
+            store.fleet_id(fleet_store.fleet_id())
         router = Router(topology, backends, store, **kwargs)
         built.append(router)
         return router
@@ -136,3 +143,4 @@ def make_router(fleet: Fleet, tokens: TokenInspector, tmp_path: Path):
     yield build
     for router in built:
         router.close()
+    fleet_store.close()

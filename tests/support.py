@@ -169,14 +169,32 @@ class TokenInspector:
         return self._sessions[cluster]
 
     def objects(self, cluster: str, key_id: str) -> list[Any]:
-        """Every object with CKA_LABEL = key_id on the cluster's token."""
-        return list(self.session(cluster).get_objects({Attribute.LABEL: key_id}))
+        """Every key object with CKA_LABEL = key_id on the cluster's token (not the fleet marker,
+        a data object: a key may be called "hsmgw-fleet" too)."""
+        return [obj for obj in self.session(cluster).get_objects({Attribute.LABEL: key_id})
+                if obj.object_class is not ObjectClass.DATA]
 
     def classes(self, cluster: str, key_id: str) -> set[ObjectClass]:
         return {obj.object_class for obj in self.objects(cluster, key_id)}
 
     def count(self, cluster: str) -> int:
-        return sum(1 for _ in self.session(cluster).get_objects({Attribute.TOKEN: True}))
+        """Token objects on the cluster, but for its fleet marker (which the first key a store puts
+        there may add)."""
+        return sum(1 for obj in self.session(cluster).get_objects({Attribute.TOKEN: True})
+                   if obj.object_class is not ObjectClass.DATA)
+
+    def fleets(self, cluster: str) -> tuple[str, ...] | None:
+        """The fleet ids the token's fleet marker lists; None when it has none."""
+        from router.pkcs11 import _fleet
+
+        return _fleet.listed(list(self.session(cluster).get_objects(_fleet.MARKER)))
+
+    def unmark(self, cluster: str) -> None:
+        """Take the token's fleet marker away, as on a token from before markers."""
+        from router.pkcs11 import _fleet
+
+        for marker in list(self.session(cluster).get_objects(_fleet.MARKER)):
+            marker.destroy()
 
     @property
     def module(self) -> Any:

@@ -254,6 +254,14 @@ def _store_migrate(args: argparse.Namespace) -> None:
     try:
         dest = _open_store(args.dest)
         try:
+            # The fleet id goes first: the tokens' fleet markers name it, and a gateway on the
+            # destination must find its id there, or its reconcile destroys nothing on them.
+            fleet = source.fleet_id()
+            took = dest.fleet_id(fleet)
+            if took != fleet:
+                fail(f"{args.dest} belongs to fleet {took} and {args.source} to fleet {fleet}: the destination is "
+                     "another fleet's placement store (a shared or wrong table), and a fleet's keys belong with "
+                     "its own store; nothing was copied. Name an empty store, or this fleet's own")
             copy_placements(source, dest, report)
             # Records the destination holds that the source does not: another fleet's (a shared or
             # wrong table), or keys made there since a switch-over. Left alone, and named.
@@ -272,7 +280,7 @@ def _store_migrate(args: argparse.Namespace) -> None:
         source.close()
     counts = {name: len(getattr(report, name)) for name in ("copied", "identical", "differing", "failed")}
     if args.output == "json":
-        print(json.dumps({**counts, "differing_keys": report.differing,
+        print(json.dumps({**counts, "fleet_id": fleet, "differing_keys": report.differing,
                           "failed_records": [{"record": name, "error": why} for name, why in report.failed],
                           "not_in_source": len(foreign), "not_in_source_keys": foreign[:20]}))
     else:
@@ -280,6 +288,7 @@ def _store_migrate(args: argparse.Namespace) -> None:
             print(f"differs: {key_id} (destination left unchanged)")
         for name, why in report.failed:
             print(f"not copied: {name}: {why}")
+        print(f"fleet id {fleet} (the tokens' fleet markers name it)")
         print(f"copied {counts['copied']}, identical {counts['identical']} (skipped), differing {counts['differing']}, "
               f"failed {counts['failed']}")
         if foreign:

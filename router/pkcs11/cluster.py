@@ -29,7 +29,7 @@ from router.errors import (
     WrongKeyUsage,
 )
 from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
-from router.pkcs11 import _keys, _oaep
+from router.pkcs11 import _fleet, _keys, _oaep
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import LockTimeout, Module
 from router.pkcs11._signer import Signer, sign_with
@@ -64,6 +64,8 @@ class Pkcs11Cluster(HsmBackend):
         self._signer: Signer | None = None
         self._clock = clock
         self._native_oaep = True
+        self._marked: set[str] = set()
+        """Fleet ids this process has seen on the token's marker, or written there."""
         try:
             self._pool = SessionPool(module, spec, pin, clock=clock)
         except p11.PinIncorrect as exc:
@@ -354,6 +356,30 @@ class Pkcs11Cluster(HsmBackend):
             if found:
                 self._pool.invalidate_keys()
         return destroyed
+
+    def fleets(self, deadline: float) -> tuple[str, ...] | None:
+        def run(s: PooledSession) -> tuple[str, ...] | None:
+            with s.objects.searching():
+                found = list(s.handle.get_objects(_fleet.MARKER))
+            self._logged_in(s)  # the marker is private: without the login, every token looks unmarked
+            return _fleet.listed(found)
+
+        return self._run(deadline, run)
+
+    def mark(self, fleet_id: str, deadline: float) -> None:
+        if fleet_id in self._marked:
+            return
+
+        def run(s: PooledSession) -> None:
+            with self._changing(s, deadline):
+                found = list(s.handle.get_objects(_fleet.MARKER))
+                self._logged_in(s)
+                if _fleet.add(s.handle, found, fleet_id):
+                    log.info("cluster %s: fleet %s recorded on token %r", self.spec.name, fleet_id,
+                             self.spec.token_label)
+
+        self._run(deadline, run)
+        self._marked.add(fleet_id)
 
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
         search: dict[Attribute, bool | bytes] = {Attribute.TOKEN: True}

@@ -12,6 +12,9 @@ the partition key ``key_id`` and told apart by their ``kind`` attribute:
     id can never make two keys.
 ``meta#changes`` (kind ``meta``)
     The change counter, incremented (``ADD``) by every write transaction.
+``meta#fleet`` (kind ``meta``)
+    The store's fleet id (``fleet_id``), put once with ``attribute_not_exists``, never
+    changed; outside the change log and the counter, as it is no key's.
 ``admin#<name>`` (kind ``admin``)
     An admin record (pending quorum changes, operator switches): ``body`` is its JSON
     text and ``version`` its version; written with a condition on that version.
@@ -70,7 +73,15 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement.store import ChangeLog, Conflict, PlacementStore, Stale, StoreError, StoreMisconfigured
+from router.placement.store import (
+    ChangeLog,
+    Conflict,
+    PlacementStore,
+    Stale,
+    StoreError,
+    StoreMisconfigured,
+    new_fleet_id,
+)
 
 __all__ = ["DynamoStore", "TABLE_DEFINITION"]
 
@@ -81,6 +92,7 @@ _REQUEST = "request"
 _META = "meta"
 _REQUEST_PREFIX = "req#"
 _COUNTER_KEY = "meta#changes"
+_FLEET_KEY = "meta#fleet"
 _LOG = "log"
 _LOG_PREFIX = "log#"
 _LOG_MARGIN = 30
@@ -340,6 +352,29 @@ class DynamoStore(PlacementStore):
                 return
 
     # -- PlacementStore
+
+    def fleet_id(self, proposed: str | None = None) -> str:
+        found = self._get_item(_key(_FLEET_KEY))
+        if found is None:
+            try:
+                self._client.put_item(
+                    TableName=self.table,
+                    Item={**_key(_FLEET_KEY), "kind": {"S": _META}, "fleet_id": {"S": proposed or new_fleet_id()}},
+                    ConditionExpression="attribute_not_exists(#k)",
+                    ExpressionAttributeNames={"#k": "key_id"},
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                    raise self._failed("PutItem", exc) from exc
+                # Another process made it first: its id is the store's.
+            except BotoCoreError as exc:
+                raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
+            found = self._get_item(_key(_FLEET_KEY))
+        try:
+            return str(found["fleet_id"]["S"])  # type: ignore[index]
+        except (KeyError, TypeError) as exc:
+            raise StoreError(f"placement store dynamodb://{self.table}: malformed fleet id item {_FLEET_KEY!r}: "
+                             f"{exc!r}") from exc
 
     def get(self, key_id: str) -> Placement | None:
         return _decode(self._get_item(_key(key_id)))

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement.store import ChangeLog, Conflict, PlacementStore, Stale, StoreError, StoreMisconfigured
+from router.placement.store import (
+    ChangeLog,
+    Conflict,
+    PlacementStore,
+    Stale,
+    StoreError,
+    StoreMisconfigured,
+    new_fleet_id,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS placements (
@@ -44,6 +52,7 @@ CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), count
 INSERT OR IGNORE INTO changes (id, counter) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS change_log (counter INTEGER PRIMARY KEY, key_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS admin_records (name TEXT PRIMARY KEY, body TEXT NOT NULL, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _ADDED_COLUMNS = (
@@ -217,6 +226,15 @@ class SqliteStore(PlacementStore):
             raise
         except sqlite3.Error as exc:
             raise StoreError(f"placement store error: {exc}") from exc
+
+    def fleet_id(self, proposed: str | None = None) -> str:
+        rows = self._query("SELECT value FROM meta WHERE name = 'fleet_id'")
+        if not rows:
+            # The first writer's id stays: every other process's insert is ignored, and it reads that one.
+            self._query("INSERT OR IGNORE INTO meta (name, value) VALUES ('fleet_id', ?)",
+                        (proposed or new_fleet_id(),))
+            rows = self._query("SELECT value FROM meta WHERE name = 'fleet_id'")
+        return str(rows[0][0])
 
     def get(self, key_id: str) -> Placement | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM placements WHERE key_id = ?", (key_id,))

@@ -9,11 +9,18 @@ overwrite each other's placement.
 The store also keeps the operators' state that every gateway must share: pending
 quorum changes and the drain and failover switches (``admin_record``), under the
 same rule: a write names the version it read.
+
+Each store has a fleet id (``fleet_id``): made once, then stable for good. The gateway
+writes it on every token it puts keys on (``router.pkcs11._fleet``), and reconcile
+destroys nothing on a token that lists other stores' ids but not its own: a gateway
+whose ``[store] url`` names another fleet's store must not take that store's records
+for the keys on its tokens.
 """
 
 from __future__ import annotations
 
 import abc
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -50,7 +57,18 @@ class Stale(Exception):
         self.name = name
 
 
+def new_fleet_id() -> str:
+    """A fleet id for a store that has none: 128 random bits, in hex."""
+    return secrets.token_hex(16)
+
+
 class PlacementStore(abc.ABC):
+    @abc.abstractmethod
+    def fleet_id(self, proposed: str | None = None) -> str:
+        """The store's fleet id. A store that has none is given ``proposed`` (else
+        ``new_fleet_id()``) with a conditional write: of concurrent callers one wins, and
+        every one of them gets its value. Never changes once made."""
+
     @abc.abstractmethod
     def get(self, key_id: str) -> Placement | None: ...
 

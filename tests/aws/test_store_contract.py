@@ -309,6 +309,57 @@ def test_concurrent_creates_of_one_key_id_have_exactly_one_winner(backend: Backe
         assert stores[-1].by_request(f"req-{i}") == expected
 
 
+# -- the fleet id ---------------------------------------------------------------------------
+
+
+def test_the_fleet_id_is_made_once_and_stays_across_reopening(backend: Backend, url: str) -> None:
+    first = backend.open(url).fleet_id()
+    assert len(first) == 32 and int(first, 16) >= 0  # 128 random bits, in hex
+    assert backend.open(url).fleet_id() == first
+    assert backend.open(url).fleet_id("another-fleet") == first  # never replaced
+    assert backend.open(backend.fresh()).fleet_id() != first  # another store, another fleet
+
+
+def test_a_store_with_no_fleet_id_takes_the_one_proposed(store: PlacementStore) -> None:
+    assert store.fleet_id("0123456789abcdef0123456789abcdef") == "0123456789abcdef0123456789abcdef"
+    assert store.fleet_id() == "0123456789abcdef0123456789abcdef"
+
+
+def test_concurrent_first_readers_of_the_fleet_id_agree_on_one(backend: Backend, url: str) -> None:
+    threads = 8
+    stores = [backend.open(url) for _ in range(threads)]  # one per gateway process
+    barrier = threading.Barrier(threads)
+    seen: list[str | BaseException] = []
+
+    def read(i: int) -> None:
+        barrier.wait()
+        try:
+            seen.append(stores[i].fleet_id(f"{i:032x}"))  # each proposes its own
+        except BaseException as exc:  # noqa: B036 - reported by the assertion below
+            seen.append(exc)
+
+    workers = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=30)
+    assert len(seen) == threads and len(set(seen)) == 1, seen
+    assert seen[0] in {f"{i:032x}" for i in range(threads)}
+    assert backend.open(url).fleet_id() == seen[0]
+
+
+def test_the_fleet_id_is_no_placement_admin_record_or_change(store: PlacementStore) -> None:
+    store.create(make("a/1"))
+    counter = store.change_counter()
+    log = store.change_log()
+    store.fleet_id()
+    assert [p.key_id for p in store.scan()] == ["a/1"]
+    assert [p.key_id for p in store.list()] == ["a/1"]
+    assert list(store.admin_records()) == []
+    assert store.change_counter() == counter
+    assert log is None or log.read() == ()
+
+
 # -- admin records (pending quorum changes, operator switches) ------------------------------
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import uuid
@@ -104,8 +105,8 @@ def test_migrate_copies_everything_and_a_rerun_is_a_no_op(
         counter = dest.change_counter()
         hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
         report = json.loads(capsys.readouterr().out)
-        assert report == {"copied": 0, "identical": 50, "differing": 0, "failed": 0, "differing_keys": [],
-                          "failed_records": [], "not_in_source": 0, "not_in_source_keys": []}
+        assert report == {"copied": 0, "identical": 50, "differing": 0, "failed": 0, "fleet_id": src.fleet_id(),
+                          "differing_keys": [], "failed_records": [], "not_in_source": 0, "not_in_source_keys": []}
         assert dest.change_counter() == counter, "a re-run must not write"
     finally:
         dest.close()
@@ -187,7 +188,9 @@ def test_migrate_as_a_user_runs_it(
     assert init.returncode == 0, init.stderr
     done = run("store", "migrate", "--from", relative, "--to", dst_url)
     assert done.returncode == 0, done.stderr
-    _all_copied(done.stdout.strip(), 50)
+    fleet_line, copied_line = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"fleet id [0-9a-f]{32} \(the tokens' fleet markers name it\)", fleet_line), fleet_line
+    _all_copied(copied_line, 50)
 
     typo = run("store", "migrate", "--from", "sqlite:placement.db", "--to", dst_url)
     assert typo.returncode == 1
@@ -271,3 +274,58 @@ def test_a_source_that_stops_answering_is_named_as_the_failure(tmp_path: Path, m
     err = capsys.readouterr().err.strip()
     assert err == ("error: placement store error: disk I/O error; copied 0 before that: run the same command again "
                    "once it answers (what is there is skipped)")
+
+
+def test_migrate_gives_the_destination_the_sources_fleet_id(
+    moto_server: MotoServer, source: tuple[str, list[Placement]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tokens' fleet markers name the source's fleet: a gateway switched over to the destination
+    must find its store's id there, or its reconcile destroys nothing on them."""
+    src_url, _ = source
+    fleet = make_store(src_url).fleet_id()
+    dst_url = moto_server.store_url(f"fleet-{uuid.uuid4().hex[:8]}")
+    hsmgw(["store", "init", "--url", dst_url])
+    capsys.readouterr()
+    hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
+    assert json.loads(capsys.readouterr().out)["fleet_id"] == fleet
+    dest = make_store(dst_url)
+    try:
+        assert dest.fleet_id() == fleet
+        assert len(_contents(dest)) == 50
+    finally:
+        dest.close()
+    hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url])  # a re-run: the same fleet, nothing to copy
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        "copied 0, identical 50 (skipped), differing 0, failed 0"
+
+
+def test_migrate_into_another_fleets_store_is_refused_and_copies_nothing(
+    moto_server: MotoServer, source: tuple[str, list[Placement]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A destination with a fleet id of its own is another fleet's store (a wrong or shared table):
+    merging this fleet's records into it would have its gateways act on them against their tokens."""
+    src_url, _ = source
+    fleet = make_store(src_url).fleet_id()
+    dst_url = moto_server.store_url(f"other-{uuid.uuid4().hex[:8]}")
+    hsmgw(["store", "init", "--url", dst_url])
+    dest = make_store(dst_url)
+    try:
+        theirs = dest.fleet_id()  # its own gateways made it
+        dest.create(dataclasses.replace(_placements(1)[0], key_id="theirs/key", request_id="theirs"))
+        counter = dest.change_counter()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url])
+        assert exit_info.value.code == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.strip().splitlines() == [
+            f"error: {dst_url} belongs to fleet {theirs} and {src_url} to fleet {fleet}: the destination is another "
+            "fleet's placement store (a shared or wrong table), and a fleet's keys belong with its own store; "
+            "nothing was copied. Name an empty store, or this fleet's own"]
+        assert [p.key_id for p in dest.scan()] == ["theirs/key"]
+        assert list(dest.admin_records()) == []
+        assert dest.change_counter() == counter
+        assert dest.fleet_id() == theirs
+    finally:
+        dest.close()

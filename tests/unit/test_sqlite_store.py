@@ -254,6 +254,21 @@ def test_a_store_made_before_keys_could_be_held_opens_with_none_held(tmp_path: P
     assert SqliteStore(path).get("app/old").held is True  # type: ignore[union-attr]
 
 
+def test_a_store_made_before_fleet_ids_gets_one_and_keeps_its_keys(tmp_path: Path) -> None:
+    """An existing placements.db (no ``meta`` table) gains the table and a fleet id; then keeps that id."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    SqliteStore(path).create(make(key_id="app/old"))
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE meta")
+    store = SqliteStore(path)
+    assert store.get("app/old") is not None
+    fleet = store.fleet_id()
+    assert SqliteStore(path).fleet_id() == fleet
+    assert [p.key_id for p in SqliteStore(path).scan()] == ["app/old"]
+
+
 def test_a_file_in_a_missing_directory_is_a_store_that_cannot_be_used_whatever_the_time(tmp_path: Path) -> None:
     """A gateway stops for good on it (EX_CONFIG), rather than being restarted forever."""
     with pytest.raises(StoreMisconfigured, match=f"the directory {tmp_path / 'nope'} does not exist$"):

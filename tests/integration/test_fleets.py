@@ -1,0 +1,184 @@
+"""Fleet markers: reconcile destroys only on tokens of its store's fleet.
+
+Key ids are chosen by callers, so a staging fleet and a production fleet name the same keys.
+A gateway whose ``[store] url`` names the other fleet's store must not take that store's
+destroyed keys, unfinished creations or placements for the keys on its own tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import Attribute
+
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement
+from router.pkcs11 import _fleet
+from router.placement.sqlite import SqliteStore
+from router.reconcile import reconcile
+from router.router import Router
+from tests.support import TokenInspector, placement, stored, unique
+
+CLUSTERS = ["use1-a", "use1-b", "usw2-a"]
+
+
+def _spec(key_id: str) -> KeySpec:
+    return KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                   request_id=f"req-{key_id}")
+
+
+def _marked(router: Router) -> None:
+    """Every token lists the router's fleet, as once it has put a key on each of them."""
+    for backend in router.backends.values():
+        backend.mark(router.fleet_id, time.monotonic() + 30)
+
+
+def _signs(router: Router, key: Placement) -> None:
+    """The key signs, and the signature verifies under its public key outside any HSM."""
+    message = f"payment for {key.key_id}".encode()
+    signature, _ = router.sign(key.key_id, Operation.ECDSA_SHA256, None, message, time.monotonic() + 10)
+    _, der = router.public_key(key.key_id, time.monotonic() + 10)
+    public = serialization.load_der_public_key(der)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+
+
+def _held(tokens: TokenInspector, key: Placement) -> None:
+    for cluster in key.clusters:
+        assert len(tokens.objects(cluster, key.key_id)) == 2, (cluster, key.key_id)
+
+
+def test_another_fleets_store_destroys_none_of_this_fleets_keys(make_router, tokens, tmp_path: Path,
+                                                                 caplog) -> None:
+    ours = make_router()
+    _marked(ours)
+    signing = ours.generate_key(_spec(unique("payments/signing")), time.monotonic() + 30)
+    creating = ours.generate_key(_spec(unique("payments/settle")), time.monotonic() + 30)
+    placed = ours.generate_key(_spec(unique("payments/refund")), time.monotonic() + 30)
+    _signs(ours, signing)
+
+    # The other fleet's store names the same ids: one destroyed there, one whose creation stopped
+    # half-way there long ago, one it placed on a cluster where this fleet's copy is not.
+    theirs = SqliteStore(tmp_path / "staging.db")
+    long_ago = time.time() - 3600
+    theirs.create(stored(signing.key_id, state=KeyState.DESTROYED, primary=signing.primary,
+                         replicas=signing.replicas, create_time=long_ago))
+    theirs.create(stored(creating.key_id, state=KeyState.CREATING, primary=creating.primary,
+                         replicas=creating.replicas, create_time=long_ago))
+    elsewhere = next(name for name in CLUSTERS if name not in placed.clusters)
+    theirs.create(stored(placed.key_id, state=KeyState.ENABLED, primary=elsewhere, replicas=(), copies=1,
+                         create_time=long_ago))
+    wrong = make_router(store=theirs, adopt_fleet=False)  # [store] url names the staging table
+    assert wrong.fleet_id != ours.fleet_id
+
+    with caplog.at_level(logging.ERROR, logger="router.reconcile"):
+        report = reconcile(wrong, fix=True, finish_destroys=True)
+    assert sorted(report.other_fleet) == CLUSTERS
+    assert report.removed == [] and report.finished == [] and report.rolled_back == []
+    assert creating.key_id in report.stale_intents
+    assert "3 clusters whose keys were made with another placement store" in report.summary()
+    assert "[store] url may name the wrong store" in report.summary()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR
+              and "another placement store" in r.getMessage()]
+    for cluster in CLUSTERS:  # one line per cluster, saying what to look at and what was not done
+        said = [m for m in errors if m.startswith(f"reconcile: cluster {cluster}: ")]
+        assert len(said) == 1, errors
+        assert "[store] url may name the wrong store" in said[0] and "Nothing is destroyed on it" in said[0]
+
+    # The repairer's sweep of unfinished creations leaves them too.
+    assert wrong.sweep_intents(time.monotonic() + 30) == 0
+
+    for key in (signing, creating, placed):
+        _held(tokens, key)
+        _signs(ours, key)
+    assert theirs.get(creating.key_id) is not None  # its intent stays in its store, for its own fleet
+    for cluster in CLUSTERS:  # nothing of the other store was written on this fleet's tokens
+        assert wrong.fleet_id not in (tokens.fleets(cluster) or ())
+
+
+def test_the_same_fleets_reconcile_still_removes_strays_and_rolls_back_intents(make_router, tokens) -> None:
+    """On tokens that list the store's fleet (among others: a token may serve two fleets), a
+    destroyed key's stray copy goes at the periodic reconcile and a stale intent is rolled back."""
+    router = make_router()
+    _marked(router)
+    for cluster in CLUSTERS:  # another fleet that shares the tokens, marked after this one
+        router.backends[cluster].mark(f"{int(time.time()):032x}", time.monotonic() + 30)
+    gone = router.generate_key(_spec(unique("fleet/gone")), time.monotonic() + 30)
+    stray = next(name for name in CLUSTERS if name not in gone.clusters)
+    router.backends[stray].generate(placement(gone.key_id, gone.algorithm), time.monotonic() + 30)
+    router.destroy_key(gone.key_id, time.monotonic() + 30)  # its process stops before its sweep of strays
+    assert len(tokens.objects(stray, gone.key_id)) == 2
+
+    report = reconcile(make_router(), fix=False, finish_destroys=True)  # the next gateway's periodic one
+    assert (stray, gone.key_id) in report.finished and report.other_fleet == []
+    assert tokens.objects(stray, gone.key_id) == []
+
+    stale_id = unique("fleet/stale")
+    intent = stored(stale_id, primary="use1-a", replicas=("usw2-a",), create_time=time.time() - 3600)
+    router.store.create(intent)
+    for cluster in intent.clusters:
+        router.backends[cluster].generate(placement(stale_id, KeyAlgorithm.EC_P256), time.monotonic() + 30)
+    report = reconcile(router, fix=True)
+    assert stale_id in report.rolled_back
+    assert all(tokens.objects(cluster, stale_id) == [] for cluster in intent.clusters)
+    assert router.store.get(stale_id) is None
+
+
+def test_a_token_from_before_markers_is_reconciled_as_before_and_marked(make_router, tokens) -> None:
+    router = make_router()
+    _marked(router)
+    key = router.generate_key(_spec(unique("fleet/legacy")), time.monotonic() + 30)
+    stray = next(name for name in CLUSTERS if name not in key.clusters)
+    router.backends[stray].generate(placement(key.key_id, key.algorithm), time.monotonic() + 30)
+    tokens.unmark(stray)
+    assert tokens.fleets(stray) is None
+
+    report = reconcile(make_router(), fix=True)  # a new process: it has marked nothing yet
+    assert (stray, key.key_id) in report.removed and stray not in report.other_fleet
+    assert tokens.objects(stray, key.key_id) == []
+    assert tokens.fleets(stray) == (router.fleet_id,)
+    _held(tokens, key)
+
+
+def test_the_marker_is_no_key_object(make_router, tokens) -> None:
+    """Listings that count keys never count the marker: not reconcile's, not an operator's."""
+    router = make_router()
+    _marked(router)
+    for cluster in CLUSTERS:
+        marker = list(tokens.session(cluster).get_objects(_fleet.MARKER))
+        assert len(marker) == 1
+        assert router.fleet_id in (tokens.fleets(cluster) or ())
+        assert _fleet.LABEL not in router.backends[cluster].key_objects(time.monotonic() + 30)
+    assert not [k for _, k in reconcile(router, fix=False).unknown if k == _fleet.LABEL]
+
+
+def test_a_creation_marks_the_tokens_it_writes_to_once_and_keeps_sixteen_fleets(make_router, tokens,
+                                                                               tmp_path: Path) -> None:
+    others = [f"{i:032x}" for i in range(1, 17)]
+    router = make_router()
+    target = CLUSTERS[0]
+    for fleet in others:  # sixteen other fleets since this one
+        router.backends[target].mark(fleet, time.monotonic() + 30)
+    assert tokens.fleets(target) == tuple(others)
+
+    store = SqliteStore(tmp_path / "new-fleet.db")
+    fresh = make_router(store=store, adopt_fleet=False)
+    pinned = unique("fleet/pinned")
+    fresh.pin(pinned, target)
+    key = fresh.generate_key(_spec(pinned), time.monotonic() + 30)
+    assert key.primary == target
+    assert tokens.fleets(target) == (*others[1:], fresh.fleet_id)  # the oldest forgotten, the newest last
+    for cluster in key.clusters:
+        assert fresh.fleet_id in (tokens.fleets(cluster) or ())
+    marker = list(tokens.session(target).get_objects(_fleet.MARKER))
+    assert len(marker) == 1
+    before = bytes(marker[0][Attribute.VALUE])
+    again = unique("fleet/again")
+    fresh.pin(again, target)
+    assert fresh.generate_key(_spec(again), time.monotonic() + 30).primary == target
+    # A second key leaves the marker as it was.
+    assert [bytes(m[Attribute.VALUE]) for m in tokens.session(target).get_objects(_fleet.MARKER)] == [before]
+    _marked(make_router())  # the shared fleet's own id back on the token, for the tests after this one
