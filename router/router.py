@@ -116,6 +116,10 @@ class Topology:
     """Region name → cluster names."""
 
 
+def _counted(objects: dict[str, int]) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in sorted(objects.items()))
+
+
 def _same_request(earlier: Placement, spec: KeySpec) -> bool:
     """Whether ``spec`` asks for what made ``earlier`` (a retry of its request). Copies left to the
     gateway's policy (0) and the count the key was made with are the same request."""
@@ -540,6 +544,10 @@ class Router:
             )
         primary, replicas, pinned = self._choose_clusters(spec.key_id, copies, pin,
                                                           needs_room=spec.storage is KeyStorage.TOKEN)
+        if spec.storage is KeyStorage.TOKEN:
+            existing = self._unrecorded_objects(spec, (primary, *replicas), deadline)
+            if existing is not None:
+                return existing
         # Held: rebalance leaves it where the operator put it (rebalance never moves the others).
         held = pinned and spec.storage is KeyStorage.TOKEN and spec.extractable
         intent = Placement(
@@ -565,6 +573,39 @@ class Router:
                 return existing
             raise AlreadyExists(f"key {spec.key_id!r} already exists") from None
         return self._materialise(intent, self._within_claim(deadline))
+
+    def _unrecorded_objects(self, spec: KeySpec, clusters: tuple[str, ...], deadline: float) -> Placement | None:
+        """Before a new key's record is written: refuse to make it where objects under its id
+        already are, and no record names them.
+
+        A creation clears what is under its key id on a cluster before it makes the key (an
+        earlier attempt's leftovers). Every attempt writes its record before its objects, so
+        objects found before there is a record are none of this store's attempts': another
+        application's key, or a key made with another placement store (a wrong ``[store] url``,
+        an empty table). Clearing them would destroy that key; reconcile never does either.
+        A cluster that cannot be searched now is left to the creation, which fails there as it
+        would have. Returns what ``_existing`` finds if a record appeared meanwhile (another
+        attempt made those objects)."""
+        for name in clusters:
+            backend = self.backends.get(name)
+            if backend is None:
+                continue
+            try:
+                found = backend.key_objects(deadline, key_id=spec.key_id).get(spec.key_id)
+            except RouterError:
+                continue
+            if not found:
+                continue
+            existing = self._existing(spec)  # another attempt, since this one looked
+            if existing is not None:
+                return existing
+            raise FailedPrecondition(
+                f"cluster {name} already holds objects under key id {spec.key_id!r} ({_counted(found)}) that no "
+                "record in the placement store names: another application's key, or one made with another "
+                "placement store ([store] url names the wrong store?). Nothing was made or destroyed; an operator "
+                "decides what they are (docs/operations.md, objects no record names)",
+                cluster=name, region=backend.spec.region)
+        return None
 
     def _existing(self, spec: KeySpec) -> Placement | None:
         """The key an earlier attempt of this request made; errors for clashes."""

@@ -865,7 +865,8 @@ def test_a_cluster_that_fails_while_a_late_creation_drops_its_copies_keeps_one_r
     """The creation outlived its roll-back (which removed the key from its primary), and the cluster it
     copied the key to since does not answer when it drops that copy: the caller is told to retry as
     before, each cluster is asked, a WARNING names the copy left, and reconcile lists it as an object
-    no record names; the caller's retry makes the key."""
+    no record names. The caller's retry is refused while that copy is there (no record names it, so it
+    could be any key's), and makes the key once an operator has removed it."""
     key_id = unique("outlived-down")
     router, _ = _rolled_back_at_the_copy(make_router, key_id, another_host=True)
     asked: list[str] = []
@@ -888,6 +889,11 @@ def test_a_cluster_that_fails_while_a_late_creation_drops_its_copies_keeps_one_r
     assert (f"creation of {key_id} outlived its roll-back; its copy on {down}, which no record names, could not be "
             f"removed (cluster {down} did not answer): reconcile lists it as an object no record names") in caplog.text
     assert (down, key_id) in reconcile(make_router(), fix=False).unknown
-    made = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True)).generate_key(
-        _spec(key_id), time.monotonic() + 30)
+    retry = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True))
+    with pytest.raises(FailedPrecondition, match=f"cluster {down} already holds objects under key id"):
+        retry.generate_key(_spec(key_id), time.monotonic() + 30)  # the same clusters as the first attempt
+    assert len(tokens.objects(down, key_id)) == 2 and retry.store.get(key_id) is None
+    for obj in tokens.objects(down, key_id):  # the operator removes it
+        obj.destroy()
+    made = retry.generate_key(_spec(key_id), time.monotonic() + 30)
     assert made.state is KeyState.ENABLED and all(len(tokens.objects(c, key_id)) == 2 for c in made.clusters)
