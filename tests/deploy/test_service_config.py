@@ -73,6 +73,8 @@ def test_the_pushback_for_a_key_being_created_spreads_generate_keys_attempts_ove
     retries = min(policy["retryPolicy"]["maxAttempts"], 5) - 1
     waited = retries * errors.KeyBeingCreated.retry_after
     assert 0.75 * timeout <= waited < timeout, (waited, timeout)
+    proto = (ROOT / "protos" / "hsmgw" / "v1" / "crypto.proto").read_text()
+    assert f"RetryInfo delay of {errors.KeyBeingCreated.retry_after:g} s" in proto, "docs/api.md says another delay"
 
 
 def test_every_unary_call_has_a_deadline_and_a_retry_policy() -> None:
