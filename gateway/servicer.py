@@ -108,18 +108,21 @@ def _page_after(prefix: str, token: str) -> str:
     that no listing returned, or one a listing of another prefix returned."""
     if not token:
         return ""
+    not_a_token = InvalidArgument("page_token is not one ListKeys returned; list again without it")
+    if not token.startswith(PAGE_TOKEN_MARK):
+        raise not_a_token
+    body = token[len(PAGE_TOKEN_MARK):]
     try:
-        if not token.startswith(PAGE_TOKEN_MARK):
-            raise ValueError("no mark")
-        body = token[len(PAGE_TOKEN_MARK):]
         text = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True).decode()
-        listed, last = text.split("\n")
-    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
-        raise InvalidArgument("page_token is not one ListKeys returned; list again without it") from None
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise not_a_token from None
+    listed, newline, last = text.partition("\n")
+    if not newline:
+        raise not_a_token
     if listed != prefix:
         raise InvalidArgument("page_token is from a listing of another prefix; list again without it, "
                               "or with the prefix it came with")
-    return last
+    return last  # the router checks it is a key id with that prefix
 
 
 class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):

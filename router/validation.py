@@ -50,8 +50,8 @@ def key_prefix(value: str) -> str:
     that no key id could start with is a mistake (a typo, a path with ".."), not an empty listing."""
     if len(value) > MAX_KEY_ID_LENGTH:
         raise InvalidArgument(f"prefix is longer than {MAX_KEY_ID_LENGTH} characters, the longest a key id is")
-    # Some key id starts with it exactly when it is one, or is one with a character more
-    # (it ends with "/", or is a key id's first characters ending in "/").
+    # One that is not a key id itself may still start one when all it lacks is an end: it
+    # ends with "/". Then it is one with a character more.
     if value and not (is_key_id(value) or is_key_id(value + "0")):
         raise InvalidArgument(
             "prefix must be the start of a key id: letters, digits and . _ - / :, starting with a "
