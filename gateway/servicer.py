@@ -31,7 +31,7 @@ from hsmgw.v1 import crypto_pb2_grpc
 from router.errors import InvalidArgument, Unavailable
 from router.model import KeySpec, Operation
 from router.router import Router
-from router.validation import MAX_BATCH, usage_for
+from router.validation import MAX_BATCH, key_prefix, usage_for
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,41 @@ def _input(request: pb.SignRequest | pb.VerifyRequest) -> tuple[bytes | None, by
     raise InvalidArgument("one of digest or message is required")
 
 
+PAGE_TOKEN_MARK = "~"
+"""First character of a ListKeys page token. No key id starts with it: a gateway of an earlier
+version, whose tokens were bare key ids, refuses such a token instead of listing after it."""
+
+
+def _page_token(prefix: str, last: str) -> str:
+    """The next_page_token after the page that ended with key ``last`` ("" for none): it names
+    the prefix too, so that a later page of another listing is refused rather than mixed in."""
+    if not last:
+        return ""
+    return PAGE_TOKEN_MARK + base64.urlsafe_b64encode(f"{prefix}\n{last}".encode()).decode().rstrip("=")
+
+
+def _page_after(prefix: str, token: str) -> str:
+    """The key id a page token says to list after ("" for no token); INVALID_ARGUMENT for one
+    that no listing returned, or one a listing of another prefix returned."""
+    if not token:
+        return ""
+    not_a_token = InvalidArgument("page_token is not one ListKeys returned; list again without it")
+    if not token.startswith(PAGE_TOKEN_MARK):
+        raise not_a_token
+    body = token[len(PAGE_TOKEN_MARK):]
+    try:
+        text = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True).decode()
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise not_a_token from None
+    listed, newline, last = text.partition("\n")
+    if not newline:
+        raise not_a_token
+    if listed != prefix:
+        raise InvalidArgument("page_token is from a listing of another prefix; list again without it, "
+                              "or with the prefix it came with")
+    return last  # the router checks it is a key id with that prefix
+
+
 class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     def __init__(
         self, router: Router, *, default_deadline: float = 10.0, draining: threading.Event | None = None,
@@ -140,8 +175,9 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     def ListKeys(
         self, request: pb.ListKeysRequest, context: grpc.ServicerContext, deadline: float
     ) -> pb.ListKeysResponse:
-        keys, token = self.router.list_keys(request.prefix, request.page_size, request.page_token)
-        return pb.ListKeysResponse(keys=[conv.key(k) for k in keys], next_page_token=token)
+        prefix = key_prefix(request.prefix)
+        keys, last = self.router.list_keys(prefix, request.page_size, _page_after(prefix, request.page_token))
+        return pb.ListKeysResponse(keys=[conv.key(k) for k in keys], next_page_token=_page_token(prefix, last))
 
     @unary
     def GetPublicKey(

@@ -152,7 +152,10 @@ class KeyBeingCreated(Unavailable):
     (which learns of the creation from this one)."""
 
     reason = "KEY_BEING_CREATED"
-    retry_after = 0.25
+    # gRPC's own retries (deploy/grpc-service-config.json) make at most 5 attempts and wait
+    # this long between them: four waits cover most of GenerateKey's 10 s, which an RSA_4096
+    # key with its copies can take on a real HSM.
+    retry_after = 2.0
 
 
 class StaleSession(Unavailable):

@@ -45,6 +45,21 @@ def key_id(value: str) -> str:
     return value
 
 
+def key_prefix(value: str) -> str:
+    """A ListKeys ``prefix``: empty (every key), or the start of some well-formed key id. One
+    that no key id could start with is a mistake (a typo, a path with ".."), not an empty listing."""
+    if len(value) > MAX_KEY_ID_LENGTH:
+        raise InvalidArgument(f"prefix is longer than {MAX_KEY_ID_LENGTH} characters, the longest a key id is")
+    # One that is not a key id itself may still start one when all it lacks is an end: it
+    # ends with "/". Then it is one with a character more.
+    if value and not (is_key_id(value) or is_key_id(value + "0")):
+        raise InvalidArgument(
+            "prefix must be the start of a key id: letters, digits and . _ - / :, starting with a "
+            "letter or digit, without '..' or '//'"
+        )
+    return value
+
+
 def request_id(value: str) -> str:
     if not value:
         raise InvalidArgument("request_id is required (an idempotency token of your choice)")

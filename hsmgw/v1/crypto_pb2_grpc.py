@@ -115,9 +115,14 @@ class CryptoServiceServicer:
         gateway whose region does not create keys (`[gateway] creates_keys = false`) answers
         FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE, having made nothing: send it to a
         region that does. While another attempt with the same request_id is making the key,
-        GenerateKey (and any call on the key) answers UNAVAILABLE, reason KEY_BEING_CREATED:
-        ask the same gateway again after the RetryInfo delay, not another region, which may not
-        know the request_id yet.
+        GenerateKey answers UNAVAILABLE, reason KEY_BEING_CREATED, with a RetryInfo delay of 2 s
+        (also sent as grpc-retry-pushback-ms): ask the same gateway again after it, not another
+        region, which may not know the request_id yet; an RSA_4096 key and its copies can take
+        several seconds to make on a real HSM. Meanwhile, the calls that use the key
+        (GetPublicKey, Sign, Verify, Encrypt, Decrypt, Mac, VerifyMac, a BatchSign item,
+        SignStream) answer the same; GetKey and ListKeys answer OK with the key in
+        KEY_STATE_CREATING; a DestroyKey destroys it, and the creation fails FAILED_PRECONDITION,
+        reason KEY_CHANGED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

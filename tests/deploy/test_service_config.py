@@ -34,7 +34,9 @@ def test_generate_key_waits_out_a_creation_under_way_on_the_same_endpoint() -> N
         def GenerateKey(self, request: pb.GenerateKeyRequest, context: grpc.ServicerContext) -> pb.Key:
             attempts.append(request.request_id)
             if len(attempts) < 5:
-                status.abort(context, errors.KeyBeingCreated(f"key {request.key_id!r} is being created"))
+                refusal = errors.KeyBeingCreated(f"key {request.key_id!r} is being created")
+                refusal.retry_after = 0.05  # the gateway's pushback, shortened: four of its own take 8 s
+                status.abort(context, refusal)
             return pb.Key(key_id=request.key_id)
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
@@ -60,3 +62,30 @@ def test_generate_key_may_take_as_long_as_the_gateway_allows_and_retries_are_thr
     for method in ("Sign", "GenerateKey"):
         codes = set(_policy(method)["retryPolicy"]["retryableStatusCodes"])
         assert codes == {"UNAVAILABLE", "CANCELLED"}, method
+
+
+def test_the_pushback_for_a_key_being_created_spreads_generate_keys_attempts_over_its_timeout() -> None:
+    """gRPC makes at most 5 attempts, each after the pushback: their waits must cover a creation
+    of several seconds (an RSA_4096 key and its copies on a real HSM), and leave the last attempt
+    time to be answered."""
+    policy = _policy("GenerateKey")
+    timeout = float(policy["timeout"].rstrip("s"))
+    retries = min(policy["retryPolicy"]["maxAttempts"], 5) - 1
+    waited = retries * errors.KeyBeingCreated.retry_after
+    assert 0.75 * timeout <= waited < timeout, (waited, timeout)
+    proto = (ROOT / "protos" / "hsmgw" / "v1" / "crypto.proto").read_text()
+    assert f"RetryInfo delay of {errors.KeyBeingCreated.retry_after:g} s" in proto, "docs/api.md says another delay"
+
+
+def test_every_unary_call_has_a_deadline_and_a_retry_policy() -> None:
+    """A method missing from the file gets no deadline and no retry in a client that uses it."""
+    service = pb.DESCRIPTOR.services_by_name["CryptoService"]
+    unary = {m.name for m in service.methods if not m.client_streaming and not m.server_streaming}
+    configured = {name["method"] for entry in json.loads(CONFIG.read_text())["methodConfig"]
+                  for name in entry["name"]}
+    assert unary <= configured, sorted(unary - configured)
+    for method in unary:
+        assert _policy(method)["timeout"], method
+        assert set(_policy(method)["retryPolicy"]["retryableStatusCodes"]) == {"UNAVAILABLE", "CANCELLED"}, method
+    # DestroyKey removes the key from every cluster: as long as the gateway allows.
+    assert float(_policy("DestroyKey")["timeout"].rstrip("s")) >= ServerConfig.default_deadline

@@ -336,6 +336,26 @@ def test_list_keys_pages_by_prefix(crypto) -> None:
     assert all(k.startswith(prefix) for k in seen)
 
 
+def test_a_page_token_serves_only_the_prefix_it_came_with(crypto) -> None:
+    """A later page of one listing is not a later page of another: with another prefix (even one
+    that contains the first, such as every key) it would skip the keys that sort before it."""
+    prefix = unique("pages") + "/"
+    for i in range(3):
+        crypto.GenerateKey(pb.GenerateKeyRequest(request_id=f"{prefix}k{i}", key_id=f"{prefix}k{i}",
+                                                 algorithm=pb.KEY_ALGORITHM_AES_256), timeout=30)
+    first = crypto.ListKeys(pb.ListKeysRequest(prefix=prefix, page_size=1), timeout=10)
+    assert [k.key_id for k in first.keys] == [f"{prefix}k0"] and first.next_page_token
+    for other in ("", prefix[:-1], prefix + "k"):
+        err = rpc_error(crypto.ListKeys, pb.ListKeysRequest(prefix=other, page_token=first.next_page_token),
+                        timeout=10)
+        assert err.code() is grpc.StatusCode.INVALID_ARGUMENT and "page_token" in err.details(), other
+    # Nor is a bare key id one, whatever the prefix.
+    err = rpc_error(crypto.ListKeys, pb.ListKeysRequest(prefix=prefix, page_token=f"{prefix}k0"), timeout=10)
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT and "page_token" in err.details()
+    rest = crypto.ListKeys(pb.ListKeysRequest(prefix=prefix, page_token=first.next_page_token), timeout=10)
+    assert [k.key_id for k in rest.keys] == [f"{prefix}k1", f"{prefix}k2"] and not rest.next_page_token
+
+
 def test_destroy_removes_objects_and_id_is_never_reused(crypto, tokens) -> None:
     key_id = unique("destroy")
     key = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id,

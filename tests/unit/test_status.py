@@ -211,9 +211,9 @@ def test_a_retryable_status_tells_grpcs_own_retries_how_long_to_wait() -> None:
     with pytest.raises(_AbortCalled):
         status.abort(ctx, errors.KeyBeingCreated("key 'k' is being created"))  # type: ignore[arg-type]
     trailers = dict(ctx.status.trailing_metadata)
-    assert trailers[status.PUSHBACK] == "250"
+    assert trailers[status.PUSHBACK] == str(round(errors.KeyBeingCreated.retry_after * 1000))
     _, retry = details(status_pb2.Status.FromString(trailers["grpc-status-details-bin"]))
-    assert retry is not None and retry.retry_delay.ToTimedelta().total_seconds() == 0.25
+    assert retry is not None and retry.retry_delay.ToTimedelta().total_seconds() == errors.KeyBeingCreated.retry_after
 
     ctx = FakeContext()
     with pytest.raises(_AbortCalled):

@@ -114,6 +114,53 @@ def test_every_documented_key_id_is_accepted(value: str) -> None:
     assert validation.key_id(value) == value
 
 
+# -- key_prefix (ListKeys) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "p", "payments/", "payments/signing-", "t1a/", "a.", "a:", "x" * 128])
+def test_key_prefix_accepts_the_start_of_any_key_id(value: str) -> None:
+    assert validation.key_prefix(value) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("x" * 129, "longer than 128"),
+        ("x" * 200, "longer than 128"),
+        ("bad prefix", "start of a key id"),
+        ("t1a/../", "start of a key id"),
+        ("t1a//", "start of a key id"),
+        ("/abs", "start of a key id"),
+        (".hidden", "start of a key id"),
+        ("%", "start of a key id"),
+        ("x" * 127 + "/", "start of a key id"),  # a key id after it would be 129 characters
+    ],
+)
+def test_key_prefix_refuses_one_no_key_id_starts_with(value: str, why: str) -> None:
+    with pytest.raises(InvalidArgument, match="prefix") as info:
+        validation.key_prefix(value)
+    assert why in str(info.value)
+
+
+@given(st.one_of(st.text(max_size=140), _near_key_ids))
+def test_a_prefix_is_accepted_exactly_when_some_key_id_starts_with_it(value: str) -> None:
+    some_key_id = value == "" or _documented(value) or _documented(value + "0")
+    try:
+        validation.key_prefix(value)
+    except InvalidArgument:
+        assert not some_key_id, value
+    else:
+        assert some_key_id, value
+
+
+@given(st.from_regex(re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", re.ASCII), fullmatch=True))
+def test_every_start_of_a_key_id_is_a_prefix(value: str) -> None:
+    if not _documented(value):
+        return
+    for end in range(len(value) + 1):
+        assert validation.key_prefix(value[:end]) == value[:end]
+
+
 # -- request_id ------------------------------------------------------------------------
 
 
