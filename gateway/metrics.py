@@ -444,18 +444,22 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if code is None:
             code = grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
         if code is grpc.StatusCode.OK:
-            # An answer no one got counts as what its client saw: past its deadline, or a batch
-            # that stopped because its client cancelled it (items CANCELLED are such items only).
-            # Counted as errors too, with the cluster that answered late: that is the slow one.
-            late = past_deadline(context)
+            # An answer no one got counts as what its client saw: past its deadline, or a call its
+            # client cancelled (a batch that stopped for that: items CANCELLED are such items only;
+            # a stream that ended because its client left). Counted as errors too, with the cluster
+            # that answered late: that is the slow one.
+            saw = client_saw(context)
             cluster = getattr(response, "cluster", "") if response is not None else ""
             cluster = cluster if isinstance(cluster, str) else ""
             if tally.rpc == "BatchSign" and response is not None:
-                if self._batch_items(response) and not late:
-                    tally.finish(seconds, "CANCELLED", "")
-                    m.errors.labels("CANCELLED", "", "").inc()
-                    return
-            if late:
+                left_unsigned = self._batch_items(response)
+                if left_unsigned and saw is None:
+                    saw = grpc.StatusCode.CANCELLED
+            if saw is grpc.StatusCode.CANCELLED:
+                tally.finish(seconds, "CANCELLED", "")
+                m.errors.labels("CANCELLED", "", "").inc()
+                return
+            if saw is grpc.StatusCode.DEADLINE_EXCEEDED:
                 tally.finish(seconds, "DEADLINE_EXCEEDED", cluster)
                 m.errors.labels("DEADLINE_EXCEEDED", "DeadlineExceeded", cluster).inc()
                 return
@@ -503,10 +507,13 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             begun = self._begin(context)
             started = self._clock()
+            # A stream its client left (cancelled, or its deadline passed) mostly ends quietly: a
+            # Watch's iterator stops once the call is over, a SignStream's servicer returns at its
+            # request iterator's error. _record tells such an end from an OK by the call's state.
             try:
                 yield from behavior(request, context)
             except GeneratorExit:  # the client went away; grpc closes the stream
-                if context.code() is None:
+                if context.code() is None and client_saw(context) is None:
                     context.set_code(grpc.StatusCode.CANCELLED)
                 self._record(tally, context, started, None, None)
                 raise
@@ -522,6 +529,26 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+DEADLINE_SLACK = 0.25
+"""Seconds before its deadline within which a call its client left counts as DEADLINE_EXCEEDED.
+The gateway's copy of a deadline runs from when the call arrived, so it passes after the client's
+by about the request's transit: a client whose deadline passed cancels the call (RST_STREAM) that
+much early for the gateway (~10 ms on loopback)."""
+
+
+def client_saw(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status the client of a call that ended without the servicer's error got:
+    DEADLINE_EXCEEDED once the deadline passed, CANCELLED when the client left the call before
+    that, None while the client still waits for the answer."""
+    if past_deadline(context):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if context.is_active():
+        return None
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 # -- the /metrics endpoint ---------------------------------------------------------------------
@@ -636,6 +663,7 @@ class GatewayMetrics:
 __all__ = [
     "CIRCUIT_VALUES",
     "ClusterSnapshot",
+    "DEADLINE_SLACK",
     "Failure",
     "GatewayMetrics",
     "LATENCY_BUCKETS",
@@ -645,6 +673,7 @@ __all__ = [
     "RouterCollector",
     "STATUS_DETAILS_KEY",
     "ckr_name",
+    "client_saw",
     "cluster_snapshots",
     "describe_failure",
     "split_listen",
