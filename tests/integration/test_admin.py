@@ -144,7 +144,7 @@ def test_region_failover_and_failback(gateway, crypto) -> None:
         _create_fails(crypto, "with one in a DR region: region us-east-1 is failed over, so too few clusters take "
                               "new keys; nothing was created")
         code, status = as_json(gateway.target, "status")
-        assert code == 1 and ("region us-east-1 is failed over: calls go to other regions first, and it takes no "
+        assert code == 4 and ("region us-east-1 is failed over: calls go to other regions first, and it takes no "
                               "new keys or copies (hsmctl regions failback us-east-1)") in status["warnings"]
         _, dr_out = as_json(gateway.target, "regions", "failover", "us-west-2", "--force")
         assert approve(gateway.target, dr_out)["state"] == "applied"
