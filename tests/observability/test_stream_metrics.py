@@ -35,7 +35,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway
     gateway.stop()
 
 
-def _open(channel: grpc.Channel, rpc: str, timeout: float, done: list[Any]) -> tuple[Any, Any]:
+def _open(channel: grpc.Channel, rpc: str, timeout: float | None, done: list[Any]) -> tuple[Any, Any]:
     """The call, answering; and what it answered first. ``done`` gets what ends its requests."""
     if rpc == "Watch":
         stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
@@ -64,7 +64,7 @@ def _counted(before: Samples, port: int, rpc: str) -> Samples:
 
 
 @pytest.mark.parametrize("rpc", ["Watch", "SignStream"])
-@pytest.mark.parametrize("ending", ["deadline", "cancel"])
+@pytest.mark.parametrize("ending", ["deadline", "cancel", "cancel-without-deadline"])
 def test_a_stream_its_client_gave_up_on_counts_as_the_client_saw_it(observed: tuple[GatewayProcess, int], rpc: str,
                                                                     ending: str) -> None:
     gateway, port = observed
@@ -72,9 +72,10 @@ def test_a_stream_its_client_gave_up_on_counts_as_the_client_saw_it(observed: tu
     done: list[Any] = []
     with grpc.insecure_channel(gateway.target) as channel:
         try:
-            stream, first = _open(channel, rpc, 2.0 if ending == "deadline" else 60, done)
+            timeout = {"deadline": 2.0, "cancel": 60.0, "cancel-without-deadline": None}[ending]
+            stream, first = _open(channel, rpc, timeout, done)
             assert first.status == health_pb2.HealthCheckResponse.SERVING if rpc == "Watch" else first.signature
-            if ending == "cancel":
+            if ending != "deadline":
                 stream.cancel()
             with pytest.raises(grpc.RpcError) as ended:
                 next(stream)
