@@ -72,11 +72,11 @@ def _destroy(app: App, args: argparse.Namespace) -> int:
     return app.change(app.call(app.admin.DestroyKey, apb.DestroyKeyChangeRequest(key_id=args.key)))
 
 
-def _target(command: argparse.ArgumentParser, help: str) -> None:  # noqa: A002 - argparse's name
+def _target(command: argparse.ArgumentParser, about: str) -> None:
     """``--to CLUSTER``, the cluster a key goes to, for every command that sends one somewhere.
     ``--cluster`` is taken too, unlisted: it was ``keys place``'s spelling."""
     target = command.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to", metavar="CLUSTER", help=help)
+    target.add_argument("--to", metavar="CLUSTER", help=about)
     target.add_argument("--cluster", dest="to", help=argparse.SUPPRESS)
 
 
