@@ -103,6 +103,33 @@ def rebalance_of(params: dict[str, str]) -> tuple[tuple[str, ...], list[tuple[st
     return layout, moves
 
 
+AUDIT_PARAM_CHARS = 1024
+"""Characters of one change param that each audit event of the change repeats. A longer one (a
+rebalance's moves: up to 2,000, ~250 KB; a large fix's findings) stays in the change record, and
+the events give its size and a digest of all the params instead (``audited_params``)."""
+
+
+def audited_params(params: dict[str, str]) -> dict[str, object]:
+    """A change's params as every audit event of it records them: ``params`` as they are, but
+    for those longer than ``AUDIT_PARAM_CHARS``; if any is, ``params_left_out`` gives each one's
+    length (and items, a JSON list's: moves, findings) and ``params_sha256`` the digest of the
+    whole params, which ties the event to the change record's (docs/security.md)."""
+    kept = {name: value for name, value in params.items() if len(value) <= AUDIT_PARAM_CHARS}
+    if len(kept) == len(params):
+        return {"params": dict(params)}
+    left_out: dict[str, dict[str, int]] = {}
+    for name, value in params.items():
+        if name not in kept:
+            left_out[name] = {"chars": len(value)}
+            try:
+                items = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(items, list):
+                left_out[name]["items"] = len(items)
+    return {"params": kept, "params_left_out": left_out, "params_sha256": audit_mod.digest(params)}
+
+
 def caller() -> str:
     """The caller's identity, as the authentication interceptor established it
     (client certificate; in development, the ``x-hsmgw-identity`` header)."""
@@ -185,7 +212,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def _audit_change(self, actor: str, event: str, change: Change) -> None:
         try:
             self.audit.append(actor if actor != "-" else change.requested_by, event, change.id,
-                              outcome=change.state, change_action=change.action, params=change.params,
+                              outcome=change.state, change_action=change.action, **audited_params(change.params),
                               approved_by=change.approved_by, result=change.result)
         except (audit_mod.AuditLogError, OSError) as exc:
             log.error("audit log %s cannot be written: %s (event %s of change %s, %s by %s)",

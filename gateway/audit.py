@@ -91,6 +91,7 @@ __all__ = [
     "AuditLog",
     "AuditLogError",
     "VerifyResult",
+    "digest",
     "tail",
     "verify",
 ]
@@ -233,6 +234,12 @@ class AuditLog:
         if record is None or not isinstance(record.get("hash"), str):
             raise AuditLogError(f"{self.path}: the last line is not an audit record; run verify")
         return _parse_seq(last, self.path), record["hash"]
+
+
+def digest(value: object) -> str:
+    """Hex SHA-256 of ``value``'s canonical JSON (as a record is written: keys sorted, no spaces,
+    UTF-8): a detail that stands for something too long to repeat in every record."""
+    return _sha256(_canonical(value))
 
 
 # -- readers --------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import math
 import re
 import socket
 import threading
@@ -437,24 +438,29 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             pass
 
     def _record(self, tally: Tally, context: grpc.ServicerContext, started: float,
-                response: Any, exc: BaseException | None) -> None:
+                response: Any, exc: BaseException | None, left: grpc.StatusCode | None = None) -> None:
+        """Count a finished call; ``left``: how the client of a stream that ended without a status
+        of its servicer's had left it (``_left``), None if it had not."""
         m = self.metrics
         seconds = self._clock() - started
         code = context.code()
         if code is None:
             code = grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
         if code is grpc.StatusCode.OK:
-            # An answer no one got counts as what its client saw: past its deadline, or a batch
-            # that stopped because its client cancelled it (items CANCELLED are such items only).
-            # Counted as errors too, with the cluster that answered late: that is the slow one.
-            late = past_deadline(context)
+            # An answer no one got counts as what its client saw: past its deadline, or a call
+            # its client cancelled (a batch that stopped for that: items CANCELLED are such items
+            # only; a stream it left). Counted as errors too, with the cluster that answered late:
+            # that is the slow one.
+            late = left is grpc.StatusCode.DEADLINE_EXCEEDED or past_deadline(context)
             cluster = getattr(response, "cluster", "") if response is not None else ""
             cluster = cluster if isinstance(cluster, str) else ""
             if tally.rpc == "BatchSign" and response is not None:
                 if self._batch_items(response) and not late:
-                    tally.finish(seconds, "CANCELLED", "")
-                    m.errors.labels("CANCELLED", "", "").inc()
-                    return
+                    left = grpc.StatusCode.CANCELLED
+            if left is grpc.StatusCode.CANCELLED and not late:
+                tally.finish(seconds, "CANCELLED", "")
+                m.errors.labels("CANCELLED", "", "").inc()
+                return
             if late:
                 tally.finish(seconds, "DEADLINE_EXCEEDED", cluster)
                 m.errors.labels("DEADLINE_EXCEEDED", "DeadlineExceeded", cluster).inc()
@@ -503,22 +509,50 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             begun = self._begin(context)
             started = self._clock()
+            span = context.time_remaining()
+            # A stream whose client left (cancelled it, or its deadline passed) mostly ends as if
+            # it were done: a Watch's iterator stops once the call is over, and SignStream returns
+            # at its request iterator's error. Such an end is counted as the client saw it.
             try:
                 yield from behavior(request, context)
             except GeneratorExit:  # the client went away; grpc closes the stream
-                if context.code() is None:
-                    context.set_code(grpc.StatusCode.CANCELLED)
-                self._record(tally, context, started, None, None)
+                self._record(tally, context, started, None, None, _left(context, span, closed=True))
                 raise
             except BaseException as exc:
                 self._record(tally, context, started, None, exc)
                 raise
             else:
-                self._record(tally, context, started, None, None)
+                self._record(tally, context, started, None, None, _left(context, span))
             finally:
                 self._end(context, begun)
 
         return call
+
+
+STREAM_DEADLINE_SLACK = (0.05, 0.01)
+"""A stream its client left counts as DEADLINE_EXCEEDED when it had at most 50 ms plus 1 % of its
+deadline's span left by the gateway's clock. The client's deadline passes first: gRPC rounds the
+timeout it sends up (to 10 ms for 1 to 10 s, 100 ms for 10 to 100 s: at most 1 %), and the gateway's
+copy runs from the call's arrival. A client whose deadline passes cancels the stream that much early
+for the gateway (2 s: ~10 ms on loopback)."""
+
+
+def _left(context: grpc.ServicerContext, span: float | None, *, closed: bool = False) -> grpc.StatusCode | None:
+    """How the client left a stream that ended without a status of its servicer's: DEADLINE_EXCEEDED
+    or CANCELLED; None when the client did not leave (the servicer ended it, an OK). ``span``: the
+    time the deadline gave at the call's start; ``closed``: grpc closed the stream."""
+    if context.code() is not None:
+        return None
+    if past_deadline(context):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if not closed and context.is_active():
+        return None
+    remaining = context.time_remaining()
+    fixed, share = STREAM_DEADLINE_SLACK
+    # Without a deadline grpc's time remaining is infinite (or None), and the client cancelled.
+    if remaining is not None and span is not None and math.isfinite(span) and remaining <= fixed + share * span:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -645,6 +679,7 @@ __all__ = [
     "RequestMetrics",
     "RouterCollector",
     "STATUS_DETAILS_KEY",
+    "STREAM_DEADLINE_SLACK",
     "ckr_name",
     "cluster_snapshots",
     "describe_failure",

@@ -144,7 +144,7 @@ def test_region_failover_and_failback(gateway, crypto) -> None:
         _create_fails(crypto, "with one in a DR region: region us-east-1 is failed over, so too few clusters take "
                               "new keys; nothing was created")
         code, status = as_json(gateway.target, "status")
-        assert code == 1 and ("region us-east-1 is failed over: calls go to other regions first, and it takes no "
+        assert code == 4 and ("region us-east-1 is failed over: calls go to other regions first, and it takes no "
                               "new keys or copies (hsmctl regions failback us-east-1)") in status["warnings"]
         _, dr_out = as_json(gateway.target, "regions", "failover", "us-west-2", "--force")
         assert approve(gateway.target, dr_out)["state"] == "applied"
@@ -1017,3 +1017,21 @@ def test_a_rebalance_leaves_a_key_destroyed_since_its_plan_and_moves_the_others(
         assert {k: crypto.GetKey(pb.GetKeyRequest(key_id=k), timeout=10).primary_cluster for k in after} == {
             k: "use1-b" for k in after}
 
+
+
+def test_keys_place_and_move_name_the_target_cluster_with_one_option(gateway, crypto) -> None:
+    """`--to CLUSTER` for both (their help shows it alone); `--cluster`, keys place's former
+    spelling, still works for both, so scripts written for it go on."""
+    new_id = unique("spelled")
+    key = _key(crypto, "spelled")
+    other = "use1-b" if key.primary_cluster == "use1-a" else "use1-a"
+    for command, target, param in ((("keys", "place", new_id), "use1-b", "cluster"),
+                                   (("keys", "move", key.key_id), other, "to")):
+        for option in ("--to", "--cluster"):
+            code, change = as_json(gateway.target, *command, option, target)
+            assert (code, change["params"][param]) == (3, target), (command, option, change)
+            assert hsmctl(gateway.target, "changes", "reject", change["id"], who="bob").returncode == 0
+        both = hsmctl(gateway.target, *command, "--to", target, "--cluster", target)
+        assert both.returncode == 1 and "argument --cluster: not allowed with argument --to" in both.stderr
+        shown = hsmctl(gateway.target, *command[:2], "--help").stdout
+        assert "--to CLUSTER" in shown and "--cluster" not in shown, shown

@@ -379,7 +379,7 @@ def test_hsmctl_takes_its_own_options_after_the_command_and_a_usage_error_is_not
     """The examples `hsmctl status --output json` and `hsmctl loadtest ... --output json`
     work as written; a wrong command line exits 1, never 2 (the gateway could not be reached)."""
     result = hsmctl("status", "--output", "json", "--target", gateway.target)
-    assert result.returncode in (0, 1), result.stderr  # 1: status found warnings
+    assert result.returncode in (0, 4, 5), result.stderr  # 4, 5: status found warnings, a cluster down
     assert {c["name"] for c in json.loads(result.stdout)["clusters"]} == {"use1-a", "use1-b", "usw2-a"}
     result = hsmctl("rebalance", f"--target={gateway.target}")
     assert result.returncode == 1
@@ -718,7 +718,7 @@ def test_hsmctl_json_counts_are_numbers_not_strings(gateway: Any) -> None:
     JSON mapping quotes 64-bit integers)."""
     def json_of(*command: str) -> Any:
         result = hsmctl("--target", gateway.target, "--output", "json", *command)
-        assert result.returncode in (0, 1), result.stderr  # status: 1 when it warns
+        assert result.returncode in (0, 4, 5), result.stderr  # status: 4 when it warns, 5 a cluster down
         return json.loads(result.stdout)
 
     plan = json_of("rebalance", "--plan")

@@ -28,8 +28,10 @@ DEADLINE_EXCEEDED: try again later; but a request or approval that got no answer
 may have been taken, and its change may be running or applied: the error says so,
 check `hsmctl changes list --all` first; one that never connected says it was not
 sent); 3 the change is waiting for approvals
-(scripts can poll); 141 the program reading the output stopped early (`hsmctl
-keys list | head -1`), as for any program a closed pipe ends.
+(scripts can poll); 4 and 5 from `hsmctl status` only: 4 degraded (warnings, every
+cluster serving), 5 down (a cluster is not serving); 141 the program reading the
+output stopped early (`hsmctl keys list | head -1`), as for any program a closed
+pipe ends.
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@ from hsmgw.v1 import admin_pb2 as apb
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 
 WAITING = 3
+"""Exit status: the change is waiting for approvals."""
+DEGRADED = 4
+"""Exit status of ``hsmctl status``: warnings (a drained cluster, a failed-over region, keys short
+of copies, changes waiting…), but every cluster serving."""
+DOWN = 5
+"""Exit status of ``hsmctl status``: a cluster is not serving (its circuit is open or on trial)."""
 
 _APPROVAL = ("the approval may have been taken, and the change may be running or applied: see "
              "hsmctl changes list --all before approving again",

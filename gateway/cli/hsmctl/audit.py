@@ -31,7 +31,13 @@ def _verify(app: App, args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="the hash-chained audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    tail = asub.add_parser("tail", help="the last records", description="Example: hsmctl audit tail -n 50")
+    tail = asub.add_parser(
+        "tail",
+        help="the last records",
+        description="With --output json, each record whole: its details name a change's action, params and "
+                    "approvals; a param too long to repeat in each event (a rebalance's moves) is given by its "
+                    "size and the params' SHA-256 instead (docs/security.md).\n\nExample: hsmctl audit tail -n 50",
+    )
     tail.add_argument("-n", "--lines", type=at_least_one, default=20, help="how many (default: %(default)s)")
     tail.set_defaults(func=_tail)
     verify = asub.add_parser(

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from gateway.cli._common import plural
-from gateway.cli.hsmctl._app import App
+from gateway.cli.hsmctl._app import DEGRADED, DOWN, App
 from hsmgw.v1 import admin_pb2 as apb
 
 
@@ -70,15 +70,21 @@ def _status(app: App, args: argparse.Namespace) -> int:
     ]
     lines += [f"WARNING: {w}" for w in resp.warnings] or ["no warnings"]
     app.emit(app.as_dict(resp), "\n".join(lines))
-    return 1 if resp.warnings else 0
+    if any(c.health != "SERVING" for c in resp.clusters):
+        return DOWN
+    return DEGRADED if resp.warnings else 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = sub.add_parser(
         "status",
-        help="one-screen summary with warnings (exit 1 if any)",
+        help=f"one-screen summary with warnings (exit 0 all well, {DEGRADED} warnings, {DOWN} a cluster down)",
         description="Clusters, key counts and warnings: clusters near their key limit, "
-        "a DR region without healthy capacity, under-replicated keys.\n\n"
+        "a DR region without healthy capacity, under-replicated keys, drained clusters, failed-over "
+        "regions, changes waiting for approval.\n\n"
+        f"Exit status: 0 no warnings; {DEGRADED} degraded: warnings, every cluster serving; {DOWN} down: a "
+        "cluster is not serving (circuit open or half-open); 1 and 2 as for every hsmctl command (refused "
+        "or a usage error; the gateway could not be reached).\n\n"
         "Example: hsmctl status --output json",
     )
     status.set_defaults(func=_status)

@@ -54,7 +54,7 @@ def _show(app: App, args: argparse.Namespace) -> int:
 
 
 def _place(app: App, args: argparse.Namespace) -> int:
-    return app.change(app.call(app.admin.PlaceKey, apb.PlaceKeyRequest(key_id=args.key, cluster=args.cluster)))
+    return app.change(app.call(app.admin.PlaceKey, apb.PlaceKeyRequest(key_id=args.key, cluster=args.to)))
 
 
 def _move(app: App, args: argparse.Namespace) -> int:
@@ -72,6 +72,14 @@ def _destroy(app: App, args: argparse.Namespace) -> int:
     return app.change(app.call(app.admin.DestroyKey, apb.DestroyKeyChangeRequest(key_id=args.key)))
 
 
+def _target(command: argparse.ArgumentParser, about: str) -> None:
+    """``--to CLUSTER``, the cluster a key goes to, for every command that sends one somewhere.
+    ``--cluster`` is taken too, unlisted: it was ``keys place``'s spelling."""
+    target = command.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="CLUSTER", help=about)
+    target.add_argument("--cluster", dest="to", help=argparse.SUPPRESS)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="where keys live, and moving them")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -87,10 +95,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     place = ksub.add_parser(
         "place",
         help="pin the cluster a key not yet created will go to (quorum); rebalance leaves it there",
-        description="Example: hsmctl keys place payments/k9 --cluster use1-b",
+        description="Example: hsmctl keys place payments/k9 --to use1-b",
     )
     place.add_argument("key")
-    place.add_argument("--cluster", required=True)
+    _target(place, "the cluster the key will be created on")
     place.set_defaults(func=_place)
     move = ksub.add_parser(
         "move",
@@ -98,7 +106,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Example: hsmctl keys move payments/k1 --to use1-b",
     )
     move.add_argument("key")
-    move.add_argument("--to", required=True, help="destination cluster")
+    _target(move, "destination cluster")
     move.add_argument("--from", dest="source", default="", help="the copy to replace (default: the primary)")
     move.set_defaults(func=_move)
     release = ksub.add_parser(
