@@ -189,7 +189,7 @@ def _names(cert: x509.Certificate) -> tuple[str, ...]:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
-    return (*sans.get_values_for_type(x509.DNSName), *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)))
+    return tuple(str(san.value) for san in sans if isinstance(san, (x509.DNSName, x509.IPAddress)))
 
 
 def _outside_validity(cert: x509.Certificate | CertificateInfo, now: datetime.datetime) -> str | None:
