@@ -293,13 +293,15 @@ def alarm_specs(
     actions: Sequence[str] = (),
     cloudhsm: Sequence[CloudHsmTarget] = (),
     threshold_percent: float = 80.0,
+    tls: bool = True,
 ) -> list[dict[str, Any]]:
     """``PutMetricAlarm`` arguments for every alarm (pure: ``install_alarms`` sends them).
 
     ``clusters`` are (name, region) of the gateway's clusters; ``regions`` the
     regions gateways publish from. For each ``cloudhsm`` target, alarms on the
     ``AWS/CloudHSM`` metrics of its HSMs (re-run after an HSM is replaced: the
-    HSM ids change).
+    HSM ids change). ``tls``: the gateways serve TLS, so each region gets the
+    certificate expiry alarm (a plaintext development gateway publishes no expiry).
     """
     see = "Runbook: docs/operations.md"
     specs: list[dict[str, Any]] = []
@@ -344,6 +346,8 @@ def alarm_specs(
             threshold=0, comparison="GreaterThanThreshold", evaluation_periods=5, datapoints=3, actions=actions,
             Namespace=namespace, MetricName="RetryBudgetRefusals", Dimensions=dims, Statistic="Sum", Period=60,
         ))
+        if not tls:
+            continue
         specs.append(_alarm(
             f"{prefix}-{region}-tls-certificate-expiring",
             f"A gateway in {region} serves a TLS certificate that expires within {EXPIRY_WARNING.days} days, or "

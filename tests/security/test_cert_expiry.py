@@ -160,5 +160,6 @@ def test_cloudwatch_gets_the_days_left_of_the_served_chain_for_its_alarm(tmp_pat
                                                                                        "Minimum")
     assert datum.value < alarm["Threshold"]
 
+    assert not [a for a in alarm_specs([], ["us-east-1"], tls=False) if a.get("MetricName") == "TlsCertificateDaysLeft"]
     without = GatewaySampler(router, GatewayMetrics(router), region="us-east-1", clock=NOW.timestamp)
     assert not [d for d in without() if d.name == "TlsCertificateDaysLeft"]  # a gateway without TLS
