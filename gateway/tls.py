@@ -18,6 +18,15 @@ ahead is valid. A client CA certificate outside its validity is logged (every cl
 whose certificate it signed fails the handshake) but not refused: a bundle may hold
 an old CA next to the current one.
 
+What is logged: at start and on every reload, the served certificate (fingerprint,
+DNS and IP SANs, not-after) and the client CA certificates (subject, fingerprint,
+not-after) with the bundle's SHA-256, and on a reload how the client CAs changed and
+which names the new server certificate no longer holds (WARNING). Expiry:
+:meth:`ServerCredentials.check_expiry`, every :data:`EXPIRY_CHECK_INTERVAL`, logs a
+served certificate within :data:`EXPIRY_WARNING` of its expiry (WARNING) or past it
+(ERROR), each time; and a client CA certificate that expired since it was loaded, once.
+:class:`TlsMaterial` carries the not-after times that ``/metrics`` and CloudWatch publish.
+
 Errors are :class:`gateway.config.ConfigError` naming the key path
 (``server.tls.key_file: …``); they never quote file contents.
 
