@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import stat
 import threading
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -402,17 +403,55 @@ def load_policy(path: Path) -> Policy:
     return parse_policy(data, str(path), hashlib.sha256(raw).hexdigest())
 
 
+def policy_file_problems(path: Path) -> list[str]:
+    """How others than the policy file's owner could change it: a file its group or others may
+    write, or a directory anyone may write without the sticky bit (anyone may rename another
+    file over it). Each problem says what to run."""
+    problems = []
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return []  # load_policy says what is wrong with it
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = {stat.S_IWGRP: "its group", stat.S_IWOTH: "others"}
+        writers = " and ".join(name for bit, name in who.items() if mode & bit)
+        problems.append(f"{path} is writable by {writers} (mode {stat.S_IMODE(mode):04o}); run: chmod go-w {path}")
+    directory = path.absolute().parent
+    try:
+        dir_mode = directory.stat().st_mode
+    except OSError:
+        return problems
+    if dir_mode & stat.S_IWOTH and not dir_mode & stat.S_ISVTX:
+        problems.append(f"its directory {directory} is writable by everyone, without the sticky bit (mode "
+                        f"{stat.S_IMODE(dir_mode):04o}): anyone may put another file in its place; run: chmod o-w "
+                        f"{directory}")
+    return problems
+
+
+def _warn_policy_mode(path: Path) -> None:
+    for problem in policy_file_problems(path):
+        log.warning("auth.policy_file: %s. Whoever can change the policy decides every call's authorization",
+                    problem)
+
+
 class PolicyStore:
-    """The current policy; ``reload()`` swaps in a new one, or keeps the old one if the file is bad."""
+    """The current policy; ``reload()`` swaps in a new one, or keeps the old one if the file is bad.
+
+    A policy file others may change is logged (WARNING) at load and on every reload, not refused:
+    see docs/security.md.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self.current = load_policy(path) if path is not None else Policy.permissive()
+        if path is not None:
+            _warn_policy_mode(path)
 
     def reload(self) -> bool:
         if self.path is None:
             return True
+        _warn_policy_mode(self.path)
         with self._lock:
             try:
                 policy = load_policy(self.path)

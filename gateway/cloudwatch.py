@@ -14,7 +14,9 @@ Published (namespace ``HSMGW`` unless configured), per cluster (dimension
 the interval); per gateway
 region (dimension ``Region``): ``Requests``, ``ServerErrors``, ``Latency``
 (average ms), ``Failovers``, ``Retries``, ``RetryBudgetRefusals``,
-``UnderReplicatedKeys``, ``UnhealthyClusters``. Cluster dimensions carry no
+``UnderReplicatedKeys``, ``UnhealthyClusters``, and with TLS ``TlsCertificateDaysLeft``
+(days until the first certificate of the served chain expires; negative once it
+has). Cluster dimensions carry no
 gateway identity, so every gateway's datums for a cluster land in one metric
 and an alarm on its Maximum sees the worst gateway.
 
@@ -37,6 +39,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.metrics import GatewayMetrics, cluster_snapshots, under_replicated_keys
+from gateway.tls import EXPIRY_WARNING, TlsMaterial
 from router.router import Router
 
 log = logging.getLogger(__name__)
@@ -172,8 +175,10 @@ class GatewaySampler:
     """Turns the router's state and the request counters into datums (deltas for counters)."""
 
     def __init__(self, router: Router, metrics: GatewayMetrics, *, region: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, tls: Callable[[], TlsMaterial] | None = None) -> None:
+        """``tls``: the TLS material served now (a gateway with ``[server.tls]``), for ``TlsCertificateDaysLeft``."""
         self.router = router
+        self.tls = tls
         self.metrics = metrics
         self.requests = metrics.requests
         self.region = region
@@ -221,6 +226,9 @@ class GatewaySampler:
         ]
         if new_count:
             data.append(Datum("Latency", 1000.0 * new_seconds / new_count, "Milliseconds", region, now))
+        if self.tls is not None:
+            expires = min(cert.not_after.timestamp() for cert in self.tls().chain)
+            data.append(Datum("TlsCertificateDaysLeft", (expires - now) / 86400, "None", region, now))
         return data
 
 
@@ -285,13 +293,15 @@ def alarm_specs(
     actions: Sequence[str] = (),
     cloudhsm: Sequence[CloudHsmTarget] = (),
     threshold_percent: float = 80.0,
+    tls: bool = True,
 ) -> list[dict[str, Any]]:
     """``PutMetricAlarm`` arguments for every alarm (pure: ``install_alarms`` sends them).
 
     ``clusters`` are (name, region) of the gateway's clusters; ``regions`` the
     regions gateways publish from. For each ``cloudhsm`` target, alarms on the
     ``AWS/CloudHSM`` metrics of its HSMs (re-run after an HSM is replaced: the
-    HSM ids change).
+    HSM ids change). ``tls``: the gateways serve TLS, so each region gets the
+    certificate expiry alarm (a plaintext development gateway publishes no expiry).
     """
     see = "Runbook: docs/operations.md"
     specs: list[dict[str, Any]] = []
@@ -335,6 +345,16 @@ def alarm_specs(
             f"faster than retries can hide. {see}#retry-budget-spent",
             threshold=0, comparison="GreaterThanThreshold", evaluation_periods=5, datapoints=3, actions=actions,
             Namespace=namespace, MetricName="RetryBudgetRefusals", Dimensions=dims, Statistic="Sum", Period=60,
+        ))
+        if not tls:
+            continue
+        specs.append(_alarm(
+            f"{prefix}-{region}-tls-certificate-expiring",
+            f"A gateway in {region} serves a TLS certificate that expires within {EXPIRY_WARNING.days} days, or "
+            f"has expired (every client then fails the handshake). {see}#tls-certificate-expiring",
+            threshold=EXPIRY_WARNING.days, comparison="LessThanThreshold", evaluation_periods=1, datapoints=1,
+            actions=actions, Namespace=namespace, MetricName="TlsCertificateDaysLeft", Dimensions=dims,
+            Statistic="Minimum", Period=300,
         ))
     for target in cloudhsm:
         if not target.hsm_ids:

@@ -58,6 +58,7 @@ from prometheus_client.utils import floatToGoString
 
 from gateway import logs
 from gateway.status import error_info, past_deadline
+from gateway.tls import TlsMaterial
 from router.health import CircuitState
 from router.model import KeyState
 from router.placement.store import StoreError
@@ -599,6 +600,31 @@ class MetricsServer:
         self._httpd.server_close()
 
 
+# -- TLS certificates -------------------------------------------------------------------------
+
+
+class TlsCollector(Collector):
+    """``hsmgw_tls_certificate_expiry_timestamp_seconds``: the not-after time of every certificate
+    the gateway serves or trusts, read from the credentials on scrape (so a reload shows at once)."""
+
+    def __init__(self, material: Callable[[], TlsMaterial]) -> None:
+        self._material = material
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "hsmgw_tls_certificate_expiry_timestamp_seconds",
+            "When a TLS certificate in use expires (Unix time): cert is server (the leaf served), intermediate "
+            "(served with it) or client_ca (a certificate of server.tls.client_ca_file).",
+            labels=["cert", "subject", "fingerprint"])
+        material = self._material()
+        for number, cert in enumerate(material.chain):
+            expiry.add_metric(["server" if number == 0 else "intermediate", cert.subject, cert.fingerprint[:16]],
+                              cert.not_after.timestamp())
+        for ca in material.client_cas:
+            expiry.add_metric(["client_ca", ca.subject, ca.fingerprint[:16]], ca.not_after.timestamp())
+        yield expiry
+
+
 # -- one object for the gateway ------------------------------------------------------------------
 
 
@@ -651,6 +677,10 @@ class GatewayMetrics:
             findings.labels(kind).set(len(found))
         finished.set_to_current_time()
 
+    def publish_tls(self, material: Callable[[], TlsMaterial]) -> None:
+        """Add the TLS certificate series, read from ``material()`` on scrape (a gateway with TLS only)."""
+        self.registry.register(TlsCollector(material))
+
     def circuit_changed(self, cluster: str, state: CircuitState) -> None:
         """Call on every circuit change: counts it and remembers the worst state until the next sample.
 
@@ -680,6 +710,7 @@ __all__ = [
     "RouterCollector",
     "STATUS_DETAILS_KEY",
     "STREAM_DEADLINE_SLACK",
+    "TlsCollector",
     "ckr_name",
     "cluster_snapshots",
     "describe_failure",

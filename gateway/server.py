@@ -25,7 +25,7 @@ from gateway.fastpath import FastPath
 from gateway.interceptors import Limiter, SecurityInterceptor
 from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.servicer import CryptoServicer
-from gateway.tls import ServerCredentials
+from gateway.tls import EXPIRY_CHECK_INTERVAL, ServerCredentials
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
 from router.errors import RouterError
 from router.health import CircuitState, HealthMonitor
@@ -131,6 +131,9 @@ class Gateway:
             limiter or Limiter(),
         )
         self.metrics = GatewayMetrics(router, version=_version(), home_region=config.home_region)
+        if self.tls is not None:
+            credentials = self.tls
+            self.metrics.publish_tls(lambda: credentials.material)
         if reconciles:
             # From the start, not from the first report-only pass (an interval away, again after
             # every restart): an alert on the last run's time must see passes that never finish.
@@ -198,6 +201,9 @@ class Gateway:
         self.monitor = HealthMonitor(router.backends, router.breakers, interval=config.server.probe_interval)
         self._repairer = threading.Thread(target=self._repair_loop, name="repairer", daemon=True)
         self._reconciler: threading.Thread | None = None
+        self._tls_watch: threading.Thread | None = None
+        if self.tls is not None:
+            self._tls_watch = threading.Thread(target=self._tls_watch_loop, name="tls-expiry", daemon=True)
         if reconciles and config.replication.reconcile_interval:
             self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
         router.set_health_listener(self._on_cluster_health)
@@ -287,6 +293,16 @@ class Gateway:
             log.warning("placement store answers again after %.0f s", now - self._store_down[0])
             self._store_down = None
 
+    def _tls_watch_loop(self) -> None:
+        # A certificate that expires while the gateway runs fails every client's handshake, and
+        # nothing of that reaches the gateway otherwise (load_material checks at load and reload).
+        assert self.tls is not None
+        while not self._stopped.wait(EXPIRY_CHECK_INTERVAL):
+            try:
+                self.tls.check_expiry()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("checking the TLS certificates' expiry failed")
+
     def _reconcile_loop(self) -> None:
         while not self._stopped.wait(self.config.replication.reconcile_interval):
             report_reconcile(self.router, self.metrics)
@@ -314,6 +330,8 @@ class Gateway:
         self._repairer.start()
         if self._reconciler is not None:
             self._reconciler.start()
+        if self._tls_watch is not None:
+            self._tls_watch.start()
         if self.metrics_server is not None:
             self.metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", self.metrics_server.host, self.metrics_server.port)
@@ -360,7 +378,7 @@ class Gateway:
         # Within the calls' deadline too: a probe in a hung HSM never returns, and is left
         # to the process's exit with the calls cut off.
         probing = self.monitor.stop(end)
-        for thread in (self._repairer, self._reconciler):  # a pass under way ends at its next key
+        for thread in (self._repairer, self._reconciler, self._tls_watch):  # a pass under way ends at its next key
             if thread is not None and thread.ident is not None:
                 thread.join(max(0.0, end - time.monotonic()))
         if probing:
@@ -426,7 +444,9 @@ class _CloudWatch:
         self.region = settings.region or config.home_region
         client = make_client("cloudwatch", self.region, settings.endpoint_url or None)
         self.publisher = Publisher(client, settings.namespace, registry=gateway.metrics.registry)
-        self.sampler = GatewaySampler(gateway.router, gateway.metrics, region=config.home_region)
+        credentials = gateway.tls
+        self.sampler = GatewaySampler(gateway.router, gateway.metrics, region=config.home_region,
+                                      tls=None if credentials is None else lambda: credentials.material)
         self.interval = settings.interval
         self.namespace = settings.namespace
 

@@ -18,6 +18,15 @@ ahead is valid. A client CA certificate outside its validity is logged (every cl
 whose certificate it signed fails the handshake) but not refused: a bundle may hold
 an old CA next to the current one.
 
+What is logged: at start and on every reload, the served certificate (fingerprint,
+DNS and IP SANs, not-after) and the client CA certificates (subject, fingerprint,
+not-after) with the bundle's SHA-256, and on a reload how the client CAs changed and
+which names the new server certificate no longer holds (WARNING). Expiry:
+:meth:`ServerCredentials.check_expiry`, every :data:`EXPIRY_CHECK_INTERVAL`, logs a
+served certificate within :data:`EXPIRY_WARNING` of its expiry (WARNING) or past it
+(ERROR), each time; and a client CA certificate that expired since it was loaded, once.
+:class:`TlsMaterial` carries the not-after times that ``/metrics`` and CloudWatch publish.
+
 Errors are :class:`gateway.config.ConfigError` naming the key path
 (``server.tls.key_file: …``); they never quote file contents.
 
@@ -29,6 +38,7 @@ certificates whose identity is the SAN URI ``spiffe://hsmgw/<name>`` (and CN).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import logging
 import os
@@ -55,7 +65,10 @@ _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NOT_BEFORE_SKEW = datetime.timedelta(minutes=5)
 """How far a certificate's ``not_valid_before`` may be ahead of this host's clock."""
 _SKEW_MINUTES = f"{NOT_BEFORE_SKEW.total_seconds() / 60:g}"
-_EXPIRY_WARNING = datetime.timedelta(days=14)
+EXPIRY_WARNING = datetime.timedelta(days=14)
+"""How long before a certificate's ``not_valid_after`` the gateway starts warning about it."""
+EXPIRY_CHECK_INTERVAL = 3600.0
+"""Seconds between the checks of the served certificates' expiry (:meth:`ServerCredentials.check_expiry`)."""
 
 
 def _utcnow() -> datetime.datetime:
@@ -63,6 +76,26 @@ def _utcnow() -> datetime.datetime:
 
 
 # -- loading and reloading ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What may be logged and published of one certificate."""
+
+    subject: str
+    """RFC 4514."""
+    fingerprint: str
+    """SHA-256 of the certificate (DER), hex."""
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> CertificateInfo:
+        return cls(cert.subject.rfc4514_string(), cert.fingerprint(hashes.SHA256()).hex(),
+                   cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+    def __str__(self) -> str:
+        return f"{self.subject!r} ({self.fingerprint[:16]}, until {self.not_after.isoformat()})"
 
 
 @dataclass(frozen=True)
@@ -75,6 +108,16 @@ class TlsMaterial:
     fingerprint: str
     """SHA-256 of the server's leaf certificate (DER), hex: safe to log."""
     not_after: datetime.datetime
+    not_before: datetime.datetime
+    """The latest ``not_valid_before`` of the chain served (leaf and intermediates)."""
+    names: tuple[str, ...]
+    """The server certificate's DNS and IP address SANs: the names clients may connect by."""
+    chain: tuple[CertificateInfo, ...]
+    """The certificates served, leaf first."""
+    client_cas: tuple[CertificateInfo, ...]
+    """The certificates of ``client_ca_file``, in its order."""
+    client_ca_digest: str
+    """SHA-256 of ``client_ca_file``'s contents, hex."""
 
 
 def _read(path: Path, key: str) -> bytes:
@@ -141,20 +184,36 @@ def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> Tl
         client_ca=client_ca,
         fingerprint=fingerprint,
         not_after=leaf.not_valid_after_utc,
+        not_before=max(cert.not_valid_before_utc for cert in [leaf, *intermediates]),
+        names=_names(leaf),
+        chain=tuple(CertificateInfo.of(cert) for cert in [leaf, *intermediates]),
+        client_cas=tuple(CertificateInfo.of(ca) for ca in cas),
+        client_ca_digest=hashlib.sha256(client_ca).hexdigest(),
     )
 
 
-def _outside_validity(cert: x509.Certificate, now: datetime.datetime) -> str | None:
+def _names(cert: x509.Certificate) -> tuple[str, ...]:
+    """The DNS and IP address SANs of ``cert``, as clients would write them."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(str(san.value) for san in sans if isinstance(san, (x509.DNSName, x509.IPAddress)))
+
+
+def _outside_validity(cert: x509.Certificate | CertificateInfo, now: datetime.datetime) -> str | None:
     """How ``cert`` is outside its validity at ``now`` ("expired at …", "is not valid before …"), or None."""
-    if cert.not_valid_after_utc <= now:
-        return f"expired at {cert.not_valid_after_utc.isoformat()}"
-    if cert.not_valid_before_utc > now + NOT_BEFORE_SKEW:
-        return f"is not valid before {cert.not_valid_before_utc.isoformat()}"
+    if isinstance(cert, x509.Certificate):
+        cert = CertificateInfo.of(cert)
+    if cert.not_after <= now:
+        return f"expired at {cert.not_after.isoformat()}"
+    if cert.not_before > now + NOT_BEFORE_SKEW:
+        return f"is not valid before {cert.not_before.isoformat()}"
     return None
 
 
 def _expires_soon(cert: x509.Certificate, now: datetime.datetime) -> bool:
-    return cert.not_valid_after_utc - now < _EXPIRY_WARNING
+    return cert.not_valid_after_utc - now < EXPIRY_WARNING
 
 
 def _check_client_cas(cas: list[x509.Certificate], path: Path, now: datetime.datetime) -> None:
@@ -190,8 +249,12 @@ class ServerCredentials:
         self._tls = tls
         self._clock = clock
         self._lock = threading.Lock()
-        self.material = load_material(tls, now=clock())
+        now = clock()
+        self.material = load_material(tls, now=now)
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._expired_cas = _expired(self.material.client_cas, now)
+        """Client CA certificates whose expiry was logged already (``load_material`` logs those at load)."""
+        log.info("TLS: %s; %s", self._served(self.material, now), self._client_cas(self.material))
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -200,26 +263,110 @@ class ServerCredentials:
 
     def reload(self) -> bool:
         """Re-read the files; new handshakes use them. False (and a log line) if they are bad."""
+        now = self._clock()
         try:
-            material = load_material(self._tls, now=self._clock())
+            material = load_material(self._tls, now=now)
         except ConfigError as exc:
             log.error("TLS reload refused, still serving certificate %s: %s", self.material.fingerprint[:16], exc)
             return False
         with self._lock:
-            self.material = material
+            previous, self.material = self.material, material
             self._pending = _configuration(material)
-        log.info(
-            "TLS reloaded: server certificate %s, valid until %s",
-            material.fingerprint[:16],
-            material.not_after.isoformat(),
-        )
+            self._expired_cas = _expired(material.client_cas, now)
+        dropped = [name for name in previous.names if name not in material.names]
+        if dropped:
+            log.warning("TLS reload: the new server certificate %s does not name %s, which the previous one (%s) "
+                        "did: clients that connect by %s fail the handshake (hostname verification)",
+                        material.fingerprint[:16], ", ".join(dropped), previous.fingerprint[:16],
+                        "that name" if len(dropped) == 1 else "those names")
+        log.info("TLS reloaded: %s; %s", self._served(material, now), self._client_cas(material, previous))
         return True
+
+    def check_expiry(self) -> None:
+        """Log the served certificates that have expired (ERROR) or expire within :data:`EXPIRY_WARNING`
+        (WARNING), and the client CA certificates that expired since they were loaded.
+
+        Run at every :data:`EXPIRY_CHECK_INTERVAL` (``load_material`` does the same at load): a
+        certificate that expires while the gateway runs fails every client's handshake, and the
+        clients' errors never reach the gateway's log.
+        """
+        now = self._clock()
+        material = self.material
+        for number, cert in enumerate(material.chain):
+            which = (f"the server certificate {cert.fingerprint[:16]} (from {self._tls.cert_file})" if number == 0
+                     else f"intermediate certificate {cert.subject!r} (from {self._tls.cert_file})")
+            if cert.not_after <= now:
+                log.error("server.tls.cert_file: %s expired at %s and is still served: every client fails the "
+                          "handshake (CERTIFICATE_VERIFY_FAILED) until a new certificate is in place and the "
+                          "gateway reloads it (SIGHUP)", which, cert.not_after.isoformat())
+            elif cert.not_after - now < EXPIRY_WARNING:
+                log.warning("server.tls.cert_file: %s expires at %s, in %s: put a new certificate in place and "
+                            "send SIGHUP", which, cert.not_after.isoformat(), _span(cert.not_after - now))
+        cas = material.client_cas
+        outside = [ca for ca in cas if _outside_validity(ca, now)]
+        if len(outside) == len(cas):
+            log.error("server.tls.client_ca_file: no certificate in %s is valid now (%s): every client fails the "
+                      "handshake until the file is replaced and reloaded (SIGHUP)", self._tls.client_ca_file,
+                      "; ".join(f"{ca.subject!r} {_outside_validity(ca, now)}" for ca in cas))
+            return
+        for ca in cas:
+            if ca in outside:
+                if ca.fingerprint not in self._expired_cas:
+                    self._expired_cas.add(ca.fingerprint)
+                    log.warning("server.tls.client_ca_file: CA certificate %r in %s %s: client certificates it "
+                                "signed fail the handshake", ca.subject, self._tls.client_ca_file,
+                                _outside_validity(ca, now))
+            elif ca.not_after - now < EXPIRY_WARNING:
+                log.warning("server.tls.client_ca_file: CA certificate %r in %s expires at %s, in %s",
+                            ca.subject, self._tls.client_ca_file, ca.not_after.isoformat(), _span(ca.not_after - now))
+
+    def _served(self, material: TlsMaterial, now: datetime.datetime) -> str:
+        names = ", ".join(material.names) or "no DNS or IP name"
+        text = (f"server certificate {material.fingerprint[:16]} for {names}, valid until "
+                f"{material.not_after.isoformat()}")
+        if material.not_before > now:
+            # Taken within the clock skew allowed: clients whose clocks are not ahead of its
+            # not-before fail the handshake until then ("certificate is not yet valid").
+            text += (f", and valid only from {material.not_before.isoformat()}, "
+                     f"{_span(material.not_before - now)} from now by this host's clock (up to {_SKEW_MINUTES} "
+                     "minutes of clock skew are allowed): until then clients may fail the handshake")
+        return text
+
+    def _client_cas(self, material: TlsMaterial, previous: TlsMaterial | None = None) -> str:
+        cas = ", ".join(str(ca) for ca in material.client_cas)
+        text = f"client CAs from {self._tls.client_ca_file} (sha256 {material.client_ca_digest[:16]}): {cas}"
+        if previous is None:
+            return text
+        if previous.client_ca_digest == material.client_ca_digest:
+            return text + "; client CAs unchanged"
+        before = {ca.fingerprint for ca in previous.client_cas}
+        after = {ca.fingerprint for ca in material.client_cas}
+        added = [str(ca) for ca in material.client_cas if ca.fingerprint not in before]
+        removed = [str(ca) for ca in previous.client_cas if ca.fingerprint not in after]
+        changes = [f"added {', '.join(added)}"] if added else []
+        changes += [f"removed {', '.join(removed)}"] if removed else []
+        return text + (f"; client CAs changed (sha256 {previous.client_ca_digest[:16]} before): "
+                       f"{'; '.join(changes) or 'the same certificates, in another order or form'}")
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC before every handshake, on its own thread: no I/O here.
         with self._lock:
             pending, self._pending = self._pending, None
         return pending
+
+
+def _expired(cas: Sequence[CertificateInfo], now: datetime.datetime) -> set[str]:
+    return {ca.fingerprint for ca in cas if _outside_validity(ca, now)}
+
+
+def _span(delta: datetime.timedelta) -> str:
+    """``3 days``, ``5 hours``, ``12 minutes``, ``40 seconds``: roughly how long ``delta`` is."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
 # -- development certificates ------------------------------------------------------

@@ -93,7 +93,7 @@ def _plan(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]], st
     plan: dict[str, list[dict[str, Any]]] = {
         region: alarm_specs([(c.name, c.region) for c in config.clusters], [config.home_region],
                             namespace=namespace, prefix=args.prefix, actions=args.alarm_action,
-                            threshold_percent=args.threshold),
+                            threshold_percent=args.threshold, tls=config.server.tls is not None),
     }
     for target_region, target in targets:
         plan.setdefault(target_region, []).extend(

@@ -191,15 +191,18 @@ def sighup_and_wait(gateway: GatewayProcess, marker: str, timeout: float = 10.0)
 
 
 def certificate_valid(
-    issuer: Issuer, not_before: datetime.datetime, not_after: datetime.datetime, *, ca: bool = False
+    issuer: Issuer, not_before: datetime.datetime, not_after: datetime.datetime, *, ca: bool = False,
+    hosts: tuple[str, ...] = ("127.0.0.1",), name: str | None = None,
 ) -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM) for 127.0.0.1 (or a CA), valid from ``not_before`` to ``not_after``."""
+    """(certificate PEM, key PEM) for ``hosts`` (IPs or DNS names; or a CA called ``name``), valid from
+    ``not_before`` to ``not_after``."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "validity test CA" if ca else "127.0.0.1")])
+    common_name = name or ("validity test CA" if ca else hosts[0])
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
     builder = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name if ca else issuer.certificate.subject)
+        .subject_name(subject)
+        .issuer_name(subject if ca else issuer.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
@@ -207,12 +210,22 @@ def certificate_valid(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(key if ca else issuer.key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def issuer_of(cert_pem: bytes, key_pem: bytes) -> Issuer:
+    """The issuer made of a CA certificate and its key, as ``certificate_valid(..., ca=True)`` returns them."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return Issuer(x509.load_pem_x509_certificate(cert_pem), key)

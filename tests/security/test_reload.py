@@ -172,3 +172,56 @@ def test_a_certificate_outside_its_validity_on_reload_is_refused_and_the_current
         assert why in gateway.log()
         assert _served_fingerprint(gateway.target, own_certs, "payments-app") == served
     assert "TLS reloaded" not in gateway.log()
+
+
+def test_a_reload_says_which_names_the_new_certificate_dropped_and_how_the_client_cas_changed(
+    gateway: GatewayProcess, own_certs: DevCerts, other_ca: DevCerts
+) -> None:
+    issuer = load_issuer(own_certs.ca, own_certs.ca_key)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sighup_and_wait(gateway, "TLS reloaded: ")
+    assert "client CAs unchanged" in gateway.log()
+
+    cert_pem, key_pem = certificate_valid(issuer, now - datetime.timedelta(days=1), now + datetime.timedelta(days=30),
+                                          hosts=("127.0.0.1", "gw.example"))
+    write_file(own_certs.server_key, key_pem, private=True)
+    write_file(own_certs.server, cert_pem)
+    write_file(own_certs.ca, own_certs.ca.read_bytes() + other_ca.ca.read_bytes())
+    sighup_and_wait(gateway, "TLS reloaded: ")
+    new = _file_fingerprint(own_certs.server)[:16]
+    log = gateway.log()
+    assert (f"WARNING gateway.tls: TLS reload: the new server certificate {new} does not name ::1, localhost, which "
+            "the previous one") in log
+    assert "clients that connect by those names fail the handshake" in log
+    added = _file_fingerprint(other_ca.ca)[:16]
+    reloaded = log.rsplit("TLS reloaded: ", 1)[1].splitlines()[0]
+    assert reloaded.startswith(f"server certificate {new} for 127.0.0.1, gw.example, valid until ")
+    assert "client CAs changed (sha256 " in reloaded
+    assert f"added 'CN=hsmgw dev CA,O=hsmgw dev' ({added}, until " in reloaded
+    assert "removed" not in reloaded
+
+    write_file(own_certs.ca, other_ca.ca.read_bytes())
+    sighup_and_wait(gateway, "TLS reloaded: ")
+    reloaded = gateway.log().rsplit("TLS reloaded: ", 1)[1].splitlines()[0]
+    kept = _file_fingerprint(other_ca.ca)[:16]
+    assert f"client CAs from {own_certs.ca} (sha256 " in reloaded and f"({kept}, until " in reloaded
+    assert "; client CAs changed (sha256 " in reloaded and "removed 'CN=hsmgw dev CA,O=hsmgw dev' (" in reloaded
+    assert "added" not in reloaded
+
+
+def test_a_certificate_valid_only_from_minutes_ahead_is_taken_and_the_log_says_from_when(
+    gateway: GatewayProcess, own_certs: DevCerts
+) -> None:
+    """Within the 5 minutes of clock skew allowed; clients whose clocks are not as far ahead fail
+    the handshake until then, so the line says when it becomes valid."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    not_before = now + datetime.timedelta(minutes=3)
+    cert_pem, key_pem = certificate_valid(load_issuer(own_certs.ca, own_certs.ca_key), not_before,
+                                          now + datetime.timedelta(days=30))
+    write_file(own_certs.server_key, key_pem, private=True)
+    write_file(own_certs.server, cert_pem)
+    sighup_and_wait(gateway, "TLS reloaded: ")
+    reloaded = gateway.log().rsplit("TLS reloaded: ", 1)[1].splitlines()[0]
+    assert f", and valid only from {not_before.isoformat()}, " in reloaded
+    assert "from now by this host's clock (up to 5 minutes of clock skew are allowed): until then clients may fail " \
+           "the handshake" in reloaded

@@ -22,8 +22,9 @@ come before or after the command: `hsmctl status --output json`.
 
 Exit codes: 0 ok; 1 the request was refused or failed, or the command line is
 wrong, or the connection failed by how it was asked for (a TLS certificate the
-gateway or hsmctl refuses, TLS to a plaintext gateway, a port that does not speak
-gRPC); 2 the gateway could not be reached or cannot act now (UNAVAILABLE,
+gateway or hsmctl refuses: not signed by --ca, expired or not valid yet, not naming
+the --target host; TLS to a plaintext gateway, a port that does not speak gRPC);
+2 the gateway could not be reached or cannot act now (UNAVAILABLE,
 DEADLINE_EXCEEDED: try again later; but a request or approval that got no answer
 may have been taken, and its change may be running or applied: the error says so,
 check `hsmctl changes list --all` first; one that never connected says it was not
@@ -124,10 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_HINTS = (  # what gRPC says when a connection fails, and what an operator would check
+_HINTS = (  # what gRPC says when a connection fails, and what an operator would check; the most specific first
     ("Connection refused", "nothing listens there: is the gateway running, and is --target its address?"),
     ("Expected SETTINGS frame", "that address does not speak gRPC (a metrics port?): check --target"),
     ("WRONG_VERSION_NUMBER", "the TLS handshake failed: that gateway serves plaintext; drop --ca, --cert and --key"),
+    ("certificate has expired", "the gateway's certificate (or a CA certificate of its chain, --ca) has expired "
+                                "by this host's clock: the gateway needs a new one (then SIGHUP); if it is new, "
+                                "is this host's clock ahead?"),
+    ("certificate is not yet valid", "the gateway's certificate (or a CA certificate of its chain, --ca) is not "
+                                     "valid yet by this host's clock: is this host's clock behind (clock skew)?"),
+    ("Hostname Verification Check failed", "the gateway's certificate does not name {host} among its subject "
+                                           "alternative names (SANs): use --target with a name the certificate "
+                                           "holds, or give the gateway a certificate for {host}"),
     ("CERTIFICATE_VERIFY_FAILED", "the gateway's certificate is not signed by the CA given (--ca)"),
     ("security handshaker", "the client certificate cannot be used: does --key match --cert?"),
 )
@@ -135,24 +144,32 @@ _HANDSHAKE_REFUSED = ("the gateway closed the connection: it may require TLS wit
                       "(--ca, --cert, --key)")
 _CERTIFICATE_REFUSED = ("the gateway closed the connection during the TLS handshake: does it accept this client "
                         "certificate (--cert, --key), signed by its client CA?")
-_MISCONFIGURED = {hint for words, hint in _HINTS if words != "Connection refused"} | {
-    _HANDSHAKE_REFUSED, _CERTIFICATE_REFUSED}
-"""Hints for a connection that failed by how hsmctl was told to connect, not for a while: exit 1,
-as a usage error; trying again later changes nothing."""
+_MISCONFIGURED = {words for words, _ in _HINTS if words != "Connection refused"}
+"""What gRPC says of a connection that failed by how hsmctl was told to connect, or by the gateway's
+certificate, not for a while: exit 1, as a usage error; trying again soon changes nothing."""
 
 
-def _hint(details: str, tls: bool, connected: bool) -> str:
-    """What to check when no answer came: ``connected``, whether the channel reached the gateway."""
+def _target_host(target: str) -> str:
+    """The host of ``--target`` (``host:port``, ``[v6]:port``, ``dns:///host:port``)."""
+    address = target.rpartition("/")[2]
+    host = address.rpartition(":")[0] if address.count(":") == 1 or address.startswith("[") else address
+    return host.strip("[]") or address
+
+
+def _hint(details: str, tls: bool, connected: bool, target: str = "") -> tuple[str, bool]:
+    """What to check when no answer came, and whether it is a mistake in how to connect (exit 1):
+    ``connected``, whether the channel reached the gateway; ``target``, the address asked for."""
     for words, hint in _HINTS:
         if words in details:
-            return hint
+            return hint.format(host=_target_host(target)), words in _MISCONFIGURED
     if "Socket closed" in details or "Connection reset" in details:
         # gRPC says "failed to connect to all addresses" when no connection came up (a refused
         # handshake); the channel's READY notice may come after the error, so either tells.
         if connected or not details.startswith("failed to connect"):  # the gateway went away during the call
-            return "the gateway closed the connection during the call: it may have stopped or restarted (see its log)"
-        return _CERTIFICATE_REFUSED if tls else _HANDSHAKE_REFUSED
-    return ""
+            return ("the gateway closed the connection during the call: it may have stopped or restarted "
+                    "(see its log)"), False
+        return (_CERTIFICATE_REFUSED if tls else _HANDSHAKE_REFUSED), True
+    return "", False
 
 
 def _never_sent(exc: grpc.RpcError, connected: bool) -> bool:
@@ -194,11 +211,12 @@ def _run(argv: list[str]) -> int:
         except grpc.RpcError as exc:
             unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             hints = []
+            misconfigured = False
             if unreachable and _no_answer(exc):
-                hints = [_hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected),
-                         app.unsent if _never_sent(exc, app.connected) else app.unsure]
+                first, misconfigured = _hint(exc.details() or "", bool(args.tls_ca or args.tls_cert), app.connected,
+                                             args.target)
+                hints = [first, app.unsent if _never_sent(exc, app.connected) else app.unsure]
             hint = "; ".join(h for h in hints if h)
-            misconfigured = bool(hints) and hints[0] in _MISCONFIGURED
             fail(f"{exc.code().name}: {exc.details()}" + (f"; {hint}" if hint else ""),
                  code=2 if unreachable and not misconfigured else 1)
     return code or 0
