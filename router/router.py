@@ -116,6 +116,26 @@ class Topology:
     """Region name → cluster names."""
 
 
+_STORE_LOG_EVERY = 60.0
+"""Seconds between log lines about placement store calls that failed a request."""
+_store_log = {"at": float("-inf"), "since": 0}
+
+
+def _store_down(message: str, exc: StoreError) -> Unavailable:
+    """The UNAVAILABLE a request gets when the placement store failed it, and a WARNING with the
+    store's own error (a read-only file, throttling, a timeout), at most once a minute a process:
+    the caller's message does not name the store."""
+    now = time.monotonic()
+    if now - _store_log["at"] >= _STORE_LOG_EVERY:
+        more = _store_log["since"]
+        log.warning("placement store failed a request (%s): %s%s", message, exc,
+                    f" ({more} more since the last such line)" if more else "")
+        _store_log["at"], _store_log["since"] = now, 0
+    else:
+        _store_log["since"] += 1
+    return Unavailable(message)
+
+
 def _counted(objects: dict[str, int]) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in sorted(objects.items()))
 
@@ -310,7 +330,7 @@ class Router:
             try:
                 placement = self.store.get(key_id)
             except StoreError as exc:
-                raise Unavailable("placement store is unreachable and the key is not cached") from exc
+                raise _store_down("placement store is unreachable and the key is not cached", exc) from exc
             if placement is None:
                 raise KeyNotFound(f"key {key_id!r} not found")
             self._remember(placement)
@@ -331,8 +351,8 @@ class Router:
             try:
                 self.reload_key(key_id)
             except StoreError as exc:
-                raise Unavailable(f"placement store is unreachable, and key {key_id!r} was being created when "
-                                  "last read") from exc
+                raise _store_down(f"placement store is unreachable, and key {key_id!r} was being created when "
+                                  "last read", exc) from exc
             fresh = self._cache.get(key_id)
             if fresh is None:  # the creation failed and was rolled back
                 raise KeyNotFound(f"key {key_id!r} not found")
@@ -512,7 +532,7 @@ class Router:
             pin = self._pin_of(spec.key_id)  # kept until the key is made: a failed creation leaves it for the retry
             made = self._generate(spec, deadline, pin)
         except StoreError as exc:
-            raise Unavailable("placement store is unreachable; keys cannot be created now") from exc
+            raise _store_down("placement store is unreachable; keys cannot be created now", exc) from exc
         self._unpin(made, pin)  # made (by this call or an earlier one): its pin, if any, is used up
         return made
 
@@ -1156,7 +1176,7 @@ class Router:
         try:
             edit_admin_record(self.store, PINS, lambda pins: {**(pins or {}), key_id: cluster})
         except StoreError as exc:
-            raise Unavailable("placement store is unreachable; the placement is not recorded") from exc
+            raise _store_down("placement store is unreachable; the placement is not recorded", exc) from exc
 
     def _pin_of(self, key_id: str) -> str | None:
         """The cluster an operator chose for this new key (``pin``), if any."""
@@ -1262,7 +1282,7 @@ class Router:
                 raise KeyChanged(f"key {key_id!r} changed since the plan; it was not moved") from None
             raise Unavailable(changed) from None
         except StoreError as exc:
-            raise Unavailable(f"placement store is unreachable; key {key_id!r} was not moved") from exc
+            raise _store_down(f"placement store is unreachable; key {key_id!r} was not moved", exc) from exc
         self._remember(pending)
         try:
             self._fault("move-target-named")
@@ -1288,8 +1308,8 @@ class Router:
             # is sound, and reconcile removes the copy the record does not name.
             log.warning("move of %s to %s: the store did not confirm the switch (%s); both copies kept",
                         key_id, to, exc)
-            raise Unavailable(f"placement store is unreachable; whether key {key_id!r} moved to {to} is not "
-                              "known: both copies are kept (hsmctl keys show tells; reconcile tidies up)") from exc
+            raise _store_down(f"placement store is unreachable; whether key {key_id!r} moved to {to} is not "
+                              "known: both copies are kept (hsmctl keys show tells; reconcile tidies up)", exc) from exc
         self._remember(moved)
         try:
             self.backends[source].destroy(key_id, deadline)
@@ -1364,7 +1384,7 @@ class Router:
         try:
             return self.store.get(validation.key_id(key_id))
         except StoreError as exc:
-            raise Unavailable("placement store is unreachable; the change cannot be checked now") from exc
+            raise _store_down("placement store is unreachable; the change cannot be checked now", exc) from exc
 
     def release_key(self, key_id: str) -> Placement:
         """Let rebalance place a held key again (it stays where it is until a rebalance moves it)."""
@@ -1375,7 +1395,7 @@ class Router:
             except Conflict:
                 continue
             except StoreError as exc:
-                raise Unavailable("placement store is unreachable; the key was not released") from exc
+                raise _store_down("placement store is unreachable; the key was not released", exc) from exc
             self._remember(released)
             log.info("key %s released: rebalance may move it", key_id)
             return released
@@ -1630,7 +1650,7 @@ class Router:
         try:
             page = self.store.list(prefix=prefix, after=page_token, limit=size + 1)
         except StoreError as exc:
-            raise Unavailable("placement store is unreachable") from exc
+            raise _store_down("placement store is unreachable", exc) from exc
         more = len(page) > size
         page = page[:size]
         return page, (page[-1].key_id if more else "")
@@ -1641,7 +1661,7 @@ class Router:
         try:
             placement = self.store.get(validation.key_id(key_id))
         except StoreError as exc:
-            raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
+            raise _store_down("placement store is unreachable; keys cannot be destroyed now", exc) from exc
         if placement is None:
             raise KeyNotFound(f"key {key_id!r} not found")
         # The record says DESTROYED before any object goes: from then on nothing serves,
@@ -1662,12 +1682,13 @@ class Router:
                 destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED, held=False,
                                                       wrapped=b"", public_der=b""))
             except StoreError as exc:
-                raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from exc
+                raise _store_down("placement store is unreachable; keys cannot be destroyed now", exc) from exc
             except Conflict as exc:
                 try:
                     self.reload_key(key_id)
                 except StoreError as failed:
-                    raise Unavailable("placement store is unreachable; keys cannot be destroyed now") from failed
+                    raise _store_down("placement store is unreachable; keys cannot be destroyed now",
+                                      failed) from failed
                 if exc.existing is None or exc.existing.state is not KeyState.DESTROYED:
                     raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was "
                                       "destroyed, try again") from exc

@@ -7,6 +7,7 @@ the others' changes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -220,7 +221,11 @@ class SqliteStore(PlacementStore):
                     cur.execute("COMMIT")
                     return first
                 except BaseException:
-                    cur.execute("ROLLBACK")
+                    # SQLite has rolled back already after some errors (a read-only or full disk,
+                    # an I/O error): a second ROLLBACK would fail and hide the first error.
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            cur.execute("ROLLBACK")
                     raise
         except sqlite3.IntegrityError:
             raise

@@ -284,6 +284,38 @@ def test_objects_no_record_names_are_never_destroyed(make_router, tokens, tmp_pa
     assert len(tokens.objects("use1-b", foreign)) == 1
 
 
+def test_a_store_that_fails_a_creation_is_logged_with_its_own_error(make_router, tmp_path, caplog, monkeypatch) -> None:
+    """A placement store that can be read but not written (here a SQLite file made immutable):
+    the caller hears UNAVAILABLE, and the log says what the store said (not the roll-back that
+    failed after it), once a minute at most."""
+    import shutil
+    import subprocess
+
+    import router.router as router_module
+    from router.placement.sqlite import SqliteStore
+
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed: root ignores file modes, so nothing here can make a file unwritable")
+    monkeypatch.setattr(router_module, "_store_log", {"at": float("-inf"), "since": 0})
+    router = make_router(store=SqliteStore(tmp_path / "placements.db"))
+    router.generate_key(_spec(unique("writable")), time.monotonic() + 30)
+    files = [str(path) for path in tmp_path.glob("placements.db*")]
+    if subprocess.run(["chattr", "+i", *files], capture_output=True).returncode != 0:
+        pytest.skip("the store's files cannot be made immutable here")
+    try:
+        with caplog.at_level(logging.WARNING, logger="router.router"):
+            for _ in range(3):
+                with pytest.raises(Unavailable, match="keys cannot be created now"):
+                    router.generate_key(_spec(unique("read-only")), time.monotonic() + 30)
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("placement store failed a request")]
+    assert len(lines) == 1, lines
+    # The store's own error (its file cannot be written), not the failed roll-back that followed it.
+    assert "keys cannot be created now" in lines[0] and "cannot rollback" not in lines[0], lines[0]
+    assert "disk I/O error" in lines[0] or "readonly database" in lines[0], lines[0]
+
+
 def test_reconcile_destroys_nothing_while_it_cannot_read_the_store(make_router, tokens) -> None:
     """An object whose record the store cannot answer for, and a stale intent it cannot claim:
     both keep their objects (they may be a key's), and the next reconcile, with the store
