@@ -612,6 +612,8 @@ class Router:
                 continue
             try:
                 found = backend.key_objects(deadline, key_id=spec.key_id).get(spec.key_id)
+            except Stopping:
+                raise
             except RouterError:
                 continue
             if not found:

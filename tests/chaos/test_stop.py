@@ -57,14 +57,25 @@ def test_a_stop_past_its_grace_cuts_calls_off_without_logging_in_again(tmp_path:
     def searches() -> int:
         return len(re.findall(r"faultmod-trace: C_FindObjectsInit ", gateway.log()))
 
+    from gateway.config import load
+    from router.model import KeyState
+    from router.placement.sqlite import SqliteStore
+
+    store = SqliteStore(load(fleet.config_path).store_path())
+
+    def intents() -> int:
+        return sum(p.state is KeyState.CREATING for p in store.list(prefix="cut/"))
+
     try:
-        started = searches()  # the start-up's own (each cluster's wrapping key is looked at)
         control.set("*", "latency", 500)
         threads = [threading.Thread(target=create, args=(i,), daemon=True) for i in range(CALLS)]
         for thread in threads:
             thread.start()
-        # Every creation inside the HSM: each has its intent recorded and its first object search begun.
-        wait_for(lambda: searches() >= started + CALLS, timeout=20, what="the creations to reach the HSM")
+        # Every creation inside the HSM: each has its intent recorded (after looking for objects
+        # already under its id), then begun a search for what to clear before it makes the key.
+        wait_for(lambda: intents() >= CALLS, timeout=30, what="the creations to record their intents")
+        recorded = searches()
+        wait_for(lambda: searches() >= recorded + CALLS, timeout=20, what="the creations to reach the HSM")
         assert gateway.proc is not None
         gateway.proc.send_signal(signal.SIGTERM)
         try:
@@ -80,6 +91,7 @@ def test_a_stop_past_its_grace_cuts_calls_off_without_logging_in_again(tmp_path:
     finally:
         control.clear()
         gateway.stop()
+        store.close()
 
     log = gateway.log()
     lines = log.splitlines()
