@@ -21,7 +21,7 @@ from google.protobuf import timestamp_pb2
 
 from gateway import audit as audit_mod
 from gateway import status
-from gateway.interceptors import current_identity
+from gateway.interceptors import current_caller, current_identity
 from gateway.quorum import LEASE, PENDING, RUN_LIMIT, RUNNING, Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
@@ -136,6 +136,13 @@ def caller() -> str:
     return current_identity() or "anonymous"
 
 
+def origin() -> dict[str, str]:
+    """Where the caller called from, as a change records it: peer address and how its identity
+    was established (certificate, or a development gateway's header or default)."""
+    caller = current_caller()
+    return {"peer": caller.peer, "authenticated_by": caller.authenticated_by} if caller is not None else {}
+
+
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
@@ -154,6 +161,8 @@ def _change_pb(change: Change) -> pb.Change:
         create_time=_ts(change.created),
         expire_time=_ts(change.expires),
         result=change.result,
+        origins={who: pb.CallerOrigin(peer=where.get("peer", ""), authenticated_by=where.get("authenticated_by", ""))
+                 for who, where in change.origins.items()},
     )
 
 
@@ -181,10 +190,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         quorum: int = 2,
         change_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        on_audit_failure: Callable[[str], None] = lambda action: None,
     ) -> None:
+        """``on_audit_failure(action)``: called for each record the audit log could not take."""
         self.router = router
         self.audit_path = audit_path
-        self.audit = audit_mod.AuditLog(audit_path)
+        self.audit = audit_mod.AuditLog(audit_path, on_failure=on_audit_failure)
         self.changes = ChangeBook(
             router.store,
             {
@@ -210,15 +221,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     # -- plumbing ------------------------------------------------------------------
 
     def _audit_change(self, actor: str, event: str, change: Change) -> None:
+        """Audit ``event`` of ``change``, caused by ``actor`` (``-``: the gateway itself, for an
+        expiry or an interruption it found), with where that admin called from."""
+        where = origin() if actor != "-" else {}
         try:
-            self.audit.append(actor if actor != "-" else change.requested_by, event, change.id,
-                              outcome=change.state, change_action=change.action, **audited_params(change.params),
-                              approved_by=change.approved_by, result=change.result)
-        except (audit_mod.AuditLogError, OSError) as exc:
-            log.error("audit log %s cannot be written: %s (event %s of change %s, %s by %s)",
-                      self.audit_path, exc, event, change.id, change.action, actor)
+            self.audit.append(actor, event, change.id, outcome=change.state, change_action=change.action,
+                              **audited_params(change.params), requested_by=change.requested_by,
+                              approved_by=change.approved_by, result=change.result, **where)
+        except (audit_mod.AuditLogError, OSError):  # the log names the event (AuditLog)
             raise Unavailable("the gateway's audit log cannot be written (its log says why); "
                               "admin changes wait until it can") from None
+
+    def _audit_done(self, action: str, target: str, **details: object) -> None:
+        """Audit what a running change did: it is done, so a record the log cannot take does not
+        undo or fail it (the log names the event and counts it; the next record notes it)."""
+        try:
+            self.audit.append("-", action, target, "ok", **details)
+        except (audit_mod.AuditLogError, OSError):
+            pass
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[str], R]) -> R:
         identity = caller()
@@ -247,7 +267,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     f"change {pending.id} ({pending.action}) is running for {kind} {name!r}: wait for its result "
                     f"(hsmctl changes list --all); one stuck shows interrupted within "
                     f"{RUN_LIMIT + LEASE:.0f} s of its start, and then no longer holds the {kind}")
-        return _change_pb(self.changes.request(identity, action, params))
+        return _change_pb(self.changes.request(identity, action, params, origin()))
 
     def _switched(self, kind: str) -> set[str]:
         return self._stored_switches().get(kind, set())
@@ -273,12 +293,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._with_stored_switches()  # the target may have been drained since the request
         moved = self.router.move_key(params["key_id"], params["to"], self._deadline(), source=params.get("from", ""),
                                      hold=True)
-        self.audit.append("-", "key_moved", moved.key_id, clusters=list(moved.clusters), held=True)
+        self._audit_done("key_moved", moved.key_id, clusters=list(moved.clusters), held=True)
         return f"{moved.key_id} now on {', '.join(moved.clusters)} (held there: rebalance leaves it)"
 
     def _do_release(self, params: dict[str, str]) -> str:
         released = self.router.release_key(params["key_id"])
-        self.audit.append("-", "key_released", released.key_id, clusters=list(released.clusters))
+        self._audit_done("key_released", released.key_id, clusters=list(released.clusters))
         return f"{released.key_id} released: rebalance may move it"
 
     @staticmethod
@@ -323,7 +343,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 log.warning("rebalance: %s not moved from %s to %s: %s", key_id, source, target, exc)
                 failed.append(f"{key_id}: {getattr(exc, 'message', exc)}")
                 continue
-            self.audit.append("-", "key_moved", key_id, from_cluster=source, to_cluster=target, reason="rebalance")
+            self._audit_done("key_moved", key_id, from_cluster=source, to_cluster=target, reason="rebalance")
             done += 1
         result = f"moved {done} key" + ("" if done == 1 else "s")
         if left:
@@ -482,6 +502,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                     "new keys cannot be made durable")
                 else:
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
+            lost = self.audit.unwritten()
+            if lost is not None:
+                try:
+                    self.audit.check()
+                    now = "it takes records again, and the next one notes them"
+                except audit_mod.AuditLogError as exc:
+                    now = f"GenerateKey, DestroyKey and admin changes are refused until it can ({exc})"
+                warnings.append(f"the audit log could not be written since {lost.since} ({lost.error}): "
+                                f"{lost.events} event(s) are not in it (this gateway process's log names them); {now}")
             if under:
                 warnings.append(f"{under} key is under-replicated; the repairer is working on it" if under == 1 else
                                 f"{under} keys are under-replicated; the repairer is working on them")
@@ -636,14 +665,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def ApproveChange(self, request: pb.ApproveChangeRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
             try:
-                return _change_pb(self.changes.approve(who, request.id))
+                return _change_pb(self.changes.approve(who, request.id, origin()))
             except NotAnotherAdmin as exc:  # an attempt around the quorum is for the auditors too
                 try:
                     self.audit.append(who, "change_approval_refused", request.id, outcome="refused",
-                                      reason=exc.message)
-                except (audit_mod.AuditLogError, OSError) as failed:
-                    log.error("audit log %s cannot be written: %s (a refused approval of change %s by %s)",
-                              self.audit_path, failed, request.id, who)
+                                      reason=exc.message, **origin())
+                except (audit_mod.AuditLogError, OSError):  # logged, counted, noted in the next record
+                    pass
                 raise
 
         return self._call(context, run)
@@ -666,6 +694,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(_: str) -> pb.VerifyAuditResponse:
             result = audit_mod.verify(self.audit_path)
             return pb.VerifyAuditResponse(ok=result.ok, records=result.records, problem=result.problem or "",
-                                          line=result.line or 0)
+                                          line=result.line or 0, unwritten=result.unwritten,
+                                          unwritten_noted_at=result.unwritten_noted_at)
 
         return self._call(context, run)

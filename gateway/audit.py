@@ -26,6 +26,13 @@ Format
     ``hash``
         Hex SHA-256 of the canonical JSON of this record without ``hash``.
 
+    A record may carry ``details.unwritten``: the events this process could not
+    append since its previous record (the file was unwritable), as ``{"events": n,
+    "actions": {action: n}, "since": time, "error": why}``. The gap is thus in the
+    chain itself, and :func:`verify` counts it. Those events are in the gateway's
+    log (each failed write is an ERROR line naming its event); a process that stops
+    before it writes again leaves its note unwritten.
+
     Several threads and several processes may append to one file: every append
     takes an exclusive ``flock`` on the file, re-reads the last line under it to
     get ``prev`` and ``seq``, writes the whole line in one ``write`` and fsyncs.
@@ -66,6 +73,11 @@ Errors
         repaired silently.
     ``OSError``
         From the filesystem, unchanged.
+
+    A write that fails (``OSError``, :class:`AuditLogError`) is logged as one ERROR
+    line naming the event, counted (``on_failure``) and noted in the next record this
+    process writes; the exception still reaches the caller, which decides whether the
+    operation may go on without its record (``gateway.auth.audit(required=True)``).
 """
 
 from __future__ import annotations
@@ -78,6 +90,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -90,11 +103,15 @@ __all__ = [
     "AuditHandler",
     "AuditLog",
     "AuditLogError",
+    "Unwritten",
     "VerifyResult",
     "digest",
     "tail",
+    "take_failure",
     "verify",
 ]
+
+log = logging.getLogger(__name__)  # not AUDIT_LOGGER: what is said about the audit log is not audited
 
 AUDIT_LOGGER = "hsmgw.audit"
 """The logger whose records :class:`AuditHandler` appends."""
@@ -131,6 +148,28 @@ class VerifyResult:
     """What is wrong and where, e.g. ``line 7 (seq 7): hash does not match its contents (edited?)``."""
     line: int | None = None
     """1-based line number of the problem, when it has one."""
+    unwritten: int = 0
+    """Events the records checked say could not be written (``details.unwritten``): gaps the
+    gateway admitted, not tampering."""
+    unwritten_noted_at: tuple[int, ...] = ()
+    """The ``seq`` of each record that notes such a gap."""
+
+
+@dataclass(frozen=True)
+class Unwritten:
+    """What one process could not append since its last record (see ``details.unwritten``)."""
+
+    events: int
+    """How many events were lost."""
+    actions: Mapping[str, int]
+    """How many of each action."""
+    since: str
+    """When the first of them was (ISO 8601, UTC)."""
+    error: str
+    """Why the last of them could not be written."""
+
+    def as_detail(self) -> dict[str, Any]:
+        return {"events": self.events, "actions": dict(self.actions), "since": self.since, "error": self.error}
 
 
 # -- the writer ----------------------------------------------------------------------
@@ -144,9 +183,50 @@ class AuditLog:
     which a fork would otherwise share).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
+        on_failure: Callable[[str], None] = lambda action: None,
+    ) -> None:
+        """``on_failure(action)``: called once for each record that could not be written (a metric)."""
         self.path = Path(path)
         self._clock = clock
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self._unwritten: Unwritten | None = None
+
+    def unwritten(self) -> Unwritten | None:
+        """The events this process could not write since its last record, None if none."""
+        with self._lock:
+            return self._unwritten
+
+    def _failed(self, actor: str, action: str, target: str, outcome: str, exc: BaseException) -> None:
+        why = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        with self._lock:
+            lost = self._unwritten
+            actions = dict(lost.actions) if lost else {}
+            actions[action] = actions.get(action, 0) + 1
+            self._unwritten = Unwritten(events=(lost.events if lost else 0) + 1, actions=actions,
+                                        since=lost.since if lost else _iso(self._clock()), error=why)
+        # One line, no traceback: the event it names is what an operator needs, and a log shipper keeps.
+        log.error("audit log %s cannot be written: %s; the %s event (actor %s, target %s, outcome %s) is not in it",
+                  self.path, why, action, actor, target or "-", outcome,
+                  extra={"audit_event": action, "audit_actor": actor, "audit_target": target,
+                         "audit_outcome": outcome, "audit_error": why})
+        try:
+            self._on_failure(action)
+        except Exception:  # noqa: BLE001 - a metric must never turn a refusal into a crash
+            log.exception("counting an audit write failure failed")
+
+    def _written(self, noted: Unwritten) -> None:
+        """The record that noted ``noted`` is written: forget those events (not any lost since)."""
+        with self._lock:
+            now = self._unwritten
+            if now is None or now is noted:
+                self._unwritten = None
+                return
+            left = {a: n - noted.actions.get(a, 0) for a, n in now.actions.items() if n > noted.actions.get(a, 0)}
+            self._unwritten = Unwritten(events=now.events - noted.events, actions=left, since=now.since,
+                                        error=now.error)
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
@@ -184,6 +264,21 @@ class AuditLog:
                 raise TypeError(f"audit {name} must be a str, not {type(value).__name__}")
             _check_text(value, name)
         clean = _clean_details(details)
+        noted = self.unwritten()
+        if noted is not None:
+            clean["unwritten"] = noted.as_detail()
+        try:
+            record = self._write(actor, action, target, outcome, clean)
+        except (OSError, AuditLogError) as exc:
+            self._failed(actor, action, target, outcome, exc)
+            raise
+        if noted is not None:
+            self._written(noted)
+            log.warning("audit log %s is written again; record %d notes the %d event(s) that could not be",
+                        self.path, record["seq"], noted.events)
+        return record
+
+    def _write(self, actor: str, action: str, target: str, outcome: str, clean: dict[str, Any]) -> dict[str, Any]:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -312,7 +407,13 @@ class AuditHandler(logging.Handler):
     go to ``details``; secret-looking keys are withheld rather than the whole
     event dropped. A message that is not JSON is kept as ``details.message``.
     Records of other loggers are ignored, so attaching the handler too high up
-    cannot flood the audit log. Write failures go to :meth:`logging.Handler.handleError`.
+    cannot flood the audit log.
+
+    A message that cannot be appended is never a traceback: an unwritable file is one
+    ERROR line naming the event (:class:`AuditLog`), a message the log refuses (a
+    value JSON cannot hold) one ERROR line with the reason. Either way the failure is
+    left for :func:`take_failure`, so that the code that logged the event learns, in
+    its own thread, that it is not in the log.
     """
 
     def __init__(self, audit_log: AuditLog, level: int = logging.NOTSET) -> None:
@@ -325,8 +426,25 @@ class AuditHandler(logging.Handler):
         try:
             actor, action, target, outcome, details = _from_message(record.getMessage())
             self.audit_log._append(actor, action, target, outcome, details)
-        except Exception:
-            self.handleError(record)
+        except (OSError, AuditLogError) as exc:  # logged and counted by the log
+            _FAILURE.error = exc
+        except Exception as exc:  # noqa: BLE001 - a logging handler must not raise
+            _FAILURE.error = exc
+            log.error("audit event not written: %s: %s", type(exc).__name__, exc)
+
+
+class _Failure(threading.local):
+    error: BaseException | None = None
+
+
+_FAILURE = _Failure()
+
+
+def take_failure() -> BaseException | None:
+    """Why the last audit message this thread logged was not appended (None: it was, or no
+    :class:`AuditHandler` is attached); clears it. Clear it before logging, read it after."""
+    error, _FAILURE.error = _FAILURE.error, None
+    return error
 
 
 def _from_message(message: str) -> tuple[str, str, str, str, dict[str, Any]]:
@@ -542,9 +660,11 @@ def _verify_lines(path: Path, lines: Iterator[tuple[int, bytes, bool]], anchor: 
     expected_seq = 1
     prev_digest = GENESIS
     anchor_seen = False
+    unwritten = 0
+    noted_at: list[int] = []
 
     def fail(number: int | None, problem: str) -> VerifyResult:
-        return VerifyResult(False, good, problem, number)
+        return VerifyResult(False, good, problem, number, unwritten, tuple(noted_at))
 
     for number, raw, complete in lines:
         if not complete:
@@ -587,6 +707,10 @@ def _verify_lines(path: Path, lines: Iterator[tuple[int, bytes, bool]], anchor: 
         good += 1
         expected_seq = seq + 1
         prev_digest = _sha256(raw)
+        lost = _unwritten_events(record["details"])
+        if lost:
+            unwritten += lost
+            noted_at.append(seq)
 
     if anchor is not None and not anchor_seen and anchor[0] > 0:
         return fail(
@@ -596,7 +720,13 @@ def _verify_lines(path: Path, lines: Iterator[tuple[int, bytes, bool]], anchor: 
         )
     if anchor is not None and anchor[0] == 0 and anchor[1] != GENESIS:
         return fail(None, "anchor (0, …) must carry the genesis hash")
-    return VerifyResult(True, good, None, None)
+    return VerifyResult(True, good, None, None, unwritten, tuple(noted_at))
+
+
+def _unwritten_events(details: dict[str, Any]) -> int:
+    note = details.get("unwritten")
+    events = note.get("events") if isinstance(note, dict) else None
+    return events if isinstance(events, int) and not isinstance(events, bool) and events > 0 else 0
 
 
 def _seq_hint(path: Path, expected: int, found: object, number: int) -> str:

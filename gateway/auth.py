@@ -21,7 +21,10 @@ Errors
 Audit
     Decisions worth keeping are logged to the ``hsmgw.audit`` logger, one JSON object
     per line (:func:`audit`). Denials always; grants of key creation/destruction and of
-    admin calls; policy reloads.
+    admin calls; policy reloads. Every string in an event is clipped (:func:`clip`), and
+    characters that cannot be shown are escaped. An event logged with ``required=True``
+    raises :class:`AuditUnwritten` when the audit log did not take it: the operation it
+    stands for must not run.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.audit import take_failure
 from gateway.config import ConfigError
 from hsmgw.v1 import admin_pb2, crypto_pb2
 
@@ -56,6 +60,10 @@ SIGN_VIA = {"BatchSign": "Sign", "SignStream": "Sign"}
 CRYPTO_OPERATIONS = frozenset(m.name for m in _CRYPTO.methods) - set(SIGN_VIA)
 ADMIN_OPERATIONS = frozenset(m.name for m in _ADMIN.methods)
 _AUDIT_TEXT = 200  # longest caller-chosen string copied into an audit event
+_AUDIT_MESSAGE = 1000  # longest message or error in one: they quote caller strings clipped further
+_QUOTED = 100  # longest caller string a message quotes
+_COMPOSED = frozenset({"message", "error"})
+"""Event fields the gateway writes itself, quoting caller strings clipped to ``_QUOTED``."""
 
 
 class PolicyError(ConfigError):
@@ -77,19 +85,61 @@ class Unauthenticated(Exception):
     """No usable identity on the connection."""
 
 
+class AuditUnwritten(Exception):
+    """A required audit event is not in the audit log (its write failed; the log says why)."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__(f"the audit event {event} could not be written")
+        self.event = event
+
+
 # -- audit --------------------------------------------------------------------------
 
 
+def shown(text: str) -> str:
+    """``text`` with each character that cannot be shown (controls, format characters such as
+    bidi overrides, separators other than the space) written as its Python escape: ``\\x1b``."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def clip(text: str, limit: int = _AUDIT_TEXT) -> str:
+    """A caller's string as events and log lines quote it: escaped (:func:`shown`), and cut to
+    ``limit`` characters with an ellipsis."""
+    text = shown(text[: limit + 1])  # escaping lengthens: cut first, then again
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def audit(event: str, **fields: Any) -> None:
-    """One JSON line on the ``hsmgw.audit`` logger (ASCII only: caller strings are escaped)."""
+def _clipped(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        return clip(value, limit)
+    if isinstance(value, (list, tuple)):
+        return [_clipped(item, limit) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _clipped(v, limit) for k, v in value.items()}
+    return value
+
+
+def audit(event: str, *, required: bool = False, **fields: Any) -> None:
+    """One JSON line on the ``hsmgw.audit`` logger (ASCII only; every string clipped to 200
+    characters, ``message`` and ``error`` to 1,000, which quote caller strings clipped to 100).
+
+    ``required``: the event must be in the audit log before what it records happens; raises
+    :class:`AuditUnwritten` when the attached audit log did not take it. Without it, a failed
+    write is logged and counted by the audit log, and the caller goes on.
+    """
     if not audit_log.isEnabledFor(logging.INFO):
+        if required:  # nothing would be written, nor could a failure be seen
+            raise AuditUnwritten(event)
         return
-    record = {"event": event, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(), **fields}
+    record = {"event": event, "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    for name, value in fields.items():
+        record[name] = _clipped(value, _AUDIT_MESSAGE if name in _COMPOSED else _AUDIT_TEXT)
+    take_failure()  # one left by an earlier event of this thread is not this one's
     audit_log.info(json.dumps(record, sort_keys=True, ensure_ascii=True, default=str))
+    if take_failure() is not None and required:
+        raise AuditUnwritten(event)
 
 
 # -- the policy ------------------------------------------------------------------------
@@ -150,6 +200,12 @@ class Principal:
 
     def may_admin(self, method: str) -> bool:
         return self.everything or ALL in self.admin or method in self.admin
+
+
+def _quoted(text: str) -> str:
+    """A caller's string as a message quotes it: clipped to 100 characters, in quotes (``repr``
+    escapes what cannot be shown)."""
+    return repr(text if len(text) <= _QUOTED else text[:_QUOTED] + "…")
 
 
 def namespace(key_id: str) -> str:
@@ -229,7 +285,8 @@ class Policy:
     def check_key(self, principal: Principal, operation: str, key_id: str) -> None:
         if not principal.may(operation, key_id):
             raise PermissionDenied(
-                f"identity {principal.identity!r} may not {operation} keys under {clip(namespace(key_id), 100)!r}",
+                f"identity {_quoted(principal.identity)} may not {operation} keys under "
+                f"{_quoted(namespace(key_id))}",
                 identity=principal.identity,
                 operation=operation,
                 resource=key_id,
@@ -240,7 +297,7 @@ class Policy:
             granted = ", ".join(repr(p or ALL) for p in principal.prefixes(operation))
             hint = f"; ask for a prefix inside {granted}" if granted else ""
             raise PermissionDenied(
-                f"identity {principal.identity!r} may not {operation} keys under {clip(prefix, 100)!r}{hint}",
+                f"identity {_quoted(principal.identity)} may not {operation} keys under {_quoted(prefix)}{hint}",
                 identity=principal.identity,
                 operation=operation,
                 resource=prefix,
@@ -249,7 +306,7 @@ class Policy:
     def check_some(self, principal: Principal, operation: str) -> None:
         if not principal.may_some(operation):
             raise PermissionDenied(
-                f"identity {principal.identity!r} may not {operation} (no role grants it)",
+                f"identity {_quoted(principal.identity)} may not {operation} (no role grants it)",
                 identity=principal.identity,
                 operation=operation,
             )
@@ -257,7 +314,8 @@ class Policy:
     def check_every_key(self, principal: Principal, operation: str) -> None:
         if "" not in principal.prefixes(operation):
             raise PermissionDenied(
-                f"identity {principal.identity!r} may not {operation} (it needs {operation} on every key, '*')",
+                f"identity {_quoted(principal.identity)} may not {operation} (it needs {operation} on every key, "
+                "'*')",
                 identity=principal.identity,
                 operation=operation,
             )
@@ -265,7 +323,8 @@ class Policy:
     def check_admin(self, principal: Principal, method: str) -> None:
         if not principal.may_admin(method):
             raise PermissionDenied(
-                f"identity {principal.identity!r} may not call AdminService.{method} (no admin role grants it)",
+                f"identity {_quoted(principal.identity)} may not call AdminService.{method} (no admin role grants "
+                "it)",
                 identity=principal.identity,
                 operation=f"admin:{method}",
             )
@@ -470,6 +529,11 @@ class PolicyStore:
 # -- identity ----------------------------------------------------------------------------
 
 
+CERTIFICATE, HEADER, DEFAULT = "certificate", "header", "default"
+"""How an identity was established: the client certificate (TLS); the ``x-hsmgw-identity``
+header of a development server; ``dev``, a development server's default."""
+
+
 class Authenticator:
     """Finds the caller's identity on a call's context."""
 
@@ -478,13 +542,38 @@ class Authenticator:
         self.dev_header = dev_header and not tls
 
     def identity(self, context: Any) -> str:
+        return self.authenticate(context)[0]
+
+    def authenticate(self, context: Any) -> tuple[str, str]:
+        """The caller's identity and how it was established (``CERTIFICATE``, ``HEADER`` or
+        ``DEFAULT``); ``Unauthenticated`` if there is none, or it has a character that
+        cannot be shown."""
         if not self.tls:
             if self.dev_header:
                 for key, value in context.invocation_metadata() or ():
                     if key == IDENTITY_HEADER and isinstance(value, str) and value:
-                        return value
-            return DEV_IDENTITY
-        return identity_from_auth_context(context.auth_context())
+                        return _showable(value, f"the {IDENTITY_HEADER} header"), HEADER
+            return DEV_IDENTITY, DEFAULT
+        return identity_from_auth_context(context.auth_context()), CERTIFICATE
+
+
+def _showable(identity: str, where: str) -> str:
+    """``identity`` unless it has a character that cannot be shown: a control character
+    (a terminal escape, a line break that forges a log line or a table row), a format
+    character (bidi override) or a separator other than the space."""
+    for offset, ch in enumerate(identity):
+        if not ch.isprintable():
+            raise Unauthenticated(f"{where} has a character that cannot be shown (U+{ord(ch):04X} at offset "
+                                  f"{offset}): an identity must be printable")
+    return identity
+
+
+def _decoded(raw: bytes, where: str) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # replacing the bytes would let two certificates share one identity
+        raise Unauthenticated(f"{where} is not valid UTF-8") from None
+    return _showable(text, where)
 
 
 def identity_from_auth_context(auth: Mapping[str, list[bytes]]) -> str:
@@ -492,17 +581,18 @@ def identity_from_auth_context(auth: Mapping[str, list[bytes]]) -> str:
 
     Only a URI SAN (``peer_uri``) makes a URI identity: a DNS or email SAN, or a common
     name, written as ``spiffe://…`` would otherwise pass for that identity. So a common
-    name that looks like a URI is refused, and no other SAN is read at all.
+    name that looks like a URI is refused, and no other SAN is read at all. An identity
+    that is not UTF-8, or has a character that cannot be shown, is refused too.
     """
     uris = auth.get("peer_uri", [])
     if len(uris) > 1:
         raise Unauthenticated("the client certificate has several URI SANs; it must have one")
     if uris:
-        return uris[0].decode("utf-8", "replace")
+        return _decoded(uris[0], "the client certificate's URI SAN")
     names = auth.get("x509_common_name", [])
     if len(names) == 1 and names[0]:
         if b":" in names[0]:  # a URI identity always has a scheme and its colon
             raise Unauthenticated("the client certificate's common name looks like a URI, and it has no URI SAN: "
                                   "a URI identity must be a URI SAN")
-        return names[0].decode("utf-8", "replace")
+        return _decoded(names[0], "the client certificate's common name")
     raise Unauthenticated("the client certificate has neither a URI SAN nor a single common name")

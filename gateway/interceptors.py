@@ -12,7 +12,11 @@ Every call goes through :class:`SecurityInterceptor`, in this order:
 4. authorize the operation on the request's key id(s), else PERMISSION_DENIED naming the
    missing permission, and an audit event. ``BatchSign`` items are checked one by one
    (a refused item gets its own PERMISSION_DENIED result); each ``SignStream`` message
-   is checked as it arrives.
+   is checked as it arrives;
+5. the grant of an operation that must be audited before it runs (GenerateKey,
+   DestroyKey, an admin call that changes something) is written to the audit log, else
+   UNAVAILABLE and nothing runs. Other admin calls are audited too, but served when the
+   log cannot take their grant: an operator needs them to see what is wrong.
 
 Deadlines are the servicer's (``server.default_deadline`` is both the default and the
 cap). Health checks and reflection need an authenticated identity but no grant; any
@@ -35,6 +39,7 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway import status
 from gateway.auth import (
     SIGN_VIA,
+    AuditUnwritten,
     Authenticator,
     Limits,
     PermissionDenied,
@@ -43,7 +48,6 @@ from gateway.auth import (
     Principal,
     Unauthenticated,
     audit,
-    clip,
 )
 from hsmgw.v1 import admin_pb2, crypto_pb2
 from router import errors
@@ -51,20 +55,59 @@ from router.validation import MAX_BATCH
 
 log = logging.getLogger(__name__)
 
-_CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("hsmgw_identity", default=None)
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, from where, and how that was established."""
+
+    identity: str
+    peer: str
+    """gRPC's peer address (``ipv4:10.0.0.5:51234``)."""
+    authenticated_by: str
+    """``certificate``, ``header`` (a development server's ``x-hsmgw-identity``) or ``default``."""
+
+
+_CURRENT: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("hsmgw_caller", default=None)
 
 OPEN_SERVICES = frozenset(
     {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 )
 """Any authenticated caller may use these."""
 AUDITED_GRANTS = frozenset({"GenerateKey", "DestroyKey"})
-"""Operations whose grants are audited too (admin calls always are)."""
+"""Operations whose grants are audited too (admin calls always are), and must be before they run."""
+READ_ONLY_ADMIN = frozenset({"ListClusters", "GetStatus", "PlanRebalance", "ListChanges", "TailAudit", "VerifyAudit"})
+"""Admin calls that change nothing (and Reconcile without ``fix``): served when their grant cannot be audited."""
+RESOURCE_FIELDS = ("key_id", "id", "cluster", "region", "plan_id")
+"""Request fields naming what a call acts on (a key, a change, a cluster…): its grant's resource."""
 CONCURRENCY_RETRY = 0.05
 
 
 def current_identity() -> str | None:
     """The identity of the call this thread is serving (for servicers and other interceptors)."""
+    caller = _CURRENT.get()
+    return caller.identity if caller is not None else None
+
+
+def current_caller() -> Caller | None:
+    """The caller of the call this thread is serving: identity, peer address and how it was established."""
     return _CURRENT.get()
+
+
+def must_audit_grant(rule: Rule, request: Any) -> bool:
+    """Whether the call may run only once its grant is in the audit log."""
+    if rule.kind == "admin":
+        if rule.operation == "Reconcile":
+            return bool(getattr(request, "fix", False))
+        return rule.operation not in READ_ONLY_ADMIN
+    return rule.operation in AUDITED_GRANTS
+
+
+def granted_resource(request: Any) -> str:
+    """What a granted call names: its key id, change id, cluster, region or plan id ("" if none)."""
+    for name in RESOURCE_FIELDS:
+        value = getattr(request, name, "")
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 # -- limits ---------------------------------------------------------------------------------
@@ -267,20 +310,20 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     # -- stages --
 
-    def _authenticate(self, context: grpc.ServicerContext, rule: Rule) -> tuple[Policy, Principal]:
+    def _authenticate(self, context: grpc.ServicerContext, rule: Rule) -> tuple[Policy, Principal, Caller]:
         try:
-            identity = self.authenticator.identity(context)
+            identity, how = self.authenticator.authenticate(context)
         except Unauthenticated as exc:
             audit("authn.failed", method=rule.method, peer=context.peer(), error=str(exc))
             _abort(context, exc)
         policy = self.policies.current
-        return policy, policy.principal(identity)
+        return policy, policy.principal(identity), Caller(identity, context.peer(), how)
 
     def _deny(self, context: grpc.ServicerContext, rule: Rule, exc: PermissionDenied, **extra: Any) -> None:
         fields: dict[str, Any] = {"identity": exc.identity, "method": rule.method, "operation": exc.operation,
                                   "peer": context.peer(), "message": exc.message}
-        if exc.resource:
-            fields["resource"] = clip(exc.resource)
+        if exc.resource or rule.kind == "list":
+            fields["resource"] = exc.resource or "*"  # ListKeys of every key: the policy's word for it
         audit("authz.denied", **fields, **extra)
 
     def _authorize(self, policy: Policy, principal: Principal, rule: Rule, request: Any) -> None:
@@ -301,11 +344,13 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 f"no policy covers {rule.method}", identity=principal.identity, operation=rule.method
             )
 
-    def _granted(self, context: grpc.ServicerContext, rule: Rule, principal: Principal, request: Any) -> None:
+    def _granted(self, context: grpc.ServicerContext, rule: Rule, caller: Caller, request: Any) -> None:
+        """Audit the grant of a call that is audited; ``AuditUnwritten`` if it must be and was not."""
         if rule.kind == "admin" or rule.operation in AUDITED_GRANTS:
-            key_id = getattr(request, "key_id", "")
-            audit("authz.granted", identity=principal.identity, method=rule.method, operation=rule.operation,
-                  peer=context.peer(), **({"resource": clip(key_id)} if key_id else {}))
+            resource = granted_resource(request)
+            audit("authz.granted", required=must_audit_grant(rule, request), identity=caller.identity,
+                  method=rule.method, operation=rule.operation, peer=caller.peer,
+                  authenticated_by=caller.authenticated_by, **({"resource": resource} if resource else {}))
 
     # -- wrapping --
 
@@ -329,9 +374,9 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         )
 
     def _unary(self, behavior: Callable[..., Any], rule: Rule, *, streaming_response: bool) -> Callable[..., Any]:
-        def guard(request: Any, context: grpc.ServicerContext) -> tuple[Principal, Any]:
+        def guard(request: Any, context: grpc.ServicerContext) -> tuple[Principal, Caller, Any]:
             """Everything before the servicer runs; returns the request to serve (a batch may shrink)."""
-            policy, principal = self._authenticate(context, rule)
+            policy, principal, caller = self._authenticate(context, rule)
             identity, limits = principal.identity, principal.limits
             malformed = isinstance(request, _Malformed)
             try:
@@ -349,13 +394,19 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 self.limiter.leave(identity)
                 self._deny(context, rule, exc)
                 _abort(context, exc)
-            self._granted(context, rule, principal, request)
-            return principal, request
+            try:
+                self._granted(context, rule, caller, request)
+            except AuditUnwritten:
+                self.limiter.leave(identity)
+                what = "admin changes wait" if rule.kind == "admin" else f"{rule.method} waits"
+                _abort(context, errors.Unavailable(
+                    f"the gateway's audit log cannot be written (its log says why); {what} until it can"))
+            return principal, caller, request
 
         if rule.kind == "batch":
             def batch(request: Any, context: grpc.ServicerContext) -> Any:
-                principal, request = guard(request, context)
-                token = _CURRENT.set(principal.identity)
+                principal, caller, request = guard(request, context)
+                token = _CURRENT.set(caller)
                 try:
                     return self._batch(behavior, request, context, rule, principal)
                 finally:
@@ -366,8 +417,8 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         if streaming_response:
             def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                principal, request = guard(request, context)
-                token = _CURRENT.set(principal.identity)
+                principal, caller, request = guard(request, context)
+                token = _CURRENT.set(caller)
                 try:
                     yield from behavior(request, context)
                 finally:
@@ -377,8 +428,8 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return unary_stream
 
         def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-            principal, request = guard(request, context)
-            token = _CURRENT.set(principal.identity)
+            principal, caller, request = guard(request, context)
+            token = _CURRENT.set(caller)
             try:
                 return behavior(request, context)
             finally:
@@ -404,9 +455,11 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     denied[i] = exc.message
         if not denied:
             return behavior(request, context)
-        refused = sorted({clip(items[i].key_id) for i in denied})
+        refused = sorted({items[i].key_id for i in denied})
+        first = denied[min(denied)]
+        message = first if len(denied) == 1 else f"{first} (and {len(denied) - 1} more items)"
         audit("authz.denied", identity=principal.identity, method=rule.method, operation=rule.operation,
-              peer=context.peer(), items=len(denied), resources=refused[:100])
+              peer=context.peer(), items=len(denied), resources=refused[:100], message=message)
         code = grpc.StatusCode.PERMISSION_DENIED.value[0]
 
         def refusal(i: int) -> Any:
@@ -424,8 +477,8 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _streaming(
         self, behavior: Callable[..., Any], rule: Rule, *, streaming_response: bool
     ) -> Callable[..., Any]:
-        def start(context: grpc.ServicerContext) -> Principal:
-            policy, principal = self._authenticate(context, rule)
+        def start(context: grpc.ServicerContext) -> tuple[Principal, Caller]:
+            policy, principal, caller = self._authenticate(context, rule)
             try:
                 self.limiter.enter(principal.identity, principal.limits)
             except errors.ResourceExhausted as exc:
@@ -438,7 +491,7 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 self.limiter.leave(principal.identity)
                 self._deny(context, rule, exc)
                 _abort(context, exc)
-            return principal
+            return principal, caller
 
         def checked(requests: Iterator[Any], context: grpc.ServicerContext, identity: str,
                     failure: list[tuple[BaseException, str]]) -> Iterator[Any]:
@@ -465,9 +518,9 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         if streaming_response:
             def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-                principal = start(context)
+                principal, caller = start(context)
                 failure: list[tuple[BaseException, str]] = []
-                token = _CURRENT.set(principal.identity)
+                token = _CURRENT.set(caller)
                 try:
                     yield from behavior(checked(requests, context, principal.identity, failure), context)
                     if failure:
@@ -479,9 +532,9 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return stream_stream
 
         def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            principal = start(context)
+            principal, caller = start(context)
             failure: list[tuple[BaseException, str]] = []
-            token = _CURRENT.set(principal.identity)
+            token = _CURRENT.set(caller)
             try:
                 response = behavior(checked(requests, context, principal.identity, failure), context)
                 if failure:

@@ -6,7 +6,8 @@ global one, so two gateways in one process — tests — do not share counts):
 - **per request**, recorded by :class:`ObservabilityInterceptor` (the outermost
   interceptor, so refused calls count too): requests by service, RPC, status
   code and cluster; a latency histogram; errors by ``ErrorInfo`` reason and
-  error class; PKCS #11 errors by CKR name; BatchSign items by code.
+  error class; PKCS #11 errors by CKR name; BatchSign items by code; audit records
+  that could not be written, by event.
 - **read on scrape** by :class:`RouterCollector`: pool sessions, key counts
   against ``max_keys``, circuit state, drained clusters and failed-over
   regions, failovers, retries and retry-budget refusals, under-replicated keys.
@@ -367,6 +368,9 @@ class RequestMetrics:
                                    ["code", "cluster"], registry=registry)
         self.circuit_changes = Counter("hsmgw_circuit_changes", "Circuit breaker state changes, by the new state.",
                                        ["cluster", "state"], registry=registry)
+        self.audit_write_failures = Counter("hsmgw_audit_write_failures",
+                                            "Audit records that could not be written, by event.", ["event"],
+                                            registry=registry)
 
 
 def _split_method(full_method: str) -> tuple[str, str]:

@@ -80,6 +80,10 @@ class Change:
     """Who runs (or ran) it: host, process and run."""
     lease_until: float = 0.0
     """While running: the time after which, unless renewed, the change is taken as interrupted."""
+    origins: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    """Where each admin who asked or approved called from: identity → ``{"peer": …,
+    "authenticated_by": "certificate" | "header" | "default"}`` (none for a change recorded
+    before origins were)."""
 
 
 class NotAnotherAdmin(FailedPrecondition):
@@ -96,7 +100,7 @@ def _record(change: Change) -> dict[str, Any]:
     return {"action": change.action, "params": change.params, "requested_by": change.requested_by,
             "approved_by": change.approved_by, "state": change.state, "needed": change.needed,
             "created": change.created, "expires": change.expires, "result": change.result,
-            "runner": change.runner, "lease_until": change.lease_until}
+            "runner": change.runner, "lease_until": change.lease_until, "origins": change.origins}
 
 
 def _change(change_id: str, body: dict[str, Any]) -> Change:
@@ -107,7 +111,9 @@ def _change(change_id: str, body: dict[str, Any]) -> Change:
                       expires=float(body["expires"]), result=str(body.get("result", "")),
                       runner=str(body.get("runner", "")),
                       # Written by a version without leases: taken as interrupted once past its expiry.
-                      lease_until=float(body.get("lease_until", body["expires"])))
+                      lease_until=float(body.get("lease_until", body["expires"])),
+                      origins={str(who): {str(k): str(v) for k, v in dict(where).items()}
+                               for who, where in dict(body.get("origins", {})).items()})
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"malformed change record {change_id!r} in the placement store: {exc!r}") from exc
 
@@ -227,14 +233,17 @@ class ChangeBook:
         change, _ = self._update(change_id, lambda change: None)
         return change
 
-    def request(self, actor: str, action: str, params: dict[str, str]) -> Change:
-        """Record a new change; with a quorum of 1 it runs at once."""
+    def request(self, actor: str, action: str, params: dict[str, str],
+                origin: dict[str, str] | None = None) -> Change:
+        """Record a new change; with a quorum of 1 it runs at once. ``origin``: where ``actor``
+        called from (``Change.origins``)."""
         if action not in self._actions:
             raise FailedPrecondition(f"unknown action {action!r}")
         now = self._clock()
         change = Change(
             id=secrets.token_hex(4), action=action, params=dict(params), requested_by=actor, approved_by=[actor],
             state=PENDING, needed=self.quorum, created=now, expires=now + self._ttl,
+            origins={actor: dict(origin)} if origin else {},
         )
         with self._lock:
             try:
@@ -254,7 +263,7 @@ class ChangeBook:
                 c, state=FAILED, result="withdrawn: its request could not be audited") if c.state == PENDING else None)
             raise
         if len(change.approved_by) >= change.needed:
-            return self._run(change.id)
+            return self._run(change.id, actor)
         return change
 
     def _undo(self, change_id: str, edit: Edit) -> None:
@@ -265,7 +274,9 @@ class ChangeBook:
             log.error("change %s: a step that could not be audited could not be taken back either: %s",
                       change_id, exc.message)
 
-    def approve(self, actor: str, change_id: str) -> Change:
+    def approve(self, actor: str, change_id: str, origin: dict[str, str] | None = None) -> Change:
+        """Add ``actor``'s approval (``origin``: where it called from); the approval that meets
+        the quorum runs the change, and is audited with the outcome ``running``."""
         def add(change: Change) -> Change | None:
             _only_pending(change, "approved")
             if len(change.approved_by) >= change.needed:
@@ -274,19 +285,27 @@ class ChangeBook:
                 who = "requested" if actor == change.requested_by else "already approved"
                 raise NotAnotherAdmin(f"{actor} {who} change {change_id}; another admin must approve it")
             change.approved_by.append(actor)
+            if origin:
+                change.origins = {**change.origins, actor: dict(origin)}
             return change
 
+        def withdraw(c: Change) -> Change | None:
+            if c.state != PENDING or actor not in c.approved_by:
+                return None
+            return dataclasses.replace(c, approved_by=[a for a in c.approved_by if a != actor],
+                                       origins={who: o for who, o in c.origins.items() if who != actor})
+
         change, added = self._update(change_id, add)
+        met = len(change.approved_by) >= change.needed
         if added:
             try:
-                self._on_event(actor, "change_approved", change)
+                # The approval that meets the quorum sets the change running: this approver runs it next.
+                self._on_event(actor, "change_approved", dataclasses.replace(change, state=RUNNING) if met else change)
             except RouterError:  # not audited: it does not count
-                self._undo(change_id, lambda c: dataclasses.replace(
-                    c, approved_by=[a for a in c.approved_by if a != actor])
-                    if c.state == PENDING and actor in c.approved_by else None)
+                self._undo(change_id, withdraw)
                 raise
-        if len(change.approved_by) >= change.needed:
-            return self._run(change_id)
+        if met:
+            return self._run(change_id, actor)
         return change
 
     def reject(self, actor: str, change_id: str) -> Change:
@@ -298,7 +317,8 @@ class ChangeBook:
         self._on_event(actor, "change_rejected", change)
         return change
 
-    def _run(self, change_id: str) -> Change:
+    def _run(self, change_id: str, actor: str) -> Change:
+        """Run the change whose quorum ``actor``'s approval (or request) met: its result is audited as ``actor``'s."""
         # Claim it: exactly one approver runs it, even across processes and gateways.
         where = f"{socket.gethostname()} pid {os.getpid()}"
         runner = f"{where} run {secrets.token_hex(4)}"
@@ -343,7 +363,7 @@ class ChangeBook:
             answer = dataclasses.replace(done, result=f"{result} (not recorded yet: the placement store is "
                                                       "unreachable; it is written once it answers)")
         try:
-            self._on_event("-", f"change_{state}", done)
+            self._on_event(actor, f"change_{state}", done)
         except RouterError as exc:  # it ran: say so, and that the audit log lacks it
             log.error("change %s (%s) %s: %s; this is not in the audit log: %s",
                       change_id, change.action, state, result, exc.message)

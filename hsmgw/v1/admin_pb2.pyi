@@ -186,7 +186,7 @@ class ReconcileResponse(_message.Message):
     def __init__(self, findings: _Optional[_Iterable[_Union[ReconcileFinding, _Mapping]]] = ..., change: _Optional[_Union[Change, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Change(_message.Message):
-    __slots__ = ("id", "action", "params", "requested_by", "approved_by", "state", "approvals_needed", "create_time", "expire_time", "result")
+    __slots__ = ("id", "action", "params", "requested_by", "approved_by", "state", "approvals_needed", "create_time", "expire_time", "result", "origins")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,13 @@ class Change(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class OriginsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CallerOrigin
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CallerOrigin, _Mapping]] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +211,7 @@ class Change(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINS_FIELD_NUMBER: _ClassVar[int]
     id: str
     action: str
     params: _containers.ScalarMap[str, str]
@@ -214,7 +222,16 @@ class Change(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     expire_time: _timestamp_pb2.Timestamp
     result: str
-    def __init__(self, id: _Optional[str] = ..., action: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., requested_by: _Optional[str] = ..., approved_by: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., approvals_needed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[str] = ...) -> None: ...
+    origins: _containers.MessageMap[str, CallerOrigin]
+    def __init__(self, id: _Optional[str] = ..., action: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., requested_by: _Optional[str] = ..., approved_by: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., approvals_needed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[str] = ..., origins: _Optional[_Mapping[str, CallerOrigin]] = ...) -> None: ...
+
+class CallerOrigin(_message.Message):
+    __slots__ = ("peer", "authenticated_by")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    AUTHENTICATED_BY_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    authenticated_by: str
+    def __init__(self, peer: _Optional[str] = ..., authenticated_by: _Optional[str] = ...) -> None: ...
 
 class ListChangesRequest(_message.Message):
     __slots__ = ("all",)
@@ -263,13 +280,17 @@ class VerifyAuditRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VerifyAuditResponse(_message.Message):
-    __slots__ = ("ok", "records", "problem", "line")
+    __slots__ = ("ok", "records", "problem", "line", "unwritten", "unwritten_noted_at")
     OK_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     LINE_FIELD_NUMBER: _ClassVar[int]
+    UNWRITTEN_FIELD_NUMBER: _ClassVar[int]
+    UNWRITTEN_NOTED_AT_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     records: int
     problem: str
     line: int
-    def __init__(self, ok: _Optional[bool] = ..., records: _Optional[int] = ..., problem: _Optional[str] = ..., line: _Optional[int] = ...) -> None: ...
+    unwritten: int
+    unwritten_noted_at: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ok: _Optional[bool] = ..., records: _Optional[int] = ..., problem: _Optional[str] = ..., line: _Optional[int] = ..., unwritten: _Optional[int] = ..., unwritten_noted_at: _Optional[_Iterable[int]] = ...) -> None: ...

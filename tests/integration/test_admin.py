@@ -387,8 +387,8 @@ def test_no_admin_change_is_taken_while_the_audit_log_cannot_be_written(tmp_path
                                              "log says why); admin changes wait until it can"), result.stderr
         _, changes = as_json(gw.target, "changes", "list", "--all")
         states = {c["params"]["cluster"]: (c["state"], c["approved_by"]) for c in changes}
-        assert states == {"use1-a": ("pending", ["alice"]),
-                          "use1-b": ("failed", ["bob"])}, "an unaudited request or approval does not count"
+        # Refused before anything was recorded: the grant of the call could not be audited.
+        assert states == {"use1-a": ("pending", ["alice"])}, "an unaudited request or approval does not count"
         _, clusters = as_json(gw.target, "clusters")
         assert not any(c["draining"] for c in clusters["clusters"])
         assert "audit log" in gw.log() and "cannot be written" in gw.log()
@@ -409,6 +409,11 @@ def test_expired_change_does_not_run(tmp_path: Path) -> None:
         assert late.returncode == 1 and "expired" in late.stderr
         _, clusters = as_json(gw.target, "clusters")
         assert not any(c["draining"] for c in clusters["clusters"])
+        _, records = as_json(gw.target, "audit", "tail", "-n", "20")
+        (expired,) = [r for r in records if r["action"] == "change_expired"]
+        # Nobody expired it: the gateway found it past its time (an approval attempt by bob).
+        assert (expired["actor"], expired["details"]["requested_by"]) == ("-", "alice")
+        assert "peer" not in expired["details"]
 
 
 def test_rebalance_after_adding_a_fourth_cluster(tmp_path: Path) -> None:
@@ -752,7 +757,7 @@ def test_a_change_whose_gateway_was_killed_while_it_ran_is_interrupted_at_the_ne
         assert late.returncode == 1 and f"change {change.id} is interrupted" in late.stderr
         _, records = as_json(gw.target, "audit", "tail", "-n", "50")
         assert [(r["action"], r["outcome"]) for r in records if r["target"] == change.id] == [
-            ("change_interrupted", "interrupted")]
+            ("change_interrupted", "interrupted"), ("authz.granted", "ok")]  # carol's approval, refused after
 
 
 def _orphan(tokens, crypto, cluster: str) -> str:

@@ -65,7 +65,7 @@ def test_a_rebalance_of_many_moves_writes_bounded_audit_lines_naming_its_change_
         assert len(json.loads(moves)) == len(plan["moves"]) and len(moves) > 2 * LINE_BOUND, "a plan worth bounding"
 
         lines = [line for line in (fleet.config_path.parent / "audit.log").read_bytes().splitlines()
-                 if json.loads(line)["target"] == change["id"]]
+                 if json.loads(line)["target"] == change["id"] and json.loads(line)["action"].startswith("change_")]
         events = [json.loads(line) for line in lines]
         assert [e["action"] for e in events] == ["change_requested", "change_approved", "change_applied"]
         for line, event in zip(lines, events, strict=True):
@@ -76,5 +76,40 @@ def test_a_rebalance_of_many_moves_writes_bounded_audit_lines_naming_its_change_
             assert details["params_left_out"] == {"moves": {"chars": len(moves), "items": len(plan["moves"])}}
             assert details["params_sha256"] == _canonical_sha256(stored["params"])
         _, tail = as_json(gw.target, "audit", "tail", "-n", "500")
-        assert [r for r in tail if r["target"] == change["id"]] == events
+        assert [r for r in tail if r["target"] == change["id"] and r["action"].startswith("change_")] == events
         assert hsmctl(gw.target, "audit", "verify").returncode == 0
+
+
+def test_each_event_of_a_change_names_who_caused_it_and_how_they_called(tmp_path: Path) -> None:
+    """The actor of an event is who caused it (the approval that met the quorum ran the change),
+    the requester stays a field of its own, and a development gateway's header identity is
+    never mistaken for a certificate's."""
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    with running(fleet.config_path) as gw:
+        _, change = as_json(gw.target, "clusters", "drain", "use1-a", who="alice")
+        assert approve(gw.target, change, who="bob")["state"] == "applied"
+
+        records = [json.loads(line) for line in (fleet.config_path.parent / "audit.log").read_bytes().splitlines()]
+        events = {r["action"]: r for r in records if r["target"] == change["id"] and r["action"].startswith("change_")}
+        assert [(e["action"], e["actor"], e["outcome"]) for e in events.values()] == [
+            ("change_requested", "alice", "pending"),
+            ("change_approved", "bob", "running"),  # the approval that met the quorum
+            ("change_applied", "bob", "applied"),
+        ]
+        for event in events.values():
+            assert event["details"]["requested_by"] == "alice"
+            assert event["details"]["authenticated_by"] == "header"
+            assert event["details"]["peer"].startswith("ipv4:127.0.0.1:")
+        grants = [r for r in records
+                  if r["action"] == "authz.granted" and r["details"].get("method") == "ApproveChange"]
+        assert grants[-1]["target"] == change["id"] and grants[-1]["actor"] == "bob"
+        assert grants[-1]["details"]["authenticated_by"] == "header"
+
+        _, changes = as_json(gw.target, "changes", "list", "--all")
+        (listed,) = [c for c in changes if c["id"] == change["id"]]
+        assert {who: o["authenticated_by"] for who, o in listed["origins"].items()} == {"alice": "header",
+                                                                                       "bob": "header"}
+        table = hsmctl(gw.target, "changes", "list", "--all").stdout
+        assert "alice (header, ipv4:127.0.0.1:" in table, table
+        tail = hsmctl(gw.target, "audit", "tail", "-n", "30").stdout
+        assert "bob (header)" in tail, tail

@@ -202,6 +202,18 @@ def test_identity_prefers_the_uri_san_then_the_common_name() -> None:
         identity_from_auth_context({"x509_common_name": []})
 
 
+def test_an_identity_that_cannot_be_shown_is_refused() -> None:
+    """A CN or URI SAN with a control character (an escape sequence, a line break), a bidi
+    override or bytes that are not UTF-8 has no identity: it would reach logs and terminals."""
+    for raw in (b"ops\x1b[31m\nFAKE", "ops\u202eevil".encode(), b"ops\tx", b"a\xff"):
+        for auth in ({"peer_uri": [b"spiffe://hsmgw/" + raw]}, {"x509_common_name": [raw]}):
+            with pytest.raises(Unauthenticated, match="cannot be shown|not valid UTF-8"):
+                identity_from_auth_context(auth)
+    assert identity_from_auth_context({"x509_common_name": ["Zoë Ops".encode()]}) == "Zoë Ops"
+    with pytest.raises(Unauthenticated, match="cannot be shown"):
+        Authenticator(tls=False, dev_header=True).identity(_Context((("x-hsmgw-identity", "a\x7fb"),)))
+
+
 class _Context:
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
@@ -219,6 +231,9 @@ def test_the_identity_header_counts_only_on_a_loopback_development_server() -> N
     assert Authenticator(tls=False, dev_header=True).identity(_Context(())) == "dev"
     assert Authenticator(tls=False, dev_header=False).identity(_Context(header)) == "dev"
     assert Authenticator(tls=True, dev_header=True).identity(_Context(header)) == "from-cert"
+    assert Authenticator(tls=False, dev_header=True).authenticate(_Context(header)) == ("payments-admin", "header")
+    assert Authenticator(tls=False, dev_header=True).authenticate(_Context(())) == ("dev", "default")
+    assert Authenticator(tls=True, dev_header=True).authenticate(_Context(header)) == ("from-cert", "certificate")
 
 
 @given(key_id=st.text(max_size=40), prefix=st.sampled_from(["payments/", "hr/", "a/b/"]))

@@ -8,7 +8,7 @@ import logging
 import multiprocessing
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -436,3 +436,104 @@ def test_tail_returns_the_last_records_oldest_first(path: Path, log_200: AuditLo
     assert [r["seq"] for r in tail(path, 1000)] == list(range(1, 201))
     assert tail(path, 0) == []
     assert tail(path, 3)[-1]["target"] == "payments/key-199"
+
+
+# -- a log that cannot be written ---------------------------------------------------
+
+
+@pytest.fixture
+def unwritable(path: Path) -> Iterator[Callable[[bool], None]]:
+    """``unwritable(True)`` puts a directory where the log is (no append can succeed, root's
+    included); ``unwritable(False)`` puts the log back."""
+    kept = path.with_name("kept.jsonl")
+
+    def switch(on: bool) -> None:
+        if on:
+            path.rename(kept)
+            path.mkdir()
+        else:
+            path.rmdir()
+            kept.rename(path)
+
+    yield switch
+    if path.is_dir():
+        switch(False)
+
+
+def test_an_event_the_log_cannot_take_is_one_error_line_counted_and_noted_in_the_next_record(
+    path: Path, unwritable: Callable[[bool], None], caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gateway.auth import audit
+
+    failed: list[str] = []
+    log = AuditLog(path, clock=FakeClock(T0), on_failure=failed.append)
+    handler = AuditHandler(log)
+    logger = logging.getLogger(AUDIT_LOGGER)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        audit("authz.granted", identity="maker", resource="ok/k1")
+        unwritable(True)
+        with caplog.at_level(logging.ERROR, logger="gateway.audit"):
+            audit("key.generated", identity="maker", resource="ok/k2")  # after the fact: goes on
+            audit("authz.denied", identity="maker", resource="hr/k3")
+        assert failed == ["key.generated", "authz.denied"]
+        errors = [r for r in caplog.records if r.name == "gateway.audit" and r.levelno == logging.ERROR]
+        assert [getattr(r, "audit_event", None) for r in errors] == ["key.generated", "authz.denied"]
+        assert all(r.exc_info is None for r in errors), "a line, not a traceback"
+        assert "the key.generated event (actor maker, target ok/k2" in errors[0].getMessage()
+        assert "Logging error" not in capsys.readouterr().err
+        assert log.unwritten() is not None and log.unwritten().events == 2
+
+        unwritable(False)  # writable again: nothing to restart
+        audit("authz.granted", identity="maker", resource="ok/k4")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    first, noting = tail(path, 2)
+    assert noting["target"] == "ok/k4"
+    note = noting["details"]["unwritten"]
+    assert (note["events"], note["actions"]) == (2, {"authz.denied": 1, "key.generated": 1})
+    assert "since" in note and note["error"]
+    assert log.unwritten() is None
+    result = verify(path)
+    assert result.ok and (result.unwritten, result.unwritten_noted_at) == (2, (noting["seq"],))
+
+
+def test_a_required_event_the_log_cannot_take_raises(path: Path, unwritable: Callable[[bool], None]) -> None:
+    from gateway.auth import AuditUnwritten, audit
+
+    handler = AuditHandler(AuditLog(path))
+    logger = logging.getLogger(AUDIT_LOGGER)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        audit("authz.granted", required=True, identity="maker")
+        unwritable(True)
+        with pytest.raises(AuditUnwritten, match="authz.granted"):
+            audit("authz.granted", required=True, identity="maker")
+        audit("authz.denied", identity="maker")  # not required: no exception
+        unwritable(False)
+        audit("authz.granted", required=True, identity="maker")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r["action"] for r in tail(path, 5)] == ["authz.granted", "authz.granted"]
+
+
+def test_caller_strings_are_clipped_and_escaped_in_events(audit_logger: tuple[logging.Logger, AuditLog],
+                                                          path: Path) -> None:
+    from gateway.auth import audit
+
+    audit("authz.denied", identity="spiffe://hsmgw/" + "a" * 3000, resource="x\x1b[2J\x9b\u202e" + "k" * 500,
+          message="m" * 5000, resources=["r" * 300])
+    (record,) = tail(path, 1)
+    assert record["actor"] == ("spiffe://hsmgw/" + "a" * 3000)[:200] + "…"
+    assert record["target"].startswith("x\\x1b[2J\\x9b\\u202e") and len(record["target"]) == 201
+    assert len(record["details"]["message"]) == 1001
+    assert record["details"]["resources"] == ["r" * 200 + "…"]
+    raw = path.read_bytes()
+    assert b"\x1b" not in raw and "\x9b".encode() not in raw and "\u202e".encode() not in raw

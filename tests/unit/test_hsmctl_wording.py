@@ -50,3 +50,28 @@ def test_a_rebalances_moves_are_shown_as_their_count() -> None:
                                                            "moves": moves})
     assert App.params(change) == "layout=use1-a,use1-b moves=1500 plan_id=p1"
     assert App.params(apb.Change(action="move_key", params={"key_id": "k", "to": "use1-b"})) == "key_id=k to=use1-b"
+
+
+def test_what_a_terminal_would_act_on_is_escaped_in_every_table_cell_and_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A certificate's name or a URI SAN reaches `audit tail` and `changes list`: an escape
+    sequence must not recolour or clear the operator's terminal, nor a line break forge a row."""
+    from gateway.cli.hsmctl._app import write_out
+
+    table = App.table([["ops\x1b[31m\nFAKE", "spiffe://x\x1b[2J\r\n3  00:00  root", "ok\u202elive"]],
+                      ["ACTOR", "TARGET", "NOTE"])
+    assert table.count("\n") == 1, "one header, one row"
+    assert "ops\\x1b[31m\\nFAKE" in table and "\\x1b[2J\\r\\n3" in table and "ok\\u202elive" in table
+    write_out("first line\nsecond \x1b]0;title\x07 line\r")
+    assert capsys.readouterr().out == "first line\nsecond \\x1b]0;title\\x07 line\\r\n"
+
+
+def test_verify_says_when_the_chain_notes_events_it_could_not_take(
+    app: App, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app.admin.VerifyAudit = lambda request, **_: apb.VerifyAuditResponse(  # type: ignore[method-assign]
+        ok=True, records=9, unwritten=3, unwritten_noted_at=[7])
+    assert audit._verify(app, argparse.Namespace()) == 0
+    assert capsys.readouterr().out == ("audit log intact: 9 records, but 3 events could not be written (noted at "
+                                       "seq 7): the gateway's log names each (docs/security.md)\n")

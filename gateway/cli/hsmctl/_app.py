@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from gateway.cli._common import fail
+from gateway.cli._common import fail, shown
 from hsmgw.v1 import admin_pb2 as apb
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 
@@ -141,7 +141,8 @@ class App:
 
     @staticmethod
     def table(rows: list[list[Any]], header: list[str]) -> str:
-        cells = [[str(c) for c in row] for row in rows]
+        # A cell is one line: a line break in a caller's string (a certificate's name) would forge a row.
+        cells = [[shown(str(c)) for c in row] for row in rows]
         widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
@@ -173,8 +174,17 @@ class App:
             line = (f"change {change.id} ({change.action}) is pending: {approvals} approvals; "
                     f"another admin runs: hsmctl changes approve {change.id}")
         else:
-            line = f"change {change.id} ({change.action}) {change.state}: {change.result}"
-        return line + (f"\n  {App.params(change)}" if "findings" in change.params else "")
+            line = f"change {change.id} ({change.action}) {change.state}: {shown(change.result)}"
+        return line + (f"\n  {shown(App.params(change))}" if "findings" in change.params else "")
+
+    @staticmethod
+    def who(change: apb.Change, identity: str) -> str:
+        """An admin of a change, and how it called if not with a certificate: ``alice (header,
+        ipv4:127.0.0.1:5555)`` names one a plaintext development gateway took on its word."""
+        origin = change.origins.get(identity)
+        if origin is None or origin.authenticated_by in ("", "certificate"):
+            return identity
+        return f"{identity} ({origin.authenticated_by}, {origin.peer})"
 
     @staticmethod
     def change_code(change: apb.Change) -> int:
@@ -207,11 +217,12 @@ class _Stdout:
 
 
 def write_out(text: str) -> None:
-    """``text`` and a newline on stdout. A reader that closed the pipe early has what it wanted:
-    the rest goes to devnull (the Python docs' recipe, signal module), and the command goes on
-    to its end, so that its exit status still says what it did (``stdout_closed``)."""
+    """``text`` and a newline on stdout, what cannot be shown escaped (``shown``; JSON has none).
+    A reader that closed the pipe early has what it wanted: the rest goes to devnull (the Python
+    docs' recipe, signal module), and the command goes on to its end, so that its exit status
+    still says what it did (``stdout_closed``)."""
     try:
-        print(text)
+        print(shown(text, lines=True))
     except BrokenPipeError:
         stdout_closed()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from gateway.cli._common import at_least_one, plural
 from gateway.cli.hsmctl._app import App
@@ -14,16 +15,45 @@ def _tail(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.TailAudit, apb.TailAuditRequest(lines=args.lines))
     records = [json.loads(r.json) for r in resp.records]
     rows = [
-        [r.get("seq"), r.get("time"), r.get("actor"), r.get("action"), r.get("target"), r.get("outcome")]
+        [r.get("seq"), r.get("time"), _actor(r), r.get("action"), r.get("target"), r.get("outcome")]
         for r in records
     ]
-    app.emit(records, App.table(rows, ["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]) if rows else "empty")
+    human = App.table(rows, ["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]) if rows else "empty"
+    for record in records:
+        lost = _details(record).get("unwritten")
+        if isinstance(lost, dict) and lost.get("events"):
+            actions = lost.get("actions")
+            which = ", ".join(f"{a} {n}" for a, n in sorted(actions.items())) if isinstance(actions, dict) else ""
+            human += (f"\nrecord {record.get('seq')}: {lost['events']} event(s) before it could not be written "
+                      f"({which}; since {lost.get('since')}: {lost.get('error')})")
+    app.emit(records, human)
     return 0
+
+
+def _details(record: dict[str, Any]) -> dict[str, Any]:
+    details = record.get("details")
+    return details if isinstance(details, dict) else {}
+
+
+def _actor(record: dict[str, Any]) -> str:
+    """The actor, and how it called when that was not a certificate: ``alice (header)`` was
+    taken on its word by a plaintext development gateway."""
+    actor = str(record.get("actor"))
+    how = _details(record).get("authenticated_by")
+    return f"{actor} ({how})" if how and how != "certificate" else actor
 
 
 def _verify(app: App, args: argparse.Namespace) -> int:
     resp = app.call(app.admin.VerifyAudit, apb.VerifyAuditRequest())
-    human = f"audit log intact: {plural(resp.records, 'record')}" if resp.ok else f"audit log TAMPERED: {resp.problem}"
+    if not resp.ok:
+        human = f"audit log TAMPERED: {resp.problem}"
+    else:
+        human = f"audit log intact: {plural(resp.records, 'record')}"
+        if resp.unwritten:
+            seqs = ", ".join(str(s) for s in resp.unwritten_noted_at[:10])
+            more = ", …" if len(resp.unwritten_noted_at) > 10 else ""
+            human += (f", but {plural(resp.unwritten, 'event')} could not be written (noted at seq {seqs}{more}): "
+                      "the gateway's log names each (docs/security.md)")
     app.emit(app.as_dict(resp), human)
     return 0 if resp.ok else 1
 

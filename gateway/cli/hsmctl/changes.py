@@ -15,7 +15,7 @@ def _list(app: App, args: argparse.Namespace) -> int:
             c.id,
             c.action,
             App.params(c),
-            c.requested_by,
+            App.who(c, c.requested_by),
             f"{len(c.approved_by)}/{c.approvals_needed}",
             c.state,
             c.result,
