@@ -48,10 +48,14 @@ def test_a_rebalance_of_many_moves_writes_bounded_audit_lines_naming_its_change_
     fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0")
     with running(fleet.config_path) as gw, grpc.insecure_channel(gw.target) as ch:
         crypto = crypto_pb2_grpc.CryptoServiceStub(ch)
-        for _ in range(64):
+        on_drained = 0  # keys the drain below makes the plan move: enough for a plan worth bounding
+        for _ in range(400):
             key_id = unique("audited-plan").ljust(128, "x")  # the longest ids: the largest plan per move
-            crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id[:64], key_id=key_id,
-                                                     algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=60)
+            key = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id[:64], key_id=key_id,
+                                                           algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=60)
+            on_drained += "use1-a" in (key.primary_cluster, *key.replicas)
+            if on_drained == 40:
+                break
         _, drain = as_json(gw.target, "clusters", "drain", "use1-a")
         assert approve(gw.target, drain)["state"] == "applied"
         _, plan = as_json(gw.target, "rebalance", "--plan")
