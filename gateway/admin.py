@@ -470,9 +470,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         def run(_: str) -> pb.StatusResponse:
             clusters = self._clusters()
-            placements = [p for p in self.router.store.scan() if p.state is not KeyState.DESTROYED]
-            under = sum(1 for p in placements if p.state is KeyState.UNDER_REPLICATED)
             warnings = []
+            # A store outage is one warning among the clusters' state, which is what an operator
+            # needs most then: the counts come from this process's cache, and changes are not listed.
+            store_down: StoreError | None = None
+            try:
+                placements = [p for p in self.router.store.scan() if p.state is not KeyState.DESTROYED]
+                keys = len(placements)
+                under = sum(1 for p in placements if p.state is KeyState.UNDER_REPLICATED)
+            except StoreError as exc:
+                store_down = exc
+                keys = self.router.cached_keys() - self.router.cached_keys(KeyState.DESTROYED)
+                under = self.router.cached_keys(KeyState.UNDER_REPLICATED)
+                warnings.append("the placement store is unreachable: key counts are this gateway process's cache, "
+                                "pending changes are not shown, and keys cannot be created or destroyed until it "
+                                "answers")
             for c in clusters:
                 if c.health != "SERVING":
                     warnings.append(f"cluster {c.name} ({c.region}) is not serving: circuit {c.circuit}")
@@ -514,14 +526,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if under:
                 warnings.append(f"{under} key is under-replicated; the repairer is working on it" if under == 1 else
                                 f"{under} keys are under-replicated; the repairer is working on them")
-            open_changes = self.changes.list()
+            open_changes = []
+            if store_down is None:
+                try:
+                    open_changes = self.changes.list()
+                except StoreError:
+                    warnings.append("the placement store is unreachable: pending changes are not shown")
             pending = sum(1 for change in open_changes if change.state == PENDING)
             if pending:
                 warnings.append(f"{pending} changes are waiting for approval")
             warnings += [f"change {change.id} ({change.action}) is {change.result}"
                          for change in open_changes if change.state == RUNNING]
             dispatcher = self.router.dispatcher
-            return pb.StatusResponse(clusters=clusters, keys=len(placements), under_replicated_keys=under,
+            return pb.StatusResponse(clusters=clusters, keys=keys, under_replicated_keys=under,
                                      pending_changes=pending, warnings=warnings, failovers=dispatcher.failovers,
                                      retries=dispatcher.budget.retries, retries_refused=dispatcher.budget.refused)
 
