@@ -23,8 +23,9 @@ does not resolve: at once, with gRPC's reason in the warning) or that does not c
 within ``connect_timeout`` (1 s: a host that drops the packets), or, with
 ``attempt_timeout`` set, no answer to an idempotent call within it. A
 connection whose packets are dropped stays open until keepalive gives up on it
-(up to about a minute: 60 s in a drill against a gateway that froze); ``attempt_timeout`` lets a call leave such a connection sooner, at the
-price of abandoning a call that a slow but working gateway would have answered
+(up to about a minute: 60 s in a drill against a gateway that froze);
+``attempt_timeout`` lets a call leave such a connection sooner, at the price of
+abandoning a call that a slow but working gateway would have answered
 and sending it to the next: set it above the slowest answer you expect (off by
 default; the last attempt of a call always gets all the time left). Every
 gateway serves every replicated key, so the next region answers the same request. Idempotent calls
