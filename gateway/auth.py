@@ -561,6 +561,8 @@ def _showable(identity: str, where: str) -> str:
     """``identity`` unless it has a character that cannot be shown: a control character
     (a terminal escape, a line break that forges a log line or a table row), a format
     character (bidi override) or a separator other than the space."""
+    if identity.isprintable():  # every call's identity: the loop below only says where
+        return identity
     for offset, ch in enumerate(identity):
         if not ch.isprintable():
             raise Unauthenticated(f"{where} has a character that cannot be shown (U+{ord(ch):04X} at offset "

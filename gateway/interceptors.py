@@ -55,15 +55,26 @@ from router.validation import MAX_BATCH
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
 class Caller:
-    """Who is calling, from where, and how that was established."""
+    """Who is calling, from where, and how that was established. Made for every call, so
+    cheaply: the peer address is read from the call only when something asks for it (an
+    audited call, a change's origin)."""
 
-    identity: str
-    peer: str
-    """gRPC's peer address (``ipv4:10.0.0.5:51234``)."""
-    authenticated_by: str
-    """``certificate``, ``header`` (a development server's ``x-hsmgw-identity``) or ``default``."""
+    __slots__ = ("identity", "authenticated_by", "_context", "_peer")
+
+    def __init__(self, identity: str, context: grpc.ServicerContext, authenticated_by: str) -> None:
+        self.identity = identity
+        self.authenticated_by = authenticated_by
+        """``certificate``, ``header`` (a development server's ``x-hsmgw-identity``) or ``default``."""
+        self._context = context
+        self._peer: str | None = None
+
+    @property
+    def peer(self) -> str:
+        """gRPC's peer address (``ipv4:10.0.0.5:51234``)."""
+        if self._peer is None:
+            self._peer = self._context.peer()
+        return self._peer
 
 
 _CURRENT: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("hsmgw_caller", default=None)
@@ -317,7 +328,7 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             audit("authn.failed", method=rule.method, peer=context.peer(), error=str(exc))
             _abort(context, exc)
         policy = self.policies.current
-        return policy, policy.principal(identity), Caller(identity, context.peer(), how)
+        return policy, policy.principal(identity), Caller(identity, context, how)
 
     def _deny(self, context: grpc.ServicerContext, rule: Rule, exc: PermissionDenied, **extra: Any) -> None:
         fields: dict[str, Any] = {"identity": exc.identity, "method": rule.method, "operation": exc.operation,
