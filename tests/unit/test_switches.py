@@ -135,9 +135,10 @@ class _Unreachable(SqliteStore):
         return super().admin_record(name)
 
 
-def test_status_and_reconcile_while_the_store_is_unreachable_are_unavailable_not_internal(tmp_path: Path) -> None:
+def test_status_and_reconcile_while_the_store_is_unreachable_are_not_internal(tmp_path: Path) -> None:
     """What an operator runs first in an outage answered INTERNAL ("the gateway logged the
-    details"), exit 1; the other admin calls said UNAVAILABLE, exit 2."""
+    details"), exit 1. Status now answers with the clusters and the outage among its warnings;
+    the admin calls that need the store say UNAVAILABLE, exit 2."""
     import grpc
 
     from hsmgw.v1 import admin_pb2
@@ -145,8 +146,9 @@ def test_status_and_reconcile_while_the_store_is_unreachable_are_unavailable_not
     store = _Unreachable(tmp_path / "p.db")
     admin = AdminServicer(_router(tmp_path, store), audit_path=tmp_path / "audit.log", quorum=2)
     store.down = True
-    calls = ((admin.GetStatus, admin_pb2.GetStatusRequest()), (admin.Reconcile, admin_pb2.ReconcileRequest()),
-             (admin.PlanRebalance, admin_pb2.PlanRebalanceRequest()))
+    status = admin.GetStatus(admin_pb2.GetStatusRequest(), _Context())
+    assert [c.name for c in status.clusters] and any("placement store is unreachable" in w for w in status.warnings)
+    calls = ((admin.Reconcile, admin_pb2.ReconcileRequest()), (admin.PlanRebalance, admin_pb2.PlanRebalanceRequest()))
     for call, request in calls:
         with pytest.raises(_Aborted) as info:
             call(request, _Context())
