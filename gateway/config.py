@@ -198,7 +198,10 @@ class ReplicationConfig:
     """Seconds an unfinished creation is left to its own attempt before a retry
     (or the reconciler) takes it over. A retry that takes it over holds it for as long
     again and gives up after half of it: more than twice the slowest key generation
-    and copy."""
+    and copy. A retry does not wait for it when the record names a process of the
+    retry's own host and PID namespace that is gone (killed, crashed): it takes the
+    creation over at once. A process on another host or in another container, one still
+    running, or a record from a version that did not name its process, is waited for."""
     reconcile_interval: float = 3600.0
     """Seconds between report-only reconciles in one process of the gateway (its first
     worker): the store and every token compared, findings (a replica that lost its

@@ -7,7 +7,7 @@ Such keys share one *shape* (a placement with an empty key id), and the cache
 maps each key id to its shape, so a key costs its id and a dict slot.
 
 The shape leaves out what only the store needs: ``create_time``,
-``request_id`` and ``fingerprint``. Readers that show or write those (GetKey,
+``request_id``, ``fingerprint`` and ``owner``. Readers that show or write those (GetKey,
 ListKeys, every store update) read the store. EXTERNAL keys carry their own
 wrapped material, so each (and any key with key material in its record) keeps a
 placement of its own.

@@ -209,6 +209,9 @@ class Placement:
     """EXTERNAL asymmetric keys: the public key (SubjectPublicKeyInfo DER)."""
     held: bool = False
     """An operator chose its clusters (``keys place``, ``keys move``): rebalance leaves it there."""
+    owner: str = ""
+    """While CREATING: the process making the key's objects (``router._owner``), so a retry can
+    tell that it is gone; "" once the key is made, and on records written before owners were."""
     clusters: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -226,8 +229,8 @@ class Placement:
     def for_key(self, key_id: str) -> Placement:
         """This placement's route under ``key_id``, without its creation record.
 
-        ``create_time``, ``request_id`` and ``fingerprint`` come back empty: the
-        placement cache shares one route between many keys (router.cache).
+        ``create_time``, ``request_id``, ``fingerprint`` and ``owner`` come back empty:
+        the placement cache shares one route between many keys (router.cache).
         """
         view = object.__new__(Placement)
         put = object.__setattr__
@@ -237,6 +240,7 @@ class Placement:
         put(view, "create_time", 0.0)
         put(view, "request_id", "")
         put(view, "fingerprint", "")
+        put(view, "owner", "")
         return view
 
     @property

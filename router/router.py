@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 from router import validation
+from router._owner import Liveness, liveness, this_process
 from router._refused import RefusedRecords
 from router.backend import HsmBackend
 from router.cache import PlacementCache
@@ -584,6 +585,7 @@ class Router:
             replicas=replicas,
             copies=copies,
             held=held,
+            owner=this_process(),
         )
         try:
             self.store.create(intent)
@@ -662,15 +664,21 @@ class Router:
     def _take_over(self, intent: Placement) -> Placement:
         """Finish a creation that an earlier attempt (maybe a crashed process) left half-way.
 
-        The claim bumps the record's version (only one taker wins) and restarts its
-        clock: for the next ``creation_grace`` seconds other attempts are told to retry
-        and reconcile leaves the intent alone, and this attempt gives up within half of
-        that. Two attempts never make the key's objects at once, which could leave a
-        token with two of each.
+        The claim bumps the record's version (only one taker wins), restarts its clock and
+        names this process its owner: for the next ``creation_grace`` seconds other attempts
+        are told to retry and reconcile leaves the intent alone, and this attempt gives up
+        within half of that. Two attempts never make the key's objects at once, which could
+        leave a token with two of each. Within the grace, an intent is taken over only if
+        its owner is a process of this host and PID namespace that is gone (killed, crashed):
+        nothing makes its objects any more. An owner elsewhere, alive, or not known (a record
+        from before owners were recorded) may still be making them.
         """
         now = self.wall_clock()
+        gone = False
         if now - intent.create_time < self.creation_grace:
-            raise KeyBeingCreated(f"key {intent.key_id!r} is being created; retry shortly")
+            gone = liveness(intent.owner) is Liveness.GONE
+            if not gone:
+                raise KeyBeingCreated(f"key {intent.key_id!r} is being created; retry shortly")
         breaker = self.breakers.get(intent.primary)
         if breaker is not None and breaker.state is CircuitState.OPEN:
             # Its objects are made there and its roll-back needs it: trying would only fail,
@@ -683,13 +691,20 @@ class Router:
                 region=backend.spec.region,
             )
         try:
-            claimed = self.store.update(replace(intent, create_time=now))
+            claimed = self.store.update(replace(intent, create_time=now, owner=this_process()))
         except Conflict as exc:
             return self._settled(exc.existing, intent.key_id, intent.request_id)
-        log.warning(
-            "key %s: finishing a creation left unfinished %.0f s ago (request %s); its objects are made again",
-            intent.key_id, now - intent.create_time, intent.request_id,
-        )
+        if gone:
+            log.warning(
+                "key %s: the process that was making it (pid %s) is gone; finishing its creation, begun %.0f s ago "
+                "(request %s), without waiting for replication.creation_grace; its objects are made again",
+                intent.key_id, intent.owner.split(":")[3], now - intent.create_time, intent.request_id,
+            )
+        else:
+            log.warning(
+                "key %s: finishing a creation left unfinished %.0f s ago (request %s); its objects are made again",
+                intent.key_id, now - intent.create_time, intent.request_id,
+            )
         return self._materialise(claimed, self._within_claim(time.monotonic() + 60.0))
 
     def _within_claim(self, deadline: float) -> float:
@@ -778,6 +793,7 @@ class Router:
                     replicas=replicas,
                     wrapped=material.get("wrapped", intent.wrapped),
                     public_der=material.get("public_der", intent.public_der),
+                    owner="",  # made: no process makes it any more
                 )
             )
         except Conflict as exc:
@@ -936,12 +952,13 @@ class Router:
     def roll_back(self, intent: Placement, deadline: float | None = None) -> bool:
         """Remove an unfinished creation's objects, then its record.
 
-        The intent is claimed first (a version bump that restarts its clock, so no retry
-        takes it over meanwhile), and only a successful claim destroys anything: this
-        attempt may have outlived ``creation_grace`` (a hung HSM call that failed late),
-        and a retry that took the creation over may have made and acknowledged the key.
-        The primary must be reachable. A replica that is not keeps its objects, and the key
-        its record (claimed, so a retry takes it over only after ``creation_grace``): the
+        The intent is claimed first (a version bump that restarts its clock and names this
+        process its owner, so no retry takes it over meanwhile), and only a successful claim
+        destroys anything: this attempt may have outlived ``creation_grace`` (a hung HSM call
+        that failed late), and a retry that took the creation over may have made and
+        acknowledged the key. The primary must be reachable. A replica that is not keeps its
+        objects, and the key its record (claimed, so a retry takes it over only after
+        ``creation_grace``, or once this process is gone): the
         record goes last, once a search on each cluster after its destroy finds nothing left,
         since objects that no record names are never destroyed (``router.reconcile``: they may
         be another application's). Reconcile rolls the intent back again later. An intent a
@@ -954,7 +971,8 @@ class Router:
             log.debug("rollback of %s: the gateway is stopping; left to reconcile", intent.key_id)
             return False
         try:
-            intent = self.store.update(replace(intent, create_time=self.wall_clock()))
+            # Owned by this process while its objects go: a retry waits for it as for a creation.
+            intent = self.store.update(replace(intent, create_time=self.wall_clock(), owner=this_process()))
         except Conflict as lost:
             if lost.existing is not None and lost.existing.state is KeyState.DESTROYED and not intent.external:
                 # A DestroyKey came meanwhile. Its pass over the key's clusters may have come before

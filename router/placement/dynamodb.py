@@ -6,6 +6,8 @@ the partition key ``key_id`` and told apart by their ``kind`` attribute:
 ``<key id>`` (kind ``placement``)
     One item per key, an attribute per ``Placement`` field (``wrapped`` and
     ``public_der`` as Binary, ``replicas`` as a list) and a ``version`` number.
+    ``wrapped``, ``public_der`` and ``owner`` are left out when empty (an older item has
+    no ``owner``: it reads as "").
 ``req#<request id>`` (kind ``request``)
     The unique index of request ids: ``target`` names the key the request made.
     Written and removed in the same transaction as its placement, so one request
@@ -146,6 +148,8 @@ def _encode(p: Placement) -> Item:
         item["wrapped"] = {"B": p.wrapped}
     if p.public_der:
         item["public_der"] = {"B": p.public_der}
+    if p.owner:  # only while CREATING; absent on older items too
+        item["owner"] = {"S": p.owner}
     return item
 
 
@@ -169,6 +173,7 @@ def _decode(item: Item | None) -> Placement | None:
             copies=int(item.get("copies", {}).get("N", "1")),
             extractable=bool(item.get("extractable", {}).get("BOOL", True)),
             held=bool(item.get("held", {}).get("BOOL", False)),
+            owner=item.get("owner", {}).get("S", ""),
             wrapped=bytes(item["wrapped"]["B"]) if "wrapped" in item else b"",
             public_der=bytes(item["public_der"]["B"]) if "public_der" in item else b"",
         )

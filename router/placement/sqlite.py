@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS placements (
     wrapped BLOB NOT NULL DEFAULT x'',
     public_der BLOB NOT NULL DEFAULT x'',
     copies INTEGER NOT NULL DEFAULT 1,
-    held INTEGER NOT NULL DEFAULT 0
+    held INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS placements_request ON placements(request_id);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL);
@@ -62,12 +63,14 @@ _ADDED_COLUMNS = (
     ("public_der", "BLOB NOT NULL DEFAULT x''"),
     ("copies", "INTEGER NOT NULL DEFAULT 1"),
     ("held", "INTEGER NOT NULL DEFAULT 0"),
+    ("owner", "TEXT NOT NULL DEFAULT ''"),
 )
 
 _COLUMNS = (
     "key_id, algorithm, usage, state, primary_cluster, replicas, create_time, "
-    "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies, held"
+    "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies, held, owner"
 )
+_PLACES = ",".join("?" * len(_COLUMNS.split(",")))
 
 
 _SCAN_PAGE = 2000
@@ -110,6 +113,7 @@ def _row(row: tuple) -> Placement:  # type: ignore[type-arg]
         public_der=bytes(row[13]),
         copies=row[14],
         held=bool(row[15]),
+        owner=row[16],
     )
 
 
@@ -131,6 +135,7 @@ def _values(p: Placement) -> tuple:  # type: ignore[type-arg]
         p.public_der,
         p.copies,
         int(p.held),
+        p.owner,
     )
 
 
@@ -253,7 +258,7 @@ class SqliteStore(PlacementStore):
         try:
             self._write(
                 placement.key_id,
-                [(f"INSERT INTO placements ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _values(placement))]
+                [(f"INSERT INTO placements ({_COLUMNS}) VALUES ({_PLACES})", _values(placement))]
             )
         except sqlite3.IntegrityError as exc:
             existing = self.get(placement.key_id) or self.by_request(placement.request_id)
@@ -268,7 +273,7 @@ class SqliteStore(PlacementStore):
                 (
                     "UPDATE placements SET algorithm=?, usage=?, state=?, primary_cluster=?, replicas=?, "
                     "create_time=?, request_id=?, fingerprint=?, storage=?, version=?, extractable=?, "
-                    "wrapped=?, public_der=?, copies=?, held=? "
+                    "wrapped=?, public_der=?, copies=?, held=?, owner=? "
                     "WHERE key_id=? AND version=? AND request_id=?",
                     (*values[1:], placement.key_id, placement.version, placement.request_id),
                 )

@@ -90,6 +90,7 @@ def test_every_placement_field_round_trips(store: PlacementStore) -> None:
         "wrapped": b"\x00\xff wrapped \x00" * 40,
         "public_der": bytes(range(256)),
         "held": True,
+        "owner": "fbb57049-dd18-48d7-a805-551c2d0ca1be:4026531836:4026531834:4242:6742648",
     }
     fields = {f.name for f in dataclasses.fields(Placement) if f.init}
     assert set(values) == fields, "a new Placement field needs a value here and a column/attribute in every store"
@@ -108,6 +109,33 @@ def test_defaults_round_trip_too(store: PlacementStore) -> None:
     store.create(bare)
     assert store.get("bare") == bare
     assert store.by_request("") == bare
+
+
+def test_a_record_from_before_owners_reads_with_none_and_takes_one(backend: Backend, url: str) -> None:
+    """Records an older gateway wrote: a SQLite file without the ``owner`` column (added when
+    it is opened), a DynamoDB item without the attribute. Each reads as owner "", so a retry
+    waits for creation_grace as before; an update writes an owner, and one without drops it."""
+    store = backend.open(url)
+    store.create(make("app/old", owner="x"))
+    if backend.kind == "sqlite":
+        import sqlite3
+
+        path = url.removeprefix("sqlite:")
+        store.close()
+        with sqlite3.connect(path) as db:
+            db.execute("ALTER TABLE placements DROP COLUMN owner")
+        store = backend.open(url)
+    else:
+        assert isinstance(store, DynamoStore)
+        store._client.update_item(TableName=store.table, Key={"key_id": {"S": "app/old"}},
+                                  UpdateExpression="REMOVE #o", ExpressionAttributeNames={"#o": "owner"})
+    old = store.get("app/old")
+    assert old is not None and old.owner == ""
+    assert store.by_request(old.request_id) == old and list(store.scan()) == [old]
+    claimed = store.update(dataclasses.replace(old, owner="boot:1:2:3:4"))
+    assert backend.open(url).get("app/old") == claimed and claimed.owner == "boot:1:2:3:4"
+    made = store.update(dataclasses.replace(claimed, state=KeyState.ENABLED, owner=""))
+    assert backend.open(url).get("app/old") == made and made.owner == ""
 
 
 def test_get_and_by_request_of_unknown_ids_are_none(store: PlacementStore) -> None:

@@ -19,7 +19,7 @@ from tests.support import serving as make
 
 
 def routing_fields(p: Placement) -> dict[str, object]:
-    skip = {"create_time", "request_id", "fingerprint"}
+    skip = {"create_time", "request_id", "fingerprint", "owner"}
     return {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name not in skip}
 
 
@@ -33,6 +33,17 @@ def test_a_cached_key_routes_like_its_record_without_the_creation_record() -> No
     assert (got.create_time, got.request_id, got.fingerprint) == (0.0, "", "")
     assert cache.get("app/b") is None
     assert "app/a" in cache and "app/b" not in cache
+
+
+def test_a_cached_key_being_created_carries_no_owner() -> None:
+    """The process making a key is the store's business (a retry reads it there): keys being
+    created share a shape whoever makes them, and no view carries a process's name."""
+    owner = "fbb57049-dd18-48d7-a805-551c2d0ca1be:4026531836:4026531834:4242:6742648"
+    records = [make(f"app/{i}", state=KeyState.CREATING, owner=f"{owner[:-1]}{i}") for i in range(3)]
+    cache = PlacementCache(records)
+    assert cache.shapes == 1
+    assert [cache.get(f"app/{i}").owner for i in range(3)] == ["", "", ""]  # type: ignore[union-attr]
+    assert records[0].for_key("app/z").owner == ""
 
 
 def test_for_key_copies_every_field_but_the_creation_record() -> None:

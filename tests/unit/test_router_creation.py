@@ -163,3 +163,124 @@ def test_a_taken_over_creation_that_loses_to_a_destroy_removes_its_copies_past_a
     assert backends["use1-a"].destroyed == ["k/1"] and backends["use1-b"].destroyed == ["k/1"]
     left = store.get("k/1")
     assert left is not None and left.state is KeyState.DESTROYED
+
+
+# -- who makes a key: a retry takes over at once a creation whose process is gone ---------------
+
+
+def _reaped_process_owner() -> str:
+    """The owner a process of this host wrote on its intent before it was killed (and reaped)."""
+    import subprocess
+    import sys
+
+    from router._owner import this_process
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    start = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    child.kill()
+    child.wait()
+    mine = this_process().split(":")
+    return ":".join((*mine[:3], str(child.pid), start))
+
+
+class WatchedBackend(CopyingBackend):
+    """A cluster where keys are made and copied, noting the owner the key's record names meanwhile."""
+
+    def __init__(self, name: str, store: SqliteStore) -> None:
+        super().__init__(name)
+        self.store = store
+        self.owners: list[str] = []
+
+    def _note(self, key_id: str) -> None:
+        record = self.store.get(key_id)
+        self.owners.append(record.owner if record is not None else "-")
+
+    def generate(self, key: Placement, deadline: float, *, unless: Callable[[], bool] | None = None) -> None:
+        self._note(key.key_id)
+
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
+        self._note(key_id)
+        return super().destroy(key_id, deadline, unless=unless)
+
+
+def _one_cluster(tmp_path: Path) -> tuple[Router, SqliteStore, WatchedBackend, KeySpec]:
+    store = SqliteStore(tmp_path / "p.db")
+    backend = WatchedBackend("use1-a", store)
+    router = Router(Topology("us-east-1", (), {"us-east-1": ("use1-a",)}), {"use1-a": backend}, store,
+                    creation_grace=3600.0)
+    spec = KeySpec(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY, request_id="r1")
+    return router, store, backend, spec
+
+
+def _intent(store: SqliteStore, spec: KeySpec, owner: str) -> Placement:
+    """An intent written a moment ago (well within creation_grace) by ``owner``."""
+    from tests.support import stored
+
+    store.create(stored(spec.key_id, request_id=spec.request_id, fingerprint=spec.fingerprint(), copies=1,
+                        replicas=(), create_time=time.time(), owner=owner))
+    intent = store.get(spec.key_id)
+    assert intent is not None
+    return intent
+
+
+def test_a_new_key_is_made_under_a_record_naming_this_process_and_made_without_one(tmp_path: Path) -> None:
+    from router._owner import this_process
+
+    router, store, backend, spec = _one_cluster(tmp_path)
+    made = router.generate_key(spec, time.monotonic() + 5)
+    assert backend.owners == [this_process()] and this_process()
+    assert made.owner == "" and store.get("k/1").owner == ""  # type: ignore[union-attr]
+
+
+def test_a_retry_takes_over_at_once_a_creation_whose_process_is_gone(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The worker making the key was killed: no process makes it any more, and its caller's retry
+    need not wait out creation_grace (an hour here) to finish it."""
+    from router._owner import this_process
+    from router.model import KeyState
+
+    router, store, backend, spec = _one_cluster(tmp_path)
+    dead = _reaped_process_owner()
+    _intent(store, spec, dead)
+    with caplog.at_level("WARNING", logger="router.router"):
+        made = router.generate_key(spec, time.monotonic() + 5)
+    assert made.state is KeyState.ENABLED and made.request_id == "r1"
+    pid = dead.split(":")[3]
+    assert f"the process that was making it (pid {pid}) is gone" in caplog.text
+    # The claim named this process while it made the key (a retry of the retry then waits for it).
+    assert backend.owners == [this_process()]
+
+
+@pytest.mark.parametrize("whose", ["this process, still making it", "a record from before owners",
+                                   "another host", "another container on this host"])
+def test_a_retry_within_the_grace_waits_for_a_creation_whose_process_may_be_making_it(
+    tmp_path: Path, whose: str
+) -> None:
+    from router._owner import this_process
+    from router.errors import KeyBeingCreated
+
+    router, store, backend, spec = _one_cluster(tmp_path)
+    dead = _reaped_process_owner().split(":")
+    owner = {
+        "this process, still making it": this_process(),
+        "a record from before owners": "",
+        "another host": ":".join(["00000000-0000-4000-8000-000000000000", *dead[1:]]),
+        "another container on this host": ":".join([dead[0], "1" + dead[1], *dead[2:]]),
+    }[whose]
+    intent = _intent(store, spec, owner)
+    with pytest.raises(KeyBeingCreated, match="is being created; retry shortly"):
+        router.generate_key(spec, time.monotonic() + 5)
+    assert store.get("k/1") == intent, "claimed or changed"
+    assert backend.owners == []
+
+
+def test_a_roll_back_names_this_process_while_it_destroys(tmp_path: Path) -> None:
+    """A sweep or reconcile rolling back a dead process's intent owns it meanwhile: a retry
+    must not take it over, as gone, and make objects while they are destroyed."""
+    from router._owner import this_process
+
+    router, store, backend, spec = _one_cluster(tmp_path)
+    intent = _intent(store, spec, _reaped_process_owner())
+    assert router.roll_back(intent) is True
+    assert backend.owners == [this_process()]
+    assert store.get("k/1") is None
