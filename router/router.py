@@ -137,6 +137,20 @@ def _store_down(message: str, exc: StoreError) -> Unavailable:
     return Unavailable(message)
 
 
+def _owned_at(version: int) -> str:
+    """This process as the owner of a creation record, with the version its write gives the record."""
+    return f"{this_process()}@{version}"
+
+
+def _owner_now(placement: Placement) -> str:
+    """The process a creation record names as making the key, if it wrote the record as it is now;
+    "" if not known. A record whose version is not its owner's was written since by a gateway
+    that names no owner (an older version's claim during a rolling upgrade): the process it
+    names may be gone while that one makes the key."""
+    owner, _, version = placement.owner.rpartition("@")
+    return owner if version == str(placement.version) else ""
+
+
 def _counted(objects: dict[str, int]) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in sorted(objects.items()))
 
@@ -585,7 +599,7 @@ class Router:
             replicas=replicas,
             copies=copies,
             held=held,
-            owner=this_process(),
+            owner=_owned_at(1),  # the version a new record has
         )
         try:
             self.store.create(intent)
@@ -676,7 +690,7 @@ class Router:
         now = self.wall_clock()
         gone = False
         if now - intent.create_time < self.creation_grace:
-            gone = liveness(intent.owner) is Liveness.GONE
+            gone = liveness(_owner_now(intent)) is Liveness.GONE
             if not gone:
                 raise KeyBeingCreated(f"key {intent.key_id!r} is being created; retry shortly")
         breaker = self.breakers.get(intent.primary)
@@ -691,14 +705,14 @@ class Router:
                 region=backend.spec.region,
             )
         try:
-            claimed = self.store.update(replace(intent, create_time=now, owner=this_process()))
+            claimed = self.store.update(replace(intent, create_time=now, owner=_owned_at(intent.version + 1)))
         except Conflict as exc:
             return self._settled(exc.existing, intent.key_id, intent.request_id)
         if gone:
             log.warning(
                 "key %s: the process that was making it (pid %s) is gone; finishing its creation, begun %.0f s ago "
                 "(request %s), without waiting for replication.creation_grace; its objects are made again",
-                intent.key_id, intent.owner.split(":")[3], now - intent.create_time, intent.request_id,
+                intent.key_id, _owner_now(intent).split(":")[3], now - intent.create_time, intent.request_id,
             )
         else:
             log.warning(
@@ -972,7 +986,8 @@ class Router:
             return False
         try:
             # Owned by this process while its objects go: a retry waits for it as for a creation.
-            intent = self.store.update(replace(intent, create_time=self.wall_clock(), owner=this_process()))
+            intent = self.store.update(replace(intent, create_time=self.wall_clock(),
+                                               owner=_owned_at(intent.version + 1)))
         except Conflict as lost:
             if lost.existing is not None and lost.existing.state is KeyState.DESTROYED and not intent.external:
                 # A DestroyKey came meanwhile. Its pass over the key's clusters may have come before

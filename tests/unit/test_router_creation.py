@@ -213,11 +213,12 @@ def _one_cluster(tmp_path: Path) -> tuple[Router, SqliteStore, WatchedBackend, K
 
 
 def _intent(store: SqliteStore, spec: KeySpec, owner: str) -> Placement:
-    """An intent written a moment ago (well within creation_grace) by ``owner``."""
+    """An intent written a moment ago (well within creation_grace) by ``owner`` (a process, named
+    with the record's version, 1, as a gateway names it; "" for none)."""
     from tests.support import stored
 
     store.create(stored(spec.key_id, request_id=spec.request_id, fingerprint=spec.fingerprint(), copies=1,
-                        replicas=(), create_time=time.time(), owner=owner))
+                        replicas=(), create_time=time.time(), owner=f"{owner}@1" if owner else ""))
     intent = store.get(spec.key_id)
     assert intent is not None
     return intent
@@ -228,7 +229,7 @@ def test_a_new_key_is_made_under_a_record_naming_this_process_and_made_without_o
 
     router, store, backend, spec = _one_cluster(tmp_path)
     made = router.generate_key(spec, time.monotonic() + 5)
-    assert backend.owners == [this_process()] and this_process()
+    assert backend.owners == [f"{this_process()}@1"] and this_process()
     assert made.owner == "" and store.get("k/1").owner == ""  # type: ignore[union-attr]
 
 
@@ -248,7 +249,20 @@ def test_a_retry_takes_over_at_once_a_creation_whose_process_is_gone(tmp_path: P
     pid = dead.split(":")[3]
     assert f"the process that was making it (pid {pid}) is gone" in caplog.text
     # The claim named this process while it made the key (a retry of the retry then waits for it).
-    assert backend.owners == [this_process()]
+    assert backend.owners == [f"{this_process()}@2"]
+
+
+def test_an_owner_left_by_a_writer_that_names_none_says_nothing(tmp_path: Path) -> None:
+    """An older gateway's claim (a rolling upgrade) bumps the version and keeps the owner column as
+    it was: the process named there is gone, but the older gateway is making the key now."""
+    from router.errors import KeyBeingCreated
+
+    router, store, backend, spec = _one_cluster(tmp_path)
+    intent = _intent(store, spec, _reaped_process_owner())
+    claimed = store.update(intent)  # what an older version's take-over writes: the same owner, version 2
+    with pytest.raises(KeyBeingCreated, match="is being created; retry shortly"):
+        router.generate_key(spec, time.monotonic() + 5)
+    assert store.get("k/1") == claimed and backend.owners == []
 
 
 @pytest.mark.parametrize("whose", ["this process, still making it", "a record from before owners",
@@ -282,5 +296,5 @@ def test_a_roll_back_names_this_process_while_it_destroys(tmp_path: Path) -> Non
     router, store, backend, spec = _one_cluster(tmp_path)
     intent = _intent(store, spec, _reaped_process_owner())
     assert router.roll_back(intent) is True
-    assert backend.owners == [this_process()]
+    assert backend.owners == [f"{this_process()}@2"]
     assert store.get("k/1") is None
