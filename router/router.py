@@ -243,6 +243,8 @@ class Router:
         self._fault = fault
         self.reload()
         self.fleet_id = store.fleet_id()
+        self._former_fleet_ids: set[str] = set()
+        """Ids this process read as the store's before it changed (``fleet_check``): its marks."""
         """The store's fleet id: written on every token this router puts a key object on, and
         what a token's marker must list before reconcile destroys anything there."""
 
@@ -927,8 +929,14 @@ class Router:
     def fleet_check(self, name: str, deadline: float) -> tuple[str, str]:
         """Whether cluster ``name``'s token is this store's fleet's, before something is destroyed
         there on the store's word: ("", "") if its fleet marker lists this store's fleet id, or if
-        the token has no marker (made before markers: it gets this store's id now); else
-        (``OTHER_FLEET`` or ``FLEET_UNREAD``, why).
+        the token has no marker (made before markers); else (``OTHER_FLEET`` or ``FLEET_UNREAD``,
+        why). It writes nothing: a token is marked only when a key is made there, so a gateway
+        on the wrong store that only looks (a report-only reconcile) claims no token.
+
+        A marker without the id this process read at start is looked at once more against the
+        store's id read again: on a DynamoDB global table, two regions' first gateways may each
+        write an id, and the table keeps the last. A token this process marked with the id it
+        had read is this store's, and gets the store's id too.
 
         Key ids are chosen by callers, so two fleets' stores name the same ids: a gateway whose
         ``[store] url`` names another fleet's store would take that store's destroyed keys and
@@ -939,11 +947,21 @@ class Router:
             fleets = backend.fleets(deadline)
         except RouterError as exc:
             return FLEET_UNREAD, f"its fleet marker could not be read ({exc.message})"
-        if fleets is None:
+        if fleets is None or self.fleet_id in fleets:
+            return "", ""
+        if self._former_fleet_ids & set(fleets):
             self._mark(backend, deadline)
             return "", ""
-        if self.fleet_id in fleets:
-            return "", ""
+        try:
+            stored = self.store.fleet_id()
+        except StoreError as exc:
+            return FLEET_UNREAD, f"the placement store's fleet id could not be read ({exc})"
+        if stored != self.fleet_id:
+            log.warning("the placement store's fleet id is %s, not %s as read before (another region's first "
+                        "gateway wrote its own): keys are marked with it from now on", stored, self.fleet_id)
+            self._former_fleet_ids.add(self.fleet_id)
+            self.fleet_id = stored
+            return self.fleet_check(name, deadline)
         shown = ", ".join(fleets[-3:]) + (f" and {len(fleets) - 3} more" if len(fleets) > 3 else "")
         return OTHER_FLEET, (f"its keys were made with another placement store: its token lists fleet(s) {shown}, "
                              f"not this store's {self.fleet_id}; [store] url may name the wrong store")
@@ -1507,11 +1525,18 @@ class Router:
             if now - intent.create_time < self.creation_grace:
                 continue
             # Its roll-back destroys the objects under its id on every cluster it names: only on this fleet's.
-            refused = [(name, checked[name][1]) for name in intent.clusters if name in self.backends
-                       and checked.setdefault(name, self.fleet_check(name, deadline))[0]]
+            refused = []
+            for name in intent.clusters:
+                if name not in self.backends:
+                    continue
+                if name not in checked:
+                    checked[name] = self.fleet_check(name, deadline)
+                    if checked[name][0]:  # once a pass for each cluster, however many intents name it
+                        log.error("unfinished creations naming cluster %s are not rolled back: nothing is destroyed "
+                                  "on it: %s", name, checked[name][1])
+                if checked[name][0]:
+                    refused.append(name)
             if refused:
-                log.error("unfinished creation of %s not rolled back: nothing is destroyed on cluster %s: %s",
-                          intent.key_id, refused[0][0], refused[0][1])
                 continue
             if self.roll_back(intent, deadline):
                 log.warning("rolled back the creation of %s, left unfinished %.0f s ago (request %s)",

@@ -364,7 +364,10 @@ class Pkcs11Cluster(HsmBackend):
             self._logged_in(s)  # the marker is private: without the login, every token looks unmarked
             return _fleet.listed(found)
 
-        return self._run(deadline, run)
+        listed = self._run(deadline, run)
+        # An id the marker no longer lists (16 kept) is written again with this process's next key.
+        self._marked &= set(listed or ())
+        return listed
 
     def mark(self, fleet_id: str, deadline: float) -> None:
         if fleet_id in self._marked:

@@ -127,7 +127,11 @@ def test_the_same_fleets_reconcile_still_removes_strays_and_rolls_back_intents(m
     assert router.store.get(stale_id) is None
 
 
-def test_a_token_from_before_markers_is_reconciled_as_before_and_marked(make_router, tokens) -> None:
+def test_a_token_from_before_markers_is_reconciled_as_before_and_not_marked_by_it(
+        make_router, tokens, tmp_path: Path) -> None:
+    """A token no gateway has marked yet is reconciled as before markers. Reconcile marks nothing:
+    a gateway on the wrong store that only looks (every gateway's start-up reconcile) would
+    otherwise claim the token for that store's fleet, and lock this fleet's reconcile out of it."""
     router = make_router()
     _marked(router)
     key = router.generate_key(_spec(unique("fleet/legacy")), time.monotonic() + 30)
@@ -136,10 +140,15 @@ def test_a_token_from_before_markers_is_reconciled_as_before_and_marked(make_rou
     tokens.unmark(stray)
     assert tokens.fleets(stray) is None
 
+    wrong = make_router(store=SqliteStore(tmp_path / "wrong.db"), adopt_fleet=False)
+    assert wrong.fleet_id != router.fleet_id
+    reconcile(wrong, fix=False)  # a report-only look from another fleet's store
+    assert tokens.fleets(stray) is None
+
     report = reconcile(make_router(), fix=True)  # a new process: it has marked nothing yet
     assert (stray, key.key_id) in report.removed and stray not in report.other_fleet
     assert tokens.objects(stray, key.key_id) == []
-    assert tokens.fleets(stray) == (router.fleet_id,)
+    assert tokens.fleets(stray) is None  # marked by the next key made there, not by a reconcile
     _held(tokens, key)
 
 
@@ -182,3 +191,40 @@ def test_a_creation_marks_the_tokens_it_writes_to_once_and_keeps_sixteen_fleets(
     # A second key leaves the marker as it was.
     assert [bytes(m[Attribute.VALUE]) for m in tokens.session(target).get_objects(_fleet.MARKER)] == [before]
     _marked(make_router())  # the shared fleet's own id back on the token, for the tests after this one
+
+
+def test_a_process_marks_again_a_token_whose_marker_lost_its_fleet(make_router, tokens, tmp_path: Path) -> None:
+    """A process remembers the tokens it marked. Once a look at a token finds its fleet gone from
+    the marker (16 ids kept; others pushed it out), its next key there marks it again."""
+    router = make_router()
+    _marked(router)  # this process has marked every token: it would not look again
+    cluster = CLUSTERS[0]
+    others = [f"{i:032x}" for i in range(100, 100 + _fleet.KEPT)]
+    for other in others:  # sixteen other stores' gateways make keys on it
+        router.backends[cluster].mark(other, time.monotonic() + 30)
+    assert router.fleet_id not in (tokens.fleets(cluster) or ())
+    assert router.fleet_check(cluster, time.monotonic() + 30)[0] == "other_fleet"
+    router.backends[cluster].mark(router.fleet_id, time.monotonic() + 30)  # what its next key there does first
+    assert router.fleet_id in (tokens.fleets(cluster) or ())
+    assert router.fleet_check(cluster, time.monotonic() + 30) == ("", "")
+
+
+def test_a_store_whose_fleet_id_changed_under_a_process_is_followed(make_router, tokens, tmp_path: Path) -> None:
+    """Two regions' first gateways on a new DynamoDB global table may each write a fleet id, and the
+    table keeps the last: a process that read the other one at start follows the store's, and
+    tokens it marked with the id it had read stay this store's."""
+    store = SqliteStore(tmp_path / "regions.db")
+    router = make_router(store=store, adopt_fleet=False)
+    first = router.fleet_id
+    for name in CLUSTERS:  # this process marked every token with the id it read
+        router.backends[name].mark(first, time.monotonic() + 30)
+    later = "f" * 32
+    store._query("UPDATE meta SET value = ? WHERE name = 'fleet_id'", (later,))  # the other region's write won
+    theirs, mine = CLUSTERS[0], CLUSTERS[1]
+    tokens.unmark(theirs)
+    router.backends[theirs].mark(later, time.monotonic() + 30)  # their gateway's
+
+    assert router.fleet_check(theirs, time.monotonic() + 30) == ("", "")
+    assert router.fleet_id == later
+    assert router.fleet_check(mine, time.monotonic() + 30) == ("", "")  # marked with the id read before
+    assert later in (tokens.fleets(mine) or ())  # and now with the store's
