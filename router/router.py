@@ -618,9 +618,11 @@ class Router:
 
         A creation clears what is under its key id on a cluster before it makes the key (an
         earlier attempt's leftovers). Every attempt writes its record before its objects, so
-        objects found before there is a record are none of this store's attempts': another
-        application's key, or a key made with another placement store (a wrong ``[store] url``,
-        an empty table). Clearing them would destroy that key; reconcile never does either.
+        objects found before there is a record are another application's key, a key made with
+        another placement store (a wrong ``[store] url``, an empty table), or, rarely, a copy
+        that an earlier creation of this id could not remove after its record was rolled back
+        (logged then as a WARNING). Which one only an operator can tell, and clearing them
+        could destroy a key: reconcile never does either.
         A cluster that cannot be searched now is left to the creation, which fails there as it
         would have. Returns what ``_existing`` finds if a record appeared meanwhile (another
         attempt made those objects)."""
@@ -641,9 +643,10 @@ class Router:
                 return existing
             raise FailedPrecondition(
                 f"cluster {name} already holds objects under key id {spec.key_id!r} ({_counted(found)}) that no "
-                "record in the placement store names: another application's key, or one made with another "
-                "placement store ([store] url names the wrong store?). Nothing was made or destroyed; an operator "
-                "decides what they are (docs/operations.md, objects no record names)",
+                "record in the placement store names: another application's key, one made with another "
+                "placement store ([store] url names the wrong store?), or a copy an earlier creation of this id "
+                "could not remove. Nothing was made or destroyed; an operator decides what they are "
+                "(docs/operations.md, objects no record names)",
                 cluster=name, region=backend.spec.region)
         return None
 
