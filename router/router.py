@@ -926,8 +926,8 @@ class Router:
         except Stopping:
             raise
         except RouterError as exc:
-            log.warning("cluster %s: could not record fleet %s on its token (%s); tried again at its next key",
-                        backend.name, self.fleet_id, exc.message)
+            log.warning("cluster %s: could not record fleet %s on its token (%s); tried again at a key written "
+                        "there 10 minutes from now", backend.name, self.fleet_id, exc.message)
 
     def fleet_check(self, name: str, deadline: float) -> tuple[str, str]:
         """Whether cluster ``name``'s token is this store's fleet's, before something is destroyed

@@ -38,6 +38,9 @@ from router.secret import Secret
 
 log = logging.getLogger(__name__)
 
+MARK_RETRY = 600.0
+"""Seconds after a failed write of a token's fleet marker before a key written there tries again."""
+
 T = TypeVar("T")
 
 GCM_IV_BYTES = 12
@@ -66,6 +69,8 @@ class Pkcs11Cluster(HsmBackend):
         self._native_oaep = True
         self._marked: set[str] = set()
         """Fleet ids this process has seen on the token's marker, or written there."""
+        self._mark_failed: float | None = None
+        """When writing the marker last failed (``MARK_RETRY``)."""
         try:
             self._pool = SessionPool(module, spec, pin, clock=clock)
         except p11.PinIncorrect as exc:
@@ -370,7 +375,11 @@ class Pkcs11Cluster(HsmBackend):
         return listed
 
     def mark(self, fleet_id: str, deadline: float) -> None:
+        """Raises only on the first failure in ``MARK_RETRY`` seconds: a module that does not take
+        the marker (a data object) costs each key written there no search, lock or failed write."""
         if fleet_id in self._marked:
+            return
+        if self._mark_failed is not None and self._clock() - self._mark_failed < MARK_RETRY:
             return
 
         def run(s: PooledSession) -> None:
@@ -381,7 +390,12 @@ class Pkcs11Cluster(HsmBackend):
                     log.info("cluster %s: fleet %s recorded on token %r", self.spec.name, fleet_id,
                              self.spec.token_label)
 
-        self._run(deadline, run)
+        try:
+            self._run(deadline, run)
+        except RouterError:
+            self._mark_failed = self._clock()
+            raise
+        self._mark_failed = None
         self._marked.add(fleet_id)
 
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:

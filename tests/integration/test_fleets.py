@@ -228,3 +228,32 @@ def test_a_store_whose_fleet_id_changed_under_a_process_is_followed(make_router,
     assert router.fleet_id == later
     assert router.fleet_check(mine, time.monotonic() + 30) == ("", "")  # marked with the id read before
     assert later in (tokens.fleets(mine) or ())  # and now with the store's
+
+
+def test_a_token_that_refuses_the_marker_is_asked_again_only_after_a_while(make_router, tokens, tmp_path: Path,
+                                                                          monkeypatch, caplog) -> None:
+    """A module that does not take the marker (a data object) fails its write: logged once, and
+    the keys written there meanwhile cost no search, lock or failed write of it."""
+    import pkcs11.exceptions
+
+    from router.pkcs11 import cluster as cluster_module
+
+    tries: list[str] = []
+
+    def refused(session, markers, fleet_id):  # type: ignore[no-untyped-def]
+        tries.append(fleet_id)
+        raise pkcs11.exceptions.TemplateInconsistent()
+
+    monkeypatch.setattr(_fleet, "add", refused)
+    now = [1000.0]
+    router = make_router(store=SqliteStore(tmp_path / "refusing.db"), adopt_fleet=False)
+    backend = router.backends[CLUSTERS[0]]
+    monkeypatch.setattr(backend, "_clock", lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        for _ in range(3):
+            router._mark(backend, time.monotonic() + 30)
+    assert tries == [router.fleet_id]
+    assert caplog.text.count(f"cluster {CLUSTERS[0]}: could not record fleet") == 1
+    now[0] += cluster_module.MARK_RETRY
+    router._mark(backend, time.monotonic() + 30)
+    assert tries == [router.fleet_id] * 2
