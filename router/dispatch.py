@@ -13,7 +13,19 @@ answer), passes the request to the next candidate without a verdict on its
 health (the health monitor's watchdog judges hung calls). A refusal to unwrap an
 EXTERNAL key's record (``WrappedKeyRefused``) is the answer only once every candidate
 was asked: while one could not be (its circuit open, its sessions busy, the deadline
-or the retry budget spent first), the call is UNAVAILABLE.
+or the retry budget spent first), the call is UNAVAILABLE; so is a key some clusters
+lack while another that may hold it could not be asked (``KeyOutOfReach``, naming
+that cluster).
+
+When every candidate was skipped for its open circuit, or failed, the request is not
+refused outright: it goes to the skipped cluster that answered most of its last calls
+(``CircuitBreaker.answered``; the "panic" rule of Envoy's load balancer), so that
+circuits opened by chance on every cluster, when each fails a minority of calls, do
+not refuse every request. Only when none of them answered any of its last calls
+(down, or hung) is the request refused at once: RESOURCE_EXHAUSTED with a delay when
+a candidate is busy (throttling), else UNAVAILABLE. Every error names a cluster and
+its region: the one that could not answer, else the last one tried, else the last
+candidate.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from router.retry import RetryBudget, backoff
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", bound=RouterError)
 
 _ORDERS_KEPT = 4096
 """Candidate lists whose order is remembered; more are sorted again (keys of many shapes)."""
@@ -158,10 +171,8 @@ class Dispatcher:
                     index += 1
                     continue
             else:
-                # Every candidate was skipped or failed. With none asked for want of a closed
-                # circuit (or all that were asked failed and the rest are open), ask the skipped
-                # one most likely to answer rather than refuse: a circuit opened by chance runs
-                # of a minority of failures on every cluster must not refuse every request.
+                # Every candidate was skipped or failed: ask the skipped one most likely to
+                # answer rather than refuse (one attempt, from the budget if not the first).
                 if panic or skipped is None or (pick := self._panic_pick(skipped)) is None:
                     break
                 panic, name = True, pick
@@ -173,11 +184,13 @@ class Dispatcher:
                     if self._clock() >= deadline:
                         _not_the_records_fault(last, what, "the deadline passed before the other clusters, which "
                                                             "may unwrap it, were asked")
+                        self._not_missing_for_sure(last, name, what, "the deadline passed")
                         raise last or DeadlineExceeded(f"deadline exceeded for {what}")
                     if not self.budget.try_spend():
                         log.warning("retry budget spent; not retrying %s", what)
                         _not_the_records_fault(last, what, "the retry budget is spent: the other clusters, which "
                                                             "may unwrap it, were not asked")
+                        self._not_missing_for_sure(last, name, what, "the retry budget is spent")
                         raise last or Unavailable(f"no cluster could serve {what}", cluster=tried,
                                                   region=self._region(tried))
                 attempts += 1
@@ -188,14 +201,14 @@ class Dispatcher:
                     # A stale session here outlived the cluster's own repairs (every pooled
                     # session replaced): the HSM's fault, as a replacement in progress is.
                     breaker.record_failure()
-                    last, unheard = exc, _add(unheard, name)
+                    last, unheard = self._at(exc, name), _add(unheard, name)
                     if same_cluster_try == 0 and breaker.allow():
                         continue  # HSM replacement errors clear on retry
                     break
                 except Throttled as exc:
                     # Busy, not down: counted toward the failure rate, never as a run of failures.
                     breaker.record_failure(busy=True)
-                    last, unheard = exc, _add(unheard, name)
+                    last, unheard = self._at(exc, name), _add(unheard, name)
                     pause = min(backoff(attempts), max(0.0, deadline - self._clock()))
                     if pause:
                         self._sleep(pause)
@@ -206,7 +219,7 @@ class Dispatcher:
                     # still serve. Not the cluster's health. A busy one was not heard: it
                     # may hold what the others lack, or unwrap what they refuse.
                     breaker.release_trial()
-                    last = exc
+                    last = self._at(exc, name)
                     if isinstance(exc, KeyNotFound):
                         missing = missing or exc
                     elif isinstance(exc, WrappedKeyRefused):
@@ -282,6 +295,21 @@ class Dispatcher:
                              retry_after=max(_BUSY_RETRY_AFTER, self.breakers[soonest].reopens_in()))
         name = names[-1] if names else ""
         return Unavailable(f"no healthy cluster can serve {what}", cluster=name, region=self._region(name))
+
+    def _not_missing_for_sure(self, last: RouterError | None, name: str, what: str, why: str) -> None:
+        """Raise KEY_OUT_OF_REACH for a run cut short after a cluster lacked the key, before
+        ``name`` (which may hold it) was asked: NOT_FOUND is only for a key no candidate holds."""
+        if isinstance(last, KeyNotFound):
+            raise KeyOutOfReach(f"no cluster could serve {what}: the clusters asked lack it ({last.cluster}), and "
+                                f"another that may hold it was not asked ({name}): {why}",
+                                cluster=name, region=self._region(name)) from last
+
+    def _at(self, exc: E, name: str) -> E:
+        """``exc``, naming the cluster it came from if it does not yet: every error that leaves
+        here names a cluster (``ErrorInfo``, and the errors metric's label)."""
+        if not exc.cluster:
+            exc.cluster, exc.region = name, self._region(name)
+        return exc
 
     def _region(self, name: str) -> str:
         backend = self.backends.get(name)

@@ -87,6 +87,8 @@ def test_a_copy_missing_where_another_candidate_could_not_answer_is_unavailable_
     with pytest.raises(KeyOutOfReach) as caught:
         d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
     assert isinstance(caught.value, Unavailable) and isinstance(caught.value.__cause__, KeyNotFound)
+    # Named: the cluster that could not answer, not the one that lacks the key.
+    assert (caught.value.cluster, caught.value.region) == ("use1-a", "us-east-1")
 
     for _ in range(3):
         d.breakers["use1-a"].record_failure()
@@ -473,3 +475,28 @@ def test_every_candidate_busy_is_resource_exhausted_with_a_delay_not_unavailable
         d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
     assert refused.value.reason == "HSM_BUSY" and refused.value.cluster in ("use1-a", "usw2-a")
     assert refused.value.retry_after is not None and refused.value.retry_after >= 0.1
+
+
+def test_a_copy_missing_where_the_budget_left_another_candidate_unasked_is_out_of_reach() -> None:
+    """The first cluster lacks the key and the budget allows no retry: the next, which may hold
+    it, was not asked, so the key is out of reach (UNAVAILABLE, naming it), not NOT_FOUND."""
+    clock = FakeClock(1000.0)
+    d = make(clock, ratio=0.0, min_per_second=0.0)
+    d.budget._tokens = 0.0
+    fn, calls = script({"use1-a": [KeyNotFound], "use1-b": [], "usw2-a": []})
+    with pytest.raises(KeyOutOfReach, match="was not asked") as refused:
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == ["use1-a"]
+    assert (refused.value.cluster, refused.value.region) == ("usw2-a", "us-west-2")
+
+
+def test_an_error_that_names_no_cluster_is_given_the_cluster_it_came_from() -> None:
+    clock = FakeClock(1000.0)
+    d = make(clock)
+
+    def fn(backend: SimpleNamespace) -> str:
+        raise Throttled("could not read the key's attributes")
+
+    with pytest.raises(Throttled) as refused:
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert (refused.value.cluster, refused.value.region) == ("usw2-a", "us-west-2")
