@@ -155,7 +155,7 @@ def test_open_circuit_is_skipped_and_half_open_trial_closes_it() -> None:
 
 def test_failure_rate_ejects_a_flaky_cluster() -> None:
     clock = FakeClock(1000.0)
-    breaker = CircuitBreaker("x", clock=clock, window=20, max_failure_rate=0.3)
+    breaker = CircuitBreaker("x", clock=clock)
     for i in range(20):
         (breaker.record_failure if i % 2 else breaker.record_success)()
     assert breaker.state is CircuitState.OPEN, "half the calls failing must eject the cluster"
