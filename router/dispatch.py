@@ -13,7 +13,19 @@ answer), passes the request to the next candidate without a verdict on its
 health (the health monitor's watchdog judges hung calls). A refusal to unwrap an
 EXTERNAL key's record (``WrappedKeyRefused``) is the answer only once every candidate
 was asked: while one could not be (its circuit open, its sessions busy, the deadline
-or the retry budget spent first), the call is UNAVAILABLE.
+or the retry budget spent first), the call is UNAVAILABLE; so is a key some clusters
+lack while another that may hold it could not be asked (``KeyOutOfReach``, naming
+that cluster).
+
+When every candidate was skipped for its open circuit, or failed, the request is not
+refused outright: it goes to the skipped cluster that answered most of its last calls
+(``CircuitBreaker.answered``; the "panic" rule of Envoy's load balancer), so that
+circuits opened by chance on every cluster, when each fails a minority of calls, do
+not refuse every request. Only when none of them answered any of its last calls
+(down, or hung) is the request refused at once: RESOURCE_EXHAUSTED with a delay when
+a candidate is busy (throttling), else UNAVAILABLE. Every error names a cluster and
+its region: the one that could not answer, else the last one tried, else the last
+candidate.
 """
 
 from __future__ import annotations
@@ -38,15 +50,22 @@ from router.errors import (
     Unavailable,
     WrappedKeyRefused,
 )
-from router.health import CircuitBreaker, CircuitState
+from router.health import LAST_CALLS, CircuitBreaker, CircuitState
 from router.retry import RetryBudget, backoff
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", bound=RouterError)
 
 _ORDERS_KEPT = 4096
 """Candidate lists whose order is remembered; more are sorted again (keys of many shapes)."""
+
+_PANIC_LOG_EVERY = 10.0
+"""Seconds between log lines about requests sent to clusters whose circuit is open."""
+
+_BUSY_RETRY_AFTER = 0.1
+"""Least RetryInfo delay when every candidate is busy (a throttling HSM's own answer's)."""
 
 
 class Dispatcher:
@@ -73,6 +92,9 @@ class Dispatcher:
         self._orders: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._failed_over: frozenset[str] = frozenset()
         self.failovers = 0
+        self.panics = 0
+        """Requests sent to a cluster whose circuit was open, as every candidate's was."""
+        self._panic_logged = -_PANIC_LOG_EVERY
 
     # -- operator switches ----------------------------------------------------
 
@@ -130,39 +152,63 @@ class Dispatcher:
         """Run ``fn`` on the first candidate that succeeds: (result, cluster name)."""
         self.budget.record_request()
         last: RouterError | None = None
+        tried = ""  # the cluster of the last attempt
         attempts = 0
-        unheard = False  # a candidate was skipped or failed as a cluster: it may hold what others lack
-        for index, name in enumerate(self.order(names)):
-            breaker = self.breakers[name]
-            if not breaker.allow():
-                unheard = True
-                continue
+        skipped: list[str] | None = None  # candidates whose circuit was not closed, in order
+        unheard: list[str] | None = None  # candidates skipped or failed as clusters: they may hold what others lack
+        missing: KeyNotFound | None = None  # a cluster asked lacks the key's material
+        refused: WrappedKeyRefused | None = None  # a cluster asked refused to unwrap the key
+        candidates = self.order(names)
+        count = len(candidates)
+        index = 0
+        panic = False
+        while True:
+            if index < count:
+                name = candidates[index]
+                breaker = self.breakers[name]
+                if not breaker.allow():
+                    skipped, unheard = _add(skipped, name), _add(unheard, name)
+                    index += 1
+                    continue
+            else:
+                # Every candidate was skipped or failed: ask the skipped one most likely to
+                # answer rather than refuse (one attempt, from the budget if not the first).
+                if panic or skipped is None or (pick := self._panic_pick(skipped)) is None:
+                    break
+                panic, name = True, pick
+                breaker = self.breakers[name]
+                index = candidates.index(name)
             backend = self.backends[name]
             for same_cluster_try in range(2):
                 if attempts:
                     if self._clock() >= deadline:
                         _not_the_records_fault(last, what, "the deadline passed before the other clusters, which "
                                                             "may unwrap it, were asked")
+                        self._not_missing_for_sure(last, name, what, "the deadline passed")
                         raise last or DeadlineExceeded(f"deadline exceeded for {what}")
                     if not self.budget.try_spend():
                         log.warning("retry budget spent; not retrying %s", what)
                         _not_the_records_fault(last, what, "the retry budget is spent: the other clusters, which "
                                                             "may unwrap it, were not asked")
-                        raise last or Unavailable(f"no cluster could serve {what}")
+                        self._not_missing_for_sure(last, name, what, "the retry budget is spent")
+                        raise last or Unavailable(f"no cluster could serve {what}", cluster=tried,
+                                                  region=self._region(tried))
                 attempts += 1
+                tried = name
                 try:
                     result = fn(backend)
                 except (ClusterDown, StaleSession) as exc:
                     # A stale session here outlived the cluster's own repairs (every pooled
                     # session replaced): the HSM's fault, as a replacement in progress is.
                     breaker.record_failure()
-                    last, unheard = exc, True
+                    last, unheard = self._at(exc, name), _add(unheard, name)
                     if same_cluster_try == 0 and breaker.allow():
                         continue  # HSM replacement errors clear on retry
                     break
                 except Throttled as exc:
-                    breaker.record_failure()
-                    last, unheard = exc, True
+                    # Busy, not down: counted toward the failure rate, never as a run of failures.
+                    breaker.record_failure(busy=True)
+                    last, unheard = self._at(exc, name), _add(unheard, name)
                     pause = min(backoff(attempts), max(0.0, deadline - self._clock()))
                     if pause:
                         self._sleep(pause)
@@ -173,8 +219,15 @@ class Dispatcher:
                     # still serve. Not the cluster's health. A busy one was not heard: it
                     # may hold what the others lack, or unwrap what they refuse.
                     breaker.release_trial()
-                    last = exc
-                    unheard |= isinstance(exc, SessionsBusy)
+                    last = self._at(exc, name)
+                    if isinstance(exc, KeyNotFound):
+                        missing = missing or exc
+                    elif isinstance(exc, WrappedKeyRefused):
+                        refused = refused or exc
+                    if isinstance(exc, SessionsBusy):
+                        unheard = _add(unheard, name)
+                    elif unheard is not None and name in unheard:
+                        unheard = [n for n in unheard if n != name]  # asked in a panic: heard now
                     break
                 except BaseException:
                     # A caller error says nothing about the cluster; a bug must never leave a
@@ -186,19 +239,89 @@ class Dispatcher:
                     with self._lock:
                         self.failovers += 1
                 return result, name
+            if panic:
+                break
+            index += 1
         if last is None:
-            raise Unavailable(f"no healthy cluster can serve {what}")
-        if isinstance(last, KeyNotFound) and unheard:
+            raise self._refusal(skipped or candidates, what)
+        if missing is not None and unheard:
             # Not "no such key": a cluster that may hold it (the source of a move, say) could not answer.
-            raise KeyOutOfReach(f"no cluster could serve {what}: the clusters asked lack it, and another that may "
-                                "hold it cannot answer now", cluster=last.cluster, region=last.region) from last
-        if isinstance(last, WrappedKeyRefused) and unheard:
+            # The error names that cluster, the one to look at, not the one that lacks the key.
+            raise KeyOutOfReach(f"no cluster could serve {what}: the clusters asked lack it ({missing.cluster}), "
+                                f"and another that may hold it cannot answer now ({unheard[0]})",
+                                cluster=unheard[0], region=self._region(unheard[0])) from missing
+        if refused is not None and unheard:
             # Not the record's fault for sure: a cluster that may unwrap it could not be asked.
-            raise Unavailable(f"no cluster could serve {what}: {last.message}; another cluster, which may "
-                              "unwrap it, cannot answer now", cluster=last.cluster, region=last.region) from last
+            raise Unavailable(f"no cluster could serve {what}: {refused.message}; another cluster, which may "
+                              f"unwrap it, cannot answer now ({unheard[0]})", cluster=unheard[0],
+                              region=self._region(unheard[0])) from refused
         if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey, WrappedKeyRefused)):
             raise last
-        raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster, region=last.region)
+        raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster or tried,
+                          region=last.region or self._region(tried))
+
+    def _panic_pick(self, skipped: list[str]) -> str | None:
+        """The skipped candidate most likely to answer: most successes among its last calls,
+        the earlier candidate on a tie; None when none of them answered any (down, or hung)."""
+        best, most = None, 0
+        for name in skipped:
+            answered = self.breakers[name].answered()
+            if answered > most:
+                best, most = name, answered
+        if best is not None:
+            with self._lock:
+                self.panics += 1
+                now = self._clock()
+                quiet = now - self._panic_logged >= _PANIC_LOG_EVERY
+                if quiet:
+                    self._panic_logged = now
+            if quiet:
+                log.warning("a request's candidates failed or have their circuit open (%s): it goes to %s, whose "
+                            "circuit is open but which answered %d of its last %d calls, instead of being refused "
+                            "(logged once every %.0f s)", ", ".join(skipped), best, most, LAST_CALLS,
+                            _PANIC_LOG_EVERY)
+        return best
+
+    def _refusal(self, skipped: Iterable[str], what: str) -> RouterError:
+        """The answer when no candidate could be asked: their circuits are open and none is likely
+        to answer. Busy HSMs (throttling) are told apart from failing ones: the caller should come
+        back shortly, not look elsewhere."""
+        names = list(skipped)
+        busy = [name for name in names if self.breakers[name].busy]
+        if busy:
+            soonest = min(busy, key=lambda name: self.breakers[name].reopens_in())
+            return Throttled(f"every cluster that can serve {what} is busy (cluster {soonest} takes requests "
+                             "again shortly)", cluster=soonest, region=self._region(soonest),
+                             retry_after=max(_BUSY_RETRY_AFTER, self.breakers[soonest].reopens_in()))
+        name = names[-1] if names else ""
+        return Unavailable(f"no healthy cluster can serve {what}", cluster=name, region=self._region(name))
+
+    def _not_missing_for_sure(self, last: RouterError | None, name: str, what: str, why: str) -> None:
+        """Raise KEY_OUT_OF_REACH for a run cut short after a cluster lacked the key, before
+        ``name`` (which may hold it) was asked: NOT_FOUND is only for a key no candidate holds."""
+        if isinstance(last, KeyNotFound):
+            raise KeyOutOfReach(f"no cluster could serve {what}: the clusters asked lack it ({last.cluster}), and "
+                                f"another that may hold it was not asked ({name}): {why}",
+                                cluster=name, region=self._region(name)) from last
+
+    def _at(self, exc: E, name: str) -> E:
+        """``exc``, naming the cluster it came from if it does not yet: every error that leaves
+        here names a cluster (``ErrorInfo``, and the errors metric's label)."""
+        if not exc.cluster:
+            exc.cluster, exc.region = name, self._region(name)
+        return exc
+
+    def _region(self, name: str) -> str:
+        backend = self.backends.get(name)
+        return backend.spec.region if backend is not None else ""
+
+
+def _add(names: list[str] | None, name: str) -> list[str]:
+    if names is None:
+        return [name]
+    if name not in names:
+        names.append(name)
+    return names
 
 
 def _not_the_records_fault(last: RouterError | None, what: str, why: str) -> None:

@@ -2,13 +2,26 @@
 
 Each cluster has a ``CircuitBreaker``:
 
-- **closed**: requests flow. It opens after ``failures_to_open`` consecutive
-  cluster failures, or when the failure rate over the last ``window`` outcomes
-  exceeds ``max_failure_rate`` (passive outlier detection: a throttled HSM
-  failing every other call is ejected even though it never fails 3 in a row).
-- **open**: the router skips the cluster for ``cooldown`` seconds.
+- **closed**: requests flow. It opens when the cluster is failing, not when it
+  fails some calls (those are retried on another cluster, within the retry budget):
+
+  - **a run of failures**: ``failures_to_open`` (3) cluster failures in a row open
+    the circuit of a cluster whose calls were succeeding, as a dead cluster's do at
+    once, however little traffic there is. A cluster that already failed some of
+    its last ``window`` calls needs a longer run, one that chance would give less
+    than once in ``1 / run_chance`` calls (at 30 % failures, 12 in a row): under
+    load a cluster failing a minority of calls makes short runs all the time;
+  - **a failure rate**: half or more (``max_failure_rate``) of its last ``window``
+    (100) outcomes failed, once it has at least ``min_calls`` (20) since the
+    circuit last changed. Busy answers (throttling) count here, and only here: a
+    busy HSM is alive, and is skipped only while it refuses most calls.
+
+- **open**: the router skips the cluster for ``cooldown`` seconds. The dispatcher
+  may still send it a request when every candidate's circuit is open (its "panic"
+  rule): ``answered`` says how likely the cluster is to answer one.
 - **half-open**: after the cooldown, one trial request (or probe) at a time; a
-  success closes the circuit, a failure opens it again.
+  success closes the circuit, a failure opens it again. A success of any request
+  or probe closes it, whatever its state.
 
 ``HealthMonitor`` probes every cluster on an interval (a cheap call on a pooled
 session) so that a dead cluster is noticed without traffic and a recovered one
@@ -18,15 +31,18 @@ gateway maps them to ``grpc.health.v1`` statuses). The clock is injected.
 A hung HSM gives no errors to count: its calls just do not return. The
 monitor's watchdog looks at every cluster's calls on the same interval, and
 while any is past its time (``HsmBackend.hung_calls``) the cluster's circuit
-stays open, its probes wait, and requests go to replicas. The calls' own
-threads stay inside the module until it answers: at most ``pool_size`` of them.
+stays open (``trip``: no request is sent there, not even in a panic), its probes
+wait, and requests go to replicas. The calls' own threads stay inside the module
+until it answers: at most ``pool_size`` of them.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -46,6 +62,9 @@ class CircuitState(enum.Enum):
 _MINUTE = 60
 """Seconds of outcomes ``ops_per_second`` and ``error_rate`` look back over."""
 
+LAST_CALLS = 10
+"""Outcomes ``answered`` looks at: few, so that a dead cluster soon shows none answered."""
+
 
 class CircuitBreaker:
     def __init__(
@@ -53,15 +72,28 @@ class CircuitBreaker:
         name: str,
         *,
         failures_to_open: int = 3,
-        window: int = 20,
-        max_failure_rate: float = 0.3,
+        run_chance: float = 1e-6,
+        window: int = 100,
+        min_calls: int = 20,
+        max_failure_rate: float = 0.5,
         cooldown: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[str, CircuitState], None] = lambda name, state: None,
     ) -> None:
+        """``failures_to_open``: failures in a row that open the circuit of a cluster whose calls
+        were succeeding. ``run_chance``: how unlikely by chance a run must be to open the circuit
+        of a cluster that already fails some calls. ``window``, ``min_calls``,
+        ``max_failure_rate``: the circuit opens when at least that share of the last ``window``
+        outcomes failed, with ``min_calls`` of them at least since it last changed.
+        ``cooldown``: seconds an open circuit waits before its trial."""
         self.name = name
         self._failures_to_open = failures_to_open
+        self._log_chance = math.log(run_chance)
         self._window: collections.deque[bool] = collections.deque(maxlen=window)
+        """The last outcomes, kept across state changes (``answered`` reads them)."""
+        self._fresh = 0
+        """Outcomes since the circuit last changed state: the rate looks at no others."""
+        self._min_calls = min_calls
         self._max_failure_rate = max_failure_rate
         self._cooldown = cooldown
         self._clock = clock
@@ -71,6 +103,10 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at = 0.0
         self._trial_in_flight = False
+        self._held = False
+        """Opened by ``trip`` (calls that hang), and not closed or half-open since."""
+        self._busy = False
+        """The last failure was a busy answer (the HSM throttles), not a cluster failure."""
         self._changes: list[CircuitState] = []
         # Outcomes of the last minute, counted per second: [second, successes, failures].
         self._recent: collections.deque[list[int]] = collections.deque()
@@ -92,6 +128,8 @@ class CircuitBreaker:
         if state is not self._state:
             self._state = state
             self._trial_in_flight = False
+            self._fresh = 0
+            self._held = False
             self._changes.append(state)
 
     def _notify(self) -> None:
@@ -121,26 +159,47 @@ class CircuitBreaker:
             self._note(True)
             self._consecutive = 0
             self._window.append(True)
+            self._fresh += 1
             if self._state is not CircuitState.CLOSED:
-                self._window.clear()
                 self._set(CircuitState.CLOSED)
         self._notify()
 
-    def record_failure(self) -> None:
+    def record_failure(self, *, busy: bool = False) -> None:
+        """A cluster failure, or with ``busy`` a busy answer (throttling): the HSM answered, so
+        it ends a run of failures, but it counts toward the failure rate."""
         with self._lock:
             self._note(False)
-            self._consecutive += 1
+            self._consecutive = 0 if busy else self._consecutive + 1
+            self._busy = busy
             self._window.append(False)
+            self._fresh += 1
             if self._state is CircuitState.HALF_OPEN:
                 self._open()
-            elif self._state is CircuitState.CLOSED:
-                failures = self._window.count(False)
-                full = len(self._window) == self._window.maxlen
-                if self._consecutive >= self._failures_to_open or (
-                    full and failures / len(self._window) > self._max_failure_rate
-                ):
-                    self._open()
+            elif self._state is CircuitState.CLOSED and (self._run_opens() or self._rate_opens()):
+                self._open()
         self._notify()
+
+    def _run_opens(self) -> bool:
+        """Is the run of failures that ends now too long to be chance? Short runs come by
+        chance from a cluster that fails some calls; the run needed grows with the share of
+        its last ``window`` calls that failed before this run."""
+        if self._consecutive < self._failures_to_open:
+            return False
+        failed = max(0, self._window.count(False) - self._consecutive)
+        if not failed:
+            return True
+        # Few calls say little: the share is taken over at least ``min_calls``.
+        share = failed / max(len(self._window) - self._consecutive, self._min_calls)
+        if share >= 1.0:
+            return False  # the failure rate decides
+        return self._consecutive >= self._log_chance / math.log(share)
+
+    def _rate_opens(self) -> bool:
+        fresh = min(self._fresh, len(self._window))
+        if fresh < self._min_calls:
+            return False
+        failures = sum(1 for ok in itertools.islice(reversed(self._window), fresh) if not ok)
+        return failures >= self._max_failure_rate * fresh
 
     def _note(self, ok: bool) -> None:
         second = int(self._clock())
@@ -171,6 +230,29 @@ class CircuitBreaker:
             ok, failed = self._last_minute()
         return failed / (ok + failed) if ok + failed else 0.0
 
+    def answered(self) -> int:
+        """How many of the cluster's last 10 calls (requests and probes) succeeded; 0 while the
+        watchdog holds the circuit open for calls that hang (a request would only join them).
+
+        What the dispatcher ranks clusters by when every candidate's circuit is open.
+        """
+        with self._lock:
+            if self._held:
+                return 0
+            return sum(itertools.islice(reversed(self._window), LAST_CALLS))
+
+    @property
+    def busy(self) -> bool:
+        """Not closed, and its last failure was a busy answer: the HSM throttles, it is not down."""
+        return self._busy and self._state is not CircuitState.CLOSED
+
+    def reopens_in(self) -> float:
+        """Seconds until an open circuit lets its trial through (0 when it is not open)."""
+        with self._lock:
+            if self._state is not CircuitState.OPEN:
+                return 0.0
+            return max(0.0, self._opened_at + self._cooldown - self._clock())
+
     def trip(self) -> None:
         """Open now, whatever the counts say, or restart an open circuit's cooldown.
 
@@ -179,6 +261,8 @@ class CircuitBreaker:
         """
         with self._lock:
             self._open()
+            self._busy = False
+            self._held = True
         self._notify()
 
     def release_trial(self) -> None:
@@ -189,7 +273,7 @@ class CircuitBreaker:
     def _open(self) -> None:
         self._opened_at = self._clock()
         self._consecutive = 0
-        self._window.clear()
+        self._fresh = 0
         self._set(CircuitState.OPEN)
 
 

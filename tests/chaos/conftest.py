@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from gateway.fleet import Fleet, find_module, init_fleet
 from hsmgw.v1 import crypto_pb2 as pb
@@ -59,6 +61,12 @@ class Outcome:
     latency: float
     cluster: str = ""
     error: str = ""
+    reason: str = ""
+    """The error's ErrorInfo reason."""
+    where: str = ""
+    """The cluster the error's ErrorInfo names."""
+    retry: bool = False
+    """The error carries RetryInfo."""
 
 
 @dataclass
@@ -87,6 +95,13 @@ class Load:
                     outcome = Outcome(start, time.monotonic() - start, cluster=resp.cluster)
                 except grpc.RpcError as exc:
                     outcome = Outcome(start, time.monotonic() - start, error=f"{exc.code().name}: {exc.details()}")
+                    status = rpc_status.from_call(exc)
+                    for detail in status.details if status is not None else ():
+                        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                            info = error_details_pb2.ErrorInfo()
+                            detail.Unpack(info)
+                            outcome.reason, outcome.where = info.reason, info.metadata.get("cluster", "")
+                        outcome.retry |= detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
                 with self._lock:
                     self.outcomes.append(outcome)
 

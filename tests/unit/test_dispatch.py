@@ -87,6 +87,8 @@ def test_a_copy_missing_where_another_candidate_could_not_answer_is_unavailable_
     with pytest.raises(KeyOutOfReach) as caught:
         d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
     assert isinstance(caught.value, Unavailable) and isinstance(caught.value.__cause__, KeyNotFound)
+    # Named: the cluster that could not answer, not the one that lacks the key.
+    assert (caught.value.cluster, caught.value.region) == ("use1-a", "us-east-1")
 
     for _ in range(3):
         d.breakers["use1-a"].record_failure()
@@ -153,7 +155,7 @@ def test_open_circuit_is_skipped_and_half_open_trial_closes_it() -> None:
 
 def test_failure_rate_ejects_a_flaky_cluster() -> None:
     clock = FakeClock(1000.0)
-    breaker = CircuitBreaker("x", clock=clock, window=20, max_failure_rate=0.3)
+    breaker = CircuitBreaker("x", clock=clock)
     for i in range(20):
         (breaker.record_failure if i % 2 else breaker.record_success)()
     assert breaker.state is CircuitState.OPEN, "half the calls failing must eject the cluster"
@@ -341,3 +343,160 @@ def test_a_refused_record_is_not_the_final_word_while_the_deadline_or_budget_lef
                                           "were not asked"):
         d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
     assert calls == ["use1-a"]
+
+
+# -- when a circuit opens ------------------------------------------------------------
+
+
+def _feed(breaker: CircuitBreaker, clock: FakeClock, pattern: str, times: int = 1) -> list[CircuitState]:
+    """Outcomes one ms apart: "S" success, "F" cluster failure, "B" busy answer; the states seen after each."""
+    seen = []
+    for _ in range(times):
+        for outcome in pattern:
+            clock.sleep(0.001)
+            if outcome == "S":
+                breaker.record_success()
+            else:
+                breaker.record_failure(busy=outcome == "B")
+            seen.append(breaker.state)
+    return seen
+
+
+def test_a_cluster_failing_a_minority_of_calls_keeps_its_circuit_closed() -> None:
+    """30 % of calls fail, in runs of up to 6 (as concurrent requests give them): the cluster
+    answers most calls, so it keeps serving; its failed calls are for retries elsewhere."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock)
+    _feed(breaker, clock, "S" * 1000)
+    onset = _feed(breaker, clock, "SFSSFSSSFS", times=10)  # no runs yet: the first run could be a dead cluster's
+    pattern = "SSSSFFFSSS" "SFSSSSFSSF" "SSSSSSFFFF" "FFSSSSSSSS"
+    assert pattern.count("F") == 0.3 * len(pattern) and "FFFFFF" in pattern
+    assert set(onset + _feed(breaker, clock, pattern, times=100)) == {CircuitState.CLOSED}
+
+
+def test_a_dead_cluster_opens_after_three_failures_busy_or_quiet() -> None:
+    clock = FakeClock(1000.0)
+    busy = CircuitBreaker("use1-a", clock=clock)
+    _feed(busy, clock, "S" * 1000)
+    assert _feed(busy, clock, "FFF") == [CircuitState.CLOSED, CircuitState.CLOSED, CircuitState.OPEN]
+    quiet = CircuitBreaker("use1-b", clock=clock)
+    _feed(quiet, clock, "SS")
+    clock.sleep(30)
+    assert _feed(quiet, clock, "FFF")[-1] is CircuitState.OPEN
+
+
+def test_a_cluster_failing_some_calls_needs_a_longer_run_then_opens() -> None:
+    """10 % of its last calls failed: 3 or 5 in a row could be chance, 8 hardly."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock)
+    _feed(breaker, clock, "SSSSSSSSFS", times=30)
+    seen = _feed(breaker, clock, "FFFFFFFF")
+    assert seen[:5] == [CircuitState.CLOSED] * 5 and seen[-1] is CircuitState.OPEN
+
+
+def test_a_cluster_failing_most_calls_opens_on_the_rate() -> None:
+    """Two of three calls fail, never three in a row: the failure rate opens it."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock)
+    _feed(breaker, clock, "S" * 100)
+    assert CircuitState.OPEN in _feed(breaker, clock, "FFS", times=40)
+
+
+def test_a_busy_hsm_is_not_a_dead_one() -> None:
+    """Busy answers (throttling) never open a circuit as a run of failures; a cluster busy on
+    most calls is skipped once it has answered enough of them, and says it is busy."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock)
+    _feed(breaker, clock, "S" * 100)
+    seen = _feed(breaker, clock, "B" * 100)
+    assert seen[:49] == [CircuitState.CLOSED] * 49, "opened before half its last 100 calls were busy"
+    assert seen[-1] is not CircuitState.CLOSED
+    assert breaker.busy
+    breaker.record_success()
+    assert not breaker.busy and breaker.state is CircuitState.CLOSED
+
+
+# -- every candidate's circuit open: ask the one most likely to answer ----------------------
+
+
+def _open(d: Dispatcher, clock: FakeClock, name: str, recent: str) -> None:
+    """Give ``name`` these last outcomes, then open its circuit."""
+    _feed(d.breakers[name], clock, recent)
+    d.breakers[name].trip()
+    d.breakers[name]._held = False  # opened by its outcomes, as record_failure does, not for hung calls
+
+
+def test_with_every_circuit_open_a_request_goes_to_the_cluster_most_likely_to_answer() -> None:
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    _open(d, clock, "use1-a", "SSSFFFSSFS")
+    _open(d, clock, "usw2-a", "SSSSSSSFSS")
+    fn, calls = script({n: [] for n in REGIONS})
+    assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k") == ("ok@usw2-a", "usw2-a")
+    assert calls == ["usw2-a"] and d.panics == 1
+    assert d.breakers["usw2-a"].state is CircuitState.CLOSED, "its answer closes the circuit"
+    assert d.breakers["use1-a"].state is CircuitState.OPEN
+
+
+def test_with_every_circuit_open_and_none_answering_a_request_is_refused_at_once() -> None:
+    """Dead clusters (none of their last calls answered) and hung ones (held open by the
+    watchdog) are not asked: UNAVAILABLE naming the last candidate, no HSM call."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    _open(d, clock, "use1-a", "F" * 10)
+    _feed(d.breakers["usw2-a"], clock, "S" * 10)
+    d.breakers["usw2-a"].trip()  # hung calls
+    fn, calls = script({n: [] for n in REGIONS})
+    with pytest.raises(Unavailable, match="no healthy cluster can serve k") as refused:
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == [] and d.panics == 0
+    assert (refused.value.reason, refused.value.cluster, refused.value.region) == ("UNAVAILABLE", "usw2-a", "us-west-2")
+
+
+def test_a_request_that_failed_where_it_could_goes_to_an_open_cluster_rather_than_fail() -> None:
+    """use1-a fails the request twice; usw2-a's circuit opened on a chance run but it answers
+    most calls: the request is retried there (from the retry budget) instead of failing."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    _open(d, clock, "usw2-a", "SSSSFSSFSS")
+    fn, calls = script({"use1-a": [ClusterDown, ClusterDown], "use1-b": [], "usw2-a": []})
+    assert d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k") == ("ok@usw2-a", "usw2-a")
+    assert calls == ["use1-a", "use1-a", "usw2-a"] and d.budget.retries == 2
+
+
+def test_every_candidate_busy_is_resource_exhausted_with_a_delay_not_unavailable() -> None:
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    for name in ("use1-a", "usw2-a"):
+        _feed(d.breakers[name], clock, "B" * 40)
+        assert d.breakers[name].state is CircuitState.OPEN
+    fn, calls = script({n: [Throttled] * 5 for n in REGIONS})
+    with pytest.raises(Throttled) as refused:
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert refused.value.reason == "HSM_BUSY" and refused.value.cluster in ("use1-a", "usw2-a")
+    assert refused.value.retry_after is not None and refused.value.retry_after >= 0.1
+
+
+def test_a_copy_missing_where_the_budget_left_another_candidate_unasked_is_out_of_reach() -> None:
+    """The first cluster lacks the key and the budget allows no retry: the next, which may hold
+    it, was not asked, so the key is out of reach (UNAVAILABLE, naming it), not NOT_FOUND."""
+    clock = FakeClock(1000.0)
+    d = make(clock, ratio=0.0, min_per_second=0.0)
+    d.budget._tokens = 0.0
+    fn, calls = script({"use1-a": [KeyNotFound], "use1-b": [], "usw2-a": []})
+    with pytest.raises(KeyOutOfReach, match="was not asked") as refused:
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == ["use1-a"]
+    assert (refused.value.cluster, refused.value.region) == ("usw2-a", "us-west-2")
+
+
+def test_an_error_that_names_no_cluster_is_given_the_cluster_it_came_from() -> None:
+    clock = FakeClock(1000.0)
+    d = make(clock)
+
+    def fn(backend: SimpleNamespace) -> str:
+        raise Throttled("could not read the key's attributes")
+
+    with pytest.raises(Throttled) as refused:
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert (refused.value.cluster, refused.value.region) == ("usw2-a", "us-west-2")
