@@ -393,7 +393,9 @@ def api_reference(proto_dir: Path = PROTO_DIR, files: Sequence[str] = PROTO_FILE
         "| service | SERVING while |",
         "|---|---|",
         "| `\"\"` (the gateway) and `hsmgw.v1.CryptoService` | at least one of the gateway's clusters, in any "
-        "of its regions, has a closed circuit. With none, every crypto call fails `UNAVAILABLE`; the "
+        "of its regions, has a closed circuit. With none, crypto calls fail `UNAVAILABLE` (or "
+        "`RESOURCE_EXHAUSTED` while an HSM says it is busy), except those the last resort of "
+        "docs/failover.md's circuit rules sends to an open cluster that still answers some calls; the "
         "status is NOT_SERVING (the Kubernetes readiness probe takes the pod out of its Service, so that "
         "clients go to another region's gateways) and turns SERVING again as soon as the active probes "
         "close a circuit. A half-open circuit does not count: it lets one trial call through and fails "
