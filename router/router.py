@@ -902,7 +902,7 @@ class Router:
                     raise
                 except RouterError as exc:
                     if isinstance(exc, (ClusterDown, Throttled)):
-                        breaker.record_failure()
+                        breaker.record_failure(busy=isinstance(exc, Throttled))  # a busy HSM answered
                     error = exc
                 else:
                     breaker.record_success()
