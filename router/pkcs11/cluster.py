@@ -29,7 +29,7 @@ from router.errors import (
     WrongKeyUsage,
 )
 from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
-from router.pkcs11 import _fleet, _keys, _oaep
+from router.pkcs11 import _fleet, _keys, _oaep, _search
 from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
 from router.pkcs11._module import LockTimeout, Module
 from router.pkcs11._signer import Signer, sign_with
@@ -86,7 +86,7 @@ class Pkcs11Cluster(HsmBackend):
         missing: set[int] = set()
         try:
             with module.guard():
-                for key in self._pool.login.get_objects(WRAPPING_KEY):
+                for key in _search.find(self._pool.login, WRAPPING_KEY):
                     missing |= module.unwrap_guard.missing(key)
         except Exception as exc:  # noqa: BLE001 - a check that only warns never stops a start
             log.warning("cluster %s: could not read the replication wrapping key's unwrap template (%s)",
@@ -326,7 +326,7 @@ class Pkcs11Cluster(HsmBackend):
 
     def _objects_of(self, s: PooledSession, key_id: str) -> list[Object]:
         """Every token object of the key, listed on a session that holds the login."""
-        found = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
+        found = _search.find(s.handle, {Attribute.ID: key_id.encode(), Attribute.TOKEN: True})
         self._logged_in(s)
         return found
 
@@ -360,7 +360,7 @@ class Pkcs11Cluster(HsmBackend):
     def fleets(self, deadline: float) -> tuple[str, ...] | None:
         def run(s: PooledSession) -> tuple[str, ...] | None:
             with s.objects.searching():
-                found = list(s.handle.get_objects(_fleet.MARKER))
+                found = _search.find(s.handle, _fleet.MARKER)
             self._logged_in(s)  # the marker is private: without the login, every token looks unmarked
             return _fleet.listed(found)
 
@@ -372,7 +372,7 @@ class Pkcs11Cluster(HsmBackend):
 
         def run(s: PooledSession) -> None:
             with self._changing(s, deadline):
-                found = list(s.handle.get_objects(_fleet.MARKER))
+                found = _search.find(s.handle, _fleet.MARKER)
                 self._logged_in(s)
                 if _fleet.add(s.handle, found, fleet_id):
                     log.info("cluster %s: fleet %s recorded on token %r", self.spec.name, fleet_id,
@@ -389,7 +389,7 @@ class Pkcs11Cluster(HsmBackend):
         def run(s: PooledSession) -> dict[str, dict[str, int]]:
             found: dict[str, dict[str, int]] = {}
             with s.objects.searching():
-                listed = list(s.handle.get_objects(search))  # the search ends before any read
+                listed = _search.find(s.handle, search)  # the search ends before any read
             self._logged_in(s)  # reconcile and roll_back read "no private key" as "nothing left"
             for obj in listed:
                 name = CLASS_NAMES.get(obj.object_class)

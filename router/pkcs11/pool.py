@@ -48,7 +48,7 @@ from router.errors import (
     WrongKeyUsage,
 )
 from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Placement
-from router.pkcs11 import _keys, _material
+from router.pkcs11 import _keys, _material, _search
 from router.pkcs11._module import Module, TokenObjects
 from router.secret import Secret
 
@@ -150,7 +150,7 @@ class PooledSession:
         signature on this session fails with CKR_OPERATION_ACTIVE, or waits.
         """
         with self.objects.searching():
-            found = list(self.handle.get_objects(template))
+            found = _search.find(self.handle, template)
         if not found:
             raise p11.NoSuchKey(f"no {what}")
         if len(found) > 1:
