@@ -15,7 +15,9 @@ Two other writers share the stream, and are made to keep to it (``hsmgw serve`` 
 - ``capture_unraisable``: an exception raised where Python cannot raise it (a finalizer,
   ``__del__``) is printed on stderr as ``Exception ignored in: …`` and a traceback; it
   becomes one WARNING line instead (logger ``hsmgw.unraisable``), naming the exception's
-  type and where it was ignored; the traceback only with ``-v``.
+  type and where it was ignored; the traceback only with ``-v``. So does the traceback an
+  extension prints for it first, from a thread other than the main one, through
+  ``sys.excepthook``; the main thread's own uncaught exception is one ERROR line with it.
 - ``human``: ``time level [request id] logger: message``.
 - ``auto`` (the default): ``human`` when the stream is a terminal, else ``json``
   (containers and log shippers read stdout/stderr through a pipe).
@@ -37,6 +39,7 @@ import os
 import random
 import re
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -214,9 +217,25 @@ def _log_unraisable(unraisable: Any) -> None:
                    extra={"exception_type": kind})
 
 
+def _log_printed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """``sys.excepthook``: the main thread's uncaught exception, at ERROR with its traceback. A
+    C extension also prints an error it cannot raise through this hook, from any thread
+    (Cython does, before it reports it as unraisable): such a one gets the unraisable line."""
+    if threading.current_thread() is not threading.main_thread():
+        logger = logging.getLogger(UNRAISABLE_LOGGER)
+        exc_info = (kind, exc, tb) if logger.isEnabledFor(logging.DEBUG) else None
+        logger.warning("error printed by an extension: %s", kind.__name__, exc_info=exc_info,
+                       extra={"exception_type": kind.__name__})
+        return
+    logging.getLogger(UNRAISABLE_LOGGER).error("uncaught exception: %s", kind.__name__, exc_info=(kind, exc, tb),
+                                                extra={"exception_type": kind.__name__})
+
+
 def capture_unraisable() -> None:
-    """Log what Python could not raise (``sys.unraisablehook``) as one line, not a traceback on stderr."""
+    """Log what Python could not raise (``sys.unraisablehook``), and what an extension prints
+    instead (``sys.excepthook``), as one line each, not a traceback on stderr."""
     sys.unraisablehook = _log_unraisable
+    sys.excepthook = _log_printed
 
 
 __all__ = [

@@ -217,7 +217,8 @@ class Gateway:
         self.cloudwatch = _CloudWatch(self) if config.cloudwatch.enabled else None
 
     def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
-        self.metrics.circuit_changed(cluster, state)
+        opened_by = self.router.opened_by(cluster) if state is CircuitState.OPEN else ""
+        self.metrics.circuit_changed(cluster, state, opened_by)
         self._publish_health()
 
     def _publish_health(self) -> None:

@@ -192,8 +192,20 @@ class _Handle:
         return iter([self.obj])
 
 
-@pytest.mark.parametrize("sign_attribute", [True, p11.FunctionFailed()], ids=["says-yes", "unreadable"])
-def test_a_key_object_read_in_part_is_a_busy_hsm_and_not_kept(sign_attribute: Any) -> None:
+@pytest.fixture
+def fake_searches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Searches on a ``_Handle`` (the pool's own search needs a python-pkcs11 session)."""
+    from router.pkcs11 import _search
+
+    monkeypatch.setattr(_search, "find", lambda handle, template: list(handle.get_objects(template)))
+
+
+@pytest.mark.parametrize("sign_attribute, error", [(True, Throttled), (p11.FunctionFailed(), p11.FunctionFailed)],
+                         ids=["says-yes", "unreadable"])
+def test_a_key_object_read_in_part_is_found_again_and_not_kept(sign_attribute: Any, error: type[Exception],
+                                                               fake_searches: None) -> None:
+    """A key whose attribute says it signs is searched for once more, then refused as busy; one whose
+    attribute cannot be read fails with the module's own error (which ``_run`` maps by its CKR)."""
     obj = _NoSignMethod()
     obj.sign_attribute = sign_attribute
     handle = _Handle(obj)
@@ -201,12 +213,12 @@ def test_a_key_object_read_in_part_is_a_busy_hsm_and_not_kept(sign_attribute: An
     placement = Placement(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
                           state=KeyState.ENABLED, primary="use1-a")
     for _ in range(2):
-        with pytest.raises(Throttled):
+        with pytest.raises(error):
             session.key(placement, ObjectClass.PRIVATE_KEY, "sign")
-    assert handle.searches == 2 and not session.keys, "found again each time, never cached"
+    assert handle.searches == (4 if error is Throttled else 2) and not session.keys, "never cached"
 
 
-def test_a_key_that_does_not_permit_signing_is_still_the_callers_mistake() -> None:
+def test_a_key_that_does_not_permit_signing_is_still_the_callers_mistake(fake_searches: None) -> None:
     obj = _NoSignMethod()
     obj.sign_attribute = False
     session = PooledSession(_Handle(obj), 0, 4, ClusterSpec("use1-a", "us-east-1", "use1-a"), TokenObjects(None))
@@ -291,21 +303,27 @@ def _read_in_part(base: type, attribute: Attribute, answer: Any) -> Any:
     (ObjectClass.PRIVATE_KEY, PrivateKey, "decrypt", Attribute.DECRYPT),
 ], ids=["verify", "encrypt", "decrypt"])
 @pytest.mark.parametrize("answer", [True, p11.DeviceError()], ids=["says-yes", "unreadable"])
-def test_a_key_read_in_part_for_any_operation_is_a_busy_hsm_to_the_caller(
-    object_class: ObjectClass, base: type, capability: str, attribute: Attribute, answer: Any
+def test_a_key_read_in_part_for_any_operation_is_not_the_callers_mistake(
+    object_class: ObjectClass, base: type, capability: str, attribute: Attribute, answer: Any, fake_searches: None
 ) -> None:
-    """RESOURCE_EXHAUSTED (another replica, or a retry, may serve it), not FAILED_PRECONDITION
-    as a key that does not permit the operation would be; and the half-read object is not kept."""
+    """Not FAILED_PRECONDITION, as a key that does not permit the operation would be, and the
+    half-read object is not kept: a key whose attribute says yes is searched for once more, then
+    RESOURCE_EXHAUSTED (another replica, or a retry, may serve it); one whose attribute the HSM
+    refuses fails with the HSM's error (a device error: the cluster is down, not busy)."""
     handle = _Handle(_read_in_part(base, attribute, answer))
     session = PooledSession(handle, 0, 4, ClusterSpec("use1-a", "us-east-1", "use1-a"), TokenObjects(None))
     placement = Placement(key_id="k/1", algorithm=KeyAlgorithm.AES_256, usage=KeyUsage.ENCRYPT_DECRYPT,
                           state=KeyState.ENABLED, primary="use1-a")
     for _ in range(2):
+        if isinstance(answer, Exception):
+            with pytest.raises(p11.DeviceError):
+                session.key(placement, object_class, capability)
+            continue
         with pytest.raises(Throttled) as caught:
             session.key(placement, object_class, capability)
         code, message, _ = status.status_for(caught.value)
         assert (code, message) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "could not read all of key 'k/1''s attributes")
-    assert handle.searches == 2 and not session.keys, "found again each time, never cached"
+    assert handle.searches == (2 if isinstance(answer, Exception) else 4) and not session.keys, "never cached"
 
     handle.obj.answer = False  # read in full: the key does not permit it, the caller's mistake
     with pytest.raises(WrongKeyUsage, match=f"key 'k/1' does not permit {capability} on this cluster"):
