@@ -179,9 +179,13 @@ class Pkcs11Cluster(HsmBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _repair(self, session: PooledSession, exc: Exception) -> None:
+        """Make ``session`` fit for the call's next attempt, logging what was done once it is:
+        a session the HSM no longer knows is replaced as it is handed back (the pool logs how
+        that went), a lost login is logged in again (the pool logs it), and key handles the HSM
+        no longer knows (a key destroyed on the token) are forgotten, to be looked up again."""
         session.forget()
         if isinstance(exc, SESSION_GONE):
-            session.broken = True
+            session.broken = type(exc).__name__
         elif isinstance(exc, LOGGED_OUT):
             try:
                 self._pool.relogin()
@@ -189,7 +193,9 @@ class Pkcs11Cluster(HsmBackend):
                 self._fault = (ckr_name(type(failed)), self._clock())
                 raise ClusterDown(f"cluster {self.spec.name} could not log in again ({type(failed).__name__})",
                                   cluster=self.spec.name, region=self.spec.region) from failed
-        log.info("cluster %s: repaired stale session (%s)", self.spec.name, type(exc).__name__)
+        else:
+            log.info("cluster %s: forgot a session's key handles the HSM no longer knows (%s); its keys are "
+                     "looked up again", self.spec.name, type(exc).__name__)
 
     def _noted(self, err: RouterError, exc: Exception) -> RouterError:
         """Remember ``exc``'s CKR if ``err`` counts against the cluster's health (``recent_fault``)."""

@@ -98,7 +98,9 @@ class PooledSession:
         """Keeps this token's searches and object changes apart (see ``TokenObjects``)."""
         self.keys: dict[tuple[str, ObjectClass], Any] = {}
         self.epoch = epoch
-        self.broken = False
+        self.broken: bool | str = False
+        """True, or why (the PKCS #11 error's name), when the session is to be closed and replaced
+        as it is handed back."""
         self.unwrapped: collections.OrderedDict[tuple[str, ObjectClass], Any] = collections.OrderedDict()
         self.unwrapped_limit = unwrapped_limit
         self.since = 0.0
@@ -625,13 +627,19 @@ class SessionPool:
             with self._module.guard():
                 self._close_session(session)
             if not self._closed:
+                why = f" ({session.broken})" if isinstance(session.broken, str) else ""
                 # Replace it now, so the pool is whole again without waiting for load.
                 try:
                     self._idle.append(self._new_session())
                 except Stopping:
                     pass
-                except p11.PKCS11Error:
-                    log.warning("cluster %s: could not reopen a session yet", self.spec.name)
+                except p11.PKCS11Error as exc:
+                    log.warning("cluster %s: closed a broken session%s; could not open its replacement yet (%s): "
+                                "the next call that finds none idle tries again", self.spec.name, why,
+                                type(exc).__name__)
+                else:
+                    if why:
+                        log.info("cluster %s: replaced a session the HSM dropped%s", self.spec.name, why)
             return
         self._idle.append(session)
         if self._closed:

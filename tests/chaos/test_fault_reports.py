@@ -141,3 +141,49 @@ def test_grpc_core_logs_at_info_when_the_operator_asks(tmp_path: Path, faultmod:
     finally:
         gateway.stop()
     assert "gRPC Tracers: handshaker" in gateway.log(), gateway.log_digest()
+
+
+def test_session_repairs_are_logged_as_they_happen(tmp_path: Path, faultmod: Path) -> None:
+    """"repaired stale session" was logged before anything was repaired: at once followed by
+    "could not reopen a session yet", and for a key handle the HSM no longer knew too."""
+    fleet, control = faulty_fleet(tmp_path / "fleet", faultmod)
+    gateway = GatewayProcess(fleet.config_path).start()
+
+    def sign(key_id: str) -> str:
+        with grpc.insecure_channel(gateway.target) as channel:
+            request = pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=DIGEST)
+            try:
+                crypto_pb2_grpc.CryptoServiceStub(channel).Sign(request, timeout=10)
+                return "OK"
+            except grpc.RpcError as exc:
+                return exc.code().name
+
+    try:
+        (key,) = make_keys(gateway.target, "repair", 1)
+        assert sign(key.key_id) == "OK"
+        # Every session the HSM dropped, and no new one opens: nothing is repaired.
+        control.set("*", "invalidate_sessions")
+        control.add("*", "device_error", on="C_OpenSession")
+        assert sign(key.key_id) == "UNAVAILABLE"
+        wait_for(lambda: "could not open its replacement yet (DeviceError)" in gateway.log(), 10,
+                 "the failed replacement to be logged")
+        unreplaced = gateway.log()
+        # Sessions open again: the next broken one is replaced, and said to be.
+        control.clear()
+        assert sign(key.key_id) == "OK"
+        control.set("*", "invalidate_sessions")
+        assert sign(key.key_id) == "OK"
+        wait_for(lambda: "replaced a session the HSM dropped (SessionHandleInvalid)" in gateway.log(), 10,
+                 "the replacement to be logged")
+        # A key handle the HSM no longer knows (a key destroyed on the token answers so).
+        control.set("*", "error", "0x82", on="C_SignInit")
+        assert sign(key.key_id) == "UNAVAILABLE"
+    finally:
+        control.clear()
+        gateway.stop()
+    log = gateway.log()
+    assert "repaired stale session" not in log, gateway.log_digest()
+    assert "closed a broken session (SessionHandleInvalid); could not open its replacement yet (DeviceError)" \
+        in unreplaced, gateway.log_digest()
+    assert "replaced a session the HSM dropped" not in unreplaced, gateway.log_digest()
+    assert "forgot a session's key handles the HSM no longer knows (ObjectHandleInvalid)" in log, gateway.log_digest()
