@@ -436,7 +436,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             cluster = getattr(response, "cluster", "") if response is not None else ""
             cluster = cluster if isinstance(cluster, str) else ""
             if tally.rpc == "BatchSign" and response is not None:
-                if self._batch_items(response) and not late:
+                if self._batch_items(response, late) and not late:
                     left = grpc.StatusCode.CANCELLED
             if left is grpc.StatusCode.CANCELLED and not late:
                 tally.finish(seconds, "CANCELLED", "")
@@ -456,11 +456,15 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if failure.store_error:
             m.store_errors.inc()
 
-    def _batch_items(self, response: Any) -> bool:
-        """Counts a batch's items by status; whether some were left unsigned by a cancel."""
+    def _batch_items(self, response: Any, late: bool = False) -> bool:
+        """Counts a batch's items by status; whether some were left unsigned by a cancel. Those of
+        a batch answered ``late`` (past its deadline: its caller got DEADLINE_EXCEEDED, and none of
+        them) all count as DEADLINE_EXCEEDED, a signed one with the cluster that signed it late."""
         counts: dict[tuple[str, str], int] = {}
         for item in getattr(response, "responses", ()):
-            if item.code == 0:
+            if late:
+                key = ("DEADLINE_EXCEEDED", item.response.cluster if item.code == 0 else "")
+            elif item.code == 0:
                 key = ("OK", item.response.cluster)
             else:
                 status = _CODES.get(item.code)
