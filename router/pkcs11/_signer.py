@@ -14,8 +14,9 @@ return values become the exceptions python-pkcs11 raises for them, so
 ``_errors.translate`` remains the one place where PKCS #11 failures become
 router errors.
 
-The same function list also answers ``check_attribute``: the module's own error for an
-attribute read python-pkcs11 reported as ``CKR_FUNCTION_FAILED`` (see there).
+The same function list also reads the few fixed-size attributes a key look-up needs
+(``read_number``), and answers ``check_attribute``: python-pkcs11 reports an attribute
+read as ``CKR_FUNCTION_FAILED`` when it lost the module's own error (see there).
 """
 
 from __future__ import annotations
@@ -187,6 +188,18 @@ class Signer:
         rv = int(self._read(obj.session.handle, obj.handle, ctypes.byref(template), 1))
         if rv:
             raise error(rv)
+
+    def read_number(self, obj: Any, attribute: int, size: int = ctypes.sizeof(_ULONG)) -> int:
+        """python-pkcs11 object ``obj``'s ``attribute``, a CK_ULONG (or a CK_BBOOL: ``size`` 1),
+        read in one call: the exception for the module's own answer if it is an error."""
+        if self._read is None:
+            raise p11.FunctionNotSupported()
+        value: ctypes.c_ulong | ctypes.c_ubyte = _ULONG() if size > 1 else ctypes.c_ubyte()
+        template = _Attribute(attribute, ctypes.cast(ctypes.byref(value), ctypes.c_void_p), ctypes.sizeof(value))
+        rv = int(self._read(obj.session.handle, obj.handle, ctypes.byref(template), 1))
+        if rv:
+            raise error(rv)
+        return int(value.value)
 
     def sign(self, key: Any, mechanism: Mechanism, data: bytes) -> bytes:
         """One signature of ``data`` by ``key`` (a python-pkcs11 private key) with ``mechanism``.

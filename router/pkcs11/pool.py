@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.types import Key
 
@@ -64,6 +64,10 @@ CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "
                ObjectClass.SECRET_KEY: "secret key"}
 """The key object classes the gateway makes, as messages and reconcile findings name them."""
 
+
+_LOOKUPS = 3
+"""Searches for a key object python-pkcs11 keeps making from failed attribute reads that the
+module answers when asked again, before the key counts as unreadable (``Throttled``)."""
 
 _WAIT_SLICE = 0.1
 """A wait for a session looks this often whether the calls holding them hang."""
@@ -124,12 +128,13 @@ class PooledSession:
             cache_key = (placement.key_id, object_class)
             obj = self.keys.get(cache_key)
             if obj is None:
-                obj = self._find(placement.key_id, object_class)
-                if self._misread(obj, capability):
-                    # The module answers the read now: the one that failed was momentary.
+                for _ in range(_LOOKUPS):
                     obj = self._find(placement.key_id, object_class)
-                    if self._misread(obj, capability):
-                        raise Throttled(f"could not read all of key {placement.key_id!r}'s attributes")
+                    if not self._misread(obj, capability):
+                        break
+                    # The module answers the read now: the one that failed was momentary.
+                else:
+                    raise Throttled(f"could not read all of key {placement.key_id!r}'s attributes")
                 self.keys[cache_key] = _primed(obj, self.reader)
         if capability is not None and not hasattr(obj, capability):
             raise WrongKeyUsage(f"key {placement.key_id!r} does not permit {capability} on this cluster")
@@ -310,12 +315,24 @@ class PooledSession:
 
 _CAPABILITIES = {"sign": Attribute.SIGN, "verify": Attribute.VERIFY, "encrypt": Attribute.ENCRYPT,
                  "decrypt": Attribute.DECRYPT}
+_FLAGS = frozenset(_CAPABILITIES.values())
+"""CK_BBOOL attributes a look-up reads."""
+
+
+_NUMBERS: dict[Attribute, Callable[[int], Any]] = {Attribute.CLASS: ObjectClass, Attribute.KEY_TYPE: KeyType}
+"""CK_ULONG attributes a look-up reads, and the python-pkcs11 type of their value."""
 
 
 def read_attribute(obj: Any, attribute: Attribute, reader: Signer | None) -> Any:
-    """``obj[attribute]``, failing with the module's own error: where python-pkcs11 says
-    CKR_FUNCTION_FAILED, ``reader`` (the module's function list, None if it has none that
-    sees this session) asks the module again, raises what it answers, else reads once more."""
+    """``obj[attribute]``, failing with the module's own error. ``reader``: the module's function
+    list (None if it has none that sees this session), which reads a look-up's attributes in one
+    call each; any other, where python-pkcs11 says CKR_FUNCTION_FAILED, it asks the module about
+    again, raising what it answers, else reads once more."""
+    if reader is not None:
+        if attribute in _NUMBERS:
+            return _NUMBERS[attribute](reader.read_number(obj, attribute))
+        if attribute in _FLAGS:
+            return bool(reader.read_number(obj, attribute, 1))
     try:
         return obj[attribute]
     except p11.FunctionFailed:
