@@ -313,26 +313,45 @@ class FastPath:
         for thread in self._threads:
             thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> int:
         """Call after the grpcio server has stopped: core has failed the outstanding requests.
 
         Waits up to ``timeout`` seconds for calls still in a servicer (one stuck in an
         HSM call cannot be interrupted); their threads are then left to end with the process.
+        How many calls were left (``shut`` and ``wait``, for several fast paths that share
+        one timeout).
         """
+        started = time.monotonic()
+        self.shut()
+        return self.wait(started + timeout, since=started)
+
+    def shut(self) -> None:
+        """Take no more calls: each thread that is not serving one ends at once."""
         self._stopping = True
         self._notices.shutdown()
-        end = time.monotonic() + timeout
+
+    def wait(self, until: float, *, since: float | None = None) -> int:
+        """After ``shut``: wait until ``until`` (monotonic) at most for the calls still being
+        served; how many still are (a WARNING names them, and how long the stop waited since
+        ``since``, the stop's start)."""
         for thread in self._threads:
             if thread.ident is not None:  # started (stop may follow a failed start)
-                thread.join(max(0.0, end - time.monotonic()))
-        busy = sum(thread.is_alive() for thread in self._threads)
+                thread.join(max(0.0, until - time.monotonic()))
+        busy = self.serving()
         if busy:
-            log.warning("%d fast-path call(s) still running after %.0f s; not waiting for them", busy, timeout)
-            return
+            waited = time.monotonic() - (since if since is not None else until)
+            log.warning("%d fast-path call(s) still running after %.1f s; not waiting for them", busy,
+                        max(0.0, waited))
+            return busy
         for slot in self._slots:
             slot.queue.shutdown()
             while slot.queue.poll().completion_type != cygrpc.CompletionType.queue_shutdown:
                 pass
+        return 0
+
+    def serving(self) -> int:
+        """After ``shut``: the threads still serving a call (the others have ended)."""
+        return sum(thread.is_alive() for thread in self._threads)
 
     # -- serving --
 

@@ -6,6 +6,18 @@
   ``logger``, ``message``, ``request_id`` while a request is being served,
   ``exception`` with the traceback, and any ``extra=`` fields. Lines of the
   ``hsmgw.audit`` logger (already JSON) are embedded as an ``audit`` object.
+
+Two other writers share the stream, and are made to keep to it (``hsmgw serve`` calls both):
+
+- ``quiet_grpc_core``: gRPC core logs through absl straight to stderr, in a format of its
+  own (``I1130 12:00:00.123 … chttp2_transport.cc:… ping_timeout``), from INFO up unless
+  ``GRPC_VERBOSITY`` says otherwise; it is set to ``ERROR`` unless the operator set it.
+- ``capture_unraisable``: an exception raised where Python cannot raise it (a finalizer,
+  ``__del__``) is printed on stderr as ``Exception ignored in: …`` and a traceback; it
+  becomes one WARNING line instead (logger ``hsmgw.unraisable``), naming the exception's
+  type and where it was ignored; the traceback only with ``-v``. So does the traceback an
+  extension prints for it first, from a thread other than the main one, through
+  ``sys.excepthook``; the main thread's own uncaught exception is one ERROR line with it.
 - ``human``: ``time level [request id] logger: message``.
 - ``auto`` (the default): ``human`` when the stream is a terminal, else ``json``
   (containers and log shippers read stdout/stderr through a pipe).
@@ -27,6 +39,8 @@ import os
 import random
 import re
 import sys
+import threading
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -171,20 +185,77 @@ def configure(*, level: int = logging.INFO, fmt: str = "auto", stream: TextIO | 
     return handler
 
 
+GRPC_VERBOSITY = "GRPC_VERBOSITY"
+QUIET_GRPC_VERBOSITY = "ERROR"
+"""gRPC core's log level unless the operator chose one: its errors only."""
+UNRAISABLE_LOGGER = "hsmgw.unraisable"
+
+
+def quiet_grpc_core(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set ``GRPC_VERBOSITY=ERROR`` unless it is set (``GRPC_VERBOSITY=INFO`` brings gRPC
+    core's INFO lines back). gRPC reads it once, when grpc is first imported: call this before
+    that; processes started from this one inherit it."""
+    env = os.environ if environ is None else environ
+    if not env.get(GRPC_VERBOSITY, "").strip():
+        env[GRPC_VERBOSITY] = QUIET_GRPC_VERBOSITY
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    exc = unraisable.exc_value
+    kind = unraisable.exc_type.__name__ if unraisable.exc_type is not None else "exception"
+    where = unraisable.err_msg or "Exception ignored in"
+    if unraisable.object is not None:
+        try:
+            where = f"{where}: {unraisable.object!r}"
+        except Exception:  # noqa: BLE001 - a repr that fails must not lose the line
+            where = f"{where}: a {type(unraisable.object).__name__}"
+    logger = logging.getLogger(UNRAISABLE_LOGGER)
+    detail = f" ({exc})" if exc is not None and str(exc) else ""
+    debugging = logger.isEnabledFor(logging.DEBUG)
+    exc_info = (unraisable.exc_type, exc, unraisable.exc_traceback) if debugging and exc is not None else None
+    logger.warning("%s: %s%s", where, kind, detail, exc_info=exc_info,
+                   extra={"exception_type": kind})
+
+
+def _log_printed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """``sys.excepthook``: the main thread's uncaught exception, at ERROR with its traceback. A
+    C extension also prints an error it cannot raise through this hook, from any thread
+    (Cython does, before it reports it as unraisable): such a one gets the unraisable line."""
+    if threading.current_thread() is not threading.main_thread():
+        logger = logging.getLogger(UNRAISABLE_LOGGER)
+        exc_info = (kind, exc, tb) if logger.isEnabledFor(logging.DEBUG) else None
+        logger.warning("error printed by an extension: %s", kind.__name__, exc_info=exc_info,
+                       extra={"exception_type": kind.__name__})
+        return
+    logging.getLogger(UNRAISABLE_LOGGER).error("uncaught exception: %s", kind.__name__, exc_info=(kind, exc, tb),
+                                                extra={"exception_type": kind.__name__})
+
+
+def capture_unraisable() -> None:
+    """Log what Python could not raise (``sys.unraisablehook``), and what an extension prints
+    instead (``sys.excepthook``), as one line each, not a traceback on stderr."""
+    sys.unraisablehook = _log_unraisable
+    sys.excepthook = _log_printed
+
+
 __all__ = [
     "AUDIT_LOGGER",
     "ENV_FORMAT",
     "FORMATS",
+    "GRPC_VERBOSITY",
     "HumanFormatter",
     "JsonFormatter",
     "QUIET_LOGGERS",
     "REQUEST_ID_HEADER",
     "RequestIdFilter",
+    "UNRAISABLE_LOGGER",
     "accept_request_id",
+    "capture_unraisable",
     "choose_format",
     "configure",
     "current_request_id",
     "new_request_id",
+    "quiet_grpc_core",
     "reset_request_id",
     "set_request_id",
 ]

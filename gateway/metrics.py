@@ -33,7 +33,6 @@ import bisect
 import itertools
 import logging
 import math
-import re
 import socket
 import threading
 import time
@@ -62,6 +61,7 @@ from gateway.status import error_info, past_deadline
 from gateway.tls import TlsMaterial
 from router.health import CircuitState
 from router.model import KeyState
+from router.pkcs11._errors import ckr_name
 from router.placement.store import StoreError
 from router.reconcile import ReconcileReport
 from router.router import Router
@@ -75,27 +75,6 @@ CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitStat
 """``hsmgw_circuit_state``: 0 closed (serving), 1 half-open (on trial), 2 open (skipped)."""
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
-
-# python-pkcs11 names whose CKR constant is not the plain UPPER_SNAKE of the class name.
-_CKR_OVERRIDES = {
-    "AnotherUserAlreadyLoggedIn": "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
-    "FunctionCancelled": "CKR_FUNCTION_CANCELED",
-    "TokenNotRecognised": "CKR_TOKEN_NOT_RECOGNIZED",
-}
-# Raised by python-pkcs11 itself (a search found nothing or too much), not by the module.
-_NOT_CKR = frozenset({"NoSuchKey", "NoSuchToken", "MultipleObjectsReturned", "MultipleTokensReturned"})
-_WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-
-
-def ckr_name(exc_type: type[BaseException]) -> str:
-    """``CKR_DEVICE_ERROR`` for python-pkcs11's ``DeviceError`` (its own errors keep their names)."""
-    name = exc_type.__name__
-    if name in _CKR_OVERRIDES:
-        return _CKR_OVERRIDES[name]
-    if name in _NOT_CKR or name == "PKCS11Error":
-        return name
-    return "CKR_" + _WORD.sub("_", name).upper()
-
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
     seen: set[int] = set()
@@ -360,7 +339,8 @@ class RequestMetrics:
         registry.register(self.calls)
         self.errors = Counter("hsmgw_errors", "Failed RPCs by ErrorInfo reason, error class and cluster.",
                               ["reason", "error_class", "cluster"], registry=registry)
-        self.pkcs11_errors = Counter("hsmgw_pkcs11_errors", "PKCS #11 errors behind failed RPCs, by CKR name.",
+        self.pkcs11_errors = Counter("hsmgw_pkcs11_errors",
+                                     "PKCS #11 errors behind failed RPCs and opened circuits, by CKR name.",
                                      ["ckr", "cluster"], registry=registry)
         self.store_errors = Counter("hsmgw_store_errors", "RPCs failed because the placement store was unreachable.",
                                     registry=registry)
@@ -460,7 +440,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             cluster = getattr(response, "cluster", "") if response is not None else ""
             cluster = cluster if isinstance(cluster, str) else ""
             if tally.rpc == "BatchSign" and response is not None:
-                if self._batch_items(response) and not late:
+                if self._batch_items(response, late) and not late:
                     left = grpc.StatusCode.CANCELLED
             if left is grpc.StatusCode.CANCELLED and not late:
                 tally.finish(seconds, "CANCELLED", "")
@@ -480,11 +460,15 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if failure.store_error:
             m.store_errors.inc()
 
-    def _batch_items(self, response: Any) -> bool:
-        """Counts a batch's items by status; whether some were left unsigned by a cancel."""
+    def _batch_items(self, response: Any, late: bool = False) -> bool:
+        """Counts a batch's items by status; whether some were left unsigned by a cancel. Those of
+        a batch answered ``late`` (past its deadline: its caller got DEADLINE_EXCEEDED, and none of
+        them) all count as DEADLINE_EXCEEDED, a signed one with the cluster that signed it late."""
         counts: dict[tuple[str, str], int] = {}
         for item in getattr(response, "responses", ()):
-            if item.code == 0:
+            if late:
+                key = ("DEADLINE_EXCEEDED", item.response.cluster if item.code == 0 else "")
+            elif item.code == 0:
                 key = ("OK", item.response.cluster)
             else:
                 status = _CODES.get(item.code)
@@ -686,13 +670,17 @@ class GatewayMetrics:
         """Add the TLS certificate series, read from ``material()`` on scrape (a gateway with TLS only)."""
         self.registry.register(TlsCollector(material))
 
-    def circuit_changed(self, cluster: str, state: CircuitState) -> None:
+    def circuit_changed(self, cluster: str, state: CircuitState, ckr: str = "") -> None:
         """Call on every circuit change: counts it and remembers the worst state until the next sample.
 
         A circuit can open and close again between two samples (a probe success closes it
-        at once); the CloudWatch sampler reports the worst state of the interval.
+        at once); the CloudWatch sampler reports the worst state of the interval. ``ckr``: the
+        PKCS #11 error that opened it, counted in ``hsmgw_pkcs11_errors_total`` (the calls that
+        fail while it stays open never reach the HSM, and name no CKR).
         """
         self.requests.circuit_changes.labels(cluster, state.value).inc()
+        if ckr:
+            self.requests.pkcs11_errors.labels(ckr, cluster).inc()
         with self._lock:
             self._worst[cluster] = max(self._worst.get(cluster, 0), CIRCUIT_VALUES[state])
 

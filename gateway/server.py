@@ -218,7 +218,8 @@ class Gateway:
         self.cloudwatch = _CloudWatch(self) if config.cloudwatch.enabled else None
 
     def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
-        self.metrics.circuit_changed(cluster, state)
+        opened_by = self.router.opened_by(cluster) if state is CircuitState.OPEN else ""
+        self.metrics.circuit_changed(cluster, state, opened_by)
         self._publish_health()
 
     def _publish_health(self) -> None:
@@ -367,9 +368,12 @@ class Gateway:
         # grpcio's stop returns at the end of the grace having cancelled the calls, not
         # ended them: their handlers (and the fast paths') may still be inside the router,
         # in an HSM that is slow or does not answer. They get CALLS_TIMEOUT more, together.
-        end = time.monotonic() + CALLS_TIMEOUT
+        began = time.monotonic()
+        end = began + CALLS_TIMEOUT
+        for fast in self.fast_paths:  # all at once: their idle threads end now, not after another's wait
+            fast.shut()
         for fast in self.fast_paths:
-            fast.stop(max(0.0, end - time.monotonic()))
+            fast.wait(end, since=began)
         running = self._calls_running(end)
         self.crypto.close()
         if self.cloudwatch is not None:
@@ -535,17 +539,21 @@ def _holding_threads() -> list[threading.Thread]:
 
 
 def _exit_unless_done(gateway: Gateway) -> None:
-    """After a stop: exit at once (status 0) if a thread the exit would wait for is still running
-    ``EXIT_WAIT`` seconds on, as one inside an HSM that does not answer would hold the exit as long
-    as the HSM hangs. Nothing is lost: the stop has cut those calls off and given up their sessions;
-    the audit log is written line by line and synced. Returns when every such thread has ended."""
+    """After a stop: exit at once (status 0) if a call is still being served, or a thread the exit
+    would wait for is still running, ``EXIT_WAIT`` seconds on, as one inside an HSM that does not
+    answer would hold the exit as long as the HSM hangs (the fast paths' threads are daemons, which
+    the exit does not wait for, but the module's finalization may: it is not left to). Nothing is
+    lost: the stop has cut those calls off and given up their sessions; the audit log is written
+    line by line and synced. Returns when every call and every such thread has ended."""
     end = time.monotonic() + EXIT_WAIT
-    while _holding_threads() and time.monotonic() < end:
+    while (_holding_threads() or gateway.calls_in_flight()) and time.monotonic() < end:
         time.sleep(0.05)
     holding = _holding_threads()
-    if not holding:
+    calls = gateway.calls_in_flight()
+    if not holding and not calls:
         return
+    threads = len(holding) + sum(fast.serving() for fast in gateway.fast_paths)
     log.warning("exiting with %d call(s) left inside an HSM that does not answer (%d thread(s)); their sessions "
-                "are given up", gateway.calls_in_flight(), len(holding))
+                "are given up", calls, threads)
     logging.shutdown()
     os._exit(0)

@@ -79,6 +79,10 @@ public key never changes): GetPublicKey then costs the HSM nothing. ~420 bytes e
 CLOSE_TIMEOUT = 5.0
 """Seconds ``close`` waits for the clusters' sessions to close (a hung HSM never answers)."""
 
+OPENING_FAULT_WITHIN = 5.0
+"""Seconds: a cluster's PKCS #11 error this recent is the one named when its circuit opens (the
+failure that opens a circuit is recorded as it happens, so one older belongs to another episode)."""
+
 NO_RECORD = "no record in the placement store names the key"
 """What ``Router.why_kept`` answers for objects whose key id the store has no record of."""
 
@@ -230,6 +234,7 @@ class Router:
             for name in self.backends
         }
         self._on_health_change = on_health_change
+        self._opened_by: dict[str, str] = {}
         self.dispatcher = Dispatcher(
             self.backends,
             home_region=topology.home_region,
@@ -455,8 +460,16 @@ class Router:
 
     def _health_changed(self, name: str, state: CircuitState) -> None:
         level = logging.INFO if state is CircuitState.CLOSED else logging.WARNING
-        log.log(level, "cluster %s: circuit %s", name, state.value)
+        ckr = ""
+        if state is CircuitState.OPEN:
+            ckr = self._opened_by[name] = self.backends[name].recent_fault(OPENING_FAULT_WITHIN)
+        log.log(level, "cluster %s: circuit %s%s", name, state.value, f" ({ckr})" if ckr else "")
         self._on_health_change(name, state)
+
+    def opened_by(self, name: str) -> str:
+        """The HSM error (``CKR_DEVICE_ERROR``…) of the failure that last opened the cluster's
+        circuit; ``""`` if none was named (hung calls, a failure with no CKR)."""
+        return self._opened_by.get(name, "")
 
     def _candidates(self, placement: Placement) -> tuple[str, ...]:
         if placement.external:

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 from gateway.cli._common import at_least_one, fail, setup_logging
 from gateway.config import ConfigError
-from gateway.workers import EXIT_CONFIG, default_workers
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -70,8 +69,11 @@ def _serve(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway import config as config_mod
+    from gateway.logs import capture_unraisable
     from gateway.server import serve
-    from gateway.workers import Supervisor, WorkerError, worker_metrics_listen
+    from gateway.workers import EXIT_CONFIG, Supervisor, WorkerError, worker_metrics_listen
+
+    capture_unraisable()  # a finalizer's error is one log line, not a traceback in the JSON stream
 
     try:
         config = config_mod.load(args.config)
@@ -131,7 +133,7 @@ def _start(args: argparse.Namespace, config: GatewayConfig) -> Gateway:
     from gateway.app import build_router, start_reconcile
     from gateway.server import Gateway
     from gateway.sharedlimits import SharedLimiter, SharedLimitsError
-    from gateway.workers import WorkerError, apply_scheduling, start_progress
+    from gateway.workers import EXIT_CONFIG, WorkerError, apply_scheduling, start_progress
 
     if args.worker_index is None:  # one process: is the port free, before the HSM pools open?
         from gateway.workers import reserve_port
@@ -305,6 +307,11 @@ def _store_migrate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from gateway.logs import quiet_grpc_core
+
+    quiet_grpc_core()  # before grpc is first imported (gateway.workers imports it), which reads it
+    from gateway.workers import default_workers
+
     parser = argparse.ArgumentParser(
         prog="hsmgw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

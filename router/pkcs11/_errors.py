@@ -7,6 +7,7 @@ callers names only the cluster and what went wrong.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pkcs11 import exceptions as p11
@@ -56,6 +57,27 @@ _WRONG_KEY = (p11.KeyTypeInconsistent, p11.MechanismInvalid)
 # means an earlier one was left unfinished, and closing the session is what ends it.
 SESSION_GONE = (p11.SessionHandleInvalid, p11.SessionClosed, p11.OperationActive)
 LOGGED_OUT = (p11.UserNotLoggedIn,)
+
+
+# python-pkcs11 names whose CKR constant is not the plain UPPER_SNAKE of the class name.
+_CKR_OVERRIDES = {
+    "AnotherUserAlreadyLoggedIn": "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
+    "FunctionCancelled": "CKR_FUNCTION_CANCELED",
+    "TokenNotRecognised": "CKR_TOKEN_NOT_RECOGNIZED",
+}
+# Raised by python-pkcs11 itself (a search found nothing or too much), not by the module.
+_NOT_CKR = frozenset({"NoSuchKey", "NoSuchToken", "MultipleObjectsReturned", "MultipleTokensReturned"})
+_WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def ckr_name(exc_type: type[BaseException]) -> str:
+    """``CKR_DEVICE_ERROR`` for python-pkcs11's ``DeviceError`` (its own errors keep their names)."""
+    name = exc_type.__name__
+    if name in _CKR_OVERRIDES:
+        return _CKR_OVERRIDES[name]
+    if name in _NOT_CKR or name == "PKCS11Error":
+        return name
+    return "CKR_" + _WORD.sub("_", name).upper()
 
 
 def translate(

@@ -13,6 +13,10 @@ gave this function list sessions of its own (``Signer.sees``). The module's
 return values become the exceptions python-pkcs11 raises for them, so
 ``_errors.translate`` remains the one place where PKCS #11 failures become
 router errors.
+
+The same function list also reads the few fixed-size attributes a key look-up needs
+(``read_number``), and answers ``check_attribute``: python-pkcs11 reports an attribute
+read as ``CKR_FUNCTION_FAILED`` when it lost the module's own error (see there).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pkcs11 import exceptions as p11
 _ULONG = ctypes.c_ulong
 _GET_SESSION_INFO = 15
 """Index of C_GetSessionInfo among CK_FUNCTION_LIST's function pointers (PKCS #11 2.40 and 3.0 alike)."""
+_GET_ATTRIBUTE_VALUE = 24
 _SIGN_INIT = 42
 _SIGN = 43
 _FIRST_BUFFER = 1024
@@ -119,12 +124,17 @@ class _Mechanism(ctypes.Structure):
     _fields_ = [("mechanism", _ULONG), ("parameter", ctypes.c_void_p), ("parameter_len", _ULONG)]
 
 
+class _Attribute(ctypes.Structure):
+    _fields_ = [("type", _ULONG), ("value", ctypes.c_void_p), ("value_len", _ULONG)]
+
+
 class _SessionInfo(ctypes.Structure):
     _fields_ = [("slot", _ULONG), ("state", _ULONG), ("flags", _ULONG), ("device_error", _ULONG)]
 
 
 _USER_STATES = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
 _GetSessionInfo = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.POINTER(_SessionInfo))
+_GetAttributeValue = ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG, ctypes.POINTER(_Attribute), _ULONG)
 _SignInit = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.POINTER(_Mechanism), _ULONG)
 _Sign = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.c_char_p, _ULONG, ctypes.c_char_p, ctypes.POINTER(_ULONG))
 
@@ -144,6 +154,8 @@ class Signer:
         self._info = _GetSessionInfo(info)
         self._init = _SignInit(init)
         self._sign = _Sign(sign)
+        read = pointers[1 + _GET_ATTRIBUTE_VALUE]
+        self._read = _GetAttributeValue(read) if read else None
         self._mechanisms = {m: ctypes.byref(_Mechanism(int(m), None, 0)) for m in self.MECHANISMS}
 
     def sees(self, session: Any) -> bool:
@@ -161,6 +173,33 @@ class Signer:
         if int(self._info(session.handle, ctypes.byref(info))):
             return False
         return int(info.state) not in _USER_STATES
+
+    def check_attribute(self, obj: Any, attribute: int) -> None:
+        """Ask the module for the size of python-pkcs11 object ``obj``'s ``attribute``; raise the
+        exception for its answer, if it is an error.
+
+        python-pkcs11 reads an attribute in two calls, and when the first fails and the second
+        does not it reports ``CKR_FUNCTION_FAILED`` (the "busy" answer), having dropped the
+        module's own error (``CKR_DEVICE_ERROR``…); one call here gets it.
+        """
+        if self._read is None:
+            return
+        template = _Attribute(attribute, None, 0)
+        rv = int(self._read(obj.session.handle, obj.handle, ctypes.byref(template), 1))
+        if rv:
+            raise error(rv)
+
+    def read_number(self, obj: Any, attribute: int, size: int = ctypes.sizeof(_ULONG)) -> int:
+        """python-pkcs11 object ``obj``'s ``attribute``, a CK_ULONG (or a CK_BBOOL: ``size`` 1),
+        read in one call: the exception for the module's own answer if it is an error."""
+        if self._read is None:
+            raise p11.FunctionNotSupported()
+        value: ctypes.c_ulong | ctypes.c_ubyte = _ULONG() if size > 1 else ctypes.c_ubyte()
+        template = _Attribute(attribute, ctypes.cast(ctypes.byref(value), ctypes.c_void_p), ctypes.sizeof(value))
+        rv = int(self._read(obj.session.handle, obj.handle, ctypes.byref(template), 1))
+        if rv:
+            raise error(rv)
+        return int(value.value)
 
     def sign(self, key: Any, mechanism: Mechanism, data: bytes) -> bytes:
         """One signature of ``data`` by ``key`` (a python-pkcs11 private key) with ``mechanism``.

@@ -26,11 +26,12 @@ from router.errors import (
     KeyNotFound,
     RouterError,
     StaleSession,
+    Throttled,
     WrongKeyUsage,
 )
 from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
-from router.pkcs11 import _fleet, _keys, _oaep
-from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, translate
+from router.pkcs11 import _fleet, _keys, _oaep, _search
+from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, ckr_name, translate
 from router.pkcs11._module import LockTimeout, Module
 from router.pkcs11._signer import Signer, sign_with
 from router.pkcs11.pool import CLASS_NAMES, WRAPPING_KEY, WRAPPING_KEY_LABEL, PooledSession, SessionPool, modulus_of
@@ -71,6 +72,8 @@ class Pkcs11Cluster(HsmBackend):
         """Fleet ids this process has seen on the token's marker, or written there."""
         self._mark_failed: float | None = None
         """When writing the marker last failed (``MARK_RETRY``)."""
+        self._fault: tuple[str, float] | None = None
+        """(CKR name, when) of the latest PKCS #11 error that counted as the cluster's failure."""
         try:
             self._pool = SessionPool(module, spec, pin, clock=clock)
         except p11.PinIncorrect as exc:
@@ -91,7 +94,7 @@ class Pkcs11Cluster(HsmBackend):
         missing: set[int] = set()
         try:
             with module.guard():
-                for key in self._pool.login.get_objects(WRAPPING_KEY):
+                for key in _search.find(self._pool.login, WRAPPING_KEY):
                     missing |= module.unwrap_guard.missing(key)
         except Exception as exc:  # noqa: BLE001 - a check that only warns never stops a start
             log.warning("cluster %s: could not read the replication wrapping key's unwrap template (%s)",
@@ -140,7 +143,8 @@ class Pkcs11Cluster(HsmBackend):
             try:
                 session = self._pool.acquire(deadline, quick)
             except p11.PKCS11Error as exc:  # no session to replace a broken one: the cluster's fault
-                raise translate(exc, cluster=self.spec.name, region=self.spec.region, op=op) from exc
+                raise self._noted(translate(exc, cluster=self.spec.name, region=self.spec.region, op=op),
+                                  exc) from exc
             try:
                 if self._serial is None:
                     return fn(session)
@@ -154,6 +158,7 @@ class Pkcs11Cluster(HsmBackend):
                     # sessions out): the call ends here, with no repair and no log-in.
                     raise self._pool.stopping() from exc
                 err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op, decrypting=decrypting)
+                self._noted(err, exc)
                 if isinstance(err, InternalError):
                     log.error("cluster %s: unexpected PKCS #11 error", self.spec.name, exc_info=exc)
                 if isinstance(err, KeyNotFound) and self._logged_out(session):
@@ -179,16 +184,33 @@ class Pkcs11Cluster(HsmBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _repair(self, session: PooledSession, exc: Exception) -> None:
+        """Make ``session`` fit for the call's next attempt, logging what was done once it is:
+        a session the HSM no longer knows is replaced as it is handed back (the pool logs how
+        that went), a lost login is logged in again (the pool logs it), and key handles the HSM
+        no longer knows (a key destroyed on the token) are forgotten, to be looked up again."""
         session.forget()
         if isinstance(exc, SESSION_GONE):
-            session.broken = True
+            session.broken = type(exc).__name__
         elif isinstance(exc, LOGGED_OUT):
             try:
                 self._pool.relogin()
             except p11.PKCS11Error as failed:  # the token or the PIN is gone: this cluster cannot serve
+                self._fault = (ckr_name(type(failed)), self._clock())
                 raise ClusterDown(f"cluster {self.spec.name} could not log in again ({type(failed).__name__})",
                                   cluster=self.spec.name, region=self.spec.region) from failed
-        log.info("cluster %s: repaired stale session (%s)", self.spec.name, type(exc).__name__)
+        else:
+            log.info("cluster %s: forgot a session's key handles the HSM no longer knows (%s); its keys are "
+                     "looked up again", self.spec.name, type(exc).__name__)
+
+    def _noted(self, err: RouterError, exc: Exception) -> RouterError:
+        """Remember ``exc``'s CKR if ``err`` counts against the cluster's health (``recent_fault``)."""
+        if isinstance(err, _CLUSTER_FAULTS):
+            self._fault = (ckr_name(type(exc)), self._clock())
+        return err
+
+    def recent_fault(self, within: float) -> str:
+        fault = self._fault
+        return fault[0] if fault is not None and self._clock() - fault[1] < within else ""
 
     def _logged_out(self, session: PooledSession) -> bool:
         """Whether ``session`` is known to lack the user's login (False when it cannot tell)."""
@@ -331,7 +353,7 @@ class Pkcs11Cluster(HsmBackend):
 
     def _objects_of(self, s: PooledSession, key_id: str) -> list[Object]:
         """Every token object of the key, listed on a session that holds the login."""
-        found = list(s.handle.get_objects({Attribute.ID: key_id.encode(), Attribute.TOKEN: True}))
+        found = _search.find(s.handle, {Attribute.ID: key_id.encode(), Attribute.TOKEN: True})
         self._logged_in(s)
         return found
 
@@ -365,7 +387,7 @@ class Pkcs11Cluster(HsmBackend):
     def fleets(self, deadline: float) -> tuple[str, ...] | None:
         def run(s: PooledSession) -> tuple[str, ...] | None:
             with s.objects.searching():
-                found = list(s.handle.get_objects(_fleet.MARKER))
+                found = _search.find(s.handle, _fleet.MARKER)
             self._logged_in(s)  # the marker is private: without the login, every token looks unmarked
             return _fleet.listed(found)
 
@@ -384,7 +406,7 @@ class Pkcs11Cluster(HsmBackend):
 
         def run(s: PooledSession) -> None:
             with self._changing(s, deadline):
-                found = list(s.handle.get_objects(_fleet.MARKER))
+                found = _search.find(s.handle, _fleet.MARKER)
                 self._logged_in(s)
                 if _fleet.add(s.handle, found, fleet_id):
                     log.info("cluster %s: fleet %s recorded on token %r", self.spec.name, fleet_id,
@@ -406,7 +428,7 @@ class Pkcs11Cluster(HsmBackend):
         def run(s: PooledSession) -> dict[str, dict[str, int]]:
             found: dict[str, dict[str, int]] = {}
             with s.objects.searching():
-                listed = list(s.handle.get_objects(search))  # the search ends before any read
+                listed = _search.find(s.handle, search)  # the search ends before any read
             self._logged_in(s)  # reconcile and roll_back read "no private key" as "nothing left"
             for obj in listed:
                 name = CLASS_NAMES.get(obj.object_class)
@@ -589,6 +611,8 @@ class Pkcs11Cluster(HsmBackend):
         return self._pool
 
 
+_CLUSTER_FAULTS = (ClusterDown, StaleSession, Throttled)
+"""The errors the dispatcher counts against a cluster's circuit."""
 _OAEP_UNSUPPORTED = (p11.ArgumentsBad, p11.MechanismParamInvalid, p11.MechanismInvalid)
 
 

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.types import Key
 
@@ -48,8 +48,9 @@ from router.errors import (
     WrongKeyUsage,
 )
 from router.model import ClusterSpec, KeyAlgorithm, KeyUsage, Placement
-from router.pkcs11 import _keys, _material
+from router.pkcs11 import _keys, _material, _search
 from router.pkcs11._module import Module, TokenObjects
+from router.pkcs11._signer import Signer
 from router.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ CLASS_NAMES = {ObjectClass.PRIVATE_KEY: "private key", ObjectClass.PUBLIC_KEY: "
                ObjectClass.SECRET_KEY: "secret key"}
 """The key object classes the gateway makes, as messages and reconcile findings name them."""
 
+
+_LOOKUPS = 3
+"""Searches for a key object python-pkcs11 keeps making from failed attribute reads that the
+module answers when asked again, before the key counts as unreadable (``Throttled``)."""
 
 _WAIT_SLICE = 0.1
 """A wait for a session looks this often whether the calls holding them hang."""
@@ -83,18 +88,23 @@ class PooledSession:
     """A request session, its key-object cache and its unwrapped-key LRU."""
 
     __slots__ = ("handle", "keys", "epoch", "broken", "unwrapped", "unwrapped_limit", "since", "due",
-                 "objects", "_wrapping_key", "_spec")
+                 "objects", "reader", "_wrapping_key", "_spec")
 
     def __init__(
-        self, handle: Any, epoch: int, unwrapped_limit: int, spec: ClusterSpec, objects: TokenObjects
+        self, handle: Any, epoch: int, unwrapped_limit: int, spec: ClusterSpec, objects: TokenObjects,
+        reader: Signer | None = None,
     ) -> None:
         self.handle = handle
+        self.reader = reader
+        """The module's function list, for its own answer to a failed attribute read (``read_attribute``)."""
         self._spec = spec
         self.objects = objects
         """Keeps this token's searches and object changes apart (see ``TokenObjects``)."""
         self.keys: dict[tuple[str, ObjectClass], Any] = {}
         self.epoch = epoch
-        self.broken = False
+        self.broken: bool | str = False
+        """True, or why (the PKCS #11 error's name), when the session is to be closed and replaced
+        as it is handed back."""
         self.unwrapped: collections.OrderedDict[tuple[str, ObjectClass], Any] = collections.OrderedDict()
         self.unwrapped_limit = unwrapped_limit
         self.since = 0.0
@@ -118,19 +128,35 @@ class PooledSession:
             cache_key = (placement.key_id, object_class)
             obj = self.keys.get(cache_key)
             if obj is None:
-                obj = self._find(placement.key_id, object_class)
-                if not isinstance(obj, Key):
-                    # python-pkcs11 hands back a bare Object when reading the key's
-                    # attributes failed (a busy HSM): a cluster fault, never cached.
-                    raise Throttled(f"could not read key {placement.key_id!r}'s attributes")
-                if capability is not None and not hasattr(obj, capability) and _partly_read(obj, capability):
-                    # Read one attribute at a time after a failed bulk read, skipping those the
-                    # HSM refused: the methods it lacks may be ones the key has. Not cached.
+                for _ in range(_LOOKUPS):
+                    obj = self._find(placement.key_id, object_class)
+                    if not self._misread(obj, capability):
+                        break
+                    # The module answers the read now: the one that failed was momentary.
+                else:
                     raise Throttled(f"could not read all of key {placement.key_id!r}'s attributes")
-                self.keys[cache_key] = _primed(obj)
+                self.keys[cache_key] = _primed(obj, self.reader)
         if capability is not None and not hasattr(obj, capability):
             raise WrongKeyUsage(f"key {placement.key_id!r} does not permit {capability} on this cluster")
         return obj
+
+    def _misread(self, obj: Any, capability: str | None) -> bool:
+        """Whether python-pkcs11 made ``obj`` from an attribute read that failed; the module's
+        own error if it still refuses the read.
+
+        python-pkcs11 reads a found object's class and capabilities, and where that fails with
+        CKR_FUNCTION_FAILED (its answer too when it lost the module's own error, see
+        ``Signer.check_attribute``) it hands back a bare Object, or a key without the methods of
+        the attributes it skipped. Read again, the module answers for itself: a device error is
+        a cluster that is down, not a busy one. Never cached.
+        """
+        if not isinstance(obj, Key):
+            read_attribute(obj, Attribute.CLASS, self.reader)
+            return True
+        if capability is None or hasattr(obj, capability):
+            return False
+        attribute = _CAPABILITIES.get(capability)  # the key's own attribute: does it permit it?
+        return attribute is not None and bool(read_attribute(obj, attribute, self.reader))
 
     def _find(self, key_id: str, object_class: ObjectClass) -> Any:
         return self._only({Attribute.CLASS: object_class, Attribute.ID: key_id.encode()},
@@ -138,7 +164,8 @@ class PooledSession:
 
     def wrapping_key(self) -> Any:
         if self._wrapping_key is None:
-            self._wrapping_key = _primed(self._only(WRAPPING_KEY, f"wrapping keys labelled {WRAPPING_KEY_LABEL!r}"))
+            self._wrapping_key = _primed(self._only(WRAPPING_KEY, f"wrapping keys labelled {WRAPPING_KEY_LABEL!r}"),
+                                         self.reader)
         return self._wrapping_key
 
     def _only(self, template: dict[Attribute, Any], what: str) -> Any:
@@ -150,7 +177,7 @@ class PooledSession:
         signature on this session fails with CKR_OPERATION_ACTIVE, or waits.
         """
         with self.objects.searching():
-            found = list(self.handle.get_objects(template))
+            found = _search.find(self.handle, template)
         if not found:
             raise p11.NoSuchKey(f"no {what}")
         if len(found) > 1:
@@ -177,7 +204,7 @@ class PooledSession:
             obj = self.handle.create_object(attrs)
         else:
             obj = self._unwrap(placement, object_class)
-        self.unwrapped[cache_key] = _primed(obj)
+        self.unwrapped[cache_key] = _primed(obj, self.reader)
         while len(self.unwrapped) > self.unwrapped_limit:
             _, old = self.unwrapped.popitem(last=False)
             _destroy_quietly(old)
@@ -288,21 +315,34 @@ class PooledSession:
 
 _CAPABILITIES = {"sign": Attribute.SIGN, "verify": Attribute.VERIFY, "encrypt": Attribute.ENCRYPT,
                  "decrypt": Attribute.DECRYPT}
+_FLAGS = frozenset(_CAPABILITIES.values())
+"""CK_BBOOL attributes a look-up reads."""
 
 
-def _partly_read(obj: Any, capability: str) -> bool:
-    """Whether a key object that lacks ``capability``'s method was made from a partial read:
-    the key's own attribute says it permits it, or cannot be read now."""
-    attribute = _CAPABILITIES.get(capability)
-    if attribute is None:
-        return False
+_NUMBERS: dict[Attribute, Callable[[int], Any]] = {Attribute.CLASS: ObjectClass, Attribute.KEY_TYPE: KeyType}
+"""CK_ULONG attributes a look-up reads, and the python-pkcs11 type of their value."""
+
+
+def read_attribute(obj: Any, attribute: Attribute, reader: Signer | None) -> Any:
+    """``obj[attribute]``, failing with the module's own error. ``reader``: the module's function
+    list (None if it has none that sees this session), which reads a look-up's attributes in one
+    call each; any other, where python-pkcs11 says CKR_FUNCTION_FAILED, it asks the module about
+    again, raising what it answers, else reads once more."""
+    if reader is not None:
+        if attribute in _NUMBERS:
+            return _NUMBERS[attribute](reader.read_number(obj, attribute))
+        if attribute in _FLAGS:
+            return bool(reader.read_number(obj, attribute, 1))
     try:
-        return bool(obj[attribute])
-    except p11.PKCS11Error:
-        return True
+        return obj[attribute]
+    except p11.FunctionFailed:
+        if reader is None:
+            raise
+        reader.check_attribute(obj, attribute)
+        return obj[attribute]
 
 
-def _primed(obj: Any) -> Any:
+def _primed(obj: Any, reader: Signer | None = None) -> Any:
     """The key object with its key type read now, where python-pkcs11 looks for it first.
 
     Every python-pkcs11 operation reads the key's type through a
@@ -312,7 +352,7 @@ def _primed(obj: Any) -> Any:
     replicas' keys, when requests fail over. Read here, the type is a plain
     ``C_GetAttributeValue`` that holds nothing but this session.
     """
-    obj.__dict__["key_type"] = obj[Attribute.KEY_TYPE]
+    obj.__dict__["key_type"] = read_attribute(obj, Attribute.KEY_TYPE, reader)
     return obj
 
 
@@ -385,6 +425,8 @@ class SessionPool:
             self._token = module.token(spec.token_label)
             self._login = self._open_login()
         self._objects = module.objects(spec.token_label) if spec.serialize_object_changes else TokenObjects(None)
+        signer = module.signer
+        self._reader = signer if signer is not None and signer.sees(self._login) else None
         for _ in range(spec.pool_size):
             self._idle.append(self._new_session())
 
@@ -546,7 +588,7 @@ class SessionPool:
         with self._lock:
             if not self._closed:
                 per_session = max(1, self.spec.unwrapped_cache // self.spec.pool_size)
-                session = PooledSession(handle, self._epoch, per_session, self.spec, self._objects)
+                session = PooledSession(handle, self._epoch, per_session, self.spec, self._objects, self._reader)
                 self._sessions.add(session)
                 return session
         try:  # the pool closed meanwhile: so does this session
@@ -602,13 +644,19 @@ class SessionPool:
             with self._module.guard():
                 self._close_session(session)
             if not self._closed:
+                why = f" ({session.broken})" if isinstance(session.broken, str) else ""
                 # Replace it now, so the pool is whole again without waiting for load.
                 try:
                     self._idle.append(self._new_session())
                 except Stopping:
                     pass
-                except p11.PKCS11Error:
-                    log.warning("cluster %s: could not reopen a session yet", self.spec.name)
+                except p11.PKCS11Error as exc:
+                    log.warning("cluster %s: closed a broken session%s; could not open its replacement yet (%s): "
+                                "the next call that finds none idle tries again", self.spec.name, why,
+                                type(exc).__name__)
+                else:
+                    if why:
+                        log.info("cluster %s: replaced a session the HSM dropped%s", self.spec.name, why)
             return
         self._idle.append(session)
         if self._closed:

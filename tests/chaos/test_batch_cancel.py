@@ -34,6 +34,7 @@ def test_a_batch_whose_client_gives_up_stops_signing(tmp_path: Path, faultmod: P
         fleet.config_path.write_text(text.replace("[server]\n", "[server]\nfast_path = false\n", 1))
     gateway = GatewayProcess(fleet.config_path).start()
     code = "CANCELLED" if ending == "cancel" else "DEADLINE_EXCEEDED"
+    failure = None
     try:
         with grpc.insecure_channel(gateway.target) as channel:
             crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
@@ -69,6 +70,9 @@ def test_a_batch_whose_client_gives_up_stops_signing(tmp_path: Path, faultmod: P
     signed = value(samples, "hsmgw_batch_items_total", code="OK")
     left = value(samples, "hsmgw_batch_items_total") - signed
     assert signed + left == ITEMS
+    if failure is not None:  # the client got DEADLINE_EXCEEDED, and none of the items signed before it
+        assert signed == 0, f"{signed:.0f} items counted OK in a batch whose caller got DEADLINE_EXCEEDED"
+        assert value(samples, "hsmgw_batch_items_total", code="DEADLINE_EXCEEDED") == ITEMS
     # At most 4 chunks (one per session) of <= 63 items are under way when the client gives up,
     # and each may be followed by one more taken just before: the rest is never signed.
     assert left >= ITEMS - 4 * 63 * 2, f"{signed:.0f} of {ITEMS} items were signed after the client gave up"

@@ -14,10 +14,11 @@ import threading
 from pathlib import Path
 
 import grpc
+import pytest
 
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from tests.chaos.conftest import faulty_fleet
+from tests.chaos.conftest import faulty_fleet, make_keys
 from tests.support import GatewayProcess, wait_for
 
 CALLS = 4
@@ -213,3 +214,50 @@ def _terminate(gateway: GatewayProcess, bound: float) -> int | None:
         gateway.proc.kill()
         gateway.proc.wait()
         return None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_with_signs_inside_a_hung_hsm_says_how_many_it_leaves(tmp_path: Path, faultmod: Path,
+                                                                       workers: int) -> None:
+    """Signs (served on the fast path) stuck in C_Sign. The stop said "16 fast-path call(s) still
+    running after 0 s" of the other fast path's idle threads, and a single process exited
+    without the line that says calls were left inside the HSM (its threads are daemons)."""
+    from gateway.server import EXIT_WAIT
+
+    fleet, control = faulty_fleet(tmp_path / "fleet", faultmod)
+    gateway = GatewayProcess(fleet.config_path, workers=workers, grace=GRACE).start()
+    outcomes: list[str] = []
+
+    def sign(key_id: str) -> None:
+        with grpc.insecure_channel(gateway.target) as channel:
+            request = pb.SignRequest(key_id=key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=bytes(32))
+            try:
+                crypto_pb2_grpc.CryptoServiceStub(channel).Sign(request, timeout=60)
+                outcomes.append("OK")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+
+    try:
+        keys = make_keys(gateway.target, "stuck", CALLS)
+        control.set("*", "hang", on="C_Sign")
+        callers = [threading.Thread(target=sign, args=(key.key_id,), daemon=True) for key in keys]
+        for caller in callers:
+            caller.start()
+        wait_for(lambda: sum(stats.faults for stats in control.stats().values()) >= CALLS, timeout=20,
+                 what="every sign to be inside a hung C_Sign")
+        code = _terminate(gateway, GRACE + CALLS_WAIT + CLOSE_WAIT + EXIT_WAIT + 30)
+    finally:
+        control.clear()
+        gateway.stop()
+        for caller in callers:
+            caller.join(timeout=30)
+
+    log = gateway.log()
+    assert code == 0, "the gateway had to be killed: " + gateway.log_digest()
+    # Each process names the calls it left in the HSM: all of them, no idle thread among them.
+    left = [int(n) for n in re.findall(r"exiting with (\d+) call\(s\) left inside an HSM that does not answer", log)]
+    assert sum(left) == CALLS, gateway.log_digest()
+    running = [int(n) for n in re.findall(r"(\d+) fast-path call\(s\) still running after", log)]
+    assert sum(running) == CALLS, gateway.log_digest()
+    assert "still running after 0.0 s" not in log, gateway.log_digest()
+    assert sorted(outcomes) == ["UNAVAILABLE"] * CALLS, outcomes

@@ -222,9 +222,15 @@ def test_errors_carry_reason_class_and_ckr(scenario: Scenario) -> None:
     assert value(s, "hsmgw_errors_total", reason="DEADLINE_EXCEEDED", error_class="DeadlineExceeded",
                  cluster=scenario.single) == 1
     assert value(s, "hsmgw_errors_total") == 4
-    # The device errors were absorbed by failover; the busy HSM's reached the caller.
-    assert value(s, "hsmgw_pkcs11_errors_total", ckr="CKR_FUNCTION_FAILED", cluster=scenario.single) == 1
-    assert value(s, "hsmgw_pkcs11_errors_total") == 1
+    # The device errors were absorbed by failover, and the busy HSM's reached the caller; each
+    # circuit the faults opened is counted with the CKR of the failure that opened it.
+    opened = {c: value(s, "hsmgw_circuit_changes_total", cluster=c, state="open")
+              for c in ("use1-a", "use1-b", "usw2-a")}
+    assert value(s, "hsmgw_pkcs11_errors_total", ckr="CKR_FUNCTION_FAILED", cluster=scenario.single) == \
+        1 + opened[scenario.single]
+    assert value(s, "hsmgw_pkcs11_errors_total", ckr="CKR_DEVICE_ERROR", cluster=scenario.primary) == \
+        opened[scenario.primary] >= 1
+    assert value(s, "hsmgw_pkcs11_errors_total") == 1 + sum(opened.values())
     assert value(s, "hsmgw_store_errors_total") == 0
 
 

@@ -132,3 +132,52 @@ def test_observability_defaults_are_off(tmp_path: Path) -> None:
     config = config_mod.load(path)
     assert config.metrics.listen == "[::1]:9464"
     assert (config.cloudwatch.enabled, config.cloudwatch.region) == (True, "eu-west-1")
+
+
+_FINALIZER_FAILS = """
+import sys, threading
+from gateway import logs
+logs.configure(fmt="json", stream=sys.stdout)
+logs.capture_unraisable()
+
+class Search:
+    def __del__(self):
+        raise RuntimeError("the module never began it")
+
+def drop():
+    Search()  # its finalizer fails as the last reference goes
+    try:
+        raise LookupError("printed by an extension")
+    except LookupError:
+        sys.excepthook(*sys.exc_info())  # as Cython prints an error it cannot raise
+
+thread = threading.Thread(target=drop)
+thread.start()
+thread.join()
+"""
+
+
+def test_errors_python_cannot_raise_are_one_json_line_each() -> None:
+    """A finalizer's failure (python-pkcs11's search finalizer, during HSM faults) was printed on
+    stderr as a traceback, in the middle of the gateway's JSON lines."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FINALIZER_FAILS], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    entries = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(e["level"], e["logger"], e["exception_type"]) for e in entries] == [
+        ("WARNING", logs.UNRAISABLE_LOGGER, "RuntimeError"), ("WARNING", logs.UNRAISABLE_LOGGER, "LookupError")]
+    assert "Search.__del__" in entries[0]["message"] and "the module never began it" in entries[0]["message"]
+    assert not [e for e in entries if "exception" in e]  # no traceback unless debugging
+
+
+def test_grpc_core_is_quiet_unless_the_operator_chose_a_verbosity() -> None:
+    env: dict[str, str] = {}
+    logs.quiet_grpc_core(env)
+    assert env == {"GRPC_VERBOSITY": "ERROR"}
+    env = {"GRPC_VERBOSITY": "INFO"}
+    logs.quiet_grpc_core(env)
+    assert env == {"GRPC_VERBOSITY": "INFO"}

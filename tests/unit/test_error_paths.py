@@ -20,7 +20,7 @@ from router.errors import ClusterDown, KeyNotFound, StaleSession, Stopping, Thro
 from router.model import ClusterSpec, KeyAlgorithm, KeyState, KeyUsage, Operation, Placement
 from router.pkcs11._module import TokenObjects
 from router.pkcs11.cluster import Pkcs11Cluster
-from router.pkcs11.pool import PooledSession
+from router.pkcs11.pool import _LOOKUPS, PooledSession
 from router.placement.sqlite import SqliteStore
 from router.placement.store import StoreError
 from router.router import Router, Topology
@@ -31,7 +31,7 @@ from tests.support import stored
 
 class _Session:
     def __init__(self, number: int) -> None:
-        self.number, self.broken = number, False
+        self.number, self.broken = number, False  # or why it broke, as PooledSession keeps it
         self.handle = self
 
     def forget(self) -> None:
@@ -43,7 +43,7 @@ class _Pool:
 
     def __init__(self, relogin_fails: bool = False) -> None:
         self.opened = 0
-        self.released: list[tuple[int, bool]] = []
+        self.released: list[tuple[int, bool | str]] = []
         self.relogin_fails = relogin_fails
         self.relogins = 0
 
@@ -78,7 +78,8 @@ def test_a_session_stale_on_the_last_attempt_is_not_put_back_as_it_was() -> None
 
     with pytest.raises(StaleSession):
         _cluster(pool)._run(time.monotonic() + 5, gone)
-    assert pool.released == [(1, True), (2, True), (3, True)], "every session that went stale is closed"
+    # Each is closed as it is handed back, and the pool's log says why it was replaced.
+    assert pool.released == [(n, "SessionHandleInvalid") for n in (1, 2, 3)], "every session that went stale is closed"
 
 
 def test_a_login_that_cannot_be_made_again_is_the_clusters_fault() -> None:
@@ -192,8 +193,20 @@ class _Handle:
         return iter([self.obj])
 
 
-@pytest.mark.parametrize("sign_attribute", [True, p11.FunctionFailed()], ids=["says-yes", "unreadable"])
-def test_a_key_object_read_in_part_is_a_busy_hsm_and_not_kept(sign_attribute: Any) -> None:
+@pytest.fixture
+def fake_searches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Searches on a ``_Handle`` (the pool's own search needs a python-pkcs11 session)."""
+    from router.pkcs11 import _search
+
+    monkeypatch.setattr(_search, "find", lambda handle, template: list(handle.get_objects(template)))
+
+
+@pytest.mark.parametrize("sign_attribute, error", [(True, Throttled), (p11.FunctionFailed(), p11.FunctionFailed)],
+                         ids=["says-yes", "unreadable"])
+def test_a_key_object_read_in_part_is_found_again_and_not_kept(sign_attribute: Any, error: type[Exception],
+                                                               fake_searches: None) -> None:
+    """A key whose attribute says it signs is searched for again, then refused as busy; one whose
+    attribute cannot be read fails with the module's own error (which ``_run`` maps by its CKR)."""
     obj = _NoSignMethod()
     obj.sign_attribute = sign_attribute
     handle = _Handle(obj)
@@ -201,12 +214,12 @@ def test_a_key_object_read_in_part_is_a_busy_hsm_and_not_kept(sign_attribute: An
     placement = Placement(key_id="k/1", algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
                           state=KeyState.ENABLED, primary="use1-a")
     for _ in range(2):
-        with pytest.raises(Throttled):
+        with pytest.raises(error):
             session.key(placement, ObjectClass.PRIVATE_KEY, "sign")
-    assert handle.searches == 2 and not session.keys, "found again each time, never cached"
+    assert handle.searches == (2 * _LOOKUPS if error is Throttled else 2) and not session.keys, "never cached"
 
 
-def test_a_key_that_does_not_permit_signing_is_still_the_callers_mistake() -> None:
+def test_a_key_that_does_not_permit_signing_is_still_the_callers_mistake(fake_searches: None) -> None:
     obj = _NoSignMethod()
     obj.sign_attribute = False
     session = PooledSession(_Handle(obj), 0, 4, ClusterSpec("use1-a", "us-east-1", "use1-a"), TokenObjects(None))
@@ -291,21 +304,28 @@ def _read_in_part(base: type, attribute: Attribute, answer: Any) -> Any:
     (ObjectClass.PRIVATE_KEY, PrivateKey, "decrypt", Attribute.DECRYPT),
 ], ids=["verify", "encrypt", "decrypt"])
 @pytest.mark.parametrize("answer", [True, p11.DeviceError()], ids=["says-yes", "unreadable"])
-def test_a_key_read_in_part_for_any_operation_is_a_busy_hsm_to_the_caller(
-    object_class: ObjectClass, base: type, capability: str, attribute: Attribute, answer: Any
+def test_a_key_read_in_part_for_any_operation_is_not_the_callers_mistake(
+    object_class: ObjectClass, base: type, capability: str, attribute: Attribute, answer: Any, fake_searches: None
 ) -> None:
-    """RESOURCE_EXHAUSTED (another replica, or a retry, may serve it), not FAILED_PRECONDITION
-    as a key that does not permit the operation would be; and the half-read object is not kept."""
+    """Not FAILED_PRECONDITION, as a key that does not permit the operation would be, and the
+    half-read object is not kept: a key whose attribute says yes is searched for again, then
+    RESOURCE_EXHAUSTED (another replica, or a retry, may serve it); one whose attribute the HSM
+    refuses fails with the HSM's error (a device error: the cluster is down, not busy)."""
     handle = _Handle(_read_in_part(base, attribute, answer))
     session = PooledSession(handle, 0, 4, ClusterSpec("use1-a", "us-east-1", "use1-a"), TokenObjects(None))
     placement = Placement(key_id="k/1", algorithm=KeyAlgorithm.AES_256, usage=KeyUsage.ENCRYPT_DECRYPT,
                           state=KeyState.ENABLED, primary="use1-a")
     for _ in range(2):
+        if isinstance(answer, Exception):
+            with pytest.raises(p11.DeviceError):
+                session.key(placement, object_class, capability)
+            continue
         with pytest.raises(Throttled) as caught:
             session.key(placement, object_class, capability)
         code, message, _ = status.status_for(caught.value)
         assert (code, message) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "could not read all of key 'k/1''s attributes")
-    assert handle.searches == 2 and not session.keys, "found again each time, never cached"
+    searches = 2 if isinstance(answer, Exception) else 2 * _LOOKUPS
+    assert handle.searches == searches and not session.keys, "never cached"
 
     handle.obj.answer = False  # read in full: the key does not permit it, the caller's mistake
     with pytest.raises(WrongKeyUsage, match=f"key 'k/1' does not permit {capability} on this cluster"):
