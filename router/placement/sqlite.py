@@ -238,13 +238,18 @@ class SqliteStore(PlacementStore):
             raise StoreError(f"placement store error: {exc}") from exc
 
     def fleet_id(self, proposed: str | None = None) -> str:
-        rows = self._query("SELECT value FROM meta WHERE name = 'fleet_id'")
-        if not rows:
+        found = self.existing_fleet_id()
+        if found is None:
             # The first writer's id stays: every other process's insert is ignored, and it reads that one.
             self._query("INSERT OR IGNORE INTO meta (name, value) VALUES ('fleet_id', ?)",
                         (proposed or new_fleet_id(),))
-            rows = self._query("SELECT value FROM meta WHERE name = 'fleet_id'")
-        return str(rows[0][0])
+            found = self.existing_fleet_id()
+        assert found is not None  # made just now, by this call or another
+        return found
+
+    def existing_fleet_id(self) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE name = 'fleet_id'")
+        return str(rows[0][0]) if rows else None
 
     def get(self, key_id: str) -> Placement | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM placements WHERE key_id = ?", (key_id,))
