@@ -563,7 +563,7 @@ class Router:
                                      "it cannot be made here")
         if copies < least:
             raise FailedPrecondition(f"replication.copies = {copies} is below this gateway's [replication] "
-                                     f"min_copies = {least}: each key it makes is on {least} clusters or more")
+                                     f"min_copies = {least}: each key it makes is placed on {least} clusters or more")
         if copies > 1 and not spec.extractable:
             raise FailedPrecondition(
                 f"a non-extractable key cannot be replicated; ask for replication.copies = 1 (policy: {copies})"
