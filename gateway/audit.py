@@ -217,15 +217,25 @@ class AuditLog:
         except Exception:  # noqa: BLE001 - a metric must never turn a refusal into a crash
             log.exception("counting an audit write failure failed")
 
-    def _written(self, noted: Unwritten) -> None:
-        """The record that noted ``noted`` is written: forget those events (not any lost since)."""
+    def _take_unwritten(self) -> Unwritten | None:
+        """The events to note in the record about to be written, forgotten in the same step: two
+        threads writing at once must not both note them, or ``verify`` counts the gap twice."""
+        with self._lock:
+            noted, self._unwritten = self._unwritten, None
+            return noted
+
+    def _put_back(self, noted: Unwritten) -> None:
+        """The record that was to note ``noted`` was not written: remember those events again,
+        with any lost since (their error is the latest)."""
         with self._lock:
             now = self._unwritten
-            if now is None or now is noted:
-                self._unwritten = None
+            if now is None:
+                self._unwritten = noted
                 return
-            left = {a: n - noted.actions.get(a, 0) for a, n in now.actions.items() if n > noted.actions.get(a, 0)}
-            self._unwritten = Unwritten(events=now.events - noted.events, actions=left, since=now.since,
+            actions = dict(noted.actions)
+            for action, n in now.actions.items():
+                actions[action] = actions.get(action, 0) + n
+            self._unwritten = Unwritten(events=noted.events + now.events, actions=actions, since=noted.since,
                                         error=now.error)
 
     def __repr__(self) -> str:
@@ -264,16 +274,18 @@ class AuditLog:
                 raise TypeError(f"audit {name} must be a str, not {type(value).__name__}")
             _check_text(value, name)
         clean = _clean_details(details)
-        noted = self.unwritten()
+        noted = self._take_unwritten()
         if noted is not None:
             clean["unwritten"] = noted.as_detail()
         try:
             record = self._write(actor, action, target, outcome, clean)
-        except (OSError, AuditLogError) as exc:
-            self._failed(actor, action, target, outcome, exc)
+        except BaseException as exc:
+            if noted is not None:
+                self._put_back(noted)
+            if isinstance(exc, (OSError, AuditLogError)):
+                self._failed(actor, action, target, outcome, exc)
             raise
         if noted is not None:
-            self._written(noted)
             log.warning("audit log %s is written again; record %d notes the %d event(s) that could not be",
                         self.path, record["seq"], noted.events)
         return record

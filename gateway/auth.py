@@ -37,6 +37,7 @@ import math
 import stat
 import threading
 import tomllib
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -560,11 +561,12 @@ class Authenticator:
 def _showable(identity: str, where: str) -> str:
     """``identity`` unless it has a character that cannot be shown: a control character
     (a terminal escape, a line break that forges a log line or a table row), a format
-    character (bidi override) or a separator other than the space."""
+    character (bidi override) or a line or paragraph separator. Space separators (U+00A0,
+    U+3000…) are shown as spaces and forge nothing: names that have them are accepted."""
     if identity.isprintable():  # every call's identity: the loop below only says where
         return identity
     for offset, ch in enumerate(identity):
-        if not ch.isprintable():
+        if not ch.isprintable() and unicodedata.category(ch) != "Zs":
             raise Unauthenticated(f"{where} has a character that cannot be shown (U+{ord(ch):04X} at offset "
                                   f"{offset}): an identity must be printable")
     return identity

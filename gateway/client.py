@@ -673,8 +673,8 @@ class Client:
 
     def iter_keys(self, *, prefix: str = "", page_size: int = 0, timeout: float | None = None) -> Iterator[pb.Key]:
         """Every key whose id starts with ``prefix``, a page at a time; ``timeout`` is each page's.
-        A page token is the last key id of its page, so the pages may come from different
-        endpoints after a failover."""
+        A page token is opaque and carries all a gateway needs to go on (the prefix and where
+        the page ended), so the pages may come from different endpoints after a failover."""
         token = ""
         while True:
             page = self.list_keys(prefix=prefix, page_size=page_size, page_token=token, timeout=timeout)

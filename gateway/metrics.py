@@ -662,6 +662,7 @@ class GatewayMetrics:
             ("stale_intent", [k for k in report.stale_intents if k not in rolled_back]),
             ("unreachable", report.unreachable),
             ("other_fleet", report.other_fleet),
+            ("fleet_unread", report.fleet_unread),
         ):
             findings.labels(kind).set(len(found))
         finished.set_to_current_time()

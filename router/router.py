@@ -124,6 +124,8 @@ class Topology:
 _STORE_LOG_EVERY = 60.0
 """Seconds between log lines about placement store calls that failed a request."""
 _store_log = {"at": float("-inf"), "since": 0}
+_store_log_lock = threading.Lock()
+"""Guards ``_store_log``: request threads of every Router in the process fail at once when the store does."""
 
 
 def _store_down(message: str, exc: StoreError) -> Unavailable:
@@ -131,13 +133,16 @@ def _store_down(message: str, exc: StoreError) -> Unavailable:
     store's own error (a read-only file, throttling, a timeout), at most once a minute a process:
     the caller's message does not name the store."""
     now = time.monotonic()
-    if now - _store_log["at"] >= _STORE_LOG_EVERY:
-        more = _store_log["since"]
+    with _store_log_lock:  # decided and recorded in one step; the line is written outside
+        due = now - _store_log["at"] >= _STORE_LOG_EVERY
+        if due:
+            more = _store_log["since"]
+            _store_log["at"], _store_log["since"] = now, 0
+        else:
+            _store_log["since"] += 1
+    if due:
         log.warning("placement store failed a request (%s): %s%s", message, exc,
                     f" ({more} more since the last such line)" if more else "")
-        _store_log["at"], _store_log["since"] = now, 0
-    else:
-        _store_log["since"] += 1
     return Unavailable(message)
 
 
@@ -587,7 +592,7 @@ class Router:
                                      "it cannot be made here")
         if copies < least:
             raise FailedPrecondition(f"replication.copies = {copies} is below this gateway's [replication] "
-                                     f"min_copies = {least}: each key it makes is on {least} clusters or more")
+                                     f"min_copies = {least}: each key it makes is placed on {least} clusters or more")
         if copies > 1 and not spec.extractable:
             raise FailedPrecondition(
                 f"a non-extractable key cannot be replicated; ask for replication.copies = 1 (policy: {copies})"

@@ -258,12 +258,19 @@ def _store_migrate(args: argparse.Namespace) -> None:
         try:
             # The fleet id goes first: the tokens' fleet markers name it, and a gateway on the
             # destination must find its id there, or its reconcile destroys nothing on them.
-            fleet = source.fleet_id()
-            took = dest.fleet_id(fleet)
-            if took != fleet:
-                fail(f"{args.dest} belongs to fleet {took} and {args.source} to fleet {fleet}: the destination is "
-                     "another fleet's placement store (a shared or wrong table), and a fleet's keys belong with "
-                     "its own store; nothing was copied. Name an empty store, or this fleet's own")
+            # Only read from the source: a migration writes nothing there (its role may only read).
+            fleet = source.existing_fleet_id()
+            if fleet is None:
+                # No token's fleet marker names a store without one: the destination's id serves.
+                fleet_from = "new" if dest.existing_fleet_id() is None else "destination"
+                fleet = dest.fleet_id()
+            else:
+                fleet_from = "source"
+                took = dest.fleet_id(fleet)
+                if took != fleet:
+                    fail(f"{args.dest} belongs to fleet {took} and {args.source} to fleet {fleet}: the destination "
+                         "is another fleet's placement store (a shared or wrong table), and a fleet's keys belong "
+                         "with its own store; nothing was copied. Name an empty store, or this fleet's own")
             copy_placements(source, dest, report)
             # Records the destination holds that the source does not: another fleet's (a shared or
             # wrong table), or keys made there since a switch-over. Left alone, and named.
@@ -282,7 +289,8 @@ def _store_migrate(args: argparse.Namespace) -> None:
         source.close()
     counts = {name: len(getattr(report, name)) for name in ("copied", "identical", "differing", "failed")}
     if args.output == "json":
-        print(json.dumps({**counts, "fleet_id": fleet, "differing_keys": report.differing,
+        print(json.dumps({**counts, "fleet_id": fleet, "fleet_id_from": fleet_from,
+                          "differing_keys": report.differing,
                           "failed_records": [{"record": name, "error": why} for name, why in report.failed],
                           "not_in_source": len(foreign), "not_in_source_keys": foreign[:20]}))
     else:
@@ -290,7 +298,11 @@ def _store_migrate(args: argparse.Namespace) -> None:
             print(f"differs: {key_id} (destination left unchanged)")
         for name, why in report.failed:
             print(f"not copied: {name}: {why}")
-        print(f"fleet id {fleet} (the tokens' fleet markers name it)")
+        print(f"fleet id {fleet} " + {
+            "source": "(the tokens' fleet markers name it)",
+            "destination": "(the source has none: the destination keeps its own)",
+            "new": "(the source has none: the destination was given a new one)",
+        }[fleet_from])
         print(f"copied {counts['copied']}, identical {counts['identical']} (skipped), differing {counts['differing']}, "
               f"failed {counts['failed']}")
         if foreign:

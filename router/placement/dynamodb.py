@@ -359,24 +359,34 @@ class DynamoStore(PlacementStore):
     # -- PlacementStore
 
     def fleet_id(self, proposed: str | None = None) -> str:
+        found = self.existing_fleet_id()
+        if found is not None:
+            return found
+        try:
+            self._client.put_item(
+                TableName=self.table,
+                Item={**_key(_FLEET_KEY), "kind": {"S": _META}, "fleet_id": {"S": proposed or new_fleet_id()}},
+                ConditionExpression="attribute_not_exists(#k)",
+                ExpressionAttributeNames={"#k": "key_id"},
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise self._failed("PutItem", exc) from exc
+            # Another process made it first: its id is the store's.
+        except BotoCoreError as exc:
+            raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
+        found = self.existing_fleet_id()
+        if found is None:
+            raise StoreError(f"placement store dynamodb://{self.table}: the fleet id item {_FLEET_KEY!r} is gone "
+                             "just after it was written")
+        return found
+
+    def existing_fleet_id(self) -> str | None:
         found = self._get_item(_key(_FLEET_KEY))
         if found is None:
-            try:
-                self._client.put_item(
-                    TableName=self.table,
-                    Item={**_key(_FLEET_KEY), "kind": {"S": _META}, "fleet_id": {"S": proposed or new_fleet_id()}},
-                    ConditionExpression="attribute_not_exists(#k)",
-                    ExpressionAttributeNames={"#k": "key_id"},
-                )
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
-                    raise self._failed("PutItem", exc) from exc
-                # Another process made it first: its id is the store's.
-            except BotoCoreError as exc:
-                raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
-            found = self._get_item(_key(_FLEET_KEY))
+            return None
         try:
-            return str(found["fleet_id"]["S"])  # type: ignore[index]
+            return str(found["fleet_id"]["S"])
         except (KeyError, TypeError) as exc:
             raise StoreError(f"placement store dynamodb://{self.table}: malformed fleet id item {_FLEET_KEY!r}: "
                              f"{exc!r}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -28,6 +29,8 @@ from router.placement.store import (
     StoreMisconfigured,
     new_fleet_id,
 )
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS placements (
@@ -181,9 +184,7 @@ class SqliteStore(PlacementStore):
         self._lock = threading.Lock()
         _create_private(Path(self.path))
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = self._connect()
             self._db.executescript(_SCHEMA)
             self._migrate()
         except sqlite3.Error as exc:
@@ -191,6 +192,31 @@ class SqliteStore(PlacementStore):
             if problem:
                 raise StoreMisconfigured(f"cannot open placement store {self.path}: {problem}") from exc
             raise StoreError(f"cannot open placement store {self.path}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _reopen(self, why: sqlite3.Error) -> None:
+        """Replace a connection left in a transaction its ROLLBACK could not end: every later
+        ``BEGIN IMMEDIATE`` on it would fail, and every read see that transaction's snapshot.
+        Called with ``_lock`` held."""
+        log.warning("placement store %s: a failed write could not be rolled back (%s); reopening the store",
+                    self.path, why)
+        try:
+            fresh = self._connect()
+        except sqlite3.Error as exc:  # the next write that finds the connection so tries again
+            log.warning("placement store %s could not be reopened: %s", self.path, exc)
+            return
+        stale, self._db = self._db, fresh
+        with contextlib.suppress(sqlite3.Error):
+            stale.close()  # closing rolls back what the connection had not committed
 
     def _migrate(self) -> None:
         """Add columns that newer versions introduced to an older store file."""
@@ -211,6 +237,8 @@ class SqliteStore(PlacementStore):
         counter and the change log; rowcount of the first."""
         try:
             with self._lock:
+                if self._db.in_transaction:  # left so by a failed roll-back that could not reopen then
+                    self._reopen(sqlite3.OperationalError("the connection is still in a transaction"))
                 cur = self._db.cursor()
                 cur.execute("BEGIN IMMEDIATE")
                 try:
@@ -229,8 +257,12 @@ class SqliteStore(PlacementStore):
                     # SQLite has rolled back already after some errors (a read-only or full disk,
                     # an I/O error): a second ROLLBACK would fail and hide the first error.
                     if self._db.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
+                        try:
                             cur.execute("ROLLBACK")
+                        except sqlite3.Error as exc:
+                            if self._db.in_transaction:
+                                cur.close()  # a statement it holds would keep the old connection (and its lock)
+                                self._reopen(exc)
                     raise
         except sqlite3.IntegrityError:
             raise
@@ -238,13 +270,18 @@ class SqliteStore(PlacementStore):
             raise StoreError(f"placement store error: {exc}") from exc
 
     def fleet_id(self, proposed: str | None = None) -> str:
-        rows = self._query("SELECT value FROM meta WHERE name = 'fleet_id'")
-        if not rows:
+        found = self.existing_fleet_id()
+        if found is None:
             # The first writer's id stays: every other process's insert is ignored, and it reads that one.
             self._query("INSERT OR IGNORE INTO meta (name, value) VALUES ('fleet_id', ?)",
                         (proposed or new_fleet_id(),))
-            rows = self._query("SELECT value FROM meta WHERE name = 'fleet_id'")
-        return str(rows[0][0])
+            found = self.existing_fleet_id()
+        assert found is not None  # made just now, by this call or another
+        return found
+
+    def existing_fleet_id(self) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE name = 'fleet_id'")
+        return str(rows[0][0]) if rows else None
 
     def get(self, key_id: str) -> Placement | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM placements WHERE key_id = ?", (key_id,))

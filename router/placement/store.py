@@ -70,6 +70,11 @@ class PlacementStore(abc.ABC):
         every one of them gets its value. Never changes once made."""
 
     @abc.abstractmethod
+    def existing_fleet_id(self) -> str | None:
+        """The store's fleet id, or None when it has none yet. Only reads (one ``GetItem`` on
+        DynamoDB): a role that may not write the store can call it, and it gives none."""
+
+    @abc.abstractmethod
     def get(self, key_id: str) -> Placement | None: ...
 
     @abc.abstractmethod

@@ -353,6 +353,17 @@ def test_a_store_with_no_fleet_id_takes_the_one_proposed(store: PlacementStore) 
     assert store.fleet_id() == "0123456789abcdef0123456789abcdef"
 
 
+def test_looking_up_a_missing_fleet_id_finds_none_and_makes_none(backend: Backend, url: str) -> None:
+    """What ``hsmgw store migrate`` asks of its source: a role that may only read it can, and
+    the source is left as it was."""
+    store = backend.open(url)
+    assert store.existing_fleet_id() is None
+    assert backend.open(url).existing_fleet_id() is None  # nothing was written for another process to find
+    assert store.fleet_id("0123456789abcdef0123456789abcdef") == "0123456789abcdef0123456789abcdef"
+    assert store.existing_fleet_id() == "0123456789abcdef0123456789abcdef"
+    assert backend.open(url).existing_fleet_id() == "0123456789abcdef0123456789abcdef"
+
+
 def test_concurrent_first_readers_of_the_fleet_id_agree_on_one(backend: Backend, url: str) -> None:
     threads = 8
     stores = [backend.open(url) for _ in range(threads)]  # one per gateway process

@@ -20,9 +20,9 @@ import pytest
 from gateway.cli.hsmgw import main as hsmgw
 from gateway.quorum import ChangeBook
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage, Placement
-from router.placement import PlacementStore, SqliteStore
+from router.placement import PlacementStore, SqliteStore, StoreError
 from router.placement.factory import make_store
-from tests.aws.conftest import FAKE_AWS_ENV, MotoServer
+from tests.aws.conftest import FAKE_AWS_ENV, REGION, MotoServer
 from tests.support import ROOT
 
 _KINDS = [
@@ -62,9 +62,10 @@ def _placements(count: int) -> list[Placement]:
 
 @pytest.fixture
 def source(tmp_path: Path) -> tuple[str, list[Placement]]:
-    """A SQLite store with 50 placements, some updated past version 1."""
+    """A SQLite store with 50 placements, some updated past version 1, and a fleet id (its gateways made it)."""
     path = tmp_path / "placements.db"
     store = SqliteStore(path)
+    store.fleet_id()
     final = []
     for p in _placements(50):
         store.create(p)
@@ -106,7 +107,8 @@ def test_migrate_copies_everything_and_a_rerun_is_a_no_op(
         hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
         report = json.loads(capsys.readouterr().out)
         assert report == {"copied": 0, "identical": 50, "differing": 0, "failed": 0, "fleet_id": src.fleet_id(),
-                          "differing_keys": [], "failed_records": [], "not_in_source": 0, "not_in_source_keys": []}
+                          "fleet_id_from": "source", "differing_keys": [], "failed_records": [], "not_in_source": 0,
+                          "not_in_source_keys": []}
         assert dest.change_counter() == counter, "a re-run must not write"
     finally:
         dest.close()
@@ -329,3 +331,85 @@ def test_migrate_into_another_fleets_store_is_refused_and_copies_nothing(
         assert dest.fleet_id() == theirs
     finally:
         dest.close()
+
+
+def test_a_source_without_a_fleet_id_is_left_without_one(
+    tmp_path: Path, moto_server: MotoServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A migration writes nothing to its source: the destination keeps its own fleet id, or
+    is given one, and the output says which."""
+    src_url = f"sqlite:{tmp_path / 'no-fleet.db'}"
+    src = make_store(src_url)
+    for p in _placements(3):
+        src.create(p)
+    src.close()
+
+    dst_url = moto_server.store_url(f"new-fleet-{uuid.uuid4().hex[:8]}")
+    hsmgw(["store", "init", "--url", dst_url])
+    capsys.readouterr()
+    hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url])
+    fleet_line, copied_line = capsys.readouterr().out.strip().splitlines()
+    dest = make_store(dst_url)
+    src = make_store(src_url)
+    try:
+        made = dest.existing_fleet_id()
+        assert made is not None
+        assert fleet_line == f"fleet id {made} (the source has none: the destination was given a new one)"
+        _all_copied(copied_line, 3)
+        assert src.existing_fleet_id() is None
+
+        hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url, "--output", "json"])
+        report = json.loads(capsys.readouterr().out)
+        assert (report["fleet_id"], report["fleet_id_from"], report["identical"]) == (made, "destination", 3)
+        assert dest.existing_fleet_id() == made
+        assert src.existing_fleet_id() is None
+    finally:
+        dest.close()
+        src.close()
+
+
+def test_migrate_from_dynamodb_needs_only_scan_and_getitem_on_the_source(
+    spare_moto_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The source part of the operator's role as deploy/dynamodb/README.md gives it: Scan and
+    GetItem. moto enforces IAM from the point it is told to (on every table alike: it checks
+    DynamoDB calls against resource "*"), so the destination here is a SQLite file."""
+    import urllib.request
+
+    import boto3  # type: ignore[import-untyped]
+
+    server: MotoServer = spare_moto_server()
+    src_url = server.store_url(f"src-{uuid.uuid4().hex[:8]}")
+    hsmgw(["store", "init", "--url", src_url])
+    src = make_store(src_url)
+    for p in _placements(4):
+        src.create(p)  # no fleet id: no gateway ran on it
+    src.close()
+
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["dynamodb:Scan", "dynamodb:GetItem"], "Resource": "*"}]}
+    iam = boto3.session.Session().client("iam", region_name=REGION, endpoint_url=server.endpoint)
+    iam.create_user(UserName="operator")
+    iam.put_user_policy(UserName="operator", PolicyName="migrate", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="operator")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    enforce = urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(enforce, timeout=10) as answer:
+        assert answer.status == 200
+    capsys.readouterr()
+
+    dst_url = f"sqlite:{tmp_path / 'dest.db'}"
+    hsmgw(["store", "migrate", "--from", src_url, "--to", dst_url])
+    fleet_line, copied_line = capsys.readouterr().out.strip().splitlines()
+    assert fleet_line.endswith("(the source has none: the destination was given a new one)"), fleet_line
+    _all_copied(copied_line, 4)
+    src = make_store(src_url)
+    try:
+        with pytest.raises(StoreError, match="AccessDenied"):
+            src.fleet_id()  # the role may not write the source, so nothing did
+        assert src.existing_fleet_id() is None
+    finally:
+        src.close()

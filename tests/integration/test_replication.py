@@ -156,7 +156,8 @@ def test_min_copies_holds_every_new_key_to_the_policy(make_router, tokens) -> No
     strict = make_router(replication=replace(POLICY, min_copies=2))
     for spec, refused in (
         (replace(_spec(unique("single")), copies=1), "replication.copies = 1 is below this gateway's "
-                                                     r"\[replication\] min_copies = 2"),
+                                                     r"\[replication\] min_copies = 2: each key it makes is placed on "
+                                                     "2 clusters or more"),
         (replace(_spec(unique("pinned")), copies=1, extractable=False), "a non-extractable key cannot be copied"),
         (replace(_spec(unique("pinned")), extractable=False), "a non-extractable key cannot be copied"),
     ):

@@ -99,7 +99,8 @@ def test_the_start_up_reconcile_is_published_from_the_start(tmp_path: Path) -> N
         samples = wait_for(lambda: scrape(metrics_port), timeout=20, what="/metrics")
         assert ("hsmgw_reconcile_last_run_timestamp_seconds", ()) in samples, "not published at start"
         assert before <= value(samples, "hsmgw_reconcile_last_run_timestamp_seconds") <= time.time()
-        for kind in ("missing", "orphan", "unknown", "duplicate", "stale_intent", "unreachable"):
+        for kind in ("missing", "orphan", "unknown", "duplicate", "stale_intent", "unreachable", "other_fleet",
+                     "fleet_unread"):
             assert ("hsmgw_reconcile_findings", (("kind", kind),)) in samples, kind
             assert value(samples, "hsmgw_reconcile_findings", kind=kind) == 0, kind
         assert "reconcile (report only)" not in gateway.log(), "the interval is an hour: no pass has run"

@@ -13,6 +13,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gateway.auth import shown
 from gateway.tls import DevCerts, _leaf, load_issuer, write_file
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.security.helpers import Client, audit_events, sid, tls_channel
@@ -54,6 +55,28 @@ def test_an_identity_with_characters_a_terminal_would_act_on_is_refused_and_audi
                                if "cannot be shown" in e.get("error", "")], what="authn.failed events")
     assert len(failed) >= len(forgeries)
     assert not any("\x1b" in str(e) or "\n" in str(e) or "\u202e" in str(e) for e in failed)
+
+
+def test_a_name_with_a_space_other_than_u0020_is_an_identity(
+    tls_gateway: GatewayProcess, certs: DevCerts, tmp_path: Path
+) -> None:
+    """A no-break or ideographic space forges no line and no escape: a certificate whose CN has
+    one authenticates as that name (and is refused only by the policy), while a line or
+    paragraph separator still has no identity."""
+    for name, common_name in (("nbsp", "Zoë\u00a0Ops"), ("ideographic", "運用\u3000チーム")):
+        pair = _client_with(certs, tmp_path, name, common_name, [])
+        marker = unique("hr/spaced")
+        with tls_channel(tls_gateway.target, certs, None, cert_key=pair) as channel:
+            err = rpc_error(Client.of(channel).crypto.GetKey, pb.GetKeyRequest(key_id=marker), timeout=5)
+        assert err.code() is grpc.StatusCode.PERMISSION_DENIED, (name, err.code(), err.details())
+        (denied,) = wait_for(lambda marker=marker: [e for e in _events(tls_gateway, event="authz.denied")()
+                                                    if e.get("resource") == marker], what="the denial")
+        assert denied["identity"] == shown(common_name)  # written as before: the space escaped, as \xa0
+    for name, common_name in (("line", "ops\u2028FAKE"), ("paragraph", "ops\u2029FAKE")):
+        pair = _client_with(certs, tmp_path, name, common_name, [])
+        with tls_channel(tls_gateway.target, certs, None, cert_key=pair) as channel:
+            err = rpc_error(Client.of(channel).crypto.GetKey, pb.GetKeyRequest(key_id="payments/x"), timeout=5)
+        assert err.code() is grpc.StatusCode.UNAUTHENTICATED and "cannot be shown" in err.details(), name
 
 
 def test_caller_strings_are_clipped_in_audit_events(

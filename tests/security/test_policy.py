@@ -210,6 +210,11 @@ def test_an_identity_that_cannot_be_shown_is_refused() -> None:
             with pytest.raises(Unauthenticated, match="cannot be shown|not valid UTF-8"):
                 identity_from_auth_context(auth)
     assert identity_from_auth_context({"x509_common_name": ["Zoë Ops".encode()]}) == "Zoë Ops"
+    for spaced in ("Zoë\u00a0Ops", "運用\u3000チーム", "a\u2009b"):  # space separators forge nothing
+        assert identity_from_auth_context({"x509_common_name": [spaced.encode()]}) == spaced
+    for separator in ("\u2028", "\u2029", "\u0085"):  # a line break by another name
+        with pytest.raises(Unauthenticated, match="cannot be shown"):
+            identity_from_auth_context({"x509_common_name": [f"ops{separator}FAKE".encode()]})
     with pytest.raises(Unauthenticated, match="cannot be shown"):
         Authenticator(tls=False, dev_header=True).identity(_Context((("x-hsmgw-identity", "a\x7fb"),)))
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -500,6 +503,73 @@ def test_an_event_the_log_cannot_take_is_one_error_line_counted_and_noted_in_the
     assert log.unwritten() is None
     result = verify(path)
     assert result.ok and (result.unwritten, result.unwritten_noted_at) == (2, (noting["seq"],))
+
+
+_FLOCK_SYSCALL = {"x86_64": 73, "aarch64": 32}
+
+
+def _wait_in_flock(threads: list[threading.Thread]) -> None:
+    """Until each thread waits for the file lock (Linux: the syscall it is in)."""
+    number = _FLOCK_SYSCALL.get(os.uname().machine)
+    if number is None or not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux /proc on x86_64 or aarch64 to see a thread wait for a lock")
+    waiting: set[int] = set()
+    for _ in range(2000):
+        for t in threads:
+            try:
+                call = Path(f"/proc/self/task/{t.native_id}/syscall").read_text().split()
+            except OSError:
+                continue
+            if call and call[0] == str(number):
+                waiting.add(t.native_id or 0)
+        if len(waiting) == len(threads):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"only {len(waiting)} of {len(threads)} writers reached the file lock")
+
+
+def test_a_gap_is_noted_once_by_writers_racing_after_it(path: Path, unwritable: Callable[[bool], None]) -> None:
+    """Two threads write at once after a gap: one record notes it, and verify counts it once."""
+    log = AuditLog(path, clock=FakeClock(T0))
+    log.append("maker", "authz.granted", "ok/k1")
+    unwritable(True)
+    with pytest.raises(OSError):
+        log.append("maker", "key.generated", "ok/k2")
+    unwritable(False)
+
+    holder = os.open(path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as another process appending: both threads queue behind it
+    try:
+        writers = [threading.Thread(target=log.append, args=("maker", "authz.granted", f"ok/r{i}"))
+                   for i in range(2)]
+        for w in writers:
+            w.start()
+        _wait_in_flock(writers)  # both have taken what they note, if anything
+    finally:
+        os.close(holder)
+    for w in writers:
+        w.join(timeout=30)
+    records = tail(path, 10)
+    assert sorted(r["target"] for r in records[1:]) == ["ok/r0", "ok/r1"]
+    assert [r["details"].get("unwritten", {}).get("events") for r in records[1:]].count(1) == 1, records
+    result = verify(path)
+    assert result.ok and result.unwritten == 1, result
+    assert log.unwritten() is None
+
+
+def test_a_note_whose_record_fails_is_kept_with_the_new_loss(path: Path, unwritable: Callable[[bool], None]) -> None:
+    log = AuditLog(path, clock=FakeClock(T0))
+    log.append("maker", "authz.granted", "ok/k")
+    unwritable(True)
+    for action in ("key.generated", "authz.denied", "key.generated"):
+        with pytest.raises(OSError):
+            log.append("maker", action, "ok/k")
+    lost = log.unwritten()
+    assert lost is not None and (lost.events, dict(lost.actions)) == (3, {"key.generated": 2, "authz.denied": 1})
+    unwritable(False)
+    log.append("maker", "authz.granted", "ok/k")
+    record = tail(path, 1)[0]
+    assert record["details"]["unwritten"]["events"] == 3 and verify(path).unwritten == 3
 
 
 def test_a_required_event_the_log_cannot_take_raises(path: Path, unwritable: Callable[[bool], None]) -> None:

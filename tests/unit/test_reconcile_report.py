@@ -14,6 +14,7 @@ from router.errors import ClusterDown
 from router.model import ClusterSpec, Placement
 from router.placement.sqlite import SqliteStore
 from router.placement.store import StoreError
+from router.reconcile import ReconcileReport
 from router.router import Router, Topology
 
 
@@ -90,3 +91,13 @@ def test_a_dead_cluster_is_an_unreachable_finding_and_the_rest_is_checked(
         "copies (0 a fix would drop "
         "from their records), 0 duplicate objects, 1 unreachable clusters; `hsmctl reconcile` lists them "
         "(docs/operations.md)")
+
+
+def test_a_cluster_whose_fleet_marker_could_not_be_read_is_a_fleet_unread_finding(tmp_path: Path) -> None:
+    """Nothing is destroyed on it that pass: an alert on the findings must see it, as it sees other_fleet."""
+    router, metrics = _gateway(tmp_path, SqliteStore(tmp_path / "p.db"), **{"use1-a": Token("use1-a", {})})
+    metrics.reconciled(ReconcileReport(fleet_unread=["use1-a"], other_fleet=["use1-b", "use1-c"]))
+    assert _sample(metrics, "hsmgw_reconcile_findings", kind="fleet_unread") == 1
+    assert _sample(metrics, "hsmgw_reconcile_findings", kind="other_fleet") == 2
+    metrics.reconciled(ReconcileReport())
+    assert _sample(metrics, "hsmgw_reconcile_findings", kind="fleet_unread") == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from pathlib import Path
 
@@ -298,3 +299,42 @@ def test_a_new_store_file_and_its_journal_are_owner_only(tmp_path: Path) -> None
         os.umask(old)
     assert made == {"new.db": 0o600, "new.db-wal": 0o600, "new.db-shm": 0o600}
     assert stat.S_IMODE((tmp_path / "shared.db").stat().st_mode) == 0o640
+
+
+def test_a_roll_back_that_fails_mid_transaction_reopens_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed write whose ROLLBACK fails too, leaving the connection in the transaction, would
+    make every later write in the process fail ("cannot start a transaction within a
+    transaction"). SQLite's own interrupt (a progress handler, armed as the ROLLBACK starts)
+    stands in for what makes a roll-back fail on a host: an I/O error, memory running out."""
+    path = tmp_path / "placements.db"
+    store = SqliteStore(path)
+    store.create(make("app/first", request_id="r-first"))
+    connection = store._db
+    armed = False
+
+    def on_statement(sql: str) -> None:
+        nonlocal armed
+        armed = armed or sql == "ROLLBACK"
+
+    def interrupt() -> int:
+        nonlocal armed
+        fire, armed = armed, False  # that one statement only
+        return int(fire)
+
+    connection.set_trace_callback(on_statement)
+    connection.set_progress_handler(interrupt, 1)
+    with caplog.at_level(logging.WARNING, logger="router.placement.sqlite"):
+        with pytest.raises(Conflict):  # the write's own failure: the key exists
+            store.create(make("app/first", request_id="r-again"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"placement store {path}: a failed write could not be rolled back (interrupted); reopening the store"]
+
+    store.create(make("app/second", request_id="r-second"))
+    other = SqliteStore(path)  # another process sees the write: it was committed
+    try:
+        assert [p.key_id for p in other.scan()] == ["app/first", "app/second"]
+    finally:
+        other.close()
+    store.close()
