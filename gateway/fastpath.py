@@ -298,6 +298,7 @@ class FastPath:
         self._threads = [threading.Thread(target=self._serve, name=f"rpc-fast-{i}", daemon=True)
                          for i in range(threads)]
         self._stopping = False
+        self._requesting = threading.Lock()
 
     def _lookup(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(details.method)
@@ -327,8 +328,9 @@ class FastPath:
 
     def shut(self) -> None:
         """Take no more calls: each thread that is not serving one ends at once."""
-        self._stopping = True
-        self._notices.shutdown()
+        with self._requesting:  # no thread asks core for a call on the queue once it is shut down
+            self._stopping = True
+            self._notices.shutdown()
 
     def wait(self, until: float, *, since: float | None = None) -> int:
         """After ``shut``: wait until ``until`` (monotonic) at most for the calls still being
@@ -356,10 +358,15 @@ class FastPath:
     # -- serving --
 
     def _request(self, slot: _Slot) -> None:
-        try:
-            self._core.request_registered_call(slot.queue, self._notices, slot.method, slot)
-        except ValueError:  # "server must be started and not shutting down": no more calls come
-            self._stopping = True
+        # Under the lock ``shut`` takes: a thread that finished its call just as the stop began
+        # would otherwise ask core for the next one on a queue being shut down, which crashes it.
+        with self._requesting:
+            if self._stopping:
+                return
+            try:
+                self._core.request_registered_call(slot.queue, self._notices, slot.method, slot)
+            except ValueError:  # "server must be started and not shutting down": no more calls come
+                self._stopping = True
 
     def _serve(self) -> None:
         notices = self._notices
@@ -379,8 +386,7 @@ class FastPath:
                 log.exception("unexpected failure serving %s", slot.method)
             finally:
                 event = None
-                if not self._stopping:
-                    self._request(slot)
+                self._request(slot)
 
     def _handle(self, event: Any, slot: _Slot) -> None:
         context = self._context(event, slot.queue)
