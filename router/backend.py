@@ -155,10 +155,10 @@ class HsmBackend(abc.ABC):
         """
         return 0, 0.0
 
-    def recent_fault(self, within: float) -> str:
-        """The name of the HSM's own error behind this cluster's latest failure (``CKR_DEVICE_ERROR``…)
-        if it came less than ``within`` seconds ago, else ``""``. The router names it when the
-        failure opens the cluster's circuit. A backend with no such names reports none."""
+    def fault_name(self, error: RouterError) -> str:
+        """The name of the HSM's own error behind ``error``, one of this backend's failures
+        (``CKR_DEVICE_ERROR``…), or ``""``. The router names it when the failure opens the
+        cluster's circuit. A backend with no such names reports none."""
         return ""
 
     @abc.abstractmethod

@@ -200,14 +200,14 @@ class Dispatcher:
                 except (ClusterDown, StaleSession) as exc:
                     # A stale session here outlived the cluster's own repairs (every pooled
                     # session replaced): the HSM's fault, as a replacement in progress is.
-                    breaker.record_failure()
+                    breaker.record_failure(cause=backend.fault_name(exc))
                     last, unheard = self._at(exc, name), _add(unheard, name)
                     if same_cluster_try == 0 and breaker.allow():
                         continue  # HSM replacement errors clear on retry
                     break
                 except Throttled as exc:
                     # Busy, not down: counted toward the failure rate, never as a run of failures.
-                    breaker.record_failure(busy=True)
+                    breaker.record_failure(busy=True, cause=backend.fault_name(exc))
                     last, unheard = self._at(exc, name), _add(unheard, name)
                     pause = min(backoff(attempts), max(0.0, deadline - self._clock()))
                     if pause:

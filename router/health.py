@@ -78,14 +78,16 @@ class CircuitBreaker:
         max_failure_rate: float = 0.5,
         cooldown: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
-        on_change: Callable[[str, CircuitState], None] = lambda name, state: None,
+        on_change: Callable[[str, CircuitState, str], None] = lambda name, state, cause: None,
     ) -> None:
         """``failures_to_open``: failures in a row that open the circuit of a cluster whose calls
         were succeeding. ``run_chance``: how unlikely by chance a run must be to open the circuit
         of a cluster that already fails some calls. ``window``, ``min_calls``,
         ``max_failure_rate``: the circuit opens when at least that share of the last ``window``
         outcomes failed, with ``min_calls`` of them at least since it last changed.
-        ``cooldown``: seconds an open circuit waits before its trial."""
+        ``cooldown``: seconds an open circuit waits before its trial. ``on_change``: called with
+        (name, new state, cause) after each change, outside the lock; ``cause`` names the HSM error
+        of the failure that opened the circuit (``record_failure``), ``""`` for every other change."""
         self.name = name
         self._failures_to_open = failures_to_open
         self._log_chance = math.log(run_chance)
@@ -107,7 +109,7 @@ class CircuitBreaker:
         """Opened by ``trip`` (calls that hang), and not closed or half-open since."""
         self._busy = False
         """The last failure was a busy answer (the HSM throttles), not a cluster failure."""
-        self._changes: list[CircuitState] = []
+        self._changes: list[tuple[CircuitState, str]] = []
         # Outcomes of the last minute, counted per second: [second, successes, failures].
         self._recent: collections.deque[list[int]] = collections.deque()
         self._since = clock()
@@ -124,13 +126,13 @@ class CircuitBreaker:
         if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= self._cooldown:
             self._set(CircuitState.HALF_OPEN)
 
-    def _set(self, state: CircuitState) -> None:
+    def _set(self, state: CircuitState, cause: str = "") -> None:
         if state is not self._state:
             self._state = state
             self._trial_in_flight = False
             self._fresh = 0
             self._held = False
-            self._changes.append(state)
+            self._changes.append((state, cause))
 
     def _notify(self) -> None:
         """Tell the listener about state changes, outside the lock (it may look at other breakers)."""
@@ -140,8 +142,8 @@ class CircuitBreaker:
             with self._lock:
                 if not self._changes:
                     return
-                state = self._changes.pop(0)
-            self._on_change(self.name, state)
+                state, cause = self._changes.pop(0)
+            self._on_change(self.name, state, cause)
 
     def allow(self) -> bool:
         """May a request go to this cluster now? (Claims the trial slot when half-open.)"""
@@ -164,9 +166,10 @@ class CircuitBreaker:
                 self._set(CircuitState.CLOSED)
         self._notify()
 
-    def record_failure(self, *, busy: bool = False) -> None:
+    def record_failure(self, *, busy: bool = False, cause: str = "") -> None:
         """A cluster failure, or with ``busy`` a busy answer (throttling): the HSM answered, so
-        it ends a run of failures, but it counts toward the failure rate."""
+        it ends a run of failures, but it counts toward the failure rate. ``cause``: the HSM's
+        own error (``CKR_DEVICE_ERROR``…), named to the listener if this failure opens the circuit."""
         with self._lock:
             self._note(False)
             self._consecutive = 0 if busy else self._consecutive + 1
@@ -174,9 +177,9 @@ class CircuitBreaker:
             self._window.append(False)
             self._fresh += 1
             if self._state is CircuitState.HALF_OPEN:
-                self._open()
+                self._open(cause)
             elif self._state is CircuitState.CLOSED and (self._run_opens() or self._rate_opens()):
-                self._open()
+                self._open(cause)
         self._notify()
 
     def _run_opens(self) -> bool:
@@ -270,11 +273,11 @@ class CircuitBreaker:
         with self._lock:
             self._trial_in_flight = False
 
-    def _open(self) -> None:
+    def _open(self, cause: str = "") -> None:
         self._opened_at = self._clock()
         self._consecutive = 0
         self._fresh = 0
-        self._set(CircuitState.OPEN)
+        self._set(CircuitState.OPEN, cause)
 
 
 class HealthMonitor:
@@ -326,7 +329,7 @@ class HealthMonitor:
             return True  # every session busy: the cluster is working, not failing
         except RouterError as exc:
             log.debug("probe of %s failed: %s", name, exc.message)
-            breaker.record_failure()
+            breaker.record_failure(cause=self._backends[name].fault_name(exc))
             return False
         breaker.record_success()
         return True

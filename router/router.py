@@ -79,10 +79,6 @@ public key never changes): GetPublicKey then costs the HSM nothing. ~420 bytes e
 CLOSE_TIMEOUT = 5.0
 """Seconds ``close`` waits for the clusters' sessions to close (a hung HSM never answers)."""
 
-OPENING_FAULT_WITHIN = 5.0
-"""Seconds: a cluster's PKCS #11 error this recent is the one named when its circuit opens (the
-failure that opens a circuit is recorded as it happens, so one older belongs to another episode)."""
-
 NO_RECORD = "no record in the placement store names the key"
 """What ``Router.why_kept`` answers for objects whose key id the store has no record of."""
 
@@ -463,12 +459,11 @@ class Router:
         """Called with (cluster, state) whenever a cluster's circuit changes."""
         self._on_health_change = listener
 
-    def _health_changed(self, name: str, state: CircuitState) -> None:
+    def _health_changed(self, name: str, state: CircuitState, cause: str) -> None:
         level = logging.INFO if state is CircuitState.CLOSED else logging.WARNING
-        ckr = ""
         if state is CircuitState.OPEN:
-            ckr = self._opened_by[name] = self.backends[name].recent_fault(OPENING_FAULT_WITHIN)
-        log.log(level, "cluster %s: circuit %s%s", name, state.value, f" ({ckr})" if ckr else "")
+            self._opened_by[name] = cause
+        log.log(level, "cluster %s: circuit %s%s", name, state.value, f" ({cause})" if cause else "")
         self._on_health_change(name, state)
 
     def opened_by(self, name: str) -> str:
@@ -920,7 +915,8 @@ class Router:
                     raise
                 except RouterError as exc:
                     if isinstance(exc, (ClusterDown, Throttled)):
-                        breaker.record_failure(busy=isinstance(exc, Throttled))  # a busy HSM answered
+                        # A busy HSM answered.
+                        breaker.record_failure(busy=isinstance(exc, Throttled), cause=target.fault_name(exc))
                     error = exc
                 else:
                     breaker.record_success()

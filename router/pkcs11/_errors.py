@@ -80,6 +80,15 @@ def ckr_name(exc_type: type[BaseException]) -> str:
     return "CKR_" + _WORD.sub("_", name).upper()
 
 
+def ckr_behind(error: BaseException) -> str:
+    """The CKR name of the PKCS #11 error ``error`` was raised from (through any chain of
+    ``raise … from``), or ``""`` when no HSM error lies behind it (a timeout, a refusal of our own)."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, p11.PKCS11Error):
+        cause = cause.__cause__
+    return "" if cause is None else ckr_name(type(cause))
+
+
 def translate(
     exc: Exception, *, cluster: str, region: str, op: Operation | None = None, decrypting: bool = False
 ) -> RouterError:

@@ -26,12 +26,11 @@ from router.errors import (
     KeyNotFound,
     RouterError,
     StaleSession,
-    Throttled,
     WrongKeyUsage,
 )
 from router.model import ClusterSpec, KeyAlgorithm, Operation, Placement
 from router.pkcs11 import _fleet, _keys, _oaep, _search
-from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, ckr_name, translate
+from router.pkcs11._errors import LOGGED_OUT, SESSION_GONE, ckr_behind, translate
 from router.pkcs11._module import LockTimeout, Module
 from router.pkcs11._signer import Signer, sign_with
 from router.pkcs11.pool import CLASS_NAMES, WRAPPING_KEY, WRAPPING_KEY_LABEL, PooledSession, SessionPool, modulus_of
@@ -72,8 +71,6 @@ class Pkcs11Cluster(HsmBackend):
         """Fleet ids this process has seen on the token's marker, or written there."""
         self._mark_failed: float | None = None
         """When writing the marker last failed (``MARK_RETRY``)."""
-        self._fault: tuple[str, float] | None = None
-        """(CKR name, when) of the latest PKCS #11 error that counted as the cluster's failure."""
         try:
             self._pool = SessionPool(module, spec, pin, clock=clock)
         except p11.PinIncorrect as exc:
@@ -143,8 +140,7 @@ class Pkcs11Cluster(HsmBackend):
             try:
                 session = self._pool.acquire(deadline, quick)
             except p11.PKCS11Error as exc:  # no session to replace a broken one: the cluster's fault
-                raise self._noted(translate(exc, cluster=self.spec.name, region=self.spec.region, op=op),
-                                  exc) from exc
+                raise translate(exc, cluster=self.spec.name, region=self.spec.region, op=op) from exc
             try:
                 if self._serial is None:
                     return fn(session)
@@ -158,7 +154,6 @@ class Pkcs11Cluster(HsmBackend):
                     # sessions out): the call ends here, with no repair and no log-in.
                     raise self._pool.stopping() from exc
                 err = translate(exc, cluster=self.spec.name, region=self.spec.region, op=op, decrypting=decrypting)
-                self._noted(err, exc)
                 if isinstance(err, InternalError):
                     log.error("cluster %s: unexpected PKCS #11 error", self.spec.name, exc_info=exc)
                 if isinstance(err, KeyNotFound) and self._logged_out(session):
@@ -195,22 +190,14 @@ class Pkcs11Cluster(HsmBackend):
             try:
                 self._pool.relogin()
             except p11.PKCS11Error as failed:  # the token or the PIN is gone: this cluster cannot serve
-                self._fault = (ckr_name(type(failed)), self._clock())
                 raise ClusterDown(f"cluster {self.spec.name} could not log in again ({type(failed).__name__})",
                                   cluster=self.spec.name, region=self.spec.region) from failed
         else:
             log.info("cluster %s: forgot a session's key handles the HSM no longer knows (%s); its keys are "
                      "looked up again", self.spec.name, type(exc).__name__)
 
-    def _noted(self, err: RouterError, exc: Exception) -> RouterError:
-        """Remember ``exc``'s CKR if ``err`` counts against the cluster's health (``recent_fault``)."""
-        if isinstance(err, _CLUSTER_FAULTS):
-            self._fault = (ckr_name(type(exc)), self._clock())
-        return err
-
-    def recent_fault(self, within: float) -> str:
-        fault = self._fault
-        return fault[0] if fault is not None and self._clock() - fault[1] < within else ""
+    def fault_name(self, error: RouterError) -> str:
+        return ckr_behind(error)
 
     def _logged_out(self, session: PooledSession) -> bool:
         """Whether ``session`` is known to lack the user's login (False when it cannot tell)."""
@@ -611,8 +598,6 @@ class Pkcs11Cluster(HsmBackend):
         return self._pool
 
 
-_CLUSTER_FAULTS = (ClusterDown, StaleSession, Throttled)
-"""The errors the dispatcher counts against a cluster's circuit."""
 _OAEP_UNSUPPORTED = (p11.ArgumentsBad, p11.MechanismParamInvalid, p11.MechanismInvalid)
 
 

@@ -26,9 +26,16 @@ from tests.support import FakeClock
 REGIONS = {"use1-a": "us-east-1", "use1-b": "us-east-1", "usw2-a": "us-west-2"}
 
 
-def make(clock: FakeClock, **budget_kw) -> Dispatcher:
-    backends = {n: SimpleNamespace(name=n, spec=ClusterSpec(n, r, n)) for n, r in REGIONS.items()}
-    breakers = {n: CircuitBreaker(n, clock=clock, cooldown=2.0) for n in REGIONS}
+class _Backend(SimpleNamespace):
+    def fault_name(self, error: Exception) -> str:
+        """A cluster that is down says so with a device error; the others name none."""
+        return "CKR_DEVICE_ERROR" if isinstance(error, ClusterDown) else ""
+
+
+def make(clock: FakeClock, on_change=None, **budget_kw) -> Dispatcher:
+    backends = {n: _Backend(name=n, spec=ClusterSpec(n, r, n)) for n, r in REGIONS.items()}
+    extra = {} if on_change is None else {"on_change": on_change}
+    breakers = {n: CircuitBreaker(n, clock=clock, cooldown=2.0, **extra) for n in REGIONS}
     return Dispatcher(
         backends, home_region="us-east-1", region_order=("us-east-1", "us-west-2"), breakers=breakers,
         budget=RetryBudget(clock=clock, **budget_kw), clock=clock, sleep=clock.sleep,
@@ -222,7 +229,7 @@ def test_a_half_open_trial_that_finds_no_session_leaves_the_circuit_to_the_next(
 def test_trip_opens_at_once_and_restarts_an_open_circuits_cooldown() -> None:
     clock = FakeClock(1000.0)
     changes: list[CircuitState] = []
-    breaker = CircuitBreaker("x", clock=clock, cooldown=2.0, on_change=lambda name, state: changes.append(state))
+    breaker = CircuitBreaker("x", clock=clock, cooldown=2.0, on_change=lambda name, state, cause: changes.append(state))
     breaker.trip()
     assert breaker.state is CircuitState.OPEN and changes == [CircuitState.OPEN]
     clock.sleep(1.5)
@@ -233,6 +240,29 @@ def test_trip_opens_at_once_and_restarts_an_open_circuits_cooldown() -> None:
     assert breaker.state is CircuitState.HALF_OPEN
     breaker.record_success()
     assert breaker.state is CircuitState.CLOSED
+
+
+def test_an_opened_circuit_names_the_hsm_error_of_the_failure_that_opened_it() -> None:
+    """The HSM error named is the opening failure's own: a circuit a timeout opens names none,
+    even on the heels of failures that had one."""
+    clock = FakeClock(1000.0)
+    changes: list[tuple[str, CircuitState, str]] = []
+    d = make(clock, on_change=lambda name, state, cause: changes.append((name, state, cause)))
+    fn, _ = script({"use1-a": [ClusterDown] * 3, "use1-b": [], "usw2-a": []})
+    for _ in range(2):
+        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert changes == [("use1-a", CircuitState.OPEN, "CKR_DEVICE_ERROR")]
+
+    breaker = d.breakers["use1-b"]
+    breaker.record_failure(cause="CKR_DEVICE_ERROR")
+    breaker.record_failure(cause="CKR_DEVICE_ERROR")
+    breaker.record_failure()  # a probe past its time opens it
+    assert changes[-1] == ("use1-b", CircuitState.OPEN, "")
+    clock.sleep(2.0)
+    assert breaker.allow()  # the half-open trial
+    breaker.record_failure(busy=True, cause="CKR_FUNCTION_FAILED")
+    assert changes[-2:] == [("use1-b", CircuitState.HALF_OPEN, ""),
+                            ("use1-b", CircuitState.OPEN, "CKR_FUNCTION_FAILED")]
 
 
 class _Hanging(SimpleNamespace):

@@ -9,7 +9,7 @@ from pkcs11 import exceptions as p11
 from gateway.status import code_for
 from router import errors
 from router.model import Operation
-from router.pkcs11._errors import translate
+from router.pkcs11._errors import ckr_behind, translate
 
 WHERE = {"cluster": "use1-a", "region": "us-east-1"}
 
@@ -118,3 +118,26 @@ def test_message_never_repeats_the_foreign_details(foreign: type[p11.PKCS11Error
 def test_router_errors_pass_through_unchanged() -> None:
     original = errors.KeyNotFound("no key 'x'", cluster="use1-b")
     assert translate(original, **WHERE) is original
+
+
+def test_the_hsm_error_behind_a_router_error_is_found_through_its_chain() -> None:
+    def raised(make):
+        try:
+            make()
+        except errors.RouterError as exc:
+            return exc
+        raise AssertionError("nothing raised")
+
+    def down() -> None:
+        raise errors.ClusterDown("down", **WHERE) from p11.DeviceError()
+
+    def again() -> None:
+        try:
+            down()
+        except errors.ClusterDown as exc:
+            raise errors.Unavailable("no cluster could serve it") from exc
+
+    assert ckr_behind(raised(down)) == "CKR_DEVICE_ERROR"
+    assert ckr_behind(raised(again)) == "CKR_DEVICE_ERROR"
+    assert ckr_behind(errors.DeadlineExceeded("deadline exceeded before the HSM call")) == ""
+    assert ckr_behind(p11.FunctionFailed()) == "CKR_FUNCTION_FAILED"
