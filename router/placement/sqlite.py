@@ -205,9 +205,9 @@ class SqliteStore(PlacementStore):
 
     def _reopen(self, why: sqlite3.Error) -> None:
         """Replace a connection left in a transaction its ROLLBACK could not end: every later
-        ``BEGIN IMMEDIATE`` on it would fail, and every read see that transaction's snapshot.
+        ``BEGIN`` on it would fail, and every read see that transaction's snapshot.
         Called with ``_lock`` held."""
-        log.warning("placement store %s: a failed write could not be rolled back (%s); reopening the store",
+        log.warning("placement store %s: a failed transaction could not be rolled back (%s); reopening the store",
                     self.path, why)
         try:
             fresh = self._connect()
@@ -225,6 +225,26 @@ class SqliteStore(PlacementStore):
             if column not in have:
                 self._db.execute(f"ALTER TABLE placements ADD COLUMN {column} {ddl}")
 
+    def _begin(self, how: str) -> sqlite3.Cursor:
+        """A cursor in a new transaction (``BEGIN`` or ``BEGIN IMMEDIATE``). Called with ``_lock`` held."""
+        if self._db.in_transaction:  # left so by a failed roll-back that could not reopen then
+            self._reopen(sqlite3.OperationalError("the connection is still in a transaction"))
+        cur = self._db.cursor()
+        cur.execute(how)
+        return cur
+
+    def _abandon(self, cur: sqlite3.Cursor) -> None:
+        """End a transaction that failed. SQLite has rolled back already after some errors (a
+        read-only or full disk, an I/O error): a second ROLLBACK would fail and hide the first
+        error. A connection whose ROLLBACK fails is replaced. Called with ``_lock`` held."""
+        if self._db.in_transaction:
+            try:
+                cur.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    cur.close()  # a statement it holds would keep the old connection (and its lock)
+                    self._reopen(exc)
+
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
         try:
             with self._lock:
@@ -237,10 +257,7 @@ class SqliteStore(PlacementStore):
         counter and the change log; rowcount of the first."""
         try:
             with self._lock:
-                if self._db.in_transaction:  # left so by a failed roll-back that could not reopen then
-                    self._reopen(sqlite3.OperationalError("the connection is still in a transaction"))
-                cur = self._db.cursor()
-                cur.execute("BEGIN IMMEDIATE")
+                cur = self._begin("BEGIN IMMEDIATE")
                 try:
                     first = -1
                     for sql, args in statements:
@@ -254,15 +271,7 @@ class SqliteStore(PlacementStore):
                     cur.execute("COMMIT")
                     return first
                 except BaseException:
-                    # SQLite has rolled back already after some errors (a read-only or full disk,
-                    # an I/O error): a second ROLLBACK would fail and hide the first error.
-                    if self._db.in_transaction:
-                        try:
-                            cur.execute("ROLLBACK")
-                        except sqlite3.Error as exc:
-                            if self._db.in_transaction:
-                                cur.close()  # a statement it holds would keep the old connection (and its lock)
-                                self._reopen(exc)
+                    self._abandon(cur)
                     raise
         except sqlite3.IntegrityError:
             raise
@@ -360,14 +369,17 @@ class SqliteStore(PlacementStore):
         None when the log no longer reaches back to ``counter``."""
         try:
             with self._lock:
-                cur = self._db.cursor()
-                cur.execute("BEGIN")  # one snapshot for the counter and the log
+                cur = self._begin("BEGIN")  # one snapshot for the counter and the log
                 try:
                     now = int(cur.execute("SELECT counter FROM changes WHERE id = 1").fetchone()[0])
                     rows = cur.execute("SELECT counter, key_id FROM change_log WHERE counter > ?",
                                        (counter,)).fetchall()
-                finally:
                     cur.execute("COMMIT")
+                except BaseException:
+                    # Left open, the read's snapshot would be every later read's: the cache
+                    # would learn no change again.
+                    self._abandon(cur)
+                    raise
         except sqlite3.Error as exc:
             raise StoreError(f"placement store error: {exc}") from exc
         if counter < 0 or len(rows) != now - counter:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.model import KeyAlgorithm, KeyState, KeyStorage, KeyUsage
-from router.placement import Conflict, PlacementStore, SqliteStore, StoreMisconfigured
+from router.placement import Conflict, PlacementStore, SqliteStore, StoreError, StoreMisconfigured
 from tests.support import stored as make
 
 
@@ -329,7 +329,7 @@ def test_a_roll_back_that_fails_mid_transaction_reopens_the_store(
         with pytest.raises(Conflict):  # the write's own failure: the key exists
             store.create(make("app/first", request_id="r-again"))
     assert [r.getMessage() for r in caplog.records] == [
-        f"placement store {path}: a failed write could not be rolled back (interrupted); reopening the store"]
+        f"placement store {path}: a failed transaction could not be rolled back (interrupted); reopening the store"]
 
     store.create(make("app/second", request_id="r-second"))
     other = SqliteStore(path)  # another process sees the write: it was committed
@@ -337,4 +337,55 @@ def test_a_roll_back_that_fails_mid_transaction_reopens_the_store(
         assert [p.key_id for p in other.scan()] == ["app/first", "app/second"]
     finally:
         other.close()
+    store.close()
+
+
+def _interrupt(connection, statements: set[str]) -> None:
+    """SQLite's own interrupt of the next run of each of ``statements`` (as in the test above)."""
+    left = set(statements)
+    armed = False
+
+    def on_statement(sql: str) -> None:
+        nonlocal armed
+        if sql in left:
+            left.discard(sql)
+            armed = True
+
+    def interrupt() -> int:
+        nonlocal armed
+        fire, armed = armed, False
+        return int(fire)
+
+    connection.set_trace_callback(on_statement)
+    connection.set_progress_handler(interrupt, 1)
+
+
+@pytest.mark.parametrize("rollback_fails", [False, True])
+def test_a_change_log_read_whose_commit_fails_leaves_no_snapshot_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, rollback_fails: bool
+) -> None:
+    """The cache learns of other processes' writes from ``changes_since``. A read transaction
+    left open by a failed COMMIT would pin its snapshot: every later read would miss every
+    later write, and every later ``changes_since`` fail. The read fails once, then the store
+    sees the writes made since, whether the ROLLBACK after it works or the store is reopened."""
+    path = tmp_path / "placements.db"
+    store = SqliteStore(path)
+    store.create(make("app/first", request_id="r-first"))
+    counter = store.change_counter()
+    _interrupt(store._db, {"COMMIT", "ROLLBACK"} if rollback_fails else {"COMMIT"})
+    with caplog.at_level(logging.WARNING, logger="router.placement.sqlite"):
+        with pytest.raises(StoreError, match="interrupted"):
+            store.changes_since(counter)
+    assert [r.getMessage() for r in caplog.records] == (
+        [f"placement store {path}: a failed transaction could not be rolled back (interrupted); reopening the store"]
+        if rollback_fails else [])
+    assert not store._db.in_transaction
+
+    other = SqliteStore(path)  # another process writes
+    try:
+        other.create(make("app/second", request_id="r-second"))
+    finally:
+        other.close()
+    assert store.changes_since(counter) == (counter + 1, ("app/second",))
+    assert store.get("app/second") is not None
     store.close()
