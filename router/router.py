@@ -583,7 +583,7 @@ class Router:
         least = self.replication.min_copies if spec.storage is KeyStorage.TOKEN else 1
         if least > 1 and not spec.extractable:
             raise FailedPrecondition(f"a non-extractable key cannot be copied, and this gateway's [replication] "
-                                     f"min_copies = {least} puts each key it makes on {least} clusters or more: "
+                                     f"min_copies = {least} places each key it makes on {least} clusters or more: "
                                      "it cannot be made here")
         if copies < least:
             raise FailedPrecondition(f"replication.copies = {copies} is below this gateway's [replication] "

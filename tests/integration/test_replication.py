@@ -158,7 +158,9 @@ def test_min_copies_holds_every_new_key_to_the_policy(make_router, tokens) -> No
         (replace(_spec(unique("single")), copies=1), "replication.copies = 1 is below this gateway's "
                                                      r"\[replication\] min_copies = 2: each key it makes is placed on "
                                                      "2 clusters or more"),
-        (replace(_spec(unique("pinned")), copies=1, extractable=False), "a non-extractable key cannot be copied"),
+        (replace(_spec(unique("pinned")), copies=1, extractable=False),
+         r"a non-extractable key cannot be copied, and this gateway's \[replication\] min_copies = 2 places each "
+         "key it makes on 2 clusters or more: it cannot be made here"),
         (replace(_spec(unique("pinned")), extractable=False), "a non-extractable key cannot be copied"),
     ):
         with pytest.raises(FailedPrecondition, match=refused):
