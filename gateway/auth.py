@@ -61,6 +61,9 @@ SIGN_VIA = {"BatchSign": "Sign", "SignStream": "Sign"}
 CRYPTO_OPERATIONS = frozenset(m.name for m in _CRYPTO.methods) - set(SIGN_VIA)
 ADMIN_OPERATIONS = frozenset(m.name for m in _ADMIN.methods)
 _AUDIT_TEXT = 200  # longest caller-chosen string copied into an audit event
+MAX_IDENTITY = _AUDIT_TEXT
+"""Characters in an identity at most: the audit log records each whole, so no two callers
+share one identity in it."""
 _AUDIT_MESSAGE = 1000  # longest message or error in one: they quote caller strings clipped further
 _QUOTED = 100  # longest caller string a message quotes
 _COMPOSED = frozenset({"message", "error"})
@@ -432,6 +435,9 @@ def parse_policy(data: Mapping[str, Any], source: str = "policy", digest: str = 
         path = f"identities.{_key(identity)}."
         if not identity:
             raise _err(source, "identities", "an identity may not be empty")
+        if len(identity) > MAX_IDENTITY:
+            raise _err(source, path[:-1], f"an identity has at most {MAX_IDENTITY} characters ({len(identity)} "
+                                          "here): a caller with a longer one is refused")
         if not isinstance(table, dict):
             raise _err(source, path[:-1], "expected a table")
         _no_unknown(table, ("roles", "rate", "burst", "concurrency"), source, path)
@@ -559,10 +565,14 @@ class Authenticator:
 
 
 def _showable(identity: str, where: str) -> str:
-    """``identity`` unless it has a character that cannot be shown: a control character
+    """``identity`` unless it is longer than ``MAX_IDENTITY`` (clipped in the audit log, it
+    could pass there for another) or has a character that cannot be shown: a control character
     (a terminal escape, a line break that forges a log line or a table row), a format
     character (bidi override) or a line or paragraph separator. Space separators (U+00A0,
     U+3000…) are shown as spaces and forge nothing: names that have them are accepted."""
+    if len(identity) > MAX_IDENTITY:
+        raise Unauthenticated(f"{where} is {len(identity)} characters long: an identity has at most "
+                              f"{MAX_IDENTITY}")
     if identity.isprintable():  # every call's identity: the loop below only says where
         return identity
     for offset, ch in enumerate(identity):

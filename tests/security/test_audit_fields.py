@@ -5,6 +5,7 @@ the fields docs/security.md lists."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,11 @@ def test_a_name_with_a_space_other_than_u0020_is_an_identity(
 def test_caller_strings_are_clipped_in_audit_events(
     tls_gateway: GatewayProcess, certs: DevCerts, tmp_path: Path
 ) -> None:
-    """A 3,000-character URI SAN is a long identity; each event quotes at most 200 characters
-    of it, and the message that names it stays short."""
-    long_id = sid("long-" + "a" * 3000)
+    """The longest identity (200 characters) is recorded whole, a resource is clipped to 200
+    characters, and the message that quotes both stays short. A 3,000-character URI SAN has no
+    identity: its refusal quotes none of it."""
+    long_id = sid("long-")
+    long_id += "a" * (200 - len(long_id))
     pair = _client_with(certs, tmp_path, "long", "long", [x509.UniformResourceIdentifier(long_id)])
     marker = unique("hr/clipped")
     with tls_channel(tls_gateway.target, certs, None, cert_key=pair) as channel:
@@ -93,10 +96,20 @@ def test_caller_strings_are_clipped_in_audit_events(
     assert err.code() is grpc.StatusCode.PERMISSION_DENIED
     (event,) = wait_for(lambda: [e for e in _events(tls_gateway, event="authz.denied")()
                                  if e.get("resource", "").startswith(marker)], what="the denial")
-    assert event["identity"] == long_id[:200] + "…"
+    assert event["identity"] == long_id
     assert len(event["resource"]) == 201
     assert len(event["message"]) < 400, event["message"]
     assert event["message"].startswith(f"identity {long_id[:100] + '…'!r} may not GetKey")
+
+    longer = sid("longer-" + "b" * 3000)
+    pair = _client_with(certs, tmp_path, "longer", "longer", [x509.UniformResourceIdentifier(longer)])
+    with tls_channel(tls_gateway.target, certs, None, cert_key=pair) as channel:
+        err = rpc_error(Client.of(channel).crypto.GetKey, pb.GetKeyRequest(key_id=marker + "/k"), timeout=5)
+    said = f"the client certificate's URI SAN is {len(longer)} characters long: an identity has at most 200"
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED and err.details() == said
+    (refused,) = wait_for(lambda: [e for e in _events(tls_gateway, event="authn.failed")()
+                                   if e.get("error") == said], what="the refusal")
+    assert "bbbb" not in json.dumps(refused)
 
 
 def test_denials_name_what_was_refused(tls_gateway: GatewayProcess, connect: Callable[[str], Client]) -> None:

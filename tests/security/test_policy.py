@@ -219,6 +219,24 @@ def test_an_identity_that_cannot_be_shown_is_refused() -> None:
         Authenticator(tls=False, dev_header=True).identity(_Context((("x-hsmgw-identity", "a\x7fb"),)))
 
 
+def test_an_identity_longer_than_the_audit_log_records_whole_is_refused(tmp_path) -> None:
+    """Two callers whose names differ only past the 200th character would be one in the audit log."""
+    longest, longer = "spiffe://hsmgw/" + "a" * 185, "spiffe://hsmgw/" + "a" * 186
+    assert identity_from_auth_context({"peer_uri": [longest.encode()]}) == longest
+    for auth in ({"peer_uri": [longer.encode()]}, {"x509_common_name": [b"b" * 201]}):
+        with pytest.raises(Unauthenticated, match=r"is 201 characters long: an identity has at most 200$"):
+            identity_from_auth_context(auth)
+    with pytest.raises(Unauthenticated, match="x-hsmgw-identity header is 201 characters long"):
+        Authenticator(tls=False, dev_header=True).identity(_Context((("x-hsmgw-identity", "c" * 201),)))
+
+    path = tmp_path / "policy.toml"
+    path.write_text(f'[roles.r]\noperations = ["Sign"]\nprefixes = ["app/"]\n[identities."{longer}"]\nroles = ["r"]\n')
+    with pytest.raises(PolicyError, match="an identity has at most 200 characters \\(201 here\\)"):
+        load_policy(path)
+    path.write_text(path.read_text().replace(longer, longest))
+    assert longest in load_policy(path).identities
+
+
 class _Context:
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
