@@ -257,8 +257,9 @@ class Dispatcher:
                               region=self._region(unheard[0])) from refused
         if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey, WrappedKeyRefused)):
             raise last
+        # Chained: the HSM error behind the last failure is the failed call's (its metrics).
         raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster or tried,
-                          region=last.region or self._region(tried))
+                          region=last.region or self._region(tried)) from last
 
     def _panic_pick(self, skipped: list[str]) -> str | None:
         """The skipped candidate most likely to answer: most successes among its last calls,

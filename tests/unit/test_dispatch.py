@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import grpc
 import pytest
+from pkcs11 import exceptions as p11
 
+from gateway.metrics import describe_failure
 from router.dispatch import Dispatcher
 from router.errors import (
     ClusterDown,
@@ -299,12 +302,19 @@ def test_watchdog_keeps_a_hung_clusters_circuit_open_and_logs_each_hang_once(cap
     assert breakers["use1-a"].state is CircuitState.CLOSED, "the probe's success closes it"
 
 
-def test_every_candidate_down_is_unavailable() -> None:
+def test_every_candidate_down_is_unavailable_with_the_hsm_error_behind_it() -> None:
+    """The failed call is counted with the HSM's error (hsmgw_pkcs11_errors_total), not only
+    the circuits it opened."""
     clock = FakeClock(1000.0)
     d = make(clock)
-    fn, _ = script({n: [ClusterDown] * 5 for n in REGIONS})
-    with pytest.raises(Unavailable):
-        d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+
+    def down(backend):
+        raise ClusterDown(f"{backend.name} failed", cluster=backend.name) from p11.DeviceError()
+
+    with pytest.raises(Unavailable, match="^no cluster could serve k: usw2-a failed$") as caught:
+        d.run(["use1-a", "usw2-a"], down, clock() + 5, "k")
+    failure = describe_failure(grpc.StatusCode.UNAVAILABLE, None, caught.value)
+    assert (failure.error_class, failure.cluster, failure.ckr) == ("Unavailable", "", "CKR_DEVICE_ERROR")
 
 
 def test_retry_budget_caps_extra_attempts() -> None:
