@@ -223,6 +223,9 @@ class RouterCollector(Collector):
                                   value=dispatcher.failovers)
         yield CounterMetricFamily("hsmgw_retries", "Extra attempts (same or next cluster) taken from the retry budget.",
                                   value=dispatcher.budget.retries)
+        yield CounterMetricFamily("hsmgw_open_circuit_calls",
+                                  "Requests sent to a cluster whose circuit was open, as every candidate's was.",
+                                  value=dispatcher.panics)
         yield CounterMetricFamily("hsmgw_retry_budget_refusals",
                                   "Retries refused because the retry budget was spent.",
                                   value=dispatcher.budget.refused)
