@@ -31,7 +31,8 @@ class RetryBudget:
         window: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._ratio = ratio
+        self.ratio = ratio
+        """Retries allowed per request (beside the floor)."""
         self._min_per_second = min_per_second
         self._cap = max(1.0, min_per_second * window)
         self._clock = clock
@@ -48,7 +49,7 @@ class RetryBudget:
 
     def record_request(self) -> None:
         with self._lock:
-            self._tokens = min(self._cap, self._tokens + self._ratio)
+            self._tokens = min(self._cap, self._tokens + self.ratio)
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False when the budget is spent."""

@@ -188,6 +188,7 @@ class Router:
         on_health_change: Callable[[str, CircuitState], None] = lambda name, state: None,
         creates_keys: bool = True,
         external_staleness: float = EXTERNAL_STALENESS,
+        retry_budget: float = 0.5,
     ) -> None:
         self.topology = topology
         self.creates_keys = creates_keys
@@ -242,7 +243,7 @@ class Router:
             region_order=(topology.home_region, *topology.dr_regions,
                           *(r for r in topology.regions if r != topology.home_region and r not in topology.dr_regions)),
             breakers=self.breakers,
-            budget=RetryBudget(clock=clock),
+            budget=RetryBudget(ratio=retry_budget, clock=clock),
             clock=clock,
         )
         # Called at named points of multi-step changes; tests inject crashes here.

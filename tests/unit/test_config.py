@@ -254,6 +254,10 @@ BAD_CONFIGS = [
     ("clusters[1].serialize_object_changes", "yes", "clusters[1].serialize_object_changes"),
     ("clusters[1].serialize_object_changes", 1, "clusters[1].serialize_object_changes"),
     ("server.probe_interval", float("inf"), "server.probe_interval"),
+    ("server.retry_budget", -0.1, "server.retry_budget"),
+    ("server.retry_budget", 1.5, "server.retry_budget"),
+    ("server.retry_budget", float("nan"), "server.retry_budget"),
+    ("server.retry_budget", "50%", "server.retry_budget"),
     ("replication.reconcile_interval", -1, "replication.reconcile_interval"),
     ("replication.reconcile_interval", "1h", "replication.reconcile_interval"),
     ("replication.reconcile_interval", float("inf"), "replication.reconcile_interval"),
@@ -302,6 +306,22 @@ def test_reconcile_interval_defaults_to_an_hour_and_0_turns_it_off(given: Any, e
     if given is not None:
         data.setdefault("replication", {})["reconcile_interval"] = given
     assert parse(data, Path("/cfg")).replication.reconcile_interval == expected
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 0.5), (0, 0.0), (0.2, 0.2), (1, 1.0)])
+def test_the_retry_budget_is_a_share_of_requests_that_reaches_the_router(given: Any, expected: float,
+                                                                         tmp_path: Path) -> None:
+    from router.placement.sqlite import SqliteStore
+    from router.router import Router, Topology
+
+    data = valid_data()
+    if given is not None:
+        data.setdefault("server", {})["retry_budget"] = given
+    share = parse(data, Path("/cfg")).server.retry_budget
+    assert share == expected
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, SqliteStore(tmp_path / "p.db"),
+                    retry_budget=share)
+    assert router.dispatcher.budget.ratio == expected
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, 30.0), (0, 0.0), (5, 5.0)])
