@@ -637,9 +637,10 @@ class Router:
         that an earlier creation of this id could not remove after its record was rolled back
         (logged then as a WARNING). Which one only an operator can tell, and clearing them
         could destroy a key: reconcile never does either.
-        A cluster that cannot be searched now is left to the creation, which fails there as it
-        would have. Returns what ``_existing`` finds if a record appeared meanwhile (another
-        attempt made those objects)."""
+        A chosen cluster that cannot be searched now refuses the creation (UNAVAILABLE, nothing
+        made): its HSM busy or failing a moment, the creation could succeed there after all,
+        and clear what the search would have found. Returns what ``_existing`` finds if a record
+        appeared meanwhile (another attempt made those objects)."""
         for name in clusters:
             backend = self.backends.get(name)
             if backend is None:
@@ -648,8 +649,10 @@ class Router:
                 found = backend.key_objects(deadline, key_id=spec.key_id).get(spec.key_id)
             except Stopping:
                 raise
-            except RouterError:
-                continue
+            except RouterError as exc:
+                raise Unavailable(f"cluster {name} could not be searched for objects under key id {spec.key_id!r} "
+                                  f"({exc.message}); nothing was made: retry", cluster=name,
+                                  region=backend.spec.region) from exc
             if not found:
                 continue
             existing = self._existing(spec)  # another attempt, since this one looked

@@ -284,6 +284,38 @@ def test_objects_no_record_names_are_never_destroyed(make_router, tokens, tmp_pa
     assert len(tokens.objects("use1-b", foreign)) == 1
 
 
+def test_a_cluster_that_cannot_be_searched_before_a_creation_refuses_it_and_keeps_what_it_holds(
+    make_router, tokens
+) -> None:
+    """The look for objects no record names failed a moment (a busy HSM): the creation is
+    refused, nothing made, rather than made there after all, which clears what is under the
+    key id first. Asked again once the cluster answers, the creation finds those objects."""
+    from router.errors import Throttled
+
+    router = make_router()
+    key_id = unique("unsearched")
+    for backend in router.backends.values():  # another application's key of that id, everywhere
+        backend.generate(placement(key_id, KeyAlgorithm.AES_256), time.monotonic() + 30)
+        real, calls = backend.key_objects, []
+
+        def busy_once(*args: Any, _real: Any = real, _name: str = backend.spec.name, _calls: list[int] = calls,
+                      **kwargs: Any) -> Any:
+            _calls.append(1)
+            if len(_calls) == 1:
+                raise Throttled(f"cluster {_name} is busy", cluster=_name)
+            return _real(*args, **kwargs)
+
+        backend.key_objects = busy_once  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match=rf"^cluster \S+ could not be searched for objects under key id "
+                                          rf"'{key_id}' \(cluster \S+ is busy\); nothing was made: retry$"):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert router.store.get(key_id) is None
+    assert all(len(tokens.objects(name, key_id)) == 1 for name in router.backends)
+    with pytest.raises(FailedPrecondition, match="already holds objects under key id"):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert all(len(tokens.objects(name, key_id)) == 1 for name in router.backends)
+
+
 def test_a_store_that_fails_a_creation_is_logged_with_its_own_error(make_router, tmp_path, caplog, monkeypatch) -> None:
     """A placement store that can be read but not written (here a SQLite file made immutable):
     the caller hears UNAVAILABLE, and the log says what the store said (not the roll-back that
