@@ -84,6 +84,7 @@ def build_router(config: GatewayConfig, *, reconcile_at_start: bool = True) -> R
         topology, backends, store, replication=policy, creation_grace=config.replication.creation_grace,
         rescan_interval=config.store.rescan_interval, creates_keys=config.creates_keys,
         external_staleness=config.store.external_staleness, retry_budget=config.server.retry_budget,
+        adopted_fleet_ids=config.store.adopted_fleet_ids,
     )
     if reconcile_at_start:
         start_reconcile(router)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -146,6 +147,14 @@ class StoreConfig:
     on the store's timeout. TOKEN keys keep serving from the cache through a whole store outage. 0: so do
     EXTERNAL keys, and a process that cannot read the store keeps using one destroyed
     elsewhere until it can."""
+    adopted_fleet_ids: tuple[str, ...] = ()
+    """Fleet ids (32 hex digits) of other placement stores whose tokens are this fleet's too.
+    A gateway makes no key on a token whose fleet marker lists only other fleets: ``[store]
+    url`` may name the wrong store, and with its id on the token too, that store's reconcile
+    would destroy there what its records say is destroyed. List an id here only when those
+    tokens are this fleet's: a store rebuilt without its fleet id, or two regions' first
+    gateways that each wrote one to a new DynamoDB global table (``hsmctl reconcile`` names
+    the ids a token lists)."""
 
     def validate(self, base: Path) -> None:
         if self.url.startswith("sqlite:"):
@@ -332,6 +341,13 @@ def _positive(value: int | float, path: str) -> Any:
     return value
 
 
+def _fleet_ids(values: list[Any]) -> tuple[str, ...]:
+    for i, value in enumerate(values):
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
+            raise ConfigError(f"store.adopted_fleet_ids[{i}]: expected a fleet id of 32 hex digits, got {value!r}")
+    return tuple(values)
+
+
 def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     _no_unknown(
         data,
@@ -390,7 +406,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
     pkcs11 = Pkcs11Config(module=_take(p11, "module", str, "pkcs11."), env=dict(env))
 
     st = _take(data, "store", dict, "")
-    _no_unknown(st, {"url", "rescan_interval", "external_staleness"}, "store.")
+    _no_unknown(st, {"url", "rescan_interval", "external_staleness", "adopted_fleet_ids"}, "store.")
     store = StoreConfig(
         url=_take(st, "url", str, "store."),
         rescan_interval=_positive(
@@ -400,6 +416,7 @@ def parse(data: dict[str, Any], base_dir: Path) -> GatewayConfig:
             _take(st, "external_staleness", float, "store.", StoreConfig.external_staleness),
             "store.external_staleness",
         ),
+        adopted_fleet_ids=_fleet_ids(_take(st, "adopted_fleet_ids", list, "store.", [])),
     )
     store.validate(base_dir)
 

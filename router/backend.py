@@ -89,10 +89,11 @@ class HsmBackend(abc.ABC):
         no marker has none."""
         return None
 
-    def mark(self, fleet_id: str, deadline: float) -> None:
+    def mark(self, fleet_id: str, deadline: float, *, also: frozenset[str] = frozenset()) -> None:
         """Add ``fleet_id`` to the token's fleet marker if it lacks it: called before a key object
-        is written there. Once per process: later calls cost nothing. A backend that keeps no
-        marker has nothing to do."""
+        is written there. Once per process: later calls cost nothing. ``OtherFleet`` when the
+        marker lists only fleets that are neither ``fleet_id`` nor in ``also`` (nothing written).
+        A backend that keeps no marker has nothing to do."""
         return None
 
     @abc.abstractmethod

@@ -12,6 +12,7 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     │   ├── WrongKeyUsage      operation does not match the key
     │   ├── RequestConflict    request_id reused with other parameters
     │   ├── KeyChanged         the key's record is not the one a planned change was made for
+    │   ├── OtherFleet         the cluster's token holds another placement store's keys
     │   └── KeyRecordMismatch  an EXTERNAL key's record does not match its wrapped key material
     │       └── WrappedKeyRefused  a cluster that answers does not unwrap it (fails over)
     ├── AlreadyExists          key id taken (or destroyed: ids are not reused)
@@ -74,6 +75,16 @@ class RequestConflict(FailedPrecondition):
 
 class KeyChanged(FailedPrecondition):
     reason = "KEY_CHANGED"
+
+
+class OtherFleet(FailedPrecondition):
+    """The token's fleet marker lists other placement stores' fleets, not this one's: a key
+    written there would make the token this store's too, and its reconcile would then act
+    on that store's records against the other's keys."""
+
+    def __init__(self, message: str, *, fleets: tuple[str, ...], cluster: str = "", region: str = "") -> None:
+        super().__init__(message, cluster=cluster, region=region)
+        self.fleets = fleets
 
 
 class KeyRecordMismatch(FailedPrecondition):

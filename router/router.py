@@ -33,6 +33,7 @@ from router.errors import (
     KeyCreationElsewhere,
     KeyNotFound,
     KeyOutOfReach,
+    OtherFleet,
     RequestConflict,
     ResourceExhausted,
     RouterError,
@@ -189,6 +190,7 @@ class Router:
         creates_keys: bool = True,
         external_staleness: float = EXTERNAL_STALENESS,
         retry_budget: float = 0.5,
+        adopted_fleet_ids: Iterable[str] = (),
     ) -> None:
         self.topology = topology
         self.creates_keys = creates_keys
@@ -250,10 +252,11 @@ class Router:
         self._fault = fault
         self.reload()
         self.fleet_id = store.fleet_id()
-        self._former_fleet_ids: set[str] = set()
-        """Ids this process read as the store's before it changed (``fleet_check``): its marks."""
         """The store's fleet id: written on every token this router puts a key object on, and
         what a token's marker must list before reconcile destroys anything there."""
+        self._former_fleet_ids: set[str] = set(adopted_fleet_ids)
+        """Other ids that are this fleet's: ones this process read as the store's before it
+        changed (``fleet_check``), and the operator's ``[store] adopted_fleet_ids``."""
 
     # -- placement cache -------------------------------------------------
 
@@ -938,9 +941,25 @@ class Router:
     def _mark(self, backend: HsmBackend, deadline: float) -> None:
         """Record this store's fleet on the cluster's token before a key object is written there
         (once per process). One that cannot be recorded only means reconcile may later leave that
-        token alone, not that the key cannot be made: logged, and the write goes on."""
+        token alone, not that the key cannot be made: logged, and the write goes on.
+
+        A token whose marker lists other fleets only refuses the key (``OtherFleet``): marked
+        with this store's id too, it would be this store's for its reconcile, which would then
+        destroy there what this store's records say is destroyed or abandoned, under key ids
+        the other fleet's live keys may have."""
         try:
-            backend.mark(self.fleet_id, deadline)
+            backend.mark(self.fleet_id, deadline, also=frozenset(self._former_fleet_ids))
+        except OtherFleet as other:
+            if self._store_fleet_changed():
+                return self._mark(backend, deadline)
+            listed = ", ".join(other.fleets[-3:]) + (f" and {len(other.fleets) - 3} more"
+                                                     if len(other.fleets) > 3 else "")
+            raise OtherFleet(
+                f"cluster {backend.name}'s token holds keys made with another placement store (fleet {listed}), "
+                f"not this store's ({self.fleet_id}): [store] url may name the wrong store. Nothing was made "
+                "there. If that fleet is this one (a store rebuilt without its fleet id, two regions' first "
+                "gateways each writing one to a new global table), list its id in [store] adopted_fleet_ids",
+                fleets=other.fleets, cluster=backend.name, region=backend.spec.region) from None
         except Stopping:
             raise
         except RouterError as exc:
@@ -974,18 +993,27 @@ class Router:
             self._mark(backend, deadline)
             return "", ""
         try:
-            stored = self.store.fleet_id()
+            changed = self._store_fleet_changed()
         except StoreError as exc:
             return FLEET_UNREAD, f"the placement store's fleet id could not be read ({exc})"
-        if stored != self.fleet_id:
-            log.warning("the placement store's fleet id is %s, not %s as read before (another region's first "
-                        "gateway wrote its own): keys are marked with it from now on", stored, self.fleet_id)
-            self._former_fleet_ids.add(self.fleet_id)
-            self.fleet_id = stored
+        if changed:
             return self.fleet_check(name, deadline)
         shown = ", ".join(fleets[-3:]) + (f" and {len(fleets) - 3} more" if len(fleets) > 3 else "")
         return OTHER_FLEET, (f"its keys were made with another placement store: its token lists fleet(s) {shown}, "
                              f"not this store's {self.fleet_id}; [store] url may name the wrong store")
+
+    def _store_fleet_changed(self) -> bool:
+        """Read the store's fleet id again; if it is not the one this process read, follow it
+        (the old one stays this fleet's) and say so. On a DynamoDB global table, two regions'
+        first gateways may each write an id, and the table keeps the last."""
+        stored = self.store.fleet_id()
+        if stored == self.fleet_id:
+            return False
+        log.warning("the placement store's fleet id is %s, not %s as read before (another region's first "
+                    "gateway wrote its own): keys are marked with it from now on", stored, self.fleet_id)
+        self._former_fleet_ids.add(self.fleet_id)
+        self.fleet_id = stored
+        return True
 
     def _policy_holds(self, copies: int, clusters: list[str] | tuple[str, ...]) -> bool:
         return not self._policy_broken(copies, clusters)

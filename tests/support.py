@@ -189,6 +189,14 @@ class TokenInspector:
 
         return _fleet.listed(list(self.session(cluster).get_objects(_fleet.MARKER)))
 
+    def mark(self, cluster: str, fleet_id: str) -> None:
+        """Add ``fleet_id`` to the token's fleet marker, as another fleet's gateway that wrote a
+        key there (before the gateway refused to, or one that adopted this fleet's id) did."""
+        from router.pkcs11 import _fleet
+
+        session = self.session(cluster)
+        _fleet.add(session, list(session.get_objects(_fleet.MARKER)), fleet_id)
+
     def unmark(self, cluster: str) -> None:
         """Take the token's fleet marker away, as on a token from before markers."""
         from router.pkcs11 import _fleet

@@ -24,6 +24,7 @@ from router.errors import (
     InvalidArgument,
     KeyChanged,
     KeyNotFound,
+    OtherFleet,
     RouterError,
     StaleSession,
     WrongKeyUsage,
@@ -383,9 +384,10 @@ class Pkcs11Cluster(HsmBackend):
         self._marked &= set(listed or ())
         return listed
 
-    def mark(self, fleet_id: str, deadline: float) -> None:
-        """Raises only on the first failure in ``MARK_RETRY`` seconds: a module that does not take
-        the marker (a data object) costs each key written there no search, lock or failed write."""
+    def mark(self, fleet_id: str, deadline: float, *, also: frozenset[str] = frozenset()) -> None:
+        """Raises ``OtherFleet`` every time, any other failure only on the first in ``MARK_RETRY``
+        seconds: a module that does not take the marker (a data object) costs each key written
+        there no search, lock or failed write."""
         if fleet_id in self._marked:
             return
         if self._mark_failed is not None and self._clock() - self._mark_failed < MARK_RETRY:
@@ -395,12 +397,18 @@ class Pkcs11Cluster(HsmBackend):
             with self._changing(s, deadline):
                 found = _search.find(s.handle, _fleet.MARKER)
                 self._logged_in(s)
+                listed = _fleet.listed(found)
+                if listed and fleet_id not in listed and not also.intersection(listed):
+                    raise OtherFleet(f"cluster {self.spec.name}'s token holds keys of other fleets",
+                                     fleets=listed, cluster=self.spec.name, region=self.spec.region)
                 if _fleet.add(s.handle, found, fleet_id):
                     log.info("cluster %s: fleet %s recorded on token %r", self.spec.name, fleet_id,
                              self.spec.token_label)
 
         try:
             self._run(deadline, run)
+        except OtherFleet:
+            raise
         except RouterError:
             self._mark_failed = self._clock()
             raise

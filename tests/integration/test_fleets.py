@@ -2,7 +2,8 @@
 
 Key ids are chosen by callers, so a staging fleet and a production fleet name the same keys.
 A gateway whose ``[store] url`` names the other fleet's store must not take that store's
-destroyed keys, unfinished creations or placements for the keys on its own tokens.
+destroyed keys, unfinished creations or placements for the keys on its own tokens, nor make
+keys on them (which would make them its store's tokens too).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import logging
 import time
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute
 
+from router.errors import OtherFleet
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement
 from router.pkcs11 import _fleet
 from router.placement.sqlite import SqliteStore
@@ -34,6 +37,17 @@ def _marked(router: Router) -> None:
     """Every token lists the router's fleet, as once it has put a key on each of them."""
     for backend in router.backends.values():
         backend.mark(router.fleet_id, time.monotonic() + 30)
+
+
+@pytest.fixture(autouse=True)
+def _shared_fleet_kept(make_router, tokens: TokenInspector):
+    """The shared fleet's id back on every token after each test, which may have pushed it out:
+    its gateway and the tests after these make keys there."""
+    yield
+    fleet_id = make_router().fleet_id
+    for cluster in CLUSTERS:
+        if fleet_id not in (tokens.fleets(cluster) or ()):
+            tokens.mark(cluster, fleet_id)
 
 
 def _signs(router: Router, key: Placement) -> None:
@@ -91,6 +105,17 @@ def test_another_fleets_store_destroys_none_of_this_fleets_keys(make_router, tok
     # The repairer's sweep of unfinished creations leaves them too.
     assert wrong.sweep_intents(time.monotonic() + 30) == 0
 
+    # Nor can it make a key there: marked with its id too, the tokens would be its store's, and its
+    # next reconcile would destroy this fleet's keys under the ids its store says are destroyed.
+    new_id = unique("staging/new")
+    with pytest.raises(OtherFleet, match=rf"^cluster \S+'s token holds keys made with another placement store "
+                                         rf"\(fleet {ours.fleet_id}\), not this store's \({wrong.fleet_id}\): "
+                                         r"\[store\] url may name the wrong store\. Nothing was made there\."):
+        wrong.generate_key(_spec(new_id), time.monotonic() + 30)
+    assert theirs.get(new_id) is None and all(tokens.objects(c, new_id) == [] for c in CLUSTERS)
+    report = reconcile(wrong, fix=True, finish_destroys=True)
+    assert sorted(report.other_fleet) == CLUSTERS and report.removed == [] and report.finished == []
+
     for key in (signing, creating, placed):
         _held(tokens, key)
         _signs(ours, key)
@@ -105,7 +130,7 @@ def test_the_same_fleets_reconcile_still_removes_strays_and_rolls_back_intents(m
     router = make_router()
     _marked(router)
     for cluster in CLUSTERS:  # another fleet that shares the tokens, marked after this one
-        router.backends[cluster].mark(f"{int(time.time()):032x}", time.monotonic() + 30)
+        tokens.mark(cluster, f"{int(time.time()):032x}")
     gone = router.generate_key(_spec(unique("fleet/gone")), time.monotonic() + 30)
     stray = next(name for name in CLUSTERS if name not in gone.clusters)
     router.backends[stray].generate(placement(gone.key_id, gone.algorithm), time.monotonic() + 30)
@@ -170,11 +195,12 @@ def test_a_creation_marks_the_tokens_it_writes_to_once_and_keeps_sixteen_fleets(
     router = make_router()
     target = CLUSTERS[0]
     for fleet in others:  # sixteen other fleets since this one
-        router.backends[target].mark(fleet, time.monotonic() + 30)
+        tokens.mark(target, fleet)
     assert tokens.fleets(target) == tuple(others)
 
     store = SqliteStore(tmp_path / "new-fleet.db")
-    fresh = make_router(store=store, adopt_fleet=False)
+    # A new store whose operator adopted the fleets that wrote there (as one rebuilt without its id).
+    fresh = make_router(store=store, adopt_fleet=False, adopted_fleet_ids=(others[-1], router.fleet_id))
     pinned = unique("fleet/pinned")
     fresh.pin(pinned, target)
     key = fresh.generate_key(_spec(pinned), time.monotonic() + 30)
@@ -190,21 +216,24 @@ def test_a_creation_marks_the_tokens_it_writes_to_once_and_keeps_sixteen_fleets(
     assert fresh.generate_key(_spec(again), time.monotonic() + 30).primary == target
     # A second key leaves the marker as it was.
     assert [bytes(m[Attribute.VALUE]) for m in tokens.session(target).get_objects(_fleet.MARKER)] == [before]
-    _marked(make_router())  # the shared fleet's own id back on the token, for the tests after this one
 
 
 def test_a_process_marks_again_a_token_whose_marker_lost_its_fleet(make_router, tokens, tmp_path: Path) -> None:
     """A process remembers the tokens it marked. Once a look at a token finds its fleet gone from
-    the marker (16 ids kept; others pushed it out), its next key there marks it again."""
+    the marker (16 ids kept; others, which adopted it, pushed it out), its next key there marks
+    it again."""
     router = make_router()
     _marked(router)  # this process has marked every token: it would not look again
     cluster = CLUSTERS[0]
     others = [f"{i:032x}" for i in range(100, 100 + _fleet.KEPT)]
     for other in others:  # sixteen other stores' gateways make keys on it
-        router.backends[cluster].mark(other, time.monotonic() + 30)
+        tokens.mark(cluster, other)
     assert router.fleet_id not in (tokens.fleets(cluster) or ())
     assert router.fleet_check(cluster, time.monotonic() + 30)[0] == "other_fleet"
-    router.backends[cluster].mark(router.fleet_id, time.monotonic() + 30)  # what its next key there does first
+    with pytest.raises(OtherFleet):  # its id gone, the token is another fleet's for all it can tell
+        router.backends[cluster].mark(router.fleet_id, time.monotonic() + 30)
+    # What its next key there does first, once its operator adopted the fleet that wrote last.
+    router.backends[cluster].mark(router.fleet_id, time.monotonic() + 30, also=frozenset(others[-1:]))
     assert router.fleet_id in (tokens.fleets(cluster) or ())
     assert router.fleet_check(cluster, time.monotonic() + 30) == ("", "")
 
@@ -217,7 +246,7 @@ def test_a_store_whose_fleet_id_changed_under_a_process_is_followed(make_router,
     router = make_router(store=store, adopt_fleet=False)
     first = router.fleet_id
     for name in CLUSTERS:  # this process marked every token with the id it read
-        router.backends[name].mark(first, time.monotonic() + 30)
+        tokens.mark(name, first)
     later = "f" * 32
     store._query("UPDATE meta SET value = ? WHERE name = 'fleet_id'", (later,))  # the other region's write won
     theirs, mine = CLUSTERS[0], CLUSTERS[1]
@@ -247,7 +276,7 @@ def test_a_token_that_refuses_the_marker_is_asked_again_only_after_a_while(make_
     monkeypatch.setattr(_fleet, "add", refused)
     # Behind the real clock: the cluster checks the router's deadlines (time.monotonic) with it.
     now = [time.monotonic() - 2 * cluster_module.MARK_RETRY]
-    router = make_router(store=SqliteStore(tmp_path / "refusing.db"), adopt_fleet=False)
+    router = make_router(store=SqliteStore(tmp_path / "refusing.db"))
     backend = router.backends[CLUSTERS[0]]
     monkeypatch.setattr(backend, "_clock", lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="router.router"):

@@ -254,6 +254,9 @@ BAD_CONFIGS = [
     ("clusters[1].serialize_object_changes", "yes", "clusters[1].serialize_object_changes"),
     ("clusters[1].serialize_object_changes", 1, "clusters[1].serialize_object_changes"),
     ("server.probe_interval", float("inf"), "server.probe_interval"),
+    ("store.adopted_fleet_ids", "0" * 32, "store.adopted_fleet_ids"),
+    ("store.adopted_fleet_ids", ["0" * 31], "store.adopted_fleet_ids[0]"),
+    ("store.adopted_fleet_ids", ["a" * 32, "A" * 32], "store.adopted_fleet_ids[1]"),
     ("server.retry_budget", -0.1, "server.retry_budget"),
     ("server.retry_budget", 1.5, "server.retry_budget"),
     ("server.retry_budget", float("nan"), "server.retry_budget"),
@@ -322,6 +325,20 @@ def test_the_retry_budget_is_a_share_of_requests_that_reaches_the_router(given: 
     router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, SqliteStore(tmp_path / "p.db"),
                     retry_budget=share)
     assert router.dispatcher.budget.ratio == expected
+
+
+def test_adopted_fleet_ids_reach_the_router_as_this_fleets(tmp_path: Path) -> None:
+    from router.placement.sqlite import SqliteStore
+    from router.router import Router, Topology
+
+    data = valid_data()
+    assert parse(data, Path("/cfg")).store.adopted_fleet_ids == ()
+    data["store"]["adopted_fleet_ids"] = ["0123456789abcdef" * 2]
+    adopted = parse(data, Path("/cfg")).store.adopted_fleet_ids
+    assert adopted == ("0123456789abcdef" * 2,)
+    router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, SqliteStore(tmp_path / "p.db"),
+                    adopted_fleet_ids=adopted)
+    assert router._former_fleet_ids == set(adopted)
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, 30.0), (0, 0.0), (5, 5.0)])
