@@ -425,6 +425,37 @@ def test_a_dead_cluster_opens_after_three_failures_busy_or_quiet() -> None:
     assert _feed(quiet, clock, "FFF")[-1] is CircuitState.OPEN
 
 
+def test_a_cluster_back_from_an_outage_opens_again_after_three_failures() -> None:
+    """The probes that failed while the cluster was down say nothing of how often it fails calls
+    once it is back: succeeding again, it opens on 3 in a row, as before the outage (not 26)."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock)
+    _feed(breaker, clock, "S" * 200)
+    assert _feed(breaker, clock, "FFF") == [CircuitState.CLOSED, CircuitState.CLOSED, CircuitState.OPEN]
+    for _ in range(60):  # down for a minute: a probe fails every second
+        clock.sleep(1.0)
+        assert _feed(breaker, clock, "F")[-1] is not CircuitState.CLOSED
+    clock.sleep(1.0)
+    assert _feed(breaker, clock, "S" * 31) == [CircuitState.CLOSED] * 31, "a probe's success closes it"
+    assert _feed(breaker, clock, "FFF") == [CircuitState.CLOSED, CircuitState.CLOSED, CircuitState.OPEN]
+
+
+def test_a_cluster_failing_a_minority_of_calls_keeps_its_circuit_closed_after_a_chance_run_opened_it() -> None:
+    """30 % of calls fail; a run of 12 opens the circuit, and the trial closes it again. The
+    cluster still fails 30 % of calls: its short runs do not open the circuit once it is closed."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock, cooldown=2.0)
+    pattern = "SSSSFFFSSS" "SFSSSSFSSF" "SSSSSSFFFF" "FFSSSSSSSS"
+    _feed(breaker, clock, "S" * 1000)
+    _feed(breaker, clock, "SFSSFSSSFS", times=10)
+    assert set(_feed(breaker, clock, pattern, times=10)) == {CircuitState.CLOSED}
+    assert _feed(breaker, clock, "F" * 12)[-1] is CircuitState.OPEN, "12 in a row is hardly chance at 30 %"
+    clock.sleep(2.0)
+    assert breaker.allow()  # the half-open trial
+    assert _feed(breaker, clock, "S") == [CircuitState.CLOSED]
+    assert set(_feed(breaker, clock, pattern, times=100)) == {CircuitState.CLOSED}
+
+
 def test_a_cluster_failing_some_calls_needs_a_longer_run_then_opens() -> None:
     """10 % of its last calls failed: 3 or 5 in a row could be chance, 8 hardly."""
     clock = FakeClock(1000.0)
