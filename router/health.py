@@ -116,7 +116,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trial_in_flight = False
         self._held = False
-        """Opened by ``trip`` (calls that hang), and not closed or half-open since."""
+        """Opened by ``trip`` (calls that hang), and not closed since: a success ends it."""
         self._busy = False
         """The last failure was a busy answer (the HSM throttles), not a cluster failure."""
         self._changes: list[tuple[CircuitState, str]] = []
@@ -141,7 +141,8 @@ class CircuitBreaker:
             self._state = state
             self._trial_in_flight = False
             self._fresh = 0
-            self._held = False
+            if state is CircuitState.CLOSED:
+                self._held = False  # not on the move to half-open: the trial may hang as well
             self._changes.append((state, cause))
 
     def _notify(self) -> None:
@@ -256,8 +257,9 @@ class CircuitBreaker:
         return failed / (ok + failed) if ok + failed else 0.0
 
     def answered(self) -> int:
-        """How many of the cluster's last 10 calls (requests and probes) succeeded; 0 while the
-        watchdog holds the circuit open for calls that hang (a request would only join them).
+        """How many of the cluster's last 10 calls (requests and probes) succeeded; 0 from the
+        watchdog's ``trip`` for calls that hang until a success closes the circuit, half-open
+        included (a request would only join them, or the trial that may hang too).
 
         What the dispatcher ranks clusters by when every candidate's circuit is open.
         """

@@ -524,6 +524,26 @@ def test_with_every_circuit_open_and_none_answering_a_request_is_refused_at_once
     assert (refused.value.reason, refused.value.cluster, refused.value.region) == ("UNAVAILABLE", "usw2-a", "us-west-2")
 
 
+def test_a_cluster_whose_calls_hung_is_not_asked_in_a_panic_while_its_trial_is_under_way() -> None:
+    """usw2-a's calls hung and came back; after the cooldown its trial call hangs too. Its
+    successes from before the hang do not make it the cluster most likely to answer: the
+    request goes to use1-a, which answered fewer of its last calls but has none hanging."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    _feed(d.breakers["usw2-a"], clock, "S" * 10)
+    d.breakers["usw2-a"].trip()  # the watchdog found calls past their time
+    clock.sleep(2.0)  # they returned, and the cooldown ran out
+    assert d.breakers["usw2-a"].allow(), "the half-open trial"  # it hangs
+    _open(d, clock, "use1-a", "SSSFFFSSFS")
+    fn, calls = script({n: [] for n in REGIONS})
+    assert d.run(["usw2-a", "use1-a"], fn, clock() + 5, "k") == ("ok@use1-a", "use1-a")
+    assert calls == ["use1-a"] and d.panics == 1
+    assert d.breakers["usw2-a"].state is CircuitState.HALF_OPEN
+
+    d.breakers["usw2-a"].record_success()  # the trial answered: the hang is over
+    assert d.breakers["usw2-a"].state is CircuitState.CLOSED and d.breakers["usw2-a"].answered() == 10
+
+
 def test_a_request_that_failed_where_it_could_goes_to_an_open_cluster_rather_than_fail() -> None:
     """use1-a fails the request twice; usw2-a's circuit opened on a chance run but it answers
     most calls: the request is retried there (from the retry budget) instead of failing."""
