@@ -509,6 +509,31 @@ def test_with_every_circuit_open_a_request_goes_to_the_cluster_most_likely_to_an
     assert d.breakers["use1-a"].state is CircuitState.OPEN
 
 
+def test_the_panic_log_line_says_whether_the_circuit_is_open_or_half_open(caplog) -> None:
+    caplog.set_level("WARNING", logger="router.dispatch")
+    clock = FakeClock(1000.0)
+    fn, _ = script({n: [] for n in REGIONS})
+    d = make(clock)
+    _open(d, clock, "use1-a", "F" * 10)
+    _open(d, clock, "usw2-a", "SSSSSSSFSS")
+    d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert caplog.messages[-1] == (
+        "every candidate of a request failed or was skipped for its circuit (skipped: use1-a, usw2-a): it goes to "
+        "usw2-a, whose circuit is open but which answered 9 of its last 10 calls, instead of being refused (logged "
+        "once every 10 s)")
+
+    d = make(clock)
+    _feed(d.breakers["usw2-a"], clock, "SSSSSSSFFF")  # a run of 3 opens it
+    clock.sleep(2.0)
+    assert d.breakers["usw2-a"].allow()  # the half-open trial, under way
+    _open(d, clock, "use1-a", "F" * 10)
+    d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert d.panics == 1 and caplog.messages[-1] == (
+        "every candidate of a request failed or was skipped for its circuit (skipped: use1-a, usw2-a): it goes to "
+        "usw2-a, whose circuit is half-open with its trial under way but which answered 7 of its last 10 calls, "
+        "instead of being refused (logged once every 10 s)")
+
+
 def test_with_every_circuit_open_and_none_answering_a_request_is_refused_at_once() -> None:
     """Dead clusters (none of their last calls answered) and hung ones (held open by the
     watchdog) are not asked: UNAVAILABLE naming the last candidate, no HSM call."""
@@ -566,6 +591,30 @@ def test_every_candidate_busy_is_resource_exhausted_with_a_delay_not_unavailable
         d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
     assert refused.value.reason == "HSM_BUSY" and refused.value.cluster in ("use1-a", "usw2-a")
     assert refused.value.retry_after is not None and refused.value.retry_after >= 0.1
+    assert refused.value.message == ("every cluster that can serve k is busy (cluster use1-a takes requests again "
+                                     "shortly)")
+
+
+def test_a_busy_candidate_among_down_ones_is_resource_exhausted_and_says_the_others_are_down() -> None:
+    """Come back shortly (the busy cluster will take requests), but not "every cluster is busy":
+    the other candidates are down."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    _feed(d.breakers["use1-a"], clock, "B" * 40)
+    _open(d, clock, "use1-b", "F" * 10)
+    _open(d, clock, "usw2-a", "F" * 10)
+    fn, calls = script({n: [] for n in REGIONS})
+    with pytest.raises(Throttled) as refused:
+        d.run(["use1-a", "use1-b", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == [] and (refused.value.reason, refused.value.cluster) == ("HSM_BUSY", "use1-a")
+    assert refused.value.message == ("cluster use1-a, which can serve k, is busy (it takes requests again shortly); "
+                                     "clusters use1-b and usw2-a are down or hung")
+
+    _feed(d.breakers["use1-b"], clock, "S" + "B" * 39)  # busy too now; it reopens later than use1-a
+    with pytest.raises(Throttled) as refused:
+        d.run(["use1-a", "use1-b", "usw2-a"], fn, clock() + 5, "k")
+    assert refused.value.message == ("clusters use1-a and use1-b, which can serve k, are busy (cluster use1-a takes "
+                                     "requests again shortly); cluster usw2-a is down or hung")
 
 
 def test_a_copy_missing_where_the_budget_left_another_candidate_unasked_is_out_of_reach() -> None:
