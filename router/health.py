@@ -18,10 +18,12 @@ Each cluster has a ``CircuitBreaker``:
     is back, and would make it need a run of dozens. Nor over the outcomes since
     the circuit last closed only: a cluster failing a minority of calls, whose
     circuit a chance run opened, would then open again on its next short run;
-  - **a failure rate**: half or more (``max_failure_rate``) of its last ``window``
-    (100) outcomes failed, once it has at least ``min_calls`` (20) since the
-    circuit last changed. Busy answers (throttling) count here, and only here: a
-    busy HSM is alive, and is skipped only while it refuses most calls.
+  - **a failure rate**: half or more (``max_failure_rate``) of its outcomes since
+    the circuit last changed state failed (of the last ``window`` (100) of them
+    at most), once there are at least ``min_calls`` (20). Busy answers
+    (throttling) count here, never in a run (they do count in the share of calls
+    the run rule weighs): a busy HSM is alive, and is skipped only while it
+    refuses most calls.
 
 - **open**: the router skips the cluster for ``cooldown`` seconds. The dispatcher
   may still send it a request when every candidate's circuit is open (its "panic"
@@ -90,8 +92,9 @@ class CircuitBreaker:
         """``failures_to_open``: failures in a row that open the circuit of a cluster whose calls
         were succeeding. ``run_chance``: how unlikely by chance a run must be to open the circuit
         of a cluster that already fails some calls. ``window``, ``min_calls``,
-        ``max_failure_rate``: the circuit opens when at least that share of the last ``window``
-        outcomes failed, with ``min_calls`` of them at least since it last changed.
+        ``max_failure_rate``: the circuit opens when at least that share of its outcomes since it
+        last changed state failed (of the last ``window`` of them at most), with ``min_calls`` of
+        them at least; ``window`` also bounds the outcomes the run rule weighs.
         ``cooldown``: seconds an open circuit waits before its trial. ``on_change``: called with
         (name, new state, cause) after each change, outside the lock; ``cause`` names the HSM error
         of the failure that opened the circuit (``record_failure``), ``""`` for every other change."""
