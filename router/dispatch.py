@@ -62,7 +62,7 @@ _ORDERS_KEPT = 4096
 """Candidate lists whose order is remembered; more are sorted again (keys of many shapes)."""
 
 _PANIC_LOG_EVERY = 10.0
-"""Seconds between log lines about requests sent to clusters whose circuit is open."""
+"""Seconds between log lines about requests sent to clusters whose circuit is not closed."""
 
 _BUSY_RETRY_AFTER = 0.1
 """Least RetryInfo delay when every candidate is busy (a throttling HSM's own answer's)."""
@@ -277,22 +277,31 @@ class Dispatcher:
                 if quiet:
                     self._panic_logged = now
             if quiet:
-                log.warning("a request's candidates failed or have their circuit open (%s): it goes to %s, whose "
-                            "circuit is open but which answered %d of its last %d calls, instead of being refused "
-                            "(logged once every %.0f s)", ", ".join(skipped), best, most, LAST_CALLS,
+                half_open = self.breakers[best].state is CircuitState.HALF_OPEN
+                log.warning("every candidate of a request failed or was skipped for its circuit (skipped: %s): it "
+                            "goes to %s, whose circuit is %s but which answered %d of its last %d calls, instead of "
+                            "being refused (logged once every %.0f s)", ", ".join(skipped), best,
+                            "half-open with its trial under way" if half_open else "open", most, LAST_CALLS,
                             _PANIC_LOG_EVERY)
         return best
 
     def _refusal(self, skipped: Iterable[str], what: str) -> RouterError:
-        """The answer when no candidate could be asked: their circuits are open and none is likely
-        to answer. Busy HSMs (throttling) are told apart from failing ones: the caller should come
-        back shortly, not look elsewhere."""
+        """The answer when no candidate could be asked: their circuits are not closed and none is
+        likely to answer. Busy HSMs (throttling) are told apart from failing ones: the caller should
+        come back shortly, not look elsewhere."""
         names = list(skipped)
         busy = [name for name in names if self.breakers[name].busy]
         if busy:
             soonest = min(busy, key=lambda name: self.breakers[name].reopens_in())
-            return Throttled(f"every cluster that can serve {what} is busy (cluster {soonest} takes requests "
-                             "again shortly)", cluster=soonest, region=self._region(soonest),
+            down = [name for name in names if name not in busy]  # none of their last calls answered, or hung
+            if down:
+                message = (f"{_clusters(busy)}, which can serve {what}, {_are(busy)} busy "
+                           f"({'it' if len(busy) == 1 else f'cluster {soonest}'} takes requests again shortly); "
+                           f"{_clusters(down)} {_are(down)} down or hung")
+            else:
+                message = (f"every cluster that can serve {what} is busy (cluster {soonest} takes requests again "
+                           "shortly)")
+            return Throttled(message, cluster=soonest, region=self._region(soonest),
                              retry_after=max(_BUSY_RETRY_AFTER, self.breakers[soonest].reopens_in()))
         name = names[-1] if names else ""
         return Unavailable(f"no healthy cluster can serve {what}", cluster=name, region=self._region(name))
@@ -323,6 +332,17 @@ def _add(names: list[str] | None, name: str) -> list[str]:
     if name not in names:
         names.append(name)
     return names
+
+
+def _clusters(names: list[str]) -> str:
+    """"cluster a", "clusters a and b", "clusters a, b and c"."""
+    if len(names) == 1:
+        return f"cluster {names[0]}"
+    return f"clusters {', '.join(names[:-1])} and {names[-1]}"
+
+
+def _are(names: list[str]) -> str:
+    return "is" if len(names) == 1 else "are"
 
 
 def _not_the_records_fault(last: RouterError | None, what: str, why: str) -> None:

@@ -8,13 +8,22 @@ Each cluster has a ``CircuitBreaker``:
   - **a run of failures**: ``failures_to_open`` (3) cluster failures in a row open
     the circuit of a cluster whose calls were succeeding, as a dead cluster's do at
     once, however little traffic there is. A cluster that already failed some of
-    its last ``window`` calls needs a longer run, one that chance would give less
-    than once in ``1 / run_chance`` calls (at 30 % failures, 12 in a row): under
-    load a cluster failing a minority of calls makes short runs all the time;
-  - **a failure rate**: half or more (``max_failure_rate``) of its last ``window``
-    (100) outcomes failed, once it has at least ``min_calls`` (20) since the
-    circuit last changed. Busy answers (throttling) count here, and only here: a
-    busy HSM is alive, and is skipped only while it refuses most calls.
+    its calls needs a longer run, one that chance would give less than once in
+    ``1 / run_chance`` calls (at 30 % failures, 12 in a row): under load a cluster
+    failing a minority of calls makes short runs all the time. The share of calls
+    it fails is taken over its last ``window`` outcomes while its circuit was
+    closed, less the runs that opened it. Not over all its last outcomes: an
+    outage's failures (the run that opened the circuit, probes and trials while
+    it was not closed) say nothing of how often the cluster fails calls once it
+    is back, and would make it need a run of dozens. Nor over the outcomes since
+    the circuit last closed only: a cluster failing a minority of calls, whose
+    circuit a chance run opened, would then open again on its next short run;
+  - **a failure rate**: half or more (``max_failure_rate``) of its outcomes since
+    the circuit last changed state failed (of the last ``window`` (100) of them
+    at most), once there are at least ``min_calls`` (20). Busy answers
+    (throttling) count here, never in a run (they do count in the share of calls
+    the run rule weighs): a busy HSM is alive, and is skipped only while it
+    refuses most calls.
 
 - **open**: the router skips the cluster for ``cooldown`` seconds. The dispatcher
   may still send it a request when every candidate's circuit is open (its "panic"
@@ -83,8 +92,9 @@ class CircuitBreaker:
         """``failures_to_open``: failures in a row that open the circuit of a cluster whose calls
         were succeeding. ``run_chance``: how unlikely by chance a run must be to open the circuit
         of a cluster that already fails some calls. ``window``, ``min_calls``,
-        ``max_failure_rate``: the circuit opens when at least that share of the last ``window``
-        outcomes failed, with ``min_calls`` of them at least since it last changed.
+        ``max_failure_rate``: the circuit opens when at least that share of its outcomes since it
+        last changed state failed (of the last ``window`` of them at most), with ``min_calls`` of
+        them at least; ``window`` also bounds the outcomes the run rule weighs.
         ``cooldown``: seconds an open circuit waits before its trial. ``on_change``: called with
         (name, new state, cause) after each change, outside the lock; ``cause`` names the HSM error
         of the failure that opened the circuit (``record_failure``), ``""`` for every other change."""
@@ -95,6 +105,9 @@ class CircuitBreaker:
         """The last outcomes, kept across state changes (``answered`` reads them)."""
         self._fresh = 0
         """Outcomes since the circuit last changed state: the rate looks at no others."""
+        self._served: collections.deque[bool] = collections.deque(maxlen=window)
+        """The last outcomes recorded while the circuit was closed, less the runs of failures that
+        opened it: the share of calls the cluster fails when it is not down (``_run_opens``)."""
         self._min_calls = min_calls
         self._max_failure_rate = max_failure_rate
         self._cooldown = cooldown
@@ -106,7 +119,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trial_in_flight = False
         self._held = False
-        """Opened by ``trip`` (calls that hang), and not closed or half-open since."""
+        """Opened by ``trip`` (calls that hang), and not closed since: a success ends it."""
         self._busy = False
         """The last failure was a busy answer (the HSM throttles), not a cluster failure."""
         self._changes: list[tuple[CircuitState, str]] = []
@@ -131,7 +144,8 @@ class CircuitBreaker:
             self._state = state
             self._trial_in_flight = False
             self._fresh = 0
-            self._held = False
+            if state is CircuitState.CLOSED:
+                self._held = False  # not on the move to half-open: the trial may hang as well
             self._changes.append((state, cause))
 
     def _notify(self) -> None:
@@ -162,7 +176,9 @@ class CircuitBreaker:
             self._consecutive = 0
             self._window.append(True)
             self._fresh += 1
-            if self._state is not CircuitState.CLOSED:
+            if self._state is CircuitState.CLOSED:
+                self._served.append(True)
+            else:
                 self._set(CircuitState.CLOSED)
         self._notify()
 
@@ -178,21 +194,31 @@ class CircuitBreaker:
             self._fresh += 1
             if self._state is CircuitState.HALF_OPEN:
                 self._open(cause)
-            elif self._state is CircuitState.CLOSED and (self._run_opens() or self._rate_opens()):
-                self._open(cause)
+            elif self._state is CircuitState.CLOSED:
+                self._served.append(False)
+                if self._run_opens():
+                    # The run was an outage's start, not the share of calls the cluster fails.
+                    for _ in range(min(self._consecutive, len(self._served))):
+                        self._served.pop()
+                    self._open(cause)
+                elif self._rate_opens():
+                    self._open(cause)
         self._notify()
 
     def _run_opens(self) -> bool:
         """Is the run of failures that ends now too long to be chance? Short runs come by
         chance from a cluster that fails some calls; the run needed grows with the share of
-        its last ``window`` calls that failed before this run."""
+        its calls that failed before this run, among its last ``window`` outcomes while the
+        circuit was closed (``_served``: not an outage's failures, which would make a cluster
+        back from one need a run of dozens, but still the failures of a cluster that fails a
+        minority of calls and whose circuit a chance run opened: it needs long runs as before)."""
         if self._consecutive < self._failures_to_open:
             return False
-        failed = max(0, self._window.count(False) - self._consecutive)
+        failed = max(0, self._served.count(False) - self._consecutive)
         if not failed:
             return True
         # Few calls say little: the share is taken over at least ``min_calls``.
-        share = failed / max(len(self._window) - self._consecutive, self._min_calls)
+        share = failed / max(len(self._served) - self._consecutive, self._min_calls)
         if share >= 1.0:
             return False  # the failure rate decides
         return self._consecutive >= self._log_chance / math.log(share)
@@ -234,8 +260,9 @@ class CircuitBreaker:
         return failed / (ok + failed) if ok + failed else 0.0
 
     def answered(self) -> int:
-        """How many of the cluster's last 10 calls (requests and probes) succeeded; 0 while the
-        watchdog holds the circuit open for calls that hang (a request would only join them).
+        """How many of the cluster's last 10 calls (requests and probes) succeeded; 0 from the
+        watchdog's ``trip`` for calls that hang until a success closes the circuit, half-open
+        included (a request would only join them, or the trial that may hang too).
 
         What the dispatcher ranks clusters by when every candidate's circuit is open.
         """

@@ -425,6 +425,37 @@ def test_a_dead_cluster_opens_after_three_failures_busy_or_quiet() -> None:
     assert _feed(quiet, clock, "FFF")[-1] is CircuitState.OPEN
 
 
+def test_a_cluster_back_from_an_outage_opens_again_after_three_failures() -> None:
+    """The probes that failed while the cluster was down say nothing of how often it fails calls
+    once it is back: succeeding again, it opens on 3 in a row, as before the outage (not 26)."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock)
+    _feed(breaker, clock, "S" * 200)
+    assert _feed(breaker, clock, "FFF") == [CircuitState.CLOSED, CircuitState.CLOSED, CircuitState.OPEN]
+    for _ in range(60):  # down for a minute: a probe fails every second
+        clock.sleep(1.0)
+        assert _feed(breaker, clock, "F")[-1] is not CircuitState.CLOSED
+    clock.sleep(1.0)
+    assert _feed(breaker, clock, "S" * 31) == [CircuitState.CLOSED] * 31, "a probe's success closes it"
+    assert _feed(breaker, clock, "FFF") == [CircuitState.CLOSED, CircuitState.CLOSED, CircuitState.OPEN]
+
+
+def test_a_cluster_failing_a_minority_of_calls_keeps_its_circuit_closed_after_a_chance_run_opened_it() -> None:
+    """30 % of calls fail; a run of 12 opens the circuit, and the trial closes it again. The
+    cluster still fails 30 % of calls: its short runs do not open the circuit once it is closed."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock, cooldown=2.0)
+    pattern = "SSSSFFFSSS" "SFSSSSFSSF" "SSSSSSFFFF" "FFSSSSSSSS"
+    _feed(breaker, clock, "S" * 1000)
+    _feed(breaker, clock, "SFSSFSSSFS", times=10)
+    assert set(_feed(breaker, clock, pattern, times=10)) == {CircuitState.CLOSED}
+    assert _feed(breaker, clock, "F" * 12)[-1] is CircuitState.OPEN, "12 in a row is hardly chance at 30 %"
+    clock.sleep(2.0)
+    assert breaker.allow()  # the half-open trial
+    assert _feed(breaker, clock, "S") == [CircuitState.CLOSED]
+    assert set(_feed(breaker, clock, pattern, times=100)) == {CircuitState.CLOSED}
+
+
 def test_a_cluster_failing_some_calls_needs_a_longer_run_then_opens() -> None:
     """10 % of its last calls failed: 3 or 5 in a row could be chance, 8 hardly."""
     clock = FakeClock(1000.0)
@@ -478,6 +509,31 @@ def test_with_every_circuit_open_a_request_goes_to_the_cluster_most_likely_to_an
     assert d.breakers["use1-a"].state is CircuitState.OPEN
 
 
+def test_the_panic_log_line_says_whether_the_circuit_is_open_or_half_open(caplog) -> None:
+    caplog.set_level("WARNING", logger="router.dispatch")
+    clock = FakeClock(1000.0)
+    fn, _ = script({n: [] for n in REGIONS})
+    d = make(clock)
+    _open(d, clock, "use1-a", "F" * 10)
+    _open(d, clock, "usw2-a", "SSSSSSSFSS")
+    d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert caplog.messages[-1] == (
+        "every candidate of a request failed or was skipped for its circuit (skipped: use1-a, usw2-a): it goes to "
+        "usw2-a, whose circuit is open but which answered 9 of its last 10 calls, instead of being refused (logged "
+        "once every 10 s)")
+
+    d = make(clock)
+    _feed(d.breakers["usw2-a"], clock, "SSSSSSSFFF")  # a run of 3 opens it
+    clock.sleep(2.0)
+    assert d.breakers["usw2-a"].allow()  # the half-open trial, under way
+    _open(d, clock, "use1-a", "F" * 10)
+    d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
+    assert d.panics == 1 and caplog.messages[-1] == (
+        "every candidate of a request failed or was skipped for its circuit (skipped: use1-a, usw2-a): it goes to "
+        "usw2-a, whose circuit is half-open with its trial under way but which answered 7 of its last 10 calls, "
+        "instead of being refused (logged once every 10 s)")
+
+
 def test_with_every_circuit_open_and_none_answering_a_request_is_refused_at_once() -> None:
     """Dead clusters (none of their last calls answered) and hung ones (held open by the
     watchdog) are not asked: UNAVAILABLE naming the last candidate, no HSM call."""
@@ -491,6 +547,26 @@ def test_with_every_circuit_open_and_none_answering_a_request_is_refused_at_once
         d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
     assert calls == [] and d.panics == 0
     assert (refused.value.reason, refused.value.cluster, refused.value.region) == ("UNAVAILABLE", "usw2-a", "us-west-2")
+
+
+def test_a_cluster_whose_calls_hung_is_not_asked_in_a_panic_while_its_trial_is_under_way() -> None:
+    """usw2-a's calls hung and came back; after the cooldown its trial call hangs too. Its
+    successes from before the hang do not make it the cluster most likely to answer: the
+    request goes to use1-a, which answered fewer of its last calls but has none hanging."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    _feed(d.breakers["usw2-a"], clock, "S" * 10)
+    d.breakers["usw2-a"].trip()  # the watchdog found calls past their time
+    clock.sleep(2.0)  # they returned, and the cooldown ran out
+    assert d.breakers["usw2-a"].allow(), "the half-open trial"  # it hangs
+    _open(d, clock, "use1-a", "SSSFFFSSFS")
+    fn, calls = script({n: [] for n in REGIONS})
+    assert d.run(["usw2-a", "use1-a"], fn, clock() + 5, "k") == ("ok@use1-a", "use1-a")
+    assert calls == ["use1-a"] and d.panics == 1
+    assert d.breakers["usw2-a"].state is CircuitState.HALF_OPEN
+
+    d.breakers["usw2-a"].record_success()  # the trial answered: the hang is over
+    assert d.breakers["usw2-a"].state is CircuitState.CLOSED and d.breakers["usw2-a"].answered() == 10
 
 
 def test_a_request_that_failed_where_it_could_goes_to_an_open_cluster_rather_than_fail() -> None:
@@ -515,6 +591,30 @@ def test_every_candidate_busy_is_resource_exhausted_with_a_delay_not_unavailable
         d.run(["use1-a", "usw2-a"], fn, clock() + 5, "k")
     assert refused.value.reason == "HSM_BUSY" and refused.value.cluster in ("use1-a", "usw2-a")
     assert refused.value.retry_after is not None and refused.value.retry_after >= 0.1
+    assert refused.value.message == ("every cluster that can serve k is busy (cluster use1-a takes requests again "
+                                     "shortly)")
+
+
+def test_a_busy_candidate_among_down_ones_is_resource_exhausted_and_says_the_others_are_down() -> None:
+    """Come back shortly (the busy cluster will take requests), but not "every cluster is busy":
+    the other candidates are down."""
+    clock = FakeClock(1000.0)
+    d = make(clock)
+    _feed(d.breakers["use1-a"], clock, "B" * 40)
+    _open(d, clock, "use1-b", "F" * 10)
+    _open(d, clock, "usw2-a", "F" * 10)
+    fn, calls = script({n: [] for n in REGIONS})
+    with pytest.raises(Throttled) as refused:
+        d.run(["use1-a", "use1-b", "usw2-a"], fn, clock() + 5, "k")
+    assert calls == [] and (refused.value.reason, refused.value.cluster) == ("HSM_BUSY", "use1-a")
+    assert refused.value.message == ("cluster use1-a, which can serve k, is busy (it takes requests again shortly); "
+                                     "clusters use1-b and usw2-a are down or hung")
+
+    _feed(d.breakers["use1-b"], clock, "S" + "B" * 39)  # busy too now; it reopens later than use1-a
+    with pytest.raises(Throttled) as refused:
+        d.run(["use1-a", "use1-b", "usw2-a"], fn, clock() + 5, "k")
+    assert refused.value.message == ("clusters use1-a and use1-b, which can serve k, are busy (cluster use1-a takes "
+                                     "requests again shortly); cluster usw2-a is down or hung")
 
 
 def test_a_copy_missing_where_the_budget_left_another_candidate_unasked_is_out_of_reach() -> None:
