@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from gateway.config import TlsConfig
 from gateway.fleet import Fleet
-from gateway.tls import DevCerts, Issuer, spiffe_id
+from gateway.tls import DevCerts, Issuer, load_issuer, spiffe_id, write_dev_certs, write_file
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 from tests.support import GatewayProcess, wait_for
 
@@ -222,6 +223,17 @@ def certificate_valid(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def tls_valid(directory: Path, not_before: datetime.datetime, not_after: datetime.datetime) -> TlsConfig:
+    """Server TLS settings whose certificate (``directory / "server.pem"``, issued by a dev CA in
+    ``directory / "dev"``) is valid from ``not_before`` to ``not_after``."""
+    certs = write_dev_certs(directory / "dev", days=36500)
+    cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), not_before, not_after)
+    write_file(directory / "server.pem", cert_pem)
+    write_file(directory / "server-key.pem", key_pem, private=True)
+    return TlsConfig(cert_file=directory / "server.pem", key_file=directory / "server-key.pem",
+                     client_ca_file=certs.ca)
 
 
 def issuer_of(cert_pem: bytes, key_pem: bytes) -> Issuer:
