@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import re
 import signal
@@ -20,7 +19,7 @@ from grpc_status import rpc_status
 
 from gateway.config import TlsConfig
 from gateway.fleet import Fleet
-from gateway.tls import DevCerts, Issuer, load_issuer, spiffe_id, write_dev_certs, write_file
+from gateway.tls import DevCerts, Issuer, load_issuer, spiffe_id, subject_alt_names, write_dev_certs, write_file
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 from tests.support import GatewayProcess, wait_for
 
@@ -211,13 +210,7 @@ def certificate_valid(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if not ca:
-        sans: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                sans.append(x509.DNSName(host))
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(subject_alt_names(hosts)), critical=False)
     cert = builder.sign(key if ca else issuer.key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
