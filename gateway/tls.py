@@ -464,15 +464,22 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def issue_server(issuer: Issuer, hosts: Sequence[str] = DEV_SERVER_HOSTS, *, days: int = 365) -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM) for a server reachable at ``hosts`` (IPs or DNS names)."""
+def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """The subject alternative names for a server reachable at ``hosts``: an IP address entry for
+    each host that is one, a DNS name entry for each other."""
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    return _leaf(issuer, hosts[0] if hosts else "hsmgw", sans, ExtendedKeyUsageOID.SERVER_AUTH, days)
+    return sans
+
+
+def issue_server(issuer: Issuer, hosts: Sequence[str] = DEV_SERVER_HOSTS, *, days: int = 365) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for a server reachable at ``hosts`` (IPs or DNS names)."""
+    return _leaf(issuer, hosts[0] if hosts else "hsmgw", subject_alt_names(hosts), ExtendedKeyUsageOID.SERVER_AUTH,
+                 days)
 
 
 def issue_client(issuer: Issuer, name: str, *, uri: bool = True, days: int = 365) -> tuple[bytes, bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ import grpc
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.fleet import Fleet, find_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,6 +210,46 @@ class TokenInspector:
     @property
     def module(self) -> Any:
         return self._module
+
+
+_ON_TOKEN = """\
+import json, os, sys
+from pkcs11 import Attribute
+from router.pkcs11 import load_module
+args = json.load(sys.stdin)
+os.environ["SOFTHSM2_CONF"] = args["conf"]
+session = load_module(args["module"]).token(args["cluster"]).open(rw=True, user_pin=args["pin"])
+"""
+
+
+def _on_token(fleet: Fleet, cluster: str, body: str, key_id: str) -> str:
+    """What ``body`` prints, run with ``session`` logged in to the fleet's token ``cluster`` and
+    ``args["key"]`` = ``key_id``; in a child process, since the fleet has its own SoftHSM configuration."""
+    pin = tomllib.loads(fleet.secrets_path.read_text())["clusters"][cluster]["user_pin"]
+    out = subprocess.run(
+        [sys.executable, "-c", _ON_TOKEN + body], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+        input=json.dumps({"conf": str(fleet.softhsm_conf), "module": find_module(), "cluster": cluster,
+                          "pin": pin, "key": key_id}),
+    )
+    return out.stdout
+
+
+def count_copy(fleet: Fleet, cluster: str, key_id: str) -> int:
+    """How many objects labelled ``key_id`` the fleet's token ``cluster`` holds."""
+    return int(_on_token(fleet, cluster, "print(len(list(session.get_objects({Attribute.LABEL: args['key']}))))\n",
+                         key_id))
+
+
+def destroy_copy(fleet: Fleet, cluster: str, key_id: str) -> int:
+    """Destroy the objects labelled ``key_id`` on the fleet's token ``cluster``, behind the gateway's
+    back (a lost copy, as an HSM that lost them would); how many there were."""
+    body = (
+        "found = list(session.get_objects({Attribute.LABEL: args['key']}))\n"
+        "for obj in found:\n"
+        "    obj.destroy()\n"
+        "print(len(found))\n"
+    )
+    return int(_on_token(fleet, cluster, body, key_id))
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.fleet import Fleet, init_fleet
+from router.placement.dynamodb import DynamoStore
 from tests.moto import FAKE_AWS_ENV, REGION, MotoServer, fake_aws_env, free_port
 
 __all__ = ["FAKE_AWS_ENV", "REGION", "MotoServer", "free_port"]
@@ -45,3 +47,17 @@ def spare_moto_server(tmp_path: Path) -> Iterator[Callable[[], MotoServer]]:
         if server.proc is not None and server.proc.poll() is None:
             os.kill(server.proc.pid, signal.SIGCONT)  # a paused process ignores SIGTERM until resumed
         server.stop()
+
+
+@pytest.fixture
+def dynamo_fleet(tmp_path: Path, spare_moto_server: Callable[[], MotoServer]) -> tuple[MotoServer, Fleet]:
+    """A fleet whose gateways keep their placements in a DynamoDB table on a private ``moto_server``
+    (which the test may stop)."""
+    moto = spare_moto_server()
+    url = moto.store_url("placements")
+    DynamoStore("placements", region=REGION, endpoint_url=moto.endpoint).create_table()
+    fleet = init_fleet(tmp_path / "fleet", listen="127.0.0.1:0")
+    text = fleet.config_path.read_text().replace('url = "sqlite:placements.db"', f'url = "{url}"')
+    assert url in text
+    fleet.config_path.write_text(text)
+    return moto, fleet

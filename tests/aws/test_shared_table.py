@@ -8,22 +8,14 @@ import time
 import grpc
 import pytest
 
-from gateway.fleet import init_fleet
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
-from router.placement.dynamodb import DynamoStore
 from tests.support import GatewayProcess
 
 
 @pytest.fixture
-def two_gateways(tmp_path, spare_moto_server):
-    moto = spare_moto_server()
-    url = moto.store_url("placements")
-    DynamoStore("placements", region="us-east-1", endpoint_url=moto.endpoint).create_table()
-    fleet = init_fleet(tmp_path / "fleet", listen="127.0.0.1:0")
-    text = fleet.config_path.read_text().replace('url = "sqlite:placements.db"', f'url = "{url}"')
-    assert url in text
-    fleet.config_path.write_text(text)
+def two_gateways(dynamo_fleet):
+    moto, fleet = dynamo_fleet
     a = GatewayProcess(fleet.config_path).start()
     b = GatewayProcess(fleet.config_path).start()
     try:

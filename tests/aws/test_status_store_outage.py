@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-from gateway.fleet import init_fleet
-from router.placement.dynamodb import DynamoStore
+from gateway.fleet import Fleet
+from tests.aws.conftest import MotoServer
 from tests.support import ROOT, GatewayProcess
 
 
@@ -17,14 +17,9 @@ def _status(target: str) -> subprocess.CompletedProcess[str]:
                            "--output", "json", "status"], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def test_status_during_a_store_outage_shows_the_clusters_and_names_the_store(tmp_path, spare_moto_server) -> None:
-    moto = spare_moto_server()
-    url = moto.store_url("placements")
-    DynamoStore("placements", region="us-east-1", endpoint_url=moto.endpoint).create_table()
-    fleet = init_fleet(tmp_path / "fleet", listen="127.0.0.1:0")
-    text = fleet.config_path.read_text().replace('url = "sqlite:placements.db"', f'url = "{url}"')
-    assert url in text
-    fleet.config_path.write_text(text)
+def test_status_during_a_store_outage_shows_the_clusters_and_names_the_store(
+        dynamo_fleet: tuple[MotoServer, Fleet]) -> None:
+    moto, fleet = dynamo_fleet
     gateway = GatewayProcess(fleet.config_path).start()
     try:
         before = _status(gateway.target)

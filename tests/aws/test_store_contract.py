@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +20,8 @@ from router.placement import Conflict, PlacementStore, Stale
 from router.placement.dynamodb import DynamoStore
 from router.placement.factory import make_store
 from tests.support import stored as make
+
+T = TypeVar("T")
 
 
 class Backend:
@@ -304,28 +307,38 @@ def test_records_survive_reopening(backend: Backend, url: str) -> None:
     assert reopened.change_counter() == counter
 
 
-def test_concurrent_creates_of_one_key_id_have_exactly_one_winner(backend: Backend, url: str) -> None:
-    threads = 8
-    stores = [backend.open(url) for _ in range(threads)]  # one per "gateway"
+def _at_once(threads: int, call: Callable[[int], T], timeout: float = 30) -> list[T | BaseException]:
+    """``call(i)`` for each i in ``range(threads)``, on as many threads released together: what each
+    returned or raised, in order of i."""
     barrier = threading.Barrier(threads)
-    results: list[Placement | Conflict | BaseException | None] = [None] * threads
+    results: dict[int, T | BaseException] = {}
 
-    def attempt(i: int) -> None:
-        mine = make("race/key", request_id=f"req-{i}", primary=f"cluster-{i}")
+    def run(i: int) -> None:
         barrier.wait()
         try:
-            stores[i].create(mine)
-            results[i] = mine
-        except Conflict as exc:
-            results[i] = exc
-        except BaseException as exc:  # noqa: B036 - reported by the assertion below
+            results[i] = call(i)
+        except BaseException as exc:  # noqa: B036 - returned, for the caller's assertions to report
             results[i] = exc
 
-    workers = [threading.Thread(target=attempt, args=(i,)) for i in range(threads)]
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
-        w.join(timeout=30)
+        w.join(timeout=timeout)
+    assert not any(w.is_alive() for w in workers), f"a thread still running after {timeout} s"
+    return [results[i] for i in range(threads)]
+
+
+def test_concurrent_creates_of_one_key_id_have_exactly_one_winner(backend: Backend, url: str) -> None:
+    threads = 8
+    stores = [backend.open(url) for _ in range(threads)]  # one per "gateway"
+    mine = [make("race/key", request_id=f"req-{i}", primary=f"cluster-{i}") for i in range(threads)]
+
+    def attempt(i: int) -> Placement:
+        stores[i].create(mine[i])
+        return mine[i]
+
+    results = _at_once(threads, attempt)
     winners = [r for r in results if isinstance(r, Placement)]
     losers = [r for r in results if isinstance(r, Conflict)]
     assert len(winners) == 1 and len(losers) == threads - 1, results
@@ -367,21 +380,7 @@ def test_looking_up_a_missing_fleet_id_finds_none_and_makes_none(backend: Backen
 def test_concurrent_first_readers_of_the_fleet_id_agree_on_one(backend: Backend, url: str) -> None:
     threads = 8
     stores = [backend.open(url) for _ in range(threads)]  # one per gateway process
-    barrier = threading.Barrier(threads)
-    seen: list[str | BaseException] = []
-
-    def read(i: int) -> None:
-        barrier.wait()
-        try:
-            seen.append(stores[i].fleet_id(f"{i:032x}"))  # each proposes its own
-        except BaseException as exc:  # noqa: B036 - reported by the assertion below
-            seen.append(exc)
-
-    workers = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=30)
+    seen = _at_once(threads, lambda i: stores[i].fleet_id(f"{i:032x}"))  # each proposes its own
     assert len(seen) == threads and len(set(seen)) == 1, seen
     assert seen[0] in {f"{i:032x}" for i in range(threads)}
     assert backend.open(url).fleet_id() == seen[0]
@@ -430,29 +429,19 @@ def test_admin_records_are_not_placements_and_do_not_move_the_change_counter(sto
 def test_concurrent_read_and_write_of_one_admin_record_loses_no_write(backend: Backend, url: str) -> None:
     threads, each = 6, 5
     stores = [backend.open(url) for _ in range(threads)]  # one per gateway
-    barrier = threading.Barrier(threads)
-    errors: list[BaseException] = []
 
     def add(i: int) -> None:
-        barrier.wait()
-        try:
-            for n in range(each):
-                while True:
-                    found = stores[i].admin_record("changes")
-                    body, version = found if found is not None else ({"ids": []}, 0)
-                    try:
-                        stores[i].put_admin_record("changes", {"ids": [*body["ids"], f"{i}-{n}"]}, version)
-                        break
-                    except Stale:
-                        continue
-        except BaseException as exc:  # noqa: B036 - reported by the assertion below
-            errors.append(exc)
+        for n in range(each):
+            while True:
+                found = stores[i].admin_record("changes")
+                body, version = found if found is not None else ({"ids": []}, 0)
+                try:
+                    stores[i].put_admin_record("changes", {"ids": [*body["ids"], f"{i}-{n}"]}, version)
+                    break
+                except Stale:
+                    continue
 
-    workers = [threading.Thread(target=add, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=60)
+    errors = [r for r in _at_once(threads, add, timeout=60) if r is not None]
     assert not errors, errors
     found = backend.open(url).admin_record("changes")
     assert found is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from gateway.fleet import Fleet, find_module, init_fleet
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from tests.faults import FaultControl, build_faultmod
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, count_copy
 
 
 @pytest.fixture(scope="session")
@@ -139,32 +139,6 @@ def p99(values: list[float]) -> float:
 
 
 @pytest.fixture
-def tokens_for():
-    """Count a key's objects on a fleet's token, from a child process (the fleet has its own SoftHSM config)."""
-    import json
-    import subprocess
-    import sys
-    import tomllib
-
-    from tests.support import ROOT
-
-    def count(fleet: Fleet, cluster: str, key_id: str) -> int:
-        pin = tomllib.loads(fleet.secrets_path.read_text())["clusters"][cluster]["user_pin"]
-        script = (
-            "import json, os, sys\n"
-            "from pkcs11 import Attribute\n"
-            "from router.pkcs11 import load_module\n"
-            "args = json.load(sys.stdin)\n"
-            "os.environ['SOFTHSM2_CONF'] = args['conf']\n"
-            "m = load_module(args['module'])\n"
-            "s = m.token(args['cluster']).open(user_pin=args['pin'])\n"
-            "print(len(list(s.get_objects({Attribute.LABEL: args['key']}))))\n"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
-            input=json.dumps({"conf": str(fleet.softhsm_conf), "module": find_module(), "cluster": cluster,
-                              "pin": pin, "key": key_id}),
-        )
-        return int(out.stdout.strip())
-
-    return count
+def tokens_for() -> Callable[[Fleet, str, str], int]:
+    """Count a key's objects on a fleet's token (``count_copy``)."""
+    return count_copy

@@ -7,21 +7,16 @@ The tests count answers by status, never time them.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-import tomllib
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from gateway.fleet import Fleet, find_module
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2_grpc
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.chaos.conftest import Load, make_keys
-from tests.support import ROOT, wait_for
+from tests.support import destroy_copy, wait_for
 
 REGION = {"use1-a": "us-east-1", "use1-b": "us-east-1", "usw2-a": "us-west-2"}
 
@@ -55,29 +50,6 @@ def _sign_error(target: str, key_id: str) -> tuple[grpc.StatusCode, str, dict[st
                 retry |= detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
             return exc.code(), reason, metadata, retry
     raise AssertionError("the sign succeeded")
-
-
-def _destroy_copy(fleet: Fleet, cluster: str, key_id: str) -> int:
-    """Remove a key's objects from one token, behind the gateway's back (a lost copy); how many went."""
-    pin = tomllib.loads(fleet.secrets_path.read_text())["clusters"][cluster]["user_pin"]
-    script = (
-        "import json, os, sys\n"
-        "from pkcs11 import Attribute\n"
-        "from router.pkcs11 import load_module\n"
-        "args = json.load(sys.stdin)\n"
-        "os.environ['SOFTHSM2_CONF'] = args['conf']\n"
-        "s = load_module(args['module']).token(args['cluster']).open(rw=True, user_pin=args['pin'])\n"
-        "found = list(s.get_objects({Attribute.LABEL: args['key']}))\n"
-        "for obj in found:\n"
-        "    obj.destroy()\n"
-        "print(len(found))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
-        input=json.dumps({"conf": str(fleet.softhsm_conf), "module": find_module(), "cluster": cluster,
-                          "pin": pin, "key": key_id}),
-    )
-    return int(out.stdout.strip())
 
 
 def test_a_minority_of_calls_failing_on_every_cluster_is_retried_not_refused(chaos) -> None:
@@ -151,7 +123,7 @@ def test_key_out_of_reach_names_the_cluster_that_could_not_answer(chaos) -> None
     key = make_keys(gateway.target, "reach", 1)[0]
     holder = key.primary_cluster
     (lacking,) = key.replicas
-    assert _destroy_copy(fleet, lacking, key.key_id) == 2
+    assert destroy_copy(fleet, lacking, key.key_id) == 2
     control.set(holder, "device_error")
     seen = [_sign_error(gateway.target, key.key_id) for _ in range(6)]
     wait_for(lambda: _circuits(gateway.target)[holder] == "open", what=f"{holder}'s circuit to open")

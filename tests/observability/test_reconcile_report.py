@@ -3,46 +3,16 @@ shows in the log and in /metrics while the gateway serves, and nothing is change
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-import tomllib
 from pathlib import Path
 
 import grpc
 
-from gateway.fleet import Fleet, find_module, init_fleet
+from gateway.fleet import init_fleet
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from tests.moto import free_port
-from tests.support import ROOT, GatewayProcess, scrape, value, wait_for
-
-_DESTROY = """
-import json, os, sys
-from pkcs11 import Attribute
-from router.pkcs11 import load_module
-args = json.load(sys.stdin)
-os.environ["SOFTHSM2_CONF"] = args["conf"]
-session = load_module(args["module"]).token(args["cluster"]).open(rw=True, user_pin=args["pin"])
-found = list(session.get_objects({Attribute.ID: args["key"].encode()}))
-for obj in found:
-    obj.destroy()
-print(len(found))
-"""
-
-
-def _destroy_copy(fleet: Fleet, cluster: str, key_id: str) -> int:
-    """Destroy a key's objects on one token, as an HSM that lost them would; how many there were.
-
-    From a child process: the fleet has its own SoftHSM configuration."""
-    pin = tomllib.loads(fleet.secrets_path.read_text())["clusters"][cluster]["user_pin"]
-    out = subprocess.run(
-        [sys.executable, "-c", _DESTROY], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
-        input=json.dumps({"conf": str(fleet.softhsm_conf), "module": find_module(), "cluster": cluster,
-                          "pin": pin, "key": key_id}),
-    )
-    return int(out.stdout.strip())
+from tests.support import GatewayProcess, destroy_copy, scrape, value, wait_for
 
 
 def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_path: Path) -> None:
@@ -63,7 +33,7 @@ def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_p
             assert value(clean, "hsmgw_reconcile_findings", kind="missing") == 0
 
             lost = key.replicas[0]
-            assert _destroy_copy(fleet, lost, key.key_id) == 2  # its private and public key objects
+            assert destroy_copy(fleet, lost, key.key_id) == 2  # its private and public key objects
             wait_for(lambda: value(scrape(metrics_port), "hsmgw_reconcile_findings", kind="missing") == 1,
                      timeout=20, what="the lost copy in hsmgw_reconcile_findings")
             later = scrape(metrics_port)

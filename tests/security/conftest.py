@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -62,3 +63,23 @@ def connect(tls_gateway: GatewayProcess, certs: DevCerts) -> Iterator[Callable[[
     yield get
     for client in clients.values():
         client.channel.close()
+
+
+@pytest.fixture
+def own_certs(certs: DevCerts, tmp_path: Path) -> DevCerts:
+    """A copy of the session certificates that the test may rotate."""
+    shutil.copytree(certs.out, tmp_path / "certs")
+    return write_dev_certs(tmp_path / "certs", CLIENTS)
+
+
+@pytest.fixture
+def gateway(sec_fleet: Fleet, own_certs: DevCerts, tmp_path: Path) -> Iterator[GatewayProcess]:
+    """A production-mode gateway of the test's own, serving ``own_certs`` with the test policy in a
+    file of its own (``tmp_path / "policy.toml"``): the test may rotate either and send SIGHUP.
+    Here it stands for the plaintext ``gateway`` of tests/conftest.py."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    process = GatewayProcess(write_config(sec_fleet, f"own-{tmp_path.name}", tls=own_certs, policy=policy))
+    process.start()
+    yield process
+    process.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import re
 import signal
@@ -18,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from gateway.config import TlsConfig
 from gateway.fleet import Fleet
-from gateway.tls import DevCerts, Issuer, spiffe_id
+from gateway.tls import DevCerts, Issuer, load_issuer, spiffe_id, subject_alt_names, write_dev_certs, write_file
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
 from tests.support import GatewayProcess, wait_for
 
@@ -210,18 +210,23 @@ def certificate_valid(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if not ca:
-        sans: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                sans.append(x509.DNSName(host))
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(subject_alt_names(hosts)), critical=False)
     cert = builder.sign(key if ca else issuer.key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def tls_valid(directory: Path, not_before: datetime.datetime, not_after: datetime.datetime) -> TlsConfig:
+    """Server TLS settings whose certificate (``directory / "server.pem"``, issued by a dev CA in
+    ``directory / "dev"``) is valid from ``not_before`` to ``not_after``."""
+    certs = write_dev_certs(directory / "dev", days=36500)
+    cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), not_before, not_after)
+    write_file(directory / "server.pem", cert_pem)
+    write_file(directory / "server-key.pem", key_pem, private=True)
+    return TlsConfig(cert_file=directory / "server.pem", key_file=directory / "server-key.pem",
+                     client_ca_file=certs.ca)
 
 
 def issuer_of(cert_pem: bytes, key_pem: bytes) -> Issuer:

@@ -18,20 +18,12 @@ from gateway.config import TlsConfig
 from gateway.fleet import Fleet
 from gateway.tls import EXPIRY_WARNING, ServerCredentials, load_issuer, write_dev_certs, write_file
 from tests.moto import free_port
-from tests.security.helpers import certificate_valid, write_config
+from tests.security.helpers import certificate_valid, tls_valid, write_config
 from tests.support import GatewayProcess, scrape, value
 
 NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)
 EXPIRY = "hsmgw_tls_certificate_expiry_timestamp_seconds"
-
-
-def _tls(tmp_path: Path, not_before: datetime.datetime, not_after: datetime.datetime) -> TlsConfig:
-    certs = write_dev_certs(tmp_path / "dev", days=36500)
-    cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), not_before, not_after)
-    write_file(tmp_path / "server.pem", cert_pem)
-    write_file(tmp_path / "server-key.pem", key_pem, private=True)
-    return TlsConfig(cert_file=tmp_path / "server.pem", key_file=tmp_path / "server-key.pem", client_ca_file=certs.ca)
 
 
 def _logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
@@ -42,7 +34,7 @@ def _logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
 
 def test_a_served_certificate_is_warned_of_before_it_expires_and_an_error_once_it_has(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 30 * DAY)
     clock = [NOW]
     credentials = ServerCredentials(tls, clock=lambda: clock[0])
     fingerprint = credentials.material.fingerprint[:16]
@@ -70,7 +62,7 @@ def test_a_served_certificate_is_warned_of_before_it_expires_and_an_error_once_i
 
 def test_a_client_ca_that_expires_while_served_is_logged_once_and_an_error_when_none_is_left(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    tls = _tls(tmp_path, NOW - DAY, NOW + 300 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 300 * DAY)
     issuer = load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem"))
     old, _ = certificate_valid(issuer, NOW - 300 * DAY, NOW + 2 * DAY, ca=True, name="old CA")
     bundle = tmp_path / "bundle.pem"
@@ -148,7 +140,7 @@ def test_cloudwatch_gets_the_days_left_of_the_served_chain_for_its_alarm(tmp_pat
     from router.placement.sqlite import SqliteStore
     from router.router import Router, Topology
 
-    tls = _tls(tmp_path, NOW - DAY, NOW + 10 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 10 * DAY)
     credentials = ServerCredentials(tls, clock=lambda: NOW)
     router = Router(Topology("us-east-1", (), {"us-east-1": ()}), {}, SqliteStore(tmp_path / "placements.db"))
     sampler = GatewaySampler(router, GatewayMetrics(router), region="us-east-1", clock=NOW.timestamp,

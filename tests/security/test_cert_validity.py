@@ -9,23 +9,15 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, TlsConfig
-from gateway.tls import NOT_BEFORE_SKEW, ServerCredentials, load_issuer, load_material, write_dev_certs, write_file
-from tests.security.helpers import certificate_valid
+from gateway.tls import NOT_BEFORE_SKEW, ServerCredentials, load_issuer, load_material, write_file
+from tests.security.helpers import certificate_valid, tls_valid
 
 NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)
 
 
-def _tls(tmp_path: Path, not_before: datetime.datetime, not_after: datetime.datetime) -> TlsConfig:
-    certs = write_dev_certs(tmp_path / "dev", days=36500)
-    cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), not_before, not_after)
-    write_file(tmp_path / "server.pem", cert_pem)
-    write_file(tmp_path / "server-key.pem", key_pem, private=True)
-    return TlsConfig(cert_file=tmp_path / "server.pem", key_file=tmp_path / "server-key.pem", client_ca_file=certs.ca)
-
-
 def test_an_expired_certificate_is_refused_naming_the_file(tmp_path: Path) -> None:
-    tls = _tls(tmp_path, NOW - 30 * DAY, NOW - DAY)
+    tls = tls_valid(tmp_path, NOW - 30 * DAY, NOW - DAY)
     with pytest.raises(ConfigError, match=r"^server\.tls\.cert_file: the certificate in .*server\.pem \(\w{16}\) "
                                           r"expired at 2030-05-31T12:00:00\+00:00$"):
         load_material(tls, now=NOW)
@@ -33,7 +25,7 @@ def test_an_expired_certificate_is_refused_naming_the_file(tmp_path: Path) -> No
 
 def test_a_certificate_valid_from_a_few_minutes_ahead_is_taken_but_not_further(tmp_path: Path) -> None:
     """Clock skew between the issuing host and this one: up to NOT_BEFORE_SKEW is accepted."""
-    tls = _tls(tmp_path, NOW + datetime.timedelta(minutes=4), NOW + 30 * DAY)
+    tls = tls_valid(tmp_path, NOW + datetime.timedelta(minutes=4), NOW + 30 * DAY)
     assert NOT_BEFORE_SKEW == datetime.timedelta(minutes=5)
     assert load_material(tls, now=NOW).not_after == NOW + 30 * DAY
     with pytest.raises(ConfigError, match=r"is not valid before 2030-06-01T12:04:00\+00:00, and this host's clock "
@@ -44,7 +36,7 @@ def test_a_certificate_valid_from_a_few_minutes_ahead_is_taken_but_not_further(t
 def test_a_chain_with_an_expired_intermediate_is_refused_naming_it(tmp_path: Path) -> None:
     """Clients verify the whole chain the server sends: an intermediate past its validity fails
     every handshake as surely as an expired leaf."""
-    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 30 * DAY)
     intermediate, _ = certificate_valid(load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem")),
                                         NOW - 30 * DAY, NOW - DAY / 2, ca=True)
     write_file(tls.cert_file, tls.cert_file.read_bytes() + intermediate)
@@ -55,7 +47,7 @@ def test_a_chain_with_an_expired_intermediate_is_refused_naming_it(tmp_path: Pat
 
 
 def test_a_reload_with_a_certificate_that_expired_keeps_the_current_one(tmp_path: Path) -> None:
-    tls = _tls(tmp_path, NOW - DAY, NOW + DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + DAY)
     clock = [NOW]
     credentials = ServerCredentials(tls, clock=lambda: clock[0])
     served = credentials.material.fingerprint
@@ -65,7 +57,7 @@ def test_a_reload_with_a_certificate_that_expired_keeps_the_current_one(tmp_path
 
 
 def test_an_expired_client_ca_is_logged_as_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 30 * DAY)
     ca_pem, _ = certificate_valid(load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem")),
                                   NOW - 30 * DAY, NOW - DAY, ca=True)
     write_file(tmp_path / "old-ca.pem", ca_pem)

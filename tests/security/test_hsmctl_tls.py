@@ -8,36 +8,15 @@ has expired, given to hsmctl as --ca: OpenSSL's error is the same, "certificate 
 from __future__ import annotations
 
 import datetime
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from gateway.fleet import Fleet
-from gateway.tls import DevCerts, issue_server, load_issuer, write_dev_certs, write_file
-from tests.security.helpers import POLICY, certificate_valid, issuer_of, sighup_and_wait, write_config
+from gateway.tls import DevCerts, issue_server, load_issuer, write_file
+from tests.security.helpers import certificate_valid, issuer_of, sighup_and_wait
 from tests.support import ROOT, GatewayProcess
 
 DAY = datetime.timedelta(days=1)
-
-
-@pytest.fixture
-def own_certs(certs: DevCerts, tmp_path: Path) -> DevCerts:
-    shutil.copytree(certs.out, tmp_path / "certs")
-    return write_dev_certs(tmp_path / "certs", ("root",))
-
-
-@pytest.fixture
-def gateway(sec_fleet: Fleet, own_certs: DevCerts, tmp_path: Path) -> Iterator[GatewayProcess]:
-    policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY)
-    process = GatewayProcess(write_config(sec_fleet, f"hsmctl-tls-{tmp_path.name}", tls=own_certs, policy=policy))
-    process.start()
-    yield process
-    process.stop()
 
 
 def _serve(gateway: GatewayProcess, certs: DevCerts, cert_pem: bytes, key_pem: bytes) -> None:

@@ -6,20 +6,16 @@ import datetime
 import hashlib
 import os
 import queue
-import shutil
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from gateway.fleet import Fleet
-from gateway.tls import DevCerts, issue_server, load_issuer, write_dev_certs, write_file
+from gateway.tls import DevCerts, issue_server, load_issuer, write_file
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.security.helpers import (
     POLICY,
@@ -28,29 +24,11 @@ from tests.security.helpers import (
     sid,
     sighup_and_wait,
     tls_channel,
-    write_config,
 )
 from tests.support import GatewayProcess, rpc_error, unique
 
 DIGEST = hashlib.sha256(b"reload").digest()
 GRANT_NOBODY = f'\n[identities."{sid("nobody")}"]\nroles = ["payments-signer"]\n'
-
-
-@pytest.fixture
-def own_certs(certs: DevCerts, tmp_path: Path) -> DevCerts:
-    """A copy of the session certificates that this test may rotate."""
-    shutil.copytree(certs.out, tmp_path / "certs")
-    return write_dev_certs(tmp_path / "certs", ("payments-app", "nobody", "root"))
-
-
-@pytest.fixture
-def gateway(sec_fleet: Fleet, own_certs: DevCerts, tmp_path: Path) -> Iterator[GatewayProcess]:
-    policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY)
-    process = GatewayProcess(write_config(sec_fleet, f"reload-{tmp_path.name}", tls=own_certs, policy=policy))
-    process.start()
-    yield process
-    process.stop()
 
 
 def _policy(gateway: GatewayProcess) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -350,19 +351,26 @@ def test_values_json_cannot_hold_are_refused(path: Path) -> None:
 # -- the logging bridge -----------------------------------------------------------
 
 
-@pytest.fixture
-def audit_logger(path: Path) -> Iterator[tuple[logging.Logger, AuditLog]]:
-    log = AuditLog(path, clock=FakeClock(T0))
+@contextlib.contextmanager
+def _bridged(log: AuditLog) -> Iterator[logging.Logger]:
+    """The audit logger, its INFO records appended to ``log`` until the block ends."""
     handler = AuditHandler(log)
     logger = logging.getLogger(AUDIT_LOGGER)
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        yield logger, log
+        yield logger
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@pytest.fixture
+def audit_logger(path: Path) -> Iterator[tuple[logging.Logger, AuditLog]]:
+    log = AuditLog(path, clock=FakeClock(T0))
+    with _bridged(log) as logger:
+        yield logger, log
 
 
 def test_handler_appends_audit_messages(audit_logger: tuple[logging.Logger, AuditLog], path: Path) -> None:
@@ -471,12 +479,7 @@ def test_an_event_the_log_cannot_take_is_one_error_line_counted_and_noted_in_the
 
     failed: list[str] = []
     log = AuditLog(path, clock=FakeClock(T0), on_failure=failed.append)
-    handler = AuditHandler(log)
-    logger = logging.getLogger(AUDIT_LOGGER)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with _bridged(log):
         audit("authz.granted", identity="maker", resource="ok/k1")
         unwritable(True)
         with caplog.at_level(logging.ERROR, logger="gateway.audit"):
@@ -492,9 +495,6 @@ def test_an_event_the_log_cannot_take_is_one_error_line_counted_and_noted_in_the
 
         unwritable(False)  # writable again: nothing to restart
         audit("authz.granted", identity="maker", resource="ok/k4")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     first, noting = tail(path, 2)
     assert noting["target"] == "ok/k4"
     note = noting["details"]["unwritten"]
@@ -575,12 +575,7 @@ def test_a_note_whose_record_fails_is_kept_with_the_new_loss(path: Path, unwrita
 def test_a_required_event_the_log_cannot_take_raises(path: Path, unwritable: Callable[[bool], None]) -> None:
     from gateway.auth import AuditUnwritten, audit
 
-    handler = AuditHandler(AuditLog(path))
-    logger = logging.getLogger(AUDIT_LOGGER)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with _bridged(AuditLog(path)):
         audit("authz.granted", required=True, identity="maker")
         unwritable(True)
         with pytest.raises(AuditUnwritten, match="authz.granted"):
@@ -588,9 +583,6 @@ def test_a_required_event_the_log_cannot_take_raises(path: Path, unwritable: Cal
         audit("authz.denied", identity="maker")  # not required: no exception
         unwritable(False)
         audit("authz.granted", required=True, identity="maker")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert [r["action"] for r in tail(path, 5)] == ["authz.granted", "authz.granted"]
 
 

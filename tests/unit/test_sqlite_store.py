@@ -240,14 +240,21 @@ def test_paging_through_a_prefix_returns_exactly_the_sorted_matching_ids(
         store.close()
 
 
-def test_a_store_made_before_keys_could_be_held_opens_with_none_held(tmp_path: Path) -> None:
-    """An existing placements.db (no ``held`` column) gains the column; its keys are not held."""
+def _made_before(tmp_path: Path, undo: str) -> Path:
+    """A placements.db holding the key "app/old", as an older release made it: ``undo`` (SQL) takes
+    away what came later."""
     import sqlite3
 
     path = tmp_path / "old.db"
     SqliteStore(path).create(make(key_id="app/old"))
     with sqlite3.connect(path) as db:
-        db.execute("ALTER TABLE placements DROP COLUMN held")
+        db.execute(undo)
+    return path
+
+
+def test_a_store_made_before_keys_could_be_held_opens_with_none_held(tmp_path: Path) -> None:
+    """An existing placements.db (no ``held`` column) gains the column; its keys are not held."""
+    path = _made_before(tmp_path, "ALTER TABLE placements DROP COLUMN held")
     store = SqliteStore(path)
     old = store.get("app/old")
     assert old is not None and old.held is False
@@ -257,12 +264,7 @@ def test_a_store_made_before_keys_could_be_held_opens_with_none_held(tmp_path: P
 
 def test_a_store_made_before_fleet_ids_gets_one_and_keeps_its_keys(tmp_path: Path) -> None:
     """An existing placements.db (no ``meta`` table) gains the table and a fleet id; then keeps that id."""
-    import sqlite3
-
-    path = tmp_path / "old.db"
-    SqliteStore(path).create(make(key_id="app/old"))
-    with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE meta")
+    path = _made_before(tmp_path, "DROP TABLE meta")
     store = SqliteStore(path)
     assert store.get("app/old") is not None
     fleet = store.fleet_id()
