@@ -10,7 +10,8 @@ again on :meth:`ServerCredentials.reload` (SIGHUP). gRPC asks the credentials fo
 configuration before every new handshake; a reload therefore affects new
 connections only and never drops a connection or a request in flight. Files that
 fail the checks (missing, unreadable, key not matching the certificate, key
-readable by others, a certificate of the server's chain that has expired or is not valid yet) are
+readable by others, a certificate of the server's chain that has expired or is not valid yet,
+a server certificate with an extension that cannot be parsed) are
 refused and the current material stays in use; at start-up they stop the gateway.
 A ``not_valid_before`` up to :data:`NOT_BEFORE_SKEW` ahead of this host's clock is
 accepted: a certificate issued a moment ago on a host whose clock runs a little
@@ -177,6 +178,11 @@ def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> Tl
             raise ConfigError(f"server.tls.cert_file: {which} {problem}{clock}")
         if _expires_soon(cert, now):
             log.warning("server.tls.cert_file: %s expires at %s", which, cert.not_valid_after_utc.isoformat())
+    try:
+        names = _names(leaf)
+    except ValueError as exc:  # cryptography parses extensions on first use, and refuses malformed DER
+        raise ConfigError(f"server.tls.cert_file: the certificate in {tls.cert_file} ({fingerprint[:16]}) has an "
+                          f"extension that cannot be parsed ({exc})") from None
     _check_client_cas(cas, tls.client_ca_file, now)
     return TlsMaterial(
         cert_chain=chain,
@@ -185,7 +191,7 @@ def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> Tl
         fingerprint=fingerprint,
         not_after=leaf.not_valid_after_utc,
         not_before=max(cert.not_valid_before_utc for cert in [leaf, *intermediates]),
-        names=_names(leaf),
+        names=names,
         chain=tuple(CertificateInfo.of(cert) for cert in [leaf, *intermediates]),
         client_cas=tuple(CertificateInfo.of(ca) for ca in cas),
         client_ca_digest=hashlib.sha256(client_ca).hexdigest(),

@@ -192,10 +192,11 @@ def sighup_and_wait(gateway: GatewayProcess, marker: str, timeout: float = 10.0)
 
 def certificate_valid(
     issuer: Issuer, not_before: datetime.datetime, not_after: datetime.datetime, *, ca: bool = False,
-    hosts: tuple[str, ...] = ("127.0.0.1",), name: str | None = None,
+    hosts: tuple[str, ...] = ("127.0.0.1",), name: str | None = None, unparsable_san: bool = False,
 ) -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM) for ``hosts`` (IPs or DNS names; or a CA called ``name``), valid from
-    ``not_before`` to ``not_after``."""
+    ``not_before`` to ``not_after``. ``unparsable_san``: its SubjectAlternativeName is DER cut short
+    (cryptography raises ValueError reading the certificate's extensions)."""
     key = ec.generate_private_key(ec.SECP256R1())
     common_name = name or ("validity test CA" if ca else hosts[0])
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
@@ -209,7 +210,11 @@ def certificate_valid(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
-    if not ca:
+    if unparsable_san:  # a SEQUENCE of 3 bytes holding a dNSName said to be 5 long
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x82\x05a"),
+            critical=False)
+    elif not ca:
         sans: list[x509.GeneralName] = []
         for host in hosts:
             try:
