@@ -15,6 +15,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -212,7 +213,7 @@ def certificate_valid(
     )
     if unparsable_san:  # a SEQUENCE of 3 bytes holding a dNSName said to be 5 long
         builder = builder.add_extension(
-            x509.UnrecognizedExtension(x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x82\x05a"),
+            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x82\x05a"),
             critical=False)
     elif not ca:
         sans: list[x509.GeneralName] = []
