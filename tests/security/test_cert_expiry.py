@@ -225,3 +225,25 @@ def test_the_check_of_client_ca_expiry_changes_what_it_logged_under_the_lock_rel
     clock[0] = NOW + 3 * DAY
     credentials.check_expiry()
     assert len(credentials._expired_cas) == 1  # the old CA, logged
+
+
+def test_a_client_ca_file_holding_a_ca_twice_publishes_one_series_for_it(tmp_path: Path) -> None:
+    """Two samples with the same labels are not a valid exposition."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import TlsCollector
+
+    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    bundle = tmp_path / "bundle.pem"
+    write_file(bundle, tls.client_ca_file.read_bytes() * 2)
+    credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: NOW)
+    assert len(credentials.material.client_cas) == 2
+    registry = CollectorRegistry()
+    registry.register(TlsCollector(lambda: credentials.material))
+    text = generate_latest(registry).decode()
+    samples = [(s.labels["cert"], s.labels["subject"], s.value)
+               for family in text_string_to_metric_families(text) for s in family.samples if s.name == EXPIRY]
+    ca = x509.load_pem_x509_certificate(tls.client_ca_file.read_bytes())
+    assert samples == [("server", "CN=127.0.0.1", (NOW + 30 * DAY).timestamp()),
+                       ("client_ca", ca.subject.rfc4514_string(), ca.not_valid_after_utc.timestamp())]
