@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway._text import shown as shown  # the gateway's one escaping, the CLIs' too
 from gateway.audit import take_failure
 from gateway.config import ConfigError
 from hsmgw.v1 import admin_pb2, crypto_pb2
@@ -98,14 +99,6 @@ class AuditUnwritten(Exception):
 
 
 # -- audit --------------------------------------------------------------------------
-
-
-def shown(text: str) -> str:
-    """``text`` with each character that cannot be shown (controls, format characters such as
-    bidi overrides, separators other than the space) written as its Python escape: ``\\x1b``."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def clip(text: str, limit: int = _AUDIT_TEXT) -> str:
