@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway._text import shown as shown  # the gateway's one escaping, the CLIs' too
 from gateway.audit import take_failure
 from gateway.config import ConfigError
 from hsmgw.v1 import admin_pb2, crypto_pb2
@@ -98,14 +99,6 @@ class AuditUnwritten(Exception):
 
 
 # -- audit --------------------------------------------------------------------------
-
-
-def shown(text: str) -> str:
-    """``text`` with each character that cannot be shown (controls, format characters such as
-    bidi overrides, separators other than the space) written as its Python escape: ``\\x1b``."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def clip(text: str, limit: int = _AUDIT_TEXT) -> str:
@@ -471,8 +464,10 @@ def load_policy(path: Path) -> Policy:
 
 def policy_file_problems(path: Path) -> list[str]:
     """How others than the policy file's owner could change it: a file its group or others may
-    write, or a directory anyone may write without the sticky bit (anyone may rename another
-    file over it). Each problem says what to run."""
+    write, or a directory its group or others may write without the sticky bit (they may rename
+    another file over the policy): the file's own directory and, for a symlink (a Kubernetes
+    ConfigMap mount links ``..data/``), the directory of the file it resolves to. Each problem
+    says what to run."""
     problems = []
     try:
         mode = path.stat().st_mode
@@ -483,15 +478,38 @@ def policy_file_problems(path: Path) -> list[str]:
         writers = " and ".join(name for bit, name in who.items() if mode & bit)
         problems.append(f"{path} is writable by {writers} (mode {stat.S_IMODE(mode):04o}); run: chmod go-w {path}")
     directory = path.absolute().parent
+    problem = _directory_problem(directory, "its directory")
+    if problem:
+        problems.append(problem)
     try:
-        dir_mode = directory.stat().st_mode
-    except OSError:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
         return problems
-    if dir_mode & stat.S_IWOTH and not dir_mode & stat.S_ISVTX:
-        problems.append(f"its directory {directory} is writable by everyone, without the sticky bit (mode "
-                        f"{stat.S_IMODE(dir_mode):04o}): anyone may put another file in its place; run: chmod o-w "
-                        f"{directory}")
+    if target.parent != directory.resolve():
+        problem = _directory_problem(target.parent, "its target's directory")
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def _directory_problem(directory: Path, which: str) -> str:
+    """Who may rename another file over one in ``directory``, and what to run; "" if only its owner.
+
+    With the sticky bit (``/tmp``), only a file's owner or the directory's may rename or remove it."""
+    try:
+        mode = directory.stat().st_mode
+    except OSError:
+        return ""
+    if mode & stat.S_ISVTX:
+        return ""
+    if mode & stat.S_IWOTH:
+        who, whoever, bits = "everyone", "anyone", "o-w"
+    elif mode & stat.S_IWGRP:
+        who, whoever, bits = "its group", "any member of its group", "g-w"
+    else:
+        return ""
+    return (f"{which} {directory} is writable by {who}, without the sticky bit (mode {stat.S_IMODE(mode):04o}): "
+            f"{whoever} may put another file in its place; run: chmod {bits} {directory}")
 
 
 def _warn_policy_mode(path: Path) -> None:

@@ -609,11 +609,15 @@ class TlsCollector(Collector):
             "(served with it) or client_ca (a certificate of server.tls.client_ca_file).",
             labels=["cert", "subject", "fingerprint"])
         material = self._material()
-        for number, cert in enumerate(material.chain):
-            expiry.add_metric(["server" if number == 0 else "intermediate", cert.subject, cert.fingerprint[:16]],
-                              cert.not_after.timestamp())
-        for ca in material.client_cas:
-            expiry.add_metric(["client_ca", ca.subject, ca.fingerprint[:16]], ca.not_after.timestamp())
+        certs = [("server" if number == 0 else "intermediate", cert) for number, cert in enumerate(material.chain)]
+        certs += [("client_ca", ca) for ca in material.client_cas]
+        seen = set()
+        for kind, cert in certs:
+            # A file may hold a certificate twice; two samples with the same labels are not a valid
+            # exposition.
+            if (kind, cert.fingerprint) not in seen:
+                seen.add((kind, cert.fingerprint))
+                expiry.add_metric([kind, cert.subject, cert.fingerprint[:16]], cert.not_after.timestamp())
         yield expiry
 
 

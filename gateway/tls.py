@@ -10,7 +10,8 @@ again on :meth:`ServerCredentials.reload` (SIGHUP). gRPC asks the credentials fo
 configuration before every new handshake; a reload therefore affects new
 connections only and never drops a connection or a request in flight. Files that
 fail the checks (missing, unreadable, key not matching the certificate, key
-readable by others, a certificate of the server's chain that has expired or is not valid yet) are
+readable by others, a certificate of the server's chain that has expired or is not valid yet,
+a server certificate with an extension that cannot be parsed) are
 refused and the current material stays in use; at start-up they stop the gateway.
 A ``not_valid_before`` up to :data:`NOT_BEFORE_SKEW` ahead of this host's clock is
 accepted: a certificate issued a moment ago on a host whose clock runs a little
@@ -24,7 +25,10 @@ not-after) with the bundle's SHA-256, and on a reload how the client CAs changed
 which names the new server certificate no longer holds (WARNING). Expiry:
 :meth:`ServerCredentials.check_expiry`, every :data:`EXPIRY_CHECK_INTERVAL`, logs a
 served certificate within :data:`EXPIRY_WARNING` of its expiry (WARNING) or past it
-(ERROR), each time; and a client CA certificate that expired since it was loaded, once.
+(ERROR), each time; a client CA certificate within :data:`EXPIRY_WARNING` of its expiry (WARNING),
+each time; one that expired since it was loaded (WARNING), once, as a bundle may keep an old CA
+next to the current one; and a client CA file with no certificate valid (ERROR), each time, as
+every client then fails the handshake.
 :class:`TlsMaterial` carries the not-after times that ``/metrics`` and CloudWatch publish.
 
 Errors are :class:`gateway.config.ConfigError` naming the key path
@@ -177,6 +181,11 @@ def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> Tl
             raise ConfigError(f"server.tls.cert_file: {which} {problem}{clock}")
         if _expires_soon(cert, now):
             log.warning("server.tls.cert_file: %s expires at %s", which, cert.not_valid_after_utc.isoformat())
+    try:
+        names = _names(leaf)
+    except ValueError as exc:  # cryptography parses extensions on first use, and refuses malformed DER
+        raise ConfigError(f"server.tls.cert_file: the certificate in {tls.cert_file} ({fingerprint[:16]}) has an "
+                          f"extension that cannot be parsed ({exc})") from None
     _check_client_cas(cas, tls.client_ca_file, now)
     return TlsMaterial(
         cert_chain=chain,
@@ -185,7 +194,7 @@ def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> Tl
         fingerprint=fingerprint,
         not_after=leaf.not_valid_after_utc,
         not_before=max(cert.not_valid_before_utc for cert in [leaf, *intermediates]),
-        names=_names(leaf),
+        names=names,
         chain=tuple(CertificateInfo.of(cert) for cert in [leaf, *intermediates]),
         client_cas=tuple(CertificateInfo.of(ca) for ca in cas),
         client_ca_digest=hashlib.sha256(client_ca).hexdigest(),
@@ -284,7 +293,9 @@ class ServerCredentials:
 
     def check_expiry(self) -> None:
         """Log the served certificates that have expired (ERROR) or expire within :data:`EXPIRY_WARNING`
-        (WARNING), and the client CA certificates that expired since they were loaded.
+        (WARNING), each time; the client CA certificates that expire within :data:`EXPIRY_WARNING`
+        (WARNING), each time; one that expired since it was loaded (WARNING), once; and a client CA
+        file none of whose certificates is valid (ERROR), each time.
 
         Run at every :data:`EXPIRY_CHECK_INTERVAL` (``load_material`` does the same at load): a
         certificate that expires while the gateway runs fails every client's handshake, and the
@@ -302,17 +313,21 @@ class ServerCredentials:
             elif cert.not_after - now < EXPIRY_WARNING:
                 log.warning("server.tls.cert_file: %s expires at %s, in %s: put a new certificate in place and "
                             "send SIGHUP", which, cert.not_after.isoformat(), _span(cert.not_after - now))
-        cas = material.client_cas
+        cas = list({ca.fingerprint: ca for ca in material.client_cas}.values())  # a bundle may hold a CA twice
         outside = [ca for ca in cas if _outside_validity(ca, now)]
         if len(outside) == len(cas):
             log.error("server.tls.client_ca_file: no certificate in %s is valid now (%s): every client fails the "
                       "handshake until the file is replaced and reloaded (SIGHUP)", self._tls.client_ca_file,
                       "; ".join(f"{ca.subject!r} {_outside_validity(ca, now)}" for ca in cas))
             return
+        newly: set[str] = set()
+        with self._lock:  # reload() replaces material and _expired_cas together
+            if self.material is material:  # else reloaded since: the reload logged the new file's CAs
+                newly = {ca.fingerprint for ca in outside} - self._expired_cas
+                self._expired_cas.update(newly)
         for ca in cas:
             if ca in outside:
-                if ca.fingerprint not in self._expired_cas:
-                    self._expired_cas.add(ca.fingerprint)
+                if ca.fingerprint in newly:
                     log.warning("server.tls.client_ca_file: CA certificate %r in %s %s: client certificates it "
                                 "signed fail the handshake", ca.subject, self._tls.client_ca_file,
                                 _outside_validity(ca, now))

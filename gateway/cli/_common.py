@@ -8,23 +8,14 @@ import math
 import sys
 from typing import NoReturn, TextIO
 
+from gateway._text import shown as shown  # one escaping for the gateway and the CLIs
+
 
 def setup_logging(verbose: bool = False, *, fmt: str = "auto", stream: TextIO | None = None) -> None:
     """JSON lines when ``stream`` (default stderr) is not a terminal, else human; see gateway.logs."""
     from gateway.logs import configure
 
     configure(level=logging.DEBUG if verbose else logging.INFO, fmt=fmt, stream=stream or sys.stderr)
-
-
-def shown(text: str, *, lines: bool = False) -> str:
-    """``text`` safe for a terminal: each character that cannot be shown (a control character
-    such as ESC or CR, a bidi override, a separator but the space) written as its Python escape
-    (``\\x1b``), so that what a caller put in a certificate or a key id cannot move the
-    cursor, recolour or clear the screen, or forge a line. ``lines``: keep line breaks."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() or (lines and ch == "\n") else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -14,6 +14,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -192,10 +193,11 @@ def sighup_and_wait(gateway: GatewayProcess, marker: str, timeout: float = 10.0)
 
 def certificate_valid(
     issuer: Issuer, not_before: datetime.datetime, not_after: datetime.datetime, *, ca: bool = False,
-    hosts: tuple[str, ...] = ("127.0.0.1",), name: str | None = None,
+    hosts: tuple[str, ...] = ("127.0.0.1",), name: str | None = None, unparsable_san: bool = False,
 ) -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM) for ``hosts`` (IPs or DNS names; or a CA called ``name``), valid from
-    ``not_before`` to ``not_after``."""
+    ``not_before`` to ``not_after``. ``unparsable_san``: its SubjectAlternativeName is DER cut short
+    (cryptography raises ValueError reading the certificate's extensions)."""
     key = ec.generate_private_key(ec.SECP256R1())
     common_name = name or ("validity test CA" if ca else hosts[0])
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
@@ -209,7 +211,11 @@ def certificate_valid(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
-    if not ca:
+    if unparsable_san:  # a SEQUENCE of 3 bytes holding a dNSName said to be 5 long
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x82\x05a"),
+            critical=False)
+    elif not ca:
         builder = builder.add_extension(x509.SubjectAlternativeName(subject_alt_names(hosts)), critical=False)
     cert = builder.sign(key if ca else issuer.key, hashes.SHA256())
     key_pem = key.private_bytes(

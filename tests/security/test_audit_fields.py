@@ -141,3 +141,13 @@ def test_admin_grants_name_what_they_act_on(tls_gateway: GatewayProcess, connect
     granted = wait_for(_events(tls_gateway, event="authz.granted", method="ApproveChange", resource="feedbeef"),
                        what="the grant naming the change")
     assert granted[-1]["identity"] == sid("root") and granted[-1]["authenticated_by"] == "certificate"
+
+
+def test_the_gateway_and_the_clis_escape_what_cannot_be_shown_with_one_function() -> None:
+    """The audit log, the gateway's log lines and hsmctl's output escape alike: two copies could drift."""
+    from gateway.cli._common import shown as cli_shown
+
+    assert cli_shown is shown
+    forged = "ok\x1b[2J\u202e\r\nnext"
+    assert shown(forged) == "ok\\x1b[2J\\u202e\\r\\nnext"  # one line in a log or an audit event
+    assert shown(forged, lines=True) == "ok\\x1b[2J\\u202e\\r\nnext"  # a terminal keeps the line break only

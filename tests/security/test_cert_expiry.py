@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -156,3 +157,85 @@ def test_cloudwatch_gets_the_days_left_of_the_served_chain_for_its_alarm(tmp_pat
     assert not [a for a in alarm_specs([], ["us-east-1"], tls=False) if a.get("MetricName") == "TlsCertificateDaysLeft"]
     without = GatewaySampler(router, GatewayMetrics(router), region="us-east-1", clock=NOW.timestamp)
     assert not [d for d in without() if d.name == "TlsCertificateDaysLeft"]  # a gateway without TLS
+
+
+def test_a_client_ca_near_its_expiry_is_a_warning_at_every_check_and_one_held_twice_one_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An hourly reminder while an expiring CA is in the bundle (gateway.tls's docstring and
+    docs/security.md say so); the line for one that expired, once."""
+    tls = _tls(tmp_path, NOW - DAY, NOW + 300 * DAY)
+    issuer = load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem"))
+    old, _ = certificate_valid(issuer, NOW - 300 * DAY, NOW + 2 * DAY, ca=True, name="old CA")
+    bundle = tmp_path / "bundle.pem"
+    write_file(bundle, tls.client_ca_file.read_bytes() + old + old)  # the same CA twice: one line a check
+    clock = [NOW]
+    credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: clock[0])
+    caplog.set_level(logging.WARNING, logger="gateway.tls")
+    caplog.clear()
+    for hours in range(3):
+        clock[0] = NOW + datetime.timedelta(hours=hours)
+        credentials.check_expiry()
+        ((level, message),) = _logged(caplog)
+        assert (level, message.split(", in ")[0]) == (
+            "WARNING", f"server.tls.client_ca_file: CA certificate 'CN=old CA' in {bundle} expires at "
+                       "2030-06-03T12:00:00+00:00")
+    clock[0] = NOW + 3 * DAY
+    credentials.check_expiry()
+    credentials.check_expiry()
+    assert [level for level, _ in _logged(caplog)] == ["WARNING"]
+
+
+class _Guarded(set[str]):
+    """The set of client CAs whose expiry was logged, refusing a change while its owner's lock is free."""
+
+    def __init__(self, items: set[str], lock: Any) -> None:
+        super().__init__(items)
+        self.lock = lock
+
+    def _held(self) -> None:
+        assert self.lock.locked(), "changed without ServerCredentials._lock, which reload() holds to replace it"
+
+    def add(self, item: str) -> None:
+        self._held()
+        super().add(item)
+
+    def update(self, *others: Any) -> None:
+        self._held()
+        super().update(*others)
+
+
+def test_the_check_of_client_ca_expiry_changes_what_it_logged_under_the_lock_reload_takes(tmp_path: Path) -> None:
+    """check_expiry runs on the expiry thread, reload() on the SIGHUP thread: both change the set."""
+    tls = _tls(tmp_path, NOW - DAY, NOW + 300 * DAY)
+    issuer = load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem"))
+    old, _ = certificate_valid(issuer, NOW - 300 * DAY, NOW + 2 * DAY, ca=True, name="old CA")
+    bundle = tmp_path / "bundle.pem"
+    write_file(bundle, tls.client_ca_file.read_bytes() + old)
+    clock = [NOW]
+    credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: clock[0])
+    credentials._expired_cas = _Guarded(credentials._expired_cas, credentials._lock)
+    clock[0] = NOW + 3 * DAY
+    credentials.check_expiry()
+    assert len(credentials._expired_cas) == 1  # the old CA, logged
+
+
+def test_a_client_ca_file_holding_a_ca_twice_publishes_one_series_for_it(tmp_path: Path) -> None:
+    """Two samples with the same labels are not a valid exposition."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import TlsCollector
+
+    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    bundle = tmp_path / "bundle.pem"
+    write_file(bundle, tls.client_ca_file.read_bytes() * 2)
+    credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: NOW)
+    assert len(credentials.material.client_cas) == 2
+    registry = CollectorRegistry()
+    registry.register(TlsCollector(lambda: credentials.material))
+    text = generate_latest(registry).decode()
+    samples = [(s.labels["cert"], s.labels["subject"], s.value)
+               for family in text_string_to_metric_families(text) for s in family.samples if s.name == EXPIRY]
+    ca = x509.load_pem_x509_certificate(tls.client_ca_file.read_bytes())
+    assert samples == [("server", "CN=127.0.0.1", (NOW + 30 * DAY).timestamp()),
+                       ("client_ca", ca.subject.rfc4514_string(), ca.not_valid_after_utc.timestamp())]

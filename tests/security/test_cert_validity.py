@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,29 @@ def test_an_expired_client_ca_is_logged_as_an_error(tmp_path: Path, caplog: pyte
         load_material(TlsConfig(tls.cert_file, tls.key_file, tmp_path / "bundle.pem"), now=NOW)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "CA certificate 'CN=validity test CA' expired at" in caplog.records[0].getMessage()
+
+
+def test_a_certificate_with_an_extension_that_cannot_be_parsed_is_refused_naming_the_file(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """cryptography raises ValueError reading such a certificate's extensions: at start-up that was a
+    traceback (and workers restarted without end), on SIGHUP a dead reload thread and no "refused" line."""
+    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    clock = [NOW]
+    credentials = ServerCredentials(tls, clock=lambda: clock[0])
+    served = credentials.material.fingerprint
+    cert_pem, key_pem = certificate_valid(load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem")),
+                                          NOW - DAY, NOW + 30 * DAY, unparsable_san=True)
+    write_file(tls.key_file, key_pem, private=True)
+    write_file(tls.cert_file, cert_pem)
+    refused = (rf"^server\.tls\.cert_file: the certificate in {re.escape(str(tls.cert_file))} \(\w{{16}}\) has an "
+               r"extension that cannot be parsed \(.*subject_alternative_name.*\)$")
+    with pytest.raises(ConfigError, match=refused):
+        load_material(tls, now=NOW)
+
+    with caplog.at_level(logging.ERROR, logger="gateway.tls"):
+        assert credentials.reload() is False
+    ((record,),) = [[r for r in caplog.records if r.name == "gateway.tls"]]
+    message = record.getMessage()
+    assert message.startswith(f"TLS reload refused, still serving certificate {served[:16]}: ")
+    assert re.match(refused, message.split(": ", 1)[1])
+    assert credentials.material.fingerprint == served

@@ -20,9 +20,9 @@ from tests.security.helpers import Client, certificate_valid, tls_channel, write
 from tests.support import ROOT, GatewayProcess, rpc_error
 
 
-def _serve(config: Path) -> subprocess.CompletedProcess[str]:
+def _serve(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(config)],
+        [sys.executable, "-m", "gateway.cli.hsmgw", "serve", "--config", str(config), *args],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
 
@@ -154,4 +154,26 @@ def test_a_certificate_outside_its_validity_is_refused_at_start(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {config}: server.tls.cert_file: the certificate in {cert} (")
     assert ("expired at" if days < 0 else "not valid before") in last
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "1")], ids=["one-process", "workers"])
+def test_a_certificate_with_an_extension_that_cannot_be_parsed_is_refused_at_start(
+    sec_fleet: Fleet, certs: DevCerts, policy_file: Path, tmp_path: Path, workers: tuple[str, ...]
+) -> None:
+    """It was a traceback and exit status 1: under --workers, a worker restarted again and again."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), now - datetime.timedelta(days=1),
+                                          now + datetime.timedelta(days=30), unparsable_san=True)
+    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    write_file(cert, cert_pem)
+    write_file(key, key_pem, private=True)
+    config = write_config(sec_fleet, f"tls-unparsable-{len(workers)}", tls=certs, policy=policy_file)
+    config.write_text(config.read_text().replace(f'cert_file = "{certs.server}"', f'cert_file = "{cert}"')
+                      .replace(f'key_file = "{certs.server_key}"', f'key_file = "{key}"'))
+    result = _serve(config, *workers)
+    assert result.returncode == EXIT_CONFIG, result.stderr  # systemd does not restart it (RestartPreventExitStatus)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {config}: server.tls.cert_file: the certificate in {cert} ("), last
+    assert "has an extension that cannot be parsed" in last
     assert "Traceback" not in result.stderr
