@@ -514,15 +514,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                     "new keys cannot be made durable")
                 else:
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
+            # Only a record written tells that the log takes records again: the file opening and
+            # its last line reading (AuditLog.check) say nothing of a full disk.
+            failing = self.audit.failing()
+            if failing is not None:
+                warnings.append(f"the last audit write failed at {failing.at} ({failing.error}): GenerateKey, "
+                                "DestroyKey and admin changes are refused until a record is written")
             lost = self.audit.unwritten()
             if lost is not None:
-                try:
-                    self.audit.check()
-                    now = "it takes records again, and the next one notes them"
-                except audit_mod.AuditLogError as exc:
-                    now = f"GenerateKey, DestroyKey and admin changes are refused until it can ({exc})"
                 warnings.append(f"the audit log could not be written since {lost.since} ({lost.error}): "
-                                f"{lost.events} event(s) are not in it (this gateway process's log names them); {now}")
+                                f"{lost.events} event(s) are not in it (this gateway process's log names them); "
+                                "the next record written notes them")
             if under:
                 warnings.append(f"{under} key is under-replicated; the repairer is working on it" if under == 1 else
                                 f"{under} keys are under-replicated; the repairer is working on them")

@@ -104,6 +104,7 @@ __all__ = [
     "AuditLog",
     "AuditLogError",
     "Unwritten",
+    "WriteFailure",
     "VerifyResult",
     "digest",
     "tail",
@@ -172,6 +173,16 @@ class Unwritten:
         return {"events": self.events, "actions": dict(self.actions), "since": self.since, "error": self.error}
 
 
+@dataclass(frozen=True)
+class WriteFailure:
+    """This process's last append, when it failed (see :meth:`AuditLog.failing`)."""
+
+    at: str
+    """When it failed (ISO 8601, UTC)."""
+    error: str
+    """Why."""
+
+
 # -- the writer ----------------------------------------------------------------------
 
 
@@ -193,6 +204,15 @@ class AuditLog:
         self._on_failure = on_failure
         self._lock = threading.Lock()
         self._unwritten: Unwritten | None = None
+        self._failing: WriteFailure | None = None
+
+    def failing(self) -> WriteFailure | None:
+        """The last append of this process to finish, if it failed; None once one since succeeded.
+
+        Only a record written clears it: the file opening, or its last line reading, says
+        nothing of a full disk. While it is set, what must be audited before it runs is refused."""
+        with self._lock:
+            return self._failing
 
     def unwritten(self) -> Unwritten | None:
         """The events this process could not write since its last record, None if none."""
@@ -205,8 +225,10 @@ class AuditLog:
             lost = self._unwritten
             actions = dict(lost.actions) if lost else {}
             actions[action] = actions.get(action, 0) + 1
+            now = _iso(self._clock())
             self._unwritten = Unwritten(events=(lost.events if lost else 0) + 1, actions=actions,
-                                        since=lost.since if lost else _iso(self._clock()), error=why)
+                                        since=lost.since if lost else now, error=why)
+            self._failing = WriteFailure(at=now, error=why)
         # One line, no traceback: the event it names is what an operator needs, and a log shipper keeps.
         log.error("audit log %s cannot be written: %s; the %s event (actor %s, target %s, outcome %s) is not in it",
                   self.path, why, action, actor, target or "-", outcome,
@@ -285,6 +307,8 @@ class AuditLog:
             if isinstance(exc, (OSError, AuditLogError)):
                 self._failed(actor, action, target, outcome, exc)
             raise
+        with self._lock:
+            self._failing = None
         if noted is not None:
             log.warning("audit log %s is written again; record %d notes the %d event(s) that could not be",
                         self.path, record["seq"], noted.events)
