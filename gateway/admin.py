@@ -191,11 +191,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         change_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
         on_audit_failure: Callable[[str], None] = lambda action: None,
+        on_audit_unsynced: Callable[[str], None] = lambda action: None,
     ) -> None:
-        """``on_audit_failure(action)``: called for each record the audit log could not take."""
+        """``on_audit_failure(action)``: called for each record the audit log could not take;
+        ``on_audit_unsynced(action)``: for each it wrote but could not sync."""
         self.router = router
         self.audit_path = audit_path
-        self.audit = audit_mod.AuditLog(audit_path, on_failure=on_audit_failure)
+        self.audit = audit_mod.AuditLog(audit_path, on_failure=on_audit_failure, on_unsynced=on_audit_unsynced)
         self.changes = ChangeBook(
             router.store,
             {
@@ -228,6 +230,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self.audit.append(actor, event, change.id, outcome=change.state, change_action=change.action,
                               **audited_params(change.params), requested_by=change.requested_by,
                               approved_by=change.approved_by, result=change.result, **where)
+        except audit_mod.AuditSyncError:  # a record a crash may lose: the change waits too
+            raise Unavailable("the gateway's audit log took the change's record but could not sync it to disk "
+                              "(its log says why); admin changes wait until it can") from None
         except (audit_mod.AuditLogError, OSError):  # the log names the event (AuditLog)
             raise Unavailable("the gateway's audit log cannot be written (its log says why); "
                               "admin changes wait until it can") from None
@@ -518,8 +523,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             # its last line reading (AuditLog.check) say nothing of a full disk.
             failing = self.audit.failing()
             if failing is not None:
-                warnings.append(f"the last audit write failed at {failing.at} ({failing.error}): GenerateKey, "
-                                "DestroyKey and admin changes are refused until a record is written")
+                what = (f"record was written at {failing.at} but could not be synced" if failing.written
+                        else f"write failed at {failing.at}")
+                warnings.append(f"the last audit {what} ({failing.error}): GenerateKey, DestroyKey and admin "
+                                "changes are refused until a record is written")
             lost = self.audit.unwritten()
             if lost is not None:
                 warnings.append(f"the audit log could not be written since {lost.since} ({lost.error}): "

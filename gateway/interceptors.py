@@ -39,6 +39,7 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway import status
 from gateway.auth import (
     SIGN_VIA,
+    AuditUnsynced,
     AuditUnwritten,
     Authenticator,
     Limits,
@@ -407,11 +408,14 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 _abort(context, exc)
             try:
                 self._granted(context, rule, caller, request)
-            except AuditUnwritten:
+            except AuditUnwritten as exc:
                 self.limiter.leave(identity)
                 what = "admin changes wait" if rule.kind == "admin" else f"{rule.method} waits"
+                # Fail closed: a record a crash may lose is no better a record of the grant.
+                state = ("took this call's record but could not sync it to disk" if isinstance(exc, AuditUnsynced)
+                         else "cannot be written")
                 _abort(context, errors.Unavailable(
-                    f"the gateway's audit log cannot be written (its log says why); {what} until it can"))
+                    f"the gateway's audit log {state} (its log says why); {what} until it can"))
             return principal, caller, request
 
         if rule.kind == "batch":

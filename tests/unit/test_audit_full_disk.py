@@ -1,6 +1,7 @@
 """An audit log on a full disk (ENOSPC): the file still opens and its last line still reads, but
 no record is written. `hsmctl status` must say what the gateway does then: refuse what has to be
-audited before it runs, until a record is written."""
+audited before it runs, until a record is written. And a record written whose fsync fails: in the
+chain (no gap to note), but refused all the same, since a crash may lose it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from gateway.admin import AdminServicer
 from gateway.audit import AUDIT_LOGGER, AuditHandler, tail, verify
-from gateway.auth import AuditUnwritten, audit
+from gateway.auth import AuditUnsynced, AuditUnwritten, audit
 from hsmgw.v1 import admin_pb2
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
@@ -46,10 +47,32 @@ def full_disk(path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], N
 
 
 @pytest.fixture
+def failing_sync(path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """``failing_sync(True)``: every fsync of the log fails with EIO (its writes go through)."""
+    real = os.fsync
+    failing = [False]
+
+    def fsync(fd: int) -> None:
+        if failing[0] and os.readlink(f"/proc/self/fd/{fd}") == str(path.resolve()):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return lambda on: failing.__setitem__(0, on)
+
+
+COUNTED: dict[str, list[str]] = {}
+
+
+@pytest.fixture
 def admin(tmp_path: Path, path: Path) -> Iterator[AdminServicer]:
-    """An admin servicer whose audit log also takes the ``hsmgw.audit`` events, as the gateway's does."""
+    """An admin servicer whose audit log also takes the ``hsmgw.audit`` events, as the gateway's does;
+    ``COUNTED`` holds what it counted (``unwritten``, ``unsynced``), as the metrics do."""
     router = Router(TOPOLOGY, {"use1-a": FailingBackend("use1-a")}, SqliteStore(tmp_path / "p.db"))
-    servicer = AdminServicer(router, audit_path=path, quorum=1)
+    COUNTED.clear()
+    COUNTED.update(unwritten=[], unsynced=[])
+    servicer = AdminServicer(router, audit_path=path, quorum=1, on_audit_failure=COUNTED["unwritten"].append,
+                             on_audit_unsynced=COUNTED["unsynced"].append)
     handler = AuditHandler(servicer.audit)
     logger = logging.getLogger(AUDIT_LOGGER)
     level = logger.level
@@ -92,3 +115,38 @@ def test_status_says_grants_are_refused_while_the_disk_is_full_though_the_file_o
     assert audit_warnings(admin) == []
     assert tail(admin.audit_path, 1)[0]["details"]["unwritten"]["events"] == 2
     assert verify(admin.audit_path).unwritten == 2
+
+
+def test_a_record_written_but_not_synced_is_no_gap_but_its_grant_is_refused(
+    admin: AdminServicer, path: Path, full_disk: Callable[[bool], None], failing_sync: Callable[[bool], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    audit("authz.granted", required=True, identity="maker", resource="ok/k1")
+    full_disk(True)
+    with pytest.raises(AuditUnwritten):
+        audit("authz.granted", required=True, identity="maker", resource="ok/lost")
+    full_disk(False)
+    failing_sync(True)  # the disk takes the line, but cannot say it is on it
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="gateway.audit"), \
+            pytest.raises(AuditUnsynced, match="authz.granted was written but could not be synced"):
+        audit("authz.granted", required=True, identity="maker", resource="ok/k2")
+
+    written = tail(path, 1)[0]
+    assert written["target"] == "ok/k2" and written["details"]["unwritten"]["events"] == 1, "in the file, note too"
+    assert admin.audit.unwritten() is None, "nothing left to note: the gap is in the chain once"
+    assert COUNTED == {"unwritten": ["authz.granted"], "unsynced": ["authz.granted"]}
+    said = [r.getMessage() for r in caplog.records if r.name == "gateway.audit" and r.levelno == logging.ERROR]
+    assert len(said) == 1 and "is not in it" not in said[0], said
+    assert said[0].endswith(f"is record {written['seq']}, written but not known to be on disk"), said
+    failing = admin.audit.failing()
+    assert failing is not None and failing.written
+    assert audit_warnings(admin) == [f"the last audit record was written at {failing.at} but could not be synced "
+                                     f"(Input/output error): {REFUSED}"]
+
+    failing_sync(False)
+    audit("authz.granted", required=True, identity="maker", resource="ok/k3")
+    assert "unwritten" not in tail(path, 1)[0]["details"], "the written record is not noted as lost"
+    result = verify(path)
+    assert result.ok and (result.unwritten, result.unwritten_noted_at) == (1, (written["seq"],)), result
+    assert audit_warnings(admin) == []
