@@ -25,7 +25,7 @@ from gateway.interceptors import current_caller, current_identity
 from gateway.quorum import LEASE, PENDING, RUN_LIMIT, RUNNING, Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
+from router.errors import AuditUnavailable, FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
 from router.health import CircuitState
 from router.model import KeyState, Placement
 from router.placement.store import StoreError
@@ -231,11 +231,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                               **audited_params(change.params), requested_by=change.requested_by,
                               approved_by=change.approved_by, result=change.result, **where)
         except audit_mod.AuditSyncError:  # a record a crash may lose: the change waits too
-            raise Unavailable("the gateway's audit log took the change's record but could not sync it to disk "
-                              "(its log says why); admin changes wait until it can") from None
+            raise AuditUnavailable("the gateway's audit log took the change's record but could not sync it to "
+                                   "disk (its log says why); admin changes wait until it can") from None
         except (audit_mod.AuditLogError, OSError):  # the log names the event (AuditLog)
-            raise Unavailable("the gateway's audit log cannot be written (its log says why); "
-                              "admin changes wait until it can") from None
+            raise AuditUnavailable("the gateway's audit log cannot be written (its log says why); "
+                                   "admin changes wait until it can") from None
 
     def _audit_done(self, action: str, target: str, **details: object) -> None:
         """Audit what a running change did: it is done, so a record the log cannot take does not
