@@ -25,7 +25,7 @@ from gateway.interceptors import current_caller, current_identity
 from gateway.quorum import LEASE, PENDING, RUN_LIMIT, RUNNING, Change, ChangeBook, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
+from router.errors import AuditUnavailable, FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
 from router.health import CircuitState
 from router.model import KeyState, Placement
 from router.placement.store import StoreError
@@ -191,11 +191,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         change_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
         on_audit_failure: Callable[[str], None] = lambda action: None,
+        on_audit_unsynced: Callable[[str], None] = lambda action: None,
     ) -> None:
-        """``on_audit_failure(action)``: called for each record the audit log could not take."""
+        """``on_audit_failure(action)``: called for each record the audit log could not take;
+        ``on_audit_unsynced(action)``: for each it wrote but could not sync."""
         self.router = router
         self.audit_path = audit_path
-        self.audit = audit_mod.AuditLog(audit_path, on_failure=on_audit_failure)
+        self.audit = audit_mod.AuditLog(audit_path, on_failure=on_audit_failure, on_unsynced=on_audit_unsynced)
         self.changes = ChangeBook(
             router.store,
             {
@@ -228,9 +230,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self.audit.append(actor, event, change.id, outcome=change.state, change_action=change.action,
                               **audited_params(change.params), requested_by=change.requested_by,
                               approved_by=change.approved_by, result=change.result, **where)
+        except audit_mod.AuditSyncError:  # a record a crash may lose: the change waits too
+            raise AuditUnavailable("the gateway's audit log took the change's record but could not sync it to "
+                                   "disk (its log says why); admin changes wait until it can") from None
         except (audit_mod.AuditLogError, OSError):  # the log names the event (AuditLog)
-            raise Unavailable("the gateway's audit log cannot be written (its log says why); "
-                              "admin changes wait until it can") from None
+            raise AuditUnavailable("the gateway's audit log cannot be written (its log says why); "
+                                   "admin changes wait until it can") from None
 
     def _audit_done(self, action: str, target: str, **details: object) -> None:
         """Audit what a running change did: it is done, so a record the log cannot take does not
@@ -514,15 +519,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                     "new keys cannot be made durable")
                 else:
                     warnings.append(f"DR region {region} has no healthy cluster: new keys cannot be made durable")
+            # Only a record written tells that the log takes records again: the file opening and
+            # its last line reading (AuditLog.check) say nothing of a full disk.
+            failing = self.audit.failing()
+            if failing is not None:
+                what = (f"record was written at {failing.at} but could not be synced" if failing.written
+                        else f"write failed at {failing.at}")
+                warnings.append(f"the last audit {what} ({failing.error}): GenerateKey, DestroyKey and admin "
+                                "changes are refused until a record is written")
             lost = self.audit.unwritten()
             if lost is not None:
-                try:
-                    self.audit.check()
-                    now = "it takes records again, and the next one notes them"
-                except audit_mod.AuditLogError as exc:
-                    now = f"GenerateKey, DestroyKey and admin changes are refused until it can ({exc})"
                 warnings.append(f"the audit log could not be written since {lost.since} ({lost.error}): "
-                                f"{lost.events} event(s) are not in it (this gateway process's log names them); {now}")
+                                f"{lost.events} event(s) are not in it (this gateway process's log names them); "
+                                "the next record written notes them")
             if under:
                 warnings.append(f"{under} key is under-replicated; the repairer is working on it" if under == 1 else
                                 f"{under} keys are under-replicated; the repairer is working on them")

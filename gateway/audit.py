@@ -71,6 +71,10 @@ Errors
         The existing file cannot be extended or read: its last line is truncated
         or not a record. Run :func:`verify` to see what is wrong; the log is never
         repaired silently.
+    :class:`AuditSyncError` (an :class:`AuditLogError`)
+        The record's line was written whole, but the fsync of the file (or, for a
+        new file, of its directory) failed: the record is in the chain, but may not
+        survive a crash.
     ``OSError``
         From the filesystem, unchanged.
 
@@ -78,6 +82,10 @@ Errors
     line naming the event, counted (``on_failure``) and noted in the next record this
     process writes; the exception still reaches the caller, which decides whether the
     operation may go on without its record (``gateway.auth.audit(required=True)``).
+    A record written but not synced (:class:`AuditSyncError`) is no gap: it is logged
+    as one ERROR line naming the event and counted (``on_unsynced``), never noted as
+    unwritten; the exception reaches the caller too, since the record's durability is
+    in doubt.
 """
 
 from __future__ import annotations
@@ -103,7 +111,9 @@ __all__ = [
     "AuditHandler",
     "AuditLog",
     "AuditLogError",
+    "AuditSyncError",
     "Unwritten",
+    "WriteFailure",
     "VerifyResult",
     "digest",
     "tail",
@@ -133,7 +143,19 @@ _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 
 
 class AuditLogError(Exception):
-    """The audit file cannot be extended or read; the message says why."""
+    """The audit file cannot be extended or read, or did not durably take a record; the message says why."""
+
+
+class AuditSyncError(AuditLogError):
+    """A record's line was written whole, but fsync of the file (or, for a new file, of its
+    directory) failed: the record is in the file, and the chain goes on from it, but it may
+    not survive a crash or a power loss. The ``OSError`` is the ``__cause__``."""
+
+    def __init__(self, path: Path, record: dict[str, Any], exc: OSError) -> None:
+        self.record = record
+        """The record as written."""
+        self.reason = exc.strerror or str(exc)
+        super().__init__(f"{path}: record {record['seq']} was written but could not be synced: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +194,18 @@ class Unwritten:
         return {"events": self.events, "actions": dict(self.actions), "since": self.since, "error": self.error}
 
 
+@dataclass(frozen=True)
+class WriteFailure:
+    """This process's last append, when it failed (see :meth:`AuditLog.failing`)."""
+
+    at: str
+    """When it failed (ISO 8601, UTC)."""
+    error: str
+    """Why."""
+    written: bool = False
+    """The record is in the file, but could not be synced (:class:`AuditSyncError`)."""
+
+
 # -- the writer ----------------------------------------------------------------------
 
 
@@ -186,13 +220,26 @@ class AuditLog:
     def __init__(
         self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
         on_failure: Callable[[str], None] = lambda action: None,
+        on_unsynced: Callable[[str], None] = lambda action: None,
     ) -> None:
-        """``on_failure(action)``: called once for each record that could not be written (a metric)."""
+        """``on_failure(action)``: called once for each record that could not be written, and is
+        noted as unwritten in the next (a metric). ``on_unsynced(action)``: once for each record
+        written whose sync failed (another metric)."""
         self.path = Path(path)
         self._clock = clock
         self._on_failure = on_failure
+        self._on_unsynced = on_unsynced
         self._lock = threading.Lock()
         self._unwritten: Unwritten | None = None
+        self._failing: WriteFailure | None = None
+
+    def failing(self) -> WriteFailure | None:
+        """The last append of this process to finish, if it failed; None once one since succeeded.
+
+        Only a record written clears it: the file opening, or its last line reading, says
+        nothing of a full disk. While it is set, what must be audited before it runs is refused."""
+        with self._lock:
+            return self._failing
 
     def unwritten(self) -> Unwritten | None:
         """The events this process could not write since its last record, None if none."""
@@ -205,8 +252,10 @@ class AuditLog:
             lost = self._unwritten
             actions = dict(lost.actions) if lost else {}
             actions[action] = actions.get(action, 0) + 1
+            now = _iso(self._clock())
             self._unwritten = Unwritten(events=(lost.events if lost else 0) + 1, actions=actions,
-                                        since=lost.since if lost else _iso(self._clock()), error=why)
+                                        since=lost.since if lost else now, error=why)
+            self._failing = WriteFailure(at=now, error=why)
         # One line, no traceback: the event it names is what an operator needs, and a log shipper keeps.
         log.error("audit log %s cannot be written: %s; the %s event (actor %s, target %s, outcome %s) is not in it",
                   self.path, why, action, actor, target or "-", outcome,
@@ -216,6 +265,20 @@ class AuditLog:
             self._on_failure(action)
         except Exception:  # noqa: BLE001 - a metric must never turn a refusal into a crash
             log.exception("counting an audit write failure failed")
+
+    def _unsynced(self, actor: str, action: str, target: str, outcome: str, exc: AuditSyncError) -> None:
+        with self._lock:
+            self._failing = WriteFailure(at=_iso(self._clock()), error=exc.reason, written=True)
+        # Not a gap (the record is in the chain, and no later one notes it), but a crash may lose it.
+        log.error("audit log %s could not be synced: %s; the %s event (actor %s, target %s, outcome %s) is record "
+                  "%d, written but not known to be on disk", self.path, exc.reason, action, actor, target or "-",
+                  outcome, exc.record["seq"],
+                  extra={"audit_event": action, "audit_actor": actor, "audit_target": target,
+                         "audit_outcome": outcome, "audit_error": exc.reason, "audit_seq": exc.record["seq"]})
+        try:
+            self._on_unsynced(action)
+        except Exception:  # noqa: BLE001 - a metric must never turn a refusal into a crash
+            log.exception("counting an audit sync failure failed")
 
     def _take_unwritten(self) -> Unwritten | None:
         """The events to note in the record about to be written, forgotten in the same step: two
@@ -262,7 +325,8 @@ class AuditLog:
 
         Raises ``ValueError`` for a secret-looking detail key or a ``bytes`` value,
         ``TypeError`` for a value JSON cannot hold, :class:`AuditLogError` when the
-        file's last line is not a complete record.
+        file's last line is not a complete record, :class:`AuditSyncError` when the
+        line was written but could not be synced.
         """
         return self._append(actor, action, target, outcome, details)
 
@@ -279,12 +343,17 @@ class AuditLog:
             clean["unwritten"] = noted.as_detail()
         try:
             record = self._write(actor, action, target, outcome, clean)
+        except AuditSyncError as exc:  # the line, with any note it carries, is in the file
+            self._unsynced(actor, action, target, outcome, exc)
+            raise
         except BaseException as exc:
             if noted is not None:
                 self._put_back(noted)
             if isinstance(exc, (OSError, AuditLogError)):
                 self._failed(actor, action, target, outcome, exc)
             raise
+        with self._lock:
+            self._failing = None
         if noted is not None:
             log.warning("audit log %s is written again; record %d notes the %d event(s) that could not be",
                         self.path, record["seq"], noted.events)
@@ -313,9 +382,12 @@ class AuditLog:
             }
             record["hash"] = _sha256(_canonical(record))
             _write_all(fd, _canonical(record) + b"\n")
-            os.fsync(fd)
-            if size == 0:
-                _fsync_dir(self.path.parent)  # the file's directory entry is new
+            try:
+                os.fsync(fd)
+                if size == 0:
+                    _fsync_dir(self.path.parent)  # the file's directory entry is new
+            except OSError as exc:
+                raise AuditSyncError(self.path, record, exc) from exc
         finally:
             os.close(fd)  # releases the lock
         return record

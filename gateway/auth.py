@@ -23,7 +23,8 @@ Audit
     per line (:func:`audit`). Denials always; grants of key creation/destruction and of
     admin calls; policy reloads. Every string in an event is clipped (:func:`clip`), and
     characters that cannot be shown are escaped. An event logged with ``required=True``
-    raises :class:`AuditUnwritten` when the audit log did not take it: the operation it
+    raises :class:`AuditUnwritten` when the audit log did not take it, or
+    :class:`AuditUnsynced` when it wrote it but could not sync it: the operation it
     stands for must not run.
 """
 
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway._text import shown as shown  # the gateway's one escaping, the CLIs' too
-from gateway.audit import take_failure
+from gateway.audit import AuditSyncError, take_failure
 from gateway.config import ConfigError
 from hsmgw.v1 import admin_pb2, crypto_pb2
 
@@ -98,6 +99,15 @@ class AuditUnwritten(Exception):
         self.event = event
 
 
+class AuditUnsynced(AuditUnwritten):
+    """A required audit event is in the audit log, but could not be synced: a crash may lose it,
+    so what it records must not run either. Not a gap in the chain."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__(event)
+        self.args = (f"the audit event {event} was written but could not be synced",)
+
+
 # -- audit --------------------------------------------------------------------------
 
 
@@ -123,8 +133,9 @@ def audit(event: str, *, required: bool = False, **fields: Any) -> None:
     characters, ``message`` and ``error`` to 1,000, which quote caller strings clipped to 100).
 
     ``required``: the event must be in the audit log before what it records happens; raises
-    :class:`AuditUnwritten` when the attached audit log did not take it. Without it, a failed
-    write is logged and counted by the audit log, and the caller goes on.
+    :class:`AuditUnwritten` when the attached audit log did not take it (:class:`AuditUnsynced`
+    when it wrote it but could not sync it). Without it, a failed write is logged and counted by
+    the audit log, and the caller goes on.
     """
     if not audit_log.isEnabledFor(logging.INFO):
         if required:  # nothing would be written, nor could a failure be seen
@@ -135,8 +146,9 @@ def audit(event: str, *, required: bool = False, **fields: Any) -> None:
         record[name] = _clipped(value, _AUDIT_MESSAGE if name in _COMPOSED else _AUDIT_TEXT)
     take_failure()  # one left by an earlier event of this thread is not this one's
     audit_log.info(json.dumps(record, sort_keys=True, ensure_ascii=True, default=str))
-    if take_failure() is not None and required:
-        raise AuditUnwritten(event)
+    failure = take_failure()
+    if failure is not None and required:
+        raise AuditUnsynced(event) if isinstance(failure, AuditSyncError) else AuditUnwritten(event)
 
 
 # -- the policy ------------------------------------------------------------------------

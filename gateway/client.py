@@ -45,9 +45,11 @@ client moves to the first that says SERVING. A rolling restart of the home regio
 sends it to the next region for that long, not for good.
 
 GenerateKey changes endpoint only when the endpoint never had its request (no
-connection within ``connect_timeout``) or refused it because its region does not
+connection within ``connect_timeout``), refused it because its region does not
 create keys (``[gateway] creates_keys = false``: FAILED_PRECONDITION, reason
-KEY_CREATION_ELSEWHERE); the client's other calls stay where they were. Any other
+KEY_CREATION_ELSEWHERE) or refused it before it ran because its audit log cannot
+record the grant (UNAVAILABLE, reason AUDIT_UNAVAILABLE); the client's other calls
+stay where they were. Any other
 UNAVAILABLE or CANCELLED (a gateway killed, or one that cut the creation off as it
 stopped) may come after the key was made, and another region, whose copy of the
 placement table may not have the creation's record yet, would make a second key under
@@ -105,6 +107,9 @@ T = TypeVar("T")
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 CREATION_ELSEWHERE = errors.KeyCreationElsewhere.reason
 """The ErrorInfo reason of a GenerateKey refused by a gateway whose region does not create keys."""
+AUDIT_UNAVAILABLE = errors.AuditUnavailable.reason
+"""The ErrorInfo reason (UNAVAILABLE) of a call refused before it ran because the gateway's audit log
+cannot record its grant: a GenerateKey may go to the next endpoint, whose log is its own."""
 BEING_CREATED = errors.KeyBeingCreated.reason
 """The ErrorInfo reason (UNAVAILABLE) of a call on a key whose creation is under way, and of a
 GenerateKey whose request_id another attempt is creating: a fact about the key, not the endpoint.
@@ -406,6 +411,12 @@ class Client:
                 if creating:
                     if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and error_reason(exc) == CREATION_ELSEWHERE:
                         log.info("endpoint %s does not create keys; trying the next", self._endpoints[index])
+                        last = exc
+                        continue
+                    if exc.code() is grpc.StatusCode.UNAVAILABLE and error_reason(exc) == AUDIT_UNAVAILABLE:
+                        # Refused before anything ran: no key under this request_id to find there.
+                        log.warning("endpoint %s cannot audit a key creation (%s); trying the next",
+                                    self._endpoints[index], exc.details())
                         last = exc
                         continue
                     if exc.code() in FAILOVER_CODES:

@@ -15,7 +15,7 @@ Every call goes through :class:`SecurityInterceptor`, in this order:
    is checked as it arrives;
 5. the grant of an operation that must be audited before it runs (GenerateKey,
    DestroyKey, an admin call that changes something) is written to the audit log, else
-   UNAVAILABLE and nothing runs. Other admin calls are audited too, but served when the
+   UNAVAILABLE, reason AUDIT_UNAVAILABLE, and nothing runs. Other admin calls are audited too, but served when the
    log cannot take their grant: an operator needs them to see what is wrong.
 
 Deadlines are the servicer's (``server.default_deadline`` is both the default and the
@@ -39,6 +39,7 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway import status
 from gateway.auth import (
     SIGN_VIA,
+    AuditUnsynced,
     AuditUnwritten,
     Authenticator,
     Limits,
@@ -407,11 +408,14 @@ class SecurityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 _abort(context, exc)
             try:
                 self._granted(context, rule, caller, request)
-            except AuditUnwritten:
+            except AuditUnwritten as exc:
                 self.limiter.leave(identity)
                 what = "admin changes wait" if rule.kind == "admin" else f"{rule.method} waits"
-                _abort(context, errors.Unavailable(
-                    f"the gateway's audit log cannot be written (its log says why); {what} until it can"))
+                # Fail closed: a record a crash may lose is no better a record of the grant.
+                state = ("took this call's record but could not sync it to disk" if isinstance(exc, AuditUnsynced)
+                         else "cannot be written")
+                _abort(context, errors.AuditUnavailable(
+                    f"the gateway's audit log {state} (its log says why); {what} until it can"))
             return principal, caller, request
 
         if rule.kind == "batch":

@@ -351,9 +351,14 @@ class RequestMetrics:
                                    ["code", "cluster"], registry=registry)
         self.circuit_changes = Counter("hsmgw_circuit_changes", "Circuit breaker state changes, by the new state.",
                                        ["cluster", "state"], registry=registry)
-        self.audit_write_failures = Counter("hsmgw_audit_write_failures",
-                                            "Audit records that could not be written, by event.", ["event"],
-                                            registry=registry)
+        self.audit_write_failures = Counter(
+            "hsmgw_audit_write_failures",
+            "Audit events this process could not append to the audit log (nothing of them is in the file; the next "
+            "record it writes notes them as unwritten), by event.", ["event"], registry=registry)
+        self.audit_sync_failures = Counter(
+            "hsmgw_audit_sync_failures",
+            "Audit records this process wrote to the audit log whose fsync then failed (in the file, not noted as "
+            "unwritten, but may not survive a crash), by event.", ["event"], registry=registry)
 
 
 def _split_method(full_method: str) -> tuple[str, str]:

@@ -24,7 +24,8 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     │   ├── KeyOutOfReach      the clusters asked lack the key; one that may hold it could not answer
     │   ├── KeyBeingCreated    the key's creation is under way (in this region): retry here shortly
     │   ├── StaleSession       session/object handle invalid, logged out, operation left open
-    │   └── Stopping           the gateway is stopping: the cluster's sessions are closed (no failover)
+    │   ├── Stopping           the gateway is stopping: the cluster's sessions are closed (no failover)
+    │   └── AuditUnavailable   the gateway's audit log cannot record the grant: nothing ran (try another gateway)
     ├── DeadlineExceeded       the caller's deadline passed
     └── InternalError          a bug; details are logged, never returned
         └── AmbiguousKey       a cluster holds two objects of a class for one key (fails over)
@@ -181,6 +182,15 @@ class Stopping(Unavailable):
     health, and no other cluster of this gateway serves either: never failed over."""
 
     reason = "GATEWAY_STOPPING"
+
+
+class AuditUnavailable(Unavailable):
+    """The gateway refused a call whose grant must be audited before it runs (GenerateKey,
+    DestroyKey, an admin change): its audit log cannot be written, or did not sync the record.
+    Nothing ran, so another gateway, with a log of its own, may serve it: a client sends even a
+    key creation there."""
+
+    reason = "AUDIT_UNAVAILABLE"
 
 
 class DeadlineExceeded(RouterError):

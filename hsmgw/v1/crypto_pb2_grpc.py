@@ -114,11 +114,13 @@ class CryptoServiceServicer:
         key is destroyed, FAILED_PRECONDITION, reason KEY_CHANGED: key ids are never reused). A
         gateway whose region does not create keys (`[gateway] creates_keys = false`) answers
         FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE, having made nothing: send it to a
-        region that does. While another attempt with the same request_id is making the key,
-        GenerateKey answers UNAVAILABLE, reason KEY_BEING_CREATED, with a RetryInfo delay of 2 s
-        (also sent as grpc-retry-pushback-ms): ask the same gateway again after it, not another
-        region, which may not know the request_id yet; an RSA_4096 key and its copies can take
-        several seconds to make on a real HSM. Meanwhile, the calls that use the key
+        region that does. A gateway whose audit log cannot record the call's grant answers
+        UNAVAILABLE, reason AUDIT_UNAVAILABLE, having made nothing (DestroyKey too): another
+        gateway, with a log of its own, may serve it. While another attempt with the same
+        request_id is making the key, GenerateKey answers UNAVAILABLE, reason KEY_BEING_CREATED,
+        with a RetryInfo delay of 2 s (also sent as grpc-retry-pushback-ms): ask the same gateway
+        again after it, not another region, which may not know the request_id yet; an RSA_4096
+        key and its copies can take several seconds to make on a real HSM. Meanwhile, the calls that use the key
         (GetPublicKey, Sign, Verify, Encrypt, Decrypt, Mac, VerifyMac, a BatchSign item,
         SignStream) answer the same; GetKey and ListKeys answer OK with the key in
         KEY_STATE_CREATING; a DestroyKey destroys it, and the creation fails FAILED_PRECONDITION,

@@ -5,11 +5,14 @@ gateway takes records again by itself once the log is writable."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from gateway import audit as audit_log
 from gateway.fleet import init_fleet
@@ -130,3 +133,44 @@ def test_what_must_be_audited_waits_for_an_unwritable_log_and_the_gateway_recove
         assert noting[0]["seq"] in [int(s) for s in verified["unwritten_noted_at"]]
         said = hsmctl(gw.target, "audit", "verify").stdout
         assert "could not be written (noted at seq" in said, said
+
+
+def test_a_key_creation_a_gateway_cannot_audit_is_made_through_the_next_endpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The refusal has its own reason (AUDIT_UNAVAILABLE): nothing ran, so the client sends the
+    creation to its next endpoint at once instead of asking the broken gateway until its deadline."""
+    from gateway.client import Client, error_reason
+
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    policy = fleet.state_dir / "policy.toml"
+    policy.write_text(POLICY)
+    configs = {name: write_config(fleet, name, policy=policy, extra=f'\n[admin]\naudit_log = "{name}-audit.log"\n')
+               for name in ("broken", "healthy")}
+    env = {"HSMGW_LOG_FORMAT": "json"}
+    with running(configs["broken"], env=env) as broken, running(configs["healthy"], env=env) as healthy:
+        writable = _immutable(configs["broken"].parent / "broken-audit.log")
+        try:
+            with grpc.insecure_channel(broken.target) as channel:
+                err = rpc_error(crypto_pb2_grpc.CryptoServiceStub(channel).GenerateKey, _generate(unique("ok")),
+                                metadata=MAKER, timeout=30)
+            assert (err.code(), error_reason(err)) == (UNAVAILABLE, "AUDIT_UNAVAILABLE")
+
+            key_id = unique("ok")
+            with Client([broken.target, healthy.target], metadata=MAKER, timeout=20) as client, \
+                    caplog.at_level(logging.WARNING, logger="gateway.client"):
+                started = time.monotonic()
+                key = client.generate_key(key_id, "EC_P256", request_id=key_id)
+                took = time.monotonic() - started
+                assert key.key_id == key_id
+                assert client.get_key(key_id).key_id == key_id
+        finally:
+            writable()
+        assert took < 10, f"{took:.1f} s: the broken gateway was asked again"
+        moves = [r.getMessage() for r in caplog.records if r.name == "gateway.client"]
+        assert moves == [f"endpoint {broken.target} cannot audit a key creation (the gateway's audit log cannot be "
+                         "written (its log says why); GenerateKey waits until it can); trying the next"], moves
+        refused = [e for e in _error_lines(broken.log()) if e["audit_event"] == "authz.granted"]
+        assert [e["audit_target"] for e in refused].count(key_id) == 1, "the broken gateway was asked once"
+        assert [r["target"] for r in audit_log.tail(configs["healthy"].parent / "healthy-audit.log", 100)
+                if r["action"] == "authz.granted"].count(key_id) == 1

@@ -163,7 +163,7 @@ def test_a_client_ca_near_its_expiry_is_a_warning_at_every_check_and_one_held_tw
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An hourly reminder while an expiring CA is in the bundle (gateway.tls's docstring and
     docs/security.md say so); the line for one that expired, once."""
-    tls = _tls(tmp_path, NOW - DAY, NOW + 300 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 300 * DAY)
     issuer = load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem"))
     old, _ = certificate_valid(issuer, NOW - 300 * DAY, NOW + 2 * DAY, ca=True, name="old CA")
     bundle = tmp_path / "bundle.pem"
@@ -206,7 +206,7 @@ class _Guarded(set[str]):
 
 def test_the_check_of_client_ca_expiry_changes_what_it_logged_under_the_lock_reload_takes(tmp_path: Path) -> None:
     """check_expiry runs on the expiry thread, reload() on the SIGHUP thread: both change the set."""
-    tls = _tls(tmp_path, NOW - DAY, NOW + 300 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 300 * DAY)
     issuer = load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem"))
     old, _ = certificate_valid(issuer, NOW - 300 * DAY, NOW + 2 * DAY, ca=True, name="old CA")
     bundle = tmp_path / "bundle.pem"
@@ -226,7 +226,7 @@ def test_a_client_ca_file_holding_a_ca_twice_publishes_one_series_for_it(tmp_pat
 
     from gateway.metrics import TlsCollector
 
-    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 30 * DAY)
     bundle = tmp_path / "bundle.pem"
     write_file(bundle, tls.client_ca_file.read_bytes() * 2)
     credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: NOW)

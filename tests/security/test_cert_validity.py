@@ -82,7 +82,7 @@ def test_a_certificate_with_an_extension_that_cannot_be_parsed_is_refused_naming
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """cryptography raises ValueError reading such a certificate's extensions: at start-up that was a
     traceback (and workers restarted without end), on SIGHUP a dead reload thread and no "refused" line."""
-    tls = _tls(tmp_path, NOW - DAY, NOW + 30 * DAY)
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 30 * DAY)
     clock = [NOW]
     credentials = ServerCredentials(tls, clock=lambda: clock[0])
     served = credentials.material.fingerprint

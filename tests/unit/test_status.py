@@ -36,6 +36,7 @@ EXPECTED_CODES: dict[type[errors.RouterError], grpc.StatusCode] = {
     errors.ClusterDown: grpc.StatusCode.UNAVAILABLE,
     errors.StaleSession: grpc.StatusCode.UNAVAILABLE,
     errors.Stopping: grpc.StatusCode.UNAVAILABLE,
+    errors.AuditUnavailable: grpc.StatusCode.UNAVAILABLE,  # nothing ran: another gateway may serve it
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.InternalError: grpc.StatusCode.INTERNAL,
     errors.AmbiguousKey: grpc.StatusCode.INTERNAL,  # the gateway's side to sort out; failed over first
