@@ -83,7 +83,9 @@ class OtherFleet(FailedPrecondition):
     written there would make the token this store's too, and its reconcile would then act
     on that store's records against the other's keys."""
 
-    def __init__(self, message: str, *, fleets: tuple[str, ...], cluster: str = "", region: str = "") -> None:
+    reason = "OTHER_FLEET"
+
+    def __init__(self, message: str, *, fleets: tuple[str, ...] = (), cluster: str = "", region: str = "") -> None:
         super().__init__(message, cluster=cluster, region=region)
         self.fleets = fleets
 

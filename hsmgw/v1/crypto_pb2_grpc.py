@@ -116,7 +116,10 @@ class CryptoServiceServicer:
         FAILED_PRECONDITION, reason KEY_CREATION_ELSEWHERE, having made nothing: send it to a
         region that does. A gateway whose audit log cannot record the call's grant answers
         UNAVAILABLE, reason AUDIT_UNAVAILABLE, having made nothing (DestroyKey too): another
-        gateway, with a log of its own, may serve it. While another attempt with the same
+        gateway, with a log of its own, may serve it. A gateway whose placement store is not the
+        one the chosen cluster's keys were made with (its token's fleet marker lists other fleets
+        only) answers FAILED_PRECONDITION, reason OTHER_FLEET, having made nothing: an operator's
+        matter (docs/operations.md, fleet markers). While another attempt with the same
         request_id is making the key, GenerateKey answers UNAVAILABLE, reason KEY_BEING_CREATED,
         with a RetryInfo delay of 2 s (also sent as grpc-retry-pushback-ms): ask the same gateway
         again after it, not another region, which may not know the request_id yet; an RSA_4096
