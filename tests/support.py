@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -305,3 +306,21 @@ def placement(key_id: str, algorithm: Any, usage: Any = None, **kwargs: Any) -> 
 
     return Placement(key_id=key_id, algorithm=algorithm, usage=usage or USAGES[algorithm][0],
                      state=KeyState.ENABLED, primary=kwargs.pop("primary", "-"), **kwargs)
+
+
+@contextlib.contextmanager
+def audit_bridged(log: Any) -> Iterator[logging.Logger]:
+    """The audit logger, its INFO records appended to ``log`` (a ``gateway.audit.AuditLog``)
+    until the block ends."""
+    from gateway.audit import AUDIT_LOGGER, AuditHandler
+
+    handler = AuditHandler(log)
+    logger = logging.getLogger(AUDIT_LOGGER)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -19,15 +18,14 @@ from typing import Any
 import pytest
 
 from gateway.audit import (
-    AUDIT_LOGGER,
     GENESIS,
-    AuditHandler,
     AuditLog,
     AuditLogError,
     tail,
     verify,
 )
 from tests.support import FakeClock
+from tests.support import audit_bridged as _bridged
 
 T0 = 1_735_787_045.0  # 2025-01-02T03:04:05Z
 
@@ -351,19 +349,6 @@ def test_values_json_cannot_hold_are_refused(path: Path) -> None:
 # -- the logging bridge -----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _bridged(log: AuditLog) -> Iterator[logging.Logger]:
-    """The audit logger, its INFO records appended to ``log`` until the block ends."""
-    handler = AuditHandler(log)
-    logger = logging.getLogger(AUDIT_LOGGER)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield logger
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.fixture

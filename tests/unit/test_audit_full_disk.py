@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from gateway.admin import AdminServicer
-from gateway.audit import AUDIT_LOGGER, AuditHandler, tail, verify
+from gateway.audit import tail, verify
 from gateway.auth import AuditUnsynced, AuditUnwritten, audit
 from hsmgw.v1 import admin_pb2
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
+from tests.support import audit_bridged
 from tests.unit.test_router_creation import FailingBackend
 
 TOPOLOGY = Topology("us-east-1", (), {"us-east-1": ("use1-a",)})
@@ -73,16 +74,8 @@ def admin(tmp_path: Path, path: Path) -> Iterator[AdminServicer]:
     COUNTED.update(unwritten=[], unsynced=[])
     servicer = AdminServicer(router, audit_path=path, quorum=1, on_audit_failure=COUNTED["unwritten"].append,
                              on_audit_unsynced=COUNTED["unsynced"].append)
-    handler = AuditHandler(servicer.audit)
-    logger = logging.getLogger(AUDIT_LOGGER)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with audit_bridged(servicer.audit):
         yield servicer
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def audit_warnings(admin: AdminServicer) -> list[str]:
