@@ -218,9 +218,8 @@ class Gateway:
                 raise OSError(f"metrics.listen: cannot listen on {config.metrics.listen}: {reason}") from exc
         self.cloudwatch = _CloudWatch(self) if config.cloudwatch.enabled else None
 
-    def _on_cluster_health(self, cluster: str, state: CircuitState) -> None:
-        opened_by = self.router.opened_by(cluster) if state is CircuitState.OPEN else ""
-        self.metrics.circuit_changed(cluster, state, opened_by)
+    def _on_cluster_health(self, cluster: str, state: CircuitState, cause: str) -> None:
+        self.metrics.circuit_changed(cluster, state, cause)
         self._publish_health()
 
     def _publish_health(self) -> None:

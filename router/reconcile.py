@@ -34,7 +34,7 @@ Finds, per cluster:
   for the live keys on these tokens. A token that lists only other fleets is reported
   (``other_fleet``, at ERROR); one whose marker cannot be read is left alone for the
   pass (``fleet_unread``). A token with no marker at all (made before markers) is
-  reconciled as before, and marked with the store's fleet id.
+  reconciled as before; reconcile marks nothing (the first key a gateway writes there does).
 
 A fix may be limited to the findings someone approved (``only``): those that no longer
 hold are skipped, and findings that were not approved are reported, not acted on.

@@ -186,7 +186,7 @@ class Router:
         replication: ReplicationPolicy = SINGLE_COPY,
         breaker_cooldown: float = 2.0,
         rescan_interval: float = 60.0,
-        on_health_change: Callable[[str, CircuitState], None] = lambda name, state: None,
+        on_health_change: Callable[[str, CircuitState, str], None] = lambda name, state, cause: None,
         creates_keys: bool = True,
         external_staleness: float = EXTERNAL_STALENESS,
         retry_budget: float = 0.5,
@@ -238,7 +238,6 @@ class Router:
             for name in self.backends
         }
         self._on_health_change = on_health_change
-        self._opened_by: dict[str, str] = {}
         self.dispatcher = Dispatcher(
             self.backends,
             home_region=topology.home_region,
@@ -459,21 +458,16 @@ class Router:
 
     # -- dispatch ----------------------------------------------------------
 
-    def set_health_listener(self, listener: Callable[[str, CircuitState], None]) -> None:
-        """Called with (cluster, state) whenever a cluster's circuit changes."""
+    def set_health_listener(self, listener: Callable[[str, CircuitState, str], None]) -> None:
+        """Called with (cluster, state, cause) whenever a cluster's circuit changes: ``cause`` is
+        the HSM error (``CKR_DEVICE_ERROR``…) of the failure that opened it, ``""`` if none was
+        named (hung calls, a failure with no CKR) and for every other change."""
         self._on_health_change = listener
 
     def _health_changed(self, name: str, state: CircuitState, cause: str) -> None:
         level = logging.INFO if state is CircuitState.CLOSED else logging.WARNING
-        if state is CircuitState.OPEN:
-            self._opened_by[name] = cause
         log.log(level, "cluster %s: circuit %s%s", name, state.value, f" ({cause})" if cause else "")
-        self._on_health_change(name, state)
-
-    def opened_by(self, name: str) -> str:
-        """The HSM error (``CKR_DEVICE_ERROR``…) of the failure that last opened the cluster's
-        circuit; ``""`` if none was named (hung calls, a failure with no CKR)."""
-        return self._opened_by.get(name, "")
+        self._on_health_change(name, state, cause)
 
     def _candidates(self, placement: Placement) -> tuple[str, ...]:
         if placement.external:
@@ -970,8 +964,10 @@ class Router:
         """Whether cluster ``name``'s token is this store's fleet's, before something is destroyed
         there on the store's word: ("", "") if its fleet marker lists this store's fleet id, or if
         the token has no marker (made before markers); else (``OTHER_FLEET`` or ``FLEET_UNREAD``,
-        why). It writes nothing: a token is marked only when a key is made there, so a gateway
-        on the wrong store that only looks (a report-only reconcile) claims no token.
+        why). It marks no token of another fleet: a token is marked only when a key is made
+        there, so a gateway on the wrong store that only looks (a report-only reconcile) claims
+        none. (A token it marked with an id it read as the store's before is given the store's
+        id too, below.)
 
         A marker without the id this process read at start is looked at once more against the
         store's id read again: on a DynamoDB global table, two regions' first gateways may each

@@ -67,7 +67,9 @@ class PlacementStore(abc.ABC):
     def fleet_id(self, proposed: str | None = None) -> str:
         """The store's fleet id. A store that has none is given ``proposed`` (else
         ``new_fleet_id()``) with a conditional write: of concurrent callers one wins, and
-        every one of them gets its value. Never changes once made."""
+        every one of them gets its value. Never changed by the store once made, except on a
+        DynamoDB global table, whose regions may each take a first write before they replicate:
+        the table then keeps the last (``Router.fleet_check`` follows it)."""
 
     @abc.abstractmethod
     def existing_fleet_id(self) -> str | None:

@@ -81,7 +81,10 @@ def down() -> RouterError:
     return error
 
 
-def _router(tmp_path, refusals: Callable[[], RouterError | None]) -> tuple[Router, Cluster]:
+Changes = list[tuple[str, CircuitState, str]]
+
+
+def _router(tmp_path, refusals: Callable[[], RouterError | None]) -> tuple[Router, Cluster, Changes]:
     """Keys on use1-a with their copy on usw2-a, the only cluster of the DR region (two copies, one
     in a DR region, and none acknowledged short of that)."""
     target = Cluster("usw2-a", "us-west-2", refusals)
@@ -91,7 +94,9 @@ def _router(tmp_path, refusals: Callable[[], RouterError | None]) -> tuple[Route
     # sees of it is the router's doing, not a trial's.
     router = Router(topology, backends, SqliteStore(tmp_path / "p.db"), clock=FakeClock(),
                     replication=ReplicationPolicy(copies=2))
-    return router, target
+    changes: Changes = []  # what the gateway's listener hears: (cluster, state, cause)
+    router.set_health_listener(lambda name, state, cause: changes.append((name, state, cause)))
+    return router, target, changes
 
 
 def _spec(n: int) -> KeySpec:
@@ -111,7 +116,7 @@ def test_a_busy_copy_target_stays_in_placement_however_many_times_in_a_row_it_is
     circuit (fewer than the 20 calls its failure rate needs): each GenerateKey still asks usw2-a
     for its copy, and the first once usw2-a takes it is made with both copies."""
     answers: list[RouterError | None] = [busy() for _ in range(10)] + [None]
-    router, target = _router(tmp_path, lambda: answers.pop(0))
+    router, target, changes = _router(tmp_path, lambda: answers.pop(0))
     for n in range(10):
         refused = _refused(router, n)
         assert refused.message == (f"cannot copy key 'k/{n}' to cluster usw2-a (cluster usw2-a is busy); "
@@ -123,13 +128,13 @@ def test_a_busy_copy_target_stays_in_placement_however_many_times_in_a_row_it_is
     made = router.generate_key(_spec(10), time.monotonic() + 5)
     assert (made.state, made.primary, made.replicas) == (KeyState.ENABLED, "use1-a", ("usw2-a",))
     assert target.copies_asked == 11
-    assert router.opened_by("usw2-a") == ""
+    assert changes == []
 
 
 def test_a_copy_target_that_is_down_three_times_in_a_row_is_taken_out_of_placement(tmp_path) -> None:
     """Three copies that fail with the cluster down open its circuit, which names the HSM's error;
     the next GenerateKey is refused before any key is made, and says why."""
-    router, target = _router(tmp_path, down)
+    router, target, changes = _router(tmp_path, down)
     for n in range(3):
         refused = _refused(router, n)
         assert refused.message == (f"cannot copy key 'k/{n}' to cluster usw2-a (cluster usw2-a is not reachable "
@@ -137,7 +142,7 @@ def test_a_copy_target_that_is_down_three_times_in_a_row_is_taken_out_of_placeme
         assert refused.cluster == "usw2-a"
         expected = CircuitState.OPEN if n == 2 else CircuitState.CLOSED
         assert router.breakers["usw2-a"].state is expected, f"after {n + 1} failures"
-    assert router.opened_by("usw2-a") == "CKR_DEVICE_ERROR"
+    assert changes == [("usw2-a", CircuitState.OPEN, "CKR_DEVICE_ERROR")]
     assert not router.breakers["usw2-a"].busy
     assert router.backends["use1-a"].destroyed == ["k/0", "k/1", "k/2"], "each primary's key rolled back"
 
