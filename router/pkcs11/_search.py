@@ -7,7 +7,8 @@ the lock held: nothing ends it but the search object's finalizer, which calls
 ``C_FindObjectsFinal`` on a search the module never began, and its error
 (``CKR_OPERATION_NOT_INITIALIZED``, ``CKR_SESSION_HANDLE_INVALID``) is printed on stderr as
 an ``Exception ignored in`` traceback: raw lines in a JSON log stream, during every HSM
-fault. ``find`` ends such a search itself, at once, and keeps the error it began with.
+fault. ``find`` ends such a search itself, at once, and keeps the error it began with,
+as it does when ``C_FindObjects`` fails.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ _BATCH = 10
 
 
 def find(session: Any, template: Mapping[Attribute, Any]) -> list[Any]:
-    """Every object of ``session`` matching ``template``, the search read to its end."""
+    """Every object of ``session`` matching ``template``, the search read to its end.
+
+    Not a ``with`` block: when ``C_FindObjects`` fails, its ``__exit__`` would call
+    ``C_FindObjectsFinal`` and raise that call's error instead, if it fails too (a module
+    that ended the search itself answers ``CKR_OPERATION_NOT_INITIALIZED``), and a device
+    error would be reported as an unexpected one. The search ends itself once read to its end."""
     search = SearchIter(session, dict(template), _BATCH)
     try:
-        with search:
-            return [obj for batch in search for obj in batch]
+        search.__enter__()  # C_FindObjectsInit
+        return [obj for batch in search for obj in batch]
     except p11.PKCS11Error:
         _end(search)
         raise

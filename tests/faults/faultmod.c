@@ -50,7 +50,10 @@
  *     C_SignFinal, C_Encrypt..., C_FindObjects, C_FindObjectsFinal) only
  *     latency, hang and invalidated sessions, never an error code: the real
  *     module would still hold the operation active (the next C_SignInit would
- *     answer CKR_OPERATION_ACTIVE), a state no real device failure produces;
+ *     answer CKR_OPERATION_ACTIVE), a state no real device failure produces.
+ *     Except an "error ... on C_FindObjects" rule: faultmod ends the real search
+ *     first, as a module that ends a search on a failure would, and the
+ *     application's C_FindObjectsFinal answers CKR_OPERATION_NOT_INITIALIZED;
  *   - C_CloseSession and C_CloseAllSessions under an error rule still close
  *     the real sessions, then answer the error (no leaked sessions).
  *
@@ -117,6 +120,8 @@
 #define G_SESSION 1 /* the call names a session (else a slot) */
 #define G_CONT 2    /* continues or finishes an operation: no error codes */
 #define G_CLOSE 4   /* closes the session: forget a dead handle */
+#define G_ENDS 8    /* with G_CONT: an "error ... on <this call>" rule applies, the wrapper ending
+                       the real operation first (C_FindObjects) */
 
 enum mode { M_OK, M_ERROR, M_RATIO, M_LATENCY, M_HANG, M_INVALIDATE };
 
@@ -748,7 +753,7 @@ static CK_RV apply_rules(int stat, const char *fn, int flags)
             delayed = 1;
             break;
         case M_ERROR:
-            if (!(flags & G_CONT))
+            if (!(flags & G_CONT) || ((flags & G_ENDS) && r->fn[0]))
                 rv = r->code;
             break;
         case M_RATIO:
@@ -1093,7 +1098,19 @@ SESSION_CALL(START, C_GetObjectSize, (SH hSession, OH o, ULP size), (hSession, o
 SESSION_CALL(START, C_GetAttributeValue, (SH hSession, OH o, AP t, UL n), (hSession, o, t, n))
 SESSION_CALL(START, C_SetAttributeValue, (SH hSession, OH o, AP t, UL n), (hSession, o, t, n))
 SESSION_CALL(START, C_FindObjectsInit, (SH hSession, AP t, UL n), (hSession, t, n))
-SESSION_CALL(CONT, C_FindObjects, (SH hSession, CK_OBJECT_HANDLE_PTR o, UL max, ULP n), (hSession, o, max, n))
+/* An "error ... on C_FindObjects" rule fails the call as a module that ends the search on a
+ * failure does: the real search is ended first, so the application's C_FindObjectsFinal then
+ * answers CKR_OPERATION_NOT_INITIALIZED. */
+static CK_RV fm_C_FindObjects(SH hSession, CK_OBJECT_HANDLE_PTR o, UL max, ULP n)
+{
+    NEED_REAL();
+    CK_RV rv_ = gate("C_FindObjects", 0, hSession, G_SESSION | G_CONT | G_ENDS, NULL);
+    if (rv_ == CKR_OK)
+        return g_real->C_FindObjects(hSession, o, max, n);
+    if (rv_ != CKR_SESSION_HANDLE_INVALID)
+        g_real->C_FindObjectsFinal(hSession);
+    return rv_;
+}
 SESSION_CALL(CONT, C_FindObjectsFinal, (SH hSession), (hSession))
 SESSION_CALL(START, C_EncryptInit, (SH hSession, MP m, OH k), (hSession, m, k))
 SESSION_CALL(CONT, C_Encrypt, (SH hSession, BP d, UL dl, BP o, ULP ol), (hSession, d, dl, o, ol))

@@ -446,3 +446,20 @@ def test_a_rule_on_one_call_faults_that_call_only(child) -> None:
         report(during=during, left=left, after=after)
     """)
     assert report == {"during": {"sign": "ok", "random": "ok", "destroy": "DeviceError"}, "left": 1, "after": "ok"}
+
+
+def test_a_search_keeps_the_error_it_failed_with_when_ending_it_fails_too(child) -> None:
+    """C_FindObjects fails with a device error, then C_FindObjectsFinal with
+    CKR_OPERATION_NOT_INITIALIZED (a module that ended the search itself): the search's error
+    is the device error, which fails over, not an unexpected one; the session serves again."""
+    report = child("""
+        from router.pkcs11 import _search
+        a = session("use1-a")
+        CONTROL.set("use1-a", "device_error", on="C_FindObjects")
+        CONTROL.add("use1-a", "error", "0x91", on="C_FindObjectsFinal")
+        during = outcome(_search.find, a, {Attribute.LABEL: "nothing-here"})
+        CONTROL.clear("use1-a")
+        after = len(_search.find(a, {Attribute.LABEL: "nothing-here"}))
+        report(during=during, after=after)
+    """)
+    assert report == {"during": "DeviceError", "after": 0}
