@@ -499,8 +499,8 @@ class Router:
             try:
                 fresh = self.store.get(placement.key_id)
             except StoreError as failed:
-                raise Unavailable(f"{what}: its copies were not found where the placement says, and the "
-                                  "placement store cannot be read to look again") from failed
+                raise _store_down(f"{what}: its copies were not found where the placement says, and the "
+                                  "placement store cannot be read to look again", failed) from failed
             # Destroyed (or gone) since this process cached it: say so, not "material missing",
             # which a caller could take for a key to make again.
             if fresh is None:
@@ -793,9 +793,9 @@ class Router:
             self.roll_back(intent)
             try:
                 current = self.store.get(intent.key_id)
-            except StoreError:
-                raise Unavailable(f"key {intent.key_id!r} was not finished: its record changed, or could not be "
-                                  "read, while it was being made; retry with the same request_id") from changed
+            except StoreError as failed:
+                raise _store_down(f"key {intent.key_id!r} was not finished: its record changed, or could not be "
+                                  "read, while it was being made; retry with the same request_id", failed) from changed
             return self._settled(current, intent.key_id, intent.request_id)
         except (InternalError, KeyNotFound) as exc:
             # The HSM failed in a way we did not expect (logged with its traceback), or
