@@ -515,7 +515,8 @@ def _directory_problem(directory: Path, which: str) -> str:
     if mode & stat.S_ISVTX:
         return ""
     if mode & stat.S_IWOTH:
-        who, whoever, bits = "everyone", "anyone", "o-w"
+        # One command that leaves no warning behind: o-w alone would leave a 0775 directory.
+        who, whoever, bits = "everyone", "anyone", "go-w" if mode & stat.S_IWGRP else "o-w"
     elif mode & stat.S_IWGRP:
         who, whoever, bits = "its group", "any member of its group", "g-w"
     else:

@@ -47,7 +47,7 @@ def test_a_group_or_world_writable_policy_file_or_directory_is_named_with_what_t
     policy.parent.chmod(0o777)
     assert policy_file_problems(policy) == [
         f"its directory {policy.parent} is writable by everyone, without the sticky bit (mode 0777): anyone may put "
-        f"another file in its place; run: chmod o-w {policy.parent}"]
+        f"another file in its place; run: chmod go-w {policy.parent}"]
 
 
 def test_a_directory_its_group_may_write_is_named_unless_it_has_the_sticky_bit(
@@ -92,7 +92,7 @@ def test_a_symlinked_policy_names_the_directory_of_the_file_it_resolves_to(tmp_p
         mount.chmod(0o777)  # where the links are: anyone may point policy.toml elsewhere
         assert policy_file_problems(policy) == [
             f"its directory {mount} is writable by everyone, without the sticky bit (mode 0777): anyone may put "
-            f"another file in its place; run: chmod o-w {mount}"]
+            f"another file in its place; run: chmod go-w {mount}"]
     finally:
         mount.chmod(0o755)
         version.chmod(0o755)
