@@ -56,7 +56,8 @@ OTHER_FLEET = ("this cluster's keys were made with another placement store (its 
                "list this store's): [store] url may name the wrong store; nothing is destroyed on it "
                "(docs/operations.md)")
 """An `other_fleet` finding's detail."""
-FLEET_UNREAD = "this cluster's fleet marker could not be read: nothing is destroyed on it until it is"
+FLEET_UNREAD = ("this cluster's fleet could not be checked (its fleet marker, or the store's fleet id, "
+                "could not be read): nothing is destroyed on it until it is")
 """A `fleet_unread` finding's detail."""
 
 def _forced(blocked: str | None) -> str:

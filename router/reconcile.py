@@ -91,7 +91,8 @@ class ReconcileReport:
     """Clusters whose token's fleet marker lists other placement stores' fleets, not this store's:
     their keys were made with another store, and nothing was destroyed on them."""
     fleet_unread: list[str] = field(default_factory=list)
-    """Clusters whose token's fleet marker could not be read: nothing was destroyed on them this pass."""
+    """Clusters whose fleet could not be checked (their token's fleet marker, or the store's fleet id,
+    could not be read): nothing was destroyed on them this pass."""
     fixed: bool = False
     only: frozenset[Finding] | None = None
     """The findings a fix was limited to (None: every one it can act on)."""
@@ -130,7 +131,7 @@ class ReconcileReport:
                          f"({', '.join(self.other_fleet)}; nothing destroyed there: [store] url may name the wrong "
                          "store)")
         if self.fleet_unread:
-            parts.append(f"{len(self.fleet_unread)} clusters whose fleet marker could not be read "
+            parts.append(f"{len(self.fleet_unread)} clusters whose fleet could not be checked "
                          f"({', '.join(self.fleet_unread)}; nothing destroyed there)")
         return "".join(f", {part}" for part in parts)
 

@@ -86,7 +86,7 @@ NO_RECORD = "no record in the placement store names the key"
 OTHER_FLEET = "other_fleet"
 """``Router.fleet_check``: the token's fleet marker lists other stores' fleets, not this one's."""
 FLEET_UNREAD = "fleet_unread"
-"""``Router.fleet_check``: the token's fleet marker could not be read."""
+"""``Router.fleet_check``: the token's fleet marker, or the store's fleet id, could not be read."""
 
 _RELOAD_AT_LEAST = 1000
 """A refresh re-reads changed keys one by one up to this many (or a tenth of the cache); beyond, it reloads."""

@@ -110,7 +110,7 @@ def test_the_periodic_reconcile_destroys_nothing_on_it_and_reports_it(tmp_path: 
     assert ("WARNING", "router.reconcile", "reconcile: cluster use1-a: the placement store's fleet id could not be "
             "read (connection refused); nothing is destroyed on it this pass") in said
     [summary] = [m for _, name, m in said if name == "gateway.server"]
-    assert "1 clusters whose fleet marker could not be read (use1-a; nothing destroyed there)" in summary
+    assert "1 clusters whose fleet could not be checked (use1-a; nothing destroyed there)" in summary
 
     store.down = False  # the next pass: the store's id is the token's
     report_reconcile(router, metrics)
@@ -127,7 +127,7 @@ def test_a_fix_destroys_nothing_on_it_and_rolls_nothing_back(tmp_path: Path) -> 
     assert ("orphan", "use1-a", "k/gone") not in report.fixable
     assert token.objects == {"k/gone": KEY, "k/stale": KEY}
     assert store.get("k/stale") is not None, "the unfinished creation's record was removed"
-    assert "1 clusters whose fleet marker could not be read (use1-a; nothing destroyed there)" in report.summary()
+    assert "1 clusters whose fleet could not be checked (use1-a; nothing destroyed there)" in report.summary()
 
     store.down = False
     report = reconcile(router, fix=True, finish_destroys=True)
