@@ -924,6 +924,8 @@ class Router:
                     made.append(name)
                     continue
             if strict:
+                if isinstance(error, OtherFleet):
+                    raise error  # not a cluster that fails: asking again will not help
                 raise Unavailable(
                     f"cannot copy key {key.key_id!r} to cluster {name} ({error.message}); nothing was created",
                     cluster=name,

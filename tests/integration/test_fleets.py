@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute
 
 from router.errors import OtherFleet
-from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement
+from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement, ReplicationPolicy
 from router.pkcs11 import _fleet
 from router.placement.sqlite import SqliteStore
 from router.reconcile import reconcile
@@ -287,3 +287,20 @@ def test_a_token_that_refuses_the_marker_is_asked_again_only_after_a_while(make_
     now[0] += cluster_module.MARK_RETRY
     router._mark(backend, time.monotonic() + 30)
     assert tries == [router.fleet_id] * 2
+
+
+def test_a_copy_to_another_fleets_token_refuses_the_creation_and_leaves_nothing(make_router, tokens) -> None:
+    """The key's DR copy would go to a token only another fleet wrote to: the creation fails
+    FAILED_PRECONDITION (asking again will not help), and the key made on its primary is gone."""
+    other = "a" * 32
+    tokens.unmark("usw2-a")
+    tokens.mark("usw2-a", other)
+    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True))
+    key_id = unique("fleet/dr-copy")
+    router.pin(key_id, "use1-a")
+    with pytest.raises(OtherFleet, match=rf"^cluster usw2-a's token holds keys made with another placement store "
+                                         rf"\(fleet {other}\), not this store's \({router.fleet_id}\)"):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert router.store.get(key_id) is None
+    assert all(tokens.objects(cluster, key_id) == [] for cluster in CLUSTERS)
+    assert tokens.fleets("usw2-a") == (other,)
