@@ -226,9 +226,10 @@ def _expires_soon(cert: x509.Certificate, now: datetime.datetime) -> bool:
 
 
 def _check_client_cas(cas: list[x509.Certificate], path: Path, now: datetime.datetime) -> None:
-    """Log client CA certificates outside their validity: clients they signed fail verification."""
+    """Log client CA certificates outside their validity: clients they signed fail verification.
+    A CA the file holds twice (bundles put together by hand) is said once."""
     problems = []
-    for ca in cas:
+    for ca in {ca.fingerprint(hashes.SHA256()): ca for ca in cas}.values():
         name = ca.subject.rfc4514_string()
         problem = _outside_validity(ca, now)
         if problem is not None:

@@ -169,8 +169,11 @@ def test_a_client_ca_near_its_expiry_is_a_warning_at_every_check_and_one_held_tw
     bundle = tmp_path / "bundle.pem"
     write_file(bundle, tls.client_ca_file.read_bytes() + old + old)  # the same CA twice: one line a check
     clock = [NOW]
-    credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: clock[0])
     caplog.set_level(logging.WARNING, logger="gateway.tls")
+    caplog.clear()
+    credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: clock[0])
+    ((level, message),) = _logged(caplog)  # at load too, one line for the CA held twice
+    assert level == "WARNING" and "CA certificate 'CN=old CA'" in message and "expires at" in message
     caplog.clear()
     for hours in range(3):
         clock[0] = NOW + datetime.timedelta(hours=hours)
