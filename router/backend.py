@@ -12,8 +12,12 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from router.errors import RouterError
+from router.errors import DeadlineExceeded, RouterError, SessionsBusy, Unavailable
 from router.model import ClusterSpec, Operation, Placement
+
+MARK_AGAIN = (Unavailable, DeadlineExceeded, SessionsBusy)
+"""Failures of ``HsmBackend.mark`` that are a moment's (the cluster down, no session free, the
+deadline): the marker is written at the next key there, not after a pause."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable, TypeVar
 from router import validation
 from router._owner import Liveness, liveness, this_process
 from router._refused import RefusedRecords
-from router.backend import HsmBackend
+from router.backend import MARK_AGAIN, HsmBackend
 from router.cache import PlacementCache
 from router.dispatch import Dispatcher
 from router.errors import (
@@ -959,8 +959,9 @@ class Router:
         except Stopping:
             raise
         except RouterError as exc:
-            log.warning("cluster %s: could not record fleet %s on its token (%s); tried again at a key written "
-                        "there 10 minutes from now", backend.name, self.fleet_id, exc.message)
+            when = "the next key" if isinstance(exc, MARK_AGAIN) else "a key written there 10 minutes from now"
+            log.warning("cluster %s: could not record fleet %s on its token (%s); tried again at %s",
+                        backend.name, self.fleet_id, exc.message, when)
 
     def fleet_check(self, name: str, deadline: float) -> tuple[str, str]:
         """Whether cluster ``name``'s token is this store's fleet's, before something is destroyed

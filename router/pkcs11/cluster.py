@@ -15,7 +15,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import Object
 
-from router.backend import HsmBackend, PoolStats
+from router.backend import MARK_AGAIN, HsmBackend, PoolStats
 from router.errors import (
     ClusterDown,
     DeadlineExceeded,
@@ -385,9 +385,10 @@ class Pkcs11Cluster(HsmBackend):
         return listed
 
     def mark(self, fleet_id: str, deadline: float, *, also: frozenset[str] = frozenset()) -> None:
-        """Raises ``OtherFleet`` every time, any other failure only on the first in ``MARK_RETRY``
-        seconds: a module that does not take the marker (a data object) costs each key written
-        there no search, lock or failed write."""
+        """Raises ``OtherFleet``, and a failure of the cluster (down, no session free, the deadline),
+        every time; a refusal of the marker only on the first in ``MARK_RETRY`` seconds: a module
+        that does not take the marker (a data object) costs each key written there no search,
+        lock or failed write."""
         if fleet_id in self._marked:
             return
         if self._mark_failed is not None and self._clock() - self._mark_failed < MARK_RETRY:
@@ -407,8 +408,8 @@ class Pkcs11Cluster(HsmBackend):
 
         try:
             self._run(deadline, run)
-        except OtherFleet:
-            raise
+        except (OtherFleet, *MARK_AGAIN):
+            raise  # the token's answer, or a moment's failure of the cluster: asked again at the next key
         except RouterError:
             self._mark_failed = self._clock()
             raise

@@ -304,3 +304,31 @@ def test_a_copy_to_another_fleets_token_refuses_the_creation_and_leaves_nothing(
     assert router.store.get(key_id) is None
     assert all(tokens.objects(cluster, key_id) == [] for cluster in CLUSTERS)
     assert tokens.fleets("usw2-a") == (other,)
+
+
+def test_a_marker_write_the_cluster_failed_a_moment_is_tried_again_at_the_next_key(make_router, tmp_path: Path,
+                                                                                  monkeypatch, caplog) -> None:
+    """A device error (or no session free, or the deadline) while writing the marker is the
+    cluster's moment, not the module refusing the marker: the next key there writes it, with no
+    ten-minute pause leaving new keys on an unmarked token."""
+    import pkcs11.exceptions
+
+    real, tries = _fleet.add, []
+
+    def down_once(session, markers, fleet_id):  # type: ignore[no-untyped-def]
+        tries.append(fleet_id)
+        if len(tries) == 1:
+            raise pkcs11.exceptions.DeviceError()
+        return real(session, markers, fleet_id)
+
+    monkeypatch.setattr(_fleet, "add", down_once)
+    router = make_router(store=SqliteStore(tmp_path / "down.db"))
+    backend = router.backends[CLUSTERS[0]]
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        router._mark(backend, time.monotonic() + 30)
+        router._mark(backend, time.monotonic() + 30)
+        router._mark(backend, time.monotonic() + 30)  # written: not asked again
+    assert tries == [router.fleet_id] * 2
+    assert [r.getMessage() for r in caplog.records if "could not record fleet" in r.getMessage()] == [
+        f"cluster {CLUSTERS[0]}: could not record fleet {router.fleet_id} on its token (cluster {CLUSTERS[0]} is "
+        "not reachable (DeviceError)); tried again at the next key"]
