@@ -636,8 +636,10 @@ class Router:
         could destroy a key: reconcile never does either.
         A chosen cluster that cannot be searched now refuses the creation (UNAVAILABLE, nothing
         made): its HSM busy or failing a moment, the creation could succeed there after all,
-        and clear what the search would have found. Returns what ``_existing`` finds if a record
-        appeared meanwhile (another attempt made those objects)."""
+        and clear what the search would have found. Except a replica under ``ack-local``: the
+        key is made without waiting for it, as it would be were the copy to fail (the repairer
+        copies it later). Returns what ``_existing`` finds if a record appeared meanwhile
+        (another attempt made those objects)."""
         for name in clusters:
             backend = self.backends.get(name)
             if backend is None:
@@ -647,6 +649,8 @@ class Router:
             except Stopping:
                 raise
             except RouterError as exc:
+                if name != clusters[0] and self.replication.ack_local:
+                    continue
                 raise Unavailable(f"cluster {name} could not be searched for objects under key id {spec.key_id!r} "
                                   f"({exc.message}); nothing was made: retry", cluster=name,
                                   region=backend.spec.region) from exc
