@@ -1837,9 +1837,11 @@ class Router:
 
         A copy may be there that no record names: a repair or a creation that lost to a
         DestroyKey and could not remove its copy, or one killed between its copy and its record
-        write. The DESTROYED record stays for good (a key id is never reused), so no live key has
-        objects with this id. One search per cluster; a cluster that fails it or whose circuit is
-        open is logged and left to reconcile. What the deadline leaves is looked at next time.
+        write. The DESTROYED record stays for good (a key id is never reused), so no live key of
+        this fleet has objects with this id; a token whose fleet marker lists only other fleets
+        is left alone (``fleet_check``). One search per cluster; a cluster that fails it or whose
+        circuit is open is logged and left to reconcile. What the deadline leaves is looked at
+        next time.
         """
         removed = 0
         with self._lock:
@@ -1862,6 +1864,12 @@ class Router:
         if self.breakers[name].state is CircuitState.OPEN:
             log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for "
                         "a stray copy (its circuit is open): the next periodic reconcile removes any", key_id, name)
+            return 0
+        # What is there under this id on another fleet's token is that fleet's key, not a stray copy.
+        kind, why = self.fleet_check(name, deadline)
+        if kind:
+            log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for a "
+                        "stray copy: %s", key_id, name, why)
             return 0
         try:
             removed = self.backends[name].destroy(key_id, deadline)

@@ -332,3 +332,21 @@ def test_a_marker_write_the_cluster_failed_a_moment_is_tried_again_at_the_next_k
     assert [r.getMessage() for r in caplog.records if "could not record fleet" in r.getMessage()] == [
         f"cluster {CLUSTERS[0]}: could not record fleet {router.fleet_id} on its token (cluster {CLUSTERS[0]} is "
         "not reachable (DeviceError)); tried again at the next key"]
+
+
+def test_the_sweep_after_a_destroy_leaves_another_fleets_key_of_that_id(make_router, tokens) -> None:
+    """DestroyKey's later sweep of clusters its record does not name removes stray copies, but
+    not what another fleet's token holds under that id: that is the other fleet's key."""
+    router = make_router()
+    key = router.generate_key(_spec(unique("fleet/swept")), time.monotonic() + 30)
+    stray, theirs = next(name for name in CLUSTERS if name not in key.clusters), "b" * 32
+    tokens.unmark(stray)
+    tokens.mark(stray, theirs)  # another fleet's token, with its own key under this id
+    router.backends[stray].generate(placement(key.key_id, key.algorithm), time.monotonic() + 30)
+    router.destroy_key(key.key_id, time.monotonic() + 30)
+    assert router.sweep_destroyed(time.monotonic() + 30) == 0
+    assert len(tokens.objects(stray, key.key_id)) == 2
+    for cluster in key.clusters:
+        assert tokens.objects(cluster, key.key_id) == []
+    for obj in tokens.objects(stray, key.key_id):  # the other fleet's key, gone with this test
+        obj.destroy()
