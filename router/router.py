@@ -1776,6 +1776,8 @@ class Router:
             raise _store_down("placement store is unreachable; keys cannot be destroyed now", exc) from exc
         if placement is None:
             raise KeyNotFound(f"key {key_id!r} not found")
+        if not placement.external:
+            self._our_tokens(placement, deadline)
         # The record says DESTROYED before any object goes: from then on nothing serves,
         # moves or copies the key (a change that read the record before fails on its
         # version), and whatever copy cannot be removed now is an orphan for reconcile.
@@ -1830,6 +1832,18 @@ class Router:
                               "reconcile --fix removes them")
         log.info("key %s destroyed", key_id)
         return destroyed
+
+    def _our_tokens(self, placement: Placement, deadline: float) -> None:
+        """``OtherFleet`` if a cluster the record names has a token whose fleet marker lists only
+        other fleets: with ``[store] url`` naming another fleet's store, a DestroyKey of one of its
+        keys would destroy this fleet's key of that id there. Nothing is changed then."""
+        for name in placement.clusters:
+            if name not in self.backends:
+                continue
+            kind, why = self.fleet_check(name, deadline)
+            if kind == OTHER_FLEET:
+                raise OtherFleet(f"key {placement.key_id!r} was not destroyed: cluster {name}: {why}",
+                                 cluster=name, region=self.backends[name].spec.region)
 
     def sweep_destroyed(self, deadline: float) -> int:
         """Remove the objects of keys this process destroyed from the clusters their records do

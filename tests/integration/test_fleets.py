@@ -115,6 +115,12 @@ def test_another_fleets_store_destroys_none_of_this_fleets_keys(make_router, tok
     assert theirs.get(new_id) is None and all(tokens.objects(c, new_id) == [] for c in CLUSTERS)
     report = reconcile(wrong, fix=True, finish_destroys=True)
     assert sorted(report.other_fleet) == CLUSTERS and report.removed == [] and report.finished == []
+    # Nor destroy there: the key its store says is destroyed, or placed elsewhere, is this fleet's.
+    for key_id in (signing.key_id, placed.key_id):
+        with pytest.raises(OtherFleet, match=rf"^key '{key_id}' was not destroyed: cluster \S+: its keys were "
+                                             "made with another placement store"):
+            wrong.destroy_key(key_id, time.monotonic() + 30)
+    assert theirs.get(placed.key_id).state is KeyState.ENABLED  # type: ignore[union-attr]
 
     for key in (signing, creating, placed):
         _held(tokens, key)
