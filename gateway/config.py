@@ -153,8 +153,9 @@ class StoreConfig:
     url`` may name the wrong store, and with its id on the token too, that store's reconcile
     would destroy there what its records say is destroyed. List an id here only when those
     tokens are this fleet's: a store rebuilt without its fleet id, or two regions' first
-    gateways that each wrote one to a new DynamoDB global table (``hsmctl reconcile`` names
-    the ids a token lists)."""
+    gateways that each wrote one to a new DynamoDB global table, where the one whose id the
+    table replaced stopped before it read the store's again (``hsmctl reconcile`` names the
+    ids a token lists)."""
 
     def validate(self, base: Path) -> None:
         if self.url.startswith("sqlite:"):

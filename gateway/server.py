@@ -263,6 +263,7 @@ class Gateway:
                 continue
             self._next_repair = time.monotonic() + interval
             try:
+                self.router.follow_store_fleet(time.monotonic() + interval)
                 self.router.sweep_destroyed(time.monotonic() + interval)
                 self.router.sweep_intents(time.monotonic() + interval)
                 fixed = self.router.repair_once(time.monotonic() + interval)

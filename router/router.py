@@ -83,6 +83,8 @@ CLOSE_TIMEOUT = 5.0
 NO_RECORD = "no record in the placement store names the key"
 """What ``Router.why_kept`` answers for objects whose key id the store has no record of."""
 
+FLEET_REREAD = 60.0
+"""Seconds between two reads of the store's fleet id by ``follow_store_fleet``."""
 OTHER_FLEET = "other_fleet"
 """``Router.fleet_check``: the token's fleet marker lists other stores' fleets, not this one's."""
 FLEET_UNREAD = "fleet_unread"
@@ -256,6 +258,8 @@ class Router:
         self._former_fleet_ids: set[str] = set(adopted_fleet_ids)
         """Other ids that are this fleet's: ones this process read as the store's before it
         changed (``fleet_check``), and the operator's ``[store] adopted_fleet_ids``."""
+        self._fleet_read_at = float("-inf")
+        """When ``follow_store_fleet`` last read the store's fleet id."""
 
     # -- placement cache -------------------------------------------------
 
@@ -1004,6 +1008,26 @@ class Router:
         shown = ", ".join(fleets[-3:]) + (f" and {len(fleets) - 3} more" if len(fleets) > 3 else "")
         return OTHER_FLEET, (f"its keys were made with another placement store: its token lists fleet(s) {shown}, "
                              f"not this store's {self.fleet_id}; [store] url may name the wrong store")
+
+    def follow_store_fleet(self, deadline: float) -> bool:
+        """Read the store's fleet id again, at most once every ``FLEET_REREAD`` seconds; if it is
+        not the one this process read (two regions' first gateways on a new DynamoDB global table
+        each wrote one, and the table kept the other's), follow it, and add it to the tokens this
+        process marked with the one it had read. Else, once this process restarted and read only
+        the store's, those tokens would list no id of its fleet, and take no new key. Whether it
+        changed; a store that does not answer is left to the next time (the refresh logs it)."""
+        now = self._clock()
+        if now - self._fleet_read_at < FLEET_REREAD:
+            return False
+        self._fleet_read_at = now
+        try:
+            if not self._store_fleet_changed():
+                return False
+        except StoreError:
+            return False
+        for name in self.backends:
+            self.fleet_check(name, deadline)  # a token that lists the id read before gets the store's
+        return True
 
     def _store_fleet_changed(self) -> bool:
         """Read the store's fleet id again; if it is not the one this process read, follow it

@@ -356,3 +356,30 @@ def test_the_sweep_after_a_destroy_leaves_another_fleets_key_of_that_id(make_rou
         assert tokens.objects(cluster, key.key_id) == []
     for obj in tokens.objects(stray, key.key_id):  # the other fleet's key, gone with this test
         obj.destroy()
+
+
+def test_tokens_marked_with_an_id_the_store_replaced_stay_this_fleets_after_a_restart(make_router, tokens,
+                                                                                      tmp_path: Path) -> None:
+    """Two regions' first gateways on a new global table each wrote a fleet id, and the table kept
+    the other's. This process marked its tokens with the one it read; its repairer reads the
+    store's id again, follows it and adds it to those tokens, so that once restarted (reading only
+    the store's id) it still makes keys on them."""
+    store = SqliteStore(tmp_path / "race.db")
+    router = make_router(store=store, adopt_fleet=False)
+    first = router.fleet_id
+    for name in CLUSTERS:  # a new deployment's tokens, marked by this process
+        tokens.unmark(name)
+        tokens.mark(name, first)
+    later = "e" * 32
+    store._query("UPDATE meta SET value = ? WHERE name = 'fleet_id'", (later,))  # the other region's write won
+
+    assert router.follow_store_fleet(time.monotonic() + 30)
+    assert router.fleet_id == later
+    assert all(tokens.fleets(name) == (first, later) for name in CLUSTERS)
+    assert not router.follow_store_fleet(time.monotonic() + 30)  # read again a minute later at the soonest
+
+    restarted = make_router(store=SqliteStore(tmp_path / "race.db"), adopt_fleet=False)
+    assert restarted.fleet_id == later
+    key = restarted.generate_key(_spec(unique("fleet/after-race")), time.monotonic() + 30)
+    assert key.state is KeyState.ENABLED
+    _signs(restarted, key)
