@@ -61,8 +61,9 @@ def test_a_served_certificate_is_warned_of_before_it_expires_and_an_error_once_i
                                   "handshake (CERTIFICATE_VERIFY_FAILED)")
 
 
-def test_a_client_ca_that_expires_while_served_is_logged_once_and_an_error_when_none_is_left(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def _with_an_old_ca(tmp_path: Path) -> tuple[ServerCredentials, list[datetime.datetime], Path, bytes]:
+    """Credentials whose client CA bundle holds the dev CA and an "old CA" (its PEM) that expires
+    in two days; their clock (``clock[0]``), which the test moves; the bundle's path."""
     tls = tls_valid(tmp_path, NOW - DAY, NOW + 300 * DAY)
     issuer = load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem"))
     old, _ = certificate_valid(issuer, NOW - 300 * DAY, NOW + 2 * DAY, ca=True, name="old CA")
@@ -70,6 +71,12 @@ def test_a_client_ca_that_expires_while_served_is_logged_once_and_an_error_when_
     write_file(bundle, tls.client_ca_file.read_bytes() + old)
     clock = [NOW]
     credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: clock[0])
+    return credentials, clock, bundle, old
+
+
+def test_a_client_ca_that_expires_while_served_is_logged_once_and_an_error_when_none_is_left(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    credentials, clock, bundle, old = _with_an_old_ca(tmp_path)
     caplog.set_level(logging.WARNING, logger="gateway.tls")
     caplog.clear()  # what the load said
 
@@ -209,13 +216,7 @@ class _Guarded(set[str]):
 
 def test_the_check_of_client_ca_expiry_changes_what_it_logged_under_the_lock_reload_takes(tmp_path: Path) -> None:
     """check_expiry runs on the expiry thread, reload() on the SIGHUP thread: both change the set."""
-    tls = tls_valid(tmp_path, NOW - DAY, NOW + 300 * DAY)
-    issuer = load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem"))
-    old, _ = certificate_valid(issuer, NOW - 300 * DAY, NOW + 2 * DAY, ca=True, name="old CA")
-    bundle = tmp_path / "bundle.pem"
-    write_file(bundle, tls.client_ca_file.read_bytes() + old)
-    clock = [NOW]
-    credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: clock[0])
+    credentials, clock, bundle, old = _with_an_old_ca(tmp_path)
     credentials._expired_cas = _Guarded(credentials._expired_cas, credentials._lock)
     clock[0] = NOW + 3 * DAY
     credentials.check_expiry()

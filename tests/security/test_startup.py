@@ -134,6 +134,19 @@ def test_hsmctl_speaks_mtls(tls_gateway: GatewayProcess, certs: DevCerts, connec
     assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
 
 
+def _serving(fleet: Fleet, certs: DevCerts, policy: Path, tmp_path: Path, name: str, cert_pem: bytes,
+             key_pem: bytes) -> tuple[Path, Path]:
+    """A config of ``fleet`` serving TLS with this certificate and key (written under ``tmp_path``);
+    the config's path and the certificate's."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    write_file(cert, cert_pem)
+    write_file(key, key_pem, private=True)
+    config = write_config(fleet, name, tls=certs, policy=policy)
+    config.write_text(config.read_text().replace(f'cert_file = "{certs.server}"', f'cert_file = "{cert}"')
+                      .replace(f'key_file = "{certs.server_key}"', f'key_file = "{key}"'))
+    return config, cert
+
+
 @pytest.mark.parametrize("days", [-1, 1], ids=["expired", "not-yet-valid"])
 def test_a_certificate_outside_its_validity_is_refused_at_start(
     sec_fleet: Fleet, certs: DevCerts, policy_file: Path, tmp_path: Path, days: int
@@ -143,12 +156,7 @@ def test_a_certificate_outside_its_validity_is_refused_at_start(
     span = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if days < 0 else (
         now + datetime.timedelta(days=1), now + datetime.timedelta(days=30))
     cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), *span)
-    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
-    write_file(cert, cert_pem)
-    write_file(key, key_pem, private=True)
-    config = write_config(sec_fleet, f"tls-validity-{days}", tls=certs, policy=policy_file)
-    config.write_text(config.read_text().replace(f'cert_file = "{certs.server}"', f'cert_file = "{cert}"')
-                      .replace(f'key_file = "{certs.server_key}"', f'key_file = "{key}"'))
+    config, cert = _serving(sec_fleet, certs, policy_file, tmp_path, f"tls-validity-{days}", cert_pem, key_pem)
     result = _serve(config)
     assert result.returncode == EXIT_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
     last = result.stderr.strip().splitlines()[-1]
@@ -165,12 +173,8 @@ def test_a_certificate_with_an_extension_that_cannot_be_parsed_is_refused_at_sta
     now = datetime.datetime.now(datetime.timezone.utc)
     cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), now - datetime.timedelta(days=1),
                                           now + datetime.timedelta(days=30), unparsable_san=True)
-    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
-    write_file(cert, cert_pem)
-    write_file(key, key_pem, private=True)
-    config = write_config(sec_fleet, f"tls-unparsable-{len(workers)}", tls=certs, policy=policy_file)
-    config.write_text(config.read_text().replace(f'cert_file = "{certs.server}"', f'cert_file = "{cert}"')
-                      .replace(f'key_file = "{certs.server_key}"', f'key_file = "{key}"'))
+    config, cert = _serving(sec_fleet, certs, policy_file, tmp_path, f"tls-unparsable-{len(workers)}", cert_pem,
+                            key_pem)
     result = _serve(config, *workers)
     assert result.returncode == EXIT_CONFIG, result.stderr  # systemd does not restart it (RestartPreventExitStatus)
     last = result.stderr.strip().splitlines()[-1]

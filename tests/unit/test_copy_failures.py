@@ -16,7 +16,6 @@ import pytest
 from pkcs11 import exceptions as p11
 
 from gateway import status
-from router.backend import HsmBackend, PoolStats
 from router.errors import ClusterDown, RouterError, Throttled, Unavailable
 from router.health import CircuitState
 from router.model import ClusterSpec, KeyAlgorithm, KeySpec, KeyState, KeyUsage, Placement, ReplicationPolicy
@@ -24,23 +23,18 @@ from router.pkcs11._errors import ckr_behind
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
 from tests.support import FakeClock
+from tests.unit.test_router_creation import CopyingBackend
 
 
-class Cluster(HsmBackend):
+class Cluster(CopyingBackend):
     """A cluster that makes and exports keys, and answers each copy sent to it with the next of
     ``refusals`` (``None``: the copy is made)."""
 
     def __init__(self, name: str, region: str, refusals: Callable[[], RouterError | None] = lambda: None) -> None:
+        super().__init__(name)
         self.spec = ClusterSpec(name, region, name)
         self.refusals = refusals
         self.copies_asked = 0
-        self.destroyed: list[str] = []
-
-    def generate(self, key: Placement, deadline: float, *, unless: Callable[[], bool] | None = None) -> None:
-        return None
-
-    def export_wrapped(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
-        return b"wrapped", b"public"
 
     def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
                        unless: Callable[[], bool] | None = None) -> None:
@@ -49,24 +43,8 @@ class Cluster(HsmBackend):
         if refusal is not None:
             raise refusal
 
-    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
-        self.destroyed.append(key_id)
-        return 0
-
-    def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
-        return {}
-
     def fault_name(self, error: RouterError) -> str:
         return ckr_behind(error)  # as Pkcs11Cluster names the HSM's error behind a failure
-
-    def stats(self) -> PoolStats:
-        return PoolStats(size=1, open=1, in_use=0)
-
-    def close(self) -> None:
-        return None
-
-
-Cluster.__abstractmethods__ = frozenset()  # the fake implements what creation and its copies use
 
 
 def busy() -> RouterError:
