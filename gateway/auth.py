@@ -440,9 +440,10 @@ def parse_policy(data: Mapping[str, Any], source: str = "policy", digest: str = 
         path = f"identities.{_key(identity)}."
         if not identity:
             raise _err(source, "identities", "an identity may not be empty")
-        if len(identity) > MAX_IDENTITY:
-            raise _err(source, path[:-1], f"an identity has at most {MAX_IDENTITY} characters ({len(identity)} "
-                                          "here): a caller with a longer one is refused")
+        if _recorded_length(identity) > MAX_IDENTITY:
+            raise _err(source, path[:-1], f"an identity has at most {MAX_IDENTITY} characters "
+                                          f"({_recorded_length(identity)} here), as the audit log writes it: a "
+                                          "caller with a longer one is refused")
         if not isinstance(table, dict):
             raise _err(source, path[:-1], "expected a table")
         _no_unknown(table, ("roles", "rate", "burst", "concurrency"), source, path)
@@ -600,17 +601,26 @@ def _showable(identity: str, where: str) -> str:
     could pass there for another) or has a character that cannot be shown: a control character
     (a terminal escape, a line break that forges a log line or a table row), a format
     character (bidi override) or a line or paragraph separator. Space separators (U+00A0,
-    U+3000…) are shown as spaces and forge nothing: names that have them are accepted."""
-    if len(identity) > MAX_IDENTITY:
-        raise Unauthenticated(f"{where} is {len(identity)} characters long: an identity has at most "
-                              f"{MAX_IDENTITY}")
-    if identity.isprintable():  # every call's identity: the loop below only says where
+    U+3000…) are shown as spaces and forge nothing: names that have them are accepted; the
+    audit log writes them escaped (``\\xa0``), and the length that counts is the one it writes."""
+    if identity.isprintable():  # every call's identity: the rest only says where
+        if len(identity) > MAX_IDENTITY:
+            raise Unauthenticated(f"{where} is {len(identity)} characters long: an identity has at most "
+                                  f"{MAX_IDENTITY}")
         return identity
     for offset, ch in enumerate(identity):
         if not ch.isprintable() and unicodedata.category(ch) != "Zs":
             raise Unauthenticated(f"{where} has a character that cannot be shown (U+{ord(ch):04X} at offset "
                                   f"{offset}): an identity must be printable")
+    if _recorded_length(identity) > MAX_IDENTITY:
+        raise Unauthenticated(f"{where} is {_recorded_length(identity)} characters long as the audit log writes "
+                              f"it (spaces escaped): an identity has at most {MAX_IDENTITY}")
     return identity
+
+
+def _recorded_length(identity: str) -> int:
+    """The length of ``identity`` as the audit log writes it (``shown``: escaped)."""
+    return len(identity) if identity.isprintable() else len(shown(identity))
 
 
 def _decoded(raw: bytes, where: str) -> str:

@@ -30,6 +30,7 @@ then), as grpcio does for a servicer that does not poll ``is_active``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -295,10 +296,12 @@ class FastPath:
             core.register_method(method)
         # One outstanding request per thread and method: a burst of one method can use every thread.
         self._slots = [_Slot(method) for method in self._handlers for _ in range(threads)]
-        self._threads = [threading.Thread(target=self._serve, name=f"rpc-fast-{i}", daemon=True)
-                         for i in range(threads)]
+        # One lock per thread, which only ``shut`` contends: a thread asks core for its next
+        # call under its own, and ``shut`` takes them all.
+        self._requesting = [threading.Lock() for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._serve, args=(lock,), name=f"rpc-fast-{i}", daemon=True)
+                         for i, lock in enumerate(self._requesting)]
         self._stopping = False
-        self._requesting = threading.Lock()
 
     def _lookup(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(details.method)
@@ -309,47 +312,46 @@ class FastPath:
 
     def start(self) -> None:
         """Call after the grpcio server has started."""
-        for slot in self._slots:
-            self._request(slot)
+        for slot in self._slots:  # before the threads start: no lock is contended
+            self._request(slot, self._requesting[0])
         for thread in self._threads:
             thread.start()
 
-    def stop(self, timeout: float = 5.0) -> int:
+    def stop(self, timeout: float = 5.0) -> None:
         """Call after the grpcio server has stopped: core has failed the outstanding requests.
 
         Waits up to ``timeout`` seconds for calls still in a servicer (one stuck in an
         HSM call cannot be interrupted); their threads are then left to end with the process.
-        How many calls were left (``shut`` and ``wait``, for several fast paths that share
-        one timeout).
+        (``shut`` and ``wait``, for several fast paths that share one timeout.)
         """
         started = time.monotonic()
         self.shut()
-        return self.wait(started + timeout, since=started)
+        self.wait(started + timeout, since=started)
 
     def shut(self) -> None:
         """Take no more calls: each thread that is not serving one ends at once."""
-        with self._requesting:  # no thread asks core for a call on the queue once it is shut down
+        with contextlib.ExitStack() as held:  # no thread asks core for a call on the queue once it is shut down
+            for lock in self._requesting:
+                held.enter_context(lock)
             self._stopping = True
             self._notices.shutdown()
 
-    def wait(self, until: float, *, since: float | None = None) -> int:
+    def wait(self, until: float, *, since: float) -> None:
         """After ``shut``: wait until ``until`` (monotonic) at most for the calls still being
-        served; how many still are (a WARNING names them, and how long the stop waited since
-        ``since``, the stop's start)."""
+        served; a WARNING says how many still are, and how long the stop waited since ``since``,
+        the stop's start."""
         for thread in self._threads:
             if thread.ident is not None:  # started (stop may follow a failed start)
                 thread.join(max(0.0, until - time.monotonic()))
         busy = self.serving()
         if busy:
-            waited = time.monotonic() - (since if since is not None else until)
             log.warning("%d fast-path call(s) still running after %.1f s; not waiting for them", busy,
-                        max(0.0, waited))
-            return busy
+                        time.monotonic() - since)
+            return
         for slot in self._slots:
             slot.queue.shutdown()
             while slot.queue.poll().completion_type != cygrpc.CompletionType.queue_shutdown:
                 pass
-        return 0
 
     def serving(self) -> int:
         """After ``shut``: the threads still serving a call (the others have ended)."""
@@ -357,10 +359,10 @@ class FastPath:
 
     # -- serving --
 
-    def _request(self, slot: _Slot) -> None:
+    def _request(self, slot: _Slot, lock: threading.Lock) -> None:
         # Under the lock ``shut`` takes: a thread that finished its call just as the stop began
         # would otherwise ask core for the next one on a queue being shut down, which crashes it.
-        with self._requesting:
+        with lock:  # its thread's (``start``: the first's, before any thread runs)
             if self._stopping:
                 return
             try:
@@ -368,7 +370,7 @@ class FastPath:
             except ValueError:  # "server must be started and not shutting down": no more calls come
                 self._stopping = True
 
-    def _serve(self) -> None:
+    def _serve(self, lock: threading.Lock) -> None:
         notices = self._notices
         while True:
             event = notices.poll()
@@ -386,7 +388,7 @@ class FastPath:
                 log.exception("unexpected failure serving %s", slot.method)
             finally:
                 event = None
-                self._request(slot)
+                self._request(slot, lock)
 
     def _handle(self, event: Any, slot: _Slot) -> None:
         context = self._context(event, slot.queue)

@@ -618,8 +618,8 @@ class TlsCollector(Collector):
         certs += [("client_ca", ca) for ca in material.client_cas]
         seen = set()
         for kind, cert in certs:
-            # A file may hold a certificate twice; two samples with the same labels are not a valid
-            # exposition.
+            # A chain file may hold a certificate twice (client CAs are each loaded once); two samples
+            # with the same labels are not a valid exposition.
             if (kind, cert.fingerprint) not in seen:
                 seen.add((kind, cert.fingerprint))
                 expiry.add_metric([kind, cert.subject, cert.fingerprint[:16]], cert.not_after.timestamp())

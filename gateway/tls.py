@@ -166,7 +166,9 @@ def load_material(tls: TlsConfig, *, now: datetime.datetime | None = None) -> Tl
             f"server.tls.key_file: {tls.key_file} is not the key of the certificate in {tls.cert_file}"
         )
     client_ca = _read(tls.client_ca_file, "client_ca_file")
-    cas = _certificates(client_ca, tls.client_ca_file, "client_ca_file")
+    # Each CA once: bundles put together by hand may hold one twice.
+    cas = list({ca.fingerprint(hashes.SHA256()): ca for ca in _certificates(client_ca, tls.client_ca_file,
+                                                                           "client_ca_file")}.values())
     now = now or _utcnow()
     fingerprint = leaf.fingerprint(hashes.SHA256()).hex()
     # A certificate of the chain outside its validity fails every client's verification: refuse
@@ -226,10 +228,9 @@ def _expires_soon(cert: x509.Certificate, now: datetime.datetime) -> bool:
 
 
 def _check_client_cas(cas: list[x509.Certificate], path: Path, now: datetime.datetime) -> None:
-    """Log client CA certificates outside their validity: clients they signed fail verification.
-    A CA the file holds twice (bundles put together by hand) is said once."""
+    """Log client CA certificates outside their validity: clients they signed fail verification."""
     problems = []
-    for ca in {ca.fingerprint(hashes.SHA256()): ca for ca in cas}.values():
+    for ca in cas:
         name = ca.subject.rfc4514_string()
         problem = _outside_validity(ca, now)
         if problem is not None:
@@ -314,7 +315,7 @@ class ServerCredentials:
             elif cert.not_after - now < EXPIRY_WARNING:
                 log.warning("server.tls.cert_file: %s expires at %s, in %s: put a new certificate in place and "
                             "send SIGHUP", which, cert.not_after.isoformat(), _span(cert.not_after - now))
-        cas = list({ca.fingerprint: ca for ca in material.client_cas}.values())  # a bundle may hold a CA twice
+        cas = material.client_cas
         outside = [ca for ca in cas if _outside_validity(ca, now)]
         if len(outside) == len(cas):
             log.error("server.tls.client_ca_file: no certificate in %s is valid now (%s): every client fails the "

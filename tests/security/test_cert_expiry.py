@@ -234,7 +234,7 @@ def test_a_client_ca_file_holding_a_ca_twice_publishes_one_series_for_it(tmp_pat
     bundle = tmp_path / "bundle.pem"
     write_file(bundle, tls.client_ca_file.read_bytes() * 2)
     credentials = ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: NOW)
-    assert len(credentials.material.client_cas) == 2
+    assert len(credentials.material.client_cas) == 1  # each CA loaded once
     registry = CollectorRegistry()
     registry.register(TlsCollector(lambda: credentials.material))
     text = generate_latest(registry).decode()
@@ -243,3 +243,19 @@ def test_a_client_ca_file_holding_a_ca_twice_publishes_one_series_for_it(tmp_pat
     ca = x509.load_pem_x509_certificate(tls.client_ca_file.read_bytes())
     assert samples == [("server", "CN=127.0.0.1", (NOW + 30 * DAY).timestamp()),
                        ("client_ca", ca.subject.rfc4514_string(), ca.not_valid_after_utc.timestamp())]
+
+
+def test_a_bundle_holding_its_only_ca_twice_after_it_expired_is_an_error_at_load(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every client fails the handshake: the ERROR that says so, not a WARNING about one CA of several."""
+    tls = tls_valid(tmp_path, NOW - DAY, NOW + 300 * DAY)
+    issuer = load_issuer(tls.client_ca_file, tls.client_ca_file.with_name("ca-key.pem"))
+    old, _ = certificate_valid(issuer, NOW - 300 * DAY, NOW - DAY, ca=True, name="old CA")
+    bundle = tmp_path / "bundle.pem"
+    write_file(bundle, old + old)
+    caplog.set_level(logging.WARNING, logger="gateway.tls")
+    caplog.clear()
+    ServerCredentials(TlsConfig(tls.cert_file, tls.key_file, bundle), clock=lambda: NOW)
+    ((level, message),) = _logged(caplog)
+    assert level == "ERROR" and message.startswith(
+        f"server.tls.client_ca_file: no certificate in {bundle} is valid now ('CN=old CA' expired at"), message

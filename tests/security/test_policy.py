@@ -228,6 +228,12 @@ def test_an_identity_longer_than_the_audit_log_records_whole_is_refused(tmp_path
             identity_from_auth_context(auth)
     with pytest.raises(Unauthenticated, match="x-hsmgw-identity header is 201 characters long"):
         Authenticator(tls=False, dev_header=True).identity(_Context((("x-hsmgw-identity", "c" * 201),)))
+    # Spaces but U+0020 are written escaped (four characters): two names that differ only in which
+    # space ends them would be one clipped name in the audit log.
+    for space, written in (("\u00a0", 203), ("\u3000", 205)):  # \xa0, \u3000
+        with pytest.raises(Unauthenticated, match=rf"is {written} characters long as the audit log writes it"):
+            identity_from_auth_context({"x509_common_name": [("a" * 199 + space).encode()]})
+    assert identity_from_auth_context({"x509_common_name": [("a" * 196 + "\u00a0").encode()]}) == "a" * 196 + "\u00a0"
 
     path = tmp_path / "policy.toml"
     path.write_text(f'[roles.r]\noperations = ["Sign"]\nprefixes = ["app/"]\n[identities."{longer}"]\nroles = ["r"]\n')
