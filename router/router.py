@@ -127,6 +127,11 @@ _store_log_lock = threading.Lock()
 """Guards ``_store_log``: request threads of every Router in the process fail at once when the store does."""
 
 
+def _fleets_shown(fleets: Sequence[str]) -> str:
+    """A token's fleet ids as messages name them: the three latest, and how many more."""
+    return ", ".join(fleets[-3:]) + (f" and {len(fleets) - 3} more" if len(fleets) > 3 else "")
+
+
 def _store_down(message: str, exc: StoreError) -> Unavailable:
     """The UNAVAILABLE a request gets when the placement store failed it, and a WARNING with the
     store's own error (a read-only file, throttling, a timeout), at most once a minute a process:
@@ -255,9 +260,10 @@ class Router:
         self.fleet_id = store.fleet_id()
         """The store's fleet id: written on every token this router puts a key object on, and
         what a token's marker must list before reconcile destroys anything there."""
-        self._former_fleet_ids: set[str] = set(adopted_fleet_ids)
+        self._former_fleet_ids = frozenset(adopted_fleet_ids)
         """Other ids that are this fleet's: ones this process read as the store's before it
-        changed (``fleet_check``), and the operator's ``[store] adopted_fleet_ids``."""
+        changed (``fleet_check``), and the operator's ``[store] adopted_fleet_ids``. Replaced, never
+        changed in place: request threads read it while the repairer's may follow the store."""
         self._fleet_read_at = float("-inf")
         """When ``follow_store_fleet`` last read the store's fleet id."""
 
@@ -952,14 +958,17 @@ class Router:
         destroy there what this store's records say is destroyed or abandoned, under key ids
         the other fleet's live keys may have."""
         try:
-            backend.mark(self.fleet_id, deadline, also=frozenset(self._former_fleet_ids))
+            backend.mark(self.fleet_id, deadline, also=self._former_fleet_ids)
         except OtherFleet as other:
-            if self._store_fleet_changed():
+            try:
+                changed = self._store_fleet_changed()
+            except StoreError as exc:
+                raise _store_down("placement store is unreachable; keys cannot be created now", exc) from exc
+            if changed:
                 return self._mark(backend, deadline)
-            listed = ", ".join(other.fleets[-3:]) + (f" and {len(other.fleets) - 3} more"
-                                                     if len(other.fleets) > 3 else "")
             raise OtherFleet(
-                f"cluster {backend.name}'s token holds keys made with another placement store (fleet {listed}), "
+                f"cluster {backend.name}'s token holds keys made with another placement store (fleet "
+                f"{_fleets_shown(other.fleets)}), "
                 f"not this store's ({self.fleet_id}): [store] url may name the wrong store. Nothing was made "
                 "there. If that fleet is this one (a store rebuilt without its fleet id, two regions' first "
                 "gateways each writing one to a new global table), list its id in [store] adopted_fleet_ids",
@@ -996,7 +1005,7 @@ class Router:
             return FLEET_UNREAD, f"its fleet marker could not be read ({exc.message})"
         if fleets is None or self.fleet_id in fleets:
             return "", ""
-        if self._former_fleet_ids & set(fleets):
+        if not self._former_fleet_ids.isdisjoint(fleets):
             self._mark(backend, deadline)
             return "", ""
         try:
@@ -1005,8 +1014,8 @@ class Router:
             return FLEET_UNREAD, f"the placement store's fleet id could not be read ({exc})"
         if changed:
             return self.fleet_check(name, deadline)
-        shown = ", ".join(fleets[-3:]) + (f" and {len(fleets) - 3} more" if len(fleets) > 3 else "")
-        return OTHER_FLEET, (f"its keys were made with another placement store: its token lists fleet(s) {shown}, "
+        return OTHER_FLEET, (f"its keys were made with another placement store: its token lists fleet(s) "
+                             f"{_fleets_shown(fleets)}, "
                              f"not this store's {self.fleet_id}; [store] url may name the wrong store")
 
     def follow_store_fleet(self, deadline: float) -> bool:
@@ -1033,12 +1042,12 @@ class Router:
         """Read the store's fleet id again; if it is not the one this process read, follow it
         (the old one stays this fleet's) and say so. On a DynamoDB global table, two regions'
         first gateways may each write an id, and the table keeps the last."""
-        stored = self.store.fleet_id()
-        if stored == self.fleet_id:
+        stored = self.store.existing_fleet_id()  # only reads: a store whose id is gone gets none from here
+        if stored is None or stored == self.fleet_id:
             return False
         log.warning("the placement store's fleet id is %s, not %s as read before (another region's first "
                     "gateway wrote its own): keys are marked with it from now on", stored, self.fleet_id)
-        self._former_fleet_ids.add(self.fleet_id)
+        self._former_fleet_ids = self._former_fleet_ids | {self.fleet_id}
         self.fleet_id = stored
         return True
 

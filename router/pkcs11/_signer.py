@@ -15,8 +15,8 @@ return values become the exceptions python-pkcs11 raises for them, so
 router errors.
 
 The same function list also reads the few fixed-size attributes a key look-up needs
-(``read_number``), and answers ``check_attribute``: python-pkcs11 reports an attribute
-read as ``CKR_FUNCTION_FAILED`` when it lost the module's own error (see there).
+(``read_number``): python-pkcs11 reports an attribute read as ``CKR_FUNCTION_FAILED`` when
+it lost the module's own error (``pool.read_attribute``).
 """
 
 from __future__ import annotations
@@ -173,21 +173,6 @@ class Signer:
         if int(self._info(session.handle, ctypes.byref(info))):
             return False
         return int(info.state) not in _USER_STATES
-
-    def check_attribute(self, obj: Any, attribute: int) -> None:
-        """Ask the module for the size of python-pkcs11 object ``obj``'s ``attribute``; raise the
-        exception for its answer, if it is an error.
-
-        python-pkcs11 reads an attribute in two calls, and when the first fails and the second
-        does not it reports ``CKR_FUNCTION_FAILED`` (the "busy" answer), having dropped the
-        module's own error (``CKR_DEVICE_ERROR``…); one call here gets it.
-        """
-        if self._read is None:
-            return
-        template = _Attribute(attribute, None, 0)
-        rv = int(self._read(obj.session.handle, obj.handle, ctypes.byref(template), 1))
-        if rv:
-            raise error(rv)
 
     def read_number(self, obj: Any, attribute: int, size: int = ctypes.sizeof(_ULONG)) -> int:
         """python-pkcs11 object ``obj``'s ``attribute``, a CK_ULONG (or a CK_BBOOL: ``size`` 1),

@@ -146,7 +146,7 @@ class PooledSession:
 
         python-pkcs11 reads a found object's class and capabilities, and where that fails with
         CKR_FUNCTION_FAILED (its answer too when it lost the module's own error, see
-        ``Signer.check_attribute``) it hands back a bare Object, or a key without the methods of
+        ``read_attribute``) it hands back a bare Object, or a key without the methods of
         the attributes it skipped. Read again, the module answers for itself: a device error is
         a cluster that is down, not a busy one. Never cached.
         """
@@ -324,22 +324,17 @@ _NUMBERS: dict[Attribute, Callable[[int], Any]] = {Attribute.CLASS: ObjectClass,
 
 
 def read_attribute(obj: Any, attribute: Attribute, reader: Signer | None) -> Any:
-    """``obj[attribute]``, failing with the module's own error. ``reader``: the module's function
-    list (None if it has none that sees this session), which reads a look-up's attributes in one
-    call each; any other, where python-pkcs11 says CKR_FUNCTION_FAILED, it asks the module about
-    again, raising what it answers, else reads once more."""
+    """``obj[attribute]``, failing with the module's own error where ``reader`` (the module's
+    function list; None if it has none that sees this session) reads it: a look-up's attributes
+    (``_NUMBERS``, ``_FLAGS``), in one call each. python-pkcs11 reads in two, and reports
+    CKR_FUNCTION_FAILED when the first fails and the second does not, the module's own error
+    (CKR_DEVICE_ERROR…) dropped."""
     if reader is not None:
         if attribute in _NUMBERS:
             return _NUMBERS[attribute](reader.read_number(obj, attribute))
         if attribute in _FLAGS:
             return bool(reader.read_number(obj, attribute, 1))
-    try:
-        return obj[attribute]
-    except p11.FunctionFailed:
-        if reader is None:
-            raise
-        reader.check_attribute(obj, attribute)
-        return obj[attribute]
+    return obj[attribute]
 
 
 def _primed(obj: Any, reader: Signer | None = None) -> Any:

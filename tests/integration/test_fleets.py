@@ -383,3 +383,33 @@ def test_tokens_marked_with_an_id_the_store_replaced_stay_this_fleets_after_a_re
     key = restarted.generate_key(_spec(unique("fleet/after-race")), time.monotonic() + 30)
     assert key.state is KeyState.ENABLED
     _signs(restarted, key)
+
+
+def test_a_store_that_cannot_say_its_fleet_id_when_a_token_is_another_fleets_fails_the_creation_cleanly(
+        make_router, tokens, tmp_path: Path) -> None:
+    """The token lists another fleet only; the store's fleet id, read again in case another region's
+    replaced it, cannot be read: UNAVAILABLE, the creation rolled back, nothing left on any token
+    (it was INTERNAL, with the intent left behind)."""
+    from router.errors import Unavailable
+    from router.placement.store import StoreError
+
+    class Down(SqliteStore):
+        down = False
+
+        def existing_fleet_id(self) -> str | None:
+            if self.down:
+                raise StoreError("connection refused")
+            return super().existing_fleet_id()
+
+    store = Down(tmp_path / "down.db")
+    router = make_router(store=store)
+    for name in CLUSTERS:
+        tokens.unmark(name)
+        tokens.mark(name, "c" * 32)
+    store.down = True
+    key_id = unique("fleet/unreadable")
+    with pytest.raises(Unavailable, match="^placement store is unreachable; keys cannot be created now$"):
+        router.generate_key(_spec(key_id), time.monotonic() + 30)
+    store.down = False
+    assert store.get(key_id) is None
+    assert all(tokens.objects(name, key_id) == [] for name in CLUSTERS)

@@ -69,10 +69,10 @@ class Store(SqliteStore):
 
     down = False
 
-    def fleet_id(self, proposed: str | None = None) -> str:
+    def existing_fleet_id(self) -> str | None:  # fleet_id reads through it too
         if self.down:
             raise StoreError("connection refused")
-        return super().fleet_id(proposed)
+        return super().existing_fleet_id()
 
 
 def _fleet(tmp_path: Path) -> tuple[Router, Store, Token]:
