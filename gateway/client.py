@@ -88,6 +88,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import _pbenum
+from gateway._channels import close_watched
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from router import errors
@@ -277,11 +278,12 @@ class Client:
         self._made_at: dict[str, tuple[int, float]] = {}
         """Key id → the endpoint that made it, and until when (``clock``) to ask it (MADE_ELSEWHERE)."""
         self._channels: dict[int, grpc.Channel] = {}
+        self._watches: dict[int, Callable[[grpc.ChannelConnectivity], None]] = {}
+        """Each channel's subscription, taken back before it is closed (``close_watched``)."""
         self._state: dict[int, grpc.ChannelConnectivity] = {}
         """Each channel's state as last reported (a subscription keeps it current)."""
         self._changed = threading.Condition(self._lock)
         """Notified when a channel's state changes, and when the client closes."""
-        self._asked_to_connect = float("-inf")
         self._closed = False
         self.failovers = 0
 
@@ -301,7 +303,8 @@ class Client:
                 )
                 self._channels[index] = channel
                 self._state.pop(index, None)
-                channel.subscribe(functools.partial(self._watch, index, channel), try_to_connect=True)
+                watch = self._watches[index] = functools.partial(self._watch, index, channel)
+                channel.subscribe(watch, try_to_connect=True)
             return channel
 
     def _watch(self, index: int, channel: grpc.Channel, state: grpc.ChannelConnectivity) -> None:
@@ -321,7 +324,6 @@ class Client:
         with self._changed:
             state = self._state.get(index)
         if state not in _SETTLED:
-            self._asked_to_connect = time.monotonic()
             ready = grpc.channel_ready_future(channel)  # asks the channel to connect if it is idle
             try:
                 end = time.monotonic() + wait
@@ -544,13 +546,11 @@ class Client:
         with self._changed:
             self._closed = True
             self._changed.notify_all()  # a call waiting for a connection ends its wait
-        # gRPC's connectivity poller acts on a request to connect up to 0.2 s after it, and
-        # raises in its thread if the channel has been closed by then.
-        time.sleep(max(0.0, self._asked_to_connect + 0.3 - time.monotonic()))
         with self._lock:
-            for channel in self._channels.values():
-                channel.close()
+            for index, channel in self._channels.items():
+                close_watched(channel, self._watches[index])
             self._channels.clear()
+            self._watches.clear()
 
     def __enter__(self) -> Client:
         return self

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from gateway._channels import close_watched
 from gateway.cli._common import fail, shown
 from hsmgw.v1 import admin_pb2 as apb
 from hsmgw.v1 import admin_pb2_grpc, crypto_pb2_grpc
@@ -115,8 +116,7 @@ class App:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.channel.unsubscribe(self._watch)
-        self.channel.close()
+        close_watched(self.channel, self._watch)
 
     def call(self, method: Any, request: Message) -> Any:
         name = type(request).__name__
