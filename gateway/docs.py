@@ -393,8 +393,11 @@ def api_reference(proto_dir: Path = PROTO_DIR, files: Sequence[str] = PROTO_FILE
         "| service | SERVING while |",
         "|---|---|",
         "| `\"\"` (the gateway) and `hsmgw.v1.CryptoService` | at least one of the gateway's clusters, in any "
-        "of its regions, has a closed circuit. With none, crypto calls fail `UNAVAILABLE` (or "
-        "`RESOURCE_EXHAUSTED` while an HSM says it is busy), except those the last resort of "
+        "of its regions, has a closed circuit, or throttles (its circuit opened by busy answers, "
+        "`CKR_FUNCTION_FAILED`: the HSM is alive, and calls get an answer or `RESOURCE_EXHAUSTED` with a "
+        "time to retry in; taken out of their Services, the gateways of a fleet whose HSMs all throttle "
+        "would refuse every call, the ones the HSMs still answer too). With none, crypto calls fail "
+        "`UNAVAILABLE`, except those the last resort of "
         "docs/failover.md's circuit rules sends to an open cluster that still answers some calls; the "
         "status is NOT_SERVING (the Kubernetes readiness probe takes the pod out of its Service, so that "
         "clients go to another region's gateways) and turns SERVING again as soon as the active probes "
@@ -403,7 +406,7 @@ def api_reference(proto_dir: Path = PROTO_DIR, files: Sequence[str] = PROTO_FILE
         "| `hsmgw.v1.AdminService` | the process serves: it stays SERVING while no cluster does "
         "(operators need `hsmctl` then). What liveness and start-up probes ask for. |",
         "| `hsmgw.cluster.<name>` | that cluster's circuit is closed (as `hsmctl clusters` shows it). |",
-        "| `hsmgw.region.<region>` | a cluster of that region has a closed circuit. |",
+        "| `hsmgw.region.<region>` | a cluster of that region has a closed circuit, or throttles. |",
         "",
         "Every status is NOT_SERVING from the moment a stop begins (SIGTERM): the calls in flight "
         "finish, new ones get `UNAVAILABLE`. An unknown service name answers `NOT_FOUND` to `Check`; "

@@ -228,10 +228,15 @@ class Gateway:
         Only a closed circuit serves: a half-open one lets a single trial through and fails
         every other call, and while a cluster is down its circuit cycles open → half-open →
         open every cooldown, which must not flap the readiness of the pod. The gateway
-        (``""`` and CryptoService) serves while any of its clusters, in any region, does:
-        with none, every crypto call fails UNAVAILABLE, and a NOT_SERVING readiness takes
-        the pod out of its Service so that clients go to another region's gateways. The
-        probes go on regardless, so the pod is back as soon as a cluster answers again.
+        (``""`` and CryptoService) and a region serve while any of their clusters does, or
+        throttles (its circuit opened by busy answers: the HSM is alive, and calls get
+        RESOURCE_EXHAUSTED with a time to retry in, or an answer; out of its Service, every
+        gateway of a fleet whose HSMs all throttle would refuse every call, the answers the
+        HSMs still give too). With none, every crypto call fails UNAVAILABLE, and a NOT_SERVING
+        readiness takes the pod out of its Service so that clients go to another region's
+        gateways. The probes go on regardless, so the pod is back as soon as a cluster answers
+        again. Also called every 2 s by the repairer's loop: a throttling cluster found down
+        changes no circuit state, only its ``busy``.
         AdminService is left alone: operators need it exactly then. During a stop the
         health servicer keeps every status NOT_SERVING and ignores these.
         """
@@ -245,11 +250,12 @@ class Gateway:
         with self._health_lock:
             breakers = self.router.breakers
             closed = {name for name, breaker in breakers.items() if breaker.state is CircuitState.CLOSED}
+            alive = closed | {name for name, breaker in breakers.items() if breaker.busy}
             wanted = {cluster_service_name(name): name in closed for name in breakers}
             for region, members in self.router.topology.regions.items():
-                wanted[region_service_name(region)] = any(name in closed for name in members)
+                wanted[region_service_name(region)] = any(name in alive for name in members)
             for name in ("", CRYPTO_SERVICE):
-                wanted[name] = bool(closed)
+                wanted[name] = bool(alive)
             for name, serving in wanted.items():
                 if self._published.get(name) is not serving:  # a Watch stream hears of changes only
                     self._published[name] = serving
@@ -259,6 +265,7 @@ class Gateway:
         interval = self.config.replication.repair_interval
         while not self._stopped.wait(min(interval, 2.0)):
             self._refresh()
+            self._publish_health()
             if time.monotonic() < self._next_repair:
                 continue
             self._next_repair = time.monotonic() + interval

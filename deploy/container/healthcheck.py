@@ -10,7 +10,7 @@ health checks need authentication, not a grant) and exits 0 only if the service
 answers SERVING. Exit 1: NOT_SERVING or unknown service; 2: no answer.
 
 Which service (docs/api.md): ``hsmgw.v1.CryptoService`` for readiness, NOT_SERVING
-while none of the gateway's clusters can serve (the default ``""`` says the same);
+while none of the gateway's clusters can serve or throttles (the default ``""`` says the same);
 ``hsmgw.v1.AdminService`` for liveness and start-up, SERVING as long as the process
 serves, since restarting a gateway whose HSMs are down brings none of them back.
 

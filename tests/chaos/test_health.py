@@ -131,3 +131,52 @@ def test_no_cluster_serving_makes_the_gateway_unready_but_alive_until_one_is_bac
             assert watch.seen == [SERVING, NOT_SERVING, SERVING], watch.seen
         finally:
             watch.close()
+
+
+def test_throttling_hsms_keep_the_gateway_ready(chaos) -> None:
+    """HSMs that only say they are busy are alive: the pods stay in their Service, whose calls get
+    RESOURCE_EXHAUSTED with a time to retry in (out of it, a fleet whose HSMs all throttle would
+    answer nothing). Once the busy HSMs fail for real, the gateway is not ready, within the
+    repairer loop's 2 s: that changes no circuit's state."""
+    fleet, control, gateway = chaos
+    clusters = ["use1-a", "use1-b", "usw2-a"]
+    keys = make_keys(gateway.target, "throttled", 6)  # spread over every cluster
+    assert {c for k in keys for c in (k.primary_cluster, *k.replicas)} == set(clusters)
+    with grpc.insecure_channel(gateway.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
+
+        def status(service: str) -> int:
+            return int(health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+
+        def sign(key: pb.Key = keys[0]) -> grpc.StatusCode:
+            try:
+                crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
+                                           digest=b"\x04" * 32), timeout=10)
+            except grpc.RpcError as exc:
+                code: grpc.StatusCode = exc.code()
+                return code
+            return grpc.StatusCode.OK
+
+        def all_open() -> bool:  # busy answers open circuits only through calls (a probe's says nothing)
+            for key in keys:
+                sign(key)
+            return all(status(cluster_service_name(c)) == NOT_SERVING for c in clusters)
+
+        for cluster in clusters:
+            control.set(cluster, "function_failed")
+        wait_for(all_open, timeout=60, what="every cluster's circuit opened by busy answers")
+        assert sign() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for service in ("", CRYPTO_SERVICE, region_service_name("us-east-1"), region_service_name("us-west-2")):
+            assert status(service) == SERVING, service
+
+        for cluster in clusters:
+            control.set(cluster, "device_error")
+        wait_for(lambda: status(CRYPTO_SERVICE) == NOT_SERVING, timeout=30,
+                 what="CryptoService NOT_SERVING once the throttling HSMs fail")
+        assert status("") == NOT_SERVING
+        assert sign() is grpc.StatusCode.UNAVAILABLE
+
+        control.clear()
+        wait_for(lambda: status(CRYPTO_SERVICE) == SERVING, timeout=30, what="SERVING once the clusters answer")
+        wait_for(lambda: sign() is grpc.StatusCode.OK, timeout=30, what="Sign served again")
