@@ -63,9 +63,12 @@ class HsmBackend(abc.ABC):
 
     @abc.abstractmethod
     def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
-                       unless: Callable[[], bool] | None = None) -> None:
+                       unless: Callable[[], bool] | None = None, own_leftovers: bool = False) -> None:
         """Unwrap a copy as token objects with the key's id, label and attributes (replaces leftovers);
-        with ``unless``, asked while the token's objects are held still, nothing is touched when it is true."""
+        with ``unless``, asked while the token's objects are held still, nothing is touched when it is true.
+        ``own_leftovers``: the leftovers replaced must be this key's (the same material as ``wrapped``
+        and ``public_der``), else ``ForeignObjects`` and nothing is touched: for a copy to a cluster
+        that was not searched for other objects under the key's id before its record was written."""
 
     @abc.abstractmethod
     def probe(self, deadline: float) -> None:

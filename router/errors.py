@@ -90,6 +90,15 @@ class OtherFleet(FailedPrecondition):
         self.fleets = fleets
 
 
+class ForeignObjects(FailedPrecondition):
+    """Objects under a key's id on a cluster its record does not name, that are not the key's
+    (other key material, or objects that cannot be compared with it): another application's
+    key, or one made with another placement store. A copy of the key there would destroy them
+    first, as it does an earlier copy's leftovers: it is refused, nothing destroyed."""
+
+    reason = "FOREIGN_OBJECTS"
+
+
 class KeyRecordMismatch(FailedPrecondition):
     """An EXTERNAL key's placement record contradicts the key material it wraps: its public key
     is not the wrapped private key's, or its algorithm or usage is not one that material can

@@ -26,6 +26,7 @@ from router.errors import (
     AlreadyExists,
     ClusterDown,
     FailedPrecondition,
+    ForeignObjects,
     InternalError,
     InvalidArgument,
     KeyBeingCreated,
@@ -85,6 +86,9 @@ NO_RECORD = "no record in the placement store names the key"
 
 FLEET_REREAD = 60.0
 """Seconds between two reads of the store's fleet id by ``follow_store_fleet``."""
+FOREIGN_RETRY = 600.0
+"""Seconds the repairer leaves a cluster alone for a key, once objects there under the key's
+id turned out not to be the key's (``ForeignObjects``), before it looks again."""
 OTHER_FLEET = "other_fleet"
 """``Router.fleet_check``: the token's fleet marker lists other stores' fleets, not this one's."""
 FLEET_UNREAD = "fleet_unread"
@@ -266,6 +270,8 @@ class Router:
         changed in place: request threads read it while the repairer's may follow the store."""
         self._fleet_read_at = float("-inf")
         """When ``follow_store_fleet`` last read the store's fleet id."""
+        self._foreign: dict[tuple[str, str], float] = {}
+        """(key id, cluster) → when the repairer may try a copy there again (``FOREIGN_RETRY``)."""
 
     # -- placement cache -------------------------------------------------
 
@@ -904,12 +910,17 @@ class Router:
 
     def _replicate(
         self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool,
-        unless: Callable[[], bool] | None = None,
+        unless: Callable[[], bool] | None = None, own_leftovers: bool = False,
     ) -> list[str]:
         """Copy the key to ``targets`` by trusted wrapping; returns the names copied to.
 
         ``strict``: the first target that fails ends it with UNAVAILABLE (the
         caller rolls everything back); otherwise failures are logged and skipped.
+        ``own_leftovers``: objects already under the key's id on a target are replaced only if
+        they are the key's (``HsmBackend.import_wrapped``): for targets that were not searched
+        for other objects before the key's record was written (a repair's, a move's). A
+        creation's were (``_unrecorded_objects``), and what it finds there is an earlier
+        attempt's, with other material.
         """
         if not targets:
             return []
@@ -925,7 +936,8 @@ class Router:
             else:
                 try:
                     self._mark(target, deadline)
-                    target.import_wrapped(key, wrapped, public_der, deadline, unless=unless)
+                    target.import_wrapped(key, wrapped, public_der, deadline, unless=unless,
+                                          own_leftovers=own_leftovers)
                 except (Stopping, KeyChanged):  # the stop, or another attempt's key there: no more copies
                     raise
                 except RouterError as exc:
@@ -938,13 +950,18 @@ class Router:
                     made.append(name)
                     continue
             if strict:
-                if isinstance(error, OtherFleet):
+                if isinstance(error, (OtherFleet, ForeignObjects)):
                     raise error  # not a cluster that fails: asking again will not help
                 raise Unavailable(
                     f"cannot copy key {key.key_id!r} to cluster {name} ({error.message}); nothing was created",
                     cluster=name,
                     region=target.spec.region if target is not None else "",
                 ) from error
+            if isinstance(error, ForeignObjects):
+                self._foreign[(key.key_id, name)] = self._clock() + FOREIGN_RETRY
+                log.error("key %s: not copied to %s: %s; the repairer looks again in %.0f minutes",
+                          key.key_id, name, error.message, FOREIGN_RETRY / 60)
+                continue
             log.warning("key %s: copy to %s failed (%s); the repairer will retry", key.key_id, name, error.message)
         return made
 
@@ -1424,9 +1441,12 @@ class Router:
         self._remember(pending)
         try:
             self._fault("move-target-named")
-            self._replicate(current, holder, (to,), deadline, strict=True)
+            self._replicate(current, holder, (to,), deadline, strict=True, own_leftovers=True)
             self._prove_copy(current, holder, target, deadline)
             self._fault("moved-copy-proven")
+        except ForeignObjects:
+            self._undo_move(pending, current, target, copied=False)
+            raise
         except RouterError:
             self._undo_move(pending, current, target)
             raise
@@ -1456,11 +1476,14 @@ class Router:
         log.info("key %s moved from %s to %s", key_id, source, to)
         return moved
 
-    def _undo_move(self, pending: Placement, current: Placement, target: HsmBackend) -> None:
-        """A move that failed: the target's copy goes, then the target leaves the record."""
+    def _undo_move(self, pending: Placement, current: Placement, target: HsmBackend, *, copied: bool = True) -> None:
+        """A move that failed: the target's copy goes, then the target leaves the record.
+        ``copied`` false: the copy was refused before anything was touched on the target, whose
+        objects under the key's id are not the key's (``ForeignObjects``): they stay."""
         key_id = current.key_id
         try:
-            target.destroy(key_id, time.monotonic() + 10.0)
+            if copied:
+                target.destroy(key_id, time.monotonic() + 10.0)
         except RouterError as exc:
             log.warning("move of %s: copy on %s not removed (%s); reconcile will", key_id, target.name, exc.message)
             return  # the record keeps naming it: never leave objects the record does not account for
@@ -1633,6 +1656,9 @@ class Router:
     def repair_once(self, deadline: float) -> int:
         """Bring under-replicated keys up to their policy; returns how many now meet it."""
         fixed = 0
+        if self._foreign:
+            now = self._clock()
+            self._foreign = {where: until for where, until in self._foreign.items() if until > now}
         for placement in self._cache.select(self.short_of_copies):
             if self._clock() >= deadline:
                 break
@@ -1658,14 +1684,18 @@ class Router:
         home = self.topology.home_region
         regions = (*dr, home) if self.replication.require_dr_copy else (home, *dr)
         targets: list[str] = []
+        now = self._clock()
         for name in (n for r in regions for n in self.topology.regions.get(r, ())):
             if self._policy_holds(placement.copies, [*have, *targets]):
                 break
+            if self._foreign.get((placement.key_id, name), now) > now:
+                continue  # not the key's objects there: another cluster, if the policy allows one
             if name in self.backends and name not in have and self.dispatcher.usable(name):
                 targets.append(name)
         if not targets:
             return False
-        made = self._replicate(placement, self.backends[holders[0]], tuple(targets), deadline, strict=False)
+        made = self._replicate(placement, self.backends[holders[0]], tuple(targets), deadline, strict=False,
+                               own_leftovers=True)
         if not made:
             return False
         self._fault("repair-copied")

@@ -20,6 +20,7 @@ from router.errors import (
     ClusterDown,
     DeadlineExceeded,
     DecryptionFailed,
+    ForeignObjects,
     InternalError,
     InvalidArgument,
     KeyChanged,
@@ -43,6 +44,15 @@ MARK_RETRY = 600.0
 """Seconds after a failed write of a token's fleet marker before a key written there tries again."""
 
 T = TypeVar("T")
+
+_INCOMPARABLE = (
+    p11.KeyUnextractable, p11.KeyNotWrappable, p11.KeyTypeInconsistent, p11.KeySizeRange, p11.KeyHandleInvalid,
+    p11.AttributeTypeInvalid, p11.AttributeSensitive, p11.MechanismInvalid, p11.MechanismParamInvalid,
+    KeyError, ValueError, TypeError,
+)
+"""Errors that say an object cannot be compared with a key's material (``_of_key``), besides
+the codes python-pkcs11 has no class for (``CKR_KEY_FUNCTION_NOT_PERMITTED``: a key without
+``CKA_EXTRACTABLE``); any other error of the module is the cluster's and fails the copy as usual."""
 
 GCM_IV_BYTES = 12
 GCM_TAG_BITS = 128
@@ -243,11 +253,20 @@ class Pkcs11Cluster(HsmBackend):
         return self._run(deadline, run)
 
     def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
-                       unless: Callable[[], bool] | None = None) -> None:
+                       unless: Callable[[], bool] | None = None, own_leftovers: bool = False) -> None:
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
+        def check(s: PooledSession, found: list[Object]) -> None:
+            strangers = [obj for obj in found if not self._of_key(s, obj, key, wrapped, public_der)]
+            if strangers:
+                raise ForeignObjects(
+                    f"cluster {self.spec.name} holds {len(strangers)} object(s) under key id {key.key_id!r} that are "
+                    "not this key's: another application's key, or one made with another placement store. Nothing "
+                    "was copied or destroyed there; an operator decides what they are (docs/operations.md, objects "
+                    "that are not the key's)", cluster=self.spec.name, region=self.spec.region)
+
         def run(s: PooledSession) -> None:
-            with self._cleared(s, key.key_id, deadline, unless):
+            with self._cleared(s, key.key_id, deadline, unless, check if own_leftovers else None):
                 secret = s.wrapping_key().unwrap_key(
                     secret_class,
                     _keys.key_type(key.algorithm),
@@ -293,13 +312,34 @@ class Pkcs11Cluster(HsmBackend):
 
         return self._run(deadline, run)
 
+    def _of_key(self, s: PooledSession, obj: Object, key: Placement, wrapped: bytes, public_der: bytes) -> bool:
+        """Is ``obj`` one of the key's objects, by its material: a public key with the key's
+        public key, a private or secret key that the trusted wrapping key wraps to the same bytes
+        (AES key wrap with padding, RFC 5649, has no random part). An object that cannot be
+        compared (another class, not extractable, another key type) is not the key's."""
+        try:
+            if obj.object_class == ObjectClass.PUBLIC_KEY:
+                return key.algorithm.is_asymmetric and _keys.public_key_der(obj, key.algorithm) == public_der
+            secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
+            if obj.object_class != secret_class:
+                return False
+            return bytes(s.wrapping_key().wrap_key(obj, mechanism=_keys.WRAP_MECHANISM)) == wrapped
+        except _INCOMPARABLE:
+            return False
+        except p11.PKCS11Error as exc:
+            if type(exc) is p11.PKCS11Error:  # a code python-pkcs11 does not name
+                return False
+            raise
+
     @contextlib.contextmanager
     def _cleared(self, s: PooledSession, key_id: str, deadline: float,
-                 unless: Callable[[], bool] | None = None) -> Iterator[int]:
+                 unless: Callable[[], bool] | None = None,
+                 check: Callable[[PooledSession, list[Object]], None] | None = None) -> Iterator[int]:
         """The token held still for a change of the key's objects, and every object of the
         key already there (an earlier attempt's leftovers) destroyed first; yields how many were.
         ``unless`` true, asked once the token is held still: ``KeyChanged``, nothing touched (the
-        objects there are another attempt's, made since this one's record was read).
+        objects there are another attempt's, made since this one's record was read). ``check``
+        is given the objects found, before any is destroyed, and raises to leave them all.
 
         The sweep is also the search ``TokenObjects.changing`` asks for before anything is
         made. Nothing is destroyed by a search after the key is made: on SoftHSM that
@@ -310,7 +350,10 @@ class Pkcs11Cluster(HsmBackend):
                 raise KeyChanged(f"key {key_id!r} changed while it was being made: another attempt took it over "
                                  f"or rolled it back; nothing was changed on cluster {self.spec.name}",
                                  cluster=self.spec.name, region=self.spec.region)
-            swept = self._destroy_objects(s, key_id)
+            found = self._objects_of(s, key_id)
+            if found and check is not None:
+                check(s, found)
+            swept = self._destroy_found(s, found)
             if self._pool.closed:  # the stop came during the sweep: make nothing
                 raise self._pool.stopping()
             yield swept
@@ -335,7 +378,7 @@ class Pkcs11Cluster(HsmBackend):
         When any is destroyed, every session forgets its cached key handles: a module may
         give a destroyed object's handle to a new object. A sweep that finds nothing, as
         nearly every creation's and copy's does, leaves the hot keys' handles alone. Called
-        under the token's locks (``_cleared``, ``destroy``).
+        under the token's locks (``destroy``; ``_cleared`` does the same in two steps).
         """
         return self._destroy_found(s, self._objects_of(s, key_id))
 

@@ -1135,3 +1135,136 @@ def test_a_repair_that_loses_to_another_repair_keeps_the_copy_the_record_names(m
     signature = other.backends["usw2-a"].sign(repaired, Operation.ECDSA_SHA256, b"\x07" * 32, time.monotonic() + 5)
     public = serialization.load_der_public_key(other.public_key(key.key_id, time.monotonic() + 5)[1])
     public.verify(signature, b"\x07" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def _another_applications_key(tokens, cluster: str, key_id: str) -> bytes:  # type: ignore[no-untyped-def]
+    """An application's own P-256 key pair on ``cluster`` under ``key_id`` (CKA_ID and label), made as
+    it would make it, not through the gateway; the DER of its public key."""
+    from pkcs11 import Attribute, KeyType
+    from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+    public, _ = tokens.session(cluster).generate_keypair(
+        KeyType.EC, store=True, id=key_id.encode(), label=key_id,
+        public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")})
+    return bytes(encode_ec_public_key(public))
+
+
+def _public_ders(tokens, cluster: str, key_id: str) -> list[bytes]:  # type: ignore[no-untyped-def]
+    from pkcs11.util.ec import encode_ec_public_key
+
+    return [bytes(encode_ec_public_key(obj)) for obj in tokens.objects(cluster, key_id)
+            if obj.object_class is ObjectClass.PUBLIC_KEY]
+
+
+def test_the_repairer_leaves_another_applications_key_under_the_same_id_alone(make_router, tokens, caplog) -> None:
+    """Under ack-local the DR cluster, down, was never searched for objects under the new key's id.
+    An application's key pair of that id there is not the key's: the repairer copied over it (its
+    copy clears an earlier copy's leftovers first) and the application's key was gone. Now it is
+    left as it was, the repairer logs an ERROR and leaves the cluster alone for ten minutes; once an
+    operator has taken the objects away, the next look copies the key."""
+    ahead = [0.0]
+    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True),
+                         clock=lambda: time.monotonic() + ahead[0])
+    router.fail_over_region("us-west-2")
+    key = router.generate_key(_spec(unique("repair-foreign")), time.monotonic() + 30)
+    theirs = _another_applications_key(tokens, "usw2-a", key.key_id)
+    router.fail_over_region("us-west-2", False)
+
+    with caplog.at_level(logging.ERROR, logger="router.router"):
+        assert router.repair_once(time.monotonic() + 30) == 0
+    assert (f"key {key.key_id}: not copied to usw2-a: cluster usw2-a holds 2 object(s) under key id "
+            f"{key.key_id!r} that are not this key's") in caplog.text
+    assert _public_ders(tokens, "usw2-a", key.key_id) == [theirs]
+    assert tokens.classes("usw2-a", key.key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert router.store.get(key.key_id).state is KeyState.UNDER_REPLICATED
+    assert "usw2-a" not in router.store.get(key.key_id).clusters
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="router.router"):
+        assert router.repair_once(time.monotonic() + 30) == 0  # within the ten minutes: not asked again
+    assert "not copied to" not in caplog.text
+
+    for obj in tokens.objects("usw2-a", key.key_id):  # the operator moves the application's key away
+        obj.destroy()
+    ahead[0] = 601.0
+    assert router.repair_once(time.monotonic() + 631) == 1
+    repaired = router.store.get(key.key_id)
+    assert repaired.state is KeyState.ENABLED and "usw2-a" in repaired.replicas
+    ours = router.public_key(key.key_id, time.monotonic() + 5)[1]
+    assert _public_ders(tokens, "usw2-a", key.key_id) == [ours] != [theirs]
+
+
+@pytest.mark.parametrize("algorithm,usage", [
+    (KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY),
+    (KeyAlgorithm.RSA_2048, KeyUsage.SIGN_VERIFY),
+    (KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT),
+])
+def test_the_repairer_replaces_a_leftover_of_the_keys_own_copy(make_router, tokens, algorithm, usage) -> None:
+    """A copy the repairer made and never named (its process killed before the record write) is the
+    key's own material: the next repair replaces it, one object of each class, and the copy works."""
+    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
+    router.fail_over_region("us-west-2")
+    key = router.generate_key(_spec(unique("repair-leftover"), algorithm, usage), time.monotonic() + 30)
+    wrapped, public_der = router.backends[key.primary].export_wrapped(key, time.monotonic() + 10)
+    router.backends["usw2-a"].import_wrapped(key, wrapped, public_der, time.monotonic() + 10)  # the leftover
+    router.fail_over_region("us-west-2", False)
+
+    assert router.repair_once(time.monotonic() + 30) == 1
+    repaired = router.store.get(key.key_id)
+    assert repaired.state is KeyState.ENABLED and "usw2-a" in repaired.replicas
+    pair = {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    expected = pair if algorithm.is_asymmetric else {ObjectClass.SECRET_KEY}
+    assert tokens.classes("usw2-a", key.key_id) == expected
+    assert len(tokens.objects("usw2-a", key.key_id)) == len(expected)
+    dr, home = router.backends["usw2-a"], router.backends[key.primary]
+    if usage is KeyUsage.SIGN_VERIFY:
+        op = Operation.ECDSA_SHA256 if algorithm.is_ec else Operation.RSA_PKCS1_SHA256
+        public = serialization.load_der_public_key(router.public_key(key.key_id, time.monotonic() + 5)[1])
+        signature = dr.sign(repaired, op, b"\x08" * 32, time.monotonic() + 5)
+        if algorithm.is_ec:
+            public.verify(signature, b"\x08" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))  # type: ignore[call-arg]
+        else:
+            from cryptography.hazmat.primitives.asymmetric import padding
+
+            public.verify(signature, b"\x08" * 32, padding.PKCS1v15(), Prehashed(hashes.SHA256()))  # type: ignore[call-arg]
+    else:
+        ciphertext, iv = dr.encrypt(repaired, Operation.AES_GCM, b"leftover", b"aad", time.monotonic() + 5)
+        assert home.decrypt(repaired, Operation.AES_GCM, ciphertext, iv, b"aad", time.monotonic() + 5) == b"leftover"
+
+
+def test_a_move_onto_another_applications_key_under_the_same_id_is_refused_and_destroys_nothing(
+    make_router, tokens
+) -> None:
+    from router.errors import ForeignObjects
+
+    key_id = unique("move-foreign")
+    first, key, target = _one_copy_key(make_router, key_id)
+    theirs = _another_applications_key(tokens, target, key_id)
+    with pytest.raises(ForeignObjects, match=f"cluster {target} holds 2 object\\(s\\) under key id {key_id!r} that "
+                                             "are not this key's") as refused:
+        first.move_key(key_id, target, time.monotonic() + 30)
+    assert refused.value.reason == "FOREIGN_OBJECTS"
+    assert _public_ders(tokens, target, key_id) == [theirs]
+    after = first.store.get(key_id)
+    assert (after.primary, after.replicas, after.state) == (key.primary, (), KeyState.ENABLED)
+    assert tokens.classes(key.primary, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+
+
+def test_a_secret_key_under_the_same_id_that_cannot_be_wrapped_is_not_the_keys(make_router, tokens, caplog) -> None:
+    """What cannot be compared with the key's material (a non-extractable AES key, which the
+    wrapping key may not wrap) is not taken for the key's: the repairer leaves it."""
+    from pkcs11 import Attribute, KeyType
+
+    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
+    router.fail_over_region("us-west-2")
+    key = router.generate_key(_spec(unique("repair-sealed"), KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT),
+                              time.monotonic() + 30)
+    tokens.session("usw2-a").generate_key(KeyType.AES, 256, store=True, id=key.key_id.encode(), label=key.key_id,
+                                          template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True})
+    router.fail_over_region("us-west-2", False)
+    with caplog.at_level(logging.ERROR, logger="router.router"):
+        assert router.repair_once(time.monotonic() + 30) == 0
+    assert f"cluster usw2-a holds 1 object(s) under key id {key.key_id!r} that are not this key's" in caplog.text
+    (left,) = tokens.objects("usw2-a", key.key_id)
+    assert left[Attribute.EXTRACTABLE] is False
+    assert router.store.get(key.key_id).state is KeyState.UNDER_REPLICATED

@@ -37,7 +37,7 @@ class Cluster(CopyingBackend):
         self.copies_asked = 0
 
     def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
-                       unless: Callable[[], bool] | None = None) -> None:
+                       unless: Callable[[], bool] | None = None, own_leftovers: bool = False) -> None:
         self.copies_asked += 1
         refusal = self.refusals()
         if refusal is not None:

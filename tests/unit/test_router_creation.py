@@ -104,7 +104,7 @@ class CopyingBackend(FailingBackend):
         return b"wrapped", b"public"
 
     def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
-                       unless: Callable[[], bool] | None = None) -> None:
+                       unless: Callable[[], bool] | None = None, own_leftovers: bool = False) -> None:
         return None
 
 
