@@ -17,7 +17,7 @@ endpoint half-way through; ``batch_sign`` sends many signatures in one call that
 the raw stub (``crypto_pb2_grpc.CryptoServiceStub``) has the stream.
 
 Endpoints are tried in order: the client sticks to the first that works and
-moves to the next when one is unreachable: UNAVAILABLE, a call the gateway
+moves to the next when one is unreachable: UNAVAILABLE (but see below), a call the gateway
 cancelled as it shut down, a connection that fails (refused, no route, a name that
 does not resolve: at once, with gRPC's reason in the warning) or that does not come
 within ``connect_timeout`` (1 s: a host that drops the packets), or, with
@@ -32,6 +32,13 @@ gateway serves every replicated key, so the next region answers the same request
 (everything but GenerateKey: DestroyKey too, which finishes what an earlier attempt began)
 are retried on the next endpoint within the caller's deadline, and once more on each after
 a short pause (one address behind a load balancer reaches another gateway that way).
+
+An UNAVAILABLE about the call's key (reason UNAVAILABLE, CLUSTER_DOWN, KEY_OUT_OF_REACH or
+STALE_SESSION, naming a cluster: the clusters holding that key failed it) sends that call to the next
+endpoint, but the client stays where it is: one key whose clusters fail does not send
+every other call to another region. It asks that endpoint, in the background, whether it
+serves (grpc.health.v1, ``hsmgw.v1.CryptoService``), and moves on if it does not (none
+of the clusters it knows serving) or does not answer.
 
 Each move is logged (``gateway.client``, WARNING), naming the endpoint left and why:
 ``endpoint 127.0.0.1:50051 unreachable (failed to connect to all addresses; …)``,
@@ -111,6 +118,15 @@ CREATION_ELSEWHERE = errors.KeyCreationElsewhere.reason
 AUDIT_UNAVAILABLE = errors.AuditUnavailable.reason
 """The ErrorInfo reason (UNAVAILABLE) of a call refused before it ran because the gateway's audit log
 cannot record its grant: a GenerateKey may go to the next endpoint, whose log is its own."""
+KEY_SCOPED = frozenset({errors.Unavailable.reason, errors.ClusterDown.reason, errors.KeyOutOfReach.reason,
+                        errors.StaleSession.reason})
+"""ErrorInfo reasons of an UNAVAILABLE that, naming a cluster, is about the clusters of the call's
+key, not the endpoint ("no cluster could serve key …"): the call goes on to the next endpoint, but
+the client stays where it is unless the endpoint says it serves no more (``_ask_serving``). One key
+whose clusters fail must not send every other call to another region. Without a cluster (the
+placement store down) it is the endpoint's."""
+ASK_EVERY = 1.0
+"""Seconds between two background asks of one endpoint whether it serves (``_ask_serving``)."""
 BEING_CREATED = errors.KeyBeingCreated.reason
 """The ErrorInfo reason (UNAVAILABLE) of a call on a key whose creation is under way, and of a
 GenerateKey whose request_id another attempt is creating: a fact about the key, not the endpoint.
@@ -151,6 +167,17 @@ CHANNEL_OPTIONS = (
 
 def error_reason(exc: grpc.RpcError) -> str:
     """The ``ErrorInfo`` reason a gateway sent with a failed call ("" if none)."""
+    info = _error_info(exc)
+    return str(info.reason) if info is not None else ""
+
+
+def _key_scoped(exc: grpc.RpcError) -> bool:
+    """An UNAVAILABLE about the call's key's clusters (``KEY_SCOPED``), not the endpoint."""
+    info = _error_info(exc) if exc.code() is grpc.StatusCode.UNAVAILABLE else None
+    return info is not None and info.reason in KEY_SCOPED and bool(info.metadata.get("cluster"))
+
+
+def _error_info(exc: grpc.RpcError) -> Any:
     from grpc_status import rpc_status
 
     from gateway.status import error_info
@@ -158,9 +185,8 @@ def error_reason(exc: grpc.RpcError) -> str:
     try:
         status = rpc_status.from_call(exc)
     except ValueError:  # details that do not match the code and message: not a gateway's
-        return ""
-    info = error_info(status) if status is not None else None
-    return str(info.reason) if info is not None else ""
+        return None
+    return error_info(status) if status is not None else None
 
 
 E = TypeVar("E", pb.Algorithm, pb.KeyAlgorithm, pb.KeyStorage, pb.KeyUsage)
@@ -275,6 +301,8 @@ class Client:
         self._clock = clock
         self._next_check = 0.0
         """When (``clock``) to ask next whether a more preferred endpoint serves again."""
+        self._asked: dict[int, float] = {}
+        """Endpoint → when (``clock``) it may next be asked whether it serves (``_ask_serving``)."""
         self._made_at: dict[str, tuple[int, float]] = {}
         """Key id → the endpoint that made it, and until when (``clock``) to ask it (MADE_ELSEWHERE)."""
         self._channels: dict[int, grpc.Channel] = {}
@@ -439,7 +467,10 @@ class Client:
                         raise exc from None  # the caller's answer is this endpoint's, not the maker's outage
                 if exc.code() in FAILOVER_CODES:
                     log.warning("endpoint %s unavailable (%s); trying the next", self._endpoints[index], exc.details())
-                    unreachable |= index == start
+                    if _key_scoped(exc):
+                        self._ask_serving(index)
+                    else:
+                        unreachable |= index == start
                 elif exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and limited:
                     log.warning("endpoint %s did not answer within %.1f s; trying the next",
                                 self._endpoints[index], attempt)
@@ -494,6 +525,38 @@ class Client:
                 request, timeout=self._connect_timeout, metadata=self._metadata, wait_for_ready=True
             )
             check.add_done_callback(functools.partial(self._checked, index))
+
+    def _ask_serving(self, index: int) -> None:
+        """Ask endpoint ``index``, in the background, whether it serves (grpc.health.v1,
+        ``hsmgw.v1.CryptoService``), after it failed a call for its key's clusters (``KEY_SCOPED``);
+        the client moves on from it if it is its current endpoint and says it does not (every
+        cluster it knows failing). At most once per ``ASK_EVERY`` an endpoint."""
+        now = self._clock()
+        with self._lock:
+            if self._closed or self._asked.get(index, 0.0) > now:
+                return
+            self._asked[index] = now + ASK_EVERY
+        check = health_pb2_grpc.HealthStub(self._channel(index)).Check.future(
+            health_pb2.HealthCheckRequest(service=SERVING_CHECK), timeout=self._connect_timeout,
+            metadata=self._metadata)
+        check.add_done_callback(functools.partial(self._not_serving, index))
+
+    def _not_serving(self, index: int, check: grpc.Future) -> None:
+        try:
+            if check.result().status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.FutureCancelledError:  # the client closed
+            return
+        except grpc.RpcError:
+            pass  # no answer either: as an unreachable endpoint, left
+        with self._lock:
+            if self._closed or self._current != index:
+                return
+            self._current = (index + 1) % len(self._endpoints)
+            self.failovers += 1
+            self._next_check = self._clock() + FAILBACK_INTERVAL
+            moved_to = self._endpoints[self._current]
+        log.warning("endpoint %s serves no more (grpc.health.v1); moving to %s", self._endpoints[index], moved_to)
 
     def _checked(self, index: int, check: grpc.Future) -> None:
         try:

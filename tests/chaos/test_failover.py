@@ -23,13 +23,15 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.client import Client
+from gateway.fleet import find_module
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2_grpc
 from hsmgw.v1 import crypto_pb2 as pb
 from router.model import ClusterSpec
 from tests.chaos.conftest import Load, faulty_fleet, make_keys, p99
-from tests.support import ROOT, GatewayProcess
+from tests.support import ROOT, GatewayProcess, wait_for
 
 MEASURED: dict[str, float] = {}
 
@@ -441,6 +443,55 @@ def test_client_fails_over_to_the_other_regional_gateway(tmp_path, faultmod) -> 
     finally:
         east.stop()
         west.stop()
+
+
+def test_a_key_whose_clusters_fail_at_one_gateway_sends_only_its_own_calls_to_the_next(tmp_path, faultmod) -> None:
+    """The near gateway's HSM calls go through the fault module, the far one's do not. A key whose
+    every cluster fails at the near gateway is signed by the far one, call by call, but the client
+    stays on the near gateway for every other key: it used to move to the far region for 30 s on
+    each such call. Once no cluster serves at the near gateway (grpc.health.v1 says so), it moves."""
+    fleet, control = faulty_fleet(tmp_path / "fleet", faultmod)
+    near = GatewayProcess(fleet.config_path).start()
+    far_config = fleet.config_path.with_name("far.toml")
+    far_config.write_text(fleet.config_path.read_text().replace(f'module = "{faultmod}"',
+                                                                f'module = "{find_module()}"'))
+    far = GatewayProcess(far_config).start()
+    try:
+        keys = make_keys(near.target, "scoped", 8)
+        cut = {"use1-a", "usw2-a"}
+        lost = next(k for k in keys if {k.primary_cluster, *k.replicas} <= cut)
+        kept = next(k for k in keys if not {k.primary_cluster, *k.replicas} <= cut)
+        for cluster in cut:
+            control.set(cluster, "device_error")
+        public = serialization.load_der_public_key(_public_der(far.target, lost.key_id))
+        with Client([near.target, far.target], timeout=10) as client:
+            for i in range(6):
+                digest = bytes([i]) * 32
+                signed = client.sign(lost.key_id, digest)
+                public.verify(signed.signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))  # type: ignore[call-arg]
+                assert client.sign(kept.key_id, digest).cluster == "use1-b"
+                assert (client.endpoint, client.failovers) == (near.target, 0)
+
+            control.set("use1-b", "device_error")
+            with grpc.insecure_channel(near.target) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service="hsmgw.v1.CryptoService"),
+                                              timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING,
+                         timeout=30, what="the near gateway NOT_SERVING")
+            time.sleep(1.0)  # past the client's ask interval
+            assert client.sign(lost.key_id, b"\x06" * 32).signature
+            wait_for(lambda: client.endpoint == far.target, timeout=10, what="the client on the far gateway")
+            assert client.failovers == 1
+    finally:
+        near.stop()
+        far.stop()
+
+
+def _public_der(target: str, key_id: str) -> bytes:
+    with grpc.insecure_channel(target) as channel:
+        reply = crypto_pb2_grpc.CryptoServiceStub(channel).GetPublicKey(pb.GetPublicKeyRequest(key_id=key_id),
+                                                                         timeout=10)
+    return bytes(reply.der)
 
 
 def test_clients_see_no_error_while_a_gateway_shuts_down_gracefully(tmp_path) -> None:
