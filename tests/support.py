@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 from prometheus_client.parser import text_string_to_metric_families
@@ -324,3 +326,19 @@ def audit_bridged(log: Any) -> Iterator[logging.Logger]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def failing_fsync(path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """``fail(True)``: from then on every fsync of the file ``path`` in this process fails with EIO,
+    while its writes go through, as on a disk that takes a line but cannot say it is on it;
+    ``fail(False)``: fsync works again. Undone with ``monkeypatch``."""
+    real = os.fsync
+    failing = [False]
+
+    def fsync(fd: int) -> None:
+        if failing[0] and os.readlink(f"/proc/self/fd/{fd}") == str(path.resolve()):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return lambda on: failing.__setitem__(0, on)

@@ -19,7 +19,7 @@ from gateway.auth import AuditUnsynced, AuditUnwritten, audit
 from hsmgw.v1 import admin_pb2
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
-from tests.support import audit_bridged
+from tests.support import audit_bridged, failing_fsync
 from tests.unit.test_router_creation import FailingBackend
 
 TOPOLOGY = Topology("us-east-1", (), {"us-east-1": ("use1-a",)})
@@ -50,16 +50,7 @@ def full_disk(path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], N
 @pytest.fixture
 def failing_sync(path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
     """``failing_sync(True)``: every fsync of the log fails with EIO (its writes go through)."""
-    real = os.fsync
-    failing = [False]
-
-    def fsync(fd: int) -> None:
-        if failing[0] and os.readlink(f"/proc/self/fd/{fd}") == str(path.resolve()):
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return lambda on: failing.__setitem__(0, on)
+    return failing_fsync(path, monkeypatch)
 
 
 COUNTED: dict[str, list[str]] = {}
