@@ -21,6 +21,18 @@ deadline): the marker is written at the next key there, not after a pause."""
 
 
 @dataclass(frozen=True)
+class KeyMaterial:
+    """What a key's objects on a token are compared with before objects under its id there are
+    destroyed or replaced (``HsmBackend.destroy(of=…)``, ``import_wrapped(own_leftovers=…)``)."""
+
+    key: Placement
+    wrapped: bytes
+    """The private or secret key wrapped by the fleet's trusted wrapping key (``export_wrapped``)."""
+    public_der: bytes
+    """The public key (SubjectPublicKeyInfo DER); empty for a secret key."""
+
+
+@dataclass(frozen=True)
 class PoolStats:
     size: int
     """Sessions the pool is configured to keep."""
@@ -75,13 +87,15 @@ class HsmBackend(abc.ABC):
         """A cheap call that succeeds only if the cluster works."""
 
     @abc.abstractmethod
-    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None,
+                of: KeyMaterial | None = None) -> int:
         """Remove every token object of the key; returns how many were removed.
 
         ``unless`` is asked first, while nothing else that this host runs can change the
         token's objects: if it returns True, nothing is destroyed (0 is returned). With
         ``unless``, only the objects there before it was asked are destroyed: one that a
-        process on another host makes meanwhile stays.
+        process on another host makes meanwhile stays. ``of``: the key's material, which
+        every object found must be, else ``ForeignObjects`` and nothing is destroyed.
         """
 
     def forget_key(self, key_id: str) -> None:

@@ -5,7 +5,9 @@ Finds, per cluster:
   that crashed half-way): their objects are destroyed and the record removed;
 - **orphans**: key objects on a token that a placement record accounts for but does
   not put there (the source left by a move, the objects of a destroyed key): destroyed,
-  except for a key short of copies, whose object may be the copy a repair is making.
+  except for a key short of copies, whose object may be the copy a repair is making, and
+  objects under a live key's id that are not its material (``Router.destroy_unless_kept``:
+  another application's key of that id), which stay, logged at ERROR.
   A destroyed key's are destroyed by ``finish_destroys`` too, without ``fix``: its
   DestroyKey was asked for and answered; what it could not reach (a copy a killed
   repairer left, whose sweep died with the process that destroyed the key) goes then;

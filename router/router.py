@@ -19,7 +19,7 @@ from typing import Any, Callable, TypeVar
 from router import validation
 from router._owner import Liveness, liveness, this_process
 from router._refused import RefusedRecords
-from router.backend import MARK_AGAIN, HsmBackend
+from router.backend import MARK_AGAIN, HsmBackend, KeyMaterial
 from router.cache import PlacementCache
 from router.dispatch import Dispatcher
 from router.errors import (
@@ -1792,6 +1792,11 @@ class Router:
         the look go: a gateway on another host that copies the key there after the claim read the
         claimed record, and its copy stays. Raises the cluster's ``RouterError`` if the destroy
         itself failed.
+
+        The objects under a live key's id must be its own material (``_material_of``), else
+        ``ForeignObjects`` and nothing is destroyed: leftovers of its moves and copies are, and
+        another application's key under the same id, on a cluster the key was never searched
+        for, is not.
         """
         why: list[str] = []
 
@@ -1799,8 +1804,44 @@ class Router:
             why[:] = [self.why_kept(name, key_id, claim=True)]
             return bool(why[0])
 
-        self.backends[name].destroy(key_id, deadline, unless=keep)
+        try:
+            material = self._material_of(key_id, name, deadline)
+        except StoreError as exc:
+            return f"the placement store cannot say whose it is ({exc})"  # as ``why_kept`` says it
+        self.backends[name].destroy(key_id, deadline, unless=keep, of=material)
         return why[0] if why else ""
+
+    def _material_of(self, key_id: str, name: str, deadline: float) -> KeyMaterial | None:
+        """What the objects under a live key's id on cluster ``name`` must be before they are
+        destroyed: its material, read from a cluster that holds it. None when ``why_kept`` keeps
+        them as the record reads now (no record, a creation, a repair, a record that names the
+        cluster), for a destroyed key (nothing under its id is needed anywhere) and an EXTERNAL
+        one (never on a token). A non-extractable key is never copied, so nothing elsewhere is
+        its own: its material is then one no object matches. Raises ``StoreError`` when the
+        record cannot be read, and UNAVAILABLE when no cluster holding the key can export it."""
+        current = self.store.get(key_id)
+        if (current is None or current.state in (KeyState.DESTROYED, KeyState.CREATING) or current.external
+                or name in current.clusters or self.short_of_copies(current)):
+            return None
+        if not current.extractable:
+            return KeyMaterial(current, b"", b"")
+        failed: list[str] = []
+        for holder in self.dispatcher.order(n for n in current.clusters if n != name):
+            backend = self.backends.get(holder)
+            if backend is None:
+                continue
+            try:
+                wrapped, public_der = backend.export_wrapped(current, deadline)
+            except Stopping:
+                raise
+            except RouterError as exc:
+                failed.append(f"{holder}: {exc.message}")
+                continue
+            return KeyMaterial(current, wrapped, public_der)
+        asked = "; ".join(failed) or "none of them is configured here"
+        raise Unavailable(f"key {key_id!r}'s material could not be read from its clusters ({asked}) to compare with "
+                          f"the objects under its id on {name}; nothing was destroyed there", cluster=name,
+                          region=self.backends[name].spec.region)
 
     def get_key(self, key_id: str) -> Placement:
         """The key's whole record, from the store (the cache's copy lacks the creation record);

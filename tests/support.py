@@ -302,6 +302,13 @@ def serving(key_id: str, **changes: Any) -> Any:
                              "fingerprint": f"{key_id}|EC_P256|SIGN_VERIFY|2|TOKEN|True", "copies": 2, **changes})
 
 
+def copy_left(router: Any, key: Any, cluster: str) -> None:
+    """A copy of ``key``'s own material on ``cluster`` that its record does not name, as a move or
+    repair cut off leaves it (the router's trusted wrap, from the key's primary)."""
+    wrapped, public_der = router.backends[key.primary].export_wrapped(key, time.monotonic() + 10)
+    router.backends[cluster].import_wrapped(key, wrapped, public_der, time.monotonic() + 10)
+
+
 def placement(key_id: str, algorithm: Any, usage: Any = None, **kwargs: Any) -> Any:
     """A Placement for driving a backend directly (no store involved)."""
     from router.model import USAGES, KeyState, Placement

@@ -15,7 +15,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import Object
 
-from router.backend import MARK_AGAIN, HsmBackend, PoolStats
+from router.backend import MARK_AGAIN, HsmBackend, KeyMaterial, PoolStats
 from router.errors import (
     ClusterDown,
     DeadlineExceeded,
@@ -257,13 +257,7 @@ class Pkcs11Cluster(HsmBackend):
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
         def check(s: PooledSession, found: list[Object]) -> None:
-            strangers = [obj for obj in found if not self._of_key(s, obj, key, wrapped, public_der)]
-            if strangers:
-                raise ForeignObjects(
-                    f"cluster {self.spec.name} holds {len(strangers)} object(s) under key id {key.key_id!r} that are "
-                    "not this key's: another application's key, or one made with another placement store. Nothing "
-                    "was copied or destroyed there; an operator decides what they are (docs/operations.md, objects "
-                    "that are not the key's)", cluster=self.spec.name, region=self.spec.region)
+            self._only_of(s, found, KeyMaterial(key, wrapped, public_der), "copied or destroyed")
 
         def run(s: PooledSession) -> None:
             with self._cleared(s, key.key_id, deadline, unless, check if own_leftovers else None):
@@ -297,10 +291,11 @@ class Pkcs11Cluster(HsmBackend):
 
         self._run(deadline, run, quick=True)
 
-    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None,
+                of: KeyMaterial | None = None) -> int:
         def run(s: PooledSession) -> int:
             with self._changing(s, deadline):
-                if unless is None:
+                if unless is None and of is None:
                     return self._destroy_objects(s, key_id)
                 # Listed before ``unless`` looks: what a process on another host (which
                 # does not take this host's lock) makes after that look is not among them.
@@ -308,9 +303,26 @@ class Pkcs11Cluster(HsmBackend):
                 # record after the claim and named this cluster itself; the object it
                 # makes here may be the key's only copy.
                 found = self._objects_of(s, key_id)
-                return 0 if unless() else self._destroy_found(s, found)
+                if unless is not None and unless():
+                    return 0
+                if found and of is not None:
+                    self._only_of(s, found, of, "destroyed")
+                return self._destroy_found(s, found)
 
         return self._run(deadline, run)
+
+    def _only_of(self, s: PooledSession, found: list[Object], material: KeyMaterial, nothing: str) -> None:
+        """``ForeignObjects`` if any of ``found`` is not the key's material (``_of_key``); ``nothing``:
+        what was not done to the objects there."""
+        key = material.key
+        strangers = [obj for obj in found if not self._of_key(s, obj, key, material.wrapped, material.public_der)]
+        if strangers:
+            raise ForeignObjects(
+                f"cluster {self.spec.name} holds {len(strangers)} object(s) under key id {key.key_id!r} that are "
+                f"not this key's: another application's key, one made with another placement store, or what an "
+                f"earlier, failed creation of this id left there. Nothing was {nothing} there; an operator "
+                "decides what they are (docs/operations.md, objects that are not the key's)",
+                cluster=self.spec.name, region=self.spec.region)
 
     def _of_key(self, s: PooledSession, obj: Object, key: Placement, wrapped: bytes, public_der: bytes) -> bool:
         """Is ``obj`` one of the key's objects, by its material: a public key with the key's

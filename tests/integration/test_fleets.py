@@ -23,7 +23,7 @@ from router.pkcs11 import _fleet
 from router.placement.sqlite import SqliteStore
 from router.reconcile import reconcile
 from router.router import Router
-from tests.support import TokenInspector, placement, stored, unique
+from tests.support import TokenInspector, copy_left, placement, stored, unique
 
 CLUSTERS = ["use1-a", "use1-b", "usw2-a"]
 
@@ -167,7 +167,7 @@ def test_a_token_from_before_markers_is_reconciled_as_before_and_not_marked_by_i
     _marked(router)
     key = router.generate_key(_spec(unique("fleet/legacy")), time.monotonic() + 30)
     stray = next(name for name in CLUSTERS if name not in key.clusters)
-    router.backends[stray].generate(placement(key.key_id, key.algorithm), time.monotonic() + 30)
+    copy_left(router, key, stray)
     tokens.unmark(stray)
     assert tokens.fleets(stray) is None
 

@@ -26,7 +26,7 @@ from router.model import (
     ReplicationPolicy,
 )
 from router.reconcile import ReconcileReport, reconcile
-from tests.support import placement, rpc_error, unique
+from tests.support import copy_left, placement, rpc_error, unique
 
 
 class Crash(BaseException):
@@ -235,7 +235,7 @@ def test_reconcile_never_destroys_a_creation_that_finished_after_its_scan(make_r
 def _stray_copy(router, key: Placement) -> str:  # type: ignore[no-untyped-def]
     """Objects of ``key`` on a cluster its record does not name (as a move's crash leaves them)."""
     stray = next(name for name in ("use1-a", "use1-b", "usw2-a") if name not in key.clusters)
-    router.backends[stray].generate(placement(key.key_id, key.algorithm), time.monotonic() + 30)
+    copy_left(router, key, stray)
     return stray
 
 

@@ -21,7 +21,7 @@ from router.errors import ClusterDown, FailedPrecondition, KeyChanged, Unavailab
 from router.health import CircuitState
 from router.model import KeyAlgorithm, KeySpec, KeyState, KeyUsage, Operation, Placement, ReplicationPolicy
 from router.reconcile import reconcile
-from tests.support import unique, wait_for
+from tests.support import copy_left, unique, wait_for
 
 POLICY = ReplicationPolicy(copies=2, require_dr_copy=True)
 
@@ -1095,8 +1095,7 @@ def test_the_periodic_reconcile_removes_a_destroyed_keys_copy_that_its_sweep_nev
     live = maker.generate_key(_spec(unique("live-stray")), time.monotonic() + 30)
     assert live.state is KeyState.ENABLED
     (stray,) = set(maker.backends) - set(live.clusters)
-    wrapped, public_der = maker.backends[live.primary].export_wrapped(live, time.monotonic() + 10)
-    maker.backends[stray].import_wrapped(live, wrapped, public_der, time.monotonic() + 10)
+    copy_left(maker, live, stray)
     assert _left(tokens, doomed.key_id) == {"usw2-a": {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}}
 
     asked_for_nothing = reconcile(build(), fix=False)  # what `hsmctl reconcile` shows: it changes nothing
@@ -1205,8 +1204,7 @@ def test_the_repairer_replaces_a_leftover_of_the_keys_own_copy(make_router, toke
     router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
     router.fail_over_region("us-west-2")
     key = router.generate_key(_spec(unique("repair-leftover"), algorithm, usage), time.monotonic() + 30)
-    wrapped, public_der = router.backends[key.primary].export_wrapped(key, time.monotonic() + 10)
-    router.backends["usw2-a"].import_wrapped(key, wrapped, public_der, time.monotonic() + 10)  # the leftover
+    copy_left(router, key, "usw2-a")  # the leftover
     router.fail_over_region("us-west-2", False)
 
     assert router.repair_once(time.monotonic() + 30) == 1
@@ -1268,3 +1266,30 @@ def test_a_secret_key_under_the_same_id_that_cannot_be_wrapped_is_not_the_keys(m
     (left,) = tokens.objects("usw2-a", key.key_id)
     assert left[Attribute.EXTRACTABLE] is False
     assert router.store.get(key.key_id).state is KeyState.UNDER_REPLICATED
+
+
+def test_reconcile_fix_destroys_a_keys_own_orphan_but_not_another_applications_key_under_its_id(
+    make_router, tokens, caplog
+) -> None:
+    """An orphan of a live key (objects under its id on a cluster its record does not name) is
+    destroyed by an approved fix only if it is the key's material: the source a move left is, an
+    application's key pair that happens to have that id is not, and stays, with an ERROR."""
+    theirs_id, ours_id = unique("orphan-foreign"), unique("orphan-own")
+    first, theirs_key, target = _one_copy_key(make_router, theirs_id)
+    theirs = _another_applications_key(tokens, target, theirs_id)
+    _, ours_key, _ = _one_copy_key(make_router, ours_id)
+    ours_target = next(name for name in ("use1-a", "use1-b") if name != ours_key.primary)
+    copy_left(first, ours_key, ours_target)
+
+    found = reconcile(first, fix=False)
+    assert {(target, theirs_id), (ours_target, ours_id)} <= set(found.orphans)
+    with caplog.at_level(logging.ERROR, logger="router.reconcile"):
+        fixed = reconcile(first, fix=True)
+    assert (ours_target, ours_id) in fixed.removed and tokens.objects(ours_target, ours_id) == []
+    assert (target, theirs_id) not in fixed.removed and (target, theirs_id) in fixed.orphans
+    assert _public_ders(tokens, target, theirs_id) == [theirs]
+    assert tokens.classes(target, theirs_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert (f"reconcile: could not destroy orphan {theirs_id} on {target}: cluster {target} holds 2 object(s) under "
+            f"key id {theirs_id!r} that are not this key's") in caplog.text
+    assert tokens.classes(theirs_key.primary, theirs_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert tokens.classes(ours_key.primary, ours_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}

@@ -18,7 +18,7 @@ import pytest
 
 from gateway.metrics import GatewayMetrics
 from gateway.server import report_reconcile
-from router.backend import HsmBackend, PoolStats
+from router.backend import HsmBackend, KeyMaterial, PoolStats
 from router.model import ClusterSpec, KeyState
 from router.placement.sqlite import SqliteStore
 from router.placement.store import StoreError
@@ -48,7 +48,8 @@ class Token(HsmBackend):
     def key_objects(self, deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
         return {k: dict(v) for k, v in self.objects.items() if key_id in (None, k)}
 
-    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None,
+                of: KeyMaterial | None = None) -> int:
         if unless is not None and unless():
             return 0
         return sum(self.objects.pop(key_id, {}).values())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from router.backend import HsmBackend, PoolStats
+from router.backend import HsmBackend, KeyMaterial, PoolStats
 from router.errors import InternalError, KeyNotFound, RouterError, Unavailable
 from router.model import ClusterSpec, KeyAlgorithm, KeySpec, KeyUsage, Placement
 from router.placement.sqlite import SqliteStore
@@ -26,7 +26,8 @@ class FailingBackend(HsmBackend):
     def generate(self, key: Placement, deadline: float, *, unless: Callable[[], bool] | None = None) -> None:
         raise self.error("unexpected PKCS #11 error", cluster=self.spec.name)
 
-    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None,
+                of: KeyMaterial | None = None) -> int:
         if unless is not None and unless():
             return 0
         self.destroyed.append(key_id)
@@ -198,7 +199,8 @@ class WatchedBackend(CopyingBackend):
     def generate(self, key: Placement, deadline: float, *, unless: Callable[[], bool] | None = None) -> None:
         self._note(key.key_id)
 
-    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None) -> int:
+    def destroy(self, key_id: str, deadline: float, *, unless: Callable[[], bool] | None = None,
+                of: KeyMaterial | None = None) -> int:
         self._note(key_id)
         return super().destroy(key_id, deadline, unless=unless)
 

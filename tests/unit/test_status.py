@@ -23,6 +23,7 @@ EXPECTED_CODES: dict[type[errors.RouterError], grpc.StatusCode] = {
     errors.RequestConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyChanged: grpc.StatusCode.FAILED_PRECONDITION,
     errors.OtherFleet: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ForeignObjects: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyCreationElsewhere: grpc.StatusCode.FAILED_PRECONDITION,
     errors.KeyRecordMismatch: grpc.StatusCode.FAILED_PRECONDITION,  # the store was altered: an operator's
     errors.WrappedKeyRefused: grpc.StatusCode.FAILED_PRECONDITION,  # when no cluster unwraps it
