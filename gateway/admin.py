@@ -22,7 +22,7 @@ from google.protobuf import timestamp_pb2
 from gateway import audit as audit_mod
 from gateway import status
 from gateway.interceptors import current_caller, current_identity
-from gateway.quorum import LEASE, PENDING, RUN_LIMIT, RUNNING, Change, ChangeBook, NotAnotherAdmin
+from gateway.quorum import LEASE, PENDING, RUN_LIMIT, RUNNING, Change, ChangeBook, EventUnsynced, NotAnotherAdmin
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
 from router.errors import AuditUnavailable, FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
@@ -232,8 +232,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                               **audited_params(change.params), requested_by=change.requested_by,
                               approved_by=change.approved_by, result=change.result, **where)
         except audit_mod.AuditSyncError:  # a record a crash may lose: the change waits too
-            raise AuditUnavailable("the gateway's audit log took the change's record but could not sync it to "
-                                   "disk (its log says why); admin changes wait until it can") from None
+            raise EventUnsynced("the gateway's audit log took the change's record but could not sync it to "
+                                "disk (its log says why); admin changes wait until it can") from None
         except (audit_mod.AuditLogError, OSError):  # the log names the event (AuditLog)
             raise AuditUnavailable("the gateway's audit log cannot be written (its log says why); "
                                    "admin changes wait until it can") from None

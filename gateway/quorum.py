@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.errors import FailedPrecondition, KeyNotFound, RouterError, Unavailable
+from router.errors import AuditUnavailable, FailedPrecondition, KeyNotFound, RouterError, Unavailable
 from router.placement.store import PlacementStore, Stale, StoreError, edit_admin_record
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,13 @@ class NotAnotherAdmin(FailedPrecondition):
 
 Action = Callable[[dict[str, str]], str]
 Edit = Callable[[Change], Change | None]
+
+
+class EventUnsynced(AuditUnavailable):
+    """What ``ChangeBook``'s ``on_event`` raises when the audit log took the event's record but
+    could not sync it: the step is taken back as for any event not audited, and since the log
+    holds a record saying it was taken, that it was taken back is recorded too
+    (``change_request_withdrawn``, ``change_approval_withdrawn``)."""
 
 
 def _record(change: Change) -> dict[str, Any]:
@@ -258,21 +265,31 @@ class ChangeBook:
                 raise _unavailable(exc) from exc
         try:
             self._on_event(actor, "change_requested", change)
-        except RouterError:  # not audited: it must not be approved
+        except RouterError as exc:  # not audited: it must not be approved
             self._undo(change.id, lambda c: dataclasses.replace(
-                c, state=FAILED, result="withdrawn: its request could not be audited") if c.state == PENDING else None)
+                c, state=FAILED, result="withdrawn: its request could not be audited") if c.state == PENDING else None,
+                actor, "change_request_withdrawn", exc)
             raise
         if len(change.approved_by) >= change.needed:
             return self._run(change.id, actor)
         return change
 
-    def _undo(self, change_id: str, edit: Edit) -> None:
-        """Take back a step whose event could not be recorded; the step's caller raises."""
+    def _undo(self, change_id: str, edit: Edit, actor: str, withdrawn: str, failure: RouterError) -> None:
+        """Take back a step whose event could not be recorded; the step's caller raises. When the
+        log holds the step's record all the same (``EventUnsynced``), the ``withdrawn`` event
+        follows it there, so that the log does not say the step stands: at best, as the log may
+        not take it either (it then logs that, and counts it)."""
         try:
-            self._update(change_id, edit)
+            change, changed = self._update(change_id, edit)
         except RouterError as exc:
             log.error("change %s: a step that could not be audited could not be taken back either: %s",
                       change_id, exc.message)
+            return
+        if changed and isinstance(failure, EventUnsynced):
+            try:
+                self._on_event(actor, withdrawn, change)
+            except RouterError:
+                pass  # the audit log names the event it could not take
 
     def approve(self, actor: str, change_id: str, origin: dict[str, str] | None = None) -> Change:
         """Add ``actor``'s approval (``origin``: where it called from); the approval that meets
@@ -301,8 +318,8 @@ class ChangeBook:
             try:
                 # The approval that meets the quorum sets the change running: this approver runs it next.
                 self._on_event(actor, "change_approved", dataclasses.replace(change, state=RUNNING) if met else change)
-            except RouterError:  # not audited: it does not count
-                self._undo(change_id, withdraw)
+            except RouterError as exc:  # not audited: it does not count
+                self._undo(change_id, withdraw, actor, "change_approval_withdrawn", exc)
                 raise
         if met:
             return self._run(change_id, actor)

@@ -165,13 +165,20 @@ def test_an_approval_whose_record_was_written_but_not_synced_is_withdrawn_and_th
         assert served.gateway.admin.changes.switches() == {}, "no switch is stored"
 
         records = served.records(change.id)
+        # The log keeps the unsynced record, and says after it that the approval was taken back
+        # (unsynced too: the disk still fails), so that it does not read as a change set running.
         assert [(r["action"], r["actor"], r["outcome"]) for r in records] == [
             ("change_requested", "alice", "pending"), ("authz.granted", "bob", "ok"),
-            ("change_approved", "bob", "running")], "the log keeps the unsynced record"
-        seq = records[-1]["seq"]
+            ("change_approved", "bob", "running"), ("change_approval_withdrawn", "bob", "pending")]
+        assert records[-1]["details"]["approved_by"] == ["alice"]
+        approved, withdrawn = records[-2]["seq"], records[-1]["seq"]
         assert _unsynced_lines(caplog) == [
             f"audit log {served.audit_path} could not be synced: Input/output error; the change_approved event "
-            f"(actor bob, target {change.id}, outcome running) is record {seq}, written but not known to be on disk"]
+            f"(actor bob, target {change.id}, outcome running) is record {approved}, written but not known to be on "
+            "disk",
+            f"audit log {served.audit_path} could not be synced: Input/output error; the change_approval_withdrawn "
+            f"event (actor bob, target {change.id}, outcome pending) is record {withdrawn}, written but not known to "
+            "be on disk"]
         assert served.counted(SYNC_FAILURES, "change_approved") == 1
         assert served.counted(SYNC_FAILURES, "authz.granted") == 0, "the grant before it was synced"
 
