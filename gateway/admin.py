@@ -619,6 +619,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         def run(who: str) -> pb.Change:
             self._with_stored_switches()
             _, source = self.router.check_move(request.key_id, request.to, getattr(request, "from"))
+            self.router.check_move_objects(request.key_id, request.to, time.monotonic() + 10.0)
             return self._request(who, "move_key", {"key_id": request.key_id, "to": request.to, "from": source})
 
         return self._call(context, run)

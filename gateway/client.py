@@ -533,10 +533,14 @@ class Client:
         cluster it knows failing). At most once per ``ASK_EVERY`` an endpoint."""
         now = self._clock()
         with self._lock:
-            if self._closed or self._asked.get(index, 0.0) > now:
-                return
+            if self._closed or index != self._current or len(self._endpoints) < 2 or self._asked.get(index, 0.0) > now:
+                return  # an endpoint the client is not on is not moved from
             self._asked[index] = now + ASK_EVERY
-        check = health_pb2_grpc.HealthStub(self._channel(index)).Check.future(
+        try:
+            channel = self._channel(index)
+        except ValueError:  # closed since
+            return
+        check = health_pb2_grpc.HealthStub(channel).Check.future(
             health_pb2.HealthCheckRequest(service=SERVING_CHECK), timeout=self._connect_timeout,
             metadata=self._metadata)
         check.add_done_callback(functools.partial(self._not_serving, index))

@@ -265,7 +265,10 @@ class Gateway:
         interval = self.config.replication.repair_interval
         while not self._stopped.wait(min(interval, 2.0)):
             self._refresh()
-            self._publish_health()
+            try:
+                self._publish_health()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("publishing the health statuses failed")
             if time.monotonic() < self._next_repair:
                 continue
             self._next_repair = time.monotonic() + interval

@@ -98,6 +98,11 @@ class HsmBackend(abc.ABC):
         every object found must be, else ``ForeignObjects`` and nothing is destroyed.
         """
 
+    def check_foreign(self, material: KeyMaterial, deadline: float) -> None:
+        """``ForeignObjects`` if objects under the key's id here are not its ``material`` (its own
+        leftovers are). A backend without token objects has none: this one does nothing."""
+        return None
+
     def forget_key(self, key_id: str) -> None:
         """Drop what this process keeps of the key beside its token objects: an EXTERNAL key's
         unwrapped session objects (gone from each session before its next use). A backend that

@@ -13,6 +13,7 @@ to one gRPC status in a single table (``gateway.status``). Foreign errors
     │   ├── RequestConflict    request_id reused with other parameters
     │   ├── KeyChanged         the key's record is not the one a planned change was made for
     │   ├── OtherFleet         the cluster's token holds another placement store's keys
+    │   ├── ForeignObjects     objects under the key's id on a cluster are not the key's
     │   └── KeyRecordMismatch  an EXTERNAL key's record does not match its wrapped key material
     │       └── WrappedKeyRefused  a cluster that answers does not unwrap it (fails over)
     ├── AlreadyExists          key id taken (or destroyed: ids are not reused)

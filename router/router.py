@@ -608,8 +608,9 @@ class Router:
             )
         primary, replicas, pinned = self._choose_clusters(spec.key_id, copies, pin,
                                                           needs_room=spec.storage is KeyStorage.TOKEN)
+        unsearched: set[str] = set()
         if spec.storage is KeyStorage.TOKEN:
-            existing = self._unrecorded_objects(spec, (primary, *replicas), deadline)
+            existing = self._unrecorded_objects(spec, (primary, *replicas), deadline, unsearched)
             if existing is not None:
                 return existing
         # Held: rebalance leaves it where the operator put it (rebalance never moves the others).
@@ -637,9 +638,10 @@ class Router:
             if existing is not None:
                 return existing
             raise AlreadyExists(f"key {spec.key_id!r} already exists") from None
-        return self._materialise(intent, self._within_claim(deadline))
+        return self._materialise(intent, self._within_claim(deadline), unsearched)
 
-    def _unrecorded_objects(self, spec: KeySpec, clusters: tuple[str, ...], deadline: float) -> Placement | None:
+    def _unrecorded_objects(self, spec: KeySpec, clusters: tuple[str, ...], deadline: float,
+                            unsearched: set[str]) -> Placement | None:
         """Before a new key's record is written: refuse to make it where objects under its id
         already are, and no record names them.
 
@@ -653,8 +655,9 @@ class Router:
         A chosen cluster that cannot be searched now refuses the creation (UNAVAILABLE, nothing
         made): its HSM busy or failing a moment, the creation could succeed there after all,
         and clear what the search would have found. Except a replica under ``ack-local``: the
-        key is made without waiting for it, as it would be were the copy to fail (the repairer
-        copies it later). Returns what ``_existing`` finds if a record appeared meanwhile
+        key is made without it, as it would be were the copy to fail (added to ``unsearched``:
+        the creation does not copy there, and the repairer, which compares what it finds there
+        with the key, copies it later). Returns what ``_existing`` finds if a record appeared meanwhile
         (another attempt made those objects)."""
         for name in clusters:
             backend = self.backends.get(name)
@@ -666,6 +669,7 @@ class Router:
                 raise
             except RouterError as exc:
                 if name != clusters[0] and self.replication.ack_local:
+                    unsearched.add(name)
                     continue
                 raise Unavailable(f"cluster {name} could not be searched for objects under key id {spec.key_id!r} "
                                   f"({exc.message}); nothing was made: retry", cluster=name,
@@ -778,22 +782,27 @@ class Router:
             return current
         raise KeyBeingCreated(f"key {key_id!r} is being created; retry shortly")
 
-    def _materialise(self, intent: Placement, deadline: float) -> Placement:
-        """Make the key's objects on its primary and copy it to its replicas, then enable it."""
+    def _materialise(self, intent: Placement, deadline: float, unsearched: AbstractSet[str] = frozenset()) -> Placement:
+        """Make the key's objects on its primary and copy it to its replicas but ``unsearched``
+        (left to the repairer: ``_unrecorded_objects``), then enable it."""
         backend = self.backends.get(intent.primary)
         if backend is None:
             raise Unavailable(f"cluster {intent.primary} is not configured on this gateway")
         with self._lock:
             self._creating.add(intent.key_id)
         try:
-            return self._make(intent, backend, deadline)
+            return self._make(intent, backend, deadline, unsearched)
         finally:
             with self._lock:
                 self._creating.discard(intent.key_id)
 
-    def _make(self, intent: Placement, backend: HsmBackend, deadline: float) -> Placement:
+    def _make(self, intent: Placement, backend: HsmBackend, deadline: float,
+              unsearched: AbstractSet[str] = frozenset()) -> Placement:
         material: dict[str, bytes] = {}
         made = [intent.primary]
+        for name in unsearched:
+            log.warning("key %s: not copied to %s, which could not be searched for objects under its id; the "
+                        "repairer copies it", intent.key_id, name)
         try:
             if intent.external:
                 material["wrapped"], material["public_der"] = backend.generate_external(intent, deadline)
@@ -802,8 +811,8 @@ class Router:
                 self._mark(backend, deadline)
                 backend.generate(intent, deadline, unless=not_ours)
                 made += self._replicate(
-                    intent, backend, intent.replicas, deadline, strict=not self.replication.ack_local,
-                    unless=not_ours,
+                    intent, backend, tuple(n for n in intent.replicas if n not in unsearched), deadline,
+                    strict=not self.replication.ack_local, unless=not_ours,
                 )
         except KeyChanged as changed:
             # The record is no longer this attempt's (it outlived creation_grace in a call that
@@ -910,7 +919,7 @@ class Router:
 
     def _replicate(
         self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool,
-        unless: Callable[[], bool] | None = None, own_leftovers: bool = False,
+        unless: Callable[[], bool] | None = None, own_leftovers: bool = False, material: KeyMaterial | None = None,
     ) -> list[str]:
         """Copy the key to ``targets`` by trusted wrapping; returns the names copied to.
 
@@ -920,11 +929,14 @@ class Router:
         they are the key's (``HsmBackend.import_wrapped``): for targets that were not searched
         for other objects before the key's record was written (a repair's, a move's). A
         creation's were (``_unrecorded_objects``), and what it finds there is an earlier
-        attempt's, with other material.
+        attempt's, with other material. ``material``: the key's, exported already (else from ``source``).
         """
         if not targets:
             return []
-        wrapped, public_der = source.export_wrapped(key, deadline)
+        if material is None:
+            wrapped, public_der = source.export_wrapped(key, deadline)
+        else:
+            wrapped, public_der = material.wrapped, material.public_der
         self._fault("copy-exported")
         made = []
         for name in targets:
@@ -1402,6 +1414,20 @@ class Router:
             raise ResourceExhausted(f"cluster {to} is at its key limit", cluster=to)
         return current, source
 
+    def check_move_objects(self, key_id: str, to: str, deadline: float) -> None:
+        """FOREIGN_OBJECTS now if cluster ``to`` holds objects under the key's id that are not the
+        key's, which a move there would be refused for when it runs: an admin hears it on asking
+        for the move, not from the change's result. Any other failure is left to the move."""
+        try:
+            current = self.store.get(key_id)
+            target = self.backends.get(to)
+            if current is not None and target is not None and current.usable and current.extractable:
+                target.check_foreign(self.material_of(current, deadline, besides=to), deadline)
+        except ForeignObjects:
+            raise
+        except (RouterError, StoreError) as exc:
+            log.info("move of %s to %s: its objects there not checked before the request (%s)", key_id, to, exc)
+
     def move_key(self, key_id: str, to: str, deadline: float, *, source: str = "", hold: bool = False,
                  version: int | None = None) -> Placement:
         """Copy the key to ``to`` by trusted wrap, prove the copy works, switch, drop the old copy.
@@ -1423,6 +1449,11 @@ class Router:
         if not holders:
             raise Unavailable(f"no healthy cluster holds key {key_id!r} to copy it from")
         holder, target = self.backends[holders[0]], self.backends[to]
+        # What the target holds under the key's id already must be the key's (an earlier move's
+        # leftovers) before the record names it: named, another key there would serve the key's calls.
+        wrapped, public_der = holder.export_wrapped(current, deadline)
+        material = KeyMaterial(current, wrapped, public_der)
+        target.check_foreign(material, deadline)
         # The record names the target before the copy is made: a reconcile that lists the
         # target's token meanwhile must see the copy as the key's, not as an orphan to
         # destroy (the key would be lost once the old copy goes). Until the copy exists,
@@ -1441,14 +1472,11 @@ class Router:
         self._remember(pending)
         try:
             self._fault("move-target-named")
-            self._replicate(current, holder, (to,), deadline, strict=True, own_leftovers=True)
+            self._replicate(current, holder, (to,), deadline, strict=True, own_leftovers=True, material=material)
             self._prove_copy(current, holder, target, deadline)
             self._fault("moved-copy-proven")
-        except ForeignObjects:
-            self._undo_move(pending, current, target, copied=False)
-            raise
         except RouterError:
-            self._undo_move(pending, current, target)
+            self._undo_move(pending, current, target, material)
             raise
         clusters = [to if name == source else name for name in current.clusters]
         try:
@@ -1457,7 +1485,7 @@ class Router:
         except Conflict as exc:
             landed = exc.existing
             if landed is None or landed.clusters != tuple(clusters):  # else: our own write, answered late
-                self._undo_move(pending, current, target)
+                self._undo_move(pending, current, target, material)
                 raise Unavailable(changed) from None
             moved = landed
         except StoreError as exc:
@@ -1476,14 +1504,15 @@ class Router:
         log.info("key %s moved from %s to %s", key_id, source, to)
         return moved
 
-    def _undo_move(self, pending: Placement, current: Placement, target: HsmBackend, *, copied: bool = True) -> None:
-        """A move that failed: the target's copy goes, then the target leaves the record.
-        ``copied`` false: the copy was refused before anything was touched on the target, whose
-        objects under the key's id are not the key's (``ForeignObjects``): they stay."""
+    def _undo_move(self, pending: Placement, current: Placement, target: HsmBackend, material: KeyMaterial) -> None:
+        """A move that failed: the target's copy goes, then the target leaves the record. Only
+        the key's own objects go (``material``): what else is there under its id (another key's,
+        which the copy refused to clear) stays."""
         key_id = current.key_id
         try:
-            if copied:
-                target.destroy(key_id, time.monotonic() + 10.0)
+            target.destroy(key_id, time.monotonic() + 10.0, of=material)
+        except ForeignObjects as exc:
+            log.warning("move of %s: %s", key_id, exc.message)
         except RouterError as exc:
             log.warning("move of %s: copy on %s not removed (%s); reconcile will", key_id, target.name, exc.message)
             return  # the record keeps naming it: never leave objects the record does not account for
@@ -1779,6 +1808,8 @@ class Router:
         try:
             # Its own deadline, as a failed move's undo: the caller's may be spent, and the copy must go.
             return self.destroy_unless_kept(name, key_id, time.monotonic() + 10.0)
+        except ForeignObjects as exc:
+            return f"left: {exc.message}"
         except RouterError as exc:
             return f"not removed ({exc.message}); reconcile --fix removes it"
 
@@ -1793,10 +1824,12 @@ class Router:
         claimed record, and its copy stays. Raises the cluster's ``RouterError`` if the destroy
         itself failed.
 
-        The objects under a live key's id must be its own material (``_material_of``), else
+        The objects under a live key's id must be its own material (``material_of``), else
         ``ForeignObjects`` and nothing is destroyed: leftovers of its moves and copies are, and
         another application's key under the same id, on a cluster the key was never searched
-        for, is not.
+        for, is not. A live key whose objects ``why_kept`` keeps as its record reads now is not
+        asked for its material: they stay. Only an unknown or destroyed key's objects are
+        destroyed without a comparison (the look under the lock keeps an unknown key's).
         """
         why: list[str] = []
 
@@ -1805,43 +1838,43 @@ class Router:
             return bool(why[0])
 
         try:
-            material = self._material_of(key_id, name, deadline)
+            current = self.store.get(key_id)
         except StoreError as exc:
             return f"the placement store cannot say whose it is ({exc})"  # as ``why_kept`` says it
+        material = None
+        if current is not None and current.state is not KeyState.DESTROYED:
+            kept = self.why_kept(name, key_id)
+            if kept:
+                return kept
+            material = self.material_of(current, deadline, besides=name)
         self.backends[name].destroy(key_id, deadline, unless=keep, of=material)
         return why[0] if why else ""
 
-    def _material_of(self, key_id: str, name: str, deadline: float) -> KeyMaterial | None:
-        """What the objects under a live key's id on cluster ``name`` must be before they are
-        destroyed: its material, read from a cluster that holds it. None when ``why_kept`` keeps
-        them as the record reads now (no record, a creation, a repair, a record that names the
-        cluster), for a destroyed key (nothing under its id is needed anywhere) and an EXTERNAL
-        one (never on a token). A non-extractable key is never copied, so nothing elsewhere is
-        its own: its material is then one no object matches. Raises ``StoreError`` when the
-        record cannot be read, and UNAVAILABLE when no cluster holding the key can export it."""
-        current = self.store.get(key_id)
-        if (current is None or current.state in (KeyState.DESTROYED, KeyState.CREATING) or current.external
-                or name in current.clusters or self.short_of_copies(current)):
-            return None
-        if not current.extractable:
-            return KeyMaterial(current, b"", b"")
+    def material_of(self, key: Placement, deadline: float, *, besides: str = "") -> KeyMaterial:
+        """What a live key's objects are (``HsmBackend.destroy(of=…)``), read from a cluster that
+        holds it other than ``besides``. An EXTERNAL key never has objects on a token, and a
+        non-extractable one none beyond its cluster: no object matches what is returned for
+        them. UNAVAILABLE when no cluster holding the key can export it."""
+        if key.external or not key.extractable:
+            return KeyMaterial(key, b"", b"")
         failed: list[str] = []
-        for holder in self.dispatcher.order(n for n in current.clusters if n != name):
+        for holder in self.dispatcher.order(n for n in key.clusters if n != besides):
             backend = self.backends.get(holder)
             if backend is None:
                 continue
             try:
-                wrapped, public_der = backend.export_wrapped(current, deadline)
+                wrapped, public_der = backend.export_wrapped(key, deadline)
             except Stopping:
                 raise
             except RouterError as exc:
                 failed.append(f"{holder}: {exc.message}")
                 continue
-            return KeyMaterial(current, wrapped, public_der)
+            return KeyMaterial(key, wrapped, public_der)
         asked = "; ".join(failed) or "none of them is configured here"
-        raise Unavailable(f"key {key_id!r}'s material could not be read from its clusters ({asked}) to compare with "
-                          f"the objects under its id on {name}; nothing was destroyed there", cluster=name,
-                          region=self.backends[name].spec.region)
+        where = self.backends.get(besides)
+        raise Unavailable(f"key {key.key_id!r}'s material could not be read from its clusters ({asked}) to compare "
+                          "with the objects under its id elsewhere; nothing was changed there", cluster=besides,
+                          region=where.spec.region if where is not None else "")
 
     def get_key(self, key_id: str) -> Placement:
         """The key's whole record, from the store (the cache's copy lacks the creation record);

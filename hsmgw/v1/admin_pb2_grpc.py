@@ -144,7 +144,8 @@ class AdminServiceServicer:
         """The key moves, and is held there: rebalance leaves a held key (Key.held) alone, as
         it does a key placed with PlaceKey. A target whose token holds objects under the key's
         id that are not the key's (another application's key) is refused: FAILED_PRECONDITION,
-        reason FOREIGN_OBJECTS, nothing copied or destroyed (docs/operations.md).
+        reason FOREIGN_OBJECTS, when asked for; if they appear later, the change fails with that
+        message. Nothing is copied or destroyed there (docs/operations.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

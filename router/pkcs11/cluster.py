@@ -283,6 +283,16 @@ class Pkcs11Cluster(HsmBackend):
 
         self._run(deadline, run)
 
+    def check_foreign(self, material: KeyMaterial, deadline: float) -> None:
+        def run(s: PooledSession) -> None:
+            with s.objects.searching():
+                found = _search.find(s.handle, {Attribute.ID: material.key.key_id.encode(), Attribute.TOKEN: True})
+            self._logged_in(s)  # without the login, a private key would go unseen
+            if found:
+                self._only_of(s, found, material, "copied or destroyed")
+
+        self._run(deadline, run)
+
     def probe(self, deadline: float) -> None:
         def run(s: PooledSession) -> None:
             s.handle.generate_random(64)
@@ -303,10 +313,10 @@ class Pkcs11Cluster(HsmBackend):
                 # record after the claim and named this cluster itself; the object it
                 # makes here may be the key's only copy.
                 found = self._objects_of(s, key_id)
+                if found and of is not None:  # before ``unless``, whose look may claim the key's record
+                    self._only_of(s, found, of, "destroyed")
                 if unless is not None and unless():
                     return 0
-                if found and of is not None:
-                    self._only_of(s, found, of, "destroyed")
                 return self._destroy_found(s, found)
 
         return self._run(deadline, run)

@@ -136,8 +136,9 @@ def test_no_cluster_serving_makes_the_gateway_unready_but_alive_until_one_is_bac
 def test_throttling_hsms_keep_the_gateway_ready(chaos) -> None:
     """HSMs that only say they are busy are alive: the pods stay in their Service, whose calls get
     RESOURCE_EXHAUSTED with a time to retry in (out of it, a fleet whose HSMs all throttle would
-    answer nothing). Once the busy HSMs fail for real, the gateway is not ready, within the
-    repairer loop's 2 s: that changes no circuit's state."""
+    answer nothing). Once the busy HSMs fail for real, the gateway is not ready: an open
+    circuit's failure changes no circuit state, so health is also looked at every 2 s (or at the
+    next half-open trial's failure, whichever comes first)."""
     fleet, control, gateway = chaos
     clusters = ["use1-a", "use1-b", "usw2-a"]
     keys = make_keys(gateway.target, "throttled", 6)  # spread over every cluster

@@ -1293,3 +1293,81 @@ def test_reconcile_fix_destroys_a_keys_own_orphan_but_not_another_applications_k
             f"key id {theirs_id!r} that are not this key's") in caplog.text
     assert tokens.classes(theirs_key.primary, theirs_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
     assert tokens.classes(ours_key.primary, ours_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+
+
+def test_a_move_that_fails_after_naming_its_target_leaves_what_another_application_put_there(
+    make_router, tokens, caplog
+) -> None:
+    """Another application's key appears on the target after the move's look and the move then fails
+    (here before its copy is compared with anything): its undo destroys only the key's own objects
+    there, and takes the target's name out of the record."""
+    from router.errors import ForeignObjects
+
+    key_id = unique("move-undo-foreign")
+    first, key, target = _one_copy_key(make_router, key_id)
+    theirs: list[bytes] = []
+
+    def meanwhile(point: str) -> None:
+        if point == "move-target-named":
+            theirs.append(_another_applications_key(tokens, target, key_id))
+            raise Unavailable("the target went away")
+
+    with caplog.at_level(logging.WARNING, logger="router.router"), \
+            pytest.raises(Unavailable, match="the target went away"):
+        make_router(fault=meanwhile).move_key(key_id, target, time.monotonic() + 30)
+    assert _public_ders(tokens, target, key_id) == theirs
+    after = first.store.get(key_id)
+    assert (after.primary, after.replicas, after.state) == (key.primary, (), KeyState.ENABLED)
+    assert f"move of {key_id}: cluster {target} holds 2 object(s) under key id {key_id!r} that are not this key's" \
+        in caplog.text
+    with pytest.raises(ForeignObjects):  # asked for again: refused before the record names the target
+        first.check_move_objects(key_id, target, time.monotonic() + 10)
+
+
+def test_a_creation_under_ack_local_leaves_a_replica_it_could_not_search_to_the_repairer(
+    make_router, tokens, caplog
+) -> None:
+    """The DR cluster did not answer the search for objects under the new key's id, then answered
+    again: the creation makes the key without copying it there (its copy would have cleared what
+    the search would have found), and the repairer, which compares what it finds with the key,
+    leaves the application's key there alone."""
+    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
+    key_id = unique("unsearched-dr")
+    theirs = _another_applications_key(tokens, "usw2-a", key_id)
+    dr = router.backends["usw2-a"]
+    real = dr.key_objects
+
+    def busy_once(deadline: float, *, key_id: str | None = None) -> dict[str, dict[str, int]]:
+        dr.key_objects = real  # type: ignore[method-assign]
+        raise ClusterDown("cluster usw2-a did not answer", cluster="usw2-a")
+
+    dr.key_objects = busy_once  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        key = router.generate_key(_spec(key_id), time.monotonic() + 30)
+    assert key.state is KeyState.UNDER_REPLICATED and key.replicas == ()
+    assert (f"key {key_id}: not copied to usw2-a, which could not be searched for objects under its id; the "
+            "repairer copies it") in caplog.text
+    assert _public_ders(tokens, "usw2-a", key_id) == [theirs]
+    assert router.repair_once(time.monotonic() + 30) == 0
+    assert _public_ders(tokens, "usw2-a", key_id) == [theirs]
+
+
+def test_an_extractable_secret_key_under_the_same_id_is_compared_by_its_bytes(make_router, tokens, caplog) -> None:
+    """An application's extractable AES key under an AES key's id wraps, under the trusted key, to
+    other bytes than the key's: not the key's, left alone."""
+    from pkcs11 import Attribute, KeyType
+
+    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
+    router.fail_over_region("us-west-2")
+    key = router.generate_key(_spec(unique("repair-aes"), KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT),
+                              time.monotonic() + 30)
+    tokens.session("usw2-a").generate_key(KeyType.AES, 256, store=True, id=key.key_id.encode(), label=key.key_id,
+                                          template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False})
+    (theirs,) = tokens.objects("usw2-a", key.key_id)
+    value = bytes(theirs[Attribute.VALUE])
+    router.fail_over_region("us-west-2", False)
+    with caplog.at_level(logging.ERROR, logger="router.router"):
+        assert router.repair_once(time.monotonic() + 30) == 0
+    assert f"cluster usw2-a holds 1 object(s) under key id {key.key_id!r} that are not this key's" in caplog.text
+    (left,) = tokens.objects("usw2-a", key.key_id)
+    assert bytes(left[Attribute.VALUE]) == value
