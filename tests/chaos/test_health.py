@@ -67,6 +67,22 @@ class _Watch:
         self._thread.join(10)
 
 
+def _status(channel: grpc.Channel, service: str) -> int:
+    return int(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=5).status)
+
+
+def _sign(channel: grpc.Channel, key: pb.Key, digest: bytes) -> grpc.StatusCode:
+    """A Sign's status code (OK when it signed)."""
+    try:
+        crypto_pb2_grpc.CryptoServiceStub(channel).Sign(
+            pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256, digest=digest), timeout=10)
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        return code
+    return grpc.StatusCode.OK
+
+
 def test_no_cluster_serving_makes_the_gateway_unready_but_alive_until_one_is_back(chaos) -> None:
     fleet, control, gateway = chaos
     clusters = ["use1-a", "use1-b", "usw2-a"]
@@ -78,20 +94,12 @@ def test_no_cluster_serving_makes_the_gateway_unready_but_alive_until_one_is_bac
     probes = _probe_services()
     assert probes["readinessProbe"] == CRYPTO_SERVICE
     with grpc.insecure_channel(gateway.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
 
         def status(service: str) -> int:
-            return int(health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+            return _status(channel, service)
 
         def sign() -> grpc.StatusCode:
-            try:
-                crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
-                                           digest=b"\x03" * 32), timeout=10)
-            except grpc.RpcError as exc:
-                code: grpc.StatusCode = exc.code()
-                return code
-            return grpc.StatusCode.OK
+            return _sign(channel, key, b"\x03" * 32)
 
         for service in ("", CRYPTO_SERVICE, ADMIN_SERVICE):
             assert status(service) == SERVING, service
@@ -144,20 +152,12 @@ def test_throttling_hsms_keep_the_gateway_ready(chaos) -> None:
     keys = make_keys(gateway.target, "throttled", 6)  # spread over every cluster
     assert {c for k in keys for c in (k.primary_cluster, *k.replicas)} == set(clusters)
     with grpc.insecure_channel(gateway.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        crypto = crypto_pb2_grpc.CryptoServiceStub(channel)
 
         def status(service: str) -> int:
-            return int(health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+            return _status(channel, service)
 
         def sign(key: pb.Key = keys[0]) -> grpc.StatusCode:
-            try:
-                crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
-                                           digest=b"\x04" * 32), timeout=10)
-            except grpc.RpcError as exc:
-                code: grpc.StatusCode = exc.code()
-                return code
-            return grpc.StatusCode.OK
+            return _sign(channel, key, b"\x04" * 32)
 
         def all_open() -> bool:  # busy answers open circuits only through calls (a probe's says nothing)
             for key in keys:

@@ -1248,23 +1248,30 @@ def test_a_move_onto_another_applications_key_under_the_same_id_is_refused_and_d
     assert tokens.classes(key.primary, key_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
 
 
-def test_a_secret_key_under_the_same_id_that_cannot_be_wrapped_is_not_the_keys(make_router, tokens, caplog) -> None:
-    """What cannot be compared with the key's material (a non-extractable AES key, which the
-    wrapping key may not wrap) is not taken for the key's: the repairer leaves it."""
+@pytest.mark.parametrize("extractable", [True, False], ids=["other-bytes", "not-wrappable"])
+def test_an_applications_secret_key_under_the_same_id_is_not_the_keys(make_router, tokens, caplog,
+                                                                      extractable: bool) -> None:
+    """An application's AES key under an AES key's id: extractable, the trusted key wraps it to
+    other bytes than the key's; not extractable, it cannot be compared at all. Neither is the key's:
+    the repairer leaves it as it was."""
     from pkcs11 import Attribute, KeyType
 
     router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
     router.fail_over_region("us-west-2")
-    key = router.generate_key(_spec(unique("repair-sealed"), KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT),
+    key = router.generate_key(_spec(unique("repair-aes"), KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT),
                               time.monotonic() + 30)
-    tokens.session("usw2-a").generate_key(KeyType.AES, 256, store=True, id=key.key_id.encode(), label=key.key_id,
-                                          template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True})
+    theirs = tokens.session("usw2-a").generate_key(
+        KeyType.AES, 256, store=True, id=key.key_id.encode(), label=key.key_id,
+        template={Attribute.EXTRACTABLE: extractable, Attribute.SENSITIVE: not extractable})
+    value = bytes(theirs[Attribute.VALUE]) if extractable else b""
     router.fail_over_region("us-west-2", False)
     with caplog.at_level(logging.ERROR, logger="router.router"):
         assert router.repair_once(time.monotonic() + 30) == 0
     assert f"cluster usw2-a holds 1 object(s) under key id {key.key_id!r} that are not this key's" in caplog.text
     (left,) = tokens.objects("usw2-a", key.key_id)
-    assert left[Attribute.EXTRACTABLE] is False
+    assert left[Attribute.EXTRACTABLE] is extractable
+    if extractable:
+        assert bytes(left[Attribute.VALUE]) == value
     assert router.store.get(key.key_id).state is KeyState.UNDER_REPLICATED
 
 
@@ -1350,24 +1357,3 @@ def test_a_creation_under_ack_local_leaves_a_replica_it_could_not_search_to_the_
     assert _public_ders(tokens, "usw2-a", key_id) == [theirs]
     assert router.repair_once(time.monotonic() + 30) == 0
     assert _public_ders(tokens, "usw2-a", key_id) == [theirs]
-
-
-def test_an_extractable_secret_key_under_the_same_id_is_compared_by_its_bytes(make_router, tokens, caplog) -> None:
-    """An application's extractable AES key under an AES key's id wraps, under the trusted key, to
-    other bytes than the key's: not the key's, left alone."""
-    from pkcs11 import Attribute, KeyType
-
-    router = make_router(replication=ReplicationPolicy(copies=2, require_dr_copy=True, ack_local=True))
-    router.fail_over_region("us-west-2")
-    key = router.generate_key(_spec(unique("repair-aes"), KeyAlgorithm.AES_256, KeyUsage.ENCRYPT_DECRYPT),
-                              time.monotonic() + 30)
-    tokens.session("usw2-a").generate_key(KeyType.AES, 256, store=True, id=key.key_id.encode(), label=key.key_id,
-                                          template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False})
-    (theirs,) = tokens.objects("usw2-a", key.key_id)
-    value = bytes(theirs[Attribute.VALUE])
-    router.fail_over_region("us-west-2", False)
-    with caplog.at_level(logging.ERROR, logger="router.router"):
-        assert router.repair_once(time.monotonic() + 30) == 0
-    assert f"cluster usw2-a holds 1 object(s) under key id {key.key_id!r} that are not this key's" in caplog.text
-    (left,) = tokens.objects("usw2-a", key.key_id)
-    assert bytes(left[Attribute.VALUE]) == value

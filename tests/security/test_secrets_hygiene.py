@@ -134,10 +134,10 @@ def test_no_pin_and_no_private_key_in_any_log_or_error(sec_fleet: Fleet, certs: 
                             timeout=10)
             root.admin.ListClusters(admin_pb2.ListClustersRequest(), timeout=10)
             # ...and failures of every kind.
+            tampered = sealed.ciphertext[:-1] + bytes([sealed.ciphertext[-1] ^ 1])  # never the ciphertext itself
             failures = [
                 lambda: root.crypto.Decrypt(pb.DecryptRequest(key_id=ids["aes"], algorithm=pb.ALGORITHM_AES_GCM,
-                                                              ciphertext=sealed.ciphertext[:-1] + b"\0",
-                                                              iv=sealed.iv), timeout=10),
+                                                              ciphertext=tampered, iv=sealed.iv), timeout=10),
                 lambda: root.crypto.Sign(pb.SignRequest(key_id=ids["aes"], algorithm=pb.ALGORITHM_ECDSA_SHA256,
                                                         digest=digest), timeout=10),
                 lambda: root.crypto.Sign(pb.SignRequest(key_id=ids["rsa"], algorithm=pb.ALGORITHM_RSA_PSS_SHA256,
