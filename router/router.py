@@ -1828,8 +1828,10 @@ class Router:
         ``ForeignObjects`` and nothing is destroyed: leftovers of its moves and copies are, and
         another application's key under the same id, on a cluster the key was never searched
         for, is not. A live key whose objects ``why_kept`` keeps as its record reads now is not
-        asked for its material: they stay. Only an unknown or destroyed key's objects are
-        destroyed without a comparison (the look under the lock keeps an unknown key's).
+        asked for its material: they stay. A destroyed key that was never copied (EXTERNAL,
+        non-extractable) has none on a cluster its record does not name. Only an unknown key's
+        and another destroyed key's objects are destroyed without a comparison (the look under
+        the lock keeps an unknown key's).
         """
         why: list[str] = []
 
@@ -1847,6 +1849,8 @@ class Router:
             if kept:
                 return kept
             material = self.material_of(current, deadline, besides=name)
+        elif current is not None and name not in current.clusters and (current.external or not current.extractable):
+            material = self.material_of(current, deadline)  # one nothing matches: it was never copied
         self.backends[name].destroy(key_id, deadline, unless=keep, of=material)
         return why[0] if why else ""
 
@@ -1960,7 +1964,9 @@ class Router:
                             exc.message)
                 left.append(name)
         others = [name for name in self.backends if name not in destroyed.clusters]
-        if others and not destroyed.external:  # an EXTERNAL key never has token objects
+        # An EXTERNAL key never has token objects, and a non-extractable one none but where it was
+        # made: what is under their ids elsewhere is another key's.
+        if others and not destroyed.external and destroyed.extractable:
             with self._lock:
                 self._unswept[key_id] = others
         if left:

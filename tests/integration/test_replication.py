@@ -1357,3 +1357,23 @@ def test_a_creation_under_ack_local_leaves_a_replica_it_could_not_search_to_the_
     assert _public_ders(tokens, "usw2-a", key_id) == [theirs]
     assert router.repair_once(time.monotonic() + 30) == 0
     assert _public_ders(tokens, "usw2-a", key_id) == [theirs]
+
+
+def test_a_destroyed_non_extractable_keys_id_elsewhere_is_another_keys(make_router, tokens, caplog) -> None:
+    """A non-extractable key is never copied: after its DestroyKey, what is under its id on a cluster
+    its record does not name is another application's key. Neither DestroyKey's sweep nor
+    reconcile's finishing of destroyed keys touches it; its own objects went."""
+    key_id = unique("sealed-destroyed")
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                                      request_id=f"r-{key_id}", copies=1, extractable=False), time.monotonic() + 30)
+    elsewhere = next(name for name in ("use1-a", "use1-b") if name != key.primary)
+    theirs = _another_applications_key(tokens, elsewhere, key_id)
+    assert router.destroy_key(key_id, time.monotonic() + 30).state is KeyState.DESTROYED
+    assert router.sweep_destroyed(time.monotonic() + 30) == 0
+    with caplog.at_level(logging.ERROR, logger="router.reconcile"):
+        report = reconcile(router, fix=False, finish_destroys=True)
+    assert (elsewhere, key_id) not in report.finished
+    assert f"could not destroy orphan {key_id} on {elsewhere}" in caplog.text
+    assert _public_ders(tokens, elsewhere, key_id) == [theirs]
+    assert tokens.objects(key.primary, key_id) == []
