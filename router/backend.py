@@ -9,6 +9,7 @@ absolute ``deadline`` on the ``time.monotonic`` clock and raises only
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,13 +24,26 @@ deadline): the marker is written at the next key there, not after a pause."""
 @dataclass(frozen=True)
 class KeyMaterial:
     """What a key's objects on a token are compared with before objects under its id there are
-    destroyed or replaced (``HsmBackend.destroy(of=…)``, ``import_wrapped(own_leftovers=…)``)."""
+    destroyed or replaced (``HsmBackend.destroy(of=…)``, ``import_wrapped(own_leftovers=…)``), by
+    digest only: kept after a DestroyKey until its sweep, it holds nothing that unwraps the key."""
 
     key: Placement
-    wrapped: bytes
-    """The private or secret key wrapped by the fleet's trusted wrapping key (``export_wrapped``)."""
-    public_der: bytes
-    """The public key (SubjectPublicKeyInfo DER); empty for a secret key."""
+    wrapped_sha256: bytes
+    """SHA-256 of the private or secret key wrapped by the fleet's trusted wrapping key
+    (``export_wrapped``); empty: no private or secret key is the key's."""
+    public_sha256: bytes
+    """SHA-256 of the public key (SubjectPublicKeyInfo DER); empty for a secret key."""
+
+    @classmethod
+    def of(cls, key: Placement, wrapped: bytes, public_der: bytes) -> KeyMaterial:
+        """The key's, from its export."""
+        return cls(key, hashlib.sha256(wrapped).digest(), hashlib.sha256(public_der).digest() if public_der else b"")
+
+    @classmethod
+    def never_copied(cls, key: Placement) -> KeyMaterial:
+        """One no object matches: for a key that is never copied (EXTERNAL, non-extractable), on a
+        cluster where it was not made."""
+        return cls(key, b"", b"")
 
 
 @dataclass(frozen=True)

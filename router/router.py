@@ -86,6 +86,8 @@ NO_RECORD = "no record in the placement store names the key"
 
 FLEET_REREAD = 60.0
 """Seconds between two reads of the store's fleet id by ``follow_store_fleet``."""
+MATERIAL_WAIT = 2.0
+"""Seconds a DestroyKey waits at most to read the key's material for its sweep (``_material_to_sweep``)."""
 FOREIGN_RETRY = 600.0
 """Seconds the repairer leaves a cluster alone for a key, once objects there under the key's
 id turned out not to be the key's (``ForeignObjects``), before it looks again."""
@@ -213,9 +215,10 @@ class Router:
         self._closed = False
         self._creating: set[str] = set()
         """Keys whose creation runs in this process now (what a close cuts off leaves CREATING)."""
-        self._unswept: dict[str, list[str]] = {}
+        self._unswept: dict[str, tuple[list[str], KeyMaterial | None]] = {}
         """TOKEN keys this process destroyed -> the clusters their records do not name that are
-        still to be looked at for a stray copy (``sweep_destroyed``)."""
+        still to be looked at for a stray copy (``sweep_destroyed``), and the key's material as
+        read before it was destroyed (digests only), which what the sweep destroys must be."""
         self._cache = PlacementCache()
         self._public_keys: dict[str, bytes] = {}  # oldest first
         self._public_keys_lock = threading.Lock()
@@ -919,7 +922,8 @@ class Router:
 
     def _replicate(
         self, key: Placement, source: HsmBackend, targets: tuple[str, ...], deadline: float, *, strict: bool,
-        unless: Callable[[], bool] | None = None, own_leftovers: bool = False, material: KeyMaterial | None = None,
+        unless: Callable[[], bool] | None = None, own_leftovers: bool = False,
+        exported: tuple[bytes, bytes] | None = None,
     ) -> list[str]:
         """Copy the key to ``targets`` by trusted wrapping; returns the names copied to.
 
@@ -929,14 +933,11 @@ class Router:
         they are the key's (``HsmBackend.import_wrapped``): for targets that were not searched
         for other objects before the key's record was written (a repair's, a move's). A
         creation's were (``_unrecorded_objects``), and what it finds there is an earlier
-        attempt's, with other material. ``material``: the key's, exported already (else from ``source``).
+        attempt's, with other material. ``exported``: the key's export, made already (else from ``source``).
         """
         if not targets:
             return []
-        if material is None:
-            wrapped, public_der = source.export_wrapped(key, deadline)
-        else:
-            wrapped, public_der = material.wrapped, material.public_der
+        wrapped, public_der = source.export_wrapped(key, deadline) if exported is None else exported
         self._fault("copy-exported")
         made = []
         for name in targets:
@@ -1452,7 +1453,7 @@ class Router:
         # What the target holds under the key's id already must be the key's (an earlier move's
         # leftovers) before the record names it: named, another key there would serve the key's calls.
         wrapped, public_der = holder.export_wrapped(current, deadline)
-        material = KeyMaterial(current, wrapped, public_der)
+        material = KeyMaterial.of(current, wrapped, public_der)
         target.check_foreign(material, deadline)
         # The record names the target before the copy is made: a reconcile that lists the
         # target's token meanwhile must see the copy as the key's, not as an orphan to
@@ -1472,7 +1473,8 @@ class Router:
         self._remember(pending)
         try:
             self._fault("move-target-named")
-            self._replicate(current, holder, (to,), deadline, strict=True, own_leftovers=True, material=material)
+            self._replicate(current, holder, (to,), deadline, strict=True, own_leftovers=True,
+                            exported=(wrapped, public_der))
             self._prove_copy(current, holder, target, deadline)
             self._fault("moved-copy-proven")
         except RouterError:
@@ -1850,7 +1852,7 @@ class Router:
                 return kept
             material = self.material_of(current, deadline, besides=name)
         elif current is not None and name not in current.clusters and (current.external or not current.extractable):
-            material = self.material_of(current, deadline)  # one nothing matches: it was never copied
+            material = KeyMaterial.never_copied(current)
         self.backends[name].destroy(key_id, deadline, unless=keep, of=material)
         return why[0] if why else ""
 
@@ -1860,7 +1862,7 @@ class Router:
         non-extractable one none beyond its cluster: no object matches what is returned for
         them. UNAVAILABLE when no cluster holding the key can export it."""
         if key.external or not key.extractable:
-            return KeyMaterial(key, b"", b"")
+            return KeyMaterial.never_copied(key)
         failed: list[str] = []
         for holder in self.dispatcher.order(n for n in key.clusters if n != besides):
             backend = self.backends.get(holder)
@@ -1873,7 +1875,7 @@ class Router:
             except RouterError as exc:
                 failed.append(f"{holder}: {exc.message}")
                 continue
-            return KeyMaterial(key, wrapped, public_der)
+            return KeyMaterial.of(key, wrapped, public_der)
         asked = "; ".join(failed) or "none of them is configured here"
         where = self.backends.get(besides)
         raise Unavailable(f"key {key.key_id!r}'s material could not be read from its clusters ({asked}) to compare "
@@ -1924,6 +1926,7 @@ class Router:
         # version), and whatever copy cannot be removed now is an orphan for reconcile.
         # The other way round, a failure half-way left a usable record without material.
         destroyed = placement
+        material = self._material_to_sweep(placement, deadline)
         # A record destroyed by an earlier version may still hold an EXTERNAL key's material.
         if placement.state is not KeyState.DESTROYED or placement.wrapped or placement.public_der:
             elsewhere = [name for name in placement.clusters if name not in self.backends]
@@ -1968,13 +1971,30 @@ class Router:
         # made: what is under their ids elsewhere is another key's.
         if others and not destroyed.external and destroyed.extractable:
             with self._lock:
-                self._unswept[key_id] = others
+                self._unswept[key_id] = (others, material)
         if left:
             raise Unavailable(f"key {key_id!r} is destroyed and serves no more, but its objects on "
                               f"{', '.join(left)} could not be removed now: call DestroyKey again, or "
                               "reconcile --fix removes them")
         log.info("key %s destroyed", key_id)
         return destroyed
+
+    def _material_to_sweep(self, placement: Placement, deadline: float) -> KeyMaterial | None:
+        """A live copyable key's material, read before its DestroyKey destroys it: what a stray copy
+        the sweep finds on a cluster its record does not name must be (another application's key
+        under that id stays). None when it cannot be read (a cluster busy or down: the sweep
+        then destroys what it finds there, as reconcile does for a destroyed key) or is not
+        needed (a key destroyed already, EXTERNAL or non-extractable: never swept)."""
+        if placement.state is KeyState.DESTROYED or placement.external or not placement.extractable:
+            return None
+        try:
+            return self.material_of(placement, min(deadline, time.monotonic() + MATERIAL_WAIT))
+        except Stopping:
+            raise
+        except RouterError as exc:
+            log.info("key %s: its material could not be read before its destroy (%s); clusters its record does "
+                     "not name are swept without a comparison", placement.key_id, exc.message)
+            return None
 
     def _our_tokens(self, placement: Placement, deadline: float) -> None:
         """``OtherFleet`` if a cluster the record names has a token whose fleet marker lists only
@@ -2002,22 +2022,22 @@ class Router:
         """
         removed = 0
         with self._lock:
-            pending = [(key_id, list(names)) for key_id, names in self._unswept.items()]
-        for key_id, names in pending:
+            pending = [(key_id, list(names), material) for key_id, (names, material) in self._unswept.items()]
+        for key_id, names, material in pending:
             for name in names:
                 if time.monotonic() >= deadline:
                     return removed
-                removed += self._sweep(key_id, name, deadline)
+                removed += self._sweep(key_id, name, deadline, material)
                 with self._lock:
-                    left = self._unswept.get(key_id)
-                    if left is not None and name in left:
+                    left, _ = self._unswept.get(key_id, ([], None))
+                    if name in left:
                         left.remove(name)
                         if not left:
                             del self._unswept[key_id]
         return removed
 
-    def _sweep(self, key_id: str, name: str, deadline: float) -> int:
-        """``sweep_destroyed`` on one cluster: how many objects went."""
+    def _sweep(self, key_id: str, name: str, deadline: float, material: KeyMaterial | None) -> int:
+        """``sweep_destroyed`` on one cluster: how many objects went (only ``material``'s, if known)."""
         if self.breakers[name].state is CircuitState.OPEN:
             log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for "
                         "a stray copy (its circuit is open): the next periodic reconcile removes any", key_id, name)
@@ -2029,7 +2049,11 @@ class Router:
                         "stray copy: %s", key_id, name, why)
             return 0
         try:
-            removed = self.backends[name].destroy(key_id, deadline)
+            removed = self.backends[name].destroy(key_id, deadline, of=material)
+        except ForeignObjects as exc:
+            log.warning("key %s destroyed; on cluster %s, which its record does not name: %s", key_id, name,
+                        exc.message)
+            return 0
         except RouterError as exc:
             log.warning("key %s destroyed; cluster %s, which its record does not name, could not be looked at "
                         "for a stray copy (%s): the next periodic reconcile removes any", key_id, name, exc.message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -257,7 +258,7 @@ class Pkcs11Cluster(HsmBackend):
         secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
 
         def check(s: PooledSession, found: list[Object]) -> None:
-            self._only_of(s, found, KeyMaterial(key, wrapped, public_der), "copied or destroyed")
+            self._only_of(s, found, KeyMaterial.of(key, wrapped, public_der), "copied or destroyed")
 
         def run(s: PooledSession) -> None:
             with self._cleared(s, key.key_id, deadline, unless, check if own_leftovers else None):
@@ -325,7 +326,7 @@ class Pkcs11Cluster(HsmBackend):
         """``ForeignObjects`` if any of ``found`` is not the key's material (``_of_key``); ``nothing``:
         what was not done to the objects there."""
         key = material.key
-        strangers = [obj for obj in found if not self._of_key(s, obj, key, material.wrapped, material.public_der)]
+        strangers = [obj for obj in found if not self._of_key(s, obj, material)]
         if strangers:
             raise ForeignObjects(
                 f"cluster {self.spec.name} holds {len(strangers)} object(s) under key id {key.key_id!r} that are "
@@ -334,18 +335,21 @@ class Pkcs11Cluster(HsmBackend):
                 "decides what they are (docs/operations.md, objects that are not the key's)",
                 cluster=self.spec.name, region=self.spec.region)
 
-    def _of_key(self, s: PooledSession, obj: Object, key: Placement, wrapped: bytes, public_der: bytes) -> bool:
+    def _of_key(self, s: PooledSession, obj: Object, material: KeyMaterial) -> bool:
         """Is ``obj`` one of the key's objects, by its material: a public key with the key's
         public key, a private or secret key that the trusted wrapping key wraps to the same bytes
-        (AES key wrap with padding, RFC 5649, has no random part). An object that cannot be
-        compared (another class, not extractable, another key type) is not the key's."""
+        (AES key wrap with padding, RFC 5649, has no random part); compared by SHA-256. An object
+        that cannot be compared (another class, not extractable, another key type) is not the key's."""
+        key = material.key
         try:
             if obj.object_class == ObjectClass.PUBLIC_KEY:
-                return key.algorithm.is_asymmetric and _keys.public_key_der(obj, key.algorithm) == public_der
+                return (bool(material.public_sha256) and key.algorithm.is_asymmetric and hashlib.sha256(
+                    _keys.public_key_der(obj, key.algorithm)).digest() == material.public_sha256)
             secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
-            if obj.object_class != secret_class:
+            if obj.object_class != secret_class or not material.wrapped_sha256:
                 return False
-            return bytes(s.wrapping_key().wrap_key(obj, mechanism=_keys.WRAP_MECHANISM)) == wrapped
+            wrapped = bytes(s.wrapping_key().wrap_key(obj, mechanism=_keys.WRAP_MECHANISM))
+            return hashlib.sha256(wrapped).digest() == material.wrapped_sha256
         except _INCOMPARABLE:
             return False
         except p11.PKCS11Error as exc:

@@ -1377,3 +1377,25 @@ def test_a_destroyed_non_extractable_keys_id_elsewhere_is_another_keys(make_rout
     assert f"could not destroy orphan {key_id} on {elsewhere}" in caplog.text
     assert _public_ders(tokens, elsewhere, key_id) == [theirs]
     assert tokens.objects(key.primary, key_id) == []
+
+
+def test_destroy_sweeps_the_keys_own_stray_copy_but_not_another_applications_key_under_its_id(
+    make_router, tokens, caplog
+) -> None:
+    """DestroyKey reads the key's material (by digest) before destroying it: its sweep of the
+    clusters the record does not name removes a copy a cut-off repair left, and leaves another
+    application's key pair under the same id."""
+    key_id = unique("destroy-sweep")
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                                      request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
+    stray, other = (name for name in ("use1-a", "use1-b", "usw2-a") if name != key.primary)
+    copy_left(router, key, stray)
+    theirs = _another_applications_key(tokens, other, key_id)
+    assert router.destroy_key(key_id, time.monotonic() + 30).state is KeyState.DESTROYED
+    with caplog.at_level(logging.WARNING, logger="router.router"):
+        assert router.sweep_destroyed(time.monotonic() + 30) == 2
+    assert tokens.objects(stray, key_id) == [] and tokens.objects(key.primary, key_id) == []
+    assert _public_ders(tokens, other, key_id) == [theirs]
+    assert (f"key {key_id} destroyed; on cluster {other}, which its record does not name: cluster {other} holds "
+            f"2 object(s) under key id {key_id!r} that are not this key's") in caplog.text
