@@ -110,6 +110,11 @@ def _capabilities(usage: KeyUsage) -> MechanismFlag:
     return MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
 
 
+def secret_class(algorithm: KeyAlgorithm) -> ObjectClass:
+    """The class of the object that holds a key's secret: its private key, or the secret key itself."""
+    return ObjectClass.PRIVATE_KEY if algorithm.is_asymmetric else ObjectClass.SECRET_KEY
+
+
 def key_type(algorithm: KeyAlgorithm) -> KeyType:
     if algorithm.is_ec:
         return KeyType.EC

@@ -241,7 +241,7 @@ class Pkcs11Cluster(HsmBackend):
         return self._run(deadline, run)
 
     def export_wrapped(self, key: Placement, deadline: float) -> tuple[bytes, bytes]:
-        secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
+        secret_class = _keys.secret_class(key.algorithm)
 
         def run(s: PooledSession) -> tuple[bytes, bytes]:
             secret = s.key(key, secret_class, None)
@@ -255,7 +255,7 @@ class Pkcs11Cluster(HsmBackend):
 
     def import_wrapped(self, key: Placement, wrapped: bytes, public_der: bytes, deadline: float, *,
                        unless: Callable[[], bool] | None = None, own_leftovers: bool = False) -> None:
-        secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
+        secret_class = _keys.secret_class(key.algorithm)
 
         def check(s: PooledSession, found: list[Object]) -> None:
             self._only_of(s, found, KeyMaterial.of(key, wrapped, public_der), "copied or destroyed")
@@ -287,8 +287,7 @@ class Pkcs11Cluster(HsmBackend):
     def check_foreign(self, material: KeyMaterial, deadline: float) -> None:
         def run(s: PooledSession) -> None:
             with s.objects.searching():
-                found = _search.find(s.handle, {Attribute.ID: material.key.key_id.encode(), Attribute.TOKEN: True})
-            self._logged_in(s)  # without the login, a private key would go unseen
+                found = self._objects_of(s, material.key.key_id)  # with the login: every private key seen
             if found:
                 self._only_of(s, found, material, "copied or destroyed")
 
@@ -345,7 +344,7 @@ class Pkcs11Cluster(HsmBackend):
             if obj.object_class == ObjectClass.PUBLIC_KEY:
                 return (bool(material.public_sha256) and key.algorithm.is_asymmetric and hashlib.sha256(
                     _keys.public_key_der(obj, key.algorithm)).digest() == material.public_sha256)
-            secret_class = ObjectClass.PRIVATE_KEY if key.algorithm.is_asymmetric else ObjectClass.SECRET_KEY
+            secret_class = _keys.secret_class(key.algorithm)
             if obj.object_class != secret_class or not material.wrapped_sha256:
                 return False
             wrapped = bytes(s.wrapping_key().wrap_key(obj, mechanism=_keys.WRAP_MECHANISM))

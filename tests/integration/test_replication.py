@@ -1399,3 +1399,24 @@ def test_destroy_sweeps_the_keys_own_stray_copy_but_not_another_applications_key
     assert _public_ders(tokens, other, key_id) == [theirs]
     assert (f"key {key_id} destroyed; on cluster {other}, which its record does not name: cluster {other} holds "
             f"2 object(s) under key id {key_id!r} that are not this key's") in caplog.text
+
+
+def test_an_orphan_whose_keys_material_cannot_be_read_is_left_and_stays_a_finding(make_router, tokens, caplog) -> None:
+    """A fix of a live key's orphan that cannot read the key from any cluster holding it (each
+    fails) destroys nothing there: what it would compare with is unknown. It says why, and the
+    orphan stays listed for the next reconcile."""
+    key_id = unique("orphan-unreadable")
+    first, key, target = _one_copy_key(make_router, key_id)
+    copy_left(first, key, target)
+    fixer = make_router()
+
+    def down(*_args: object, **_kwargs: object) -> tuple[bytes, bytes]:
+        raise ClusterDown(f"cluster {key.primary} did not answer", cluster=key.primary)
+
+    fixer.backends[key.primary].export_wrapped = down  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="router.reconcile"):
+        report = reconcile(fixer, fix=True)
+    assert (target, key_id) in report.orphans and (target, key_id) not in report.removed
+    assert (f"reconcile: could not destroy orphan {key_id} on {target}: key {key_id!r}'s material could not be "
+            f"read from its clusters ({key.primary}: cluster {key.primary} did not answer)") in caplog.text
+    assert len(tokens.objects(target, key_id)) == 2
