@@ -40,6 +40,19 @@ class KeyMaterial:
         return cls(key, hashlib.sha256(wrapped).digest(), hashlib.sha256(public_der).digest() if public_der else b"")
 
     @classmethod
+    def recorded(cls, key: Placement) -> KeyMaterial | None:
+        """A DESTROYED key's, from its record (``Placement.destroyed_material``); None when the
+        record keeps none."""
+        if not key.destroyed_material:
+            return None
+        return cls(key, key.destroyed_material[:32], key.destroyed_material[32:])
+
+    @property
+    def digests(self) -> bytes:
+        """What ``recorded`` reads back: ``Placement.destroyed_material``."""
+        return self.wrapped_sha256 + self.public_sha256
+
+    @classmethod
     def never_copied(cls, key: Placement) -> KeyMaterial:
         """One no object matches: for a key that is never copied (EXTERNAL, non-extractable), on a
         cluster where it was not made."""

@@ -212,6 +212,11 @@ class Placement:
     owner: str = ""
     """While CREATING: the process making the key's objects (``router._owner``), so a retry can
     tell that it is gone; "" once the key is made, and on records written before owners were."""
+    destroyed_material: bytes = field(default=b"", repr=False)
+    """DESTROYED copyable keys: SHA-256 of the key wrapped under the trusted wrapping key, then
+    (asymmetric keys) of its public key: what objects found later under its id on clusters the
+    record does not name are compared with (``KeyMaterial.recorded``). Empty when the material
+    could not be read before the destroy, and on records destroyed before it was kept."""
     clusters: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -241,6 +246,7 @@ class Placement:
         put(view, "request_id", "")
         put(view, "fingerprint", "")
         put(view, "owner", "")
+        put(view, "destroyed_material", b"")
         return view
 
     @property

@@ -10,7 +10,8 @@ Finds, per cluster:
   another application's key of that id), which stay, logged at ERROR.
   A destroyed key's are destroyed by ``finish_destroys`` too, without ``fix``: its
   DestroyKey was asked for and answered; what it could not reach (a copy a killed
-  repairer left, whose sweep died with the process that destroyed the key) goes then;
+  repairer left, whose sweep died with the process that destroyed the key) goes then,
+  if it is the material whose digests the record keeps (``Placement.destroyed_material``);
 - **unknown**: key objects no record in the store names at all. The gateway writes a
   key's record before it makes objects and removes it only after them, so none of its
   own keys is ever found so: these are another application's keys, or the store is not

@@ -1830,10 +1830,12 @@ class Router:
         ``ForeignObjects`` and nothing is destroyed: leftovers of its moves and copies are, and
         another application's key under the same id, on a cluster the key was never searched
         for, is not. A live key whose objects ``why_kept`` keeps as its record reads now is not
-        asked for its material: they stay. A destroyed key that was never copied (EXTERNAL,
-        non-extractable) has none on a cluster its record does not name. Only an unknown key's
-        and another destroyed key's objects are destroyed without a comparison (the look under
-        the lock keeps an unknown key's).
+        asked for its material: they stay. On a cluster its record does not name, a destroyed key
+        that was never copied (EXTERNAL, non-extractable) has no objects, and another destroyed
+        key's are compared with the material its record keeps (``Placement.destroyed_material``).
+        Only a destroyed key's whose record keeps none (read too late, or destroyed by an older
+        version) and an unknown key's are destroyed without a comparison (the look under the
+        lock keeps an unknown key's).
         """
         why: list[str] = []
 
@@ -1851,8 +1853,9 @@ class Router:
             if kept:
                 return kept
             material = self.material_of(current, deadline, besides=name)
-        elif current is not None and name not in current.clusters and (current.external or not current.extractable):
-            material = KeyMaterial.never_copied(current)
+        elif current is not None and name not in current.clusters:
+            never_copied = current.external or not current.extractable
+            material = KeyMaterial.never_copied(current) if never_copied else KeyMaterial.recorded(current)
         self.backends[name].destroy(key_id, deadline, unless=keep, of=material)
         return why[0] if why else ""
 
@@ -1936,9 +1939,12 @@ class Router:
             try:
                 # Nothing is left to place: the record does not stay "held" by an operator either.
                 # Nor does it keep an EXTERNAL key's material: whoever reads the store and holds a
-                # cluster's PIN could unwrap the wrapped key and use it.
+                # cluster's PIN could unwrap the wrapped key and use it. It keeps the digests of a
+                # copyable key's material, which unwrap nothing: this process's sweep may die with
+                # it, and a reconcile that finishes the destroy compares what it finds with them.
                 destroyed = self.store.update(replace(placement, state=KeyState.DESTROYED, held=False,
-                                                      wrapped=b"", public_der=b""))
+                                                      wrapped=b"", public_der=b"",
+                                                      destroyed_material=material.digests if material else b""))
             except StoreError as exc:
                 raise _store_down("placement store is unreachable; keys cannot be destroyed now", exc) from exc
             except Conflict as exc:
@@ -1980,13 +1986,16 @@ class Router:
         return destroyed
 
     def _material_to_sweep(self, placement: Placement, deadline: float) -> KeyMaterial | None:
-        """A live copyable key's material, read before its DestroyKey destroys it: what a stray copy
-        the sweep finds on a cluster its record does not name must be (another application's key
-        under that id stays). None when it cannot be read (a cluster busy or down: the sweep
-        then destroys what it finds there, as reconcile does for a destroyed key) or is not
-        needed (a key destroyed already, EXTERNAL or non-extractable: never swept)."""
-        if placement.state is KeyState.DESTROYED or placement.external or not placement.extractable:
+        """A live copyable key's material, read before its DestroyKey destroys it (a destroyed one's,
+        from its record): what a stray copy the sweep or a later reconcile finds on a cluster its
+        record does not name must be (another application's key under that id stays). None when it
+        cannot be read (a cluster busy or down: the sweep then destroys what it finds there, as
+        reconcile does for a destroyed key whose record keeps no material) or is not needed
+        (EXTERNAL or non-extractable: never swept)."""
+        if placement.external or not placement.extractable:
             return None
+        if placement.state is KeyState.DESTROYED:
+            return KeyMaterial.recorded(placement)
         try:
             return self.material_of(placement, min(deadline, time.monotonic() + MATERIAL_WAIT))
         except Stopping:

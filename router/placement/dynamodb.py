@@ -6,8 +6,8 @@ the partition key ``key_id`` and told apart by their ``kind`` attribute:
 ``<key id>`` (kind ``placement``)
     One item per key, an attribute per ``Placement`` field (``wrapped`` and
     ``public_der`` as Binary, ``replicas`` as a list) and a ``version`` number.
-    ``wrapped``, ``public_der`` and ``owner`` are left out when empty (an older item has
-    no ``owner``: it reads as "").
+    ``wrapped``, ``public_der``, ``owner`` and ``destroyed_material`` are left out when
+    empty (an older item has no ``owner``: it reads as "").
 ``req#<request id>`` (kind ``request``)
     The unique index of request ids: ``target`` names the key the request made.
     Written and removed in the same transaction as its placement, so one request
@@ -150,6 +150,8 @@ def _encode(p: Placement) -> Item:
         item["public_der"] = {"B": p.public_der}
     if p.owner:  # only while CREATING; absent on older items too
         item["owner"] = {"S": p.owner}
+    if p.destroyed_material:
+        item["destroyed_material"] = {"B": p.destroyed_material}
     return item
 
 
@@ -176,6 +178,8 @@ def _decode(item: Item | None) -> Placement | None:
             owner=item.get("owner", {}).get("S", ""),
             wrapped=bytes(item["wrapped"]["B"]) if "wrapped" in item else b"",
             public_der=bytes(item["public_der"]["B"]) if "public_der" in item else b"",
+            destroyed_material=(bytes(item["destroyed_material"]["B"]) if "destroyed_material" in item
+                                else b""),
         )
     except (KeyError, TypeError, ValueError) as exc:
         key = item.get("key_id", {}).get("S", "?")

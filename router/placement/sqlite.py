@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS placements (
     public_der BLOB NOT NULL DEFAULT x'',
     copies INTEGER NOT NULL DEFAULT 1,
     held INTEGER NOT NULL DEFAULT 0,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    destroyed_material BLOB NOT NULL DEFAULT x''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS placements_request ON placements(request_id);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL);
@@ -67,11 +68,13 @@ _ADDED_COLUMNS = (
     ("copies", "INTEGER NOT NULL DEFAULT 1"),
     ("held", "INTEGER NOT NULL DEFAULT 0"),
     ("owner", "TEXT NOT NULL DEFAULT ''"),
+    ("destroyed_material", "BLOB NOT NULL DEFAULT x''"),
 )
 
 _COLUMNS = (
     "key_id, algorithm, usage, state, primary_cluster, replicas, create_time, "
-    "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies, held, owner"
+    "request_id, fingerprint, storage, version, extractable, wrapped, public_der, copies, held, owner, "
+    "destroyed_material"
 )
 _PLACES = ",".join("?" * len(_COLUMNS.split(",")))
 
@@ -117,6 +120,7 @@ def _row(row: tuple) -> Placement:  # type: ignore[type-arg]
         copies=row[14],
         held=bool(row[15]),
         owner=row[16],
+        destroyed_material=bytes(row[17]),
     )
 
 
@@ -139,6 +143,7 @@ def _values(p: Placement) -> tuple:  # type: ignore[type-arg]
         p.copies,
         int(p.held),
         p.owner,
+        p.destroyed_material,
     )
 
 
@@ -319,7 +324,7 @@ class SqliteStore(PlacementStore):
                 (
                     "UPDATE placements SET algorithm=?, usage=?, state=?, primary_cluster=?, replicas=?, "
                     "create_time=?, request_id=?, fingerprint=?, storage=?, version=?, extractable=?, "
-                    "wrapped=?, public_der=?, copies=?, held=?, owner=? "
+                    "wrapped=?, public_der=?, copies=?, held=?, owner=?, destroyed_material=? "
                     "WHERE key_id=? AND version=? AND request_id=?",
                     (*values[1:], placement.key_id, placement.version, placement.request_id),
                 )

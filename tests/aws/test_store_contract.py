@@ -94,6 +94,7 @@ def test_every_placement_field_round_trips(store: PlacementStore) -> None:
         "public_der": bytes(range(256)),
         "held": True,
         "owner": "fbb57049-dd18-48d7-a805-551c2d0ca1be:4026531836:4026531834:4242:6742648",
+        "destroyed_material": bytes(range(64)),
     }
     fields = {f.name for f in dataclasses.fields(Placement) if f.init}
     assert set(values) == fields, "a new Placement field needs a value here and a column/attribute in every store"
@@ -139,6 +140,32 @@ def test_a_record_from_before_owners_reads_with_none_and_takes_one(backend: Back
     assert backend.open(url).get("app/old") == claimed and claimed.owner == "boot:1:2:3:4"
     made = store.update(dataclasses.replace(claimed, state=KeyState.ENABLED, owner=""))
     assert backend.open(url).get("app/old") == made and made.owner == ""
+
+
+def test_a_destroyed_record_from_before_material_digests_reads_with_none_and_takes_them(
+        backend: Backend, url: str) -> None:
+    """A DESTROYED record an older gateway wrote: a SQLite file without the ``destroyed_material``
+    column (added when it is opened), a DynamoDB item without the attribute. Each reads as no
+    digests (its stray copies are swept without a comparison, as before); an update keeps them."""
+    store = backend.open(url)
+    store.create(make("app/gone", state=KeyState.DESTROYED, destroyed_material=b"\x01" * 64))
+    if backend.kind == "sqlite":
+        import sqlite3
+
+        path = url.removeprefix("sqlite:")
+        store.close()
+        with sqlite3.connect(path) as db:
+            db.execute("ALTER TABLE placements DROP COLUMN destroyed_material")
+        store = backend.open(url)
+    else:
+        assert isinstance(store, DynamoStore)
+        store._client.update_item(TableName=store.table, Key={"key_id": {"S": "app/gone"}},
+                                  UpdateExpression="REMOVE #m", ExpressionAttributeNames={"#m": "destroyed_material"})
+    old = store.get("app/gone")
+    assert old is not None and old.destroyed_material == b""
+    assert store.by_request(old.request_id) == old and list(store.scan()) == [old]
+    kept = store.update(dataclasses.replace(old, destroyed_material=bytes(range(32))))
+    assert backend.open(url).get("app/gone") == kept and kept.destroyed_material == bytes(range(32))
 
 
 def test_get_and_by_request_of_unknown_ids_are_none(store: PlacementStore) -> None:

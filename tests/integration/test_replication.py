@@ -1420,3 +1420,39 @@ def test_an_orphan_whose_keys_material_cannot_be_read_is_left_and_stays_a_findin
     assert (f"reconcile: could not destroy orphan {key_id} on {target}: key {key_id!r}'s material could not be "
             f"read from its clusters ({key.primary}: cluster {key.primary} did not answer)") in caplog.text
     assert len(tokens.objects(target, key_id)) == 2
+
+
+@pytest.mark.parametrize("finished_by", ["reconcile", "DestroyKey again"])
+def test_a_destroy_finished_by_another_process_removes_the_keys_stray_copy_but_not_another_applications_key(
+    make_router, tokens, caplog, finished_by
+) -> None:
+    """The process that destroyed a key stopped before its sweep: the clusters it had left to look at
+    died with it. The key's record keeps digests of its material (nothing that unwraps it), so another
+    process's periodic reconcile, or a DestroyKey asked again through it, removes a copy a cut-off
+    repair left and leaves another application's key pair under the same id. Before, both went."""
+    key_id = unique("destroyed-unswept")
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                                      request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
+    _, public_der = router.public_key(key_id, time.monotonic() + 30)
+    stray, other = (name for name in ("use1-a", "use1-b", "usw2-a") if name != key.primary)
+    copy_left(router, key, stray)
+    theirs = _another_applications_key(tokens, other, key_id)
+    destroyed = router.destroy_key(key_id, time.monotonic() + 30)  # and its sweep never runs
+    assert len(destroyed.destroyed_material) == 64
+    assert destroyed.destroyed_material[32:] == hashlib.sha256(public_der).digest()
+    assert _left(tokens, key_id) == {stray: {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY},
+                                     other: {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}}
+
+    later = make_router()
+    with caplog.at_level(logging.WARNING):
+        if finished_by == "reconcile":
+            report = reconcile(later, fix=False, finish_destroys=True)
+            assert (stray, key_id) in report.finished and (other, key_id) not in report.finished
+            assert f"reconcile: could not destroy orphan {key_id} on {other}" in caplog.text
+        else:
+            assert later.destroy_key(key_id, time.monotonic() + 30).state is KeyState.DESTROYED
+            assert later.sweep_destroyed(time.monotonic() + 30) == 2
+    assert tokens.objects(stray, key_id) == []
+    assert _public_ders(tokens, other, key_id) == [theirs]
+    assert f"cluster {other} holds 2 object(s) under key id {key_id!r} that are not this key's" in caplog.text
