@@ -22,7 +22,17 @@ from google.protobuf import timestamp_pb2
 from gateway import audit as audit_mod
 from gateway import status
 from gateway.interceptors import current_caller, current_identity
-from gateway.quorum import LEASE, PENDING, RUN_LIMIT, RUNNING, Change, ChangeBook, EventUnsynced, NotAnotherAdmin
+from gateway.quorum import (
+    LEASE,
+    PENDING,
+    RUN_LIMIT,
+    RUNNING,
+    Change,
+    ChangeBook,
+    EventUnsynced,
+    NotAnotherAdmin,
+    running_change,
+)
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
 from router.errors import (
@@ -247,10 +257,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                    "admin changes wait until it can") from None
 
     def _audit_done(self, action: str, target: str, **details: object) -> None:
-        """Audit what a running change did: it is done, so a record the log cannot take does not
-        undo or fail it (the log names the event and counts it; the next record notes it)."""
+        """Audit what a running change did, naming the change (``change_id``: its own records name
+        who asked and approved): it is done, so a record the log cannot take does not undo or fail
+        it (the log names the event and counts it; the next record notes it)."""
         try:
-            self.audit.append("-", action, target, "ok", **details)
+            self.audit.append("-", action, target, "ok", change_id=running_change(), **details)
         except (audit_mod.AuditLogError, OSError):
             pass
 

@@ -815,6 +815,9 @@ def test_a_rebalance_keeps_a_key_whose_target_holds_another_keys_objects_under_i
     assert tokens.classes(ring_choice[kept], kept) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
     assert _public_ders(tokens, elsewhere[kept], kept) == [ours] != [theirs]
     assert admin._plan()[1] == [], "the next plan leaves the kept key where it is"
+    audited = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert sorted((r["target"], r["details"]["change_id"]) for r in audited if r["action"] == "key_moved") == sorted(
+        (k.key_id, change.id) for k in keys if k.key_id != kept)
 
     ahead[0] = 601.0  # the operator may have taken the other key away meanwhile: plans look again
     assert [(p.key_id, target) for p, target in admin._plan()[1]] == [(kept, ring_choice[kept])]
