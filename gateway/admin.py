@@ -22,10 +22,28 @@ from google.protobuf import timestamp_pb2
 from gateway import audit as audit_mod
 from gateway import status
 from gateway.interceptors import current_caller, current_identity
-from gateway.quorum import LEASE, PENDING, RUN_LIMIT, RUNNING, Change, ChangeBook, EventUnsynced, NotAnotherAdmin
+from gateway.quorum import (
+    LEASE,
+    PENDING,
+    RUN_LIMIT,
+    RUNNING,
+    Change,
+    ChangeBook,
+    EventUnsynced,
+    NotAnotherAdmin,
+    running_change,
+)
 from hsmgw.v1 import admin_pb2 as pb
 from hsmgw.v1 import admin_pb2_grpc
-from router.errors import AuditUnavailable, FailedPrecondition, InvalidArgument, KeyChanged, RouterError, Unavailable
+from router.errors import (
+    AuditUnavailable,
+    FailedPrecondition,
+    ForeignObjects,
+    InvalidArgument,
+    KeyChanged,
+    RouterError,
+    Unavailable,
+)
 from router.health import CircuitState
 from router.model import KeyState, Placement
 from router.placement.store import StoreError
@@ -239,10 +257,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                    "admin changes wait until it can") from None
 
     def _audit_done(self, action: str, target: str, **details: object) -> None:
-        """Audit what a running change did: it is done, so a record the log cannot take does not
-        undo or fail it (the log names the event and counts it; the next record notes it)."""
+        """Audit what a running change did, naming the change (``change_id``: its own records name
+        who asked and approved): it is done, so a record the log cannot take does not undo or fail
+        it (the log names the event and counts it; the next record notes it)."""
         try:
-            self.audit.append("-", action, target, "ok", **details)
+            self.audit.append("-", action, target, "ok", change_id=running_change(), **details)
         except (audit_mod.AuditLogError, OSError):
             pass
 
@@ -336,6 +355,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                      f"({', '.join(layout) or 'none'} then, {', '.join(now) or 'none'} now); "
                                      "nothing was moved: plan again")
         done, failed, left = 0, [], []
+        kept: list[tuple[str, str]] = []  # (key id, target) of moves refused for what the target holds
         for key_id, source, target, version in moves:
             try:
                 # Only the record the plan read moves: a change since (a move, held, or still running
@@ -344,6 +364,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             except KeyChanged:
                 log.info("rebalance: %s changed since the plan; left where it is", key_id)
                 left.append(key_id)
+                continue
+            except ForeignObjects as exc:
+                # Not a failure a new plan would mend: from now on plans leave the key where it is.
+                log.warning("rebalance: %s kept on %s: %s", key_id, source, exc.message)
+                self.router.foreign_found(key_id, target)
+                kept.append((key_id, target))
                 continue
             except (RouterError, StoreError) as exc:
                 log.warning("rebalance: %s not moved from %s to %s: %s", key_id, source, target, exc)
@@ -356,6 +382,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             shown = ", ".join(left[:LEFT_SHOWN]) + (f" and {len(left) - LEFT_SHOWN} more" if len(left) > LEFT_SHOWN
                                                      else "")
             result += f", left {len(left)} that changed since the plan ({shown})"
+        if kept:
+            first, onto = kept[0]
+            result += (f", kept {len(kept)} where {'it is' if len(kept) == 1 else 'they are'}: the target holds "
+                       f"objects under the key's id that are not the key's (the first: {first}, target {onto}; "
+                       "docs/operations.md, objects that are not the key's)")
         if failed:
             raise Unavailable(f"{result}; {len(failed)} could not move (the first: {failed[0]}); "
                               "plan again to finish")

@@ -22,6 +22,7 @@ and retried, so two approvals at once both count and a change runs exactly once.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -62,6 +63,13 @@ INDEX_KEEP = 500
 """Changes ``list`` reaches; an older one is still read by its id."""
 _ATTEMPTS = 20
 """Tries of a read-and-write that keeps losing to other writers before giving up."""
+_RUNNING: contextvars.ContextVar[str] = contextvars.ContextVar("hsmgw_running_change", default="")
+
+
+def running_change() -> str:
+    """The id of the change whose action runs in this call ("" outside one): ``ChangeBook`` sets
+    it for the action's call only, so that what the action records names the change."""
+    return _RUNNING.get()
 
 
 @dataclass
@@ -354,6 +362,7 @@ class ChangeBook:
         renewer = threading.Thread(target=self._renew, args=(change_id, runner, stop, until), daemon=True,
                                    name=f"lease-{change_id}")
         renewer.start()
+        running = _RUNNING.set(change_id)
         try:
             result = self._actions[change.action](change.params)
             state = APPLIED
@@ -365,6 +374,7 @@ class ChangeBook:
         except Exception as exc:  # noqa: BLE001 - recorded; the admin sees a generic failure
             result, state = f"internal error ({type(exc).__name__})", FAILED
         finally:
+            _RUNNING.reset(running)
             stop.set()
             renewer.join()
         done = dataclasses.replace(change, state=state, result=result)

@@ -89,8 +89,8 @@ FLEET_REREAD = 60.0
 MATERIAL_WAIT = 2.0
 """Seconds a DestroyKey waits at most to read the key's material for its sweep (``_material_to_sweep``)."""
 FOREIGN_RETRY = 600.0
-"""Seconds the repairer leaves a cluster alone for a key, once objects there under the key's
-id turned out not to be the key's (``ForeignObjects``), before it looks again."""
+"""Seconds the repairer and rebalance plans leave a cluster alone for a key, once objects there
+under the key's id turned out not to be the key's (``ForeignObjects``), before they look again."""
 OTHER_FLEET = "other_fleet"
 """``Router.fleet_check``: the token's fleet marker lists other stores' fleets, not this one's."""
 FLEET_UNREAD = "fleet_unread"
@@ -274,7 +274,9 @@ class Router:
         self._fleet_read_at = float("-inf")
         """When ``follow_store_fleet`` last read the store's fleet id."""
         self._foreign: dict[tuple[str, str], float] = {}
-        """(key id, cluster) → when the repairer may try a copy there again (``FOREIGN_RETRY``)."""
+        """(key id, cluster) → when a repair or a rebalance may try a copy there again
+        (``FOREIGN_RETRY``). Written under ``_lock``: by the repairer's thread, and by a
+        rebalance's (an admin call's) through ``foreign_found``."""
 
     # -- placement cache -------------------------------------------------
 
@@ -971,7 +973,7 @@ class Router:
                     region=target.spec.region if target is not None else "",
                 ) from error
             if isinstance(error, ForeignObjects):
-                self._foreign[(key.key_id, name)] = self._clock() + FOREIGN_RETRY
+                self.foreign_found(key.key_id, name)
                 log.error("key %s: not copied to %s: %s; the repairer looks again in %.0f minutes",
                           key.key_id, name, error.message, FOREIGN_RETRY / 60)
                 continue
@@ -1618,14 +1620,25 @@ class Router:
         home = self.topology.regions.get(self.topology.home_region, ())
         ring = PlacementRing(list(self.rebalance_layout() if layout is None else layout))
         moves = []
+        now = self._clock()
         for placement in sorted(self.store.scan(), key=lambda p: p.key_id):
             if (placement.external or not placement.extractable or placement.held or not placement.usable
                     or placement.primary not in home):
                 continue  # non-extractable keys stay where they were made; held ones where an operator put them
             desired = ring.choose(placement.key_id)
-            if desired is not None and desired != placement.primary and desired not in placement.clusters:
-                moves.append((placement, desired))
+            if desired is None or desired == placement.primary or desired in placement.clusters:
+                continue
+            if self._foreign.get((placement.key_id, desired), now) > now:
+                continue  # not the key's objects there: its move would be refused, so it stays where it is
+            moves.append((placement, desired))
         return moves
+
+    def foreign_found(self, key_id: str, cluster: str) -> None:
+        """Objects under the key's id on ``cluster`` are not the key's (a copy there was refused with
+        ``ForeignObjects``): for ``FOREIGN_RETRY`` seconds the repairer does not copy the key there,
+        and rebalance plans leave it where it is."""
+        with self._lock:
+            self._foreign[(key_id, cluster)] = self._clock() + FOREIGN_RETRY
 
     # -- repair ------------------------------------------------------------------------
 
@@ -1689,7 +1702,8 @@ class Router:
         fixed = 0
         if self._foreign:
             now = self._clock()
-            self._foreign = {where: until for where, until in self._foreign.items() if until > now}
+            with self._lock:
+                self._foreign = {where: until for where, until in self._foreign.items() if until > now}
         for placement in self._cache.select(self.short_of_copies):
             if self._clock() >= deadline:
                 break

@@ -117,3 +117,24 @@ def test_each_event_of_a_change_names_who_caused_it_and_how_they_called(tmp_path
         assert "alice (header, ipv4:127.0.0.1:" in table, table
         tail = hsmctl(gw.target, "audit", "tail", "-n", "30").stdout
         assert "bob (header)" in tail, tail
+
+
+def test_a_key_moved_by_a_change_names_that_change(tmp_path: Path) -> None:
+    """The gateway records the move it ran (actor "-"): its change_id ties it to the change's own
+    records, which name who asked for it and who approved it."""
+    fleet = init_fleet(tmp_path / "f", listen="127.0.0.1:0", copies=1)
+    with running(fleet.config_path) as gw, grpc.insecure_channel(gw.target) as ch:
+        crypto = crypto_pb2_grpc.CryptoServiceStub(ch)
+        key_id = unique("audited-move")
+        key = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=key_id, key_id=key_id,
+                                                       algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+        to = next(c for c in ("use1-a", "use1-b") if c != key.primary_cluster)
+        _, change = as_json(gw.target, "keys", "move", key_id, "--to", to, who="alice")
+        assert approve(gw.target, change, who="bob")["state"] == "applied"
+
+        records = [json.loads(line) for line in (fleet.config_path.parent / "audit.log").read_bytes().splitlines()]
+        (approved,) = [r for r in records if r["action"] == "change_approved"]
+        (moved,) = [r for r in records if r["action"] == "key_moved"]
+        assert (moved["actor"], moved["target"], moved["details"]["clusters"]) == ("-", key_id, [to])
+        assert moved["details"]["change_id"] == approved["target"] == change["id"]
+        assert (approved["actor"], approved["details"]["requested_by"]) == ("bob", "alice")

@@ -782,6 +782,47 @@ def test_a_rebalance_that_cannot_move_a_key_moves_the_others_and_says_so(make_ro
     assert [router.store.get(k.key_id).primary for k in keys] == [moves[0][1], keys[1].primary, moves[2][1]]
 
 
+def test_a_rebalance_keeps_a_key_whose_target_holds_another_keys_objects_under_its_id(
+        make_router, tokens, tmp_path) -> None:
+    """The ring sends a key to a cluster where another application's key pair has its id: every plan
+    would move it there, and every move is refused (FOREIGN_OBJECTS), so "plan again" never finished.
+    The rebalance keeps that key where it is, leaves the other key as it was, moves the rest and
+    succeeds; plans leave the key out for ten minutes, then look again."""
+    from gateway.admin import AdminServicer, rebalance_params
+
+    ahead = [0.0]
+    router = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=1, require_dr_copy=False))(
+        clock=lambda: time.monotonic() + ahead[0])
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=1)
+    keys = [router.generate_key(_spec(unique("reb-foreign")), time.monotonic() + 30) for _ in range(3)]
+    ring_choice = {k.key_id: k.primary for k in keys}
+    elsewhere = {k.key_id: next(c for c in ("use1-a", "use1-b") if c != k.primary) for k in keys}
+    for key in keys:  # off the place the ring gives it, and not held: rebalance moves it back
+        router.move_key(key.key_id, elsewhere[key.key_id], time.monotonic() + 30)
+    kept = keys[1].key_id
+    theirs = _another_applications_key(tokens, ring_choice[kept], kept)
+    ours = router.public_key(kept, time.monotonic() + 5)[1]
+
+    layout, planned = admin._plan()
+    assert {(p.key_id, target) for p, target in planned} == set(ring_choice.items())
+    change = admin.changes.request("alice", "apply_rebalance", rebalance_params("plan", layout, planned))
+    assert change.state == "applied", change.result
+    assert change.result == (f"moved 2 keys, kept 1 where it is: the target holds objects under the key's id that "
+                             f"are not the key's (the first: {kept}, target {ring_choice[kept]}; "
+                             "docs/operations.md, objects that are not the key's)")
+    assert {k.key_id: router.store.get(k.key_id).primary for k in keys} == {**ring_choice, kept: elsewhere[kept]}
+    assert _public_ders(tokens, ring_choice[kept], kept) == [theirs], "the other key is still there, as it was"
+    assert tokens.classes(ring_choice[kept], kept) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+    assert _public_ders(tokens, elsewhere[kept], kept) == [ours] != [theirs]
+    assert admin._plan()[1] == [], "the next plan leaves the kept key where it is"
+    audited = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert sorted((r["target"], r["details"]["change_id"]) for r in audited if r["action"] == "key_moved") == sorted(
+        (k.key_id, change.id) for k in keys if k.key_id != kept)
+
+    ahead[0] = 601.0  # the operator may have taken the other key away meanwhile: plans look again
+    assert [(p.key_id, target) for p, target in admin._plan()[1]] == [(kept, ring_choice[kept])]
+
+
 def test_a_placement_made_while_the_key_was_being_created_is_cleared_and_logged(make_router, caplog) -> None:
     from router.placement.ring import PlacementRing
     from router.router import PINS

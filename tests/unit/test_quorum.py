@@ -16,12 +16,14 @@ import pytest
 from gateway.quorum import (
     APPLIED,
     EXPIRED,
+    FAILED,
     INTERRUPTED,
     PENDING,
     REJECTED,
     RUNNING,
     ChangeBook,
     NotAnotherAdmin,
+    running_change,
 )
 from router.errors import FailedPrecondition, KeyNotFound, Unavailable
 from router.placement import SqliteStore, StoreError
@@ -82,6 +84,24 @@ def test_a_change_requested_through_one_gateway_is_approved_through_another_and_
     with pytest.raises(FailedPrecondition, match="is applied"):
         a.approve("carol", change.id)
     assert actions.ran == [{"cluster": "use1-b"}]
+
+
+def test_an_action_runs_knowing_its_changes_id_and_nothing_else_does(store_path: Path, clock: FakeClock) -> None:
+    """What an action records names the change that ran it (its audit events); nothing outside
+    the action's call sees an id, a failed run's included."""
+    seen: list[str] = []
+
+    def drain(params: dict[str, str]) -> str:
+        seen.append(running_change())
+        if params["cluster"] == "use1-b":
+            raise FailedPrecondition("no")
+        return "drained"
+
+    book = ChangeBook(SqliteStore(store_path), {"drain": drain}, quorum=1, clock=clock)
+    changes = [book.request("alice", "drain", {"cluster": name}) for name in ("use1-a", "use1-b")]
+    assert [c.state for c in changes] == [APPLIED, FAILED]
+    assert seen == [c.id for c in changes]
+    assert running_change() == ""
 
 
 def test_approvals_through_several_gateways_at_once_all_count_and_the_change_runs_exactly_once(
