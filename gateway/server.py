@@ -183,6 +183,7 @@ class Gateway:
         self._audit_logger = logging.getLogger(AUDIT_LOGGER)
         self._audit_handler = AuditHandler(self.admin.audit)
         self._audit_logger.addHandler(self._audit_handler)
+        self._audit_level = self._audit_logger.level  # given back at stop
         if not self._audit_logger.isEnabledFor(logging.INFO):
             self._audit_logger.setLevel(logging.INFO)
         self.health = health.HealthServicer()
@@ -405,6 +406,7 @@ class Gateway:
                         "call (UNAVAILABLE, to a client that is gone); no cluster opens a session or logs in again",
                         running, CALLS_TIMEOUT)
         self._audit_logger.removeHandler(self._audit_handler)
+        self._audit_logger.setLevel(self._audit_level)
         self.router.close()
         # Its idle threads end now; one still in a call ends when the call does (``serve``).
         self._rpc_pool.shutdown(wait=False, cancel_futures=True)

@@ -20,6 +20,10 @@ MARK_AGAIN = (Unavailable, DeadlineExceeded, SessionsBusy)
 """Failures of ``HsmBackend.mark`` that are a moment's (the cluster down, no session free, the
 deadline): the marker is written at the next key there, not after a pause."""
 
+MARK_RETRY = 600.0
+"""Seconds after any other failed write of a token's fleet marker before a key written there
+tries again."""
+
 
 @dataclass(frozen=True)
 class KeyMaterial:

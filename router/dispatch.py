@@ -40,7 +40,6 @@ from router.backend import HsmBackend
 from router.errors import (
     AmbiguousKey,
     ClusterDown,
-    DeadlineExceeded,
     KeyNotFound,
     KeyOutOfReach,
     RouterError,
@@ -151,8 +150,7 @@ class Dispatcher:
     def run(self, names: Iterable[str], fn: Callable[[HsmBackend], T], deadline: float, what: str) -> tuple[T, str]:
         """Run ``fn`` on the first candidate that succeeds: (result, cluster name)."""
         self.budget.record_request()
-        last: RouterError | None = None
-        tried = ""  # the cluster of the last attempt
+        last: RouterError | None = None  # every attempt that did not succeed sets it
         attempts = 0
         skipped: list[str] | None = None  # candidates whose circuit was not closed, in order
         unheard: list[str] | None = None  # candidates skipped or failed as clusters: they may hold what others lack
@@ -180,21 +178,19 @@ class Dispatcher:
                 index = candidates.index(name)
             backend = self.backends[name]
             for same_cluster_try in range(2):
-                if attempts:
+                if last is not None:  # not the first attempt
                     if self._clock() >= deadline:
                         _not_the_records_fault(last, what, "the deadline passed before the other clusters, which "
                                                             "may unwrap it, were asked")
                         self._not_missing_for_sure(last, name, what, "the deadline passed")
-                        raise last or DeadlineExceeded(f"deadline exceeded for {what}")
+                        raise last
                     if not self.budget.try_spend():
                         log.warning("retry budget spent; not retrying %s", what)
                         _not_the_records_fault(last, what, "the retry budget is spent: the other clusters, which "
                                                             "may unwrap it, were not asked")
                         self._not_missing_for_sure(last, name, what, "the retry budget is spent")
-                        raise last or Unavailable(f"no cluster could serve {what}", cluster=tried,
-                                                  region=self._region(tried))
+                        raise last
                 attempts += 1
-                tried = name
                 try:
                     result = fn(backend)
                 except (ClusterDown, StaleSession) as exc:
@@ -258,8 +254,8 @@ class Dispatcher:
         if isinstance(last, (Throttled, SessionsBusy, KeyNotFound, AmbiguousKey, WrappedKeyRefused)):
             raise last
         # Chained: the HSM error behind the last failure is the failed call's (its metrics).
-        raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster or tried,
-                          region=last.region or self._region(tried)) from last
+        raise Unavailable(f"no cluster could serve {what}: {last.message}", cluster=last.cluster,
+                          region=last.region or self._region(last.cluster)) from last
 
     def _panic_pick(self, skipped: list[str]) -> str | None:
         """The skipped candidate most likely to answer: most successes among its last calls,

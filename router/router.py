@@ -19,7 +19,7 @@ from typing import Any, Callable, TypeVar
 from router import validation
 from router._owner import Liveness, liveness, this_process
 from router._refused import RefusedRecords
-from router.backend import MARK_AGAIN, HsmBackend, KeyMaterial
+from router.backend import MARK_AGAIN, MARK_RETRY, HsmBackend, KeyMaterial
 from router.cache import PlacementCache
 from router.dispatch import Dispatcher
 from router.errors import (
@@ -1008,7 +1008,8 @@ class Router:
         except Stopping:
             raise
         except RouterError as exc:
-            when = "the next key" if isinstance(exc, MARK_AGAIN) else "a key written there 10 minutes from now"
+            when = ("the next key" if isinstance(exc, MARK_AGAIN)
+                    else f"a key written there {MARK_RETRY / 60:g} minutes from now")
             log.warning("cluster %s: could not record fleet %s on its token (%s); tried again at %s",
                         backend.name, self.fleet_id, exc.message, when)
 
@@ -2046,11 +2047,12 @@ class Router:
         removed = 0
         with self._lock:
             pending = [(key_id, list(names), material) for key_id, (names, material) in self._unswept.items()]
+        checked: dict[str, tuple[str, str]] = {}  # cluster -> its fleet check, once a pass
         for key_id, names, material in pending:
             for name in names:
                 if time.monotonic() >= deadline:
                     return removed
-                removed += self._sweep(key_id, name, deadline, material)
+                removed += self._sweep(key_id, name, deadline, material, checked)
                 with self._lock:
                     left, _ = self._unswept.get(key_id, ([], None))
                     if name in left:
@@ -2059,14 +2061,18 @@ class Router:
                             del self._unswept[key_id]
         return removed
 
-    def _sweep(self, key_id: str, name: str, deadline: float, material: KeyMaterial | None) -> int:
-        """``sweep_destroyed`` on one cluster: how many objects went (only ``material``'s, if known)."""
+    def _sweep(self, key_id: str, name: str, deadline: float, material: KeyMaterial | None,
+               checked: dict[str, tuple[str, str]]) -> int:
+        """``sweep_destroyed`` on one cluster: how many objects went (only ``material``'s, if known).
+        ``checked``: the pass's fleet checks, by cluster (one marker read a cluster, not one a key)."""
         if self.breakers[name].state is CircuitState.OPEN:
             log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for "
                         "a stray copy (its circuit is open): the next periodic reconcile removes any", key_id, name)
             return 0
         # What is there under this id on another fleet's token is that fleet's key, not a stray copy.
-        kind, why = self.fleet_check(name, deadline)
+        if name not in checked:
+            checked[name] = self.fleet_check(name, deadline)
+        kind, why = checked[name]
         if kind:
             log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for a "
                         "stray copy: %s", key_id, name, why)

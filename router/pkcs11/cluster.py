@@ -16,7 +16,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import Object
 
-from router.backend import MARK_AGAIN, HsmBackend, KeyMaterial, PoolStats
+from router.backend import MARK_AGAIN, MARK_RETRY, HsmBackend, KeyMaterial, PoolStats
 from router.errors import (
     ClusterDown,
     DeadlineExceeded,
@@ -40,9 +40,6 @@ from router.pkcs11.pool import CLASS_NAMES, WRAPPING_KEY, WRAPPING_KEY_LABEL, Po
 from router.secret import Secret
 
 log = logging.getLogger(__name__)
-
-MARK_RETRY = 600.0
-"""Seconds after a failed write of a token's fleet marker before a key written there tries again."""
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ import json, logging, sys, time, tomllib
 from gateway.config import load
 from router.model import KeyAlgorithm, KeySpec, KeyUsage, Operation
 from router.pkcs11 import Pkcs11Cluster, load_module
-from router.pkcs11.cluster import MARK_RETRY
+from router.backend import MARK_RETRY
 from router.placement.sqlite import SqliteStore
 from router.router import Router, Topology
 from router.secret import Secret

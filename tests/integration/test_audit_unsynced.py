@@ -63,23 +63,40 @@ def served(fleet: Fleet, make_router: Callable[..., Router], tmp_path: Path,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     """A gateway serving the shared fleet's tokens, quorum 2, with its own store (its changes and
     switches reach no other test), audit log and /metrics port."""
+    gateway = _gateway(fleet, make_router, tmp_path)
+    gateway.start()
+    try:
+        yield Served(gateway, tmp_path / "audit.log", failing_fsync(tmp_path / "audit.log", monkeypatch))
+    finally:
+        gateway.stop(grace=0.5)
+
+
+def _gateway(fleet: Fleet, make_router: Callable[..., Router], tmp_path: Path) -> Gateway:
     config = load(fleet.config_path)
-    audit_path = tmp_path / "audit.log"
     config = dataclasses.replace(
         config,
-        admin=dataclasses.replace(config.admin, quorum=2, audit_log=str(audit_path),
+        admin=dataclasses.replace(config.admin, quorum=2, audit_log=str(tmp_path / "audit.log"),
                                   state_file=str(tmp_path / "admin.db")),
         metrics=MetricsConfig(listen="127.0.0.1:0"),
     )
-    audit_logger = logging.getLogger(audit.AUDIT_LOGGER)
-    level = audit_logger.level  # the gateway enables it, and leaves it so
-    gateway = Gateway(config, make_router(store=SqliteStore(tmp_path / "placements.db")), reconciles=False)
-    gateway.start()
+    return Gateway(config, make_router(store=SqliteStore(tmp_path / "placements.db")), reconciles=False)
+
+
+def test_a_stopped_gateway_leaves_the_audit_logger_as_it_found_it(
+        fleet: Fleet, make_router: Callable[..., Router], tmp_path: Path) -> None:
+    """A gateway run inside another program (as tests, or an embedding, run it) turns the audit logger
+    on while it serves, and gives it back as it was once stopped: its level and its handlers."""
+    logger = logging.getLogger(audit.AUDIT_LOGGER)
+    level, handlers = logger.level, list(logger.handlers)
+    logger.setLevel(logging.WARNING)
     try:
-        yield Served(gateway, audit_path, failing_fsync(audit_path, monkeypatch))
-    finally:
+        gateway = _gateway(fleet, make_router, tmp_path)
+        gateway.start()
+        assert logger.isEnabledFor(logging.INFO)
         gateway.stop(grace=0.5)
-        audit_logger.setLevel(level)
+        assert logger.level == logging.WARNING and logger.handlers == handlers
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

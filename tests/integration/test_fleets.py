@@ -271,7 +271,7 @@ def test_a_token_that_refuses_the_marker_is_asked_again_only_after_a_while(make_
     the keys written there meanwhile cost no search, lock or failed write of it."""
     import pkcs11.exceptions
 
-    from router.pkcs11 import cluster as cluster_module
+    from router.backend import MARK_RETRY
 
     tries: list[str] = []
 
@@ -281,7 +281,7 @@ def test_a_token_that_refuses_the_marker_is_asked_again_only_after_a_while(make_
 
     monkeypatch.setattr(_fleet, "add", refused)
     # Behind the real clock: the cluster checks the router's deadlines (time.monotonic) with it.
-    now = [time.monotonic() - 2 * cluster_module.MARK_RETRY]
+    now = [time.monotonic() - 2 * MARK_RETRY]
     router = make_router(store=SqliteStore(tmp_path / "refusing.db"))
     backend = router.backends[CLUSTERS[0]]
     monkeypatch.setattr(backend, "_clock", lambda: now[0])
@@ -290,7 +290,7 @@ def test_a_token_that_refuses_the_marker_is_asked_again_only_after_a_while(make_
             router._mark(backend, time.monotonic() + 30)
     assert tries == [router.fleet_id]
     assert caplog.text.count(f"cluster {CLUSTERS[0]}: could not record fleet") == 1
-    now[0] += cluster_module.MARK_RETRY
+    now[0] += MARK_RETRY
     router._mark(backend, time.monotonic() + 30)
     assert tries == [router.fleet_id] * 2
 

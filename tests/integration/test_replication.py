@@ -1497,3 +1497,30 @@ def test_a_destroy_finished_by_another_process_removes_the_keys_stray_copy_but_n
     assert tokens.objects(stray, key_id) == []
     assert _public_ders(tokens, other, key_id) == [theirs]
     assert f"cluster {other} holds 2 object(s) under key id {key_id!r} that are not this key's" in caplog.text
+
+
+def test_a_sweep_reads_each_clusters_fleet_marker_once_however_many_keys_it_looks_for(
+        make_router, tokens, monkeypatch) -> None:
+    """Each destroyed key's sweep looks on every cluster its record does not name, after checking
+    that cluster's token is this fleet's: one marker search a cluster a pass, not one a key. It
+    still removes each key's stray copy."""
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    keys = [router.generate_key(KeySpec(key_id=unique("sweep-many"), algorithm=KeyAlgorithm.EC_P256,
+                                        usage=KeyUsage.SIGN_VERIFY, request_id=unique("r-sweep-many"), copies=1),
+                                time.monotonic() + 30) for _ in range(3)]
+    strays = {}
+    for key in keys:
+        strays[key.key_id] = next(name for name in ("use1-a", "use1-b", "usw2-a") if name != key.primary)
+        copy_left(router, key, strays[key.key_id])
+        router.destroy_key(key.key_id, time.monotonic() + 30)
+    reads: list[str] = []
+    for name, backend in router.backends.items():
+        def counted(deadline, _read=backend.fleets, _name=name):  # type: ignore[no-untyped-def]
+            reads.append(_name)
+            return _read(deadline)
+
+        monkeypatch.setattr(backend, "fleets", counted)
+    assert router.sweep_destroyed(time.monotonic() + 30) == 2 * len(keys)
+    looked_at = {name for key in keys for name in router.backends if name not in key.clusters}
+    assert sorted(reads) == sorted(looked_at)
+    assert all(tokens.objects(strays[key.key_id], key.key_id) == [] for key in keys)
