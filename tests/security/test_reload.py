@@ -6,15 +6,19 @@ import datetime
 import hashlib
 import os
 import queue
+import signal
 import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from gateway import audit as audit_log
+from gateway.fleet import Fleet
 from gateway.tls import DevCerts, issue_server, load_issuer, write_file
 from hsmgw.v1 import crypto_pb2 as pb
 from tests.security.helpers import (
@@ -24,8 +28,9 @@ from tests.security.helpers import (
     sid,
     sighup_and_wait,
     tls_channel,
+    write_config,
 )
-from tests.support import GatewayProcess, rpc_error, unique
+from tests.support import GatewayProcess, rpc_error, unique, wait_for
 
 DIGEST = hashlib.sha256(b"reload").digest()
 GRANT_NOBODY = f'\n[identities."{sid("nobody")}"]\nroles = ["payments-signer"]\n'
@@ -203,3 +208,92 @@ def test_a_certificate_valid_only_from_minutes_ahead_is_taken_and_the_log_says_f
     assert f", and valid only from {not_before.isoformat()}, " in reloaded
     assert "from now by this host's clock (up to 5 minutes of clock skew are allowed): until then clients may fail " \
            "the handshake" in reloaded
+
+
+def _tls_reloads(gateway: GatewayProcess, pids: set[int], count: int) -> list[dict[str, Any]]:
+    """Wait for ``count`` ``tls.reload`` records, in the audit log, of the processes ``pids``."""
+    path = gateway.config_path.parent / "audit.log"  # the fleet's: other tests' gateways write there too
+
+    def found() -> list[dict[str, Any]]:
+        records = [r for r in audit_log.tail(path, 500) if r["action"] == "tls.reload"
+                   and r["details"]["pid"] in pids] if path.exists() else []
+        return records if len(records) >= count else []
+
+    return wait_for(found, what=f"{count} tls.reload record(s) of pid(s) {pids}")
+
+
+def test_a_tls_reload_is_audited_with_what_changed_and_what_is_now_served_and_trusted(
+    gateway: GatewayProcess, own_certs: DevCerts, other_ca: DevCerts
+) -> None:
+    assert gateway.proc is not None
+    cert_pem, key_pem = issue_server(load_issuer(own_certs.ca, own_certs.ca_key))
+    write_file(own_certs.server_key, key_pem, private=True)
+    write_file(own_certs.server, cert_pem)
+    bundle = own_certs.ca.read_bytes() + other_ca.ca.read_bytes()
+    write_file(own_certs.ca, bundle)
+    sighup_and_wait(gateway, "TLS reloaded: ")
+    (record,) = _tls_reloads(gateway, {gateway.proc.pid}, 1)
+
+    assert record["actor"] == "-" and record["outcome"] == "ok"
+    details = record["details"]
+    assert details["changed"] == [str(own_certs.server), str(own_certs.server_key), str(own_certs.ca)]
+    served = x509.load_pem_x509_certificate(cert_pem)
+    assert details["cert_sha256"] == served.fingerprint(hashes.SHA256()).hex()
+    assert details["cert_subject"] == served.subject.rfc4514_string()
+    assert details["cert_not_after"] == served.not_valid_after_utc.isoformat()
+    assert details["client_ca_sha256"] == hashlib.sha256(bundle).hexdigest()
+    assert details["client_cas"] == [ca.fingerprint(hashes.SHA256()).hex()
+                                     for ca in x509.load_pem_x509_certificates(bundle)]
+    assert key_pem.splitlines()[1].decode() not in (gateway.config_path.parent / "audit.log").read_text()
+
+    # Nothing changed: the reload is recorded all the same, naming no file.
+    sighup_and_wait(gateway, "TLS reloaded: ")
+    assert _tls_reloads(gateway, {gateway.proc.pid}, 2)[1]["details"]["changed"] == []
+
+
+def test_a_refused_tls_reload_is_audited_with_the_reason_and_the_certificate_kept(
+    gateway: GatewayProcess, own_certs: DevCerts
+) -> None:
+    assert gateway.proc is not None
+    kept = _file_fingerprint(own_certs.server)
+    _, other_key = issue_server(load_issuer(own_certs.ca, own_certs.ca_key))
+    write_file(own_certs.server_key, other_key, private=True)
+    gateway.proc.send_signal(signal.SIGHUP)
+    (record,) = _tls_reloads(gateway, {gateway.proc.pid}, 1)
+
+    assert record["outcome"] == "failed"
+    assert record["details"]["error"] == (f"server.tls.key_file: {own_certs.server_key} is not the key of the "
+                                          f"certificate in {own_certs.server}")
+    assert record["details"]["cert_sha256"] == kept
+    assert "changed" not in record["details"]
+
+
+def test_each_worker_audits_its_own_tls_reload(sec_fleet: Fleet, own_certs: DevCerts, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    gateway = GatewayProcess(write_config(sec_fleet, f"workers-{tmp_path.name}", tls=own_certs, policy=policy),
+                             workers=2)
+    try:
+        gateway.start()
+        assert gateway.proc is not None
+        supervisor = gateway.proc.pid
+        workers = _children(supervisor)
+        assert len(workers) == 2
+        gateway.proc.send_signal(signal.SIGHUP)
+        records = _tls_reloads(gateway, workers, 2)
+    finally:
+        gateway.stop()
+    assert {r["details"]["pid"] for r in records} == workers
+    assert audit_log.verify(gateway.config_path.parent / "audit.log").ok
+
+
+def _children(pid: int) -> set[int]:
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:  # the field after the state: the parent's pid
+            children.add(int(stat.parent.name))
+    return children
