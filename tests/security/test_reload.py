@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import queue
 import signal
@@ -21,6 +22,7 @@ from gateway import audit as audit_log
 from gateway.fleet import Fleet
 from gateway.tls import DevCerts, issue_server, load_issuer, write_file
 from hsmgw.v1 import crypto_pb2 as pb
+from tests.moto import free_port
 from tests.security.helpers import (
     POLICY,
     Client,
@@ -30,7 +32,7 @@ from tests.security.helpers import (
     tls_channel,
     write_config,
 )
-from tests.support import GatewayProcess, rpc_error, unique, wait_for
+from tests.support import GatewayProcess, rpc_error, running, scrape, unique, value, wait_for
 
 DIGEST = hashlib.sha256(b"reload").digest()
 GRANT_NOBODY = f'\n[identities."{sid("nobody")}"]\nroles = ["payments-signer"]\n'
@@ -210,9 +212,11 @@ def test_a_certificate_valid_only_from_minutes_ahead_is_taken_and_the_log_says_f
            "the handshake" in reloaded
 
 
-def _tls_reloads(gateway: GatewayProcess, pids: set[int], count: int) -> list[dict[str, Any]]:
-    """Wait for ``count`` ``tls.reload`` records, in the audit log, of the processes ``pids``."""
-    path = gateway.config_path.parent / "audit.log"  # the fleet's: other tests' gateways write there too
+def _tls_reloads(gateway: GatewayProcess, pids: set[int], count: int, path: Path | None = None
+                 ) -> list[dict[str, Any]]:
+    """Wait for ``count`` ``tls.reload`` records of the processes ``pids`` in the audit log at
+    ``path``, by default the fleet's (other tests' gateways write there too)."""
+    path = path or gateway.config_path.parent / "audit.log"
 
     def found() -> list[dict[str, Any]]:
         records = [r for r in audit_log.tail(path, 500) if r["action"] == "tls.reload"
@@ -287,8 +291,44 @@ def test_each_worker_audits_its_own_tls_reload(sec_fleet: Fleet, own_certs: DevC
     assert audit_log.verify(gateway.config_path.parent / "audit.log").ok
 
 
+def test_a_tls_reload_the_audit_log_cannot_take_stands_and_is_logged_counted_and_noted(
+    sec_fleet: Fleet, own_certs: DevCerts, tmp_path: Path
+) -> None:
+    """As ``policy.reload``: the reload takes effect, and the record it could not write is an ERROR
+    line, a count in hsmgw_audit_write_failures_total and a note in the process's next record."""
+    from tests.integration.test_cli import _immutable
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    audit_path, port = tmp_path / "audit.log", free_port()
+    config = write_config(sec_fleet, f"unaudited-{tmp_path.name}", tls=own_certs, policy=policy,
+                          extra=f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n\n[admin]\naudit_log = "{audit_path}"\n')
+    with running(config, env={"HSMGW_LOG_FORMAT": "json"}) as gateway:
+        assert gateway.proc is not None and audit_path.exists()
+        cert_pem, key_pem = issue_server(load_issuer(own_certs.ca, own_certs.ca_key))
+        write_file(own_certs.server_key, key_pem, private=True)
+        write_file(own_certs.server, cert_pem)
+        writable = _immutable(audit_path)
+        try:
+            sighup_and_wait(gateway, "TLS reloaded: ")
+        finally:
+            writable()
+        assert _served_fingerprint(gateway.target, own_certs, "payments-app") == _file_fingerprint(own_certs.server)
+        entries = [json.loads(line) for line in gateway.log().splitlines() if line.startswith("{")]
+        errors = [e for e in entries if e["level"] == "ERROR" and e.get("audit_event") == "tls.reload"]
+        assert len(errors) == 1, errors
+        assert value(scrape(port), "hsmgw_audit_write_failures_total", event="tls.reload") == 1
+
+        sighup_and_wait(gateway, "TLS reloaded: ")  # written again: the first record notes the gap
+        _tls_reloads(gateway, {gateway.proc.pid}, 1, audit_path)
+    (noting,) = [r for r in audit_log.tail(audit_path, 100) if "unwritten" in r["details"]]
+    assert noting["details"]["unwritten"]["actions"]["tls.reload"] == 1
+    verified = audit_log.verify(audit_path)
+    assert verified.ok and verified.unwritten >= 1
+
+
 def _children(pid: int) -> set[int]:
-    children = set()
+    children: set[int] = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
