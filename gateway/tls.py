@@ -22,7 +22,8 @@ an old CA next to the current one.
 What is logged: at start and on every reload, the served certificate (fingerprint,
 DNS and IP SANs, not-after) and the client CA certificates (subject, fingerprint,
 not-after) with the bundle's SHA-256, and on a reload how the client CAs changed and
-which names the new server certificate no longer holds (WARNING). Expiry:
+which names the new server certificate no longer holds (WARNING). Every reload is also an
+audit event, ``tls.reload`` (:meth:`ServerCredentials.reload`). Expiry:
 :meth:`ServerCredentials.check_expiry`, every :data:`EXPIRY_CHECK_INTERVAL`, logs a
 served certificate within :data:`EXPIRY_WARNING` of its expiry (WARNING) or past it
 (ERROR), each time; a client CA certificate within :data:`EXPIRY_WARNING` of its expiry (WARNING),
@@ -59,6 +60,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.auth import audit
 from gateway.config import ConfigError, TlsConfig
 
 log = logging.getLogger(__name__)
@@ -273,17 +275,31 @@ class ServerCredentials:
         )
 
     def reload(self) -> bool:
-        """Re-read the files; new handshakes use them. False (and a log line) if they are bad."""
+        """Re-read the files; new handshakes use them. False (and a log line) if they are bad.
+
+        Either way the audit event ``tls.reload`` records it: the files that changed and what
+        this process now serves and trusts, or why the files were refused and what it still
+        serves. Each process of the gateway reloads, and records, on its own: the event names it
+        (``pid``). Not ``required``: the files are in use whether or not the audit log takes it.
+        """
         now = self._clock()
         try:
             material = load_material(self._tls, now=now)
         except ConfigError as exc:
             log.error("TLS reload refused, still serving certificate %s: %s", self.material.fingerprint[:16], exc)
+            audit("tls.reload", ok=False, pid=os.getpid(), error=str(exc), cert_sha256=self.material.fingerprint)
             return False
         with self._lock:
             previous, self.material = self.material, material
             self._pending = _configuration(material)
             self._expired_cas = _expired(material.client_cas, now)
+        files = ((self._tls.cert_file, previous.cert_chain, material.cert_chain),
+                 (self._tls.key_file, previous.private_key, material.private_key),
+                 (self._tls.client_ca_file, previous.client_ca, material.client_ca))
+        leaf = material.chain[0]
+        audit("tls.reload", ok=True, pid=os.getpid(), changed=[str(path) for path, old, new in files if old != new],
+              cert_subject=leaf.subject, cert_sha256=leaf.fingerprint, cert_not_after=leaf.not_after.isoformat(),
+              client_ca_sha256=material.client_ca_digest, client_cas=[ca.fingerprint for ca in material.client_cas])
         dropped = [name for name in previous.names if name not in material.names]
         if dropped:
             log.warning("TLS reload: the new server certificate %s does not name %s, which the previous one (%s) "

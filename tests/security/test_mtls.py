@@ -8,6 +8,7 @@ policy at all.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import socket
@@ -19,15 +20,27 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway.fleet import Fleet
 from gateway.tls import DevCerts, issue_client, load_issuer, write_file
 from hsmgw.v1 import admin_pb2, crypto_pb2
 from hsmgw.v1 import crypto_pb2 as pb
-from tests.security.helpers import Client, audit_events, details, sid, tls_channel, wait_for
+from tests.deploy.test_host import unit_environment
+from tests.security.helpers import (
+    Client,
+    audit_events,
+    certificate_valid,
+    details,
+    sid,
+    tls_channel,
+    wait_for,
+    write_config,
+)
 from tests.support import GatewayProcess, rpc_error, unique
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 DIGEST = hashlib.sha256(b"mtls").digest()
 ECDSA = pb.ALGORITHM_ECDSA_SHA256
+DAY = datetime.timedelta(days=1)
 
 
 def _tls_handshake(target: str, ca: Path, cert_key: tuple[Path, Path] | None, version: ssl.TLSVersion) -> str:
@@ -68,6 +81,39 @@ def test_a_certificate_from_another_ca_is_refused(
     with tls_channel(tls_gateway.target, certs, None, cert_key=impostor) as channel:
         err = rpc_error(Client.of(channel).crypto.GenerateRandom, pb.GenerateRandomRequest(length=8), timeout=5)
     assert err.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_refused_handshake_is_in_the_log_of_a_gateway_run_as_deployed(
+    sec_fleet: Fleet, certs: DevCerts, other_ca: DevCerts, policy_file: Path, tmp_path: Path
+) -> None:
+    """grpcio tells Python nothing of a handshake it refuses: gRPC core logs each, at INFO, without
+    the client's address, and the systemd unit and the Kubernetes deployment turn INFO on."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert_pem, key_pem = certificate_valid(load_issuer(certs.ca, certs.ca_key), now - 30 * DAY, now - DAY,
+                                          name="expired-app")
+    expired = tmp_path / "expired.pem", tmp_path / "expired-key.pem"
+    write_file(expired[0], cert_pem)
+    write_file(expired[1], key_pem, private=True)
+    gateway = GatewayProcess(write_config(sec_fleet, f"deployed-{tmp_path.name}", tls=certs, policy=policy_file),
+                             env=unit_environment())
+    try:
+        gateway.start()
+        _tls_handshake(gateway.target, certs.ca, certs.client("payments-app"), ssl.TLSVersion.TLSv1_3)
+        for client in (None, other_ca.client("payments-app"), expired):
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _tls_handshake(gateway.target, certs.ca, client, ssl.TLSVersion.TLSv1_3)
+
+        def refused() -> list[str]:
+            lines = [line for line in gateway.log().splitlines() if "Handshake failed" in line]
+            return lines if len(lines) >= 3 else []
+
+        lines = wait_for(refused, what="three refused handshakes in the log")
+    finally:
+        gateway.stop()
+    assert len(lines) == 3, lines  # and none for the client let in
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in lines[0]
+    assert "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate" in lines[1]
+    assert "CERTIFICATE_VERIFY_FAILED: certificate has expired" in lines[2]
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
