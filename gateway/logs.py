@@ -11,7 +11,8 @@ Two other writers share the stream, and are made to keep to it (``hsmgw serve`` 
 
 - ``quiet_grpc_core``: gRPC core logs through absl straight to stderr, in a format of its
   own (``I1130 12:00:00.123 … chttp2_transport.cc:… ping_timeout``), from INFO up unless
-  ``GRPC_VERBOSITY`` says otherwise; it is set to ``ERROR`` unless the operator set it.
+  ``GRPC_VERBOSITY`` says otherwise; it is set to ``ERROR`` unless the operator set it,
+  or to ``INFO`` in a gateway that serves TLS: core logs a refused handshake at INFO only.
 - ``capture_unraisable``: an exception raised where Python cannot raise it (a finalizer,
   ``__del__``) is printed on stderr as ``Exception ignored in: …`` and a traceback; it
   becomes one WARNING line instead (logger ``hsmgw.unraisable``), naming the exception's
@@ -188,16 +189,20 @@ def configure(*, level: int = logging.INFO, fmt: str = "auto", stream: TextIO | 
 GRPC_VERBOSITY = "GRPC_VERBOSITY"
 QUIET_GRPC_VERBOSITY = "ERROR"
 """gRPC core's log level unless the operator chose one: its errors only."""
+HANDSHAKES_GRPC_VERBOSITY = "INFO"
+"""gRPC core's log level in a gateway that serves TLS, unless the operator chose one: the only
+trace of a client refused in the handshake (no certificate, another CA's, an expired one) is
+core's INFO line; nothing in grpcio tells Python of it (docs/security.md)."""
 UNRAISABLE_LOGGER = "hsmgw.unraisable"
 
 
-def quiet_grpc_core(environ: MutableMapping[str, str] | None = None) -> None:
-    """Set ``GRPC_VERBOSITY=ERROR`` unless it is set (``GRPC_VERBOSITY=INFO`` brings gRPC
+def quiet_grpc_core(environ: MutableMapping[str, str] | None = None, *, level: str = QUIET_GRPC_VERBOSITY) -> None:
+    """Set ``GRPC_VERBOSITY`` to ``level`` unless it is set (``GRPC_VERBOSITY=INFO`` brings gRPC
     core's INFO lines back). gRPC reads it once, when grpc is first imported: call this before
     that; processes started from this one inherit it."""
     env = os.environ if environ is None else environ
     if not env.get(GRPC_VERBOSITY, "").strip():
-        env[GRPC_VERBOSITY] = QUIET_GRPC_VERBOSITY
+        env[GRPC_VERBOSITY] = level
 
 
 def _log_unraisable(unraisable: Any) -> None:

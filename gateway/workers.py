@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import shutil
 import signal
@@ -86,28 +85,6 @@ deploy/ count on it."""
 EXIT_CONFIG = 78
 """A worker's exit status when its configuration or credentials are refused (sysexits' EX_CONFIG)."""
 PR_SET_PDEATHSIG = 1
-
-
-def default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """One worker per core this process may use: the CPUs it may run on, capped by a
-    cgroup CPU quota (a container's CPU limit), rounded up."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_quota(cpu_max)
-    if quota is not None:
-        cpus = min(cpus, math.ceil(quota))
-    return max(1, cpus)
-
-
-def _cgroup_quota(cpu_max: Path) -> float | None:
-    """CPUs' worth of time the cgroup (v2) may use per period; None when unlimited or unknown."""
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        return None
 
 
 class WorkerError(RuntimeError):
@@ -504,4 +481,4 @@ class Supervisor:
         os.replace(tmp, self.port_file)
 
 
-__all__ = ["Supervisor", "WorkerError", "default_workers", "reserve_port", "worker_metrics_listen"]
+__all__ = ["Supervisor", "WorkerError", "reserve_port", "worker_metrics_listen"]

@@ -69,7 +69,13 @@ def _serve(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway import config as config_mod
-    from gateway.logs import capture_unraisable
+    from gateway.logs import HANDSHAKES_GRPC_VERBOSITY, QUIET_GRPC_VERBOSITY, capture_unraisable, quiet_grpc_core
+
+    try:  # before grpc is first imported, which reads it; a bad file is reported below
+        serves_tls = config_mod.load(args.config).server.tls is not None
+    except ConfigError:
+        serves_tls = False
+    quiet_grpc_core(level=HANDSHAKES_GRPC_VERBOSITY if serves_tls else QUIET_GRPC_VERBOSITY)
     from gateway.server import serve
     from gateway.workers import EXIT_CONFIG, Supervisor, WorkerError, worker_metrics_listen
 
@@ -319,10 +325,8 @@ def _store_migrate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from gateway.cpus import default_workers
     from gateway.logs import quiet_grpc_core
-
-    quiet_grpc_core()  # before grpc is first imported (gateway.workers imports it), which reads it
-    from gateway.workers import default_workers
 
     parser = argparse.ArgumentParser(
         prog="hsmgw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -397,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     alarms.add_parser(sub)
 
     args = parser.parse_args(argv)
+    if args.command != "serve":  # which reads its configuration first (``_serve``)
+        quiet_grpc_core()  # before grpc is first imported, which reads it
     try:
         setup_logging(args.verbose, fmt=args.log_format, stream=sys.stdout if args.command == "serve" else None)
     except ValueError as exc:  # a bad HSMGW_LOG_FORMAT

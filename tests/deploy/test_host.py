@@ -86,15 +86,6 @@ def unit(path: Path = UNIT) -> configparser.ConfigParser:
     return parser
 
 
-def unit_environment(path: Path = UNIT) -> dict[str, str]:
-    """The variables the unit's ``Environment=`` lines set (configparser keeps only the last line)."""
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("Environment="):
-            env.update(item.split("=", 1) for item in shlex.split(line.removeprefix("Environment=")))
-    return env
-
-
 def test_systemd_unit_runs_the_gateway_unprivileged_with_time_to_drain(tmp_path: Path) -> None:
     service = unit()["Service"]
     assert service["User"] not in ("root", "0") and service["Group"] not in ("root", "0")

@@ -23,7 +23,6 @@ import yaml
 
 from gateway.config import check_security, parse, pin_env_name
 from gateway.server import ADMIN_SERVICE, CRYPTO_SERVICE
-from tests.deploy.test_host import unit_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -343,14 +342,6 @@ def test_availability_pdb_topology_spread_autoscaling_resources(overlay: str) ->
     grace = float(container["args"][container["args"].index("--grace") + 1])
     pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pre_stop + grace + STOP_AFTER_GRACE <= spec["terminationGracePeriodSeconds"]
-
-
-@needs_kubectl
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_gateway_logs_refused_tls_handshakes_as_the_systemd_unit_does(overlay: str) -> None:
-    """gRPC core logs a refused handshake at INFO only (tests/security/test_mtls.py)."""
-    env = {e["name"]: e.get("value") for e in gateway_container(render(overlay))["env"]}
-    assert env["GRPC_VERBOSITY"] == unit_environment()["GRPC_VERBOSITY"] == "INFO"
 
 
 @needs_kubectl

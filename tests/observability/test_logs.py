@@ -181,3 +181,9 @@ def test_grpc_core_is_quiet_unless_the_operator_chose_a_verbosity() -> None:
     env = {"GRPC_VERBOSITY": "INFO"}
     logs.quiet_grpc_core(env)
     assert env == {"GRPC_VERBOSITY": "INFO"}
+    env = {"GRPC_VERBOSITY": "ERROR"}
+    logs.quiet_grpc_core(env, level=logs.HANDSHAKES_GRPC_VERBOSITY)  # a gateway serving TLS
+    assert env == {"GRPC_VERBOSITY": "ERROR"}
+    env = {"GRPC_VERBOSITY": " "}
+    logs.quiet_grpc_core(env, level=logs.HANDSHAKES_GRPC_VERBOSITY)
+    assert env == {"GRPC_VERBOSITY": "INFO"}

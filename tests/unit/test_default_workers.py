@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.workers import default_workers
+from gateway.cpus import default_workers
 
 AFFINITY = len(os.sched_getaffinity(0))
 
