@@ -115,24 +115,29 @@ def test_defaults_round_trip_too(store: PlacementStore) -> None:
     assert store.by_request("") == bare
 
 
-def test_a_record_from_before_owners_reads_with_none_and_takes_one(backend: Backend, url: str) -> None:
-    """Records an older gateway wrote: a SQLite file without the ``owner`` column (added when
-    it is opened), a DynamoDB item without the attribute. Each reads as owner "", so a retry
-    waits for creation_grace as before; an update writes an owner, and one without drops it."""
-    store = backend.open(url)
-    store.create(make("app/old", owner="x"))
+def _as_an_older_version_wrote(backend: Backend, url: str, store: PlacementStore, key_id: str,
+                               field: str) -> PlacementStore:
+    """The store with ``key_id``'s record as a gateway from before ``field`` wrote it: a SQLite file
+    without the column (added when it is opened again), a DynamoDB item without the attribute."""
     if backend.kind == "sqlite":
         import sqlite3
 
-        path = url.removeprefix("sqlite:")
         store.close()
-        with sqlite3.connect(path) as db:
-            db.execute("ALTER TABLE placements DROP COLUMN owner")
-        store = backend.open(url)
-    else:
-        assert isinstance(store, DynamoStore)
-        store._client.update_item(TableName=store.table, Key={"key_id": {"S": "app/old"}},
-                                  UpdateExpression="REMOVE #o", ExpressionAttributeNames={"#o": "owner"})
+        with sqlite3.connect(url.removeprefix("sqlite:")) as db:
+            db.execute(f"ALTER TABLE placements DROP COLUMN {field}")
+        return backend.open(url)
+    assert isinstance(store, DynamoStore)
+    store._client.update_item(TableName=store.table, Key={"key_id": {"S": key_id}},
+                              UpdateExpression="REMOVE #f", ExpressionAttributeNames={"#f": field})
+    return store
+
+
+def test_a_record_from_before_owners_reads_with_none_and_takes_one(backend: Backend, url: str) -> None:
+    """Records an older gateway wrote. Each reads as owner "", so a retry waits for
+    creation_grace as before; an update writes an owner, and one without drops it."""
+    store = backend.open(url)
+    store.create(make("app/old", owner="x"))
+    store = _as_an_older_version_wrote(backend, url, store, "app/old", "owner")
     old = store.get("app/old")
     assert old is not None and old.owner == ""
     assert store.by_request(old.request_id) == old and list(store.scan()) == [old]
@@ -144,23 +149,11 @@ def test_a_record_from_before_owners_reads_with_none_and_takes_one(backend: Back
 
 def test_a_destroyed_record_from_before_material_digests_reads_with_none_and_takes_them(
         backend: Backend, url: str) -> None:
-    """A DESTROYED record an older gateway wrote: a SQLite file without the ``destroyed_material``
-    column (added when it is opened), a DynamoDB item without the attribute. Each reads as no
-    digests (its stray copies are swept without a comparison, as before); an update keeps them."""
+    """A DESTROYED record an older gateway wrote reads as no digests (its stray copies are swept
+    without a comparison, as before); an update keeps them."""
     store = backend.open(url)
     store.create(make("app/gone", state=KeyState.DESTROYED, destroyed_material=b"\x01" * 64))
-    if backend.kind == "sqlite":
-        import sqlite3
-
-        path = url.removeprefix("sqlite:")
-        store.close()
-        with sqlite3.connect(path) as db:
-            db.execute("ALTER TABLE placements DROP COLUMN destroyed_material")
-        store = backend.open(url)
-    else:
-        assert isinstance(store, DynamoStore)
-        store._client.update_item(TableName=store.table, Key={"key_id": {"S": "app/gone"}},
-                                  UpdateExpression="REMOVE #m", ExpressionAttributeNames={"#m": "destroyed_material"})
+    store = _as_an_older_version_wrote(backend, url, store, "app/gone", "destroyed_material")
     old = store.get("app/gone")
     assert old is not None and old.destroyed_material == b""
     assert store.by_request(old.request_id) == old and list(store.scan()) == [old]
