@@ -107,7 +107,9 @@ class CircuitBreaker:
         """Outcomes since the circuit last changed state: the rate looks at no others."""
         self._served: collections.deque[bool] = collections.deque(maxlen=window)
         """The last outcomes recorded while the circuit was closed, less the runs of failures that
-        opened it: the share of calls the cluster fails when it is not down (``_run_opens``)."""
+        opened it and the busy answers: the share of calls the cluster fails when it is not down
+        (``_run_opens``). A busy HSM answered: after a spell of throttling, a dead cluster still
+        opens on ``failures_to_open`` in a row."""
         self._min_calls = min_calls
         self._max_failure_rate = max_failure_rate
         self._cooldown = cooldown
@@ -195,7 +197,8 @@ class CircuitBreaker:
             if self._state is CircuitState.HALF_OPEN:
                 self._open(cause)
             elif self._state is CircuitState.CLOSED:
-                self._served.append(False)
+                if not busy:
+                    self._served.append(False)
                 if self._run_opens():
                     # The run was an outage's start, not the share of calls the cluster fails.
                     for _ in range(min(self._consecutive, len(self._served))):

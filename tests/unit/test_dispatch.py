@@ -487,6 +487,20 @@ def test_a_busy_hsm_is_not_a_dead_one() -> None:
     assert not breaker.busy and breaker.state is CircuitState.CLOSED
 
 
+def test_a_cluster_that_throttled_then_dies_opens_after_three_failures() -> None:
+    """Busy answers count toward the failure rate only: after a spell of throttling that opened
+    and closed its circuit, a cluster that then stops answering opens on 3 in a row, not after a
+    run long enough for a cluster that fails half its calls (20) or on the rate (20 calls)."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker("use1-a", clock=clock, cooldown=2.0)
+    _feed(breaker, clock, "S" * 100)
+    assert _feed(breaker, clock, "B" * 60)[-1] is not CircuitState.CLOSED, "busy on half its last 100 calls"
+    clock.sleep(2.0)
+    assert breaker.allow()  # the half-open trial
+    assert _feed(breaker, clock, "S" * 10) == [CircuitState.CLOSED] * 10
+    assert _feed(breaker, clock, "FFF") == [CircuitState.CLOSED, CircuitState.CLOSED, CircuitState.OPEN]
+
+
 # -- every candidate's circuit open: ask the one most likely to answer ----------------------
 
 
