@@ -366,7 +366,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 left.append(key_id)
                 continue
             except ForeignObjects as exc:
-                # Not a failure a new plan would mend: from now on plans leave the key where it is.
+                # Not a failure a new plan would mend (the ring sends the key there again): it stays where
+                # it is, and the repairer does not copy it there for a while either.
                 log.warning("rebalance: %s kept on %s: %s", key_id, source, exc.message)
                 self.router.foreign_found(key_id, target)
                 kept.append((key_id, target))

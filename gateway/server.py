@@ -54,6 +54,31 @@ throughput, in ECDSA batches of 64)."""
 STORE_DOWN_LOG_EVERY = 60.0
 """Seconds between log lines while the placement store stays unreachable (the refresh runs every 2 s)."""
 
+_audit_attached: list[int] = []
+"""The ``hsmgw.audit`` logger's level before the first of this process's running gateways turned it
+on, while any runs (``_attach_audit``): a process that embeds gateways gets its logger back."""
+_audit_lock = threading.Lock()
+
+
+def _attach_audit(handler: AuditHandler) -> None:
+    """Send ``hsmgw.audit`` records to ``handler`` and have the logger pass INFO."""
+    logger = logging.getLogger(AUDIT_LOGGER)
+    with _audit_lock:
+        if not any(isinstance(h, AuditHandler) for h in logger.handlers):
+            _audit_attached[:] = [logger.level]
+        logger.addHandler(handler)
+        if not logger.isEnabledFor(logging.INFO):
+            logger.setLevel(logging.INFO)
+
+
+def _detach_audit(handler: AuditHandler) -> None:
+    """Undo ``_attach_audit``; the last gateway to stop gives the logger its level back."""
+    logger = logging.getLogger(AUDIT_LOGGER)
+    with _audit_lock:
+        logger.removeHandler(handler)
+        if _audit_attached and not any(isinstance(h, AuditHandler) for h in logger.handlers):
+            logger.setLevel(_audit_attached.pop())
+
 class _Registered:
     """Stands in for a grpc.Server to collect what a generated ``add_*Servicer_to_server`` registers."""
 
@@ -180,12 +205,8 @@ class Gateway:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
         # Authorization decisions and key lifecycle events (the ``hsmgw.audit``
         # logger) go into the same hash-chained audit log as admin changes.
-        self._audit_logger = logging.getLogger(AUDIT_LOGGER)
         self._audit_handler = AuditHandler(self.admin.audit)
-        self._audit_logger.addHandler(self._audit_handler)
-        self._audit_level = self._audit_logger.level  # given back at stop
-        if not self._audit_logger.isEnabledFor(logging.INFO):
-            self._audit_logger.setLevel(logging.INFO)
+        _attach_audit(self._audit_handler)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -405,8 +426,7 @@ class Gateway:
             log.warning("%d call(s) still running %.0f s after the grace: cut off. Each fails at its next HSM "
                         "call (UNAVAILABLE, to a client that is gone); no cluster opens a session or logs in again",
                         running, CALLS_TIMEOUT)
-        self._audit_logger.removeHandler(self._audit_handler)
-        self._audit_logger.setLevel(self._audit_level)
+        _detach_audit(self._audit_handler)
         self.router.close()
         # Its idle threads end now; one still in a call ends when the call does (``serve``).
         self._rpc_pool.shutdown(wait=False, cancel_futures=True)

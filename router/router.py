@@ -89,8 +89,8 @@ FLEET_REREAD = 60.0
 MATERIAL_WAIT = 2.0
 """Seconds a DestroyKey waits at most to read the key's material for its sweep (``_material_to_sweep``)."""
 FOREIGN_RETRY = 600.0
-"""Seconds the repairer and rebalance plans leave a cluster alone for a key, once objects there
-under the key's id turned out not to be the key's (``ForeignObjects``), before they look again."""
+"""Seconds the repairer leaves a cluster alone for a key, once objects there under the key's id
+turned out not to be the key's (``ForeignObjects``, in a repair or a rebalance), before it looks again."""
 OTHER_FLEET = "other_fleet"
 """``Router.fleet_check``: the token's fleet marker lists other stores' fleets, not this one's."""
 FLEET_UNREAD = "fleet_unread"
@@ -274,9 +274,9 @@ class Router:
         self._fleet_read_at = float("-inf")
         """When ``follow_store_fleet`` last read the store's fleet id."""
         self._foreign: dict[tuple[str, str], float] = {}
-        """(key id, cluster) → when a repair or a rebalance may try a copy there again
-        (``FOREIGN_RETRY``). Written under ``_lock``: by the repairer's thread, and by a
-        rebalance's (an admin call's) through ``foreign_found``."""
+        """(key id, cluster) → when the repairer may try a copy there again (``FOREIGN_RETRY``).
+        Written under ``_lock``: by the repairer's thread, and by a rebalance's (an admin call's)
+        through ``foreign_found``."""
 
     # -- placement cache -------------------------------------------------
 
@@ -1621,23 +1621,21 @@ class Router:
         home = self.topology.regions.get(self.topology.home_region, ())
         ring = PlacementRing(list(self.rebalance_layout() if layout is None else layout))
         moves = []
-        now = self._clock()
         for placement in sorted(self.store.scan(), key=lambda p: p.key_id):
             if (placement.external or not placement.extractable or placement.held or not placement.usable
                     or placement.primary not in home):
                 continue  # non-extractable keys stay where they were made; held ones where an operator put them
             desired = ring.choose(placement.key_id)
-            if desired is None or desired == placement.primary or desired in placement.clusters:
-                continue
-            if self._foreign.get((placement.key_id, desired), now) > now:
-                continue  # not the key's objects there: its move would be refused, so it stays where it is
-            moves.append((placement, desired))
+            if desired is not None and desired != placement.primary and desired not in placement.clusters:
+                # Even onto a cluster whose objects under the key's id were found not to be the key's:
+                # a plan is the same in every process (ApplyRebalance makes it again, and compares), and
+                # what this process found is its own; the move keeps the key where it is (_do_rebalance).
+                moves.append((placement, desired))
         return moves
 
     def foreign_found(self, key_id: str, cluster: str) -> None:
         """Objects under the key's id on ``cluster`` are not the key's (a copy there was refused with
-        ``ForeignObjects``): for ``FOREIGN_RETRY`` seconds the repairer does not copy the key there,
-        and rebalance plans leave it where it is."""
+        ``ForeignObjects``): for ``FOREIGN_RETRY`` seconds the repairer does not copy the key there."""
         with self._lock:
             self._foreign[(key_id, cluster)] = self._clock() + FOREIGN_RETRY
 
@@ -1972,6 +1970,7 @@ class Router:
                     raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was "
                                       "destroyed, try again") from exc
                 destroyed = exc.existing  # another DestroyKey came first: finish it with it
+                material = material or KeyMaterial.recorded(destroyed)
         # An EXTERNAL key's sessions drop what they unwrapped before their next call (no token
         # object goes, so nothing else tells them); other processes' do when they read the record.
         self._remember(destroyed)
@@ -2070,9 +2069,9 @@ class Router:
                         "a stray copy (its circuit is open): the next periodic reconcile removes any", key_id, name)
             return 0
         # What is there under this id on another fleet's token is that fleet's key, not a stray copy.
-        if name not in checked:
-            checked[name] = self.fleet_check(name, deadline)
-        kind, why = checked[name]
+        kind, why = checked.get(name) or self.fleet_check(name, deadline)
+        if kind != FLEET_UNREAD:  # a marker that could not be read now is asked again for the next key
+            checked[name] = kind, why
         if kind:
             log.warning("key %s destroyed; cluster %s, which its record does not name, was not looked at for a "
                         "stray copy: %s", key_id, name, why)

@@ -224,11 +224,17 @@ class SqliteStore(PlacementStore):
             stale.close()  # closing rolls back what the connection had not committed
 
     def _migrate(self) -> None:
-        """Add columns that newer versions introduced to an older store file."""
+        """Add columns that newer versions introduced to an older store file. The gateway's
+        worker processes open the file at once: another may add a column between the look and
+        the change, and the column is there all the same."""
         have = {row[1] for row in self._db.execute("PRAGMA table_info(placements)")}
         for column, ddl in _ADDED_COLUMNS:
             if column not in have:
-                self._db.execute(f"ALTER TABLE placements ADD COLUMN {column} {ddl}")
+                try:
+                    self._db.execute(f"ALTER TABLE placements ADD COLUMN {column} {ddl}")
+                except sqlite3.OperationalError as exc:
+                    if "duplicate column name" not in str(exc):
+                        raise
 
     def _begin(self, how: str) -> sqlite3.Cursor:
         """A cursor in a new transaction (``BEGIN`` or ``BEGIN IMMEDIATE``). Called with ``_lock`` held."""

@@ -84,16 +84,23 @@ def _gateway(fleet: Fleet, make_router: Callable[..., Router], tmp_path: Path) -
 
 def test_a_stopped_gateway_leaves_the_audit_logger_as_it_found_it(
         fleet: Fleet, make_router: Callable[..., Router], tmp_path: Path) -> None:
-    """A gateway run inside another program (as tests, or an embedding, run it) turns the audit logger
-    on while it serves, and gives it back as it was once stopped: its level and its handlers."""
+    """Gateways run inside another program (as tests, or an embedding, run them) turn the audit
+    logger on while any of them serves, and give it back as it was once the last one stopped: its
+    level and its handlers."""
     logger = logging.getLogger(audit.AUDIT_LOGGER)
     level, handlers = logger.level, list(logger.handlers)
     logger.setLevel(logging.WARNING)
     try:
-        gateway = _gateway(fleet, make_router, tmp_path)
-        gateway.start()
+        (tmp_path / "first").mkdir()
+        (tmp_path / "second").mkdir()
+        first = _gateway(fleet, make_router, tmp_path / "first")
+        second = _gateway(fleet, make_router, tmp_path / "second")
+        first.start()
+        second.start()
         assert logger.isEnabledFor(logging.INFO)
-        gateway.stop(grace=0.5)
+        first.stop(grace=0.5)
+        assert logger.isEnabledFor(logging.INFO), "the second gateway still audits"
+        second.stop(grace=0.5)
         assert logger.level == logging.WARNING and logger.handlers == handlers
     finally:
         logger.setLevel(level)

@@ -391,3 +391,30 @@ def test_a_change_log_read_whose_commit_fails_leaves_no_snapshot_behind(
     assert store.changes_since(counter) == (counter + 1, ("app/second",))
     assert store.get("app/second") is not None
     store.close()
+
+
+def test_a_column_another_process_adds_between_the_look_and_the_change_is_no_error(tmp_path: Path) -> None:
+    """The gateway's worker processes open an older store file at once: each looks at its columns,
+    then adds those it lacks. One that adds a column another added since its look opens all the
+    same (it failed with "duplicate column name" before, and the worker exited)."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE placements DROP COLUMN destroyed_material")
+    real = sqlite3.connect(path)
+
+    class LookedBefore:  # what this process saw before another process's change
+        def execute(self, sql: str, *args: object) -> object:
+            rows = real.execute(sql, *args)
+            return [row for row in rows if row[1] != "destroyed_material"] if sql.startswith("PRAGMA") else rows
+
+    SqliteStore(path).close()  # the other process: adds the column
+    store = SqliteStore(path)
+    store._db = LookedBefore()  # type: ignore[assignment]
+    store._migrate()
+    store._db = real
+    store.create(make("app/after", state=KeyState.DESTROYED, destroyed_material=b"\x02" * 32))
+    assert store.get("app/after").destroyed_material == b"\x02" * 32  # type: ignore[union-attr]
+    store.close()
