@@ -1421,19 +1421,28 @@ def test_a_destroyed_non_extractable_keys_id_elsewhere_is_another_keys(make_rout
     assert tokens.objects(key.primary, key_id) == []
 
 
+def _a_key_with_a_stray_copy_and_another_applications_key(make_router, tokens, name: str):  # type: ignore[no-untyped-def]
+    """A router; a one-copy P-256 key; the cluster holding a copy of it no record names (as a
+    cut-off repair leaves one); the cluster holding another application's key pair under its id;
+    and that key's public key DER."""
+    key_id = unique(name)
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
+                                      request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
+    stray, other = (c for c in ("use1-a", "use1-b", "usw2-a") if c != key.primary)
+    copy_left(router, key, stray)
+    return router, key, stray, other, _another_applications_key(tokens, other, key_id)
+
+
 def test_destroy_sweeps_the_keys_own_stray_copy_but_not_another_applications_key_under_its_id(
     make_router, tokens, caplog
 ) -> None:
     """DestroyKey reads the key's material (by digest) before destroying it: its sweep of the
     clusters the record does not name removes a copy a cut-off repair left, and leaves another
     application's key pair under the same id."""
-    key_id = unique("destroy-sweep")
-    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
-    key = router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
-                                      request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
-    stray, other = (name for name in ("use1-a", "use1-b", "usw2-a") if name != key.primary)
-    copy_left(router, key, stray)
-    theirs = _another_applications_key(tokens, other, key_id)
+    router, key, stray, other, theirs = _a_key_with_a_stray_copy_and_another_applications_key(
+        make_router, tokens, "destroy-sweep")
+    key_id = key.key_id
     assert router.destroy_key(key_id, time.monotonic() + 30).state is KeyState.DESTROYED
     with caplog.at_level(logging.WARNING, logger="router.router"):
         assert router.sweep_destroyed(time.monotonic() + 30) == 2
@@ -1472,14 +1481,10 @@ def test_a_destroy_finished_by_another_process_removes_the_keys_stray_copy_but_n
     died with it. The key's record keeps digests of its material (nothing that unwraps it), so another
     process's periodic reconcile, or a DestroyKey asked again through it, removes a copy a cut-off
     repair left and leaves another application's key pair under the same id. Before, both went."""
-    key_id = unique("destroyed-unswept")
-    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
-    key = router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
-                                      request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
+    router, key, stray, other, theirs = _a_key_with_a_stray_copy_and_another_applications_key(
+        make_router, tokens, "destroyed-unswept")
+    key_id = key.key_id
     _, public_der = router.public_key(key_id, time.monotonic() + 30)
-    stray, other = (name for name in ("use1-a", "use1-b", "usw2-a") if name != key.primary)
-    copy_left(router, key, stray)
-    theirs = _another_applications_key(tokens, other, key_id)
     destroyed = router.destroy_key(key_id, time.monotonic() + 30)  # and its sweep never runs
     assert len(destroyed.destroyed_material) == 64
     assert destroyed.destroyed_material[32:] == hashlib.sha256(public_der).digest()
@@ -1561,13 +1566,9 @@ def test_a_destroy_that_loses_to_another_finishes_with_the_winners_digests(
     """Two DestroyKeys of one key: the one whose record write loses could not read the key's
     material itself (its clusters busy); it sweeps with the digests the winner's record keeps, so
     another application's key under that id stays, and the key's own stray copy goes."""
-    key_id = unique("destroy-race")
-    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
-    key = router.generate_key(KeySpec(key_id=key_id, algorithm=KeyAlgorithm.EC_P256, usage=KeyUsage.SIGN_VERIFY,
-                                      request_id=f"r-{key_id}", copies=1), time.monotonic() + 30)
-    stray, other = (name for name in ("use1-a", "use1-b", "usw2-a") if name != key.primary)
-    copy_left(router, key, stray)
-    theirs = _another_applications_key(tokens, other, key_id)
+    router, key, stray, other, theirs = _a_key_with_a_stray_copy_and_another_applications_key(
+        make_router, tokens, "destroy-race")
+    key_id = key.key_id
     winner = make_router()  # stops before its own sweep
 
     def read_too_late(placement, deadline):  # type: ignore[no-untyped-def]
