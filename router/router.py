@@ -86,6 +86,10 @@ NO_RECORD = "no record in the placement store names the key"
 
 FLEET_REREAD = 60.0
 """Seconds between two reads of the store's fleet id by ``follow_store_fleet``."""
+DESTROY_TRIES = 3
+"""Times a DestroyKey reads and writes the key's record before it answers "changed meanwhile": a
+repair or a move that lands between its read and its write changes where the key is, not that
+it is to be destroyed, so it reads the record again and destroys what that names."""
 MATERIAL_WAIT = 2.0
 """Seconds a DestroyKey waits at most to read the key's material for its sweep (``_material_to_sweep``)."""
 FOREIGN_RETRY = 600.0
@@ -183,6 +187,14 @@ def _same_request(earlier: Placement, spec: KeySpec) -> bool:
         return False
     return earlier.fingerprint in (replace(spec, copies=0).fingerprint(),
                                    replace(spec, copies=earlier.copies).fingerprint())
+
+
+class _RecordChanged(Exception):
+    """``Router._destroy_key``: another writer changed the key's record between its read and its write."""
+
+    def __init__(self, conflict: Conflict) -> None:
+        super().__init__(str(conflict))
+        self.conflict = conflict
 
 
 class Router:
@@ -1927,6 +1939,21 @@ class Router:
         return page, (page[-1].key_id if more else "")
 
     def destroy_key(self, key_id: str, deadline: float) -> Placement:
+        tries = 1
+        while True:
+            try:
+                return self._destroy_key(key_id, deadline)
+            except _RecordChanged as exc:
+                if tries == DESTROY_TRIES or time.monotonic() >= deadline:
+                    raise Unavailable(f"key {key_id!r} kept changing (a move or a repair); nothing was destroyed, "
+                                      "try again") from exc.conflict
+                tries += 1
+                log.info("key %s changed while being destroyed (a move or a repair): destroying it as it is now",
+                         key_id)
+
+    def _destroy_key(self, key_id: str, deadline: float) -> Placement:
+        """``destroy_key``, once: ``_RecordChanged`` when another writer changed the record (not by
+        destroying it) between its read and its write; nothing was destroyed then."""
         # From the store, not the cache: another gateway may have moved the key,
         # and every cluster that holds it must lose it.
         try:
@@ -1967,8 +1994,7 @@ class Router:
                     raise _store_down("placement store is unreachable; keys cannot be destroyed now",
                                       failed) from failed
                 if exc.existing is None or exc.existing.state is not KeyState.DESTROYED:
-                    raise Unavailable(f"key {key_id!r} changed meanwhile (a move or a repair); nothing was "
-                                      "destroyed, try again") from exc
+                    raise _RecordChanged(exc) from exc
                 destroyed = exc.existing  # another DestroyKey came first: finish it with it
                 material = material or KeyMaterial.recorded(destroyed)
         # An EXTERNAL key's sessions drop what they unwrapped before their next call (no token

@@ -1597,3 +1597,28 @@ def test_a_destroyed_record_without_digests_is_finished_as_before(make_router, t
     report = reconcile(make_router(), fix=False, finish_destroys=True)  # the destroying process stopped
     assert (stray, key_id) in report.finished
     assert tokens.objects(stray, key_id) == []
+
+
+def test_a_destroy_that_a_repair_overtakes_destroys_the_key_as_it_is_now(make_router, tokens, monkeypatch) -> None:
+    """A repair names a new copy between DestroyKey's read of the record and its write: the write
+    fails on the record's version, and DestroyKey reads the record again and destroys the key on
+    every cluster it names now, the new copy's too. It answered "changed meanwhile, try again"."""
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = router.generate_key(_spec(unique("destroy-overtaken")), time.monotonic() + 30)
+    third = next(name for name in ("use1-a", "use1-b", "usw2-a") if name not in key.clusters)
+    repairer = make_router()
+    material_to_sweep = router._material_to_sweep
+    overtaken: list[bool] = []
+
+    def repair_meanwhile(placement, deadline):  # type: ignore[no-untyped-def]
+        if not overtaken:
+            overtaken.append(True)
+            current = repairer.store.get(key.key_id)
+            copy_left(repairer, current, third)
+            repairer.store.update(replace(current, replicas=(*current.replicas, third)))
+        return material_to_sweep(placement, deadline)
+
+    monkeypatch.setattr(router, "_material_to_sweep", repair_meanwhile)
+    destroyed = router.destroy_key(key.key_id, time.monotonic() + 30)
+    assert destroyed.state is KeyState.DESTROYED and third in destroyed.clusters
+    assert _left(tokens, key.key_id) == {}
