@@ -190,11 +190,13 @@ def _same_request(earlier: Placement, spec: KeySpec) -> bool:
 
 
 class _RecordChanged(Exception):
-    """``Router._destroy_key``: another writer changed the key's record between its read and its write."""
+    """``Router._destroy_key``: another writer changed the key's record between its read and its write.
+    ``material``: the key's, as that try read it (a move or a repair does not change it)."""
 
-    def __init__(self, conflict: Conflict) -> None:
+    def __init__(self, conflict: Conflict, material: KeyMaterial | None) -> None:
         super().__init__(str(conflict))
         self.conflict = conflict
+        self.material = material
 
 
 class Router:
@@ -1939,11 +1941,12 @@ class Router:
         return page, (page[-1].key_id if more else "")
 
     def destroy_key(self, key_id: str, deadline: float) -> Placement:
-        tries = 1
+        tries, material = 1, None
         while True:
             try:
-                return self._destroy_key(key_id, deadline)
+                return self._destroy_key(key_id, deadline, material)
             except _RecordChanged as exc:
+                material = exc.material  # read once: it can take MATERIAL_WAIT
                 if tries == DESTROY_TRIES or time.monotonic() >= deadline:
                     raise Unavailable(f"key {key_id!r} kept changing (a move or a repair); nothing was destroyed, "
                                       "try again") from exc.conflict
@@ -1951,9 +1954,10 @@ class Router:
                 log.info("key %s changed while being destroyed (a move or a repair): destroying it as it is now",
                          key_id)
 
-    def _destroy_key(self, key_id: str, deadline: float) -> Placement:
+    def _destroy_key(self, key_id: str, deadline: float, material: KeyMaterial | None) -> Placement:
         """``destroy_key``, once: ``_RecordChanged`` when another writer changed the record (not by
-        destroying it) between its read and its write; nothing was destroyed then."""
+        destroying it) between its read and its write; nothing was destroyed then. ``material``:
+        the key's, read by an earlier try (else read here)."""
         # From the store, not the cache: another gateway may have moved the key,
         # and every cluster that holds it must lose it.
         try:
@@ -1969,7 +1973,7 @@ class Router:
         # version), and whatever copy cannot be removed now is an orphan for reconcile.
         # The other way round, a failure half-way left a usable record without material.
         destroyed = placement
-        material = self._material_to_sweep(placement, deadline)
+        material = material or self._material_to_sweep(placement, deadline)
         # A record destroyed by an earlier version may still hold an EXTERNAL key's material.
         if placement.state is not KeyState.DESTROYED or placement.wrapped or placement.public_der:
             elsewhere = [name for name in placement.clusters if name not in self.backends]
@@ -1994,7 +1998,7 @@ class Router:
                     raise _store_down("placement store is unreachable; keys cannot be destroyed now",
                                       failed) from failed
                 if exc.existing is None or exc.existing.state is not KeyState.DESTROYED:
-                    raise _RecordChanged(exc) from exc
+                    raise _RecordChanged(exc, material) from exc
                 destroyed = exc.existing  # another DestroyKey came first: finish it with it
                 material = material or KeyMaterial.recorded(destroyed)
         # An EXTERNAL key's sessions drop what they unwrapped before their next call (no token

@@ -1622,3 +1622,32 @@ def test_a_destroy_that_a_repair_overtakes_destroys_the_key_as_it_is_now(make_ro
     destroyed = router.destroy_key(key.key_id, time.monotonic() + 30)
     assert destroyed.state is KeyState.DESTROYED and third in destroyed.clusters
     assert _left(tokens, key.key_id) == {}
+
+
+def test_a_destroy_whose_record_keeps_changing_gives_up_and_destroys_nothing(make_router, tokens, monkeypatch) -> None:
+    """Another writer changes the record between DestroyKey's read and write on each of its tries:
+    it answers UNAVAILABLE, the key is as it was (usable, on its clusters), and its material was
+    read once, not once a try."""
+    router = make_router(replication=ReplicationPolicy(copies=1, require_dr_copy=False))
+    key = router.generate_key(_spec(unique("destroy-churn")), time.monotonic() + 30)
+    other = make_router()
+    material_to_sweep, reads = router._material_to_sweep, []
+
+    def counted(placement, deadline):  # type: ignore[no-untyped-def]
+        reads.append(placement.version)
+        return material_to_sweep(placement, deadline)
+
+    def changed_meanwhile(placement, deadline):  # type: ignore[no-untyped-def]
+        current = other.store.get(key.key_id)
+        other.store.update(replace(current, held=not current.held))
+
+    monkeypatch.setattr(router, "_material_to_sweep", counted)
+    monkeypatch.setattr(router, "_our_tokens", changed_meanwhile)
+    with pytest.raises(Unavailable) as raised:
+        router.destroy_key(key.key_id, time.monotonic() + 30)
+    assert raised.value.message == (f"key {key.key_id!r} kept changing (a move or a repair); nothing was destroyed, "
+                                    "try again")
+    assert len(reads) == 1
+    assert router.store.get(key.key_id).state is KeyState.ENABLED
+    assert _left(tokens, key.key_id) == {name: {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+                                         for name in key.clusters}
