@@ -602,6 +602,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             report = reconcile(self.router, fix=False)
             findings = [pb.ReconcileFinding(kind="stale_intent", key_id=k) for k in report.stale_intents]
             findings += [pb.ReconcileFinding(kind="orphan", cluster=c, key_id=k) for c, k in report.orphans]
+            findings += [pb.ReconcileFinding(kind="foreign", cluster=c, key_id=k, detail=why)
+                         for c, k, why in report.foreign]
             findings += [pb.ReconcileFinding(kind="unknown", cluster=c, key_id=k, detail=UNKNOWN_OBJECT)
                          for c, k in report.unknown]
             droppable = set(report.droppable)
@@ -620,9 +622,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 fixable = sorted(report.fixable)
                 waiting = [c for c in self.changes.list() if c.state == PENDING and c.action == RECONCILE_FIX]
                 if not fixable:
-                    response.note = ("nothing here is for a fix: duplicates, objects no record names, unreachable "
-                                     "clusters, another fleet's clusters and keys that no named cluster holds are "
-                                     "for an operator (docs/operations.md)")
+                    response.note = ("nothing here is for a fix: duplicates, objects no record names, objects "
+                                     "that are not their key's, unreachable clusters, another fleet's clusters and "
+                                     "keys that no named cluster holds are for an operator (docs/operations.md)")
                 elif waiting:
                     pending = waiting[0]
                     response.change.CopyFrom(_change_pb(pending))

@@ -669,6 +669,7 @@ class GatewayMetrics:
         for kind, found in (
             ("missing", [f for f in report.missing if f not in dropped]),
             ("orphan", [f for f in report.orphans if f not in removed]),
+            ("foreign", report.foreign),
             ("unknown", report.unknown),
             ("duplicate", report.duplicates),
             ("stale_intent", [k for k in report.stale_intents if k not in rolled_back]),

@@ -6,12 +6,17 @@ Finds, per cluster:
 - **orphans**: key objects on a token that a placement record accounts for but does
   not put there (the source left by a move, the objects of a destroyed key): destroyed,
   except for a key short of copies, whose object may be the copy a repair is making, and
-  objects under a live key's id that are not its material (``Router.destroy_unless_kept``:
-  another application's key of that id), which stay, logged at ERROR.
+  objects under a key's id that are not its material, which are ``foreign``, below.
   A destroyed key's are destroyed by ``finish_destroys`` too, without ``fix``: its
   DestroyKey was asked for and answered; what it could not reach (a copy a killed
   repairer left, whose sweep died with the process that destroyed the key) goes then,
   if it is the material whose digests the record keeps (``Placement.destroyed_material``);
+- **foreign**: objects under a key's id, on a cluster its record does not name, that are not
+  the key's material (``Router.foreign_objects``: another application's key that has the id):
+  never destroyed, by ``fix`` or anything else (``Router.destroy_unless_kept`` compares first),
+  logged at ERROR on each pass; the key is neither moved nor copied there until an operator
+  removes them (docs/operations.md, objects that are not the key's). At most ``MAX_COMPARES``
+  orphans a pass are compared with their key; the rest are listed as orphans;
 - **unknown**: key objects no record in the store names at all. The gateway writes a
   key's record before it makes objects and removes it only after them, so none of its
   own keys is ever found so: these are another application's keys, or the store is not
@@ -56,7 +61,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from router.errors import RouterError
+from router.errors import ForeignObjects, RouterError
 from router.model import KeyState
 from router.placement.store import Conflict, StoreError
 from router.router import NO_RECORD, OTHER_FLEET, Router
@@ -66,6 +71,11 @@ log = logging.getLogger(__name__)
 MAX_DROPS = 1000
 """Missing copies dropped in one pass: each costs a store read and a search on each named
 cluster, and a gateway's start waits for its reconcile."""
+
+
+MAX_COMPARES = 100
+"""Orphans compared with their key's material in one pass, to tell them from ``foreign``
+objects: each costs an export of the key on a cluster holding it and one of each object found."""
 
 
 Finding = tuple[str, str, str]
@@ -78,6 +88,9 @@ class ReconcileReport:
     stale_intents: list[str] = field(default_factory=list)
     orphans: list[tuple[str, str]] = field(default_factory=list)
     """(cluster, key id) of objects whose key's record does not put them there."""
+    foreign: list[tuple[str, str, str]] = field(default_factory=list)
+    """(cluster, key id, why) of objects under a key's id that are not the key's material: never
+    destroyed."""
     unknown: list[tuple[str, str]] = field(default_factory=list)
     """(cluster, key id) of objects whose key id no record names: never destroyed."""
     missing: list[tuple[str, str]] = field(default_factory=list)
@@ -119,8 +132,8 @@ class ReconcileReport:
 
     @property
     def clean(self) -> bool:
-        return not (self.stale_intents or self.orphans or self.unknown or self.missing or self.duplicates
-                    or self.unreachable or self.other_fleet or self.fleet_unread)
+        return not (self.stale_intents or self.orphans or self.foreign or self.unknown or self.missing
+                    or self.duplicates or self.unreachable or self.other_fleet or self.fleet_unread)
 
     def summary(self) -> str:
         """One line for the log and the admin change's result: what was done (``fix``) or found."""
@@ -138,11 +151,18 @@ class ReconcileReport:
                          f"({', '.join(self.fleet_unread)}; nothing destroyed there)")
         return "".join(f", {part}" for part in parts)
 
+    def _foreign(self) -> str:
+        """The summary's part about objects that are not their key's: "" when there are none."""
+        if not self.foreign:
+            return ""
+        return (f"{len(self.foreign)} objects under keys' ids that are not the keys' (left alone: another "
+                "application's; docs/operations.md), ")
+
     def _summary(self) -> str:
         if not self.fixed:
             finished = (f"{len(self.finished)} objects of destroyed keys removed, " if self.finished else "")
             return (f"{finished}{len(self.stale_intents)} unfinished creations, {len(self.orphans)} orphan objects, "
-                    f"{len(self.unknown)} objects no record names, "
+                    f"{self._foreign()}{len(self.unknown)} objects no record names, "
                     f"{len(self.missing)} missing copies ({len(self.droppable)} a fix would drop from their "
                     f"records), {len(self.duplicates)} duplicate objects, {len(self.unreachable)} unreachable "
                     "clusters")
@@ -154,14 +174,15 @@ class ReconcileReport:
             return (f"{rolled} unfinished creations rolled back, {len(self.removed)} orphan objects removed, "
                     f"{len(self.dropped)} missing copies dropped from their records, of the {len(self.only)} "
                     f"findings approved; {gone} of them no longer held (skipped); {new} new findings left for a new "
-                    f"request (hsmctl reconcile --fix); {len(self.unknown)} objects no record names and "
+                    f"request (hsmctl reconcile --fix); {self._foreign()}{len(self.unknown)} objects no record "
+                    "names and "
                     f"{len(self.duplicates)} duplicate objects (left for an operator), {len(self.unreachable)} "
                     "unreachable clusters")
         intents_left = len(self.stale_intents) - len(self.rolled_back)
         orphans_left = len(self.orphans) - len(self.removed)
         return (f"{len(self.rolled_back)} unfinished creations rolled back ({intents_left} not), "
                 f"{len(self.removed)} orphan objects removed ({orphans_left} not), "
-                f"{len(self.unknown)} objects no record names (left alone), "
+                f"{self._foreign()}{len(self.unknown)} objects no record names (left alone), "
                 f"{len(self.missing)} missing copies ({len(self.dropped)} dropped from their records), "
                 f"{len(self.duplicates)} duplicate objects (left for an operator), "
                 f"{len(self.unreachable)} unreachable clusters")
@@ -265,21 +286,32 @@ def reconcile(
                 if len(unheld_ids) < 5:
                     unheld_ids.append(placement.key_id)
 
+    compares = 0
     for name, ids in on_token.items():
         for key_id in sorted(ids - expected[name]):
             if key_id in report.stale_intents:
                 continue  # handled with its intent
             # One look at the record: under the token's lock when it may end in a destroy.
             destroy = fix and report.approved(("orphan", name, key_id)) and ours(name)
-            why = _destroy_orphan(router, name, key_id, deadline) if destroy else router.why_kept(name, key_id)
-            if not why and not destroy and finish_destroys and ours(name) and _destroyed(router, key_id):
-                why = _destroy_orphan(router, name, key_id, deadline)
-                if not why:
+            foreign = ""  # why the objects are not the key's
+            if destroy:
+                why, foreign = _destroy_orphan(router, name, key_id, deadline)
+            else:
+                why = router.why_kept(name, key_id)
+                if not why and compares < MAX_COMPARES:
+                    compares += 1
+                    foreign = router.foreign_objects(name, key_id, deadline)
+            if not (why or foreign or destroy) and finish_destroys and ours(name) and _destroyed(router, key_id):
+                why, foreign = _destroy_orphan(router, name, key_id, deadline)
+                if not (why or foreign):
                     report.finished.append((name, key_id))
                     step()
                     continue
             step()
-            if why == NO_RECORD:
+            if foreign:
+                report.foreign.append((name, key_id, foreign))
+                log.error("reconcile: %s", foreign)
+            elif why == NO_RECORD:
                 report.unknown.append((name, key_id))
             elif why == NOT_DESTROYED:  # still an orphan, for the next reconcile
                 report.orphans.append((name, key_id))
@@ -385,15 +417,17 @@ def _destroyed(router: Router, key_id: str) -> bool:
     return current is not None and current.state is KeyState.DESTROYED
 
 
-def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> str:
-    """Destroy an orphan's objects on ``name`` (``Router.destroy_unless_kept``); why they were
-    left alone, or ""."""
+def _destroy_orphan(router: Router, name: str, key_id: str, deadline: float) -> tuple[str, str]:
+    """Destroy an orphan's objects on ``name`` (``Router.destroy_unless_kept``): why they were
+    left alone, or ""; and why they are not the key's (``ForeignObjects``: nothing destroyed), or ""."""
     try:
         why = router.destroy_unless_kept(name, key_id, deadline)
+    except ForeignObjects as exc:
+        return "", exc.message
     except RouterError as exc:
         log.error("reconcile: could not destroy orphan %s on %s: %s", key_id, name, exc.message)
-        return NOT_DESTROYED
+        return NOT_DESTROYED, ""
     if why:
-        return why
+        return why, ""
     log.warning("reconcile: destroyed orphan %s on %s", key_id, name)
-    return ""
+    return "", ""

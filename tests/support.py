@@ -237,6 +237,18 @@ def _on_token(fleet: Fleet, cluster: str, body: str, key_id: str) -> str:
     return out.stdout
 
 
+def plant_foreign_key(fleet: Fleet, cluster: str, key_id: str) -> None:
+    """Make a P-256 key pair of another application's under ``key_id`` (CKA_ID and label) on the
+    fleet's token ``cluster``, as that application would, behind the gateway's back."""
+    body = (
+        "from pkcs11 import KeyType\n"
+        "from pkcs11.util.ec import encode_named_curve_parameters\n"
+        "session.generate_keypair(KeyType.EC, store=True, id=args['key'].encode(), label=args['key'],\n"
+        "    public_template={Attribute.EC_PARAMS: encode_named_curve_parameters('secp256r1')})\n"
+    )
+    _on_token(fleet, cluster, body, key_id)
+
+
 def count_copy(fleet: Fleet, cluster: str, key_id: str) -> int:
     """How many objects labelled ``key_id`` the fleet's token ``cluster`` holds."""
     return int(_on_token(fleet, cluster, "print(len(list(session.get_objects({Attribute.LABEL: args['key']}))))\n",

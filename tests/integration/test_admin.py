@@ -338,6 +338,50 @@ def test_reconcile_reports_a_second_object_for_a_key_and_leaves_it_to_an_operato
     assert tokens.objects(key.primary_cluster, key.key_id) == []
 
 
+def test_reconcile_tells_another_applications_key_under_a_keys_id_from_an_orphan_and_offers_no_fix(
+    gateway, crypto, admin, tokens
+) -> None:
+    """Another application's key pair sits under a key's id on a cluster the key's record does not
+    name. Reconcile compares it with the key: a ``foreign`` finding saying what is there, not an
+    ``orphan`` that a fix would be asked (and fail) to destroy. A fix request never lists it, and
+    an approved fix leaves it."""
+    from pkcs11 import KeyType
+    from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+    key = _key(crypto, "foreign")
+    [other] = [c for c in ("use1-a", "use1-b", "usw2-a") if c not in (key.primary_cluster, *key.replicas)]
+    public, _ = tokens.session(other).generate_keypair(
+        KeyType.EC, store=True, id=key.key_id.encode(), label=key.key_id,
+        public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")})
+    theirs = bytes(encode_ec_public_key(public))
+    try:
+        code, report = as_json(gateway.target, "reconcile")
+        assert code == 1
+        [found] = [f for f in report["findings"] if f["key_id"] == key.key_id]
+        assert (found["kind"], found["cluster"]) == ("foreign", other), found
+        assert found["detail"].startswith(f"cluster {other} holds 2 object(s) under key id {key.key_id!r} that are "
+                                          "not this key's"), found
+        table = hsmctl(gateway.target, "reconcile").stdout
+        assert re.search(rf"foreign\s+{other}\s+{re.escape(key.key_id)}", table), table
+        answer = admin.Reconcile(apb.ReconcileRequest(fix=True), timeout=60,
+                                 metadata=(("x-hsmgw-identity", "alice"),))
+        if answer.HasField("change"):  # other tests' findings; or only this one, and no change at all
+            assert key.key_id not in answer.change.params["findings"]
+            if answer.change.state == "pending":
+                applied = admin.ApproveChange(apb.ApproveChangeRequest(id=answer.change.id), timeout=60,
+                                              metadata=(("x-hsmgw-identity", "bob"),))
+                assert "objects under keys' ids that are not the keys' (left alone" in applied.result, applied
+        else:
+            assert "objects that are not their key's" in answer.note, answer
+        left = tokens.objects(other, key.key_id)
+        assert {o.object_class for o in left} == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+        assert [bytes(encode_ec_public_key(o)) for o in left if o.object_class is ObjectClass.PUBLIC_KEY] == [theirs]
+    finally:
+        for obj in tokens.objects(other, key.key_id):
+            obj.destroy()
+        crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key.key_id), timeout=30)
+
+
 def test_audit_tail_and_verify_on_the_real_log(gateway, fleet) -> None:
     _, change = as_json(gateway.target, "clusters", "drain", "use1-b")
     as_json(gateway.target, "changes", "reject", change["id"], who="bob")

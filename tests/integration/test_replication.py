@@ -1322,7 +1322,9 @@ def test_reconcile_fix_destroys_a_keys_own_orphan_but_not_another_applications_k
 ) -> None:
     """An orphan of a live key (objects under its id on a cluster its record does not name) is
     destroyed by an approved fix only if it is the key's material: the source a move left is, an
-    application's key pair that happens to have that id is not, and stays, with an ERROR."""
+    application's key pair that happens to have that id is not, and stays, with an ERROR. Reconcile
+    tells them apart before any fix: the application's key is a ``foreign`` finding, which no fix
+    is offered for, and an approved fix of it as an orphan (listed before it was compared) leaves it."""
     theirs_id, ours_id = unique("orphan-foreign"), unique("orphan-own")
     first, theirs_key, target = _one_copy_key(make_router, theirs_id)
     theirs = _another_applications_key(tokens, target, theirs_id)
@@ -1330,16 +1332,26 @@ def test_reconcile_fix_destroys_a_keys_own_orphan_but_not_another_applications_k
     ours_target = next(name for name in ("use1-a", "use1-b") if name != ours_key.primary)
     copy_left(first, ours_key, ours_target)
 
-    found = reconcile(first, fix=False)
-    assert {(target, theirs_id), (ours_target, ours_id)} <= set(found.orphans)
     with caplog.at_level(logging.ERROR, logger="router.reconcile"):
-        fixed = reconcile(first, fix=True)
+        found = reconcile(first, fix=False)
+    assert (ours_target, ours_id) in found.orphans and (target, theirs_id) not in found.orphans
+    (why,) = [why for c, k, why in found.foreign if (c, k) == (target, theirs_id)]
+    assert why.startswith(f"cluster {target} holds 2 object(s) under key id {theirs_id!r} that are not this key's")
+    assert ("orphan", ours_target, ours_id) in found.fixable
+    assert not [f for f in found.fixable if f[2] == theirs_id]
+    assert f"reconcile: {why}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="router.reconcile"):
+        fixed = reconcile(first, fix=True, only=frozenset({("orphan", target, theirs_id),
+                                                           ("orphan", ours_target, ours_id)}))
     assert (ours_target, ours_id) in fixed.removed and tokens.objects(ours_target, ours_id) == []
-    assert (target, theirs_id) not in fixed.removed and (target, theirs_id) in fixed.orphans
+    assert (target, theirs_id) not in fixed.removed and (target, theirs_id) not in fixed.orphans
+    (again,) = [why for c, k, why in fixed.foreign if (c, k) == (target, theirs_id)]
+    assert again.startswith(f"cluster {target} holds 2 object(s) under key id {theirs_id!r} that are not this key's")
     assert _public_ders(tokens, target, theirs_id) == [theirs]
     assert tokens.classes(target, theirs_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
-    assert (f"reconcile: could not destroy orphan {theirs_id} on {target}: cluster {target} holds 2 object(s) under "
-            f"key id {theirs_id!r} that are not this key's") in caplog.text
+    assert f"reconcile: {again}" in caplog.text and "could not destroy orphan" not in caplog.text
+    assert f"{len(fixed.foreign)} objects under keys' ids that are not the keys' (left alone" in fixed.summary()
     assert tokens.classes(theirs_key.primary, theirs_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
     assert tokens.classes(ours_key.primary, ours_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
 
@@ -1416,7 +1428,8 @@ def test_a_destroyed_non_extractable_keys_id_elsewhere_is_another_keys(make_rout
     with caplog.at_level(logging.ERROR, logger="router.reconcile"):
         report = reconcile(router, fix=False, finish_destroys=True)
     assert (elsewhere, key_id) not in report.finished
-    assert f"could not destroy orphan {key_id} on {elsewhere}" in caplog.text
+    assert (elsewhere, key_id) in [(c, k) for c, k, _ in report.foreign]
+    assert f"reconcile: cluster {elsewhere} holds 2 object(s) under key id {key_id!r} that are not" in caplog.text
     assert _public_ders(tokens, elsewhere, key_id) == [theirs]
     assert tokens.objects(key.primary, key_id) == []
 
@@ -1496,7 +1509,9 @@ def test_a_destroy_finished_by_another_process_removes_the_keys_stray_copy_but_n
         if finished_by == "reconcile":
             report = reconcile(later, fix=False, finish_destroys=True)
             assert (stray, key_id) in report.finished and (other, key_id) not in report.finished
-            assert f"reconcile: could not destroy orphan {key_id} on {other}" in caplog.text
+            assert (other, key_id) in [(c, k) for c, k, _ in report.foreign]
+            assert (stray, key_id) not in [(c, k) for c, k, _ in report.foreign]
+            assert f"reconcile: cluster {other} holds 2 object(s) under key id {key_id!r} that are not" in caplog.text
         else:
             assert later.destroy_key(key_id, time.monotonic() + 30).state is KeyState.DESTROYED
             assert later.sweep_destroyed(time.monotonic() + 30) == 2

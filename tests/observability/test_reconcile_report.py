@@ -12,10 +12,12 @@ from gateway.fleet import init_fleet
 from hsmgw.v1 import crypto_pb2 as pb
 from hsmgw.v1 import crypto_pb2_grpc
 from tests.moto import free_port
-from tests.support import GatewayProcess, destroy_copy, scrape, value, wait_for
+from tests.support import GatewayProcess, count_copy, destroy_copy, plant_foreign_key, scrape, value, wait_for
 
 
 def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_path: Path) -> None:
+    """Then another application's key pair under the key's id on the third cluster: a ``foreign``
+    finding (an ERROR naming it), not an orphan, and it stays."""
     fleet = init_fleet(tmp_path / "fleet", listen="127.0.0.1:0")
     metrics_port = free_port()
     text = fleet.config_path.read_text().replace("[replication]\n", "[replication]\nreconcile_interval = 1.0\n", 1)
@@ -38,7 +40,7 @@ def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_p
                      timeout=20, what="the lost copy in hsmgw_reconcile_findings")
             later = scrape(metrics_port)
             assert value(later, "hsmgw_reconcile_last_run_timestamp_seconds") > first
-            for kind in ("orphan", "unknown", "duplicate", "stale_intent", "unreachable"):
+            for kind in ("orphan", "foreign", "unknown", "duplicate", "stale_intent", "unreachable"):
                 assert value(later, "hsmgw_reconcile_findings", kind=kind) == 0, kind
             assert ("reconcile (report only): 0 unfinished creations, 0 orphan objects, 0 objects no record "
                     "names, 1 missing copies "
@@ -52,6 +54,17 @@ def test_a_lost_replica_copy_is_reported_while_serving_and_nothing_changes(tmp_p
             signed = crypto.Sign(pb.SignRequest(key_id=key.key_id, algorithm=pb.ALGORITHM_ECDSA_SHA256,
                                                 digest=bytes(32)), timeout=10)
             assert signed.cluster == key.primary_cluster
+
+            [third] = {"use1-a", "use1-b", "usw2-a"} - {key.primary_cluster, *key.replicas}
+            plant_foreign_key(fleet, third, key.key_id)
+            wait_for(lambda: value(scrape(metrics_port), "hsmgw_reconcile_findings", kind="foreign") == 1,
+                     timeout=20, what="another application's key in hsmgw_reconcile_findings")
+            assert value(scrape(metrics_port), "hsmgw_reconcile_findings", kind="orphan") == 0
+            assert (f"ERROR router.reconcile: reconcile: cluster {third} holds 2 object(s) under key id "
+                    f"{key.key_id!r} that are not this key's") in gateway.log()
+            assert "1 objects under keys' ids that are not the keys' (left alone" in gateway.log()
+            time.sleep(2.5)
+            assert count_copy(fleet, third, key.key_id) == 2
     finally:
         gateway.stop()
 
@@ -69,8 +82,8 @@ def test_the_start_up_reconcile_is_published_from_the_start(tmp_path: Path) -> N
         samples = wait_for(lambda: scrape(metrics_port), timeout=20, what="/metrics")
         assert ("hsmgw_reconcile_last_run_timestamp_seconds", ()) in samples, "not published at start"
         assert before <= value(samples, "hsmgw_reconcile_last_run_timestamp_seconds") <= time.time()
-        for kind in ("missing", "orphan", "unknown", "duplicate", "stale_intent", "unreachable", "other_fleet",
-                     "fleet_unread"):
+        for kind in ("missing", "orphan", "foreign", "unknown", "duplicate", "stale_intent", "unreachable",
+                     "other_fleet", "fleet_unread"):
             assert ("hsmgw_reconcile_findings", (("kind", kind),)) in samples, kind
             assert value(samples, "hsmgw_reconcile_findings", kind=kind) == 0, kind
         assert "reconcile (report only)" not in gateway.log(), "the interval is an hour: no pass has run"

@@ -58,10 +58,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rec = sub.add_parser(
         "reconcile",
         help="compare the placement store with every token (exit 1 if they differ)",
-        description="Reports stale intents, orphan objects, missing copies, keys with duplicate objects, "
+        description="Reports stale intents, orphan objects, objects under a key's id that are not the key's "
+        "(foreign: another application's, never destroyed), missing copies, keys with duplicate objects, "
         "unreachable clusters and clusters whose keys were made with another placement store (other_fleet: "
-        "nothing is destroyed there); --fix requests a repair (quorum) of all but duplicates and keys that "
-        "no named cluster holds, which an operator resolves (docs/operations.md). A missing copy's "
+        "nothing is destroyed there); --fix requests a repair (quorum) of all but foreign objects, duplicates "
+        "and keys that no named cluster holds, which an operator resolves (docs/operations.md). A missing copy's "
         "name is dropped from its record, and the repairer makes a real copy. The change lists the "
         "findings shown; once approved it repairs those that still hold, and nothing else.\n\n"
         "Example: hsmctl reconcile --fix",
