@@ -14,14 +14,15 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from gateway import audit as audit_mod
 from gateway import status
-from gateway.interceptors import current_caller, current_identity
+from gateway.auth import APPROVE, PermissionDenied, PolicyStore, audit
+from gateway.interceptors import current_caller, current_identity, deny
 from gateway.quorum import (
     LEASE,
     PENDING,
@@ -200,6 +201,23 @@ CONSEQUENCE = "consequence"
 """A forced drain or failover change's param: what becomes of new keys, as it was asked for."""
 
 
+ASKED_BY = {
+    "place_key": "PlaceKey",
+    "move_key": "MoveKey",
+    "release_key": "ReleaseKey",
+    "apply_rebalance": "ApplyRebalance",
+    "drain": "DrainCluster",
+    "undrain": "DrainCluster",
+    "failover": "FailoverRegion",
+    "failback": "FailoverRegion",
+    "destroy_key": "DestroyKey",
+    RECONCILE_FIX: "Reconcile",
+    "reconcile_fix": "Reconcile",
+}
+"""The AdminService method that asks for each kind of change: a role's ``ApproveChange:<method>``
+lets it approve those changes alone (gateway.auth)."""
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
         self,
@@ -211,10 +229,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         clock: Callable[[], float] = time.time,
         on_audit_failure: Callable[[str], None] = lambda action: None,
         on_audit_unsynced: Callable[[str], None] = lambda action: None,
+        policies: PolicyStore | None = None,
     ) -> None:
         """``on_audit_failure(action)``: called for each record the audit log could not take;
-        ``on_audit_unsynced(action)``: for each it wrote but could not sync."""
+        ``on_audit_unsynced(action)``: for each it wrote but could not sync. ``policies``: the
+        gateway's policy, for the kinds of change an identity may approve (None: every kind)."""
         self.router = router
+        self.policies = policies
         self.audit_path = audit_path
         self.audit = audit_mod.AuditLog(audit_path, on_failure=on_audit_failure, on_unsynced=on_audit_unsynced)
         self.changes = ChangeBook(
@@ -269,6 +290,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         identity = caller()
         try:
             return fn(identity)
+        except PermissionDenied as exc:
+            deny(context, exc)
         except StoreError as exc:  # a read that is not wrapped where it is made (status, reconcile…)
             log.warning("admin call: the placement store is unreachable: %s", exc)
             status.abort(context, Unavailable("placement store is unreachable; try again once it answers"))
@@ -724,8 +747,27 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return self._call(context, lambda _: pb.ListChangesResponse(
             changes=[_change_pb(c) for c in self.changes.list(include_done=request.all)]))
 
+    def _check_approver(self, who: str, change_id: str) -> None:
+        """PermissionDenied, audited as ``authz.denied``, unless ``who``'s roles let it approve the
+        kind of change ``change_id`` is (``ApproveChange:<method>``)."""
+        if self.policies is None:
+            return
+        policy = self.policies.current
+        principal = policy.principal(who)
+        if principal.may_approve(""):  # ApproveChange itself, or every admin method
+            return
+        change = self.changes.get(change_id)
+        try:
+            policy.check_approve(principal, ASKED_BY.get(change.action, change.action), change.id)
+        except PermissionDenied as exc:
+            fields: dict[str, Any] = {"method": f"/{pb.DESCRIPTOR.package}.AdminService/{APPROVE}",
+                                      "operation": exc.operation, "resource": change.id, **origin()}
+            audit("authz.denied", identity=who, message=exc.message, **fields)
+            raise
+
     def ApproveChange(self, request: pb.ApproveChangeRequest, context: grpc.ServicerContext) -> pb.Change:
         def run(who: str) -> pb.Change:
+            self._check_approver(who, request.id)
             try:
                 return _change_pb(self.changes.approve(who, request.id, origin()))
             except NotAnotherAdmin as exc:  # an attempt around the quorum is for the auditors too

@@ -62,6 +62,12 @@ SIGN_VIA = {"BatchSign": "Sign", "SignStream": "Sign"}
 """RPCs authorized as another operation, per item."""
 CRYPTO_OPERATIONS = frozenset(m.name for m in _CRYPTO.methods) - set(SIGN_VIA)
 ADMIN_OPERATIONS = frozenset(m.name for m in _ADMIN.methods)
+APPROVE = "ApproveChange"
+CHANGE_METHODS = frozenset({"PlaceKey", "MoveKey", "ReleaseKey", "ApplyRebalance", "DrainCluster", "FailoverRegion",
+                            "DestroyKey", "Reconcile"})
+"""The AdminService methods that ask for a change: ``ApproveChange:<method>`` in a role's ``admin``
+grants approving the changes that method asks for, and no other (plain ``ApproveChange``: every
+change)."""
 _AUDIT_TEXT = 200  # longest caller-chosen string copied into an audit event
 MAX_IDENTITY = _AUDIT_TEXT
 """Characters in an identity at most: the audit log records each whole, so no two callers
@@ -208,7 +214,16 @@ class Principal:
         return bool(self.prefixes(operation))
 
     def may_admin(self, method: str) -> bool:
-        return self.everything or ALL in self.admin or method in self.admin
+        if self.everything or ALL in self.admin or method in self.admin:
+            return True
+        # Approving only some kinds of change: which kind this call approves is checked once its
+        # change is read (``may_approve``).
+        return method == APPROVE and any(grant.startswith(APPROVE + ":") for grant in self.admin)
+
+    def may_approve(self, method: str) -> bool:
+        """Whether this identity may approve a change that AdminService ``method`` asked for; with
+        ``method`` "", whether it may approve every kind of change."""
+        return self.everything or not {ALL, APPROVE, f"{APPROVE}:{method}"}.isdisjoint(self.admin)
 
 
 def _quoted(text: str) -> str:
@@ -329,6 +344,20 @@ class Policy:
                 operation=operation,
             )
 
+    def check_approve(self, principal: Principal, method: str, change_id: str) -> None:
+        """PermissionDenied unless ``principal`` may approve change ``change_id``, which AdminService
+        ``method`` asked for."""
+        if not principal.may_approve(method):
+            scoped = sorted(g for g in principal.admin if g.startswith(APPROVE + ":"))
+            raise PermissionDenied(
+                f"identity {_quoted(principal.identity)} may not approve change {_quoted(change_id)}, which "
+                f"{method} asked for (its roles grant {', '.join(scoped) or 'no approval'}; approving it needs "
+                f"{APPROVE} or {APPROVE}:{method})",
+                identity=principal.identity,
+                operation=f"admin:{APPROVE}:{method}",
+                resource=change_id,
+            )
+
     def check_admin(self, principal: Principal, method: str) -> None:
         if not principal.may_admin(method):
             raise PermissionDenied(
@@ -420,10 +449,16 @@ def parse_policy(data: Mapping[str, Any], source: str = "policy", digest: str = 
             raise _err(source, path + "operations", "missing: the role names prefixes but grants no operation")
         admin = _strings(table.get("admin", []), source, path + "admin")
         for i, method in enumerate(admin):
-            if method != ALL and method not in ADMIN_OPERATIONS:
+            approved = method.removeprefix(APPROVE + ":")
+            if approved != method and approved not in CHANGE_METHODS:
+                known = ", ".join(sorted(CHANGE_METHODS))
+                raise _err(source, f"{path}admin[{i}]", f"{APPROVE}: approves changes that one of {known} asks "
+                           f"for, not {approved!r}")
+            if approved == method and method != ALL and method not in ADMIN_OPERATIONS:
                 known = ", ".join(sorted(ADMIN_OPERATIONS))
                 raise _err(
-                    source, f"{path}admin[{i}]", f"unknown AdminService method {method!r} (known: {known}, or '*')"
+                    source, f"{path}admin[{i}]", f"unknown AdminService method {method!r} (known: {known}, "
+                    f"{APPROVE}:<method>, or '*')"
                 )
         roles[name] = Role(
             name=name,

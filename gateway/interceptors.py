@@ -280,6 +280,12 @@ def _status(code: grpc.StatusCode, message: str, reason: str, **metadata: str) -
     return result
 
 
+def deny(context: grpc.ServicerContext, exc: PermissionDenied) -> NoReturn:
+    """End a call with PERMISSION_DENIED that a servicer refused once it knew more than the
+    interceptor did (which change an approval is for)."""
+    _abort(context, exc)
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException, request_id: str = "") -> NoReturn:
     """End the call with ``exc``'s status; ``request_id``: the stream message it refused."""
     named = {"request_id": request_id} if request_id else {}

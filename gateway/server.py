@@ -201,6 +201,7 @@ class Gateway:
             change_ttl=config.admin.change_ttl,
             on_audit_failure=lambda event: self.metrics.requests.audit_write_failures.labels(event).inc(),
             on_audit_unsynced=lambda event: self.metrics.requests.audit_sync_failures.labels(event).inc(),
+            policies=self.policies,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
         # Authorization decisions and key lifecycle events (the ``hsmgw.audit``

@@ -201,7 +201,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ApproveChange(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """PERMISSION_DENIED when the caller's roles grant approving other kinds of change only
+        (`ApproveChange:<method>` in the policy: docs/security.md); the change stays pending.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

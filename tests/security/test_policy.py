@@ -104,6 +104,40 @@ def test_each_identity_the_policy_does_not_name_gets_the_default_rights_under_it
         assert p.principal(names[-1]) is made[-1]  # kept, not made again per call
 
 
+def test_an_approver_may_be_granted_some_kinds_of_change_only() -> None:
+    """``ApproveChange:<method>`` lets the interceptor through to ApproveChange; which change is
+    approved is then checked against the method that asked for it."""
+    p = parse_policy({"roles": {"drains": {"admin": ["ApproveChange:DrainCluster", "ListChanges"]},
+                                "all": {"admin": ["ApproveChange"]}, "root": {"admin": ["*"]}},
+                      "identities": {"ops": {"roles": ["drains"]}, "officer": {"roles": ["all"]},
+                                     "root": {"roles": ["root"]}}})
+    ops, officer, root = p.principal("ops"), p.principal("officer"), p.principal("root")
+    assert ops.may_admin("ApproveChange") and ops.may_admin("ListChanges") and not ops.may_admin("RejectChange")
+    assert not ops.may_admin("DrainCluster"), "approving drains is not asking for them"
+    assert ops.may_approve("DrainCluster") and not ops.may_approve("DestroyKey") and not ops.may_approve("")
+    assert all(who.may_approve(m) for who in (officer, root) for m in ("", "DestroyKey", "DrainCluster"))
+    p.check_approve(ops, "DrainCluster", "c1")
+    with pytest.raises(PermissionDenied) as refused:
+        p.check_approve(ops, "DestroyKey", "c2")
+    assert refused.value.message == (
+        "identity 'ops' may not approve change 'c2', which DestroyKey asked for (its roles grant "
+        "ApproveChange:DrainCluster; approving it needs ApproveChange or ApproveChange:DestroyKey)")
+    assert (refused.value.operation, refused.value.resource) == ("admin:ApproveChange:DestroyKey", "c2")
+    assert not p.principal("stranger").may_admin("ApproveChange")
+
+
+def test_every_kind_of_change_names_the_method_that_asks_for_it(tmp_path: Path) -> None:
+    """A kind of change no ``ApproveChange:<method>`` covers could be approved by plain grants only."""
+    from types import SimpleNamespace
+
+    from gateway.admin import ASKED_BY, AdminServicer
+    from gateway.auth import ADMIN_OPERATIONS, CHANGE_METHODS
+
+    assert set(ASKED_BY.values()) == CHANGE_METHODS and CHANGE_METHODS <= ADMIN_OPERATIONS
+    admin = AdminServicer(SimpleNamespace(store=None), audit_path=tmp_path / "audit.log")  # type: ignore[arg-type]
+    assert set(admin.changes._actions) == set(ASKED_BY)
+
+
 @pytest.mark.parametrize("key_id, expected", [("hr/payroll/k1", "hr/payroll/"), ("k1", "k1"), ("a/", "a/"), ("", "")])
 def test_namespace(key_id: str, expected: str) -> None:
     assert namespace(key_id) == expected
@@ -124,6 +158,10 @@ BAD_POLICIES: list[tuple[dict[str, Any], str]] = [
     ({"roles": {"r": {"operations": ["Sign"]}}}, "roles.r.prefixes: missing"),
     ({"roles": {"r": {"prefixes": ["a/"]}}}, "roles.r.operations: missing"),
     ({"roles": {"r": {"admin": ["Drain"]}}}, "roles.r.admin[0]: unknown AdminService method 'Drain'"),
+    ({"roles": {"r": {"admin": ["ApproveChange:ListClusters"]}}},
+     "roles.r.admin[0]: ApproveChange: approves changes that one of ApplyRebalance, DestroyKey, DrainCluster, "
+     "FailoverRegion, MoveKey, PlaceKey, Reconcile, ReleaseKey asks for, not 'ListClusters'"),
+    ({"roles": {"r": {"admin": ["ApproveChange:"]}}}, "roles.r.admin[0]: ApproveChange: approves changes that"),
     ({"roles": {"r": {"admin": ["*"], "extra": 1}}}, "roles.r.extra: unknown key"),
     ({"identities": {"spiffe://x/y": {"roles": ["nope"]}}}, 'identities."spiffe://x/y".roles[0]: no role \'nope\''),
     ({"identities": {"a": {"role": []}}}, "identities.a.role: unknown key"),
