@@ -102,6 +102,21 @@ about 320 KB). A larger rebalance takes several plans, each applied before the n
 MAX_PLANNED_BYTES = 250_000
 """And at most this much of that item for the moves, whatever the key ids' and cluster names'
 lengths: the rest of the change (its approvals, its result) needs room too."""
+MAX_FIX_FINDINGS = 2000
+"""Findings one reconcile fix lists (at most ``MAX_PLANNED_BYTES`` of them, too): its change is
+one placement-store item like a rebalance's. Once it is applied, a new request lists the rest."""
+
+
+def fix_findings(fixable: list[Finding]) -> list[Finding]:
+    """The first of ``fixable`` that one fix's change can hold (``MAX_FIX_FINDINGS``)."""
+    taken: list[Finding] = []
+    size = 0
+    for finding in fixable:
+        size += len(json.dumps(list(finding))) + 2  # as findings_params writes it
+        if len(taken) == MAX_FIX_FINDINGS or size > MAX_PLANNED_BYTES:
+            break
+        taken.append(finding)
+    return taken
 
 
 def rebalance_params(plan_id: str, layout: tuple[str, ...], moves: list[tuple[Placement, str]]) -> dict[str, str]:
@@ -642,7 +657,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                          for c in report.fleet_unread]
             response = pb.ReconcileResponse(findings=findings)
             if request.fix and findings:
-                fixable = sorted(report.fixable)
+                fixable = fix_findings(sorted(report.fixable))
                 waiting = [c for c in self.changes.list() if c.state == PENDING and c.action == RECONCILE_FIX]
                 if not fixable:
                     response.note = ("nothing here is for a fix: duplicates, objects no record names, objects "
@@ -658,6 +673,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                      + ("" if same else "; findings it does not list need a request after it"))
                 else:
                     response.change.CopyFrom(self._request(identity, RECONCILE_FIX, findings_params(fixable)))
+                    response.findings_left = len(report.fixable) - len(fixable)
             return response
 
         return self._call(context, run)

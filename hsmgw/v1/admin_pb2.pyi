@@ -176,14 +176,16 @@ class ReconcileFinding(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., cluster: _Optional[str] = ..., key_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ReconcileResponse(_message.Message):
-    __slots__ = ("findings", "change", "note")
+    __slots__ = ("findings", "change", "note", "findings_left")
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     CHANGE_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    FINDINGS_LEFT_FIELD_NUMBER: _ClassVar[int]
     findings: _containers.RepeatedCompositeFieldContainer[ReconcileFinding]
     change: Change
     note: str
-    def __init__(self, findings: _Optional[_Iterable[_Union[ReconcileFinding, _Mapping]]] = ..., change: _Optional[_Union[Change, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
+    findings_left: int
+    def __init__(self, findings: _Optional[_Iterable[_Union[ReconcileFinding, _Mapping]]] = ..., change: _Optional[_Union[Change, _Mapping]] = ..., note: _Optional[str] = ..., findings_left: _Optional[int] = ...) -> None: ...
 
 class Change(_message.Message):
     __slots__ = ("id", "action", "params", "requested_by", "approved_by", "state", "approvals_needed", "create_time", "expire_time", "result", "origins")

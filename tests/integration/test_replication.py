@@ -720,6 +720,41 @@ def test_a_rebalance_plan_moves_at_most_its_limit_and_the_next_plan_moves_the_re
     assert [p.key_id for p, _ in admin._plan()[1]] == [first.key_id]
 
 
+@pytest.mark.parametrize("limit", ["count", "size"])
+def test_a_reconcile_fix_lists_at_most_what_one_change_holds_and_the_next_fix_the_rest(
+        make_router, tokens, tmp_path, monkeypatch, limit) -> None:
+    """A fix's change records the findings it was asked for, and a change is one store item
+    (DynamoDB: 400 KB): a fix lists the first that fit and says how many it left; once it is
+    applied, the next fix lists the rest."""
+    import gateway.admin
+    from gateway.admin import AdminServicer, findings_of
+    from hsmgw.v1 import admin_pb2 as apb
+
+    router = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=1, require_dr_copy=False))()
+    admin = AdminServicer(router, audit_path=tmp_path / "audit.log", quorum=1)
+    strays = []
+    for _ in range(3):  # each with a copy its record does not name, as a move cut off leaves one
+        key = router.generate_key(_spec(unique("fix-limit")), time.monotonic() + 30)
+        stray = next(c for c in ("use1-a", "use1-b") if c != key.primary)
+        copy_left(router, key, stray)
+        strays.append(["orphan", stray, key.key_id])
+    strays.sort(key=lambda f: (f[0], f[1], f[2]))
+    if limit == "count":
+        monkeypatch.setattr(gateway.admin, "MAX_FIX_FINDINGS", 2)
+    else:  # long key ids and cluster names must not take the change past a store item either
+        two = sum(len(json.dumps(f)) + 2 for f in strays[:2])
+        monkeypatch.setattr(gateway.admin, "MAX_PLANNED_BYTES", two)
+
+    first = admin.Reconcile(apb.ReconcileRequest(fix=True), None)
+    assert [list(f) for f in findings_of(dict(first.change.params))] == strays[:2]
+    assert first.findings_left == 1 and first.change.state == "applied", first
+    assert "2 orphan objects removed" in first.change.result and "1 new findings left" in first.change.result
+    second = admin.Reconcile(apb.ReconcileRequest(fix=True), None)
+    assert [list(f) for f in findings_of(dict(second.change.params))] == strays[2:]
+    assert second.findings_left == 0 and second.change.state == "applied", second
+    assert all(tokens.objects(cluster, key_id) == [] for _, cluster, key_id in strays)
+
+
 def test_a_planned_move_of_a_record_that_changed_is_refused_before_anything_is_made(make_router, tokens) -> None:
     from router.errors import KeyChanged
 

@@ -23,6 +23,14 @@ class _Admin:
     def VerifyAudit(self, request: apb.VerifyAuditRequest, **_: Any) -> apb.VerifyAuditResponse:
         return apb.VerifyAuditResponse(ok=True, records=1)
 
+    def Reconcile(self, request: apb.ReconcileRequest, **_: Any) -> apb.ReconcileResponse:
+        change = apb.Change(id="c1", action="reconcile_fix_shown", state="pending", approvals_needed=2,
+                            approved_by=["alice"], params={"findings": '[["orphan", "use1-a", "k1"]]'})
+        return apb.ReconcileResponse(findings=[apb.ReconcileFinding(kind="orphan", cluster="use1-a", key_id="k1")],
+                                     change=change, findings_left=self.left)
+
+    left = 0
+
 
 @pytest.fixture
 def app() -> Iterator[App]:
@@ -38,6 +46,21 @@ def test_one_key_one_record_one_hung_call_are_singular(app: App, capsys: pytest.
     assert capsys.readouterr().out == "audit log intact: 1 record\n"
     assert clusters._note(apb.ClusterStatus(calls_hung=1)) == "1 call hung"
     assert clusters._note(apb.ClusterStatus(calls_hung=2, draining=True)) == "drained, 2 calls hung"
+
+
+@pytest.mark.parametrize("left, says", [(0, ""), (1, "1 more finding"), (2500, "2500 more findings")])
+def test_a_fix_that_could_not_list_every_finding_says_how_many_it_left(
+    app: App, capsys: pytest.CaptureFixture[str], left: int, says: str
+) -> None:
+    app.admin.left = left  # type: ignore[attr-defined]
+    assert rebalance._reconcile(app, argparse.Namespace(fix=True)) == 3
+    out = capsys.readouterr().out
+    assert "change c1 (reconcile_fix_shown) is pending" in out
+    if says:
+        assert out.endswith(f"\n{says} for a fix not in this change (a change lists at most 2,000): ask again once "
+                            "it is applied\n"), out
+    else:
+        assert "for a fix not in this change" not in out
 
 
 def test_a_rebalances_moves_are_shown_as_their_count() -> None:
