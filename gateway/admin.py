@@ -360,7 +360,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return f"{moved.key_id} now on {', '.join(moved.clusters)} (held there: rebalance leaves it)"
 
     def _do_release(self, params: dict[str, str]) -> str:
-        released = self.router.release_key(params["key_id"])
+        key_id = params["key_id"]
+        if self.router.check_release(key_id) is None:  # placed (hsmctl keys place), not yet created
+            cluster = self.router.unpin(key_id)
+            self._audit_done("key_unplaced", key_id, cluster=cluster)
+            return f"{key_id} is no longer placed on {cluster}: when created, it goes where any new key goes"
+        released = self.router.release_key(key_id)
         self._audit_done("key_released", released.key_id, clusters=list(released.clusters))
         return f"{released.key_id} released: rebalance may move it"
 

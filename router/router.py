@@ -62,6 +62,9 @@ from router.retry import RetryBudget
 log = logging.getLogger(__name__)
 
 PINS = "pins"
+MAX_PINS = 1000
+"""Keys placed (``pin``) and not yet created: the pins are one admin record, one placement-store
+item (DynamoDB: 400 KB; 1,000 pins of 128-character key ids take about 160 KB)."""
 """The admin record of operators' placements for keys not made yet: key id -> cluster."""
 
 T = TypeVar("T")
@@ -140,6 +143,14 @@ _store_log_lock = threading.Lock()
 def _fleets_shown(fleets: Sequence[str]) -> str:
     """A token's fleet ids as messages name them: the three latest, and how many more."""
     return ", ".join(fleets[-3:]) + (f" and {len(fleets) - 3} more" if len(fleets) > 3 else "")
+
+
+def _room_for_pin(pins: dict[str, Any] | None, key_id: str) -> None:
+    """FailedPrecondition when placing one more key would take the pins past ``MAX_PINS``."""
+    if pins and key_id not in pins and len(pins) >= MAX_PINS:
+        raise FailedPrecondition(f"{len(pins)} keys are placed and not yet created, the most the placement store "
+                                 "keeps: create them, or take back placements of keys that will not be made "
+                                 "(hsmctl keys release KEY), then place this one")
 
 
 def _store_down(message: str, exc: StoreError) -> Unavailable:
@@ -1353,15 +1364,58 @@ class Router:
             # Creation would pass the pin over and put the key elsewhere, as if placed there.
             raise FailedPrecondition(f"key {key_id!r} cannot be placed on {cluster}: {barred}, so it takes no keys "
                                      "until an operator puts it back in service")
+        try:
+            record = self.store.admin_record(PINS)
+        except StoreError as exc:
+            raise _store_down("placement store is unreachable; the change cannot be checked now", exc) from exc
+        _room_for_pin(record[0] if record else None, key_id)
 
     def pin(self, key_id: str, cluster: str) -> None:
         """Make a key that does not exist yet go to ``cluster`` when it is created, through any
         process of any gateway on this store (the pin is an admin record there)."""
         self.check_pin(key_id, cluster)
+
+        def add(pins: dict[str, Any] | None) -> dict[str, Any]:
+            _room_for_pin(pins, key_id)
+            return {**(pins or {}), key_id: cluster}
+
         try:
-            edit_admin_record(self.store, PINS, lambda pins: {**(pins or {}), key_id: cluster})
+            edit_admin_record(self.store, PINS, add)
         except StoreError as exc:
             raise _store_down("placement store is unreachable; the placement is not recorded", exc) from exc
+
+    def check_unpin(self, key_id: str) -> str:
+        """The cluster a key that does not exist yet is placed on (``pin``), which a release takes
+        back; else the error that release ends with."""
+        validation.key_id(key_id)
+        try:
+            cluster = self._pin_of(key_id)
+        except StoreError as exc:
+            raise _store_down("placement store is unreachable; the change cannot be checked now", exc) from exc
+        if cluster is None:
+            raise FailedPrecondition(f"key {key_id!r} is not placed: it was created meanwhile (release it again) or "
+                                     "its placement was taken back")
+        return cluster
+
+    def unpin(self, key_id: str) -> str:
+        """Take back the placement of a key that does not exist yet: it is placed as any new key
+        when it is created. The cluster it named; ``check_unpin``'s error if there is none."""
+        taken: list[str] = []
+
+        def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
+            if not pins or key_id not in pins:
+                return None
+            taken[:] = [str(pins[key_id])]
+            return {k: v for k, v in pins.items() if k != key_id}
+
+        try:
+            edit_admin_record(self.store, PINS, take)
+        except StoreError as exc:
+            raise _store_down("placement store is unreachable; the placement was not taken back", exc) from exc
+        if not taken:
+            self.check_unpin(key_id)  # raises: no pin now
+        log.info("key %s: its placement on %s taken back", key_id, taken[0])
+        return taken[0]
 
     def _pin_of(self, key_id: str) -> str | None:
         """The cluster an operator chose for this new key (``pin``), if any."""
@@ -1573,11 +1627,19 @@ class Router:
         if not ok:
             raise InternalError(f"the copy of key {key.key_id!r} on {target.name} does not match the original")
 
-    def check_release(self, key_id: str) -> Placement:
-        """The key's record, if it is held (placed or moved by an operator); else the error a release ends with."""
+    def check_release(self, key_id: str) -> Placement | None:
+        """The key's record, if it is held (placed or moved by an operator); None if it does not
+        exist yet and an operator placed it (``pin``: a release takes the placement back,
+        ``unpin``); else the error a release ends with."""
         current = self._read_for_change(key_id)
         if current is None:
-            raise KeyNotFound(f"key {key_id!r} not found")
+            try:
+                placed = self._pin_of(key_id) is not None
+            except StoreError as exc:
+                raise _store_down("placement store is unreachable; the change cannot be checked now", exc) from exc
+            if placed:
+                return None
+            raise KeyNotFound(f"key {key_id!r} not found (nor placed for its creation)")
         if current.state is KeyState.DESTROYED:
             raise FailedPrecondition(f"key {key_id!r} is destroyed")
         if current.state is KeyState.CREATING:
@@ -1599,6 +1661,8 @@ class Router:
         """Let rebalance place a held key again (it stays where it is until a rebalance moves it)."""
         for _ in range(3):  # the record may change under us (a repair, another release)
             current = self.check_release(key_id)
+            if current is None:
+                raise FailedPrecondition(f"key {key_id!r} does not exist yet: take its placement back (unpin)")
             try:
                 released = self.store.update(replace(current, held=False))
             except Conflict:

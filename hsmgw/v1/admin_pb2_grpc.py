@@ -134,7 +134,8 @@ class AdminServiceServicer:
     def PlaceKey(self, request, context):
         """Once approved, the key (not made yet) goes to the cluster when it is created, through
         any gateway on the placement store; a cluster that cannot take it then (full, drained,
-        failed over, down) is passed over with a warning in the gateway's log.
+        failed over, down) is passed over with a warning in the gateway's log. FAILED_PRECONDITION
+        when 1,000 keys are placed and not yet created (ReleaseKey takes a placement back).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +154,7 @@ class AdminServiceServicer:
 
     def ReleaseKey(self, request, context):
         """Once approved, rebalance may move the held key again (it stays where it is until then).
+        Of a key placed (PlaceKey) and not yet created, it takes the placement back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -755,6 +755,48 @@ def test_a_reconcile_fix_lists_at_most_what_one_change_holds_and_the_next_fix_th
     assert all(tokens.objects(cluster, key_id) == [] for _, cluster, key_id in strays)
 
 
+def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_are_bounded(
+        make_router, tmp_path, monkeypatch) -> None:
+    """`keys place` of a key that is then never created (a typo, a plan dropped) stayed for good, and
+    would place a key of that id made years later: `keys release` takes it back. The placements are
+    one store item, so there are at most MAX_PINS of them, each refused past that when asked and
+    when approved."""
+    import router.router
+    from gateway.admin import AdminServicer
+    from router.errors import FailedPrecondition, KeyNotFound
+    from router.placement.ring import PlacementRing
+
+    monkeypatch.setattr(router.router, "MAX_PINS", 2)
+    one = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=1, require_dr_copy=False))()
+    admin = AdminServicer(one, audit_path=tmp_path / "audit.log", quorum=1)
+    typo, kept, third = unique("placed"), unique("placed"), unique("placed")
+    not_chosen = next(c for c in ("use1-a", "use1-b") if c != PlacementRing(["use1-a", "use1-b"]).choose(typo))
+    for key_id in (typo, kept):
+        change = admin.changes.request("alice", "place_key", {"key_id": key_id, "cluster": not_chosen})
+        assert change.state == "applied", change.result
+    with pytest.raises(FailedPrecondition, match=r"^2 keys are placed and not yet created, the most the placement "
+                                                 r"store keeps: .*\(hsmctl keys release KEY\), then place this one$"):
+        one.check_pin(third, "use1-a")
+    failed = admin.changes.request("alice", "place_key", {"key_id": third, "cluster": "use1-a"})  # as if approved
+    assert failed.state == "failed" and "2 keys are placed and not yet created" in failed.result
+    one.pin(kept, "use1-a")  # placing a placed key elsewhere takes no more room
+
+    assert one.check_release(typo) is None
+    released = admin.changes.request("alice", "release_key", {"key_id": typo})
+    assert (released.state, released.result) == (
+        "applied", f"{typo} is no longer placed on {not_chosen}: when created, it goes where any new key goes")
+    records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    [unplaced] = [r for r in records if r["action"] == "key_unplaced"]
+    assert (unplaced["target"], unplaced["details"]["cluster"]) == (typo, not_chosen)
+    assert unplaced["details"]["change_id"] == released.id
+    with pytest.raises(KeyNotFound, match=r"not found \(nor placed for its creation\)"):
+        one.check_release(typo)
+    made = one.generate_key(_spec(typo), time.monotonic() + 30)
+    assert made.primary != not_chosen and not made.held, "placed where any new key goes"
+    one.check_pin(third, "use1-a")  # room again
+    assert one.generate_key(_spec(kept), time.monotonic() + 30).primary == "use1-a"
+
+
 def test_a_planned_move_of_a_record_that_changed_is_refused_before_anything_is_made(make_router, tokens) -> None:
     from router.errors import KeyChanged
 

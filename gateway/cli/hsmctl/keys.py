@@ -112,7 +112,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release = ksub.add_parser(
         "release",
         help="let rebalance move a key an operator placed or moved (quorum)",
-        description="Example: hsmctl keys release payments/k1",
+        description="Lets rebalance move a key an operator placed or moved; of a key placed and not yet "
+        "created, takes the placement back.\n\nExample: hsmctl keys release payments/k1",
     )
     release.add_argument("key")
     release.set_defaults(func=_release)
