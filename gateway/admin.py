@@ -364,7 +364,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if self.router.check_release(key_id) is None:  # placed (hsmctl keys place), not yet created
             cluster = self.router.unpin(key_id)
             self._audit_done("key_unplaced", key_id, cluster=cluster)
-            return f"{key_id} is no longer placed on {cluster}: when created, it goes where any new key goes"
+            now = self.router.store.get(key_id)
+            if now is not None and now.state is not KeyState.DESTROYED:
+                # Its creation read the placement before this and wrote its record since: made there.
+                held = ("held there: release it again once it is made" if now.held
+                        else "not held (rebalance may move it)")
+                return (f"{key_id} is no longer placed on {cluster}, but it was being created there meanwhile: it "
+                        f"stays on {now.primary}, {held}")
+            return f"{key_id} is no longer placed on {cluster}: created from now on, it goes where any new key goes"
         released = self.router.release_key(key_id)
         self._audit_done("key_released", released.key_id, clusters=list(released.clusters))
         return f"{released.key_id} released: rebalance may move it"

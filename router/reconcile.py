@@ -15,8 +15,9 @@ Finds, per cluster:
   the key's material (``Router.foreign_objects``: another application's key that has the id):
   never destroyed, by ``fix`` or anything else (``Router.destroy_unless_kept`` compares first),
   logged at ERROR on each pass; the key is neither moved nor copied there until an operator
-  removes them (docs/operations.md, objects that are not the key's). At most ``MAX_COMPARES``
-  orphans a pass are compared with their key; the rest are listed as orphans;
+  removes them (docs/operations.md, objects that are not the key's). A report-only pass
+  compares at most ``MAX_COMPARES`` orphans with their key, on clusters of this store's fleet;
+  the rest are listed as orphans until a later pass has compared them;
 - **unknown**: key objects no record in the store names at all. The gateway writes a
   key's record before it makes objects and removes it only after them, so none of its
   own keys is ever found so: these are another application's keys, or the store is not
@@ -74,8 +75,12 @@ cluster, and a gateway's start waits for its reconcile."""
 
 
 MAX_COMPARES = 100
-"""Orphans compared with their key's material in one pass, to tell them from ``foreign``
-objects: each costs an export of the key on a cluster holding it and one of each object found."""
+"""Orphans compared with their key's material in one report-only pass, to tell them from ``foreign``
+objects: each costs an export of the key on a cluster holding it and one of each object found.
+Objects found foreign are taken for such for ``FOREIGN_SEEN`` without a comparison, so that the
+passes after compare others."""
+COMPARE_WAIT = 5.0
+"""Seconds one comparison may take at most: a busy cluster does not hold up the rest of the pass."""
 
 
 Finding = tuple[str, str, str]
@@ -169,15 +174,15 @@ class ReconcileReport:
         if self.only is not None:
             found = set(self.fixable)
             rolled = len(self.rolled_back)
-            gone = len(self.only - found)
+            foreign = {("orphan", c, k) for c, k, _ in self.foreign}  # counted with them, below
+            gone = len(self.only - found - foreign)
             new = len(found - self.only)
             return (f"{rolled} unfinished creations rolled back, {len(self.removed)} orphan objects removed, "
                     f"{len(self.dropped)} missing copies dropped from their records, of the {len(self.only)} "
-                    f"findings approved; {gone} of them no longer held (skipped); {new} new findings left for a new "
-                    f"request (hsmctl reconcile --fix); {self._foreign()}{len(self.unknown)} objects no record "
-                    "names and "
-                    f"{len(self.duplicates)} duplicate objects (left for an operator), {len(self.unreachable)} "
-                    "unreachable clusters")
+                    f"findings approved; {gone} of them no longer held (skipped); {new} findings it does not list "
+                    f"left for a new request (hsmctl reconcile --fix); {self._foreign()}{len(self.unknown)} objects "
+                    f"no record names and {len(self.duplicates)} duplicate objects (left for an operator), "
+                    f"{len(self.unreachable)} unreachable clusters")
         intents_left = len(self.stale_intents) - len(self.rolled_back)
         orphans_left = len(self.orphans) - len(self.removed)
         return (f"{len(self.rolled_back)} unfinished creations rolled back ({intents_left} not), "
@@ -298,9 +303,13 @@ def reconcile(
                 why, foreign = _destroy_orphan(router, name, key_id, deadline)
             else:
                 why = router.why_kept(name, key_id)
-                if not why and compares < MAX_COMPARES:
-                    compares += 1
-                    foreign = router.foreign_objects(name, key_id, deadline)
+                # Told apart from orphans for a report; a fix compares what it destroys anyway, and
+                # another fleet's tokens are only reported on.
+                if not (why or fix) and ours(name):
+                    foreign = router.known_foreign(name, key_id)
+                    if not foreign and compares < MAX_COMPARES:
+                        compares += 1
+                        foreign = router.foreign_objects(name, key_id, min(deadline, time.monotonic() + COMPARE_WAIT))
             if not (why or foreign or destroy) and finish_destroys and ours(name) and _destroyed(router, key_id):
                 why, foreign = _destroy_orphan(router, name, key_id, deadline)
                 if not (why or foreign):

@@ -62,10 +62,10 @@ from router.retry import RetryBudget
 log = logging.getLogger(__name__)
 
 PINS = "pins"
+"""The admin record of operators' placements for keys not made yet: key id -> cluster."""
 MAX_PINS = 1000
 """Keys placed (``pin``) and not yet created: the pins are one admin record, one placement-store
 item (DynamoDB: 400 KB; 1,000 pins of 128-character key ids take about 160 KB)."""
-"""The admin record of operators' placements for keys not made yet: key id -> cluster."""
 
 T = TypeVar("T")
 
@@ -95,6 +95,9 @@ repair or a move that lands between its read and its write changes where the key
 it is to be destroyed, so it reads the record again and destroys what that names."""
 MATERIAL_WAIT = 2.0
 """Seconds a DestroyKey waits at most to read the key's material for its sweep (``_material_to_sweep``)."""
+FOREIGN_SEEN = 6 * 3600.0
+"""Seconds reconcile takes objects it compared with their key and found not to be the key's for
+such without comparing them again (``known_foreign``), so that its next passes compare others."""
 FOREIGN_RETRY = 600.0
 """Seconds the repairer leaves a cluster alone for a key, once objects there under the key's id
 turned out not to be the key's (``ForeignObjects``, in a repair or a rebalance), before it looks again."""
@@ -302,6 +305,9 @@ class Router:
         """(key id, cluster) → when the repairer may try a copy there again (``FOREIGN_RETRY``).
         Written under ``_lock``: by the repairer's thread, and by a rebalance's (an admin call's)
         through ``foreign_found``."""
+        self._foreign_seen: dict[tuple[str, str], tuple[str, float]] = {}
+        """(cluster, key id) → why its objects are not the key's, and when reconcile found it
+        (``foreign_objects``). Written under ``_lock``: the periodic reconcile and admin calls."""
 
     # -- placement cache -------------------------------------------------
 
@@ -643,6 +649,12 @@ class Router:
             existing = self._unrecorded_objects(spec, (primary, *replicas), deadline, unsearched)
             if existing is not None:
                 return existing
+        if pinned and self._pin_of(spec.key_id) != pin:
+            # Taken back (keys release) or placed elsewhere since it was read, while the tokens were
+            # searched: made where it was placed, but not held there.
+            log.warning("key %s: its placement on %s was taken back or changed while it was being created; it is "
+                        "made there, not held (rebalance may move it)", spec.key_id, primary)
+            pinned = False
         # Held: rebalance leaves it where the operator put it (rebalance never moves the others).
         held = pinned and spec.storage is KeyStorage.TOKEN and spec.extractable
         intent = Placement(
@@ -1412,8 +1424,9 @@ class Router:
             edit_admin_record(self.store, PINS, take)
         except StoreError as exc:
             raise _store_down("placement store is unreachable; the placement was not taken back", exc) from exc
-        if not taken:
-            self.check_unpin(key_id)  # raises: no pin now
+        if not taken:  # gone since it was looked at: check_unpin says so
+            raise FailedPrecondition(f"key {key_id!r} is not placed: it was created meanwhile (release it again) "
+                                     "or its placement was taken back")
         log.info("key %s: its placement on %s taken back", key_id, taken[0])
         return taken[0]
 
@@ -1438,8 +1451,8 @@ class Router:
         try:
             edit_admin_record(self.store, PINS, take)
         except StoreError as exc:
-            log.warning("key %s is made, but its placement could not be cleared (%s); the next creation of this key "
-                        "clears it", key_id, exc)
+            log.warning("key %s is made, but its placement could not be cleared (%s); hsmctl keys release takes "
+                        "it back", key_id, exc)
             return
         if chosen and chosen[0] != seen and chosen[0] != made.primary:
             log.warning("key %s was placed on %s after its creation had begun; it was made on %s (hsmctl keys move "
@@ -1632,13 +1645,14 @@ class Router:
         exist yet and an operator placed it (``pin``: a release takes the placement back,
         ``unpin``); else the error a release ends with."""
         current = self._read_for_change(key_id)
-        if current is None:
+        if current is None or current.state is KeyState.DESTROYED:
             try:
                 placed = self._pin_of(key_id) is not None
             except StoreError as exc:
                 raise _store_down("placement store is unreachable; the change cannot be checked now", exc) from exc
-            if placed:
+            if placed:  # not made yet; or destroyed, its placement left by a creation that could not clear it
                 return None
+        if current is None:
             raise KeyNotFound(f"key {key_id!r} not found (nor placed for its creation)")
         if current.state is KeyState.DESTROYED:
             raise FailedPrecondition(f"key {key_id!r} is destroyed")
@@ -1973,14 +1987,31 @@ class Router:
             if current is None or backend is None or self.why_kept(name, key_id):
                 return ""
             material = self._material_elsewhere(current, name, deadline)
-            if material is not None:
-                backend.check_foreign(material, deadline)
+            if material is None:
+                return ""
+            backend.check_foreign(material, deadline)
+        except Stopping:
+            raise
         except ForeignObjects as exc:
+            with self._lock:
+                if len(self._foreign_seen) >= 10_000:  # another application's keys by the thousand: start afresh
+                    self._foreign_seen = {}
+                self._foreign_seen[(name, key_id)] = (exc.message, self._clock())
             return exc.message
         except (RouterError, StoreError) as exc:
             log.info("objects under key id %r on %s not compared with the key: %s", key_id, name,
                      exc.message if isinstance(exc, RouterError) else exc)
+            return ""
+        with self._lock:  # the key's own: whatever was found there before is gone
+            self._foreign_seen.pop((name, key_id), None)
         return ""
+
+    def known_foreign(self, name: str, key_id: str) -> str:
+        """Why the objects under the key's id on cluster ``name`` are not the key's, as
+        ``foreign_objects`` found in the last ``FOREIGN_SEEN`` seconds; "" if it did not."""
+        with self._lock:
+            seen = self._foreign_seen.get((name, key_id))
+        return seen[0] if seen is not None and self._clock() - seen[1] < FOREIGN_SEEN else ""
 
     def material_of(self, key: Placement, deadline: float, *, besides: str = "") -> KeyMaterial:
         """What a live key's objects are (``HsmBackend.destroy(of=…)``), read from a cluster that

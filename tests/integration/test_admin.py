@@ -858,8 +858,8 @@ def test_reconcile_fix_repairs_only_the_findings_its_approvers_were_shown(gatewa
 
         applied = approve(gateway.target, change)
         assert applied["state"] == "applied", applied
-        assert re.search(r"[1-9]\d* of them no longer held \(skipped\); [1-9]\d* new findings left for a new "
-                         r"request", applied["result"]), applied["result"]
+        assert re.search(r"[1-9]\d* of them no longer held \(skipped\); [1-9]\d* findings it does not list left "
+                         r"for a new request", applied["result"]), applied["result"]
         assert tokens.objects("use1-a", shown) == [], "the finding shown is fixed"
         assert len(tokens.objects("use1-a", unseen)) == 1, "an orphan nobody was shown is left"
     finally:

@@ -748,7 +748,8 @@ def test_a_reconcile_fix_lists_at_most_what_one_change_holds_and_the_next_fix_th
     first = admin.Reconcile(apb.ReconcileRequest(fix=True), None)
     assert [list(f) for f in findings_of(dict(first.change.params))] == strays[:2]
     assert first.findings_left == 1 and first.change.state == "applied", first
-    assert "2 orphan objects removed" in first.change.result and "1 new findings left" in first.change.result
+    assert "2 orphan objects removed" in first.change.result
+    assert "1 findings it does not list left for a new request" in first.change.result
     second = admin.Reconcile(apb.ReconcileRequest(fix=True), None)
     assert [list(f) for f in findings_of(dict(second.change.params))] == strays[2:]
     assert second.findings_left == 0 and second.change.state == "applied", second
@@ -784,7 +785,7 @@ def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_a
     assert one.check_release(typo) is None
     released = admin.changes.request("alice", "release_key", {"key_id": typo})
     assert (released.state, released.result) == (
-        "applied", f"{typo} is no longer placed on {not_chosen}: when created, it goes where any new key goes")
+        "applied", f"{typo} is no longer placed on {not_chosen}: created from now on, it goes where any new key goes")
     records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     [unplaced] = [r for r in records if r["action"] == "key_unplaced"]
     assert (unplaced["target"], unplaced["details"]["cluster"]) == (typo, not_chosen)
@@ -795,6 +796,48 @@ def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_a
     assert made.primary != not_chosen and not made.held, "placed where any new key goes"
     one.check_pin(third, "use1-a")  # room again
     assert one.generate_key(_spec(kept), time.monotonic() + 30).primary == "use1-a"
+
+    # Taken back while the key is being created (its clusters chosen, the tokens searched): it is
+    # made where it was placed, but not held there; a release once its record is written says so.
+    racing, late = unique("placed"), unique("placed")
+    for key_id in (racing, late):
+        elsewhere = next(c for c in ("use1-a", "use1-b") if c != PlacementRing(["use1-a", "use1-b"]).choose(key_id))
+        assert admin.changes.request("alice", "place_key", {"key_id": key_id, "cluster": elsewhere}).state == "applied"
+    search = one._unrecorded_objects
+    results = []
+
+    def released_meanwhile(spec, *args, **kwargs):  # type: ignore[no-untyped-def]
+        results.append(admin.changes.request("alice", "release_key", {"key_id": spec.key_id}))
+        return search(spec, *args, **kwargs)
+
+    monkeypatch.setattr(one, "_unrecorded_objects", released_meanwhile)
+    raced = one.generate_key(_spec(racing), time.monotonic() + 30)
+    assert raced.primary != PlacementRing(["use1-a", "use1-b"]).choose(racing) and not raced.held
+    assert results[0].state == "applied" and "created from now on" in results[0].result
+    monkeypatch.setattr(one, "_unrecorded_objects", search)
+    unpin, creating = one.unpin, []
+
+    def created_meanwhile(key_id: str) -> str:  # the creation read the placement, then the release took it
+        creating.append(_creating_intent(one, key_id))
+        return unpin(key_id)
+
+    monkeypatch.setattr(one, "unpin", created_meanwhile)
+    after = admin.changes.request("alice", "release_key", {"key_id": late})
+    (intent,) = creating
+    assert intent.held
+    assert after.result == (f"{late} is no longer placed on {intent.primary}, but it was being created there "
+                            f"meanwhile: it stays on {intent.primary}, held there: release it again once it is made")
+
+
+def _creating_intent(router, key_id: str) -> Placement:  # type: ignore[no-untyped-def]
+    """The CREATING record a creation of ``key_id`` writes after reading its placement (the key's
+    objects not made), as a creation under way leaves it."""
+    pin = router._pin_of(key_id)
+    primary, replicas, pinned = router._choose_clusters(key_id, 1, pin, needs_room=True)
+    intent = Placement(key_id, KeyAlgorithm.EC_P256, KeyUsage.SIGN_VERIFY, KeyState.CREATING, primary,
+                       request_id=f"r-{key_id}", held=pinned, create_time=time.time(), copies=1)
+    router.store.create(intent)
+    return router.store.get(key_id)
 
 
 def test_a_planned_move_of_a_record_that_changed_is_refused_before_anything_is_made(make_router, tokens) -> None:
@@ -1431,6 +1474,41 @@ def test_reconcile_fix_destroys_a_keys_own_orphan_but_not_another_applications_k
     assert f"{len(fixed.foreign)} objects under keys' ids that are not the keys' (left alone" in fixed.summary()
     assert tokens.classes(theirs_key.primary, theirs_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
     assert tokens.classes(ours_key.primary, ours_id) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
+
+
+def test_a_report_compares_a_bounded_number_of_orphans_a_pass_and_the_next_pass_others(
+    make_router, tokens, tmp_path, monkeypatch
+) -> None:
+    """Each comparison exports the key: a pass compares MAX_COMPARES orphans, and lists the rest as
+    orphans. What it found foreign it remembers, so the next pass compares the others."""
+    import router.reconcile
+
+    monkeypatch.setattr(router.reconcile, "MAX_COMPARES", 1)
+    router = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=1, require_dr_copy=False))()
+    pairs = set()
+    for _ in range(2):
+        key = router.generate_key(_spec(unique("compare-limit")), time.monotonic() + 30)
+        elsewhere = next(c for c in ("use1-a", "use1-b") if c != key.primary)
+        _another_applications_key(tokens, elsewhere, key.key_id)
+        pairs.add((elsewhere, key.key_id))
+    exports = []
+    for backend in router.backends.values():
+        real = backend.export_wrapped
+
+        def counted(*args, _real=real, **kwargs):  # type: ignore[no-untyped-def]
+            exports.append(1)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(backend, "export_wrapped", counted)
+
+    first = reconcile(router, fix=False)
+    assert len(first.foreign) == 1 and len(first.orphans) == 1 and len(exports) == 1
+    assert {(c, k) for c, k, _ in first.foreign} | set(first.orphans) == pairs
+    second = reconcile(router, fix=False)
+    assert {(c, k) for c, k, _ in second.foreign} == pairs and second.orphans == []
+    assert len(exports) == 2, "the one found foreign before is not compared again"
+    assert sorted(why for _, _, why in second.foreign) == sorted(
+        router.known_foreign(c, k) for c, k in pairs)
 
 
 def test_a_move_that_fails_after_naming_its_target_leaves_what_another_application_put_there(

@@ -77,6 +77,9 @@ def test_an_approver_of_drains_approves_drains_and_is_refused_a_key_destruction(
         assert isinstance(public, ec.EllipticCurvePublicKey)
         public.verify(signed.signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
 
+        unknown = rpc_error(operator.admin.ApproveChange, apb.ApproveChangeRequest(id="0000beef"), timeout=30)
+        assert unknown.code() is grpc.StatusCode.NOT_FOUND, unknown.details()  # as for any approver
+
         undrain = root.admin.DrainCluster(apb.DrainClusterRequest(cluster="use1-b", drain=False), timeout=30)
         assert operator.admin.ApproveChange(apb.ApproveChangeRequest(id=undrain.id), timeout=60).state == "applied"
 

@@ -57,8 +57,8 @@ def test_a_fix_that_could_not_list_every_finding_says_how_many_it_left(
     out = capsys.readouterr().out
     assert "change c1 (reconcile_fix_shown) is pending" in out
     if says:
-        assert out.endswith(f"\n{says} for a fix not in this change (a change lists at most 2,000): ask again once "
-                            "it is applied\n"), out
+        assert out.endswith(f"\n{says} for a fix not in this change (one change holds only so many): ask again "
+                            "once it is applied\n"), out
     else:
         assert "for a fix not in this change" not in out
 

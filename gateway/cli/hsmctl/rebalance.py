@@ -38,8 +38,8 @@ def _reconcile(app: App, args: argparse.Namespace) -> int:
     elif made:
         human += f"\n{App.change_line(resp.change)}"
     if args.fix and resp.findings_left:
-        human += (f"\n{plural(resp.findings_left, 'more finding')} for a fix not in this change (a change lists at "
-                  "most 2,000): ask again once it is applied")
+        human += (f"\n{plural(resp.findings_left, 'more finding')} for a fix not in this change (one change holds "
+                  "only so many): ask again once it is applied")
     # One document: the change, or why none was made, is in it.
     app.emit(app.as_dict(resp) | {"findings": [app.as_dict(f) for f in resp.findings]}, human)
     if made:
