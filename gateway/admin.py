@@ -365,7 +365,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             cluster = self.router.unpin(key_id)
             self._audit_done("key_unplaced", key_id, cluster=cluster)
             now = self.router.store.get(key_id)
-            if now is not None and now.state is not KeyState.DESTROYED:
+            if now is not None and now.state is KeyState.DESTROYED:
+                return f"{key_id} is destroyed; its placement on {cluster}, which its creation left, is taken back"
+            if now is not None:
                 # Its creation read the placement before this and wrote its record since: made there.
                 held = ("held there: release it again once it is made" if now.held
                         else "not held (rebalance may move it)")

@@ -828,6 +828,20 @@ def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_a
     assert after.result == (f"{late} is no longer placed on {intent.primary}, but it was being created there "
                             f"meanwhile: it stays on {intent.primary}, held there: release it again once it is made")
 
+    # A placement its key's creation could not clear (the store did not answer) outlives the key's
+    # DestroyKey: it still takes room, and a release takes it back.
+    from router.placement.store import edit_admin_record
+    from router.router import PINS
+
+    monkeypatch.setattr(one, "unpin", unpin)
+    one.destroy_key(kept, time.monotonic() + 30)
+    edit_admin_record(one.store, PINS, lambda pins: {**(pins or {}), kept: "use1-b"})
+    with pytest.raises(FailedPrecondition, match=f"key {kept!r} is destroyed"):
+        one.check_pin(kept, "use1-b")
+    leftover = admin.changes.request("alice", "release_key", {"key_id": kept})
+    assert leftover.result == f"{kept} is destroyed; its placement on use1-b, which its creation left, is taken back"
+    assert one._pin_of(kept) is None
+
 
 def _creating_intent(router, key_id: str) -> Placement:  # type: ignore[no-untyped-def]
     """The CREATING record a creation of ``key_id`` writes after reading its placement (the key's
