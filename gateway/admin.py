@@ -49,7 +49,7 @@ from router.health import CircuitState
 from router.model import KeyState, Placement
 from router.placement.store import StoreError
 from router.reconcile import Finding, reconcile
-from router.router import Router
+from router.router import MAX_PINS, Router
 
 log = logging.getLogger(__name__)
 
@@ -772,6 +772,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             return self._request(who, "destroy_key", {"key_id": request.key_id})
 
         return self._call(context, run)
+
+    def ListPlacements(self, request: pb.ListPlacementsRequest,
+                       context: grpc.ServicerContext) -> pb.ListPlacementsResponse:
+        return self._call(context, lambda _: pb.ListPlacementsResponse(
+            placements=[pb.KeyPlacement(key_id=k, cluster=c) for k, c in self.router.pins().items()],
+            limit=MAX_PINS))
 
     def ListChanges(self, request: pb.ListChangesRequest, context: grpc.ServicerContext) -> pb.ListChangesResponse:
         return self._call(context, lambda _: pb.ListChangesResponse(

@@ -86,7 +86,8 @@ OPEN_SERVICES = frozenset(
 """Any authenticated caller may use these."""
 AUDITED_GRANTS = frozenset({"GenerateKey", "DestroyKey"})
 """Operations whose grants are audited too (admin calls always are), and must be before they run."""
-READ_ONLY_ADMIN = frozenset({"ListClusters", "GetStatus", "PlanRebalance", "ListChanges", "TailAudit", "VerifyAudit"})
+READ_ONLY_ADMIN = frozenset({"ListClusters", "GetStatus", "PlanRebalance", "ListChanges", "ListPlacements",
+                             "TailAudit", "VerifyAudit"})
 """Admin calls that change nothing (and Reconcile without ``fix``): served when their grant cannot be audited."""
 RESOURCE_FIELDS = ("key_id", "id", "cluster", "region", "plan_id")
 """Request fields naming what a call acts on (a key, a change, a cluster…): its grant's resource."""

@@ -153,7 +153,7 @@ def _room_for_pin(pins: dict[str, Any] | None, key_id: str) -> None:
     if pins and key_id not in pins and len(pins) >= MAX_PINS:
         raise FailedPrecondition(f"{len(pins)} keys are placed and not yet created, the most the placement store "
                                  "keeps: create them, or take back placements of keys that will not be made "
-                                 "(hsmctl keys release KEY), then place this one")
+                                 "(hsmctl keys placed lists them; hsmctl keys release KEY), then place this one")
 
 
 def _store_down(message: str, exc: StoreError) -> Unavailable:
@@ -1429,6 +1429,14 @@ class Router:
                                      "or its placement was taken back")
         log.info("key %s: its placement on %s taken back", key_id, taken[0])
         return taken[0]
+
+    def pins(self) -> dict[str, str]:
+        """The keys placed (``pin``) and not yet created: key id → cluster, by key id."""
+        try:
+            record = self.store.admin_record(PINS)
+        except StoreError as exc:
+            raise _store_down("placement store is unreachable; placements cannot be read now", exc) from exc
+        return {str(k): str(v) for k, v in sorted((record[0] if record else {}).items())}
 
     def _pin_of(self, key_id: str) -> str | None:
         """The cluster an operator chose for this new key (``pin``), if any."""

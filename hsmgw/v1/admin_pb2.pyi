@@ -87,6 +87,26 @@ class PlaceKeyRequest(_message.Message):
     cluster: str
     def __init__(self, key_id: _Optional[str] = ..., cluster: _Optional[str] = ...) -> None: ...
 
+class ListPlacementsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KeyPlacement(_message.Message):
+    __slots__ = ("key_id", "cluster")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    cluster: str
+    def __init__(self, key_id: _Optional[str] = ..., cluster: _Optional[str] = ...) -> None: ...
+
+class ListPlacementsResponse(_message.Message):
+    __slots__ = ("placements", "limit")
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    placements: _containers.RepeatedCompositeFieldContainer[KeyPlacement]
+    limit: int
+    def __init__(self, placements: _Optional[_Iterable[_Union[KeyPlacement, _Mapping]]] = ..., limit: _Optional[int] = ...) -> None: ...
+
 class ReleaseKeyRequest(_message.Message):
     __slots__ = ("key_id",)
     KEY_ID_FIELD_NUMBER: _ClassVar[int]

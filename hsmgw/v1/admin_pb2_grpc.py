@@ -54,6 +54,11 @@ class AdminServiceStub:
                 request_serializer=hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.SerializeToString,
                 response_deserializer=hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
                 _registered_method=True)
+        self.ListPlacements = channel.unary_unary(
+                '/hsmgw.v1.AdminService/ListPlacements',
+                request_serializer=hsmgw_dot_v1_dot_admin__pb2.ListPlacementsRequest.SerializeToString,
+                response_deserializer=hsmgw_dot_v1_dot_admin__pb2.ListPlacementsResponse.FromString,
+                _registered_method=True)
         self.ReleaseKey = channel.unary_unary(
                 '/hsmgw.v1.AdminService/ReleaseKey',
                 request_serializer=hsmgw_dot_v1_dot_admin__pb2.ReleaseKeyRequest.SerializeToString,
@@ -147,6 +152,13 @@ class AdminServiceServicer:
         id that are not the key's (another application's key) is refused: FAILED_PRECONDITION,
         reason FOREIGN_OBJECTS, when asked for; if they appear later, the change fails with that
         message. Nothing is copied or destroyed there (docs/operations.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlacements(self, request, context):
+        """The keys placed (PlaceKey) and not yet created, and the cluster each goes to.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -250,6 +262,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.MoveKey,
                     request_deserializer=hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.FromString,
                     response_serializer=hsmgw_dot_v1_dot_admin__pb2.Change.SerializeToString,
+            ),
+            'ListPlacements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlacements,
+                    request_deserializer=hsmgw_dot_v1_dot_admin__pb2.ListPlacementsRequest.FromString,
+                    response_serializer=hsmgw_dot_v1_dot_admin__pb2.ListPlacementsResponse.SerializeToString,
             ),
             'ReleaseKey': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseKey,
@@ -420,6 +437,33 @@ class AdminService:
             '/hsmgw.v1.AdminService/MoveKey',
             hsmgw_dot_v1_dot_admin__pb2.MoveKeyRequest.SerializeToString,
             hsmgw_dot_v1_dot_admin__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlacements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmgw.v1.AdminService/ListPlacements',
+            hsmgw_dot_v1_dot_admin__pb2.ListPlacementsRequest.SerializeToString,
+            hsmgw_dot_v1_dot_admin__pb2.ListPlacementsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -180,6 +180,36 @@ def test_keys_list_show_place(gateway, crypto) -> None:
     assert made.primary_cluster == other
 
 
+def test_keys_placed_lists_placements_until_their_key_is_made_or_the_placement_taken_back(gateway, crypto) -> None:
+    made_id, dropped_id = unique("placed"), unique("placed")
+    for key_id in (made_id, dropped_id):
+        _, change = as_json(gateway.target, "keys", "place", key_id, "--to", "use1-b")
+        assert approve(gateway.target, change)["state"] == "applied"
+    code, listed = as_json(gateway.target, "keys", "placed")
+    assert code == 0 and listed["limit"] == 1000
+    assert {"key_id": made_id, "cluster": "use1-b"} in listed["placements"]
+    assert {"key_id": dropped_id, "cluster": "use1-b"} in listed["placements"]
+    table = hsmctl(gateway.target, "keys", "placed").stdout
+    assert re.search(rf"{re.escape(made_id)}\s+use1-b", table), table
+    assert f"\n{len(listed['placements'])} of at most 1000\n" in table, table
+
+    made = crypto.GenerateKey(pb.GenerateKeyRequest(request_id=made_id, key_id=made_id,
+                                                    algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30)
+    try:
+        assert made.primary_cluster == "use1-b" and made.held
+        _, change = as_json(gateway.target, "keys", "release", dropped_id)
+        released = approve(gateway.target, change)
+        assert released["state"] == "applied", released
+        assert released["result"] == (f"{dropped_id} is no longer placed on use1-b: created from now on, it goes "
+                                      "where any new key goes")
+        _, listed = as_json(gateway.target, "keys", "placed")
+        assert not [p for p in listed["placements"] if p["key_id"] in (made_id, dropped_id)], listed
+        missing = hsmctl(gateway.target, "keys", "release", unique("never-placed"))
+        assert missing.returncode == 1 and "not found (nor placed for its creation)" in missing.stderr
+    finally:
+        crypto.DestroyKey(pb.DestroyKeyRequest(key_id=made_id), timeout=30)
+
+
 def test_a_placement_made_through_one_worker_holds_for_a_key_made_through_any(tmp_path: Path) -> None:
     """`hsmctl keys place` is approved in one worker process; GenerateKey may reach another
     (each connection goes to a worker of the kernel's choosing)."""

@@ -53,6 +53,15 @@ def _show(app: App, args: argparse.Namespace) -> int:
     return 0
 
 
+def _placed(app: App, args: argparse.Namespace) -> int:
+    resp = app.call(app.admin.ListPlacements, apb.ListPlacementsRequest())
+    rows = [[p.key_id, p.cluster] for p in resp.placements]
+    human = (App.table(rows, ["KEY", "CLUSTER"]) if rows else "no key is placed and not yet created") + (
+        f"\n{len(rows)} of at most {resp.limit}")
+    app.emit({"placements": [app.as_dict(p) for p in resp.placements], "limit": resp.limit}, human)
+    return 0
+
+
 def _place(app: App, args: argparse.Namespace) -> int:
     return app.change(app.call(app.admin.PlaceKey, apb.PlaceKeyRequest(key_id=args.key, cluster=args.to)))
 
@@ -92,6 +101,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = ksub.add_parser("show", help="one key's placement", description="Example: hsmctl keys show payments/k1")
     show.add_argument("key")
     show.set_defaults(func=_show)
+    placed = ksub.add_parser(
+        "placed",
+        help="keys placed and not yet created, and where each goes",
+        description="Lists what hsmctl keys place asked for and no creation has used yet; "
+        "hsmctl keys release KEY takes one back.\n\nExample: hsmctl keys placed",
+    )
+    placed.set_defaults(func=_placed)
     place = ksub.add_parser(
         "place",
         help="pin the cluster a key not yet created will go to (quorum); rebalance leaves it there",
