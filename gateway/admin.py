@@ -361,22 +361,37 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def _do_release(self, params: dict[str, str]) -> str:
         key_id = params["key_id"]
-        if self.router.check_release(key_id) is None:  # placed (hsmctl keys place), not yet created
+        if self.router.check_release(key_id) is None:  # only a placement (hsmctl keys place) to take back
             cluster = self.router.unpin(key_id)
             self._audit_done("key_unplaced", key_id, cluster=cluster)
-            now = self.router.store.get(key_id)
-            if now is not None and now.state is KeyState.DESTROYED:
-                return f"{key_id} is destroyed; its placement on {cluster}, which its creation left, is taken back"
-            if now is not None:
-                # Its creation read the placement before this and wrote its record since: made there.
-                held = ("held there: release it again once it is made" if now.held
-                        else "not held (rebalance may move it)")
-                return (f"{key_id} is no longer placed on {cluster}, but it was being created there meanwhile: it "
-                        f"stays on {now.primary}, {held}")
-            return f"{key_id} is no longer placed on {cluster}: created from now on, it goes where any new key goes"
+            return self._unplaced(key_id, cluster)
         released = self.router.release_key(key_id)
         self._audit_done("key_released", released.key_id, clusters=list(released.clusters))
-        return f"{released.key_id} released: rebalance may move it"
+        try:  # a placement its creation could not clear goes too
+            cluster = self.router.unpin(key_id)
+        except FailedPrecondition:
+            return f"{released.key_id} released: rebalance may move it"
+        except Unavailable as exc:
+            return f"{released.key_id} released: rebalance may move it (its placement left: {exc.message})"
+        self._audit_done("key_unplaced", key_id, cluster=cluster)
+        return (f"{released.key_id} released: rebalance may move it; its placement on {cluster}, which its "
+                "creation left, is taken back")
+
+    def _unplaced(self, key_id: str, cluster: str) -> str:
+        """A release's result once it took the key's placement on ``cluster`` back: what became of the key."""
+        try:
+            now = self.router.store.get(key_id)
+        except StoreError:  # the placement is taken back all the same
+            return f"{key_id} is no longer placed on {cluster}"
+        if now is None:
+            return f"{key_id} is no longer placed on {cluster}: created from now on, it goes where any new key goes"
+        if now.state is KeyState.DESTROYED:
+            return f"{key_id} is destroyed; its placement on {cluster}, which its creation left, is taken back"
+        if now.state is KeyState.CREATING:  # its creation read the placement before this: it is made there
+            return (f"{key_id} is no longer placed on {cluster}, but it was being created there meanwhile: it stays "
+                    f"on {now.primary} (hsmctl keys show says whether it is held; if so, release it again once it "
+                    "is made)")
+        return f"{key_id} is on {now.primary}; its placement on {cluster}, which its creation left, is taken back"
 
     @staticmethod
     def _plan_id(layout: tuple[str, ...], moves: list[tuple[str, str, str]]) -> str:

@@ -27,7 +27,7 @@ from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.servicer import CryptoServicer
 from gateway.tls import EXPIRY_CHECK_INTERVAL, ServerCredentials
 from hsmgw.v1 import admin_pb2, admin_pb2_grpc, crypto_pb2, crypto_pb2_grpc
-from router.errors import RouterError
+from router.errors import RouterError, Stopping
 from router.health import CircuitState, HealthMonitor
 from router.placement.store import StoreError
 from router.reconcile import ReconcileReport, reconcile
@@ -457,6 +457,8 @@ def report_reconcile(router: Router, metrics: GatewayMetrics) -> None:
     """
     try:
         report = reconcile(router, fix=False, finish_destroys=True)
+    except Stopping:  # the gateway stops: the pass is not finished, and says nothing
+        return
     except StoreError as exc:
         log.warning("reconcile (report only): the placement store is unreachable (%s); the next pass tries again",
                     exc)

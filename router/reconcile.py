@@ -292,6 +292,7 @@ def reconcile(
                     unheld_ids.append(placement.key_id)
 
     compares = 0
+    router.forget_foreign(on_token)
     for name, ids in on_token.items():
         for key_id in sorted(ids - expected[name]):
             if key_id in report.stale_intents:

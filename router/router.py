@@ -649,12 +649,6 @@ class Router:
             existing = self._unrecorded_objects(spec, (primary, *replicas), deadline, unsearched)
             if existing is not None:
                 return existing
-        if pinned and self._pin_of(spec.key_id) != pin:
-            # Taken back (keys release) or placed elsewhere since it was read, while the tokens were
-            # searched: made where it was placed, but not held there.
-            log.warning("key %s: its placement on %s was taken back or changed while it was being created; it is "
-                        "made there, not held (rebalance may move it)", spec.key_id, primary)
-            pinned = False
         # Held: rebalance leaves it where the operator put it (rebalance never moves the others).
         held = pinned and spec.storage is KeyStorage.TOKEN and spec.extractable
         intent = Placement(
@@ -680,7 +674,25 @@ class Router:
             if existing is not None:
                 return existing
             raise AlreadyExists(f"key {spec.key_id!r} already exists") from None
+        if held:
+            intent = self._unheld_if_taken_back(intent, pin)
         return self._materialise(intent, self._within_claim(deadline), unsearched)
+
+    def _unheld_if_taken_back(self, intent: Placement, pin: str | None) -> Placement:
+        """The creation record of a placed key, not held if its placement was taken back (keys
+        release) or changed since it was read. Read after the record is written: a release takes
+        the placement back before it reads the record, so it either sees this record or this
+        sees the placement gone."""
+        try:
+            if self._pin_of(intent.key_id) == pin:
+                return intent
+            unheld = self.store.update(replace(intent, held=False, owner=_owned_at(intent.version + 1)))
+        except (Conflict, StoreError) as exc:  # changed meanwhile (a DestroyKey): the creation finds out
+            log.info("key %s: whether its placement still holds could not be checked (%s)", intent.key_id, exc)
+            return intent
+        log.warning("key %s: its placement on %s was taken back or changed while it was being created; it is made "
+                    "there, not held (rebalance may move it)", intent.key_id, intent.primary)
+        return unheld
 
     def _unrecorded_objects(self, spec: KeySpec, clusters: tuple[str, ...], deadline: float,
                             unsearched: set[str]) -> Placement | None:
@@ -1396,25 +1408,14 @@ class Router:
         except StoreError as exc:
             raise _store_down("placement store is unreachable; the placement is not recorded", exc) from exc
 
-    def check_unpin(self, key_id: str) -> str:
-        """The cluster a key that does not exist yet is placed on (``pin``), which a release takes
-        back; else the error that release ends with."""
-        validation.key_id(key_id)
-        try:
-            cluster = self._pin_of(key_id)
-        except StoreError as exc:
-            raise _store_down("placement store is unreachable; the change cannot be checked now", exc) from exc
-        if cluster is None:
-            raise FailedPrecondition(f"key {key_id!r} is not placed: it was created meanwhile (release it again) or "
-                                     "its placement was taken back")
-        return cluster
-
     def unpin(self, key_id: str) -> str:
-        """Take back the placement of a key that does not exist yet: it is placed as any new key
-        when it is created. The cluster it named; ``check_unpin``'s error if there is none."""
+        """Take back the placement of a key that does not exist yet (it is placed as any new key
+        when it is created), or one its creation could not clear. The cluster it named;
+        FailedPrecondition if there is none (the key was created meanwhile, or it was taken back)."""
         taken: list[str] = []
 
         def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
+            taken.clear()  # another writer came first: this attempt decides
             if not pins or key_id not in pins:
                 return None
             taken[:] = [str(pins[key_id])]
@@ -1424,7 +1425,7 @@ class Router:
             edit_admin_record(self.store, PINS, take)
         except StoreError as exc:
             raise _store_down("placement store is unreachable; the placement was not taken back", exc) from exc
-        if not taken:  # gone since it was looked at: check_unpin says so
+        if not taken:  # gone since it was looked at
             raise FailedPrecondition(f"key {key_id!r} is not placed: it was created meanwhile (release it again) "
                                      "or its placement was taken back")
         log.info("key %s: its placement on %s taken back", key_id, taken[0])
@@ -1451,6 +1452,7 @@ class Router:
         chosen: list[str] = []
 
         def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
+            chosen.clear()  # another writer came first: this attempt decides
             if not pins or key_id not in pins:
                 return None
             chosen[:] = [str(pins[key_id])]
@@ -1651,14 +1653,17 @@ class Router:
     def check_release(self, key_id: str) -> Placement | None:
         """The key's record, if it is held (placed or moved by an operator); None if it does not
         exist yet and an operator placed it (``pin``: a release takes the placement back,
-        ``unpin``); else the error a release ends with."""
+        ``unpin``), or exists not held and keeps a placement its creation could not clear; else
+        the error a release ends with."""
         current = self._read_for_change(key_id)
-        if current is None or current.state is KeyState.DESTROYED:
+        if current is None or current.state is not KeyState.CREATING:
             try:
                 placed = self._pin_of(key_id) is not None
             except StoreError as exc:
                 raise _store_down("placement store is unreachable; the change cannot be checked now", exc) from exc
-            if placed:  # not made yet; or destroyed, its placement left by a creation that could not clear it
+            # Not made yet; or made, its placement left by a creation that could not clear it: a
+            # held key is released too (``release_key``), any other only loses the placement.
+            if placed and (current is None or not current.held):
                 return None
         if current is None:
             raise KeyNotFound(f"key {key_id!r} not found (nor placed for its creation)")
@@ -1684,7 +1689,8 @@ class Router:
         for _ in range(3):  # the record may change under us (a repair, another release)
             current = self.check_release(key_id)
             if current is None:
-                raise FailedPrecondition(f"key {key_id!r} does not exist yet: take its placement back (unpin)")
+                raise FailedPrecondition(f"key {key_id!r} changed meanwhile (it is not held, or was destroyed); "
+                                         "nothing was changed, release it again")
             try:
                 released = self.store.update(replace(current, held=False))
             except Conflict:
@@ -2001,10 +2007,11 @@ class Router:
         except Stopping:
             raise
         except ForeignObjects as exc:
-            with self._lock:
-                if len(self._foreign_seen) >= 10_000:  # another application's keys by the thousand: start afresh
-                    self._foreign_seen = {}
-                self._foreign_seen[(name, key_id)] = (exc.message, self._clock())
+            if current is not None and current.state is not KeyState.DESTROYED:  # a destroyed one's: compared
+                with self._lock:  # where they would be destroyed anyway (finish_destroys)
+                    if len(self._foreign_seen) >= 10_000:  # another application's keys by the thousand: afresh
+                        self._foreign_seen = {}
+                    self._foreign_seen[(name, key_id)] = (exc.message, self._clock())
             return exc.message
         except (RouterError, StoreError) as exc:
             log.info("objects under key id %r on %s not compared with the key: %s", key_id, name,
@@ -2013,6 +2020,14 @@ class Router:
         with self._lock:  # the key's own: whatever was found there before is gone
             self._foreign_seen.pop((name, key_id), None)
         return ""
+
+    def forget_foreign(self, listed: Mapping[str, AbstractSet[str]]) -> None:
+        """Forget what ``foreign_objects`` found on the clusters of ``listed`` (cluster → the key ids
+        with objects there now) under the ids no longer there: those objects are gone, and what
+        appears under such an id later is compared afresh."""
+        with self._lock:
+            self._foreign_seen = {(name, key_id): seen for (name, key_id), seen in self._foreign_seen.items()
+                                  if name not in listed or key_id in listed[name]}
 
     def known_foreign(self, name: str, key_id: str) -> str:
         """Why the objects under the key's id on cluster ``name`` are not the key's, as

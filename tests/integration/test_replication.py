@@ -776,7 +776,8 @@ def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_a
         change = admin.changes.request("alice", "place_key", {"key_id": key_id, "cluster": not_chosen})
         assert change.state == "applied", change.result
     with pytest.raises(FailedPrecondition, match=r"^2 keys are placed and not yet created, the most the placement "
-                                                 r"store keeps: .*\(hsmctl keys release KEY\), then place this one$"):
+                                                 r"store keeps: .*\(hsmctl keys placed lists them; hsmctl keys release "
+                                                 r"KEY\), then place this one$"):
         one.check_pin(third, "use1-a")
     failed = admin.changes.request("alice", "place_key", {"key_id": third, "cluster": "use1-a"})  # as if approved
     assert failed.state == "failed" and "2 keys are placed and not yet created" in failed.result
@@ -815,6 +816,24 @@ def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_a
     assert raced.primary != PlacementRing(["use1-a", "use1-b"]).choose(racing) and not raced.held
     assert results[0].state == "applied" and "created from now on" in results[0].result
     monkeypatch.setattr(one, "_unrecorded_objects", search)
+    # ... or just after its creation record is written (a release that looked before it, and took
+    # the placement back after): the creation sees its placement gone.
+    written = unique("placed")
+    assert admin.changes.request("alice", "place_key", {"key_id": written, "cluster": "use1-b"}).state == "applied"
+    check = one._unheld_if_taken_back
+
+    def taken_back_after_the_record(intent, pin):  # type: ignore[no-untyped-def]
+        assert one.store.get(intent.key_id).held
+        assert one.unpin(intent.key_id) == "use1-b"
+        return check(intent, pin)
+
+    monkeypatch.setattr(one, "_unheld_if_taken_back", taken_back_after_the_record)
+    made_late = one.generate_key(_spec(written), time.monotonic() + 30)
+    assert made_late.primary == "use1-b" and not made_late.held and not one.store.get(written).held
+    monkeypatch.setattr(one, "_unheld_if_taken_back", check)
+    with_it = unique("placed")  # and one still placed stays held
+    assert admin.changes.request("alice", "place_key", {"key_id": with_it, "cluster": "use1-b"}).state == "applied"
+    assert one.generate_key(_spec(with_it), time.monotonic() + 30).held
     unpin, creating = one.unpin, []
 
     def created_meanwhile(key_id: str) -> str:  # the creation read the placement, then the release took it
@@ -826,7 +845,8 @@ def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_a
     (intent,) = creating
     assert intent.held
     assert after.result == (f"{late} is no longer placed on {intent.primary}, but it was being created there "
-                            f"meanwhile: it stays on {intent.primary}, held there: release it again once it is made")
+                            f"meanwhile: it stays on {intent.primary} (hsmctl keys show says whether it is held; if "
+                            "so, release it again once it is made)")
 
     # A placement its key's creation could not clear (the store did not answer) outlives the key's
     # DestroyKey: it still takes room, and a release takes it back.
@@ -841,6 +861,22 @@ def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_a
     leftover = admin.changes.request("alice", "release_key", {"key_id": kept})
     assert leftover.result == f"{kept} is destroyed; its placement on use1-b, which its creation left, is taken back"
     assert one._pin_of(kept) is None
+    # Of a live key, held or not, as well (a held one is released too).
+    for key_id, held in ((written, False), (racing, False)):
+        assert one.store.get(key_id).held is held
+        edit_admin_record(one.store, PINS, lambda pins, k=key_id: {**(pins or {}), k: "use1-a"})
+        result = admin.changes.request("alice", "release_key", {"key_id": key_id}).result
+        assert result == (f"{key_id} is on {one.store.get(key_id).primary}; its placement on use1-a, which its "
+                          "creation left, is taken back")
+        assert one._pin_of(key_id) is None
+    held_key = unique("placed")
+    edit_admin_record(one.store, PINS, lambda pins: {**(pins or {}), held_key: "use1-a"})
+    assert one.generate_key(_spec(held_key), time.monotonic() + 30).held
+    edit_admin_record(one.store, PINS, lambda pins: {**(pins or {}), held_key: "use1-a"})  # as if not cleared
+    result = admin.changes.request("alice", "release_key", {"key_id": held_key}).result
+    assert result == (f"{held_key} released: rebalance may move it; its placement on use1-a, which its creation "
+                      "left, is taken back")
+    assert not one.store.get(held_key).held and one._pin_of(held_key) is None
 
 
 def _creating_intent(router, key_id: str) -> Placement:  # type: ignore[no-untyped-def]
@@ -1523,6 +1559,11 @@ def test_a_report_compares_a_bounded_number_of_orphans_a_pass_and_the_next_pass_
     assert len(exports) == 2, "the one found foreign before is not compared again"
     assert sorted(why for _, _, why in second.foreign) == sorted(
         router.known_foreign(c, k) for c, k in pairs)
+    gone, kept = sorted(pairs)
+    for obj in tokens.objects(*gone):  # the operator removes them: what comes there later is compared afresh
+        obj.destroy()
+    third = reconcile(router, fix=False)
+    assert [(c, k) for c, k, _ in third.foreign] == [kept] and router.known_foreign(*gone) == ""
 
 
 def test_a_move_that_fails_after_naming_its_target_leaves_what_another_application_put_there(
