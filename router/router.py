@@ -1412,6 +1412,18 @@ class Router:
         """Take back the placement of a key that does not exist yet (it is placed as any new key
         when it is created), or one its creation could not clear. The cluster it named;
         FailedPrecondition if there is none (the key was created meanwhile, or it was taken back)."""
+        try:
+            taken = self._take_pin(key_id)
+        except StoreError as exc:
+            raise _store_down("placement store is unreachable; the placement was not taken back", exc) from exc
+        if taken is None:  # gone since it was looked at
+            raise FailedPrecondition(f"key {key_id!r} is not placed: it was created meanwhile (release it again) "
+                                     "or its placement was taken back")
+        log.info("key %s: its placement on %s taken back", key_id, taken)
+        return taken
+
+    def _take_pin(self, key_id: str) -> str | None:
+        """Remove the key's pin; the cluster it named, None if it had none. ``StoreError`` as the store raises it."""
         taken: list[str] = []
 
         def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -1421,15 +1433,8 @@ class Router:
             taken[:] = [str(pins[key_id])]
             return {k: v for k, v in pins.items() if k != key_id}
 
-        try:
-            edit_admin_record(self.store, PINS, take)
-        except StoreError as exc:
-            raise _store_down("placement store is unreachable; the placement was not taken back", exc) from exc
-        if not taken:  # gone since it was looked at
-            raise FailedPrecondition(f"key {key_id!r} is not placed: it was created meanwhile (release it again) "
-                                     "or its placement was taken back")
-        log.info("key %s: its placement on %s taken back", key_id, taken[0])
-        return taken[0]
+        edit_admin_record(self.store, PINS, take)
+        return taken[0] if taken else None
 
     def pins(self) -> dict[str, str]:
         """The keys placed (``pin``) and not yet created: key id → cluster, by key id."""
@@ -1449,24 +1454,15 @@ class Router:
         """The key is made: its pin is used up (kept, it would place the key again if it were
         destroyed and made anew). One that is not the pin ``seen`` at the start came too late."""
         key_id = made.key_id
-        chosen: list[str] = []
-
-        def take(pins: dict[str, Any] | None) -> dict[str, Any] | None:
-            chosen.clear()  # another writer came first: this attempt decides
-            if not pins or key_id not in pins:
-                return None
-            chosen[:] = [str(pins[key_id])]
-            return {k: v for k, v in pins.items() if k != key_id}
-
         try:
-            edit_admin_record(self.store, PINS, take)
+            chosen = self._take_pin(key_id)
         except StoreError as exc:
             log.warning("key %s is made, but its placement could not be cleared (%s); hsmctl keys release takes "
                         "it back", key_id, exc)
             return
-        if chosen and chosen[0] != seen and chosen[0] != made.primary:
+        if chosen is not None and chosen != seen and chosen != made.primary:
             log.warning("key %s was placed on %s after its creation had begun; it was made on %s (hsmctl keys move "
-                        "puts it there)", key_id, chosen[0], made.primary)
+                        "puts it there)", key_id, chosen, made.primary)
 
     def check_move(self, key_id: str, to: str, source: str = "", version: int | None = None) -> tuple[Placement, str]:
         """The key's record and the cluster it would move from, if it may move to ``to`` now;

@@ -334,6 +334,20 @@ def test_reconcile_fix_drops_a_lost_copy_and_the_repairer_copies_the_key_again(g
         ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
+def _fix_leaves_out(admin, key_id: str, *, result: str, note: str) -> None:  # type: ignore[no-untyped-def]
+    """A fix requested (as alice) lists nothing of ``key_id``; approved (as bob), its result says
+    ``result``. With nothing else to fix, no change is made and the note says ``note``."""
+    answer = admin.Reconcile(apb.ReconcileRequest(fix=True), timeout=60, metadata=(("x-hsmgw-identity", "alice"),))
+    if answer.HasField("change"):  # other tests' findings; or only this key's, and no change at all
+        assert key_id not in answer.change.params["findings"]
+        if answer.change.state == "pending":
+            applied = admin.ApproveChange(apb.ApproveChangeRequest(id=answer.change.id), timeout=60,
+                                          metadata=(("x-hsmgw-identity", "bob"),))
+            assert result in applied.result, applied
+    else:
+        assert note in answer.note, answer
+
+
 def test_reconcile_reports_a_second_object_for_a_key_and_leaves_it_to_an_operator(
     gateway, crypto, admin, tokens
 ) -> None:
@@ -352,16 +366,8 @@ def test_reconcile_reports_a_second_object_for_a_key_and_leaves_it_to_an_operato
         assert "DETAIL" in table and "2 public key objects" in table
         # A fix never lists a duplicate, and one that two admins approve removes no object of the key:
         # which one is its own is an operator's call.
-        answer = admin.Reconcile(apb.ReconcileRequest(fix=True), timeout=60,
-                                 metadata=(("x-hsmgw-identity", "alice"),))
-        if answer.HasField("change"):  # other tests' findings; or only the duplicate, and no change at all
-            assert key.key_id not in answer.change.params["findings"]
-            if answer.change.state == "pending":
-                applied = admin.ApproveChange(apb.ApproveChangeRequest(id=answer.change.id), timeout=60,
-                                              metadata=(("x-hsmgw-identity", "bob"),))
-                assert "duplicate objects (left for an operator)" in applied.result, applied
-        else:
-            assert answer.note.startswith("nothing here is for a fix: duplicates"), answer
+        _fix_leaves_out(admin, key.key_id, result="duplicate objects (left for an operator)",
+                        note="nothing here is for a fix: duplicates")
         assert len(tokens.objects(key.primary_cluster, key.key_id)) == 3
     finally:
         crypto.DestroyKey(pb.DestroyKeyRequest(key_id=key.key_id), timeout=30)
@@ -393,16 +399,8 @@ def test_reconcile_tells_another_applications_key_under_a_keys_id_from_an_orphan
                                           "not this key's"), found
         table = hsmctl(gateway.target, "reconcile").stdout
         assert re.search(rf"foreign\s+{other}\s+{re.escape(key.key_id)}", table), table
-        answer = admin.Reconcile(apb.ReconcileRequest(fix=True), timeout=60,
-                                 metadata=(("x-hsmgw-identity", "alice"),))
-        if answer.HasField("change"):  # other tests' findings; or only this one, and no change at all
-            assert key.key_id not in answer.change.params["findings"]
-            if answer.change.state == "pending":
-                applied = admin.ApproveChange(apb.ApproveChangeRequest(id=answer.change.id), timeout=60,
-                                              metadata=(("x-hsmgw-identity", "bob"),))
-                assert "objects under keys' ids that are not the keys' (left alone" in applied.result, applied
-        else:
-            assert "objects that are not their key's" in answer.note, answer
+        _fix_leaves_out(admin, key.key_id, result="objects under keys' ids that are not the keys' (left alone",
+                        note="objects that are not their key's")
         left = tokens.objects(other, key.key_id)
         assert {o.object_class for o in left} == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY}
         assert [bytes(encode_ec_public_key(o)) for o in left if o.object_class is ObjectClass.PUBLIC_KEY] == [theirs]
