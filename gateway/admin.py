@@ -639,7 +639,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if store_down is None:
                 try:
                     open_changes = self.changes.list()
-                except StoreError:
+                except (StoreError, Unavailable):  # the change records alone may fail to read
                     warnings.append("the placement store is unreachable: pending changes are not shown")
             pending = sum(1 for change in open_changes if change.state == PENDING)
             if pending:

@@ -239,7 +239,13 @@ class ChangeBook:
         if lapse:
             if lapse == "change_interrupted":
                 log.error("change %s (%s): %s", change.id, change.action, change.result)
-            self._on_event("-", lapse, change)
+            try:
+                self._on_event("-", lapse, change)
+            except RouterError as exc:
+                # It expired or was interrupted all the same: what reads or acts on it goes on (a
+                # status call must show what is wrong). The audit log names the event it could not take.
+                log.warning("change %s is %s; its %s event is not in the audit log: %s", change.id, change.state,
+                            lapse, exc.message)
         if refused:
             raise refused[0]
         return change, edited
@@ -334,12 +340,22 @@ class ChangeBook:
         return change
 
     def reject(self, actor: str, change_id: str) -> Change:
+        """Reject a pending change: it never runs. Rejected it stays even when its event could not
+        be audited (a veto is not taken back): the result then says so."""
         def refuse(change: Change) -> Change:
             _only_pending(change, "rejected")
             return dataclasses.replace(change, state=REJECTED, result=f"rejected by {actor}")
 
         change, _ = self._update(change_id, refuse)
-        self._on_event(actor, "change_rejected", change)
+        try:
+            self._on_event(actor, "change_rejected", change)
+        except RouterError as exc:
+            note = f"{change.result} (not in the audit log: {exc.message})"
+            try:
+                change, _ = self._update(change_id, lambda c: dataclasses.replace(c, result=note)
+                                         if c.state == REJECTED else None)
+            except RouterError:
+                change = dataclasses.replace(change, result=note)
         return change
 
     def _run(self, change_id: str, actor: str) -> Change:

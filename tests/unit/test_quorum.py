@@ -346,6 +346,44 @@ def test_a_change_whose_request_or_approval_cannot_be_audited_does_not_count(
     assert [e[1] for e in audit.events] == ["change_requested", "change_approved", "change_applied"]
 
 
+def test_changes_that_lapsed_while_the_audit_log_cannot_be_written_are_still_listed(
+        store_path: Path, clock: FakeClock, actions: Actions, caplog: pytest.LogCaptureFixture) -> None:
+    """`hsmctl changes list` and `status` are what an operator looks at when the audit log fails:
+    a change found expired on the way is listed as expired, not the whole call refused."""
+    audit = Audit()
+    book = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=60, clock=clock, on_event=audit)
+    old = book.request("alice", "drain", {"cluster": "use1-a"})
+    clock.now += 61
+    audit.failing = {"change_expired"}
+    with caplog.at_level(logging.WARNING, logger="gateway.quorum"):
+        assert [(c.id, c.state) for c in book.list(include_done=True)] == [(old.id, EXPIRED)]
+    assert (f"change {old.id} is expired; its change_expired event is not in the audit log: the gateway's audit "
+            "log cannot be written") in caplog.text
+    assert book.get(old.id).state == EXPIRED
+    with pytest.raises(FailedPrecondition, match="is expired"):
+        book.approve("bob", old.id)
+    assert actions.ran == []
+
+
+def test_a_rejection_that_cannot_be_audited_stands_and_says_so(
+        store_path: Path, clock: FakeClock, actions: Actions) -> None:
+    """A veto is not taken back: the change stays rejected (it never runs), and its result says its
+    record is not in the audit log. Before, the change was rejected but the caller was told the
+    admin changes wait for the audit log, as if nothing had happened."""
+    audit = Audit()
+    book = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=600, clock=clock, on_event=audit)
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    audit.failing = {"change_rejected"}
+    rejected = book.reject("bob", change.id)
+    assert rejected.state == REJECTED
+    assert rejected.result == "rejected by bob (not in the audit log: the gateway's audit log cannot be written)"
+    assert book.get(change.id).result == rejected.result
+    audit.failing = set()
+    with pytest.raises(FailedPrecondition, match="is rejected"):
+        book.approve("carol", change.id)
+    assert actions.ran == []
+
+
 def test_a_change_that_ran_but_could_not_be_audited_is_recorded_and_says_so(
         store_path: Path, clock: FakeClock, actions: Actions) -> None:
     audit = Audit()
