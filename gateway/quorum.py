@@ -47,6 +47,10 @@ INTERRUPTED = "interrupted"
 """A change whose runner stopped renewing its lease before recording a result."""
 OPEN = (PENDING, RUNNING)
 """States of a change that has not ended (``list`` shows these by default)."""
+START_GRACE = 60.0
+"""Seconds after its approvals met the quorum that a change waits for the admin whose approval met
+it to start it: only then does another approval run it (that admin's process stopped). Sooner, the
+approval that met the quorum may yet be withdrawn, its audit record not written."""
 LEASE = 60.0
 """Seconds a runner's lease on a running change lasts; it renews it every third of that."""
 RUN_LIMIT = 300.0
@@ -92,6 +96,9 @@ class Change:
     """Where each admin who asked or approved called from: identity → ``{"peer": …,
     "authenticated_by": "certificate" | "header" | "default"}`` (none for a change recorded
     before origins were)."""
+    met: float = 0.0
+    """When its approvals met the quorum (0: not yet, or recorded before this was): the admin whose
+    approval met it audits that approval and runs the change next (``START_GRACE``)."""
 
 
 class NotAnotherAdmin(FailedPrecondition):
@@ -115,7 +122,8 @@ def _record(change: Change) -> dict[str, Any]:
     return {"action": change.action, "params": change.params, "requested_by": change.requested_by,
             "approved_by": change.approved_by, "state": change.state, "needed": change.needed,
             "created": change.created, "expires": change.expires, "result": change.result,
-            "runner": change.runner, "lease_until": change.lease_until, "origins": change.origins}
+            "runner": change.runner, "lease_until": change.lease_until, "origins": change.origins,
+            "met": change.met}
 
 
 def _change(change_id: str, body: dict[str, Any]) -> Change:
@@ -128,7 +136,8 @@ def _change(change_id: str, body: dict[str, Any]) -> Change:
                       # Written by a version without leases: taken as interrupted once past its expiry.
                       lease_until=float(body.get("lease_until", body["expires"])),
                       origins={str(who): {str(k): str(v) for k, v in dict(where).items()}
-                               for who, where in dict(body.get("origins", {})).items()})
+                               for who, where in dict(body.get("origins", {})).items()},
+                      met=float(body.get("met", 0.0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"malformed change record {change_id!r} in the placement store: {exc!r}") from exc
 
@@ -264,7 +273,7 @@ class ChangeBook:
         change = Change(
             id=secrets.token_hex(4), action=action, params=dict(params), requested_by=actor, approved_by=[actor],
             state=PENDING, needed=self.quorum, created=now, expires=now + self._ttl,
-            origins={actor: dict(origin)} if origin else {},
+            origins={actor: dict(origin)} if origin else {}, met=now if self.quorum <= 1 else 0.0,
         )
         with self._lock:
             try:
@@ -311,6 +320,12 @@ class ChangeBook:
         def add(change: Change) -> Change | None:
             _only_pending(change, "approved")
             if len(change.approved_by) >= change.needed:
+                waited = self._clock() - change.met
+                if waited < START_GRACE:  # its last approver is auditing that approval, then runs it
+                    raise FailedPrecondition(
+                        f"change {change_id} has its approvals; the admin whose approval completed them starts it "
+                        f"(hsmctl changes list shows it running). If it is still pending in "
+                        f"{START_GRACE - waited:.0f} s, approve it again to run it")
                 return None  # approved already, and its run never began (its approver stopped): run it now
             if actor in change.approved_by:
                 who = "requested" if actor == change.requested_by else "already approved"
@@ -318,13 +333,15 @@ class ChangeBook:
             change.approved_by.append(actor)
             if origin:
                 change.origins = {**change.origins, actor: dict(origin)}
+            if len(change.approved_by) >= change.needed:
+                change.met = self._clock()
             return change
 
         def withdraw(c: Change) -> Change | None:
             if c.state != PENDING or actor not in c.approved_by:
                 return None
             return dataclasses.replace(c, approved_by=[a for a in c.approved_by if a != actor],
-                                       origins={who: o for who, o in c.origins.items() if who != actor})
+                                       origins={who: o for who, o in c.origins.items() if who != actor}, met=0.0)
 
         change, added = self._update(change_id, add)
         met = len(change.approved_by) >= change.needed

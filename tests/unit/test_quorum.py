@@ -384,6 +384,37 @@ def test_a_rejection_that_cannot_be_audited_stands_and_says_so(
     assert actions.ran == []
 
 
+def test_the_requester_cannot_run_a_change_whose_completing_approval_is_not_yet_audited(
+        store_path: Path, clock: FakeClock, actions: Actions) -> None:
+    """Bob's approval meets the quorum and is written; while his audit record is being written (and
+    fails), Alice, who asked for the change, approves through another gateway. Before, her call
+    found the approvals complete and ran the change: a change approved by its requester alone, in
+    the audit log. Now it is refused; Bob's approval is withdrawn and nothing runs."""
+    tried: list[BaseException] = []
+
+    def audit(actor: str, event: str, change: Any) -> None:
+        if event == "change_approved" and actor == "bob":
+            try:
+                other.approve("alice", change.id)
+            except FailedPrecondition as exc:
+                tried.append(exc)
+            raise Unavailable("the gateway's audit log cannot be written")
+
+    book = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=600, clock=clock, on_event=audit)
+    other = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=600, clock=clock)
+    change = book.request("alice", "drain", {"cluster": "use1-a"})
+    with pytest.raises(Unavailable, match="audit log"):
+        book.approve("bob", change.id)
+    (refused,) = tried
+    assert "has its approvals; the admin whose approval completed them starts it" in str(refused)
+    after = other.get(change.id)
+    assert (after.state, after.approved_by) == (PENDING, ["alice"]) and actions.ran == []
+    clock.now += 120  # and long after, alice alone still cannot
+    with pytest.raises(NotAnotherAdmin):
+        other.approve("alice", change.id)
+    assert actions.ran == []
+
+
 def test_a_change_that_ran_but_could_not_be_audited_is_recorded_and_says_so(
         store_path: Path, clock: FakeClock, actions: Actions) -> None:
     audit = Audit()
@@ -416,6 +447,12 @@ def test_a_change_with_its_approvals_that_never_ran_runs_at_the_next_approval(
     other = ChangeBook(SqliteStore(store_path), {"drain": actions.drain}, ttl=600, clock=clock)
     stuck = other.get(change.id)
     assert (stuck.state, stuck.approved_by) == (PENDING, ["alice", "bob"]) and actions.ran == []
+    # Until START_GRACE has passed, its approver may still be starting it (or withdrawing an approval
+    # its audit log did not take): another approval does not run it.
+    with pytest.raises(FailedPrecondition, match=r"has its approvals; .* If it is still pending in 60 s, approve "
+                                                  r"it again to run it$"):
+        other.approve("alice", change.id)
+    clock.now += 60
     assert other.approve("bob", change.id).state == APPLIED  # the approver again, or any admin
     assert actions.ran == [{"cluster": "use1-a"}]
     with pytest.raises(FailedPrecondition, match="is applied"):
