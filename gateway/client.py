@@ -11,10 +11,11 @@ One method per unary call of ``hsmgw.v1.CryptoService``: ``generate_key``, ``get
 ``generate_random`` and ``batch_sign`` (``SignItem`` in, ``SignResult`` out, one per item,
 in order). Options are keyword-only; names of algorithms, usages and storage are taken in
 any case ("ec_p256"), and an unknown one is a ValueError naming the valid ones. Each call
-takes ``timeout`` (seconds, for the whole call with its failover; None: the client's, 5 s;
-0 or less is a ValueError). SignStream has no method: a stream cannot move to another
-endpoint half-way through; ``batch_sign`` sends many signatures in one call that can, and
-the raw stub (``crypto_pb2_grpc.CryptoServiceStub``) has the stream.
+takes ``timeout`` (seconds, for the whole call with its failover; None: the client's, by
+default 5 s, and 10 s for ``generate_key`` and ``destroy_key``; 0 or less is a ValueError).
+SignStream has no method: a stream cannot move to another endpoint half-way through;
+``batch_sign`` sends many signatures in one call that can, and the raw stub
+(``crypto_pb2_grpc.CryptoServiceStub``) has the stream.
 
 Endpoints are tried in order: the client sticks to the first that works and
 moves to the next when one is unreachable: UNAVAILABLE (but see below), a call the gateway
@@ -74,7 +75,16 @@ that made it.
 A call on a key whose creation is under way (UNAVAILABLE, reason KEY_BEING_CREATED)
 is answered at once, on no other endpoint: every region says the same. GenerateKey
 meets it when another attempt with its request_id is creating the key, and asks the
-same endpoint again in the same way.
+same endpoint again after the delay the answer's RetryInfo asks for (2 s), while its
+deadline allows. GenerateKey's and DestroyKey's deadline is 10 s unless the call or the
+client names one (``LIFECYCLE_TIMEOUT``, the gateway's own): a key and its copies can
+take seconds to make on a real HSM.
+
+A call whose deadline passes before any endpoint could be sent it (each silent or
+refusing connections) ends with DEADLINE_EXCEEDED, saying why each was passed over; one
+under way when the client is closed ends CANCELLED. Both are ``ClientError``, a
+``grpc.RpcError`` like the gateways' answers. A call made after ``close()`` is a
+ValueError, as on a closed gRPC channel.
 
 Other languages: ``deploy/grpc-service-config.json`` carries the same retry
 policy for gRPC's built-in retries (one endpoint per channel).
@@ -133,7 +143,15 @@ GenerateKey whose request_id another attempt is creating: a fact about the key, 
 GenerateKey waits for it on the same endpoint (another region may not know the request_id yet);
 other calls get it at once."""
 CREATION_WAIT = (0.1, 1.0)
-"""GenerateKey's first and longest pause between asking again about a creation under way (seconds)."""
+"""GenerateKey's first and longest pause between asking again about a creation under way (seconds),
+after a call that failed for want of an answer; one refused with KEY_BEING_CREATED waits the delay
+its RetryInfo asks for."""
+DEFAULT_TIMEOUT = 5.0
+"""A call's deadline (seconds, with its failover) when neither the call nor the client names one."""
+LIFECYCLE_TIMEOUT = 10.0
+"""GenerateKey's and DestroyKey's, likewise: the gateway's own (``[server] default_deadline``). A
+key and its copies can take seconds to make on a real HSM; 5 s would cut off a creation the
+gateway still runs."""
 ROUNDS = 2
 """Times each endpoint is tried for one call. One address in front of several gateways (a load
 balancer) is tried again too: a gateway that is shutting down sends its callers elsewhere."""
@@ -165,6 +183,29 @@ CHANNEL_OPTIONS = (
 )
 
 
+class ClientError(grpc.RpcError):  # type: ignore[misc]
+    """A call this client ended itself, as a ``grpc.RpcError`` with a status code like the
+    gateway's: DEADLINE_EXCEEDED when its deadline passed before any endpoint could be sent it
+    (each unreachable: ``details()`` says why), CANCELLED when the client was closed under it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+
 def error_reason(exc: grpc.RpcError) -> str:
     """The ``ErrorInfo`` reason a gateway sent with a failed call ("" if none)."""
     info = _error_info(exc)
@@ -178,15 +219,27 @@ def _key_scoped(exc: grpc.RpcError) -> bool:
 
 
 def _error_info(exc: grpc.RpcError) -> Any:
-    from grpc_status import rpc_status
-
     from gateway.status import error_info
 
+    status = _status(exc)
+    return error_info(status) if status is not None else None
+
+
+def _retry_delay(exc: grpc.RpcError) -> float | None:
+    """The delay a failed call's ``RetryInfo`` asks for (seconds), if it came with one."""
+    from gateway.status import retry_delay
+
+    status = _status(exc)
+    return retry_delay(status) if status is not None else None
+
+
+def _status(exc: grpc.RpcError) -> Any:
+    from grpc_status import rpc_status
+
     try:
-        status = rpc_status.from_call(exc)
+        return rpc_status.from_call(exc)
     except ValueError:  # details that do not match the code and message: not a gateway's
         return None
-    return error_info(status) if status is not None else None
 
 
 E = TypeVar("E", pb.Algorithm, pb.KeyAlgorithm, pb.KeyStorage, pb.KeyUsage)
@@ -278,7 +331,7 @@ class Client:
         endpoints: Sequence[str],
         *,
         credentials: grpc.ChannelCredentials | None = None,
-        timeout: float = 5.0,
+        timeout: float | None = None,
         connect_timeout: float = 1.0,
         attempt_timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
@@ -286,13 +339,16 @@ class Client:
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is required")
-        _positive("timeout", timeout)
+        if timeout is not None:
+            _positive("timeout", timeout)
         _positive("connect_timeout", connect_timeout)
         if attempt_timeout is not None:
             _positive("attempt_timeout", attempt_timeout)
         self._endpoints = list(endpoints)
         self._credentials = credentials
-        self._timeout = timeout
+        self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        self._lifecycle_timeout = LIFECYCLE_TIMEOUT if timeout is None else timeout
+        """GenerateKey's and DestroyKey's deadline unless the call names one."""
         self._connect_timeout = connect_timeout
         self._attempt_timeout = attempt_timeout
         self._metadata = tuple(metadata)
@@ -320,7 +376,7 @@ class Client:
     def _channel(self, index: int) -> grpc.Channel:
         with self._lock:
             if self._closed:
-                raise ValueError("the client is closed")
+                raise ClientError(grpc.StatusCode.CANCELLED, "the client is closed")
             channel = self._channels.get(index)
             if channel is None:
                 target = self._endpoints[index]
@@ -396,11 +452,14 @@ class Client:
         creating: bool = False,
         key_id: str = "",
     ) -> T:
+        if self._closed:  # as gRPC's own closed channel: a call made after close() is the caller's mistake
+            raise ValueError("the client is closed")
         if timeout is not None:
             _positive("timeout", timeout, f" (None, the default: the client's {self._timeout} s)")
         self._fail_back()
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         last: grpc.RpcError | None = None
+        whys: list[str] = []  # why endpoints could not be sent the call, latest last
         unreachable = False  # the current endpoint failed: the client moves to the one that answers
         start = self._current
         count = len(self._endpoints)
@@ -420,6 +479,7 @@ class Client:
             if why is not None:
                 log.warning("endpoint %s %s; trying the next", self._endpoints[index], why)
                 unreachable |= index == start
+                whys.append(f"{self._endpoints[index]} {why}")
                 continue
             remaining = deadline - time.monotonic()
             # With attempt_timeout, an idempotent call leaves a connection that does not answer
@@ -490,7 +550,10 @@ class Client:
             return result
         if last is not None:
             raise last
-        raise TimeoutError("deadline passed before any endpoint answered")
+        if self._closed:
+            raise ClientError(grpc.StatusCode.CANCELLED, "the client is closed")
+        raise ClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before any endpoint could be sent "
+                          f"the call ({'; '.join(whys[-len(self._endpoints):]) or 'none was tried'})")
 
     def _made(self, key_id: str, index: int) -> None:
         """Remember a key made through another endpoint than the current one (MADE_ELSEWHERE)."""
@@ -538,7 +601,7 @@ class Client:
             self._asked[index] = now + ASK_EVERY
         try:
             channel = self._channel(index)
-        except ValueError:  # closed since
+        except ClientError:  # closed since
             return
         check = health_pb2_grpc.HealthStub(channel).Check.future(
             health_pb2.HealthCheckRequest(service=SERVING_CHECK), timeout=self._connect_timeout,
@@ -675,12 +738,21 @@ class Client:
                 except grpc.RpcError as exc:
                     # An attempt with this request_id is under way here: its key comes from here.
                     if self._closed or exc.code() is not grpc.StatusCode.UNAVAILABLE \
-                            or error_reason(exc) != BEING_CREATED or time.monotonic() + pause >= end:
+                            or error_reason(exc) != BEING_CREATED:
                         raise
-                time.sleep(pause * random.uniform(0.8, 1.2))
+                    asked = _retry_delay(exc)  # the gateway's word for when to ask again
+                    wait = asked if asked is not None else pause * random.uniform(0.8, 1.2)
+                    if time.monotonic() + wait >= end:
+                        raise
+                time.sleep(wait)
                 pause = min(pause * 2, CREATION_WAIT[1])
 
-        return self._call(create, timeout, creating=True, key_id=key_id)
+        return self._call(create, self._lifecycle(timeout), creating=True, key_id=key_id)
+
+    def _lifecycle(self, timeout: float | None) -> float:
+        """A GenerateKey's or DestroyKey's deadline: the call's, else the client's if one was given,
+        else ``LIFECYCLE_TIMEOUT``."""
+        return timeout if timeout is not None else self._lifecycle_timeout
 
     def public_key_pem(self, key_id: str, *, timeout: float | None = None) -> str:
         request = pb.GetPublicKeyRequest(key_id=key_id)
@@ -766,7 +838,8 @@ class Client:
         UNAVAILABLE naming a cluster whose copy could not be removed yet is answered by calling
         again (the key already serves no more)."""
         request = pb.DestroyKeyRequest(key_id=key_id)
-        key: pb.Key = self._call(lambda stub, t: stub.DestroyKey(request, **self._kw(t)), timeout, key_id=key_id)
+        key: pb.Key = self._call(lambda stub, t: stub.DestroyKey(request, **self._kw(t)), self._lifecycle(timeout),
+                                 key_id=key_id)
         return key
 
     def encrypt(

@@ -72,6 +72,16 @@ def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
+def retry_delay(status: status_pb2.Status) -> float | None:
+    """The delay (seconds) a status's ``RetryInfo`` asks for, if it has one."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return float(retry.retry_delay.ToTimedelta().total_seconds())
+    return None
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(code, message, reason) for an error; INTERNAL hides its details."""
     code = code_for(exc)

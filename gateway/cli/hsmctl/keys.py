@@ -104,8 +104,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     placed = ksub.add_parser(
         "placed",
         help="keys placed and not yet created, and where each goes",
-        description="Lists what hsmctl keys place asked for and no creation has used yet; "
-        "hsmctl keys release KEY takes one back.\n\nExample: hsmctl keys placed",
+        description="Lists what `keys place` asked for and no creation has used yet; `keys release` "
+        "takes one back.\n\nExample: hsmctl keys placed",
     )
     placed.set_defaults(func=_placed)
     place = ksub.add_parser(
