@@ -33,7 +33,7 @@ def test_generate_key_waits_out_a_creation_under_way_on_the_same_endpoint() -> N
     class Creating(crypto_pb2_grpc.CryptoServiceServicer):  # type: ignore[misc]
         def GenerateKey(self, request: pb.GenerateKeyRequest, context: grpc.ServicerContext) -> pb.Key:
             attempts.append(request.request_id)
-            if len(attempts) < 5:
+            if len([a for a in attempts if a == request.request_id]) < 5:
                 refusal = errors.KeyBeingCreated(f"key {request.key_id!r} is being created")
                 refusal.retry_after = 0.05  # the gateway's pushback, shortened: four of its own take 8 s
                 status.abort(context, refusal)
@@ -45,13 +45,16 @@ def test_generate_key_waits_out_a_creation_under_way_on_the_same_endpoint() -> N
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.service_config", CONFIG.read_text())]) as ch:
-            key = crypto_pb2_grpc.CryptoServiceStub(ch).GenerateKey(
-                pb.GenerateKeyRequest(key_id="app/k1", request_id="app/k1", algorithm=pb.KEY_ALGORITHM_EC_P256),
-                timeout=30)
+            # One channel, as an application keeps it: each creation waited out costs retry tokens,
+            # and retryThrottling must leave enough for the next ones (it left one attempt to the third).
+            keys = [crypto_pb2_grpc.CryptoServiceStub(ch).GenerateKey(
+                pb.GenerateKeyRequest(key_id=f"app/k{i}", request_id=f"app/k{i}",
+                                      algorithm=pb.KEY_ALGORITHM_EC_P256), timeout=30) for i in range(1, 4)]
     finally:
         server.stop(None)
-    assert key.key_id == "app/k1"
-    assert attempts == ["app/k1"] * 5, "every attempt is the same request, on the same endpoint"
+    assert [key.key_id for key in keys] == ["app/k1", "app/k2", "app/k3"]
+    assert attempts == ["app/k1"] * 5 + ["app/k2"] * 5 + ["app/k3"] * 5, \
+        "every attempt is the same request, on the same endpoint"
 
 
 def test_generate_key_may_take_as_long_as_the_gateway_allows_and_retries_are_throttled() -> None:
