@@ -316,7 +316,11 @@ class DynamoStore(PlacementStore):
                                               ":key": {"SS": [key_id]}, ":one": {"N": "1"}},
             }
         }
-        transact_items += [counter, log]
+        return self._write_transaction([*transact_items, counter, log])
+
+    def _write_transaction(self, transact_items: list[Item]) -> list[Item] | None:
+        """``TransactWriteItems`` of ``transact_items``, again after a transient conflict: None on
+        success, or the cancellation reasons (one per item, in order) when a condition failed."""
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             try:
                 # TransactWriteItems takes no TableName of its own; each item names it. The token
@@ -563,23 +567,21 @@ class DynamoStore(PlacementStore):
             yield name, body, version
 
     def put_admin_record(self, name: str, body: dict[str, Any], version: int) -> int:
+        # A transaction of one item, for its request token: botocore retries a write whose answer
+        # it lost, and a PutItem that landed would then fail its condition, taken for another
+        # writer's (an approval answered "already approved", a change's claim lost to itself).
         condition = "attribute_not_exists(#k)" if version == 0 else "#v = :expected"
         values: Item = {":expected": {"N": str(version)}} if version else {}
-        try:
-            self._client.put_item(
-                TableName=self.table,
-                Item={"key_id": {"S": _ADMIN_PREFIX + name}, "kind": {"S": _ADMIN},
-                      "body": {"S": json.dumps(body, sort_keys=True)}, "version": {"N": str(version + 1)}},
-                ConditionExpression=condition,
-                ExpressionAttributeNames={"#k": "key_id"} if version == 0 else {"#v": "version"},
-                **({"ExpressionAttributeValues": values} if values else {}),
-            )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                raise Stale(name) from None
-            raise self._failed("PutItem", exc) from exc
-        except BotoCoreError as exc:
-            raise StoreError(f"placement store dynamodb://{self.table} unreachable: {exc}") from exc
+        put: Item = {
+            "TableName": self.table,
+            "Item": {"key_id": {"S": _ADMIN_PREFIX + name}, "kind": {"S": _ADMIN},
+                     "body": {"S": json.dumps(body, sort_keys=True)}, "version": {"N": str(version + 1)}},
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": {"#k": "key_id"} if version == 0 else {"#v": "version"},
+            **({"ExpressionAttributeValues": values} if values else {}),
+        }
+        if self._write_transaction([{"Put": put}]) is not None:
+            raise Stale(name)
         return version + 1
 
     def _log_items(self, first: int, last: int) -> dict[int, tuple[int, tuple[str, ...]]]:

@@ -147,6 +147,34 @@ def test_each_write_attempt_carries_a_request_token_of_its_own() -> None:
     assert all(0 < len(token) <= 36 for token in tokens), "DynamoDB takes 1 to 36 characters"
 
 
+def test_an_admin_record_write_carries_a_request_token_so_a_lost_answer_is_not_another_writer() -> None:
+    """Changes, their approvals and claims, switches and placements are admin records. A write whose
+    answer botocore lost and retries must be answered as landed, not as a failed condition: that
+    was taken for another writer's (an approval answered "already approved", a change's claim lost
+    to itself and reported interrupted a minute later). A condition that fails is ``Stale``."""
+    from router.placement.store import Stale
+
+    client = boto3.client("dynamodb", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    store = DynamoStore("t", region=REGION, client=client)
+    sent: list[dict[str, Any]] = []
+    client.meta.events.register("before-parameter-build.dynamodb.TransactWriteItems",
+                                lambda params, **_: sent.append(dict(params)))
+    with Stubber(client) as stub:
+        stub.add_response("transact_write_items", {})
+        stub.add_client_error("transact_write_items", service_error_code="TransactionCanceledException",
+                              modeled_fields=_cancelled("ConditionalCheckFailed"))
+        assert store.put_admin_record("change/c1", {"state": "pending"}, 3) == 4
+        with pytest.raises(Stale):
+            store.put_admin_record("change/c1", {"state": "running"}, 3)
+        stub.assert_no_pending_responses()
+    tokens = [params["ClientRequestToken"] for params in sent]
+    assert len(set(tokens)) == 2 and all(0 < len(token) <= 36 for token in tokens)
+    (put,) = [item["Put"] for item in sent[0]["TransactItems"]]
+    assert put["ConditionExpression"] == "#v = :expected" and put["ExpressionAttributeValues"] == {
+        ":expected": {"N": "3"}}
+    assert json.loads(put["Item"]["body"]["S"]) == {"state": "pending"} and put["Item"]["version"] == {"N": "4"}
+
+
 def test_a_transaction_that_keeps_colliding_becomes_a_store_error() -> None:
     client = boto3.client("dynamodb", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
     store = DynamoStore("t", region=REGION, client=client)
