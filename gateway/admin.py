@@ -102,6 +102,8 @@ about 320 KB). A larger rebalance takes several plans, each applied before the n
 MAX_PLANNED_BYTES = 250_000
 """And at most this much of that item for the moves, whatever the key ids' and cluster names'
 lengths: the rest of the change (its approvals, its result) needs room too."""
+PINS_WARN = 0.8
+"""``hsmctl status`` warns once this share of ``MAX_PINS`` keys are placed and not yet created."""
 MAX_FIX_FINDINGS = 2000
 """Findings one reconcile fix lists (at most ``MAX_PLANNED_BYTES`` of them, too): its change is
 one placement-store item like a rebalance's. Once it is applied, a new request lists the rest."""
@@ -635,6 +637,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if under:
                 warnings.append(f"{under} key is under-replicated; the repairer is working on it" if under == 1 else
                                 f"{under} keys are under-replicated; the repairer is working on them")
+            if store_down is None:
+                try:
+                    placed = len(self.router.pins())
+                except Unavailable:  # the placement store: said above, or by the changes below
+                    placed = 0
+                if placed >= PINS_WARN * MAX_PINS:
+                    warnings.append(f"{placed} of at most {MAX_PINS} keys are placed and not yet created; past that "
+                                    "keys place is refused (hsmctl keys placed lists them, keys release takes one "
+                                    "back)")
             open_changes = []
             if store_down is None:
                 try:

@@ -879,6 +879,28 @@ def test_a_placement_of_a_key_not_yet_created_can_be_taken_back_and_placements_a
     assert not one.store.get(held_key).held and one._pin_of(held_key) is None
 
 
+def test_status_warns_as_placements_near_their_limit(make_router, tmp_path, monkeypatch) -> None:
+    """Past MAX_PINS, keys place is refused: hsmctl status says so from 80 % on."""
+    import gateway.admin
+    import router.router
+    from gateway.admin import AdminServicer
+    from hsmgw.v1 import admin_pb2 as apb
+
+    for module in (gateway.admin, router.router):
+        monkeypatch.setattr(module, "MAX_PINS", 5)
+    one = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=1, require_dr_copy=False))()
+    admin = AdminServicer(one, audit_path=tmp_path / "audit.log", quorum=1)
+    says = "keys are placed and not yet created; past that keys place is refused"
+    for count in range(1, 6):
+        one.pin(unique("near-limit"), "use1-a")
+        warnings = list(admin.GetStatus(apb.GetStatusRequest(), None).warnings)
+        if count < 4:
+            assert not [w for w in warnings if says in w], (count, warnings)
+        else:
+            assert f"{count} of at most 5 {says} (hsmctl keys placed lists them, keys release takes one back)" \
+                in warnings, warnings
+
+
 def _creating_intent(router, key_id: str) -> Placement:  # type: ignore[no-untyped-def]
     """The CREATING record a creation of ``key_id`` writes after reading its placement (the key's
     objects not made), as a creation under way leaves it."""
