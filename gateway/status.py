@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -62,24 +62,28 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+D = TypeVar("D", error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo)
+
+
+def _detail(status: status_pb2.Status, kind: type[D]) -> D | None:
+    """The first detail of type ``kind`` among a status's details, if it has one."""
+    for detail in status.details:
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
+    return None
+
+
 def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
     """The ``ErrorInfo`` among a status's details, if it has one."""
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
+    return _detail(status, error_details_pb2.ErrorInfo)
 
 
 def retry_delay(status: status_pb2.Status) -> float | None:
     """The delay (seconds) a status's ``RetryInfo`` asks for, if it has one."""
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            return float(retry.retry_delay.ToTimedelta().total_seconds())
-    return None
+    retry = _detail(status, error_details_pb2.RetryInfo)
+    return retry.retry_delay.ToTimedelta().total_seconds() if retry is not None else None
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:

@@ -1388,11 +1388,7 @@ class Router:
             # Creation would pass the pin over and put the key elsewhere, as if placed there.
             raise FailedPrecondition(f"key {key_id!r} cannot be placed on {cluster}: {barred}, so it takes no keys "
                                      "until an operator puts it back in service")
-        try:
-            record = self.store.admin_record(PINS)
-        except StoreError as exc:
-            raise _store_down("placement store is unreachable; the change cannot be checked now", exc) from exc
-        _room_for_pin(record[0] if record else None, key_id)
+        _room_for_pin(self.pins(), key_id)
 
     def pin(self, key_id: str, cluster: str) -> None:
         """Make a key that does not exist yet go to ``cluster`` when it is created, through any
@@ -1987,14 +1983,15 @@ class Router:
 
     def foreign_objects(self, name: str, key_id: str, deadline: float) -> str:
         """Why the objects under the key's id on cluster ``name``, which its record does not name
-        and ``why_kept`` does not keep, are not the key's (``ForeignObjects``' message: another
-        application's key under that id), or "" when they are its own (a move's source, a cut-off
-        copy) or could not be compared with it (logged at INFO). Changes nothing: reconcile reports
-        such objects apart from orphans, since no fix destroys them."""
+        and ``why_kept`` just did not keep (the caller asked it), are not the key's
+        (``ForeignObjects``' message: another application's key under that id), or "" when they are
+        its own (a move's source, a cut-off copy) or could not be compared with it (logged at INFO).
+        Changes nothing: reconcile reports such objects apart from orphans, since no fix destroys
+        them. A copy made there since (a move's, a repair's) is the key's, and compares so."""
         try:
             current = self.store.get(key_id)
             backend = self.backends.get(name)
-            if current is None or backend is None or self.why_kept(name, key_id):
+            if current is None or backend is None:
                 return ""
             material = self._material_elsewhere(current, name, deadline)
             if material is None:

@@ -901,6 +901,50 @@ def test_status_warns_as_placements_near_their_limit(make_router, tmp_path, monk
                 in warnings, warnings
 
 
+def test_admin_calls_say_what_they_could_not_read_when_the_store_fails_them(make_router, tmp_path, monkeypatch) -> None:
+    """Status with only the change records unreadable shows its warning (it answered UNAVAILABLE);
+    a release whose placement is taken back says so when the store then fails its last read;
+    keys placed and placing a key are UNAVAILABLE, not a crash, when the placements cannot be read."""
+    from gateway.admin import AdminServicer
+    from hsmgw.v1 import admin_pb2 as apb
+    from router.errors import Unavailable as RouterUnavailable
+    from router.placement.store import StoreError
+
+    one = _routers_on_one_store(make_router, tmp_path, ReplicationPolicy(copies=1, require_dr_copy=False))()
+    admin = AdminServicer(one, audit_path=tmp_path / "audit.log", quorum=1)
+
+    def unreadable(*_args: object, **_kwargs: object) -> None:
+        raise RouterUnavailable("placement store is unreachable; admin changes cannot be read or recorded now")
+
+    monkeypatch.setattr(admin.changes, "list", unreadable)
+    warnings = list(admin.GetStatus(apb.GetStatusRequest(), None).warnings)
+    assert "the placement store is unreachable: pending changes are not shown" in warnings
+    monkeypatch.undo()
+
+    key_id = unique("placed")
+    one.pin(key_id, "use1-b")
+    get = one.store.get
+
+    def fails_after_the_take_back(wanted: str):  # type: ignore[no-untyped-def]
+        if one._pin_of(key_id) is None:
+            raise StoreError("connection refused")
+        return get(wanted)
+
+    monkeypatch.setattr(one.store, "get", fails_after_the_take_back)
+    released = admin.changes.request("alice", "release_key", {"key_id": key_id})
+    assert (released.state, released.result) == ("applied", f"{key_id} is no longer placed on use1-b")
+    monkeypatch.undo()
+
+    def down(_name: str) -> None:
+        raise StoreError("connection refused")
+
+    monkeypatch.setattr(one.store, "admin_record", down)
+    with pytest.raises(RouterUnavailable, match="placements cannot be read now"):
+        one.pins()
+    with pytest.raises(RouterUnavailable, match="placements cannot be read now"):
+        one.check_pin(unique("placed"), "use1-a")
+
+
 def _creating_intent(router, key_id: str) -> Placement:  # type: ignore[no-untyped-def]
     """The CREATING record a creation of ``key_id`` writes after reading its placement (the key's
     objects not made), as a creation under way leaves it."""

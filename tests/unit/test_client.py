@@ -268,10 +268,8 @@ def test_key_lifecycle_calls_get_the_gateways_deadline_unless_told_otherwise(end
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_closing_the_client_ends_its_calls_without_sending_them_elsewhere(endpoints) -> None:
-    (first_target, first), (second_target, second) = endpoints
-    first.delay = 1.0
-    client = Client([first_target, second_target], timeout=5)
+def _closed_under_a_sign(client: Client) -> list[BaseException]:
+    """What a Sign running in another thread ends with when ``client`` is closed 0.3 s into it."""
     outcome: list[BaseException] = []
 
     def call() -> None:
@@ -282,9 +280,17 @@ def test_closing_the_client_ends_its_calls_without_sending_them_elsewhere(endpoi
 
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(0.3)  # the call is in the first endpoint's servicer
+    time.sleep(0.3)
     client.close()
     caller.join(5)
+    return outcome
+
+
+def test_closing_the_client_ends_its_calls_without_sending_them_elsewhere(endpoints) -> None:
+    (first_target, first), (second_target, second) = endpoints
+    first.delay = 1.0  # the call is in the first endpoint's servicer when the client closes
+    client = Client([first_target, second_target], timeout=5)
+    outcome = _closed_under_a_sign(client)
     assert len(outcome) == 1 and isinstance(outcome[0], grpc.RpcError)
     assert outcome[0].code() is grpc.StatusCode.CANCELLED
     assert second.calls == 0 and client.endpoint == first_target and client.failovers == 0
@@ -311,20 +317,8 @@ def test_a_deadline_that_passes_before_any_endpoint_connects_is_deadline_exceede
 def test_a_call_waiting_for_a_connection_when_the_client_closes_is_cancelled() -> None:
     with socket.create_server(("127.0.0.1", 0)) as one, socket.create_server(("127.0.0.1", 0)) as two:
         silent = [f"127.0.0.1:{s.getsockname()[1]}" for s in (one, two)]
-        client = Client(silent, timeout=5, connect_timeout=2)
-        outcome: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                client.sign("k", bytes(32))
-            except BaseException as exc:  # noqa: BLE001 - what the caller sees is the point
-                outcome.append(exc)
-
-        caller = threading.Thread(target=call)
-        caller.start()
-        time.sleep(0.3)  # waiting for the first endpoint's connection
-        client.close()
-        caller.join(5)
+        # closed while it waits for the first endpoint's connection
+        outcome = _closed_under_a_sign(Client(silent, timeout=5, connect_timeout=2))
     assert len(outcome) == 1 and isinstance(outcome[0], grpc.RpcError), outcome
     assert (outcome[0].code(), outcome[0].details()) == (grpc.StatusCode.CANCELLED, "the client is closed")
 
